@@ -1,0 +1,89 @@
+# CBox - see README.md. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+CONFIG ?= config.yaml
+OUT ?= out
+
+.PHONY: help run demo test bench images kernel initramfs rootfs dist clean
+
+help:
+	@echo "make run      build what is missing, then serve (needs KVM + cloud-hypervisor)"
+	@echo "make demo     serve the same API with the stand-in hypervisor (NOTHING IS ISOLATED)"
+	@echo "make test     run the test suite (as root)"
+	@echo "make bench    run the benchmarks, write bench/results.md"
+	@echo "make images   build kernel, initramfs and rootfs into $(OUT)/"
+	@echo "make dist     pack an air-gap tarball (CHV=path adds the cloud-hypervisor binary)"
+
+test:
+	$(PYTHON) -m pytest -q tests
+
+# Real VMs: needs /dev/kvm and the cloud-hypervisor binary named by chv_bin.
+run: images
+	@test -e /dev/kvm || { echo "make run: /dev/kvm is missing: this host cannot run real VMs (try 'make demo')"; exit 1; }
+	$(PYTHON) cbox.py serve --config $(CONFIG)
+
+# The same API with the stand-in hypervisor from tests/: commands run on THIS host.
+DEMO := $(OUT)/demo
+demo:
+	@mkdir -p $(DEMO)
+	@for f in vmlinux initramfs.img rootfs.ext4; do test -e $(DEMO)/$$f || echo "demo placeholder" > $(DEMO)/$$f; done
+	@printf '%s\n' 'hostservices:' '  restserver:' \
+	  '    host: "127.0.0.1"' '    port: 7000' \
+	  '    state_dir: "state"' '    run_dir: "/tmp/cbox-demo"' \
+	  '    bridge_name: "cboxdemo0"' '    bridge_ip: "10.20.9.1/24"' '    bridge_subnet: "10.20.9.0/24"' \
+	  '    nat_interface: "none"' '    dns: "10.20.9.1"' \
+	  '    chv_bin: "$(CURDIR)/tests/fake_chv.py"' \
+	  '    kernel: "vmlinux"' '    initramfs: "initramfs.img"' '    rootfs: "rootfs.ext4"' \
+	  '    stateful_size_in_mb: 256' '    destroy_on_exit: true' > $(DEMO)/config.yaml
+	@echo "################################################################################"
+	@echo "# CBOX DEMO: the stand-in hypervisor runs 'guests' as plain processes on THIS  #"
+	@echo "# host (own network and hostname namespaces only). NOTHING IS ISOLATED: every  #"
+	@echo "# command you exec runs as root on this machine's file system. Try it, then   #"
+	@echo "# stop with Ctrl-C (the demo destroys its VMs on exit).                         #"
+	@echo "################################################################################"
+	$(PYTHON) cbox.py serve --config $(DEMO)/config.yaml
+
+# ---- images (kernel, initramfs, rootfs, dist) -------------------------------
+# (section owned by the image builders; see issue 3)
+# Usage:
+#   make images                       kernel + initramfs + rootfs into $(OUT)/
+#   make images KERNEL=/path/vmlinux [KERNEL_MODULES=/path/lib/modules/<rel>]
+#   make rootfs DOCKERFILE=path       rootfs from a Dockerfile (podman or docker;
+#                                     `FROM cbox-base` = the debootstrap base)
+#   make rootfs SUITE=bookworm MIRROR=http://...   (defaults: stable, host's apt mirror)
+#   make dist [CHV=/path/cloud-hypervisor]         air-gap tarball in $(OUT)/
+# Each step skips what is up to date; `rm -rf build` forces a fresh debootstrap
+# and kernel download.
+BUILD ?= build
+KERNEL ?=
+KERNEL_MODULES ?=
+DOCKERFILE ?=
+SUITE ?= stable
+MIRROR ?=
+CHV ?=
+DIST_NAME ?= cbox
+
+images: kernel initramfs rootfs
+	@ls -l $(OUT)/vmlinuz $(OUT)/initramfs.cpio.gz $(OUT)/rootfs.ext4
+
+kernel:
+	@KERNEL="$(KERNEL)" KERNEL_MODULES="$(KERNEL_MODULES)" sh initramfs/kernel.sh $(OUT) $(BUILD)
+
+initramfs: kernel
+	@$(PYTHON) initramfs/build.py --out $(OUT)/initramfs.cpio.gz \
+	    $$(test -e $(BUILD)/kernel/modules && echo --modules $(BUILD)/kernel/modules/)
+
+rootfs:
+	@$(PYTHON) rootfs/build.py --out $(OUT)/rootfs.ext4 --build $(BUILD) --suite $(SUITE) \
+	    $(if $(MIRROR),--mirror $(MIRROR)) $(if $(DOCKERFILE),--dockerfile $(DOCKERFILE))
+
+dist: images
+	@set -e; name=$(DIST_NAME)-$$(date +%Y%m%d); stage=$(BUILD)/dist/$$name; \
+	rm -rf $(BUILD)/dist; mkdir -p $$stage/out; \
+	cp cbox.py guest_agent.py config.yaml README.md $$stage/; \
+	cp $(OUT)/vmlinuz $(OUT)/initramfs.cpio.gz $(OUT)/kernel.release $$stage/out/; \
+	cp --sparse=always $(OUT)/rootfs.ext4 $$stage/out/; \
+	if [ -n "$(CHV)" ]; then cp "$(CHV)" $$stage/cloud-hypervisor; chmod 0755 $$stage/cloud-hypervisor; fi; \
+	echo "[dist] packing $(OUT)/$$name.tar.gz"; \
+	tar --sparse -C $(BUILD)/dist -czf $(OUT)/$$name.tar.gz $$name; \
+	rm -rf $(BUILD)/dist; ls -l $(OUT)/$$name.tar.gz

@@ -1,0 +1,1813 @@
+#!/usr/bin/env python3
+"""CBox: run shell commands in Cloud Hypervisor microVMs, with callbacks to the host.
+
+One asyncio program, standard library only (Python 3.10+). Sections, in order:
+
+  1. Config          strict parser for the YAML subset config.yaml uses, typed keys
+  2. HTTP            one small HTTP/1.1 implementation: message reading, a
+                     keep-alive client (Unix or TCP, used for Cloud Hypervisor, the
+                     guest agents and callback URLs), response building
+  3. Hypervisor      CloudHypervisor: the REST API over the VMM's Unix socket
+  4. Network         bridge, persistent taps, port isolation, iptables chains
+  5. Allocation      guest IPs, vsock CIDs, tap names; request validation
+  6. VM manager      VM records on disk, start / destroy / adopt, process
+                     supervision, exec forwarding, the callback bridge
+  7. REST server     routes of contract section 1, auth, limits, request log
+  8. CLI             `serve`, and a small client: `vm start|ls|rm`, `exec`
+
+The external contract lives in ../shared/docs/contract.md (beside checkouts) and
+is summarised in README.md.
+"""
+import argparse
+import asyncio
+import hmac
+import ipaddress
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import ssl
+import sys
+import time
+import urllib.parse
+from datetime import datetime, timezone
+from pathlib import Path
+
+VERSION = "0.1.0"
+LOG_START = time.monotonic()
+
+
+def log(msg, **fields):
+    """One line on stderr: 'cbox: msg k=v ...' (the request and lifecycle log)."""
+    extra = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+    sys.stderr.write(f"{datetime.now().strftime('%H:%M:%S.%f')[:-3]} cbox: {msg}{' ' + extra if extra else ''}\n")
+    sys.stderr.flush()
+
+
+def utc_now():
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+# =============================================================================
+# 1. Config
+# =============================================================================
+
+class ConfigError(Exception):
+    pass
+
+
+_KEY_LINE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*:(?:\s+(.*))?$")
+_INT = re.compile(r"^[-+]?[0-9]+$")
+_FLOAT = re.compile(r"^[-+]?([0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)([eE][-+]?[0-9]+)?$")
+
+
+def _strip_comment(line):
+    """Drop a '# comment' that is outside quotes and starts a word."""
+    quote = None
+    for i, ch in enumerate(line):
+        if quote:
+            if ch == quote:
+                quote = None
+        elif ch in "\"'":
+            quote = ch
+        elif ch == "#" and (i == 0 or line[i - 1] in " \t"):
+            return line[:i].rstrip()
+    return line.rstrip()
+
+
+def _parse_scalar(text, where):
+    if text.startswith('"'):
+        try:
+            value, end = json.JSONDecoder().raw_decode(text)
+        except ValueError:
+            raise ConfigError(f"{where}: bad double-quoted string")
+        if text[end:].strip():
+            raise ConfigError(f"{where}: unexpected text after the string")
+        return value
+    if text.startswith("'"):
+        if len(text) < 2 or not text.endswith("'"):
+            raise ConfigError(f"{where}: unterminated single-quoted string")
+        return text[1:-1].replace("''", "'")
+    if text in ("null", "~"):
+        return None
+    if text in ("true", "True"):
+        return True
+    if text in ("false", "False"):
+        return False
+    if _INT.match(text):
+        return int(text)
+    if _FLOAT.match(text):
+        return float(text)
+    if text[0] in "[]{}&*!|>%@`,?-" or ": " in text:
+        raise ConfigError(f"{where}: unsupported YAML construct {text[:20]!r} "
+                          "(only nested mappings of plain scalars are supported)")
+    return text
+
+
+def parse_yaml_subset(text, source="config"):
+    """Parse nested mappings of scalars. Returns (tree, {dotted.key: line})."""
+    root, lines = {}, {}
+    stack = [(0, root, "")]           # (indent, mapping, dotted path)
+    pending = None                     # (mapping, path) of a 'key:' awaiting children
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        where = f"{source} line {lineno}"
+        line = _strip_comment(raw)
+        if not line.strip():
+            continue
+        body = line.lstrip(" ")
+        if body.startswith("\t") or "\t" in line[: len(line) - len(body)]:
+            raise ConfigError(f"{where}: tabs are not allowed for indentation")
+        indent = len(line) - len(body)
+        if body in ("---", "..."):
+            raise ConfigError(f"{where}: multiple YAML documents are not supported")
+        if body.startswith("- ") or body == "-":
+            raise ConfigError(f"{where}: lists are not supported")
+        m = _KEY_LINE.match(body)
+        if not m:
+            raise ConfigError(f"{where}: expected 'key: value', got {body[:40]!r}")
+        if pending is not None:
+            if indent > stack[-1][0]:
+                stack.append((indent, pending[0][pending[1]], pending[2]))
+            else:
+                pending[0][pending[1]] = None     # 'key:' with nothing under it is null
+            pending = None
+        while indent < stack[-1][0]:
+            stack.pop()
+        if indent != stack[-1][0]:
+            raise ConfigError(f"{where}: inconsistent indentation")
+        key, value = m.group(1), m.group(2)
+        mapping, path = stack[-1][1], stack[-1][2]
+        dotted = f"{path}.{key}" if path else key
+        if key in mapping:
+            raise ConfigError(f"{where}: duplicate key '{dotted}'")
+        lines[dotted] = lineno
+        if value is None or value == "":
+            mapping[key] = {}
+            pending = (mapping, key, dotted)
+        else:
+            mapping[key] = _parse_scalar(value.strip(), where)
+    if pending is not None:
+        pending[0][pending[1]] = None
+    return root, lines
+
+
+# key: (type, default, description). Types: str, int, float, bool.
+CONFIG_KEYS = {
+    "host": (str, "127.0.0.1", "address the REST API listens on"),
+    "port": (int, 7000, "REST API port"),
+    "api_token": (str, "", "bearer token required on every route but /v1/health; empty = none"),
+    "state_dir": (str, "/var/lib/cbox", "VM records, stateful disks, console logs"),
+    "run_dir": (str, "/run/cbox", "short directory for per-VM sockets (Unix paths hold 107 bytes)"),
+    "bridge_name": (str, "cbox0", "Linux bridge the taps join"),
+    "bridge_ip": (str, "10.20.1.1/24", "host address on the bridge (the guests' gateway)"),
+    "bridge_subnet": (str, "10.20.1.0/24", "subnet guest IPs are allocated from"),
+    "nat_interface": (str, "auto", "interface guest traffic is NATed out of: auto (default route), none, or a name"),
+    "firewall": (bool, True, "install iptables rules (NAT, no guest-to-host traffic)"),
+    "dns": (str, "auto", "guest resolvers, comma separated; auto = host's non-loopback resolvers"),
+    "chv_bin": (str, "/usr/local/bin/cloud-hypervisor", "cloud-hypervisor binary"),
+    "kernel": (str, "out/vmlinuz", "guest kernel (bzImage or PVH vmlinux)"),
+    "initramfs": (str, "out/initramfs.cpio.gz", "guest initramfs; empty = none"),
+    "rootfs": (str, "out/rootfs.ext4", "read-only root filesystem image (vda)"),
+    "cmdline_extra": (str, "", "extra kernel command line arguments"),
+    "stateful_size_in_mb": (int, 2048, "size of each VM's sparse writable disk (vdb)"),
+    "guest_mem_percentage": (int, 50, "all guests together may use at most this % of host memory"),
+    "default_vcpus": (int, 1, "vcpus of a VM when the request names none"),
+    "max_vcpus": (int, 8, "largest vcpus a request may ask for"),
+    "default_memory_mb": (int, 512, "memory of a VM when the request names none"),
+    "max_memory_mb": (int, 16384, "largest memoryMb a request may ask for"),
+    "max_vms": (int, 250, "most VMs at once"),
+    "boot_timeout_s": (float, 60.0, "time for the guest agent to answer after vm.boot"),
+    "shutdown_timeout_s": (float, 5.0, "time for the VMM to exit before it is killed"),
+    "exec_timeout_s": (float, 300.0, "default exec timeout"),
+    "exec_max_timeout_s": (float, 86400.0, "largest exec timeout a request may ask for"),
+    "exec_output_limit_bytes": (int, 4 * 1024 * 1024, "cap on captured stdout, stderr and output, each"),
+    "callback_timeout_s": (float, 30.0, "time the callback URL has to answer"),
+    "callback_port": (int, 4032, "guest vsock port for callbacks"),
+    "agent_port": (int, 4031, "guest agent TCP port"),
+    "max_request_bytes": (int, 8 * 1024 * 1024, "largest REST request body"),
+    "destroy_on_exit": (bool, False, "destroy all VMs when cbox.py stops (default: leave them for the next start)"),
+}
+
+
+class Config:
+    """Typed settings from hostservices.restserver; attribute per CONFIG_KEYS entry."""
+
+    def __init__(self, values, base_dir):
+        self.__dict__.update(values)
+        self.base_dir = base_dir
+
+    def path(self, value):
+        """Resolve a path from config relative to the config file's directory."""
+        return value if not value or os.path.isabs(value) else str(Path(self.base_dir, value))
+
+
+def load_config(path, overrides=None):
+    text = Path(path).read_text()
+    tree, lines = parse_yaml_subset(text, str(path))
+    for key in tree:
+        if key != "hostservices":
+            raise ConfigError(f"{path} line {lines[key]}: unknown top-level key '{key}' (expected hostservices)")
+    hs = tree.get("hostservices") or {}
+    if not isinstance(hs, dict):
+        raise ConfigError(f"{path}: hostservices must be a mapping")
+    for key in hs:
+        if key != "restserver":
+            raise ConfigError(f"{path} line {lines['hostservices.' + key]}: unknown key 'hostservices.{key}'")
+    raw = hs.get("restserver") or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: hostservices.restserver must be a mapping")
+    raw = dict(raw, **(overrides or {}))
+    values = {}
+    for key, value in raw.items():
+        where = f"{path} line {lines.get('hostservices.restserver.' + key, '?')}"
+        if key not in CONFIG_KEYS:
+            raise ConfigError(f"{where}: unknown key '{key}' in hostservices.restserver")
+        typ = CONFIG_KEYS[key][0]
+        if typ is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if typ is str and value is None:
+            value = ""
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+            raise ConfigError(f"{where}: '{key}' must be {typ.__name__}, got {value!r}")
+        values[key] = value
+    for key, (typ, default, _) in CONFIG_KEYS.items():
+        values.setdefault(key, default)
+    cfg = Config(values, str(Path(path).resolve().parent))
+    check_config(cfg, str(path))
+    return cfg
+
+
+def check_config(cfg, source):
+    def bad(msg):
+        raise ConfigError(f"{source}: {msg}")
+    try:
+        subnet = ipaddress.ip_network(cfg.bridge_subnet, strict=True)
+        bridge = ipaddress.ip_interface(cfg.bridge_ip)
+    except ValueError as e:
+        bad(f"bridge_subnet/bridge_ip: {e}")
+    if subnet.version != 4 or bridge.ip not in subnet or bridge.network != subnet:
+        bad(f"bridge_ip {cfg.bridge_ip} must be an IPv4 address inside bridge_subnet {cfg.bridge_subnet} with its prefix")
+    if subnet.num_addresses < 4:
+        bad("bridge_subnet is too small")
+    if not re.match(r"^[A-Za-z0-9_.-]{1,15}$", cfg.bridge_name):
+        bad(f"bridge_name {cfg.bridge_name!r} is not a valid interface name")
+    for key in ("port", "agent_port", "callback_port"):
+        if not 0 < getattr(cfg, key) < 65536:
+            bad(f"{key} must be a port number")
+    for key in ("stateful_size_in_mb", "default_vcpus", "max_vcpus", "default_memory_mb",
+                "max_memory_mb", "max_vms", "exec_output_limit_bytes", "max_request_bytes"):
+        if getattr(cfg, key) <= 0:
+            bad(f"{key} must be positive")
+    if not 0 < cfg.guest_mem_percentage <= 100:
+        bad("guest_mem_percentage must be 1..100")
+    for key in ("boot_timeout_s", "shutdown_timeout_s", "exec_timeout_s", "exec_max_timeout_s", "callback_timeout_s"):
+        if getattr(cfg, key) <= 0:
+            bad(f"{key} must be positive")
+    longest = os.path.join(cfg.path(cfg.run_dir), "4294967295", f"vsock.sock_{cfg.callback_port}")
+    if len(longest.encode()) > 107:
+        bad(f"run_dir {cfg.run_dir!r} is too long: socket paths such as {longest} must fit in 107 bytes")
+    if "," in cfg.path(cfg.run_dir) or "=" in cfg.path(cfg.run_dir):
+        bad("run_dir must not contain ',' or '=' (cloud-hypervisor splits its options on them)")
+
+
+# =============================================================================
+# 2. HTTP
+# =============================================================================
+
+REASONS = {100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
+           404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
+           411: "Length Required", 413: "Payload Too Large", 431: "Request Header Fields Too Large",
+           500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
+           503: "Service Unavailable", 504: "Gateway Timeout"}
+MAX_HEAD = 64 * 1024
+
+
+class HttpError(Exception):
+    """A failure to talk HTTP (connection, protocol, timeout)."""
+
+
+async def read_head(reader):
+    """Read a start line and headers; returns (start_line, {lower-name: value}) or None on clean EOF."""
+    try:
+        data = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError as e:
+        if not e.partial.strip():
+            return None
+        raise HttpError("connection closed inside the message head")
+    except asyncio.LimitOverrunError:
+        raise HttpError("message head too large")
+    lines = data.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip():
+            raise HttpError(f"malformed header line {line[:40]!r}")
+        headers[name.lower()] = value.strip()
+    return lines[0], headers
+
+
+async def read_body(reader, headers, limit):
+    """Read a Content-Length or chunked body of at most `limit` bytes."""
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        chunks, total = [], 0
+        while True:
+            size_line = await reader.readline()
+            try:
+                size = int(size_line.split(b";")[0].strip(), 16)
+            except ValueError:
+                raise HttpError("bad chunk size")
+            if size == 0:
+                while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+                    pass
+                return b"".join(chunks)
+            total += size
+            if total > limit:
+                raise HttpError("body too large")
+            chunks.append(await reader.readexactly(size))
+            await reader.readexactly(2)
+    length = headers.get("content-length")
+    if length is None:
+        return b""
+    if not length.isdigit():
+        raise HttpError("bad Content-Length")
+    if int(length) > limit:
+        raise HttpError("body too large")
+    return await reader.readexactly(int(length))
+
+
+def build_response(status, body=b"", content_type="application/json", keep_alive=True, extra=None):
+    head = [f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}",
+            f"Content-Length: {len(body)}"]
+    if body or content_type != "application/json":
+        head.append(f"Content-Type: {content_type}")
+    if not keep_alive:
+        head.append("Connection: close")
+    for k, v in (extra or {}).items():
+        head.append(f"{k}: {v}")
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+
+
+def json_bytes(obj):
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def set_nodelay(writer):
+    sock = writer.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class HttpClient:
+    """A keep-alive HTTP/1.1 client for one endpoint (a Unix socket or host:port)."""
+
+    def __init__(self, *, unix_path=None, host=None, port=None, tls=False, pool_size=16,
+                 max_body=256 * 1024 * 1024):
+        self.unix_path, self.host, self.port, self.tls = unix_path, host, port, tls
+        self.pool_size, self.max_body = pool_size, max_body
+        self.idle = []
+        self.host_header = "localhost" if unix_path else (host if port in (80, 443) else f"{host}:{port}")
+
+    async def _connect(self):
+        if self.unix_path:
+            return await asyncio.open_unix_connection(self.unix_path)
+        ctx = ssl.create_default_context() if self.tls else None
+        reader, writer = await asyncio.open_connection(self.host, self.port, ssl=ctx,
+                                                       server_hostname=self.host if ctx else None)
+        set_nodelay(writer)
+        return reader, writer
+
+    async def request(self, method, target, body=None, timeout=30.0, headers=None):
+        """Returns (status, headers, body bytes). Raises HttpError on any failure."""
+        try:
+            return await asyncio.wait_for(self._request(method, target, body, headers), timeout)
+        except asyncio.TimeoutError:
+            raise HttpError(f"timed out after {fmt_seconds(timeout)}")
+
+    async def _request(self, method, target, body, headers):
+        payload = body if isinstance(body, (bytes, type(None))) else json_bytes(body)
+        head = [f"{method} {target} HTTP/1.1", f"Host: {self.host_header}"]
+        if payload is not None:
+            head += ["Content-Type: application/json", f"Content-Length: {len(payload)}"]
+        for k, v in (headers or {}).items():
+            head.append(f"{k}: {v}")
+        message = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (payload or b"")
+        while True:
+            reused = bool(self.idle)
+            reader, writer = self.idle.pop() if reused else await self._open()
+            try:
+                writer.write(message)
+                result = await self._read_response(reader, method)
+            except (HttpError, OSError, asyncio.IncompleteReadError, EOFError) as e:
+                writer.close()
+                # A reused connection the server already closed fails before any
+                # answer; the request never ran, so try once more on a new one.
+                if reused and isinstance(e, (ConnectionError, asyncio.IncompleteReadError, EOFError)):
+                    continue
+                raise HttpError(str(e) or type(e).__name__)
+            except BaseException:
+                writer.close()
+                raise
+            status, rheaders, rbody = result
+            if rheaders.get("connection", "").lower() == "close" or len(self.idle) >= self.pool_size:
+                writer.close()
+            else:
+                self.idle.append((reader, writer))
+            return result
+
+    async def _open(self):
+        try:
+            return await self._connect()
+        except OSError as e:
+            where = self.unix_path or f"{self.host}:{self.port}"
+            raise HttpError(f"cannot connect to {where}: {os.strerror(e.errno) if e.errno else e}")
+
+    async def _read_response(self, reader, method):
+        head = await read_head(reader)
+        if head is None:
+            raise EOFError("connection closed before a response")
+        start, headers = head
+        parts = start.split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+            raise HttpError(f"malformed status line {start[:40]!r}")
+        status = int(parts[1])
+        if status == 100:
+            return await self._read_response(reader, method)
+        if method == "HEAD" or status in (204, 304):
+            return status, headers, b""
+        if "content-length" not in headers and headers.get("transfer-encoding", "").lower() != "chunked":
+            body = await reader.read(self.max_body)  # body ends at connection close
+            headers["connection"] = "close"
+            return status, headers, body
+        return status, headers, await read_body(reader, headers, self.max_body)
+
+    def close(self):
+        for _, writer in self.idle:
+            writer.close()
+        self.idle.clear()
+
+
+def fmt_seconds(value):
+    return f"{value:g}s"
+
+
+# =============================================================================
+# 3. Hypervisor (Cloud Hypervisor REST API over its Unix socket)
+# =============================================================================
+
+class HypervisorError(Exception):
+    pass
+
+
+class CloudHypervisor:
+    """The API of one cloud-hypervisor process (see ../shared/cloud-hypervisor/NOTES.md)."""
+
+    def __init__(self, api_socket):
+        self.http = HttpClient(unix_path=api_socket, pool_size=1)
+
+    async def call(self, method, endpoint, body=None, timeout=30.0):
+        try:
+            status, _, data = await self.http.request(method, f"/api/v1/{endpoint}", body, timeout)
+        except HttpError as e:
+            raise HypervisorError(f"{endpoint}: {e}")
+        if status in (200, 204):
+            return json.loads(data) if data.strip() else None
+        raise HypervisorError(f"{endpoint}: HTTP {status}: {self.error_text(data)}")
+
+    @staticmethod
+    def error_text(data):
+        """v47+ sends a JSON array of strings (outer first, root cause last); older ones plain text."""
+        text = data.decode("utf-8", "replace").strip()
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            return text or "(no body)"
+        if isinstance(parsed, list):
+            return ": ".join(str(x) for x in parsed)
+        return text
+
+    async def ping(self, timeout=2.0):
+        return await self.call("GET", "vmm.ping", timeout=timeout)
+
+    async def info(self):
+        return await self.call("GET", "vm.info", timeout=5.0)
+
+    async def create(self, vm_config):
+        await self.call("PUT", "vm.create", vm_config)
+
+    async def boot(self):
+        await self.call("PUT", "vm.boot", timeout=60.0)
+
+    async def shutdown(self):
+        await self.call("PUT", "vm.shutdown", timeout=10.0)
+
+    async def delete(self):
+        await self.call("PUT", "vm.delete", timeout=10.0)
+
+    async def shutdown_vmm(self):
+        await self.call("PUT", "vmm.shutdown", timeout=10.0)
+
+    def close(self):
+        self.http.close()
+
+
+# =============================================================================
+# 4. Network (bridge, taps, iptables)
+# =============================================================================
+
+class CommandError(Exception):
+    pass
+
+
+async def run_cmd(*args, stdin=None, check=True):
+    """Run a host tool; returns stdout. Raises CommandError naming the tool and its stderr."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *args, stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    except FileNotFoundError:
+        raise CommandError(f"{args[0]}: not installed (needed by cbox)")
+    out, err = await proc.communicate(stdin.encode() if stdin is not None else None)
+    if check and proc.returncode != 0:
+        raise CommandError(f"{' '.join(args[:6])}: {err.decode(errors='replace').strip() or 'exit ' + str(proc.returncode)}")
+    return out.decode(errors="replace")
+
+
+def interface_exists(name):
+    return os.path.exists(f"/sys/class/net/{name}")
+
+
+def default_route_interface():
+    """Interface of the IPv4 default route, from /proc/net/route; None without one."""
+    try:
+        with open("/proc/net/route") as f:
+            for line in list(f)[1:]:
+                fields = line.split()
+                if len(fields) > 2 and fields[1] == "00000000" and int(fields[3], 16) & 2:
+                    return fields[0]
+    except OSError:
+        pass
+    return None
+
+
+def host_resolvers():
+    try:
+        text = Path("/etc/resolv.conf").read_text()
+    except OSError:
+        return []
+    out = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "nameserver":
+            try:
+                addr = ipaddress.ip_address(parts[1])
+            except ValueError:
+                continue
+            if addr.version == 4 and not addr.is_loopback:
+                out.append(str(addr))
+    return out
+
+
+FW_TAG = "cbox"
+
+
+class HostNetwork:
+    """The bridge, per-VM taps and the iptables chains cbox owns (CBOX-*)."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.bridge = cfg.bridge_name
+        self.subnet = ipaddress.ip_network(cfg.bridge_subnet)
+        self.bridge_if = ipaddress.ip_interface(cfg.bridge_ip)
+        self.chains = {"filter": {"CBOX-INPUT": "INPUT", "CBOX-FORWARD": "FORWARD"},
+                       "nat": {"CBOX-POSTROUTING": "POSTROUTING"}}
+
+    async def setup(self):
+        await self.ensure_bridge()
+        if self.cfg.firewall:
+            await self.install_firewall()
+        else:
+            log("firewall disabled in config: guests can reach host services", level="WARNING")
+
+    async def ensure_bridge(self):
+        if not interface_exists(self.bridge):
+            await run_cmd("ip", "link", "add", "name", self.bridge, "type", "bridge")
+            log("bridge created", bridge=self.bridge)
+        elif not os.path.exists(f"/sys/class/net/{self.bridge}/bridge"):
+            raise CommandError(f"interface {self.bridge} exists and is not a bridge; choose another bridge_name")
+        addrs = await run_cmd("ip", "-o", "-4", "addr", "show", "dev", self.bridge)
+        if f" {self.bridge_if.with_prefixlen} " not in addrs + " ":
+            await run_cmd("ip", "addr", "add", self.bridge_if.with_prefixlen, "dev", self.bridge)
+        await run_cmd("ip", "link", "set", "dev", self.bridge, "up")
+
+    def _nat_interface(self):
+        choice = self.cfg.nat_interface
+        if choice == "none":
+            return None
+        if choice == "auto":
+            return default_route_interface()
+        return choice
+
+    def firewall_rules(self):
+        """The rules of cbox's own chains, as iptables argument lists per (table, chain)."""
+        br, net = self.bridge, str(self.subnet)
+        tag = ["-m", "comment", "--comment", FW_TAG]
+        rules = {
+            ("filter", "CBOX-INPUT"): [
+                # Guests may answer connections the host opened (exec), nothing else.
+                ["-i", br, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
+                ["-i", br, "-j", "DROP"],
+            ],
+            ("filter", "CBOX-FORWARD"): [
+                ["-i", br, "-o", br, "-j", "DROP"],
+                ["-o", br, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
+                ["-o", br, "-j", "DROP"],
+                ["-i", br, "-s", net, "-j", "ACCEPT"],
+                ["-i", br, "-j", "DROP"],
+            ],
+            ("nat", "CBOX-POSTROUTING"): [],
+        }
+        nat_if = self._nat_interface()
+        if nat_if:
+            rules[("nat", "CBOX-POSTROUTING")].append(["-s", net, "-o", nat_if, "-j", "MASQUERADE"])
+        return {k: [r + tag for r in v] for k, v in rules.items()}, nat_if
+
+    async def install_firewall(self):
+        rules, nat_if = self.firewall_rules()
+        for (table, chain), chain_rules in rules.items():
+            if not await self._iptables_ok(table, "-n", "-L", chain):
+                await run_cmd("iptables", "-w", "-t", table, "-N", chain)
+            await run_cmd("iptables", "-w", "-t", table, "-F", chain)
+            for rule in chain_rules:
+                await run_cmd("iptables", "-w", "-t", table, "-A", chain, *rule)
+            parent = self.chains[table][chain]
+            if not await self._iptables_ok(table, "-C", parent, "-j", chain):
+                await run_cmd("iptables", "-w", "-t", table, "-I", parent, "1", "-j", chain)
+        if nat_if:
+            Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
+            log("NAT enabled", out=nat_if, subnet=self.subnet)
+        else:
+            log("no NAT: no default route interface (set nat_interface to choose one)", subnet=self.subnet)
+
+    async def remove_firewall(self):
+        """Remove cbox's chains and the jumps to them (used by tests and `cbox.py cleanup`)."""
+        for table, chains in self.chains.items():
+            for chain, parent in chains.items():
+                while (await self._iptables_ok(table, "-D", parent, "-j", chain)):
+                    pass
+                await run_cmd("iptables", "-w", "-t", table, "-F", chain, check=False)
+                await run_cmd("iptables", "-w", "-t", table, "-X", chain, check=False)
+
+    @staticmethod
+    async def _iptables_ok(*args):
+        proc = await asyncio.create_subprocess_exec(
+            "iptables", "-w", "-t", *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        return await proc.wait() == 0
+
+    async def create_tap(self, tap):
+        """A persistent tap on the bridge, isolated from the other ports, up."""
+        if interface_exists(tap):
+            raise CommandError(f"interface {tap} already exists")
+        await run_cmd("ip", "-batch", "-", stdin="\n".join([
+            f"tuntap add dev {tap} mode tap",
+            f"link set dev {tap} master {self.bridge}",
+            f"link set dev {tap} type bridge_slave isolated on",
+            f"link set dev {tap} up", ""]))
+
+    async def remove_tap(self, tap):
+        if tap and interface_exists(tap):
+            await run_cmd("ip", "link", "del", "dev", tap, check=False)
+
+
+# =============================================================================
+# 5. Allocation and request validation
+# =============================================================================
+
+VM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+MAX_CID = 0xFFFFFFFE
+
+
+class ApiError(Exception):
+    """An error with an HTTP status for the REST API."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+class Allocator:
+    """Guest IPs (lowest free host address of the subnet) and vsock CIDs (lowest free >= 3)."""
+
+    def __init__(self, subnet, bridge_ip):
+        self.subnet = ipaddress.ip_network(subnet)
+        self.reserved = {ipaddress.ip_address(bridge_ip)}
+        self.ips, self.cids = set(), set()
+
+    def take_ip(self):
+        for addr in self.subnet.hosts():
+            if addr not in self.ips and addr not in self.reserved:
+                self.ips.add(addr)
+                return addr
+        raise ApiError(503, f"no free guest IP left in {self.subnet}")
+
+    def take_cid(self):
+        cid = 3
+        while cid in self.cids:
+            cid += 1
+        if cid > MAX_CID:
+            raise ApiError(503, "no free vsock CID left")
+        self.cids.add(cid)
+        return cid
+
+    def claim(self, ip, cid):
+        """Mark an IP and CID of an existing VM as used (adoption)."""
+        addr = ipaddress.ip_address(ip)
+        if addr in self.ips or cid in self.cids or addr not in self.subnet:
+            raise ValueError(f"IP {ip} or CID {cid} is already in use or outside the subnet")
+        self.ips.add(addr)
+        self.cids.add(cid)
+
+    def release(self, ip, cid):
+        self.ips.discard(ipaddress.ip_address(ip))
+        self.cids.discard(cid)
+
+
+def tap_name(cid):
+    return f"cbt{cid}"                    # at most 13 characters, below IFNAMSIZ
+
+
+def mac_for(ip):
+    """A locally administered MAC derived from the guest IP (unique per VM)."""
+    return "02:cb:" + ":".join(f"{b:02x}" for b in ipaddress.ip_address(ip).packed)
+
+
+def check_vm_name(name):
+    if not isinstance(name, str) or not VM_NAME_RE.match(name):
+        raise ApiError(400, "invalid vmName: use 1-63 characters of A-Z a-z 0-9 _ . - starting with a letter or digit")
+    return name
+
+
+def check_fields(body, allowed, required=()):
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    unknown = sorted(set(body) - set(allowed))
+    if unknown:
+        raise ApiError(400, f"unknown field(s): {', '.join(unknown)}")
+    missing = [k for k in required if k not in body]
+    if missing:
+        raise ApiError(400, f"missing required field(s): {', '.join(missing)}")
+
+
+def typed(body, key, kind, default=None):
+    """body[key] checked against kind ('str', 'bool', 'int', 'number', 'dict'); null = default."""
+    value = body.get(key)
+    if value is None:
+        return default
+    ok = {"str": isinstance(value, str),
+          "bool": isinstance(value, bool),
+          "int": isinstance(value, int) and not isinstance(value, bool),
+          "number": isinstance(value, (int, float)) and not isinstance(value, bool),
+          "dict": isinstance(value, dict)}[kind]
+    if not ok:
+        names = {"str": "a string", "bool": "a boolean", "int": "an integer", "number": "a number", "dict": "an object"}
+        raise ApiError(400, f"'{key}' must be {names[kind]}")
+    return value
+
+
+def check_callback_url(url):
+    if url is None or url == "":
+        return None
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or len(url) > 2048:
+        raise ApiError(400, "callbackUrl must be an http:// or https:// URL")
+    try:
+        parts.port
+    except ValueError:
+        raise ApiError(400, "callbackUrl has a bad port")
+    return url
+
+
+def validate_start_request(body, cfg):
+    check_fields(body, ("vmName", "callbackUrl", "vcpus", "memoryMb"), required=("vmName",))
+    name = check_vm_name(body["vmName"])
+    url = check_callback_url(typed(body, "callbackUrl", "str"))
+    vcpus = typed(body, "vcpus", "int", cfg.default_vcpus)
+    memory = typed(body, "memoryMb", "int", cfg.default_memory_mb)
+    if not 1 <= vcpus <= cfg.max_vcpus:
+        raise ApiError(400, f"vcpus must be 1..{cfg.max_vcpus}")
+    if not 64 <= memory <= cfg.max_memory_mb:
+        raise ApiError(400, f"memoryMb must be 64..{cfg.max_memory_mb}")
+    return {"name": name, "callback_url": url, "vcpus": vcpus, "memory_mb": memory}
+
+
+def validate_exec_request(body, cfg):
+    """Check an exec request; returns (agent request body, blocking, timeout)."""
+    check_fields(body, ("cmd", "blocking", "timeout", "env", "cwd", "stdin"), required=("cmd",))
+    cmd = typed(body, "cmd", "str")
+    if cmd is None or not cmd.strip():
+        raise ApiError(400, "'cmd' must be a non-empty string")
+    blocking = typed(body, "blocking", "bool", True)
+    timeout = typed(body, "timeout", "number", cfg.exec_timeout_s)
+    if not 0 < timeout <= cfg.exec_max_timeout_s:
+        raise ApiError(400, f"'timeout' must be more than 0 and at most {cfg.exec_max_timeout_s:g} seconds")
+    env = typed(body, "env", "dict", {})
+    for k, v in env.items():
+        if not isinstance(v, str) or not k or "=" in k or "\0" in k or "\0" in v:
+            raise ApiError(400, "'env' must map variable names to strings")
+    cwd = typed(body, "cwd", "str")
+    stdin = typed(body, "stdin", "str")
+    if "\0" in cmd or (cwd and "\0" in cwd):
+        raise ApiError(400, "'cmd' and 'cwd' must not contain NUL")
+    agent_body = {"cmd": cmd, "blocking": blocking, "timeout": timeout, "env": env,
+                  "cwd": cwd, "stdin": stdin, "maxOutput": cfg.exec_output_limit_bytes}
+    return agent_body, blocking, timeout
+
+
+def parse_json_body(data):
+    if not data:
+        raise ApiError(400, "request body must be a JSON object")
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"malformed JSON: {e}")
+
+
+# =============================================================================
+# 6. VM manager
+# =============================================================================
+
+def proc_start_time(pid):
+    """The kernel's start time of pid (clock ticks since boot), None if it is gone.
+
+    Recorded with each VMM pid so that a recycled pid is never mistaken for it."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    if fields[0] == "Z":
+        return None
+    return int(fields[19])
+
+
+class ProcessWatch:
+    """Watches one VMM process through a pidfd (works for children and adopted processes)."""
+
+    def __init__(self, pid, start_time, on_exit):
+        self.pid, self.start_time, self.on_exit = pid, start_time, on_exit
+        self.exited = asyncio.Event()
+        self.exit_code = None
+        self.pidfd = None
+        try:
+            self.pidfd = os.pidfd_open(pid)
+        except OSError:
+            self._finish()
+            return
+        if proc_start_time(pid) != start_time:   # exited (or was replaced) before we looked
+            self._finish()
+            return
+        asyncio.get_running_loop().add_reader(self.pidfd, self._finish)
+
+    def _finish(self):
+        if self.exited.is_set():
+            return
+        if self.pidfd is not None:
+            asyncio.get_running_loop().remove_reader(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = None
+        try:
+            _, status = os.waitpid(self.pid, os.WNOHANG)   # reap it when it is our child
+            self.exit_code = os.waitstatus_to_exitcode(status) if status else 0
+        except ChildProcessError:
+            pass
+        self.exited.set()
+        self.on_exit(self)
+
+    def alive(self):
+        return not self.exited.is_set()
+
+    def kill(self):
+        """SIGKILL the VMM's process group (it runs in a session of its own)."""
+        if self.alive():
+            for sender, target in ((os.killpg, self.pid), (os.kill, self.pid)):
+                try:
+                    sender(target, signal.SIGKILL)
+                except OSError:
+                    pass
+
+    async def wait(self, timeout):
+        try:
+            await asyncio.wait_for(self.exited.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+
+class VM:
+    """One VM: its public fields, its files, and its live runtime (process, clients, listener)."""
+
+    RECORD_FIELDS = ("vmName", "status", "ip", "tapDeviceName", "callbackUrl", "cid", "vcpus",
+                     "memoryMb", "createdAt", "phase", "pid", "pidStart", "mac", "error")
+
+    def __init__(self, **fields):
+        for key in self.RECORD_FIELDS:
+            setattr(self, key, fields.get(key))
+        self.lock = asyncio.Lock()
+        self.watch = None          # ProcessWatch of the VMM
+        self.chv = None            # CloudHypervisor client
+        self.agent = None          # HttpClient of the guest agent
+        self.callback_server = None
+
+    @property
+    def address(self):
+        return self.ip.split("/")[0]
+
+    def api(self):
+        return {k: getattr(self, k) for k in ("vmName", "status", "ip", "tapDeviceName", "callbackUrl",
+                                               "cid", "vcpus", "memoryMb", "createdAt")}
+
+    def record(self):
+        return {k: getattr(self, k) for k in self.RECORD_FIELDS}
+
+
+class VmPaths:
+    """Where a VM's files live: records and disks in state_dir, sockets in the short run_dir."""
+
+    def __init__(self, cfg, vm):
+        self.vm_dir = Path(cfg.path(cfg.state_dir), "vms", vm.vmName)
+        self.record = Path(cfg.path(cfg.state_dir), "vms", vm.vmName + ".json")
+        self.run_dir = Path(cfg.path(cfg.run_dir), str(vm.cid))
+        self.api_socket = self.run_dir / "api.sock"
+        self.vsock_socket = self.run_dir / "vsock.sock"
+        self.callback_socket = Path(f"{self.vsock_socket}_{cfg.callback_port}")
+        self.disk = self.vm_dir / "stateful.ext4"
+        self.serial = self.vm_dir / "console.log"
+        self.chv_log = self.vm_dir / "cloud-hypervisor.log"
+        self.chv_out = self.vm_dir / "cloud-hypervisor.out"
+
+
+def write_atomically(path, data):
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def tail_file(path, limit=64 * 1024):
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - limit))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def console_tail(path, lines=15):
+    text = tail_file(path, 8192).strip().splitlines()[-lines:]
+    return " | ".join(line.strip() for line in text if line.strip()) or "(console is empty)"
+
+
+class StepClock:
+    """Logs the duration of each lifecycle step of one VM."""
+
+    def __init__(self, vm_name, action):
+        self.vm_name, self.action = vm_name, action
+        self.t0 = self.last = time.monotonic()
+        self.step = "validate"
+
+    def begin(self, step):
+        self.step = step
+        self.last = time.monotonic()
+
+    def done(self):
+        log(f"{self.action} step", vm=self.vm_name, step=self.step,
+            ms=f"{(time.monotonic() - self.last) * 1000:.1f}")
+
+    def total_ms(self):
+        return (time.monotonic() - self.t0) * 1000
+
+
+class VMManager:
+    """All VMs: lifecycle, persistence, supervision, exec forwarding and callbacks."""
+
+    def __init__(self, cfg, network):
+        self.cfg = cfg
+        self.net = network
+        self.alloc = Allocator(cfg.bridge_subnet, ipaddress.ip_interface(cfg.bridge_ip).ip)
+        self.vms = {}
+        self.callback_clients = {}
+        self.records_dir = Path(cfg.path(cfg.state_dir), "vms")
+        self.prefix = ipaddress.ip_network(cfg.bridge_subnet).prefixlen
+        self.gateway = str(ipaddress.ip_interface(cfg.bridge_ip).ip)
+        self.dns = host_resolvers() if cfg.dns == "auto" else [d.strip() for d in cfg.dns.split(",") if d.strip()]
+
+    # ---- persistence --------------------------------------------------------
+
+    def save(self, vm):
+        write_atomically(VmPaths(self.cfg, vm).record, json.dumps(vm.record(), indent=1).encode())
+
+    def forget(self, vm):
+        try:
+            VmPaths(self.cfg, vm).record.unlink()
+        except FileNotFoundError:
+            pass
+
+    # ---- start ---------------------------------------------------------------
+
+    def check_capacity(self, memory_mb):
+        if len(self.vms) >= self.cfg.max_vms:
+            raise ApiError(503, f"max_vms ({self.cfg.max_vms}) VMs are running")
+        budget = host_memory_mb() * self.cfg.guest_mem_percentage // 100
+        used = sum(vm.memoryMb for vm in self.vms.values())
+        if used + memory_mb > budget:
+            raise ApiError(503, f"not enough memory: {used} MB of {budget} MB "
+                                f"(guest_mem_percentage={self.cfg.guest_mem_percentage}) in use, {memory_mb} MB asked")
+
+    async def start(self, req):
+        name = req["name"]
+        if name in self.vms:
+            raise ApiError(409, f"VM '{name}' already exists")
+        self.check_capacity(req["memory_mb"])
+        ip = self.alloc.take_ip()
+        cid = self.alloc.take_cid()
+        vm = VM(vmName=name, status="CREATED", ip=f"{ip}/{self.prefix}", tapDeviceName=tap_name(cid),
+                callbackUrl=req["callback_url"], cid=cid, vcpus=req["vcpus"], memoryMb=req["memory_mb"],
+                createdAt=utc_now(), phase="starting", mac=mac_for(ip))
+        self.vms[name] = vm
+        async with vm.lock:
+            clock = StepClock(name, "start")
+            try:
+                await self._start_steps(vm, clock)
+            except Exception as e:
+                paths = VmPaths(self.cfg, vm)
+                message = f"starting VM '{name}' failed at step {clock.step}: {e}; console: {console_tail(paths.serial)}"
+                log("start failed", vm=name, step=clock.step, error=repr(str(e)))
+                await self.teardown(vm, graceful=False)
+                raise ApiError(e.status if isinstance(e, ApiError) else 500, message)
+        log("VM running", vm=name, ip=vm.ip, cid=cid, ms=f"{clock.total_ms():.1f}")
+        return vm
+
+    async def _start_steps(self, vm, clock):
+        paths = VmPaths(self.cfg, vm)
+        clock.begin("record")
+        self.records_dir.mkdir(parents=True, exist_ok=True)
+        self.save(vm)                       # written first: a crash from here on is cleaned up at restart
+        clock.done()
+        clock.begin("files")
+        remove_tree(paths.vm_dir)         # only a crash can have left one without a record
+        paths.vm_dir.mkdir(parents=True)
+        clear_run_dir(paths.run_dir)
+        paths.run_dir.mkdir(parents=True)
+        clock.done()
+        clock.begin("disk")
+        await make_stateful_disk(paths.disk, self.cfg.stateful_size_in_mb)
+        clock.done()
+        clock.begin("tap")
+        await self.net.create_tap(vm.tapDeviceName)
+        clock.done()
+        clock.begin("spawn")
+        pid = spawn_vmm(self.cfg.chv_bin, paths)
+        vm.pid, vm.pidStart = pid, proc_start_time(pid)
+        vm.watch = ProcessWatch(pid, vm.pidStart, lambda w, vm=vm: self.on_vmm_exit(vm, w))
+        self.save(vm)
+        vm.chv = CloudHypervisor(str(paths.api_socket))
+        await self.wait_for_api(vm)
+        clock.done()
+        clock.begin("vm.create")
+        await vm.chv.create(self.vm_config(vm, paths))
+        clock.done()
+        clock.begin("callbacks")
+        await self.serve_callbacks(vm, paths)
+        clock.done()
+        clock.begin("vm.boot")
+        await vm.chv.boot()
+        clock.done()
+        clock.begin("agent")
+        vm.agent = HttpClient(host=vm.address, port=self.cfg.agent_port, pool_size=32)
+        await self.wait_for_agent(vm)
+        clock.done()
+        vm.status, vm.phase = "RUNNING", "running"
+        self.save(vm)
+
+    def vm_config(self, vm, paths):
+        """The VmConfig for vm.create (validated against Cloud Hypervisor's OpenAPI in the tests)."""
+        cfg = self.cfg
+        cmdline = " ".join(filter(None, [
+            "console=ttyS0 reboot=k panic=-1", cfg.cmdline_extra,
+            f"cbox.vm={vm.vmName}", f"cbox.ip={vm.ip}", f"cbox.gw={self.gateway}",
+            f"cbox.dns={','.join(self.dns)}" if self.dns else "",
+            f"cbox.callback_port={cfg.callback_port}"]))
+        payload = {"kernel": cfg.path(cfg.kernel), "cmdline": cmdline}
+        if cfg.initramfs:
+            payload["initramfs"] = cfg.path(cfg.initramfs)
+        return {
+            "payload": payload,
+            "cpus": {"boot_vcpus": vm.vcpus, "max_vcpus": vm.vcpus},
+            "memory": {"size": vm.memoryMb * 1024 * 1024},
+            "disks": [{"path": cfg.path(cfg.rootfs), "readonly": True, "id": "rootfs"},
+                      {"path": str(paths.disk), "readonly": False, "id": "stateful"}],
+            "net": [{"tap": vm.tapDeviceName, "mac": vm.mac, "num_queues": 2, "id": "net0"}],
+            "vsock": {"cid": vm.cid, "socket": str(paths.vsock_socket), "id": "vsock0"},
+            "rng": {"src": "/dev/urandom"},
+            "serial": {"mode": "File", "file": str(paths.serial)},
+            "console": {"mode": "Off"},
+        }
+
+    async def wait_for_api(self, vm, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            if not vm.watch.alive():
+                raise HypervisorError(f"cloud-hypervisor exited (code {vm.watch.exit_code}) before its API answered; "
+                                      f"see {VmPaths(self.cfg, vm).chv_out}")
+            try:
+                return await vm.chv.ping(timeout=1.0)
+            except HypervisorError:
+                if time.monotonic() > deadline:
+                    raise HypervisorError(f"API socket did not answer within {fmt_seconds(timeout)}")
+                await asyncio.sleep(0.005)
+
+    async def wait_for_agent(self, vm):
+        deadline = time.monotonic() + self.cfg.boot_timeout_s
+        last, attempt_timeout = "no answer", 0.25
+        while time.monotonic() < deadline:
+            if not vm.watch.alive():
+                raise HypervisorError(f"the VM stopped while booting (hypervisor exit code {vm.watch.exit_code})")
+            try:
+                status, _, _ = await vm.agent.request("GET", "/health", timeout=attempt_timeout)
+                if status == 200:
+                    return
+                last = f"HTTP {status}"
+            except HttpError as e:
+                last = str(e)
+                # A SYN sent before the guest is up is retransmitted only after 1 s:
+                # short attempts find the agent sooner; longer ones suit slow guests.
+                attempt_timeout = min(attempt_timeout * 1.5, 2.0)
+            await asyncio.sleep(0.01)
+        raise HypervisorError(f"guest agent did not answer within {fmt_seconds(self.cfg.boot_timeout_s)} ({last})")
+
+    # ---- supervision and teardown ---------------------------------------------
+
+    def on_vmm_exit(self, vm, watch):
+        if vm.phase != "running":
+            return                         # start or destroy handles it
+        vm.status = "STOPPED" if watch.exit_code == 0 else "FAILED"
+        vm.phase = "dead"
+        vm.error = (f"cloud-hypervisor exited with code {watch.exit_code}" if watch.exit_code is not None
+                    else "cloud-hypervisor exited")
+        log("VM stopped", vm=vm.vmName, status=vm.status, code=watch.exit_code)
+        self.save(vm)
+        asyncio.get_running_loop().create_task(self.release_runtime(vm))
+
+    async def release_runtime(self, vm):
+        """Free what a dead VM no longer needs; its record, IP and CID stay until DELETE."""
+        async with vm.lock:
+            if vm.phase != "dead":
+                return
+            self.close_clients(vm)
+            if vm.watch:
+                vm.watch.kill()            # whatever is left of its process group
+            await self.net.remove_tap(vm.tapDeviceName)
+            clear_run_dir(VmPaths(self.cfg, vm).run_dir)
+
+    def close_clients(self, vm):
+        if vm.callback_server:
+            vm.callback_server.close()
+            vm.callback_server = None
+        for client in (vm.agent, vm.chv):
+            if client:
+                client.close()
+
+    async def teardown(self, vm, graceful):
+        """Undo everything a VM holds: process, listener, tap, files, record, IP and CID."""
+        paths = VmPaths(self.cfg, vm)
+        if graceful and vm.status == "RUNNING" and vm.agent:
+            try:   # let the guest flush its stateful disk before the VM goes away
+                await vm.agent.request("POST", "/exec", {"cmd": "sync", "timeout": 5}, timeout=6.0)
+            except HttpError:
+                pass
+        if vm.watch and vm.watch.alive() and vm.chv:
+            for step in (vm.chv.shutdown, vm.chv.delete, vm.chv.shutdown_vmm):
+                try:
+                    await asyncio.wait_for(step(), self.cfg.shutdown_timeout_s)
+                except (HypervisorError, asyncio.TimeoutError):
+                    pass
+            if not await vm.watch.wait(self.cfg.shutdown_timeout_s):
+                log("hypervisor did not exit; killing it", vm=vm.vmName, pid=vm.pid)
+        if vm.watch:
+            vm.watch.kill()
+            await vm.watch.wait(5.0)
+        self.close_clients(vm)
+        await self.net.remove_tap(vm.tapDeviceName)
+        clear_run_dir(paths.run_dir)
+        remove_tree(paths.vm_dir)
+        self.forget(vm)
+        self.alloc.release(vm.address, vm.cid)
+        if self.vms.get(vm.vmName) is vm:
+            del self.vms[vm.vmName]
+
+    async def destroy(self, name):
+        vm = self.get(name)
+        async with vm.lock:
+            if self.vms.get(name) is not vm:
+                raise ApiError(404, f"VM '{name}' not found")
+            clock = StepClock(name, "destroy")
+            graceful = vm.phase == "running"
+            vm.phase = "destroying"
+            self.save(vm)
+            await self.teardown(vm, graceful)
+        log("VM destroyed", vm=name, ms=f"{clock.total_ms():.1f}")
+
+    async def destroy_all(self):
+        names = list(self.vms)
+        results = await asyncio.gather(*(self.destroy(n) for n in names), return_exceptions=True)
+        return [n for n, r in zip(names, results) if r is None]
+
+    def get(self, name):
+        check_vm_name(name)
+        vm = self.vms.get(name)
+        if vm is None:
+            raise ApiError(404, f"VM '{name}' not found")
+        return vm
+
+    # ---- adoption at start-up -------------------------------------------------
+
+    async def adopt_all(self):
+        """Re-adopt VMs whose hypervisor still answers; clean up everything else."""
+        self.records_dir.mkdir(parents=True, exist_ok=True)
+        for path in sorted(self.records_dir.glob("*.json")):
+            try:
+                vm = VM(**{k: v for k, v in json.loads(path.read_text()).items() if k in VM.RECORD_FIELDS})
+                check_vm_name(vm.vmName)
+                if path.name != vm.vmName + ".json":
+                    raise ValueError("record name does not match its file")
+                self.alloc.claim(vm.address, vm.cid)
+            except (ValueError, TypeError, ApiError, AttributeError, OSError) as e:
+                log("ignoring unreadable VM record", file=path, error=repr(str(e)))
+                continue
+            self.vms[vm.vmName] = vm
+            await self.adopt(vm)
+
+    async def adopt(self, vm):
+        paths = VmPaths(self.cfg, vm)
+        if vm.pid and vm.pidStart and proc_start_time(vm.pid) == vm.pidStart:
+            vm.watch = ProcessWatch(vm.pid, vm.pidStart, lambda w, vm=vm: self.on_vmm_exit(vm, w))
+            vm.chv = CloudHypervisor(str(paths.api_socket))
+        if vm.phase == "running" and vm.watch and vm.watch.alive():
+            try:
+                info = await vm.chv.info()
+                if info.get("state") != "Running":
+                    raise HypervisorError(f"VM state is {info.get('state')}")
+                vm.agent = HttpClient(host=vm.address, port=self.cfg.agent_port, pool_size=32)
+                await self.serve_callbacks(vm, paths)
+                log("VM re-adopted", vm=vm.vmName, pid=vm.pid, ip=vm.ip)
+                return
+            except (HypervisorError, OSError) as e:
+                log("cannot re-adopt VM; cleaning it up", vm=vm.vmName, error=repr(str(e)))
+        elif vm.phase == "dead":
+            await self.release_runtime(vm)
+            log("VM record kept", vm=vm.vmName, status=vm.status)
+            return
+        else:
+            log("cleaning up VM left behind", vm=vm.vmName, phase=vm.phase)
+        vm.phase = "destroying"
+        await self.teardown(vm, graceful=False)
+
+    async def shutdown(self):
+        """cbox.py is stopping: destroy VMs if configured, else leave them running for the next start."""
+        if self.cfg.destroy_on_exit:
+            await self.destroy_all()
+        for vm in list(self.vms.values()):
+            self.close_clients(vm)
+            if vm.watch and vm.watch.pidfd is not None:
+                asyncio.get_running_loop().remove_reader(vm.watch.pidfd)
+        for client in self.callback_clients.values():
+            client.close()
+
+    # ---- exec -----------------------------------------------------------------
+
+    def running(self, name):
+        vm = self.get(name)
+        if vm.status != "RUNNING" or vm.agent is None:
+            raise ApiError(409, f"VM '{name}' is not running (status {vm.status})")
+        return vm
+
+    async def agent_call(self, vm, method, target, body=None, timeout=15.0):
+        """Forward to the guest agent; 2xx bodies are passed through untouched."""
+        try:
+            status, _, data = await vm.agent.request(method, target, body, timeout=timeout)
+        except HttpError as e:
+            raise ApiError(502, f"guest agent of VM '{vm.vmName}' unreachable: {e}")
+        if 200 <= status < 300:
+            return data
+        try:
+            message = json.loads(data)["error"]
+        except (ValueError, KeyError, TypeError):
+            message = data[:200].decode("utf-8", "replace")
+        raise ApiError(status if status in (400, 404, 409, 413) else 502, f"guest agent: {message}")
+
+    async def exec(self, name, body):
+        agent_body, blocking, timeout = validate_exec_request(body, self.cfg)
+        vm = self.running(name)
+        return await self.agent_call(vm, "POST", "/exec", agent_body,
+                                     timeout=(timeout + 15.0) if blocking else 15.0)
+
+    async def exec_status(self, name, exec_id, method):
+        vm = self.running(name)
+        if not re.match(r"^[A-Za-z0-9_-]{1,64}$", exec_id):
+            raise ApiError(404, f"exec '{exec_id}' not found")
+        return await self.agent_call(vm, method, f"/exec/{exec_id}", timeout=30.0)
+
+    # ---- callbacks (guest -> vsock socket -> cbox -> callbackUrl) --------------
+
+    async def serve_callbacks(self, vm, paths):
+        try:
+            paths.callback_socket.unlink()
+        except FileNotFoundError:
+            pass
+        vm.callback_server = await asyncio.start_unix_server(
+            lambda r, w, vm=vm: self.callback_connection(vm, r, w),
+            path=str(paths.callback_socket), limit=CALLBACK_LINE_MAX + 1)
+
+    async def callback_connection(self, vm, reader, writer):
+        """One guest connection: JSON lines in, JSON lines out, in order."""
+        try:
+            while True:
+                try:
+                    line = await reader.readuntil(b"\n")
+                except asyncio.IncompleteReadError as e:
+                    line = e.partial
+                    if not line.strip():
+                        return
+                except asyncio.LimitOverrunError:
+                    writer.write(json_bytes({"error": "callback request larger than 1 MiB"}) + b"\n")
+                    await writer.drain()
+                    return
+                if not line.strip():
+                    continue
+                reply = await self.handle_callback(vm, line)
+                writer.write(json_bytes(reply) + b"\n")
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def handle_callback(self, vm, line):
+        t0 = time.monotonic()
+        try:
+            request = json.loads(line)
+        except (ValueError, UnicodeDecodeError):
+            return {"error": "callback request is not valid JSON"}
+        if not isinstance(request, dict) or not isinstance(request.get("method"), str) or not request["method"]:
+            return {"error": "callback request must be an object with a non-empty string 'method'"}
+        if set(request) - {"method", "params"}:
+            return {"error": f"unknown callback request field(s): {', '.join(sorted(set(request) - {'method', 'params'}))}"}
+        reply = await self.forward_callback(vm, request["method"], request.get("params"))
+        log("callback", vm=vm.vmName, method=repr(request["method"][:60]),
+            ok="error" not in reply, ms=f"{(time.monotonic() - t0) * 1000:.1f}")
+        return reply
+
+    async def forward_callback(self, vm, method, params):
+        url = vm.callbackUrl
+        if not url:
+            return {"error": f"VM '{vm.vmName}' has no callbackUrl"}
+        parts = urllib.parse.urlsplit(url)
+        client = self.callback_client(parts)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        body = {"vmName": vm.vmName, "method": method, "params": params}
+        try:
+            status, _, data = await client.request("POST", target, body, timeout=self.cfg.callback_timeout_s)
+        except HttpError as e:
+            return {"error": f"callback URL {url} failed: {e}"}
+        if not 200 <= status < 300:
+            snippet = data[:200].decode("utf-8", "replace").strip()
+            return {"error": f"callback URL {url} answered HTTP {status}" + (f": {snippet}" if snippet else "")}
+        try:
+            answer = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            return {"result": data.decode("utf-8", "replace")}
+        if isinstance(answer, dict) and "result" in answer:
+            return {"result": answer["result"]}
+        if isinstance(answer, dict) and "error" in answer:
+            err = answer["error"]
+            return {"error": err if isinstance(err, str) else json.dumps(err)}
+        return {"result": answer}
+
+    def callback_client(self, parts):
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        key = (parts.scheme, parts.hostname, port)
+        client = self.callback_clients.get(key)
+        if client is None:
+            client = HttpClient(host=parts.hostname, port=port, tls=parts.scheme == "https", max_body=16 * 1024 * 1024)
+            self.callback_clients[key] = client
+        return client
+
+
+CALLBACK_LINE_MAX = 1024 * 1024
+
+
+def host_memory_mb():
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    return 0
+
+
+def clear_run_dir(run_dir):
+    """Remove a VM's socket directory (stale sockets make cloud-hypervisor fail)."""
+    remove_tree(run_dir)
+
+
+def remove_tree(path):
+    shutil.rmtree(path, ignore_errors=True)
+
+
+async def make_stateful_disk(path, size_mb):
+    """A sparse ext4 image for the guest's writable layer (vdb)."""
+    with open(path, "wb") as f:
+        f.truncate(size_mb * 1024 * 1024)
+    await run_cmd("mke2fs", "-q", "-F", "-t", "ext4", "-E", "lazy_itable_init=1,lazy_journal_init=1",
+                  "-L", "cbox-state", str(path))
+
+
+def spawn_vmm(chv_bin, paths):
+    """Start cloud-hypervisor in a session of its own (so killpg reaches all of it)."""
+    out = os.open(paths.chv_out, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        argv = [chv_bin, "--api-socket", f"path={paths.api_socket}", "--log-file", str(paths.chv_log), "-v"]
+        spawn = os.posix_spawn if "/" in chv_bin else os.posix_spawnp
+        return spawn(chv_bin, argv, dict(os.environ), setsid=True, file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, out, 1),
+            (os.POSIX_SPAWN_DUP2, out, 2)])
+    except OSError as e:
+        raise HypervisorError(f"cannot run chv_bin {chv_bin}: {e.strerror}")
+    finally:
+        os.close(out)
+
+
+# =============================================================================
+# 7. REST server
+# =============================================================================
+
+class Request:
+    def __init__(self, method, path, query, headers, body, params):
+        self.method, self.path, self.query, self.headers = method, path, query, headers
+        self.body, self.params = body, params
+
+
+class RestServer:
+    """HTTP/1.1 keep-alive server for the API of contract section 1."""
+
+    HEAD_TIMEOUT = 30.0        # a client gets this long to send a request head
+    BODY_TIMEOUT = 60.0        # ... and this long for its body
+    IDLE_TIMEOUT = 120.0       # keep-alive connections idle longer are closed
+
+    def __init__(self, cfg, manager):
+        self.cfg, self.vms = cfg, manager
+        self.server = None
+        self.connections = set()
+        self.routes = [
+            (re.compile(r"^/v1/health$"), {"GET": self.health}),
+            (re.compile(r"^/v1/vms$"), {"GET": self.list_vms, "POST": self.start_vm, "DELETE": self.destroy_all}),
+            (re.compile(r"^/v1/vms/(?P<name>[^/]+)$"), {"GET": self.get_vm, "DELETE": self.destroy_vm}),
+            (re.compile(r"^/v1/vms/(?P<name>[^/]+)/exec$"), {"POST": self.exec}),
+            (re.compile(r"^/v1/vms/(?P<name>[^/]+)/exec/(?P<exec_id>[^/]+)$"),
+             {"GET": self.exec_status, "DELETE": self.exec_kill}),
+            (re.compile(r"^/v1/vms/(?P<name>[^/]+)/logs$"), {"GET": self.logs}),
+        ]
+
+    async def start(self):
+        self.server = await asyncio.start_server(self.connection, self.cfg.host, self.cfg.port,
+                                                 limit=MAX_HEAD, reuse_address=True)
+        log("serving", url=f"http://{self.cfg.host}:{self.cfg.port}", version=VERSION)
+
+    async def stop(self):
+        if self.server:
+            self.server.close()
+            for writer in list(self.connections):
+                writer.close()
+            await self.server.wait_closed()
+
+    # ---- connections ------------------------------------------------------------
+
+    async def connection(self, reader, writer):
+        set_nodelay(writer)
+        self.connections.add(writer)
+        try:
+            while await self.one_request(reader, writer):
+                pass
+        except (ConnectionError, OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.connections.discard(writer)
+            writer.close()
+
+    async def one_request(self, reader, writer):
+        """Serve one request; False when the connection should close."""
+        try:
+            head = await asyncio.wait_for(read_head(reader), self.IDLE_TIMEOUT)
+        except asyncio.TimeoutError:
+            return False
+        except HttpError as e:
+            status = 431 if "too large" in str(e) else 400
+            writer.write(build_response(status, json_bytes({"error": str(e)}), keep_alive=False))
+            return False
+        if head is None:
+            return False
+        t0 = time.monotonic()
+        start_line, headers = head
+        parts = start_line.split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            writer.write(build_response(400, json_bytes({"error": "malformed request line"}), keep_alive=False))
+            return False
+        method, target, version = parts
+        keep_alive = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
+        try:
+            body = await self.read_request_body(reader, writer, headers)
+            status, payload, ctype = await self.dispatch(method, target, headers, body)
+        except ApiError as e:
+            status, payload, ctype = e.status, json_bytes({"error": str(e)}), "application/json"
+            if e.status in (408, 413) or "body" in str(e):
+                keep_alive = False
+        except Exception as e:   # never a traceback in a response
+            import traceback
+            traceback.print_exc()
+            status, payload, ctype = 500, json_bytes({"error": f"internal error: {type(e).__name__}: {e}"}), "application/json"
+        extra = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        writer.write(build_response(status, payload, ctype, keep_alive, extra))
+        await writer.drain()
+        if status == 413 and "100-continue" not in headers.get("expect", "").lower():
+            await self.discard_body(reader, headers)
+        log("request", method=method, path=target.split("?")[0][:200], status=status,
+            ms=f"{(time.monotonic() - t0) * 1000:.1f}")
+        return keep_alive
+
+    async def read_request_body(self, reader, writer, headers):
+        if "transfer-encoding" in headers:
+            raise ApiError(411, "chunked request bodies are not supported: send Content-Length")
+        length = headers.get("content-length", "0")
+        if not length.isdigit():
+            raise ApiError(400, "bad Content-Length header")
+        if int(length) > self.cfg.max_request_bytes:
+            raise ApiError(413, f"request body larger than {self.cfg.max_request_bytes} bytes")
+        if headers.get("expect", "").lower() == "100-continue" and int(length):
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        try:
+            return await asyncio.wait_for(reader.readexactly(int(length)), self.BODY_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"request body not received within {fmt_seconds(self.BODY_TIMEOUT)}")
+
+    async def discard_body(self, reader, headers, limit=256 * 1024 * 1024, timeout=10.0):
+        """Read and drop a refused body, so the client sees the 413 rather than a reset."""
+        length = headers.get("content-length", "0")
+        remaining = min(int(length), limit) if length.isdigit() else 0
+        deadline = time.monotonic() + timeout
+        while remaining > 0 and time.monotonic() < deadline:
+            try:
+                chunk = await asyncio.wait_for(reader.read(min(remaining, 1 << 20)), deadline - time.monotonic())
+            except asyncio.TimeoutError:
+                return
+            if not chunk:
+                return
+            remaining -= len(chunk)
+
+    async def dispatch(self, method, target, headers, body):
+        split = urllib.parse.urlsplit(target)
+        path = split.path
+        for pattern, methods in self.routes:
+            m = pattern.match(path)
+            if not m:
+                continue
+            handler = methods.get(method)
+            if handler is None:
+                raise ApiError(405, f"method {method} not allowed on {path} (allowed: {', '.join(methods)})")
+            if handler != self.health:
+                self.authorize(headers)
+            params = {k: urllib.parse.unquote(v) for k, v in m.groupdict().items()}
+            request = Request(method, path, urllib.parse.parse_qs(split.query), headers, body, params)
+            result = await handler(request)
+            if isinstance(result, tuple):
+                return result
+            return 200, result if isinstance(result, bytes) else json_bytes(result), "application/json"
+        raise ApiError(404, f"no route {path}")
+
+    def authorize(self, headers):
+        token = self.cfg.api_token
+        if not token:
+            return
+        given = headers.get("authorization", "")
+        if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].strip().encode(), token.encode())):
+            raise ApiError(401, "missing or wrong API token (send 'Authorization: Bearer <token>')")
+
+    # ---- handlers ------------------------------------------------------------------
+
+    async def health(self, req):
+        return {"status": "healthy", "timestamp": utc_now(), "version": VERSION, "vms": len(self.vms.vms)}
+
+    async def list_vms(self, req):
+        return {"vms": [vm.api() for vm in self.vms.vms.values()]}
+
+    async def start_vm(self, req):
+        spec = validate_start_request(parse_json_body(req.body), self.cfg)
+        vm = await self.vms.start(spec)
+        return vm.api()
+
+    async def get_vm(self, req):
+        return self.vms.get(req.params["name"]).api()
+
+    async def destroy_vm(self, req):
+        await self.vms.destroy(req.params["name"])
+        return {"success": True}
+
+    async def destroy_all(self, req):
+        return {"success": True, "destroyed": await self.vms.destroy_all()}
+
+    async def exec(self, req):
+        name = check_vm_name(req.params["name"])
+        return await self.vms.exec(name, parse_json_body(req.body))
+
+    async def exec_status(self, req):
+        return await self.vms.exec_status(req.params["name"], req.params["exec_id"], "GET")
+
+    async def exec_kill(self, req):
+        return await self.vms.exec_status(req.params["name"], req.params["exec_id"], "DELETE")
+
+    async def logs(self, req):
+        vm = self.vms.get(req.params["name"])
+        text = tail_file(VmPaths(self.cfg, vm).serial)
+        return 200, text.encode(), "text/plain; charset=utf-8"
+
+
+# =============================================================================
+# 8. CLI
+# =============================================================================
+
+async def serve(cfg):
+    if os.geteuid() != 0:
+        log("not running as root: creating taps, the bridge and iptables rules will fail", level="WARNING")
+    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_token:
+        banner = "!" * 78
+        log(f"\n{banner}\nWARNING: serving on {cfg.host} WITHOUT api_token: anyone who can reach this port "
+            f"can run commands in every VM.\nSet api_token in the config.\n{banner}")
+    chv = cfg.path(cfg.chv_bin) if "/" in cfg.chv_bin else shutil.which(cfg.chv_bin)
+    if not chv or not os.access(chv, os.X_OK):
+        raise CommandError(f"cloud-hypervisor binary not found at chv_bin={cfg.chv_bin!r}: install Cloud "
+                           "Hypervisor's static binary there (it needs /dev/kvm), or try `make demo`")
+    cfg.chv_bin = chv
+    missing = [f"{key} {cfg.path(getattr(cfg, key))}" for key in ("kernel", "rootfs", "initramfs")
+               if getattr(cfg, key) and not os.path.exists(cfg.path(getattr(cfg, key)))]
+    if missing:
+        log("WARNING: guest images missing (run `make images`): " + ", ".join(missing))
+    network = HostNetwork(cfg)
+    await network.setup()
+    Path(cfg.path(cfg.run_dir)).mkdir(parents=True, exist_ok=True)
+    manager = VMManager(cfg, network)
+    await manager.adopt_all()
+    server = RestServer(cfg, manager)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log("stopping", vms=len(manager.vms), destroy_on_exit=cfg.destroy_on_exit)
+    await server.stop()
+    await manager.shutdown()
+    log("stopped")
+
+
+def client_call(args, method, path, body=None, timeout=None):
+    """One REST call from the CLI; returns the parsed JSON or exits with the error."""
+    import urllib.request
+    import urllib.error
+    url = args.server.rstrip("/") + path
+    data = json_bytes(body) if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    token = os.environ.get("CBOX_API_TOKEN")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as e:
+        try:
+            message = json.loads(e.read())["error"]
+        except (ValueError, KeyError, TypeError):
+            message = e.reason
+        sys.exit(f"cbox: {method} {path}: HTTP {e.code}: {message}")
+    except urllib.error.URLError as e:
+        sys.exit(f"cbox: cannot reach {args.server}: {e.reason} (is `cbox.py serve` running?)")
+
+
+def cli_vm(args):
+    if args.vm_cmd == "start":
+        body = {"vmName": args.name}
+        for key, value in (("callbackUrl", args.callback_url), ("vcpus", args.vcpus), ("memoryMb", args.memory_mb)):
+            if value is not None:
+                body[key] = value
+        vm = client_call(args, "POST", "/v1/vms", body)
+        print(f"{vm['vmName']} {vm['status']} ip={vm['ip']} cid={vm['cid']}")
+    elif args.vm_cmd == "ls":
+        vms = client_call(args, "GET", "/v1/vms")["vms"]
+        print(f"{'NAME':24} {'STATUS':8} {'IP':18} {'CID':>5} {'VCPUS':>5} {'MEM_MB':>6}  CREATED")
+        for vm in vms:
+            print(f"{vm['vmName']:24} {vm['status']:8} {vm['ip']:18} {vm['cid']:>5} {vm['vcpus']:>5} "
+                  f"{vm['memoryMb']:>6}  {vm['createdAt']}")
+    elif args.vm_cmd == "rm":
+        if args.name == ["--all"] or args.all:
+            print("destroyed:", " ".join(client_call(args, "DELETE", "/v1/vms")["destroyed"]) or "(none)")
+        for name in args.name:
+            client_call(args, "DELETE", "/v1/vms/" + urllib.parse.quote(name, safe=""))
+            print(f"{name} destroyed")
+    elif args.vm_cmd == "logs":
+        import urllib.request
+        with urllib.request.urlopen(args.server.rstrip("/") + f"/v1/vms/{urllib.parse.quote(args.name)}/logs") as r:
+            sys.stdout.write(r.read().decode("utf-8", "replace"))
+
+
+def cli_exec(args):
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        sys.exit("cbox: exec needs a command: cbox.py exec NAME -- CMD...")
+    body = {"cmd": command[0] if len(command) == 1 else shlex.join(command)}
+    if args.timeout is not None:
+        body["timeout"] = args.timeout
+    if args.cwd:
+        body["cwd"] = args.cwd
+    if args.env:
+        body["env"] = dict(item.split("=", 1) for item in args.env)
+    if not sys.stdin.isatty() and args.stdin:
+        body["stdin"] = sys.stdin.read()
+    result = client_call(args, "POST", f"/v1/vms/{urllib.parse.quote(args.name, safe='')}/exec", body)
+    sys.stdout.write(result.get("stdout", ""))
+    sys.stderr.write(result.get("stderr", ""))
+    if result.get("truncated"):
+        sys.stderr.write("cbox: output truncated (exec_output_limit_bytes)\n")
+    if result.get("exitCode") is None:
+        sys.stderr.write(f"cbox: {result.get('error') or 'no exit code'}\n")
+        sys.exit(124 if result.get("timedOut") else 128 + (result.get("signal") or 9))
+    sys.exit(result["exitCode"])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="cbox.py", description="CBox: commands in Cloud Hypervisor microVMs")
+    parser.add_argument("--server", default=os.environ.get("CBOX_URL", "http://127.0.0.1:7000"),
+                        help="REST API for the client commands (env CBOX_URL; token from env CBOX_API_TOKEN)")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("serve", help="run the REST server")
+    p.add_argument("--config", default="config.yaml")
+    p = sub.add_parser("check-config", help="parse the config and print the effective settings")
+    p.add_argument("--config", default="config.yaml")
+    p = sub.add_parser("vm", help="start, list, remove VMs")
+    vm_sub = p.add_subparsers(dest="vm_cmd", required=True)
+    q = vm_sub.add_parser("start")
+    q.add_argument("name")
+    q.add_argument("--callback-url")
+    q.add_argument("--vcpus", type=int)
+    q.add_argument("--memory-mb", type=int)
+    vm_sub.add_parser("ls")
+    q = vm_sub.add_parser("rm")
+    q.add_argument("name", nargs="*")
+    q.add_argument("--all", action="store_true", help="destroy every VM")
+    q = vm_sub.add_parser("logs")
+    q.add_argument("name")
+    p = sub.add_parser("exec", help="run a command in a VM: exec NAME -- CMD...")
+    p.add_argument("name")
+    p.add_argument("--timeout", type=float)
+    p.add_argument("--cwd")
+    p.add_argument("--env", action="append", metavar="K=V")
+    p.add_argument("--stdin", action="store_true", help="send this program's stdin to the command")
+    p.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    if args.cmd in ("serve", "check-config"):
+        try:
+            cfg = load_config(args.config)
+        except (ConfigError, OSError) as e:
+            sys.exit(f"cbox: config: {e}")
+        if args.cmd == "check-config":
+            for key in CONFIG_KEYS:
+                print(f"{key}: {getattr(cfg, key)!r}")
+            return
+        try:
+            asyncio.run(serve(cfg))
+        except (CommandError, OSError) as e:
+            sys.exit(f"cbox: {e}")
+    elif args.cmd == "vm":
+        cli_vm(args)
+    elif args.cmd == "exec":
+        cli_exec(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1562 @@
+#!/usr/bin/env python3
+"""CBox guest agent: init, exec server and callback client of a CBox microVM.
+
+One stdlib-only file (Python 3.10+). Importing it has no side effects; it
+exports `callback()` and `CallbackError` for the `cbox_callback` shim.
+
+Ways to run it
+  python3 guest_agent.py [--port 4031] [--listen 0.0.0.0]
+      The agent. As PID 1 (the VM's init) it mounts /proc, /sys, /dev, ...,
+      sets PATH/HOME/LANG, the hostname, /etc/resolv.conf, lo and eth0 from
+      the kernel command line, reaps orphans and powers the VM off on SIGTERM
+      or on any fatal error. As a plain process (test stand-in, development)
+      it reads CBOX_CMDLINE instead of /proc/cmdline, calls back through the
+      Unix socket CBOX_CALLBACK_SOCKET instead of vsock, configures only lo,
+      eth0 and the hostname of its own namespaces, mounts nothing and writes
+      files only in its own temporary directory.
+  cbox_callback [--timeout S] METHOD [PARAMS_JSON | -]
+  python3 guest_agent.py callback [--timeout S] METHOD [PARAMS_JSON | -]
+      Calls the host (contract section 2): prints the result as JSON, exit 0;
+      `Error: <message>` on stderr, exit 1; bad usage or bad JSON, exit 2.
+  python3 guest_agent.py install-shims DIR
+      Writes the `cbox_callback` script and `cbox_callback.py` module to DIR.
+
+Process model (tini): the main process is a supervisor that forks the HTTP
+server and restarts it when it dies; it owns every waitpid(-1) (as PID 1 it
+reaps all orphans, outside PID 1 it is a child subreaper). The server only
+waits for its own commands, through pidfds and Popen, never waitpid(-1).
+
+Internal HTTP API (cbox.py -> agent, TCP 4031, JSON, errors {"error": msg})
+  GET    /health     {"status":"ok","vmName","uptimeS","bootUptimeS","pid","version"}
+  POST   /exec       {"cmd"*,"env","cwd","stdin","timeout","maxOutput","blocking"}
+                     -> exec result, or {"execId","output":"","error":"","running":true}
+  GET    /exec/{id}  exec result so far (404 unknown id)
+  DELETE /exec/{id}  kills the process group, returns the final exec result
+  Exec result: {"execId","running","output","stdout","stderr","exitCode",
+  "signal","error","timedOut","truncated","durationMs"}. "output" interleaves
+  stdout and stderr in the order the agent read them (approximate). A death
+  by signal N gives exitCode null, signal N. timeout: seconds, null or 0 = no
+  limit. maxOutput: bytes kept of each of stdout, stderr and output (default
+  4 MiB, at most 64 MiB). Commands run as `/bin/sh -c cmd` in a session of
+  their own, in the agent's cwd unless "cwd" is given; a timeout or DELETE
+  SIGKILLs the whole process group. Finished background execs stay
+  queryable for 10 minutes (at most 256 of them and 64 MiB of output).
+
+Sections, in file order
+  1. Constants, logging, /proc readers, kernel command line
+  2. Callback client and its CLI
+  3. Callback shims (cbox_callback script and module on PATH/PYTHONPATH)
+  4. System setup: PID 1 duties (mounts, env, poweroff), hostname, network
+  5. Running commands: request validation, Exec, ExecRegistry
+  6. HTTP server: hand-written HTTP/1.1 parser, routes
+  7. Supervisor: forks, restarts and reaps
+  8. Entry points
+"""
+import collections
+import errno
+import fcntl
+import json
+import os
+import queue
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+# ---------------------------------------------------------------------------
+# 1. Constants, logging, /proc readers, kernel command line
+# ---------------------------------------------------------------------------
+
+AGENT_VERSION = "0.1.0"
+DEFAULT_PORT = 4031
+DEFAULT_LISTEN = "0.0.0.0"
+DEFAULT_CALLBACK_PORT = 4032
+VSOCK_HOST_CID = 2
+CALLBACK_MAX_LINE = 1 << 20          # callback wire: one JSON object per line
+CALLBACK_CONNECT_RETRY_S = 2.0       # how long to retry a refused connect
+DEFAULT_CALLBACK_TIMEOUT_S = 30.0
+
+MAX_BODY = 16 << 20                  # HTTP request body limit (413 above)
+MAX_HEAD = 64 << 10                  # HTTP request line + headers limit
+DEFAULT_MAX_OUTPUT = 4 << 20         # per stream cap of captured output
+MAX_OUTPUT_LIMIT = 64 << 20          # largest maxOutput a request may ask for
+READ_CHUNK = 256 << 10               # pipe and socket read size
+PIPE_SIZE = 1 << 20                  # pipe buffer asked for command output
+DRAIN_GRACE_S = 0.2                  # reading after exit, for pipes kept open
+FINISHED_TTL_S = 600.0               # finished background execs stay queryable
+MAX_FINISHED = 256                   # ... at most this many
+MAX_FINISHED_BYTES = 64 << 20        # ... holding at most this much output
+
+STANDARD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+INIT_SHIM_DIR = "/run/cbox"
+RESTART_DELAY_MIN_S = 0.1
+RESTART_DELAY_MAX_S = 5.0
+RESTART_RESET_AFTER_S = 30.0         # a server that lived this long restarts fast
+
+
+def log(message):
+    """Write one line to stderr (the serial console in a VM)."""
+    try:
+        os.write(2, f"cbox-agent: {message}\n".encode("utf-8", "replace"))
+    except OSError:
+        pass
+
+
+_log_queue = None
+
+
+def start_background_log():
+    """Start the thread behind log_later(), so request paths never wait on a slow console."""
+    global _log_queue
+    _log_queue = queue.SimpleQueue()
+
+    def write_lines():
+        while True:
+            log(_log_queue.get())
+
+    threading.Thread(target=write_lines, name="log", daemon=True).start()
+
+
+def log_later(message):
+    """Queue a log line (falls back to writing it at once)."""
+    if _log_queue is None:
+        log(message)
+    else:
+        _log_queue.put(message)
+
+
+def format_seconds(seconds):
+    """5 -> '5s', 0.5 -> '0.5s'."""
+    seconds = float(seconds)
+    return f"{int(seconds)}s" if seconds.is_integer() else f"{seconds:g}s"
+
+
+def read_uptime():
+    """Seconds since boot from /proc/uptime, or None."""
+    try:
+        with open("/proc/uptime") as f:
+            return float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def process_start_uptime(pid):
+    """Seconds after boot at which process `pid` started, or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def parse_cmdline(text):
+    """The cbox.* keys of a kernel command line, without the prefix."""
+    keys = {}
+    for word in text.split():
+        key, sep, value = word.partition("=")
+        if sep and key.startswith("cbox."):
+            keys[key[len("cbox."):]] = value.strip('"')
+    return keys
+
+
+def read_cmdline():
+    """cbox.* keys from $CBOX_CMDLINE when set, else from /proc/cmdline."""
+    text = os.environ.get("CBOX_CMDLINE")
+    if text is None:
+        try:
+            with open("/proc/cmdline") as f:
+                text = f.read()
+        except OSError:
+            text = ""
+    return parse_cmdline(text)
+
+
+class GuestConfig:
+    """What the host told this guest through the kernel command line."""
+
+    def __init__(self, keys):
+        self.vm = keys.get("vm") or None
+        self.ip = keys.get("ip") or None            # a.b.c.d/prefix
+        self.gw = keys.get("gw") or None
+        self.dns = [d for d in keys.get("dns", "").split(",") if d]
+        try:
+            self.callback_port = int(keys.get("callback_port") or DEFAULT_CALLBACK_PORT)
+        except ValueError:
+            self.callback_port = DEFAULT_CALLBACK_PORT
+
+
+# ---------------------------------------------------------------------------
+# 2. Callback client and its CLI
+# ---------------------------------------------------------------------------
+
+class CallbackError(Exception):
+    """A callback failed: the host answered with an error or could not be reached."""
+
+
+_CONNECT_RETRY_ERRNOS = {errno.ECONNRESET, errno.ECONNREFUSED, errno.ENOENT,
+                         errno.ETIMEDOUT, errno.EAGAIN}
+
+
+def _callback_address():
+    """(family, address, label) of the host's callback listener."""
+    path = os.environ.get("CBOX_CALLBACK_SOCKET")
+    if path:
+        return socket.AF_UNIX, path, f"unix socket {path}"
+    port = os.environ.get("CBOX_CALLBACK_PORT") or read_cmdline().get("callback_port")
+    try:
+        port = int(port or DEFAULT_CALLBACK_PORT)
+    except ValueError:
+        raise CallbackError(f"bad callback port {port!r}") from None
+    if not hasattr(socket, "AF_VSOCK"):
+        raise CallbackError("this system has no vsock support and CBOX_CALLBACK_SOCKET is not set")
+    return socket.AF_VSOCK, (VSOCK_HOST_CID, port), f"vsock {VSOCK_HOST_CID}:{port}"
+
+
+def _connect_callback(deadline, timeout):
+    """A connected socket to the host, retrying refused connects for a few seconds."""
+    family, address, label = _callback_address()
+    give_up = min(deadline, time.monotonic() + CALLBACK_CONNECT_RETRY_S)
+    delay = 0.02
+    while True:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        try:
+            sock.connect(address)
+            return sock
+        except socket.timeout:
+            sock.close()
+            raise CallbackError(f"callback timed out after {format_seconds(timeout)} "
+                                f"(connecting to {label})") from None
+        except OSError as e:
+            sock.close()
+            reason = e.strerror or str(e)
+            if e.errno not in _CONNECT_RETRY_ERRNOS:
+                raise CallbackError(f"cannot connect to the host callback {label}: {reason}") from None
+            if time.monotonic() + delay >= give_up:
+                raise CallbackError(f"cannot connect to the host callback {label}: {reason} "
+                                    "(is the host listening?)") from None
+        time.sleep(delay)
+        delay = min(delay * 2, 0.25)
+
+
+def _read_line(sock, deadline):
+    """One line (without its newline) from sock; the text before EOF if none."""
+    line = bytearray()
+    while True:
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        data = sock.recv(65536)
+        if not data:
+            return bytes(line)
+        end = data.find(b"\n")
+        if end >= 0:
+            return bytes(line + data[:end])
+        line += data
+        if len(line) > CALLBACK_MAX_LINE:
+            raise CallbackError("the host's reply exceeds 1 MiB")
+
+
+def callback(method, params=None, timeout=DEFAULT_CALLBACK_TIMEOUT_S):
+    """Call `method` on the host with JSON `params`; return its result or raise CallbackError."""
+    if not isinstance(method, str) or not method:
+        raise CallbackError("method must be a non-empty string")
+    try:
+        request = json.dumps({"method": method, "params": params}).encode() + b"\n"
+    except (TypeError, ValueError) as e:
+        raise CallbackError(f"params are not JSON serializable: {e}") from None
+    if len(request) > CALLBACK_MAX_LINE:
+        raise CallbackError("the request exceeds 1 MiB")
+    deadline = time.monotonic() + timeout
+    sock = _connect_callback(deadline, timeout)
+    try:
+        sock.sendall(request)
+        line = _read_line(sock, deadline)
+    except socket.timeout:
+        raise CallbackError(f"callback timed out after {format_seconds(timeout)}") from None
+    except OSError as e:
+        raise CallbackError(f"callback connection failed: {e.strerror or e}") from None
+    finally:
+        sock.close()
+    if not line.strip():
+        raise CallbackError("the host closed the callback connection without a reply")
+    try:
+        reply = json.loads(line)
+    except ValueError:
+        raise CallbackError(f"invalid reply from the host: {line[:200]!r}") from None
+    if not isinstance(reply, dict) or not ("result" in reply or "error" in reply):
+        raise CallbackError(f"invalid reply from the host: {line[:200]!r}")
+    if reply.get("error") is not None:
+        raise CallbackError(str(reply["error"]))
+    return reply.get("result")
+
+
+CALLBACK_USAGE = "usage: cbox_callback [--timeout SECONDS] METHOD [PARAMS_JSON | -]"
+
+
+def callback_main(args):
+    """The cbox_callback command line; returns the exit status."""
+    args = list(args)
+    if args and args[0] in ("-h", "--help"):
+        print(CALLBACK_USAGE + "\nCalls METHOD on the CBox host; prints the JSON result.")
+        return 0
+    timeout = DEFAULT_CALLBACK_TIMEOUT_S
+    if args and (args[0] == "--timeout" or args[0].startswith("--timeout=")):
+        value = args.pop(0).partition("=")[2] or (args.pop(0) if args else "")
+        try:
+            timeout = float(value)
+            if not timeout > 0:
+                raise ValueError
+        except ValueError:
+            print(f"Error: --timeout needs a positive number of seconds\n{CALLBACK_USAGE}", file=sys.stderr)
+            return 2
+    if not 1 <= len(args) <= 2 or not args[0]:
+        print(CALLBACK_USAGE, file=sys.stderr)
+        return 2
+    params = None
+    if len(args) == 2:
+        text = sys.stdin.read() if args[1] == "-" else args[1]
+        try:
+            params = json.loads(text)
+        except ValueError as e:
+            print(f"Error: PARAMS_JSON is not valid JSON: {e}\n{CALLBACK_USAGE}", file=sys.stderr)
+            return 2
+    try:
+        result = callback(args[0], params, timeout=timeout)
+    except CallbackError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# 3. Callback shims: tiny files that load this one from its absolute path
+# ---------------------------------------------------------------------------
+
+_SHIM_LOADER = '''import importlib.util as _util
+import sys as _sys
+
+_agent = _sys.modules.get("cbox_guest_agent")
+if _agent is None:
+    _spec = _util.spec_from_file_location("cbox_guest_agent", {agent!r})
+    _agent = _util.module_from_spec(_spec)
+    _sys.modules["cbox_guest_agent"] = _agent
+    _spec.loader.exec_module(_agent)
+'''
+
+_SHIM_SCRIPT = '''#!{python}
+"""cbox_callback METHOD [PARAMS_JSON]: call the CBox host (generated by guest_agent.py)."""
+{loader}
+_sys.exit(_agent.callback_main(_sys.argv[1:]))
+'''
+
+_SHIM_MODULE = '''"""from cbox_callback import callback; callback("m", {{"k": 1}}, timeout=30)
+
+Generated by guest_agent.py: calls the CBox host, raises CallbackError on failure.
+"""
+{loader}
+callback = _agent.callback
+CallbackError = _agent.CallbackError
+__all__ = ["callback", "CallbackError"]
+
+if __name__ == "__main__":
+    _sys.exit(_agent.callback_main(_sys.argv[1:]))
+'''
+
+
+def _write_file(path, text, mode):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def write_callback_shims(directory, agent_path=None, python=None):
+    """Write the `cbox_callback` script and `cbox_callback.py` module into directory."""
+    agent_path = os.path.abspath(agent_path or __file__)
+    python = python or sys.executable
+    if not python or any(c.isspace() for c in python):
+        python = "/usr/bin/env python3"
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    loader = _SHIM_LOADER.format(agent=agent_path)
+    _write_file(os.path.join(directory, "cbox_callback"),
+                _SHIM_SCRIPT.format(python=python, loader=loader), 0o755)
+    _write_file(os.path.join(directory, "cbox_callback.py"),
+                _SHIM_MODULE.format(loader=loader), 0o644)
+
+
+# ---------------------------------------------------------------------------
+# 4. System setup: PID 1 duties, hostname, network
+# ---------------------------------------------------------------------------
+
+_libc_handle = None
+
+
+def libc():
+    """The C library through ctypes (errno kept), loaded on first use."""
+    global _libc_handle
+    if _libc_handle is None:
+        import ctypes
+        _libc_handle = ctypes.CDLL(None, use_errno=True)
+    return _libc_handle
+
+
+def _check_libc(result, what):
+    if result != 0:
+        import ctypes
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def prctl(option, value):
+    import ctypes
+    fn = libc().prctl
+    fn.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    _check_libc(fn(option, value, 0, 0, 0), f"prctl({option})")
+
+
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x2, 0x4, 0x8
+INIT_MOUNTS = [  # source, target, type, flags, options
+    ("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, ""),
+    ("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, ""),
+    ("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755"),
+    ("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "gid=5,mode=0620,ptmxmode=0666"),
+    ("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777"),
+    ("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755"),
+    ("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777"),
+]
+DEV_LINKS = {"/dev/fd": "/proc/self/fd", "/dev/stdin": "/proc/self/fd/0",
+             "/dev/stdout": "/proc/self/fd/1", "/dev/stderr": "/proc/self/fd/2"}
+
+
+def mount(source, target, fstype, flags=0, options=""):
+    import ctypes
+    fn = libc().mount
+    fn.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+    _check_libc(fn(source.encode(), target.encode(), fstype.encode(), flags,
+                   options.encode() if options else None), f"mount {target}")
+
+
+def mount_points():
+    """Mount points listed in /proc/self/mountinfo (empty before /proc is mounted)."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            return {line.split()[4] for line in f if len(line.split()) > 4}
+    except OSError:
+        return set()
+
+
+def mount_filesystems():
+    """Mount what a Linux userland expects, skipping what is already mounted."""
+    mounted_dev = False
+    for source, target, fstype, flags, options in INIT_MOUNTS:
+        if target in mount_points():
+            continue
+        if target.startswith("/dev/") and not mounted_dev and not os.path.isdir(target):
+            continue  # never create entries in a /dev that is not ours
+        try:
+            os.makedirs(target, exist_ok=True)
+            mount(source, target, fstype, flags, options)
+        except OSError as e:
+            log(f"cannot mount {target}: {e}")
+            continue
+        mounted_dev = mounted_dev or target == "/dev"
+    if mounted_dev:
+        for link, target in DEV_LINKS.items():
+            try:
+                os.symlink(target, link)
+            except OSError:
+                pass
+
+
+def ensure_standard_fds():
+    """Give init a stdin, stdout and stderr when the kernel found no /dev/console."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+            continue
+        except OSError:
+            pass
+        for path in (("/dev/null",) if fd == 0 else ("/dev/console", "/dev/null")):
+            try:
+                new = os.open(path, os.O_RDWR | os.O_NOCTTY)
+            except OSError:
+                continue
+            if new != fd:
+                os.dup2(new, fd)
+                os.close(new)
+            break
+
+
+def set_init_environment():
+    os.environ["PATH"] = STANDARD_PATH
+    os.environ["HOME"] = "/root"
+    os.environ["LANG"] = "C.UTF-8"
+
+
+def namespace_is_hosts(kind):
+    """True when our `kind` namespace (net, uts) is provably the one of the machine's init."""
+    try:
+        return os.readlink(f"/proc/self/ns/{kind}") == os.readlink(f"/proc/1/ns/{kind}")
+    except OSError:
+        return False
+
+
+def write_etc_file(path, text):
+    """Best effort write of a small file under /etc (PID 1 only)."""
+    try:
+        with open(path, "w") as f:
+            f.write(text)
+    except OSError as e:
+        log(f"cannot write {path}: {e}")
+
+
+SIOCGIFFLAGS, SIOCSIFFLAGS = 0x8913, 0x8914
+SIOCSIFADDR, SIOCSIFNETMASK, SIOCADDRT = 0x8916, 0x891C, 0x890B
+IFF_UP = 0x1
+RTF_UP, RTF_GATEWAY = 0x1, 0x2
+IFREQ_SIZE = 40
+
+
+def _ioctl(request, arg):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        return fcntl.ioctl(s.fileno(), request, arg)
+
+
+def _sockaddr_in(address):
+    """struct sockaddr_in (16 bytes) for an IPv4 address, port 0."""
+    return struct.pack("HH4s8x", socket.AF_INET, 0, socket.inet_aton(address))
+
+
+def _ifreq_ipv4(ifname, address):
+    """struct ifreq carrying a sockaddr_in."""
+    return struct.pack("16s", ifname.encode()) + _sockaddr_in(address).ljust(IFREQ_SIZE - 16, b"\0")
+
+
+def set_link_up(ifname):
+    request = struct.pack("16sH", ifname.encode(), 0).ljust(IFREQ_SIZE, b"\0")
+    flags = struct.unpack_from("16sH", _ioctl(SIOCGIFFLAGS, request))[1]
+    if not flags & IFF_UP:
+        _ioctl(SIOCSIFFLAGS, struct.pack("16sH", ifname.encode(), flags | IFF_UP).ljust(IFREQ_SIZE, b"\0"))
+
+
+def set_ipv4_address(ifname, address, prefix):
+    netmask = socket.inet_ntoa(struct.pack("!I", (0xFFFFFFFF << (32 - prefix)) & 0xFFFFFFFF))
+    _ioctl(SIOCSIFADDR, _ifreq_ipv4(ifname, address))
+    _ioctl(SIOCSIFNETMASK, _ifreq_ipv4(ifname, netmask))
+
+
+def add_default_route(gateway):
+    """ioctl(SIOCADDRT) with a struct rtentry: 0.0.0.0/0 via gateway."""
+    import ctypes
+
+    class Sockaddr(ctypes.Structure):
+        _fields_ = [("family", ctypes.c_ushort), ("data", ctypes.c_ubyte * 14)]
+
+    class RtEntry(ctypes.Structure):
+        _fields_ = [("pad1", ctypes.c_ulong), ("dst", Sockaddr), ("gateway", Sockaddr),
+                    ("genmask", Sockaddr), ("flags", ctypes.c_ushort), ("pad2", ctypes.c_short),
+                    ("pad3", ctypes.c_ulong), ("pad4", ctypes.c_void_p), ("metric", ctypes.c_short),
+                    ("dev", ctypes.c_char_p), ("mtu", ctypes.c_ulong), ("window", ctypes.c_ulong),
+                    ("irtt", ctypes.c_ushort)]
+
+    def ipv4(address):
+        return Sockaddr.from_buffer_copy(_sockaddr_in(address))
+
+    route = RtEntry(dst=ipv4("0.0.0.0"), gateway=ipv4(gateway), genmask=ipv4("0.0.0.0"),
+                    flags=RTF_UP | RTF_GATEWAY)
+    try:
+        _ioctl(SIOCADDRT, bytes(route))
+    except OSError as e:
+        if e.errno != errno.EEXIST:
+            raise
+
+
+def configure_network(config):
+    """lo up; eth0 address, up and default route from cbox.ip / cbox.gw."""
+    set_link_up("lo")
+    if not config.ip:
+        log("no cbox.ip on the command line: eth0 left alone")
+        return
+    try:
+        socket.if_nametoindex("eth0")
+    except OSError:
+        log("no eth0: network not configured")
+        return
+    import ipaddress
+    interface = ipaddress.IPv4Interface(config.ip)
+    set_ipv4_address("eth0", str(interface.ip), interface.network.prefixlen)
+    set_link_up("eth0")
+    if config.gw:
+        add_default_route(config.gw)
+    log(f"eth0 {interface.with_prefixlen} gw {config.gw or '-'}")
+
+
+def _best_effort(what, fn, *args):
+    try:
+        fn(*args)
+    except Exception as e:  # setup problems are logged, never fatal
+        log(f"{what} failed: {e}")
+
+
+def setup_system(config, as_init):
+    """Init duties as PID 1; namespace-local hostname and network otherwise."""
+    if as_init:
+        mount_filesystems()
+        ensure_standard_fds()
+        set_init_environment()
+    if config.vm:
+        if as_init or not namespace_is_hosts("uts"):
+            _best_effort("sethostname", socket.sethostname, config.vm)
+        else:
+            log("UTS namespace is the host's: hostname left alone")
+        if as_init:
+            write_etc_file("/etc/hostname", config.vm + "\n")
+    if as_init and config.dns:
+        write_etc_file("/etc/resolv.conf", "".join(f"nameserver {d}\n" for d in config.dns))
+    if as_init or not namespace_is_hosts("net"):
+        _best_effort("network setup", configure_network, config)
+    else:
+        log("network namespace is the host's: network left alone")
+
+
+LINUX_REBOOT_CMD_POWER_OFF = 0x4321FEDC
+
+
+def power_off(reason):
+    """sync + reboot(POWER_OFF). PID 1 only; never returns."""
+    if os.getpid() != 1:  # never power off a machine we are not the init of
+        log(f"fatal: {reason}")
+        os._exit(1)
+    log(f"powering off: {reason}")
+    try:
+        os.sync()
+        _check_libc(libc().reboot(LINUX_REBOOT_CMD_POWER_OFF), "reboot")
+    except Exception as e:
+        log(f"poweroff failed: {e}")
+    while True:  # PID 1 must never exit
+        time.sleep(3600)
+
+
+# ---------------------------------------------------------------------------
+# 5. Running commands
+# ---------------------------------------------------------------------------
+
+class RequestError(Exception):
+    """A request that gets an error answer: HTTP status and message."""
+
+    def __init__(self, status, message, close=False, headers=""):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.close = close
+        self.headers = headers      # extra response header lines, CRLF-terminated
+
+
+class ExecSpec:
+    """A validated exec request."""
+
+    FIELDS = ("cmd", "env", "cwd", "stdin", "timeout", "maxOutput", "blocking")
+
+    def __init__(self, body):
+        if not isinstance(body, dict):
+            raise RequestError(400, "request body must be a JSON object")
+        unknown = sorted(set(body) - set(self.FIELDS))
+        if unknown:
+            raise RequestError(400, f"unknown field(s): {', '.join(unknown)}")
+        if "cmd" not in body:
+            raise RequestError(400, "cmd is required")
+        self.cmd = _text_field(body, "cmd")
+        self.env = _env_field(body.get("env"))
+        self.cwd = _text_field(body, "cwd", optional=True)
+        self.stdin = _text_field(body, "stdin", optional=True, nul_ok=True)
+        self.timeout = _timeout_field(body.get("timeout"))
+        self.max_output = _max_output_field(body.get("maxOutput", DEFAULT_MAX_OUTPUT))
+        self.blocking = body.get("blocking", True)
+        if not isinstance(self.blocking, bool):
+            raise RequestError(400, "blocking must be a boolean")
+
+
+def _text_field(body, name, optional=False, nul_ok=False):
+    value = body.get(name)
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise RequestError(400, f"{name} must be a string" + (" or null" if optional else ""))
+    if not nul_ok and "\0" in value:
+        raise RequestError(400, f"{name} must not contain NUL characters")
+    return value
+
+
+def _env_field(env):
+    if env is None:
+        return {}
+    if not isinstance(env, dict):
+        raise RequestError(400, "env must be an object of strings")
+    for key, value in env.items():
+        if not key or "=" in key or "\0" in key:
+            raise RequestError(400, f"env: bad variable name {key!r}")
+        if not isinstance(value, str) or "\0" in value:
+            raise RequestError(400, f"env: value of {key} must be a string without NUL")
+    return env
+
+
+def _timeout_field(timeout):
+    """Seconds, or None for no limit (null and 0 both mean no limit)."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+            or timeout != timeout or timeout < 0 or timeout == float("inf"):
+        raise RequestError(400, "timeout must be a non-negative number of seconds or null")
+    return timeout or None
+
+
+def _max_output_field(value):
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_OUTPUT_LIMIT:
+        raise RequestError(400, f"maxOutput must be an integer from 0 to {MAX_OUTPUT_LIMIT}")
+    return value
+
+
+def signal_name(number):
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _set_pipe_size(fd):
+    try:
+        fcntl.fcntl(fd, 1031, PIPE_SIZE)  # F_SETPIPE_SZ: fewer wakeups for big outputs
+    except OSError:
+        pass
+
+
+class Exec:
+    """One command: `/bin/sh -c cmd` in its own session, its output and its fate.
+
+    start() spawns it, run() (in one thread) feeds stdin, drains stdout and
+    stderr and waits for the exit on a pidfd in one poll loop, kill() may be
+    called from any thread, result() gives the API's exec result at any time.
+    """
+
+    def __init__(self, exec_id, spec):
+        self.id = exec_id
+        self.spec = spec
+        self.stdout = bytearray()
+        self.stderr = bytearray()
+        self.output = bytearray()
+        self.truncated = False
+        self.timed_out = False
+        self.returncode = None
+        self.started = time.monotonic()
+        self.finished = None          # monotonic time once run() is over
+        self.done = threading.Event()
+        self._lock = threading.Lock()  # guards buffers, returncode and killing
+        self._proc = None
+        self._readers = {}             # pipe fd -> buffer
+        self._stdin_fd = None
+        self._stdin_data = memoryview(b"")
+
+    # -- spawning -----------------------------------------------------------
+
+    def start(self, base_env):
+        spec = self.spec
+        if spec.cwd is not None and not os.path.isdir(spec.cwd):
+            what = "is not a directory" if os.path.exists(spec.cwd) else "does not exist"
+            raise RequestError(400, f"cwd {spec.cwd} {what}")
+        env = dict(base_env)
+        env.update(spec.env)
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        in_r = subprocess.DEVNULL
+        if spec.stdin is not None:
+            in_r, self._stdin_fd = os.pipe()
+            self._stdin_data = memoryview(spec.stdin.encode("utf-8", "replace"))
+        _set_pipe_size(out_r)
+        try:
+            self._proc = subprocess.Popen(
+                ["/bin/sh", "-c", spec.cmd], stdin=in_r, stdout=out_w, stderr=err_w,
+                cwd=spec.cwd, env=env, start_new_session=True)
+        except (OSError, ValueError, UnicodeError) as e:
+            for fd in (out_r, err_r, self._stdin_fd):
+                if fd is not None:
+                    os.close(fd)
+            self._stdin_fd = None
+            if isinstance(e, (FileNotFoundError, NotADirectoryError)) and spec.cwd is not None:
+                raise RequestError(400, f"cwd {spec.cwd} does not exist") from None
+            raise RequestError(500 if isinstance(e, OSError) else 400, f"cannot start command: {e}") from None
+        finally:
+            for fd in (out_w, err_w, in_r):
+                if fd != subprocess.DEVNULL:
+                    os.close(fd)
+        self.started = time.monotonic()
+        self._readers = {out_r: self.stdout, err_r: self.stderr}
+
+    # -- the I/O loop ---------------------------------------------------------
+
+    def run(self):
+        """Feed, drain and wait until the command is over; always sets `done`."""
+        try:
+            self._io_loop()
+        finally:
+            self._close_stdin()
+            for fd in list(self._readers):
+                os.close(fd)
+            self._readers.clear()
+            if self.returncode is None:  # only after an internal error
+                self.kill_group()
+                self._reap()
+            self.finished = time.monotonic()
+            self.done.set()
+
+    def _io_loop(self):
+        poller = select.poll()
+        for fd in self._readers:
+            poller.register(fd, select.POLLIN)
+        exit_fd, waiter = self._exit_notifier()
+        poller.register(exit_fd, select.POLLIN)
+        if self._stdin_fd is not None:
+            os.set_blocking(self._stdin_fd, False)
+            poller.register(self._stdin_fd, select.POLLOUT)
+        deadline = self.started + self.spec.timeout if self.spec.timeout else None
+        drain_until = None
+        try:
+            while True:
+                now = time.monotonic()
+                wait = None
+                if self.returncode is not None:           # exited: drain, bounded
+                    if not self._readers:
+                        break
+                    if drain_until is None:
+                        drain_until = now + DRAIN_GRACE_S
+                    if now >= drain_until:
+                        break
+                    wait = drain_until - now
+                elif deadline is not None and not self.timed_out:
+                    if now >= deadline:
+                        self.timed_out = True
+                        self.kill_group()
+                        continue
+                    wait = deadline - now
+                for fd, _ in poller.poll(None if wait is None else wait * 1000 + 1):
+                    if fd == exit_fd:
+                        poller.unregister(exit_fd)
+                        self._reap()
+                        if self._stdin_fd is not None:
+                            poller.unregister(self._stdin_fd)
+                            self._close_stdin()
+                    elif fd == self._stdin_fd:
+                        if not self._feed_stdin():
+                            poller.unregister(fd)
+                            self._close_stdin()
+                    elif fd in self._readers:
+                        self._read(poller, fd)
+        finally:
+            os.close(exit_fd)
+            if waiter is not None:
+                waiter.join()
+
+    def _exit_notifier(self):
+        """An fd readable once the command exited: its pidfd, or a pipe fed by a waiter thread."""
+        try:
+            return os.pidfd_open(self._proc.pid), None
+        except (AttributeError, OSError):
+            r, w = os.pipe()
+
+            def wait_and_notify():
+                self._proc.wait()
+                os.close(w)
+
+            waiter = threading.Thread(target=wait_and_notify, daemon=True)
+            waiter.start()
+            return r, waiter
+
+    def _read(self, poller, fd):
+        data = os.read(fd, READ_CHUNK)
+        if not data:
+            poller.unregister(fd)
+            os.close(fd)
+            del self._readers[fd]
+            return
+        cap = self.spec.max_output
+        with self._lock:
+            for buf in (self._readers[fd], self.output):
+                room = cap - len(buf)
+                if room >= len(data):
+                    buf += data
+                else:
+                    if room > 0:
+                        buf += data[:room]
+                    self.truncated = True
+
+    def _feed_stdin(self):
+        """Write some stdin; False once all is written or the reader went away."""
+        try:
+            written = os.write(self._stdin_fd, self._stdin_data[:READ_CHUNK])
+        except BlockingIOError:
+            return True
+        except OSError:  # EPIPE: the command does not want more input
+            return False
+        self._stdin_data = self._stdin_data[written:]
+        return len(self._stdin_data) > 0
+
+    def _close_stdin(self):
+        if self._stdin_fd is not None:
+            os.close(self._stdin_fd)
+            self._stdin_fd = None
+
+    def _reap(self):
+        with self._lock:
+            self.returncode = self._proc.wait()
+
+    def kill_group(self):
+        """SIGKILL the command's process group (its pid is still ours until reaped)."""
+        with self._lock:
+            if self.returncode is None and self._proc is not None:
+                try:
+                    os.killpg(self._proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def kill(self, wait_s=5.0):
+        """Kill a running command's process group and wait until run() is over."""
+        self.kill_group()
+        self.done.wait(wait_s)
+
+    # -- results --------------------------------------------------------------
+
+    @property
+    def running(self):
+        return not self.done.is_set()
+
+    @property
+    def output_bytes(self):
+        return len(self.stdout) + len(self.stderr) + len(self.output)
+
+    def error_message(self, returncode):
+        if self.timed_out:
+            return f"timed out after {format_seconds(self.spec.timeout)}"
+        if returncode is None or returncode == 0:
+            return ""
+        if returncode > 0:
+            return f"exit status {returncode}"
+        return f"killed by signal {-returncode} ({signal_name(-returncode)})"
+
+    def result(self):
+        with self._lock:
+            stdout, stderr, output = bytes(self.stdout), bytes(self.stderr), bytes(self.output)
+            returncode = self.returncode
+        running = self.running
+        end = self.finished or time.monotonic()
+        return {
+            "execId": self.id,
+            "running": running,
+            "output": output.decode("utf-8", "replace"),
+            "stdout": stdout.decode("utf-8", "replace"),
+            "stderr": stderr.decode("utf-8", "replace"),
+            "exitCode": returncode if returncode is not None and returncode >= 0 else None,
+            "signal": -returncode if returncode is not None and returncode < 0 else None,
+            "error": self.error_message(None if running else returncode),
+            "timedOut": self.timed_out,
+            "truncated": self.truncated,
+            "durationMs": round((end - self.started) * 1000, 3),
+        }
+
+    def summary(self):
+        """Short log form: id, command (80 chars), outcome, duration."""
+        cmd = self.spec.cmd.replace("\n", "\\n")
+        cmd = cmd if len(cmd) <= 80 else cmd[:77] + "..."
+        outcome = self.error_message(self.returncode) or "exit 0"
+        return f"exec {self.id} {cmd!r} -> {outcome} {(self.finished - self.started) * 1000:.1f}ms"
+
+
+class ExecRegistry:
+    """Running execs, and finished background execs kept for a while."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._running = {}
+        self._finished = collections.OrderedDict()
+
+    @staticmethod
+    def new_id():
+        return os.urandom(8).hex()
+
+    def add(self, ex):
+        with self._lock:
+            self._running[ex.id] = ex
+
+    def get(self, exec_id):
+        with self._lock:
+            self._prune()
+            return self._running.get(exec_id) or self._finished.get(exec_id)
+
+    def finish(self, ex, keep):
+        with self._lock:
+            self._running.pop(ex.id, None)
+            if keep:
+                self._finished[ex.id] = ex
+            self._prune()
+
+    def running(self):
+        with self._lock:
+            return list(self._running.values())
+
+    def _prune(self):
+        now = time.monotonic()
+        total = sum(ex.output_bytes for ex in self._finished.values())
+        while self._finished:
+            oldest = next(iter(self._finished.values()))
+            if (len(self._finished) <= MAX_FINISHED and total <= MAX_FINISHED_BYTES
+                    and oldest.finished + FINISHED_TTL_S > now):
+                break
+            total -= oldest.output_bytes
+            del self._finished[oldest.id]
+
+
+def command_environment(config, shim_dir, as_init):
+    """The base environment of every command (a request's env is merged over it)."""
+    path = STANDARD_PATH if as_init else (os.environ.get("PATH") or STANDARD_PATH)
+    env = {
+        "PATH": f"{shim_dir}:{path}",
+        "PYTHONPATH": shim_dir,
+        "HOME": "/root",
+        "LANG": "C.UTF-8",
+        "CBOX_CALLBACK_PORT": str(config.callback_port),
+    }
+    if config.vm:
+        env["CBOX_VM_NAME"] = config.vm
+    if os.environ.get("CBOX_CALLBACK_SOCKET"):
+        env["CBOX_CALLBACK_SOCKET"] = os.environ["CBOX_CALLBACK_SOCKET"]
+    return env
+
+
+# ---------------------------------------------------------------------------
+# 6. HTTP server
+# ---------------------------------------------------------------------------
+
+HTTP_REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 404: "Not Found",
+                405: "Method Not Allowed", 413: "Payload Too Large",
+                431: "Request Header Fields Too Large", 500: "Internal Server Error",
+                501: "Not Implemented", 505: "HTTP Version Not Supported"}
+
+
+class Request:
+    def __init__(self, method, path, version, headers, body):
+        self.method = method
+        self.path = path
+        self.version = version
+        self.headers = headers
+        self.body = body
+
+    @property
+    def keep_alive(self):
+        connection = self.headers.get("connection", "").lower()
+        return self.version == "HTTP/1.1" and "close" not in connection
+
+
+class HttpConnection:
+    """Reads requests from and writes responses to one client socket."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buf = bytearray()
+
+    def _fill(self):
+        data = self.sock.recv(READ_CHUNK)
+        self.buf += data
+        return bool(data)
+
+    def _read_exact(self, n):
+        while len(self.buf) < n:
+            if not self._fill():
+                raise RequestError(400, "request body is incomplete", close=True)
+        data = bytes(self.buf[:n])
+        del self.buf[:n]
+        return data
+
+    def _read_line(self):
+        while True:
+            end = self.buf.find(b"\r\n")
+            if end >= 0:
+                line = bytes(self.buf[:end])
+                del self.buf[:end + 2]
+                return line
+            if len(self.buf) > MAX_HEAD or not self._fill():
+                raise RequestError(400, "bad chunked body", close=True)
+
+    def read_request(self):
+        """The next request, or None when the client closed the connection."""
+        while True:
+            while self.buf.startswith(b"\r\n"):
+                del self.buf[:2]
+            end = self.buf.find(b"\r\n\r\n")
+            if end >= 0:
+                break
+            if len(self.buf) > MAX_HEAD:
+                raise RequestError(431, "request head too large", close=True)
+            if not self._fill():
+                if self.buf:
+                    raise RequestError(400, "incomplete request", close=True)
+                return None
+        head = self.buf[:end].decode("latin-1")
+        del self.buf[:end + 4]
+        lines = head.split("\r\n")
+        parts = lines[0].split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            raise RequestError(400, f"bad request line {lines[0][:100]!r}", close=True)
+        method, target, version = parts
+        headers = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if not sep:
+                raise RequestError(400, f"bad header line {line[:100]!r}", close=True)
+            headers[name.strip().lower()] = value.strip()
+        body = self._read_body(headers)
+        return Request(method, target.split("?", 1)[0], version, headers, body)
+
+    def _read_body(self, headers):
+        expect_continue = headers.get("expect", "").lower() == "100-continue"
+        encoding = headers.get("transfer-encoding", "").lower()
+        if encoding:
+            if encoding != "chunked":
+                raise RequestError(501, f"unsupported transfer-encoding {encoding}", close=True)
+            if expect_continue:
+                self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            return self._read_chunked()
+        length = headers.get("content-length", "0")
+        if not length.isdigit():
+            raise RequestError(400, "bad content-length", close=True)
+        length = int(length)
+        if length > MAX_BODY:
+            raise RequestError(413, f"request body exceeds {MAX_BODY} bytes", close=True)
+        if expect_continue and length > len(self.buf):
+            self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return self._read_exact(length)
+
+    def _read_chunked(self):
+        body = bytearray()
+        while True:
+            try:
+                size = int(self._read_line().split(b";")[0], 16)
+            except ValueError:
+                raise RequestError(400, "bad chunk size", close=True) from None
+            if size == 0:
+                while self._read_line():  # trailers
+                    pass
+                return bytes(body)
+            if len(body) + size > MAX_BODY:
+                raise RequestError(413, f"request body exceeds {MAX_BODY} bytes", close=True)
+            body += self._read_exact(size)
+            self._read_exact(2)
+
+    def send_json(self, status, obj, close=False, headers=""):
+        """One sendall for headers and body (no Nagle / delayed-ACK stall)."""
+        body = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace")
+        if close:
+            headers += "Connection: close\r\n"
+        head = (f"HTTP/1.1 {status} {HTTP_REASONS.get(status, 'Unknown')}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{headers}\r\n")
+        self.sock.sendall(head.encode("latin-1") + body)
+
+
+class AgentServer:
+    """The exec server: accepts connections, one thread per connection."""
+
+    def __init__(self, listener, config, base_env, started, agent_start_uptime):
+        self.listener = listener
+        self.config = config
+        self.base_env = base_env
+        self.started = started                    # monotonic time the agent started
+        self.agent_start_uptime = agent_start_uptime
+        self.registry = ExecRegistry()
+
+    def serve_forever(self):
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_stop_signal)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        start_background_log()
+        address, port = self.listener.getsockname()[:2]
+        uptime = read_uptime()
+        took = (uptime - self.agent_start_uptime) if uptime and self.agent_start_uptime else 0.0
+        log(f"ready on {address}:{port} vm={self.config.vm or '-'} "
+            f"uptime={uptime or 0:.2f}s agent_start={took:.2f}s pid={os.getpid()}")
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log(f"accept: {e}")
+                    time.sleep(0.1)
+                continue
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(target=self._serve_connection, args=(sock,), daemon=True).start()
+
+    def _on_stop_signal(self, signum, frame):
+        running = self.registry.running()
+        for ex in running:
+            ex.kill_group()
+        log(f"server stopping on {signal_name(signum)}, killed {len(running)} running exec(s)")
+        os._exit(0)
+
+    def _serve_connection(self, sock):
+        conn = HttpConnection(sock)
+        try:
+            while True:
+                try:
+                    request = conn.read_request()
+                    if request is None:
+                        return
+                    status, obj, headers = self.route(request)
+                    close = not request.keep_alive
+                except RequestError as e:
+                    status, obj, headers, close = e.status, {"error": e.message}, e.headers, e.close
+                except (OSError, ConnectionError):
+                    return
+                except Exception as e:  # a bug: answer 500, keep serving others
+                    import traceback
+                    log("internal error: " + traceback.format_exc().replace("\n", " | "))
+                    status, obj, headers, close = 500, {"error": f"internal error: {e}"}, "", True
+                conn.send_json(status, obj, close=close, headers=headers)
+                if close:
+                    return
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+    # -- routes ---------------------------------------------------------------
+
+    def route(self, request):
+        """(status, body, extra headers) for a request."""
+        path, method = request.path, request.method
+        if path == "/health":
+            self._allow(method, "GET")
+            return 200, self.health(), ""
+        if path == "/exec":
+            self._allow(method, "POST")
+            return self.post_exec(request)
+        if path.startswith("/exec/") and path.count("/") == 2 and len(path) > len("/exec/"):
+            self._allow(method, "GET, DELETE")
+            ex = self.registry.get(path[len("/exec/"):])
+            if ex is None:
+                raise RequestError(404, f"unknown exec id {path[len('/exec/'):]}")
+            if method == "DELETE":
+                ex.kill()
+            return 200, ex.result(), ""
+        raise RequestError(404, f"no route for {path}")
+
+    @staticmethod
+    def _allow(method, allowed):
+        if method not in allowed.split(", "):
+            raise RequestError(405, f"method {method} not allowed (allowed: {allowed})",
+                               headers=f"Allow: {allowed}\r\n")
+
+    def health(self):
+        return {"status": "ok", "vmName": self.config.vm,
+                "uptimeS": round(time.monotonic() - self.started, 3),
+                "bootUptimeS": read_uptime(), "pid": os.getpid(), "version": AGENT_VERSION}
+
+    def post_exec(self, request):
+        try:
+            body = json.loads(request.body)
+        except ValueError as e:
+            raise RequestError(400, f"malformed JSON: {e}") from None
+        spec = ExecSpec(body)
+        ex = Exec(self.registry.new_id(), spec)
+        ex.start(self.base_env)
+        self.registry.add(ex)
+        if spec.blocking:
+            self._run_exec(ex, keep=False)
+            return 200, ex.result(), ""
+        threading.Thread(target=self._run_exec, args=(ex, True), daemon=True).start()
+        return 200, {"execId": ex.id, "output": "", "error": "", "running": True}, ""
+
+    def _run_exec(self, ex, keep):
+        try:
+            ex.run()
+        finally:
+            self.registry.finish(ex, keep)
+            log_later(ex.summary())
+
+
+def open_listener(address, port):
+    """A listening TCP socket; numeric address only (no DNS lookups)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((address, port))
+    sock.listen(128)
+    return sock
+
+
+# ---------------------------------------------------------------------------
+# 7. Supervisor (tini model)
+# ---------------------------------------------------------------------------
+
+SUPERVISOR_SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT}
+
+
+def reap_children():
+    """Reap every exited child; yields (pid, wait status)."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        yield pid, status
+
+
+def describe_status(status):
+    code = os.waitstatus_to_exitcode(status)
+    return f"exited with status {code}" if code >= 0 else f"killed by {signal_name(-code)}"
+
+
+def child_pids(parent):
+    """Pids whose parent is `parent`, from /proc."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == parent:
+                    pids.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            pass
+    return pids
+
+
+def kill_leftover_children():
+    """Outside PID 1: kill what the server's commands left behind (we are their subreaper)."""
+    me, my_group = os.getpid(), os.getpgrp()
+    for _ in range(20):
+        pids = child_pids(me)
+        for _ in reap_children():
+            pass
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                group = os.getpgid(pid)
+                if group != my_group:
+                    os.killpg(group, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.02)
+
+
+def kill_all_processes(grace_s=2.0):
+    """PID 1 only: SIGTERM everyone, wait a little, SIGKILL the rest, reap."""
+    if os.getpid() != 1:
+        return
+    for signum, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 1.0)):
+        try:
+            os.kill(-1, signum)
+        except ProcessLookupError:
+            return
+        give_up = time.monotonic() + wait_s
+        while time.monotonic() < give_up:
+            for _ in reap_children():
+                pass
+            try:
+                os.kill(-1, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.02)
+
+
+class Supervisor:
+    """Forks the server, restarts it when it dies, reaps, stops on SIGTERM/SIGINT."""
+
+    def __init__(self, make_server, as_init):
+        self.make_server = make_server      # called in the child; returns an AgentServer
+        self.as_init = as_init
+        self.server_pid = None
+        self.server_started = 0.0
+        self.restart_delay = RESTART_DELAY_MIN_S
+        self.restart_at = None
+
+    def run(self):
+        """Supervise until SIGTERM/SIGINT; returns the name of that signal."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: None)  # PID 1 gets only handled signals
+        signal.pthread_sigmask(signal.SIG_BLOCK, SUPERVISOR_SIGNALS)
+        self._start_server()
+        while True:
+            timeout = 60.0 if self.restart_at is None else max(self.restart_at - time.monotonic(), 0.0)
+            info = signal.sigtimedwait(SUPERVISOR_SIGNALS, timeout)
+            if info is not None and info.si_signo != signal.SIGCHLD:
+                self.stop_server()
+                return signal_name(info.si_signo)
+            self._reap()
+            if self.server_pid is None and time.monotonic() >= self.restart_at:
+                self._start_server()
+
+    def _reap(self):
+        for pid, status in reap_children():
+            if pid != self.server_pid:
+                continue
+            lived = time.monotonic() - self.server_started
+            if lived >= RESTART_RESET_AFTER_S:
+                self.restart_delay = RESTART_DELAY_MIN_S
+            log(f"server (pid {pid}) {describe_status(status)} after {lived:.1f}s; "
+                f"restarting in {self.restart_delay:g}s")
+            self.server_pid = None
+            self.restart_at = time.monotonic() + self.restart_delay
+            self.restart_delay = min(self.restart_delay * 2, RESTART_DELAY_MAX_S)
+            if not self.as_init:
+                kill_leftover_children()
+
+    def _start_server(self):
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            self._server_child(parent)
+        self.server_pid = pid
+        self.server_started = time.monotonic()
+        self.restart_at = None
+
+    def _server_child(self, parent):
+        """Runs in the forked child; never returns."""
+        try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, set())
+            if not self.as_init:
+                prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+                if os.getppid() != parent:
+                    os._exit(1)
+            self.make_server().serve_forever()
+        except BaseException:
+            import traceback
+            log("server crashed: " + traceback.format_exc().replace("\n", " | "))
+        finally:
+            os._exit(1)
+
+    def stop_server(self, grace_s=3.0):
+        """SIGTERM the server (it kills its commands), SIGKILL it after grace_s."""
+        pid = self.server_pid
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGTERM)
+                give_up = time.monotonic() + grace_s
+                while os.waitpid(pid, os.WNOHANG)[0] == 0:
+                    if time.monotonic() >= give_up:
+                        os.kill(pid, signal.SIGKILL)
+                        os.waitpid(pid, 0)
+                        break
+                    time.sleep(0.01)
+            except ChildProcessError:
+                pass
+            self.server_pid = None
+        if not self.as_init:
+            kill_leftover_children()
+
+
+# ---------------------------------------------------------------------------
+# 8. Entry points
+# ---------------------------------------------------------------------------
+
+def parse_agent_args(args):
+    import argparse
+    parser = argparse.ArgumentParser(prog="guest_agent.py", description="CBox guest agent")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (default 4031)")
+    parser.add_argument("--listen", default=DEFAULT_LISTEN, help="numeric address (default 0.0.0.0)")
+    return parser.parse_args(args)
+
+
+def run_agent(options, as_init):
+    """Set up, then supervise the server until SIGTERM/SIGINT; returns the signal's name."""
+    started = time.monotonic()
+    agent_start_uptime = process_start_uptime(os.getpid())
+    config = GuestConfig(read_cmdline())
+    log(f"starting (pid {os.getpid()}, {'init' if as_init else 'stand-in'} mode, vm={config.vm or '-'})")
+    setup_system(config, as_init)
+    if as_init:
+        shim_dir = INIT_SHIM_DIR
+    else:
+        import tempfile
+        shim_dir = tempfile.mkdtemp(prefix="cbox-agent-")
+    try:
+        try:
+            write_callback_shims(shim_dir)
+        except OSError as e:
+            if not as_init:
+                raise
+            log(f"cannot write the callback shims to {shim_dir}: {e}")
+        listener = open_listener(options.listen, options.port)
+        base_env = command_environment(config, shim_dir, as_init)
+        if not as_init:
+            prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+        def make_server():
+            return AgentServer(listener, config, base_env, started, agent_start_uptime)
+
+        stopped_by = Supervisor(make_server, as_init).run()
+        log(f"stopped by {stopped_by}")
+        return stopped_by
+    finally:
+        if not as_init:
+            import shutil
+            shutil.rmtree(shim_dir, ignore_errors=True)
+
+
+def init_main(options):
+    """PID 1: run the agent; on SIGTERM or any error, stop everything and power off."""
+    try:
+        reason = f"stopped by {run_agent(options, as_init=True)}"
+    except BaseException:
+        import traceback
+        reason = "fatal error: " + traceback.format_exc().replace("\n", " | ")
+    try:
+        kill_all_processes()
+    finally:
+        power_off(reason)
+
+
+def agent_main(args):
+    options = parse_agent_args(args)
+    if os.getpid() == 1:
+        init_main(options)  # never returns
+    try:
+        run_agent(options, as_init=False)
+    except OSError as e:
+        log(f"fatal: {e}")
+        return 1
+    return 0
+
+
+def main(argv=None):
+    argv = sys.argv if argv is None else argv
+    if os.path.basename(argv[0]) in ("cbox_callback", "cbox_callback.py"):
+        return callback_main(argv[1:])
+    if len(argv) > 1 and argv[1] == "callback":
+        return callback_main(argv[2:])
+    if len(argv) > 1 and argv[1] == "install-shims":
+        if len(argv) != 3:
+            print("usage: guest_agent.py install-shims DIR", file=sys.stderr)
+            return 2
+        write_callback_shims(argv[2])
+        return 0
+    return agent_main(argv[1:])
+
+
+if __name__ == "__main__":
+    if os.getpid() == 1:
+        try:
+            main()
+        finally:
+            power_off("main returned")
+    sys.exit(main())

@@ -1,0 +1,1731 @@
+#!/usr/bin/env python3
+"""Stand-in for the `cloud-hypervisor` binary (Cloud Hypervisor v53 REST API subset).
+
+CBox's tests run cbox.py against this program instead of a real Cloud
+Hypervisor (CHV): this machine has no CHV binary and nested KVM cannot run
+real guest kernels.  It speaks the same command line and the same HTTP API,
+validates every VmConfig against CHV's own OpenAPI description, and "boots"
+a guest by running the guest agent as a plain process inside private
+network, UTS and PID namespaces, joined to the host tap like a virtio-net
+device would be.  Stdlib only, Python 3.10+, Linux, root (taps, namespaces).
+
+Command line (as cloud-hypervisor)
+----------------------------------
+    fake_chv.py --api-socket path=/run/x/api.sock [--log-file PATH] [-v ...]
+    fake_chv.py --api-socket /run/x/api.sock          (older bare form)
+    fake_chv.py --api-socket fd=3                      (inherited listening socket)
+    fake_chv.py --version | --help
+Options may also be written --opt=value.  -v may repeat (-v, -vv, -v -v).
+Any other argument: message on stderr, exit code 1.
+
+API socket choice (v53 semantics): like CHV v53 the stand-in takes an
+exclusive flock on `<api socket>.lock` (created, and left behind on exit, as
+CHV does).  If the lock is held, or something answers on the existing socket,
+it refuses to start ("API socket in use", exit 1).  Otherwise an existing file
+at the path is a stale leftover: it is unlinked and the socket is bound again.
+On a clean exit (vmm.shutdown, SIGTERM/SIGINT, guest power-off) the stand-in
+removes its API socket file; after SIGKILL it stays, as with CHV.
+
+Environment
+-----------
+    CBOX_CHV_SCHEMA         OpenAPI JSON to validate VmConfigs against
+                            (default: <checkout>/../shared/cloud-hypervisor/
+                            cloud-hypervisor.json).  Missing: a loud warning
+                            in the log and on stderr, no schema validation.
+    CBOX_GUEST_AGENT        guest agent script (default <repo>/guest_agent.py)
+    CBOX_STANDIN_PYTHON     interpreter for the agent (default sys.executable)
+    CBOX_STANDIN_ENGINE     process (default) | qemu (tests/qemu_engine.py)
+    CBOX_STANDIN_STOP_TIMEOUT  seconds the agent gets after SIGTERM on
+                            vm.shutdown/vm.delete before SIGKILL (default 1)
+    CBOX_STANDIN_PASS_ENV   comma list of variable names passed on to the agent
+
+API (all under /api/v1/, serialized: one request at a time, keep-alive ok)
+----------------------------------------------------------------------------
+    GET  vmm.ping      200 {"build_version","version":"53.0","pid","features":[]}
+    PUT  vm.create     204; body VmConfig (schema-checked); creates serial file
+    PUT  vm.boot       204; starts the engine
+    GET  vm.info       200 {"config","state","memory_actual_size"}
+    PUT  vm.shutdown   204; guest gone, config kept (state Created)
+    PUT  vm.delete     204; also when nothing exists
+    PUT  vm.pause / vm.resume / vm.reboot / vm.power-button   204
+    PUT  vmm.shutdown  204, then the process exits 0
+    GET  vm.counters   200 {} while a guest runs
+Error bodies are JSON arrays of strings, outer error first, root cause last:
+    404 ["Not Found"]                          unknown endpoint
+    400 ["Bad Request", ...]                   wrong method, body on a body-less
+                                               action, no body for vm.create,
+                                               body without Content-Type
+                                               application/json, bad framing
+    400 ["Failed to deserialize JSON", ...]    bad JSON; VmConfig not matching
+                                               the schema: one entry per problem,
+                                               each starting with its JSON path
+                                               ("$.net[0].macc: unknown field")
+    404 ["Error from API", "The VM info is not available", "VM is not created"]
+        (and "The VM could not boot" ... for vm.boot, "The VM could not reboot"
+        for vm.reboot) before vm.create
+    500 ["Error from API", "The VM could not be created", "VM is already created"]
+    500 ["Error from API", "The VM could not boot", "VM is already created"]
+    500 ["Error from API", "The VM could not shutdown", "VM is not running"]
+        (same shape for pause/resume/power-button/counters)
+    500 ["Error from API", "The VM could not boot", ...cause...] for: invalid
+        configuration (memory.size not a multiple of 4096, boot_vcpus >
+        max_vcpus, net num_queues/2 > boot_vcpus, disk num_queues >
+        boot_vcpus, no kernel), missing kernel/initramfs/firmware/disk file,
+        existing vsock socket path, busy or unopenable tap
+    500 ["Error from API", "<endpoint> ...", "... not supported by the CBox
+        stand-in"] for the other CHV endpoints (resize, hotplug, snapshot...).
+Deviations from CHV, on purpose: unknown VmConfig fields are errors (CHV
+ignores them); negative integers are rejected everywhere in a VmConfig (all
+CHV fields are unsigned); vm.boot before vm.create says "VM is not created"
+(v53 says "VM config is missing", also 404); 400s for vm.create without a
+body carry ["Bad Request"] (CHV sends no body); vm.info returns the config as
+sent (CHV fills in defaults).
+
+Process engine (default)
+------------------------
+vm.boot opens net[0].tap with TUNSETIFF (IFF_TAP|IFF_NO_PI, plus
+IFF_MULTI_QUEUE when num_queues > 2) in the stand-in's own namespace (EBUSY
+when another process holds it -> 500), binds vsock.socket, then forks:
+
+    stand-in (S)
+      `- guest VMM (G): setsid; unshare(NET|UTS|PID); creates tap `eth0` in
+         its new netns with MAC net[0].mac (and MTU net[0].mtu); relays
+         frames tap <-> eth0 (epoll, os.read/os.write); serves vsock.socket
+         (CONNECT <port> -> TCP 127.0.0.1:<port> inside the guest netns,
+         answers "OK <n>", EOF when nothing listens there);
+         `- guest init (I, pid 1 of the new pid ns): reaps, forwards SIGTERM
+            `- `python3 <agent>` with stdout+stderr appended to the serial
+               file, cwd /, env: PATH, HOME=/, TERM=linux, LANG=C.UTF-8,
+               PYTHONUNBUFFERED=1, CBOX_CMDLINE=payload.cmdline,
+               CBOX_CALLBACK_SOCKET=<vsock.socket>_<cbox.callback_port or 4032>
+G has PR_SET_PDEATHSIG(SIGKILL) towards S, I towards G, and I is the init of
+the guest's pid namespace, so when I dies the kernel kills every process of
+the guest (even `setsid cmd &`): kill -9 of the stand-in leaks no process.
+The guest starts with hostname "(none)", lo and eth0 down and no address, as
+a fresh kernel would; the agent configures them.  When the agent exits by
+itself (guest power-off) the stand-in exits 0, as CHV does.  The guest sees
+the host's /proc and /sys (no mount namespace).  Only net[0] is supported.
+
+Serial: mode File -> the agent's output (and a few boot lines); Tty -> the
+stand-in's stdout; Off/Null/Pty/Socket -> discarded.  vm.create creates
+(truncates) the file; a boot after vm.shutdown and vm.reboot truncate it
+again, like CHV re-creating its console devices.
+
+Engine interface (CBOX_STANDIN_ENGINE=qemu loads tests/qemu_engine.py:QemuEngine)
+---------------------------------------------------------------------------------
+    engine = Engine(config: dict, log)   # config: the VmConfig as sent;
+                                         # log: callable(str) -> stand-in log
+    # set by the stand-in before start() (an engine may ignore them):
+    engine.vsock_listener   listening socket.socket bound at vsock.socket, or
+                            None; owned by the stand-in, closed and unlinked
+                            by it after stop()/exit
+    engine.console_fd       fd where the guest console output goes (serial);
+                            owned by the stand-in
+    engine.agent_argv       [python, agent]  (the process engine runs it)
+    engine.guest_env        environment for the agent
+    engine.start()          raises an exception (EngineError) on failure; the
+                            message becomes the root cause of the 500
+    engine.pid              pid of a process whose exit means guest power-off
+                            (the stand-in polls it with a pidfd); if absent
+                            or None the stand-in calls wait_exit() in a thread
+    engine.alive() -> bool
+    engine.wait_exit()      blocks until the guest is gone, returns exit code
+    engine.stop(timeout)    SIGTERM the guest, wait up to timeout, SIGKILL;
+                            frees the tap; returns when everything is gone
+    engine.pause() / engine.resume()   (SIGSTOP/SIGCONT of the guest)
+"""
+import copy
+import ctypes
+import fcntl
+import importlib
+import json
+import logging
+import os
+import re
+import select
+import selectors
+import signal
+import socket
+import stat
+import struct
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+VERSION = "53.0"
+BUILD_VERSION = "v53.0-cbox-standin"
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+DEFAULT_SCHEMA = Path(__file__).resolve().parents[2] / "shared/cloud-hypervisor/cloud-hypervisor.json"
+PAGE_SIZE = 4096
+DEFAULT_MEMORY = 512 << 20
+MAX_HEADER = 64 << 10
+MAX_BODY = 16 << 20
+GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+# Linux constants (x86-64 / generic)
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFF_MULTI_QUEUE = 0x0100
+SIOCSIFMTU = 0x8922
+SIOCSIFHWADDR = 0x8924
+ARPHRD_ETHER = 1
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class EngineError(Exception):
+    """A guest engine could not start; args are messages, outer first."""
+
+
+# ---------------------------------------------------------------------------
+# small OS helpers
+
+def rust_io(e):
+    """Format an OSError the way Rust's io::Error displays."""
+    if isinstance(e, OSError) and e.errno:
+        return f"{os.strerror(e.errno)} (os error {e.errno})"
+    return str(e)
+
+
+def _ctypes_check(ret, what):
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def unshare(flags):
+    _ctypes_check(_libc.unshare(ctypes.c_int(flags)), "unshare")
+
+
+def set_pdeathsig(sig):
+    _ctypes_check(_libc.prctl(ctypes.c_int(PR_SET_PDEATHSIG), ctypes.c_ulong(sig),
+                              ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)), "prctl")
+
+
+def set_comm(name):
+    try:
+        _libc.prctl(ctypes.c_int(PR_SET_NAME), ctypes.c_char_p(name.encode()[:15]),
+                    ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
+    except Exception:
+        pass
+
+
+def open_tap(name, multi_queue=False):
+    """Attach to (or create) tap `name` in the caller's netns; returns a non-blocking fd."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    flags = IFF_TAP | IFF_NO_PI | (IFF_MULTI_QUEUE if multi_queue else 0)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
+    except BaseException:
+        os.close(fd)
+        raise
+    os.set_blocking(fd, False)
+    return fd
+
+
+def parse_mac(text):
+    parts = text.split(":") if isinstance(text, str) else []
+    if len(parts) != 6 or not all(re.fullmatch(r"[0-9A-Fa-f]{1,2}", p) for p in parts):
+        return None
+    return bytes(int(p, 16) for p in parts)
+
+
+def cmdline_value(cmdline, key):
+    for word in (cmdline or "").split():
+        if word.startswith(key + "="):
+            return word[len(key) + 1:]
+    return None
+
+
+def _wait_readable(fd, timeout):
+    try:
+        r, _, _ = select.select([fd], [], [], max(0.0, timeout))
+    except InterruptedError:
+        return False
+    return bool(r)
+
+
+# ---------------------------------------------------------------------------
+# VmConfig validation
+
+INT_FORMATS = {
+    "int8": (-(1 << 7), (1 << 7) - 1), "int16": (-(1 << 15), (1 << 15) - 1),
+    "int32": (-(1 << 31), (1 << 31) - 1), "int64": (-(1 << 63), (1 << 63) - 1),
+    "uint8": (0, (1 << 8) - 1), "uint16": (0, (1 << 16) - 1),
+    "uint32": (0, (1 << 32) - 1), "uint64": (0, (1 << 64) - 1),
+}
+
+
+class SchemaValidator:
+    """Checks JSON values against the subset of OpenAPI 3 schema that CHV's
+    description uses: $ref, type (integer is not boolean), properties,
+    required, items, enum, minimum/maximum, minLength, additionalProperties,
+    integer formats.  Unknown object fields are errors unless the schema
+    has additionalProperties."""
+
+    def __init__(self, doc, unsigned_ints=True):
+        self.doc = doc
+        self.unsigned_ints = unsigned_ints
+
+    @classmethod
+    def load(cls, path):
+        with open(path, encoding="utf-8") as f:
+            return cls(json.load(f))
+
+    def _resolve(self, ref):
+        if not ref.startswith("#/"):
+            raise ValueError(f"unsupported $ref {ref}")
+        node = self.doc
+        for part in ref[2:].split("/"):
+            node = node[part.replace("~1", "/").replace("~0", "~")]
+        return node
+
+    def validate(self, value, schema_name="VmConfig"):
+        errors = []
+        self._check(value, {"$ref": f"#/components/schemas/{schema_name}"}, "$", errors, schema_name)
+        return errors
+
+    @staticmethod
+    def _tname(v):
+        if v is None:
+            return "null"
+        if isinstance(v, bool):
+            return "boolean"
+        if isinstance(v, int):
+            return "integer"
+        if isinstance(v, float):
+            return "number"
+        if isinstance(v, str):
+            return "string"
+        if isinstance(v, list):
+            return "array"
+        if isinstance(v, dict):
+            return "object"
+        return type(v).__name__
+
+    def _check(self, v, schema, path, errors, name):
+        while "$ref" in schema:
+            ref = schema["$ref"]
+            name = ref.rsplit("/", 1)[-1]
+            schema = self._resolve(ref)
+        t = schema.get("type")
+        if t is None and "properties" in schema:
+            t = "object"
+        got = self._tname(v)
+        if t == "object":
+            if got != "object":
+                errors.append(f"{path}: expected an object ({name}), got {got}")
+                return
+            props = schema.get("properties", {})
+            for req in schema.get("required", []):
+                if req not in v:
+                    errors.append(f"{path}.{req}: missing required field of {name}")
+            addl = schema.get("additionalProperties", False)
+            for key, sub in v.items():
+                sub_path = f"{path}.{key}" if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key) else f"{path}[{json.dumps(key)}]"
+                if key in props:
+                    self._check(sub, props[key], sub_path, errors, f"{name}.{key}")
+                elif isinstance(addl, dict):
+                    self._check(sub, addl, sub_path, errors, name)
+                elif addl is True:
+                    pass
+                else:
+                    errors.append(f"{sub_path}: unknown field (not in the {name} schema; "
+                                  f"Cloud Hypervisor would silently ignore it)")
+        elif t == "array":
+            if got != "array":
+                errors.append(f"{path}: expected an array, got {got}")
+                return
+            items = schema.get("items")
+            if items is not None:
+                for i, sub in enumerate(v):
+                    self._check(sub, items, f"{path}[{i}]", errors, name)
+        elif t == "integer":
+            if got != "integer":
+                errors.append(f"{path}: expected an integer, got {got} {json.dumps(v)[:40]}")
+                return
+            fmt = schema.get("format")
+            lo, hi = INT_FORMATS.get(fmt, (None, None))
+            if self.unsigned_ints:
+                lo = 0 if lo is None else max(lo, 0)
+            if "minimum" in schema:
+                lo = schema["minimum"] if lo is None else max(lo, schema["minimum"])
+            if "maximum" in schema:
+                hi = schema["maximum"] if hi is None else min(hi, schema["maximum"])
+            if lo is not None and v < lo:
+                errors.append(f"{path}: {v} is below the minimum {lo}")
+            if hi is not None and v > hi:
+                errors.append(f"{path}: {v} is above the maximum {hi}" + (f" ({fmt})" if fmt else ""))
+        elif t == "number":
+            if got not in ("integer", "number"):
+                errors.append(f"{path}: expected a number, got {got}")
+                return
+        elif t == "boolean":
+            if got != "boolean":
+                errors.append(f"{path}: expected a boolean, got {got} {json.dumps(v)[:40]}")
+                return
+        elif t == "string":
+            if got != "string":
+                errors.append(f"{path}: expected a string, got {got} {json.dumps(v)[:40]}")
+                return
+            if "minLength" in schema and len(v) < schema["minLength"]:
+                errors.append(f"{path}: shorter than {schema['minLength']} characters")
+        if "enum" in schema and v not in schema["enum"]:
+            errors.append(f"{path}: {json.dumps(v)[:40]} is not one of {schema['enum']}")
+
+
+def extra_create_checks(config):
+    """Checks CHV's deserializer does besides the schema (so: 400 at vm.create)."""
+    errors = []
+    for i, net in enumerate(config.get("net") or []):
+        if isinstance(net, dict):
+            for key in ("mac", "host_mac"):
+                if isinstance(net.get(key), str) and parse_mac(net[key]) is None:
+                    errors.append(f"$.net[{i}].{key}: {net[key]!r} is not a MAC address (xx:xx:xx:xx:xx:xx)")
+    return errors
+
+
+def semantic_errors(config):
+    """CHV's VmConfig::validate-like checks; v53 runs them at vm.boot (500)."""
+    errors = []
+    payload = config.get("payload") or {}
+    if not any(payload.get(k) for k in ("kernel", "firmware", "igvm")):
+        errors.append("payload: a kernel (or firmware/igvm) is required")
+    cpus = config.get("cpus") or {}
+    boot = cpus.get("boot_vcpus", 1)
+    maxv = cpus.get("max_vcpus", boot)
+    if isinstance(boot, int) and isinstance(maxv, int) and boot > maxv:
+        errors.append(f"cpus: boot_vcpus {boot} is greater than max_vcpus {maxv}")
+    mem = (config.get("memory") or {}).get("size", DEFAULT_MEMORY)
+    if isinstance(mem, int) and mem % PAGE_SIZE:
+        errors.append(f"memory.size {mem} is not a multiple of the page size ({PAGE_SIZE})")
+    for i, net in enumerate(config.get("net") or []):
+        q = net.get("num_queues", 2)
+        if isinstance(q, int) and isinstance(boot, int):
+            if q < 2 or q % 2:
+                errors.append(f"net[{i}].num_queues {q}: must be an even number >= 2")
+            elif q // 2 > boot:
+                errors.append(f"net[{i}].num_queues {q}: num_queues/2 exceeds boot_vcpus {boot}")
+    for i, disk in enumerate(config.get("disks") or []):
+        q = disk.get("num_queues", 1)
+        if isinstance(q, int) and isinstance(boot, int) and q > boot:
+            errors.append(f"disks[{i}].num_queues {q} exceeds boot_vcpus {boot}")
+    return errors
+
+
+# ---------------------------------------------------------------------------
+# process engine: guest side (runs in forked children, never returns to S)
+
+def _console_write(fd, text):
+    if fd is None or fd < 0:
+        return
+    try:
+        os.write(fd, text.encode("utf-8", "replace"))
+    except OSError:
+        pass
+
+
+class _End:
+    __slots__ = ("sock", "fd", "peer", "out", "eof", "shut", "mask")
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = None
+        self.out = bytearray()
+        self.eof = False
+        self.shut = False
+        self.mask = None  # None: not registered
+
+
+class _VsockProxy:
+    """CHV hybrid vsock, host side: `CONNECT <port>\\n` -> TCP 127.0.0.1:<port>
+    in the guest netns; "OK <n>\\n" then a byte pipe; EOF when nobody listens."""
+
+    LIMIT = 1 << 20
+
+    def __init__(self, ep):
+        self.ep = ep
+        self.pending = {}   # fd -> [sock, bytearray]
+        self.ends = {}      # fd -> _End
+
+    def owns(self, fd):
+        return fd in self.pending or fd in self.ends
+
+    def accept(self, lsock):
+        for _ in range(64):
+            try:
+                c, _ = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            c.setblocking(False)
+            self.pending[c.fileno()] = [c, bytearray()]
+            self.ep.register(c.fileno(), select.EPOLLIN)
+
+    def event(self, fd, ev):
+        if fd in self.pending:
+            self._handshake(fd)
+        elif fd in self.ends:
+            self._on(self.ends[fd], ev)
+
+    def _drop_pending(self, fd):
+        c, _ = self.pending.pop(fd)
+        try:
+            self.ep.unregister(fd)
+        except OSError:
+            pass
+        c.close()
+
+    def _handshake(self, fd):
+        c, buf = self.pending[fd]
+        try:
+            data = c.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop_pending(fd)
+            return
+        buf += data
+        nl = buf.find(b"\n")
+        if nl < 0:
+            if len(buf) > 256:
+                self._drop_pending(fd)
+            return
+        line = bytes(buf[:nl]).decode("ascii", "replace").strip()
+        rest = bytes(buf[nl + 1:])
+        del self.pending[fd]
+        self.ep.unregister(fd)
+        parts = line.split()
+        if len(parts) != 2 or parts[0] != "CONNECT" or not parts[1].isdigit() or not 0 < int(parts[1]) < 65536:
+            c.close()
+            return
+        try:
+            t = socket.create_connection(("127.0.0.1", int(parts[1])), timeout=1.0)
+        except OSError:
+            c.close()   # no listener in the guest: the host reads EOF
+            return
+        try:
+            t.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            c.settimeout(1.0)
+            c.sendall(f"OK {t.getsockname()[1]}\n".encode())
+            c.setblocking(False)
+            t.setblocking(False)
+        except OSError:
+            c.close()
+            t.close()
+            return
+        a, b = _End(c), _End(t)
+        a.peer, b.peer = b, a
+        b.out += rest
+        self.ends[a.fd] = a
+        self.ends[b.fd] = b
+        try:
+            self._flush(b)
+        except OSError:
+            self._close(a)
+            return
+        self._rearm(a)
+        self._rearm(b)
+
+    def _on(self, end, ev):
+        peer = end.peer
+        try:
+            if ev & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR) and not end.eof:
+                while len(peer.out) < self.LIMIT:
+                    try:
+                        data = end.sock.recv(262144)
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    if not data:
+                        end.eof = True
+                        break
+                    peer.out += data
+            self._flush(peer)
+            self._flush(end)
+        except OSError:
+            self._close(end)
+            return
+        if end.eof and peer.eof and not end.out and not peer.out:
+            self._close(end)
+            return
+        self._rearm(end)
+        self._rearm(peer)
+
+    @staticmethod
+    def _flush(end):
+        while end.out:
+            try:
+                n = end.sock.send(end.out)
+            except (BlockingIOError, InterruptedError):
+                return
+            del end.out[:n]
+        if end.peer.eof and not end.shut:
+            end.shut = True
+            try:
+                end.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def _rearm(self, e):
+        m = 0
+        if not e.eof and len(e.peer.out) < self.LIMIT:
+            m |= select.EPOLLIN
+        if e.out:
+            m |= select.EPOLLOUT
+        if m == 0:
+            if e.mask is not None:
+                self.ep.unregister(e.fd)
+                e.mask = None
+            return
+        if e.mask is None:
+            self.ep.register(e.fd, m)
+        elif m != e.mask:
+            self.ep.modify(e.fd, m)
+        e.mask = m
+
+    def _close(self, end):
+        for e in (end, end.peer):
+            if e is None:
+                continue
+            self.ends.pop(e.fd, None)
+            if e.mask is not None:
+                try:
+                    self.ep.unregister(e.fd)
+                except OSError:
+                    pass
+                e.mask = None
+            e.sock.close()
+        if end.peer is not None:
+            end.peer.peer = None
+        end.peer = None
+
+
+def _relay_loop(tap_fd, eth_fd, vsock_fd, pidfd, init_pid):
+    """Guest VMM main loop: frames tap <-> eth0, vsock proxy, guest exit."""
+    ep = select.epoll()
+    if tap_fd >= 0:
+        ep.register(tap_fd, select.EPOLLIN)
+        ep.register(eth_fd, select.EPOLLIN)
+    ep.register(pidfd, select.EPOLLIN)
+    lsock = None
+    if vsock_fd >= 0:
+        lsock = socket.socket(fileno=vsock_fd)
+        lsock.setblocking(False)
+        ep.register(vsock_fd, select.EPOLLIN)
+    proxy = _VsockProxy(ep)
+    read, write, poll = os.read, os.write, ep.poll
+    while True:
+        for fd, ev in poll():
+            if fd == tap_fd or fd == eth_fd:
+                dst = eth_fd if fd == tap_fd else tap_fd
+                for _ in range(256):
+                    try:
+                        frame = read(fd, 65536)
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError:
+                        break
+                    if not frame:
+                        break
+                    try:
+                        write(dst, frame)
+                    except OSError:
+                        pass   # eth0 down (EIO) or queue full: the frame is dropped, like a NIC
+            elif fd == pidfd:
+                _, status = os.waitpid(init_pid, 0)
+                code = os.waitstatus_to_exitcode(status)
+                return code if code >= 0 else 128 - code
+            elif fd == vsock_fd:
+                proxy.accept(lsock)
+            else:
+                proxy.event(fd, ev)
+
+
+def _guest_init_main(console_fd, argv, env, close_fds):
+    """pid 1 of the guest's pid namespace: start the agent, reap, forward SIGTERM."""
+    set_pdeathsig(signal.SIGKILL)
+    set_comm("cbox-guest-init")
+    for fd in close_fds:
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    agent = [0]
+
+    def forward(signum, frame):
+        if agent[0]:
+            try:
+                os.kill(agent[0], signum)
+            except OSError:
+                pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            set_pdeathsig(signal.SIGKILL)
+            for s in (signal.SIGTERM, signal.SIGINT, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGHUP):
+                signal.signal(s, signal.SIG_DFL)
+            if console_fd >= 0:
+                os.dup2(console_fd, 1)
+                os.dup2(console_fd, 2)
+            os.chdir("/")
+            os.execve(argv[0], argv, env)
+        except BaseException as e:
+            _console_write(2, f"cbox-standin: cannot start {' '.join(argv)}: {e}\n")
+        finally:
+            os._exit(127)
+    agent[0] = pid
+    while True:
+        try:
+            got, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            return 0
+        if got == pid:
+            break
+    code = os.waitstatus_to_exitcode(status)
+    how = f"exit code {code}" if code >= 0 else f"signal {-code}"
+    _console_write(console_fd, f"cbox-standin: init (guest agent) ended with {how}\n"
+                               f"cbox-standin: reboot: Power down\n")
+    return code if code >= 0 else 128 - code
+
+
+def _guest_vmm_main(parent, wr, tap_fd, vsock_fd, console_fd, net, argv, env, cmdline):
+    """First child of the stand-in: becomes the guest's VMM side."""
+    set_pdeathsig(signal.SIGKILL)
+    if os.getppid() != parent:
+        return 1
+    set_comm("cbox-guest-vmm")
+    try:
+        signal.set_wakeup_fd(-1)
+    except (ValueError, OSError):
+        pass
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        signal.signal(s, signal.SIG_DFL)
+    os.setsid()
+    # Neutralize every inherited descriptor except ours: /dev/null over them
+    # (not close) so a stand-in object collected here cannot close a new fd.
+    keep = {0, 1, 2, wr, tap_fd, vsock_fd, console_fd}
+    devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep and fd != devnull:
+            try:
+                os.dup2(devnull, fd, inheritable=False)
+            except OSError:
+                pass
+    os.dup2(devnull, 0)
+    unshare(CLONE_NEWNET | CLONE_NEWUTS | CLONE_NEWPID)
+    socket.sethostname("(none)")
+    eth_fd = -1
+    if tap_fd >= 0:
+        eth_fd = open_tap("eth0")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            mac = parse_mac(net.get("mac") or "")
+            if mac:
+                fcntl.ioctl(s.fileno(), SIOCSIFHWADDR, struct.pack("16sH6s16x", b"eth0", ARPHRD_ETHER, mac))
+            if isinstance(net.get("mtu"), int):
+                fcntl.ioctl(s.fileno(), SIOCSIFMTU, struct.pack("16si20x", b"eth0", net["mtu"]))
+    _console_write(console_fd,
+                   f"cbox-standin: Cloud Hypervisor {VERSION} stand-in, process engine\n"
+                   f"cbox-standin: Command line: {cmdline}\n"
+                   f"cbox-standin: net: {'eth0 <-> ' + net['tap'] if tap_fd >= 0 else 'none'}\n"
+                   f"cbox-standin: Run {' '.join(argv)} as init\n")
+    init_pid = os.fork()
+    if init_pid == 0:
+        code = 70
+        try:
+            code = _guest_init_main(console_fd, argv, env, (wr, tap_fd, eth_fd, vsock_fd))
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    pidfd = os.pidfd_open(init_pid)
+    signal.signal(signal.SIGTERM, lambda *a: os.kill(init_pid, signal.SIGTERM))
+    os.write(wr, f"OK {init_pid}\n".encode())
+    os.close(wr)
+    return _relay_loop(tap_fd, eth_fd, vsock_fd, pidfd, init_pid)
+
+
+# ---------------------------------------------------------------------------
+# process engine: stand-in side
+
+def default_agent():
+    return os.environ.get("CBOX_GUEST_AGENT") or str(REPO / "guest_agent.py")
+
+
+class ProcessEngine:
+    """Runs the guest agent as a process in private net/UTS/pid namespaces."""
+
+    def __init__(self, config, log=None):
+        self.config = config
+        self.log = log or (lambda msg: None)
+        self.vsock_listener = None
+        self.console_fd = None
+        self.agent_argv = [os.environ.get("CBOX_STANDIN_PYTHON") or sys.executable, default_agent()]
+        self.guest_env = {}
+        self.pid = None              # guest VMM process (our child)
+        self.init_pid = None         # guest init (pid 1 of the guest pid ns)
+        self._init_pidfd = None
+        self._code = None
+        self._paused = False
+
+    def start(self):
+        if self.pid is not None:
+            raise EngineError("engine already started")
+        nets = self.config.get("net") or []
+        net = dict(nets[0]) if nets else {}
+        tap_fd = -1
+        if nets:
+            if not net.get("tap"):
+                raise EngineError("Error from device manager", "Cannot create virtio-net device",
+                                  "net[0].tap is required by the CBox stand-in (it does not create taps)")
+            multi = int(net.get("num_queues", 2)) > 2
+            try:
+                tap_fd = open_tap(net["tap"], multi_queue=multi)
+            except OSError as e:
+                raise EngineError("Error from device manager", "Cannot create virtio-net device",
+                                  "Failed to open taps", f"Open tap device {net['tap']} failed",
+                                  f"Unable to configure tap interface: {rust_io(e)}") from None
+        vsock_fd = self.vsock_listener.fileno() if self.vsock_listener is not None else -1
+        console_fd = self.console_fd if self.console_fd is not None else -1
+        cmdline = (self.config.get("payload") or {}).get("cmdline", "")
+        rd, wr = os.pipe()
+        parent = os.getpid()
+        try:
+            pid = os.fork()
+        except OSError as e:
+            os.close(rd)
+            os.close(wr)
+            if tap_fd >= 0:
+                os.close(tap_fd)
+            raise EngineError("Cannot fork the guest", rust_io(e)) from None
+        if pid == 0:
+            code = 70
+            try:
+                os.close(rd)
+                code = _guest_vmm_main(parent, wr, tap_fd, vsock_fd, console_fd, net,
+                                       self.agent_argv, self.guest_env, cmdline)
+            except BaseException as e:
+                msg = f"{e.strerror}: {e.filename or ''} (os error {e.errno})" if isinstance(e, OSError) and e.errno else repr(e)
+                try:
+                    os.write(wr, f"ERR guest setup failed: {msg}\n".encode())
+                except BaseException:
+                    pass
+            finally:
+                os._exit(code)
+        self.pid = pid
+        os.close(wr)
+        if tap_fd >= 0:
+            os.close(tap_fd)   # the guest VMM holds it now
+        line = b""
+        deadline = time.monotonic() + 10
+        try:
+            while not line.endswith(b"\n") and time.monotonic() < deadline:
+                if not _wait_readable(rd, deadline - time.monotonic()):
+                    continue
+                chunk = os.read(rd, 512)
+                if not chunk:
+                    break
+                line += chunk
+        finally:
+            os.close(rd)
+        text = line.decode("utf-8", "replace").strip()
+        if text.startswith("OK "):
+            self.init_pid = int(text.split()[1])
+            try:
+                self._init_pidfd = os.pidfd_open(self.init_pid)
+            except OSError:
+                self._init_pidfd = None
+            self.log(f"guest started: vmm pid {self.pid}, init pid {self.init_pid}, agent {self.agent_argv[-1]}")
+            return
+        self._kill_and_reap()
+        raise EngineError(text[4:] if text.startswith("ERR ") else "guest setup failed without a message")
+
+    def _kill_and_reap(self):
+        if self.pid is None or self._code is not None:
+            return
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.wait_exit()
+
+    def alive(self):
+        if self.pid is None or self._code is not None:
+            return False
+        try:
+            got, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            self._code = 0
+            return False
+        if got == 0:
+            return True
+        self._code = os.waitstatus_to_exitcode(status)
+        return False
+
+    def wait_exit(self):
+        if self._code is None and self.pid is not None:
+            try:
+                _, status = os.waitpid(self.pid, 0)
+                self._code = os.waitstatus_to_exitcode(status)
+            except ChildProcessError:
+                self._code = 0
+        self._close_pidfd()
+        return self._code
+
+    def _close_pidfd(self):
+        if self._init_pidfd is not None:
+            os.close(self._init_pidfd)
+            self._init_pidfd = None
+
+    def _signal_init(self, sig):
+        try:
+            if self._init_pidfd is not None:
+                signal.pidfd_send_signal(self._init_pidfd, sig)
+            elif self.init_pid:
+                os.kill(self.init_pid, sig)
+        except (ProcessLookupError, OSError):
+            pass
+
+    def _init_gone(self, timeout):
+        if self._init_pidfd is None:
+            return True
+        return _wait_readable(self._init_pidfd, timeout)
+
+    def stop(self, timeout=1.0):
+        if self.pid is None:
+            return
+        if self.alive():
+            if self._paused:
+                self.resume()
+            self._signal_init(signal.SIGTERM)         # init forwards it to the agent
+            if not self._init_gone(timeout):
+                self.log(f"guest did not stop within {timeout}s after SIGTERM: SIGKILL")
+                self._signal_init(signal.SIGKILL)     # pid-ns init: the kernel kills the whole guest
+                self._init_gone(2.0)
+            deadline = time.monotonic() + 2.0
+            while self.alive() and time.monotonic() < deadline:
+                time.sleep(0.002)
+            if self.alive():
+                os.kill(self.pid, signal.SIGKILL)
+        self.wait_exit()
+
+    def _guest_pids(self):
+        """Host pids of every process in the guest pid namespace, init first."""
+        try:
+            st = os.stat(f"/proc/{self.init_pid}/ns/pid")
+        except OSError:
+            return []
+        key = (st.st_dev, st.st_ino)
+        pids = [self.init_pid]
+        for name in os.listdir("/proc"):
+            if not name.isdigit() or int(name) == self.init_pid:
+                continue
+            try:
+                s = os.stat(f"/proc/{name}/ns/pid")
+            except OSError:
+                continue
+            if (s.st_dev, s.st_ino) == key:
+                pids.append(int(name))
+        return pids
+
+    def _signal_all(self, sig):
+        for pid in [self.pid] + self._guest_pids():
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+
+    def pause(self):
+        self._signal_all(signal.SIGSTOP)
+        self._signal_all(signal.SIGSTOP)   # catch children forked meanwhile
+        self._paused = True
+
+    def resume(self):
+        self._signal_all(signal.SIGCONT)
+        self._paused = False
+
+
+def load_engine_class(name):
+    if name == "process":
+        return ProcessEngine
+    if name == "qemu":
+        if str(HERE) not in sys.path:
+            sys.path.insert(0, str(HERE))
+        return importlib.import_module("qemu_engine").QemuEngine
+    raise ValueError(f"CBOX_STANDIN_ENGINE={name!r}: expected process or qemu")
+
+
+# ---------------------------------------------------------------------------
+# API server
+
+class ApiError(Exception):
+    def __init__(self, status, *messages):
+        super().__init__(*messages)
+        self.status = status
+        self.messages = list(messages)
+
+
+def vm_error(status, action, *causes):
+    return ApiError(status, "Error from API", action, *causes)
+
+
+REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 404: "Not Found",
+           500: "Internal Server Error"}
+GET_ROUTES = {"vmm.ping", "vm.info", "vm.counters"}
+BODYLESS_ACTIONS = {"vm.boot", "vm.delete", "vm.pause", "vm.resume", "vm.shutdown", "vm.reboot",
+                    "vm.power-button", "vm.nmi"}
+BODY_ACTIONS = {"vm.create", "vm.resize", "vm.resize-disk", "vm.resize-zone", "vm.add-device",
+                "vm.add-user-device", "vm.add-disk", "vm.add-fs", "vm.add-generic-vhost-user",
+                "vm.add-pmem", "vm.add-net", "vm.add-vsock", "vm.add-vdpa", "vm.remove-device",
+                "vm.snapshot", "vm.coredump", "vm.restore", "vm.receive-migration",
+                "vm.send-migration"}
+PUT_ROUTES = BODYLESS_ACTIONS | BODY_ACTIONS | {"vmm.shutdown"}
+
+
+class _Conn:
+    __slots__ = ("sock", "buf", "continued")
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buf = bytearray()
+        self.continued = False
+
+
+class _HttpError(Exception):
+    pass
+
+
+class Standin:
+    def __init__(self, api_path, api_fd, log, validator, schema_path, engine_cls):
+        self.api_path = api_path
+        self.api_fd = api_fd
+        self.logger = log
+        self.validator = validator
+        self.schema_path = schema_path
+        self.engine_cls = engine_cls
+        self.config = None
+        self.state = None               # None (not booted) | "Running" | "Paused"
+        self.engine = None
+        self.engine_watch = None        # (kind, obj) for the selector
+        self.serial_fresh = False       # serial file created by vm.create, not used yet
+        self.vsock_sock = None
+        self.vsock_path = None
+        self.console_fd = None
+        self.exit_code = None
+        self.signal_received = None
+        self.sel = None
+        self.listener = None
+        self.lock_file = None
+        self.stop_timeout = float(os.environ.get("CBOX_STANDIN_STOP_TIMEOUT") or 1.0)
+
+    def log(self, msg, level=logging.INFO):
+        self.logger.log(level, msg)
+
+    # ---- socket setup -------------------------------------------------------
+
+    def bind(self):
+        if self.api_fd is not None:
+            self.listener = socket.socket(fileno=self.api_fd)
+            self.listener.listen(64)
+            return
+        path = self.api_path
+        lock_path = path + ".lock"
+        try:
+            self.lock_file = open(lock_path, "a")
+        except OSError as e:
+            raise SystemExit(f"Error starting the HTTP API server: cannot create {lock_path}: {rust_io(e)}") from None
+        try:
+            fcntl.flock(self.lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"Error starting the HTTP API server: API socket {path} is in use "
+                             f"(lock {lock_path} is held)") from None
+        if os.path.lexists(path):
+            st = os.lstat(path)
+            if stat.S_ISSOCK(st.st_mode):
+                probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                probe.settimeout(0.5)
+                try:
+                    probe.connect(path)
+                    raise SystemExit(f"Error starting the HTTP API server: API socket {path} is in use")
+                except OSError:
+                    pass
+                finally:
+                    probe.close()
+            if stat.S_ISDIR(st.st_mode):
+                raise SystemExit(f"Error starting the HTTP API server: {path} is a directory")
+            self.log(f"removing stale API socket {path}")
+            os.unlink(path)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.listener.bind(path)
+        except OSError as e:
+            raise SystemExit(f"Error starting the HTTP API server: cannot bind {path}: {rust_io(e)}") from None
+        self.listener.listen(64)
+
+    # ---- main loop ----------------------------------------------------------
+
+    def serve(self):
+        self.bind()
+        self.listener.setblocking(False)
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.listener, selectors.EVENT_READ, ("listen", None))
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        self._wake_w = wake_w
+        self.sel.register(wake_r, selectors.EVENT_READ, ("wake", None))
+        signal.set_wakeup_fd(wake_w)
+
+        def on_signal(signum, frame):
+            self.signal_received = signum
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.log(f"API server listening on {self.api_path or 'fd ' + str(self.api_fd)} "
+                 f"(cloud-hypervisor {VERSION} stand-in, pid {os.getpid()})")
+        try:
+            while self.exit_code is None:
+                for key, mask in self.sel.select():
+                    kind, obj = key.data
+                    if kind == "listen":
+                        self._accept()
+                    elif kind == "conn":
+                        self._on_readable(obj)
+                    elif kind == "wake":
+                        try:
+                            while os.read(wake_r, 512):
+                                pass
+                        except (BlockingIOError, InterruptedError):
+                            pass
+                    elif kind == "engine":
+                        self._on_engine_exit(obj)
+                    if self.exit_code is not None:
+                        break
+                if self.signal_received is not None and self.exit_code is None:
+                    self.log(f"received signal {signal.Signals(self.signal_received).name}: "
+                             "stopping the VM and exiting")
+                    self._shutdown_vm()
+                    self.exit_code = 0
+        finally:
+            self._teardown()
+        return self.exit_code
+
+    def _teardown(self):
+        try:
+            self._shutdown_vm()
+        except Exception:
+            self.log("error while stopping the VM:\n" + traceback.format_exc(), logging.ERROR)
+        if self.sel is not None:
+            for key in list(self.sel.get_map().values()):
+                if key.data[0] == "conn":
+                    key.data[1].sock.close()
+        if self.listener is not None:
+            self.listener.close()
+        if self.api_path:
+            try:
+                os.unlink(self.api_path)
+            except OSError:
+                pass
+        self.log(f"exiting with code {self.exit_code}")
+
+    def _accept(self):
+        for _ in range(32):
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                self.log(f"accept failed: {e}", logging.WARNING)
+                return
+            sock.settimeout(10.0)   # only sends ever wait; reads follow readiness
+            conn = _Conn(sock)
+            self.sel.register(sock, selectors.EVENT_READ, ("conn", conn))
+
+    def _close_conn(self, conn):
+        try:
+            self.sel.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
+
+    def _on_readable(self, conn):
+        try:
+            data = conn.sock.recv(65536)
+        except (BlockingIOError, InterruptedError, socket.timeout):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close_conn(conn)
+            return
+        conn.buf += data
+        while conn.buf and self.exit_code is None:
+            try:
+                req = self._parse(conn)
+            except _HttpError as e:
+                self._respond(conn, 400, ["Bad Request", str(e)], close=True)
+                self.log(f"API request with bad framing: {e} -> 400")
+                self._close_conn(conn)
+                return
+            if req is None:
+                return
+            method, path, headers, body, close = req
+            after = None
+            try:
+                status, payload, after = self._dispatch(method, path, headers, body)
+            except ApiError as e:
+                status, payload = e.status, e.messages
+            except Exception:
+                tb = traceback.format_exc()
+                self.log(f"internal error handling {method} {path}:\n{tb}", logging.ERROR)
+                status, payload = 500, ["Internal Server Error", tb.strip().splitlines()[-1]]
+            self.log(f"API request {method} {path} -> {status}"
+                     + (f": {' / '.join(payload)}" if status >= 400 and isinstance(payload, list) else ""))
+            ok = self._respond(conn, status, payload, close)
+            if after is not None:
+                after()
+            if close or not ok:
+                self._close_conn(conn)
+                return
+
+    def _parse(self, conn):
+        buf = conn.buf
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > MAX_HEADER:
+                raise _HttpError("request header too large")
+            return None
+        lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            raise _HttpError(f"malformed request line {lines[0][:80]!r}")
+        method, target, version = parts
+        headers = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if not sep or not name or name != name.strip():
+                raise _HttpError(f"malformed header line {line[:80]!r}")
+            headers[name.lower()] = value.strip()
+        if "transfer-encoding" in headers:
+            raise _HttpError("Transfer-Encoding is not supported: send Content-Length")
+        length = 0
+        if "content-length" in headers:
+            try:
+                length = int(headers["content-length"])
+            except ValueError:
+                raise _HttpError("invalid Content-Length") from None
+            if length < 0 or length > MAX_BODY:
+                raise _HttpError("invalid Content-Length")
+        total = end + 4 + length
+        if len(buf) < total:
+            if headers.get("expect", "").lower() == "100-continue" and not conn.continued:
+                conn.continued = True
+                try:
+                    conn.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+                except OSError:
+                    pass
+            return None
+        body = bytes(buf[end + 4:total])
+        del buf[:total]
+        conn.continued = False
+        conn_hdr = headers.get("connection", "").lower()
+        close = conn_hdr == "close" or (version == "HTTP/1.0" and conn_hdr != "keep-alive")
+        if target.startswith(("http://", "https://")):
+            target = "/" + target.split("://", 1)[1].partition("/")[2]
+        path = target.split("?", 1)[0]
+        return method, path, headers, body, close
+
+    def _respond(self, conn, status, payload, close):
+        head = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}",
+                "Server: Cloud Hypervisor API",
+                f"Connection: {'close' if close else 'keep-alive'}"]
+        data = b""
+        if status != 204:
+            data = json.dumps(payload).encode() if payload is not None else b""
+            head += ["Content-Type: application/json", f"Content-Length: {len(data)}"]
+        msg = ("\r\n".join(head) + "\r\n\r\n").encode() + data
+        try:
+            conn.sock.sendall(msg)
+            return True
+        except OSError:
+            return False
+
+    # ---- request dispatch ---------------------------------------------------
+
+    def _dispatch(self, method, path, headers, body):
+        prefix = "/api/v1/"
+        name = path[len(prefix):] if path.startswith(prefix) else None
+        if name not in GET_ROUTES and name not in PUT_ROUTES:
+            raise ApiError(404, "Not Found")
+        if method == "GET" and name in GET_ROUTES:
+            pass
+        elif method == "PUT" and name in PUT_ROUTES:
+            pass
+        else:
+            raise ApiError(400, "Bad Request", f"{method} is not allowed on {path}")
+        if body:
+            if name in BODYLESS_ACTIONS:
+                raise ApiError(400, "Bad Request", f"{name} takes no request body")
+            ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                raise ApiError(400, "Bad Request", "a request body needs Content-Type: application/json")
+        handler = getattr(self, "api_" + name.replace(".", "_").replace("-", "_"), None)
+        if handler is None:
+            raise vm_error(500, f"{name} failed", f"{name} is not supported by the CBox stand-in")
+        result = handler(body) if name in BODY_ACTIONS else handler()
+        if isinstance(result, tuple):
+            return result
+        if result is None:
+            return 204, None, None
+        return 200, result, None
+
+    def api_vmm_ping(self):
+        return {"build_version": BUILD_VERSION, "version": VERSION, "pid": os.getpid(), "features": []}
+
+    def api_vm_info(self):
+        if self.config is None:
+            raise vm_error(404, "The VM info is not available", "VM is not created")
+        mem = (self.config.get("memory") or {}).get("size", DEFAULT_MEMORY)
+        return {"config": self.config, "state": self.state or "Created", "memory_actual_size": mem}
+
+    def api_vm_counters(self):
+        if self.state is None:
+            raise vm_error(500, "Error getting counters", "VM is not running")
+        return {}
+
+    def api_vm_create(self, body):
+        if not body:
+            raise ApiError(400, "Bad Request", "vm.create needs a VmConfig body")
+        try:
+            config = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise ApiError(400, "Failed to deserialize JSON", str(e)) from None
+        if not isinstance(config, dict):
+            raise ApiError(400, "Failed to deserialize JSON", "invalid type: expected struct VmConfig")
+        problems = []
+        if self.validator is not None:
+            problems = self.validator.validate(config, "VmConfig")
+        if not problems:
+            problems = extra_create_checks(config)
+        if problems:
+            raise ApiError(400, "Failed to deserialize JSON",
+                           f"VmConfig does not match {self.schema_path.name if self.schema_path else 'the schema'} "
+                           f"({len(problems)} problem{'s' if len(problems) > 1 else ''}; the CBox stand-in "
+                           "rejects unknown fields, Cloud Hypervisor ignores them)", *problems)
+        if self.config is not None:
+            raise vm_error(500, "The VM could not be created", "VM is already created")
+        self.config = config
+        self.state = None
+        self.log(f"VM created (serial: {(config.get('serial') or {}).get('mode', 'Null')})")
+        self._create_serial("The VM could not be created")
+        self.serial_fresh = True
+        return None
+
+    def _serial(self):
+        serial = (self.config or {}).get("serial") or {}
+        return serial.get("mode", "Null"), serial.get("file")
+
+    def _create_serial(self, action):
+        mode, path = self._serial()
+        if mode == "File":
+            if not path:
+                raise vm_error(500, action, "Error creating console devices",
+                               "serial mode File needs serial.file")
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+                os.close(fd)
+            except OSError as e:
+                raise vm_error(500, action, "Error creating console devices",
+                               f"Error creating serial file {path}", rust_io(e)) from None
+
+    def _open_console(self):
+        mode, path = self._serial()
+        if mode == "File":
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        if mode == "Tty":
+            return os.dup(1)
+        if mode in ("Pty", "Socket"):
+            self.log(f"serial mode {mode} is not supported by the stand-in: output discarded", logging.WARNING)
+        return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+
+    def api_vm_boot(self):
+        if self.config is None:
+            raise vm_error(404, "The VM could not boot", "VM is not created")
+        if self.state is not None:
+            raise vm_error(500, "The VM could not boot", "VM is already created")
+        self._boot("The VM could not boot")
+        return None
+
+    def _boot(self, action):
+        config = self.config
+        problems = semantic_errors(config)
+        if problems:
+            raise vm_error(500, action, "Invalid configuration", *problems)
+        payload = config.get("payload") or {}
+        for key, what in (("firmware", "firmware"), ("kernel", "kernel"), ("initramfs", "initramfs")):
+            p = payload.get(key)
+            if p:
+                try:
+                    with open(p, "rb"):
+                        pass
+                except OSError as e:
+                    raise vm_error(500, action, f"Cannot open {what} file", f"{p}: {rust_io(e)}") from None
+        nets = config.get("net") or []
+        if len(nets) > 1:
+            raise vm_error(500, action, "Error from device manager",
+                           "the CBox stand-in supports a single net device")
+        if nets and nets[0].get("vhost_user"):
+            raise vm_error(500, action, "Error from device manager", "vhost-user net is not supported by the stand-in")
+        for i, disk in enumerate(config.get("disks") or []):
+            p = disk.get("path")
+            if disk.get("vhost_user"):
+                raise vm_error(500, action, "Error from device manager", "vhost-user disks are not supported by the stand-in")
+            if not p:
+                raise vm_error(500, action, "Error from device manager", f"disks[{i}]: path is required")
+            try:
+                flags = os.O_RDONLY if disk.get("readonly") else os.O_RDWR
+                os.close(os.open(p, flags | os.O_CLOEXEC))
+            except OSError as e:
+                raise vm_error(500, action, "Error from device manager", "Cannot create virtio-blk device",
+                               f"Failed to open disk image {p}", rust_io(e)) from None
+        # console: a fresh file unless vm.create just made it
+        if not self.serial_fresh:
+            self._create_serial(action)
+        self.serial_fresh = False
+        vsock = config.get("vsock")
+        vsock_sock = None
+        if vsock:
+            vpath = vsock["socket"]
+            vsock_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                vsock_sock.bind(vpath)   # never unlinks first: a stale file fails, like CHV
+                vsock_sock.listen(128)
+            except OSError as e:
+                vsock_sock.close()
+                raise vm_error(500, action, "Error from device manager", "Cannot create virtio-vsock device",
+                               f"Error binding vsock socket {vpath}", rust_io(e)) from None
+            self.vsock_sock, self.vsock_path = vsock_sock, vpath
+        try:
+            self.console_fd = self._open_console()
+        except OSError as e:
+            self._release_boot_resources()
+            raise vm_error(500, action, "Error creating console devices", rust_io(e)) from None
+        cmdline = payload.get("cmdline", "")
+        env = {"PATH": GUEST_PATH, "HOME": "/", "TERM": "linux", "LANG": "C.UTF-8",
+               "PYTHONUNBUFFERED": "1", "CBOX_CMDLINE": cmdline}
+        if vsock:
+            port = cmdline_value(cmdline, "cbox.callback_port") or "4032"
+            env["CBOX_CALLBACK_SOCKET"] = f"{vsock['socket']}_{port}"
+        for name in (os.environ.get("CBOX_STANDIN_PASS_ENV") or "").split(","):
+            name = name.strip()
+            if name and name in os.environ:
+                env[name] = os.environ[name]
+        try:
+            engine = self.engine_cls(copy.deepcopy(config), self.log)
+            engine.vsock_listener = vsock_sock
+            engine.console_fd = self.console_fd
+            engine.agent_argv = [os.environ.get("CBOX_STANDIN_PYTHON") or sys.executable, default_agent()]
+            engine.guest_env = env
+            if isinstance(engine, ProcessEngine) and not os.path.exists(engine.agent_argv[-1]):
+                raise EngineError(f"guest agent {engine.agent_argv[-1]} not found (set CBOX_GUEST_AGENT)")
+            engine.start()
+        except Exception as e:
+            self._release_boot_resources()
+            causes = [str(a) for a in e.args] if isinstance(e, EngineError) and e.args else [str(e) or repr(e)]
+            self.log(f"boot failed: {' / '.join(causes)}", logging.ERROR)
+            raise vm_error(500, action, *causes) from None
+        self.engine = engine
+        self.state = "Running"
+        self._watch_engine(engine)
+        self.log(f"VM booted (engine {type(engine).__name__}, pid {getattr(engine, 'pid', None)})")
+
+    def _watch_engine(self, engine):
+        pid = getattr(engine, "pid", None)
+        if isinstance(pid, int) and pid > 0:
+            try:
+                fd = os.pidfd_open(pid)
+                self.sel.register(fd, selectors.EVENT_READ, ("engine", engine))
+                self.engine_watch = ("pidfd", fd)
+                return
+            except OSError:
+                pass
+        r, w = os.pipe()
+
+        def waiter():
+            try:
+                engine.wait_exit()
+            finally:
+                try:
+                    os.write(w, b"x")
+                except OSError:
+                    pass
+
+        self.sel.register(r, selectors.EVENT_READ, ("engine", engine))
+        self.engine_watch = ("pipe", (r, w))
+        threading.Thread(target=waiter, daemon=True, name="engine-wait").start()
+
+    def _unwatch_engine(self):
+        if self.engine_watch is None:
+            return
+        kind, obj = self.engine_watch
+        fds = [obj] if kind == "pidfd" else list(obj)
+        try:
+            self.sel.unregister(fds[0])
+        except (KeyError, ValueError):
+            pass
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.engine_watch = None
+
+    def _release_boot_resources(self):
+        if self.vsock_sock is not None:
+            self.vsock_sock.close()
+            self.vsock_sock = None
+            try:
+                os.unlink(self.vsock_path)
+            except OSError:
+                pass
+            self.vsock_path = None
+        if self.console_fd is not None:
+            os.close(self.console_fd)
+            self.console_fd = None
+
+    def _on_engine_exit(self, engine):
+        if engine is not self.engine:
+            return
+        self._unwatch_engine()
+        code = engine.wait_exit()
+        self.log(f"guest powered off (engine exit status {code}): the VMM exits")
+        self.engine = None
+        self.state = None
+        self._release_boot_resources()
+        self.exit_code = 0
+
+    def _shutdown_vm(self):
+        """Stop the guest if any; config kept. Returns whether something ran."""
+        if self.engine is None:
+            self._release_boot_resources()
+            return False
+        engine, self.engine = self.engine, None
+        self._unwatch_engine()
+        try:
+            engine.stop(self.stop_timeout)
+        finally:
+            self.state = None
+            self._release_boot_resources()
+        self.log("VM shut down")
+        return True
+
+    def api_vm_shutdown(self):
+        if self.state is None:
+            raise vm_error(500, "The VM could not shutdown", "VM is not running")
+        self._shutdown_vm()
+        return None
+
+    def api_vm_reboot(self):
+        if self.state is None:
+            raise vm_error(404, "The VM could not reboot", "VM is not created")
+        self._shutdown_vm()
+        self._boot("The VM could not reboot")
+        return None
+
+    def api_vm_delete(self):
+        if self.config is not None:
+            self._shutdown_vm()
+            self.config = None
+            self.serial_fresh = False
+            self.log("VM deleted")
+        return None
+
+    def api_vmm_shutdown(self):
+        self.api_vm_delete()
+
+        def finish():
+            self.exit_code = 0
+
+        return 204, None, finish
+
+    def api_vm_pause(self):
+        if self.state is None:
+            raise vm_error(500, "The VM could not be paused", "VM is not running")
+        if self.state == "Paused":
+            raise vm_error(500, "The VM could not be paused", "Cannot pause VM",
+                           "invalid VM state transition: Paused to Paused")
+        self.engine.pause()
+        self.state = "Paused"
+        self.log("VM paused")
+        return None
+
+    def api_vm_resume(self):
+        if self.state is None:
+            raise vm_error(500, "The VM could not resume", "VM is not running")
+        if self.state != "Paused":
+            raise vm_error(500, "The VM could not resume", "Cannot resume VM",
+                           "invalid VM state transition: Running to Running")
+        self.engine.resume()
+        self.state = "Running"
+        self.log("VM resumed")
+        return None
+
+    def api_vm_power_button(self):
+        if self.state is None:
+            raise vm_error(500, "Error triggering power button", "VM is not running")
+        pid = getattr(self.engine, "init_pid", None) or getattr(self.engine, "pid", None)
+        if pid:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except OSError:
+                pass
+        return None
+
+
+# ---------------------------------------------------------------------------
+# command line
+
+USAGE = """Usage: fake_chv.py --api-socket <path=PATH|PATH|fd=N> [--log-file PATH] [-v]...
+CBox's stand-in for cloud-hypervisor (v53 API subset). See the module docstring."""
+
+
+def parse_args(argv):
+    opts = {"api": None, "log_file": None, "verbose": 0}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, inline = arg.partition("=") if arg.startswith("--") else (arg, "", "")
+        if name in ("--api-socket", "--log-file"):
+            if eq:
+                value = inline
+            else:
+                i += 1
+                if i >= len(argv):
+                    raise ValueError(f"option {name} needs a value")
+                value = argv[i]
+            opts["api" if name == "--api-socket" else "log_file"] = value
+        elif re.fullmatch(r"-v+", arg):
+            opts["verbose"] += len(arg) - 1
+        elif arg in ("--version", "-V"):
+            opts["version"] = True
+        elif arg in ("--help", "-h"):
+            opts["help"] = True
+        else:
+            raise ValueError(f"unexpected argument {arg!r}")
+        i += 1
+    return opts
+
+
+def parse_api_socket(value):
+    """'path=/x', '/x', 'fd=3' (CHV splits on ',' and '=')."""
+    path = fd = None
+    if "=" not in value:
+        return value, None
+    for item in value.split(","):
+        key, _, val = item.partition("=")
+        if key == "path":
+            path = val
+        elif key == "fd":
+            fd = int(val)
+        else:
+            raise ValueError(f"unknown --api-socket option {key!r}")
+    if (path is None) == (fd is None):
+        raise ValueError("--api-socket needs exactly one of path= or fd=")
+    return path, fd
+
+
+class _Formatter(logging.Formatter):
+    def __init__(self):
+        super().__init__()
+        self.t0 = time.monotonic()
+
+    def format(self, record):
+        ms = (time.monotonic() - self.t0) * 1000
+        return f"cloud-hypervisor: {ms:.6f}ms: <fake_chv> {record.levelname}:fake_chv.py -- {record.getMessage()}"
+
+
+def setup_logging(log_file, verbose):
+    logger = logging.getLogger("fake_chv")
+    logger.propagate = False
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+    if log_file:
+        handler = logging.FileHandler(log_file)
+        level = logging.DEBUG if verbose >= 2 else logging.INFO
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    handler.setFormatter(_Formatter())
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    return logger
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        opts = parse_args(argv)
+        if opts.get("help"):
+            print(USAGE)
+            return 0
+        if opts.get("version"):
+            print(f"cloud-hypervisor {BUILD_VERSION}")
+            return 0
+        if not opts["api"]:
+            raise ValueError("--api-socket is required by the stand-in")
+        api_path, api_fd = parse_api_socket(opts["api"])
+    except ValueError as e:
+        print(f"Error parsing command line: {e}\n{USAGE}", file=sys.stderr)
+        return 1
+    logger = setup_logging(opts["log_file"], opts["verbose"])
+
+    schema_path = Path(os.environ.get("CBOX_CHV_SCHEMA") or DEFAULT_SCHEMA)
+    validator = None
+    try:
+        validator = SchemaValidator.load(schema_path)
+        logger.info(f"validating VmConfigs against {schema_path}")
+    except (OSError, ValueError) as e:
+        msg = (f"!!!!! WARNING: cannot load the Cloud Hypervisor schema {schema_path} ({e}): "
+               "VmConfig schema validation is DISABLED !!!!!")
+        logger.error(msg)
+        if opts["log_file"]:
+            print(f"fake_chv: {msg}", file=sys.stderr)
+    engine_name = os.environ.get("CBOX_STANDIN_ENGINE") or "process"
+    try:
+        engine_cls = load_engine_class(engine_name)
+    except Exception as e:
+        logger.error(f"cannot load engine {engine_name}: {e}")
+        print(f"fake_chv: cannot load engine {engine_name}: {e}", file=sys.stderr)
+        return 1
+    server = Standin(api_path, api_fd, logger, validator, schema_path if validator else None, engine_cls)
+    try:
+        return server.serve()
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            logger.error(e.code)
+            print(f"fake_chv: {e.code}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    # let an engine module `import fake_chv` and get this very module (same EngineError)
+    sys.modules.setdefault("fake_chv", sys.modules[__name__])
+    sys.exit(main())

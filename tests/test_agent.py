@@ -1,0 +1,725 @@
+"""Tests of guest_agent.py: exec server, callback client, supervisor, setup.
+
+The agent runs as a plain process (the stand-in mode of contract section 3)
+on 127.0.0.1 under `unshare --uts`, so its hostname change stays private;
+network configuration is tested inside a namespace from the `netns`
+fixture, and the PID 1 duties inside `unshare --pid --mount --net --uts`.
+Every process a test starts is killed at its end, even on failure.
+"""
+import http.client
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+AGENT = REPO / "guest_agent.py"
+PYTHON = sys.executable
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ppid_of(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def state_of(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def all_pids():
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def children_of(pid):
+    return [p for p in all_pids() if ppid_of(p) == pid]
+
+
+def descendants_of(pid):
+    found, todo = [], [pid]
+    while todo:
+        for child in children_of(todo.pop()):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def pids_running(marker):
+    """Live (non-zombie) processes whose command line contains marker."""
+    pids = []
+    for pid in all_pids():
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline and state_of(pid) not in (None, "Z"):
+            pids.append(pid)
+    return pids
+
+
+def kill_pids(pids):
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def wait_for(predicate, timeout=5.0, interval=0.02):
+    give_up = time.monotonic() + timeout
+    while time.monotonic() < give_up:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
+
+
+def marker():
+    """A unique sleep duration, so a test can find its own processes in /proc."""
+    return f"{int(time.time()) % 1000 + 100}.{uuid.uuid4().int % 10**6:06d}"
+
+
+def load_agent_module():
+    spec = importlib.util.spec_from_file_location("guest_agent_under_test", AGENT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class LogReader:
+    """Collects a process's stderr lines in a thread."""
+
+    def __init__(self, stream):
+        self.lines = []
+        self._cond = threading.Condition()
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream):
+        for raw in stream:
+            with self._cond:
+                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+                self._cond.notify_all()
+
+    def wait_for(self, text, count=1, timeout=10.0):
+        with self._cond:
+            ok = self._cond.wait_for(lambda: sum(text in line for line in self.lines) >= count, timeout)
+        assert ok, f"no {text!r} (x{count}) in agent log:\n" + "\n".join(self.lines)
+
+    def text(self):
+        with self._cond:
+            return "\n".join(self.lines)
+
+
+class Agent:
+    """guest_agent.py as a plain process on 127.0.0.1:<free port>."""
+
+    def __init__(self, callback_socket, cmdline="cbox.vm=t1"):
+        self.port = free_port()
+        self.callback_socket = str(callback_socket)
+        env = dict(os.environ, CBOX_CMDLINE=cmdline, CBOX_CALLBACK_SOCKET=str(callback_socket))
+        self.proc = subprocess.Popen(
+            ["unshare", "--uts", PYTHON, str(AGENT), "--port", str(self.port), "--listen", "127.0.0.1"],
+            env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        self.log = LogReader(self.proc.stderr)
+        self.log.wait_for("ready on 127.0.0.1")
+
+    def request(self, method, path, body=None, timeout=30):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+            conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            return response.status, json.loads(response.read())
+        finally:
+            conn.close()
+
+    def exec(self, **fields):
+        status, result = self.request("POST", "/exec", fields)
+        assert status == 200, result
+        return result
+
+    def server_pid(self):
+        return self.request("GET", "/health")[1]["pid"]
+
+    def stop(self):
+        """SIGTERM, then SIGKILL whatever is left of the agent's process tree."""
+        tree = descendants_of(self.proc.pid)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+        kill_pids([self.proc.pid] + tree)
+        self.proc.wait(5)
+        self.proc.stderr.close()
+
+
+class CallbackServer:
+    """The host end of the callback line protocol, on a Unix socket.
+
+    Methods: "echo" -> {"result": {"method", "params"}}, "fail" -> {"error":
+    "boom"}, "hang" -> no answer, "bad" -> not JSON, anything else -> result 42.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self.requests = []
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        self.sock.listen(16)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        with conn, conn.makefile("rb") as lines:
+            for line in lines:
+                request = json.loads(line)
+                self.requests.append(request)
+                method = request["method"]
+                if method == "hang":
+                    time.sleep(3)
+                    return
+                if method == "bad":
+                    conn.sendall(b"not json\n")
+                    continue
+                reply = {"echo": {"result": {"method": method, "params": request.get("params")}},
+                         "fail": {"error": "boom"}}.get(method, {"result": 42})
+                conn.sendall(json.dumps(reply).encode() + b"\n")
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def short_tmp():
+    """A short directory for Unix sockets (paths are limited to 107 bytes)."""
+    path = tempfile.mkdtemp(prefix="cbt")
+    yield Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def callback_server(short_tmp):
+    server = CallbackServer(str(short_tmp / "cb.sock"))
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def agent(callback_server):
+    """One agent shared by the HTTP and exec tests of this module."""
+    hostname = socket.gethostname()
+    a = Agent(callback_server.path)
+    try:
+        yield a
+    finally:
+        a.stop()
+        assert socket.gethostname() == hostname
+
+
+@pytest.fixture
+def fresh_agent(callback_server):
+    """An agent of its own, for tests that kill parts of it."""
+    a = Agent(callback_server.path)
+    try:
+        yield a
+    finally:
+        a.stop()
+
+
+def raw_exchange(port, data, responses=1, timeout=10):
+    """Send raw bytes, read `responses` HTTP responses; returns [(status line, headers, body)]."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        return read_responses(s, responses)
+
+
+def read_responses(s, count):
+    buf = b""
+    out = []
+    while len(out) < count:
+        while b"\r\n\r\n" not in buf:
+            chunk = s.recv(65536)
+            assert chunk, f"connection closed, got {buf!r}"
+            buf += chunk
+        head, buf = buf.split(b"\r\n\r\n", 1)
+        lines = head.decode().split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, v in (l.split(":", 1) for l in lines[1:])}
+        length = int(headers.get("content-length", 0))
+        while len(buf) < length:
+            chunk = s.recv(65536)
+            assert chunk
+            buf += chunk
+        body, buf = buf[:length], buf[length:]
+        out.append((lines[0], headers, body))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# exec server
+# ---------------------------------------------------------------------------
+
+def test_health(agent):
+    status, body = agent.request("GET", "/health")
+    assert status == 200
+    assert body["status"] == "ok" and body["vmName"] == "t1"
+    assert isinstance(body["uptimeS"], float) and body["uptimeS"] >= 0
+    assert isinstance(body["bootUptimeS"], float) and body["bootUptimeS"] > 0
+    assert body["pid"] in children_of(agent.proc.pid)
+    assert body["version"]
+    assert "agent_start=" in agent.log.text() and "uptime=" in agent.log.text()
+
+
+@pytest.mark.parametrize("cmd, code, error", [
+    ("true", 0, ""), ("false", 1, "exit status 1"), ("echo out; exit 3", 3, "exit status 3")])
+def test_exec_exit_codes(agent, cmd, code, error):
+    r = agent.exec(cmd=cmd)
+    assert (r["exitCode"], r["error"], r["signal"], r["timedOut"], r["running"]) == (code, error, None, False, False)
+    assert isinstance(r["durationMs"], float) and r["execId"]
+
+
+def test_exec_env(agent):
+    r = agent.exec(cmd='echo "$FOO|$HOME|$LANG|$CBOX_VM_NAME|$CBOX_CALLBACK_PORT|$CBOX_CALLBACK_SOCKET"',
+                   env={"FOO": "bar baz", "HOME": "/tmp"})
+    assert r["stdout"] == f"bar baz|/tmp|C.UTF-8|t1|4032|{agent.callback_socket}\n"
+    path = agent.exec(cmd='echo "$PATH|$PYTHONPATH"')["stdout"].strip().split("|")
+    assert path[0].split(":")[0] == path[1] and os.access(os.path.join(path[1], "cbox_callback"), os.X_OK)
+
+
+def test_exec_cwd(agent, tmp_path):
+    assert agent.exec(cmd="pwd", cwd=str(tmp_path))["stdout"] == f"{tmp_path}\n"
+    status, body = agent.request("POST", "/exec", {"cmd": "pwd", "cwd": str(tmp_path / "missing")})
+    assert status == 400 and body["error"] == f"cwd {tmp_path / 'missing'} does not exist"
+
+
+def test_exec_stdin(agent):
+    assert agent.exec(cmd="cat", stdin="hello\nworld")["stdout"] == "hello\nworld"
+    assert agent.exec(cmd="cat")["stdout"] == ""  # /dev/null, not a hang
+    big = "x" * (1 << 20)
+    assert agent.exec(cmd="wc -c", stdin=big)["stdout"].strip() == str(1 << 20)
+    r = agent.exec(cmd="head -c 1 >/dev/null; echo ok", stdin=big)  # stops reading: EPIPE is fine
+    assert r["stdout"] == "ok\n" and r["exitCode"] == 0
+
+
+def test_exec_timeout_kills_process_group(agent):
+    m1, m2 = marker(), marker()
+    try:
+        t0 = time.monotonic()
+        r = agent.exec(cmd=f"sleep {m1} & sleep {m2}", timeout=0.5)
+        took = time.monotonic() - t0
+        assert r["timedOut"] is True and r["error"] == "timed out after 0.5s"
+        assert r["exitCode"] is None and r["signal"] == 9
+        assert 0.4 < took < 2.0
+        assert wait_for(lambda: not pids_running(m1) and not pids_running(m2), 2.0)
+    finally:
+        kill_pids(pids_running(m1) + pids_running(m2))
+
+
+def test_escaping_grandchild_does_not_hang(agent):
+    m = marker()
+    try:
+        t0 = time.monotonic()
+        r = agent.exec(cmd=f"setsid sleep {m} & echo started")
+        assert time.monotonic() - t0 < 2.0
+        assert r["exitCode"] == 0 and r["stdout"] == "started\n"
+        assert pids_running(m), "the escaped grandchild should still run"
+    finally:
+        kill_pids(pids_running(m))
+
+
+def test_big_output_is_capped_and_fast(agent):
+    t0 = time.monotonic()
+    r = agent.exec(cmd="yes | head -c 20000000; echo tail >&2", maxOutput=1 << 20)
+    assert time.monotonic() - t0 < 5
+    assert r["truncated"] is True and r["exitCode"] == 0
+    assert len(r["stdout"]) == 1 << 20 and len(r["output"]) == 1 << 20
+    assert r["stderr"] == "tail\n"
+    t0 = time.monotonic()
+    r = agent.exec(cmd="yes | head -c 50000000")  # default cap: 4 MiB
+    assert time.monotonic() - t0 < 5
+    assert r["truncated"] is True and len(r["stdout"]) == 4 << 20 and r["exitCode"] == 0
+
+
+def test_output_cut_on_bytes_and_decoded_with_replacement(agent):
+    r = agent.exec(cmd=r"printf 'a\303\251b\377'", maxOutput=2)
+    assert r["stdout"] == "a\ufffd" and r["truncated"] is True
+    assert agent.exec(cmd=r"printf '\303\251'")["stdout"] == "\u00e9"
+
+
+def test_interleaved_output(agent):
+    r = agent.exec(cmd="echo a; sleep 0.05; echo b >&2; sleep 0.05; echo c")
+    assert (r["output"], r["stdout"], r["stderr"]) == ("a\nb\nc\n", "a\nc\n", "b\n")
+
+
+def test_death_by_signal(agent):
+    r = agent.exec(cmd="kill -9 $$")
+    assert (r["exitCode"], r["signal"], r["error"]) == (None, 9, "killed by signal 9 (SIGKILL)")
+
+
+def test_background_exec_get_and_delete(agent):
+    m = marker()
+    try:
+        status, r = agent.request("POST", "/exec", {"cmd": f"echo start; sleep {m}", "blocking": False})
+        assert status == 200 and r == {"execId": r["execId"], "output": "", "error": "", "running": True}
+        exec_id = r["execId"]
+        r = wait_for(lambda: (lambda s: s[1] if s[1]["output"] else None)(agent.request("GET", f"/exec/{exec_id}")))
+        assert r["running"] is True and r["output"] == "start\n" and r["exitCode"] is None
+        status, r = agent.request("DELETE", f"/exec/{exec_id}")
+        assert status == 200 and r["running"] is False
+        assert (r["exitCode"], r["signal"], r["error"]) == (None, 9, "killed by signal 9 (SIGKILL)")
+        assert wait_for(lambda: not pids_running(m), 2.0)
+        status, r = agent.request("GET", f"/exec/{exec_id}")
+        assert status == 200 and r["running"] is False and r["signal"] == 9
+    finally:
+        kill_pids(pids_running(m))
+    status, r = agent.request("POST", "/exec", {"cmd": "echo done; exit 4", "blocking": False})
+    exec_id = r["execId"]
+    r = wait_for(lambda: (lambda s: None if s[1]["running"] else s[1])(agent.request("GET", f"/exec/{exec_id}")))
+    assert (r["exitCode"], r["error"], r["output"]) == (4, "exit status 4", "done\n")
+    for method in ("GET", "DELETE"):
+        status, r = agent.request(method, "/exec/doesnotexist")
+        assert status == 404 and "doesnotexist" in r["error"]
+
+
+def test_concurrent_execs(agent):
+    results = {}
+
+    def run(i):
+        results[i] = agent.exec(cmd=f"sleep 0.5; echo {i}")
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert time.monotonic() - t0 < 3
+    assert {i: r["stdout"] for i, r in results.items()} == {i: f"{i}\n" for i in range(20)}
+
+
+@pytest.mark.parametrize("body, needle", [
+    (b"{not json", "malformed JSON"),
+    (b"", "malformed JSON"),
+    (b"[1]", "JSON object"),
+    ({"cmd": "true", "bogus": 1}, "bogus"),
+    ({"env": {}}, "cmd"),
+    ({"cmd": 5}, "cmd"),
+    ({"cmd": "true", "env": ["A=1"]}, "env"),
+    ({"cmd": "true", "env": {"A": 1}}, "env"),
+    ({"cmd": "true", "cwd": 3}, "cwd"),
+    ({"cmd": "true", "stdin": 3}, "stdin"),
+    ({"cmd": "true", "timeout": "5"}, "timeout"),
+    ({"cmd": "true", "timeout": -1}, "timeout"),
+    ({"cmd": "true", "maxOutput": -1}, "maxOutput"),
+    ({"cmd": "true", "maxOutput": 1.5}, "maxOutput"),
+    ({"cmd": "true", "blocking": "yes"}, "blocking"),
+])
+def test_bad_exec_requests(agent, body, needle):
+    status, r = agent.request("POST", "/exec", body)
+    assert status == 400 and needle in r["error"], r
+
+
+def test_routes(agent):
+    assert agent.request("GET", "/nope")[0] == 404
+    assert agent.request("GET", "/exec/a/b")[0] == 404
+    status, r = agent.request("GET", "/exec")
+    assert status == 405 and "error" in r
+    assert agent.request("POST", "/health", {})[0] == 405
+    assert agent.request("PUT", "/exec/x", {})[0] == 405
+    [(line, headers, _)] = raw_exchange(agent.port, b"PATCH /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert line.startswith("HTTP/1.1 405") and headers["allow"] == "GET"
+
+
+def test_keep_alive_and_pipelining(agent):
+    with socket.create_connection(("127.0.0.1", agent.port), timeout=10) as s:
+        for _ in range(3):
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            [(line, headers, body)] = read_responses(s, 1)
+            assert line == "HTTP/1.1 200 OK" and json.loads(body)["status"] == "ok"
+            assert headers["content-type"] == "application/json"
+        body = b'{"cmd": "echo piped"}'
+        request = b"POST /exec HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        s.sendall(request + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        (l1, _, b1), (l2, _, b2) = read_responses(s, 2)
+        assert json.loads(b1)["stdout"] == "piped\n" and json.loads(b2)["status"] == "ok"
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        [(_, headers, _)] = read_responses(s, 1)
+        assert headers["connection"] == "close"
+        assert s.recv(10) == b""
+
+
+def test_expect_100_continue_and_limits(agent):
+    body = json.dumps({"cmd": "echo continued"}).encode()
+    with socket.create_connection(("127.0.0.1", agent.port), timeout=10) as s:
+        s.sendall(b"POST /exec HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body))
+        assert s.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        s.sendall(body)
+        [(line, _, reply)] = read_responses(s, 1)
+        assert line == "HTTP/1.1 200 OK" and json.loads(reply)["stdout"] == "continued\n"
+    [(line, _, reply)] = raw_exchange(agent.port, b"POST /exec HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                                                  b"Content-Length: %d\r\n\r\n" % (17 << 20))
+    assert line.startswith("HTTP/1.1 413") and "error" in json.loads(reply)
+    chunked = b"POST /exec HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" \
+              b"5\r\n{\"cmd\r\n11\r\n\": \"echo chunks\"}\r\n0\r\n\r\n"
+    [(line, _, reply)] = raw_exchange(agent.port, chunked)
+    assert json.loads(reply)["stdout"] == "chunks\n"
+
+
+# ---------------------------------------------------------------------------
+# callbacks
+# ---------------------------------------------------------------------------
+
+def test_callback_cli_through_agent(agent, callback_server):
+    r = agent.exec(cmd="""cbox_callback echo '{"a": 1}'""")
+    assert r["exitCode"] == 0, r
+    assert json.loads(r["stdout"]) == {"method": "echo", "params": {"a": 1}}
+    assert {"method": "echo", "params": {"a": 1}} in callback_server.requests
+    r = agent.exec(cmd="cbox_callback fail")
+    assert (r["exitCode"], r["stdout"], r["stderr"]) == (1, "", "Error: boom\n")
+    r = agent.exec(cmd="cbox_callback m '{bad'")
+    assert r["exitCode"] == 2 and "not valid JSON" in r["stderr"]
+    assert agent.exec(cmd="cbox_callback")["exitCode"] == 2
+    r = agent.exec(cmd="echo '[1, 2]' | cbox_callback --timeout 5 echo -")
+    assert json.loads(r["stdout"])["params"] == [1, 2]
+
+
+def test_callback_python_through_agent(agent):
+    code = ("from cbox_callback import callback, CallbackError\n"
+            "print(callback('echo', {'a': 1}))\n"
+            "try:\n    callback('fail', timeout=5)\n"
+            "except CallbackError as e:\n    print('caught', e)\n")
+    r = agent.exec(cmd="python3 -", stdin=code)
+    assert r["exitCode"] == 0, r
+    assert r["stdout"] == "{'method': 'echo', 'params': {'a': 1}}\ncaught boom\n"
+
+
+def test_callback_without_server(agent, short_tmp):
+    t0 = time.monotonic()
+    r = agent.exec(cmd="cbox_callback --timeout 0.5 m", env={"CBOX_CALLBACK_SOCKET": str(short_tmp / "none")})
+    assert time.monotonic() - t0 < 3
+    assert r["exitCode"] == 1
+    assert r["stderr"].startswith("Error: cannot connect to the host callback unix socket")
+
+
+def test_callback_client_in_process(callback_server, monkeypatch):
+    ga = load_agent_module()
+    monkeypatch.setenv("CBOX_CALLBACK_SOCKET", callback_server.path)
+    assert ga.callback("echo", [1, "x"]) == {"method": "echo", "params": [1, "x"]}
+    assert ga.callback("other") == 42
+    with pytest.raises(ga.CallbackError, match="^boom$"):
+        ga.callback("fail")
+    with pytest.raises(ga.CallbackError, match="invalid reply"):
+        ga.callback("bad")
+    t0 = time.monotonic()
+    with pytest.raises(ga.CallbackError, match=r"^callback timed out after 0.3s$"):
+        ga.callback("hang", timeout=0.3)
+    assert time.monotonic() - t0 < 1.5
+    with pytest.raises(ga.CallbackError, match="JSON"):
+        ga.callback("echo", {1, 2})
+
+
+def test_import_has_no_side_effects(tmp_path):
+    code = ("import threading, guest_agent\n"
+            "assert threading.active_count() == 1\n"
+            "assert callable(guest_agent.callback) and issubclass(guest_agent.CallbackError, Exception)\n")
+    r = subprocess.run([PYTHON, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=20,
+                       env=dict(os.environ, PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1"))
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_callback_cli_usage_errors():
+    r = subprocess.run([PYTHON, str(AGENT), "callback"], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 2 and "usage" in r.stderr
+    r = subprocess.run([PYTHON, str(AGENT), "callback", "m", "{"], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 2 and "not valid JSON" in r.stderr
+
+
+# ---------------------------------------------------------------------------
+# supervisor
+# ---------------------------------------------------------------------------
+
+def test_supervisor_restarts_killed_server(fresh_agent):
+    old = fresh_agent.server_pid()
+    assert children_of(fresh_agent.proc.pid) == [old]
+    m = marker()
+    try:
+        fresh_agent.exec(cmd=f"setsid sleep {m} &")
+        assert pids_running(m)
+        os.kill(old, signal.SIGKILL)
+        fresh_agent.log.wait_for("restarting in")
+        fresh_agent.log.wait_for("ready on", count=2)
+        new = fresh_agent.server_pid()
+        assert new != old and fresh_agent.exec(cmd="echo again")["stdout"] == "again\n"
+        assert wait_for(lambda: not pids_running(m), 2.0), "leftovers of a dead server are killed"
+    finally:
+        kill_pids(pids_running(m))
+
+
+def test_supervisor_stops_on_sigterm(fresh_agent):
+    server = fresh_agent.server_pid()
+    m1, m2 = marker(), marker()
+    try:
+        fresh_agent.exec(cmd=f"setsid sleep {m1} &")
+        fresh_agent.request("POST", "/exec", {"cmd": f"sleep {m2}", "blocking": False})
+        assert wait_for(lambda: pids_running(m2))
+        fresh_agent.proc.send_signal(signal.SIGTERM)
+        assert fresh_agent.proc.wait(5) == 0
+        assert state_of(server) is None
+        assert wait_for(lambda: not pids_running(m1) and not pids_running(m2), 2.0)
+        fresh_agent.log.wait_for("stopped by SIGTERM")
+    finally:
+        kill_pids(pids_running(m1) + pids_running(m2))
+
+
+# ---------------------------------------------------------------------------
+# system setup: network namespace and PID 1
+# ---------------------------------------------------------------------------
+
+HOST_FILES = ("/etc/hostname", "/etc/resolv.conf", "/etc/hosts")
+
+
+def snapshot_host_files():
+    return {p: (Path(p).read_bytes(), os.stat(p).st_mtime_ns) for p in HOST_FILES if os.path.exists(p)}
+
+
+NS_CLIENT = """
+import http.client, json, sys
+c = http.client.HTTPConnection(sys.argv[1], int(sys.argv[2]), timeout=10)
+c.request(sys.argv[3], sys.argv[4], body=sys.argv[5] if len(sys.argv) > 5 else None)
+print(json.dumps(json.loads(c.getresponse().read())))
+"""
+
+
+def test_network_config_in_netns(netns, short_tmp):
+    if not shutil.which("unshare") or not shutil.which("nsenter"):
+        pytest.skip("util-linux unshare/nsenter missing")
+    netns.run("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "peer0")
+    netns.run("ip", "link", "set", "peer0", "up")
+    before, hostname = snapshot_host_files(), socket.gethostname()
+    env = dict(os.environ, CBOX_CALLBACK_SOCKET=str(short_tmp / "ns.sock"),
+               CBOX_CMDLINE="cbox.vm=x cbox.ip=10.200.7.2/24 cbox.gw=10.200.7.1 cbox.dns=10.200.7.1")
+    proc = netns.popen(["unshare", "--uts", PYTHON, str(AGENT)], env=env, stdin=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        log = LogReader(proc.stderr)
+        log.wait_for("ready on 0.0.0.0:4031 vm=x")
+        assert "10.200.7.2/24" in netns.run("ip", "-4", "-o", "addr", "show", "dev", "eth0").stdout
+        assert ",UP" in netns.run("ip", "-o", "link", "show", "eth0").stdout
+        assert "default via 10.200.7.1 dev eth0" in netns.run("ip", "route", "show", "default").stdout
+        uts = subprocess.run(["nsenter", "-t", str(proc.pid), "-u", "cat", "/proc/sys/kernel/hostname"],
+                             capture_output=True, text=True, timeout=10)
+        assert uts.stdout.strip() == "x"
+        r = json.loads(netns.run(PYTHON, "-c", NS_CLIENT, "10.200.7.2", "4031", "POST", "/exec",
+                                 '{"cmd": "cat /proc/sys/kernel/hostname; echo $CBOX_VM_NAME"}').stdout)
+        assert r["stdout"] == "x\nx\n"
+        assert snapshot_host_files() == before and socket.gethostname() == hostname
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            assert proc.wait(5) == 0
+        finally:
+            kill_pids([proc.pid] + descendants_of(proc.pid))
+            proc.wait(5)
+            proc.stderr.close()
+
+
+PID1_PRELUDE = """set -e
+mount --bind "$T/hostname" /etc/hostname
+mount --bind "$T/resolv.conf" /etc/resolv.conf
+mount -t tmpfs tmpfs /run
+ip link add eth0 type veth peer name peer0
+ip link set peer0 up
+exec "$PY" "$AGENT" --listen 127.0.0.1 --port 4031
+"""
+
+
+def test_pid1_mode_in_namespaces(tmp_path):
+    """As PID 1 (of a pid namespace): /etc files, hostname, network, reaping, poweroff."""
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("nsenter") \
+            or not shutil.which("ip"):
+        pytest.skip("needs root, unshare, nsenter and ip")
+    (tmp_path / "hostname").write_text("old\n")
+    (tmp_path / "resolv.conf").write_text("")
+    before = snapshot_host_files()
+    env = dict(os.environ, T=str(tmp_path), PY=PYTHON, AGENT=str(AGENT),
+               CBOX_CMDLINE="cbox.vm=pid1vm cbox.ip=10.200.9.2/24 cbox.gw=10.200.9.1 "
+                            "cbox.dns=10.200.9.1,10.200.9.3 cbox.callback_port=4099")
+    env.pop("CBOX_CALLBACK_SOCKET", None)
+    proc = subprocess.Popen(["unshare", "--mount", "--pid", "--fork", "--mount-proc", "--uts", "--net",
+                             "sh", "-c", PID1_PRELUDE], env=env, stdin=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    tree = []
+    try:
+        log = LogReader(proc.stderr)
+        log.wait_for("ready on 127.0.0.1:4031 vm=pid1vm")
+        assert "init mode" in log.text()
+        [init] = children_of(proc.pid)
+        tree = [init] + descendants_of(init)
+
+        def call(method, path, body=None):
+            args = ["nsenter", "-t", str(init), "-n", PYTHON, "-c", NS_CLIENT, "127.0.0.1", "4031", method, path]
+            out = subprocess.run(args + ([json.dumps(body)] if body else []), capture_output=True,
+                                 text=True, timeout=20, check=True).stdout
+            return json.loads(out)
+
+        r = call("POST", "/exec", {"cmd": "cat /etc/hostname /etc/resolv.conf /proc/sys/kernel/hostname; "
+                                          "echo $$ $PATH $CBOX_CALLBACK_PORT; ip -4 -o addr show eth0; "
+                                          "ip route show default"})
+        lines = r["stdout"].splitlines()
+        assert lines[:5] == ["pid1vm", "nameserver 10.200.9.1", "nameserver 10.200.9.3", "pid1vm",
+                             lines[4]]
+        assert lines[4].split()[1].startswith("/run/cbox:") and lines[4].split()[2] == "4099"
+        assert "10.200.9.2/24" in lines[5] and "default via 10.200.9.1" in lines[6]
+        assert (tmp_path / "hostname").read_text() == "pid1vm\n"
+        # an orphan (double fork) is reparented to PID 1 and reaped there
+        call("POST", "/exec", {"cmd": "sh -c 'sleep 0.2 &'"})
+        time.sleep(0.2)
+        assert wait_for(lambda: not [p for p in descendants_of(init) if state_of(p) == "Z"], 3.0)
+        tree = [init] + descendants_of(init)
+        os.kill(init, signal.SIGTERM)
+        proc.wait(10)
+        log.wait_for("powering off: stopped by SIGTERM")
+        assert snapshot_host_files() == before
+    finally:
+        kill_pids([proc.pid] + tree)
+        proc.wait(5)
+        proc.stderr.close()

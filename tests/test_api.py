@@ -1,0 +1,385 @@
+"""End-to-end tests of cbox.py's REST API with the stand-in hypervisor.
+
+Everything runs inside a network namespace created per test (contract section 5):
+cbox.py, its bridge and taps, the stand-in and the guest agents it starts.
+"""
+import json
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+
+# ---- a callback URL server inside the namespace --------------------------------
+
+class CallbackServer:
+    """Answers cbox's callback POSTs with whatever `reply(body)` returns: (status, bytes) or a delay."""
+
+    def __init__(self, ns, reply):
+        self.calls = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.calls.append(body)
+                status, data = reply(body)
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request, client_address):
+                pass      # cbox hanging up on a slow answer is expected
+
+        self.httpd = Server(("127.0.0.1", 0), Handler, bind_and_activate=False)
+        self.httpd.socket.close()
+        self.httpd.socket = ns.listen(("127.0.0.1", 0))
+        self.port = self.httpd.socket.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/cb"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def callback_server(netns):
+    servers = []
+
+    def make(reply):
+        server = CallbackServer(netns, reply)
+        servers.append(server)
+        return server
+
+    yield make
+    for s in servers:
+        s.close()
+
+
+def ok_json(obj, status=200):
+    return lambda body: (status, json.dumps(obj).encode())
+
+
+# ---- basics --------------------------------------------------------------------
+
+def test_health(cbox_server):
+    status, body = cbox_server.api.get("/v1/health")
+    assert status == 200
+    assert body["status"] == "healthy" and body["vms"] == 0 and body["version"]
+    assert body["timestamp"].endswith("Z")
+
+
+def test_vm_lifecycle_exec_and_cleanup(cbox_server):
+    api = cbox_server.api
+    vm = api.start_vm("alpha", vcpus=2, memoryMb=256)
+    assert vm["vmName"] == "alpha" and vm["status"] == "RUNNING"
+    assert vm["ip"] == "10.20.1.2/24" and vm["cid"] == 3 and vm["tapDeviceName"] == "cbt3"
+    assert vm["vcpus"] == 2 and vm["memoryMb"] == 256 and vm["callbackUrl"] is None
+    assert set(vm) == {"vmName", "status", "ip", "tapDeviceName", "callbackUrl", "cid", "vcpus",
+                       "memoryMb", "createdAt"}
+    assert api.get("/v1/vms/alpha") == (200, vm)
+    assert api.get("/v1/vms") == (200, {"vms": [vm]})
+    assert cbox_server.taps() == ["cbt3"]
+
+    r = api.exec("alpha", "echo hello; hostname; ip -4 -o addr show eth0")
+    assert r["exitCode"] == 0 and r["error"] == "" and r["timedOut"] is False
+    out = r["stdout"].splitlines()
+    assert out[0] == "hello" and out[1] == "alpha" and "10.20.1.2/24" in out[2]
+
+    status, logs = api.get("/v1/vms/alpha/logs")
+    assert status == 200 and "cbox-agent" in logs
+
+    assert api.delete("/v1/vms/alpha") == (200, {"success": True})
+    assert api.get("/v1/vms/alpha")[0] == 404
+    cbox_server.assert_clean()
+    log = cbox_server.log()
+    assert "start step vm=alpha step=vm.boot" in log and "VM destroyed vm=alpha" in log
+
+
+def test_exec_features(cbox_server):
+    api = cbox_server.api
+    api.start_vm("ex")
+    r = api.exec("ex", "exit 3")
+    assert r["exitCode"] == 3 and r["error"] == "exit status 3"
+    r = api.exec("ex", 'echo "$FOO" && pwd', env={"FOO": "bar baz"}, cwd="/tmp")
+    assert r["stdout"] == "bar baz\n/tmp\n"
+    r = api.exec("ex", "wc -c", stdin="x" * 100000)
+    assert r["stdout"].strip() == "100000"
+    r = api.exec("ex", "echo out; echo err >&2")
+    assert r["stdout"] == "out\n" and r["stderr"] == "err\n" and sorted(r["output"].splitlines()) == ["err", "out"]
+    t0 = time.monotonic()
+    r = api.exec("ex", "sleep 30", timeout=1)
+    assert time.monotonic() - t0 < 10
+    assert r["timedOut"] is True and r["exitCode"] is None and r["error"] == "timed out after 1s"
+    r = api.exec("ex", "head -c 20000000 /dev/zero | tr '\\0' a")
+    assert r["truncated"] is True and len(r["stdout"]) == 4 * 1024 * 1024
+    r = api.exec("ex", "cbox_callback ping")
+    assert r["exitCode"] == 1 and "has no callbackUrl" in r["stderr"]
+
+
+def test_background_exec(cbox_server):
+    api = cbox_server.api
+    api.start_vm("bg")
+    status, r = api.post("/v1/vms/bg/exec", {"cmd": "echo started; sleep 30", "blocking": False})
+    assert status == 200 and r["running"] is True and r["output"] == "" and r["error"] == ""
+    exec_id = r["execId"]
+    deadline = time.monotonic() + 10
+    while True:
+        status, r = api.get(f"/v1/vms/bg/exec/{exec_id}")
+        assert status == 200
+        if "started" in r["stdout"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert r["running"] is True and r["stdout"] == "started\n"
+    status, r = api.delete(f"/v1/vms/bg/exec/{exec_id}")
+    assert status == 200 and r["running"] is False and r["exitCode"] is None
+    status, r = api.post("/v1/vms/bg/exec", {"cmd": "exit 7", "blocking": False})
+    exec_id = r["execId"]
+    deadline = time.monotonic() + 10
+    while api.get(f"/v1/vms/bg/exec/{exec_id}")[1]["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert api.get(f"/v1/vms/bg/exec/{exec_id}")[1]["exitCode"] == 7
+    assert api.get("/v1/vms/bg/exec/nope")[0] == 404
+
+
+def test_concurrent_starts_and_execs(cbox_server):
+    api = cbox_server.api
+    names = [f"c{i}" for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        vms = list(pool.map(lambda n: api.start_vm(n), names))
+    assert sorted(vm["ip"] for vm in vms) == [f"10.20.1.{i}/24" for i in range(2, 6)]
+    assert len({vm["cid"] for vm in vms}) == 4
+    jobs = [(n, i) for n in names for i in range(6)]
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(lambda j: api.exec(j[0], f"sleep 0.2; echo {j[0]}-{j[1]}; hostname"), jobs))
+    for (name, i), r in zip(jobs, results):
+        assert r["stdout"] == f"{name}-{i}\n{name}\n"
+    # a slow exec does not hold up other requests
+    slow = ThreadPoolExecutor(1).submit(api.exec, "c0", "sleep 3")
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    assert api.get("/v1/health")[0] == 200 and api.exec("c1", "true")["exitCode"] == 0
+    assert time.monotonic() - t0 < 2
+    assert slow.result()["exitCode"] == 0
+    status, body = api.delete("/v1/vms")
+    assert status == 200 and sorted(body["destroyed"]) == names
+    cbox_server.assert_clean()
+
+
+# ---- callbacks -------------------------------------------------------------------
+
+def test_callbacks_results_and_errors(cbox_server, callback_server):
+    def reply(body):
+        p = body["params"]
+        kind = p.get("kind") if isinstance(p, dict) else None
+        if kind == "error":
+            return 200, json.dumps({"error": "nope"}).encode()
+        if kind == "plain":
+            return 200, b"just text"
+        if kind == "other":
+            return 200, json.dumps({"x": 1}).encode()
+        if kind == "500":
+            return 500, b"boom"
+        return 200, json.dumps({"result": {"echo": p, "vm": body["vmName"], "method": body["method"]}}).encode()
+
+    cb = callback_server(reply)
+    api = cbox_server.api
+    api.start_vm("cbvm", callbackUrl=cb.url)
+    r = api.exec("cbvm", """cbox_callback greet '{"a": 1}'""")
+    assert r["exitCode"] == 0, r
+    assert json.loads(r["stdout"]) == {"echo": {"a": 1}, "vm": "cbvm", "method": "greet"}
+    assert cb.calls[-1] == {"vmName": "cbvm", "method": "greet", "params": {"a": 1}}
+    r = api.exec("cbvm", """cbox_callback m '{"kind": "error"}'""")
+    assert r["exitCode"] == 1 and r["stderr"].strip() == "Error: nope"
+    r = api.exec("cbvm", """cbox_callback m '{"kind": "plain"}'""")
+    assert json.loads(r["stdout"]) == "just text"
+    r = api.exec("cbvm", """cbox_callback m '{"kind": "other"}'""")
+    assert json.loads(r["stdout"]) == {"x": 1}
+    r = api.exec("cbvm", """cbox_callback m '{"kind": "500"}'""")
+    assert r["exitCode"] == 1 and "HTTP 500" in r["stderr"]
+    script = ("from cbox_callback import callback, CallbackError\n"
+              "print(callback('py', [1, 2], timeout=10)['echo'])\n"
+              "try:\n    callback('m', {'kind': 'error'})\nexcept Exception as e:\n    print('raised', e)\n")
+    r = api.exec("cbvm", "python3 -", stdin=script)
+    assert r["stdout"] == "[1, 2]\nraised nope\n", r
+
+
+def test_callback_slow_and_dead_urls(cbox_factory, callback_server):
+    server = cbox_factory(callback_timeout_s=1).start()
+    api = server.api
+    slow = callback_server(lambda body: (time.sleep(3), (200, b'{"result": 1}'))[1])
+    api.start_vm("slowcb", callbackUrl=slow.url)
+    t0 = time.monotonic()
+    r = api.exec("slowcb", "cbox_callback m")
+    assert r["exitCode"] == 1 and "timed out" in r["stderr"] and time.monotonic() - t0 < 3
+    api.start_vm("deadcb", callbackUrl="http://127.0.0.1:9/nothing")
+    r = api.exec("deadcb", "cbox_callback m")
+    assert r["exitCode"] == 1 and "refused" in r["stderr"].lower()
+    api.delete("/v1/vms")
+
+
+# ---- bad input ---------------------------------------------------------------------
+
+def test_bad_requests(cbox_server):
+    api = cbox_server.api
+    cases = [
+        (("POST", "/v1/vms"), {"raw": b"{not json"}, 400, "malformed JSON"),
+        (("POST", "/v1/vms"), {"body": {"vmName": "a", "bogus": 1}}, 400, "unknown field(s): bogus"),
+        (("POST", "/v1/vms"), {"body": {"vmName": 5}}, 400, "invalid vmName"),
+        (("POST", "/v1/vms"), {"body": {"vmName": "../etc"}}, 400, "invalid vmName"),
+        (("POST", "/v1/vms"), {"body": {"vmName": "x" * 200}}, 400, "invalid vmName"),
+        (("POST", "/v1/vms"), {"body": {"vmName": "a", "vcpus": "1"}}, 400, "'vcpus' must be an integer"),
+        (("POST", "/v1/vms"), {"body": []}, 400, "JSON object"),
+        (("POST", "/v1/vms"), {"raw": b"x" * (9 * 1024 * 1024)}, 413, "larger than"),
+        (("GET", "/v1/vms/nope"), {}, 404, "not found"),
+        (("GET", "/v1/vms/a%2Fb"), {}, 400, "invalid vmName"),
+        (("POST", "/v1/vms/nope/exec"), {"body": {"cmd": "true"}}, 404, "not found"),
+        (("DELETE", "/v1/vms/nope"), {}, 404, "not found"),
+        (("GET", "/v1/nothing"), {}, 404, "no route"),
+        (("PUT", "/v1/vms"), {}, 405, "not allowed"),
+        (("POST", "/v1/health"), {}, 405, "not allowed"),
+    ]
+    for (method, path), kw, status, fragment in cases:
+        got_status, body = api.request(method, path, **kw)
+        assert (got_status, fragment in body.get("error", "")) == (status, True), (method, path, body)
+    api.start_vm("dup")
+    status, body = api.post("/v1/vms", {"vmName": "dup"})
+    assert status == 409 and "already exists" in body["error"]
+    status, body = api.post("/v1/vms/dup/exec", {"cmd": "true", "extra": 1})
+    assert status == 400 and "unknown field(s): extra" in body["error"]
+    status, body = api.post("/v1/vms/dup/exec", {"cmd": "true", "cwd": "/does/not/exist"})
+    assert status == 400, body
+    assert api.get("/v1/health")[0] == 200
+    assert "Traceback" not in cbox_server.log()
+
+
+def test_auth_token(cbox_factory):
+    server = cbox_factory(api_token="s3cret").start()
+    api = server.api
+    assert api.get("/v1/vms")[0] == 200
+    api.token = None
+    assert api.get("/v1/health")[0] == 200
+    status, body = api.get("/v1/vms")
+    assert status == 401 and "token" in body["error"]
+    api.token = "wrong"
+    assert api.post("/v1/vms", {"vmName": "x"})[0] == 401
+    api.token = "s3cret"
+    assert api.get("/v1/vms") == (200, {"vms": []})
+
+
+# ---- faults ---------------------------------------------------------------------
+
+def test_hypervisor_dies_under_running_vm(cbox_server):
+    api = cbox_server.api
+    api.start_vm("victim")
+    [pid] = cbox_server.vmm_pids()
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while api.get("/v1/vms/victim")[1]["status"] == "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert api.get("/v1/vms/victim")[1]["status"] == "FAILED"
+    status, body = api.post("/v1/vms/victim/exec", {"cmd": "true"})
+    assert status == 409 and "not running" in body["error"]
+    deadline = time.monotonic() + 10
+    while cbox_server.taps() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cbox_server.taps() == []
+    assert api.delete("/v1/vms/victim")[0] == 200
+    cbox_server.assert_clean()
+
+
+def test_guest_agent_server_dies_and_is_restarted(cbox_server):
+    api = cbox_server.api
+    api.start_vm("agentdies")
+    r = api.exec("agentdies", "echo $PPID")
+    server_pid = int(r["stdout"])
+    api.post("/v1/vms/agentdies/exec", {"cmd": f"kill -9 {server_pid}", "blocking": False})
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        status, r = api.post("/v1/vms/agentdies/exec", {"cmd": "echo $PPID"})
+        if status == 200 and int(r["stdout"]) != server_pid:
+            break
+        time.sleep(0.2)
+    assert status == 200 and int(r["stdout"]) != server_pid
+
+
+def test_failed_start_cleans_up_and_reports_console(cbox_factory, tmp_path):
+    server = cbox_factory(kernel=str(tmp_path / "missing-kernel")).start()
+    status, body = server.api.post("/v1/vms", {"vmName": "broken"})
+    assert status == 500 and "vm.boot" in body["error"] and "console" in body["error"]
+    assert server.api.get("/v1/vms") == (200, {"vms": []})
+    server.assert_clean()
+
+
+def test_kill9_restart_readopts_running_and_cleans_dead(cbox_factory, callback_server):
+    server = cbox_factory().start()
+    api = server.api
+    cb = callback_server(ok_json({"result": "pong"}))
+    api.start_vm("keep", callbackUrl=cb.url)
+    api.start_vm("dies")
+    pids_before = set(server.vmm_pids())
+    server.stop(signal.SIGKILL)
+    # while cbox.py is down, one hypervisor dies
+    dead_pid = max(pids_before)
+    os.kill(dead_pid, signal.SIGKILL)
+    server2 = cbox_factory()
+    server2.start()
+    api = server2.api
+    status, vms = api.get("/v1/vms")
+    names = {vm["vmName"]: vm for vm in vms["vms"]}
+    assert status == 200
+    assert "keep" in names and names["keep"]["status"] == "RUNNING"
+    assert "dies" not in names
+    r = api.exec("keep", "echo still here; cbox_callback ping")
+    assert r["stdout"] == 'still here\n"pong"\n', r
+    assert api.delete("/v1/vms/keep")[0] == 200
+    server2.assert_clean()
+
+
+def test_sigterm_leaves_vms_running_for_next_start(cbox_factory):
+    server = cbox_factory().start()
+    server.api.start_vm("survivor")
+    server.stop(signal.SIGTERM)
+    assert len(server.vmm_pids()) == 1
+    server2 = cbox_factory().start()
+    assert server2.api.exec("survivor", "echo ok")["stdout"] == "ok\n"
+    server2.api.delete("/v1/vms")
+    server2.assert_clean()
+
+
+def test_destroy_on_exit(cbox_factory):
+    server = cbox_factory(destroy_on_exit=True).start()
+    server.api.start_vm("gone")
+    server.stop(signal.SIGTERM)
+    server.assert_clean()
+
+
+def test_guest_cannot_reach_host_services_or_other_guests(cbox_factory):
+    # The API listens on all addresses here, so only the firewall keeps guests out.
+    server = cbox_factory(host="0.0.0.0", api_token="t").start()
+    api = server.api
+    api.start_vm("g1")
+    api.start_vm("g2")
+    probe = ("python3 -c \"import socket,sys; s=socket.socket(); s.settimeout(1.5)\n"
+             "try:\n s.connect((sys.argv[1], int(sys.argv[2]))); print('open')\n"
+             "except OSError as e: print('blocked', e)\" ")
+    r = api.exec("g1", probe + "10.20.1.1 7000")
+    assert r["stdout"].startswith("blocked timed out"), r
+    r = api.exec("g1", probe + "10.20.1.3 4031")
+    assert r["stdout"].startswith("blocked"), r
+    assert "WITHOUT api_token" not in server.log()
+    api.delete("/v1/vms")

@@ -1,0 +1,211 @@
+"""Unit tests of cbox.py's pure parts: config parser, allocators, request validation."""
+import ipaddress
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cbox  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---- config parser -------------------------------------------------------------
+
+def test_shipped_config_parses_with_loopback_host():
+    cfg = cbox.load_config(REPO / "config.yaml")
+    assert cfg.host == "127.0.0.1"
+    assert cfg.api_token == ""
+    assert cfg.bridge_subnet == "10.20.1.0/24"
+
+
+def test_parser_scalars_and_nesting():
+    tree, lines = cbox.parse_yaml_subset(
+        'a:\n  b: 1\n  c: "x # y"  # comment\n  d: true\n  e: 2.5\n  f: null\n  g: plain text\n  h: \'it\'\'s\'\nz: -3\n')
+    assert tree == {"a": {"b": 1, "c": "x # y", "d": True, "e": 2.5, "f": None, "g": "plain text", "h": "it's"},
+                    "z": -3}
+    assert lines["a.c"] == 3 and lines["z"] == 9
+
+
+@pytest.mark.parametrize("text,line,fragment", [
+    ("a:\n  - 1\n", 2, "lists are not supported"),
+    ("a: [1, 2]\n", 1, "unsupported YAML construct"),
+    ("a: {b: 1}\n", 1, "unsupported YAML construct"),
+    ("a: &x 1\n", 1, "unsupported YAML construct"),
+    ("a: |\n  text\n", 1, "unsupported YAML construct"),
+    ("a:\n\tb: 1\n", 2, "tabs"),
+    ("a: 1\na: 2\n", 2, "duplicate key"),
+    ("a:\n  b: 1\n c: 2\n", 3, "inconsistent indentation"),
+    ("just text\n", 1, "expected 'key: value'"),
+    ('a: "unterminated\n', 1, "double-quoted"),
+    ("---\na: 1\n", 1, "multiple YAML documents"),
+])
+def test_parser_rejects_unsupported_constructs_naming_the_line(text, line, fragment):
+    with pytest.raises(cbox.ConfigError) as e:
+        cbox.parse_yaml_subset(text, "c.yaml")
+    assert f"line {line}" in str(e.value) and fragment in str(e.value)
+
+
+def test_key_without_value_is_null():
+    assert cbox.parse_yaml_subset("a:\nb: 1\nc:\n")[0] == {"a": None, "b": 1, "c": None}
+
+
+def write_config(tmp_path, body):
+    path = tmp_path / "config.yaml"
+    path.write_text("hostservices:\n  restserver:\n" + "".join(f"    {line}\n" for line in body))
+    return path
+
+
+def test_unknown_key_is_an_error_naming_the_line(tmp_path):
+    path = write_config(tmp_path, ["port: 7000", "prot: 7001"])
+    with pytest.raises(cbox.ConfigError, match=r"line 4: unknown key 'prot'"):
+        cbox.load_config(path)
+
+
+def test_unknown_section_is_an_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("hostservices:\n  restserver:\n    port: 1\n  other:\n    x: 1\n")
+    with pytest.raises(cbox.ConfigError, match=r"line 4: unknown key 'hostservices.other'"):
+        cbox.load_config(path)
+
+
+def test_wrong_type_is_an_error(tmp_path):
+    with pytest.raises(cbox.ConfigError, match=r"'port' must be int"):
+        cbox.load_config(write_config(tmp_path, ['port: "7000"']))
+    with pytest.raises(cbox.ConfigError, match=r"'firewall' must be bool"):
+        cbox.load_config(write_config(tmp_path, ["firewall: 1"]))
+
+
+def test_defaults_and_relative_paths(tmp_path):
+    cfg = cbox.load_config(write_config(tmp_path, ["kernel: k/vmlinux"]))
+    assert cfg.port == 7000 and cfg.callback_timeout_s == 30.0
+    assert cfg.path(cfg.kernel) == str(tmp_path / "k" / "vmlinux")
+    assert cfg.path("/abs") == "/abs"
+
+
+def test_semantic_checks(tmp_path):
+    with pytest.raises(cbox.ConfigError, match="inside bridge_subnet"):
+        cbox.load_config(write_config(tmp_path, ['bridge_ip: "10.9.0.1/24"', 'bridge_subnet: "10.8.0.0/24"']))
+    with pytest.raises(cbox.ConfigError, match="too long"):
+        cbox.load_config(write_config(tmp_path, [f'run_dir: "/{"x" * 90}"']))
+    with pytest.raises(cbox.ConfigError, match="guest_mem_percentage"):
+        cbox.load_config(write_config(tmp_path, ["guest_mem_percentage: 0"]))
+
+
+# ---- allocators ------------------------------------------------------------------
+
+def test_ip_allocator_skips_bridge_and_reuses_freed():
+    a = cbox.Allocator("10.5.0.0/29", ipaddress.ip_address("10.5.0.1"))
+    ips = [str(a.take_ip()) for _ in range(5)]
+    assert ips == ["10.5.0.2", "10.5.0.3", "10.5.0.4", "10.5.0.5", "10.5.0.6"]
+    with pytest.raises(cbox.ApiError) as e:
+        a.take_ip()
+    assert e.value.status == 503
+    a.release("10.5.0.4", 99)
+    assert str(a.take_ip()) == "10.5.0.4"
+
+
+def test_cid_allocator_starts_at_3_and_reuses():
+    a = cbox.Allocator("10.5.0.0/24", ipaddress.ip_address("10.5.0.1"))
+    assert [a.take_cid() for _ in range(3)] == [3, 4, 5]
+    a.release("10.5.0.9", 4)
+    assert a.take_cid() == 4
+
+
+def test_claim_rejects_duplicates_and_foreign_ips():
+    a = cbox.Allocator("10.5.0.0/24", ipaddress.ip_address("10.5.0.1"))
+    a.claim("10.5.0.7", 9)
+    with pytest.raises(ValueError):
+        a.claim("10.5.0.7", 10)
+    with pytest.raises(ValueError):
+        a.claim("10.6.0.7", 11)
+
+
+def test_full_slash24_gives_253_guests():
+    a = cbox.Allocator("10.5.0.0/24", ipaddress.ip_address("10.5.0.1"))
+    assert len({a.take_ip() for _ in range(253)}) == 253
+
+
+def test_tap_name_and_mac():
+    assert len(cbox.tap_name(4294967294)) <= 15
+    assert cbox.mac_for("10.20.1.2") == "02:cb:0a:14:01:02"
+
+
+# ---- request validation --------------------------------------------------------
+
+@pytest.fixture
+def cfg(tmp_path):
+    return cbox.load_config(write_config(tmp_path, []))
+
+
+@pytest.mark.parametrize("name", ["a", "A1", "vm-1.x_y", "9" * 63])
+def test_good_names(name):
+    assert cbox.check_vm_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "-a", ".a", "_a", "a/b", "..", "../x", "a b", "a\0b", "x" * 64, "é", 5, None])
+def test_bad_names(name):
+    with pytest.raises(cbox.ApiError) as e:
+        cbox.check_vm_name(name)
+    assert e.value.status == 400
+
+
+def test_start_request(cfg):
+    spec = cbox.validate_start_request({"vmName": "a", "callbackUrl": "http://127.0.0.1:9/cb"}, cfg)
+    assert spec == {"name": "a", "callback_url": "http://127.0.0.1:9/cb", "vcpus": 1, "memory_mb": 512}
+
+
+@pytest.mark.parametrize("body,fragment", [
+    ({}, "missing required field(s): vmName"),
+    ({"vmName": "a", "extra": 1, "zz": 2}, "unknown field(s): extra, zz"),
+    ({"vmName": "a", "vcpus": "2"}, "'vcpus' must be an integer"),
+    ({"vmName": "a", "vcpus": True}, "'vcpus' must be an integer"),
+    ({"vmName": "a", "vcpus": 0}, "vcpus must be"),
+    ({"vmName": "a", "memoryMb": 10**9}, "memoryMb must be"),
+    ({"vmName": "a", "callbackUrl": "ftp://x"}, "callbackUrl"),
+    ({"vmName": "a", "callbackUrl": 5}, "'callbackUrl' must be a string"),
+    ([1], "JSON object"),
+])
+def test_start_request_errors(cfg, body, fragment):
+    with pytest.raises(cbox.ApiError) as e:
+        cbox.validate_start_request(body, cfg)
+    assert e.value.status == 400 and fragment in str(e.value)
+
+
+def test_exec_request(cfg):
+    agent, blocking, timeout = cbox.validate_exec_request({"cmd": "ls", "env": {"A": "1"}, "timeout": 2.5}, cfg)
+    assert blocking is True and timeout == 2.5
+    assert agent["maxOutput"] == cfg.exec_output_limit_bytes and agent["env"] == {"A": "1"}
+    _, _, timeout = cbox.validate_exec_request({"cmd": "ls"}, cfg)
+    assert timeout == cfg.exec_timeout_s
+
+
+@pytest.mark.parametrize("body,fragment", [
+    ({}, "missing required field(s): cmd"),
+    ({"cmd": ""}, "non-empty"),
+    ({"cmd": 5}, "'cmd' must be a string"),
+    ({"cmd": "x", "blocking": "yes"}, "'blocking' must be a boolean"),
+    ({"cmd": "x", "timeout": 0}, "'timeout' must be"),
+    ({"cmd": "x", "timeout": "5"}, "'timeout' must be a number"),
+    ({"cmd": "x", "env": {"A": 1}}, "'env'"),
+    ({"cmd": "x", "env": []}, "'env' must be an object"),
+    ({"cmd": "x", "shell": "bash"}, "unknown field(s): shell"),
+])
+def test_exec_request_errors(cfg, body, fragment):
+    with pytest.raises(cbox.ApiError) as e:
+        cbox.validate_exec_request(body, cfg)
+    assert e.value.status == 400 and fragment in str(e.value)
+
+
+def test_parse_json_body():
+    assert cbox.parse_json_body(b'{"a":1}') == {"a": 1}
+    for bad in (b"", b"{", b"\xff"):
+        with pytest.raises(cbox.ApiError):
+            cbox.parse_json_body(bad)
+
+
+def test_hypervisor_error_text_formats():
+    assert cbox.CloudHypervisor.error_text(json.dumps(["outer", "root cause"]).encode()) == "outer: root cause"
+    assert cbox.CloudHypervisor.error_text(b"plain failure") == "plain failure"
