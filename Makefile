@@ -17,6 +17,9 @@ help:
 test:
 	$(PYTHON) -m pytest -q tests
 
+bench:
+	$(PYTHON) bench/bench.py
+
 # Real VMs: needs /dev/kvm and the cloud-hypervisor binary named by chv_bin.
 run: images
 	@test -e /dev/kvm || { echo "make run: /dev/kvm is missing: this host cannot run real VMs (try 'make demo')"; exit 1; }

@@ -20,6 +20,8 @@ is summarised in README.md.
 """
 import argparse
 import asyncio
+import contextlib
+import contextvars
 import hmac
 import ipaddress
 import json
@@ -975,20 +977,18 @@ def console_tail(path, lines=15):
 
 
 class StepClock:
-    """Logs the duration of each lifecycle step of one VM."""
+    """Logs the duration of each lifecycle step of one VM; `current` names the step under way."""
 
     def __init__(self, vm_name, action):
         self.vm_name, self.action = vm_name, action
-        self.t0 = self.last = time.monotonic()
-        self.step = "validate"
+        self.t0 = time.monotonic()
+        self.current = "validate"
 
-    def begin(self, step):
-        self.step = step
-        self.last = time.monotonic()
-
-    def done(self):
-        log(f"{self.action} step", vm=self.vm_name, step=self.step,
-            ms=f"{(time.monotonic() - self.last) * 1000:.1f}")
+    @contextlib.contextmanager
+    def step(self, name):
+        self.current, t0 = name, time.monotonic()
+        yield
+        log(f"{self.action} step", vm=self.vm_name, step=name, ms=f"{(time.monotonic() - t0) * 1000:.1f}")
 
     def total_ms(self):
         return (time.monotonic() - self.t0) * 1000
@@ -1047,8 +1047,8 @@ class VMManager:
                 await self._start_steps(vm, clock)
             except Exception as e:
                 paths = VmPaths(self.cfg, vm)
-                message = f"starting VM '{name}' failed at step {clock.step}: {e}; console: {console_tail(paths.serial)}"
-                log("start failed", vm=name, step=clock.step, error=repr(str(e)))
+                message = f"starting VM '{name}' failed at step {clock.current}: {e}; console: {console_tail(paths.serial)}"
+                log("start failed", vm=name, step=clock.current, error=repr(str(e)))
                 await self.teardown(vm, graceful=False)
                 raise ApiError(e.status if isinstance(e, ApiError) else 500, message)
         log("VM running", vm=name, ip=vm.ip, cid=cid, ms=f"{clock.total_ms():.1f}")
@@ -1056,43 +1056,34 @@ class VMManager:
 
     async def _start_steps(self, vm, clock):
         paths = VmPaths(self.cfg, vm)
-        clock.begin("record")
-        self.records_dir.mkdir(parents=True, exist_ok=True)
-        self.save(vm)                       # written first: a crash from here on is cleaned up at restart
-        clock.done()
-        clock.begin("files")
-        remove_tree(paths.vm_dir)         # only a crash can have left one without a record
-        paths.vm_dir.mkdir(parents=True)
-        clear_run_dir(paths.run_dir)
-        paths.run_dir.mkdir(parents=True)
-        clock.done()
-        clock.begin("disk")
-        await make_stateful_disk(paths.disk, self.cfg.stateful_size_in_mb)
-        clock.done()
-        clock.begin("tap")
-        await self.net.create_tap(vm.tapDeviceName)
-        clock.done()
-        clock.begin("spawn")
-        pid = spawn_vmm(self.cfg.chv_bin, paths)
-        vm.pid, vm.pidStart = pid, proc_start_time(pid)
-        vm.watch = ProcessWatch(pid, vm.pidStart, lambda w, vm=vm: self.on_vmm_exit(vm, w))
-        self.save(vm)
-        vm.chv = CloudHypervisor(str(paths.api_socket))
-        await self.wait_for_api(vm)
-        clock.done()
-        clock.begin("vm.create")
-        await vm.chv.create(self.vm_config(vm, paths))
-        clock.done()
-        clock.begin("callbacks")
-        await self.serve_callbacks(vm, paths)
-        clock.done()
-        clock.begin("vm.boot")
-        await vm.chv.boot()
-        clock.done()
-        clock.begin("agent")
-        vm.agent = HttpClient(host=vm.address, port=self.cfg.agent_port, pool_size=32)
-        await self.wait_for_agent(vm)
-        clock.done()
+        with clock.step("record"):
+            self.records_dir.mkdir(parents=True, exist_ok=True)
+            self.save(vm)                   # written first: a crash from here on is cleaned up at restart
+        with clock.step("files"):
+            remove_tree(paths.vm_dir)     # only a crash can have left one without a record
+            paths.vm_dir.mkdir(parents=True)
+            clear_run_dir(paths.run_dir)
+            paths.run_dir.mkdir(parents=True)
+        with clock.step("disk"):
+            await make_stateful_disk(paths.disk, self.cfg.stateful_size_in_mb)
+        with clock.step("tap"):
+            await self.net.create_tap(vm.tapDeviceName)
+        with clock.step("spawn"):
+            pid = spawn_vmm(self.cfg.chv_bin, paths)
+            vm.pid, vm.pidStart = pid, proc_start_time(pid)
+            vm.watch = ProcessWatch(pid, vm.pidStart, lambda w, vm=vm: self.on_vmm_exit(vm, w))
+            self.save(vm)
+            vm.chv = CloudHypervisor(str(paths.api_socket))
+            await self.wait_for_api(vm)
+        with clock.step("vm.create"):
+            await vm.chv.create(self.vm_config(vm, paths))
+        with clock.step("callbacks"):
+            await self.serve_callbacks(vm, paths)
+        with clock.step("vm.boot"):
+            await vm.chv.boot()
+        with clock.step("agent"):
+            vm.agent = HttpClient(host=vm.address, port=self.cfg.agent_port, pool_size=32)
+            await self.wait_for_agent(vm)
         vm.status, vm.phase = "RUNNING", "running"
         self.save(vm)
 
@@ -1184,30 +1175,37 @@ class VMManager:
             if client:
                 client.close()
 
-    async def teardown(self, vm, graceful):
+    async def teardown(self, vm, graceful, clock=None):
         """Undo everything a VM holds: process, listener, tap, files, record, IP and CID."""
+        clock = clock or StepClock(vm.vmName, "cleanup")
         paths = VmPaths(self.cfg, vm)
         if graceful and vm.status == "RUNNING" and vm.agent:
-            try:   # let the guest flush its stateful disk before the VM goes away
-                await vm.agent.request("POST", "/exec", {"cmd": "sync", "timeout": 5}, timeout=6.0)
-            except HttpError:
-                pass
-        if vm.watch and vm.watch.alive() and vm.chv:
-            for step in (vm.chv.shutdown, vm.chv.delete, vm.chv.shutdown_vmm):
-                try:
-                    await asyncio.wait_for(step(), self.cfg.shutdown_timeout_s)
-                except (HypervisorError, asyncio.TimeoutError):
+            with clock.step("sync"):
+                try:   # let the guest flush its stateful disk before the VM goes away
+                    await vm.agent.request("POST", "/exec", {"cmd": "sync", "timeout": 5}, timeout=6.0)
+                except HttpError:
                     pass
-            if not await vm.watch.wait(self.cfg.shutdown_timeout_s):
-                log("hypervisor did not exit; killing it", vm=vm.vmName, pid=vm.pid)
+        if vm.watch and vm.watch.alive() and vm.chv:
+            for name, call in (("vm.shutdown", vm.chv.shutdown), ("vm.delete", vm.chv.delete),
+                               ("vmm.shutdown", vm.chv.shutdown_vmm)):
+                with clock.step(name):
+                    try:
+                        await asyncio.wait_for(call(), self.cfg.shutdown_timeout_s)
+                    except (HypervisorError, asyncio.TimeoutError):
+                        pass
+            with clock.step("exit"):
+                if not await vm.watch.wait(self.cfg.shutdown_timeout_s):
+                    log("hypervisor did not exit; killing it", vm=vm.vmName, pid=vm.pid)
         if vm.watch:
             vm.watch.kill()
             await vm.watch.wait(5.0)
         self.close_clients(vm)
-        await self.net.remove_tap(vm.tapDeviceName)
-        clear_run_dir(paths.run_dir)
-        remove_tree(paths.vm_dir)
-        self.forget(vm)
+        with clock.step("tap"):
+            await self.net.remove_tap(vm.tapDeviceName)
+        with clock.step("files"):
+            clear_run_dir(paths.run_dir)
+            remove_tree(paths.vm_dir)
+            self.forget(vm)
         self.alloc.release(vm.address, vm.cid)
         if self.vms.get(vm.vmName) is vm:
             del self.vms[vm.vmName]
@@ -1221,7 +1219,7 @@ class VMManager:
             graceful = vm.phase == "running"
             vm.phase = "destroying"
             self.save(vm)
-            await self.teardown(vm, graceful)
+            await self.teardown(vm, graceful, clock)
         log("VM destroyed", vm=name, ms=f"{clock.total_ms():.1f}")
 
     async def destroy_all(self):
@@ -1458,6 +1456,9 @@ def spawn_vmm(chv_bin, paths):
 # 7. REST server
 # =============================================================================
 
+REQUEST_VM = contextvars.ContextVar("REQUEST_VM", default=None)   # VM named in a request body, for the log
+
+
 class Request:
     def __init__(self, method, path, query, headers, body, params):
         self.method, self.path, self.query, self.headers = method, path, query, headers
@@ -1547,7 +1548,11 @@ class RestServer:
         await writer.drain()
         if status == 413 and "100-continue" not in headers.get("expect", "").lower():
             await self.discard_body(reader, headers)
-        log("request", method=method, path=target.split("?")[0][:200], status=status,
+        path = target.split("?")[0]
+        vm_name = REQUEST_VM.get() or (path[len("/v1/vms/"):].split("/")[0] if path.startswith("/v1/vms/") else None)
+        REQUEST_VM.set(None)
+        log("request", method=method, path=repr(path[:200]) if not path.isprintable() else path[:200],
+            vm=vm_name[:64] if vm_name and vm_name.isprintable() else None, status=status,
             ms=f"{(time.monotonic() - t0) * 1000:.1f}")
         return keep_alive
 
@@ -1618,6 +1623,7 @@ class RestServer:
 
     async def start_vm(self, req):
         spec = validate_start_request(parse_json_body(req.body), self.cfg)
+        REQUEST_VM.set(spec["name"])
         vm = await self.vms.start(spec)
         return vm.api()
 

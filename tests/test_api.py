@@ -353,12 +353,19 @@ def test_kill9_restart_readopts_running_and_cleans_dead(cbox_factory, callback_s
 def test_sigterm_leaves_vms_running_for_next_start(cbox_factory):
     server = cbox_factory().start()
     server.api.start_vm("survivor")
+    rules = firewall_rules(server.ns)
+    assert "-A CBOX-INPUT -i cbox0 -m comment --comment cbox -j DROP" in rules
     server.stop(signal.SIGTERM)
     assert len(server.vmm_pids()) == 1
     server2 = cbox_factory().start()
     assert server2.api.exec("survivor", "echo ok")["stdout"] == "ok\n"
+    assert firewall_rules(server.ns) == rules        # restarts neither duplicate nor lose rules
     server2.api.delete("/v1/vms")
     server2.assert_clean()
+
+
+def firewall_rules(ns):
+    return ns.run("iptables", "-S").stdout + ns.run("iptables", "-t", "nat", "-S").stdout
 
 
 def test_destroy_on_exit(cbox_factory):
