@@ -1691,8 +1691,8 @@ async def serve(cfg):
     log("stopped")
 
 
-def client_call(args, method, path, body=None, timeout=None):
-    """One REST call from the CLI; returns the parsed JSON or exits with the error."""
+def client_call(args, method, path, body=None, timeout=None, text=False):
+    """One REST call from the CLI; returns the parsed JSON (or text) or exits with the error."""
     import urllib.request
     import urllib.error
     url = args.server.rstrip("/") + path
@@ -1705,7 +1705,8 @@ def client_call(args, method, path, body=None, timeout=None):
         req.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return json.loads(resp.read() or b"null")
+            payload = resp.read()
+            return payload.decode("utf-8", "replace") if text else json.loads(payload or b"null")
     except urllib.error.HTTPError as e:
         try:
             message = json.loads(e.read())["error"]
@@ -1714,6 +1715,10 @@ def client_call(args, method, path, body=None, timeout=None):
         sys.exit(f"cbox: {method} {path}: HTTP {e.code}: {message}")
     except urllib.error.URLError as e:
         sys.exit(f"cbox: cannot reach {args.server}: {e.reason} (is `cbox.py serve` running?)")
+
+
+def vm_path(name, suffix=""):
+    return "/v1/vms/" + urllib.parse.quote(name, safe="") + suffix
 
 
 def cli_vm(args):
@@ -1731,19 +1736,19 @@ def cli_vm(args):
             print(f"{vm['vmName']:24} {vm['status']:8} {vm['ip']:18} {vm['cid']:>5} {vm['vcpus']:>5} "
                   f"{vm['memoryMb']:>6}  {vm['createdAt']}")
     elif args.vm_cmd == "rm":
-        if args.name == ["--all"] or args.all:
+        if not args.name and not args.all:
+            sys.exit("cbox: vm rm needs VM names or --all")
+        if args.all:
             print("destroyed:", " ".join(client_call(args, "DELETE", "/v1/vms")["destroyed"]) or "(none)")
         for name in args.name:
-            client_call(args, "DELETE", "/v1/vms/" + urllib.parse.quote(name, safe=""))
+            client_call(args, "DELETE", vm_path(name))
             print(f"{name} destroyed")
     elif args.vm_cmd == "logs":
-        import urllib.request
-        with urllib.request.urlopen(args.server.rstrip("/") + f"/v1/vms/{urllib.parse.quote(args.name)}/logs") as r:
-            sys.stdout.write(r.read().decode("utf-8", "replace"))
+        sys.stdout.write(client_call(args, "GET", vm_path(args.name, "/logs"), text=True))
 
 
 def cli_exec(args):
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    command = args.command
     if not command:
         sys.exit("cbox: exec needs a command: cbox.py exec NAME -- CMD...")
     body = {"cmd": command[0] if len(command) == 1 else shlex.join(command)}
@@ -1755,7 +1760,7 @@ def cli_exec(args):
         body["env"] = dict(item.split("=", 1) for item in args.env)
     if not sys.stdin.isatty() and args.stdin:
         body["stdin"] = sys.stdin.read()
-    result = client_call(args, "POST", f"/v1/vms/{urllib.parse.quote(args.name, safe='')}/exec", body)
+    result = client_call(args, "POST", vm_path(args.name, "/exec"), body)
     sys.stdout.write(result.get("stdout", ""))
     sys.stderr.write(result.get("stderr", ""))
     if result.get("truncated"):
@@ -1794,8 +1799,15 @@ def main(argv=None):
     p.add_argument("--cwd")
     p.add_argument("--env", action="append", metavar="K=V")
     p.add_argument("--stdin", action="store_true", help="send this program's stdin to the command")
-    p.add_argument("command", nargs=argparse.REMAINDER)
+    p.add_argument("command", nargs="*", help="the command; put it after -- when it has options")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    tail = None
+    if "exec" in argv and "--" in argv[argv.index("exec"):]:
+        cut = argv.index("--", argv.index("exec"))
+        argv, tail = argv[:cut], argv[cut + 1:]
     args = parser.parse_args(argv)
+    if tail is not None:
+        args.command = args.command + tail
     if args.cmd in ("serve", "check-config"):
         try:
             cfg = load_config(args.config)

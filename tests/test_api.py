@@ -390,3 +390,22 @@ def test_guest_cannot_reach_host_services_or_other_guests(cbox_factory):
     assert r["stdout"].startswith("blocked"), r
     assert "WITHOUT api_token" not in server.log()
     api.delete("/v1/vms")
+
+
+def test_cli_client(cbox_server):
+    import sys
+    from conftest import REPO
+    cli = [sys.executable, str(REPO / "cbox.py"), "--server", "http://127.0.0.1:7000"]
+    ns = cbox_server.ns
+    r = ns.run(*cli, "vm", "start", "clivm", "--vcpus", "1")
+    assert r.stdout.startswith("clivm RUNNING ip=10.20.1.2/24")
+    r = ns.run(*cli, "exec", "clivm", "--", "sh", "-c", "echo hi; echo oops >&2; exit 5", check=False)
+    assert (r.returncode, r.stdout, r.stderr) == (5, "hi\n", "oops\n")
+    r = ns.run(*cli, "exec", "clivm", "--timeout", "0.5", "--", "sleep 5", check=False)
+    assert r.returncode == 124 and "timed out after 0.5s" in r.stderr
+    assert "clivm" in ns.run(*cli, "vm", "ls").stdout
+    assert "cbox-agent" in ns.run(*cli, "vm", "logs", "clivm").stdout
+    r = ns.run(*cli, "exec", "nosuchvm", "--", "true", check=False)
+    assert r.returncode == 1 and "HTTP 404" in r.stderr
+    assert ns.run(*cli, "vm", "rm", "clivm").stdout == "clivm destroyed\n"
+    cbox_server.assert_clean()
