@@ -1,0 +1,597 @@
+"""Tests of the stand-in hypervisor tests/fake_chv.py (CHV v53 API subset).
+
+Every stand-in runs inside the per-test network namespace (conftest `netns`),
+with its bridge and persistent tap there too; guest traffic stays inside
+namespaces this test run creates.
+"""
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+import fake_chv
+
+STANDIN = Path(__file__).resolve().parent / "fake_chv.py"
+REPO = Path(__file__).resolve().parents[1]
+GUEST_IP = "10.77.0.2"
+TAP = "cbtap0"
+MAC = "52:54:00:ab:cd:ef"
+
+TEST_AGENT = r'''
+import json, os, socket, subprocess, sys
+kv = dict(w.split("=", 1) for w in os.environ.get("CBOX_CMDLINE", "").split() if "=" in w)
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+if "cbox.ip" in kv:
+    subprocess.run(["ip", "addr", "add", kv["cbox.ip"], "dev", "eth0"], check=True)
+    subprocess.run(["ip", "link", "set", "eth0", "up"], check=True)
+socket.sethostname(kv.get("cbox.vm", "guest"))
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", 4031))
+srv.listen(16)
+print("test-agent: ready", flush=True)
+while True:
+    c, _ = srv.accept()
+    with c:
+        line = c.makefile("rb").readline().decode().strip()
+        if line == "info":
+            link = subprocess.run(["ip", "-o", "link", "show", "eth0"], capture_output=True, text=True).stdout
+            c.sendall(json.dumps({"hostname": socket.gethostname(), "env": dict(os.environ),
+                                  "link": link}).encode() + b"\n")
+        elif line.startswith("exit"):
+            c.sendall(b"bye\n")
+            c.close()
+            sys.exit(int(line.split()[1]))
+'''
+
+
+# ---- helpers ---------------------------------------------------------------
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path, timeout=10.0):
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        s.connect(self.unix_path)
+        self.sock = s
+
+
+class StandIn:
+    """One fake_chv.py process inside the test namespace."""
+
+    def __init__(self, ns, workdir, name="vm", extra_env=None, args=None):
+        self.ns, self.dir, self.name = ns, Path(workdir), name
+        self.api_sock = str(self.dir / f"{name}.api")
+        self.vsock = str(self.dir / f"{name}.vsock")
+        self.serial = self.dir / f"{name}.serial"
+        self.log_file = self.dir / f"{name}.log"
+        self.out_file = self.dir / f"{name}.out"
+        env = dict(os.environ, CBOX_GUEST_AGENT=str(self.dir / "agent.py"))
+        env.update(extra_env or {})
+        args = args or ["--api-socket", f"path={self.api_sock}", "--log-file", str(self.log_file), "-v"]
+        self.out = open(self.out_file, "wb")
+        self.proc = ns.popen([sys.executable, str(STANDIN), *args], stdout=self.out,
+                             stderr=subprocess.STDOUT, env=env)
+        self._conn = None
+        deadline = time.monotonic() + 10
+        while True:                     # a stale socket file may exist: wait for an answer
+            assert self.proc.poll() is None, f"stand-in exited {self.proc.returncode}: {self.output()}"
+            assert time.monotonic() < deadline, "stand-in did not answer on its API socket"
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                    probe.connect(self.api_sock)
+                break
+            except OSError:
+                time.sleep(0.01)
+
+    def output(self):
+        text = self.out_file.read_text(errors="replace") if self.out_file.exists() else ""
+        if self.log_file.exists():
+            text += "\n--- log ---\n" + self.log_file.read_text(errors="replace")
+        return text
+
+    def request(self, method, endpoint, body=None, raw=None, headers=None, keep=False):
+        """(status, parsed JSON body or None); keep=True reuses one keep-alive connection."""
+        conn = self._conn if keep and self._conn else UnixHTTPConnection(self.api_sock)
+        hdrs = dict(headers or {})
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        if data is not None and body is not None:
+            hdrs.setdefault("Content-Type", "application/json")
+        try:
+            conn.request(method, f"/api/v1/{endpoint}", body=data, headers=hdrs)
+            resp = conn.getresponse()
+            payload = resp.read()
+        finally:
+            if keep:
+                self._conn = conn
+            else:
+                conn.close()
+        return resp.status, (json.loads(payload) if payload else None)
+
+    def put(self, endpoint, body=None, **kw):
+        return self.request("PUT", endpoint, body, **kw)
+
+    def get(self, endpoint, **kw):
+        return self.request("GET", endpoint, **kw)
+
+    def config(self, net=True, cmdline=None, **over):
+        cmd = cmdline or f"console=ttyS0 cbox.vm={self.name} cbox.ip={GUEST_IP}/24 cbox.gw=10.77.0.1"
+        cfg = {
+            "payload": {"kernel": str(self.dir / "vmlinux"), "initramfs": str(self.dir / "initrd"), "cmdline": cmd},
+            "cpus": {"boot_vcpus": 1, "max_vcpus": 1},
+            "memory": {"size": 256 << 20},
+            "disks": [{"path": str(self.dir / "rootfs.img"), "readonly": True, "num_queues": 1, "id": "disk0"}],
+            "vsock": {"cid": 3, "socket": self.vsock},
+            "serial": {"mode": "File", "file": str(self.serial)},
+            "console": {"mode": "Off"},
+            "rng": {"src": "/dev/urandom"},
+        }
+        if net:
+            cfg["net"] = [{"tap": TAP, "mac": MAC, "num_queues": 2, "id": "net0"}]
+        cfg.update(over)
+        return cfg
+
+    def state(self):
+        status, info = self.get("vm.info")
+        return info["state"] if status == 200 else status
+
+    def wait_exit(self, timeout=10):
+        return self.proc.wait(timeout)
+
+    def kill(self):
+        if self._conn:
+            self._conn.close()
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.out.close()
+
+
+@pytest.fixture
+def env(netns):
+    """Short work dir (socket paths <= 107 bytes), payload files, test agent; kills stand-ins."""
+    work = Path(tempfile.mkdtemp(prefix="cbs", dir="/tmp"))
+    for name in ("vmlinux", "initrd", "rootfs.img"):
+        (work / name).write_bytes(b"stand-in payload\n")
+    (work / "agent.py").write_text(TEST_AGENT)
+    made = []
+
+    class Env:
+        ns = netns
+        dir = work
+
+        @staticmethod
+        def standin(name="vm", **kw):
+            s = StandIn(netns, work, name, **kw)
+            made.append(s)
+            return s
+
+        @staticmethod
+        def bridge():
+            netns.run("ip", "link", "add", "br0", "type", "bridge")
+            netns.run("ip", "addr", "add", "10.77.0.1/24", "dev", "br0")
+            netns.run("ip", "link", "set", "br0", "up")
+            netns.run("ip", "tuntap", "add", "dev", TAP, "mode", "tap")
+            netns.run("ip", "link", "set", TAP, "master", "br0", "up")
+
+    try:
+        yield Env
+    finally:
+        for s in made:
+            try:
+                s.kill()
+            except Exception:
+                pass
+        wait_gone(lambda: agent_pids(work), 5)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def proc_state(pid):
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def running(pid):
+    """Exists and is not a zombie (orphaned zombies wait for this machine's init to reap them)."""
+    try:
+        return proc_state(pid) not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def agent_pids(workdir):
+    """Host pids of live processes running this test's agent script."""
+    needle = str(Path(workdir) / "agent.py").encode()
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if needle in Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0") and running(int(name)):
+                    pids.append(int(name))
+            except OSError:
+                pass
+    return pids
+
+
+def wait_gone(fn, timeout):
+    deadline = time.monotonic() + timeout
+    while fn() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return fn()
+
+
+def guest_info(ns, standin=None, timeout=10.0):
+    """Ask the test agent over the bridge + tap (retrying until the guest is up).
+
+    Waiting for the agent's ready line on the serial console first avoids
+    a SYN or ARP sent before eth0 is up, which costs a 1 s retransmission."""
+    deadline = time.monotonic() + timeout
+    while standin is not None and b"test-agent: ready" not in standin.serial.read_bytes():
+        assert time.monotonic() < deadline, standin.output()
+        time.sleep(0.01)
+    while True:
+        try:
+            sock = ns.connect((GUEST_IP, 4031), timeout=2)
+            with sock:
+                sock.sendall(b"info\n")
+                return json.loads(sock.makefile("rb").readline())
+        except (OSError, ValueError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def vsock_connect(path, port):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(path)
+    s.sendall(f"CONNECT {port}\n".encode())
+    return s
+
+
+def read_line(sock):
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+# ---- command line ------------------------------------------------------------
+
+def test_command_line():
+    r = subprocess.run([sys.executable, str(STANDIN), "--bogus"], capture_output=True, text=True, timeout=10)
+    assert r.returncode == 1 and "--bogus" in r.stderr
+    r = subprocess.run([sys.executable, str(STANDIN), "-v"], capture_output=True, text=True, timeout=10)
+    assert r.returncode == 1 and "--api-socket" in r.stderr
+    r = subprocess.run([str(STANDIN), "--version"], capture_output=True, text=True, timeout=10)
+    assert r.returncode == 0 and "v53" in r.stdout
+    assert fake_chv.parse_args(["--api-socket=path=/x", "-vv", "-v", "--log-file", "/l"]) == \
+        {"api": "path=/x", "log_file": "/l", "verbose": 3}
+    assert fake_chv.parse_api_socket("path=/x/api.sock") == ("/x/api.sock", None)
+    assert fake_chv.parse_api_socket("/x/api.sock") == ("/x/api.sock", None)
+    assert fake_chv.parse_api_socket("fd=3") == (None, 3)
+
+
+# ---- schema validation (unit) ------------------------------------------------
+
+def test_schema_validator(chv_schema):
+    v = fake_chv.SchemaValidator.load(chv_schema)
+    good = {
+        "payload": {"kernel": "/k", "initramfs": "/i", "cmdline": "x"},
+        "cpus": {"boot_vcpus": 2, "max_vcpus": 2},
+        "memory": {"size": 1 << 30},
+        "disks": [{"path": "/d", "readonly": False, "num_queues": 1, "id": "d0"}],
+        "net": [{"tap": "t0", "mac": MAC, "num_queues": 2, "id": "n0"}],
+        "vsock": {"cid": 3, "socket": "/v"},
+        "serial": {"mode": "File", "file": "/s"},
+        "console": {"mode": "Off"},
+        "rng": {"src": "/dev/urandom"},
+    }
+    assert v.validate(good) == []
+    bad = json.loads(json.dumps(good))
+    bad["cpus"]["bootvcpus"] = 1
+    bad["net"][0]["macc"] = MAC
+    bad["disks"][0]["readonly"] = 1            # integer is not boolean
+    bad["memory"]["size"] = True               # boolean is not integer
+    bad["serial"]["mode"] = "file"             # enum is case sensitive
+    bad["vsock"]["cid"] = 2                    # minimum 3
+    bad["net"][0]["pci_segment"] = 1 << 20     # int16
+    bad["vsock"]["socket"] = 5
+    bad["tpyo"] = {}
+    errors = v.validate(bad)
+    joined = "\n".join(errors)
+    for path in ("$.cpus.bootvcpus", "$.net[0].macc", "$.disks[0].readonly", "$.memory.size",
+                 "$.serial.mode", "$.vsock.cid", "$.net[0].pci_segment", "$.vsock.socket", "$.tpyo"):
+        assert path in joined, (path, errors)
+    assert len(errors) == 9, errors
+    missing = v.validate({"cpus": {"boot_vcpus": 1}, "memory": {"size": -4096}})
+    assert any(e.startswith("$.payload") for e in missing)
+    assert any(e.startswith("$.cpus.max_vcpus") for e in missing)
+    assert any(e.startswith("$.memory.size") for e in missing)
+    assert fake_chv.extra_create_checks({"net": [{"mac": "52:54:00:zz:00:01"}]})
+    sem = fake_chv.semantic_errors({"payload": {"kernel": "/k"}, "cpus": {"boot_vcpus": 1, "max_vcpus": 1},
+                                    "memory": {"size": 1000}, "net": [{"num_queues": 4}]})
+    assert any("memory.size" in e for e in sem) and any("num_queues" in e for e in sem)
+
+
+# ---- API statuses and error bodies ----------------------------------------------
+
+def test_api_errors_and_lifecycle_without_boot(env, chv_schema):
+    # a stale API socket from a killed run is replaced (v53 behaviour), bare --api-socket form
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(env.dir / "vm.api"))
+    stale.close()
+    s = env.standin(args=["--api-socket", str(env.dir / "vm.api"), "--log-file", str(env.dir / "vm.log")])
+    status, ping = s.get("vmm.ping", keep=True)
+    assert status == 200 and ping["version"] == "53.0" and ping["pid"] == s.proc.pid
+    assert set(ping) == {"build_version", "version", "pid", "features"}
+
+    assert s.get("vm.info", keep=True) == (404, ["Error from API", "The VM info is not available", "VM is not created"])
+    status, body = s.put("vm.boot", keep=True)
+    assert status == 404 and body[-1] == "VM is not created"
+    assert s.put("vm.shutdown", keep=True) == (500, ["Error from API", "The VM could not shutdown", "VM is not running"])
+    assert s.put("vm.pause", keep=True)[0] == 500
+    assert s.get("vm.nonsense", keep=True) == (404, ["Not Found"])
+    assert s.request("GET", "../vmm.ping")[0] == 404
+    assert s.get("vm.create", keep=True)[0] == 400          # wrong method
+    assert s.put("vmm.ping", keep=True)[0] == 400            # wrong method
+    assert s.request("DELETE", "vm.delete")[0] == 400
+    status, body = s.put("vm.create", raw=b'{"payload": ', headers={"Content-Type": "application/json"})
+    assert status == 400 and body[0] == "Failed to deserialize JSON" and isinstance(body[-1], str)
+    assert s.put("vm.create", raw=json.dumps(s.config()).encode())[0] == 400     # no Content-Type
+    assert s.put("vm.create", keep=True)[0] == 400                               # no body
+    assert s.put("vm.boot", body={}, keep=True) == (400, ["Bad Request", "vm.boot takes no request body"])
+
+    cfg = s.config()
+    cfg["cpus"]["boot_vcpu"] = 1
+    cfg["net"][0]["mtuu"] = 1500
+    status, body = s.put("vm.create", cfg, keep=True)
+    assert status == 400 and body[0] == "Failed to deserialize JSON"
+    assert any(e.startswith("$.cpus.boot_vcpu:") and "unknown field" in e for e in body), body
+    assert any(e.startswith("$.net[0].mtuu:") for e in body), body
+    assert all(isinstance(e, str) for e in body)
+    assert s.get("vm.info", keep=True)[0] == 404              # nothing stored
+
+    # create: serial file made, config stored
+    cfg = s.config(payload={"kernel": str(env.dir / "missing-vmlinux"), "cmdline": "x"})
+    assert s.put("vm.create", cfg, keep=True) == (204, None)
+    assert s.serial.exists() and s.serial.read_bytes() == b""
+    status, info = s.get("vm.info", keep=True)
+    assert status == 200 and info["state"] == "Created" and info["config"] == cfg
+    assert info["memory_actual_size"] == 256 << 20
+    assert s.put("vm.create", cfg, keep=True) == (500, ["Error from API", "The VM could not be created",
+                                                        "VM is already created"])
+    # boot fails on the missing kernel: 500, still Created
+    status, body = s.put("vm.boot", keep=True)
+    assert status == 500 and body[:2] == ["Error from API", "The VM could not boot"]
+    assert "missing-vmlinux" in " ".join(body) and "os error 2" in body[-1]
+    assert s.state() == "Created"
+    assert s.put("vm.delete", keep=True) == (204, None)
+    assert s.put("vm.delete", keep=True) == (204, None)      # nothing exists: still 204
+    assert s.get("vm.info", keep=True)[0] == 404
+
+    # CHV checks done at boot (v53): page-aligned memory
+    cfg = s.config(memory={"size": (256 << 20) + 1000})
+    assert s.put("vm.create", cfg)[0] == 204
+    status, body = s.put("vm.boot")
+    assert status == 500 and "page size" in body[-1]
+    assert s.put("vm.delete")[0] == 204
+
+    # the serial file cannot be created: 500, but CHV keeps the config (vm.delete first)
+    cfg = s.config(serial={"mode": "File", "file": str(env.dir / "no-such-dir" / "serial")})
+    status, body = s.put("vm.create", cfg)
+    assert status == 500 and body[:2] == ["Error from API", "The VM could not be created"]
+    assert s.state() == "Created"
+    assert s.put("vm.create", s.config())[0] == 500
+    assert s.put("vm.delete")[0] == 204
+
+    assert s.put("vmm.shutdown", keep=True) == (204, None)
+    assert s.wait_exit(5) == 0
+    assert not os.path.exists(s.api_sock)
+    log = s.log_file.read_text()
+    assert "PUT /api/v1/vm.create -> 400" in log and "GET /api/v1/vmm.ping -> 200" in log
+
+
+def test_stale_vsock_socket_fails_boot(env, chv_schema):
+    s = env.standin()
+    cfg = s.config(net=False, cmdline="cbox.vm=novnet")
+    assert s.put("vm.create", cfg)[0] == 204
+    Path(s.vsock).write_bytes(b"")          # stale leftover: CHV never unlinks before binding
+    status, body = s.put("vm.boot")
+    assert status == 500 and body[:2] == ["Error from API", "The VM could not boot"]
+    assert "Address already in use" in body[-1] and s.vsock in " ".join(body)
+    assert s.state() == "Created"
+    os.unlink(s.vsock)
+    assert s.put("vm.boot")[0] == 204
+    assert s.state() == "Running"
+    # a guest without net: the vsock proxy still reaches the agent on lo
+    deadline = time.monotonic() + 10
+    while True:
+        with vsock_connect(s.vsock, 4031) as v:
+            ok = read_line(v)
+            if ok.startswith(b"OK "):
+                v.sendall(b"info\n")
+                info = json.loads(read_line(v))
+                break
+        assert time.monotonic() < deadline, "vsock never reached the agent"
+        time.sleep(0.05)
+    assert info["hostname"] == "novnet"
+    assert s.put("vmm.shutdown")[0] == 204
+    assert s.wait_exit(5) == 0
+    assert not os.path.exists(s.vsock)
+    assert wait_gone(lambda: agent_pids(env.dir), 5) == []
+
+
+# ---- booting: network, namespaces, lifecycle -------------------------------------
+
+def test_boot_network_lifecycle(env, chv_schema):
+    env.bridge()
+    s = env.standin(name="guest1")
+    host_name = socket.gethostname()
+    cfg = s.config()
+    assert s.put("vm.create", cfg) == (204, None)
+    assert s.put("vm.boot") == (204, None)
+    assert s.state() == "Running"
+
+    info = guest_info(env.ns, s)
+    assert info["hostname"] == "guest1"                       # its own UTS namespace...
+    assert socket.gethostname() == host_name                  # ...not the host's
+    assert info["env"]["CBOX_CALLBACK_SOCKET"] == s.vsock + "_4032"
+    assert info["env"]["CBOX_CMDLINE"] == cfg["payload"]["cmdline"]
+    assert MAC in info["link"]
+    assert env.ns.pids() == [s.proc.pid]                      # the guest is in a netns of its own
+    serial = s.serial.read_text()
+    assert "cbox-standin" in serial and cfg["payload"]["cmdline"] in serial and "test-agent: ready" in serial
+
+    # hybrid vsock: CONNECT to the agent's port is proxied, another port reads EOF
+    with vsock_connect(s.vsock, 4031) as v:
+        assert read_line(v).startswith(b"OK ")
+        v.sendall(b"info\n")
+        assert json.loads(read_line(v))["hostname"] == "guest1"
+    with vsock_connect(s.vsock, 4999) as v:
+        assert v.recv(100) == b""
+
+    assert s.put("vm.boot") == (500, ["Error from API", "The VM could not boot", "VM is already created"])
+    assert s.put("vm.resume")[0] == 500
+
+    # pause / resume stop and continue the guest's processes
+    [agent] = agent_pids(env.dir)
+    assert s.put("vm.pause") == (204, None)
+    assert s.state() == "Paused" and proc_state(agent) == "T"
+    assert s.put("vm.resume") == (204, None)
+    assert s.state() == "Running" and proc_state(agent) != "T"
+
+    # a second VMM on the same tap: busy tap -> 500 at boot
+    s2 = env.standin(name="other")
+    assert s2.put("vm.create", s2.config())[0] == 204
+    status, body = s2.put("vm.boot")
+    assert status == 500 and body[:2] == ["Error from API", "The VM could not boot"]
+    assert "busy" in body[-1] and "os error 16" in body[-1]
+    assert not os.path.exists(s2.vsock)
+    assert s2.put("vmm.shutdown")[0] == 204 and s2.wait_exit(5) == 0
+
+    # shutdown keeps the config; the guest and its vsock socket are gone
+    assert s.put("vm.shutdown") == (204, None)
+    assert s.state() == "Created"
+    assert agent_pids(env.dir) == [] and not os.path.exists(s.vsock)
+    assert s.put("vm.shutdown")[0] == 500
+    assert s.put("vm.boot") == (204, None)                    # boot again works
+    info2 = guest_info(env.ns, s)
+    assert info2["hostname"] == "guest1"
+    assert agent_pids(env.dir) != [agent]
+    assert "test-agent: ready" in s.serial.read_text()
+
+    # the guest powers off by itself: the VMM process exits 0
+    with env.ns.connect((GUEST_IP, 4031), timeout=5) as c:
+        c.sendall(b"exit 0\n")
+        assert c.recv(10) == b"bye\n"
+    assert s.wait_exit(5) == 0
+    assert not os.path.exists(s.api_sock) and not os.path.exists(s.vsock)
+    assert wait_gone(lambda: agent_pids(env.dir), 5) == []
+    assert "Power down" in s.serial.read_text()
+    log = s.log_file.read_text()
+    assert "PUT /api/v1/vm.boot -> 204" in log and "powered off" in log
+
+
+def test_kill9_leaks_nothing(env, chv_schema):
+    env.bridge()
+    s = env.standin()
+    assert s.put("vm.create", s.config())[0] == 204
+    assert s.put("vm.boot")[0] == 204
+    guest_info(env.ns, s)
+    assert len(agent_pids(env.dir)) == 1
+    children = [int(p) for p in Path(f"/proc/{s.proc.pid}/task/{s.proc.pid}/children").read_text().split()]
+    assert children
+    os.kill(s.proc.pid, signal.SIGKILL)
+    s.proc.wait(5)
+    assert wait_gone(lambda: agent_pids(env.dir), 5) == []
+    assert wait_gone(lambda: [p for p in children if running(p)], 5) == []
+    assert env.ns.pids() == []
+    # like CHV after SIGKILL the socket files stay; the tap is free again for a new VMM
+    assert os.path.exists(s.api_sock) and os.path.exists(s.vsock)
+    os.unlink(s.vsock)
+    s2 = env.standin()                       # same API socket path: stale file replaced
+    assert s2.put("vm.create", s2.config())[0] == 204
+    assert s2.put("vm.boot")[0] == 204
+    assert guest_info(env.ns, s2)["hostname"] == "vm"
+
+
+def test_sigterm_stops_vm(env, chv_schema):
+    s = env.standin()
+    assert s.put("vm.create", s.config(net=False))[0] == 204
+    assert s.put("vm.boot")[0] == 204
+    deadline = time.monotonic() + 5
+    while not agent_pids(env.dir):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    s.proc.send_signal(signal.SIGTERM)
+    assert s.wait_exit(5) == 0
+    assert agent_pids(env.dir) == []
+    assert not os.path.exists(s.api_sock) and not os.path.exists(s.vsock)
+
+
+def test_without_schema_validation_is_skipped_loudly(env):
+    s = env.standin(extra_env={"CBOX_CHV_SCHEMA": str(env.dir / "absent.json")})
+    assert "DISABLED" in s.log_file.read_text() and "DISABLED" in s.out_file.read_text()
+    cfg = s.config()
+    cfg["not_a_field"] = 1
+    assert s.put("vm.create", cfg)[0] == 204
+    assert s.put("vmm.shutdown")[0] == 204 and s.wait_exit(5) == 0
+
+
+def test_with_the_real_guest_agent(env, chv_schema):
+    agent = REPO / "guest_agent.py"
+    if not agent.exists():
+        pytest.skip("guest_agent.py is not there yet")
+    env.bridge()
+    s = env.standin(extra_env={"CBOX_GUEST_AGENT": str(agent)})
+    cmdline = (f"console=ttyS0 cbox.vm=real1 cbox.ip={GUEST_IP}/24 cbox.gw=10.77.0.1 "
+               "cbox.dns=10.77.0.1 cbox.callback_port=4032")
+    assert s.put("vm.create", s.config(cmdline=cmdline))[0] == 204
+    assert s.put("vm.boot")[0] == 204
+    deadline = time.monotonic() + 15
+    while True:                 # the vsock proxy answers at once (EOF) until the agent listens
+        with vsock_connect(s.vsock, 4031) as v:
+            if read_line(v).startswith(b"OK "):
+                break
+        assert time.monotonic() < deadline, s.serial.read_text()
+        time.sleep(0.02)
+    while True:
+        try:
+            sock = env.ns.connect((GUEST_IP, 4031), timeout=2)
+            conn = http.client.HTTPConnection(GUEST_IP, 4031, timeout=5)
+            conn.sock = sock
+            conn.request("GET", "/health")
+            resp = conn.getresponse()
+            resp.read()
+            conn.close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, s.serial.read_text()
+            time.sleep(0.1)
+    assert resp.status == 200
+    with vsock_connect(s.vsock, 4031) as v:
+        assert read_line(v).startswith(b"OK ")
+        v.sendall(b"GET /health HTTP/1.1\r\nHost: guest\r\nConnection: close\r\n\r\n")
+        reply = b""
+        while True:
+            chunk = v.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.") and b" 200 " in reply.split(b"\r\n", 1)[0]
+    assert s.put("vmm.shutdown")[0] == 204 and s.wait_exit(10) == 0
