@@ -225,8 +225,8 @@ class CboxServer:
         self.proc = None
         self.api = Api(ns, self.settings["port"], token=self.settings.get("api_token") or None)
 
-    def start(self, timeout=20.0):
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+    def start(self, timeout=20.0, env=None):
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.logf = open(self.log_path, "ab")
         self.proc = self.ns.popen([sys.executable, str(REPO / "cbox.py"), "serve", "--config", str(self.config)],
                                   stdout=self.logf, stderr=subprocess.STDOUT, env=env)

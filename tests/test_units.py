@@ -209,3 +209,24 @@ def test_parse_json_body():
 def test_hypervisor_error_text_formats():
     assert cbox.CloudHypervisor.error_text(json.dumps(["outer", "root cause"]).encode()) == "outer: root cause"
     assert cbox.CloudHypervisor.error_text(b"plain failure") == "plain failure"
+
+
+def test_vm_config_validates_against_cloud_hypervisor_openapi(tmp_path, chv_schema):
+    sys.path.insert(0, str(REPO / "tests"))
+    import fake_chv
+    cfg = cbox.load_config(write_config(tmp_path, ['cmdline_extra: "quiet"']))
+    manager = cbox.VMManager(cfg, network=None)
+    vm = cbox.VM(vmName="v1", ip="10.20.1.2/24", tapDeviceName="cbt3", cid=3, vcpus=2, memoryMb=256,
+                 mac=cbox.mac_for("10.20.1.2"))
+    config = manager.vm_config(vm, cbox.VmPaths(cfg, vm))
+    validator = fake_chv.SchemaValidator.load(chv_schema)
+    assert validator.validate(config) == []
+    assert fake_chv.semantic_errors(config) == []
+    assert config["memory"]["size"] == 256 * 1024 * 1024 and config["cpus"] == {"boot_vcpus": 2, "max_vcpus": 2}
+    assert config["disks"][0]["readonly"] is True and config["disks"][1]["readonly"] is False
+    cmdline = config["payload"]["cmdline"]
+    for key in ("cbox.vm=v1", "cbox.ip=10.20.1.2/24", "cbox.gw=10.20.1.1", "cbox.callback_port=4032", "quiet"):
+        assert key in cmdline.split()
+    # the validator is strict: a misspelt field is reported with its path
+    config["net"][0]["macc"] = config["net"][0].pop("mac")
+    assert any("$.net[0].macc" in e for e in validator.validate(config))
