@@ -1,0 +1,361 @@
+"""QEMU engine for the stand-in hypervisor: boots a Cloud Hypervisor VmConfig
+for real with `qemu-system-x86_64 -M microvm` (virtio-mmio devices).
+
+The stand-in (tests/fake_chv.py) uses it when CBOX_STANDIN_ENGINE=qemu:
+
+    eng = QemuEngine(vm_config, log)   # log: callable(str)
+    eng.start()                        # raises EngineError on failure
+    eng.pid, eng.alive(), eng.wait_exit(), eng.pause(), eng.resume()
+    eng.stop(timeout)                  # like CHV vm.shutdown: the VM goes away
+
+Mapping of the VmConfig:
+  payload.kernel/initramfs/cmdline -> -kernel/-initrd/-append (the cmdline is
+      passed as is: cbox.py already puts console=ttyS0 in it)
+  cpus.boot_vcpus -> -smp, memory.size (bytes) -> -m
+  disks[i] -> virtio-blk-device (readonly honoured), in order: vda, vdb, ...
+  net[0].tap/mac -> -netdev tap,ifname=TAP,script=no,downscript=no +
+      virtio-net-device (the tap must exist; create it persistent, as for CHV)
+  serial File -> the console goes to engine.console_fd when the stand-in set
+      it (it opened the file), else to serial.file; Null/Off -> discarded
+  rng.src -> virtio-rng-device fed from that file
+  vsock -> NOT available: QEMU's vsock needs the host's vhost_vsock (absent
+      here) and speaks kernel AF_VSOCK, not CHV's hybrid Unix socket; the
+      engine logs this, and guest callbacks fail under this engine.
+
+Acceleration: software emulation (TCG) unless CBOX_QEMU_ACCEL=kvm.  Nested
+KVM on the development machines fails on real guest kernels ("KVM internal
+error ... emulation failure"), so KVM is opt-in.  Under TCG the engine adds
+tsc_early_khz=<host TSC kHz> to the kernel command line (see tcg_cmdline():
+without it about one boot in three hangs silently in TSC calibration).  CBOX_QEMU_BIN overrides the
+binary.  A guest power-off ends QEMU (-no-reboot also turns a guest reboot,
+e.g. panic=-1, into an exit), so alive() turns false.
+
+Pause/resume use QMP (stop/cont) over a Unix socket in a private temporary
+directory, with SIGSTOP/SIGCONT as the fallback.
+"""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+
+MIB = 1 << 20
+
+
+class EngineError(Exception):
+    """The VM could not be started (bad config, QEMU missing or failing)."""
+
+
+def host_tsc_khz():
+    """The host's TSC frequency in kHz (from /proc/cpuinfo), or None."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("cpu MHz"):
+                    return int(float(line.split(":", 1)[1]) * 1000)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def tcg_cmdline(cmdline):
+    """The kernel command line with the TCG workaround added.
+
+    Under TCG the guest reads the host's TSC, and the kernel's early TSC
+    calibration against the emulated PIT fails now and then (timing jitter of
+    software emulation); the kernel then waits in calibrate_delay() for timer
+    ticks that never come, a silent hang before the first console line (seen
+    here in 2 to 4 boots out of 10).  Telling it the TSC frequency skips the
+    calibration.  An explicit tsc_early_khz= or lpj= in the cmdline wins.
+    """
+    words = cmdline.split()
+    if any(w.startswith(("tsc_early_khz=", "lpj=")) for w in words):
+        return cmdline
+    khz = host_tsc_khz()
+    if not khz:
+        return cmdline
+    return " ".join(words + [f"tsc_early_khz={khz}"])
+
+
+class QemuEngine:
+    def __init__(self, config, log=None, prefix=None, accel=None, qemu=None, start_timeout=15.0):
+        """config: a Cloud Hypervisor VmConfig dict; log: callable(str).
+
+        prefix: command prefix (e.g. ["ip", "netns", "exec", NS]) so that QEMU
+        runs where the tap lives; it must exec (keep the pid).
+        """
+        self.config = config
+        self.log = log or (lambda msg: None)
+        self.prefix = list(prefix or [])
+        self.accel = (accel or os.environ.get("CBOX_QEMU_ACCEL") or "tcg").lower()
+        self.qemu = qemu or os.environ.get("CBOX_QEMU_BIN") or "qemu-system-x86_64"
+        self.start_timeout = start_timeout
+        self.proc = None
+        self.pid = None
+        self.returncode = None
+        self._tmp = None
+        self._qmp_path = None
+        self._stderr = []
+        self._stderr_thread = None
+        self._paused_by_signal = False
+        self._lock = threading.Lock()
+        # set by the stand-in before start() (tests/fake_chv.py "Engine interface")
+        self.console_fd = None       # fd for the guest console; else serial.file is opened
+        self.vsock_listener = None   # ignored: no vsock with QEMU here
+        self.agent_argv = None       # ignored: the agent runs inside the guest image
+        self.guest_env = None        # ignored
+
+    # ---- command line -------------------------------------------------------
+
+    def _args(self):
+        c = self.config
+        payload = c.get("payload") or {}
+        kernel = payload.get("kernel")
+        if not kernel:
+            raise EngineError("payload.kernel is required")
+        for what, path in (("kernel", kernel), ("initramfs", payload.get("initramfs"))):
+            if path and not os.path.isfile(path):
+                raise EngineError(f"{what} {path}: no such file")
+        vcpus = int((c.get("cpus") or {}).get("boot_vcpus", 1))
+        mem = int((c.get("memory") or {}).get("size", 512 * MIB))
+        if mem < 64 * MIB:
+            raise EngineError(f"memory.size {mem} is too small for a real guest")
+        args = [self.qemu, "-M", "microvm,rtc=on", "-nodefaults", "-no-user-config",
+                "-nographic", "-no-reboot", "-smp", str(vcpus), "-m", f"{mem // MIB}M"]
+        if self.accel == "kvm":
+            args += ["-accel", "kvm", "-cpu", "host"]
+        else:
+            args += ["-accel", "tcg", "-cpu", "max"]
+        args += ["-kernel", kernel]
+        if payload.get("initramfs"):
+            args += ["-initrd", payload["initramfs"]]
+        cmdline = payload.get("cmdline") or ""
+        if self.accel != "kvm":
+            cmdline = tcg_cmdline(cmdline)
+        if cmdline:
+            args += ["-append", cmdline]
+        for i, d in enumerate(c.get("disks") or []):
+            path = d.get("path")
+            if not path or not os.path.exists(path):
+                raise EngineError(f"disk {d.get('id') or i}: {path}: no such file")
+            ro = ",readonly=on" if d.get("readonly") else ""
+            # QEMU's -drive options are split on ','; a doubled ',,' is a literal comma
+            args += ["-drive", f"id=disk{i},file={path.replace(',', ',,')},format=raw,if=none,"
+                               f"cache=writeback{ro}",
+                     "-device", f"virtio-blk-device,drive=disk{i}"]
+        for i, n in enumerate(c.get("net") or []):
+            tap = n.get("tap")
+            if not tap:
+                raise EngineError(f"net {n.get('id') or i}: only tap networking is supported by this engine")
+            dev = f"virtio-net-device,netdev=net{i}"
+            if n.get("mac"):
+                dev += f",mac={n['mac']}"
+            args += ["-netdev", f"tap,id=net{i},ifname={tap},script=no,downscript=no",
+                     "-device", dev]
+        rng = c.get("rng") or {}
+        src = rng.get("src") or "/dev/urandom"
+        args += ["-object", f"rng-random,id=rng0,filename={src}",
+                 "-device", "virtio-rng-device,rng=rng0"]
+        serial = c.get("serial") or {}
+        mode = (serial.get("mode") or "Null").lower()
+        if mode in ("file", "tty") and self.console_fd is not None:
+            # the stand-in opened (and truncated) the console file: QEMU's stdout
+            args += ["-chardev", "stdio,id=ser0,signal=off", "-serial", "chardev:ser0"]
+        elif mode == "file":
+            if not serial.get("file"):
+                raise EngineError("serial mode File needs serial.file")
+            args += ["-chardev", f"file,id=ser0,path={serial['file'].replace(',', ',,')}",
+                     "-serial", "chardev:ser0"]
+        elif mode in ("tty",):
+            args += ["-serial", "stdio"]
+        else:          # Off / Null / Pty / Socket: not mapped, console discarded
+            args += ["-serial", "null"]
+        args += ["-qmp", f"unix:{self._qmp_path},server=on,wait=off", "-monitor", "none"]
+        return args
+
+    # ---- lifecycle ----------------------------------------------------------
+
+    def start(self):
+        if self.proc is not None:
+            raise EngineError("already started")
+        if not shutil.which(self.qemu):
+            raise EngineError(f"{self.qemu} not found: apt-get install -y qemu-system-x86")
+        if self.accel == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
+            raise EngineError("CBOX_QEMU_ACCEL=kvm but /dev/kvm is not usable")
+        self._tmp = tempfile.mkdtemp(prefix="cbq")
+        self._qmp_path = os.path.join(self._tmp, "qmp.sock")
+        try:
+            args = self._args()
+        except EngineError:
+            self._cleanup()
+            raise
+        if self.config.get("vsock"):
+            self.log("qemu engine: vsock is not available (QEMU needs the host's vhost_vsock and "
+                     "does not speak Cloud Hypervisor's hybrid vsock): guest callbacks are "
+                     "unavailable with this engine")
+        self.log(f"qemu engine: accel={self.accel}: " + " ".join(args))
+        try:
+            stdout = self.console_fd if self.console_fd is not None else subprocess.DEVNULL
+            self.proc = subprocess.Popen(self.prefix + args, stdin=subprocess.DEVNULL,
+                                         stdout=stdout, stderr=subprocess.PIPE,
+                                         start_new_session=True)
+        except OSError as e:
+            self._cleanup()
+            raise EngineError(f"cannot run {self.qemu}: {e}")
+        self.pid = self.proc.pid
+        self._stderr_thread = threading.Thread(target=self._read_stderr, daemon=True)
+        self._stderr_thread.start()
+        # started = QMP answers query-status (devices, taps and disks are set up
+        # by then); an early exit is a start failure with QEMU's own message
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            if self.proc.poll() is not None:
+                self._stderr_thread.join(2)
+                msg = " ".join(line.strip() for line in self._stderr[-5:]) or "no message"
+                self.returncode = self.proc.returncode
+                self._cleanup()
+                raise EngineError(f"qemu exited with code {self.proc.returncode} while starting: {msg}")
+            try:
+                status = self.qmp("query-status", timeout=1.0)
+                if status.get("running") or status.get("status") in ("running", "prelaunch"):
+                    break
+            except (OSError, ValueError, EngineError):
+                pass
+            if time.monotonic() > deadline:
+                self._kill()
+                raise EngineError(f"qemu did not come up within {self.start_timeout:.0f}s")
+            time.sleep(0.02)
+        self.log(f"qemu engine: started pid {self.pid}")
+
+    def _read_stderr(self):
+        for raw in self.proc.stderr:
+            line = raw.decode("utf-8", "replace").rstrip()
+            if line:
+                self._stderr.append(line)
+                del self._stderr[:-50]
+                self.log("qemu: " + line)
+
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_exit(self, timeout=None):
+        """Wait for QEMU to exit; its exit code (None if still running after timeout)."""
+        if self.proc is None:
+            return self.returncode
+        try:
+            self.returncode = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        self._cleanup()
+        return self.returncode
+
+    def stop(self, timeout=5.0):
+        """End the VM like CHV's vm.shutdown: no guest cooperation (a guest that
+        should flush its disks must sync first).  SIGTERM, then SIGKILL."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            if self._paused_by_signal:
+                self._signal(signal.SIGCONT)
+            try:
+                self.qmp("quit", timeout=min(1.0, timeout))
+            except (OSError, ValueError, EngineError):
+                self._signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._kill()
+        self.wait_exit()
+
+    def pause(self):
+        try:
+            self.qmp("stop")
+        except (OSError, ValueError, EngineError) as e:
+            self.log(f"qemu engine: QMP stop failed ({e}); using SIGSTOP")
+            self._signal(signal.SIGSTOP)
+            self._paused_by_signal = True
+
+    def resume(self):
+        if self._paused_by_signal:
+            self._signal(signal.SIGCONT)
+            self._paused_by_signal = False
+            return
+        self.qmp("cont")
+
+    # ---- helpers ------------------------------------------------------------
+
+    def _signal(self, sig):
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def _kill(self):
+        self._signal(signal.SIGKILL)
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        self.returncode = self.proc.returncode
+        self._cleanup()
+
+    def _cleanup(self):
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def qmp(self, command, arguments=None, timeout=5.0):
+        """Run one QMP command on a fresh connection; its "return" value."""
+        with self._lock:
+            if not self._qmp_path or not os.path.exists(self._qmp_path):
+                raise EngineError("QMP socket not available")
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(timeout)
+            try:
+                s.connect(self._qmp_path)
+                f = s.makefile("rwb")
+
+                def read_reply():
+                    while True:
+                        line = f.readline()
+                        if not line:
+                            raise EngineError("QMP connection closed")
+                        msg = json.loads(line)
+                        if "return" in msg:
+                            return msg["return"]
+                        if "error" in msg:
+                            raise EngineError(f"QMP {command}: {msg['error'].get('desc', msg['error'])}")
+                        # greeting or asynchronous event: keep reading
+
+                greeting = json.loads(f.readline() or b"{}")
+                if "QMP" not in greeting:
+                    raise EngineError("no QMP greeting")
+                f.write(b'{"execute": "qmp_capabilities"}\n')
+                f.flush()
+                read_reply()
+                req = {"execute": command}
+                if arguments:
+                    req["arguments"] = arguments
+                f.write(json.dumps(req).encode() + b"\n")
+                f.flush()
+                if command == "quit":
+                    try:
+                        return read_reply()
+                    except (EngineError, OSError, ValueError):
+                        return {}
+                return read_reply()
+            finally:
+                s.close()
+
+    def __del__(self):
+        try:
+            if self.proc is not None and self.proc.poll() is None:
+                self._kill()
+            self._cleanup()
+        except Exception:
+            pass
