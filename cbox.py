@@ -21,6 +21,7 @@ is summarised in README.md.
 import argparse
 import asyncio
 import contextlib
+import errno
 import contextvars
 import hmac
 import ipaddress
@@ -190,6 +191,9 @@ CONFIG_KEYS = {
     "callback_port": (int, 4032, "guest vsock port for callbacks"),
     "agent_port": (int, 4031, "guest agent TCP port"),
     "max_request_bytes": (int, 8 * 1024 * 1024, "largest REST request body"),
+    "http_head_timeout_s": (float, 30.0, "time a new REST connection has to send its first request head"),
+    "http_body_timeout_s": (float, 60.0, "time a REST client has to send a request body (and to read an answer)"),
+    "http_idle_timeout_s": (float, 120.0, "keep-alive REST connections idle longer are closed"),
     "destroy_on_exit": (bool, False, "destroy all VMs when cbox.py stops (default: leave them for the next start)"),
 }
 
@@ -265,7 +269,8 @@ def check_config(cfg, source):
             bad(f"{key} must be positive")
     if not 0 < cfg.guest_mem_percentage <= 100:
         bad("guest_mem_percentage must be 1..100")
-    for key in ("boot_timeout_s", "shutdown_timeout_s", "exec_timeout_s", "exec_max_timeout_s", "callback_timeout_s"):
+    for key in ("boot_timeout_s", "shutdown_timeout_s", "exec_timeout_s", "exec_max_timeout_s", "callback_timeout_s",
+                "http_head_timeout_s", "http_body_timeout_s", "http_idle_timeout_s"):
         if getattr(cfg, key) <= 0:
             bad(f"{key} must be positive")
     longest = os.path.join(cfg.path(cfg.run_dir), "4294967295", f"vsock.sock_{cfg.callback_port}")
@@ -313,6 +318,11 @@ async def read_head(reader):
     return lines[0], headers
 
 
+def is_decimal(text):
+    """ASCII digits only: str.isdigit() also accepts '²' and other digits int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
 async def read_body(reader, headers, limit):
     """Read a Content-Length or chunked body of at most `limit` bytes."""
     if headers.get("transfer-encoding", "").lower() == "chunked":
@@ -335,23 +345,27 @@ async def read_body(reader, headers, limit):
     length = headers.get("content-length")
     if length is None:
         return b""
-    if not length.isdigit():
+    if not is_decimal(length):
         raise HttpError("bad Content-Length")
     if int(length) > limit:
         raise HttpError("body too large")
     return await reader.readexactly(int(length))
 
 
-def build_response(status, body=b"", content_type="application/json", keep_alive=True, extra=None):
-    head = [f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}",
-            f"Content-Length: {len(body)}"]
-    if body or content_type != "application/json":
+def build_head(status, length, content_type="application/json", keep_alive=True, extra=None):
+    head = [f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}", f"Content-Length: {length}"]
+    if length or content_type != "application/json":
         head.append(f"Content-Type: {content_type}")
     if not keep_alive:
         head.append("Connection: close")
     for k, v in (extra or {}).items():
         head.append(f"{k}: {v}")
-    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+
+
+def build_response(status, body=b"", content_type="application/json", keep_alive=True, extra=None):
+    """A whole response in one buffer: one send, so Nagle never delays a body behind its head."""
+    return build_head(status, len(body), content_type, keep_alive, extra) + body
 
 
 def json_bytes(obj):
@@ -365,13 +379,18 @@ def set_nodelay(writer):
 
 
 class HttpClient:
-    """A keep-alive HTTP/1.1 client for one endpoint (a Unix socket or host:port)."""
+    """A keep-alive HTTP/1.1 client for one endpoint (a Unix socket or host:port).
+
+    Bodies larger than `stream_over` bytes are not read: the response carries a
+    BodyStream instead, to be copied onward without holding it in memory."""
 
     def __init__(self, *, unix_path=None, host=None, port=None, tls=False, pool_size=16,
-                 max_body=256 * 1024 * 1024):
+                 max_body=256 * 1024 * 1024, stream_over=None):
         self.unix_path, self.host, self.port, self.tls = unix_path, host, port, tls
-        self.pool_size, self.max_body = pool_size, max_body
+        self.pool_size, self.max_body, self.stream_over = pool_size, max_body, stream_over
         self.idle = []
+        self.busy = set()
+        self.closed = False
         self.host_header = "localhost" if unix_path else (host if port in (80, 443) else f"{host}:{port}")
 
     async def _connect(self):
@@ -384,9 +403,9 @@ class HttpClient:
         return reader, writer
 
     async def request(self, method, target, body=None, timeout=30.0, headers=None):
-        """Returns (status, headers, body bytes). Raises HttpError on any failure."""
+        """Returns (status, headers, body bytes or BodyStream). Raises HttpError on any failure."""
         try:
-            return await asyncio.wait_for(self._request(method, target, body, headers), timeout)
+            return await within(timeout, self._request(method, target, body, headers))
         except asyncio.TimeoutError:
             raise HttpError(f"timed out after {fmt_seconds(timeout)}")
 
@@ -401,60 +420,171 @@ class HttpClient:
         while True:
             reused = bool(self.idle)
             reader, writer = self.idle.pop() if reused else await self._open()
+            self.busy.add(writer)
             try:
                 writer.write(message)
-                result = await self._read_response(reader, method)
-            except (HttpError, OSError, asyncio.IncompleteReadError, EOFError) as e:
-                writer.close()
+                quick_ack(writer)
+                result = await self._read_response(reader, writer, method)
+            except (HttpError, OSError, asyncio.IncompleteReadError, EOFError,
+                    ValueError, asyncio.LimitOverrunError) as e:     # ValueError: StreamReader line limit
+                self._drop(writer)
                 # A reused connection the server already closed fails before any
                 # answer; the request never ran, so try once more on a new one.
-                if reused and isinstance(e, (ConnectionError, asyncio.IncompleteReadError, EOFError)):
+                if reused and not self.closed and isinstance(e, (ConnectionError, asyncio.IncompleteReadError, EOFError)):
                     continue
                 raise HttpError(str(e) or type(e).__name__)
             except BaseException:
-                writer.close()
+                self._drop(writer)
                 raise
             status, rheaders, rbody = result
-            if rheaders.get("connection", "").lower() == "close" or len(self.idle) >= self.pool_size:
-                writer.close()
-            else:
-                self.idle.append((reader, writer))
+            if not isinstance(rbody, BodyStream):
+                self.release(reader, writer, rheaders.get("connection", "").lower() != "close")
             return result
 
+    def release(self, reader, writer, reusable):
+        self.busy.discard(writer)
+        if reusable and not self.closed and len(self.idle) < self.pool_size:
+            self.idle.append((reader, writer))
+        else:
+            writer.close()
+
+    def _drop(self, writer):
+        self.busy.discard(writer)
+        writer.close()
+
     async def _open(self):
+        if self.closed:
+            raise HttpError("connection closed: the endpoint went away")
         try:
             return await self._connect()
         except OSError as e:
             where = self.unix_path or f"{self.host}:{self.port}"
             raise HttpError(f"cannot connect to {where}: {os.strerror(e.errno) if e.errno else e}")
 
-    async def _read_response(self, reader, method):
+    async def _read_response(self, reader, writer, method):
         head = await read_head(reader)
         if head is None:
             raise EOFError("connection closed before a response")
         start, headers = head
         parts = start.split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not is_decimal(parts[1]):
             raise HttpError(f"malformed status line {start[:40]!r}")
         status = int(parts[1])
         if status == 100:
-            return await self._read_response(reader, method)
+            return await self._read_response(reader, writer, method)
         if method == "HEAD" or status in (204, 304):
             return status, headers, b""
-        if "content-length" not in headers and headers.get("transfer-encoding", "").lower() != "chunked":
-            body = await reader.read(self.max_body)  # body ends at connection close
-            headers["connection"] = "close"
+        length = headers.get("content-length", "")
+        if (self.stream_over is not None and is_decimal(length) and int(length) > self.stream_over
+                and 200 <= status < 300):
+            return status, headers, BodyStream(self, reader, writer, int(length),
+                                               headers.get("connection", "").lower() != "close")
+        if not length and headers.get("transfer-encoding", "").lower() != "chunked":
+            headers["connection"] = "close"            # the body ends when the connection does
+            body = await reader.read(self.max_body + 1)
+            while body and len(body) <= self.max_body:
+                more = await reader.read(self.max_body + 1 - len(body))
+                if not more:
+                    break
+                body += more
+            if len(body) > self.max_body:
+                raise HttpError("body too large")
             return status, headers, body
         return status, headers, await read_body(reader, headers, self.max_body)
 
     def close(self):
+        """Close idle connections; new requests may still open fresh ones."""
         for _, writer in self.idle:
             writer.close()
         self.idle.clear()
 
+    def abort(self):
+        """The endpoint is gone: fail requests in flight now and refuse new ones."""
+        self.closed = True
+        self.close()
+        for writer in list(self.busy):
+            writer.transport.abort()
+        self.busy.clear()
+
+
+class BodyStream:
+    """A large response body still on its connection, copied onward in chunks."""
+
+    def __init__(self, client, reader, writer, length, reusable):
+        self.client, self.reader, self.writer = client, reader, writer
+        self.length, self.reusable = length, reusable
+
+    async def copy_to(self, dest, timeout):
+        remaining = self.length
+        try:
+            while remaining:
+                chunk = await within(timeout, self.reader.read(min(remaining, 1 << 20)))
+                if not chunk:
+                    raise HttpError("connection closed inside the body")
+                dest.write(chunk)
+                remaining -= len(chunk)
+                await within(timeout, dest.drain())
+        except BaseException:
+            self.client._drop(self.writer)
+            raise
+        self.client.release(self.reader, self.writer, self.reusable)
+
+    async def read(self, limit):
+        """The whole body as bytes (for error answers), at most `limit` bytes."""
+        if self.length > limit:
+            self.client._drop(self.writer)
+            raise HttpError("body too large")
+        try:
+            data = await self.reader.readexactly(self.length)
+        except BaseException:
+            self.client._drop(self.writer)
+            raise
+        self.client.release(self.reader, self.writer, self.reusable)
+        return data
+
+    def discard(self):
+        self.client._drop(self.writer)
+
+
+def quick_ack(writer):
+    """ACK the answer at once: a server that sends its head and body in separate writes
+    (Python's http.server does) otherwise waits for our delayed ACK, 40 ms a request."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6) and hasattr(socket, "TCP_QUICKACK"):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        except OSError:
+            pass
+
 
 def fmt_seconds(value):
     return f"{value:g}s"
+
+
+async def within(timeout, aw):
+    """await aw, raising asyncio.TimeoutError after `timeout` seconds.
+
+    Like asyncio.wait_for, without the extra task per call (this is on every
+    request's path; asyncio.timeout is 3.11+)."""
+    task = asyncio.current_task()
+    expired = False
+
+    def expire():
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    handle = asyncio.get_running_loop().call_later(timeout, expire)
+    try:
+        return await aw
+    except asyncio.CancelledError:
+        if not expired:
+            raise
+        if hasattr(task, "uncancel"):
+            task.uncancel()
+        raise asyncio.TimeoutError() from None
+    finally:
+        handle.cancel()
 
 
 # =============================================================================
@@ -670,26 +800,30 @@ class HostNetwork:
             "iptables", "-w", "-t", *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
         return await proc.wait() == 0
 
-    async def create_tap(self, tap):
-        """A persistent tap on the bridge, isolated from the other ports, up."""
+    async def create_tap(self, tap, ip, mac):
+        """A persistent tap on the bridge, isolated from the other ports, up; and a
+        permanent neighbour entry for the guest, so the first packet to a booting
+        guest does not wait a second for an ARP retry (and no guest can claim its IP)."""
         if interface_exists(tap):
             raise CommandError(f"interface {tap} already exists")
         await run_cmd("ip", "-batch", "-", stdin="\n".join([
             f"tuntap add dev {tap} mode tap",
             f"link set dev {tap} master {self.bridge}",
             f"link set dev {tap} type bridge_slave isolated on",
-            f"link set dev {tap} up", ""]))
+            f"link set dev {tap} up",
+            f"neigh replace {ip} lladdr {mac} dev {self.bridge} nud permanent", ""]))
 
-    async def remove_tap(self, tap):
+    async def remove_tap(self, tap, ip):
         if tap and interface_exists(tap):
-            await run_cmd("ip", "link", "del", "dev", tap, check=False)
+            await run_cmd("ip", "-force", "-batch", "-", check=False, stdin="\n".join([
+                f"link del dev {tap}", f"neigh del {ip} dev {self.bridge}", ""]))
 
 
 # =============================================================================
 # 5. Allocation and request validation
 # =============================================================================
 
-VM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+VM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")     # \Z: '$' would accept "name\n"
 MAX_CID = 0xFFFFFFFE
 
 
@@ -836,6 +970,8 @@ def parse_json_body(data):
         return json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"malformed JSON: {e}")
+    except RecursionError:
+        raise ApiError(400, "malformed JSON: nested too deeply")
 
 
 # =============================================================================
@@ -904,7 +1040,7 @@ class ProcessWatch:
 
     async def wait(self, timeout):
         try:
-            await asyncio.wait_for(self.exited.wait(), timeout)
+            await within(timeout, self.exited.wait())
             return True
         except asyncio.TimeoutError:
             return False
@@ -955,9 +1091,16 @@ class VmPaths:
 
 def write_atomically(path, data):
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:                     # a full disk must not leave the temporary file behind
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
 
 
 def tail_file(path, limit=64 * 1024):
@@ -1004,6 +1147,7 @@ class VMManager:
         self.vms = {}
         self.callback_clients = {}
         self.records_dir = Path(cfg.path(cfg.state_dir), "vms")
+        self.disks = StatefulDisks(Path(cfg.path(cfg.state_dir), "templates"))
         self.prefix = ipaddress.ip_network(cfg.bridge_subnet).prefixlen
         self.gateway = str(ipaddress.ip_interface(cfg.bridge_ip).ip)
         self.dns = host_resolvers() if cfg.dns == "auto" else [d.strip() for d in cfg.dns.split(",") if d.strip()]
@@ -1065,9 +1209,9 @@ class VMManager:
             clear_run_dir(paths.run_dir)
             paths.run_dir.mkdir(parents=True)
         with clock.step("disk"):
-            await make_stateful_disk(paths.disk, self.cfg.stateful_size_in_mb)
+            await self.disks.create(paths.disk, self.cfg.stateful_size_in_mb)
         with clock.step("tap"):
-            await self.net.create_tap(vm.tapDeviceName)
+            await self.net.create_tap(vm.tapDeviceName, vm.address, vm.mac)
         with clock.step("spawn"):
             pid = spawn_vmm(self.cfg.chv_bin, paths)
             vm.pid, vm.pidStart = pid, proc_start_time(pid)
@@ -1082,7 +1226,7 @@ class VMManager:
         with clock.step("vm.boot"):
             await vm.chv.boot()
         with clock.step("agent"):
-            vm.agent = HttpClient(host=vm.address, port=self.cfg.agent_port, pool_size=32)
+            vm.agent = self.agent_client(vm)
             await self.wait_for_agent(vm)
         vm.status, vm.phase = "RUNNING", "running"
         self.save(vm)
@@ -1143,9 +1287,14 @@ class VMManager:
             await asyncio.sleep(0.01)
         raise HypervisorError(f"guest agent did not answer within {fmt_seconds(self.cfg.boot_timeout_s)} ({last})")
 
+    def agent_client(self, vm):
+        return HttpClient(host=vm.address, port=self.cfg.agent_port, pool_size=32, stream_over=256 * 1024)
+
     # ---- supervision and teardown ---------------------------------------------
 
     def on_vmm_exit(self, vm, watch):
+        if vm.agent:
+            vm.agent.abort()               # the guest is gone: fail requests in flight now
         if vm.phase != "running":
             return                         # start or destroy handles it
         vm.status = "STOPPED" if watch.exit_code == 0 else "FAILED"
@@ -1164,7 +1313,7 @@ class VMManager:
             self.close_clients(vm)
             if vm.watch:
                 vm.watch.kill()            # whatever is left of its process group
-            await self.net.remove_tap(vm.tapDeviceName)
+            await self.net.remove_tap(vm.tapDeviceName, vm.address)
             clear_run_dir(VmPaths(self.cfg, vm).run_dir)
 
     def close_clients(self, vm):
@@ -1190,7 +1339,7 @@ class VMManager:
                                ("vmm.shutdown", vm.chv.shutdown_vmm)):
                 with clock.step(name):
                     try:
-                        await asyncio.wait_for(call(), self.cfg.shutdown_timeout_s)
+                        await within(self.cfg.shutdown_timeout_s, call())
                     except (HypervisorError, asyncio.TimeoutError):
                         pass
             with clock.step("exit"):
@@ -1201,7 +1350,7 @@ class VMManager:
             await vm.watch.wait(5.0)
         self.close_clients(vm)
         with clock.step("tap"):
-            await self.net.remove_tap(vm.tapDeviceName)
+            await self.net.remove_tap(vm.tapDeviceName, vm.address)
         with clock.step("files"):
             clear_run_dir(paths.run_dir)
             remove_tree(paths.vm_dir)
@@ -1262,7 +1411,7 @@ class VMManager:
                 info = await vm.chv.info()
                 if info.get("state") != "Running":
                     raise HypervisorError(f"VM state is {info.get('state')}")
-                vm.agent = HttpClient(host=vm.address, port=self.cfg.agent_port, pool_size=32)
+                vm.agent = self.agent_client(vm)
                 await self.serve_callbacks(vm, paths)
                 log("VM re-adopted", vm=vm.vmName, pid=vm.pid, ip=vm.ip)
                 return
@@ -1297,13 +1446,18 @@ class VMManager:
         return vm
 
     async def agent_call(self, vm, method, target, body=None, timeout=15.0):
-        """Forward to the guest agent; 2xx bodies are passed through untouched."""
+        """Forward to the guest agent; 2xx bodies are passed through untouched (large ones streamed).
+
+        When the VM's hypervisor exits, on_vmm_exit aborts the agent's connections, so a
+        request in flight fails at once instead of waiting for its timeout."""
         try:
             status, _, data = await vm.agent.request(method, target, body, timeout=timeout)
+            if 200 <= status < 300:
+                return data
+            if isinstance(data, BodyStream):
+                data = await data.read(64 * 1024)
         except HttpError as e:
             raise ApiError(502, f"guest agent of VM '{vm.vmName}' unreachable: {e}")
-        if 200 <= status < 300:
-            return data
         try:
             message = json.loads(data)["error"]
         except (ValueError, KeyError, TypeError):
@@ -1318,7 +1472,7 @@ class VMManager:
 
     async def exec_status(self, name, exec_id, method):
         vm = self.running(name)
-        if not re.match(r"^[A-Za-z0-9_-]{1,64}$", exec_id):
+        if not re.match(r"^[A-Za-z0-9_-]{1,64}\Z", exec_id):
             raise ApiError(404, f"exec '{exec_id}' not found")
         return await self.agent_call(vm, method, f"/exec/{exec_id}", timeout=30.0)
 
@@ -1361,7 +1515,7 @@ class VMManager:
         t0 = time.monotonic()
         try:
             request = json.loads(line)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             return {"error": "callback request is not valid JSON"}
         if not isinstance(request, dict) or not isinstance(request.get("method"), str) or not request["method"]:
             return {"error": "callback request must be an object with a non-empty string 'method'"}
@@ -1389,6 +1543,8 @@ class VMManager:
             return {"error": f"callback URL {url} answered HTTP {status}" + (f": {snippet}" if snippet else "")}
         try:
             answer = json.loads(data)
+        except RecursionError:
+            return {"error": f"callback URL {url} answered JSON too deeply nested to parse"}
         except (ValueError, UnicodeDecodeError):
             return {"result": data.decode("utf-8", "replace")}
         if isinstance(answer, dict) and "result" in answer:
@@ -1428,12 +1584,57 @@ def remove_tree(path):
     shutil.rmtree(path, ignore_errors=True)
 
 
-async def make_stateful_disk(path, size_mb):
-    """A sparse ext4 image for the guest's writable layer (vdb)."""
-    with open(path, "wb") as f:
-        f.truncate(size_mb * 1024 * 1024)
-    await run_cmd("mke2fs", "-q", "-F", "-t", "ext4", "-E", "lazy_itable_init=1,lazy_journal_init=1",
-                  "-L", "cbox-state", str(path))
+class StatefulDisks:
+    """Each VM's sparse ext4 disk (vdb), copied from one formatted template per size:
+    one mke2fs per size instead of one per VM. (The copies share the template's
+    filesystem UUID; each guest sees only its own.)"""
+
+    def __init__(self, directory):
+        self.dir = Path(directory)
+        self.lock = asyncio.Lock()
+
+    async def template(self, size_mb):
+        path = self.dir / f"stateful-{size_mb}mb.ext4"
+        async with self.lock:
+            if not path.exists():
+                self.dir.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(path.name + ".tmp")
+                try:
+                    with open(tmp, "wb") as f:
+                        f.truncate(size_mb * 1024 * 1024)
+                    await run_cmd("mke2fs", "-q", "-F", "-t", "ext4", "-E",
+                                  "lazy_itable_init=1,lazy_journal_init=1", "-L", "cbox-state", str(tmp))
+                    os.replace(tmp, path)
+                finally:
+                    if tmp.exists():
+                        tmp.unlink()
+        return path
+
+    async def create(self, dest, size_mb):
+        await asyncio.to_thread(copy_sparse, await self.template(size_mb), dest)
+
+
+def copy_sparse(src, dest):
+    """Copy a file's data extents only (SEEK_DATA/SEEK_HOLE), keeping it sparse."""
+    with open(src, "rb") as fin, open(dest, "wb") as fout:
+        size = os.fstat(fin.fileno()).st_size
+        fout.truncate(size)
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fin.fileno(), pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:     # only a hole is left
+                    break
+                raise
+            end = os.lseek(fin.fileno(), start, os.SEEK_HOLE)
+            offset = start
+            while offset < end:
+                copied = os.copy_file_range(fin.fileno(), fout.fileno(), end - offset, offset, offset)
+                if copied == 0:
+                    raise OSError(f"short copy of {src}")
+                offset += copied
+            pos = end
 
 
 def spawn_vmm(chv_bin, paths):
@@ -1474,6 +1675,9 @@ class RestServer:
 
     def __init__(self, cfg, manager):
         self.cfg, self.vms = cfg, manager
+        self.HEAD_TIMEOUT = cfg.http_head_timeout_s
+        self.BODY_TIMEOUT = cfg.http_body_timeout_s
+        self.IDLE_TIMEOUT = cfg.http_idle_timeout_s
         self.server = None
         self.connections = set()
         self.routes = [
@@ -1504,18 +1708,19 @@ class RestServer:
         set_nodelay(writer)
         self.connections.add(writer)
         try:
-            while await self.one_request(reader, writer):
-                pass
+            first = True
+            while await self.one_request(reader, writer, first):
+                first = False
         except (ConnectionError, OSError, asyncio.IncompleteReadError):
             pass
         finally:
             self.connections.discard(writer)
             writer.close()
 
-    async def one_request(self, reader, writer):
+    async def one_request(self, reader, writer, first=False):
         """Serve one request; False when the connection should close."""
-        try:
-            head = await asyncio.wait_for(read_head(reader), self.IDLE_TIMEOUT)
+        try:   # a new connection must send its head soon; a keep-alive one may idle longer
+            head = await within(self.HEAD_TIMEOUT if first else self.IDLE_TIMEOUT, read_head(reader))
         except asyncio.TimeoutError:
             return False
         except HttpError as e:
@@ -1544,8 +1749,18 @@ class RestServer:
             traceback.print_exc()
             status, payload, ctype = 500, json_bytes({"error": f"internal error: {type(e).__name__}: {e}"}), "application/json"
         extra = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-        writer.write(build_response(status, payload, ctype, keep_alive, extra))
-        await writer.drain()
+        try:     # a client that does not read its answer must not hold the connection and buffer forever
+            if isinstance(payload, BodyStream):
+                writer.write(build_head(status, payload.length, ctype, keep_alive, extra))
+                await payload.copy_to(writer, self.BODY_TIMEOUT)
+            else:
+                writer.write(build_response(status, payload, ctype, keep_alive, extra))
+                await within(self.BODY_TIMEOUT, writer.drain())
+        except (asyncio.TimeoutError, HttpError, OSError, asyncio.IncompleteReadError) as e:
+            log("answer not delivered; connection dropped", path=target.split("?")[0][:200],
+                error=repr(str(e) or type(e).__name__))
+            writer.transport.abort()
+            return False
         if status == 413 and "100-continue" not in headers.get("expect", "").lower():
             await self.discard_body(reader, headers)
         path = target.split("?")[0]
@@ -1560,25 +1775,27 @@ class RestServer:
         if "transfer-encoding" in headers:
             raise ApiError(411, "chunked request bodies are not supported: send Content-Length")
         length = headers.get("content-length", "0")
-        if not length.isdigit():
+        if not is_decimal(length):
             raise ApiError(400, "bad Content-Length header")
         if int(length) > self.cfg.max_request_bytes:
             raise ApiError(413, f"request body larger than {self.cfg.max_request_bytes} bytes")
         if headers.get("expect", "").lower() == "100-continue" and int(length):
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         try:
-            return await asyncio.wait_for(reader.readexactly(int(length)), self.BODY_TIMEOUT)
+            return await within(self.BODY_TIMEOUT, reader.readexactly(int(length)))
         except asyncio.TimeoutError:
             raise ApiError(408, f"request body not received within {fmt_seconds(self.BODY_TIMEOUT)}")
+        except asyncio.IncompleteReadError as e:
+            raise ApiError(400, f"connection closed inside the request body ({len(e.partial)} of {length} bytes)")
 
     async def discard_body(self, reader, headers, limit=256 * 1024 * 1024, timeout=10.0):
         """Read and drop a refused body, so the client sees the 413 rather than a reset."""
         length = headers.get("content-length", "0")
-        remaining = min(int(length), limit) if length.isdigit() else 0
+        remaining = min(int(length), limit) if is_decimal(length) else 0
         deadline = time.monotonic() + timeout
         while remaining > 0 and time.monotonic() < deadline:
             try:
-                chunk = await asyncio.wait_for(reader.read(min(remaining, 1 << 20)), deadline - time.monotonic())
+                chunk = await within(deadline - time.monotonic(), reader.read(min(remaining, 1 << 20)))
             except asyncio.TimeoutError:
                 return
             if not chunk:
@@ -1602,7 +1819,7 @@ class RestServer:
             result = await handler(request)
             if isinstance(result, tuple):
                 return result
-            return 200, result if isinstance(result, bytes) else json_bytes(result), "application/json"
+            return 200, result if isinstance(result, (bytes, BodyStream)) else json_bytes(result), "application/json"
         raise ApiError(404, f"no route {path}")
 
     def authorize(self, headers):

@@ -230,3 +230,16 @@ def test_vm_config_validates_against_cloud_hypervisor_openapi(tmp_path, chv_sche
     # the validator is strict: a misspelt field is reported with its path
     config["net"][0]["macc"] = config["net"][0].pop("mac")
     assert any("$.net[0].macc" in e for e in validator.validate(config))
+
+
+def test_copy_sparse_keeps_data_and_holes(tmp_path):
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    with open(src, "wb") as f:
+        f.truncate(64 * 1024 * 1024)
+        f.seek(4096)
+        f.write(b"head")
+        f.seek(40 * 1024 * 1024)
+        f.write(b"middle" * 1000)
+    cbox.copy_sparse(src, dest)
+    assert dest.read_bytes() == src.read_bytes()
+    assert dest.stat().st_blocks * 512 < 1024 * 1024          # still sparse
