@@ -1269,11 +1269,15 @@ class VMManager:
                 await asyncio.sleep(0.005)
 
     async def wait_for_agent(self, vm):
-        deadline = time.monotonic() + self.cfg.boot_timeout_s
-        last, attempt_timeout = "no answer", 0.25
+        started = time.monotonic()
+        deadline = started + self.cfg.boot_timeout_s
+        last = "no answer"
         while time.monotonic() < deadline:
             if not vm.watch.alive():
                 raise HypervisorError(f"the VM stopped while booting (hypervisor exit code {vm.watch.exit_code})")
+            # A SYN sent before the guest is up is retransmitted only after 1 s: short
+            # attempts notice the agent sooner; after 10 s, longer ones suit a slow guest.
+            attempt_timeout = 0.3 if time.monotonic() - started < 10 else 2.0
             try:
                 status, _, _ = await vm.agent.request("GET", "/health", timeout=attempt_timeout)
                 if status == 200:
@@ -1281,9 +1285,6 @@ class VMManager:
                 last = f"HTTP {status}"
             except HttpError as e:
                 last = str(e)
-                # A SYN sent before the guest is up is retransmitted only after 1 s:
-                # short attempts find the agent sooner; longer ones suit slow guests.
-                attempt_timeout = min(attempt_timeout * 1.5, 2.0)
             await asyncio.sleep(0.01)
         raise HypervisorError(f"guest agent did not answer within {fmt_seconds(self.cfg.boot_timeout_s)} ({last})")
 

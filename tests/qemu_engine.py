@@ -78,7 +78,10 @@ def tcg_cmdline(cmdline):
     khz = host_tsc_khz()
     if not khz:
         return cmdline
-    return " ".join(words + [f"tsc_early_khz={khz}"])
+    # tsc=reliable: on a busy host the kernel would otherwise declare the TSC
+    # unstable and fall back to a clock that loses seconds, skewing boot timings.
+    extra = [] if any(w.startswith("tsc=") for w in words) else ["tsc=reliable"]
+    return " ".join(words + [f"tsc_early_khz={khz}"] + extra)
 
 
 class QemuEngine:

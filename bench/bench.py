@@ -1,0 +1,1544 @@
+#!/usr/bin/env python3
+"""CBox benchmarks (issue 4): exec latency and throughput, callbacks, start
+latency, density and large outputs, each against a floor measured in the same
+run. Prints a table and writes it to bench/results.md.
+
+    sudo python3 bench/bench.py                # full run (a few minutes)
+    sudo python3 bench/bench.py --quick        # short run
+    sudo python3 bench/bench.py --only exec,callback
+    sudo python3 bench/bench.py --profile      # also cProfile cbox.py and the agent
+    sudo python3 bench/bench.py --only realboot  # real boots of out/ images under QEMU
+
+Needs root, iproute2 and iptables. Everything runs inside a network namespace
+the script creates (`cbbench<random>`): cbox.py, its bridge and taps, the
+stand-in hypervisor (tests/fake_chv.py, process engine), the guest agents and
+the callback URL servers. No packet leaves that namespace (and the guests' own
+namespaces). The namespace, its processes, sockets and files are removed at
+the end, also on failure or Ctrl-C. Stdlib only, Python 3.10+.
+
+`realboot` boots the guest images from `make images` (out/vmlinuz,
+out/initramfs.cpio.gz, out/rootfs.ext4) for real: the stand-in with its QEMU
+engine (CBOX_STANDIN_ENGINE=qemu, tests/qemu_engine.py: qemu-system-x86_64 -M
+microvm, software emulation unless CBOX_QEMU_ACCEL=kvm), in the same namespace.
+It is skipped, with a note in the table, when the images or QEMU are missing.
+"""
+import argparse
+import ctypes
+import json
+import math
+import os
+import platform
+import pstats
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STANDIN = REPO / "tests" / "fake_chv.py"
+BENCHES = ("exec", "throughput", "callback", "start", "density", "output", "realboot")
+OUT = REPO / "out"
+IMAGES = (("kernel", OUT / "vmlinuz"), ("initramfs", OUT / "initramfs.cpio.gz"), ("rootfs", OUT / "rootfs.ext4"))
+MB = 1 << 20
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+_libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET = 0x40000000
+
+
+def say(msg=""):
+    print(msg, flush=True)
+
+
+# ---- statistics ----------------------------------------------------------------
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def p99(xs):
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[max(0, math.ceil(0.99 * len(s)) - 1)]
+
+
+# ---- namespaces -----------------------------------------------------------------
+
+def run(*args, check=True, **kw):
+    r = subprocess.run(list(args), capture_output=True, text=True, **kw)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, args))}: exit {r.returncode}: {r.stderr.strip()}")
+    return r
+
+
+def socket_in_ns(ns_path, family=socket.AF_INET, type=socket.SOCK_STREAM):
+    """A socket created inside the network namespace at ns_path (/run/netns/X or
+    /proc/PID/ns/net). setns() switches only the calling thread: a throwaway
+    thread enters the namespace, makes the socket and ends."""
+    out = {}
+
+    def make():
+        try:
+            fd = os.open(ns_path, os.O_RDONLY)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), f"setns {ns_path} failed")
+            finally:
+                os.close(fd)
+            out["sock"] = socket.socket(family, type)
+        except BaseException as e:
+            out["error"] = e
+
+    t = threading.Thread(target=make)
+    t.start()
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    return out["sock"]
+
+
+def connector(ns_path, addr, timeout=120.0):
+    def connect():
+        s = socket_in_ns(ns_path)
+        s.settimeout(timeout)
+        s.connect(addr)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return s
+    return connect
+
+
+def listener_in_ns(ns_path, addr=("127.0.0.1", 0)):
+    s = socket_in_ns(ns_path)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(addr)
+    s.listen(128)
+    return s
+
+
+class Netns:
+    def __init__(self):
+        self.name = f"cbbench{uuid.uuid4().hex[:8]}"
+        self.path = f"/run/netns/{self.name}"
+        run("ip", "netns", "add", self.name)
+        run("ip", "netns", "exec", self.name, "ip", "link", "set", "lo", "up")
+
+    def pids(self):
+        r = run("ip", "netns", "pids", self.name, check=False)
+        return [int(p) for p in r.stdout.split()]
+
+    def delete(self):
+        run("ip", "netns", "del", self.name, check=False)
+
+
+# ---- a lean keep-alive HTTP/1.1 client --------------------------------------------
+
+class Http:
+    """One keep-alive connection; request() returns (status, body bytes)."""
+
+    def __init__(self, connect, host="localhost"):
+        self.connect, self.host = connect, host
+        self.sock, self.buf = None, bytearray()
+
+    def close(self):
+        if self.sock:
+            self.sock.close()
+            self.sock = None
+
+    def request(self, method, path, body=None):
+        data = b"" if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+        msg = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(data)}\r\n\r\n").encode() + data
+        for attempt in (0, 1):
+            fresh = self.sock is None
+            if fresh:
+                self.sock, self.buf = self.connect(), bytearray()
+            try:
+                self.sock.sendall(msg)
+                return self._response()
+            except (ConnectionError, EOFError):
+                self.close()
+                if fresh or attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _fill(self):
+        chunk = self.sock.recv(4 << 20)
+        if not chunk:
+            raise EOFError("connection closed")
+        self.buf += chunk
+
+    def _response(self):
+        while (end := self.buf.find(b"\r\n\r\n")) < 0:
+            self._fill()
+        head = self.buf[:end].decode("latin-1").split("\r\n")
+        del self.buf[:end + 4]
+        status = int(head[0].split(" ", 2)[1])
+        headers = {}
+        for line in head[1:]:
+            k, _, v = line.partition(":")
+            headers[k.strip().lower()] = v.strip()
+        length = int(headers.get("content-length", "0"))
+        while len(self.buf) < length:
+            self._fill()
+        body = bytes(self.buf[:length])
+        del self.buf[:length]
+        if headers.get("connection", "").lower() == "close":
+            self.close()
+        if status == 100:
+            return self._response()
+        return status, body
+
+    def json(self, method, path, body=None, expect=200):
+        status, data = self.request(method, path, body)
+        if expect is not None and status != expect:
+            raise RuntimeError(f"{method} {path}: HTTP {status}: {data[:500]!r}")
+        return json.loads(data) if data else None
+
+
+# ---- processes ----------------------------------------------------------------------
+
+def proc_status(pid, key):
+    """A kB field of /proc/PID/status (VmRSS, VmHWM) in MB, None when gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def reset_hwm(pid):
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")     # 5: reset the peak RSS (VmHWM)
+    except OSError:
+        pass
+
+
+def cpu_seconds(pid):
+    """(user, system) CPU seconds of a process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0, 0.0
+    fields = stat[stat.rindex(")") + 2:].split()
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def self_cpu_with_children():
+    """CPU seconds of this process and its reaped children."""
+    f = Path("/proc/self/stat").read_text()
+    f = f[f.rindex(")") + 2:].split()
+    return sum(int(x) for x in f[11:15]) / CLK_TCK
+
+
+def cpu_by_role(root):
+    """CPU seconds (self + reaped children) of a process tree, by role: cbox.py, the
+    stand-in's API process, the frame relay, guest init, agent (with the commands it ran)
+    and the bench process itself (the clients)."""
+    procs = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{name}/stat").read_text()
+            cmd = Path(f"/proc/{name}/cmdline").read_bytes()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        f = stat[stat.rindex(")") + 2:].split()
+        procs[int(name)] = (int(f[1]), comm, cmd, sum(int(x) for x in f[11:15]) / CLK_TCK)
+    tree, todo = set(), [root]
+    children = {}
+    for pid, (ppid, *_rest) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    while todo:
+        pid = todo.pop()
+        if pid in procs and pid not in tree:
+            tree.add(pid)
+            todo += children.get(pid, [])
+    out = {"cbox.py": 0.0, "agent": 0.0, "relay": 0.0, "client": sum(cpu_seconds(os.getpid()))}
+    for pid in tree:
+        _, comm, cmd, secs = procs[pid]
+        role = ("cbox.py" if pid == root else "relay" if comm == "cbox-guest-vmm" else
+                "guest-init" if comm == "cbox-guest-init" else "stand-in" if b"fake_chv" in cmd else
+                "agent" if b"guest_agent" in cmd or b"profiled_agent" in cmd else "other")
+        out[role] = out.get(role, 0.0) + secs
+    return out
+
+
+def processes_with_env(token):
+    """pids whose environment mentions token (our unique run dir): agents, stand-ins."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            if token in Path(f"/proc/{name}/environ").read_bytes():
+                out.append(int(name))
+        except OSError:
+            pass
+    return out
+
+
+def ppid_of(pid):
+    return int(proc_status_raw(pid, "PPid") or 0)
+
+
+def proc_status_raw(pid, key):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return line.split()[1]
+    except OSError:
+        return None
+
+
+def agent_server_pid(run_dir, cid):
+    """pid (as seen from here) of the guest agent's server process of a VM.
+
+    The agent's supervisor and its forked server share the environment
+    CBOX_CALLBACK_SOCKET=<run_dir>/<cid>/vsock.sock_4032; the server is the one whose
+    parent is the supervisor."""
+    token = f"CBOX_CALLBACK_SOCKET={run_dir}/{cid}/vsock.sock_".encode()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        agents = set()
+        for pid in processes_with_env(token):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"guest_agent.py" in cmd or b"profiled_agent.py" in cmd:
+                agents.add(pid)
+        servers = [p for p in agents if ppid_of(p) in agents]
+        if servers:
+            return servers[0]
+        time.sleep(0.05)
+    raise RuntimeError(f"agent server process of cid {cid} not found")
+
+
+# ---- cbox.py inside the namespace ---------------------------------------------------------
+
+class Cbox:
+    """cbox.py serving inside the bench namespace with the stand-in hypervisor."""
+
+    def __init__(self, bench, label, profile_to=None, agent=None, env=None, **overrides):
+        self.bench, self.ns = bench, bench.ns
+        self.dir = bench.tmp / label
+        self.dir.mkdir(parents=True, exist_ok=True)
+        images = bench.tmp / "images"
+        images.mkdir(exist_ok=True)
+        for name in ("vmlinux", "initramfs.img", "rootfs.ext4"):
+            (images / name).write_bytes(b"stand-in image\n")
+        self.run_dir = bench.run_dir
+        self.settings = {
+            "host": "127.0.0.1", "port": 7000, "state_dir": str(self.dir / "state"), "run_dir": str(self.run_dir),
+            "bridge_name": "cbox0", "bridge_ip": "10.20.1.1/24", "bridge_subnet": "10.20.1.0/24",
+            "nat_interface": "none", "dns": "10.20.1.1", "chv_bin": str(STANDIN),
+            "kernel": str(images / "vmlinux"), "initramfs": str(images / "initramfs.img"),
+            "rootfs": str(images / "rootfs.ext4"), "stateful_size_in_mb": 64, "boot_timeout_s": 120,
+            "callback_timeout_s": 10, "exec_timeout_s": 120, "shutdown_timeout_s": 5,
+            "destroy_on_exit": True,
+        }
+        self.settings.update(overrides)
+        self.config = self.dir / "config.yaml"
+        lines = ["hostservices:", "  restserver:"]
+        lines += [f"    {k}: {json.dumps(v)}" for k, v in self.settings.items()]
+        self.config.write_text("\n".join(lines) + "\n")
+        self.log_path = self.dir / "cbox.log"
+        self.profile_to, self.agent, self.env = profile_to, agent, dict(env or {})
+        self.proc = None
+        self.connect = connector(self.ns.path, ("127.0.0.1", self.settings["port"]))
+
+    def client(self):
+        return Http(self.connect, host=f"127.0.0.1:{self.settings['port']}")
+
+    def start(self, timeout=30.0):
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
+        if self.agent:
+            env["CBOX_GUEST_AGENT"] = str(self.agent)
+        prof = ["-m", "cProfile", "-o", str(self.profile_to)] if self.profile_to else []
+        self.logf = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(["ip", "netns", "exec", self.ns.name, sys.executable, *prof,
+                                      str(self.bench.cbox_py), "serve", "--config", str(self.config)],
+                                     stdout=self.logf, stderr=subprocess.STDOUT, env=env, cwd=str(self.dir))
+        self.pid = self.proc.pid              # `ip netns exec` execs the command: same pid
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"cbox.py exited {self.proc.returncode}:\n{self.log()[-3000:]}")
+            try:
+                c = self.client()
+                status, _ = c.request("GET", "/v1/health")
+                c.close()
+                if status == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"cbox.py did not answer within {timeout}s:\n{self.log()[-3000:]}")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            try:
+                c = self.client()
+                c.request("DELETE", "/v1/vms")
+                c.close()
+            except (OSError, EOFError):
+                pass
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc:
+            self.logf.close()
+
+    def log(self):
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is KeyboardInterrupt:
+            if self.proc and self.proc.poll() is None:
+                self.proc.kill()                    # no graceful stop: cleanup() removes everything
+        else:
+            self.stop()
+
+
+# ---- callback URL server ---------------------------------------------------------------------
+
+class CallbackServer:
+    """Answers POSTs with {"result": <the params>}; listens on 127.0.0.1 of a namespace.
+
+    single_write: head and body leave in one send() (as most servers do). False is
+    stock http.server: the head, then the body in a second send() while Nagle is on."""
+
+    def __init__(self, ns_path, single_write=True):
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            wbufsize = 64 * 1024 if single_write else 0     # flushed once per request
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                data = json.dumps({"result": body.get("params")}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request, client_address):
+                pass
+
+        self.httpd = Server(("127.0.0.1", 0), Handler, bind_and_activate=False)
+        self.httpd.socket.close()
+        self.httpd.socket = listener_in_ns(ns_path)
+        self.port = self.httpd.socket.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/cb"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class ConsoleWatch:
+    """Notes the host wall time (time.time()) at which each marker first shows up in a growing
+    console file (polled every 5 ms by a thread); starts over when the file is replaced or truncated."""
+
+    def __init__(self, path, markers):
+        self.path, self.markers, self.seen = Path(path), markers, {}
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        ino, buf = None, b""
+        while not self.done.is_set() and len(self.seen) < len(self.markers):
+            try:
+                with open(self.path, "rb") as f:
+                    st = os.fstat(f.fileno())
+                    if st.st_ino != ino or st.st_size < len(buf):
+                        ino, buf = st.st_ino, b""
+                    f.seek(len(buf))
+                    buf += f.read()
+                now = time.time()
+                for m in self.markers:
+                    if m not in self.seen and m.encode() in buf:
+                        self.seen[m] = now
+            except OSError:
+                pass
+            self.done.wait(0.005)
+
+    def stop(self):
+        self.done.set()
+        self.thread.join()
+        return self.seen
+
+
+def time_of_day(t):
+    """Seconds since local midnight of a time.time() value (cbox.py logs local HH:MM:SS.mmm)."""
+    d = datetime.fromtimestamp(t)
+    return d.hour * 3600 + d.minute * 60 + d.second + d.microsecond / 1e6
+
+
+def log_time_of_day(line):
+    """Seconds since local midnight of a cbox.py log line's HH:MM:SS.mmm prefix, or None."""
+    try:
+        h, m, sec = line[:12].split(":")
+        return int(h) * 3600 + int(m) * 60 + float(sec)
+    except ValueError:
+        return None
+
+
+def tod_diff(a, b):
+    """a - b for times of day, across midnight."""
+    return (a - b + 43200) % 86400 - 43200
+
+
+# ---- the results table -------------------------------------------------------------------------
+
+def fmt(v, unit):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if unit == "ms":
+        return f"{v:.2f} ms"
+    if unit == "s":
+        return f"{v:.2f} s"
+    if unit == "MB":
+        return f"{v:.1f} MB"
+    if unit == "execs/s":
+        return f"{v:.0f} execs/s"
+    if unit == "MB/s":
+        return f"{v:.1f} MB/s"
+    return f"{v:g} {unit}"
+
+
+class Row:
+    def __init__(self, name, value, unit, p99=None, floor=None, ratio=None, target="-", ok=None,
+                 notes="", how=""):
+        self.name, self.value, self.unit, self.p99, self.floor = name, value, unit, p99, floor
+        self.ratio, self.target, self.ok, self.notes, self.how = ratio, target, ok, notes, how
+        if self.ratio is None and floor:
+            self.ratio = value / floor
+
+    def cells(self):
+        return [self.name, fmt(self.value, self.unit), fmt(self.p99, self.unit), fmt(self.floor, self.unit),
+                "-" if self.ratio is None else f"{self.ratio:.2f}x", self.target,
+                "-" if self.ok is None else ("PASS" if self.ok else "FAIL"), self.notes]
+
+
+HEADERS = ["Measure", "Median", "p99", "Floor (median)", "Ratio to floor", "Target", "Result", "Notes"]
+
+
+def markdown_table(rows):
+    out = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    for r in rows:
+        out.append("| " + " | ".join(c.replace("|", "\\|") for c in r.cells()) + " |")
+    return "\n".join(out)
+
+
+def text_table(rows):
+    cells = [HEADERS] + [r.cells() for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(HEADERS) - 1)]
+    lines = []
+    for i, c in enumerate(cells):
+        lines.append("  ".join(c[j].ljust(widths[j]) for j in range(len(widths))) + "  " + c[-1])
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths) + "  -----")
+    return "\n".join(lines)
+
+
+# ---- the benchmarks ------------------------------------------------------------------------------
+
+GUEST_CALLBACK_SCRIPT = r'''
+import http.client, json, os, subprocess, sys, time, urllib.request
+from cbox_callback import callback
+N, M = int(os.environ["BENCH_N"]), int(os.environ["BENCH_M"])
+direct = os.environ["BENCH_DIRECT_URL"]
+port = int(direct.split(":")[2].split("/")[0])
+perf = time.perf_counter
+
+def body(i):
+    return json.dumps({"vmName": "cb", "method": "ping", "params": {"i": i}}).encode()
+
+def direct_urllib(i):
+    req = urllib.request.Request(direct, data=body(i), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert json.loads(r.read())["result"] == {"i": i}
+
+ka = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+def direct_keepalive(i):
+    ka.request("POST", "/cb", body=body(i), headers={"Content-Type": "application/json"})
+    r = ka.getresponse()
+    assert json.loads(r.read())["result"] == {"i": i}
+
+def via_cbox(i):
+    assert callback("ping", {"i": i}, timeout=10) == {"i": i}
+
+res = {"cbox": [], "direct": [], "keepalive": [], "cmd": [], "cmd_direct": []}
+for i in range(20):
+    via_cbox(i); direct_urllib(i); direct_keepalive(i)
+for i in range(N):      # interleaved, so drift hits all three alike
+    for key, fn in (("cbox", via_cbox), ("direct", direct_urllib), ("keepalive", direct_keepalive)):
+        t = perf(); fn(i); res[key].append((perf() - t) * 1000)
+one_shot = ("import json, sys, urllib.request\n"
+            "req = urllib.request.Request(sys.argv[1], data=json.dumps({'vmName': 'cb', 'method': 'ping', "
+            "'params': {'i': 1}}).encode(), headers={'Content-Type': 'application/json'})\n"
+            "print(json.dumps(json.loads(urllib.request.urlopen(req, timeout=10).read())['result']))\n")
+for i in range(M):
+    t = perf()
+    out = subprocess.run(["cbox_callback", "ping", '{"i": 1}'], capture_output=True, text=True)
+    res["cmd"].append((perf() - t) * 1000)
+    assert out.returncode == 0 and json.loads(out.stdout) == {"i": 1}, out
+    t = perf()
+    out = subprocess.run([sys.executable, "-c", one_shot, direct], capture_output=True, text=True)
+    res["cmd_direct"].append((perf() - t) * 1000)
+    assert out.returncode == 0 and json.loads(out.stdout) == {"i": 1}, out
+print(json.dumps(res))
+'''
+
+GUEST_CALLBACK_ONLY = r'''
+import json, os, time
+from cbox_callback import callback
+res = {"cbox": []}
+for i in range(10):
+    callback("ping", {"i": i}, timeout=10)
+for i in range(int(os.environ["BENCH_N"])):
+    t = time.perf_counter()
+    assert callback("ping", {"i": i}, timeout=10) == {"i": i}
+    res["cbox"].append((time.perf_counter() - t) * 1000)
+print(json.dumps(res))
+'''
+
+PROFILED_AGENT = r'''#!/usr/bin/env python3
+"""guest_agent.py with each connection's serving thread under cProfile (bench --profile)."""
+import cProfile, os, sys, threading
+sys.path.insert(0, os.environ["BENCH_REPO"])
+import guest_agent
+
+_orig = guest_agent.AgentServer._serve_connection
+
+def _serve_connection(self, sock):
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        return _orig(self, sock)
+    finally:
+        prof.disable()
+        prof.dump_stats(os.path.join(os.environ["BENCH_PROFILE_DIR"],
+                                     f"agent-{os.getpid()}-{threading.get_ident()}.prof"))
+
+guest_agent.AgentServer._serve_connection = _serve_connection
+sys.exit(guest_agent.main([guest_agent.__file__] + sys.argv[1:]))
+'''
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.quick = args.quick
+        self.rows = []
+        self.extra = []            # extra markdown sections (per-step medians, profiles)
+        self.ns = None
+        self.tmp = Path(tempfile.mkdtemp(prefix="cbbench-"))
+        self.run_dir = Path("/tmp") / f"cbbr{uuid.uuid4().hex[:6]}"   # short: socket paths hold 107 bytes
+        self.servers = []
+        self.cbox_py = Path(args.cbox).resolve() if args.cbox else REPO / "cbox.py"
+
+    def add(self, row):
+        self.rows.append(row)
+        say("  " + " | ".join(c for c in row.cells() if c))
+
+    def n(self, full, quick):
+        return quick if self.quick else full
+
+    def cbox(self, label, **kw):
+        srv = Cbox(self, label, **kw)
+        self.servers.append(srv)
+        return srv
+
+    # -- set up and tear down ---------------------------------------------------
+
+    def setup(self):
+        if os.geteuid() != 0:
+            sys.exit("bench.py needs root (network namespaces, taps, iptables)")
+        for tool in ("ip", "iptables", "mke2fs"):
+            if not any(os.access(os.path.join(d, tool), os.X_OK) for d in os.environ.get("PATH", "").split(":")
+                       + ["/usr/sbin", "/sbin"]):
+                sys.exit(f"bench.py needs {tool}")
+        self.load0 = f"{os.getloadavg()[0]:.2f}"
+        self.ns = Netns()
+        say(f"namespace {self.ns.name}, files in {self.tmp}, sockets in {self.run_dir}")
+
+    def cleanup(self):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)        # a second Ctrl-C must not stop the cleanup
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for srv in self.servers:
+            if srv.proc and srv.proc.poll() is None:
+                srv.proc.kill()
+                srv.proc.wait()
+        if self.ns:
+            for pid in self.ns.pids():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        # guests live in namespaces of their own: find what is left by our run dir
+        for pid in processes_with_env(str(self.run_dir).encode()):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.ns:
+            self.ns.delete()
+        subprocess.run(["rm", "-rf", str(self.run_dir)])
+        if not self.args.keep:
+            subprocess.run(["rm", "-rf", str(self.tmp)])
+        else:
+            say(f"kept {self.tmp}")
+
+    # -- exec latency -------------------------------------------------------------
+
+    def bench_exec(self):
+        n = self.args.iterations or self.n(300, 100)
+        say(f"\n== exec latency: {n} x {{\"cmd\":\"true\"}} per path, interleaved in 3 rounds")
+        with self.cbox("exec") as srv:
+            api = srv.client()
+            vm = api.json("POST", "/v1/vms", {"vmName": "lat"})
+            ip, cid = vm["ip"].split("/")[0], vm["cid"]
+            agent_pid = agent_server_pid(self.run_dir, cid)
+            via_cbox = Http(srv.connect)
+            via_bridge = Http(connector(self.ns.path, (ip, 4031)))
+            via_lo = Http(connector(f"/proc/{agent_pid}/ns/net", ("127.0.0.1", 4031)))
+            body = json.dumps({"cmd": "true"}).encode()
+
+            def call(client, path):
+                def once():
+                    status, data = client.request("POST", path, body)
+                    if status != 200 or b'"exitCode":0' not in data:
+                        raise RuntimeError(f"exec failed: HTTP {status} {data[:300]!r}")
+                return once
+
+            paths = {
+                "floor": lambda: subprocess.run(["/bin/sh", "-c", "true"]),
+                "agent_lo": call(via_lo, "/exec"),
+                "agent_bridge": call(via_bridge, "/exec"),
+                "cbox": call(via_cbox, "/v1/vms/lat/exec"),
+            }
+            times = {k: [] for k in paths}
+            for fn in paths.values():           # warm up every path
+                for _ in range(20):
+                    fn()
+            cpu0 = cpu_seconds(srv.pid)
+            cbox_runs = 0
+            for rnd in range(3):
+                for key, fn in paths.items():
+                    for _ in range(n // 3 + (1 if rnd < n % 3 else 0)):
+                        t = time.perf_counter()
+                        fn()
+                        times[key].append((time.perf_counter() - t) * 1000)
+                        cbox_runs += key == "cbox"
+            cpu1 = cpu_seconds(srv.pid)
+            usr, sys_ = ((cpu1[i] - cpu0[i]) / cbox_runs * 1000 for i in (0, 1))
+            for c in (via_cbox, via_bridge, via_lo, api):
+                c.close()
+        floor = median(times["floor"])
+        self.add(Row("exec floor: subprocess.run(sh -c true)", floor, "ms", p99(times["floor"]), floor,
+                     how=f"{n} x subprocess.run(['/bin/sh','-c','true']) in the bench process"))
+        self.add(Row("exec: agent alone, guest loopback", median(times["agent_lo"]), "ms", p99(times["agent_lo"]),
+                     floor, how="POST /exec {\"cmd\":\"true\"} to 127.0.0.1:4031 from inside the guest's own "
+                                "network namespace (keep-alive): the agent's HTTP + spawn, no network hop"))
+        self.add(Row("exec: agent alone, via bridge+tap", median(times["agent_bridge"]), "ms",
+                     p99(times["agent_bridge"]), floor,
+                     how="POST /exec to <guest ip>:4031 from cbox's namespace (keep-alive): adds the bridge, "
+                         "the tap and the stand-in's frame relay (a Python process; virtio-net in a real VM)"))
+        med = median(times["cbox"])
+        self.add(Row("exec latency via cbox.py", med, "ms", p99(times["cbox"]), floor,
+                     target="median <= floor + 2.5 ms", ok=med <= floor + 2.5,
+                     notes=f"cbox.py CPU {usr + sys_:.2f} ms/exec (user {usr:.2f}, sys {sys_:.2f}); cbox hop = "
+                           f"{med - median(times['agent_bridge']):+.2f} ms over the direct agent",
+                     how="POST /v1/vms/lat/exec {\"cmd\":\"true\"} from the bench process on the host through a "
+                         "socket in the namespace (keep-alive), all four paths interleaved in 3 rounds"))
+
+    # -- exec throughput ---------------------------------------------------------------
+
+    def bench_throughput(self):
+        dur = self.args.duration or self.n(10.0, 3.0)
+        clients, nvms = 16, 4
+        slices = 4 if dur >= 4 else 2
+        say(f"\n== exec throughput: {clients} clients over {nvms} VMs for {dur:g} s, floor: {clients} threads "
+            f"(alternating in {slices} slices each, so load from elsewhere hits both alike)")
+
+        def hammer(fns, seconds):
+            """Run fns[i] in thread i for `seconds`; returns completed calls."""
+            counts, errors = [0] * clients, []
+            start = threading.Barrier(clients + 1)
+            stop_at = [0.0]
+
+            def worker(i):
+                start.wait()
+                try:
+                    while time.monotonic() < stop_at[0]:
+                        fns[i]()
+                        counts[i] += 1
+                except Exception as e:     # reported below
+                    errors.append(repr(e))
+            threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(clients)]
+            for t in threads:
+                t.start()
+            stop_at[0] = time.monotonic() + seconds
+            start.wait()
+            for t in threads:
+                t.join(seconds + 120)
+            if errors:
+                raise RuntimeError(f"{len(errors)} client(s) failed: {errors[0]}")
+            return sum(counts)
+
+        floor_fns = [lambda: subprocess.run(["/bin/sh", "-c", "true"])] * clients
+        with self.cbox("throughput") as srv:
+            api = srv.client()
+            for v in range(nvms):
+                api.json("POST", "/v1/vms", {"vmName": f"tp{v}"})
+            body = json.dumps({"cmd": "true"}).encode()
+
+            def client_fn(i):
+                c = Http(srv.connect)
+                path = f"/v1/vms/tp{i % nvms}/exec"
+
+                def once():
+                    status, data = c.request("POST", path, body)
+                    if status != 200 or b'"exitCode":0' not in data:
+                        raise RuntimeError(f"HTTP {status} {data[:200]!r}")
+                return once
+            cbox_fns = [client_fn(i) for i in range(clients)]
+            for fn in cbox_fns:                     # warm up: connections open, agents busy once
+                fn()
+            floor_n = cbox_n = 0
+            floor_s = cbox_s = 0.0
+            cpu = {}
+            floor_cpu = 0.0
+            for _ in range(slices):
+                before = self_cpu_with_children()
+                t = time.monotonic()
+                floor_n += hammer(floor_fns, dur / slices)
+                floor_s += time.monotonic() - t
+                floor_cpu += self_cpu_with_children() - before
+                before = cpu_by_role(srv.pid)
+                t = time.monotonic()
+                cbox_n += hammer(cbox_fns, dur / slices)
+                cbox_s += time.monotonic() - t
+                for role, secs in cpu_by_role(srv.pid).items():
+                    cpu[role] = cpu.get(role, 0.0) + secs - before.get(role, 0.0)
+            api.close()
+        floor, rate = floor_n / floor_s, cbox_n / cbox_s
+        per_exec = ", ".join(f"{role} {secs / cbox_n * 1000:.2f}" for role, secs in cpu.items()
+                             if secs / cbox_n >= 0.000005)
+        self.add(Row("exec throughput via cbox.py", rate, "execs/s", None, floor,
+                     target=">= 60% of floor", ok=rate >= 0.6 * floor,
+                     notes=f"CPU ms per exec: {per_exec} (floor: {floor_cpu / floor_n * 1000:.2f} per "
+                           f"subprocess.run, sh included); machine has {os.cpu_count()} cores",
+                     how=f"{clients} client threads (one keep-alive connection each) over {nvms} VMs, completed "
+                         f"execs / s; floor: {clients} threads doing subprocess.run(sh -c true) in one process; "
+                         f"{dur:g} s of each, alternating in {slices} slices; CPU per exec from /proc/<pid>/stat "
+                         "of cbox.py and its descendants (a process's reaped children count as its own)"))
+
+    # -- callbacks --------------------------------------------------------------------------
+
+    def bench_callback(self):
+        n = self.args.iterations or self.n(300, 100)
+        m = self.n(50, 20)
+        say(f"\n== callback round trip: {n} x callback() interleaved with direct POSTs; {m} x cbox_callback")
+        cb = CallbackServer(self.ns.path)
+        stock = CallbackServer(self.ns.path, single_write=False)
+        try:
+            with self.cbox("callback") as srv:
+                api = srv.client()
+                vm = api.json("POST", "/v1/vms", {"vmName": "cb", "callbackUrl": cb.url})
+                api.json("POST", "/v1/vms", {"vmName": "cbstock", "callbackUrl": stock.url})
+                agent_pid = agent_server_pid(self.run_dir, vm["cid"])
+                local = CallbackServer(f"/proc/{agent_pid}/ns/net")   # same server, in the guest's namespace
+                try:
+                    r = api.json("POST", "/v1/vms/cb/exec", {
+                        "cmd": f"{sys.executable} -", "stdin": GUEST_CALLBACK_SCRIPT, "timeout": 600,
+                        "env": {"BENCH_N": str(n), "BENCH_M": str(m), "BENCH_DIRECT_URL": local.url}})
+                finally:
+                    local.close()
+                if r["exitCode"] != 0:
+                    raise RuntimeError(f"guest callback script failed: {r['stderr'][-2000:]}")
+                res = json.loads(r["stdout"])
+                r = api.json("POST", "/v1/vms/cbstock/exec", {
+                    "cmd": f"{sys.executable} -", "stdin": GUEST_CALLBACK_ONLY, "timeout": 600,
+                    "env": {"BENCH_N": str(min(n, 100))}})
+                if r["exitCode"] != 0:
+                    raise RuntimeError(f"guest callback script failed: {r['stderr'][-2000:]}")
+                res_stock = json.loads(r["stdout"])
+                api.close()
+        finally:
+            cb.close()
+            stock.close()
+        floor = median(res["direct"])
+        med = median(res["cbox"])
+        self.add(Row("callback floor: direct POST (urllib)", floor, "ms", p99(res["direct"]), floor,
+                     how="the same guest Python process POSTs the same JSON with urllib.request (a new "
+                         "connection per call, as callback() opens one per call) to the same callback server "
+                         "code listening on 127.0.0.1 inside the guest's own namespace"))
+        self.add(Row("callback: direct POST (keep-alive)", median(res["keepalive"]), "ms", p99(res["keepalive"]),
+                     floor, how="as the floor, over one http.client keep-alive connection (for reference)"))
+        self.add(Row("callback round trip via cbox.py", med, "ms", p99(res["cbox"]), floor,
+                     target="median <= floor + 2 ms", ok=med <= floor + 2.0,
+                     how=f"{n} x callback('ping', {{'i': i}}) from `from cbox_callback import callback` in a "
+                         "guest Python process (timed in the guest): guest -> Unix socket -> cbox.py -> "
+                         "callback URL server (ThreadingHTTPServer answering head and body in one send) on "
+                         "127.0.0.1 of cbox's namespace -> back; interleaved with the floors"))
+        stock_med = median(res_stock["cbox"])
+        self.add(Row("callback via cbox.py, stock http.server URL", stock_med, "ms",
+                     p99(res_stock["cbox"]), floor, target="median <= floor + 2 ms", ok=stock_med <= floor + 2.0,
+                     how=f"{len(res_stock['cbox'])} x callback() back to back, the URL served by an unmodified "
+                         "http.server handler (head and body in two send()s, Nagle on)"))
+        self.add(Row("callback: cbox_callback command", median(res["cmd"]), "ms", p99(res["cmd"]),
+                     median(res["cmd_direct"]),
+                     how=f"{m} x subprocess.run(['cbox_callback','ping','{{\"i\": 1}}']) in the guest, process "
+                         "spawn included; floor: a one-shot `python3 -c` doing the direct urllib POST"))
+
+    # -- start latency -------------------------------------------------------------------------
+
+    HYPERVISOR_STEPS = ("spawn", "vm.create", "vm.boot", "agent")
+
+    def bench_start(self):
+        n = self.n(20, 8)
+        say(f"\n== start latency: {n} sequential starts (each destroyed before the next)")
+        client_ms = []
+        with self.cbox("start") as srv:
+            api = srv.client()
+            api.json("POST", "/v1/vms", {"vmName": "warm"})
+            api.json("DELETE", "/v1/vms/warm")
+            for i in range(n):
+                t = time.perf_counter()
+                api.json("POST", "/v1/vms", {"vmName": f"st{i}"})
+                client_ms.append((time.perf_counter() - t) * 1000)
+                api.json("DELETE", f"/v1/vms/st{i}")
+            api.close()
+            log = srv.log()
+        steps, totals = {}, {}
+        for line in log.splitlines():
+            f = dict(p.split("=", 1) for p in line.split() if "=" in p)
+            if not f.get("vm", "").startswith("st"):
+                continue
+            if " start step " in line:
+                steps.setdefault(f["step"], {})[f["vm"]] = float(f["ms"])
+            elif " VM running " in line:
+                totals[f["vm"]] = float(f["ms"])
+        names = sorted(totals)
+        waiting = {v: sum(steps.get(s, {}).get(v, 0.0) for s in self.HYPERVISOR_STEPS) for v in names}
+        own = [totals[v] - waiting[v] for v in names]
+        self.add(Row("start latency: POST /v1/vms -> 200", median(client_ms), "ms", p99(client_ms),
+                     notes=f"cbox-logged total {median([totals[v] for v in names]):.1f} ms, of which hypervisor "
+                           f"and guest {median(list(waiting.values())):.1f} ms",
+                     how=f"{n} sequential starts from the host client, each VM destroyed before the next"))
+        self.add(Row("start: cbox.py's own share", median(own), "ms", p99(own), target="median < 50 ms",
+                     ok=median(own) < 50,
+                     notes=", ".join(f"{s} {median(list(steps[s].values())):.1f}" for s in steps
+                                     if s not in self.HYPERVISOR_STEPS),
+                     how="per start: cbox's logged total ('VM running ... ms=') minus the steps that wait on "
+                         "the hypervisor and the guest (" + ", ".join(self.HYPERVISOR_STEPS) + ")"))
+        lines = ["### Start steps (medians over %d starts, from cbox.py's log)" % len(names), "",
+                 "| step | median ms | p99 ms | whose time |", "|---|---|---|---|"]
+        for s, per in steps.items():
+            vals = list(per.values())
+            who = "hypervisor / guest" if s in self.HYPERVISOR_STEPS else "cbox.py"
+            lines.append(f"| {s} | {median(vals):.1f} | {p99(vals):.1f} | {who} |")
+        lines.append(f"| total (logged) | {median([totals[v] for v in names]):.1f} | "
+                     f"{p99([totals[v] for v in names]):.1f} | |")
+        self.extra.append("\n".join(lines))
+        say("  steps: " + ", ".join(f"{s}={median(list(per.values())):.1f}ms" for s, per in steps.items()))
+
+    # -- density ------------------------------------------------------------------------------------
+
+    def bench_density(self):
+        total = self.args.vms or self.n(100, 30)
+        batch = 20
+        say(f"\n== density: {total} VMs, {batch} at a time")
+        with self.cbox("density", max_vms=250, default_memory_mb=64, guest_mem_percentage=100,
+                       stateful_size_in_mb=64) as srv:
+            idle_rss = proc_status(srv.pid, "VmRSS")
+            starts = []
+
+            def start(i):
+                c = Http(srv.connect)
+                t = time.perf_counter()
+                try:
+                    c.json("POST", "/v1/vms", {"vmName": f"d{i}"})
+                finally:
+                    c.close()
+                return (time.perf_counter() - t) * 1000
+            t0 = time.monotonic()
+            pool = ThreadPoolExecutor(batch)
+            try:
+                for b in range(0, total, batch):    # batches of 20 concurrent starts
+                    starts += list(pool.map(start, range(b, min(b + batch, total))))
+            finally:
+                pool.shutdown(wait=False, cancel_futures=True)
+            start_s = time.monotonic() - t0
+            rss = proc_status(srv.pid, "VmRSS")
+            api = srv.client()
+            vms = api.json("GET", "/v1/vms")["vms"]
+            assert len(vms) == total and all(v["status"] == "RUNNING" for v in vms), "not all VMs are running"
+            for _ in range(10):
+                api.request("GET", "/v1/vms")
+            lst = []
+            for _ in range(self.n(200, 50)):
+                t = time.perf_counter()
+                status, _ = api.request("GET", "/v1/vms")
+                lst.append((time.perf_counter() - t) * 1000)
+                assert status == 200
+            first, lat = [], []
+            for rnd in range(3):                     # round robin: the first pass is each VM's first exec
+                for i in range(total):
+                    t = time.perf_counter()
+                    api.json("POST", f"/v1/vms/d{i}/exec", {"cmd": "true"})
+                    (first if rnd == 0 else lat).append((time.perf_counter() - t) * 1000)
+            t = time.monotonic()
+            destroyed = api.json("DELETE", "/v1/vms")["destroyed"]
+            destroy_s = time.monotonic() - t
+            assert len(destroyed) == total
+            api.close()
+        self.add(Row(f"density: {total} starts, {batch} at a time", median(starts), "ms", p99(starts),
+                     notes=f"all {total} running after {start_s:.1f} s",
+                     how=f"{total} POST /v1/vms in batches of {batch} concurrent requests (64 MB, 1 vcpu each); "
+                         "per-start latency"))
+        self.add(Row(f"density: cbox.py RSS with {total} VMs", rss, "MB", target="< 64 MB", ok=rss < 64,
+                     notes=f"{idle_rss:.1f} MB idle, +{(rss - idle_rss) * 1024 / total:.0f} kB per VM",
+                     how="VmRSS of the cbox.py process from /proc/<pid>/status once all VMs run"))
+        self.add(Row(f"density: GET /v1/vms with {total} VMs", median(lst), "ms", p99(lst),
+                     how=f"{len(lst)} x GET /v1/vms on one keep-alive connection"))
+        self.add(Row(f"density: exec with {total} VMs running", median(lat), "ms", p99(lat),
+                     notes=f"first exec on each VM: median {median(first):.2f} ms",
+                     how="POST /exec {\"cmd\":\"true\"} round-robin over all the VMs, 2 passes after a first "
+                         "one (each VM's first exec, reported apart)"))
+        self.add(Row(f"density: DELETE /v1/vms ({total} VMs)", destroy_s, "s",
+                     notes=f"{destroy_s / total * 1000:.0f} ms per VM",
+                     how="one DELETE /v1/vms until the answer (every VM torn down)"))
+
+    # -- large output ---------------------------------------------------------------------------------
+
+    def bench_output(self):
+        size = 50 * MB
+        say(f"\n== large output: a command printing {size // MB} MB (a fresh VM for each run)")
+        variants = [
+            (4 * MB, "zeros", f"head -c {size} /dev/zero"),
+            (4 * MB, "text", f"head -c {size} /dev/zero | tr '\\0' a"),
+            (64 * MB, "zeros", f"head -c {size} /dev/zero"),
+            (64 * MB, "text", f"head -c {size} /dev/zero | tr '\\0' a"),
+        ]
+        for limit in sorted({v[0] for v in variants}):
+            with self.cbox(f"output{limit // MB}", exec_output_limit_bytes=limit) as srv:
+                api = srv.client()
+                for k, (lim, kind, cmd) in enumerate(v for v in variants if v[0] == limit):
+                    name = f"big{k}"
+                    vm = api.json("POST", "/v1/vms", {"vmName": name})
+                    agent_pid = agent_server_pid(self.run_dir, vm["cid"])
+                    api.json("POST", f"/v1/vms/{name}/exec", {"cmd": "true"})
+                    # the agent alone over the bridge first: the same command, the same cap
+                    direct = Http(connector(self.ns.path, (vm["ip"].split("/")[0], 4031)))
+                    t = time.perf_counter()
+                    dstatus, ddata = direct.request("POST", "/exec", {"cmd": cmd, "timeout": 300, "maxOutput": lim})
+                    direct_s = time.perf_counter() - t
+                    direct.close()
+                    del ddata
+                    base_cbox, base_agent = proc_status(srv.pid, "VmRSS"), proc_status(agent_pid, "VmRSS")
+                    reset_hwm(srv.pid)
+                    reset_hwm(agent_pid)
+                    t = time.perf_counter()
+                    status, data = api.request("POST", f"/v1/vms/{name}/exec", {"cmd": cmd, "timeout": 300})
+                    secs = time.perf_counter() - t
+                    hwm_cbox, hwm_agent = proc_status(srv.pid, "VmHWM"), proc_status(agent_pid, "VmHWM")
+                    resp_mb = len(data) / MB
+                    detail = f"HTTP {status}"
+                    ok = status == 200
+                    if ok:
+                        r = json.loads(data)
+                        got = len(r["stdout"])
+                        detail += f", stdout {got / MB:.1f} MB{' (truncated)' if r['truncated'] else ''}"
+                        ok = r["exitCode"] == 0 and got == min(size, lim)
+                    else:
+                        detail += f": {data[:100].decode('utf-8', 'replace')}"
+                    del data
+                    grow_cbox, grow_agent = hwm_cbox - base_cbox, hwm_agent - base_agent
+                    bound = 2 * resp_mb + 16
+                    self.add(Row(f"large output: 50 MB {kind}, limit {lim // MB} MiB",
+                                 size / MB / secs if status == 200 else None, "MB/s",
+                                 target="200, capped; peaks < 2x response + 16 MB",
+                                 ok=ok and grow_cbox < bound and grow_agent < bound,
+                                 notes=f"{detail}; response {resp_mb:.1f} MB in {secs:.2f} s (agent alone: HTTP "
+                                       f"{dstatus} in {direct_s:.2f} s); peak RSS growth cbox.py +{grow_cbox:.0f} MB "
+                                       f"(VmHWM {hwm_cbox:.0f}), agent server +{grow_agent:.0f} MB "
+                                       f"(VmHWM {hwm_agent:.0f})",
+                                 how=(f"as above: `{cmd}`, exec_output_limit_bytes={lim}" if self.rows and self.rows[-1].name
+                                      .startswith("large output") else
+                                      f"POST exec `{cmd}` with exec_output_limit_bytes={lim}, on a fresh VM; "
+                                      "MB/s = 50 MB / time to the full response; 'agent alone' = the same exec "
+                                      "sent straight to the agent over the bridge just before; peak = VmHWM "
+                                      "(reset through /proc/<pid>/clear_refs before the run) minus VmRSS before "
+                                      "it, for cbox.py and the agent's server process")))
+                    api.json("DELETE", f"/v1/vms/{name}")
+                api.close()
+
+    # -- real boot under QEMU ------------------------------------------------------------------------
+
+    REALBOOT_VMM = ("spawn", "vm.create", "vm.boot")          # hypervisor process start + its API calls
+    REALBOOT_WAIT = REALBOOT_VMM + ("agent",)
+
+    def image_sizes(self):
+        """A row per guest image in out/ (apparent size, on-disk size in the notes); names of the missing."""
+        missing, table = [], ["### Guest images (out/)", "", "| file | apparent bytes | on-disk bytes | notes |",
+                              "|---|---|---|---|"]
+        release = OUT / "kernel.release"
+        for what, path in IMAGES:
+            if not path.exists():
+                missing.append(f"out/{path.name}")
+                continue
+            st = path.stat()
+            apparent, on_disk = st.st_size, st.st_blocks * 512
+            note = {"kernel": "kernel " + (release.read_text().strip() if release.exists() else "(release unknown)"),
+                    "initramfs": "gzip'd cpio: busybox, init, the guest's modules",
+                    "rootfs": "ext4, read-only lower layer of every VM (sparse: on disk = allocated blocks)"}[what]
+            self.add(Row(f"image: out/{path.name}", apparent / MB, "MB",
+                         notes=f"on disk {on_disk / MB:.1f} MB" + (f" ({on_disk / apparent:.0%} of apparent)"
+                                                                    if what == "rootfs" else "") + f"; {note}",
+                         how="apparent size = st_size; on disk = st_blocks x 512 (what `du` shows); MB = 2^20 bytes"
+                         if what == "kernel" else ""))
+            table.append(f"| out/{path.name} | {apparent} | {on_disk} | {note} |")
+        if len(table) > 4:
+            self.extra.append("\n".join(table))
+        return missing
+
+    def realboot_leftovers(self, srv, name=None, cid=None, tap=None, ip=None, timeout=10.0):
+        """What is left of one destroyed VM (or, without name, any process in the namespace after
+        cbox.py stopped): taps, hypervisor/QEMU processes, iptables rules, records, disks, sockets."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = []
+            for pid in self.ns.pids():
+                if name is not None and pid == srv.pid:
+                    continue
+                try:
+                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                except OSError:
+                    continue
+                left.append(f"process {pid} ({cmd[:80].strip()})")
+            if name is not None:
+                links = run("ip", "-n", self.ns.name, "-o", "link", "show", check=False).stdout
+                if any(line.split(":")[1].strip().split("@")[0] == tap for line in links.splitlines()
+                       if line.count(":") >= 2):
+                    left.append(f"tap {tap}")
+                rules = run("ip", "netns", "exec", self.ns.name, "iptables-save", check=False).stdout
+                if tap in rules or (ip and f"{ip}/32" in rules):
+                    left.append("iptables rules naming its tap or IP")
+                state = Path(srv.settings["state_dir"]) / "vms"
+                for p in (state / name, state / f"{name}.json", Path(srv.settings["run_dir"]) / str(cid)):
+                    if p.exists():
+                        left.append(str(p))
+            if not left or time.monotonic() > deadline:
+                return left
+            time.sleep(0.1)
+
+    @staticmethod
+    def parse_console(text):
+        """Guest uptimes (s) from the serial console: the kernel's own timestamps and the lines of
+        initramfs/init and the agent (which print /proc/uptime)."""
+        def find(pattern):
+            m = re.search(pattern, text, re.M)
+            return float(m.group(1)) if m else None
+        return {
+            "kernel_run_init": find(r"^\[\s*(\d+\.\d+)\] Run /init as init process"),
+            "kernel_lines": len(re.findall(r"^\[\s*\d+\.\d+\]", text, re.M)),
+            "init_start": find(r"cbox-init: start, kernel \S+, uptime ([\d.]+)s"),
+            "switch_root": find(r"cbox-init: starting \S+ \S+, uptime ([\d.]+)s"),
+            "ready": find(r"cbox-agent: ready on .*? uptime=([\d.]+)s"),
+            "agent_start": find(r"cbox-agent: ready on .*? agent_start=([\d.]+)s"),
+            "tsc_unstable": "Marking clocksource 'tsc" in text,
+        }
+
+    def bench_realboot(self):
+        n = self.args.boots or self.n(5, 3)
+        missing = self.image_sizes()
+        qemu = os.environ.get("CBOX_QEMU_BIN") or "qemu-system-x86_64"
+        accel = (os.environ.get("CBOX_QEMU_ACCEL") or "tcg").lower()
+        skip = (f"out/ images missing ({', '.join(missing)}): run `make images`" if missing else
+                f"{qemu} not found: apt-get install qemu-system-x86" if not shutil.which(qemu) else
+                "CBOX_QEMU_ACCEL=kvm but /dev/kvm is not usable" if accel == "kvm"
+                and not os.access("/dev/kvm", os.R_OK | os.W_OK) else "")
+        if skip:
+            say(f"\n== real boot: skipped: {skip}")
+            self.add(Row("realboot: real boot under QEMU", None, "s", notes=f"SKIPPED: {skip}",
+                         how="needs the images from `make images` and qemu-system-x86_64"))
+            return
+        say(f"\n== real boot: {n} sequential starts of the out/ images under QEMU (-M microvm, {accel}) "
+            "through cbox.py's REST API, after one warm-up start")
+        keep = self.tmp / "realboot-logs"                # consoles and stand-in logs (--keep)
+        keep.mkdir(parents=True, exist_ok=True)
+        names = [f"real{i}" for i in range(n)]
+        images = {what: str(path) for what, path in IMAGES}
+        port = 7000
+        boots, problems = {}, []
+        with self.cbox("realboot", env={"CBOX_STANDIN_ENGINE": "qemu"}, run_dir=str(self.run_dir / "rb"),
+                       port=port, cmdline_extra=self.args.cmdline_extra, boot_timeout_s=300, stateful_size_in_mb=256,
+                       exec_timeout_s=60, shutdown_timeout_s=5, **images) as srv:
+            api = Http(connector(self.ns.path, ("127.0.0.1", port), timeout=600), host=f"127.0.0.1:{port}")
+            for name in ["rbwarm"] + names:
+                watch = ConsoleWatch(Path(srv.settings["state_dir"]) / "vms" / name / "console.log",
+                                     ("cbox-init: start", "cbox-agent: ready"))
+                t = time.perf_counter()
+                try:
+                    vm = api.json("POST", "/v1/vms", {"vmName": name})
+                finally:
+                    seen = watch.stop()
+                post_s = time.perf_counter() - t
+                if vm["status"] != "RUNNING":
+                    raise RuntimeError(f"{name}: status {vm['status']} after POST /v1/vms")
+                deadline = time.monotonic() + 10          # the ready line is written before the agent answers
+                while True:
+                    status, data = api.request("GET", f"/v1/vms/{name}/logs")
+                    text = data.decode("utf-8", "replace")
+                    if status != 200 or "cbox-agent: ready" in text or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.1)
+                (keep / f"{name}.console").write_text(text)
+                chv_log = Path(srv.settings["state_dir"]) / "vms" / name / "cloud-hypervisor.log"
+                if chv_log.exists():
+                    (keep / f"{name}.standin.log").write_bytes(chv_log.read_bytes())
+                t = time.perf_counter()
+                api.json("DELETE", f"/v1/vms/{name}")
+                delete_ms = (time.perf_counter() - t) * 1000
+                left = self.realboot_leftovers(srv, name, vm["cid"], vm["tapDeviceName"], vm["ip"].split("/")[0])
+                problems += [f"{name}: {x}" for x in left]
+                boots[name] = dict(self.parse_console(text), post_s=post_s, delete_ms=delete_ms,
+                                   seen={k: time_of_day(v) for k, v in seen.items()})
+                b = boots[name]
+                say(f"  {name}: POST -> 200 in {post_s:.2f} s; guest uptime: init {b['init_start']}, "
+                    f"switch_root {b['switch_root']}, agent ready {b['ready']} s; DELETE {delete_ms:.0f} ms"
+                    + (f"; LEFT: {', '.join(left)}" if left else ""))
+            api.close()
+            log = srv.log()
+        problems += [f"after cbox.py stopped: {x}" for x in self.realboot_leftovers(srv)]
+        steps, totals, ends, destroy = {}, {}, {}, {}
+        for line in log.splitlines():
+            f = dict(p.split("=", 1) for p in line.split() if "=" in p)
+            if f.get("vm") not in boots:
+                continue
+            if " start step " in line:
+                steps.setdefault(f["vm"], {})[f["step"]] = float(f["ms"])
+                ends.setdefault(f["vm"], {})[f["step"]] = log_time_of_day(line)
+            elif " destroy step " in line:
+                destroy.setdefault(f["step"], []).append(float(f["ms"]))
+            elif " VM running " in line:
+                totals[f["vm"]] = float(f["ms"])
+        for name in boots:
+            if name not in totals or any(s not in steps.get(name, {}) for s in self.REALBOOT_WAIT):
+                raise RuntimeError(f"{name}: start steps missing from cbox.py's log")
+            b, st = boots[name], steps[name]
+            b["total_ms"] = totals[name]
+            b["own_ms"] = totals[name] - sum(st[s] for s in self.REALBOOT_WAIT)
+            b["vmm_ms"] = sum(st[s] for s in self.REALBOOT_VMM)
+            b["agent_ms"] = st["agent"]
+            for key in ("init_start", "switch_root", "ready"):
+                if b[key] is None:
+                    raise RuntimeError(f"{name}: no '{key}' uptime on the console (see {keep / (name + '.console')})")
+            b["init_to_ready"] = b["ready"] - b["init_start"]
+            b["init_script"] = b["switch_root"] - b["init_start"]
+            b["agent_up"] = b["ready"] - b["switch_root"]
+            b["outside_s"] = (st["vm.boot"] + st["agent"]) / 1000 - b["ready"]
+            # host wall times: when vm.boot began and the agent step ended (cbox.py's log), when the
+            # init and ready lines reached the console file (ConsoleWatch); the guest clock's zero on
+            # the host's clock = the ready line's host time minus its uptime
+            seen, end = b["seen"], ends[name]
+            if "cbox-agent: ready" in seen and None not in (end.get("vm.boot"), end.get("agent")):
+                zero = seen["cbox-agent: ready"] - b["ready"]
+                b["pre_clock_s"] = tod_diff(zero, end["vm.boot"] - st["vm.boot"] / 1000)
+                b["notice_s"] = tod_diff(end["agent"], seen["cbox-agent: ready"])
+                if "cbox-init: start" in seen:    # guest clock vs host clock between the two lines
+                    b["skew_ms"] = ((seen["cbox-agent: ready"] - seen["cbox-init: start"])
+                                    - (b["ready"] - b["init_start"])) * 1000
+        runs = [boots[v] for v in names]
+
+        def col(key):
+            return [b[key] for b in runs if b.get(key) is not None]
+
+        def med(key, scale=1.0, digits=2):
+            xs = col(key)
+            return f"{median(xs) * scale:.{digits}f}" if xs else "-"
+
+        own_steps = [s for s in steps[names[0]] if s not in self.REALBOOT_WAIT]
+        # under TCG on a busy host the guest kernel's clocksource watchdog may mark the TSC unstable
+        # and fall back to jiffies, which lose time: the guest's uptimes then run slow
+        skewed = [b for b in runs if abs(b.get("skew_ms") or 0) > 100 or b["tsc_unstable"]]
+        clock_warn = (f"; WARNING: guest clock unreliable on {len(skewed)} of {n} boots (lagged the host by up to "
+                      f"{max(abs(b.get('skew_ms') or 0) for b in skewed):.0f} ms between the init and ready lines"
+                      f"{'; TSC marked unstable on the console' if any(b['tsc_unstable'] for b in skewed) else ''})"
+                      if skewed else "")
+        warm = boots["rbwarm"]
+        kernel_lines = median(col("kernel_lines"))
+        self.add(Row("realboot: POST /v1/vms -> 200", median(col("post_s")), "s", p99(col("post_s")),
+                     notes=f"cbox-logged total {med('total_ms', 0.001)} s; QEMU {accel}, 1 vcpu, 512 MB, "
+                           f"cmdline_extra {self.args.cmdline_extra or 'none'}; warm-up "
+                           f"start (first: disk template) {warm['post_s']:.2f} s, not counted",
+                     how=f"{n} sequential POST /v1/vms (defaults: 1 vcpu, 512 MB, stateful disk 256 MB) booting "
+                         "out/vmlinuz + initramfs + rootfs for real: cbox.py -> stand-in tests/fake_chv.py "
+                         f"(CBOX_STANDIN_ENGINE=qemu) -> qemu-system-x86_64 -M microvm ({accel}), cmdline as "
+                         "cbox.py builds it (cmdline_extra from --cmdline-extra, default none as in config.yaml: no "
+                         "`quiet`, so the kernel's lines go to the serial console); each VM destroyed before the next, "
+                         "after one uncounted warm-up start; client-side time from the request to the 200"))
+        self.add(Row("realboot: host work, cbox.py's own share", median(col("own_ms")), "ms", p99(col("own_ms")),
+                     notes=", ".join(f"{s} {median([steps[v][s] for v in names]):.1f}" for s in own_steps),
+                     how="cbox-logged total ('VM running ... ms=') minus the steps spawn, vm.create, vm.boot and "
+                         "agent: what remains is cbox.py's own steps (" + ", ".join(own_steps) + ") and the "
+                         "glue between them"))
+        self.add(Row("realboot: host work, hypervisor start + vm.create + vm.boot", median(col("vmm_ms")), "ms",
+                     p99(col("vmm_ms")),
+                     notes=", ".join(f"{s} {median([steps[v][s] for v in names]):.1f}" for s in self.REALBOOT_VMM),
+                     how="steps from cbox.py's log (`start step vm=NAME step=STEP ms=X`): spawn = the stand-in "
+                         "process started until its API socket answers; vm.create = the VmConfig PUT; vm.boot = "
+                         "the stand-in checks the config and starts QEMU, answering once QEMU's QMP socket "
+                         "answers query-status (the guest CPU already runs by then)"))
+        self.add(Row("realboot: waiting for the agent", median(col("agent_ms")) / 1000, "s",
+                     p99(col("agent_ms")) / 1000,
+                     notes="the guest boots meanwhile: kernel, init, agent",
+                     how="step 'agent' from cbox.py's log: vm.boot answered -> the agent's GET /health answers "
+                         "200 (cbox.py polls it)"))
+        self.add(Row("realboot: guest kernel boot to init", median(col("init_start")), "s", p99(col("init_start")),
+                     notes=(f"kernel's own 'Run /init as init process' at {med('kernel_run_init')} s; "
+                            if col("kernel_run_init") else "kernel lines not on the console (quiet?); ")
+                           + f"{kernel_lines:.0f} timestamped kernel lines on the console" + clock_warn,
+                     how="guest uptime (/proc/uptime, the kernel's clock from its timekeeping start) printed by "
+                         "initramfs/init's first line `cbox-init: start, kernel R, uptime Xs` (after it mounted "
+                         "/dev, /proc, /sys), read from GET /v1/vms/NAME/logs; the time before the kernel's "
+                         "clock starts (QEMU setup, decompression) is not in it (see 'outside the guest clock')"))
+        self.add(Row("realboot: guest init to agent ready", median(col("init_to_ready")), "s",
+                     p99(col("init_to_ready")),
+                     notes=f"init script (modules, disks, overlay) {med('init_script')} s to switch_root; "
+                           f"switch_root to agent ready {med('agent_up')} s" + clock_warn,
+                     how="guest uptime at `cbox-agent: ready on ... uptime=Xs` minus the uptime at "
+                         "`cbox-init: start`; split at `cbox-init: starting PYTHON AGENT, uptime Xs` (just before "
+                         "switch_root). The agent's own agent_start= is not used: as PID 1 it counts from the "
+                         "init process's creation (exec keeps the start time), so it includes the init script"))
+        self.add(Row("realboot: outside the guest clock", median(col("outside_s")), "s", p99(col("outside_s")),
+                     notes=f"= vm.boot start to guest clock zero {med('pre_clock_s')} s + agent ready to cbox.py "
+                           f"noticing {med('notice_s')} s (medians; guest vs host clock over the boot: "
+                           f"{med('skew_ms', digits=0)} ms)" + clock_warn,
+                     how="(vm.boot + agent steps) minus the guest uptime at agent ready. Split with host wall "
+                         "times: a thread polls the console file every 5 ms and notes when the ready line "
+                         "appears; guest clock zero = that time minus the ready uptime; 'vm.boot start to "
+                         "guest clock zero' = the stand-in's checks, QEMU's process start and machine setup, "
+                         "loading and decompressing the kernel, its early boot before timekeeping; 'agent "
+                         "ready to cbox.py noticing' = ready line -> end of cbox's agent step (its /health "
+                         "poll: connect attempts with a growing timeout, 0.25 s up to 2 s, 10 ms apart). "
+                         "Clock check: (host time between the init and ready lines) minus (their uptime "
+                         "difference); a boot is flagged when it exceeds 100 ms or the console shows the "
+                         "kernel marking the TSC unstable (its clock then falls back to jiffies, which lose time "
+                         "under TCG on a busy host, and the guest uptimes come out low)"))
+        clean = not problems
+        self.add(Row("realboot: DELETE /v1/vms/NAME", median(col("delete_ms")), "ms", p99(col("delete_ms")),
+                     target="nothing left", ok=clean,
+                     notes=("namespace clean" if clean else "LEFT: " + "; ".join(problems[:5])) + "; steps: "
+                           + ", ".join(f"{s} {median(v):.1f}" for s, v in destroy.items()),
+                     how="DELETE of each VM (stand-in vm.shutdown: QMP quit); then checked: no tap, no iptables "
+                         "rule naming it, no process in the namespace but cbox.py, no record, disk or socket "
+                         "directory; after cbox.py stopped, no process at all in the namespace"))
+        head = ["boot", "POST->200 s", "cbox own ms", "spawn ms", "vm.create ms", "vm.boot ms", "agent s",
+                "uptime at init s", "init script s", "switch_root->ready s", "uptime at ready s",
+                "outside guest clock s", "vm.boot start to guest clock zero s", "ready to noticed s",
+                "clock skew ms", "DELETE ms"]
+        lines = [f"### Real boots under QEMU ({accel}), one row per boot (rbwarm: the uncounted warm-up)", "",
+                 "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for name in ["rbwarm"] + names:
+            b, st = boots[name], steps[name]
+            cells = [name, f"{b['post_s']:.2f}", f"{b['own_ms']:.1f}", f"{st['spawn']:.1f}", f"{st['vm.create']:.1f}",
+                     f"{st['vm.boot']:.1f}", f"{b['agent_ms'] / 1000:.2f}", f"{b['init_start']:.2f}",
+                     f"{b['init_script']:.2f}", f"{b['agent_up']:.2f}", f"{b['ready']:.2f}", f"{b['outside_s']:.2f}",
+                     *(f"{b[k]:.{d}f}" if b.get(k) is not None else "-"
+                       for k, d in (("pre_clock_s", 2), ("notice_s", 2), ("skew_ms", 0))),
+                     f"{b['delete_ms']:.0f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+        self.extra.append("\n".join(lines))
+        say("\n".join(lines[2:]))
+
+    # -- profiles --------------------------------------------------------------------------------------
+
+    def profile(self):
+        n = self.n(2000, 500)
+        say(f"\n== profile: cbox.py under cProfile and the agent's connection threads, {n} execs via cbox.py "
+            f"and {n} direct to the agent")
+        pdir = self.tmp / "profiles"
+        pdir.mkdir(exist_ok=True)
+        os.chmod(self.tmp, 0o755)
+        agent = self.tmp / "profiled_agent.py"
+        agent.write_text(PROFILED_AGENT)
+        agent.chmod(0o755)
+        os.environ["BENCH_REPO"] = str(REPO)
+        os.environ["BENCH_PROFILE_DIR"] = str(pdir)
+        os.environ["CBOX_STANDIN_PASS_ENV"] = "BENCH_REPO,BENCH_PROFILE_DIR"
+        cbox_prof = pdir / "cbox.prof"
+        srv = self.cbox("profile", profile_to=cbox_prof, agent=agent)
+        with srv:
+            api = srv.client()
+            vm = api.json("POST", "/v1/vms", {"vmName": "prof"})
+            ip = vm["ip"].split("/")[0]
+            body = json.dumps({"cmd": "true"}).encode()
+            t = time.perf_counter()
+            for _ in range(n):
+                api.request("POST", "/v1/vms/prof/exec", body)
+            via = (time.perf_counter() - t) / n * 1000
+            direct = Http(connector(self.ns.path, (ip, 4031)))
+            for _ in range(n):
+                direct.request("POST", "/exec", body)
+            direct.close()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not list(pdir.glob("agent-*.prof")):
+                time.sleep(0.1)
+            api.close()
+        say(f"  (under cProfile: {via:.2f} ms per exec via cbox.py)")
+        out = []
+        for label, files in (("cbox.py (whole process, cProfile)", [cbox_prof]),
+                             ("guest agent (one direct connection's thread)", sorted(pdir.glob("agent-*.prof"))[:1])):
+            if not files or not files[0].exists():
+                out.append(f"{label}: no profile written")
+                continue
+            import io
+            buf = io.StringIO()
+            st = pstats.Stats(str(files[0]), stream=buf)
+            st.sort_stats("tottime").print_stats(25)
+            st.sort_stats("cumulative").print_stats(30)
+            out.append(f"---- {label}: {files[0]}\n{buf.getvalue()}")
+        text = "\n".join(out)
+        say(text)
+        self.profile_text = text
+
+    # -- report -------------------------------------------------------------------------------------------
+
+    def report(self, started):
+        cpu = "unknown CPU"
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        when = started.strftime("%Y-%m-%d %H:%M UTC")
+        machine = (f"{os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}, "
+                   f"Python {platform.python_version()}")
+        mode = "quick (--quick)" if self.quick else "full"
+        load = f"load average {self.load0} at the start, {os.getloadavg()[0]:.2f} at the end"
+        machine += f"; {load} (other work on the machine skews the figures)"
+        say("\n" + text_table(self.rows))
+        say(f"\n{machine}; {when}; {mode} run")
+        if self.args.out == "-":
+            return
+        if not self.args.out and (self.quick or self.args.only):
+            say("(a --quick or --only run: bench/results.md left as it is; --out PATH writes this table)")
+            return
+        how = "\n".join(f"- **{r.name}**: {r.how}" for r in self.rows if r.how)
+        md = [
+            "# CBox benchmark results", "",
+            f"Written by `python3 bench/bench.py{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}` "
+            f"(`make bench`) on {when}.", "",
+            f"- Machine: {machine}",
+            f"- Mode: {mode}" + ("" if self.cbox_py == REPO / "cbox.py" else f"; measured {self.cbox_py}"),
+            "- Hypervisor: the stand-in `tests/fake_chv.py` (process engine): each guest is the real "
+            "`guest_agent.py` in network/UTS/pid namespaces of its own, its frames relayed between cbox's tap and "
+            "the guest's eth0 by a Python process" + ("; the realboot rows: the same stand-in with its QEMU "
+            "engine, booting the out/ images for real (qemu-system-x86_64 -M microvm, "
+            f"{(os.environ.get('CBOX_QEMU_ACCEL') or 'tcg').lower()})" if any(r.name.startswith("realboot")
+                                                                           for r in self.rows) else "")
+            + ". Everything runs in a network namespace the script creates.",
+            "", markdown_table(self.rows), "", "## How each row is measured", "", how, "",
+        ]
+        md += [x + "\n" for x in self.extra]
+        path = Path(self.args.out) if self.args.out else REPO / "bench" / "results.md"
+        path.write_text("\n".join(md))
+        say(f"wrote {path}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="short run (fewer iterations, 3 s throughput, 30 VMs)")
+    p.add_argument("--only", default="", help=f"comma separated subset of: {', '.join(BENCHES)}")
+    p.add_argument("--profile", action="store_true", help="also profile cbox.py and the agent on the exec path")
+    p.add_argument("--iterations", type=int, help="iterations for exec latency and callbacks")
+    p.add_argument("--duration", type=float, help="seconds of the throughput run")
+    p.add_argument("--vms", type=int, help="VMs in the density run (at most 250)")
+    p.add_argument("--boots", type=int, help="real boots in the realboot run (default 5, --quick 3)")
+    p.add_argument("--cmdline-extra", default="", metavar="ARGS",
+                   help="cmdline_extra for the realboot run (default none, as config.yaml), e.g. quiet")
+    p.add_argument("--out", help="results file (default bench/results.md; '-' writes none)")
+    p.add_argument("--cbox", help="cbox.py to measure (default: the one beside bench/), e.g. to compare a change")
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, profiles)")
+    args = p.parse_args(argv)
+    only = [x.strip() for x in args.only.split(",") if x.strip()] or list(BENCHES)
+    unknown = set(only) - set(BENCHES)
+    if unknown:
+        p.error(f"unknown benchmark(s) {', '.join(sorted(unknown))}; choose from {', '.join(BENCHES)}")
+    bench = Bench(args)
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_term)
+    started = datetime.now(timezone.utc)
+    failed = []
+    try:
+        bench.setup()
+        for name in BENCHES:
+            if name not in only:
+                continue
+            try:
+                getattr(bench, f"bench_{name}")()
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:
+                failed.append(name)
+                say(f"  {name}: FAILED: {type(e).__name__}: {e}")
+                for srv in bench.servers:          # stop whatever it left running
+                    if srv.proc and srv.proc.poll() is None:
+                        srv.stop()
+        if args.profile:
+            bench.profile()
+        bench.report(started)
+    except KeyboardInterrupt:
+        say("\ninterrupted: cleaning up")
+        return 130
+    finally:
+        bench.cleanup()
+    if failed:
+        say(f"benchmarks that failed to run: {', '.join(failed)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
