@@ -1670,15 +1670,8 @@ class Request:
 class RestServer:
     """HTTP/1.1 keep-alive server for the API of contract section 1."""
 
-    HEAD_TIMEOUT = 30.0        # a client gets this long to send a request head
-    BODY_TIMEOUT = 60.0        # ... and this long for its body
-    IDLE_TIMEOUT = 120.0       # keep-alive connections idle longer are closed
-
     def __init__(self, cfg, manager):
         self.cfg, self.vms = cfg, manager
-        self.HEAD_TIMEOUT = cfg.http_head_timeout_s
-        self.BODY_TIMEOUT = cfg.http_body_timeout_s
-        self.IDLE_TIMEOUT = cfg.http_idle_timeout_s
         self.server = None
         self.connections = set()
         self.routes = [
@@ -1721,7 +1714,7 @@ class RestServer:
     async def one_request(self, reader, writer, first=False):
         """Serve one request; False when the connection should close."""
         try:   # a new connection must send its head soon; a keep-alive one may idle longer
-            head = await within(self.HEAD_TIMEOUT if first else self.IDLE_TIMEOUT, read_head(reader))
+            head = await within(self.cfg.http_head_timeout_s if first else self.cfg.http_idle_timeout_s, read_head(reader))
         except asyncio.TimeoutError:
             return False
         except HttpError as e:
@@ -1753,10 +1746,10 @@ class RestServer:
         try:     # a client that does not read its answer must not hold the connection and buffer forever
             if isinstance(payload, BodyStream):
                 writer.write(build_head(status, payload.length, ctype, keep_alive, extra))
-                await payload.copy_to(writer, self.BODY_TIMEOUT)
+                await payload.copy_to(writer, self.cfg.http_body_timeout_s)
             else:
                 writer.write(build_response(status, payload, ctype, keep_alive, extra))
-                await within(self.BODY_TIMEOUT, writer.drain())
+                await within(self.cfg.http_body_timeout_s, writer.drain())
         except (asyncio.TimeoutError, HttpError, OSError, asyncio.IncompleteReadError) as e:
             log("answer not delivered; connection dropped", path=target.split("?")[0][:200],
                 error=repr(str(e) or type(e).__name__))
@@ -1783,9 +1776,9 @@ class RestServer:
         if headers.get("expect", "").lower() == "100-continue" and int(length):
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         try:
-            return await within(self.BODY_TIMEOUT, reader.readexactly(int(length)))
+            return await within(self.cfg.http_body_timeout_s, reader.readexactly(int(length)))
         except asyncio.TimeoutError:
-            raise ApiError(408, f"request body not received within {fmt_seconds(self.BODY_TIMEOUT)}")
+            raise ApiError(408, f"request body not received within {fmt_seconds(self.cfg.http_body_timeout_s)}")
         except asyncio.IncompleteReadError as e:
             raise ApiError(400, f"connection closed inside the request body ({len(e.partial)} of {length} bytes)")
 
