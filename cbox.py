@@ -993,6 +993,20 @@ def proc_start_time(pid):
     return int(fields[19])
 
 
+def find_vmm_pid(api_socket):
+    """The pid of a hypervisor started with this API socket, found by its command line."""
+    needle = f"path={api_socket}".encode()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if needle in f.read().split(b"\0"):
+                        return int(entry)
+            except OSError:
+                continue
+    return None
+
+
 class ProcessWatch:
     """Watches one VMM process through a pidfd (works for children and adopted processes)."""
 
@@ -1404,6 +1418,9 @@ class VMManager:
 
     async def adopt(self, vm):
         paths = VmPaths(self.cfg, vm)
+        if not vm.pid:     # killed between spawning the VMM and recording its pid
+            vm.pid = find_vmm_pid(paths.api_socket)
+            vm.pidStart = proc_start_time(vm.pid) if vm.pid else None
         if vm.pid and vm.pidStart and proc_start_time(vm.pid) == vm.pidStart:
             vm.watch = ProcessWatch(vm.pid, vm.pidStart, lambda w, vm=vm: self.on_vmm_exit(vm, w))
             vm.chv = CloudHypervisor(str(paths.api_socket))

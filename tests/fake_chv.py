@@ -1433,6 +1433,12 @@ class Standin:
         if vsock:
             port = cmdline_value(cmdline, "cbox.callback_port") or "4032"
             env["CBOX_CALLBACK_SOCKET"] = f"{vsock['socket']}_{port}"
+            # The guest's temporary files (the agent's shim directory) live beside the
+            # vsock socket, in the VM's runtime directory cbox removes on destroy, so a
+            # guest killed with SIGKILL leaves nothing behind in the host's /tmp.
+            guest_tmp = os.path.join(os.path.dirname(vsock["socket"]) or ".", "guest-tmp")
+            os.makedirs(guest_tmp, exist_ok=True)
+            env["TMPDIR"] = guest_tmp
         for name in (os.environ.get("CBOX_STANDIN_PASS_ENV") or "").split(","):
             name = name.strip()
             if name and name in os.environ:

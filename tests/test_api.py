@@ -409,3 +409,17 @@ def test_cli_client(cbox_server):
     assert r.returncode == 1 and "HTTP 404" in r.stderr
     assert ns.run(*cli, "vm", "rm", "clivm").stdout == "clivm destroyed\n"
     cbox_server.assert_clean()
+
+
+def test_restart_cleans_a_start_killed_before_its_pid_was_recorded(cbox_factory):
+    server = cbox_factory().start()
+    server.api.start_vm("nopid")
+    server.stop(signal.SIGKILL)
+    record_path = server.state_dir / "vms" / "nopid.json"
+    record = json.loads(record_path.read_text())
+    record.update(pid=None, pidStart=None, phase="starting", status="CREATED")
+    record_path.write_text(json.dumps(record))
+    assert len(server.vmm_pids()) == 1
+    server2 = cbox_factory().start()
+    assert server2.api.get("/v1/vms/nopid")[0] == 404
+    server2.assert_clean()
