@@ -307,4 +307,5 @@ def cbox_server(cbox_factory):
     server = cbox_factory().start()
     yield server
     if server.proc.poll() is None:
-        server.api.delete("/v1/vms", timeout=60)
+        assert server.api.delete("/v1/vms", timeout=60)[0] == 200
+        server.assert_clean()          # no test leaves a tap, process, record or socket behind

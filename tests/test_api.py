@@ -423,3 +423,17 @@ def test_restart_cleans_a_start_killed_before_its_pid_was_recorded(cbox_factory)
     server2 = cbox_factory().start()
     assert server2.api.get("/v1/vms/nopid")[0] == 404
     server2.assert_clean()
+
+
+def test_nat_out_of_the_default_route_interface(cbox_factory, netns):
+    # An uplink that exists only inside this test's namespace (TEST-NET-1 addresses, no traffic sent).
+    netns.run("ip", "link", "add", "cbtup0", "type", "veth", "peer", "name", "cbtup1")
+    netns.run("ip", "addr", "add", "192.0.2.1/24", "dev", "cbtup0")
+    netns.run("ip", "link", "set", "cbtup0", "up")
+    netns.run("ip", "link", "set", "cbtup1", "up")
+    netns.run("ip", "route", "add", "default", "via", "192.0.2.2")
+    server = cbox_factory(nat_interface="auto").start()
+    nat = netns.run("iptables", "-t", "nat", "-S", "CBOX-POSTROUTING").stdout
+    assert "-A CBOX-POSTROUTING -s 10.20.1.0/24 -o cbtup0 -m comment --comment cbox -j MASQUERADE" in nat
+    assert netns.run("sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "1"
+    assert "NAT enabled out=cbtup0" in server.log()
