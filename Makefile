@@ -86,7 +86,8 @@ dist: images
 	cp cbox.py guest_agent.py config.yaml README.md $$stage/; \
 	cp $(OUT)/vmlinuz $(OUT)/initramfs.cpio.gz $(OUT)/kernel.release $$stage/out/; \
 	cp --sparse=always $(OUT)/rootfs.ext4 $$stage/out/; \
-	if [ -n "$(CHV)" ]; then cp "$(CHV)" $$stage/cloud-hypervisor; chmod 0755 $$stage/cloud-hypervisor; fi; \
+	if [ -n "$(CHV)" ]; then cp "$(CHV)" $$stage/cloud-hypervisor; chmod 0755 $$stage/cloud-hypervisor; \
+	  sed -i 's|^\(    chv_bin:\).*|\1 "./cloud-hypervisor"|' $$stage/config.yaml; fi; \
 	echo "[dist] packing $(OUT)/$$name.tar.gz"; \
 	tar --sparse -C $(BUILD)/dist -czf $(OUT)/$$name.tar.gz $$name; \
 	rm -rf $(BUILD)/dist; ls -l $(OUT)/$$name.tar.gz
