@@ -23,7 +23,6 @@ microvm, software emulation unless CBOX_QEMU_ACCEL=kvm), in the same namespace.
 It is skipped, with a note in the table, when the images or QEMU are missing.
 """
 import argparse
-import ctypes
 import json
 import math
 import os
@@ -52,8 +51,8 @@ OUT = REPO / "out"
 IMAGES = (("kernel", OUT / "vmlinuz"), ("initramfs", OUT / "initramfs.cpio.gz"), ("rootfs", OUT / "rootfs.ext4"))
 MB = 1 << 20
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-_libc = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWNET = 0x40000000
+sys.path.insert(0, str(REPO / "tests"))
+from nsutil import socket_in_ns  # noqa: E402  (shared with the tests)
 
 
 def say(msg=""):
@@ -80,32 +79,6 @@ def run(*args, check=True, **kw):
     if check and r.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, args))}: exit {r.returncode}: {r.stderr.strip()}")
     return r
-
-
-def socket_in_ns(ns_path, family=socket.AF_INET, type=socket.SOCK_STREAM):
-    """A socket created inside the network namespace at ns_path (/run/netns/X or
-    /proc/PID/ns/net). setns() switches only the calling thread: a throwaway
-    thread enters the namespace, makes the socket and ends."""
-    out = {}
-
-    def make():
-        try:
-            fd = os.open(ns_path, os.O_RDONLY)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), f"setns {ns_path} failed")
-            finally:
-                os.close(fd)
-            out["sock"] = socket.socket(family, type)
-        except BaseException as e:
-            out["error"] = e
-
-    t = threading.Thread(target=make)
-    t.start()
-    t.join()
-    if "error" in out:
-        raise out["error"]
-    return out["sock"]
 
 
 def connector(ns_path, addr, timeout=120.0):

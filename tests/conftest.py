@@ -86,44 +86,18 @@ def chv_schema():
 
 # ---- talking to servers inside a namespace from the test process -------------
 
-import ctypes  # noqa: E402
 import http.client  # noqa: E402
 import json  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
-import threading  # noqa: E402
 import time  # noqa: E402
 
-_libc = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWNET = 0x40000000
-
+from nsutil import socket_in_ns  # noqa: E402
 
 def socket_in_netns(ns_name, family=socket.AF_INET, type=socket.SOCK_STREAM):
-    """A socket created inside a named network namespace.
-
-    setns() switches only the calling thread, so a throwaway thread enters the
-    namespace, makes the socket and ends; the socket stays in that namespace."""
-    result = {}
-
-    def make():
-        try:
-            fd = os.open(f"/run/netns/{ns_name}", os.O_RDONLY)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), "setns failed")
-            finally:
-                os.close(fd)
-            result["sock"] = socket.socket(family, type)
-        except BaseException as e:  # handed to the caller
-            result["error"] = e
-
-    t = threading.Thread(target=make)
-    t.start()
-    t.join()
-    if "error" in result:
-        raise result["error"]
-    return result["sock"]
+    """A socket created inside the named network namespace."""
+    return socket_in_ns(f"/run/netns/{ns_name}", family, type)
 
 
 def _ns_connect(self, addr, timeout=10.0):
