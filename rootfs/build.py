@@ -45,7 +45,7 @@ TOOLS = {                         # tool -> Debian package
     "chroot": "coreutils",
 }
 
-SHIM = r'''#!/usr/bin/python3
+SHIM = r'''#!/usr/bin/python3 -S
 """cbox_callback METHOD ['{"json": "params"}'] - call the CBox host from the guest.
 
 Prints the result as JSON on stdout (exit 0); on error prints
@@ -56,7 +56,7 @@ import os
 import sys
 
 AGENT = "/usr/local/sbin/guest_agent.py"
-os.execv(sys.executable, [sys.executable, AGENT, "callback"] + sys.argv[1:])
+os.execv(sys.executable, [sys.executable, "-S", AGENT, "callback"] + sys.argv[1:])
 '''
 
 MODULE = r'''"""cbox_callback: call the CBox host from a guest program.

@@ -10,6 +10,7 @@ import http.client
 import importlib.util
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -377,6 +378,116 @@ def test_big_output_is_capped_and_fast(agent):
     assert r["truncated"] is True and len(r["stdout"]) == 4 << 20 and r["exitCode"] == 0
 
 
+def vm_kb(pid, field):
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith(field + ":")).split()[1])
+
+
+def test_large_output_is_streamed_without_copies(fresh_agent):
+    """50 MB of NULs, 4 MiB kept: a ~50 MB response (each NUL is \\u0000 in JSON).
+
+    Building the body whole (decoded strings, JSON string, encoded bytes,
+    head + body) made the server peak at 2-3x the response; written in
+    pieces it stays near the captured bytes plus the kept-body budget.
+    """
+    server = fresh_agent.server_pid()
+    rss_before = vm_kb(server, "VmRSS")
+    t0 = time.monotonic()
+    r = fresh_agent.exec(cmd="head -c 52428800 /dev/zero", maxOutput=4 << 20)
+    took = time.monotonic() - t0
+    growth_mb = (vm_kb(server, "VmHWM") - rss_before) / 1024
+    assert r["truncated"] is True and r["exitCode"] == 0 and r["stderr"] == ""
+    assert r["stdout"] == "\0" * (4 << 20) and r["output"] == r["stdout"]
+    assert took < 3, f"{took:.2f}s"
+    assert growth_mb < 40, f"server peak grew by {growth_mb:.0f} MB for a ~50 MB response"
+
+
+def test_large_output_of_a_running_exec(agent):
+    """GET a background exec while its output grows, over the large-response path."""
+    cmd = "i=0; while [ $i -lt 30 ]; do head -c 100000 /dev/zero | tr '\\0' x; echo >&2; i=$((i+1)); sleep 0.01; done"
+    status, r = agent.request("POST", "/exec", {"cmd": cmd, "blocking": False, "maxOutput": 64 << 20})
+    exec_id, seen = r["execId"], []
+    while True:
+        status, r = agent.request("GET", f"/exec/{exec_id}")
+        assert status == 200
+        out, err, both = r["stdout"], r["stderr"], r["output"]
+        assert set(out) <= {"x"} and set(err) <= {"\n"} and both.replace("\n", "") == out[:len(both) - both.count("\n")]
+        assert len(both) == len(out) + len(err)
+        seen.append(len(out))
+        if not r["running"]:
+            break
+        time.sleep(0.02)
+    assert (len(out), len(err), r["exitCode"], r["truncated"]) == (3000000, 30, 0, False)
+    assert any(0 < n < 3000000 for n in seen), "never saw the output while it grew"
+
+
+class FakeSock:
+    def __init__(self):
+        self.sends = []
+
+    def sendall(self, data):
+        self.sends.append(bytes(data))
+
+
+def test_output_capture_and_json_in_pieces(monkeypatch):
+    """Captured output (runs over stdout/stderr, or its own buffer once the runs are many
+    and short) gives the same JSON as json.dumps of the decoded bytes, in one piece or many."""
+    ga = load_agent_module()
+    rng = random.Random(7)
+    words = [b"plain text " * 8] * 6 + [b"\n", b"\0", b'"', b"\\", b"\t", b"\x1f", b"\x7f", b"\xc3\xa9",
+                                       b"\xe2\x82\xac", b"\xf0\x9f\x98\x80", b"\xff", b"\xc3", b"\xf0\x9f"]
+
+    class Spec:
+        pass
+
+    for _ in range(150):
+        monkeypatch.setattr(ga, "TEXT_PIECE", rng.choice([1, 2, 3, 7, 64, 1 << 18]))
+        monkeypatch.setattr(ga, "DENSE_RUNS", rng.choice([0, 4, 1024]))
+        monkeypatch.setattr(ga, "SMALL_BODY", rng.choice([0, 1 << 18]))
+        monkeypatch.setattr(ga, "KEEP_BODY", rng.choice([0, 50, 1 << 20]))
+        spec = Spec()
+        spec.max_output = rng.choice([0, 1, 5, 40, 300, 1 << 20])
+        ex = ga.Exec("x", spec)
+        sent = {True: b"", False: b""}
+        both = b""
+        for _ in range(rng.randint(0, 40)):
+            data = b"".join(rng.choice(words) for _ in range(rng.randint(1, 12)))
+            to_stdout = rng.random() < 0.6
+            with ex._lock:
+                ex._capture(ex.stdout if to_stdout else ex.stderr, data)
+            sent[to_stdout] += data
+            both += data
+        cap = spec.max_output
+        result = ex.result()
+        assert result["truncated"] == (len(sent[True]) > cap or len(sent[False]) > cap or len(both) > cap)
+        decoded = {"output": both[:cap], "stdout": sent[True][:cap], "stderr": sent[False][:cap]}
+        expected = json.dumps({k: decoded[k].decode("utf-8", "replace") if k in decoded else v
+                               for k, v in result.items()}, ensure_ascii=False, separators=(",", ":")).encode()
+        sock = FakeSock()
+        ga.HttpConnection(sock).send_json(200, result)
+        head, _, body = b"".join(sock.sends).partition(b"\r\n\r\n")
+        assert body == expected
+        assert f"\r\nContent-Length: {len(expected)}\r\n".encode() in head + b"\r\n"
+        if len(both[:cap]) + len(sent[True][:cap]) + len(sent[False][:cap]) <= ga.SMALL_BODY:
+            assert len(sock.sends) == 1, "a small response goes out in one sendall"
+        else:
+            assert sock.sends[0] == head + b"\r\n\r\n", "a large one: the head apart"
+
+    # output costs no third copy: one 4-byte run for many reads of one stream ...
+    spec = Spec()
+    spec.max_output = 1 << 20
+    ex = ga.Exec("x", spec)
+    for _ in range(16):
+        ex._capture(ex.stdout, b"y" * 4096)
+    assert ex.output_bytes < len(ex.stdout) + 16
+    # ... and many short alternating runs turn into a buffer of its own
+    for i in range(3000):
+        ex._capture(ex.stderr if i % 2 else ex.stdout, b"ab")
+    assert ex._output is not None and ex.output_bytes <= 2 * (len(ex.stdout) + len(ex.stderr))
+    expected = (b"y" * 65536 + b"ab" * 3000).decode()
+    assert json.loads(b"".join(ga.json_parts(ex.result())))["output"] == expected
+
+
 def test_output_cut_on_bytes_and_decoded_with_replacement(agent):
     r = agent.exec(cmd=r"printf 'a\303\251b\377'", maxOutput=2)
     assert r["stdout"] == "a\ufffd" and r["truncated"] is True
@@ -391,6 +502,10 @@ def test_interleaved_output(agent):
 def test_death_by_signal(agent):
     r = agent.exec(cmd="kill -9 $$")
     assert (r["exitCode"], r["signal"], r["error"]) == (None, 9, "killed by signal 9 (SIGKILL)")
+    # commands start with no signal ignored or blocked (the server ignores SIGHUP)
+    assert agent.exec(cmd="grep -E '^Sig(Ign|Blk)' /proc/self/status")["stdout"] == \
+        "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n"
+    assert agent.exec(cmd="kill -HUP $$")["signal"] == 1
 
 
 def test_background_exec_get_and_delete(agent):
@@ -529,6 +644,30 @@ def test_callback_python_through_agent(agent):
     r = agent.exec(cmd="python3 -", stdin=code)
     assert r["exitCode"] == 0, r
     assert r["stdout"] == "{'method': 'echo', 'params': {'a': 1}}\ncaught boom\n"
+
+
+def test_callback_shim_skips_site(tmp_path, callback_server):
+    """The cbox_callback script runs python3 -S: no site import (a .pth or sitecustomize
+    may import heavy packages); the module shim still imports in a normal python3."""
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    (site_dir / "sitecustomize.py").write_text("import sys; sys.stderr.write('SITE RAN\\n')\n")
+    ga = load_agent_module()
+    plain, odd = tmp_path / "shims", tmp_path / "odd"
+    ga.write_callback_shims(str(plain), agent_path=str(AGENT))
+    ga.write_callback_shims(str(odd), agent_path=str(AGENT), python="/no such dir/python3")
+    assert (plain / "cbox_callback").read_text().startswith(f"#!{PYTHON} -S\n")
+    assert (odd / "cbox_callback").read_text().startswith("#!/bin/sh\n")
+    for shims in (plain, odd):
+        env = dict(os.environ, CBOX_CALLBACK_SOCKET=callback_server.path,
+                   PYTHONPATH=f"{site_dir}:{shims}", PATH=f"{os.path.dirname(PYTHON)}:{os.environ['PATH']}")
+        r = subprocess.run([str(shims / "cbox_callback"), "echo", '{"a": 1}'], env=env,
+                           capture_output=True, text=True, timeout=20)
+        assert (r.returncode, r.stderr) == (0, ""), r
+        assert json.loads(r.stdout) == {"method": "echo", "params": {"a": 1}}
+        r = subprocess.run([PYTHON, "-c", "from cbox_callback import callback; print(callback('other'))"],
+                           env=env, capture_output=True, text=True, timeout=20)
+        assert (r.returncode, r.stdout, r.stderr) == (0, "42\n", "SITE RAN\n"), r
 
 
 def test_callback_without_server(agent, short_tmp):
