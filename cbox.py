@@ -1194,7 +1194,11 @@ class VMManager:
             raise ApiError(409, f"VM '{name}' already exists")
         self.check_capacity(req["memory_mb"])
         ip = self.alloc.take_ip()
-        cid = self.alloc.take_cid()
+        try:
+            cid = self.alloc.take_cid()
+        except ApiError:
+            self.alloc.release(ip, None)
+            raise
         vm = VM(vmName=name, status="CREATED", ip=f"{ip}/{self.prefix}", tapDeviceName=tap_name(cid),
                 callbackUrl=req["callback_url"], cid=cid, vcpus=req["vcpus"], memoryMb=req["memory_mb"],
                 createdAt=utc_now(), phase="starting", mac=mac_for(ip))
