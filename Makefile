@@ -21,8 +21,9 @@ bench:
 	$(PYTHON) bench/bench.py
 
 # Real VMs: needs /dev/kvm and the cloud-hypervisor binary named by chv_bin.
-run: images
-	@test -e /dev/kvm || { echo "make run: /dev/kvm is missing: this host cannot run real VMs (try 'make demo')"; exit 1; }
+run:
+	@$(PYTHON) cbox.py preflight --config $(CONFIG)
+	@$(MAKE) --no-print-directory images
 	$(PYTHON) cbox.py serve --config $(CONFIG)
 
 # The same API with the stand-in hypervisor from tests/: commands run on THIS host.

@@ -1889,6 +1889,32 @@ class RestServer:
 # 8. CLI
 # =============================================================================
 
+def resolve_chv_bin(cfg):
+    """The hypervisor binary's path, or CommandError saying what to install."""
+    chv = cfg.path(cfg.chv_bin) if "/" in cfg.chv_bin else shutil.which(cfg.chv_bin)
+    if not chv or not os.access(chv, os.X_OK):
+        raise CommandError(f"cloud-hypervisor binary not found at chv_bin={cfg.chv_bin!r}: install Cloud "
+                           "Hypervisor's static binary there (it needs /dev/kvm), or try `make demo`")
+    return chv
+
+
+def preflight(cfg):
+    """What a host needs for real VMs; returns the problems found (empty = ready)."""
+    problems = []
+    if not os.path.exists("/dev/kvm"):
+        problems.append("/dev/kvm is missing: this host cannot run real VMs (try `make demo`)")
+    try:
+        resolve_chv_bin(cfg)
+    except CommandError as e:
+        problems.append(str(e))
+    if os.geteuid() != 0:
+        problems.append("not root: creating the bridge, taps and iptables rules needs root")
+    for tool, package in (("ip", "iproute2"), ("mke2fs", "e2fsprogs"), ("iptables", "iptables")):
+        if not shutil.which(tool) and (tool != "iptables" or cfg.firewall):
+            problems.append(f"{tool} is not installed (Debian package {package})")
+    return problems
+
+
 async def serve(cfg):
     if os.geteuid() != 0:
         log("not running as root: creating taps, the bridge and iptables rules will fail", level="WARNING")
@@ -1896,11 +1922,7 @@ async def serve(cfg):
         banner = "!" * 78
         log(f"\n{banner}\nWARNING: serving on {cfg.host} WITHOUT api_token: anyone who can reach this port "
             f"can run commands in every VM.\nSet api_token in the config.\n{banner}")
-    chv = cfg.path(cfg.chv_bin) if "/" in cfg.chv_bin else shutil.which(cfg.chv_bin)
-    if not chv or not os.access(chv, os.X_OK):
-        raise CommandError(f"cloud-hypervisor binary not found at chv_bin={cfg.chv_bin!r}: install Cloud "
-                           "Hypervisor's static binary there (it needs /dev/kvm), or try `make demo`")
-    cfg.chv_bin = chv
+    cfg.chv_bin = resolve_chv_bin(cfg)
     missing = [f"{key} {cfg.path(getattr(cfg, key))}" for key in ("kernel", "rootfs", "initramfs")
                if getattr(cfg, key) and not os.path.exists(cfg.path(getattr(cfg, key)))]
     if missing:
@@ -2012,6 +2034,8 @@ def main(argv=None):
     p.add_argument("--config", default="config.yaml")
     p = sub.add_parser("check-config", help="parse the config and print the effective settings")
     p.add_argument("--config", default="config.yaml")
+    p = sub.add_parser("preflight", help="check this host can run real VMs (KVM, cloud-hypervisor, tools)")
+    p.add_argument("--config", default="config.yaml")
     p = sub.add_parser("vm", help="start, list, remove VMs")
     vm_sub = p.add_subparsers(dest="vm_cmd", required=True)
     q = vm_sub.add_parser("start")
@@ -2040,7 +2064,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if tail is not None:
         args.command = args.command + tail
-    if args.cmd in ("serve", "check-config"):
+    if args.cmd in ("serve", "check-config", "preflight"):
         try:
             cfg = load_config(args.config)
         except (ConfigError, OSError) as e:
@@ -2049,6 +2073,11 @@ def main(argv=None):
             for key in CONFIG_KEYS:
                 print(f"{key}: {getattr(cfg, key)!r}")
             return
+        if args.cmd == "preflight":
+            problems = preflight(cfg)
+            for problem in problems:
+                print(f"cbox: {problem}", file=sys.stderr)
+            sys.exit(1 if problems else 0)
         try:
             asyncio.run(serve(cfg))
         except (CommandError, OSError) as e:

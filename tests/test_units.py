@@ -243,3 +243,15 @@ def test_copy_sparse_keeps_data_and_holes(tmp_path):
     cbox.copy_sparse(src, dest)
     assert dest.read_bytes() == src.read_bytes()
     assert dest.stat().st_blocks * 512 < 1024 * 1024          # still sparse
+
+
+def test_preflight_names_what_is_missing(tmp_path):
+    import subprocess
+    path = write_config(tmp_path, [f'chv_bin: "{tmp_path}/no-such-cloud-hypervisor"'])
+    r = subprocess.run([sys.executable, str(REPO / "cbox.py"), "preflight", "--config", str(path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "cloud-hypervisor binary not found" in r.stderr
+    cfg = cbox.load_config(write_config(tmp_path, [f'chv_bin: "{REPO}/tests/fake_chv.py"']))
+    problems = cbox.preflight(cfg)
+    assert not any("cloud-hypervisor" in p for p in problems)
+    assert any("/dev/kvm" in p for p in problems) == (not Path("/dev/kvm").exists())
