@@ -385,8 +385,9 @@ class HttpClient:
     BodyStream instead, to be copied onward without holding it in memory."""
 
     def __init__(self, *, unix_path=None, host=None, port=None, tls=False, pool_size=16,
-                 max_body=256 * 1024 * 1024, stream_over=None):
+                 max_body=256 * 1024 * 1024, stream_over=None, quick_ack=False):
         self.unix_path, self.host, self.port, self.tls = unix_path, host, port, tls
+        self.quick_ack = quick_ack      # for servers we do not control (see quick_ack())
         self.pool_size, self.max_body, self.stream_over = pool_size, max_body, stream_over
         self.idle = []
         self.busy = set()
@@ -423,7 +424,8 @@ class HttpClient:
             self.busy.add(writer)
             try:
                 writer.write(message)
-                quick_ack(writer)
+                if self.quick_ack:
+                    quick_ack(writer)
                 result = await self._read_response(reader, writer, method)
             except (HttpError, OSError, asyncio.IncompleteReadError, EOFError,
                     ValueError, asyncio.LimitOverrunError) as e:     # ValueError: StreamReader line limit
@@ -1581,7 +1583,8 @@ class VMManager:
         key = (parts.scheme, parts.hostname, port)
         client = self.callback_clients.get(key)
         if client is None:
-            client = HttpClient(host=parts.hostname, port=port, tls=parts.scheme == "https", max_body=16 * 1024 * 1024)
+            client = HttpClient(host=parts.hostname, port=port, tls=parts.scheme == "https",
+                                max_body=16 * 1024 * 1024, quick_ack=True)
             self.callback_clients[key] = client
         return client
 
@@ -1770,7 +1773,8 @@ class RestServer:
                 await payload.copy_to(writer, self.cfg.http_body_timeout_s)
             else:
                 writer.write(build_response(status, payload, ctype, keep_alive, extra))
-                await within(self.cfg.http_body_timeout_s, writer.drain())
+                if writer.transport.get_write_buffer_size():     # else drain() has nothing to wait for
+                    await within(self.cfg.http_body_timeout_s, writer.drain())
         except (asyncio.TimeoutError, HttpError, OSError, asyncio.IncompleteReadError) as e:
             log("answer not delivered; connection dropped", path=target.split("?")[0][:200],
                 error=repr(str(e) or type(e).__name__))
