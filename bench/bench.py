@@ -41,7 +41,6 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,7 +51,7 @@ IMAGES = (("kernel", OUT / "vmlinuz"), ("initramfs", OUT / "initramfs.cpio.gz"),
 MB = 1 << 20
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 sys.path.insert(0, str(REPO / "tests"))
-from nsutil import socket_in_ns  # noqa: E402  (shared with the tests)
+from nsutil import CallbackURLServer, socket_in_ns  # noqa: E402  (shared with the tests)
 
 
 def say(msg=""):
@@ -398,45 +397,11 @@ class Cbox:
 
 # ---- callback URL server ---------------------------------------------------------------------
 
-class CallbackServer:
-    """Answers POSTs with {"result": <the params>}; listens on 127.0.0.1 of a namespace.
-
-    single_write: head and body leave in one send() (as most servers do). False is
-    stock http.server: the head, then the body in a second send() while Nagle is on."""
-
-    def __init__(self, ns_path, single_write=True):
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            wbufsize = 64 * 1024 if single_write else 0     # flushed once per request
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                data = json.dumps({"result": body.get("params")}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-
-            def handle_error(self, request, client_address):
-                pass
-
-        self.httpd = Server(("127.0.0.1", 0), Handler, bind_and_activate=False)
-        self.httpd.socket.close()
-        self.httpd.socket = listener_in_ns(ns_path)
-        self.port = self.httpd.socket.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}/cb"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+def callback_url_server(ns_path, single_write=True):
+    """A callback URL server on 127.0.0.1 of a namespace answering {"result": <the params>}."""
+    return CallbackURLServer(listener_in_ns(ns_path),
+                             lambda body: (200, json.dumps({"result": body.get("params")}).encode()),
+                             single_write=single_write)
 
 
 class ConsoleWatch:
@@ -846,15 +811,15 @@ class Bench:
         n = self.args.iterations or self.n(300, 100)
         m = self.n(50, 20)
         say(f"\n== callback round trip: {n} x callback() interleaved with direct POSTs; {m} x cbox_callback")
-        cb = CallbackServer(self.ns.path)
-        stock = CallbackServer(self.ns.path, single_write=False)
+        cb = callback_url_server(self.ns.path)
+        stock = callback_url_server(self.ns.path, single_write=False)
         try:
             with self.cbox("callback") as srv:
                 api = srv.client()
                 vm = api.json("POST", "/v1/vms", {"vmName": "cb", "callbackUrl": cb.url})
                 api.json("POST", "/v1/vms", {"vmName": "cbstock", "callbackUrl": stock.url})
                 agent_pid = agent_server_pid(self.run_dir, vm["cid"])
-                local = CallbackServer(f"/proc/{agent_pid}/ns/net")   # same server, in the guest's namespace
+                local = callback_url_server(f"/proc/{agent_pid}/ns/net")   # same server, in the guest's namespace
                 try:
                     r = api.json("POST", "/v1/vms/cb/exec", {
                         "cmd": f"{sys.executable} -", "stdin": GUEST_CALLBACK_SCRIPT, "timeout": 600,

@@ -32,3 +32,53 @@ def socket_in_ns(ns_path, family=socket.AF_INET, type=socket.SOCK_STREAM):
     if "error" in out:
         raise out["error"]
     return out["sock"]
+
+
+class CallbackURLServer:
+    """A callback URL server on a listening socket (made inside a namespace by the caller).
+
+    Each POST body (JSON) is recorded in `calls` and answered with `reply(body)`, a
+    (status, bytes) pair. single_write: head and body leave in one send() (as most
+    servers do); False is the stock http.server: the head, then the body in a second
+    send() while Nagle is on."""
+
+    def __init__(self, listener, reply, single_write=False):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        import json
+
+        calls = self.calls = []
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            wbufsize = 64 * 1024 if single_write else 0     # flushed once per request
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                calls.append(body)
+                status, data = reply(body)
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request, client_address):
+                pass      # cbox hanging up on a slow answer is expected
+
+        self.httpd = Server(("127.0.0.1", 0), Handler, bind_and_activate=False)
+        self.httpd.socket.close()
+        self.httpd.socket = listener
+        self.port = listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/cb"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -6,54 +6,12 @@ cbox.py, its bridge and taps, the stand-in and the guest agents it starts.
 import json
 import os
 import signal
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-
-# ---- a callback URL server inside the namespace --------------------------------
-
-class CallbackServer:
-    """Answers cbox's callback POSTs with whatever `reply(body)` returns: (status, bytes) or a delay."""
-
-    def __init__(self, ns, reply):
-        self.calls = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.calls.append(body)
-                status, data = reply(body)
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        class Server(ThreadingHTTPServer):
-            def handle_error(self, request, client_address):
-                pass      # cbox hanging up on a slow answer is expected
-
-        self.httpd = Server(("127.0.0.1", 0), Handler, bind_and_activate=False)
-        self.httpd.socket.close()
-        self.httpd.socket = ns.listen(("127.0.0.1", 0))
-        self.port = self.httpd.socket.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}/cb"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+from nsutil import CallbackURLServer
 
 
 @pytest.fixture
@@ -61,7 +19,7 @@ def callback_server(netns):
     servers = []
 
     def make(reply):
-        server = CallbackServer(netns, reply)
+        server = CallbackURLServer(netns.listen(("127.0.0.1", 0)), reply)
         servers.append(server)
         return server
 
