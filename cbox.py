@@ -544,9 +544,6 @@ class BodyStream:
         self.client.release(self.reader, self.writer, self.reusable)
         return data
 
-    def discard(self):
-        self.client._drop(self.writer)
-
 
 def quick_ack(writer):
     """ACK the answer at once: a server that sends its head and body in separate writes
@@ -1226,7 +1223,7 @@ class VMManager:
         with clock.step("files"):
             remove_tree(paths.vm_dir)     # only a crash can have left one without a record
             paths.vm_dir.mkdir(parents=True)
-            clear_run_dir(paths.run_dir)
+            remove_tree(paths.run_dir)    # stale sockets would make cloud-hypervisor fail
             paths.run_dir.mkdir(parents=True)
         with clock.step("disk"):
             await self.disks.create(paths.disk, self.cfg.stateful_size_in_mb)
@@ -1335,7 +1332,7 @@ class VMManager:
             if vm.watch:
                 vm.watch.kill()            # whatever is left of its process group
             await self.net.remove_tap(vm.tapDeviceName, vm.address)
-            clear_run_dir(VmPaths(self.cfg, vm).run_dir)
+            remove_tree(VmPaths(self.cfg, vm).run_dir)
 
     def close_clients(self, vm):
         if vm.callback_server:
@@ -1373,7 +1370,7 @@ class VMManager:
         with clock.step("tap"):
             await self.net.remove_tap(vm.tapDeviceName, vm.address)
         with clock.step("files"):
-            clear_run_dir(paths.run_dir)
+            remove_tree(paths.run_dir)
             remove_tree(paths.vm_dir)
             self.forget(vm)
         self.alloc.release(vm.address, vm.cid)
@@ -1600,11 +1597,6 @@ def host_memory_mb():
     return 0
 
 
-def clear_run_dir(run_dir):
-    """Remove a VM's socket directory (stale sockets make cloud-hypervisor fail)."""
-    remove_tree(run_dir)
-
-
 def remove_tree(path):
     shutil.rmtree(path, ignore_errors=True)
 
@@ -1760,7 +1752,7 @@ class RestServer:
             status, payload, ctype = await self.dispatch(method, target, headers, body)
         except ApiError as e:
             status, payload, ctype = e.status, json_bytes({"error": str(e)}), "application/json"
-            if e.status in (408, 413) or "body" in str(e):
+            if e.status in (408, 411, 413):      # the body was not read: the stream is out of step
                 keep_alive = False
         except Exception as e:   # never a traceback in a response
             import traceback
