@@ -95,7 +95,8 @@ TEXT_PIECE = 256 << 10               # captured bytes decoded and JSON-escaped a
 SMALL_BODY = 256 << 10               # captured bytes up to which a response is built whole
 KEEP_BODY = 16 << 20                 # encoded bytes of a large response kept between counting and sending
 DENSE_RUNS = 1024                    # more output runs than this, under 32 bytes on average: own buffer
-PIPE_SIZE = 1 << 20                  # pipe buffer asked for command output
+PIPE_SIZE = 1 << 20                  # pipe buffer for a command's output once it filled the default
+DEFAULT_PIPE_SIZE = 64 << 10
 DRAIN_GRACE_S = 0.2                  # reading after exit, for pipes kept open
 FINISHED_TTL_S = 600.0               # finished background execs stay queryable
 MAX_FINISHED = 256                   # ... at most this many
@@ -759,9 +760,9 @@ def signal_name(number):
         return f"signal {number}"
 
 
-def _set_pipe_size(fd):
+def grow_pipe(fd):
     try:
-        fcntl.fcntl(fd, 1031, PIPE_SIZE)  # F_SETPIPE_SZ: fewer wakeups for big outputs
+        fcntl.fcntl(fd, 1031, PIPE_SIZE)  # F_SETPIPE_SZ
     except OSError:
         pass
 
@@ -876,6 +877,7 @@ class Exec:
         self._lock = threading.Lock()  # guards buffers, returncode and killing
         self._proc = None
         self._readers = {}             # pipe fd -> buffer
+        self._grown = set()            # pipe fds already given PIPE_SIZE
         self._stdin_fd = None
         self._stdin_data = memoryview(b"")
 
@@ -894,7 +896,6 @@ class Exec:
         if spec.stdin is not None:
             in_r, self._stdin_fd = os.pipe()
             self._stdin_data = memoryview(spec.stdin.encode("utf-8", "replace"))
-        _set_pipe_size(out_r)
         try:
             self._proc = subprocess.Popen(
                 ["/bin/sh", "-c", spec.cmd], stdin=in_r, stdout=out_w, stderr=err_w,
@@ -995,6 +996,9 @@ class Exec:
 
     def _read(self, poller, fd):
         data = os.read(fd, READ_CHUNK)
+        if len(data) >= DEFAULT_PIPE_SIZE and fd not in self._grown:
+            self._grown.add(fd)     # it filled the pipe: a bigger one means fewer wakeups from now on
+            grow_pipe(fd)
         if not data:
             poller.unregister(fd)
             os.close(fd)
@@ -1317,8 +1321,7 @@ class HttpConnection:
             headers += "Connection: close\r\n"
         captured = sum(v.size for v in obj.values() if isinstance(v, CapturedText))
         if captured <= SMALL_BODY:
-            body = json.dumps(obj, ensure_ascii=False, separators=(",", ":"),
-                              default=_captured_text).encode("utf-8", "replace")
+            body = RESPONSE_JSON.encode(obj).encode("utf-8", "replace")
             self.sock.sendall(_response_head(status, len(body), headers) + body)
             return
         length, kept = 0, []
@@ -1351,6 +1354,9 @@ def _captured_text(value):
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
+RESPONSE_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=_captured_text)
+
+
 def json_parts(obj):
     """The compact JSON of a dict as bytes-like parts, CapturedText values piece by piece."""
     pending = "{"
@@ -1361,7 +1367,7 @@ def json_parts(obj):
             yield from value.json_pieces()
             pending = '"'
         else:
-            pending += json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+            pending += RESPONSE_JSON.encode(value)
     yield (pending + "}").encode("utf-8", "replace")
 
 
