@@ -23,9 +23,12 @@ import asyncio
 import contextlib
 import errno
 import contextvars
+import heapq
 import hmac
 import ipaddress
+import itertools
 import json
+import math
 import os
 import re
 import shlex
@@ -36,6 +39,7 @@ import ssl
 import sys
 import time
 import urllib.parse
+import weakref
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -45,9 +49,27 @@ LOG_START = time.monotonic()
 
 def log(msg, **fields):
     """One line on stderr: 'cbox: msg k=v ...' (the request and lifecycle log)."""
-    extra = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
-    sys.stderr.write(f"{datetime.now().strftime('%H:%M:%S.%f')[:-3]} cbox: {msg}{' ' + extra if extra else ''}\n")
+    extra = "".join([f" {k}={v}" for k, v in fields.items() if v is not None])
+    log_line(f"{msg}{extra}")
+
+
+def log_line(text):
+    sys.stderr.write(f"{log_time()} cbox: {text}\n")
     sys.stderr.flush()
+
+
+LOG_SECOND = (None, "")        # the second of the last log line and its "HH:MM:SS"
+
+
+def log_time():
+    """Local time as HH:MM:SS.mmm; strftime runs once a second, not once a request."""
+    global LOG_SECOND
+    now = time.time()
+    second, text = LOG_SECOND
+    if second != int(now):
+        second, text = int(now), time.strftime("%H:%M:%S", time.localtime(now))
+        LOG_SECOND = (second, text)
+    return f"{text}.{int((now - second) * 1000):03d}"
 
 
 def utc_now():
@@ -306,11 +328,9 @@ async def read_head(reader):
         raise HttpError("connection closed inside the message head")
     except asyncio.LimitOverrunError:
         raise HttpError("message head too large")
-    lines = data.decode("latin-1").split("\r\n")
+    lines = data[:-4].decode("latin-1").split("\r\n")      # [:-4]: without the blank line
     headers = {}
     for line in lines[1:]:
-        if not line:
-            continue
         name, sep, value = line.partition(":")
         if not sep or not name or name != name.strip():
             raise HttpError(f"malformed header line {line[:40]!r}")
@@ -347,20 +367,21 @@ async def read_body(reader, headers, limit):
         return b""
     if not is_decimal(length):
         raise HttpError("bad Content-Length")
-    if int(length) > limit:
+    length = int(length)
+    if length > limit:
         raise HttpError("body too large")
-    return await reader.readexactly(int(length))
+    return await reader.readexactly(length)
 
 
 def build_head(status, length, content_type="application/json", keep_alive=True, extra=None):
-    head = [f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}", f"Content-Length: {length}"]
+    head = f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}\r\nContent-Length: {length}\r\n"
     if length or content_type != "application/json":
-        head.append(f"Content-Type: {content_type}")
+        head += f"Content-Type: {content_type}\r\n"
     if not keep_alive:
-        head.append("Connection: close")
-    for k, v in (extra or {}).items():
-        head.append(f"{k}: {v}")
-    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+        head += "Connection: close\r\n"
+    if extra:
+        head += "".join(f"{k}: {v}\r\n" for k, v in extra.items())
+    return (head + "\r\n").encode("latin-1")
 
 
 def build_response(status, body=b"", content_type="application/json", keep_alive=True, extra=None):
@@ -368,8 +389,11 @@ def build_response(status, body=b"", content_type="application/json", keep_alive
     return build_head(status, len(body), content_type, keep_alive, extra) + body
 
 
+JSON_ENCODER = json.JSONEncoder(separators=(",", ":"))   # json.dumps(obj, separators=...) builds one per call
+
+
 def json_bytes(obj):
-    return json.dumps(obj, separators=(",", ":")).encode()
+    return JSON_ENCODER.encode(obj).encode()
 
 
 def set_nodelay(writer):
@@ -412,12 +436,12 @@ class HttpClient:
 
     async def _request(self, method, target, body, headers):
         payload = body if isinstance(body, (bytes, type(None))) else json_bytes(body)
-        head = [f"{method} {target} HTTP/1.1", f"Host: {self.host_header}"]
+        head = f"{method} {target} HTTP/1.1\r\nHost: {self.host_header}\r\n"
         if payload is not None:
-            head += ["Content-Type: application/json", f"Content-Length: {len(payload)}"]
-        for k, v in (headers or {}).items():
-            head.append(f"{k}: {v}")
-        message = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (payload or b"")
+            head += f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+        if headers:
+            head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        message = (head + "\r\n").encode("latin-1") + (payload or b"")
         while True:
             reused = bool(self.idle)
             reader, writer = self.idle.pop() if reused else await self._open()
@@ -560,30 +584,98 @@ def fmt_seconds(value):
     return f"{value:g}s"
 
 
+class Deadline:
+    """One within() call's deadline: its task is cancelled at `when` unless it stopped waiting."""
+    __slots__ = ("when", "task", "waiting", "expired")
+
+    def __init__(self, when, task):
+        self.when, self.task = when, task
+        self.waiting, self.expired = True, False
+
+
+class Deadlines:
+    """The deadlines of one event loop's within() calls, behind a single loop timer.
+
+    A loop.call_later per within() costs a TimerHandle compared in Python on every heap
+    operation, and its cancelled entry lingers in the loop's heap; with three per exec
+    that was a large share of cbox's CPU per exec. Here a deadline is a tuple in a heap
+    of our own (compared in C); one that no longer waits stays there until it comes up,
+    until the heap is mostly such leftovers and is rebuilt, or until none waits. The
+    loop timer is due at or before the earliest waiting deadline (it is moved only when
+    an earlier deadline arrives), so every deadline expires on time."""
+
+    def __init__(self):
+        self.heap = []                 # (when, seq, Deadline), earliest first
+        self.waiting = 0               # Deadlines in the heap still waiting
+        self.seq = itertools.count()   # ties in `when` never compare Deadlines
+        self.timer = None              # weak reference to the loop timer (a strong one would keep
+        self.due = math.inf            # the loop alive: LOOP_DEADLINES holds loops weakly); its time
+
+    def add(self, loop, timeout, task):
+        deadline = Deadline(loop.time() + timeout, task)
+        heapq.heappush(self.heap, (deadline.when, next(self.seq), deadline))
+        self.waiting += 1
+        if deadline.when < self.due:
+            self._schedule(loop, deadline.when)
+        return deadline
+
+    def remove(self, deadline):
+        if not deadline.waiting:
+            return                                     # it expired
+        deadline.waiting, deadline.task = False, None
+        self.waiting -= 1
+        if not self.waiting:
+            self.heap.clear()
+        elif len(self.heap) > 64 + 2 * self.waiting:   # mostly leftovers
+            self.heap = [entry for entry in self.heap if entry[2].waiting]
+            heapq.heapify(self.heap)
+
+    def _schedule(self, loop, when):
+        timer = self.timer and self.timer()
+        if timer is not None:
+            timer.cancel()
+        self.due = when
+        self.timer = weakref.ref(loop.call_at(when, self._expire, loop))
+
+    def _expire(self, loop):
+        self.timer, self.due = None, math.inf
+        now = loop.time()
+        heap = self.heap
+        while heap and (heap[0][0] <= now or not heap[0][2].waiting):
+            deadline = heapq.heappop(heap)[2]
+            if deadline.waiting:
+                deadline.waiting = False
+                self.waiting -= 1
+                deadline.expired = True
+                deadline.task.cancel()
+        if heap:
+            self._schedule(loop, heap[0][0])
+
+
+LOOP_DEADLINES = weakref.WeakKeyDictionary()     # event loop -> its Deadlines
+
+
 async def within(timeout, aw):
     """await aw, raising asyncio.TimeoutError after `timeout` seconds.
 
-    Like asyncio.wait_for, without the extra task per call (this is on every
-    request's path; asyncio.timeout is 3.11+)."""
-    task = asyncio.current_task()
-    expired = False
-
-    def expire():
-        nonlocal expired
-        expired = True
-        task.cancel()
-
-    handle = asyncio.get_running_loop().call_later(timeout, expire)
+    Like asyncio.wait_for, without the extra task and the timer per call (this is on
+    every request's path, several times; asyncio.timeout is 3.11+)."""
+    loop = asyncio.get_running_loop()
+    deadlines = LOOP_DEADLINES.get(loop)
+    if deadlines is None:
+        deadlines = LOOP_DEADLINES[loop] = Deadlines()
+    task = asyncio.current_task(loop)       # with the loop: one get_running_loop() (a getpid() before 3.12)
+    deadline = deadlines.add(loop, timeout, task)
     try:
         return await aw
     except asyncio.CancelledError:
-        if not expired:
+        if not deadline.expired:
             raise
         if hasattr(task, "uncancel"):
             task.uncancel()
         raise asyncio.TimeoutError() from None
     finally:
-        handle.cancel()
+        deadlines.remove(deadline)
 
 
 # =============================================================================
@@ -889,12 +981,16 @@ def check_vm_name(name):
 def check_fields(body, allowed, required=()):
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
-    unknown = sorted(set(body) - set(allowed))
+    unknown = [k for k in body if k not in allowed]
     if unknown:
-        raise ApiError(400, f"unknown field(s): {', '.join(unknown)}")
+        raise ApiError(400, f"unknown field(s): {', '.join(sorted(unknown))}")
     missing = [k for k in required if k not in body]
     if missing:
         raise ApiError(400, f"missing required field(s): {', '.join(missing)}")
+
+
+KINDS = {"str": (str, "a string"), "bool": (bool, "a boolean"), "int": (int, "an integer"),
+         "number": ((int, float), "a number"), "dict": (dict, "an object")}
 
 
 def typed(body, key, kind, default=None):
@@ -902,14 +998,9 @@ def typed(body, key, kind, default=None):
     value = body.get(key)
     if value is None:
         return default
-    ok = {"str": isinstance(value, str),
-          "bool": isinstance(value, bool),
-          "int": isinstance(value, int) and not isinstance(value, bool),
-          "number": isinstance(value, (int, float)) and not isinstance(value, bool),
-          "dict": isinstance(value, dict)}[kind]
-    if not ok:
-        names = {"str": "a string", "bool": "a boolean", "int": "an integer", "number": "a number", "dict": "an object"}
-        raise ApiError(400, f"'{key}' must be {names[kind]}")
+    types, name = KINDS[kind]
+    if not isinstance(value, types) or (kind != "bool" and isinstance(value, bool)):     # JSON true is no number
+        raise ApiError(400, f"'{key}' must be {name}")
     return value
 
 
@@ -1677,6 +1768,17 @@ def spawn_vmm(chv_bin, paths):
 REQUEST_VM = contextvars.ContextVar("REQUEST_VM", default=None)   # VM named in a request body, for the log
 
 
+def log_request(method, target, status, t0):
+    """The request log line, 'request method=.. path=.. vm=.. status=.. ms=..', in one piece:
+    it is written for every request (log() with these fields writes the same line)."""
+    path = target.split("?")[0]
+    vm_name = REQUEST_VM.get() or (path[len("/v1/vms/"):].split("/")[0] if path.startswith("/v1/vms/") else None)
+    REQUEST_VM.set(None)
+    shown = path[:200] if path.isprintable() else repr(path[:200])
+    vm = f" vm={vm_name[:64]}" if vm_name and vm_name.isprintable() else ""
+    log_line(f"request method={method} path={shown}{vm} status={status} ms={(time.monotonic() - t0) * 1000:.1f}")
+
+
 class Request:
     def __init__(self, method, path, query, headers, body, params):
         self.method, self.path, self.query, self.headers = method, path, query, headers
@@ -1690,13 +1792,13 @@ class RestServer:
         self.cfg, self.vms = cfg, manager
         self.server = None
         self.connections = set()
-        self.routes = [
-            (re.compile(r"^/v1/health$"), {"GET": self.health}),
-            (re.compile(r"^/v1/vms$"), {"GET": self.list_vms, "POST": self.start_vm, "DELETE": self.destroy_all}),
-            (re.compile(r"^/v1/vms/(?P<name>[^/]+)$"), {"GET": self.get_vm, "DELETE": self.destroy_vm}),
+        self.routes = [      # no path matches two patterns: the busiest routes come first
             (re.compile(r"^/v1/vms/(?P<name>[^/]+)/exec$"), {"POST": self.exec}),
             (re.compile(r"^/v1/vms/(?P<name>[^/]+)/exec/(?P<exec_id>[^/]+)$"),
              {"GET": self.exec_status, "DELETE": self.exec_kill}),
+            (re.compile(r"^/v1/health$"), {"GET": self.health}),
+            (re.compile(r"^/v1/vms$"), {"GET": self.list_vms, "POST": self.start_vm, "DELETE": self.destroy_all}),
+            (re.compile(r"^/v1/vms/(?P<name>[^/]+)$"), {"GET": self.get_vm, "DELETE": self.destroy_vm}),
             (re.compile(r"^/v1/vms/(?P<name>[^/]+)/logs$"), {"GET": self.logs}),
         ]
 
@@ -1774,12 +1876,7 @@ class RestServer:
             return False
         if status == 413 and "100-continue" not in headers.get("expect", "").lower():
             await self.discard_body(reader, headers)
-        path = target.split("?")[0]
-        vm_name = REQUEST_VM.get() or (path[len("/v1/vms/"):].split("/")[0] if path.startswith("/v1/vms/") else None)
-        REQUEST_VM.set(None)
-        log("request", method=method, path=repr(path[:200]) if not path.isprintable() else path[:200],
-            vm=vm_name[:64] if vm_name and vm_name.isprintable() else None, status=status,
-            ms=f"{(time.monotonic() - t0) * 1000:.1f}")
+        log_request(method, target, status, t0)
         return keep_alive
 
     async def read_request_body(self, reader, writer, headers):
@@ -1788,12 +1885,13 @@ class RestServer:
         length = headers.get("content-length", "0")
         if not is_decimal(length):
             raise ApiError(400, "bad Content-Length header")
-        if int(length) > self.cfg.max_request_bytes:
+        size = int(length)
+        if size > self.cfg.max_request_bytes:
             raise ApiError(413, f"request body larger than {self.cfg.max_request_bytes} bytes")
-        if headers.get("expect", "").lower() == "100-continue" and int(length):
+        if size and headers.get("expect", "").lower() == "100-continue":
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         try:
-            return await within(self.cfg.http_body_timeout_s, reader.readexactly(int(length)))
+            return await within(self.cfg.http_body_timeout_s, reader.readexactly(size))
         except asyncio.TimeoutError:
             raise ApiError(408, f"request body not received within {fmt_seconds(self.cfg.http_body_timeout_s)}")
         except asyncio.IncompleteReadError as e:
@@ -1826,7 +1924,7 @@ class RestServer:
             if handler != self.health:
                 self.authorize(headers)
             params = {k: urllib.parse.unquote(v) for k, v in m.groupdict().items()}
-            request = Request(method, path, urllib.parse.parse_qs(split.query), headers, body, params)
+            request = Request(method, path, urllib.parse.parse_qs(split.query) if split.query else {}, headers, body, params)
             result = await handler(request)
             if isinstance(result, tuple):
                 return result
