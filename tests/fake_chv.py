@@ -38,6 +38,10 @@ Environment
     CBOX_STANDIN_STOP_TIMEOUT  seconds the agent gets after SIGTERM on
                             vm.shutdown/vm.delete before SIGKILL (default 1)
     CBOX_STANDIN_PASS_ENV   comma list of variable names passed on to the agent
+    CBOX_STANDIN_RELAY      kernel (default) | python: how the process engine
+                            moves net[0]'s frames (see "Process engine");
+                            kernel falls back to python when the kernel
+                            refuses the setup
 
 API (all under /api/v1/, serialized: one request at a time, keep-alive ok)
 ----------------------------------------------------------------------------
@@ -88,11 +92,10 @@ IFF_MULTI_QUEUE when num_queues > 2) in the stand-in's own namespace (EBUSY
 when another process holds it -> 500), binds vsock.socket, then forks:
 
     stand-in (S)
-      `- guest VMM (G): setsid; unshare(NET|UTS|PID); creates tap `eth0` in
-         its new netns with MAC net[0].mac (and MTU net[0].mtu); relays
-         frames tap <-> eth0 (epoll, os.read/os.write); serves vsock.socket
-         (CONNECT <port> -> TCP 127.0.0.1:<port> inside the guest netns,
-         answers "OK <n>", EOF when nothing listens there);
+      `- guest VMM (G): setsid; unshare(NET), joins the new netns to the tap
+         (below); unshare(UTS|PID); serves vsock.socket (CONNECT <port> ->
+         TCP 127.0.0.1:<port> inside the guest netns, answers "OK <n>", EOF
+         when nothing listens there);
          `- guest init (I, pid 1 of the new pid ns): reaps, forwards SIGTERM
             `- `python3 <agent>` with stdout+stderr appended to the serial
                file, cwd /, env: PATH, HOME=/, TERM=linux, LANG=C.UTF-8,
@@ -101,6 +104,44 @@ when another process holds it -> 500), binds vsock.socket, then forks:
 G has PR_SET_PDEATHSIG(SIGKILL) towards S, I towards G, and I is the init of
 the guest's pid namespace, so when I dies the kernel kills every process of
 the guest (even `setsid cmd &`): kill -9 of the stand-in leaks no process.
+
+Guest network (net[0]).  G keeps the tap's fd for the VM's life (carrier up,
+EBUSY for another VMM); the guest gets an `eth0` with MAC net[0].mac and MTU
+net[0].mtu (default 1500).  Frames take one of two paths, CBOX_STANDIN_RELAY
+chooses; the console says which ("cbox-standin: net: eth0 <-> <tap> (kernel
+relay: ...)" or "(Python relay: ...)") and so does the log ("net relay ..."):
+
+  kernel (default): eth0 is one end of a veth pair whose other end,
+    cbveth<G's pid>, is in S's netns: up, no address (IPv6 addrgenmode none),
+    not bridged, same MTU.  G sets it up over rtnetlink (a socket opened
+    before its unshare stays bound to S's netns; no ip/tc binary is needed),
+    with tc rules equivalent to
+        tc qdisc add dev <tap> clsact       (one left on the tap is replaced)
+        tc filter add dev <tap> egress protocol all u32 match u32 0 0 \
+           action mirred egress redirect dev cbveth<pid>
+        tc qdisc add dev cbveth<pid> clsact
+        tc filter add dev cbveth<pid> ingress protocol all u32 match u32 0 0 \
+           action mirred ingress redirect dev <tap>
+    What the bridge sends to the tap port goes to eth0; what the guest sends
+    arrives as if received on the tap, so it enters the bridge through the
+    tap port as before.  No frame passes through the tap's fd or through
+    Python.  G deletes the veth pair and the tap's clsact before it exits
+    (guest power-off, vm.shutdown/delete/reboot, SIGTERM of S); S does it
+    when G died of a signal.  vm.pause sets the host end down (the guest's
+    kernel neither gets nor sends frames while paused), vm.resume sets it up.
+    Needs veth, clsact (NET_SCH_INGRESS), u32 and mirred in the kernel.  When
+    a step fails G undoes the others, writes "cbox-standin: net: kernel relay
+    unavailable (<why>), relaying frames in Python" to the console (and the
+    same to the log) and uses the Python relay.
+  python: eth0 is a tap in the guest netns and G copies every frame between
+    the two taps (epoll, os.read/os.write; a frame is dropped when eth0 is
+    down or its queue is full, like a NIC).  eth0 goes away with G's fd.
+
+After kill -9 of S, G dies of PDEATHSIG and nothing undoes the kernel relay:
+the tap keeps its clsact qdisc (cbox.py deletes the tap anyway; a later VMM on
+the same tap replaces it), and the host veth lives as long as the guest's
+netns, which the kernel keeps until TCP connections the guest left open give
+up retransmitting their FIN (up to ~2 minutes; with none open it goes at once).
 The guest starts with hostname "(none)", lo and eth0 down and no address, as
 a fresh kernel would; the agent configures them.  When the agent exits by
 itself (guest power-off) the stand-in exits 0, as CHV does.  The guest sees
@@ -252,6 +293,171 @@ def _wait_readable(fd, timeout):
     except InterruptedError:
         return False
     return bool(r)
+
+
+# ---------------------------------------------------------------------------
+# kernel frame path: a veth pair and tc mirred rules, set up over rtnetlink
+# (no ip/tc binaries, no extra process on the boot path)
+
+NETLINK_ROUTE = 0
+SOL_NETLINK = 270
+NETLINK_CAP_ACK = 10
+NETLINK_EXT_ACK = 11
+NLMSG_ERROR = 2
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
+NLM_F_ACK_TLVS = 0x200           # in an NLMSG_ERROR's echoed header: extended ack attributes follow
+NLMSGERR_ATTR_MSG = 1
+RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
+RTM_NEWQDISC, RTM_DELQDISC, RTM_NEWTFILTER = 36, 37, 44
+IFF_UP = 0x1
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_AF_SPEC, IFLA_NET_NS_FD = 1, 3, 4, 18, 26, 28
+IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 1, 2, 1
+IFLA_INET6_ADDR_GEN_MODE, IN6_ADDR_GEN_MODE_NONE = 8, 1
+TCA_KIND, TCA_OPTIONS = 1, 2
+TCA_U32_SEL, TCA_U32_ACT, TC_U32_TERMINAL = 5, 7, 1
+TCA_ACT_KIND, TCA_ACT_OPTIONS, TCA_MIRRED_PARMS = 1, 2, 2
+TCA_EGRESS_REDIR, TCA_INGRESS_REDIR, TC_ACT_STOLEN = 1, 3, 4
+TC_H_CLSACT = 0xFFFFFFF1
+TC_H_CLSACT_INGRESS = 0xFFFFFFF2  # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS)
+TC_H_CLSACT_EGRESS = 0xFFFFFFF3   # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_EGRESS)
+ETH_P_ALL = 0x0003
+
+
+def _nla(kind, data):
+    """One netlink attribute (nested ones are attributes of attributes)."""
+    size = 4 + len(data)
+    return struct.pack("=HH", size, kind) + data + b"\0" * (-size % 4)
+
+
+def _ifinfomsg(index=0, flags=0, change=0):
+    return struct.pack("=BxHiII", socket.AF_UNSPEC, 0, index, flags, change)
+
+
+def _tcmsg(index, handle, parent, info=0):
+    return struct.pack("=BxxxiIII", socket.AF_UNSPEC, index, handle, parent, info)
+
+
+def _nl_messages(data):
+    """(type, seq, payload) of each netlink message in one datagram."""
+    offset = 0
+    while offset + 16 <= len(data):
+        size, kind, _, seq, _ = struct.unpack_from("=IHHII", data, offset)
+        if size < 16:
+            break
+        yield kind, seq, data[offset + 16:offset + size]
+        offset += (size + 3) & ~3
+
+
+def _extack_text(payload):
+    """The kernel's explanation in an NLMSG_ERROR (extended ack), or ''."""
+    if len(payload) < 20 or not struct.unpack_from("=H", payload, 10)[0] & NLM_F_ACK_TLVS:
+        return ""
+    offset = 20                                   # error code + the echoed (capped) header
+    while offset + 4 <= len(payload):
+        size, kind = struct.unpack_from("=HH", payload, offset)
+        if size < 4:
+            break
+        if kind == NLMSGERR_ATTR_MSG:
+            return payload[offset + 4:offset + size].split(b"\0")[0].decode("utf-8", "replace")
+        offset += (size + 3) & ~3
+    return ""
+
+
+class Rtnl:
+    """A small rtnetlink client.  A netlink socket stays bound to the network
+    namespace it was created in, even after its owner unshares a new one."""
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+        for opt in (NETLINK_CAP_ACK, NETLINK_EXT_ACK):
+            try:
+                self.sock.setsockopt(SOL_NETLINK, opt, 1)
+            except OSError:
+                pass
+        self.sock.bind((0, 0))
+        self.seq = 0
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def close(self):
+        self.sock.close()
+
+    def call(self, kind, flags, body, what):
+        """Send one request; returns the payloads of its replies, raises OSError on a NACK."""
+        self.seq += 1
+        self.sock.send(struct.pack("=IHHII", 16 + len(body), kind, flags | NLM_F_REQUEST | NLM_F_ACK,
+                                   self.seq, 0) + body)
+        replies = []
+        while True:
+            for got, seq, payload in _nl_messages(self.sock.recv(65536)):
+                if seq != self.seq:
+                    continue
+                if got != NLMSG_ERROR:
+                    replies.append(payload)
+                    continue
+                err = -struct.unpack_from("=i", payload)[0]
+                if err:
+                    why = _extack_text(payload)
+                    raise OSError(err, f"{what}: {os.strerror(err)}{' (' + why + ')' if why else ''}")
+                return replies
+
+    # ---- links ------------------------------------------------------------
+
+    def link_index(self, name):
+        [reply] = self.call(RTM_GETLINK, 0, _ifinfomsg() + _nla(IFLA_IFNAME, name.encode() + b"\0"),
+                            f"find link {name}")
+        return struct.unpack_from("=i", reply, 4)[0]
+
+    def add_veth(self, name, peer, peer_netns_fd, peer_mac=None, mtu=None):
+        """veth pair `name` (here, down) <-> `peer` (in the netns of peer_netns_fd, down)."""
+        mtu_attr = _nla(IFLA_MTU, struct.pack("=I", mtu)) if mtu else b""
+        peer_msg = (_ifinfomsg() + _nla(IFLA_IFNAME, peer.encode() + b"\0") + mtu_attr
+                    + _nla(IFLA_NET_NS_FD, struct.pack("=I", peer_netns_fd))
+                    + (_nla(IFLA_ADDRESS, peer_mac) if peer_mac else b""))
+        info = _nla(IFLA_INFO_KIND, b"veth\0") + _nla(IFLA_INFO_DATA, _nla(VETH_INFO_PEER, peer_msg))
+        self.call(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL,
+                  _ifinfomsg() + _nla(IFLA_IFNAME, name.encode() + b"\0") + mtu_attr + _nla(IFLA_LINKINFO, info),
+                  f"create veth {name} <-> {peer}")
+
+    def no_ipv6_address(self, index):
+        """ip link set ... addrgenmode none: no IPv6 link-local address (nor its frames)."""
+        mode = _nla(socket.AF_INET6, _nla(IFLA_INET6_ADDR_GEN_MODE, bytes([IN6_ADDR_GEN_MODE_NONE])))
+        self.call(RTM_NEWLINK, 0, _ifinfomsg(index) + _nla(IFLA_AF_SPEC, mode), "set addrgenmode none")
+
+    def set_up(self, index, up=True):
+        self.call(RTM_NEWLINK, 0, _ifinfomsg(index, IFF_UP if up else 0, IFF_UP), "set link up/down")
+
+    def del_link(self, index):
+        self.call(RTM_DELLINK, 0, _ifinfomsg(index), "delete link")
+
+    # ---- tc ----------------------------------------------------------------
+
+    def replace_clsact(self, index, what):
+        """tc qdisc replace dev X clsact, dropping the filters of a leftover one."""
+        self.del_clsact(index)
+        self.call(RTM_NEWQDISC, NLM_F_CREATE | NLM_F_EXCL, _tcmsg(index, 0xFFFF0000, TC_H_CLSACT)
+                  + _nla(TCA_KIND, b"clsact\0"), f"tc qdisc add dev {what} clsact")
+
+    def del_clsact(self, index):
+        """tc qdisc del dev X clsact; False when there was none (or no such device)."""
+        try:
+            self.call(RTM_DELQDISC, 0, _tcmsg(index, 0xFFFF0000, TC_H_CLSACT), "tc qdisc del clsact")
+            return True
+        except OSError:
+            return False
+
+    def add_redirect(self, index, parent, eaction, target_index, what):
+        """tc filter add dev X {ingress|egress} protocol all u32 match u32 0 0
+           action mirred {egress|ingress} redirect dev Y"""
+        key = struct.pack("=IIii", 0, 0, 0, 0)                                  # mask 0, value 0, at 0
+        sel = struct.pack("=BBBxHHhhI", TC_U32_TERMINAL, 0, 1, 0, 0, 0, 0, 0) + key
+        mirred = struct.pack("=IIiiiiI", 0, 0, TC_ACT_STOLEN, 0, 0, eaction, target_index)
+        action = _nla(1, _nla(TCA_ACT_KIND, b"mirred\0") + _nla(TCA_ACT_OPTIONS, _nla(TCA_MIRRED_PARMS, mirred)))
+        info = (1 << 16) | socket.htons(ETH_P_ALL)                               # prio 1, protocol all
+        self.call(RTM_NEWTFILTER, NLM_F_CREATE | NLM_F_EXCL,
+                  _tcmsg(index, 0, parent, info) + _nla(TCA_KIND, b"u32\0")
+                  + _nla(TCA_OPTIONS, _nla(TCA_U32_SEL, sel) + _nla(TCA_U32_ACT, action)), what)
 
 
 # ---------------------------------------------------------------------------
@@ -614,9 +820,10 @@ class _VsockProxy:
 
 
 def _relay_loop(tap_fd, eth_fd, vsock_fd, pidfd, init_pid):
-    """Guest VMM main loop: frames tap <-> eth0, vsock proxy, guest exit."""
+    """Guest VMM main loop: vsock proxy, guest exit, and the frames tap <-> eth0
+    when they go through Python (eth_fd >= 0; -1 with the kernel relay)."""
     ep = select.epoll()
-    if tap_fd >= 0:
+    if eth_fd >= 0:
         ep.register(tap_fd, select.EPOLLIN)
         ep.register(eth_fd, select.EPOLLIN)
     ep.register(pidfd, select.EPOLLIN)
@@ -705,7 +912,112 @@ def _guest_init_main(console_fd, argv, env, close_fds):
     return code if code >= 0 else 128 - code
 
 
-def _guest_vmm_main(parent, wr, tap_fd, vsock_fd, console_fd, net, argv, env, cmdline):
+def host_veth_name(vmm_pid):
+    """The stand-in side of a guest's veth pair (<= 15 characters, IFNAMSIZ)."""
+    return f"cbveth{vmm_pid}"
+
+
+class KernelRelay:
+    """net[0]'s frames through the kernel instead of Python:
+
+        tap egress  --tc u32 + mirred egress redirect-->  host veth --> eth0 (guest)
+        eth0 --> host veth ingress --tc u32 + mirred ingress redirect--> tap
+
+    so the bridge sends to and receives from the tap port as before, while the
+    tap's fd (held for carrier and exclusivity) sees no frame.  `rtnl` is bound
+    to the stand-in's netns, where the tap and the host veth live."""
+
+    def __init__(self, rtnl, tap, veth):
+        self.rtnl, self.tap, self.veth = rtnl, tap, veth
+
+    def start(self, guest_netns_fd, mac=None, mtu=None):
+        """Create the pair (eth0 in the guest netns, down) and the tc rules; undoes
+        what it did and raises OSError when the kernel refuses a step."""
+        rtnl = self.rtnl
+        tap = rtnl.link_index(self.tap)
+        rtnl.add_veth(self.veth, "eth0", guest_netns_fd, mac, mtu)
+        try:
+            veth = rtnl.link_index(self.veth)
+            try:
+                rtnl.no_ipv6_address(veth)
+            except OSError:
+                pass    # a kernel without IPv6 has no address to suppress
+            rtnl.replace_clsact(veth, self.veth)
+            rtnl.add_redirect(veth, TC_H_CLSACT_INGRESS, TCA_INGRESS_REDIR, tap,
+                              f"tc filter add dev {self.veth} ingress ... mirred ingress redirect dev {self.tap}")
+            rtnl.replace_clsact(tap, self.tap)
+            rtnl.add_redirect(tap, TC_H_CLSACT_EGRESS, TCA_EGRESS_REDIR, veth,
+                              f"tc filter add dev {self.tap} egress ... mirred egress redirect dev {self.veth}")
+            rtnl.set_up(veth)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self):
+        """Delete the veth pair and the tap's clsact qdisc (the tap itself is cbox's)."""
+        for name, undo in ((self.veth, self.rtnl.del_link), (self.tap, self.rtnl.del_clsact)):
+            try:
+                undo(self.rtnl.link_index(name))
+            except OSError:
+                pass
+
+    def set_up(self, up):
+        """Carrier of the guest's eth0 (vm.pause: no frame in or out)."""
+        self.rtnl.set_up(self.rtnl.link_index(self.veth), up)
+
+
+def remove_kernel_relay(tap, veth):
+    """KernelRelay.stop() from the stand-in, for a guest VMM that died by a signal."""
+    try:
+        rtnl = Rtnl()
+    except OSError:
+        return
+    try:
+        KernelRelay(rtnl, tap, veth).stop()
+    finally:
+        rtnl.close()
+
+
+def _unshare_net(net, relay_mode):
+    """unshare(CLONE_NEWNET) for the guest; with a tap and relay_mode "kernel" also
+    join the new netns to the tap through the kernel.  Returns (KernelRelay or
+    None, why the kernel relay is unavailable or None)."""
+    if not net.get("tap") or relay_mode != "kernel":
+        unshare(CLONE_NEWNET)
+        return None, None
+    try:
+        rtnl = Rtnl()            # created here: stays bound to the stand-in's netns
+    except OSError as e:
+        unshare(CLONE_NEWNET)
+        return None, f"rtnetlink: {rust_io(e)}"
+    unshare(CLONE_NEWNET)
+    relay = KernelRelay(rtnl, net["tap"], host_veth_name(os.getpid()))
+    mtu = net["mtu"] if isinstance(net.get("mtu"), int) else None
+    try:
+        ns_fd = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            relay.start(ns_fd, parse_mac(net.get("mac") or ""), mtu)
+        finally:
+            os.close(ns_fd)
+    except OSError as e:
+        rtnl.close()
+        return None, e.strerror or rust_io(e)
+    return relay, None
+
+
+def _make_guest_tap(net):
+    """The Python relay's eth0: a tap in the guest netns; returns its fd."""
+    eth_fd = open_tap("eth0")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        mac = parse_mac(net.get("mac") or "")
+        if mac:
+            fcntl.ioctl(s.fileno(), SIOCSIFHWADDR, struct.pack("16sH6s16x", b"eth0", ARPHRD_ETHER, mac))
+        if isinstance(net.get("mtu"), int):
+            fcntl.ioctl(s.fileno(), SIOCSIFMTU, struct.pack("16si20x", b"eth0", net["mtu"]))
+    return eth_fd
+
+
+def _guest_vmm_main(parent, wr, tap_fd, vsock_fd, console_fd, net, relay_mode, argv, env, cmdline):
     """First child of the stand-in: becomes the guest's VMM side."""
     set_pdeathsig(signal.SIGKILL)
     if os.getppid() != parent:
@@ -730,34 +1042,51 @@ def _guest_vmm_main(parent, wr, tap_fd, vsock_fd, console_fd, net, argv, env, cm
             except OSError:
                 pass
     os.dup2(devnull, 0)
-    unshare(CLONE_NEWNET | CLONE_NEWUTS | CLONE_NEWPID)
+    kernel, why_not = _unshare_net(net if tap_fd >= 0 else {}, relay_mode)
+    try:
+        return _guest_vmm_run(wr, tap_fd, vsock_fd, console_fd, net, kernel, why_not, argv, env, cmdline)
+    finally:
+        if kernel is not None:
+            kernel.stop()    # before the tap fd is released: no other VMM can hold the tap yet
+
+
+def _net_console_line(net, tap_fd, kernel):
+    if tap_fd < 0:
+        return "none"
+    if kernel is not None:
+        return (f"eth0 <-> {net['tap']} (kernel relay: veth {kernel.veth} <-> eth0, "
+                f"tc mirred {net['tap']} <-> {kernel.veth})")
+    return f"eth0 <-> {net['tap']} (Python relay: tap eth0, read/write in the guest VMM)"
+
+
+def _guest_vmm_run(wr, tap_fd, vsock_fd, console_fd, net, kernel, why_not, argv, env, cmdline):
+    """The guest VMM, its netns made: UTS and pid namespaces, eth0, init, main loop."""
+    unshare(CLONE_NEWUTS | CLONE_NEWPID)
     socket.sethostname("(none)")
-    eth_fd = -1
-    if tap_fd >= 0:
-        eth_fd = open_tap("eth0")
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            mac = parse_mac(net.get("mac") or "")
-            if mac:
-                fcntl.ioctl(s.fileno(), SIOCSIFHWADDR, struct.pack("16sH6s16x", b"eth0", ARPHRD_ETHER, mac))
-            if isinstance(net.get("mtu"), int):
-                fcntl.ioctl(s.fileno(), SIOCSIFMTU, struct.pack("16si20x", b"eth0", net["mtu"]))
+    eth_fd = _make_guest_tap(net) if tap_fd >= 0 and kernel is None else -1
+    note = f"net: kernel relay unavailable ({why_not}), relaying frames in Python" if why_not else None
+    if note:
+        os.write(wr, f"LOG {note}\n".encode())
     _console_write(console_fd,
                    f"cbox-standin: Cloud Hypervisor {VERSION} stand-in, process engine\n"
                    f"cbox-standin: Command line: {cmdline}\n"
-                   f"cbox-standin: net: {'eth0 <-> ' + net['tap'] if tap_fd >= 0 else 'none'}\n"
+                   + (f"cbox-standin: {note}\n" if note else "")
+                   + f"cbox-standin: net: {_net_console_line(net, tap_fd, kernel)}\n"
                    f"cbox-standin: Run {' '.join(argv)} as init\n")
+    rtnl_fd = kernel.rtnl.fileno() if kernel is not None else -1
     init_pid = os.fork()
     if init_pid == 0:
         code = 70
         try:
-            code = _guest_init_main(console_fd, argv, env, (wr, tap_fd, eth_fd, vsock_fd))
+            code = _guest_init_main(console_fd, argv, env, (wr, tap_fd, eth_fd, vsock_fd, rtnl_fd))
         except BaseException:
             traceback.print_exc()
         finally:
             os._exit(code)
     pidfd = os.pidfd_open(init_pid)
     signal.signal(signal.SIGTERM, lambda *a: os.kill(init_pid, signal.SIGTERM))
-    os.write(wr, f"OK {init_pid}\n".encode())
+    relay = f"kernel {kernel.veth}" if kernel is not None else ("python" if tap_fd >= 0 else "none")
+    os.write(wr, f"OK {init_pid} {relay}\n".encode())
     os.close(wr)
     return _relay_loop(tap_fd, eth_fd, vsock_fd, pidfd, init_pid)
 
@@ -784,10 +1113,16 @@ class ProcessEngine:
         self._init_pidfd = None
         self._code = None
         self._paused = False
+        self.tap = None              # net[0].tap
+        self.relay = None            # "kernel" | "python" | "none", as the guest VMM reports
+        self.host_veth = None        # stand-in side of the guest's veth pair (kernel relay)
 
     def start(self):
         if self.pid is not None:
             raise EngineError("engine already started")
+        relay_mode = (os.environ.get("CBOX_STANDIN_RELAY") or "kernel").strip()
+        if relay_mode not in ("kernel", "python"):
+            raise EngineError(f"CBOX_STANDIN_RELAY={relay_mode!r}: expected kernel or python")
         nets = self.config.get("net") or []
         net = dict(nets[0]) if nets else {}
         tap_fd = -1
@@ -802,6 +1137,7 @@ class ProcessEngine:
                 raise EngineError("Error from device manager", "Cannot create virtio-net device",
                                   "Failed to open taps", f"Open tap device {net['tap']} failed",
                                   f"Unable to configure tap interface: {rust_io(e)}") from None
+            self.tap = net["tap"]
         vsock_fd = self.vsock_listener.fileno() if self.vsock_listener is not None else -1
         console_fd = self.console_fd if self.console_fd is not None else -1
         cmdline = (self.config.get("payload") or {}).get("cmdline", "")
@@ -819,7 +1155,7 @@ class ProcessEngine:
             code = 70
             try:
                 os.close(rd)
-                code = _guest_vmm_main(parent, wr, tap_fd, vsock_fd, console_fd, net,
+                code = _guest_vmm_main(parent, wr, tap_fd, vsock_fd, console_fd, net, relay_mode,
                                        self.agent_argv, self.guest_env, cmdline)
             except BaseException as e:
                 msg = f"{e.strerror}: {e.filename or ''} (os error {e.errno})" if isinstance(e, OSError) and e.errno else repr(e)
@@ -830,32 +1166,49 @@ class ProcessEngine:
             finally:
                 os._exit(code)
         self.pid = pid
+        if self.tap and relay_mode == "kernel":
+            self.host_veth = host_veth_name(pid)     # known now: cleaned up even if setup dies
         os.close(wr)
         if tap_fd >= 0:
             os.close(tap_fd)   # the guest VMM holds it now
-        line = b""
-        deadline = time.monotonic() + 10
         try:
-            while not line.endswith(b"\n") and time.monotonic() < deadline:
-                if not _wait_readable(rd, deadline - time.monotonic()):
-                    continue
-                chunk = os.read(rd, 512)
-                if not chunk:
-                    break
-                line += chunk
+            text = self._read_report(rd)
         finally:
             os.close(rd)
-        text = line.decode("utf-8", "replace").strip()
         if text.startswith("OK "):
-            self.init_pid = int(text.split()[1])
+            _, init_pid, self.relay, *veth = text.split()
+            self.init_pid = int(init_pid)
+            self.host_veth = veth[0] if veth else None
             try:
                 self._init_pidfd = os.pidfd_open(self.init_pid)
             except OSError:
                 self._init_pidfd = None
-            self.log(f"guest started: vmm pid {self.pid}, init pid {self.init_pid}, agent {self.agent_argv[-1]}")
+            net_text = f", net relay {self.relay}" + (f" (host veth {self.host_veth})" if self.host_veth else "")
+            self.log(f"guest started: vmm pid {self.pid}, init pid {self.init_pid}, "
+                     f"agent {self.agent_argv[-1]}{net_text}")
             return
         self._kill_and_reap()
         raise EngineError(text[4:] if text.startswith("ERR ") else "guest setup failed without a message")
+
+    def _read_report(self, rd):
+        """The guest VMM's last line ("OK <init pid> <relay> [<host veth>]" or "ERR <why>");
+        "LOG <text>" lines before it go to the stand-in log."""
+        buf = b""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                text = line.decode("utf-8", "replace").strip()
+                if not text.startswith("LOG "):
+                    return text
+                self.log(text[4:])
+            if not _wait_readable(rd, deadline - time.monotonic()):
+                continue
+            chunk = os.read(rd, 512)
+            if not chunk:
+                break
+            buf += chunk
+        return buf.decode("utf-8", "replace").strip()
 
     def _kill_and_reap(self):
         if self.pid is None or self._code is not None:
@@ -872,22 +1225,30 @@ class ProcessEngine:
         try:
             got, status = os.waitpid(self.pid, os.WNOHANG)
         except ChildProcessError:
-            self._code = 0
+            self._reaped(0)
             return False
         if got == 0:
             return True
-        self._code = os.waitstatus_to_exitcode(status)
+        self._reaped(os.waitstatus_to_exitcode(status))
         return False
 
     def wait_exit(self):
         if self._code is None and self.pid is not None:
             try:
                 _, status = os.waitpid(self.pid, 0)
-                self._code = os.waitstatus_to_exitcode(status)
+                self._reaped(os.waitstatus_to_exitcode(status))
             except ChildProcessError:
-                self._code = 0
+                self._reaped(0)
         self._close_pidfd()
         return self._code
+
+    def _reaped(self, code):
+        self._code = code
+        if code < 0 and self.host_veth:
+            # the guest VMM was killed before it could undo its kernel relay
+            remove_kernel_relay(self.tap, self.host_veth)
+            self.log(f"net: guest VMM killed by signal {-code}: removed {self.host_veth} "
+                     f"and the clsact qdisc of {self.tap}")
 
     def _close_pidfd(self):
         if self._init_pidfd is not None:
@@ -955,11 +1316,28 @@ class ProcessEngine:
     def pause(self):
         self._signal_all(signal.SIGSTOP)
         self._signal_all(signal.SIGSTOP)   # catch children forked meanwhile
+        self._set_carrier(False)
         self._paused = True
 
     def resume(self):
+        self._set_carrier(True)
         self._signal_all(signal.SIGCONT)
         self._paused = False
+
+    def _set_carrier(self, up):
+        """Kernel relay: the host veth down while paused, so the guest's kernel
+        (stopped processes or not) neither receives nor sends frames, as with
+        the Python relay whose loop is stopped too."""
+        if self.relay != "kernel":
+            return
+        try:
+            rtnl = Rtnl()
+            try:
+                KernelRelay(rtnl, self.tap, self.host_veth).set_up(up)
+            finally:
+                rtnl.close()
+        except OSError as e:
+            self.log(f"net: cannot set {self.host_veth} {'up' if up else 'down'}: {e}")
 
 
 def load_engine_class(name):

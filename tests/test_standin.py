@@ -7,6 +7,7 @@ namespaces this test run creates.
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -41,12 +42,14 @@ srv.listen(16)
 print("test-agent: ready", flush=True)
 while True:
     c, _ = srv.accept()
-    with c:
-        line = c.makefile("rb").readline().decode().strip()
+    with c, c.makefile("rb") as f:
+        line = f.readline().decode().strip()
         if line == "info":
             link = subprocess.run(["ip", "-o", "link", "show", "eth0"], capture_output=True, text=True).stdout
             c.sendall(json.dumps({"hostname": socket.gethostname(), "env": dict(os.environ),
                                   "link": link}).encode() + b"\n")
+        elif line.startswith("echo"):
+            c.sendall(f.read(int(line.split()[1])))
         elif line.startswith("exit"):
             c.sendall(b"bye\n")
             c.close()
@@ -71,7 +74,7 @@ class UnixHTTPConnection(http.client.HTTPConnection):
 class StandIn:
     """One fake_chv.py process inside the test namespace."""
 
-    def __init__(self, ns, workdir, name="vm", extra_env=None, args=None):
+    def __init__(self, ns, workdir, name="vm", extra_env=None, args=None, wrapper=()):
         self.ns, self.dir, self.name = ns, Path(workdir), name
         self.api_sock = str(self.dir / f"{name}.api")
         self.vsock = str(self.dir / f"{name}.vsock")
@@ -82,7 +85,7 @@ class StandIn:
         env.update(extra_env or {})
         args = args or ["--api-socket", f"path={self.api_sock}", "--log-file", str(self.log_file), "-v"]
         self.out = open(self.out_file, "wb")
-        self.proc = ns.popen([sys.executable, str(STANDIN), *args], stdout=self.out,
+        self.proc = ns.popen([*wrapper, sys.executable, str(STANDIN), *args], stdout=self.out,
                              stderr=subprocess.STDOUT, env=env)
         self._conn = None
         deadline = time.monotonic() + 10
@@ -250,6 +253,37 @@ def guest_info(ns, standin=None, timeout=10.0):
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+
+
+def host_veths(ns):
+    """The stand-in side of guests' veth pairs (kernel relay) in the namespace."""
+    return re.findall(r"^\d+: (cbveth\d+)[@:]", ns.links(), re.M)
+
+
+def tap_clsact(ns):
+    if not shutil.which("tc"):
+        pytest.skip("tc (iproute2) is not installed")
+    return "clsact" in ns.run("tc", "qdisc", "show", "dev", TAP).stdout
+
+
+def tap_fd_packets(ns):
+    """Frames the tap's fd has seen (tun counts those read or written there)."""
+    stats = json.loads(ns.run("ip", "-s", "-j", "link", "show", TAP).stdout)[0]["stats64"]
+    return stats["rx"]["packets"] + stats["tx"]["packets"]
+
+
+def echo(ns, size, timeout=10):
+    """Send `size` bytes to the test agent and read them back (TCP both ways over the tap)."""
+    data = os.urandom(size)
+    with ns.connect((GUEST_IP, 4031), timeout=timeout) as c:
+        c.sendall(f"echo {size}\n".encode() + data)
+        got = b""
+        while len(got) < size:
+            chunk = c.recv(1 << 20)
+            if not chunk:
+                break
+            got += chunk
+    return got == data
 
 
 def vsock_connect(path, port):
@@ -438,9 +472,10 @@ def test_stale_vsock_socket_fails_boot(env, chv_schema):
 
 # ---- booting: network, namespaces, lifecycle -------------------------------------
 
-def test_boot_network_lifecycle(env, chv_schema):
+@pytest.mark.parametrize("relay", ["kernel", "python"])
+def test_boot_network_lifecycle(env, chv_schema, relay):
     env.bridge()
-    s = env.standin(name="guest1")
+    s = env.standin(name="guest1", extra_env={"CBOX_STANDIN_RELAY": relay})
     host_name = socket.gethostname()
     cfg = s.config()
     assert s.put("vm.create", cfg) == (204, None)
@@ -456,6 +491,15 @@ def test_boot_network_lifecycle(env, chv_schema):
     assert env.ns.pids() == [s.proc.pid]                      # the guest is in a netns of its own
     serial = s.serial.read_text()
     assert "cbox-standin" in serial and cfg["payload"]["cmdline"] in serial and "test-agent: ready" in serial
+    # which relay moves the frames: the kernel's never passes them through the tap's fd
+    label = {"kernel": "kernel relay: veth cbveth", "python": "Python relay: tap eth0"}[relay]
+    assert f"cbox-standin: net: eth0 <-> {TAP} ({label}" in serial, serial
+    assert "unavailable" not in serial
+    seen = tap_fd_packets(env.ns)
+    assert echo(env.ns, 1 << 20)
+    through_fd = tap_fd_packets(env.ns) - seen
+    assert through_fd == 0 if relay == "kernel" else through_fd > 700, through_fd     # 1 MiB each way
+    assert len(host_veths(env.ns)) == (relay == "kernel") and tap_clsact(env.ns) == (relay == "kernel")
 
     # hybrid vsock: CONNECT to the agent's port is proxied, another port reads EOF
     with vsock_connect(s.vsock, 4031) as v:
@@ -472,8 +516,11 @@ def test_boot_network_lifecycle(env, chv_schema):
     [agent] = agent_pids(env.dir)
     assert s.put("vm.pause") == (204, None)
     assert s.state() == "Paused" and proc_state(agent) == "T"
+    with pytest.raises(OSError):            # no frame reaches a paused guest, not even its kernel
+        env.ns.connect((GUEST_IP, 4031), timeout=0.5).close()
     assert s.put("vm.resume") == (204, None)
     assert s.state() == "Running" and proc_state(agent) != "T"
+    assert guest_info(env.ns)["hostname"] == "guest1"
 
     # a second VMM on the same tap: busy tap -> 500 at boot
     s2 = env.standin(name="other")
@@ -488,12 +535,14 @@ def test_boot_network_lifecycle(env, chv_schema):
     assert s.put("vm.shutdown") == (204, None)
     assert s.state() == "Created"
     assert agent_pids(env.dir) == [] and not os.path.exists(s.vsock)
+    assert host_veths(env.ns) == [] and not tap_clsact(env.ns)      # undone before the reply
     assert s.put("vm.shutdown")[0] == 500
     assert s.put("vm.boot") == (204, None)                    # boot again works
     info2 = guest_info(env.ns, s)
     assert info2["hostname"] == "guest1"
     assert agent_pids(env.dir) != [agent]
-    assert "test-agent: ready" in s.serial.read_text()
+    assert "test-agent: ready" in s.serial.read_text() and label in s.serial.read_text()
+    assert echo(env.ns, 1 << 16)
 
     # the guest powers off by itself: the VMM process exits 0
     with env.ns.connect((GUEST_IP, 4031), timeout=5) as c:
@@ -503,8 +552,10 @@ def test_boot_network_lifecycle(env, chv_schema):
     assert not os.path.exists(s.api_sock) and not os.path.exists(s.vsock)
     assert wait_gone(lambda: agent_pids(env.dir), 5) == []
     assert "Power down" in s.serial.read_text()
+    assert host_veths(env.ns) == [] and not tap_clsact(env.ns)
     log = s.log_file.read_text()
     assert "PUT /api/v1/vm.boot -> 204" in log and "powered off" in log
+    assert f"net relay {relay}" in log
 
 
 def test_kill9_leaks_nothing(env, chv_schema):
@@ -521,6 +572,9 @@ def test_kill9_leaks_nothing(env, chv_schema):
     assert wait_gone(lambda: agent_pids(env.dir), 5) == []
     assert wait_gone(lambda: [p for p in children if running(p)], 5) == []
     assert env.ns.pids() == []
+    # the host veth dies with the guest's netns; the tap keeps its clsact until a new
+    # VMM replaces it (cbox deletes the tap anyway)
+    assert wait_gone(lambda: host_veths(env.ns), 5) == []
     # like CHV after SIGKILL the socket files stay; the tap is free again for a new VMM
     assert os.path.exists(s.api_sock) and os.path.exists(s.vsock)
     os.unlink(s.vsock)
@@ -528,6 +582,99 @@ def test_kill9_leaks_nothing(env, chv_schema):
     assert s2.put("vm.create", s2.config())[0] == 204
     assert s2.put("vm.boot")[0] == 204
     assert guest_info(env.ns, s2)["hostname"] == "vm"
+    assert "(kernel relay" in s2.serial.read_text() and echo(env.ns, 1 << 16)
+    assert len(host_veths(env.ns)) == 1
+
+
+def test_kernel_relay_plumbing(env, chv_schema):
+    """veth + tc mirred: the host end is up, unaddressed, unbridged; MTU and MAC
+    follow net[0]; vm.delete undoes it; a new boot on the same tap works."""
+    env.bridge()
+    env.ns.run("ip", "link", "set", "br0", "mtu", "1400")
+    env.ns.run("ip", "link", "set", TAP, "mtu", "1400")
+    s = env.standin()
+    cfg = s.config()
+    cfg["net"][0]["mtu"] = 1400
+    assert s.put("vm.create", cfg)[0] == 204
+    assert s.put("vm.boot")[0] == 204
+    info = guest_info(env.ns, s)
+    assert MAC in info["link"] and "mtu 1400" in info["link"]
+    [veth] = host_veths(env.ns)
+    assert f"host veth {veth}" in s.log_file.read_text()
+    link = env.ns.run("ip", "-o", "link", "show", veth).stdout
+    assert "mtu 1400" in link and ",UP" in link and "master" not in link
+    assert env.ns.run("ip", "-o", "addr", "show", "dev", veth).stdout == ""     # no IPv4, no IPv6
+    assert echo(env.ns, 4 << 20)
+    egress = env.ns.run("tc", "-s", "filter", "show", "dev", TAP, "egress").stdout
+    ingress = env.ns.run("tc", "-s", "filter", "show", "dev", veth, "ingress").stdout
+    assert f"Egress Redirect to device {veth}" in egress, egress
+    assert f"Ingress Redirect to device {TAP}" in ingress, ingress
+    sent = [int(n) for n in re.findall(r"Sent \d+ bytes (\d+) pkt", egress + ingress)]
+    assert len(sent) == 2 and min(sent) > 1000, (egress, ingress)
+    assert s.put("vm.delete") == (204, None)
+    assert host_veths(env.ns) == [] and not tap_clsact(env.ns)
+    # a clsact left on the tap by a VMM killed with SIGKILL: replaced, not an error
+    env.ns.run("ip", "link", "add", "stale0", "type", "bridge")    # (no dummy module here)
+    env.ns.run("tc", "qdisc", "add", "dev", TAP, "clsact")
+    env.ns.run("tc", "filter", "add", "dev", TAP, "egress", "protocol", "all", "u32", "match", "u32", "0", "0",
+               "action", "mirred", "egress", "redirect", "dev", "stale0")
+    assert s.put("vm.create", cfg)[0] == 204
+    assert s.put("vm.boot")[0] == 204
+    assert guest_info(env.ns, s)["hostname"] == "vm" and echo(env.ns, 1 << 16)
+    assert "stale0" not in env.ns.run("tc", "filter", "show", "dev", TAP, "egress").stdout
+    assert s.put("vmm.shutdown")[0] == 204 and s.wait_exit(5) == 0
+    assert host_veths(env.ns) == [] and not tap_clsact(env.ns)
+
+
+def test_guest_vmm_killed_relay_undone_by_standin(env, chv_schema):
+    env.bridge()
+    s = env.standin()
+    assert s.put("vm.create", s.config())[0] == 204
+    assert s.put("vm.boot")[0] == 204
+    guest_info(env.ns, s)
+    [vmm] = [int(p) for p in Path(f"/proc/{s.proc.pid}/task/{s.proc.pid}/children").read_text().split()]
+    assert len(host_veths(env.ns)) == 1 and tap_clsact(env.ns)
+    os.kill(vmm, signal.SIGKILL)             # nothing of the guest VMM's own cleanup runs
+    assert s.wait_exit(5) == 0               # guest gone: the VMM exits, as after a power-off
+    assert host_veths(env.ns) == [] and not tap_clsact(env.ns)
+    assert "guest VMM killed by signal 9" in s.log_file.read_text()
+    assert wait_gone(lambda: agent_pids(env.dir), 5) == []
+
+
+def test_kernel_relay_failure_falls_back(env, chv_schema):
+    """A kernel relay the kernel refuses: the guest VMM undoes what it did, says why
+    on the console and in the log, and relays the frames in Python."""
+    if not shutil.which("unshare"):
+        pytest.skip("unshare (util-linux) is not installed")
+    env.bridge()
+    # In a pid namespace of its own the stand-in is pid 1 and its guest VMM pid 2, so
+    # the host veth will be cbveth2: a link of that name makes its creation fail.
+    env.ns.run("ip", "link", "add", fake_chv.host_veth_name(2), "type", "bridge")   # (no dummy module here)
+    s = env.standin(wrapper=["unshare", "--pid", "--kill-child"])
+    assert s.put("vm.create", s.config())[0] == 204
+    assert s.put("vm.boot")[0] == 204
+    assert guest_info(env.ns, s)["hostname"] == "vm" and echo(env.ns, 1 << 16)
+    note = "net: kernel relay unavailable (create veth cbveth2 <-> eth0: File exists), relaying frames in Python"
+    serial = s.serial.read_text()
+    assert f"cbox-standin: {note}\n" in serial and "(Python relay: tap eth0" in serial, serial
+    log = s.log_file.read_text()
+    assert note in log and "net relay python" in log
+    assert not tap_clsact(env.ns) and env.ns.run("ip", "-o", "link", "show", "type", "veth").stdout == ""
+    assert "cbveth2" in env.ns.run("ip", "-o", "link", "show", "type", "bridge").stdout   # not ours: kept
+    assert s.put("vmm.shutdown")[0] == 204 and s.wait_exit(5) == 0
+    # no tap, or the python mode: the netns is unshared, nothing else
+    r = env.ns.run(sys.executable, "-c", "import fake_chv; print(fake_chv._unshare_net({}, 'kernel'))",
+                   env=dict(os.environ, PYTHONPATH=str(STANDIN.parent)))
+    assert r.stdout.strip() == "(None, None)"
+    # the stand-in logs the guest VMM's note and takes its final line
+    logged = []
+    engine = fake_chv.ProcessEngine({}, logged.append)
+    rd, wr = os.pipe()
+    os.write(wr, b"LOG net: kernel relay unavailable (x), relaying frames in Python\nOK 7 python\n")
+    os.close(wr)
+    assert engine._read_report(rd) == "OK 7 python"
+    os.close(rd)
+    assert logged == ["net: kernel relay unavailable (x), relaying frames in Python"]
 
 
 def test_sigterm_stops_vm(env, chv_schema):
