@@ -199,6 +199,25 @@ def reset_hwm(pid):
         pass
 
 
+def relay_description():
+    """How the stand-in moves frames in this run (CBOX_STANDIN_RELAY, see tests/fake_chv.py)."""
+    if os.environ.get("CBOX_STANDIN_RELAY", "kernel") == "python":
+        return "the stand-in's Python relay (CBOX_STANDIN_RELAY=python: read/write in its guest VMM process)"
+    return ("the kernel (veth pair + tc mirred, the stand-in's default; it falls back to its Python relay "
+            "and says so on the console when the kernel refuses)")
+
+
+def frame_path(api, names):
+    """Which frame path the stand-in used for these VMs, from their consoles' "net:" line."""
+    seen = set()
+    for name in names:
+        status, data = api.request("GET", f"/v1/vms/{name}/logs")
+        text = data.decode("utf-8", "replace") if status == 200 else ""
+        seen.add("kernel relay" if "(kernel relay" in text else "Python relay" if "(Python relay" in text
+                 else "unknown")
+    return " + ".join(sorted(seen))
+
+
 def cpu_seconds(pid):
     """(user, system) CPU seconds of a process."""
     try:
@@ -714,7 +733,7 @@ class Bench:
         self.add(Row("exec: agent alone, via bridge+tap", median(times["agent_bridge"]), "ms",
                      p99(times["agent_bridge"]), floor,
                      how="POST /exec to <guest ip>:4031 from cbox's namespace (keep-alive): adds the bridge, "
-                         "the tap and the stand-in's frame relay (a Python process; virtio-net in a real VM)"))
+                         f"the tap and the stand-in's frame path ({relay_description()}; virtio-net in a real VM)"))
         med = median(times["cbox"])
         self.add(Row("exec latency via cbox.py", med, "ms", p99(times["cbox"]), floor,
                      target="median <= floor + 2.5 ms", ok=med <= floor + 2.5,
@@ -762,6 +781,7 @@ class Bench:
             api = srv.client()
             for v in range(nvms):
                 api.json("POST", "/v1/vms", {"vmName": f"tp{v}"})
+            frames = frame_path(api, [f"tp{v}" for v in range(nvms)])
             body = json.dumps({"cmd": "true"}).encode()
 
             def client_fn(i):
@@ -799,7 +819,7 @@ class Bench:
         self.add(Row("exec throughput via cbox.py", rate, "execs/s", None, floor,
                      target=">= 60% of floor", ok=rate >= 0.6 * floor,
                      notes=f"CPU ms per exec: {per_exec} (floor: {floor_cpu / floor_n * 1000:.2f} per "
-                           f"subprocess.run, sh included); machine has {os.cpu_count()} cores",
+                           f"subprocess.run, sh included); frames: {frames}; machine has {os.cpu_count()} cores",
                      how=f"{clients} client threads (one keep-alive connection each) over {nvms} VMs, completed "
                          f"execs / s; floor: {clients} threads doing subprocess.run(sh -c true) in one process; "
                          f"{dur:g} s of each, alternating in {slices} slices; CPU per exec from /proc/<pid>/stat "
@@ -1408,8 +1428,8 @@ class Bench:
             f"- Machine: {machine}",
             f"- Mode: {mode}" + ("" if self.cbox_py == REPO / "cbox.py" else f"; measured {self.cbox_py}"),
             "- Hypervisor: the stand-in `tests/fake_chv.py` (process engine): each guest is the real "
-            "`guest_agent.py` in network/UTS/pid namespaces of its own, its frames relayed between cbox's tap and "
-            "the guest's eth0 by a Python process" + ("; the realboot rows: the same stand-in with its QEMU "
+            "`guest_agent.py` in network/UTS/pid namespaces of its own, its frames moved between cbox's tap and "
+            f"the guest's eth0 by {relay_description()}" + ("; the realboot rows: the same stand-in with its QEMU "
             "engine, booting the out/ images for real (qemu-system-x86_64 -M microvm, "
             f"{(os.environ.get('CBOX_QEMU_ACCEL') or 'tcg').lower()})" if any(r.name.startswith("realboot")
                                                                            for r in self.rows) else "")
