@@ -558,12 +558,17 @@ def test_boot_network_lifecycle(env, chv_schema, relay):
     assert f"net relay {relay}" in log
 
 
+def boot_guest(env, standin):
+    """vm.create + vm.boot, then wait until the guest's agent answers over the bridge + tap."""
+    assert standin.put("vm.create", standin.config())[0] == 204
+    assert standin.put("vm.boot")[0] == 204
+    return guest_info(env.ns, standin)
+
+
 def test_kill9_leaks_nothing(env, chv_schema):
     env.bridge()
     s = env.standin()
-    assert s.put("vm.create", s.config())[0] == 204
-    assert s.put("vm.boot")[0] == 204
-    guest_info(env.ns, s)
+    boot_guest(env, s)
     assert len(agent_pids(env.dir)) == 1
     children = [int(p) for p in Path(f"/proc/{s.proc.pid}/task/{s.proc.pid}/children").read_text().split()]
     assert children
@@ -629,9 +634,7 @@ def test_kernel_relay_plumbing(env, chv_schema):
 def test_guest_vmm_killed_relay_undone_by_standin(env, chv_schema):
     env.bridge()
     s = env.standin()
-    assert s.put("vm.create", s.config())[0] == 204
-    assert s.put("vm.boot")[0] == 204
-    guest_info(env.ns, s)
+    boot_guest(env, s)
     [vmm] = [int(p) for p in Path(f"/proc/{s.proc.pid}/task/{s.proc.pid}/children").read_text().split()]
     assert len(host_veths(env.ns)) == 1 and tap_clsact(env.ns)
     os.kill(vmm, signal.SIGKILL)             # nothing of the guest VMM's own cleanup runs
@@ -651,9 +654,7 @@ def test_kernel_relay_failure_falls_back(env, chv_schema):
     # the host veth will be cbveth2: a link of that name makes its creation fail.
     env.ns.run("ip", "link", "add", fake_chv.host_veth_name(2), "type", "bridge")   # (no dummy module here)
     s = env.standin(wrapper=["unshare", "--pid", "--kill-child"])
-    assert s.put("vm.create", s.config())[0] == 204
-    assert s.put("vm.boot")[0] == 204
-    assert guest_info(env.ns, s)["hostname"] == "vm" and echo(env.ns, 1 << 16)
+    assert boot_guest(env, s)["hostname"] == "vm" and echo(env.ns, 1 << 16)
     note = "net: kernel relay unavailable (create veth cbveth2 <-> eth0: File exists), relaying frames in Python"
     serial = s.serial.read_text()
     assert f"cbox-standin: {note}\n" in serial and "(Python relay: tap eth0" in serial, serial
