@@ -6,6 +6,7 @@ cbox.py, its bridge and taps, the stand-in and the guest agents it starts.
 import json
 import os
 import signal
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -114,6 +115,13 @@ def test_background_exec(cbox_server):
     assert api.get("/v1/vms/bg/exec/nope")[0] == 404
 
 
+def filesystem_uuid(path):
+    """The UUID in an ext4 superblock (bytes 0x68..0x78 of the superblock at 1024)."""
+    with open(path, "rb") as f:
+        f.seek(1024 + 0x68)
+        return f.read(16).hex()
+
+
 def test_concurrent_starts_and_execs(cbox_server):
     api = cbox_server.api
     names = [f"c{i}" for i in range(4)]
@@ -126,6 +134,11 @@ def test_concurrent_starts_and_execs(cbox_server):
         results = list(pool.map(lambda j: api.exec(j[0], f"sleep 0.2; echo {j[0]}-{j[1]}; hostname"), jobs))
     for (name, i), r in zip(jobs, results):
         assert r["stdout"] == f"{name}-{i}\n{name}\n"
+    # each stateful disk (copies of one template) is a clean ext4 with a UUID of its own
+    disks = [cbox_server.state_dir / "vms" / n / "stateful.ext4" for n in names]
+    assert len({filesystem_uuid(d) for d in disks}) == len(names)
+    fsck = subprocess.run(["e2fsck", "-fn", str(disks[0])], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     # a slow exec does not hold up other requests
     slow = ThreadPoolExecutor(1).submit(api.exec, "c0", "sleep 3")
     time.sleep(0.3)
