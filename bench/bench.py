@@ -199,6 +199,11 @@ def reset_hwm(pid):
         pass
 
 
+def qemu_transport():
+    """The QEMU engine's virtio transport in this run (CBOX_QEMU_TRANSPORT, see tests/qemu_engine.py)."""
+    return (os.environ.get("CBOX_QEMU_TRANSPORT") or "pci").lower()
+
+
 def relay_description():
     """How the stand-in moves frames in this run (CBOX_STANDIN_RELAY, see tests/fake_chv.py)."""
     if os.environ.get("CBOX_STANDIN_RELAY", "kernel") == "python":
@@ -1156,7 +1161,8 @@ class Bench:
             self.add(Row("realboot: real boot under QEMU", None, "s", notes=f"SKIPPED: {skip}",
                          how="needs the images from `make images` and qemu-system-x86_64"))
             return
-        say(f"\n== real boot: {n} sequential starts of the out/ images under QEMU (-M microvm, {accel}) "
+        say(f"\n== real boot: {n} sequential starts of the out/ images under QEMU (-M microvm, {accel}, "
+            f"virtio {qemu_transport()}) "
             "through cbox.py's REST API, after one warm-up start")
         keep = self.tmp / "realboot-logs"                # consoles and stand-in logs (--keep)
         keep.mkdir(parents=True, exist_ok=True)
@@ -1267,7 +1273,8 @@ class Bench:
                            f"start (first: disk template) {warm['post_s']:.2f} s, not counted",
                      how=f"{n} sequential POST /v1/vms (defaults: 1 vcpu, 512 MB, stateful disk 256 MB) booting "
                          "out/vmlinuz + initramfs + rootfs for real: cbox.py -> stand-in tests/fake_chv.py "
-                         f"(CBOX_STANDIN_ENGINE=qemu) -> qemu-system-x86_64 -M microvm ({accel}), cmdline as "
+                         f"(CBOX_STANDIN_ENGINE=qemu) -> qemu-system-x86_64 -M microvm ({accel}, virtio "
+                         f"{qemu_transport()}), cmdline as "
                          "cbox.py builds it (cmdline_extra from --cmdline-extra, default none as in config.yaml: no "
                          "`quiet`, so the kernel's lines go to the serial console); each VM destroyed before the next, "
                          "after one uncounted warm-up start; client-side time from the request to the 200"))
@@ -1431,7 +1438,7 @@ class Bench:
             "`guest_agent.py` in network/UTS/pid namespaces of its own, its frames moved between cbox's tap and "
             f"the guest's eth0 by {relay_description()}" + ("; the realboot rows: the same stand-in with its QEMU "
             "engine, booting the out/ images for real (qemu-system-x86_64 -M microvm, "
-            f"{(os.environ.get('CBOX_QEMU_ACCEL') or 'tcg').lower()})" if any(r.name.startswith("realboot")
+            f"{(os.environ.get('CBOX_QEMU_ACCEL') or 'tcg').lower()}, virtio {qemu_transport()})" if any(r.name.startswith("realboot")
                                                                            for r in self.rows) else "")
             + ". Everything runs in a network namespace the script creates.",
             "", markdown_table(self.rows), "", "## How each row is measured", "", how, "",

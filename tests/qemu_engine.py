@@ -1,5 +1,6 @@
 """QEMU engine for the stand-in hypervisor: boots a Cloud Hypervisor VmConfig
-for real with `qemu-system-x86_64 -M microvm` (virtio-mmio devices).
+for real with `qemu-system-x86_64 -M microvm` (virtio over PCI, as Cloud
+Hypervisor gives it, or over MMIO).
 
 The stand-in (tests/fake_chv.py) uses it when CBOX_STANDIN_ENGINE=qemu:
 
@@ -12,15 +13,19 @@ Mapping of the VmConfig:
   payload.kernel/initramfs/cmdline -> -kernel/-initrd/-append (the cmdline is
       passed as is: cbox.py already puts console=ttyS0 in it)
   cpus.boot_vcpus -> -smp, memory.size (bytes) -> -m
-  disks[i] -> virtio-blk-device (readonly honoured), in order: vda, vdb, ...
+  disks[i] -> virtio-blk (readonly honoured), in order: vda, vdb, ...
   net[0].tap/mac -> -netdev tap,ifname=TAP,script=no,downscript=no +
-      virtio-net-device (the tap must exist; create it persistent, as for CHV)
+      virtio-net (the tap must exist; create it persistent, as for CHV)
   serial File -> the console goes to engine.console_fd when the stand-in set
       it (it opened the file), else to serial.file; Null/Off -> discarded
-  rng.src -> virtio-rng-device fed from that file
+  rng.src -> virtio-rng fed from that file
   vsock -> NOT available: QEMU's vsock needs the host's vhost_vsock (absent
       here) and speaks kernel AF_VSOCK, not CHV's hybrid Unix socket; the
       engine logs this, and guest callbacks fail under this engine.
+
+Transport: CBOX_QEMU_TRANSPORT=pci (default: microvm,pcie=on with
+virtio-*-pci devices, the transport Cloud Hypervisor uses, so the guest's
+virtio_pci path is what boots) or mmio (virtio-*-device on virtio-mmio).
 
 Acceleration: software emulation (TCG) unless CBOX_QEMU_ACCEL=kvm.  Nested
 KVM on the development machines fails on real guest kernels ("KVM internal
@@ -44,6 +49,7 @@ import threading
 import time
 
 MIB = 1 << 20
+VIRTIO_DEVICE_SUFFIX = {"pci": "-pci", "mmio": "-device"}   # QEMU's virtio device models by transport
 
 
 class EngineError(Exception):
@@ -85,7 +91,8 @@ def tcg_cmdline(cmdline):
 
 
 class QemuEngine:
-    def __init__(self, config, log=None, prefix=None, accel=None, qemu=None, start_timeout=15.0):
+    def __init__(self, config, log=None, prefix=None, accel=None, qemu=None, start_timeout=15.0,
+                 transport=None):
         """config: a Cloud Hypervisor VmConfig dict; log: callable(str).
 
         prefix: command prefix (e.g. ["ip", "netns", "exec", NS]) so that QEMU
@@ -96,6 +103,7 @@ class QemuEngine:
         self.prefix = list(prefix or [])
         self.accel = (accel or os.environ.get("CBOX_QEMU_ACCEL") or "tcg").lower()
         self.qemu = qemu or os.environ.get("CBOX_QEMU_BIN") or "qemu-system-x86_64"
+        self.transport = (transport or os.environ.get("CBOX_QEMU_TRANSPORT") or "pci").lower()
         self.start_timeout = start_timeout
         self.proc = None
         self.pid = None
@@ -127,7 +135,11 @@ class QemuEngine:
         mem = int((c.get("memory") or {}).get("size", 512 * MIB))
         if mem < 64 * MIB:
             raise EngineError(f"memory.size {mem} is too small for a real guest")
-        args = [self.qemu, "-M", "microvm,rtc=on", "-nodefaults", "-no-user-config",
+        if self.transport not in VIRTIO_DEVICE_SUFFIX:
+            raise EngineError(f"CBOX_QEMU_TRANSPORT={self.transport!r}: expected pci or mmio")
+        virtio = VIRTIO_DEVICE_SUFFIX[self.transport]          # virtio-blk + virtio = a device model
+        machine = "microvm,rtc=on" + (",pcie=on" if self.transport == "pci" else "")
+        args = [self.qemu, "-M", machine, "-nodefaults", "-no-user-config",
                 "-nographic", "-no-reboot", "-smp", str(vcpus), "-m", f"{mem // MIB}M"]
         if self.accel == "kvm":
             args += ["-accel", "kvm", "-cpu", "host"]
@@ -149,12 +161,12 @@ class QemuEngine:
             # QEMU's -drive options are split on ','; a doubled ',,' is a literal comma
             args += ["-drive", f"id=disk{i},file={path.replace(',', ',,')},format=raw,if=none,"
                                f"cache=writeback{ro}",
-                     "-device", f"virtio-blk-device,drive=disk{i}"]
+                     "-device", f"virtio-blk{virtio},drive=disk{i}"]
         for i, n in enumerate(c.get("net") or []):
             tap = n.get("tap")
             if not tap:
                 raise EngineError(f"net {n.get('id') or i}: only tap networking is supported by this engine")
-            dev = f"virtio-net-device,netdev=net{i}"
+            dev = f"virtio-net{virtio},netdev=net{i}"
             if n.get("mac"):
                 dev += f",mac={n['mac']}"
             args += ["-netdev", f"tap,id=net{i},ifname={tap},script=no,downscript=no",
@@ -162,7 +174,7 @@ class QemuEngine:
         rng = c.get("rng") or {}
         src = rng.get("src") or "/dev/urandom"
         args += ["-object", f"rng-random,id=rng0,filename={src}",
-                 "-device", "virtio-rng-device,rng=rng0"]
+                 "-device", f"virtio-rng{virtio},rng=rng0"]
         serial = c.get("serial") or {}
         mode = (serial.get("mode") or "Null").lower()
         if mode in ("file", "tty") and self.console_fd is not None:
@@ -200,7 +212,7 @@ class QemuEngine:
             self.log("qemu engine: vsock is not available (QEMU needs the host's vhost_vsock and "
                      "does not speak Cloud Hypervisor's hybrid vsock): guest callbacks are "
                      "unavailable with this engine")
-        self.log(f"qemu engine: accel={self.accel}: " + " ".join(args))
+        self.log(f"qemu engine: accel={self.accel} transport={self.transport}: " + " ".join(args))
         try:
             stdout = self.console_fd if self.console_fd is not None else subprocess.DEVNULL
             self.proc = subprocess.Popen(self.prefix + args, stdin=subprocess.DEVNULL,

@@ -248,9 +248,11 @@ def wait_ready(netns, eng, tmp_path, deadline):
         poller.stdout.close()
 
 
-def test_boot_exec_and_stateful_disk(netns, tmp_path):
+@pytest.mark.parametrize("transport", ["pci", "mmio"])
+def test_boot_exec_and_stateful_disk(netns, tmp_path, transport):
     """Boot the images, exec in the guest, write a file, power off from inside,
-    find the file in the overlay's upper layer on the stateful disk."""
+    find the file in the overlay's upper layer on the stateful disk. Over virtio
+    PCI (Cloud Hypervisor's transport) and virtio MMIO: the initramfs has both."""
     need_images(KERNEL, INITRAMFS, ROOTFS)
     need_qemu()
     need_tool("debugfs", "e2fsprogs")
@@ -266,7 +268,8 @@ def test_boot_exec_and_stateful_disk(netns, tmp_path):
     netns.run("ip", "link", "set", tap, "up")
 
     log = []
-    eng = QemuEngine(vm_config(tmp_path, state=state, tap=tap), log.append, prefix=netns.prefix)
+    eng = QemuEngine(vm_config(tmp_path, state=state, tap=tap), log.append, prefix=netns.prefix,
+                     transport=transport)
     t0 = time.monotonic()
     try:
         eng.start()
@@ -284,6 +287,13 @@ def test_boot_exec_and_stateful_disk(netns, tmp_path):
         if isinstance(health, dict) and "vmName" in health:
             assert health["vmName"] == "imgtest"
 
+        res = guest_exec(netns, "for d in vda vdb; do readlink -f /sys/block/$d/device; done; "
+                                "readlink -f /sys/class/net/eth0/device")
+        paths = res.get("stdout", "").split()
+        assert len(paths) == 3, res
+        # PCI devices sit under the host bridge; MMIO ones are platform devices (LNRO0005 via ACPI)
+        bus = "/pci0000:00/" if transport == "pci" else "/devices/platform/"
+        assert all(bus in path for path in paths), (transport, paths)
         res = guest_exec(netns, "python3 --version")
         assert res.get("exitCode") == 0 and "Python 3." in res.get("output", ""), res
         res = guest_exec(netns, "cat /etc/os-release; hostname; ip -4 -o addr show dev eth0")
