@@ -23,10 +23,8 @@ import asyncio
 import contextlib
 import errno
 import contextvars
-import heapq
 import hmac
 import ipaddress
-import itertools
 import json
 import math
 import os
@@ -51,11 +49,7 @@ LOG_START = time.monotonic()
 def log(msg, **fields):
     """One line on stderr: 'cbox: msg k=v ...' (the request and lifecycle log)."""
     extra = "".join([f" {k}={v}" for k, v in fields.items() if v is not None])
-    log_line(f"{msg}{extra}")
-
-
-def log_line(text):
-    sys.stderr.write(f"{log_time()} cbox: {text}\n")
+    sys.stderr.write(f"{log_time()} cbox: {msg}{extra}\n")
     sys.stderr.flush()
 
 
@@ -587,49 +581,37 @@ def fmt_seconds(value):
 
 class Deadline:
     """One within() call's deadline: its task is cancelled at `when` unless it stopped waiting."""
-    __slots__ = ("when", "task", "waiting", "expired")
+    __slots__ = ("when", "task", "expired")
 
     def __init__(self, when, task):
-        self.when, self.task = when, task
-        self.waiting, self.expired = True, False
+        self.when, self.task, self.expired = when, task, False
 
 
 class Deadlines:
     """The deadlines of one event loop's within() calls, behind a single loop timer.
 
-    A loop.call_later per within() costs a TimerHandle compared in Python on every heap
-    operation, and its cancelled entry lingers in the loop's heap; with three per exec
-    that was a large share of cbox's CPU per exec. Here a deadline is a tuple in a heap
-    of our own (compared in C); one that no longer waits stays there until it comes up,
-    until the heap is mostly such leftovers and is rebuilt, or until none waits. The
-    loop timer is due at or before the earliest waiting deadline (it is moved only when
-    an earlier deadline arrives), so every deadline expires on time."""
+    A loop.call_later per within() (three per exec) costs a TimerHandle compared in
+    Python on every heap operation of the loop, and its cancelled entry lingers in
+    that heap: a large share of cbox's CPU per exec. Here adding and dropping a
+    deadline is a set operation. The loop timer is due at or before the earliest
+    waiting deadline (it moves only when an earlier one arrives); when it fires it
+    expires what is due and moves to the earliest deadline still waiting, so every
+    deadline expires on time."""
 
     def __init__(self):
-        self.heap = []                 # (when, seq, Deadline), earliest first
-        self.waiting = 0               # Deadlines in the heap still waiting
-        self.seq = itertools.count()   # ties in `when` never compare Deadlines
+        self.waiting = set()
         self.timer = None              # weak reference to the loop timer (a strong one would keep
         self.due = math.inf            # the loop alive: LOOP_DEADLINES holds loops weakly); its time
 
     def add(self, loop, timeout, task):
         deadline = Deadline(loop.time() + timeout, task)
-        heapq.heappush(self.heap, (deadline.when, next(self.seq), deadline))
-        self.waiting += 1
+        self.waiting.add(deadline)
         if deadline.when < self.due:
             self._schedule(loop, deadline.when)
         return deadline
 
     def remove(self, deadline):
-        if not deadline.waiting:
-            return                                     # it expired
-        deadline.waiting, deadline.task = False, None
-        self.waiting -= 1
-        if not self.waiting:
-            self.heap.clear()
-        elif len(self.heap) > 64 + 2 * self.waiting:   # mostly leftovers
-            self.heap = [entry for entry in self.heap if entry[2].waiting]
-            heapq.heapify(self.heap)
+        self.waiting.discard(deadline)
 
     def _schedule(self, loop, when):
         timer = self.timer and self.timer()
@@ -641,16 +623,12 @@ class Deadlines:
     def _expire(self, loop):
         self.timer, self.due = None, math.inf
         now = loop.time()
-        heap = self.heap
-        while heap and (heap[0][0] <= now or not heap[0][2].waiting):
-            deadline = heapq.heappop(heap)[2]
-            if deadline.waiting:
-                deadline.waiting = False
-                self.waiting -= 1
-                deadline.expired = True
-                deadline.task.cancel()
-        if heap:
-            self._schedule(loop, heap[0][0])
+        for deadline in [d for d in self.waiting if d.when <= now]:
+            self.waiting.discard(deadline)
+            deadline.expired = True
+            deadline.task.cancel()
+        if self.waiting:
+            self._schedule(loop, min(d.when for d in self.waiting))
 
 
 LOOP_DEADLINES = weakref.WeakKeyDictionary()     # event loop -> its Deadlines
@@ -1776,14 +1754,13 @@ REQUEST_VM = contextvars.ContextVar("REQUEST_VM", default=None)   # VM named in 
 
 
 def log_request(method, target, status, t0):
-    """The request log line, 'request method=.. path=.. vm=.. status=.. ms=..', in one piece:
-    it is written for every request (log() with these fields writes the same line)."""
+    """The request log line: 'request method=.. path=.. vm=.. status=.. ms=..'."""
     path = target.split("?")[0]
     vm_name = REQUEST_VM.get() or (path[len("/v1/vms/"):].split("/")[0] if path.startswith("/v1/vms/") else None)
     REQUEST_VM.set(None)
-    shown = path[:200] if path.isprintable() else repr(path[:200])
-    vm = f" vm={vm_name[:64]}" if vm_name and vm_name.isprintable() else ""
-    log_line(f"request method={method} path={shown}{vm} status={status} ms={(time.monotonic() - t0) * 1000:.1f}")
+    log("request", method=method, path=path[:200] if path.isprintable() else repr(path[:200]),
+        vm=vm_name[:64] if vm_name and vm_name.isprintable() else None, status=status,
+        ms=f"{(time.monotonic() - t0) * 1000:.1f}")
 
 
 class Request:
