@@ -227,6 +227,16 @@ class Config:
         return value if not value or os.path.isabs(value) else str(Path(self.base_dir, value))
 
 
+def _quoted_number(text, typ):
+    """A number key written in quotes, as the original CBox's config does (port: "7000"):
+    unsigned ASCII digits, with a decimal fraction for float keys ("2.5"). Anything
+    else is returned unchanged, so the type check reports it with its line."""
+    whole, dot, fraction = text.partition(".") if typ is float else (text, "", "")
+    if is_decimal(whole) and (not dot or is_decimal(fraction)):
+        return typ(text)
+    return text
+
+
 def load_config(path, overrides=None):
     text = Path(path).read_text()
     tree, lines = parse_yaml_subset(text, str(path))
@@ -249,6 +259,8 @@ def load_config(path, overrides=None):
         if key not in CONFIG_KEYS:
             raise ConfigError(f"{where}: unknown key '{key}' in hostservices.restserver")
         typ = CONFIG_KEYS[key][0]
+        if typ in (int, float) and isinstance(value, str):
+            value = _quoted_number(value, typ)
         if typ is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if typ is str and value is None:
