@@ -824,7 +824,8 @@ class HostNetwork:
     async def ensure_bridge(self):
         """The bridge, with a fixed MAC: without one a bridge takes the lowest MAC of its
         ports, so the guests' gateway MAC would change when that VM goes away (their
-        ARP entries then point nowhere until they expire) and a portless bridge has
+        ARP entries then point nowhere until the host next ARPs for them), the change
+        would flush the guests' permanent neighbour entries, and a portless bridge has
         none. mac_for(bridge IP) cannot be a guest's: the allocator never hands it out."""
         mac = mac_for(self.bridge_if.ip)
         if not interface_exists(self.bridge):

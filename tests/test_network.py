@@ -38,11 +38,13 @@ def parent_pid(pid):
         return None
 
 
-def guest_gateway_entry(server, netns):
+def guest_gateway_entry(server, netns, vm=None):
     """The guest's ARP entry for its gateway seen from outside, without sending it a
-    packet (an exec would make the guest re-resolve a wrong entry): the stand-in's
-    guest VMM process lives in the guest's network namespace."""
-    standins = set(server.vmm_pids())
+    packet (the host's ARP request before an exec would correct a wrong entry): the
+    stand-in's guest VMM process (child of VM `vm`'s stand-in, or of the only one)
+    lives in the guest's network namespace."""
+    api_socket = f"{server.run_dir}/{vm['cid']}/api.sock".encode() if vm else b""
+    standins = {pid for pid in server.vmm_pids() if api_socket in Path(f"/proc/{pid}/cmdline").read_bytes()}
     [pid] = [int(p) for p in os.listdir("/proc") if p.isdigit() and parent_pid(p) in standins]
     assert os.stat(f"/proc/{pid}/ns/net").st_ino != os.stat(f"/run/netns/{netns.name}").st_ino
     return subprocess.run(["nsenter", f"--net=/proc/{pid}/ns/net", "ip", "-4", "-o", "neigh", "show", GATEWAY,
@@ -83,6 +85,14 @@ def test_bridge_mac_is_fixed_so_destroying_the_lowest_port_does_not_stall_the_ot
     assert api.delete(f"/v1/vms/{victim}")[0] == 200
     assert lowest not in bridge_ports(netns)
     assert link(netns, BRIDGE)["address"] == BRIDGE_MAC
+    # A bridge whose MAC changes flushes its neighbour entries, the permanent ones that
+    # stop a guest from answering for another's IP included; the guests keep the gone
+    # MAC for their gateway until the host happens to ARP for them.
+    permanent = netns.run("ip", "-4", "-o", "neigh", "show", "dev", BRIDGE, "nud", "permanent").stdout
+    for name, vm in vms.items():
+        assert (vm["ip"].split("/")[0] + " ") in permanent if name != victim else vm["ip"] not in permanent
+        if name != victim:
+            assert BRIDGE_MAC in guest_gateway_entry(server, netns, vm)
     for name in names:
         if name != victim:   # their ARP entries still point at the bridge: exec goes on
             assert guest_gateway_mac(api, name) == BRIDGE_MAC
