@@ -227,6 +227,16 @@ class Config:
         return value if not value or os.path.isabs(value) else str(Path(self.base_dir, value))
 
 
+def _quoted_number(text, typ):
+    """A number key written in quotes, as the original CBox's config does (port: "7000"):
+    unsigned ASCII digits, with a decimal fraction for float keys ("2.5"). Anything
+    else is returned unchanged, so the type check reports it with its line."""
+    whole, dot, fraction = text.partition(".") if typ is float else (text, "", "")
+    if is_decimal(whole) and (not dot or is_decimal(fraction)):
+        return typ(text)
+    return text
+
+
 def load_config(path, overrides=None):
     text = Path(path).read_text()
     tree, lines = parse_yaml_subset(text, str(path))
@@ -249,6 +259,8 @@ def load_config(path, overrides=None):
         if key not in CONFIG_KEYS:
             raise ConfigError(f"{where}: unknown key '{key}' in hostservices.restserver")
         typ = CONFIG_KEYS[key][0]
+        if typ in (int, float) and isinstance(value, str):
+            value = _quoted_number(value, typ)
         if typ is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if typ is str and value is None:
@@ -740,7 +752,21 @@ async def run_cmd(*args, stdin=None, check=True):
 
 
 def interface_exists(name):
-    return os.path.exists(f"/sys/class/net/{name}")
+    """In this process's network namespace. Never /sys/class/net: sysfs shows the
+    namespace of whoever mounted it (cbox.py under `unshare --net` sees the host's)."""
+    try:
+        socket.if_nametoindex(name)
+        return True
+    except OSError:
+        return False
+
+
+async def link_details(name):
+    """`ip -d -j link show` of one interface as a dict (address, linkinfo.info_kind, ...)."""
+    return json.loads(await run_cmd("ip", "-d", "-j", "link", "show", "dev", name))[0]
+
+
+TAP_NAME_RE = re.compile(r"^cbt[0-9]+\Z")
 
 
 def default_route_interface():
@@ -796,15 +822,45 @@ class HostNetwork:
             log("firewall disabled in config: guests can reach host services", level="WARNING")
 
     async def ensure_bridge(self):
+        """The bridge, with a fixed MAC: without one a bridge takes the lowest MAC of its
+        ports, so the guests' gateway MAC would change when that VM goes away (their
+        ARP entries then point nowhere until the host next ARPs for them), the change
+        would flush the guests' permanent neighbour entries, and a portless bridge has
+        none. mac_for(bridge IP) cannot be a guest's: the allocator never hands it out."""
+        mac = mac_for(self.bridge_if.ip)
         if not interface_exists(self.bridge):
-            await run_cmd("ip", "link", "add", "name", self.bridge, "type", "bridge")
-            log("bridge created", bridge=self.bridge)
-        elif not os.path.exists(f"/sys/class/net/{self.bridge}/bridge"):
+            await run_cmd("ip", "link", "add", "name", self.bridge, "address", mac, "type", "bridge")
+            log("bridge created", bridge=self.bridge, mac=mac)
+        link = await link_details(self.bridge)
+        if link.get("linkinfo", {}).get("info_kind") != "bridge":
             raise CommandError(f"interface {self.bridge} exists and is not a bridge; choose another bridge_name")
+        # arp_notify: the kernel announces a new address (gratuitous ARP), so running
+        # guests update their gateway entry at once instead of when it expires
+        Path(f"/proc/sys/net/ipv4/conf/{self.bridge}/arp_notify").write_text("1\n")
+        if link.get("address") != mac:
+            await self.fix_bridge_mac(link.get("address"), mac)
         addrs = await run_cmd("ip", "-o", "-4", "addr", "show", "dev", self.bridge)
         if f" {self.bridge_if.with_prefixlen} " not in addrs + " ":
             await run_cmd("ip", "addr", "add", self.bridge_if.with_prefixlen, "dev", self.bridge)
         await run_cmd("ip", "link", "set", "dev", self.bridge, "up")
+
+    async def fix_bridge_mac(self, old, mac):
+        """Give an existing bridge (made by an older cbox) the fixed MAC, unless it has
+        ports that are not cbox taps: then it is someone else's bridge, left as it is.
+        A new address flushes the bridge's neighbour entries, so the guests' permanent
+        ones are put back in the same `ip -batch`."""
+        ports = json.loads(await run_cmd("ip", "-j", "link", "show", "master", self.bridge))
+        foreign = [port["ifname"] for port in ports if not TAP_NAME_RE.match(port["ifname"])]
+        if foreign:
+            log("bridge has ports that are not cbox taps: its MAC is left as it is, so the guests' gateway "
+                "MAC changes when the port with the lowest MAC goes", level="WARNING", bridge=self.bridge,
+                mac=old, ports=",".join(foreign))
+            return
+        neighbours = json.loads(await run_cmd("ip", "-4", "-j", "neigh", "show", "dev", self.bridge, "nud", "permanent"))
+        keep = [f"neigh replace {n['dst']} lladdr {n['lladdr']} dev {self.bridge} nud permanent"
+                for n in neighbours if n.get("lladdr")]
+        await run_cmd("ip", "-batch", "-", stdin="\n".join([f"link set dev {self.bridge} address {mac}", *keep, ""]))
+        log("bridge MAC fixed", bridge=self.bridge, old=old, mac=mac, neighbours_kept=len(keep))
 
     def _nat_interface(self):
         choice = self.cfg.nat_interface

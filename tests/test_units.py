@@ -1,6 +1,7 @@
 """Unit tests of cbox.py's pure parts: config parser, allocators, request validation."""
 import ipaddress
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -73,9 +74,71 @@ def test_unknown_section_is_an_error(tmp_path):
 
 def test_wrong_type_is_an_error(tmp_path):
     with pytest.raises(cbox.ConfigError, match=r"'port' must be int"):
-        cbox.load_config(write_config(tmp_path, ['port: "7000"']))
+        cbox.load_config(write_config(tmp_path, ['port: "seven"']))
     with pytest.raises(cbox.ConfigError, match=r"'firewall' must be bool"):
         cbox.load_config(write_config(tmp_path, ["firewall: 1"]))
+    with pytest.raises(cbox.ConfigError, match=r"'firewall' must be bool"):
+        cbox.load_config(write_config(tmp_path, ['firewall: "true"']))
+
+
+# The original CBox's documented config (issue 8), verbatim: every number quoted.
+SEED_CONFIG = """\
+hostservices:
+  restserver:
+    host: "0.0.0.0"
+    port: "7000"
+    state_dir: "./vm-state"
+    bridge_name: "br0"
+    bridge_ip: "10.20.1.1/24"
+    bridge_subnet: "10.20.1.0/24"
+    chv_bin: "./resources/bin/cloud-hypervisor"
+    kernel: "./resources/bin/vmlinux.bin"
+    rootfs: "./out/cbox-guestrootfs-ext4.img"
+    initramfs: "./out/initramfs.cpio.gz"
+    stateful_size_in_mb: "2048"
+    guest_mem_percentage: "30"
+"""
+
+
+def test_seed_config_loads_as_it_is(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(SEED_CONFIG)
+    cfg = cbox.load_config(path)
+    assert (cfg.host, cfg.port, cfg.stateful_size_in_mb, cfg.guest_mem_percentage) == ("0.0.0.0", 7000, 2048, 30)
+    assert cfg.bridge_name == "br0" and cfg.bridge_ip == "10.20.1.1/24"
+    # relative paths are relative to the config file's directory (they need not exist to load)
+    assert cfg.path(cfg.state_dir) == str(tmp_path / "vm-state")
+    assert cfg.path(cfg.kernel) == str(tmp_path / "resources/bin/vmlinux.bin")
+    assert cfg.path(cfg.rootfs) == str(tmp_path / "out/cbox-guestrootfs-ext4.img")
+    with pytest.raises(cbox.CommandError, match="resources/bin/cloud-hypervisor"):
+        cbox.resolve_chv_bin(cfg)
+    r = subprocess.run([sys.executable, str(REPO / "cbox.py"), "check-config", "--config", str(path)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    printed = dict(line.split(": ", 1) for line in r.stdout.splitlines())
+    assert printed["port"] == "7000" and printed["stateful_size_in_mb"] == "2048"
+    assert printed["guest_mem_percentage"] == "30" and printed["host"] == "'0.0.0.0'"
+
+
+@pytest.mark.parametrize("line,value", [
+    ('port: "7000"', 7000), ("port: '7001'", 7001), ('max_vms: "007"', 7),
+    ('boot_timeout_s: "60"', 60.0), ('boot_timeout_s: "2.5"', 2.5), ("boot_timeout_s: 2.5", 2.5),
+])
+def test_number_keys_accept_quoted_decimal_numbers(tmp_path, line, value):
+    cfg = cbox.load_config(write_config(tmp_path, [line]))
+    key = line.split(":")[0]
+    assert getattr(cfg, key) == value and type(getattr(cfg, key)) is type(value)
+
+
+@pytest.mark.parametrize("line", [
+    'port: "7000 "', 'port: " 7000"', 'port: "+7000"', 'port: "-1"', 'port: "7_000"', 'port: "0x1b58"',
+    'port: "7000.0"', 'port: "\u0667\u0660\u0660\u0660"', 'port: ""', 'max_vms: "1e3"',
+    'boot_timeout_s: "2."', 'boot_timeout_s: ".5"', 'boot_timeout_s: "1e3"', 'boot_timeout_s: "inf"',
+    'boot_timeout_s: "nan"', 'boot_timeout_s: "-1"', 'boot_timeout_s: "1.2.3"',
+])
+def test_other_quoted_values_of_number_keys_are_errors_naming_the_line(tmp_path, line):
+    with pytest.raises(cbox.ConfigError, match=r"config.yaml line 3: '\w+' must be (int|float)"):
+        cbox.load_config(write_config(tmp_path, [line]))
 
 
 def test_defaults_and_relative_paths(tmp_path):
