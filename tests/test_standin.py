@@ -508,6 +508,10 @@ def test_disk_image_type_and_serial_as_cloud_hypervisor(env, chv_schema):
     qcow = env.dir / "disk.qcow2"
     qcow.write_bytes(b"QFI\xfb" + b"\0" * 508)
     assert fake_chv.detect_image_type(qcow) == "Qcow2" and fake_chv.detect_image_type(state) == "Raw"
+    # the QEMU engine fails the guest's sector-0 writes itself (tests/test_images.py
+    # test_promised_state_disk_unusable...[no-image-type]): the stand-in lets it boot
+    assert fake_chv.load_engine_class("qemu").models_sector0_writes is True
+    assert not getattr(fake_chv.ProcessEngine, "models_sector0_writes", False)
 
 
 # ---- booting: network, namespaces, lifecycle -------------------------------------
