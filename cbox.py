@@ -1276,6 +1276,14 @@ class StepClock:
         return (time.monotonic() - self.t0) * 1000
 
 
+# Disk serials the guest's initramfs finds its disks by (/sys/block/vd*/serial; at
+# most 20 bytes, VIRTIO_BLK_ID_BYTES, checked by CHV's DiskConfig::validate).
+# cbox.state=<serial> on the kernel command line promises the state disk: a guest
+# that cannot mount it writable powers off instead of running on a tmpfs.
+ROOTFS_SERIAL = "cbox-rootfs"
+STATE_SERIAL = "cbox-state"
+
+
 class VMManager:
     """All VMs: lifecycle, persistence, supervision, exec forwarding and callbacks."""
 
@@ -1381,7 +1389,7 @@ class VMManager:
             "console=ttyS0 reboot=k panic=-1", cfg.cmdline_extra,
             f"cbox.vm={vm.vmName}", f"cbox.ip={vm.ip}", f"cbox.gw={self.gateway}",
             f"cbox.dns={','.join(self.dns)}" if self.dns else "",
-            f"cbox.callback_port={cfg.callback_port}"]))
+            f"cbox.callback_port={cfg.callback_port}", f"cbox.state={STATE_SERIAL}"]))
         payload = {"kernel": cfg.path(cfg.kernel), "cmdline": cmdline}
         if cfg.initramfs:
             payload["initramfs"] = cfg.path(cfg.initramfs)
@@ -1389,8 +1397,13 @@ class VMManager:
             "payload": payload,
             "cpus": {"boot_vcpus": vm.vcpus, "max_vcpus": vm.vcpus},
             "memory": {"size": vm.memoryMb * 1024 * 1024},
-            "disks": [{"path": cfg.path(cfg.rootfs), "readonly": True, "id": "rootfs"},
-                      {"path": str(paths.disk), "readonly": False, "id": "stateful"}],
+            # image_type Raw: an autodetected raw disk gets its sector-0 writes refused
+            # (CHV v51+, vmm/src/device_manager.rs make_virtio_block_device), which
+            # turns the stateful ext4 read-only (its superblock is in block 0)
+            "disks": [{"path": cfg.path(cfg.rootfs), "readonly": True, "image_type": "Raw",
+                       "serial": ROOTFS_SERIAL, "id": "rootfs"},
+                      {"path": str(paths.disk), "readonly": False, "image_type": "Raw",
+                       "serial": STATE_SERIAL, "id": "stateful"}],
             "net": [{"tap": vm.tapDeviceName, "mac": vm.mac, "num_queues": 2, "id": "net0"}],
             "vsock": {"cid": vm.cid, "socket": str(paths.vsock_socket), "id": "vsock0"},
             "rng": {"src": "/dev/urandom"},

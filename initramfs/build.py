@@ -3,13 +3,17 @@
 the guest needs, as a gzip'd newc cpio (written in Python, no cpio tool).
 
 Modules wanted (each skipped when the kernel has it built in, per
-modules.builtin): virtio over PCI (Cloud Hypervisor) and over MMIO (QEMU
-microvm), virtio_blk, virtio_net, the virtio vsock transport, overlay, ext4,
-virtio_rng (optional).  Their dependencies are read from each module's own
-modinfo ("depends=", plus "softdep=pre:" when available) - the same data
-depmod uses - so nothing is hard-coded but the wanted names.  The load order
-(dependencies first) goes to /etc/cbox-modules; the wanted modules that are
-built in are listed in /etc/cbox-builtin.
+modules.builtin): virtio over PCI (the only transport Cloud Hypervisor gives
+on x86-64), virtio_blk, virtio_net, the virtio vsock transport, overlay,
+ext4; optional, packed when the kernel has them: virtio over MMIO (QEMU
+microvm's other transport), virtio_rng, pvpanic + pvpanic_pci (guest-panic
+reports to the VMM, `"pvpanic": true` in a VmConfig).  Their dependencies are
+read from each module's own modinfo ("depends=", plus "softdep=pre:" when
+available) - the same data depmod uses - so nothing is hard-coded but the
+wanted names.  The load order (dependencies first) goes to /etc/cbox-modules;
+the optional ones among them to /etc/cbox-optional (init goes on when one
+fails to load); the wanted modules that are built in are listed in
+/etc/cbox-builtin.
 
 Usage: initramfs/build.py --modules DIR [--out out/initramfs.cpio.gz]
   DIR is a lib/modules/<release> directory (modules.builtin + kernel/...);
@@ -31,10 +35,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
 # required: the guest cannot work without them (unless built in)
-REQUIRED = ["virtio_pci", "virtio_mmio", "virtio_blk", "virtio_net",
+REQUIRED = ["virtio_pci", "virtio_blk", "virtio_net",
             "vmw_vsock_virtio_transport", "overlay", "ext4"]
-# optional: packed when the kernel has them, silently skipped otherwise
-OPTIONAL = ["virtio_rng"]
+# optional: packed when the kernel has them, silently skipped otherwise.
+# virtio_mmio: Cloud Hypervisor on x86-64 uses virtio-pci only (vmm/src/device_manager.rs),
+# MMIO is for QEMU microvm boots; pvpanic_pci: the device behind `"pvpanic": true`
+OPTIONAL = ["virtio_mmio", "virtio_rng", "pvpanic", "pvpanic_pci"]
 
 # busybox applets the init script uses (a symlink each in /bin)
 APPLETS = ["sh", "mount", "umount", "insmod", "switch_root", "poweroff", "sleep",
@@ -263,6 +269,7 @@ def build(args):
         c.file(f"lib/modules/{name}.ko", data)
     c.file("etc/cbox-modules", ("".join(n + "\n" for n in order)).encode())
     c.file("etc/cbox-builtin", ("".join(n + "\n" for n in builtin)).encode())
+    c.file("etc/cbox-optional", ("".join(n + "\n" for n in order if n in OPTIONAL)).encode())
     raw = c.finish()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tmp = args.out + ".tmp"

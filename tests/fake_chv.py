@@ -74,8 +74,13 @@ Error bodies are JSON arrays of strings, outer error first, root cause last:
     500 ["Error from API", "The VM could not boot", ...cause...] for: invalid
         configuration (memory.size not a multiple of 4096, boot_vcpus >
         max_vcpus, net num_queues/2 > boot_vcpus, disk num_queues >
-        boot_vcpus, no kernel), missing kernel/initramfs/firmware/disk file,
-        existing vsock socket path, busy or unopenable tap
+        boot_vcpus, no kernel, disk serial over 20 bytes), missing
+        kernel/initramfs/firmware/disk file, image_type differing from the
+        detected one, existing vsock socket path, busy or unopenable tap
+    Disks without image_type: CHV's autodetection warnings go to the log; a
+    writable one detected raw gets sector-0 writes disabled on CHV v51+ (the
+    guest's ext4 goes read-only): the process engine refuses such a boot (500
+    quoting CHV's warning), the QEMU engine really fails those writes.
     500 ["Error from API", "<endpoint> ...", "... not supported by the CBox
         stand-in"] for the other CHV endpoints (resize, hotplug, snapshot...).
 Deviations from CHV, on purpose: unknown VmConfig fields are errors (CHV
@@ -174,6 +179,9 @@ Engine interface (CBOX_STANDIN_ENGINE=qemu loads tests/qemu_engine.py:QemuEngine
     engine.stop(timeout)    SIGTERM the guest, wait up to timeout, SIGKILL;
                             frees the tap; returns when everything is gone
     engine.pause() / engine.resume()   (SIGSTOP/SIGCONT of the guest)
+    Engine.models_sector0_writes  class attribute, True when the engine itself
+                            fails writes at sector 0 of a writable disk sent
+                            without image_type (else the stand-in refuses it)
 """
 import copy
 import ctypes
@@ -201,6 +209,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DEFAULT_SCHEMA = Path(__file__).resolve().parents[2] / "shared/cloud-hypervisor/cloud-hypervisor.json"
 PAGE_SIZE = 4096
+VIRTIO_BLK_ID_BYTES = 20          # longest disk serial (virtio_bindings, checked by CHV)
 DEFAULT_MEMORY = 512 << 20
 MAX_HEADER = 64 << 10
 MAX_BODY = 16 << 20
@@ -625,7 +634,53 @@ def semantic_errors(config):
         q = disk.get("num_queues", 1)
         if isinstance(q, int) and isinstance(boot, int) and q > boot:
             errors.append(f"disks[{i}].num_queues {q} exceeds boot_vcpus {boot}")
+        serial = disk.get("serial")
+        if isinstance(serial, str) and len(serial.encode()) > VIRTIO_BLK_ID_BYTES:
+            # vmm/src/config.rs DiskConfig::validate (ValidationError::InvalidSerialLength)
+            errors.append(f"Block device serial length ({len(serial.encode())}) exceeds maximum "
+                          f"allowed length ({VIRTIO_BLK_ID_BYTES})")
     return errors
+
+
+def detect_image_type(path):
+    """CHV's block/src/lib.rs detect_image_type, for the formats the stand-in tells
+    apart: Qcow2 (magic QFI\xfb), Vhdx (signature "vhdxfile"), else Raw (fixed VHD,
+    told by a footer, is taken for Raw here)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:4] == b"QFI\xfb":
+        return "Qcow2"
+    if head == b"vhdxfile":
+        return "Vhdx"
+    return "Raw"
+
+
+def disk_image_checks(disk, log):
+    """CHV v51+ at vm.boot (vmm/src/device_manager.rs make_virtio_block_device):
+    without image_type the type is autodetected, with warnings in the log, and an
+    autodetected raw disk gets sector-0 writes disabled (virtio-devices/src/block.rs
+    check_request answers them with VIRTIO_BLK_S_IOERR, so the guest's ext4, whose
+    superblock is in block 0, goes read-only).  A given image_type that differs from
+    the detected one fails the boot.  Returns CHV's warning when sector-0 writes are
+    disabled on a writable disk, else None."""
+    path = disk["path"]
+    detected = detect_image_type(path)
+    given = disk.get("image_type", "Unknown")
+    if given == "Unknown":
+        log("DEPRECATION: auto-detection of disk image type is deprecated and will be removed in a "
+            "future release. Please specify image type explicitly.", logging.WARNING)
+        log(f"No image_type specified - detected as {detected.lower()}. "
+            "Configuration updated to persist type across reboots and migrations.", logging.WARNING)
+        if detected == "Raw":
+            warning = "Autodetected raw image type. Disabling sector 0 writes."
+            log(f"{warning} ({path})", logging.WARNING)
+            return None if disk.get("readonly") else warning
+        return None
+    if given != detected:
+        raise EngineError("Error from device manager",
+                          f"Disk image type does not match expected type: specified = {given.lower()}, "
+                          f"detected = {detected.lower()}")
+    return None
 
 
 # ---------------------------------------------------------------------------
@@ -1780,9 +1835,19 @@ class Standin:
             try:
                 flags = os.O_RDONLY if disk.get("readonly") else os.O_RDWR
                 os.close(os.open(p, flags | os.O_CLOEXEC))
+                sector0_warning = disk_image_checks(disk, self.log)
             except OSError as e:
                 raise vm_error(500, action, "Error from device manager", "Cannot create virtio-blk device",
                                f"Failed to open disk image {p}", rust_io(e)) from None
+            except EngineError as e:
+                raise vm_error(500, action, *e.args) from None
+            if sector0_warning and not getattr(self.engine_cls, "models_sector0_writes", False):
+                # CHV boots such a disk and the guest finds it read-only at sector 0;
+                # processes have no disks to refuse writes on, so refuse the boot instead
+                raise vm_error(500, action, "Error from device manager",
+                               f"disks[{i}] ({p}) is writable and has no \"image_type\": \"Raw\": Cloud "
+                               f"Hypervisor would say \"{sector0_warning}\" and refuse the guest's writes "
+                               "at sector 0 (the CBox stand-in's process engine refuses the boot)")
         # console: a fresh file unless vm.create just made it
         if not self.serial_fresh:
             self._create_serial(action)

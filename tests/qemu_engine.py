@@ -13,7 +13,12 @@ Mapping of the VmConfig:
   payload.kernel/initramfs/cmdline -> -kernel/-initrd/-append (the cmdline is
       passed as is: cbox.py already puts console=ttyS0 in it)
   cpus.boot_vcpus -> -smp, memory.size (bytes) -> -m
-  disks[i] -> virtio-blk (readonly honoured), in order: vda, vdb, ...
+  disks[i] -> virtio-blk (readonly honoured), in order: vda, vdb, ...; serial
+      -> the device's serial (/sys/block/vdX/serial in the guest).  No
+      image_type on a writable disk: like CHV v51+ (vmm/src/device_manager.rs
+      make_virtio_block_device, "Autodetected Raw image type. Disabling sector
+      0 writes.") every write starting at sector 0 fails with an I/O error
+      (a blkdebug inject-error rule); image_type other than Raw is refused
   net[0].tap/mac -> -netdev tap,ifname=TAP,script=no,downscript=no +
       virtio-net (the tap must exist; create it persistent, as for CHV)
   serial File -> the console goes to engine.console_fd when the stand-in set
@@ -90,7 +95,31 @@ def tcg_cmdline(cmdline):
     return " ".join(words + [f"tsc_early_khz={khz}"] + extra)
 
 
+def disk_drive(i, disk):
+    """QEMU's -drive/-blockdev arguments for VmConfig disk i, as CHV would give it."""
+    path, ro = disk["path"], bool(disk.get("readonly"))
+    image_type = disk.get("image_type", "Unknown")
+    if image_type not in ("Raw", "Unknown"):
+        raise EngineError(f"disk {disk.get('id') or i}: image_type {image_type}: this engine only opens raw images")
+    if image_type == "Raw" or ro:
+        # QEMU's -drive options are split on ','; a doubled ',,' is a literal comma
+        return ["-drive", f"id=disk{i},file={path.replace(',', ',,')},format=raw,if=none,"
+                          f"cache=writeback{',readonly=on' if ro else ''}"]
+    # CHV autodetects raw and refuses writes at sector 0 (virtio-devices/src/block.rs
+    # check_request -> VIRTIO_BLK_S_IOERR): blkdebug fails every write that covers
+    # byte 0 (event "none" arms the rule when the node opens; errno 5 = EIO)
+    node = {"node-name": f"disk{i}", "driver": "raw", "cache": {"direct": False},
+            "file": {"driver": "blkdebug",
+                     "inject-error": [{"event": "none", "iotype": "write", "sector": 0, "errno": 5}],
+                     "image": {"driver": "file", "filename": path}}}
+    return ["-blockdev", json.dumps(node)]
+
+
 class QemuEngine:
+    # writes at sector 0 of a disk without image_type fail in the guest, as on CHV
+    # (tests/fake_chv.py lets such a disk through to this engine)
+    models_sector0_writes = True
+
     def __init__(self, config, log=None, prefix=None, accel=None, qemu=None, start_timeout=15.0,
                  transport=None):
         """config: a Cloud Hypervisor VmConfig dict; log: callable(str).
@@ -157,11 +186,13 @@ class QemuEngine:
             path = d.get("path")
             if not path or not os.path.exists(path):
                 raise EngineError(f"disk {d.get('id') or i}: {path}: no such file")
-            ro = ",readonly=on" if d.get("readonly") else ""
-            # QEMU's -drive options are split on ','; a doubled ',,' is a literal comma
-            args += ["-drive", f"id=disk{i},file={path.replace(',', ',,')},format=raw,if=none,"
-                               f"cache=writeback{ro}",
-                     "-device", f"virtio-blk{virtio},drive=disk{i}"]
+            if not d.get("readonly") and d.get("image_type", "Unknown") == "Unknown":
+                self.log(f"qemu engine: disk {d.get('id') or i} has no image_type: Autodetected raw image "
+                         "type. Disabling sector 0 writes. (as Cloud Hypervisor v51+)")
+            dev = f"virtio-blk{virtio},drive=disk{i}"
+            if d.get("serial"):
+                dev += f",serial={d['serial'].replace(',', ',,')}"
+            args += disk_drive(i, d) + ["-device", dev]
         for i, n in enumerate(c.get("net") or []):
             tap = n.get("tap")
             if not tap:

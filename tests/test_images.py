@@ -32,8 +32,11 @@ MODULES = REPO / "build" / "kernel" / "modules"
 AGENT = "/usr/local/sbin/guest_agent.py"
 
 # drivers the guest needs: each is loaded from the initramfs or built in
-NEEDED = ["virtio_pci", "virtio_mmio", "virtio_blk", "virtio_net",
+NEEDED = ["virtio_pci", "virtio_blk", "virtio_net",
           "vmw_vsock_virtio_transport", "overlay", "ext4"]
+# packed when the kernel has them, allowed to fail loading (Cloud Hypervisor on
+# x86-64 gives virtio over PCI only; MMIO is QEMU microvm's other transport)
+OPTIONAL = ["virtio_mmio", "virtio_rng", "pvpanic", "pvpanic_pci"]
 
 BOOT_TIMEOUT = float(os.environ.get("CBOX_TEST_BOOT_TIMEOUT", "120"))
 GUEST_IP, HOST_IP = "10.78.0.2", "10.78.0.1"
@@ -85,16 +88,24 @@ def debugfs(image, request):
     return r.stdout, r.stderr
 
 
-def make_disk(path, size_mb=256):
+def make_disk(path, size_mb=256, block_size=None):
     with open(path, "wb") as f:
         f.truncate(size_mb << 20)
-    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", str(path)], check=True, capture_output=True)
+    bs = ["-b", str(block_size)] if block_size else []
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", *bs, str(path)], check=True, capture_output=True)
 
 
-def vm_config(tmp_path, rootfs=ROOTFS, initramfs=INITRAMFS, state=None, tap=None, cmdline=CMDLINE):
-    disks = [{"path": str(rootfs), "readonly": True, "id": "rootfs"}]
+def vm_config(tmp_path, rootfs=ROOTFS, initramfs=INITRAMFS, state=None, tap=None, cmdline=CMDLINE,
+              state_first=False, state_disk=None):
+    """A VmConfig as cbox.py writes it: disks with image_type Raw and serials, and
+    cbox.state=cbox-state on the command line when there is a stateful disk.
+    state_disk: extra/overriding fields of the stateful disk."""
+    disks = [{"path": str(rootfs), "readonly": True, "image_type": "Raw", "serial": "cbox-rootfs", "id": "rootfs"}]
     if state:
-        disks.append({"path": str(state), "readonly": False, "id": "stateful"})
+        disk = {"path": str(state), "readonly": False, "image_type": "Raw", "serial": "cbox-state", "id": "stateful"}
+        disk.update(state_disk or {})
+        disks.insert(0 if state_first else 1, {k: v for k, v in disk.items() if v is not None})
+        cmdline += " cbox.state=cbox-state"
     cfg = {
         "payload": {"kernel": str(KERNEL), "initramfs": str(initramfs), "cmdline": cmdline},
         "cpus": {"boot_vcpus": 1, "max_vcpus": 1},
@@ -137,10 +148,17 @@ def test_initramfs_has_init_busybox_and_modules():
     assert "dev/console" in entries, "the kernel needs /dev/console in the initramfs"
     order = entries["etc/cbox-modules"][1].decode().split()
     builtin = entries["etc/cbox-builtin"][1].decode().split()
+    optional = entries["etc/cbox-optional"][1].decode().split()
     for m in order:
         assert f"lib/modules/{m}.ko" in entries, f"{m} listed but not packed"
     for m in NEEDED:
         assert m in order or m in builtin, f"driver {m} neither packed nor built in"
+        assert m not in optional
+    assert set(optional) <= set(OPTIONAL) and set(optional) <= set(order), optional
+    if (MODULES / "modules.builtin").exists():     # the kernel's modules that exist are packed
+        have = {p.name.split(".ko")[0].replace("-", "_") for p in MODULES.rglob("*.ko*")}
+        for m in OPTIONAL:
+            assert (m in have) == (m in optional or m in builtin), m
     # dependencies come first: virtio core before its transports and drivers
     if "virtio" in order:
         for m in ("virtio_pci", "virtio_mmio", "virtio_blk", "virtio_net"):
@@ -148,6 +166,50 @@ def test_initramfs_has_init_busybox_and_modules():
                 assert order.index("virtio") < order.index(m)
     size = INITRAMFS.stat().st_size
     assert size < 8 << 20, f"initramfs is {size >> 20} MiB: only the needed modules belong in it"
+
+
+def fake_modules(root, names, builtin=("ext4",)):
+    """A lib/modules/<release> tree of stand-in .ko files: each carries only the
+    .modinfo strings initramfs/build.py reads (depends=)."""
+    deps = {"virtio_pci": "virtio,virtio_ring", "virtio_mmio": "virtio,virtio_ring", "virtio_blk": "virtio,virtio_ring",
+            "virtio_net": "virtio,virtio_ring", "virtio_rng": "virtio,virtio_ring", "pvpanic_pci": "pvpanic"}
+    (root / "kernel").mkdir(parents=True)
+    for name in names:
+        (root / "kernel" / f"{name}.ko").write_bytes(
+            b"\x7fELF\0name=" + name.encode() + b"\0depends=" + deps.get(name, "").encode() + b"\0")
+    (root / "modules.builtin").write_text("".join(f"kernel/{n}.ko\n" for n in builtin))
+    return root
+
+
+def test_initramfs_build_virtio_mmio_and_pvpanic_optional(tmp_path):
+    """Cloud Hypervisor on x86-64 gives virtio over PCI only: a kernel without
+    virtio_mmio (or pvpanic) still gets an initramfs; when the kernel has them
+    they are packed, listed as optional (init goes on when one fails to load)."""
+    if not Path("/bin/busybox").exists():
+        pytest.skip("/bin/busybox missing (apt-get install busybox-static)")
+    base = ["virtio", "virtio_ring", "virtio_pci", "virtio_blk", "virtio_net", "vmw_vsock_virtio_transport",
+            "overlay"]
+
+    def build(mods, name):
+        out = tmp_path / f"{name}.cpio.gz"
+        r = subprocess.run([sys.executable, str(REPO / "initramfs" / "build.py"), "--modules", str(mods),
+                            "--out", str(out)], capture_output=True, text=True)
+        return r, (cpio_entries(out) if r.returncode == 0 else {})
+
+    r, entries = build(fake_modules(tmp_path / "pci-only", base), "pci-only")
+    assert r.returncode == 0, r.stderr
+    assert "not available (optional) virtio_mmio virtio_rng pvpanic pvpanic_pci" in r.stdout, r.stdout
+    assert entries["etc/cbox-modules"][1].decode().split() == base
+    assert entries["etc/cbox-optional"][1] == b"" and entries["etc/cbox-builtin"][1] == b"ext4\n"
+
+    r, entries = build(fake_modules(tmp_path / "all", base + ["virtio_mmio", "pvpanic", "pvpanic_pci"]), "all")
+    assert r.returncode == 0, r.stderr
+    order = entries["etc/cbox-modules"][1].decode().split()
+    assert order.index("pvpanic") < order.index("pvpanic_pci") and "lib/modules/pvpanic_pci.ko" in entries
+    assert entries["etc/cbox-optional"][1].decode().split() == ["virtio_mmio", "pvpanic", "pvpanic_pci"]
+
+    r, _ = build(fake_modules(tmp_path / "no-blk", [m for m in base if m != "virtio_blk"]), "no-blk")
+    assert r.returncode != 0 and "virtio_blk is neither built in" in r.stderr, r.stderr
 
 
 def test_rootfs_has_agent_python_and_callback():
@@ -248,11 +310,15 @@ def wait_ready(netns, eng, tmp_path, deadline):
         poller.stdout.close()
 
 
-@pytest.mark.parametrize("transport", ["pci", "mmio"])
-def test_boot_exec_and_stateful_disk(netns, tmp_path, transport):
+@pytest.mark.parametrize("transport,state_first", [("pci", False), ("mmio", True)],
+                         ids=["pci-rootfs-first", "mmio-state-disk-first"])
+def test_boot_exec_and_stateful_disk(netns, tmp_path, transport, state_first):
     """Boot the images, exec in the guest, write a file, power off from inside,
     find the file in the overlay's upper layer on the stateful disk. Over virtio
-    PCI (Cloud Hypervisor's transport) and virtio MMIO: the initramfs has both."""
+    PCI (Cloud Hypervisor's transport) and virtio MMIO: the initramfs has both.
+    The initramfs finds the disks by serial: with the state disk given first
+    (vda) the root is still cbox-rootfs (vdb) and the writes still land on the
+    state disk."""
     need_images(KERNEL, INITRAMFS, ROOTFS)
     need_qemu()
     need_tool("debugfs", "e2fsprogs")
@@ -268,8 +334,8 @@ def test_boot_exec_and_stateful_disk(netns, tmp_path, transport):
     netns.run("ip", "link", "set", tap, "up")
 
     log = []
-    eng = QemuEngine(vm_config(tmp_path, state=state, tap=tap), log.append, prefix=netns.prefix,
-                     transport=transport)
+    eng = QemuEngine(vm_config(tmp_path, state=state, tap=tap, state_first=state_first), log.append,
+                     prefix=netns.prefix, transport=transport)
     t0 = time.monotonic()
     try:
         eng.start()
@@ -291,6 +357,9 @@ def test_boot_exec_and_stateful_disk(netns, tmp_path, transport):
                                 "readlink -f /sys/class/net/eth0/device")
         paths = res.get("stdout", "").split()
         assert len(paths) == 3, res
+        res = guest_exec(netns, "for d in vda vdb; do echo $d=$(cat /sys/block/$d/serial); done")
+        serials = ["vda=cbox-state", "vdb=cbox-rootfs"] if state_first else ["vda=cbox-rootfs", "vdb=cbox-state"]
+        assert res.get("stdout", "").split() == serials, res
         # PCI devices sit under the host bridge; MMIO ones are platform devices (LNRO0005 via ACPI)
         bus = "/pci0000:00/" if transport == "pci" else "/devices/platform/"
         assert all(bus in path for path in paths), (transport, paths)
@@ -360,6 +429,77 @@ def test_broken_rootfs_prints_one_fatal_line_and_powers_off(tmp_path, kind):
     print(f"\n{kind} rootfs: powered off {took:.1f}s after qemu start: {lines[0]}")
 
 
+@pytest.mark.parametrize("kind", ["missing", "read-only", "no-image-type"])
+def test_promised_state_disk_unusable_prints_one_fatal_line_and_powers_off(tmp_path, kind):
+    """cbox.state=cbox-state on the command line promises a stateful disk: when
+    it is missing, read-only, or refuses writes at sector 0 (a writable disk
+    without image_type Raw, as Cloud Hypervisor v51+ treats it: the ext4
+    superblock write fails and the kernel mounts it read-only), the guest
+    prints one FATAL line and powers off instead of running on a tmpfs."""
+    need_images(KERNEL, INITRAMFS, ROOTFS)
+    need_qemu()
+    need_tool("mke2fs", "e2fsprogs")
+    state = tmp_path / "state.ext4"
+    # 4 KiB blocks (mke2fs's default from 512 MiB up, as the default 2 GB
+    # stateful disk): the superblock shares block 0 with sector 0
+    make_disk(state, size_mb=64, block_size=4096)
+    if kind == "missing":
+        cfg = vm_config(tmp_path, cmdline=CMDLINE + " cbox.state=cbox-state")
+        expect = "no disk has that serial"
+    else:
+        fields = {"readonly": True} if kind == "read-only" else {"image_type": None}
+        cfg = vm_config(tmp_path, state=state, state_disk=fields)
+        # busybox mounts a read-only disk read-only; the failed superblock write
+        # at sector 0 makes ext4's mount fail with an I/O error (kernel 6.1)
+        expect = "cbox-state) is read-only" if kind == "read-only" else "Input/output error"
+    took, text = boot_until_exit(tmp_path, cfg)
+    lines = fatal_lines(text)
+    assert len(lines) == 1, text
+    assert expect in lines[0] and "refusing to run on a tmpfs" in lines[0], lines[0]
+    if kind != "missing":
+        assert '"image_type": "Raw"' in lines[0], lines[0]
+    assert "cbox-agent" not in text
+    print(f"\n{kind} state disk: powered off {took:.1f}s after qemu start: {lines[0]}")
+
+
+def test_no_state_disk_promised_runs_on_tmpfs_and_optional_module_may_fail(tmp_path):
+    """Without cbox.state and without a disk of serial cbox-state (a direct boot
+    with the root disk only) the writable layer is a tmpfs, as before.  And an
+    optional module (pvpanic_pci here, made unloadable) that fails to load is
+    one line on the console, not a FATAL."""
+    need_images(KERNEL, INITRAMFS, ROOTFS)
+    need_qemu()
+    if not list(MODULES.rglob("pvpanic-pci.ko*")) + list(MODULES.rglob("pvpanic_pci.ko*")):
+        pytest.skip(f"no pvpanic_pci module in {MODULES} (the default kernel from `make kernel`)")
+    mods = tmp_path / "modules"           # the kernel's modules, with a broken pvpanic_pci
+    for path in MODULES.rglob("*"):
+        if path.is_file():
+            link = mods / path.relative_to(MODULES)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if path.name.split(".ko")[0].replace("-", "_") == "pvpanic_pci":
+                link.with_name("pvpanic_pci.ko").write_bytes(b"\x7fELF\0name=pvpanic_pci\0depends=pvpanic\0")
+            else:
+                link.symlink_to(path)
+    initramfs = tmp_path / "initramfs-broken-pvpanic.cpio.gz"
+    subprocess.run([sys.executable, str(REPO / "initramfs" / "build.py"), "--modules", str(mods),
+                    "--out", str(initramfs)], check=True, capture_output=True)
+    eng = QemuEngine(vm_config(tmp_path, initramfs=initramfs, cmdline=CMDLINE + " cbox.init_debug=1"),
+                     lambda line: None)
+    deadline = time.monotonic() + BOOT_TIMEOUT
+    try:
+        eng.start()
+        while "cbox-agent: ready" not in console(tmp_path):
+            assert eng.alive(), tail(console(tmp_path))
+            assert time.monotonic() < deadline, tail(console(tmp_path))
+            time.sleep(0.1)
+    finally:
+        eng.stop(5)
+    text = console(tmp_path)
+    assert not fatal_lines(text), text
+    assert "writable layer tmpfs (no disk with serial cbox-state)" in text, tail(text)
+    assert "cbox-init: optional kernel module pvpanic_pci not loaded" in text, tail(text)
+
+
 def test_missing_module_prints_one_fatal_line_and_powers_off(tmp_path):
     need_images(KERNEL, ROOTFS)
     need_qemu()
@@ -374,7 +514,7 @@ def test_missing_module_prints_one_fatal_line_and_powers_off(tmp_path):
     took, text = boot_until_exit(tmp_path, vm_config(tmp_path, initramfs=broken))
     lines = fatal_lines(text)
     assert len(lines) == 1, text
-    assert "/dev/vda" in lines[0] and "virtio_blk" in lines[0], lines[0]
+    assert "cbox-rootfs" in lines[0] and "virtio_blk" in lines[0], lines[0]
     print(f"\nmissing virtio_blk: powered off {took:.1f}s after qemu start: {lines[0]}")
 
 

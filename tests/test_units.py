@@ -287,8 +287,14 @@ def test_vm_config_validates_against_cloud_hypervisor_openapi(tmp_path, chv_sche
     assert fake_chv.semantic_errors(config) == []
     assert config["memory"]["size"] == 256 * 1024 * 1024 and config["cpus"] == {"boot_vcpus": 2, "max_vcpus": 2}
     assert config["disks"][0]["readonly"] is True and config["disks"][1]["readonly"] is False
+    # every disk Raw (an autodetected raw disk refuses sector-0 writes on CHV v51+) and
+    # named by a serial of at most 20 bytes that the initramfs looks the disks up by
+    assert [d["image_type"] for d in config["disks"]] == ["Raw", "Raw"]
+    assert [d["serial"] for d in config["disks"]] == ["cbox-rootfs", "cbox-state"]
+    assert all(len(d["serial"].encode()) <= 20 for d in config["disks"])
     cmdline = config["payload"]["cmdline"]
-    for key in ("cbox.vm=v1", "cbox.ip=10.20.1.2/24", "cbox.gw=10.20.1.1", "cbox.callback_port=4032", "quiet"):
+    for key in ("cbox.vm=v1", "cbox.ip=10.20.1.2/24", "cbox.gw=10.20.1.1", "cbox.callback_port=4032", "quiet",
+                "cbox.state=cbox-state"):
         assert key in cmdline.split()
     # the validator is strict: a misspelt field is reported with its path
     config["net"][0]["macc"] = config["net"][0].pop("mac")
