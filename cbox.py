@@ -2296,7 +2296,7 @@ class Selftest:
         self.start_tried = False
         self.vm = None                 # the VM's API object once it runs
         self.local_vm = None           # the VMManager's VM object (in-process)
-        self.phases = []               # (step, ms, ok) of the start, from StepClock
+        self.phases = []               # (step, ms, ok) of the start, from StepClock (in-process)
         self.evidence = {}             # tails of the VM's files, taken when a start step failed
 
     def skip_or_false(self, step):
@@ -2388,6 +2388,7 @@ class Selftest:
         if clock.vm_name != self.name or clock.action != "start":
             return
         self.phases.append((step, ms, ok))
+        self.report.add(f"start: {step}", "PASS" if ok else "FAIL", ms)
         vm = self.manager.vms.get(self.name) if self.manager else None
         self.local_vm = vm or self.local_vm
         if not ok and vm:
@@ -2405,21 +2406,15 @@ class Selftest:
             self.vm = await self.vms.start(self.name, self.echo.url)
         except ApiError as e:
             ms = (time.monotonic() - t0) * 1000
-            self.phase_rows()
             m = re.search(r"failed at step (\S+):", str(e))
             step = m.group(1) if m else None
             self.report.add("start", "FAIL", ms, detail=f"failed at step {step}" if step else "refused",
                             hint=self.start_hint(step, str(e)))
             self.blocked = "the VM did not start"
             return
-        self.phase_rows()
         self.report.add("start", "PASS", (time.monotonic() - t0) * 1000,
                         detail=f"{self.name} ip {self.vm['ip']} cid {self.vm['cid']}"
                                + ("" if self.phases else " (phases: in the server's log)"))
-
-    def phase_rows(self):
-        for step, ms, ok in self.phases:
-            self.report.add(f"start: {step}", "PASS" if ok else "FAIL", ms)
 
     def start_hint(self, step, error):
         hint = f"{START_HINTS[step]}: {one_line(error, 500)}" if step in START_HINTS else one_line(error, 500)
@@ -2501,6 +2496,9 @@ class Selftest:
     async def finish(self, interrupted):
         """Destroy the VM (whatever happened before) and check nothing of it is left."""
         reason = "interrupted" if interrupted else (self.blocked or "an earlier step failed")
+        if interrupted:
+            self.report.add("interrupted", "FAIL", detail="Ctrl-C or SIGTERM",
+                            hint="stopped before the end; the selftest VM is destroyed all the same")
         for step in ("start", "exec", "callback"):
             if not self.report.has(step):
                 self.report.add(step, "SKIP", detail=f"cannot run: {reason}")
