@@ -2418,9 +2418,13 @@ class Selftest:
 
     def start_hint(self, step, error):
         hint = f"{START_HINTS[step]}: {one_line(error, 500)}" if step in START_HINTS else one_line(error, 500)
-        for label, text in self.evidence.items():
-            if text.strip() and (step == "spawn" or label == "hypervisor log"):
-                hint += f"; {label}: {one_line(text)}"
+        output = self.evidence.get("hypervisor output", "").strip()
+        if step == "spawn" and output:
+            hint += f"; its output: {one_line(output)}"
+        said = [line for line in self.evidence.get("hypervisor log", "").splitlines()
+                if re.search(r"\b(ERROR|WARN)", line)]
+        if said and step not in ("vm.create", "vm.boot"):      # their API errors already say why
+            hint += f"; its log: {one_line(said[-1])}"
         return hint
 
     async def check_exec(self):
