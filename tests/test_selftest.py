@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, STANDIN
+from nsutil import CallbackURLServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_images import BOOT_TIMEOUT, INITRAMFS, KERNEL, ROOTFS, need_images, need_qemu  # noqa: E402
@@ -84,7 +85,10 @@ def test_selftest_passes_with_the_standin(cbox_factory):
     assert host_state(server) == before, out
 
 
-def test_selftest_goes_through_a_running_server(cbox_server):
+def test_selftest_goes_through_a_running_server(cbox_factory):
+    """A cbox.py serves the config (with an api_token): selftest uses its API and
+    leaves its VMs, records and network alone."""
+    cbox_server = cbox_factory(api_token="selftest-token").start()
     api = cbox_server.api
     api.start_vm("keep", callbackUrl="http://127.0.0.1:9/none")
     rc, out = selftest(cbox_server)
@@ -99,6 +103,21 @@ def test_selftest_goes_through_a_running_server(cbox_server):
     assert [vm["vmName"] for vm in listing["vms"]] == ["keep"], listing
     assert api.exec("keep", "echo still")["stdout"] == "still\n"
     assert sorted(p.name for p in (cbox_server.state_dir / "vms").iterdir()) == ["keep", "keep.json"]
+    assert api.delete("/v1/vms", timeout=60)[0] == 200
+    cbox_server.assert_clean()
+
+
+def test_selftest_refuses_a_port_held_by_another_program(cbox_factory):
+    server = cbox_factory()
+    listener = server.ns.listen(("127.0.0.1", server.settings["port"]))
+    other = CallbackURLServer(listener, lambda body: (200, b"{}"))     # answers GET with 501
+    try:
+        rc, out = selftest(server)
+    finally:
+        other.close()
+    assert rc == 1, out
+    assert rows(out)["server"][0] == "FAIL" and "not as cbox.py" in hints(out)["server"], out
+    assert rows(out)["start"][0] == "SKIP", out
 
 
 def test_selftest_refuses_vms_of_a_stopped_server(cbox_factory):
