@@ -195,12 +195,16 @@ def test_selftest_interrupted_destroys_its_vm(cbox_factory, tmp_path):
     assert host_state(server) == before, out
 
 
-def test_selftest_under_qemu_boots_and_execs_but_has_no_vsock(cbox_factory):
+def test_selftest_under_qemu_boots_and_execs_but_has_no_vsock(cbox_factory, tmp_path):
     """Real images under the QEMU engine: boot and exec pass; the callback step fails
     with a hint naming the cause (no vhost_vsock for QEMU here), so the exit code is 1."""
     need_images(KERNEL, INITRAMFS, ROOTFS)
     need_qemu()
-    server = cbox_factory(kernel=str(KERNEL), initramfs=str(INITRAMFS), rootfs=str(ROOTFS),
+    # a copy: Cloud Hypervisor holds an OFD read lock over each disk it has open
+    # (block/src/io/fcntl.rs), and QEMU refuses an image another process locked
+    rootfs = tmp_path / "rootfs.ext4"
+    subprocess.run(["cp", "--sparse=always", str(ROOTFS), str(rootfs)], check=True)
+    server = cbox_factory(kernel=str(KERNEL), initramfs=str(INITRAMFS), rootfs=str(rootfs),
                           cmdline_extra="quiet", boot_timeout_s=BOOT_TIMEOUT, stateful_size_in_mb=256,
                           exec_timeout_s=60, shutdown_timeout_s=5)
     before = host_state(server)
