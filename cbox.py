@@ -2294,12 +2294,14 @@ class Selftest:
         self.manager = self.network = self.footprint = None
         self.echo = CallbackEcho()
         self.start_tried = False
+        self.current = None            # the step under way
         self.vm = None                 # the VM's API object once it runs
         self.local_vm = None           # the VMManager's VM object (in-process)
         self.phases = []               # (step, ms, ok) of the start, from StepClock (in-process)
         self.evidence = {}             # tails of the VM's files, taken when a start step failed
 
     def skip_or_false(self, step):
+        self.current = step
         if self.blocked:
             self.report.add(step, "SKIP", detail=f"cannot run: {self.blocked}")
         return not self.blocked
@@ -2501,7 +2503,8 @@ class Selftest:
         """Destroy the VM (whatever happened before) and check nothing of it is left."""
         reason = "interrupted" if interrupted else (self.blocked or "an earlier step failed")
         if interrupted:
-            self.report.add("interrupted", "FAIL", detail="Ctrl-C or SIGTERM",
+            step = self.current if self.current and not self.report.has(self.current) else "interrupted"
+            self.report.add(step, "FAIL", detail="interrupted (Ctrl-C or SIGTERM)",
                             hint="stopped before the end; the selftest VM is destroyed all the same")
         for step in ("start", "exec", "callback"):
             if not self.report.has(step):
@@ -2527,6 +2530,9 @@ class Selftest:
             await self.vms.destroy(self.name)
             self.report.add("destroy", "PASS", (time.monotonic() - t0) * 1000, detail=self.name)
         except ApiError as e:
+            if e.status == 404:          # a server's start, cut short by Ctrl-C, failed meanwhile
+                self.report.add("destroy", "SKIP", detail="the failed start removed the VM")
+                return
             self.report.add("destroy", "FAIL", (time.monotonic() - t0) * 1000, hint=f"destroy failed: {one_line(e)}")
         finally:
             if self.manager:

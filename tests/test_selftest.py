@@ -190,9 +190,41 @@ def test_selftest_interrupted_destroys_its_vm(cbox_factory, tmp_path):
             proc.kill()
     table = rows(out)
     assert proc.returncode == 1, out
-    assert "interrupted" in out, out
+    assert table["start"] == ("FAIL", None, "interrupted (Ctrl-C or SIGTERM)"), out
+    assert table["start: agent"][0] == "FAIL", out
     assert table["destroy"][0] == "PASS" and table["leftovers"][0] == "PASS", out
     assert host_state(server) == before, out
+
+
+def test_selftest_interrupted_through_a_server_destroys_its_vm(cbox_factory, tmp_path):
+    """The same through a running server: its start goes on until the agent times
+    out; selftest then deletes the VM (or finds it gone) and the server is clean."""
+    agent = tmp_path / "silent_agent.py"
+    agent.write_text("import time\ntime.sleep(600)\n")
+    server = cbox_factory(boot_timeout_s=5).start(env={"CBOX_GUEST_AGENT": str(agent)})
+    proc = server.ns.popen([sys.executable, CBOX, "selftest", "--config", str(server.config)],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("server"):
+                deadline = time.monotonic() + 10
+                while "step=vm.boot" not in server.log() and time.monotonic() < deadline:
+                    time.sleep(0.05)               # the server's start is waiting for the agent
+                proc.send_signal(signal.SIGINT)
+                break
+        out = "".join(lines) + proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    table = rows(out)
+    assert proc.returncode == 1, out
+    assert table["start"] == ("FAIL", None, "interrupted (Ctrl-C or SIGTERM)"), out
+    assert table["leftovers"][0] == "PASS", out
+    assert table["destroy"][0] in ("PASS", "SKIP"), out
+    assert server.api.get("/v1/vms")[1] == {"vms": []}
+    server.assert_clean()
 
 
 def test_selftest_under_qemu_boots_and_execs_but_has_no_vsock(cbox_factory, tmp_path):
