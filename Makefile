@@ -4,10 +4,11 @@ PYTHON ?= python3
 CONFIG ?= config.yaml
 OUT ?= out
 
-.PHONY: help run demo test bench images kernel initramfs rootfs dist clean
+.PHONY: help run check-host demo test bench images kernel initramfs rootfs dist clean
 
 help:
 	@echo "make run      build what is missing, then serve (needs KVM + cloud-hypervisor)"
+	@echo "make check-host  run first on a new host: preflight, boot one VM, exec, callback, destroy"
 	@echo "make demo     serve the same API with the stand-in hypervisor (NOTHING IS ISOLATED)"
 	@echo "make test     run the test suite (as root)"
 	@echo "make bench    run the benchmarks, write bench/results.md"
@@ -25,6 +26,11 @@ run:
 	@$(PYTHON) cbox.py preflight --config $(CONFIG)
 	@$(MAKE) --no-print-directory images
 	$(PYTHON) cbox.py serve --config $(CONFIG)
+
+# What to run first on a new host: `cbox.py selftest` prints a PASS/FAIL table with
+# timings and a hint per failure; exit 0 only when every step passed.
+check-host:
+	$(PYTHON) cbox.py selftest --config $(CONFIG)
 
 # The same API with the stand-in hypervisor from tests/: commands run on THIS host.
 DEMO := $(OUT)/demo

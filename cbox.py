@@ -13,13 +13,15 @@ One asyncio program, standard library only (Python 3.10+). Sections, in order:
   6. VM manager      VM records on disk, start / destroy / adopt, process
                      supervision, exec forwarding, the callback bridge
   7. REST server     routes of contract section 1, auth, limits, request log
-  8. CLI             `serve`, and a small client: `vm start|ls|rm`, `exec`
+  8. CLI             `serve`, `selftest` (a new host's end-to-end check), and a
+                     small client: `vm start|ls|rm`, `exec`
 
 The external contract lives in ../shared/docs/contract.md (beside checkouts) and
 is summarised in README.md.
 """
 import argparse
 import asyncio
+import collections
 import contextlib
 import errno
 import contextvars
@@ -34,6 +36,7 @@ import shutil
 import signal
 import socket
 import ssl
+import statistics
 import sys
 import time
 import urllib.parse
@@ -1259,7 +1262,12 @@ def console_tail(path, lines=15):
 
 
 class StepClock:
-    """Logs the duration of each lifecycle step of one VM; `current` names the step under way."""
+    """Logs the duration of each lifecycle step of one VM; `current` names the step under way.
+
+    Each observer (empty unless `selftest` runs) is called as observer(clock, step, ms, ok)
+    when a step ends, also when it fails: before start's error handling tears the VM down."""
+
+    observers = []
 
     def __init__(self, vm_name, action):
         self.vm_name, self.action = vm_name, action
@@ -1269,8 +1277,16 @@ class StepClock:
     @contextlib.contextmanager
     def step(self, name):
         self.current, t0 = name, time.monotonic()
-        yield
-        log(f"{self.action} step", vm=self.vm_name, step=name, ms=f"{(time.monotonic() - t0) * 1000:.1f}")
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            ms = (time.monotonic() - t0) * 1000
+            if ok:
+                log(f"{self.action} step", vm=self.vm_name, step=name, ms=f"{ms:.1f}")
+            for observer in self.observers:
+                observer(self, name, ms, ok)
 
     def total_ms(self):
         return (time.monotonic() - self.t0) * 1000
@@ -2071,8 +2087,7 @@ async def serve(cfg):
         log(f"\n{banner}\nWARNING: serving on {cfg.host} WITHOUT api_token: anyone who can reach this port "
             f"can run commands in every VM.\nSet api_token in the config.\n{banner}")
     cfg.chv_bin = resolve_chv_bin(cfg)
-    missing = [f"{key} {cfg.path(getattr(cfg, key))}" for key in ("kernel", "rootfs", "initramfs")
-               if getattr(cfg, key) and not os.path.exists(cfg.path(getattr(cfg, key)))]
+    missing = missing_images(cfg)
     if missing:
         log("WARNING: guest images missing (run `make images`): " + ", ".join(missing))
     network = HostNetwork(cfg)
@@ -2091,6 +2106,599 @@ async def serve(cfg):
     await server.stop()
     await manager.shutdown()
     log("stopped")
+
+
+# ---- selftest: the first thing to run on a new host -------------------------
+#
+# Design. With no cbox.py serving this config, selftest runs the pieces of
+# `serve` in-process (HostNetwork, VMManager) and drives the VMManager directly,
+# not through REST: it then sees each start phase (StepClock observers), can read
+# the VM's files before a failed start removes them, and Ctrl-C cancels a start at
+# once and tears the VM down. A second VM manager beside a running cbox.py would
+# share its state_dir, subnet, CIDs, taps and bridge, so when the config's
+# host:port answers as cbox.py, selftest goes through that server's REST API with
+# a VM of its own name (cbox-selftest-<random>) and touches nothing else. When no
+# server answers but state_dir holds VM records (VMs a stopped server left
+# running), it refuses: their IPs, CIDs and taps are taken. The callback URL is
+# served here on loopback; the callback goes guest -> vsock -> cbox.py -> URL, so
+# the serving cbox.py must share this network namespace (the same host).
+
+SELFTEST_RUNS = 20      # exec and callback round trips measured (p50)
+
+START_HINTS = {
+    "record": "cannot write the VM record in state_dir",
+    "files": "cannot create the VM's directories in state_dir and run_dir",
+    "disk": "cannot make the stateful disk (mke2fs and tune2fs from e2fsprogs? space in state_dir?)",
+    "tap": "cannot create the VM's tap on the bridge (root? /dev/net/tun and the tun module?)",
+    "spawn": "the hypervisor did not start or its API socket did not answer",
+    "vm.create": "the hypervisor refused the VM config",
+    "callbacks": "cannot listen on the VM's vsock callback socket in run_dir",
+    "vm.boot": "the hypervisor could not boot the VM (kernel, initramfs, rootfs paths and formats? /dev/kvm usable?)",
+    "agent": "guest agent did not answer: the guest did not boot or its network is down",
+}
+
+# The guest side of the callback check: SELFTEST_RUNS callbacks from Python, as a
+# guest program makes them; prints one JSON line (the times, or the first error).
+GUEST_CALLBACK_SCRIPT = """\
+import json, sys, time
+from cbox_callback import callback, CallbackError
+times = []
+for i in range(%(runs)d):
+    params = {"i": i, "nonce": %(nonce)r}
+    t0 = time.monotonic()
+    try:
+        result = callback("selftest.echo", params, timeout=10)
+    except CallbackError as e:
+        print(json.dumps({"error": str(e), "done": i}))
+        sys.exit(0)
+    times.append((time.monotonic() - t0) * 1000)
+    if result != {"echo": params}:
+        print(json.dumps({"error": "unexpected result %%r" %% (result,), "done": i}))
+        sys.exit(0)
+print(json.dumps({"ms": times}))
+"""
+
+
+def missing_images(cfg):
+    """The configured guest images that are not readable files, as 'key path'."""
+    return [f"{key} {cfg.path(getattr(cfg, key))}" for key in ("kernel", "initramfs", "rootfs")
+            if getattr(cfg, key) and not os.access(cfg.path(getattr(cfg, key)), os.R_OK)]
+
+
+def one_line(text, limit=300):
+    """A hint's evidence on one line, its end kept (the newest lines matter)."""
+    text = " | ".join(line.strip() for line in str(text).splitlines() if line.strip())
+    return text if len(text) <= limit else "..." + text[-limit:]
+
+
+def fmt_ms(ms):
+    return "" if ms is None else (f"{ms / 1000:.2f} s" if ms >= 10000 else f"{ms:.1f} ms")
+
+
+class SelftestReport:
+    """The table selftest prints: a row per step (PASS, FAIL or SKIP), its time, a detail
+    and, for a failure, a one-line hint. Rows are printed as they come."""
+
+    def __init__(self, out=None):
+        self.rows, self.out = [], out
+
+    def add(self, step, result, ms=None, detail="", hint=""):
+        self.rows.append((step, result, ms, detail, hint))
+        if self.out:
+            print(f"{step:18} {result:6} {fmt_ms(ms):>10}  {detail}".rstrip(), file=self.out, flush=True)
+
+    def has(self, step):
+        return any(row[0] == step for row in self.rows)
+
+    def ok(self):
+        return bool(self.rows) and all(row[1] == "PASS" for row in self.rows)
+
+    def hints(self):
+        return [(row[0], row[4]) for row in self.rows if row[1] == "FAIL" and row[4]]
+
+
+class CallbackEcho:
+    """selftest's callback URL on loopback: each POST is answered {"result": {"echo": params}}."""
+
+    def __init__(self):
+        self.server, self.url, self.calls = None, None, 0
+
+    async def start(self):
+        self.server = await asyncio.start_server(self.connection, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/selftest"
+
+    async def connection(self, reader, writer):
+        set_nodelay(writer)
+        try:
+            while (head := await read_head(reader)) is not None:
+                body = await read_body(reader, head[1], 1024 * 1024)
+                try:
+                    params = json.loads(body).get("params")
+                except (ValueError, AttributeError):
+                    params = None
+                self.calls += 1
+                writer.write(build_response(200, json_bytes({"result": {"echo": params}})))
+        except (HttpError, OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    def close(self):
+        if self.server:
+            self.server.close()
+
+
+class LocalVMs:
+    """selftest's VM through a VMManager in this process (no cbox.py serves this config)."""
+
+    def __init__(self, cfg, manager):
+        self.cfg, self.manager = cfg, manager
+
+    async def start(self, name, url):
+        return (await self.manager.start(validate_start_request({"vmName": name, "callbackUrl": url}, self.cfg))).api()
+
+    async def exec(self, name, body):
+        return json.loads(await self.manager.exec(name, body))
+
+    async def exists(self, name):
+        return name in self.manager.vms
+
+    async def destroy(self, name):
+        await self.manager.destroy(name)
+
+
+class RemoteVMs:
+    """selftest's VM through the REST API of the cbox.py serving this config."""
+
+    def __init__(self, cfg, client, url):
+        self.cfg, self.client, self.url = cfg, client, url
+
+    async def call(self, method, path, body=None, timeout=60.0):
+        headers = {"Authorization": f"Bearer {self.cfg.api_token}"} if self.cfg.api_token else None
+        try:
+            status, _, data = await self.client.request(method, path, body, timeout=timeout, headers=headers)
+        except HttpError as e:
+            raise ApiError(502, f"cbox.py at {self.url}: {e}")
+        try:
+            payload = json.loads(data)
+        except ValueError:
+            payload = {"error": data[:200].decode("utf-8", "replace")}
+        if status != 200:
+            raise ApiError(status, payload.get("error") if isinstance(payload, dict) else f"HTTP {status}")
+        return payload
+
+    async def start(self, name, url):
+        return await self.call("POST", "/v1/vms", {"vmName": name, "callbackUrl": url},
+                               timeout=self.cfg.boot_timeout_s + 120)
+
+    async def exec(self, name, body):
+        return await self.call("POST", vm_path(name, "/exec"), body, timeout=body.get("timeout", 60) + 30)
+
+    async def exists(self, name):
+        try:
+            await self.call("GET", vm_path(name))
+            return True
+        except ApiError as e:
+            if e.status == 404:
+                return False
+            raise
+
+    async def destroy(self, name):
+        await self.call("DELETE", vm_path(name), timeout=120.0)
+
+
+async def running_server(cfg):
+    """(HttpClient, health) for the cbox.py serving at the config's host:port, or None when
+    nothing listens there; ApiError when something else answers."""
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(cfg.host, cfg.host)
+    client = HttpClient(host=host, port=cfg.port, pool_size=2)
+    try:
+        status, _, data = await client.request("GET", "/v1/health", timeout=5.0)
+    except HttpError:
+        client.close()
+        return None
+    try:
+        health = json.loads(data)
+    except ValueError:
+        health = None
+    if status == 200 and isinstance(health, dict) and "version" in health:
+        return client, health
+    client.close()
+    raise ApiError(409, f"{host}:{cfg.port} answers, but not as cbox.py (HTTP {status}): "
+                        "`serve` could not listen there either; change port in the config or stop that program")
+
+
+class HostFootprint:
+    """What selftest's own setup adds to a host (bridge, firewall chains, ip_forward,
+    directories, the stateful-disk template), so that it can take it away again."""
+
+    IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
+
+    def __init__(self, cfg, network):
+        self.cfg, self.net = cfg, network
+        state = Path(cfg.path(cfg.state_dir))
+        self.templates = state / "templates"
+        self.new_dirs = [d for d in (state, state / "vms", self.templates, Path(cfg.path(cfg.run_dir)))
+                         if not d.exists()]
+        self.old_templates = set(self.templates.glob("*")) if self.templates.exists() else set()
+        self.bridge_existed = interface_exists(cfg.bridge_name)
+        self.ip_forward = self.IP_FORWARD.read_text() if self.IP_FORWARD.exists() else None
+        self.chains_existed = True
+
+    async def note_firewall(self):
+        if self.cfg.firewall:
+            self.chains_existed = await HostNetwork._iptables_ok("filter", "-n", "-L", "CBOX-FORWARD")
+
+    async def restore(self):
+        """Undo what selftest added; returns what could not be undone."""
+        problems = []
+        if not self.chains_existed:
+            await self.net.remove_firewall()
+        if not self.bridge_existed and interface_exists(self.cfg.bridge_name):
+            try:
+                await run_cmd("ip", "link", "del", "dev", self.cfg.bridge_name)
+            except CommandError as e:
+                problems.append(f"bridge {self.cfg.bridge_name}: {e}")
+        if self.ip_forward is not None and self.IP_FORWARD.read_text() != self.ip_forward:
+            try:
+                self.IP_FORWARD.write_text(self.ip_forward)
+            except OSError as e:
+                problems.append(f"ip_forward: {e}")
+        for path in set(self.templates.glob("*")) - self.old_templates if self.templates.exists() else ():
+            path.unlink()
+        for directory in reversed(self.new_dirs):
+            remove_tree(directory)
+        return problems
+
+
+class Selftest:
+    """preflight, images, server, (network), start, exec, callback, destroy, leftovers."""
+
+    def __init__(self, cfg, config_path, out):
+        self.cfg, self.config_path = cfg, config_path
+        self.report = SelftestReport(out)
+        self.name = f"cbox-selftest-{uuid.uuid4().hex[:8]}"
+        self.blocked = None            # why the steps still to come cannot run
+        self.vms = None                # LocalVMs or RemoteVMs
+        self.manager = self.network = self.footprint = None
+        self.echo = CallbackEcho()
+        self.start_tried = False
+        self.current = None            # the step under way
+        self.vm = None                 # the VM's API object once it runs
+        self.local_vm = None           # the VMManager's VM object (in-process)
+        self.phases = []               # (step, ms, ok) of the start, from StepClock (in-process)
+        self.evidence = {}             # tails of the VM's files, taken when a start step failed
+
+    def skip_or_false(self, step):
+        self.current = step
+        if self.blocked:
+            self.report.add(step, "SKIP", detail=f"cannot run: {self.blocked}")
+        return not self.blocked
+
+    async def run(self):
+        self.check_preflight()
+        self.check_images()
+        await self.connect()
+        await self.start_vm()
+        await self.check_exec()
+        await self.check_callbacks()
+
+    # ---- the steps before a VM --------------------------------------------------
+
+    def check_preflight(self):
+        problems = preflight(self.cfg)
+        self.report.add("preflight", "FAIL" if problems else "PASS",
+                        detail=f"{len(problems)} problem(s)" if problems else "/dev/kvm, chv_bin, root, tools",
+                        hint="; ".join(problems))
+        try:
+            self.cfg.chv_bin = resolve_chv_bin(self.cfg)
+        except CommandError:
+            self.blocked = "no usable chv_bin (see preflight)"
+
+    def check_images(self):
+        missing = missing_images(self.cfg)
+        if missing:
+            self.report.add("images", "FAIL", detail="missing: " + ", ".join(missing),
+                            hint=f"{', '.join(missing)}: not found or not readable; run `make images`, or point "
+                                 "kernel, initramfs and rootfs in the config at your images")
+            self.blocked = self.blocked or "guest images missing"
+        else:
+            self.report.add("images", "PASS", detail=", ".join(
+                self.cfg.path(getattr(self.cfg, k)) for k in ("kernel", "initramfs", "rootfs") if getattr(self.cfg, k)))
+
+    async def connect(self):
+        """Use the cbox.py serving this config, or set up the VM manager in-process."""
+        if not self.skip_or_false("server"):
+            return
+        cfg = self.cfg
+        url = f"http://{cfg.host}:{cfg.port}"
+        try:
+            found = await running_server(cfg)
+        except ApiError as e:
+            self.report.add("server", "FAIL", detail=f"port {cfg.port} taken", hint=str(e))
+            self.blocked = "port taken"
+            return
+        if found:
+            client, health = found
+            self.vms = RemoteVMs(cfg, client, url)
+            self.report.add("server", "PASS", detail=f"cbox.py {health.get('version')} serves {url} "
+                                                     f"({health.get('vms')} VMs): selftest uses its API")
+            return
+        records = sorted(Path(cfg.path(cfg.state_dir), "vms").glob("*.json"))
+        if records:
+            self.report.add("server", "FAIL", detail=f"{len(records)} VM record(s) in state_dir, no server",
+                            hint=f"nothing answers at {url}, but {records[0].parent} holds {len(records)} VM "
+                                 f"record(s) (VMs a stopped cbox.py left running?): start `cbox.py serve --config "
+                                 f"{self.config_path}` and run selftest again (it then uses the server), or "
+                                 "destroy those VMs first")
+            self.blocked = "VMs of a stopped server in state_dir"
+            return
+        self.report.add("server", "PASS", detail=f"none at {url}: the VM manager runs in-process")
+        t0 = time.monotonic()
+        self.network = HostNetwork(cfg)
+        self.footprint = HostFootprint(cfg, self.network)
+        try:
+            await self.footprint.note_firewall()
+            await self.network.setup()
+            Path(cfg.path(cfg.run_dir)).mkdir(parents=True, exist_ok=True)
+        except (CommandError, OSError) as e:
+            self.report.add("network", "FAIL", (time.monotonic() - t0) * 1000, detail=f"bridge {cfg.bridge_name}",
+                            hint=f"cannot set up the bridge and firewall: {one_line(e)} (root? iproute2 and "
+                                 "iptables installed? set firewall: false where iptables is unavailable)")
+            self.blocked = "network setup failed"
+            return
+        self.report.add("network", "PASS", (time.monotonic() - t0) * 1000,
+                        detail=f"bridge {cfg.bridge_name} {cfg.bridge_ip}" + (", firewall" if cfg.firewall else ""))
+        self.manager = VMManager(cfg, self.network)
+        self.vms = LocalVMs(cfg, self.manager)
+
+    # ---- the VM -----------------------------------------------------------------
+
+    def observe(self, clock, step, ms, ok):
+        """StepClock observer: the start's phases, and evidence when one fails."""
+        if clock.vm_name != self.name or clock.action != "start":
+            return
+        self.phases.append((step, ms, ok))
+        self.report.add(f"start: {step}", "PASS" if ok else "FAIL", ms)
+        vm = self.manager.vms.get(self.name) if self.manager else None
+        self.local_vm = vm or self.local_vm
+        if not ok and vm:
+            paths = VmPaths(self.cfg, vm)
+            self.evidence = {"hypervisor output": tail_file(paths.chv_out, 2048),
+                             "hypervisor log": tail_file(paths.chv_log, 2048)}
+
+    async def start_vm(self):
+        if not self.skip_or_false("start"):
+            return
+        await self.echo.start()
+        self.start_tried = True
+        t0 = time.monotonic()
+        try:
+            self.vm = await self.vms.start(self.name, self.echo.url)
+        except ApiError as e:
+            ms = (time.monotonic() - t0) * 1000
+            m = re.search(r"failed at step (\S+):", str(e))
+            step = m.group(1) if m else None
+            self.report.add("start", "FAIL", ms, detail=f"failed at step {step}" if step else "refused",
+                            hint=self.start_hint(step, str(e)))
+            self.blocked = "the VM did not start"
+            return
+        self.report.add("start", "PASS", (time.monotonic() - t0) * 1000,
+                        detail=f"{self.name} ip {self.vm['ip']} cid {self.vm['cid']}"
+                               + ("" if self.phases else " (phases: in the server's log)"))
+
+    def start_hint(self, step, error):
+        hint = f"{START_HINTS[step]}: {one_line(error, 500)}" if step in START_HINTS else one_line(error, 500)
+        output = self.evidence.get("hypervisor output", "").strip()
+        if step == "spawn" and output:
+            hint += f"; its output: {one_line(output)}"
+        said = [line for line in self.evidence.get("hypervisor log", "").splitlines()
+                if re.search(r"\bERROR\b", line)]     # its WARN lines are mostly harmless
+        if said and step not in ("vm.create", "vm.boot"):      # their API errors already say why
+            hint += f"; its log: {one_line(said[-1])}"
+        return hint
+
+    async def check_exec(self):
+        if not self.skip_or_false("exec"):
+            return
+        nonce = uuid.uuid4().hex[:12]
+        times = []
+        for _ in range(SELFTEST_RUNS):
+            t0 = time.monotonic()
+            try:
+                result = await self.vms.exec(self.name, {"cmd": f"echo {nonce}", "timeout": 30})
+            except ApiError as e:
+                self.report.add("exec", "FAIL", detail=f"after {len(times)} of {SELFTEST_RUNS}",
+                                hint=f"exec failed: {one_line(e)}")
+                self.blocked = "exec failed"
+                return
+            times.append((time.monotonic() - t0) * 1000)
+            if result.get("exitCode") != 0 or result.get("stdout") != nonce + "\n":
+                self.report.add("exec", "FAIL", detail="wrong answer",
+                                hint=f"`echo {nonce}` in the guest answered {one_line(json.dumps(result))}")
+                self.blocked = "exec failed"
+                return
+        self.report.add("exec", "PASS", statistics.median(times),
+                        detail=f"p50 of {SELFTEST_RUNS} (min {min(times):.1f}, max {max(times):.1f} ms)")
+
+    async def check_callbacks(self):
+        if not self.skip_or_false("callback"):
+            return
+        script = GUEST_CALLBACK_SCRIPT % {"runs": SELFTEST_RUNS, "nonce": uuid.uuid4().hex[:12]}
+        try:
+            result = await self.vms.exec(self.name, {"cmd": "python3 -", "stdin": script, "timeout": 120})
+        except ApiError as e:
+            self.report.add("callback", "FAIL", hint=f"exec of the guest's callback program failed: {one_line(e)}")
+            return
+        lines = (result.get("stdout") or "").strip().splitlines()
+        try:
+            answer = json.loads(lines[-1])
+        except (ValueError, IndexError):
+            self.report.add("callback", "FAIL", detail="the guest program failed",
+                            hint=f"python3 in the guest (exit {result.get('exitCode')}): "
+                                 f"{one_line(result.get('output') or result.get('error'))}")
+            return
+        if "error" in answer:
+            self.report.add("callback", "FAIL", detail=f"after {answer.get('done')} of {SELFTEST_RUNS}",
+                            hint=self.callback_hint(answer["error"]))
+            return
+        times = answer["ms"]
+        if self.echo.calls < SELFTEST_RUNS:
+            self.report.add("callback", "FAIL", hint=f"the guest got its answers but the URL saw {self.echo.calls} "
+                                                     f"of {SELFTEST_RUNS} calls")
+            return
+        self.report.add("callback", "PASS", statistics.median(times),
+                        detail=f"p50 of {SELFTEST_RUNS} guest -> vsock -> cbox.py -> URL "
+                               f"(min {min(times):.1f}, max {max(times):.1f} ms)")
+
+    def callback_hint(self, error):
+        if "callback URL" in error:
+            return (f"callback failed: cbox.py could not reach the selftest's URL {self.echo.url}: {one_line(error)} "
+                    "(does the serving cbox.py run in another network namespace or container?)")
+        hint = (f"callback failed: {one_line(error)}: no vsock in the guest kernel (vmw_vsock_virtio_transport) "
+                "or in the hypervisor?")
+        vm = self.local_vm or (SimpleVM(self.vm) if self.vm else None)
+        if vm:    # the hypervisor's own words about vsock, while the VM still runs
+            log_text = tail_file(VmPaths(self.cfg, vm).chv_log, 64 * 1024)
+            said = [line for line in log_text.splitlines() if "vsock" in line.lower()
+                    and re.search(r"not available|unavailable|error|fail", line, re.I)]
+            if said:
+                hint += f" The hypervisor's log says: {one_line(said[-1])}"
+        return hint
+
+    # ---- always: destroy, leftovers, restore ---------------------------------
+
+    async def finish(self, interrupted):
+        """Destroy the VM (whatever happened before) and check nothing of it is left."""
+        reason = "interrupted" if interrupted else (self.blocked or "an earlier step failed")
+        if interrupted:
+            step = self.current if self.current and not self.report.has(self.current) else "interrupted"
+            self.report.add(step, "FAIL", detail="interrupted (Ctrl-C or SIGTERM)",
+                            hint="stopped before the end; the selftest VM is destroyed all the same")
+        for step in ("start", "exec", "callback"):
+            if not self.report.has(step):
+                self.report.add(step, "SKIP", detail=f"cannot run: {reason}")
+        if self.start_tried:
+            await self.destroy_vm()
+        problems = await self.footprint.restore() if self.footprint else []
+        if self.start_tried or self.footprint:
+            problems = self.leftovers() + problems
+            self.report.add("leftovers", "FAIL" if problems else "PASS",
+                            detail="" if problems else "no tap, process, record or file of the VM",
+                            hint="left behind: " + "; ".join(problems))
+        self.echo.close()
+        if isinstance(self.vms, RemoteVMs):
+            self.vms.client.close()
+
+    async def destroy_vm(self):
+        t0 = time.monotonic()
+        try:
+            if not await self.vms.exists(self.name):
+                self.report.add("destroy", "SKIP", detail="the failed start removed the VM")
+                return
+            await self.vms.destroy(self.name)
+            self.report.add("destroy", "PASS", (time.monotonic() - t0) * 1000, detail=self.name)
+        except ApiError as e:
+            if e.status == 404:          # a server's start, cut short by Ctrl-C, failed meanwhile
+                self.report.add("destroy", "SKIP", detail="the failed start removed the VM")
+                return
+            self.report.add("destroy", "FAIL", (time.monotonic() - t0) * 1000, hint=f"destroy failed: {one_line(e)}")
+        finally:
+            if self.manager:
+                await self.manager.shutdown()
+
+    def leftovers(self):
+        cfg, found = self.cfg, []
+        record = Path(cfg.path(cfg.state_dir), "vms", self.name + ".json")
+        for path in (record, record.with_suffix("")):
+            if path.exists():
+                found.append(str(path))
+        vm = self.local_vm or (SimpleVM(self.vm) if self.vm else None)
+        if vm:
+            run_dir = VmPaths(cfg, vm).run_dir
+            if run_dir.exists():
+                found.append(str(run_dir))
+            if vm.tapDeviceName and interface_exists(vm.tapDeviceName):
+                found.append(f"tap {vm.tapDeviceName}")
+            watch = getattr(vm, "watch", None)
+            if watch and watch.alive():
+                found.append(f"hypervisor process {vm.pid}")
+        return found
+
+
+class SimpleVM:
+    """The fields VmPaths and the leftover check need, from a VM's API object."""
+
+    def __init__(self, api):
+        self.vmName, self.cid, self.tapDeviceName, self.pid = api["vmName"], api["cid"], api["tapDeviceName"], None
+
+
+class LogTail:
+    """Stands in for stderr while selftest runs quietly: keeps cbox.py's last log lines."""
+
+    def __init__(self, lines=200):
+        self.lines, self.partial = collections.deque(maxlen=lines), ""
+
+    def write(self, text):
+        *done, self.partial = (self.partial + text).split("\n")
+        self.lines.extend(done)
+        return len(text)
+
+    def flush(self):
+        pass
+
+
+async def selftest(cfg, config_path, out):
+    """Run the selftest; returns its report. Ctrl-C or SIGTERM stop it, and the VM is destroyed."""
+    check = Selftest(cfg, config_path, out)
+    StepClock.observers.append(check.observe)
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(check.run())
+    interrupted = []
+
+    def interrupt():
+        if not interrupted:
+            interrupted.append(True)
+            print("selftest: interrupted; destroying the selftest VM", file=out, flush=True)
+            task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, interrupt)
+    try:
+        await task
+    except asyncio.CancelledError:
+        if not interrupted:
+            raise
+    except Exception as e:       # a bug here must still destroy the VM and show in the table
+        check.report.add("selftest", "FAIL", hint=f"internal error: {type(e).__name__}: {one_line(e)}")
+    finally:
+        await check.finish(bool(interrupted))    # a second signal is ignored: cleanup must finish
+        StepClock.observers.remove(check.observe)
+    return check.report
+
+
+def cli_selftest(args, cfg):
+    out = sys.stdout
+    print(f"cbox selftest: config {Path(args.config).resolve()}, hypervisor {cfg.chv_bin}", file=out)
+    print(f"{'STEP':18} {'RESULT':6} {'TIME':>10}  DETAIL", file=out, flush=True)
+    quiet = LogTail()
+    saved, sys.stderr = sys.stderr, (sys.stderr if args.verbose else quiet)
+    try:
+        report = asyncio.run(selftest(cfg, args.config, out))
+    finally:
+        sys.stderr = saved
+    hints = report.hints()
+    if hints:
+        print("\nhints:", file=out)
+        for step, hint in hints:
+            print(f"  {step}: {hint}", file=out)
+    if not report.ok() and not args.verbose and quiet.lines:
+        print("\ncbox.py's log, last lines (--verbose shows all of it as it happens):", file=out)
+        for line in list(quiet.lines)[-15:]:
+            print(f"  {line}", file=out)
+    failed = sum(1 for row in report.rows if row[1] == "FAIL")
+    print(f"\nselftest: {'PASS' if report.ok() else f'FAIL ({failed} step(s) failed)'}", file=out, flush=True)
+    sys.exit(0 if report.ok() else 1)
 
 
 def client_call(args, method, path, body=None, timeout=None, text=False):
@@ -2184,6 +2792,10 @@ def main(argv=None):
     p.add_argument("--config", default="config.yaml")
     p = sub.add_parser("preflight", help="check this host can run real VMs (KVM, cloud-hypervisor, tools)")
     p.add_argument("--config", default="config.yaml")
+    p = sub.add_parser("selftest", help="check this host end to end: preflight, boot a VM, exec, "
+                                        "a callback, destroy (exit 0 when all pass)")
+    p.add_argument("--config", default="config.yaml")
+    p.add_argument("-v", "--verbose", action="store_true", help="show cbox.py's log as it happens")
     p = sub.add_parser("vm", help="start, list, remove VMs")
     vm_sub = p.add_subparsers(dest="vm_cmd", required=True)
     q = vm_sub.add_parser("start")
@@ -2212,7 +2824,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if tail is not None:
         args.command = args.command + tail
-    if args.cmd in ("serve", "check-config", "preflight"):
+    if args.cmd in ("serve", "check-config", "preflight", "selftest"):
         try:
             cfg = load_config(args.config)
         except (ConfigError, OSError) as e:
@@ -2226,6 +2838,8 @@ def main(argv=None):
             for problem in problems:
                 print(f"cbox: {problem}", file=sys.stderr)
             sys.exit(1 if problems else 0)
+        if args.cmd == "selftest":
+            cli_selftest(args, cfg)
         try:
             asyncio.run(serve(cfg))
         except (CommandError, OSError) as e:
