@@ -1810,7 +1810,7 @@ class Standin:
         config = self.config
         problems = semantic_errors(config)
         if problems:
-            raise vm_error(500, action, "Invalid configuration", *problems)
+            raise vm_error(500, action, "Failed to validate config", *problems)   # VmError::ConfigValidation
         payload = config.get("payload") or {}
         for key, what in (("firmware", "firmware"), ("kernel", "kernel"), ("initramfs", "initramfs")):
             p = payload.get(key)
