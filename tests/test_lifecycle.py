@@ -1,0 +1,180 @@
+"""How a VM ends (issue 8): resets, panics, power-off, VMM crashes and kills, and the
+bounded serial console, through cbox.py's REST API and the stand-in hypervisor.
+
+Everything runs inside a network namespace created per test (contract section 5).
+"""
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+
+def wait_for(predicate, timeout=20.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def wait_stopped(api, name, timeout=20.0):
+    """The VM object once it left RUNNING."""
+    def stopped():
+        status, vm = api.get(f"/v1/vms/{name}")
+        assert status == 200, vm
+        return vm if vm["status"] != "RUNNING" else None
+    return wait_for(stopped, timeout, f"VM {name} to stop")
+
+
+def logs(api, name):
+    status, text = api.get(f"/v1/vms/{name}/logs")
+    assert status == 200, text
+    return text
+
+
+def assert_runtime_gone(server, name):
+    """A stopped VM holds no hypervisor, tap or sockets, answers exec with 409, and
+    keeps its record and console until DELETE, which then removes everything."""
+    def run_dirs():
+        return list(server.run_dir.iterdir()) if server.run_dir.exists() else []
+    wait_for(lambda: not server.vmm_pids() and not server.taps() and not run_dirs(), 10,
+             "the VMM, tap and sockets to go")
+    status, body = server.api.post(f"/v1/vms/{name}/exec", {"cmd": "true"})
+    assert status == 409 and "not running" in body["error"]
+    assert (server.state_dir / "vms" / f"{name}.json").exists()
+    assert server.api.delete(f"/v1/vms/{name}")[0] == 200
+    assert server.api.get(f"/v1/vms/{name}")[0] == 404
+    server.assert_clean()
+
+
+def test_kill9_of_the_vmm_is_killed(cbox_server):
+    api = cbox_server.api
+    api.start_vm("victim")
+    assert "cbox-agent" in logs(api, "victim")
+    [pid] = cbox_server.vmm_pids()
+    os.kill(pid, signal.SIGKILL)
+    vm = wait_stopped(api, "victim")
+    assert (vm["status"], vm["stopReason"]) == ("FAILED", "killed")
+    assert "cbox-agent" in logs(api, "victim")          # the console from before stays
+    assert_runtime_gone(cbox_server, "victim")
+    assert "stopReason=killed" in cbox_server.log()
+
+
+def vmm_api(server, vm, method, endpoint):
+    """Call the VM's hypervisor API directly, as an operator could (Unix sockets need no netns)."""
+    class Conn(http.client.HTTPConnection):
+        def connect(self):
+            self.sock = socket.socket(socket.AF_UNIX)
+            self.sock.connect(str(server.run_dir / str(vm["cid"]) / "api.sock"))
+    conn = Conn("localhost", timeout=30)
+    try:
+        conn.request(method, f"/api/v1/{endpoint}")
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def test_reset_through_the_vmm_api_stops_the_vm(cbox_server):
+    # vm.reboot goes through the same vm_reboot as a guest reset (vmm/src/lib.rs): a "vm
+    # rebooting" event, the devices rebuilt in place. cbox.py ends the VM instead.
+    api = cbox_server.api
+    vm = api.start_vm("rebooted")
+    assert "cbox-agent" in logs(api, "rebooted")
+    assert vmm_api(cbox_server, vm, "PUT", "vm.reboot")[0] == 204
+    vm = wait_stopped(api, "rebooted")
+    assert (vm["status"], vm["stopReason"]) == ("STOPPED", "guest-reboot")
+    assert "cbox-agent" in logs(api, "rebooted")
+    assert_runtime_gone(cbox_server, "rebooted")
+
+
+def guest_agent_pid(server, vm):
+    """Host pid of the VM's guest agent supervisor (process engine), found by its callback socket."""
+    needle = f"CBOX_CALLBACK_SOCKET={server.run_dir}/{vm['cid']}/".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            cmd = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
+            env = open(f"/proc/{entry}/environ", "rb").read().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if any(c.endswith(b"guest_agent.py") for c in cmd) and any(e.startswith(needle) for e in env):
+            found.append(int(entry))
+    return min(found) if found else None
+
+
+def write_console(server, vm, text):
+    pid = wait_for(lambda: guest_agent_pid(server, vm), 5, "the agent")
+    with open(f"/proc/{pid}/fd/1", "w") as f:
+        f.write(text + "\n")
+
+
+def test_console_flood_is_bounded_and_does_not_slow_other_vms(cbox_factory):
+    server = cbox_factory(console_max_bytes=65536).start()
+    api = server.api
+    noisy = api.start_vm("noisy")
+    api.start_vm("quiet")
+    boot = logs(api, "noisy")
+    assert "cbox-agent" in boot
+    pid = wait_for(lambda: guest_agent_pid(server, noisy), 5, "the agent")
+    flood = subprocess.Popen(["sh", "-c", f"exec yes 'console flood line' > /proc/{pid}/fd/1"])
+    try:
+        vm_dir = server.state_dir / "vms" / "noisy"
+        wait_for(lambda: (vm_dir / "console.dropped").exists(), 20, "console rotation")
+        t0 = time.monotonic()
+        for _ in range(20):
+            assert api.exec("quiet", "echo ok")["stdout"] == "ok\n"
+        quiet_s = time.monotonic() - t0
+        assert quiet_s < 20, quiet_s                  # generous: hangs, not speed
+        for _ in range(5):
+            kept = sum(f.stat().st_size for f in vm_dir.glob("console.log*"))
+            assert kept <= 65536
+            assert (vm_dir / "console.boot.log").stat().st_size <= 64 * 1024
+            time.sleep(0.2)
+        text = logs(api, "noisy")
+        assert text.startswith(boot.split("console flood line")[0][:200])
+        assert "bytes of console output dropped here" in text
+        assert "console flood line\nconsole flood line\n" in text[-100:]
+        assert len(text) <= 65536 + 64 * 1024 + 200
+    finally:
+        flood.kill()
+        flood.wait()
+    api.delete("/v1/vms")
+    server.assert_clean()
+
+
+def test_restart_keeps_stop_reasons_and_consoles_and_follows_readopted_vms(cbox_factory):
+    server = cbox_factory().start()
+    api = server.api
+    gone = api.start_vm("gone")
+    alive = api.start_vm("alive")
+    later = api.start_vm("later")
+    assert vmm_api(server, gone, "PUT", "vm.reboot")[0] == 204
+    assert wait_stopped(api, "gone")["stopReason"] == "guest-reboot"
+    before = logs(api, "alive")
+    server.stop(signal.SIGKILL)
+    # while cbox.py is down: console output, and a reset nobody reads the event of
+    write_console(server, alive, "written while cbox.py was down")
+    assert vmm_api(server, later, "PUT", "vm.reboot")[0] == 204
+    server2 = cbox_factory().start()
+    api = server2.api
+    vm = api.get("/v1/vms/gone")[1]
+    assert (vm["status"], vm["stopReason"]) == ("STOPPED", "guest-reboot")
+    assert "cbox-agent" in logs(api, "gone")
+    vm = wait_stopped(api, "later")                     # found in the VMM's log at re-adoption
+    assert (vm["status"], vm["stopReason"]) == ("STOPPED", "guest-reboot")
+    vm = api.get("/v1/vms/alive")[1]
+    assert (vm["status"], vm["stopReason"]) == ("RUNNING", None)
+    wait_for(lambda: "written while cbox.py was down" in logs(api, "alive"), 10, "the console replay")
+    assert logs(api, "alive").startswith(before)
+    assert api.exec("alive", "echo ok")["stdout"] == "ok\n"
+    assert vmm_api(server2, alive, "PUT", "vm.reboot")[0] == 204      # events flow again
+    assert wait_stopped(api, "alive")["stopReason"] == "guest-reboot"
+    assert api.delete("/v1/vms")[0] == 200
+    server2.assert_clean()
