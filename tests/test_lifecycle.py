@@ -66,6 +66,30 @@ def test_kill9_of_the_vmm_is_killed(cbox_server):
     assert "stopReason=killed" in cbox_server.log()
 
 
+def test_guest_poweroff_is_stopped(cbox_server):
+    # SIGTERM to the guest's init: the agent (PID 1 in a VM) powers the guest off
+    api = cbox_server.api
+    api.start_vm("bye")
+    status, _ = api.post("/v1/vms/bye/exec", {"cmd": "kill -TERM 1", "blocking": False})
+    assert status == 200
+    vm = wait_stopped(api, "bye")
+    assert (vm["status"], vm["stopReason"]) == ("STOPPED", "guest-poweroff"), vm
+    assert_runtime_gone(cbox_server, "bye")
+
+
+def test_vmm_exit_0_without_a_guest_poweroff_is_a_crash(cbox_server):
+    # SIGTERM makes the VMM leave through the same exit path as a vCPU error (exit code 0,
+    # vmm/src/lib.rs EpollDispatch::Exit): exit code 0 alone proves no clean power-off
+    api = cbox_server.api
+    api.start_vm("termed")
+    [pid] = cbox_server.vmm_pids()
+    os.kill(pid, signal.SIGTERM)
+    vm = wait_stopped(api, "termed")
+    assert (vm["status"], vm["stopReason"]) == ("FAILED", "vmm-crash"), vm
+    assert "exited with code 0 without a guest power-off" in cbox_server.log()
+    assert_runtime_gone(cbox_server, "termed")
+
+
 def vmm_api(server, vm, method, endpoint):
     """Call the VM's hypervisor API directly, as an operator could (Unix sockets need no netns)."""
     class Conn(http.client.HTTPConnection):
