@@ -7,7 +7,6 @@ import http.client
 import os
 import signal
 import socket
-import subprocess
 import time
 
 import pytest
@@ -118,36 +117,30 @@ def test_reset_through_the_vmm_api_stops_the_vm(cbox_server):
     assert_runtime_gone(cbox_server, "rebooted")
 
 
-def guest_agent_pid(server, vm):
-    """Host pid of the VM's guest agent supervisor (process engine), found by its callback socket."""
-    needle = f"CBOX_CALLBACK_SOCKET={server.run_dir}/{vm['cid']}/".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        try:
-            cmd = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
-            env = open(f"/proc/{entry}/environ", "rb").read().split(b"\0")
-        except (OSError, ValueError):
-            continue
-        if any(c.endswith(b"guest_agent.py") for c in cmd) and any(e.startswith(needle) for e in env):
-            found.append(int(entry))
-    return min(found) if found else None
+# A command in a process guest (stand-in) writes to its serial console through the
+# agent's stdout, a pipe to the stand-in's serial device (in a VM: /dev/ttyS0). The
+# guest sees the host's /proc, so /proc/self/stat names the agent by its host pid;
+# the checks make sure it is that pipe, never a console of this host.
+TO_CONSOLE = ("read -r _ _ _ agent _ < /proc/self/stat; "
+              "grep -q guest_agent.py /proc/$agent/cmdline || exit 97; "
+              "case $(readlink /proc/$agent/fd/1) in pipe:*) ;; *) exit 98;; esac; ")
 
 
-def write_console(server, vm, text):
-    pid = wait_for(lambda: guest_agent_pid(server, vm), 5, "the agent")
-    with open(f"/proc/{pid}/fd/1", "w") as f:
-        f.write(text + "\n")
+def write_console(api, name, text):
+    r = api.exec(name, TO_CONSOLE + f"echo '{text}' > /proc/$agent/fd/1")
+    assert r["exitCode"] == 0, r
 
 
 def test_console_flood_is_bounded_and_does_not_slow_other_vms(cbox_factory):
     server = cbox_factory(console_max_bytes=65536).start()
     api = server.api
-    noisy = api.start_vm("noisy")
+    api.start_vm("noisy")
     api.start_vm("quiet")
     boot = logs(api, "noisy")
     assert "cbox-agent" in boot
-    pid = wait_for(lambda: guest_agent_pid(server, noisy), 5, "the agent")
-    flood = subprocess.Popen(["sh", "-c", f"exec yes 'console flood line' > /proc/{pid}/fd/1"])
+    status, flood = api.post("/v1/vms/noisy/exec", {
+        "cmd": TO_CONSOLE + "exec yes 'console flood line' > /proc/$agent/fd/1", "blocking": False})
+    assert status == 200, flood
     try:
         vm_dir = server.state_dir / "vms" / "noisy"
         wait_for(lambda: (vm_dir / "console.dropped").exists(), 20, "console rotation")
@@ -167,8 +160,7 @@ def test_console_flood_is_bounded_and_does_not_slow_other_vms(cbox_factory):
         assert "console flood line\nconsole flood line\n" in text[-100:]
         assert len(text) <= 65536 + 64 * 1024 + 200
     finally:
-        flood.kill()
-        flood.wait()
+        print(api.delete(f"/v1/vms/noisy/exec/{flood['execId']}"))
     api.delete("/v1/vms")
     server.assert_clean()
 
@@ -181,11 +173,16 @@ def test_restart_keeps_stop_reasons_and_consoles_and_follows_readopted_vms(cbox_
     later = api.start_vm("later")
     assert vmm_api(server, gone, "PUT", "vm.reboot")[0] == 204
     assert wait_stopped(api, "gone")["stopReason"] == "guest-reboot"
-    before = logs(api, "alive")
+    write_console(api, "alive", "written before the restart")
+    before = wait_for(lambda: "written before the restart" in logs(api, "alive") and logs(api, "alive"), 10,
+                      "the console line")
+    status, _ = api.post("/v1/vms/alive/exec", {"blocking": False, "cmd": "sleep 1; " + TO_CONSOLE +
+                                                "echo 'written while cbox.py was down' > /proc/$agent/fd/1"})
+    assert status == 200
     server.stop(signal.SIGKILL)
     # while cbox.py is down: console output, and a reset nobody reads the event of
-    write_console(server, alive, "written while cbox.py was down")
     assert vmm_api(server, later, "PUT", "vm.reboot")[0] == 204
+    time.sleep(1.5)
     server2 = cbox_factory().start()
     api = server2.api
     vm = api.get("/v1/vms/gone")[1]
