@@ -147,10 +147,25 @@ a fresh kernel would; the agent configures them.  When the agent exits by
 itself (guest power-off) the stand-in exits 0, as CHV does.  The guest sees
 the host's /proc and /sys (no mount namespace).  Only net[0] is supported.
 
-Serial: mode File -> the agent's output (and a few boot lines); Tty -> the
-stand-in's stdout; Off/Null/Pty/Socket -> discarded.  vm.create creates
-(truncates) the file; a boot after vm.shutdown and vm.reboot truncate it
-again, like CHV re-creating its console devices.
+Serial (vmm/src/console_devices.rs, serial_manager.rs, serial_buffer/src/lib.rs):
+mode File -> the agent's output (and a few boot lines); Tty -> the
+stand-in's stdout; Off/Null/Pty -> discarded.  Socket -> as CHV: vm.create
+binds a Unix listener at serial.socket (never unlinking first: an existing
+file fails with "Address already in use", 500, config kept); vm.boot starts
+a serial manager thread on it: the guest's output goes into a ring of 1 MiB
+(oldest bytes dropped) while no client is connected and is replayed to the
+next client; a new client replaces the previous one (which is shut down);
+the client socket is non-blocking and what it cannot take goes back into
+the ring, flushed only on the guest's next output (as in CHV); bytes the
+client sends are the guest's serial input (the process engine's agent reads
+them on stdin; a lone "\n" becomes "\r", as CHV does; dropped when nobody
+reads them, where CHV queues them without bound).  vm.shutdown, vm.delete
+and a reboot remove the socket file (the SerialManager's Drop); vm.create
+followed by vm.delete without a boot leaves the listener bound and its file
+in place, as CHV does, so the next vm.create fails until the file is removed.
+Console devices are made by vm.create, and again by a boot after
+vm.shutdown and by every reboot: a File-mode file is truncated each time
+(File::create), a Socket-mode socket is bound again.
 
 Engine interface (CBOX_STANDIN_ENGINE=qemu loads tests/qemu_engine.py:QemuEngine)
 ---------------------------------------------------------------------------------
@@ -162,6 +177,8 @@ Engine interface (CBOX_STANDIN_ENGINE=qemu loads tests/qemu_engine.py:QemuEngine
                             by it after stop()/exit
     engine.console_fd       fd where the guest console output goes (serial);
                             owned by the stand-in
+    engine.console_in_fd    Socket mode: fd the guest reads serial input from
+                            (else None); owned by the stand-in
     engine.agent_argv       [python, agent]  (the process engine runs it)
     engine.guest_env        environment for the agent
     engine.start()          raises an exception (EngineError) on failure; the
@@ -1017,7 +1034,8 @@ def _make_guest_tap(net):
     return eth_fd
 
 
-def _guest_vmm_main(parent, wr, tap_fd, vsock_fd, console_fd, net, relay_mode, argv, env, cmdline):
+def _guest_vmm_main(parent, wr, tap_fd, vsock_fd, console_fd, net, relay_mode, argv, env, cmdline,
+                    console_in_fd=-1):
     """First child of the stand-in: becomes the guest's VMM side."""
     set_pdeathsig(signal.SIGKILL)
     if os.getppid() != parent:
@@ -1032,7 +1050,7 @@ def _guest_vmm_main(parent, wr, tap_fd, vsock_fd, console_fd, net, relay_mode, a
     os.setsid()
     # Neutralize every inherited descriptor except ours: /dev/null over them
     # (not close) so a stand-in object collected here cannot close a new fd.
-    keep = {0, 1, 2, wr, tap_fd, vsock_fd, console_fd}
+    keep = {0, 1, 2, wr, tap_fd, vsock_fd, console_fd, console_in_fd}
     devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
@@ -1041,7 +1059,9 @@ def _guest_vmm_main(parent, wr, tap_fd, vsock_fd, console_fd, net, relay_mode, a
                 os.dup2(devnull, fd, inheritable=False)
             except OSError:
                 pass
-    os.dup2(devnull, 0)
+    os.dup2(console_in_fd if console_in_fd >= 0 else devnull, 0)    # serial input: the guest's stdin
+    if console_in_fd > 2:
+        os.dup2(devnull, console_in_fd, inheritable=False)
     kernel, why_not = _unshare_net(net if tap_fd >= 0 else {}, relay_mode)
     try:
         return _guest_vmm_run(wr, tap_fd, vsock_fd, console_fd, net, kernel, why_not, argv, env, cmdline)
@@ -1106,6 +1126,7 @@ class ProcessEngine:
         self.log = log or (lambda msg: None)
         self.vsock_listener = None
         self.console_fd = None
+        self.console_in_fd = None
         self.agent_argv = [os.environ.get("CBOX_STANDIN_PYTHON") or sys.executable, default_agent()]
         self.guest_env = {}
         self.pid = None              # guest VMM process (our child)
@@ -1156,7 +1177,8 @@ class ProcessEngine:
             try:
                 os.close(rd)
                 code = _guest_vmm_main(parent, wr, tap_fd, vsock_fd, console_fd, net, relay_mode,
-                                       self.agent_argv, self.guest_env, cmdline)
+                                       self.agent_argv, self.guest_env, cmdline,
+                                       self.console_in_fd if self.console_in_fd is not None else -1)
             except BaseException as e:
                 msg = f"{e.strerror}: {e.filename or ''} (os error {e.errno})" if isinstance(e, OSError) and e.errno else repr(e)
                 try:
@@ -1351,6 +1373,183 @@ def load_engine_class(name):
 
 
 # ---------------------------------------------------------------------------
+# serial Socket mode (vmm/src/serial_manager.rs, serial_buffer/src/lib.rs)
+
+SERIAL_BUFFER_MAX = 1 << 20          # serial_buffer/src/lib.rs MAX_BUFFER_SIZE
+
+
+class SerialBuffer:
+    """CHV's SerialBuffer: while no client is attached the guest's output goes
+    into a ring of SERIAL_BUFFER_MAX bytes (the oldest dropped); with a client
+    attached, each write first flushes the ring, and what the (non-blocking)
+    client cannot take now goes back into the ring (WouldBlock), so a slow
+    reader never stalls the guest.  Like CHV the ring is only flushed when the
+    guest writes again or a client attaches, never when the client becomes
+    writable.  A write error other than WouldBlock loses those bytes."""
+
+    def __init__(self):
+        self.ring = bytearray()
+        self.out = None              # attached client (non-blocking socket) or None
+
+    def _fill(self, data):
+        if len(data) >= SERIAL_BUFFER_MAX:
+            self.ring = bytearray(data[-SERIAL_BUFFER_MAX:])
+            return
+        excess = len(self.ring) + len(data) - SERIAL_BUFFER_MAX
+        if excess > 0:
+            del self.ring[:excess]
+        self.ring += data
+
+    def flush(self):
+        while self.out is not None and self.ring:
+            try:
+                n = self.out.send(self.ring)
+            except OSError:          # WouldBlock or a broken client: keep the bytes
+                return
+            del self.ring[:n]
+
+    def write(self, data):
+        if self.out is None:
+            self._fill(data)
+            return
+        self.flush()
+        if self.ring:
+            self._fill(data)
+            return
+        view, off = memoryview(data), 0
+        while off < len(data):
+            try:
+                off += self.out.send(view[off:])
+            except BlockingIOError:
+                self._fill(data[off:])
+                return
+            except OSError:
+                return
+
+    def attach(self, client):
+        self.out = client
+        self.flush()
+
+    def detach(self):
+        self.out = None
+
+
+class SocketSerial:
+    """CHV's SerialManager for serial mode Socket: a thread that accepts clients
+    on the listener bound at serial.socket (a new client replaces the previous
+    one, which is shut down), replays the buffered output to it, passes the
+    guest's output through a SerialBuffer, and turns bytes read from the client
+    into serial input.  stop() is its Drop: the thread ends, the socket file is
+    removed."""
+
+    def __init__(self, listener, path, log):
+        self.listener, self.path, self.log = listener, path, log
+        self.buffer = SerialBuffer()
+        self.client = None
+        out_r, self.console_fd = os.pipe()           # the guest writes its console here
+        self.in_fd, in_w = os.pipe()                 # and reads serial input here
+        for fd in (out_r, in_w, self.console_fd, self.in_fd):
+            os.set_inheritable(fd, False)
+        self._out_r, self._in_w = out_r, in_w
+        os.set_blocking(in_w, False)
+        self._kill_r, self._kill_w = os.pipe()
+        self.thread = threading.Thread(target=self._run, name="serial-manager", daemon=True)
+
+    def start(self):
+        self.listener.setblocking(False)
+        self.thread.start()
+
+    def _run(self):
+        sel = selectors.DefaultSelector()
+        sel.register(self.listener, selectors.EVENT_READ, "accept")
+        sel.register(self._out_r, selectors.EVENT_READ, "output")
+        sel.register(self._kill_r, selectors.EVENT_READ, "kill")
+        try:
+            while True:
+                for key, _ in sel.select():
+                    if key.data == "kill":
+                        self.log("serial: KILL_EVENT received, stopping epoll loop")
+                        return
+                    if key.data == "output":
+                        self._on_output(sel)
+                    elif key.data == "accept":
+                        self._accept(sel)
+                    elif key.data == "input":
+                        self._on_input(sel)
+        finally:
+            sel.close()
+
+    def _on_output(self, sel):
+        try:
+            data = os.read(self._out_r, 65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        if not data:                   # every writer closed (cannot happen while we hold one)
+            sel.unregister(self._out_r)
+            return
+        self.buffer.write(data)
+
+    def _accept(self, sel):
+        try:
+            client, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        if self.client is not None:    # "Shutdown the previous connection, if any"
+            self._drop_client(sel)
+        client.setblocking(False)      # a slow client cannot stall the guest
+        self.client = client
+        sel.register(client, selectors.EVENT_READ, "input")
+        self.buffer.attach(client)
+
+    def _drop_client(self, sel):
+        sel.unregister(self.client)
+        try:
+            self.client.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.client.close()
+        self.client = None
+        self.buffer.detach()
+
+    def _on_input(self, sel):
+        try:
+            data = self.client.recv(64)  # CHV reads 64 bytes at a time
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.log("serial: Remote end closed serial socket")
+            self._drop_client(sel)
+            return
+        if data == b"\n":              # CHV: a lone "\n" becomes "\r" (Windows SAC, #1170)
+            data = b"\r"
+        try:
+            os.write(self._in_w, data)
+        except OSError:
+            pass                       # nobody reads the guest's input: dropped
+
+    def stop(self):
+        """The SerialManager's Drop: stop the thread, close, remove the socket file."""
+        if self.thread.is_alive():
+            os.write(self._kill_w, b"x")
+            self.thread.join(5)
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        self.listener.close()
+        for fd in (self._out_r, self._in_w, self._kill_r, self._kill_w, self.console_fd, self.in_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------------------
 # API server
 
 class ApiError(Exception):
@@ -1402,7 +1601,9 @@ class Standin:
         self.state = None               # None (not booted) | "Running" | "Paused"
         self.engine = None
         self.engine_watch = None        # (kind, obj) for the selector
-        self.serial_fresh = False       # serial file created by vm.create, not used yet
+        self.console_ready = False      # console devices made (CHV's console_info is Some)
+        self.serial_listener = None     # Socket mode: bound, no serial manager yet
+        self.serial_manager = None      # Socket mode: SocketSerial of the running VM
         self.vsock_sock = None
         self.vsock_path = None
         self.console_fd = None
@@ -1713,34 +1914,65 @@ class Standin:
         self.state = None
         self.log(f"VM created (serial: {(config.get('serial') or {}).get('mode', 'Null')})")
         self._create_serial("The VM could not be created")
-        self.serial_fresh = True
         return None
 
     def _serial(self):
         serial = (self.config or {}).get("serial") or {}
-        return serial.get("mode", "Null"), serial.get("file")
+        return serial.get("mode", "Null"), serial.get("socket" if serial.get("mode") == "Socket" else "file")
 
     def _create_serial(self, action):
+        """CHV's pre_create_console_devices (vmm/src/console_devices.rs), run by
+        vm.create, by vm.boot after a shutdown, and by every reboot: File mode
+        File::create()s (truncates) the file; Socket mode binds a Unix listener at
+        serial.socket without unlinking first, so an existing file (a leftover,
+        or the listener of a vm.create followed by vm.delete without a boot,
+        which CHV keeps bound) fails with EADDRINUSE.  On failure the previous
+        console state is kept, and vm.create keeps the config anyway."""
         mode, path = self._serial()
-        if mode == "File":
-            if not path:
-                raise vm_error(500, action, "Error creating console devices",
-                               "serial mode File needs serial.file")
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
-                os.close(fd)
-            except OSError as e:
-                raise vm_error(500, action, "Error creating console devices",
-                               f"Error creating serial file {path}", rust_io(e)) from None
+        if mode not in ("File", "Socket"):
+            self.console_ready = True
+            return
+        if not path:
+            raise vm_error(500, action, "Error creating console devices", "Error creating console device",
+                           f"serial mode {mode} needs serial.{mode.lower()}")
+        try:
+            if mode == "File":
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640))
+            else:
+                listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    listener.bind(path)
+                    listener.listen(128)
+                except OSError:
+                    listener.close()
+                    raise
+                self._close_serial_listener()
+                self.serial_listener = listener
+        except OSError as e:
+            raise vm_error(500, action, "Error creating console devices", "Error creating console device",
+                           rust_io(e)) from None
+        self.console_ready = True
+
+    def _close_serial_listener(self):
+        """Drop an unused Socket-mode listener (its file stays, as in CHV)."""
+        if self.serial_listener is not None:
+            self.serial_listener.close()
+            self.serial_listener = None
 
     def _open_console(self):
+        """The guest's console fd; Socket mode starts the serial manager thread."""
         mode, path = self._serial()
         if mode == "File":
             return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
         if mode == "Tty":
             return os.dup(1)
-        if mode in ("Pty", "Socket"):
-            self.log(f"serial mode {mode} is not supported by the stand-in: output discarded", logging.WARNING)
+        if mode == "Socket":
+            self.serial_manager = SocketSerial(self.serial_listener, path, self.log)
+            self.serial_listener = None
+            self.serial_manager.start()
+            return os.dup(self.serial_manager.console_fd)
+        if mode == "Pty":
+            self.log("serial mode Pty is not supported by the stand-in: output discarded", logging.WARNING)
         return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
 
     def api_vm_boot(self):
@@ -1783,10 +2015,9 @@ class Standin:
             except OSError as e:
                 raise vm_error(500, action, "Error from device manager", "Cannot create virtio-blk device",
                                f"Failed to open disk image {p}", rust_io(e)) from None
-        # console: a fresh file unless vm.create just made it
-        if not self.serial_fresh:
+        # console devices: made by vm.create, re-made after a shutdown or reboot
+        if not self.console_ready:
             self._create_serial(action)
-        self.serial_fresh = False
         vsock = config.get("vsock")
         vsock_sock = None
         if vsock:
@@ -1825,6 +2056,7 @@ class Standin:
             engine = self.engine_cls(copy.deepcopy(config), self.log)
             engine.vsock_listener = vsock_sock
             engine.console_fd = self.console_fd
+            engine.console_in_fd = self.serial_manager.in_fd if self.serial_manager is not None else None
             engine.agent_argv = [os.environ.get("CBOX_STANDIN_PYTHON") or sys.executable, default_agent()]
             engine.guest_env = env
             if isinstance(engine, ProcessEngine) and not os.path.exists(engine.agent_argv[-1]):
@@ -1893,6 +2125,11 @@ class Standin:
         if self.console_fd is not None:
             os.close(self.console_fd)
             self.console_fd = None
+        if self.serial_manager is not None:
+            self.serial_manager.stop()
+            self.serial_manager = None
+        if self.serial_listener is None:
+            self.console_ready = False  # the next boot makes them again (File: truncated)
 
     def _on_engine_exit(self, engine):
         if engine is not self.engine:
@@ -1937,7 +2174,6 @@ class Standin:
         if self.config is not None:
             self._shutdown_vm()
             self.config = None
-            self.serial_fresh = False
             self.log("VM deleted")
         return None
 

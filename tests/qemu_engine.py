@@ -17,7 +17,10 @@ Mapping of the VmConfig:
   net[0].tap/mac -> -netdev tap,ifname=TAP,script=no,downscript=no +
       virtio-net (the tap must exist; create it persistent, as for CHV)
   serial File -> the console goes to engine.console_fd when the stand-in set
-      it (it opened the file), else to serial.file; Null/Off -> discarded
+      it (it opened the file), else to serial.file; Null/Off -> discarded;
+      Socket -> QEMU's serial is a stdio chardev on the pipes of the stand-in's
+      serial manager (engine.console_fd, engine.console_in_fd), which gives
+      serial.socket Cloud Hypervisor's semantics (tests/fake_chv.py SocketSerial)
   rng.src -> virtio-rng fed from that file
   vsock -> NOT available: QEMU's vsock needs the host's vhost_vsock (absent
       here) and speaks kernel AF_VSOCK, not CHV's hybrid Unix socket; the
@@ -116,6 +119,7 @@ class QemuEngine:
         self._lock = threading.Lock()
         # set by the stand-in before start() (tests/fake_chv.py "Engine interface")
         self.console_fd = None       # fd for the guest console; else serial.file is opened
+        self.console_in_fd = None    # Socket mode: serial input (QEMU's stdin), else none
         self.vsock_listener = None   # ignored: no vsock with QEMU here
         self.agent_argv = None       # ignored: the agent runs inside the guest image
         self.guest_env = None        # ignored
@@ -177,8 +181,9 @@ class QemuEngine:
                  "-device", f"virtio-rng{virtio},rng=rng0"]
         serial = c.get("serial") or {}
         mode = (serial.get("mode") or "Null").lower()
-        if mode in ("file", "tty") and self.console_fd is not None:
-            # the stand-in opened (and truncated) the console file: QEMU's stdout
+        if mode in ("file", "tty", "socket") and self.console_fd is not None:
+            # the stand-in opened (and truncated) the console file, or (Socket mode)
+            # gave the pipe its serial manager relays to serial.socket: QEMU's stdio
             args += ["-chardev", "stdio,id=ser0,signal=off", "-serial", "chardev:ser0"]
         elif mode == "file":
             if not serial.get("file"):
@@ -187,7 +192,7 @@ class QemuEngine:
                      "-serial", "chardev:ser0"]
         elif mode in ("tty",):
             args += ["-serial", "stdio"]
-        else:          # Off / Null / Pty / Socket: not mapped, console discarded
+        else:          # Off / Null / Pty: not mapped, console discarded
             args += ["-serial", "null"]
         args += ["-qmp", f"unix:{self._qmp_path},server=on,wait=off", "-monitor", "none"]
         return args
@@ -215,7 +220,8 @@ class QemuEngine:
         self.log(f"qemu engine: accel={self.accel} transport={self.transport}: " + " ".join(args))
         try:
             stdout = self.console_fd if self.console_fd is not None else subprocess.DEVNULL
-            self.proc = subprocess.Popen(self.prefix + args, stdin=subprocess.DEVNULL,
+            stdin = self.console_in_fd if self.console_in_fd is not None else subprocess.DEVNULL
+            self.proc = subprocess.Popen(self.prefix + args, stdin=stdin,
                                          stdout=stdout, stderr=subprocess.PIPE,
                                          start_new_session=True)
         except OSError as e:

@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,11 @@ if "cbox.ip" in kv:
     subprocess.run(["ip", "addr", "add", kv["cbox.ip"], "dev", "eth0"], check=True)
     subprocess.run(["ip", "link", "set", "eth0", "up"], check=True)
 socket.sethostname(kv.get("cbox.vm", "guest"))
+def _echo_input():            # serial input (Socket mode) arrives on stdin
+    for line in sys.stdin:
+        print("test-agent: input:", line.rstrip(), flush=True)
+import threading
+threading.Thread(target=_echo_input, daemon=True).start()
 srv = socket.socket()
 srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 srv.bind(("0.0.0.0", 4031))
@@ -743,3 +749,111 @@ def test_with_the_real_guest_agent(env, chv_schema):
             reply += chunk
     assert reply.startswith(b"HTTP/1.") and b" 200 " in reply.split(b"\r\n", 1)[0]
     assert s.put("vmm.shutdown")[0] == 204 and s.wait_exit(10) == 0
+
+
+# ---- serial Socket mode --------------------------------------------------------
+
+def read_until(sock, needle, timeout=10.0):
+    """Bytes from sock up to and including `needle` (fails on EOF or timeout)."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while needle not in data:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        chunk = sock.recv(65536)
+        assert chunk, f"EOF before {needle!r}: {data[-500:]!r}"
+        data += chunk
+    return data
+
+
+def serial_client(path):
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.settimeout(5)
+    c.connect(path)
+    return c
+
+
+def test_serial_buffer_ring_and_slow_client():
+    """serial_buffer/src/lib.rs: 1 MiB ring, newest kept, replayed on attach; a
+    client that cannot take more gets the rest re-buffered, never a stall."""
+    buf = fake_chv.SerialBuffer()
+    buf.write(b"a" * (fake_chv.SERIAL_BUFFER_MAX - 10))
+    buf.write(b"0123456789ABCDEF")
+    assert len(buf.ring) == fake_chv.SERIAL_BUFFER_MAX and buf.ring.endswith(b"0123456789ABCDEF")
+    buf.write(b"x" * (fake_chv.SERIAL_BUFFER_MAX + 5) + b"END")
+    assert bytes(buf.ring) == b"x" * (fake_chv.SERIAL_BUFFER_MAX - 3) + b"END"
+    a, b = socket.socketpair()
+    with a, b:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        a.setblocking(False)
+        started = time.monotonic()
+        buf.attach(a)                      # replay: only what the socket takes now
+        buf.write(b"more")
+        assert time.monotonic() - started < 5
+        assert 0 < len(buf.ring) <= fake_chv.SERIAL_BUFFER_MAX and buf.ring.endswith(b"ENDmore")
+        got = b""
+        while not got.endswith(b"ENDmore"):
+            b.settimeout(2)
+            got += b.recv(1 << 20)
+            buf.write(b"")                 # CHV flushes the ring on the guest's next write
+        assert got.endswith(b"x" * 100 + b"ENDmore") and buf.ring == b""
+        buf.detach()
+        buf.write(b"while away")
+        assert buf.ring == b"while away"
+
+
+def test_serial_socket_mode(env, chv_schema):
+    """vm.create binds serial.socket; output is buffered until a client comes and
+    replayed to it; a new client replaces the old one; client bytes are serial
+    input; shutdown removes the socket file and the next boot binds it again."""
+    s = env.standin()
+    sock_path = str(env.dir / "vm.serial.sock")
+    cfg = s.config(net=False, cmdline="cbox.vm=serial", serial={"mode": "Socket", "socket": sock_path})
+    assert s.put("vm.create", cfg) == (204, None)
+    assert stat_is_socket(sock_path)
+    assert s.put("vm.boot") == (204, None)
+    deadline = time.monotonic() + 10
+    while not agent_pids(env.dir):
+        assert time.monotonic() < deadline, s.output()
+        time.sleep(0.02)
+    time.sleep(0.5)                                  # let the guest write while nobody listens
+    assert stat_is_socket(sock_path), s.output()
+    first = serial_client(sock_path)
+    replay = read_until(first, b"test-agent: ready\n")
+    assert replay.startswith(b"cbox-standin: Cloud Hypervisor"), replay[:200]
+    first.sendall(b"hello serial\n")
+    assert b"test-agent: input: hello serial" in read_until(first, b"hello serial\n")
+    second = serial_client(sock_path)                # replaces the first: shut down
+    first.settimeout(5)
+    while first.recv(65536):
+        pass
+    first.close()
+    second.sendall(b"from second\n")
+    got = read_until(second, b"from second\n")
+    assert b"test-agent: ready" not in got           # drained bytes are not resent
+    second.close()
+    assert s.put("vm.shutdown") == (204, None)
+    assert not os.path.exists(sock_path)             # SerialManager dropped: file removed
+    assert s.put("vm.boot") == (204, None)           # re-bound by the boot
+    third = serial_client(sock_path)
+    assert b"test-agent: ready" in read_until(third, b"test-agent: ready\n")
+    third.close()
+    assert s.put("vm.delete") == (204, None)
+    assert not os.path.exists(sock_path)
+    # create + delete without a boot: CHV keeps the listener bound and the file stays,
+    # so the next vm.create fails (EADDRINUSE) and keeps its config
+    assert s.put("vm.create", cfg) == (204, None)
+    assert s.put("vm.delete") == (204, None)
+    assert stat_is_socket(sock_path)
+    assert s.put("vm.create", cfg) == (500, ["Error from API", "The VM could not be created",
+                                             "Error creating console devices", "Error creating console device",
+                                             "Address already in use (os error 98)"])
+    assert s.state() == "Created"
+    assert s.put("vmm.shutdown")[0] in (200, 204) and s.wait_exit(5) == 0
+    assert stat_is_socket(sock_path)                 # never booted: left behind, as by CHV
+
+
+def stat_is_socket(path):
+    try:
+        return stat.S_ISSOCK(os.lstat(path).st_mode)
+    except OSError:
+        return False
