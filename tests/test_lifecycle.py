@@ -69,7 +69,7 @@ def test_guest_poweroff_is_stopped(cbox_server):
     # SIGTERM to the guest's init: the agent (PID 1 in a VM) powers the guest off
     api = cbox_server.api
     api.start_vm("bye")
-    status, _ = api.post("/v1/vms/bye/exec", {"cmd": "kill -TERM 1", "blocking": False})
+    status, _ = api.post("/v1/vms/bye/exec", {"cmd": "sleep 0.3; kill -TERM 1", "blocking": False})
     assert status == 200
     vm = wait_stopped(api, "bye")
     assert (vm["status"], vm["stopReason"]) == ("STOPPED", "guest-poweroff"), vm
