@@ -7,11 +7,13 @@ One asyncio program, standard library only (Python 3.10+). Sections, in order:
   2. HTTP            one small HTTP/1.1 implementation: message reading, a
                      keep-alive client (Unix or TCP, used for Cloud Hypervisor, the
                      guest agents and callback URLs), response building
-  3. Hypervisor      CloudHypervisor: the REST API over the VMM's Unix socket
+  3. Hypervisor      CloudHypervisor: the REST API over the VMM's Unix socket;
+                     rate-bounded readers of its serial socket and event FIFO
   4. Network         bridge, persistent taps, port isolation, iptables chains
   5. Allocation      guest IPs, vsock CIDs, tap names; request validation
   6. VM manager      VM records on disk, start / destroy / adopt, process
-                     supervision, exec forwarding, the callback bridge
+                     supervision and how a VM ends (stopReason), bounded
+                     console logs, exec forwarding, the callback bridge
   7. REST server     routes of contract section 1, auth, limits, request log
   8. CLI             `serve`, and a small client: `vm start|ls|rm`, `exec`
 
@@ -1455,7 +1457,8 @@ class ConsoleLog:
         dropped = self.dropped() + file_size(self.old_path)
         with contextlib.suppress(KeyError):
             os.close(self.fds.pop(self.path))
-        os.replace(self.path, self.old_path)
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(self.path, self.old_path)
         if dropped:
             write_atomically(self.dropped_path, str(dropped).encode())
         self.size = 0
