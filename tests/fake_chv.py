@@ -12,6 +12,7 @@ device would be.  Stdlib only, Python 3.10+, Linux, root (taps, namespaces).
 Command line (as cloud-hypervisor)
 ----------------------------------
     fake_chv.py --api-socket path=/run/x/api.sock [--log-file PATH] [-v ...]
+                [--event-monitor path=FILE | --event-monitor fd=N]
     fake_chv.py --api-socket /run/x/api.sock          (older bare form)
     fake_chv.py --api-socket fd=3                      (inherited listening socket)
     fake_chv.py --version | --help
@@ -25,6 +26,34 @@ it refuses to start ("API socket in use", exit 1).  Otherwise an existing file
 at the path is a stale leftover: it is unlinked and the socket is bound again.
 On a clean exit (vmm.shutdown, SIGTERM/SIGINT, guest power-off) the stand-in
 removes its API socket file; after SIGKILL it stays, as with CHV.
+
+Event monitor (event_monitor/src/lib.rs, vmm/src/lib.rs, cloud-hypervisor/src/main.rs)
+------------------------------------------------------------------------------------
+--event-monitor path=FILE opens FILE write+create+truncate (mode 0600) before
+the API socket is bound: on a FIFO that open waits until a reader exists;
+fd=N takes an inherited descriptor.  The descriptor is made non-blocking and
+a writer thread writes each event as serde_json's pretty JSON (2-space indent)
+followed by "\n\n":
+    {"timestamp": {"secs": S, "nanos": N}, "source": ..., "event": ...,
+     "properties": null | {"key": "value"}}
+timestamps counted from the monitor's start.  Write errors (EAGAIN on a full
+FIFO, EPIPE without a reader) are ignored: that event is lost or cut short, as
+in CHV.  Every event is also logged ("Event: source = vm event = booted").
+Events the stand-in emits, in CHV's order:
+    start                       vmm starting
+    vm.boot                     vm booting (also when it then fails: no config),
+                                vm booted (on success)
+    vm.pause / vm.resume        vm pausing (also before a refused transition),
+                                vm paused / vm resuming, vm resumed
+    vm.shutdown                 vm shutdown
+    vm.reboot, guest reset      vm rebooting, vm rebooted (see "Reset")
+    vm.delete                   [vm shutdown if booted], vm deleted (only when a
+                                config existed)
+    vmm.shutdown                vm.delete's events, vmm shutdown
+    guest power-off             log "VM guest exit event", then vmm.shutdown's
+    SIGTERM/SIGINT              log "VM exit event", then vmm.shutdown's
+Not emitted: virtio-device activated/reset (the process engine has no virtio
+devices), resize/snapshot/migration events (endpoints not supported).
 
 Environment
 -----------
@@ -199,6 +228,7 @@ import importlib
 import json
 import logging
 import os
+import queue
 import re
 import select
 import selectors
@@ -1550,6 +1580,82 @@ class SocketSerial:
 
 
 # ---------------------------------------------------------------------------
+# event monitor (event_monitor/src/lib.rs, vmm/src/lib.rs start_event_monitor_thread)
+
+class EventMonitor:
+    """CHV's event monitor: every event is logged ("Event: source = ... event =
+    ..."); with --event-monitor each one is also queued to a writer thread that
+    writes it as pretty-printed JSON followed by "\n\n" to the non-blocking
+    file, ignoring write errors (EAGAIN on a full FIFO, EPIPE with no reader):
+    such an event is lost or cut short, as with CHV's write_all(..).ok()."""
+
+    def __init__(self, fd, log):
+        self.fd, self.log = fd, log
+        self.start = time.monotonic_ns()
+        self.queue = queue.SimpleQueue()
+        self.thread = None
+        if fd is not None:
+            os.set_blocking(fd, False)
+            self.thread = threading.Thread(target=self._run, name="event-monitor", daemon=True)
+            self.thread.start()
+
+    def emit(self, source, event, properties=None):
+        props = ", ".join(f"{k} = {v}" for k, v in (properties or {}).items())
+        self.log(f"Event: source = {source} event = {event} {props}")
+        if self.thread is None:
+            return
+        elapsed = time.monotonic_ns() - self.start
+        record = {"timestamp": {"secs": elapsed // 1_000_000_000, "nanos": elapsed % 1_000_000_000},
+                  "source": source, "event": event, "properties": properties}
+        self.queue.put(json.dumps(record, indent=2).encode())   # serde_json::to_string_pretty
+
+    def _write_all(self, data):
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self.fd, view):]
+            except InterruptedError:
+                continue
+            except OSError:
+                return
+
+    def _run(self):
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            self._write_all(item)
+            self._write_all(b"\n\n")
+
+    def close(self):
+        """Write what is queued (the stand-in's exit waits for it), then stop."""
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join(5)
+            self.thread = None
+
+
+def open_event_monitor(value):
+    """--event-monitor path=FILE | fd=N (cloud-hypervisor/src/main.rs): the path is
+    opened write+create+truncate (a FIFO blocks here until a reader opens it)
+    before the API socket exists; mode 0600 (CHV's umask 077)."""
+    opts = {}
+    for item in value.split(","):
+        key, eq, val = item.partition("=")
+        if not eq or key not in ("path", "fd"):
+            raise ValueError(f"Error parsing --event-monitor: unknown option {item!r}")
+        opts[key] = val
+    if "fd" in opts:
+        try:
+            return int(opts["fd"])
+        except ValueError:
+            raise ValueError(f"Error parsing --event-monitor: fd={opts['fd']!r}") from None
+    if "path" in opts:
+        return os.open(opts["path"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    raise ValueError("Error parsing --event-monitor: path or fd required")
+
+
+# ---------------------------------------------------------------------------
 # API server
 
 class ApiError(Exception):
@@ -1597,6 +1703,7 @@ class Standin:
         self.validator = validator
         self.schema_path = schema_path
         self.engine_cls = engine_cls
+        self.events = EventMonitor(None, log.info)   # main() sets the one of --event-monitor
         self.config = None
         self.state = None               # None (not booted) | "Running" | "Paused"
         self.engine = None
@@ -1698,9 +1805,11 @@ class Standin:
                     if self.exit_code is not None:
                         break
                 if self.signal_received is not None and self.exit_code is None:
+                    # CHV's signal handler writes exit_evt: the path of a vCPU error
                     self.log(f"received signal {signal.Signals(self.signal_received).name}: "
                              "stopping the VM and exiting")
-                    self._shutdown_vm()
+                    self.log("VM exit event")
+                    self.vmm_shutdown()
                     self.exit_code = 0
         finally:
             self._teardown()
@@ -1708,7 +1817,7 @@ class Standin:
 
     def _teardown(self):
         try:
-            self._shutdown_vm()
+            self._stop_guest()
         except Exception:
             self.log("error while stopping the VM:\n" + traceback.format_exc(), logging.ERROR)
         if self.sel is not None:
@@ -1722,6 +1831,8 @@ class Standin:
                 os.unlink(self.api_path)
             except OSError:
                 pass
+        if self.exit_code == 0:
+            self.log("Cloud Hypervisor exited successfully")
         self.log(f"exiting with code {self.exit_code}")
 
     def _accept(self):
@@ -1976,11 +2087,13 @@ class Standin:
         return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
 
     def api_vm_boot(self):
-        if self.config is None:
-            raise vm_error(404, "The VM could not boot", "VM is not created")
         if self.state is not None:
             raise vm_error(500, "The VM could not boot", "VM is already created")
+        self.events.emit("vm", "booting")           # Vmm::vm_boot: before the config check
+        if self.config is None:
+            raise vm_error(404, "The VM could not boot", "VM is not created")
         self._boot("The VM could not boot")
+        self.events.emit("vm", "booted")
         return None
 
     def _boot(self, action):
@@ -2132,18 +2245,19 @@ class Standin:
             self.console_ready = False  # the next boot makes them again (File: truncated)
 
     def _on_engine_exit(self, engine):
+        """The guest is gone by itself: CHV's control loop (vmm/src/lib.rs)."""
         if engine is not self.engine:
             return
         self._unwatch_engine()
         code = engine.wait_exit()
-        self.log(f"guest powered off (engine exit status {code}): the VMM exits")
-        self.engine = None
-        self.state = None
-        self._release_boot_resources()
+        self.log(f"guest ended (engine exit status {code}): powered off")
+        self.log("VM guest exit event")
+        self.vmm_shutdown()
         self.exit_code = 0
 
-    def _shutdown_vm(self):
-        """Stop the guest if any; config kept. Returns whether something ran."""
+    def _stop_guest(self):
+        """Stop the guest if any (also one that already ended) and free its
+        resources; the config is kept.  Returns whether a guest was there."""
         if self.engine is None:
             self._release_boot_resources()
             return False
@@ -2157,28 +2271,55 @@ class Standin:
         self.log("VM shut down")
         return True
 
-    def api_vm_shutdown(self):
-        if self.state is None:
+    # CHV's Vmm::vm_shutdown, vm_reboot, vm_delete, vmm_shutdown (vmm/src/lib.rs),
+    # with the events they emit and in their order
+
+    def vm_shutdown(self):
+        if self.engine is None:
             raise vm_error(500, "The VM could not shutdown", "VM is not running")
-        self._shutdown_vm()
+        self._stop_guest()
+        self.events.emit("vm", "shutdown")
+
+    def vm_reboot(self):
+        """A guest reset or PUT vm.reboot: the VM is rebuilt inside this process;
+        its console devices are made again (File: truncated, Socket: bound again),
+        the vsock socket too."""
+        self.events.emit("vm", "rebooting")
+        if self.engine is None:
+            raise vm_error(404, "The VM could not reboot", "VM is not created")
+        self._stop_guest()
+        self._boot("The VM could not reboot")
+        self.events.emit("vm", "rebooted")
+
+    def vm_delete(self):
+        if self.config is None:
+            return
+        if self.engine is not None:
+            self.vm_shutdown()
+        else:
+            self._release_boot_resources()
+        self.config = None
+        self.log("VM deleted")
+        self.events.emit("vm", "deleted")
+
+    def vmm_shutdown(self):
+        self.vm_delete()
+        self.events.emit("vmm", "shutdown")
+
+    def api_vm_shutdown(self):
+        self.vm_shutdown()
         return None
 
     def api_vm_reboot(self):
-        if self.state is None:
-            raise vm_error(404, "The VM could not reboot", "VM is not created")
-        self._shutdown_vm()
-        self._boot("The VM could not reboot")
+        self.vm_reboot()
         return None
 
     def api_vm_delete(self):
-        if self.config is not None:
-            self._shutdown_vm()
-            self.config = None
-            self.log("VM deleted")
+        self.vm_delete()
         return None
 
     def api_vmm_shutdown(self):
-        self.api_vm_delete()
+        self.vmm_shutdown()
 
         def finish():
             self.exit_code = 0
@@ -2188,23 +2329,27 @@ class Standin:
     def api_vm_pause(self):
         if self.state is None:
             raise vm_error(500, "The VM could not be paused", "VM is not running")
+        self.events.emit("vm", "pausing")            # vm.rs Vm::pause: before the state check
         if self.state == "Paused":
             raise vm_error(500, "The VM could not be paused", "Cannot pause VM",
                            "invalid VM state transition: Paused to Paused")
         self.engine.pause()
         self.state = "Paused"
         self.log("VM paused")
+        self.events.emit("vm", "paused")
         return None
 
     def api_vm_resume(self):
         if self.state is None:
             raise vm_error(500, "The VM could not resume", "VM is not running")
+        self.events.emit("vm", "resuming")
         if self.state != "Paused":
             raise vm_error(500, "The VM could not resume", "Cannot resume VM",
                            "invalid VM state transition: Running to Running")
         self.engine.resume()
         self.state = "Running"
         self.log("VM resumed")
+        self.events.emit("vm", "resumed")
         return None
 
     def api_vm_power_button(self):
@@ -2222,17 +2367,18 @@ class Standin:
 # ---------------------------------------------------------------------------
 # command line
 
-USAGE = """Usage: fake_chv.py --api-socket <path=PATH|PATH|fd=N> [--log-file PATH] [-v]...
+USAGE = """Usage: fake_chv.py --api-socket <path=PATH|PATH|fd=N> [--log-file PATH]
+                   [--event-monitor <path=PATH|fd=N>] [-v]...
 CBox's stand-in for cloud-hypervisor (v53 API subset). See the module docstring."""
 
 
 def parse_args(argv):
-    opts = {"api": None, "log_file": None, "verbose": 0}
+    opts = {"api": None, "log_file": None, "verbose": 0, "event_monitor": None}
     i = 0
     while i < len(argv):
         arg = argv[i]
         name, eq, inline = arg.partition("=") if arg.startswith("--") else (arg, "", "")
-        if name in ("--api-socket", "--log-file"):
+        if name in ("--api-socket", "--log-file", "--event-monitor"):
             if eq:
                 value = inline
             else:
@@ -2240,7 +2386,7 @@ def parse_args(argv):
                 if i >= len(argv):
                     raise ValueError(f"option {name} needs a value")
                 value = argv[i]
-            opts["api" if name == "--api-socket" else "log_file"] = value
+            opts[{"--api-socket": "api", "--log-file": "log_file"}.get(name, "event_monitor")] = value
         elif re.fullmatch(r"-v+", arg):
             opts["verbose"] += len(arg) - 1
         elif arg in ("--version", "-V"):
@@ -2315,6 +2461,15 @@ def main(argv=None):
         print(f"Error parsing command line: {e}\n{USAGE}", file=sys.stderr)
         return 1
     logger = setup_logging(opts["log_file"], opts["verbose"])
+    try:
+        monitor_fd = open_event_monitor(opts["event_monitor"]) if opts["event_monitor"] else None
+    except (ValueError, OSError) as e:
+        msg = str(e) if isinstance(e, ValueError) else f"Error parsing --event-monitor: {rust_io(e)}"
+        logger.error(msg)
+        print(f"fake_chv: {msg}", file=sys.stderr)
+        return 1
+    events = EventMonitor(monitor_fd, logger.info)
+    events.emit("vmm", "starting")
 
     schema_path = Path(os.environ.get("CBOX_CHV_SCHEMA") or DEFAULT_SCHEMA)
     validator = None
@@ -2335,6 +2490,7 @@ def main(argv=None):
         print(f"fake_chv: cannot load engine {engine_name}: {e}", file=sys.stderr)
         return 1
     server = Standin(api_path, api_fd, logger, validator, schema_path if validator else None, engine_cls)
+    server.events = events
     try:
         return server.serve()
     except SystemExit as e:
@@ -2343,6 +2499,8 @@ def main(argv=None):
             print(f"fake_chv: {e.code}", file=sys.stderr)
             return 1
         raise
+    finally:
+        events.close()
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ class UnixHTTPConnection(http.client.HTTPConnection):
 class StandIn:
     """One fake_chv.py process inside the test namespace."""
 
-    def __init__(self, ns, workdir, name="vm", extra_env=None, args=None, wrapper=()):
+    def __init__(self, ns, workdir, name="vm", extra_env=None, args=None, wrapper=(), wait=True, **popen_kw):
         self.ns, self.dir, self.name = ns, Path(workdir), name
         self.api_sock = str(self.dir / f"{name}.api")
         self.vsock = str(self.dir / f"{name}.vsock")
@@ -92,8 +92,12 @@ class StandIn:
         args = args or ["--api-socket", f"path={self.api_sock}", "--log-file", str(self.log_file), "-v"]
         self.out = open(self.out_file, "wb")
         self.proc = ns.popen([*wrapper, sys.executable, str(STANDIN), *args], stdout=self.out,
-                             stderr=subprocess.STDOUT, env=env)
+                             stderr=subprocess.STDOUT, env=env, **popen_kw)
         self._conn = None
+        if wait:
+            self.wait_api()
+
+    def wait_api(self):
         deadline = time.monotonic() + 10
         while True:                     # a stale socket file may exist: wait for an answer
             assert self.proc.poll() is None, f"stand-in exited {self.proc.returncode}: {self.output()}"
@@ -320,7 +324,8 @@ def test_command_line():
     r = subprocess.run([str(STANDIN), "--version"], capture_output=True, text=True, timeout=10)
     assert r.returncode == 0 and "v53" in r.stdout
     assert fake_chv.parse_args(["--api-socket=path=/x", "-vv", "-v", "--log-file", "/l"]) == \
-        {"api": "path=/x", "log_file": "/l", "verbose": 3}
+        {"api": "path=/x", "log_file": "/l", "verbose": 3, "event_monitor": None}
+    assert fake_chv.parse_args(["--api-socket", "/x", "--event-monitor=path=/e"])["event_monitor"] == "path=/e"
     assert fake_chv.parse_api_socket("path=/x/api.sock") == ("/x/api.sock", None)
     assert fake_chv.parse_api_socket("/x/api.sock") == ("/x/api.sock", None)
     assert fake_chv.parse_api_socket("fd=3") == (None, 3)
@@ -857,3 +862,125 @@ def stat_is_socket(path):
         return stat.S_ISSOCK(os.lstat(path).st_mode)
     except OSError:
         return False
+
+
+# ---- event monitor -------------------------------------------------------------
+
+def read_events(fd, want_last=("vmm", "shutdown"), timeout=10.0):
+    """Events from a non-blocking fd until `want_last` (pretty JSON, each + "\\n\\n")."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            chunk = None
+        if chunk:
+            data += chunk
+        events = [json.loads(part) for part in data.decode().split("\n\n") if part.strip()]
+        if events and (events[-1]["source"], events[-1]["event"]) == want_last and data.endswith(b"\n\n"):
+            return data, events
+        assert time.monotonic() < deadline, data.decode()
+        time.sleep(0.02)
+
+
+def names(events):
+    return [f"{e['source']} {e['event']}" for e in events]
+
+
+def test_event_monitor_fifo_lifecycle(env, chv_schema):
+    """--event-monitor path=FIFO: the open waits for a reader (before the API socket
+    exists); each event is pretty JSON + a blank line, in CHV's order."""
+    fifo = env.dir / "events"
+    os.mkfifo(fifo)
+    s = env.standin(args=["--api-socket", f"path={env.dir / 'vm.api'}", "--event-monitor", f"path={fifo}",
+                          "--log-file", str(env.dir / "vm.log"), "-v"], wait=False)
+    time.sleep(0.5)
+    assert s.proc.poll() is None and not os.path.exists(s.api_sock)   # blocked in open()
+    rfd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        s.wait_api()
+        cfg = s.config(net=False, cmdline="cbox.vm=events")
+        assert s.put("vm.boot")[0] == 404                  # "booting", then no config
+        assert s.put("vm.create", cfg)[0] == 204
+        assert s.put("vm.boot") == (204, None)
+        assert s.put("vm.boot")[0] == 500                  # already booted: no event
+        assert s.put("vm.pause")[0] == 204 and s.put("vm.pause")[0] == 500
+        assert s.put("vm.resume")[0] == 204
+        assert s.put("vm.shutdown") == (204, None)
+        assert s.put("vm.boot") == (204, None)
+        assert s.put("vm.reboot") == (204, None)
+        assert s.state() == "Running"
+        assert s.put("vm.delete") == (204, None)
+        assert s.put("vm.delete") == (204, None)           # nothing: no event
+        assert s.put("vmm.shutdown")[0] in (200, 204)
+        assert s.wait_exit(5) == 0
+        data, events = read_events(rfd)
+    finally:
+        os.close(rfd)
+    assert names(events) == [
+        "vmm starting", "vm booting", "vm booting", "vm booted", "vm pausing", "vm paused", "vm pausing",
+        "vm resuming", "vm resumed", "vm shutdown", "vm booting", "vm booted", "vm rebooting", "vm rebooted",
+        "vm shutdown", "vm deleted", "vmm shutdown"]
+    # serde_json::to_string_pretty of {timestamp: Duration, source, event, properties}
+    first = data.decode().split("\n\n")[0]
+    assert re.fullmatch(r'\{\n  "timestamp": \{\n    "secs": 0,\n    "nanos": \d+\n  \},\n  "source": "vmm",\n'
+                        r'  "event": "starting",\n  "properties": null\n\}', first), first
+    stamps = [e["timestamp"]["secs"] * 10**9 + e["timestamp"]["nanos"] for e in events]
+    assert stamps == sorted(stamps) and all(0 <= e["timestamp"]["nanos"] < 10**9 for e in events)
+    log = s.log_file.read_text()
+    assert "Event: source = vm event = rebooted" in log and "Cloud Hypervisor exited successfully" in log
+
+
+def test_event_monitor_guest_poweroff_and_fd(env, chv_schema):
+    """--event-monitor fd=N; a guest power-off goes through CHV's GuestExit path:
+    vm shutdown, vm deleted, vmm shutdown, and exit code 0; a reader that went
+    away (EPIPE) changes nothing."""
+    rfd, wfd = os.pipe()
+    os.set_blocking(rfd, False)
+    s = env.standin(args=["--api-socket", f"path={env.dir / 'vm.api'}", "--event-monitor", f"fd={wfd}",
+                          "--log-file", str(env.dir / "vm.log"), "-v"], pass_fds=(wfd,))
+    os.close(wfd)
+    try:
+        assert s.put("vm.create", s.config(net=False, cmdline="cbox.vm=off"))[0] == 204
+        assert s.put("vm.boot")[0] == 204
+        deadline = time.monotonic() + 10
+        while True:
+            with vsock_connect(s.vsock, 4031) as v:
+                if read_line(v).startswith(b"OK "):
+                    v.sendall(b"exit 0\n")
+                    assert read_line(v) == b"bye\n"
+                    break
+            assert time.monotonic() < deadline, s.output()
+            time.sleep(0.05)
+        assert s.wait_exit(5) == 0
+        _, events = read_events(rfd)
+    finally:
+        os.close(rfd)
+    assert names(events) == ["vmm starting", "vm booting", "vm booted", "vm shutdown", "vm deleted",
+                             "vmm shutdown"]
+    log = s.log_file.read_text()
+    assert "VM guest exit event" in log and "VM exit event" not in log
+    # no reader at all: events are lost, nothing else changes (CHV ignores write errors)
+    rfd, wfd = os.pipe()
+    os.close(rfd)
+    s2 = env.standin(name="noreader", args=["--api-socket", f"path={env.dir / 'noreader.api'}",
+                                            "--event-monitor", f"fd={wfd}"], pass_fds=(wfd,))
+    os.close(wfd)
+    assert s2.put("vm.create", s2.config(net=False, cmdline="cbox.vm=nr"))[0] == 204
+    assert s2.put("vmm.shutdown")[0] in (200, 204) and s2.wait_exit(5) == 0
+    # a regular file is truncated at start
+    new_path = env.dir / "new-events.json"
+    s4 = env.standin(name="new", args=["--api-socket", f"path={env.dir / 'new.api'}",
+                                       "--event-monitor", f"path={new_path}"])
+    assert s4.put("vmm.shutdown")[0] in (200, 204) and s4.wait_exit(5) == 0
+    assert stat.S_IMODE(new_path.stat().st_mode) == 0o600          # CHV's umask 077
+    path = env.dir / "events.json"
+    path.write_text("stale\n" * 1000)
+    s3 = env.standin(name="file", args=["--api-socket", f"path={env.dir / 'file.api'}",
+                                        "--event-monitor", f"path={path}"])
+    assert s3.put("vmm.shutdown")[0] in (200, 204) and s3.wait_exit(5) == 0
+    assert path.read_text().startswith("{") and "stale" not in path.read_text()
+    r = subprocess.run([sys.executable, str(STANDIN), "--api-socket", "path=/nonexistent/x",
+                        "--event-monitor", "bogus"], capture_output=True, text=True, timeout=10)
+    assert r.returncode == 1 and "--event-monitor" in r.stderr
