@@ -2,6 +2,7 @@
 import ipaddress
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -332,3 +333,67 @@ def test_reset_found_in_the_vmm_log(tmp_path):
         f.write("cloud-hypervisor: 8.0s: <vcpu0> INFO:event_monitor/src/lib.rs:113 -- "
                 "Event: source = guest event = panic event = panic\n")
     assert cbox.reset_in_vmm_log(path)[0] == "guest-panic"
+
+
+def test_event_monitor_parses_a_bounded_number_of_events_a_second(tmp_path):
+    import asyncio
+    import os
+
+    async def run():
+        fifo = tmp_path / "events.fifo"
+        cbox.EventMonitor.make_fifo(fifo)
+        seen = []
+        monitor = cbox.EventMonitor(fifo, lambda s, e, p: seen.append(e))
+        writer = os.open(fifo, os.O_WRONLY)
+        event = json.dumps({"timestamp": {"secs": 1, "nanos": 2}, "source": "guest", "event": "panic",
+                            "properties": {"event": "unknown_event"}}, indent=2).encode() + b"\n\n"
+        t0 = time.monotonic()
+        for _ in range(400):           # ~55 KB: a guest writing to its pvpanic device in a loop
+            os.write(writer, event)
+        os.close(writer)
+        await monitor.wait_end(5)
+        return seen, time.monotonic() - t0
+
+    seen, took = asyncio.run(run())
+    limit = cbox.EventMonitor.EVENT_BURST + cbox.EventMonitor.EVENT_RATE * took + 1
+    assert cbox.EventMonitor.EVENT_BURST <= len(seen) <= limit, (len(seen), took)
+
+
+def test_serial_console_reads_at_a_bounded_rate(tmp_path):
+    import asyncio
+    import socket
+    import threading
+
+    async def run():
+        path = tmp_path / "serial.sock"
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(path))
+        listener.listen(1)
+        got = []
+        console = cbox.SerialConsole(path, lambda data: got.append(len(data)))
+        peer, _ = listener.accept()
+        stop = threading.Event()
+
+        def flood():            # like the VMM: non-blocking writes, dropped when we do not read
+            peer.setblocking(False)
+            while not stop.is_set():
+                try:
+                    peer.send(b"x" * 65536)
+                except BlockingIOError:
+                    time.sleep(0.001)
+
+        thread = threading.Thread(target=flood)
+        thread.start()
+        t0 = time.monotonic()
+        await asyncio.sleep(1.0)
+        took = time.monotonic() - t0
+        stop.set()
+        thread.join()
+        console.close()
+        peer.close()
+        listener.close()
+        return sum(got), took
+
+    total, took = asyncio.run(run())
+    rate, burst = cbox.SerialConsole.RATE, cbox.SerialConsole.BURST
+    assert burst <= total <= burst + rate * took + cbox.BoundedReader.CHUNK, (total, took)
