@@ -173,7 +173,30 @@ netns, which the kernel keeps until TCP connections the guest left open give
 up retransmitting their FIN (up to ~2 minutes; with none open it goes at once).
 The guest starts with hostname "(none)", lo and eth0 down and no address, as
 a fresh kernel would; the agent configures them.  When the agent exits by
-itself (guest power-off) the stand-in exits 0, as CHV does.  The guest sees
+itself (guest power-off) the stand-in exits 0, as CHV does.
+
+Reset (vmm/src/lib.rs control_loop Reset -> vm_reboot).  What the process
+guest does, and what it means:
+    the agent exits (any code), or dies      power-off (CHV: ACPI shutdown,
+                                             GuestExit): "VM guest exit event",
+                                             vm shutdown, vm deleted, vmm
+                                             shutdown, exit code 0
+    reboot(2) LINUX_REBOOT_CMD_POWER_OFF     power-off too ("reboot: Power down")
+    reboot(2) LINUX_REBOOT_CMD_RESTART       reset ("reboot: Restarting system")
+reboot(2) called in the guest's pid namespace makes the kernel kill the
+namespace's init, which its parent (the guest VMM) then sees killed by SIGHUP
+for RESTART and by SIGINT for POWER_OFF/HALT (reboot(2), "pid namespaces");
+the guest VMM exits GUEST_RESET_EXIT (3) for a reset, 0 otherwise.  A reset,
+like PUT vm.reboot, rebuilds the VM inside the same process: log "VM reset
+event" (guest reset only), event vm rebooting, the guest stopped, its
+console devices made again (File: truncated, so the text before the reset
+is gone; Socket: socket file removed and bound again, clients cut off), the
+vsock socket closed, unlinked and bound again, the guest booted again, event
+vm rebooted; vm.info stays Running.  If the rebuild fails, CHV's control
+loop ends with an error: the stand-in logs it and exits 1.  With the QEMU
+engine a guest reset (reboot, triple fault, panic=-1 after a panic) makes
+QEMU exit (-no-reboot) with QMP SHUTDOWN reason guest-reset, and the
+stand-in starts QEMU again the same way.  The guest sees
 the host's /proc and /sys (no mount namespace).  Only net[0] is supported.
 
 Serial (vmm/src/console_devices.rs, serial_manager.rs, serial_buffer/src/lib.rs):
@@ -217,6 +240,9 @@ Engine interface (CBOX_STANDIN_ENGINE=qemu loads tests/qemu_engine.py:QemuEngine
                             or None the stand-in calls wait_exit() in a thread
     engine.alive() -> bool
     engine.wait_exit()      blocks until the guest is gone, returns exit code
+    engine.exit_reason()    after the guest is gone: "reset" (the stand-in
+                            rebuilds the VM) or "poweroff" (optional; absent
+                            means "poweroff")
     engine.stop(timeout)    SIGTERM the guest, wait up to timeout, SIGKILL;
                             frees the tap; returns when everything is gone
     engine.pause() / engine.resume()   (SIGSTOP/SIGCONT of the guest)
@@ -866,9 +892,10 @@ class _VsockProxy:
         end.peer = None
 
 
-def _relay_loop(tap_fd, eth_fd, vsock_fd, pidfd, init_pid):
+def _relay_loop(tap_fd, eth_fd, vsock_fd, pidfd, init_pid, console_fd=-1):
     """Guest VMM main loop: vsock proxy, guest exit, and the frames tap <-> eth0
-    when they go through Python (eth_fd >= 0; -1 with the kernel relay)."""
+    when they go through Python (eth_fd >= 0; -1 with the kernel relay).
+    Returns GUEST_RESET_EXIT when the guest rebooted, GUEST_POWEROFF_EXIT else."""
     ep = select.epoll()
     if eth_fd >= 0:
         ep.register(tap_fd, select.EPOLLIN)
@@ -900,12 +927,29 @@ def _relay_loop(tap_fd, eth_fd, vsock_fd, pidfd, init_pid):
                         pass   # eth0 down (EIO) or queue full: the frame is dropped, like a NIC
             elif fd == pidfd:
                 _, status = os.waitpid(init_pid, 0)
-                code = os.waitstatus_to_exitcode(status)
-                return code if code >= 0 else 128 - code
+                return _guest_outcome(status, console_fd)
             elif fd == vsock_fd:
                 proxy.accept(lsock)
             else:
                 proxy.event(fd, ev)
+
+
+GUEST_POWEROFF_EXIT = 0     # guest VMM exit codes: the guest powered off...
+GUEST_RESET_EXIT = 3        # ...or reset (the stand-in rebuilds the VM)
+
+
+def _guest_outcome(status, console_fd):
+    """What the end of the guest's init means.  reboot(2) in a child pid namespace
+    ("pid namespaces" in reboot(2)): the kernel kills the namespace's init, whose
+    parent then sees it killed by SIGHUP for LINUX_REBOOT_CMD_RESTART(2) and by
+    SIGINT for POWER_OFF/HALT.  So SIGHUP is a guest reset; everything else (the
+    agent's exit, POWER_OFF) is a power-off.  The console gets the kernel's line."""
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGHUP:
+        _console_write(console_fd, "cbox-standin: reboot: Restarting system\n")
+        return GUEST_RESET_EXIT
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGINT:
+        _console_write(console_fd, "cbox-standin: reboot: Power down\n")
+    return GUEST_POWEROFF_EXIT
 
 
 def _guest_init_main(console_fd, argv, env, close_fds):
@@ -1138,7 +1182,7 @@ def _guest_vmm_run(wr, tap_fd, vsock_fd, console_fd, net, kernel, why_not, argv,
     relay = f"kernel {kernel.veth}" if kernel is not None else ("python" if tap_fd >= 0 else "none")
     os.write(wr, f"OK {init_pid} {relay}\n".encode())
     os.close(wr)
-    return _relay_loop(tap_fd, eth_fd, vsock_fd, pidfd, init_pid)
+    return _relay_loop(tap_fd, eth_fd, vsock_fd, pidfd, init_pid, console_fd)
 
 
 # ---------------------------------------------------------------------------
@@ -1270,6 +1314,10 @@ class ProcessEngine:
         except ProcessLookupError:
             pass
         self.wait_exit()
+
+    def exit_reason(self):
+        """After the guest ended: "reset" (reboot(2) RESTART in the guest) or "poweroff"."""
+        return "reset" if self._code == GUEST_RESET_EXIT else "poweroff"
 
     def alive(self):
         if self.pid is None or self._code is not None:
@@ -2144,6 +2192,7 @@ class Standin:
                 raise vm_error(500, action, "Error from device manager", "Cannot create virtio-vsock device",
                                f"Error binding vsock socket {vpath}", rust_io(e)) from None
             self.vsock_sock, self.vsock_path = vsock_sock, vpath
+            self.log(f"vsock socket bound at {vpath}")
         try:
             self.console_fd = self._open_console()
         except OSError as e:
@@ -2250,6 +2299,17 @@ class Standin:
             return
         self._unwatch_engine()
         code = engine.wait_exit()
+        reason = engine.exit_reason() if hasattr(engine, "exit_reason") else "poweroff"
+        if reason == "reset":
+            self.log(f"guest reset (engine exit status {code}): rebooting inside this process")
+            self.log("VM reset event")
+            try:
+                self.vm_reboot()
+            except ApiError as e:
+                # CHV: the control loop ends with Error::VmReboot, the process exits 1
+                self.log(f"Error rebooting VM: {' / '.join(e.messages[1:])}", logging.ERROR)
+                self.exit_code = 1
+            return
         self.log(f"guest ended (engine exit status {code}): powered off")
         self.log("VM guest exit event")
         self.vmm_shutdown()
