@@ -55,6 +55,27 @@ Events the stand-in emits, in CHV's order:
 Not emitted: virtio-device activated/reset (the process engine has no virtio
 devices), resize/snapshot/migration events (endpoints not supported).
 
+Test hooks (signals to the stand-in process)
+--------------------------------------------
+    SIGUSR1  a vCPU error (vmm/src/cpu.rs: KVM_RUN fails, exit_evt): logs
+             "VCPU generated error: VcpuRun(...)" (ERROR) and "VM exit event",
+             then vmm.shutdown's events (vm shutdown, vm deleted, vmm shutdown)
+             and exit code 0: the same events and exit code as a guest
+             power-off, which logs "VM guest exit event" instead (CHV v53's
+             exit_evt vs guest_exit_evt; SIGTERM/SIGINT also log "VM exit
+             event").  Ignored when no VM runs.  Any engine.
+    SIGUSR2  a guest kernel panic (process engine, VM Running): the console
+             gets "Kernel panic - not syncing: ..."; with "pvpanic": true in the
+             VmConfig the log gets "pvpanic got guest event panic" and the event
+             monitor source guest, event panic, properties {"event": "panic"}
+             (devices/src/pvpanic.rs); then the guest kernel's panic=N (from
+             payload.cmdline) decides: N < 0 an immediate reset (see "Reset"),
+             N > 0 "Rebooting in N seconds.." and the reset N s later, 0 or
+             absent "---[ end Kernel panic ... ]---" and a hung guest (its
+             processes stopped, vm.info still Running).  Under the QEMU engine
+             a real guest panics by itself: QMP GUEST_PANICKED gives the same
+             event (see tests/qemu_engine.py).
+
 Environment
 -----------
     CBOX_CHV_SCHEMA         OpenAPI JSON to validate VmConfigs against
@@ -1373,6 +1394,8 @@ class ProcessEngine:
         if self.pid is None:
             return
         if self.alive():
+            if timeout <= 0:                          # a hard stop (panicked guest): nothing of it runs again
+                self._signal_init(signal.SIGKILL)
             if self._paused:
                 self.resume()
             self._signal_init(signal.SIGTERM)         # init forwards it to the agent
@@ -1764,6 +1787,7 @@ class Standin:
         self.console_fd = None
         self.exit_code = None
         self.signal_received = None
+        self.hooks = []                 # test hooks to run: (SIGUSR1 | SIGUSR2 | "panic-reset", engine)
         self.sel = None
         self.listener = None
         self.lock_file = None
@@ -1830,8 +1854,13 @@ class Standin:
         def on_signal(signum, frame):
             self.signal_received = signum
 
+        def on_hook(signum, frame):
+            self.hooks.append((signum, None))
+
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGUSR1, on_hook)
+        signal.signal(signal.SIGUSR2, on_hook)
         self.log(f"API server listening on {self.api_path or 'fd ' + str(self.api_fd)} "
                  f"(cloud-hypervisor {VERSION} stand-in, pid {os.getpid()})")
         try:
@@ -1852,6 +1881,8 @@ class Standin:
                         self._on_engine_exit(obj)
                     if self.exit_code is not None:
                         break
+                while self.hooks and self.exit_code is None:
+                    self._run_hook(*self.hooks.pop(0))
                 if self.signal_received is not None and self.exit_code is None:
                     # CHV's signal handler writes exit_evt: the path of a vCPU error
                     self.log(f"received signal {signal.Signals(self.signal_received).name}: "
@@ -2302,20 +2333,84 @@ class Standin:
         reason = engine.exit_reason() if hasattr(engine, "exit_reason") else "poweroff"
         if reason == "reset":
             self.log(f"guest reset (engine exit status {code}): rebooting inside this process")
-            self.log("VM reset event")
-            try:
-                self.vm_reboot()
-            except ApiError as e:
-                # CHV: the control loop ends with Error::VmReboot, the process exits 1
-                self.log(f"Error rebooting VM: {' / '.join(e.messages[1:])}", logging.ERROR)
-                self.exit_code = 1
+            self._guest_reset()
             return
         self.log(f"guest ended (engine exit status {code}): powered off")
         self.log("VM guest exit event")
         self.vmm_shutdown()
         self.exit_code = 0
 
-    def _stop_guest(self):
+    def _guest_reset(self, stop_timeout=None):
+        """CHV's control loop on reset_evt: vm_reboot; if that fails the loop ends
+        with Error::VmReboot and the process exits 1."""
+        self.log("VM reset event")
+        try:
+            self.vm_reboot(stop_timeout)
+        except ApiError as e:
+            self.log(f"Error rebooting VM: {' / '.join(e.messages[1:])}", logging.ERROR)
+            self.exit_code = 1
+
+    # ---- test hooks (module docstring, "Test hooks") ---------------------------
+
+    def _run_hook(self, hook, engine):
+        if hook == signal.SIGUSR1:
+            self._vcpu_error_hook()
+        elif hook == signal.SIGUSR2:
+            self._guest_panic_hook()
+        elif hook == "panic-reset" and engine is self.engine and engine is not None:
+            self._guest_reset(stop_timeout=0)
+
+    def _vcpu_error_hook(self):
+        """A vCPU thread's KVM_RUN fails (vmm/src/cpu.rs): it writes exit_evt, the
+        same event SIGTERM uses, and the control loop runs vmm_shutdown: the
+        process exits 0, as after a guest power-off; only the log tells them apart."""
+        if self.engine is None:
+            self.log("test hook SIGUSR1 (vCPU error): no VM is running, ignored", logging.WARNING)
+            return
+        self.log("VCPU generated error: VcpuRun(RunVcpu(cbox stand-in test hook SIGUSR1: "
+                 "simulated KVM_RUN failure))", logging.ERROR)
+        self.log("VM exit event")
+        self.vmm_shutdown()
+        self.exit_code = 0
+
+    def _guest_panic_hook(self):
+        """The guest kernel panics (process engine): the panic text on the console,
+        the pvpanic event when the VmConfig has "pvpanic": true (the panic notifier
+        runs before the kernel restarts), then what the guest's panic=N says:
+        N < 0 reset now, N > 0 "Rebooting in N seconds.." and reset after N s,
+        0 or absent: "---[ end Kernel panic ... ]---" and the guest hangs (its
+        processes stopped, the VM still Running)."""
+        if self.engine is None or self.state != "Running" or not isinstance(self.engine, ProcessEngine):
+            self.log("test hook SIGUSR2 (guest panic): no running process-engine guest, ignored",
+                     logging.WARNING)
+            return
+        why = "cbox-standin: guest panic (test hook SIGUSR2)"
+        engine = self.engine
+        engine.pause()                 # the panicking kernel runs no process of the guest any more
+        _console_write(self.console_fd, f"Kernel panic - not syncing: {why}\n")
+        if self.config.get("pvpanic") is True:
+            self.log("pvpanic got guest event panic")      # devices/src/pvpanic.rs
+            self.events.emit("guest", "panic", {"event": "panic"})
+        try:
+            timeout = int(cmdline_value((self.config.get("payload") or {}).get("cmdline"), "panic") or 0)
+        except ValueError:
+            timeout = 0
+        if timeout < 0:
+            self._guest_reset(stop_timeout=0)
+        elif timeout > 0:
+            _console_write(self.console_fd, f"Rebooting in {timeout} seconds..\n")
+
+            def later():
+                self.hooks.append(("panic-reset", engine))
+                os.write(self._wake_w, b"p")
+
+            timer = threading.Timer(timeout, later)
+            timer.daemon = True
+            timer.start()
+        else:
+            _console_write(self.console_fd, f"---[ end Kernel panic - not syncing: {why} ]---\n")
+
+    def _stop_guest(self, stop_timeout=None):
         """Stop the guest if any (also one that already ended) and free its
         resources; the config is kept.  Returns whether a guest was there."""
         if self.engine is None:
@@ -2324,7 +2419,7 @@ class Standin:
         engine, self.engine = self.engine, None
         self._unwatch_engine()
         try:
-            engine.stop(self.stop_timeout)
+            engine.stop(self.stop_timeout if stop_timeout is None else stop_timeout)
         finally:
             self.state = None
             self._release_boot_resources()
@@ -2340,14 +2435,14 @@ class Standin:
         self._stop_guest()
         self.events.emit("vm", "shutdown")
 
-    def vm_reboot(self):
+    def vm_reboot(self, stop_timeout=None):
         """A guest reset or PUT vm.reboot: the VM is rebuilt inside this process;
         its console devices are made again (File: truncated, Socket: bound again),
         the vsock socket too."""
         self.events.emit("vm", "rebooting")
         if self.engine is None:
             raise vm_error(404, "The VM could not reboot", "VM is not created")
-        self._stop_guest()
+        self._stop_guest(stop_timeout)
         self._boot("The VM could not reboot")
         self.events.emit("vm", "rebooted")
 

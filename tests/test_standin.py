@@ -1003,10 +1003,13 @@ def vsock_command(s, command, timeout=10.0):
     """Send one line to the test agent over the hybrid vsock (retrying until it listens)."""
     deadline = time.monotonic() + timeout
     while True:
-        with vsock_connect(s.vsock, 4031) as v:
-            if read_line(v).startswith(b"OK "):
-                v.sendall(command.encode() + b"\n")
-                return read_line(v)
+        try:
+            with vsock_connect(s.vsock, 4031) as v:
+                if read_line(v).startswith(b"OK "):
+                    v.sendall(command.encode() + b"\n")
+                    return read_line(v)
+        except (FileNotFoundError, ConnectionRefusedError):
+            pass                                        # between two boots of a reboot
         assert time.monotonic() < deadline, s.output()
         time.sleep(0.05)
 
@@ -1111,3 +1114,94 @@ def test_qemu_engine_guest_reset_and_serial_socket(env, chv_schema):
     assert got[:5] == ["vmm starting", "vm booting", "vm booted", "vm rebooting", "vm rebooted"], got
     assert got[-3:] == ["vm shutdown", "vm deleted", "vmm shutdown"], got
     assert not os.path.exists(sock_path)
+
+
+# ---- vCPU error and guest panic (test hooks) ---------------------------------------
+
+def events_standin(env, name="vm", **kw):
+    """A stand-in with --event-monitor on a pipe; returns (standin, read fd)."""
+    rfd, wfd = os.pipe()
+    os.set_blocking(rfd, False)
+    s = env.standin(name=name, args=["--api-socket", f"path={env.dir / (name + '.api')}",
+                                     "--event-monitor", f"fd={wfd}",
+                                     "--log-file", str(env.dir / (name + ".log")), "-v"], pass_fds=(wfd,), **kw)
+    os.close(wfd)
+    return s, rfd
+
+
+def test_vcpu_error_exits_0_like_a_poweroff(env, chv_schema):
+    """SIGUSR1 plays a vCPU error: exit code 0 and the events of a power-off;
+    only the log says "VM exit event" (not "VM guest exit event")."""
+    s, rfd = events_standin(env)
+    try:
+        s.proc.send_signal(signal.SIGUSR1)                  # no VM: ignored
+        assert s.put("vm.create", s.config(net=False, cmdline="cbox.vm=vcpu"))[0] == 204
+        assert s.put("vm.boot")[0] == 204
+        assert vsock_command(s, "info").startswith(b"{")
+        wait_for(lambda: "SIGUSR1 (vCPU error): no VM is running, ignored" in s.log_file.read_text())
+        s.proc.send_signal(signal.SIGUSR1)
+        assert s.wait_exit(10) == 0
+        _, events = read_events(rfd)
+    finally:
+        os.close(rfd)
+    assert names(events) == ["vmm starting", "vm booting", "vm booted", "vm shutdown", "vm deleted",
+                             "vmm shutdown"]
+    log = s.log_file.read_text()
+    assert "ERROR:fake_chv.py -- VCPU generated error: VcpuRun(" in log
+    assert "VM exit event" in log and "VM guest exit event" not in log
+    assert wait_gone(lambda: agent_pids(env.dir), 5) == [] and not os.path.exists(s.vsock)
+
+
+def test_guest_panic_hook(env, chv_schema):
+    """SIGUSR2 plays a guest kernel panic: console text, the pvpanic event (only
+    with "pvpanic": true), then panic=-1 resets (File serial truncated: the panic
+    text is gone), panic=0 hangs, panic=N resets after N seconds."""
+    s, rfd = events_standin(env)
+    sock_path = str(env.dir / "vm.serial.sock")
+    try:
+        cfg = s.config(net=False, cmdline="cbox.vm=pan reboot=k panic=-1", pvpanic=True)
+        assert s.put("vm.create", cfg)[0] == 204 and s.put("vm.boot")[0] == 204
+        assert vsock_command(s, "info").startswith(b"{")
+        [agent] = agent_pids(env.dir)
+        s.proc.send_signal(signal.SIGUSR2)
+        wait_for(lambda: agent_pids(env.dir) not in ([], [agent]), what=s.output())
+        assert json.loads(vsock_command(s, "info"))["hostname"] == "pan" and s.state() == "Running"
+        assert "Kernel panic" not in s.serial.read_text()          # File::create at the reboot
+        assert "VM reset event" in s.log_file.read_text() and "pvpanic got guest event panic" in s.log_file.read_text()
+        assert s.put("vm.delete")[0] == 204
+        # Socket mode: a client sees the panic before the reboot cuts it off; panic=1
+        cfg = s.config(net=False, cmdline="cbox.vm=pan1 panic=1",
+                       serial={"mode": "Socket", "socket": sock_path})
+        assert s.put("vm.create", cfg)[0] == 204 and s.put("vm.boot")[0] == 204
+        client = serial_client(sock_path)
+        read_until(client, b"test-agent: ready\n")
+        [agent] = agent_pids(env.dir)
+        s.proc.send_signal(signal.SIGUSR2)
+        text = read_until(client, b"Rebooting in 1 seconds..\n")
+        assert b"Kernel panic - not syncing: cbox-standin: guest panic" in text
+        wait_for(lambda: proc_state(agent) == "T")               # the panicked guest runs no more
+        client.settimeout(10)
+        while client.recv(65536):
+            pass
+        client.close()
+        assert json.loads(vsock_command(s, "info"))["hostname"] == "pan1"
+        assert s.put("vm.delete")[0] == 204
+        # panic=0 (no pvpanic): the guest hangs, the VM stays Running
+        cfg = s.config(net=False, cmdline="cbox.vm=pan0")
+        assert s.put("vm.create", cfg)[0] == 204 and s.put("vm.boot")[0] == 204
+        assert vsock_command(s, "info").startswith(b"{")
+        [agent] = agent_pids(env.dir)
+        s.proc.send_signal(signal.SIGUSR2)
+        wait_for(lambda: "---[ end Kernel panic" in s.serial.read_text())
+        assert proc_state(agent) == "T" and s.state() == "Running"
+        assert s.put("vmm.shutdown")[0] in (200, 204) and s.wait_exit(10) == 0
+        _, events = read_events(rfd)
+    finally:
+        os.close(rfd)
+    assert names(events) == [
+        "vmm starting", "vm booting", "vm booted", "guest panic", "vm rebooting", "vm rebooted",
+        "vm shutdown", "vm deleted",
+        "vm booting", "vm booted", "vm rebooting", "vm rebooted", "vm shutdown", "vm deleted",
+        "vm booting", "vm booted", "vm shutdown", "vm deleted", "vmm shutdown"]
+    assert [e["properties"] for e in events if e["source"] == "guest"] == [{"event": "panic"}]
+    assert wait_gone(lambda: agent_pids(env.dir), 5) == []
