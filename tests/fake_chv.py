@@ -55,6 +55,27 @@ Events the stand-in emits, in CHV's order:
 Not emitted: virtio-device activated/reset (the process engine has no virtio
 devices), resize/snapshot/migration events (endpoints not supported).
 
+Test hooks (signals to the stand-in process)
+--------------------------------------------
+    SIGUSR1  a vCPU error (vmm/src/cpu.rs: KVM_RUN fails, exit_evt): logs
+             "VCPU generated error: VcpuRun(...)" (ERROR) and "VM exit event",
+             then vmm.shutdown's events (vm shutdown, vm deleted, vmm shutdown)
+             and exit code 0: the same events and exit code as a guest
+             power-off, which logs "VM guest exit event" instead (CHV v53's
+             exit_evt vs guest_exit_evt; SIGTERM/SIGINT also log "VM exit
+             event").  Ignored when no VM runs.  Any engine.
+    SIGUSR2  a guest kernel panic (process engine, VM Running): the console
+             gets "Kernel panic - not syncing: ..."; with "pvpanic": true in the
+             VmConfig the log gets "pvpanic got guest event panic" and the event
+             monitor source guest, event panic, properties {"event": "panic"}
+             (devices/src/pvpanic.rs); then the guest kernel's panic=N (from
+             payload.cmdline) decides: N < 0 an immediate reset (see "Reset"),
+             N > 0 "Rebooting in N seconds.." and the reset N s later, 0 or
+             absent "---[ end Kernel panic ... ]---" and a hung guest (its
+             processes stopped, vm.info still Running).  Under the QEMU engine
+             a real guest panics by itself: QMP GUEST_PANICKED gives the same
+             event (see tests/qemu_engine.py).
+
 Environment
 -----------
     CBOX_CHV_SCHEMA         OpenAPI JSON to validate VmConfigs against
@@ -173,7 +194,30 @@ netns, which the kernel keeps until TCP connections the guest left open give
 up retransmitting their FIN (up to ~2 minutes; with none open it goes at once).
 The guest starts with hostname "(none)", lo and eth0 down and no address, as
 a fresh kernel would; the agent configures them.  When the agent exits by
-itself (guest power-off) the stand-in exits 0, as CHV does.  The guest sees
+itself (guest power-off) the stand-in exits 0, as CHV does.
+
+Reset (vmm/src/lib.rs control_loop Reset -> vm_reboot).  What the process
+guest does, and what it means:
+    the agent exits (any code), or dies      power-off (CHV: ACPI shutdown,
+                                             GuestExit): "VM guest exit event",
+                                             vm shutdown, vm deleted, vmm
+                                             shutdown, exit code 0
+    reboot(2) LINUX_REBOOT_CMD_POWER_OFF     power-off too ("reboot: Power down")
+    reboot(2) LINUX_REBOOT_CMD_RESTART       reset ("reboot: Restarting system")
+reboot(2) called in the guest's pid namespace makes the kernel kill the
+namespace's init, which its parent (the guest VMM) then sees killed by SIGHUP
+for RESTART and by SIGINT for POWER_OFF/HALT (reboot(2), "pid namespaces");
+the guest VMM exits GUEST_RESET_EXIT (3) for a reset, 0 otherwise.  A reset,
+like PUT vm.reboot, rebuilds the VM inside the same process: log "VM reset
+event" (guest reset only), event vm rebooting, the guest stopped, its
+console devices made again (File: truncated, so the text before the reset
+is gone; Socket: socket file removed and bound again, clients cut off), the
+vsock socket closed, unlinked and bound again, the guest booted again, event
+vm rebooted; vm.info stays Running.  If the rebuild fails, CHV's control
+loop ends with an error: the stand-in logs it and exits 1.  With the QEMU
+engine a guest reset (reboot, triple fault, panic=-1 after a panic) makes
+QEMU exit (-no-reboot) with QMP SHUTDOWN reason guest-reset, and the
+stand-in starts QEMU again the same way.  The guest sees
 the host's /proc and /sys (no mount namespace).  Only net[0] is supported.
 
 Serial (vmm/src/console_devices.rs, serial_manager.rs, serial_buffer/src/lib.rs):
@@ -217,6 +261,9 @@ Engine interface (CBOX_STANDIN_ENGINE=qemu loads tests/qemu_engine.py:QemuEngine
                             or None the stand-in calls wait_exit() in a thread
     engine.alive() -> bool
     engine.wait_exit()      blocks until the guest is gone, returns exit code
+    engine.exit_reason()    after the guest is gone: "reset" (the stand-in
+                            rebuilds the VM) or "poweroff" (optional; absent
+                            means "poweroff")
     engine.stop(timeout)    SIGTERM the guest, wait up to timeout, SIGKILL;
                             frees the tap; returns when everything is gone
     engine.pause() / engine.resume()   (SIGSTOP/SIGCONT of the guest)
@@ -866,9 +913,10 @@ class _VsockProxy:
         end.peer = None
 
 
-def _relay_loop(tap_fd, eth_fd, vsock_fd, pidfd, init_pid):
+def _relay_loop(tap_fd, eth_fd, vsock_fd, pidfd, init_pid, console_fd=-1):
     """Guest VMM main loop: vsock proxy, guest exit, and the frames tap <-> eth0
-    when they go through Python (eth_fd >= 0; -1 with the kernel relay)."""
+    when they go through Python (eth_fd >= 0; -1 with the kernel relay).
+    Returns GUEST_RESET_EXIT when the guest rebooted, GUEST_POWEROFF_EXIT else."""
     ep = select.epoll()
     if eth_fd >= 0:
         ep.register(tap_fd, select.EPOLLIN)
@@ -900,12 +948,29 @@ def _relay_loop(tap_fd, eth_fd, vsock_fd, pidfd, init_pid):
                         pass   # eth0 down (EIO) or queue full: the frame is dropped, like a NIC
             elif fd == pidfd:
                 _, status = os.waitpid(init_pid, 0)
-                code = os.waitstatus_to_exitcode(status)
-                return code if code >= 0 else 128 - code
+                return _guest_outcome(status, console_fd)
             elif fd == vsock_fd:
                 proxy.accept(lsock)
             else:
                 proxy.event(fd, ev)
+
+
+GUEST_POWEROFF_EXIT = 0     # guest VMM exit codes: the guest powered off...
+GUEST_RESET_EXIT = 3        # ...or reset (the stand-in rebuilds the VM)
+
+
+def _guest_outcome(status, console_fd):
+    """What the end of the guest's init means.  reboot(2) in a child pid namespace
+    ("pid namespaces" in reboot(2)): the kernel kills the namespace's init, whose
+    parent then sees it killed by SIGHUP for LINUX_REBOOT_CMD_RESTART(2) and by
+    SIGINT for POWER_OFF/HALT.  So SIGHUP is a guest reset; everything else (the
+    agent's exit, POWER_OFF) is a power-off.  The console gets the kernel's line."""
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGHUP:
+        _console_write(console_fd, "cbox-standin: reboot: Restarting system\n")
+        return GUEST_RESET_EXIT
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGINT:
+        _console_write(console_fd, "cbox-standin: reboot: Power down\n")
+    return GUEST_POWEROFF_EXIT
 
 
 def _guest_init_main(console_fd, argv, env, close_fds):
@@ -1138,7 +1203,7 @@ def _guest_vmm_run(wr, tap_fd, vsock_fd, console_fd, net, kernel, why_not, argv,
     relay = f"kernel {kernel.veth}" if kernel is not None else ("python" if tap_fd >= 0 else "none")
     os.write(wr, f"OK {init_pid} {relay}\n".encode())
     os.close(wr)
-    return _relay_loop(tap_fd, eth_fd, vsock_fd, pidfd, init_pid)
+    return _relay_loop(tap_fd, eth_fd, vsock_fd, pidfd, init_pid, console_fd)
 
 
 # ---------------------------------------------------------------------------
@@ -1271,6 +1336,10 @@ class ProcessEngine:
             pass
         self.wait_exit()
 
+    def exit_reason(self):
+        """After the guest ended: "reset" (reboot(2) RESTART in the guest) or "poweroff"."""
+        return "reset" if self._code == GUEST_RESET_EXIT else "poweroff"
+
     def alive(self):
         if self.pid is None or self._code is not None:
             return False
@@ -1325,6 +1394,8 @@ class ProcessEngine:
         if self.pid is None:
             return
         if self.alive():
+            if timeout <= 0:                          # a hard stop (panicked guest): nothing of it runs again
+                self._signal_init(signal.SIGKILL)
             if self._paused:
                 self.resume()
             self._signal_init(signal.SIGTERM)         # init forwards it to the agent
@@ -1716,6 +1787,7 @@ class Standin:
         self.console_fd = None
         self.exit_code = None
         self.signal_received = None
+        self.hooks = []                 # test hooks to run: (SIGUSR1 | SIGUSR2 | "panic-reset", engine)
         self.sel = None
         self.listener = None
         self.lock_file = None
@@ -1782,8 +1854,13 @@ class Standin:
         def on_signal(signum, frame):
             self.signal_received = signum
 
+        def on_hook(signum, frame):
+            self.hooks.append((signum, None))
+
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGUSR1, on_hook)
+        signal.signal(signal.SIGUSR2, on_hook)
         self.log(f"API server listening on {self.api_path or 'fd ' + str(self.api_fd)} "
                  f"(cloud-hypervisor {VERSION} stand-in, pid {os.getpid()})")
         try:
@@ -1804,6 +1881,8 @@ class Standin:
                         self._on_engine_exit(obj)
                     if self.exit_code is not None:
                         break
+                while self.hooks and self.exit_code is None:
+                    self._run_hook(*self.hooks.pop(0))
                 if self.signal_received is not None and self.exit_code is None:
                     # CHV's signal handler writes exit_evt: the path of a vCPU error
                     self.log(f"received signal {signal.Signals(self.signal_received).name}: "
@@ -2144,6 +2223,7 @@ class Standin:
                 raise vm_error(500, action, "Error from device manager", "Cannot create virtio-vsock device",
                                f"Error binding vsock socket {vpath}", rust_io(e)) from None
             self.vsock_sock, self.vsock_path = vsock_sock, vpath
+            self.log(f"vsock socket bound at {vpath}")
         try:
             self.console_fd = self._open_console()
         except OSError as e:
@@ -2250,12 +2330,87 @@ class Standin:
             return
         self._unwatch_engine()
         code = engine.wait_exit()
+        reason = engine.exit_reason() if hasattr(engine, "exit_reason") else "poweroff"
+        if reason == "reset":
+            self.log(f"guest reset (engine exit status {code}): rebooting inside this process")
+            self._guest_reset()
+            return
         self.log(f"guest ended (engine exit status {code}): powered off")
         self.log("VM guest exit event")
         self.vmm_shutdown()
         self.exit_code = 0
 
-    def _stop_guest(self):
+    def _guest_reset(self, stop_timeout=None):
+        """CHV's control loop on reset_evt: vm_reboot; if that fails the loop ends
+        with Error::VmReboot and the process exits 1."""
+        self.log("VM reset event")
+        try:
+            self.vm_reboot(stop_timeout)
+        except ApiError as e:
+            self.log(f"Error rebooting VM: {' / '.join(e.messages[1:])}", logging.ERROR)
+            self.exit_code = 1
+
+    # ---- test hooks (module docstring, "Test hooks") ---------------------------
+
+    def _run_hook(self, hook, engine):
+        if hook == signal.SIGUSR1:
+            self._vcpu_error_hook()
+        elif hook == signal.SIGUSR2:
+            self._guest_panic_hook()
+        elif hook == "panic-reset" and engine is self.engine and engine is not None:
+            self._guest_reset(stop_timeout=0)
+
+    def _vcpu_error_hook(self):
+        """A vCPU thread's KVM_RUN fails (vmm/src/cpu.rs): it writes exit_evt, the
+        same event SIGTERM uses, and the control loop runs vmm_shutdown: the
+        process exits 0, as after a guest power-off; only the log tells them apart."""
+        if self.engine is None:
+            self.log("test hook SIGUSR1 (vCPU error): no VM is running, ignored", logging.WARNING)
+            return
+        self.log("VCPU generated error: VcpuRun(RunVcpu(cbox stand-in test hook SIGUSR1: "
+                 "simulated KVM_RUN failure))", logging.ERROR)
+        self.log("VM exit event")
+        self.vmm_shutdown()
+        self.exit_code = 0
+
+    def _guest_panic_hook(self):
+        """The guest kernel panics (process engine): the panic text on the console,
+        the pvpanic event when the VmConfig has "pvpanic": true (the panic notifier
+        runs before the kernel restarts), then what the guest's panic=N says:
+        N < 0 reset now, N > 0 "Rebooting in N seconds.." and reset after N s,
+        0 or absent: "---[ end Kernel panic ... ]---" and the guest hangs (its
+        processes stopped, the VM still Running)."""
+        if self.engine is None or self.state != "Running" or not isinstance(self.engine, ProcessEngine):
+            self.log("test hook SIGUSR2 (guest panic): no running process-engine guest, ignored",
+                     logging.WARNING)
+            return
+        why = "cbox-standin: guest panic (test hook SIGUSR2)"
+        engine = self.engine
+        engine.pause()                 # the panicking kernel runs no process of the guest any more
+        _console_write(self.console_fd, f"Kernel panic - not syncing: {why}\n")
+        if self.config.get("pvpanic") is True:
+            self.log("pvpanic got guest event panic")      # devices/src/pvpanic.rs
+            self.events.emit("guest", "panic", {"event": "panic"})
+        try:
+            timeout = int(cmdline_value((self.config.get("payload") or {}).get("cmdline"), "panic") or 0)
+        except ValueError:
+            timeout = 0
+        if timeout < 0:
+            self._guest_reset(stop_timeout=0)
+        elif timeout > 0:
+            _console_write(self.console_fd, f"Rebooting in {timeout} seconds..\n")
+
+            def later():
+                self.hooks.append(("panic-reset", engine))
+                os.write(self._wake_w, b"p")
+
+            timer = threading.Timer(timeout, later)
+            timer.daemon = True
+            timer.start()
+        else:
+            _console_write(self.console_fd, f"---[ end Kernel panic - not syncing: {why} ]---\n")
+
+    def _stop_guest(self, stop_timeout=None):
         """Stop the guest if any (also one that already ended) and free its
         resources; the config is kept.  Returns whether a guest was there."""
         if self.engine is None:
@@ -2264,7 +2419,7 @@ class Standin:
         engine, self.engine = self.engine, None
         self._unwatch_engine()
         try:
-            engine.stop(self.stop_timeout)
+            engine.stop(self.stop_timeout if stop_timeout is None else stop_timeout)
         finally:
             self.state = None
             self._release_boot_resources()
@@ -2280,14 +2435,14 @@ class Standin:
         self._stop_guest()
         self.events.emit("vm", "shutdown")
 
-    def vm_reboot(self):
+    def vm_reboot(self, stop_timeout=None):
         """A guest reset or PUT vm.reboot: the VM is rebuilt inside this process;
         its console devices are made again (File: truncated, Socket: bound again),
         the vsock socket too."""
         self.events.emit("vm", "rebooting")
         if self.engine is None:
             raise vm_error(404, "The VM could not reboot", "VM is not created")
-        self._stop_guest()
+        self._stop_guest(stop_timeout)
         self._boot("The VM could not reboot")
         self.events.emit("vm", "rebooted")
 

@@ -36,7 +36,10 @@ error ... emulation failure"), so KVM is opt-in.  Under TCG the engine adds
 tsc_early_khz=<host TSC kHz> to the kernel command line (see tcg_cmdline():
 without it about one boot in three hangs silently in TSC calibration).  CBOX_QEMU_BIN overrides the
 binary.  A guest power-off ends QEMU (-no-reboot also turns a guest reboot,
-e.g. panic=-1, into an exit), so alive() turns false.
+e.g. panic=-1, into an exit), so alive() turns false.  A second QMP monitor
+is followed for events: exit_reason() is "reset" when QEMU's SHUTDOWN event
+said guest-reset, and the stand-in then rebuilds the VM (starts QEMU again),
+as Cloud Hypervisor reboots inside its process.
 
 Pause/resume use QMP (stop/cont) over a Unix socket in a private temporary
 directory, with SIGSTOP/SIGCONT as the fallback.
@@ -117,6 +120,9 @@ class QemuEngine:
         self._stderr_thread = None
         self._paused_by_signal = False
         self._lock = threading.Lock()
+        self._events_thread = None
+        self.shutdown_reason = None  # QMP SHUTDOWN's reason: guest-shutdown, guest-reset, ...
+        self.on_event = None         # set by the stand-in: callable(source, event, properties)
         # set by the stand-in before start() (tests/fake_chv.py "Engine interface")
         self.console_fd = None       # fd for the guest console; else serial.file is opened
         self.console_in_fd = None    # Socket mode: serial input (QEMU's stdin), else none
@@ -194,7 +200,8 @@ class QemuEngine:
             args += ["-serial", "stdio"]
         else:          # Off / Null / Pty: not mapped, console discarded
             args += ["-serial", "null"]
-        args += ["-qmp", f"unix:{self._qmp_path},server=on,wait=off", "-monitor", "none"]
+        args += ["-qmp", f"unix:{self._qmp_path},server=on,wait=off",
+                 "-qmp", f"unix:{self._events_path},server=on,wait=off", "-monitor", "none"]
         return args
 
     # ---- lifecycle ----------------------------------------------------------
@@ -208,6 +215,7 @@ class QemuEngine:
             raise EngineError("CBOX_QEMU_ACCEL=kvm but /dev/kvm is not usable")
         self._tmp = tempfile.mkdtemp(prefix="cbq")
         self._qmp_path = os.path.join(self._tmp, "qmp.sock")
+        self._events_path = os.path.join(self._tmp, "qmp-events.sock")
         try:
             args = self._args()
         except EngineError:
@@ -250,7 +258,52 @@ class QemuEngine:
                 self._kill()
                 raise EngineError(f"qemu did not come up within {self.start_timeout:.0f}s")
             time.sleep(0.02)
+        self._watch_events()
         self.log(f"qemu engine: started pid {self.pid}")
+
+    def _watch_events(self):
+        """Follow QMP events on the second monitor (the first one serves one
+        command per connection): SHUTDOWN's reason tells a guest reset (which
+        -no-reboot turns into an exit, like a triple fault) from a power-off."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(5)
+        try:
+            s.connect(self._events_path)
+            f = s.makefile("rwb")
+            if "QMP" not in json.loads(f.readline() or b"{}"):
+                raise EngineError("no QMP greeting")
+            f.write(b'{"execute": "qmp_capabilities"}\n')
+            f.flush()
+            json.loads(f.readline() or b"{}")
+        except (OSError, ValueError, EngineError) as e:
+            s.close()
+            self.log(f"qemu engine: cannot follow QMP events ({e}): a guest reset will look like a power-off")
+            return
+        s.settimeout(None)
+
+        def follow():
+            with s:
+                for line in f:
+                    try:
+                        msg = json.loads(line)
+                    except ValueError:
+                        continue
+                    self._on_qmp_event(msg.get("event"), msg.get("data") or {})
+
+        self._events_thread = threading.Thread(target=follow, daemon=True, name="qmp-events")
+        self._events_thread.start()
+
+    def _on_qmp_event(self, event, data):
+        if event == "SHUTDOWN":
+            self.shutdown_reason = data.get("reason")
+            self.log(f"qemu engine: QMP SHUTDOWN (reason {self.shutdown_reason})")
+
+    def exit_reason(self):
+        """After QEMU exited: "reset" (the guest reset; -no-reboot made QEMU exit)
+        or "poweroff" (anything else)."""
+        if self._events_thread is not None:
+            self._events_thread.join(2)        # the SHUTDOWN event precedes QEMU's exit
+        return "reset" if self.shutdown_reason == "guest-reset" else "poweroff"
 
     def _read_stderr(self):
         for raw in self.proc.stderr:

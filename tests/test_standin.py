@@ -56,6 +56,17 @@ while True:
                                   "link": link}).encode() + b"\n")
         elif line.startswith("echo"):
             c.sendall(f.read(int(line.split()[1])))
+        elif line in ("reboot", "poweroff"):
+            # reboot(2) in the guest's pid namespace (never in the host's: checked first)
+            import ctypes
+            nspid = [l for l in open("/proc/self/status") if l.startswith("NSpid:")][0].split()[1:]
+            if len(nspid) < 2:
+                c.sendall(b"refused: not in a child pid namespace\n")
+                continue
+            c.sendall(b"bye\n")
+            c.close()
+            print("test-agent: " + line, flush=True)
+            ctypes.CDLL(None, use_errno=True).reboot(0x01234567 if line == "reboot" else 0x4321FEDC)
         elif line.startswith("exit"):
             c.sendall(b"bye\n")
             c.close()
@@ -866,9 +877,9 @@ def stat_is_socket(path):
 
 # ---- event monitor -------------------------------------------------------------
 
-def read_events(fd, want_last=("vmm", "shutdown"), timeout=10.0):
-    """Events from a non-blocking fd until `want_last` (pretty JSON, each + "\\n\\n")."""
-    data = b""
+def read_events(fd, want_last=("vmm", "shutdown"), timeout=10.0, data=b""):
+    """Events from a non-blocking fd until `want_last` (pretty JSON, each + "\\n\\n"),
+    after those in `data` (bytes read from it before)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -984,3 +995,213 @@ def test_event_monitor_guest_poweroff_and_fd(env, chv_schema):
     r = subprocess.run([sys.executable, str(STANDIN), "--api-socket", "path=/nonexistent/x",
                         "--event-monitor", "bogus"], capture_output=True, text=True, timeout=10)
     assert r.returncode == 1 and "--event-monitor" in r.stderr
+
+
+# ---- guest reset: reboot inside the process ----------------------------------------
+
+def vsock_command(s, command, timeout=10.0):
+    """Send one line to the test agent over the hybrid vsock (retrying until it listens)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with vsock_connect(s.vsock, 4031) as v:
+                if read_line(v).startswith(b"OK "):
+                    v.sendall(command.encode() + b"\n")
+                    return read_line(v)
+        except (FileNotFoundError, ConnectionRefusedError):
+            pass                                        # between two boots of a reboot
+        assert time.monotonic() < deadline, s.output()
+        time.sleep(0.05)
+
+
+def wait_for(fn, timeout=10.0, what=""):
+    deadline = time.monotonic() + timeout
+    while not fn():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def test_guest_reset_reboots_inside_the_process(env, chv_schema):
+    """reboot(2) RESTART in the guest: same VMM process, vm rebooting/rebooted,
+    the File-mode serial truncated, the vsock socket re-created, the guest boots
+    again; reboot(2) POWER_OFF ends the process (exit 0) as a power-off."""
+    fifo_r, fifo_w = os.pipe()
+    os.set_blocking(fifo_r, False)
+    s = env.standin(args=["--api-socket", f"path={env.dir / 'vm.api'}", "--event-monitor", f"fd={fifo_w}",
+                          "--log-file", str(env.dir / "vm.log"), "-v"], pass_fds=(fifo_w,))
+    os.close(fifo_w)
+    try:
+        assert s.put("vm.create", s.config(net=False, cmdline="cbox.vm=rst"))[0] == 204
+        assert s.put("vm.boot")[0] == 204
+        assert vsock_command(s, "info").startswith(b"{")
+        [agent] = agent_pids(env.dir)
+        assert vsock_command(s, "reboot") == b"bye\n", s.serial.read_text()
+        wait_for(lambda: "VM reset event" in s.log_file.read_text() and agent_pids(env.dir) not in ([], [agent]),
+                 what=s.output())
+        assert s.proc.poll() is None and s.state() == "Running"
+        assert json.loads(vsock_command(s, "info"))["hostname"] == "rst"   # booted again
+        assert f"vsock socket bound at {s.vsock}" in s.log_file.read_text().split("VM reset event")[1]
+        serial = s.serial.read_text()
+        assert "test-agent: reboot" not in serial and "Restarting system" not in serial   # truncated
+        assert serial.startswith("cbox-standin: Cloud Hypervisor")
+        assert s.put("vm.reboot") == (204, None)                             # the API does the same
+        assert json.loads(vsock_command(s, "info"))["hostname"] == "rst"
+        assert vsock_command(s, "poweroff") == b"bye\n"
+        assert s.wait_exit(10) == 0
+        _, events = read_events(fifo_r)
+    finally:
+        os.close(fifo_r)
+    assert names(events) == ["vmm starting", "vm booting", "vm booted", "vm rebooting", "vm rebooted",
+                             "vm rebooting", "vm rebooted", "vm shutdown", "vm deleted", "vmm shutdown"]
+    assert "Power down" in s.serial.read_text()
+    log = s.log_file.read_text()
+    assert "VM guest exit event" in log and "VM exit event" not in log
+    assert not os.path.exists(s.vsock) and wait_gone(lambda: agent_pids(env.dir), 5) == []
+
+
+QEMU_KERNEL = REPO / "out" / "vmlinuz"
+
+
+def need_qemu_kernel():
+    if not shutil.which("qemu-system-x86_64"):
+        pytest.skip("qemu-system-x86_64 is not installed")
+    if not QEMU_KERNEL.exists():
+        pytest.skip(f"{QEMU_KERNEL} missing (make images)")
+
+
+def test_qemu_engine_guest_reset_and_serial_socket(env, chv_schema):
+    """QEMU engine: a real kernel that panics (no root fs) with panic=-1 resets;
+    QEMU (-no-reboot) exits with SHUTDOWN reason guest-reset and the stand-in
+    rebuilds the VM in its process (vm rebooting, vm rebooted); the Socket-mode
+    serial carries the kernel's console and is bound again by the reboot."""
+    need_qemu_kernel()
+    rfd, wfd = os.pipe()
+    os.set_blocking(rfd, False)
+    s = env.standin(args=["--api-socket", f"path={env.dir / 'vm.api'}", "--event-monitor", f"fd={wfd}",
+                          "--log-file", str(env.dir / "vm.log"), "-v"], pass_fds=(wfd,),
+                    extra_env={"CBOX_STANDIN_ENGINE": "qemu"})
+    os.close(wfd)
+    sock_path = str(env.dir / "serial.sock")
+    cfg = {"payload": {"kernel": str(QEMU_KERNEL), "cmdline": "console=ttyS0 reboot=k panic=-1"},
+           "cpus": {"boot_vcpus": 1, "max_vcpus": 1}, "memory": {"size": 256 << 20},
+           "serial": {"mode": "Socket", "socket": sock_path}, "console": {"mode": "Off"}}
+    try:
+        assert s.put("vm.create", cfg) == (204, None)
+        assert s.put("vm.boot") == (204, None)
+        client = serial_client(sock_path)
+        text = read_until(client, b"Kernel panic - not syncing", timeout=120)
+        assert b"Linux version" in text                       # replayed from the ring
+        client.settimeout(60)
+        while client.recv(65536):                             # the reboot drops the old socket
+            pass
+        client.close()
+        deadline = time.monotonic() + 60
+        data = b""
+        while b'"rebooted"' not in data:
+            assert time.monotonic() < deadline, s.output()
+            try:
+                data += os.read(rfd, 65536)
+            except BlockingIOError:
+                time.sleep(0.1)
+        assert stat_is_socket(sock_path) and s.state() == "Running"
+        log = s.log_file.read_text()
+        assert "QMP SHUTDOWN (reason guest-reset)" in log and "VM reset event" in log
+        assert s.put("vmm.shutdown")[0] in (200, 204) and s.wait_exit(10) == 0
+        _, events = read_events(rfd, data=data)
+    finally:
+        os.close(rfd)
+    got = names(events)
+    assert got[:5] == ["vmm starting", "vm booting", "vm booted", "vm rebooting", "vm rebooted"], got
+    assert got[-3:] == ["vm shutdown", "vm deleted", "vmm shutdown"], got
+    assert not os.path.exists(sock_path)
+
+
+# ---- vCPU error and guest panic (test hooks) ---------------------------------------
+
+def events_standin(env, name="vm", **kw):
+    """A stand-in with --event-monitor on a pipe; returns (standin, read fd)."""
+    rfd, wfd = os.pipe()
+    os.set_blocking(rfd, False)
+    s = env.standin(name=name, args=["--api-socket", f"path={env.dir / (name + '.api')}",
+                                     "--event-monitor", f"fd={wfd}",
+                                     "--log-file", str(env.dir / (name + ".log")), "-v"], pass_fds=(wfd,), **kw)
+    os.close(wfd)
+    return s, rfd
+
+
+def test_vcpu_error_exits_0_like_a_poweroff(env, chv_schema):
+    """SIGUSR1 plays a vCPU error: exit code 0 and the events of a power-off;
+    only the log says "VM exit event" (not "VM guest exit event")."""
+    s, rfd = events_standin(env)
+    try:
+        s.proc.send_signal(signal.SIGUSR1)                  # no VM: ignored
+        assert s.put("vm.create", s.config(net=False, cmdline="cbox.vm=vcpu"))[0] == 204
+        assert s.put("vm.boot")[0] == 204
+        assert vsock_command(s, "info").startswith(b"{")
+        wait_for(lambda: "SIGUSR1 (vCPU error): no VM is running, ignored" in s.log_file.read_text())
+        s.proc.send_signal(signal.SIGUSR1)
+        assert s.wait_exit(10) == 0
+        _, events = read_events(rfd)
+    finally:
+        os.close(rfd)
+    assert names(events) == ["vmm starting", "vm booting", "vm booted", "vm shutdown", "vm deleted",
+                             "vmm shutdown"]
+    log = s.log_file.read_text()
+    assert "ERROR:fake_chv.py -- VCPU generated error: VcpuRun(" in log
+    assert "VM exit event" in log and "VM guest exit event" not in log
+    assert wait_gone(lambda: agent_pids(env.dir), 5) == [] and not os.path.exists(s.vsock)
+
+
+def test_guest_panic_hook(env, chv_schema):
+    """SIGUSR2 plays a guest kernel panic: console text, the pvpanic event (only
+    with "pvpanic": true), then panic=-1 resets (File serial truncated: the panic
+    text is gone), panic=0 hangs, panic=N resets after N seconds."""
+    s, rfd = events_standin(env)
+    sock_path = str(env.dir / "vm.serial.sock")
+    try:
+        cfg = s.config(net=False, cmdline="cbox.vm=pan reboot=k panic=-1", pvpanic=True)
+        assert s.put("vm.create", cfg)[0] == 204 and s.put("vm.boot")[0] == 204
+        assert vsock_command(s, "info").startswith(b"{")
+        [agent] = agent_pids(env.dir)
+        s.proc.send_signal(signal.SIGUSR2)
+        wait_for(lambda: agent_pids(env.dir) not in ([], [agent]), what=s.output())
+        assert json.loads(vsock_command(s, "info"))["hostname"] == "pan" and s.state() == "Running"
+        assert "Kernel panic" not in s.serial.read_text()          # File::create at the reboot
+        assert "VM reset event" in s.log_file.read_text() and "pvpanic got guest event panic" in s.log_file.read_text()
+        assert s.put("vm.delete")[0] == 204
+        # Socket mode: a client sees the panic before the reboot cuts it off; panic=1
+        cfg = s.config(net=False, cmdline="cbox.vm=pan1 panic=1",
+                       serial={"mode": "Socket", "socket": sock_path})
+        assert s.put("vm.create", cfg)[0] == 204 and s.put("vm.boot")[0] == 204
+        client = serial_client(sock_path)
+        read_until(client, b"test-agent: ready\n")
+        [agent] = agent_pids(env.dir)
+        s.proc.send_signal(signal.SIGUSR2)
+        text = read_until(client, b"Rebooting in 1 seconds..\n")
+        assert b"Kernel panic - not syncing: cbox-standin: guest panic" in text
+        wait_for(lambda: proc_state(agent) == "T")               # the panicked guest runs no more
+        client.settimeout(10)
+        while client.recv(65536):
+            pass
+        client.close()
+        assert json.loads(vsock_command(s, "info"))["hostname"] == "pan1"
+        assert s.put("vm.delete")[0] == 204
+        # panic=0 (no pvpanic): the guest hangs, the VM stays Running
+        cfg = s.config(net=False, cmdline="cbox.vm=pan0")
+        assert s.put("vm.create", cfg)[0] == 204 and s.put("vm.boot")[0] == 204
+        assert vsock_command(s, "info").startswith(b"{")
+        [agent] = agent_pids(env.dir)
+        s.proc.send_signal(signal.SIGUSR2)
+        wait_for(lambda: "---[ end Kernel panic" in s.serial.read_text())
+        assert proc_state(agent) == "T" and s.state() == "Running"
+        assert s.put("vmm.shutdown")[0] in (200, 204) and s.wait_exit(10) == 0
+        _, events = read_events(rfd)
+    finally:
+        os.close(rfd)
+    assert names(events) == [
+        "vmm starting", "vm booting", "vm booted", "guest panic", "vm rebooting", "vm rebooted",
+        "vm shutdown", "vm deleted",
+        "vm booting", "vm booted", "vm rebooting", "vm rebooted", "vm shutdown", "vm deleted",
+        "vm booting", "vm booted", "vm shutdown", "vm deleted", "vmm shutdown"]
+    assert [e["properties"] for e in events if e["source"] == "guest"] == [{"event": "panic"}]
+    assert wait_gone(lambda: agent_pids(env.dir), 5) == []
