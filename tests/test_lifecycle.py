@@ -65,6 +65,55 @@ def test_kill9_of_the_vmm_is_killed(cbox_server):
     assert "stopReason=killed" in cbox_server.log()
 
 
+# reboot(2) RESTART in the process guest's pid namespace kills that namespace's init
+# (reboot(2), "pid namespaces"): the stand-in's guest reset. The guard refuses to run
+# unless this is a child pid namespace (the host's /proc shows another pid for us);
+# in the host's it would reboot the machine.
+GUEST_REBOOT = ("sleep 0.3; python3 -c 'import ctypes, os, sys\n"
+                "sys.exit(97) if int(os.readlink(\"/proc/self\")) == os.getpid() else None\n"
+                "ctypes.CDLL(None, use_errno=True).reboot(0x01234567)'")
+
+
+def test_guest_reboot_stops_the_vm_and_keeps_its_console(cbox_server):
+    api = cbox_server.api
+    api.start_vm("rebooter")
+    write_console(api, "rebooter", "last words before the reset")
+    wait_for(lambda: "last words before the reset" in logs(api, "rebooter"), 10, "the console line")
+    assert api.post("/v1/vms/rebooter/exec", {"cmd": GUEST_REBOOT, "blocking": False})[0] == 200
+    vm = wait_stopped(api, "rebooter")
+    assert (vm["status"], vm["stopReason"]) == ("STOPPED", "guest-reboot"), vm
+    text = logs(api, "rebooter")
+    assert "cbox-agent" in text and "last words before the reset" in text
+    assert_runtime_gone(cbox_server, "rebooter")
+    assert "stopReason=guest-reboot" in cbox_server.log()
+
+
+def test_guest_panic_is_failed(cbox_server):
+    # the stand-in's test hook SIGUSR2: a guest kernel panic, reported through the pvpanic
+    # device cbox.py asks for ("pvpanic": true), then the reset panic=-1 makes
+    api = cbox_server.api
+    api.start_vm("panicky")
+    [pid] = cbox_server.vmm_pids()
+    os.kill(pid, signal.SIGUSR2)
+    vm = wait_stopped(api, "panicky")
+    assert (vm["status"], vm["stopReason"]) == ("FAILED", "guest-panic"), vm
+    text = logs(api, "panicky")
+    assert "cbox-agent" in text and "Kernel panic - not syncing" in text
+    assert_runtime_gone(cbox_server, "panicky")
+
+
+def test_vcpu_error_exit_0_is_a_crash(cbox_server):
+    # the stand-in's test hook SIGUSR1: a vCPU error ends the VMM with exit code 0 and the
+    # same events as a guest power-off (vmm/src/cpu.rs, exit_evt); only its log differs
+    api = cbox_server.api
+    api.start_vm("vcpu")
+    [pid] = cbox_server.vmm_pids()
+    os.kill(pid, signal.SIGUSR1)
+    vm = wait_stopped(api, "vcpu")
+    assert (vm["status"], vm["stopReason"]) == ("FAILED", "vmm-crash"), vm
+    assert_runtime_gone(cbox_server, "vcpu")
+
+
 def test_guest_poweroff_is_stopped(cbox_server):
     # SIGTERM to the guest's init: the agent (PID 1 in a VM) powers the guest off
     api = cbox_server.api
