@@ -468,3 +468,42 @@ def test_cbox_broken_image_fails_start_with_console(cbox_factory, tmp_path, kind
     assert all(v["status"] != "RUNNING" for v in listing["vms"]), listing
     server.api.delete("/v1/vms", timeout=60)
     server.assert_clean()
+
+
+def wait_stopped(api, name, timeout):
+    deadline = time.monotonic() + timeout
+    while True:
+        status, vm = api.get(f"/v1/vms/{name}")
+        assert status == 200, vm
+        if vm["status"] != "RUNNING":
+            return vm
+        assert time.monotonic() < deadline, f"VM {name} still RUNNING after {timeout}s"
+        time.sleep(0.2)
+
+
+def test_cbox_real_kernel_panic_and_reset_end_the_vm(cbox_factory):
+    """A real kernel panic (sysrq c; panic=-1 resets) and a real reset (sysrq b) end the VM
+    with their stopReason, the console from before kept (issue 8's reset policy)."""
+    need_images(KERNEL, INITRAMFS, ROOTFS)
+    need_qemu()
+    server = image_server(cbox_factory)
+    api = server.api
+    for name in ("panics", "resets"):
+        status, vm = api.post("/v1/vms", {"vmName": name}, timeout=BOOT_TIMEOUT + 30)
+        assert status == 200, f"{vm}\n{server.log()[-3000:]}"
+    pvpanic = api.exec("panics", "ls /sys/bus/pci/drivers")["stdout"].split().count("pvpanic-pci") == 1
+    print(f"\nguest pvpanic driver: {'loaded' if pvpanic else 'absent (the panic shows as its reset)'}")
+    api.post("/v1/vms/panics/exec", {"cmd": "sleep 0.5; echo c > /proc/sysrq-trigger", "blocking": False})
+    api.post("/v1/vms/resets/exec", {"cmd": "sleep 0.5; echo b > /proc/sysrq-trigger", "blocking": False})
+    vm = wait_stopped(api, "panics", 60)
+    # without the guest's pvpanic driver a panic shows only as the reset panic=-1 makes
+    assert (vm["status"], vm["stopReason"]) == (("FAILED", "guest-panic") if pvpanic else ("STOPPED", "guest-reboot")), vm
+    status, text = api.get("/v1/vms/panics/logs")
+    assert "cbox-agent: ready" in text and "Kernel panic - not syncing" in text, text[-3000:]
+    vm = wait_stopped(api, "resets", 60)
+    assert (vm["status"], vm["stopReason"]) == ("STOPPED", "guest-reboot"), vm
+    status, text = api.get("/v1/vms/resets/logs")
+    assert "cbox-agent: ready" in text, text[-3000:]
+    assert api.post("/v1/vms/resets/exec", {"cmd": "true"})[0] == 409
+    assert api.delete("/v1/vms", timeout=60)[0] == 200
+    server.assert_clean()
