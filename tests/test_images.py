@@ -470,14 +470,19 @@ def test_cbox_broken_image_fails_start_with_console(cbox_factory, tmp_path, kind
     server.assert_clean()
 
 
-def wait_stopped(api, name, timeout):
+def wait_stopped(server, name, timeout):
     deadline = time.monotonic() + timeout
     while True:
-        status, vm = api.get(f"/v1/vms/{name}")
+        status, vm = server.api.get(f"/v1/vms/{name}")
         assert status == 200, vm
         if vm["status"] != "RUNNING":
             return vm
-        assert time.monotonic() < deadline, f"VM {name} still RUNNING after {timeout}s"
+        if time.monotonic() > deadline:
+            vmm_log = server.state_dir / "vms" / name / "cloud-hypervisor.log"
+            console = server.api.get(f"/v1/vms/{name}/logs")[1]
+            raise AssertionError(f"VM {name} still RUNNING after {timeout}s\n--- console:\n{console[-2000:]}\n"
+                                 f"--- stand-in log:\n{vmm_log.read_text(errors='replace')[-3000:]}\n"
+                                 f"--- cbox.py:\n{server.log()[-2000:]}")
         time.sleep(0.2)
 
 
@@ -486,21 +491,26 @@ def test_cbox_real_kernel_panic_and_reset_end_the_vm(cbox_factory):
     with their stopReason, the console from before kept (issue 8's reset policy)."""
     need_images(KERNEL, INITRAMFS, ROOTFS)
     need_qemu()
-    server = image_server(cbox_factory)
+    # QEMU's microvm has no i8042 (Cloud Hypervisor has one, devices/src/legacy/i8042.rs):
+    # cbox's reboot=k then falls through the kernel's slower reset methods, at times never
+    # resetting; a triple fault (the last reboot= wins) resets at once.
+    server = image_server(cbox_factory, cmdline_extra="quiet reboot=t")
     api = server.api
     for name in ("panics", "resets"):
         status, vm = api.post("/v1/vms", {"vmName": name}, timeout=BOOT_TIMEOUT + 30)
         assert status == 200, f"{vm}\n{server.log()[-3000:]}"
     pvpanic = api.exec("panics", "ls /sys/bus/pci/drivers")["stdout"].split().count("pvpanic-pci") == 1
     print(f"\nguest pvpanic driver: {'loaded' if pvpanic else 'absent (the panic shows as its reset)'}")
-    api.post("/v1/vms/panics/exec", {"cmd": "sleep 0.5; echo c > /proc/sysrq-trigger", "blocking": False})
-    api.post("/v1/vms/resets/exec", {"cmd": "sleep 0.5; echo b > /proc/sysrq-trigger", "blocking": False})
-    vm = wait_stopped(api, "panics", 60)
+    for name, key in (("panics", "c"), ("resets", "b")):
+        status, body = api.post(f"/v1/vms/{name}/exec", {"cmd": f"sleep 0.5; echo {key} > /proc/sysrq-trigger",
+                                                         "blocking": False})
+        assert status == 200, body
+    vm = wait_stopped(server, "panics", 60)
     # without the guest's pvpanic driver a panic shows only as the reset panic=-1 makes
     assert (vm["status"], vm["stopReason"]) == (("FAILED", "guest-panic") if pvpanic else ("STOPPED", "guest-reboot")), vm
     status, text = api.get("/v1/vms/panics/logs")
     assert "cbox-agent: ready" in text and "Kernel panic - not syncing" in text, text[-3000:]
-    vm = wait_stopped(api, "resets", 60)
+    vm = wait_stopped(server, "resets", 60)
     assert (vm["status"], vm["stopReason"]) == ("STOPPED", "guest-reboot"), vm
     status, text = api.get("/v1/vms/resets/logs")
     assert "cbox-agent: ready" in text, text[-3000:]
