@@ -102,7 +102,8 @@ API (all under /api/v1/, serialized: one request at a time, keep-alive ok)
     PUT  vm.shutdown   204; guest gone, config kept (state Created)
     PUT  vm.delete     204; also when nothing exists
     PUT  vm.pause / vm.resume / vm.reboot / vm.power-button   204
-    PUT  vmm.shutdown  204, then the process exits 0
+    PUT  vmm.shutdown  200 with an empty body (Content-Type application/json,
+                       Content-Length 0: as v53, not 204), then the process exits 0
     GET  vm.counters   200 {} while a guest runs
 Error bodies are JSON arrays of strings, outer error first, root cause last:
     404 ["Not Found"]                          unknown endpoint
@@ -115,12 +116,17 @@ Error bodies are JSON arrays of strings, outer error first, root cause last:
                                                each starting with its JSON path
                                                ("$.net[0].macc: unknown field")
     404 ["Error from API", "The VM info is not available", "VM is not created"]
-        (and "The VM could not boot" ... for vm.boot, "The VM could not reboot"
-        for vm.reboot) before vm.create
+        before vm.create (vm.reboot: "The VM could not reboot", "VM is not
+        created"; vm.boot: "The VM could not boot", "VM config is missing")
     500 ["Error from API", "The VM could not be created", "VM is already created"]
     500 ["Error from API", "The VM could not boot", "VM is already created"]
     500 ["Error from API", "The VM could not shutdown", "VM is not running"]
-        (same shape for pause/resume/power-button/counters)
+        (same shape for pause/resume/power-button; vm.counters says "The VM
+        info is not available")
+    500 ["Error from API", "API response receive error", "receiving on a
+        closed channel"] for vm.create with serial mode Socket and no
+        serial.socket: v53's VMM thread panics (console_devices.rs unwraps
+        None) and the process exits 1; the stand-in does the same
     500 ["Error from API", "The VM could not boot", ...cause...] for: invalid
         configuration (memory.size not a multiple of 4096, boot_vcpus >
         max_vcpus, net num_queues/2 > boot_vcpus, disk num_queues >
@@ -130,10 +136,12 @@ Error bodies are JSON arrays of strings, outer error first, root cause last:
         stand-in"] for the other CHV endpoints (resize, hotplug, snapshot...).
 Deviations from CHV, on purpose: unknown VmConfig fields are errors (CHV
 ignores them); negative integers are rejected everywhere in a VmConfig (all
-CHV fields are unsigned); vm.boot before vm.create says "VM is not created"
-(v53 says "VM config is missing", also 404); 400s for vm.create without a
-body carry ["Bad Request"] (CHV sends no body); vm.info returns the config as
-sent (CHV fills in defaults).
+CHV fields are unsigned); 400s for vm.create without a body carry ["Bad Request"] (CHV sends no body),
+a body on a body-less action gets a second message; a request body without
+Content-Type: application/json is a 400 (CHV v53 accepts it); vm.info
+returns the config as sent (CHV fills in defaults); a vm.boot that fails
+leaves the VM Created (CHV v53 keeps the half-built VM: a second vm.boot
+says "VM is already created", vm.shutdown/vm.delete drop it).
 
 Process engine (default)
 ------------------------
@@ -1736,6 +1744,10 @@ class ApiError(Exception):
         self.messages = list(messages)
 
 
+class VmmPanic(Exception):
+    """CHV's VMM thread would panic here (the process then exits 1)."""
+
+
 def vm_error(status, action, *causes):
     return ApiError(status, "Error from API", action, *causes)
 
@@ -2076,7 +2088,7 @@ class Standin:
 
     def api_vm_counters(self):
         if self.state is None:
-            raise vm_error(500, "Error getting counters", "VM is not running")
+            raise vm_error(500, "The VM info is not available", "VM is not running")
         return {}
 
     def api_vm_create(self, body):
@@ -2103,7 +2115,15 @@ class Standin:
         self.config = config
         self.state = None
         self.log(f"VM created (serial: {(config.get('serial') or {}).get('mode', 'Null')})")
-        self._create_serial("The VM could not be created")
+        try:
+            self._create_serial("The VM could not be created")
+        except VmmPanic as e:
+            self.log(str(e), logging.ERROR)
+
+            def crash():                     # the VMM thread is gone: the process exits 1
+                self.exit_code = 1
+
+            return 500, ["Error from API", "API response receive error", "receiving on a closed channel"], crash
         return None
 
     def _serial(self):
@@ -2122,6 +2142,9 @@ class Standin:
         if mode not in ("File", "Socket"):
             self.console_ready = True
             return
+        if not path and mode == "Socket":
+            raise VmmPanic("thread 'vmm' panicked at vmm/src/console_devices.rs:259:90: "
+                           "called `Option::unwrap()` on a `None` value (serial mode Socket without serial.socket)")
         if not path:
             raise vm_error(500, action, "Error creating console devices", "Error creating console device",
                            f"serial mode {mode} needs serial.{mode.lower()}")
@@ -2170,7 +2193,7 @@ class Standin:
             raise vm_error(500, "The VM could not boot", "VM is already created")
         self.events.emit("vm", "booting")           # Vmm::vm_boot: before the config check
         if self.config is None:
-            raise vm_error(404, "The VM could not boot", "VM is not created")
+            raise vm_error(404, "The VM could not boot", "VM config is missing")
         self._boot("The VM could not boot")
         self.events.emit("vm", "booted")
         return None
@@ -2474,12 +2497,14 @@ class Standin:
         return None
 
     def api_vmm_shutdown(self):
+        """200 with an empty body (Content-Length: 0), not 204: vmm/src/api/http/
+        http_endpoint.rs VmmShutdown answers StatusCode::OK."""
         self.vmm_shutdown()
 
         def finish():
             self.exit_code = 0
 
-        return 204, None, finish
+        return 200, None, finish
 
     def api_vm_pause(self):
         if self.state is None:

@@ -397,8 +397,10 @@ def test_api_errors_and_lifecycle_without_boot(env, chv_schema):
     assert set(ping) == {"build_version", "version", "pid", "features"}
 
     assert s.get("vm.info", keep=True) == (404, ["Error from API", "The VM info is not available", "VM is not created"])
-    status, body = s.put("vm.boot", keep=True)
-    assert status == 404 and body[-1] == "VM is not created"
+    assert s.put("vm.boot", keep=True) == (404, ["Error from API", "The VM could not boot", "VM config is missing"])
+    assert s.put("vm.reboot", keep=True) == (404, ["Error from API", "The VM could not reboot", "VM is not created"])
+    assert s.get("vm.counters", keep=True) == (500, ["Error from API", "The VM info is not available",
+                                                     "VM is not running"])
     assert s.put("vm.shutdown", keep=True) == (500, ["Error from API", "The VM could not shutdown", "VM is not running"])
     assert s.put("vm.pause", keep=True)[0] == 500
     assert s.get("vm.nonsense", keep=True) == (404, ["Not Found"])
@@ -455,7 +457,7 @@ def test_api_errors_and_lifecycle_without_boot(env, chv_schema):
     assert s.put("vm.create", s.config())[0] == 500
     assert s.put("vm.delete")[0] == 204
 
-    assert s.put("vmm.shutdown", keep=True) == (204, None)
+    assert s.put("vmm.shutdown", keep=True) == (200, None)          # v53: 200, empty body
     assert s.wait_exit(5) == 0
     assert not os.path.exists(s.api_sock)
     log = s.log_file.read_text()
@@ -486,7 +488,7 @@ def test_stale_vsock_socket_fails_boot(env, chv_schema):
         assert time.monotonic() < deadline, "vsock never reached the agent"
         time.sleep(0.05)
     assert info["hostname"] == "novnet"
-    assert s.put("vmm.shutdown")[0] == 204
+    assert s.put("vmm.shutdown")[0] == 200
     assert s.wait_exit(5) == 0
     assert not os.path.exists(s.vsock)
     assert wait_gone(lambda: agent_pids(env.dir), 5) == []
@@ -551,7 +553,7 @@ def test_boot_network_lifecycle(env, chv_schema, relay):
     assert status == 500 and body[:2] == ["Error from API", "The VM could not boot"]
     assert "busy" in body[-1] and "os error 16" in body[-1]
     assert not os.path.exists(s2.vsock)
-    assert s2.put("vmm.shutdown")[0] == 204 and s2.wait_exit(5) == 0
+    assert s2.put("vmm.shutdown")[0] == 200 and s2.wait_exit(5) == 0
 
     # shutdown keeps the config; the guest and its vsock socket are gone
     assert s.put("vm.shutdown") == (204, None)
@@ -649,7 +651,7 @@ def test_kernel_relay_plumbing(env, chv_schema):
     assert s.put("vm.boot")[0] == 204
     assert guest_info(env.ns, s)["hostname"] == "vm" and echo(env.ns, 1 << 16)
     assert "stale0" not in env.ns.run("tc", "filter", "show", "dev", TAP, "egress").stdout
-    assert s.put("vmm.shutdown")[0] == 204 and s.wait_exit(5) == 0
+    assert s.put("vmm.shutdown")[0] == 200 and s.wait_exit(5) == 0
     assert host_veths(env.ns) == [] and not tap_clsact(env.ns)
 
 
@@ -684,7 +686,7 @@ def test_kernel_relay_failure_falls_back(env, chv_schema):
     assert note in log and "net relay python" in log
     assert not tap_clsact(env.ns) and env.ns.run("ip", "-o", "link", "show", "type", "veth").stdout == ""
     assert "cbveth2" in env.ns.run("ip", "-o", "link", "show", "type", "bridge").stdout   # not ours: kept
-    assert s.put("vmm.shutdown")[0] == 204 and s.wait_exit(5) == 0
+    assert s.put("vmm.shutdown")[0] == 200 and s.wait_exit(5) == 0
     # no tap, or the python mode: the netns is unshared, nothing else
     r = env.ns.run(sys.executable, "-c", "import fake_chv; print(fake_chv._unshare_net({}, 'kernel'))",
                    env=dict(os.environ, PYTHONPATH=str(STANDIN.parent)))
@@ -720,7 +722,7 @@ def test_without_schema_validation_is_skipped_loudly(env):
     cfg = s.config()
     cfg["not_a_field"] = 1
     assert s.put("vm.create", cfg)[0] == 204
-    assert s.put("vmm.shutdown")[0] == 204 and s.wait_exit(5) == 0
+    assert s.put("vmm.shutdown")[0] == 200 and s.wait_exit(5) == 0
 
 
 def test_with_the_real_guest_agent(env, chv_schema):
@@ -764,7 +766,7 @@ def test_with_the_real_guest_agent(env, chv_schema):
                 break
             reply += chunk
     assert reply.startswith(b"HTTP/1.") and b" 200 " in reply.split(b"\r\n", 1)[0]
-    assert s.put("vmm.shutdown")[0] == 204 and s.wait_exit(10) == 0
+    assert s.put("vmm.shutdown")[0] == 200 and s.wait_exit(10) == 0
 
 
 # ---- serial Socket mode --------------------------------------------------------
@@ -864,7 +866,7 @@ def test_serial_socket_mode(env, chv_schema):
                                              "Error creating console devices", "Error creating console device",
                                              "Address already in use (os error 98)"])
     assert s.state() == "Created"
-    assert s.put("vmm.shutdown")[0] in (200, 204) and s.wait_exit(5) == 0
+    assert s.put("vmm.shutdown")[0] == 200 and s.wait_exit(5) == 0
     assert stat_is_socket(sock_path)                 # never booted: left behind, as by CHV
 
 
@@ -924,7 +926,7 @@ def test_event_monitor_fifo_lifecycle(env, chv_schema):
         assert s.state() == "Running"
         assert s.put("vm.delete") == (204, None)
         assert s.put("vm.delete") == (204, None)           # nothing: no event
-        assert s.put("vmm.shutdown")[0] in (200, 204)
+        assert s.put("vmm.shutdown")[0] == 200
         assert s.wait_exit(5) == 0
         data, events = read_events(rfd)
     finally:
@@ -979,18 +981,18 @@ def test_event_monitor_guest_poweroff_and_fd(env, chv_schema):
                                             "--event-monitor", f"fd={wfd}"], pass_fds=(wfd,))
     os.close(wfd)
     assert s2.put("vm.create", s2.config(net=False, cmdline="cbox.vm=nr"))[0] == 204
-    assert s2.put("vmm.shutdown")[0] in (200, 204) and s2.wait_exit(5) == 0
+    assert s2.put("vmm.shutdown")[0] == 200 and s2.wait_exit(5) == 0
     # a regular file is truncated at start
     new_path = env.dir / "new-events.json"
     s4 = env.standin(name="new", args=["--api-socket", f"path={env.dir / 'new.api'}",
                                        "--event-monitor", f"path={new_path}"])
-    assert s4.put("vmm.shutdown")[0] in (200, 204) and s4.wait_exit(5) == 0
+    assert s4.put("vmm.shutdown")[0] == 200 and s4.wait_exit(5) == 0
     assert stat.S_IMODE(new_path.stat().st_mode) == 0o600          # CHV's umask 077
     path = env.dir / "events.json"
     path.write_text("stale\n" * 1000)
     s3 = env.standin(name="file", args=["--api-socket", f"path={env.dir / 'file.api'}",
                                         "--event-monitor", f"path={path}"])
-    assert s3.put("vmm.shutdown")[0] in (200, 204) and s3.wait_exit(5) == 0
+    assert s3.put("vmm.shutdown")[0] == 200 and s3.wait_exit(5) == 0
     assert path.read_text().startswith("{") and "stale" not in path.read_text()
     r = subprocess.run([sys.executable, str(STANDIN), "--api-socket", "path=/nonexistent/x",
                         "--event-monitor", "bogus"], capture_output=True, text=True, timeout=10)
@@ -1106,7 +1108,7 @@ def test_qemu_engine_guest_reset_and_serial_socket(env, chv_schema):
         assert stat_is_socket(sock_path) and s.state() == "Running"
         log = s.log_file.read_text()
         assert "QMP SHUTDOWN (reason guest-reset)" in log and "VM reset event" in log
-        assert s.put("vmm.shutdown")[0] in (200, 204) and s.wait_exit(10) == 0
+        assert s.put("vmm.shutdown")[0] == 200 and s.wait_exit(10) == 0
         _, events = read_events(rfd, data=data)
     finally:
         os.close(rfd)
@@ -1194,7 +1196,7 @@ def test_guest_panic_hook(env, chv_schema):
         s.proc.send_signal(signal.SIGUSR2)
         wait_for(lambda: "---[ end Kernel panic" in s.serial.read_text())
         assert proc_state(agent) == "T" and s.state() == "Running"
-        assert s.put("vmm.shutdown")[0] in (200, 204) and s.wait_exit(10) == 0
+        assert s.put("vmm.shutdown")[0] == 200 and s.wait_exit(10) == 0
         _, events = read_events(rfd)
     finally:
         os.close(rfd)
@@ -1205,3 +1207,28 @@ def test_guest_panic_hook(env, chv_schema):
         "vm booting", "vm booted", "vm shutdown", "vm deleted", "vmm shutdown"]
     assert [e["properties"] for e in events if e["source"] == "guest"] == [{"event": "panic"}]
     assert wait_gone(lambda: agent_pids(env.dir), 5) == []
+
+
+
+def test_vmm_shutdown_answers_200_empty_and_socket_without_path_crashes(env, chv_schema):
+    """v53: vmm.shutdown is 200 with Content-Length 0 (http_endpoint.rs VmmShutdown);
+    serial mode Socket without serial.socket panics the VMM thread: 500, exit 1."""
+    s = env.standin()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+        c.settimeout(5)
+        c.connect(s.api_sock)
+        c.sendall(b"PUT /api/v1/vmm.shutdown HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            chunk = c.recv(4096)
+            assert chunk, reply
+            reply += chunk
+    head = reply.split(b"\r\n\r\n")[0].decode().split("\r\n")
+    assert head[0].startswith("HTTP/1.1 200") and "Content-Length: 0" in head, head
+    assert s.wait_exit(5) == 0
+    s2 = env.standin(name="crash")
+    cfg = s2.config(net=False, serial={"mode": "Socket"})
+    assert s2.put("vm.create", cfg) == (500, ["Error from API", "API response receive error",
+                                              "receiving on a closed channel"])
+    assert s2.wait_exit(5) == 1
+    assert "panicked" in s2.log_file.read_text()
