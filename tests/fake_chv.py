@@ -269,6 +269,9 @@ Engine interface (CBOX_STANDIN_ENGINE=qemu loads tests/qemu_engine.py:QemuEngine
                             or None the stand-in calls wait_exit() in a thread
     engine.alive() -> bool
     engine.wait_exit()      blocks until the guest is gone, returns exit code
+    engine.on_event         set by the stand-in: callable(source, event,
+                            properties) for events the engine sees (QEMU:
+                            pvpanic's guest panic); callable from any thread
     engine.exit_reason()    after the guest is gone: "reset" (the stand-in
                             rebuilds the VM) or "poweroff" (optional; absent
                             means "poweroff")
@@ -2273,6 +2276,7 @@ class Standin:
             engine.vsock_listener = vsock_sock
             engine.console_fd = self.console_fd
             engine.console_in_fd = self.serial_manager.in_fd if self.serial_manager is not None else None
+            engine.on_event = self._guest_event
             engine.agent_argv = [os.environ.get("CBOX_STANDIN_PYTHON") or sys.executable, default_agent()]
             engine.guest_env = env
             if isinstance(engine, ProcessEngine) and not os.path.exists(engine.agent_argv[-1]):
@@ -2287,6 +2291,12 @@ class Standin:
         self.state = "Running"
         self._watch_engine(engine)
         self.log(f"VM booted (engine {type(engine).__name__}, pid {getattr(engine, 'pid', None)})")
+
+    def _guest_event(self, source, event, properties):
+        """An engine reports a device event (QEMU: pvpanic's GUEST_PANICKED); any thread."""
+        if (source, event) == ("guest", "panic"):
+            self.log(f"pvpanic got guest event {properties.get('event')}")
+        self.events.emit(source, event, properties)
 
     def _watch_engine(self, engine):
         pid = getattr(engine, "pid", None)

@@ -777,7 +777,10 @@ def read_until(sock, needle, timeout=10.0):
     deadline = time.monotonic() + timeout
     while needle not in data:
         sock.settimeout(max(0.01, deadline - time.monotonic()))
-        chunk = sock.recv(65536)
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            raise AssertionError(f"no {needle!r} within {timeout}s: {data[-1500:]!r}") from None
         assert chunk, f"EOF before {needle!r}: {data[-500:]!r}"
         data += chunk
     return data
@@ -1232,3 +1235,67 @@ def test_vmm_shutdown_answers_200_empty_and_socket_without_path_crashes(env, chv
                                               "receiving on a closed channel"])
     assert s2.wait_exit(5) == 1
     assert "panicked" in s2.log_file.read_text()
+
+
+def newc_cpio(entries):
+    """An uncompressed newc cpio of (name, mode, data) entries, with its trailer."""
+    out = bytearray()
+    for ino, (name, mode, data) in enumerate(entries + [("TRAILER!!!", 0, b"")], 1):
+        raw = name.encode() + b"\0"
+        fields = (ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(raw), 0)
+        out += b"070701" + "".join(f"{v:08X}" for v in fields).encode() + raw
+        out += b"\0" * (-len(out) % 4) + data
+        out += b"\0" * (-len(out) % 4)
+    return bytes(out)
+
+
+def test_qemu_engine_pvpanic(env, chv_schema):
+    """QEMU engine with "pvpanic": true: a guest that loads pvpanic_pci and panics
+    (sysrq c, typed on the Socket serial) gives the event source guest, event
+    panic, then its panic=-1 reset rebuilds the VM (vm rebooting, vm rebooted)."""
+    need_qemu_kernel()
+    mods = REPO / "build" / "kernel" / "modules" / "kernel" / "drivers" / "misc" / "pvpanic"
+    initramfs = REPO / "out" / "initramfs.cpio.gz"
+    if not (mods / "pvpanic-pci.ko").exists() or not initramfs.exists():
+        pytest.skip("pvpanic modules or initramfs missing (make images)")
+    image = env.dir / "initramfs-pvpanic"
+    base = initramfs.read_bytes()
+    base += b"\0" * (-len(base) % 4)          # the kernel takes a following cpio at a 4-byte boundary
+    image.write_bytes(base + newc_cpio(
+        [(name, 0o100644, (mods / name).read_bytes()) for name in ("pvpanic.ko", "pvpanic-pci.ko")]))
+    s, rfd = events_standin(env, extra_env={"CBOX_STANDIN_ENGINE": "qemu"})
+    sock_path = str(env.dir / "serial.sock")
+    cfg = {"payload": {"kernel": str(QEMU_KERNEL), "initramfs": str(image),
+                       "cmdline": "console=ttyS0 reboot=k panic=-1 rdinit=/bin/sh"},
+           "cpus": {"boot_vcpus": 1, "max_vcpus": 1}, "memory": {"size": 256 << 20}, "pvpanic": True,
+           "serial": {"mode": "Socket", "socket": sock_path}, "console": {"mode": "Off"}}
+    data = b""
+    try:
+        assert s.put("vm.create", cfg) == (204, None)
+        assert s.put("vm.boot") == (204, None)
+        client = serial_client(sock_path)
+        read_until(client, b"job control turned off", timeout=120)   # busybox sh on ttyS0
+        client.sendall(b"mount -t proc proc /proc; insmod /pvpanic.ko; insmod /pvpanic-pci.ko; "
+                       b"echo loaded-$((6*7))\n")
+        text = read_until(client, b"loaded-42", timeout=30)
+        client.sendall(b"echo c > /proc/sysrq-trigger\n")
+        text += read_until(client, b"Kernel panic - not syncing", timeout=60)
+        assert b"can't insert" not in text, text.decode(errors="replace")[-3000:]
+        client.close()
+        deadline = time.monotonic() + 60
+        while b'"rebooted"' not in data:
+            assert time.monotonic() < deadline, s.output()
+            try:
+                data += os.read(rfd, 65536)
+            except BlockingIOError:
+                time.sleep(0.1)
+        assert s.put("vmm.shutdown")[0] == 200 and s.wait_exit(10) == 0
+        _, events = read_events(rfd, data=data)
+    finally:
+        os.close(rfd)
+    got = names(events)
+    assert got[:6] == ["vmm starting", "vm booting", "vm booted", "guest panic", "vm rebooting",
+                       "vm rebooted"], got
+    assert events[3]["properties"] == {"event": "panic"}
+    log = s.log_file.read_text()
+    assert "QMP GUEST_PANICKED" in log and "pvpanic got guest event panic" in log
