@@ -95,7 +95,7 @@ Environment
 
 API (all under /api/v1/, serialized: one request at a time, keep-alive ok)
 ----------------------------------------------------------------------------
-    GET  vmm.ping      200 {"build_version","version":"53.0","pid","features":[]}
+    GET  vmm.ping      200 {"build_version","version":"53.0.0","pid","features":[]}
     PUT  vm.create     204; body VmConfig (schema-checked); creates serial file
     PUT  vm.boot       204; starts the engine
     GET  vm.info       200 {"config","state","memory_actual_size"}
@@ -300,7 +300,7 @@ import time
 import traceback
 from pathlib import Path
 
-VERSION = "53.0"
+VERSION = "53.0.0"                  # vmm.ping "version": CARGO_PKG_VERSION of v53.0 (seen: "53.0.0")
 BUILD_VERSION = "v53.0-cbox-standin"
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent

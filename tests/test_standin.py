@@ -393,7 +393,7 @@ def test_api_errors_and_lifecycle_without_boot(env, chv_schema):
     stale.close()
     s = env.standin(args=["--api-socket", str(env.dir / "vm.api"), "--log-file", str(env.dir / "vm.log")])
     status, ping = s.get("vmm.ping", keep=True)
-    assert status == 200 and ping["version"] == "53.0" and ping["pid"] == s.proc.pid
+    assert status == 200 and ping["version"] == "53.0.0" and ping["pid"] == s.proc.pid
     assert set(ping) == {"build_version", "version", "pid", "features"}
 
     assert s.get("vm.info", keep=True) == (404, ["Error from API", "The VM info is not available", "VM is not created"])
@@ -1299,3 +1299,20 @@ def test_qemu_engine_pvpanic(env, chv_schema):
     assert events[3]["properties"] == {"event": "panic"}
     log = s.log_file.read_text()
     assert "QMP GUEST_PANICKED" in log and "pvpanic got guest event panic" in log
+
+
+def test_guest_reset_with_network(env, chv_schema):
+    """A reset rebuilds the guest's network too: the old guest VMM frees the tap and
+    undoes its kernel relay, the new one attaches again; exec traffic works after."""
+    env.bridge()
+    s = env.standin()
+    boot_guest(env, s)
+    [agent] = agent_pids(env.dir)
+    with env.ns.connect((GUEST_IP, 4031), timeout=5) as c:
+        c.sendall(b"reboot\n")
+        assert c.recv(10) == b"bye\n"
+    wait_for(lambda: agent_pids(env.dir) not in ([], [agent]), what=s.output())
+    assert guest_info(env.ns, s)["hostname"] == "vm" and echo(env.ns, 1 << 16)
+    assert len(host_veths(env.ns)) == 1 and s.state() == "Running"
+    assert s.put("vmm.shutdown")[0] == 200 and s.wait_exit(5) == 0
+    assert host_veths(env.ns) == [] and not tap_clsact(env.ns)
