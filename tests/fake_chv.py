@@ -17,7 +17,9 @@ Command line (as cloud-hypervisor)
     fake_chv.py --api-socket fd=3                      (inherited listening socket)
     fake_chv.py --version | --help
 Options may also be written --opt=value.  -v may repeat (-v, -vv, -v -v).
-Any other argument: message on stderr, exit code 1.
+Any other argument: message on stderr, exit code 1.  Like CHV the stand-in
+sets umask 077: its log, serial file, event file and sockets are owner-only
+(the process guest runs with umask 022, as a guest's init would).
 
 API socket choice (v53 semantics): like CHV v53 the stand-in takes an
 exclusive flock on `<api socket>.lock` (created, and left behind on exit, as
@@ -1154,6 +1156,7 @@ def _guest_vmm_main(parent, wr, tap_fd, vsock_fd, console_fd, net, relay_mode, a
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
         signal.signal(s, signal.SIG_DFL)
     os.setsid()
+    os.umask(0o022)         # a guest kernel starts init with umask 0022, not the VMM's 077
     # Neutralize every inherited descriptor except ours: /dev/null over them
     # (not close) so a stand-in object collected here cannot close a new fd.
     keep = {0, 1, 2, wr, tap_fd, vsock_fd, console_fd, console_in_fd}
@@ -2636,6 +2639,7 @@ def setup_logging(log_file, verbose):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    os.umask(0o077)         # as cloud-hypervisor/src/main.rs: its files and sockets are owner-only
     try:
         opts = parse_args(argv)
         if opts.get("help"):

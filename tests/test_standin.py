@@ -831,6 +831,8 @@ def test_serial_socket_mode(env, chv_schema):
     cfg = s.config(net=False, cmdline="cbox.vm=serial", serial={"mode": "Socket", "socket": sock_path})
     assert s.put("vm.create", cfg) == (204, None)
     assert stat_is_socket(sock_path)
+    assert stat.S_IMODE(os.lstat(sock_path).st_mode) == 0o700      # CHV's umask 077
+    assert stat.S_IMODE(os.lstat(s.log_file).st_mode) == 0o600
     assert s.put("vm.boot") == (204, None)
     deadline = time.monotonic() + 10
     while not agent_pids(env.dir):
