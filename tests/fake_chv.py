@@ -17,7 +17,9 @@ Command line (as cloud-hypervisor)
     fake_chv.py --api-socket fd=3                      (inherited listening socket)
     fake_chv.py --version | --help
 Options may also be written --opt=value.  -v may repeat (-v, -vv, -v -v).
-Any other argument: message on stderr, exit code 1.
+Any other argument: message on stderr, exit code 1.  Like CHV the stand-in
+sets umask 077: its log, serial file, event file and sockets are owner-only
+(the process guest runs with umask 022, as a guest's init would).
 
 API socket choice (v53 semantics): like CHV v53 the stand-in takes an
 exclusive flock on `<api socket>.lock` (created, and left behind on exit, as
@@ -95,14 +97,15 @@ Environment
 
 API (all under /api/v1/, serialized: one request at a time, keep-alive ok)
 ----------------------------------------------------------------------------
-    GET  vmm.ping      200 {"build_version","version":"53.0","pid","features":[]}
+    GET  vmm.ping      200 {"build_version","version":"53.0.0","pid","features":[]}
     PUT  vm.create     204; body VmConfig (schema-checked); creates serial file
     PUT  vm.boot       204; starts the engine
     GET  vm.info       200 {"config","state","memory_actual_size"}
     PUT  vm.shutdown   204; guest gone, config kept (state Created)
     PUT  vm.delete     204; also when nothing exists
     PUT  vm.pause / vm.resume / vm.reboot / vm.power-button   204
-    PUT  vmm.shutdown  204, then the process exits 0
+    PUT  vmm.shutdown  200 with an empty body (Content-Type application/json,
+                       Content-Length 0: as v53, not 204), then the process exits 0
     GET  vm.counters   200 {} while a guest runs
 Error bodies are JSON arrays of strings, outer error first, root cause last:
     404 ["Not Found"]                          unknown endpoint
@@ -115,12 +118,17 @@ Error bodies are JSON arrays of strings, outer error first, root cause last:
                                                each starting with its JSON path
                                                ("$.net[0].macc: unknown field")
     404 ["Error from API", "The VM info is not available", "VM is not created"]
-        (and "The VM could not boot" ... for vm.boot, "The VM could not reboot"
-        for vm.reboot) before vm.create
+        before vm.create (vm.reboot: "The VM could not reboot", "VM is not
+        created"; vm.boot: "The VM could not boot", "VM config is missing")
     500 ["Error from API", "The VM could not be created", "VM is already created"]
     500 ["Error from API", "The VM could not boot", "VM is already created"]
     500 ["Error from API", "The VM could not shutdown", "VM is not running"]
-        (same shape for pause/resume/power-button/counters)
+        (same shape for pause/resume/power-button; vm.counters says "The VM
+        info is not available")
+    500 ["Error from API", "API response receive error", "receiving on a
+        closed channel"] for vm.create with serial mode Socket and no
+        serial.socket: v53's VMM thread panics (console_devices.rs unwraps
+        None) and the process exits 1; the stand-in does the same
     500 ["Error from API", "The VM could not boot", ...cause...] for: invalid
         configuration (memory.size not a multiple of 4096, boot_vcpus >
         max_vcpus, net num_queues/2 > boot_vcpus, disk num_queues >
@@ -130,10 +138,12 @@ Error bodies are JSON arrays of strings, outer error first, root cause last:
         stand-in"] for the other CHV endpoints (resize, hotplug, snapshot...).
 Deviations from CHV, on purpose: unknown VmConfig fields are errors (CHV
 ignores them); negative integers are rejected everywhere in a VmConfig (all
-CHV fields are unsigned); vm.boot before vm.create says "VM is not created"
-(v53 says "VM config is missing", also 404); 400s for vm.create without a
-body carry ["Bad Request"] (CHV sends no body); vm.info returns the config as
-sent (CHV fills in defaults).
+CHV fields are unsigned); 400s for vm.create without a body carry ["Bad Request"] (CHV sends no body),
+a body on a body-less action gets a second message; a request body without
+Content-Type: application/json is a 400 (CHV v53 accepts it); vm.info
+returns the config as sent (CHV fills in defaults); a vm.boot that fails
+leaves the VM Created (CHV v53 keeps the half-built VM: a second vm.boot
+says "VM is already created", vm.shutdown/vm.delete drop it).
 
 Process engine (default)
 ------------------------
@@ -261,6 +271,9 @@ Engine interface (CBOX_STANDIN_ENGINE=qemu loads tests/qemu_engine.py:QemuEngine
                             or None the stand-in calls wait_exit() in a thread
     engine.alive() -> bool
     engine.wait_exit()      blocks until the guest is gone, returns exit code
+    engine.on_event         set by the stand-in: callable(source, event,
+                            properties) for events the engine sees (QEMU:
+                            pvpanic's guest panic); callable from any thread
     engine.exit_reason()    after the guest is gone: "reset" (the stand-in
                             rebuilds the VM) or "poweroff" (optional; absent
                             means "poweroff")
@@ -289,7 +302,7 @@ import time
 import traceback
 from pathlib import Path
 
-VERSION = "53.0"
+VERSION = "53.0.0"                  # vmm.ping "version": CARGO_PKG_VERSION of v53.0 (seen: "53.0.0")
 BUILD_VERSION = "v53.0-cbox-standin"
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -1143,6 +1156,7 @@ def _guest_vmm_main(parent, wr, tap_fd, vsock_fd, console_fd, net, relay_mode, a
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
         signal.signal(s, signal.SIG_DFL)
     os.setsid()
+    os.umask(0o022)         # a guest kernel starts init with umask 0022, not the VMM's 077
     # Neutralize every inherited descriptor except ours: /dev/null over them
     # (not close) so a stand-in object collected here cannot close a new fd.
     keep = {0, 1, 2, wr, tap_fd, vsock_fd, console_fd, console_in_fd}
@@ -1736,6 +1750,10 @@ class ApiError(Exception):
         self.messages = list(messages)
 
 
+class VmmPanic(Exception):
+    """CHV's VMM thread would panic here (the process then exits 1)."""
+
+
 def vm_error(status, action, *causes):
     return ApiError(status, "Error from API", action, *causes)
 
@@ -2076,7 +2094,7 @@ class Standin:
 
     def api_vm_counters(self):
         if self.state is None:
-            raise vm_error(500, "Error getting counters", "VM is not running")
+            raise vm_error(500, "The VM info is not available", "VM is not running")
         return {}
 
     def api_vm_create(self, body):
@@ -2103,7 +2121,15 @@ class Standin:
         self.config = config
         self.state = None
         self.log(f"VM created (serial: {(config.get('serial') or {}).get('mode', 'Null')})")
-        self._create_serial("The VM could not be created")
+        try:
+            self._create_serial("The VM could not be created")
+        except VmmPanic as e:
+            self.log(str(e), logging.ERROR)
+
+            def crash():                     # the VMM thread is gone: the process exits 1
+                self.exit_code = 1
+
+            return 500, ["Error from API", "API response receive error", "receiving on a closed channel"], crash
         return None
 
     def _serial(self):
@@ -2122,6 +2148,9 @@ class Standin:
         if mode not in ("File", "Socket"):
             self.console_ready = True
             return
+        if not path and mode == "Socket":
+            raise VmmPanic("thread 'vmm' panicked at vmm/src/console_devices.rs:259:90: "
+                           "called `Option::unwrap()` on a `None` value (serial mode Socket without serial.socket)")
         if not path:
             raise vm_error(500, action, "Error creating console devices", "Error creating console device",
                            f"serial mode {mode} needs serial.{mode.lower()}")
@@ -2170,7 +2199,7 @@ class Standin:
             raise vm_error(500, "The VM could not boot", "VM is already created")
         self.events.emit("vm", "booting")           # Vmm::vm_boot: before the config check
         if self.config is None:
-            raise vm_error(404, "The VM could not boot", "VM is not created")
+            raise vm_error(404, "The VM could not boot", "VM config is missing")
         self._boot("The VM could not boot")
         self.events.emit("vm", "booted")
         return None
@@ -2250,6 +2279,7 @@ class Standin:
             engine.vsock_listener = vsock_sock
             engine.console_fd = self.console_fd
             engine.console_in_fd = self.serial_manager.in_fd if self.serial_manager is not None else None
+            engine.on_event = self._guest_event
             engine.agent_argv = [os.environ.get("CBOX_STANDIN_PYTHON") or sys.executable, default_agent()]
             engine.guest_env = env
             if isinstance(engine, ProcessEngine) and not os.path.exists(engine.agent_argv[-1]):
@@ -2264,6 +2294,12 @@ class Standin:
         self.state = "Running"
         self._watch_engine(engine)
         self.log(f"VM booted (engine {type(engine).__name__}, pid {getattr(engine, 'pid', None)})")
+
+    def _guest_event(self, source, event, properties):
+        """An engine reports a device event (QEMU: pvpanic's GUEST_PANICKED); any thread."""
+        if (source, event) == ("guest", "panic"):
+            self.log(f"pvpanic got guest event {properties.get('event')}")
+        self.events.emit(source, event, properties)
 
     def _watch_engine(self, engine):
         pid = getattr(engine, "pid", None)
@@ -2474,12 +2510,14 @@ class Standin:
         return None
 
     def api_vmm_shutdown(self):
+        """200 with an empty body (Content-Length: 0), not 204: vmm/src/api/http/
+        http_endpoint.rs VmmShutdown answers StatusCode::OK."""
         self.vmm_shutdown()
 
         def finish():
             self.exit_code = 0
 
-        return 204, None, finish
+        return 200, None, finish
 
     def api_vm_pause(self):
         if self.state is None:
@@ -2601,6 +2639,7 @@ def setup_logging(log_file, verbose):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    os.umask(0o077)         # as cloud-hypervisor/src/main.rs: its files and sockets are owner-only
     try:
         opts = parse_args(argv)
         if opts.get("help"):

@@ -22,6 +22,10 @@ Mapping of the VmConfig:
       serial manager (engine.console_fd, engine.console_in_fd), which gives
       serial.socket Cloud Hypervisor's semantics (tests/fake_chv.py SocketSerial)
   rng.src -> virtio-rng fed from that file
+  pvpanic: true -> -device pvpanic-pci (PCI transport only) and -action
+      panic=none: QMP GUEST_PANICKED becomes the stand-in's event source guest,
+      event panic (engine.on_event), and the guest goes on to its own panic=N
+      reset as under Cloud Hypervisor
   vsock -> NOT available: QEMU's vsock needs the host's vhost_vsock (absent
       here) and speaks kernel AF_VSOCK, not CHV's hybrid Unix socket; the
       engine logs this, and guest callbacks fail under this engine.
@@ -181,6 +185,12 @@ class QemuEngine:
                 dev += f",mac={n['mac']}"
             args += ["-netdev", f"tap,id=net{i},ifname={tap},script=no,downscript=no",
                      "-device", dev]
+        if c.get("pvpanic") is True:
+            # Cloud Hypervisor's pvpanic is a PCI device (devices/src/pvpanic.rs); QEMU's
+            # panic action "none" lets the guest go on to its own panic=N reset, as there
+            if self.transport != "pci":
+                raise EngineError("pvpanic needs CBOX_QEMU_TRANSPORT=pci (Cloud Hypervisor's is PCI)")
+            args += ["-device", "pvpanic-pci", "-action", "panic=none"]
         rng = c.get("rng") or {}
         src = rng.get("src") or "/dev/urandom"
         args += ["-object", f"rng-random,id=rng0,filename={src}",
@@ -297,6 +307,12 @@ class QemuEngine:
         if event == "SHUTDOWN":
             self.shutdown_reason = data.get("reason")
             self.log(f"qemu engine: QMP SHUTDOWN (reason {self.shutdown_reason})")
+        elif event == "GUEST_PANICKED":
+            # the guest's pvpanic driver wrote PVPANIC_PANICKED: CHV logs it and emits
+            # source guest, event panic, properties {"event": "panic"}
+            self.log(f"qemu engine: QMP GUEST_PANICKED (action {data.get('action')})")
+            if self.on_event is not None:
+                self.on_event("guest", "panic", {"event": "panic"})
 
     def exit_reason(self):
         """After QEMU exited: "reset" (the guest reset; -no-reboot made QEMU exit)

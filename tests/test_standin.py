@@ -393,12 +393,14 @@ def test_api_errors_and_lifecycle_without_boot(env, chv_schema):
     stale.close()
     s = env.standin(args=["--api-socket", str(env.dir / "vm.api"), "--log-file", str(env.dir / "vm.log")])
     status, ping = s.get("vmm.ping", keep=True)
-    assert status == 200 and ping["version"] == "53.0" and ping["pid"] == s.proc.pid
+    assert status == 200 and ping["version"] == "53.0.0" and ping["pid"] == s.proc.pid
     assert set(ping) == {"build_version", "version", "pid", "features"}
 
     assert s.get("vm.info", keep=True) == (404, ["Error from API", "The VM info is not available", "VM is not created"])
-    status, body = s.put("vm.boot", keep=True)
-    assert status == 404 and body[-1] == "VM is not created"
+    assert s.put("vm.boot", keep=True) == (404, ["Error from API", "The VM could not boot", "VM config is missing"])
+    assert s.put("vm.reboot", keep=True) == (404, ["Error from API", "The VM could not reboot", "VM is not created"])
+    assert s.get("vm.counters", keep=True) == (500, ["Error from API", "The VM info is not available",
+                                                     "VM is not running"])
     assert s.put("vm.shutdown", keep=True) == (500, ["Error from API", "The VM could not shutdown", "VM is not running"])
     assert s.put("vm.pause", keep=True)[0] == 500
     assert s.get("vm.nonsense", keep=True) == (404, ["Not Found"])
@@ -455,7 +457,7 @@ def test_api_errors_and_lifecycle_without_boot(env, chv_schema):
     assert s.put("vm.create", s.config())[0] == 500
     assert s.put("vm.delete")[0] == 204
 
-    assert s.put("vmm.shutdown", keep=True) == (204, None)
+    assert s.put("vmm.shutdown", keep=True) == (200, None)          # v53: 200, empty body
     assert s.wait_exit(5) == 0
     assert not os.path.exists(s.api_sock)
     log = s.log_file.read_text()
@@ -486,7 +488,7 @@ def test_stale_vsock_socket_fails_boot(env, chv_schema):
         assert time.monotonic() < deadline, "vsock never reached the agent"
         time.sleep(0.05)
     assert info["hostname"] == "novnet"
-    assert s.put("vmm.shutdown")[0] == 204
+    assert s.put("vmm.shutdown")[0] == 200
     assert s.wait_exit(5) == 0
     assert not os.path.exists(s.vsock)
     assert wait_gone(lambda: agent_pids(env.dir), 5) == []
@@ -551,7 +553,7 @@ def test_boot_network_lifecycle(env, chv_schema, relay):
     assert status == 500 and body[:2] == ["Error from API", "The VM could not boot"]
     assert "busy" in body[-1] and "os error 16" in body[-1]
     assert not os.path.exists(s2.vsock)
-    assert s2.put("vmm.shutdown")[0] == 204 and s2.wait_exit(5) == 0
+    assert s2.put("vmm.shutdown")[0] == 200 and s2.wait_exit(5) == 0
 
     # shutdown keeps the config; the guest and its vsock socket are gone
     assert s.put("vm.shutdown") == (204, None)
@@ -649,7 +651,7 @@ def test_kernel_relay_plumbing(env, chv_schema):
     assert s.put("vm.boot")[0] == 204
     assert guest_info(env.ns, s)["hostname"] == "vm" and echo(env.ns, 1 << 16)
     assert "stale0" not in env.ns.run("tc", "filter", "show", "dev", TAP, "egress").stdout
-    assert s.put("vmm.shutdown")[0] == 204 and s.wait_exit(5) == 0
+    assert s.put("vmm.shutdown")[0] == 200 and s.wait_exit(5) == 0
     assert host_veths(env.ns) == [] and not tap_clsact(env.ns)
 
 
@@ -684,7 +686,7 @@ def test_kernel_relay_failure_falls_back(env, chv_schema):
     assert note in log and "net relay python" in log
     assert not tap_clsact(env.ns) and env.ns.run("ip", "-o", "link", "show", "type", "veth").stdout == ""
     assert "cbveth2" in env.ns.run("ip", "-o", "link", "show", "type", "bridge").stdout   # not ours: kept
-    assert s.put("vmm.shutdown")[0] == 204 and s.wait_exit(5) == 0
+    assert s.put("vmm.shutdown")[0] == 200 and s.wait_exit(5) == 0
     # no tap, or the python mode: the netns is unshared, nothing else
     r = env.ns.run(sys.executable, "-c", "import fake_chv; print(fake_chv._unshare_net({}, 'kernel'))",
                    env=dict(os.environ, PYTHONPATH=str(STANDIN.parent)))
@@ -720,7 +722,7 @@ def test_without_schema_validation_is_skipped_loudly(env):
     cfg = s.config()
     cfg["not_a_field"] = 1
     assert s.put("vm.create", cfg)[0] == 204
-    assert s.put("vmm.shutdown")[0] == 204 and s.wait_exit(5) == 0
+    assert s.put("vmm.shutdown")[0] == 200 and s.wait_exit(5) == 0
 
 
 def test_with_the_real_guest_agent(env, chv_schema):
@@ -764,7 +766,7 @@ def test_with_the_real_guest_agent(env, chv_schema):
                 break
             reply += chunk
     assert reply.startswith(b"HTTP/1.") and b" 200 " in reply.split(b"\r\n", 1)[0]
-    assert s.put("vmm.shutdown")[0] == 204 and s.wait_exit(10) == 0
+    assert s.put("vmm.shutdown")[0] == 200 and s.wait_exit(10) == 0
 
 
 # ---- serial Socket mode --------------------------------------------------------
@@ -775,7 +777,10 @@ def read_until(sock, needle, timeout=10.0):
     deadline = time.monotonic() + timeout
     while needle not in data:
         sock.settimeout(max(0.01, deadline - time.monotonic()))
-        chunk = sock.recv(65536)
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            raise AssertionError(f"no {needle!r} within {timeout}s: {data[-1500:]!r}") from None
         assert chunk, f"EOF before {needle!r}: {data[-500:]!r}"
         data += chunk
     return data
@@ -826,6 +831,8 @@ def test_serial_socket_mode(env, chv_schema):
     cfg = s.config(net=False, cmdline="cbox.vm=serial", serial={"mode": "Socket", "socket": sock_path})
     assert s.put("vm.create", cfg) == (204, None)
     assert stat_is_socket(sock_path)
+    assert stat.S_IMODE(os.lstat(sock_path).st_mode) == 0o700      # CHV's umask 077
+    assert stat.S_IMODE(os.lstat(s.log_file).st_mode) == 0o600
     assert s.put("vm.boot") == (204, None)
     deadline = time.monotonic() + 10
     while not agent_pids(env.dir):
@@ -864,7 +871,7 @@ def test_serial_socket_mode(env, chv_schema):
                                              "Error creating console devices", "Error creating console device",
                                              "Address already in use (os error 98)"])
     assert s.state() == "Created"
-    assert s.put("vmm.shutdown")[0] in (200, 204) and s.wait_exit(5) == 0
+    assert s.put("vmm.shutdown")[0] == 200 and s.wait_exit(5) == 0
     assert stat_is_socket(sock_path)                 # never booted: left behind, as by CHV
 
 
@@ -924,7 +931,7 @@ def test_event_monitor_fifo_lifecycle(env, chv_schema):
         assert s.state() == "Running"
         assert s.put("vm.delete") == (204, None)
         assert s.put("vm.delete") == (204, None)           # nothing: no event
-        assert s.put("vmm.shutdown")[0] in (200, 204)
+        assert s.put("vmm.shutdown")[0] == 200
         assert s.wait_exit(5) == 0
         data, events = read_events(rfd)
     finally:
@@ -979,18 +986,18 @@ def test_event_monitor_guest_poweroff_and_fd(env, chv_schema):
                                             "--event-monitor", f"fd={wfd}"], pass_fds=(wfd,))
     os.close(wfd)
     assert s2.put("vm.create", s2.config(net=False, cmdline="cbox.vm=nr"))[0] == 204
-    assert s2.put("vmm.shutdown")[0] in (200, 204) and s2.wait_exit(5) == 0
+    assert s2.put("vmm.shutdown")[0] == 200 and s2.wait_exit(5) == 0
     # a regular file is truncated at start
     new_path = env.dir / "new-events.json"
     s4 = env.standin(name="new", args=["--api-socket", f"path={env.dir / 'new.api'}",
                                        "--event-monitor", f"path={new_path}"])
-    assert s4.put("vmm.shutdown")[0] in (200, 204) and s4.wait_exit(5) == 0
+    assert s4.put("vmm.shutdown")[0] == 200 and s4.wait_exit(5) == 0
     assert stat.S_IMODE(new_path.stat().st_mode) == 0o600          # CHV's umask 077
     path = env.dir / "events.json"
     path.write_text("stale\n" * 1000)
     s3 = env.standin(name="file", args=["--api-socket", f"path={env.dir / 'file.api'}",
                                         "--event-monitor", f"path={path}"])
-    assert s3.put("vmm.shutdown")[0] in (200, 204) and s3.wait_exit(5) == 0
+    assert s3.put("vmm.shutdown")[0] == 200 and s3.wait_exit(5) == 0
     assert path.read_text().startswith("{") and "stale" not in path.read_text()
     r = subprocess.run([sys.executable, str(STANDIN), "--api-socket", "path=/nonexistent/x",
                         "--event-monitor", "bogus"], capture_output=True, text=True, timeout=10)
@@ -1106,7 +1113,7 @@ def test_qemu_engine_guest_reset_and_serial_socket(env, chv_schema):
         assert stat_is_socket(sock_path) and s.state() == "Running"
         log = s.log_file.read_text()
         assert "QMP SHUTDOWN (reason guest-reset)" in log and "VM reset event" in log
-        assert s.put("vmm.shutdown")[0] in (200, 204) and s.wait_exit(10) == 0
+        assert s.put("vmm.shutdown")[0] == 200 and s.wait_exit(10) == 0
         _, events = read_events(rfd, data=data)
     finally:
         os.close(rfd)
@@ -1194,7 +1201,7 @@ def test_guest_panic_hook(env, chv_schema):
         s.proc.send_signal(signal.SIGUSR2)
         wait_for(lambda: "---[ end Kernel panic" in s.serial.read_text())
         assert proc_state(agent) == "T" and s.state() == "Running"
-        assert s.put("vmm.shutdown")[0] in (200, 204) and s.wait_exit(10) == 0
+        assert s.put("vmm.shutdown")[0] == 200 and s.wait_exit(10) == 0
         _, events = read_events(rfd)
     finally:
         os.close(rfd)
@@ -1205,3 +1212,109 @@ def test_guest_panic_hook(env, chv_schema):
         "vm booting", "vm booted", "vm shutdown", "vm deleted", "vmm shutdown"]
     assert [e["properties"] for e in events if e["source"] == "guest"] == [{"event": "panic"}]
     assert wait_gone(lambda: agent_pids(env.dir), 5) == []
+
+
+
+def test_vmm_shutdown_answers_200_empty_and_socket_without_path_crashes(env, chv_schema):
+    """v53: vmm.shutdown is 200 with Content-Length 0 (http_endpoint.rs VmmShutdown);
+    serial mode Socket without serial.socket panics the VMM thread: 500, exit 1."""
+    s = env.standin()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+        c.settimeout(5)
+        c.connect(s.api_sock)
+        c.sendall(b"PUT /api/v1/vmm.shutdown HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            chunk = c.recv(4096)
+            assert chunk, reply
+            reply += chunk
+    head = reply.split(b"\r\n\r\n")[0].decode().split("\r\n")
+    assert head[0].startswith("HTTP/1.1 200") and "Content-Length: 0" in head, head
+    assert s.wait_exit(5) == 0
+    s2 = env.standin(name="crash")
+    cfg = s2.config(net=False, serial={"mode": "Socket"})
+    assert s2.put("vm.create", cfg) == (500, ["Error from API", "API response receive error",
+                                              "receiving on a closed channel"])
+    assert s2.wait_exit(5) == 1
+    assert "panicked" in s2.log_file.read_text()
+
+
+def newc_cpio(entries):
+    """An uncompressed newc cpio of (name, mode, data) entries, with its trailer."""
+    out = bytearray()
+    for ino, (name, mode, data) in enumerate(entries + [("TRAILER!!!", 0, b"")], 1):
+        raw = name.encode() + b"\0"
+        fields = (ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(raw), 0)
+        out += b"070701" + "".join(f"{v:08X}" for v in fields).encode() + raw
+        out += b"\0" * (-len(out) % 4) + data
+        out += b"\0" * (-len(out) % 4)
+    return bytes(out)
+
+
+def test_qemu_engine_pvpanic(env, chv_schema):
+    """QEMU engine with "pvpanic": true: a guest that loads pvpanic_pci and panics
+    (sysrq c, typed on the Socket serial) gives the event source guest, event
+    panic, then its panic=-1 reset rebuilds the VM (vm rebooting, vm rebooted)."""
+    need_qemu_kernel()
+    mods = REPO / "build" / "kernel" / "modules" / "kernel" / "drivers" / "misc" / "pvpanic"
+    initramfs = REPO / "out" / "initramfs.cpio.gz"
+    if not (mods / "pvpanic-pci.ko").exists() or not initramfs.exists():
+        pytest.skip("pvpanic modules or initramfs missing (make images)")
+    image = env.dir / "initramfs-pvpanic"
+    base = initramfs.read_bytes()
+    base += b"\0" * (-len(base) % 4)          # the kernel takes a following cpio at a 4-byte boundary
+    image.write_bytes(base + newc_cpio(
+        [(name, 0o100644, (mods / name).read_bytes()) for name in ("pvpanic.ko", "pvpanic-pci.ko")]))
+    s, rfd = events_standin(env, extra_env={"CBOX_STANDIN_ENGINE": "qemu"})
+    sock_path = str(env.dir / "serial.sock")
+    cfg = {"payload": {"kernel": str(QEMU_KERNEL), "initramfs": str(image),
+                       "cmdline": "console=ttyS0 reboot=k panic=-1 rdinit=/bin/sh"},
+           "cpus": {"boot_vcpus": 1, "max_vcpus": 1}, "memory": {"size": 256 << 20}, "pvpanic": True,
+           "serial": {"mode": "Socket", "socket": sock_path}, "console": {"mode": "Off"}}
+    data = b""
+    try:
+        assert s.put("vm.create", cfg) == (204, None)
+        assert s.put("vm.boot") == (204, None)
+        client = serial_client(sock_path)
+        read_until(client, b"job control turned off", timeout=120)   # busybox sh on ttyS0
+        client.sendall(b"mount -t proc proc /proc; insmod /pvpanic.ko; insmod /pvpanic-pci.ko; "
+                       b"echo loaded-$((6*7))\n")
+        text = read_until(client, b"loaded-42", timeout=30)
+        client.sendall(b"echo c > /proc/sysrq-trigger\n")
+        text += read_until(client, b"Kernel panic - not syncing", timeout=60)
+        assert b"can't insert" not in text, text.decode(errors="replace")[-3000:]
+        client.close()
+        deadline = time.monotonic() + 60
+        while b'"rebooted"' not in data:
+            assert time.monotonic() < deadline, s.output()
+            try:
+                data += os.read(rfd, 65536)
+            except BlockingIOError:
+                time.sleep(0.1)
+        assert s.put("vmm.shutdown")[0] == 200 and s.wait_exit(10) == 0
+        _, events = read_events(rfd, data=data)
+    finally:
+        os.close(rfd)
+    got = names(events)
+    assert got[:6] == ["vmm starting", "vm booting", "vm booted", "guest panic", "vm rebooting",
+                       "vm rebooted"], got
+    assert events[3]["properties"] == {"event": "panic"}
+    log = s.log_file.read_text()
+    assert "QMP GUEST_PANICKED" in log and "pvpanic got guest event panic" in log
+
+
+def test_guest_reset_with_network(env, chv_schema):
+    """A reset rebuilds the guest's network too: the old guest VMM frees the tap and
+    undoes its kernel relay, the new one attaches again; exec traffic works after."""
+    env.bridge()
+    s = env.standin()
+    boot_guest(env, s)
+    [agent] = agent_pids(env.dir)
+    with env.ns.connect((GUEST_IP, 4031), timeout=5) as c:
+        c.sendall(b"reboot\n")
+        assert c.recv(10) == b"bye\n"
+    wait_for(lambda: agent_pids(env.dir) not in ([], [agent]), what=s.output())
+    assert guest_info(env.ns, s)["hostname"] == "vm" and echo(env.ns, 1 << 16)
+    assert len(host_veths(env.ns)) == 1 and s.state() == "Running"
+    assert s.put("vmm.shutdown")[0] == 200 and s.wait_exit(5) == 0
+    assert host_veths(env.ns) == [] and not tap_clsact(env.ns)
