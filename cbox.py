@@ -7,11 +7,13 @@ One asyncio program, standard library only (Python 3.10+). Sections, in order:
   2. HTTP            one small HTTP/1.1 implementation: message reading, a
                      keep-alive client (Unix or TCP, used for Cloud Hypervisor, the
                      guest agents and callback URLs), response building
-  3. Hypervisor      CloudHypervisor: the REST API over the VMM's Unix socket
+  3. Hypervisor      CloudHypervisor: the REST API over the VMM's Unix socket;
+                     rate-bounded readers of its serial socket and event FIFO
   4. Network         bridge, persistent taps, port isolation, iptables chains
   5. Allocation      guest IPs, vsock CIDs, tap names; request validation
   6. VM manager      VM records on disk, start / destroy / adopt, process
-                     supervision, exec forwarding, the callback bridge
+                     supervision and how a VM ends (stopReason), bounded
+                     console logs, exec forwarding, the callback bridge
   7. REST server     routes of contract section 1, auth, limits, request log
   8. CLI             `serve`, `selftest` (a new host's end-to-end check), and a
                      small client: `vm start|ls|rm`, `exec`
@@ -214,6 +216,7 @@ CONFIG_KEYS = {
     "http_head_timeout_s": (float, 30.0, "time a new REST connection has to send its first request head"),
     "http_body_timeout_s": (float, 60.0, "time a REST client has to send a request body (and to read an answer)"),
     "http_idle_timeout_s": (float, 120.0, "keep-alive REST connections idle longer are closed"),
+    "console_max_bytes": (int, 1024 * 1024, "serial console output kept per VM (newest), besides its first 64 KiB"),
     "destroy_on_exit": (bool, False, "destroy all VMs when cbox.py stops (default: leave them for the next start)"),
 }
 
@@ -299,6 +302,8 @@ def check_config(cfg, source):
                 "max_memory_mb", "max_vms", "exec_output_limit_bytes", "max_request_bytes"):
         if getattr(cfg, key) <= 0:
             bad(f"{key} must be positive")
+    if cfg.console_max_bytes < 4096:
+        bad("console_max_bytes must be at least 4096")
     if not 0 < cfg.guest_mem_percentage <= 100:
         bad("guest_mem_percentage must be 1..100")
     for key in ("boot_timeout_s", "shutdown_timeout_s", "exec_timeout_s", "exec_max_timeout_s", "callback_timeout_s",
@@ -719,17 +724,186 @@ class CloudHypervisor:
     async def boot(self):
         await self.call("PUT", "vm.boot", timeout=60.0)
 
-    async def shutdown(self):
-        await self.call("PUT", "vm.shutdown", timeout=10.0)
-
-    async def delete(self):
-        await self.call("PUT", "vm.delete", timeout=10.0)
-
-    async def shutdown_vmm(self):
-        await self.call("PUT", "vmm.shutdown", timeout=10.0)
-
     def close(self):
         self.http.close()
+
+
+class RateBudget:
+    """A token bucket: `rate` units a second, at most `burst` saved up."""
+
+    def __init__(self, rate, burst):
+        self.rate, self.burst = rate, burst
+        self.tokens, self.stamp = burst, time.monotonic()
+
+    def spend(self, amount):
+        """Take `amount`; returns how long to wait before spending again (0: go on)."""
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate) - amount
+        self.stamp = now
+        return max(0.0, -self.tokens / self.rate)
+
+
+class BoundedReader:
+    """Reads one non-blocking fd from the event loop, at most `rate` bytes a second.
+
+    Past its budget it stops reading for a while, so one guest's flood never starves
+    the loop or other VMs. Safe for what Cloud Hypervisor writes: it never blocks on
+    us (serial: vmm/src/serial_manager.rs keeps the newest 1 MiB and drops the oldest;
+    events: event_monitor writes non-blocking and ignores EAGAIN)."""
+
+    CHUNK = 64 * 1024
+
+    def __init__(self, fd, rate, burst):
+        self.fd = fd
+        self.budget = RateBudget(rate, burst)
+        self.loop = asyncio.get_running_loop()
+        self.resume_handle = None
+        self.ended = asyncio.Event()
+        self.loop.add_reader(fd, self._readable)
+
+    def _readable(self):
+        try:
+            data = os.read(self.fd, self.CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close()
+            return
+        self.received(data)
+        wait = self.budget.spend(len(data))
+        if wait and self.fd is not None:
+            self.loop.remove_reader(self.fd)
+            self.resume_handle = self.loop.call_later(wait, self._resume)
+
+    def _resume(self):
+        self.resume_handle = None
+        if self.fd is not None:
+            self.loop.add_reader(self.fd, self._readable)
+
+    def read_pending(self, limit=256 * 1024):
+        """Read what is buffered now, ignoring the budget (bounded by `limit`)."""
+        while self.fd is not None and limit > 0:
+            try:
+                data = os.read(self.fd, min(limit, self.CHUNK))
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self.close()
+                return
+            limit -= len(data)
+            self.received(data)
+
+    async def wait_end(self, timeout):
+        """Wait until the writer closed its end (everything it wrote has been read)."""
+        if self.resume_handle:        # the deadline bounds this: catching up is fine now
+            self.resume_handle.cancel()
+            self._resume()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await within(timeout, self.ended.wait())
+
+    def received(self, data):
+        raise NotImplementedError
+
+    def close(self):
+        if self.fd is None:
+            return
+        if self.resume_handle:
+            self.resume_handle.cancel()
+            self.resume_handle = None
+        else:
+            self.loop.remove_reader(self.fd)
+        os.close(self.fd)
+        self.fd = None
+        self.ended.set()
+
+
+class SerialConsole(BoundedReader):
+    """The guest's serial console: a client of the VMM's `Socket`-mode serial listener.
+
+    Cloud Hypervisor binds the listener at vm.create (vmm/src/console_devices.rs
+    pre_create_console_devices; an existing file there fails vm.create with
+    EADDRINUSE), buffers the newest 1 MiB until a client connects and replays it
+    then (serial_manager.rs SocketConsole), so cbox.py may connect after vm.create
+    or again after a restart. It closes the connection when the VM's devices go
+    (shutdown, reset) or when another client connects."""
+
+    RATE = 256 * 1024          # bytes a second per VM, read and written to disk
+    BURST = 2 * 1024 * 1024    # room for the VMM's 1 MiB replay after a (re)connect
+
+    def __init__(self, path, sink):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.connect(str(path))
+        except OSError as e:
+            sock.close()
+            raise HypervisorError(f"serial console socket {path}: {e.strerror or e}")
+        self.sink = sink
+        super().__init__(sock.detach(), self.RATE, self.BURST)
+
+    def received(self, data):
+        self.sink(data)
+
+
+class EventMonitor(BoundedReader):
+    """The VMM's `--event-monitor path=FIFO` stream: pretty-printed JSON objects, each
+    followed by a blank line (event_monitor/src/lib.rs, vmm/src/lib.rs
+    start_event_monitor_thread).
+
+    cbox.py makes the FIFO and opens it O_RDONLY|O_NONBLOCK before spawning the VMM:
+    the VMM opens it for writing with create+truncate (cloud-hypervisor/src/main.rs),
+    which on a FIFO blocks until a reader exists. It writes non-blocking and ignores
+    EAGAIN, so an event can arrive cut short; such a piece is skipped. With no reader
+    its writes fail with EPIPE (it ignores SIGPIPE), so a restarted cbox.py just opens
+    the FIFO again. A guest can cause device events at will: bytes and events are
+    bounded per VM, and device events are skipped unparsed."""
+
+    RATE, BURST = 64 * 1024, 256 * 1024      # bytes a second
+    EVENT_RATE, EVENT_BURST = 20, 100        # parsed events a second
+    MAX_EVENT = 16 * 1024
+    RELEVANT = (b'"source": "vm"', b'"source": "guest"', b'"source": "vmm"')
+
+    def __init__(self, path, on_event):
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        self.on_event = on_event
+        self.pending = b""
+        self.events = RateBudget(self.EVENT_RATE, self.EVENT_BURST)
+        super().__init__(fd, self.RATE, self.BURST)
+
+    @staticmethod
+    def make_fifo(path):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.mkfifo(path, 0o600)
+
+    def received(self, data):
+        pieces = (self.pending + data).split(b"\n\n")
+        self.pending = pieces.pop()
+        if len(self.pending) > self.MAX_EVENT:       # no separator for that long: not an event
+            self.pending = b""
+        for piece in pieces:
+            if any(tag in piece for tag in self.RELEVANT):
+                self.parse(piece)
+
+    def parse(self, piece):
+        if self.events.spend(1):
+            return
+        event = None
+        # an event cut short (EAGAIN) runs into the next one: the last object start wins
+        last = piece.rfind(b'{\n  "timestamp"')
+        for start in (0, last) if last > 0 else (0,):
+            try:
+                event = json.loads(piece[start:])
+                break
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                continue
+        if isinstance(event, dict) and isinstance(event.get("source"), str) and isinstance(event.get("event"), str):
+            props = event.get("properties")
+            self.on_event(event["source"], event["event"], props if isinstance(props, dict) else {})
 
 
 # =============================================================================
@@ -1135,6 +1309,25 @@ def find_vmm_pid(api_socket):
     return None
 
 
+def signal_name(number):
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def reset_in_vmm_log(chv_log):
+    """(stopReason, message) when the VMM's -v log shows a guest reset or panic: it mirrors
+    every event ("Event: source = vm event = rebooting", event_monitor event_log), also
+    those the FIFO dropped or nobody read while cbox.py was down."""
+    text = tail_bytes(chv_log, 1024 * 1024)
+    if b"Event: source = guest event = panic event = panic" in text:
+        return "guest-panic", "the guest kernel panicked"
+    if b"Event: source = vm event = rebooting" in text:
+        return "guest-reboot", "the guest reset itself (reboot)"
+    return None
+
+
 class ProcessWatch:
     """Watches one VMM process through a pidfd (works for children and adopted processes)."""
 
@@ -1192,7 +1385,7 @@ class VM:
     """One VM: its public fields, its files, and its live runtime (process, clients, listener)."""
 
     RECORD_FIELDS = ("vmName", "status", "ip", "tapDeviceName", "callbackUrl", "cid", "vcpus",
-                     "memoryMb", "createdAt", "phase", "pid", "pidStart", "mac", "error")
+                     "memoryMb", "createdAt", "phase", "pid", "pidStart", "mac", "error", "stopReason")
 
     def __init__(self, **fields):
         for key in self.RECORD_FIELDS:
@@ -1202,6 +1395,10 @@ class VM:
         self.chv = None            # CloudHypervisor client
         self.agent = None          # HttpClient of the guest agent
         self.callback_server = None
+        self.console = None        # ConsoleLog
+        self.serial = None         # SerialConsole reading the VMM's serial socket
+        self.events = None         # EventMonitor reading the VMM's event FIFO
+        self.reset = None          # (stopReason, message) of a reset seen while starting
 
     @property
     def address(self):
@@ -1209,7 +1406,7 @@ class VM:
 
     def api(self):
         return {k: getattr(self, k) for k in ("vmName", "status", "ip", "tapDeviceName", "callbackUrl",
-                                               "cid", "vcpus", "memoryMb", "createdAt")}
+                                               "cid", "vcpus", "memoryMb", "createdAt", "stopReason")}
 
     def record(self):
         return {k: getattr(self, k) for k in self.RECORD_FIELDS}
@@ -1225,8 +1422,9 @@ class VmPaths:
         self.api_socket = self.run_dir / "api.sock"
         self.vsock_socket = self.run_dir / "vsock.sock"
         self.callback_socket = Path(f"{self.vsock_socket}_{cfg.callback_port}")
+        self.serial_socket = self.run_dir / "serial.sock"
+        self.events_fifo = self.run_dir / "events.fifo"
         self.disk = self.vm_dir / "stateful.ext4"
-        self.serial = self.vm_dir / "console.log"
         self.chv_log = self.vm_dir / "cloud-hypervisor.log"
         self.chv_out = self.vm_dir / "cloud-hypervisor.out"
 
@@ -1245,19 +1443,115 @@ def write_atomically(path, data):
         raise
 
 
-def tail_file(path, limit=64 * 1024):
+def tail_bytes(path, limit):
+    """The last `limit` bytes of a file (b"" when it is missing)."""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
             size = f.tell()
             f.seek(max(0, size - limit))
-            return f.read().decode("utf-8", "replace")
+            return f.read()
     except OSError:
-        return ""
+        return b""
 
 
-def console_tail(path, lines=15):
-    text = tail_file(path, 8192).strip().splitlines()[-lines:]
+def tail_file(path, limit=64 * 1024):
+    return tail_bytes(path, limit).decode("utf-8", "replace")
+
+
+def file_size(path):
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+class ConsoleLog:
+    """A VM's serial console output on disk, bounded, O(1) work per chunk.
+
+    The first BOOT_BYTES stay for good (console.boot.log); after them the newest
+    `max_bytes` are kept in two halves: console.log grows to half the budget, then
+    becomes console.log.1 (the .1 before it is dropped and counted in
+    console.dropped)."""
+
+    BOOT_BYTES = 64 * 1024
+
+    def __init__(self, vm_dir, max_bytes):
+        self.boot_path = vm_dir / "console.boot.log"
+        self.path = vm_dir / "console.log"
+        self.old_path = vm_dir / "console.log.1"
+        self.dropped_path = vm_dir / "console.dropped"
+        self.half = max_bytes // 2
+        self.boot_size = file_size(self.boot_path)
+        self.size = file_size(self.path)
+        self.fds = {}
+        self.failed = False
+
+    def append(self, data):
+        try:
+            if self.boot_size < self.BOOT_BYTES:
+                head = data[:self.BOOT_BYTES - self.boot_size]
+                self.write(self.boot_path, head)
+                self.boot_size += len(head)
+                data = data[len(head):]
+            while data:
+                if self.size >= self.half:
+                    self.rotate()
+                part = data[:self.half - self.size]
+                self.write(self.path, part)
+                self.size += len(part)
+                data = data[len(part):]
+        except OSError as e:       # a full disk: the console is lost, the VM is not
+            if not self.failed:
+                log("cannot write console log", path=self.path, error=repr(str(e)))
+            self.failed = True
+
+    def write(self, path, data):
+        fd = self.fds.get(path)
+        if fd is None:
+            fd = self.fds[path] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        os.write(fd, data)
+
+    def rotate(self):
+        dropped = self.dropped() + file_size(self.old_path)
+        with contextlib.suppress(KeyError):
+            os.close(self.fds.pop(self.path))
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(self.path, self.old_path)
+        if dropped:
+            write_atomically(self.dropped_path, str(dropped).encode())
+        self.size = 0
+
+    def dropped(self):
+        try:
+            return int(self.dropped_path.read_bytes())
+        except (OSError, ValueError):
+            return 0
+
+    def text(self):
+        """What GET /logs shows: the boot lines, a marker for what was dropped, the newest part."""
+        parts = [tail_bytes(self.boot_path, self.BOOT_BYTES)]
+        dropped = self.dropped()
+        if dropped:
+            parts.append(f"\n[cbox: {dropped} bytes of console output dropped here (console_max_bytes)]\n".encode())
+        parts += [tail_bytes(self.old_path, self.half), tail_bytes(self.path, self.half)]
+        return b"".join(parts)
+
+    def tail(self, limit=8192):
+        data = b""
+        for path in (self.path, self.old_path, self.boot_path):
+            if len(data) < limit:
+                data = tail_bytes(path, limit - len(data)) + data
+        return data.decode("utf-8", "replace")
+
+    def close(self):
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def console_tail(console, lines=15):
+    text = console.tail().strip().splitlines()[-lines:]
     return " | ".join(line.strip() for line in text if line.strip()) or "(console is empty)"
 
 
@@ -1357,8 +1651,9 @@ class VMManager:
             try:
                 await self._start_steps(vm, clock)
             except Exception as e:
-                paths = VmPaths(self.cfg, vm)
-                message = f"starting VM '{name}' failed at step {clock.current}: {e}; console: {console_tail(paths.serial)}"
+                if vm.serial:
+                    vm.serial.read_pending()
+                message = f"starting VM '{name}' failed at step {clock.current}: {e}; console: {console_tail(self.console_log(vm))}"
                 log("start failed", vm=name, step=clock.current, error=repr(str(e)))
                 await self.teardown(vm, graceful=False)
                 raise ApiError(e.status if isinstance(e, ApiError) else 500, message)
@@ -1375,11 +1670,13 @@ class VMManager:
             paths.vm_dir.mkdir(parents=True)
             remove_tree(paths.run_dir)    # stale sockets would make cloud-hypervisor fail
             paths.run_dir.mkdir(parents=True)
+            EventMonitor.make_fifo(paths.events_fifo)
         with clock.step("disk"):
             await self.disks.create(paths.disk, self.cfg.stateful_size_in_mb)
         with clock.step("tap"):
             await self.net.create_tap(vm.tapDeviceName, vm.address, vm.mac)
         with clock.step("spawn"):
+            self.follow_events(vm, paths)   # the VMM's open of the FIFO blocks without a reader
             pid = spawn_vmm(self.cfg.chv_bin, paths)
             vm.pid, vm.pidStart = pid, proc_start_time(pid)
             vm.watch = ProcessWatch(pid, vm.pidStart, lambda w, vm=vm: self.on_vmm_exit(vm, w))
@@ -1388,6 +1685,7 @@ class VMManager:
             await self.wait_for_api(vm)
         with clock.step("vm.create"):
             await vm.chv.create(self.vm_config(vm, paths))
+            self.follow_serial(vm, paths)
         with clock.step("callbacks"):
             await self.serve_callbacks(vm, paths)
         with clock.step("vm.boot"):
@@ -1423,8 +1721,9 @@ class VMManager:
             "net": [{"tap": vm.tapDeviceName, "mac": vm.mac, "num_queues": 2, "id": "net0"}],
             "vsock": {"cid": vm.cid, "socket": str(paths.vsock_socket), "id": "vsock0"},
             "rng": {"src": "/dev/urandom"},
-            "serial": {"mode": "File", "file": str(paths.serial)},
+            "serial": {"mode": "Socket", "socket": str(paths.serial_socket)},
             "console": {"mode": "Off"},
+            "pvpanic": True,
         }
 
     async def wait_for_api(self, vm, timeout=10.0):
@@ -1447,12 +1746,14 @@ class VMManager:
         while time.monotonic() < deadline:
             if not vm.watch.alive():
                 raise HypervisorError(f"the VM stopped while booting (hypervisor exit code {vm.watch.exit_code})")
+            if vm.reset:       # checked again below: the rebooted guest may answer
+                raise HypervisorError(f"{vm.reset[1]} while booting ({vm.reset[0]})")
             # A SYN sent before the guest is up is retransmitted only after 1 s: short
             # attempts notice the agent sooner; after 10 s, longer ones suit a slow guest.
             attempt_timeout = 0.3 if time.monotonic() - started < 10 else 2.0
             try:
                 status, _, _ = await vm.agent.request("GET", "/health", timeout=attempt_timeout)
-                if status == 200:
+                if status == 200 and not vm.reset:
                     return
                 last = f"HTTP {status}"
             except HttpError as e:
@@ -1463,31 +1764,118 @@ class VMManager:
     def agent_client(self, vm):
         return HttpClient(host=vm.address, port=self.cfg.agent_port, pool_size=32, stream_over=256 * 1024)
 
+    # ---- console and hypervisor events -----------------------------------------
+
+    def console_log(self, vm):
+        if vm.console is None:
+            vm.console = ConsoleLog(VmPaths(self.cfg, vm).vm_dir, self.cfg.console_max_bytes)
+        return vm.console
+
+    def follow_events(self, vm, paths):
+        vm.events = EventMonitor(paths.events_fifo, lambda source, event, props: self.on_vmm_event(vm, source, event, props))
+
+    def follow_serial(self, vm, paths):
+        """Read the serial console (its socket exists from vm.create on) into the VM's console log."""
+        vm.serial = SerialConsole(paths.serial_socket, self.console_log(vm).append)
+        asyncio.get_running_loop().create_task(self.watch_serial(vm, vm.serial))
+
+    async def watch_serial(self, vm, serial):
+        """The VMM closes the serial connection when it rebuilds the VM's devices: a reset
+        whose event may have been lost (the FIFO drops events under load). Its -v log has
+        every event, so it decides; another client taking the socket over is no reset."""
+        await serial.ended.wait()
+        if vm.serial is not serial or vm.phase != "running":
+            return
+        await asyncio.sleep(0.5)     # the event itself usually follows
+        if vm.phase == "running" and vm.watch.alive():
+            reset = reset_in_vmm_log(VmPaths(self.cfg, vm).chv_log)
+            if reset:
+                self.guest_reset(vm, *reset)
+            else:
+                log("serial console connection closed by the VMM (another client took it?)", vm=vm.vmName)
+
+    def on_vmm_event(self, vm, source, event, props):
+        if (source, event) == ("guest", "panic") and props.get("event") == "panic":
+            self.guest_reset(vm, "guest-panic", "the guest kernel panicked")
+        elif (source, event) == ("vm", "rebooting"):
+            self.guest_reset(vm, "guest-reboot", "the guest reset itself (reboot)")
+
+    def guest_reset(self, vm, reason, message):
+        """A reset ends the VM, as in Firecracker: Cloud Hypervisor would reboot it in place
+        (vmm/src/lib.rs vm_reboot). A panic (pvpanic) ends it at once, before its reset."""
+        if vm.phase == "starting":
+            vm.reset = vm.reset or (reason, message)      # wait_for_agent fails the start with it
+        elif vm.phase == "running":
+            self.mark_stopped(vm, "FAILED" if reason == "guest-panic" else "STOPPED", reason, message)
+
     # ---- supervision and teardown ---------------------------------------------
 
     def on_vmm_exit(self, vm, watch):
         if vm.agent:
             vm.agent.abort()               # the guest is gone: fail requests in flight now
+        if vm.phase == "running" and vm.events:
+            vm.events.read_pending()       # a panic event written just before the exit
         if vm.phase != "running":
-            return                         # start or destroy handles it
-        vm.status = "STOPPED" if watch.exit_code == 0 else "FAILED"
-        vm.phase = "dead"
-        vm.error = (f"cloud-hypervisor exited with code {watch.exit_code}" if watch.exit_code is not None
-                    else "cloud-hypervisor exited")
-        log("VM stopped", vm=vm.vmName, status=vm.status, code=watch.exit_code)
+            return                         # start, destroy or a reset handles it
+        self.mark_stopped(vm, *self.exit_reason(vm, watch))
+
+    def exit_reason(self, vm, watch):
+        """(status, stopReason, message) for a VMM that exited by itself. Exit code 0 does not
+        prove a power-off: a vCPU error or SIGTERM leave the same way (vmm/src/lib.rs control
+        loop, EpollDispatch::Exit vs GuestExit); the -v log names the guest's power-off."""
+        paths = VmPaths(self.cfg, vm)
+        chv_log = tail_bytes(paths.chv_log, 64 * 1024)
+        code = watch.exit_code
+        if code is None:        # adopted, not our child: its exit status is gone; the log tells
+            if b"Cloud Hypervisor exited successfully" in chv_log:
+                code = 0
+            elif b"Fatal error" not in chv_log:
+                return "FAILED", "killed", "cloud-hypervisor died without exiting (killed, or it crashed)"
+        if code is not None and code < 0:
+            return "FAILED", "killed", f"cloud-hypervisor was killed by signal {-code} ({signal_name(-code)})"
+        if code == 0 and b"VM guest exit event" in chv_log:
+            return "STOPPED", "guest-poweroff", "the guest powered off"
+        if code == 0:
+            return "FAILED", "vmm-crash", f"cloud-hypervisor exited with code 0 without a guest power-off (see {paths.chv_log})"
+        return "FAILED", "vmm-crash", (f"cloud-hypervisor exited with code {code}" if code is not None else
+                                       "cloud-hypervisor exited with an error") + f" (see {paths.chv_out})"
+
+    def mark_stopped(self, vm, status, reason, message):
+        vm.status, vm.stopReason, vm.error, vm.phase = status, reason, message, "dead"
+        if vm.agent:
+            vm.agent.abort()
+        log("VM stopped", vm=vm.vmName, status=status, stopReason=reason, error=repr(message))
         self.save(vm)
         asyncio.get_running_loop().create_task(self.release_runtime(vm))
 
     async def release_runtime(self, vm):
-        """Free what a dead VM no longer needs; its record, IP and CID stay until DELETE."""
+        """Free what a dead VM no longer needs; its record, console log, IP and CID stay until DELETE."""
         async with vm.lock:
             if vm.phase != "dead":
                 return
+            await self.stop_vmm(vm, StepClock(vm.vmName, "stop"), ("vmm.shutdown",))
+            if vm.serial:
+                await vm.serial.wait_end(1.0)      # the console's last bytes
             self.close_clients(vm)
-            if vm.watch:
-                vm.watch.kill()            # whatever is left of its process group
             await self.net.remove_tap(vm.tapDeviceName, vm.address)
             remove_tree(VmPaths(self.cfg, vm).run_dir)
+
+    async def stop_vmm(self, vm, clock, calls):
+        """Ask the VMM to stop with these API actions (vmm.shutdown answers 200 with an empty
+        body, not 204), then kill its process group."""
+        if vm.watch and vm.watch.alive() and vm.chv:
+            for name in calls:
+                with clock.step(name):
+                    try:
+                        await within(self.cfg.shutdown_timeout_s, vm.chv.call("PUT", name, timeout=10.0))
+                    except (HypervisorError, asyncio.TimeoutError):
+                        pass
+            with clock.step("exit"):
+                if not await vm.watch.wait(self.cfg.shutdown_timeout_s):
+                    log("hypervisor did not exit; killing it", vm=vm.vmName, pid=vm.pid)
+        if vm.watch:
+            vm.watch.kill()
+            await vm.watch.wait(5.0)
 
     def close_clients(self, vm):
         if vm.callback_server:
@@ -1496,6 +1884,10 @@ class VMManager:
         for client in (vm.agent, vm.chv):
             if client:
                 client.close()
+        for reader in (vm.serial, vm.events, vm.console):
+            if reader:
+                reader.close()
+        vm.serial = vm.events = vm.console = None
 
     async def teardown(self, vm, graceful, clock=None):
         """Undo everything a VM holds: process, listener, tap, files, record, IP and CID."""
@@ -1507,20 +1899,7 @@ class VMManager:
                     await vm.agent.request("POST", "/exec", {"cmd": "sync", "timeout": 5}, timeout=6.0)
                 except HttpError:
                     pass
-        if vm.watch and vm.watch.alive() and vm.chv:
-            for name, call in (("vm.shutdown", vm.chv.shutdown), ("vm.delete", vm.chv.delete),
-                               ("vmm.shutdown", vm.chv.shutdown_vmm)):
-                with clock.step(name):
-                    try:
-                        await within(self.cfg.shutdown_timeout_s, call())
-                    except (HypervisorError, asyncio.TimeoutError):
-                        pass
-            with clock.step("exit"):
-                if not await vm.watch.wait(self.cfg.shutdown_timeout_s):
-                    log("hypervisor did not exit; killing it", vm=vm.vmName, pid=vm.pid)
-        if vm.watch:
-            vm.watch.kill()
-            await vm.watch.wait(5.0)
+        await self.stop_vmm(vm, clock, ("vm.shutdown", "vm.delete", "vmm.shutdown"))
         self.close_clients(vm)
         with clock.step("tap"):
             await self.net.remove_tap(vm.tapDeviceName, vm.address)
@@ -1540,9 +1919,10 @@ class VMManager:
             clock = StepClock(name, "destroy")
             graceful = vm.phase == "running"
             vm.phase = "destroying"
+            vm.stopReason = vm.stopReason or "destroyed"
             self.save(vm)
             await self.teardown(vm, graceful, clock)
-        log("VM destroyed", vm=name, ms=f"{clock.total_ms():.1f}")
+        log("VM destroyed", vm=name, stopReason="destroyed", ms=f"{clock.total_ms():.1f}")
 
     async def destroy_all(self):
         names = list(self.vms)
@@ -1589,7 +1969,11 @@ class VMManager:
                     raise HypervisorError(f"VM state is {info.get('state')}")
                 vm.agent = self.agent_client(vm)
                 await self.serve_callbacks(vm, paths)
+                self.follow_again(vm, paths)
                 log("VM re-adopted", vm=vm.vmName, pid=vm.pid, ip=vm.ip)
+                reset = reset_in_vmm_log(paths.chv_log)      # while nobody read the events
+                if reset:
+                    self.guest_reset(vm, *reset)
                 return
             except (HypervisorError, OSError) as e:
                 log("cannot re-adopt VM; cleaning it up", vm=vm.vmName, error=repr(str(e)))
@@ -1601,6 +1985,16 @@ class VMManager:
             log("cleaning up VM left behind", vm=vm.vmName, phase=vm.phase)
         vm.phase = "destroying"
         await self.teardown(vm, graceful=False)
+
+    def follow_again(self, vm, paths):
+        """Re-open the event FIFO (the VMM still holds its write end) and reconnect to the
+        serial socket (the VMM replays what it buffered meanwhile). A VM without them (started
+        by an older cbox.py) keeps running without events or console."""
+        for what, follow in (("events", self.follow_events), ("serial console", self.follow_serial)):
+            try:
+                follow(vm, paths)
+            except (HypervisorError, OSError) as e:
+                log(f"re-adopted VM has no {what}", vm=vm.vmName, error=repr(str(e)))
 
     async def shutdown(self):
         """cbox.py is stopping: destroy VMs if configured, else leave them running for the next start."""
@@ -1819,7 +2213,8 @@ def spawn_vmm(chv_bin, paths):
     """Start cloud-hypervisor in a session of its own (so killpg reaches all of it)."""
     out = os.open(paths.chv_out, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
-        argv = [chv_bin, "--api-socket", f"path={paths.api_socket}", "--log-file", str(paths.chv_log), "-v"]
+        argv = [chv_bin, "--api-socket", f"path={paths.api_socket}", "--event-monitor", f"path={paths.events_fifo}",
+                "--log-file", str(paths.chv_log), "-v"]
         spawn = os.posix_spawn if "/" in chv_bin else os.posix_spawnp
         return spawn(chv_bin, argv, dict(os.environ), setsid=True, file_actions=[
             (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
@@ -2044,8 +2439,7 @@ class RestServer:
 
     async def logs(self, req):
         vm = self.vms.get(req.params["name"])
-        text = tail_file(VmPaths(self.cfg, vm).serial)
-        return 200, text.encode(), "text/plain; charset=utf-8"
+        return 200, self.vms.console_log(vm).text(), "text/plain; charset=utf-8"
 
 
 # =============================================================================

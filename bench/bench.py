@@ -1175,7 +1175,7 @@ class Bench:
                        exec_timeout_s=60, shutdown_timeout_s=5, **images) as srv:
             api = Http(connector(self.ns.path, ("127.0.0.1", port), timeout=600), host=f"127.0.0.1:{port}")
             for name in ["rbwarm"] + names:
-                watch = ConsoleWatch(Path(srv.settings["state_dir"]) / "vms" / name / "console.log",
+                watch = ConsoleWatch(Path(srv.settings["state_dir"]) / "vms" / name / "console.boot.log",
                                      ("cbox-init: start", "cbox-agent: ready"))
                 t = time.perf_counter()
                 try:

@@ -12,11 +12,14 @@ device would be.  Stdlib only, Python 3.10+, Linux, root (taps, namespaces).
 Command line (as cloud-hypervisor)
 ----------------------------------
     fake_chv.py --api-socket path=/run/x/api.sock [--log-file PATH] [-v ...]
+                [--event-monitor path=FILE | --event-monitor fd=N]
     fake_chv.py --api-socket /run/x/api.sock          (older bare form)
     fake_chv.py --api-socket fd=3                      (inherited listening socket)
     fake_chv.py --version | --help
 Options may also be written --opt=value.  -v may repeat (-v, -vv, -v -v).
-Any other argument: message on stderr, exit code 1.
+Any other argument: message on stderr, exit code 1.  Like CHV the stand-in
+sets umask 077: its log, serial file, event file and sockets are owner-only
+(the process guest runs with umask 022, as a guest's init would).
 
 API socket choice (v53 semantics): like CHV v53 the stand-in takes an
 exclusive flock on `<api socket>.lock` (created, and left behind on exit, as
@@ -25,6 +28,55 @@ it refuses to start ("API socket in use", exit 1).  Otherwise an existing file
 at the path is a stale leftover: it is unlinked and the socket is bound again.
 On a clean exit (vmm.shutdown, SIGTERM/SIGINT, guest power-off) the stand-in
 removes its API socket file; after SIGKILL it stays, as with CHV.
+
+Event monitor (event_monitor/src/lib.rs, vmm/src/lib.rs, cloud-hypervisor/src/main.rs)
+------------------------------------------------------------------------------------
+--event-monitor path=FILE opens FILE write+create+truncate (mode 0600) before
+the API socket is bound: on a FIFO that open waits until a reader exists;
+fd=N takes an inherited descriptor.  The descriptor is made non-blocking and
+a writer thread writes each event as serde_json's pretty JSON (2-space indent)
+followed by "\n\n":
+    {"timestamp": {"secs": S, "nanos": N}, "source": ..., "event": ...,
+     "properties": null | {"key": "value"}}
+timestamps counted from the monitor's start.  Write errors (EAGAIN on a full
+FIFO, EPIPE without a reader) are ignored: that event is lost or cut short, as
+in CHV.  Every event is also logged ("Event: source = vm event = booted").
+Events the stand-in emits, in CHV's order:
+    start                       vmm starting
+    vm.boot                     vm booting (also when it then fails: no config),
+                                vm booted (on success)
+    vm.pause / vm.resume        vm pausing (also before a refused transition),
+                                vm paused / vm resuming, vm resumed
+    vm.shutdown                 vm shutdown
+    vm.reboot, guest reset      vm rebooting, vm rebooted (see "Reset")
+    vm.delete                   [vm shutdown if booted], vm deleted (only when a
+                                config existed)
+    vmm.shutdown                vm.delete's events, vmm shutdown
+    guest power-off             log "VM guest exit event", then vmm.shutdown's
+    SIGTERM/SIGINT              log "VM exit event", then vmm.shutdown's
+Not emitted: virtio-device activated/reset (the process engine has no virtio
+devices), resize/snapshot/migration events (endpoints not supported).
+
+Test hooks (signals to the stand-in process)
+--------------------------------------------
+    SIGUSR1  a vCPU error (vmm/src/cpu.rs: KVM_RUN fails, exit_evt): logs
+             "VCPU generated error: VcpuRun(...)" (ERROR) and "VM exit event",
+             then vmm.shutdown's events (vm shutdown, vm deleted, vmm shutdown)
+             and exit code 0: the same events and exit code as a guest
+             power-off, which logs "VM guest exit event" instead (CHV v53's
+             exit_evt vs guest_exit_evt; SIGTERM/SIGINT also log "VM exit
+             event").  Ignored when no VM runs.  Any engine.
+    SIGUSR2  a guest kernel panic (process engine, VM Running): the console
+             gets "Kernel panic - not syncing: ..."; with "pvpanic": true in the
+             VmConfig the log gets "pvpanic got guest event panic" and the event
+             monitor source guest, event panic, properties {"event": "panic"}
+             (devices/src/pvpanic.rs); then the guest kernel's panic=N (from
+             payload.cmdline) decides: N < 0 an immediate reset (see "Reset"),
+             N > 0 "Rebooting in N seconds.." and the reset N s later, 0 or
+             absent "---[ end Kernel panic ... ]---" and a hung guest (its
+             processes stopped, vm.info still Running).  Under the QEMU engine
+             a real guest panics by itself: QMP GUEST_PANICKED gives the same
+             event (see tests/qemu_engine.py).
 
 Environment
 -----------
@@ -45,14 +97,15 @@ Environment
 
 API (all under /api/v1/, serialized: one request at a time, keep-alive ok)
 ----------------------------------------------------------------------------
-    GET  vmm.ping      200 {"build_version","version":"53.0","pid","features":[]}
+    GET  vmm.ping      200 {"build_version","version":"53.0.0","pid","features":[]}
     PUT  vm.create     204; body VmConfig (schema-checked); creates serial file
     PUT  vm.boot       204; starts the engine
     GET  vm.info       200 {"config","state","memory_actual_size"}
     PUT  vm.shutdown   204; guest gone, config kept (state Created)
     PUT  vm.delete     204; also when nothing exists
     PUT  vm.pause / vm.resume / vm.reboot / vm.power-button   204
-    PUT  vmm.shutdown  204, then the process exits 0
+    PUT  vmm.shutdown  200 with an empty body (Content-Type application/json,
+                       Content-Length 0: as v53, not 204), then the process exits 0
     GET  vm.counters   200 {} while a guest runs
 Error bodies are JSON arrays of strings, outer error first, root cause last:
     404 ["Not Found"]                          unknown endpoint
@@ -65,12 +118,17 @@ Error bodies are JSON arrays of strings, outer error first, root cause last:
                                                each starting with its JSON path
                                                ("$.net[0].macc: unknown field")
     404 ["Error from API", "The VM info is not available", "VM is not created"]
-        (and "The VM could not boot" ... for vm.boot, "The VM could not reboot"
-        for vm.reboot) before vm.create
+        before vm.create (vm.reboot: "The VM could not reboot", "VM is not
+        created"; vm.boot: "The VM could not boot", "VM config is missing")
     500 ["Error from API", "The VM could not be created", "VM is already created"]
     500 ["Error from API", "The VM could not boot", "VM is already created"]
     500 ["Error from API", "The VM could not shutdown", "VM is not running"]
-        (same shape for pause/resume/power-button/counters)
+        (same shape for pause/resume/power-button; vm.counters says "The VM
+        info is not available")
+    500 ["Error from API", "API response receive error", "receiving on a
+        closed channel"] for vm.create with serial mode Socket and no
+        serial.socket: v53's VMM thread panics (console_devices.rs unwraps
+        None) and the process exits 1; the stand-in does the same
     500 ["Error from API", "The VM could not boot", ...cause...] for: invalid
         configuration (memory.size not a multiple of 4096, boot_vcpus >
         max_vcpus, net num_queues/2 > boot_vcpus, disk num_queues >
@@ -85,10 +143,12 @@ Error bodies are JSON arrays of strings, outer error first, root cause last:
         stand-in"] for the other CHV endpoints (resize, hotplug, snapshot...).
 Deviations from CHV, on purpose: unknown VmConfig fields are errors (CHV
 ignores them); negative integers are rejected everywhere in a VmConfig (all
-CHV fields are unsigned); vm.boot before vm.create says "VM is not created"
-(v53 says "VM config is missing", also 404); 400s for vm.create without a
-body carry ["Bad Request"] (CHV sends no body); vm.info returns the config as
-sent (CHV fills in defaults).
+CHV fields are unsigned); 400s for vm.create without a body carry ["Bad Request"] (CHV sends no body),
+a body on a body-less action gets a second message; a request body without
+Content-Type: application/json is a 400 (CHV v53 accepts it); vm.info
+returns the config as sent (CHV fills in defaults); a vm.boot that fails
+leaves the VM Created (CHV v53 keeps the half-built VM: a second vm.boot
+says "VM is already created", vm.shutdown/vm.delete drop it).
 
 Process engine (default)
 ------------------------
@@ -149,13 +209,51 @@ netns, which the kernel keeps until TCP connections the guest left open give
 up retransmitting their FIN (up to ~2 minutes; with none open it goes at once).
 The guest starts with hostname "(none)", lo and eth0 down and no address, as
 a fresh kernel would; the agent configures them.  When the agent exits by
-itself (guest power-off) the stand-in exits 0, as CHV does.  The guest sees
+itself (guest power-off) the stand-in exits 0, as CHV does.
+
+Reset (vmm/src/lib.rs control_loop Reset -> vm_reboot).  What the process
+guest does, and what it means:
+    the agent exits (any code), or dies      power-off (CHV: ACPI shutdown,
+                                             GuestExit): "VM guest exit event",
+                                             vm shutdown, vm deleted, vmm
+                                             shutdown, exit code 0
+    reboot(2) LINUX_REBOOT_CMD_POWER_OFF     power-off too ("reboot: Power down")
+    reboot(2) LINUX_REBOOT_CMD_RESTART       reset ("reboot: Restarting system")
+reboot(2) called in the guest's pid namespace makes the kernel kill the
+namespace's init, which its parent (the guest VMM) then sees killed by SIGHUP
+for RESTART and by SIGINT for POWER_OFF/HALT (reboot(2), "pid namespaces");
+the guest VMM exits GUEST_RESET_EXIT (3) for a reset, 0 otherwise.  A reset,
+like PUT vm.reboot, rebuilds the VM inside the same process: log "VM reset
+event" (guest reset only), event vm rebooting, the guest stopped, its
+console devices made again (File: truncated, so the text before the reset
+is gone; Socket: socket file removed and bound again, clients cut off), the
+vsock socket closed, unlinked and bound again, the guest booted again, event
+vm rebooted; vm.info stays Running.  If the rebuild fails, CHV's control
+loop ends with an error: the stand-in logs it and exits 1.  With the QEMU
+engine a guest reset (reboot, triple fault, panic=-1 after a panic) makes
+QEMU exit (-no-reboot) with QMP SHUTDOWN reason guest-reset, and the
+stand-in starts QEMU again the same way.  The guest sees
 the host's /proc and /sys (no mount namespace).  Only net[0] is supported.
 
-Serial: mode File -> the agent's output (and a few boot lines); Tty -> the
-stand-in's stdout; Off/Null/Pty/Socket -> discarded.  vm.create creates
-(truncates) the file; a boot after vm.shutdown and vm.reboot truncate it
-again, like CHV re-creating its console devices.
+Serial (vmm/src/console_devices.rs, serial_manager.rs, serial_buffer/src/lib.rs):
+mode File -> the agent's output (and a few boot lines); Tty -> the
+stand-in's stdout; Off/Null/Pty -> discarded.  Socket -> as CHV: vm.create
+binds a Unix listener at serial.socket (never unlinking first: an existing
+file fails with "Address already in use", 500, config kept); vm.boot starts
+a serial manager thread on it: the guest's output goes into a ring of 1 MiB
+(oldest bytes dropped) while no client is connected and is replayed to the
+next client; a new client replaces the previous one (which is shut down);
+the client socket is non-blocking and what it cannot take goes back into
+the ring, flushed only on the guest's next output (as in CHV); bytes the
+client sends are the guest's serial input (the process engine's agent reads
+them on stdin; a lone "\n" becomes "\r", as CHV does; dropped when nobody
+reads them, where CHV queues them without bound).  vm.shutdown, vm.delete
+and a reboot remove the socket file (the SerialManager's Drop); vm.create
+followed by vm.delete without a boot leaves the listener bound and its file
+in place, as CHV does, so the next vm.create fails until the file is removed.
+Console devices are made by vm.create, and again by a boot after
+vm.shutdown and by every reboot: a File-mode file is truncated each time
+(File::create), a Socket-mode socket is bound again.
 
 Engine interface (CBOX_STANDIN_ENGINE=qemu loads tests/qemu_engine.py:QemuEngine)
 ---------------------------------------------------------------------------------
@@ -167,6 +265,8 @@ Engine interface (CBOX_STANDIN_ENGINE=qemu loads tests/qemu_engine.py:QemuEngine
                             by it after stop()/exit
     engine.console_fd       fd where the guest console output goes (serial);
                             owned by the stand-in
+    engine.console_in_fd    Socket mode: fd the guest reads serial input from
+                            (else None); owned by the stand-in
     engine.agent_argv       [python, agent]  (the process engine runs it)
     engine.guest_env        environment for the agent
     engine.start()          raises an exception (EngineError) on failure; the
@@ -176,6 +276,12 @@ Engine interface (CBOX_STANDIN_ENGINE=qemu loads tests/qemu_engine.py:QemuEngine
                             or None the stand-in calls wait_exit() in a thread
     engine.alive() -> bool
     engine.wait_exit()      blocks until the guest is gone, returns exit code
+    engine.on_event         set by the stand-in: callable(source, event,
+                            properties) for events the engine sees (QEMU:
+                            pvpanic's guest panic); callable from any thread
+    engine.exit_reason()    after the guest is gone: "reset" (the stand-in
+                            rebuilds the VM) or "poweroff" (optional; absent
+                            means "poweroff")
     engine.stop(timeout)    SIGTERM the guest, wait up to timeout, SIGKILL;
                             frees the tap; returns when everything is gone
     engine.pause() / engine.resume()   (SIGSTOP/SIGCONT of the guest)
@@ -190,6 +296,7 @@ import importlib
 import json
 import logging
 import os
+import queue
 import re
 import select
 import selectors
@@ -203,7 +310,7 @@ import time
 import traceback
 from pathlib import Path
 
-VERSION = "53.0"
+VERSION = "53.0.0"                  # vmm.ping "version": CARGO_PKG_VERSION of v53.0 (seen: "53.0.0")
 BUILD_VERSION = "v53.0-cbox-standin"
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -874,9 +981,10 @@ class _VsockProxy:
         end.peer = None
 
 
-def _relay_loop(tap_fd, eth_fd, vsock_fd, pidfd, init_pid):
+def _relay_loop(tap_fd, eth_fd, vsock_fd, pidfd, init_pid, console_fd=-1):
     """Guest VMM main loop: vsock proxy, guest exit, and the frames tap <-> eth0
-    when they go through Python (eth_fd >= 0; -1 with the kernel relay)."""
+    when they go through Python (eth_fd >= 0; -1 with the kernel relay).
+    Returns GUEST_RESET_EXIT when the guest rebooted, GUEST_POWEROFF_EXIT else."""
     ep = select.epoll()
     if eth_fd >= 0:
         ep.register(tap_fd, select.EPOLLIN)
@@ -908,12 +1016,29 @@ def _relay_loop(tap_fd, eth_fd, vsock_fd, pidfd, init_pid):
                         pass   # eth0 down (EIO) or queue full: the frame is dropped, like a NIC
             elif fd == pidfd:
                 _, status = os.waitpid(init_pid, 0)
-                code = os.waitstatus_to_exitcode(status)
-                return code if code >= 0 else 128 - code
+                return _guest_outcome(status, console_fd)
             elif fd == vsock_fd:
                 proxy.accept(lsock)
             else:
                 proxy.event(fd, ev)
+
+
+GUEST_POWEROFF_EXIT = 0     # guest VMM exit codes: the guest powered off...
+GUEST_RESET_EXIT = 3        # ...or reset (the stand-in rebuilds the VM)
+
+
+def _guest_outcome(status, console_fd):
+    """What the end of the guest's init means.  reboot(2) in a child pid namespace
+    ("pid namespaces" in reboot(2)): the kernel kills the namespace's init, whose
+    parent then sees it killed by SIGHUP for LINUX_REBOOT_CMD_RESTART(2) and by
+    SIGINT for POWER_OFF/HALT.  So SIGHUP is a guest reset; everything else (the
+    agent's exit, POWER_OFF) is a power-off.  The console gets the kernel's line."""
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGHUP:
+        _console_write(console_fd, "cbox-standin: reboot: Restarting system\n")
+        return GUEST_RESET_EXIT
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGINT:
+        _console_write(console_fd, "cbox-standin: reboot: Power down\n")
+    return GUEST_POWEROFF_EXIT
 
 
 def _guest_init_main(console_fd, argv, env, close_fds):
@@ -1072,7 +1197,8 @@ def _make_guest_tap(net):
     return eth_fd
 
 
-def _guest_vmm_main(parent, wr, tap_fd, vsock_fd, console_fd, net, relay_mode, argv, env, cmdline):
+def _guest_vmm_main(parent, wr, tap_fd, vsock_fd, console_fd, net, relay_mode, argv, env, cmdline,
+                    console_in_fd=-1):
     """First child of the stand-in: becomes the guest's VMM side."""
     set_pdeathsig(signal.SIGKILL)
     if os.getppid() != parent:
@@ -1085,9 +1211,10 @@ def _guest_vmm_main(parent, wr, tap_fd, vsock_fd, console_fd, net, relay_mode, a
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
         signal.signal(s, signal.SIG_DFL)
     os.setsid()
+    os.umask(0o022)         # a guest kernel starts init with umask 0022, not the VMM's 077
     # Neutralize every inherited descriptor except ours: /dev/null over them
     # (not close) so a stand-in object collected here cannot close a new fd.
-    keep = {0, 1, 2, wr, tap_fd, vsock_fd, console_fd}
+    keep = {0, 1, 2, wr, tap_fd, vsock_fd, console_fd, console_in_fd}
     devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
@@ -1096,7 +1223,9 @@ def _guest_vmm_main(parent, wr, tap_fd, vsock_fd, console_fd, net, relay_mode, a
                 os.dup2(devnull, fd, inheritable=False)
             except OSError:
                 pass
-    os.dup2(devnull, 0)
+    os.dup2(console_in_fd if console_in_fd >= 0 else devnull, 0)    # serial input: the guest's stdin
+    if console_in_fd > 2:
+        os.dup2(devnull, console_in_fd, inheritable=False)
     kernel, why_not = _unshare_net(net if tap_fd >= 0 else {}, relay_mode)
     try:
         return _guest_vmm_run(wr, tap_fd, vsock_fd, console_fd, net, kernel, why_not, argv, env, cmdline)
@@ -1143,7 +1272,7 @@ def _guest_vmm_run(wr, tap_fd, vsock_fd, console_fd, net, kernel, why_not, argv,
     relay = f"kernel {kernel.veth}" if kernel is not None else ("python" if tap_fd >= 0 else "none")
     os.write(wr, f"OK {init_pid} {relay}\n".encode())
     os.close(wr)
-    return _relay_loop(tap_fd, eth_fd, vsock_fd, pidfd, init_pid)
+    return _relay_loop(tap_fd, eth_fd, vsock_fd, pidfd, init_pid, console_fd)
 
 
 # ---------------------------------------------------------------------------
@@ -1161,6 +1290,7 @@ class ProcessEngine:
         self.log = log or (lambda msg: None)
         self.vsock_listener = None
         self.console_fd = None
+        self.console_in_fd = None
         self.agent_argv = [os.environ.get("CBOX_STANDIN_PYTHON") or sys.executable, default_agent()]
         self.guest_env = {}
         self.pid = None              # guest VMM process (our child)
@@ -1211,7 +1341,8 @@ class ProcessEngine:
             try:
                 os.close(rd)
                 code = _guest_vmm_main(parent, wr, tap_fd, vsock_fd, console_fd, net, relay_mode,
-                                       self.agent_argv, self.guest_env, cmdline)
+                                       self.agent_argv, self.guest_env, cmdline,
+                                       self.console_in_fd if self.console_in_fd is not None else -1)
             except BaseException as e:
                 msg = f"{e.strerror}: {e.filename or ''} (os error {e.errno})" if isinstance(e, OSError) and e.errno else repr(e)
                 try:
@@ -1274,6 +1405,10 @@ class ProcessEngine:
             pass
         self.wait_exit()
 
+    def exit_reason(self):
+        """After the guest ended: "reset" (reboot(2) RESTART in the guest) or "poweroff"."""
+        return "reset" if self._code == GUEST_RESET_EXIT else "poweroff"
+
     def alive(self):
         if self.pid is None or self._code is not None:
             return False
@@ -1328,6 +1463,8 @@ class ProcessEngine:
         if self.pid is None:
             return
         if self.alive():
+            if timeout <= 0:                          # a hard stop (panicked guest): nothing of it runs again
+                self._signal_init(signal.SIGKILL)
             if self._paused:
                 self.resume()
             self._signal_init(signal.SIGTERM)         # init forwards it to the agent
@@ -1406,6 +1543,259 @@ def load_engine_class(name):
 
 
 # ---------------------------------------------------------------------------
+# serial Socket mode (vmm/src/serial_manager.rs, serial_buffer/src/lib.rs)
+
+SERIAL_BUFFER_MAX = 1 << 20          # serial_buffer/src/lib.rs MAX_BUFFER_SIZE
+
+
+class SerialBuffer:
+    """CHV's SerialBuffer: while no client is attached the guest's output goes
+    into a ring of SERIAL_BUFFER_MAX bytes (the oldest dropped); with a client
+    attached, each write first flushes the ring, and what the (non-blocking)
+    client cannot take now goes back into the ring (WouldBlock), so a slow
+    reader never stalls the guest.  Like CHV the ring is only flushed when the
+    guest writes again or a client attaches, never when the client becomes
+    writable.  A write error other than WouldBlock loses those bytes."""
+
+    def __init__(self):
+        self.ring = bytearray()
+        self.out = None              # attached client (non-blocking socket) or None
+
+    def _fill(self, data):
+        if len(data) >= SERIAL_BUFFER_MAX:
+            self.ring = bytearray(data[-SERIAL_BUFFER_MAX:])
+            return
+        excess = len(self.ring) + len(data) - SERIAL_BUFFER_MAX
+        if excess > 0:
+            del self.ring[:excess]
+        self.ring += data
+
+    def flush(self):
+        while self.out is not None and self.ring:
+            try:
+                n = self.out.send(self.ring)
+            except OSError:          # WouldBlock or a broken client: keep the bytes
+                return
+            del self.ring[:n]
+
+    def write(self, data):
+        if self.out is None:
+            self._fill(data)
+            return
+        self.flush()
+        if self.ring:
+            self._fill(data)
+            return
+        view, off = memoryview(data), 0
+        while off < len(data):
+            try:
+                off += self.out.send(view[off:])
+            except BlockingIOError:
+                self._fill(data[off:])
+                return
+            except OSError:
+                return
+
+    def attach(self, client):
+        self.out = client
+        self.flush()
+
+    def detach(self):
+        self.out = None
+
+
+class SocketSerial:
+    """CHV's SerialManager for serial mode Socket: a thread that accepts clients
+    on the listener bound at serial.socket (a new client replaces the previous
+    one, which is shut down), replays the buffered output to it, passes the
+    guest's output through a SerialBuffer, and turns bytes read from the client
+    into serial input.  stop() is its Drop: the thread ends, the socket file is
+    removed."""
+
+    def __init__(self, listener, path, log):
+        self.listener, self.path, self.log = listener, path, log
+        self.buffer = SerialBuffer()
+        self.client = None
+        out_r, self.console_fd = os.pipe()           # the guest writes its console here
+        self.in_fd, in_w = os.pipe()                 # and reads serial input here
+        for fd in (out_r, in_w, self.console_fd, self.in_fd):
+            os.set_inheritable(fd, False)
+        self._out_r, self._in_w = out_r, in_w
+        os.set_blocking(in_w, False)
+        self._kill_r, self._kill_w = os.pipe()
+        self.thread = threading.Thread(target=self._run, name="serial-manager", daemon=True)
+
+    def start(self):
+        self.listener.setblocking(False)
+        self.thread.start()
+
+    def _run(self):
+        sel = selectors.DefaultSelector()
+        sel.register(self.listener, selectors.EVENT_READ, "accept")
+        sel.register(self._out_r, selectors.EVENT_READ, "output")
+        sel.register(self._kill_r, selectors.EVENT_READ, "kill")
+        try:
+            while True:
+                for key, _ in sel.select():
+                    if key.data == "kill":
+                        self.log("serial: KILL_EVENT received, stopping epoll loop")
+                        return
+                    if key.data == "output":
+                        self._on_output(sel)
+                    elif key.data == "accept":
+                        self._accept(sel)
+                    elif key.data == "input":
+                        self._on_input(sel)
+        finally:
+            sel.close()
+
+    def _on_output(self, sel):
+        try:
+            data = os.read(self._out_r, 65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        if not data:                   # every writer closed (cannot happen while we hold one)
+            sel.unregister(self._out_r)
+            return
+        self.buffer.write(data)
+
+    def _accept(self, sel):
+        try:
+            client, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        if self.client is not None:    # "Shutdown the previous connection, if any"
+            self._drop_client(sel)
+        client.setblocking(False)      # a slow client cannot stall the guest
+        self.client = client
+        sel.register(client, selectors.EVENT_READ, "input")
+        self.buffer.attach(client)
+
+    def _drop_client(self, sel):
+        sel.unregister(self.client)
+        try:
+            self.client.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.client.close()
+        self.client = None
+        self.buffer.detach()
+
+    def _on_input(self, sel):
+        try:
+            data = self.client.recv(64)  # CHV reads 64 bytes at a time
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.log("serial: Remote end closed serial socket")
+            self._drop_client(sel)
+            return
+        if data == b"\n":              # CHV: a lone "\n" becomes "\r" (Windows SAC, #1170)
+            data = b"\r"
+        try:
+            os.write(self._in_w, data)
+        except OSError:
+            pass                       # nobody reads the guest's input: dropped
+
+    def stop(self):
+        """The SerialManager's Drop: stop the thread, close, remove the socket file."""
+        if self.thread.is_alive():
+            os.write(self._kill_w, b"x")
+            self.thread.join(5)
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        self.listener.close()
+        for fd in (self._out_r, self._in_w, self._kill_r, self._kill_w, self.console_fd, self.in_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------------------
+# event monitor (event_monitor/src/lib.rs, vmm/src/lib.rs start_event_monitor_thread)
+
+class EventMonitor:
+    """CHV's event monitor: every event is logged ("Event: source = ... event =
+    ..."); with --event-monitor each one is also queued to a writer thread that
+    writes it as pretty-printed JSON followed by "\n\n" to the non-blocking
+    file, ignoring write errors (EAGAIN on a full FIFO, EPIPE with no reader):
+    such an event is lost or cut short, as with CHV's write_all(..).ok()."""
+
+    def __init__(self, fd, log):
+        self.fd, self.log = fd, log
+        self.start = time.monotonic_ns()
+        self.queue = queue.SimpleQueue()
+        self.thread = None
+        if fd is not None:
+            os.set_blocking(fd, False)
+            self.thread = threading.Thread(target=self._run, name="event-monitor", daemon=True)
+            self.thread.start()
+
+    def emit(self, source, event, properties=None):
+        props = ", ".join(f"{k} = {v}" for k, v in (properties or {}).items())
+        self.log(f"Event: source = {source} event = {event} {props}")
+        if self.thread is None:
+            return
+        elapsed = time.monotonic_ns() - self.start
+        record = {"timestamp": {"secs": elapsed // 1_000_000_000, "nanos": elapsed % 1_000_000_000},
+                  "source": source, "event": event, "properties": properties}
+        self.queue.put(json.dumps(record, indent=2).encode())   # serde_json::to_string_pretty
+
+    def _write_all(self, data):
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self.fd, view):]
+            except InterruptedError:
+                continue
+            except OSError:
+                return
+
+    def _run(self):
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            self._write_all(item)
+            self._write_all(b"\n\n")
+
+    def close(self):
+        """Write what is queued (the stand-in's exit waits for it), then stop."""
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join(5)
+            self.thread = None
+
+
+def open_event_monitor(value):
+    """--event-monitor path=FILE | fd=N (cloud-hypervisor/src/main.rs): the path is
+    opened write+create+truncate (a FIFO blocks here until a reader opens it)
+    before the API socket exists; mode 0600 (CHV's umask 077)."""
+    opts = {}
+    for item in value.split(","):
+        key, eq, val = item.partition("=")
+        if not eq or key not in ("path", "fd"):
+            raise ValueError(f"Error parsing --event-monitor: unknown option {item!r}")
+        opts[key] = val
+    if "fd" in opts:
+        try:
+            return int(opts["fd"])
+        except ValueError:
+            raise ValueError(f"Error parsing --event-monitor: fd={opts['fd']!r}") from None
+    if "path" in opts:
+        return os.open(opts["path"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    raise ValueError("Error parsing --event-monitor: path or fd required")
+
+
+# ---------------------------------------------------------------------------
 # API server
 
 class ApiError(Exception):
@@ -1413,6 +1803,10 @@ class ApiError(Exception):
         super().__init__(*messages)
         self.status = status
         self.messages = list(messages)
+
+
+class VmmPanic(Exception):
+    """CHV's VMM thread would panic here (the process then exits 1)."""
 
 
 def vm_error(status, action, *causes):
@@ -1453,16 +1847,20 @@ class Standin:
         self.validator = validator
         self.schema_path = schema_path
         self.engine_cls = engine_cls
+        self.events = EventMonitor(None, log.info)   # main() sets the one of --event-monitor
         self.config = None
         self.state = None               # None (not booted) | "Running" | "Paused"
         self.engine = None
         self.engine_watch = None        # (kind, obj) for the selector
-        self.serial_fresh = False       # serial file created by vm.create, not used yet
+        self.console_ready = False      # console devices made (CHV's console_info is Some)
+        self.serial_listener = None     # Socket mode: bound, no serial manager yet
+        self.serial_manager = None      # Socket mode: SocketSerial of the running VM
         self.vsock_sock = None
         self.vsock_path = None
         self.console_fd = None
         self.exit_code = None
         self.signal_received = None
+        self.hooks = []                 # test hooks to run: (SIGUSR1 | SIGUSR2 | "panic-reset", engine)
         self.sel = None
         self.listener = None
         self.lock_file = None
@@ -1529,8 +1927,13 @@ class Standin:
         def on_signal(signum, frame):
             self.signal_received = signum
 
+        def on_hook(signum, frame):
+            self.hooks.append((signum, None))
+
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGUSR1, on_hook)
+        signal.signal(signal.SIGUSR2, on_hook)
         self.log(f"API server listening on {self.api_path or 'fd ' + str(self.api_fd)} "
                  f"(cloud-hypervisor {VERSION} stand-in, pid {os.getpid()})")
         try:
@@ -1551,10 +1954,14 @@ class Standin:
                         self._on_engine_exit(obj)
                     if self.exit_code is not None:
                         break
+                while self.hooks and self.exit_code is None:
+                    self._run_hook(*self.hooks.pop(0))
                 if self.signal_received is not None and self.exit_code is None:
+                    # CHV's signal handler writes exit_evt: the path of a vCPU error
                     self.log(f"received signal {signal.Signals(self.signal_received).name}: "
                              "stopping the VM and exiting")
-                    self._shutdown_vm()
+                    self.log("VM exit event")
+                    self.vmm_shutdown()
                     self.exit_code = 0
         finally:
             self._teardown()
@@ -1562,7 +1969,7 @@ class Standin:
 
     def _teardown(self):
         try:
-            self._shutdown_vm()
+            self._stop_guest()
         except Exception:
             self.log("error while stopping the VM:\n" + traceback.format_exc(), logging.ERROR)
         if self.sel is not None:
@@ -1576,6 +1983,8 @@ class Standin:
                 os.unlink(self.api_path)
             except OSError:
                 pass
+        if self.exit_code == 0:
+            self.log("Cloud Hypervisor exited successfully")
         self.log(f"exiting with code {self.exit_code}")
 
     def _accept(self):
@@ -1740,7 +2149,7 @@ class Standin:
 
     def api_vm_counters(self):
         if self.state is None:
-            raise vm_error(500, "Error getting counters", "VM is not running")
+            raise vm_error(500, "The VM info is not available", "VM is not running")
         return {}
 
     def api_vm_create(self, body):
@@ -1767,43 +2176,87 @@ class Standin:
         self.config = config
         self.state = None
         self.log(f"VM created (serial: {(config.get('serial') or {}).get('mode', 'Null')})")
-        self._create_serial("The VM could not be created")
-        self.serial_fresh = True
+        try:
+            self._create_serial("The VM could not be created")
+        except VmmPanic as e:
+            self.log(str(e), logging.ERROR)
+
+            def crash():                     # the VMM thread is gone: the process exits 1
+                self.exit_code = 1
+
+            return 500, ["Error from API", "API response receive error", "receiving on a closed channel"], crash
         return None
 
     def _serial(self):
         serial = (self.config or {}).get("serial") or {}
-        return serial.get("mode", "Null"), serial.get("file")
+        return serial.get("mode", "Null"), serial.get("socket" if serial.get("mode") == "Socket" else "file")
 
     def _create_serial(self, action):
+        """CHV's pre_create_console_devices (vmm/src/console_devices.rs), run by
+        vm.create, by vm.boot after a shutdown, and by every reboot: File mode
+        File::create()s (truncates) the file; Socket mode binds a Unix listener at
+        serial.socket without unlinking first, so an existing file (a leftover,
+        or the listener of a vm.create followed by vm.delete without a boot,
+        which CHV keeps bound) fails with EADDRINUSE.  On failure the previous
+        console state is kept, and vm.create keeps the config anyway."""
         mode, path = self._serial()
-        if mode == "File":
-            if not path:
-                raise vm_error(500, action, "Error creating console devices",
-                               "serial mode File needs serial.file")
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
-                os.close(fd)
-            except OSError as e:
-                raise vm_error(500, action, "Error creating console devices",
-                               f"Error creating serial file {path}", rust_io(e)) from None
+        if mode not in ("File", "Socket"):
+            self.console_ready = True
+            return
+        if not path and mode == "Socket":
+            raise VmmPanic("thread 'vmm' panicked at vmm/src/console_devices.rs:259:90: "
+                           "called `Option::unwrap()` on a `None` value (serial mode Socket without serial.socket)")
+        if not path:
+            raise vm_error(500, action, "Error creating console devices", "Error creating console device",
+                           f"serial mode {mode} needs serial.{mode.lower()}")
+        try:
+            if mode == "File":
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640))
+            else:
+                listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    listener.bind(path)
+                    listener.listen(128)
+                except OSError:
+                    listener.close()
+                    raise
+                self._close_serial_listener()
+                self.serial_listener = listener
+        except OSError as e:
+            raise vm_error(500, action, "Error creating console devices", "Error creating console device",
+                           rust_io(e)) from None
+        self.console_ready = True
+
+    def _close_serial_listener(self):
+        """Drop an unused Socket-mode listener (its file stays, as in CHV)."""
+        if self.serial_listener is not None:
+            self.serial_listener.close()
+            self.serial_listener = None
 
     def _open_console(self):
+        """The guest's console fd; Socket mode starts the serial manager thread."""
         mode, path = self._serial()
         if mode == "File":
             return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
         if mode == "Tty":
             return os.dup(1)
-        if mode in ("Pty", "Socket"):
-            self.log(f"serial mode {mode} is not supported by the stand-in: output discarded", logging.WARNING)
+        if mode == "Socket":
+            self.serial_manager = SocketSerial(self.serial_listener, path, self.log)
+            self.serial_listener = None
+            self.serial_manager.start()
+            return os.dup(self.serial_manager.console_fd)
+        if mode == "Pty":
+            self.log("serial mode Pty is not supported by the stand-in: output discarded", logging.WARNING)
         return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
 
     def api_vm_boot(self):
-        if self.config is None:
-            raise vm_error(404, "The VM could not boot", "VM is not created")
         if self.state is not None:
             raise vm_error(500, "The VM could not boot", "VM is already created")
+        self.events.emit("vm", "booting")           # Vmm::vm_boot: before the config check
+        if self.config is None:
+            raise vm_error(404, "The VM could not boot", "VM config is missing")
         self._boot("The VM could not boot")
+        self.events.emit("vm", "booted")
         return None
 
     def _boot(self, action):
@@ -1848,10 +2301,9 @@ class Standin:
                                f"disks[{i}] ({p}) is writable and has no \"image_type\": \"Raw\": Cloud "
                                f"Hypervisor would say \"{sector0_warning}\" and refuse the guest's writes "
                                "at sector 0 (the CBox stand-in's process engine refuses the boot)")
-        # console: a fresh file unless vm.create just made it
-        if not self.serial_fresh:
+        # console devices: made by vm.create, re-made after a shutdown or reboot
+        if not self.console_ready:
             self._create_serial(action)
-        self.serial_fresh = False
         vsock = config.get("vsock")
         vsock_sock = None
         if vsock:
@@ -1865,6 +2317,7 @@ class Standin:
                 raise vm_error(500, action, "Error from device manager", "Cannot create virtio-vsock device",
                                f"Error binding vsock socket {vpath}", rust_io(e)) from None
             self.vsock_sock, self.vsock_path = vsock_sock, vpath
+            self.log(f"vsock socket bound at {vpath}")
         try:
             self.console_fd = self._open_console()
         except OSError as e:
@@ -1890,6 +2343,8 @@ class Standin:
             engine = self.engine_cls(copy.deepcopy(config), self.log)
             engine.vsock_listener = vsock_sock
             engine.console_fd = self.console_fd
+            engine.console_in_fd = self.serial_manager.in_fd if self.serial_manager is not None else None
+            engine.on_event = self._guest_event
             engine.agent_argv = [os.environ.get("CBOX_STANDIN_PYTHON") or sys.executable, default_agent()]
             engine.guest_env = env
             if isinstance(engine, ProcessEngine) and not os.path.exists(engine.agent_argv[-1]):
@@ -1904,6 +2359,12 @@ class Standin:
         self.state = "Running"
         self._watch_engine(engine)
         self.log(f"VM booted (engine {type(engine).__name__}, pid {getattr(engine, 'pid', None)})")
+
+    def _guest_event(self, source, event, properties):
+        """An engine reports a device event (QEMU: pvpanic's GUEST_PANICKED); any thread."""
+        if (source, event) == ("guest", "panic"):
+            self.log(f"pvpanic got guest event {properties.get('event')}")
+        self.events.emit(source, event, properties)
 
     def _watch_engine(self, engine):
         pid = getattr(engine, "pid", None)
@@ -1958,82 +2419,195 @@ class Standin:
         if self.console_fd is not None:
             os.close(self.console_fd)
             self.console_fd = None
+        if self.serial_manager is not None:
+            self.serial_manager.stop()
+            self.serial_manager = None
+        if self.serial_listener is None:
+            self.console_ready = False  # the next boot makes them again (File: truncated)
 
     def _on_engine_exit(self, engine):
+        """The guest is gone by itself: CHV's control loop (vmm/src/lib.rs)."""
         if engine is not self.engine:
             return
         self._unwatch_engine()
         code = engine.wait_exit()
-        self.log(f"guest powered off (engine exit status {code}): the VMM exits")
-        self.engine = None
-        self.state = None
-        self._release_boot_resources()
+        reason = engine.exit_reason() if hasattr(engine, "exit_reason") else "poweroff"
+        if reason == "reset":
+            self.log(f"guest reset (engine exit status {code}): rebooting inside this process")
+            self._guest_reset()
+            return
+        self.log(f"guest ended (engine exit status {code}): powered off")
+        self.log("VM guest exit event")
+        self.vmm_shutdown()
         self.exit_code = 0
 
-    def _shutdown_vm(self):
-        """Stop the guest if any; config kept. Returns whether something ran."""
+    def _guest_reset(self, stop_timeout=None):
+        """CHV's control loop on reset_evt: vm_reboot; if that fails the loop ends
+        with Error::VmReboot and the process exits 1."""
+        self.log("VM reset event")
+        try:
+            self.vm_reboot(stop_timeout)
+        except ApiError as e:
+            self.log(f"Error rebooting VM: {' / '.join(e.messages[1:])}", logging.ERROR)
+            self.exit_code = 1
+
+    # ---- test hooks (module docstring, "Test hooks") ---------------------------
+
+    def _run_hook(self, hook, engine):
+        if hook == signal.SIGUSR1:
+            self._vcpu_error_hook()
+        elif hook == signal.SIGUSR2:
+            self._guest_panic_hook()
+        elif hook == "panic-reset" and engine is self.engine and engine is not None:
+            self._guest_reset(stop_timeout=0)
+
+    def _vcpu_error_hook(self):
+        """A vCPU thread's KVM_RUN fails (vmm/src/cpu.rs): it writes exit_evt, the
+        same event SIGTERM uses, and the control loop runs vmm_shutdown: the
+        process exits 0, as after a guest power-off; only the log tells them apart."""
+        if self.engine is None:
+            self.log("test hook SIGUSR1 (vCPU error): no VM is running, ignored", logging.WARNING)
+            return
+        self.log("VCPU generated error: VcpuRun(RunVcpu(cbox stand-in test hook SIGUSR1: "
+                 "simulated KVM_RUN failure))", logging.ERROR)
+        self.log("VM exit event")
+        self.vmm_shutdown()
+        self.exit_code = 0
+
+    def _guest_panic_hook(self):
+        """The guest kernel panics (process engine): the panic text on the console,
+        the pvpanic event when the VmConfig has "pvpanic": true (the panic notifier
+        runs before the kernel restarts), then what the guest's panic=N says:
+        N < 0 reset now, N > 0 "Rebooting in N seconds.." and reset after N s,
+        0 or absent: "---[ end Kernel panic ... ]---" and the guest hangs (its
+        processes stopped, the VM still Running)."""
+        if self.engine is None or self.state != "Running" or not isinstance(self.engine, ProcessEngine):
+            self.log("test hook SIGUSR2 (guest panic): no running process-engine guest, ignored",
+                     logging.WARNING)
+            return
+        why = "cbox-standin: guest panic (test hook SIGUSR2)"
+        engine = self.engine
+        engine.pause()                 # the panicking kernel runs no process of the guest any more
+        _console_write(self.console_fd, f"Kernel panic - not syncing: {why}\n")
+        if self.config.get("pvpanic") is True:
+            self.log("pvpanic got guest event panic")      # devices/src/pvpanic.rs
+            self.events.emit("guest", "panic", {"event": "panic"})
+        try:
+            timeout = int(cmdline_value((self.config.get("payload") or {}).get("cmdline"), "panic") or 0)
+        except ValueError:
+            timeout = 0
+        if timeout < 0:
+            self._guest_reset(stop_timeout=0)
+        elif timeout > 0:
+            _console_write(self.console_fd, f"Rebooting in {timeout} seconds..\n")
+
+            def later():
+                self.hooks.append(("panic-reset", engine))
+                os.write(self._wake_w, b"p")
+
+            timer = threading.Timer(timeout, later)
+            timer.daemon = True
+            timer.start()
+        else:
+            _console_write(self.console_fd, f"---[ end Kernel panic - not syncing: {why} ]---\n")
+
+    def _stop_guest(self, stop_timeout=None):
+        """Stop the guest if any (also one that already ended) and free its
+        resources; the config is kept.  Returns whether a guest was there."""
         if self.engine is None:
             self._release_boot_resources()
             return False
         engine, self.engine = self.engine, None
         self._unwatch_engine()
         try:
-            engine.stop(self.stop_timeout)
+            engine.stop(self.stop_timeout if stop_timeout is None else stop_timeout)
         finally:
             self.state = None
             self._release_boot_resources()
         self.log("VM shut down")
         return True
 
-    def api_vm_shutdown(self):
-        if self.state is None:
+    # CHV's Vmm::vm_shutdown, vm_reboot, vm_delete, vmm_shutdown (vmm/src/lib.rs),
+    # with the events they emit and in their order
+
+    def vm_shutdown(self):
+        if self.engine is None:
             raise vm_error(500, "The VM could not shutdown", "VM is not running")
-        self._shutdown_vm()
+        self._stop_guest()
+        self.events.emit("vm", "shutdown")
+
+    def vm_reboot(self, stop_timeout=None):
+        """A guest reset or PUT vm.reboot: the VM is rebuilt inside this process;
+        its console devices are made again (File: truncated, Socket: bound again),
+        the vsock socket too."""
+        self.events.emit("vm", "rebooting")
+        if self.engine is None:
+            raise vm_error(404, "The VM could not reboot", "VM is not created")
+        self._stop_guest(stop_timeout)
+        self._boot("The VM could not reboot")
+        self.events.emit("vm", "rebooted")
+
+    def vm_delete(self):
+        if self.config is None:
+            return
+        if self.engine is not None:
+            self.vm_shutdown()
+        else:
+            self._release_boot_resources()
+        self.config = None
+        self.log("VM deleted")
+        self.events.emit("vm", "deleted")
+
+    def vmm_shutdown(self):
+        self.vm_delete()
+        self.events.emit("vmm", "shutdown")
+
+    def api_vm_shutdown(self):
+        self.vm_shutdown()
         return None
 
     def api_vm_reboot(self):
-        if self.state is None:
-            raise vm_error(404, "The VM could not reboot", "VM is not created")
-        self._shutdown_vm()
-        self._boot("The VM could not reboot")
+        self.vm_reboot()
         return None
 
     def api_vm_delete(self):
-        if self.config is not None:
-            self._shutdown_vm()
-            self.config = None
-            self.serial_fresh = False
-            self.log("VM deleted")
+        self.vm_delete()
         return None
 
     def api_vmm_shutdown(self):
-        self.api_vm_delete()
+        """200 with an empty body (Content-Length: 0), not 204: vmm/src/api/http/
+        http_endpoint.rs VmmShutdown answers StatusCode::OK."""
+        self.vmm_shutdown()
 
         def finish():
             self.exit_code = 0
 
-        return 204, None, finish
+        return 200, None, finish
 
     def api_vm_pause(self):
         if self.state is None:
             raise vm_error(500, "The VM could not be paused", "VM is not running")
+        self.events.emit("vm", "pausing")            # vm.rs Vm::pause: before the state check
         if self.state == "Paused":
             raise vm_error(500, "The VM could not be paused", "Cannot pause VM",
                            "invalid VM state transition: Paused to Paused")
         self.engine.pause()
         self.state = "Paused"
         self.log("VM paused")
+        self.events.emit("vm", "paused")
         return None
 
     def api_vm_resume(self):
         if self.state is None:
             raise vm_error(500, "The VM could not resume", "VM is not running")
+        self.events.emit("vm", "resuming")
         if self.state != "Paused":
             raise vm_error(500, "The VM could not resume", "Cannot resume VM",
                            "invalid VM state transition: Running to Running")
         self.engine.resume()
         self.state = "Running"
         self.log("VM resumed")
+        self.events.emit("vm", "resumed")
         return None
 
     def api_vm_power_button(self):
@@ -2051,17 +2625,18 @@ class Standin:
 # ---------------------------------------------------------------------------
 # command line
 
-USAGE = """Usage: fake_chv.py --api-socket <path=PATH|PATH|fd=N> [--log-file PATH] [-v]...
+USAGE = """Usage: fake_chv.py --api-socket <path=PATH|PATH|fd=N> [--log-file PATH]
+                   [--event-monitor <path=PATH|fd=N>] [-v]...
 CBox's stand-in for cloud-hypervisor (v53 API subset). See the module docstring."""
 
 
 def parse_args(argv):
-    opts = {"api": None, "log_file": None, "verbose": 0}
+    opts = {"api": None, "log_file": None, "verbose": 0, "event_monitor": None}
     i = 0
     while i < len(argv):
         arg = argv[i]
         name, eq, inline = arg.partition("=") if arg.startswith("--") else (arg, "", "")
-        if name in ("--api-socket", "--log-file"):
+        if name in ("--api-socket", "--log-file", "--event-monitor"):
             if eq:
                 value = inline
             else:
@@ -2069,7 +2644,7 @@ def parse_args(argv):
                 if i >= len(argv):
                     raise ValueError(f"option {name} needs a value")
                 value = argv[i]
-            opts["api" if name == "--api-socket" else "log_file"] = value
+            opts[{"--api-socket": "api", "--log-file": "log_file"}.get(name, "event_monitor")] = value
         elif re.fullmatch(r"-v+", arg):
             opts["verbose"] += len(arg) - 1
         elif arg in ("--version", "-V"):
@@ -2129,6 +2704,7 @@ def setup_logging(log_file, verbose):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    os.umask(0o077)         # as cloud-hypervisor/src/main.rs: its files and sockets are owner-only
     try:
         opts = parse_args(argv)
         if opts.get("help"):
@@ -2144,6 +2720,15 @@ def main(argv=None):
         print(f"Error parsing command line: {e}\n{USAGE}", file=sys.stderr)
         return 1
     logger = setup_logging(opts["log_file"], opts["verbose"])
+    try:
+        monitor_fd = open_event_monitor(opts["event_monitor"]) if opts["event_monitor"] else None
+    except (ValueError, OSError) as e:
+        msg = str(e) if isinstance(e, ValueError) else f"Error parsing --event-monitor: {rust_io(e)}"
+        logger.error(msg)
+        print(f"fake_chv: {msg}", file=sys.stderr)
+        return 1
+    events = EventMonitor(monitor_fd, logger.info)
+    events.emit("vmm", "starting")
 
     schema_path = Path(os.environ.get("CBOX_CHV_SCHEMA") or DEFAULT_SCHEMA)
     validator = None
@@ -2164,6 +2749,7 @@ def main(argv=None):
         print(f"fake_chv: cannot load engine {engine_name}: {e}", file=sys.stderr)
         return 1
     server = Standin(api_path, api_fd, logger, validator, schema_path if validator else None, engine_cls)
+    server.events = events
     try:
         return server.serve()
     except SystemExit as e:
@@ -2172,6 +2758,8 @@ def main(argv=None):
             print(f"fake_chv: {e.code}", file=sys.stderr)
             return 1
         raise
+    finally:
+        events.close()
 
 
 if __name__ == "__main__":

@@ -22,8 +22,15 @@ Mapping of the VmConfig:
   net[0].tap/mac -> -netdev tap,ifname=TAP,script=no,downscript=no +
       virtio-net (the tap must exist; create it persistent, as for CHV)
   serial File -> the console goes to engine.console_fd when the stand-in set
-      it (it opened the file), else to serial.file; Null/Off -> discarded
+      it (it opened the file), else to serial.file; Null/Off -> discarded;
+      Socket -> QEMU's serial is a stdio chardev on the pipes of the stand-in's
+      serial manager (engine.console_fd, engine.console_in_fd), which gives
+      serial.socket Cloud Hypervisor's semantics (tests/fake_chv.py SocketSerial)
   rng.src -> virtio-rng fed from that file
+  pvpanic: true -> -device pvpanic-pci (PCI transport only) and -action
+      panic=none: QMP GUEST_PANICKED becomes the stand-in's event source guest,
+      event panic (engine.on_event), and the guest goes on to its own panic=N
+      reset as under Cloud Hypervisor
   vsock -> NOT available: QEMU's vsock needs the host's vhost_vsock (absent
       here) and speaks kernel AF_VSOCK, not CHV's hybrid Unix socket; the
       engine logs this, and guest callbacks fail under this engine.
@@ -38,7 +45,10 @@ error ... emulation failure"), so KVM is opt-in.  Under TCG the engine adds
 tsc_early_khz=<host TSC kHz> to the kernel command line (see tcg_cmdline():
 without it about one boot in three hangs silently in TSC calibration).  CBOX_QEMU_BIN overrides the
 binary.  A guest power-off ends QEMU (-no-reboot also turns a guest reboot,
-e.g. panic=-1, into an exit), so alive() turns false.
+e.g. panic=-1, into an exit), so alive() turns false.  A second QMP monitor
+is followed for events: exit_reason() is "reset" when QEMU's SHUTDOWN event
+said guest-reset, and the stand-in then rebuilds the VM (starts QEMU again),
+as Cloud Hypervisor reboots inside its process.
 
 Pause/resume use QMP (stop/cont) over a Unix socket in a private temporary
 directory, with SIGSTOP/SIGCONT as the fallback.
@@ -143,8 +153,12 @@ class QemuEngine:
         self._stderr_thread = None
         self._paused_by_signal = False
         self._lock = threading.Lock()
+        self._events_thread = None
+        self.shutdown_reason = None  # QMP SHUTDOWN's reason: guest-shutdown, guest-reset, ...
+        self.on_event = None         # set by the stand-in: callable(source, event, properties)
         # set by the stand-in before start() (tests/fake_chv.py "Engine interface")
         self.console_fd = None       # fd for the guest console; else serial.file is opened
+        self.console_in_fd = None    # Socket mode: serial input (QEMU's stdin), else none
         self.vsock_listener = None   # ignored: no vsock with QEMU here
         self.agent_argv = None       # ignored: the agent runs inside the guest image
         self.guest_env = None        # ignored
@@ -202,14 +216,21 @@ class QemuEngine:
                 dev += f",mac={n['mac']}"
             args += ["-netdev", f"tap,id=net{i},ifname={tap},script=no,downscript=no",
                      "-device", dev]
+        if c.get("pvpanic") is True:
+            # Cloud Hypervisor's pvpanic is a PCI device (devices/src/pvpanic.rs); QEMU's
+            # panic action "none" lets the guest go on to its own panic=N reset, as there
+            if self.transport != "pci":
+                raise EngineError("pvpanic needs CBOX_QEMU_TRANSPORT=pci (Cloud Hypervisor's is PCI)")
+            args += ["-device", "pvpanic-pci", "-action", "panic=none"]
         rng = c.get("rng") or {}
         src = rng.get("src") or "/dev/urandom"
         args += ["-object", f"rng-random,id=rng0,filename={src}",
                  "-device", f"virtio-rng{virtio},rng=rng0"]
         serial = c.get("serial") or {}
         mode = (serial.get("mode") or "Null").lower()
-        if mode in ("file", "tty") and self.console_fd is not None:
-            # the stand-in opened (and truncated) the console file: QEMU's stdout
+        if mode in ("file", "tty", "socket") and self.console_fd is not None:
+            # the stand-in opened (and truncated) the console file, or (Socket mode)
+            # gave the pipe its serial manager relays to serial.socket: QEMU's stdio
             args += ["-chardev", "stdio,id=ser0,signal=off", "-serial", "chardev:ser0"]
         elif mode == "file":
             if not serial.get("file"):
@@ -218,9 +239,10 @@ class QemuEngine:
                      "-serial", "chardev:ser0"]
         elif mode in ("tty",):
             args += ["-serial", "stdio"]
-        else:          # Off / Null / Pty / Socket: not mapped, console discarded
+        else:          # Off / Null / Pty: not mapped, console discarded
             args += ["-serial", "null"]
-        args += ["-qmp", f"unix:{self._qmp_path},server=on,wait=off", "-monitor", "none"]
+        args += ["-qmp", f"unix:{self._qmp_path},server=on,wait=off",
+                 "-qmp", f"unix:{self._events_path},server=on,wait=off", "-monitor", "none"]
         return args
 
     # ---- lifecycle ----------------------------------------------------------
@@ -234,6 +256,7 @@ class QemuEngine:
             raise EngineError("CBOX_QEMU_ACCEL=kvm but /dev/kvm is not usable")
         self._tmp = tempfile.mkdtemp(prefix="cbq")
         self._qmp_path = os.path.join(self._tmp, "qmp.sock")
+        self._events_path = os.path.join(self._tmp, "qmp-events.sock")
         try:
             args = self._args()
         except EngineError:
@@ -246,7 +269,8 @@ class QemuEngine:
         self.log(f"qemu engine: accel={self.accel} transport={self.transport}: " + " ".join(args))
         try:
             stdout = self.console_fd if self.console_fd is not None else subprocess.DEVNULL
-            self.proc = subprocess.Popen(self.prefix + args, stdin=subprocess.DEVNULL,
+            stdin = self.console_in_fd if self.console_in_fd is not None else subprocess.DEVNULL
+            self.proc = subprocess.Popen(self.prefix + args, stdin=stdin,
                                          stdout=stdout, stderr=subprocess.PIPE,
                                          start_new_session=True)
         except OSError as e:
@@ -275,7 +299,58 @@ class QemuEngine:
                 self._kill()
                 raise EngineError(f"qemu did not come up within {self.start_timeout:.0f}s")
             time.sleep(0.02)
+        self._watch_events()
         self.log(f"qemu engine: started pid {self.pid}")
+
+    def _watch_events(self):
+        """Follow QMP events on the second monitor (the first one serves one
+        command per connection): SHUTDOWN's reason tells a guest reset (which
+        -no-reboot turns into an exit, like a triple fault) from a power-off."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(5)
+        try:
+            s.connect(self._events_path)
+            f = s.makefile("rwb")
+            if "QMP" not in json.loads(f.readline() or b"{}"):
+                raise EngineError("no QMP greeting")
+            f.write(b'{"execute": "qmp_capabilities"}\n')
+            f.flush()
+            json.loads(f.readline() or b"{}")
+        except (OSError, ValueError, EngineError) as e:
+            s.close()
+            self.log(f"qemu engine: cannot follow QMP events ({e}): a guest reset will look like a power-off")
+            return
+        s.settimeout(None)
+
+        def follow():
+            with s:
+                for line in f:
+                    try:
+                        msg = json.loads(line)
+                    except ValueError:
+                        continue
+                    self._on_qmp_event(msg.get("event"), msg.get("data") or {})
+
+        self._events_thread = threading.Thread(target=follow, daemon=True, name="qmp-events")
+        self._events_thread.start()
+
+    def _on_qmp_event(self, event, data):
+        if event == "SHUTDOWN":
+            self.shutdown_reason = data.get("reason")
+            self.log(f"qemu engine: QMP SHUTDOWN (reason {self.shutdown_reason})")
+        elif event == "GUEST_PANICKED":
+            # the guest's pvpanic driver wrote PVPANIC_PANICKED: CHV logs it and emits
+            # source guest, event panic, properties {"event": "panic"}
+            self.log(f"qemu engine: QMP GUEST_PANICKED (action {data.get('action')})")
+            if self.on_event is not None:
+                self.on_event("guest", "panic", {"event": "panic"})
+
+    def exit_reason(self):
+        """After QEMU exited: "reset" (the guest reset; -no-reboot made QEMU exit)
+        or "poweroff" (anything else)."""
+        if self._events_thread is not None:
+            self._events_thread.join(2)        # the SHUTDOWN event precedes QEMU's exit
+        return "reset" if self.shutdown_reason == "guest-reset" else "poweroff"
 
     def _read_stderr(self):
         for raw in self.proc.stderr:

@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,11 @@ if "cbox.ip" in kv:
     subprocess.run(["ip", "addr", "add", kv["cbox.ip"], "dev", "eth0"], check=True)
     subprocess.run(["ip", "link", "set", "eth0", "up"], check=True)
 socket.sethostname(kv.get("cbox.vm", "guest"))
+def _echo_input():            # serial input (Socket mode) arrives on stdin
+    for line in sys.stdin:
+        print("test-agent: input:", line.rstrip(), flush=True)
+import threading
+threading.Thread(target=_echo_input, daemon=True).start()
 srv = socket.socket()
 srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 srv.bind(("0.0.0.0", 4031))
@@ -50,6 +56,17 @@ while True:
                                   "link": link}).encode() + b"\n")
         elif line.startswith("echo"):
             c.sendall(f.read(int(line.split()[1])))
+        elif line in ("reboot", "poweroff"):
+            # reboot(2) in the guest's pid namespace (never in the host's: checked first)
+            import ctypes
+            nspid = [l for l in open("/proc/self/status") if l.startswith("NSpid:")][0].split()[1:]
+            if len(nspid) < 2:
+                c.sendall(b"refused: not in a child pid namespace\n")
+                continue
+            c.sendall(b"bye\n")
+            c.close()
+            print("test-agent: " + line, flush=True)
+            ctypes.CDLL(None, use_errno=True).reboot(0x01234567 if line == "reboot" else 0x4321FEDC)
         elif line.startswith("exit"):
             c.sendall(b"bye\n")
             c.close()
@@ -74,7 +91,7 @@ class UnixHTTPConnection(http.client.HTTPConnection):
 class StandIn:
     """One fake_chv.py process inside the test namespace."""
 
-    def __init__(self, ns, workdir, name="vm", extra_env=None, args=None, wrapper=()):
+    def __init__(self, ns, workdir, name="vm", extra_env=None, args=None, wrapper=(), wait=True, **popen_kw):
         self.ns, self.dir, self.name = ns, Path(workdir), name
         self.api_sock = str(self.dir / f"{name}.api")
         self.vsock = str(self.dir / f"{name}.vsock")
@@ -86,8 +103,12 @@ class StandIn:
         args = args or ["--api-socket", f"path={self.api_sock}", "--log-file", str(self.log_file), "-v"]
         self.out = open(self.out_file, "wb")
         self.proc = ns.popen([*wrapper, sys.executable, str(STANDIN), *args], stdout=self.out,
-                             stderr=subprocess.STDOUT, env=env)
+                             stderr=subprocess.STDOUT, env=env, **popen_kw)
         self._conn = None
+        if wait:
+            self.wait_api()
+
+    def wait_api(self):
         deadline = time.monotonic() + 10
         while True:                     # a stale socket file may exist: wait for an answer
             assert self.proc.poll() is None, f"stand-in exited {self.proc.returncode}: {self.output()}"
@@ -314,7 +335,8 @@ def test_command_line():
     r = subprocess.run([str(STANDIN), "--version"], capture_output=True, text=True, timeout=10)
     assert r.returncode == 0 and "v53" in r.stdout
     assert fake_chv.parse_args(["--api-socket=path=/x", "-vv", "-v", "--log-file", "/l"]) == \
-        {"api": "path=/x", "log_file": "/l", "verbose": 3}
+        {"api": "path=/x", "log_file": "/l", "verbose": 3, "event_monitor": None}
+    assert fake_chv.parse_args(["--api-socket", "/x", "--event-monitor=path=/e"])["event_monitor"] == "path=/e"
     assert fake_chv.parse_api_socket("path=/x/api.sock") == ("/x/api.sock", None)
     assert fake_chv.parse_api_socket("/x/api.sock") == ("/x/api.sock", None)
     assert fake_chv.parse_api_socket("fd=3") == (None, 3)
@@ -371,12 +393,14 @@ def test_api_errors_and_lifecycle_without_boot(env, chv_schema):
     stale.close()
     s = env.standin(args=["--api-socket", str(env.dir / "vm.api"), "--log-file", str(env.dir / "vm.log")])
     status, ping = s.get("vmm.ping", keep=True)
-    assert status == 200 and ping["version"] == "53.0" and ping["pid"] == s.proc.pid
+    assert status == 200 and ping["version"] == "53.0.0" and ping["pid"] == s.proc.pid
     assert set(ping) == {"build_version", "version", "pid", "features"}
 
     assert s.get("vm.info", keep=True) == (404, ["Error from API", "The VM info is not available", "VM is not created"])
-    status, body = s.put("vm.boot", keep=True)
-    assert status == 404 and body[-1] == "VM is not created"
+    assert s.put("vm.boot", keep=True) == (404, ["Error from API", "The VM could not boot", "VM config is missing"])
+    assert s.put("vm.reboot", keep=True) == (404, ["Error from API", "The VM could not reboot", "VM is not created"])
+    assert s.get("vm.counters", keep=True) == (500, ["Error from API", "The VM info is not available",
+                                                     "VM is not running"])
     assert s.put("vm.shutdown", keep=True) == (500, ["Error from API", "The VM could not shutdown", "VM is not running"])
     assert s.put("vm.pause", keep=True)[0] == 500
     assert s.get("vm.nonsense", keep=True) == (404, ["Not Found"])
@@ -433,7 +457,7 @@ def test_api_errors_and_lifecycle_without_boot(env, chv_schema):
     assert s.put("vm.create", s.config())[0] == 500
     assert s.put("vm.delete")[0] == 204
 
-    assert s.put("vmm.shutdown", keep=True) == (204, None)
+    assert s.put("vmm.shutdown", keep=True) == (200, None)          # v53: 200, empty body
     assert s.wait_exit(5) == 0
     assert not os.path.exists(s.api_sock)
     log = s.log_file.read_text()
@@ -464,7 +488,7 @@ def test_stale_vsock_socket_fails_boot(env, chv_schema):
         assert time.monotonic() < deadline, "vsock never reached the agent"
         time.sleep(0.05)
     assert info["hostname"] == "novnet"
-    assert s.put("vmm.shutdown")[0] == 204
+    assert s.put("vmm.shutdown")[0] == 200
     assert s.wait_exit(5) == 0
     assert not os.path.exists(s.vsock)
     assert wait_gone(lambda: agent_pids(env.dir), 5) == []
@@ -575,7 +599,7 @@ def test_boot_network_lifecycle(env, chv_schema, relay):
     assert status == 500 and body[:2] == ["Error from API", "The VM could not boot"]
     assert "busy" in body[-1] and "os error 16" in body[-1]
     assert not os.path.exists(s2.vsock)
-    assert s2.put("vmm.shutdown")[0] == 204 and s2.wait_exit(5) == 0
+    assert s2.put("vmm.shutdown")[0] == 200 and s2.wait_exit(5) == 0
 
     # shutdown keeps the config; the guest and its vsock socket are gone
     assert s.put("vm.shutdown") == (204, None)
@@ -673,7 +697,7 @@ def test_kernel_relay_plumbing(env, chv_schema):
     assert s.put("vm.boot")[0] == 204
     assert guest_info(env.ns, s)["hostname"] == "vm" and echo(env.ns, 1 << 16)
     assert "stale0" not in env.ns.run("tc", "filter", "show", "dev", TAP, "egress").stdout
-    assert s.put("vmm.shutdown")[0] == 204 and s.wait_exit(5) == 0
+    assert s.put("vmm.shutdown")[0] == 200 and s.wait_exit(5) == 0
     assert host_veths(env.ns) == [] and not tap_clsact(env.ns)
 
 
@@ -708,7 +732,7 @@ def test_kernel_relay_failure_falls_back(env, chv_schema):
     assert note in log and "net relay python" in log
     assert not tap_clsact(env.ns) and env.ns.run("ip", "-o", "link", "show", "type", "veth").stdout == ""
     assert "cbveth2" in env.ns.run("ip", "-o", "link", "show", "type", "bridge").stdout   # not ours: kept
-    assert s.put("vmm.shutdown")[0] == 204 and s.wait_exit(5) == 0
+    assert s.put("vmm.shutdown")[0] == 200 and s.wait_exit(5) == 0
     # no tap, or the python mode: the netns is unshared, nothing else
     r = env.ns.run(sys.executable, "-c", "import fake_chv; print(fake_chv._unshare_net({}, 'kernel'))",
                    env=dict(os.environ, PYTHONPATH=str(STANDIN.parent)))
@@ -744,7 +768,7 @@ def test_without_schema_validation_is_skipped_loudly(env):
     cfg = s.config()
     cfg["not_a_field"] = 1
     assert s.put("vm.create", cfg)[0] == 204
-    assert s.put("vmm.shutdown")[0] == 204 and s.wait_exit(5) == 0
+    assert s.put("vmm.shutdown")[0] == 200 and s.wait_exit(5) == 0
 
 
 def test_with_the_real_guest_agent(env, chv_schema):
@@ -788,4 +812,555 @@ def test_with_the_real_guest_agent(env, chv_schema):
                 break
             reply += chunk
     assert reply.startswith(b"HTTP/1.") and b" 200 " in reply.split(b"\r\n", 1)[0]
-    assert s.put("vmm.shutdown")[0] == 204 and s.wait_exit(10) == 0
+    assert s.put("vmm.shutdown")[0] == 200 and s.wait_exit(10) == 0
+
+
+# ---- serial Socket mode --------------------------------------------------------
+
+def read_until(sock, needle, timeout=10.0):
+    """Bytes from sock up to and including `needle` (fails on EOF or timeout)."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while needle not in data:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            raise AssertionError(f"no {needle!r} within {timeout}s: {data[-1500:]!r}") from None
+        assert chunk, f"EOF before {needle!r}: {data[-500:]!r}"
+        data += chunk
+    return data
+
+
+def serial_client(path):
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.settimeout(5)
+    c.connect(path)
+    return c
+
+
+def test_serial_buffer_ring_and_slow_client():
+    """serial_buffer/src/lib.rs: 1 MiB ring, newest kept, replayed on attach; a
+    client that cannot take more gets the rest re-buffered, never a stall."""
+    buf = fake_chv.SerialBuffer()
+    buf.write(b"a" * (fake_chv.SERIAL_BUFFER_MAX - 10))
+    buf.write(b"0123456789ABCDEF")
+    assert len(buf.ring) == fake_chv.SERIAL_BUFFER_MAX and buf.ring.endswith(b"0123456789ABCDEF")
+    buf.write(b"x" * (fake_chv.SERIAL_BUFFER_MAX + 5) + b"END")
+    assert bytes(buf.ring) == b"x" * (fake_chv.SERIAL_BUFFER_MAX - 3) + b"END"
+    a, b = socket.socketpair()
+    with a, b:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        a.setblocking(False)
+        started = time.monotonic()
+        buf.attach(a)                      # replay: only what the socket takes now
+        buf.write(b"more")
+        assert time.monotonic() - started < 5
+        assert 0 < len(buf.ring) <= fake_chv.SERIAL_BUFFER_MAX and buf.ring.endswith(b"ENDmore")
+        got = b""
+        while not got.endswith(b"ENDmore"):
+            b.settimeout(2)
+            got += b.recv(1 << 20)
+            buf.write(b"")                 # CHV flushes the ring on the guest's next write
+        assert got.endswith(b"x" * 100 + b"ENDmore") and buf.ring == b""
+        buf.detach()
+        buf.write(b"while away")
+        assert buf.ring == b"while away"
+
+
+def test_serial_socket_mode(env, chv_schema):
+    """vm.create binds serial.socket; output is buffered until a client comes and
+    replayed to it; a new client replaces the old one; client bytes are serial
+    input; shutdown removes the socket file and the next boot binds it again."""
+    s = env.standin()
+    sock_path = str(env.dir / "vm.serial.sock")
+    cfg = s.config(net=False, cmdline="cbox.vm=serial", serial={"mode": "Socket", "socket": sock_path})
+    assert s.put("vm.create", cfg) == (204, None)
+    assert stat_is_socket(sock_path)
+    assert stat.S_IMODE(os.lstat(sock_path).st_mode) == 0o700      # CHV's umask 077
+    assert stat.S_IMODE(os.lstat(s.log_file).st_mode) == 0o600
+    assert s.put("vm.boot") == (204, None)
+    deadline = time.monotonic() + 10
+    while not agent_pids(env.dir):
+        assert time.monotonic() < deadline, s.output()
+        time.sleep(0.02)
+    time.sleep(0.5)                                  # let the guest write while nobody listens
+    assert stat_is_socket(sock_path), s.output()
+    first = serial_client(sock_path)
+    replay = read_until(first, b"test-agent: ready\n")
+    assert replay.startswith(b"cbox-standin: Cloud Hypervisor"), replay[:200]
+    first.sendall(b"hello serial\n")
+    assert b"test-agent: input: hello serial" in read_until(first, b"hello serial\n")
+    second = serial_client(sock_path)                # replaces the first: shut down
+    first.settimeout(5)
+    while first.recv(65536):
+        pass
+    first.close()
+    second.sendall(b"from second\n")
+    got = read_until(second, b"from second\n")
+    assert b"test-agent: ready" not in got           # drained bytes are not resent
+    second.close()
+    assert s.put("vm.shutdown") == (204, None)
+    assert not os.path.exists(sock_path)             # SerialManager dropped: file removed
+    assert s.put("vm.boot") == (204, None)           # re-bound by the boot
+    third = serial_client(sock_path)
+    assert b"test-agent: ready" in read_until(third, b"test-agent: ready\n")
+    third.close()
+    assert s.put("vm.delete") == (204, None)
+    assert not os.path.exists(sock_path)
+    # create + delete without a boot: CHV keeps the listener bound and the file stays,
+    # so the next vm.create fails (EADDRINUSE) and keeps its config
+    assert s.put("vm.create", cfg) == (204, None)
+    assert s.put("vm.delete") == (204, None)
+    assert stat_is_socket(sock_path)
+    assert s.put("vm.create", cfg) == (500, ["Error from API", "The VM could not be created",
+                                             "Error creating console devices", "Error creating console device",
+                                             "Address already in use (os error 98)"])
+    assert s.state() == "Created"
+    assert s.put("vmm.shutdown")[0] == 200 and s.wait_exit(5) == 0
+    assert stat_is_socket(sock_path)                 # never booted: left behind, as by CHV
+
+
+def stat_is_socket(path):
+    try:
+        return stat.S_ISSOCK(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+# ---- event monitor -------------------------------------------------------------
+
+def read_events(fd, want_last=("vmm", "shutdown"), timeout=10.0, data=b""):
+    """Events from a non-blocking fd until `want_last` (pretty JSON, each + "\\n\\n"),
+    after those in `data` (bytes read from it before)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            chunk = None
+        if chunk:
+            data += chunk
+        events = [json.loads(part) for part in data.decode().split("\n\n") if part.strip()]
+        if events and (events[-1]["source"], events[-1]["event"]) == want_last and data.endswith(b"\n\n"):
+            return data, events
+        assert time.monotonic() < deadline, data.decode()
+        time.sleep(0.02)
+
+
+def names(events):
+    return [f"{e['source']} {e['event']}" for e in events]
+
+
+def test_event_monitor_fifo_lifecycle(env, chv_schema):
+    """--event-monitor path=FIFO: the open waits for a reader (before the API socket
+    exists); each event is pretty JSON + a blank line, in CHV's order."""
+    fifo = env.dir / "events"
+    os.mkfifo(fifo)
+    s = env.standin(args=["--api-socket", f"path={env.dir / 'vm.api'}", "--event-monitor", f"path={fifo}",
+                          "--log-file", str(env.dir / "vm.log"), "-v"], wait=False)
+    time.sleep(0.5)
+    assert s.proc.poll() is None and not os.path.exists(s.api_sock)   # blocked in open()
+    rfd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        s.wait_api()
+        cfg = s.config(net=False, cmdline="cbox.vm=events")
+        assert s.put("vm.boot")[0] == 404                  # "booting", then no config
+        assert s.put("vm.create", cfg)[0] == 204
+        assert s.put("vm.boot") == (204, None)
+        assert s.put("vm.boot")[0] == 500                  # already booted: no event
+        assert s.put("vm.pause")[0] == 204 and s.put("vm.pause")[0] == 500
+        assert s.put("vm.resume")[0] == 204
+        assert s.put("vm.shutdown") == (204, None)
+        assert s.put("vm.boot") == (204, None)
+        assert s.put("vm.reboot") == (204, None)
+        assert s.state() == "Running"
+        assert s.put("vm.delete") == (204, None)
+        assert s.put("vm.delete") == (204, None)           # nothing: no event
+        assert s.put("vmm.shutdown")[0] == 200
+        assert s.wait_exit(5) == 0
+        data, events = read_events(rfd)
+    finally:
+        os.close(rfd)
+    assert names(events) == [
+        "vmm starting", "vm booting", "vm booting", "vm booted", "vm pausing", "vm paused", "vm pausing",
+        "vm resuming", "vm resumed", "vm shutdown", "vm booting", "vm booted", "vm rebooting", "vm rebooted",
+        "vm shutdown", "vm deleted", "vmm shutdown"]
+    # serde_json::to_string_pretty of {timestamp: Duration, source, event, properties}
+    first = data.decode().split("\n\n")[0]
+    assert re.fullmatch(r'\{\n  "timestamp": \{\n    "secs": 0,\n    "nanos": \d+\n  \},\n  "source": "vmm",\n'
+                        r'  "event": "starting",\n  "properties": null\n\}', first), first
+    stamps = [e["timestamp"]["secs"] * 10**9 + e["timestamp"]["nanos"] for e in events]
+    assert stamps == sorted(stamps) and all(0 <= e["timestamp"]["nanos"] < 10**9 for e in events)
+    log = s.log_file.read_text()
+    assert "Event: source = vm event = rebooted" in log and "Cloud Hypervisor exited successfully" in log
+
+
+def test_event_monitor_guest_poweroff_and_fd(env, chv_schema):
+    """--event-monitor fd=N; a guest power-off goes through CHV's GuestExit path:
+    vm shutdown, vm deleted, vmm shutdown, and exit code 0; a reader that went
+    away (EPIPE) changes nothing."""
+    rfd, wfd = os.pipe()
+    os.set_blocking(rfd, False)
+    s = env.standin(args=["--api-socket", f"path={env.dir / 'vm.api'}", "--event-monitor", f"fd={wfd}",
+                          "--log-file", str(env.dir / "vm.log"), "-v"], pass_fds=(wfd,))
+    os.close(wfd)
+    try:
+        assert s.put("vm.create", s.config(net=False, cmdline="cbox.vm=off"))[0] == 204
+        assert s.put("vm.boot")[0] == 204
+        deadline = time.monotonic() + 10
+        while True:
+            with vsock_connect(s.vsock, 4031) as v:
+                if read_line(v).startswith(b"OK "):
+                    v.sendall(b"exit 0\n")
+                    assert read_line(v) == b"bye\n"
+                    break
+            assert time.monotonic() < deadline, s.output()
+            time.sleep(0.05)
+        assert s.wait_exit(5) == 0
+        _, events = read_events(rfd)
+    finally:
+        os.close(rfd)
+    assert names(events) == ["vmm starting", "vm booting", "vm booted", "vm shutdown", "vm deleted",
+                             "vmm shutdown"]
+    log = s.log_file.read_text()
+    assert "VM guest exit event" in log and "VM exit event" not in log
+    # no reader at all: events are lost, nothing else changes (CHV ignores write errors)
+    rfd, wfd = os.pipe()
+    os.close(rfd)
+    s2 = env.standin(name="noreader", args=["--api-socket", f"path={env.dir / 'noreader.api'}",
+                                            "--event-monitor", f"fd={wfd}"], pass_fds=(wfd,))
+    os.close(wfd)
+    assert s2.put("vm.create", s2.config(net=False, cmdline="cbox.vm=nr"))[0] == 204
+    assert s2.put("vmm.shutdown")[0] == 200 and s2.wait_exit(5) == 0
+    # a regular file is truncated at start
+    new_path = env.dir / "new-events.json"
+    s4 = env.standin(name="new", args=["--api-socket", f"path={env.dir / 'new.api'}",
+                                       "--event-monitor", f"path={new_path}"])
+    assert s4.put("vmm.shutdown")[0] == 200 and s4.wait_exit(5) == 0
+    assert stat.S_IMODE(new_path.stat().st_mode) == 0o600          # CHV's umask 077
+    path = env.dir / "events.json"
+    path.write_text("stale\n" * 1000)
+    s3 = env.standin(name="file", args=["--api-socket", f"path={env.dir / 'file.api'}",
+                                        "--event-monitor", f"path={path}"])
+    assert s3.put("vmm.shutdown")[0] == 200 and s3.wait_exit(5) == 0
+    assert path.read_text().startswith("{") and "stale" not in path.read_text()
+    r = subprocess.run([sys.executable, str(STANDIN), "--api-socket", "path=/nonexistent/x",
+                        "--event-monitor", "bogus"], capture_output=True, text=True, timeout=10)
+    assert r.returncode == 1 and "--event-monitor" in r.stderr
+
+
+# ---- guest reset: reboot inside the process ----------------------------------------
+
+def vsock_command(s, command, timeout=10.0):
+    """Send one line to the test agent over the hybrid vsock (retrying until it listens)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with vsock_connect(s.vsock, 4031) as v:
+                if read_line(v).startswith(b"OK "):
+                    v.sendall(command.encode() + b"\n")
+                    return read_line(v)
+        except (FileNotFoundError, ConnectionRefusedError):
+            pass                                        # between two boots of a reboot
+        assert time.monotonic() < deadline, s.output()
+        time.sleep(0.05)
+
+
+def wait_for(fn, timeout=10.0, what=""):
+    deadline = time.monotonic() + timeout
+    while not fn():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def test_guest_reset_reboots_inside_the_process(env, chv_schema):
+    """reboot(2) RESTART in the guest: same VMM process, vm rebooting/rebooted,
+    the File-mode serial truncated, the vsock socket re-created, the guest boots
+    again; reboot(2) POWER_OFF ends the process (exit 0) as a power-off."""
+    fifo_r, fifo_w = os.pipe()
+    os.set_blocking(fifo_r, False)
+    s = env.standin(args=["--api-socket", f"path={env.dir / 'vm.api'}", "--event-monitor", f"fd={fifo_w}",
+                          "--log-file", str(env.dir / "vm.log"), "-v"], pass_fds=(fifo_w,))
+    os.close(fifo_w)
+    try:
+        assert s.put("vm.create", s.config(net=False, cmdline="cbox.vm=rst"))[0] == 204
+        assert s.put("vm.boot")[0] == 204
+        assert vsock_command(s, "info").startswith(b"{")
+        [agent] = agent_pids(env.dir)
+        assert vsock_command(s, "reboot") == b"bye\n", s.serial.read_text()
+        wait_for(lambda: "VM reset event" in s.log_file.read_text() and agent_pids(env.dir) not in ([], [agent]),
+                 what=s.output())
+        assert s.proc.poll() is None and s.state() == "Running"
+        assert json.loads(vsock_command(s, "info"))["hostname"] == "rst"   # booted again
+        assert f"vsock socket bound at {s.vsock}" in s.log_file.read_text().split("VM reset event")[1]
+        serial = s.serial.read_text()
+        assert "test-agent: reboot" not in serial and "Restarting system" not in serial   # truncated
+        assert serial.startswith("cbox-standin: Cloud Hypervisor")
+        assert s.put("vm.reboot") == (204, None)                             # the API does the same
+        assert json.loads(vsock_command(s, "info"))["hostname"] == "rst"
+        assert vsock_command(s, "poweroff") == b"bye\n"
+        assert s.wait_exit(10) == 0
+        _, events = read_events(fifo_r)
+    finally:
+        os.close(fifo_r)
+    assert names(events) == ["vmm starting", "vm booting", "vm booted", "vm rebooting", "vm rebooted",
+                             "vm rebooting", "vm rebooted", "vm shutdown", "vm deleted", "vmm shutdown"]
+    assert "Power down" in s.serial.read_text()
+    log = s.log_file.read_text()
+    assert "VM guest exit event" in log and "VM exit event" not in log
+    assert not os.path.exists(s.vsock) and wait_gone(lambda: agent_pids(env.dir), 5) == []
+
+
+QEMU_KERNEL = REPO / "out" / "vmlinuz"
+
+
+def need_qemu_kernel():
+    if not shutil.which("qemu-system-x86_64"):
+        pytest.skip("qemu-system-x86_64 is not installed")
+    if not QEMU_KERNEL.exists():
+        pytest.skip(f"{QEMU_KERNEL} missing (make images)")
+
+
+def test_qemu_engine_guest_reset_and_serial_socket(env, chv_schema):
+    """QEMU engine: a real kernel that panics (no root fs) with panic=-1 resets;
+    QEMU (-no-reboot) exits with SHUTDOWN reason guest-reset and the stand-in
+    rebuilds the VM in its process (vm rebooting, vm rebooted); the Socket-mode
+    serial carries the kernel's console and is bound again by the reboot."""
+    need_qemu_kernel()
+    rfd, wfd = os.pipe()
+    os.set_blocking(rfd, False)
+    s = env.standin(args=["--api-socket", f"path={env.dir / 'vm.api'}", "--event-monitor", f"fd={wfd}",
+                          "--log-file", str(env.dir / "vm.log"), "-v"], pass_fds=(wfd,),
+                    extra_env={"CBOX_STANDIN_ENGINE": "qemu"})
+    os.close(wfd)
+    sock_path = str(env.dir / "serial.sock")
+    cfg = {"payload": {"kernel": str(QEMU_KERNEL), "cmdline": "console=ttyS0 reboot=k panic=-1"},
+           "cpus": {"boot_vcpus": 1, "max_vcpus": 1}, "memory": {"size": 256 << 20},
+           "serial": {"mode": "Socket", "socket": sock_path}, "console": {"mode": "Off"}}
+    try:
+        assert s.put("vm.create", cfg) == (204, None)
+        assert s.put("vm.boot") == (204, None)
+        client = serial_client(sock_path)
+        text = read_until(client, b"Kernel panic - not syncing", timeout=120)
+        assert b"Linux version" in text                       # replayed from the ring
+        client.settimeout(60)
+        while client.recv(65536):                             # the reboot drops the old socket
+            pass
+        client.close()
+        deadline = time.monotonic() + 60
+        data = b""
+        while b'"rebooted"' not in data:
+            assert time.monotonic() < deadline, s.output()
+            try:
+                data += os.read(rfd, 65536)
+            except BlockingIOError:
+                time.sleep(0.1)
+        assert stat_is_socket(sock_path) and s.state() == "Running"
+        log = s.log_file.read_text()
+        assert "QMP SHUTDOWN (reason guest-reset)" in log and "VM reset event" in log
+        assert s.put("vmm.shutdown")[0] == 200 and s.wait_exit(10) == 0
+        _, events = read_events(rfd, data=data)
+    finally:
+        os.close(rfd)
+    got = names(events)
+    assert got[:5] == ["vmm starting", "vm booting", "vm booted", "vm rebooting", "vm rebooted"], got
+    assert got[-3:] == ["vm shutdown", "vm deleted", "vmm shutdown"], got
+    assert not os.path.exists(sock_path)
+
+
+# ---- vCPU error and guest panic (test hooks) ---------------------------------------
+
+def events_standin(env, name="vm", **kw):
+    """A stand-in with --event-monitor on a pipe; returns (standin, read fd)."""
+    rfd, wfd = os.pipe()
+    os.set_blocking(rfd, False)
+    s = env.standin(name=name, args=["--api-socket", f"path={env.dir / (name + '.api')}",
+                                     "--event-monitor", f"fd={wfd}",
+                                     "--log-file", str(env.dir / (name + ".log")), "-v"], pass_fds=(wfd,), **kw)
+    os.close(wfd)
+    return s, rfd
+
+
+def test_vcpu_error_exits_0_like_a_poweroff(env, chv_schema):
+    """SIGUSR1 plays a vCPU error: exit code 0 and the events of a power-off;
+    only the log says "VM exit event" (not "VM guest exit event")."""
+    s, rfd = events_standin(env)
+    try:
+        s.proc.send_signal(signal.SIGUSR1)                  # no VM: ignored
+        assert s.put("vm.create", s.config(net=False, cmdline="cbox.vm=vcpu"))[0] == 204
+        assert s.put("vm.boot")[0] == 204
+        assert vsock_command(s, "info").startswith(b"{")
+        wait_for(lambda: "SIGUSR1 (vCPU error): no VM is running, ignored" in s.log_file.read_text())
+        s.proc.send_signal(signal.SIGUSR1)
+        assert s.wait_exit(10) == 0
+        _, events = read_events(rfd)
+    finally:
+        os.close(rfd)
+    assert names(events) == ["vmm starting", "vm booting", "vm booted", "vm shutdown", "vm deleted",
+                             "vmm shutdown"]
+    log = s.log_file.read_text()
+    assert "ERROR:fake_chv.py -- VCPU generated error: VcpuRun(" in log
+    assert "VM exit event" in log and "VM guest exit event" not in log
+    assert wait_gone(lambda: agent_pids(env.dir), 5) == [] and not os.path.exists(s.vsock)
+
+
+def test_guest_panic_hook(env, chv_schema):
+    """SIGUSR2 plays a guest kernel panic: console text, the pvpanic event (only
+    with "pvpanic": true), then panic=-1 resets (File serial truncated: the panic
+    text is gone), panic=0 hangs, panic=N resets after N seconds."""
+    s, rfd = events_standin(env)
+    sock_path = str(env.dir / "vm.serial.sock")
+    try:
+        cfg = s.config(net=False, cmdline="cbox.vm=pan reboot=k panic=-1", pvpanic=True)
+        assert s.put("vm.create", cfg)[0] == 204 and s.put("vm.boot")[0] == 204
+        assert vsock_command(s, "info").startswith(b"{")
+        [agent] = agent_pids(env.dir)
+        s.proc.send_signal(signal.SIGUSR2)
+        wait_for(lambda: agent_pids(env.dir) not in ([], [agent]), what=s.output())
+        assert json.loads(vsock_command(s, "info"))["hostname"] == "pan" and s.state() == "Running"
+        assert "Kernel panic" not in s.serial.read_text()          # File::create at the reboot
+        assert "VM reset event" in s.log_file.read_text() and "pvpanic got guest event panic" in s.log_file.read_text()
+        assert s.put("vm.delete")[0] == 204
+        # Socket mode: a client sees the panic before the reboot cuts it off; panic=1
+        cfg = s.config(net=False, cmdline="cbox.vm=pan1 panic=1",
+                       serial={"mode": "Socket", "socket": sock_path})
+        assert s.put("vm.create", cfg)[0] == 204 and s.put("vm.boot")[0] == 204
+        client = serial_client(sock_path)
+        read_until(client, b"test-agent: ready\n")
+        [agent] = agent_pids(env.dir)
+        s.proc.send_signal(signal.SIGUSR2)
+        text = read_until(client, b"Rebooting in 1 seconds..\n")
+        assert b"Kernel panic - not syncing: cbox-standin: guest panic" in text
+        wait_for(lambda: proc_state(agent) == "T")               # the panicked guest runs no more
+        client.settimeout(10)
+        while client.recv(65536):
+            pass
+        client.close()
+        assert json.loads(vsock_command(s, "info"))["hostname"] == "pan1"
+        assert s.put("vm.delete")[0] == 204
+        # panic=0 (no pvpanic): the guest hangs, the VM stays Running
+        cfg = s.config(net=False, cmdline="cbox.vm=pan0")
+        assert s.put("vm.create", cfg)[0] == 204 and s.put("vm.boot")[0] == 204
+        assert vsock_command(s, "info").startswith(b"{")
+        [agent] = agent_pids(env.dir)
+        s.proc.send_signal(signal.SIGUSR2)
+        wait_for(lambda: "---[ end Kernel panic" in s.serial.read_text())
+        assert proc_state(agent) == "T" and s.state() == "Running"
+        assert s.put("vmm.shutdown")[0] == 200 and s.wait_exit(10) == 0
+        _, events = read_events(rfd)
+    finally:
+        os.close(rfd)
+    assert names(events) == [
+        "vmm starting", "vm booting", "vm booted", "guest panic", "vm rebooting", "vm rebooted",
+        "vm shutdown", "vm deleted",
+        "vm booting", "vm booted", "vm rebooting", "vm rebooted", "vm shutdown", "vm deleted",
+        "vm booting", "vm booted", "vm shutdown", "vm deleted", "vmm shutdown"]
+    assert [e["properties"] for e in events if e["source"] == "guest"] == [{"event": "panic"}]
+    assert wait_gone(lambda: agent_pids(env.dir), 5) == []
+
+
+
+def test_vmm_shutdown_answers_200_empty_and_socket_without_path_crashes(env, chv_schema):
+    """v53: vmm.shutdown is 200 with Content-Length 0 (http_endpoint.rs VmmShutdown);
+    serial mode Socket without serial.socket panics the VMM thread: 500, exit 1."""
+    s = env.standin()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+        c.settimeout(5)
+        c.connect(s.api_sock)
+        c.sendall(b"PUT /api/v1/vmm.shutdown HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            chunk = c.recv(4096)
+            assert chunk, reply
+            reply += chunk
+    head = reply.split(b"\r\n\r\n")[0].decode().split("\r\n")
+    assert head[0].startswith("HTTP/1.1 200") and "Content-Length: 0" in head, head
+    assert s.wait_exit(5) == 0
+    s2 = env.standin(name="crash")
+    cfg = s2.config(net=False, serial={"mode": "Socket"})
+    assert s2.put("vm.create", cfg) == (500, ["Error from API", "API response receive error",
+                                              "receiving on a closed channel"])
+    assert s2.wait_exit(5) == 1
+    assert "panicked" in s2.log_file.read_text()
+
+
+def newc_cpio(entries):
+    """An uncompressed newc cpio of (name, mode, data) entries, with its trailer."""
+    out = bytearray()
+    for ino, (name, mode, data) in enumerate(entries + [("TRAILER!!!", 0, b"")], 1):
+        raw = name.encode() + b"\0"
+        fields = (ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(raw), 0)
+        out += b"070701" + "".join(f"{v:08X}" for v in fields).encode() + raw
+        out += b"\0" * (-len(out) % 4) + data
+        out += b"\0" * (-len(out) % 4)
+    return bytes(out)
+
+
+def test_qemu_engine_pvpanic(env, chv_schema):
+    """QEMU engine with "pvpanic": true: a guest that loads pvpanic_pci and panics
+    (sysrq c, typed on the Socket serial) gives the event source guest, event
+    panic, then its panic=-1 reset rebuilds the VM (vm rebooting, vm rebooted)."""
+    need_qemu_kernel()
+    mods = REPO / "build" / "kernel" / "modules" / "kernel" / "drivers" / "misc" / "pvpanic"
+    initramfs = REPO / "out" / "initramfs.cpio.gz"
+    if not (mods / "pvpanic-pci.ko").exists() or not initramfs.exists():
+        pytest.skip("pvpanic modules or initramfs missing (make images)")
+    image = env.dir / "initramfs-pvpanic"
+    base = initramfs.read_bytes()
+    base += b"\0" * (-len(base) % 4)          # the kernel takes a following cpio at a 4-byte boundary
+    image.write_bytes(base + newc_cpio(
+        [(name, 0o100644, (mods / name).read_bytes()) for name in ("pvpanic.ko", "pvpanic-pci.ko")]))
+    s, rfd = events_standin(env, extra_env={"CBOX_STANDIN_ENGINE": "qemu"})
+    sock_path = str(env.dir / "serial.sock")
+    cfg = {"payload": {"kernel": str(QEMU_KERNEL), "initramfs": str(image),
+                       "cmdline": "console=ttyS0 reboot=k panic=-1 rdinit=/bin/sh"},
+           "cpus": {"boot_vcpus": 1, "max_vcpus": 1}, "memory": {"size": 256 << 20}, "pvpanic": True,
+           "serial": {"mode": "Socket", "socket": sock_path}, "console": {"mode": "Off"}}
+    data = b""
+    try:
+        assert s.put("vm.create", cfg) == (204, None)
+        assert s.put("vm.boot") == (204, None)
+        client = serial_client(sock_path)
+        read_until(client, b"job control turned off", timeout=120)   # busybox sh on ttyS0
+        client.sendall(b"mount -t proc proc /proc; insmod /pvpanic.ko; insmod /pvpanic-pci.ko; "
+                       b"echo loaded-$((6*7))\n")
+        text = read_until(client, b"loaded-42", timeout=30)
+        client.sendall(b"echo c > /proc/sysrq-trigger\n")
+        text += read_until(client, b"Kernel panic - not syncing", timeout=60)
+        assert b"can't insert" not in text, text.decode(errors="replace")[-3000:]
+        client.close()
+        deadline = time.monotonic() + 60
+        while b'"rebooted"' not in data:
+            assert time.monotonic() < deadline, s.output()
+            try:
+                data += os.read(rfd, 65536)
+            except BlockingIOError:
+                time.sleep(0.1)
+        assert s.put("vmm.shutdown")[0] == 200 and s.wait_exit(10) == 0
+        _, events = read_events(rfd, data=data)
+    finally:
+        os.close(rfd)
+    got = names(events)
+    assert got[:6] == ["vmm starting", "vm booting", "vm booted", "guest panic", "vm rebooting",
+                       "vm rebooted"], got
+    assert events[3]["properties"] == {"event": "panic"}
+    log = s.log_file.read_text()
+    assert "QMP GUEST_PANICKED" in log and "pvpanic got guest event panic" in log
+
+
+def test_guest_reset_with_network(env, chv_schema):
+    """A reset rebuilds the guest's network too: the old guest VMM frees the tap and
+    undoes its kernel relay, the new one attaches again; exec traffic works after."""
+    env.bridge()
+    s = env.standin()
+    boot_guest(env, s)
+    [agent] = agent_pids(env.dir)
+    with env.ns.connect((GUEST_IP, 4031), timeout=5) as c:
+        c.sendall(b"reboot\n")
+        assert c.recv(10) == b"bye\n"
+    wait_for(lambda: agent_pids(env.dir) not in ([], [agent]), what=s.output())
+    assert guest_info(env.ns, s)["hostname"] == "vm" and echo(env.ns, 1 << 16)
+    assert len(host_veths(env.ns)) == 1 and s.state() == "Running"
+    assert s.put("vmm.shutdown")[0] == 200 and s.wait_exit(5) == 0
+    assert host_veths(env.ns) == [] and not tap_clsact(env.ns)

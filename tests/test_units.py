@@ -3,6 +3,7 @@ import ipaddress
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -292,6 +293,8 @@ def test_vm_config_validates_against_cloud_hypervisor_openapi(tmp_path, chv_sche
     assert [d["image_type"] for d in config["disks"]] == ["Raw", "Raw"]
     assert [d["serial"] for d in config["disks"]] == ["cbox-rootfs", "cbox-state"]
     assert all(len(d["serial"].encode()) <= 20 for d in config["disks"])
+    assert config["serial"] == {"mode": "Socket", "socket": f"{cfg.run_dir}/3/serial.sock"}
+    assert config["pvpanic"] is True
     cmdline = config["payload"]["cmdline"]
     for key in ("cbox.vm=v1", "cbox.ip=10.20.1.2/24", "cbox.gw=10.20.1.1", "cbox.callback_port=4032", "quiet",
                 "cbox.state=cbox-state"):
@@ -324,3 +327,142 @@ def test_preflight_names_what_is_missing(tmp_path):
     problems = cbox.preflight(cfg)
     assert not any("cloud-hypervisor" in p for p in problems)
     assert any("/dev/kvm" in p for p in problems) == (not Path("/dev/kvm").exists())
+
+
+# ---- console log and hypervisor events -------------------------------------------
+
+def test_console_log_keeps_boot_lines_and_newest_within_budget(tmp_path):
+    log = cbox.ConsoleLog(tmp_path, max_bytes=8192)
+    boot = b"".join(b"boot line %05d\n" % i for i in range(cbox.ConsoleLog.BOOT_BYTES // 16))
+    assert len(boot) == cbox.ConsoleLog.BOOT_BYTES
+    log.append(boot[:1000])
+    log.append(boot[1000:] + b"after boot\n")
+    assert (tmp_path / "console.boot.log").read_bytes() == boot
+    assert log.text() == boot + b"after boot\n"
+    for i in range(2000):          # 34 KB more: rotations drop the oldest
+        log.append(b"newer %010d\n" % i)
+    sizes = [f.stat().st_size for f in tmp_path.glob("console.log*")]
+    assert sum(sizes) <= 8192 and len(sizes) == 2
+    text = log.text()
+    dropped = int((tmp_path / "console.dropped").read_bytes())
+    assert text.startswith(boot)
+    assert f"[cbox: {dropped} bytes of console output dropped here".encode() in text
+    assert text.endswith(b"newer 0000001999\n")
+    assert dropped + sum(sizes) == len(b"after boot\n") + 2000 * 17
+    assert "newer 0000001999" in cbox.console_tail(log)
+    log.close()
+    again = cbox.ConsoleLog(tmp_path, max_bytes=8192)      # after a restart: sizes from the files
+    again.append(b"x" * 10000)
+    assert sum(f.stat().st_size for f in tmp_path.glob("console.log*")) <= 8192
+    assert again.text().endswith(b"x" * 4096)
+    again.close()
+
+
+def test_event_monitor_parses_events_and_skips_truncated_ones(tmp_path):
+    import asyncio
+    import os
+
+    def event(source, name, props=None):
+        return json.dumps({"timestamp": {"secs": 1, "nanos": 2}, "source": source, "event": name,
+                           "properties": props}, indent=2).encode()
+
+    async def run():
+        fifo = tmp_path / "events.fifo"
+        cbox.EventMonitor.make_fifo(fifo)
+        seen = []
+        monitor = cbox.EventMonitor(fifo, lambda s, e, p: seen.append((s, e, p)))
+        writer = os.open(fifo, os.O_WRONLY)
+        stream = (event("vmm", "starting") + b"\n\n"
+                  + event("virtio-device", "activated", {"id": "net0"}) + b"\n\n"
+                  + event("vm", "booted")[:20]                 # cut short by EAGAIN, then the next one
+                  + event("guest", "panic", {"event": "panic"}) + b"\n\n"
+                  + event("vm", "rebooting")[:30] + b"\n\n"  # cut short, separator written
+                  + b"not json at all, mentions \"source\": \"vm\"\n\n"
+                  + event("vm", "rebooting"))
+        for i in range(0, len(stream), 7):                     # arrives in small pieces
+            os.write(writer, stream[i:i + 7])
+            await asyncio.sleep(0)
+        os.write(writer, b"\n\n")
+        os.close(writer)
+        await monitor.wait_end(5)
+        return seen
+
+    seen = asyncio.run(run())
+    assert seen == [("vmm", "starting", {}), ("guest", "panic", {"event": "panic"}), ("vm", "rebooting", {})]
+
+
+def test_reset_found_in_the_vmm_log(tmp_path):
+    path = tmp_path / "chv.log"
+    path.write_text("cloud-hypervisor: 0.1s: <vmm> INFO:event_monitor/src/lib.rs:113 -- Event: source = vm event = booted \n")
+    assert cbox.reset_in_vmm_log(path) is None
+    with open(path, "a") as f:
+        f.write("cloud-hypervisor: 9.0s: <vmm> INFO:event_monitor/src/lib.rs:113 -- Event: source = vm event = rebooting \n")
+    assert cbox.reset_in_vmm_log(path)[0] == "guest-reboot"
+    with open(path, "a") as f:
+        f.write("cloud-hypervisor: 8.0s: <vcpu0> INFO:event_monitor/src/lib.rs:113 -- "
+                "Event: source = guest event = panic event = panic\n")
+    assert cbox.reset_in_vmm_log(path)[0] == "guest-panic"
+
+
+def test_event_monitor_parses_a_bounded_number_of_events_a_second(tmp_path):
+    import asyncio
+    import os
+
+    async def run():
+        fifo = tmp_path / "events.fifo"
+        cbox.EventMonitor.make_fifo(fifo)
+        seen = []
+        monitor = cbox.EventMonitor(fifo, lambda s, e, p: seen.append(e))
+        writer = os.open(fifo, os.O_WRONLY)
+        event = json.dumps({"timestamp": {"secs": 1, "nanos": 2}, "source": "guest", "event": "panic",
+                            "properties": {"event": "unknown_event"}}, indent=2).encode() + b"\n\n"
+        t0 = time.monotonic()
+        for _ in range(400):           # ~55 KB: a guest writing to its pvpanic device in a loop
+            os.write(writer, event)
+        os.close(writer)
+        await monitor.wait_end(5)
+        return seen, time.monotonic() - t0
+
+    seen, took = asyncio.run(run())
+    limit = cbox.EventMonitor.EVENT_BURST + cbox.EventMonitor.EVENT_RATE * took + 1
+    assert cbox.EventMonitor.EVENT_BURST <= len(seen) <= limit, (len(seen), took)
+
+
+def test_serial_console_reads_at_a_bounded_rate(tmp_path):
+    import asyncio
+    import socket
+    import threading
+
+    async def run():
+        path = tmp_path / "serial.sock"
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(path))
+        listener.listen(1)
+        got = []
+        console = cbox.SerialConsole(path, lambda data: got.append(len(data)))
+        peer, _ = listener.accept()
+        stop = threading.Event()
+
+        def flood():            # like the VMM: non-blocking writes, dropped when we do not read
+            peer.setblocking(False)
+            while not stop.is_set():
+                try:
+                    peer.send(b"x" * 65536)
+                except BlockingIOError:
+                    time.sleep(0.001)
+
+        thread = threading.Thread(target=flood)
+        thread.start()
+        t0 = time.monotonic()
+        await asyncio.sleep(1.0)
+        took = time.monotonic() - t0
+        stop.set()
+        thread.join()
+        console.close()
+        peer.close()
+        listener.close()
+        return sum(got), took
+
+    total, took = asyncio.run(run())
+    rate, burst = cbox.SerialConsole.RATE, cbox.SerialConsole.BURST
+    assert burst <= total <= burst + rate * took + cbox.BoundedReader.CHUNK, (total, took)

@@ -1,0 +1,250 @@
+"""How a VM ends (issue 8): resets, panics, power-off, VMM crashes and kills, and the
+bounded serial console, through cbox.py's REST API and the stand-in hypervisor.
+
+Everything runs inside a network namespace created per test (contract section 5).
+"""
+import http.client
+import os
+import signal
+import socket
+import time
+
+import pytest
+
+
+def wait_for(predicate, timeout=20.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def wait_stopped(api, name, timeout=20.0):
+    """The VM object once it left RUNNING."""
+    def stopped():
+        status, vm = api.get(f"/v1/vms/{name}")
+        assert status == 200, vm
+        return vm if vm["status"] != "RUNNING" else None
+    return wait_for(stopped, timeout, f"VM {name} to stop")
+
+
+def logs(api, name):
+    status, text = api.get(f"/v1/vms/{name}/logs")
+    assert status == 200, text
+    return text
+
+
+def assert_runtime_gone(server, name):
+    """A stopped VM holds no hypervisor, tap or sockets, answers exec with 409, and
+    keeps its record and console until DELETE, which then removes everything."""
+    def run_dirs():
+        return list(server.run_dir.iterdir()) if server.run_dir.exists() else []
+    wait_for(lambda: not server.vmm_pids() and not server.taps() and not run_dirs(), 10,
+             "the VMM, tap and sockets to go")
+    status, body = server.api.post(f"/v1/vms/{name}/exec", {"cmd": "true"})
+    assert status == 409 and "not running" in body["error"]
+    assert (server.state_dir / "vms" / f"{name}.json").exists()
+    assert server.api.delete(f"/v1/vms/{name}")[0] == 200
+    assert server.api.get(f"/v1/vms/{name}")[0] == 404
+    server.assert_clean()
+
+
+def test_kill9_of_the_vmm_is_killed(cbox_server):
+    api = cbox_server.api
+    api.start_vm("victim")
+    assert "cbox-agent" in logs(api, "victim")
+    [pid] = cbox_server.vmm_pids()
+    os.kill(pid, signal.SIGKILL)
+    vm = wait_stopped(api, "victim")
+    assert (vm["status"], vm["stopReason"]) == ("FAILED", "killed")
+    assert "cbox-agent" in logs(api, "victim")          # the console from before stays
+    assert_runtime_gone(cbox_server, "victim")
+    assert "stopReason=killed" in cbox_server.log()
+
+
+# reboot(2) RESTART in the process guest's pid namespace kills that namespace's init
+# (reboot(2), "pid namespaces"): the stand-in's guest reset. The guard refuses to run
+# unless this is a child pid namespace (the host's /proc shows another pid for us);
+# in the host's it would reboot the machine.
+GUEST_REBOOT = ("sleep 0.3; python3 -c 'import ctypes, os, sys\n"
+                "sys.exit(97) if int(os.readlink(\"/proc/self\")) == os.getpid() else None\n"
+                "ctypes.CDLL(None, use_errno=True).reboot(0x01234567)'")
+
+
+def test_guest_reboot_stops_the_vm_and_keeps_its_console(cbox_server):
+    api = cbox_server.api
+    api.start_vm("rebooter")
+    write_console(api, "rebooter", "last words before the reset")
+    wait_for(lambda: "last words before the reset" in logs(api, "rebooter"), 10, "the console line")
+    assert api.post("/v1/vms/rebooter/exec", {"cmd": GUEST_REBOOT, "blocking": False})[0] == 200
+    vm = wait_stopped(api, "rebooter")
+    assert (vm["status"], vm["stopReason"]) == ("STOPPED", "guest-reboot"), vm
+    text = logs(api, "rebooter")
+    assert "cbox-agent" in text and "last words before the reset" in text
+    assert_runtime_gone(cbox_server, "rebooter")
+    assert "stopReason=guest-reboot" in cbox_server.log()
+
+
+def test_guest_panic_is_failed(cbox_server):
+    # the stand-in's test hook SIGUSR2: a guest kernel panic, reported through the pvpanic
+    # device cbox.py asks for ("pvpanic": true), then the reset panic=-1 makes
+    api = cbox_server.api
+    api.start_vm("panicky")
+    [pid] = cbox_server.vmm_pids()
+    os.kill(pid, signal.SIGUSR2)
+    vm = wait_stopped(api, "panicky")
+    assert (vm["status"], vm["stopReason"]) == ("FAILED", "guest-panic"), vm
+    text = logs(api, "panicky")
+    assert "cbox-agent" in text and "Kernel panic - not syncing" in text
+    assert_runtime_gone(cbox_server, "panicky")
+
+
+def test_vcpu_error_exit_0_is_a_crash(cbox_server):
+    # the stand-in's test hook SIGUSR1: a vCPU error ends the VMM with exit code 0 and the
+    # same events as a guest power-off (vmm/src/cpu.rs, exit_evt); only its log differs
+    api = cbox_server.api
+    api.start_vm("vcpu")
+    [pid] = cbox_server.vmm_pids()
+    os.kill(pid, signal.SIGUSR1)
+    vm = wait_stopped(api, "vcpu")
+    assert (vm["status"], vm["stopReason"]) == ("FAILED", "vmm-crash"), vm
+    assert_runtime_gone(cbox_server, "vcpu")
+
+
+def test_guest_poweroff_is_stopped(cbox_server):
+    # SIGTERM to the guest's init: the agent (PID 1 in a VM) powers the guest off
+    api = cbox_server.api
+    api.start_vm("bye")
+    status, _ = api.post("/v1/vms/bye/exec", {"cmd": "sleep 0.3; kill -TERM 1", "blocking": False})
+    assert status == 200
+    vm = wait_stopped(api, "bye")
+    assert (vm["status"], vm["stopReason"]) == ("STOPPED", "guest-poweroff"), vm
+    assert_runtime_gone(cbox_server, "bye")
+
+
+def test_vmm_exit_0_without_a_guest_poweroff_is_a_crash(cbox_server):
+    # SIGTERM makes the VMM leave through the same exit path as a vCPU error (exit code 0,
+    # vmm/src/lib.rs EpollDispatch::Exit): exit code 0 alone proves no clean power-off
+    api = cbox_server.api
+    api.start_vm("termed")
+    [pid] = cbox_server.vmm_pids()
+    os.kill(pid, signal.SIGTERM)
+    vm = wait_stopped(api, "termed")
+    assert (vm["status"], vm["stopReason"]) == ("FAILED", "vmm-crash"), vm
+    assert "exited with code 0 without a guest power-off" in cbox_server.log()
+    assert_runtime_gone(cbox_server, "termed")
+
+
+def vmm_api(server, vm, method, endpoint):
+    """Call the VM's hypervisor API directly, as an operator could (Unix sockets need no netns)."""
+    class Conn(http.client.HTTPConnection):
+        def connect(self):
+            self.sock = socket.socket(socket.AF_UNIX)
+            self.sock.connect(str(server.run_dir / str(vm["cid"]) / "api.sock"))
+    conn = Conn("localhost", timeout=30)
+    try:
+        conn.request(method, f"/api/v1/{endpoint}")
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def test_reset_through_the_vmm_api_stops_the_vm(cbox_server):
+    # vm.reboot goes through the same vm_reboot as a guest reset (vmm/src/lib.rs): a "vm
+    # rebooting" event, the devices rebuilt in place. cbox.py ends the VM instead.
+    api = cbox_server.api
+    vm = api.start_vm("rebooted")
+    assert "cbox-agent" in logs(api, "rebooted")
+    assert vmm_api(cbox_server, vm, "PUT", "vm.reboot")[0] == 204
+    vm = wait_stopped(api, "rebooted")
+    assert (vm["status"], vm["stopReason"]) == ("STOPPED", "guest-reboot")
+    assert "cbox-agent" in logs(api, "rebooted")
+    assert_runtime_gone(cbox_server, "rebooted")
+
+
+# A command in a process guest (stand-in) writes to its serial console through the
+# agent's stdout, a pipe to the stand-in's serial device (in a VM: /dev/ttyS0). The
+# guest sees the host's /proc, so /proc/self/stat names the agent by its host pid;
+# the checks make sure it is that pipe, never a console of this host.
+TO_CONSOLE = ("read -r _ _ _ agent _ < /proc/self/stat; "
+              "grep -q guest_agent.py /proc/$agent/cmdline || exit 97; "
+              "case $(readlink /proc/$agent/fd/1) in pipe:*) ;; *) exit 98;; esac; ")
+
+
+def write_console(api, name, text):
+    r = api.exec(name, TO_CONSOLE + f"echo '{text}' > /proc/$agent/fd/1")
+    assert r["exitCode"] == 0, r
+
+
+def test_console_flood_is_bounded_and_does_not_slow_other_vms(cbox_factory):
+    server = cbox_factory(console_max_bytes=65536).start()
+    api = server.api
+    api.start_vm("noisy")
+    api.start_vm("quiet")
+    boot = logs(api, "noisy")
+    assert "cbox-agent" in boot
+    status, flood = api.post("/v1/vms/noisy/exec", {
+        "cmd": TO_CONSOLE + "exec yes 'console flood line' > /proc/$agent/fd/1", "blocking": False})
+    assert status == 200, flood
+    try:
+        vm_dir = server.state_dir / "vms" / "noisy"
+        wait_for(lambda: (vm_dir / "console.dropped").exists(), 20, "console rotation")
+        t0 = time.monotonic()
+        for _ in range(20):
+            assert api.exec("quiet", "echo ok")["stdout"] == "ok\n"
+        quiet_s = time.monotonic() - t0
+        assert quiet_s < 20, quiet_s                  # generous: hangs, not speed
+        for _ in range(5):
+            kept = sum(f.stat().st_size for f in vm_dir.glob("console.log*"))
+            assert kept <= 65536
+            assert (vm_dir / "console.boot.log").stat().st_size <= 64 * 1024
+            time.sleep(0.2)
+        text = logs(api, "noisy")
+        assert text.startswith(boot.split("console flood line")[0][:200])
+        assert "bytes of console output dropped here" in text
+        assert "console flood line\nconsole flood line\n" in text[-100:]
+        assert len(text) <= 65536 + 64 * 1024 + 200
+    finally:
+        print(api.delete(f"/v1/vms/noisy/exec/{flood['execId']}"))
+    api.delete("/v1/vms")
+    server.assert_clean()
+
+
+def test_restart_keeps_stop_reasons_and_consoles_and_follows_readopted_vms(cbox_factory):
+    server = cbox_factory().start()
+    api = server.api
+    gone = api.start_vm("gone")
+    alive = api.start_vm("alive")
+    later = api.start_vm("later")
+    assert vmm_api(server, gone, "PUT", "vm.reboot")[0] == 204
+    assert wait_stopped(api, "gone")["stopReason"] == "guest-reboot"
+    write_console(api, "alive", "written before the restart")
+    before = wait_for(lambda: "written before the restart" in logs(api, "alive") and logs(api, "alive"), 10,
+                      "the console line")
+    status, _ = api.post("/v1/vms/alive/exec", {"blocking": False, "cmd": "sleep 1; " + TO_CONSOLE +
+                                                "echo 'written while cbox.py was down' > /proc/$agent/fd/1"})
+    assert status == 200
+    server.stop(signal.SIGKILL)
+    # while cbox.py is down: console output, and a reset nobody reads the event of
+    assert vmm_api(server, later, "PUT", "vm.reboot")[0] == 204
+    time.sleep(1.5)
+    server2 = cbox_factory().start()
+    api = server2.api
+    vm = api.get("/v1/vms/gone")[1]
+    assert (vm["status"], vm["stopReason"]) == ("STOPPED", "guest-reboot")
+    assert "cbox-agent" in logs(api, "gone")
+    vm = wait_stopped(api, "later")                     # found in the VMM's log at re-adoption
+    assert (vm["status"], vm["stopReason"]) == ("STOPPED", "guest-reboot")
+    vm = api.get("/v1/vms/alive")[1]
+    assert (vm["status"], vm["stopReason"]) == ("RUNNING", None)
+    wait_for(lambda: "written while cbox.py was down" in logs(api, "alive"), 10, "the console replay")
+    assert logs(api, "alive").startswith(before)
+    assert api.exec("alive", "echo ok")["stdout"] == "ok\n"
+    assert vmm_api(server2, alive, "PUT", "vm.reboot")[0] == 204      # events flow again
+    assert wait_stopped(api, "alive")["stopReason"] == "guest-reboot"
+    assert api.delete("/v1/vms")[0] == 200
+    server2.assert_clean()
