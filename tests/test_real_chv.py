@@ -15,6 +15,9 @@ else skips with the reason, so CI passes without it.
   callback listener are bound; then, whether the guest answered or not, that
   cbox's teardown (vm.shutdown, vm.delete, vmm.shutdown) ends the VMM and
   leaves nothing behind.
+- test_real_chv_reset_reaches_cbox_through_the_event_monitor: a reset of the
+  real VMM (vm.reboot, the path a guest reset takes) reaches cbox.py through the
+  --event-monitor FIFO and ends the VM.
 - test_real_chv_full_scenario: where the guest boots within
   CBOX_TEST_CHV_BOOT_TIMEOUT (default 20 s): exec, a callback over real vsock,
   logs, destroy. Skips, saying so, where the guest does not boot in time.
@@ -104,6 +107,29 @@ def tap_holder(pid, tap):
     return False
 
 
+def holds_open(pid, path):
+    """True when process pid has `path` open."""
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if os.readlink(fd) == str(path):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def chv_put(api_socket, endpoint, timeout=10.0):
+    """PUT /api/v1/<endpoint> without a body; returns the status."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(timeout)
+        s.connect(str(api_socket))
+        s.sendall(f"PUT /api/v1/{endpoint} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += s.recv(65536)
+    return int(data.split()[1])
+
+
 def is_socket(path):
     try:
         return stat.S_ISSOCK(os.stat(path).st_mode)
@@ -162,6 +188,8 @@ def test_real_chv_api_lifecycle(cbox_factory):
     assert tap_holder(rec, vm["tapDeviceName"]), "the VMM does not hold the VM's tap"
     assert is_socket(run_dir / "vsock.sock"), list(run_dir.iterdir())
     assert is_socket(run_dir / "vsock.sock_4032"), "cbox.py's callback listener is not bound"
+    assert is_socket(run_dir / "serial.sock"), "the VMM did not bind the Socket-mode serial listener"
+    assert holds_open(rec, run_dir / "events.fifo"), "the VMM did not open the --event-monitor FIFO"
     chv_log = server.state_dir / "vms" / "real1" / "cloud-hypervisor.log"
     log_text = chv_log.read_text(errors="replace")
     assert "Disabling sector 0 writes" not in log_text, log_text[-3000:]
@@ -177,6 +205,27 @@ def test_real_chv_api_lifecycle(cbox_factory):
     assert not run_dir.exists(), list(run_dir.iterdir())
     assert record_of(server, "real1") is None
     assert vm["tapDeviceName"] not in server.ns.links()
+
+
+def test_real_chv_reset_reaches_cbox_through_the_event_monitor(cbox_factory):
+    """A reset of the real VMM (PUT vm.reboot: the same vm_reboot path as a guest reset)
+    sends 'vm rebooting' through the event FIFO; cbox.py's policy ends the VM: a start
+    under way fails at once saying so, and nothing is left."""
+    server = real_server(cbox_factory, boot_timeout=90)
+    thread, result = start_in_background(server.api, "real3")
+    pid = wait_for("the VMM's pid in the VM record", lambda: (record_of(server, "real3") or {}).get("pid"), 30)
+    run_dir = server.run_dir / str(record_of(server, "real3")["cid"])
+    wait_for("vm.info to say Running", lambda: is_socket(run_dir / "api.sock") and
+             chv_get(run_dir / "api.sock", "vm.info")[1].get("state") == "Running", 30)
+    t0 = time.monotonic()
+    assert chv_put(run_dir / "api.sock", "vm.reboot") == 204
+    thread.join(60)
+    took = time.monotonic() - t0
+    assert not thread.is_alive() and result["status"] >= 500, result
+    assert "reset" in result["body"]["error"], result
+    assert took < 30, f"the reset took {took:.1f}s to end the start (boot timeout 90s)"
+    wait_for("the VMM to exit", lambda: not pid_alive(pid), 20)
+    assert record_of(server, "real3") is None and not run_dir.exists()
 
 
 def test_real_chv_full_scenario(cbox_factory, netns):
