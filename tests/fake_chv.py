@@ -98,7 +98,9 @@ Environment
 API (all under /api/v1/, serialized: one request at a time, keep-alive ok)
 ----------------------------------------------------------------------------
     GET  vmm.ping      200 {"build_version","version":"53.0.0","pid","features":[]}
-    PUT  vm.create     204; body VmConfig (schema-checked); creates serial file
+    PUT  vm.create     204; body VmConfig (schema-checked); makes the console
+                       devices (File: creates/truncates serial.file, Socket:
+                       binds serial.socket)
     PUT  vm.boot       204; starts the engine
     GET  vm.info       200 {"config","state","memory_actual_size"}
     PUT  vm.shutdown   204; guest gone, config kept (state Created)
@@ -1728,7 +1730,7 @@ def open_event_monitor(value):
     for item in value.split(","):
         key, eq, val = item.partition("=")
         if not eq or key not in ("path", "fd"):
-            raise ValueError(f"Error parsing --event-monitor: unknown option {item!r}")
+            raise ValueError(f"Error parsing --event-monitor: unknown option: {item}")
         opts[key] = val
     if "fd" in opts:
         try:
@@ -2658,7 +2660,7 @@ def main(argv=None):
     try:
         monitor_fd = open_event_monitor(opts["event_monitor"]) if opts["event_monitor"] else None
     except (ValueError, OSError) as e:
-        msg = str(e) if isinstance(e, ValueError) else f"Error parsing --event-monitor: {rust_io(e)}"
+        msg = str(e) if isinstance(e, ValueError) else f"Error doing event monitor I/O: {rust_io(e)}"
         logger.error(msg)
         print(f"fake_chv: {msg}", file=sys.stderr)
         return 1
