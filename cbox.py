@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -211,6 +212,15 @@ CONFIG_KEYS = {
     "http_head_timeout_s": (float, 30.0, "time a new REST connection has to send its first request head"),
     "http_body_timeout_s": (float, 60.0, "time a REST client has to send a request body (and to read an answer)"),
     "http_idle_timeout_s": (float, 120.0, "keep-alive REST connections idle longer are closed"),
+    "callback_max_connections": (int, 32, "open callback connections per VM; more are answered with an error and closed"),
+    "callback_max_in_flight": (int, 16, "callbacks of one VM waiting on the callback URL; more get an error at once"),
+    "callback_rate_per_s": (float, 1000.0, "callbacks a second per VM (token bucket, burst of one second); more get an error"),
+    "callback_bytes_per_s": (int, 16 * 1024 * 1024, "bytes a second read from one VM's callback connections; more wait"),
+    "callback_idle_timeout_s": (float, 60.0, "a callback connection with no request for this long is closed"),
+    "callback_read_timeout_s": (float, 10.0, "time a guest has to finish sending a callback line it started"),
+    "callback_write_timeout_s": (float, 10.0, "time a guest has to read a callback reply before its connection is closed"),
+    "callback_log_lines_per_s": (float, 20.0, "callback log lines a second per VM; the rest are counted and the count logged"),
+    "fd_reserve": (int, 256, "file descriptors kept free for the API and other VMs: guest connections beyond are refused"),
     "destroy_on_exit": (bool, False, "destroy all VMs when cbox.py stops (default: leave them for the next start)"),
 }
 
@@ -281,13 +291,18 @@ def check_config(cfg, source):
         if not 0 < getattr(cfg, key) < 65536:
             bad(f"{key} must be a port number")
     for key in ("stateful_size_in_mb", "default_vcpus", "max_vcpus", "default_memory_mb",
-                "max_memory_mb", "max_vms", "exec_output_limit_bytes", "max_request_bytes"):
+                "max_memory_mb", "max_vms", "exec_output_limit_bytes", "max_request_bytes",
+                "callback_max_connections", "callback_max_in_flight", "callback_bytes_per_s"):
         if getattr(cfg, key) <= 0:
             bad(f"{key} must be positive")
+    if cfg.fd_reserve < 0:
+        bad("fd_reserve must not be negative")
     if not 0 < cfg.guest_mem_percentage <= 100:
         bad("guest_mem_percentage must be 1..100")
     for key in ("boot_timeout_s", "shutdown_timeout_s", "exec_timeout_s", "exec_max_timeout_s", "callback_timeout_s",
-                "http_head_timeout_s", "http_body_timeout_s", "http_idle_timeout_s"):
+                "http_head_timeout_s", "http_body_timeout_s", "http_idle_timeout_s", "callback_rate_per_s",
+                "callback_idle_timeout_s", "callback_read_timeout_s", "callback_write_timeout_s",
+                "callback_log_lines_per_s"):
         if getattr(cfg, key) <= 0:
             bad(f"{key} must be positive")
     longest = os.path.join(cfg.path(cfg.run_dir), "4294967295", f"vsock.sock_{cfg.callback_port}")
@@ -1570,93 +1585,351 @@ class VMManager:
     # ---- callbacks (guest -> vsock socket -> cbox -> callbackUrl) --------------
 
     async def serve_callbacks(self, vm, paths):
-        try:
-            paths.callback_socket.unlink()
-        except FileNotFoundError:
-            pass
-        vm.callback_server = await asyncio.start_unix_server(
-            lambda r, w, vm=vm: self.callback_connection(vm, r, w),
-            path=str(paths.callback_socket), limit=CALLBACK_LINE_MAX + 1)
+        vm.callback_server = CallbackBridge(self.cfg, vm, self.callback_clients)
+        vm.callback_server.listen(paths.callback_socket)
 
-    async def callback_connection(self, vm, reader, writer):
-        """One guest connection: JSON lines in, JSON lines out, in order."""
-        try:
-            while True:
-                try:
-                    line = await reader.readuntil(b"\n")
-                except asyncio.IncompleteReadError as e:
-                    line = e.partial
-                    if not line.strip():
-                        return
-                except asyncio.LimitOverrunError:
-                    writer.write(json_bytes({"error": "callback request larger than 1 MiB"}) + b"\n")
-                    await writer.drain()
-                    return
-                if not line.strip():
-                    continue
-                reply = await self.handle_callback(vm, line)
-                writer.write(json_bytes(reply) + b"\n")
-                await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            writer.close()
 
-    async def handle_callback(self, vm, line):
-        t0 = time.monotonic()
-        try:
-            request = json.loads(line)
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            return {"error": "callback request is not valid JSON"}
+CALLBACK_LINE_MAX = 1024 * 1024
+CALLBACK_PARSE_OFF_LOOP = 64 * 1024     # lines (and answers) above this are parsed in a thread
+CALLBACK_COUNTERS = ("connections", "callbacks", "refused_connections", "refused_fd_reserve", "refused_in_flight",
+                     "refused_rate", "throttled_bytes", "idle_timeouts", "read_timeouts", "write_timeouts",
+                     "oversize_lines", "bad_requests", "accept_errors", "log_lines_suppressed")
+
+
+class TokenBucket:
+    """`rate` tokens a second, at most `burst` saved up; charge() may overdraw (then wait())."""
+    __slots__ = ("rate", "burst", "tokens", "stamp")
+
+    def __init__(self, rate, burst):
+        self.rate, self.burst, self.tokens, self.stamp = rate, burst, burst, time.monotonic()
+
+    def _refill(self):
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def take(self, n=1):
+        self._refill()
+        if self.tokens < n:
+            return False
+        self.tokens -= n
+        return True
+
+    def charge(self, n):
+        self._refill()
+        self.tokens -= n
+
+    def wait(self):
+        """Seconds until the bucket is out of debt (0 when it is not)."""
+        self._refill()
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+
+
+def parse_callback_line(line, vm_name):
+    """A guest's request line -> (method, body bytes for the callback URL) or (None, error text).
+
+    Pure, so large lines can be parsed in a thread; every parse or encode failure
+    (RecursionError included: params may nest deeper than the encoder recurses) is an answer."""
+    try:
+        request = json.loads(line)
         if not isinstance(request, dict) or not isinstance(request.get("method"), str) or not request["method"]:
-            return {"error": "callback request must be an object with a non-empty string 'method'"}
+            return None, "callback request must be an object with a non-empty string 'method'"
         if set(request) - {"method", "params"}:
-            return {"error": f"unknown callback request field(s): {', '.join(sorted(set(request) - {'method', 'params'}))}"}
-        reply = await self.forward_callback(vm, request["method"], request.get("params"))
-        log("callback", vm=vm.vmName, method=repr(request["method"][:60]),
-            ok="error" not in reply, ms=f"{(time.monotonic() - t0) * 1000:.1f}")
-        return reply
+            return None, f"unknown callback request field(s): {', '.join(sorted(set(request) - {'method', 'params'}))}"
+        return request["method"], json_bytes({"vmName": vm_name, "method": request["method"],
+                                              "params": request.get("params")})
+    except RecursionError:
+        return None, "callback request is nested too deeply"
+    except (ValueError, UnicodeDecodeError):
+        return None, "callback request is not valid JSON"
 
-    async def forward_callback(self, vm, method, params):
-        url = vm.callbackUrl
-        if not url:
-            return {"error": f"VM '{vm.vmName}' has no callbackUrl"}
-        parts = urllib.parse.urlsplit(url)
-        client = self.callback_client(parts)
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        body = {"vmName": vm.vmName, "method": method, "params": params}
-        try:
-            status, _, data = await client.request("POST", target, body, timeout=self.cfg.callback_timeout_s)
-        except HttpError as e:
-            return {"error": f"callback URL {url} failed: {e}"}
-        if not 200 <= status < 300:
-            snippet = data[:200].decode("utf-8", "replace").strip()
-            return {"error": f"callback URL {url} answered HTTP {status}" + (f": {snippet}" if snippet else "")}
+
+def callback_reply(url, status, data):
+    """The callback URL's answer -> the guest's reply line (bytes, newline included)."""
+    if not 200 <= status < 300:
+        snippet = data[:200].decode("utf-8", "replace").strip()
+        reply = {"error": f"callback URL {url} answered HTTP {status}" + (f": {snippet}" if snippet else "")}
+    else:
         try:
             answer = json.loads(data)
         except RecursionError:
-            return {"error": f"callback URL {url} answered JSON too deeply nested to parse"}
+            answer = None
+            reply = {"error": f"callback URL {url} answered JSON too deeply nested to parse"}
         except (ValueError, UnicodeDecodeError):
-            return {"result": data.decode("utf-8", "replace")}
-        if isinstance(answer, dict) and "result" in answer:
-            return {"result": answer["result"]}
-        if isinstance(answer, dict) and "error" in answer:
-            err = answer["error"]
-            return {"error": err if isinstance(err, str) else json.dumps(err)}
-        return {"result": answer}
+            answer = None
+            reply = {"result": data.decode("utf-8", "replace")}
+        else:
+            if isinstance(answer, dict) and "result" in answer:
+                reply = {"result": answer["result"]}
+            elif isinstance(answer, dict) and "error" in answer:
+                err = answer["error"]
+                reply = {"error": err if isinstance(err, str) else answer_text(err)}
+            else:
+                reply = {"result": answer}
+    try:
+        return json_bytes(reply) + b"\n"
+    except (RecursionError, ValueError):
+        return json_bytes({"error": f"callback URL {url} answered JSON too deeply nested to pass on"}) + b"\n"
+
+
+def answer_text(value):
+    try:
+        return json.dumps(value)
+    except (RecursionError, ValueError):
+        return "(error value nested too deeply)"
+
+
+def error_line(message):
+    return json_bytes({"error": message}) + b"\n"
+
+
+class CallbackBridge:
+    """One VM's callback socket: the guest's JSON lines in, the callback URL's answers out.
+
+    The guest is hostile, so everything it can make cbox.py spend is budgeted per VM
+    (config keys callback_*): open connections, callbacks in flight, callbacks and
+    bytes a second, idle / read / write time per connection, log lines a second.
+    Over a budget the guest gets an error line at once and nothing is forwarded.
+    The socket is accepted here rather than by asyncio's server, so a full fd table
+    (EMFILE) backs off quietly instead of logging a traceback per attempt, and the
+    last `fd_reserve` descriptors stay free for the API and the other VMs.
+    `counters` counts every budget hit (for a metrics endpoint; logged at close)."""
+
+    def __init__(self, cfg, vm, clients):
+        self.cfg, self.vm, self.clients = cfg, vm, clients      # clients: the shared URL client pool
+        self.counters = dict.fromkeys(CALLBACK_COUNTERS, 0)
+        self.tasks = set()                 # one per open connection
+        self.in_flight = 0
+        self.calls = TokenBucket(cfg.callback_rate_per_s, max(1.0, cfg.callback_rate_per_s))
+        self.bytes = TokenBucket(cfg.callback_bytes_per_s, max(cfg.callback_bytes_per_s, CALLBACK_LINE_MAX + 1))
+        self.log_lines = TokenBucket(cfg.callback_log_lines_per_s, max(1.0, cfg.callback_log_lines_per_s))
+        self.suppressed = 0
+        self.listener = None
+        self.accepting = None
+
+    # ---- listening and admission ----------------------------------------------
+
+    def listen(self, path):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(path))
+            sock.listen(128)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self.listener = sock
+        self.accepting = asyncio.get_running_loop().create_task(self._accept_loop())
+
+    async def _accept_loop(self):
+        loop = asyncio.get_running_loop()
+        backoff = 0.01
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(self.listener)
+            except OSError as e:
+                if e.errno in (errno.ECONNABORTED, errno.EINTR, errno.EAGAIN):
+                    continue
+                # EMFILE / ENFILE / ENOBUFS / ENOMEM: wait for descriptors or memory to come back
+                self.counters["accept_errors"] += 1
+                self.note("callback socket cannot accept", error=repr(os.strerror(e.errno) if e.errno else str(e)),
+                          retry_s=f"{backoff:g}")
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+                continue
+            backoff = 0.01
+            self._admit(conn)
+
+    def _admit(self, conn):
+        """Start serving a new connection, or answer it with an error line and close it."""
+        if conn.fileno() >= fd_limit() - self.cfg.fd_reserve:
+            reason, counter = "cbox.py is short of file descriptors", "refused_fd_reserve"
+        elif len(self.tasks) >= self.cfg.callback_max_connections:
+            reason = f"too many open callback connections (at most {self.cfg.callback_max_connections} per VM)"
+            counter = "refused_connections"
+        else:
+            self.counters["connections"] += 1
+            task = asyncio.get_running_loop().create_task(self._connection(conn))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+            return
+        self.counters[counter] += 1
+        self.note("callback connection refused", reason=repr(reason))
+        with contextlib.suppress(OSError):
+            conn.send(error_line(reason))          # a fresh socket's buffer takes one short line
+        conn.close()
+
+    def close(self):
+        if self.accepting:
+            self.accepting.cancel()
+            self.accepting = None
+        if self.listener:
+            self.listener.close()
+            self.listener = None
+        for task in list(self.tasks):
+            task.cancel()
+        if any(self.counters[k] for k in CALLBACK_COUNTERS[2:]) or self.suppressed:
+            log("callback budgets", vm=self.vm.vmName, suppressed=self.suppressed or None,
+                **{k: v for k, v in self.counters.items() if v})
+
+    def note(self, msg, **fields):
+        """A log line, at most callback_log_lines_per_s a second per VM; the rest are counted."""
+        if not self.log_lines.take():
+            self.suppressed += 1
+            self.counters["log_lines_suppressed"] += 1
+            return
+        log(msg, vm=self.vm.vmName, suppressed=self.suppressed or None, **fields)
+        self.suppressed = 0
+
+    # ---- one connection ---------------------------------------------------------
+
+    async def _connection(self, sock):
+        """JSON lines in, JSON lines out, in order, one callback at a time per connection."""
+        loop = asyncio.get_running_loop()
+        buf = bytearray()
+        try:
+            while True:
+                line = await self._read_line(loop, sock, buf)
+                if line is None:
+                    return
+                reply = await self._answer(line)
+                try:
+                    await within(self.cfg.callback_write_timeout_s, loop.sock_sendall(sock, reply))
+                except asyncio.TimeoutError:
+                    self.counters["write_timeouts"] += 1
+                    self.note("callback connection closed: the guest does not read its replies")
+                    return
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+    async def _read_line(self, loop, sock, buf):
+        """The next non-blank line (bytes), or None when the connection is to close.
+
+        Reads only what a line may hold (so a guest pins at most CALLBACK_LINE_MAX
+        bytes per connection; what it pipelines waits in the kernel's buffer), at the
+        VM's byte rate, within the idle timeout before a line and the read timeout
+        during one."""
+        scanned, deadline = 0, None
+        while True:
+            end = buf.find(b"\n", scanned)
+            if end >= 0:
+                line = bytes(buf[:end + 1])
+                del buf[:end + 1]
+                if line.strip():
+                    return line
+                scanned, deadline = 0, None
+                continue
+            scanned = len(buf)
+            if scanned > CALLBACK_LINE_MAX:
+                self.counters["oversize_lines"] += 1
+                await self._send_final(loop, sock, error_line("callback request larger than 1 MiB"))
+                return None
+            if scanned and deadline is None:
+                deadline = loop.time() + self.cfg.callback_read_timeout_s
+            timeout = self.cfg.callback_idle_timeout_s if deadline is None else deadline - loop.time()
+            pause = self.bytes.wait()
+            if pause:
+                self.counters["throttled_bytes"] += 1
+                await asyncio.sleep(pause)
+            try:
+                data = await within(max(timeout, 0.0), loop.sock_recv(sock, min(256 * 1024, CALLBACK_LINE_MAX + 1 - scanned)))
+            except asyncio.TimeoutError:
+                what = "idle_timeouts" if deadline is None else "read_timeouts"
+                self.counters[what] += 1
+                if deadline is not None:
+                    await self._send_final(loop, sock, error_line(
+                        f"callback request not received within {fmt_seconds(self.cfg.callback_read_timeout_s)}"))
+                return None
+            if not data:
+                return bytes(buf) if buf.strip() else None
+            self.bytes.charge(len(data))
+            buf += data
+
+    async def _send_final(self, loop, sock, data):
+        with contextlib.suppress(OSError, asyncio.TimeoutError):
+            await within(self.cfg.callback_write_timeout_s, loop.sock_sendall(sock, data))
+
+    async def _answer(self, line):
+        """The reply line for one request line, within the VM's rate and in-flight budgets."""
+        t0 = time.monotonic()
+        if not self.calls.take():
+            self.counters["refused_rate"] += 1
+            self.note("callback refused", reason="rate")
+            return error_line(f"too many callbacks (at most {self.cfg.callback_rate_per_s:g} a second per VM)")
+        if self.in_flight >= self.cfg.callback_max_in_flight:
+            self.counters["refused_in_flight"] += 1
+            self.note("callback refused", reason="in_flight")
+            return error_line(f"too many callbacks in flight (at most {self.cfg.callback_max_in_flight} per VM)")
+        self.in_flight += 1
+        try:
+            self.counters["callbacks"] += 1
+            method, body = await off_loop_if_large(len(line), parse_callback_line, line, self.vm.vmName)
+            if method is None:
+                self.counters["bad_requests"] += 1
+                return error_line(body)
+            reply = await self.forward(body)
+        finally:
+            self.in_flight -= 1
+        self.note("callback", method=repr(method[:60]), ok=not reply.startswith(b'{"error"'),
+                  ms=f"{(time.monotonic() - t0) * 1000:.1f}")
+        return reply
+
+    async def forward(self, body):
+        url = self.vm.callbackUrl
+        if not url:
+            return error_line(f"VM '{self.vm.vmName}' has no callbackUrl")
+        parts = urllib.parse.urlsplit(url)
+        client = self.callback_client(parts)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        try:
+            status, _, data = await client.request("POST", target, body, timeout=self.cfg.callback_timeout_s)
+        except HttpError as e:
+            return error_line(f"callback URL {url} failed: {e}")
+        return await off_loop_if_large(len(data), callback_reply, url, status, data)
 
     def callback_client(self, parts):
         port = parts.port or (443 if parts.scheme == "https" else 80)
         key = (parts.scheme, parts.hostname, port)
-        client = self.callback_clients.get(key)
+        client = self.clients.get(key)
         if client is None:
             client = HttpClient(host=parts.hostname, port=port, tls=parts.scheme == "https",
                                 max_body=16 * 1024 * 1024, quick_ack=True)
-            self.callback_clients[key] = client
+            self.clients[key] = client
         return client
 
 
-CALLBACK_LINE_MAX = 1024 * 1024
+def raise_fd_limit():
+    """Soft RLIMIT_NOFILE up to the hard limit: guests' connections must not run cbox.py out
+    of descriptors at a distribution's default of 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as e:
+            log("cannot raise the file descriptor limit", soft=soft, hard=hard, error=repr(str(e)))
+    FD_LIMIT[0] = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return FD_LIMIT[0]
+
+
+FD_LIMIT = [None]
+
+
+def fd_limit():
+    if FD_LIMIT[0] is None:
+        FD_LIMIT[0] = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return FD_LIMIT[0]
+
+
+async def off_loop_if_large(size, fn, *args):
+    """fn(*args), in a thread when `size` bytes would keep the event loop busy for long."""
+    if size > CALLBACK_PARSE_OFF_LOOP:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
 
 
 def host_memory_mb():
@@ -2006,6 +2279,7 @@ async def serve(cfg):
                if getattr(cfg, key) and not os.path.exists(cfg.path(getattr(cfg, key)))]
     if missing:
         log("WARNING: guest images missing (run `make images`): " + ", ".join(missing))
+    log("file descriptor limit", nofile=raise_fd_limit(), reserve=cfg.fd_reserve)
     network = HostNetwork(cfg)
     await network.setup()
     Path(cfg.path(cfg.run_dir)).mkdir(parents=True, exist_ok=True)
