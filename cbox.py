@@ -353,25 +353,15 @@ def is_decimal(text):
     return text.isascii() and text.isdigit()
 
 
+MAX_CHUNKS = 65536              # a chunked body in more pieces is refused (1-byte chunks cost CPU per byte)
+MAX_TRAILER_LINES = 64
+_CHUNK_SIZE = re.compile(rb"^[0-9A-Fa-f]{1,16}$")
+
+
 async def read_body(reader, headers, limit):
     """Read a Content-Length or chunked body of at most `limit` bytes."""
     if headers.get("transfer-encoding", "").lower() == "chunked":
-        chunks, total = [], 0
-        while True:
-            size_line = await reader.readline()
-            try:
-                size = int(size_line.split(b";")[0].strip(), 16)
-            except ValueError:
-                raise HttpError("bad chunk size")
-            if size == 0:
-                while (await reader.readline()) not in (b"\r\n", b"\n", b""):
-                    pass
-                return b"".join(chunks)
-            total += size
-            if total > limit:
-                raise HttpError("body too large")
-            chunks.append(await reader.readexactly(size))
-            await reader.readexactly(2)
+        return await read_chunked(reader, limit)
     length = headers.get("content-length")
     if length is None:
         return b""
@@ -381,6 +371,43 @@ async def read_body(reader, headers, limit):
     if length > limit:
         raise HttpError("body too large")
     return await reader.readexactly(length)
+
+
+async def read_chunked(reader, limit):
+    """A chunked body into one buffer, bounded in bytes, chunks and trailer lines."""
+    body = bytearray()
+    for count in range(MAX_CHUNKS + 1):
+        size_text = (await reader.readline()).split(b";")[0].strip()
+        if not _CHUNK_SIZE.match(size_text):
+            raise HttpError("bad chunk size")
+        size = int(size_text, 16)
+        if size == 0:
+            break
+        if len(body) + size > limit:
+            raise HttpError("body too large")
+        body += await reader.readexactly(size)
+        if await reader.readexactly(2) != b"\r\n":
+            raise HttpError("bad chunk framing")
+        if count % 64 == 63:
+            await asyncio.sleep(0)         # tiny chunks already buffered would otherwise hold the loop
+    else:
+        raise HttpError(f"chunked body in more than {MAX_CHUNKS} chunks")
+    for _ in range(MAX_TRAILER_LINES):
+        if (await reader.readline()) in (b"\r\n", b"\n", b""):
+            return bytes(body)
+    raise HttpError(f"more than {MAX_TRAILER_LINES} trailer lines")
+
+
+async def read_to_eof(reader, limit):
+    """A body that ends when the connection does, into one buffer."""
+    body = bytearray()
+    while True:
+        more = await reader.read(min(limit + 1 - len(body), 1 << 20))
+        if not more:
+            return bytes(body)
+        body += more
+        if len(body) > limit:
+            raise HttpError("body too large")
 
 
 def build_head(status, length, content_type="application/json", keep_alive=True, extra=None):
@@ -439,12 +466,13 @@ class HttpClient:
 
     async def request(self, method, target, body=None, timeout=30.0, headers=None):
         """Returns (status, headers, body bytes or BodyStream). Raises HttpError on any failure."""
+        deadline = asyncio.get_running_loop().time() + timeout      # a streamed body must end by then too
         try:
-            return await within(timeout, self._request(method, target, body, headers))
+            return await within(timeout, self._request(method, target, body, headers, deadline))
         except asyncio.TimeoutError:
             raise HttpError(f"timed out after {fmt_seconds(timeout)}")
 
-    async def _request(self, method, target, body, headers):
+    async def _request(self, method, target, body, headers, deadline):
         payload = body if isinstance(body, (bytes, type(None))) else json_bytes(body)
         head = f"{method} {target} HTTP/1.1\r\nHost: {self.host_header}\r\n"
         if payload is not None:
@@ -460,7 +488,7 @@ class HttpClient:
                 writer.write(message)
                 if self.quick_ack:
                     quick_ack(writer)
-                result = await self._read_response(reader, writer, method)
+                result = await self._read_response(reader, writer, method, deadline)
             except (HttpError, OSError, asyncio.IncompleteReadError, EOFError,
                     ValueError, asyncio.LimitOverrunError) as e:     # ValueError: StreamReader line limit
                 self._drop(writer)
@@ -497,7 +525,7 @@ class HttpClient:
             where = self.unix_path or f"{self.host}:{self.port}"
             raise HttpError(f"cannot connect to {where}: {os.strerror(e.errno) if e.errno else e}")
 
-    async def _read_response(self, reader, writer, method):
+    async def _read_response(self, reader, writer, method, deadline):
         head = await read_head(reader)
         if head is None:
             raise EOFError("connection closed before a response")
@@ -507,25 +535,19 @@ class HttpClient:
             raise HttpError(f"malformed status line {start[:40]!r}")
         status = int(parts[1])
         if status == 100:
-            return await self._read_response(reader, writer, method)
+            return await self._read_response(reader, writer, method, deadline)
         if method == "HEAD" or status in (204, 304):
             return status, headers, b""
         length = headers.get("content-length", "")
         if (self.stream_over is not None and is_decimal(length) and int(length) > self.stream_over
                 and 200 <= status < 300):
+            if int(length) > self.max_body:
+                raise HttpError("body too large")
             return status, headers, BodyStream(self, reader, writer, int(length),
-                                               headers.get("connection", "").lower() != "close")
+                                               headers.get("connection", "").lower() != "close", deadline)
         if not length and headers.get("transfer-encoding", "").lower() != "chunked":
             headers["connection"] = "close"            # the body ends when the connection does
-            body = await reader.read(self.max_body + 1)
-            while body and len(body) <= self.max_body:
-                more = await reader.read(self.max_body + 1 - len(body))
-                if not more:
-                    break
-                body += more
-            if len(body) > self.max_body:
-                raise HttpError("body too large")
-            return status, headers, body
+            return status, headers, await read_to_eof(reader, self.max_body)
         return status, headers, await read_body(reader, headers, self.max_body)
 
     def close(self):
@@ -544,17 +566,23 @@ class HttpClient:
 
 
 class BodyStream:
-    """A large response body still on its connection, copied onward in chunks."""
+    """A large response body still on its connection, copied onward in chunks.
 
-    def __init__(self, client, reader, writer, length, reusable):
+    `deadline` (loop time) is the request's: a peer dripping its body cannot stretch it."""
+
+    def __init__(self, client, reader, writer, length, reusable, deadline):
         self.client, self.reader, self.writer = client, reader, writer
-        self.length, self.reusable = length, reusable
+        self.length, self.reusable, self.deadline = length, reusable, deadline
 
     async def copy_to(self, dest, timeout):
+        loop = asyncio.get_running_loop()
         remaining = self.length
         try:
             while remaining:
-                chunk = await within(timeout, self.reader.read(min(remaining, 1 << 20)))
+                left = self.deadline - loop.time()
+                if left <= 0:
+                    raise HttpError("timed out inside the body")
+                chunk = await within(min(timeout, left), self.reader.read(min(remaining, 1 << 20)))
                 if not chunk:
                     raise HttpError("connection closed inside the body")
                 dest.write(chunk)
@@ -571,7 +599,11 @@ class BodyStream:
             self.client._drop(self.writer)
             raise HttpError("body too large")
         try:
-            data = await self.reader.readexactly(self.length)
+            data = await within(max(self.deadline - asyncio.get_running_loop().time(), 0.0),
+                                self.reader.readexactly(self.length))
+        except asyncio.TimeoutError:
+            self.client._drop(self.writer)
+            raise HttpError("timed out inside the body")
         except BaseException:
             self.client._drop(self.writer)
             raise
@@ -670,6 +702,40 @@ async def within(timeout, aw):
         raise asyncio.TimeoutError() from None
     finally:
         deadlines.remove(deadline)
+
+
+class ClientWatch:
+    """Cancels a request's task when its client hangs up while the answer is being made.
+
+    One loop timer polls the readers of the requests waiting (a task per request
+    would cost more than the rare hang-up): a reader at EOF or with an error means
+    the client is gone, and the work for it (an agent call) is abandoned."""
+    INTERVAL = 0.5
+
+    def __init__(self):
+        self.waiting = {}              # task -> reader
+        self.cancelled = weakref.WeakSet()
+        self.timer = None
+
+    def add(self, reader):
+        task = asyncio.current_task()
+        self.waiting[task] = reader
+        if self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(self.INTERVAL, self._check)
+        return task
+
+    def remove(self, task):
+        self.waiting.pop(task, None)
+
+    def _check(self):
+        self.timer = None
+        for task, reader in list(self.waiting.items()):
+            if reader.at_eof() or reader.exception() is not None:
+                del self.waiting[task]
+                self.cancelled.add(task)
+                task.cancel()
+        if self.waiting:
+            self.timer = asyncio.get_running_loop().call_later(self.INTERVAL, self._check)
 
 
 # =============================================================================
@@ -1391,7 +1457,10 @@ class VMManager:
         raise HypervisorError(f"guest agent did not answer within {fmt_seconds(self.cfg.boot_timeout_s)} ({last})")
 
     def agent_client(self, vm):
-        return HttpClient(host=vm.address, port=self.cfg.agent_port, pool_size=32, stream_over=256 * 1024)
+        # stdout, stderr and output are each capped at exec_output_limit_bytes; in JSON a byte
+        # takes at most 6 (\u0000), so a longer answer is not the agent's
+        return HttpClient(host=vm.address, port=self.cfg.agent_port, pool_size=32, stream_over=256 * 1024,
+                          max_body=3 * 6 * self.cfg.exec_output_limit_bytes + 1024 * 1024)
 
     # ---- supervision and teardown ---------------------------------------------
 
@@ -1566,7 +1635,9 @@ class VMManager:
             raise ApiError(502, f"guest agent of VM '{vm.vmName}' unreachable: {e}")
         try:
             message = json.loads(data)["error"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
+            message = None
+        if not isinstance(message, str):
             message = data[:200].decode("utf-8", "replace")
         raise ApiError(status if status in (400, 404, 409, 413) else 502, f"guest agent: {message}")
 
@@ -2049,6 +2120,7 @@ class RestServer:
         self.cfg, self.vms = cfg, manager
         self.server = None
         self.connections = set()
+        self.client_watch = ClientWatch()
         self.routes = [      # no path matches two patterns: the busiest routes come first
             (re.compile(r"^/v1/vms/(?P<name>[^/]+)/exec$"), {"POST": self.exec}),
             (re.compile(r"^/v1/vms/(?P<name>[^/]+)/exec/(?P<exec_id>[^/]+)$"),
@@ -2106,9 +2178,22 @@ class RestServer:
             return False
         method, target, version = parts
         keep_alive = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
+        watched = None
         try:
             body = await self.read_request_body(reader, writer, headers)
-            status, payload, ctype = await self.dispatch(method, target, headers, body)
+            watched = self.client_watch.add(reader)
+            try:
+                status, payload, ctype = await self.dispatch(method, target, headers, body)
+            finally:
+                self.client_watch.remove(watched)
+        except asyncio.CancelledError:
+            if watched not in self.client_watch.cancelled:
+                raise
+            self.client_watch.cancelled.discard(watched)
+            if hasattr(watched, "uncancel"):
+                watched.uncancel()
+            log_request(method, target, 499, t0)       # nginx's "client closed request"
+            return False
         except ApiError as e:
             status, payload, ctype = e.status, json_bytes({"error": str(e)}), "application/json"
             if e.status in (408, 411, 413):      # the body was not read: the stream is out of step
