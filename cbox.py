@@ -2121,6 +2121,8 @@ class RestServer:
         self.server = None
         self.connections = set()
         self.client_watch = ClientWatch()
+        # agent calls only: abandoning them leaves nothing half done (a VM start would)
+        self.abandonable = {self.exec, self.exec_status, self.exec_kill}
         self.routes = [      # no path matches two patterns: the busiest routes come first
             (re.compile(r"^/v1/vms/(?P<name>[^/]+)/exec$"), {"POST": self.exec}),
             (re.compile(r"^/v1/vms/(?P<name>[^/]+)/exec/(?P<exec_id>[^/]+)$"),
@@ -2178,20 +2180,16 @@ class RestServer:
             return False
         method, target, version = parts
         keep_alive = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
-        watched = None
         try:
             body = await self.read_request_body(reader, writer, headers)
-            watched = self.client_watch.add(reader)
-            try:
-                status, payload, ctype = await self.dispatch(method, target, headers, body)
-            finally:
-                self.client_watch.remove(watched)
+            status, payload, ctype = await self.dispatch(method, target, headers, body, reader)
         except asyncio.CancelledError:
-            if watched not in self.client_watch.cancelled:
+            task = asyncio.current_task()
+            if task not in self.client_watch.cancelled:
                 raise
-            self.client_watch.cancelled.discard(watched)
-            if hasattr(watched, "uncancel"):
-                watched.uncancel()
+            self.client_watch.cancelled.discard(task)
+            if hasattr(task, "uncancel"):
+                task.uncancel()
             log_request(method, target, 499, t0)       # nginx's "client closed request"
             return False
         except ApiError as e:
@@ -2253,7 +2251,7 @@ class RestServer:
                 return
             remaining -= len(chunk)
 
-    async def dispatch(self, method, target, headers, body):
+    async def dispatch(self, method, target, headers, body, reader=None):
         split = urllib.parse.urlsplit(target)
         path = split.path
         for pattern, methods in self.routes:
@@ -2267,7 +2265,14 @@ class RestServer:
                 self.authorize(headers)
             params = {k: urllib.parse.unquote(v) for k, v in m.groupdict().items()}
             request = Request(method, path, urllib.parse.parse_qs(split.query) if split.query else {}, headers, body, params)
-            result = await handler(request)
+            if reader is None or handler not in self.abandonable:
+                result = await handler(request)
+            else:
+                watched = self.client_watch.add(reader)
+                try:
+                    result = await handler(request)
+                finally:
+                    self.client_watch.remove(watched)
             if isinstance(result, tuple):
                 return result
             return 200, result if isinstance(result, (bytes, BodyStream)) else json_bytes(result), "application/json"
