@@ -215,7 +215,7 @@ CONFIG_KEYS = {
     "callback_max_connections": (int, 32, "open callback connections per VM; more are answered with an error and closed"),
     "callback_max_in_flight": (int, 16, "callbacks of one VM waiting on the callback URL; more get an error at once"),
     "callback_rate_per_s": (float, 1000.0, "callbacks a second per VM (token bucket, burst of one second); more get an error"),
-    "callback_bytes_per_s": (int, 16 * 1024 * 1024, "bytes a second read from one VM's callback connections; more wait"),
+    "callback_bytes_per_s": (int, 4 * 1024 * 1024, "bytes a second read from one VM's callback connections; more wait"),
     "callback_idle_timeout_s": (float, 60.0, "a callback connection with no request for this long is closed"),
     "callback_read_timeout_s": (float, 10.0, "time a guest has to finish sending a callback line it started"),
     "callback_write_timeout_s": (float, 10.0, "time a guest has to read a callback reply before its connection is closed"),
@@ -1811,7 +1811,10 @@ class CallbackBridge:
                 backoff = min(backoff * 2, 1.0)
                 continue
             backoff = 0.01
-            self._admit(conn)
+            # sock_accept does not yield while connections are pending: yield here, and after a
+            # refusal pause, so a guest reconnecting in a loop gets ~100 refusals a second (its
+            # further connects wait in, then overflow, the backlog) and never holds the loop
+            await asyncio.sleep(0 if self._admit(conn) else 0.01)
 
     def _admit(self, conn):
         """Start serving a new connection, or answer it with an error line and close it."""
@@ -1825,12 +1828,13 @@ class CallbackBridge:
             task = asyncio.get_running_loop().create_task(self._connection(conn))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
-            return
+            return True
         self.counters[counter] += 1
         self.note("callback connection refused", reason=repr(reason))
         with contextlib.suppress(OSError):
             conn.send(error_line(reason))          # a fresh socket's buffer takes one short line
         conn.close()
+        return False
 
     def close(self):
         if self.accepting:
@@ -1872,6 +1876,9 @@ class CallbackBridge:
                     self.counters["write_timeouts"] += 1
                     self.note("callback connection closed: the guest does not read its replies")
                     return
+                # sock_recv and sock_sendall finish without yielding when they can: a guest
+                # pipelining lines that are answered at once (errors) must not hold the loop
+                await asyncio.sleep(0)
         except OSError:
             pass
         finally:

@@ -1456,9 +1456,7 @@ class Bench:
                 idle, _ = exec_p50(hold)
                 say(f"  idle: good exec p50 {idle:.2f} ms, cbox.py RSS {hostile.rss_kb(srv.pid) // 1024} MB, "
                     f"fds {hostile.fd_count(srv.pid)}")
-                attacks = [hostile.IdleConnections(bad_socket), hostile.SlowPipelined(bad_socket),
-                           hostile.NoReader(bad_socket), hostile.BigLines(bad_socket), hostile.Flood(bad_socket),
-                           hostile.BadLines(bad_socket), "agent"]
+                attacks = [hostile.Remote(cls, bad_socket) for cls in hostile.SOCKET_ATTACKS.values()] + ["agent"]
                 for attack in attacks:
                     stop_file = tmp / "stop"
                     if attack == "agent":

@@ -108,9 +108,9 @@ def classify(reply):
 
 class IdleConnections(Attack):
     """Open `n` connections and send nothing (fd exhaustion)."""
-    name, what = "idle connections", "2,000 connections to the callback socket, nothing sent"
+    name, what = "idle connections", "1,200 connections to the callback socket, nothing sent"
 
-    def __init__(self, path, n=2000, wait=True, probe=True):
+    def __init__(self, path, n=1200, wait=True, probe=True):
         super().__init__()
         self.path, self.n, self.wait, self.probe = path, n, wait, probe
 
@@ -367,3 +367,70 @@ class Sampler:
         self.stopping.set()
         self.t.join(5)
         return self
+
+
+# ---- an attack in a process of its own --------------------------------------------------------
+
+SOCKET_ATTACKS = {cls.__name__: cls for cls in (IdleConnections, SlowPipelined, NoReader, BigLines, Flood, BadLines)}
+
+
+class Remote:
+    """A callback-socket attack run by `python3 hostile.py NAME PATH ARGS_JSON` in a process of its
+    own, like a guest on vCPUs of its own: its threads do not share the caller's GIL (which would
+    slow the caller's measurements, not cbox.py). `seen` follows the child's counters."""
+
+    def __init__(self, cls, path, **kw):
+        import subprocess
+        import sys
+        self.cls, self.name, self.what = cls, cls.name, cls.what
+        self.argv = [sys.executable, __file__, cls.__name__, str(path), json.dumps(kw)]
+        self.popen = subprocess.Popen
+        self.seen = collections.Counter()
+        self.proc = None
+
+    def start(self):
+        import subprocess
+        self.proc = self.popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        first = self.proc.stdout.readline()          # after the attack's start()
+        if not first:
+            raise RuntimeError(f"attack {self.name} did not start (exit {self.proc.wait()})")
+        self.seen = collections.Counter(json.loads(first))
+        self.reader = threading.Thread(target=self._follow, daemon=True)
+        self.reader.start()
+
+    def _follow(self):
+        for line in self.proc.stdout:
+            self.seen = collections.Counter(json.loads(line))
+
+    def stop(self):
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(30)
+        except Exception:
+            self.proc.kill()
+            self.proc.wait()
+        self.reader.join(5)
+
+
+def _child(name, path, kw):
+    import sys
+    attack = SOCKET_ATTACKS[name](path, **json.loads(kw))
+    attack.start()
+
+    def report():
+        with attack.lock:
+            line = json.dumps(dict(attack.seen))
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+    report()
+    done = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
+    while not done.wait(0.2):
+        report()
+    attack.stop()
+    report()
+
+
+if __name__ == "__main__":
+    import sys
+    _child(*sys.argv[1:4])

@@ -152,12 +152,14 @@ def lab(cbox_factory, netns):
 
 def test_idle_connections_are_capped_and_time_out(lab):
     lab = lab()
-    attack = hostile.IdleConnections(lab.bad_socket, n=2000)
+    attack = hostile.Remote(hostile.IdleConnections, lab.bad_socket, n=1200)
 
     def during(attack):
-        assert attack.seen["open"] <= 32, attack.seen
-        assert attack.seen["connected"] == 2000, attack.seen
-        assert attack.seen["error: too many open"] == 2000 - attack.seen["open"], attack.seen
+        # refused with an error line (about 100 a second), or admitted: open, or closed once idle 3 s
+        seen = attack.seen
+        assert seen["open"] <= 32 and seen["connected"] == 1200, seen
+        assert seen["error: too many open"] + seen["open"] + seen["closed"] == 1200, seen
+        assert seen["error: too many open"] >= 1000, seen
         # the idle timeout (3 s) closes the ones admitted while the attacker still holds them
         wait_for(lambda: hostile.fd_count(lab.pid) <= lab.base_fds + FD_SLACK, timeout=10,
                  what="idle callback connections closed by cbox.py")
@@ -168,7 +170,7 @@ def test_idle_connections_are_capped_and_time_out(lab):
 def test_fd_reserve(lab):
     """A low hard RLIMIT_NOFILE: the reserve refuses the guest before the API runs short."""
     lab = lab(nofile=384, callback_max_connections=10000, fd_reserve=128)
-    attack = hostile.IdleConnections(lab.bad_socket, n=600)
+    attack = hostile.Remote(hostile.IdleConnections, lab.bad_socket, n=600)
 
     def during(attack):
         assert attack.seen["error: cbox.py is short"] > 0, attack.seen
@@ -180,10 +182,12 @@ def test_fd_reserve(lab):
 def test_fd_exhaustion_without_reserve_backs_off_quietly(lab):
     """Without a reserve the table fills (EMFILE): the accept path backs off, no traceback loop."""
     lab = lab(nofile=256, callback_max_connections=10000, fd_reserve=0)
-    attack = hostile.IdleConnections(lab.bad_socket, n=400, wait=False, probe=False)
+    # 300 < 256 fds + the listen backlog (128): the attacker's blocking connects all complete
+    attack = hostile.Remote(hostile.IdleConnections, lab.bad_socket, n=300, probe=False)
     attack.start()
     try:
-        time.sleep(2)             # the table is full: the API itself cannot accept now
+        wait_for(lambda: "Too many open files" in lab.server.log(), timeout=10, what="EMFILE in cbox.py")
+        time.sleep(2)             # the table is full: the callback socket backs off (the API cannot accept)
         assert hostile.fd_count(lab.pid) >= 250
     finally:
         attack.stop()
@@ -197,14 +201,14 @@ def test_fd_exhaustion_without_reserve_backs_off_quietly(lab):
 
 def test_slow_callbacks_with_pipelined_bytes(lab):
     lab = lab()
-    attack = hostile.SlowPipelined(lab.bad_socket, n=300)
+    attack = hostile.Remote(hostile.SlowPipelined, lab.bad_socket, n=300)
     sampler = lab.attack(attack, hold=4.0)
     assert sampler.peak_rss_kb - lab.base_rss < 64 * 1024, (sampler.peak_rss_kb, lab.base_rss)
 
 
 def test_guest_that_never_reads_is_dropped(lab):
     lab = lab()
-    attack = hostile.NoReader(lab.bad_socket, n=20)
+    attack = hostile.Remote(hostile.NoReader, lab.bad_socket, n=20)
 
     def during(attack):
         wait_for(lambda: attack.seen["dropped by cbox"] == 20, timeout=15, what="every non-reader dropped")
@@ -213,7 +217,7 @@ def test_guest_that_never_reads_is_dropped(lab):
 
 def test_big_lines_do_not_stall_the_loop(lab):
     lab = lab()
-    attack = hostile.BigLines(lab.bad_socket, n=64)
+    attack = hostile.Remote(hostile.BigLines, lab.bad_socket, n=64)
     lab.attack(attack, hold=5.0)
     assert attack.seen["result"] > 0, attack.seen
 
@@ -221,7 +225,7 @@ def test_big_lines_do_not_stall_the_loop(lab):
 def test_callback_flood_is_rate_limited_and_so_is_its_log(lab):
     lab = lab(callback_rate_per_s=200)
     t0 = time.monotonic()
-    attack = hostile.Flood(lab.bad_socket, n=4)
+    attack = hostile.Remote(hostile.Flood, lab.bad_socket, n=4)
     lab.attack(attack, hold=4.0)
     seconds = time.monotonic() - t0
     assert attack.seen["error: too many callbacks"] > attack.seen["result"] > 0, attack.seen
@@ -233,7 +237,7 @@ def test_callback_flood_is_rate_limited_and_so_is_its_log(lab):
 
 def test_bad_lines_get_error_replies(lab):
     lab = lab()
-    attack = hostile.BadLines(lab.bad_socket)
+    attack = hostile.Remote(hostile.BadLines, lab.bad_socket)
     lab.attack(attack, hold=3.0)
     bad = {k: v for k, v in attack.seen.items() if k.endswith((" closed", " garbage")) or k.startswith("oserror")}
     assert not bad, attack.seen
