@@ -214,7 +214,7 @@ CONFIG_KEYS = {
     "http_idle_timeout_s": (float, 120.0, "keep-alive REST connections idle longer are closed"),
     "callback_max_connections": (int, 32, "open callback connections per VM; more are answered with an error and closed"),
     "callback_max_in_flight": (int, 16, "callbacks of one VM waiting on the callback URL; more get an error at once"),
-    "callback_rate_per_s": (float, 1000.0, "callbacks a second per VM (token bucket, burst of one second); more get an error"),
+    "callback_rate_per_s": (float, 500.0, "callbacks a second per VM (token bucket, burst of one second); more get an error"),
     "callback_bytes_per_s": (int, 4 * 1024 * 1024, "bytes a second read from one VM's callback connections; more wait"),
     "callback_idle_timeout_s": (float, 60.0, "a callback connection with no request for this long is closed"),
     "callback_read_timeout_s": (float, 10.0, "time a guest has to finish sending a callback line it started"),
@@ -446,8 +446,9 @@ class HttpClient:
     BodyStream instead, to be copied onward without holding it in memory."""
 
     def __init__(self, *, unix_path=None, host=None, port=None, tls=False, pool_size=16,
-                 max_body=256 * 1024 * 1024, stream_over=None, quick_ack=False):
+                 max_body=256 * 1024 * 1024, stream_over=None, quick_ack=False, length_only=False):
         self.unix_path, self.host, self.port, self.tls = unix_path, host, port, tls
+        self.length_only = length_only  # answers must carry Content-Length (chunked or to-EOF: refused)
         self.quick_ack = quick_ack      # for servers we do not control (see quick_ack())
         self.pool_size, self.max_body, self.stream_over = pool_size, max_body, stream_over
         self.idle = []
@@ -539,6 +540,8 @@ class HttpClient:
         if method == "HEAD" or status in (204, 304):
             return status, headers, b""
         length = headers.get("content-length", "")
+        if self.length_only and not is_decimal(length):
+            raise HttpError("answer without Content-Length")
         if (self.stream_over is not None and is_decimal(length) and int(length) > self.stream_over
                 and 200 <= status < 300):
             if int(length) > self.max_body:
@@ -1458,9 +1461,10 @@ class VMManager:
 
     def agent_client(self, vm):
         # stdout, stderr and output are each capped at exec_output_limit_bytes; in JSON a byte
-        # takes at most 6 (\u0000), so a longer answer is not the agent's
+        # takes at most 6 (\u0000), so a longer answer is not the agent's. The agent always sends
+        # Content-Length: a chunked or to-EOF body (CPU per chunk, no end) is refused at its head.
         return HttpClient(host=vm.address, port=self.cfg.agent_port, pool_size=32, stream_over=256 * 1024,
-                          max_body=3 * 6 * self.cfg.exec_output_limit_bytes + 1024 * 1024)
+                          max_body=3 * 6 * self.cfg.exec_output_limit_bytes + 1024 * 1024, length_only=True)
 
     # ---- supervision and teardown ---------------------------------------------
 

@@ -85,7 +85,7 @@ class Attack:
             except OSError:
                 pass
         for t in self.threads:
-            t.join(10)
+            t.join(30)           # an exec on a dripping agent ends at its deadline (timeout + 15 s)
         self.socks.clear()
 
 

@@ -21,6 +21,7 @@ import pytest
 from conftest import Api  # noqa: F401  (fixtures come from conftest)
 from nsutil import CallbackURLServer
 import hostile
+import json
 
 RSS_GROWTH_MAX_KB = 128 * 1024      # cbox.py's RSS may grow this much under an attack
 FD_SLACK = 16                       # fds over the baseline after an attack (pool connections, ...)
@@ -297,3 +298,55 @@ def test_agent_request_cancelled_when_the_client_leaves(hostile_lab, netns):
     hostile.stop_hostile_agent(lab.post_exec("bad"), stop_file)
     lab.check_good()
     lab.assert_no_traceback()
+
+
+# ---- the parsers' bounds, without a VM ------------------------------------------------------------
+
+def _read(fn, data, *args):
+    import asyncio
+    import cbox
+
+    async def go():
+        reader = asyncio.StreamReader()
+        reader.feed_data(data)
+        reader.feed_eof()
+        return await fn(reader, *args)
+    return asyncio.run(go())
+
+
+def test_chunked_and_to_eof_bodies_are_bounded():
+    import cbox
+    assert _read(cbox.read_chunked, b"3\r\nabc\r\n2;x=y\r\nde\r\n0\r\nT: 1\r\n\r\n", 100) == b"abcde"
+    with pytest.raises(cbox.HttpError, match="chunks"):
+        _read(cbox.read_chunked, b"1\r\nx\r\n" * (cbox.MAX_CHUNKS + 1) + b"0\r\n\r\n", 10 ** 9)
+    with pytest.raises(cbox.HttpError, match="too large"):
+        _read(cbox.read_chunked, b"10\r\n" + b"x" * 16 + b"\r\n" * 2, 15)
+    with pytest.raises(cbox.HttpError, match="trailer"):
+        _read(cbox.read_chunked, b"0\r\n" + b"T: x\r\n" * 100 + b"\r\n", 100)
+    for bad in (b"-5\r\n", b"0x5\r\n", b" \r\n", b"5\r\nabcdeXY"):
+        with pytest.raises(cbox.HttpError):
+            _read(cbox.read_chunked, bad, 100)
+    assert _read(cbox.read_to_eof, b"z" * 5000, 5000) == b"z" * 5000
+    with pytest.raises(cbox.HttpError, match="too large"):
+        _read(cbox.read_to_eof, b"z" * 5001, 5000)
+
+
+def test_callback_lines_and_answers_never_raise():
+    import cbox
+    deep = b"[" * 100000 + b"]" * 100000
+    for line in (b'{"method": "m", "params": ' + deep + b"}", deep, b"\xff", b'{"method": 1}', b'{"method": "m", "x": 1}'):
+        method, error = cbox.parse_callback_line(line, "vm")
+        assert method is None and isinstance(error, str)
+    method, body = cbox.parse_callback_line(b'{"method": "m", "params": [1]}\n', "vm")
+    assert method == "m" and json.loads(body) == {"vmName": "vm", "method": "m", "params": [1]}
+    for status, data in ((200, deep), (200, b'{"error": ' + deep + b"}"), (500, deep), (200, b"\xff")):
+        reply = json.loads(cbox.callback_reply("http://u", status, data))
+        assert set(reply) <= {"result", "error"}
+
+
+def test_token_bucket():
+    import cbox
+    bucket = cbox.TokenBucket(100.0, 5)
+    assert [bucket.take() for _ in range(6)] == [True] * 5 + [False]
+    bucket.charge(100)
+    assert 0.9 < bucket.wait() <= 1.0
