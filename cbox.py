@@ -1666,6 +1666,8 @@ class VMManager:
 
 CALLBACK_LINE_MAX = 1024 * 1024
 CALLBACK_PARSE_OFF_LOOP = 64 * 1024     # lines (and answers) above this are parsed in a thread
+CALLBACK_REFUSAL_PAUSE = 0.1            # a connection refused a callback (rate, in flight) waits this long
+REFUSED = b'{"error":"too many callbacks'  # how the reply lines of those refusals start
 CALLBACK_COUNTERS = ("connections", "callbacks", "refused_connections", "refused_fd_reserve", "refused_in_flight",
                      "refused_rate", "throttled_bytes", "idle_timeouts", "read_timeouts", "write_timeouts",
                      "oversize_lines", "bad_requests", "accept_errors", "log_lines_suppressed")
@@ -1881,8 +1883,9 @@ class CallbackBridge:
                     self.note("callback connection closed: the guest does not read its replies")
                     return
                 # sock_recv and sock_sendall finish without yielding when they can: a guest
-                # pipelining lines that are answered at once (errors) must not hold the loop
-                await asyncio.sleep(0)
+                # pipelining lines that are answered at once (errors) must not hold the loop;
+                # after a refusal the connection waits, so refusing costs little too
+                await asyncio.sleep(CALLBACK_REFUSAL_PAUSE if reply.startswith(REFUSED) else 0)
         except OSError:
             pass
         finally:

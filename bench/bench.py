@@ -1453,11 +1453,10 @@ class Bench:
                         return status, {}
 
                 exec_p50(1.0)                                   # warm up
-                idle, _ = exec_p50(hold)
-                say(f"  idle: good exec p50 {idle:.2f} ms, cbox.py RSS {hostile.rss_kb(srv.pid) // 1024} MB, "
-                    f"fds {hostile.fd_count(srv.pid)}")
+                say(f"  cbox.py RSS {hostile.rss_kb(srv.pid) // 1024} MB, fds {hostile.fd_count(srv.pid)} at rest")
                 attacks = [hostile.Remote(cls, bad_socket) for cls in hostile.SOCKET_ATTACKS.values()] + ["agent"]
                 for attack in attacks:
+                    idle, _ = exec_p50(hold)                    # without an attack, just before it
                     stop_file = tmp / "stop"
                     if attack == "agent":
                         hostile.start_hostile_agent(post_exec, stop_file)
@@ -1479,7 +1478,7 @@ class Bench:
                                  notes=f"cbox.py peak RSS {sampler.peak_rss_kb / 1024:.0f} MB, peak fds "
                                        f"{sampler.peak_fds}; {count} execs",
                                  how=f"the good VM's exec {{\"cmd\":\"true\"}} p50 (keep-alive) while the bad "
-                                     f"VM's guest attacks: {attack.what}; floor = the same without an attack"))
+                                     f"VM's guest attacks: {attack.what}; floor = the same just before"))
                     time.sleep(1.0)
                 good.close()
                 api.close()
@@ -1490,8 +1489,9 @@ class Bench:
                  f"Written by `python3 bench/bench.py --only hostile` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} "
                  f"UTC ({os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at the end). Two VMs under "
                  "one cbox.py with default budgets; the bad VM attacks as code in its guest would (tests/hostile.py: "
-                 "its callback socket; tests/hostile_agent.py in place of its agent), the good VM runs "
-                 f"`true` back to back for {hold:g} s. Target: the good VM's exec p50 at most 2x idle. "
+                 "its callback socket, from a process of its own; tests/hostile_agent.py in place of its agent), "
+                 f"the good VM runs `true` back to back for {hold:g} s during the attack, and as long just before "
+                 "it (idle). Target: the good VM's exec p50 at most 2x idle. "
                  f"Tracebacks in cbox.py's log: {tracebacks}.", "",
                  "| attack | good exec p50 idle | during | ratio | result | cbox.py peak RSS | peak fds |",
                  "|---|---|---|---|---|---|---|"]

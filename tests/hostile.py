@@ -286,12 +286,14 @@ class BadLines(Attack):
 
 class AgentAnswers(Attack):
     """Execs on the attacked VM while hostile_agent.py answers them badly, in `modes`."""
-    name, what = "bad agent answers", "endless 1-byte chunks, dripping body, nested error, endless body, endless trailers"
+    name = "bad agent answers"
+    what = ("the agent replaced; execs on the bad VM (each kind 10 a second) answered with endless 1-byte "
+            "chunks, a dripping body, nested JSON, an endless body, endless trailers")
     MODES = ("chunked1", "drip", "nested", "nested_ok", "nolength", "trailers")
 
-    def __init__(self, post_exec, modes=MODES, timeout=1.0):
+    def __init__(self, post_exec, modes=MODES, timeout=1.0, pause=0.1):
         super().__init__()
-        self.post_exec, self.modes, self.timeout = post_exec, modes, timeout
+        self.post_exec, self.modes, self.timeout, self.pause = post_exec, modes, timeout, pause
         self.durations = collections.defaultdict(list)
 
     def start(self):
@@ -304,6 +306,7 @@ class AgentAnswers(Attack):
             status, _ = self.post_exec({"cmd": f"hostile:{mode}", "timeout": self.timeout})
             self.durations[mode].append(time.monotonic() - t0)
             self.count(f"{mode} {status}")
+            self.stopping.wait(self.pause)      # the bad VM's REST user is not the attacker
 
 
 def start_hostile_agent(post_exec, stop_file, max_seconds=120):
