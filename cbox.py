@@ -1664,10 +1664,11 @@ class VMManager:
         vm.callback_server.listen(paths.callback_socket)
 
 
+# ---- the callback bridge (guest -> vsock socket -> cbox -> callbackUrl) ---------------------------
+
 CALLBACK_LINE_MAX = 1024 * 1024
 CALLBACK_PARSE_OFF_LOOP = 64 * 1024     # lines (and answers) above this are parsed in a thread
 CALLBACK_REFUSAL_PAUSE = 0.1            # a connection refused a callback (rate, in flight) waits this long
-REFUSED = b'{"error":"too many callbacks'  # how the reply lines of those refusals start
 CALLBACK_COUNTERS = ("connections", "callbacks", "refused_connections", "refused_fd_reserve", "refused_in_flight",
                      "refused_rate", "throttled_bytes", "idle_timeouts", "read_timeouts", "write_timeouts",
                      "oversize_lines", "bad_requests", "accept_errors", "log_lines_suppressed")
@@ -1730,10 +1731,8 @@ def callback_reply(url, status, data):
         try:
             answer = json.loads(data)
         except RecursionError:
-            answer = None
             reply = {"error": f"callback URL {url} answered JSON too deeply nested to parse"}
         except (ValueError, UnicodeDecodeError):
-            answer = None
             reply = {"result": data.decode("utf-8", "replace")}
         else:
             if isinstance(answer, dict) and "result" in answer:
@@ -1847,7 +1846,7 @@ class CallbackBridge:
             self.accepting.cancel()
             self.accepting = None
         if self.listener:
-            self.listener.close()
+            close_socket(asyncio.get_running_loop(), self.listener)
             self.listener = None
         for task in list(self.tasks):
             task.cancel()
@@ -1875,7 +1874,7 @@ class CallbackBridge:
                 line = await self._read_line(loop, sock, buf)
                 if line is None:
                     return
-                reply = await self._answer(line)
+                reply, refused = await self._answer(line)
                 try:
                     await within(self.cfg.callback_write_timeout_s, loop.sock_sendall(sock, reply))
                 except asyncio.TimeoutError:
@@ -1885,11 +1884,11 @@ class CallbackBridge:
                 # sock_recv and sock_sendall finish without yielding when they can: a guest
                 # pipelining lines that are answered at once (errors) must not hold the loop;
                 # after a refusal the connection waits, so refusing costs little too
-                await asyncio.sleep(CALLBACK_REFUSAL_PAUSE if reply.startswith(REFUSED) else 0)
+                await asyncio.sleep(CALLBACK_REFUSAL_PAUSE if refused else 0)
         except OSError:
             pass
         finally:
-            sock.close()
+            close_socket(loop, sock)
 
     async def _read_line(self, loop, sock, buf):
         """The next non-blank line (bytes), or None when the connection is to close.
@@ -1920,8 +1919,9 @@ class CallbackBridge:
             if pause:
                 self.counters["throttled_bytes"] += 1
                 await asyncio.sleep(pause)
+            want = min(256 * 1024, CALLBACK_LINE_MAX + 1 - scanned)
             try:
-                data = await within(max(timeout, 0.0), loop.sock_recv(sock, min(256 * 1024, CALLBACK_LINE_MAX + 1 - scanned)))
+                data = await within(max(timeout, 0.0), loop.sock_recv(sock, want))
             except asyncio.TimeoutError:
                 what = "idle_timeouts" if deadline is None else "read_timeouts"
                 self.counters[what] += 1
@@ -1939,29 +1939,29 @@ class CallbackBridge:
             await within(self.cfg.callback_write_timeout_s, loop.sock_sendall(sock, data))
 
     async def _answer(self, line):
-        """The reply line for one request line, within the VM's rate and in-flight budgets."""
+        """(reply line, refused) for one request line, within the VM's rate and in-flight budgets."""
         t0 = time.monotonic()
         if not self.calls.take():
             self.counters["refused_rate"] += 1
             self.note("callback refused", reason="rate")
-            return error_line(f"too many callbacks (at most {self.cfg.callback_rate_per_s:g} a second per VM)")
+            return error_line(f"too many callbacks (at most {self.cfg.callback_rate_per_s:g} a second per VM)"), True
         if self.in_flight >= self.cfg.callback_max_in_flight:
             self.counters["refused_in_flight"] += 1
             self.note("callback refused", reason="in_flight")
-            return error_line(f"too many callbacks in flight (at most {self.cfg.callback_max_in_flight} per VM)")
+            return error_line(f"too many callbacks in flight (at most {self.cfg.callback_max_in_flight} per VM)"), True
         self.in_flight += 1
         try:
             self.counters["callbacks"] += 1
             method, body = await off_loop_if_large(len(line), parse_callback_line, line, self.vm.vmName)
             if method is None:
                 self.counters["bad_requests"] += 1
-                return error_line(body)
+                return error_line(body), False
             reply = await self.forward(body)
         finally:
             self.in_flight -= 1
         self.note("callback", method=repr(method[:60]), ok=not reply.startswith(b'{"error"'),
                   ms=f"{(time.monotonic() - t0) * 1000:.1f}")
-        return reply
+        return reply, False
 
     async def forward(self, body):
         url = self.vm.callbackUrl
@@ -1985,6 +1985,17 @@ class CallbackBridge:
                                 max_body=16 * 1024 * 1024, quick_ack=True)
             self.clients[key] = client
         return client
+
+
+def close_socket(loop, sock):
+    """Close a socket used with loop.sock_*(): their cleanup (remove_reader of the fd) runs
+    later, when the fd may already belong to a new transport, which makes asyncio raise
+    RuntimeError there; removing the reader and writer now turns that cleanup into a no-op."""
+    fd = sock.fileno()
+    if fd >= 0:
+        loop.remove_reader(fd)
+        loop.remove_writer(fd)
+    sock.close()
 
 
 def raise_fd_limit():

@@ -156,11 +156,13 @@ def test_idle_connections_are_capped_and_time_out(lab):
     attack = hostile.Remote(hostile.IdleConnections, lab.bad_socket, n=1200)
 
     def during(attack):
-        # refused with an error line (about 100 a second), or admitted: open, or closed once idle 3 s
+        # each connection: refused with an error line (about 100 a second), admitted (at most
+        # 32 at a time; closed once idle 3 s), or still waiting in the backlog ("open" too)
         seen = attack.seen
-        assert seen["open"] <= 32 and seen["connected"] == 1200, seen
+        assert seen["connected"] == 1200, seen
         assert seen["error: too many open"] + seen["open"] + seen["closed"] == 1200, seen
-        assert seen["error: too many open"] >= 1000, seen
+        assert seen["error: too many open"] >= 900, seen
+        assert hostile.fd_count(lab.pid) <= lab.base_fds + 32 + FD_SLACK
         # the idle timeout (3 s) closes the ones admitted while the attacker still holds them
         wait_for(lambda: hostile.fd_count(lab.pid) <= lab.base_fds + FD_SLACK, timeout=10,
                  what="idle callback connections closed by cbox.py")
