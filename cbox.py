@@ -1817,8 +1817,10 @@ class CallbackBridge:
                 continue
             backoff = 0.01
             # sock_accept does not yield while connections are pending: yield here, and after a
-            # refusal pause, so a guest reconnecting in a loop gets ~100 refusals a second (its
-            # further connects wait in, then overflow, the backlog) and never holds the loop
+            # refusal pause, so a guest reconnecting in a loop gets ~100 refusals a second and
+            # never holds the loop. Its further connects wait in the backlog: Cloud Hypervisor
+            # connects for the guest with a blocking connect() (virtio-devices/src/vsock/unix/
+            # muxer.rs, handle_peer_request_pkt), so only that VM's own vsock device waits.
             await asyncio.sleep(0 if self._admit(conn) else 0.01)
 
     def _admit(self, conn):
