@@ -33,6 +33,7 @@ import json
 import math
 import os
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -217,6 +218,15 @@ CONFIG_KEYS = {
     "http_body_timeout_s": (float, 60.0, "time a REST client has to send a request body (and to read an answer)"),
     "http_idle_timeout_s": (float, 120.0, "keep-alive REST connections idle longer are closed"),
     "console_max_bytes": (int, 1024 * 1024, "serial console output kept per VM (newest), besides its first 64 KiB"),
+    "callback_max_connections": (int, 32, "open callback connections per VM; more are answered with an error and closed"),
+    "callback_max_in_flight": (int, 16, "callbacks of one VM waiting on the callback URL; more get an error at once"),
+    "callback_rate_per_s": (float, 500.0, "callbacks a second per VM (token bucket, burst of one second); more get an error"),
+    "callback_bytes_per_s": (int, 4 * 1024 * 1024, "bytes a second read from one VM's callback connections; more wait"),
+    "callback_idle_timeout_s": (float, 60.0, "a callback connection with no request for this long is closed"),
+    "callback_read_timeout_s": (float, 10.0, "time a guest has to finish sending a callback line it started"),
+    "callback_write_timeout_s": (float, 10.0, "time a guest has to read a callback reply before its connection is closed"),
+    "callback_log_lines_per_s": (float, 20.0, "callback log lines a second per VM; the rest are counted and the count logged"),
+    "fd_reserve": (int, 256, "file descriptors kept free for the API and other VMs: guest connections beyond are refused"),
     "destroy_on_exit": (bool, False, "destroy all VMs when cbox.py stops (default: leave them for the next start)"),
 }
 
@@ -299,15 +309,20 @@ def check_config(cfg, source):
         if not 0 < getattr(cfg, key) < 65536:
             bad(f"{key} must be a port number")
     for key in ("stateful_size_in_mb", "default_vcpus", "max_vcpus", "default_memory_mb",
-                "max_memory_mb", "max_vms", "exec_output_limit_bytes", "max_request_bytes"):
+                "max_memory_mb", "max_vms", "exec_output_limit_bytes", "max_request_bytes",
+                "callback_max_connections", "callback_max_in_flight", "callback_bytes_per_s"):
         if getattr(cfg, key) <= 0:
             bad(f"{key} must be positive")
     if cfg.console_max_bytes < 4096:
         bad("console_max_bytes must be at least 4096")
+    if cfg.fd_reserve < 0:
+        bad("fd_reserve must not be negative")
     if not 0 < cfg.guest_mem_percentage <= 100:
         bad("guest_mem_percentage must be 1..100")
     for key in ("boot_timeout_s", "shutdown_timeout_s", "exec_timeout_s", "exec_max_timeout_s", "callback_timeout_s",
-                "http_head_timeout_s", "http_body_timeout_s", "http_idle_timeout_s"):
+                "http_head_timeout_s", "http_body_timeout_s", "http_idle_timeout_s", "callback_rate_per_s",
+                "callback_idle_timeout_s", "callback_read_timeout_s", "callback_write_timeout_s",
+                "callback_log_lines_per_s"):
         if getattr(cfg, key) <= 0:
             bad(f"{key} must be positive")
     longest = os.path.join(cfg.path(cfg.run_dir), "4294967295", f"vsock.sock_{cfg.callback_port}")
@@ -358,25 +373,15 @@ def is_decimal(text):
     return text.isascii() and text.isdigit()
 
 
+MAX_CHUNKS = 65536              # a chunked body in more pieces is refused (1-byte chunks cost CPU per byte)
+MAX_TRAILER_LINES = 64
+_CHUNK_SIZE = re.compile(rb"^[0-9A-Fa-f]{1,16}$")
+
+
 async def read_body(reader, headers, limit):
     """Read a Content-Length or chunked body of at most `limit` bytes."""
     if headers.get("transfer-encoding", "").lower() == "chunked":
-        chunks, total = [], 0
-        while True:
-            size_line = await reader.readline()
-            try:
-                size = int(size_line.split(b";")[0].strip(), 16)
-            except ValueError:
-                raise HttpError("bad chunk size")
-            if size == 0:
-                while (await reader.readline()) not in (b"\r\n", b"\n", b""):
-                    pass
-                return b"".join(chunks)
-            total += size
-            if total > limit:
-                raise HttpError("body too large")
-            chunks.append(await reader.readexactly(size))
-            await reader.readexactly(2)
+        return await read_chunked(reader, limit)
     length = headers.get("content-length")
     if length is None:
         return b""
@@ -386,6 +391,43 @@ async def read_body(reader, headers, limit):
     if length > limit:
         raise HttpError("body too large")
     return await reader.readexactly(length)
+
+
+async def read_chunked(reader, limit):
+    """A chunked body into one buffer, bounded in bytes, chunks and trailer lines."""
+    body = bytearray()
+    for count in range(MAX_CHUNKS + 1):
+        size_text = (await reader.readline()).split(b";")[0].strip()
+        if not _CHUNK_SIZE.match(size_text):
+            raise HttpError("bad chunk size")
+        size = int(size_text, 16)
+        if size == 0:
+            break
+        if len(body) + size > limit:
+            raise HttpError("body too large")
+        body += await reader.readexactly(size)
+        if await reader.readexactly(2) != b"\r\n":
+            raise HttpError("bad chunk framing")
+        if count % 64 == 63:
+            await asyncio.sleep(0)         # tiny chunks already buffered would otherwise hold the loop
+    else:
+        raise HttpError(f"chunked body in more than {MAX_CHUNKS} chunks")
+    for _ in range(MAX_TRAILER_LINES):
+        if (await reader.readline()) in (b"\r\n", b"\n", b""):
+            return bytes(body)
+    raise HttpError(f"more than {MAX_TRAILER_LINES} trailer lines")
+
+
+async def read_to_eof(reader, limit):
+    """A body that ends when the connection does, into one buffer."""
+    body = bytearray()
+    while True:
+        more = await reader.read(min(limit + 1 - len(body), 1 << 20))
+        if not more:
+            return bytes(body)
+        body += more
+        if len(body) > limit:
+            raise HttpError("body too large")
 
 
 def build_head(status, length, content_type="application/json", keep_alive=True, extra=None):
@@ -424,8 +466,9 @@ class HttpClient:
     BodyStream instead, to be copied onward without holding it in memory."""
 
     def __init__(self, *, unix_path=None, host=None, port=None, tls=False, pool_size=16,
-                 max_body=256 * 1024 * 1024, stream_over=None, quick_ack=False):
+                 max_body=256 * 1024 * 1024, stream_over=None, quick_ack=False, length_only=False):
         self.unix_path, self.host, self.port, self.tls = unix_path, host, port, tls
+        self.length_only = length_only  # answers must carry Content-Length (chunked or to-EOF: refused)
         self.quick_ack = quick_ack      # for servers we do not control (see quick_ack())
         self.pool_size, self.max_body, self.stream_over = pool_size, max_body, stream_over
         self.idle = []
@@ -444,12 +487,13 @@ class HttpClient:
 
     async def request(self, method, target, body=None, timeout=30.0, headers=None):
         """Returns (status, headers, body bytes or BodyStream). Raises HttpError on any failure."""
+        deadline = asyncio.get_running_loop().time() + timeout      # a streamed body must end by then too
         try:
-            return await within(timeout, self._request(method, target, body, headers))
+            return await within(timeout, self._request(method, target, body, headers, deadline))
         except asyncio.TimeoutError:
             raise HttpError(f"timed out after {fmt_seconds(timeout)}")
 
-    async def _request(self, method, target, body, headers):
+    async def _request(self, method, target, body, headers, deadline):
         payload = body if isinstance(body, (bytes, type(None))) else json_bytes(body)
         head = f"{method} {target} HTTP/1.1\r\nHost: {self.host_header}\r\n"
         if payload is not None:
@@ -465,7 +509,7 @@ class HttpClient:
                 writer.write(message)
                 if self.quick_ack:
                     quick_ack(writer)
-                result = await self._read_response(reader, writer, method)
+                result = await self._read_response(reader, writer, method, deadline)
             except (HttpError, OSError, asyncio.IncompleteReadError, EOFError,
                     ValueError, asyncio.LimitOverrunError) as e:     # ValueError: StreamReader line limit
                 self._drop(writer)
@@ -502,7 +546,7 @@ class HttpClient:
             where = self.unix_path or f"{self.host}:{self.port}"
             raise HttpError(f"cannot connect to {where}: {os.strerror(e.errno) if e.errno else e}")
 
-    async def _read_response(self, reader, writer, method):
+    async def _read_response(self, reader, writer, method, deadline):
         head = await read_head(reader)
         if head is None:
             raise EOFError("connection closed before a response")
@@ -512,25 +556,21 @@ class HttpClient:
             raise HttpError(f"malformed status line {start[:40]!r}")
         status = int(parts[1])
         if status == 100:
-            return await self._read_response(reader, writer, method)
+            return await self._read_response(reader, writer, method, deadline)
         if method == "HEAD" or status in (204, 304):
             return status, headers, b""
         length = headers.get("content-length", "")
+        if self.length_only and not is_decimal(length):
+            raise HttpError("answer without Content-Length")
         if (self.stream_over is not None and is_decimal(length) and int(length) > self.stream_over
                 and 200 <= status < 300):
+            if int(length) > self.max_body:
+                raise HttpError("body too large")
             return status, headers, BodyStream(self, reader, writer, int(length),
-                                               headers.get("connection", "").lower() != "close")
+                                               headers.get("connection", "").lower() != "close", deadline)
         if not length and headers.get("transfer-encoding", "").lower() != "chunked":
             headers["connection"] = "close"            # the body ends when the connection does
-            body = await reader.read(self.max_body + 1)
-            while body and len(body) <= self.max_body:
-                more = await reader.read(self.max_body + 1 - len(body))
-                if not more:
-                    break
-                body += more
-            if len(body) > self.max_body:
-                raise HttpError("body too large")
-            return status, headers, body
+            return status, headers, await read_to_eof(reader, self.max_body)
         return status, headers, await read_body(reader, headers, self.max_body)
 
     def close(self):
@@ -549,17 +589,23 @@ class HttpClient:
 
 
 class BodyStream:
-    """A large response body still on its connection, copied onward in chunks."""
+    """A large response body still on its connection, copied onward in chunks.
 
-    def __init__(self, client, reader, writer, length, reusable):
+    `deadline` (loop time) is the request's: a peer dripping its body cannot stretch it."""
+
+    def __init__(self, client, reader, writer, length, reusable, deadline):
         self.client, self.reader, self.writer = client, reader, writer
-        self.length, self.reusable = length, reusable
+        self.length, self.reusable, self.deadline = length, reusable, deadline
 
     async def copy_to(self, dest, timeout):
+        loop = asyncio.get_running_loop()
         remaining = self.length
         try:
             while remaining:
-                chunk = await within(timeout, self.reader.read(min(remaining, 1 << 20)))
+                left = self.deadline - loop.time()
+                if left <= 0:
+                    raise HttpError("timed out inside the body")
+                chunk = await within(min(timeout, left), self.reader.read(min(remaining, 1 << 20)))
                 if not chunk:
                     raise HttpError("connection closed inside the body")
                 dest.write(chunk)
@@ -576,7 +622,11 @@ class BodyStream:
             self.client._drop(self.writer)
             raise HttpError("body too large")
         try:
-            data = await self.reader.readexactly(self.length)
+            data = await within(max(self.deadline - asyncio.get_running_loop().time(), 0.0),
+                                self.reader.readexactly(self.length))
+        except asyncio.TimeoutError:
+            self.client._drop(self.writer)
+            raise HttpError("timed out inside the body")
         except BaseException:
             self.client._drop(self.writer)
             raise
@@ -675,6 +725,40 @@ async def within(timeout, aw):
         raise asyncio.TimeoutError() from None
     finally:
         deadlines.remove(deadline)
+
+
+class ClientWatch:
+    """Cancels a request's task when its client hangs up while the answer is being made.
+
+    One loop timer polls the readers of the requests waiting (a task per request
+    would cost more than the rare hang-up): a reader at EOF or with an error means
+    the client is gone, and the work for it (an agent call) is abandoned."""
+    INTERVAL = 0.5
+
+    def __init__(self):
+        self.waiting = {}              # task -> reader
+        self.cancelled = weakref.WeakSet()
+        self.timer = None
+
+    def add(self, reader):
+        task = asyncio.current_task()
+        self.waiting[task] = reader
+        if self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(self.INTERVAL, self._check)
+        return task
+
+    def remove(self, task):
+        self.waiting.pop(task, None)
+
+    def _check(self):
+        self.timer = None
+        for task, reader in list(self.waiting.items()):
+            if reader.at_eof() or reader.exception() is not None:
+                del self.waiting[task]
+                self.cancelled.add(task)
+                task.cancel()
+        if self.waiting:
+            self.timer = asyncio.get_running_loop().call_later(self.INTERVAL, self._check)
 
 
 # =============================================================================
@@ -1762,7 +1846,11 @@ class VMManager:
         raise HypervisorError(f"guest agent did not answer within {fmt_seconds(self.cfg.boot_timeout_s)} ({last})")
 
     def agent_client(self, vm):
-        return HttpClient(host=vm.address, port=self.cfg.agent_port, pool_size=32, stream_over=256 * 1024)
+        # stdout, stderr and output are each capped at exec_output_limit_bytes; in JSON a byte
+        # takes at most 6 (\u0000), so a longer answer is not the agent's. The agent always sends
+        # Content-Length: a chunked or to-EOF body (CPU per chunk, no end) is refused at its head.
+        return HttpClient(host=vm.address, port=self.cfg.agent_port, pool_size=32, stream_over=256 * 1024,
+                          max_body=3 * 6 * self.cfg.exec_output_limit_bytes + 1024 * 1024, length_only=True)
 
     # ---- console and hypervisor events -----------------------------------------
 
@@ -2030,7 +2118,9 @@ class VMManager:
             raise ApiError(502, f"guest agent of VM '{vm.vmName}' unreachable: {e}")
         try:
             message = json.loads(data)["error"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
+            message = None
+        if not isinstance(message, str):
             message = data[:200].decode("utf-8", "replace")
         raise ApiError(status if status in (400, 404, 409, 413) else 502, f"guest agent: {message}")
 
@@ -2049,93 +2139,374 @@ class VMManager:
     # ---- callbacks (guest -> vsock socket -> cbox -> callbackUrl) --------------
 
     async def serve_callbacks(self, vm, paths):
-        try:
-            paths.callback_socket.unlink()
-        except FileNotFoundError:
-            pass
-        vm.callback_server = await asyncio.start_unix_server(
-            lambda r, w, vm=vm: self.callback_connection(vm, r, w),
-            path=str(paths.callback_socket), limit=CALLBACK_LINE_MAX + 1)
+        vm.callback_server = CallbackBridge(self.cfg, vm, self.callback_clients)
+        vm.callback_server.listen(paths.callback_socket)
 
-    async def callback_connection(self, vm, reader, writer):
-        """One guest connection: JSON lines in, JSON lines out, in order."""
-        try:
-            while True:
-                try:
-                    line = await reader.readuntil(b"\n")
-                except asyncio.IncompleteReadError as e:
-                    line = e.partial
-                    if not line.strip():
-                        return
-                except asyncio.LimitOverrunError:
-                    writer.write(json_bytes({"error": "callback request larger than 1 MiB"}) + b"\n")
-                    await writer.drain()
-                    return
-                if not line.strip():
-                    continue
-                reply = await self.handle_callback(vm, line)
-                writer.write(json_bytes(reply) + b"\n")
-                await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            writer.close()
 
-    async def handle_callback(self, vm, line):
-        t0 = time.monotonic()
-        try:
-            request = json.loads(line)
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            return {"error": "callback request is not valid JSON"}
+# ---- the callback bridge (guest -> vsock socket -> cbox -> callbackUrl) ---------------------------
+
+CALLBACK_LINE_MAX = 1024 * 1024
+CALLBACK_PARSE_OFF_LOOP = 64 * 1024     # lines (and answers) above this are parsed in a thread
+CALLBACK_REFUSAL_PAUSE = 0.1            # a connection refused a callback (rate, in flight) waits this long
+CALLBACK_COUNTERS = ("connections", "callbacks", "refused_connections", "refused_fd_reserve", "refused_in_flight",
+                     "refused_rate", "throttled_bytes", "idle_timeouts", "read_timeouts", "write_timeouts",
+                     "oversize_lines", "bad_requests", "accept_errors", "log_lines_suppressed")
+
+
+class TokenBucket:
+    """`rate` tokens a second, at most `burst` saved up; charge() may overdraw (then wait())."""
+    __slots__ = ("rate", "burst", "tokens", "stamp")
+
+    def __init__(self, rate, burst):
+        self.rate, self.burst, self.tokens, self.stamp = rate, burst, burst, time.monotonic()
+
+    def _refill(self):
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def take(self, n=1):
+        self._refill()
+        if self.tokens < n:
+            return False
+        self.tokens -= n
+        return True
+
+    def charge(self, n):
+        self._refill()
+        self.tokens -= n
+
+    def wait(self):
+        """Seconds until the bucket is out of debt (0 when it is not)."""
+        self._refill()
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+
+
+def parse_callback_line(line, vm_name):
+    """A guest's request line -> (method, body bytes for the callback URL) or (None, error text).
+
+    Pure, so large lines can be parsed in a thread; every parse or encode failure
+    (RecursionError included: params may nest deeper than the encoder recurses) is an answer."""
+    try:
+        request = json.loads(line)
         if not isinstance(request, dict) or not isinstance(request.get("method"), str) or not request["method"]:
-            return {"error": "callback request must be an object with a non-empty string 'method'"}
+            return None, "callback request must be an object with a non-empty string 'method'"
         if set(request) - {"method", "params"}:
-            return {"error": f"unknown callback request field(s): {', '.join(sorted(set(request) - {'method', 'params'}))}"}
-        reply = await self.forward_callback(vm, request["method"], request.get("params"))
-        log("callback", vm=vm.vmName, method=repr(request["method"][:60]),
-            ok="error" not in reply, ms=f"{(time.monotonic() - t0) * 1000:.1f}")
-        return reply
+            return None, f"unknown callback request field(s): {', '.join(sorted(set(request) - {'method', 'params'}))}"
+        return request["method"], json_bytes({"vmName": vm_name, "method": request["method"],
+                                              "params": request.get("params")})
+    except RecursionError:
+        return None, "callback request is nested too deeply"
+    except (ValueError, UnicodeDecodeError):
+        return None, "callback request is not valid JSON"
 
-    async def forward_callback(self, vm, method, params):
-        url = vm.callbackUrl
-        if not url:
-            return {"error": f"VM '{vm.vmName}' has no callbackUrl"}
-        parts = urllib.parse.urlsplit(url)
-        client = self.callback_client(parts)
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        body = {"vmName": vm.vmName, "method": method, "params": params}
-        try:
-            status, _, data = await client.request("POST", target, body, timeout=self.cfg.callback_timeout_s)
-        except HttpError as e:
-            return {"error": f"callback URL {url} failed: {e}"}
-        if not 200 <= status < 300:
-            snippet = data[:200].decode("utf-8", "replace").strip()
-            return {"error": f"callback URL {url} answered HTTP {status}" + (f": {snippet}" if snippet else "")}
+
+def callback_reply(url, status, data):
+    """The callback URL's answer -> the guest's reply line (bytes, newline included)."""
+    if not 200 <= status < 300:
+        snippet = data[:200].decode("utf-8", "replace").strip()
+        reply = {"error": f"callback URL {url} answered HTTP {status}" + (f": {snippet}" if snippet else "")}
+    else:
         try:
             answer = json.loads(data)
         except RecursionError:
-            return {"error": f"callback URL {url} answered JSON too deeply nested to parse"}
+            reply = {"error": f"callback URL {url} answered JSON too deeply nested to parse"}
         except (ValueError, UnicodeDecodeError):
-            return {"result": data.decode("utf-8", "replace")}
-        if isinstance(answer, dict) and "result" in answer:
-            return {"result": answer["result"]}
-        if isinstance(answer, dict) and "error" in answer:
-            err = answer["error"]
-            return {"error": err if isinstance(err, str) else json.dumps(err)}
-        return {"result": answer}
+            reply = {"result": data.decode("utf-8", "replace")}
+        else:
+            if isinstance(answer, dict) and "result" in answer:
+                reply = {"result": answer["result"]}
+            elif isinstance(answer, dict) and "error" in answer:
+                err = answer["error"]
+                reply = {"error": err if isinstance(err, str) else answer_text(err)}
+            else:
+                reply = {"result": answer}
+    try:
+        return json_bytes(reply) + b"\n"
+    except (RecursionError, ValueError):
+        return json_bytes({"error": f"callback URL {url} answered JSON too deeply nested to pass on"}) + b"\n"
+
+
+def answer_text(value):
+    try:
+        return json.dumps(value)
+    except (RecursionError, ValueError):
+        return "(error value nested too deeply)"
+
+
+def error_line(message):
+    return json_bytes({"error": message}) + b"\n"
+
+
+class CallbackBridge:
+    """One VM's callback socket: the guest's JSON lines in, the callback URL's answers out.
+
+    The guest is hostile, so everything it can make cbox.py spend is budgeted per VM
+    (config keys callback_*): open connections, callbacks in flight, callbacks and
+    bytes a second, idle / read / write time per connection, log lines a second.
+    Over a budget the guest gets an error line at once and nothing is forwarded.
+    The socket is accepted here rather than by asyncio's server, so a full fd table
+    (EMFILE) backs off quietly instead of logging a traceback per attempt, and the
+    last `fd_reserve` descriptors stay free for the API and the other VMs.
+    `counters` counts every budget hit (for a metrics endpoint; logged at close)."""
+
+    def __init__(self, cfg, vm, clients):
+        self.cfg, self.vm, self.clients = cfg, vm, clients      # clients: the shared URL client pool
+        self.counters = dict.fromkeys(CALLBACK_COUNTERS, 0)
+        self.tasks = set()                 # one per open connection
+        self.in_flight = 0
+        self.calls = TokenBucket(cfg.callback_rate_per_s, max(1.0, cfg.callback_rate_per_s))
+        self.bytes = TokenBucket(cfg.callback_bytes_per_s, max(cfg.callback_bytes_per_s, CALLBACK_LINE_MAX + 1))
+        self.log_lines = TokenBucket(cfg.callback_log_lines_per_s, max(1.0, cfg.callback_log_lines_per_s))
+        self.suppressed = 0
+        self.listener = None
+        self.accepting = None
+
+    # ---- listening and admission ----------------------------------------------
+
+    def listen(self, path):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(path))
+            sock.listen(128)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self.listener = sock
+        self.accepting = asyncio.get_running_loop().create_task(self._accept_loop())
+
+    async def _accept_loop(self):
+        loop = asyncio.get_running_loop()
+        backoff = 0.01
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(self.listener)
+            except OSError as e:
+                if e.errno in (errno.ECONNABORTED, errno.EINTR, errno.EAGAIN):
+                    continue
+                # EMFILE / ENFILE / ENOBUFS / ENOMEM: wait for descriptors or memory to come back
+                self.counters["accept_errors"] += 1
+                self.note("callback socket cannot accept", error=repr(os.strerror(e.errno) if e.errno else str(e)),
+                          retry_s=f"{backoff:g}")
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+                continue
+            backoff = 0.01
+            # sock_accept does not yield while connections are pending: yield here, and after a
+            # refusal pause, so a guest reconnecting in a loop gets ~100 refusals a second and
+            # never holds the loop. Its further connects wait in the backlog: Cloud Hypervisor
+            # connects for the guest with a blocking connect() (virtio-devices/src/vsock/unix/
+            # muxer.rs, handle_peer_request_pkt), so only that VM's own vsock device waits.
+            await asyncio.sleep(0 if self._admit(conn) else 0.01)
+
+    def _admit(self, conn):
+        """Start serving a new connection, or answer it with an error line and close it."""
+        if conn.fileno() >= fd_limit() - self.cfg.fd_reserve:
+            reason, counter = "cbox.py is short of file descriptors", "refused_fd_reserve"
+        elif len(self.tasks) >= self.cfg.callback_max_connections:
+            reason = f"too many open callback connections (at most {self.cfg.callback_max_connections} per VM)"
+            counter = "refused_connections"
+        else:
+            self.counters["connections"] += 1
+            task = asyncio.get_running_loop().create_task(self._connection(conn))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+            return True
+        self.counters[counter] += 1
+        self.note("callback connection refused", reason=repr(reason))
+        with contextlib.suppress(OSError):
+            conn.send(error_line(reason))          # a fresh socket's buffer takes one short line
+        conn.close()
+        return False
+
+    def close(self):
+        if self.accepting:
+            self.accepting.cancel()
+            self.accepting = None
+        if self.listener:
+            close_socket(asyncio.get_running_loop(), self.listener)
+            self.listener = None
+        for task in list(self.tasks):
+            task.cancel()
+        if any(self.counters[k] for k in CALLBACK_COUNTERS[2:]) or self.suppressed:
+            log("callback budgets", vm=self.vm.vmName, suppressed=self.suppressed or None,
+                **{k: v for k, v in self.counters.items() if v})
+
+    def note(self, msg, **fields):
+        """A log line, at most callback_log_lines_per_s a second per VM; the rest are counted."""
+        if not self.log_lines.take():
+            self.suppressed += 1
+            self.counters["log_lines_suppressed"] += 1
+            return
+        log(msg, vm=self.vm.vmName, suppressed=self.suppressed or None, **fields)
+        self.suppressed = 0
+
+    # ---- one connection ---------------------------------------------------------
+
+    async def _connection(self, sock):
+        """JSON lines in, JSON lines out, in order, one callback at a time per connection."""
+        loop = asyncio.get_running_loop()
+        buf = bytearray()
+        try:
+            while True:
+                line = await self._read_line(loop, sock, buf)
+                if line is None:
+                    return
+                reply, refused = await self._answer(line)
+                try:
+                    await within(self.cfg.callback_write_timeout_s, loop.sock_sendall(sock, reply))
+                except asyncio.TimeoutError:
+                    self.counters["write_timeouts"] += 1
+                    self.note("callback connection closed: the guest does not read its replies")
+                    return
+                # sock_recv and sock_sendall finish without yielding when they can: a guest
+                # pipelining lines that are answered at once (errors) must not hold the loop;
+                # after a refusal the connection waits, so refusing costs little too
+                await asyncio.sleep(CALLBACK_REFUSAL_PAUSE if refused else 0)
+        except OSError:
+            pass
+        finally:
+            close_socket(loop, sock)
+
+    async def _read_line(self, loop, sock, buf):
+        """The next non-blank line (bytes), or None when the connection is to close.
+
+        Reads only what a line may hold (so a guest pins at most CALLBACK_LINE_MAX
+        bytes per connection; what it pipelines waits in the kernel's buffer), at the
+        VM's byte rate, within the idle timeout before a line and the read timeout
+        during one."""
+        scanned, deadline = 0, None
+        while True:
+            end = buf.find(b"\n", scanned)
+            if end >= 0:
+                line = bytes(buf[:end + 1])
+                del buf[:end + 1]
+                if line.strip():
+                    return line
+                scanned, deadline = 0, None
+                continue
+            scanned = len(buf)
+            if scanned > CALLBACK_LINE_MAX:
+                self.counters["oversize_lines"] += 1
+                await self._send_final(loop, sock, error_line("callback request larger than 1 MiB"))
+                return None
+            if scanned and deadline is None:
+                deadline = loop.time() + self.cfg.callback_read_timeout_s
+            timeout = self.cfg.callback_idle_timeout_s if deadline is None else deadline - loop.time()
+            pause = self.bytes.wait()
+            if pause:
+                self.counters["throttled_bytes"] += 1
+                await asyncio.sleep(pause)
+            want = min(256 * 1024, CALLBACK_LINE_MAX + 1 - scanned)
+            try:
+                data = await within(max(timeout, 0.0), loop.sock_recv(sock, want))
+            except asyncio.TimeoutError:
+                what = "idle_timeouts" if deadline is None else "read_timeouts"
+                self.counters[what] += 1
+                if deadline is not None:
+                    await self._send_final(loop, sock, error_line(
+                        f"callback request not received within {fmt_seconds(self.cfg.callback_read_timeout_s)}"))
+                return None
+            if not data:
+                return bytes(buf) if buf.strip() else None
+            self.bytes.charge(len(data))
+            buf += data
+
+    async def _send_final(self, loop, sock, data):
+        with contextlib.suppress(OSError, asyncio.TimeoutError):
+            await within(self.cfg.callback_write_timeout_s, loop.sock_sendall(sock, data))
+
+    async def _answer(self, line):
+        """(reply line, refused) for one request line, within the VM's rate and in-flight budgets."""
+        t0 = time.monotonic()
+        if not self.calls.take():
+            self.counters["refused_rate"] += 1
+            self.note("callback refused", reason="rate")
+            return error_line(f"too many callbacks (at most {self.cfg.callback_rate_per_s:g} a second per VM)"), True
+        if self.in_flight >= self.cfg.callback_max_in_flight:
+            self.counters["refused_in_flight"] += 1
+            self.note("callback refused", reason="in_flight")
+            return error_line(f"too many callbacks in flight (at most {self.cfg.callback_max_in_flight} per VM)"), True
+        self.in_flight += 1
+        try:
+            self.counters["callbacks"] += 1
+            method, body = await off_loop_if_large(len(line), parse_callback_line, line, self.vm.vmName)
+            if method is None:
+                self.counters["bad_requests"] += 1
+                return error_line(body), False
+            reply = await self.forward(body)
+        finally:
+            self.in_flight -= 1
+        self.note("callback", method=repr(method[:60]), ok=not reply.startswith(b'{"error"'),
+                  ms=f"{(time.monotonic() - t0) * 1000:.1f}")
+        return reply, False
+
+    async def forward(self, body):
+        url = self.vm.callbackUrl
+        if not url:
+            return error_line(f"VM '{self.vm.vmName}' has no callbackUrl")
+        parts = urllib.parse.urlsplit(url)
+        client = self.callback_client(parts)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        try:
+            status, _, data = await client.request("POST", target, body, timeout=self.cfg.callback_timeout_s)
+        except HttpError as e:
+            return error_line(f"callback URL {url} failed: {e}")
+        return await off_loop_if_large(len(data), callback_reply, url, status, data)
 
     def callback_client(self, parts):
         port = parts.port or (443 if parts.scheme == "https" else 80)
         key = (parts.scheme, parts.hostname, port)
-        client = self.callback_clients.get(key)
+        client = self.clients.get(key)
         if client is None:
             client = HttpClient(host=parts.hostname, port=port, tls=parts.scheme == "https",
                                 max_body=16 * 1024 * 1024, quick_ack=True)
-            self.callback_clients[key] = client
+            self.clients[key] = client
         return client
 
 
-CALLBACK_LINE_MAX = 1024 * 1024
+def close_socket(loop, sock):
+    """Close a socket used with loop.sock_*(): their cleanup (remove_reader of the fd) runs
+    later, when the fd may already belong to a new transport, which makes asyncio raise
+    RuntimeError there; removing the reader and writer now turns that cleanup into a no-op."""
+    fd = sock.fileno()
+    if fd >= 0:
+        loop.remove_reader(fd)
+        loop.remove_writer(fd)
+    sock.close()
+
+
+def raise_fd_limit():
+    """Soft RLIMIT_NOFILE up to the hard limit: guests' connections must not run cbox.py out
+    of descriptors at a distribution's default of 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as e:
+            log("cannot raise the file descriptor limit", soft=soft, hard=hard, error=repr(str(e)))
+    FD_LIMIT[0] = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return FD_LIMIT[0]
+
+
+FD_LIMIT = [None]
+
+
+def fd_limit():
+    if FD_LIMIT[0] is None:
+        FD_LIMIT[0] = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return FD_LIMIT[0]
+
+
+async def off_loop_if_large(size, fn, *args):
+    """fn(*args), in a thread when `size` bytes would keep the event loop busy for long."""
+    if size > CALLBACK_PARSE_OFF_LOOP:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
 
 
 def host_memory_mb():
@@ -2256,6 +2627,9 @@ class RestServer:
         self.cfg, self.vms = cfg, manager
         self.server = None
         self.connections = set()
+        self.client_watch = ClientWatch()
+        # agent calls only: abandoning them leaves nothing half done (a VM start would)
+        self.abandonable = {self.exec, self.exec_status, self.exec_kill}
         self.routes = [      # no path matches two patterns: the busiest routes come first
             (re.compile(r"^/v1/vms/(?P<name>[^/]+)/exec$"), {"POST": self.exec}),
             (re.compile(r"^/v1/vms/(?P<name>[^/]+)/exec/(?P<exec_id>[^/]+)$"),
@@ -2315,7 +2689,16 @@ class RestServer:
         keep_alive = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
         try:
             body = await self.read_request_body(reader, writer, headers)
-            status, payload, ctype = await self.dispatch(method, target, headers, body)
+            status, payload, ctype = await self.dispatch(method, target, headers, body, reader)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task not in self.client_watch.cancelled:
+                raise
+            self.client_watch.cancelled.discard(task)
+            if hasattr(task, "uncancel"):
+                task.uncancel()
+            log_request(method, target, 499, t0)       # nginx's "client closed request"
+            return False
         except ApiError as e:
             status, payload, ctype = e.status, json_bytes({"error": str(e)}), "application/json"
             if e.status in (408, 411, 413):      # the body was not read: the stream is out of step
@@ -2375,7 +2758,7 @@ class RestServer:
                 return
             remaining -= len(chunk)
 
-    async def dispatch(self, method, target, headers, body):
+    async def dispatch(self, method, target, headers, body, reader=None):
         split = urllib.parse.urlsplit(target)
         path = split.path
         for pattern, methods in self.routes:
@@ -2389,7 +2772,14 @@ class RestServer:
                 self.authorize(headers)
             params = {k: urllib.parse.unquote(v) for k, v in m.groupdict().items()}
             request = Request(method, path, urllib.parse.parse_qs(split.query) if split.query else {}, headers, body, params)
-            result = await handler(request)
+            if reader is None or handler not in self.abandonable:
+                result = await handler(request)
+            else:
+                watched = self.client_watch.add(reader)
+                try:
+                    result = await handler(request)
+                finally:
+                    self.client_watch.remove(watched)
             if isinstance(result, tuple):
                 return result
             return 200, result if isinstance(result, (bytes, BodyStream)) else json_bytes(result), "application/json"
@@ -2484,6 +2874,7 @@ async def serve(cfg):
     missing = missing_images(cfg)
     if missing:
         log("WARNING: guest images missing (run `make images`): " + ", ".join(missing))
+    log("file descriptor limit", nofile=raise_fd_limit(), reserve=cfg.fd_reserve)
     network = HostNetwork(cfg)
     await network.setup()
     Path(cfg.path(cfg.run_dir)).mkdir(parents=True, exist_ok=True)
