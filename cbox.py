@@ -459,6 +459,10 @@ def set_nodelay(writer):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+HTTP_FAILURES = {"body too large": "too_large", "answer without Content-Length": "no_length",
+                 "timed out inside the body": "timeouts"}     # HttpClient.failures keys by error text
+
+
 class HttpClient:
     """A keep-alive HTTP/1.1 client for one endpoint (a Unix socket or host:port).
 
@@ -474,6 +478,7 @@ class HttpClient:
         self.idle = []
         self.busy = set()
         self.closed = False
+        self.failures = dict.fromkeys(set(HTTP_FAILURES.values()) | {"timeouts", "other"}, 0)  # for metrics
         self.host_header = "localhost" if unix_path else (host if port in (80, 443) else f"{host}:{port}")
 
     async def _connect(self):
@@ -491,7 +496,11 @@ class HttpClient:
         try:
             return await within(timeout, self._request(method, target, body, headers, deadline))
         except asyncio.TimeoutError:
+            self.failures["timeouts"] += 1
             raise HttpError(f"timed out after {fmt_seconds(timeout)}")
+        except HttpError as e:
+            self.failures[HTTP_FAILURES.get(str(e), "other")] += 1
+            raise
 
     async def _request(self, method, target, body, headers, deadline):
         payload = body if isinstance(body, (bytes, type(None))) else json_bytes(body)
@@ -604,8 +613,13 @@ class BodyStream:
             while remaining:
                 left = self.deadline - loop.time()
                 if left <= 0:
+                    self.client.failures["timeouts"] += 1
                     raise HttpError("timed out inside the body")
-                chunk = await within(min(timeout, left), self.reader.read(min(remaining, 1 << 20)))
+                try:
+                    chunk = await within(min(timeout, left), self.reader.read(min(remaining, 1 << 20)))
+                except asyncio.TimeoutError:
+                    self.client.failures["timeouts"] += 1
+                    raise HttpError("timed out inside the body")
                 if not chunk:
                     raise HttpError("connection closed inside the body")
                 dest.write(chunk)
@@ -626,6 +640,7 @@ class BodyStream:
                                 self.reader.readexactly(self.length))
         except asyncio.TimeoutError:
             self.client._drop(self.writer)
+            self.client.failures["timeouts"] += 1
             raise HttpError("timed out inside the body")
         except BaseException:
             self.client._drop(self.writer)
@@ -739,6 +754,7 @@ class ClientWatch:
         self.waiting = {}              # task -> reader
         self.cancelled = weakref.WeakSet()
         self.timer = None
+        self.abandoned = 0             # requests cancelled so far (for metrics)
 
     def add(self, reader):
         task = asyncio.current_task()
@@ -756,6 +772,7 @@ class ClientWatch:
             if reader.at_eof() or reader.exception() is not None:
                 del self.waiting[task]
                 self.cancelled.add(task)
+                self.abandoned += 1
                 task.cancel()
         if self.waiting:
             self.timer = asyncio.get_running_loop().call_later(self.INTERVAL, self._check)
