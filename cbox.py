@@ -218,6 +218,7 @@ CONFIG_KEYS = {
     "http_body_timeout_s": (float, 60.0, "time a REST client has to send a request body (and to read an answer)"),
     "http_idle_timeout_s": (float, 120.0, "keep-alive REST connections idle longer are closed"),
     "console_max_bytes": (int, 1024 * 1024, "serial console output kept per VM (newest), besides its first 64 KiB"),
+    "vmm_log_max_bytes": (int, 8 * 1024 * 1024, "disk space one hypervisor's -v log may take (its newest half is kept)"),
     "callback_max_connections": (int, 32, "open callback connections per VM; more are answered with an error and closed"),
     "callback_max_in_flight": (int, 16, "callbacks of one VM waiting on the callback URL; more get an error at once"),
     "callback_rate_per_s": (float, 500.0, "callbacks a second per VM (token bucket, burst of one second); more get an error"),
@@ -315,6 +316,8 @@ def check_config(cfg, source):
             bad(f"{key} must be positive")
     if cfg.console_max_bytes < 4096:
         bad("console_max_bytes must be at least 4096")
+    if cfg.vmm_log_max_bytes < 2 * VMM_LOG_TAIL:
+        bad(f"vmm_log_max_bytes must be at least {2 * VMM_LOG_TAIL}")
     if cfg.fd_reserve < 0:
         bad("fd_reserve must not be negative")
     if not 0 < cfg.guest_mem_percentage <= 100:
@@ -1421,7 +1424,7 @@ def reset_in_vmm_log(chv_log):
     """(stopReason, message) when the VMM's -v log shows a guest reset or panic: it mirrors
     every event ("Event: source = vm event = rebooting", event_monitor event_log), also
     those the FIFO dropped or nobody read while cbox.py was down."""
-    text = tail_bytes(chv_log, 1024 * 1024)
+    text = tail_bytes(chv_log, VMM_LOG_TAIL)
     if b"Event: source = guest event = panic event = panic" in text:
         return "guest-panic", "the guest kernel panicked"
     if b"Event: source = vm event = rebooting" in text:
@@ -1500,6 +1503,7 @@ class VM:
         self.serial = None         # SerialConsole reading the VMM's serial socket
         self.events = None         # EventMonitor reading the VMM's event FIFO
         self.reset = None          # (stopReason, message) of a reset seen while starting
+        self.vmm_log_trimmed = 0   # disk bytes freed from the VMM's log (bound_vmm_logs)
 
     @property
     def address(self):
@@ -1565,6 +1569,39 @@ def file_size(path):
         return os.stat(path).st_size
     except OSError:
         return 0
+
+
+VMM_LOG_TAIL = 1024 * 1024          # the most of a VMM's log cbox.py reads (reset_in_vmm_log)
+VMM_LOG_CHECK_S = 2.0               # how often the VMM logs' disk use is checked
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+_fallocate = None
+
+
+def punch_out_head(path, keep):
+    """Free the disk blocks of all but the last `keep` bytes of a file that another process
+    writes at its own offset. Cloud Hypervisor opens its log with File::create, without
+    O_APPEND (cloud-hypervisor/src/main.rs), so truncating it would only move its next
+    write past a hole of the old size; a punched hole keeps the size and reads as zeros.
+    Returns the bytes freed (0 when the file is within `keep` or missing)."""
+    global _fallocate
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
+        return 0
+    try:
+        st = os.fstat(fd)
+        end = (st.st_size - keep) // 4096 * 4096       # whole blocks only
+        if st.st_blocks * 512 <= keep or end <= 0:
+            return 0
+        if _fallocate is None:
+            import ctypes
+            _fallocate = ctypes.CDLL(None, use_errno=True).fallocate
+            _fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+        if _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, end) != 0:
+            return 0         # a file system without hole punching: nothing to do about it
+        return max(0, st.st_blocks * 512 - os.fstat(fd).st_blocks * 512)
+    finally:
+        os.close(fd)
 
 
 class ConsoleLog:
@@ -2100,6 +2137,20 @@ class VMManager:
                 follow(vm, paths)
             except (HypervisorError, OSError) as e:
                 log(f"re-adopted VM has no {what}", vm=vm.vmName, error=repr(str(e)))
+
+    async def bound_vmm_logs(self):
+        """Keep each hypervisor's -v log within vmm_log_max_bytes of disk, for as long as
+        cbox.py runs: a guest can make its VMM log at will (every pvpanic write and virtio
+        device reset is an info line), and the log's tail is what cbox.py reads."""
+        while True:
+            await asyncio.sleep(VMM_LOG_CHECK_S)
+            for vm in list(self.vms.values()):
+                freed = punch_out_head(VmPaths(self.cfg, vm).chv_log, self.cfg.vmm_log_max_bytes // 2)
+                if freed:
+                    vm.vmm_log_trimmed += freed
+                    if vm.vmm_log_trimmed == freed:     # once per VM: the guest may do it all day
+                        log("hypervisor log over vmm_log_max_bytes: its oldest part is dropped", vm=vm.vmName,
+                            freed=freed)
 
     async def shutdown(self):
         """cbox.py is stopping: destroy VMs if configured, else leave them running for the next start."""
@@ -2897,6 +2948,7 @@ async def serve(cfg):
     Path(cfg.path(cfg.run_dir)).mkdir(parents=True, exist_ok=True)
     manager = VMManager(cfg, network)
     await manager.adopt_all()
+    log_bounds = asyncio.get_running_loop().create_task(manager.bound_vmm_logs())
     server = RestServer(cfg, manager)
     await server.start()
     stop = asyncio.Event()
@@ -2905,6 +2957,7 @@ async def serve(cfg):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log("stopping", vms=len(manager.vms), destroy_on_exit=cfg.destroy_on_exit)
+    log_bounds.cancel()
     await server.stop()
     await manager.shutdown()
     log("stopped")

@@ -270,3 +270,33 @@ def test_restart_keeps_stop_reasons_and_consoles_and_follows_readopted_vms(cbox_
     assert wait_stopped(api, "alive")["stopReason"] == "guest-reboot"
     assert api.delete("/v1/vms")[0] == 200
     server2.assert_clean()
+
+
+def test_vmm_log_is_bounded_on_disk(cbox_factory):
+    """A guest can make its VMM log at will (pvpanic writes, virtio device resets are info
+    lines at -v). The stand-in's process guests cannot reach their VMM's log, so the test
+    writes as Cloud Hypervisor does (its own offset, no O_APPEND); cbox.py frees all but the
+    newest part of the file's disk blocks, and the VM and its log's tail stay usable."""
+    limit = 2 * 1024 * 1024
+    server = cbox_factory(vmm_log_max_bytes=limit).start()
+    api = server.api
+    api.start_vm("chatty")
+    path = server.state_dir / "vms" / "chatty" / "cloud-hypervisor.log"
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.lseek(fd, 0, os.SEEK_END)
+        line = b"cloud-hypervisor: 1.0s: <vmm> INFO:event_monitor/src/lib.rs:113 -- Event: source = guest event = panic\n"
+        for _ in range(24):
+            os.write(fd, line * (1024 * 1024 // len(line)))       # 24 MiB
+        os.write(fd, b"the newest line\n")
+    finally:
+        os.close(fd)
+    assert os.stat(path).st_size > 20 * 1024 * 1024
+    wait_for(lambda: os.stat(path).st_blocks * 512 <= limit, 15, "cbox.py to free the log's old blocks")
+    with open(path, "rb") as f:
+        f.seek(-16, os.SEEK_END)
+        assert f.read() == b"the newest line\n"
+    assert api.exec("chatty", "echo still here")["stdout"] == "still here\n"
+    assert "hypervisor log over vmm_log_max_bytes" in server.log()
+    assert api.delete("/v1/vms/chatty")[0] == 200
+    server.assert_clean()

@@ -1,6 +1,7 @@
 """Unit tests of cbox.py's pure parts: config parser, allocators, request validation."""
 import ipaddress
 import json
+import os
 import subprocess
 import sys
 import time
@@ -466,3 +467,21 @@ def test_serial_console_reads_at_a_bounded_rate(tmp_path):
     total, took = asyncio.run(run())
     rate, burst = cbox.SerialConsole.RATE, cbox.SerialConsole.BURST
     assert burst <= total <= burst + rate * took + cbox.BoundedReader.CHUNK, (total, took)
+
+
+def test_punch_out_head_frees_all_but_the_tail(tmp_path):
+    path = tmp_path / "vmm.log"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)      # a writer at its own offset, as Cloud Hypervisor
+    try:
+        for i in range(16):
+            os.write(fd, bytes([65 + i]) * (1024 * 1024))
+        assert cbox.punch_out_head(path, 4 * 1024 * 1024) > 10 * 1024 * 1024
+        st = os.stat(path)
+        assert st.st_size == 16 * 1024 * 1024 and st.st_blocks * 512 <= 4 * 1024 * 1024 + 4096
+        assert cbox.tail_bytes(path, 4 * 1024 * 1024) == b"".join(bytes([65 + i]) * (1024 * 1024) for i in range(12, 16))
+        assert cbox.punch_out_head(path, 4 * 1024 * 1024) == 0          # within the budget now
+        os.write(fd, b"next\n")                                           # the writer goes on where it was
+        assert os.stat(path).st_size == 16 * 1024 * 1024 + 5
+    finally:
+        os.close(fd)
+    assert cbox.punch_out_head(tmp_path / "missing.log", 1) == 0
