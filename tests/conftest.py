@@ -225,6 +225,24 @@ class CboxServer:
     def log(self):
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def vmm_api(self, cid, method, endpoint, timeout=30):
+        """Call a VM's hypervisor API directly, as an operator could (Unix sockets need no
+        netns); returns (status, parsed JSON body or None). Cloud Hypervisor keeps the
+        connection open: the body is read by its Content-Length."""
+        class Conn(http.client.HTTPConnection):
+            def connect(conn):
+                conn.sock = socket.socket(socket.AF_UNIX)
+                conn.sock.settimeout(timeout)
+                conn.sock.connect(str(self.run_dir / str(cid) / "api.sock"))
+        conn = Conn("localhost", timeout=timeout)
+        try:
+            conn.request(method, f"/api/v1/{endpoint}")
+            resp = conn.getresponse()
+            body = resp.read()
+        finally:
+            conn.close()
+        return resp.status, json.loads(body) if body.strip() else None
+
     def taps(self):
         return [line.split(":")[1].strip().split("@")[0] for line in self.ns.links().splitlines()
                 if ": cbt" in line]

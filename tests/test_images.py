@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -678,4 +679,38 @@ def test_cbox_real_kernel_panic_and_reset_end_the_vm(cbox_factory):
     assert "cbox-agent: ready" in text, text[-3000:]
     assert api.post("/v1/vms/resets/exec", {"cmd": "true"})[0] == 409
     assert api.delete("/v1/vms", timeout=60)[0] == 200
+    server.assert_clean()
+
+
+def test_cbox_reset_while_booting_fails_the_start(cbox_factory):
+    """A reset before the guest agent answers (here vm.reboot on the hypervisor's API, the
+    vm_reboot path a guest reset takes) fails the start at once, naming the reset, instead
+    of waiting for boot_timeout_s; nothing is left."""
+    need_images(KERNEL, INITRAMFS, ROOTFS)
+    need_qemu()
+    server = image_server(cbox_factory, boot_timeout_s=120)
+    result = {}
+
+    def start():
+        result["status"], result["body"] = server.api.post("/v1/vms", {"vmName": "resetboot"}, timeout=180)
+
+    thread = threading.Thread(target=start, daemon=True)
+    thread.start()
+    record = server.state_dir / "vms" / "resetboot.json"
+    deadline = time.monotonic() + 30
+    while True:
+        assert time.monotonic() < deadline, "the hypervisor did not boot the VM"
+        cid = json.loads(record.read_text())["cid"] if record.exists() else None
+        if cid and (server.run_dir / str(cid) / "api.sock").exists():
+            status, info = server.vmm_api(cid, "GET", "vm.info")
+            if status == 200 and info["state"] == "Running":
+                break
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    assert server.vmm_api(cid, "PUT", "vm.reboot")[0] == 204
+    thread.join(120)
+    took = time.monotonic() - t0
+    assert not thread.is_alive()
+    assert result["status"] >= 500 and "reset" in result["body"]["error"], result
+    assert took < 60, f"the reset took {took:.0f}s to end the start (boot_timeout_s is 120)"
     server.assert_clean()

@@ -3,10 +3,8 @@ bounded serial console, through cbox.py's REST API and the stand-in hypervisor.
 
 Everything runs inside a network namespace created per test (contract section 5).
 """
-import http.client
 import os
 import signal
-import socket
 import time
 
 import pytest
@@ -138,28 +136,13 @@ def test_vmm_exit_0_without_a_guest_poweroff_is_a_crash(cbox_server):
     assert_runtime_gone(cbox_server, "termed")
 
 
-def vmm_api(server, vm, method, endpoint):
-    """Call the VM's hypervisor API directly, as an operator could (Unix sockets need no netns)."""
-    class Conn(http.client.HTTPConnection):
-        def connect(self):
-            self.sock = socket.socket(socket.AF_UNIX)
-            self.sock.connect(str(server.run_dir / str(vm["cid"]) / "api.sock"))
-    conn = Conn("localhost", timeout=30)
-    try:
-        conn.request(method, f"/api/v1/{endpoint}")
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
-
-
 def test_reset_through_the_vmm_api_stops_the_vm(cbox_server):
     # vm.reboot goes through the same vm_reboot as a guest reset (vmm/src/lib.rs): a "vm
     # rebooting" event, the devices rebuilt in place. cbox.py ends the VM instead.
     api = cbox_server.api
     vm = api.start_vm("rebooted")
     assert "cbox-agent" in logs(api, "rebooted")
-    assert vmm_api(cbox_server, vm, "PUT", "vm.reboot")[0] == 204
+    assert cbox_server.vmm_api(vm["cid"], "PUT", "vm.reboot")[0] == 204
     vm = wait_stopped(api, "rebooted")
     assert (vm["status"], vm["stopReason"]) == ("STOPPED", "guest-reboot")
     assert "cbox-agent" in logs(api, "rebooted")
@@ -242,7 +225,7 @@ def test_restart_keeps_stop_reasons_and_consoles_and_follows_readopted_vms(cbox_
     gone = api.start_vm("gone")
     alive = api.start_vm("alive")
     later = api.start_vm("later")
-    assert vmm_api(server, gone, "PUT", "vm.reboot")[0] == 204
+    assert server.vmm_api(gone["cid"], "PUT", "vm.reboot")[0] == 204
     assert wait_stopped(api, "gone")["stopReason"] == "guest-reboot"
     write_console(api, "alive", "written before the restart")
     before = wait_for(lambda: "written before the restart" in logs(api, "alive") and logs(api, "alive"), 10,
@@ -252,7 +235,7 @@ def test_restart_keeps_stop_reasons_and_consoles_and_follows_readopted_vms(cbox_
     assert status == 200
     server.stop(signal.SIGKILL)
     # while cbox.py is down: console output, and a reset nobody reads the event of
-    assert vmm_api(server, later, "PUT", "vm.reboot")[0] == 204
+    assert server.vmm_api(later["cid"], "PUT", "vm.reboot")[0] == 204
     time.sleep(1.5)
     server2 = cbox_factory().start()
     api = server2.api
@@ -266,7 +249,7 @@ def test_restart_keeps_stop_reasons_and_consoles_and_follows_readopted_vms(cbox_
     wait_for(lambda: "written while cbox.py was down" in logs(api, "alive"), 10, "the console replay")
     assert logs(api, "alive").startswith(before)
     assert api.exec("alive", "echo ok")["stdout"] == "ok\n"
-    assert vmm_api(server2, alive, "PUT", "vm.reboot")[0] == 204      # events flow again
+    assert server2.vmm_api(alive["cid"], "PUT", "vm.reboot")[0] == 204      # events flow again
     assert wait_stopped(api, "alive")["stopReason"] == "guest-reboot"
     assert api.delete("/v1/vms")[0] == 200
     server2.assert_clean()

@@ -24,7 +24,6 @@ else skips with the reason, so CI passes without it.
 """
 import json
 import os
-import socket
 import stat
 import threading
 import time
@@ -58,24 +57,6 @@ def real_server(cbox_factory, boot_timeout=BOOT_TIMEOUT):
     settings = {key: str(path) for key, path in IMAGES.items()}
     return cbox_factory(chv_bin=real_chv(), boot_timeout_s=boot_timeout, stateful_size_in_mb=256,
                         shutdown_timeout_s=5, **settings).start()
-
-
-def chv_get(api_socket, endpoint, timeout=5.0):
-    """GET /api/v1/<endpoint> on the VMM's API socket; returns (status, parsed body).
-    The body is read by its Content-Length: CHV keeps the connection open."""
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(timeout)
-        s.connect(str(api_socket))
-        s.sendall(f"GET /api/v1/{endpoint} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
-        data = b""
-        while b"\r\n\r\n" not in data:
-            data += s.recv(65536)
-        head, _, body = data.partition(b"\r\n\r\n")
-        length = int(next((line.split(b":")[1] for line in head.split(b"\r\n")
-                           if line.lower().startswith(b"content-length:")), b"0"))
-        while len(body) < length:
-            body += s.recv(65536)
-    return int(head.split()[1]), json.loads(body) if body.strip() else None
 
 
 def wait_for(what, predicate, timeout):
@@ -118,18 +99,6 @@ def holds_open(pid, path):
     return False
 
 
-def chv_put(api_socket, endpoint, timeout=10.0):
-    """PUT /api/v1/<endpoint> without a body; returns the status."""
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(timeout)
-        s.connect(str(api_socket))
-        s.sendall(f"PUT /api/v1/{endpoint} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
-        data = b""
-        while b"\r\n\r\n" not in data:
-            data += s.recv(65536)
-    return int(data.split()[1])
-
-
 def is_socket(path):
     try:
         return stat.S_ISSOCK(os.stat(path).st_mode)
@@ -168,9 +137,9 @@ def test_real_chv_api_lifecycle(cbox_factory):
     api_socket = run_dir / "api.sock"
     info = wait_for("vm.info to say Running",
                     lambda: is_socket(api_socket) and (lambda r: r[0] == 200 and r[1]["state"] == "Running" and r[1])(
-                        chv_get(api_socket, "vm.info")), 30)
+                        server.vmm_api(vm["cid"], "GET", "vm.info")), 30)
 
-    status, ping = chv_get(api_socket, "vmm.ping")
+    status, ping = server.vmm_api(vm["cid"], "GET", "vmm.ping")
     assert status == 200 and ping["version"], ping
     print(f"\nreal cloud-hypervisor {ping.get('build_version')} ({ping['version']}), pid {rec}")
 
@@ -214,11 +183,12 @@ def test_real_chv_reset_reaches_cbox_through_the_event_monitor(cbox_factory):
     server = real_server(cbox_factory, boot_timeout=90)
     thread, result = start_in_background(server.api, "real3")
     pid = wait_for("the VMM's pid in the VM record", lambda: (record_of(server, "real3") or {}).get("pid"), 30)
-    run_dir = server.run_dir / str(record_of(server, "real3")["cid"])
+    cid = record_of(server, "real3")["cid"]
+    run_dir = server.run_dir / str(cid)
     wait_for("vm.info to say Running", lambda: is_socket(run_dir / "api.sock") and
-             chv_get(run_dir / "api.sock", "vm.info")[1].get("state") == "Running", 30)
+             server.vmm_api(cid, "GET", "vm.info")[1].get("state") == "Running", 30)
     t0 = time.monotonic()
-    assert chv_put(run_dir / "api.sock", "vm.reboot") == 204
+    assert server.vmm_api(cid, "PUT", "vm.reboot")[0] == 204
     thread.join(60)
     took = time.monotonic() - t0
     assert not thread.is_alive() and result["status"] >= 500, result
