@@ -51,8 +51,8 @@ Sections, in file order
   2. Callback client and its CLI
   3. Callback shims (cbox_callback script and module on PATH/PYTHONPATH)
   4. System setup: PID 1 duties (mounts, env, poweroff), hostname, network
-  5. Running commands: request validation, Exec, ExecRegistry
-  6. HTTP server: hand-written HTTP/1.1 parser, routes
+  5. Running commands: request validation, captured output, Exec, ExecRegistry
+  6. HTTP server: response encoding, hand-written HTTP/1.1 parser, routes
   7. Supervisor: forks, restarts and reaps
   8. Entry points
 """
@@ -109,6 +109,7 @@ RESTART_DELAY_MAX_S = 5.0
 RESTART_RESET_AFTER_S = 30.0         # a server that lived this long restarts fast
 
 
+# Twin of cbox.py's log() (each file stays standalone).
 def log(message):
     """Write one line to stderr (the serial console in a VM)."""
     try:
@@ -140,7 +141,8 @@ def log_later(message):
         _log_queue.put(message)
 
 
-def format_seconds(seconds):
+# Twin of cbox.py's fmt_seconds() (each file stays standalone); whole seconds never in e-notation here.
+def fmt_seconds(seconds):
     """5 -> '5s', 0.5 -> '0.5s'."""
     seconds = float(seconds)
     return f"{int(seconds)}s" if seconds.is_integer() else f"{seconds:g}s"
@@ -155,12 +157,13 @@ def read_uptime():
         return None
 
 
-def process_start_uptime(pid):
-    """Seconds after boot at which process `pid` started, or None."""
+# Twin of cbox.py's proc_start_time() (each file stays standalone).
+def proc_start_time(pid):
+    """The kernel's start time of pid (clock ticks since boot), or None."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        return int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        return int(fields[19])
     except (OSError, ValueError, IndexError):
         return None
 
@@ -241,7 +244,7 @@ def _connect_callback(deadline, timeout):
             return sock
         except socket.timeout:
             sock.close()
-            raise CallbackError(f"callback timed out after {format_seconds(timeout)} "
+            raise CallbackError(f"callback timed out after {fmt_seconds(timeout)} "
                                 f"(connecting to {label})") from None
         except OSError as e:
             sock.close()
@@ -287,7 +290,7 @@ def callback(method, params=None, timeout=DEFAULT_CALLBACK_TIMEOUT_S):
         sock.sendall(request)
         line = _read_line(sock, deadline)
     except socket.timeout:
-        raise CallbackError(f"callback timed out after {format_seconds(timeout)}") from None
+        raise CallbackError(f"callback timed out after {fmt_seconds(timeout)}") from None
     except OSError as e:
         raise CallbackError(f"callback connection failed: {e.strerror or e}") from None
     finally:
@@ -380,7 +383,9 @@ if __name__ == "__main__":
 '''
 
 
-def _write_file(path, text, mode):
+# Twin of cbox.py's write_atomically() (each file stays standalone).
+def write_atomically(path, text, mode):
+    """Replace path with text and permission bits mode; readers never see a partial file."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(text)
@@ -407,11 +412,9 @@ def write_callback_shims(directory, agent_path=None, python=None):
     agent_path = os.path.abspath(agent_path or __file__)
     os.makedirs(directory, mode=0o755, exist_ok=True)
     loader = _SHIM_LOADER.format(agent=agent_path)
-    _write_file(os.path.join(directory, "cbox_callback"),
-                _SHIM_SCRIPT.format(interpreter=_shim_interpreter(python or sys.executable),
-                                    loader=loader), 0o755)
-    _write_file(os.path.join(directory, "cbox_callback.py"),
-                _SHIM_MODULE.format(loader=loader), 0o644)
+    script = _SHIM_SCRIPT.format(interpreter=_shim_interpreter(python or sys.executable), loader=loader)
+    write_atomically(os.path.join(directory, "cbox_callback"), script, 0o755)
+    write_atomically(os.path.join(directory, "cbox_callback.py"), _SHIM_MODULE.format(loader=loader), 0o644)
 
 
 # ---------------------------------------------------------------------------
@@ -686,30 +689,6 @@ class RequestError(Exception):
         self.headers = headers      # extra response header lines, CRLF-terminated
 
 
-class ExecSpec:
-    """A validated exec request."""
-
-    FIELDS = ("cmd", "env", "cwd", "stdin", "timeout", "maxOutput", "blocking")
-
-    def __init__(self, body):
-        if not isinstance(body, dict):
-            raise RequestError(400, "request body must be a JSON object")
-        unknown = sorted(set(body) - set(self.FIELDS))
-        if unknown:
-            raise RequestError(400, f"unknown field(s): {', '.join(unknown)}")
-        if "cmd" not in body:
-            raise RequestError(400, "cmd is required")
-        self.cmd = _text_field(body, "cmd")
-        self.env = _env_field(body.get("env"))
-        self.cwd = _text_field(body, "cwd", optional=True)
-        self.stdin = _text_field(body, "stdin", optional=True, nul_ok=True)
-        self.timeout = _timeout_field(body.get("timeout"))
-        self.max_output = _max_output_field(body.get("maxOutput", DEFAULT_MAX_OUTPUT))
-        self.blocking = body.get("blocking", True)
-        if not isinstance(self.blocking, bool):
-            raise RequestError(400, "blocking must be a boolean")
-
-
 def _text_field(body, name, optional=False, nul_ok=False):
     value = body.get(name)
     if value is None and optional:
@@ -750,6 +729,30 @@ def _max_output_field(value):
     return value
 
 
+class ExecSpec:
+    """A validated exec request."""
+
+    FIELDS = ("cmd", "env", "cwd", "stdin", "timeout", "maxOutput", "blocking")
+
+    def __init__(self, body):
+        if not isinstance(body, dict):
+            raise RequestError(400, "request body must be a JSON object")
+        unknown = sorted(set(body) - set(self.FIELDS))
+        if unknown:
+            raise RequestError(400, f"unknown field(s): {', '.join(unknown)}")
+        if "cmd" not in body:
+            raise RequestError(400, "cmd is required")
+        self.cmd = _text_field(body, "cmd")
+        self.env = _env_field(body.get("env"))
+        self.cwd = _text_field(body, "cwd", optional=True)
+        self.stdin = _text_field(body, "stdin", optional=True, nul_ok=True)
+        self.timeout = _timeout_field(body.get("timeout"))
+        self.max_output = _max_output_field(body.get("maxOutput", DEFAULT_MAX_OUTPUT))
+        self.blocking = body.get("blocking", True)
+        if not isinstance(self.blocking, bool):
+            raise RequestError(400, "blocking must be a boolean")
+
+
 LOG_EXECS_OVER_S = 1.0      # blocking execs that end normally are logged only from this long
 
 
@@ -765,6 +768,12 @@ def grow_pipe(fd):
         fcntl.fcntl(fd, 1031, PIPE_SIZE)  # F_SETPIPE_SZ
     except OSError:
         pass
+
+
+json_string = json.encoder.encode_basestring   # str -> '"escaped"', non-ASCII kept
+JSON_BYTE_ESCAPES = [(b"\\", b"\\\\"), (b'"', b'\\"')] + [  # backslash first
+    (bytes([c]), json_string(chr(c))[1:-1].encode()) for c in range(32)]
+JSON_PLAIN_BYTES = bytes(c for c in range(128) if bytes([c]) not in dict(JSON_BYTE_ESCAPES))
 
 
 class CapturedText:
@@ -824,12 +833,6 @@ class CapturedText:
         text = decoder.decode(b"", True)
         if text:
             yield json_string(text)[1:-1].encode()
-
-
-json_string = json.encoder.encode_basestring   # str -> '"escaped"', non-ASCII kept
-JSON_BYTE_ESCAPES = [(b"\\", b"\\\\"), (b'"', b'\\"')] + [  # backslash first
-    (bytes([c]), json_string(chr(c))[1:-1].encode()) for c in range(32)]
-JSON_PLAIN_BYTES = bytes(c for c in range(128) if bytes([c]) not in dict(JSON_BYTE_ESCAPES))
 
 
 class OutputRuns:
@@ -1084,7 +1087,7 @@ class Exec:
 
     def error_message(self, returncode):
         if self.timed_out:
-            return f"timed out after {format_seconds(self.spec.timeout)}"
+            return f"timed out after {fmt_seconds(self.spec.timeout)}"
         if returncode is None or returncode == 0:
             return ""
         if returncode > 0:
@@ -1194,10 +1197,11 @@ def command_environment(config, shim_dir, as_init):
 # 6. HTTP server
 # ---------------------------------------------------------------------------
 
-HTTP_REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 404: "Not Found",
-                405: "Method Not Allowed", 413: "Payload Too Large",
-                431: "Request Header Fields Too Large", 500: "Internal Server Error",
-                501: "Not Implemented", 505: "HTTP Version Not Supported"}
+# Twin of cbox.py's REASONS (each file stays standalone).
+REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 404: "Not Found",
+           405: "Method Not Allowed", 413: "Payload Too Large",
+           431: "Request Header Fields Too Large", 500: "Internal Server Error",
+           501: "Not Implemented", 505: "HTTP Version Not Supported"}
 
 
 class Request:
@@ -1212,6 +1216,35 @@ class Request:
     def keep_alive(self):
         connection = self.headers.get("connection", "").lower()
         return self.version == "HTTP/1.1" and "close" not in connection
+
+
+def _response_head(status, length, headers):
+    return (f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {length}\r\n{headers}\r\n").encode("latin-1")
+
+
+def _captured_text(value):
+    """json.dumps default=: CapturedText -> str."""
+    if isinstance(value, CapturedText):
+        return value.text()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+RESPONSE_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=_captured_text)
+
+
+def json_parts(obj):
+    """The compact JSON of a dict as bytes-like parts, CapturedText values piece by piece."""
+    pending = "{"
+    for key, value in obj.items():
+        pending += ("" if pending == "{" else ",") + json_string(key) + ":"
+        if isinstance(value, CapturedText):
+            yield (pending + '"').encode()
+            yield from value.json_pieces()
+            pending = '"'
+        else:
+            pending += RESPONSE_JSON.encode(value)
+    yield (pending + "}").encode("utf-8", "replace")
 
 
 class HttpConnection:
@@ -1340,35 +1373,6 @@ class HttpConnection:
         if sent != length:  # a bug: captured bytes only grow and are read up to a snapshot
             log_later(f"internal error: sent a body of {sent} bytes, announced {length}; closing")
             raise ConnectionError("response length mismatch")
-
-
-def _response_head(status, length, headers):
-    return (f"HTTP/1.1 {status} {HTTP_REASONS.get(status, 'Unknown')}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {length}\r\n{headers}\r\n").encode("latin-1")
-
-
-def _captured_text(value):
-    """json.dumps default=: CapturedText -> str."""
-    if isinstance(value, CapturedText):
-        return value.text()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
-RESPONSE_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=_captured_text)
-
-
-def json_parts(obj):
-    """The compact JSON of a dict as bytes-like parts, CapturedText values piece by piece."""
-    pending = "{"
-    for key, value in obj.items():
-        pending += ("" if pending == "{" else ",") + json_string(key) + ":"
-        if isinstance(value, CapturedText):
-            yield (pending + '"').encode()
-            yield from value.json_pieces()
-            pending = '"'
-        else:
-            pending += RESPONSE_JSON.encode(value)
-    yield (pending + "}").encode("utf-8", "replace")
 
 
 class AgentServer:
@@ -1688,7 +1692,11 @@ def run_agent(options, as_init):
     started = time.monotonic()
     # As PID 1 this process was created for the initramfs's init script (exec keeps the
     # start time), so take the uptime now: it counts from Python's start, not the kernel's.
-    agent_start_uptime = read_uptime() if as_init else process_start_uptime(os.getpid())
+    if as_init:
+        agent_start_uptime = read_uptime()
+    else:
+        ticks = proc_start_time(os.getpid())
+        agent_start_uptime = None if ticks is None else ticks / os.sysconf("SC_CLK_TCK")
     config = GuestConfig(read_cmdline())
     log(f"starting (pid {os.getpid()}, {'init' if as_init else 'stand-in'} mode, vm={config.vm or '-'})")
     setup_system(config, as_init)
