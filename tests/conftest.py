@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from procutil import run
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 CHV_SCHEMA = SHARED / "cloud-hypervisor" / "cloud-hypervisor.json"
@@ -20,14 +22,6 @@ CHV_SCHEMA = SHARED / "cloud-hypervisor" / "cloud-hypervisor.json"
 def _need_root():
     if os.geteuid() != 0:
         pytest.skip("needs root (network namespaces, taps, iptables)")
-
-
-def run(*args, check=True, **kw):
-    """Run a command, raising with its stderr on failure."""
-    r = subprocess.run(list(args), capture_output=True, text=True, **kw)
-    if check and r.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)}: exit {r.returncode}: {r.stderr.strip()}")
-    return r
 
 
 class NetNS:

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from procutil import stop_process, wait_for
+
 REPO = Path(__file__).resolve().parents[1]
 AGENT = REPO / "guest_agent.py"
 PYTHON = sys.executable
@@ -92,16 +94,6 @@ def kill_pids(pids):
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-
-
-def wait_for(predicate, timeout=5.0, interval=0.02):
-    give_up = time.monotonic() + timeout
-    while time.monotonic() < give_up:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
 
 
 def marker():
@@ -174,14 +166,8 @@ class Agent:
     def stop(self):
         """SIGTERM, then SIGKILL whatever is left of the agent's process tree."""
         tree = descendants_of(self.proc.pid)
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
-        kill_pids([self.proc.pid] + tree)
-        self.proc.wait(5)
+        stop_process(self.proc, grace=5.0)
+        kill_pids(tree)
         self.proc.stderr.close()
 
 
@@ -519,7 +505,8 @@ def test_background_exec_get_and_delete(agent):
         status, r = agent.request("POST", "/exec", {"cmd": f"echo start; sleep {m}", "blocking": False})
         assert status == 200 and r == {"execId": r["execId"], "output": "", "error": "", "running": True}
         exec_id = r["execId"]
-        r = wait_for(lambda: (lambda s: s[1] if s[1]["output"] else None)(agent.request("GET", f"/exec/{exec_id}")))
+        r = wait_for(lambda: (lambda s: s[1] if s[1]["output"] else None)(agent.request("GET", f"/exec/{exec_id}")),
+                     5.0)
         assert r["running"] is True and r["output"] == "start\n" and r["exitCode"] is None
         status, r = agent.request("DELETE", f"/exec/{exec_id}")
         assert status == 200 and r["running"] is False
@@ -531,7 +518,7 @@ def test_background_exec_get_and_delete(agent):
         kill_pids(pids_running(m))
     status, r = agent.request("POST", "/exec", {"cmd": "echo done; exit 4", "blocking": False})
     exec_id = r["execId"]
-    r = wait_for(lambda: (lambda s: None if s[1]["running"] else s[1])(agent.request("GET", f"/exec/{exec_id}")))
+    r = wait_for(lambda: (lambda s: None if s[1]["running"] else s[1])(agent.request("GET", f"/exec/{exec_id}")), 5.0)
     assert (r["exitCode"], r["error"], r["output"]) == (4, "exit status 4", "done\n")
     for method in ("GET", "DELETE"):
         status, r = agent.request(method, "/exec/doesnotexist")
@@ -733,7 +720,7 @@ def test_supervisor_restarts_killed_server(fresh_agent):
         fresh_agent.log.wait_for("ready on", count=2)
         new = fresh_agent.server_pid()
         assert new != old and fresh_agent.exec(cmd="echo again")["stdout"] == "again\n"
-        assert wait_for(lambda: not pids_running(m), 2.0), "leftovers of a dead server are killed"
+        wait_for(lambda: not pids_running(m), 2.0, what="the leftovers of a dead server to be killed")
     finally:
         kill_pids(pids_running(m))
 
@@ -744,7 +731,7 @@ def test_supervisor_stops_on_sigterm(fresh_agent):
     try:
         fresh_agent.exec(cmd=f"setsid sleep {m1} &")
         fresh_agent.request("POST", "/exec", {"cmd": f"sleep {m2}", "blocking": False})
-        assert wait_for(lambda: pids_running(m2))
+        assert wait_for(lambda: pids_running(m2), 5.0)
         fresh_agent.proc.send_signal(signal.SIGTERM)
         assert fresh_agent.proc.wait(5) == 0
         assert state_of(server) is None

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from nsutil import CallbackURLServer
+from procutil import wait_for
 
 
 @pytest.fixture
@@ -97,21 +98,18 @@ def test_background_exec(cbox_server):
     status, r = api.post("/v1/vms/bg/exec", {"cmd": "echo started; sleep 30", "blocking": False})
     assert status == 200 and r["running"] is True and r["output"] == "" and r["error"] == ""
     exec_id = r["execId"]
-    deadline = time.monotonic() + 10
-    while True:
+    def started():
         status, r = api.get(f"/v1/vms/bg/exec/{exec_id}")
         assert status == 200
-        if "started" in r["stdout"] or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+        return "started" in r["stdout"] and r
+    r = wait_for(started, 10, interval=0.05, what="the exec's first output")
     assert r["running"] is True and r["stdout"] == "started\n"
     status, r = api.delete(f"/v1/vms/bg/exec/{exec_id}")
     assert status == 200 and r["running"] is False and r["exitCode"] is None
     status, r = api.post("/v1/vms/bg/exec", {"cmd": "exit 7", "blocking": False})
     exec_id = r["execId"]
-    deadline = time.monotonic() + 10
-    while api.get(f"/v1/vms/bg/exec/{exec_id}")[1]["running"] and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: not api.get(f"/v1/vms/bg/exec/{exec_id}")[1]["running"], 10, interval=0.05,
+             what="the exec to end")
     assert api.get(f"/v1/vms/bg/exec/{exec_id}")[1]["exitCode"] == 7
     assert api.get("/v1/vms/bg/exec/nope")[0] == 404
 
@@ -260,16 +258,12 @@ def test_hypervisor_dies_under_running_vm(cbox_server):
     api.start_vm("victim")
     [pid] = cbox_server.vmm_pids()
     os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while api.get("/v1/vms/victim")[1]["status"] == "RUNNING" and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: api.get("/v1/vms/victim")[1]["status"] != "RUNNING", 10, interval=0.05,
+             what="the VM to leave RUNNING")
     assert api.get("/v1/vms/victim")[1]["status"] == "FAILED"
     status, body = api.post("/v1/vms/victim/exec", {"cmd": "true"})
     assert status == 409 and "not running" in body["error"]
-    deadline = time.monotonic() + 10
-    while cbox_server.taps() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert cbox_server.taps() == []
+    wait_for(lambda: cbox_server.taps() == [], 10, interval=0.05, what="the tap to go")
     assert api.delete("/v1/vms/victim")[0] == 200
     cbox_server.assert_clean()
 

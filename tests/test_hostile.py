@@ -20,6 +20,7 @@ import pytest
 
 from conftest import Api  # noqa: F401  (fixtures come from conftest)
 from nsutil import CallbackURLServer
+from procutil import wait_for
 import hostile
 import json
 
@@ -27,17 +28,6 @@ RSS_GROWTH_MAX_KB = 128 * 1024      # cbox.py's RSS may grow this much under an 
 FD_SLACK = 16                       # fds over the baseline after an attack (pool connections, ...)
 BUDGETS = dict(callback_idle_timeout_s=3, callback_read_timeout_s=2, callback_write_timeout_s=2,
                exec_output_limit_bytes=64 * 1024, callback_timeout_s=5)
-
-
-def wait_for(cond, timeout=10.0, interval=0.05, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 class Lab:

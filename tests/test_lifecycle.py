@@ -9,15 +9,7 @@ import time
 
 import pytest
 
-
-def wait_for(predicate, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+from procutil import wait_for
 
 
 def wait_stopped(api, name, timeout=20.0):
@@ -26,7 +18,7 @@ def wait_stopped(api, name, timeout=20.0):
         status, vm = api.get(f"/v1/vms/{name}")
         assert status == 200, vm
         return vm if vm["status"] != "RUNNING" else None
-    return wait_for(stopped, timeout, f"VM {name} to stop")
+    return wait_for(stopped, timeout, what=f"VM {name} to stop")
 
 
 def logs(api, name):
@@ -41,7 +33,7 @@ def assert_runtime_gone(server, name):
     def run_dirs():
         return list(server.run_dir.iterdir()) if server.run_dir.exists() else []
     wait_for(lambda: not server.vmm_pids() and not server.taps() and not run_dirs(), 10,
-             "the VMM, tap and sockets to go")
+             what="the VMM, tap and sockets to go")
     status, body = server.api.post(f"/v1/vms/{name}/exec", {"cmd": "true"})
     assert status == 409 and "not running" in body["error"]
     assert (server.state_dir / "vms" / f"{name}.json").exists()
@@ -76,7 +68,7 @@ def test_guest_reboot_stops_the_vm_and_keeps_its_console(cbox_server):
     api = cbox_server.api
     api.start_vm("rebooter")
     write_console(api, "rebooter", "last words before the reset")
-    wait_for(lambda: "last words before the reset" in logs(api, "rebooter"), 10, "the console line")
+    wait_for(lambda: "last words before the reset" in logs(api, "rebooter"), 10, what="the console line")
     assert api.post("/v1/vms/rebooter/exec", {"cmd": GUEST_REBOOT, "blocking": False})[0] == 200
     vm = wait_stopped(api, "rebooter")
     assert (vm["status"], vm["stopReason"]) == ("STOPPED", "guest-reboot"), vm
@@ -187,7 +179,7 @@ def test_console_flood_is_bounded_and_does_not_slow_other_vms(cbox_factory):
     assert status == 200, flood
     try:
         vm_dir = server.state_dir / "vms" / "noisy"
-        wait_for(lambda: (vm_dir / "console.dropped").exists(), 20, "console rotation")
+        wait_for(lambda: (vm_dir / "console.dropped").exists(), 20, what="console rotation")
         t0 = time.monotonic()
         for _ in range(20):
             assert api.exec("quiet", "echo ok")["stdout"] == "ok\n"
@@ -229,7 +221,7 @@ def test_restart_keeps_stop_reasons_and_consoles_and_follows_readopted_vms(cbox_
     assert wait_stopped(api, "gone")["stopReason"] == "guest-reboot"
     write_console(api, "alive", "written before the restart")
     before = wait_for(lambda: "written before the restart" in logs(api, "alive") and logs(api, "alive"), 10,
-                      "the console line")
+                      what="the console line")
     status, _ = api.post("/v1/vms/alive/exec", {"blocking": False, "cmd": "sleep 1; " + TO_CONSOLE +
                                                 "echo 'written while cbox.py was down' > /proc/$agent/fd/1"})
     assert status == 200
@@ -246,7 +238,7 @@ def test_restart_keeps_stop_reasons_and_consoles_and_follows_readopted_vms(cbox_
     assert (vm["status"], vm["stopReason"]) == ("STOPPED", "guest-reboot")
     vm = api.get("/v1/vms/alive")[1]
     assert (vm["status"], vm["stopReason"]) == ("RUNNING", None)
-    wait_for(lambda: "written while cbox.py was down" in logs(api, "alive"), 10, "the console replay")
+    wait_for(lambda: "written while cbox.py was down" in logs(api, "alive"), 10, what="the console replay")
     assert logs(api, "alive").startswith(before)
     assert api.exec("alive", "echo ok")["stdout"] == "ok\n"
     assert server2.vmm_api(alive["cid"], "PUT", "vm.reboot")[0] == 204      # events flow again
@@ -275,7 +267,7 @@ def test_vmm_log_is_bounded_on_disk(cbox_factory):
     finally:
         os.close(fd)
     assert os.stat(path).st_size > 20 * 1024 * 1024
-    wait_for(lambda: os.stat(path).st_blocks * 512 <= limit, 15, "cbox.py to free the log's old blocks")
+    wait_for(lambda: os.stat(path).st_blocks * 512 <= limit, 15, what="cbox.py to free the log's old blocks")
     with open(path, "rb") as f:
         f.seek(-16, os.SEEK_END)
         assert f.read() == b"the newest line\n"

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run
+from conftest import REPO
+from procutil import run, wait_for
 from nsutil import CallbackURLServer
 
 OUT = REPO / "out"
@@ -57,16 +58,6 @@ def real_server(cbox_factory, boot_timeout=BOOT_TIMEOUT):
     settings = {key: str(path) for key, path in IMAGES.items()}
     return cbox_factory(chv_bin=real_chv(), boot_timeout_s=boot_timeout, stateful_size_in_mb=256,
                         shutdown_timeout_s=5, **settings).start()
-
-
-def wait_for(what, predicate, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def record_of(server, name):
@@ -131,13 +122,12 @@ def start_in_background(api, name, **fields):
 def test_real_chv_api_lifecycle(cbox_factory):
     server = real_server(cbox_factory)
     thread, result = start_in_background(server.api, "real1")
-    rec = wait_for("the VMM's pid in the VM record", lambda: (record_of(server, "real1") or {}).get("pid"), 30)
+    rec = wait_for(lambda: (record_of(server, "real1") or {}).get("pid"), 30, what="the VMM's pid in the VM record")
     vm = record_of(server, "real1")
     run_dir = server.run_dir / str(vm["cid"])
     api_socket = run_dir / "api.sock"
-    info = wait_for("vm.info to say Running",
-                    lambda: is_socket(api_socket) and (lambda r: r[0] == 200 and r[1]["state"] == "Running" and r[1])(
-                        server.vmm_api(vm["cid"], "GET", "vm.info")), 30)
+    info = wait_for(lambda: is_socket(api_socket) and (lambda r: r[0] == 200 and r[1]["state"] == "Running" and r[1])(
+                        server.vmm_api(vm["cid"], "GET", "vm.info")), 30, what="vm.info to say Running")
 
     status, ping = server.vmm_api(vm["cid"], "GET", "vmm.ping")
     assert status == 200 and ping["version"], ping
@@ -170,7 +160,7 @@ def test_real_chv_api_lifecycle(cbox_factory):
     else:   # the guest did not boot in time here: cbox.py tore the VM down itself
         assert "guest agent did not answer" in result["body"]["error"], result
     assert "cleanup step vm=real1 step=vmm.shutdown" in server.log() or result["status"] == 200
-    wait_for("the VMM to exit", lambda: not pid_alive(rec), 20)
+    wait_for(lambda: not pid_alive(rec), 20, what="the VMM to exit")
     assert not run_dir.exists(), list(run_dir.iterdir())
     assert record_of(server, "real1") is None
     assert vm["tapDeviceName"] not in server.ns.links()
@@ -182,11 +172,11 @@ def test_real_chv_reset_reaches_cbox_through_the_event_monitor(cbox_factory):
     under way fails at once saying so, and nothing is left."""
     server = real_server(cbox_factory, boot_timeout=90)
     thread, result = start_in_background(server.api, "real3")
-    pid = wait_for("the VMM's pid in the VM record", lambda: (record_of(server, "real3") or {}).get("pid"), 30)
+    pid = wait_for(lambda: (record_of(server, "real3") or {}).get("pid"), 30, what="the VMM's pid in the VM record")
     cid = record_of(server, "real3")["cid"]
     run_dir = server.run_dir / str(cid)
-    wait_for("vm.info to say Running", lambda: is_socket(run_dir / "api.sock") and
-             server.vmm_api(cid, "GET", "vm.info")[1].get("state") == "Running", 30)
+    wait_for(lambda: is_socket(run_dir / "api.sock") and
+             server.vmm_api(cid, "GET", "vm.info")[1].get("state") == "Running", 30, what="vm.info to say Running")
     t0 = time.monotonic()
     assert server.vmm_api(cid, "PUT", "vm.reboot")[0] == 204
     thread.join(60)
@@ -194,7 +184,7 @@ def test_real_chv_reset_reaches_cbox_through_the_event_monitor(cbox_factory):
     assert not thread.is_alive() and result["status"] >= 500, result
     assert "reset" in result["body"]["error"], result
     assert took < 30, f"the reset took {took:.1f}s to end the start (boot timeout 90s)"
-    wait_for("the VMM to exit", lambda: not pid_alive(pid), 20)
+    wait_for(lambda: not pid_alive(pid), 20, what="the VMM to exit")
     assert record_of(server, "real3") is None and not run_dir.exists()
 
 

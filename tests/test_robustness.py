@@ -22,18 +22,9 @@ from pathlib import Path
 
 import pytest
 
+from procutil import wait_for
+
 # ---- helpers ------------------------------------------------------------------------
-
-
-def wait_for(cond, timeout=10.0, interval=0.02, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def fd_count(pid):

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 import fake_chv
+from procutil import wait_for
 
 STANDIN = Path(__file__).resolve().parent / "fake_chv.py"
 REPO = Path(__file__).resolve().parents[1]
@@ -1065,13 +1066,6 @@ def vsock_command(s, command, timeout=10.0):
             pass                                        # between two boots of a reboot
         assert time.monotonic() < deadline, s.output()
         time.sleep(0.05)
-
-
-def wait_for(fn, timeout=10.0, what=""):
-    deadline = time.monotonic() + timeout
-    while not fn():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.02)
 
 
 def test_guest_reset_reboots_inside_the_process(env, chv_schema):
