@@ -54,6 +54,7 @@ MB = 1 << 20
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 sys.path.insert(0, str(REPO / "tests"))
 from nsutil import CallbackURLServer, socket_in_ns  # noqa: E402  (shared with the tests)
+from procutil import run, stop_process  # noqa: E402  (shared with the tests)
 import hostile  # noqa: E402  (the hostile-guest attacks of tests/test_hostile.py)
 
 
@@ -75,13 +76,6 @@ def p99(xs):
 
 
 # ---- namespaces -----------------------------------------------------------------
-
-def run(*args, check=True, **kw):
-    r = subprocess.run(list(args), capture_output=True, text=True, **kw)
-    if check and r.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, args))}: exit {r.returncode}: {r.stderr.strip()}")
-    return r
-
 
 def connector(ns_path, addr, timeout=120.0):
     def connect():
@@ -399,12 +393,7 @@ class Cbox:
                 c.close()
             except (OSError, EOFError):
                 pass
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc, grace=60)
         if self.proc:
             self.logf.close()
 
@@ -1151,26 +1140,51 @@ class Bench:
             "tsc_unstable": "Marking clocksource 'tsc" in text,
         }
 
-    def bench_realboot(self):
-        n = self.args.boots or self.n(5, 3)
-        missing = self.image_sizes()
-        qemu = os.environ.get("CBOX_QEMU_BIN") or "qemu-system-x86_64"
-        accel = (os.environ.get("CBOX_QEMU_ACCEL") or "tcg").lower()
-        skip = (f"out/ images missing ({', '.join(missing)}): run `make images`" if missing else
+    @staticmethod
+    def realboot_skip_reason(missing, qemu, accel):
+        """Why the real boots cannot run here, or ""."""
+        return (f"out/ images missing ({', '.join(missing)}): run `make images`" if missing else
                 f"{qemu} not found: apt-get install qemu-system-x86" if not shutil.which(qemu) else
                 "CBOX_QEMU_ACCEL=kvm but /dev/kvm is not usable" if accel == "kvm"
                 and not os.access("/dev/kvm", os.R_OK | os.W_OK) else "")
-        if skip:
-            say(f"\n== real boot: skipped: {skip}")
-            self.add(Row("realboot: real boot under QEMU", None, "s", notes=f"SKIPPED: {skip}",
-                         how="needs the images from `make images` and qemu-system-x86_64"))
-            return
-        say(f"\n== real boot: {n} sequential starts of the out/ images under QEMU (-M microvm, {accel}, "
-            f"virtio {qemu_transport()}) "
-            "through cbox.py's REST API, after one warm-up start")
-        keep = self.tmp / "realboot-logs"                # consoles and stand-in logs (--keep)
-        keep.mkdir(parents=True, exist_ok=True)
-        names = [f"real{i}" for i in range(n)]
+
+    def realboot_boot_one(self, api, srv, name, keep):
+        """Start VM `name`, keep its console, destroy it: its measurements and what it left behind."""
+        watch = ConsoleWatch(Path(srv.settings["state_dir"]) / "vms" / name / "console.boot.log",
+                             ("cbox-init: start", "cbox-agent: ready"))
+        t = time.perf_counter()
+        try:
+            vm = api.json("POST", "/v1/vms", {"vmName": name})
+        finally:
+            seen = watch.stop()
+        post_s = time.perf_counter() - t
+        if vm["status"] != "RUNNING":
+            raise RuntimeError(f"{name}: status {vm['status']} after POST /v1/vms")
+        deadline = time.monotonic() + 10          # the ready line is written before the agent answers
+        while True:
+            status, data = api.request("GET", f"/v1/vms/{name}/logs")
+            text = data.decode("utf-8", "replace")
+            if status != 200 or "cbox-agent: ready" in text or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        (keep / f"{name}.console").write_text(text)
+        chv_log = Path(srv.settings["state_dir"]) / "vms" / name / "cloud-hypervisor.log"
+        if chv_log.exists():
+            (keep / f"{name}.standin.log").write_bytes(chv_log.read_bytes())
+        t = time.perf_counter()
+        api.json("DELETE", f"/v1/vms/{name}")
+        delete_ms = (time.perf_counter() - t) * 1000
+        left = self.realboot_leftovers(srv, name, vm["cid"], vm["tapDeviceName"], vm["ip"].split("/")[0])
+        boot = dict(self.parse_console(text), post_s=post_s, delete_ms=delete_ms,
+                    seen={k: time_of_day(v) for k, v in seen.items()})
+        say(f"  {name}: POST -> 200 in {post_s:.2f} s; guest uptime: init {boot['init_start']}, "
+            f"switch_root {boot['switch_root']}, agent ready {boot['ready']} s; DELETE {delete_ms:.0f} ms"
+            + (f"; LEFT: {', '.join(left)}" if left else ""))
+        return boot, left
+
+    def realboot_boots(self, names, keep):
+        """One cbox.py on the QEMU stand-in, a warm-up start then `names` one after the other:
+        (measurements per VM, problems found, cbox.py's log)."""
         images = {what: str(path) for what, path in IMAGES}
         port = 7000
         boots, problems = {}, []
@@ -1179,41 +1193,17 @@ class Bench:
                        exec_timeout_s=60, shutdown_timeout_s=5, **images) as srv:
             api = Http(connector(self.ns.path, ("127.0.0.1", port), timeout=600), host=f"127.0.0.1:{port}")
             for name in ["rbwarm"] + names:
-                watch = ConsoleWatch(Path(srv.settings["state_dir"]) / "vms" / name / "console.boot.log",
-                                     ("cbox-init: start", "cbox-agent: ready"))
-                t = time.perf_counter()
-                try:
-                    vm = api.json("POST", "/v1/vms", {"vmName": name})
-                finally:
-                    seen = watch.stop()
-                post_s = time.perf_counter() - t
-                if vm["status"] != "RUNNING":
-                    raise RuntimeError(f"{name}: status {vm['status']} after POST /v1/vms")
-                deadline = time.monotonic() + 10          # the ready line is written before the agent answers
-                while True:
-                    status, data = api.request("GET", f"/v1/vms/{name}/logs")
-                    text = data.decode("utf-8", "replace")
-                    if status != 200 or "cbox-agent: ready" in text or time.monotonic() > deadline:
-                        break
-                    time.sleep(0.1)
-                (keep / f"{name}.console").write_text(text)
-                chv_log = Path(srv.settings["state_dir"]) / "vms" / name / "cloud-hypervisor.log"
-                if chv_log.exists():
-                    (keep / f"{name}.standin.log").write_bytes(chv_log.read_bytes())
-                t = time.perf_counter()
-                api.json("DELETE", f"/v1/vms/{name}")
-                delete_ms = (time.perf_counter() - t) * 1000
-                left = self.realboot_leftovers(srv, name, vm["cid"], vm["tapDeviceName"], vm["ip"].split("/")[0])
+                boots[name], left = self.realboot_boot_one(api, srv, name, keep)
                 problems += [f"{name}: {x}" for x in left]
-                boots[name] = dict(self.parse_console(text), post_s=post_s, delete_ms=delete_ms,
-                                   seen={k: time_of_day(v) for k, v in seen.items()})
-                b = boots[name]
-                say(f"  {name}: POST -> 200 in {post_s:.2f} s; guest uptime: init {b['init_start']}, "
-                    f"switch_root {b['switch_root']}, agent ready {b['ready']} s; DELETE {delete_ms:.0f} ms"
-                    + (f"; LEFT: {', '.join(left)}" if left else ""))
             api.close()
             log = srv.log()
         problems += [f"after cbox.py stopped: {x}" for x in self.realboot_leftovers(srv)]
+        return boots, problems, log
+
+    @staticmethod
+    def realboot_log_steps(log, boots):
+        """From cbox.py's log: start step times and their end times of day per VM, destroy step times,
+        and each VM's total start time."""
         steps, totals, ends, destroy = {}, {}, {}, {}
         for line in log.splitlines():
             f = dict(p.split("=", 1) for p in line.split() if "=" in p)
@@ -1226,6 +1216,10 @@ class Bench:
                 destroy.setdefault(f["step"], []).append(float(f["ms"]))
             elif " VM running " in line:
                 totals[f["vm"]] = float(f["ms"])
+        return steps, totals, ends, destroy
+
+    def realboot_derive(self, boots, steps, totals, ends, keep):
+        """Add to each boot what follows from cbox.py's steps and the guest's uptimes."""
         for name in boots:
             if name not in totals or any(s not in steps.get(name, {}) for s in self.REALBOOT_WAIT):
                 raise RuntimeError(f"{name}: start steps missing from cbox.py's log")
@@ -1252,6 +1246,10 @@ class Bench:
                 if "cbox-init: start" in seen:    # guest clock vs host clock between the two lines
                     b["skew_ms"] = ((seen["cbox-agent: ready"] - seen["cbox-init: start"])
                                     - (b["ready"] - b["init_start"])) * 1000
+
+    def realboot_rows(self, boots, names, steps, destroy, problems, accel):
+        """The realboot rows of the results table (medians over the counted boots)."""
+        n = len(names)
         runs = [boots[v] for v in names]
 
         def col(key):
@@ -1338,6 +1336,9 @@ class Bench:
                      how="DELETE of each VM (stand-in vm.shutdown: QMP quit); then checked: no tap, no iptables "
                          "rule naming it, no process in the namespace but cbox.py, no record, disk or socket "
                          "directory; after cbox.py stopped, no process at all in the namespace"))
+    @staticmethod
+    def realboot_table(boots, names, steps, accel):
+        """The per-boot table (markdown lines)."""
         head = ["boot", "POST->200 s", "cbox own ms", "spawn ms", "vm.create ms", "vm.boot ms", "agent s",
                 "uptime at init s", "init script s", "switch_root->ready s", "uptime at ready s",
                 "outside guest clock s", "vm.boot start to guest clock zero s", "ready to noticed s",
@@ -1353,6 +1354,30 @@ class Bench:
                        for k, d in (("pre_clock_s", 2), ("notice_s", 2), ("skew_ms", 0))),
                      f"{b['delete_ms']:.0f}"]
             lines.append("| " + " | ".join(cells) + " |")
+        return lines
+
+    def bench_realboot(self):
+        n = self.args.boots or self.n(5, 3)
+        missing = self.image_sizes()
+        qemu = os.environ.get("CBOX_QEMU_BIN") or "qemu-system-x86_64"
+        accel = (os.environ.get("CBOX_QEMU_ACCEL") or "tcg").lower()
+        skip = self.realboot_skip_reason(missing, qemu, accel)
+        if skip:
+            say(f"\n== real boot: skipped: {skip}")
+            self.add(Row("realboot: real boot under QEMU", None, "s", notes=f"SKIPPED: {skip}",
+                         how="needs the images from `make images` and qemu-system-x86_64"))
+            return
+        say(f"\n== real boot: {n} sequential starts of the out/ images under QEMU (-M microvm, {accel}, "
+            f"virtio {qemu_transport()}) "
+            "through cbox.py's REST API, after one warm-up start")
+        keep = self.tmp / "realboot-logs"                # consoles and stand-in logs (--keep)
+        keep.mkdir(parents=True, exist_ok=True)
+        names = [f"real{i}" for i in range(n)]
+        boots, problems, log = self.realboot_boots(names, keep)
+        steps, totals, ends, destroy = self.realboot_log_steps(log, boots)
+        self.realboot_derive(boots, steps, totals, ends, keep)
+        self.realboot_rows(boots, names, steps, destroy, problems, accel)
+        lines = self.realboot_table(boots, names, steps, accel)
         self.extra.append("\n".join(lines))
         say("\n".join(lines[2:]))
 
