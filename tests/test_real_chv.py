@@ -41,6 +41,14 @@ DEFAULT_CHV = "/usr/local/bin/cloud-hypervisor"
 BOOT_TIMEOUT = float(os.environ.get("CBOX_TEST_CHV_BOOT_TIMEOUT", "20"))
 
 
+def vmm_running(server, cid):
+    """vm.info's body once the VM's hypervisor says Running (before vm.create it answers 404)."""
+    if not is_socket(server.run_dir / str(cid) / "api.sock"):
+        return None
+    status, info = server.vmm_api(cid, "GET", "vm.info")
+    return info if status == 200 and info["state"] == "Running" else None
+
+
 def real_chv():
     """The real binary, or skip with the reason."""
     path = os.environ.get("CBOX_TEST_CHV") or DEFAULT_CHV
@@ -125,9 +133,7 @@ def test_real_chv_api_lifecycle(cbox_factory):
     rec = wait_for(lambda: (record_of(server, "real1") or {}).get("pid"), 30, what="the VMM's pid in the VM record")
     vm = record_of(server, "real1")
     run_dir = server.run_dir / str(vm["cid"])
-    api_socket = run_dir / "api.sock"
-    info = wait_for(lambda: is_socket(api_socket) and (lambda r: r[0] == 200 and r[1]["state"] == "Running" and r[1])(
-                        server.vmm_api(vm["cid"], "GET", "vm.info")), 30, what="vm.info to say Running")
+    info = wait_for(lambda: vmm_running(server, vm["cid"]), 30, what="vm.info to say Running")
 
     status, ping = server.vmm_api(vm["cid"], "GET", "vmm.ping")
     assert status == 200 and ping["version"], ping
@@ -175,8 +181,7 @@ def test_real_chv_reset_reaches_cbox_through_the_event_monitor(cbox_factory):
     pid = wait_for(lambda: (record_of(server, "real3") or {}).get("pid"), 30, what="the VMM's pid in the VM record")
     cid = record_of(server, "real3")["cid"]
     run_dir = server.run_dir / str(cid)
-    wait_for(lambda: is_socket(run_dir / "api.sock") and
-             server.vmm_api(cid, "GET", "vm.info")[1].get("state") == "Running", 30, what="vm.info to say Running")
+    wait_for(lambda: vmm_running(server, cid), 30, what="vm.info to say Running")
     t0 = time.monotonic()
     assert server.vmm_api(cid, "PUT", "vm.reboot")[0] == 204
     thread.join(60)
