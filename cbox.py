@@ -8,7 +8,9 @@ One asyncio program, standard library only (Python 3.10+). Sections, in order:
                      keep-alive client (Unix or TCP, used for Cloud Hypervisor, the
                      guest agents and callback URLs), response building
   3. Hypervisor      CloudHypervisor: the REST API over the VMM's Unix socket;
-                     rate-bounded readers of its serial socket and event FIFO
+                     GuestAgent: the guest agent's API (health, exec, status, kill,
+                     sync), its answers bounded; rate-bounded readers of the
+                     VMM's serial socket and event FIFO
   4. Network         bridge, persistent taps, port isolation, iptables chains
   5. Allocation      guest IPs, vsock CIDs, tap names; request validation
   6. VM manager      VM records on disk, start / destroy / adopt, process
@@ -782,7 +784,7 @@ class ClientWatch:
 
 
 # =============================================================================
-# 3. Hypervisor (Cloud Hypervisor REST API over its Unix socket)
+# 3. Hypervisor (Cloud Hypervisor REST API over its Unix socket, the guest agent's API)
 # =============================================================================
 
 class HypervisorError(Exception):
@@ -830,6 +832,80 @@ class CloudHypervisor:
 
     def close(self):
         self.http.close()
+
+
+class AgentError(Exception):
+    """A guest agent's refusal or no answer: `status` is the one to pass on to the API client."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+class GuestAgent:
+    """The HTTP API of one VM's guest agent (guest_agent.py), read as a hostile peer's answers.
+
+    stdout, stderr and output are each capped at exec_output_limit_bytes; in JSON a byte
+    takes at most 6 (\\u0000), so a longer answer is not the agent's. The agent always sends
+    Content-Length: a chunked or to-EOF body (CPU per chunk, no end) is refused at its head.
+    2xx bodies are passed through untouched (large ones as a BodyStream)."""
+
+    ERROR_BODY_MAX = 64 * 1024      # an error answer is read whole, at most this much
+
+    def __init__(self, vm_name, address, port, output_limit):
+        self.vm_name = vm_name
+        self.http = HttpClient(host=address, port=port, pool_size=32, stream_over=256 * 1024,
+                               max_body=3 * 6 * output_limit + 1024 * 1024, length_only=True)
+
+    async def health(self, timeout):
+        """The HTTP status of GET /health; AgentError when there is no answer."""
+        try:
+            status, _, _ = await self.http.request("GET", "/health", timeout=timeout)
+        except HttpError as e:
+            raise AgentError(502, str(e)) from e
+        return status
+
+    async def exec(self, body, timeout):
+        return await self._call("POST", "/exec", body, timeout)
+
+    async def status(self, exec_id):
+        return await self._call("GET", f"/exec/{exec_id}", timeout=30.0)
+
+    async def kill(self, exec_id):
+        return await self._call("DELETE", f"/exec/{exec_id}", timeout=30.0)
+
+    async def sync(self):
+        """Let the guest flush its disks (before the VM goes away); failures are ignored."""
+        with contextlib.suppress(AgentError):
+            await self._call("POST", "/exec", {"cmd": "sync", "timeout": 5}, timeout=6.0)
+
+    async def _call(self, method, target, body=None, timeout=15.0):
+        """A 2xx body (bytes or BodyStream); else AgentError with the agent's status and message.
+
+        When the VM's hypervisor exits, abort() fails the requests in flight at once
+        instead of leaving them to their timeout."""
+        try:
+            status, _, data = await self.http.request(method, target, body, timeout=timeout)
+            if 200 <= status < 300:
+                return data
+            if isinstance(data, BodyStream):
+                data = await data.read(self.ERROR_BODY_MAX)
+        except HttpError as e:
+            raise AgentError(502, f"guest agent of VM '{self.vm_name}' unreachable: {e}") from e
+        try:
+            message = json.loads(data)["error"]
+        except (ValueError, KeyError, TypeError, RecursionError):
+            message = None
+        if not isinstance(message, str):
+            message = data[:200].decode("utf-8", "replace")
+        raise AgentError(status if status in (400, 404, 409, 413) else 502, f"guest agent: {message}")
+
+    def close(self):
+        self.http.close()
+
+    def abort(self):
+        """The guest is gone: fail requests in flight now and refuse new ones."""
+        self.http.abort()
 
 
 class RateBudget:
@@ -1294,6 +1370,12 @@ def check_vm_name(name):
     return name
 
 
+def check_exec_id(exec_id):
+    if not re.match(r"^[A-Za-z0-9_-]{1,64}\Z", exec_id):
+        raise ApiError(404, f"exec '{exec_id}' not found")
+    return exec_id
+
+
 def check_fields(body, allowed, required=()):
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
@@ -1497,7 +1579,7 @@ class VM:
         self.lock = asyncio.Lock()
         self.watch = None          # ProcessWatch of the VMM
         self.chv = None            # CloudHypervisor client
-        self.agent = None          # HttpClient of the guest agent
+        self.agent = None          # GuestAgent client
         self.callback_server = None
         self.console = None        # ConsoleLog
         self.serial = None         # SerialConsole reading the VMM's serial socket
@@ -1724,6 +1806,15 @@ class StepClock:
         return (time.monotonic() - self.t0) * 1000
 
 
+@contextlib.contextmanager
+def agent_errors():
+    """A guest agent's refusal or silence as the API's answer."""
+    try:
+        yield
+    except AgentError as e:
+        raise ApiError(e.status, str(e)) from e
+
+
 # Disk serials the guest's initramfs finds its disks by (/sys/block/vd*/serial; at
 # most 20 bytes, VIRTIO_BLK_ID_BYTES, checked by CHV's DiskConfig::validate).
 # cbox.state=<serial> on the kernel command line promises the state disk: a guest
@@ -1890,21 +1981,17 @@ class VMManager:
             # attempts notice the agent sooner; after 10 s, longer ones suit a slow guest.
             attempt_timeout = 0.3 if time.monotonic() - started < 10 else 2.0
             try:
-                status, _, _ = await vm.agent.request("GET", "/health", timeout=attempt_timeout)
+                status = await vm.agent.health(timeout=attempt_timeout)
                 if status == 200 and not vm.reset:
                     return
                 last = f"HTTP {status}"
-            except HttpError as e:
+            except AgentError as e:
                 last = str(e)
             await asyncio.sleep(0.01)
         raise HypervisorError(f"guest agent did not answer within {fmt_seconds(self.cfg.boot_timeout_s)} ({last})")
 
     def agent_client(self, vm):
-        # stdout, stderr and output are each capped at exec_output_limit_bytes; in JSON a byte
-        # takes at most 6 (\u0000), so a longer answer is not the agent's. The agent always sends
-        # Content-Length: a chunked or to-EOF body (CPU per chunk, no end) is refused at its head.
-        return HttpClient(host=vm.address, port=self.cfg.agent_port, pool_size=32, stream_over=256 * 1024,
-                          max_body=3 * 6 * self.cfg.exec_output_limit_bytes + 1024 * 1024, length_only=True)
+        return GuestAgent(vm.vmName, vm.address, self.cfg.agent_port, self.cfg.exec_output_limit_bytes)
 
     # ---- console and hypervisor events -----------------------------------------
 
@@ -2036,11 +2123,8 @@ class VMManager:
         clock = clock or StepClock(vm.vmName, "cleanup")
         paths = VmPaths(self.cfg, vm)
         if graceful and vm.status == "RUNNING" and vm.agent:
-            with clock.step("sync"):
-                try:   # let the guest flush its stateful disk before the VM goes away
-                    await vm.agent.request("POST", "/exec", {"cmd": "sync", "timeout": 5}, timeout=6.0)
-                except HttpError:
-                    pass
+            with clock.step("sync"):     # let the guest flush its stateful disk before the VM goes away
+                await vm.agent.sync()
         await self.stop_vmm(vm, clock, ("vm.shutdown", "vm.delete", "vmm.shutdown"))
         self.close_clients(vm)
         with clock.step("tap"):
@@ -2171,38 +2255,24 @@ class VMManager:
             raise ApiError(409, f"VM '{name}' is not running (status {vm.status})")
         return vm
 
-    async def agent_call(self, vm, method, target, body=None, timeout=15.0):
-        """Forward to the guest agent; 2xx bodies are passed through untouched (large ones streamed).
-
-        When the VM's hypervisor exits, on_vmm_exit aborts the agent's connections, so a
-        request in flight fails at once instead of waiting for its timeout."""
-        try:
-            status, _, data = await vm.agent.request(method, target, body, timeout=timeout)
-            if 200 <= status < 300:
-                return data
-            if isinstance(data, BodyStream):
-                data = await data.read(64 * 1024)
-        except HttpError as e:
-            raise ApiError(502, f"guest agent of VM '{vm.vmName}' unreachable: {e}")
-        try:
-            message = json.loads(data)["error"]
-        except (ValueError, KeyError, TypeError, RecursionError):
-            message = None
-        if not isinstance(message, str):
-            message = data[:200].decode("utf-8", "replace")
-        raise ApiError(status if status in (400, 404, 409, 413) else 502, f"guest agent: {message}")
-
     async def exec(self, name, body):
+        """Run a command in the VM (POST /exec of the guest agent): its answer, bytes or a BodyStream."""
         agent_body, blocking, timeout = validate_exec_request(body, self.cfg)
         vm = self.running(name)
-        return await self.agent_call(vm, "POST", "/exec", agent_body,
-                                     timeout=(timeout + 15.0) if blocking else 15.0)
+        with agent_errors():
+            return await vm.agent.exec(agent_body, timeout=(timeout + 15.0) if blocking else 15.0)
 
-    async def exec_status(self, name, exec_id, method):
-        vm = self.running(name)
-        if not re.match(r"^[A-Za-z0-9_-]{1,64}\Z", exec_id):
-            raise ApiError(404, f"exec '{exec_id}' not found")
-        return await self.agent_call(vm, method, f"/exec/{exec_id}", timeout=30.0)
+    async def exec_status(self, name, exec_id):
+        """The state of a background exec."""
+        vm, exec_id = self.running(name), check_exec_id(exec_id)
+        with agent_errors():
+            return await vm.agent.status(exec_id)
+
+    async def exec_kill(self, name, exec_id):
+        """Kill a background exec."""
+        vm, exec_id = self.running(name), check_exec_id(exec_id)
+        with agent_errors():
+            return await vm.agent.kill(exec_id)
 
     # ---- callbacks (guest -> vsock socket -> cbox -> callbackUrl) --------------
 
@@ -2890,10 +2960,10 @@ class RestServer:
         return await self.vms.exec(name, parse_json_body(req.body))
 
     async def exec_status(self, req):
-        return await self.vms.exec_status(req.params["name"], req.params["exec_id"], "GET")
+        return await self.vms.exec_status(req.params["name"], req.params["exec_id"])
 
     async def exec_kill(self, req):
-        return await self.vms.exec_status(req.params["name"], req.params["exec_id"], "DELETE")
+        return await self.vms.exec_kill(req.params["name"], req.params["exec_id"])
 
     async def logs(self, req):
         vm = self.vms.get(req.params["name"])
