@@ -28,7 +28,6 @@ import asyncio
 import collections
 import contextlib
 import errno
-import contextvars
 import hmac
 import ipaddress
 import json
@@ -1586,6 +1585,7 @@ class VM:
         self.events = None         # EventMonitor reading the VMM's event FIFO
         self.reset = None          # (stopReason, message) of a reset seen while starting
         self.vmm_log_trimmed = 0   # disk bytes freed from the VMM's log (bound_vmm_logs)
+        self.paths = None          # VmPaths, set by the manager that made or adopted it
 
     @property
     def address(self):
@@ -1841,11 +1841,11 @@ class VMManager:
     # ---- persistence --------------------------------------------------------
 
     def save(self, vm):
-        write_atomically(VmPaths(self.cfg, vm).record, json.dumps(vm.record(), indent=1).encode())
+        write_atomically(vm.paths.record, json.dumps(vm.record(), indent=1).encode())
 
     def forget(self, vm):
         try:
-            VmPaths(self.cfg, vm).record.unlink()
+            vm.paths.record.unlink()
         except FileNotFoundError:
             pass
 
@@ -1874,6 +1874,7 @@ class VMManager:
         vm = VM(vmName=name, status="CREATED", ip=f"{ip}/{self.prefix}", tapDeviceName=tap_name(cid),
                 callbackUrl=req["callback_url"], cid=cid, vcpus=req["vcpus"], memoryMb=req["memory_mb"],
                 createdAt=utc_now(), phase="starting", mac=mac_for(ip))
+        vm.paths = VmPaths(self.cfg, vm)
         self.vms[name] = vm
         async with vm.lock:
             clock = StepClock(name, "start")
@@ -1890,7 +1891,7 @@ class VMManager:
         return vm
 
     async def _start_steps(self, vm, clock):
-        paths = VmPaths(self.cfg, vm)
+        paths = vm.paths
         with clock.step("record"):
             self.records_dir.mkdir(parents=True, exist_ok=True)
             self.save(vm)                   # written first: a crash from here on is cleaned up at restart
@@ -1905,7 +1906,7 @@ class VMManager:
         with clock.step("tap"):
             await self.net.create_tap(vm.tapDeviceName, vm.address, vm.mac)
         with clock.step("spawn"):
-            self.follow_events(vm, paths)   # the VMM's open of the FIFO blocks without a reader
+            self.follow_events(vm)          # the VMM's open of the FIFO blocks without a reader
             pid = spawn_vmm(self.cfg.chv_bin, paths)
             vm.pid, vm.pidStart = pid, proc_start_time(pid)
             vm.watch = ProcessWatch(pid, vm.pidStart, lambda w, vm=vm: self.on_vmm_exit(vm, w))
@@ -1914,9 +1915,9 @@ class VMManager:
             await self.wait_for_api(vm)
         with clock.step("vm.create"):
             await vm.chv.create(self.vm_config(vm, paths))
-            self.follow_serial(vm, paths)
+            self.follow_serial(vm)
         with clock.step("callbacks"):
-            await self.serve_callbacks(vm, paths)
+            await self.serve_callbacks(vm)
         with clock.step("vm.boot"):
             await vm.chv.boot()
         with clock.step("agent"):
@@ -1960,7 +1961,7 @@ class VMManager:
         while True:
             if not vm.watch.alive():
                 raise HypervisorError(f"cloud-hypervisor exited (code {vm.watch.exit_code}) before its API answered; "
-                                      f"see {VmPaths(self.cfg, vm).chv_out}")
+                                      f"see {vm.paths.chv_out}")
             try:
                 return await vm.chv.ping(timeout=1.0)
             except HypervisorError:
@@ -1997,15 +1998,19 @@ class VMManager:
 
     def console_log(self, vm):
         if vm.console is None:
-            vm.console = ConsoleLog(VmPaths(self.cfg, vm).vm_dir, self.cfg.console_max_bytes)
+            vm.console = ConsoleLog(vm.paths.vm_dir, self.cfg.console_max_bytes)
         return vm.console
 
-    def follow_events(self, vm, paths):
-        vm.events = EventMonitor(paths.events_fifo, lambda source, event, props: self.on_vmm_event(vm, source, event, props))
+    def console_text(self, name):
+        """What GET /logs shows of a VM's serial console (see ConsoleLog.text)."""
+        return self.console_log(self.get(name)).text()
 
-    def follow_serial(self, vm, paths):
+    def follow_events(self, vm):
+        vm.events = EventMonitor(vm.paths.events_fifo, lambda source, event, props: self.on_vmm_event(vm, source, event, props))
+
+    def follow_serial(self, vm):
         """Read the serial console (its socket exists from vm.create on) into the VM's console log."""
-        vm.serial = SerialConsole(paths.serial_socket, self.console_log(vm).append)
+        vm.serial = SerialConsole(vm.paths.serial_socket, self.console_log(vm).append)
         asyncio.get_running_loop().create_task(self.watch_serial(vm, vm.serial))
 
     async def watch_serial(self, vm, serial):
@@ -2017,7 +2022,7 @@ class VMManager:
             return
         await asyncio.sleep(0.5)     # the event itself usually follows
         if vm.phase == "running" and vm.watch.alive():
-            reset = reset_in_vmm_log(VmPaths(self.cfg, vm).chv_log)
+            reset = reset_in_vmm_log(vm.paths.chv_log)
             if reset:
                 self.guest_reset(vm, *reset)
             else:
@@ -2052,7 +2057,7 @@ class VMManager:
         """(status, stopReason, message) for a VMM that exited by itself. Exit code 0 does not
         prove a power-off: a vCPU error or SIGTERM leave the same way (vmm/src/lib.rs control
         loop, EpollDispatch::Exit vs GuestExit); the -v log names the guest's power-off."""
-        paths = VmPaths(self.cfg, vm)
+        paths = vm.paths
         chv_log = tail_bytes(paths.chv_log, 64 * 1024)
         code = watch.exit_code
         if code is None:        # adopted, not our child: its exit status is gone; the log tells
@@ -2087,7 +2092,7 @@ class VMManager:
                 await vm.serial.wait_end(1.0)      # the console's last bytes
             self.close_clients(vm)
             await self.net.remove_tap(vm.tapDeviceName, vm.address)
-            remove_tree(VmPaths(self.cfg, vm).run_dir)
+            remove_tree(vm.paths.run_dir)
 
     async def stop_vmm(self, vm, clock, calls):
         """Ask the VMM to stop with these API actions (vmm.shutdown answers 200 with an empty
@@ -2121,7 +2126,7 @@ class VMManager:
     async def teardown(self, vm, graceful, clock=None):
         """Undo everything a VM holds: process, listener, tap, files, record, IP and CID."""
         clock = clock or StepClock(vm.vmName, "cleanup")
-        paths = VmPaths(self.cfg, vm)
+        paths = vm.paths
         if graceful and vm.status == "RUNNING" and vm.agent:
             with clock.step("sync"):     # let the guest flush its stateful disk before the VM goes away
                 await vm.agent.sync()
@@ -2177,11 +2182,12 @@ class VMManager:
             except (ValueError, TypeError, ApiError, AttributeError, OSError) as e:
                 log("ignoring unreadable VM record", file=path, error=repr(str(e)))
                 continue
+            vm.paths = VmPaths(self.cfg, vm)
             self.vms[vm.vmName] = vm
             await self.adopt(vm)
 
     async def adopt(self, vm):
-        paths = VmPaths(self.cfg, vm)
+        paths = vm.paths
         if not vm.pid:     # killed between spawning the VMM and recording its pid
             vm.pid = find_vmm_pid(paths.api_socket)
             vm.pidStart = proc_start_time(vm.pid) if vm.pid else None
@@ -2194,8 +2200,8 @@ class VMManager:
                 if info.get("state") != "Running":
                     raise HypervisorError(f"VM state is {info.get('state')}")
                 vm.agent = self.agent_client(vm)
-                await self.serve_callbacks(vm, paths)
-                self.follow_again(vm, paths)
+                await self.serve_callbacks(vm)
+                self.follow_again(vm)
                 log("VM re-adopted", vm=vm.vmName, pid=vm.pid, ip=vm.ip)
                 reset = reset_in_vmm_log(paths.chv_log)      # while nobody read the events
                 if reset:
@@ -2212,13 +2218,13 @@ class VMManager:
         vm.phase = "destroying"
         await self.teardown(vm, graceful=False)
 
-    def follow_again(self, vm, paths):
+    def follow_again(self, vm):
         """Re-open the event FIFO (the VMM still holds its write end) and reconnect to the
         serial socket (the VMM replays what it buffered meanwhile). A VM without them (started
         by an older cbox.py) keeps running without events or console."""
         for what, follow in (("events", self.follow_events), ("serial console", self.follow_serial)):
             try:
-                follow(vm, paths)
+                follow(vm)
             except (HypervisorError, OSError) as e:
                 log(f"re-adopted VM has no {what}", vm=vm.vmName, error=repr(str(e)))
 
@@ -2229,7 +2235,7 @@ class VMManager:
         while True:
             await asyncio.sleep(VMM_LOG_CHECK_S)
             for vm in list(self.vms.values()):
-                freed = punch_out_head(VmPaths(self.cfg, vm).chv_log, self.cfg.vmm_log_max_bytes // 2)
+                freed = punch_out_head(vm.paths.chv_log, self.cfg.vmm_log_max_bytes // 2)
                 if freed:
                     vm.vmm_log_trimmed += freed
                     if vm.vmm_log_trimmed == freed:     # once per VM: the guest may do it all day
@@ -2276,9 +2282,9 @@ class VMManager:
 
     # ---- callbacks (guest -> vsock socket -> cbox -> callbackUrl) --------------
 
-    async def serve_callbacks(self, vm, paths):
+    async def serve_callbacks(self, vm):
         vm.callback_server = CallbackBridge(self.cfg, vm, self.callback_clients)
-        vm.callback_server.listen(paths.callback_socket)
+        vm.callback_server.listen(vm.paths.callback_socket)
 
 
 # ---- the callback bridge (guest -> vsock socket -> cbox -> callbackUrl) ---------------------------
@@ -2739,30 +2745,30 @@ def spawn_vmm(chv_bin, paths):
 # 7. REST server
 # =============================================================================
 
-REQUEST_VM = contextvars.ContextVar("REQUEST_VM", default=None)   # VM named in a request body, for the log
-
-
-def log_request(method, target, status, t0):
-    """The request log line: 'request method=.. path=.. vm=.. status=.. ms=..'."""
+def log_request(method, target, status, t0, vm_name=None):
+    """The request log line: 'request method=.. path=.. vm=.. status=.. ms=..'; `vm_name` is
+    the VM a request body named (a start), else the VM the path names."""
     path = target.split("?")[0]
-    vm_name = REQUEST_VM.get() or (path[len("/v1/vms/"):].split("/")[0] if path.startswith("/v1/vms/") else None)
-    REQUEST_VM.set(None)
+    vm_name = vm_name or (path[len("/v1/vms/"):].split("/")[0] if path.startswith("/v1/vms/") else None)
     log("request", method=method, path=path[:200] if path.isprintable() else repr(path[:200]),
         vm=vm_name[:64] if vm_name and vm_name.isprintable() else None, status=status,
         ms=f"{(time.monotonic() - t0) * 1000:.1f}")
 
 
 class Request:
-    def __init__(self, method, path, query, headers, body, params):
-        self.method, self.path, self.query, self.headers = method, path, query, headers
-        self.body, self.params = body, params
+    """One request; dispatch() fills in path, query and params, a handler may name its VM."""
+
+    def __init__(self, method, target, headers):
+        self.method, self.target, self.headers = method, target, headers
+        self.path, self.query, self.params, self.body = None, {}, {}, b""
+        self.vm_name = None        # the VM a request body names, for the request log
 
 
 class RestServer:
     """HTTP/1.1 keep-alive server for the API of contract section 1."""
 
     def __init__(self, cfg, manager):
-        self.cfg, self.vms = cfg, manager
+        self.cfg, self.manager = cfg, manager
         self.server = None
         self.connections = set()
         self.client_watch = ClientWatch()
@@ -2825,9 +2831,10 @@ class RestServer:
             return False
         method, target, version = parts
         keep_alive = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
+        request = Request(method, target, headers)
         try:
-            body = await self.read_request_body(reader, writer, headers)
-            status, payload, ctype = await self.dispatch(method, target, headers, body, reader)
+            request.body = await self.read_request_body(reader, writer, headers)
+            status, payload, ctype = await self.dispatch(request, reader)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task not in self.client_watch.cancelled:
@@ -2835,7 +2842,7 @@ class RestServer:
             self.client_watch.cancelled.discard(task)
             if hasattr(task, "uncancel"):
                 task.uncancel()
-            log_request(method, target, 499, t0)       # nginx's "client closed request"
+            log_request(method, target, 499, t0, request.vm_name)       # nginx's "client closed request"
             return False
         except ApiError as e:
             status, payload, ctype = e.status, json_bytes({"error": str(e)}), "application/json"
@@ -2861,7 +2868,7 @@ class RestServer:
             return False
         if status == 413 and "100-continue" not in headers.get("expect", "").lower():
             await self.discard_body(reader, headers)
-        log_request(method, target, status, t0)
+        log_request(method, target, status, t0, request.vm_name)
         return keep_alive
 
     async def read_request_body(self, reader, writer, headers):
@@ -2896,8 +2903,9 @@ class RestServer:
                 return
             remaining -= len(chunk)
 
-    async def dispatch(self, method, target, headers, body, reader=None):
-        split = urllib.parse.urlsplit(target)
+    async def dispatch(self, request, reader=None):
+        method, headers = request.method, request.headers
+        split = urllib.parse.urlsplit(request.target)
         path = split.path
         for pattern, methods in self.routes:
             m = pattern.match(path)
@@ -2908,8 +2916,9 @@ class RestServer:
                 raise ApiError(405, f"method {method} not allowed on {path} (allowed: {', '.join(methods)})")
             if handler != self.health:
                 self.authorize(headers)
-            params = {k: urllib.parse.unquote(v) for k, v in m.groupdict().items()}
-            request = Request(method, path, urllib.parse.parse_qs(split.query) if split.query else {}, headers, body, params)
+            request.path, request.params = path, {k: urllib.parse.unquote(v) for k, v in m.groupdict().items()}
+            if split.query:
+                request.query = urllib.parse.parse_qs(split.query)
             if reader is None or handler not in self.abandonable:
                 result = await handler(request)
             else:
@@ -2934,40 +2943,39 @@ class RestServer:
     # ---- handlers ------------------------------------------------------------------
 
     async def health(self, req):
-        return {"status": "healthy", "timestamp": utc_now(), "version": VERSION, "vms": len(self.vms.vms)}
+        return {"status": "healthy", "timestamp": utc_now(), "version": VERSION, "vms": len(self.manager.vms)}
 
     async def list_vms(self, req):
-        return {"vms": [vm.api() for vm in self.vms.vms.values()]}
+        return {"vms": [vm.api() for vm in self.manager.vms.values()]}
 
     async def start_vm(self, req):
         spec = validate_start_request(parse_json_body(req.body), self.cfg)
-        REQUEST_VM.set(spec["name"])
-        vm = await self.vms.start(spec)
+        req.vm_name = spec["name"]
+        vm = await self.manager.start(spec)
         return vm.api()
 
     async def get_vm(self, req):
-        return self.vms.get(req.params["name"]).api()
+        return self.manager.get(req.params["name"]).api()
 
     async def destroy_vm(self, req):
-        await self.vms.destroy(req.params["name"])
+        await self.manager.destroy(req.params["name"])
         return {"success": True}
 
     async def destroy_all(self, req):
-        return {"success": True, "destroyed": await self.vms.destroy_all()}
+        return {"success": True, "destroyed": await self.manager.destroy_all()}
 
     async def exec(self, req):
         name = check_vm_name(req.params["name"])
-        return await self.vms.exec(name, parse_json_body(req.body))
+        return await self.manager.exec(name, parse_json_body(req.body))
 
     async def exec_status(self, req):
-        return await self.vms.exec_status(req.params["name"], req.params["exec_id"])
+        return await self.manager.exec_status(req.params["name"], req.params["exec_id"])
 
     async def exec_kill(self, req):
-        return await self.vms.exec_kill(req.params["name"], req.params["exec_id"])
+        return await self.manager.exec_kill(req.params["name"], req.params["exec_id"])
 
     async def logs(self, req):
-        vm = self.vms.get(req.params["name"])
-        return 200, self.vms.console_log(vm).text(), "text/plain; charset=utf-8"
+        return 200, self.manager.console_text(req.params["name"]), "text/plain; charset=utf-8"
 
 
 # =============================================================================
@@ -3388,7 +3396,7 @@ class Selftest:
         vm = self.manager.vms.get(self.name) if self.manager else None
         self.local_vm = vm or self.local_vm
         if not ok and vm:
-            paths = VmPaths(self.cfg, vm)
+            paths = vm.paths
             self.evidence = {"hypervisor output": tail_file(paths.chv_out, 2048),
                              "hypervisor log": tail_file(paths.chv_log, 2048)}
 
