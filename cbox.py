@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """CBox: run shell commands in Cloud Hypervisor microVMs, with callbacks to the host.
 
-One asyncio program, standard library only (Python 3.10+). Sections, in order:
+One asyncio program, standard library only (Python 3.10+). Before section 1 come
+the log and the helpers every section uses (within() deadlines, is_decimal,
+fmt_seconds, small file helpers). Sections, in order; each uses only what comes
+before it:
 
   1. Config          strict parser for the YAML subset config.yaml uses, typed keys
   2. HTTP            one small HTTP/1.1 implementation: message reading, a
@@ -13,11 +16,13 @@ One asyncio program, standard library only (Python 3.10+). Sections, in order:
                      VMM's serial socket and event FIFO
   4. Network         bridge, persistent taps, port isolation, iptables chains
   5. Allocation      guest IPs, vsock CIDs, tap names; request validation
-  6. VM manager      VM records on disk, start / destroy / adopt, process
+  6. Callback bridge a VM's callback socket: the guest's JSON lines forwarded to
+                     its callback URL, every cost budgeted per VM
+  7. VM manager      VM records on disk, start / destroy / adopt, process
                      supervision and how a VM ends (stopReason), bounded
-                     console logs, exec forwarding, the callback bridge
-  7. REST server     routes of contract section 1, auth, limits, request log
-  8. CLI             `serve`, `selftest` (a new host's end-to-end check), and a
+                     console logs, stateful disks, exec forwarding
+  8. REST server     routes of contract section 1, auth, limits, request log
+  9. CLI             `serve`, `selftest` (a new host's end-to-end check), and a
                      small client: `vm start|ls|rm`, `exec`
 
 The external contract lives in ../shared/docs/contract.md (beside checkouts) and
@@ -53,13 +58,6 @@ VERSION = "0.1.0"
 LOG_START = time.monotonic()
 
 
-def log(msg, **fields):
-    """One line on stderr: 'cbox: msg k=v ...' (the request and lifecycle log)."""
-    extra = "".join([f" {k}={v}" for k, v in fields.items() if v is not None])
-    sys.stderr.write(f"{log_time()} cbox: {msg}{extra}\n")
-    sys.stderr.flush()
-
-
 LOG_SECOND = (None, "")        # the second of the last log line and its "HH:MM:SS"
 
 
@@ -74,594 +72,24 @@ def log_time():
     return f"{text}.{int((now - second) * 1000):03d}"
 
 
+def log(msg, **fields):
+    """One line on stderr: 'cbox: msg k=v ...' (the request and lifecycle log)."""
+    extra = "".join([f" {k}={v}" for k, v in fields.items() if v is not None])
+    sys.stderr.write(f"{log_time()} cbox: {msg}{extra}\n")
+    sys.stderr.flush()
+
+
 def utc_now():
     return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 # =============================================================================
-# 1. Config
+# Helpers every section uses: deadlines (within), number and file helpers
 # =============================================================================
-
-class ConfigError(Exception):
-    pass
-
-
-_KEY_LINE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*:(?:\s+(.*))?$")
-_INT = re.compile(r"^[-+]?[0-9]+$")
-_FLOAT = re.compile(r"^[-+]?([0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)([eE][-+]?[0-9]+)?$")
-
-
-def _strip_comment(line):
-    """Drop a '# comment' that is outside quotes and starts a word."""
-    quote = None
-    for i, ch in enumerate(line):
-        if quote:
-            if ch == quote:
-                quote = None
-        elif ch in "\"'":
-            quote = ch
-        elif ch == "#" and (i == 0 or line[i - 1] in " \t"):
-            return line[:i].rstrip()
-    return line.rstrip()
-
-
-def _parse_scalar(text, where):
-    if text.startswith('"'):
-        try:
-            value, end = json.JSONDecoder().raw_decode(text)
-        except ValueError:
-            raise ConfigError(f"{where}: bad double-quoted string")
-        if text[end:].strip():
-            raise ConfigError(f"{where}: unexpected text after the string")
-        return value
-    if text.startswith("'"):
-        if len(text) < 2 or not text.endswith("'"):
-            raise ConfigError(f"{where}: unterminated single-quoted string")
-        return text[1:-1].replace("''", "'")
-    if text in ("null", "~"):
-        return None
-    if text in ("true", "True"):
-        return True
-    if text in ("false", "False"):
-        return False
-    if _INT.match(text):
-        return int(text)
-    if _FLOAT.match(text):
-        return float(text)
-    if text[0] in "[]{}&*!|>%@`,?-" or ": " in text:
-        raise ConfigError(f"{where}: unsupported YAML construct {text[:20]!r} "
-                          "(only nested mappings of plain scalars are supported)")
-    return text
-
-
-def parse_yaml_subset(text, source="config"):
-    """Parse nested mappings of scalars. Returns (tree, {dotted.key: line})."""
-    root, lines = {}, {}
-    stack = [(0, root, "")]           # (indent, mapping, dotted path)
-    pending = None                     # (mapping, path) of a 'key:' awaiting children
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        where = f"{source} line {lineno}"
-        line = _strip_comment(raw)
-        if not line.strip():
-            continue
-        body = line.lstrip(" ")
-        if body.startswith("\t") or "\t" in line[: len(line) - len(body)]:
-            raise ConfigError(f"{where}: tabs are not allowed for indentation")
-        indent = len(line) - len(body)
-        if body in ("---", "..."):
-            raise ConfigError(f"{where}: multiple YAML documents are not supported")
-        if body.startswith("- ") or body == "-":
-            raise ConfigError(f"{where}: lists are not supported")
-        m = _KEY_LINE.match(body)
-        if not m:
-            raise ConfigError(f"{where}: expected 'key: value', got {body[:40]!r}")
-        if pending is not None:
-            if indent > stack[-1][0]:
-                stack.append((indent, pending[0][pending[1]], pending[2]))
-            else:
-                pending[0][pending[1]] = None     # 'key:' with nothing under it is null
-            pending = None
-        while indent < stack[-1][0]:
-            stack.pop()
-        if indent != stack[-1][0]:
-            raise ConfigError(f"{where}: inconsistent indentation")
-        key, value = m.group(1), m.group(2)
-        mapping, path = stack[-1][1], stack[-1][2]
-        dotted = f"{path}.{key}" if path else key
-        if key in mapping:
-            raise ConfigError(f"{where}: duplicate key '{dotted}'")
-        lines[dotted] = lineno
-        if value is None or value == "":
-            mapping[key] = {}
-            pending = (mapping, key, dotted)
-        else:
-            mapping[key] = _parse_scalar(value.strip(), where)
-    if pending is not None:
-        pending[0][pending[1]] = None
-    return root, lines
-
-
-# key: (type, default, description). Types: str, int, float, bool.
-CONFIG_KEYS = {
-    "host": (str, "127.0.0.1", "address the REST API listens on"),
-    "port": (int, 7000, "REST API port"),
-    "api_token": (str, "", "bearer token required on every route but /v1/health; empty = none"),
-    "state_dir": (str, "/var/lib/cbox", "VM records, stateful disks, console logs"),
-    "run_dir": (str, "/run/cbox", "short directory for per-VM sockets (Unix paths hold 107 bytes)"),
-    "bridge_name": (str, "cbox0", "Linux bridge the taps join"),
-    "bridge_ip": (str, "10.20.1.1/24", "host address on the bridge (the guests' gateway)"),
-    "bridge_subnet": (str, "10.20.1.0/24", "subnet guest IPs are allocated from"),
-    "nat_interface": (str, "auto", "interface guest traffic is NATed out of: auto (default route), none, or a name"),
-    "firewall": (bool, True, "install iptables rules (NAT, no guest-to-host traffic)"),
-    "dns": (str, "auto", "guest resolvers, comma separated; auto = host's non-loopback resolvers"),
-    "chv_bin": (str, "/usr/local/bin/cloud-hypervisor", "cloud-hypervisor binary"),
-    "kernel": (str, "out/vmlinuz", "guest kernel (bzImage or PVH vmlinux)"),
-    "initramfs": (str, "out/initramfs.cpio.gz", "guest initramfs; empty = none"),
-    "rootfs": (str, "out/rootfs.ext4", "read-only root filesystem image (vda)"),
-    "cmdline_extra": (str, "", "extra kernel command line arguments"),
-    "stateful_size_in_mb": (int, 2048, "size of each VM's sparse writable disk (vdb)"),
-    "guest_mem_percentage": (int, 50, "all guests together may use at most this % of host memory"),
-    "default_vcpus": (int, 1, "vcpus of a VM when the request names none"),
-    "max_vcpus": (int, 8, "largest vcpus a request may ask for"),
-    "default_memory_mb": (int, 512, "memory of a VM when the request names none"),
-    "max_memory_mb": (int, 16384, "largest memoryMb a request may ask for"),
-    "max_vms": (int, 250, "most VMs at once"),
-    "boot_timeout_s": (float, 60.0, "time for the guest agent to answer after vm.boot"),
-    "shutdown_timeout_s": (float, 5.0, "time for the VMM to exit before it is killed"),
-    "exec_timeout_s": (float, 300.0, "default exec timeout"),
-    "exec_max_timeout_s": (float, 86400.0, "largest exec timeout a request may ask for"),
-    "exec_output_limit_bytes": (int, 4 * 1024 * 1024, "cap on captured stdout, stderr and output, each"),
-    "callback_timeout_s": (float, 30.0, "time the callback URL has to answer"),
-    "callback_port": (int, 4032, "guest vsock port for callbacks"),
-    "agent_port": (int, 4031, "guest agent TCP port"),
-    "max_request_bytes": (int, 8 * 1024 * 1024, "largest REST request body"),
-    "http_head_timeout_s": (float, 30.0, "time a new REST connection has to send its first request head"),
-    "http_body_timeout_s": (float, 60.0, "time a REST client has to send a request body (and to read an answer)"),
-    "http_idle_timeout_s": (float, 120.0, "keep-alive REST connections idle longer are closed"),
-    "console_max_bytes": (int, 1024 * 1024, "serial console output kept per VM (newest), besides its first 64 KiB"),
-    "vmm_log_max_bytes": (int, 8 * 1024 * 1024, "disk space one hypervisor's -v log may take (its newest half is kept)"),
-    "callback_max_connections": (int, 32, "open callback connections per VM; more are answered with an error and closed"),
-    "callback_max_in_flight": (int, 16, "callbacks of one VM waiting on the callback URL; more get an error at once"),
-    "callback_rate_per_s": (float, 500.0, "callbacks a second per VM (token bucket, burst of one second); more get an error"),
-    "callback_bytes_per_s": (int, 4 * 1024 * 1024, "bytes a second read from one VM's callback connections; more wait"),
-    "callback_idle_timeout_s": (float, 60.0, "a callback connection with no request for this long is closed"),
-    "callback_read_timeout_s": (float, 10.0, "time a guest has to finish sending a callback line it started"),
-    "callback_write_timeout_s": (float, 10.0, "time a guest has to read a callback reply before its connection is closed"),
-    "callback_log_lines_per_s": (float, 20.0, "callback log lines a second per VM; the rest are counted and the count logged"),
-    "fd_reserve": (int, 256, "file descriptors kept free for the API and other VMs: guest connections beyond are refused"),
-    "destroy_on_exit": (bool, False, "destroy all VMs when cbox.py stops (default: leave them for the next start)"),
-}
-
-
-class Config:
-    """Typed settings from hostservices.restserver; attribute per CONFIG_KEYS entry."""
-
-    def __init__(self, values, base_dir):
-        self.__dict__.update(values)
-        self.base_dir = base_dir
-
-    def path(self, value):
-        """Resolve a path from config relative to the config file's directory."""
-        return value if not value or os.path.isabs(value) else str(Path(self.base_dir, value))
-
-
-def _quoted_number(text, typ):
-    """A number key written in quotes, as the original CBox's config does (port: "7000"):
-    unsigned ASCII digits, with a decimal fraction for float keys ("2.5"). Anything
-    else is returned unchanged, so the type check reports it with its line."""
-    whole, dot, fraction = text.partition(".") if typ is float else (text, "", "")
-    if is_decimal(whole) and (not dot or is_decimal(fraction)):
-        return typ(text)
-    return text
-
-
-def load_config(path, overrides=None):
-    text = Path(path).read_text()
-    tree, lines = parse_yaml_subset(text, str(path))
-    for key in tree:
-        if key != "hostservices":
-            raise ConfigError(f"{path} line {lines[key]}: unknown top-level key '{key}' (expected hostservices)")
-    hs = tree.get("hostservices") or {}
-    if not isinstance(hs, dict):
-        raise ConfigError(f"{path}: hostservices must be a mapping")
-    for key in hs:
-        if key != "restserver":
-            raise ConfigError(f"{path} line {lines['hostservices.' + key]}: unknown key 'hostservices.{key}'")
-    raw = hs.get("restserver") or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: hostservices.restserver must be a mapping")
-    raw = dict(raw, **(overrides or {}))
-    values = {}
-    for key, value in raw.items():
-        where = f"{path} line {lines.get('hostservices.restserver.' + key, '?')}"
-        if key not in CONFIG_KEYS:
-            raise ConfigError(f"{where}: unknown key '{key}' in hostservices.restserver")
-        typ = CONFIG_KEYS[key][0]
-        if typ in (int, float) and isinstance(value, str):
-            value = _quoted_number(value, typ)
-        if typ is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if typ is str and value is None:
-            value = ""
-        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-            raise ConfigError(f"{where}: '{key}' must be {typ.__name__}, got {value!r}")
-        values[key] = value
-    for key, (typ, default, _) in CONFIG_KEYS.items():
-        values.setdefault(key, default)
-    cfg = Config(values, str(Path(path).resolve().parent))
-    check_config(cfg, str(path))
-    return cfg
-
-
-def check_config(cfg, source):
-    def bad(msg):
-        raise ConfigError(f"{source}: {msg}")
-    try:
-        subnet = ipaddress.ip_network(cfg.bridge_subnet, strict=True)
-        bridge = ipaddress.ip_interface(cfg.bridge_ip)
-    except ValueError as e:
-        bad(f"bridge_subnet/bridge_ip: {e}")
-    if subnet.version != 4 or bridge.ip not in subnet or bridge.network != subnet:
-        bad(f"bridge_ip {cfg.bridge_ip} must be an IPv4 address inside bridge_subnet {cfg.bridge_subnet} with its prefix")
-    if subnet.num_addresses < 4:
-        bad("bridge_subnet is too small")
-    if not re.match(r"^[A-Za-z0-9_.-]{1,15}$", cfg.bridge_name):
-        bad(f"bridge_name {cfg.bridge_name!r} is not a valid interface name")
-    for key in ("port", "agent_port", "callback_port"):
-        if not 0 < getattr(cfg, key) < 65536:
-            bad(f"{key} must be a port number")
-    for key in ("stateful_size_in_mb", "default_vcpus", "max_vcpus", "default_memory_mb",
-                "max_memory_mb", "max_vms", "exec_output_limit_bytes", "max_request_bytes",
-                "callback_max_connections", "callback_max_in_flight", "callback_bytes_per_s"):
-        if getattr(cfg, key) <= 0:
-            bad(f"{key} must be positive")
-    if cfg.console_max_bytes < 4096:
-        bad("console_max_bytes must be at least 4096")
-    if cfg.vmm_log_max_bytes < 2 * VMM_LOG_TAIL:
-        bad(f"vmm_log_max_bytes must be at least {2 * VMM_LOG_TAIL}")
-    if cfg.fd_reserve < 0:
-        bad("fd_reserve must not be negative")
-    if not 0 < cfg.guest_mem_percentage <= 100:
-        bad("guest_mem_percentage must be 1..100")
-    for key in ("boot_timeout_s", "shutdown_timeout_s", "exec_timeout_s", "exec_max_timeout_s", "callback_timeout_s",
-                "http_head_timeout_s", "http_body_timeout_s", "http_idle_timeout_s", "callback_rate_per_s",
-                "callback_idle_timeout_s", "callback_read_timeout_s", "callback_write_timeout_s",
-                "callback_log_lines_per_s"):
-        if getattr(cfg, key) <= 0:
-            bad(f"{key} must be positive")
-    longest = os.path.join(cfg.path(cfg.run_dir), "4294967295", f"vsock.sock_{cfg.callback_port}")
-    if len(longest.encode()) > 107:
-        bad(f"run_dir {cfg.run_dir!r} is too long: socket paths such as {longest} must fit in 107 bytes")
-    if "," in cfg.path(cfg.run_dir) or "=" in cfg.path(cfg.run_dir):
-        bad("run_dir must not contain ',' or '=' (cloud-hypervisor splits its options on them)")
-
-
-# =============================================================================
-# 2. HTTP
-# =============================================================================
-
-REASONS = {100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
-           404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
-           411: "Length Required", 413: "Payload Too Large", 431: "Request Header Fields Too Large",
-           500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
-           503: "Service Unavailable", 504: "Gateway Timeout"}
-MAX_HEAD = 64 * 1024
-
-
-class HttpError(Exception):
-    """A failure to talk HTTP (connection, protocol, timeout)."""
-
-
-async def read_head(reader):
-    """Read a start line and headers; returns (start_line, {lower-name: value}) or None on clean EOF."""
-    try:
-        data = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.IncompleteReadError as e:
-        if not e.partial.strip():
-            return None
-        raise HttpError("connection closed inside the message head")
-    except asyncio.LimitOverrunError:
-        raise HttpError("message head too large")
-    lines = data[:-4].decode("latin-1").split("\r\n")      # [:-4]: without the blank line
-    headers = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip():
-            raise HttpError(f"malformed header line {line[:40]!r}")
-        headers[name.lower()] = value.strip()
-    return lines[0], headers
-
 
 def is_decimal(text):
     """ASCII digits only: str.isdigit() also accepts '²' and other digits int() refuses."""
     return text.isascii() and text.isdigit()
-
-
-MAX_CHUNKS = 65536              # a chunked body in more pieces is refused (1-byte chunks cost CPU per byte)
-MAX_TRAILER_LINES = 64
-_CHUNK_SIZE = re.compile(rb"^[0-9A-Fa-f]{1,16}$")
-
-
-async def read_body(reader, headers, limit):
-    """Read a Content-Length or chunked body of at most `limit` bytes."""
-    if headers.get("transfer-encoding", "").lower() == "chunked":
-        return await read_chunked(reader, limit)
-    length = headers.get("content-length")
-    if length is None:
-        return b""
-    if not is_decimal(length):
-        raise HttpError("bad Content-Length")
-    length = int(length)
-    if length > limit:
-        raise HttpError("body too large")
-    return await reader.readexactly(length)
-
-
-async def read_chunked(reader, limit):
-    """A chunked body into one buffer, bounded in bytes, chunks and trailer lines."""
-    body = bytearray()
-    for count in range(MAX_CHUNKS + 1):
-        size_text = (await reader.readline()).split(b";")[0].strip()
-        if not _CHUNK_SIZE.match(size_text):
-            raise HttpError("bad chunk size")
-        size = int(size_text, 16)
-        if size == 0:
-            break
-        if len(body) + size > limit:
-            raise HttpError("body too large")
-        body += await reader.readexactly(size)
-        if await reader.readexactly(2) != b"\r\n":
-            raise HttpError("bad chunk framing")
-        if count % 64 == 63:
-            await asyncio.sleep(0)         # tiny chunks already buffered would otherwise hold the loop
-    else:
-        raise HttpError(f"chunked body in more than {MAX_CHUNKS} chunks")
-    for _ in range(MAX_TRAILER_LINES):
-        if (await reader.readline()) in (b"\r\n", b"\n", b""):
-            return bytes(body)
-    raise HttpError(f"more than {MAX_TRAILER_LINES} trailer lines")
-
-
-async def read_to_eof(reader, limit):
-    """A body that ends when the connection does, into one buffer."""
-    body = bytearray()
-    while True:
-        more = await reader.read(min(limit + 1 - len(body), 1 << 20))
-        if not more:
-            return bytes(body)
-        body += more
-        if len(body) > limit:
-            raise HttpError("body too large")
-
-
-def build_head(status, length, content_type="application/json", keep_alive=True, extra=None):
-    head = f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}\r\nContent-Length: {length}\r\n"
-    if length or content_type != "application/json":
-        head += f"Content-Type: {content_type}\r\n"
-    if not keep_alive:
-        head += "Connection: close\r\n"
-    if extra:
-        head += "".join(f"{k}: {v}\r\n" for k, v in extra.items())
-    return (head + "\r\n").encode("latin-1")
-
-
-def build_response(status, body=b"", content_type="application/json", keep_alive=True, extra=None):
-    """A whole response in one buffer: one send, so Nagle never delays a body behind its head."""
-    return build_head(status, len(body), content_type, keep_alive, extra) + body
-
-
-JSON_ENCODER = json.JSONEncoder(separators=(",", ":"))   # json.dumps(obj, separators=...) builds one per call
-
-
-def json_bytes(obj):
-    return JSON_ENCODER.encode(obj).encode()
-
-
-def set_nodelay(writer):
-    sock = writer.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-HTTP_FAILURES = {"body too large": "too_large", "answer without Content-Length": "no_length",
-                 "timed out inside the body": "timeouts"}     # HttpClient.failures keys by error text
-
-
-class HttpClient:
-    """A keep-alive HTTP/1.1 client for one endpoint (a Unix socket or host:port).
-
-    Bodies larger than `stream_over` bytes are not read: the response carries a
-    BodyStream instead, to be copied onward without holding it in memory."""
-
-    def __init__(self, *, unix_path=None, host=None, port=None, tls=False, pool_size=16,
-                 max_body=256 * 1024 * 1024, stream_over=None, quick_ack=False, length_only=False):
-        self.unix_path, self.host, self.port, self.tls = unix_path, host, port, tls
-        self.length_only = length_only  # answers must carry Content-Length (chunked or to-EOF: refused)
-        self.quick_ack = quick_ack      # for servers we do not control (see quick_ack())
-        self.pool_size, self.max_body, self.stream_over = pool_size, max_body, stream_over
-        self.idle = []
-        self.busy = set()
-        self.closed = False
-        self.failures = dict.fromkeys(set(HTTP_FAILURES.values()) | {"timeouts", "other"}, 0)  # for metrics
-        self.host_header = "localhost" if unix_path else (host if port in (80, 443) else f"{host}:{port}")
-
-    async def _connect(self):
-        if self.unix_path:
-            return await asyncio.open_unix_connection(self.unix_path)
-        ctx = ssl.create_default_context() if self.tls else None
-        reader, writer = await asyncio.open_connection(self.host, self.port, ssl=ctx,
-                                                       server_hostname=self.host if ctx else None)
-        set_nodelay(writer)
-        return reader, writer
-
-    async def request(self, method, target, body=None, timeout=30.0, headers=None):
-        """Returns (status, headers, body bytes or BodyStream). Raises HttpError on any failure."""
-        deadline = asyncio.get_running_loop().time() + timeout      # a streamed body must end by then too
-        try:
-            return await within(timeout, self._request(method, target, body, headers, deadline))
-        except asyncio.TimeoutError:
-            self.failures["timeouts"] += 1
-            raise HttpError(f"timed out after {fmt_seconds(timeout)}")
-        except HttpError as e:
-            self.failures[HTTP_FAILURES.get(str(e), "other")] += 1
-            raise
-
-    async def _request(self, method, target, body, headers, deadline):
-        payload = body if isinstance(body, (bytes, type(None))) else json_bytes(body)
-        head = f"{method} {target} HTTP/1.1\r\nHost: {self.host_header}\r\n"
-        if payload is not None:
-            head += f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
-        if headers:
-            head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        message = (head + "\r\n").encode("latin-1") + (payload or b"")
-        while True:
-            reused = bool(self.idle)
-            reader, writer = self.idle.pop() if reused else await self._open()
-            self.busy.add(writer)
-            try:
-                writer.write(message)
-                if self.quick_ack:
-                    quick_ack(writer)
-                result = await self._read_response(reader, writer, method, deadline)
-            except (HttpError, OSError, asyncio.IncompleteReadError, EOFError,
-                    ValueError, asyncio.LimitOverrunError) as e:     # ValueError: StreamReader line limit
-                self._drop(writer)
-                # A reused connection the server already closed fails before any
-                # answer; the request never ran, so try once more on a new one.
-                if reused and not self.closed and isinstance(e, (ConnectionError, asyncio.IncompleteReadError, EOFError)):
-                    continue
-                raise HttpError(str(e) or type(e).__name__)
-            except BaseException:
-                self._drop(writer)
-                raise
-            status, rheaders, rbody = result
-            if not isinstance(rbody, BodyStream):
-                self.release(reader, writer, rheaders.get("connection", "").lower() != "close")
-            return result
-
-    def release(self, reader, writer, reusable):
-        self.busy.discard(writer)
-        if reusable and not self.closed and len(self.idle) < self.pool_size:
-            self.idle.append((reader, writer))
-        else:
-            writer.close()
-
-    def _drop(self, writer):
-        self.busy.discard(writer)
-        writer.close()
-
-    async def _open(self):
-        if self.closed:
-            raise HttpError("connection closed: the endpoint went away")
-        try:
-            return await self._connect()
-        except OSError as e:
-            where = self.unix_path or f"{self.host}:{self.port}"
-            raise HttpError(f"cannot connect to {where}: {os.strerror(e.errno) if e.errno else e}")
-
-    async def _read_response(self, reader, writer, method, deadline):
-        head = await read_head(reader)
-        if head is None:
-            raise EOFError("connection closed before a response")
-        start, headers = head
-        parts = start.split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not is_decimal(parts[1]):
-            raise HttpError(f"malformed status line {start[:40]!r}")
-        status = int(parts[1])
-        if status == 100:
-            return await self._read_response(reader, writer, method, deadline)
-        if method == "HEAD" or status in (204, 304):
-            return status, headers, b""
-        length = headers.get("content-length", "")
-        if self.length_only and not is_decimal(length):
-            raise HttpError("answer without Content-Length")
-        if (self.stream_over is not None and is_decimal(length) and int(length) > self.stream_over
-                and 200 <= status < 300):
-            if int(length) > self.max_body:
-                raise HttpError("body too large")
-            return status, headers, BodyStream(self, reader, writer, int(length),
-                                               headers.get("connection", "").lower() != "close", deadline)
-        if not length and headers.get("transfer-encoding", "").lower() != "chunked":
-            headers["connection"] = "close"            # the body ends when the connection does
-            return status, headers, await read_to_eof(reader, self.max_body)
-        return status, headers, await read_body(reader, headers, self.max_body)
-
-    def close(self):
-        """Close idle connections; new requests may still open fresh ones."""
-        for _, writer in self.idle:
-            writer.close()
-        self.idle.clear()
-
-    def abort(self):
-        """The endpoint is gone: fail requests in flight now and refuse new ones."""
-        self.closed = True
-        self.close()
-        for writer in list(self.busy):
-            writer.transport.abort()
-        self.busy.clear()
-
-
-class BodyStream:
-    """A large response body still on its connection, copied onward in chunks.
-
-    `deadline` (loop time) is the request's: a peer dripping its body cannot stretch it."""
-
-    def __init__(self, client, reader, writer, length, reusable, deadline):
-        self.client, self.reader, self.writer = client, reader, writer
-        self.length, self.reusable, self.deadline = length, reusable, deadline
-
-    async def copy_to(self, dest, timeout):
-        loop = asyncio.get_running_loop()
-        remaining = self.length
-        try:
-            while remaining:
-                left = self.deadline - loop.time()
-                if left <= 0:
-                    self.client.failures["timeouts"] += 1
-                    raise HttpError("timed out inside the body")
-                try:
-                    chunk = await within(min(timeout, left), self.reader.read(min(remaining, 1 << 20)))
-                except asyncio.TimeoutError:
-                    self.client.failures["timeouts"] += 1
-                    raise HttpError("timed out inside the body")
-                if not chunk:
-                    raise HttpError("connection closed inside the body")
-                dest.write(chunk)
-                remaining -= len(chunk)
-                await within(timeout, dest.drain())
-        except BaseException:
-            self.client._drop(self.writer)
-            raise
-        self.client.release(self.reader, self.writer, self.reusable)
-
-    async def read(self, limit):
-        """The whole body as bytes (for error answers), at most `limit` bytes."""
-        if self.length > limit:
-            self.client._drop(self.writer)
-            raise HttpError("body too large")
-        try:
-            data = await within(max(self.deadline - asyncio.get_running_loop().time(), 0.0),
-                                self.reader.readexactly(self.length))
-        except asyncio.TimeoutError:
-            self.client._drop(self.writer)
-            self.client.failures["timeouts"] += 1
-            raise HttpError("timed out inside the body")
-        except BaseException:
-            self.client._drop(self.writer)
-            raise
-        self.client.release(self.reader, self.writer, self.reusable)
-        return data
-
-
-def quick_ack(writer):
-    """ACK the answer at once: a server that sends its head and body in separate writes
-    (Python's http.server does) otherwise waits for our delayed ACK, 40 ms a request."""
-    sock = writer.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6) and hasattr(socket, "TCP_QUICKACK"):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-        except OSError:
-            pass
 
 
 def fmt_seconds(value):
@@ -746,6 +174,631 @@ async def within(timeout, aw):
         deadlines.remove(deadline)
 
 
+def write_atomically(path, data):
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:                     # a full disk must not leave the temporary file behind
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+
+
+def tail_bytes(path, limit):
+    """The last `limit` bytes of a file (b"" when it is missing)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - limit))
+            return f.read()
+    except OSError:
+        return b""
+
+
+def tail_file(path, limit=64 * 1024):
+    return tail_bytes(path, limit).decode("utf-8", "replace")
+
+
+def file_size(path):
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+def remove_tree(path):
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# =============================================================================
+# 1. Config
+# =============================================================================
+
+class ConfigError(Exception):
+    pass
+
+
+_KEY_LINE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*:(?:\s+(.*))?$")
+_INT = re.compile(r"^[-+]?[0-9]+$")
+_FLOAT = re.compile(r"^[-+]?([0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)([eE][-+]?[0-9]+)?$")
+
+
+def _strip_comment(line):
+    """Drop a '# comment' that is outside quotes and starts a word."""
+    quote = None
+    for i, ch in enumerate(line):
+        if quote:
+            if ch == quote:
+                quote = None
+        elif ch in "\"'":
+            quote = ch
+        elif ch == "#" and (i == 0 or line[i - 1] in " \t"):
+            return line[:i].rstrip()
+    return line.rstrip()
+
+
+def _parse_scalar(text, where):
+    if text.startswith('"'):
+        try:
+            value, end = json.JSONDecoder().raw_decode(text)
+        except ValueError as e:
+            raise ConfigError(f"{where}: bad double-quoted string") from e
+        if text[end:].strip():
+            raise ConfigError(f"{where}: unexpected text after the string")
+        return value
+    if text.startswith("'"):
+        if len(text) < 2 or not text.endswith("'"):
+            raise ConfigError(f"{where}: unterminated single-quoted string")
+        return text[1:-1].replace("''", "'")
+    if text in ("null", "~"):
+        return None
+    if text in ("true", "True"):
+        return True
+    if text in ("false", "False"):
+        return False
+    if _INT.match(text):
+        return int(text)
+    if _FLOAT.match(text):
+        return float(text)
+    if text[0] in "[]{}&*!|>%@`,?-" or ": " in text:
+        raise ConfigError(f"{where}: unsupported YAML construct {text[:20]!r} "
+                          "(only nested mappings of plain scalars are supported)")
+    return text
+
+
+def parse_yaml_subset(text, source="config"):
+    """Parse nested mappings of scalars. Returns (tree, {dotted.key: line})."""
+    root, lines = {}, {}
+    stack = [(0, root, "")]           # (indent, mapping, dotted path)
+    pending = None                     # (mapping, path) of a 'key:' awaiting children
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        where = f"{source} line {lineno}"
+        line = _strip_comment(raw)
+        if not line.strip():
+            continue
+        body = line.lstrip(" ")
+        if body.startswith("\t") or "\t" in line[: len(line) - len(body)]:
+            raise ConfigError(f"{where}: tabs are not allowed for indentation")
+        indent = len(line) - len(body)
+        if body in ("---", "..."):
+            raise ConfigError(f"{where}: multiple YAML documents are not supported")
+        if body.startswith("- ") or body == "-":
+            raise ConfigError(f"{where}: lists are not supported")
+        m = _KEY_LINE.match(body)
+        if not m:
+            raise ConfigError(f"{where}: expected 'key: value', got {body[:40]!r}")
+        if pending is not None:
+            if indent > stack[-1][0]:
+                stack.append((indent, pending[0][pending[1]], pending[2]))
+            else:
+                pending[0][pending[1]] = None     # 'key:' with nothing under it is null
+            pending = None
+        while indent < stack[-1][0]:
+            stack.pop()
+        if indent != stack[-1][0]:
+            raise ConfigError(f"{where}: inconsistent indentation")
+        key, value = m.group(1), m.group(2)
+        mapping, path = stack[-1][1], stack[-1][2]
+        dotted = f"{path}.{key}" if path else key
+        if key in mapping:
+            raise ConfigError(f"{where}: duplicate key '{dotted}'")
+        lines[dotted] = lineno
+        if value is None or value == "":
+            mapping[key] = {}
+            pending = (mapping, key, dotted)
+        else:
+            mapping[key] = _parse_scalar(value.strip(), where)
+    if pending is not None:
+        pending[0][pending[1]] = None
+    return root, lines
+
+
+VMM_LOG_TAIL = 1024 * 1024          # the most of a VMM's log cbox.py reads (reset_in_vmm_log)
+
+
+# key: (type, default, description). Types: str, int, float, bool.
+CONFIG_KEYS = {
+    "host": (str, "127.0.0.1", "address the REST API listens on"),
+    "port": (int, 7000, "REST API port"),
+    "api_token": (str, "", "bearer token required on every route but /v1/health; empty = none"),
+    "state_dir": (str, "/var/lib/cbox", "VM records, stateful disks, console logs"),
+    "run_dir": (str, "/run/cbox", "short directory for per-VM sockets (Unix paths hold 107 bytes)"),
+    "bridge_name": (str, "cbox0", "Linux bridge the taps join"),
+    "bridge_ip": (str, "10.20.1.1/24", "host address on the bridge (the guests' gateway)"),
+    "bridge_subnet": (str, "10.20.1.0/24", "subnet guest IPs are allocated from"),
+    "nat_interface": (str, "auto", "interface guest traffic is NATed out of: auto (default route), none, or a name"),
+    "firewall": (bool, True, "install iptables rules (NAT, no guest-to-host traffic)"),
+    "dns": (str, "auto", "guest resolvers, comma separated; auto = host's non-loopback resolvers"),
+    "chv_bin": (str, "/usr/local/bin/cloud-hypervisor", "cloud-hypervisor binary"),
+    "kernel": (str, "out/vmlinuz", "guest kernel (bzImage or PVH vmlinux)"),
+    "initramfs": (str, "out/initramfs.cpio.gz", "guest initramfs; empty = none"),
+    "rootfs": (str, "out/rootfs.ext4", "read-only root filesystem image (vda)"),
+    "cmdline_extra": (str, "", "extra kernel command line arguments"),
+    "stateful_size_in_mb": (int, 2048, "size of each VM's sparse writable disk (vdb)"),
+    "guest_mem_percentage": (int, 50, "all guests together may use at most this % of host memory"),
+    "default_vcpus": (int, 1, "vcpus of a VM when the request names none"),
+    "max_vcpus": (int, 8, "largest vcpus a request may ask for"),
+    "default_memory_mb": (int, 512, "memory of a VM when the request names none"),
+    "max_memory_mb": (int, 16384, "largest memoryMb a request may ask for"),
+    "max_vms": (int, 250, "most VMs at once"),
+    "boot_timeout_s": (float, 60.0, "time for the guest agent to answer after vm.boot"),
+    "shutdown_timeout_s": (float, 5.0, "time for the VMM to exit before it is killed"),
+    "exec_timeout_s": (float, 300.0, "default exec timeout"),
+    "exec_max_timeout_s": (float, 86400.0, "largest exec timeout a request may ask for"),
+    "exec_output_limit_bytes": (int, 4 * 1024 * 1024, "cap on captured stdout, stderr and output, each"),
+    "callback_timeout_s": (float, 30.0, "time the callback URL has to answer"),
+    "callback_port": (int, 4032, "guest vsock port for callbacks"),
+    "agent_port": (int, 4031, "guest agent TCP port"),
+    "max_request_bytes": (int, 8 * 1024 * 1024, "largest REST request body"),
+    "http_head_timeout_s": (float, 30.0, "time a new REST connection has to send its first request head"),
+    "http_body_timeout_s": (float, 60.0, "time a REST client has to send a request body (and to read an answer)"),
+    "http_idle_timeout_s": (float, 120.0, "keep-alive REST connections idle longer are closed"),
+    "console_max_bytes": (int, 1024 * 1024, "serial console output kept per VM (newest), besides its first 64 KiB"),
+    "vmm_log_max_bytes": (int, 8 * 1024 * 1024, "disk space one hypervisor's -v log may take (its newest half is kept)"),
+    "callback_max_connections": (int, 32, "open callback connections per VM; more are answered with an error and closed"),
+    "callback_max_in_flight": (int, 16, "callbacks of one VM waiting on the callback URL; more get an error at once"),
+    "callback_rate_per_s": (float, 500.0, "callbacks a second per VM (token bucket, burst of one second); more get an error"),
+    "callback_bytes_per_s": (int, 4 * 1024 * 1024, "bytes a second read from one VM's callback connections; more wait"),
+    "callback_idle_timeout_s": (float, 60.0, "a callback connection with no request for this long is closed"),
+    "callback_read_timeout_s": (float, 10.0, "time a guest has to finish sending a callback line it started"),
+    "callback_write_timeout_s": (float, 10.0, "time a guest has to read a callback reply before its connection is closed"),
+    "callback_log_lines_per_s": (float, 20.0, "callback log lines a second per VM; the rest are counted and the count logged"),
+    "fd_reserve": (int, 256, "file descriptors kept free for the API and other VMs: guest connections beyond are refused"),
+    "destroy_on_exit": (bool, False, "destroy all VMs when cbox.py stops (default: leave them for the next start)"),
+}
+
+
+class Config:
+    """Typed settings from hostservices.restserver; attribute per CONFIG_KEYS entry."""
+
+    def __init__(self, values, base_dir):
+        self.__dict__.update(values)
+        self.base_dir = base_dir
+
+    def path(self, value):
+        """Resolve a path from config relative to the config file's directory."""
+        return value if not value or os.path.isabs(value) else str(Path(self.base_dir, value))
+
+
+def _quoted_number(text, typ):
+    """A number key written in quotes, as the original CBox's config does (port: "7000"):
+    unsigned ASCII digits, with a decimal fraction for float keys ("2.5"). Anything
+    else is returned unchanged, so the type check reports it with its line."""
+    whole, dot, fraction = text.partition(".") if typ is float else (text, "", "")
+    if is_decimal(whole) and (not dot or is_decimal(fraction)):
+        return typ(text)
+    return text
+
+
+def check_config(cfg, source):
+    def bad(msg):
+        raise ConfigError(f"{source}: {msg}")
+    try:
+        subnet = ipaddress.ip_network(cfg.bridge_subnet, strict=True)
+        bridge = ipaddress.ip_interface(cfg.bridge_ip)
+    except ValueError as e:
+        bad(f"bridge_subnet/bridge_ip: {e}")
+    if subnet.version != 4 or bridge.ip not in subnet or bridge.network != subnet:
+        bad(f"bridge_ip {cfg.bridge_ip} must be an IPv4 address inside bridge_subnet {cfg.bridge_subnet} with its prefix")
+    if subnet.num_addresses < 4:
+        bad("bridge_subnet is too small")
+    if not re.match(r"^[A-Za-z0-9_.-]{1,15}$", cfg.bridge_name):
+        bad(f"bridge_name {cfg.bridge_name!r} is not a valid interface name")
+    for key in ("port", "agent_port", "callback_port"):
+        if not 0 < getattr(cfg, key) < 65536:
+            bad(f"{key} must be a port number")
+    for key in ("stateful_size_in_mb", "default_vcpus", "max_vcpus", "default_memory_mb",
+                "max_memory_mb", "max_vms", "exec_output_limit_bytes", "max_request_bytes",
+                "callback_max_connections", "callback_max_in_flight", "callback_bytes_per_s"):
+        if getattr(cfg, key) <= 0:
+            bad(f"{key} must be positive")
+    if cfg.console_max_bytes < 4096:
+        bad("console_max_bytes must be at least 4096")
+    if cfg.vmm_log_max_bytes < 2 * VMM_LOG_TAIL:
+        bad(f"vmm_log_max_bytes must be at least {2 * VMM_LOG_TAIL}")
+    if cfg.fd_reserve < 0:
+        bad("fd_reserve must not be negative")
+    if not 0 < cfg.guest_mem_percentage <= 100:
+        bad("guest_mem_percentage must be 1..100")
+    for key in ("boot_timeout_s", "shutdown_timeout_s", "exec_timeout_s", "exec_max_timeout_s", "callback_timeout_s",
+                "http_head_timeout_s", "http_body_timeout_s", "http_idle_timeout_s", "callback_rate_per_s",
+                "callback_idle_timeout_s", "callback_read_timeout_s", "callback_write_timeout_s",
+                "callback_log_lines_per_s"):
+        if getattr(cfg, key) <= 0:
+            bad(f"{key} must be positive")
+    longest = os.path.join(cfg.path(cfg.run_dir), "4294967295", f"vsock.sock_{cfg.callback_port}")
+    if len(longest.encode()) > 107:
+        bad(f"run_dir {cfg.run_dir!r} is too long: socket paths such as {longest} must fit in 107 bytes")
+    if "," in cfg.path(cfg.run_dir) or "=" in cfg.path(cfg.run_dir):
+        bad("run_dir must not contain ',' or '=' (cloud-hypervisor splits its options on them)")
+
+
+def load_config(path, overrides=None):
+    text = Path(path).read_text()
+    tree, lines = parse_yaml_subset(text, str(path))
+    for key in tree:
+        if key != "hostservices":
+            raise ConfigError(f"{path} line {lines[key]}: unknown top-level key '{key}' (expected hostservices)")
+    hs = tree.get("hostservices") or {}
+    if not isinstance(hs, dict):
+        raise ConfigError(f"{path}: hostservices must be a mapping")
+    for key in hs:
+        if key != "restserver":
+            raise ConfigError(f"{path} line {lines['hostservices.' + key]}: unknown key 'hostservices.{key}'")
+    raw = hs.get("restserver") or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: hostservices.restserver must be a mapping")
+    raw = dict(raw, **(overrides or {}))
+    values = {}
+    for key, value in raw.items():
+        where = f"{path} line {lines.get('hostservices.restserver.' + key, '?')}"
+        if key not in CONFIG_KEYS:
+            raise ConfigError(f"{where}: unknown key '{key}' in hostservices.restserver")
+        typ = CONFIG_KEYS[key][0]
+        if typ in (int, float) and isinstance(value, str):
+            value = _quoted_number(value, typ)
+        if typ is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if typ is str and value is None:
+            value = ""
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+            raise ConfigError(f"{where}: '{key}' must be {typ.__name__}, got {value!r}")
+        values[key] = value
+    for key, (typ, default, _) in CONFIG_KEYS.items():
+        values.setdefault(key, default)
+    cfg = Config(values, str(Path(path).resolve().parent))
+    check_config(cfg, str(path))
+    return cfg
+
+
+# =============================================================================
+# 2. HTTP
+# =============================================================================
+
+REASONS = {100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
+           404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
+           411: "Length Required", 413: "Payload Too Large", 431: "Request Header Fields Too Large",
+           500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
+           503: "Service Unavailable", 504: "Gateway Timeout"}
+MAX_HEAD = 64 * 1024
+
+
+class HttpError(Exception):
+    """A failure to talk HTTP (connection, protocol, timeout)."""
+
+
+async def read_head(reader):
+    """Read a start line and headers; returns (start_line, {lower-name: value}) or None on clean EOF."""
+    try:
+        data = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError as e:
+        if not e.partial.strip():
+            return None
+        raise HttpError("connection closed inside the message head") from e
+    except asyncio.LimitOverrunError as e:
+        raise HttpError("message head too large") from e
+    lines = data[:-4].decode("latin-1").split("\r\n")      # [:-4]: without the blank line
+    headers = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip():
+            raise HttpError(f"malformed header line {line[:40]!r}")
+        headers[name.lower()] = value.strip()
+    return lines[0], headers
+
+
+MAX_CHUNKS = 65536              # a chunked body in more pieces is refused (1-byte chunks cost CPU per byte)
+MAX_TRAILER_LINES = 64
+_CHUNK_SIZE = re.compile(rb"^[0-9A-Fa-f]{1,16}$")
+
+
+async def read_chunked(reader, limit):
+    """A chunked body into one buffer, bounded in bytes, chunks and trailer lines."""
+    body = bytearray()
+    for count in range(MAX_CHUNKS + 1):
+        size_text = (await reader.readline()).split(b";")[0].strip()
+        if not _CHUNK_SIZE.match(size_text):
+            raise HttpError("bad chunk size")
+        size = int(size_text, 16)
+        if size == 0:
+            break
+        if len(body) + size > limit:
+            raise HttpError("body too large")
+        body += await reader.readexactly(size)
+        if await reader.readexactly(2) != b"\r\n":
+            raise HttpError("bad chunk framing")
+        if count % 64 == 63:
+            await asyncio.sleep(0)         # tiny chunks already buffered would otherwise hold the loop
+    else:
+        raise HttpError(f"chunked body in more than {MAX_CHUNKS} chunks")
+    for _ in range(MAX_TRAILER_LINES):
+        if (await reader.readline()) in (b"\r\n", b"\n", b""):
+            return bytes(body)
+    raise HttpError(f"more than {MAX_TRAILER_LINES} trailer lines")
+
+
+async def read_body(reader, headers, limit):
+    """Read a Content-Length or chunked body of at most `limit` bytes."""
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        return await read_chunked(reader, limit)
+    length = headers.get("content-length")
+    if length is None:
+        return b""
+    if not is_decimal(length):
+        raise HttpError("bad Content-Length")
+    length = int(length)
+    if length > limit:
+        raise HttpError("body too large")
+    return await reader.readexactly(length)
+
+
+async def read_to_eof(reader, limit):
+    """A body that ends when the connection does, into one buffer."""
+    body = bytearray()
+    while True:
+        more = await reader.read(min(limit + 1 - len(body), 1 << 20))
+        if not more:
+            return bytes(body)
+        body += more
+        if len(body) > limit:
+            raise HttpError("body too large")
+
+
+def build_head(status, length, content_type="application/json", keep_alive=True, extra=None):
+    head = f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}\r\nContent-Length: {length}\r\n"
+    if length or content_type != "application/json":
+        head += f"Content-Type: {content_type}\r\n"
+    if not keep_alive:
+        head += "Connection: close\r\n"
+    if extra:
+        head += "".join(f"{k}: {v}\r\n" for k, v in extra.items())
+    return (head + "\r\n").encode("latin-1")
+
+
+def build_response(status, body=b"", content_type="application/json", keep_alive=True, extra=None):
+    """A whole response in one buffer: one send, so Nagle never delays a body behind its head."""
+    return build_head(status, len(body), content_type, keep_alive, extra) + body
+
+
+JSON_ENCODER = json.JSONEncoder(separators=(",", ":"))   # json.dumps(obj, separators=...) builds one per call
+
+
+def json_bytes(obj):
+    return JSON_ENCODER.encode(obj).encode()
+
+
+def set_nodelay(writer):
+    sock = writer.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def quick_ack(writer):
+    """ACK the answer at once: a server that sends its head and body in separate writes
+    (Python's http.server does) otherwise waits for our delayed ACK, 40 ms a request."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6) and hasattr(socket, "TCP_QUICKACK"):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        except OSError:
+            pass
+
+
+HTTP_FAILURES = {"body too large": "too_large", "answer without Content-Length": "no_length",
+                 "timed out inside the body": "timeouts"}     # HttpClient.failures keys by error text
+
+
+class BodyStream:
+    """A large response body still on its connection, copied onward in chunks.
+
+    `deadline` (loop time) is the request's: a peer dripping its body cannot stretch it."""
+
+    def __init__(self, client, reader, writer, length, reusable, deadline):
+        self.client, self.reader, self.writer = client, reader, writer
+        self.length, self.reusable, self.deadline = length, reusable, deadline
+
+    async def copy_to(self, dest, timeout):
+        loop = asyncio.get_running_loop()
+        remaining = self.length
+        try:
+            while remaining:
+                left = self.deadline - loop.time()
+                if left <= 0:
+                    self.client.failures["timeouts"] += 1
+                    raise HttpError("timed out inside the body")
+                try:
+                    chunk = await within(min(timeout, left), self.reader.read(min(remaining, 1 << 20)))
+                except asyncio.TimeoutError as e:
+                    self.client.failures["timeouts"] += 1
+                    raise HttpError("timed out inside the body") from e
+                if not chunk:
+                    raise HttpError("connection closed inside the body")
+                dest.write(chunk)
+                remaining -= len(chunk)
+                await within(timeout, dest.drain())
+        except BaseException:
+            self.client._drop(self.writer)
+            raise
+        self.client.release(self.reader, self.writer, self.reusable)
+
+    async def read(self, limit):
+        """The whole body as bytes (for error answers), at most `limit` bytes."""
+        if self.length > limit:
+            self.client._drop(self.writer)
+            raise HttpError("body too large")
+        try:
+            data = await within(max(self.deadline - asyncio.get_running_loop().time(), 0.0),
+                                self.reader.readexactly(self.length))
+        except asyncio.TimeoutError as e:
+            self.client._drop(self.writer)
+            self.client.failures["timeouts"] += 1
+            raise HttpError("timed out inside the body") from e
+        except BaseException:
+            self.client._drop(self.writer)
+            raise
+        self.client.release(self.reader, self.writer, self.reusable)
+        return data
+
+
+class HttpClient:
+    """A keep-alive HTTP/1.1 client for one endpoint (a Unix socket or host:port).
+
+    Bodies larger than `stream_over` bytes are not read: the response carries a
+    BodyStream instead, to be copied onward without holding it in memory."""
+
+    def __init__(self, *, unix_path=None, host=None, port=None, tls=False, pool_size=16,
+                 max_body=256 * 1024 * 1024, stream_over=None, quick_ack=False, length_only=False):
+        self.unix_path, self.host, self.port, self.tls = unix_path, host, port, tls
+        self.length_only = length_only  # answers must carry Content-Length (chunked or to-EOF: refused)
+        self.quick_ack = quick_ack      # for servers we do not control (see quick_ack())
+        self.pool_size, self.max_body, self.stream_over = pool_size, max_body, stream_over
+        self.idle = []
+        self.busy = set()
+        self.closed = False
+        self.failures = dict.fromkeys(set(HTTP_FAILURES.values()) | {"timeouts", "other"}, 0)  # for metrics
+        self.host_header = "localhost" if unix_path else (host if port in (80, 443) else f"{host}:{port}")
+
+    async def _connect(self):
+        if self.unix_path:
+            return await asyncio.open_unix_connection(self.unix_path)
+        ctx = ssl.create_default_context() if self.tls else None
+        reader, writer = await asyncio.open_connection(self.host, self.port, ssl=ctx,
+                                                       server_hostname=self.host if ctx else None)
+        set_nodelay(writer)
+        return reader, writer
+
+    async def request(self, method, target, body=None, timeout=30.0, headers=None):
+        """Returns (status, headers, body bytes or BodyStream). Raises HttpError on any failure."""
+        deadline = asyncio.get_running_loop().time() + timeout      # a streamed body must end by then too
+        try:
+            return await within(timeout, self._request(method, target, body, headers, deadline))
+        except asyncio.TimeoutError as e:
+            self.failures["timeouts"] += 1
+            raise HttpError(f"timed out after {fmt_seconds(timeout)}") from e
+        except HttpError as e:
+            self.failures[HTTP_FAILURES.get(str(e), "other")] += 1
+            raise
+
+    async def _request(self, method, target, body, headers, deadline):
+        payload = body if isinstance(body, (bytes, type(None))) else json_bytes(body)
+        head = f"{method} {target} HTTP/1.1\r\nHost: {self.host_header}\r\n"
+        if payload is not None:
+            head += f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+        if headers:
+            head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        message = (head + "\r\n").encode("latin-1") + (payload or b"")
+        while True:
+            reused = bool(self.idle)
+            reader, writer = self.idle.pop() if reused else await self._open()
+            self.busy.add(writer)
+            try:
+                writer.write(message)
+                if self.quick_ack:
+                    quick_ack(writer)
+                result = await self._read_response(reader, writer, method, deadline)
+            except (HttpError, OSError, asyncio.IncompleteReadError, EOFError,
+                    ValueError, asyncio.LimitOverrunError) as e:     # ValueError: StreamReader line limit
+                self._drop(writer)
+                # A reused connection the server already closed fails before any
+                # answer; the request never ran, so try once more on a new one.
+                if reused and not self.closed and isinstance(e, (ConnectionError, asyncio.IncompleteReadError, EOFError)):
+                    continue
+                raise HttpError(str(e) or type(e).__name__) from e
+            except BaseException:
+                self._drop(writer)
+                raise
+            status, rheaders, rbody = result
+            if not isinstance(rbody, BodyStream):
+                self.release(reader, writer, rheaders.get("connection", "").lower() != "close")
+            return result
+
+    def release(self, reader, writer, reusable):
+        self.busy.discard(writer)
+        if reusable and not self.closed and len(self.idle) < self.pool_size:
+            self.idle.append((reader, writer))
+        else:
+            writer.close()
+
+    def _drop(self, writer):
+        self.busy.discard(writer)
+        writer.close()
+
+    async def _open(self):
+        if self.closed:
+            raise HttpError("connection closed: the endpoint went away")
+        try:
+            return await self._connect()
+        except OSError as e:
+            where = self.unix_path or f"{self.host}:{self.port}"
+            raise HttpError(f"cannot connect to {where}: {os.strerror(e.errno) if e.errno else e}") from e
+
+    async def _read_response(self, reader, writer, method, deadline):
+        head = await read_head(reader)
+        if head is None:
+            raise EOFError("connection closed before a response")
+        start, headers = head
+        parts = start.split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not is_decimal(parts[1]):
+            raise HttpError(f"malformed status line {start[:40]!r}")
+        status = int(parts[1])
+        if status == 100:
+            return await self._read_response(reader, writer, method, deadline)
+        if method == "HEAD" or status in (204, 304):
+            return status, headers, b""
+        length = headers.get("content-length", "")
+        if self.length_only and not is_decimal(length):
+            raise HttpError("answer without Content-Length")
+        if (self.stream_over is not None and is_decimal(length) and int(length) > self.stream_over
+                and 200 <= status < 300):
+            if int(length) > self.max_body:
+                raise HttpError("body too large")
+            return status, headers, BodyStream(self, reader, writer, int(length),
+                                               headers.get("connection", "").lower() != "close", deadline)
+        if not length and headers.get("transfer-encoding", "").lower() != "chunked":
+            headers["connection"] = "close"            # the body ends when the connection does
+            return status, headers, await read_to_eof(reader, self.max_body)
+        return status, headers, await read_body(reader, headers, self.max_body)
+
+    def close(self):
+        """Close idle connections; new requests may still open fresh ones."""
+        for _, writer in self.idle:
+            writer.close()
+        self.idle.clear()
+
+    def abort(self):
+        """The endpoint is gone: fail requests in flight now and refuse new ones."""
+        self.closed = True
+        self.close()
+        for writer in list(self.busy):
+            writer.transport.abort()
+        self.busy.clear()
+
+
 class ClientWatch:
     """Cancels a request's task when its client hangs up while the answer is being made.
 
@@ -800,7 +853,7 @@ class CloudHypervisor:
         try:
             status, _, data = await self.http.request(method, f"/api/v1/{endpoint}", body, timeout)
         except HttpError as e:
-            raise HypervisorError(f"{endpoint}: {e}")
+            raise HypervisorError(f"{endpoint}: {e}") from e
         if status in (200, 204):
             return json.loads(data) if data.strip() else None
         raise HypervisorError(f"{endpoint}: HTTP {status}: {self.error_text(data)}")
@@ -1020,7 +1073,7 @@ class SerialConsole(BoundedReader):
             sock.connect(str(path))
         except OSError as e:
             sock.close()
-            raise HypervisorError(f"serial console socket {path}: {e.strerror or e}")
+            raise HypervisorError(f"serial console socket {path}: {e.strerror or e}") from e
         self.sink = sink
         super().__init__(sock.detach(), self.RATE, self.BURST)
 
@@ -1099,8 +1152,8 @@ async def run_cmd(*args, stdin=None, check=True):
         proc = await asyncio.create_subprocess_exec(
             *args, stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    except FileNotFoundError:
-        raise CommandError(f"{args[0]}: not installed (needed by cbox)")
+    except FileNotFoundError as e:
+        raise CommandError(f"{args[0]}: not installed (needed by cbox)") from e
     out, err = await proc.communicate(stdin.encode() if stdin is not None else None)
     if check and proc.returncode != 0:
         raise CommandError(f"{' '.join(args[:6])}: {err.decode(errors='replace').strip() or 'exit ' + str(proc.returncode)}")
@@ -1154,6 +1207,11 @@ def host_resolvers():
             if addr.version == 4 and not addr.is_loopback:
                 out.append(str(addr))
     return out
+
+
+def mac_for(ip):
+    """A locally administered MAC derived from the guest IP (unique per VM)."""
+    return "02:cb:" + ":".join(f"{b:02x}" for b in ipaddress.ip_address(ip).packed)
 
 
 FW_TAG = "cbox"
@@ -1358,11 +1416,6 @@ def tap_name(cid):
     return f"cbt{cid}"                    # at most 13 characters, below IFNAMSIZ
 
 
-def mac_for(ip):
-    """A locally administered MAC derived from the guest IP (unique per VM)."""
-    return "02:cb:" + ":".join(f"{b:02x}" for b in ipaddress.ip_address(ip).packed)
-
-
 def check_vm_name(name):
     if not isinstance(name, str) or not VM_NAME_RE.match(name):
         raise ApiError(400, "invalid vmName: use 1-63 characters of A-Z a-z 0-9 _ . - starting with a letter or digit")
@@ -1409,8 +1462,8 @@ def check_callback_url(url):
         raise ApiError(400, "callbackUrl must be an http:// or https:// URL")
     try:
         parts.port
-    except ValueError:
-        raise ApiError(400, "callbackUrl has a bad port")
+    except ValueError as e:
+        raise ApiError(400, "callbackUrl has a bad port") from e
     return url
 
 
@@ -1456,13 +1509,381 @@ def parse_json_body(data):
     try:
         return json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"malformed JSON: {e}")
-    except RecursionError:
-        raise ApiError(400, "malformed JSON: nested too deeply")
+        raise ApiError(400, f"malformed JSON: {e}") from e
+    except RecursionError as e:
+        raise ApiError(400, "malformed JSON: nested too deeply") from e
 
 
 # =============================================================================
-# 6. VM manager
+# 6. Callback bridge (guest -> vsock socket -> cbox -> callbackUrl)
+# =============================================================================
+
+CALLBACK_LINE_MAX = 1024 * 1024
+CALLBACK_PARSE_OFF_LOOP = 64 * 1024     # lines (and answers) above this are parsed in a thread
+CALLBACK_REFUSAL_PAUSE = 0.1            # a connection refused a callback (rate, in flight) waits this long
+CALLBACK_COUNTERS = ("connections", "callbacks", "refused_connections", "refused_fd_reserve", "refused_in_flight",
+                     "refused_rate", "throttled_bytes", "idle_timeouts", "read_timeouts", "write_timeouts",
+                     "oversize_lines", "bad_requests", "accept_errors", "log_lines_suppressed")
+
+
+class TokenBucket:
+    """`rate` tokens a second, at most `burst` saved up; charge() may overdraw (then wait())."""
+    __slots__ = ("rate", "burst", "tokens", "stamp")
+
+    def __init__(self, rate, burst):
+        self.rate, self.burst, self.tokens, self.stamp = rate, burst, burst, time.monotonic()
+
+    def _refill(self):
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def take(self, n=1):
+        self._refill()
+        if self.tokens < n:
+            return False
+        self.tokens -= n
+        return True
+
+    def charge(self, n):
+        self._refill()
+        self.tokens -= n
+
+    def wait(self):
+        """Seconds until the bucket is out of debt (0 when it is not)."""
+        self._refill()
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+
+
+def parse_callback_line(line, vm_name):
+    """A guest's request line -> (method, body bytes for the callback URL) or (None, error text).
+
+    Pure, so large lines can be parsed in a thread; every parse or encode failure
+    (RecursionError included: params may nest deeper than the encoder recurses) is an answer."""
+    try:
+        request = json.loads(line)
+        if not isinstance(request, dict) or not isinstance(request.get("method"), str) or not request["method"]:
+            return None, "callback request must be an object with a non-empty string 'method'"
+        if set(request) - {"method", "params"}:
+            return None, f"unknown callback request field(s): {', '.join(sorted(set(request) - {'method', 'params'}))}"
+        return request["method"], json_bytes({"vmName": vm_name, "method": request["method"],
+                                              "params": request.get("params")})
+    except RecursionError:
+        return None, "callback request is nested too deeply"
+    except (ValueError, UnicodeDecodeError):
+        return None, "callback request is not valid JSON"
+
+
+def answer_text(value):
+    try:
+        return json.dumps(value)
+    except (RecursionError, ValueError):
+        return "(error value nested too deeply)"
+
+
+def callback_reply(url, status, data):
+    """The callback URL's answer -> the guest's reply line (bytes, newline included)."""
+    if not 200 <= status < 300:
+        snippet = data[:200].decode("utf-8", "replace").strip()
+        reply = {"error": f"callback URL {url} answered HTTP {status}" + (f": {snippet}" if snippet else "")}
+    else:
+        try:
+            answer = json.loads(data)
+        except RecursionError:
+            reply = {"error": f"callback URL {url} answered JSON too deeply nested to parse"}
+        except (ValueError, UnicodeDecodeError):
+            reply = {"result": data.decode("utf-8", "replace")}
+        else:
+            if isinstance(answer, dict) and "result" in answer:
+                reply = {"result": answer["result"]}
+            elif isinstance(answer, dict) and "error" in answer:
+                err = answer["error"]
+                reply = {"error": err if isinstance(err, str) else answer_text(err)}
+            else:
+                reply = {"result": answer}
+    try:
+        return json_bytes(reply) + b"\n"
+    except (RecursionError, ValueError):
+        return json_bytes({"error": f"callback URL {url} answered JSON too deeply nested to pass on"}) + b"\n"
+
+
+def error_line(message):
+    return json_bytes({"error": message}) + b"\n"
+
+
+def close_socket(loop, sock):
+    """Close a socket used with loop.sock_*(): their cleanup (remove_reader of the fd) runs
+    later, when the fd may already belong to a new transport, which makes asyncio raise
+    RuntimeError there; removing the reader and writer now turns that cleanup into a no-op."""
+    fd = sock.fileno()
+    if fd >= 0:
+        loop.remove_reader(fd)
+        loop.remove_writer(fd)
+    sock.close()
+
+
+FD_LIMIT = [None]
+
+
+def raise_fd_limit():
+    """Soft RLIMIT_NOFILE up to the hard limit: guests' connections must not run cbox.py out
+    of descriptors at a distribution's default of 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as e:
+            log("cannot raise the file descriptor limit", soft=soft, hard=hard, error=repr(str(e)))
+    FD_LIMIT[0] = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return FD_LIMIT[0]
+
+
+def fd_limit():
+    if FD_LIMIT[0] is None:
+        FD_LIMIT[0] = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return FD_LIMIT[0]
+
+
+async def off_loop_if_large(size, fn, *args):
+    """fn(*args), in a thread when `size` bytes would keep the event loop busy for long."""
+    if size > CALLBACK_PARSE_OFF_LOOP:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
+
+
+class CallbackBridge:
+    """One VM's callback socket: the guest's JSON lines in, the callback URL's answers out.
+
+    The guest is hostile, so everything it can make cbox.py spend is budgeted per VM
+    (config keys callback_*): open connections, callbacks in flight, callbacks and
+    bytes a second, idle / read / write time per connection, log lines a second.
+    Over a budget the guest gets an error line at once and nothing is forwarded.
+    The socket is accepted here rather than by asyncio's server, so a full fd table
+    (EMFILE) backs off quietly instead of logging a traceback per attempt, and the
+    last `fd_reserve` descriptors stay free for the API and the other VMs.
+    `counters` counts every budget hit (for a metrics endpoint; logged at close)."""
+
+    def __init__(self, cfg, vm, clients):
+        self.cfg, self.vm, self.clients = cfg, vm, clients      # clients: the shared URL client pool
+        self.counters = dict.fromkeys(CALLBACK_COUNTERS, 0)
+        self.tasks = set()                 # one per open connection
+        self.in_flight = 0
+        self.calls = TokenBucket(cfg.callback_rate_per_s, max(1.0, cfg.callback_rate_per_s))
+        self.bytes = TokenBucket(cfg.callback_bytes_per_s, max(cfg.callback_bytes_per_s, CALLBACK_LINE_MAX + 1))
+        self.log_lines = TokenBucket(cfg.callback_log_lines_per_s, max(1.0, cfg.callback_log_lines_per_s))
+        self.suppressed = 0
+        self.listener = None
+        self.accepting = None
+
+    # ---- listening and admission ----------------------------------------------
+
+    def listen(self, path):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(path))
+            sock.listen(128)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self.listener = sock
+        self.accepting = asyncio.get_running_loop().create_task(self._accept_loop())
+
+    async def _accept_loop(self):
+        loop = asyncio.get_running_loop()
+        backoff = 0.01
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(self.listener)
+            except OSError as e:
+                if e.errno in (errno.ECONNABORTED, errno.EINTR, errno.EAGAIN):
+                    continue
+                # EMFILE / ENFILE / ENOBUFS / ENOMEM: wait for descriptors or memory to come back
+                self.counters["accept_errors"] += 1
+                self.note("callback socket cannot accept", error=repr(os.strerror(e.errno) if e.errno else str(e)),
+                          retry_s=f"{backoff:g}")
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+                continue
+            backoff = 0.01
+            # sock_accept does not yield while connections are pending: yield here, and after a
+            # refusal pause, so a guest reconnecting in a loop gets ~100 refusals a second and
+            # never holds the loop. Its further connects wait in the backlog: Cloud Hypervisor
+            # connects for the guest with a blocking connect() (virtio-devices/src/vsock/unix/
+            # muxer.rs, handle_peer_request_pkt), so only that VM's own vsock device waits.
+            await asyncio.sleep(0 if self._admit(conn) else 0.01)
+
+    def _admit(self, conn):
+        """Start serving a new connection, or answer it with an error line and close it."""
+        if conn.fileno() >= fd_limit() - self.cfg.fd_reserve:
+            reason, counter = "cbox.py is short of file descriptors", "refused_fd_reserve"
+        elif len(self.tasks) >= self.cfg.callback_max_connections:
+            reason = f"too many open callback connections (at most {self.cfg.callback_max_connections} per VM)"
+            counter = "refused_connections"
+        else:
+            self.counters["connections"] += 1
+            task = asyncio.get_running_loop().create_task(self._connection(conn))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+            return True
+        self.counters[counter] += 1
+        self.note("callback connection refused", reason=repr(reason))
+        with contextlib.suppress(OSError):
+            conn.send(error_line(reason))          # a fresh socket's buffer takes one short line
+        conn.close()
+        return False
+
+    def close(self):
+        if self.accepting:
+            self.accepting.cancel()
+            self.accepting = None
+        if self.listener:
+            close_socket(asyncio.get_running_loop(), self.listener)
+            self.listener = None
+        for task in list(self.tasks):
+            task.cancel()
+        if any(self.counters[k] for k in CALLBACK_COUNTERS[2:]) or self.suppressed:
+            log("callback budgets", vm=self.vm.vmName, suppressed=self.suppressed or None,
+                **{k: v for k, v in self.counters.items() if v})
+
+    def note(self, msg, **fields):
+        """A log line, at most callback_log_lines_per_s a second per VM; the rest are counted."""
+        if not self.log_lines.take():
+            self.suppressed += 1
+            self.counters["log_lines_suppressed"] += 1
+            return
+        log(msg, vm=self.vm.vmName, suppressed=self.suppressed or None, **fields)
+        self.suppressed = 0
+
+    # ---- one connection ---------------------------------------------------------
+
+    async def _connection(self, sock):
+        """JSON lines in, JSON lines out, in order, one callback at a time per connection."""
+        loop = asyncio.get_running_loop()
+        buf = bytearray()
+        try:
+            while True:
+                line = await self._read_line(loop, sock, buf)
+                if line is None:
+                    return
+                reply, refused = await self._answer(line)
+                try:
+                    await within(self.cfg.callback_write_timeout_s, loop.sock_sendall(sock, reply))
+                except asyncio.TimeoutError:
+                    self.counters["write_timeouts"] += 1
+                    self.note("callback connection closed: the guest does not read its replies")
+                    return
+                # sock_recv and sock_sendall finish without yielding when they can: a guest
+                # pipelining lines that are answered at once (errors) must not hold the loop;
+                # after a refusal the connection waits, so refusing costs little too
+                await asyncio.sleep(CALLBACK_REFUSAL_PAUSE if refused else 0)
+        except OSError:
+            pass
+        finally:
+            close_socket(loop, sock)
+
+    async def _read_line(self, loop, sock, buf):
+        """The next non-blank line (bytes), or None when the connection is to close.
+
+        Reads only what a line may hold (so a guest pins at most CALLBACK_LINE_MAX
+        bytes per connection; what it pipelines waits in the kernel's buffer), at the
+        VM's byte rate, within the idle timeout before a line and the read timeout
+        during one."""
+        scanned, deadline = 0, None
+        while True:
+            end = buf.find(b"\n", scanned)
+            if end >= 0:
+                line = bytes(buf[:end + 1])
+                del buf[:end + 1]
+                if line.strip():
+                    return line
+                scanned, deadline = 0, None
+                continue
+            scanned = len(buf)
+            if scanned > CALLBACK_LINE_MAX:
+                self.counters["oversize_lines"] += 1
+                await self._send_final(loop, sock, error_line("callback request larger than 1 MiB"))
+                return None
+            if scanned and deadline is None:
+                deadline = loop.time() + self.cfg.callback_read_timeout_s
+            timeout = self.cfg.callback_idle_timeout_s if deadline is None else deadline - loop.time()
+            pause = self.bytes.wait()
+            if pause:
+                self.counters["throttled_bytes"] += 1
+                await asyncio.sleep(pause)
+            want = min(256 * 1024, CALLBACK_LINE_MAX + 1 - scanned)
+            try:
+                data = await within(max(timeout, 0.0), loop.sock_recv(sock, want))
+            except asyncio.TimeoutError:
+                what = "idle_timeouts" if deadline is None else "read_timeouts"
+                self.counters[what] += 1
+                if deadline is not None:
+                    await self._send_final(loop, sock, error_line(
+                        f"callback request not received within {fmt_seconds(self.cfg.callback_read_timeout_s)}"))
+                return None
+            if not data:
+                return bytes(buf) if buf.strip() else None
+            self.bytes.charge(len(data))
+            buf += data
+
+    async def _send_final(self, loop, sock, data):
+        with contextlib.suppress(OSError, asyncio.TimeoutError):
+            await within(self.cfg.callback_write_timeout_s, loop.sock_sendall(sock, data))
+
+    async def _answer(self, line):
+        """(reply line, refused) for one request line, within the VM's rate and in-flight budgets."""
+        t0 = time.monotonic()
+        if not self.calls.take():
+            self.counters["refused_rate"] += 1
+            self.note("callback refused", reason="rate")
+            return error_line(f"too many callbacks (at most {self.cfg.callback_rate_per_s:g} a second per VM)"), True
+        if self.in_flight >= self.cfg.callback_max_in_flight:
+            self.counters["refused_in_flight"] += 1
+            self.note("callback refused", reason="in_flight")
+            return error_line(f"too many callbacks in flight (at most {self.cfg.callback_max_in_flight} per VM)"), True
+        self.in_flight += 1
+        try:
+            self.counters["callbacks"] += 1
+            method, body = await off_loop_if_large(len(line), parse_callback_line, line, self.vm.vmName)
+            if method is None:
+                self.counters["bad_requests"] += 1
+                return error_line(body), False
+            reply = await self.forward(body)
+        finally:
+            self.in_flight -= 1
+        self.note("callback", method=repr(method[:60]), ok=not reply.startswith(b'{"error"'),
+                  ms=f"{(time.monotonic() - t0) * 1000:.1f}")
+        return reply, False
+
+    async def forward(self, body):
+        url = self.vm.callbackUrl
+        if not url:
+            return error_line(f"VM '{self.vm.vmName}' has no callbackUrl")
+        parts = urllib.parse.urlsplit(url)
+        client = self.callback_client(parts)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        try:
+            status, _, data = await client.request("POST", target, body, timeout=self.cfg.callback_timeout_s)
+        except HttpError as e:
+            return error_line(f"callback URL {url} failed: {e}")
+        return await off_loop_if_large(len(data), callback_reply, url, status, data)
+
+    def callback_client(self, parts):
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        key = (parts.scheme, parts.hostname, port)
+        client = self.clients.get(key)
+        if client is None:
+            client = HttpClient(host=parts.hostname, port=port, tls=parts.scheme == "https",
+                                max_body=16 * 1024 * 1024, quick_ack=True)
+            self.clients[key] = client
+        return client
+
+
+# =============================================================================
+# 7. VM manager
 # =============================================================================
 
 def proc_start_time(pid):
@@ -1616,44 +2037,6 @@ class VmPaths:
         self.chv_out = self.vm_dir / "cloud-hypervisor.out"
 
 
-def write_atomically(path, data):
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:                     # a full disk must not leave the temporary file behind
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-
-
-def tail_bytes(path, limit):
-    """The last `limit` bytes of a file (b"" when it is missing)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - limit))
-            return f.read()
-    except OSError:
-        return b""
-
-
-def tail_file(path, limit=64 * 1024):
-    return tail_bytes(path, limit).decode("utf-8", "replace")
-
-
-def file_size(path):
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        return 0
-
-
-VMM_LOG_TAIL = 1024 * 1024          # the most of a VMM's log cbox.py reads (reset_in_vmm_log)
 VMM_LOG_CHECK_S = 2.0               # how often the VMM logs' disk use is checked
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 _fallocate = None
@@ -1815,6 +2198,90 @@ def agent_errors():
         raise ApiError(e.status, str(e)) from e
 
 
+def host_memory_mb():
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    return 0
+
+
+def copy_sparse(src, dest):
+    """Copy a file's data extents only (SEEK_DATA/SEEK_HOLE), keeping it sparse."""
+    with open(src, "rb") as fin, open(dest, "wb") as fout:
+        size = os.fstat(fin.fileno()).st_size
+        fout.truncate(size)
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fin.fileno(), pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:     # only a hole is left
+                    break
+                raise
+            end = os.lseek(fin.fileno(), start, os.SEEK_HOLE)
+            offset = start
+            while offset < end:
+                copied = os.copy_file_range(fin.fileno(), fout.fileno(), end - offset, offset, offset)
+                if copied == 0:
+                    raise OSError(f"short copy of {src}")
+                offset += copied
+            pos = end
+
+
+class StatefulDisks:
+    """Each VM's sparse ext4 disk (vdb), copied from one formatted template per size:
+    one mke2fs per size instead of one per VM. Each copy then gets a filesystem UUID
+    of its own; the template has metadata_csum_seed, so that only rewrites the
+    superblocks (tune2fs, ~2 ms) instead of every metadata checksum."""
+
+    TEMPLATE_VERSION = 2      # 1: no metadata_csum_seed (a new UUID would need a full fsck)
+
+    def __init__(self, directory):
+        self.dir = Path(directory)
+        self.lock = asyncio.Lock()
+
+    async def template(self, size_mb):
+        path = self.dir / f"stateful-{size_mb}mb.v{self.TEMPLATE_VERSION}.ext4"
+        async with self.lock:
+            if not path.exists():
+                self.dir.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(path.name + ".tmp")
+                try:
+                    with open(tmp, "wb") as f:
+                        f.truncate(size_mb * 1024 * 1024)
+                    await run_cmd("mke2fs", "-q", "-F", "-t", "ext4", "-O", "metadata_csum_seed", "-E",
+                                  "lazy_itable_init=1,lazy_journal_init=1", "-L", "cbox-state", str(tmp))
+                    os.replace(tmp, path)
+                finally:
+                    if tmp.exists():
+                        tmp.unlink()
+                with contextlib.suppress(FileNotFoundError):   # the version 1 template of this size
+                    (self.dir / f"stateful-{size_mb}mb.ext4").unlink()
+        return path
+
+    async def create(self, dest, size_mb):
+        await asyncio.to_thread(copy_sparse, await self.template(size_mb), dest)
+        await run_cmd("tune2fs", "-U", str(uuid.uuid4()), str(dest))
+
+
+def spawn_vmm(chv_bin, paths):
+    """Start cloud-hypervisor in a session of its own (so killpg reaches all of it)."""
+    out = os.open(paths.chv_out, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        argv = [chv_bin, "--api-socket", f"path={paths.api_socket}", "--event-monitor", f"path={paths.events_fifo}",
+                "--log-file", str(paths.chv_log), "-v"]
+        spawn = os.posix_spawn if "/" in chv_bin else os.posix_spawnp
+        return spawn(chv_bin, argv, dict(os.environ), setsid=True, file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, out, 1),
+            (os.POSIX_SPAWN_DUP2, out, 2)])
+    except OSError as e:
+        raise HypervisorError(f"cannot run chv_bin {chv_bin}: {e.strerror}") from e
+    finally:
+        os.close(out)
+
+
 # Disk serials the guest's initramfs finds its disks by (/sys/block/vd*/serial; at
 # most 20 bytes, VIRTIO_BLK_ID_BYTES, checked by CHV's DiskConfig::validate).
 # cbox.state=<serial> on the kernel command line promises the state disk: a guest
@@ -1886,7 +2353,7 @@ class VMManager:
                 message = f"starting VM '{name}' failed at step {clock.current}: {e}; console: {console_tail(self.console_log(vm))}"
                 log("start failed", vm=name, step=clock.current, error=repr(str(e)))
                 await self.teardown(vm, graceful=False)
-                raise ApiError(e.status if isinstance(e, ApiError) else 500, message)
+                raise ApiError(e.status if isinstance(e, ApiError) else 500, message) from e
         log("VM running", vm=name, ip=vm.ip, cid=cid, ms=f"{clock.total_ms():.1f}")
         return vm
 
@@ -1964,9 +2431,9 @@ class VMManager:
                                       f"see {vm.paths.chv_out}")
             try:
                 return await vm.chv.ping(timeout=1.0)
-            except HypervisorError:
+            except HypervisorError as e:
                 if time.monotonic() > deadline:
-                    raise HypervisorError(f"API socket did not answer within {fmt_seconds(timeout)}")
+                    raise HypervisorError(f"API socket did not answer within {fmt_seconds(timeout)}") from e
                 await asyncio.sleep(0.005)
 
     async def wait_for_agent(self, vm):
@@ -2287,462 +2754,8 @@ class VMManager:
         vm.callback_server.listen(vm.paths.callback_socket)
 
 
-# ---- the callback bridge (guest -> vsock socket -> cbox -> callbackUrl) ---------------------------
-
-CALLBACK_LINE_MAX = 1024 * 1024
-CALLBACK_PARSE_OFF_LOOP = 64 * 1024     # lines (and answers) above this are parsed in a thread
-CALLBACK_REFUSAL_PAUSE = 0.1            # a connection refused a callback (rate, in flight) waits this long
-CALLBACK_COUNTERS = ("connections", "callbacks", "refused_connections", "refused_fd_reserve", "refused_in_flight",
-                     "refused_rate", "throttled_bytes", "idle_timeouts", "read_timeouts", "write_timeouts",
-                     "oversize_lines", "bad_requests", "accept_errors", "log_lines_suppressed")
-
-
-class TokenBucket:
-    """`rate` tokens a second, at most `burst` saved up; charge() may overdraw (then wait())."""
-    __slots__ = ("rate", "burst", "tokens", "stamp")
-
-    def __init__(self, rate, burst):
-        self.rate, self.burst, self.tokens, self.stamp = rate, burst, burst, time.monotonic()
-
-    def _refill(self):
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-
-    def take(self, n=1):
-        self._refill()
-        if self.tokens < n:
-            return False
-        self.tokens -= n
-        return True
-
-    def charge(self, n):
-        self._refill()
-        self.tokens -= n
-
-    def wait(self):
-        """Seconds until the bucket is out of debt (0 when it is not)."""
-        self._refill()
-        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
-
-
-def parse_callback_line(line, vm_name):
-    """A guest's request line -> (method, body bytes for the callback URL) or (None, error text).
-
-    Pure, so large lines can be parsed in a thread; every parse or encode failure
-    (RecursionError included: params may nest deeper than the encoder recurses) is an answer."""
-    try:
-        request = json.loads(line)
-        if not isinstance(request, dict) or not isinstance(request.get("method"), str) or not request["method"]:
-            return None, "callback request must be an object with a non-empty string 'method'"
-        if set(request) - {"method", "params"}:
-            return None, f"unknown callback request field(s): {', '.join(sorted(set(request) - {'method', 'params'}))}"
-        return request["method"], json_bytes({"vmName": vm_name, "method": request["method"],
-                                              "params": request.get("params")})
-    except RecursionError:
-        return None, "callback request is nested too deeply"
-    except (ValueError, UnicodeDecodeError):
-        return None, "callback request is not valid JSON"
-
-
-def callback_reply(url, status, data):
-    """The callback URL's answer -> the guest's reply line (bytes, newline included)."""
-    if not 200 <= status < 300:
-        snippet = data[:200].decode("utf-8", "replace").strip()
-        reply = {"error": f"callback URL {url} answered HTTP {status}" + (f": {snippet}" if snippet else "")}
-    else:
-        try:
-            answer = json.loads(data)
-        except RecursionError:
-            reply = {"error": f"callback URL {url} answered JSON too deeply nested to parse"}
-        except (ValueError, UnicodeDecodeError):
-            reply = {"result": data.decode("utf-8", "replace")}
-        else:
-            if isinstance(answer, dict) and "result" in answer:
-                reply = {"result": answer["result"]}
-            elif isinstance(answer, dict) and "error" in answer:
-                err = answer["error"]
-                reply = {"error": err if isinstance(err, str) else answer_text(err)}
-            else:
-                reply = {"result": answer}
-    try:
-        return json_bytes(reply) + b"\n"
-    except (RecursionError, ValueError):
-        return json_bytes({"error": f"callback URL {url} answered JSON too deeply nested to pass on"}) + b"\n"
-
-
-def answer_text(value):
-    try:
-        return json.dumps(value)
-    except (RecursionError, ValueError):
-        return "(error value nested too deeply)"
-
-
-def error_line(message):
-    return json_bytes({"error": message}) + b"\n"
-
-
-class CallbackBridge:
-    """One VM's callback socket: the guest's JSON lines in, the callback URL's answers out.
-
-    The guest is hostile, so everything it can make cbox.py spend is budgeted per VM
-    (config keys callback_*): open connections, callbacks in flight, callbacks and
-    bytes a second, idle / read / write time per connection, log lines a second.
-    Over a budget the guest gets an error line at once and nothing is forwarded.
-    The socket is accepted here rather than by asyncio's server, so a full fd table
-    (EMFILE) backs off quietly instead of logging a traceback per attempt, and the
-    last `fd_reserve` descriptors stay free for the API and the other VMs.
-    `counters` counts every budget hit (for a metrics endpoint; logged at close)."""
-
-    def __init__(self, cfg, vm, clients):
-        self.cfg, self.vm, self.clients = cfg, vm, clients      # clients: the shared URL client pool
-        self.counters = dict.fromkeys(CALLBACK_COUNTERS, 0)
-        self.tasks = set()                 # one per open connection
-        self.in_flight = 0
-        self.calls = TokenBucket(cfg.callback_rate_per_s, max(1.0, cfg.callback_rate_per_s))
-        self.bytes = TokenBucket(cfg.callback_bytes_per_s, max(cfg.callback_bytes_per_s, CALLBACK_LINE_MAX + 1))
-        self.log_lines = TokenBucket(cfg.callback_log_lines_per_s, max(1.0, cfg.callback_log_lines_per_s))
-        self.suppressed = 0
-        self.listener = None
-        self.accepting = None
-
-    # ---- listening and admission ----------------------------------------------
-
-    def listen(self, path):
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(str(path))
-            sock.listen(128)
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
-        self.listener = sock
-        self.accepting = asyncio.get_running_loop().create_task(self._accept_loop())
-
-    async def _accept_loop(self):
-        loop = asyncio.get_running_loop()
-        backoff = 0.01
-        while True:
-            try:
-                conn, _ = await loop.sock_accept(self.listener)
-            except OSError as e:
-                if e.errno in (errno.ECONNABORTED, errno.EINTR, errno.EAGAIN):
-                    continue
-                # EMFILE / ENFILE / ENOBUFS / ENOMEM: wait for descriptors or memory to come back
-                self.counters["accept_errors"] += 1
-                self.note("callback socket cannot accept", error=repr(os.strerror(e.errno) if e.errno else str(e)),
-                          retry_s=f"{backoff:g}")
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 1.0)
-                continue
-            backoff = 0.01
-            # sock_accept does not yield while connections are pending: yield here, and after a
-            # refusal pause, so a guest reconnecting in a loop gets ~100 refusals a second and
-            # never holds the loop. Its further connects wait in the backlog: Cloud Hypervisor
-            # connects for the guest with a blocking connect() (virtio-devices/src/vsock/unix/
-            # muxer.rs, handle_peer_request_pkt), so only that VM's own vsock device waits.
-            await asyncio.sleep(0 if self._admit(conn) else 0.01)
-
-    def _admit(self, conn):
-        """Start serving a new connection, or answer it with an error line and close it."""
-        if conn.fileno() >= fd_limit() - self.cfg.fd_reserve:
-            reason, counter = "cbox.py is short of file descriptors", "refused_fd_reserve"
-        elif len(self.tasks) >= self.cfg.callback_max_connections:
-            reason = f"too many open callback connections (at most {self.cfg.callback_max_connections} per VM)"
-            counter = "refused_connections"
-        else:
-            self.counters["connections"] += 1
-            task = asyncio.get_running_loop().create_task(self._connection(conn))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
-            return True
-        self.counters[counter] += 1
-        self.note("callback connection refused", reason=repr(reason))
-        with contextlib.suppress(OSError):
-            conn.send(error_line(reason))          # a fresh socket's buffer takes one short line
-        conn.close()
-        return False
-
-    def close(self):
-        if self.accepting:
-            self.accepting.cancel()
-            self.accepting = None
-        if self.listener:
-            close_socket(asyncio.get_running_loop(), self.listener)
-            self.listener = None
-        for task in list(self.tasks):
-            task.cancel()
-        if any(self.counters[k] for k in CALLBACK_COUNTERS[2:]) or self.suppressed:
-            log("callback budgets", vm=self.vm.vmName, suppressed=self.suppressed or None,
-                **{k: v for k, v in self.counters.items() if v})
-
-    def note(self, msg, **fields):
-        """A log line, at most callback_log_lines_per_s a second per VM; the rest are counted."""
-        if not self.log_lines.take():
-            self.suppressed += 1
-            self.counters["log_lines_suppressed"] += 1
-            return
-        log(msg, vm=self.vm.vmName, suppressed=self.suppressed or None, **fields)
-        self.suppressed = 0
-
-    # ---- one connection ---------------------------------------------------------
-
-    async def _connection(self, sock):
-        """JSON lines in, JSON lines out, in order, one callback at a time per connection."""
-        loop = asyncio.get_running_loop()
-        buf = bytearray()
-        try:
-            while True:
-                line = await self._read_line(loop, sock, buf)
-                if line is None:
-                    return
-                reply, refused = await self._answer(line)
-                try:
-                    await within(self.cfg.callback_write_timeout_s, loop.sock_sendall(sock, reply))
-                except asyncio.TimeoutError:
-                    self.counters["write_timeouts"] += 1
-                    self.note("callback connection closed: the guest does not read its replies")
-                    return
-                # sock_recv and sock_sendall finish without yielding when they can: a guest
-                # pipelining lines that are answered at once (errors) must not hold the loop;
-                # after a refusal the connection waits, so refusing costs little too
-                await asyncio.sleep(CALLBACK_REFUSAL_PAUSE if refused else 0)
-        except OSError:
-            pass
-        finally:
-            close_socket(loop, sock)
-
-    async def _read_line(self, loop, sock, buf):
-        """The next non-blank line (bytes), or None when the connection is to close.
-
-        Reads only what a line may hold (so a guest pins at most CALLBACK_LINE_MAX
-        bytes per connection; what it pipelines waits in the kernel's buffer), at the
-        VM's byte rate, within the idle timeout before a line and the read timeout
-        during one."""
-        scanned, deadline = 0, None
-        while True:
-            end = buf.find(b"\n", scanned)
-            if end >= 0:
-                line = bytes(buf[:end + 1])
-                del buf[:end + 1]
-                if line.strip():
-                    return line
-                scanned, deadline = 0, None
-                continue
-            scanned = len(buf)
-            if scanned > CALLBACK_LINE_MAX:
-                self.counters["oversize_lines"] += 1
-                await self._send_final(loop, sock, error_line("callback request larger than 1 MiB"))
-                return None
-            if scanned and deadline is None:
-                deadline = loop.time() + self.cfg.callback_read_timeout_s
-            timeout = self.cfg.callback_idle_timeout_s if deadline is None else deadline - loop.time()
-            pause = self.bytes.wait()
-            if pause:
-                self.counters["throttled_bytes"] += 1
-                await asyncio.sleep(pause)
-            want = min(256 * 1024, CALLBACK_LINE_MAX + 1 - scanned)
-            try:
-                data = await within(max(timeout, 0.0), loop.sock_recv(sock, want))
-            except asyncio.TimeoutError:
-                what = "idle_timeouts" if deadline is None else "read_timeouts"
-                self.counters[what] += 1
-                if deadline is not None:
-                    await self._send_final(loop, sock, error_line(
-                        f"callback request not received within {fmt_seconds(self.cfg.callback_read_timeout_s)}"))
-                return None
-            if not data:
-                return bytes(buf) if buf.strip() else None
-            self.bytes.charge(len(data))
-            buf += data
-
-    async def _send_final(self, loop, sock, data):
-        with contextlib.suppress(OSError, asyncio.TimeoutError):
-            await within(self.cfg.callback_write_timeout_s, loop.sock_sendall(sock, data))
-
-    async def _answer(self, line):
-        """(reply line, refused) for one request line, within the VM's rate and in-flight budgets."""
-        t0 = time.monotonic()
-        if not self.calls.take():
-            self.counters["refused_rate"] += 1
-            self.note("callback refused", reason="rate")
-            return error_line(f"too many callbacks (at most {self.cfg.callback_rate_per_s:g} a second per VM)"), True
-        if self.in_flight >= self.cfg.callback_max_in_flight:
-            self.counters["refused_in_flight"] += 1
-            self.note("callback refused", reason="in_flight")
-            return error_line(f"too many callbacks in flight (at most {self.cfg.callback_max_in_flight} per VM)"), True
-        self.in_flight += 1
-        try:
-            self.counters["callbacks"] += 1
-            method, body = await off_loop_if_large(len(line), parse_callback_line, line, self.vm.vmName)
-            if method is None:
-                self.counters["bad_requests"] += 1
-                return error_line(body), False
-            reply = await self.forward(body)
-        finally:
-            self.in_flight -= 1
-        self.note("callback", method=repr(method[:60]), ok=not reply.startswith(b'{"error"'),
-                  ms=f"{(time.monotonic() - t0) * 1000:.1f}")
-        return reply, False
-
-    async def forward(self, body):
-        url = self.vm.callbackUrl
-        if not url:
-            return error_line(f"VM '{self.vm.vmName}' has no callbackUrl")
-        parts = urllib.parse.urlsplit(url)
-        client = self.callback_client(parts)
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        try:
-            status, _, data = await client.request("POST", target, body, timeout=self.cfg.callback_timeout_s)
-        except HttpError as e:
-            return error_line(f"callback URL {url} failed: {e}")
-        return await off_loop_if_large(len(data), callback_reply, url, status, data)
-
-    def callback_client(self, parts):
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        key = (parts.scheme, parts.hostname, port)
-        client = self.clients.get(key)
-        if client is None:
-            client = HttpClient(host=parts.hostname, port=port, tls=parts.scheme == "https",
-                                max_body=16 * 1024 * 1024, quick_ack=True)
-            self.clients[key] = client
-        return client
-
-
-def close_socket(loop, sock):
-    """Close a socket used with loop.sock_*(): their cleanup (remove_reader of the fd) runs
-    later, when the fd may already belong to a new transport, which makes asyncio raise
-    RuntimeError there; removing the reader and writer now turns that cleanup into a no-op."""
-    fd = sock.fileno()
-    if fd >= 0:
-        loop.remove_reader(fd)
-        loop.remove_writer(fd)
-    sock.close()
-
-
-def raise_fd_limit():
-    """Soft RLIMIT_NOFILE up to the hard limit: guests' connections must not run cbox.py out
-    of descriptors at a distribution's default of 1024."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError) as e:
-            log("cannot raise the file descriptor limit", soft=soft, hard=hard, error=repr(str(e)))
-    FD_LIMIT[0] = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    return FD_LIMIT[0]
-
-
-FD_LIMIT = [None]
-
-
-def fd_limit():
-    if FD_LIMIT[0] is None:
-        FD_LIMIT[0] = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    return FD_LIMIT[0]
-
-
-async def off_loop_if_large(size, fn, *args):
-    """fn(*args), in a thread when `size` bytes would keep the event loop busy for long."""
-    if size > CALLBACK_PARSE_OFF_LOOP:
-        return await asyncio.to_thread(fn, *args)
-    return fn(*args)
-
-
-def host_memory_mb():
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) // 1024
-    return 0
-
-
-def remove_tree(path):
-    shutil.rmtree(path, ignore_errors=True)
-
-
-class StatefulDisks:
-    """Each VM's sparse ext4 disk (vdb), copied from one formatted template per size:
-    one mke2fs per size instead of one per VM. Each copy then gets a filesystem UUID
-    of its own; the template has metadata_csum_seed, so that only rewrites the
-    superblocks (tune2fs, ~2 ms) instead of every metadata checksum."""
-
-    TEMPLATE_VERSION = 2      # 1: no metadata_csum_seed (a new UUID would need a full fsck)
-
-    def __init__(self, directory):
-        self.dir = Path(directory)
-        self.lock = asyncio.Lock()
-
-    async def template(self, size_mb):
-        path = self.dir / f"stateful-{size_mb}mb.v{self.TEMPLATE_VERSION}.ext4"
-        async with self.lock:
-            if not path.exists():
-                self.dir.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(path.name + ".tmp")
-                try:
-                    with open(tmp, "wb") as f:
-                        f.truncate(size_mb * 1024 * 1024)
-                    await run_cmd("mke2fs", "-q", "-F", "-t", "ext4", "-O", "metadata_csum_seed", "-E",
-                                  "lazy_itable_init=1,lazy_journal_init=1", "-L", "cbox-state", str(tmp))
-                    os.replace(tmp, path)
-                finally:
-                    if tmp.exists():
-                        tmp.unlink()
-                with contextlib.suppress(FileNotFoundError):   # the version 1 template of this size
-                    (self.dir / f"stateful-{size_mb}mb.ext4").unlink()
-        return path
-
-    async def create(self, dest, size_mb):
-        await asyncio.to_thread(copy_sparse, await self.template(size_mb), dest)
-        await run_cmd("tune2fs", "-U", str(uuid.uuid4()), str(dest))
-
-
-def copy_sparse(src, dest):
-    """Copy a file's data extents only (SEEK_DATA/SEEK_HOLE), keeping it sparse."""
-    with open(src, "rb") as fin, open(dest, "wb") as fout:
-        size = os.fstat(fin.fileno()).st_size
-        fout.truncate(size)
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(fin.fileno(), pos, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno == errno.ENXIO:     # only a hole is left
-                    break
-                raise
-            end = os.lseek(fin.fileno(), start, os.SEEK_HOLE)
-            offset = start
-            while offset < end:
-                copied = os.copy_file_range(fin.fileno(), fout.fileno(), end - offset, offset, offset)
-                if copied == 0:
-                    raise OSError(f"short copy of {src}")
-                offset += copied
-            pos = end
-
-
-def spawn_vmm(chv_bin, paths):
-    """Start cloud-hypervisor in a session of its own (so killpg reaches all of it)."""
-    out = os.open(paths.chv_out, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        argv = [chv_bin, "--api-socket", f"path={paths.api_socket}", "--event-monitor", f"path={paths.events_fifo}",
-                "--log-file", str(paths.chv_log), "-v"]
-        spawn = os.posix_spawn if "/" in chv_bin else os.posix_spawnp
-        return spawn(chv_bin, argv, dict(os.environ), setsid=True, file_actions=[
-            (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-            (os.POSIX_SPAWN_DUP2, out, 1),
-            (os.POSIX_SPAWN_DUP2, out, 2)])
-    except OSError as e:
-        raise HypervisorError(f"cannot run chv_bin {chv_bin}: {e.strerror}")
-    finally:
-        os.close(out)
-
-
 # =============================================================================
-# 7. REST server
+# 8. REST server
 # =============================================================================
 
 def log_request(method, target, status, t0, vm_name=None):
@@ -2884,10 +2897,10 @@ class RestServer:
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         try:
             return await within(self.cfg.http_body_timeout_s, reader.readexactly(size))
-        except asyncio.TimeoutError:
-            raise ApiError(408, f"request body not received within {fmt_seconds(self.cfg.http_body_timeout_s)}")
+        except asyncio.TimeoutError as e:
+            raise ApiError(408, f"request body not received within {fmt_seconds(self.cfg.http_body_timeout_s)}") from e
         except asyncio.IncompleteReadError as e:
-            raise ApiError(400, f"connection closed inside the request body ({len(e.partial)} of {length} bytes)")
+            raise ApiError(400, f"connection closed inside the request body ({len(e.partial)} of {length} bytes)") from e
 
     async def discard_body(self, reader, headers, limit=256 * 1024 * 1024, timeout=10.0):
         """Read and drop a refused body, so the client sees the 413 rather than a reset."""
@@ -2979,7 +2992,7 @@ class RestServer:
 
 
 # =============================================================================
-# 8. CLI
+# 9. CLI
 # =============================================================================
 
 def resolve_chv_bin(cfg):
@@ -3007,6 +3020,12 @@ def preflight(cfg):
         if not shutil.which(tool) and (tool != "iptables" or cfg.firewall):
             problems.append(f"{tool} is not installed (Debian package {package})")
     return problems
+
+
+def missing_images(cfg):
+    """The configured guest images that are not readable files, as 'key path'."""
+    return [f"{key} {cfg.path(getattr(cfg, key))}" for key in ("kernel", "initramfs", "rootfs")
+            if getattr(cfg, key) and not os.access(cfg.path(getattr(cfg, key)), os.R_OK)]
 
 
 async def serve(cfg):
@@ -3092,12 +3111,6 @@ print(json.dumps({"ms": times}))
 """
 
 
-def missing_images(cfg):
-    """The configured guest images that are not readable files, as 'key path'."""
-    return [f"{key} {cfg.path(getattr(cfg, key))}" for key in ("kernel", "initramfs", "rootfs")
-            if getattr(cfg, key) and not os.access(cfg.path(getattr(cfg, key)), os.R_OK)]
-
-
 def one_line(text, limit=300):
     """A hint's evidence on one line, its end kept (the newest lines matter)."""
     text = " | ".join(line.strip() for line in str(text).splitlines() if line.strip())
@@ -3180,6 +3193,10 @@ class LocalVMs:
         await self.manager.destroy(name)
 
 
+def vm_path(name, suffix=""):
+    return "/v1/vms/" + urllib.parse.quote(name, safe="") + suffix
+
+
 class RemoteVMs:
     """selftest's VM through the REST API of the cbox.py serving this config."""
 
@@ -3191,7 +3208,7 @@ class RemoteVMs:
         try:
             status, _, data = await self.client.request(method, path, body, timeout=timeout, headers=headers)
         except HttpError as e:
-            raise ApiError(502, f"cbox.py at {self.url}: {e}")
+            raise ApiError(502, f"cbox.py at {self.url}: {e}") from e
         try:
             payload = json.loads(data)
         except ValueError:
@@ -3282,6 +3299,13 @@ class HostFootprint:
         for directory in reversed(self.new_dirs):
             remove_tree(directory)
         return problems
+
+
+class SimpleVM:
+    """The fields VmPaths and the leftover check need, from a VM's API object."""
+
+    def __init__(self, api):
+        self.vmName, self.cid, self.tapDeviceName, self.pid = api["vmName"], api["cid"], api["tapDeviceName"], None
 
 
 class Selftest:
@@ -3559,13 +3583,6 @@ class Selftest:
         return found
 
 
-class SimpleVM:
-    """The fields VmPaths and the leftover check need, from a VM's API object."""
-
-    def __init__(self, api):
-        self.vmName, self.cid, self.tapDeviceName, self.pid = api["vmName"], api["cid"], api["tapDeviceName"], None
-
-
 class LogTail:
     """Stands in for stderr while selftest runs quietly: keeps cbox.py's last log lines."""
 
@@ -3658,10 +3675,6 @@ def client_call(args, method, path, body=None, timeout=None, text=False):
         sys.exit(f"cbox: {method} {path}: HTTP {e.code}: {message}")
     except urllib.error.URLError as e:
         sys.exit(f"cbox: cannot reach {args.server}: {e.reason} (is `cbox.py serve` running?)")
-
-
-def vm_path(name, suffix=""):
-    return "/v1/vms/" + urllib.parse.quote(name, safe="") + suffix
 
 
 def cli_vm(args):
