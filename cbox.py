@@ -642,24 +642,24 @@ class BodyStream:
                 remaining -= len(chunk)
                 await within(timeout, dest.drain())
         except BaseException:
-            self.client._drop(self.writer)
+            self.client.drop(self.writer)
             raise
         self.client.release(self.reader, self.writer, self.reusable)
 
     async def read(self, limit):
         """The whole body as bytes (for error answers), at most `limit` bytes."""
         if self.length > limit:
-            self.client._drop(self.writer)
+            self.client.drop(self.writer)
             raise HttpError("body too large")
         try:
             data = await within(max(self.deadline - asyncio.get_running_loop().time(), 0.0),
                                 self.reader.readexactly(self.length))
         except asyncio.TimeoutError as e:
-            self.client._drop(self.writer)
+            self.client.drop(self.writer)
             self.client.failures["timeouts"] += 1
             raise HttpError("timed out inside the body") from e
         except BaseException:
-            self.client._drop(self.writer)
+            self.client.drop(self.writer)
             raise
         self.client.release(self.reader, self.writer, self.reusable)
         return data
@@ -723,14 +723,14 @@ class HttpClient:
                 result = await self._read_response(reader, writer, method, deadline)
             except (HttpError, OSError, asyncio.IncompleteReadError, EOFError,
                     ValueError, asyncio.LimitOverrunError) as e:     # ValueError: StreamReader line limit
-                self._drop(writer)
+                self.drop(writer)
                 # A reused connection the server already closed fails before any
                 # answer; the request never ran, so try once more on a new one.
                 if reused and not self.closed and isinstance(e, (ConnectionError, asyncio.IncompleteReadError, EOFError)):
                     continue
                 raise HttpError(str(e) or type(e).__name__) from e
             except BaseException:
-                self._drop(writer)
+                self.drop(writer)
                 raise
             status, rheaders, rbody = result
             if not isinstance(rbody, BodyStream):
@@ -738,13 +738,15 @@ class HttpClient:
             return result
 
     def release(self, reader, writer, reusable):
+        """A connection whose answer was read whole: back to the pool, or closed."""
         self.busy.discard(writer)
         if reusable and not self.closed and len(self.idle) < self.pool_size:
             self.idle.append((reader, writer))
         else:
             writer.close()
 
-    def _drop(self, writer):
+    def drop(self, writer):
+        """Close a connection whose stream is out of step (a failed or abandoned answer)."""
         self.busy.discard(writer)
         writer.close()
 
@@ -1311,13 +1313,13 @@ class HostNetwork:
     async def install_firewall(self):
         rules, nat_if = self.firewall_rules()
         for (table, chain), chain_rules in rules.items():
-            if not await self._iptables_ok(table, "-n", "-L", chain):
+            if not await self.iptables_ok(table, "-n", "-L", chain):
                 await run_cmd("iptables", "-w", "-t", table, "-N", chain)
             await run_cmd("iptables", "-w", "-t", table, "-F", chain)
             for rule in chain_rules:
                 await run_cmd("iptables", "-w", "-t", table, "-A", chain, *rule)
             parent = self.chains[table][chain]
-            if not await self._iptables_ok(table, "-C", parent, "-j", chain):
+            if not await self.iptables_ok(table, "-C", parent, "-j", chain):
                 await run_cmd("iptables", "-w", "-t", table, "-I", parent, "1", "-j", chain)
         if nat_if:
             Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
@@ -1329,13 +1331,13 @@ class HostNetwork:
         """Remove cbox's chains and the jumps to them (used by tests and `cbox.py cleanup`)."""
         for table, chains in self.chains.items():
             for chain, parent in chains.items():
-                while (await self._iptables_ok(table, "-D", parent, "-j", chain)):
+                while (await self.iptables_ok(table, "-D", parent, "-j", chain)):
                     pass
                 await run_cmd("iptables", "-w", "-t", table, "-F", chain, check=False)
                 await run_cmd("iptables", "-w", "-t", table, "-X", chain, check=False)
 
     @staticmethod
-    async def _iptables_ok(*args):
+    async def iptables_ok(*args):
         proc = await asyncio.create_subprocess_exec(
             "iptables", "-w", "-t", *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
         return await proc.wait() == 0
@@ -2328,6 +2330,8 @@ class VMManager:
                                 f"(guest_mem_percentage={self.cfg.guest_mem_percentage}) in use, {memory_mb} MB asked")
 
     async def start(self, req):
+        """Start a VM from a validated start request (validate_start_request) and return it
+        RUNNING; on any failure it is torn down and ApiError says at which step."""
         name = req["name"]
         if name in self.vms:
             raise ApiError(409, f"VM '{name}' already exists")
@@ -2610,6 +2614,7 @@ class VMManager:
             del self.vms[vm.vmName]
 
     async def destroy(self, name):
+        """Stop a VM (gracefully when it runs) and remove everything it holds, its record too."""
         vm = self.get(name)
         async with vm.lock:
             if self.vms.get(name) is not vm:
@@ -2623,11 +2628,13 @@ class VMManager:
         log("VM destroyed", vm=name, stopReason="destroyed", ms=f"{clock.total_ms():.1f}")
 
     async def destroy_all(self):
+        """Destroy every VM; returns the names of those destroyed."""
         names = list(self.vms)
         results = await asyncio.gather(*(self.destroy(n) for n in names), return_exceptions=True)
         return [n for n, r in zip(names, results) if r is None]
 
     def get(self, name):
+        """The VM of that name (ApiError 400 for a malformed name, 404 for an unknown one)."""
         check_vm_name(name)
         vm = self.vms.get(name)
         if vm is None:
@@ -2723,6 +2730,7 @@ class VMManager:
     # ---- exec -----------------------------------------------------------------
 
     def running(self, name):
+        """The VM of that name when its guest agent can take requests, else ApiError 409."""
         vm = self.get(name)
         if vm.status != "RUNNING" or vm.agent is None:
             raise ApiError(409, f"VM '{name}' is not running (status {vm.status})")
@@ -3277,7 +3285,7 @@ class HostFootprint:
 
     async def note_firewall(self):
         if self.cfg.firewall:
-            self.chains_existed = await HostNetwork._iptables_ok("filter", "-n", "-L", "CBOX-FORWARD")
+            self.chains_existed = await HostNetwork.iptables_ok("filter", "-n", "-L", "CBOX-FORWARD")
 
     async def restore(self):
         """Undo what selftest added; returns what could not be undone."""
