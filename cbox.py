@@ -2634,8 +2634,7 @@ class VMManager:
         return [n for n, r in zip(names, results) if r is None]
 
     def get(self, name):
-        """The VM of that name (ApiError 400 for a malformed name, 404 for an unknown one)."""
-        check_vm_name(name)
+        """The VM of that name (a checked one: check_vm_name), else ApiError 404."""
         vm = self.vms.get(name)
         if vm is None:
             raise ApiError(404, f"VM '{name}' not found")
@@ -2736,9 +2735,9 @@ class VMManager:
             raise ApiError(409, f"VM '{name}' is not running (status {vm.status})")
         return vm
 
-    async def exec(self, name, body):
-        """Run a command in the VM (POST /exec of the guest agent): its answer, bytes or a BodyStream."""
-        agent_body, blocking, timeout = validate_exec_request(body, self.cfg)
+    async def exec(self, name, agent_body, blocking, timeout):
+        """Run a command in the VM (POST /exec of the guest agent) from a validated exec request
+        (validate_exec_request): the agent's answer, bytes or a BodyStream."""
         vm = self.running(name)
         with agent_errors():
             return await vm.agent.exec(agent_body, timeout=(timeout + 15.0) if blocking else 15.0)
@@ -2938,6 +2937,8 @@ class RestServer:
             if handler != self.health:
                 self.authorize(headers)
             request.path, request.params = path, {k: urllib.parse.unquote(v) for k, v in m.groupdict().items()}
+            if "name" in request.params:
+                check_vm_name(request.params["name"])
             if split.query:
                 request.query = urllib.parse.parse_qs(split.query)
             if reader is None or handler not in self.abandonable:
@@ -2986,8 +2987,8 @@ class RestServer:
         return {"success": True, "destroyed": await self.manager.destroy_all()}
 
     async def exec(self, req):
-        name = check_vm_name(req.params["name"])
-        return await self.manager.exec(name, parse_json_body(req.body))
+        agent_body, blocking, timeout = validate_exec_request(parse_json_body(req.body), self.cfg)
+        return await self.manager.exec(req.params["name"], agent_body, blocking, timeout)
 
     async def exec_status(self, req):
         return await self.manager.exec_status(req.params["name"], req.params["exec_id"])
@@ -3192,7 +3193,7 @@ class LocalVMs:
         return (await self.manager.start(validate_start_request({"vmName": name, "callbackUrl": url}, self.cfg))).api()
 
     async def exec(self, name, body):
-        return json.loads(await self.manager.exec(name, body))
+        return json.loads(await self.manager.exec(name, *validate_exec_request(body, self.cfg)))
 
     async def exists(self, name):
         return name in self.manager.vms
