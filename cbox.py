@@ -13,14 +13,15 @@ before it:
   3. Hypervisor      CloudHypervisor: the REST API over the VMM's Unix socket;
                      GuestAgent: the guest agent's API (health, exec, status, kill,
                      sync), its answers bounded; rate-bounded readers of the
-                     VMM's serial socket and event FIFO
-  4. Network         bridge, persistent taps, port isolation, iptables chains
+                     VMM's serial socket and event FIFO; the VMM's process (spawn,
+                     pidfd watch) and its bounded logs on disk (console, -v log)
+  4. Host resources  network (bridge, persistent taps, port isolation, iptables
+                     chains), each VM's stateful disk, host memory
   5. Allocation      guest IPs, vsock CIDs, tap names; request validation
   6. Callback bridge a VM's callback socket: the guest's JSON lines forwarded to
                      its callback URL, every cost budgeted per VM
-  7. VM manager      VM records on disk, start / destroy / adopt, process
-                     supervision and how a VM ends (stopReason), bounded
-                     console logs, stateful disks, exec forwarding
+  7. VM manager      VM records on disk, start / destroy / adopt composing the
+                     sections above, how a VM ends (stopReason), exec forwarding
   8. REST server     routes of contract section 1, auth, limits, request log
   9. CLI             `serve`, `selftest` (a new host's end-to-end check), and a
                      small client: `vm start|ls|rm`, `exec`
@@ -838,7 +839,7 @@ class ClientWatch:
 
 
 # =============================================================================
-# 3. Hypervisor (Cloud Hypervisor REST API over its Unix socket, the guest agent's API)
+# 3. Hypervisor (its REST API, the guest agent's API, the VMM's process and logs)
 # =============================================================================
 
 class HypervisorError(Exception):
@@ -1140,8 +1141,251 @@ class EventMonitor(BoundedReader):
             self.on_event(event["source"], event["event"], props if isinstance(props, dict) else {})
 
 
+# ---- the hypervisor's process -------------------------------------------------
+
+def proc_start_time(pid):
+    """The kernel's start time of pid (clock ticks since boot), None if it is gone.
+
+    Recorded with each VMM pid so that a recycled pid is never mistaken for it."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    if fields[0] == "Z":
+        return None
+    return int(fields[19])
+
+
+def find_vmm_pid(api_socket):
+    """The pid of a hypervisor started with this API socket, found by its command line."""
+    needle = f"path={api_socket}".encode()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if needle in f.read().split(b"\0"):
+                        return int(entry)
+            except OSError:
+                continue
+    return None
+
+
+def signal_name(number):
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def spawn_vmm(chv_bin, paths):
+    """Start cloud-hypervisor in a session of its own (so killpg reaches all of it)."""
+    out = os.open(paths.chv_out, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        argv = [chv_bin, "--api-socket", f"path={paths.api_socket}", "--event-monitor", f"path={paths.events_fifo}",
+                "--log-file", str(paths.chv_log), "-v"]
+        spawn = os.posix_spawn if "/" in chv_bin else os.posix_spawnp
+        return spawn(chv_bin, argv, dict(os.environ), setsid=True, file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, out, 1),
+            (os.POSIX_SPAWN_DUP2, out, 2)])
+    except OSError as e:
+        raise HypervisorError(f"cannot run chv_bin {chv_bin}: {e.strerror}") from e
+    finally:
+        os.close(out)
+
+
+class ProcessWatch:
+    """Watches one VMM process through a pidfd (works for children and adopted processes)."""
+
+    def __init__(self, pid, start_time, on_exit):
+        self.pid, self.start_time, self.on_exit = pid, start_time, on_exit
+        self.exited = asyncio.Event()
+        self.exit_code = None
+        self.pidfd = None
+        try:
+            self.pidfd = os.pidfd_open(pid)
+        except OSError:
+            self._finish()
+            return
+        if proc_start_time(pid) != start_time:   # exited (or was replaced) before we looked
+            self._finish()
+            return
+        asyncio.get_running_loop().add_reader(self.pidfd, self._finish)
+
+    def _finish(self):
+        if self.exited.is_set():
+            return
+        if self.pidfd is not None:
+            asyncio.get_running_loop().remove_reader(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = None
+        try:
+            _, status = os.waitpid(self.pid, os.WNOHANG)   # reap it when it is our child
+            self.exit_code = os.waitstatus_to_exitcode(status) if status else 0
+        except ChildProcessError:
+            pass
+        self.exited.set()
+        self.on_exit(self)
+
+    def alive(self):
+        return not self.exited.is_set()
+
+    def kill(self):
+        """SIGKILL the VMM's process group (it runs in a session of its own)."""
+        if self.alive():
+            for sender, target in ((os.killpg, self.pid), (os.kill, self.pid)):
+                try:
+                    sender(target, signal.SIGKILL)
+                except OSError:
+                    pass
+
+    async def wait(self, timeout):
+        try:
+            await within(timeout, self.exited.wait())
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+
+def reset_in_vmm_log(chv_log):
+    """(stopReason, message) when the VMM's -v log shows a guest reset or panic: it mirrors
+    every event ("Event: source = vm event = rebooting", event_monitor event_log), also
+    those the FIFO dropped or nobody read while cbox.py was down."""
+    text = tail_bytes(chv_log, VMM_LOG_TAIL)
+    if b"Event: source = guest event = panic event = panic" in text:
+        return "guest-panic", "the guest kernel panicked"
+    if b"Event: source = vm event = rebooting" in text:
+        return "guest-reboot", "the guest reset itself (reboot)"
+    return None
+
+
+# ---- bounded logs on disk (the serial console, the hypervisor's -v log) ------
+
+VMM_LOG_CHECK_S = 2.0               # how often the VMM logs' disk use is checked
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+_fallocate = None
+
+
+def punch_out_head(path, keep):
+    """Free the disk blocks of all but the last `keep` bytes of a file that another process
+    writes at its own offset. Cloud Hypervisor opens its log with File::create, without
+    O_APPEND (cloud-hypervisor/src/main.rs), so truncating it would only move its next
+    write past a hole of the old size; a punched hole keeps the size and reads as zeros.
+    Returns the bytes freed (0 when the file is within `keep` or missing)."""
+    global _fallocate
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
+        return 0
+    try:
+        st = os.fstat(fd)
+        end = (st.st_size - keep) // 4096 * 4096       # whole blocks only
+        if st.st_blocks * 512 <= keep or end <= 0:
+            return 0
+        if _fallocate is None:
+            import ctypes
+            _fallocate = ctypes.CDLL(None, use_errno=True).fallocate
+            _fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+        if _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, end) != 0:
+            return 0         # a file system without hole punching: nothing to do about it
+        return max(0, st.st_blocks * 512 - os.fstat(fd).st_blocks * 512)
+    finally:
+        os.close(fd)
+
+
+class ConsoleLog:
+    """A VM's serial console output on disk, bounded, O(1) work per chunk.
+
+    The first BOOT_BYTES stay for good (console.boot.log); after them the newest
+    `max_bytes` are kept in two halves: console.log grows to half the budget, then
+    becomes console.log.1 (the .1 before it is dropped and counted in
+    console.dropped)."""
+
+    BOOT_BYTES = 64 * 1024
+
+    def __init__(self, vm_dir, max_bytes):
+        self.boot_path = vm_dir / "console.boot.log"
+        self.path = vm_dir / "console.log"
+        self.old_path = vm_dir / "console.log.1"
+        self.dropped_path = vm_dir / "console.dropped"
+        self.half = max_bytes // 2
+        self.boot_size = file_size(self.boot_path)
+        self.size = file_size(self.path)
+        self.fds = {}
+        self.failed = False
+
+    def append(self, data):
+        try:
+            if self.boot_size < self.BOOT_BYTES:
+                head = data[:self.BOOT_BYTES - self.boot_size]
+                self.write(self.boot_path, head)
+                self.boot_size += len(head)
+                data = data[len(head):]
+            while data:
+                if self.size >= self.half:
+                    self.rotate()
+                part = data[:self.half - self.size]
+                self.write(self.path, part)
+                self.size += len(part)
+                data = data[len(part):]
+        except OSError as e:       # a full disk: the console is lost, the VM is not
+            if not self.failed:
+                log("cannot write console log", path=self.path, error=repr(str(e)))
+            self.failed = True
+
+    def write(self, path, data):
+        fd = self.fds.get(path)
+        if fd is None:
+            fd = self.fds[path] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        os.write(fd, data)
+
+    def rotate(self):
+        dropped = self.dropped() + file_size(self.old_path)
+        with contextlib.suppress(KeyError):
+            os.close(self.fds.pop(self.path))
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(self.path, self.old_path)
+        if dropped:
+            write_atomically(self.dropped_path, str(dropped).encode())
+        self.size = 0
+
+    def dropped(self):
+        try:
+            return int(self.dropped_path.read_bytes())
+        except (OSError, ValueError):
+            return 0
+
+    def text(self):
+        """What GET /logs shows: the boot lines, a marker for what was dropped, the newest part."""
+        parts = [tail_bytes(self.boot_path, self.BOOT_BYTES)]
+        dropped = self.dropped()
+        if dropped:
+            parts.append(f"\n[cbox: {dropped} bytes of console output dropped here (console_max_bytes)]\n".encode())
+        parts += [tail_bytes(self.old_path, self.half), tail_bytes(self.path, self.half)]
+        return b"".join(parts)
+
+    def tail(self, limit=8192):
+        data = b""
+        for path in (self.path, self.old_path, self.boot_path):
+            if len(data) < limit:
+                data = tail_bytes(path, limit - len(data)) + data
+        return data.decode("utf-8", "replace")
+
+    def close(self):
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def console_tail(console, lines=15):
+    text = console.tail().strip().splitlines()[-lines:]
+    return " | ".join(line.strip() for line in text if line.strip()) or "(console is empty)"
+
+
 # =============================================================================
-# 4. Network (bridge, taps, iptables)
+# 4. Host resources (network: bridge, taps, iptables; stateful disks; memory)
 # =============================================================================
 
 class CommandError(Exception):
@@ -1359,6 +1603,75 @@ class HostNetwork:
         if tap and interface_exists(tap):
             await run_cmd("ip", "-force", "-batch", "-", check=False, stdin="\n".join([
                 f"link del dev {tap}", f"neigh del {ip} dev {self.bridge}", ""]))
+
+
+# ---- stateful disks and memory --------------------------------------------------
+
+def host_memory_mb():
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    return 0
+
+
+def copy_sparse(src, dest):
+    """Copy a file's data extents only (SEEK_DATA/SEEK_HOLE), keeping it sparse."""
+    with open(src, "rb") as fin, open(dest, "wb") as fout:
+        size = os.fstat(fin.fileno()).st_size
+        fout.truncate(size)
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fin.fileno(), pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:     # only a hole is left
+                    break
+                raise
+            end = os.lseek(fin.fileno(), start, os.SEEK_HOLE)
+            offset = start
+            while offset < end:
+                copied = os.copy_file_range(fin.fileno(), fout.fileno(), end - offset, offset, offset)
+                if copied == 0:
+                    raise OSError(f"short copy of {src}")
+                offset += copied
+            pos = end
+
+
+class StatefulDisks:
+    """Each VM's sparse ext4 disk (vdb), copied from one formatted template per size:
+    one mke2fs per size instead of one per VM. Each copy then gets a filesystem UUID
+    of its own; the template has metadata_csum_seed, so that only rewrites the
+    superblocks (tune2fs, ~2 ms) instead of every metadata checksum."""
+
+    TEMPLATE_VERSION = 2      # 1: no metadata_csum_seed (a new UUID would need a full fsck)
+
+    def __init__(self, directory):
+        self.dir = Path(directory)
+        self.lock = asyncio.Lock()
+
+    async def template(self, size_mb):
+        path = self.dir / f"stateful-{size_mb}mb.v{self.TEMPLATE_VERSION}.ext4"
+        async with self.lock:
+            if not path.exists():
+                self.dir.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(path.name + ".tmp")
+                try:
+                    with open(tmp, "wb") as f:
+                        f.truncate(size_mb * 1024 * 1024)
+                    await run_cmd("mke2fs", "-q", "-F", "-t", "ext4", "-O", "metadata_csum_seed", "-E",
+                                  "lazy_itable_init=1,lazy_journal_init=1", "-L", "cbox-state", str(tmp))
+                    os.replace(tmp, path)
+                finally:
+                    if tmp.exists():
+                        tmp.unlink()
+                with contextlib.suppress(FileNotFoundError):   # the version 1 template of this size
+                    (self.dir / f"stateful-{size_mb}mb.ext4").unlink()
+        return path
+
+    async def create(self, dest, size_mb):
+        await asyncio.to_thread(copy_sparse, await self.template(size_mb), dest)
+        await run_cmd("tune2fs", "-U", str(uuid.uuid4()), str(dest))
 
 
 # =============================================================================
@@ -1888,107 +2201,6 @@ class CallbackBridge:
 # 7. VM manager
 # =============================================================================
 
-def proc_start_time(pid):
-    """The kernel's start time of pid (clock ticks since boot), None if it is gone.
-
-    Recorded with each VMM pid so that a recycled pid is never mistaken for it."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()
-    if fields[0] == "Z":
-        return None
-    return int(fields[19])
-
-
-def find_vmm_pid(api_socket):
-    """The pid of a hypervisor started with this API socket, found by its command line."""
-    needle = f"path={api_socket}".encode()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if needle in f.read().split(b"\0"):
-                        return int(entry)
-            except OSError:
-                continue
-    return None
-
-
-def signal_name(number):
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"
-
-
-def reset_in_vmm_log(chv_log):
-    """(stopReason, message) when the VMM's -v log shows a guest reset or panic: it mirrors
-    every event ("Event: source = vm event = rebooting", event_monitor event_log), also
-    those the FIFO dropped or nobody read while cbox.py was down."""
-    text = tail_bytes(chv_log, VMM_LOG_TAIL)
-    if b"Event: source = guest event = panic event = panic" in text:
-        return "guest-panic", "the guest kernel panicked"
-    if b"Event: source = vm event = rebooting" in text:
-        return "guest-reboot", "the guest reset itself (reboot)"
-    return None
-
-
-class ProcessWatch:
-    """Watches one VMM process through a pidfd (works for children and adopted processes)."""
-
-    def __init__(self, pid, start_time, on_exit):
-        self.pid, self.start_time, self.on_exit = pid, start_time, on_exit
-        self.exited = asyncio.Event()
-        self.exit_code = None
-        self.pidfd = None
-        try:
-            self.pidfd = os.pidfd_open(pid)
-        except OSError:
-            self._finish()
-            return
-        if proc_start_time(pid) != start_time:   # exited (or was replaced) before we looked
-            self._finish()
-            return
-        asyncio.get_running_loop().add_reader(self.pidfd, self._finish)
-
-    def _finish(self):
-        if self.exited.is_set():
-            return
-        if self.pidfd is not None:
-            asyncio.get_running_loop().remove_reader(self.pidfd)
-            os.close(self.pidfd)
-            self.pidfd = None
-        try:
-            _, status = os.waitpid(self.pid, os.WNOHANG)   # reap it when it is our child
-            self.exit_code = os.waitstatus_to_exitcode(status) if status else 0
-        except ChildProcessError:
-            pass
-        self.exited.set()
-        self.on_exit(self)
-
-    def alive(self):
-        return not self.exited.is_set()
-
-    def kill(self):
-        """SIGKILL the VMM's process group (it runs in a session of its own)."""
-        if self.alive():
-            for sender, target in ((os.killpg, self.pid), (os.kill, self.pid)):
-                try:
-                    sender(target, signal.SIGKILL)
-                except OSError:
-                    pass
-
-    async def wait(self, timeout):
-        try:
-            await within(timeout, self.exited.wait())
-            return True
-        except asyncio.TimeoutError:
-            return False
-
-
 class VM:
     """One VM: its public fields, its files, and its live runtime (process, clients, listener)."""
 
@@ -2039,127 +2251,6 @@ class VmPaths:
         self.chv_out = self.vm_dir / "cloud-hypervisor.out"
 
 
-VMM_LOG_CHECK_S = 2.0               # how often the VMM logs' disk use is checked
-FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
-_fallocate = None
-
-
-def punch_out_head(path, keep):
-    """Free the disk blocks of all but the last `keep` bytes of a file that another process
-    writes at its own offset. Cloud Hypervisor opens its log with File::create, without
-    O_APPEND (cloud-hypervisor/src/main.rs), so truncating it would only move its next
-    write past a hole of the old size; a punched hole keeps the size and reads as zeros.
-    Returns the bytes freed (0 when the file is within `keep` or missing)."""
-    global _fallocate
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    except OSError:
-        return 0
-    try:
-        st = os.fstat(fd)
-        end = (st.st_size - keep) // 4096 * 4096       # whole blocks only
-        if st.st_blocks * 512 <= keep or end <= 0:
-            return 0
-        if _fallocate is None:
-            import ctypes
-            _fallocate = ctypes.CDLL(None, use_errno=True).fallocate
-            _fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-        if _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, end) != 0:
-            return 0         # a file system without hole punching: nothing to do about it
-        return max(0, st.st_blocks * 512 - os.fstat(fd).st_blocks * 512)
-    finally:
-        os.close(fd)
-
-
-class ConsoleLog:
-    """A VM's serial console output on disk, bounded, O(1) work per chunk.
-
-    The first BOOT_BYTES stay for good (console.boot.log); after them the newest
-    `max_bytes` are kept in two halves: console.log grows to half the budget, then
-    becomes console.log.1 (the .1 before it is dropped and counted in
-    console.dropped)."""
-
-    BOOT_BYTES = 64 * 1024
-
-    def __init__(self, vm_dir, max_bytes):
-        self.boot_path = vm_dir / "console.boot.log"
-        self.path = vm_dir / "console.log"
-        self.old_path = vm_dir / "console.log.1"
-        self.dropped_path = vm_dir / "console.dropped"
-        self.half = max_bytes // 2
-        self.boot_size = file_size(self.boot_path)
-        self.size = file_size(self.path)
-        self.fds = {}
-        self.failed = False
-
-    def append(self, data):
-        try:
-            if self.boot_size < self.BOOT_BYTES:
-                head = data[:self.BOOT_BYTES - self.boot_size]
-                self.write(self.boot_path, head)
-                self.boot_size += len(head)
-                data = data[len(head):]
-            while data:
-                if self.size >= self.half:
-                    self.rotate()
-                part = data[:self.half - self.size]
-                self.write(self.path, part)
-                self.size += len(part)
-                data = data[len(part):]
-        except OSError as e:       # a full disk: the console is lost, the VM is not
-            if not self.failed:
-                log("cannot write console log", path=self.path, error=repr(str(e)))
-            self.failed = True
-
-    def write(self, path, data):
-        fd = self.fds.get(path)
-        if fd is None:
-            fd = self.fds[path] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
-        os.write(fd, data)
-
-    def rotate(self):
-        dropped = self.dropped() + file_size(self.old_path)
-        with contextlib.suppress(KeyError):
-            os.close(self.fds.pop(self.path))
-        with contextlib.suppress(FileNotFoundError):
-            os.replace(self.path, self.old_path)
-        if dropped:
-            write_atomically(self.dropped_path, str(dropped).encode())
-        self.size = 0
-
-    def dropped(self):
-        try:
-            return int(self.dropped_path.read_bytes())
-        except (OSError, ValueError):
-            return 0
-
-    def text(self):
-        """What GET /logs shows: the boot lines, a marker for what was dropped, the newest part."""
-        parts = [tail_bytes(self.boot_path, self.BOOT_BYTES)]
-        dropped = self.dropped()
-        if dropped:
-            parts.append(f"\n[cbox: {dropped} bytes of console output dropped here (console_max_bytes)]\n".encode())
-        parts += [tail_bytes(self.old_path, self.half), tail_bytes(self.path, self.half)]
-        return b"".join(parts)
-
-    def tail(self, limit=8192):
-        data = b""
-        for path in (self.path, self.old_path, self.boot_path):
-            if len(data) < limit:
-                data = tail_bytes(path, limit - len(data)) + data
-        return data.decode("utf-8", "replace")
-
-    def close(self):
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
-
-
-def console_tail(console, lines=15):
-    text = console.tail().strip().splitlines()[-lines:]
-    return " | ".join(line.strip() for line in text if line.strip()) or "(console is empty)"
-
-
 class StepClock:
     """Logs the duration of each lifecycle step of one VM; `current` names the step under way.
 
@@ -2198,90 +2289,6 @@ def agent_errors():
         yield
     except AgentError as e:
         raise ApiError(e.status, str(e)) from e
-
-
-def host_memory_mb():
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) // 1024
-    return 0
-
-
-def copy_sparse(src, dest):
-    """Copy a file's data extents only (SEEK_DATA/SEEK_HOLE), keeping it sparse."""
-    with open(src, "rb") as fin, open(dest, "wb") as fout:
-        size = os.fstat(fin.fileno()).st_size
-        fout.truncate(size)
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(fin.fileno(), pos, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno == errno.ENXIO:     # only a hole is left
-                    break
-                raise
-            end = os.lseek(fin.fileno(), start, os.SEEK_HOLE)
-            offset = start
-            while offset < end:
-                copied = os.copy_file_range(fin.fileno(), fout.fileno(), end - offset, offset, offset)
-                if copied == 0:
-                    raise OSError(f"short copy of {src}")
-                offset += copied
-            pos = end
-
-
-class StatefulDisks:
-    """Each VM's sparse ext4 disk (vdb), copied from one formatted template per size:
-    one mke2fs per size instead of one per VM. Each copy then gets a filesystem UUID
-    of its own; the template has metadata_csum_seed, so that only rewrites the
-    superblocks (tune2fs, ~2 ms) instead of every metadata checksum."""
-
-    TEMPLATE_VERSION = 2      # 1: no metadata_csum_seed (a new UUID would need a full fsck)
-
-    def __init__(self, directory):
-        self.dir = Path(directory)
-        self.lock = asyncio.Lock()
-
-    async def template(self, size_mb):
-        path = self.dir / f"stateful-{size_mb}mb.v{self.TEMPLATE_VERSION}.ext4"
-        async with self.lock:
-            if not path.exists():
-                self.dir.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(path.name + ".tmp")
-                try:
-                    with open(tmp, "wb") as f:
-                        f.truncate(size_mb * 1024 * 1024)
-                    await run_cmd("mke2fs", "-q", "-F", "-t", "ext4", "-O", "metadata_csum_seed", "-E",
-                                  "lazy_itable_init=1,lazy_journal_init=1", "-L", "cbox-state", str(tmp))
-                    os.replace(tmp, path)
-                finally:
-                    if tmp.exists():
-                        tmp.unlink()
-                with contextlib.suppress(FileNotFoundError):   # the version 1 template of this size
-                    (self.dir / f"stateful-{size_mb}mb.ext4").unlink()
-        return path
-
-    async def create(self, dest, size_mb):
-        await asyncio.to_thread(copy_sparse, await self.template(size_mb), dest)
-        await run_cmd("tune2fs", "-U", str(uuid.uuid4()), str(dest))
-
-
-def spawn_vmm(chv_bin, paths):
-    """Start cloud-hypervisor in a session of its own (so killpg reaches all of it)."""
-    out = os.open(paths.chv_out, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        argv = [chv_bin, "--api-socket", f"path={paths.api_socket}", "--event-monitor", f"path={paths.events_fifo}",
-                "--log-file", str(paths.chv_log), "-v"]
-        spawn = os.posix_spawn if "/" in chv_bin else os.posix_spawnp
-        return spawn(chv_bin, argv, dict(os.environ), setsid=True, file_actions=[
-            (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-            (os.POSIX_SPAWN_DUP2, out, 1),
-            (os.POSIX_SPAWN_DUP2, out, 2)])
-    except OSError as e:
-        raise HypervisorError(f"cannot run chv_bin {chv_bin}: {e.strerror}") from e
-    finally:
-        os.close(out)
 
 
 # Disk serials the guest's initramfs finds its disks by (/sys/block/vd*/serial; at
