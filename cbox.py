@@ -1,21 +1,29 @@
 #!/usr/bin/env python3
 """CBox: run shell commands in Cloud Hypervisor microVMs, with callbacks to the host.
 
-One asyncio program, standard library only (Python 3.10+). Sections, in order:
+One asyncio program, standard library only (Python 3.10+). Before section 1 come
+the log and the helpers every section uses (within() deadlines, is_decimal,
+fmt_seconds, small file helpers). Sections, in order; each uses only what comes
+before it:
 
   1. Config          strict parser for the YAML subset config.yaml uses, typed keys
   2. HTTP            one small HTTP/1.1 implementation: message reading, a
                      keep-alive client (Unix or TCP, used for Cloud Hypervisor, the
                      guest agents and callback URLs), response building
   3. Hypervisor      CloudHypervisor: the REST API over the VMM's Unix socket;
-                     rate-bounded readers of its serial socket and event FIFO
-  4. Network         bridge, persistent taps, port isolation, iptables chains
+                     GuestAgent: the guest agent's API (health, exec, status, kill,
+                     sync), its answers bounded; rate-bounded readers of the
+                     VMM's serial socket and event FIFO; the VMM's process (spawn,
+                     pidfd watch) and its bounded logs on disk (console, -v log)
+  4. Host resources  network (bridge, persistent taps, port isolation, iptables
+                     chains), each VM's stateful disk, host memory
   5. Allocation      guest IPs, vsock CIDs, tap names; request validation
-  6. VM manager      VM records on disk, start / destroy / adopt, process
-                     supervision and how a VM ends (stopReason), bounded
-                     console logs, exec forwarding, the callback bridge
-  7. REST server     routes of contract section 1, auth, limits, request log
-  8. CLI             `serve`, `selftest` (a new host's end-to-end check), and a
+  6. Callback bridge a VM's callback socket: the guest's JSON lines forwarded to
+                     its callback URL, every cost budgeted per VM
+  7. VM manager      VM records on disk, start / destroy / adopt composing the
+                     sections above, how a VM ends (stopReason), exec forwarding
+  8. REST server     routes of contract section 1, auth, limits, request log
+  9. CLI             `serve`, `selftest` (a new host's end-to-end check), and a
                      small client: `vm start|ls|rm`, `exec`
 
 The external contract lives in ../shared/docs/contract.md (beside checkouts) and
@@ -26,7 +34,6 @@ import asyncio
 import collections
 import contextlib
 import errno
-import contextvars
 import hmac
 import ipaddress
 import json
@@ -52,13 +59,6 @@ VERSION = "0.1.0"
 LOG_START = time.monotonic()
 
 
-def log(msg, **fields):
-    """One line on stderr: 'cbox: msg k=v ...' (the request and lifecycle log)."""
-    extra = "".join([f" {k}={v}" for k, v in fields.items() if v is not None])
-    sys.stderr.write(f"{log_time()} cbox: {msg}{extra}\n")
-    sys.stderr.flush()
-
-
 LOG_SECOND = (None, "")        # the second of the last log line and its "HH:MM:SS"
 
 
@@ -73,594 +73,24 @@ def log_time():
     return f"{text}.{int((now - second) * 1000):03d}"
 
 
+def log(msg, **fields):
+    """One line on stderr: 'cbox: msg k=v ...' (the request and lifecycle log)."""
+    extra = "".join([f" {k}={v}" for k, v in fields.items() if v is not None])
+    sys.stderr.write(f"{log_time()} cbox: {msg}{extra}\n")
+    sys.stderr.flush()
+
+
 def utc_now():
     return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 # =============================================================================
-# 1. Config
+# Helpers every section uses: deadlines (within), number and file helpers
 # =============================================================================
-
-class ConfigError(Exception):
-    pass
-
-
-_KEY_LINE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*:(?:\s+(.*))?$")
-_INT = re.compile(r"^[-+]?[0-9]+$")
-_FLOAT = re.compile(r"^[-+]?([0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)([eE][-+]?[0-9]+)?$")
-
-
-def _strip_comment(line):
-    """Drop a '# comment' that is outside quotes and starts a word."""
-    quote = None
-    for i, ch in enumerate(line):
-        if quote:
-            if ch == quote:
-                quote = None
-        elif ch in "\"'":
-            quote = ch
-        elif ch == "#" and (i == 0 or line[i - 1] in " \t"):
-            return line[:i].rstrip()
-    return line.rstrip()
-
-
-def _parse_scalar(text, where):
-    if text.startswith('"'):
-        try:
-            value, end = json.JSONDecoder().raw_decode(text)
-        except ValueError:
-            raise ConfigError(f"{where}: bad double-quoted string")
-        if text[end:].strip():
-            raise ConfigError(f"{where}: unexpected text after the string")
-        return value
-    if text.startswith("'"):
-        if len(text) < 2 or not text.endswith("'"):
-            raise ConfigError(f"{where}: unterminated single-quoted string")
-        return text[1:-1].replace("''", "'")
-    if text in ("null", "~"):
-        return None
-    if text in ("true", "True"):
-        return True
-    if text in ("false", "False"):
-        return False
-    if _INT.match(text):
-        return int(text)
-    if _FLOAT.match(text):
-        return float(text)
-    if text[0] in "[]{}&*!|>%@`,?-" or ": " in text:
-        raise ConfigError(f"{where}: unsupported YAML construct {text[:20]!r} "
-                          "(only nested mappings of plain scalars are supported)")
-    return text
-
-
-def parse_yaml_subset(text, source="config"):
-    """Parse nested mappings of scalars. Returns (tree, {dotted.key: line})."""
-    root, lines = {}, {}
-    stack = [(0, root, "")]           # (indent, mapping, dotted path)
-    pending = None                     # (mapping, path) of a 'key:' awaiting children
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        where = f"{source} line {lineno}"
-        line = _strip_comment(raw)
-        if not line.strip():
-            continue
-        body = line.lstrip(" ")
-        if body.startswith("\t") or "\t" in line[: len(line) - len(body)]:
-            raise ConfigError(f"{where}: tabs are not allowed for indentation")
-        indent = len(line) - len(body)
-        if body in ("---", "..."):
-            raise ConfigError(f"{where}: multiple YAML documents are not supported")
-        if body.startswith("- ") or body == "-":
-            raise ConfigError(f"{where}: lists are not supported")
-        m = _KEY_LINE.match(body)
-        if not m:
-            raise ConfigError(f"{where}: expected 'key: value', got {body[:40]!r}")
-        if pending is not None:
-            if indent > stack[-1][0]:
-                stack.append((indent, pending[0][pending[1]], pending[2]))
-            else:
-                pending[0][pending[1]] = None     # 'key:' with nothing under it is null
-            pending = None
-        while indent < stack[-1][0]:
-            stack.pop()
-        if indent != stack[-1][0]:
-            raise ConfigError(f"{where}: inconsistent indentation")
-        key, value = m.group(1), m.group(2)
-        mapping, path = stack[-1][1], stack[-1][2]
-        dotted = f"{path}.{key}" if path else key
-        if key in mapping:
-            raise ConfigError(f"{where}: duplicate key '{dotted}'")
-        lines[dotted] = lineno
-        if value is None or value == "":
-            mapping[key] = {}
-            pending = (mapping, key, dotted)
-        else:
-            mapping[key] = _parse_scalar(value.strip(), where)
-    if pending is not None:
-        pending[0][pending[1]] = None
-    return root, lines
-
-
-# key: (type, default, description). Types: str, int, float, bool.
-CONFIG_KEYS = {
-    "host": (str, "127.0.0.1", "address the REST API listens on"),
-    "port": (int, 7000, "REST API port"),
-    "api_token": (str, "", "bearer token required on every route but /v1/health; empty = none"),
-    "state_dir": (str, "/var/lib/cbox", "VM records, stateful disks, console logs"),
-    "run_dir": (str, "/run/cbox", "short directory for per-VM sockets (Unix paths hold 107 bytes)"),
-    "bridge_name": (str, "cbox0", "Linux bridge the taps join"),
-    "bridge_ip": (str, "10.20.1.1/24", "host address on the bridge (the guests' gateway)"),
-    "bridge_subnet": (str, "10.20.1.0/24", "subnet guest IPs are allocated from"),
-    "nat_interface": (str, "auto", "interface guest traffic is NATed out of: auto (default route), none, or a name"),
-    "firewall": (bool, True, "install iptables rules (NAT, no guest-to-host traffic)"),
-    "dns": (str, "auto", "guest resolvers, comma separated; auto = host's non-loopback resolvers"),
-    "chv_bin": (str, "/usr/local/bin/cloud-hypervisor", "cloud-hypervisor binary"),
-    "kernel": (str, "out/vmlinuz", "guest kernel (bzImage or PVH vmlinux)"),
-    "initramfs": (str, "out/initramfs.cpio.gz", "guest initramfs; empty = none"),
-    "rootfs": (str, "out/rootfs.ext4", "read-only root filesystem image (vda)"),
-    "cmdline_extra": (str, "", "extra kernel command line arguments"),
-    "stateful_size_in_mb": (int, 2048, "size of each VM's sparse writable disk (vdb)"),
-    "guest_mem_percentage": (int, 50, "all guests together may use at most this % of host memory"),
-    "default_vcpus": (int, 1, "vcpus of a VM when the request names none"),
-    "max_vcpus": (int, 8, "largest vcpus a request may ask for"),
-    "default_memory_mb": (int, 512, "memory of a VM when the request names none"),
-    "max_memory_mb": (int, 16384, "largest memoryMb a request may ask for"),
-    "max_vms": (int, 250, "most VMs at once"),
-    "boot_timeout_s": (float, 60.0, "time for the guest agent to answer after vm.boot"),
-    "shutdown_timeout_s": (float, 5.0, "time for the VMM to exit before it is killed"),
-    "exec_timeout_s": (float, 300.0, "default exec timeout"),
-    "exec_max_timeout_s": (float, 86400.0, "largest exec timeout a request may ask for"),
-    "exec_output_limit_bytes": (int, 4 * 1024 * 1024, "cap on captured stdout, stderr and output, each"),
-    "callback_timeout_s": (float, 30.0, "time the callback URL has to answer"),
-    "callback_port": (int, 4032, "guest vsock port for callbacks"),
-    "agent_port": (int, 4031, "guest agent TCP port"),
-    "max_request_bytes": (int, 8 * 1024 * 1024, "largest REST request body"),
-    "http_head_timeout_s": (float, 30.0, "time a new REST connection has to send its first request head"),
-    "http_body_timeout_s": (float, 60.0, "time a REST client has to send a request body (and to read an answer)"),
-    "http_idle_timeout_s": (float, 120.0, "keep-alive REST connections idle longer are closed"),
-    "console_max_bytes": (int, 1024 * 1024, "serial console output kept per VM (newest), besides its first 64 KiB"),
-    "vmm_log_max_bytes": (int, 8 * 1024 * 1024, "disk space one hypervisor's -v log may take (its newest half is kept)"),
-    "callback_max_connections": (int, 32, "open callback connections per VM; more are answered with an error and closed"),
-    "callback_max_in_flight": (int, 16, "callbacks of one VM waiting on the callback URL; more get an error at once"),
-    "callback_rate_per_s": (float, 500.0, "callbacks a second per VM (token bucket, burst of one second); more get an error"),
-    "callback_bytes_per_s": (int, 4 * 1024 * 1024, "bytes a second read from one VM's callback connections; more wait"),
-    "callback_idle_timeout_s": (float, 60.0, "a callback connection with no request for this long is closed"),
-    "callback_read_timeout_s": (float, 10.0, "time a guest has to finish sending a callback line it started"),
-    "callback_write_timeout_s": (float, 10.0, "time a guest has to read a callback reply before its connection is closed"),
-    "callback_log_lines_per_s": (float, 20.0, "callback log lines a second per VM; the rest are counted and the count logged"),
-    "fd_reserve": (int, 256, "file descriptors kept free for the API and other VMs: guest connections beyond are refused"),
-    "destroy_on_exit": (bool, False, "destroy all VMs when cbox.py stops (default: leave them for the next start)"),
-}
-
-
-class Config:
-    """Typed settings from hostservices.restserver; attribute per CONFIG_KEYS entry."""
-
-    def __init__(self, values, base_dir):
-        self.__dict__.update(values)
-        self.base_dir = base_dir
-
-    def path(self, value):
-        """Resolve a path from config relative to the config file's directory."""
-        return value if not value or os.path.isabs(value) else str(Path(self.base_dir, value))
-
-
-def _quoted_number(text, typ):
-    """A number key written in quotes, as the original CBox's config does (port: "7000"):
-    unsigned ASCII digits, with a decimal fraction for float keys ("2.5"). Anything
-    else is returned unchanged, so the type check reports it with its line."""
-    whole, dot, fraction = text.partition(".") if typ is float else (text, "", "")
-    if is_decimal(whole) and (not dot or is_decimal(fraction)):
-        return typ(text)
-    return text
-
-
-def load_config(path, overrides=None):
-    text = Path(path).read_text()
-    tree, lines = parse_yaml_subset(text, str(path))
-    for key in tree:
-        if key != "hostservices":
-            raise ConfigError(f"{path} line {lines[key]}: unknown top-level key '{key}' (expected hostservices)")
-    hs = tree.get("hostservices") or {}
-    if not isinstance(hs, dict):
-        raise ConfigError(f"{path}: hostservices must be a mapping")
-    for key in hs:
-        if key != "restserver":
-            raise ConfigError(f"{path} line {lines['hostservices.' + key]}: unknown key 'hostservices.{key}'")
-    raw = hs.get("restserver") or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: hostservices.restserver must be a mapping")
-    raw = dict(raw, **(overrides or {}))
-    values = {}
-    for key, value in raw.items():
-        where = f"{path} line {lines.get('hostservices.restserver.' + key, '?')}"
-        if key not in CONFIG_KEYS:
-            raise ConfigError(f"{where}: unknown key '{key}' in hostservices.restserver")
-        typ = CONFIG_KEYS[key][0]
-        if typ in (int, float) and isinstance(value, str):
-            value = _quoted_number(value, typ)
-        if typ is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if typ is str and value is None:
-            value = ""
-        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-            raise ConfigError(f"{where}: '{key}' must be {typ.__name__}, got {value!r}")
-        values[key] = value
-    for key, (typ, default, _) in CONFIG_KEYS.items():
-        values.setdefault(key, default)
-    cfg = Config(values, str(Path(path).resolve().parent))
-    check_config(cfg, str(path))
-    return cfg
-
-
-def check_config(cfg, source):
-    def bad(msg):
-        raise ConfigError(f"{source}: {msg}")
-    try:
-        subnet = ipaddress.ip_network(cfg.bridge_subnet, strict=True)
-        bridge = ipaddress.ip_interface(cfg.bridge_ip)
-    except ValueError as e:
-        bad(f"bridge_subnet/bridge_ip: {e}")
-    if subnet.version != 4 or bridge.ip not in subnet or bridge.network != subnet:
-        bad(f"bridge_ip {cfg.bridge_ip} must be an IPv4 address inside bridge_subnet {cfg.bridge_subnet} with its prefix")
-    if subnet.num_addresses < 4:
-        bad("bridge_subnet is too small")
-    if not re.match(r"^[A-Za-z0-9_.-]{1,15}$", cfg.bridge_name):
-        bad(f"bridge_name {cfg.bridge_name!r} is not a valid interface name")
-    for key in ("port", "agent_port", "callback_port"):
-        if not 0 < getattr(cfg, key) < 65536:
-            bad(f"{key} must be a port number")
-    for key in ("stateful_size_in_mb", "default_vcpus", "max_vcpus", "default_memory_mb",
-                "max_memory_mb", "max_vms", "exec_output_limit_bytes", "max_request_bytes",
-                "callback_max_connections", "callback_max_in_flight", "callback_bytes_per_s"):
-        if getattr(cfg, key) <= 0:
-            bad(f"{key} must be positive")
-    if cfg.console_max_bytes < 4096:
-        bad("console_max_bytes must be at least 4096")
-    if cfg.vmm_log_max_bytes < 2 * VMM_LOG_TAIL:
-        bad(f"vmm_log_max_bytes must be at least {2 * VMM_LOG_TAIL}")
-    if cfg.fd_reserve < 0:
-        bad("fd_reserve must not be negative")
-    if not 0 < cfg.guest_mem_percentage <= 100:
-        bad("guest_mem_percentage must be 1..100")
-    for key in ("boot_timeout_s", "shutdown_timeout_s", "exec_timeout_s", "exec_max_timeout_s", "callback_timeout_s",
-                "http_head_timeout_s", "http_body_timeout_s", "http_idle_timeout_s", "callback_rate_per_s",
-                "callback_idle_timeout_s", "callback_read_timeout_s", "callback_write_timeout_s",
-                "callback_log_lines_per_s"):
-        if getattr(cfg, key) <= 0:
-            bad(f"{key} must be positive")
-    longest = os.path.join(cfg.path(cfg.run_dir), "4294967295", f"vsock.sock_{cfg.callback_port}")
-    if len(longest.encode()) > 107:
-        bad(f"run_dir {cfg.run_dir!r} is too long: socket paths such as {longest} must fit in 107 bytes")
-    if "," in cfg.path(cfg.run_dir) or "=" in cfg.path(cfg.run_dir):
-        bad("run_dir must not contain ',' or '=' (cloud-hypervisor splits its options on them)")
-
-
-# =============================================================================
-# 2. HTTP
-# =============================================================================
-
-REASONS = {100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
-           404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
-           411: "Length Required", 413: "Payload Too Large", 431: "Request Header Fields Too Large",
-           500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
-           503: "Service Unavailable", 504: "Gateway Timeout"}
-MAX_HEAD = 64 * 1024
-
-
-class HttpError(Exception):
-    """A failure to talk HTTP (connection, protocol, timeout)."""
-
-
-async def read_head(reader):
-    """Read a start line and headers; returns (start_line, {lower-name: value}) or None on clean EOF."""
-    try:
-        data = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.IncompleteReadError as e:
-        if not e.partial.strip():
-            return None
-        raise HttpError("connection closed inside the message head")
-    except asyncio.LimitOverrunError:
-        raise HttpError("message head too large")
-    lines = data[:-4].decode("latin-1").split("\r\n")      # [:-4]: without the blank line
-    headers = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip():
-            raise HttpError(f"malformed header line {line[:40]!r}")
-        headers[name.lower()] = value.strip()
-    return lines[0], headers
-
 
 def is_decimal(text):
     """ASCII digits only: str.isdigit() also accepts '²' and other digits int() refuses."""
     return text.isascii() and text.isdigit()
-
-
-MAX_CHUNKS = 65536              # a chunked body in more pieces is refused (1-byte chunks cost CPU per byte)
-MAX_TRAILER_LINES = 64
-_CHUNK_SIZE = re.compile(rb"^[0-9A-Fa-f]{1,16}$")
-
-
-async def read_body(reader, headers, limit):
-    """Read a Content-Length or chunked body of at most `limit` bytes."""
-    if headers.get("transfer-encoding", "").lower() == "chunked":
-        return await read_chunked(reader, limit)
-    length = headers.get("content-length")
-    if length is None:
-        return b""
-    if not is_decimal(length):
-        raise HttpError("bad Content-Length")
-    length = int(length)
-    if length > limit:
-        raise HttpError("body too large")
-    return await reader.readexactly(length)
-
-
-async def read_chunked(reader, limit):
-    """A chunked body into one buffer, bounded in bytes, chunks and trailer lines."""
-    body = bytearray()
-    for count in range(MAX_CHUNKS + 1):
-        size_text = (await reader.readline()).split(b";")[0].strip()
-        if not _CHUNK_SIZE.match(size_text):
-            raise HttpError("bad chunk size")
-        size = int(size_text, 16)
-        if size == 0:
-            break
-        if len(body) + size > limit:
-            raise HttpError("body too large")
-        body += await reader.readexactly(size)
-        if await reader.readexactly(2) != b"\r\n":
-            raise HttpError("bad chunk framing")
-        if count % 64 == 63:
-            await asyncio.sleep(0)         # tiny chunks already buffered would otherwise hold the loop
-    else:
-        raise HttpError(f"chunked body in more than {MAX_CHUNKS} chunks")
-    for _ in range(MAX_TRAILER_LINES):
-        if (await reader.readline()) in (b"\r\n", b"\n", b""):
-            return bytes(body)
-    raise HttpError(f"more than {MAX_TRAILER_LINES} trailer lines")
-
-
-async def read_to_eof(reader, limit):
-    """A body that ends when the connection does, into one buffer."""
-    body = bytearray()
-    while True:
-        more = await reader.read(min(limit + 1 - len(body), 1 << 20))
-        if not more:
-            return bytes(body)
-        body += more
-        if len(body) > limit:
-            raise HttpError("body too large")
-
-
-def build_head(status, length, content_type="application/json", keep_alive=True, extra=None):
-    head = f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}\r\nContent-Length: {length}\r\n"
-    if length or content_type != "application/json":
-        head += f"Content-Type: {content_type}\r\n"
-    if not keep_alive:
-        head += "Connection: close\r\n"
-    if extra:
-        head += "".join(f"{k}: {v}\r\n" for k, v in extra.items())
-    return (head + "\r\n").encode("latin-1")
-
-
-def build_response(status, body=b"", content_type="application/json", keep_alive=True, extra=None):
-    """A whole response in one buffer: one send, so Nagle never delays a body behind its head."""
-    return build_head(status, len(body), content_type, keep_alive, extra) + body
-
-
-JSON_ENCODER = json.JSONEncoder(separators=(",", ":"))   # json.dumps(obj, separators=...) builds one per call
-
-
-def json_bytes(obj):
-    return JSON_ENCODER.encode(obj).encode()
-
-
-def set_nodelay(writer):
-    sock = writer.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-HTTP_FAILURES = {"body too large": "too_large", "answer without Content-Length": "no_length",
-                 "timed out inside the body": "timeouts"}     # HttpClient.failures keys by error text
-
-
-class HttpClient:
-    """A keep-alive HTTP/1.1 client for one endpoint (a Unix socket or host:port).
-
-    Bodies larger than `stream_over` bytes are not read: the response carries a
-    BodyStream instead, to be copied onward without holding it in memory."""
-
-    def __init__(self, *, unix_path=None, host=None, port=None, tls=False, pool_size=16,
-                 max_body=256 * 1024 * 1024, stream_over=None, quick_ack=False, length_only=False):
-        self.unix_path, self.host, self.port, self.tls = unix_path, host, port, tls
-        self.length_only = length_only  # answers must carry Content-Length (chunked or to-EOF: refused)
-        self.quick_ack = quick_ack      # for servers we do not control (see quick_ack())
-        self.pool_size, self.max_body, self.stream_over = pool_size, max_body, stream_over
-        self.idle = []
-        self.busy = set()
-        self.closed = False
-        self.failures = dict.fromkeys(set(HTTP_FAILURES.values()) | {"timeouts", "other"}, 0)  # for metrics
-        self.host_header = "localhost" if unix_path else (host if port in (80, 443) else f"{host}:{port}")
-
-    async def _connect(self):
-        if self.unix_path:
-            return await asyncio.open_unix_connection(self.unix_path)
-        ctx = ssl.create_default_context() if self.tls else None
-        reader, writer = await asyncio.open_connection(self.host, self.port, ssl=ctx,
-                                                       server_hostname=self.host if ctx else None)
-        set_nodelay(writer)
-        return reader, writer
-
-    async def request(self, method, target, body=None, timeout=30.0, headers=None):
-        """Returns (status, headers, body bytes or BodyStream). Raises HttpError on any failure."""
-        deadline = asyncio.get_running_loop().time() + timeout      # a streamed body must end by then too
-        try:
-            return await within(timeout, self._request(method, target, body, headers, deadline))
-        except asyncio.TimeoutError:
-            self.failures["timeouts"] += 1
-            raise HttpError(f"timed out after {fmt_seconds(timeout)}")
-        except HttpError as e:
-            self.failures[HTTP_FAILURES.get(str(e), "other")] += 1
-            raise
-
-    async def _request(self, method, target, body, headers, deadline):
-        payload = body if isinstance(body, (bytes, type(None))) else json_bytes(body)
-        head = f"{method} {target} HTTP/1.1\r\nHost: {self.host_header}\r\n"
-        if payload is not None:
-            head += f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
-        if headers:
-            head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        message = (head + "\r\n").encode("latin-1") + (payload or b"")
-        while True:
-            reused = bool(self.idle)
-            reader, writer = self.idle.pop() if reused else await self._open()
-            self.busy.add(writer)
-            try:
-                writer.write(message)
-                if self.quick_ack:
-                    quick_ack(writer)
-                result = await self._read_response(reader, writer, method, deadline)
-            except (HttpError, OSError, asyncio.IncompleteReadError, EOFError,
-                    ValueError, asyncio.LimitOverrunError) as e:     # ValueError: StreamReader line limit
-                self._drop(writer)
-                # A reused connection the server already closed fails before any
-                # answer; the request never ran, so try once more on a new one.
-                if reused and not self.closed and isinstance(e, (ConnectionError, asyncio.IncompleteReadError, EOFError)):
-                    continue
-                raise HttpError(str(e) or type(e).__name__)
-            except BaseException:
-                self._drop(writer)
-                raise
-            status, rheaders, rbody = result
-            if not isinstance(rbody, BodyStream):
-                self.release(reader, writer, rheaders.get("connection", "").lower() != "close")
-            return result
-
-    def release(self, reader, writer, reusable):
-        self.busy.discard(writer)
-        if reusable and not self.closed and len(self.idle) < self.pool_size:
-            self.idle.append((reader, writer))
-        else:
-            writer.close()
-
-    def _drop(self, writer):
-        self.busy.discard(writer)
-        writer.close()
-
-    async def _open(self):
-        if self.closed:
-            raise HttpError("connection closed: the endpoint went away")
-        try:
-            return await self._connect()
-        except OSError as e:
-            where = self.unix_path or f"{self.host}:{self.port}"
-            raise HttpError(f"cannot connect to {where}: {os.strerror(e.errno) if e.errno else e}")
-
-    async def _read_response(self, reader, writer, method, deadline):
-        head = await read_head(reader)
-        if head is None:
-            raise EOFError("connection closed before a response")
-        start, headers = head
-        parts = start.split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not is_decimal(parts[1]):
-            raise HttpError(f"malformed status line {start[:40]!r}")
-        status = int(parts[1])
-        if status == 100:
-            return await self._read_response(reader, writer, method, deadline)
-        if method == "HEAD" or status in (204, 304):
-            return status, headers, b""
-        length = headers.get("content-length", "")
-        if self.length_only and not is_decimal(length):
-            raise HttpError("answer without Content-Length")
-        if (self.stream_over is not None and is_decimal(length) and int(length) > self.stream_over
-                and 200 <= status < 300):
-            if int(length) > self.max_body:
-                raise HttpError("body too large")
-            return status, headers, BodyStream(self, reader, writer, int(length),
-                                               headers.get("connection", "").lower() != "close", deadline)
-        if not length and headers.get("transfer-encoding", "").lower() != "chunked":
-            headers["connection"] = "close"            # the body ends when the connection does
-            return status, headers, await read_to_eof(reader, self.max_body)
-        return status, headers, await read_body(reader, headers, self.max_body)
-
-    def close(self):
-        """Close idle connections; new requests may still open fresh ones."""
-        for _, writer in self.idle:
-            writer.close()
-        self.idle.clear()
-
-    def abort(self):
-        """The endpoint is gone: fail requests in flight now and refuse new ones."""
-        self.closed = True
-        self.close()
-        for writer in list(self.busy):
-            writer.transport.abort()
-        self.busy.clear()
-
-
-class BodyStream:
-    """A large response body still on its connection, copied onward in chunks.
-
-    `deadline` (loop time) is the request's: a peer dripping its body cannot stretch it."""
-
-    def __init__(self, client, reader, writer, length, reusable, deadline):
-        self.client, self.reader, self.writer = client, reader, writer
-        self.length, self.reusable, self.deadline = length, reusable, deadline
-
-    async def copy_to(self, dest, timeout):
-        loop = asyncio.get_running_loop()
-        remaining = self.length
-        try:
-            while remaining:
-                left = self.deadline - loop.time()
-                if left <= 0:
-                    self.client.failures["timeouts"] += 1
-                    raise HttpError("timed out inside the body")
-                try:
-                    chunk = await within(min(timeout, left), self.reader.read(min(remaining, 1 << 20)))
-                except asyncio.TimeoutError:
-                    self.client.failures["timeouts"] += 1
-                    raise HttpError("timed out inside the body")
-                if not chunk:
-                    raise HttpError("connection closed inside the body")
-                dest.write(chunk)
-                remaining -= len(chunk)
-                await within(timeout, dest.drain())
-        except BaseException:
-            self.client._drop(self.writer)
-            raise
-        self.client.release(self.reader, self.writer, self.reusable)
-
-    async def read(self, limit):
-        """The whole body as bytes (for error answers), at most `limit` bytes."""
-        if self.length > limit:
-            self.client._drop(self.writer)
-            raise HttpError("body too large")
-        try:
-            data = await within(max(self.deadline - asyncio.get_running_loop().time(), 0.0),
-                                self.reader.readexactly(self.length))
-        except asyncio.TimeoutError:
-            self.client._drop(self.writer)
-            self.client.failures["timeouts"] += 1
-            raise HttpError("timed out inside the body")
-        except BaseException:
-            self.client._drop(self.writer)
-            raise
-        self.client.release(self.reader, self.writer, self.reusable)
-        return data
-
-
-def quick_ack(writer):
-    """ACK the answer at once: a server that sends its head and body in separate writes
-    (Python's http.server does) otherwise waits for our delayed ACK, 40 ms a request."""
-    sock = writer.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6) and hasattr(socket, "TCP_QUICKACK"):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-        except OSError:
-            pass
 
 
 def fmt_seconds(value):
@@ -745,6 +175,633 @@ async def within(timeout, aw):
         deadlines.remove(deadline)
 
 
+def write_atomically(path, data):
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:                     # a full disk must not leave the temporary file behind
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+
+
+def tail_bytes(path, limit):
+    """The last `limit` bytes of a file (b"" when it is missing)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - limit))
+            return f.read()
+    except OSError:
+        return b""
+
+
+def tail_file(path, limit=64 * 1024):
+    return tail_bytes(path, limit).decode("utf-8", "replace")
+
+
+def file_size(path):
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+def remove_tree(path):
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# =============================================================================
+# 1. Config
+# =============================================================================
+
+class ConfigError(Exception):
+    pass
+
+
+_KEY_LINE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*:(?:\s+(.*))?$")
+_INT = re.compile(r"^[-+]?[0-9]+$")
+_FLOAT = re.compile(r"^[-+]?([0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)([eE][-+]?[0-9]+)?$")
+
+
+def _strip_comment(line):
+    """Drop a '# comment' that is outside quotes and starts a word."""
+    quote = None
+    for i, ch in enumerate(line):
+        if quote:
+            if ch == quote:
+                quote = None
+        elif ch in "\"'":
+            quote = ch
+        elif ch == "#" and (i == 0 or line[i - 1] in " \t"):
+            return line[:i].rstrip()
+    return line.rstrip()
+
+
+def _parse_scalar(text, where):
+    if text.startswith('"'):
+        try:
+            value, end = json.JSONDecoder().raw_decode(text)
+        except ValueError as e:
+            raise ConfigError(f"{where}: bad double-quoted string") from e
+        if text[end:].strip():
+            raise ConfigError(f"{where}: unexpected text after the string")
+        return value
+    if text.startswith("'"):
+        if len(text) < 2 or not text.endswith("'"):
+            raise ConfigError(f"{where}: unterminated single-quoted string")
+        return text[1:-1].replace("''", "'")
+    if text in ("null", "~"):
+        return None
+    if text in ("true", "True"):
+        return True
+    if text in ("false", "False"):
+        return False
+    if _INT.match(text):
+        return int(text)
+    if _FLOAT.match(text):
+        return float(text)
+    if text[0] in "[]{}&*!|>%@`,?-" or ": " in text:
+        raise ConfigError(f"{where}: unsupported YAML construct {text[:20]!r} "
+                          "(only nested mappings of plain scalars are supported)")
+    return text
+
+
+def parse_yaml_subset(text, source="config"):
+    """Parse nested mappings of scalars. Returns (tree, {dotted.key: line})."""
+    root, lines = {}, {}
+    stack = [(0, root, "")]           # (indent, mapping, dotted path)
+    pending = None                     # (mapping, path) of a 'key:' awaiting children
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        where = f"{source} line {lineno}"
+        line = _strip_comment(raw)
+        if not line.strip():
+            continue
+        body = line.lstrip(" ")
+        if body.startswith("\t") or "\t" in line[: len(line) - len(body)]:
+            raise ConfigError(f"{where}: tabs are not allowed for indentation")
+        indent = len(line) - len(body)
+        if body in ("---", "..."):
+            raise ConfigError(f"{where}: multiple YAML documents are not supported")
+        if body.startswith("- ") or body == "-":
+            raise ConfigError(f"{where}: lists are not supported")
+        m = _KEY_LINE.match(body)
+        if not m:
+            raise ConfigError(f"{where}: expected 'key: value', got {body[:40]!r}")
+        if pending is not None:
+            if indent > stack[-1][0]:
+                stack.append((indent, pending[0][pending[1]], pending[2]))
+            else:
+                pending[0][pending[1]] = None     # 'key:' with nothing under it is null
+            pending = None
+        while indent < stack[-1][0]:
+            stack.pop()
+        if indent != stack[-1][0]:
+            raise ConfigError(f"{where}: inconsistent indentation")
+        key, value = m.group(1), m.group(2)
+        mapping, path = stack[-1][1], stack[-1][2]
+        dotted = f"{path}.{key}" if path else key
+        if key in mapping:
+            raise ConfigError(f"{where}: duplicate key '{dotted}'")
+        lines[dotted] = lineno
+        if value is None or value == "":
+            mapping[key] = {}
+            pending = (mapping, key, dotted)
+        else:
+            mapping[key] = _parse_scalar(value.strip(), where)
+    if pending is not None:
+        pending[0][pending[1]] = None
+    return root, lines
+
+
+VMM_LOG_TAIL = 1024 * 1024          # the most of a VMM's log cbox.py reads (reset_in_vmm_log)
+
+
+# key: (type, default, description). Types: str, int, float, bool.
+CONFIG_KEYS = {
+    "host": (str, "127.0.0.1", "address the REST API listens on"),
+    "port": (int, 7000, "REST API port"),
+    "api_token": (str, "", "bearer token required on every route but /v1/health; empty = none"),
+    "state_dir": (str, "/var/lib/cbox", "VM records, stateful disks, console logs"),
+    "run_dir": (str, "/run/cbox", "short directory for per-VM sockets (Unix paths hold 107 bytes)"),
+    "bridge_name": (str, "cbox0", "Linux bridge the taps join"),
+    "bridge_ip": (str, "10.20.1.1/24", "host address on the bridge (the guests' gateway)"),
+    "bridge_subnet": (str, "10.20.1.0/24", "subnet guest IPs are allocated from"),
+    "nat_interface": (str, "auto", "interface guest traffic is NATed out of: auto (default route), none, or a name"),
+    "firewall": (bool, True, "install iptables rules (NAT, no guest-to-host traffic)"),
+    "dns": (str, "auto", "guest resolvers, comma separated; auto = host's non-loopback resolvers"),
+    "chv_bin": (str, "/usr/local/bin/cloud-hypervisor", "cloud-hypervisor binary"),
+    "kernel": (str, "out/vmlinuz", "guest kernel (bzImage or PVH vmlinux)"),
+    "initramfs": (str, "out/initramfs.cpio.gz", "guest initramfs; empty = none"),
+    "rootfs": (str, "out/rootfs.ext4", "read-only root filesystem image (vda)"),
+    "cmdline_extra": (str, "", "extra kernel command line arguments"),
+    "stateful_size_in_mb": (int, 2048, "size of each VM's sparse writable disk (vdb)"),
+    "guest_mem_percentage": (int, 50, "all guests together may use at most this % of host memory"),
+    "default_vcpus": (int, 1, "vcpus of a VM when the request names none"),
+    "max_vcpus": (int, 8, "largest vcpus a request may ask for"),
+    "default_memory_mb": (int, 512, "memory of a VM when the request names none"),
+    "max_memory_mb": (int, 16384, "largest memoryMb a request may ask for"),
+    "max_vms": (int, 250, "most VMs at once"),
+    "boot_timeout_s": (float, 60.0, "time for the guest agent to answer after vm.boot"),
+    "shutdown_timeout_s": (float, 5.0, "time for the VMM to exit before it is killed"),
+    "exec_timeout_s": (float, 300.0, "default exec timeout"),
+    "exec_max_timeout_s": (float, 86400.0, "largest exec timeout a request may ask for"),
+    "exec_output_limit_bytes": (int, 4 * 1024 * 1024, "cap on captured stdout, stderr and output, each"),
+    "callback_timeout_s": (float, 30.0, "time the callback URL has to answer"),
+    "callback_port": (int, 4032, "guest vsock port for callbacks"),
+    "agent_port": (int, 4031, "guest agent TCP port"),
+    "max_request_bytes": (int, 8 * 1024 * 1024, "largest REST request body"),
+    "http_head_timeout_s": (float, 30.0, "time a new REST connection has to send its first request head"),
+    "http_body_timeout_s": (float, 60.0, "time a REST client has to send a request body (and to read an answer)"),
+    "http_idle_timeout_s": (float, 120.0, "keep-alive REST connections idle longer are closed"),
+    "console_max_bytes": (int, 1024 * 1024, "serial console output kept per VM (newest), besides its first 64 KiB"),
+    "vmm_log_max_bytes": (int, 8 * 1024 * 1024, "disk space one hypervisor's -v log may take (its newest half is kept)"),
+    "callback_max_connections": (int, 32, "open callback connections per VM; more are answered with an error and closed"),
+    "callback_max_in_flight": (int, 16, "callbacks of one VM waiting on the callback URL; more get an error at once"),
+    "callback_rate_per_s": (float, 500.0, "callbacks a second per VM (token bucket, burst of one second); more get an error"),
+    "callback_bytes_per_s": (int, 4 * 1024 * 1024, "bytes a second read from one VM's callback connections; more wait"),
+    "callback_idle_timeout_s": (float, 60.0, "a callback connection with no request for this long is closed"),
+    "callback_read_timeout_s": (float, 10.0, "time a guest has to finish sending a callback line it started"),
+    "callback_write_timeout_s": (float, 10.0, "time a guest has to read a callback reply before its connection is closed"),
+    "callback_log_lines_per_s": (float, 20.0, "callback log lines a second per VM; the rest are counted and the count logged"),
+    "fd_reserve": (int, 256, "file descriptors kept free for the API and other VMs: guest connections beyond are refused"),
+    "destroy_on_exit": (bool, False, "destroy all VMs when cbox.py stops (default: leave them for the next start)"),
+}
+
+
+class Config:
+    """Typed settings from hostservices.restserver; attribute per CONFIG_KEYS entry."""
+
+    def __init__(self, values, base_dir):
+        self.__dict__.update(values)
+        self.base_dir = base_dir
+
+    def path(self, value):
+        """Resolve a path from config relative to the config file's directory."""
+        return value if not value or os.path.isabs(value) else str(Path(self.base_dir, value))
+
+
+def _quoted_number(text, typ):
+    """A number key written in quotes, as the original CBox's config does (port: "7000"):
+    unsigned ASCII digits, with a decimal fraction for float keys ("2.5"). Anything
+    else is returned unchanged, so the type check reports it with its line."""
+    whole, dot, fraction = text.partition(".") if typ is float else (text, "", "")
+    if is_decimal(whole) and (not dot or is_decimal(fraction)):
+        return typ(text)
+    return text
+
+
+def check_config(cfg, source):
+    def bad(msg):
+        raise ConfigError(f"{source}: {msg}")
+    try:
+        subnet = ipaddress.ip_network(cfg.bridge_subnet, strict=True)
+        bridge = ipaddress.ip_interface(cfg.bridge_ip)
+    except ValueError as e:
+        bad(f"bridge_subnet/bridge_ip: {e}")
+    if subnet.version != 4 or bridge.ip not in subnet or bridge.network != subnet:
+        bad(f"bridge_ip {cfg.bridge_ip} must be an IPv4 address inside bridge_subnet {cfg.bridge_subnet} with its prefix")
+    if subnet.num_addresses < 4:
+        bad("bridge_subnet is too small")
+    if not re.match(r"^[A-Za-z0-9_.-]{1,15}$", cfg.bridge_name):
+        bad(f"bridge_name {cfg.bridge_name!r} is not a valid interface name")
+    for key in ("port", "agent_port", "callback_port"):
+        if not 0 < getattr(cfg, key) < 65536:
+            bad(f"{key} must be a port number")
+    for key in ("stateful_size_in_mb", "default_vcpus", "max_vcpus", "default_memory_mb",
+                "max_memory_mb", "max_vms", "exec_output_limit_bytes", "max_request_bytes",
+                "callback_max_connections", "callback_max_in_flight", "callback_bytes_per_s"):
+        if getattr(cfg, key) <= 0:
+            bad(f"{key} must be positive")
+    if cfg.console_max_bytes < 4096:
+        bad("console_max_bytes must be at least 4096")
+    if cfg.vmm_log_max_bytes < 2 * VMM_LOG_TAIL:
+        bad(f"vmm_log_max_bytes must be at least {2 * VMM_LOG_TAIL}")
+    if cfg.fd_reserve < 0:
+        bad("fd_reserve must not be negative")
+    if not 0 < cfg.guest_mem_percentage <= 100:
+        bad("guest_mem_percentage must be 1..100")
+    for key in ("boot_timeout_s", "shutdown_timeout_s", "exec_timeout_s", "exec_max_timeout_s", "callback_timeout_s",
+                "http_head_timeout_s", "http_body_timeout_s", "http_idle_timeout_s", "callback_rate_per_s",
+                "callback_idle_timeout_s", "callback_read_timeout_s", "callback_write_timeout_s",
+                "callback_log_lines_per_s"):
+        if getattr(cfg, key) <= 0:
+            bad(f"{key} must be positive")
+    longest = os.path.join(cfg.path(cfg.run_dir), "4294967295", f"vsock.sock_{cfg.callback_port}")
+    if len(longest.encode()) > 107:
+        bad(f"run_dir {cfg.run_dir!r} is too long: socket paths such as {longest} must fit in 107 bytes")
+    if "," in cfg.path(cfg.run_dir) or "=" in cfg.path(cfg.run_dir):
+        bad("run_dir must not contain ',' or '=' (cloud-hypervisor splits its options on them)")
+
+
+def load_config(path, overrides=None):
+    text = Path(path).read_text()
+    tree, lines = parse_yaml_subset(text, str(path))
+    for key in tree:
+        if key != "hostservices":
+            raise ConfigError(f"{path} line {lines[key]}: unknown top-level key '{key}' (expected hostservices)")
+    hs = tree.get("hostservices") or {}
+    if not isinstance(hs, dict):
+        raise ConfigError(f"{path}: hostservices must be a mapping")
+    for key in hs:
+        if key != "restserver":
+            raise ConfigError(f"{path} line {lines['hostservices.' + key]}: unknown key 'hostservices.{key}'")
+    raw = hs.get("restserver") or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: hostservices.restserver must be a mapping")
+    raw = dict(raw, **(overrides or {}))
+    values = {}
+    for key, value in raw.items():
+        where = f"{path} line {lines.get('hostservices.restserver.' + key, '?')}"
+        if key not in CONFIG_KEYS:
+            raise ConfigError(f"{where}: unknown key '{key}' in hostservices.restserver")
+        typ = CONFIG_KEYS[key][0]
+        if typ in (int, float) and isinstance(value, str):
+            value = _quoted_number(value, typ)
+        if typ is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if typ is str and value is None:
+            value = ""
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+            raise ConfigError(f"{where}: '{key}' must be {typ.__name__}, got {value!r}")
+        values[key] = value
+    for key, (typ, default, _) in CONFIG_KEYS.items():
+        values.setdefault(key, default)
+    cfg = Config(values, str(Path(path).resolve().parent))
+    check_config(cfg, str(path))
+    return cfg
+
+
+# =============================================================================
+# 2. HTTP
+# =============================================================================
+
+REASONS = {100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
+           404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
+           411: "Length Required", 413: "Payload Too Large", 431: "Request Header Fields Too Large",
+           500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
+           503: "Service Unavailable", 504: "Gateway Timeout"}
+MAX_HEAD = 64 * 1024
+
+
+class HttpError(Exception):
+    """A failure to talk HTTP (connection, protocol, timeout)."""
+
+
+async def read_head(reader):
+    """Read a start line and headers; returns (start_line, {lower-name: value}) or None on clean EOF."""
+    try:
+        data = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError as e:
+        if not e.partial.strip():
+            return None
+        raise HttpError("connection closed inside the message head") from e
+    except asyncio.LimitOverrunError as e:
+        raise HttpError("message head too large") from e
+    lines = data[:-4].decode("latin-1").split("\r\n")      # [:-4]: without the blank line
+    headers = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip():
+            raise HttpError(f"malformed header line {line[:40]!r}")
+        headers[name.lower()] = value.strip()
+    return lines[0], headers
+
+
+MAX_CHUNKS = 65536              # a chunked body in more pieces is refused (1-byte chunks cost CPU per byte)
+MAX_TRAILER_LINES = 64
+_CHUNK_SIZE = re.compile(rb"^[0-9A-Fa-f]{1,16}$")
+
+
+async def read_chunked(reader, limit):
+    """A chunked body into one buffer, bounded in bytes, chunks and trailer lines."""
+    body = bytearray()
+    for count in range(MAX_CHUNKS + 1):
+        size_text = (await reader.readline()).split(b";")[0].strip()
+        if not _CHUNK_SIZE.match(size_text):
+            raise HttpError("bad chunk size")
+        size = int(size_text, 16)
+        if size == 0:
+            break
+        if len(body) + size > limit:
+            raise HttpError("body too large")
+        body += await reader.readexactly(size)
+        if await reader.readexactly(2) != b"\r\n":
+            raise HttpError("bad chunk framing")
+        if count % 64 == 63:
+            await asyncio.sleep(0)         # tiny chunks already buffered would otherwise hold the loop
+    else:
+        raise HttpError(f"chunked body in more than {MAX_CHUNKS} chunks")
+    for _ in range(MAX_TRAILER_LINES):
+        if (await reader.readline()) in (b"\r\n", b"\n", b""):
+            return bytes(body)
+    raise HttpError(f"more than {MAX_TRAILER_LINES} trailer lines")
+
+
+async def read_body(reader, headers, limit):
+    """Read a Content-Length or chunked body of at most `limit` bytes."""
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        return await read_chunked(reader, limit)
+    length = headers.get("content-length")
+    if length is None:
+        return b""
+    if not is_decimal(length):
+        raise HttpError("bad Content-Length")
+    length = int(length)
+    if length > limit:
+        raise HttpError("body too large")
+    return await reader.readexactly(length)
+
+
+async def read_to_eof(reader, limit):
+    """A body that ends when the connection does, into one buffer."""
+    body = bytearray()
+    while True:
+        more = await reader.read(min(limit + 1 - len(body), 1 << 20))
+        if not more:
+            return bytes(body)
+        body += more
+        if len(body) > limit:
+            raise HttpError("body too large")
+
+
+def build_head(status, length, content_type="application/json", keep_alive=True, extra=None):
+    head = f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}\r\nContent-Length: {length}\r\n"
+    if length or content_type != "application/json":
+        head += f"Content-Type: {content_type}\r\n"
+    if not keep_alive:
+        head += "Connection: close\r\n"
+    if extra:
+        head += "".join(f"{k}: {v}\r\n" for k, v in extra.items())
+    return (head + "\r\n").encode("latin-1")
+
+
+def build_response(status, body=b"", content_type="application/json", keep_alive=True, extra=None):
+    """A whole response in one buffer: one send, so Nagle never delays a body behind its head."""
+    return build_head(status, len(body), content_type, keep_alive, extra) + body
+
+
+JSON_ENCODER = json.JSONEncoder(separators=(",", ":"))   # json.dumps(obj, separators=...) builds one per call
+
+
+def json_bytes(obj):
+    return JSON_ENCODER.encode(obj).encode()
+
+
+def set_nodelay(writer):
+    sock = writer.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def quick_ack(writer):
+    """ACK the answer at once: a server that sends its head and body in separate writes
+    (Python's http.server does) otherwise waits for our delayed ACK, 40 ms a request."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6) and hasattr(socket, "TCP_QUICKACK"):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        except OSError:
+            pass
+
+
+HTTP_FAILURES = {"body too large": "too_large", "answer without Content-Length": "no_length",
+                 "timed out inside the body": "timeouts"}     # HttpClient.failures keys by error text
+
+
+class BodyStream:
+    """A large response body still on its connection, copied onward in chunks.
+
+    `deadline` (loop time) is the request's: a peer dripping its body cannot stretch it."""
+
+    def __init__(self, client, reader, writer, length, reusable, deadline):
+        self.client, self.reader, self.writer = client, reader, writer
+        self.length, self.reusable, self.deadline = length, reusable, deadline
+
+    async def copy_to(self, dest, timeout):
+        loop = asyncio.get_running_loop()
+        remaining = self.length
+        try:
+            while remaining:
+                left = self.deadline - loop.time()
+                if left <= 0:
+                    self.client.failures["timeouts"] += 1
+                    raise HttpError("timed out inside the body")
+                try:
+                    chunk = await within(min(timeout, left), self.reader.read(min(remaining, 1 << 20)))
+                except asyncio.TimeoutError as e:
+                    self.client.failures["timeouts"] += 1
+                    raise HttpError("timed out inside the body") from e
+                if not chunk:
+                    raise HttpError("connection closed inside the body")
+                dest.write(chunk)
+                remaining -= len(chunk)
+                await within(timeout, dest.drain())
+        except BaseException:
+            self.client.drop(self.writer)
+            raise
+        self.client.release(self.reader, self.writer, self.reusable)
+
+    async def read(self, limit):
+        """The whole body as bytes (for error answers), at most `limit` bytes."""
+        if self.length > limit:
+            self.client.drop(self.writer)
+            raise HttpError("body too large")
+        try:
+            data = await within(max(self.deadline - asyncio.get_running_loop().time(), 0.0),
+                                self.reader.readexactly(self.length))
+        except asyncio.TimeoutError as e:
+            self.client.drop(self.writer)
+            self.client.failures["timeouts"] += 1
+            raise HttpError("timed out inside the body") from e
+        except BaseException:
+            self.client.drop(self.writer)
+            raise
+        self.client.release(self.reader, self.writer, self.reusable)
+        return data
+
+
+class HttpClient:
+    """A keep-alive HTTP/1.1 client for one endpoint (a Unix socket or host:port).
+
+    Bodies larger than `stream_over` bytes are not read: the response carries a
+    BodyStream instead, to be copied onward without holding it in memory."""
+
+    def __init__(self, *, unix_path=None, host=None, port=None, tls=False, pool_size=16,
+                 max_body=256 * 1024 * 1024, stream_over=None, quick_ack=False, length_only=False):
+        self.unix_path, self.host, self.port, self.tls = unix_path, host, port, tls
+        self.length_only = length_only  # answers must carry Content-Length (chunked or to-EOF: refused)
+        self.quick_ack = quick_ack      # for servers we do not control (see quick_ack())
+        self.pool_size, self.max_body, self.stream_over = pool_size, max_body, stream_over
+        self.idle = []
+        self.busy = set()
+        self.closed = False
+        self.failures = dict.fromkeys(set(HTTP_FAILURES.values()) | {"timeouts", "other"}, 0)  # for metrics
+        self.host_header = "localhost" if unix_path else (host if port in (80, 443) else f"{host}:{port}")
+
+    async def _connect(self):
+        if self.unix_path:
+            return await asyncio.open_unix_connection(self.unix_path)
+        ctx = ssl.create_default_context() if self.tls else None
+        reader, writer = await asyncio.open_connection(self.host, self.port, ssl=ctx,
+                                                       server_hostname=self.host if ctx else None)
+        set_nodelay(writer)
+        return reader, writer
+
+    async def request(self, method, target, body=None, timeout=30.0, headers=None):
+        """Returns (status, headers, body bytes or BodyStream). Raises HttpError on any failure."""
+        deadline = asyncio.get_running_loop().time() + timeout      # a streamed body must end by then too
+        try:
+            return await within(timeout, self._request(method, target, body, headers, deadline))
+        except asyncio.TimeoutError as e:
+            self.failures["timeouts"] += 1
+            raise HttpError(f"timed out after {fmt_seconds(timeout)}") from e
+        except HttpError as e:
+            self.failures[HTTP_FAILURES.get(str(e), "other")] += 1
+            raise
+
+    async def _request(self, method, target, body, headers, deadline):
+        payload = body if isinstance(body, (bytes, type(None))) else json_bytes(body)
+        head = f"{method} {target} HTTP/1.1\r\nHost: {self.host_header}\r\n"
+        if payload is not None:
+            head += f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+        if headers:
+            head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        message = (head + "\r\n").encode("latin-1") + (payload or b"")
+        while True:
+            reused = bool(self.idle)
+            reader, writer = self.idle.pop() if reused else await self._open()
+            self.busy.add(writer)
+            try:
+                writer.write(message)
+                if self.quick_ack:
+                    quick_ack(writer)
+                result = await self._read_response(reader, writer, method, deadline)
+            except (HttpError, OSError, asyncio.IncompleteReadError, EOFError,
+                    ValueError, asyncio.LimitOverrunError) as e:     # ValueError: StreamReader line limit
+                self.drop(writer)
+                # A reused connection the server already closed fails before any
+                # answer; the request never ran, so try once more on a new one.
+                if reused and not self.closed and isinstance(e, (ConnectionError, asyncio.IncompleteReadError, EOFError)):
+                    continue
+                raise HttpError(str(e) or type(e).__name__) from e
+            except BaseException:
+                self.drop(writer)
+                raise
+            status, rheaders, rbody = result
+            if not isinstance(rbody, BodyStream):
+                self.release(reader, writer, rheaders.get("connection", "").lower() != "close")
+            return result
+
+    def release(self, reader, writer, reusable):
+        """A connection whose answer was read whole: back to the pool, or closed."""
+        self.busy.discard(writer)
+        if reusable and not self.closed and len(self.idle) < self.pool_size:
+            self.idle.append((reader, writer))
+        else:
+            writer.close()
+
+    def drop(self, writer):
+        """Close a connection whose stream is out of step (a failed or abandoned answer)."""
+        self.busy.discard(writer)
+        writer.close()
+
+    async def _open(self):
+        if self.closed:
+            raise HttpError("connection closed: the endpoint went away")
+        try:
+            return await self._connect()
+        except OSError as e:
+            where = self.unix_path or f"{self.host}:{self.port}"
+            raise HttpError(f"cannot connect to {where}: {os.strerror(e.errno) if e.errno else e}") from e
+
+    async def _read_response(self, reader, writer, method, deadline):
+        head = await read_head(reader)
+        if head is None:
+            raise EOFError("connection closed before a response")
+        start, headers = head
+        parts = start.split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not is_decimal(parts[1]):
+            raise HttpError(f"malformed status line {start[:40]!r}")
+        status = int(parts[1])
+        if status == 100:
+            return await self._read_response(reader, writer, method, deadline)
+        if method == "HEAD" or status in (204, 304):
+            return status, headers, b""
+        length = headers.get("content-length", "")
+        if self.length_only and not is_decimal(length):
+            raise HttpError("answer without Content-Length")
+        if (self.stream_over is not None and is_decimal(length) and int(length) > self.stream_over
+                and 200 <= status < 300):
+            if int(length) > self.max_body:
+                raise HttpError("body too large")
+            return status, headers, BodyStream(self, reader, writer, int(length),
+                                               headers.get("connection", "").lower() != "close", deadline)
+        if not length and headers.get("transfer-encoding", "").lower() != "chunked":
+            headers["connection"] = "close"            # the body ends when the connection does
+            return status, headers, await read_to_eof(reader, self.max_body)
+        return status, headers, await read_body(reader, headers, self.max_body)
+
+    def close(self):
+        """Close idle connections; new requests may still open fresh ones."""
+        for _, writer in self.idle:
+            writer.close()
+        self.idle.clear()
+
+    def abort(self):
+        """The endpoint is gone: fail requests in flight now and refuse new ones."""
+        self.closed = True
+        self.close()
+        for writer in list(self.busy):
+            writer.transport.abort()
+        self.busy.clear()
+
+
 class ClientWatch:
     """Cancels a request's task when its client hangs up while the answer is being made.
 
@@ -782,7 +839,7 @@ class ClientWatch:
 
 
 # =============================================================================
-# 3. Hypervisor (Cloud Hypervisor REST API over its Unix socket)
+# 3. Hypervisor (its REST API, the guest agent's API, the VMM's process and logs)
 # =============================================================================
 
 class HypervisorError(Exception):
@@ -799,7 +856,7 @@ class CloudHypervisor:
         try:
             status, _, data = await self.http.request(method, f"/api/v1/{endpoint}", body, timeout)
         except HttpError as e:
-            raise HypervisorError(f"{endpoint}: {e}")
+            raise HypervisorError(f"{endpoint}: {e}") from e
         if status in (200, 204):
             return json.loads(data) if data.strip() else None
         raise HypervisorError(f"{endpoint}: HTTP {status}: {self.error_text(data)}")
@@ -830,6 +887,80 @@ class CloudHypervisor:
 
     def close(self):
         self.http.close()
+
+
+class AgentError(Exception):
+    """A guest agent's refusal or no answer: `status` is the one to pass on to the API client."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+class GuestAgent:
+    """The HTTP API of one VM's guest agent (guest_agent.py), read as a hostile peer's answers.
+
+    stdout, stderr and output are each capped at exec_output_limit_bytes; in JSON a byte
+    takes at most 6 (\\u0000), so a longer answer is not the agent's. The agent always sends
+    Content-Length: a chunked or to-EOF body (CPU per chunk, no end) is refused at its head.
+    2xx bodies are passed through untouched (large ones as a BodyStream)."""
+
+    ERROR_BODY_MAX = 64 * 1024      # an error answer is read whole, at most this much
+
+    def __init__(self, vm_name, address, port, output_limit):
+        self.vm_name = vm_name
+        self.http = HttpClient(host=address, port=port, pool_size=32, stream_over=256 * 1024,
+                               max_body=3 * 6 * output_limit + 1024 * 1024, length_only=True)
+
+    async def health(self, timeout):
+        """The HTTP status of GET /health; AgentError when there is no answer."""
+        try:
+            status, _, _ = await self.http.request("GET", "/health", timeout=timeout)
+        except HttpError as e:
+            raise AgentError(502, str(e)) from e
+        return status
+
+    async def exec(self, body, timeout):
+        return await self._call("POST", "/exec", body, timeout)
+
+    async def status(self, exec_id):
+        return await self._call("GET", f"/exec/{exec_id}", timeout=30.0)
+
+    async def kill(self, exec_id):
+        return await self._call("DELETE", f"/exec/{exec_id}", timeout=30.0)
+
+    async def sync(self):
+        """Let the guest flush its disks (before the VM goes away); failures are ignored."""
+        with contextlib.suppress(AgentError):
+            await self._call("POST", "/exec", {"cmd": "sync", "timeout": 5}, timeout=6.0)
+
+    async def _call(self, method, target, body=None, timeout=15.0):
+        """A 2xx body (bytes or BodyStream); else AgentError with the agent's status and message.
+
+        When the VM's hypervisor exits, abort() fails the requests in flight at once
+        instead of leaving them to their timeout."""
+        try:
+            status, _, data = await self.http.request(method, target, body, timeout=timeout)
+            if 200 <= status < 300:
+                return data
+            if isinstance(data, BodyStream):
+                data = await data.read(self.ERROR_BODY_MAX)
+        except HttpError as e:
+            raise AgentError(502, f"guest agent of VM '{self.vm_name}' unreachable: {e}") from e
+        try:
+            message = json.loads(data)["error"]
+        except (ValueError, KeyError, TypeError, RecursionError):
+            message = None
+        if not isinstance(message, str):
+            message = data[:200].decode("utf-8", "replace")
+        raise AgentError(status if status in (400, 404, 409, 413) else 502, f"guest agent: {message}")
+
+    def close(self):
+        self.http.close()
+
+    def abort(self):
+        """The guest is gone: fail requests in flight now and refuse new ones."""
+        self.http.abort()
 
 
 class RateBudget:
@@ -945,7 +1076,7 @@ class SerialConsole(BoundedReader):
             sock.connect(str(path))
         except OSError as e:
             sock.close()
-            raise HypervisorError(f"serial console socket {path}: {e.strerror or e}")
+            raise HypervisorError(f"serial console socket {path}: {e.strerror or e}") from e
         self.sink = sink
         super().__init__(sock.detach(), self.RATE, self.BURST)
 
@@ -1010,379 +1141,7 @@ class EventMonitor(BoundedReader):
             self.on_event(event["source"], event["event"], props if isinstance(props, dict) else {})
 
 
-# =============================================================================
-# 4. Network (bridge, taps, iptables)
-# =============================================================================
-
-class CommandError(Exception):
-    pass
-
-
-async def run_cmd(*args, stdin=None, check=True):
-    """Run a host tool; returns stdout. Raises CommandError naming the tool and its stderr."""
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *args, stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    except FileNotFoundError:
-        raise CommandError(f"{args[0]}: not installed (needed by cbox)")
-    out, err = await proc.communicate(stdin.encode() if stdin is not None else None)
-    if check and proc.returncode != 0:
-        raise CommandError(f"{' '.join(args[:6])}: {err.decode(errors='replace').strip() or 'exit ' + str(proc.returncode)}")
-    return out.decode(errors="replace")
-
-
-def interface_exists(name):
-    """In this process's network namespace. Never /sys/class/net: sysfs shows the
-    namespace of whoever mounted it (cbox.py under `unshare --net` sees the host's)."""
-    try:
-        socket.if_nametoindex(name)
-        return True
-    except OSError:
-        return False
-
-
-async def link_details(name):
-    """`ip -d -j link show` of one interface as a dict (address, linkinfo.info_kind, ...)."""
-    return json.loads(await run_cmd("ip", "-d", "-j", "link", "show", "dev", name))[0]
-
-
-TAP_NAME_RE = re.compile(r"^cbt[0-9]+\Z")
-
-
-def default_route_interface():
-    """Interface of the IPv4 default route, from /proc/net/route; None without one."""
-    try:
-        with open("/proc/net/route") as f:
-            for line in list(f)[1:]:
-                fields = line.split()
-                if len(fields) > 2 and fields[1] == "00000000" and int(fields[3], 16) & 2:
-                    return fields[0]
-    except OSError:
-        pass
-    return None
-
-
-def host_resolvers():
-    try:
-        text = Path("/etc/resolv.conf").read_text()
-    except OSError:
-        return []
-    out = []
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and parts[0] == "nameserver":
-            try:
-                addr = ipaddress.ip_address(parts[1])
-            except ValueError:
-                continue
-            if addr.version == 4 and not addr.is_loopback:
-                out.append(str(addr))
-    return out
-
-
-FW_TAG = "cbox"
-
-
-class HostNetwork:
-    """The bridge, per-VM taps and the iptables chains cbox owns (CBOX-*)."""
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-        self.bridge = cfg.bridge_name
-        self.subnet = ipaddress.ip_network(cfg.bridge_subnet)
-        self.bridge_if = ipaddress.ip_interface(cfg.bridge_ip)
-        self.chains = {"filter": {"CBOX-INPUT": "INPUT", "CBOX-FORWARD": "FORWARD"},
-                       "nat": {"CBOX-POSTROUTING": "POSTROUTING"}}
-
-    async def setup(self):
-        await self.ensure_bridge()
-        if self.cfg.firewall:
-            await self.install_firewall()
-        else:
-            log("firewall disabled in config: guests can reach host services", level="WARNING")
-
-    async def ensure_bridge(self):
-        """The bridge, with a fixed MAC: without one a bridge takes the lowest MAC of its
-        ports, so the guests' gateway MAC would change when that VM goes away (their
-        ARP entries then point nowhere until the host next ARPs for them), the change
-        would flush the guests' permanent neighbour entries, and a portless bridge has
-        none. mac_for(bridge IP) cannot be a guest's: the allocator never hands it out."""
-        mac = mac_for(self.bridge_if.ip)
-        if not interface_exists(self.bridge):
-            await run_cmd("ip", "link", "add", "name", self.bridge, "address", mac, "type", "bridge")
-            log("bridge created", bridge=self.bridge, mac=mac)
-        link = await link_details(self.bridge)
-        if link.get("linkinfo", {}).get("info_kind") != "bridge":
-            raise CommandError(f"interface {self.bridge} exists and is not a bridge; choose another bridge_name")
-        # arp_notify: the kernel announces a new address (gratuitous ARP), so running
-        # guests update their gateway entry at once instead of when it expires
-        Path(f"/proc/sys/net/ipv4/conf/{self.bridge}/arp_notify").write_text("1\n")
-        if link.get("address") != mac:
-            await self.fix_bridge_mac(link.get("address"), mac)
-        addrs = await run_cmd("ip", "-o", "-4", "addr", "show", "dev", self.bridge)
-        if f" {self.bridge_if.with_prefixlen} " not in addrs + " ":
-            await run_cmd("ip", "addr", "add", self.bridge_if.with_prefixlen, "dev", self.bridge)
-        await run_cmd("ip", "link", "set", "dev", self.bridge, "up")
-
-    async def fix_bridge_mac(self, old, mac):
-        """Give an existing bridge (made by an older cbox) the fixed MAC, unless it has
-        ports that are not cbox taps: then it is someone else's bridge, left as it is.
-        A new address flushes the bridge's neighbour entries, so the guests' permanent
-        ones are put back in the same `ip -batch`."""
-        ports = json.loads(await run_cmd("ip", "-j", "link", "show", "master", self.bridge))
-        foreign = [port["ifname"] for port in ports if not TAP_NAME_RE.match(port["ifname"])]
-        if foreign:
-            log("bridge has ports that are not cbox taps: its MAC is left as it is, so the guests' gateway "
-                "MAC changes when the port with the lowest MAC goes", level="WARNING", bridge=self.bridge,
-                mac=old, ports=",".join(foreign))
-            return
-        neighbours = json.loads(await run_cmd("ip", "-4", "-j", "neigh", "show", "dev", self.bridge, "nud", "permanent"))
-        keep = [f"neigh replace {n['dst']} lladdr {n['lladdr']} dev {self.bridge} nud permanent"
-                for n in neighbours if n.get("lladdr")]
-        await run_cmd("ip", "-batch", "-", stdin="\n".join([f"link set dev {self.bridge} address {mac}", *keep, ""]))
-        log("bridge MAC fixed", bridge=self.bridge, old=old, mac=mac, neighbours_kept=len(keep))
-
-    def _nat_interface(self):
-        choice = self.cfg.nat_interface
-        if choice == "none":
-            return None
-        if choice == "auto":
-            return default_route_interface()
-        return choice
-
-    def firewall_rules(self):
-        """The rules of cbox's own chains, as iptables argument lists per (table, chain)."""
-        br, net = self.bridge, str(self.subnet)
-        tag = ["-m", "comment", "--comment", FW_TAG]
-        rules = {
-            ("filter", "CBOX-INPUT"): [
-                # Guests may answer connections the host opened (exec), nothing else.
-                ["-i", br, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
-                ["-i", br, "-j", "DROP"],
-            ],
-            ("filter", "CBOX-FORWARD"): [
-                ["-i", br, "-o", br, "-j", "DROP"],
-                ["-o", br, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
-                ["-o", br, "-j", "DROP"],
-                ["-i", br, "-s", net, "-j", "ACCEPT"],
-                ["-i", br, "-j", "DROP"],
-            ],
-            ("nat", "CBOX-POSTROUTING"): [],
-        }
-        nat_if = self._nat_interface()
-        if nat_if:
-            rules[("nat", "CBOX-POSTROUTING")].append(["-s", net, "-o", nat_if, "-j", "MASQUERADE"])
-        return {k: [r + tag for r in v] for k, v in rules.items()}, nat_if
-
-    async def install_firewall(self):
-        rules, nat_if = self.firewall_rules()
-        for (table, chain), chain_rules in rules.items():
-            if not await self._iptables_ok(table, "-n", "-L", chain):
-                await run_cmd("iptables", "-w", "-t", table, "-N", chain)
-            await run_cmd("iptables", "-w", "-t", table, "-F", chain)
-            for rule in chain_rules:
-                await run_cmd("iptables", "-w", "-t", table, "-A", chain, *rule)
-            parent = self.chains[table][chain]
-            if not await self._iptables_ok(table, "-C", parent, "-j", chain):
-                await run_cmd("iptables", "-w", "-t", table, "-I", parent, "1", "-j", chain)
-        if nat_if:
-            Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
-            log("NAT enabled", out=nat_if, subnet=self.subnet)
-        else:
-            log("no NAT: no default route interface (set nat_interface to choose one)", subnet=self.subnet)
-
-    async def remove_firewall(self):
-        """Remove cbox's chains and the jumps to them (used by tests and `cbox.py cleanup`)."""
-        for table, chains in self.chains.items():
-            for chain, parent in chains.items():
-                while (await self._iptables_ok(table, "-D", parent, "-j", chain)):
-                    pass
-                await run_cmd("iptables", "-w", "-t", table, "-F", chain, check=False)
-                await run_cmd("iptables", "-w", "-t", table, "-X", chain, check=False)
-
-    @staticmethod
-    async def _iptables_ok(*args):
-        proc = await asyncio.create_subprocess_exec(
-            "iptables", "-w", "-t", *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-        return await proc.wait() == 0
-
-    async def create_tap(self, tap, ip, mac):
-        """A persistent tap on the bridge, isolated from the other ports, up; and a
-        permanent neighbour entry for the guest, so the first packet to a booting
-        guest does not wait a second for an ARP retry (and no guest can claim its IP)."""
-        if interface_exists(tap):
-            raise CommandError(f"interface {tap} already exists")
-        await run_cmd("ip", "-batch", "-", stdin="\n".join([
-            f"tuntap add dev {tap} mode tap",
-            f"link set dev {tap} master {self.bridge}",
-            f"link set dev {tap} type bridge_slave isolated on",
-            f"link set dev {tap} up",
-            f"neigh replace {ip} lladdr {mac} dev {self.bridge} nud permanent", ""]))
-
-    async def remove_tap(self, tap, ip):
-        if tap and interface_exists(tap):
-            await run_cmd("ip", "-force", "-batch", "-", check=False, stdin="\n".join([
-                f"link del dev {tap}", f"neigh del {ip} dev {self.bridge}", ""]))
-
-
-# =============================================================================
-# 5. Allocation and request validation
-# =============================================================================
-
-VM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")     # \Z: '$' would accept "name\n"
-MAX_CID = 0xFFFFFFFE
-
-
-class ApiError(Exception):
-    """An error with an HTTP status for the REST API."""
-
-    def __init__(self, status, message):
-        super().__init__(message)
-        self.status = status
-
-
-class Allocator:
-    """Guest IPs (lowest free host address of the subnet) and vsock CIDs (lowest free >= 3)."""
-
-    def __init__(self, subnet, bridge_ip):
-        self.subnet = ipaddress.ip_network(subnet)
-        self.reserved = {ipaddress.ip_address(bridge_ip)}
-        self.ips, self.cids = set(), set()
-
-    def take_ip(self):
-        for addr in self.subnet.hosts():
-            if addr not in self.ips and addr not in self.reserved:
-                self.ips.add(addr)
-                return addr
-        raise ApiError(503, f"no free guest IP left in {self.subnet}")
-
-    def take_cid(self):
-        cid = 3
-        while cid in self.cids:
-            cid += 1
-        if cid > MAX_CID:
-            raise ApiError(503, "no free vsock CID left")
-        self.cids.add(cid)
-        return cid
-
-    def claim(self, ip, cid):
-        """Mark an IP and CID of an existing VM as used (adoption)."""
-        addr = ipaddress.ip_address(ip)
-        if addr in self.ips or cid in self.cids or addr not in self.subnet:
-            raise ValueError(f"IP {ip} or CID {cid} is already in use or outside the subnet")
-        self.ips.add(addr)
-        self.cids.add(cid)
-
-    def release(self, ip, cid):
-        self.ips.discard(ipaddress.ip_address(ip))
-        self.cids.discard(cid)
-
-
-def tap_name(cid):
-    return f"cbt{cid}"                    # at most 13 characters, below IFNAMSIZ
-
-
-def mac_for(ip):
-    """A locally administered MAC derived from the guest IP (unique per VM)."""
-    return "02:cb:" + ":".join(f"{b:02x}" for b in ipaddress.ip_address(ip).packed)
-
-
-def check_vm_name(name):
-    if not isinstance(name, str) or not VM_NAME_RE.match(name):
-        raise ApiError(400, "invalid vmName: use 1-63 characters of A-Z a-z 0-9 _ . - starting with a letter or digit")
-    return name
-
-
-def check_fields(body, allowed, required=()):
-    if not isinstance(body, dict):
-        raise ApiError(400, "request body must be a JSON object")
-    unknown = [k for k in body if k not in allowed]
-    if unknown:
-        raise ApiError(400, f"unknown field(s): {', '.join(sorted(unknown))}")
-    missing = [k for k in required if k not in body]
-    if missing:
-        raise ApiError(400, f"missing required field(s): {', '.join(missing)}")
-
-
-KINDS = {"str": (str, "a string"), "bool": (bool, "a boolean"), "int": (int, "an integer"),
-         "number": ((int, float), "a number"), "dict": (dict, "an object")}
-
-
-def typed(body, key, kind, default=None):
-    """body[key] checked against kind ('str', 'bool', 'int', 'number', 'dict'); null = default."""
-    value = body.get(key)
-    if value is None:
-        return default
-    types, name = KINDS[kind]
-    if not isinstance(value, types) or (kind != "bool" and isinstance(value, bool)):     # JSON true is no number
-        raise ApiError(400, f"'{key}' must be {name}")
-    return value
-
-
-def check_callback_url(url):
-    if url is None or url == "":
-        return None
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname or len(url) > 2048:
-        raise ApiError(400, "callbackUrl must be an http:// or https:// URL")
-    try:
-        parts.port
-    except ValueError:
-        raise ApiError(400, "callbackUrl has a bad port")
-    return url
-
-
-def validate_start_request(body, cfg):
-    check_fields(body, ("vmName", "callbackUrl", "vcpus", "memoryMb"), required=("vmName",))
-    name = check_vm_name(body["vmName"])
-    url = check_callback_url(typed(body, "callbackUrl", "str"))
-    vcpus = typed(body, "vcpus", "int", cfg.default_vcpus)
-    memory = typed(body, "memoryMb", "int", cfg.default_memory_mb)
-    if not 1 <= vcpus <= cfg.max_vcpus:
-        raise ApiError(400, f"vcpus must be 1..{cfg.max_vcpus}")
-    if not 64 <= memory <= cfg.max_memory_mb:
-        raise ApiError(400, f"memoryMb must be 64..{cfg.max_memory_mb}")
-    return {"name": name, "callback_url": url, "vcpus": vcpus, "memory_mb": memory}
-
-
-def validate_exec_request(body, cfg):
-    """Check an exec request; returns (agent request body, blocking, timeout)."""
-    check_fields(body, ("cmd", "blocking", "timeout", "env", "cwd", "stdin"), required=("cmd",))
-    cmd = typed(body, "cmd", "str")
-    if cmd is None or not cmd.strip():
-        raise ApiError(400, "'cmd' must be a non-empty string")
-    blocking = typed(body, "blocking", "bool", True)
-    timeout = typed(body, "timeout", "number", cfg.exec_timeout_s)
-    if not 0 < timeout <= cfg.exec_max_timeout_s:
-        raise ApiError(400, f"'timeout' must be more than 0 and at most {cfg.exec_max_timeout_s:g} seconds")
-    env = typed(body, "env", "dict", {})
-    for k, v in env.items():
-        if not isinstance(v, str) or not k or "=" in k or "\0" in k or "\0" in v:
-            raise ApiError(400, "'env' must map variable names to strings")
-    cwd = typed(body, "cwd", "str")
-    stdin = typed(body, "stdin", "str")
-    if "\0" in cmd or (cwd and "\0" in cwd):
-        raise ApiError(400, "'cmd' and 'cwd' must not contain NUL")
-    agent_body = {"cmd": cmd, "blocking": blocking, "timeout": timeout, "env": env,
-                  "cwd": cwd, "stdin": stdin, "maxOutput": cfg.exec_output_limit_bytes}
-    return agent_body, blocking, timeout
-
-
-def parse_json_body(data):
-    if not data:
-        raise ApiError(400, "request body must be a JSON object")
-    try:
-        return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"malformed JSON: {e}")
-    except RecursionError:
-        raise ApiError(400, "malformed JSON: nested too deeply")
-
-
-# =============================================================================
-# 6. VM manager
-# =============================================================================
+# ---- the hypervisor's process -------------------------------------------------
 
 def proc_start_time(pid):
     """The kernel's start time of pid (clock ticks since boot), None if it is gone.
@@ -1420,16 +1179,21 @@ def signal_name(number):
         return f"signal {number}"
 
 
-def reset_in_vmm_log(chv_log):
-    """(stopReason, message) when the VMM's -v log shows a guest reset or panic: it mirrors
-    every event ("Event: source = vm event = rebooting", event_monitor event_log), also
-    those the FIFO dropped or nobody read while cbox.py was down."""
-    text = tail_bytes(chv_log, VMM_LOG_TAIL)
-    if b"Event: source = guest event = panic event = panic" in text:
-        return "guest-panic", "the guest kernel panicked"
-    if b"Event: source = vm event = rebooting" in text:
-        return "guest-reboot", "the guest reset itself (reboot)"
-    return None
+def spawn_vmm(chv_bin, paths):
+    """Start cloud-hypervisor in a session of its own (so killpg reaches all of it)."""
+    out = os.open(paths.chv_out, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        argv = [chv_bin, "--api-socket", f"path={paths.api_socket}", "--event-monitor", f"path={paths.events_fifo}",
+                "--log-file", str(paths.chv_log), "-v"]
+        spawn = os.posix_spawn if "/" in chv_bin else os.posix_spawnp
+        return spawn(chv_bin, argv, dict(os.environ), setsid=True, file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, out, 1),
+            (os.POSIX_SPAWN_DUP2, out, 2)])
+    except OSError as e:
+        raise HypervisorError(f"cannot run chv_bin {chv_bin}: {e.strerror}") from e
+    finally:
+        os.close(out)
 
 
 class ProcessWatch:
@@ -1485,93 +1249,20 @@ class ProcessWatch:
             return False
 
 
-class VM:
-    """One VM: its public fields, its files, and its live runtime (process, clients, listener)."""
-
-    RECORD_FIELDS = ("vmName", "status", "ip", "tapDeviceName", "callbackUrl", "cid", "vcpus",
-                     "memoryMb", "createdAt", "phase", "pid", "pidStart", "mac", "error", "stopReason")
-
-    def __init__(self, **fields):
-        for key in self.RECORD_FIELDS:
-            setattr(self, key, fields.get(key))
-        self.lock = asyncio.Lock()
-        self.watch = None          # ProcessWatch of the VMM
-        self.chv = None            # CloudHypervisor client
-        self.agent = None          # HttpClient of the guest agent
-        self.callback_server = None
-        self.console = None        # ConsoleLog
-        self.serial = None         # SerialConsole reading the VMM's serial socket
-        self.events = None         # EventMonitor reading the VMM's event FIFO
-        self.reset = None          # (stopReason, message) of a reset seen while starting
-        self.vmm_log_trimmed = 0   # disk bytes freed from the VMM's log (bound_vmm_logs)
-
-    @property
-    def address(self):
-        return self.ip.split("/")[0]
-
-    def api(self):
-        return {k: getattr(self, k) for k in ("vmName", "status", "ip", "tapDeviceName", "callbackUrl",
-                                               "cid", "vcpus", "memoryMb", "createdAt", "stopReason")}
-
-    def record(self):
-        return {k: getattr(self, k) for k in self.RECORD_FIELDS}
+def reset_in_vmm_log(chv_log):
+    """(stopReason, message) when the VMM's -v log shows a guest reset or panic: it mirrors
+    every event ("Event: source = vm event = rebooting", event_monitor event_log), also
+    those the FIFO dropped or nobody read while cbox.py was down."""
+    text = tail_bytes(chv_log, VMM_LOG_TAIL)
+    if b"Event: source = guest event = panic event = panic" in text:
+        return "guest-panic", "the guest kernel panicked"
+    if b"Event: source = vm event = rebooting" in text:
+        return "guest-reboot", "the guest reset itself (reboot)"
+    return None
 
 
-class VmPaths:
-    """Where a VM's files live: records and disks in state_dir, sockets in the short run_dir."""
+# ---- bounded logs on disk (the serial console, the hypervisor's -v log) ------
 
-    def __init__(self, cfg, vm):
-        self.vm_dir = Path(cfg.path(cfg.state_dir), "vms", vm.vmName)
-        self.record = Path(cfg.path(cfg.state_dir), "vms", vm.vmName + ".json")
-        self.run_dir = Path(cfg.path(cfg.run_dir), str(vm.cid))
-        self.api_socket = self.run_dir / "api.sock"
-        self.vsock_socket = self.run_dir / "vsock.sock"
-        self.callback_socket = Path(f"{self.vsock_socket}_{cfg.callback_port}")
-        self.serial_socket = self.run_dir / "serial.sock"
-        self.events_fifo = self.run_dir / "events.fifo"
-        self.disk = self.vm_dir / "stateful.ext4"
-        self.chv_log = self.vm_dir / "cloud-hypervisor.log"
-        self.chv_out = self.vm_dir / "cloud-hypervisor.out"
-
-
-def write_atomically(path, data):
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:                     # a full disk must not leave the temporary file behind
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-
-
-def tail_bytes(path, limit):
-    """The last `limit` bytes of a file (b"" when it is missing)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - limit))
-            return f.read()
-    except OSError:
-        return b""
-
-
-def tail_file(path, limit=64 * 1024):
-    return tail_bytes(path, limit).decode("utf-8", "replace")
-
-
-def file_size(path):
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        return 0
-
-
-VMM_LOG_TAIL = 1024 * 1024          # the most of a VMM's log cbox.py reads (reset_in_vmm_log)
 VMM_LOG_CHECK_S = 2.0               # how often the VMM logs' disk use is checked
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 _fallocate = None
@@ -1693,525 +1384,454 @@ def console_tail(console, lines=15):
     return " | ".join(line.strip() for line in text if line.strip()) or "(console is empty)"
 
 
-class StepClock:
-    """Logs the duration of each lifecycle step of one VM; `current` names the step under way.
+# =============================================================================
+# 4. Host resources (network: bridge, taps, iptables; stateful disks; memory)
+# =============================================================================
 
-    Each observer (empty unless `selftest` runs) is called as observer(clock, step, ms, ok)
-    when a step ends, also when it fails: before start's error handling tears the VM down."""
-
-    observers = []
-
-    def __init__(self, vm_name, action):
-        self.vm_name, self.action = vm_name, action
-        self.t0 = time.monotonic()
-        self.current = "validate"
-
-    @contextlib.contextmanager
-    def step(self, name):
-        self.current, t0 = name, time.monotonic()
-        ok = False
-        try:
-            yield
-            ok = True
-        finally:
-            ms = (time.monotonic() - t0) * 1000
-            if ok:
-                log(f"{self.action} step", vm=self.vm_name, step=name, ms=f"{ms:.1f}")
-            for observer in self.observers:
-                observer(self, name, ms, ok)
-
-    def total_ms(self):
-        return (time.monotonic() - self.t0) * 1000
+class CommandError(Exception):
+    pass
 
 
-# Disk serials the guest's initramfs finds its disks by (/sys/block/vd*/serial; at
-# most 20 bytes, VIRTIO_BLK_ID_BYTES, checked by CHV's DiskConfig::validate).
-# cbox.state=<serial> on the kernel command line promises the state disk: a guest
-# that cannot mount it writable powers off instead of running on a tmpfs.
-ROOTFS_SERIAL = "cbox-rootfs"
-STATE_SERIAL = "cbox-state"
+async def run_cmd(*args, stdin=None, check=True):
+    """Run a host tool; returns stdout. Raises CommandError naming the tool and its stderr."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *args, stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    except FileNotFoundError as e:
+        raise CommandError(f"{args[0]}: not installed (needed by cbox)") from e
+    out, err = await proc.communicate(stdin.encode() if stdin is not None else None)
+    if check and proc.returncode != 0:
+        raise CommandError(f"{' '.join(args[:6])}: {err.decode(errors='replace').strip() or 'exit ' + str(proc.returncode)}")
+    return out.decode(errors="replace")
 
 
-class VMManager:
-    """All VMs: lifecycle, persistence, supervision, exec forwarding and callbacks."""
+def interface_exists(name):
+    """In this process's network namespace. Never /sys/class/net: sysfs shows the
+    namespace of whoever mounted it (cbox.py under `unshare --net` sees the host's)."""
+    try:
+        socket.if_nametoindex(name)
+        return True
+    except OSError:
+        return False
 
-    def __init__(self, cfg, network):
-        self.cfg = cfg
-        self.net = network
-        self.alloc = Allocator(cfg.bridge_subnet, ipaddress.ip_interface(cfg.bridge_ip).ip)
-        self.vms = {}
-        self.callback_clients = {}
-        self.records_dir = Path(cfg.path(cfg.state_dir), "vms")
-        self.disks = StatefulDisks(Path(cfg.path(cfg.state_dir), "templates"))
-        self.prefix = ipaddress.ip_network(cfg.bridge_subnet).prefixlen
-        self.gateway = str(ipaddress.ip_interface(cfg.bridge_ip).ip)
-        self.dns = host_resolvers() if cfg.dns == "auto" else [d.strip() for d in cfg.dns.split(",") if d.strip()]
 
-    # ---- persistence --------------------------------------------------------
+async def link_details(name):
+    """`ip -d -j link show` of one interface as a dict (address, linkinfo.info_kind, ...)."""
+    return json.loads(await run_cmd("ip", "-d", "-j", "link", "show", "dev", name))[0]
 
-    def save(self, vm):
-        write_atomically(VmPaths(self.cfg, vm).record, json.dumps(vm.record(), indent=1).encode())
 
-    def forget(self, vm):
-        try:
-            VmPaths(self.cfg, vm).record.unlink()
-        except FileNotFoundError:
-            pass
+TAP_NAME_RE = re.compile(r"^cbt[0-9]+\Z")
 
-    # ---- start ---------------------------------------------------------------
 
-    def check_capacity(self, memory_mb):
-        if len(self.vms) >= self.cfg.max_vms:
-            raise ApiError(503, f"max_vms ({self.cfg.max_vms}) VMs are running")
-        budget = host_memory_mb() * self.cfg.guest_mem_percentage // 100
-        used = sum(vm.memoryMb for vm in self.vms.values())
-        if used + memory_mb > budget:
-            raise ApiError(503, f"not enough memory: {used} MB of {budget} MB "
-                                f"(guest_mem_percentage={self.cfg.guest_mem_percentage}) in use, {memory_mb} MB asked")
+def default_route_interface():
+    """Interface of the IPv4 default route, from /proc/net/route; None without one."""
+    try:
+        with open("/proc/net/route") as f:
+            for line in list(f)[1:]:
+                fields = line.split()
+                if len(fields) > 2 and fields[1] == "00000000" and int(fields[3], 16) & 2:
+                    return fields[0]
+    except OSError:
+        pass
+    return None
 
-    async def start(self, req):
-        name = req["name"]
-        if name in self.vms:
-            raise ApiError(409, f"VM '{name}' already exists")
-        self.check_capacity(req["memory_mb"])
-        ip = self.alloc.take_ip()
-        try:
-            cid = self.alloc.take_cid()
-        except ApiError:
-            self.alloc.release(ip, None)
-            raise
-        vm = VM(vmName=name, status="CREATED", ip=f"{ip}/{self.prefix}", tapDeviceName=tap_name(cid),
-                callbackUrl=req["callback_url"], cid=cid, vcpus=req["vcpus"], memoryMb=req["memory_mb"],
-                createdAt=utc_now(), phase="starting", mac=mac_for(ip))
-        self.vms[name] = vm
-        async with vm.lock:
-            clock = StepClock(name, "start")
+
+def host_resolvers():
+    try:
+        text = Path("/etc/resolv.conf").read_text()
+    except OSError:
+        return []
+    out = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "nameserver":
             try:
-                await self._start_steps(vm, clock)
-            except Exception as e:
-                if vm.serial:
-                    vm.serial.read_pending()
-                message = f"starting VM '{name}' failed at step {clock.current}: {e}; console: {console_tail(self.console_log(vm))}"
-                log("start failed", vm=name, step=clock.current, error=repr(str(e)))
-                await self.teardown(vm, graceful=False)
-                raise ApiError(e.status if isinstance(e, ApiError) else 500, message)
-        log("VM running", vm=name, ip=vm.ip, cid=cid, ms=f"{clock.total_ms():.1f}")
-        return vm
-
-    async def _start_steps(self, vm, clock):
-        paths = VmPaths(self.cfg, vm)
-        with clock.step("record"):
-            self.records_dir.mkdir(parents=True, exist_ok=True)
-            self.save(vm)                   # written first: a crash from here on is cleaned up at restart
-        with clock.step("files"):
-            remove_tree(paths.vm_dir)     # only a crash can have left one without a record
-            paths.vm_dir.mkdir(parents=True)
-            remove_tree(paths.run_dir)    # stale sockets would make cloud-hypervisor fail
-            paths.run_dir.mkdir(parents=True)
-            EventMonitor.make_fifo(paths.events_fifo)
-        with clock.step("disk"):
-            await self.disks.create(paths.disk, self.cfg.stateful_size_in_mb)
-        with clock.step("tap"):
-            await self.net.create_tap(vm.tapDeviceName, vm.address, vm.mac)
-        with clock.step("spawn"):
-            self.follow_events(vm, paths)   # the VMM's open of the FIFO blocks without a reader
-            pid = spawn_vmm(self.cfg.chv_bin, paths)
-            vm.pid, vm.pidStart = pid, proc_start_time(pid)
-            vm.watch = ProcessWatch(pid, vm.pidStart, lambda w, vm=vm: self.on_vmm_exit(vm, w))
-            self.save(vm)
-            vm.chv = CloudHypervisor(str(paths.api_socket))
-            await self.wait_for_api(vm)
-        with clock.step("vm.create"):
-            await vm.chv.create(self.vm_config(vm, paths))
-            self.follow_serial(vm, paths)
-        with clock.step("callbacks"):
-            await self.serve_callbacks(vm, paths)
-        with clock.step("vm.boot"):
-            await vm.chv.boot()
-        with clock.step("agent"):
-            vm.agent = self.agent_client(vm)
-            await self.wait_for_agent(vm)
-        vm.status, vm.phase = "RUNNING", "running"
-        self.save(vm)
-
-    def vm_config(self, vm, paths):
-        """The VmConfig for vm.create (validated against Cloud Hypervisor's OpenAPI in the tests)."""
-        cfg = self.cfg
-        cmdline = " ".join(filter(None, [
-            "console=ttyS0 reboot=k panic=-1", cfg.cmdline_extra,
-            f"cbox.vm={vm.vmName}", f"cbox.ip={vm.ip}", f"cbox.gw={self.gateway}",
-            f"cbox.dns={','.join(self.dns)}" if self.dns else "",
-            f"cbox.callback_port={cfg.callback_port}", f"cbox.state={STATE_SERIAL}"]))
-        payload = {"kernel": cfg.path(cfg.kernel), "cmdline": cmdline}
-        if cfg.initramfs:
-            payload["initramfs"] = cfg.path(cfg.initramfs)
-        return {
-            "payload": payload,
-            "cpus": {"boot_vcpus": vm.vcpus, "max_vcpus": vm.vcpus},
-            "memory": {"size": vm.memoryMb * 1024 * 1024},
-            # image_type Raw: an autodetected raw disk gets its sector-0 writes refused
-            # (CHV v51+, vmm/src/device_manager.rs make_virtio_block_device), which
-            # turns the stateful ext4 read-only (its superblock is in block 0)
-            "disks": [{"path": cfg.path(cfg.rootfs), "readonly": True, "image_type": "Raw",
-                       "serial": ROOTFS_SERIAL, "id": "rootfs"},
-                      {"path": str(paths.disk), "readonly": False, "image_type": "Raw",
-                       "serial": STATE_SERIAL, "id": "stateful"}],
-            "net": [{"tap": vm.tapDeviceName, "mac": vm.mac, "num_queues": 2, "id": "net0"}],
-            "vsock": {"cid": vm.cid, "socket": str(paths.vsock_socket), "id": "vsock0"},
-            "rng": {"src": "/dev/urandom"},
-            "serial": {"mode": "Socket", "socket": str(paths.serial_socket)},
-            "console": {"mode": "Off"},
-            "pvpanic": True,
-        }
-
-    async def wait_for_api(self, vm, timeout=10.0):
-        deadline = time.monotonic() + timeout
-        while True:
-            if not vm.watch.alive():
-                raise HypervisorError(f"cloud-hypervisor exited (code {vm.watch.exit_code}) before its API answered; "
-                                      f"see {VmPaths(self.cfg, vm).chv_out}")
-            try:
-                return await vm.chv.ping(timeout=1.0)
-            except HypervisorError:
-                if time.monotonic() > deadline:
-                    raise HypervisorError(f"API socket did not answer within {fmt_seconds(timeout)}")
-                await asyncio.sleep(0.005)
-
-    async def wait_for_agent(self, vm):
-        started = time.monotonic()
-        deadline = started + self.cfg.boot_timeout_s
-        last = "no answer"
-        while time.monotonic() < deadline:
-            if not vm.watch.alive():
-                raise HypervisorError(f"the VM stopped while booting (hypervisor exit code {vm.watch.exit_code})")
-            if vm.reset:       # checked again below: the rebooted guest may answer
-                raise HypervisorError(f"{vm.reset[1]} while booting ({vm.reset[0]})")
-            # A SYN sent before the guest is up is retransmitted only after 1 s: short
-            # attempts notice the agent sooner; after 10 s, longer ones suit a slow guest.
-            attempt_timeout = 0.3 if time.monotonic() - started < 10 else 2.0
-            try:
-                status, _, _ = await vm.agent.request("GET", "/health", timeout=attempt_timeout)
-                if status == 200 and not vm.reset:
-                    return
-                last = f"HTTP {status}"
-            except HttpError as e:
-                last = str(e)
-            await asyncio.sleep(0.01)
-        raise HypervisorError(f"guest agent did not answer within {fmt_seconds(self.cfg.boot_timeout_s)} ({last})")
-
-    def agent_client(self, vm):
-        # stdout, stderr and output are each capped at exec_output_limit_bytes; in JSON a byte
-        # takes at most 6 (\u0000), so a longer answer is not the agent's. The agent always sends
-        # Content-Length: a chunked or to-EOF body (CPU per chunk, no end) is refused at its head.
-        return HttpClient(host=vm.address, port=self.cfg.agent_port, pool_size=32, stream_over=256 * 1024,
-                          max_body=3 * 6 * self.cfg.exec_output_limit_bytes + 1024 * 1024, length_only=True)
-
-    # ---- console and hypervisor events -----------------------------------------
-
-    def console_log(self, vm):
-        if vm.console is None:
-            vm.console = ConsoleLog(VmPaths(self.cfg, vm).vm_dir, self.cfg.console_max_bytes)
-        return vm.console
-
-    def follow_events(self, vm, paths):
-        vm.events = EventMonitor(paths.events_fifo, lambda source, event, props: self.on_vmm_event(vm, source, event, props))
-
-    def follow_serial(self, vm, paths):
-        """Read the serial console (its socket exists from vm.create on) into the VM's console log."""
-        vm.serial = SerialConsole(paths.serial_socket, self.console_log(vm).append)
-        asyncio.get_running_loop().create_task(self.watch_serial(vm, vm.serial))
-
-    async def watch_serial(self, vm, serial):
-        """The VMM closes the serial connection when it rebuilds the VM's devices: a reset
-        whose event may have been lost (the FIFO drops events under load). Its -v log has
-        every event, so it decides; another client taking the socket over is no reset."""
-        await serial.ended.wait()
-        if vm.serial is not serial or vm.phase != "running":
-            return
-        await asyncio.sleep(0.5)     # the event itself usually follows
-        if vm.phase == "running" and vm.watch.alive():
-            reset = reset_in_vmm_log(VmPaths(self.cfg, vm).chv_log)
-            if reset:
-                self.guest_reset(vm, *reset)
-            else:
-                log("serial console connection closed by the VMM (another client took it?)", vm=vm.vmName)
-
-    def on_vmm_event(self, vm, source, event, props):
-        if (source, event) == ("guest", "panic") and props.get("event") == "panic":
-            self.guest_reset(vm, "guest-panic", "the guest kernel panicked")
-        elif (source, event) == ("vm", "rebooting"):
-            self.guest_reset(vm, "guest-reboot", "the guest reset itself (reboot)")
-
-    def guest_reset(self, vm, reason, message):
-        """A reset ends the VM, as in Firecracker: Cloud Hypervisor would reboot it in place
-        (vmm/src/lib.rs vm_reboot). A panic (pvpanic) ends it at once, before its reset."""
-        if vm.phase == "starting":
-            vm.reset = vm.reset or (reason, message)      # wait_for_agent fails the start with it
-        elif vm.phase == "running":
-            self.mark_stopped(vm, "FAILED" if reason == "guest-panic" else "STOPPED", reason, message)
-
-    # ---- supervision and teardown ---------------------------------------------
-
-    def on_vmm_exit(self, vm, watch):
-        if vm.agent:
-            vm.agent.abort()               # the guest is gone: fail requests in flight now
-        if vm.phase == "running" and vm.events:
-            vm.events.read_pending()       # a panic event written just before the exit
-        if vm.phase != "running":
-            return                         # start, destroy or a reset handles it
-        self.mark_stopped(vm, *self.exit_reason(vm, watch))
-
-    def exit_reason(self, vm, watch):
-        """(status, stopReason, message) for a VMM that exited by itself. Exit code 0 does not
-        prove a power-off: a vCPU error or SIGTERM leave the same way (vmm/src/lib.rs control
-        loop, EpollDispatch::Exit vs GuestExit); the -v log names the guest's power-off."""
-        paths = VmPaths(self.cfg, vm)
-        chv_log = tail_bytes(paths.chv_log, 64 * 1024)
-        code = watch.exit_code
-        if code is None:        # adopted, not our child: its exit status is gone; the log tells
-            if b"Cloud Hypervisor exited successfully" in chv_log:
-                code = 0
-            elif b"Fatal error" not in chv_log:
-                return "FAILED", "killed", "cloud-hypervisor died without exiting (killed, or it crashed)"
-        if code is not None and code < 0:
-            return "FAILED", "killed", f"cloud-hypervisor was killed by signal {-code} ({signal_name(-code)})"
-        if code == 0 and b"VM guest exit event" in chv_log:
-            return "STOPPED", "guest-poweroff", "the guest powered off"
-        if code == 0:
-            return "FAILED", "vmm-crash", f"cloud-hypervisor exited with code 0 without a guest power-off (see {paths.chv_log})"
-        return "FAILED", "vmm-crash", (f"cloud-hypervisor exited with code {code}" if code is not None else
-                                       "cloud-hypervisor exited with an error") + f" (see {paths.chv_out})"
-
-    def mark_stopped(self, vm, status, reason, message):
-        vm.status, vm.stopReason, vm.error, vm.phase = status, reason, message, "dead"
-        if vm.agent:
-            vm.agent.abort()
-        log("VM stopped", vm=vm.vmName, status=status, stopReason=reason, error=repr(message))
-        self.save(vm)
-        asyncio.get_running_loop().create_task(self.release_runtime(vm))
-
-    async def release_runtime(self, vm):
-        """Free what a dead VM no longer needs; its record, console log, IP and CID stay until DELETE."""
-        async with vm.lock:
-            if vm.phase != "dead":
-                return
-            await self.stop_vmm(vm, StepClock(vm.vmName, "stop"), ("vmm.shutdown",))
-            if vm.serial:
-                await vm.serial.wait_end(1.0)      # the console's last bytes
-            self.close_clients(vm)
-            await self.net.remove_tap(vm.tapDeviceName, vm.address)
-            remove_tree(VmPaths(self.cfg, vm).run_dir)
-
-    async def stop_vmm(self, vm, clock, calls):
-        """Ask the VMM to stop with these API actions (vmm.shutdown answers 200 with an empty
-        body, not 204), then kill its process group."""
-        if vm.watch and vm.watch.alive() and vm.chv:
-            for name in calls:
-                with clock.step(name):
-                    try:
-                        await within(self.cfg.shutdown_timeout_s, vm.chv.call("PUT", name, timeout=10.0))
-                    except (HypervisorError, asyncio.TimeoutError):
-                        pass
-            with clock.step("exit"):
-                if not await vm.watch.wait(self.cfg.shutdown_timeout_s):
-                    log("hypervisor did not exit; killing it", vm=vm.vmName, pid=vm.pid)
-        if vm.watch:
-            vm.watch.kill()
-            await vm.watch.wait(5.0)
-
-    def close_clients(self, vm):
-        if vm.callback_server:
-            vm.callback_server.close()
-            vm.callback_server = None
-        for client in (vm.agent, vm.chv):
-            if client:
-                client.close()
-        for reader in (vm.serial, vm.events, vm.console):
-            if reader:
-                reader.close()
-        vm.serial = vm.events = vm.console = None
-
-    async def teardown(self, vm, graceful, clock=None):
-        """Undo everything a VM holds: process, listener, tap, files, record, IP and CID."""
-        clock = clock or StepClock(vm.vmName, "cleanup")
-        paths = VmPaths(self.cfg, vm)
-        if graceful and vm.status == "RUNNING" and vm.agent:
-            with clock.step("sync"):
-                try:   # let the guest flush its stateful disk before the VM goes away
-                    await vm.agent.request("POST", "/exec", {"cmd": "sync", "timeout": 5}, timeout=6.0)
-                except HttpError:
-                    pass
-        await self.stop_vmm(vm, clock, ("vm.shutdown", "vm.delete", "vmm.shutdown"))
-        self.close_clients(vm)
-        with clock.step("tap"):
-            await self.net.remove_tap(vm.tapDeviceName, vm.address)
-        with clock.step("files"):
-            remove_tree(paths.run_dir)
-            remove_tree(paths.vm_dir)
-            self.forget(vm)
-        self.alloc.release(vm.address, vm.cid)
-        if self.vms.get(vm.vmName) is vm:
-            del self.vms[vm.vmName]
-
-    async def destroy(self, name):
-        vm = self.get(name)
-        async with vm.lock:
-            if self.vms.get(name) is not vm:
-                raise ApiError(404, f"VM '{name}' not found")
-            clock = StepClock(name, "destroy")
-            graceful = vm.phase == "running"
-            vm.phase = "destroying"
-            vm.stopReason = vm.stopReason or "destroyed"
-            self.save(vm)
-            await self.teardown(vm, graceful, clock)
-        log("VM destroyed", vm=name, stopReason="destroyed", ms=f"{clock.total_ms():.1f}")
-
-    async def destroy_all(self):
-        names = list(self.vms)
-        results = await asyncio.gather(*(self.destroy(n) for n in names), return_exceptions=True)
-        return [n for n, r in zip(names, results) if r is None]
-
-    def get(self, name):
-        check_vm_name(name)
-        vm = self.vms.get(name)
-        if vm is None:
-            raise ApiError(404, f"VM '{name}' not found")
-        return vm
-
-    # ---- adoption at start-up -------------------------------------------------
-
-    async def adopt_all(self):
-        """Re-adopt VMs whose hypervisor still answers; clean up everything else."""
-        self.records_dir.mkdir(parents=True, exist_ok=True)
-        for path in sorted(self.records_dir.glob("*.json")):
-            try:
-                vm = VM(**{k: v for k, v in json.loads(path.read_text()).items() if k in VM.RECORD_FIELDS})
-                check_vm_name(vm.vmName)
-                if path.name != vm.vmName + ".json":
-                    raise ValueError("record name does not match its file")
-                self.alloc.claim(vm.address, vm.cid)
-            except (ValueError, TypeError, ApiError, AttributeError, OSError) as e:
-                log("ignoring unreadable VM record", file=path, error=repr(str(e)))
+                addr = ipaddress.ip_address(parts[1])
+            except ValueError:
                 continue
-            self.vms[vm.vmName] = vm
-            await self.adopt(vm)
+            if addr.version == 4 and not addr.is_loopback:
+                out.append(str(addr))
+    return out
 
-    async def adopt(self, vm):
-        paths = VmPaths(self.cfg, vm)
-        if not vm.pid:     # killed between spawning the VMM and recording its pid
-            vm.pid = find_vmm_pid(paths.api_socket)
-            vm.pidStart = proc_start_time(vm.pid) if vm.pid else None
-        if vm.pid and vm.pidStart and proc_start_time(vm.pid) == vm.pidStart:
-            vm.watch = ProcessWatch(vm.pid, vm.pidStart, lambda w, vm=vm: self.on_vmm_exit(vm, w))
-            vm.chv = CloudHypervisor(str(paths.api_socket))
-        if vm.phase == "running" and vm.watch and vm.watch.alive():
-            try:
-                info = await vm.chv.info()
-                if info.get("state") != "Running":
-                    raise HypervisorError(f"VM state is {info.get('state')}")
-                vm.agent = self.agent_client(vm)
-                await self.serve_callbacks(vm, paths)
-                self.follow_again(vm, paths)
-                log("VM re-adopted", vm=vm.vmName, pid=vm.pid, ip=vm.ip)
-                reset = reset_in_vmm_log(paths.chv_log)      # while nobody read the events
-                if reset:
-                    self.guest_reset(vm, *reset)
-                return
-            except (HypervisorError, OSError) as e:
-                log("cannot re-adopt VM; cleaning it up", vm=vm.vmName, error=repr(str(e)))
-        elif vm.phase == "dead":
-            await self.release_runtime(vm)
-            log("VM record kept", vm=vm.vmName, status=vm.status)
-            return
+
+def mac_for(ip):
+    """A locally administered MAC derived from the guest IP (unique per VM)."""
+    return "02:cb:" + ":".join(f"{b:02x}" for b in ipaddress.ip_address(ip).packed)
+
+
+FW_TAG = "cbox"
+
+
+class HostNetwork:
+    """The bridge, per-VM taps and the iptables chains cbox owns (CBOX-*)."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.bridge = cfg.bridge_name
+        self.subnet = ipaddress.ip_network(cfg.bridge_subnet)
+        self.bridge_if = ipaddress.ip_interface(cfg.bridge_ip)
+        self.chains = {"filter": {"CBOX-INPUT": "INPUT", "CBOX-FORWARD": "FORWARD"},
+                       "nat": {"CBOX-POSTROUTING": "POSTROUTING"}}
+
+    async def setup(self):
+        await self.ensure_bridge()
+        if self.cfg.firewall:
+            await self.install_firewall()
         else:
-            log("cleaning up VM left behind", vm=vm.vmName, phase=vm.phase)
-        vm.phase = "destroying"
-        await self.teardown(vm, graceful=False)
+            log("firewall disabled in config: guests can reach host services", level="WARNING")
 
-    def follow_again(self, vm, paths):
-        """Re-open the event FIFO (the VMM still holds its write end) and reconnect to the
-        serial socket (the VMM replays what it buffered meanwhile). A VM without them (started
-        by an older cbox.py) keeps running without events or console."""
-        for what, follow in (("events", self.follow_events), ("serial console", self.follow_serial)):
+    async def ensure_bridge(self):
+        """The bridge, with a fixed MAC: without one a bridge takes the lowest MAC of its
+        ports, so the guests' gateway MAC would change when that VM goes away (their
+        ARP entries then point nowhere until the host next ARPs for them), the change
+        would flush the guests' permanent neighbour entries, and a portless bridge has
+        none. mac_for(bridge IP) cannot be a guest's: the allocator never hands it out."""
+        mac = mac_for(self.bridge_if.ip)
+        if not interface_exists(self.bridge):
+            await run_cmd("ip", "link", "add", "name", self.bridge, "address", mac, "type", "bridge")
+            log("bridge created", bridge=self.bridge, mac=mac)
+        link = await link_details(self.bridge)
+        if link.get("linkinfo", {}).get("info_kind") != "bridge":
+            raise CommandError(f"interface {self.bridge} exists and is not a bridge; choose another bridge_name")
+        # arp_notify: the kernel announces a new address (gratuitous ARP), so running
+        # guests update their gateway entry at once instead of when it expires
+        Path(f"/proc/sys/net/ipv4/conf/{self.bridge}/arp_notify").write_text("1\n")
+        if link.get("address") != mac:
+            await self.fix_bridge_mac(link.get("address"), mac)
+        addrs = await run_cmd("ip", "-o", "-4", "addr", "show", "dev", self.bridge)
+        if f" {self.bridge_if.with_prefixlen} " not in addrs + " ":
+            await run_cmd("ip", "addr", "add", self.bridge_if.with_prefixlen, "dev", self.bridge)
+        await run_cmd("ip", "link", "set", "dev", self.bridge, "up")
+
+    async def fix_bridge_mac(self, old, mac):
+        """Give an existing bridge (made by an older cbox) the fixed MAC, unless it has
+        ports that are not cbox taps: then it is someone else's bridge, left as it is.
+        A new address flushes the bridge's neighbour entries, so the guests' permanent
+        ones are put back in the same `ip -batch`."""
+        ports = json.loads(await run_cmd("ip", "-j", "link", "show", "master", self.bridge))
+        foreign = [port["ifname"] for port in ports if not TAP_NAME_RE.match(port["ifname"])]
+        if foreign:
+            log("bridge has ports that are not cbox taps: its MAC is left as it is, so the guests' gateway "
+                "MAC changes when the port with the lowest MAC goes", level="WARNING", bridge=self.bridge,
+                mac=old, ports=",".join(foreign))
+            return
+        neighbours = json.loads(await run_cmd("ip", "-4", "-j", "neigh", "show", "dev", self.bridge, "nud", "permanent"))
+        keep = [f"neigh replace {n['dst']} lladdr {n['lladdr']} dev {self.bridge} nud permanent"
+                for n in neighbours if n.get("lladdr")]
+        await run_cmd("ip", "-batch", "-", stdin="\n".join([f"link set dev {self.bridge} address {mac}", *keep, ""]))
+        log("bridge MAC fixed", bridge=self.bridge, old=old, mac=mac, neighbours_kept=len(keep))
+
+    def _nat_interface(self):
+        choice = self.cfg.nat_interface
+        if choice == "none":
+            return None
+        if choice == "auto":
+            return default_route_interface()
+        return choice
+
+    def firewall_rules(self):
+        """The rules of cbox's own chains, as iptables argument lists per (table, chain)."""
+        br, net = self.bridge, str(self.subnet)
+        tag = ["-m", "comment", "--comment", FW_TAG]
+        rules = {
+            ("filter", "CBOX-INPUT"): [
+                # Guests may answer connections the host opened (exec), nothing else.
+                ["-i", br, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
+                ["-i", br, "-j", "DROP"],
+            ],
+            ("filter", "CBOX-FORWARD"): [
+                ["-i", br, "-o", br, "-j", "DROP"],
+                ["-o", br, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
+                ["-o", br, "-j", "DROP"],
+                ["-i", br, "-s", net, "-j", "ACCEPT"],
+                ["-i", br, "-j", "DROP"],
+            ],
+            ("nat", "CBOX-POSTROUTING"): [],
+        }
+        nat_if = self._nat_interface()
+        if nat_if:
+            rules[("nat", "CBOX-POSTROUTING")].append(["-s", net, "-o", nat_if, "-j", "MASQUERADE"])
+        return {k: [r + tag for r in v] for k, v in rules.items()}, nat_if
+
+    async def install_firewall(self):
+        rules, nat_if = self.firewall_rules()
+        for (table, chain), chain_rules in rules.items():
+            if not await self.iptables_ok(table, "-n", "-L", chain):
+                await run_cmd("iptables", "-w", "-t", table, "-N", chain)
+            await run_cmd("iptables", "-w", "-t", table, "-F", chain)
+            for rule in chain_rules:
+                await run_cmd("iptables", "-w", "-t", table, "-A", chain, *rule)
+            parent = self.chains[table][chain]
+            if not await self.iptables_ok(table, "-C", parent, "-j", chain):
+                await run_cmd("iptables", "-w", "-t", table, "-I", parent, "1", "-j", chain)
+        if nat_if:
+            Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
+            log("NAT enabled", out=nat_if, subnet=self.subnet)
+        else:
+            log("no NAT: no default route interface (set nat_interface to choose one)", subnet=self.subnet)
+
+    async def remove_firewall(self):
+        """Remove cbox's chains and the jumps to them (used by tests and `cbox.py cleanup`)."""
+        for table, chains in self.chains.items():
+            for chain, parent in chains.items():
+                while (await self.iptables_ok(table, "-D", parent, "-j", chain)):
+                    pass
+                await run_cmd("iptables", "-w", "-t", table, "-F", chain, check=False)
+                await run_cmd("iptables", "-w", "-t", table, "-X", chain, check=False)
+
+    @staticmethod
+    async def iptables_ok(*args):
+        proc = await asyncio.create_subprocess_exec(
+            "iptables", "-w", "-t", *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        return await proc.wait() == 0
+
+    async def create_tap(self, tap, ip, mac):
+        """A persistent tap on the bridge, isolated from the other ports, up; and a
+        permanent neighbour entry for the guest, so the first packet to a booting
+        guest does not wait a second for an ARP retry (and no guest can claim its IP)."""
+        if interface_exists(tap):
+            raise CommandError(f"interface {tap} already exists")
+        await run_cmd("ip", "-batch", "-", stdin="\n".join([
+            f"tuntap add dev {tap} mode tap",
+            f"link set dev {tap} master {self.bridge}",
+            f"link set dev {tap} type bridge_slave isolated on",
+            f"link set dev {tap} up",
+            f"neigh replace {ip} lladdr {mac} dev {self.bridge} nud permanent", ""]))
+
+    async def remove_tap(self, tap, ip):
+        if tap and interface_exists(tap):
+            await run_cmd("ip", "-force", "-batch", "-", check=False, stdin="\n".join([
+                f"link del dev {tap}", f"neigh del {ip} dev {self.bridge}", ""]))
+
+
+# ---- stateful disks and memory --------------------------------------------------
+
+def host_memory_mb():
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    return 0
+
+
+def copy_sparse(src, dest):
+    """Copy a file's data extents only (SEEK_DATA/SEEK_HOLE), keeping it sparse."""
+    with open(src, "rb") as fin, open(dest, "wb") as fout:
+        size = os.fstat(fin.fileno()).st_size
+        fout.truncate(size)
+        pos = 0
+        while pos < size:
             try:
-                follow(vm, paths)
-            except (HypervisorError, OSError) as e:
-                log(f"re-adopted VM has no {what}", vm=vm.vmName, error=repr(str(e)))
-
-    async def bound_vmm_logs(self):
-        """Keep each hypervisor's -v log within vmm_log_max_bytes of disk, for as long as
-        cbox.py runs: a guest can make its VMM log at will (every pvpanic write and virtio
-        device reset is an info line), and the log's tail is what cbox.py reads."""
-        while True:
-            await asyncio.sleep(VMM_LOG_CHECK_S)
-            for vm in list(self.vms.values()):
-                freed = punch_out_head(VmPaths(self.cfg, vm).chv_log, self.cfg.vmm_log_max_bytes // 2)
-                if freed:
-                    vm.vmm_log_trimmed += freed
-                    if vm.vmm_log_trimmed == freed:     # once per VM: the guest may do it all day
-                        log("hypervisor log over vmm_log_max_bytes: its oldest part is dropped", vm=vm.vmName,
-                            freed=freed)
-
-    async def shutdown(self):
-        """cbox.py is stopping: destroy VMs if configured, else leave them running for the next start."""
-        if self.cfg.destroy_on_exit:
-            await self.destroy_all()
-        for vm in list(self.vms.values()):
-            self.close_clients(vm)
-            if vm.watch and vm.watch.pidfd is not None:
-                asyncio.get_running_loop().remove_reader(vm.watch.pidfd)
-        for client in self.callback_clients.values():
-            client.close()
-
-    # ---- exec -----------------------------------------------------------------
-
-    def running(self, name):
-        vm = self.get(name)
-        if vm.status != "RUNNING" or vm.agent is None:
-            raise ApiError(409, f"VM '{name}' is not running (status {vm.status})")
-        return vm
-
-    async def agent_call(self, vm, method, target, body=None, timeout=15.0):
-        """Forward to the guest agent; 2xx bodies are passed through untouched (large ones streamed).
-
-        When the VM's hypervisor exits, on_vmm_exit aborts the agent's connections, so a
-        request in flight fails at once instead of waiting for its timeout."""
-        try:
-            status, _, data = await vm.agent.request(method, target, body, timeout=timeout)
-            if 200 <= status < 300:
-                return data
-            if isinstance(data, BodyStream):
-                data = await data.read(64 * 1024)
-        except HttpError as e:
-            raise ApiError(502, f"guest agent of VM '{vm.vmName}' unreachable: {e}")
-        try:
-            message = json.loads(data)["error"]
-        except (ValueError, KeyError, TypeError, RecursionError):
-            message = None
-        if not isinstance(message, str):
-            message = data[:200].decode("utf-8", "replace")
-        raise ApiError(status if status in (400, 404, 409, 413) else 502, f"guest agent: {message}")
-
-    async def exec(self, name, body):
-        agent_body, blocking, timeout = validate_exec_request(body, self.cfg)
-        vm = self.running(name)
-        return await self.agent_call(vm, "POST", "/exec", agent_body,
-                                     timeout=(timeout + 15.0) if blocking else 15.0)
-
-    async def exec_status(self, name, exec_id, method):
-        vm = self.running(name)
-        if not re.match(r"^[A-Za-z0-9_-]{1,64}\Z", exec_id):
-            raise ApiError(404, f"exec '{exec_id}' not found")
-        return await self.agent_call(vm, method, f"/exec/{exec_id}", timeout=30.0)
-
-    # ---- callbacks (guest -> vsock socket -> cbox -> callbackUrl) --------------
-
-    async def serve_callbacks(self, vm, paths):
-        vm.callback_server = CallbackBridge(self.cfg, vm, self.callback_clients)
-        vm.callback_server.listen(paths.callback_socket)
+                start = os.lseek(fin.fileno(), pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:     # only a hole is left
+                    break
+                raise
+            end = os.lseek(fin.fileno(), start, os.SEEK_HOLE)
+            offset = start
+            while offset < end:
+                copied = os.copy_file_range(fin.fileno(), fout.fileno(), end - offset, offset, offset)
+                if copied == 0:
+                    raise OSError(f"short copy of {src}")
+                offset += copied
+            pos = end
 
 
-# ---- the callback bridge (guest -> vsock socket -> cbox -> callbackUrl) ---------------------------
+class StatefulDisks:
+    """Each VM's sparse ext4 disk (vdb), copied from one formatted template per size:
+    one mke2fs per size instead of one per VM. Each copy then gets a filesystem UUID
+    of its own; the template has metadata_csum_seed, so that only rewrites the
+    superblocks (tune2fs, ~2 ms) instead of every metadata checksum."""
+
+    TEMPLATE_VERSION = 2      # 1: no metadata_csum_seed (a new UUID would need a full fsck)
+
+    def __init__(self, directory):
+        self.dir = Path(directory)
+        self.lock = asyncio.Lock()
+
+    async def template(self, size_mb):
+        path = self.dir / f"stateful-{size_mb}mb.v{self.TEMPLATE_VERSION}.ext4"
+        async with self.lock:
+            if not path.exists():
+                self.dir.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(path.name + ".tmp")
+                try:
+                    with open(tmp, "wb") as f:
+                        f.truncate(size_mb * 1024 * 1024)
+                    await run_cmd("mke2fs", "-q", "-F", "-t", "ext4", "-O", "metadata_csum_seed", "-E",
+                                  "lazy_itable_init=1,lazy_journal_init=1", "-L", "cbox-state", str(tmp))
+                    os.replace(tmp, path)
+                finally:
+                    if tmp.exists():
+                        tmp.unlink()
+                with contextlib.suppress(FileNotFoundError):   # the version 1 template of this size
+                    (self.dir / f"stateful-{size_mb}mb.ext4").unlink()
+        return path
+
+    async def create(self, dest, size_mb):
+        await asyncio.to_thread(copy_sparse, await self.template(size_mb), dest)
+        await run_cmd("tune2fs", "-U", str(uuid.uuid4()), str(dest))
+
+
+# =============================================================================
+# 5. Allocation and request validation
+# =============================================================================
+
+VM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")     # \Z: '$' would accept "name\n"
+MAX_CID = 0xFFFFFFFE
+
+
+class ApiError(Exception):
+    """An error with an HTTP status for the REST API."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+class Allocator:
+    """Guest IPs (lowest free host address of the subnet) and vsock CIDs (lowest free >= 3)."""
+
+    def __init__(self, subnet, bridge_ip):
+        self.subnet = ipaddress.ip_network(subnet)
+        self.reserved = {ipaddress.ip_address(bridge_ip)}
+        self.ips, self.cids = set(), set()
+
+    def take_ip(self):
+        for addr in self.subnet.hosts():
+            if addr not in self.ips and addr not in self.reserved:
+                self.ips.add(addr)
+                return addr
+        raise ApiError(503, f"no free guest IP left in {self.subnet}")
+
+    def take_cid(self):
+        cid = 3
+        while cid in self.cids:
+            cid += 1
+        if cid > MAX_CID:
+            raise ApiError(503, "no free vsock CID left")
+        self.cids.add(cid)
+        return cid
+
+    def claim(self, ip, cid):
+        """Mark an IP and CID of an existing VM as used (adoption)."""
+        addr = ipaddress.ip_address(ip)
+        if addr in self.ips or cid in self.cids or addr not in self.subnet:
+            raise ValueError(f"IP {ip} or CID {cid} is already in use or outside the subnet")
+        self.ips.add(addr)
+        self.cids.add(cid)
+
+    def release(self, ip, cid):
+        self.ips.discard(ipaddress.ip_address(ip))
+        self.cids.discard(cid)
+
+
+def tap_name(cid):
+    return f"cbt{cid}"                    # at most 13 characters, below IFNAMSIZ
+
+
+def check_vm_name(name):
+    if not isinstance(name, str) or not VM_NAME_RE.match(name):
+        raise ApiError(400, "invalid vmName: use 1-63 characters of A-Z a-z 0-9 _ . - starting with a letter or digit")
+    return name
+
+
+def check_exec_id(exec_id):
+    if not re.match(r"^[A-Za-z0-9_-]{1,64}\Z", exec_id):
+        raise ApiError(404, f"exec '{exec_id}' not found")
+    return exec_id
+
+
+def check_fields(body, allowed, required=()):
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    unknown = [k for k in body if k not in allowed]
+    if unknown:
+        raise ApiError(400, f"unknown field(s): {', '.join(sorted(unknown))}")
+    missing = [k for k in required if k not in body]
+    if missing:
+        raise ApiError(400, f"missing required field(s): {', '.join(missing)}")
+
+
+KINDS = {"str": (str, "a string"), "bool": (bool, "a boolean"), "int": (int, "an integer"),
+         "number": ((int, float), "a number"), "dict": (dict, "an object")}
+
+
+def typed(body, key, kind, default=None):
+    """body[key] checked against kind ('str', 'bool', 'int', 'number', 'dict'); null = default."""
+    value = body.get(key)
+    if value is None:
+        return default
+    types, name = KINDS[kind]
+    if not isinstance(value, types) or (kind != "bool" and isinstance(value, bool)):     # JSON true is no number
+        raise ApiError(400, f"'{key}' must be {name}")
+    return value
+
+
+def check_callback_url(url):
+    if url is None or url == "":
+        return None
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or len(url) > 2048:
+        raise ApiError(400, "callbackUrl must be an http:// or https:// URL")
+    try:
+        parts.port
+    except ValueError as e:
+        raise ApiError(400, "callbackUrl has a bad port") from e
+    return url
+
+
+def validate_start_request(body, cfg):
+    check_fields(body, ("vmName", "callbackUrl", "vcpus", "memoryMb"), required=("vmName",))
+    name = check_vm_name(body["vmName"])
+    url = check_callback_url(typed(body, "callbackUrl", "str"))
+    vcpus = typed(body, "vcpus", "int", cfg.default_vcpus)
+    memory = typed(body, "memoryMb", "int", cfg.default_memory_mb)
+    if not 1 <= vcpus <= cfg.max_vcpus:
+        raise ApiError(400, f"vcpus must be 1..{cfg.max_vcpus}")
+    if not 64 <= memory <= cfg.max_memory_mb:
+        raise ApiError(400, f"memoryMb must be 64..{cfg.max_memory_mb}")
+    return {"name": name, "callback_url": url, "vcpus": vcpus, "memory_mb": memory}
+
+
+def validate_exec_request(body, cfg):
+    """Check an exec request; returns (agent request body, blocking, timeout)."""
+    check_fields(body, ("cmd", "blocking", "timeout", "env", "cwd", "stdin"), required=("cmd",))
+    cmd = typed(body, "cmd", "str")
+    if cmd is None or not cmd.strip():
+        raise ApiError(400, "'cmd' must be a non-empty string")
+    blocking = typed(body, "blocking", "bool", True)
+    timeout = typed(body, "timeout", "number", cfg.exec_timeout_s)
+    if not 0 < timeout <= cfg.exec_max_timeout_s:
+        raise ApiError(400, f"'timeout' must be more than 0 and at most {cfg.exec_max_timeout_s:g} seconds")
+    env = typed(body, "env", "dict", {})
+    for k, v in env.items():
+        if not isinstance(v, str) or not k or "=" in k or "\0" in k or "\0" in v:
+            raise ApiError(400, "'env' must map variable names to strings")
+    cwd = typed(body, "cwd", "str")
+    stdin = typed(body, "stdin", "str")
+    if "\0" in cmd or (cwd and "\0" in cwd):
+        raise ApiError(400, "'cmd' and 'cwd' must not contain NUL")
+    agent_body = {"cmd": cmd, "blocking": blocking, "timeout": timeout, "env": env,
+                  "cwd": cwd, "stdin": stdin, "maxOutput": cfg.exec_output_limit_bytes}
+    return agent_body, blocking, timeout
+
+
+def parse_json_body(data):
+    if not data:
+        raise ApiError(400, "request body must be a JSON object")
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"malformed JSON: {e}") from e
+    except RecursionError as e:
+        raise ApiError(400, "malformed JSON: nested too deeply") from e
+
+
+# =============================================================================
+# 6. Callback bridge (guest -> vsock socket -> cbox -> callbackUrl)
+# =============================================================================
 
 CALLBACK_LINE_MAX = 1024 * 1024
 CALLBACK_PARSE_OFF_LOOP = 64 * 1024     # lines (and answers) above this are parsed in a thread
@@ -2269,6 +1889,13 @@ def parse_callback_line(line, vm_name):
         return None, "callback request is not valid JSON"
 
 
+def answer_text(value):
+    try:
+        return json.dumps(value)
+    except (RecursionError, ValueError):
+        return "(error value nested too deeply)"
+
+
 def callback_reply(url, status, data):
     """The callback URL's answer -> the guest's reply line (bytes, newline included)."""
     if not 200 <= status < 300:
@@ -2295,15 +1922,49 @@ def callback_reply(url, status, data):
         return json_bytes({"error": f"callback URL {url} answered JSON too deeply nested to pass on"}) + b"\n"
 
 
-def answer_text(value):
-    try:
-        return json.dumps(value)
-    except (RecursionError, ValueError):
-        return "(error value nested too deeply)"
-
-
 def error_line(message):
     return json_bytes({"error": message}) + b"\n"
+
+
+def close_socket(loop, sock):
+    """Close a socket used with loop.sock_*(): their cleanup (remove_reader of the fd) runs
+    later, when the fd may already belong to a new transport, which makes asyncio raise
+    RuntimeError there; removing the reader and writer now turns that cleanup into a no-op."""
+    fd = sock.fileno()
+    if fd >= 0:
+        loop.remove_reader(fd)
+        loop.remove_writer(fd)
+    sock.close()
+
+
+FD_LIMIT = [None]
+
+
+def raise_fd_limit():
+    """Soft RLIMIT_NOFILE up to the hard limit: guests' connections must not run cbox.py out
+    of descriptors at a distribution's default of 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as e:
+            log("cannot raise the file descriptor limit", soft=soft, hard=hard, error=repr(str(e)))
+    FD_LIMIT[0] = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return FD_LIMIT[0]
+
+
+def fd_limit():
+    if FD_LIMIT[0] is None:
+        FD_LIMIT[0] = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return FD_LIMIT[0]
+
+
+async def off_loop_if_large(size, fn, *args):
+    """fn(*args), in a thread when `size` bytes would keep the event loop busy for long."""
+    if size > CALLBACK_PARSE_OFF_LOOP:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
 
 
 class CallbackBridge:
@@ -2536,163 +2197,605 @@ class CallbackBridge:
         return client
 
 
-def close_socket(loop, sock):
-    """Close a socket used with loop.sock_*(): their cleanup (remove_reader of the fd) runs
-    later, when the fd may already belong to a new transport, which makes asyncio raise
-    RuntimeError there; removing the reader and writer now turns that cleanup into a no-op."""
-    fd = sock.fileno()
-    if fd >= 0:
-        loop.remove_reader(fd)
-        loop.remove_writer(fd)
-    sock.close()
+# =============================================================================
+# 7. VM manager
+# =============================================================================
 
+class VM:
+    """One VM: its public fields, its files, and its live runtime (process, clients, listener)."""
 
-def raise_fd_limit():
-    """Soft RLIMIT_NOFILE up to the hard limit: guests' connections must not run cbox.py out
-    of descriptors at a distribution's default of 1024."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError) as e:
-            log("cannot raise the file descriptor limit", soft=soft, hard=hard, error=repr(str(e)))
-    FD_LIMIT[0] = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    return FD_LIMIT[0]
+    RECORD_FIELDS = ("vmName", "status", "ip", "tapDeviceName", "callbackUrl", "cid", "vcpus",
+                     "memoryMb", "createdAt", "phase", "pid", "pidStart", "mac", "error", "stopReason")
 
-
-FD_LIMIT = [None]
-
-
-def fd_limit():
-    if FD_LIMIT[0] is None:
-        FD_LIMIT[0] = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    return FD_LIMIT[0]
-
-
-async def off_loop_if_large(size, fn, *args):
-    """fn(*args), in a thread when `size` bytes would keep the event loop busy for long."""
-    if size > CALLBACK_PARSE_OFF_LOOP:
-        return await asyncio.to_thread(fn, *args)
-    return fn(*args)
-
-
-def host_memory_mb():
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) // 1024
-    return 0
-
-
-def remove_tree(path):
-    shutil.rmtree(path, ignore_errors=True)
-
-
-class StatefulDisks:
-    """Each VM's sparse ext4 disk (vdb), copied from one formatted template per size:
-    one mke2fs per size instead of one per VM. Each copy then gets a filesystem UUID
-    of its own; the template has metadata_csum_seed, so that only rewrites the
-    superblocks (tune2fs, ~2 ms) instead of every metadata checksum."""
-
-    TEMPLATE_VERSION = 2      # 1: no metadata_csum_seed (a new UUID would need a full fsck)
-
-    def __init__(self, directory):
-        self.dir = Path(directory)
+    def __init__(self, **fields):
+        for key in self.RECORD_FIELDS:
+            setattr(self, key, fields.get(key))
         self.lock = asyncio.Lock()
+        self.watch = None          # ProcessWatch of the VMM
+        self.chv = None            # CloudHypervisor client
+        self.agent = None          # GuestAgent client
+        self.callback_server = None
+        self.console = None        # ConsoleLog
+        self.serial = None         # SerialConsole reading the VMM's serial socket
+        self.events = None         # EventMonitor reading the VMM's event FIFO
+        self.reset = None          # (stopReason, message) of a reset seen while starting
+        self.vmm_log_trimmed = 0   # disk bytes freed from the VMM's log (bound_vmm_logs)
+        self.paths = None          # VmPaths, set by the manager that made or adopted it
 
-    async def template(self, size_mb):
-        path = self.dir / f"stateful-{size_mb}mb.v{self.TEMPLATE_VERSION}.ext4"
-        async with self.lock:
-            if not path.exists():
-                self.dir.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(path.name + ".tmp")
-                try:
-                    with open(tmp, "wb") as f:
-                        f.truncate(size_mb * 1024 * 1024)
-                    await run_cmd("mke2fs", "-q", "-F", "-t", "ext4", "-O", "metadata_csum_seed", "-E",
-                                  "lazy_itable_init=1,lazy_journal_init=1", "-L", "cbox-state", str(tmp))
-                    os.replace(tmp, path)
-                finally:
-                    if tmp.exists():
-                        tmp.unlink()
-                with contextlib.suppress(FileNotFoundError):   # the version 1 template of this size
-                    (self.dir / f"stateful-{size_mb}mb.ext4").unlink()
-        return path
+    @property
+    def address(self):
+        return self.ip.split("/")[0]
 
-    async def create(self, dest, size_mb):
-        await asyncio.to_thread(copy_sparse, await self.template(size_mb), dest)
-        await run_cmd("tune2fs", "-U", str(uuid.uuid4()), str(dest))
+    def api(self):
+        return {k: getattr(self, k) for k in ("vmName", "status", "ip", "tapDeviceName", "callbackUrl",
+                                               "cid", "vcpus", "memoryMb", "createdAt", "stopReason")}
+
+    def record(self):
+        return {k: getattr(self, k) for k in self.RECORD_FIELDS}
 
 
-def copy_sparse(src, dest):
-    """Copy a file's data extents only (SEEK_DATA/SEEK_HOLE), keeping it sparse."""
-    with open(src, "rb") as fin, open(dest, "wb") as fout:
-        size = os.fstat(fin.fileno()).st_size
-        fout.truncate(size)
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(fin.fileno(), pos, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno == errno.ENXIO:     # only a hole is left
-                    break
-                raise
-            end = os.lseek(fin.fileno(), start, os.SEEK_HOLE)
-            offset = start
-            while offset < end:
-                copied = os.copy_file_range(fin.fileno(), fout.fileno(), end - offset, offset, offset)
-                if copied == 0:
-                    raise OSError(f"short copy of {src}")
-                offset += copied
-            pos = end
+class VmPaths:
+    """Where a VM's files live: records and disks in state_dir, sockets in the short run_dir."""
+
+    def __init__(self, cfg, vm):
+        self.vm_dir = Path(cfg.path(cfg.state_dir), "vms", vm.vmName)
+        self.record = Path(cfg.path(cfg.state_dir), "vms", vm.vmName + ".json")
+        self.run_dir = Path(cfg.path(cfg.run_dir), str(vm.cid))
+        self.api_socket = self.run_dir / "api.sock"
+        self.vsock_socket = self.run_dir / "vsock.sock"
+        self.callback_socket = Path(f"{self.vsock_socket}_{cfg.callback_port}")
+        self.serial_socket = self.run_dir / "serial.sock"
+        self.events_fifo = self.run_dir / "events.fifo"
+        self.disk = self.vm_dir / "stateful.ext4"
+        self.chv_log = self.vm_dir / "cloud-hypervisor.log"
+        self.chv_out = self.vm_dir / "cloud-hypervisor.out"
 
 
-def spawn_vmm(chv_bin, paths):
-    """Start cloud-hypervisor in a session of its own (so killpg reaches all of it)."""
-    out = os.open(paths.chv_out, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+class StepClock:
+    """Logs the duration of each lifecycle step of one VM; `current` names the step under way.
+
+    Each observer (empty unless `selftest` runs) is called as observer(clock, step, ms, ok)
+    when a step ends, also when it fails: before start's error handling tears the VM down."""
+
+    observers = []
+
+    def __init__(self, vm_name, action):
+        self.vm_name, self.action = vm_name, action
+        self.t0 = time.monotonic()
+        self.current = "validate"
+
+    @contextlib.contextmanager
+    def step(self, name):
+        self.current, t0 = name, time.monotonic()
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            ms = (time.monotonic() - t0) * 1000
+            if ok:
+                log(f"{self.action} step", vm=self.vm_name, step=name, ms=f"{ms:.1f}")
+            for observer in self.observers:
+                observer(self, name, ms, ok)
+
+    def total_ms(self):
+        return (time.monotonic() - self.t0) * 1000
+
+
+@contextlib.contextmanager
+def agent_errors():
+    """A guest agent's refusal or silence as the API's answer."""
     try:
-        argv = [chv_bin, "--api-socket", f"path={paths.api_socket}", "--event-monitor", f"path={paths.events_fifo}",
-                "--log-file", str(paths.chv_log), "-v"]
-        spawn = os.posix_spawn if "/" in chv_bin else os.posix_spawnp
-        return spawn(chv_bin, argv, dict(os.environ), setsid=True, file_actions=[
-            (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-            (os.POSIX_SPAWN_DUP2, out, 1),
-            (os.POSIX_SPAWN_DUP2, out, 2)])
-    except OSError as e:
-        raise HypervisorError(f"cannot run chv_bin {chv_bin}: {e.strerror}")
-    finally:
-        os.close(out)
+        yield
+    except AgentError as e:
+        raise ApiError(e.status, str(e)) from e
+
+
+# Disk serials the guest's initramfs finds its disks by (/sys/block/vd*/serial; at
+# most 20 bytes, VIRTIO_BLK_ID_BYTES, checked by CHV's DiskConfig::validate).
+# cbox.state=<serial> on the kernel command line promises the state disk: a guest
+# that cannot mount it writable powers off instead of running on a tmpfs.
+ROOTFS_SERIAL = "cbox-rootfs"
+STATE_SERIAL = "cbox-state"
+
+
+class VMManager:
+    """All VMs: lifecycle, persistence, supervision, exec forwarding and callbacks."""
+
+    def __init__(self, cfg, network):
+        self.cfg = cfg
+        self.net = network
+        self.alloc = Allocator(cfg.bridge_subnet, ipaddress.ip_interface(cfg.bridge_ip).ip)
+        self.vms = {}
+        self.callback_clients = {}
+        self.records_dir = Path(cfg.path(cfg.state_dir), "vms")
+        self.disks = StatefulDisks(Path(cfg.path(cfg.state_dir), "templates"))
+        self.prefix = ipaddress.ip_network(cfg.bridge_subnet).prefixlen
+        self.gateway = str(ipaddress.ip_interface(cfg.bridge_ip).ip)
+        self.dns = host_resolvers() if cfg.dns == "auto" else [d.strip() for d in cfg.dns.split(",") if d.strip()]
+
+    # ---- persistence --------------------------------------------------------
+
+    def save(self, vm):
+        write_atomically(vm.paths.record, json.dumps(vm.record(), indent=1).encode())
+
+    def forget(self, vm):
+        try:
+            vm.paths.record.unlink()
+        except FileNotFoundError:
+            pass
+
+    # ---- start ---------------------------------------------------------------
+
+    def check_capacity(self, memory_mb):
+        if len(self.vms) >= self.cfg.max_vms:
+            raise ApiError(503, f"max_vms ({self.cfg.max_vms}) VMs are running")
+        budget = host_memory_mb() * self.cfg.guest_mem_percentage // 100
+        used = sum(vm.memoryMb for vm in self.vms.values())
+        if used + memory_mb > budget:
+            raise ApiError(503, f"not enough memory: {used} MB of {budget} MB "
+                                f"(guest_mem_percentage={self.cfg.guest_mem_percentage}) in use, {memory_mb} MB asked")
+
+    async def start(self, req):
+        """Start a VM from a validated start request (validate_start_request) and return it
+        RUNNING; on any failure it is torn down and ApiError says at which step."""
+        name = req["name"]
+        if name in self.vms:
+            raise ApiError(409, f"VM '{name}' already exists")
+        self.check_capacity(req["memory_mb"])
+        ip = self.alloc.take_ip()
+        try:
+            cid = self.alloc.take_cid()
+        except ApiError:
+            self.alloc.release(ip, None)
+            raise
+        vm = VM(vmName=name, status="CREATED", ip=f"{ip}/{self.prefix}", tapDeviceName=tap_name(cid),
+                callbackUrl=req["callback_url"], cid=cid, vcpus=req["vcpus"], memoryMb=req["memory_mb"],
+                createdAt=utc_now(), phase="starting", mac=mac_for(ip))
+        vm.paths = VmPaths(self.cfg, vm)
+        self.vms[name] = vm
+        async with vm.lock:
+            clock = StepClock(name, "start")
+            try:
+                await self._start_steps(vm, clock)
+            except Exception as e:
+                if vm.serial:
+                    vm.serial.read_pending()
+                message = f"starting VM '{name}' failed at step {clock.current}: {e}; console: {console_tail(self.console_log(vm))}"
+                log("start failed", vm=name, step=clock.current, error=repr(str(e)))
+                await self.teardown(vm, graceful=False)
+                raise ApiError(e.status if isinstance(e, ApiError) else 500, message) from e
+        log("VM running", vm=name, ip=vm.ip, cid=cid, ms=f"{clock.total_ms():.1f}")
+        return vm
+
+    async def _start_steps(self, vm, clock):
+        paths = vm.paths
+        with clock.step("record"):
+            self.records_dir.mkdir(parents=True, exist_ok=True)
+            self.save(vm)                   # written first: a crash from here on is cleaned up at restart
+        with clock.step("files"):
+            remove_tree(paths.vm_dir)     # only a crash can have left one without a record
+            paths.vm_dir.mkdir(parents=True)
+            remove_tree(paths.run_dir)    # stale sockets would make cloud-hypervisor fail
+            paths.run_dir.mkdir(parents=True)
+            EventMonitor.make_fifo(paths.events_fifo)
+        with clock.step("disk"):
+            await self.disks.create(paths.disk, self.cfg.stateful_size_in_mb)
+        with clock.step("tap"):
+            await self.net.create_tap(vm.tapDeviceName, vm.address, vm.mac)
+        with clock.step("spawn"):
+            self.follow_events(vm)          # the VMM's open of the FIFO blocks without a reader
+            pid = spawn_vmm(self.cfg.chv_bin, paths)
+            vm.pid, vm.pidStart = pid, proc_start_time(pid)
+            vm.watch = ProcessWatch(pid, vm.pidStart, lambda w, vm=vm: self.on_vmm_exit(vm, w))
+            self.save(vm)
+            vm.chv = CloudHypervisor(str(paths.api_socket))
+            await self.wait_for_api(vm)
+        with clock.step("vm.create"):
+            await vm.chv.create(self.vm_config(vm, paths))
+            self.follow_serial(vm)
+        with clock.step("callbacks"):
+            await self.serve_callbacks(vm)
+        with clock.step("vm.boot"):
+            await vm.chv.boot()
+        with clock.step("agent"):
+            vm.agent = self.agent_client(vm)
+            await self.wait_for_agent(vm)
+        vm.status, vm.phase = "RUNNING", "running"
+        self.save(vm)
+
+    def vm_config(self, vm, paths):
+        """The VmConfig for vm.create (validated against Cloud Hypervisor's OpenAPI in the tests)."""
+        cfg = self.cfg
+        cmdline = " ".join(filter(None, [
+            "console=ttyS0 reboot=k panic=-1", cfg.cmdline_extra,
+            f"cbox.vm={vm.vmName}", f"cbox.ip={vm.ip}", f"cbox.gw={self.gateway}",
+            f"cbox.dns={','.join(self.dns)}" if self.dns else "",
+            f"cbox.callback_port={cfg.callback_port}", f"cbox.state={STATE_SERIAL}"]))
+        payload = {"kernel": cfg.path(cfg.kernel), "cmdline": cmdline}
+        if cfg.initramfs:
+            payload["initramfs"] = cfg.path(cfg.initramfs)
+        return {
+            "payload": payload,
+            "cpus": {"boot_vcpus": vm.vcpus, "max_vcpus": vm.vcpus},
+            "memory": {"size": vm.memoryMb * 1024 * 1024},
+            # image_type Raw: an autodetected raw disk gets its sector-0 writes refused
+            # (CHV v51+, vmm/src/device_manager.rs make_virtio_block_device), which
+            # turns the stateful ext4 read-only (its superblock is in block 0)
+            "disks": [{"path": cfg.path(cfg.rootfs), "readonly": True, "image_type": "Raw",
+                       "serial": ROOTFS_SERIAL, "id": "rootfs"},
+                      {"path": str(paths.disk), "readonly": False, "image_type": "Raw",
+                       "serial": STATE_SERIAL, "id": "stateful"}],
+            "net": [{"tap": vm.tapDeviceName, "mac": vm.mac, "num_queues": 2, "id": "net0"}],
+            "vsock": {"cid": vm.cid, "socket": str(paths.vsock_socket), "id": "vsock0"},
+            "rng": {"src": "/dev/urandom"},
+            "serial": {"mode": "Socket", "socket": str(paths.serial_socket)},
+            "console": {"mode": "Off"},
+            "pvpanic": True,
+        }
+
+    async def wait_for_api(self, vm, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            if not vm.watch.alive():
+                raise HypervisorError(f"cloud-hypervisor exited (code {vm.watch.exit_code}) before its API answered; "
+                                      f"see {vm.paths.chv_out}")
+            try:
+                return await vm.chv.ping(timeout=1.0)
+            except HypervisorError as e:
+                if time.monotonic() > deadline:
+                    raise HypervisorError(f"API socket did not answer within {fmt_seconds(timeout)}") from e
+                await asyncio.sleep(0.005)
+
+    async def wait_for_agent(self, vm):
+        started = time.monotonic()
+        deadline = started + self.cfg.boot_timeout_s
+        last = "no answer"
+        while time.monotonic() < deadline:
+            if not vm.watch.alive():
+                raise HypervisorError(f"the VM stopped while booting (hypervisor exit code {vm.watch.exit_code})")
+            if vm.reset:       # checked again below: the rebooted guest may answer
+                raise HypervisorError(f"{vm.reset[1]} while booting ({vm.reset[0]})")
+            # A SYN sent before the guest is up is retransmitted only after 1 s: short
+            # attempts notice the agent sooner; after 10 s, longer ones suit a slow guest.
+            attempt_timeout = 0.3 if time.monotonic() - started < 10 else 2.0
+            try:
+                status = await vm.agent.health(timeout=attempt_timeout)
+                if status == 200 and not vm.reset:
+                    return
+                last = f"HTTP {status}"
+            except AgentError as e:
+                last = str(e)
+            await asyncio.sleep(0.01)
+        raise HypervisorError(f"guest agent did not answer within {fmt_seconds(self.cfg.boot_timeout_s)} ({last})")
+
+    def agent_client(self, vm):
+        return GuestAgent(vm.vmName, vm.address, self.cfg.agent_port, self.cfg.exec_output_limit_bytes)
+
+    # ---- console and hypervisor events -----------------------------------------
+
+    def console_log(self, vm):
+        if vm.console is None:
+            vm.console = ConsoleLog(vm.paths.vm_dir, self.cfg.console_max_bytes)
+        return vm.console
+
+    def console_text(self, name):
+        """What GET /logs shows of a VM's serial console (see ConsoleLog.text)."""
+        return self.console_log(self.get(name)).text()
+
+    def follow_events(self, vm):
+        vm.events = EventMonitor(vm.paths.events_fifo, lambda source, event, props: self.on_vmm_event(vm, source, event, props))
+
+    def follow_serial(self, vm):
+        """Read the serial console (its socket exists from vm.create on) into the VM's console log."""
+        vm.serial = SerialConsole(vm.paths.serial_socket, self.console_log(vm).append)
+        asyncio.get_running_loop().create_task(self.watch_serial(vm, vm.serial))
+
+    async def watch_serial(self, vm, serial):
+        """The VMM closes the serial connection when it rebuilds the VM's devices: a reset
+        whose event may have been lost (the FIFO drops events under load). Its -v log has
+        every event, so it decides; another client taking the socket over is no reset."""
+        await serial.ended.wait()
+        if vm.serial is not serial or vm.phase != "running":
+            return
+        await asyncio.sleep(0.5)     # the event itself usually follows
+        if vm.phase == "running" and vm.watch.alive():
+            reset = reset_in_vmm_log(vm.paths.chv_log)
+            if reset:
+                self.guest_reset(vm, *reset)
+            else:
+                log("serial console connection closed by the VMM (another client took it?)", vm=vm.vmName)
+
+    def on_vmm_event(self, vm, source, event, props):
+        if (source, event) == ("guest", "panic") and props.get("event") == "panic":
+            self.guest_reset(vm, "guest-panic", "the guest kernel panicked")
+        elif (source, event) == ("vm", "rebooting"):
+            self.guest_reset(vm, "guest-reboot", "the guest reset itself (reboot)")
+
+    def guest_reset(self, vm, reason, message):
+        """A reset ends the VM, as in Firecracker: Cloud Hypervisor would reboot it in place
+        (vmm/src/lib.rs vm_reboot). A panic (pvpanic) ends it at once, before its reset."""
+        if vm.phase == "starting":
+            vm.reset = vm.reset or (reason, message)      # wait_for_agent fails the start with it
+        elif vm.phase == "running":
+            self.mark_stopped(vm, "FAILED" if reason == "guest-panic" else "STOPPED", reason, message)
+
+    # ---- supervision and teardown ---------------------------------------------
+
+    def on_vmm_exit(self, vm, watch):
+        if vm.agent:
+            vm.agent.abort()               # the guest is gone: fail requests in flight now
+        if vm.phase == "running" and vm.events:
+            vm.events.read_pending()       # a panic event written just before the exit
+        if vm.phase != "running":
+            return                         # start, destroy or a reset handles it
+        self.mark_stopped(vm, *self.exit_reason(vm, watch))
+
+    def exit_reason(self, vm, watch):
+        """(status, stopReason, message) for a VMM that exited by itself. Exit code 0 does not
+        prove a power-off: a vCPU error or SIGTERM leave the same way (vmm/src/lib.rs control
+        loop, EpollDispatch::Exit vs GuestExit); the -v log names the guest's power-off."""
+        paths = vm.paths
+        chv_log = tail_bytes(paths.chv_log, 64 * 1024)
+        code = watch.exit_code
+        if code is None:        # adopted, not our child: its exit status is gone; the log tells
+            if b"Cloud Hypervisor exited successfully" in chv_log:
+                code = 0
+            elif b"Fatal error" not in chv_log:
+                return "FAILED", "killed", "cloud-hypervisor died without exiting (killed, or it crashed)"
+        if code is not None and code < 0:
+            return "FAILED", "killed", f"cloud-hypervisor was killed by signal {-code} ({signal_name(-code)})"
+        if code == 0 and b"VM guest exit event" in chv_log:
+            return "STOPPED", "guest-poweroff", "the guest powered off"
+        if code == 0:
+            return "FAILED", "vmm-crash", f"cloud-hypervisor exited with code 0 without a guest power-off (see {paths.chv_log})"
+        return "FAILED", "vmm-crash", (f"cloud-hypervisor exited with code {code}" if code is not None else
+                                       "cloud-hypervisor exited with an error") + f" (see {paths.chv_out})"
+
+    def mark_stopped(self, vm, status, reason, message):
+        vm.status, vm.stopReason, vm.error, vm.phase = status, reason, message, "dead"
+        if vm.agent:
+            vm.agent.abort()
+        log("VM stopped", vm=vm.vmName, status=status, stopReason=reason, error=repr(message))
+        self.save(vm)
+        asyncio.get_running_loop().create_task(self.release_runtime(vm))
+
+    async def release_runtime(self, vm):
+        """Free what a dead VM no longer needs; its record, console log, IP and CID stay until DELETE."""
+        async with vm.lock:
+            if vm.phase != "dead":
+                return
+            await self.stop_vmm(vm, StepClock(vm.vmName, "stop"), ("vmm.shutdown",))
+            if vm.serial:
+                await vm.serial.wait_end(1.0)      # the console's last bytes
+            self.close_clients(vm)
+            await self.net.remove_tap(vm.tapDeviceName, vm.address)
+            remove_tree(vm.paths.run_dir)
+
+    async def stop_vmm(self, vm, clock, calls):
+        """Ask the VMM to stop with these API actions (vmm.shutdown answers 200 with an empty
+        body, not 204), then kill its process group."""
+        if vm.watch and vm.watch.alive() and vm.chv:
+            for name in calls:
+                with clock.step(name):
+                    try:
+                        await within(self.cfg.shutdown_timeout_s, vm.chv.call("PUT", name, timeout=10.0))
+                    except (HypervisorError, asyncio.TimeoutError):
+                        pass
+            with clock.step("exit"):
+                if not await vm.watch.wait(self.cfg.shutdown_timeout_s):
+                    log("hypervisor did not exit; killing it", vm=vm.vmName, pid=vm.pid)
+        if vm.watch:
+            vm.watch.kill()
+            await vm.watch.wait(5.0)
+
+    def close_clients(self, vm):
+        if vm.callback_server:
+            vm.callback_server.close()
+            vm.callback_server = None
+        for client in (vm.agent, vm.chv):
+            if client:
+                client.close()
+        for reader in (vm.serial, vm.events, vm.console):
+            if reader:
+                reader.close()
+        vm.serial = vm.events = vm.console = None
+
+    async def teardown(self, vm, graceful, clock=None):
+        """Undo everything a VM holds: process, listener, tap, files, record, IP and CID."""
+        clock = clock or StepClock(vm.vmName, "cleanup")
+        paths = vm.paths
+        if graceful and vm.status == "RUNNING" and vm.agent:
+            with clock.step("sync"):     # let the guest flush its stateful disk before the VM goes away
+                await vm.agent.sync()
+        await self.stop_vmm(vm, clock, ("vm.shutdown", "vm.delete", "vmm.shutdown"))
+        self.close_clients(vm)
+        with clock.step("tap"):
+            await self.net.remove_tap(vm.tapDeviceName, vm.address)
+        with clock.step("files"):
+            remove_tree(paths.run_dir)
+            remove_tree(paths.vm_dir)
+            self.forget(vm)
+        self.alloc.release(vm.address, vm.cid)
+        if self.vms.get(vm.vmName) is vm:
+            del self.vms[vm.vmName]
+
+    async def destroy(self, name):
+        """Stop a VM (gracefully when it runs) and remove everything it holds, its record too."""
+        vm = self.get(name)
+        async with vm.lock:
+            if self.vms.get(name) is not vm:
+                raise ApiError(404, f"VM '{name}' not found")
+            clock = StepClock(name, "destroy")
+            graceful = vm.phase == "running"
+            vm.phase = "destroying"
+            vm.stopReason = vm.stopReason or "destroyed"
+            self.save(vm)
+            await self.teardown(vm, graceful, clock)
+        log("VM destroyed", vm=name, stopReason="destroyed", ms=f"{clock.total_ms():.1f}")
+
+    async def destroy_all(self):
+        """Destroy every VM; returns the names of those destroyed."""
+        names = list(self.vms)
+        results = await asyncio.gather(*(self.destroy(n) for n in names), return_exceptions=True)
+        return [n for n, r in zip(names, results) if r is None]
+
+    def get(self, name):
+        """The VM of that name (a checked one: check_vm_name), else ApiError 404."""
+        vm = self.vms.get(name)
+        if vm is None:
+            raise ApiError(404, f"VM '{name}' not found")
+        return vm
+
+    # ---- adoption at start-up -------------------------------------------------
+
+    async def adopt_all(self):
+        """Re-adopt VMs whose hypervisor still answers; clean up everything else."""
+        self.records_dir.mkdir(parents=True, exist_ok=True)
+        for path in sorted(self.records_dir.glob("*.json")):
+            try:
+                vm = VM(**{k: v for k, v in json.loads(path.read_text()).items() if k in VM.RECORD_FIELDS})
+                check_vm_name(vm.vmName)
+                if path.name != vm.vmName + ".json":
+                    raise ValueError("record name does not match its file")
+                self.alloc.claim(vm.address, vm.cid)
+            except (ValueError, TypeError, ApiError, AttributeError, OSError) as e:
+                log("ignoring unreadable VM record", file=path, error=repr(str(e)))
+                continue
+            vm.paths = VmPaths(self.cfg, vm)
+            self.vms[vm.vmName] = vm
+            await self.adopt(vm)
+
+    async def adopt(self, vm):
+        paths = vm.paths
+        if not vm.pid:     # killed between spawning the VMM and recording its pid
+            vm.pid = find_vmm_pid(paths.api_socket)
+            vm.pidStart = proc_start_time(vm.pid) if vm.pid else None
+        if vm.pid and vm.pidStart and proc_start_time(vm.pid) == vm.pidStart:
+            vm.watch = ProcessWatch(vm.pid, vm.pidStart, lambda w, vm=vm: self.on_vmm_exit(vm, w))
+            vm.chv = CloudHypervisor(str(paths.api_socket))
+        if vm.phase == "running" and vm.watch and vm.watch.alive():
+            try:
+                info = await vm.chv.info()
+                if info.get("state") != "Running":
+                    raise HypervisorError(f"VM state is {info.get('state')}")
+                vm.agent = self.agent_client(vm)
+                await self.serve_callbacks(vm)
+                self.follow_again(vm)
+                log("VM re-adopted", vm=vm.vmName, pid=vm.pid, ip=vm.ip)
+                reset = reset_in_vmm_log(paths.chv_log)      # while nobody read the events
+                if reset:
+                    self.guest_reset(vm, *reset)
+                return
+            except (HypervisorError, OSError) as e:
+                log("cannot re-adopt VM; cleaning it up", vm=vm.vmName, error=repr(str(e)))
+        elif vm.phase == "dead":
+            await self.release_runtime(vm)
+            log("VM record kept", vm=vm.vmName, status=vm.status)
+            return
+        else:
+            log("cleaning up VM left behind", vm=vm.vmName, phase=vm.phase)
+        vm.phase = "destroying"
+        await self.teardown(vm, graceful=False)
+
+    def follow_again(self, vm):
+        """Re-open the event FIFO (the VMM still holds its write end) and reconnect to the
+        serial socket (the VMM replays what it buffered meanwhile). A VM without them (started
+        by an older cbox.py) keeps running without events or console."""
+        for what, follow in (("events", self.follow_events), ("serial console", self.follow_serial)):
+            try:
+                follow(vm)
+            except (HypervisorError, OSError) as e:
+                log(f"re-adopted VM has no {what}", vm=vm.vmName, error=repr(str(e)))
+
+    async def bound_vmm_logs(self):
+        """Keep each hypervisor's -v log within vmm_log_max_bytes of disk, for as long as
+        cbox.py runs: a guest can make its VMM log at will (every pvpanic write and virtio
+        device reset is an info line), and the log's tail is what cbox.py reads."""
+        while True:
+            await asyncio.sleep(VMM_LOG_CHECK_S)
+            for vm in list(self.vms.values()):
+                freed = punch_out_head(vm.paths.chv_log, self.cfg.vmm_log_max_bytes // 2)
+                if freed:
+                    vm.vmm_log_trimmed += freed
+                    if vm.vmm_log_trimmed == freed:     # once per VM: the guest may do it all day
+                        log("hypervisor log over vmm_log_max_bytes: its oldest part is dropped", vm=vm.vmName,
+                            freed=freed)
+
+    async def shutdown(self):
+        """cbox.py is stopping: destroy VMs if configured, else leave them running for the next start."""
+        if self.cfg.destroy_on_exit:
+            await self.destroy_all()
+        for vm in list(self.vms.values()):
+            self.close_clients(vm)
+            if vm.watch and vm.watch.pidfd is not None:
+                asyncio.get_running_loop().remove_reader(vm.watch.pidfd)
+        for client in self.callback_clients.values():
+            client.close()
+
+    # ---- exec -----------------------------------------------------------------
+
+    def running(self, name):
+        """The VM of that name when its guest agent can take requests, else ApiError 409."""
+        vm = self.get(name)
+        if vm.status != "RUNNING" or vm.agent is None:
+            raise ApiError(409, f"VM '{name}' is not running (status {vm.status})")
+        return vm
+
+    async def exec(self, name, agent_body, blocking, timeout):
+        """Run a command in the VM (POST /exec of the guest agent) from a validated exec request
+        (validate_exec_request): the agent's answer, bytes or a BodyStream."""
+        vm = self.running(name)
+        with agent_errors():
+            return await vm.agent.exec(agent_body, timeout=(timeout + 15.0) if blocking else 15.0)
+
+    async def exec_status(self, name, exec_id):
+        """The state of a background exec."""
+        vm, exec_id = self.running(name), check_exec_id(exec_id)
+        with agent_errors():
+            return await vm.agent.status(exec_id)
+
+    async def exec_kill(self, name, exec_id):
+        """Kill a background exec."""
+        vm, exec_id = self.running(name), check_exec_id(exec_id)
+        with agent_errors():
+            return await vm.agent.kill(exec_id)
+
+    # ---- callbacks (guest -> vsock socket -> cbox -> callbackUrl) --------------
+
+    async def serve_callbacks(self, vm):
+        vm.callback_server = CallbackBridge(self.cfg, vm, self.callback_clients)
+        vm.callback_server.listen(vm.paths.callback_socket)
 
 
 # =============================================================================
-# 7. REST server
+# 8. REST server
 # =============================================================================
 
-REQUEST_VM = contextvars.ContextVar("REQUEST_VM", default=None)   # VM named in a request body, for the log
-
-
-def log_request(method, target, status, t0):
-    """The request log line: 'request method=.. path=.. vm=.. status=.. ms=..'."""
+def log_request(method, target, status, t0, vm_name=None):
+    """The request log line: 'request method=.. path=.. vm=.. status=.. ms=..'; `vm_name` is
+    the VM a request body named (a start), else the VM the path names."""
     path = target.split("?")[0]
-    vm_name = REQUEST_VM.get() or (path[len("/v1/vms/"):].split("/")[0] if path.startswith("/v1/vms/") else None)
-    REQUEST_VM.set(None)
+    vm_name = vm_name or (path[len("/v1/vms/"):].split("/")[0] if path.startswith("/v1/vms/") else None)
     log("request", method=method, path=path[:200] if path.isprintable() else repr(path[:200]),
         vm=vm_name[:64] if vm_name and vm_name.isprintable() else None, status=status,
         ms=f"{(time.monotonic() - t0) * 1000:.1f}")
 
 
 class Request:
-    def __init__(self, method, path, query, headers, body, params):
-        self.method, self.path, self.query, self.headers = method, path, query, headers
-        self.body, self.params = body, params
+    """One request; dispatch() fills in path, query and params, a handler may name its VM."""
+
+    def __init__(self, method, target, headers):
+        self.method, self.target, self.headers = method, target, headers
+        self.path, self.query, self.params, self.body = None, {}, {}, b""
+        self.vm_name = None        # the VM a request body names, for the request log
 
 
 class RestServer:
     """HTTP/1.1 keep-alive server for the API of contract section 1."""
 
     def __init__(self, cfg, manager):
-        self.cfg, self.vms = cfg, manager
+        self.cfg, self.manager = cfg, manager
         self.server = None
         self.connections = set()
         self.client_watch = ClientWatch()
@@ -2755,9 +2858,10 @@ class RestServer:
             return False
         method, target, version = parts
         keep_alive = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
+        request = Request(method, target, headers)
         try:
-            body = await self.read_request_body(reader, writer, headers)
-            status, payload, ctype = await self.dispatch(method, target, headers, body, reader)
+            request.body = await self.read_request_body(reader, writer, headers)
+            status, payload, ctype = await self.dispatch(request, reader)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task not in self.client_watch.cancelled:
@@ -2765,7 +2869,7 @@ class RestServer:
             self.client_watch.cancelled.discard(task)
             if hasattr(task, "uncancel"):
                 task.uncancel()
-            log_request(method, target, 499, t0)       # nginx's "client closed request"
+            log_request(method, target, 499, t0, request.vm_name)       # nginx's "client closed request"
             return False
         except ApiError as e:
             status, payload, ctype = e.status, json_bytes({"error": str(e)}), "application/json"
@@ -2791,7 +2895,7 @@ class RestServer:
             return False
         if status == 413 and "100-continue" not in headers.get("expect", "").lower():
             await self.discard_body(reader, headers)
-        log_request(method, target, status, t0)
+        log_request(method, target, status, t0, request.vm_name)
         return keep_alive
 
     async def read_request_body(self, reader, writer, headers):
@@ -2807,10 +2911,10 @@ class RestServer:
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         try:
             return await within(self.cfg.http_body_timeout_s, reader.readexactly(size))
-        except asyncio.TimeoutError:
-            raise ApiError(408, f"request body not received within {fmt_seconds(self.cfg.http_body_timeout_s)}")
+        except asyncio.TimeoutError as e:
+            raise ApiError(408, f"request body not received within {fmt_seconds(self.cfg.http_body_timeout_s)}") from e
         except asyncio.IncompleteReadError as e:
-            raise ApiError(400, f"connection closed inside the request body ({len(e.partial)} of {length} bytes)")
+            raise ApiError(400, f"connection closed inside the request body ({len(e.partial)} of {length} bytes)") from e
 
     async def discard_body(self, reader, headers, limit=256 * 1024 * 1024, timeout=10.0):
         """Read and drop a refused body, so the client sees the 413 rather than a reset."""
@@ -2826,8 +2930,9 @@ class RestServer:
                 return
             remaining -= len(chunk)
 
-    async def dispatch(self, method, target, headers, body, reader=None):
-        split = urllib.parse.urlsplit(target)
+    async def dispatch(self, request, reader=None):
+        method, headers = request.method, request.headers
+        split = urllib.parse.urlsplit(request.target)
         path = split.path
         for pattern, methods in self.routes:
             m = pattern.match(path)
@@ -2838,8 +2943,11 @@ class RestServer:
                 raise ApiError(405, f"method {method} not allowed on {path} (allowed: {', '.join(methods)})")
             if handler != self.health:
                 self.authorize(headers)
-            params = {k: urllib.parse.unquote(v) for k, v in m.groupdict().items()}
-            request = Request(method, path, urllib.parse.parse_qs(split.query) if split.query else {}, headers, body, params)
+            request.path, request.params = path, {k: urllib.parse.unquote(v) for k, v in m.groupdict().items()}
+            if "name" in request.params:
+                check_vm_name(request.params["name"])
+            if split.query:
+                request.query = urllib.parse.parse_qs(split.query)
             if reader is None or handler not in self.abandonable:
                 result = await handler(request)
             else:
@@ -2864,44 +2972,43 @@ class RestServer:
     # ---- handlers ------------------------------------------------------------------
 
     async def health(self, req):
-        return {"status": "healthy", "timestamp": utc_now(), "version": VERSION, "vms": len(self.vms.vms)}
+        return {"status": "healthy", "timestamp": utc_now(), "version": VERSION, "vms": len(self.manager.vms)}
 
     async def list_vms(self, req):
-        return {"vms": [vm.api() for vm in self.vms.vms.values()]}
+        return {"vms": [vm.api() for vm in self.manager.vms.values()]}
 
     async def start_vm(self, req):
         spec = validate_start_request(parse_json_body(req.body), self.cfg)
-        REQUEST_VM.set(spec["name"])
-        vm = await self.vms.start(spec)
+        req.vm_name = spec["name"]
+        vm = await self.manager.start(spec)
         return vm.api()
 
     async def get_vm(self, req):
-        return self.vms.get(req.params["name"]).api()
+        return self.manager.get(req.params["name"]).api()
 
     async def destroy_vm(self, req):
-        await self.vms.destroy(req.params["name"])
+        await self.manager.destroy(req.params["name"])
         return {"success": True}
 
     async def destroy_all(self, req):
-        return {"success": True, "destroyed": await self.vms.destroy_all()}
+        return {"success": True, "destroyed": await self.manager.destroy_all()}
 
     async def exec(self, req):
-        name = check_vm_name(req.params["name"])
-        return await self.vms.exec(name, parse_json_body(req.body))
+        agent_body, blocking, timeout = validate_exec_request(parse_json_body(req.body), self.cfg)
+        return await self.manager.exec(req.params["name"], agent_body, blocking, timeout)
 
     async def exec_status(self, req):
-        return await self.vms.exec_status(req.params["name"], req.params["exec_id"], "GET")
+        return await self.manager.exec_status(req.params["name"], req.params["exec_id"])
 
     async def exec_kill(self, req):
-        return await self.vms.exec_status(req.params["name"], req.params["exec_id"], "DELETE")
+        return await self.manager.exec_kill(req.params["name"], req.params["exec_id"])
 
     async def logs(self, req):
-        vm = self.vms.get(req.params["name"])
-        return 200, self.vms.console_log(vm).text(), "text/plain; charset=utf-8"
+        return 200, self.manager.console_text(req.params["name"]), "text/plain; charset=utf-8"
 
 
 # =============================================================================
-# 8. CLI
+# 9. CLI
 # =============================================================================
 
 def resolve_chv_bin(cfg):
@@ -2929,6 +3036,12 @@ def preflight(cfg):
         if not shutil.which(tool) and (tool != "iptables" or cfg.firewall):
             problems.append(f"{tool} is not installed (Debian package {package})")
     return problems
+
+
+def missing_images(cfg):
+    """The configured guest images that are not readable files, as 'key path'."""
+    return [f"{key} {cfg.path(getattr(cfg, key))}" for key in ("kernel", "initramfs", "rootfs")
+            if getattr(cfg, key) and not os.access(cfg.path(getattr(cfg, key)), os.R_OK)]
 
 
 async def serve(cfg):
@@ -3014,12 +3127,6 @@ print(json.dumps({"ms": times}))
 """
 
 
-def missing_images(cfg):
-    """The configured guest images that are not readable files, as 'key path'."""
-    return [f"{key} {cfg.path(getattr(cfg, key))}" for key in ("kernel", "initramfs", "rootfs")
-            if getattr(cfg, key) and not os.access(cfg.path(getattr(cfg, key)), os.R_OK)]
-
-
 def one_line(text, limit=300):
     """A hint's evidence on one line, its end kept (the newest lines matter)."""
     text = " | ".join(line.strip() for line in str(text).splitlines() if line.strip())
@@ -3093,13 +3200,17 @@ class LocalVMs:
         return (await self.manager.start(validate_start_request({"vmName": name, "callbackUrl": url}, self.cfg))).api()
 
     async def exec(self, name, body):
-        return json.loads(await self.manager.exec(name, body))
+        return json.loads(await self.manager.exec(name, *validate_exec_request(body, self.cfg)))
 
     async def exists(self, name):
         return name in self.manager.vms
 
     async def destroy(self, name):
         await self.manager.destroy(name)
+
+
+def vm_path(name, suffix=""):
+    return "/v1/vms/" + urllib.parse.quote(name, safe="") + suffix
 
 
 class RemoteVMs:
@@ -3113,7 +3224,7 @@ class RemoteVMs:
         try:
             status, _, data = await self.client.request(method, path, body, timeout=timeout, headers=headers)
         except HttpError as e:
-            raise ApiError(502, f"cbox.py at {self.url}: {e}")
+            raise ApiError(502, f"cbox.py at {self.url}: {e}") from e
         try:
             payload = json.loads(data)
         except ValueError:
@@ -3182,7 +3293,7 @@ class HostFootprint:
 
     async def note_firewall(self):
         if self.cfg.firewall:
-            self.chains_existed = await HostNetwork._iptables_ok("filter", "-n", "-L", "CBOX-FORWARD")
+            self.chains_existed = await HostNetwork.iptables_ok("filter", "-n", "-L", "CBOX-FORWARD")
 
     async def restore(self):
         """Undo what selftest added; returns what could not be undone."""
@@ -3204,6 +3315,13 @@ class HostFootprint:
         for directory in reversed(self.new_dirs):
             remove_tree(directory)
         return problems
+
+
+class SimpleVM:
+    """The fields VmPaths and the leftover check need, from a VM's API object."""
+
+    def __init__(self, api):
+        self.vmName, self.cid, self.tapDeviceName, self.pid = api["vmName"], api["cid"], api["tapDeviceName"], None
 
 
 class Selftest:
@@ -3318,7 +3436,7 @@ class Selftest:
         vm = self.manager.vms.get(self.name) if self.manager else None
         self.local_vm = vm or self.local_vm
         if not ok and vm:
-            paths = VmPaths(self.cfg, vm)
+            paths = vm.paths
             self.evidence = {"hypervisor output": tail_file(paths.chv_out, 2048),
                              "hypervisor log": tail_file(paths.chv_log, 2048)}
 
@@ -3481,13 +3599,6 @@ class Selftest:
         return found
 
 
-class SimpleVM:
-    """The fields VmPaths and the leftover check need, from a VM's API object."""
-
-    def __init__(self, api):
-        self.vmName, self.cid, self.tapDeviceName, self.pid = api["vmName"], api["cid"], api["tapDeviceName"], None
-
-
 class LogTail:
     """Stands in for stderr while selftest runs quietly: keeps cbox.py's last log lines."""
 
@@ -3580,10 +3691,6 @@ def client_call(args, method, path, body=None, timeout=None, text=False):
         sys.exit(f"cbox: {method} {path}: HTTP {e.code}: {message}")
     except urllib.error.URLError as e:
         sys.exit(f"cbox: cannot reach {args.server}: {e.reason} (is `cbox.py serve` running?)")
-
-
-def vm_path(name, suffix=""):
-    return "/v1/vms/" + urllib.parse.quote(name, safe="") + suffix
 
 
 def cli_vm(args):
