@@ -73,6 +73,7 @@ def log_time():
     return f"{text}.{int((now - second) * 1000):03d}"
 
 
+# Twin of guest_agent.py's log() (each file stays standalone).
 def log(msg, **fields):
     """One line on stderr: 'cbox: msg k=v ...' (the request and lifecycle log)."""
     extra = "".join([f" {k}={v}" for k, v in fields.items() if v is not None])
@@ -93,6 +94,7 @@ def is_decimal(text):
     return text.isascii() and text.isdigit()
 
 
+# Twin of guest_agent.py's fmt_seconds() (each file stays standalone).
 def fmt_seconds(value):
     return f"{value:g}s"
 
@@ -175,6 +177,7 @@ async def within(timeout, aw):
         deadlines.remove(deadline)
 
 
+# Twin of guest_agent.py's write_atomically() (each file stays standalone).
 def write_atomically(path, data):
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -481,6 +484,7 @@ def load_config(path, overrides=None):
 # 2. HTTP
 # =============================================================================
 
+# Twin of guest_agent.py's REASONS (each file stays standalone).
 REASONS = {100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
            404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
            411: "Length Required", 413: "Payload Too Large", 431: "Request Header Fields Too Large",
@@ -1143,6 +1147,7 @@ class EventMonitor(BoundedReader):
 
 # ---- the hypervisor's process -------------------------------------------------
 
+# Twin of guest_agent.py's proc_start_time() (each file stays standalone).
 def proc_start_time(pid):
     """The kernel's start time of pid (clock ticks since boot), None if it is gone.
 
