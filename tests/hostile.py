@@ -106,6 +106,22 @@ def classify(reply):
 
 # ---- the callback socket -------------------------------------------------------------
 
+class PerConnection(Attack):
+    """`n` workers, each running `_one` (one connection's attack) in a thread of its own."""
+    n = 1
+
+    def __init__(self, path, n=None):
+        super().__init__()
+        self.path, self.n = path, n or self.n
+
+    def start(self):
+        for _ in range(self.n):
+            self.thread(self._one)
+
+    def _one(self):
+        raise NotImplementedError
+
+
 class IdleConnections(Attack):
     """Open `n` connections and send nothing (fd exhaustion)."""
     name, what = "idle connections", "1,200 connections to the callback socket, nothing sent"
@@ -158,17 +174,10 @@ class SlowPipelined(Attack):
         self.count("connected", len(self.socks))
 
 
-class NoReader(Attack):
+class NoReader(PerConnection):
     """Connections that send request after request and never read a reply (drain)."""
     name, what = "never reads replies", "20 connections writing bad requests, never reading"
-
-    def __init__(self, path, n=20):
-        super().__init__()
-        self.path, self.n = path, n
-
-    def start(self):
-        for _ in range(self.n):
-            self.thread(self._one)
+    n = 20
 
     def _one(self):
         sock = connect(self.path)
@@ -185,17 +194,10 @@ class NoReader(Attack):
                 return
 
 
-class BigLines(Attack):
+class BigLines(PerConnection):
     """`n` connections sending 1 MiB callback lines as fast as they are answered (the loop)."""
     name, what = "1 MiB lines", "64 connections sending 1 MiB callback lines back to back"
-
-    def __init__(self, path, n=64):
-        super().__init__()
-        self.path, self.n = path, n
-
-    def start(self):
-        for _ in range(self.n):
-            self.thread(self._one)
+    n = 64
 
     def _one(self):
         line = callback_line("big", "y" * (LINE_MAX - 64))

@@ -42,13 +42,18 @@ def assert_runtime_gone(server, name):
     server.assert_clean()
 
 
+def signal_vmm(server, name, sig):
+    """Start VM `name` and send its hypervisor `sig`; the VM object once it stopped."""
+    server.api.start_vm(name)
+    assert "cbox-agent" in logs(server.api, name)
+    [pid] = server.vmm_pids()
+    os.kill(pid, sig)
+    return wait_stopped(server.api, name)
+
+
 def test_kill9_of_the_vmm_is_killed(cbox_server):
     api = cbox_server.api
-    api.start_vm("victim")
-    assert "cbox-agent" in logs(api, "victim")
-    [pid] = cbox_server.vmm_pids()
-    os.kill(pid, signal.SIGKILL)
-    vm = wait_stopped(api, "victim")
+    vm = signal_vmm(cbox_server, "victim", signal.SIGKILL)
     assert (vm["status"], vm["stopReason"]) == ("FAILED", "killed")
     assert "cbox-agent" in logs(api, "victim")          # the console from before stays
     assert_runtime_gone(cbox_server, "victim")
@@ -82,10 +87,7 @@ def test_guest_panic_is_failed(cbox_server):
     # the stand-in's test hook SIGUSR2: a guest kernel panic, reported through the pvpanic
     # device cbox.py asks for ("pvpanic": true), then the reset panic=-1 makes
     api = cbox_server.api
-    api.start_vm("panicky")
-    [pid] = cbox_server.vmm_pids()
-    os.kill(pid, signal.SIGUSR2)
-    vm = wait_stopped(api, "panicky")
+    vm = signal_vmm(cbox_server, "panicky", signal.SIGUSR2)
     assert (vm["status"], vm["stopReason"]) == ("FAILED", "guest-panic"), vm
     text = logs(api, "panicky")
     assert "cbox-agent" in text and "Kernel panic - not syncing" in text
@@ -95,11 +97,7 @@ def test_guest_panic_is_failed(cbox_server):
 def test_vcpu_error_exit_0_is_a_crash(cbox_server):
     # the stand-in's test hook SIGUSR1: a vCPU error ends the VMM with exit code 0 and the
     # same events as a guest power-off (vmm/src/cpu.rs, exit_evt); only its log differs
-    api = cbox_server.api
-    api.start_vm("vcpu")
-    [pid] = cbox_server.vmm_pids()
-    os.kill(pid, signal.SIGUSR1)
-    vm = wait_stopped(api, "vcpu")
+    vm = signal_vmm(cbox_server, "vcpu", signal.SIGUSR1)
     assert (vm["status"], vm["stopReason"]) == ("FAILED", "vmm-crash"), vm
     assert_runtime_gone(cbox_server, "vcpu")
 
@@ -118,11 +116,7 @@ def test_guest_poweroff_is_stopped(cbox_server):
 def test_vmm_exit_0_without_a_guest_poweroff_is_a_crash(cbox_server):
     # SIGTERM makes the VMM leave through the same exit path as a vCPU error (exit code 0,
     # vmm/src/lib.rs EpollDispatch::Exit): exit code 0 alone proves no clean power-off
-    api = cbox_server.api
-    api.start_vm("termed")
-    [pid] = cbox_server.vmm_pids()
-    os.kill(pid, signal.SIGTERM)
-    vm = wait_stopped(api, "termed")
+    vm = signal_vmm(cbox_server, "termed", signal.SIGTERM)
     assert (vm["status"], vm["stopReason"]) == ("FAILED", "vmm-crash"), vm
     assert "exited with code 0 without a guest power-off" in cbox_server.log()
     assert_runtime_gone(cbox_server, "termed")
