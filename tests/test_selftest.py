@@ -167,27 +167,37 @@ def test_selftest_failure_has_a_hint_and_leaves_nothing(cbox_factory, tmp_path, 
     assert host_state(server) == before, out
 
 
-def test_selftest_interrupted_destroys_its_vm(cbox_factory, tmp_path):
-    """SIGINT while the guest boots (an agent that never answers): the VM is destroyed."""
-    agent = tmp_path / "silent_agent.py"
-    agent.write_text("import time\ntime.sleep(600)\n")
-    server = cbox_factory()
-    before = host_state(server)
+def interrupted_selftest(server, line_start, wait, env=None):
+    """Run selftest in the server's namespace; once a line starts with `line_start`,
+    call wait(), then send SIGINT. Returns (process, whole output)."""
     proc = server.ns.popen([sys.executable, CBOX, "selftest", "--config", str(server.config)],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           env=dict(os.environ, CBOX_GUEST_AGENT=str(agent)))
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines = []
     try:
         for line in proc.stdout:
             lines.append(line)
-            if line.startswith("start: vm.boot"):
-                time.sleep(0.5)                       # the agent step is under way
+            if line.startswith(line_start):
+                wait()
                 proc.send_signal(signal.SIGINT)
                 break
         out = "".join(lines) + proc.communicate(timeout=120)[0]
     finally:
         if proc.poll() is None:
             proc.kill()
+    return proc, out
+
+
+def test_selftest_interrupted_destroys_its_vm(cbox_factory, tmp_path):
+    """SIGINT while the guest boots (an agent that never answers): the VM is destroyed."""
+    agent = tmp_path / "silent_agent.py"
+    agent.write_text("import time\ntime.sleep(600)\n")
+    server = cbox_factory()
+    before = host_state(server)
+    def agent_step_under_way():
+        time.sleep(0.5)
+
+    proc, out = interrupted_selftest(server, "start: vm.boot", agent_step_under_way,
+                                     env=dict(os.environ, CBOX_GUEST_AGENT=str(agent)))
     table = rows(out)
     assert proc.returncode == 1, out
     assert table["start"] == ("FAIL", None, "interrupted (Ctrl-C or SIGTERM)"), out
@@ -202,22 +212,12 @@ def test_selftest_interrupted_through_a_server_destroys_its_vm(cbox_factory, tmp
     agent = tmp_path / "silent_agent.py"
     agent.write_text("import time\ntime.sleep(600)\n")
     server = cbox_factory(boot_timeout_s=5).start(env={"CBOX_GUEST_AGENT": str(agent)})
-    proc = server.ns.popen([sys.executable, CBOX, "selftest", "--config", str(server.config)],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("server"):
-                deadline = time.monotonic() + 10
-                while "step=vm.boot" not in server.log() and time.monotonic() < deadline:
-                    time.sleep(0.05)               # the server's start is waiting for the agent
-                proc.send_signal(signal.SIGINT)
-                break
-        out = "".join(lines) + proc.communicate(timeout=120)[0]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    def server_start_waits_for_the_agent():
+        deadline = time.monotonic() + 10
+        while "step=vm.boot" not in server.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    proc, out = interrupted_selftest(server, "server", server_start_waits_for_the_agent)
     table = rows(out)
     assert proc.returncode == 1, out
     assert table["start"] == ("FAIL", None, "interrupted (Ctrl-C or SIGTERM)"), out

@@ -997,15 +997,22 @@ def test_event_monitor_fifo_lifecycle(env, chv_schema):
     assert "Event: source = vm event = rebooted" in log and "Cloud Hypervisor exited successfully" in log
 
 
+def events_standin(env, name="vm", **kw):
+    """A stand-in with --event-monitor on a pipe; returns (standin, read fd)."""
+    rfd, wfd = os.pipe()
+    os.set_blocking(rfd, False)
+    s = env.standin(name=name, args=["--api-socket", f"path={env.dir / (name + '.api')}",
+                                     "--event-monitor", f"fd={wfd}",
+                                     "--log-file", str(env.dir / (name + ".log")), "-v"], pass_fds=(wfd,), **kw)
+    os.close(wfd)
+    return s, rfd
+
+
 def test_event_monitor_guest_poweroff_and_fd(env, chv_schema):
     """--event-monitor fd=N; a guest power-off goes through CHV's GuestExit path:
     vm shutdown, vm deleted, vmm shutdown, and exit code 0; a reader that went
     away (EPIPE) changes nothing."""
-    rfd, wfd = os.pipe()
-    os.set_blocking(rfd, False)
-    s = env.standin(args=["--api-socket", f"path={env.dir / 'vm.api'}", "--event-monitor", f"fd={wfd}",
-                          "--log-file", str(env.dir / "vm.log"), "-v"], pass_fds=(wfd,))
-    os.close(wfd)
+    s, rfd = events_standin(env)
     try:
         assert s.put("vm.create", s.config(net=False, cmdline="cbox.vm=off"))[0] == 204
         assert s.put("vm.boot")[0] == 204
@@ -1072,11 +1079,7 @@ def test_guest_reset_reboots_inside_the_process(env, chv_schema):
     """reboot(2) RESTART in the guest: same VMM process, vm rebooting/rebooted,
     the File-mode serial truncated, the vsock socket re-created, the guest boots
     again; reboot(2) POWER_OFF ends the process (exit 0) as a power-off."""
-    fifo_r, fifo_w = os.pipe()
-    os.set_blocking(fifo_r, False)
-    s = env.standin(args=["--api-socket", f"path={env.dir / 'vm.api'}", "--event-monitor", f"fd={fifo_w}",
-                          "--log-file", str(env.dir / "vm.log"), "-v"], pass_fds=(fifo_w,))
-    os.close(fifo_w)
+    s, fifo_r = events_standin(env)
     try:
         assert s.put("vm.create", s.config(net=False, cmdline="cbox.vm=rst"))[0] == 204
         assert s.put("vm.boot")[0] == 204
@@ -1122,12 +1125,7 @@ def test_qemu_engine_guest_reset_and_serial_socket(env, chv_schema):
     rebuilds the VM in its process (vm rebooting, vm rebooted); the Socket-mode
     serial carries the kernel's console and is bound again by the reboot."""
     need_qemu_kernel()
-    rfd, wfd = os.pipe()
-    os.set_blocking(rfd, False)
-    s = env.standin(args=["--api-socket", f"path={env.dir / 'vm.api'}", "--event-monitor", f"fd={wfd}",
-                          "--log-file", str(env.dir / "vm.log"), "-v"], pass_fds=(wfd,),
-                    extra_env={"CBOX_STANDIN_ENGINE": "qemu"})
-    os.close(wfd)
+    s, rfd = events_standin(env, extra_env={"CBOX_STANDIN_ENGINE": "qemu"})
     sock_path = str(env.dir / "serial.sock")
     cfg = {"payload": {"kernel": str(QEMU_KERNEL), "cmdline": "console=ttyS0 reboot=k panic=-1"},
            "cpus": {"boot_vcpus": 1, "max_vcpus": 1}, "memory": {"size": 256 << 20},
@@ -1164,17 +1162,6 @@ def test_qemu_engine_guest_reset_and_serial_socket(env, chv_schema):
 
 
 # ---- vCPU error and guest panic (test hooks) ---------------------------------------
-
-def events_standin(env, name="vm", **kw):
-    """A stand-in with --event-monitor on a pipe; returns (standin, read fd)."""
-    rfd, wfd = os.pipe()
-    os.set_blocking(rfd, False)
-    s = env.standin(name=name, args=["--api-socket", f"path={env.dir / (name + '.api')}",
-                                     "--event-monitor", f"fd={wfd}",
-                                     "--log-file", str(env.dir / (name + ".log")), "-v"], pass_fds=(wfd,), **kw)
-    os.close(wfd)
-    return s, rfd
-
 
 def test_vcpu_error_exits_0_like_a_poweroff(env, chv_schema):
     """SIGUSR1 plays a vCPU error: exit code 0 and the events of a power-off;
