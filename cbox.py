@@ -967,19 +967,38 @@ class GuestAgent:
         self.http.abort()
 
 
-class RateBudget:
-    """A token bucket: `rate` units a second, at most `burst` saved up."""
+class TokenBucket:
+    """`rate` tokens a second, at most `burst` saved up; charge() may overdraw (then wait())."""
+    __slots__ = ("rate", "burst", "tokens", "stamp")
 
     def __init__(self, rate, burst):
-        self.rate, self.burst = rate, burst
-        self.tokens, self.stamp = burst, time.monotonic()
+        self.rate, self.burst, self.tokens, self.stamp = rate, burst, burst, time.monotonic()
 
-    def spend(self, amount):
-        """Take `amount`; returns how long to wait before spending again (0: go on)."""
+    def _refill(self):
         now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate) - amount
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        return max(0.0, -self.tokens / self.rate)
+
+    def take(self, n=1):
+        self._refill()
+        if self.tokens < n:
+            return False
+        self.tokens -= n
+        return True
+
+    def charge(self, n):
+        self._refill()
+        self.tokens -= n
+
+    def wait(self):
+        """Seconds until the bucket is out of debt (0 when it is not)."""
+        self._refill()
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+
+    def spend(self, n):
+        """charge(n), then the seconds until the bucket is out of debt (0: go on)."""
+        self.charge(n)
+        return self.wait()
 
 
 class BoundedReader:
@@ -994,7 +1013,7 @@ class BoundedReader:
 
     def __init__(self, fd, rate, burst):
         self.fd = fd
-        self.budget = RateBudget(rate, burst)
+        self.budget = TokenBucket(rate, burst)
         self.loop = asyncio.get_running_loop()
         self.resume_handle = None
         self.ended = asyncio.Event()
@@ -1110,7 +1129,7 @@ class EventMonitor(BoundedReader):
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         self.on_event = on_event
         self.pending = b""
-        self.events = RateBudget(self.EVENT_RATE, self.EVENT_BURST)
+        self.events = TokenBucket(self.EVENT_RATE, self.EVENT_BURST)
         super().__init__(fd, self.RATE, self.BURST)
 
     @staticmethod
@@ -1844,35 +1863,6 @@ CALLBACK_REFUSAL_PAUSE = 0.1            # a connection refused a callback (rate,
 CALLBACK_COUNTERS = ("connections", "callbacks", "refused_connections", "refused_fd_reserve", "refused_in_flight",
                      "refused_rate", "throttled_bytes", "idle_timeouts", "read_timeouts", "write_timeouts",
                      "oversize_lines", "bad_requests", "accept_errors", "log_lines_suppressed")
-
-
-class TokenBucket:
-    """`rate` tokens a second, at most `burst` saved up; charge() may overdraw (then wait())."""
-    __slots__ = ("rate", "burst", "tokens", "stamp")
-
-    def __init__(self, rate, burst):
-        self.rate, self.burst, self.tokens, self.stamp = rate, burst, burst, time.monotonic()
-
-    def _refill(self):
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-
-    def take(self, n=1):
-        self._refill()
-        if self.tokens < n:
-            return False
-        self.tokens -= n
-        return True
-
-    def charge(self, n):
-        self._refill()
-        self.tokens -= n
-
-    def wait(self):
-        """Seconds until the bucket is out of debt (0 when it is not)."""
-        self._refill()
-        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
 
 
 def parse_callback_line(line, vm_name):
