@@ -3,13 +3,14 @@
 
 One asyncio program, standard library only (Python 3.10+). Before section 1 come
 the log and the helpers every section uses (within() deadlines, is_decimal,
-fmt_seconds, small file helpers). Sections, in order; each uses only what comes
-before it:
+fmt_seconds, small file helpers, the metrics registry METRICS and the event log
+EVENTS). Sections, in order; each uses only what comes before it:
 
   1. Config          strict parser for the YAML subset config.yaml uses, typed keys
   2. HTTP            one small HTTP/1.1 implementation: message reading, a
                      keep-alive client (Unix or TCP, used for Cloud Hypervisor, the
-                     guest agents and callback URLs), response building
+                     guest agents and callback URLs), response building; the
+                     sender of events to events_url
   3. Hypervisor      CloudHypervisor: the REST API over the VMM's Unix socket;
                      GuestAgent: the guest agent's API (health, exec, status, kill,
                      sync), its answers bounded; rate-bounded readers of the
@@ -33,11 +34,13 @@ is summarised in README.md.
 """
 import argparse
 import asyncio
+import bisect
 import collections
 import contextlib
 import errno
 import hmac
 import ipaddress
+import itertools
 import json
 import math
 import os
@@ -222,6 +225,239 @@ def remove_tree(path):
 
 
 # =============================================================================
+# Helpers every section uses: metrics (a small Prometheus registry) and events
+# =============================================================================
+#
+# The hot paths (exec forwarding, callbacks, every REST request) hold their
+# metric objects: counting is an int add, a histogram a bisect into its buckets.
+# Values that exist anyway (VMs by status, the callback bridges' counters, the
+# process's RSS) are read only when /v1/metrics is scraped (Registry.on_scrape).
+
+class Counter:
+    """A counter or gauge value (`value` may be set directly by a scrape hook)."""
+    __slots__ = ("value",)
+
+    def __init__(self):
+        self.value = 0
+
+    def inc(self, n=1):
+        self.value += n
+
+
+class Histogram:
+    """Observations in fixed buckets (upper bounds, ascending); cumulated only when exposed."""
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds):
+        self.bounds, self.counts, self.sum = bounds, [0] * (len(bounds) + 1), 0.0
+
+    def observe(self, value):
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1      # le: value <= bound
+        self.sum += value
+
+
+def metric_number(value):
+    if isinstance(value, int):
+        return str(value)
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return "NaN" if math.isnan(value) else repr(value)
+
+
+def metric_labels(names, values):
+    """'{a="x",b="y"}' with values escaped as the text format asks (\\, ", newline)."""
+    if not names:
+        return ""
+    escaped = (str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") for v in values)
+    return "{" + ",".join(f'{n}="{v}"' for n, v in zip(names, escaped)) + "}"
+
+
+class MetricFamily:
+    """One metric name: HELP, TYPE and a child (Counter or Histogram) per label values."""
+
+    def __init__(self, name, kind, help_text, labelnames=(), buckets=None):
+        self.name, self.kind, self.help, self.labelnames = name, kind, help_text, tuple(labelnames)
+        self.buckets = tuple(buckets) if buckets else None
+        self.children = {}
+        if not labelnames:
+            self.labels()
+
+    def labels(self, *values):
+        child = self.children.get(values)
+        if child is None:
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name} takes labels {self.labelnames}")
+            child = self.children[values] = Histogram(self.buckets) if self.kind == "histogram" else Counter()
+        return child
+
+    def expose(self, out):
+        out.append(f"# HELP {self.name} {self.help.replace(chr(92), chr(92) * 2).replace(chr(10), chr(92) + 'n')}")
+        out.append(f"# TYPE {self.name} {self.kind}")
+        for values, child in self.children.items():
+            if self.kind != "histogram":
+                out.append(f"{self.name}{metric_labels(self.labelnames, values)} {metric_number(child.value)}")
+                continue
+            names, running = self.labelnames + ("le",), 0
+            for bound, count in zip(self.buckets + (math.inf,), child.counts):
+                running += count
+                out.append(f"{self.name}_bucket{metric_labels(names, values + (metric_number(float(bound)),))} {running}")
+            labels = metric_labels(self.labelnames, values)
+            out.append(f"{self.name}_sum{labels} {metric_number(child.sum)}")
+            out.append(f"{self.name}_count{labels} {running}")
+
+
+class Registry:
+    """The process's metrics, exposed in the Prometheus text format 0.0.4 (GET /v1/metrics)."""
+
+    CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+    def __init__(self):
+        self.families = {}
+        self.hooks = {}            # name -> called before each exposition, to refresh read-on-scrape values
+
+    def family(self, name, kind, help_text, labelnames=(), buckets=None):
+        if name in self.families:
+            raise ValueError(f"metric {name} registered twice")
+        family = self.families[name] = MetricFamily(name, kind, help_text, labelnames, buckets)
+        return family
+
+    def counter(self, name, help_text, labelnames=()):
+        family = self.family(name, "counter", help_text, labelnames)
+        return family if labelnames else family.labels()
+
+    def gauge(self, name, help_text, labelnames=()):
+        family = self.family(name, "gauge", help_text, labelnames)
+        return family if labelnames else family.labels()
+
+    def histogram(self, name, help_text, buckets, labelnames=()):
+        family = self.family(name, "histogram", help_text, labelnames, buckets)
+        return family if labelnames else family.labels()
+
+    def on_scrape(self, name, hook):
+        self.hooks[name] = hook
+
+    def expose(self):
+        for hook in list(self.hooks.values()):
+            hook()
+        out = []
+        for family in self.families.values():
+            family.expose(out)
+        return ("\n".join(out) + "\n").encode()
+
+
+METRICS = Registry()
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
+M_VMS = METRICS.gauge("cbox_vms", "VMs by status", ("status",))
+M_VM_STARTS = METRICS.counter("cbox_vm_starts_total", "VM starts begun (a name and resources were taken)")
+M_VM_START_FAILURES = METRICS.counter("cbox_vm_start_failures_total", "VM starts that failed and were torn down")
+M_VM_BOOT = METRICS.histogram("cbox_vm_boot_seconds", "time from a start request to the guest agent's answer",
+                              (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0))
+M_VM_STOPS = METRICS.counter("cbox_vm_stops_total", "VMs that ended by themselves, by stopReason", ("reason",))
+M_VM_DESTROYS = METRICS.counter("cbox_vm_destroys_total", "VMs destroyed through the API")
+M_EXECS_STARTED = METRICS.counter("cbox_execs_started_total", "execs the guest agents accepted")
+M_EXECS_FINISHED = METRICS.counter("cbox_execs_finished_total", "execs seen finished (blocking ones at their "
+                                   "answer, background ones at the status or kill that shows them ended)")
+M_EXECS_TIMED_OUT = METRICS.counter("cbox_execs_timed_out_total", "finished execs killed by their timeout")
+M_EXECS_OOM = METRICS.counter("cbox_execs_oom_killed_total", "finished execs the guest reported OOM-killed")
+M_EXEC_DURATION = METRICS.histogram("cbox_exec_duration_seconds", "duration of finished execs as the guest "
+                                    "agent measured it", DURATION_BUCKETS)
+M_CALLBACKS = METRICS.counter("cbox_callbacks_total", "guest callbacks by outcome: ok (the URL's result), error "
+                              "(the URL's error answer or failure), refused (over a budget), bad_request, no_url",
+                              ("outcome",))
+M_CALLBACK_DURATION = METRICS.histogram("cbox_callback_duration_seconds", "callback URL round trips (ok and error)",
+                                        (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                                         10.0, 30.0))
+M_HTTP_REQUESTS = METRICS.counter("cbox_http_requests_total", "REST requests answered, by route pattern, method "
+                                  "and status", ("route", "method", "status"))
+M_HTTP_ABANDONED = METRICS.counter("cbox_http_requests_abandoned_total", "REST requests whose client hung up "
+                                   "before the answer (the work for them was cancelled)")
+M_EVENTS = METRICS.counter("cbox_events_total", "lifecycle events published, by type", ("type",))
+M_EVENTS_SUPPRESSED = METRICS.counter("cbox_events_suppressed_total", "callback.failed events not published: "
+                                      "over a VM's events rate (the next one carries the count)")
+M_EVENTS_DELIVERED = METRICS.counter("cbox_events_delivered_total", "events POSTed to events_url (2xx answer)")
+M_EVENTS_FAILED = METRICS.counter("cbox_events_delivery_failures_total", "failed POSTs to events_url (retried)")
+M_EVENTS_DROPPED = METRICS.counter("cbox_events_dropped_total", "events never delivered to events_url: its "
+                                   "queue was full or the receiver was down longer than events_retry_s")
+M_EVENTS_QUEUED = METRICS.gauge("cbox_events_queued", "events waiting for delivery to events_url")
+M_CALLBACK_BRIDGE = METRICS.counter("cbox_callback_bridge_events_total", "what the VMs' callback bridges "
+                                     "counted (connections, callbacks, budget hits: refused_*, *_timeouts, ...)",
+                                     ("event",))
+M_PROCESS_RSS = METRICS.gauge("cbox_process_resident_memory_bytes", "cbox.py's resident memory")
+M_PROCESS_CPU = METRICS.counter("cbox_process_cpu_seconds_total", "cbox.py's CPU time, user and system")
+M_PROCESS_FDS = METRICS.gauge("cbox_process_open_fds", "cbox.py's open file descriptors")
+M_PROCESS_MAX_FDS = METRICS.gauge("cbox_process_max_fds", "cbox.py's file descriptor limit (soft RLIMIT_NOFILE)")
+M_PROCESS_START = METRICS.gauge("cbox_process_start_time_seconds", "when cbox.py started, seconds since the epoch")
+M_PROCESS_UPTIME = METRICS.gauge("cbox_process_uptime_seconds", "seconds since cbox.py started")
+M_BUILD_INFO = METRICS.gauge("cbox_build_info", "always 1; the label names cbox.py's version", ("version",))
+CALLBACK_OUTCOMES = {outcome: M_CALLBACKS.labels(outcome)
+                     for outcome in ("ok", "error", "refused", "bad_request", "no_url")}
+HTTP_METHODS = frozenset(("GET", "POST", "PUT", "DELETE", "HEAD", "PATCH", "OPTIONS"))
+
+
+# ---- events: numbered, kept in a ring (GET /v1/events), handed to sinks (events_url) ----
+
+def event_time():
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class EventLog:
+    """Lifecycle events (vm.started, vm.stopped, vm.destroyed, exec.finished, callback.failed):
+    each gets the next id (from 1 at every start of cbox.py), stays in a ring of the newest
+    `size` for long-polls, and goes to every sink (the events_url sender) at once."""
+
+    MAX_ANSWER = 1000          # events in one answer; the consumer asks again from `next`
+
+    def __init__(self, size=1000):
+        self.ring = collections.deque(maxlen=size)
+        self.last_id = 0
+        self.waiters = []          # futures of long-polls waiting for the next event
+        self.sinks = []
+
+    def resize(self, size):
+        self.ring = collections.deque(self.ring, maxlen=size)
+
+    def publish(self, kind, vm_name, **fields):
+        self.last_id += 1
+        event = {"id": self.last_id, "type": kind, "vmName": vm_name, "time": event_time(), **fields}
+        self.ring.append(event)
+        M_EVENTS.labels(kind).inc()
+        waiters, self.waiters = self.waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        for sink in self.sinks:
+            sink(event)
+        return event
+
+    def after(self, since):
+        """(events with an id above `since`, missed, next): `missed` when events after `since`
+        already left the ring, or `since` is no id of this run (cbox.py restarted): then the
+        answer starts at the oldest event kept. `next` is the `since` of the next call."""
+        oldest = self.ring[0]["id"] if self.ring else self.last_id + 1
+        missed = since > self.last_id or since < oldest - 1
+        start = 0 if missed else since + 1 - oldest
+        events = list(itertools.islice(self.ring, start, start + self.MAX_ANSWER))
+        nxt = events[-1]["id"] if events else min(since, self.last_id)
+        return events, missed, nxt
+
+    async def wait(self, timeout):
+        """Until the next event is published, at most `timeout` seconds."""
+        waiter = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        try:
+            await within(timeout, waiter)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            waiter.cancel()
+            with contextlib.suppress(ValueError):     # gone already when an event woke it
+                self.waiters.remove(waiter)
+
+
+EVENTS = EventLog()
+
+
+# =============================================================================
 # 1. Config
 # =============================================================================
 
@@ -376,6 +612,9 @@ CONFIG_KEYS = {
     "callback_log_lines_per_s": (float, 20.0, "callback log lines a second per VM; the rest are counted and the count logged"),
     "fd_reserve": (int, 256, "file descriptors kept free for the API and other VMs: guest connections beyond are refused"),
     "destroy_on_exit": (bool, False, "destroy all VMs when cbox.py stops (default: leave them for the next start)"),
+    "events_url": (str, "", "http(s) URL that receives a POST per lifecycle event; empty = none"),
+    "events_ring_size": (int, 1000, "newest events kept for GET /v1/events"),
+    "events_retry_s": (float, 300.0, "a failed POST to events_url is retried (with backoff) this long, then dropped"),
 }
 
 
@@ -429,12 +668,18 @@ def check_config(cfg, source):
         bad(f"vmm_log_max_bytes must be at least {2 * VMM_LOG_TAIL}")
     if cfg.fd_reserve < 0:
         bad("fd_reserve must not be negative")
+    if not 0 < cfg.events_ring_size <= 1_000_000:
+        bad("events_ring_size must be 1..1000000")
+    if cfg.events_url:
+        url = urllib.parse.urlsplit(cfg.events_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            bad(f"events_url {cfg.events_url!r} must be an http:// or https:// URL")
     if not 0 < cfg.guest_mem_percentage <= 100:
         bad("guest_mem_percentage must be 1..100")
     for key in ("boot_timeout_s", "shutdown_timeout_s", "exec_timeout_s", "exec_max_timeout_s", "callback_timeout_s",
                 "http_head_timeout_s", "http_body_timeout_s", "http_idle_timeout_s", "callback_rate_per_s",
                 "callback_idle_timeout_s", "callback_read_timeout_s", "callback_write_timeout_s",
-                "callback_log_lines_per_s"):
+                "callback_log_lines_per_s", "events_retry_s"):
         if getattr(cfg, key) <= 0:
             bad(f"{key} must be positive")
     longest = os.path.join(cfg.path(cfg.run_dir), "4294967295", f"vsock.sock_{cfg.callback_port}")
@@ -623,11 +868,16 @@ HTTP_FAILURES = {"body too large": "too_large", "answer without Content-Length":
 class BodyStream:
     """A large response body still on its connection, copied onward in chunks.
 
-    `deadline` (loop time) is the request's: a peer dripping its body cannot stretch it."""
+    `deadline` (loop time) is the request's: a peer dripping its body cannot stretch it.
+    `then`, when set, is called with the body's first HEAD and last TAIL bytes once it was
+    copied whole."""
+
+    HEAD, TAIL = 512, 4096
 
     def __init__(self, client, reader, writer, length, reusable, deadline):
         self.client, self.reader, self.writer = client, reader, writer
         self.length, self.reusable, self.deadline = length, reusable, deadline
+        self.then, self.head, self.tail = None, b"", b""
 
     async def copy_to(self, dest, timeout):
         loop = asyncio.get_running_loop()
@@ -647,11 +897,17 @@ class BodyStream:
                     raise HttpError("connection closed inside the body")
                 dest.write(chunk)
                 remaining -= len(chunk)
+                if self.then and not self.head:
+                    self.head = chunk[:self.HEAD]
+                if self.then and remaining < self.TAIL + len(chunk):
+                    self.tail = (self.tail + chunk)[-self.TAIL:]
                 await within(timeout, dest.drain())
         except BaseException:
             self.client.drop(self.writer)
             raise
         self.client.release(self.reader, self.writer, self.reusable)
+        if self.then:
+            self.then(self.head, self.tail)
 
     async def read(self, limit):
         """The whole body as bytes (for error answers), at most `limit` bytes."""
@@ -844,6 +1100,96 @@ class ClientWatch:
             self.timer = asyncio.get_running_loop().call_later(self.INTERVAL, self._check)
 
 
+# ---- outbound POSTs of cbox.py's own (events_url) --------------------------------
+
+def outbound_headers(body, vm_name=None):
+    """Extra headers of a POST cbox.py sends on its own (today: each event to events_url).
+    The one place to add a signature (callback_secret) to them."""
+    return None
+
+
+EVENTS_QUEUE_MAX = 10000            # events waiting for events_url; more are dropped (counted)
+EVENTS_BACKOFF_S = (0.5, 30.0)      # first and largest pause between attempts
+
+
+class EventSender:
+    """Delivers each event to events_url: one POST per event, body the event's JSON, in
+    order, by one task on a keep-alive connection. A failed POST (no 2xx answer) is retried
+    with a doubling pause for events_retry_s, then that event and every other one waiting
+    longer are dropped, as are events arriving while EVENTS_QUEUE_MAX wait. put() only
+    appends: the API and the VMs never wait for the receiver."""
+
+    def __init__(self, cfg):
+        self.url, self.retry_s, self.timeout = cfg.events_url, cfg.events_retry_s, cfg.callback_timeout_s
+        parts = urllib.parse.urlsplit(self.url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.client = HttpClient(host=parts.hostname, port=port, tls=parts.scheme == "https", pool_size=1,
+                                 max_body=64 * 1024, quick_ack=True)
+        self.target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self.queue = collections.deque()        # (monotonic time queued, event)
+        self.wake = asyncio.Event()
+        self.failing = None                     # the error of the current run of failures
+        self.task = asyncio.get_running_loop().create_task(self.run())
+
+    def put(self, event):
+        if len(self.queue) >= EVENTS_QUEUE_MAX:
+            M_EVENTS_DROPPED.inc()
+            return
+        self.queue.append((time.monotonic(), event))
+        M_EVENTS_QUEUED.value = len(self.queue)
+        self.wake.set()
+
+    async def run(self):
+        pause = EVENTS_BACKOFF_S[0]
+        while True:
+            if not self.queue:
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            if await self.deliver(self.queue[0][1]):
+                self.queue.popleft()
+                pause = EVENTS_BACKOFF_S[0]
+            else:
+                self.drop_expired()
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, EVENTS_BACKOFF_S[1])
+            M_EVENTS_QUEUED.value = len(self.queue)
+
+    async def deliver(self, event):
+        body = json_bytes(event)
+        try:
+            status, _, _ = await self.client.request("POST", self.target, body, timeout=self.timeout,
+                                                     headers=outbound_headers(body, event.get("vmName")))
+            error = None if 200 <= status < 300 else f"HTTP {status}"
+        except HttpError as e:
+            error = str(e)
+        if error is None:
+            M_EVENTS_DELIVERED.inc()
+            if self.failing:
+                log("events_url answers again", url=self.url)
+                self.failing = None
+            return True
+        M_EVENTS_FAILED.inc()
+        if self.failing is None:       # one line per outage, not one per attempt
+            log("events_url failed; retrying", url=self.url, error=repr(error), retry_s=f"{self.retry_s:g}")
+        self.failing = error
+        return False
+
+    def drop_expired(self):
+        horizon = time.monotonic() - self.retry_s
+        dropped = 0
+        while self.queue and self.queue[0][0] < horizon:
+            self.queue.popleft()
+            dropped += 1
+        if dropped:
+            M_EVENTS_DROPPED.inc(dropped)
+            log("events dropped: events_url failed for longer than events_retry_s", url=self.url, dropped=dropped)
+
+    def close(self):
+        self.task.cancel()
+        self.client.close()
+
+
 # =============================================================================
 # 3. Hypervisor (its REST API, the guest agent's API, the VMM's process and logs)
 # =============================================================================
@@ -903,6 +1249,32 @@ class AgentError(Exception):
         self.status = status
 
 
+def guest_stats(data):
+    """A guest agent's /stats answer as the API shows it: each field a number in range (else
+    null), the disks {"totalBytes", "usedBytes"} (else null); nothing else is passed on."""
+    try:
+        raw = json.loads(data)
+    except (ValueError, RecursionError):
+        raise AgentError(502, "guest agent: stats answer is not JSON") from None
+    if not isinstance(raw, dict):
+        raise AgentError(502, "guest agent: stats answer is not an object")
+
+    def number(obj, key, integer=True):
+        value = obj.get(key) if isinstance(obj, dict) else None
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+            return None
+        return value if 0 <= value < 2 ** 63 else None      # also refuses NaN and Infinity
+
+    def disk(key):
+        value = raw.get(key)
+        return {k: number(value, k) for k in ("totalBytes", "usedBytes")} if isinstance(value, dict) else None
+
+    return {"memTotalBytes": number(raw, "memTotalBytes"), "memAvailableBytes": number(raw, "memAvailableBytes"),
+            "load1": number(raw, "load1", False), "load5": number(raw, "load5", False),
+            "load15": number(raw, "load15", False), "rootDisk": disk("rootDisk"), "stateDisk": disk("stateDisk"),
+            "uptimeS": number(raw, "uptimeS", False)}
+
+
 class GuestAgent:
     """The HTTP API of one VM's guest agent (guest_agent.py), read as a hostile peer's answers.
 
@@ -912,6 +1284,7 @@ class GuestAgent:
     2xx bodies are passed through untouched (large ones as a BodyStream)."""
 
     ERROR_BODY_MAX = 64 * 1024      # an error answer is read whole, at most this much
+    STATS_MAX = 16 * 1024           # a /stats answer is a few hundred bytes
 
     def __init__(self, vm_name, address, port, output_limit):
         self.vm_name = vm_name
@@ -934,6 +1307,20 @@ class GuestAgent:
 
     async def kill(self, exec_id):
         return await self._call("DELETE", f"/exec/{exec_id}", timeout=30.0)
+
+    async def stats(self):
+        """GET /stats of the agent, every field checked (guest_stats); at most STATS_MAX bytes."""
+        try:
+            data = await self._call("GET", "/stats", timeout=5.0)
+        except AgentError as e:
+            if e.status == 404:       # an agent older than /stats: its image wants a rebuild
+                raise AgentError(502, f"{e} (the guest agent has no /stats: rebuild the images)") from e
+            raise
+        if isinstance(data, BodyStream) or len(data) > self.STATS_MAX:
+            if isinstance(data, BodyStream):
+                self.http.drop(data.writer)
+            raise AgentError(502, f"guest agent: stats answer larger than {self.STATS_MAX} bytes")
+        return guest_stats(data)
 
     async def sync(self):
         """Let the guest flush its disks (before the VM goes away); failures are ignored."""
@@ -1182,6 +1569,24 @@ def proc_start_time(pid):
     if fields[0] == "Z":
         return None
     return int(fields[19])
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def process_usage(pid):
+    """(resident bytes, CPU seconds user + system) of a process from /proc; None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        with open(f"/proc/{pid}/status") as f:
+            status = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()       # fields[0] is proc(5)'s field 3, state
+    cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK   # utime and stime, fields 14 and 15
+    rss = next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+    return rss, cpu
 
 
 def find_vmm_pid(api_socket):
@@ -1887,6 +2292,7 @@ def parse_json_body(data):
 CALLBACK_LINE_MAX = 1024 * 1024
 CALLBACK_PARSE_OFF_LOOP = 64 * 1024     # lines (and answers) above this are parsed in a thread
 CALLBACK_REFUSAL_PAUSE = 0.1            # a connection refused a callback (rate, in flight) waits this long
+CALLBACK_EVENTS_PER_S = 1.0             # callback.failed events a second per VM (burst of 10); more are counted
 CALLBACK_COUNTERS = ("connections", "callbacks", "refused_connections", "refused_fd_reserve", "refused_in_flight",
                      "refused_rate", "throttled_bytes", "idle_timeouts", "read_timeouts", "write_timeouts",
                      "oversize_lines", "bad_requests", "accept_errors", "log_lines_suppressed")
@@ -1999,9 +2405,14 @@ class CallbackBridge:
     The socket is accepted here rather than by asyncio's server, so a full fd table
     (EMFILE) backs off quietly instead of logging a traceback per attempt, and the
     last `fd_reserve` descriptors stay free for the API and the other VMs.
-    `counters` counts every budget hit (for a metrics endpoint; logged at close)."""
+    `counters` counts every budget hit (exported as cbox_callback_bridge_events_total;
+    logged at close). Failed callbacks are published as callback.failed events, at most
+    CALLBACK_EVENTS_PER_S a second per VM: a guest calling a dead URL in a loop must not
+    wash the other VMs' events out of the ring."""
 
     url_clients = {}       # (scheme, host, port) -> HttpClient, shared by every VM's bridge
+    live = weakref.WeakSet()                           # open bridges, for the metrics
+    retired = dict.fromkeys(CALLBACK_COUNTERS, 0)      # counters of the closed ones
 
     def __init__(self, cfg, vm):
         self.cfg, self.vm = cfg, vm
@@ -2012,8 +2423,11 @@ class CallbackBridge:
         self.bytes = TokenBucket(cfg.callback_bytes_per_s, max(cfg.callback_bytes_per_s, CALLBACK_LINE_MAX + 1))
         self.log_lines = TokenBucket(cfg.callback_log_lines_per_s, max(1.0, cfg.callback_log_lines_per_s))
         self.suppressed = 0
+        self.failure_events = TokenBucket(CALLBACK_EVENTS_PER_S, 10.0)
+        self.events_suppressed = 0
         self.listener = None
         self.accepting = None
+        CallbackBridge.live.add(self)
 
     # ---- listening and admission ----------------------------------------------
 
@@ -2084,9 +2498,19 @@ class CallbackBridge:
             self.listener = None
         for task in list(self.tasks):
             task.cancel()
+        if self in CallbackBridge.live:
+            CallbackBridge.live.discard(self)
+            for key, value in self.counters.items():
+                CallbackBridge.retired[key] += value
         if any(self.counters[k] for k in CALLBACK_COUNTERS[2:]) or self.suppressed:
             log("callback budgets", vm=self.vm.vmName, suppressed=self.suppressed or None,
                 **{k: v for k, v in self.counters.items() if v})
+
+    @classmethod
+    def export_counters(cls):
+        """Every bridge's counters, summed, into cbox_callback_bridge_events_total (on scrape)."""
+        for key in CALLBACK_COUNTERS:
+            M_CALLBACK_BRIDGE.labels(key).value = cls.retired[key] + sum(b.counters[key] for b in list(cls.live))
 
     def note(self, msg, **fields):
         """A log line, at most callback_log_lines_per_s a second per VM; the rest are counted."""
@@ -2177,10 +2601,12 @@ class CallbackBridge:
         t0 = time.monotonic()
         if not self.calls.take():
             self.counters["refused_rate"] += 1
+            CALLBACK_OUTCOMES["refused"].inc()
             self.note("callback refused", reason="rate")
             return error_line(f"too many callbacks (at most {self.cfg.callback_rate_per_s:g} a second per VM)"), True
         if self.in_flight >= self.cfg.callback_max_in_flight:
             self.counters["refused_in_flight"] += 1
+            CALLBACK_OUTCOMES["refused"].inc()
             self.note("callback refused", reason="in_flight")
             return error_line(f"too many callbacks in flight (at most {self.cfg.callback_max_in_flight} per VM)"), True
         self.in_flight += 1
@@ -2189,13 +2615,36 @@ class CallbackBridge:
             method, body = await off_loop_if_large(len(line), parse_callback_line, line, self.vm.vmName)
             if method is None:
                 self.counters["bad_requests"] += 1
+                CALLBACK_OUTCOMES["bad_request"].inc()
                 return error_line(body), False
+            t1 = time.monotonic()
             reply = await self.forward(body)
         finally:
             self.in_flight -= 1
-        self.note("callback", method=repr(method[:60]), ok=not reply.startswith(b'{"error"'),
-                  ms=f"{(time.monotonic() - t0) * 1000:.1f}")
+        ok = not reply.startswith(b'{"error"')
+        self.note("callback", method=repr(method[:60]), ok=ok, ms=f"{(time.monotonic() - t0) * 1000:.1f}")
+        if not self.vm.callbackUrl:
+            CALLBACK_OUTCOMES["no_url"].inc()
+        else:
+            M_CALLBACK_DURATION.observe(time.monotonic() - t1)
+            CALLBACK_OUTCOMES["ok" if ok else "error"].inc()
+        if not ok:
+            self.publish_failure(method, reply)
         return reply, False
+
+    def publish_failure(self, method, reply):
+        """A callback.failed event (within the VM's events budget) with the guest's error text."""
+        if not self.failure_events.take():
+            self.events_suppressed += 1
+            M_EVENTS_SUPPRESSED.inc()
+            return
+        try:
+            error = json.loads(reply)["error"] if len(reply) <= 64 * 1024 else "(error text over 64 KiB)"
+        except (ValueError, KeyError, TypeError, RecursionError):
+            error = "(unreadable error)"
+        fields = {"suppressed": self.events_suppressed} if self.events_suppressed else {}
+        self.events_suppressed = 0
+        EVENTS.publish("callback.failed", self.vm.vmName, method=method[:200], error=str(error)[:1000], **fields)
 
     async def forward(self, body):
         url = self.vm.callbackUrl
@@ -2225,6 +2674,9 @@ class CallbackBridge:
         for client in cls.url_clients.values():
             client.close()
         cls.url_clients.clear()
+
+
+METRICS.on_scrape("callback_bridges", CallbackBridge.export_counters)
 
 
 # =============================================================================
@@ -2317,6 +2769,7 @@ class VM:
         self.tasks = set()             # watching the VMM's exit and the serial connection
         self.reset = None              # (stopReason, message) of a reset seen while starting
         self.vmm_log_trimmed = 0       # disk bytes freed from the VMM's log (bound_vmm_log)
+        self.background = collections.OrderedDict()   # ids of background execs not yet seen finished
 
     @property
     def address(self):
@@ -2431,6 +2884,12 @@ class VM:
         if self.watch:
             self.watch.kill()
             await self.watch.wait(5.0)
+
+    def vmm_usage(self):
+        """{"rssBytes", "cpuSeconds"} of the VMM's process (nulls when it is not running)."""
+        usage = process_usage(self.pid) if self.watch and self.watch.alive() else None
+        rss, cpu = usage or (None, None)
+        return {"rssBytes": rss, "cpuSeconds": cpu}
 
     def bound_vmm_log(self):
         """Keep the VMM's -v log within vmm_log_max_bytes of disk (see VMManager.bound_vmm_logs)."""
@@ -2587,11 +3046,37 @@ class VM:
         log("VM stopped", vm=self.vmName, status=status, stopReason=reason, error=repr(message))
         self.save()
         self.ended.set()
+        M_VM_STOPS.labels(reason).inc()
+        EVENTS.publish("vm.stopped", self.vmName, status=status, stopReason=reason, error=message)
 
 
 # =============================================================================
 # 8. VM manager (all VMs: start, destroy, adopt at start-up, exec forwarding)
 # =============================================================================
+
+BACKGROUND_TRACKED = 1024      # background execs per VM waiting to be seen finished (oldest forgotten)
+EXEC_FIELD = re.compile(rb'"(execId|exitCode|signal|timedOut|oomKilled|durationMs|running)":[ ]?'
+                        rb'(true|false|null|-?[0-9][0-9.eE+-]{0,30}|"[^"\\]{0,128}")')
+EXEC_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def exec_fields(text):
+    """The small fields of an exec result (exitCode, timedOut, durationMs, ...) found in some
+    of its JSON: the agent writes them after the output, so a large result's last bytes hold
+    them (its first ones the execId). Inside a JSON string every '"' is escaped, so
+    '"exitCode":' only matches a key; the last match of a key wins."""
+    fields = {}
+    for key, value in EXEC_FIELD.findall(text):
+        with contextlib.suppress(ValueError):
+            fields[key.decode()] = json.loads(value)
+    return fields
+
+
+def answer_text_for_fields(answer):
+    """What exec_fields() reads of an agent answer held in memory: all of a small one,
+    the head and tail of a large one."""
+    return answer if len(answer) <= 8192 else answer[:BodyStream.HEAD] + b"\n" + answer[-BodyStream.TAIL:]
+
 
 @contextlib.contextmanager
 def agent_errors():
@@ -2651,6 +3136,7 @@ class VMManager:
         if name in self.vms:
             raise ApiError(409, f"VM '{name}' already exists")
         self.check_capacity(spec["memoryMb"])
+        M_VM_STARTS.inc()
         ip, cid = self.alloc.take()
         vm = VM(self.cfg, **spec, status="CREATED", ip=f"{ip}/{self.prefix}", tapDeviceName=tap_name(cid),
                 cid=cid, createdAt=utc_now(), phase="starting", mac=mac_for(ip))
@@ -2664,9 +3150,12 @@ class VMManager:
                     vm.serial.read_pending()
                 message = f"starting VM '{name}' failed at step {clock.current}: {e}; console: {console_tail(vm.console_log())}"
                 log("start failed", vm=name, step=clock.current, error=repr(str(e)))
+                M_VM_START_FAILURES.inc()
                 await self.teardown(vm, graceful=False)
                 raise ApiError(e.status if isinstance(e, ApiError) else 500, message) from e
         log("VM running", vm=name, ip=vm.ip, cid=cid, ms=f"{clock.total_ms():.1f}")
+        M_VM_BOOT.observe(clock.total_ms() / 1000)
+        EVENTS.publish("vm.started", name, ip=vm.ip, cid=cid, bootMs=round(clock.total_ms(), 1))
         return vm
 
     async def _start_steps(self, vm, clock):
@@ -2755,6 +3244,8 @@ class VMManager:
             vm.save()
             await self.teardown(vm, graceful, clock)
         log("VM destroyed", vm=name, stopReason="destroyed", ms=f"{clock.total_ms():.1f}")
+        M_VM_DESTROYS.inc()
+        EVENTS.publish("vm.destroyed", name, stopReason=vm.stopReason)
 
     async def destroy_all(self):
         """Destroy every VM; returns the names of those destroyed."""
@@ -2830,19 +3321,78 @@ class VMManager:
         (validate_exec_request): the agent's answer, bytes or a BodyStream."""
         vm = self.running(name)
         with agent_errors():
-            return await vm.agent.exec(agent_body, timeout=(timeout + 15.0) if blocking else 15.0)
+            answer = await vm.agent.exec(agent_body, timeout=(timeout + 15.0) if blocking else 15.0)
+        M_EXECS_STARTED.inc()
+        if blocking:
+            self.on_exec_answer(vm, answer)
+        else:
+            exec_id = exec_fields(answer_text_for_fields(answer)).get("execId")
+            if isinstance(exec_id, str) and EXEC_ID.match(exec_id):
+                vm.background[exec_id] = None
+                if len(vm.background) > BACKGROUND_TRACKED:
+                    vm.background.popitem(last=False)
+        return answer
 
     async def exec_status(self, name, exec_id):
         """The state of a background exec (exec_id checked: check_exec_id)."""
         vm = self.running(name)
         with agent_errors():
-            return await vm.agent.status(exec_id)
+            answer = await vm.agent.status(exec_id)
+        if exec_id in vm.background:
+            self.on_exec_answer(vm, answer, exec_id)
+        return answer
 
     async def exec_kill(self, name, exec_id):
         """Kill a background exec (exec_id checked: check_exec_id)."""
         vm = self.running(name)
         with agent_errors():
-            return await vm.agent.kill(exec_id)
+            answer = await vm.agent.kill(exec_id)
+        if exec_id in vm.background:
+            self.on_exec_answer(vm, answer, exec_id)
+        return answer
+
+    def on_exec_answer(self, vm, answer, background_id=None):
+        """Count an exec result that shows its exec finished and publish exec.finished, once per
+        exec: a blocking exec's answer (a large one once it was passed on whole), a background
+        exec's first status or kill answer with "running": false."""
+        def seen(text):
+            fields = exec_fields(text)
+            if background_id is not None:       # a status or kill answer: the exec may still run
+                if fields.get("running") is not False or background_id not in vm.background:
+                    return
+                del vm.background[background_id]
+            self.exec_finished(vm, fields, background_id)
+        if isinstance(answer, BodyStream):
+            answer.then = lambda head, tail: seen(head + b"\n" + tail)
+        else:
+            seen(answer_text_for_fields(answer))
+
+    @staticmethod
+    def exec_finished(vm, fields, exec_id=None):
+        M_EXECS_FINISHED.inc()
+        if fields.get("timedOut") is True:
+            M_EXECS_TIMED_OUT.inc()
+        if fields.get("oomKilled") is True:
+            M_EXECS_OOM.inc()
+        duration = fields.get("durationMs")
+        if isinstance(duration, (int, float)) and not isinstance(duration, bool) and 0 <= duration < 1e10:
+            M_EXEC_DURATION.observe(duration / 1000)
+        else:
+            duration = None
+        exec_id = exec_id or fields.get("execId")
+        code, sig = fields.get("exitCode"), fields.get("signal")
+        EVENTS.publish("exec.finished", vm.vmName, execId=exec_id if isinstance(exec_id, str) else None,
+                       exitCode=code if isinstance(code, int) and not isinstance(code, bool) else None,
+                       signal=sig if isinstance(sig, (int, str)) and not isinstance(sig, bool) else None,
+                       timedOut=fields.get("timedOut") is True, oomKilled=fields.get("oomKilled") is True,
+                       durationMs=duration)
+
+    async def stats(self, name):
+        """GET /v1/vms/{name}/stats: the guest's view (its agent) and the VMM process's."""
+        vm = self.running(name)
+        with agent_errors():
+            guest = await vm.agent.stats()
+        return {"guest": guest, "vmm": vm.vmm_usage()}
 
     def console_text(self, name):
         """What GET /logs shows of a VM's serial console (see ConsoleLog.text)."""
@@ -2863,6 +3413,31 @@ def log_request(method, target, status, t0, vm_name=None):
         ms=f"{(time.monotonic() - t0) * 1000:.1f}")
 
 
+EVENTS_MAX_WAIT_S = 60.0       # longest ?wait= of GET /v1/events
+
+
+def route_name(pattern):
+    """A route's name for the metrics: its regex as a template, '/v1/vms/{name}/exec'."""
+    return re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern.pattern.strip("^$"))
+
+
+def count_request(route, method, status):
+    M_HTTP_REQUESTS.labels(route, method if method in HTTP_METHODS else "other", status).inc()
+
+
+def refresh_process_metrics():
+    """cbox.py's own process, read when /v1/metrics is scraped."""
+    usage = process_usage("self")
+    if usage:
+        M_PROCESS_RSS.value, M_PROCESS_CPU.value = usage
+    with contextlib.suppress(OSError):
+        M_PROCESS_FDS.value = len(os.listdir("/proc/self/fd"))
+    M_PROCESS_MAX_FDS.value = fd_limit()
+    M_PROCESS_UPTIME.value = round(time.monotonic() - LOG_START, 3)
+    M_PROCESS_START.value = round(time.time() - (time.monotonic() - LOG_START), 3)
+    M_BUILD_INFO.labels(VERSION).value = 1
+
+
 class Request:
     """One request; dispatch() fills in path, query and params, a handler may name its VM."""
 
@@ -2870,6 +3445,7 @@ class Request:
         self.method, self.target, self.headers = method, target, headers
         self.path, self.query, self.params, self.body = None, {}, {}, b""
         self.vm_name = None        # the VM a request body names, for the request log
+        self.route = "unmatched"   # the route's name (route_name), for the metrics
 
 
 class RestServer:
@@ -2881,7 +3457,7 @@ class RestServer:
         self.connections = set()
         self.client_watch = ClientWatch()
         # agent calls only: abandoning them leaves nothing half done (a VM start would)
-        self.abandonable = {self.exec, self.exec_status, self.exec_kill}
+        self.abandonable = {self.exec, self.exec_status, self.exec_kill, self.stats, self.events}
         self.routes = [      # no path matches two patterns: the busiest routes come first
             (re.compile(r"^/v1/vms/(?P<name>[^/]+)/exec$"), {"POST": self.exec}),
             (re.compile(r"^/v1/vms/(?P<name>[^/]+)/exec/(?P<exec_id>[^/]+)$"),
@@ -2890,7 +3466,13 @@ class RestServer:
             (re.compile(r"^/v1/vms$"), {"GET": self.list_vms, "POST": self.start_vm, "DELETE": self.destroy_all}),
             (re.compile(r"^/v1/vms/(?P<name>[^/]+)$"), {"GET": self.get_vm, "DELETE": self.destroy_vm}),
             (re.compile(r"^/v1/vms/(?P<name>[^/]+)/logs$"), {"GET": self.logs}),
+            (re.compile(r"^/v1/vms/(?P<name>[^/]+)/stats$"), {"GET": self.stats}),
+            (re.compile(r"^/v1/metrics$"), {"GET": self.metrics}),
+            (re.compile(r"^/v1/events$"), {"GET": self.events}),
         ]
+        self.route_names = {pattern: route_name(pattern) for pattern, _ in self.routes}
+        METRICS.on_scrape("process", refresh_process_metrics)
+        METRICS.on_scrape("vms", self.refresh_vm_metrics)
 
     async def start(self):
         self.server = await asyncio.start_server(self.connection, self.cfg.host, self.cfg.port,
@@ -2951,6 +3533,7 @@ class RestServer:
             if hasattr(task, "uncancel"):
                 task.uncancel()
             log_request(method, target, 499, t0, request.vm_name)       # nginx's "client closed request"
+            count_request(request.route, method, 499)
             return False
         except ApiError as e:
             status, payload, ctype = e.status, json_bytes({"error": str(e)}), "application/json"
@@ -2977,6 +3560,7 @@ class RestServer:
         if status == 413 and "100-continue" not in headers.get("expect", "").lower():
             await self.discard_body(reader, headers)
         log_request(method, target, status, t0, request.vm_name)
+        count_request(request.route, method, status)
         return keep_alive
 
     async def read_request_body(self, reader, writer, headers):
@@ -3019,6 +3603,7 @@ class RestServer:
             m = pattern.match(path)
             if not m:
                 continue
+            request.route = self.route_names[pattern]
             handler = methods.get(method)
             if handler is None:
                 raise ApiError(405, f"method {method} not allowed on {path} (allowed: {', '.join(methods)})")
@@ -3089,6 +3674,44 @@ class RestServer:
     async def logs(self, req):
         return 200, self.manager.console_text(req.params["name"]), "text/plain; charset=utf-8"
 
+    async def stats(self, req):
+        return await self.manager.stats(req.params["name"])
+
+    async def metrics(self, req):
+        return 200, METRICS.expose(), Registry.CONTENT_TYPE
+
+    def refresh_vm_metrics(self):
+        counts = dict.fromkeys(("CREATED", "RUNNING", "STOPPED", "FAILED"), 0)
+        for vm in list(self.manager.vms.values()):
+            counts[vm.status] = counts.get(vm.status, 0) + 1
+        for status, count in counts.items():
+            M_VMS.labels(status).value = count
+        M_HTTP_ABANDONED.value = self.client_watch.abandoned
+
+    async def events(self, req):
+        """GET /v1/events?since=ID&wait=S: the events after ID (EventLog.after), waiting up to S
+        seconds (at most EVENTS_MAX_WAIT_S) for one when there is none yet."""
+        unknown = set(req.query) - {"since", "wait"}
+        if unknown:
+            raise ApiError(400, f"unknown query parameter(s): {', '.join(sorted(unknown))}")
+        if any(len(v) != 1 for v in req.query.values()):
+            raise ApiError(400, "each query parameter may be given once")
+        since = req.query.get("since", ["0"])[0]
+        if not is_decimal(since) or len(since) > 18:
+            raise ApiError(400, "since must be an event id (a non-negative integer)")
+        wait = req.query.get("wait", ["0"])[0]
+        try:
+            wait_s = float(wait)
+        except ValueError:
+            wait_s = -1.0
+        if not 0 <= wait_s <= EVENTS_MAX_WAIT_S:
+            raise ApiError(400, f"wait must be a number of seconds, 0 to {EVENTS_MAX_WAIT_S:g}")
+        events, missed, nxt = EVENTS.after(int(since))
+        if not events and not missed and wait_s:
+            await EVENTS.wait(wait_s)
+            events, missed, nxt = EVENTS.after(int(since))
+        return {"events": events, "next": nxt, "missed": missed}
+
 
 # =============================================================================
 # 10. CLI
@@ -3139,6 +3762,10 @@ async def serve(cfg):
     if missing:
         log("WARNING: guest images missing (run `make images`): " + ", ".join(missing))
     log("file descriptor limit", nofile=raise_fd_limit(), reserve=cfg.fd_reserve)
+    EVENTS.resize(cfg.events_ring_size)
+    sender = EventSender(cfg) if cfg.events_url else None
+    if sender:
+        EVENTS.sinks.append(sender.put)
     network = HostNetwork(cfg)
     await network.setup()
     Path(cfg.path(cfg.run_dir)).mkdir(parents=True, exist_ok=True)
@@ -3156,6 +3783,8 @@ async def serve(cfg):
     log_bounds.cancel()
     await server.stop()
     await manager.shutdown()
+    if sender:
+        sender.close()
     log("stopped")
 
 

@@ -28,6 +28,8 @@ waits for its own commands, through pidfds and Popen, never waitpid(-1).
 
 Internal HTTP API (cbox.py -> agent, TCP 4031, JSON, errors {"error": msg})
   GET    /health     {"status":"ok","vmName","uptimeS","bootUptimeS","pid","version"}
+  GET    /stats      {"memTotalBytes","memAvailableBytes","load1","load5","load15",
+                     "rootDisk","stateDisk": {"totalBytes","usedBytes"},"uptimeS"}
   POST   /exec       {"cmd"*,"env","cwd","stdin","timeout","maxOutput","blocking"}
                      -> exec result, or {"execId","output":"","error":"","running":true}
   GET    /exec/{id}  exec result so far (404 unknown id)
@@ -155,6 +157,58 @@ def read_uptime():
             return float(f.read().split()[0])
     except (OSError, ValueError, IndexError):
         return None
+
+
+def system_stats():
+    """GET /stats: memory, load, disk use and uptime as this system sees them.
+
+    In a CBox VM / is the overlay of the initramfs: its statfs reports its upper layer,
+    the state disk (overlayfs ovl_statfs), and the read-only root disk is mounted
+    nowhere this process can reach after switch_root, so its use comes from its ext4
+    superblock (a read-only disk's counts are those of its build). Outside a VM (no disk
+    with serial cbox-rootfs) rootDisk is the filesystem of / and stateDisk is null."""
+    def usage(path):
+        st = os.statvfs(path)
+        return {"totalBytes": st.f_blocks * st.f_frsize, "usedBytes": (st.f_blocks - st.f_bfree) * st.f_frsize}
+
+    def ext4_usage(device):
+        with open(device, "rb") as f:
+            f.seek(1024)
+            sb = f.read(1024)
+        if struct.unpack_from("<H", sb, 0x38)[0] != 0xEF53:
+            return None
+        wide = struct.unpack_from("<I", sb, 0x60)[0] & 0x80       # INCOMPAT_64BIT: the _hi halves count
+        blocks, free = struct.unpack_from("<I", sb, 0x4)[0], struct.unpack_from("<I", sb, 0xC)[0]
+        if wide:
+            blocks |= struct.unpack_from("<I", sb, 0x150)[0] << 32
+            free |= struct.unpack_from("<I", sb, 0x158)[0] << 32
+        size = 1024 << struct.unpack_from("<I", sb, 0x18)[0]
+        return {"totalBytes": blocks * size, "usedBytes": (blocks - free) * size}
+
+    stats = {"memTotalBytes": None, "memAvailableBytes": None, "load1": None, "load5": None, "load15": None,
+             "rootDisk": None, "stateDisk": None, "uptimeS": read_uptime()}
+    try:
+        with open("/proc/meminfo") as f:
+            mem = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.endswith("kB\n")}
+        stats["memTotalBytes"], stats["memAvailableBytes"] = mem.get("MemTotal"), mem.get("MemAvailable")
+        with open("/proc/loadavg") as f:
+            stats["load1"], stats["load5"], stats["load15"] = (float(x) for x in f.read().split()[:3])
+    except (OSError, ValueError):
+        pass
+    root_device = None
+    for name in sorted(os.listdir("/sys/block")) if os.path.isdir("/sys/block") else ():
+        try:
+            with open(f"/sys/block/{name}/serial") as f:
+                if f.read().strip() == "cbox-rootfs":
+                    root_device = f"/dev/{name}"
+        except OSError:
+            continue
+    try:
+        stats["rootDisk"] = ext4_usage(root_device) if root_device else usage("/")
+        stats["stateDisk"] = usage("/") if root_device else None
+    except (OSError, struct.error):
+        pass
+    return stats
 
 
 # Twin of cbox.py's proc_start_time() (each file stays standalone).
@@ -1449,6 +1503,9 @@ class AgentServer:
         if path == "/health":
             self._allow(method, "GET")
             return 200, self.health(), ""
+        if path == "/stats":
+            self._allow(method, "GET")
+            return 200, system_stats(), ""
         if path == "/exec":
             self._allow(method, "POST")
             return self.post_exec(request)

@@ -1,0 +1,313 @@
+"""Metrics (GET /v1/metrics), stats (GET /v1/vms/{name}/stats) and events (events_url,
+GET /v1/events): the exposition format parsed strictly, values checked after a stand-in
+run (start, exec, callback, failed start), events delivered and long-polled."""
+import asyncio
+import json
+import math
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from nsutil import CallbackURLServer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cbox  # noqa: E402
+import guest_agent  # noqa: E402
+
+
+# ---- a strict parser of the Prometheus text format 0.0.4 ----------------------------
+
+METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+FLOAT = re.compile(r"^[+-]?(Inf|NaN|[0-9]+(\.[0-9]*)?([eE][+-]?[0-9]+)?|\.[0-9]+([eE][+-]?[0-9]+)?)$")
+TYPES = ("counter", "gauge", "histogram", "summary", "untyped")
+
+
+class FormatError(Exception):
+    pass
+
+
+def parse_labels(text, pos, where):
+    """Labels from text[pos] == '{' -> ({name: value}, index after '}')."""
+    labels, pos = {}, pos + 1
+    while True:
+        if text[pos:pos + 1] == "}":
+            return labels, pos + 1
+        m = LABEL_NAME.match(text, pos)
+        if not m or text[m.end():m.end() + 2] != '="':
+            raise FormatError(f"{where}: bad label name at {text[pos:pos + 20]!r}")
+        name, pos = m.group(), m.end() + 2
+        value = []
+        while True:
+            if pos >= len(text):
+                raise FormatError(f"{where}: unterminated label value")
+            ch = text[pos]
+            if ch == "\\":
+                esc = text[pos + 1:pos + 2]
+                if esc not in ("\\", '"', "n"):
+                    raise FormatError(f"{where}: bad escape \\{esc} in a label value")
+                value.append("\n" if esc == "n" else esc)
+                pos += 2
+            elif ch == '"':
+                pos += 1
+                break
+            elif ch == "\n":
+                raise FormatError(f"{where}: raw newline in a label value")
+            else:
+                value.append(ch)
+                pos += 1
+        if name in labels:
+            raise FormatError(f"{where}: label {name} twice")
+        labels[name] = "".join(value)
+        if text[pos:pos + 1] == ",":
+            pos += 1
+        elif text[pos:pos + 1] != "}":
+            raise FormatError(f"{where}: expected , or }} after a label")
+
+
+def parse_value(text, where):
+    if not FLOAT.match(text):
+        raise FormatError(f"{where}: bad value {text!r}")
+    return float(text)
+
+
+def family_of(name, types):
+    """The family a sample name belongs to (histogram samples carry suffixes)."""
+    for suffix in ("_bucket", "_sum", "_count"):
+        base = name[: -len(suffix)]
+        if name.endswith(suffix) and types.get(base) == "histogram":
+            return base
+    return name
+
+
+def parse_exposition(text):
+    """{family: {"type", "help", "samples": [(name, labels, value)]}}; FormatError on anything
+    the format (or the conventions checked here) does not allow."""
+    if not text.endswith("\n"):
+        raise FormatError("the exposition must end with a newline")
+    families, types, order, series = {}, {}, [], set()
+    for lineno, line in enumerate(text[:-1].split("\n"), 1):
+        where = f"line {lineno}"
+        if not line:
+            raise FormatError(f"{where}: empty line")
+        if line.startswith("#"):
+            parts = line.split(" ", 3)
+            if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
+                name = parts[2]
+                if not METRIC_NAME.fullmatch(name):
+                    raise FormatError(f"{where}: bad metric name {name!r}")
+                fam = families.setdefault(name, {"type": None, "help": None, "samples": []})
+                if fam["samples"]:
+                    raise FormatError(f"{where}: {parts[1]} of {name} after its samples")
+                if parts[1] == "TYPE":
+                    if fam["type"] or len(parts) != 4 or parts[3] not in TYPES:
+                        raise FormatError(f"{where}: bad or second TYPE line")
+                    fam["type"] = types[name] = parts[3]
+                else:
+                    if fam["help"] is not None:
+                        raise FormatError(f"{where}: second HELP line of {name}")
+                    help_text = parts[3] if len(parts) == 4 else ""
+                    if re.search(r"\\[^\\n]", help_text.replace("\\\\", "")):
+                        raise FormatError(f"{where}: bad escape in HELP")
+                    fam["help"] = help_text
+                if not order or order[-1] != name:
+                    if name in order:
+                        raise FormatError(f"{where}: lines of {name} are not together")
+                    order.append(name)
+            continue
+        m = METRIC_NAME.match(line)
+        if not m:
+            raise FormatError(f"{where}: bad sample line {line[:40]!r}")
+        name, pos = m.group(), m.end()
+        labels = {}
+        if line[pos:pos + 1] == "{":
+            labels, pos = parse_labels(line, pos, where)
+        if line[pos:pos + 1] != " ":
+            raise FormatError(f"{where}: expected a space before the value")
+        rest = line[pos + 1:].split(" ")
+        if len(rest) not in (1, 2) or (len(rest) == 2 and not re.fullmatch(r"-?[0-9]+", rest[1])):
+            raise FormatError(f"{where}: expected 'value [timestamp]'")
+        value = parse_value(rest[0], where)
+        base = family_of(name, types)
+        fam = families.get(base)
+        if fam is None or fam["type"] is None:
+            raise FormatError(f"{where}: sample of {base} before its TYPE line")
+        if order[-1] != base:
+            raise FormatError(f"{where}: samples of {base} are not together")
+        key = (name, tuple(sorted(labels.items())))
+        if key in series:
+            raise FormatError(f"{where}: duplicate series {key}")
+        series.add(key)
+        fam["samples"].append((name, labels, value))
+    for name, fam in families.items():
+        check_family(name, fam)
+    return families
+
+
+def check_family(name, fam):
+    kind = fam["type"]
+    if kind is None or fam["help"] is None:
+        raise FormatError(f"{name}: HELP and TYPE are both required here")
+    if kind == "counter" and not name.endswith("_total"):
+        raise FormatError(f"counter {name} does not end in _total")
+    if kind in ("counter", "histogram") and any(v < 0 or math.isnan(v) for _, _, v in fam["samples"]):
+        raise FormatError(f"{name}: negative or NaN {kind} value")
+    if kind != "histogram":
+        if any(s[0] != name for s in fam["samples"]):
+            raise FormatError(f"{name}: a sample with another name")
+        return
+    groups = {}
+    for sample, labels, value in fam["samples"]:
+        rest = tuple(sorted((k, v) for k, v in labels.items() if k != "le"))
+        group = groups.setdefault(rest, {"buckets": [], "sum": None, "count": None})
+        if sample == name + "_bucket":
+            if "le" not in labels:
+                raise FormatError(f"{name}: a bucket without le")
+            group["buckets"].append((parse_value(labels["le"], name), value))
+        elif "le" in labels:
+            raise FormatError(f"{name}: le on {sample}")
+        else:
+            group["sum" if sample.endswith("_sum") else "count"] = value
+    for rest, group in groups.items():
+        bounds = [b for b, _ in group["buckets"]]
+        counts = [c for _, c in group["buckets"]]
+        if not bounds or bounds[-1] != math.inf:
+            raise FormatError(f"{name}{rest}: no +Inf bucket last")
+        if bounds != sorted(set(bounds)):
+            raise FormatError(f"{name}{rest}: bucket bounds not ascending")
+        if counts != sorted(counts):
+            raise FormatError(f"{name}{rest}: buckets not cumulative")
+        if group["count"] is None or group["sum"] is None or counts[-1] != group["count"]:
+            raise FormatError(f"{name}{rest}: +Inf bucket {counts[-1]} != _count {group['count']} (or no _sum)")
+
+
+def value(families, name, **labels):
+    """The value of one series (0 when absent), histogram _count/_sum by their sample name."""
+    base = family_of(name, {k: v["type"] for k, v in families.items()})
+    for sample, sample_labels, v in families.get(base, {"samples": []})["samples"]:
+        if sample == name and sample_labels == labels:
+            return v
+    return 0.0
+
+
+# ---- the parser and the registry, without a server ---------------------------------
+
+GOOD = ('# HELP a_total things\n# TYPE a_total counter\na_total{x="1"} 3\na_total{x="2"} 0\n'
+        '# HELP h_seconds times\n# TYPE h_seconds histogram\nh_seconds_bucket{le="0.5"} 1\n'
+        'h_seconds_bucket{le="+Inf"} 2\nh_seconds_sum 1.7\nh_seconds_count 2\n')
+BAD = {
+    "no newline at the end": GOOD[:-1],
+    "sample before TYPE": "a_total 1\n# TYPE a_total counter\n",
+    "bad metric name": "# HELP 1a x\n# TYPE 1a gauge\n1a 1\n",
+    "bad label escape": '# HELP g x\n# TYPE g gauge\ng{a="\\t"} 1\n',
+    "unterminated label": '# HELP g x\n# TYPE g gauge\ng{a="x} 1\n',
+    "duplicate series": '# HELP g x\n# TYPE g gauge\ng{a="1"} 1\ng{a="1"} 2\n',
+    "bad value": "# HELP g x\n# TYPE g gauge\ng one\n",
+    "counter without _total": "# HELP c x\n# TYPE c counter\nc 1\n",
+    "family split": "# HELP g x\n# TYPE g gauge\ng 1\n# HELP f x\n# TYPE f gauge\nf 1\ng{a=\"b\"} 1\n",
+    "buckets not cumulative": GOOD.replace('le="+Inf"} 2', 'le="+Inf"} 0').replace("count 2", "count 0"),
+    "+Inf != count": GOOD.replace("h_seconds_count 2", "h_seconds_count 3"),
+    "no +Inf bucket": GOOD.replace('h_seconds_bucket{le="+Inf"} 2\n', ""),
+    "empty line": GOOD + "\n",
+    "second TYPE": GOOD + "# TYPE a_total counter\n",
+}
+
+
+def test_the_parser_accepts_the_format_and_refuses_what_it_must():
+    families = parse_exposition(GOOD)
+    assert value(families, "a_total", x="1") == 3 and value(families, "h_seconds_count") == 2
+    for what, text in BAD.items():
+        with pytest.raises(FormatError):
+            parse_exposition(text)
+            pytest.fail(f"accepted: {what}")
+
+
+def test_registry_escapes_labels_and_cumulates_buckets():
+    reg = cbox.Registry()
+    c = reg.counter("t_events_total", 'help with \\ and\nnewline', ("what",))
+    odd = 'back\\slash "quoted"\nnewline'
+    c.labels(odd).inc(2)
+    c.labels("plain").inc()
+    h = reg.histogram("t_seconds", "times", (0.1, 1.0))
+    for v in (0.05, 0.1, 0.5, 1.0, 7.0):      # a value on a bound falls in that bucket (le)
+        h.observe(v)
+    reg.gauge("t_up", "up").value = 1
+    families = parse_exposition(reg.expose().decode())
+    assert value(families, "t_events_total", what=odd) == 2
+    assert value(families, "t_events_total", what="plain") == 1
+    assert families["t_events_total"]["help"] == "help with \\\\ and\\nnewline"
+    assert [value(families, "t_seconds_bucket", le=le) for le in ("0.1", "1.0", "+Inf")] == [2, 4, 5]
+    assert value(families, "t_seconds_sum") == pytest.approx(8.65) and value(families, "t_up") == 1
+    with pytest.raises(ValueError):
+        reg.counter("t_events_total", "again")
+
+
+def test_process_metrics_parse_and_are_plausible():
+    cbox.refresh_process_metrics()
+    families = parse_exposition(cbox.METRICS.expose().decode())
+    assert value(families, "cbox_process_resident_memory_bytes") > 1 << 20
+    assert value(families, "cbox_process_open_fds") >= 3
+    assert value(families, "cbox_process_start_time_seconds") <= time.time()
+    assert all(name.startswith("cbox_") for name in families)
+
+
+def test_guest_stats_passes_on_only_checked_fields():
+    good = {"memTotalBytes": 1 << 30, "memAvailableBytes": 1 << 29, "load1": 0.5, "load5": 1, "load15": 0.0,
+            "rootDisk": {"totalBytes": 10, "usedBytes": 5}, "stateDisk": None, "uptimeS": 3.5, "extra": "x" * 100}
+    out = cbox.guest_stats(json.dumps(good).encode())
+    assert out == {k: v for k, v in good.items() if k != "extra"}
+    hostile = {"memTotalBytes": "1", "memAvailableBytes": -1, "load1": True, "load5": 1e400, "load15": 2 ** 70,
+               "rootDisk": {"totalBytes": 1.5, "usedBytes": [1], "more": 1}, "stateDisk": "full", "uptimeS": None}
+    out = cbox.guest_stats(json.dumps(hostile).encode().replace(b"1e400", b"Infinity"))
+    assert out == {"memTotalBytes": None, "memAvailableBytes": None, "load1": None, "load5": None, "load15": None,
+                   "rootDisk": {"totalBytes": None, "usedBytes": None}, "stateDisk": None, "uptimeS": None}
+    for bad in (b"[1]", b"not json", b"[" * 100000 + b"]" * 100000, b'{"load1": NaN}'[:0] + b"\xff"):
+        with pytest.raises(cbox.AgentError) as e:
+            cbox.guest_stats(bad)
+        assert e.value.status == 502
+
+
+def test_agent_stats_outside_a_vm():
+    stats = guest_agent.system_stats()
+    assert stats["memTotalBytes"] > 0 and 0 < stats["memAvailableBytes"] <= stats["memTotalBytes"]
+    assert min(stats["load1"], stats["load5"], stats["load15"]) >= 0 and stats["uptimeS"] > 0
+    assert 0 < stats["rootDisk"]["usedBytes"] <= stats["rootDisk"]["totalBytes"]
+    assert stats["stateDisk"] is None          # no disk with serial cbox-rootfs here: not a VM
+
+
+def test_exec_fields_read_only_the_agents_keys():
+    output = 'x\\"exitCode\\":99, "timedOut":true' * 3         # as the agent escapes it inside a string
+    body = json.dumps({"execId": "e1", "running": False, "output": output, "stdout": output * 2000,
+                       "exitCode": 3, "signal": None, "timedOut": False, "durationMs": 12.5,
+                       "oomKilled": True}, separators=(",", ":")).encode()
+    fields = cbox.exec_fields(cbox.answer_text_for_fields(body))
+    assert len(body) > 8192 and fields == {"execId": "e1", "running": False, "exitCode": 3, "signal": None,
+                                           "timedOut": False, "durationMs": 12.5, "oomKilled": True}
+
+
+def test_event_log_ring_since_and_wait():
+    log = cbox.EventLog(size=3)
+    assert log.after(0) == ([], False, 0)
+    for i in range(5):
+        log.publish("exec.finished", "vm", n=i)
+    events, missed, nxt = log.after(0)        # 1 and 2 left the ring
+    assert [e["id"] for e in events] == [3, 4, 5] and missed and nxt == 5
+    assert [e["id"] for e in log.after(3)[0]] == [4, 5] and not log.after(3)[1]
+    assert log.after(5) == ([], False, 5)
+    events, missed, nxt = log.after(77)       # not an id of this run: cbox.py restarted
+    assert [e["id"] for e in events] == [3, 4, 5] and missed and nxt == 5
+    assert set(events[0]) == {"id", "type", "vmName", "time", "n"} and events[0]["time"].endswith("Z")
+
+    async def waiting():
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.05, log.publish, "vm.started", "w")
+        t0 = time.monotonic()
+        await log.wait(10)
+        woke = time.monotonic() - t0
+        await log.wait(0.05)                  # nothing published: the timeout ends it
+        return woke
+    assert asyncio.run(waiting()) < 5 and log.after(5)[0][0]["type"] == "vm.started" and not log.waiters
