@@ -311,3 +311,187 @@ def test_event_log_ring_since_and_wait():
         await log.wait(0.05)                  # nothing published: the timeout ends it
         return woke
     assert asyncio.run(waiting()) < 5 and log.after(5)[0][0]["type"] == "vm.started" and not log.waiters
+
+
+# ---- with cbox.py and the stand-in hypervisor ---------------------------------------
+
+@pytest.fixture
+def receivers(netns):
+    """HTTP servers in the test namespace: reply(body) -> (status, bytes); each records its calls."""
+    made = []
+
+    def make(reply=lambda body: (200, b'{"ok": true}'), listener=None):
+        server = CallbackURLServer(listener or netns.listen(("127.0.0.1", 0)), reply)
+        made.append(server)
+        return server
+    yield make
+    for server in made:
+        server.close()
+
+
+def scrape(api):
+    status, text = api.get("/v1/metrics")
+    assert status == 200, text
+    return parse_exposition(text)
+
+
+def callback_reply(body):
+    if body["method"] == "fail":
+        return 500, b"down for maintenance"
+    return 200, json.dumps({"result": body["params"]}).encode()
+
+
+def wait_for(cond, timeout=20.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_metrics_and_events_of_a_run(cbox_factory, receivers, netns):
+    events_rx, cb = receivers(), receivers(callback_reply)
+    server = cbox_factory(events_url=events_rx.url, api_token="s3cret").start()
+    api = server.api
+    status, _ = api.request("GET", "/v1/metrics", headers={"Authorization": "Bearer wrong"})
+    assert status == 401
+    sock = netns.connect(("127.0.0.1", 7000))     # the content type, exactly
+    sock.sendall(b"GET /v1/metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\nConnection: close\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(65536)
+    sock.close()
+    assert b"\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n" in head
+    before = scrape(api)
+
+    api.start_vm("m1", callbackUrl=cb.url)
+    assert api.exec("m1", "true")["exitCode"] == 0
+    assert api.exec("m1", "exit 3")["exitCode"] == 3
+    assert api.exec("m1", "sleep 10", timeout=0.5)["timedOut"] is True
+    assert api.exec("m1", "head -c 300000 /dev/zero | tr '\\0' x; exit 4")["exitCode"] == 4   # a streamed answer
+    r = api.exec("m1", """cbox_callback echo '{"n": 1}'; cbox_callback fail""")
+    assert r["stdout"].strip() == '{"n": 1}' and "HTTP 500" in r["stderr"]
+    status, bg = api.post("/v1/vms/m1/exec", {"cmd": "sleep 0.3; exit 7", "blocking": False})
+    assert status == 200 and bg["running"] is True
+    wait_for(lambda: api.get(f"/v1/vms/m1/exec/{bg['execId']}")[1]["running"] is False, what="background exec")
+    assert api.get(f"/v1/vms/m1/exec/{bg['execId']}")[1]["exitCode"] == 7     # seen finished twice: counted once
+    assert api.delete(f"/v1/vms/m1/exec/{bg['execId']}")[0] == 200
+
+    netns.run("ip", "tuntap", "add", "dev", "cbt4", "mode", "tap")     # the next VM's tap name is taken
+    status, body = api.post("/v1/vms", {"vmName": "broken"})
+    assert status == 500 and "step tap" in body["error"]
+
+    status, stats = api.get("/v1/vms/m1/stats")
+    assert status == 200, stats
+    guest, vmm = stats["guest"], stats["vmm"]
+    assert guest["memTotalBytes"] > 0 and 0 < guest["memAvailableBytes"] <= guest["memTotalBytes"]
+    assert guest["load1"] >= 0 and guest["uptimeS"] > 0 and guest["rootDisk"]["totalBytes"] > 0
+    assert vmm["rssBytes"] > 1 << 20 and vmm["cpuSeconds"] > 0
+    assert api.get("/v1/vms/nope/stats")[0] == 404
+
+    after = scrape(api)
+
+    def delta(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+    assert delta("cbox_vm_starts_total") == 2 and delta("cbox_vm_start_failures_total") == 1
+    assert delta("cbox_vm_boot_seconds_count") == 1 and delta("cbox_vm_boot_seconds_sum") > 0
+    assert value(after, "cbox_vms", status="RUNNING") == 1 and value(after, "cbox_vms", status="FAILED") == 0
+    assert delta("cbox_execs_started_total") == 6
+    assert delta("cbox_execs_finished_total") == 6 and delta("cbox_exec_duration_seconds_count") == 6
+    assert delta("cbox_execs_timed_out_total") == 1 and delta("cbox_execs_oom_killed_total") == 0
+    assert delta("cbox_callbacks_total", outcome="ok") == 1 and delta("cbox_callbacks_total", outcome="error") == 1
+    assert delta("cbox_callback_duration_seconds_count") == 2
+    assert delta("cbox_callback_bridge_events_total", event="callbacks") == 2
+    exec_route = {"route": "/v1/vms/{name}/exec", "method": "POST"}
+    assert delta("cbox_http_requests_total", status="200", **exec_route) == 6
+    assert delta("cbox_http_requests_total", route="/v1/vms", method="POST", status="500") == 1
+    assert delta("cbox_http_requests_total", route="/v1/vms/{name}/stats", method="GET", status="404") == 1
+    assert value(after, "cbox_http_requests_total", route="/v1/metrics", method="GET", status="401") == 1
+    assert value(after, "cbox_process_resident_memory_bytes") > 1 << 20
+    assert value(after, "cbox_process_open_fds") > 3 and value(after, "cbox_process_uptime_seconds") > 0
+    assert delta("cbox_events_total", type="exec.finished") == 6
+
+    # the VM's hypervisor dies: vm.stopped; then DELETE: vm.destroyed
+    record = json.loads((server.state_dir / "vms" / "m1.json").read_text())
+    netns.run("kill", "-9", str(record["pid"]))
+    wait_for(lambda: api.get("/v1/vms/m1")[1]["status"] == "FAILED", what="the VM to stop")
+    assert api.delete("/v1/vms/m1")[0] == 200
+
+    status, polled = api.get("/v1/events?since=0")
+    assert status == 200 and polled["missed"] is False
+    events = polled["events"]
+    assert polled["next"] == events[-1]["id"] and [e["id"] for e in events] == list(range(1, len(events) + 1))
+    assert [e["type"] for e in events] == ["vm.started"] + ["exec.finished"] * 4 + ["callback.failed"] + \
+        ["exec.finished"] * 2 + ["vm.stopped", "vm.destroyed"]
+    assert all(e["vmName"] == "m1" and e["time"].endswith("Z") for e in events)
+    finished = [e for e in events if e["type"] == "exec.finished"]
+    assert [(e["exitCode"], e["timedOut"]) for e in finished] == [(0, False), (3, False), (None, True), (4, False),
+                                                                   (1, False), (7, False)]
+    assert finished[-1]["execId"] == bg["execId"] and all(e["execId"] for e in finished)
+    assert all(isinstance(e["durationMs"], (int, float)) for e in finished)
+    failed = next(e for e in events if e["type"] == "callback.failed")
+    assert failed["method"] == "fail" and "HTTP 500" in failed["error"]
+    stopped = next(e for e in events if e["type"] == "vm.stopped")
+    assert stopped["stopReason"] == "killed" and stopped["status"] == "FAILED"
+    assert events[-1]["stopReason"] == "killed"
+    assert events[0]["ip"] == "10.20.1.2/24" and events[0]["bootMs"] > 0
+    wait_for(lambda: len(events_rx.calls) == len(events), what="delivery to events_url")
+    assert events_rx.calls == events          # one POST per event, in order
+    final = scrape(api)
+    assert value(final, "cbox_events_delivered_total") == len(events)
+    assert value(final, "cbox_events_dropped_total") == 0 and value(final, "cbox_events_queued") == 0
+    assert value(final, "cbox_vm_stops_total", reason="killed") == 1
+    server.assert_clean()
+
+
+def test_events_long_poll_and_bad_parameters(cbox_factory, netns):
+    server = cbox_factory(events_ring_size=2).start()
+    api = server.api
+    for query in ("since=x", "since=-1", "wait=61", "wait=-1", "wait=nan", "wait=abc", "foo=1",
+                  "since=1&since=2"):
+        status, body = api.get(f"/v1/events?{query}")
+        assert status == 400 and body["error"], query
+    assert api.get("/v1/events") == (200, {"events": [], "next": 0, "missed": False})
+
+    answers = []
+    poll = threading.Thread(target=lambda: answers.append(api.get("/v1/events?since=0&wait=30")))
+    t0 = time.monotonic()
+    poll.start()
+    time.sleep(0.3)
+    assert not answers                          # waiting for the first event
+    api.start_vm("p1")
+    poll.join(30)
+    status, body = answers[0]
+    assert status == 200 and [e["type"] for e in body["events"]] == ["vm.started"] and body["next"] == 1
+    assert time.monotonic() - t0 < 25
+    t0 = time.monotonic()
+    assert api.get("/v1/events?since=1&wait=0.3") == (200, {"events": [], "next": 1, "missed": False})
+    assert time.monotonic() - t0 >= 0.25
+    api.exec("p1", "true")
+    api.exec("p1", "true")                      # 3 events, the ring keeps 2
+    status, body = api.get("/v1/events?since=0")
+    assert [e["id"] for e in body["events"]] == [2, 3] and body["missed"] is True and body["next"] == 3
+    status, body = api.get("/v1/events?since=1000")     # an id of an earlier run of cbox.py
+    assert [e["id"] for e in body["events"]] == [2, 3] and body["missed"] is True
+    assert api.delete("/v1/vms/p1")[0] == 200
+
+
+def test_events_url_down_is_retried_then_dropped_without_blocking(cbox_factory, receivers, netns):
+    spare = netns.listen(("127.0.0.1", 0))
+    port = spare.getsockname()[1]
+    spare.close()                                # nothing listens there for now
+    server = cbox_factory(events_url=f"http://127.0.0.1:{port}/events", events_retry_s=1).start()
+    api = server.api
+    api.start_vm("d1")                           # vm.started: retried, then dropped
+    assert api.exec("d1", "echo fine")["stdout"] == "fine\n"      # the API does not wait for the receiver
+    wait_for(lambda: value(scrape(api), "cbox_events_dropped_total") == 2, what="the drop")
+    families = scrape(api)
+    assert value(families, "cbox_events_delivery_failures_total") >= 2
+    assert value(families, "cbox_events_delivered_total") == 0
+    assert "events_url failed; retrying" in server.log() and "events dropped" in server.log()
+    rx = receivers(listener=netns.listen(("127.0.0.1", port)))   # the receiver comes back
+    api.exec("d1", "exit 5")
+    wait_for(lambda: rx.calls, what="delivery after the receiver came back")
+    assert [(e["type"], e["exitCode"]) for e in rx.calls] == [("exec.finished", 5)]
+    assert api.delete("/v1/vms/d1")[0] == 200
+    wait_for(lambda: len(rx.calls) == 2, what="vm.destroyed")
+    assert value(scrape(api), "cbox_events_dropped_total") == 2
