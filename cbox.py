@@ -3472,7 +3472,7 @@ class RestServer:
         ]
         self.route_names = {pattern: route_name(pattern) for pattern, _ in self.routes}
         METRICS.on_scrape("process", refresh_process_metrics)
-        METRICS.on_scrape("vms", self.refresh_vm_metrics)
+        METRICS.on_scrape("vms", self.refresh_server_metrics)
 
     async def start(self):
         self.server = await asyncio.start_server(self.connection, self.cfg.host, self.cfg.port,
@@ -3680,7 +3680,7 @@ class RestServer:
     async def metrics(self, req):
         return 200, METRICS.expose(), Registry.CONTENT_TYPE
 
-    def refresh_vm_metrics(self):
+    def refresh_server_metrics(self):
         counts = dict.fromkeys(("CREATED", "RUNNING", "STOPPED", "FAILED"), 0)
         for vm in list(self.manager.vms.values()):
             counts[vm.status] = counts.get(vm.status, 0) + 1
