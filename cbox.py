@@ -396,8 +396,18 @@ HTTP_METHODS = frozenset(("GET", "POST", "PUT", "DELETE", "HEAD", "PATCH", "OPTI
 
 # ---- events: numbered, kept in a ring (GET /v1/events), handed to sinks (events_url) ----
 
+EVENT_SECOND = (None, "")      # the second of the last event and its "YYYY-MM-DDTHH:MM:SS"
+
+
 def event_time():
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """UTC as RFC 3339 with milliseconds; strftime runs once a second (as in log_time)."""
+    global EVENT_SECOND
+    now = time.time()
+    second, text = EVENT_SECOND
+    if second != int(now):
+        second, text = int(now), time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+        EVENT_SECOND = (second, text)
+    return f"{text}.{int((now - second) * 1000):03d}Z"
 
 
 class EventLog:
@@ -1000,6 +1010,50 @@ class HttpClient:
                 self.release(reader, writer, rheaders.get("connection", "").lower() != "close")
             return result
 
+    async def post_pipelined(self, target, bodies, timeout, headers):
+        """POST each of `bodies` (with headers[i]) on one connection, all written at once,
+        answers read in order (HTTP/1.1 pipelining, RFC 9112 section 9.3.2): one wake-up of
+        the loop for many small POSTs. Returns the statuses of the answers read, in order,
+        fewer than the bodies when the connection failed or closed midway; HttpError when
+        none was read. Bodies without an answer may have been received (resend them)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        message = b"".join(
+            (f"POST {target} HTTP/1.1\r\nHost: {self.host_header}\r\nContent-Type: application/json\r\n"
+             f"Content-Length: {len(body)}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in (extra or {}).items())
+             + "\r\n").encode("latin-1") + body for body, extra in zip(bodies, headers))
+        while True:
+            reused, statuses, reusable = bool(self.idle), [], True
+            try:
+                reader, writer = self.idle.pop() if reused else await within(timeout, self._open())
+            except asyncio.TimeoutError as e:
+                raise HttpError(f"timed out after {fmt_seconds(timeout)}") from e
+            self.busy.add(writer)
+            try:
+                writer.write(message)
+                if self.quick_ack:
+                    quick_ack(writer)
+                while len(statuses) < len(bodies) and reusable:
+                    status, rheaders, _ = await within(max(deadline - loop.time(), 0.0),
+                                                       self._read_response(reader, writer, "POST", deadline))
+                    statuses.append(status)
+                    reusable = rheaders.get("connection", "").lower() != "close"
+            except (HttpError, OSError, asyncio.IncompleteReadError, EOFError, ValueError,
+                    asyncio.LimitOverrunError, asyncio.TimeoutError) as e:
+                self.drop(writer)
+                if statuses:
+                    return statuses
+                # a reused connection the server closed meanwhile: once more on a new one
+                if reused and not self.closed and isinstance(e, (ConnectionError, asyncio.IncompleteReadError, EOFError)):
+                    continue
+                raise HttpError(str(e) or type(e).__name__ if not isinstance(e, asyncio.TimeoutError)
+                                else f"timed out after {fmt_seconds(timeout)}") from e
+            except BaseException:
+                self.drop(writer)
+                raise
+            self.release(reader, writer, reusable)
+            return statuses
+
     def release(self, reader, writer, reusable):
         """A connection whose answer was read whole: back to the pool, or closed."""
         self.busy.discard(writer)
@@ -1109,15 +1163,18 @@ def outbound_headers(body, vm_name=None):
 
 
 EVENTS_QUEUE_MAX = 10000            # events waiting for events_url; more are dropped (counted)
+EVENTS_PIPELINE = 64                # events POSTed back to back before their answers are read
 EVENTS_BACKOFF_S = (0.5, 30.0)      # first and largest pause between attempts
 
 
 class EventSender:
     """Delivers each event to events_url: one POST per event, body the event's JSON, in
-    order, by one task on a keep-alive connection. A failed POST (no 2xx answer) is retried
-    with a doubling pause for events_retry_s, then that event and every other one waiting
-    longer are dropped, as are events arriving while EVENTS_QUEUE_MAX wait. put() only
-    appends: the API and the VMs never wait for the receiver."""
+    order, by one task on a keep-alive connection; the events waiting (at most
+    EVENTS_PIPELINE) go out back to back, pipelined, so a busy host pays one wake-up for
+    many. A failed POST (no 2xx answer) is retried, with the ones after it, with a
+    doubling pause for events_retry_s, then that event and every other one waiting longer
+    are dropped, as are events arriving while EVENTS_QUEUE_MAX wait. put() only appends:
+    the API and the VMs never wait for the receiver. Delivery is at least once."""
 
     def __init__(self, cfg):
         self.url, self.retry_s, self.timeout = cfg.events_url, cfg.events_retry_s, cfg.callback_timeout_s
@@ -1146,34 +1203,38 @@ class EventSender:
                 self.wake.clear()
                 await self.wake.wait()
                 continue
-            if await self.deliver(self.queue[0][1]):
+            batch = [event for _, event in itertools.islice(self.queue, EVENTS_PIPELINE)]
+            delivered, error = await self.deliver(batch)
+            for _ in range(delivered):
                 self.queue.popleft()
-                pause = EVENTS_BACKOFF_S[0]
-            else:
-                self.drop_expired()
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, EVENTS_BACKOFF_S[1])
             M_EVENTS_QUEUED.value = len(self.queue)
+            if delivered:               # progress: whatever failed after it goes again at once
+                pause = EVENTS_BACKOFF_S[0]
+                if self.failing and not error:
+                    log("events_url answers again", url=self.url)
+                    self.failing = None
+                continue
+            M_EVENTS_FAILED.inc()
+            if self.failing is None:    # one line per outage, not one per attempt
+                log("events_url failed; retrying", url=self.url, error=repr(error), retry_s=f"{self.retry_s:g}")
+            self.failing = error
+            self.drop_expired()
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, EVENTS_BACKOFF_S[1])
 
-    async def deliver(self, event):
-        body = json_bytes(event)
+    async def deliver(self, events):
+        """(how many of `events`, from the first, were answered 2xx; the error after them or None)."""
+        bodies = [json_bytes(event) for event in events]
+        headers = [outbound_headers(body, event.get("vmName")) for body, event in zip(bodies, events)]
         try:
-            status, _, _ = await self.client.request("POST", self.target, body, timeout=self.timeout,
-                                                     headers=outbound_headers(body, event.get("vmName")))
-            error = None if 200 <= status < 300 else f"HTTP {status}"
+            statuses = await self.client.post_pipelined(self.target, bodies, self.timeout, headers)
         except HttpError as e:
-            error = str(e)
-        if error is None:
-            M_EVENTS_DELIVERED.inc()
-            if self.failing:
-                log("events_url answers again", url=self.url)
-                self.failing = None
-            return True
-        M_EVENTS_FAILED.inc()
-        if self.failing is None:       # one line per outage, not one per attempt
-            log("events_url failed; retrying", url=self.url, error=repr(error), retry_s=f"{self.retry_s:g}")
-        self.failing = error
-        return False
+            return 0, str(e)
+        delivered = next((i for i, status in enumerate(statuses) if not 200 <= status < 300), len(statuses))
+        M_EVENTS_DELIVERED.inc(delivered)
+        if delivered < len(statuses):
+            return delivered, f"HTTP {statuses[delivered]}"
+        return delivered, None if delivered == len(events) else "connection closed before every answer"
 
     def drop_expired(self):
         horizon = time.monotonic() - self.retry_s
@@ -3057,6 +3118,8 @@ class VM:
 BACKGROUND_TRACKED = 1024      # background execs per VM waiting to be seen finished (oldest forgotten)
 EXEC_FIELD = re.compile(rb'"(execId|exitCode|signal|timedOut|oomKilled|durationMs|running)":[ ]?'
                         rb'(true|false|null|-?[0-9][0-9.eE+-]{0,30}|"[^"\\]{0,128}")')
+EXEC_KEYS = {k.encode(): k for k in ("execId", "exitCode", "signal", "timedOut", "oomKilled", "durationMs", "running")}
+EXEC_LITERALS = {b"true": True, b"false": False, b"null": None}
 EXEC_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -3066,9 +3129,14 @@ def exec_fields(text):
     them (its first ones the execId). Inside a JSON string every '"' is escaped, so
     '"exitCode":' only matches a key; the last match of a key wins."""
     fields = {}
-    for key, value in EXEC_FIELD.findall(text):
-        with contextlib.suppress(ValueError):
-            fields[key.decode()] = json.loads(value)
+    for key, value in EXEC_FIELD.findall(text):     # values converted here: json.loads is 10x dearer
+        if value in EXEC_LITERALS:
+            fields[EXEC_KEYS[key]] = EXEC_LITERALS[value]
+        elif value[0] == 0x22:
+            fields[EXEC_KEYS[key]] = value[1:-1].decode()
+        else:
+            with contextlib.suppress(ValueError):
+                fields[EXEC_KEYS[key]] = int(value) if value.lstrip(b"-").isdigit() else float(value)
     return fields
 
 
@@ -3355,17 +3423,15 @@ class VMManager:
         """Count an exec result that shows its exec finished and publish exec.finished, once per
         exec: a blocking exec's answer (a large one once it was passed on whole), a background
         exec's first status or kill answer with "running": false."""
-        def seen(text):
-            fields = exec_fields(text)
-            if background_id is not None:       # a status or kill answer: the exec may still run
-                if fields.get("running") is not False or background_id not in vm.background:
-                    return
-                del vm.background[background_id]
-            self.exec_finished(vm, fields, background_id)
         if isinstance(answer, BodyStream):
-            answer.then = lambda head, tail: seen(head + b"\n" + tail)
-        else:
-            seen(answer_text_for_fields(answer))
+            answer.then = lambda head, tail: self.on_exec_answer(vm, head + b"\n" + tail, background_id)
+            return
+        fields = exec_fields(answer_text_for_fields(answer))
+        if background_id is not None:       # a status or kill answer: the exec may still run
+            if fields.get("running") is not False or background_id not in vm.background:
+                return
+            del vm.background[background_id]
+        self.exec_finished(vm, fields, background_id)
 
     @staticmethod
     def exec_finished(vm, fields, exec_id=None):

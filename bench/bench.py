@@ -10,6 +10,9 @@ run. Prints a table and writes it to bench/results.md.
     sudo python3 bench/bench.py --only realboot  # real boots of out/ images under QEMU
     sudo python3 bench/bench.py --only hostile   # a hostile guest vs a healthy VM's execs
                                                  # (rewrites only its section of results.md)
+    sudo python3 bench/bench.py --only monitoring  # exec throughput with metrics scraped and
+                                                 # events_url set vs a cbox.py without them
+                                                 # (rewrites only its section of results.md)
 
 Needs root, iproute2 and iptables. Everything runs inside a network namespace
 the script creates (`cbbench<random>`): cbox.py, its bridge and taps, the
@@ -25,6 +28,7 @@ microvm, software emulation unless CBOX_QEMU_ACCEL=kvm), in the same namespace.
 It is skipped, with a note in the table, when the images or QEMU are missing.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -47,7 +51,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 STANDIN = REPO / "tests" / "fake_chv.py"
-BENCHES = ("exec", "throughput", "callback", "start", "density", "output", "realboot", "hostile")
+BENCHES = ("exec", "throughput", "callback", "start", "density", "output", "realboot", "hostile", "monitoring")
 OUT = REPO / "out"
 IMAGES = (("kernel", OUT / "vmlinuz"), ("initramfs", OUT / "initramfs.cpio.gz"), ("rootfs", OUT / "rootfs.ext4"))
 MB = 1 << 20
@@ -329,15 +333,16 @@ def agent_server_pid(run_dir, cid):
 class Cbox:
     """cbox.py serving inside the bench namespace with the stand-in hypervisor."""
 
-    def __init__(self, bench, label, profile_to=None, agent=None, env=None, **overrides):
-        self.bench, self.ns = bench, bench.ns
+    def __init__(self, bench, label, profile_to=None, agent=None, env=None, ns=None, cbox_py=None, **overrides):
+        self.bench, self.ns = bench, ns or bench.ns
+        self.cbox_py = cbox_py or bench.cbox_py
         self.dir = bench.tmp / label
         self.dir.mkdir(parents=True, exist_ok=True)
         images = bench.tmp / "images"
         images.mkdir(exist_ok=True)
         for name in ("vmlinux", "initramfs.img", "rootfs.ext4"):
             (images / name).write_bytes(b"stand-in image\n")
-        self.run_dir = bench.run_dir
+        self.run_dir = Path(overrides.get("run_dir", bench.run_dir))
         self.settings = {
             "host": "127.0.0.1", "port": 7000, "state_dir": str(self.dir / "state"), "run_dir": str(self.run_dir),
             "bridge_name": "cbox0", "bridge_ip": "10.20.1.1/24", "bridge_subnet": "10.20.1.0/24",
@@ -367,7 +372,7 @@ class Cbox:
         prof = ["-m", "cProfile", "-o", str(self.profile_to)] if self.profile_to else []
         self.logf = open(self.log_path, "ab")
         self.proc = subprocess.Popen(["ip", "netns", "exec", self.ns.name, sys.executable, *prof,
-                                      str(self.bench.cbox_py), "serve", "--config", str(self.config)],
+                                      str(self.cbox_py), "serve", "--config", str(self.config)],
                                      stdout=self.logf, stderr=subprocess.STDOUT, env=env, cwd=str(self.dir))
         self.pid = self.proc.pid              # `ip netns exec` execs the command: same pid
         deadline = time.monotonic() + timeout
@@ -612,6 +617,104 @@ sys.exit(guest_agent.main([guest_agent.__file__] + sys.argv[1:]))
 '''
 
 
+def hammer(fns, seconds):
+    """Run fns[i] in thread i for `seconds`; returns completed calls."""
+    clients = len(fns)
+    counts, errors = [0] * clients, []
+    start = threading.Barrier(clients + 1)
+    stop_at = [0.0]
+
+    def worker(i):
+        start.wait()
+        try:
+            while time.monotonic() < stop_at[0]:
+                fns[i]()
+                counts[i] += 1
+        except Exception as e:     # reported below
+            errors.append(repr(e))
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(clients)]
+    for t in threads:
+        t.start()
+    stop_at[0] = time.monotonic() + seconds
+    start.wait()
+    for t in threads:
+        t.join(seconds + 120)
+    if errors:
+        raise RuntimeError(f"{len(errors)} client(s) failed: {errors[0]}")
+    return sum(counts)
+
+
+def exec_client(connect, path):
+    """A keep-alive client's call: POST {"cmd": "true"} to `path`, checked."""
+    c, body = Http(connect), json.dumps({"cmd": "true"}).encode()
+
+    def once():
+        status, data = c.request("POST", path, body)
+        if status != 200 or b'"exitCode":0' not in data:
+            raise RuntimeError(f"HTTP {status} {data[:200]!r}")
+    return once
+
+
+# An events_url receiver as lean as a receiver can be (its CPU shares the machine with what is
+# measured): one thread per connection, requests framed by Content-Length, a fixed 200 answer.
+# GET answers the number of POSTs received. Prints its port, then serves until killed.
+EVENTS_RECEIVER = r"""
+import socket, sys, threading
+count = [0]
+def serve(conn):
+    buf = b""
+    while True:
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            data = conn.recv(262144)
+            if not data:
+                return
+            buf += data
+            continue
+        head = buf[:end].lower()
+        at = head.find(b"content-length:")
+        stop = head.find(b"\r\n", at)
+        length = int(head[at + 15:stop if stop > 0 else None]) if at >= 0 else 0
+        while len(buf) < end + 4 + length:
+            data = conn.recv(262144)
+            if not data:
+                return
+            buf += data
+        buf = buf[end + 4 + length:]
+        if head.startswith(b"get"):
+            text = str(count[0]).encode()
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(text), text))
+        else:
+            count[0] += 1
+            conn.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen(16)
+print(listener.getsockname()[1], flush=True)
+while True:
+    conn, _ = listener.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+"""
+
+
+def baseline_cbox(spec, dest):
+    """The cbox.py to compare with: a file, a git revision, or (default) the parent of the commit
+    that brought the metrics registry (`git log -S`), written to `dest`."""
+    if spec and Path(spec).is_file():
+        return Path(spec).resolve(), spec
+    rev = spec
+    if not rev:
+        first = run("git", "-C", str(REPO), "log", "--reverse", "--format=%H", "-S", "METRICS = Registry()",
+                    "--", "cbox.py").stdout.split()
+        if not first:
+            raise RuntimeError("no commit brought the metrics registry: give --baseline")
+        rev = first[0] + "^"
+    dest.write_text(run("git", "-C", str(REPO), "show", f"{rev}:cbox.py").stdout)
+    label = run("git", "-C", str(REPO), "log", "-1", "--format=%h %s", rev).stdout.strip()
+    return dest, f"{rev} ({label[:70]})"
+
+
 class Bench:
     def __init__(self, args):
         self.args = args
@@ -749,49 +852,13 @@ class Bench:
         say(f"\n== exec throughput: {clients} clients over {nvms} VMs for {dur:g} s, floor: {clients} threads "
             f"(alternating in {slices} slices each, so load from elsewhere hits both alike)")
 
-        def hammer(fns, seconds):
-            """Run fns[i] in thread i for `seconds`; returns completed calls."""
-            counts, errors = [0] * clients, []
-            start = threading.Barrier(clients + 1)
-            stop_at = [0.0]
-
-            def worker(i):
-                start.wait()
-                try:
-                    while time.monotonic() < stop_at[0]:
-                        fns[i]()
-                        counts[i] += 1
-                except Exception as e:     # reported below
-                    errors.append(repr(e))
-            threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(clients)]
-            for t in threads:
-                t.start()
-            stop_at[0] = time.monotonic() + seconds
-            start.wait()
-            for t in threads:
-                t.join(seconds + 120)
-            if errors:
-                raise RuntimeError(f"{len(errors)} client(s) failed: {errors[0]}")
-            return sum(counts)
-
         floor_fns = [lambda: subprocess.run(["/bin/sh", "-c", "true"])] * clients
         with self.cbox("throughput") as srv:
             api = srv.client()
             for v in range(nvms):
                 api.json("POST", "/v1/vms", {"vmName": f"tp{v}"})
             frames = frame_path(api, [f"tp{v}" for v in range(nvms)])
-            body = json.dumps({"cmd": "true"}).encode()
-
-            def client_fn(i):
-                c = Http(srv.connect)
-                path = f"/v1/vms/tp{i % nvms}/exec"
-
-                def once():
-                    status, data = c.request("POST", path, body)
-                    if status != 200 or b'"exitCode":0' not in data:
-                        raise RuntimeError(f"HTTP {status} {data[:200]!r}")
-                return once
-            cbox_fns = [client_fn(i) for i in range(clients)]
+            cbox_fns = [exec_client(srv.connect, f"/v1/vms/tp{i % nvms}/exec") for i in range(clients)]
             for fn in cbox_fns:                     # warm up: connections open, agents busy once
                 fn()
             floor_n = cbox_n = 0
@@ -1526,6 +1593,117 @@ class Bench:
         self.sections["Hostile guest"] = "\n".join(table)
         say("\n" + "\n".join(table))
 
+    # -- monitoring: what metrics and events cost ----------------------------------------------------------
+
+    def bench_monitoring(self):
+        dur = self.args.duration or self.n(30.0, 6.0)      # per variant, in `rounds` slices
+        rounds = self.n(6, 2)
+        clients, nvms = 16, 4
+        baseline, baseline_label = baseline_cbox(self.args.baseline, self.tmp / "baseline-cbox.py")
+        say(f"\n== monitoring cost: exec throughput of three cbox.py, {clients} clients over {nvms} VMs each, "
+            f"{dur:g} s each in {rounds} rounds of rotating order; baseline {baseline_label}")
+        spaces, receiver, variants = [], None, []
+        try:
+            for label in ("baseline", "counted", "scraped+events"):
+                ns = Netns()                    # each its own: tap names and the port are the same
+                spaces.append(ns)
+                overrides = {"firewall": False, "run_dir": str(self.run_dir / label.replace("+", "-"))}
+                if label == "scraped+events":
+                    receiver = subprocess.Popen(["ip", "netns", "exec", ns.name, sys.executable, "-c",
+                                                 EVENTS_RECEIVER], stdout=subprocess.PIPE, text=True)
+                    port = int(receiver.stdout.readline())
+                    overrides["events_url"] = f"http://127.0.0.1:{port}/events"
+                srv = self.cbox(f"monitoring-{label.replace('+', '-')}", ns=ns,
+                                cbox_py=baseline if label == "baseline" else None, **overrides).start()
+                api = srv.client()
+                for v in range(nvms):
+                    api.json("POST", "/v1/vms", {"vmName": f"m{v}"})
+                api.close()
+                fns = [exec_client(srv.connect, f"/v1/vms/m{i % nvms}/exec") for i in range(clients)]
+                for fn in fns:                  # warm up: connections open, agents busy once
+                    fn()
+                variants.append({"label": label, "srv": srv, "fns": fns, "n": 0, "s": 0.0, "cbox_cpu": 0.0,
+                                 "all_cpu": 0.0, "scrapes": 0})
+            receiver_cpu = 0.0
+            for r in range(rounds):
+                for v in variants[r % 3:] + variants[:r % 3]:
+                    scraper, stop = None, threading.Event()
+                    if v["label"] == "scraped+events":
+                        scraper = threading.Thread(target=self.scrape_every_second, args=(v, stop), daemon=True)
+                        scraper.start()
+                        rx_before = sum(cpu_seconds(receiver.pid))
+                    before, t = cpu_by_role(v["srv"].pid), time.monotonic()
+                    v["n"] += hammer(v["fns"], dur / rounds)
+                    v["s"] += time.monotonic() - t
+                    after = cpu_by_role(v["srv"].pid)
+                    v["cbox_cpu"] += after["cbox.py"] - before["cbox.py"]
+                    v["all_cpu"] += sum(after.values()) - sum(before.values())
+                    if scraper:
+                        stop.set()
+                        scraper.join(30)
+                        receiver_cpu += sum(cpu_seconds(receiver.pid)) - rx_before
+            events = variants[2]
+            final = Http(events["srv"].connect).request("GET", "/v1/metrics")[1].decode()
+            figures = {m.group(1): float(m.group(2)) for m in
+                       re.finditer(r"^(cbox_events_(?:delivered|dropped)_total|cbox_events_total\{type=\"exec\.finished\"\}) (\S+)$",
+                                   final, re.M)}
+            time.sleep(1.0)                    # the last events reach the receiver
+            received = int(Http(connector(spaces[2].path, ("127.0.0.1", port))).request("GET", "/count")[1])
+        finally:
+            for v in variants:
+                v["srv"].stop()
+            if receiver:
+                receiver.kill()
+                receiver.wait()
+            for ns in spaces:
+                for pid in ns.pids():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                ns.delete()
+        base = variants[0]
+        rate0 = base["n"] / base["s"]
+        table = ["## Monitoring cost", "",
+                 f"Written by `python3 bench/bench.py --only monitoring` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} "
+                 f"UTC ({os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at the end). Three cbox.py "
+                 f"serve at once, each in a network namespace of its own with {nvms} VMs (stand-in, firewall off "
+                 f"in all three); {clients} keep-alive clients run `true` execs against one at a time, {dur / rounds:g} "
+                 f"s per slice, {rounds} rounds in rotating order, {dur:g} s each in all. Baseline: cbox.py of "
+                 f"{baseline_label}. `counted`: this cbox.py, every counter and histogram updated, nobody scraping. "
+                 "`scraped+events`: this cbox.py scraped every second (GET /v1/metrics) with `events_url` set to "
+                 "a lean receiver in the same namespace: a POST per event, so one per exec (exec.finished). "
+                 "Target: throughput at least 97% of the baseline's.", "",
+                 "| cbox.py | execs/s | vs baseline | result | cbox.py CPU ms/exec | all CPU ms/exec | notes |",
+                 "|---|---|---|---|---|---|---|"]
+        for v in variants:
+            rate = v["n"] / v["s"]
+            ratio = rate / rate0
+            notes = ""
+            if v is events:
+                delivered = figures.get("cbox_events_delivered_total", 0)
+                notes = (f"{v['scrapes']} scrapes; events delivered {delivered:.0f}, received {received}, dropped "
+                         f"{figures.get('cbox_events_dropped_total', 0):.0f}; receiver CPU "
+                         f"{receiver_cpu / max(v['n'], 1) * 1000:.3f} ms/exec (counted in all CPU: no)")
+            ok = None if v is base else ratio >= 0.97
+            table.append(f"| {v['label']} | {rate:.0f} | {ratio:.3f}x | {'-' if ok is None else 'PASS' if ok else 'FAIL'}"
+                         f" | {v['cbox_cpu'] / v['n'] * 1000:.3f} | {v['all_cpu'] / v['n'] * 1000:.3f} | {notes} |")
+            self.add(Row(f"monitoring: exec throughput, {v['label']}", rate, "execs/s",
+                         floor=None if v is base else rate0, ratio=None if v is base else ratio,
+                         target="-" if v is base else ">= 97% of baseline", ok=ok,
+                         notes=f"cbox.py CPU {v['cbox_cpu'] / v['n'] * 1000:.3f} ms/exec" + (f"; {notes}" if notes else ""),
+                         how="see the section 'Monitoring cost'"))
+        self.sections["Monitoring cost"] = "\n".join(table)
+        say("\n" + "\n".join(table))
+
+    @staticmethod
+    def scrape_every_second(variant, stop):
+        client = Http(variant["srv"].connect)
+        while not stop.wait(1.0):
+            status, text = client.request("GET", "/v1/metrics")
+            if status != 200 or b"cbox_execs_started_total" not in text:
+                raise RuntimeError(f"scrape: HTTP {status}")
+            variant["scrapes"] += 1
+        client.close()
+
     # -- report -------------------------------------------------------------------------------------------
 
     def report(self, started):
@@ -1603,6 +1781,8 @@ def main(argv=None):
                    help="cmdline_extra for the realboot run (default none, as config.yaml), e.g. quiet")
     p.add_argument("--out", help="results file (default bench/results.md; '-' writes none)")
     p.add_argument("--cbox", help="cbox.py to measure (default: the one beside bench/), e.g. to compare a change")
+    p.add_argument("--baseline", help="monitoring: the cbox.py to compare with, a file or a git revision "
+                                      "(default: the parent of the commit that brought the metrics registry)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, profiles)")
     args = p.parse_args(argv)
     only = [x.strip() for x in args.only.split(",") if x.strip()] or list(BENCHES)

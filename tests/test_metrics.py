@@ -495,3 +495,49 @@ def test_events_url_down_is_retried_then_dropped_without_blocking(cbox_factory, 
     assert api.delete("/v1/vms/d1")[0] == 200
     wait_for(lambda: len(rx.calls) == 2, what="vm.destroyed")
     assert value(scrape(api), "cbox_events_dropped_total") == 2
+
+
+def test_event_sender_pipelines_and_resends_what_was_not_answered():
+    """Events go out pipelined; a receiver that closes midway or answers 500 gets the rest
+    again, in order (at least once), and the 500 costs one retry pause."""
+    received, refused = [], set()
+
+    async def receiver(reader, writer):
+        answered = 0
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(re.search(rb"content-length: *(\d+)", head.lower()).group(1))
+            event = json.loads(await reader.readexactly(length))
+            received.append(event["id"])
+            answered += 1
+            if event["id"] == 4 and 4 not in refused:
+                refused.add(4)
+                writer.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n")
+            elif len(received) == 2:        # the first connection ends after two answers
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                await writer.drain()
+                writer.close()
+                return
+            else:
+                writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+
+    async def scenario():
+        server = await asyncio.start_server(receiver, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        cfg = type("Cfg", (), {"events_url": f"http://127.0.0.1:{port}/ev", "events_retry_s": 30.0,
+                               "callback_timeout_s": 5.0})()
+        sender = cbox.EventSender(cfg)
+        delivered0 = cbox.M_EVENTS_DELIVERED.value
+        for i in range(1, 7):
+            sender.put({"id": i, "type": "t", "vmName": "v"})
+        for _ in range(200):
+            if cbox.M_EVENTS_DELIVERED.value - delivered0 == 6 and not sender.queue:
+                break
+            await asyncio.sleep(0.05)
+        sender.close()
+        server.close()
+        return cbox.M_EVENTS_DELIVERED.value - delivered0
+    assert asyncio.run(scenario()) == 6
+    first = [i for n, i in enumerate(received) if i not in received[:n]]
+    assert first == [1, 2, 3, 4, 5, 6] and received.count(4) == 2 and received[:2] == [1, 2]
+    assert set(received) == set(range(1, 7))
