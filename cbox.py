@@ -1248,7 +1248,12 @@ class EventSender:
             M_EVENTS_DROPPED.inc(dropped)
             log("events dropped: events_url failed for longer than events_retry_s", url=self.url, dropped=dropped)
 
-    def close(self):
+    async def finish(self, timeout):
+        """cbox.py stops: the events still waiting get `timeout` seconds to go out (unless the
+        receiver is failing), then the sender stops."""
+        deadline = time.monotonic() + timeout
+        while self.queue and not self.failing and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         self.task.cancel()
         self.client.close()
 
@@ -3852,7 +3857,7 @@ async def serve(cfg):
     await server.stop()
     await manager.shutdown()
     if sender:
-        sender.close()
+        await sender.finish(2.0)
     log("stopped")
 
 

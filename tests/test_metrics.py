@@ -534,10 +534,19 @@ def test_event_sender_pipelines_and_resends_what_was_not_answered():
             if cbox.M_EVENTS_DELIVERED.value - delivered0 == 6 and not sender.queue:
                 break
             await asyncio.sleep(0.05)
-        sender.close()
+        await sender.finish(0)
         server.close()
         return cbox.M_EVENTS_DELIVERED.value - delivered0
     assert asyncio.run(scenario()) == 6
     first = [i for n, i in enumerate(received) if i not in received[:n]]
     assert first == [1, 2, 3, 4, 5, 6] and received.count(4) == 2 and received[:2] == [1, 2]
     assert set(received) == set(range(1, 7))
+
+
+def test_events_of_destroy_on_exit_go_out_before_cbox_stops(cbox_factory, receivers):
+    rx = receivers()
+    server = cbox_factory(events_url=rx.url, destroy_on_exit=True).start()
+    server.api.start_vm("last")
+    server.stop()                                # SIGTERM: destroys the VM, then stops
+    assert [(e["type"], e["vmName"]) for e in rx.calls] == [("vm.started", "last"), ("vm.destroyed", "last")]
+    server.assert_clean()
