@@ -410,6 +410,14 @@ def event_time():
     return f"{text}.{int((now - second) * 1000):03d}Z"
 
 
+def complete_event(event):
+    """An event with its details read (EventLog.publish), as readers get it."""
+    details = event.pop(None, None)
+    if details is not None:
+        event.update(details())
+    return event
+
+
 class EventLog:
     """Lifecycle events (vm.started, vm.stopped, vm.destroyed, exec.finished, callback.failed):
     each gets the next id (from 1 at every start of cbox.py), stays in a ring of the newest
@@ -426,9 +434,14 @@ class EventLog:
     def resize(self, size):
         self.ring = collections.deque(self.ring, maxlen=size)
 
-    def publish(self, kind, vm_name, **fields):
+    def publish(self, kind, vm_name, details=None, **fields):
+        """Number and keep an event, wake the long-polls, hand it to the sinks. `details`, a
+        callable, gives more fields when the event is first read (complete_event): an event
+        per exec costs little when nobody reads them."""
         self.last_id += 1
         event = {"id": self.last_id, "type": kind, "vmName": vm_name, "time": event_time(), **fields}
+        if details is not None:
+            event[None] = details
         self.ring.append(event)
         M_EVENTS.labels(kind).inc()
         waiters, self.waiters = self.waiters, []
@@ -446,7 +459,7 @@ class EventLog:
         oldest = self.ring[0]["id"] if self.ring else self.last_id + 1
         missed = since > self.last_id or since < oldest - 1
         start = 0 if missed else since + 1 - oldest
-        events = list(itertools.islice(self.ring, start, start + self.MAX_ANSWER))
+        events = [complete_event(e) for e in itertools.islice(self.ring, start, start + self.MAX_ANSWER)]
         nxt = events[-1]["id"] if events else min(since, self.last_id)
         return events, missed, nxt
 
@@ -678,8 +691,8 @@ def check_config(cfg, source):
         bad(f"vmm_log_max_bytes must be at least {2 * VMM_LOG_TAIL}")
     if cfg.fd_reserve < 0:
         bad("fd_reserve must not be negative")
-    if not 0 < cfg.events_ring_size <= 1_000_000:
-        bad("events_ring_size must be 1..1000000")
+    if not 0 < cfg.events_ring_size <= 100_000:
+        bad("events_ring_size must be 1..100000")
     if cfg.events_url:
         url = urllib.parse.urlsplit(cfg.events_url)
         if url.scheme not in ("http", "https") or not url.hostname:
@@ -1226,7 +1239,7 @@ class EventSender:
 
     async def deliver(self, events):
         """(how many of `events`, from the first, were answered 2xx; the error after them or None)."""
-        bodies = [json_bytes(event) for event in events]
+        bodies = [json_bytes(complete_event(event)) for event in events]
         headers = [outbound_headers(body, event.get("vmName")) for body, event in zip(bodies, events)]
         try:
             statuses = await self.client.post_pipelined(self.target, bodies, self.timeout, headers)
@@ -3147,10 +3160,38 @@ def exec_fields(text):
     return fields
 
 
-def answer_text_for_fields(answer):
+def answer_text_for_fields(answer, tail=BodyStream.TAIL):
     """What exec_fields() reads of an agent answer held in memory: all of a small one,
-    the head and tail of a large one."""
-    return answer if len(answer) <= 8192 else answer[:BodyStream.HEAD] + b"\n" + answer[-BodyStream.TAIL:]
+    the head and the last `tail` bytes of a large one."""
+    if len(answer) <= BodyStream.HEAD + tail:
+        return answer
+    return answer[:BodyStream.HEAD] + b"\n" + answer[-tail:]
+
+
+EXEC_NUMBER = re.compile(rb" ?(-?[0-9][0-9.eE+-]{0,30})")
+
+
+def exec_duration_ms(text):
+    """durationMs of an exec result's JSON text (see exec_fields), without parsing the rest."""
+    at = text.rfind(b'"durationMs":')
+    number = EXEC_NUMBER.match(text, at + 13) if at >= 0 else None
+    try:
+        value = float(number.group(1)) if number else None
+    except ValueError:
+        return None
+    return value if value is not None and 0 <= value < 1e10 else None
+
+
+def exec_event_fields(text, exec_id):
+    """The fields of an exec.finished event, from the exec result's JSON text."""
+    fields = exec_fields(text)
+    exec_id = exec_id or fields.get("execId")
+    code, sig = fields.get("exitCode"), fields.get("signal")
+    return {"execId": exec_id if isinstance(exec_id, str) and EXEC_ID.match(exec_id) else None,
+            "exitCode": code if isinstance(code, int) and not isinstance(code, bool) else None,
+            "signal": sig if isinstance(sig, (int, str)) and not isinstance(sig, bool) else None,
+            "timedOut": fields.get("timedOut") is True, "oomKilled": fields.get("oomKilled") is True,
+            "durationMs": exec_duration_ms(text)}
 
 
 @contextlib.contextmanager
@@ -3433,32 +3474,27 @@ class VMManager:
         if isinstance(answer, BodyStream):
             answer.then = lambda head, tail: self.on_exec_answer(vm, head + b"\n" + tail, background_id)
             return
-        fields = exec_fields(answer_text_for_fields(answer))
+        text = answer_text_for_fields(answer, tail=1536)     # kept with the event: at most 2 KiB
         if background_id is not None:       # a status or kill answer: the exec may still run
-            if fields.get("running") is not False or background_id not in vm.background:
+            if exec_fields(text).get("running") is not False or background_id not in vm.background:
                 return
             del vm.background[background_id]
-        self.exec_finished(vm, fields, background_id)
+        self.exec_finished(vm, text, background_id)
 
     @staticmethod
-    def exec_finished(vm, fields, exec_id=None):
+    def exec_finished(vm, text, exec_id=None):
+        """Count a finished exec from its result's JSON text and publish exec.finished, whose
+        fields are read from the text only when the event is (exec_event_fields). As in
+        exec_fields(), '"timedOut":true' can only be the key itself."""
         M_EXECS_FINISHED.inc()
-        if fields.get("timedOut") is True:
+        if b'"timedOut":true' in text or b'"timedOut": true' in text:
             M_EXECS_TIMED_OUT.inc()
-        if fields.get("oomKilled") is True:
+        if b'"oomKilled":true' in text or b'"oomKilled": true' in text:
             M_EXECS_OOM.inc()
-        duration = fields.get("durationMs")
-        if isinstance(duration, (int, float)) and not isinstance(duration, bool) and 0 <= duration < 1e10:
+        duration = exec_duration_ms(text)
+        if duration is not None:
             M_EXEC_DURATION.observe(duration / 1000)
-        else:
-            duration = None
-        exec_id = exec_id or fields.get("execId")
-        code, sig = fields.get("exitCode"), fields.get("signal")
-        EVENTS.publish("exec.finished", vm.vmName, execId=exec_id if isinstance(exec_id, str) else None,
-                       exitCode=code if isinstance(code, int) and not isinstance(code, bool) else None,
-                       signal=sig if isinstance(sig, (int, str)) and not isinstance(sig, bool) else None,
-                       timedOut=fields.get("timedOut") is True, oomKilled=fields.get("oomKilled") is True,
-                       durationMs=duration)
+        EVENTS.publish("exec.finished", vm.vmName, lambda: exec_event_fields(text, exec_id))
 
     async def stats(self, name):
         """GET /v1/vms/{name}/stats: the guest's view (its agent) and the VMM process's."""
