@@ -1042,15 +1042,17 @@ class HttpClient:
             except asyncio.TimeoutError as e:
                 raise HttpError(f"timed out after {fmt_seconds(timeout)}") from e
             self.busy.add(writer)
+            async def read_answers():
+                nonlocal reusable
+                while len(statuses) < len(bodies) and reusable:
+                    status, rheaders, _ = await self._read_response(reader, writer, "POST", deadline)
+                    statuses.append(status)
+                    reusable = rheaders.get("connection", "").lower() != "close"
             try:
                 writer.write(message)
                 if self.quick_ack:
                     quick_ack(writer)
-                while len(statuses) < len(bodies) and reusable:
-                    status, rheaders, _ = await within(max(deadline - loop.time(), 0.0),
-                                                       self._read_response(reader, writer, "POST", deadline))
-                    statuses.append(status)
-                    reusable = rheaders.get("connection", "").lower() != "close"
+                await within(max(deadline - loop.time(), 0.0), read_answers())
             except (HttpError, OSError, asyncio.IncompleteReadError, EOFError, ValueError,
                     asyncio.LimitOverrunError, asyncio.TimeoutError) as e:
                 self.drop(writer)
@@ -3136,18 +3138,20 @@ class VM:
 # =============================================================================
 
 BACKGROUND_TRACKED = 1024      # background execs per VM waiting to be seen finished (oldest forgotten)
-EXEC_FIELD = re.compile(rb'"(execId|exitCode|signal|timedOut|oomKilled|durationMs|running)":[ ]?'
-                        rb'(true|false|null|-?[0-9][0-9.eE+-]{0,30}|"[^"\\]{0,128}")')
-EXEC_KEYS = {k.encode(): k for k in ("execId", "exitCode", "signal", "timedOut", "oomKilled", "durationMs", "running")}
+EXEC_FIELD = re.compile(rb'"(execId|exitCode|signal)":[ ]?(true|false|null|-?[0-9][0-9.eE+-]{0,30}|"[^"\\]{0,128}")')
+EXEC_KEYS = {k.encode(): k for k in ("execId", "exitCode", "signal")}
+TIMED_OUT = (b'"timedOut":true', b'"timedOut": true')        # for has_field()
+OOM_KILLED = (b'"oomKilled":true', b'"oomKilled": true')
+NOT_RUNNING = (b'"running":false', b'"running": false')
 EXEC_LITERALS = {b"true": True, b"false": False, b"null": None}
 EXEC_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 def exec_fields(text):
-    """The small fields of an exec result (exitCode, timedOut, durationMs, ...) found in some
-    of its JSON: the agent writes them after the output, so a large result's last bytes hold
-    them (its first ones the execId). Inside a JSON string every '"' is escaped, so
-    '"exitCode":' only matches a key; the last match of a key wins."""
+    """execId, exitCode and signal of an exec result, found in some of its JSON text: the
+    agent writes its small fields after the output, so a large result's last bytes hold them
+    (its first ones the execId). Inside a JSON string every '"' is escaped, so '"exitCode":'
+    only matches a key; the last match of a key wins."""
     fields = {}
     for key, value in EXEC_FIELD.findall(text):     # values converted here: json.loads is 10x dearer
         if value in EXEC_LITERALS:
@@ -3171,6 +3175,12 @@ def answer_text_for_fields(answer, tail=BodyStream.TAIL):
 EXEC_NUMBER = re.compile(rb" ?(-?[0-9][0-9.eE+-]{0,30})")
 
 
+def has_field(text, forms):
+    """Whether an exec result's JSON text has a field with this value ('"timedOut":true'
+    or with a space; as in exec_fields, it can only be the key itself)."""
+    return forms[0] in text or forms[1] in text
+
+
 def exec_duration_ms(text):
     """durationMs of an exec result's JSON text (see exec_fields), without parsing the rest."""
     at = text.rfind(b'"durationMs":')
@@ -3182,16 +3192,15 @@ def exec_duration_ms(text):
     return value if value is not None and 0 <= value < 1e10 else None
 
 
-def exec_event_fields(text, exec_id):
-    """The fields of an exec.finished event, from the exec result's JSON text."""
+def exec_event_fields(text, exec_id, timed_out, oom_killed, duration_ms):
+    """The fields of an exec.finished event, the rest read from the exec result's JSON text."""
     fields = exec_fields(text)
     exec_id = exec_id or fields.get("execId")
     code, sig = fields.get("exitCode"), fields.get("signal")
     return {"execId": exec_id if isinstance(exec_id, str) and EXEC_ID.match(exec_id) else None,
             "exitCode": code if isinstance(code, int) and not isinstance(code, bool) else None,
             "signal": sig if isinstance(sig, (int, str)) and not isinstance(sig, bool) else None,
-            "timedOut": fields.get("timedOut") is True, "oomKilled": fields.get("oomKilled") is True,
-            "durationMs": exec_duration_ms(text)}
+            "timedOut": timed_out, "oomKilled": oom_killed, "durationMs": duration_ms}
 
 
 @contextlib.contextmanager
@@ -3476,7 +3485,7 @@ class VMManager:
             return
         text = answer_text_for_fields(answer, tail=1536)     # kept with the event: at most 2 KiB
         if background_id is not None:       # a status or kill answer: the exec may still run
-            if exec_fields(text).get("running") is not False or background_id not in vm.background:
+            if not has_field(text, NOT_RUNNING) or background_id not in vm.background:
                 return
             del vm.background[background_id]
         self.exec_finished(vm, text, background_id)
@@ -3484,17 +3493,18 @@ class VMManager:
     @staticmethod
     def exec_finished(vm, text, exec_id=None):
         """Count a finished exec from its result's JSON text and publish exec.finished, whose
-        fields are read from the text only when the event is (exec_event_fields). As in
-        exec_fields(), '"timedOut":true' can only be the key itself."""
+        other fields are read from the text only when the event is (exec_event_fields)."""
         M_EXECS_FINISHED.inc()
-        if b'"timedOut":true' in text or b'"timedOut": true' in text:
+        timed_out, oom_killed = has_field(text, TIMED_OUT), has_field(text, OOM_KILLED)
+        if timed_out:
             M_EXECS_TIMED_OUT.inc()
-        if b'"oomKilled":true' in text or b'"oomKilled": true' in text:
+        if oom_killed:
             M_EXECS_OOM.inc()
         duration = exec_duration_ms(text)
         if duration is not None:
             M_EXEC_DURATION.observe(duration / 1000)
-        EVENTS.publish("exec.finished", vm.vmName, lambda: exec_event_fields(text, exec_id))
+        EVENTS.publish("exec.finished", vm.vmName,
+                       lambda: exec_event_fields(text, exec_id, timed_out, oom_killed, duration))
 
     async def stats(self, name):
         """GET /v1/vms/{name}/stats: the guest's view (its agent) and the VMM process's."""
