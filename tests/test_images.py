@@ -579,6 +579,20 @@ def test_cbox_real_boot_end_to_end(cbox_factory, tmp_path):
     status, logs = api.get("/v1/vms/imgvm/logs")
     assert status == 200 and "cbox-init: start" in logs and "cbox-agent: ready" in logs, logs
 
+    # stats from inside a real guest: the root disk from its ext4 superblock (mounted nowhere
+    # the agent sees), the state disk as the overlay's statfs (its upper layer); 512 MB of RAM
+    status, stats = api.get("/v1/vms/imgvm/stats")
+    assert status == 200, stats
+    guest = stats["guest"]
+    assert 256 << 20 < guest["memTotalBytes"] <= 512 << 20 and 0 < guest["memAvailableBytes"] < guest["memTotalBytes"]
+    assert guest["rootDisk"]["totalBytes"] == ROOTFS.stat().st_size, guest
+    assert 0 < guest["rootDisk"]["usedBytes"] < guest["rootDisk"]["totalBytes"]
+    assert 200 << 20 < guest["stateDisk"]["totalBytes"] <= 256 << 20, guest      # stateful_size_in_mb: 256
+    assert 0 < guest["stateDisk"]["usedBytes"] < guest["stateDisk"]["totalBytes"] and guest["uptimeS"] > 0
+    df = api.exec("imgvm", "df -B1 --output=size,used / | tail -1")["stdout"].split()
+    assert [int(x) for x in df] == [guest["stateDisk"]["totalBytes"], guest["stateDisk"]["usedBytes"]]
+    assert stats["vmm"]["rssBytes"] > 0 and stats["vmm"]["cpuSeconds"] > 0
+
     status, body = api.delete("/v1/vms/imgvm", timeout=60)
     assert status == 200 and body == {"success": True}, body
     server.assert_clean()
