@@ -414,7 +414,7 @@ def complete_event(event):
     """An event with its details read (EventLog.publish), as readers get it."""
     details = event.pop(None, None)
     if details is not None:
-        event.update(details())
+        event.update(details[0](*details[1:]))
     return event
 
 
@@ -435,9 +435,9 @@ class EventLog:
         self.ring = collections.deque(self.ring, maxlen=size)
 
     def publish(self, kind, vm_name, details=None, **fields):
-        """Number and keep an event, wake the long-polls, hand it to the sinks. `details`, a
-        callable, gives more fields when the event is first read (complete_event): an event
-        per exec costs little when nobody reads them."""
+        """Number and keep an event, wake the long-polls, hand it to the sinks. `details`,
+        (function, *args), gives more fields when the event is first read (complete_event):
+        an event per exec costs little when nobody reads them."""
         self.last_id += 1
         event = {"id": self.last_id, "type": kind, "vmName": vm_name, "time": event_time(), **fields}
         if details is not None:
@@ -3503,8 +3503,7 @@ class VMManager:
         duration = exec_duration_ms(text)
         if duration is not None:
             M_EXEC_DURATION.observe(duration / 1000)
-        EVENTS.publish("exec.finished", vm.vmName,
-                       lambda: exec_event_fields(text, exec_id, timed_out, oom_killed, duration))
+        EVENTS.publish("exec.finished", vm.vmName, (exec_event_fields, text, exec_id, timed_out, oom_killed, duration))
 
     async def stats(self, name):
         """GET /v1/vms/{name}/stats: the guest's view (its agent) and the VMM process's."""
