@@ -13,7 +13,7 @@ EVENTS). Sections, in order; each uses only what comes before it:
                      sender of events to events_url
   3. Hypervisor      CloudHypervisor: the REST API over the VMM's Unix socket;
                      GuestAgent: the guest agent's API (health, exec, status, kill,
-                     sync), its answers bounded; rate-bounded readers of the
+                     sync, stats), its answers bounded; rate-bounded readers of the
                      VMM's serial socket and event FIFO; the VMM's process (spawn,
                      pidfd watch) and its bounded logs on disk (console, -v log)
   4. Host resources  network (bridge, persistent taps, port isolation, iptables
@@ -922,7 +922,7 @@ class BodyStream:
                 remaining -= len(chunk)
                 if self.then and not self.head:
                     self.head = chunk[:self.HEAD]
-                if self.then and remaining < self.TAIL + len(chunk):
+                if self.then and remaining < self.TAIL:          # the chunk reaches into the last TAIL bytes
                     self.tail = (self.tail + chunk)[-self.TAIL:]
                 await within(timeout, dest.drain())
         except BaseException:
@@ -1061,8 +1061,8 @@ class HttpClient:
                 # a reused connection the server closed meanwhile: once more on a new one
                 if reused and not self.closed and isinstance(e, (ConnectionError, asyncio.IncompleteReadError, EOFError)):
                     continue
-                raise HttpError(str(e) or type(e).__name__ if not isinstance(e, asyncio.TimeoutError)
-                                else f"timed out after {fmt_seconds(timeout)}") from e
+                raise HttpError(f"timed out after {fmt_seconds(timeout)}" if isinstance(e, asyncio.TimeoutError)
+                                else (str(e) or type(e).__name__)) from e
             except BaseException:
                 self.drop(writer)
                 raise
@@ -1179,18 +1179,19 @@ def outbound_headers(body, vm_name=None):
 
 EVENTS_QUEUE_MAX = 10000            # events waiting for events_url; more are dropped (counted)
 EVENTS_PIPELINE = 64                # events POSTed back to back before their answers are read
-EVENTS_GATHER_S = 0.02              # the sender waits this long after an event for more to come
+EVENTS_GATHER_S = 0.02              # a batch smaller than that waits this long for more events
 EVENTS_BACKOFF_S = (0.5, 30.0)      # first and largest pause between attempts
 
 
 class EventSender:
     """Delivers each event to events_url: one POST per event, body the event's JSON, in
-    order, by one task on a keep-alive connection; the events waiting (at most
-    EVENTS_PIPELINE) go out back to back, pipelined, so a busy host pays one wake-up for
-    many (the sender gathers events for EVENTS_GATHER_S before each batch). A failed POST (no 2xx answer) is retried, with the ones after it, with a
-    doubling pause for events_retry_s, then that event and every other one waiting longer
-    are dropped, as are events arriving while EVENTS_QUEUE_MAX wait. put() only appends:
-    the API and the VMs never wait for the receiver. Delivery is at least once."""
+    order, by one task on a keep-alive connection. The events waiting (at most
+    EVENTS_PIPELINE, gathered for EVENTS_GATHER_S) go out back to back, pipelined, so a
+    busy host pays one wake-up of the loop for many. A failed POST (no 2xx answer) is
+    retried, with the ones after it, with a doubling pause for events_retry_s; then that
+    event and every other one waiting longer are dropped, as are events arriving while
+    EVENTS_QUEUE_MAX wait. put() only appends: the API and the VMs never wait for the
+    receiver. Delivery is at least once (a lost answer means a resend)."""
 
     def __init__(self, cfg):
         self.url, self.retry_s, self.timeout = cfg.events_url, cfg.events_retry_s, cfg.callback_timeout_s
