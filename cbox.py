@@ -1031,10 +1031,11 @@ class HttpClient:
         none was read. Bodies without an answer may have been received (resend them)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        start = (f"POST {target} HTTP/1.1\r\nHost: {self.host_header}\r\nContent-Type: application/json\r\n"
+                 "Content-Length: ").encode("latin-1")
         message = b"".join(
-            (f"POST {target} HTTP/1.1\r\nHost: {self.host_header}\r\nContent-Type: application/json\r\n"
-             f"Content-Length: {len(body)}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in (extra or {}).items())
-             + "\r\n").encode("latin-1") + body for body, extra in zip(bodies, headers))
+            start + b"%d\r\n" % len(body) + "".join(f"{k}: {v}\r\n" for k, v in (extra or {}).items()).encode("latin-1")
+            + b"\r\n" + body for body, extra in zip(bodies, headers))
         while True:
             reused, statuses, reusable = bool(self.idle), [], True
             try:
