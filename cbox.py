@@ -87,6 +87,16 @@ def utc_now():
     return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+def utc_text(epoch):
+    """An epoch time as RFC3339 UTC with milliseconds (deadlines: a second is too coarse)."""
+    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def utc_epoch(text):
+    """The epoch time of an RFC3339 UTC text (utc_text, utc_now); None stays None."""
+    return None if text is None else datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
 # =============================================================================
 # Helpers every section uses: deadlines (within), number and file helpers
 # =============================================================================
@@ -325,6 +335,7 @@ def parse_yaml_subset(text, source="config"):
 
 
 VMM_LOG_TAIL = 1024 * 1024          # the most of a VMM's log cbox.py reads (reset_in_vmm_log)
+FOREVER_S = 10 * 365 * 86400        # the longest TTL or idle timeout (a deadline beyond is no deadline)
 
 
 # key: (type, default, description). Types: str, int, float, bool.
@@ -376,6 +387,12 @@ CONFIG_KEYS = {
     "callback_log_lines_per_s": (float, 20.0, "callback log lines a second per VM; the rest are counted and the count logged"),
     "fd_reserve": (int, 256, "file descriptors kept free for the API and other VMs: guest connections beyond are refused"),
     "destroy_on_exit": (bool, False, "destroy all VMs when cbox.py stops (default: leave them for the next start)"),
+    "default_ttl_s": (int, 0, "lifetime of a VM whose request has no ttlSeconds; 0 = none (max_ttl_s when that is set)"),
+    "max_ttl_s": (int, 0, "largest ttlSeconds a request may ask for; 0 = no maximum (a VM may also live forever)"),
+    "default_idle_timeout_s": (int, 0, "idle timeout of a VM whose request has no idleTimeoutSeconds; 0 = none "
+                                       "(max_idle_timeout_s when that is set)"),
+    "max_idle_timeout_s": (int, 0, "largest idleTimeoutSeconds a request may ask for; 0 = no maximum (and none allowed)"),
+    "tombstone_minutes": (int, 10, "how long a VM its TTL or idle timeout destroyed answers 404 saying why; 0 = not at all"),
 }
 
 
@@ -429,6 +446,13 @@ def check_config(cfg, source):
         bad(f"vmm_log_max_bytes must be at least {2 * VMM_LOG_TAIL}")
     if cfg.fd_reserve < 0:
         bad("fd_reserve must not be negative")
+    for default, maximum in (("default_ttl_s", "max_ttl_s"), ("default_idle_timeout_s", "max_idle_timeout_s")):
+        if not 0 <= getattr(cfg, default) <= FOREVER_S or not 0 <= getattr(cfg, maximum) <= FOREVER_S:
+            bad(f"{default} and {maximum} must be 0..{FOREVER_S} seconds")
+        if getattr(cfg, maximum) and getattr(cfg, default) > getattr(cfg, maximum):
+            bad(f"{default} must not be more than {maximum}")
+    if cfg.tombstone_minutes < 0:
+        bad("tombstone_minutes must not be negative")
     if not 0 < cfg.guest_mem_percentage <= 100:
         bad("guest_mem_percentage must be 1..100")
     for key in ("boot_timeout_s", "shutdown_timeout_s", "exec_timeout_s", "exec_max_timeout_s", "callback_timeout_s",
@@ -1725,11 +1749,15 @@ MAX_CID = 0xFFFFFFFE
 
 
 class ApiError(Exception):
-    """An error with an HTTP status for the REST API."""
+    """An error with an HTTP status for the REST API; `fields` go into the body beside "error"."""
 
-    def __init__(self, status, message):
+    def __init__(self, status, message, **fields):
         super().__init__(message)
         self.status = status
+        self.fields = fields
+
+    def body(self):
+        return {"error": str(self), **self.fields}
 
 
 class Allocator:
@@ -1833,8 +1861,79 @@ def check_callback_url(url):
     return url
 
 
+LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,62}\Z")
+MAX_LABELS, MAX_LABEL_VALUE = 32, 255
+VM_STATUSES = ("CREATED", "RUNNING", "STOPPED", "FAILED")
+
+
+def lifetime_seconds(value, key, maximum):
+    """A ttlSeconds / idleTimeoutSeconds value: whole seconds, 0 = none, within the config's
+    maximum (0 = no maximum; with one, none is not allowed either)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ApiError(400, f"'{key}' must be a whole number of seconds (0 or null: none)")
+    if maximum and not 0 < value <= maximum:
+        raise ApiError(400, f"'{key}' must be 1..{maximum} seconds on this server")
+    if value > FOREVER_S:
+        raise ApiError(400, f"'{key}' must be at most {FOREVER_S} seconds")
+    return value
+
+
+def expires_at(ttl_seconds):
+    """The expiresAt of a VM whose TTL (0: none) starts now."""
+    return utc_text(time.time() + ttl_seconds) if ttl_seconds else None
+
+
+def check_labels(labels):
+    if labels is None:
+        return {}
+    if not isinstance(labels, dict):
+        raise ApiError(400, "'labels' must be an object mapping keys to string values")
+    if len(labels) > MAX_LABELS:
+        raise ApiError(400, f"too many labels: at most {MAX_LABELS}")
+    for key, value in labels.items():
+        if not LABEL_KEY_RE.match(key):
+            raise ApiError(400, f"bad label key {key[:80]!r}: use 1-63 characters of A-Z a-z 0-9 _ . / - "
+                                "starting with a letter or digit")
+        if not isinstance(value, str) or len(value) > MAX_LABEL_VALUE or not value.isprintable():
+            raise ApiError(400, f"label '{key}' must be a string of at most {MAX_LABEL_VALUE} printable characters")
+    return dict(labels)
+
+
+def validate_lifetime_and_labels(body, cfg):
+    """The VM fields of a start request's ttlSeconds, idleTimeoutSeconds and labels
+    (absent or null: the config's default)."""
+    ttl, idle = (lifetime_seconds(typed(body, key, "int", default or maximum), key, maximum)
+                 for key, default, maximum in (("ttlSeconds", cfg.default_ttl_s, cfg.max_ttl_s),
+                                               ("idleTimeoutSeconds", cfg.default_idle_timeout_s,
+                                                cfg.max_idle_timeout_s)))
+    return {"expiresAt": expires_at(ttl), "idleTimeoutSeconds": idle or None, "labels": check_labels(body.get("labels"))}
+
+
+def parse_vm_filter(query):
+    """The filter of GET / DELETE /v1/vms: label=K=V (or label=K: has the key) any number of
+    times and status=S, all of which must match. Returns a predicate on VMs."""
+    unknown = sorted(set(query) - {"label", "status"})
+    if unknown:
+        raise ApiError(400, f"unknown query parameter(s): {', '.join(unknown)} (use label=KEY=VALUE, status=STATUS)")
+    wanted = []
+    for item in query.get("label", []):
+        key, eq, value = item.partition("=")
+        if not LABEL_KEY_RE.match(key):
+            raise ApiError(400, f"bad label filter {item[:80]!r}: use label=KEY=VALUE or label=KEY")
+        wanted.append((key, value if eq else None))
+    statuses = {s.upper() for s in query.get("status", [])}
+    if statuses - set(VM_STATUSES):
+        raise ApiError(400, f"bad status filter: use one of {', '.join(VM_STATUSES)}")
+
+    def matches(vm):
+        return (not statuses or vm.status in statuses) and all(
+            key in vm.labels and (value is None or vm.labels[key] == value) for key, value in wanted)
+    return matches
+
+
 def validate_start_request(body, cfg):
-    check_fields(body, ("vmName", "callbackUrl", "vcpus", "memoryMb"), required=("vmName",))
+    check_fields(body, ("vmName", "callbackUrl", "vcpus", "memoryMb", "ttlSeconds", "idleTimeoutSeconds", "labels"),
+                 required=("vmName",))
     name = check_vm_name(body["vmName"])
     url = check_callback_url(typed(body, "callbackUrl", "str"))
     vcpus = typed(body, "vcpus", "int", cfg.default_vcpus)
@@ -1843,7 +1942,8 @@ def validate_start_request(body, cfg):
         raise ApiError(400, f"vcpus must be 1..{cfg.max_vcpus}")
     if not 64 <= memory <= cfg.max_memory_mb:
         raise ApiError(400, f"memoryMb must be 64..{cfg.max_memory_mb}")
-    return {"vmName": name, "callbackUrl": url, "vcpus": vcpus, "memoryMb": memory}
+    return {"vmName": name, "callbackUrl": url, "vcpus": vcpus, "memoryMb": memory,
+            **validate_lifetime_and_labels(body, cfg)}
 
 
 def validate_exec_request(body, cfg):
@@ -2193,6 +2293,7 @@ class CallbackBridge:
             reply = await self.forward(body)
         finally:
             self.in_flight -= 1
+            self.vm.touch()              # a callback is activity (idleTimeoutSeconds)
         self.note("callback", method=repr(method[:60]), ok=not reply.startswith(b'{"error"'),
                   ms=f"{(time.monotonic() - t0) * 1000:.1f}")
         return reply, False
@@ -2296,9 +2397,11 @@ class VM:
     phase: starting -> running -> dead (ended by itself) or destroying (DELETE)."""
 
     RECORD_FIELDS = ("vmName", "status", "ip", "tapDeviceName", "callbackUrl", "cid", "vcpus",
-                     "memoryMb", "createdAt", "phase", "pid", "pidStart", "mac", "error", "stopReason")
+                     "memoryMb", "createdAt", "phase", "pid", "pidStart", "mac", "error", "stopReason",
+                     "expiresAt", "idleTimeoutSeconds", "lastActivityAt", "labels", "backgroundExecs")
     API_FIELDS = ("vmName", "status", "ip", "tapDeviceName", "callbackUrl", "cid", "vcpus",
-                  "memoryMb", "createdAt", "stopReason")
+                  "memoryMb", "createdAt", "stopReason",
+                  "expiresAt", "idleTimeoutSeconds", "lastActivityAt", "labels")
 
     def __init__(self, cfg, **fields):
         for key in self.RECORD_FIELDS:
@@ -2317,6 +2420,12 @@ class VM:
         self.tasks = set()             # watching the VMM's exit and the serial connection
         self.reset = None              # (stopReason, message) of a reset seen while starting
         self.vmm_log_trimmed = 0       # disk bytes freed from the VMM's log (bound_vmm_log)
+        self.labels = self.labels or {}
+        self.backgroundExecs = self.backgroundExecs or []    # ids of execs started with "blocking": false
+        self.lastActivityAt = self.lastActivityAt or utc_text(time.time())
+        self.active_at = utc_epoch(self.lastActivityAt)      # the same as epoch seconds
+        self.activity_saved = time.monotonic()               # when touch() last wrote the record
+        self.busy = 0                  # activities in progress (execs, streams): not idle meanwhile
 
     @property
     def address(self):
@@ -2332,6 +2441,7 @@ class VM:
 
     def save(self):
         write_atomically(self.paths.record, json.dumps(self.record(), indent=1).encode())
+        self.activity_saved = time.monotonic()
 
     def forget(self):
         with contextlib.suppress(FileNotFoundError):
@@ -2345,6 +2455,86 @@ class VM:
         if path.name != vm.vmName + ".json":
             raise ValueError("record name does not match its file")
         return vm
+
+    # ---- deadlines and activity (ttlSeconds, idleTimeoutSeconds) -------------------
+
+    ACTIVITY_SAVE_S = 5.0      # lastActivityAt on disk is at most this stale (the idle clock survives restarts)
+
+    def touch(self):
+        """The VM is in use now: an API call names it, an activity begins or ends."""
+        self.active_at = time.time()
+        self.lastActivityAt = utc_text(self.active_at)
+        if self.phase in ("running", "dead") and time.monotonic() - self.activity_saved >= self.ACTIVITY_SAVE_S:
+            self.save()
+
+    def begin_activity(self):
+        """An activity (an exec, an open exec stream) started: the VM is not idle until the
+        matching end_activity(). For code that cannot use `with vm.activity():`."""
+        self.busy += 1
+        self.touch()
+
+    def end_activity(self):
+        self.busy -= 1
+        self.touch()
+
+    @contextlib.contextmanager
+    def activity(self):
+        self.begin_activity()
+        try:
+            yield
+        finally:
+            self.end_activity()
+
+    def busy_now(self):
+        """An activity cbox.py sees is in progress: an exec or stream, a callback in flight."""
+        return self.busy > 0 or bool(self.callbacks and self.callbacks.in_flight)
+
+    def deadline(self):
+        """(epoch time, "ttl" or "idle") of the VM's next deadline, or None. The idle one
+        ignores activity in progress: at that time the manager checks it (busy_now,
+        background_exec_running) and touches the VM instead of ending it."""
+        due = []
+        if self.expiresAt:
+            due.append((utc_epoch(self.expiresAt), "ttl"))
+        if self.idleTimeoutSeconds:
+            due.append((self.active_at + self.idleTimeoutSeconds, "idle"))
+        return min(due) if due else None
+
+    def set_ttl(self, seconds):
+        self.expiresAt = expires_at(seconds)
+        self.save()
+
+    BACKGROUND_EXECS_KEPT = 64
+
+    def note_background_exec(self, answer):
+        """Remember the id in the agent's answer to a background exec: while it runs, the VM is
+        not idle. The id is the guest's word, so it is checked and the list is bounded."""
+        try:
+            exec_id = json.loads(answer).get("execId")
+        except (ValueError, AttributeError, TypeError, RecursionError):
+            return
+        if isinstance(exec_id, str) and re.match(r"^[A-Za-z0-9_-]{1,64}\Z", exec_id):
+            self.backgroundExecs = self.backgroundExecs[-(self.BACKGROUND_EXECS_KEPT - 1):] + [exec_id]
+            self.save()
+
+    async def background_exec_running(self):
+        """Whether one of the VM's background execs still runs (asking its agent); the
+        finished ones are forgotten."""
+        running = []
+        for exec_id in list(self.backgroundExecs):
+            try:
+                answer = await within(10.0, self.agent.status(exec_id))
+                if isinstance(answer, BodyStream):       # a large output so far
+                    answer = await answer.read(answer.length)
+                state = await off_loop_if_large(len(answer), json.loads, answer)
+            except (AgentError, HttpError, ValueError, TypeError, asyncio.TimeoutError, RecursionError):
+                continue
+            if isinstance(state, dict) and state.get("running") is True:
+                running.append(exec_id)
+        if running != self.backgroundExecs:
+            self.backgroundExecs = [i for i in self.backgroundExecs if i in running]
+            self.save()
+        return bool(running)
 
     # ---- the hypervisor ------------------------------------------------------------
 
@@ -2602,9 +2792,56 @@ def agent_errors():
         raise ApiError(e.status, str(e)) from e
 
 
+class Tombstones:
+    """What is left of the VMs a deadline destroyed (stopReason ttl or idle): name, reason, time,
+    message and last console lines, kept tombstone_minutes so a client naming such a VM learns
+    why it is gone. At most MAX entries (the oldest go first), in a small JSON file beside the
+    records: they survive a restart of cbox.py. A new VM of the same name removes its tombstone."""
+
+    MAX = 1000
+    CONSOLE_LINES = 20
+
+    def __init__(self, path, minutes):
+        self.path, self.keep_s = path, minutes * 60
+        self.entries = {}             # name -> entry, oldest first
+        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+            self.entries = {e["vmName"]: e for e in json.loads(path.read_text()) if isinstance(e["vmName"], str)}
+
+    def add(self, name, reason, message, console):
+        if not self.keep_s:
+            return
+        lines = [line for line in console.strip().splitlines() if line.strip()][-self.CONSOLE_LINES:]
+        self.entries.pop(name, None)
+        self.entries[name] = {"vmName": name, "stopReason": reason, "destroyedAt": utc_now(), "error": message,
+                              "console": [line[:1000] for line in lines], "until": time.time() + self.keep_s}
+        while len(self.entries) > self.MAX:
+            del self.entries[next(iter(self.entries))]
+        self.save()
+
+    def get(self, name):
+        entry = self.entries.get(name)
+        if entry and entry.get("until", 0) < time.time():
+            self.discard(name)
+            return None
+        return entry
+
+    def discard(self, name):
+        if self.entries.pop(name, None):
+            self.save()
+
+    def save(self):
+        now = time.time()
+        self.entries = {n: e for n, e in self.entries.items() if e.get("until", 0) >= now}
+        try:
+            write_atomically(self.path, json.dumps(list(self.entries.values())).encode())
+        except OSError as e:
+            log("cannot write tombstones", file=self.path, error=repr(str(e)))
+
+
 class VMManager:
     """All VMs: composes host resources, allocation and each VM's runtime into a VM's life
-    (start, destroy, re-adoption at start-up), keeps their records, forwards exec requests."""
+    (start, destroy, re-adoption at start-up, the end at a deadline), keeps their records,
+    forwards exec requests."""
 
     def __init__(self, cfg, network):
         self.cfg = cfg
@@ -2616,13 +2853,26 @@ class VMManager:
         self.prefix = ipaddress.ip_network(cfg.bridge_subnet).prefixlen
         self.gateway = str(ipaddress.ip_interface(cfg.bridge_ip).ip)
         self.dns = host_resolvers() if cfg.dns == "auto" else [d.strip() for d in cfg.dns.split(",") if d.strip()]
+        self.tombstones = Tombstones(Path(cfg.path(cfg.state_dir), "tombstones.json"), cfg.tombstone_minutes)
+        self.deadlines_changed = asyncio.Event()     # wakes keep_deadlines
+        self.ending = set()                          # VMs keep_deadlines is ending
 
     def get(self, name):
-        """The VM of that name (a checked one: check_vm_name), else ApiError 404."""
+        """The VM of that name (a checked one: check_vm_name), else ApiError 404 (saying why it
+        is gone when a deadline destroyed it). Naming a VM is activity (idleTimeoutSeconds)."""
         vm = self.vms.get(name)
         if vm is None:
+            tomb = self.tombstones.get(name)
+            if tomb:
+                raise ApiError(404, tomb["error"], stopReason=tomb["stopReason"], destroyedAt=tomb["destroyedAt"],
+                               console=tomb["console"])
             raise ApiError(404, f"VM '{name}' not found")
+        vm.touch()
         return vm
+
+    def select(self, matches):
+        """The VMs a filter (parse_vm_filter) matches."""
+        return [vm for vm in self.vms.values() if matches(vm)]
 
     def running(self, name):
         """The VM of that name when its guest agent can take requests, else ApiError 409."""
@@ -2651,6 +2901,7 @@ class VMManager:
         if name in self.vms:
             raise ApiError(409, f"VM '{name}' already exists")
         self.check_capacity(spec["memoryMb"])
+        self.tombstones.discard(name)
         ip, cid = self.alloc.take()
         vm = VM(self.cfg, **spec, status="CREATED", ip=f"{ip}/{self.prefix}", tapDeviceName=tap_name(cid),
                 cid=cid, createdAt=utc_now(), phase="starting", mac=mac_for(ip))
@@ -2667,6 +2918,7 @@ class VMManager:
                 await self.teardown(vm, graceful=False)
                 raise ApiError(e.status if isinstance(e, ApiError) else 500, message) from e
         log("VM running", vm=name, ip=vm.ip, cid=cid, ms=f"{clock.total_ms():.1f}")
+        self.deadlines_changed.set()
         return vm
 
     async def _start_steps(self, vm, clock):
@@ -2742,8 +2994,9 @@ class VMManager:
         if self.vms.get(vm.vmName) is vm:
             del self.vms[vm.vmName]
 
-    async def destroy(self, name):
-        """Stop a VM (gracefully when it runs) and remove everything it holds, its record too."""
+    async def destroy(self, name, reason="destroyed", message=None):
+        """Stop a VM (gracefully when it runs) and remove everything it holds, its record too.
+        A deadline's end (reason ttl or idle, with its message) leaves a tombstone."""
         vm = self.get(name)
         async with vm.lock:
             if self.vms.get(name) is not vm:
@@ -2751,16 +3004,83 @@ class VMManager:
             clock = StepClock(name, "destroy")
             graceful = vm.phase == "running"
             vm.phase = "destroying"
-            vm.stopReason = vm.stopReason or "destroyed"
+            vm.stopReason = vm.stopReason or reason
             vm.save()
+            console = vm.console_log().tail() if message else ""
             await self.teardown(vm, graceful, clock)
-        log("VM destroyed", vm=name, stopReason="destroyed", ms=f"{clock.total_ms():.1f}")
+            if message:
+                self.tombstones.add(name, reason, message, console)
+        log("VM destroyed", vm=name, stopReason=reason, ms=f"{clock.total_ms():.1f}")
 
-    async def destroy_all(self):
-        """Destroy every VM; returns the names of those destroyed."""
-        names = list(self.vms)
+    async def destroy_all(self, matches=None):
+        """Destroy every VM (or those a filter matches: parse_vm_filter); returns the names of
+        those destroyed."""
+        names = [vm.vmName for vm in self.select(matches or (lambda vm: True))]
         results = await asyncio.gather(*(self.destroy(n) for n in names), return_exceptions=True)
         return [n for n, r in zip(names, results) if r is None]
+
+    # ---- deadlines (ttlSeconds, idleTimeoutSeconds) ----------------------------------
+
+    def set_ttl(self, name, seconds):
+        """PUT /ttl: the VM's deadline `seconds` from now (0: none); checked: lifetime_seconds."""
+        vm = self.get(name)
+        if vm.phase not in ("running", "dead"):
+            raise ApiError(409, f"VM '{name}' is {vm.phase}")
+        vm.set_ttl(seconds)
+        self.deadlines_changed.set()
+        return vm
+
+    def due(self, now):
+        """(VMs whose deadline has come with the reason, the earliest deadline still ahead)."""
+        due, wake = [], math.inf
+        for vm in self.vms.values():
+            deadline = vm.deadline() if vm.phase in ("running", "dead") and vm not in self.ending else None
+            if deadline and deadline[0] <= now:
+                due.append((vm, deadline[1]))
+            elif deadline:
+                wake = min(wake, deadline[0])
+        return due, wake
+
+    async def keep_deadlines(self):
+        """The one task that ends VMs at their deadlines: it sleeps until the earliest one (or
+        until a deadline is set or a VM starts) and ends each due VM in a task of its own."""
+        while True:
+            self.deadlines_changed.clear()
+            due, wake = self.due(time.time())
+            for vm, reason in due:
+                self.ending.add(vm)
+                vm.run_task(self.end_at_deadline(vm, reason))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await within(min(max(wake - time.time(), 0.0), 3600.0), self.deadlines_changed.wait())
+
+    async def end_overdue(self):
+        """At start-up: end the adopted VMs whose deadline passed while cbox.py was down."""
+        due, _ = self.due(time.time())
+        self.ending.update(vm for vm, _ in due)
+        await asyncio.gather(*(self.end_at_deadline(vm, reason) for vm, reason in due))
+
+    async def end_at_deadline(self, vm, reason):
+        """Destroy a VM whose deadline came, as DELETE would, unless it turns out to be busy
+        (idle: an exec, stream or callback in progress; then its idle clock starts again)."""
+        try:
+            if reason == "idle" and vm.phase == "running" and (vm.busy_now() or await vm.background_exec_running()):
+                vm.touch()
+                return
+            deadline = vm.deadline()      # PUT /ttl or an API call may have moved it meanwhile
+            if not deadline or deadline[0] > time.time() or self.vms.get(vm.vmName) is not vm:
+                return
+            reason = deadline[1]
+            if reason == "ttl":
+                message = f"VM '{vm.vmName}' was destroyed: ttl expired at {vm.expiresAt}"
+            else:
+                message = (f"VM '{vm.vmName}' was destroyed: idle for {vm.idleTimeoutSeconds}s "
+                           f"(idleTimeoutSeconds) since {vm.lastActivityAt}")
+            log("VM deadline", vm=vm.vmName, stopReason=reason)
+            with contextlib.suppress(ApiError):
+                await self.destroy(vm.vmName, reason, message)
+        finally:
+            self.ending.discard(vm)
+            self.deadlines_changed.set()
 
     # ---- adoption at start-up, upkeep and shutdown ------------------------------
 
@@ -2829,8 +3149,11 @@ class VMManager:
         """Run a command in the VM (POST /exec of the guest agent) from a validated exec request
         (validate_exec_request): the agent's answer, bytes or a BodyStream."""
         vm = self.running(name)
-        with agent_errors():
-            return await vm.agent.exec(agent_body, timeout=(timeout + 15.0) if blocking else 15.0)
+        with vm.activity(), agent_errors():
+            answer = await vm.agent.exec(agent_body, timeout=(timeout + 15.0) if blocking else 15.0)
+        if not blocking:
+            vm.note_background_exec(answer)
+        return answer
 
     async def exec_status(self, name, exec_id):
         """The state of a background exec (exec_id checked: check_exec_id)."""
@@ -2890,6 +3213,7 @@ class RestServer:
             (re.compile(r"^/v1/vms$"), {"GET": self.list_vms, "POST": self.start_vm, "DELETE": self.destroy_all}),
             (re.compile(r"^/v1/vms/(?P<name>[^/]+)$"), {"GET": self.get_vm, "DELETE": self.destroy_vm}),
             (re.compile(r"^/v1/vms/(?P<name>[^/]+)/logs$"), {"GET": self.logs}),
+            (re.compile(r"^/v1/vms/(?P<name>[^/]+)/ttl$"), {"PUT": self.set_ttl}),
         ]
 
     async def start(self):
@@ -2953,7 +3277,7 @@ class RestServer:
             log_request(method, target, 499, t0, request.vm_name)       # nginx's "client closed request"
             return False
         except ApiError as e:
-            status, payload, ctype = e.status, json_bytes({"error": str(e)}), "application/json"
+            status, payload, ctype = e.status, json_bytes(e.body()), "application/json"
             if e.status in (408, 411, 413):      # the body was not read: the stream is out of step
                 keep_alive = False
         except Exception as e:   # never a traceback in a response
@@ -3030,7 +3354,7 @@ class RestServer:
             if "exec_id" in request.params:
                 check_exec_id(request.params["exec_id"])
             if split.query:
-                request.query = urllib.parse.parse_qs(split.query)
+                request.query = urllib.parse.parse_qs(split.query, keep_blank_values=True)
             if reader is None or handler not in self.abandonable:
                 result = await handler(request)
             else:
@@ -3058,7 +3382,7 @@ class RestServer:
         return {"status": "healthy", "timestamp": utc_now(), "version": VERSION, "vms": len(self.manager.vms)}
 
     async def list_vms(self, req):
-        return {"vms": [vm.api() for vm in self.manager.vms.values()]}
+        return {"vms": [vm.api() for vm in self.manager.select(parse_vm_filter(req.query))]}
 
     async def start_vm(self, req):
         spec = validate_start_request(parse_json_body(req.body), self.cfg)
@@ -3074,7 +3398,14 @@ class RestServer:
         return {"success": True}
 
     async def destroy_all(self, req):
-        return {"success": True, "destroyed": await self.manager.destroy_all()}
+        return {"success": True, "destroyed": await self.manager.destroy_all(parse_vm_filter(req.query))}
+
+    async def set_ttl(self, req):
+        body = parse_json_body(req.body)
+        check_fields(body, ("ttlSeconds",), required=("ttlSeconds",))
+        seconds = lifetime_seconds(0 if body["ttlSeconds"] is None else body["ttlSeconds"], "ttlSeconds",
+                                   self.cfg.max_ttl_s)
+        return self.manager.set_ttl(req.params["name"], seconds).api()
 
     async def exec(self, req):
         agent_body, blocking, timeout = validate_exec_request(parse_json_body(req.body), self.cfg)
@@ -3144,7 +3475,9 @@ async def serve(cfg):
     Path(cfg.path(cfg.run_dir)).mkdir(parents=True, exist_ok=True)
     manager = VMManager(cfg, network)
     await manager.adopt_all()
+    await manager.end_overdue()
     log_bounds = asyncio.get_running_loop().create_task(manager.bound_vmm_logs())
+    deadlines = asyncio.get_running_loop().create_task(manager.keep_deadlines())
     server = RestServer(cfg, manager)
     await server.start()
     stop = asyncio.Event()
@@ -3154,6 +3487,7 @@ async def serve(cfg):
     await stop.wait()
     log("stopping", vms=len(manager.vms), destroy_on_exit=cfg.destroy_on_exit)
     log_bounds.cancel()
+    deadlines.cancel()
     await server.stop()
     await manager.shutdown()
     log("stopped")
