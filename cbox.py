@@ -2952,6 +2952,7 @@ class VMManager:
             vm.connect_agent()
             await vm.wait_for_agent()
         vm.status, vm.phase = "RUNNING", "running"
+        vm.touch()                      # the idle clock starts when the VM can be used
         vm.save()
 
     # ---- how VMs end --------------------------------------------------------------
@@ -4110,25 +4111,55 @@ def client_call(args, method, path, body=None, timeout=None, text=False):
         sys.exit(f"cbox: cannot reach {args.server}: {e.reason} (is `cbox.py serve` running?)")
 
 
+def cli_labels(items):
+    """--label K=V options as a labels object."""
+    labels = {}
+    for item in items or ():
+        key, eq, value = item.partition("=")
+        if not eq:
+            sys.exit(f"cbox: --label {item!r}: use KEY=VALUE")
+        labels[key] = value
+    return labels
+
+
+def cli_filter(args):
+    """The ?label=K=V&status=S query of `vm ls` / `vm rm` (empty without filter options)."""
+    query = [("label", item) for item in args.label or ()] + ([("status", args.status)] if args.status else [])
+    return "?" + urllib.parse.urlencode(query) if query else ""
+
+
 def cli_vm(args):
     if args.vm_cmd == "start":
         body = {"vmName": args.name}
-        for key, value in (("callbackUrl", args.callback_url), ("vcpus", args.vcpus), ("memoryMb", args.memory_mb)):
+        for key, value in (("callbackUrl", args.callback_url), ("vcpus", args.vcpus), ("memoryMb", args.memory_mb),
+                           ("ttlSeconds", args.ttl), ("idleTimeoutSeconds", args.idle_timeout),
+                           ("labels", cli_labels(args.label) or None)):
             if value is not None:
                 body[key] = value
         vm = client_call(args, "POST", "/v1/vms", body)
-        print(f"{vm['vmName']} {vm['status']} ip={vm['ip']} cid={vm['cid']}")
+        print(f"{vm['vmName']} {vm['status']} ip={vm['ip']} cid={vm['cid']}"
+              + (f" expires={vm['expiresAt']}" if vm.get("expiresAt") else ""))
     elif args.vm_cmd == "ls":
-        vms = client_call(args, "GET", "/v1/vms")["vms"]
-        print(f"{'NAME':24} {'STATUS':8} {'IP':18} {'CID':>5} {'VCPUS':>5} {'MEM_MB':>6}  CREATED")
+        vms = client_call(args, "GET", "/v1/vms" + cli_filter(args))["vms"]
+        print(f"{'NAME':24} {'STATUS':8} {'IP':18} {'CID':>5} {'VCPUS':>5} {'MEM_MB':>6}  {'CREATED':20}  "
+              f"{'EXPIRES':24}  LABELS")
         for vm in vms:
+            labels = ",".join(f"{k}={v}" for k, v in (vm.get("labels") or {}).items())
             print(f"{vm['vmName']:24} {vm['status']:8} {vm['ip']:18} {vm['cid']:>5} {vm['vcpus']:>5} "
-                  f"{vm['memoryMb']:>6}  {vm['createdAt']}")
+                  f"{vm['memoryMb']:>6}  {vm['createdAt']:20}  {vm.get('expiresAt') or '-':24}  {labels or '-'}")
+    elif args.vm_cmd == "ttl":
+        seconds = None if args.seconds == "none" else args.seconds
+        if seconds is not None and not is_decimal(seconds):
+            sys.exit("cbox: vm ttl: SECONDS must be a whole number or 'none'")
+        vm = client_call(args, "PUT", vm_path(args.name, "/ttl"), {"ttlSeconds": None if seconds is None else int(seconds)})
+        print(f"{vm['vmName']} expires={vm['expiresAt'] or 'never'}")
     elif args.vm_cmd == "rm":
-        if not args.name and not args.all:
-            sys.exit("cbox: vm rm needs VM names or --all")
-        if args.all:
-            print("destroyed:", " ".join(client_call(args, "DELETE", "/v1/vms")["destroyed"]) or "(none)")
+        selected = args.label or args.status
+        if not args.name and not args.all and not selected:
+            sys.exit("cbox: vm rm needs VM names, --label/--status or --all")
+        if args.all or selected:
+            destroyed = client_call(args, "DELETE", "/v1/vms" + cli_filter(args))["destroyed"]
+            print("destroyed:", " ".join(destroyed) or "(none)")
         for name in args.name:
             client_call(args, "DELETE", vm_path(name))
             print(f"{name} destroyed")
@@ -4182,10 +4213,20 @@ def main(argv=None):
     q.add_argument("--callback-url")
     q.add_argument("--vcpus", type=int)
     q.add_argument("--memory-mb", type=int)
-    vm_sub.add_parser("ls")
+    q.add_argument("--ttl", type=int, metavar="SECONDS", help="destroy the VM this long after its start")
+    q.add_argument("--idle-timeout", type=int, metavar="SECONDS", help="destroy the VM after this long unused")
+    q.add_argument("--label", action="append", metavar="K=V", help="a label (repeatable)")
+    q = vm_sub.add_parser("ls")
+    q.add_argument("--label", action="append", metavar="K=V", help="only VMs with this label (K=V, or K: any value)")
+    q.add_argument("--status", help="only VMs with this status (RUNNING, STOPPED, FAILED, CREATED)")
+    q = vm_sub.add_parser("ttl", help="set a VM's deadline SECONDS from now ('none': no deadline)")
+    q.add_argument("name")
+    q.add_argument("seconds")
     q = vm_sub.add_parser("rm")
     q.add_argument("name", nargs="*")
     q.add_argument("--all", action="store_true", help="destroy every VM")
+    q.add_argument("--label", action="append", metavar="K=V", help="destroy the VMs with this label (repeatable: all must match)")
+    q.add_argument("--status", help="destroy the VMs with this status")
     q = vm_sub.add_parser("logs")
     q.add_argument("name")
     p = sub.add_parser("exec", help="run a command in a VM: exec NAME -- CMD...")
