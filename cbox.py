@@ -2856,23 +2856,28 @@ class VMManager:
         self.tombstones = Tombstones(Path(cfg.path(cfg.state_dir), "tombstones.json"), cfg.tombstone_minutes)
         self.deadlines_changed = asyncio.Event()     # wakes keep_deadlines
         self.ending = set()                          # VMs keep_deadlines is ending
+        self.end_tasks = set()                       # their tasks (shutdown lets them finish)
 
     def get(self, name):
         """The VM of that name (a checked one: check_vm_name), else ApiError 404 (saying why it
         is gone when a deadline destroyed it). Naming a VM is activity (idleTimeoutSeconds)."""
         vm = self.vms.get(name)
+        tomb = self.tombstones.get(name) if vm is None or self.past_deadline(vm) else None
+        if tomb:
+            raise ApiError(404, tomb["error"], stopReason=tomb["stopReason"], destroyedAt=tomb["destroyedAt"],
+                           console=tomb["console"])
         if vm is None:
-            tomb = self.tombstones.get(name)
-            if tomb:
-                raise ApiError(404, tomb["error"], stopReason=tomb["stopReason"], destroyedAt=tomb["destroyedAt"],
-                               console=tomb["console"])
             raise ApiError(404, f"VM '{name}' not found")
         vm.touch()
         return vm
 
+    def past_deadline(self, vm):
+        """A VM its deadline is destroying: gone from the API at once, while its teardown runs."""
+        return vm.phase == "destroying" and vm.vmName in self.tombstones.entries
+
     def select(self, matches):
         """The VMs a filter (parse_vm_filter) matches."""
-        return [vm for vm in self.vms.values() if matches(vm)]
+        return [vm for vm in self.vms.values() if matches(vm) and not self.past_deadline(vm)]
 
     def running(self, name):
         """The VM of that name when its guest agent can take requests, else ApiError 409."""
@@ -2899,7 +2904,8 @@ class VMManager:
         says at which step."""
         name = spec["vmName"]
         if name in self.vms:
-            raise ApiError(409, f"VM '{name}' already exists")
+            raise ApiError(409, f"VM '{name}' " + ("is still being destroyed (its deadline came); try again shortly"
+                                                  if self.past_deadline(self.vms[name]) else "already exists"))
         self.check_capacity(spec["memoryMb"])
         self.tombstones.discard(name)
         ip, cid = self.alloc.take()
@@ -3007,10 +3013,9 @@ class VMManager:
             vm.phase = "destroying"
             vm.stopReason = vm.stopReason or reason
             vm.save()
-            console = vm.console_log().tail() if message else ""
-            await self.teardown(vm, graceful, clock)
             if message:
-                self.tombstones.add(name, reason, message, console)
+                self.tombstones.add(name, reason, message, vm.console_log().tail())
+            await self.teardown(vm, graceful, clock)
         log("VM destroyed", vm=name, stopReason=reason, ms=f"{clock.total_ms():.1f}")
 
     async def destroy_all(self, matches=None):
@@ -3050,7 +3055,9 @@ class VMManager:
             due, wake = self.due(time.time())
             for vm, reason in due:
                 self.ending.add(vm)
-                vm.run_task(self.end_at_deadline(vm, reason))
+                task = asyncio.get_running_loop().create_task(self.end_at_deadline(vm, reason))
+                self.end_tasks.add(task)
+                task.add_done_callback(self.end_tasks.discard)
             with contextlib.suppress(asyncio.TimeoutError):
                 await within(min(max(wake - time.time(), 0.0), 3600.0), self.deadlines_changed.wait())
 
@@ -3138,6 +3145,8 @@ class VMManager:
 
     async def shutdown(self):
         """cbox.py is stopping: destroy VMs if configured, else leave them running for the next start."""
+        if self.end_tasks:            # VMs half torn down at a deadline would be torn down at the next start
+            await asyncio.wait(self.end_tasks, timeout=3 * self.cfg.shutdown_timeout_s + 15)
         if self.cfg.destroy_on_exit:
             await self.destroy_all()
         for vm in list(self.vms.values()):
