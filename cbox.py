@@ -17,13 +17,16 @@ before it:
                      pidfd watch) and its bounded logs on disk (console, -v log)
   4. Host resources  network (bridge, persistent taps, port isolation, iptables
                      chains), each VM's stateful disk, host memory
-  5. Allocation      guest IPs, vsock CIDs, tap names; request validation
+  5. Allocation      guest IPs, vsock CIDs, tap names; request validation (with
+                     lifetimes, labels and the label/status filter of /v1/vms)
   6. Callback bridge a VM's callback socket: the guest's JSON lines forwarded to
                      its callback URL, every cost budgeted per VM
-  7. VMs             one VM: its record on disk, paths, VMM process and API, agent
-                     client, console and event readers, and how it ended (stopReason)
-  8. VM manager      all VMs: start / destroy / adopt composing the sections above,
-                     freeing a VM that ended by itself, exec forwarding
+  7. VMs             one VM: its record on disk, paths, deadlines and activity, VMM
+                     process and API, agent client, console and event readers, and
+                     how it ended (stopReason)
+  8. VM manager      tombstones of VMs a deadline ended; all VMs: start / destroy /
+                     adopt composing the sections above, freeing a VM that ended by
+                     itself, the one task keeping deadlines (TTL, idle), exec forwarding
   9. REST server     routes of contract section 1, auth, limits, request log
  10. CLI             `serve`, `selftest` (a new host's end-to-end check), and a
                      small client: `vm start|ls|rm`, `exec`
@@ -2422,8 +2425,6 @@ class VM:
         self.vmm_log_trimmed = 0       # disk bytes freed from the VMM's log (bound_vmm_log)
         self.labels = self.labels or {}
         self.backgroundExecs = self.backgroundExecs or []    # ids of execs started with "blocking": false
-        self.lastActivityAt = self.lastActivityAt or utc_text(time.time())
-        self.active_at = utc_epoch(self.lastActivityAt)      # the same as epoch seconds
         self.activity_saved = time.monotonic()               # when touch() last wrote the record
         self.busy = 0                  # activities in progress (execs, streams): not idle meanwhile
 
@@ -2460,10 +2461,17 @@ class VM:
 
     ACTIVITY_SAVE_S = 5.0      # lastActivityAt on disk is at most this stale (the idle clock survives restarts)
 
+    @property
+    def lastActivityAt(self):
+        return utc_text(self.active_at)       # formatted when shown, not on every touch (every exec)
+
+    @lastActivityAt.setter
+    def lastActivityAt(self, text):
+        self.active_at = utc_epoch(text) if text else time.time()
+
     def touch(self):
         """The VM is in use now: an API call names it, an activity begins or ends."""
         self.active_at = time.time()
-        self.lastActivityAt = utc_text(self.active_at)
         if self.phase in ("running", "dead") and time.monotonic() - self.activity_saved >= self.ACTIVITY_SAVE_S:
             self.save()
 
