@@ -2812,8 +2812,10 @@ class Tombstones:
     def __init__(self, path, minutes):
         self.path, self.keep_s = path, minutes * 60
         self.entries = {}             # name -> entry, oldest first
-        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
-            self.entries = {e["vmName"]: e for e in json.loads(path.read_text()) if isinstance(e["vmName"], str)}
+        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError, KeyError):
+            self.entries = {e["vmName"]: e for e in json.loads(path.read_text())
+                            if all(isinstance(e[k], str) for k in ("vmName", "stopReason", "destroyedAt", "error"))
+                            and isinstance(e["console"], list) and isinstance(e["until"], (int, float))}
 
     def add(self, name, reason, message, console):
         if not self.keep_s:
@@ -3075,11 +3077,20 @@ class VMManager:
         self.ending.update(vm for vm, _ in due)
         await asyncio.gather(*(self.end_at_deadline(vm, reason) for vm, reason in due))
 
+    @staticmethod
+    async def background_exec_running(vm):
+        """Whether the agent says one of the VM's background execs runs; an agent that does not
+        answer within 15 s in all has none (a guest must not keep its VM alive by stalling)."""
+        try:
+            return await within(15.0, vm.background_exec_running())
+        except asyncio.TimeoutError:
+            return False
+
     async def end_at_deadline(self, vm, reason):
         """Destroy a VM whose deadline came, as DELETE would, unless it turns out to be busy
         (idle: an exec, stream or callback in progress; then its idle clock starts again)."""
         try:
-            if reason == "idle" and vm.phase == "running" and (vm.busy_now() or await vm.background_exec_running()):
+            if reason == "idle" and vm.phase == "running" and (vm.busy_now() or await self.background_exec_running(vm)):
                 vm.touch()
                 return
             deadline = vm.deadline()      # PUT /ttl or an API call may have moved it meanwhile
@@ -3094,6 +3105,8 @@ class VMManager:
             log("VM deadline", vm=vm.vmName, stopReason=reason)
             with contextlib.suppress(ApiError):
                 await self.destroy(vm.vmName, reason, message)
+        except Exception as e:       # a task of its own: nobody else would see it
+            log("ending a VM at its deadline failed", vm=vm.vmName, error=repr(f"{type(e).__name__}: {e}"))
         finally:
             self.ending.discard(vm)
             self.deadlines_changed.set()

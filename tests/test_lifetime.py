@@ -119,6 +119,28 @@ def test_idle_timeout_waits_for_running_execs(cbox_server):
     assert_tombstone(api, "idler", "idle")
 
 
+def test_idle_timeout_waits_for_a_callback_in_flight(cbox_server, netns):
+    from nsutil import CallbackURLServer
+
+    def slow(body):
+        time.sleep(3)
+        return 200, b'{"result": "late"}'
+    cb = CallbackURLServer(netns.listen(("127.0.0.1", 0)), slow)
+    try:
+        api = cbox_server.api
+        api.start_vm("caller", idleTimeoutSeconds=2, callbackUrl=cb.url)
+        # a process the agent does not track (its exec ends at once) calls back after 1 s
+        r = api.exec("caller", "setsid sh -c 'sleep 1; cbox_callback slow' >/dev/null 2>&1 < /dev/null &")
+        assert r["exitCode"] == 0
+        started = time.time()
+        gone = wait_gone(api, "caller", timeout=20)
+        assert len(cb.calls) == 1 and cb.calls[0]["vmName"] == "caller"
+        assert gone >= started + 4 - 0.1, gone - started        # kept while the callback was in flight (1..4 s)
+        assert_tombstone(api, "caller", "idle")
+    finally:
+        cb.close()
+
+
 def test_idle_timeout_without_activity_and_api_calls_keep_it(cbox_server):
     api = cbox_server.api
     api.start_vm("poked", idleTimeoutSeconds=3)
