@@ -373,6 +373,7 @@ CONFIG_KEYS = {
     "callback_write_timeout_s": (float, 10.0, "time a guest has to read a callback reply before its connection is closed"),
     "callback_log_lines_per_s": (float, 20.0, "callback log lines a second per VM; the rest are counted and the count logged"),
     "fd_reserve": (int, 256, "file descriptors kept free for the API and other VMs: guest connections beyond are refused"),
+    "default_egress": (str, "nat", "egress policy of a VM whose request names none: nat (everything) or none"),
     "destroy_on_exit": (bool, False, "destroy all VMs when cbox.py stops (default: leave them for the next start)"),
 }
 
@@ -438,6 +439,10 @@ def check_config(cfg, source):
     longest = os.path.join(cfg.path(cfg.run_dir), "4294967295", f"vsock.sock_{cfg.callback_port}")
     if len(longest.encode()) > 107:
         bad(f"run_dir {cfg.run_dir!r} is too long: socket paths such as {longest} must fit in 107 bytes")
+    if cfg.default_egress not in ("nat", "none"):
+        bad(f"default_egress must be nat or none, got {cfg.default_egress!r}")
+    if cfg.default_egress != "nat" and not cfg.firewall:
+        bad("default_egress: none needs firewall: true (the policy is enforced by iptables)")
     if "," in cfg.path(cfg.run_dir) or "=" in cfg.path(cfg.run_dir):
         bad("run_dir must not contain ',' or '=' (cloud-hypervisor splits its options on them)")
 
@@ -1485,6 +1490,38 @@ def mac_for(ip):
 
 
 FW_TAG = "cbox"
+EGRESS_CHAIN = "CBOX-EGRESS"            # jumps to each VM's chain, matched on its tap
+EGRESS_CHAIN_PREFIX = "CBOX-EG-"
+EGRESS_MODES = ("nat", "none", "allowlist")
+
+
+def egress_chain(tap):
+    return EGRESS_CHAIN_PREFIX + tap       # at most 21 characters: iptables allows 28
+
+
+def egress_rules(tap, ip, policy):
+    """{chain: rules} of one VM's egress chain. A packet not from the VM's own address is
+    dropped first (a guest cannot send as another VM to borrow its policy); what the
+    policy refuses is rejected (TCP reset, else ICMP administratively prohibited), so
+    a program in the guest fails at once instead of waiting for a timeout."""
+    tag = ["-m", "comment", "--comment", FW_TAG]
+    rules = [["!", "-s", ip, "-j", "DROP"]]
+    if policy["egress"] == "nat":
+        rules.append(["-j", "ACCEPT"])
+    else:
+        rules += [["-d", cidr, "-j", "ACCEPT"] for cidr in policy.get("allowOut") or ()]
+        rules += [["-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"],
+                  ["-j", "REJECT", "--reject-with", "icmp-admin-prohibited"]]
+    return {egress_chain(tap): [r + tag for r in rules]}
+
+
+async def iptables_restore(table, chains, append=None):
+    """One atomic iptables-restore --noflush: each chain of `chains` created or flushed and
+    given its rules; `append` adds rules to existing chains without flushing them."""
+    lines = [f"*{table}"] + [f":{chain} - [0:0]" for chain in chains]
+    for chain, rules in [*chains.items(), *(append or {}).items()]:
+        lines += [" ".join(["-A", chain, *rule]) for rule in rules]     # every word is cbox's own, no spaces
+    await run_cmd("iptables-restore", "-w", "--noflush", stdin="\n".join(lines + ["COMMIT", ""]))
 
 
 class HostNetwork:
@@ -1555,8 +1592,10 @@ class HostNetwork:
         return choice
 
     def firewall_rules(self):
-        """The rules of cbox's own chains, as iptables argument lists per (table, chain)."""
-        br, net = self.bridge, str(self.subnet)
+        """The rules of cbox's own static chains, as iptables argument lists per (table, chain).
+        Guest to guest and guest to host are dropped here, before any VM's egress policy
+        (CBOX-EGRESS, section "egress policy" below) is consulted: no policy can open them."""
+        br = self.bridge
         tag = ["-m", "comment", "--comment", FW_TAG]
         rules = {
             ("filter", "CBOX-INPUT"): [
@@ -1568,32 +1607,51 @@ class HostNetwork:
                 ["-i", br, "-o", br, "-j", "DROP"],
                 ["-o", br, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
                 ["-o", br, "-j", "DROP"],
-                ["-i", br, "-s", net, "-j", "ACCEPT"],
+                ["-i", br, "-j", EGRESS_CHAIN],       # the VM's own policy, by the tap it came in on
+                ["-i", br, "-s", str(self.subnet), "-j", "ACCEPT"],   # until the manager applies policies
                 ["-i", br, "-j", "DROP"],
             ],
             ("nat", "CBOX-POSTROUTING"): [],
         }
         nat_if = self._nat_interface()
         if nat_if:
-            rules[("nat", "CBOX-POSTROUTING")].append(["-s", net, "-o", nat_if, "-j", "MASQUERADE"])
+            rules[("nat", "CBOX-POSTROUTING")].append(["-s", str(self.subnet), "-o", nat_if, "-j", "MASQUERADE"])
         return {k: [r + tag for r in v] for k, v in rules.items()}, nat_if
 
     async def install_firewall(self):
+        """Each table's chains replaced in one iptables-restore transaction, so a restart
+        never leaves a moment with an empty CBOX-FORWARD (the built-in policy, often
+        ACCEPT, would then let guest to guest traffic through). CBOX-EGRESS and the
+        per-VM chains are kept as they are: adoption re-applies them (prune_egress
+        removes what no VM owns)."""
+        await self.enable_bridge_netfilter()
+        if not await self.iptables_ok("filter", "-n", "-L", EGRESS_CHAIN):
+            await run_cmd("iptables", "-w", "-t", "filter", "-N", EGRESS_CHAIN)
         rules, nat_if = self.firewall_rules()
-        for (table, chain), chain_rules in rules.items():
-            if not await self.iptables_ok(table, "-n", "-L", chain):
-                await run_cmd("iptables", "-w", "-t", table, "-N", chain)
-            await run_cmd("iptables", "-w", "-t", table, "-F", chain)
-            for rule in chain_rules:
-                await run_cmd("iptables", "-w", "-t", table, "-A", chain, *rule)
-            parent = self.chains[table][chain]
-            if not await self.iptables_ok(table, "-C", parent, "-j", chain):
-                await run_cmd("iptables", "-w", "-t", table, "-I", parent, "1", "-j", chain)
+        for table in self.chains:
+            await iptables_restore(table, {chain: chain_rules for (t, chain), chain_rules in rules.items()
+                                           if t == table})
+        for table, chains in self.chains.items():
+            for chain, parent in chains.items():
+                if not await self.iptables_ok(table, "-C", parent, "-j", chain):
+                    await run_cmd("iptables", "-w", "-t", table, "-I", parent, "1", "-j", chain)
         if nat_if:
             Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
             log("NAT enabled", out=nat_if, subnet=self.subnet)
         else:
             log("no NAT: no default route interface (set nat_interface to choose one)", subnet=self.subnet)
+
+    async def enable_bridge_netfilter(self):
+        """Routed packets from the bridge carry their tap (iptables -m physdev) only when
+        br_netfilter handles the bridge: asked for on this bridge alone (nf_call_iptables),
+        not host-wide (the net.bridge.bridge-nf-call-iptables sysctl). Without the module
+        no packet would match a VM's policy and every guest would be cut off."""
+        if not Path("/proc/sys/net/bridge").exists():
+            await run_cmd("modprobe", "br_netfilter", check=False)
+        if not Path("/proc/sys/net/bridge").exists():
+            raise CommandError("the br_netfilter kernel module is not loaded (modprobe br_netfilter): egress "
+                               "policies match each VM's tap through it (or set firewall: false)")
+        await run_cmd("ip", "link", "set", "dev", self.bridge, "type", "bridge", "nf_call_iptables", "1")
 
     async def remove_firewall(self):
         """Remove cbox's chains and the jumps to them (used by tests and `cbox.py cleanup`)."""
@@ -1602,6 +1660,11 @@ class HostNetwork:
                 while (await self.iptables_ok(table, "-D", parent, "-j", chain)):
                     pass
                 await run_cmd("iptables", "-w", "-t", table, "-F", chain, check=False)
+        await run_cmd("iptables", "-w", "-t", "filter", "-F", EGRESS_CHAIN, check=False)
+        for chain in await self.egress_chains():
+            await self.drop_chain(chain)
+        for table, chains in self.chains.items():
+            for chain in [*chains, *([EGRESS_CHAIN] if table == "filter" else [])]:
                 await run_cmd("iptables", "-w", "-t", table, "-X", chain, check=False)
 
     @staticmethod
@@ -1609,6 +1672,55 @@ class HostNetwork:
         proc = await asyncio.create_subprocess_exec(
             "iptables", "-w", "-t", *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
         return await proc.wait() == 0
+
+    # ---- egress policy: a chain per VM, jumped to by the tap its packets came in on ----
+
+    def egress_jump(self, tap):
+        return ["-i", self.bridge, "-m", "physdev", "--physdev-in", tap, "-j", egress_chain(tap),
+                "-m", "comment", "--comment", FW_TAG]
+
+    async def apply_egress(self, tap, ip, policy):
+        """Put a VM's egress policy ({"egress", "allowOut"}, checked by check_network) in
+        place: its chain is flushed and refilled, and jumped to when it was not, in one
+        iptables-restore transaction, so a change has no moment with the old rules gone
+        and the new ones missing. The rules see every packet the guest sends (no
+        ESTABLISHED shortcut for outgoing packets), so a change applies to connections
+        already open too."""
+        if not self.cfg.firewall:
+            return
+        jump = self.egress_jump(tap)
+        jumped = await self.iptables_ok("filter", "-C", EGRESS_CHAIN, *jump)
+        await iptables_restore("filter", egress_rules(tap, ip, policy), append=None if jumped else {EGRESS_CHAIN: [jump]})
+
+    async def remove_egress(self, tap):
+        """Remove a VM's egress chain and its jump (no error when there is none)."""
+        if self.cfg.firewall and tap:
+            await self.drop_chain(egress_chain(tap))
+
+    async def drop_chain(self, chain):
+        """A per-VM chain: its jump from CBOX-EGRESS, then the chain."""
+        jump = self.egress_jump(chain[len(EGRESS_CHAIN_PREFIX):])
+        while await self.iptables_ok("filter", "-D", EGRESS_CHAIN, *jump):
+            pass
+        await run_cmd("iptables", "-w", "-t", "filter", "-F", chain, check=False)
+        await run_cmd("iptables", "-w", "-t", "filter", "-X", chain, check=False)
+
+    async def egress_chains(self):
+        """Names of the per-VM egress chains that exist."""
+        out = await run_cmd("iptables", "-w", "-t", "filter", "-S", check=False)
+        return [line.split()[1] for line in out.splitlines()
+                if line.startswith("-N " + EGRESS_CHAIN_PREFIX)]
+
+    async def prune_egress(self, taps):
+        """Remove the egress chains of taps no VM owns (left by a crash between a VM's
+        policy and its record going away)."""
+        if not self.cfg.firewall:
+            return
+        keep = {egress_chain(tap) for tap in taps}
+        for chain in await self.egress_chains():
+            if chain not in keep:
+                log("removing egress chain no VM owns", chain=chain)
+                await self.drop_chain(chain)
 
     async def create_tap(self, tap, ip, mac):
         """A persistent tap on the bridge, isolated from the other ports, up; and a
@@ -1817,6 +1929,57 @@ def validate_start_request(body, cfg):
     if not 64 <= memory <= cfg.max_memory_mb:
         raise ApiError(400, f"memoryMb must be 64..{cfg.max_memory_mb}")
     return {"name": name, "callback_url": url, "vcpus": vcpus, "memory_mb": memory}
+
+
+MAX_ALLOW_OUT = 64
+
+
+def check_allow_out(entries):
+    """allowOut: at most MAX_ALLOW_OUT IPv4 networks or addresses, as canonical CIDRs
+    (duplicates dropped). Strict: host bits set ("10.0.0.1/8") is an error, not
+    silently the network, since the writer may have meant the one address."""
+    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+        raise ApiError(400, "network.allowOut must be a list of IPv4 CIDR strings")
+    if len(entries) > MAX_ALLOW_OUT:
+        raise ApiError(400, f"network.allowOut has {len(entries)} entries; at most {MAX_ALLOW_OUT} are allowed")
+    out = []
+    for i, entry in enumerate(entries):
+        try:
+            net = ipaddress.ip_network(entry if len(entry) <= 64 else "-", strict=True)
+        except ValueError as e:
+            raise ApiError(400, f"network.allowOut[{i}]: {entry[:64]!r} is not an IPv4 CIDR or address ({e})") from e
+        if net.version != 4:
+            raise ApiError(400, f"network.allowOut[{i}]: {entry!r} is IPv6; guests have IPv4 only")
+        if str(net) not in out:
+            out.append(str(net))
+    return out
+
+
+def check_network(network, cfg, require_egress=False):
+    """The "network" object of a start request or PUT /network: {"egress": "nat" | "none" |
+    "allowlist", "allowOut": [CIDR]} -> the policy as stored and shown, {"egress", "allowOut"}.
+    allowOut may be non-empty only with allowlist (an empty list is accepted with any
+    mode, so a VM object's network can be sent back as it is)."""
+    if network is None and not require_egress:
+        network = {}
+    if not isinstance(network, dict):
+        raise ApiError(400, "network must be an object: {\"egress\": \"nat\" | \"none\" | \"allowlist\", \"allowOut\": [CIDR]}")
+    unknown = sorted(k for k in network if k not in ("egress", "allowOut"))
+    if unknown:
+        raise ApiError(400, f"network: unknown field(s): {', '.join(unknown)}")
+    if require_egress and network.get("egress") is None:
+        raise ApiError(400, "network: missing required field: egress")
+    egress = network.get("egress")
+    egress = cfg.default_egress if egress is None else egress
+    if egress not in EGRESS_MODES:
+        raise ApiError(400, f"network.egress must be one of {', '.join(EGRESS_MODES)}, got {str(egress)[:64]!r}")
+    if egress != "nat" and not cfg.firewall:
+        raise ApiError(400, f"network.egress {egress!r} needs firewall: true in cbox's config")
+    allow = check_allow_out([] if network.get("allowOut") is None else network["allowOut"])
+    if allow and egress != "allowlist":
+        raise ApiError(400, f"network.allowOut is only allowed with egress 'allowlist' (egress {egress!r} "
+                            f"{'lets everything out' if egress == 'nat' else 'lets nothing out'})")
+    return {"egress": egress, "allowOut": allow}
 
 
 def validate_exec_request(body, cfg):
