@@ -1918,19 +1918,6 @@ def check_callback_url(url):
     return url
 
 
-def validate_start_request(body, cfg):
-    check_fields(body, ("vmName", "callbackUrl", "vcpus", "memoryMb"), required=("vmName",))
-    name = check_vm_name(body["vmName"])
-    url = check_callback_url(typed(body, "callbackUrl", "str"))
-    vcpus = typed(body, "vcpus", "int", cfg.default_vcpus)
-    memory = typed(body, "memoryMb", "int", cfg.default_memory_mb)
-    if not 1 <= vcpus <= cfg.max_vcpus:
-        raise ApiError(400, f"vcpus must be 1..{cfg.max_vcpus}")
-    if not 64 <= memory <= cfg.max_memory_mb:
-        raise ApiError(400, f"memoryMb must be 64..{cfg.max_memory_mb}")
-    return {"name": name, "callback_url": url, "vcpus": vcpus, "memory_mb": memory}
-
-
 MAX_ALLOW_OUT = 64
 
 
@@ -1980,6 +1967,20 @@ def check_network(network, cfg, require_egress=False):
         raise ApiError(400, f"network.allowOut is only allowed with egress 'allowlist' (egress {egress!r} "
                             f"{'lets everything out' if egress == 'nat' else 'lets nothing out'})")
     return {"egress": egress, "allowOut": allow}
+
+
+def validate_start_request(body, cfg):
+    check_fields(body, ("vmName", "callbackUrl", "vcpus", "memoryMb", "network"), required=("vmName",))
+    name = check_vm_name(body["vmName"])
+    url = check_callback_url(typed(body, "callbackUrl", "str"))
+    vcpus = typed(body, "vcpus", "int", cfg.default_vcpus)
+    memory = typed(body, "memoryMb", "int", cfg.default_memory_mb)
+    if not 1 <= vcpus <= cfg.max_vcpus:
+        raise ApiError(400, f"vcpus must be 1..{cfg.max_vcpus}")
+    if not 64 <= memory <= cfg.max_memory_mb:
+        raise ApiError(400, f"memoryMb must be 64..{cfg.max_memory_mb}")
+    return {"name": name, "callback_url": url, "vcpus": vcpus, "memory_mb": memory,
+            "network": check_network(body.get("network"), cfg)}
 
 
 def validate_exec_request(body, cfg):

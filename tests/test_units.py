@@ -219,7 +219,8 @@ def test_bad_names(name):
 
 def test_start_request(cfg):
     spec = cbox.validate_start_request({"vmName": "a", "callbackUrl": "http://127.0.0.1:9/cb"}, cfg)
-    assert spec == {"name": "a", "callback_url": "http://127.0.0.1:9/cb", "vcpus": 1, "memory_mb": 512}
+    assert spec == {"name": "a", "callback_url": "http://127.0.0.1:9/cb", "vcpus": 1, "memory_mb": 512,
+                    "network": {"egress": "nat", "allowOut": []}}
 
 
 @pytest.mark.parametrize("body,fragment", [
