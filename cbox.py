@@ -3191,8 +3191,8 @@ def preflight(cfg):
     if os.geteuid() != 0:
         problems.append("not root: creating the bridge, taps and iptables rules needs root")
     for tool, package in (("ip", "iproute2"), ("mke2fs", "e2fsprogs"), ("tune2fs", "e2fsprogs"),
-                          ("iptables", "iptables")):
-        if not shutil.which(tool) and (tool != "iptables" or cfg.firewall):
+                          ("iptables", "iptables"), ("iptables-restore", "iptables")):
+        if not shutil.which(tool) and (not tool.startswith("iptables") or cfg.firewall):
             problems.append(f"{tool} is not installed (Debian package {package})")
     return problems
 
