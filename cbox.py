@@ -3855,11 +3855,12 @@ def client_call(args, method, path, body=None, timeout=None, text=False):
 def cli_vm(args):
     if args.vm_cmd == "start":
         body = {"vmName": args.name}
-        for key, value in (("callbackUrl", args.callback_url), ("vcpus", args.vcpus), ("memoryMb", args.memory_mb)):
+        for key, value in (("callbackUrl", args.callback_url), ("vcpus", args.vcpus), ("memoryMb", args.memory_mb),
+                           ("network", cli_network(args))):
             if value is not None:
                 body[key] = value
         vm = client_call(args, "POST", "/v1/vms", body)
-        print(f"{vm['vmName']} {vm['status']} ip={vm['ip']} cid={vm['cid']}")
+        print(f"{vm['vmName']} {vm['status']} ip={vm['ip']} cid={vm['cid']} egress={fmt_egress(vm)}")
     elif args.vm_cmd == "ls":
         vms = client_call(args, "GET", "/v1/vms")["vms"]
         print(f"{'NAME':24} {'STATUS':8} {'IP':18} {'CID':>5} {'VCPUS':>5} {'MEM_MB':>6}  CREATED")
@@ -3876,6 +3877,34 @@ def cli_vm(args):
             print(f"{name} destroyed")
     elif args.vm_cmd == "logs":
         sys.stdout.write(client_call(args, "GET", vm_path(args.name, "/logs"), text=True))
+    elif args.vm_cmd == "network":
+        network = cli_network(args)
+        if network is None:
+            sys.exit("cbox: vm network needs --egress or --allow-out")
+        vm = client_call(args, "PUT", vm_path(args.name, "/network"), network)
+        print(f"{vm['vmName']} egress={fmt_egress(vm)}")
+
+
+def cli_network(args):
+    """The "network" object of `vm start` / `vm network` from --egress and --allow-out
+    (--allow-out alone means allowlist); None when neither is given."""
+    if args.egress is None and not args.allow_out:
+        return None
+    network = {"egress": args.egress or "allowlist"}
+    if args.allow_out:
+        network["allowOut"] = args.allow_out
+    return network
+
+
+def fmt_egress(vm):
+    network = vm.get("network") or {}
+    return ",".join([network.get("egress") or "?", *network.get("allowOut", [])])
+
+
+def add_network_args(parser):
+    parser.add_argument("--egress", choices=EGRESS_MODES, help="egress policy (default: the server's default_egress)")
+    parser.add_argument("--allow-out", action="append", metavar="CIDR",
+                        help="an IPv4 network or address the guest may reach (repeat; implies --egress allowlist)")
 
 
 def cli_exec(args):
@@ -3924,12 +3953,16 @@ def main(argv=None):
     q.add_argument("--callback-url")
     q.add_argument("--vcpus", type=int)
     q.add_argument("--memory-mb", type=int)
+    add_network_args(q)
     vm_sub.add_parser("ls")
     q = vm_sub.add_parser("rm")
     q.add_argument("name", nargs="*")
     q.add_argument("--all", action="store_true", help="destroy every VM")
     q = vm_sub.add_parser("logs")
     q.add_argument("name")
+    q = vm_sub.add_parser("network", help="change a running VM's egress policy")
+    q.add_argument("name")
+    add_network_args(q)
     p = sub.add_parser("exec", help="run a command in a VM: exec NAME -- CMD...")
     p.add_argument("name")
     p.add_argument("--timeout", type=float)

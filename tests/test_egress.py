@@ -539,3 +539,18 @@ def test_failed_start_and_destroy_leave_no_chain(egress_cbox, world, netns, tmp_
     assert status == 500, body
     server.assert_clean()
     assert "CBOX-EG-" not in chains(netns)
+
+
+def test_cli_start_and_change_the_policy(egress_cbox, world, netns):
+    server = egress_cbox().start()
+    cli = [sys.executable, str(Path(cbox.__file__)), "--server", "http://127.0.0.1:7000"]
+    r = netns.run(*cli, "vm", "start", "clivm", "--allow-out", ALLOWED, "--allow-out", "203.0.113.0/24")
+    assert r.stdout.startswith("clivm RUNNING") and f"egress=allowlist,{ALLOWED}/32,203.0.113.0/24" in r.stdout, r
+    assert server.api.get("/v1/vms/clivm")[1]["network"]["allowOut"] == [f"{ALLOWED}/32", "203.0.113.0/24"]
+    assert netns.run(*cli, "vm", "network", "clivm", "--egress", "none").stdout == "clivm egress=none\n"
+    assert probe(server.api, "clivm", tcp(ALLOWED))[tcp(ALLOWED)] == REFUSED
+    r = netns.run(*cli, "vm", "network", "clivm", "--egress", "nat", "--allow-out", ALLOWED, check=False)
+    assert r.returncode == 1 and "HTTP 400" in r.stderr and "only allowed with egress 'allowlist'" in r.stderr
+    r = netns.run(*cli, "vm", "network", "clivm", check=False)
+    assert r.returncode == 1 and "needs --egress or --allow-out" in r.stderr
+    assert server.api.get("/v1/vms/clivm")[1]["network"] == {"egress": "none", "allowOut": []}
