@@ -1515,13 +1515,14 @@ def egress_rules(tap, ip, policy):
     return {egress_chain(tap): [r + tag for r in rules]}
 
 
-async def iptables_restore(table, chains, append=None):
+async def iptables_restore(table, chains, append=None, commands=()):
     """One atomic iptables-restore --noflush: each chain of `chains` created or flushed and
-    given its rules; `append` adds rules to existing chains without flushing them."""
+    given its rules; `append` adds rules to existing chains without flushing them;
+    `commands` are further command lines ("-X CHAIN"). It all happens, or none of it."""
     lines = [f"*{table}"] + [f":{chain} - [0:0]" for chain in chains]
     for chain, rules in [*chains.items(), *(append or {}).items()]:
         lines += [" ".join(["-A", chain, *rule]) for rule in rules]     # every word is cbox's own, no spaces
-    await run_cmd("iptables-restore", "-w", "--noflush", stdin="\n".join(lines + ["COMMIT", ""]))
+    await run_cmd("iptables-restore", "-w", "--noflush", stdin="\n".join([*lines, *commands, "COMMIT", ""]))
 
 
 class HostNetwork:
@@ -1698,8 +1699,12 @@ class HostNetwork:
             await self.drop_chain(egress_chain(tap))
 
     async def drop_chain(self, chain):
-        """A per-VM chain: its jump from CBOX-EGRESS, then the chain."""
+        """A per-VM chain: its jump from CBOX-EGRESS, then the chain; in one transaction when
+        the jump is there once (the usual case), else step by step."""
         jump = self.egress_jump(chain[len(EGRESS_CHAIN_PREFIX):])
+        with contextlib.suppress(CommandError):
+            return await iptables_restore("filter", {}, commands=[" ".join(["-D", EGRESS_CHAIN, *jump]),
+                                                                  f"-F {chain}", f"-X {chain}"])
         while await self.iptables_ok("filter", "-D", EGRESS_CHAIN, *jump):
             pass
         await run_cmd("iptables", "-w", "-t", "filter", "-F", chain, check=False)
