@@ -1559,6 +1559,10 @@ class HostNetwork:
         # arp_notify: the kernel announces a new address (gratuitous ARP), so running
         # guests update their gateway entry at once instead of when it expires
         Path(f"/proc/sys/net/ipv4/conf/{self.bridge}/arp_notify").write_text("1\n")
+        # No IPv6 on the bridge: guests would otherwise reach every host service listening
+        # on :: through the bridge's link-local address, past the IPv4 firewall
+        with contextlib.suppress(FileNotFoundError):      # a kernel without IPv6
+            Path(f"/proc/sys/net/ipv6/conf/{self.bridge}/disable_ipv6").write_text("1\n")
         if link.get("address") != mac:
             await self.fix_bridge_mac(link.get("address"), mac)
         addrs = await run_cmd("ip", "-o", "-4", "addr", "show", "dev", self.bridge)

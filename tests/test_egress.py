@@ -554,3 +554,32 @@ def test_cli_start_and_change_the_policy(egress_cbox, world, netns):
     r = netns.run(*cli, "vm", "network", "clivm", check=False)
     assert r.returncode == 1 and "needs --egress or --allow-out" in r.stderr
     assert server.api.get("/v1/vms/clivm")[1]["network"] == {"egress": "none", "allowOut": []}
+
+
+def test_guests_cannot_reach_the_host_over_ipv6(egress_cbox, world, netns):
+    """The IPv4 rules do not see IPv6: the bridge has no IPv6 at all, so a guest cannot
+    reach a host service listening on :: through the bridge's link-local address."""
+    server = egress_cbox().start()
+    api = server.api
+    api.start_vm("v6")
+    assert "inet6" not in netns.run("ip", "-6", "addr", "show", "dev", "cbox0").stdout
+    host = socket_in_netns(netns.name, socket.AF_INET6)
+    host.bind(("::", 0))
+    host.listen(5)
+    try:
+        # the bridge's link-local address as it would be (EUI-64 of its fixed MAC 02:cb:0a:14:01:01)
+        script = ("import socket, time\n"
+                  "for attempt in range(5):\n"
+                  "    s = socket.socket(socket.AF_INET6); s.settimeout(1)\n"
+                  "    try:\n"
+                  f"        s.connect(('fe80::cb:aff:fe14:101', {host.getsockname()[1]}, 0,"
+                  " socket.if_nametoindex('eth0'))); print('CONNECTED'); break\n"
+                  "    except OSError as e:\n"
+                  "        last = type(e).__name__\n"
+                  "        time.sleep(0.1)\n"
+                  "else:\n"
+                  "    print('failed', last)\n")
+        r = api.exec("v6", "python3 -c \"$S\"", env={"S": script})
+        assert r["exitCode"] == 0 and r["stdout"].startswith("failed"), r
+    finally:
+        host.close()
