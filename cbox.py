@@ -16,17 +16,19 @@ before it:
                      VMM's serial socket and event FIFO; the VMM's process (spawn,
                      pidfd watch) and its bounded logs on disk (console, -v log)
   4. Host resources  network (bridge, persistent taps, port isolation, iptables
-                     chains), each VM's stateful disk, host memory
+                     chains, each VM's egress chain), each VM's stateful disk,
+                     host memory
   5. Allocation      guest IPs, vsock CIDs, tap names; request validation
   6. Callback bridge a VM's callback socket: the guest's JSON lines forwarded to
                      its callback URL, every cost budgeted per VM
   7. VMs             one VM: its record on disk, paths, VMM process and API, agent
                      client, console and event readers, and how it ended (stopReason)
   8. VM manager      all VMs: start / destroy / adopt composing the sections above,
-                     freeing a VM that ended by itself, exec forwarding
+                     freeing a VM that ended by itself, egress policy changes,
+                     exec forwarding
   9. REST server     routes of contract section 1, auth, limits, request log
  10. CLI             `serve`, `selftest` (a new host's end-to-end check), and a
-                     small client: `vm start|ls|rm`, `exec`
+                     small client: `vm start|ls|rm|logs|network`, `exec`
 
 The external contract lives in ../shared/docs/contract.md (beside checkouts) and
 is summarised in README.md.
@@ -1631,8 +1633,7 @@ class HostNetwork:
                 ["-o", br, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
                 ["-o", br, "-j", "DROP"],
                 ["-i", br, "-j", EGRESS_CHAIN],       # the VM's own policy, by the tap it came in on
-                ["-i", br, "-s", str(self.subnet), "-j", "ACCEPT"],   # until the manager applies policies
-                ["-i", br, "-j", "DROP"],
+                ["-i", br, "-j", "DROP"],             # a tap without a policy: nothing out
             ],
             ("nat", "CBOX-POSTROUTING"): [],
         }
@@ -2469,9 +2470,9 @@ class VM:
     phase: starting -> running -> dead (ended by itself) or destroying (DELETE)."""
 
     RECORD_FIELDS = ("vmName", "status", "ip", "tapDeviceName", "callbackUrl", "cid", "vcpus",
-                     "memoryMb", "createdAt", "phase", "pid", "pidStart", "mac", "error", "stopReason")
+                     "memoryMb", "createdAt", "phase", "pid", "pidStart", "mac", "error", "stopReason", "network")
     API_FIELDS = ("vmName", "status", "ip", "tapDeviceName", "callbackUrl", "cid", "vcpus",
-                  "memoryMb", "createdAt", "stopReason")
+                  "memoryMb", "createdAt", "stopReason", "network")
 
     def __init__(self, cfg, **fields):
         for key in self.RECORD_FIELDS:
@@ -2517,6 +2518,7 @@ class VM:
         check_vm_name(vm.vmName)
         if path.name != vm.vmName + ".json":
             raise ValueError("record name does not match its file")
+        vm.network = vm.network or {"egress": "nat", "allowOut": []}     # recorded by an older cbox.py
         return vm
 
     # ---- the hypervisor ------------------------------------------------------------
@@ -2857,6 +2859,8 @@ class VMManager:
             await self.disks.create(paths.disk, self.cfg.stateful_size_in_mb)
         with clock.step("tap"):
             await self.net.create_tap(vm.tapDeviceName, vm.address, vm.mac)
+        with clock.step("egress"):
+            await self.net.apply_egress(vm.tapDeviceName, vm.address, vm.network)
         with clock.step("spawn"):
             vm.spawn_vmm()
             self.release_when_ended(vm)
@@ -2893,6 +2897,7 @@ class VMManager:
             if vm.serial:
                 await vm.serial.wait_end(1.0)      # the console's last bytes
             vm.close_clients()
+            await self.net.remove_egress(vm.tapDeviceName)
             await self.net.remove_tap(vm.tapDeviceName, vm.address)
             remove_tree(vm.paths.run_dir)
 
@@ -2906,6 +2911,7 @@ class VMManager:
         await vm.stop_vmm(clock, ("vm.shutdown", "vm.delete", "vmm.shutdown"))
         vm.stop_watching()
         with clock.step("tap"):
+            await self.net.remove_egress(vm.tapDeviceName)
             await self.net.remove_tap(vm.tapDeviceName, vm.address)
         with clock.step("files"):
             remove_tree(paths.run_dir)
@@ -2938,7 +2944,8 @@ class VMManager:
     # ---- adoption at start-up, upkeep and shutdown ------------------------------
 
     async def adopt_all(self):
-        """Re-adopt VMs whose hypervisor still answers; clean up everything else."""
+        """Re-adopt VMs whose hypervisor still answers; clean up everything else, egress
+        chains of VMs that are gone included."""
         self.records_dir.mkdir(parents=True, exist_ok=True)
         for path in sorted(self.records_dir.glob("*.json")):
             try:
@@ -2949,6 +2956,7 @@ class VMManager:
                 continue
             self.vms[vm.vmName] = vm
             await self.adopt(vm)
+        await self.net.prune_egress([vm.tapDeviceName for vm in self.vms.values() if vm.phase == "running"])
 
     async def adopt(self, vm):
         """Take over a VM from its record: watch it again when its VMM still runs it, keep the
@@ -2959,6 +2967,7 @@ class VMManager:
                 info = await vm.chv.info()
                 if info.get("state") != "Running":
                     raise HypervisorError(f"VM state is {info.get('state')}")
+                await self.net.apply_egress(vm.tapDeviceName, vm.address, vm.network)   # as recorded
                 vm.connect_agent()
                 vm.serve_callbacks()
                 vm.follow_again()
@@ -2968,7 +2977,7 @@ class VMManager:
                 if reset:
                     vm.guest_reset(*reset)
                 return
-            except (HypervisorError, OSError) as e:
+            except (HypervisorError, CommandError, OSError) as e:
                 log("cannot re-adopt VM; cleaning it up", vm=vm.vmName, error=repr(str(e)))
         elif vm.phase == "dead":
             await self.release_runtime(vm)
@@ -2995,6 +3004,21 @@ class VMManager:
         for vm in list(self.vms.values()):
             vm.stop_watching()
         CallbackBridge.close_url_clients()
+
+    # ---- egress policy ------------------------------------------------------------
+
+    async def set_network(self, name, policy):
+        """Change a running VM's egress policy (checked by check_network): in force, then
+        recorded; when putting it in force fails, the old one stays in force and recorded."""
+        vm = self.running(name)
+        async with vm.lock:
+            if self.vms.get(name) is not vm or vm.phase != "running":
+                raise ApiError(409, f"VM '{name}' is not running (status {vm.status})")
+            await self.net.apply_egress(vm.tapDeviceName, vm.address, policy)
+            vm.network = policy
+            vm.save()
+        log("egress policy changed", vm=name, egress=policy["egress"], allowOut=",".join(policy["allowOut"]) or None)
+        return vm
 
     # ---- exec -----------------------------------------------------------------
 
@@ -3063,6 +3087,7 @@ class RestServer:
             (re.compile(r"^/v1/vms$"), {"GET": self.list_vms, "POST": self.start_vm, "DELETE": self.destroy_all}),
             (re.compile(r"^/v1/vms/(?P<name>[^/]+)$"), {"GET": self.get_vm, "DELETE": self.destroy_vm}),
             (re.compile(r"^/v1/vms/(?P<name>[^/]+)/logs$"), {"GET": self.logs}),
+            (re.compile(r"^/v1/vms/(?P<name>[^/]+)/network$"), {"PUT": self.put_network}),
         ]
 
     async def start(self):
@@ -3241,6 +3266,10 @@ class RestServer:
 
     async def get_vm(self, req):
         return self.manager.get(req.params["name"]).api()
+
+    async def put_network(self, req):
+        policy = check_network(parse_json_body(req.body), self.cfg, require_egress=True)
+        return (await self.manager.set_network(req.params["name"], policy)).api()
 
     async def destroy_vm(self, req):
         await self.manager.destroy(req.params["name"])
