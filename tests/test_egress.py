@@ -17,7 +17,7 @@ import pytest
 
 from conftest import NetNS, socket_in_netns, unique
 from nsutil import CallbackURLServer
-from procutil import run
+from procutil import run, wait_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cbox  # noqa: E402
@@ -583,3 +583,21 @@ def test_guests_cannot_reach_the_host_over_ipv6(egress_cbox, world, netns):
         assert r["exitCode"] == 0 and r["stdout"].startswith("failed"), r
     finally:
         host.close()
+
+
+def test_a_vm_that_ends_by_itself_loses_its_chain(egress_cbox, world, netns):
+    server = egress_cbox().start()
+    api = server.api
+    vm = api.start_vm("ends", network={"egress": "none"})
+    chain = f"CBOX-EG-{vm['tapDeviceName']}"
+    assert chain in chains(netns)
+    [pid] = server.vmm_pids()
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: chain not in chains(netns) and not server.taps(), 10, what="the chain and tap to go")
+    status, body = api.get("/v1/vms/ends")
+    assert status == 200 and body["status"] == "FAILED" and body["network"] == {"egress": "none", "allowOut": []}
+    status, body = put_network(api, "ends", {"egress": "nat"})
+    assert status == 409 and "not running" in body["error"]
+    assert chain not in chains(netns)
+    assert api.delete("/v1/vms/ends")[0] == 200
+    server.assert_clean()
