@@ -2518,8 +2518,19 @@ class VM:
         check_vm_name(vm.vmName)
         if path.name != vm.vmName + ".json":
             raise ValueError("record name does not match its file")
-        vm.network = vm.network or {"egress": "nat", "allowOut": []}     # recorded by an older cbox.py
+        vm.network = vm.recorded_network()
         return vm
+
+    def recorded_network(self):
+        """The egress policy in the record, checked again (its words become iptables rules):
+        nat for a record of an older cbox.py, none (nothing out) for one that does not pass."""
+        if self.network is None:
+            return {"egress": "nat", "allowOut": []}
+        try:
+            return check_network(self.network, self.cfg)
+        except ApiError as e:
+            log("egress policy in the record is unusable: nothing out", vm=self.vmName, error=repr(str(e)))
+            return {"egress": "none", "allowOut": []}
 
     # ---- the hypervisor ------------------------------------------------------------
 

@@ -601,3 +601,27 @@ def test_a_vm_that_ends_by_itself_loses_its_chain(egress_cbox, world, netns):
     assert chain not in chains(netns)
     assert api.delete("/v1/vms/ends")[0] == 200
     server.assert_clean()
+
+
+def test_a_record_without_or_with_a_bad_policy(egress_cbox, world, netns):
+    """A record of an older cbox.py (no network) keeps NAT; a policy in a record that does
+    not pass the checks (its words become iptables rules) is replaced by none."""
+    server = egress_cbox().start()
+    api = server.api
+    api.start_vm("old")
+    api.start_vm("bad", network={"egress": "allowlist", "allowOut": [ALLOWED]})
+    server.stop()
+    for name, network in (("old", None), ("bad", {"egress": "allowlist", "allowOut": ["0.0.0.0/0 -j ACCEPT"]})):
+        path = server.state_dir / "vms" / f"{name}.json"
+        record = json.loads(path.read_text())
+        record["network"] = network
+        if network is None:
+            del record["network"]
+        path.write_text(json.dumps(record))
+    second = egress_cbox().start()
+    api = second.api
+    assert api.get("/v1/vms/old")[1]["network"] == {"egress": "nat", "allowOut": []}
+    assert api.get("/v1/vms/bad")[1]["network"] == {"egress": "none", "allowOut": []}
+    assert "egress policy in the record is unusable" in second.log()
+    assert probe(api, "old", tcp(OTHER))[tcp(OTHER)] == f"open world {OTHER}"
+    assert probe(api, "bad", tcp(ALLOWED))[tcp(ALLOWED)] == REFUSED
