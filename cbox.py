@@ -16,7 +16,8 @@ before it:
                      VMM's serial socket and event FIFO; the VMM's process (spawn,
                      pidfd watch) and its bounded logs on disk (console, -v log)
   4. Host resources  network (bridge, persistent taps, port isolation, iptables
-                     chains), each VM's stateful disk, host memory
+                     chains, each VM's egress chain), each VM's stateful disk,
+                     host memory
   5. Allocation      guest IPs, vsock CIDs, tap names; request validation (with
                      lifetimes, labels and the label/status filter of /v1/vms)
   6. Callback bridge a VM's callback socket: the guest's JSON lines forwarded to
@@ -26,10 +27,11 @@ before it:
                      how it ended (stopReason)
   8. VM manager      tombstones of VMs a deadline ended; all VMs: start / destroy /
                      adopt composing the sections above, freeing a VM that ended by
-                     itself, the one task keeping deadlines (TTL, idle), exec forwarding
+                     itself, egress policy changes, the one task keeping deadlines
+                     (TTL, idle), exec forwarding
   9. REST server     routes of contract section 1, auth, limits, request log
  10. CLI             `serve`, `selftest` (a new host's end-to-end check), and a
-                     small client: `vm start|ls|rm`, `exec`
+                     small client: `vm start|ls|rm|logs|network`, `exec`
 
 The external contract lives in ../shared/docs/contract.md (beside checkouts) and
 is summarised in README.md.
@@ -389,6 +391,7 @@ CONFIG_KEYS = {
     "callback_write_timeout_s": (float, 10.0, "time a guest has to read a callback reply before its connection is closed"),
     "callback_log_lines_per_s": (float, 20.0, "callback log lines a second per VM; the rest are counted and the count logged"),
     "fd_reserve": (int, 256, "file descriptors kept free for the API and other VMs: guest connections beyond are refused"),
+    "default_egress": (str, "nat", "egress policy of a VM whose request names none: nat (everything) or none"),
     "destroy_on_exit": (bool, False, "destroy all VMs when cbox.py stops (default: leave them for the next start)"),
     "default_ttl_s": (int, 0, "lifetime of a VM whose request has no ttlSeconds; 0 = none (max_ttl_s when that is set)"),
     "max_ttl_s": (int, 0, "largest ttlSeconds a request may ask for; 0 = no maximum (a VM may also live forever)"),
@@ -467,6 +470,10 @@ def check_config(cfg, source):
     longest = os.path.join(cfg.path(cfg.run_dir), "4294967295", f"vsock.sock_{cfg.callback_port}")
     if len(longest.encode()) > 107:
         bad(f"run_dir {cfg.run_dir!r} is too long: socket paths such as {longest} must fit in 107 bytes")
+    if cfg.default_egress not in ("nat", "none"):
+        bad(f"default_egress must be nat or none, got {cfg.default_egress!r}")
+    if cfg.default_egress != "nat" and not cfg.firewall:
+        bad("default_egress: none needs firewall: true (the policy is enforced by iptables)")
     if "," in cfg.path(cfg.run_dir) or "=" in cfg.path(cfg.run_dir):
         bad("run_dir must not contain ',' or '=' (cloud-hypervisor splits its options on them)")
 
@@ -1530,6 +1537,39 @@ def mac_for(ip):
 
 
 FW_TAG = "cbox"
+EGRESS_CHAIN = "CBOX-EGRESS"            # jumps to each VM's chain, matched on its tap
+EGRESS_CHAIN_PREFIX = "CBOX-EG-"
+EGRESS_MODES = ("nat", "none", "allowlist")
+
+
+def egress_chain(tap):
+    return EGRESS_CHAIN_PREFIX + tap       # at most 21 characters: iptables allows 28
+
+
+def egress_rules(tap, ip, policy):
+    """{chain: rules} of one VM's egress chain. A packet not from the VM's own address is
+    dropped first (a guest cannot send as another VM to borrow its policy); what the
+    policy refuses is rejected (TCP reset, else ICMP administratively prohibited), so
+    a program in the guest fails at once instead of waiting for a timeout."""
+    tag = ["-m", "comment", "--comment", FW_TAG]
+    rules = [["!", "-s", ip, "-j", "DROP"]]
+    if policy["egress"] == "nat":
+        rules.append(["-j", "ACCEPT"])
+    else:
+        rules += [["-d", cidr, "-j", "ACCEPT"] for cidr in policy.get("allowOut") or ()]
+        rules += [["-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"],
+                  ["-j", "REJECT", "--reject-with", "icmp-admin-prohibited"]]
+    return {egress_chain(tap): [r + tag for r in rules]}
+
+
+async def iptables_restore(table, chains, append=None, commands=()):
+    """One atomic iptables-restore --noflush: each chain of `chains` created or flushed and
+    given its rules; `append` adds rules to existing chains without flushing them;
+    `commands` are further command lines ("-X CHAIN"). It all happens, or none of it."""
+    lines = [f"*{table}"] + [f":{chain} - [0:0]" for chain in chains]
+    for chain, rules in [*chains.items(), *(append or {}).items()]:
+        lines += [" ".join(["-A", chain, *rule]) for rule in rules]     # every word is cbox's own, no spaces
+    await run_cmd("iptables-restore", "-w", "--noflush", stdin="\n".join([*lines, *commands, "COMMIT", ""]))
 
 
 class HostNetwork:
@@ -1566,6 +1606,10 @@ class HostNetwork:
         # arp_notify: the kernel announces a new address (gratuitous ARP), so running
         # guests update their gateway entry at once instead of when it expires
         Path(f"/proc/sys/net/ipv4/conf/{self.bridge}/arp_notify").write_text("1\n")
+        # No IPv6 on the bridge: guests would otherwise reach every host service listening
+        # on :: through the bridge's link-local address, past the IPv4 firewall
+        with contextlib.suppress(FileNotFoundError):      # a kernel without IPv6
+            Path(f"/proc/sys/net/ipv6/conf/{self.bridge}/disable_ipv6").write_text("1\n")
         if link.get("address") != mac:
             await self.fix_bridge_mac(link.get("address"), mac)
         addrs = await run_cmd("ip", "-o", "-4", "addr", "show", "dev", self.bridge)
@@ -1600,8 +1644,10 @@ class HostNetwork:
         return choice
 
     def firewall_rules(self):
-        """The rules of cbox's own chains, as iptables argument lists per (table, chain)."""
-        br, net = self.bridge, str(self.subnet)
+        """The rules of cbox's own static chains, as iptables argument lists per (table, chain).
+        Guest to guest and guest to host are dropped here, before any VM's egress policy
+        (CBOX-EGRESS, section "egress policy" below) is consulted: no policy can open them."""
+        br = self.bridge
         tag = ["-m", "comment", "--comment", FW_TAG]
         rules = {
             ("filter", "CBOX-INPUT"): [
@@ -1613,32 +1659,50 @@ class HostNetwork:
                 ["-i", br, "-o", br, "-j", "DROP"],
                 ["-o", br, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
                 ["-o", br, "-j", "DROP"],
-                ["-i", br, "-s", net, "-j", "ACCEPT"],
-                ["-i", br, "-j", "DROP"],
+                ["-i", br, "-j", EGRESS_CHAIN],       # the VM's own policy, by the tap it came in on
+                ["-i", br, "-j", "DROP"],             # a tap without a policy: nothing out
             ],
             ("nat", "CBOX-POSTROUTING"): [],
         }
         nat_if = self._nat_interface()
         if nat_if:
-            rules[("nat", "CBOX-POSTROUTING")].append(["-s", net, "-o", nat_if, "-j", "MASQUERADE"])
+            rules[("nat", "CBOX-POSTROUTING")].append(["-s", str(self.subnet), "-o", nat_if, "-j", "MASQUERADE"])
         return {k: [r + tag for r in v] for k, v in rules.items()}, nat_if
 
     async def install_firewall(self):
+        """Each table's chains replaced in one iptables-restore transaction, so a restart
+        never leaves a moment with an empty CBOX-FORWARD (the built-in policy, often
+        ACCEPT, would then let guest to guest traffic through). CBOX-EGRESS and the
+        per-VM chains are kept as they are: adoption re-applies them (prune_egress
+        removes what no VM owns)."""
+        await self.enable_bridge_netfilter()
+        if not await self.iptables_ok("filter", "-n", "-L", EGRESS_CHAIN):
+            await run_cmd("iptables", "-w", "-t", "filter", "-N", EGRESS_CHAIN)
         rules, nat_if = self.firewall_rules()
-        for (table, chain), chain_rules in rules.items():
-            if not await self.iptables_ok(table, "-n", "-L", chain):
-                await run_cmd("iptables", "-w", "-t", table, "-N", chain)
-            await run_cmd("iptables", "-w", "-t", table, "-F", chain)
-            for rule in chain_rules:
-                await run_cmd("iptables", "-w", "-t", table, "-A", chain, *rule)
-            parent = self.chains[table][chain]
-            if not await self.iptables_ok(table, "-C", parent, "-j", chain):
-                await run_cmd("iptables", "-w", "-t", table, "-I", parent, "1", "-j", chain)
+        for table in self.chains:
+            await iptables_restore(table, {chain: chain_rules for (t, chain), chain_rules in rules.items()
+                                           if t == table})
+        for table, chains in self.chains.items():
+            for chain, parent in chains.items():
+                if not await self.iptables_ok(table, "-C", parent, "-j", chain):
+                    await run_cmd("iptables", "-w", "-t", table, "-I", parent, "1", "-j", chain)
         if nat_if:
             Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
             log("NAT enabled", out=nat_if, subnet=self.subnet)
         else:
             log("no NAT: no default route interface (set nat_interface to choose one)", subnet=self.subnet)
+
+    async def enable_bridge_netfilter(self):
+        """Routed packets from the bridge carry their tap (iptables -m physdev) only when
+        br_netfilter handles the bridge: asked for on this bridge alone (nf_call_iptables),
+        not host-wide (the net.bridge.bridge-nf-call-iptables sysctl). Without the module
+        no packet would match a VM's policy and every guest would be cut off."""
+        if not Path("/proc/sys/net/bridge").exists():
+            await run_cmd("modprobe", "br_netfilter", check=False)
+        if not Path("/proc/sys/net/bridge").exists():
+            raise CommandError("the br_netfilter kernel module is not loaded (modprobe br_netfilter): egress "
+                               "policies match each VM's tap through it (or set firewall: false)")
+        await run_cmd("ip", "link", "set", "dev", self.bridge, "type", "bridge", "nf_call_iptables", "1")
 
     async def remove_firewall(self):
         """Remove cbox's chains and the jumps to them (used by tests and `cbox.py cleanup`)."""
@@ -1647,6 +1711,11 @@ class HostNetwork:
                 while (await self.iptables_ok(table, "-D", parent, "-j", chain)):
                     pass
                 await run_cmd("iptables", "-w", "-t", table, "-F", chain, check=False)
+        await run_cmd("iptables", "-w", "-t", "filter", "-F", EGRESS_CHAIN, check=False)
+        for chain in await self.egress_chains():
+            await self.drop_chain(chain)
+        for table, chains in self.chains.items():
+            for chain in [*chains, *([EGRESS_CHAIN] if table == "filter" else [])]:
                 await run_cmd("iptables", "-w", "-t", table, "-X", chain, check=False)
 
     @staticmethod
@@ -1654,6 +1723,59 @@ class HostNetwork:
         proc = await asyncio.create_subprocess_exec(
             "iptables", "-w", "-t", *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
         return await proc.wait() == 0
+
+    # ---- egress policy: a chain per VM, jumped to by the tap its packets came in on ----
+
+    def egress_jump(self, tap):
+        return ["-i", self.bridge, "-m", "physdev", "--physdev-in", tap, "-j", egress_chain(tap),
+                "-m", "comment", "--comment", FW_TAG]
+
+    async def apply_egress(self, tap, ip, policy):
+        """Put a VM's egress policy ({"egress", "allowOut"}, checked by check_network) in
+        place: its chain is flushed and refilled, and jumped to when it was not, in one
+        iptables-restore transaction, so a change has no moment with the old rules gone
+        and the new ones missing. The rules see every packet the guest sends (no
+        ESTABLISHED shortcut for outgoing packets), so a change applies to connections
+        already open too."""
+        if not self.cfg.firewall:
+            return
+        jump = self.egress_jump(tap)
+        jumped = await self.iptables_ok("filter", "-C", EGRESS_CHAIN, *jump)
+        await iptables_restore("filter", egress_rules(tap, ip, policy), append=None if jumped else {EGRESS_CHAIN: [jump]})
+
+    async def remove_egress(self, tap):
+        """Remove a VM's egress chain and its jump (no error when there is none)."""
+        if self.cfg.firewall and tap:
+            await self.drop_chain(egress_chain(tap))
+
+    async def drop_chain(self, chain):
+        """A per-VM chain: its jump from CBOX-EGRESS, then the chain; in one transaction when
+        the jump is there once (the usual case), else step by step."""
+        jump = self.egress_jump(chain[len(EGRESS_CHAIN_PREFIX):])
+        with contextlib.suppress(CommandError):
+            return await iptables_restore("filter", {}, commands=[" ".join(["-D", EGRESS_CHAIN, *jump]),
+                                                                  f"-F {chain}", f"-X {chain}"])
+        while await self.iptables_ok("filter", "-D", EGRESS_CHAIN, *jump):
+            pass
+        await run_cmd("iptables", "-w", "-t", "filter", "-F", chain, check=False)
+        await run_cmd("iptables", "-w", "-t", "filter", "-X", chain, check=False)
+
+    async def egress_chains(self):
+        """Names of the per-VM egress chains that exist."""
+        out = await run_cmd("iptables", "-w", "-t", "filter", "-S", check=False)
+        return [line.split()[1] for line in out.splitlines()
+                if line.startswith("-N " + EGRESS_CHAIN_PREFIX)]
+
+    async def prune_egress(self, taps):
+        """Remove the egress chains of taps no VM owns (left by a crash between a VM's
+        policy and its record going away)."""
+        if not self.cfg.firewall:
+            return
+        keep = {egress_chain(tap) for tap in taps}
+        for chain in await self.egress_chains():
+            if chain not in keep:
+                log("removing egress chain no VM owns", chain=chain)
+                await self.drop_chain(chain)
 
     async def create_tap(self, tap, ip, mac):
         """A persistent tap on the bridge, isolated from the other ports, up; and a
@@ -1934,9 +2056,61 @@ def parse_vm_filter(query):
     return matches
 
 
+
+MAX_ALLOW_OUT = 64
+
+
+def check_allow_out(entries):
+    """allowOut: at most MAX_ALLOW_OUT IPv4 networks or addresses, as canonical CIDRs
+    (duplicates dropped). Strict: host bits set ("10.0.0.1/8") is an error, not
+    silently the network, since the writer may have meant the one address."""
+    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+        raise ApiError(400, "network.allowOut must be a list of IPv4 CIDR strings")
+    if len(entries) > MAX_ALLOW_OUT:
+        raise ApiError(400, f"network.allowOut has {len(entries)} entries; at most {MAX_ALLOW_OUT} are allowed")
+    out = []
+    for i, entry in enumerate(entries):
+        try:
+            net = ipaddress.ip_network(entry if len(entry) <= 64 else "-", strict=True)
+        except ValueError as e:
+            raise ApiError(400, f"network.allowOut[{i}]: {entry[:64]!r} is not an IPv4 CIDR or address ({e})") from e
+        if net.version != 4:
+            raise ApiError(400, f"network.allowOut[{i}]: {entry!r} is IPv6; guests have IPv4 only")
+        if str(net) not in out:
+            out.append(str(net))
+    return out
+
+
+def check_network(network, cfg, require_egress=False):
+    """The "network" object of a start request or PUT /network: {"egress": "nat" | "none" |
+    "allowlist", "allowOut": [CIDR]} -> the policy as stored and shown, {"egress", "allowOut"}.
+    allowOut may be non-empty only with allowlist (an empty list is accepted with any
+    mode, so a VM object's network can be sent back as it is)."""
+    if network is None and not require_egress:
+        network = {}
+    if not isinstance(network, dict):
+        raise ApiError(400, "network must be an object: {\"egress\": \"nat\" | \"none\" | \"allowlist\", \"allowOut\": [CIDR]}")
+    unknown = sorted(k for k in network if k not in ("egress", "allowOut"))
+    if unknown:
+        raise ApiError(400, f"network: unknown field(s): {', '.join(unknown)}")
+    if require_egress and network.get("egress") is None:
+        raise ApiError(400, "network: missing required field: egress")
+    egress = network.get("egress")
+    egress = cfg.default_egress if egress is None else egress
+    if egress not in EGRESS_MODES:
+        raise ApiError(400, f"network.egress must be one of {', '.join(EGRESS_MODES)}, got {str(egress)[:64]!r}")
+    if egress != "nat" and not cfg.firewall:
+        raise ApiError(400, f"network.egress {egress!r} needs firewall: true in cbox's config")
+    allow = check_allow_out([] if network.get("allowOut") is None else network["allowOut"])
+    if allow and egress != "allowlist":
+        raise ApiError(400, f"network.allowOut is only allowed with egress 'allowlist' (egress {egress!r} "
+                            f"{'lets everything out' if egress == 'nat' else 'lets nothing out'})")
+    return {"egress": egress, "allowOut": allow}
+
+
 def validate_start_request(body, cfg):
-    check_fields(body, ("vmName", "callbackUrl", "vcpus", "memoryMb", "ttlSeconds", "idleTimeoutSeconds", "labels"),
-                 required=("vmName",))
+    check_fields(body, ("vmName", "callbackUrl", "vcpus", "memoryMb", "network", "ttlSeconds", "idleTimeoutSeconds",
+                        "labels"), required=("vmName",))
     name = check_vm_name(body["vmName"])
     url = check_callback_url(typed(body, "callbackUrl", "str"))
     vcpus = typed(body, "vcpus", "int", cfg.default_vcpus)
@@ -1946,7 +2120,7 @@ def validate_start_request(body, cfg):
     if not 64 <= memory <= cfg.max_memory_mb:
         raise ApiError(400, f"memoryMb must be 64..{cfg.max_memory_mb}")
     return {"vmName": name, "callbackUrl": url, "vcpus": vcpus, "memoryMb": memory,
-            **validate_lifetime_and_labels(body, cfg)}
+            "network": check_network(body.get("network"), cfg), **validate_lifetime_and_labels(body, cfg)}
 
 
 def validate_exec_request(body, cfg):
@@ -2400,10 +2574,10 @@ class VM:
     phase: starting -> running -> dead (ended by itself) or destroying (DELETE)."""
 
     RECORD_FIELDS = ("vmName", "status", "ip", "tapDeviceName", "callbackUrl", "cid", "vcpus",
-                     "memoryMb", "createdAt", "phase", "pid", "pidStart", "mac", "error", "stopReason",
+                     "memoryMb", "createdAt", "phase", "pid", "pidStart", "mac", "error", "stopReason", "network",
                      "expiresAt", "idleTimeoutSeconds", "lastActivityAt", "labels", "backgroundExecs")
     API_FIELDS = ("vmName", "status", "ip", "tapDeviceName", "callbackUrl", "cid", "vcpus",
-                  "memoryMb", "createdAt", "stopReason",
+                  "memoryMb", "createdAt", "stopReason", "network",
                   "expiresAt", "idleTimeoutSeconds", "lastActivityAt", "labels")
 
     def __init__(self, cfg, **fields):
@@ -2455,7 +2629,19 @@ class VM:
         check_vm_name(vm.vmName)
         if path.name != vm.vmName + ".json":
             raise ValueError("record name does not match its file")
+        vm.network = vm.recorded_network()
         return vm
+
+    def recorded_network(self):
+        """The egress policy in the record, checked again (its words become iptables rules):
+        nat for a record of an older cbox.py, none (nothing out) for one that does not pass."""
+        if self.network is None:
+            return {"egress": "nat", "allowOut": []}
+        try:
+            return check_network(self.network, self.cfg)
+        except ApiError as e:
+            log("egress policy in the record is unusable: nothing out", vm=self.vmName, error=repr(str(e)))
+            return {"egress": "none", "allowOut": []}
 
     # ---- deadlines and activity (ttlSeconds, idleTimeoutSeconds) -------------------
 
@@ -2952,6 +3138,8 @@ class VMManager:
             await self.disks.create(paths.disk, self.cfg.stateful_size_in_mb)
         with clock.step("tap"):
             await self.net.create_tap(vm.tapDeviceName, vm.address, vm.mac)
+        with clock.step("egress"):
+            await self.net.apply_egress(vm.tapDeviceName, vm.address, vm.network)
         with clock.step("spawn"):
             vm.spawn_vmm()
             self.release_when_ended(vm)
@@ -2989,6 +3177,7 @@ class VMManager:
             if vm.serial:
                 await vm.serial.wait_end(1.0)      # the console's last bytes
             vm.close_clients()
+            await self.net.remove_egress(vm.tapDeviceName)
             await self.net.remove_tap(vm.tapDeviceName, vm.address)
             remove_tree(vm.paths.run_dir)
 
@@ -3002,6 +3191,7 @@ class VMManager:
         await vm.stop_vmm(clock, ("vm.shutdown", "vm.delete", "vmm.shutdown"))
         vm.stop_watching()
         with clock.step("tap"):
+            await self.net.remove_egress(vm.tapDeviceName)
             await self.net.remove_tap(vm.tapDeviceName, vm.address)
         with clock.step("files"):
             remove_tree(paths.run_dir)
@@ -3114,7 +3304,8 @@ class VMManager:
     # ---- adoption at start-up, upkeep and shutdown ------------------------------
 
     async def adopt_all(self):
-        """Re-adopt VMs whose hypervisor still answers; clean up everything else."""
+        """Re-adopt VMs whose hypervisor still answers; clean up everything else, egress
+        chains of VMs that are gone included."""
         self.records_dir.mkdir(parents=True, exist_ok=True)
         for path in sorted(self.records_dir.glob("*.json")):
             try:
@@ -3125,6 +3316,7 @@ class VMManager:
                 continue
             self.vms[vm.vmName] = vm
             await self.adopt(vm)
+        await self.net.prune_egress([vm.tapDeviceName for vm in self.vms.values() if vm.phase == "running"])
 
     async def adopt(self, vm):
         """Take over a VM from its record: watch it again when its VMM still runs it, keep the
@@ -3135,6 +3327,7 @@ class VMManager:
                 info = await vm.chv.info()
                 if info.get("state") != "Running":
                     raise HypervisorError(f"VM state is {info.get('state')}")
+                await self.net.apply_egress(vm.tapDeviceName, vm.address, vm.network)   # as recorded
                 vm.connect_agent()
                 vm.serve_callbacks()
                 vm.follow_again()
@@ -3144,7 +3337,7 @@ class VMManager:
                 if reset:
                     vm.guest_reset(*reset)
                 return
-            except (HypervisorError, OSError) as e:
+            except (HypervisorError, CommandError, OSError) as e:
                 log("cannot re-adopt VM; cleaning it up", vm=vm.vmName, error=repr(str(e)))
         elif vm.phase == "dead":
             await self.release_runtime(vm)
@@ -3173,6 +3366,21 @@ class VMManager:
         for vm in list(self.vms.values()):
             vm.stop_watching()
         CallbackBridge.close_url_clients()
+
+    # ---- egress policy ------------------------------------------------------------
+
+    async def set_network(self, name, policy):
+        """Change a running VM's egress policy (checked by check_network): in force, then
+        recorded; when putting it in force fails, the old one stays in force and recorded."""
+        vm = self.running(name)
+        async with vm.lock:
+            if self.vms.get(name) is not vm or vm.phase != "running":
+                raise ApiError(409, f"VM '{name}' is not running (status {vm.status})")
+            await self.net.apply_egress(vm.tapDeviceName, vm.address, policy)
+            vm.network = policy
+            vm.save()
+        log("egress policy changed", vm=name, egress=policy["egress"], allowOut=",".join(policy["allowOut"]) or None)
+        return vm
 
     # ---- exec -----------------------------------------------------------------
 
@@ -3245,6 +3453,7 @@ class RestServer:
             (re.compile(r"^/v1/vms/(?P<name>[^/]+)$"), {"GET": self.get_vm, "DELETE": self.destroy_vm}),
             (re.compile(r"^/v1/vms/(?P<name>[^/]+)/logs$"), {"GET": self.logs}),
             (re.compile(r"^/v1/vms/(?P<name>[^/]+)/ttl$"), {"PUT": self.set_ttl}),
+            (re.compile(r"^/v1/vms/(?P<name>[^/]+)/network$"), {"PUT": self.put_network}),
         ]
 
     async def start(self):
@@ -3424,6 +3633,10 @@ class RestServer:
     async def get_vm(self, req):
         return self.manager.get(req.params["name"]).api()
 
+    async def put_network(self, req):
+        policy = check_network(parse_json_body(req.body), self.cfg, require_egress=True)
+        return (await self.manager.set_network(req.params["name"], policy)).api()
+
     async def destroy_vm(self, req):
         await self.manager.destroy(req.params["name"])
         return {"success": True}
@@ -3477,8 +3690,8 @@ def preflight(cfg):
     if os.geteuid() != 0:
         problems.append("not root: creating the bridge, taps and iptables rules needs root")
     for tool, package in (("ip", "iproute2"), ("mke2fs", "e2fsprogs"), ("tune2fs", "e2fsprogs"),
-                          ("iptables", "iptables")):
-        if not shutil.which(tool) and (tool != "iptables" or cfg.firewall):
+                          ("iptables", "iptables"), ("iptables-restore", "iptables")):
+        if not shutil.which(tool) and (not tool.startswith("iptables") or cfg.firewall):
             problems.append(f"{tool} is not installed (Debian package {package})")
     return problems
 
@@ -4158,16 +4371,32 @@ def cli_filter(args):
     return "?" + urllib.parse.urlencode(query) if query else ""
 
 
+def cli_network(args):
+    """The "network" object of `vm start` / `vm network` from --egress and --allow-out
+    (--allow-out alone means allowlist); None when neither is given."""
+    if args.egress is None and not args.allow_out:
+        return None
+    network = {"egress": args.egress or "allowlist"}
+    if args.allow_out:
+        network["allowOut"] = args.allow_out
+    return network
+
+
+def fmt_egress(vm):
+    network = vm.get("network") or {}
+    return ",".join([network.get("egress") or "?", *network.get("allowOut", [])])
+
+
 def cli_vm(args):
     if args.vm_cmd == "start":
         body = {"vmName": args.name}
         for key, value in (("callbackUrl", args.callback_url), ("vcpus", args.vcpus), ("memoryMb", args.memory_mb),
-                           ("ttlSeconds", args.ttl), ("idleTimeoutSeconds", args.idle_timeout),
-                           ("labels", cli_labels(args.label) or None)):
+                           ("network", cli_network(args)), ("ttlSeconds", args.ttl),
+                           ("idleTimeoutSeconds", args.idle_timeout), ("labels", cli_labels(args.label) or None)):
             if value is not None:
                 body[key] = value
         vm = client_call(args, "POST", "/v1/vms", body)
-        print(f"{vm['vmName']} {vm['status']} ip={vm['ip']} cid={vm['cid']}"
+        print(f"{vm['vmName']} {vm['status']} ip={vm['ip']} cid={vm['cid']} egress={fmt_egress(vm)}"
               + (f" expires={vm['expiresAt']}" if vm.get("expiresAt") else ""))
     elif args.vm_cmd == "ls":
         vms = client_call(args, "GET", "/v1/vms" + cli_filter(args))["vms"]
@@ -4195,6 +4424,18 @@ def cli_vm(args):
             print(f"{name} destroyed")
     elif args.vm_cmd == "logs":
         sys.stdout.write(client_call(args, "GET", vm_path(args.name, "/logs"), text=True))
+    elif args.vm_cmd == "network":
+        network = cli_network(args)
+        if network is None:
+            sys.exit("cbox: vm network needs --egress or --allow-out")
+        vm = client_call(args, "PUT", vm_path(args.name, "/network"), network)
+        print(f"{vm['vmName']} egress={fmt_egress(vm)}")
+
+
+def add_network_args(parser):
+    parser.add_argument("--egress", choices=EGRESS_MODES, help="egress policy (default: the server's default_egress)")
+    parser.add_argument("--allow-out", action="append", metavar="CIDR",
+                        help="an IPv4 network or address the guest may reach (repeat; implies --egress allowlist)")
 
 
 def cli_exec(args):
@@ -4243,6 +4484,7 @@ def main(argv=None):
     q.add_argument("--callback-url")
     q.add_argument("--vcpus", type=int)
     q.add_argument("--memory-mb", type=int)
+    add_network_args(q)
     q.add_argument("--ttl", type=int, metavar="SECONDS", help="destroy the VM this long after its start")
     q.add_argument("--idle-timeout", type=int, metavar="SECONDS", help="destroy the VM after this long unused")
     q.add_argument("--label", action="append", metavar="K=V", help="a label (repeatable)")
@@ -4259,6 +4501,9 @@ def main(argv=None):
     q.add_argument("--status", help="destroy the VMs with this status")
     q = vm_sub.add_parser("logs")
     q.add_argument("name")
+    q = vm_sub.add_parser("network", help="change a running VM's egress policy")
+    q.add_argument("name")
+    add_network_args(q)
     p = sub.add_parser("exec", help="run a command in a VM: exec NAME -- CMD...")
     p.add_argument("name")
     p.add_argument("--timeout", type=float)

@@ -50,8 +50,8 @@ def test_vm_lifecycle_exec_and_cleanup(cbox_server):
     assert vm["ip"] == "10.20.1.2/24" and vm["cid"] == 3 and vm["tapDeviceName"] == "cbt3"
     assert vm["vcpus"] == 2 and vm["memoryMb"] == 256 and vm["callbackUrl"] is None
     assert set(vm) == {"vmName", "status", "ip", "tapDeviceName", "callbackUrl", "cid", "vcpus",
-                       "memoryMb", "createdAt", "stopReason", "expiresAt", "idleTimeoutSeconds",
-                       "lastActivityAt", "labels"}
+                       "memoryMb", "createdAt", "stopReason", "network", "expiresAt",
+                       "idleTimeoutSeconds", "lastActivityAt", "labels"}
     assert vm["stopReason"] is None and vm["expiresAt"] is None and vm["labels"] == {}
     status, got = api.get("/v1/vms/alpha")          # naming the VM is activity: lastActivityAt moves
     assert status == 200 and got == dict(vm, lastActivityAt=got["lastActivityAt"])

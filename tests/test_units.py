@@ -220,6 +220,7 @@ def test_bad_names(name):
 def test_start_request(cfg):
     spec = cbox.validate_start_request({"vmName": "a", "callbackUrl": "http://127.0.0.1:9/cb"}, cfg)
     assert spec == {"vmName": "a", "callbackUrl": "http://127.0.0.1:9/cb", "vcpus": 1, "memoryMb": 512,
+                    "network": {"egress": "nat", "allowOut": []},
                     "expiresAt": None, "idleTimeoutSeconds": None, "labels": {}}
 
 
