@@ -2630,6 +2630,12 @@ class VM:
         if path.name != vm.vmName + ".json":
             raise ValueError("record name does not match its file")
         vm.network = vm.recorded_network()
+        utc_epoch(vm.expiresAt)                    # ValueError when it is no time
+        check_labels(vm.labels)
+        if vm.idleTimeoutSeconds is not None:
+            lifetime_seconds(vm.idleTimeoutSeconds, "idleTimeoutSeconds", 0)
+        if not isinstance(vm.backgroundExecs, list) or not all(isinstance(i, str) for i in vm.backgroundExecs):
+            raise ValueError("backgroundExecs must be a list of exec ids")
         return vm
 
     def recorded_network(self):

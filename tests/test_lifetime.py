@@ -368,3 +368,21 @@ def test_tombstones_are_bounded_and_kept_on_disk(tmp_path, monkeypatch):
     assert again.get("vm3") is None
     (tmp_path / "bad.json").write_text("{not json")
     assert cbox.Tombstones(tmp_path / "bad.json", 10).entries == {}
+
+
+@pytest.mark.parametrize("field,value", [("expiresAt", "tomorrow"), ("expiresAt", 5), ("labels", {"bad key": "v"}),
+                                         ("idleTimeoutSeconds", -1), ("lastActivityAt", "nope"),
+                                         ("backgroundExecs", "abc")])
+def test_a_record_with_bad_lifetime_fields_is_unusable(tmp_path, field, value):
+    cfg = cbox.load_config(write_config(tmp_path, [f"state_dir: {tmp_path}"]))
+    record = {"vmName": "r", "status": "RUNNING", "ip": "10.20.1.2/24", "cid": 3, "phase": "running",
+              "expiresAt": "2030-01-01T00:00:00.000Z", "labels": {"a": "b"}, "idleTimeoutSeconds": 5,
+              "lastActivityAt": "2030-01-01T00:00:00.000Z", "backgroundExecs": ["x1"]}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(record))
+    vm = cbox.VM.from_record(cfg, path)
+    assert vm.deadline() == (cbox.utc_epoch("2030-01-01T00:00:00.000Z"), "ttl")
+    assert vm.lastActivityAt == "2030-01-01T00:00:00.000Z" and vm.labels == {"a": "b"}
+    path.write_text(json.dumps(dict(record, **{field: value})))
+    with pytest.raises((ValueError, TypeError, AttributeError, cbox.ApiError)):
+        cbox.VM.from_record(cfg, path)
