@@ -1669,10 +1669,20 @@ class HostNetwork:
         """Routed packets from the bridge carry their tap (iptables -m physdev) only when
         br_netfilter handles the bridge: asked for on this bridge alone (nf_call_iptables),
         not host-wide (the net.bridge.bridge-nf-call-iptables sysctl). Without the module
-        no packet would match a VM's policy and every guest would be cut off."""
-        if not Path("/proc/sys/net/bridge").exists():
+        no packet would match a VM's policy and every guest would be cut off.
+        Loading the module turns the host-wide sysctls on for every bridge; when cbox.py
+        is the one loading it, they go back to off, so the host's other bridges keep
+        bypassing iptables as they did before."""
+        sysctl_dir = Path("/proc/sys/net/bridge")
+        if not sysctl_dir.exists():
             await run_cmd("modprobe", "br_netfilter", check=False)
-        if not Path("/proc/sys/net/bridge").exists():
+            if sysctl_dir.exists():
+                for name in ("bridge-nf-call-iptables", "bridge-nf-call-ip6tables", "bridge-nf-call-arptables"):
+                    with contextlib.suppress(OSError):
+                        (sysctl_dir / name).write_text("0\n")
+                log("loaded br_netfilter; its host-wide sysctls are off, on for the cbox bridge only",
+                    bridge=self.bridge)
+        if not sysctl_dir.exists():
             raise CommandError("the br_netfilter kernel module is not loaded (modprobe br_netfilter): egress "
                                "policies match each VM's tap through it (or set firewall: false)")
         await run_cmd("ip", "link", "set", "dev", self.bridge, "type", "bridge", "nf_call_iptables", "1")
