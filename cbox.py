@@ -356,6 +356,8 @@ CONFIG_KEYS = {
     "exec_max_timeout_s": (float, 86400.0, "largest exec timeout a request may ask for"),
     "exec_output_limit_bytes": (int, 4 * 1024 * 1024, "cap on captured stdout, stderr and output, each"),
     "callback_timeout_s": (float, 30.0, "time the callback URL has to answer"),
+    "callback_secret": (str, "", "HMAC-SHA256 key signing every callback POST (X-CBox-Signature); empty = unsigned"),
+    "callback_secret_file": (str, "", "file holding callback_secret (its first line), instead of the key itself"),
     "callback_port": (int, 4032, "guest vsock port for callbacks"),
     "agent_port": (int, 4031, "guest agent TCP port"),
     "max_request_bytes": (int, 8 * 1024 * 1024, "largest REST request body"),
@@ -477,7 +479,25 @@ def load_config(path, overrides=None):
         values.setdefault(key, default)
     cfg = Config(values, str(Path(path).resolve().parent))
     check_config(cfg, str(path))
+    read_callback_secret(cfg, str(path))
     return cfg
+
+
+def read_callback_secret(cfg, source):
+    """callback_secret_file -> cfg.callback_secret (its first line), so the key need not sit
+    in a config file others may read."""
+    if not cfg.callback_secret_file:
+        return
+    if cfg.callback_secret:
+        raise ConfigError(f"{source}: set callback_secret or callback_secret_file, not both")
+    secret_path = cfg.path(cfg.callback_secret_file)
+    try:
+        lines = Path(secret_path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{source}: callback_secret_file {secret_path}: {e}") from e
+    if not lines or not lines[0].strip():
+        raise ConfigError(f"{source}: callback_secret_file {secret_path} is empty")
+    cfg.callback_secret = lines[0].strip()
 
 
 # =============================================================================
@@ -1861,27 +1881,50 @@ CALLBACK_LINE_MAX = 1024 * 1024
 CALLBACK_PARSE_OFF_LOOP = 64 * 1024     # lines (and answers) above this are parsed in a thread
 CALLBACK_REFUSAL_PAUSE = 0.1            # a connection refused a callback (rate, in flight) waits this long
 CALLBACK_COUNTERS = ("connections", "callbacks", "refused_connections", "refused_fd_reserve", "refused_in_flight",
-                     "refused_rate", "throttled_bytes", "idle_timeouts", "read_timeouts", "write_timeouts",
-                     "oversize_lines", "bad_requests", "accept_errors", "log_lines_suppressed")
+                     "refused_rate", "refused_method", "throttled_bytes", "idle_timeouts", "read_timeouts",
+                     "write_timeouts", "oversize_lines", "bad_requests", "accept_errors", "log_lines_suppressed")
+CALLBACK_TOTALS = dict.fromkeys(CALLBACK_COUNTERS, 0)   # the same counts over all VMs since cbox.py started
+CALLBACK_REQUEST_FIELDS = {"method", "params", "execId"}
+CALLBACK_EXEC_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def parse_callback_line(line, vm_name):
     """A guest's request line -> (method, body bytes for the callback URL) or (None, error text).
 
     Pure, so large lines can be parsed in a thread; every parse or encode failure
-    (RecursionError included: params may nest deeper than the encoder recurses) is an answer."""
+    (RecursionError included: params may nest deeper than the encoder recurses) is an answer.
+    An "execId" (the calling command's CBOX_EXEC_ID, set by the guest agent) is passed on."""
     try:
         request = json.loads(line)
         if not isinstance(request, dict) or not isinstance(request.get("method"), str) or not request["method"]:
             return None, "callback request must be an object with a non-empty string 'method'"
-        if set(request) - {"method", "params"}:
-            return None, f"unknown callback request field(s): {', '.join(sorted(set(request) - {'method', 'params'}))}"
-        return request["method"], json_bytes({"vmName": vm_name, "method": request["method"],
-                                              "params": request.get("params")})
+        if set(request) - CALLBACK_REQUEST_FIELDS:
+            return None, f"unknown callback request field(s): {', '.join(sorted(set(request) - CALLBACK_REQUEST_FIELDS))}"
+        body = {"vmName": vm_name, "method": request["method"], "params": request.get("params")}
+        if "execId" in request:
+            exec_id = request["execId"]
+            if not isinstance(exec_id, str) or not CALLBACK_EXEC_ID.fullmatch(exec_id):
+                return None, "callback request 'execId' must be 1-64 characters of A-Z a-z 0-9 _ . -"
+            body["execId"] = exec_id
+        return request["method"], json_bytes(body)
     except RecursionError:
         return None, "callback request is nested too deeply"
     except (ValueError, UnicodeDecodeError):
         return None, "callback request is not valid JSON"
+
+
+def callback_headers(secret, vm_name, body, now=None):
+    """Headers of one POST to a callback URL: X-CBox-VM and a unique X-CBox-Callback-Id
+    always; with a secret, X-CBox-Timestamp (unix seconds) and X-CBox-Signature =
+    "sha256=" + hex HMAC-SHA256(secret, timestamp + "." + body), so the receiver can
+    check who sent it and when (README, "Callbacks": a verifier in a few lines)."""
+    headers = {"X-CBox-VM": vm_name, "X-CBox-Callback-Id": uuid.uuid4().hex}
+    if secret:
+        timestamp = str(int(time.time() if now is None else now))
+        digest = hmac.new(secret.encode(), timestamp.encode() + b"." + body, "sha256").hexdigest()
+        headers["X-CBox-Timestamp"] = timestamp
+        headers["X-CBox-Signature"] = f"sha256={digest}"
+    return headers
 
 
 def answer_text(value):
@@ -1972,7 +2015,8 @@ class CallbackBridge:
     The socket is accepted here rather than by asyncio's server, so a full fd table
     (EMFILE) backs off quietly instead of logging a traceback per attempt, and the
     last `fd_reserve` descriptors stay free for the API and the other VMs.
-    `counters` counts every budget hit (for a metrics endpoint; logged at close)."""
+    `counters` counts every budget hit (for a metrics endpoint; logged at close),
+    CALLBACK_TOTALS the same over all VMs."""
 
     def __init__(self, cfg, vm, clients):
         self.cfg, self.vm, self.clients = cfg, vm, clients      # clients: the shared URL client pool
@@ -2012,7 +2056,7 @@ class CallbackBridge:
                 if e.errno in (errno.ECONNABORTED, errno.EINTR, errno.EAGAIN):
                     continue
                 # EMFILE / ENFILE / ENOBUFS / ENOMEM: wait for descriptors or memory to come back
-                self.counters["accept_errors"] += 1
+                self.count("accept_errors")
                 self.note("callback socket cannot accept", error=repr(os.strerror(e.errno) if e.errno else str(e)),
                           retry_s=f"{backoff:g}")
                 await asyncio.sleep(backoff)
@@ -2034,12 +2078,12 @@ class CallbackBridge:
             reason = f"too many open callback connections (at most {self.cfg.callback_max_connections} per VM)"
             counter = "refused_connections"
         else:
-            self.counters["connections"] += 1
+            self.count("connections")
             task = asyncio.get_running_loop().create_task(self._connection(conn))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
             return True
-        self.counters[counter] += 1
+        self.count(counter)
         self.note("callback connection refused", reason=repr(reason))
         with contextlib.suppress(OSError):
             conn.send(error_line(reason))          # a fresh socket's buffer takes one short line
@@ -2059,11 +2103,15 @@ class CallbackBridge:
             log("callback budgets", vm=self.vm.vmName, suppressed=self.suppressed or None,
                 **{k: v for k, v in self.counters.items() if v})
 
+    def count(self, counter):
+        self.counters[counter] += 1
+        CALLBACK_TOTALS[counter] += 1
+
     def note(self, msg, **fields):
         """A log line, at most callback_log_lines_per_s a second per VM; the rest are counted."""
         if not self.log_lines.take():
             self.suppressed += 1
-            self.counters["log_lines_suppressed"] += 1
+            self.count("log_lines_suppressed")
             return
         log(msg, vm=self.vm.vmName, suppressed=self.suppressed or None, **fields)
         self.suppressed = 0
@@ -2083,7 +2131,7 @@ class CallbackBridge:
                 try:
                     await within(self.cfg.callback_write_timeout_s, loop.sock_sendall(sock, reply))
                 except asyncio.TimeoutError:
-                    self.counters["write_timeouts"] += 1
+                    self.count("write_timeouts")
                     self.note("callback connection closed: the guest does not read its replies")
                     return
                 # sock_recv and sock_sendall finish without yielding when they can: a guest
@@ -2114,7 +2162,7 @@ class CallbackBridge:
                 continue
             scanned = len(buf)
             if scanned > CALLBACK_LINE_MAX:
-                self.counters["oversize_lines"] += 1
+                self.count("oversize_lines")
                 await self._send_final(loop, sock, error_line("callback request larger than 1 MiB"))
                 return None
             if scanned and deadline is None:
@@ -2122,14 +2170,14 @@ class CallbackBridge:
             timeout = self.cfg.callback_idle_timeout_s if deadline is None else deadline - loop.time()
             pause = self.bytes.wait()
             if pause:
-                self.counters["throttled_bytes"] += 1
+                self.count("throttled_bytes")
                 await asyncio.sleep(pause)
             want = min(256 * 1024, CALLBACK_LINE_MAX + 1 - scanned)
             try:
                 data = await within(max(timeout, 0.0), loop.sock_recv(sock, want))
             except asyncio.TimeoutError:
                 what = "idle_timeouts" if deadline is None else "read_timeouts"
-                self.counters[what] += 1
+                self.count(what)
                 if deadline is not None:
                     await self._send_final(loop, sock, error_line(
                         f"callback request not received within {fmt_seconds(self.cfg.callback_read_timeout_s)}"))
@@ -2147,19 +2195,19 @@ class CallbackBridge:
         """(reply line, refused) for one request line, within the VM's rate and in-flight budgets."""
         t0 = time.monotonic()
         if not self.calls.take():
-            self.counters["refused_rate"] += 1
+            self.count("refused_rate")
             self.note("callback refused", reason="rate")
             return error_line(f"too many callbacks (at most {self.cfg.callback_rate_per_s:g} a second per VM)"), True
         if self.in_flight >= self.cfg.callback_max_in_flight:
-            self.counters["refused_in_flight"] += 1
+            self.count("refused_in_flight")
             self.note("callback refused", reason="in_flight")
             return error_line(f"too many callbacks in flight (at most {self.cfg.callback_max_in_flight} per VM)"), True
         self.in_flight += 1
         try:
-            self.counters["callbacks"] += 1
+            self.count("callbacks")
             method, body = await off_loop_if_large(len(line), parse_callback_line, line, self.vm.vmName)
             if method is None:
-                self.counters["bad_requests"] += 1
+                self.count("bad_requests")
                 return error_line(body), False
             reply = await self.forward(body)
         finally:
@@ -2175,8 +2223,11 @@ class CallbackBridge:
         parts = urllib.parse.urlsplit(url)
         client = self.callback_client(parts)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        headers = await off_loop_if_large(len(body), callback_headers, self.cfg.callback_secret,
+                                          self.vm.vmName, body)
         try:
-            status, _, data = await client.request("POST", target, body, timeout=self.cfg.callback_timeout_s)
+            status, _, data = await client.request("POST", target, body, timeout=self.cfg.callback_timeout_s,
+                                                   headers=headers)
         except HttpError as e:
             return error_line(f"callback URL {url} failed: {e}")
         return await off_loop_if_large(len(data), callback_reply, url, status, data)
@@ -3788,7 +3839,8 @@ def main(argv=None):
             sys.exit(f"cbox: config: {e}")
         if args.cmd == "check-config":
             for key in CONFIG_KEYS:
-                print(f"{key}: {getattr(cfg, key)!r}")
+                secret = key in ("api_token", "callback_secret") and getattr(cfg, key)
+                print(f"{key}: {'(set)' if secret else repr(getattr(cfg, key))}")
             return
         if args.cmd == "preflight":
             problems = preflight(cfg)
