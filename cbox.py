@@ -3090,7 +3090,34 @@ def missing_images(cfg):
             if getattr(cfg, key) and not os.access(cfg.path(getattr(cfg, key)), os.R_OK)]
 
 
+class SystemdNotifier:
+    """Tells systemd (a Type=notify unit) when cbox.py is ready and when it stops, by one
+    datagram to $NOTIFY_SOCKET (sd_notify(3)'s protocol; '@' starts an abstract name).
+    Without NOTIFY_SOCKET it does nothing. The variable is taken out of the environment
+    so the hypervisors cbox.py starts do not inherit it."""
+
+    def __init__(self, environ=os.environ):
+        address = environ.pop("NOTIFY_SOCKET", "")
+        if address.startswith("@"):
+            address = "\0" + address[1:]
+        elif address and not address.startswith("/"):
+            log("NOTIFY_SOCKET is neither a path nor an abstract name: not notifying systemd", address=address)
+            address = ""
+        self.address = address
+
+    def notify(self, *assignments):
+        if not self.address:
+            return
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                sock.connect(self.address)
+                sock.sendall("\n".join(assignments).encode())
+        except OSError as e:
+            log("cannot notify systemd", state=assignments[0], error=repr(os.strerror(e.errno) if e.errno else str(e)))
+
+
 async def serve(cfg):
+    notifier = SystemdNotifier()
     if os.geteuid() != 0:
         log("not running as root: creating taps, the bridge and iptables rules will fail", level="WARNING")
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_token:
@@ -3114,7 +3141,9 @@ async def serve(cfg):
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    notifier.notify("READY=1", f"STATUS=serving on {cfg.host}:{cfg.port}, {len(manager.vms)} VM(s) adopted")
     await stop.wait()
+    notifier.notify("STOPPING=1", "STATUS=stopping" + (": destroying every VM" if cfg.destroy_on_exit else ""))
     log("stopping", vms=len(manager.vms), destroy_on_exit=cfg.destroy_on_exit)
     log_bounds.cancel()
     await server.stop()
@@ -3794,15 +3823,16 @@ def main(argv=None):
     parser.add_argument("--server", default=os.environ.get("CBOX_URL", "http://127.0.0.1:7000"),
                         help="REST API for the client commands (env CBOX_URL; token from env CBOX_API_TOKEN)")
     sub = parser.add_subparsers(dest="cmd", required=True)
+    config = os.environ.get("CBOX_CONFIG") or "config.yaml"    # the installed `cbox` command sets it
     p = sub.add_parser("serve", help="run the REST server")
-    p.add_argument("--config", default="config.yaml")
+    p.add_argument("--config", default=config, help="config file (env CBOX_CONFIG, else config.yaml)")
     p = sub.add_parser("check-config", help="parse the config and print the effective settings")
-    p.add_argument("--config", default="config.yaml")
+    p.add_argument("--config", default=config, help="config file (env CBOX_CONFIG, else config.yaml)")
     p = sub.add_parser("preflight", help="check this host can run real VMs (KVM, cloud-hypervisor, tools)")
-    p.add_argument("--config", default="config.yaml")
+    p.add_argument("--config", default=config, help="config file (env CBOX_CONFIG, else config.yaml)")
     p = sub.add_parser("selftest", help="check this host end to end: preflight, boot a VM, exec, "
                                         "a callback, destroy (exit 0 when all pass)")
-    p.add_argument("--config", default="config.yaml")
+    p.add_argument("--config", default=config, help="config file (env CBOX_CONFIG, else config.yaml)")
     p.add_argument("-v", "--verbose", action="store_true", help="show cbox.py's log as it happens")
     p = sub.add_parser("vm", help="start, list, remove VMs")
     vm_sub = p.add_subparsers(dest="vm_cmd", required=True)
