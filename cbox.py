@@ -1913,12 +1913,12 @@ def parse_callback_line(line, vm_name):
         return None, "callback request is not valid JSON"
 
 
-def callback_headers(secret, vm_name, body, now=None):
+def callback_headers(secret, vm_name, body, callback_id=None, now=None):
     """Headers of one POST to a callback URL: X-CBox-VM and a unique X-CBox-Callback-Id
     always; with a secret, X-CBox-Timestamp (unix seconds) and X-CBox-Signature =
     "sha256=" + hex HMAC-SHA256(secret, timestamp + "." + body), so the receiver can
     check who sent it and when (README, "Callbacks": a verifier in a few lines)."""
-    headers = {"X-CBox-VM": vm_name, "X-CBox-Callback-Id": uuid.uuid4().hex}
+    headers = {"X-CBox-VM": vm_name, "X-CBox-Callback-Id": callback_id or uuid.uuid4().hex}
     if secret:
         timestamp = str(int(time.time() if now is None else now))
         digest = hmac.new(secret.encode(), timestamp.encode() + b"." + body, "sha256").hexdigest()
@@ -2209,14 +2209,15 @@ class CallbackBridge:
             if method is None:
                 self.count("bad_requests")
                 return error_line(body), False
-            reply = await self.forward(body)
+            callback_id = uuid.uuid4().hex
+            reply = await self.forward(body, callback_id)
         finally:
             self.in_flight -= 1
-        self.note("callback", method=repr(method[:60]), ok=not reply.startswith(b'{"error"'),
+        self.note("callback", method=repr(method[:60]), id=callback_id, ok=not reply.startswith(b'{"error"'),
                   ms=f"{(time.monotonic() - t0) * 1000:.1f}")
         return reply, False
 
-    async def forward(self, body):
+    async def forward(self, body, callback_id):
         url = self.vm.callbackUrl
         if not url:
             return error_line(f"VM '{self.vm.vmName}' has no callbackUrl")
@@ -2224,7 +2225,7 @@ class CallbackBridge:
         client = self.callback_client(parts)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         headers = await off_loop_if_large(len(body), callback_headers, self.cfg.callback_secret,
-                                          self.vm.vmName, body)
+                                          self.vm.vmName, body, callback_id)
         try:
             status, _, data = await client.request("POST", target, body, timeout=self.cfg.callback_timeout_s,
                                                    headers=headers)
