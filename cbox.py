@@ -20,10 +20,12 @@ before it:
   5. Allocation      guest IPs, vsock CIDs, tap names; request validation
   6. Callback bridge a VM's callback socket: the guest's JSON lines forwarded to
                      its callback URL, every cost budgeted per VM
-  7. VM manager      VM records on disk, start / destroy / adopt composing the
-                     sections above, how a VM ends (stopReason), exec forwarding
-  8. REST server     routes of contract section 1, auth, limits, request log
-  9. CLI             `serve`, `selftest` (a new host's end-to-end check), and a
+  7. VMs             one VM: its record on disk, paths, VMM process and API, agent
+                     client, console and event readers, and how it ended (stopReason)
+  8. VM manager      all VMs: start / destroy / adopt composing the sections above,
+                     freeing a VM that ended by itself, exec forwarding
+  9. REST server     routes of contract section 1, auth, limits, request log
+ 10. CLI             `serve`, `selftest` (a new host's end-to-end check), and a
                      small client: `vm start|ls|rm`, `exec`
 
 The external contract lives in ../shared/docs/contract.md (beside checkouts) and
@@ -1241,10 +1243,11 @@ def spawn_vmm(chv_bin, paths):
 
 
 class ProcessWatch:
-    """Watches one VMM process through a pidfd (works for children and adopted processes)."""
+    """Watches one VMM process through a pidfd (works for children and adopted processes);
+    `exited` is set when it is gone, `exit_code` then holds its status when it was our child."""
 
-    def __init__(self, pid, start_time, on_exit):
-        self.pid, self.start_time, self.on_exit = pid, start_time, on_exit
+    def __init__(self, pid, start_time):
+        self.pid, self.start_time = pid, start_time
         self.exited = asyncio.Event()
         self.exit_code = None
         self.pidfd = None
@@ -1271,7 +1274,13 @@ class ProcessWatch:
         except ChildProcessError:
             pass
         self.exited.set()
-        self.on_exit(self)
+
+    def close(self):
+        """Stop watching without waiting for the exit (cbox.py stops, the VMM runs on)."""
+        if self.pidfd is not None:
+            asyncio.get_running_loop().remove_reader(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = None
 
     def alive(self):
         return not self.exited.is_set()
@@ -1291,6 +1300,15 @@ class ProcessWatch:
             return True
         except asyncio.TimeoutError:
             return False
+
+
+def reset_of_event(source, event, props):
+    """(stopReason, message) when an event of the VMM's event monitor is a guest reset or panic."""
+    if (source, event) == ("guest", "panic") and props.get("event") == "panic":
+        return "guest-panic", "the guest kernel panicked"
+    if (source, event) == ("vm", "rebooting"):
+        return "guest-reboot", "the guest reset itself (reboot)"
+    return None
 
 
 def reset_in_vmm_log(chv_log):
@@ -1758,6 +1776,15 @@ class Allocator:
         self.cids.add(cid)
         return cid
 
+    def take(self):
+        """A free (IP, CID) pair, both taken, or ApiError 503 with neither taken."""
+        ip = self.take_ip()
+        try:
+            return ip, self.take_cid()
+        except ApiError:
+            self.release(ip, None)
+            raise
+
     def claim(self, ip, cid):
         """Mark an IP and CID of an existing VM as used (adoption)."""
         addr = ipaddress.ip_address(ip)
@@ -1836,7 +1863,7 @@ def validate_start_request(body, cfg):
         raise ApiError(400, f"vcpus must be 1..{cfg.max_vcpus}")
     if not 64 <= memory <= cfg.max_memory_mb:
         raise ApiError(400, f"memoryMb must be 64..{cfg.max_memory_mb}")
-    return {"name": name, "callback_url": url, "vcpus": vcpus, "memory_mb": memory}
+    return {"vmName": name, "callbackUrl": url, "vcpus": vcpus, "memoryMb": memory}
 
 
 def validate_exec_request(body, cfg):
@@ -2018,8 +2045,10 @@ class CallbackBridge:
     `counters` counts every budget hit (for a metrics endpoint; logged at close),
     CALLBACK_TOTALS the same over all VMs."""
 
-    def __init__(self, cfg, vm, clients):
-        self.cfg, self.vm, self.clients = cfg, vm, clients      # clients: the shared URL client pool
+    url_clients = {}       # (scheme, host, port) -> HttpClient, shared by every VM's bridge
+
+    def __init__(self, cfg, vm):
+        self.cfg, self.vm = cfg, vm
         self.counters = dict.fromkeys(CALLBACK_COUNTERS, 0)
         self.tasks = set()                 # one per open connection
         self.in_flight = 0
@@ -2236,58 +2265,39 @@ class CallbackBridge:
     def callback_client(self, parts):
         port = parts.port or (443 if parts.scheme == "https" else 80)
         key = (parts.scheme, parts.hostname, port)
-        client = self.clients.get(key)
+        client = self.url_clients.get(key)
         if client is None:
             client = HttpClient(host=parts.hostname, port=port, tls=parts.scheme == "https",
                                 max_body=16 * 1024 * 1024, quick_ack=True)
-            self.clients[key] = client
+            self.url_clients[key] = client
         return client
 
+    @classmethod
+    def close_url_clients(cls):
+        for client in cls.url_clients.values():
+            client.close()
+        cls.url_clients.clear()
+
 
 # =============================================================================
-# 7. VM manager
+# 7. VMs (one VM: its record, files, hypervisor, readers, and how it ends)
 # =============================================================================
 
-class VM:
-    """One VM: its public fields, its files, and its live runtime (process, clients, listener)."""
-
-    RECORD_FIELDS = ("vmName", "status", "ip", "tapDeviceName", "callbackUrl", "cid", "vcpus",
-                     "memoryMb", "createdAt", "phase", "pid", "pidStart", "mac", "error", "stopReason")
-
-    def __init__(self, **fields):
-        for key in self.RECORD_FIELDS:
-            setattr(self, key, fields.get(key))
-        self.lock = asyncio.Lock()
-        self.watch = None          # ProcessWatch of the VMM
-        self.chv = None            # CloudHypervisor client
-        self.agent = None          # GuestAgent client
-        self.callback_server = None
-        self.console = None        # ConsoleLog
-        self.serial = None         # SerialConsole reading the VMM's serial socket
-        self.events = None         # EventMonitor reading the VMM's event FIFO
-        self.reset = None          # (stopReason, message) of a reset seen while starting
-        self.vmm_log_trimmed = 0   # disk bytes freed from the VMM's log (bound_vmm_logs)
-        self.paths = None          # VmPaths, set by the manager that made or adopted it
-
-    @property
-    def address(self):
-        return self.ip.split("/")[0]
-
-    def api(self):
-        return {k: getattr(self, k) for k in ("vmName", "status", "ip", "tapDeviceName", "callbackUrl",
-                                               "cid", "vcpus", "memoryMb", "createdAt", "stopReason")}
-
-    def record(self):
-        return {k: getattr(self, k) for k in self.RECORD_FIELDS}
+# Disk serials the guest's initramfs finds its disks by (/sys/block/vd*/serial; at
+# most 20 bytes, VIRTIO_BLK_ID_BYTES, checked by CHV's DiskConfig::validate).
+# cbox.state=<serial> on the kernel command line promises the state disk: a guest
+# that cannot mount it writable powers off instead of running on a tmpfs.
+ROOTFS_SERIAL = "cbox-rootfs"
+STATE_SERIAL = "cbox-state"
 
 
 class VmPaths:
     """Where a VM's files live: records and disks in state_dir, sockets in the short run_dir."""
 
-    def __init__(self, cfg, vm):
-        self.vm_dir = Path(cfg.path(cfg.state_dir), "vms", vm.vmName)
-        self.record = Path(cfg.path(cfg.state_dir), "vms", vm.vmName + ".json")
-        self.run_dir = Path(cfg.path(cfg.run_dir), str(vm.cid))
+    def __init__(self, cfg, vm_name, cid):
+        self.vm_dir = Path(cfg.path(cfg.state_dir), "vms", vm_name)
+        self.record = Path(cfg.path(cfg.state_dir), "vms", vm_name + ".json")
+        self.run_dir = Path(cfg.path(cfg.run_dir), str(cid))
         self.api_socket = self.run_dir / "api.sock"
         self.vsock_socket = self.run_dir / "vsock.sock"
         self.callback_socket = Path(f"{self.vsock_socket}_{cfg.callback_port}")
@@ -2329,6 +2339,312 @@ class StepClock:
         return (time.monotonic() - self.t0) * 1000
 
 
+class VM:
+    """One VM: its public fields and record on disk, its files (VmPaths), and its live
+    runtime: the VMM's process and API, the guest agent's client, the callback bridge,
+    the console and event readers. It decides how it ended (stopReason) and sets
+    `ended`; the manager then frees what it holds on the host.
+
+    phase: starting -> running -> dead (ended by itself) or destroying (DELETE)."""
+
+    RECORD_FIELDS = ("vmName", "status", "ip", "tapDeviceName", "callbackUrl", "cid", "vcpus",
+                     "memoryMb", "createdAt", "phase", "pid", "pidStart", "mac", "error", "stopReason")
+    API_FIELDS = ("vmName", "status", "ip", "tapDeviceName", "callbackUrl", "cid", "vcpus",
+                  "memoryMb", "createdAt", "stopReason")
+
+    def __init__(self, cfg, **fields):
+        for key in self.RECORD_FIELDS:
+            setattr(self, key, fields.get(key))
+        self.cfg = cfg
+        self.paths = VmPaths(cfg, self.vmName, self.cid)
+        self.lock = asyncio.Lock()
+        self.ended = asyncio.Event()   # set once it stopped by itself (mark_stopped)
+        self.watch = None              # ProcessWatch of the VMM
+        self.chv = None                # CloudHypervisor client
+        self.agent = None              # GuestAgent client
+        self.callbacks = None          # CallbackBridge
+        self.console = None            # ConsoleLog
+        self.serial = None             # SerialConsole reading the VMM's serial socket
+        self.events = None             # EventMonitor reading the VMM's event FIFO
+        self.tasks = set()             # watching the VMM's exit and the serial connection
+        self.reset = None              # (stopReason, message) of a reset seen while starting
+        self.vmm_log_trimmed = 0       # disk bytes freed from the VMM's log (bound_vmm_log)
+
+    @property
+    def address(self):
+        return self.ip.split("/")[0]
+
+    def api(self):
+        return {k: getattr(self, k) for k in self.API_FIELDS}
+
+    def record(self):
+        return {k: getattr(self, k) for k in self.RECORD_FIELDS}
+
+    # ---- the record on disk ------------------------------------------------------
+
+    def save(self):
+        write_atomically(self.paths.record, json.dumps(self.record(), indent=1).encode())
+
+    def forget(self):
+        with contextlib.suppress(FileNotFoundError):
+            self.paths.record.unlink()
+
+    @classmethod
+    def from_record(cls, cfg, path):
+        """The VM a record file describes; ValueError (or TypeError, ApiError) when it is unusable."""
+        vm = cls(cfg, **{k: v for k, v in json.loads(path.read_text()).items() if k in cls.RECORD_FIELDS})
+        check_vm_name(vm.vmName)
+        if path.name != vm.vmName + ".json":
+            raise ValueError("record name does not match its file")
+        return vm
+
+    # ---- the hypervisor ------------------------------------------------------------
+
+    def spawn_vmm(self):
+        self.follow_events()          # the VMM's open of the FIFO blocks without a reader
+        pid = spawn_vmm(self.cfg.chv_bin, self.paths)
+        self.pid, self.pidStart = pid, proc_start_time(pid)
+        self.watch_vmm()
+
+    def attach_vmm(self):
+        """Watch the VMM an earlier cbox.py started, when its recorded process still runs."""
+        if not self.pid:     # killed between spawning the VMM and recording its pid
+            self.pid = find_vmm_pid(self.paths.api_socket)
+            self.pidStart = proc_start_time(self.pid) if self.pid else None
+        if self.pid and self.pidStart and proc_start_time(self.pid) == self.pidStart:
+            self.watch_vmm()
+
+    def watch_vmm(self):
+        self.watch = ProcessWatch(self.pid, self.pidStart)
+        self.chv = CloudHypervisor(str(self.paths.api_socket))
+        self.run_task(self.on_vmm_exit())
+
+    def run_task(self, coro):
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def wait_for_api(self, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.watch.alive():
+                raise HypervisorError(f"cloud-hypervisor exited (code {self.watch.exit_code}) before its API "
+                                      f"answered; see {self.paths.chv_out}")
+            try:
+                return await self.chv.ping(timeout=1.0)
+            except HypervisorError as e:
+                if time.monotonic() > deadline:
+                    raise HypervisorError(f"API socket did not answer within {fmt_seconds(timeout)}") from e
+                await asyncio.sleep(0.005)
+
+    def vm_config(self, gateway, dns):
+        """The VmConfig for vm.create (validated against Cloud Hypervisor's OpenAPI in the tests)."""
+        cfg = self.cfg
+        cmdline = " ".join(filter(None, [
+            "console=ttyS0 reboot=k panic=-1", cfg.cmdline_extra,
+            f"cbox.vm={self.vmName}", f"cbox.ip={self.ip}", f"cbox.gw={gateway}",
+            f"cbox.dns={','.join(dns)}" if dns else "",
+            f"cbox.callback_port={cfg.callback_port}", f"cbox.state={STATE_SERIAL}"]))
+        payload = {"kernel": cfg.path(cfg.kernel), "cmdline": cmdline}
+        if cfg.initramfs:
+            payload["initramfs"] = cfg.path(cfg.initramfs)
+        return {
+            "payload": payload,
+            "cpus": {"boot_vcpus": self.vcpus, "max_vcpus": self.vcpus},
+            "memory": {"size": self.memoryMb * 1024 * 1024},
+            # image_type Raw: an autodetected raw disk gets its sector-0 writes refused
+            # (CHV v51+, vmm/src/device_manager.rs make_virtio_block_device), which
+            # turns the stateful ext4 read-only (its superblock is in block 0)
+            "disks": [{"path": cfg.path(cfg.rootfs), "readonly": True, "image_type": "Raw",
+                       "serial": ROOTFS_SERIAL, "id": "rootfs"},
+                      {"path": str(self.paths.disk), "readonly": False, "image_type": "Raw",
+                       "serial": STATE_SERIAL, "id": "stateful"}],
+            "net": [{"tap": self.tapDeviceName, "mac": self.mac, "num_queues": 2, "id": "net0"}],
+            "vsock": {"cid": self.cid, "socket": str(self.paths.vsock_socket), "id": "vsock0"},
+            "rng": {"src": "/dev/urandom"},
+            "serial": {"mode": "Socket", "socket": str(self.paths.serial_socket)},
+            "console": {"mode": "Off"},
+            "pvpanic": True,
+        }
+
+    async def stop_vmm(self, clock, calls):
+        """Ask the VMM to stop with these API actions (vmm.shutdown answers 200 with an empty
+        body, not 204), then kill its process group."""
+        if self.watch and self.watch.alive() and self.chv:
+            for name in calls:
+                with clock.step(name):
+                    try:
+                        await within(self.cfg.shutdown_timeout_s, self.chv.call("PUT", name, timeout=10.0))
+                    except (HypervisorError, asyncio.TimeoutError):
+                        pass
+            with clock.step("exit"):
+                if not await self.watch.wait(self.cfg.shutdown_timeout_s):
+                    log("hypervisor did not exit; killing it", vm=self.vmName, pid=self.pid)
+        if self.watch:
+            self.watch.kill()
+            await self.watch.wait(5.0)
+
+    def bound_vmm_log(self):
+        """Keep the VMM's -v log within vmm_log_max_bytes of disk (see VMManager.bound_vmm_logs)."""
+        freed = punch_out_head(self.paths.chv_log, self.cfg.vmm_log_max_bytes // 2)
+        if freed:
+            self.vmm_log_trimmed += freed
+            if self.vmm_log_trimmed == freed:     # once per VM: the guest may do it all day
+                log("hypervisor log over vmm_log_max_bytes: its oldest part is dropped", vm=self.vmName,
+                    freed=freed)
+
+    # ---- the guest agent and the callback bridge -------------------------------
+
+    def connect_agent(self):
+        self.agent = GuestAgent(self.vmName, self.address, self.cfg.agent_port, self.cfg.exec_output_limit_bytes)
+
+    async def wait_for_agent(self):
+        started = time.monotonic()
+        deadline = started + self.cfg.boot_timeout_s
+        last = "no answer"
+        while time.monotonic() < deadline:
+            if not self.watch.alive():
+                raise HypervisorError(f"the VM stopped while booting (hypervisor exit code {self.watch.exit_code})")
+            if self.reset:       # checked again below: the rebooted guest may answer
+                raise HypervisorError(f"{self.reset[1]} while booting ({self.reset[0]})")
+            # A SYN sent before the guest is up is retransmitted only after 1 s: short
+            # attempts notice the agent sooner; after 10 s, longer ones suit a slow guest.
+            attempt_timeout = 0.3 if time.monotonic() - started < 10 else 2.0
+            try:
+                status = await self.agent.health(timeout=attempt_timeout)
+                if status == 200 and not self.reset:
+                    return
+                last = f"HTTP {status}"
+            except AgentError as e:
+                last = str(e)
+            await asyncio.sleep(0.01)
+        raise HypervisorError(f"guest agent did not answer within {fmt_seconds(self.cfg.boot_timeout_s)} ({last})")
+
+    def serve_callbacks(self):
+        self.callbacks = CallbackBridge(self.cfg, self)
+        self.callbacks.listen(self.paths.callback_socket)
+
+    # ---- the console and the hypervisor's events ---------------------------------
+
+    def console_log(self):
+        if self.console is None:
+            self.console = ConsoleLog(self.paths.vm_dir, self.cfg.console_max_bytes)
+        return self.console
+
+    def follow_events(self):
+        self.events = EventMonitor(self.paths.events_fifo, self.on_vmm_event)
+
+    def follow_serial(self):
+        """Read the serial console (its socket exists from vm.create on) into the console log."""
+        self.serial = SerialConsole(self.paths.serial_socket, self.console_log().append)
+        self.run_task(self.watch_serial(self.serial))
+
+    def follow_again(self):
+        """Re-open the event FIFO (the VMM still holds its write end) and reconnect to the
+        serial socket (the VMM replays what it buffered meanwhile). A VM without them (started
+        by an older cbox.py) keeps running without events or console."""
+        for what, follow in (("events", self.follow_events), ("serial console", self.follow_serial)):
+            try:
+                follow()
+            except (HypervisorError, OSError) as e:
+                log(f"re-adopted VM has no {what}", vm=self.vmName, error=repr(str(e)))
+
+    async def watch_serial(self, serial):
+        """The VMM closes the serial connection when it rebuilds the VM's devices: a reset
+        whose event may have been lost (the FIFO drops events under load). Its -v log has
+        every event, so it decides; another client taking the socket over is no reset."""
+        await serial.ended.wait()
+        if self.serial is not serial or self.phase != "running":
+            return
+        await asyncio.sleep(0.5)     # the event itself usually follows
+        if self.phase == "running" and self.watch.alive():
+            reset = reset_in_vmm_log(self.paths.chv_log)
+            if reset:
+                self.guest_reset(*reset)
+            else:
+                log("serial console connection closed by the VMM (another client took it?)", vm=self.vmName)
+
+    def close_clients(self):
+        """Close every client, listener and reader of the VM and stop watching it."""
+        if self.callbacks:
+            self.callbacks.close()
+            self.callbacks = None
+        for client in (self.agent, self.chv):
+            if client:
+                client.close()
+        for reader in (self.serial, self.events, self.console):
+            if reader:
+                reader.close()
+        self.serial = self.events = self.console = None
+
+    def stop_watching(self):
+        """Close every client and reader and stop watching the VMM: the VM is gone, or
+        cbox.py stops and leaves it running for the next start."""
+        self.close_clients()
+        for task in list(self.tasks):
+            if task is not asyncio.current_task():
+                task.cancel()
+        if self.watch:
+            self.watch.close()
+
+    # ---- how it ends --------------------------------------------------------------
+
+    def on_vmm_event(self, source, event, props):
+        reset = reset_of_event(source, event, props)
+        if reset:
+            self.guest_reset(*reset)
+
+    def guest_reset(self, reason, message):
+        """A reset ends the VM, as in Firecracker: Cloud Hypervisor would reboot it in place
+        (vmm/src/lib.rs vm_reboot). A panic (pvpanic) ends it at once, before its reset."""
+        if self.phase == "starting":
+            self.reset = self.reset or (reason, message)      # wait_for_agent fails the start with it
+        elif self.phase == "running":
+            self.mark_stopped("FAILED" if reason == "guest-panic" else "STOPPED", reason, message)
+
+    async def on_vmm_exit(self):
+        await self.watch.exited.wait()
+        if self.agent:
+            self.agent.abort()               # the guest is gone: fail requests in flight now
+        if self.phase == "running" and self.events:
+            self.events.read_pending()       # a panic event written just before the exit
+        if self.phase == "running":          # start, destroy or a reset handle the others
+            self.mark_stopped(*self.exit_reason())
+
+    def exit_reason(self):
+        """(status, stopReason, message) for a VMM that exited by itself. Exit code 0 does not
+        prove a power-off: a vCPU error or SIGTERM leave the same way (vmm/src/lib.rs control
+        loop, EpollDispatch::Exit vs GuestExit); the -v log names the guest's power-off."""
+        chv_log = tail_bytes(self.paths.chv_log, 64 * 1024)
+        code = self.watch.exit_code
+        if code is None:        # adopted, not our child: its exit status is gone; the log tells
+            if b"Cloud Hypervisor exited successfully" in chv_log:
+                code = 0
+            elif b"Fatal error" not in chv_log:
+                return "FAILED", "killed", "cloud-hypervisor died without exiting (killed, or it crashed)"
+        if code is not None and code < 0:
+            return "FAILED", "killed", f"cloud-hypervisor was killed by signal {-code} ({signal_name(-code)})"
+        if code == 0 and b"VM guest exit event" in chv_log:
+            return "STOPPED", "guest-poweroff", "the guest powered off"
+        if code == 0:
+            return "FAILED", "vmm-crash", ("cloud-hypervisor exited with code 0 without a guest power-off "
+                                           f"(see {self.paths.chv_log})")
+        return "FAILED", "vmm-crash", (f"cloud-hypervisor exited with code {code}" if code is not None else
+                                       "cloud-hypervisor exited with an error") + f" (see {self.paths.chv_out})"
+
+    def mark_stopped(self, status, reason, message):
+        self.status, self.stopReason, self.error, self.phase = status, reason, message, "dead"
+        if self.agent:
+            self.agent.abort()
+        log("VM stopped", vm=self.vmName, status=status, stopReason=reason, error=repr(message))
+        self.save()
+        self.ended.set()
+
+
+# =============================================================================
+# 8. VM manager (all VMs: start, destroy, adopt at start-up, exec forwarding)
+# =============================================================================
+
 @contextlib.contextmanager
 def agent_errors():
     """A guest agent's refusal or silence as the API's answer."""
@@ -2338,43 +2654,39 @@ def agent_errors():
         raise ApiError(e.status, str(e)) from e
 
 
-# Disk serials the guest's initramfs finds its disks by (/sys/block/vd*/serial; at
-# most 20 bytes, VIRTIO_BLK_ID_BYTES, checked by CHV's DiskConfig::validate).
-# cbox.state=<serial> on the kernel command line promises the state disk: a guest
-# that cannot mount it writable powers off instead of running on a tmpfs.
-ROOTFS_SERIAL = "cbox-rootfs"
-STATE_SERIAL = "cbox-state"
-
-
 class VMManager:
-    """All VMs: lifecycle, persistence, supervision, exec forwarding and callbacks."""
+    """All VMs: composes host resources, allocation and each VM's runtime into a VM's life
+    (start, destroy, re-adoption at start-up), keeps their records, forwards exec requests."""
 
     def __init__(self, cfg, network):
         self.cfg = cfg
         self.net = network
         self.alloc = Allocator(cfg.bridge_subnet, ipaddress.ip_interface(cfg.bridge_ip).ip)
         self.vms = {}
-        self.callback_clients = {}
         self.records_dir = Path(cfg.path(cfg.state_dir), "vms")
         self.disks = StatefulDisks(Path(cfg.path(cfg.state_dir), "templates"))
         self.prefix = ipaddress.ip_network(cfg.bridge_subnet).prefixlen
         self.gateway = str(ipaddress.ip_interface(cfg.bridge_ip).ip)
         self.dns = host_resolvers() if cfg.dns == "auto" else [d.strip() for d in cfg.dns.split(",") if d.strip()]
 
-    # ---- persistence --------------------------------------------------------
+    def get(self, name):
+        """The VM of that name (a checked one: check_vm_name), else ApiError 404."""
+        vm = self.vms.get(name)
+        if vm is None:
+            raise ApiError(404, f"VM '{name}' not found")
+        return vm
 
-    def save(self, vm):
-        write_atomically(vm.paths.record, json.dumps(vm.record(), indent=1).encode())
-
-    def forget(self, vm):
-        try:
-            vm.paths.record.unlink()
-        except FileNotFoundError:
-            pass
+    def running(self, name):
+        """The VM of that name when its guest agent can take requests, else ApiError 409."""
+        vm = self.get(name)
+        if vm.status != "RUNNING" or vm.agent is None:
+            raise ApiError(409, f"VM '{name}' is not running (status {vm.status})")
+        return vm
 
     # ---- start ---------------------------------------------------------------
 
     def check_capacity(self, memory_mb):
+        """ApiError 503 unless one more VM of memory_mb fits (max_vms, guest_mem_percentage)."""
         if len(self.vms) >= self.cfg.max_vms:
             raise ApiError(503, f"max_vms ({self.cfg.max_vms}) VMs are running")
         budget = host_memory_mb() * self.cfg.guest_mem_percentage // 100
@@ -2383,23 +2695,17 @@ class VMManager:
             raise ApiError(503, f"not enough memory: {used} MB of {budget} MB "
                                 f"(guest_mem_percentage={self.cfg.guest_mem_percentage}) in use, {memory_mb} MB asked")
 
-    async def start(self, req):
-        """Start a VM from a validated start request (validate_start_request) and return it
-        RUNNING; on any failure it is torn down and ApiError says at which step."""
-        name = req["name"]
+    async def start(self, spec):
+        """Start a VM from a validated start request (validate_start_request: vmName, callbackUrl,
+        vcpus, memoryMb) and return it RUNNING; on any failure it is torn down and ApiError
+        says at which step."""
+        name = spec["vmName"]
         if name in self.vms:
             raise ApiError(409, f"VM '{name}' already exists")
-        self.check_capacity(req["memory_mb"])
-        ip = self.alloc.take_ip()
-        try:
-            cid = self.alloc.take_cid()
-        except ApiError:
-            self.alloc.release(ip, None)
-            raise
-        vm = VM(vmName=name, status="CREATED", ip=f"{ip}/{self.prefix}", tapDeviceName=tap_name(cid),
-                callbackUrl=req["callback_url"], cid=cid, vcpus=req["vcpus"], memoryMb=req["memory_mb"],
-                createdAt=utc_now(), phase="starting", mac=mac_for(ip))
-        vm.paths = VmPaths(self.cfg, vm)
+        self.check_capacity(spec["memoryMb"])
+        ip, cid = self.alloc.take()
+        vm = VM(self.cfg, **spec, status="CREATED", ip=f"{ip}/{self.prefix}", tapDeviceName=tap_name(cid),
+                cid=cid, createdAt=utc_now(), phase="starting", mac=mac_for(ip))
         self.vms[name] = vm
         async with vm.lock:
             clock = StepClock(name, "start")
@@ -2408,7 +2714,7 @@ class VMManager:
             except Exception as e:
                 if vm.serial:
                     vm.serial.read_pending()
-                message = f"starting VM '{name}' failed at step {clock.current}: {e}; console: {console_tail(self.console_log(vm))}"
+                message = f"starting VM '{name}' failed at step {clock.current}: {e}; console: {console_tail(vm.console_log())}"
                 log("start failed", vm=name, step=clock.current, error=repr(str(e)))
                 await self.teardown(vm, graceful=False)
                 raise ApiError(e.status if isinstance(e, ApiError) else 500, message) from e
@@ -2419,7 +2725,7 @@ class VMManager:
         paths = vm.paths
         with clock.step("record"):
             self.records_dir.mkdir(parents=True, exist_ok=True)
-            self.save(vm)                   # written first: a crash from here on is cleaned up at restart
+            vm.save()                   # written first: a crash from here on is cleaned up at restart
         with clock.step("files"):
             remove_tree(paths.vm_dir)     # only a crash can have left one without a record
             paths.vm_dir.mkdir(parents=True)
@@ -2431,222 +2737,43 @@ class VMManager:
         with clock.step("tap"):
             await self.net.create_tap(vm.tapDeviceName, vm.address, vm.mac)
         with clock.step("spawn"):
-            self.follow_events(vm)          # the VMM's open of the FIFO blocks without a reader
-            pid = spawn_vmm(self.cfg.chv_bin, paths)
-            vm.pid, vm.pidStart = pid, proc_start_time(pid)
-            vm.watch = ProcessWatch(pid, vm.pidStart, lambda w, vm=vm: self.on_vmm_exit(vm, w))
-            self.save(vm)
-            vm.chv = CloudHypervisor(str(paths.api_socket))
-            await self.wait_for_api(vm)
+            vm.spawn_vmm()
+            self.release_when_ended(vm)
+            vm.save()
+            await vm.wait_for_api()
         with clock.step("vm.create"):
-            await vm.chv.create(self.vm_config(vm, paths))
-            self.follow_serial(vm)
+            await vm.chv.create(vm.vm_config(self.gateway, self.dns))
+            vm.follow_serial()
         with clock.step("callbacks"):
-            await self.serve_callbacks(vm)
+            vm.serve_callbacks()
         with clock.step("vm.boot"):
             await vm.chv.boot()
         with clock.step("agent"):
-            vm.agent = self.agent_client(vm)
-            await self.wait_for_agent(vm)
+            vm.connect_agent()
+            await vm.wait_for_agent()
         vm.status, vm.phase = "RUNNING", "running"
-        self.save(vm)
+        vm.save()
 
-    def vm_config(self, vm, paths):
-        """The VmConfig for vm.create (validated against Cloud Hypervisor's OpenAPI in the tests)."""
-        cfg = self.cfg
-        cmdline = " ".join(filter(None, [
-            "console=ttyS0 reboot=k panic=-1", cfg.cmdline_extra,
-            f"cbox.vm={vm.vmName}", f"cbox.ip={vm.ip}", f"cbox.gw={self.gateway}",
-            f"cbox.dns={','.join(self.dns)}" if self.dns else "",
-            f"cbox.callback_port={cfg.callback_port}", f"cbox.state={STATE_SERIAL}"]))
-        payload = {"kernel": cfg.path(cfg.kernel), "cmdline": cmdline}
-        if cfg.initramfs:
-            payload["initramfs"] = cfg.path(cfg.initramfs)
-        return {
-            "payload": payload,
-            "cpus": {"boot_vcpus": vm.vcpus, "max_vcpus": vm.vcpus},
-            "memory": {"size": vm.memoryMb * 1024 * 1024},
-            # image_type Raw: an autodetected raw disk gets its sector-0 writes refused
-            # (CHV v51+, vmm/src/device_manager.rs make_virtio_block_device), which
-            # turns the stateful ext4 read-only (its superblock is in block 0)
-            "disks": [{"path": cfg.path(cfg.rootfs), "readonly": True, "image_type": "Raw",
-                       "serial": ROOTFS_SERIAL, "id": "rootfs"},
-                      {"path": str(paths.disk), "readonly": False, "image_type": "Raw",
-                       "serial": STATE_SERIAL, "id": "stateful"}],
-            "net": [{"tap": vm.tapDeviceName, "mac": vm.mac, "num_queues": 2, "id": "net0"}],
-            "vsock": {"cid": vm.cid, "socket": str(paths.vsock_socket), "id": "vsock0"},
-            "rng": {"src": "/dev/urandom"},
-            "serial": {"mode": "Socket", "socket": str(paths.serial_socket)},
-            "console": {"mode": "Off"},
-            "pvpanic": True,
-        }
+    # ---- how VMs end --------------------------------------------------------------
 
-    async def wait_for_api(self, vm, timeout=10.0):
-        deadline = time.monotonic() + timeout
-        while True:
-            if not vm.watch.alive():
-                raise HypervisorError(f"cloud-hypervisor exited (code {vm.watch.exit_code}) before its API answered; "
-                                      f"see {vm.paths.chv_out}")
-            try:
-                return await vm.chv.ping(timeout=1.0)
-            except HypervisorError as e:
-                if time.monotonic() > deadline:
-                    raise HypervisorError(f"API socket did not answer within {fmt_seconds(timeout)}") from e
-                await asyncio.sleep(0.005)
-
-    async def wait_for_agent(self, vm):
-        started = time.monotonic()
-        deadline = started + self.cfg.boot_timeout_s
-        last = "no answer"
-        while time.monotonic() < deadline:
-            if not vm.watch.alive():
-                raise HypervisorError(f"the VM stopped while booting (hypervisor exit code {vm.watch.exit_code})")
-            if vm.reset:       # checked again below: the rebooted guest may answer
-                raise HypervisorError(f"{vm.reset[1]} while booting ({vm.reset[0]})")
-            # A SYN sent before the guest is up is retransmitted only after 1 s: short
-            # attempts notice the agent sooner; after 10 s, longer ones suit a slow guest.
-            attempt_timeout = 0.3 if time.monotonic() - started < 10 else 2.0
-            try:
-                status = await vm.agent.health(timeout=attempt_timeout)
-                if status == 200 and not vm.reset:
-                    return
-                last = f"HTTP {status}"
-            except AgentError as e:
-                last = str(e)
-            await asyncio.sleep(0.01)
-        raise HypervisorError(f"guest agent did not answer within {fmt_seconds(self.cfg.boot_timeout_s)} ({last})")
-
-    def agent_client(self, vm):
-        return GuestAgent(vm.vmName, vm.address, self.cfg.agent_port, self.cfg.exec_output_limit_bytes)
-
-    # ---- console and hypervisor events -----------------------------------------
-
-    def console_log(self, vm):
-        if vm.console is None:
-            vm.console = ConsoleLog(vm.paths.vm_dir, self.cfg.console_max_bytes)
-        return vm.console
-
-    def console_text(self, name):
-        """What GET /logs shows of a VM's serial console (see ConsoleLog.text)."""
-        return self.console_log(self.get(name)).text()
-
-    def follow_events(self, vm):
-        vm.events = EventMonitor(vm.paths.events_fifo, lambda source, event, props: self.on_vmm_event(vm, source, event, props))
-
-    def follow_serial(self, vm):
-        """Read the serial console (its socket exists from vm.create on) into the VM's console log."""
-        vm.serial = SerialConsole(vm.paths.serial_socket, self.console_log(vm).append)
-        asyncio.get_running_loop().create_task(self.watch_serial(vm, vm.serial))
-
-    async def watch_serial(self, vm, serial):
-        """The VMM closes the serial connection when it rebuilds the VM's devices: a reset
-        whose event may have been lost (the FIFO drops events under load). Its -v log has
-        every event, so it decides; another client taking the socket over is no reset."""
-        await serial.ended.wait()
-        if vm.serial is not serial or vm.phase != "running":
-            return
-        await asyncio.sleep(0.5)     # the event itself usually follows
-        if vm.phase == "running" and vm.watch.alive():
-            reset = reset_in_vmm_log(vm.paths.chv_log)
-            if reset:
-                self.guest_reset(vm, *reset)
-            else:
-                log("serial console connection closed by the VMM (another client took it?)", vm=vm.vmName)
-
-    def on_vmm_event(self, vm, source, event, props):
-        if (source, event) == ("guest", "panic") and props.get("event") == "panic":
-            self.guest_reset(vm, "guest-panic", "the guest kernel panicked")
-        elif (source, event) == ("vm", "rebooting"):
-            self.guest_reset(vm, "guest-reboot", "the guest reset itself (reboot)")
-
-    def guest_reset(self, vm, reason, message):
-        """A reset ends the VM, as in Firecracker: Cloud Hypervisor would reboot it in place
-        (vmm/src/lib.rs vm_reboot). A panic (pvpanic) ends it at once, before its reset."""
-        if vm.phase == "starting":
-            vm.reset = vm.reset or (reason, message)      # wait_for_agent fails the start with it
-        elif vm.phase == "running":
-            self.mark_stopped(vm, "FAILED" if reason == "guest-panic" else "STOPPED", reason, message)
-
-    # ---- supervision and teardown ---------------------------------------------
-
-    def on_vmm_exit(self, vm, watch):
-        if vm.agent:
-            vm.agent.abort()               # the guest is gone: fail requests in flight now
-        if vm.phase == "running" and vm.events:
-            vm.events.read_pending()       # a panic event written just before the exit
-        if vm.phase != "running":
-            return                         # start, destroy or a reset handles it
-        self.mark_stopped(vm, *self.exit_reason(vm, watch))
-
-    def exit_reason(self, vm, watch):
-        """(status, stopReason, message) for a VMM that exited by itself. Exit code 0 does not
-        prove a power-off: a vCPU error or SIGTERM leave the same way (vmm/src/lib.rs control
-        loop, EpollDispatch::Exit vs GuestExit); the -v log names the guest's power-off."""
-        paths = vm.paths
-        chv_log = tail_bytes(paths.chv_log, 64 * 1024)
-        code = watch.exit_code
-        if code is None:        # adopted, not our child: its exit status is gone; the log tells
-            if b"Cloud Hypervisor exited successfully" in chv_log:
-                code = 0
-            elif b"Fatal error" not in chv_log:
-                return "FAILED", "killed", "cloud-hypervisor died without exiting (killed, or it crashed)"
-        if code is not None and code < 0:
-            return "FAILED", "killed", f"cloud-hypervisor was killed by signal {-code} ({signal_name(-code)})"
-        if code == 0 and b"VM guest exit event" in chv_log:
-            return "STOPPED", "guest-poweroff", "the guest powered off"
-        if code == 0:
-            return "FAILED", "vmm-crash", f"cloud-hypervisor exited with code 0 without a guest power-off (see {paths.chv_log})"
-        return "FAILED", "vmm-crash", (f"cloud-hypervisor exited with code {code}" if code is not None else
-                                       "cloud-hypervisor exited with an error") + f" (see {paths.chv_out})"
-
-    def mark_stopped(self, vm, status, reason, message):
-        vm.status, vm.stopReason, vm.error, vm.phase = status, reason, message, "dead"
-        if vm.agent:
-            vm.agent.abort()
-        log("VM stopped", vm=vm.vmName, status=status, stopReason=reason, error=repr(message))
-        self.save(vm)
-        asyncio.get_running_loop().create_task(self.release_runtime(vm))
+    def release_when_ended(self, vm):
+        """Free the host side of the VM once it stops by itself (VM.mark_stopped)."""
+        async def wait_and_release():
+            await vm.ended.wait()
+            await self.release_runtime(vm)
+        vm.run_task(wait_and_release())
 
     async def release_runtime(self, vm):
         """Free what a dead VM no longer needs; its record, console log, IP and CID stay until DELETE."""
         async with vm.lock:
             if vm.phase != "dead":
                 return
-            await self.stop_vmm(vm, StepClock(vm.vmName, "stop"), ("vmm.shutdown",))
+            await vm.stop_vmm(StepClock(vm.vmName, "stop"), ("vmm.shutdown",))
             if vm.serial:
                 await vm.serial.wait_end(1.0)      # the console's last bytes
-            self.close_clients(vm)
+            vm.close_clients()
             await self.net.remove_tap(vm.tapDeviceName, vm.address)
             remove_tree(vm.paths.run_dir)
-
-    async def stop_vmm(self, vm, clock, calls):
-        """Ask the VMM to stop with these API actions (vmm.shutdown answers 200 with an empty
-        body, not 204), then kill its process group."""
-        if vm.watch and vm.watch.alive() and vm.chv:
-            for name in calls:
-                with clock.step(name):
-                    try:
-                        await within(self.cfg.shutdown_timeout_s, vm.chv.call("PUT", name, timeout=10.0))
-                    except (HypervisorError, asyncio.TimeoutError):
-                        pass
-            with clock.step("exit"):
-                if not await vm.watch.wait(self.cfg.shutdown_timeout_s):
-                    log("hypervisor did not exit; killing it", vm=vm.vmName, pid=vm.pid)
-        if vm.watch:
-            vm.watch.kill()
-            await vm.watch.wait(5.0)
-
-    def close_clients(self, vm):
-        if vm.callback_server:
-            vm.callback_server.close()
-            vm.callback_server = None
-        for client in (vm.agent, vm.chv):
-            if client:
-                client.close()
-        for reader in (vm.serial, vm.events, vm.console):
-            if reader:
-                reader.close()
-        vm.serial = vm.events = vm.console = None
 
     async def teardown(self, vm, graceful, clock=None):
         """Undo everything a VM holds: process, listener, tap, files, record, IP and CID."""
@@ -2655,14 +2782,14 @@ class VMManager:
         if graceful and vm.status == "RUNNING" and vm.agent:
             with clock.step("sync"):     # let the guest flush its stateful disk before the VM goes away
                 await vm.agent.sync()
-        await self.stop_vmm(vm, clock, ("vm.shutdown", "vm.delete", "vmm.shutdown"))
-        self.close_clients(vm)
+        await vm.stop_vmm(clock, ("vm.shutdown", "vm.delete", "vmm.shutdown"))
+        vm.stop_watching()
         with clock.step("tap"):
             await self.net.remove_tap(vm.tapDeviceName, vm.address)
         with clock.step("files"):
             remove_tree(paths.run_dir)
             remove_tree(paths.vm_dir)
-            self.forget(vm)
+            vm.forget()
         self.alloc.release(vm.address, vm.cid)
         if self.vms.get(vm.vmName) is vm:
             del self.vms[vm.vmName]
@@ -2677,7 +2804,7 @@ class VMManager:
             graceful = vm.phase == "running"
             vm.phase = "destroying"
             vm.stopReason = vm.stopReason or "destroyed"
-            self.save(vm)
+            vm.save()
             await self.teardown(vm, graceful, clock)
         log("VM destroyed", vm=name, stopReason="destroyed", ms=f"{clock.total_ms():.1f}")
 
@@ -2687,52 +2814,38 @@ class VMManager:
         results = await asyncio.gather(*(self.destroy(n) for n in names), return_exceptions=True)
         return [n for n, r in zip(names, results) if r is None]
 
-    def get(self, name):
-        """The VM of that name (a checked one: check_vm_name), else ApiError 404."""
-        vm = self.vms.get(name)
-        if vm is None:
-            raise ApiError(404, f"VM '{name}' not found")
-        return vm
-
-    # ---- adoption at start-up -------------------------------------------------
+    # ---- adoption at start-up, upkeep and shutdown ------------------------------
 
     async def adopt_all(self):
         """Re-adopt VMs whose hypervisor still answers; clean up everything else."""
         self.records_dir.mkdir(parents=True, exist_ok=True)
         for path in sorted(self.records_dir.glob("*.json")):
             try:
-                vm = VM(**{k: v for k, v in json.loads(path.read_text()).items() if k in VM.RECORD_FIELDS})
-                check_vm_name(vm.vmName)
-                if path.name != vm.vmName + ".json":
-                    raise ValueError("record name does not match its file")
+                vm = VM.from_record(self.cfg, path)
                 self.alloc.claim(vm.address, vm.cid)
             except (ValueError, TypeError, ApiError, AttributeError, OSError) as e:
                 log("ignoring unreadable VM record", file=path, error=repr(str(e)))
                 continue
-            vm.paths = VmPaths(self.cfg, vm)
             self.vms[vm.vmName] = vm
             await self.adopt(vm)
 
     async def adopt(self, vm):
-        paths = vm.paths
-        if not vm.pid:     # killed between spawning the VMM and recording its pid
-            vm.pid = find_vmm_pid(paths.api_socket)
-            vm.pidStart = proc_start_time(vm.pid) if vm.pid else None
-        if vm.pid and vm.pidStart and proc_start_time(vm.pid) == vm.pidStart:
-            vm.watch = ProcessWatch(vm.pid, vm.pidStart, lambda w, vm=vm: self.on_vmm_exit(vm, w))
-            vm.chv = CloudHypervisor(str(paths.api_socket))
+        """Take over a VM from its record: watch it again when its VMM still runs it, keep the
+        record of one that ended (freeing the rest), tear down anything half started."""
+        vm.attach_vmm()
         if vm.phase == "running" and vm.watch and vm.watch.alive():
             try:
                 info = await vm.chv.info()
                 if info.get("state") != "Running":
                     raise HypervisorError(f"VM state is {info.get('state')}")
-                vm.agent = self.agent_client(vm)
-                await self.serve_callbacks(vm)
-                self.follow_again(vm)
+                vm.connect_agent()
+                vm.serve_callbacks()
+                vm.follow_again()
+                self.release_when_ended(vm)
                 log("VM re-adopted", vm=vm.vmName, pid=vm.pid, ip=vm.ip)
-                reset = reset_in_vmm_log(paths.chv_log)      # while nobody read the events
+                reset = reset_in_vmm_log(vm.paths.chv_log)      # while nobody read the events
                 if reset:
-                    self.guest_reset(vm, *reset)
+                    vm.guest_reset(*reset)
                 return
             except (HypervisorError, OSError) as e:
                 log("cannot re-adopt VM; cleaning it up", vm=vm.vmName, error=repr(str(e)))
@@ -2745,16 +2858,6 @@ class VMManager:
         vm.phase = "destroying"
         await self.teardown(vm, graceful=False)
 
-    def follow_again(self, vm):
-        """Re-open the event FIFO (the VMM still holds its write end) and reconnect to the
-        serial socket (the VMM replays what it buffered meanwhile). A VM without them (started
-        by an older cbox.py) keeps running without events or console."""
-        for what, follow in (("events", self.follow_events), ("serial console", self.follow_serial)):
-            try:
-                follow(vm)
-            except (HypervisorError, OSError) as e:
-                log(f"re-adopted VM has no {what}", vm=vm.vmName, error=repr(str(e)))
-
     async def bound_vmm_logs(self):
         """Keep each hypervisor's -v log within vmm_log_max_bytes of disk, for as long as
         cbox.py runs: a guest can make its VMM log at will (every pvpanic write and virtio
@@ -2762,32 +2865,17 @@ class VMManager:
         while True:
             await asyncio.sleep(VMM_LOG_CHECK_S)
             for vm in list(self.vms.values()):
-                freed = punch_out_head(vm.paths.chv_log, self.cfg.vmm_log_max_bytes // 2)
-                if freed:
-                    vm.vmm_log_trimmed += freed
-                    if vm.vmm_log_trimmed == freed:     # once per VM: the guest may do it all day
-                        log("hypervisor log over vmm_log_max_bytes: its oldest part is dropped", vm=vm.vmName,
-                            freed=freed)
+                vm.bound_vmm_log()
 
     async def shutdown(self):
         """cbox.py is stopping: destroy VMs if configured, else leave them running for the next start."""
         if self.cfg.destroy_on_exit:
             await self.destroy_all()
         for vm in list(self.vms.values()):
-            self.close_clients(vm)
-            if vm.watch and vm.watch.pidfd is not None:
-                asyncio.get_running_loop().remove_reader(vm.watch.pidfd)
-        for client in self.callback_clients.values():
-            client.close()
+            vm.stop_watching()
+        CallbackBridge.close_url_clients()
 
     # ---- exec -----------------------------------------------------------------
-
-    def running(self, name):
-        """The VM of that name when its guest agent can take requests, else ApiError 409."""
-        vm = self.get(name)
-        if vm.status != "RUNNING" or vm.agent is None:
-            raise ApiError(409, f"VM '{name}' is not running (status {vm.status})")
-        return vm
 
     async def exec(self, name, agent_body, blocking, timeout):
         """Run a command in the VM (POST /exec of the guest agent) from a validated exec request
@@ -2797,26 +2885,24 @@ class VMManager:
             return await vm.agent.exec(agent_body, timeout=(timeout + 15.0) if blocking else 15.0)
 
     async def exec_status(self, name, exec_id):
-        """The state of a background exec."""
-        vm, exec_id = self.running(name), check_exec_id(exec_id)
+        """The state of a background exec (exec_id checked: check_exec_id)."""
+        vm = self.running(name)
         with agent_errors():
             return await vm.agent.status(exec_id)
 
     async def exec_kill(self, name, exec_id):
-        """Kill a background exec."""
-        vm, exec_id = self.running(name), check_exec_id(exec_id)
+        """Kill a background exec (exec_id checked: check_exec_id)."""
+        vm = self.running(name)
         with agent_errors():
             return await vm.agent.kill(exec_id)
 
-    # ---- callbacks (guest -> vsock socket -> cbox -> callbackUrl) --------------
-
-    async def serve_callbacks(self, vm):
-        vm.callback_server = CallbackBridge(self.cfg, vm, self.callback_clients)
-        vm.callback_server.listen(vm.paths.callback_socket)
+    def console_text(self, name):
+        """What GET /logs shows of a VM's serial console (see ConsoleLog.text)."""
+        return self.get(name).console_log().text()
 
 
 # =============================================================================
-# 8. REST server
+# 9. REST server
 # =============================================================================
 
 def log_request(method, target, status, t0, vm_name=None):
@@ -2993,6 +3079,8 @@ class RestServer:
             request.path, request.params = path, {k: urllib.parse.unquote(v) for k, v in m.groupdict().items()}
             if "name" in request.params:
                 check_vm_name(request.params["name"])
+            if "exec_id" in request.params:
+                check_exec_id(request.params["exec_id"])
             if split.query:
                 request.query = urllib.parse.parse_qs(split.query)
             if reader is None or handler not in self.abandonable:
@@ -3026,7 +3114,7 @@ class RestServer:
 
     async def start_vm(self, req):
         spec = validate_start_request(parse_json_body(req.body), self.cfg)
-        req.vm_name = spec["name"]
+        req.vm_name = spec["vmName"]
         vm = await self.manager.start(spec)
         return vm.api()
 
@@ -3055,7 +3143,7 @@ class RestServer:
 
 
 # =============================================================================
-# 9. CLI
+# 10. CLI
 # =============================================================================
 
 def resolve_chv_bin(cfg):
@@ -3608,7 +3696,7 @@ class Selftest:
                 "or in the hypervisor?")
         vm = self.local_vm or (SimpleVM(self.vm) if self.vm else None)
         if vm:    # the hypervisor's own words about vsock, while the VM still runs
-            log_text = tail_file(VmPaths(self.cfg, vm).chv_log, 64 * 1024)
+            log_text = tail_file(VmPaths(self.cfg, vm.vmName, vm.cid).chv_log, 64 * 1024)
             said = [line for line in log_text.splitlines() if "vsock" in line.lower()
                     and re.search(r"not available|unavailable|error|fail", line, re.I)]
             if said:
@@ -3664,7 +3752,7 @@ class Selftest:
                 found.append(str(path))
         vm = self.local_vm or (SimpleVM(self.vm) if self.vm else None)
         if vm:
-            run_dir = VmPaths(cfg, vm).run_dir
+            run_dir = VmPaths(cfg, vm.vmName, vm.cid).run_dir
             if run_dir.exists():
                 found.append(str(run_dir))
             if vm.tapDeviceName and interface_exists(vm.tapDeviceName):
