@@ -1853,17 +1853,36 @@ def check_callback_url(url):
     return url
 
 
+CALLBACK_METHODS_MAX = 64           # names in a VM's callbackMethods
+CALLBACK_METHOD_MAX_CHARS = 128
+
+
+def check_callback_methods(value):
+    """A VM's callbackMethods: None (every method may be called) or a list of method names,
+    without duplicates; [] allows none."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) > CALLBACK_METHODS_MAX:
+        raise ApiError(400, f"'callbackMethods' must be a list of at most {CALLBACK_METHODS_MAX} method names")
+    for name in value:
+        if (not isinstance(name, str) or not 0 < len(name) <= CALLBACK_METHOD_MAX_CHARS
+                or not name.isprintable()):
+            raise ApiError(400, f"'callbackMethods' entries must be 1-{CALLBACK_METHOD_MAX_CHARS} printable characters")
+    return list(dict.fromkeys(value))
+
+
 def validate_start_request(body, cfg):
-    check_fields(body, ("vmName", "callbackUrl", "vcpus", "memoryMb"), required=("vmName",))
+    check_fields(body, ("vmName", "callbackUrl", "callbackMethods", "vcpus", "memoryMb"), required=("vmName",))
     name = check_vm_name(body["vmName"])
     url = check_callback_url(typed(body, "callbackUrl", "str"))
+    methods = check_callback_methods(body.get("callbackMethods"))
     vcpus = typed(body, "vcpus", "int", cfg.default_vcpus)
     memory = typed(body, "memoryMb", "int", cfg.default_memory_mb)
     if not 1 <= vcpus <= cfg.max_vcpus:
         raise ApiError(400, f"vcpus must be 1..{cfg.max_vcpus}")
     if not 64 <= memory <= cfg.max_memory_mb:
         raise ApiError(400, f"memoryMb must be 64..{cfg.max_memory_mb}")
-    return {"vmName": name, "callbackUrl": url, "vcpus": vcpus, "memoryMb": memory}
+    return {"vmName": name, "callbackUrl": url, "callbackMethods": methods, "vcpus": vcpus, "memoryMb": memory}
 
 
 def validate_exec_request(body, cfg):
@@ -2238,6 +2257,8 @@ class CallbackBridge:
             if method is None:
                 self.count("bad_requests")
                 return error_line(body), False
+            if not self.method_allowed(method):
+                return error_line(f"callback method {method[:60]!r} is not in this VM's callbackMethods"), False
             callback_id = uuid.uuid4().hex
             reply = await self.forward(body, callback_id)
         finally:
@@ -2245,6 +2266,15 @@ class CallbackBridge:
         self.note("callback", method=repr(method[:60]), id=callback_id, ok=not reply.startswith(b'{"error"'),
                   ms=f"{(time.monotonic() - t0) * 1000:.1f}")
         return reply, False
+
+    def method_allowed(self, method):
+        """Whether the VM's callbackMethods (None: all) allow the method; a refusal is counted."""
+        allowed = self.vm.callbackMethods
+        if allowed is None or method in allowed:
+            return True
+        self.count("refused_method")
+        self.note("callback refused", reason="method", method=repr(method[:60]))
+        return False
 
     async def forward(self, body, callback_id):
         url = self.vm.callbackUrl
@@ -2347,9 +2377,9 @@ class VM:
 
     phase: starting -> running -> dead (ended by itself) or destroying (DELETE)."""
 
-    RECORD_FIELDS = ("vmName", "status", "ip", "tapDeviceName", "callbackUrl", "cid", "vcpus",
+    RECORD_FIELDS = ("vmName", "status", "ip", "tapDeviceName", "callbackUrl", "callbackMethods", "cid", "vcpus",
                      "memoryMb", "createdAt", "phase", "pid", "pidStart", "mac", "error", "stopReason")
-    API_FIELDS = ("vmName", "status", "ip", "tapDeviceName", "callbackUrl", "cid", "vcpus",
+    API_FIELDS = ("vmName", "status", "ip", "tapDeviceName", "callbackUrl", "callbackMethods", "cid", "vcpus",
                   "memoryMb", "createdAt", "stopReason")
 
     def __init__(self, cfg, **fields):
@@ -2697,7 +2727,7 @@ class VMManager:
 
     async def start(self, spec):
         """Start a VM from a validated start request (validate_start_request: vmName, callbackUrl,
-        vcpus, memoryMb) and return it RUNNING; on any failure it is torn down and ApiError
+        callbackMethods, vcpus, memoryMb) and return it RUNNING; on any failure it is torn down and ApiError
         says at which step."""
         name = spec["vmName"]
         if name in self.vms:
@@ -3860,7 +3890,8 @@ def client_call(args, method, path, body=None, timeout=None, text=False):
 def cli_vm(args):
     if args.vm_cmd == "start":
         body = {"vmName": args.name}
-        for key, value in (("callbackUrl", args.callback_url), ("vcpus", args.vcpus), ("memoryMb", args.memory_mb)):
+        for key, value in (("callbackUrl", args.callback_url), ("callbackMethods", args.callback_method),
+                           ("vcpus", args.vcpus), ("memoryMb", args.memory_mb)):
             if value is not None:
                 body[key] = value
         vm = client_call(args, "POST", "/v1/vms", body)
@@ -3928,6 +3959,8 @@ def main(argv=None):
     q = vm_sub.add_parser("start")
     q.add_argument("name")
     q.add_argument("--callback-url")
+    q.add_argument("--callback-method", action="append", metavar="METHOD",
+                   help="allow this callback method (repeat it; default: every method)")
     q.add_argument("--vcpus", type=int)
     q.add_argument("--memory-mb", type=int)
     vm_sub.add_parser("ls")

@@ -2,6 +2,7 @@
 headers, the guest's execId, and the README's verifier run as it is written."""
 import json
 import re
+import select
 import socket
 import subprocess
 import sys
@@ -165,4 +166,96 @@ def test_callbacks_are_signed_and_traceable(cbox_factory, netns):
         reply = guest_line(sock_path, b'{"method": "traced", "execId": "../../etc"}\n')
         assert "execId" in reply["error"] and len(cb.requests) == 3
     finally:
+        cb.close()
+
+
+# ---- per VM: callbackMethods and callbacks in flight -------------------------------------
+
+def test_callback_methods_validation():
+    assert cbox.check_callback_methods(None) is None
+    assert cbox.check_callback_methods([]) == []
+    assert cbox.check_callback_methods(["a", "b.c", "a"]) == ["a", "b.c"]
+    for bad in ("ping", {"a": 1}, [1], [""], ["x" * 129], ["a\nb"], ["m"] * 65 + ["n"],
+                [f"m{i}" for i in range(65)]):
+        with pytest.raises(cbox.ApiError, match="callbackMethods") as e:
+            cbox.check_callback_methods(bad)
+        assert e.value.status == 400
+
+
+def test_callback_methods_allowlist(cbox_factory, netns):
+    cb = CallbackURLServer(netns.listen(("127.0.0.1", 0)), lambda body: (200, b'{"result": "pong"}'))
+    try:
+        server = cbox_factory().start()
+        api = server.api
+        for bad in ("ping", ["ok", 5], [f"m{i}" for i in range(65)], ["x" * 200]):
+            status, body = api.post("/v1/vms", {"vmName": "nope", "callbackUrl": cb.url, "callbackMethods": bad})
+            assert status == 400 and "callbackMethods" in body["error"], (bad, body)
+        vm = api.start_vm("allow", callbackUrl=cb.url, callbackMethods=["ping", "log.write"])
+        assert vm["callbackMethods"] == ["ping", "log.write"]
+        assert api.start_vm("open", callbackUrl=cb.url)["callbackMethods"] is None
+
+        def check(server):
+            r = server.api.exec("allow", "cbox_callback ping && cbox_callback log.write '[1]'")
+            assert r["exitCode"] == 0, r
+            calls = len(cb.calls)
+            r = server.api.exec("allow", "cbox_callback shutdown.host")
+            assert r["exitCode"] == 1 and "callbackMethods" in r["stderr"], r
+            assert len(cb.calls) == calls                       # never sent to the URL
+            assert server.api.exec("open", "cbox_callback shutdown.host")["exitCode"] == 0
+
+        check(server)
+        server.stop()                                           # VMs keep running; the record keeps the list
+        first_log = server.log()
+        again = cbox_factory().start()
+        assert again.api.get("/v1/vms/allow")[1]["callbackMethods"] == ["ping", "log.write"]
+        check(again)
+        assert again.api.delete("/v1/vms/allow")[0] == 200
+        # this run's refusal, in the VM's budget counters logged at its end
+        assert "refused_method=1" in again.log()[len(first_log):]
+        assert again.api.delete("/v1/vms", timeout=60)[0] == 200
+        again.assert_clean()
+    finally:
+        cb.close()
+
+
+def test_callbacks_over_the_in_flight_cap_are_refused_at_once(cbox_factory, netns):
+    import threading
+    release = threading.Event()
+
+    def reply(body):
+        if body["method"] == "hold":
+            release.wait(60)
+        return 200, b'{"result": "done"}'
+
+    cb = CallbackURLServer(netns.listen(("127.0.0.1", 0)), reply)
+    held = []
+    try:
+        server = cbox_factory(callback_max_in_flight=2, callback_timeout_s=60).start()
+        vm = server.api.start_vm("capped", callbackUrl=cb.url)
+        sock_path = server.run_dir / str(vm["cid"]) / "vsock.sock_4032"
+        for _ in range(2):
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(30)
+            s.connect(str(sock_path))
+            s.sendall(b'{"method": "hold"}\n')
+            held.append(s)
+        deadline = time.monotonic() + 30
+        while len(cb.calls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(cb.calls) == 2
+        # a third callback, while both wait on the URL: an error at once, not a wait
+        reply3 = guest_line(sock_path, b'{"method": "hold"}\n', timeout=30)
+        assert "too many callbacks in flight (at most 2 per VM)" in reply3["error"], reply3
+        assert select.select(held, [], [], 0)[0] == []          # both still wait on the URL
+        release.set()
+        for s in held:
+            assert json.loads(s.makefile("rb").readline()) == {"result": "done"}
+        assert len(cb.calls) == 2                               # the refused one never reached the URL
+        assert guest_line(sock_path, b'{"method": "again"}\n') == {"result": "done"}
+        assert server.api.delete("/v1/vms/capped")[0] == 200
+        assert "refused_in_flight=1" in server.log()
+    finally:
+        release.set()
+        for s in held:
+            s.close()
         cb.close()
