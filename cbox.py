@@ -446,6 +446,23 @@ def check_config(cfg, source):
         bad("run_dir must not contain ',' or '=' (cloud-hypervisor splits its options on them)")
 
 
+def read_callback_secret(cfg, source):
+    """callback_secret_file -> cfg.callback_secret (its first line), so the key need not sit
+    in a config file others may read."""
+    if not cfg.callback_secret_file:
+        return
+    if cfg.callback_secret:
+        raise ConfigError(f"{source}: set callback_secret or callback_secret_file, not both")
+    secret_path = cfg.path(cfg.callback_secret_file)
+    try:
+        lines = Path(secret_path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{source}: callback_secret_file {secret_path}: {e}") from e
+    if not lines or not lines[0].strip():
+        raise ConfigError(f"{source}: callback_secret_file {secret_path} is empty")
+    cfg.callback_secret = lines[0].strip()
+
+
 def load_config(path, overrides=None):
     text = Path(path).read_text()
     tree, lines = parse_yaml_subset(text, str(path))
@@ -483,23 +500,6 @@ def load_config(path, overrides=None):
     check_config(cfg, str(path))
     read_callback_secret(cfg, str(path))
     return cfg
-
-
-def read_callback_secret(cfg, source):
-    """callback_secret_file -> cfg.callback_secret (its first line), so the key need not sit
-    in a config file others may read."""
-    if not cfg.callback_secret_file:
-        return
-    if cfg.callback_secret:
-        raise ConfigError(f"{source}: set callback_secret or callback_secret_file, not both")
-    secret_path = cfg.path(cfg.callback_secret_file)
-    try:
-        lines = Path(secret_path).read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{source}: callback_secret_file {secret_path}: {e}") from e
-    if not lines or not lines[0].strip():
-        raise ConfigError(f"{source}: callback_secret_file {secret_path} is empty")
-    cfg.callback_secret = lines[0].strip()
 
 
 # =============================================================================
