@@ -374,6 +374,8 @@ CONFIG_KEYS = {
     "exec_max_timeout_s": (float, 86400.0, "largest exec timeout a request may ask for"),
     "exec_output_limit_bytes": (int, 4 * 1024 * 1024, "cap on captured stdout, stderr and output, each"),
     "callback_timeout_s": (float, 30.0, "time the callback URL has to answer"),
+    "callback_secret": (str, "", "HMAC-SHA256 key signing every callback POST (X-CBox-Signature); empty = unsigned"),
+    "callback_secret_file": (str, "", "file holding callback_secret (its first line), instead of the key itself"),
     "callback_port": (int, 4032, "guest vsock port for callbacks"),
     "agent_port": (int, 4031, "guest agent TCP port"),
     "max_request_bytes": (int, 8 * 1024 * 1024, "largest REST request body"),
@@ -478,6 +480,23 @@ def check_config(cfg, source):
         bad("run_dir must not contain ',' or '=' (cloud-hypervisor splits its options on them)")
 
 
+def read_callback_secret(cfg, source):
+    """callback_secret_file -> cfg.callback_secret (its first line), so the key need not sit
+    in a config file others may read."""
+    if not cfg.callback_secret_file:
+        return
+    if cfg.callback_secret:
+        raise ConfigError(f"{source}: set callback_secret or callback_secret_file, not both")
+    secret_path = cfg.path(cfg.callback_secret_file)
+    try:
+        lines = Path(secret_path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{source}: callback_secret_file {secret_path}: {e}") from e
+    if not lines or not lines[0].strip():
+        raise ConfigError(f"{source}: callback_secret_file {secret_path} is empty")
+    cfg.callback_secret = lines[0].strip()
+
+
 def load_config(path, overrides=None):
     text = Path(path).read_text()
     tree, lines = parse_yaml_subset(text, str(path))
@@ -513,6 +532,7 @@ def load_config(path, overrides=None):
         values.setdefault(key, default)
     cfg = Config(values, str(Path(path).resolve().parent))
     check_config(cfg, str(path))
+    read_callback_secret(cfg, str(path))
     return cfg
 
 
@@ -1696,10 +1716,20 @@ class HostNetwork:
         """Routed packets from the bridge carry their tap (iptables -m physdev) only when
         br_netfilter handles the bridge: asked for on this bridge alone (nf_call_iptables),
         not host-wide (the net.bridge.bridge-nf-call-iptables sysctl). Without the module
-        no packet would match a VM's policy and every guest would be cut off."""
-        if not Path("/proc/sys/net/bridge").exists():
+        no packet would match a VM's policy and every guest would be cut off.
+        Loading the module turns the host-wide sysctls on for every bridge; when cbox.py
+        is the one loading it, they go back to off, so the host's other bridges keep
+        bypassing iptables as they did before."""
+        sysctl_dir = Path("/proc/sys/net/bridge")
+        if not sysctl_dir.exists():
             await run_cmd("modprobe", "br_netfilter", check=False)
-        if not Path("/proc/sys/net/bridge").exists():
+            if sysctl_dir.exists():
+                for name in ("bridge-nf-call-iptables", "bridge-nf-call-ip6tables", "bridge-nf-call-arptables"):
+                    with contextlib.suppress(OSError):
+                        (sysctl_dir / name).write_text("0\n")
+                log("loaded br_netfilter; its host-wide sysctls are off, on for the cbox bridge only",
+                    bridge=self.bridge)
+        if not sysctl_dir.exists():
             raise CommandError("the br_netfilter kernel module is not loaded (modprobe br_netfilter): egress "
                                "policies match each VM's tap through it (or set firewall: false)")
         await run_cmd("ip", "link", "set", "dev", self.bridge, "type", "bridge", "nf_call_iptables", "1")
@@ -2108,18 +2138,37 @@ def check_network(network, cfg, require_egress=False):
     return {"egress": egress, "allowOut": allow}
 
 
+CALLBACK_METHODS_MAX = 64           # names in a VM's callbackMethods
+CALLBACK_METHOD_MAX_CHARS = 128
+
+
+def check_callback_methods(value):
+    """A VM's callbackMethods: None (every method may be called) or a list of method names,
+    without duplicates; [] allows none."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) > CALLBACK_METHODS_MAX:
+        raise ApiError(400, f"'callbackMethods' must be a list of at most {CALLBACK_METHODS_MAX} method names")
+    for name in value:
+        if (not isinstance(name, str) or not 0 < len(name) <= CALLBACK_METHOD_MAX_CHARS
+                or not name.isprintable()):
+            raise ApiError(400, f"'callbackMethods' entries must be 1-{CALLBACK_METHOD_MAX_CHARS} printable characters")
+    return list(dict.fromkeys(value))
+
+
 def validate_start_request(body, cfg):
-    check_fields(body, ("vmName", "callbackUrl", "vcpus", "memoryMb", "network", "ttlSeconds", "idleTimeoutSeconds",
-                        "labels"), required=("vmName",))
+    check_fields(body, ("vmName", "callbackUrl", "callbackMethods", "vcpus", "memoryMb", "network", "ttlSeconds",
+                        "idleTimeoutSeconds", "labels"), required=("vmName",))
     name = check_vm_name(body["vmName"])
     url = check_callback_url(typed(body, "callbackUrl", "str"))
+    methods = check_callback_methods(body.get("callbackMethods"))
     vcpus = typed(body, "vcpus", "int", cfg.default_vcpus)
     memory = typed(body, "memoryMb", "int", cfg.default_memory_mb)
     if not 1 <= vcpus <= cfg.max_vcpus:
         raise ApiError(400, f"vcpus must be 1..{cfg.max_vcpus}")
     if not 64 <= memory <= cfg.max_memory_mb:
         raise ApiError(400, f"memoryMb must be 64..{cfg.max_memory_mb}")
-    return {"vmName": name, "callbackUrl": url, "vcpus": vcpus, "memoryMb": memory,
+    return {"vmName": name, "callbackUrl": url, "callbackMethods": methods, "vcpus": vcpus, "memoryMb": memory,
             "network": check_network(body.get("network"), cfg), **validate_lifetime_and_labels(body, cfg)}
 
 
@@ -2165,27 +2214,50 @@ CALLBACK_LINE_MAX = 1024 * 1024
 CALLBACK_PARSE_OFF_LOOP = 64 * 1024     # lines (and answers) above this are parsed in a thread
 CALLBACK_REFUSAL_PAUSE = 0.1            # a connection refused a callback (rate, in flight) waits this long
 CALLBACK_COUNTERS = ("connections", "callbacks", "refused_connections", "refused_fd_reserve", "refused_in_flight",
-                     "refused_rate", "throttled_bytes", "idle_timeouts", "read_timeouts", "write_timeouts",
-                     "oversize_lines", "bad_requests", "accept_errors", "log_lines_suppressed")
+                     "refused_rate", "refused_method", "throttled_bytes", "idle_timeouts", "read_timeouts",
+                     "write_timeouts", "oversize_lines", "bad_requests", "accept_errors", "log_lines_suppressed")
+CALLBACK_TOTALS = dict.fromkeys(CALLBACK_COUNTERS, 0)   # the same counts over all VMs since cbox.py started
+CALLBACK_REQUEST_FIELDS = {"method", "params", "execId"}
+CALLBACK_EXEC_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def parse_callback_line(line, vm_name):
     """A guest's request line -> (method, body bytes for the callback URL) or (None, error text).
 
     Pure, so large lines can be parsed in a thread; every parse or encode failure
-    (RecursionError included: params may nest deeper than the encoder recurses) is an answer."""
+    (RecursionError included: params may nest deeper than the encoder recurses) is an answer.
+    An "execId" (the calling command's CBOX_EXEC_ID, set by the guest agent) is passed on."""
     try:
         request = json.loads(line)
         if not isinstance(request, dict) or not isinstance(request.get("method"), str) or not request["method"]:
             return None, "callback request must be an object with a non-empty string 'method'"
-        if set(request) - {"method", "params"}:
-            return None, f"unknown callback request field(s): {', '.join(sorted(set(request) - {'method', 'params'}))}"
-        return request["method"], json_bytes({"vmName": vm_name, "method": request["method"],
-                                              "params": request.get("params")})
+        if set(request) - CALLBACK_REQUEST_FIELDS:
+            return None, f"unknown callback request field(s): {', '.join(sorted(set(request) - CALLBACK_REQUEST_FIELDS))}"
+        body = {"vmName": vm_name, "method": request["method"], "params": request.get("params")}
+        if "execId" in request:
+            exec_id = request["execId"]
+            if not isinstance(exec_id, str) or not CALLBACK_EXEC_ID.fullmatch(exec_id):
+                return None, "callback request 'execId' must be 1-64 characters of A-Z a-z 0-9 _ . -"
+            body["execId"] = exec_id
+        return request["method"], json_bytes(body)
     except RecursionError:
         return None, "callback request is nested too deeply"
     except (ValueError, UnicodeDecodeError):
         return None, "callback request is not valid JSON"
+
+
+def callback_headers(secret, vm_name, body, callback_id=None, now=None):
+    """Headers of one POST to a callback URL: X-CBox-VM and a unique X-CBox-Callback-Id
+    always; with a secret, X-CBox-Timestamp (unix seconds) and X-CBox-Signature =
+    "sha256=" + hex HMAC-SHA256(secret, timestamp + "." + body), so the receiver can
+    check who sent it and when (README, "Callbacks": a verifier in a few lines)."""
+    headers = {"X-CBox-VM": vm_name, "X-CBox-Callback-Id": callback_id or uuid.uuid4().hex}
+    if secret:
+        timestamp = str(int(time.time() if now is None else now))
+        digest = hmac.new(secret.encode(), timestamp.encode() + b"." + body, "sha256").hexdigest()
+        headers["X-CBox-Timestamp"] = timestamp
+        headers["X-CBox-Signature"] = f"sha256={digest}"
+    return headers
 
 
 def answer_text(value):
@@ -2276,7 +2348,8 @@ class CallbackBridge:
     The socket is accepted here rather than by asyncio's server, so a full fd table
     (EMFILE) backs off quietly instead of logging a traceback per attempt, and the
     last `fd_reserve` descriptors stay free for the API and the other VMs.
-    `counters` counts every budget hit (for a metrics endpoint; logged at close)."""
+    `counters` counts every budget hit (for a metrics endpoint; logged at close),
+    CALLBACK_TOTALS the same over all VMs."""
 
     url_clients = {}       # (scheme, host, port) -> HttpClient, shared by every VM's bridge
 
@@ -2318,7 +2391,7 @@ class CallbackBridge:
                 if e.errno in (errno.ECONNABORTED, errno.EINTR, errno.EAGAIN):
                     continue
                 # EMFILE / ENFILE / ENOBUFS / ENOMEM: wait for descriptors or memory to come back
-                self.counters["accept_errors"] += 1
+                self.count("accept_errors")
                 self.note("callback socket cannot accept", error=repr(os.strerror(e.errno) if e.errno else str(e)),
                           retry_s=f"{backoff:g}")
                 await asyncio.sleep(backoff)
@@ -2340,12 +2413,12 @@ class CallbackBridge:
             reason = f"too many open callback connections (at most {self.cfg.callback_max_connections} per VM)"
             counter = "refused_connections"
         else:
-            self.counters["connections"] += 1
+            self.count("connections")
             task = asyncio.get_running_loop().create_task(self._connection(conn))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
             return True
-        self.counters[counter] += 1
+        self.count(counter)
         self.note("callback connection refused", reason=repr(reason))
         with contextlib.suppress(OSError):
             conn.send(error_line(reason))          # a fresh socket's buffer takes one short line
@@ -2365,11 +2438,15 @@ class CallbackBridge:
             log("callback budgets", vm=self.vm.vmName, suppressed=self.suppressed or None,
                 **{k: v for k, v in self.counters.items() if v})
 
+    def count(self, counter):
+        self.counters[counter] += 1
+        CALLBACK_TOTALS[counter] += 1
+
     def note(self, msg, **fields):
         """A log line, at most callback_log_lines_per_s a second per VM; the rest are counted."""
         if not self.log_lines.take():
             self.suppressed += 1
-            self.counters["log_lines_suppressed"] += 1
+            self.count("log_lines_suppressed")
             return
         log(msg, vm=self.vm.vmName, suppressed=self.suppressed or None, **fields)
         self.suppressed = 0
@@ -2389,7 +2466,7 @@ class CallbackBridge:
                 try:
                     await within(self.cfg.callback_write_timeout_s, loop.sock_sendall(sock, reply))
                 except asyncio.TimeoutError:
-                    self.counters["write_timeouts"] += 1
+                    self.count("write_timeouts")
                     self.note("callback connection closed: the guest does not read its replies")
                     return
                 # sock_recv and sock_sendall finish without yielding when they can: a guest
@@ -2420,7 +2497,7 @@ class CallbackBridge:
                 continue
             scanned = len(buf)
             if scanned > CALLBACK_LINE_MAX:
-                self.counters["oversize_lines"] += 1
+                self.count("oversize_lines")
                 await self._send_final(loop, sock, error_line("callback request larger than 1 MiB"))
                 return None
             if scanned and deadline is None:
@@ -2428,14 +2505,14 @@ class CallbackBridge:
             timeout = self.cfg.callback_idle_timeout_s if deadline is None else deadline - loop.time()
             pause = self.bytes.wait()
             if pause:
-                self.counters["throttled_bytes"] += 1
+                self.count("throttled_bytes")
                 await asyncio.sleep(pause)
             want = min(256 * 1024, CALLBACK_LINE_MAX + 1 - scanned)
             try:
                 data = await within(max(timeout, 0.0), loop.sock_recv(sock, want))
             except asyncio.TimeoutError:
                 what = "idle_timeouts" if deadline is None else "read_timeouts"
-                self.counters[what] += 1
+                self.count(what)
                 if deadline is not None:
                     await self._send_final(loop, sock, error_line(
                         f"callback request not received within {fmt_seconds(self.cfg.callback_read_timeout_s)}"))
@@ -2453,37 +2530,52 @@ class CallbackBridge:
         """(reply line, refused) for one request line, within the VM's rate and in-flight budgets."""
         t0 = time.monotonic()
         if not self.calls.take():
-            self.counters["refused_rate"] += 1
+            self.count("refused_rate")
             self.note("callback refused", reason="rate")
             return error_line(f"too many callbacks (at most {self.cfg.callback_rate_per_s:g} a second per VM)"), True
         if self.in_flight >= self.cfg.callback_max_in_flight:
-            self.counters["refused_in_flight"] += 1
+            self.count("refused_in_flight")
             self.note("callback refused", reason="in_flight")
             return error_line(f"too many callbacks in flight (at most {self.cfg.callback_max_in_flight} per VM)"), True
         self.in_flight += 1
         try:
-            self.counters["callbacks"] += 1
+            self.count("callbacks")
             method, body = await off_loop_if_large(len(line), parse_callback_line, line, self.vm.vmName)
             if method is None:
-                self.counters["bad_requests"] += 1
+                self.count("bad_requests")
                 return error_line(body), False
-            reply = await self.forward(body)
+            if not self.method_allowed(method):
+                return error_line(f"callback method {method[:60]!r} is not in this VM's callbackMethods"), False
+            callback_id = uuid.uuid4().hex
+            reply = await self.forward(body, callback_id)
         finally:
             self.in_flight -= 1
             self.vm.touch()              # a callback is activity (idleTimeoutSeconds)
-        self.note("callback", method=repr(method[:60]), ok=not reply.startswith(b'{"error"'),
+        self.note("callback", method=repr(method[:60]), id=callback_id, ok=not reply.startswith(b'{"error"'),
                   ms=f"{(time.monotonic() - t0) * 1000:.1f}")
         return reply, False
 
-    async def forward(self, body):
+    def method_allowed(self, method):
+        """Whether the VM's callbackMethods (None: all) allow the method; a refusal is counted."""
+        allowed = self.vm.callbackMethods
+        if allowed is None or method in allowed:
+            return True
+        self.count("refused_method")
+        self.note("callback refused", reason="method", method=repr(method[:60]))
+        return False
+
+    async def forward(self, body, callback_id):
         url = self.vm.callbackUrl
         if not url:
             return error_line(f"VM '{self.vm.vmName}' has no callbackUrl")
         parts = urllib.parse.urlsplit(url)
         client = self.callback_client(parts)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        headers = await off_loop_if_large(len(body), callback_headers, self.cfg.callback_secret,
+                                          self.vm.vmName, body, callback_id)
         try:
-            status, _, data = await client.request("POST", target, body, timeout=self.cfg.callback_timeout_s)
+            status, _, data = await client.request("POST", target, body, timeout=self.cfg.callback_timeout_s,
+                                                   headers=headers)
         except HttpError as e:
             return error_line(f"callback URL {url} failed: {e}")
         return await off_loop_if_large(len(data), callback_reply, url, status, data)
@@ -2573,10 +2665,10 @@ class VM:
 
     phase: starting -> running -> dead (ended by itself) or destroying (DELETE)."""
 
-    RECORD_FIELDS = ("vmName", "status", "ip", "tapDeviceName", "callbackUrl", "cid", "vcpus",
+    RECORD_FIELDS = ("vmName", "status", "ip", "tapDeviceName", "callbackUrl", "callbackMethods", "cid", "vcpus",
                      "memoryMb", "createdAt", "phase", "pid", "pidStart", "mac", "error", "stopReason", "network",
                      "expiresAt", "idleTimeoutSeconds", "lastActivityAt", "labels", "backgroundExecs")
-    API_FIELDS = ("vmName", "status", "ip", "tapDeviceName", "callbackUrl", "cid", "vcpus",
+    API_FIELDS = ("vmName", "status", "ip", "tapDeviceName", "callbackUrl", "callbackMethods", "cid", "vcpus",
                   "memoryMb", "createdAt", "stopReason", "network",
                   "expiresAt", "idleTimeoutSeconds", "lastActivityAt", "labels")
 
@@ -3102,7 +3194,7 @@ class VMManager:
 
     async def start(self, spec):
         """Start a VM from a validated start request (validate_start_request: vmName, callbackUrl,
-        vcpus, memoryMb) and return it RUNNING; on any failure it is torn down and ApiError
+        callbackMethods, vcpus, memoryMb) and return it RUNNING; on any failure it is torn down and ApiError
         says at which step."""
         name = spec["vmName"]
         if name in self.vms:
@@ -3708,7 +3800,34 @@ def missing_images(cfg):
             if getattr(cfg, key) and not os.access(cfg.path(getattr(cfg, key)), os.R_OK)]
 
 
+class SystemdNotifier:
+    """Tells systemd (a Type=notify unit) when cbox.py is ready and when it stops, by one
+    datagram to $NOTIFY_SOCKET (sd_notify(3)'s protocol; '@' starts an abstract name).
+    Without NOTIFY_SOCKET it does nothing. The variable is taken out of the environment
+    so the hypervisors cbox.py starts do not inherit it."""
+
+    def __init__(self, environ=os.environ):
+        address = environ.pop("NOTIFY_SOCKET", "")
+        if address.startswith("@"):
+            address = "\0" + address[1:]
+        elif address and not address.startswith("/"):
+            log("NOTIFY_SOCKET is neither a path nor an abstract name: not notifying systemd", address=address)
+            address = ""
+        self.address = address
+
+    def notify(self, *assignments):
+        if not self.address:
+            return
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                sock.connect(self.address)
+                sock.sendall("\n".join(assignments).encode())
+        except OSError as e:
+            log("cannot notify systemd", state=assignments[0], error=repr(os.strerror(e.errno) if e.errno else str(e)))
+
+
 async def serve(cfg):
+    notifier = SystemdNotifier()
     if os.geteuid() != 0:
         log("not running as root: creating taps, the bridge and iptables rules will fail", level="WARNING")
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_token:
@@ -3734,7 +3853,9 @@ async def serve(cfg):
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    notifier.notify("READY=1", f"STATUS=serving on {cfg.host}:{cfg.port}, {len(manager.vms)} VM(s) adopted")
     await stop.wait()
+    notifier.notify("STOPPING=1", "STATUS=stopping" + (": destroying every VM" if cfg.destroy_on_exit else ""))
     log("stopping", vms=len(manager.vms), destroy_on_exit=cfg.destroy_on_exit)
     log_bounds.cancel()
     deadlines.cancel()
@@ -4396,9 +4517,10 @@ def fmt_egress(vm):
 def cli_vm(args):
     if args.vm_cmd == "start":
         body = {"vmName": args.name}
-        for key, value in (("callbackUrl", args.callback_url), ("vcpus", args.vcpus), ("memoryMb", args.memory_mb),
-                           ("network", cli_network(args)), ("ttlSeconds", args.ttl),
-                           ("idleTimeoutSeconds", args.idle_timeout), ("labels", cli_labels(args.label) or None)):
+        for key, value in (("callbackUrl", args.callback_url), ("callbackMethods", args.callback_method),
+                           ("vcpus", args.vcpus), ("memoryMb", args.memory_mb), ("network", cli_network(args)),
+                           ("ttlSeconds", args.ttl), ("idleTimeoutSeconds", args.idle_timeout),
+                           ("labels", cli_labels(args.label) or None)):
             if value is not None:
                 body[key] = value
         vm = client_call(args, "POST", "/v1/vms", body)
@@ -4473,21 +4595,24 @@ def main(argv=None):
     parser.add_argument("--server", default=os.environ.get("CBOX_URL", "http://127.0.0.1:7000"),
                         help="REST API for the client commands (env CBOX_URL; token from env CBOX_API_TOKEN)")
     sub = parser.add_subparsers(dest="cmd", required=True)
+    config = os.environ.get("CBOX_CONFIG") or "config.yaml"    # the installed `cbox` command sets it
     p = sub.add_parser("serve", help="run the REST server")
-    p.add_argument("--config", default="config.yaml")
+    p.add_argument("--config", default=config, help="config file (env CBOX_CONFIG, else config.yaml)")
     p = sub.add_parser("check-config", help="parse the config and print the effective settings")
-    p.add_argument("--config", default="config.yaml")
+    p.add_argument("--config", default=config, help="config file (env CBOX_CONFIG, else config.yaml)")
     p = sub.add_parser("preflight", help="check this host can run real VMs (KVM, cloud-hypervisor, tools)")
-    p.add_argument("--config", default="config.yaml")
+    p.add_argument("--config", default=config, help="config file (env CBOX_CONFIG, else config.yaml)")
     p = sub.add_parser("selftest", help="check this host end to end: preflight, boot a VM, exec, "
                                         "a callback, destroy (exit 0 when all pass)")
-    p.add_argument("--config", default="config.yaml")
+    p.add_argument("--config", default=config, help="config file (env CBOX_CONFIG, else config.yaml)")
     p.add_argument("-v", "--verbose", action="store_true", help="show cbox.py's log as it happens")
     p = sub.add_parser("vm", help="start, list, remove VMs")
     vm_sub = p.add_subparsers(dest="vm_cmd", required=True)
     q = vm_sub.add_parser("start")
     q.add_argument("name")
     q.add_argument("--callback-url")
+    q.add_argument("--callback-method", action="append", metavar="METHOD",
+                   help="allow this callback method (repeat it; default: every method)")
     q.add_argument("--vcpus", type=int)
     q.add_argument("--memory-mb", type=int)
     add_network_args(q)
@@ -4532,7 +4657,8 @@ def main(argv=None):
             sys.exit(f"cbox: config: {e}")
         if args.cmd == "check-config":
             for key in CONFIG_KEYS:
-                print(f"{key}: {getattr(cfg, key)!r}")
+                secret = key in ("api_token", "callback_secret") and getattr(cfg, key)
+                print(f"{key}: {'(set)' if secret else repr(getattr(cfg, key))}")
             return
         if args.cmd == "preflight":
             problems = preflight(cfg)

@@ -49,7 +49,8 @@ def test_vm_lifecycle_exec_and_cleanup(cbox_server):
     assert vm["vmName"] == "alpha" and vm["status"] == "RUNNING"
     assert vm["ip"] == "10.20.1.2/24" and vm["cid"] == 3 and vm["tapDeviceName"] == "cbt3"
     assert vm["vcpus"] == 2 and vm["memoryMb"] == 256 and vm["callbackUrl"] is None
-    assert set(vm) == {"vmName", "status", "ip", "tapDeviceName", "callbackUrl", "cid", "vcpus",
+    assert vm["callbackMethods"] is None
+    assert set(vm) == {"vmName", "status", "ip", "tapDeviceName", "callbackUrl", "callbackMethods", "cid", "vcpus",
                        "memoryMb", "createdAt", "stopReason", "network", "expiresAt",
                        "idleTimeoutSeconds", "lastActivityAt", "labels"}
     assert vm["stopReason"] is None and vm["expiresAt"] is None and vm["labels"] == {}
