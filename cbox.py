@@ -3090,8 +3090,8 @@ class Tombstones:
     why it is gone. At most MAX entries (the oldest go first), in a small JSON file beside the
     records: they survive a restart of cbox.py. A new VM of the same name removes its tombstone."""
 
-    MAX = 1000
-    CONSOLE_LINES = 20
+    MAX = 500                 # with CONSOLE_LINES of at most 300 characters: the file stays within ~2 MB
+    CONSOLE_LINES = 15
 
     def __init__(self, path, minutes):
         self.path, self.keep_s = path, minutes * 60
@@ -3107,7 +3107,7 @@ class Tombstones:
         lines = [line for line in console.strip().splitlines() if line.strip()][-self.CONSOLE_LINES:]
         self.entries.pop(name, None)
         self.entries[name] = {"vmName": name, "stopReason": reason, "destroyedAt": utc_now(), "error": message,
-                              "console": [line[:1000] for line in lines], "until": time.time() + self.keep_s}
+                              "console": [line[:300] for line in lines], "until": time.time() + self.keep_s}
         while len(self.entries) > self.MAX:
             del self.entries[next(iter(self.entries))]
         self.save()

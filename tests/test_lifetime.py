@@ -360,7 +360,7 @@ def test_tombstones_are_bounded_and_kept_on_disk(tmp_path, monkeypatch):
     assert list(stones.entries) == ["vm2", "vm3", "vm4"]
     again = cbox.Tombstones(tmp_path / "t.json", 10)
     entry = again.get("vm4")
-    assert entry["stopReason"] == "ttl" and entry["console"] == [f"l{n}" for n in range(10, 30)]
+    assert entry["stopReason"] == "ttl" and entry["console"] == [f"l{n}" for n in range(15, 30)]
     again.discard("vm4")
     assert cbox.Tombstones(tmp_path / "t.json", 10).get("vm4") is None
     entry = again.get("vm3")
