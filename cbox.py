@@ -17,17 +17,22 @@ EVENTS). Sections, in order; each uses only what comes before it:
                      VMM's serial socket and event FIFO; the VMM's process (spawn,
                      pidfd watch) and its bounded logs on disk (console, -v log)
   4. Host resources  network (bridge, persistent taps, port isolation, iptables
-                     chains), each VM's stateful disk, host memory
-  5. Allocation      guest IPs, vsock CIDs, tap names; request validation
+                     chains, each VM's egress chain), each VM's stateful disk,
+                     host memory
+  5. Allocation      guest IPs, vsock CIDs, tap names; request validation (with
+                     lifetimes, labels and the label/status filter of /v1/vms)
   6. Callback bridge a VM's callback socket: the guest's JSON lines forwarded to
                      its callback URL, every cost budgeted per VM
-  7. VMs             one VM: its record on disk, paths, VMM process and API, agent
-                     client, console and event readers, and how it ended (stopReason)
-  8. VM manager      all VMs: start / destroy / adopt composing the sections above,
-                     freeing a VM that ended by itself, exec forwarding
+  7. VMs             one VM: its record on disk, paths, deadlines and activity, VMM
+                     process and API, agent client, console and event readers, and
+                     how it ended (stopReason)
+  8. VM manager      tombstones of VMs a deadline ended; all VMs: start / destroy /
+                     adopt composing the sections above, freeing a VM that ended by
+                     itself, egress policy changes, the one task keeping deadlines
+                     (TTL, idle), exec forwarding
   9. REST server     routes of contract section 1, auth, limits, request log
  10. CLI             `serve`, `selftest` (a new host's end-to-end check), and a
-                     small client: `vm start|ls|rm`, `exec`
+                     small client: `vm start|ls|rm|logs|network`, `exec`
 
 The external contract lives in ../shared/docs/contract.md (beside checkouts) and
 is summarised in README.md.
@@ -88,6 +93,16 @@ def log(msg, **fields):
 
 def utc_now():
     return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def utc_text(epoch):
+    """An epoch time as RFC3339 UTC with milliseconds (deadlines: a second is too coarse)."""
+    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def utc_epoch(text):
+    """The epoch time of an RFC3339 UTC text (utc_text, utc_now); None stays None."""
+    return None if text is None else datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 # =============================================================================
@@ -584,6 +599,7 @@ def parse_yaml_subset(text, source="config"):
 
 
 VMM_LOG_TAIL = 1024 * 1024          # the most of a VMM's log cbox.py reads (reset_in_vmm_log)
+FOREVER_S = 10 * 365 * 86400        # the longest TTL or idle timeout (a deadline beyond is no deadline)
 
 
 # key: (type, default, description). Types: str, int, float, bool.
@@ -617,6 +633,8 @@ CONFIG_KEYS = {
     "exec_max_timeout_s": (float, 86400.0, "largest exec timeout a request may ask for"),
     "exec_output_limit_bytes": (int, 4 * 1024 * 1024, "cap on captured stdout, stderr and output, each"),
     "callback_timeout_s": (float, 30.0, "time the callback URL has to answer"),
+    "callback_secret": (str, "", "HMAC-SHA256 key signing every callback POST (X-CBox-Signature); empty = unsigned"),
+    "callback_secret_file": (str, "", "file holding callback_secret (its first line), instead of the key itself"),
     "callback_port": (int, 4032, "guest vsock port for callbacks"),
     "agent_port": (int, 4031, "guest agent TCP port"),
     "max_request_bytes": (int, 8 * 1024 * 1024, "largest REST request body"),
@@ -634,7 +652,14 @@ CONFIG_KEYS = {
     "callback_write_timeout_s": (float, 10.0, "time a guest has to read a callback reply before its connection is closed"),
     "callback_log_lines_per_s": (float, 20.0, "callback log lines a second per VM; the rest are counted and the count logged"),
     "fd_reserve": (int, 256, "file descriptors kept free for the API and other VMs: guest connections beyond are refused"),
+    "default_egress": (str, "nat", "egress policy of a VM whose request names none: nat (everything) or none"),
     "destroy_on_exit": (bool, False, "destroy all VMs when cbox.py stops (default: leave them for the next start)"),
+    "default_ttl_s": (int, 0, "lifetime of a VM whose request has no ttlSeconds; 0 = none (max_ttl_s when that is set)"),
+    "max_ttl_s": (int, 0, "largest ttlSeconds a request may ask for; 0 = no maximum (a VM may also live forever)"),
+    "default_idle_timeout_s": (int, 0, "idle timeout of a VM whose request has no idleTimeoutSeconds; 0 = none "
+                                       "(max_idle_timeout_s when that is set)"),
+    "max_idle_timeout_s": (int, 0, "largest idleTimeoutSeconds a request may ask for; 0 = no maximum (and none allowed)"),
+    "tombstone_minutes": (int, 10, "how long a VM its TTL or idle timeout destroyed answers 404 saying why; 0 = not at all"),
     "events_url": (str, "", "http(s) URL that receives a POST per lifecycle event; empty = none"),
     "events_ring_size": (int, 1000, "newest events kept for GET /v1/events"),
     "events_retry_s": (float, 300.0, "a failed POST to events_url is retried (with backoff) this long, then dropped"),
@@ -691,6 +716,13 @@ def check_config(cfg, source):
         bad(f"vmm_log_max_bytes must be at least {2 * VMM_LOG_TAIL}")
     if cfg.fd_reserve < 0:
         bad("fd_reserve must not be negative")
+    for default, maximum in (("default_ttl_s", "max_ttl_s"), ("default_idle_timeout_s", "max_idle_timeout_s")):
+        if not 0 <= getattr(cfg, default) <= FOREVER_S or not 0 <= getattr(cfg, maximum) <= FOREVER_S:
+            bad(f"{default} and {maximum} must be 0..{FOREVER_S} seconds")
+        if getattr(cfg, maximum) and getattr(cfg, default) > getattr(cfg, maximum):
+            bad(f"{default} must not be more than {maximum}")
+    if cfg.tombstone_minutes < 0:
+        bad("tombstone_minutes must not be negative")
     if not 0 < cfg.events_ring_size <= 100_000:
         bad("events_ring_size must be 1..100000")
     if cfg.events_url:
@@ -708,8 +740,29 @@ def check_config(cfg, source):
     longest = os.path.join(cfg.path(cfg.run_dir), "4294967295", f"vsock.sock_{cfg.callback_port}")
     if len(longest.encode()) > 107:
         bad(f"run_dir {cfg.run_dir!r} is too long: socket paths such as {longest} must fit in 107 bytes")
+    if cfg.default_egress not in ("nat", "none"):
+        bad(f"default_egress must be nat or none, got {cfg.default_egress!r}")
+    if cfg.default_egress != "nat" and not cfg.firewall:
+        bad("default_egress: none needs firewall: true (the policy is enforced by iptables)")
     if "," in cfg.path(cfg.run_dir) or "=" in cfg.path(cfg.run_dir):
         bad("run_dir must not contain ',' or '=' (cloud-hypervisor splits its options on them)")
+
+
+def read_callback_secret(cfg, source):
+    """callback_secret_file -> cfg.callback_secret (its first line), so the key need not sit
+    in a config file others may read."""
+    if not cfg.callback_secret_file:
+        return
+    if cfg.callback_secret:
+        raise ConfigError(f"{source}: set callback_secret or callback_secret_file, not both")
+    secret_path = cfg.path(cfg.callback_secret_file)
+    try:
+        lines = Path(secret_path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{source}: callback_secret_file {secret_path}: {e}") from e
+    if not lines or not lines[0].strip():
+        raise ConfigError(f"{source}: callback_secret_file {secret_path} is empty")
+    cfg.callback_secret = lines[0].strip()
 
 
 def load_config(path, overrides=None):
@@ -747,6 +800,7 @@ def load_config(path, overrides=None):
         values.setdefault(key, default)
     cfg = Config(values, str(Path(path).resolve().parent))
     check_config(cfg, str(path))
+    read_callback_secret(cfg, str(path))
     return cfg
 
 
@@ -1170,12 +1224,21 @@ class ClientWatch:
             self.timer = asyncio.get_running_loop().call_later(self.INTERVAL, self._check)
 
 
-# ---- outbound POSTs of cbox.py's own (events_url) --------------------------------
+# ---- cbox.py's own POSTs: to callback URLs and to events_url -----------------------
 
-def outbound_headers(body, vm_name=None):
-    """Extra headers of a POST cbox.py sends on its own (today: each event to events_url).
-    The one place to add a signature (callback_secret) to them."""
-    return None
+def callback_headers(secret, vm_name, body, callback_id=None, now=None):
+    """Headers of one POST to a callback URL: X-CBox-VM and a unique X-CBox-Callback-Id
+    always; with a secret, X-CBox-Timestamp (unix seconds) and X-CBox-Signature =
+    "sha256=" + hex HMAC-SHA256(secret, timestamp + "." + body), so the receiver can
+    check who sent it and when (README, "Callbacks": a verifier in a few lines)."""
+    headers = {"X-CBox-VM": vm_name, "X-CBox-Callback-Id": callback_id or uuid.uuid4().hex}
+    if secret:
+        timestamp = str(int(time.time() if now is None else now))
+        digest = hmac.new(secret.encode(), timestamp.encode() + b"." + body, "sha256").hexdigest()
+        headers["X-CBox-Timestamp"] = timestamp
+        headers["X-CBox-Signature"] = f"sha256={digest}"
+    return headers
+
 
 
 EVENTS_QUEUE_MAX = 10000            # events waiting for events_url; more are dropped (counted)
@@ -1185,8 +1248,9 @@ EVENTS_BACKOFF_S = (0.5, 30.0)      # first and largest pause between attempts
 
 
 class EventSender:
-    """Delivers each event to events_url: one POST per event, body the event's JSON, in
-    order, by one task on a keep-alive connection. The events waiting (at most
+    """Delivers each event to events_url: one POST per event, body the event's JSON, headers
+    as a callback's (callback_headers: signed with callback_secret), in order, by one task
+    on a keep-alive connection. The events waiting (at most
     EVENTS_PIPELINE, gathered for EVENTS_GATHER_S) go out back to back, pipelined, so a
     busy host pays one wake-up of the loop for many. A failed POST (no 2xx answer) is
     retried, with the ones after it, with a doubling pause for events_retry_s; then that
@@ -1196,6 +1260,7 @@ class EventSender:
 
     def __init__(self, cfg):
         self.url, self.retry_s, self.timeout = cfg.events_url, cfg.events_retry_s, cfg.callback_timeout_s
+        self.secret, self.run_id = cfg.callback_secret, uuid.uuid4().hex[:12]     # run_id: X-CBox-Callback-Id
         parts = urllib.parse.urlsplit(self.url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
         self.client = HttpClient(host=parts.hostname, port=port, tls=parts.scheme == "https", pool_size=1,
@@ -1244,7 +1309,8 @@ class EventSender:
     async def deliver(self, events):
         """(how many of `events`, from the first, were answered 2xx; the error after them or None)."""
         bodies = [json_bytes(complete_event(event)) for event in events]
-        headers = [outbound_headers(body, event.get("vmName")) for body, event in zip(bodies, events)]
+        headers = [callback_headers(self.secret, event["vmName"], body, f"{self.run_id}-{event['id']}")
+                   for body, event in zip(bodies, events)]
         try:
             statuses = await self.client.post_pipelined(self.target, bodies, self.timeout, headers)
         except HttpError as e:
@@ -1993,6 +2059,39 @@ def mac_for(ip):
 
 
 FW_TAG = "cbox"
+EGRESS_CHAIN = "CBOX-EGRESS"            # jumps to each VM's chain, matched on its tap
+EGRESS_CHAIN_PREFIX = "CBOX-EG-"
+EGRESS_MODES = ("nat", "none", "allowlist")
+
+
+def egress_chain(tap):
+    return EGRESS_CHAIN_PREFIX + tap       # at most 21 characters: iptables allows 28
+
+
+def egress_rules(tap, ip, policy):
+    """{chain: rules} of one VM's egress chain. A packet not from the VM's own address is
+    dropped first (a guest cannot send as another VM to borrow its policy); what the
+    policy refuses is rejected (TCP reset, else ICMP administratively prohibited), so
+    a program in the guest fails at once instead of waiting for a timeout."""
+    tag = ["-m", "comment", "--comment", FW_TAG]
+    rules = [["!", "-s", ip, "-j", "DROP"]]
+    if policy["egress"] == "nat":
+        rules.append(["-j", "ACCEPT"])
+    else:
+        rules += [["-d", cidr, "-j", "ACCEPT"] for cidr in policy.get("allowOut") or ()]
+        rules += [["-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"],
+                  ["-j", "REJECT", "--reject-with", "icmp-admin-prohibited"]]
+    return {egress_chain(tap): [r + tag for r in rules]}
+
+
+async def iptables_restore(table, chains, append=None, commands=()):
+    """One atomic iptables-restore --noflush: each chain of `chains` created or flushed and
+    given its rules; `append` adds rules to existing chains without flushing them;
+    `commands` are further command lines ("-X CHAIN"). It all happens, or none of it."""
+    lines = [f"*{table}"] + [f":{chain} - [0:0]" for chain in chains]
+    for chain, rules in [*chains.items(), *(append or {}).items()]:
+        lines += [" ".join(["-A", chain, *rule]) for rule in rules]     # every word is cbox's own, no spaces
+    await run_cmd("iptables-restore", "-w", "--noflush", stdin="\n".join([*lines, *commands, "COMMIT", ""]))
 
 
 class HostNetwork:
@@ -2029,6 +2128,10 @@ class HostNetwork:
         # arp_notify: the kernel announces a new address (gratuitous ARP), so running
         # guests update their gateway entry at once instead of when it expires
         Path(f"/proc/sys/net/ipv4/conf/{self.bridge}/arp_notify").write_text("1\n")
+        # No IPv6 on the bridge: guests would otherwise reach every host service listening
+        # on :: through the bridge's link-local address, past the IPv4 firewall
+        with contextlib.suppress(FileNotFoundError):      # a kernel without IPv6
+            Path(f"/proc/sys/net/ipv6/conf/{self.bridge}/disable_ipv6").write_text("1\n")
         if link.get("address") != mac:
             await self.fix_bridge_mac(link.get("address"), mac)
         addrs = await run_cmd("ip", "-o", "-4", "addr", "show", "dev", self.bridge)
@@ -2063,8 +2166,10 @@ class HostNetwork:
         return choice
 
     def firewall_rules(self):
-        """The rules of cbox's own chains, as iptables argument lists per (table, chain)."""
-        br, net = self.bridge, str(self.subnet)
+        """The rules of cbox's own static chains, as iptables argument lists per (table, chain).
+        Guest to guest and guest to host are dropped here, before any VM's egress policy
+        (CBOX-EGRESS, section "egress policy" below) is consulted: no policy can open them."""
+        br = self.bridge
         tag = ["-m", "comment", "--comment", FW_TAG]
         rules = {
             ("filter", "CBOX-INPUT"): [
@@ -2076,32 +2181,60 @@ class HostNetwork:
                 ["-i", br, "-o", br, "-j", "DROP"],
                 ["-o", br, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
                 ["-o", br, "-j", "DROP"],
-                ["-i", br, "-s", net, "-j", "ACCEPT"],
-                ["-i", br, "-j", "DROP"],
+                ["-i", br, "-j", EGRESS_CHAIN],       # the VM's own policy, by the tap it came in on
+                ["-i", br, "-j", "DROP"],             # a tap without a policy: nothing out
             ],
             ("nat", "CBOX-POSTROUTING"): [],
         }
         nat_if = self._nat_interface()
         if nat_if:
-            rules[("nat", "CBOX-POSTROUTING")].append(["-s", net, "-o", nat_if, "-j", "MASQUERADE"])
+            rules[("nat", "CBOX-POSTROUTING")].append(["-s", str(self.subnet), "-o", nat_if, "-j", "MASQUERADE"])
         return {k: [r + tag for r in v] for k, v in rules.items()}, nat_if
 
     async def install_firewall(self):
+        """Each table's chains replaced in one iptables-restore transaction, so a restart
+        never leaves a moment with an empty CBOX-FORWARD (the built-in policy, often
+        ACCEPT, would then let guest to guest traffic through). CBOX-EGRESS and the
+        per-VM chains are kept as they are: adoption re-applies them (prune_egress
+        removes what no VM owns)."""
+        await self.enable_bridge_netfilter()
+        if not await self.iptables_ok("filter", "-n", "-L", EGRESS_CHAIN):
+            await run_cmd("iptables", "-w", "-t", "filter", "-N", EGRESS_CHAIN)
         rules, nat_if = self.firewall_rules()
-        for (table, chain), chain_rules in rules.items():
-            if not await self.iptables_ok(table, "-n", "-L", chain):
-                await run_cmd("iptables", "-w", "-t", table, "-N", chain)
-            await run_cmd("iptables", "-w", "-t", table, "-F", chain)
-            for rule in chain_rules:
-                await run_cmd("iptables", "-w", "-t", table, "-A", chain, *rule)
-            parent = self.chains[table][chain]
-            if not await self.iptables_ok(table, "-C", parent, "-j", chain):
-                await run_cmd("iptables", "-w", "-t", table, "-I", parent, "1", "-j", chain)
+        for table in self.chains:
+            await iptables_restore(table, {chain: chain_rules for (t, chain), chain_rules in rules.items()
+                                           if t == table})
+        for table, chains in self.chains.items():
+            for chain, parent in chains.items():
+                if not await self.iptables_ok(table, "-C", parent, "-j", chain):
+                    await run_cmd("iptables", "-w", "-t", table, "-I", parent, "1", "-j", chain)
         if nat_if:
             Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
             log("NAT enabled", out=nat_if, subnet=self.subnet)
         else:
             log("no NAT: no default route interface (set nat_interface to choose one)", subnet=self.subnet)
+
+    async def enable_bridge_netfilter(self):
+        """Routed packets from the bridge carry their tap (iptables -m physdev) only when
+        br_netfilter handles the bridge: asked for on this bridge alone (nf_call_iptables),
+        not host-wide (the net.bridge.bridge-nf-call-iptables sysctl). Without the module
+        no packet would match a VM's policy and every guest would be cut off.
+        Loading the module turns the host-wide sysctls on for every bridge; when cbox.py
+        is the one loading it, they go back to off, so the host's other bridges keep
+        bypassing iptables as they did before."""
+        sysctl_dir = Path("/proc/sys/net/bridge")
+        if not sysctl_dir.exists():
+            await run_cmd("modprobe", "br_netfilter", check=False)
+            if sysctl_dir.exists():
+                for name in ("bridge-nf-call-iptables", "bridge-nf-call-ip6tables", "bridge-nf-call-arptables"):
+                    with contextlib.suppress(OSError):
+                        (sysctl_dir / name).write_text("0\n")
+                log("loaded br_netfilter; its host-wide sysctls are off, on for the cbox bridge only",
+                    bridge=self.bridge)
+        if not sysctl_dir.exists():
+            raise CommandError("the br_netfilter kernel module is not loaded (modprobe br_netfilter): egress "
+                               "policies match each VM's tap through it (or set firewall: false)")
+        await run_cmd("ip", "link", "set", "dev", self.bridge, "type", "bridge", "nf_call_iptables", "1")
 
     async def remove_firewall(self):
         """Remove cbox's chains and the jumps to them (used by tests and `cbox.py cleanup`)."""
@@ -2110,6 +2243,11 @@ class HostNetwork:
                 while (await self.iptables_ok(table, "-D", parent, "-j", chain)):
                     pass
                 await run_cmd("iptables", "-w", "-t", table, "-F", chain, check=False)
+        await run_cmd("iptables", "-w", "-t", "filter", "-F", EGRESS_CHAIN, check=False)
+        for chain in await self.egress_chains():
+            await self.drop_chain(chain)
+        for table, chains in self.chains.items():
+            for chain in [*chains, *([EGRESS_CHAIN] if table == "filter" else [])]:
                 await run_cmd("iptables", "-w", "-t", table, "-X", chain, check=False)
 
     @staticmethod
@@ -2117,6 +2255,59 @@ class HostNetwork:
         proc = await asyncio.create_subprocess_exec(
             "iptables", "-w", "-t", *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
         return await proc.wait() == 0
+
+    # ---- egress policy: a chain per VM, jumped to by the tap its packets came in on ----
+
+    def egress_jump(self, tap):
+        return ["-i", self.bridge, "-m", "physdev", "--physdev-in", tap, "-j", egress_chain(tap),
+                "-m", "comment", "--comment", FW_TAG]
+
+    async def apply_egress(self, tap, ip, policy):
+        """Put a VM's egress policy ({"egress", "allowOut"}, checked by check_network) in
+        place: its chain is flushed and refilled, and jumped to when it was not, in one
+        iptables-restore transaction, so a change has no moment with the old rules gone
+        and the new ones missing. The rules see every packet the guest sends (no
+        ESTABLISHED shortcut for outgoing packets), so a change applies to connections
+        already open too."""
+        if not self.cfg.firewall:
+            return
+        jump = self.egress_jump(tap)
+        jumped = await self.iptables_ok("filter", "-C", EGRESS_CHAIN, *jump)
+        await iptables_restore("filter", egress_rules(tap, ip, policy), append=None if jumped else {EGRESS_CHAIN: [jump]})
+
+    async def remove_egress(self, tap):
+        """Remove a VM's egress chain and its jump (no error when there is none)."""
+        if self.cfg.firewall and tap:
+            await self.drop_chain(egress_chain(tap))
+
+    async def drop_chain(self, chain):
+        """A per-VM chain: its jump from CBOX-EGRESS, then the chain; in one transaction when
+        the jump is there once (the usual case), else step by step."""
+        jump = self.egress_jump(chain[len(EGRESS_CHAIN_PREFIX):])
+        with contextlib.suppress(CommandError):
+            return await iptables_restore("filter", {}, commands=[" ".join(["-D", EGRESS_CHAIN, *jump]),
+                                                                  f"-F {chain}", f"-X {chain}"])
+        while await self.iptables_ok("filter", "-D", EGRESS_CHAIN, *jump):
+            pass
+        await run_cmd("iptables", "-w", "-t", "filter", "-F", chain, check=False)
+        await run_cmd("iptables", "-w", "-t", "filter", "-X", chain, check=False)
+
+    async def egress_chains(self):
+        """Names of the per-VM egress chains that exist."""
+        out = await run_cmd("iptables", "-w", "-t", "filter", "-S", check=False)
+        return [line.split()[1] for line in out.splitlines()
+                if line.startswith("-N " + EGRESS_CHAIN_PREFIX)]
+
+    async def prune_egress(self, taps):
+        """Remove the egress chains of taps no VM owns (left by a crash between a VM's
+        policy and its record going away)."""
+        if not self.cfg.firewall:
+            return
+        keep = {egress_chain(tap) for tap in taps}
+        for chain in await self.egress_chains():
+            if chain not in keep:
+                log("removing egress chain no VM owns", chain=chain)
+                await self.drop_chain(chain)
 
     async def create_tap(self, tap, ip, mac):
         """A persistent tap on the bridge, isolated from the other ports, up; and a
@@ -2215,11 +2406,15 @@ MAX_CID = 0xFFFFFFFE
 
 
 class ApiError(Exception):
-    """An error with an HTTP status for the REST API."""
+    """An error with an HTTP status for the REST API; `fields` go into the body beside "error"."""
 
-    def __init__(self, status, message):
+    def __init__(self, status, message, **fields):
         super().__init__(message)
         self.status = status
+        self.fields = fields
+
+    def body(self):
+        return {"error": str(self), **self.fields}
 
 
 class Allocator:
@@ -2323,17 +2518,160 @@ def check_callback_url(url):
     return url
 
 
+LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,62}\Z")
+MAX_LABELS, MAX_LABEL_VALUE = 32, 255
+VM_STATUSES = ("CREATED", "RUNNING", "STOPPED", "FAILED")
+
+
+def lifetime_seconds(value, key, maximum):
+    """A ttlSeconds / idleTimeoutSeconds value: whole seconds, 0 = none, within the config's
+    maximum (0 = no maximum; with one, none is not allowed either)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ApiError(400, f"'{key}' must be a whole number of seconds (0 or null: none)")
+    if maximum and not 0 < value <= maximum:
+        raise ApiError(400, f"'{key}' must be 1..{maximum} seconds on this server")
+    if value > FOREVER_S:
+        raise ApiError(400, f"'{key}' must be at most {FOREVER_S} seconds")
+    return value
+
+
+def expires_at(ttl_seconds):
+    """The expiresAt of a VM whose TTL (0: none) starts now."""
+    return utc_text(time.time() + ttl_seconds) if ttl_seconds else None
+
+
+def check_labels(labels):
+    if labels is None:
+        return {}
+    if not isinstance(labels, dict):
+        raise ApiError(400, "'labels' must be an object mapping keys to string values")
+    if len(labels) > MAX_LABELS:
+        raise ApiError(400, f"too many labels: at most {MAX_LABELS}")
+    for key, value in labels.items():
+        if not LABEL_KEY_RE.match(key):
+            raise ApiError(400, f"bad label key {key[:80]!r}: use 1-63 characters of A-Z a-z 0-9 _ . / - "
+                                "starting with a letter or digit")
+        if not isinstance(value, str) or len(value) > MAX_LABEL_VALUE or not value.isprintable():
+            raise ApiError(400, f"label '{key}' must be a string of at most {MAX_LABEL_VALUE} printable characters")
+    return dict(labels)
+
+
+def validate_lifetime_and_labels(body, cfg):
+    """The VM fields of a start request's ttlSeconds, idleTimeoutSeconds and labels
+    (absent or null: the config's default)."""
+    ttl, idle = (lifetime_seconds(typed(body, key, "int", default or maximum), key, maximum)
+                 for key, default, maximum in (("ttlSeconds", cfg.default_ttl_s, cfg.max_ttl_s),
+                                               ("idleTimeoutSeconds", cfg.default_idle_timeout_s,
+                                                cfg.max_idle_timeout_s)))
+    return {"expiresAt": expires_at(ttl), "idleTimeoutSeconds": idle or None, "labels": check_labels(body.get("labels"))}
+
+
+def parse_vm_filter(query):
+    """The filter of GET / DELETE /v1/vms: label=K=V (or label=K: has the key) any number of
+    times and status=S, all of which must match. Returns a predicate on VMs."""
+    unknown = sorted(set(query) - {"label", "status"})
+    if unknown:
+        raise ApiError(400, f"unknown query parameter(s): {', '.join(unknown)} (use label=KEY=VALUE, status=STATUS)")
+    wanted = []
+    for item in query.get("label", []):
+        key, eq, value = item.partition("=")
+        if not LABEL_KEY_RE.match(key):
+            raise ApiError(400, f"bad label filter {item[:80]!r}: use label=KEY=VALUE or label=KEY")
+        wanted.append((key, value if eq else None))
+    statuses = {s.upper() for s in query.get("status", [])}
+    if statuses - set(VM_STATUSES):
+        raise ApiError(400, f"bad status filter: use one of {', '.join(VM_STATUSES)}")
+
+    def matches(vm):
+        return (not statuses or vm.status in statuses) and all(
+            key in vm.labels and (value is None or vm.labels[key] == value) for key, value in wanted)
+    return matches
+
+
+
+MAX_ALLOW_OUT = 64
+
+
+def check_allow_out(entries):
+    """allowOut: at most MAX_ALLOW_OUT IPv4 networks or addresses, as canonical CIDRs
+    (duplicates dropped). Strict: host bits set ("10.0.0.1/8") is an error, not
+    silently the network, since the writer may have meant the one address."""
+    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+        raise ApiError(400, "network.allowOut must be a list of IPv4 CIDR strings")
+    if len(entries) > MAX_ALLOW_OUT:
+        raise ApiError(400, f"network.allowOut has {len(entries)} entries; at most {MAX_ALLOW_OUT} are allowed")
+    out = []
+    for i, entry in enumerate(entries):
+        try:
+            net = ipaddress.ip_network(entry if len(entry) <= 64 else "-", strict=True)
+        except ValueError as e:
+            raise ApiError(400, f"network.allowOut[{i}]: {entry[:64]!r} is not an IPv4 CIDR or address ({e})") from e
+        if net.version != 4:
+            raise ApiError(400, f"network.allowOut[{i}]: {entry!r} is IPv6; guests have IPv4 only")
+        if str(net) not in out:
+            out.append(str(net))
+    return out
+
+
+def check_network(network, cfg, require_egress=False):
+    """The "network" object of a start request or PUT /network: {"egress": "nat" | "none" |
+    "allowlist", "allowOut": [CIDR]} -> the policy as stored and shown, {"egress", "allowOut"}.
+    allowOut may be non-empty only with allowlist (an empty list is accepted with any
+    mode, so a VM object's network can be sent back as it is)."""
+    if network is None and not require_egress:
+        network = {}
+    if not isinstance(network, dict):
+        raise ApiError(400, "network must be an object: {\"egress\": \"nat\" | \"none\" | \"allowlist\", \"allowOut\": [CIDR]}")
+    unknown = sorted(k for k in network if k not in ("egress", "allowOut"))
+    if unknown:
+        raise ApiError(400, f"network: unknown field(s): {', '.join(unknown)}")
+    if require_egress and network.get("egress") is None:
+        raise ApiError(400, "network: missing required field: egress")
+    egress = network.get("egress")
+    egress = cfg.default_egress if egress is None else egress
+    if egress not in EGRESS_MODES:
+        raise ApiError(400, f"network.egress must be one of {', '.join(EGRESS_MODES)}, got {str(egress)[:64]!r}")
+    if egress != "nat" and not cfg.firewall:
+        raise ApiError(400, f"network.egress {egress!r} needs firewall: true in cbox's config")
+    allow = check_allow_out([] if network.get("allowOut") is None else network["allowOut"])
+    if allow and egress != "allowlist":
+        raise ApiError(400, f"network.allowOut is only allowed with egress 'allowlist' (egress {egress!r} "
+                            f"{'lets everything out' if egress == 'nat' else 'lets nothing out'})")
+    return {"egress": egress, "allowOut": allow}
+
+
+CALLBACK_METHODS_MAX = 64           # names in a VM's callbackMethods
+CALLBACK_METHOD_MAX_CHARS = 128
+
+
+def check_callback_methods(value):
+    """A VM's callbackMethods: None (every method may be called) or a list of method names,
+    without duplicates; [] allows none."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) > CALLBACK_METHODS_MAX:
+        raise ApiError(400, f"'callbackMethods' must be a list of at most {CALLBACK_METHODS_MAX} method names")
+    for name in value:
+        if (not isinstance(name, str) or not 0 < len(name) <= CALLBACK_METHOD_MAX_CHARS
+                or not name.isprintable()):
+            raise ApiError(400, f"'callbackMethods' entries must be 1-{CALLBACK_METHOD_MAX_CHARS} printable characters")
+    return list(dict.fromkeys(value))
+
+
 def validate_start_request(body, cfg):
-    check_fields(body, ("vmName", "callbackUrl", "vcpus", "memoryMb"), required=("vmName",))
+    check_fields(body, ("vmName", "callbackUrl", "callbackMethods", "vcpus", "memoryMb", "network", "ttlSeconds",
+                        "idleTimeoutSeconds", "labels"), required=("vmName",))
     name = check_vm_name(body["vmName"])
     url = check_callback_url(typed(body, "callbackUrl", "str"))
+    methods = check_callback_methods(body.get("callbackMethods"))
     vcpus = typed(body, "vcpus", "int", cfg.default_vcpus)
     memory = typed(body, "memoryMb", "int", cfg.default_memory_mb)
     if not 1 <= vcpus <= cfg.max_vcpus:
         raise ApiError(400, f"vcpus must be 1..{cfg.max_vcpus}")
     if not 64 <= memory <= cfg.max_memory_mb:
         raise ApiError(400, f"memoryMb must be 64..{cfg.max_memory_mb}")
-    return {"vmName": name, "callbackUrl": url, "vcpus": vcpus, "memoryMb": memory}
+    return {"vmName": name, "callbackUrl": url, "callbackMethods": methods, "vcpus": vcpus, "memoryMb": memory,
+            "network": check_network(body.get("network"), cfg), **validate_lifetime_and_labels(body, cfg)}
 
 
 def validate_exec_request(body, cfg):
@@ -2379,23 +2717,32 @@ CALLBACK_PARSE_OFF_LOOP = 64 * 1024     # lines (and answers) above this are par
 CALLBACK_REFUSAL_PAUSE = 0.1            # a connection refused a callback (rate, in flight) waits this long
 CALLBACK_EVENTS_PER_S = 1.0             # callback.failed events a second per VM (burst of 10); more are counted
 CALLBACK_COUNTERS = ("connections", "callbacks", "refused_connections", "refused_fd_reserve", "refused_in_flight",
-                     "refused_rate", "throttled_bytes", "idle_timeouts", "read_timeouts", "write_timeouts",
-                     "oversize_lines", "bad_requests", "accept_errors", "log_lines_suppressed")
+                     "refused_rate", "refused_method", "throttled_bytes", "idle_timeouts", "read_timeouts",
+                     "write_timeouts", "oversize_lines", "bad_requests", "accept_errors", "log_lines_suppressed")
+CALLBACK_TOTALS = dict.fromkeys(CALLBACK_COUNTERS, 0)   # the same counts over all VMs since cbox.py started
+CALLBACK_REQUEST_FIELDS = {"method", "params", "execId"}
+CALLBACK_EXEC_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def parse_callback_line(line, vm_name):
     """A guest's request line -> (method, body bytes for the callback URL) or (None, error text).
 
     Pure, so large lines can be parsed in a thread; every parse or encode failure
-    (RecursionError included: params may nest deeper than the encoder recurses) is an answer."""
+    (RecursionError included: params may nest deeper than the encoder recurses) is an answer.
+    An "execId" (the calling command's CBOX_EXEC_ID, set by the guest agent) is passed on."""
     try:
         request = json.loads(line)
         if not isinstance(request, dict) or not isinstance(request.get("method"), str) or not request["method"]:
             return None, "callback request must be an object with a non-empty string 'method'"
-        if set(request) - {"method", "params"}:
-            return None, f"unknown callback request field(s): {', '.join(sorted(set(request) - {'method', 'params'}))}"
-        return request["method"], json_bytes({"vmName": vm_name, "method": request["method"],
-                                              "params": request.get("params")})
+        if set(request) - CALLBACK_REQUEST_FIELDS:
+            return None, f"unknown callback request field(s): {', '.join(sorted(set(request) - CALLBACK_REQUEST_FIELDS))}"
+        body = {"vmName": vm_name, "method": request["method"], "params": request.get("params")}
+        if "execId" in request:
+            exec_id = request["execId"]
+            if not isinstance(exec_id, str) or not CALLBACK_EXEC_ID.fullmatch(exec_id):
+                return None, "callback request 'execId' must be 1-64 characters of A-Z a-z 0-9 _ . -"
+            body["execId"] = exec_id
+        return request["method"], json_bytes(body)
     except RecursionError:
         return None, "callback request is nested too deeply"
     except (ValueError, UnicodeDecodeError):
@@ -2490,14 +2837,12 @@ class CallbackBridge:
     The socket is accepted here rather than by asyncio's server, so a full fd table
     (EMFILE) backs off quietly instead of logging a traceback per attempt, and the
     last `fd_reserve` descriptors stay free for the API and the other VMs.
-    `counters` counts every budget hit (exported as cbox_callback_bridge_events_total;
-    logged at close). Failed callbacks are published as callback.failed events, at most
-    CALLBACK_EVENTS_PER_S a second per VM: a guest calling a dead URL in a loop must not
-    wash the other VMs' events out of the ring."""
+    `counters` counts every budget hit (logged at close), CALLBACK_TOTALS the same over
+    all VMs (exported as cbox_callback_bridge_events_total). Failed callbacks are
+    published as callback.failed events, at most CALLBACK_EVENTS_PER_S a second per VM: a
+    guest calling a dead URL in a loop must not wash the other VMs' events out of the ring."""
 
     url_clients = {}       # (scheme, host, port) -> HttpClient, shared by every VM's bridge
-    live = weakref.WeakSet()                           # open bridges, for the metrics
-    retired = dict.fromkeys(CALLBACK_COUNTERS, 0)      # counters of the closed ones
 
     def __init__(self, cfg, vm):
         self.cfg, self.vm = cfg, vm
@@ -2512,7 +2857,6 @@ class CallbackBridge:
         self.events_suppressed = 0
         self.listener = None
         self.accepting = None
-        CallbackBridge.live.add(self)
 
     # ---- listening and admission ----------------------------------------------
 
@@ -2540,7 +2884,7 @@ class CallbackBridge:
                 if e.errno in (errno.ECONNABORTED, errno.EINTR, errno.EAGAIN):
                     continue
                 # EMFILE / ENFILE / ENOBUFS / ENOMEM: wait for descriptors or memory to come back
-                self.counters["accept_errors"] += 1
+                self.count("accept_errors")
                 self.note("callback socket cannot accept", error=repr(os.strerror(e.errno) if e.errno else str(e)),
                           retry_s=f"{backoff:g}")
                 await asyncio.sleep(backoff)
@@ -2562,12 +2906,12 @@ class CallbackBridge:
             reason = f"too many open callback connections (at most {self.cfg.callback_max_connections} per VM)"
             counter = "refused_connections"
         else:
-            self.counters["connections"] += 1
+            self.count("connections")
             task = asyncio.get_running_loop().create_task(self._connection(conn))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
             return True
-        self.counters[counter] += 1
+        self.count(counter)
         self.note("callback connection refused", reason=repr(reason))
         with contextlib.suppress(OSError):
             conn.send(error_line(reason))          # a fresh socket's buffer takes one short line
@@ -2583,25 +2927,25 @@ class CallbackBridge:
             self.listener = None
         for task in list(self.tasks):
             task.cancel()
-        if self in CallbackBridge.live:
-            CallbackBridge.live.discard(self)
-            for key, value in self.counters.items():
-                CallbackBridge.retired[key] += value
         if any(self.counters[k] for k in CALLBACK_COUNTERS[2:]) or self.suppressed:
             log("callback budgets", vm=self.vm.vmName, suppressed=self.suppressed or None,
                 **{k: v for k, v in self.counters.items() if v})
 
-    @classmethod
-    def export_counters(cls):
-        """Every bridge's counters, summed, into cbox_callback_bridge_events_total (on scrape)."""
-        for key in CALLBACK_COUNTERS:
-            M_CALLBACK_BRIDGE.labels(key).value = cls.retired[key] + sum(b.counters[key] for b in list(cls.live))
+    def count(self, counter):
+        self.counters[counter] += 1
+        CALLBACK_TOTALS[counter] += 1
+
+    @staticmethod
+    def export_counters():
+        """CALLBACK_TOTALS into cbox_callback_bridge_events_total (on scrape)."""
+        for key, value in CALLBACK_TOTALS.items():
+            M_CALLBACK_BRIDGE.labels(key).value = value
 
     def note(self, msg, **fields):
         """A log line, at most callback_log_lines_per_s a second per VM; the rest are counted."""
         if not self.log_lines.take():
             self.suppressed += 1
-            self.counters["log_lines_suppressed"] += 1
+            self.count("log_lines_suppressed")
             return
         log(msg, vm=self.vm.vmName, suppressed=self.suppressed or None, **fields)
         self.suppressed = 0
@@ -2621,7 +2965,7 @@ class CallbackBridge:
                 try:
                     await within(self.cfg.callback_write_timeout_s, loop.sock_sendall(sock, reply))
                 except asyncio.TimeoutError:
-                    self.counters["write_timeouts"] += 1
+                    self.count("write_timeouts")
                     self.note("callback connection closed: the guest does not read its replies")
                     return
                 # sock_recv and sock_sendall finish without yielding when they can: a guest
@@ -2652,7 +2996,7 @@ class CallbackBridge:
                 continue
             scanned = len(buf)
             if scanned > CALLBACK_LINE_MAX:
-                self.counters["oversize_lines"] += 1
+                self.count("oversize_lines")
                 await self._send_final(loop, sock, error_line("callback request larger than 1 MiB"))
                 return None
             if scanned and deadline is None:
@@ -2660,14 +3004,14 @@ class CallbackBridge:
             timeout = self.cfg.callback_idle_timeout_s if deadline is None else deadline - loop.time()
             pause = self.bytes.wait()
             if pause:
-                self.counters["throttled_bytes"] += 1
+                self.count("throttled_bytes")
                 await asyncio.sleep(pause)
             want = min(256 * 1024, CALLBACK_LINE_MAX + 1 - scanned)
             try:
                 data = await within(max(timeout, 0.0), loop.sock_recv(sock, want))
             except asyncio.TimeoutError:
                 what = "idle_timeouts" if deadline is None else "read_timeouts"
-                self.counters[what] += 1
+                self.count(what)
                 if deadline is not None:
                     await self._send_final(loop, sock, error_line(
                         f"callback request not received within {fmt_seconds(self.cfg.callback_read_timeout_s)}"))
@@ -2685,29 +3029,35 @@ class CallbackBridge:
         """(reply line, refused) for one request line, within the VM's rate and in-flight budgets."""
         t0 = time.monotonic()
         if not self.calls.take():
-            self.counters["refused_rate"] += 1
+            self.count("refused_rate")
             CALLBACK_OUTCOMES["refused"].inc()
             self.note("callback refused", reason="rate")
             return error_line(f"too many callbacks (at most {self.cfg.callback_rate_per_s:g} a second per VM)"), True
         if self.in_flight >= self.cfg.callback_max_in_flight:
-            self.counters["refused_in_flight"] += 1
+            self.count("refused_in_flight")
             CALLBACK_OUTCOMES["refused"].inc()
             self.note("callback refused", reason="in_flight")
             return error_line(f"too many callbacks in flight (at most {self.cfg.callback_max_in_flight} per VM)"), True
         self.in_flight += 1
         try:
-            self.counters["callbacks"] += 1
+            self.count("callbacks")
             method, body = await off_loop_if_large(len(line), parse_callback_line, line, self.vm.vmName)
             if method is None:
-                self.counters["bad_requests"] += 1
+                self.count("bad_requests")
                 CALLBACK_OUTCOMES["bad_request"].inc()
                 return error_line(body), False
+            if not self.method_allowed(method):
+                CALLBACK_OUTCOMES["refused"].inc()
+                return error_line(f"callback method {method[:60]!r} is not in this VM's callbackMethods"), False
+            callback_id = uuid.uuid4().hex
             t1 = time.monotonic()
-            reply = await self.forward(body)
+            reply = await self.forward(body, callback_id)
         finally:
             self.in_flight -= 1
+            self.vm.touch()              # a callback is activity (idleTimeoutSeconds)
         ok = not reply.startswith(b'{"error"')
-        self.note("callback", method=repr(method[:60]), ok=ok, ms=f"{(time.monotonic() - t0) * 1000:.1f}")
+        self.note("callback", method=repr(method[:60]), id=callback_id, ok=ok,
+                  ms=f"{(time.monotonic() - t0) * 1000:.1f}")
         if not self.vm.callbackUrl:
             CALLBACK_OUTCOMES["no_url"].inc()
         else:
@@ -2716,6 +3066,15 @@ class CallbackBridge:
         if not ok:
             self.publish_failure(method, reply)
         return reply, False
+
+    def method_allowed(self, method):
+        """Whether the VM's callbackMethods (None: all) allow the method; a refusal is counted."""
+        allowed = self.vm.callbackMethods
+        if allowed is None or method in allowed:
+            return True
+        self.count("refused_method")
+        self.note("callback refused", reason="method", method=repr(method[:60]))
+        return False
 
     def publish_failure(self, method, reply):
         """A callback.failed event (within the VM's events budget) with the guest's error text."""
@@ -2731,15 +3090,18 @@ class CallbackBridge:
         self.events_suppressed = 0
         EVENTS.publish("callback.failed", self.vm.vmName, method=method[:200], error=str(error)[:1000], **fields)
 
-    async def forward(self, body):
+    async def forward(self, body, callback_id):
         url = self.vm.callbackUrl
         if not url:
             return error_line(f"VM '{self.vm.vmName}' has no callbackUrl")
         parts = urllib.parse.urlsplit(url)
         client = self.callback_client(parts)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        headers = await off_loop_if_large(len(body), callback_headers, self.cfg.callback_secret,
+                                          self.vm.vmName, body, callback_id)
         try:
-            status, _, data = await client.request("POST", target, body, timeout=self.cfg.callback_timeout_s)
+            status, _, data = await client.request("POST", target, body, timeout=self.cfg.callback_timeout_s,
+                                                   headers=headers)
         except HttpError as e:
             return error_line(f"callback URL {url} failed: {e}")
         return await off_loop_if_large(len(data), callback_reply, url, status, data)
@@ -2832,10 +3194,12 @@ class VM:
 
     phase: starting -> running -> dead (ended by itself) or destroying (DELETE)."""
 
-    RECORD_FIELDS = ("vmName", "status", "ip", "tapDeviceName", "callbackUrl", "cid", "vcpus",
-                     "memoryMb", "createdAt", "phase", "pid", "pidStart", "mac", "error", "stopReason")
-    API_FIELDS = ("vmName", "status", "ip", "tapDeviceName", "callbackUrl", "cid", "vcpus",
-                  "memoryMb", "createdAt", "stopReason")
+    RECORD_FIELDS = ("vmName", "status", "ip", "tapDeviceName", "callbackUrl", "callbackMethods", "cid", "vcpus",
+                     "memoryMb", "createdAt", "phase", "pid", "pidStart", "mac", "error", "stopReason", "network",
+                     "expiresAt", "idleTimeoutSeconds", "lastActivityAt", "labels", "backgroundExecs")
+    API_FIELDS = ("vmName", "status", "ip", "tapDeviceName", "callbackUrl", "callbackMethods", "cid", "vcpus",
+                  "memoryMb", "createdAt", "stopReason", "network",
+                  "expiresAt", "idleTimeoutSeconds", "lastActivityAt", "labels")
 
     def __init__(self, cfg, **fields):
         for key in self.RECORD_FIELDS:
@@ -2854,7 +3218,11 @@ class VM:
         self.tasks = set()             # watching the VMM's exit and the serial connection
         self.reset = None              # (stopReason, message) of a reset seen while starting
         self.vmm_log_trimmed = 0       # disk bytes freed from the VMM's log (bound_vmm_log)
-        self.background = collections.OrderedDict()   # ids of background execs not yet seen finished
+        self.labels = self.labels or {}
+        self.backgroundExecs = self.backgroundExecs or []    # ids of execs started with "blocking": false
+        self.activity_saved = time.monotonic()               # when touch() last wrote the record
+        self.busy = 0                  # activities in progress (execs, streams): not idle meanwhile
+        self.awaiting_finish = collections.OrderedDict()   # background exec ids not yet seen finished (events)
 
     @property
     def address(self):
@@ -2870,6 +3238,7 @@ class VM:
 
     def save(self):
         write_atomically(self.paths.record, json.dumps(self.record(), indent=1).encode())
+        self.activity_saved = time.monotonic()
 
     def forget(self):
         with contextlib.suppress(FileNotFoundError):
@@ -2882,7 +3251,112 @@ class VM:
         check_vm_name(vm.vmName)
         if path.name != vm.vmName + ".json":
             raise ValueError("record name does not match its file")
+        vm.network = vm.recorded_network()
+        utc_epoch(vm.expiresAt)                    # ValueError when it is no time
+        check_labels(vm.labels)
+        if vm.idleTimeoutSeconds is not None:
+            lifetime_seconds(vm.idleTimeoutSeconds, "idleTimeoutSeconds", 0)
+        if not isinstance(vm.backgroundExecs, list) or not all(isinstance(i, str) for i in vm.awaiting_finishExecs):
+            raise ValueError("backgroundExecs must be a list of exec ids")
         return vm
+
+    def recorded_network(self):
+        """The egress policy in the record, checked again (its words become iptables rules):
+        nat for a record of an older cbox.py, none (nothing out) for one that does not pass."""
+        if self.network is None:
+            return {"egress": "nat", "allowOut": []}
+        try:
+            return check_network(self.network, self.cfg)
+        except ApiError as e:
+            log("egress policy in the record is unusable: nothing out", vm=self.vmName, error=repr(str(e)))
+            return {"egress": "none", "allowOut": []}
+
+    # ---- deadlines and activity (ttlSeconds, idleTimeoutSeconds) -------------------
+
+    ACTIVITY_SAVE_S = 5.0      # lastActivityAt on disk is at most this stale (the idle clock survives restarts)
+
+    @property
+    def lastActivityAt(self):
+        return utc_text(self.active_at)       # formatted when shown, not on every touch (every exec)
+
+    @lastActivityAt.setter
+    def lastActivityAt(self, text):
+        self.active_at = utc_epoch(text) if text else time.time()
+
+    def touch(self):
+        """The VM is in use now: an API call names it, an activity begins or ends."""
+        self.active_at = time.time()
+        if self.phase in ("running", "dead") and time.monotonic() - self.activity_saved >= self.ACTIVITY_SAVE_S:
+            self.save()
+
+    def begin_activity(self):
+        """An activity (an exec, an open exec stream) started: the VM is not idle until the
+        matching end_activity(). For code that cannot use `with vm.activity():`."""
+        self.busy += 1
+        self.touch()
+
+    def end_activity(self):
+        self.busy -= 1
+        self.touch()
+
+    @contextlib.contextmanager
+    def activity(self):
+        self.begin_activity()
+        try:
+            yield
+        finally:
+            self.end_activity()
+
+    def busy_now(self):
+        """An activity cbox.py sees is in progress: an exec or stream, a callback in flight."""
+        return self.busy > 0 or bool(self.callbacks and self.callbacks.in_flight)
+
+    def deadline(self):
+        """(epoch time, "ttl" or "idle") of the VM's next deadline, or None. The idle one
+        ignores activity in progress: at that time the manager checks it (busy_now,
+        background_exec_running) and touches the VM instead of ending it."""
+        due = []
+        if self.expiresAt:
+            due.append((utc_epoch(self.expiresAt), "ttl"))
+        if self.idleTimeoutSeconds:
+            due.append((self.active_at + self.idleTimeoutSeconds, "idle"))
+        return min(due) if due else None
+
+    def set_ttl(self, seconds):
+        self.expiresAt = expires_at(seconds)
+        self.save()
+
+    BACKGROUND_EXECS_KEPT = 64
+
+    def note_background_exec(self, answer):
+        """Remember the id in the agent's answer to a background exec: while it runs, the VM is
+        not idle. The id is the guest's word, so it is checked and the list is bounded."""
+        try:
+            exec_id = json.loads(answer).get("execId")
+        except (ValueError, AttributeError, TypeError, RecursionError):
+            return
+        if isinstance(exec_id, str) and re.match(r"^[A-Za-z0-9_-]{1,64}\Z", exec_id):
+            self.backgroundExecs = self.backgroundExecs[-(self.BACKGROUND_EXECS_KEPT - 1):] + [exec_id]
+            self.save()
+
+    async def background_exec_running(self):
+        """Whether one of the VM's background execs still runs (asking its agent); the
+        finished ones are forgotten."""
+        running = []
+        for exec_id in list(self.backgroundExecs):
+            try:
+                answer = await within(10.0, self.agent.status(exec_id))
+                if isinstance(answer, BodyStream):       # a large output so far
+                    answer = await answer.read(answer.length)
+                state = await off_loop_if_large(len(answer), json.loads, answer)
+            except (AgentError, HttpError, ValueError, TypeError, asyncio.TimeoutError, RecursionError):
+                continue
+            if isinstance(state, dict) and state.get("running") is True:
+                running.append(exec_id)
+        if running != self.backgroundExecs:
+            self.backgroundExecs = [i for i in self.backgroundExecs if i in running]
+            self.save()
+        return bool(running)
 
     # ---- the hypervisor ------------------------------------------------------------
 
@@ -3214,9 +3688,58 @@ def agent_errors():
         raise ApiError(e.status, str(e)) from e
 
 
+class Tombstones:
+    """What is left of the VMs a deadline destroyed (stopReason ttl or idle): name, reason, time,
+    message and last console lines, kept tombstone_minutes so a client naming such a VM learns
+    why it is gone. At most MAX entries (the oldest go first), in a small JSON file beside the
+    records: they survive a restart of cbox.py. A new VM of the same name removes its tombstone."""
+
+    MAX = 500                 # with CONSOLE_LINES of at most 300 characters: the file stays within ~2 MB
+    CONSOLE_LINES = 15
+
+    def __init__(self, path, minutes):
+        self.path, self.keep_s = path, minutes * 60
+        self.entries = {}             # name -> entry, oldest first
+        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError, KeyError):
+            self.entries = {e["vmName"]: e for e in json.loads(path.read_text())
+                            if all(isinstance(e[k], str) for k in ("vmName", "stopReason", "destroyedAt", "error"))
+                            and isinstance(e["console"], list) and isinstance(e["until"], (int, float))}
+
+    def add(self, name, reason, message, console):
+        if not self.keep_s:
+            return
+        lines = [line for line in console.strip().splitlines() if line.strip()][-self.CONSOLE_LINES:]
+        self.entries.pop(name, None)
+        self.entries[name] = {"vmName": name, "stopReason": reason, "destroyedAt": utc_now(), "error": message,
+                              "console": [line[:300] for line in lines], "until": time.time() + self.keep_s}
+        while len(self.entries) > self.MAX:
+            del self.entries[next(iter(self.entries))]
+        self.save()
+
+    def get(self, name):
+        entry = self.entries.get(name)
+        if entry and entry.get("until", 0) < time.time():
+            self.discard(name)
+            return None
+        return entry
+
+    def discard(self, name):
+        if self.entries.pop(name, None):
+            self.save()
+
+    def save(self):
+        now = time.time()
+        self.entries = {n: e for n, e in self.entries.items() if e.get("until", 0) >= now}
+        try:
+            write_atomically(self.path, json.dumps(list(self.entries.values())).encode())
+        except OSError as e:
+            log("cannot write tombstones", file=self.path, error=repr(str(e)))
+
+
 class VMManager:
     """All VMs: composes host resources, allocation and each VM's runtime into a VM's life
-    (start, destroy, re-adoption at start-up), keeps their records, forwards exec requests."""
+    (start, destroy, re-adoption at start-up, the end at a deadline), keeps their records,
+    forwards exec requests."""
 
     def __init__(self, cfg, network):
         self.cfg = cfg
@@ -3228,13 +3751,31 @@ class VMManager:
         self.prefix = ipaddress.ip_network(cfg.bridge_subnet).prefixlen
         self.gateway = str(ipaddress.ip_interface(cfg.bridge_ip).ip)
         self.dns = host_resolvers() if cfg.dns == "auto" else [d.strip() for d in cfg.dns.split(",") if d.strip()]
+        self.tombstones = Tombstones(Path(cfg.path(cfg.state_dir), "tombstones.json"), cfg.tombstone_minutes)
+        self.deadlines_changed = asyncio.Event()     # wakes keep_deadlines
+        self.ending = set()                          # VMs keep_deadlines is ending
+        self.end_tasks = set()                       # their tasks (shutdown lets them finish)
 
     def get(self, name):
-        """The VM of that name (a checked one: check_vm_name), else ApiError 404."""
+        """The VM of that name (a checked one: check_vm_name), else ApiError 404 (saying why it
+        is gone when a deadline destroyed it). Naming a VM is activity (idleTimeoutSeconds)."""
         vm = self.vms.get(name)
+        tomb = self.tombstones.get(name) if vm is None or self.past_deadline(vm) else None
+        if tomb:
+            raise ApiError(404, tomb["error"], stopReason=tomb["stopReason"], destroyedAt=tomb["destroyedAt"],
+                           console=tomb["console"])
         if vm is None:
             raise ApiError(404, f"VM '{name}' not found")
+        vm.touch()
         return vm
+
+    def past_deadline(self, vm):
+        """A VM its deadline is destroying: gone from the API at once, while its teardown runs."""
+        return vm.phase == "destroying" and vm.vmName in self.tombstones.entries
+
+    def select(self, matches):
+        """The VMs a filter (parse_vm_filter) matches."""
+        return [vm for vm in self.vms.values() if matches(vm) and not self.past_deadline(vm)]
 
     def running(self, name):
         """The VM of that name when its guest agent can take requests, else ApiError 409."""
@@ -3257,12 +3798,14 @@ class VMManager:
 
     async def start(self, spec):
         """Start a VM from a validated start request (validate_start_request: vmName, callbackUrl,
-        vcpus, memoryMb) and return it RUNNING; on any failure it is torn down and ApiError
+        callbackMethods, vcpus, memoryMb) and return it RUNNING; on any failure it is torn down and ApiError
         says at which step."""
         name = spec["vmName"]
         if name in self.vms:
-            raise ApiError(409, f"VM '{name}' already exists")
+            raise ApiError(409, f"VM '{name}' " + ("is still being destroyed (its deadline came); try again shortly"
+                                                  if self.past_deadline(self.vms[name]) else "already exists"))
         self.check_capacity(spec["memoryMb"])
+        self.tombstones.discard(name)
         M_VM_STARTS.inc()
         ip, cid = self.alloc.take()
         vm = VM(self.cfg, **spec, status="CREATED", ip=f"{ip}/{self.prefix}", tapDeviceName=tap_name(cid),
@@ -3281,6 +3824,7 @@ class VMManager:
                 await self.teardown(vm, graceful=False)
                 raise ApiError(e.status if isinstance(e, ApiError) else 500, message) from e
         log("VM running", vm=name, ip=vm.ip, cid=cid, ms=f"{clock.total_ms():.1f}")
+        self.deadlines_changed.set()
         M_VM_BOOT.observe(clock.total_ms() / 1000)
         EVENTS.publish("vm.started", name, ip=vm.ip, cid=cid, bootMs=round(clock.total_ms(), 1))
         return vm
@@ -3300,6 +3844,8 @@ class VMManager:
             await self.disks.create(paths.disk, self.cfg.stateful_size_in_mb)
         with clock.step("tap"):
             await self.net.create_tap(vm.tapDeviceName, vm.address, vm.mac)
+        with clock.step("egress"):
+            await self.net.apply_egress(vm.tapDeviceName, vm.address, vm.network)
         with clock.step("spawn"):
             vm.spawn_vmm()
             self.release_when_ended(vm)
@@ -3316,6 +3862,7 @@ class VMManager:
             vm.connect_agent()
             await vm.wait_for_agent()
         vm.status, vm.phase = "RUNNING", "running"
+        vm.touch()                      # the idle clock starts when the VM can be used
         vm.save()
 
     # ---- how VMs end --------------------------------------------------------------
@@ -3336,6 +3883,7 @@ class VMManager:
             if vm.serial:
                 await vm.serial.wait_end(1.0)      # the console's last bytes
             vm.close_clients()
+            await self.net.remove_egress(vm.tapDeviceName)
             await self.net.remove_tap(vm.tapDeviceName, vm.address)
             remove_tree(vm.paths.run_dir)
 
@@ -3349,6 +3897,7 @@ class VMManager:
         await vm.stop_vmm(clock, ("vm.shutdown", "vm.delete", "vmm.shutdown"))
         vm.stop_watching()
         with clock.step("tap"):
+            await self.net.remove_egress(vm.tapDeviceName)
             await self.net.remove_tap(vm.tapDeviceName, vm.address)
         with clock.step("files"):
             remove_tree(paths.run_dir)
@@ -3358,8 +3907,9 @@ class VMManager:
         if self.vms.get(vm.vmName) is vm:
             del self.vms[vm.vmName]
 
-    async def destroy(self, name):
-        """Stop a VM (gracefully when it runs) and remove everything it holds, its record too."""
+    async def destroy(self, name, reason="destroyed", message=None):
+        """Stop a VM (gracefully when it runs) and remove everything it holds, its record too.
+        A deadline's end (reason ttl or idle, with its message) leaves a tombstone."""
         vm = self.get(name)
         async with vm.lock:
             if self.vms.get(name) is not vm:
@@ -3367,23 +3917,103 @@ class VMManager:
             clock = StepClock(name, "destroy")
             graceful = vm.phase == "running"
             vm.phase = "destroying"
-            vm.stopReason = vm.stopReason or "destroyed"
+            vm.stopReason = vm.stopReason or reason
             vm.save()
+            if message:
+                self.tombstones.add(name, reason, message, vm.console_log().tail())
             await self.teardown(vm, graceful, clock)
-        log("VM destroyed", vm=name, stopReason="destroyed", ms=f"{clock.total_ms():.1f}")
+        log("VM destroyed", vm=name, stopReason=reason, ms=f"{clock.total_ms():.1f}")
         M_VM_DESTROYS.inc()
         EVENTS.publish("vm.destroyed", name, stopReason=vm.stopReason)
 
-    async def destroy_all(self):
-        """Destroy every VM; returns the names of those destroyed."""
-        names = list(self.vms)
+    async def destroy_all(self, matches=None):
+        """Destroy every VM (or those a filter matches: parse_vm_filter); returns the names of
+        those destroyed."""
+        names = [vm.vmName for vm in self.select(matches or (lambda vm: True))]
         results = await asyncio.gather(*(self.destroy(n) for n in names), return_exceptions=True)
         return [n for n, r in zip(names, results) if r is None]
+
+    # ---- deadlines (ttlSeconds, idleTimeoutSeconds) ----------------------------------
+
+    def set_ttl(self, name, seconds):
+        """PUT /ttl: the VM's deadline `seconds` from now (0: none); checked: lifetime_seconds."""
+        vm = self.get(name)
+        if vm.phase not in ("running", "dead"):
+            raise ApiError(409, f"VM '{name}' is {vm.phase}")
+        vm.set_ttl(seconds)
+        self.deadlines_changed.set()
+        return vm
+
+    def due(self, now):
+        """(VMs whose deadline has come with the reason, the earliest deadline still ahead)."""
+        due, wake = [], math.inf
+        for vm in self.vms.values():
+            deadline = vm.deadline() if vm.phase in ("running", "dead") and vm not in self.ending else None
+            if deadline and deadline[0] <= now:
+                due.append((vm, deadline[1]))
+            elif deadline:
+                wake = min(wake, deadline[0])
+        return due, wake
+
+    async def keep_deadlines(self):
+        """The one task that ends VMs at their deadlines: it sleeps until the earliest one (or
+        until a deadline is set or a VM starts) and ends each due VM in a task of its own."""
+        while True:
+            self.deadlines_changed.clear()
+            due, wake = self.due(time.time())
+            for vm, reason in due:
+                self.ending.add(vm)
+                task = asyncio.get_running_loop().create_task(self.end_at_deadline(vm, reason))
+                self.end_tasks.add(task)
+                task.add_done_callback(self.end_tasks.discard)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await within(min(max(wake - time.time(), 0.0), 3600.0), self.deadlines_changed.wait())
+
+    async def end_overdue(self):
+        """At start-up: end the adopted VMs whose deadline passed while cbox.py was down."""
+        due, _ = self.due(time.time())
+        self.ending.update(vm for vm, _ in due)
+        await asyncio.gather(*(self.end_at_deadline(vm, reason) for vm, reason in due))
+
+    @staticmethod
+    async def background_exec_running(vm):
+        """Whether the agent says one of the VM's background execs runs; an agent that does not
+        answer within 15 s in all has none (a guest must not keep its VM alive by stalling)."""
+        try:
+            return await within(15.0, vm.background_exec_running())
+        except asyncio.TimeoutError:
+            return False
+
+    async def end_at_deadline(self, vm, reason):
+        """Destroy a VM whose deadline came, as DELETE would, unless it turns out to be busy
+        (idle: an exec, stream or callback in progress; then its idle clock starts again)."""
+        try:
+            if reason == "idle" and vm.phase == "running" and (vm.busy_now() or await self.background_exec_running(vm)):
+                vm.touch()
+                return
+            deadline = vm.deadline()      # PUT /ttl or an API call may have moved it meanwhile
+            if not deadline or deadline[0] > time.time() or self.vms.get(vm.vmName) is not vm:
+                return
+            reason = deadline[1]
+            if reason == "ttl":
+                message = f"VM '{vm.vmName}' was destroyed: ttl expired at {vm.expiresAt}"
+            else:
+                message = (f"VM '{vm.vmName}' was destroyed: idle for {vm.idleTimeoutSeconds}s "
+                           f"(idleTimeoutSeconds) since {vm.lastActivityAt}")
+            log("VM deadline", vm=vm.vmName, stopReason=reason)
+            with contextlib.suppress(ApiError):
+                await self.destroy(vm.vmName, reason, message)
+        except Exception as e:       # a task of its own: nobody else would see it
+            log("ending a VM at its deadline failed", vm=vm.vmName, error=repr(f"{type(e).__name__}: {e}"))
+        finally:
+            self.ending.discard(vm)
+            self.deadlines_changed.set()
 
     # ---- adoption at start-up, upkeep and shutdown ------------------------------
 
     async def adopt_all(self):
-        """Re-adopt VMs whose hypervisor still answers; clean up everything else."""
+        """Re-adopt VMs whose hypervisor still answers; clean up everything else, egress
+        chains of VMs that are gone included."""
         self.records_dir.mkdir(parents=True, exist_ok=True)
         for path in sorted(self.records_dir.glob("*.json")):
             try:
@@ -3394,6 +4024,7 @@ class VMManager:
                 continue
             self.vms[vm.vmName] = vm
             await self.adopt(vm)
+        await self.net.prune_egress([vm.tapDeviceName for vm in self.vms.values() if vm.phase == "running"])
 
     async def adopt(self, vm):
         """Take over a VM from its record: watch it again when its VMM still runs it, keep the
@@ -3404,6 +4035,7 @@ class VMManager:
                 info = await vm.chv.info()
                 if info.get("state") != "Running":
                     raise HypervisorError(f"VM state is {info.get('state')}")
+                await self.net.apply_egress(vm.tapDeviceName, vm.address, vm.network)   # as recorded
                 vm.connect_agent()
                 vm.serve_callbacks()
                 vm.follow_again()
@@ -3413,7 +4045,7 @@ class VMManager:
                 if reset:
                     vm.guest_reset(*reset)
                 return
-            except (HypervisorError, OSError) as e:
+            except (HypervisorError, CommandError, OSError) as e:
                 log("cannot re-adopt VM; cleaning it up", vm=vm.vmName, error=repr(str(e)))
         elif vm.phase == "dead":
             await self.release_runtime(vm)
@@ -3435,11 +4067,28 @@ class VMManager:
 
     async def shutdown(self):
         """cbox.py is stopping: destroy VMs if configured, else leave them running for the next start."""
+        if self.end_tasks:            # VMs half torn down at a deadline would be torn down at the next start
+            await asyncio.wait(self.end_tasks, timeout=3 * self.cfg.shutdown_timeout_s + 15)
         if self.cfg.destroy_on_exit:
             await self.destroy_all()
         for vm in list(self.vms.values()):
             vm.stop_watching()
         CallbackBridge.close_url_clients()
+
+    # ---- egress policy ------------------------------------------------------------
+
+    async def set_network(self, name, policy):
+        """Change a running VM's egress policy (checked by check_network): in force, then
+        recorded; when putting it in force fails, the old one stays in force and recorded."""
+        vm = self.running(name)
+        async with vm.lock:
+            if self.vms.get(name) is not vm or vm.phase != "running":
+                raise ApiError(409, f"VM '{name}' is not running (status {vm.status})")
+            await self.net.apply_egress(vm.tapDeviceName, vm.address, policy)
+            vm.network = policy
+            vm.save()
+        log("egress policy changed", vm=name, egress=policy["egress"], allowOut=",".join(policy["allowOut"]) or None)
+        return vm
 
     # ---- exec -----------------------------------------------------------------
 
@@ -3447,17 +4096,18 @@ class VMManager:
         """Run a command in the VM (POST /exec of the guest agent) from a validated exec request
         (validate_exec_request): the agent's answer, bytes or a BodyStream."""
         vm = self.running(name)
-        with agent_errors():
+        with vm.activity(), agent_errors():
             answer = await vm.agent.exec(agent_body, timeout=(timeout + 15.0) if blocking else 15.0)
         M_EXECS_STARTED.inc()
         if blocking:
             self.on_exec_answer(vm, answer)
         else:
+            vm.note_background_exec(answer)
             exec_id = exec_fields(answer_text_for_fields(answer)).get("execId")
             if isinstance(exec_id, str) and EXEC_ID.match(exec_id):
-                vm.background[exec_id] = None
-                if len(vm.background) > BACKGROUND_TRACKED:
-                    vm.background.popitem(last=False)
+                vm.awaiting_finish[exec_id] = None
+                if len(vm.awaiting_finish) > BACKGROUND_TRACKED:
+                    vm.awaiting_finish.popitem(last=False)
         return answer
 
     async def exec_status(self, name, exec_id):
@@ -3465,7 +4115,7 @@ class VMManager:
         vm = self.running(name)
         with agent_errors():
             answer = await vm.agent.status(exec_id)
-        if exec_id in vm.background:
+        if exec_id in vm.awaiting_finish:
             self.on_exec_answer(vm, answer, exec_id)
         return answer
 
@@ -3474,7 +4124,7 @@ class VMManager:
         vm = self.running(name)
         with agent_errors():
             answer = await vm.agent.kill(exec_id)
-        if exec_id in vm.background:
+        if exec_id in vm.awaiting_finish:
             self.on_exec_answer(vm, answer, exec_id)
         return answer
 
@@ -3487,9 +4137,9 @@ class VMManager:
             return
         text = answer_text_for_fields(answer, tail=1536)     # kept with the event: at most 2 KiB
         if background_id is not None:       # a status or kill answer: the exec may still run
-            if not has_field(text, NOT_RUNNING) or background_id not in vm.background:
+            if not has_field(text, NOT_RUNNING) or background_id not in vm.awaiting_finish:
                 return
-            del vm.background[background_id]
+            del vm.awaiting_finish[background_id]
         self.exec_finished(vm, text, background_id)
 
     @staticmethod
@@ -3586,6 +4236,8 @@ class RestServer:
             (re.compile(r"^/v1/vms$"), {"GET": self.list_vms, "POST": self.start_vm, "DELETE": self.destroy_all}),
             (re.compile(r"^/v1/vms/(?P<name>[^/]+)$"), {"GET": self.get_vm, "DELETE": self.destroy_vm}),
             (re.compile(r"^/v1/vms/(?P<name>[^/]+)/logs$"), {"GET": self.logs}),
+            (re.compile(r"^/v1/vms/(?P<name>[^/]+)/ttl$"), {"PUT": self.set_ttl}),
+            (re.compile(r"^/v1/vms/(?P<name>[^/]+)/network$"), {"PUT": self.put_network}),
             (re.compile(r"^/v1/vms/(?P<name>[^/]+)/stats$"), {"GET": self.stats}),
             (re.compile(r"^/v1/metrics$"), {"GET": self.metrics}),
             (re.compile(r"^/v1/events$"), {"GET": self.events}),
@@ -3656,7 +4308,7 @@ class RestServer:
             count_request(request.route, method, 499)
             return False
         except ApiError as e:
-            status, payload, ctype = e.status, json_bytes({"error": str(e)}), "application/json"
+            status, payload, ctype = e.status, json_bytes(e.body()), "application/json"
             if e.status in (408, 411, 413):      # the body was not read: the stream is out of step
                 keep_alive = False
         except Exception as e:   # never a traceback in a response
@@ -3735,7 +4387,7 @@ class RestServer:
             if "exec_id" in request.params:
                 check_exec_id(request.params["exec_id"])
             if split.query:
-                request.query = urllib.parse.parse_qs(split.query)
+                request.query = urllib.parse.parse_qs(split.query, keep_blank_values=True)
             if reader is None or handler not in self.abandonable:
                 result = await handler(request)
             else:
@@ -3763,7 +4415,7 @@ class RestServer:
         return {"status": "healthy", "timestamp": utc_now(), "version": VERSION, "vms": len(self.manager.vms)}
 
     async def list_vms(self, req):
-        return {"vms": [vm.api() for vm in self.manager.vms.values()]}
+        return {"vms": [vm.api() for vm in self.manager.select(parse_vm_filter(req.query))]}
 
     async def start_vm(self, req):
         spec = validate_start_request(parse_json_body(req.body), self.cfg)
@@ -3774,12 +4426,23 @@ class RestServer:
     async def get_vm(self, req):
         return self.manager.get(req.params["name"]).api()
 
+    async def put_network(self, req):
+        policy = check_network(parse_json_body(req.body), self.cfg, require_egress=True)
+        return (await self.manager.set_network(req.params["name"], policy)).api()
+
     async def destroy_vm(self, req):
         await self.manager.destroy(req.params["name"])
         return {"success": True}
 
     async def destroy_all(self, req):
-        return {"success": True, "destroyed": await self.manager.destroy_all()}
+        return {"success": True, "destroyed": await self.manager.destroy_all(parse_vm_filter(req.query))}
+
+    async def set_ttl(self, req):
+        body = parse_json_body(req.body)
+        check_fields(body, ("ttlSeconds",), required=("ttlSeconds",))
+        seconds = lifetime_seconds(0 if body["ttlSeconds"] is None else body["ttlSeconds"], "ttlSeconds",
+                                   self.cfg.max_ttl_s)
+        return self.manager.set_ttl(req.params["name"], seconds).api()
 
     async def exec(self, req):
         agent_body, blocking, timeout = validate_exec_request(parse_json_body(req.body), self.cfg)
@@ -3858,8 +4521,8 @@ def preflight(cfg):
     if os.geteuid() != 0:
         problems.append("not root: creating the bridge, taps and iptables rules needs root")
     for tool, package in (("ip", "iproute2"), ("mke2fs", "e2fsprogs"), ("tune2fs", "e2fsprogs"),
-                          ("iptables", "iptables")):
-        if not shutil.which(tool) and (tool != "iptables" or cfg.firewall):
+                          ("iptables", "iptables"), ("iptables-restore", "iptables")):
+        if not shutil.which(tool) and (not tool.startswith("iptables") or cfg.firewall):
             problems.append(f"{tool} is not installed (Debian package {package})")
     return problems
 
@@ -3870,7 +4533,34 @@ def missing_images(cfg):
             if getattr(cfg, key) and not os.access(cfg.path(getattr(cfg, key)), os.R_OK)]
 
 
+class SystemdNotifier:
+    """Tells systemd (a Type=notify unit) when cbox.py is ready and when it stops, by one
+    datagram to $NOTIFY_SOCKET (sd_notify(3)'s protocol; '@' starts an abstract name).
+    Without NOTIFY_SOCKET it does nothing. The variable is taken out of the environment
+    so the hypervisors cbox.py starts do not inherit it."""
+
+    def __init__(self, environ=os.environ):
+        address = environ.pop("NOTIFY_SOCKET", "")
+        if address.startswith("@"):
+            address = "\0" + address[1:]
+        elif address and not address.startswith("/"):
+            log("NOTIFY_SOCKET is neither a path nor an abstract name: not notifying systemd", address=address)
+            address = ""
+        self.address = address
+
+    def notify(self, *assignments):
+        if not self.address:
+            return
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                sock.connect(self.address)
+                sock.sendall("\n".join(assignments).encode())
+        except OSError as e:
+            log("cannot notify systemd", state=assignments[0], error=repr(os.strerror(e.errno) if e.errno else str(e)))
+
+
 async def serve(cfg):
+    notifier = SystemdNotifier()
     if os.geteuid() != 0:
         log("not running as root: creating taps, the bridge and iptables rules will fail", level="WARNING")
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_token:
@@ -3891,16 +4581,21 @@ async def serve(cfg):
     Path(cfg.path(cfg.run_dir)).mkdir(parents=True, exist_ok=True)
     manager = VMManager(cfg, network)
     await manager.adopt_all()
+    await manager.end_overdue()
     log_bounds = asyncio.get_running_loop().create_task(manager.bound_vmm_logs())
+    deadlines = asyncio.get_running_loop().create_task(manager.keep_deadlines())
     server = RestServer(cfg, manager)
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    notifier.notify("READY=1", f"STATUS=serving on {cfg.host}:{cfg.port}, {len(manager.vms)} VM(s) adopted")
     await stop.wait()
+    notifier.notify("STOPPING=1", "STATUS=stopping" + (": destroying every VM" if cfg.destroy_on_exit else ""))
     log("stopping", vms=len(manager.vms), destroy_on_exit=cfg.destroy_on_exit)
     log_bounds.cancel()
+    deadlines.cancel()
     await server.stop()
     await manager.shutdown()
     if sender:
@@ -4525,30 +5220,89 @@ def client_call(args, method, path, body=None, timeout=None, text=False):
         sys.exit(f"cbox: cannot reach {args.server}: {e.reason} (is `cbox.py serve` running?)")
 
 
+def cli_labels(items):
+    """--label K=V options as a labels object."""
+    labels = {}
+    for item in items or ():
+        key, eq, value = item.partition("=")
+        if not eq:
+            sys.exit(f"cbox: --label {item!r}: use KEY=VALUE")
+        labels[key] = value
+    return labels
+
+
+def cli_filter(args):
+    """The ?label=K=V&status=S query of `vm ls` / `vm rm` (empty without filter options)."""
+    query = [("label", item) for item in args.label or ()] + ([("status", args.status)] if args.status else [])
+    return "?" + urllib.parse.urlencode(query) if query else ""
+
+
+def cli_network(args):
+    """The "network" object of `vm start` / `vm network` from --egress and --allow-out
+    (--allow-out alone means allowlist); None when neither is given."""
+    if args.egress is None and not args.allow_out:
+        return None
+    network = {"egress": args.egress or "allowlist"}
+    if args.allow_out:
+        network["allowOut"] = args.allow_out
+    return network
+
+
+def fmt_egress(vm):
+    network = vm.get("network") or {}
+    return ",".join([network.get("egress") or "?", *network.get("allowOut", [])])
+
+
 def cli_vm(args):
     if args.vm_cmd == "start":
         body = {"vmName": args.name}
-        for key, value in (("callbackUrl", args.callback_url), ("vcpus", args.vcpus), ("memoryMb", args.memory_mb)):
+        for key, value in (("callbackUrl", args.callback_url), ("callbackMethods", args.callback_method),
+                           ("vcpus", args.vcpus), ("memoryMb", args.memory_mb), ("network", cli_network(args)),
+                           ("ttlSeconds", args.ttl), ("idleTimeoutSeconds", args.idle_timeout),
+                           ("labels", cli_labels(args.label) or None)):
             if value is not None:
                 body[key] = value
         vm = client_call(args, "POST", "/v1/vms", body)
-        print(f"{vm['vmName']} {vm['status']} ip={vm['ip']} cid={vm['cid']}")
+        print(f"{vm['vmName']} {vm['status']} ip={vm['ip']} cid={vm['cid']} egress={fmt_egress(vm)}"
+              + (f" expires={vm['expiresAt']}" if vm.get("expiresAt") else ""))
     elif args.vm_cmd == "ls":
-        vms = client_call(args, "GET", "/v1/vms")["vms"]
-        print(f"{'NAME':24} {'STATUS':8} {'IP':18} {'CID':>5} {'VCPUS':>5} {'MEM_MB':>6}  CREATED")
+        vms = client_call(args, "GET", "/v1/vms" + cli_filter(args))["vms"]
+        print(f"{'NAME':24} {'STATUS':8} {'IP':18} {'CID':>5} {'VCPUS':>5} {'MEM_MB':>6}  {'CREATED':20}  "
+              f"{'EXPIRES':24}  LABELS")
         for vm in vms:
+            labels = ",".join(f"{k}={v}" for k, v in (vm.get("labels") or {}).items())
             print(f"{vm['vmName']:24} {vm['status']:8} {vm['ip']:18} {vm['cid']:>5} {vm['vcpus']:>5} "
-                  f"{vm['memoryMb']:>6}  {vm['createdAt']}")
+                  f"{vm['memoryMb']:>6}  {vm['createdAt']:20}  {vm.get('expiresAt') or '-':24}  {labels or '-'}")
+    elif args.vm_cmd == "ttl":
+        seconds = None if args.seconds == "none" else args.seconds
+        if seconds is not None and not is_decimal(seconds):
+            sys.exit("cbox: vm ttl: SECONDS must be a whole number or 'none'")
+        vm = client_call(args, "PUT", vm_path(args.name, "/ttl"), {"ttlSeconds": None if seconds is None else int(seconds)})
+        print(f"{vm['vmName']} expires={vm['expiresAt'] or 'never'}")
     elif args.vm_cmd == "rm":
-        if not args.name and not args.all:
-            sys.exit("cbox: vm rm needs VM names or --all")
-        if args.all:
-            print("destroyed:", " ".join(client_call(args, "DELETE", "/v1/vms")["destroyed"]) or "(none)")
+        selected = args.label or args.status
+        if not args.name and not args.all and not selected:
+            sys.exit("cbox: vm rm needs VM names, --label/--status or --all")
+        if args.all or selected:
+            destroyed = client_call(args, "DELETE", "/v1/vms" + cli_filter(args))["destroyed"]
+            print("destroyed:", " ".join(destroyed) or "(none)")
         for name in args.name:
             client_call(args, "DELETE", vm_path(name))
             print(f"{name} destroyed")
     elif args.vm_cmd == "logs":
         sys.stdout.write(client_call(args, "GET", vm_path(args.name, "/logs"), text=True))
+    elif args.vm_cmd == "network":
+        network = cli_network(args)
+        if network is None:
+            sys.exit("cbox: vm network needs --egress or --allow-out")
+        vm = client_call(args, "PUT", vm_path(args.name, "/network"), network)
+        print(f"{vm['vmName']} egress={fmt_egress(vm)}")
+
+
+def add_network_args(parser):
+    parser.add_argument("--egress", choices=EGRESS_MODES, help="egress policy (default: the server's default_egress)")
+    parser.add_argument("--allow-out", action="append", metavar="CIDR",
+                        help="an IPv4 network or address the guest may reach (repeat; implies --egress allowlist)")
 
 
 def cli_exec(args):
@@ -4580,29 +5334,46 @@ def main(argv=None):
     parser.add_argument("--server", default=os.environ.get("CBOX_URL", "http://127.0.0.1:7000"),
                         help="REST API for the client commands (env CBOX_URL; token from env CBOX_API_TOKEN)")
     sub = parser.add_subparsers(dest="cmd", required=True)
+    config = os.environ.get("CBOX_CONFIG") or "config.yaml"    # the installed `cbox` command sets it
     p = sub.add_parser("serve", help="run the REST server")
-    p.add_argument("--config", default="config.yaml")
+    p.add_argument("--config", default=config, help="config file (env CBOX_CONFIG, else config.yaml)")
     p = sub.add_parser("check-config", help="parse the config and print the effective settings")
-    p.add_argument("--config", default="config.yaml")
+    p.add_argument("--config", default=config, help="config file (env CBOX_CONFIG, else config.yaml)")
     p = sub.add_parser("preflight", help="check this host can run real VMs (KVM, cloud-hypervisor, tools)")
-    p.add_argument("--config", default="config.yaml")
+    p.add_argument("--config", default=config, help="config file (env CBOX_CONFIG, else config.yaml)")
     p = sub.add_parser("selftest", help="check this host end to end: preflight, boot a VM, exec, "
                                         "a callback, destroy (exit 0 when all pass)")
-    p.add_argument("--config", default="config.yaml")
+    p.add_argument("--config", default=config, help="config file (env CBOX_CONFIG, else config.yaml)")
     p.add_argument("-v", "--verbose", action="store_true", help="show cbox.py's log as it happens")
     p = sub.add_parser("vm", help="start, list, remove VMs")
     vm_sub = p.add_subparsers(dest="vm_cmd", required=True)
     q = vm_sub.add_parser("start")
     q.add_argument("name")
     q.add_argument("--callback-url")
+    q.add_argument("--callback-method", action="append", metavar="METHOD",
+                   help="allow this callback method (repeat it; default: every method)")
     q.add_argument("--vcpus", type=int)
     q.add_argument("--memory-mb", type=int)
-    vm_sub.add_parser("ls")
+    add_network_args(q)
+    q.add_argument("--ttl", type=int, metavar="SECONDS", help="destroy the VM this long after its start")
+    q.add_argument("--idle-timeout", type=int, metavar="SECONDS", help="destroy the VM after this long unused")
+    q.add_argument("--label", action="append", metavar="K=V", help="a label (repeatable)")
+    q = vm_sub.add_parser("ls")
+    q.add_argument("--label", action="append", metavar="K=V", help="only VMs with this label (K=V, or K: any value)")
+    q.add_argument("--status", help="only VMs with this status (RUNNING, STOPPED, FAILED, CREATED)")
+    q = vm_sub.add_parser("ttl", help="set a VM's deadline SECONDS from now ('none': no deadline)")
+    q.add_argument("name")
+    q.add_argument("seconds")
     q = vm_sub.add_parser("rm")
     q.add_argument("name", nargs="*")
     q.add_argument("--all", action="store_true", help="destroy every VM")
+    q.add_argument("--label", action="append", metavar="K=V", help="destroy the VMs with this label (repeatable: all must match)")
+    q.add_argument("--status", help="destroy the VMs with this status")
     q = vm_sub.add_parser("logs")
     q.add_argument("name")
+    q = vm_sub.add_parser("network", help="change a running VM's egress policy")
+    q.add_argument("name")
+    add_network_args(q)
     p = sub.add_parser("exec", help="run a command in a VM: exec NAME -- CMD...")
     p.add_argument("name")
     p.add_argument("--timeout", type=float)
@@ -4625,7 +5396,8 @@ def main(argv=None):
             sys.exit(f"cbox: config: {e}")
         if args.cmd == "check-config":
             for key in CONFIG_KEYS:
-                print(f"{key}: {getattr(cfg, key)!r}")
+                secret = key in ("api_token", "callback_secret") and getattr(cfg, key)
+                print(f"{key}: {'(set)' if secret else repr(getattr(cfg, key))}")
             return
         if args.cmd == "preflight":
             problems = preflight(cfg)

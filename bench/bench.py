@@ -10,6 +10,7 @@ run. Prints a table and writes it to bench/results.md.
     sudo python3 bench/bench.py --only realboot  # real boots of out/ images under QEMU
     sudo python3 bench/bench.py --only hostile   # a hostile guest vs a healthy VM's execs
                                                  # (rewrites only its section of results.md)
+    sudo python3 bench/bench.py --only ttl       # TTL accuracy: expiresAt -> the VM gone
     sudo python3 bench/bench.py --only monitoring  # exec throughput with metrics scraped and
                                                  # events_url set vs a cbox.py without them
                                                  # (rewrites only its section of results.md)
@@ -51,7 +52,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 STANDIN = REPO / "tests" / "fake_chv.py"
-BENCHES = ("exec", "throughput", "callback", "start", "density", "output", "realboot", "hostile", "monitoring")
+BENCHES = ("exec", "throughput", "callback", "start", "density", "output", "realboot", "hostile", "ttl",
+           "monitoring")
 OUT = REPO / "out"
 IMAGES = (("kernel", OUT / "vmlinuz"), ("initramfs", OUT / "initramfs.cpio.gz"), ("rootfs", OUT / "rootfs.ext4"))
 MB = 1 << 20
@@ -1656,6 +1658,78 @@ class Bench:
             table.append(f"| {name}: {what} | {idle:.2f} ms | {p50:.2f} ms | {ratio:.2f}x | "
                          f"{'PASS' if ratio <= 2 else 'FAIL'} | {rss / 1024:.0f} MB | {fds} |")
         self.sections["Hostile guest"] = "\n".join(table)
+        say("\n" + "\n".join(table))
+
+    # -- TTL accuracy -------------------------------------------------------------------------------------
+
+    def bench_ttl(self):
+        """How late after its expiresAt a VM with a TTL is gone (issue 12: within one second)."""
+        n, ttl = self.n(30, 10), 5
+        say(f"\n== TTL accuracy: {n} VMs started back to back with ttlSeconds={ttl}, GET /v1/vms every 10 ms")
+        with self.cbox("ttl") as srv:
+            api, lister = srv.client(), srv.client()
+            expires, gone, seen, done = {}, {}, set(), threading.Event()
+
+            def watch():            # from the first start on: deadlines fall while later VMs start
+                while not done.is_set():
+                    listed = {vm["vmName"] for vm in lister.json("GET", "/v1/vms")["vms"]}
+                    now = time.time()
+                    seen.update(listed)
+                    gone.update((name, now) for name in seen - listed if name not in gone)
+                    time.sleep(0.01)
+            watcher = threading.Thread(target=watch)
+            watcher.start()
+            try:
+                for i in range(n):
+                    vm = api.json("POST", "/v1/vms", {"vmName": f"ttl{i}", "ttlSeconds": ttl, "memoryMb": 64})
+                    expires[vm["vmName"]] = datetime.fromisoformat(vm["expiresAt"].replace("Z", "+00:00")).timestamp()
+                deadline = time.time() + ttl + 30
+                while len(gone) < n and time.time() < deadline:
+                    time.sleep(0.05)
+            finally:
+                done.set()
+                watcher.join()
+            api.close()
+            lister.close()
+            time.sleep(3)           # the last teardowns end
+            log = srv.log()
+        if len(gone) < n:
+            raise RuntimeError(f"{n - len(gone)} VMs still listed 30 s after their expiresAt")
+        freed, fired = {}, {}
+        for line in log.splitlines():
+            m = re.search(r" VM (destroyed|deadline) vm=(ttl\d+) stopReason=ttl", line)
+            if m:
+                lag_ms = tod_diff(log_time_of_day(line), time_of_day(expires[m.group(2)])) * 1000
+                (freed if m.group(1) == "destroyed" else fired)[m.group(2)] = lag_ms
+        lag = sorted((gone[name] - expires[name]) * 1000 for name in expires)
+        teardown, fire = sorted(freed.values()), sorted(fired.values())
+        early = sum(1 for x in lag if x < 0)
+        ok = lag[-1] < 1000 and not early
+        self.add(Row("ttl: expiresAt -> VM gone", median(lag), "ms", p99(lag), target="max < 1000 ms", ok=ok,
+                     notes=f"max {lag[-1]:.0f} ms over {n} VMs; deadline task woke p50 {median(fire):.0f} ms, "
+                           f"max {fire[-1]:.0f} ms; torn down (freed) p50 {median(teardown):.0f} ms, "
+                           f"max {teardown[-1]:.0f} ms after expiresAt",
+                     how=f"{n} VMs started back to back with ttlSeconds={ttl} (deadlines fall while later VMs "
+                         "start); a second client lists /v1/vms every 10 ms from the first start on and notes when "
+                         "each VM leaves the list (it answers 404 with stopReason ttl from then on); 'freed': the "
+                         "time of cbox.py's 'VM destroyed' log line (process, tap, files, record gone)"))
+        table = ["## TTL accuracy", "",
+                 f"Written by `python3 bench/bench.py --only ttl` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC "
+                 f"({os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at the end), stand-in hypervisor. "
+                 f"{n} VMs started back to back with ttlSeconds={ttl}, so deadlines fall while later VMs start; a "
+                 "second client lists `GET /v1/vms` every 10 ms from the first start on. *Gone*: the VM leaves the "
+                 "list and answers 404 with stopReason ttl; *woke*: cbox.py's 'VM deadline' log line (the one "
+                 "deadline task ended its sleep); *freed*: cbox.py's 'VM destroyed' log line (its "
+                 "teardown, as DELETE's: sync, shutdown, tap, files, record, ended). Lags are after the VM's "
+                 f"expiresAt. Target (issue 12): gone within one second. Tracebacks in cbox.py's log: "
+                 f"{log.count('Traceback')}.", "",
+                 "| VMs | woke p50 | woke max | gone p50 | gone p99 | gone max | gone before expiresAt | freed p50 "
+                 "| freed max | result |",
+                 "|---|---|---|---|---|---|---|---|---|---|",
+                 f"| {n} | {median(fire):.0f} ms | {fire[-1]:.0f} ms | {median(lag):.0f} ms | {p99(lag):.0f} ms | "
+                 f"{lag[-1]:.0f} ms | {early} | "
+                 f"{median(teardown):.0f} ms | {teardown[-1]:.0f} ms | {'PASS' if ok else 'FAIL'} |"]
+        self.sections["TTL accuracy"] = "\n".join(table)
         say("\n" + "\n".join(table))
 
     # -- monitoring: what metrics and events cost ----------------------------------------------------------

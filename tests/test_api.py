@@ -49,11 +49,15 @@ def test_vm_lifecycle_exec_and_cleanup(cbox_server):
     assert vm["vmName"] == "alpha" and vm["status"] == "RUNNING"
     assert vm["ip"] == "10.20.1.2/24" and vm["cid"] == 3 and vm["tapDeviceName"] == "cbt3"
     assert vm["vcpus"] == 2 and vm["memoryMb"] == 256 and vm["callbackUrl"] is None
-    assert set(vm) == {"vmName", "status", "ip", "tapDeviceName", "callbackUrl", "cid", "vcpus",
-                       "memoryMb", "createdAt", "stopReason"}
-    assert vm["stopReason"] is None
-    assert api.get("/v1/vms/alpha") == (200, vm)
-    assert api.get("/v1/vms") == (200, {"vms": [vm]})
+    assert vm["callbackMethods"] is None
+    assert set(vm) == {"vmName", "status", "ip", "tapDeviceName", "callbackUrl", "callbackMethods", "cid", "vcpus",
+                       "memoryMb", "createdAt", "stopReason", "network", "expiresAt",
+                       "idleTimeoutSeconds", "lastActivityAt", "labels"}
+    assert vm["stopReason"] is None and vm["expiresAt"] is None and vm["labels"] == {}
+    status, got = api.get("/v1/vms/alpha")          # naming the VM is activity: lastActivityAt moves
+    assert status == 200 and got == dict(vm, lastActivityAt=got["lastActivityAt"])
+    assert got["lastActivityAt"] >= vm["lastActivityAt"]
+    assert api.get("/v1/vms") == (200, {"vms": [got]})
     assert cbox_server.taps() == ["cbt3"]
 
     r = api.exec("alpha", "echo hello; hostname; ip -4 -o addr show eth0")

@@ -2,6 +2,7 @@
 GET /v1/events): the exposition format parsed strictly, values checked after a stand-in
 run (start, exec, callback, failed start), events delivered and long-polled."""
 import asyncio
+import hmac
 import json
 import math
 import re
@@ -354,7 +355,7 @@ def wait_for(cond, timeout=20.0, what="condition"):
 
 def test_metrics_and_events_of_a_run(cbox_factory, receivers, netns):
     events_rx, cb = receivers(), receivers(callback_reply)
-    server = cbox_factory(events_url=events_rx.url, api_token="s3cret").start()
+    server = cbox_factory(events_url=events_rx.url, api_token="s3cret", callback_secret="k3y").start()
     api = server.api
     status, _ = api.request("GET", "/v1/metrics", headers={"Authorization": "Bearer wrong"})
     assert status == 401
@@ -440,6 +441,12 @@ def test_metrics_and_events_of_a_run(cbox_factory, receivers, netns):
     assert events[0]["ip"] == "10.20.1.2/24" and events[0]["bootMs"] > 0
     wait_for(lambda: len(events_rx.calls) == len(events), what="delivery to events_url")
     assert events_rx.calls == events          # one POST per event, in order
+    ids = set()
+    for (headers, raw), event in zip(events_rx.requests, events):    # signed as callbacks are
+        expected = hmac.new(b"k3y", headers["X-CBox-Timestamp"].encode() + b"." + raw, "sha256").hexdigest()
+        assert headers["X-CBox-Signature"] == f"sha256={expected}" and headers["X-CBox-VM"] == event["vmName"]
+        ids.add(headers["X-CBox-Callback-Id"])
+    assert len(ids) == len(events)
     final = scrape(api)
     assert value(final, "cbox_events_delivered_total") == len(events)
     assert value(final, "cbox_events_dropped_total") == 0 and value(final, "cbox_events_queued") == 0
@@ -529,7 +536,7 @@ def test_event_sender_pipelines_and_resends_what_was_not_answered():
         server = await asyncio.start_server(receiver, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         cfg = type("Cfg", (), {"events_url": f"http://127.0.0.1:{port}/ev", "events_retry_s": 30.0,
-                               "callback_timeout_s": 5.0})()
+                               "callback_timeout_s": 5.0, "callback_secret": ""})()
         sender = cbox.EventSender(cfg)
         delivered0 = cbox.M_EVENTS_DELIVERED.value
         for i in range(1, 7):

@@ -1121,6 +1121,7 @@ def test_auth_required_everywhere(cbox_factory, tmp_path):
     status, bg = api.post("/v1/vms/authvm/exec", {"cmd": "sleep 120", "blocking": False})
     assert status == 200
     exec_id = bg["execId"]
+    vm = api.get("/v1/vms")[1]["vms"][0]          # after the exec: a refused request is no activity either
     marker = tmp_path / "marker"
     routes = [
         ("GET", "/v1/vms", None),
