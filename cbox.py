@@ -377,7 +377,7 @@ M_EXECS_OOM = METRICS.counter("cbox_execs_oom_killed_total", "finished execs the
 M_EXEC_DURATION = METRICS.histogram("cbox_exec_duration_seconds", "duration of finished execs as the guest "
                                     "agent measured it", DURATION_BUCKETS)
 M_CALLBACKS = METRICS.counter("cbox_callbacks_total", "guest callbacks by outcome: ok (the URL's result), error "
-                              "(the URL's error answer or failure), refused (over a budget), bad_request, no_url",
+                              "(the URL's error answer or failure), refused (over a budget, or not in callbackMethods), bad_request, no_url",
                               ("outcome",))
 M_CALLBACK_DURATION = METRICS.histogram("cbox_callback_duration_seconds", "callback URL round trips (ok and error)",
                                         (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
