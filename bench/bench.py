@@ -708,7 +708,7 @@ while True:
 # on 127.0.0.1:RECEIVER_PORT (EVENTS_RECEIVER, a process of its own: its CPU is not
 # counted), waiting until all were delivered.
 CPU_PROBE = r"""
-import asyncio, importlib.util, json, os, sys, time, types
+import asyncio, importlib.util, json, os, sys, tempfile, time
 ANSWER = json.dumps({"execId": "e1", "running": False, "output": "", "stdout": "", "stderr": "", "exitCode": 0,
                      "signal": None, "error": "", "timedOut": False, "truncated": False, "durationMs": 1.2},
                     separators=(",", ":")).encode()
@@ -721,6 +721,7 @@ def load(path, name):
 
 async def per_request_us(m, config, n, events):
     cfg = m.load_config(config)
+    cfg.state_dir = cfg.run_dir = tempfile.mkdtemp(prefix="cbox-probe-")     # a record may be written there
     if events:
         cfg.events_url = f"http://127.0.0.1:{receiver_port}/events"
         sender = m.EventSender(cfg)
@@ -728,16 +729,21 @@ async def per_request_us(m, config, n, events):
     class Agent:
         async def exec(self, body, timeout):
             return ANSWER
+    vm = m.VM(cfg, vmName="m0", status="RUNNING", phase="running", ip="10.20.1.2/24", cid=3, vcpus=1, memoryMb=64)
+    vm.agent = Agent()
+    (m.Path(cfg.state_dir) / "vms").mkdir()
     class Manager(m.VMManager):
         def __init__(self):
-            self.vms = {"m0": types.SimpleNamespace(vmName="m0", status="RUNNING", agent=Agent(), background={})}
+            self.vms = {"m0": vm}
     server = await asyncio.start_server(m.RestServer(cfg, Manager()).connection, "127.0.0.1", 0)
     reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
     request = b'POST /v1/vms/m0/exec HTTP/1.1\r\nHost: x\r\nContent-Length: 14\r\n\r\n{"cmd":"true"}'
     async def once():
         writer.write(request)
         head = await reader.readuntil(b"\r\n\r\n")
-        await reader.readexactly(int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]))
+        answer = await reader.readexactly(int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]))
+        if not head.startswith(b"HTTP/1.1 200 "):
+            raise RuntimeError(f"the probe's exec failed: {head[:40]!r} {answer[:300]!r}")
     for _ in range(300):
         await once()
     t0 = time.process_time()
@@ -766,20 +772,21 @@ print(json.dumps(best))
 
 
 def baseline_cbox(spec, dest):
-    """The cbox.py to compare with: a file, a git revision, or (default) the parent of the commit
-    that brought the metrics registry (`git log -S`), written to `dest`."""
+    """The cbox.py to compare with: a file, a git revision, or (default) the newest commit's
+    cbox.py without the metrics registry (so with everything else the branch merged), written
+    to `dest`."""
     if spec and Path(spec).is_file():
         return Path(spec).resolve(), spec
     rev = spec
+    for commit in ([] if rev else run("git", "-C", str(REPO), "log", "--format=%H", "-200", "--", "cbox.py").stdout.split()):
+        if "METRICS = Registry()" not in run("git", "-C", str(REPO), "show", f"{commit}:cbox.py").stdout:
+            rev = commit
+            break
     if not rev:
-        first = run("git", "-C", str(REPO), "log", "--reverse", "--format=%H", "-S", "METRICS = Registry()",
-                    "--", "cbox.py").stdout.split()
-        if not first:
-            raise RuntimeError("no commit brought the metrics registry: give --baseline")
-        rev = first[0] + "^"
+        raise RuntimeError("no commit without the metrics registry in the last 200: give --baseline")
     dest.write_text(run("git", "-C", str(REPO), "show", f"{rev}:cbox.py").stdout)
     label = run("git", "-C", str(REPO), "log", "-1", "--format=%h %s", rev).stdout.strip()
-    return dest, f"{rev} ({label[:70]})"
+    return dest, f"{label[:90]}"
 
 
 class Bench:
@@ -1823,7 +1830,7 @@ class Bench:
                  f"serve at once, each in a network namespace of its own with {nvms} VMs (stand-in, firewall off "
                  f"in all three); {clients} keep-alive clients run `true` execs against one at a time, {dur / rounds:g} "
                  f"s per slice, {rounds} rounds in rotating order, {dur:g} s each in all. Baseline: cbox.py of "
-                 f"{baseline_label}. `counted`: this cbox.py, every counter and histogram updated, nobody scraping. "
+                 f"{baseline_label} (the newest without the metrics registry). `counted`: this cbox.py, every counter and histogram updated, nobody scraping. "
                  "`scraped+events`: this cbox.py scraped every second (GET /v1/metrics) with `events_url` set to "
                  "a lean receiver in the same namespace: a POST per event, so one per exec (exec.finished). "
                  "Target: throughput at least 97% of the baseline's. The execs/s measured swing by 10% from slice to "
