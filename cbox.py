@@ -3256,7 +3256,7 @@ class VM:
         check_labels(vm.labels)
         if vm.idleTimeoutSeconds is not None:
             lifetime_seconds(vm.idleTimeoutSeconds, "idleTimeoutSeconds", 0)
-        if not isinstance(vm.backgroundExecs, list) or not all(isinstance(i, str) for i in vm.awaiting_finishExecs):
+        if not isinstance(vm.backgroundExecs, list) or not all(isinstance(i, str) for i in vm.backgroundExecs):
             raise ValueError("backgroundExecs must be a list of exec ids")
         return vm
 
