@@ -423,16 +423,12 @@ def test_output_capture_and_json_in_pieces(monkeypatch):
     words = [b"plain text " * 8] * 6 + [b"\n", b"\0", b'"', b"\\", b"\t", b"\x1f", b"\x7f", b"\xc3\xa9",
                                        b"\xe2\x82\xac", b"\xf0\x9f\x98\x80", b"\xff", b"\xc3", b"\xf0\x9f"]
 
-    class Spec:
-        pass
-
     for _ in range(150):
         monkeypatch.setattr(ga, "TEXT_PIECE", rng.choice([1, 2, 3, 7, 64, 1 << 18]))
         monkeypatch.setattr(ga, "DENSE_RUNS", rng.choice([0, 4, 1024]))
         monkeypatch.setattr(ga, "SMALL_BODY", rng.choice([0, 1 << 18]))
         monkeypatch.setattr(ga, "KEEP_BODY", rng.choice([0, 50, 1 << 20]))
-        spec = Spec()
-        spec.max_output = rng.choice([0, 1, 5, 40, 300, 1 << 20])
+        spec = ga.ExecSpec({"cmd": "x", "maxOutput": rng.choice([0, 1, 5, 40, 300, 1 << 20])})
         ex = ga.Exec("x", spec)
         sent = {True: b"", False: b""}
         both = b""
@@ -460,9 +456,7 @@ def test_output_capture_and_json_in_pieces(monkeypatch):
             assert sock.sends[0] == head + b"\r\n\r\n", "a large one: the head apart"
 
     # output costs no third copy: one 4-byte run for many reads of one stream ...
-    spec = Spec()
-    spec.max_output = 1 << 20
-    ex = ga.Exec("x", spec)
+    ex = ga.Exec("x", ga.ExecSpec({"cmd": "x", "maxOutput": 1 << 20}))
     for _ in range(16):
         ex._capture(ex.stdout, b"y" * 4096)
     assert ex.output_bytes < len(ex.stdout) + 16
@@ -503,7 +497,7 @@ def test_background_exec_get_and_delete(agent):
     m = marker()
     try:
         status, r = agent.request("POST", "/exec", {"cmd": f"echo start; sleep {m}", "blocking": False})
-        assert status == 200 and r == {"execId": r["execId"], "output": "", "error": "", "running": True}
+        assert status == 200 and r == {"execId": r["execId"], "tag": None, "output": "", "error": "", "running": True}
         exec_id = r["execId"]
         r = wait_for(lambda: (lambda s: s[1] if s[1]["output"] else None)(agent.request("GET", f"/exec/{exec_id}")),
                      5.0)
@@ -566,7 +560,7 @@ def test_bad_exec_requests(agent, body, needle):
 def test_routes(agent):
     assert agent.request("GET", "/nope")[0] == 404
     assert agent.request("GET", "/exec/a/b")[0] == 404
-    status, r = agent.request("GET", "/exec")
+    status, r = agent.request("PUT", "/exec")
     assert status == 405 and "error" in r
     assert agent.request("POST", "/health", {})[0] == 405
     assert agent.request("PUT", "/exec/x", {})[0] == 405
@@ -618,7 +612,7 @@ def test_callback_cli_through_agent(agent, callback_server):
     r = agent.exec(cmd="""cbox_callback echo '{"a": 1}'""")
     assert r["exitCode"] == 0, r
     assert json.loads(r["stdout"]) == {"method": "echo", "params": {"a": 1}}
-    assert {"method": "echo", "params": {"a": 1}} in callback_server.requests
+    assert {"method": "echo", "params": {"a": 1}, "execId": r["execId"]} in callback_server.requests
     r = agent.exec(cmd="cbox_callback fail")
     assert (r["exitCode"], r["stdout"], r["stderr"]) == (1, "", "Error: boom\n")
     r = agent.exec(cmd="cbox_callback m '{bad'")
