@@ -28,31 +28,95 @@ waits for its own commands, through pidfds and Popen, never waitpid(-1).
 
 Internal HTTP API (cbox.py -> agent, TCP 4031, JSON, errors {"error": msg})
   GET    /health     {"status":"ok","vmName","uptimeS","bootUptimeS","pid","version"}
-  POST   /exec       {"cmd"*,"env","cwd","stdin","timeout","maxOutput","blocking"}
-                     -> exec result, or {"execId","output":"","error":"","running":true}
+  POST   /exec       {"cmd" | "argv" (exactly one), "env", "cwd", "stdin", "timeout",
+                      "maxOutput", "blocking", "user", "tag", "memoryLimitMb",
+                      "pidsLimit", "keepaliveS"}
+                     -> exec result, or {"execId","tag","output":"","error":"","running":true}
+  GET    /exec       {"execs": [{"execId","tag","cmd" or "argv","running","exitCode",
+                     "startedAt","durationMs"}]}: running and kept finished execs, oldest first
+  DELETE /exec?grace=S   ends every running exec as DELETE /exec/{id} does -> {"killed": [execIds]}
   GET    /exec/{id}  exec result so far (404 unknown id)
-  DELETE /exec/{id}  kills the process group, returns the final exec result
-  Exec result: {"execId","running","output","stdout","stderr","exitCode",
-  "signal","error","timedOut","truncated","durationMs"}. "output" interleaves
-  stdout and stderr in the order the agent read them (approximate). A death
-  by signal N gives exitCode null, signal N. timeout: seconds, null or 0 = no
-  limit. maxOutput: bytes kept of each of stdout, stderr and output (default
-  4 MiB, at most 64 MiB). Commands run as `/bin/sh -c cmd` in a session of
-  their own, in the agent's cwd unless "cwd" is given; a timeout or DELETE
-  SIGKILLs the whole process group. Finished background execs stay
-  queryable for 10 minutes (at most 256 of them and 64 MiB of output).
+  DELETE /exec/{id}?grace=S  SIGTERM to every process of the exec, up to S seconds
+                     (0-3600, default 0: no SIGTERM) for it to end, then SIGKILL;
+                     returns the final exec result
+  GET    /exec/{id}/stream?since=SEQ   the exec's events, see Streams (since: default 0)
+  POST   /exec/{id}/stdin   {"data": str, "eof": bool} -> {"written": bytes}; 409 without a
+                     "pipe" stdin, once it is closed or the exec ended; at most 1 MiB of
+                     data per request (413); waits up to 10 s for the command to read
+  POST   /exec/{id}/signal  {"signal": "TERM" | "SIGTERM" | 15} -> {"execId","signal": number}
+                     to every process of the exec; unknown signal 400, finished exec 409
+  {id} is an execId, else a tag: the running exec with that tag, else the newest
+  kept finished one.
+  Request: cmd runs as `/bin/sh -c cmd`, argv (non-empty list of strings) runs
+  without a shell (argv[0] looked up in the command's PATH; not found: 400).
+  user: a user name or uid of the guest (unknown: 400): uid, gid, groups, and
+  HOME/USER/LOGNAME are set. tag: ^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$, 409 while
+  a running exec holds it. stdin: a string of input (written, then closed), or
+  exactly "pipe" (kept open for POST .../stdin); without it /dev/null.
+  memoryLimitMb, pidsLimit: positive integers, cgroup limits (pidsLimit
+  defaults to 1024 where cgroups work). keepaliveS: stream keepalive period
+  (default 15). timeout: seconds, null or 0 = no limit. maxOutput: bytes kept
+  of each of stdout, stderr and output, and of stream events (default 4 MiB,
+  at most 64 MiB). Every command gets CBOX_EXEC_ID (and CBOX_EXEC_TAG when
+  tagged) in its environment, runs in a session of its own, in the agent's
+  cwd unless "cwd" is given.
+  Exec result: {"execId","tag","cmd" or "argv","user","running","output",
+  "stdout","stderr","exitCode","signal","signalName","error","timedOut",
+  "truncated","oomKilled","killScope","limitsApplied","startedAt","durationMs"}.
+  "output" interleaves stdout and stderr in the order the agent read them
+  (approximate). A death by signal N gives exitCode null, signal N,
+  signalName "SIGxxx". oomKilled: the kernel's OOM killer killed a process of
+  the exec's cgroup (memory.events oom_kill). killScope: "cgroup" or
+  "process-group", what a timeout, DELETE or signal reaches; limitsApplied:
+  whether memoryLimitMb/pidsLimit (and the default pids limit) are in force.
+  startedAt: RFC 3339 UTC. Finished background execs stay queryable for 10
+  minutes (at most 256 of them and 64 MiB of output and events); blocking
+  execs are forgotten once answered.
+  Kill scope: as PID 1 the agent mounts cgroup2, moves itself to
+  /sys/fs/cgroup/cbox-agent, and runs each exec in /sys/fs/cgroup/cbox-exec/
+  <execId> (entered before the command runs: it waits for a line on stdin
+  that the agent writes once it moved it); a timeout or kill writes
+  cgroup.kill, which also ends processes that called setsid or double-forked.
+  The leaf is removed when the exec ends (later, once empty, when background
+  processes outlive it). cbox-exec as a whole is limited to all tasks but 256
+  and all memory but max(64 MiB, 1/8), the agent has oom_score_adj -1000 and
+  commands 500, so no command can starve the agent. Elsewhere (a plain
+  process: the stand-in) kills and signals reach the process group, and
+  limits are not applied (limitsApplied false).
+  Streams: GET /exec/{id}/stream answers 200, Content-Type
+  application/x-ndjson, chunked (HTTP/1.0: until close), one JSON event per
+  line, each event its own chunk, until the exec ended: then the last event
+  is "exit" and the body ends. Every event has "seq": 0, 1, 2, ... per exec,
+  the same for every reader. Events: seq 0 {"type":"start","execId","tag",
+  "pid","startedAt"}; {"type":"stdout"|"stderr","data": text} as output is
+  read (UTF-8, never splitting a character; invalid bytes become U+FFFD and
+  the event then also has "dataBase64", the exact bytes: so output is
+  carried losslessly); {"type":"keepalive"} after keepaliveS of silence while
+  the exec runs; exactly one last {"type":"exit", ...the exec result without
+  output, stdout and stderr (they were streamed; GET /exec/{id} has them)}.
+  The newest events are kept within max(maxOutput, 64 KiB) bytes (always the
+  last one). A reader asking for events older than the oldest kept one (F)
+  first gets {"seq": F-1, "type":"dropped", "missed": F-since, "fromSeq":
+  since}, standing in for the lost events since..F-1, then F, F+1, ...
+  since may be up to the next seq (wait for new events); beyond it 400 "since
+  N is beyond the last event M"; not a non-negative integer: 400. A reader
+  that falls behind never slows the command (it loses events, as above); one
+  that disconnects does not affect the exec.
   Output is kept as bytes (output as runs over stdout and stderr, not a
   third copy) and decoded only when a response is written; a response with
   more than 256 KiB of it is written in pieces, its length counted first,
   so no whole copy of it is ever held.
 
+Callbacks: a command's callback carries "execId" (its CBOX_EXEC_ID) beside
+"method" and "params".
+
 Sections, in file order
   1. Constants, logging, /proc readers, kernel command line
   2. Callback client and its CLI
   3. Callback shims (cbox_callback script and module on PATH/PYTHONPATH)
-  4. System setup: PID 1 duties (mounts, env, poweroff), hostname, network
-  5. Running commands: request validation, captured output, Exec, ExecRegistry
-  6. HTTP server: response encoding, hand-written HTTP/1.1 parser, routes
+  4. System setup: PID 1 duties (mounts, env, poweroff), hostname, network, exec cgroups
+  5. Running commands: request validation, captured output, stream events, Exec, ExecRegistry
+  6. HTTP server: response encoding, hand-written HTTP/1.1 parser, event streams, routes
   7. Supervisor: forks, restarts and reaps
   8. Entry points
 """
