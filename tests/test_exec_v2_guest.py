@@ -115,6 +115,23 @@ def test_execs_run_in_cgroups_and_the_agent_is_protected(guest):
     assert r["execId"] not in leaves, "a finished exec's cgroup is removed"
 
 
+def test_commands_behind_the_cgroup_handshake(guest):
+    """The line the agent writes before the command runs is not the command's input:
+    stdin data arrives whole, no stdin is /dev/null, argv and exit codes are as elsewhere."""
+    api, eng = guest
+    assert sh(api, "cat", stdin="hello\nworld")["stdout"] == "hello\nworld"
+    assert sh(api, "cat", timeout=20)["stdout"] == ""
+    big = "x" * (1 << 20)
+    assert sh(api, "wc -c", stdin=big)["stdout"].strip() == str(1 << 20)
+    r = api.exec(argv=["printf", "%s|", "a b", "$HOME"])
+    assert (r["stdout"], r["exitCode"]) == ("a b|$HOME|", 0)
+    r = sh(api, "echo out; echo err >&2; exit 3")
+    assert (r["exitCode"], r["stdout"], r["stderr"], r["error"]) == (3, "out\n", "err\n", "exit status 3")
+    r = sh(api, "kill -9 $$")
+    assert (r["signal"], r["signalName"]) == (9, "SIGKILL")
+    assert api.request("POST", "/exec", {"argv": ["no-such-program"]})[0] == 400
+
+
 def test_setsid_and_double_fork_escapes_are_killed(guest):
     """Timeout and DELETE end every process of the exec (cgroup.kill), also those
     that left the process group with setsid or by a double fork."""
