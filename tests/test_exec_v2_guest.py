@@ -7,24 +7,16 @@ tests talk to the agent's port 4031 from inside a network namespace of
 the module (contract 5), as tests/test_images.py does, with no cbox.py.
 Everything skips with a reason when the images, QEMU or debugfs are missing.
 """
-import json
 import os
-import shutil
-import subprocess
-import sys
-import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from conftest import REPO, NetNS, unique
 from execstream import AgentApi, check_sequence, joined
 from procutil import run, wait_for
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from qemu_engine import QemuEngine  # noqa: E402
-from test_images import (BOOT_TIMEOUT, GUEST_IP, HOST_IP, INITRAMFS, KERNEL, ROOTFS,  # noqa: E402
+from qemu_engine import QemuEngine
+from test_images import (BOOT_TIMEOUT, GUEST_IP, HOST_IP, INITRAMFS, KERNEL, ROOTFS,
                          console, need_images, need_qemu, need_tool, tail, vm_config, wait_ready)
 
 AGENT_IN_IMAGE = "/usr/local/sbin/guest_agent.py"
