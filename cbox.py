@@ -16,15 +16,19 @@ before it:
                      VMM's serial socket and event FIFO; the VMM's process (spawn,
                      pidfd watch) and its bounded logs on disk (console, -v log)
   4. Host resources  network (bridge, persistent taps, port isolation, iptables
-                     chains), each VM's stateful disk, host memory
+                     chains, each VM's egress chain), each VM's stateful disk,
+                     host memory
   5. Allocation      guest IPs, vsock CIDs, tap names; request validation
   6. Callback bridge a VM's callback socket: the guest's JSON lines forwarded to
                      its callback URL, every cost budgeted per VM
-  7. VM manager      VM records on disk, start / destroy / adopt composing the
-                     sections above, how a VM ends (stopReason), exec forwarding
-  8. REST server     routes of contract section 1, auth, limits, request log
-  9. CLI             `serve`, `selftest` (a new host's end-to-end check), and a
-                     small client: `vm start|ls|rm`, `exec`
+  7. VMs             one VM: its record on disk, paths, VMM process and API, agent
+                     client, console and event readers, and how it ended (stopReason)
+  8. VM manager      all VMs: start / destroy / adopt composing the sections above,
+                     freeing a VM that ended by itself, egress policy changes,
+                     exec forwarding
+  9. REST server     routes of contract section 1, auth, limits, request log
+ 10. CLI             `serve`, `selftest` (a new host's end-to-end check), and a
+                     small client: `vm start|ls|rm|logs|network`, `exec`
 
 The external contract lives in ../shared/docs/contract.md (beside checkouts) and
 is summarised in README.md.
@@ -356,6 +360,8 @@ CONFIG_KEYS = {
     "exec_max_timeout_s": (float, 86400.0, "largest exec timeout a request may ask for"),
     "exec_output_limit_bytes": (int, 4 * 1024 * 1024, "cap on captured stdout, stderr and output, each"),
     "callback_timeout_s": (float, 30.0, "time the callback URL has to answer"),
+    "callback_secret": (str, "", "HMAC-SHA256 key signing every callback POST (X-CBox-Signature); empty = unsigned"),
+    "callback_secret_file": (str, "", "file holding callback_secret (its first line), instead of the key itself"),
     "callback_port": (int, 4032, "guest vsock port for callbacks"),
     "agent_port": (int, 4031, "guest agent TCP port"),
     "max_request_bytes": (int, 8 * 1024 * 1024, "largest REST request body"),
@@ -373,6 +379,7 @@ CONFIG_KEYS = {
     "callback_write_timeout_s": (float, 10.0, "time a guest has to read a callback reply before its connection is closed"),
     "callback_log_lines_per_s": (float, 20.0, "callback log lines a second per VM; the rest are counted and the count logged"),
     "fd_reserve": (int, 256, "file descriptors kept free for the API and other VMs: guest connections beyond are refused"),
+    "default_egress": (str, "nat", "egress policy of a VM whose request names none: nat (everything) or none"),
     "destroy_on_exit": (bool, False, "destroy all VMs when cbox.py stops (default: leave them for the next start)"),
 }
 
@@ -438,8 +445,29 @@ def check_config(cfg, source):
     longest = os.path.join(cfg.path(cfg.run_dir), "4294967295", f"vsock.sock_{cfg.callback_port}")
     if len(longest.encode()) > 107:
         bad(f"run_dir {cfg.run_dir!r} is too long: socket paths such as {longest} must fit in 107 bytes")
+    if cfg.default_egress not in ("nat", "none"):
+        bad(f"default_egress must be nat or none, got {cfg.default_egress!r}")
+    if cfg.default_egress != "nat" and not cfg.firewall:
+        bad("default_egress: none needs firewall: true (the policy is enforced by iptables)")
     if "," in cfg.path(cfg.run_dir) or "=" in cfg.path(cfg.run_dir):
         bad("run_dir must not contain ',' or '=' (cloud-hypervisor splits its options on them)")
+
+
+def read_callback_secret(cfg, source):
+    """callback_secret_file -> cfg.callback_secret (its first line), so the key need not sit
+    in a config file others may read."""
+    if not cfg.callback_secret_file:
+        return
+    if cfg.callback_secret:
+        raise ConfigError(f"{source}: set callback_secret or callback_secret_file, not both")
+    secret_path = cfg.path(cfg.callback_secret_file)
+    try:
+        lines = Path(secret_path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{source}: callback_secret_file {secret_path}: {e}") from e
+    if not lines or not lines[0].strip():
+        raise ConfigError(f"{source}: callback_secret_file {secret_path} is empty")
+    cfg.callback_secret = lines[0].strip()
 
 
 def load_config(path, overrides=None):
@@ -477,6 +505,7 @@ def load_config(path, overrides=None):
         values.setdefault(key, default)
     cfg = Config(values, str(Path(path).resolve().parent))
     check_config(cfg, str(path))
+    read_callback_secret(cfg, str(path))
     return cfg
 
 
@@ -1221,10 +1250,11 @@ def spawn_vmm(chv_bin, paths):
 
 
 class ProcessWatch:
-    """Watches one VMM process through a pidfd (works for children and adopted processes)."""
+    """Watches one VMM process through a pidfd (works for children and adopted processes);
+    `exited` is set when it is gone, `exit_code` then holds its status when it was our child."""
 
-    def __init__(self, pid, start_time, on_exit):
-        self.pid, self.start_time, self.on_exit = pid, start_time, on_exit
+    def __init__(self, pid, start_time):
+        self.pid, self.start_time = pid, start_time
         self.exited = asyncio.Event()
         self.exit_code = None
         self.pidfd = None
@@ -1251,7 +1281,13 @@ class ProcessWatch:
         except ChildProcessError:
             pass
         self.exited.set()
-        self.on_exit(self)
+
+    def close(self):
+        """Stop watching without waiting for the exit (cbox.py stops, the VMM runs on)."""
+        if self.pidfd is not None:
+            asyncio.get_running_loop().remove_reader(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = None
 
     def alive(self):
         return not self.exited.is_set()
@@ -1271,6 +1307,15 @@ class ProcessWatch:
             return True
         except asyncio.TimeoutError:
             return False
+
+
+def reset_of_event(source, event, props):
+    """(stopReason, message) when an event of the VMM's event monitor is a guest reset or panic."""
+    if (source, event) == ("guest", "panic") and props.get("event") == "panic":
+        return "guest-panic", "the guest kernel panicked"
+    if (source, event) == ("vm", "rebooting"):
+        return "guest-reboot", "the guest reset itself (reboot)"
+    return None
 
 
 def reset_in_vmm_log(chv_log):
@@ -1485,6 +1530,39 @@ def mac_for(ip):
 
 
 FW_TAG = "cbox"
+EGRESS_CHAIN = "CBOX-EGRESS"            # jumps to each VM's chain, matched on its tap
+EGRESS_CHAIN_PREFIX = "CBOX-EG-"
+EGRESS_MODES = ("nat", "none", "allowlist")
+
+
+def egress_chain(tap):
+    return EGRESS_CHAIN_PREFIX + tap       # at most 21 characters: iptables allows 28
+
+
+def egress_rules(tap, ip, policy):
+    """{chain: rules} of one VM's egress chain. A packet not from the VM's own address is
+    dropped first (a guest cannot send as another VM to borrow its policy); what the
+    policy refuses is rejected (TCP reset, else ICMP administratively prohibited), so
+    a program in the guest fails at once instead of waiting for a timeout."""
+    tag = ["-m", "comment", "--comment", FW_TAG]
+    rules = [["!", "-s", ip, "-j", "DROP"]]
+    if policy["egress"] == "nat":
+        rules.append(["-j", "ACCEPT"])
+    else:
+        rules += [["-d", cidr, "-j", "ACCEPT"] for cidr in policy.get("allowOut") or ()]
+        rules += [["-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"],
+                  ["-j", "REJECT", "--reject-with", "icmp-admin-prohibited"]]
+    return {egress_chain(tap): [r + tag for r in rules]}
+
+
+async def iptables_restore(table, chains, append=None, commands=()):
+    """One atomic iptables-restore --noflush: each chain of `chains` created or flushed and
+    given its rules; `append` adds rules to existing chains without flushing them;
+    `commands` are further command lines ("-X CHAIN"). It all happens, or none of it."""
+    lines = [f"*{table}"] + [f":{chain} - [0:0]" for chain in chains]
+    for chain, rules in [*chains.items(), *(append or {}).items()]:
+        lines += [" ".join(["-A", chain, *rule]) for rule in rules]     # every word is cbox's own, no spaces
+    await run_cmd("iptables-restore", "-w", "--noflush", stdin="\n".join([*lines, *commands, "COMMIT", ""]))
 
 
 class HostNetwork:
@@ -1521,6 +1599,10 @@ class HostNetwork:
         # arp_notify: the kernel announces a new address (gratuitous ARP), so running
         # guests update their gateway entry at once instead of when it expires
         Path(f"/proc/sys/net/ipv4/conf/{self.bridge}/arp_notify").write_text("1\n")
+        # No IPv6 on the bridge: guests would otherwise reach every host service listening
+        # on :: through the bridge's link-local address, past the IPv4 firewall
+        with contextlib.suppress(FileNotFoundError):      # a kernel without IPv6
+            Path(f"/proc/sys/net/ipv6/conf/{self.bridge}/disable_ipv6").write_text("1\n")
         if link.get("address") != mac:
             await self.fix_bridge_mac(link.get("address"), mac)
         addrs = await run_cmd("ip", "-o", "-4", "addr", "show", "dev", self.bridge)
@@ -1555,8 +1637,10 @@ class HostNetwork:
         return choice
 
     def firewall_rules(self):
-        """The rules of cbox's own chains, as iptables argument lists per (table, chain)."""
-        br, net = self.bridge, str(self.subnet)
+        """The rules of cbox's own static chains, as iptables argument lists per (table, chain).
+        Guest to guest and guest to host are dropped here, before any VM's egress policy
+        (CBOX-EGRESS, section "egress policy" below) is consulted: no policy can open them."""
+        br = self.bridge
         tag = ["-m", "comment", "--comment", FW_TAG]
         rules = {
             ("filter", "CBOX-INPUT"): [
@@ -1568,32 +1652,60 @@ class HostNetwork:
                 ["-i", br, "-o", br, "-j", "DROP"],
                 ["-o", br, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
                 ["-o", br, "-j", "DROP"],
-                ["-i", br, "-s", net, "-j", "ACCEPT"],
-                ["-i", br, "-j", "DROP"],
+                ["-i", br, "-j", EGRESS_CHAIN],       # the VM's own policy, by the tap it came in on
+                ["-i", br, "-j", "DROP"],             # a tap without a policy: nothing out
             ],
             ("nat", "CBOX-POSTROUTING"): [],
         }
         nat_if = self._nat_interface()
         if nat_if:
-            rules[("nat", "CBOX-POSTROUTING")].append(["-s", net, "-o", nat_if, "-j", "MASQUERADE"])
+            rules[("nat", "CBOX-POSTROUTING")].append(["-s", str(self.subnet), "-o", nat_if, "-j", "MASQUERADE"])
         return {k: [r + tag for r in v] for k, v in rules.items()}, nat_if
 
     async def install_firewall(self):
+        """Each table's chains replaced in one iptables-restore transaction, so a restart
+        never leaves a moment with an empty CBOX-FORWARD (the built-in policy, often
+        ACCEPT, would then let guest to guest traffic through). CBOX-EGRESS and the
+        per-VM chains are kept as they are: adoption re-applies them (prune_egress
+        removes what no VM owns)."""
+        await self.enable_bridge_netfilter()
+        if not await self.iptables_ok("filter", "-n", "-L", EGRESS_CHAIN):
+            await run_cmd("iptables", "-w", "-t", "filter", "-N", EGRESS_CHAIN)
         rules, nat_if = self.firewall_rules()
-        for (table, chain), chain_rules in rules.items():
-            if not await self.iptables_ok(table, "-n", "-L", chain):
-                await run_cmd("iptables", "-w", "-t", table, "-N", chain)
-            await run_cmd("iptables", "-w", "-t", table, "-F", chain)
-            for rule in chain_rules:
-                await run_cmd("iptables", "-w", "-t", table, "-A", chain, *rule)
-            parent = self.chains[table][chain]
-            if not await self.iptables_ok(table, "-C", parent, "-j", chain):
-                await run_cmd("iptables", "-w", "-t", table, "-I", parent, "1", "-j", chain)
+        for table in self.chains:
+            await iptables_restore(table, {chain: chain_rules for (t, chain), chain_rules in rules.items()
+                                           if t == table})
+        for table, chains in self.chains.items():
+            for chain, parent in chains.items():
+                if not await self.iptables_ok(table, "-C", parent, "-j", chain):
+                    await run_cmd("iptables", "-w", "-t", table, "-I", parent, "1", "-j", chain)
         if nat_if:
             Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
             log("NAT enabled", out=nat_if, subnet=self.subnet)
         else:
             log("no NAT: no default route interface (set nat_interface to choose one)", subnet=self.subnet)
+
+    async def enable_bridge_netfilter(self):
+        """Routed packets from the bridge carry their tap (iptables -m physdev) only when
+        br_netfilter handles the bridge: asked for on this bridge alone (nf_call_iptables),
+        not host-wide (the net.bridge.bridge-nf-call-iptables sysctl). Without the module
+        no packet would match a VM's policy and every guest would be cut off.
+        Loading the module turns the host-wide sysctls on for every bridge; when cbox.py
+        is the one loading it, they go back to off, so the host's other bridges keep
+        bypassing iptables as they did before."""
+        sysctl_dir = Path("/proc/sys/net/bridge")
+        if not sysctl_dir.exists():
+            await run_cmd("modprobe", "br_netfilter", check=False)
+            if sysctl_dir.exists():
+                for name in ("bridge-nf-call-iptables", "bridge-nf-call-ip6tables", "bridge-nf-call-arptables"):
+                    with contextlib.suppress(OSError):
+                        (sysctl_dir / name).write_text("0\n")
+                log("loaded br_netfilter; its host-wide sysctls are off, on for the cbox bridge only",
+                    bridge=self.bridge)
+        if not sysctl_dir.exists():
+            raise CommandError("the br_netfilter kernel module is not loaded (modprobe br_netfilter): egress "
+                               "policies match each VM's tap through it (or set firewall: false)")
+        await run_cmd("ip", "link", "set", "dev", self.bridge, "type", "bridge", "nf_call_iptables", "1")
 
     async def remove_firewall(self):
         """Remove cbox's chains and the jumps to them (used by tests and `cbox.py cleanup`)."""
@@ -1602,6 +1714,11 @@ class HostNetwork:
                 while (await self.iptables_ok(table, "-D", parent, "-j", chain)):
                     pass
                 await run_cmd("iptables", "-w", "-t", table, "-F", chain, check=False)
+        await run_cmd("iptables", "-w", "-t", "filter", "-F", EGRESS_CHAIN, check=False)
+        for chain in await self.egress_chains():
+            await self.drop_chain(chain)
+        for table, chains in self.chains.items():
+            for chain in [*chains, *([EGRESS_CHAIN] if table == "filter" else [])]:
                 await run_cmd("iptables", "-w", "-t", table, "-X", chain, check=False)
 
     @staticmethod
@@ -1609,6 +1726,59 @@ class HostNetwork:
         proc = await asyncio.create_subprocess_exec(
             "iptables", "-w", "-t", *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
         return await proc.wait() == 0
+
+    # ---- egress policy: a chain per VM, jumped to by the tap its packets came in on ----
+
+    def egress_jump(self, tap):
+        return ["-i", self.bridge, "-m", "physdev", "--physdev-in", tap, "-j", egress_chain(tap),
+                "-m", "comment", "--comment", FW_TAG]
+
+    async def apply_egress(self, tap, ip, policy):
+        """Put a VM's egress policy ({"egress", "allowOut"}, checked by check_network) in
+        place: its chain is flushed and refilled, and jumped to when it was not, in one
+        iptables-restore transaction, so a change has no moment with the old rules gone
+        and the new ones missing. The rules see every packet the guest sends (no
+        ESTABLISHED shortcut for outgoing packets), so a change applies to connections
+        already open too."""
+        if not self.cfg.firewall:
+            return
+        jump = self.egress_jump(tap)
+        jumped = await self.iptables_ok("filter", "-C", EGRESS_CHAIN, *jump)
+        await iptables_restore("filter", egress_rules(tap, ip, policy), append=None if jumped else {EGRESS_CHAIN: [jump]})
+
+    async def remove_egress(self, tap):
+        """Remove a VM's egress chain and its jump (no error when there is none)."""
+        if self.cfg.firewall and tap:
+            await self.drop_chain(egress_chain(tap))
+
+    async def drop_chain(self, chain):
+        """A per-VM chain: its jump from CBOX-EGRESS, then the chain; in one transaction when
+        the jump is there once (the usual case), else step by step."""
+        jump = self.egress_jump(chain[len(EGRESS_CHAIN_PREFIX):])
+        with contextlib.suppress(CommandError):
+            return await iptables_restore("filter", {}, commands=[" ".join(["-D", EGRESS_CHAIN, *jump]),
+                                                                  f"-F {chain}", f"-X {chain}"])
+        while await self.iptables_ok("filter", "-D", EGRESS_CHAIN, *jump):
+            pass
+        await run_cmd("iptables", "-w", "-t", "filter", "-F", chain, check=False)
+        await run_cmd("iptables", "-w", "-t", "filter", "-X", chain, check=False)
+
+    async def egress_chains(self):
+        """Names of the per-VM egress chains that exist."""
+        out = await run_cmd("iptables", "-w", "-t", "filter", "-S", check=False)
+        return [line.split()[1] for line in out.splitlines()
+                if line.startswith("-N " + EGRESS_CHAIN_PREFIX)]
+
+    async def prune_egress(self, taps):
+        """Remove the egress chains of taps no VM owns (left by a crash between a VM's
+        policy and its record going away)."""
+        if not self.cfg.firewall:
+            return
+        keep = {egress_chain(tap) for tap in taps}
+        for chain in await self.egress_chains():
+            if chain not in keep:
+                log("removing egress chain no VM owns", chain=chain)
+                await self.drop_chain(chain)
 
     async def create_tap(self, tap, ip, mac):
         """A persistent tap on the bridge, isolated from the other ports, up; and a
@@ -1738,6 +1908,15 @@ class Allocator:
         self.cids.add(cid)
         return cid
 
+    def take(self):
+        """A free (IP, CID) pair, both taken, or ApiError 503 with neither taken."""
+        ip = self.take_ip()
+        try:
+            return ip, self.take_cid()
+        except ApiError:
+            self.release(ip, None)
+            raise
+
     def claim(self, ip, cid):
         """Mark an IP and CID of an existing VM as used (adoption)."""
         addr = ipaddress.ip_address(ip)
@@ -1806,17 +1985,88 @@ def check_callback_url(url):
     return url
 
 
+MAX_ALLOW_OUT = 64
+
+
+def check_allow_out(entries):
+    """allowOut: at most MAX_ALLOW_OUT IPv4 networks or addresses, as canonical CIDRs
+    (duplicates dropped). Strict: host bits set ("10.0.0.1/8") is an error, not
+    silently the network, since the writer may have meant the one address."""
+    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+        raise ApiError(400, "network.allowOut must be a list of IPv4 CIDR strings")
+    if len(entries) > MAX_ALLOW_OUT:
+        raise ApiError(400, f"network.allowOut has {len(entries)} entries; at most {MAX_ALLOW_OUT} are allowed")
+    out = []
+    for i, entry in enumerate(entries):
+        try:
+            net = ipaddress.ip_network(entry if len(entry) <= 64 else "-", strict=True)
+        except ValueError as e:
+            raise ApiError(400, f"network.allowOut[{i}]: {entry[:64]!r} is not an IPv4 CIDR or address ({e})") from e
+        if net.version != 4:
+            raise ApiError(400, f"network.allowOut[{i}]: {entry!r} is IPv6; guests have IPv4 only")
+        if str(net) not in out:
+            out.append(str(net))
+    return out
+
+
+def check_network(network, cfg, require_egress=False):
+    """The "network" object of a start request or PUT /network: {"egress": "nat" | "none" |
+    "allowlist", "allowOut": [CIDR]} -> the policy as stored and shown, {"egress", "allowOut"}.
+    allowOut may be non-empty only with allowlist (an empty list is accepted with any
+    mode, so a VM object's network can be sent back as it is)."""
+    if network is None and not require_egress:
+        network = {}
+    if not isinstance(network, dict):
+        raise ApiError(400, "network must be an object: {\"egress\": \"nat\" | \"none\" | \"allowlist\", \"allowOut\": [CIDR]}")
+    unknown = sorted(k for k in network if k not in ("egress", "allowOut"))
+    if unknown:
+        raise ApiError(400, f"network: unknown field(s): {', '.join(unknown)}")
+    if require_egress and network.get("egress") is None:
+        raise ApiError(400, "network: missing required field: egress")
+    egress = network.get("egress")
+    egress = cfg.default_egress if egress is None else egress
+    if egress not in EGRESS_MODES:
+        raise ApiError(400, f"network.egress must be one of {', '.join(EGRESS_MODES)}, got {str(egress)[:64]!r}")
+    if egress != "nat" and not cfg.firewall:
+        raise ApiError(400, f"network.egress {egress!r} needs firewall: true in cbox's config")
+    allow = check_allow_out([] if network.get("allowOut") is None else network["allowOut"])
+    if allow and egress != "allowlist":
+        raise ApiError(400, f"network.allowOut is only allowed with egress 'allowlist' (egress {egress!r} "
+                            f"{'lets everything out' if egress == 'nat' else 'lets nothing out'})")
+    return {"egress": egress, "allowOut": allow}
+
+
+CALLBACK_METHODS_MAX = 64           # names in a VM's callbackMethods
+CALLBACK_METHOD_MAX_CHARS = 128
+
+
+def check_callback_methods(value):
+    """A VM's callbackMethods: None (every method may be called) or a list of method names,
+    without duplicates; [] allows none."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) > CALLBACK_METHODS_MAX:
+        raise ApiError(400, f"'callbackMethods' must be a list of at most {CALLBACK_METHODS_MAX} method names")
+    for name in value:
+        if (not isinstance(name, str) or not 0 < len(name) <= CALLBACK_METHOD_MAX_CHARS
+                or not name.isprintable()):
+            raise ApiError(400, f"'callbackMethods' entries must be 1-{CALLBACK_METHOD_MAX_CHARS} printable characters")
+    return list(dict.fromkeys(value))
+
+
 def validate_start_request(body, cfg):
-    check_fields(body, ("vmName", "callbackUrl", "vcpus", "memoryMb"), required=("vmName",))
+    check_fields(body, ("vmName", "callbackUrl", "callbackMethods", "vcpus", "memoryMb", "network"), required=("vmName",))
     name = check_vm_name(body["vmName"])
     url = check_callback_url(typed(body, "callbackUrl", "str"))
+    methods = check_callback_methods(body.get("callbackMethods"))
     vcpus = typed(body, "vcpus", "int", cfg.default_vcpus)
     memory = typed(body, "memoryMb", "int", cfg.default_memory_mb)
     if not 1 <= vcpus <= cfg.max_vcpus:
         raise ApiError(400, f"vcpus must be 1..{cfg.max_vcpus}")
     if not 64 <= memory <= cfg.max_memory_mb:
         raise ApiError(400, f"memoryMb must be 64..{cfg.max_memory_mb}")
-    return {"name": name, "callback_url": url, "vcpus": vcpus, "memory_mb": memory}
+    return {"vmName": name, "callbackUrl": url, "callbackMethods": methods, "vcpus": vcpus, "memoryMb": memory,
+            "network": check_network(body.get("network"), cfg)}
 
 
 def validate_exec_request(body, cfg):
@@ -1861,27 +2111,50 @@ CALLBACK_LINE_MAX = 1024 * 1024
 CALLBACK_PARSE_OFF_LOOP = 64 * 1024     # lines (and answers) above this are parsed in a thread
 CALLBACK_REFUSAL_PAUSE = 0.1            # a connection refused a callback (rate, in flight) waits this long
 CALLBACK_COUNTERS = ("connections", "callbacks", "refused_connections", "refused_fd_reserve", "refused_in_flight",
-                     "refused_rate", "throttled_bytes", "idle_timeouts", "read_timeouts", "write_timeouts",
-                     "oversize_lines", "bad_requests", "accept_errors", "log_lines_suppressed")
+                     "refused_rate", "refused_method", "throttled_bytes", "idle_timeouts", "read_timeouts",
+                     "write_timeouts", "oversize_lines", "bad_requests", "accept_errors", "log_lines_suppressed")
+CALLBACK_TOTALS = dict.fromkeys(CALLBACK_COUNTERS, 0)   # the same counts over all VMs since cbox.py started
+CALLBACK_REQUEST_FIELDS = {"method", "params", "execId"}
+CALLBACK_EXEC_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def parse_callback_line(line, vm_name):
     """A guest's request line -> (method, body bytes for the callback URL) or (None, error text).
 
     Pure, so large lines can be parsed in a thread; every parse or encode failure
-    (RecursionError included: params may nest deeper than the encoder recurses) is an answer."""
+    (RecursionError included: params may nest deeper than the encoder recurses) is an answer.
+    An "execId" (the calling command's CBOX_EXEC_ID, set by the guest agent) is passed on."""
     try:
         request = json.loads(line)
         if not isinstance(request, dict) or not isinstance(request.get("method"), str) or not request["method"]:
             return None, "callback request must be an object with a non-empty string 'method'"
-        if set(request) - {"method", "params"}:
-            return None, f"unknown callback request field(s): {', '.join(sorted(set(request) - {'method', 'params'}))}"
-        return request["method"], json_bytes({"vmName": vm_name, "method": request["method"],
-                                              "params": request.get("params")})
+        if set(request) - CALLBACK_REQUEST_FIELDS:
+            return None, f"unknown callback request field(s): {', '.join(sorted(set(request) - CALLBACK_REQUEST_FIELDS))}"
+        body = {"vmName": vm_name, "method": request["method"], "params": request.get("params")}
+        if "execId" in request:
+            exec_id = request["execId"]
+            if not isinstance(exec_id, str) or not CALLBACK_EXEC_ID.fullmatch(exec_id):
+                return None, "callback request 'execId' must be 1-64 characters of A-Z a-z 0-9 _ . -"
+            body["execId"] = exec_id
+        return request["method"], json_bytes(body)
     except RecursionError:
         return None, "callback request is nested too deeply"
     except (ValueError, UnicodeDecodeError):
         return None, "callback request is not valid JSON"
+
+
+def callback_headers(secret, vm_name, body, callback_id=None, now=None):
+    """Headers of one POST to a callback URL: X-CBox-VM and a unique X-CBox-Callback-Id
+    always; with a secret, X-CBox-Timestamp (unix seconds) and X-CBox-Signature =
+    "sha256=" + hex HMAC-SHA256(secret, timestamp + "." + body), so the receiver can
+    check who sent it and when (README, "Callbacks": a verifier in a few lines)."""
+    headers = {"X-CBox-VM": vm_name, "X-CBox-Callback-Id": callback_id or uuid.uuid4().hex}
+    if secret:
+        timestamp = str(int(time.time() if now is None else now))
+        digest = hmac.new(secret.encode(), timestamp.encode() + b"." + body, "sha256").hexdigest()
+        headers["X-CBox-Timestamp"] = timestamp
+        headers["X-CBox-Signature"] = f"sha256={digest}"
+    return headers
 
 
 def answer_text(value):
@@ -1972,10 +2245,13 @@ class CallbackBridge:
     The socket is accepted here rather than by asyncio's server, so a full fd table
     (EMFILE) backs off quietly instead of logging a traceback per attempt, and the
     last `fd_reserve` descriptors stay free for the API and the other VMs.
-    `counters` counts every budget hit (for a metrics endpoint; logged at close)."""
+    `counters` counts every budget hit (for a metrics endpoint; logged at close),
+    CALLBACK_TOTALS the same over all VMs."""
 
-    def __init__(self, cfg, vm, clients):
-        self.cfg, self.vm, self.clients = cfg, vm, clients      # clients: the shared URL client pool
+    url_clients = {}       # (scheme, host, port) -> HttpClient, shared by every VM's bridge
+
+    def __init__(self, cfg, vm):
+        self.cfg, self.vm = cfg, vm
         self.counters = dict.fromkeys(CALLBACK_COUNTERS, 0)
         self.tasks = set()                 # one per open connection
         self.in_flight = 0
@@ -2012,7 +2288,7 @@ class CallbackBridge:
                 if e.errno in (errno.ECONNABORTED, errno.EINTR, errno.EAGAIN):
                     continue
                 # EMFILE / ENFILE / ENOBUFS / ENOMEM: wait for descriptors or memory to come back
-                self.counters["accept_errors"] += 1
+                self.count("accept_errors")
                 self.note("callback socket cannot accept", error=repr(os.strerror(e.errno) if e.errno else str(e)),
                           retry_s=f"{backoff:g}")
                 await asyncio.sleep(backoff)
@@ -2034,12 +2310,12 @@ class CallbackBridge:
             reason = f"too many open callback connections (at most {self.cfg.callback_max_connections} per VM)"
             counter = "refused_connections"
         else:
-            self.counters["connections"] += 1
+            self.count("connections")
             task = asyncio.get_running_loop().create_task(self._connection(conn))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
             return True
-        self.counters[counter] += 1
+        self.count(counter)
         self.note("callback connection refused", reason=repr(reason))
         with contextlib.suppress(OSError):
             conn.send(error_line(reason))          # a fresh socket's buffer takes one short line
@@ -2059,11 +2335,15 @@ class CallbackBridge:
             log("callback budgets", vm=self.vm.vmName, suppressed=self.suppressed or None,
                 **{k: v for k, v in self.counters.items() if v})
 
+    def count(self, counter):
+        self.counters[counter] += 1
+        CALLBACK_TOTALS[counter] += 1
+
     def note(self, msg, **fields):
         """A log line, at most callback_log_lines_per_s a second per VM; the rest are counted."""
         if not self.log_lines.take():
             self.suppressed += 1
-            self.counters["log_lines_suppressed"] += 1
+            self.count("log_lines_suppressed")
             return
         log(msg, vm=self.vm.vmName, suppressed=self.suppressed or None, **fields)
         self.suppressed = 0
@@ -2083,7 +2363,7 @@ class CallbackBridge:
                 try:
                     await within(self.cfg.callback_write_timeout_s, loop.sock_sendall(sock, reply))
                 except asyncio.TimeoutError:
-                    self.counters["write_timeouts"] += 1
+                    self.count("write_timeouts")
                     self.note("callback connection closed: the guest does not read its replies")
                     return
                 # sock_recv and sock_sendall finish without yielding when they can: a guest
@@ -2114,7 +2394,7 @@ class CallbackBridge:
                 continue
             scanned = len(buf)
             if scanned > CALLBACK_LINE_MAX:
-                self.counters["oversize_lines"] += 1
+                self.count("oversize_lines")
                 await self._send_final(loop, sock, error_line("callback request larger than 1 MiB"))
                 return None
             if scanned and deadline is None:
@@ -2122,14 +2402,14 @@ class CallbackBridge:
             timeout = self.cfg.callback_idle_timeout_s if deadline is None else deadline - loop.time()
             pause = self.bytes.wait()
             if pause:
-                self.counters["throttled_bytes"] += 1
+                self.count("throttled_bytes")
                 await asyncio.sleep(pause)
             want = min(256 * 1024, CALLBACK_LINE_MAX + 1 - scanned)
             try:
                 data = await within(max(timeout, 0.0), loop.sock_recv(sock, want))
             except asyncio.TimeoutError:
                 what = "idle_timeouts" if deadline is None else "read_timeouts"
-                self.counters[what] += 1
+                self.count(what)
                 if deadline is not None:
                     await self._send_final(loop, sock, error_line(
                         f"callback request not received within {fmt_seconds(self.cfg.callback_read_timeout_s)}"))
@@ -2147,36 +2427,51 @@ class CallbackBridge:
         """(reply line, refused) for one request line, within the VM's rate and in-flight budgets."""
         t0 = time.monotonic()
         if not self.calls.take():
-            self.counters["refused_rate"] += 1
+            self.count("refused_rate")
             self.note("callback refused", reason="rate")
             return error_line(f"too many callbacks (at most {self.cfg.callback_rate_per_s:g} a second per VM)"), True
         if self.in_flight >= self.cfg.callback_max_in_flight:
-            self.counters["refused_in_flight"] += 1
+            self.count("refused_in_flight")
             self.note("callback refused", reason="in_flight")
             return error_line(f"too many callbacks in flight (at most {self.cfg.callback_max_in_flight} per VM)"), True
         self.in_flight += 1
         try:
-            self.counters["callbacks"] += 1
+            self.count("callbacks")
             method, body = await off_loop_if_large(len(line), parse_callback_line, line, self.vm.vmName)
             if method is None:
-                self.counters["bad_requests"] += 1
+                self.count("bad_requests")
                 return error_line(body), False
-            reply = await self.forward(body)
+            if not self.method_allowed(method):
+                return error_line(f"callback method {method[:60]!r} is not in this VM's callbackMethods"), False
+            callback_id = uuid.uuid4().hex
+            reply = await self.forward(body, callback_id)
         finally:
             self.in_flight -= 1
-        self.note("callback", method=repr(method[:60]), ok=not reply.startswith(b'{"error"'),
+        self.note("callback", method=repr(method[:60]), id=callback_id, ok=not reply.startswith(b'{"error"'),
                   ms=f"{(time.monotonic() - t0) * 1000:.1f}")
         return reply, False
 
-    async def forward(self, body):
+    def method_allowed(self, method):
+        """Whether the VM's callbackMethods (None: all) allow the method; a refusal is counted."""
+        allowed = self.vm.callbackMethods
+        if allowed is None or method in allowed:
+            return True
+        self.count("refused_method")
+        self.note("callback refused", reason="method", method=repr(method[:60]))
+        return False
+
+    async def forward(self, body, callback_id):
         url = self.vm.callbackUrl
         if not url:
             return error_line(f"VM '{self.vm.vmName}' has no callbackUrl")
         parts = urllib.parse.urlsplit(url)
         client = self.callback_client(parts)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        headers = await off_loop_if_large(len(body), callback_headers, self.cfg.callback_secret,
+                                          self.vm.vmName, body, callback_id)
         try:
-            status, _, data = await client.request("POST", target, body, timeout=self.cfg.callback_timeout_s)
+            status, _, data = await client.request("POST", target, body, timeout=self.cfg.callback_timeout_s,
+                                                   headers=headers)
         except HttpError as e:
             return error_line(f"callback URL {url} failed: {e}")
         return await off_loop_if_large(len(data), callback_reply, url, status, data)
@@ -2184,58 +2479,39 @@ class CallbackBridge:
     def callback_client(self, parts):
         port = parts.port or (443 if parts.scheme == "https" else 80)
         key = (parts.scheme, parts.hostname, port)
-        client = self.clients.get(key)
+        client = self.url_clients.get(key)
         if client is None:
             client = HttpClient(host=parts.hostname, port=port, tls=parts.scheme == "https",
                                 max_body=16 * 1024 * 1024, quick_ack=True)
-            self.clients[key] = client
+            self.url_clients[key] = client
         return client
 
+    @classmethod
+    def close_url_clients(cls):
+        for client in cls.url_clients.values():
+            client.close()
+        cls.url_clients.clear()
+
 
 # =============================================================================
-# 7. VM manager
+# 7. VMs (one VM: its record, files, hypervisor, readers, and how it ends)
 # =============================================================================
 
-class VM:
-    """One VM: its public fields, its files, and its live runtime (process, clients, listener)."""
-
-    RECORD_FIELDS = ("vmName", "status", "ip", "tapDeviceName", "callbackUrl", "cid", "vcpus",
-                     "memoryMb", "createdAt", "phase", "pid", "pidStart", "mac", "error", "stopReason")
-
-    def __init__(self, **fields):
-        for key in self.RECORD_FIELDS:
-            setattr(self, key, fields.get(key))
-        self.lock = asyncio.Lock()
-        self.watch = None          # ProcessWatch of the VMM
-        self.chv = None            # CloudHypervisor client
-        self.agent = None          # GuestAgent client
-        self.callback_server = None
-        self.console = None        # ConsoleLog
-        self.serial = None         # SerialConsole reading the VMM's serial socket
-        self.events = None         # EventMonitor reading the VMM's event FIFO
-        self.reset = None          # (stopReason, message) of a reset seen while starting
-        self.vmm_log_trimmed = 0   # disk bytes freed from the VMM's log (bound_vmm_logs)
-        self.paths = None          # VmPaths, set by the manager that made or adopted it
-
-    @property
-    def address(self):
-        return self.ip.split("/")[0]
-
-    def api(self):
-        return {k: getattr(self, k) for k in ("vmName", "status", "ip", "tapDeviceName", "callbackUrl",
-                                               "cid", "vcpus", "memoryMb", "createdAt", "stopReason")}
-
-    def record(self):
-        return {k: getattr(self, k) for k in self.RECORD_FIELDS}
+# Disk serials the guest's initramfs finds its disks by (/sys/block/vd*/serial; at
+# most 20 bytes, VIRTIO_BLK_ID_BYTES, checked by CHV's DiskConfig::validate).
+# cbox.state=<serial> on the kernel command line promises the state disk: a guest
+# that cannot mount it writable powers off instead of running on a tmpfs.
+ROOTFS_SERIAL = "cbox-rootfs"
+STATE_SERIAL = "cbox-state"
 
 
 class VmPaths:
     """Where a VM's files live: records and disks in state_dir, sockets in the short run_dir."""
 
-    def __init__(self, cfg, vm):
-        self.vm_dir = Path(cfg.path(cfg.state_dir), "vms", vm.vmName)
-        self.record = Path(cfg.path(cfg.state_dir), "vms", vm.vmName + ".json")
-        self.run_dir = Path(cfg.path(cfg.run_dir), str(vm.cid))
+    def __init__(self, cfg, vm_name, cid):
+        self.vm_dir = Path(cfg.path(cfg.state_dir), "vms", vm_name)
+        self.record = Path(cfg.path(cfg.state_dir), "vms", vm_name + ".json")
+        self.run_dir = Path(cfg.path(cfg.run_dir), str(cid))
         self.api_socket = self.run_dir / "api.sock"
         self.vsock_socket = self.run_dir / "vsock.sock"
         self.callback_socket = Path(f"{self.vsock_socket}_{cfg.callback_port}")
@@ -2277,186 +2553,192 @@ class StepClock:
         return (time.monotonic() - self.t0) * 1000
 
 
-@contextlib.contextmanager
-def agent_errors():
-    """A guest agent's refusal or silence as the API's answer."""
-    try:
-        yield
-    except AgentError as e:
-        raise ApiError(e.status, str(e)) from e
+class VM:
+    """One VM: its public fields and record on disk, its files (VmPaths), and its live
+    runtime: the VMM's process and API, the guest agent's client, the callback bridge,
+    the console and event readers. It decides how it ended (stopReason) and sets
+    `ended`; the manager then frees what it holds on the host.
 
+    phase: starting -> running -> dead (ended by itself) or destroying (DELETE)."""
 
-# Disk serials the guest's initramfs finds its disks by (/sys/block/vd*/serial; at
-# most 20 bytes, VIRTIO_BLK_ID_BYTES, checked by CHV's DiskConfig::validate).
-# cbox.state=<serial> on the kernel command line promises the state disk: a guest
-# that cannot mount it writable powers off instead of running on a tmpfs.
-ROOTFS_SERIAL = "cbox-rootfs"
-STATE_SERIAL = "cbox-state"
+    RECORD_FIELDS = ("vmName", "status", "ip", "tapDeviceName", "callbackUrl", "callbackMethods", "cid", "vcpus",
+                     "memoryMb", "createdAt", "phase", "pid", "pidStart", "mac", "error", "stopReason", "network")
+    API_FIELDS = ("vmName", "status", "ip", "tapDeviceName", "callbackUrl", "callbackMethods", "cid", "vcpus",
+                  "memoryMb", "createdAt", "stopReason", "network")
 
-
-class VMManager:
-    """All VMs: lifecycle, persistence, supervision, exec forwarding and callbacks."""
-
-    def __init__(self, cfg, network):
+    def __init__(self, cfg, **fields):
+        for key in self.RECORD_FIELDS:
+            setattr(self, key, fields.get(key))
         self.cfg = cfg
-        self.net = network
-        self.alloc = Allocator(cfg.bridge_subnet, ipaddress.ip_interface(cfg.bridge_ip).ip)
-        self.vms = {}
-        self.callback_clients = {}
-        self.records_dir = Path(cfg.path(cfg.state_dir), "vms")
-        self.disks = StatefulDisks(Path(cfg.path(cfg.state_dir), "templates"))
-        self.prefix = ipaddress.ip_network(cfg.bridge_subnet).prefixlen
-        self.gateway = str(ipaddress.ip_interface(cfg.bridge_ip).ip)
-        self.dns = host_resolvers() if cfg.dns == "auto" else [d.strip() for d in cfg.dns.split(",") if d.strip()]
+        self.paths = VmPaths(cfg, self.vmName, self.cid)
+        self.lock = asyncio.Lock()
+        self.ended = asyncio.Event()   # set once it stopped by itself (mark_stopped)
+        self.watch = None              # ProcessWatch of the VMM
+        self.chv = None                # CloudHypervisor client
+        self.agent = None              # GuestAgent client
+        self.callbacks = None          # CallbackBridge
+        self.console = None            # ConsoleLog
+        self.serial = None             # SerialConsole reading the VMM's serial socket
+        self.events = None             # EventMonitor reading the VMM's event FIFO
+        self.tasks = set()             # watching the VMM's exit and the serial connection
+        self.reset = None              # (stopReason, message) of a reset seen while starting
+        self.vmm_log_trimmed = 0       # disk bytes freed from the VMM's log (bound_vmm_log)
 
-    # ---- persistence --------------------------------------------------------
+    @property
+    def address(self):
+        return self.ip.split("/")[0]
 
-    def save(self, vm):
-        write_atomically(vm.paths.record, json.dumps(vm.record(), indent=1).encode())
+    def api(self):
+        return {k: getattr(self, k) for k in self.API_FIELDS}
 
-    def forget(self, vm):
-        try:
-            vm.paths.record.unlink()
-        except FileNotFoundError:
-            pass
+    def record(self):
+        return {k: getattr(self, k) for k in self.RECORD_FIELDS}
 
-    # ---- start ---------------------------------------------------------------
+    # ---- the record on disk ------------------------------------------------------
 
-    def check_capacity(self, memory_mb):
-        if len(self.vms) >= self.cfg.max_vms:
-            raise ApiError(503, f"max_vms ({self.cfg.max_vms}) VMs are running")
-        budget = host_memory_mb() * self.cfg.guest_mem_percentage // 100
-        used = sum(vm.memoryMb for vm in self.vms.values())
-        if used + memory_mb > budget:
-            raise ApiError(503, f"not enough memory: {used} MB of {budget} MB "
-                                f"(guest_mem_percentage={self.cfg.guest_mem_percentage}) in use, {memory_mb} MB asked")
+    def save(self):
+        write_atomically(self.paths.record, json.dumps(self.record(), indent=1).encode())
 
-    async def start(self, req):
-        """Start a VM from a validated start request (validate_start_request) and return it
-        RUNNING; on any failure it is torn down and ApiError says at which step."""
-        name = req["name"]
-        if name in self.vms:
-            raise ApiError(409, f"VM '{name}' already exists")
-        self.check_capacity(req["memory_mb"])
-        ip = self.alloc.take_ip()
-        try:
-            cid = self.alloc.take_cid()
-        except ApiError:
-            self.alloc.release(ip, None)
-            raise
-        vm = VM(vmName=name, status="CREATED", ip=f"{ip}/{self.prefix}", tapDeviceName=tap_name(cid),
-                callbackUrl=req["callback_url"], cid=cid, vcpus=req["vcpus"], memoryMb=req["memory_mb"],
-                createdAt=utc_now(), phase="starting", mac=mac_for(ip))
-        vm.paths = VmPaths(self.cfg, vm)
-        self.vms[name] = vm
-        async with vm.lock:
-            clock = StepClock(name, "start")
-            try:
-                await self._start_steps(vm, clock)
-            except Exception as e:
-                if vm.serial:
-                    vm.serial.read_pending()
-                message = f"starting VM '{name}' failed at step {clock.current}: {e}; console: {console_tail(self.console_log(vm))}"
-                log("start failed", vm=name, step=clock.current, error=repr(str(e)))
-                await self.teardown(vm, graceful=False)
-                raise ApiError(e.status if isinstance(e, ApiError) else 500, message) from e
-        log("VM running", vm=name, ip=vm.ip, cid=cid, ms=f"{clock.total_ms():.1f}")
+    def forget(self):
+        with contextlib.suppress(FileNotFoundError):
+            self.paths.record.unlink()
+
+    @classmethod
+    def from_record(cls, cfg, path):
+        """The VM a record file describes; ValueError (or TypeError, ApiError) when it is unusable."""
+        vm = cls(cfg, **{k: v for k, v in json.loads(path.read_text()).items() if k in cls.RECORD_FIELDS})
+        check_vm_name(vm.vmName)
+        if path.name != vm.vmName + ".json":
+            raise ValueError("record name does not match its file")
+        vm.network = vm.recorded_network()
         return vm
 
-    async def _start_steps(self, vm, clock):
-        paths = vm.paths
-        with clock.step("record"):
-            self.records_dir.mkdir(parents=True, exist_ok=True)
-            self.save(vm)                   # written first: a crash from here on is cleaned up at restart
-        with clock.step("files"):
-            remove_tree(paths.vm_dir)     # only a crash can have left one without a record
-            paths.vm_dir.mkdir(parents=True)
-            remove_tree(paths.run_dir)    # stale sockets would make cloud-hypervisor fail
-            paths.run_dir.mkdir(parents=True)
-            EventMonitor.make_fifo(paths.events_fifo)
-        with clock.step("disk"):
-            await self.disks.create(paths.disk, self.cfg.stateful_size_in_mb)
-        with clock.step("tap"):
-            await self.net.create_tap(vm.tapDeviceName, vm.address, vm.mac)
-        with clock.step("spawn"):
-            self.follow_events(vm)          # the VMM's open of the FIFO blocks without a reader
-            pid = spawn_vmm(self.cfg.chv_bin, paths)
-            vm.pid, vm.pidStart = pid, proc_start_time(pid)
-            vm.watch = ProcessWatch(pid, vm.pidStart, lambda w, vm=vm: self.on_vmm_exit(vm, w))
-            self.save(vm)
-            vm.chv = CloudHypervisor(str(paths.api_socket))
-            await self.wait_for_api(vm)
-        with clock.step("vm.create"):
-            await vm.chv.create(self.vm_config(vm, paths))
-            self.follow_serial(vm)
-        with clock.step("callbacks"):
-            await self.serve_callbacks(vm)
-        with clock.step("vm.boot"):
-            await vm.chv.boot()
-        with clock.step("agent"):
-            vm.agent = self.agent_client(vm)
-            await self.wait_for_agent(vm)
-        vm.status, vm.phase = "RUNNING", "running"
-        self.save(vm)
+    def recorded_network(self):
+        """The egress policy in the record, checked again (its words become iptables rules):
+        nat for a record of an older cbox.py, none (nothing out) for one that does not pass."""
+        if self.network is None:
+            return {"egress": "nat", "allowOut": []}
+        try:
+            return check_network(self.network, self.cfg)
+        except ApiError as e:
+            log("egress policy in the record is unusable: nothing out", vm=self.vmName, error=repr(str(e)))
+            return {"egress": "none", "allowOut": []}
 
-    def vm_config(self, vm, paths):
+    # ---- the hypervisor ------------------------------------------------------------
+
+    def spawn_vmm(self):
+        self.follow_events()          # the VMM's open of the FIFO blocks without a reader
+        pid = spawn_vmm(self.cfg.chv_bin, self.paths)
+        self.pid, self.pidStart = pid, proc_start_time(pid)
+        self.watch_vmm()
+
+    def attach_vmm(self):
+        """Watch the VMM an earlier cbox.py started, when its recorded process still runs."""
+        if not self.pid:     # killed between spawning the VMM and recording its pid
+            self.pid = find_vmm_pid(self.paths.api_socket)
+            self.pidStart = proc_start_time(self.pid) if self.pid else None
+        if self.pid and self.pidStart and proc_start_time(self.pid) == self.pidStart:
+            self.watch_vmm()
+
+    def watch_vmm(self):
+        self.watch = ProcessWatch(self.pid, self.pidStart)
+        self.chv = CloudHypervisor(str(self.paths.api_socket))
+        self.run_task(self.on_vmm_exit())
+
+    def run_task(self, coro):
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def wait_for_api(self, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.watch.alive():
+                raise HypervisorError(f"cloud-hypervisor exited (code {self.watch.exit_code}) before its API "
+                                      f"answered; see {self.paths.chv_out}")
+            try:
+                return await self.chv.ping(timeout=1.0)
+            except HypervisorError as e:
+                if time.monotonic() > deadline:
+                    raise HypervisorError(f"API socket did not answer within {fmt_seconds(timeout)}") from e
+                await asyncio.sleep(0.005)
+
+    def vm_config(self, gateway, dns):
         """The VmConfig for vm.create (validated against Cloud Hypervisor's OpenAPI in the tests)."""
         cfg = self.cfg
         cmdline = " ".join(filter(None, [
             "console=ttyS0 reboot=k panic=-1", cfg.cmdline_extra,
-            f"cbox.vm={vm.vmName}", f"cbox.ip={vm.ip}", f"cbox.gw={self.gateway}",
-            f"cbox.dns={','.join(self.dns)}" if self.dns else "",
+            f"cbox.vm={self.vmName}", f"cbox.ip={self.ip}", f"cbox.gw={gateway}",
+            f"cbox.dns={','.join(dns)}" if dns else "",
             f"cbox.callback_port={cfg.callback_port}", f"cbox.state={STATE_SERIAL}"]))
         payload = {"kernel": cfg.path(cfg.kernel), "cmdline": cmdline}
         if cfg.initramfs:
             payload["initramfs"] = cfg.path(cfg.initramfs)
         return {
             "payload": payload,
-            "cpus": {"boot_vcpus": vm.vcpus, "max_vcpus": vm.vcpus},
-            "memory": {"size": vm.memoryMb * 1024 * 1024},
+            "cpus": {"boot_vcpus": self.vcpus, "max_vcpus": self.vcpus},
+            "memory": {"size": self.memoryMb * 1024 * 1024},
             # image_type Raw: an autodetected raw disk gets its sector-0 writes refused
             # (CHV v51+, vmm/src/device_manager.rs make_virtio_block_device), which
             # turns the stateful ext4 read-only (its superblock is in block 0)
             "disks": [{"path": cfg.path(cfg.rootfs), "readonly": True, "image_type": "Raw",
                        "serial": ROOTFS_SERIAL, "id": "rootfs"},
-                      {"path": str(paths.disk), "readonly": False, "image_type": "Raw",
+                      {"path": str(self.paths.disk), "readonly": False, "image_type": "Raw",
                        "serial": STATE_SERIAL, "id": "stateful"}],
-            "net": [{"tap": vm.tapDeviceName, "mac": vm.mac, "num_queues": 2, "id": "net0"}],
-            "vsock": {"cid": vm.cid, "socket": str(paths.vsock_socket), "id": "vsock0"},
+            "net": [{"tap": self.tapDeviceName, "mac": self.mac, "num_queues": 2, "id": "net0"}],
+            "vsock": {"cid": self.cid, "socket": str(self.paths.vsock_socket), "id": "vsock0"},
             "rng": {"src": "/dev/urandom"},
-            "serial": {"mode": "Socket", "socket": str(paths.serial_socket)},
+            "serial": {"mode": "Socket", "socket": str(self.paths.serial_socket)},
             "console": {"mode": "Off"},
             "pvpanic": True,
         }
 
-    async def wait_for_api(self, vm, timeout=10.0):
-        deadline = time.monotonic() + timeout
-        while True:
-            if not vm.watch.alive():
-                raise HypervisorError(f"cloud-hypervisor exited (code {vm.watch.exit_code}) before its API answered; "
-                                      f"see {vm.paths.chv_out}")
-            try:
-                return await vm.chv.ping(timeout=1.0)
-            except HypervisorError as e:
-                if time.monotonic() > deadline:
-                    raise HypervisorError(f"API socket did not answer within {fmt_seconds(timeout)}") from e
-                await asyncio.sleep(0.005)
+    async def stop_vmm(self, clock, calls):
+        """Ask the VMM to stop with these API actions (vmm.shutdown answers 200 with an empty
+        body, not 204), then kill its process group."""
+        if self.watch and self.watch.alive() and self.chv:
+            for name in calls:
+                with clock.step(name):
+                    try:
+                        await within(self.cfg.shutdown_timeout_s, self.chv.call("PUT", name, timeout=10.0))
+                    except (HypervisorError, asyncio.TimeoutError):
+                        pass
+            with clock.step("exit"):
+                if not await self.watch.wait(self.cfg.shutdown_timeout_s):
+                    log("hypervisor did not exit; killing it", vm=self.vmName, pid=self.pid)
+        if self.watch:
+            self.watch.kill()
+            await self.watch.wait(5.0)
 
-    async def wait_for_agent(self, vm):
+    def bound_vmm_log(self):
+        """Keep the VMM's -v log within vmm_log_max_bytes of disk (see VMManager.bound_vmm_logs)."""
+        freed = punch_out_head(self.paths.chv_log, self.cfg.vmm_log_max_bytes // 2)
+        if freed:
+            self.vmm_log_trimmed += freed
+            if self.vmm_log_trimmed == freed:     # once per VM: the guest may do it all day
+                log("hypervisor log over vmm_log_max_bytes: its oldest part is dropped", vm=self.vmName,
+                    freed=freed)
+
+    # ---- the guest agent and the callback bridge -------------------------------
+
+    def connect_agent(self):
+        self.agent = GuestAgent(self.vmName, self.address, self.cfg.agent_port, self.cfg.exec_output_limit_bytes)
+
+    async def wait_for_agent(self):
         started = time.monotonic()
         deadline = started + self.cfg.boot_timeout_s
         last = "no answer"
         while time.monotonic() < deadline:
-            if not vm.watch.alive():
-                raise HypervisorError(f"the VM stopped while booting (hypervisor exit code {vm.watch.exit_code})")
-            if vm.reset:       # checked again below: the rebooted guest may answer
-                raise HypervisorError(f"{vm.reset[1]} while booting ({vm.reset[0]})")
+            if not self.watch.alive():
+                raise HypervisorError(f"the VM stopped while booting (hypervisor exit code {self.watch.exit_code})")
+            if self.reset:       # checked again below: the rebooted guest may answer
+                raise HypervisorError(f"{self.reset[1]} while booting ({self.reset[0]})")
             # A SYN sent before the guest is up is retransmitted only after 1 s: short
             # attempts notice the agent sooner; after 10 s, longer ones suit a slow guest.
             attempt_timeout = 0.3 if time.monotonic() - started < 10 else 2.0
             try:
-                status = await vm.agent.health(timeout=attempt_timeout)
-                if status == 200 and not vm.reset:
+                status = await self.agent.health(timeout=attempt_timeout)
+                if status == 200 and not self.reset:
                     return
                 last = f"HTTP {status}"
             except AgentError as e:
@@ -2464,75 +2746,103 @@ class VMManager:
             await asyncio.sleep(0.01)
         raise HypervisorError(f"guest agent did not answer within {fmt_seconds(self.cfg.boot_timeout_s)} ({last})")
 
-    def agent_client(self, vm):
-        return GuestAgent(vm.vmName, vm.address, self.cfg.agent_port, self.cfg.exec_output_limit_bytes)
+    def serve_callbacks(self):
+        self.callbacks = CallbackBridge(self.cfg, self)
+        self.callbacks.listen(self.paths.callback_socket)
 
-    # ---- console and hypervisor events -----------------------------------------
+    # ---- the console and the hypervisor's events ---------------------------------
 
-    def console_log(self, vm):
-        if vm.console is None:
-            vm.console = ConsoleLog(vm.paths.vm_dir, self.cfg.console_max_bytes)
-        return vm.console
+    def console_log(self):
+        if self.console is None:
+            self.console = ConsoleLog(self.paths.vm_dir, self.cfg.console_max_bytes)
+        return self.console
 
-    def console_text(self, name):
-        """What GET /logs shows of a VM's serial console (see ConsoleLog.text)."""
-        return self.console_log(self.get(name)).text()
+    def follow_events(self):
+        self.events = EventMonitor(self.paths.events_fifo, self.on_vmm_event)
 
-    def follow_events(self, vm):
-        vm.events = EventMonitor(vm.paths.events_fifo, lambda source, event, props: self.on_vmm_event(vm, source, event, props))
+    def follow_serial(self):
+        """Read the serial console (its socket exists from vm.create on) into the console log."""
+        self.serial = SerialConsole(self.paths.serial_socket, self.console_log().append)
+        self.run_task(self.watch_serial(self.serial))
 
-    def follow_serial(self, vm):
-        """Read the serial console (its socket exists from vm.create on) into the VM's console log."""
-        vm.serial = SerialConsole(vm.paths.serial_socket, self.console_log(vm).append)
-        asyncio.get_running_loop().create_task(self.watch_serial(vm, vm.serial))
+    def follow_again(self):
+        """Re-open the event FIFO (the VMM still holds its write end) and reconnect to the
+        serial socket (the VMM replays what it buffered meanwhile). A VM without them (started
+        by an older cbox.py) keeps running without events or console."""
+        for what, follow in (("events", self.follow_events), ("serial console", self.follow_serial)):
+            try:
+                follow()
+            except (HypervisorError, OSError) as e:
+                log(f"re-adopted VM has no {what}", vm=self.vmName, error=repr(str(e)))
 
-    async def watch_serial(self, vm, serial):
+    async def watch_serial(self, serial):
         """The VMM closes the serial connection when it rebuilds the VM's devices: a reset
         whose event may have been lost (the FIFO drops events under load). Its -v log has
         every event, so it decides; another client taking the socket over is no reset."""
         await serial.ended.wait()
-        if vm.serial is not serial or vm.phase != "running":
+        if self.serial is not serial or self.phase != "running":
             return
         await asyncio.sleep(0.5)     # the event itself usually follows
-        if vm.phase == "running" and vm.watch.alive():
-            reset = reset_in_vmm_log(vm.paths.chv_log)
+        if self.phase == "running" and self.watch.alive():
+            reset = reset_in_vmm_log(self.paths.chv_log)
             if reset:
-                self.guest_reset(vm, *reset)
+                self.guest_reset(*reset)
             else:
-                log("serial console connection closed by the VMM (another client took it?)", vm=vm.vmName)
+                log("serial console connection closed by the VMM (another client took it?)", vm=self.vmName)
 
-    def on_vmm_event(self, vm, source, event, props):
-        if (source, event) == ("guest", "panic") and props.get("event") == "panic":
-            self.guest_reset(vm, "guest-panic", "the guest kernel panicked")
-        elif (source, event) == ("vm", "rebooting"):
-            self.guest_reset(vm, "guest-reboot", "the guest reset itself (reboot)")
+    def close_clients(self):
+        """Close every client, listener and reader of the VM and stop watching it."""
+        if self.callbacks:
+            self.callbacks.close()
+            self.callbacks = None
+        for client in (self.agent, self.chv):
+            if client:
+                client.close()
+        for reader in (self.serial, self.events, self.console):
+            if reader:
+                reader.close()
+        self.serial = self.events = self.console = None
 
-    def guest_reset(self, vm, reason, message):
+    def stop_watching(self):
+        """Close every client and reader and stop watching the VMM: the VM is gone, or
+        cbox.py stops and leaves it running for the next start."""
+        self.close_clients()
+        for task in list(self.tasks):
+            if task is not asyncio.current_task():
+                task.cancel()
+        if self.watch:
+            self.watch.close()
+
+    # ---- how it ends --------------------------------------------------------------
+
+    def on_vmm_event(self, source, event, props):
+        reset = reset_of_event(source, event, props)
+        if reset:
+            self.guest_reset(*reset)
+
+    def guest_reset(self, reason, message):
         """A reset ends the VM, as in Firecracker: Cloud Hypervisor would reboot it in place
         (vmm/src/lib.rs vm_reboot). A panic (pvpanic) ends it at once, before its reset."""
-        if vm.phase == "starting":
-            vm.reset = vm.reset or (reason, message)      # wait_for_agent fails the start with it
-        elif vm.phase == "running":
-            self.mark_stopped(vm, "FAILED" if reason == "guest-panic" else "STOPPED", reason, message)
+        if self.phase == "starting":
+            self.reset = self.reset or (reason, message)      # wait_for_agent fails the start with it
+        elif self.phase == "running":
+            self.mark_stopped("FAILED" if reason == "guest-panic" else "STOPPED", reason, message)
 
-    # ---- supervision and teardown ---------------------------------------------
+    async def on_vmm_exit(self):
+        await self.watch.exited.wait()
+        if self.agent:
+            self.agent.abort()               # the guest is gone: fail requests in flight now
+        if self.phase == "running" and self.events:
+            self.events.read_pending()       # a panic event written just before the exit
+        if self.phase == "running":          # start, destroy or a reset handle the others
+            self.mark_stopped(*self.exit_reason())
 
-    def on_vmm_exit(self, vm, watch):
-        if vm.agent:
-            vm.agent.abort()               # the guest is gone: fail requests in flight now
-        if vm.phase == "running" and vm.events:
-            vm.events.read_pending()       # a panic event written just before the exit
-        if vm.phase != "running":
-            return                         # start, destroy or a reset handles it
-        self.mark_stopped(vm, *self.exit_reason(vm, watch))
-
-    def exit_reason(self, vm, watch):
+    def exit_reason(self):
         """(status, stopReason, message) for a VMM that exited by itself. Exit code 0 does not
         prove a power-off: a vCPU error or SIGTERM leave the same way (vmm/src/lib.rs control
         loop, EpollDispatch::Exit vs GuestExit); the -v log names the guest's power-off."""
-        paths = vm.paths
-        chv_log = tail_bytes(paths.chv_log, 64 * 1024)
-        code = watch.exit_code
+        chv_log = tail_bytes(self.paths.chv_log, 64 * 1024)
+        code = self.watch.exit_code
         if code is None:        # adopted, not our child: its exit status is gone; the log tells
             if b"Cloud Hypervisor exited successfully" in chv_log:
                 code = 0
@@ -2543,58 +2853,156 @@ class VMManager:
         if code == 0 and b"VM guest exit event" in chv_log:
             return "STOPPED", "guest-poweroff", "the guest powered off"
         if code == 0:
-            return "FAILED", "vmm-crash", f"cloud-hypervisor exited with code 0 without a guest power-off (see {paths.chv_log})"
+            return "FAILED", "vmm-crash", ("cloud-hypervisor exited with code 0 without a guest power-off "
+                                           f"(see {self.paths.chv_log})")
         return "FAILED", "vmm-crash", (f"cloud-hypervisor exited with code {code}" if code is not None else
-                                       "cloud-hypervisor exited with an error") + f" (see {paths.chv_out})"
+                                       "cloud-hypervisor exited with an error") + f" (see {self.paths.chv_out})"
 
-    def mark_stopped(self, vm, status, reason, message):
-        vm.status, vm.stopReason, vm.error, vm.phase = status, reason, message, "dead"
-        if vm.agent:
-            vm.agent.abort()
-        log("VM stopped", vm=vm.vmName, status=status, stopReason=reason, error=repr(message))
-        self.save(vm)
-        asyncio.get_running_loop().create_task(self.release_runtime(vm))
+    def mark_stopped(self, status, reason, message):
+        self.status, self.stopReason, self.error, self.phase = status, reason, message, "dead"
+        if self.agent:
+            self.agent.abort()
+        log("VM stopped", vm=self.vmName, status=status, stopReason=reason, error=repr(message))
+        self.save()
+        self.ended.set()
+
+
+# =============================================================================
+# 8. VM manager (all VMs: start, destroy, adopt at start-up, exec forwarding)
+# =============================================================================
+
+@contextlib.contextmanager
+def agent_errors():
+    """A guest agent's refusal or silence as the API's answer."""
+    try:
+        yield
+    except AgentError as e:
+        raise ApiError(e.status, str(e)) from e
+
+
+class VMManager:
+    """All VMs: composes host resources, allocation and each VM's runtime into a VM's life
+    (start, destroy, re-adoption at start-up), keeps their records, forwards exec requests."""
+
+    def __init__(self, cfg, network):
+        self.cfg = cfg
+        self.net = network
+        self.alloc = Allocator(cfg.bridge_subnet, ipaddress.ip_interface(cfg.bridge_ip).ip)
+        self.vms = {}
+        self.records_dir = Path(cfg.path(cfg.state_dir), "vms")
+        self.disks = StatefulDisks(Path(cfg.path(cfg.state_dir), "templates"))
+        self.prefix = ipaddress.ip_network(cfg.bridge_subnet).prefixlen
+        self.gateway = str(ipaddress.ip_interface(cfg.bridge_ip).ip)
+        self.dns = host_resolvers() if cfg.dns == "auto" else [d.strip() for d in cfg.dns.split(",") if d.strip()]
+
+    def get(self, name):
+        """The VM of that name (a checked one: check_vm_name), else ApiError 404."""
+        vm = self.vms.get(name)
+        if vm is None:
+            raise ApiError(404, f"VM '{name}' not found")
+        return vm
+
+    def running(self, name):
+        """The VM of that name when its guest agent can take requests, else ApiError 409."""
+        vm = self.get(name)
+        if vm.status != "RUNNING" or vm.agent is None:
+            raise ApiError(409, f"VM '{name}' is not running (status {vm.status})")
+        return vm
+
+    # ---- start ---------------------------------------------------------------
+
+    def check_capacity(self, memory_mb):
+        """ApiError 503 unless one more VM of memory_mb fits (max_vms, guest_mem_percentage)."""
+        if len(self.vms) >= self.cfg.max_vms:
+            raise ApiError(503, f"max_vms ({self.cfg.max_vms}) VMs are running")
+        budget = host_memory_mb() * self.cfg.guest_mem_percentage // 100
+        used = sum(vm.memoryMb for vm in self.vms.values())
+        if used + memory_mb > budget:
+            raise ApiError(503, f"not enough memory: {used} MB of {budget} MB "
+                                f"(guest_mem_percentage={self.cfg.guest_mem_percentage}) in use, {memory_mb} MB asked")
+
+    async def start(self, spec):
+        """Start a VM from a validated start request (validate_start_request: vmName, callbackUrl,
+        callbackMethods, vcpus, memoryMb) and return it RUNNING; on any failure it is torn down and ApiError
+        says at which step."""
+        name = spec["vmName"]
+        if name in self.vms:
+            raise ApiError(409, f"VM '{name}' already exists")
+        self.check_capacity(spec["memoryMb"])
+        ip, cid = self.alloc.take()
+        vm = VM(self.cfg, **spec, status="CREATED", ip=f"{ip}/{self.prefix}", tapDeviceName=tap_name(cid),
+                cid=cid, createdAt=utc_now(), phase="starting", mac=mac_for(ip))
+        self.vms[name] = vm
+        async with vm.lock:
+            clock = StepClock(name, "start")
+            try:
+                await self._start_steps(vm, clock)
+            except Exception as e:
+                if vm.serial:
+                    vm.serial.read_pending()
+                message = f"starting VM '{name}' failed at step {clock.current}: {e}; console: {console_tail(vm.console_log())}"
+                log("start failed", vm=name, step=clock.current, error=repr(str(e)))
+                await self.teardown(vm, graceful=False)
+                raise ApiError(e.status if isinstance(e, ApiError) else 500, message) from e
+        log("VM running", vm=name, ip=vm.ip, cid=cid, ms=f"{clock.total_ms():.1f}")
+        return vm
+
+    async def _start_steps(self, vm, clock):
+        paths = vm.paths
+        with clock.step("record"):
+            self.records_dir.mkdir(parents=True, exist_ok=True)
+            vm.save()                   # written first: a crash from here on is cleaned up at restart
+        with clock.step("files"):
+            remove_tree(paths.vm_dir)     # only a crash can have left one without a record
+            paths.vm_dir.mkdir(parents=True)
+            remove_tree(paths.run_dir)    # stale sockets would make cloud-hypervisor fail
+            paths.run_dir.mkdir(parents=True)
+            EventMonitor.make_fifo(paths.events_fifo)
+        with clock.step("disk"):
+            await self.disks.create(paths.disk, self.cfg.stateful_size_in_mb)
+        with clock.step("tap"):
+            await self.net.create_tap(vm.tapDeviceName, vm.address, vm.mac)
+        with clock.step("egress"):
+            await self.net.apply_egress(vm.tapDeviceName, vm.address, vm.network)
+        with clock.step("spawn"):
+            vm.spawn_vmm()
+            self.release_when_ended(vm)
+            vm.save()
+            await vm.wait_for_api()
+        with clock.step("vm.create"):
+            await vm.chv.create(vm.vm_config(self.gateway, self.dns))
+            vm.follow_serial()
+        with clock.step("callbacks"):
+            vm.serve_callbacks()
+        with clock.step("vm.boot"):
+            await vm.chv.boot()
+        with clock.step("agent"):
+            vm.connect_agent()
+            await vm.wait_for_agent()
+        vm.status, vm.phase = "RUNNING", "running"
+        vm.save()
+
+    # ---- how VMs end --------------------------------------------------------------
+
+    def release_when_ended(self, vm):
+        """Free the host side of the VM once it stops by itself (VM.mark_stopped)."""
+        async def wait_and_release():
+            await vm.ended.wait()
+            await self.release_runtime(vm)
+        vm.run_task(wait_and_release())
 
     async def release_runtime(self, vm):
         """Free what a dead VM no longer needs; its record, console log, IP and CID stay until DELETE."""
         async with vm.lock:
             if vm.phase != "dead":
                 return
-            await self.stop_vmm(vm, StepClock(vm.vmName, "stop"), ("vmm.shutdown",))
+            await vm.stop_vmm(StepClock(vm.vmName, "stop"), ("vmm.shutdown",))
             if vm.serial:
                 await vm.serial.wait_end(1.0)      # the console's last bytes
-            self.close_clients(vm)
+            vm.close_clients()
+            await self.net.remove_egress(vm.tapDeviceName)
             await self.net.remove_tap(vm.tapDeviceName, vm.address)
             remove_tree(vm.paths.run_dir)
-
-    async def stop_vmm(self, vm, clock, calls):
-        """Ask the VMM to stop with these API actions (vmm.shutdown answers 200 with an empty
-        body, not 204), then kill its process group."""
-        if vm.watch and vm.watch.alive() and vm.chv:
-            for name in calls:
-                with clock.step(name):
-                    try:
-                        await within(self.cfg.shutdown_timeout_s, vm.chv.call("PUT", name, timeout=10.0))
-                    except (HypervisorError, asyncio.TimeoutError):
-                        pass
-            with clock.step("exit"):
-                if not await vm.watch.wait(self.cfg.shutdown_timeout_s):
-                    log("hypervisor did not exit; killing it", vm=vm.vmName, pid=vm.pid)
-        if vm.watch:
-            vm.watch.kill()
-            await vm.watch.wait(5.0)
-
-    def close_clients(self, vm):
-        if vm.callback_server:
-            vm.callback_server.close()
-            vm.callback_server = None
-        for client in (vm.agent, vm.chv):
-            if client:
-                client.close()
-        for reader in (vm.serial, vm.events, vm.console):
-            if reader:
-                reader.close()
-        vm.serial = vm.events = vm.console = None
 
     async def teardown(self, vm, graceful, clock=None):
         """Undo everything a VM holds: process, listener, tap, files, record, IP and CID."""
@@ -2603,14 +3011,15 @@ class VMManager:
         if graceful and vm.status == "RUNNING" and vm.agent:
             with clock.step("sync"):     # let the guest flush its stateful disk before the VM goes away
                 await vm.agent.sync()
-        await self.stop_vmm(vm, clock, ("vm.shutdown", "vm.delete", "vmm.shutdown"))
-        self.close_clients(vm)
+        await vm.stop_vmm(clock, ("vm.shutdown", "vm.delete", "vmm.shutdown"))
+        vm.stop_watching()
         with clock.step("tap"):
+            await self.net.remove_egress(vm.tapDeviceName)
             await self.net.remove_tap(vm.tapDeviceName, vm.address)
         with clock.step("files"):
             remove_tree(paths.run_dir)
             remove_tree(paths.vm_dir)
-            self.forget(vm)
+            vm.forget()
         self.alloc.release(vm.address, vm.cid)
         if self.vms.get(vm.vmName) is vm:
             del self.vms[vm.vmName]
@@ -2625,7 +3034,7 @@ class VMManager:
             graceful = vm.phase == "running"
             vm.phase = "destroying"
             vm.stopReason = vm.stopReason or "destroyed"
-            self.save(vm)
+            vm.save()
             await self.teardown(vm, graceful, clock)
         log("VM destroyed", vm=name, stopReason="destroyed", ms=f"{clock.total_ms():.1f}")
 
@@ -2635,54 +3044,43 @@ class VMManager:
         results = await asyncio.gather(*(self.destroy(n) for n in names), return_exceptions=True)
         return [n for n, r in zip(names, results) if r is None]
 
-    def get(self, name):
-        """The VM of that name (a checked one: check_vm_name), else ApiError 404."""
-        vm = self.vms.get(name)
-        if vm is None:
-            raise ApiError(404, f"VM '{name}' not found")
-        return vm
-
-    # ---- adoption at start-up -------------------------------------------------
+    # ---- adoption at start-up, upkeep and shutdown ------------------------------
 
     async def adopt_all(self):
-        """Re-adopt VMs whose hypervisor still answers; clean up everything else."""
+        """Re-adopt VMs whose hypervisor still answers; clean up everything else, egress
+        chains of VMs that are gone included."""
         self.records_dir.mkdir(parents=True, exist_ok=True)
         for path in sorted(self.records_dir.glob("*.json")):
             try:
-                vm = VM(**{k: v for k, v in json.loads(path.read_text()).items() if k in VM.RECORD_FIELDS})
-                check_vm_name(vm.vmName)
-                if path.name != vm.vmName + ".json":
-                    raise ValueError("record name does not match its file")
+                vm = VM.from_record(self.cfg, path)
                 self.alloc.claim(vm.address, vm.cid)
             except (ValueError, TypeError, ApiError, AttributeError, OSError) as e:
                 log("ignoring unreadable VM record", file=path, error=repr(str(e)))
                 continue
-            vm.paths = VmPaths(self.cfg, vm)
             self.vms[vm.vmName] = vm
             await self.adopt(vm)
+        await self.net.prune_egress([vm.tapDeviceName for vm in self.vms.values() if vm.phase == "running"])
 
     async def adopt(self, vm):
-        paths = vm.paths
-        if not vm.pid:     # killed between spawning the VMM and recording its pid
-            vm.pid = find_vmm_pid(paths.api_socket)
-            vm.pidStart = proc_start_time(vm.pid) if vm.pid else None
-        if vm.pid and vm.pidStart and proc_start_time(vm.pid) == vm.pidStart:
-            vm.watch = ProcessWatch(vm.pid, vm.pidStart, lambda w, vm=vm: self.on_vmm_exit(vm, w))
-            vm.chv = CloudHypervisor(str(paths.api_socket))
+        """Take over a VM from its record: watch it again when its VMM still runs it, keep the
+        record of one that ended (freeing the rest), tear down anything half started."""
+        vm.attach_vmm()
         if vm.phase == "running" and vm.watch and vm.watch.alive():
             try:
                 info = await vm.chv.info()
                 if info.get("state") != "Running":
                     raise HypervisorError(f"VM state is {info.get('state')}")
-                vm.agent = self.agent_client(vm)
-                await self.serve_callbacks(vm)
-                self.follow_again(vm)
+                await self.net.apply_egress(vm.tapDeviceName, vm.address, vm.network)   # as recorded
+                vm.connect_agent()
+                vm.serve_callbacks()
+                vm.follow_again()
+                self.release_when_ended(vm)
                 log("VM re-adopted", vm=vm.vmName, pid=vm.pid, ip=vm.ip)
-                reset = reset_in_vmm_log(paths.chv_log)      # while nobody read the events
+                reset = reset_in_vmm_log(vm.paths.chv_log)      # while nobody read the events
                 if reset:
-                    self.guest_reset(vm, *reset)
+                    vm.guest_reset(*reset)
                 return
-            except (HypervisorError, OSError) as e:
+            except (HypervisorError, CommandError, OSError) as e:
                 log("cannot re-adopt VM; cleaning it up", vm=vm.vmName, error=repr(str(e)))
         elif vm.phase == "dead":
             await self.release_runtime(vm)
@@ -2693,16 +3091,6 @@ class VMManager:
         vm.phase = "destroying"
         await self.teardown(vm, graceful=False)
 
-    def follow_again(self, vm):
-        """Re-open the event FIFO (the VMM still holds its write end) and reconnect to the
-        serial socket (the VMM replays what it buffered meanwhile). A VM without them (started
-        by an older cbox.py) keeps running without events or console."""
-        for what, follow in (("events", self.follow_events), ("serial console", self.follow_serial)):
-            try:
-                follow(vm)
-            except (HypervisorError, OSError) as e:
-                log(f"re-adopted VM has no {what}", vm=vm.vmName, error=repr(str(e)))
-
     async def bound_vmm_logs(self):
         """Keep each hypervisor's -v log within vmm_log_max_bytes of disk, for as long as
         cbox.py runs: a guest can make its VMM log at will (every pvpanic write and virtio
@@ -2710,32 +3098,32 @@ class VMManager:
         while True:
             await asyncio.sleep(VMM_LOG_CHECK_S)
             for vm in list(self.vms.values()):
-                freed = punch_out_head(vm.paths.chv_log, self.cfg.vmm_log_max_bytes // 2)
-                if freed:
-                    vm.vmm_log_trimmed += freed
-                    if vm.vmm_log_trimmed == freed:     # once per VM: the guest may do it all day
-                        log("hypervisor log over vmm_log_max_bytes: its oldest part is dropped", vm=vm.vmName,
-                            freed=freed)
+                vm.bound_vmm_log()
 
     async def shutdown(self):
         """cbox.py is stopping: destroy VMs if configured, else leave them running for the next start."""
         if self.cfg.destroy_on_exit:
             await self.destroy_all()
         for vm in list(self.vms.values()):
-            self.close_clients(vm)
-            if vm.watch and vm.watch.pidfd is not None:
-                asyncio.get_running_loop().remove_reader(vm.watch.pidfd)
-        for client in self.callback_clients.values():
-            client.close()
+            vm.stop_watching()
+        CallbackBridge.close_url_clients()
+
+    # ---- egress policy ------------------------------------------------------------
+
+    async def set_network(self, name, policy):
+        """Change a running VM's egress policy (checked by check_network): in force, then
+        recorded; when putting it in force fails, the old one stays in force and recorded."""
+        vm = self.running(name)
+        async with vm.lock:
+            if self.vms.get(name) is not vm or vm.phase != "running":
+                raise ApiError(409, f"VM '{name}' is not running (status {vm.status})")
+            await self.net.apply_egress(vm.tapDeviceName, vm.address, policy)
+            vm.network = policy
+            vm.save()
+        log("egress policy changed", vm=name, egress=policy["egress"], allowOut=",".join(policy["allowOut"]) or None)
+        return vm
 
     # ---- exec -----------------------------------------------------------------
-
-    def running(self, name):
-        """The VM of that name when its guest agent can take requests, else ApiError 409."""
-        vm = self.get(name)
-        if vm.status != "RUNNING" or vm.agent is None:
-            raise ApiError(409, f"VM '{name}' is not running (status {vm.status})")
-        return vm
 
     async def exec(self, name, agent_body, blocking, timeout):
         """Run a command in the VM (POST /exec of the guest agent) from a validated exec request
@@ -2745,26 +3133,24 @@ class VMManager:
             return await vm.agent.exec(agent_body, timeout=(timeout + 15.0) if blocking else 15.0)
 
     async def exec_status(self, name, exec_id):
-        """The state of a background exec."""
-        vm, exec_id = self.running(name), check_exec_id(exec_id)
+        """The state of a background exec (exec_id checked: check_exec_id)."""
+        vm = self.running(name)
         with agent_errors():
             return await vm.agent.status(exec_id)
 
     async def exec_kill(self, name, exec_id):
-        """Kill a background exec."""
-        vm, exec_id = self.running(name), check_exec_id(exec_id)
+        """Kill a background exec (exec_id checked: check_exec_id)."""
+        vm = self.running(name)
         with agent_errors():
             return await vm.agent.kill(exec_id)
 
-    # ---- callbacks (guest -> vsock socket -> cbox -> callbackUrl) --------------
-
-    async def serve_callbacks(self, vm):
-        vm.callback_server = CallbackBridge(self.cfg, vm, self.callback_clients)
-        vm.callback_server.listen(vm.paths.callback_socket)
+    def console_text(self, name):
+        """What GET /logs shows of a VM's serial console (see ConsoleLog.text)."""
+        return self.get(name).console_log().text()
 
 
 # =============================================================================
-# 8. REST server
+# 9. REST server
 # =============================================================================
 
 def log_request(method, target, status, t0, vm_name=None):
@@ -2804,6 +3190,7 @@ class RestServer:
             (re.compile(r"^/v1/vms$"), {"GET": self.list_vms, "POST": self.start_vm, "DELETE": self.destroy_all}),
             (re.compile(r"^/v1/vms/(?P<name>[^/]+)$"), {"GET": self.get_vm, "DELETE": self.destroy_vm}),
             (re.compile(r"^/v1/vms/(?P<name>[^/]+)/logs$"), {"GET": self.logs}),
+            (re.compile(r"^/v1/vms/(?P<name>[^/]+)/network$"), {"PUT": self.put_network}),
         ]
 
     async def start(self):
@@ -2941,6 +3328,8 @@ class RestServer:
             request.path, request.params = path, {k: urllib.parse.unquote(v) for k, v in m.groupdict().items()}
             if "name" in request.params:
                 check_vm_name(request.params["name"])
+            if "exec_id" in request.params:
+                check_exec_id(request.params["exec_id"])
             if split.query:
                 request.query = urllib.parse.parse_qs(split.query)
             if reader is None or handler not in self.abandonable:
@@ -2974,12 +3363,16 @@ class RestServer:
 
     async def start_vm(self, req):
         spec = validate_start_request(parse_json_body(req.body), self.cfg)
-        req.vm_name = spec["name"]
+        req.vm_name = spec["vmName"]
         vm = await self.manager.start(spec)
         return vm.api()
 
     async def get_vm(self, req):
         return self.manager.get(req.params["name"]).api()
+
+    async def put_network(self, req):
+        policy = check_network(parse_json_body(req.body), self.cfg, require_egress=True)
+        return (await self.manager.set_network(req.params["name"], policy)).api()
 
     async def destroy_vm(self, req):
         await self.manager.destroy(req.params["name"])
@@ -3003,7 +3396,7 @@ class RestServer:
 
 
 # =============================================================================
-# 9. CLI
+# 10. CLI
 # =============================================================================
 
 def resolve_chv_bin(cfg):
@@ -3027,8 +3420,8 @@ def preflight(cfg):
     if os.geteuid() != 0:
         problems.append("not root: creating the bridge, taps and iptables rules needs root")
     for tool, package in (("ip", "iproute2"), ("mke2fs", "e2fsprogs"), ("tune2fs", "e2fsprogs"),
-                          ("iptables", "iptables")):
-        if not shutil.which(tool) and (tool != "iptables" or cfg.firewall):
+                          ("iptables", "iptables"), ("iptables-restore", "iptables")):
+        if not shutil.which(tool) and (not tool.startswith("iptables") or cfg.firewall):
             problems.append(f"{tool} is not installed (Debian package {package})")
     return problems
 
@@ -3039,7 +3432,34 @@ def missing_images(cfg):
             if getattr(cfg, key) and not os.access(cfg.path(getattr(cfg, key)), os.R_OK)]
 
 
+class SystemdNotifier:
+    """Tells systemd (a Type=notify unit) when cbox.py is ready and when it stops, by one
+    datagram to $NOTIFY_SOCKET (sd_notify(3)'s protocol; '@' starts an abstract name).
+    Without NOTIFY_SOCKET it does nothing. The variable is taken out of the environment
+    so the hypervisors cbox.py starts do not inherit it."""
+
+    def __init__(self, environ=os.environ):
+        address = environ.pop("NOTIFY_SOCKET", "")
+        if address.startswith("@"):
+            address = "\0" + address[1:]
+        elif address and not address.startswith("/"):
+            log("NOTIFY_SOCKET is neither a path nor an abstract name: not notifying systemd", address=address)
+            address = ""
+        self.address = address
+
+    def notify(self, *assignments):
+        if not self.address:
+            return
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                sock.connect(self.address)
+                sock.sendall("\n".join(assignments).encode())
+        except OSError as e:
+            log("cannot notify systemd", state=assignments[0], error=repr(os.strerror(e.errno) if e.errno else str(e)))
+
+
 async def serve(cfg):
+    notifier = SystemdNotifier()
     if os.geteuid() != 0:
         log("not running as root: creating taps, the bridge and iptables rules will fail", level="WARNING")
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_token:
@@ -3063,7 +3483,9 @@ async def serve(cfg):
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    notifier.notify("READY=1", f"STATUS=serving on {cfg.host}:{cfg.port}, {len(manager.vms)} VM(s) adopted")
     await stop.wait()
+    notifier.notify("STOPPING=1", "STATUS=stopping" + (": destroying every VM" if cfg.destroy_on_exit else ""))
     log("stopping", vms=len(manager.vms), destroy_on_exit=cfg.destroy_on_exit)
     log_bounds.cancel()
     await server.stop()
@@ -3527,7 +3949,7 @@ class Selftest:
                 "or in the hypervisor?")
         vm = self.local_vm or (SimpleVM(self.vm) if self.vm else None)
         if vm:    # the hypervisor's own words about vsock, while the VM still runs
-            log_text = tail_file(VmPaths(self.cfg, vm).chv_log, 64 * 1024)
+            log_text = tail_file(VmPaths(self.cfg, vm.vmName, vm.cid).chv_log, 64 * 1024)
             said = [line for line in log_text.splitlines() if "vsock" in line.lower()
                     and re.search(r"not available|unavailable|error|fail", line, re.I)]
             if said:
@@ -3583,7 +4005,7 @@ class Selftest:
                 found.append(str(path))
         vm = self.local_vm or (SimpleVM(self.vm) if self.vm else None)
         if vm:
-            run_dir = VmPaths(cfg, vm).run_dir
+            run_dir = VmPaths(cfg, vm.vmName, vm.cid).run_dir
             if run_dir.exists():
                 found.append(str(run_dir))
             if vm.tapDeviceName and interface_exists(vm.tapDeviceName):
@@ -3688,14 +4110,31 @@ def client_call(args, method, path, body=None, timeout=None, text=False):
         sys.exit(f"cbox: cannot reach {args.server}: {e.reason} (is `cbox.py serve` running?)")
 
 
+def cli_network(args):
+    """The "network" object of `vm start` / `vm network` from --egress and --allow-out
+    (--allow-out alone means allowlist); None when neither is given."""
+    if args.egress is None and not args.allow_out:
+        return None
+    network = {"egress": args.egress or "allowlist"}
+    if args.allow_out:
+        network["allowOut"] = args.allow_out
+    return network
+
+
+def fmt_egress(vm):
+    network = vm.get("network") or {}
+    return ",".join([network.get("egress") or "?", *network.get("allowOut", [])])
+
+
 def cli_vm(args):
     if args.vm_cmd == "start":
         body = {"vmName": args.name}
-        for key, value in (("callbackUrl", args.callback_url), ("vcpus", args.vcpus), ("memoryMb", args.memory_mb)):
+        for key, value in (("callbackUrl", args.callback_url), ("callbackMethods", args.callback_method),
+                           ("vcpus", args.vcpus), ("memoryMb", args.memory_mb), ("network", cli_network(args))):
             if value is not None:
                 body[key] = value
         vm = client_call(args, "POST", "/v1/vms", body)
-        print(f"{vm['vmName']} {vm['status']} ip={vm['ip']} cid={vm['cid']}")
+        print(f"{vm['vmName']} {vm['status']} ip={vm['ip']} cid={vm['cid']} egress={fmt_egress(vm)}")
     elif args.vm_cmd == "ls":
         vms = client_call(args, "GET", "/v1/vms")["vms"]
         print(f"{'NAME':24} {'STATUS':8} {'IP':18} {'CID':>5} {'VCPUS':>5} {'MEM_MB':>6}  CREATED")
@@ -3712,6 +4151,18 @@ def cli_vm(args):
             print(f"{name} destroyed")
     elif args.vm_cmd == "logs":
         sys.stdout.write(client_call(args, "GET", vm_path(args.name, "/logs"), text=True))
+    elif args.vm_cmd == "network":
+        network = cli_network(args)
+        if network is None:
+            sys.exit("cbox: vm network needs --egress or --allow-out")
+        vm = client_call(args, "PUT", vm_path(args.name, "/network"), network)
+        print(f"{vm['vmName']} egress={fmt_egress(vm)}")
+
+
+def add_network_args(parser):
+    parser.add_argument("--egress", choices=EGRESS_MODES, help="egress policy (default: the server's default_egress)")
+    parser.add_argument("--allow-out", action="append", metavar="CIDR",
+                        help="an IPv4 network or address the guest may reach (repeat; implies --egress allowlist)")
 
 
 def cli_exec(args):
@@ -3743,29 +4194,36 @@ def main(argv=None):
     parser.add_argument("--server", default=os.environ.get("CBOX_URL", "http://127.0.0.1:7000"),
                         help="REST API for the client commands (env CBOX_URL; token from env CBOX_API_TOKEN)")
     sub = parser.add_subparsers(dest="cmd", required=True)
+    config = os.environ.get("CBOX_CONFIG") or "config.yaml"    # the installed `cbox` command sets it
     p = sub.add_parser("serve", help="run the REST server")
-    p.add_argument("--config", default="config.yaml")
+    p.add_argument("--config", default=config, help="config file (env CBOX_CONFIG, else config.yaml)")
     p = sub.add_parser("check-config", help="parse the config and print the effective settings")
-    p.add_argument("--config", default="config.yaml")
+    p.add_argument("--config", default=config, help="config file (env CBOX_CONFIG, else config.yaml)")
     p = sub.add_parser("preflight", help="check this host can run real VMs (KVM, cloud-hypervisor, tools)")
-    p.add_argument("--config", default="config.yaml")
+    p.add_argument("--config", default=config, help="config file (env CBOX_CONFIG, else config.yaml)")
     p = sub.add_parser("selftest", help="check this host end to end: preflight, boot a VM, exec, "
                                         "a callback, destroy (exit 0 when all pass)")
-    p.add_argument("--config", default="config.yaml")
+    p.add_argument("--config", default=config, help="config file (env CBOX_CONFIG, else config.yaml)")
     p.add_argument("-v", "--verbose", action="store_true", help="show cbox.py's log as it happens")
     p = sub.add_parser("vm", help="start, list, remove VMs")
     vm_sub = p.add_subparsers(dest="vm_cmd", required=True)
     q = vm_sub.add_parser("start")
     q.add_argument("name")
     q.add_argument("--callback-url")
+    q.add_argument("--callback-method", action="append", metavar="METHOD",
+                   help="allow this callback method (repeat it; default: every method)")
     q.add_argument("--vcpus", type=int)
     q.add_argument("--memory-mb", type=int)
+    add_network_args(q)
     vm_sub.add_parser("ls")
     q = vm_sub.add_parser("rm")
     q.add_argument("name", nargs="*")
     q.add_argument("--all", action="store_true", help="destroy every VM")
     q = vm_sub.add_parser("logs")
     q.add_argument("name")
+    q = vm_sub.add_parser("network", help="change a running VM's egress policy")
+    q.add_argument("name")
+    add_network_args(q)
     p = sub.add_parser("exec", help="run a command in a VM: exec NAME -- CMD...")
     p.add_argument("name")
     p.add_argument("--timeout", type=float)
@@ -3788,7 +4246,8 @@ def main(argv=None):
             sys.exit(f"cbox: config: {e}")
         if args.cmd == "check-config":
             for key in CONFIG_KEYS:
-                print(f"{key}: {getattr(cfg, key)!r}")
+                secret = key in ("api_token", "callback_secret") and getattr(cfg, key)
+                print(f"{key}: {'(set)' if secret else repr(getattr(cfg, key))}")
             return
         if args.cmd == "preflight":
             problems = preflight(cfg)

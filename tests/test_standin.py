@@ -753,10 +753,7 @@ def test_sigterm_stops_vm(env, chv_schema):
     s = env.standin()
     assert s.put("vm.create", s.config(net=False))[0] == 204
     assert s.put("vm.boot")[0] == 204
-    deadline = time.monotonic() + 5
-    while not agent_pids(env.dir):
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_for(lambda: agent_pids(env.dir), 5, what="the guest agent process")
     s.proc.send_signal(signal.SIGTERM)
     assert s.wait_exit(5) == 0
     assert agent_pids(env.dir) == []

@@ -219,7 +219,10 @@ def test_bad_names(name):
 
 def test_start_request(cfg):
     spec = cbox.validate_start_request({"vmName": "a", "callbackUrl": "http://127.0.0.1:9/cb"}, cfg)
-    assert spec == {"name": "a", "callback_url": "http://127.0.0.1:9/cb", "vcpus": 1, "memory_mb": 512}
+    assert spec == {"vmName": "a", "callbackUrl": "http://127.0.0.1:9/cb", "callbackMethods": None,
+                    "vcpus": 1, "memoryMb": 512, "network": {"egress": "nat", "allowOut": []}}
+    spec = cbox.validate_start_request({"vmName": "a", "callbackMethods": ["m", "n", "m"]}, cfg)
+    assert spec["callbackMethods"] == ["m", "n"]
 
 
 @pytest.mark.parametrize("body,fragment", [
@@ -231,6 +234,8 @@ def test_start_request(cfg):
     ({"vmName": "a", "memoryMb": 10**9}, "memoryMb must be"),
     ({"vmName": "a", "callbackUrl": "ftp://x"}, "callbackUrl"),
     ({"vmName": "a", "callbackUrl": 5}, "'callbackUrl' must be a string"),
+    ({"vmName": "a", "callbackMethods": "m"}, "'callbackMethods' must be a list"),
+    ({"vmName": "a", "callbackMethods": [""]}, "'callbackMethods' entries"),
     ([1], "JSON object"),
 ])
 def test_start_request_errors(cfg, body, fragment):
@@ -281,9 +286,9 @@ def test_vm_config_validates_against_cloud_hypervisor_openapi(tmp_path, chv_sche
     import fake_chv
     cfg = cbox.load_config(write_config(tmp_path, ['cmdline_extra: "quiet"']))
     manager = cbox.VMManager(cfg, network=None)
-    vm = cbox.VM(vmName="v1", ip="10.20.1.2/24", tapDeviceName="cbt3", cid=3, vcpus=2, memoryMb=256,
+    vm = cbox.VM(cfg, vmName="v1", ip="10.20.1.2/24", tapDeviceName="cbt3", cid=3, vcpus=2, memoryMb=256,
                  mac=cbox.mac_for("10.20.1.2"))
-    config = manager.vm_config(vm, cbox.VmPaths(cfg, vm))
+    config = vm.vm_config(manager.gateway, manager.dns)
     validator = fake_chv.SchemaValidator.load(chv_schema)
     assert validator.validate(config) == []
     assert fake_chv.semantic_errors(config) == []
@@ -485,3 +490,22 @@ def test_punch_out_head_frees_all_but_the_tail(tmp_path):
     finally:
         os.close(fd)
     assert cbox.punch_out_head(tmp_path / "missing.log", 1) == 0
+
+
+@pytest.mark.parametrize("filename", ["cbox.py", "guest_agent.py"])
+def test_no_top_level_name_is_used_before_its_definition(filename):
+    """Each section uses only what comes before it (the module docstrings' promise):
+    no top-level code refers to a module-level name defined further down."""
+    import ast
+    tree = ast.parse((REPO / filename).read_text())
+    defined = {}
+    for node in tree.body:
+        names = [node.name] if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) else \
+            [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+        for name in names:
+            defined.setdefault(name, node.lineno)
+    late = [f"line {sub.lineno}: {sub.id} (defined at line {defined[sub.id]})"
+            for node in tree.body for sub in ast.walk(node)
+            if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Load)
+            and defined.get(sub.id, 0) > node.lineno]
+    assert late == []
