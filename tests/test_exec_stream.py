@@ -1,0 +1,281 @@
+"""Exec v2 through cbox.py's REST API and CLI, with the stand-in hypervisor and the real
+guest agent (process-group mode): streams and re-attach, stdin, signals, kills, tags,
+listing and the bad inputs.
+
+Everything runs inside a network namespace created per test (contract section 5).
+"""
+import base64
+import http.client
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO
+from execstream import AgentApi, EventStream, check_sequence, joined
+from procutil import wait_for
+
+
+class VmExecApi(AgentApi):
+    """The exec v2 client of tests/execstream.py, pointed at one VM's /v1/vms/NAME/exec."""
+
+    def __init__(self, connect, vm_name):
+        super().__init__(connect, timeout=60.0)
+        self.prefix = f"/v1/vms/{vm_name}"
+
+    def stream(self, exec_id, since=None, timeout=None):
+        conn = self._connection(timeout or self.timeout)
+        query = "" if since is None else f"?since={since}"
+        conn.request("GET", f"{self.prefix}/exec/{exec_id}/stream{query}")
+        return EventStream(conn, conn.getresponse())
+
+
+def rest(server, vm_name="sv"):
+    return VmExecApi(lambda: server.ns.connect(("127.0.0.1", server.settings["port"])), vm_name)
+
+
+def start_stream(server, name, **fields):
+    """POST .../exec with "stream": true; the open response (execstream.EventStream)."""
+    api = rest(server)
+    conn = api._connection(60.0)
+    conn.request("POST", f"/v1/vms/{name}/exec", body=json.dumps(dict(stream=True, **fields)),
+                 headers={"Content-Type": "application/json"})
+    return EventStream(conn, conn.getresponse())
+
+
+def stream_all(server, name, **fields):
+    with start_stream(server, name, **fields) as s:
+        assert s.status == 200, s.error
+        assert s.headers["content-type"] == "application/x-ndjson"
+        assert s.headers["transfer-encoding"] == "chunked"
+        events = list(s)
+        assert s.ended
+    return events
+
+
+@pytest.fixture
+def vm(cbox_server):
+    cbox_server.api.start_vm("sv")
+    return cbox_server
+
+
+def test_stream_order_seq_and_exit_last(vm):
+    events = stream_all(vm, "sv", cmd="for i in 1 2 3; do echo out$i; echo err$i >&2; sleep 0.05; done; exit 7")
+    check_sequence(events)
+    start, exit_ = events[0], events[-1]
+    assert start["type"] == "start" and start["execId"] and start["pid"] > 0
+    assert joined(events, "stdout") == b"out1\nout2\nout3\n"
+    assert joined(events, "stderr") == b"err1\nerr2\nerr3\n"
+    assert exit_["exitCode"] == 7 and exit_["error"] == "exit status 7" and exit_["execId"] == start["execId"]
+    assert exit_["killScope"] == "process-group" and exit_["timedOut"] is False
+    # output arrives as it is written: out1 comes before err3 in seq order
+    kinds = [e.get("data") for e in events if e["type"] in ("stdout", "stderr")]
+    assert "".join(kinds).index("out1") < "".join(kinds).index("err3")
+
+
+def test_stream_binary_output_and_argv(vm):
+    events = stream_all(vm, "sv", argv=["python3", "-c", "import sys; sys.stdout.buffer.write(bytes([0xff, 0, 65, 0xc3]))"])
+    check_sequence(events)
+    assert joined(events, "stdout") == bytes([0xff, 0, 65, 0xc3])
+    assert any("dataBase64" in e for e in events if e["type"] == "stdout")
+    assert events[-1]["argv"][0] == "python3" and events[-1]["exitCode"] == 0
+
+
+def test_stream_sse(vm):
+    conn = rest(vm)._connection(30.0)
+    conn.request("POST", "/v1/vms/sv/exec", body=json.dumps({"cmd": "echo hi", "stream": True}),
+                 headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.getheader("Content-Type") == "text/event-stream"
+    text = resp.read().decode()
+    conn.close()
+    blocks = [b for b in text.split("\n\n") if b]
+    ids = [int(b.split("\n")[0][len("id: "):]) for b in blocks]
+    events = [json.loads(b.split("\n")[1][len("data: "):]) for b in blocks]
+    assert ids == [e["seq"] for e in events]
+    check_sequence(events)
+    assert joined(events, "stdout") == b"hi\n"
+    # Last-Event-ID resumes after the event named
+    api = rest(vm)
+    conn = api._connection(30.0)
+    conn.request("GET", f"/v1/vms/sv/exec/{events[0]['execId']}/stream",
+                 headers={"Accept": "text/event-stream", "Last-Event-ID": "0"})
+    again = conn.getresponse().read().decode()
+    conn.close()
+    assert again.startswith("id: 1\n")
+
+
+def test_disconnect_mid_stream_then_reattach_loses_nothing(vm):
+    cmd = "for i in $(seq 1 40); do echo line$i; sleep 0.05; done"
+    s = start_stream(vm, "sv", cmd=cmd, tag="ticker")
+    assert s.status == 200
+    seen = []
+    for event in s:
+        seen.append(event)
+        if event["type"] == "stdout" and "line5" in event["data"]:
+            break
+    s.close()                                   # the client hangs up mid-stream
+    exec_id = seen[0]["execId"]
+    time.sleep(0.5)
+    status, body = vm.api.get(f"/v1/vms/sv/exec/{exec_id}")
+    assert status == 200 and body["running"] is True        # hanging up did not end the command
+    rest_events = rest(vm).events("ticker", since=seen[-1]["seq"] + 1)     # by tag
+    events = seen + rest_events
+    check_sequence(events)
+    assert joined(events, "stdout") == "".join(f"line{i}\n" for i in range(1, 41)).encode()
+    # a finished exec replays from any kept seq, again and again
+    assert rest(vm).events(exec_id, since=0) == events
+
+
+def test_since_out_of_range_and_bad(vm):
+    r = vm.api.exec("sv", "echo x", blocking=False)
+    exec_id = r["execId"]
+    wait_for(lambda: not vm.api.get(f"/v1/vms/sv/exec/{exec_id}")[1]["running"], timeout=10)
+    api = rest(vm)
+    with api.stream(exec_id, since=1000) as s:
+        assert s.status == 400 and "beyond" in s.error["error"]
+    for bad in ("-1", "x", "1.5", "9" * 30):
+        with api.stream(exec_id, since=bad) as s:
+            assert s.status == 400 and "since" in s.error["error"], (bad, s.error)
+    with api.stream("nosuchexec", since=0) as s:
+        assert s.status == 404
+
+
+def test_stdin_pipe(vm):
+    s = start_stream(vm, "sv", cmd="while read line; do echo got:$line; done; echo done", stdin="pipe", tag="cat")
+    assert s.status == 200
+    it = iter(s)
+    assert next(it)["type"] == "start"
+    assert vm.api.post("/v1/vms/sv/exec/cat/stdin", {"data": "one\n"}) == (200, {"written": 4})
+    event = next(it)
+    assert event["type"] == "stdout" and event["data"] == "got:one\n"
+    assert vm.api.post("/v1/vms/sv/exec/cat/stdin", {"data": "two\n", "eof": True})[0] == 200
+    rest_events = list(it)
+    s.close()
+    out = "".join(e.get("data", "") for e in rest_events if e["type"] == "stdout")
+    assert out == "got:two\ndone\n" and rest_events[-1]["exitCode"] == 0
+    status, body = vm.api.post("/v1/vms/sv/exec/cat/stdin", {"data": "late\n"})
+    assert status == 409, body
+
+
+def test_stdin_without_pipe_is_409(vm):
+    r = vm.api.exec("sv", "sleep 5", blocking=False)
+    status, body = vm.api.post(f"/v1/vms/sv/exec/{r['execId']}/stdin", {"data": "x"})
+    assert status == 409 and "pipe" in body["error"]
+    assert vm.api.post(f"/v1/vms/sv/exec/{r['execId']}/stdin", {"data": 5})[0] == 400
+    assert vm.api.post(f"/v1/vms/sv/exec/{r['execId']}/stdin", {})[0] == 400
+
+
+def test_signal(vm):
+    r = vm.api.exec("sv", "trap 'echo got-usr1; exit 3' USR1; while true; do sleep 0.05; done", blocking=False, tag="trapper")
+    time.sleep(0.5)
+    status, body = vm.api.post("/v1/vms/sv/exec/trapper/signal", {"signal": "USR1"})
+    assert status == 200, body
+    events = rest(vm).events(r["execId"])
+    assert events[-1]["exitCode"] == 3 and joined(events, "stdout") == b"got-usr1\n"
+    status, body = vm.api.post("/v1/vms/sv/exec/trapper/signal", {"signal": "TERM"})
+    assert status == 409, body                                        # it finished
+    for bad in ("NOPE", 0, 999, True, "", None):
+        status, body = vm.api.post(f"/v1/vms/sv/exec/{r['execId']}/signal", {"signal": bad})
+        assert status == 400 and "signal" in body["error"], (bad, body)
+    r = vm.api.exec("sv", "sleep 30", blocking=False)
+    assert vm.api.post(f"/v1/vms/sv/exec/{r['execId']}/signal", {"signal": 9})[0] == 200
+    events = rest(vm).events(r["execId"])
+    assert events[-1]["signal"] == 9 and events[-1]["signalName"] == "SIGKILL" and events[-1]["exitCode"] is None
+
+
+def test_delete_with_grace_and_delete_all(vm):
+    r = vm.api.exec("sv", "trap 'echo bye; exit 5' TERM; while true; do sleep 0.05; done", blocking=False)
+    time.sleep(0.3)
+    status, body = vm.api.delete(f"/v1/vms/sv/exec/{r['execId']}?grace=5")
+    assert status == 200 and body["exitCode"] == 5 and body["stdout"] == "bye\n", body
+    assert vm.api.delete(f"/v1/vms/sv/exec/{r['execId']}?grace=x")[0] == 400
+    ids = [vm.api.exec("sv", "sleep 60", blocking=False)["execId"] for _ in range(3)]
+    status, body = vm.api.delete("/v1/vms/sv/exec?grace=0")
+    assert status == 200 and sorted(body["killed"]) == sorted(ids)
+    listing = vm.api.get("/v1/vms/sv/exec")[1]["execs"]
+    assert not any(e["running"] for e in listing)
+
+
+def test_list_and_tags(vm):
+    a = vm.api.exec("sv", "sleep 30", blocking=False, tag="web.1")
+    b = vm.api.exec("sv", "echo done", blocking=False)
+    assert a["tag"] == "web.1"
+    status, body = vm.api.post("/v1/vms/sv/exec", {"cmd": "true", "blocking": False, "tag": "web.1"})
+    assert status == 409 and "web.1" in body["error"]
+    status, body = vm.api.post("/v1/vms/sv/exec", {"cmd": "true", "stream": True, "tag": "web.1"})
+    assert status == 409
+    wait_for(lambda: not vm.api.get(f"/v1/vms/sv/exec/{b['execId']}")[1]["running"], timeout=10)
+    status, body = vm.api.get("/v1/vms/sv/exec")
+    assert status == 200
+    by_id = {e["execId"]: e for e in body["execs"]}
+    assert by_id[a["execId"]]["running"] is True and by_id[a["execId"]]["tag"] == "web.1"
+    assert by_id[a["execId"]]["cmd"] == "sleep 30"
+    assert by_id[b["execId"]]["exitCode"] == 0 and by_id[b["execId"]]["running"] is False
+    for entry in body["execs"]:
+        assert {"execId", "tag", "running", "exitCode", "startedAt", "durationMs"} <= set(entry)
+    assert vm.api.get("/v1/vms/sv/exec/web.1")[1]["execId"] == a["execId"]
+    assert vm.api.delete("/v1/vms/sv/exec/web.1")[0] == 200
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"cmd": "x", "argv": ["x"]}, "exactly one"),
+    ({}, "exactly one"),
+    ({"argv": []}, "argv"),
+    ({"argv": "ls"}, "argv"),
+    ({"argv": ["ls", 3]}, "argv"),
+    ({"argv": ["", "x"]}, "argv"),
+    ({"argv": ["ls", "a\0b"]}, "NUL"),
+    ({"cmd": "x", "tag": "-bad"}, "tag"),
+    ({"cmd": "x", "tag": "a" * 65}, "tag"),
+    ({"cmd": "x", "user": "a b"}, "user"),
+    ({"cmd": "x", "user": -1}, "user"),
+    ({"cmd": "x", "memoryLimitMb": 0}, "memoryLimitMb"),
+    ({"cmd": "x", "pidsLimit": 10 ** 9}, "pidsLimit"),
+    ({"cmd": "x", "pidsLimit": "5"}, "pidsLimit"),
+    ({"cmd": "x", "stream": "yes"}, "stream"),
+    ({"cmd": "x", "keepaliveS": 1}, "unknown field"),
+])
+def test_bad_exec_requests(vm, body, words):
+    status, answer = vm.api.post("/v1/vms/sv/exec", body)
+    assert status == 400 and words in answer["error"], answer
+
+
+def test_user_and_exec_id_env(vm):
+    r = vm.api.exec("sv", 'echo "$CBOX_EXEC_ID"; id -u', user=0, blocking=False)
+    events = rest(vm).events(r["execId"])
+    assert joined(events, "stdout").decode().split() == [r["execId"], str(os.getuid())]
+    status, body = vm.api.post("/v1/vms/sv/exec", {"cmd": "true", "user": "no-such-user"})
+    assert status == 400 and "user" in body["error"]
+
+
+def test_keepalive_events(cbox_factory):
+    server = cbox_factory(stream_keepalive_s=0.2).start()
+    server.api.start_vm("ka")
+    events = stream_all(server, "ka", cmd="sleep 1; echo end")
+    check_sequence(events)
+    assert [e["type"] for e in events].count("keepalive") >= 2
+    server.api.delete("/v1/vms", timeout=60)
+
+
+def cli(server, *args, stdin=None):
+    """./cbox.py run inside the test namespace against the server."""
+    return server.ns.run(sys.executable, str(REPO / "cbox.py"), "--server",
+                         f"http://127.0.0.1:{server.settings['port']}", *args, check=False, input=stdin)
+
+
+def test_cli_streams_and_exits_with_the_code(vm):
+    r = cli(vm, "exec", "sv", "--", "sh", "-c", "echo to-out; echo to-err >&2; exit 4")
+    assert r.returncode == 4, r
+    assert r.stdout == "to-out\n" and r.stderr == "to-err\n"
+    r = cli(vm, "exec", "sv", "--", "sh", "-c", "kill -TERM $$")
+    assert r.returncode == 128 + 15, r
+    r = cli(vm, "exec", "--no-stream", "sv", "--", "sh", "-c", "echo old; exit 2")
+    assert r.returncode == 2 and r.stdout == "old\n"
+    r = cli(vm, "exec", "--stdin", "sv", "--", "cat", stdin="piped in\n")
+    assert r.returncode == 0 and r.stdout == "piped in\n"
+    r = cli(vm, "exec", "--tag", "cli1", "sv", "--", "printf", "%s", "a b")
+    assert r.returncode == 0 and r.stdout == "a b"
