@@ -906,6 +906,100 @@ class AgentError(Exception):
         self.status = status
 
 
+AGENT_ERROR_MAX = 64 * 1024      # a guest agent's error answer is read whole, at most this much
+
+
+class AgentEvents:
+    """An exec's event stream as the guest agent sends it, read as a hostile peer's lines.
+
+    next_line() gives each NDJSON line (bytes, with its newline) with its parsed event,
+    checked: a JSON object whose "seq" follows the previous one (the first may be a
+    "dropped" event standing in for lost ones) and whose "type" is a string. Each line
+    is bounded in size; a stream silent for `stall_s` (the agent writes keepalives) or
+    that ends before its exit event is broken: next_line() raises AgentError, and
+    `next_seq` says where a re-attach would resume. Memory per stream is the reader's
+    buffer (paused at 2 * BUFFER) plus the line being read."""
+
+    BUFFER = 256 * 1024
+
+    def __init__(self, agent, reader, writer, since, stall_s, line_max):
+        self.agent, self.reader, self.writer = agent, reader, writer
+        self.next_seq, self.stall_s, self.line_max = since, stall_s, line_max
+        self.first = True
+        self.finished = False          # the exit event was read
+
+    def broken(self, why):
+        return AgentError(502, f"exec stream from the guest agent of VM '{self.agent.vm_name}' broke: {why}")
+
+    async def read_head(self):
+        try:
+            head = await within(15.0, read_head(self.reader))
+        except (asyncio.TimeoutError, HttpError, OSError) as e:
+            raise self.broken(str(e) or "no answer") from e
+        if head is None:
+            raise self.broken("closed before an answer")
+        start, headers = head
+        parts = start.split(" ", 2)
+        status = int(parts[1]) if len(parts) > 1 and is_decimal(parts[1]) and len(parts[1]) == 3 else 502
+        if status == 200:
+            return
+        try:
+            data = await within(15.0, read_body(self.reader, headers, AGENT_ERROR_MAX))
+            message = json.loads(data)["error"]
+        except (asyncio.TimeoutError, HttpError, OSError, asyncio.IncompleteReadError,
+                ValueError, KeyError, TypeError, RecursionError):
+            message = None
+        message = message if isinstance(message, str) else f"HTTP {status}"
+        raise AgentError(status if status in (400, 404, 409) else 502, f"guest agent: {message[:500]}")
+
+    async def _line(self):
+        parts, size = [], 0
+        while True:
+            try:
+                part = await self.reader.readuntil(b"\n")
+            except asyncio.LimitOverrunError as e:      # a line longer than the buffer: take it in pieces
+                part = await self.reader.readexactly(e.consumed)
+                size += len(part)
+                if size > self.line_max:
+                    raise self.broken(f"an event line longer than {self.line_max} bytes") from e
+                parts.append(part)
+                continue
+            except asyncio.IncompleteReadError as e:
+                raise self.broken("it ended without an exit event") from e
+            if size + len(part) > self.line_max:
+                raise self.broken(f"an event line longer than {self.line_max} bytes")
+            return b"".join(parts + [part]) if parts else part
+
+    async def next_line(self):
+        """(line bytes, event dict); AgentError when the stream broke."""
+        if self.finished:
+            raise self.broken("read past its exit event")
+        try:
+            line = await within(self.stall_s, self._line())
+        except asyncio.TimeoutError as e:
+            raise self.broken(f"nothing for {fmt_seconds(self.stall_s)}") from e
+        except (OSError, ValueError) as e:
+            raise self.broken(str(e) or type(e).__name__) from e
+        try:
+            event = json.loads(line)
+        except (ValueError, RecursionError) as e:
+            raise self.broken("an event line that is not JSON") from e
+        seq = event.get("seq") if isinstance(event, dict) else None
+        if not isinstance(seq, int) or isinstance(seq, bool) or not isinstance(event.get("type"), str):
+            raise self.broken("an event without seq or type")
+        expected_ok = seq >= self.next_seq if (self.first and event["type"] == "dropped") else seq == self.next_seq
+        if not expected_ok:
+            raise self.broken(f"event seq {seq} where {self.next_seq} was due")
+        self.first = False
+        self.next_seq = seq + 1
+        self.finished = event["type"] == "exit"
+        return line, event
+
+    def close(self):
+        self.agent.streams.discard(self)
+        self.writer.close()
+
+
 class GuestAgent:
     """The HTTP API of one VM's guest agent (guest_agent.py), read as a hostile peer's answers.
 
@@ -914,7 +1008,6 @@ class GuestAgent:
     Content-Length: a chunked or to-EOF body (CPU per chunk, no end) is refused at its head.
     2xx bodies are passed through untouched (large ones as a BodyStream)."""
 
-    ERROR_BODY_MAX = 64 * 1024      # an error answer is read whole, at most this much
 
     def __init__(self, vm_name, address, port, output_limit, request_limit=8 * 1024 * 1024):
         self.vm_name = vm_name
@@ -991,7 +1084,7 @@ class GuestAgent:
             if 200 <= status < 300:
                 return data
             if isinstance(data, BodyStream):
-                data = await data.read(self.ERROR_BODY_MAX)
+                data = await data.read(AGENT_ERROR_MAX)
         except HttpError as e:
             raise AgentError(502, f"guest agent of VM '{self.vm_name}' unreachable: {e}") from e
         try:
@@ -1010,97 +1103,6 @@ class GuestAgent:
         self.http.abort()
         for events in list(self.streams):
             events.close()
-
-
-class AgentEvents:
-    """An exec's event stream as the guest agent sends it, read as a hostile peer's lines.
-
-    next_line() gives each NDJSON line (bytes, with its newline) with its parsed event,
-    checked: a JSON object whose "seq" follows the previous one (the first may be a
-    "dropped" event standing in for lost ones) and whose "type" is a string. Each line
-    is bounded in size; a stream silent for `stall_s` (the agent writes keepalives) or
-    that ends before its exit event is broken: next_line() raises AgentError, and
-    `next_seq` says where a re-attach would resume. Memory per stream is the reader's
-    buffer (paused at 2 * BUFFER) plus the line being read."""
-
-    BUFFER = 256 * 1024
-
-    def __init__(self, agent, reader, writer, since, stall_s, line_max):
-        self.agent, self.reader, self.writer = agent, reader, writer
-        self.next_seq, self.stall_s, self.line_max = since, stall_s, line_max
-        self.first = True
-        self.finished = False          # the exit event was read
-
-    def broken(self, why):
-        return AgentError(502, f"exec stream from the guest agent of VM '{self.agent.vm_name}' broke: {why}")
-
-    async def read_head(self):
-        try:
-            head = await within(15.0, read_head(self.reader))
-        except (asyncio.TimeoutError, HttpError, OSError) as e:
-            raise self.broken(str(e) or "no answer") from e
-        if head is None:
-            raise self.broken("closed before an answer")
-        start, headers = head
-        parts = start.split(" ", 2)
-        status = int(parts[1]) if len(parts) > 1 and is_decimal(parts[1]) and len(parts[1]) == 3 else 502
-        if status == 200:
-            return
-        try:
-            data = await within(15.0, read_body(self.reader, headers, GuestAgent.ERROR_BODY_MAX))
-            message = json.loads(data)["error"]
-        except (asyncio.TimeoutError, HttpError, OSError, asyncio.IncompleteReadError,
-                ValueError, KeyError, TypeError, RecursionError):
-            message = None
-        message = message if isinstance(message, str) else f"HTTP {status}"
-        raise AgentError(status if status in (400, 404, 409) else 502, f"guest agent: {message[:500]}")
-
-    async def _line(self):
-        parts, size = [], 0
-        while True:
-            try:
-                part = await self.reader.readuntil(b"\n")
-            except asyncio.LimitOverrunError as e:      # a line longer than the buffer: take it in pieces
-                part = await self.reader.readexactly(e.consumed)
-                size += len(part)
-                if size > self.line_max:
-                    raise self.broken(f"an event line longer than {self.line_max} bytes") from e
-                parts.append(part)
-                continue
-            except asyncio.IncompleteReadError as e:
-                raise self.broken("it ended without an exit event") from e
-            if size + len(part) > self.line_max:
-                raise self.broken(f"an event line longer than {self.line_max} bytes")
-            return b"".join(parts + [part]) if parts else part
-
-    async def next_line(self):
-        """(line bytes, event dict); AgentError when the stream broke."""
-        if self.finished:
-            raise self.broken("read past its exit event")
-        try:
-            line = await within(self.stall_s, self._line())
-        except asyncio.TimeoutError as e:
-            raise self.broken(f"nothing for {fmt_seconds(self.stall_s)}") from e
-        except (OSError, ValueError) as e:
-            raise self.broken(str(e) or type(e).__name__) from e
-        try:
-            event = json.loads(line)
-        except (ValueError, RecursionError) as e:
-            raise self.broken("an event line that is not JSON") from e
-        seq = event.get("seq") if isinstance(event, dict) else None
-        if not isinstance(seq, int) or isinstance(seq, bool) or not isinstance(event.get("type"), str):
-            raise self.broken("an event without seq or type")
-        expected_ok = seq >= self.next_seq if (self.first and event["type"] == "dropped") else seq == self.next_seq
-        if not expected_ok:
-            raise self.broken(f"event seq {seq} where {self.next_seq} was due")
-        self.first = False
-        self.next_seq = seq + 1
-        self.finished = event["type"] == "exit"
-        return line, event
-
-    def close(self):
-        self.agent.streams.discard(self)
-        self.writer.close()
 
 
 class TokenBucket:
@@ -2126,6 +2128,9 @@ CALLBACK_COUNTERS = ("connections", "callbacks", "refused_connections", "refused
                      "oversize_lines", "bad_requests", "accept_errors", "log_lines_suppressed")
 
 
+CALLBACK_FIELDS = {"method", "params", "execId"}
+
+
 def parse_callback_line(line, vm_name):
     """A guest's request line -> (method, body bytes for the callback URL) or (None, error text).
 
@@ -2135,10 +2140,15 @@ def parse_callback_line(line, vm_name):
         request = json.loads(line)
         if not isinstance(request, dict) or not isinstance(request.get("method"), str) or not request["method"]:
             return None, "callback request must be an object with a non-empty string 'method'"
-        if set(request) - {"method", "params"}:
-            return None, f"unknown callback request field(s): {', '.join(sorted(set(request) - {'method', 'params'}))}"
-        return request["method"], json_bytes({"vmName": vm_name, "method": request["method"],
-                                              "params": request.get("params")})
+        if set(request) - CALLBACK_FIELDS:
+            return None, f"unknown callback request field(s): {', '.join(sorted(set(request) - CALLBACK_FIELDS))}"
+        body = {"vmName": vm_name, "method": request["method"], "params": request.get("params")}
+        exec_id = request.get("execId")       # the calling command's CBOX_EXEC_ID (the guest's word)
+        if exec_id is not None:
+            if not isinstance(exec_id, str) or not EXEC_REF_RE.match(exec_id):
+                return None, "callback request field 'execId' must be an exec id"
+            body["execId"] = exec_id
+        return request["method"], json_bytes(body)
     except RecursionError:
         return None, "callback request is nested too deeply"
     except (ValueError, UnicodeDecodeError):

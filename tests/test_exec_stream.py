@@ -130,6 +130,18 @@ def test_disconnect_mid_stream_then_reattach_loses_nothing(vm):
     assert rest(vm).events(exec_id, since=0) == events
 
 
+def test_stream_of_a_destroyed_vm_ends_with_an_error_event(vm):
+    s = start_stream(vm, "sv", cmd="echo up; sleep 60")
+    it = iter(s)
+    assert [next(it)["type"], next(it)["type"]] == ["start", "stdout"]
+    assert vm.api.delete("/v1/vms/sv")[0] == 200
+    rest_events = list(it)
+    s.close()
+    assert [e["type"] for e in rest_events] == ["error"] and rest_events[0]["seq"] == 2
+    assert "broke" in rest_events[0]["error"]
+    vm.api.start_vm("sv")            # for the fixture's cleanup check
+
+
 def test_since_out_of_range_and_bad(vm):
     r = vm.api.exec("sv", "echo x", blocking=False)
     exec_id = r["execId"]
@@ -279,3 +291,105 @@ def test_cli_streams_and_exits_with_the_code(vm):
     assert r.returncode == 0 and r.stdout == "piped in\n"
     r = cli(vm, "exec", "--tag", "cli1", "sv", "--", "printf", "%s", "a b")
     assert r.returncode == 0 and r.stdout == "a b"
+
+
+# ---- the relay against a hostile agent's streams (in-process, loopback only) ---------
+
+sys.path.insert(0, str(REPO))
+import asyncio  # noqa: E402
+import cbox  # noqa: E402
+
+
+def line(seq, kind, **fields):
+    return json.dumps(dict(seq=seq, type=kind, **fields)).encode() + b"\n"
+
+
+GOOD_EXIT = line(2, "exit", exitCode=0)
+HOSTILE_STREAMS = {   # body after the head -> what the error event must say
+    "no exit event": (line(0, "start", execId="e") + line(1, "stdout", data="x"), "without an exit event"),
+    "seq gap": (line(0, "start", execId="e") + line(5, "stdout", data="x"), "seq 5 where 1 was due"),
+    "not JSON": (line(0, "start", execId="e") + b"{nope\n", "not JSON"),
+    "no seq": (line(0, "start", execId="e") + b'{"type":"stdout"}\n', "without seq"),
+    "too long": (line(0, "start", execId="e") + b'{"seq":1,"type":"stdout","data":"' + b"a" * 3_000_000, "longer than"),
+    "stalls": (line(0, "start", execId="e", note="stalls"), "nothing for"),
+}
+
+
+async def relay_from(agent_body, line_max=1_000_000, stall_s=0.5, since=0, client_reads=True):
+    """A fake agent answering one stream request with `agent_body` (after a 200 head), and
+    cbox's relay to a client socket pair; returns (what the client read, the agent side's end)."""
+    closed = asyncio.Event()
+
+    async def fake_agent(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n\r\n" + agent_body)
+        try:
+            if agent_body.endswith(b"\n") and b'"stalls"' not in agent_body:
+                writer.write_eof()      # a body that ends (HTTP/1.0: by closing)
+            await reader.read()         # until cbox closes it
+        except ConnectionError:
+            pass
+        closed.set()
+        writer.close()
+
+    server = await asyncio.start_server(fake_agent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    agent = cbox.GuestAgent("vm", "127.0.0.1", port, 1 << 20)
+    agent.event_line_max = line_max
+    events = await agent.events("e", since, stall_s)
+    relay = cbox.EventRelay(events, sse=False)
+    a, b = __import__("socket").socketpair()
+    _, writer = await asyncio.open_connection(sock=a)
+    out = bytearray()
+    if client_reads:
+        keep = await relay.send(writer, True, 5.0)
+        writer.close()
+        await writer.wait_closed()
+        b.settimeout(5)
+        while chunk := b.recv(1 << 20):
+            out += chunk
+    else:
+        b.setsockopt(__import__("socket").SOL_SOCKET, __import__("socket").SO_RCVBUF, 4096)
+        with pytest.raises(asyncio.TimeoutError):
+            await relay.send(writer, True, 0.5)
+        keep = None
+        writer.transport.abort()
+    b.close()
+    await asyncio.wait_for(closed.wait(), 5)            # the agent connection was closed
+    server.close()
+    assert not agent.streams
+    return bytes(out), keep
+
+
+def chunks_of(body):
+    """The NDJSON lines of a chunked body, and whether the terminating chunk came."""
+    lines, rest = [], body.split(b"\r\n\r\n", 1)[1]
+    while rest:
+        size, rest = rest.split(b"\r\n", 1)
+        if int(size, 16) == 0:
+            return lines, True
+        lines.append(json.loads(rest[:int(size, 16)]))
+        rest = rest[int(size, 16) + 2:]
+    return lines, False
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_STREAMS))
+def test_relay_ends_a_broken_stream_with_an_error_event(case):
+    body, words = HOSTILE_STREAMS[case]
+    out, keep = asyncio.run(relay_from(body))
+    events, ended = chunks_of(out)
+    assert ended and keep is False
+    assert events[0]["type"] == "start" and events[-1]["type"] == "error" and words in events[-1]["error"]
+    assert [e["seq"] for e in events] == list(range(len(events)))     # the error's seq: where to resume
+
+
+def test_relay_passes_a_good_stream_and_a_dropped_event():
+    body = line(4, "dropped", missed=4, fromSeq=1) + line(5, "stdout", data="é") + line(6, "exit", exitCode=0)
+    out, keep = asyncio.run(relay_from(body, since=1))
+    events, ended = chunks_of(out)
+    assert ended and keep is True and [e["seq"] for e in events] == [4, 5, 6] and events[1]["data"] == "é"
+
+
+def test_relay_drops_a_client_that_does_not_read():
+    body = line(0, "start", execId="e") + b"".join(line(i, "stdout", data="z" * 60000) for i in range(1, 200))
+    asyncio.run(relay_from(body, stall_s=5.0, client_reads=False))
