@@ -913,8 +913,8 @@ class AgentEvents:
     """An exec's event stream as the guest agent sends it, read as a hostile peer's lines.
 
     next_line() gives each NDJSON line (bytes, with its newline) with its parsed event,
-    checked: a JSON object whose "seq" follows the previous one (the first may be a
-    "dropped" event standing in for lost ones) and whose "type" is a string. Each line
+    checked: a JSON object whose "seq" follows the previous one (or, for a "dropped" event
+    standing in for events a slow reader lost, is beyond it) and whose "type" is a string. Each line
     is bounded in size; a stream silent for `stall_s` (the agent writes keepalives) or
     that ends before its exit event is broken: next_line() raises AgentError, and
     `next_seq` says where a re-attach would resume. Memory per stream is the reader's
@@ -925,7 +925,6 @@ class AgentEvents:
     def __init__(self, agent, reader, writer, since, stall_s, line_max):
         self.agent, self.reader, self.writer = agent, reader, writer
         self.next_seq, self.stall_s, self.line_max = since, stall_s, line_max
-        self.first = True
         self.finished = False          # the exit event was read
 
     def broken(self, why):
@@ -987,10 +986,9 @@ class AgentEvents:
         seq = event.get("seq") if isinstance(event, dict) else None
         if not isinstance(seq, int) or isinstance(seq, bool) or not isinstance(event.get("type"), str):
             raise self.broken("an event without seq or type")
-        expected_ok = seq >= self.next_seq if (self.first and event["type"] == "dropped") else seq == self.next_seq
-        if not expected_ok:
+        # a reader that fell behind gets a "dropped" event standing in for the events it lost
+        if seq != self.next_seq and not (event["type"] == "dropped" and seq > self.next_seq):
             raise self.broken(f"event seq {seq} where {self.next_seq} was due")
-        self.first = False
         self.next_seq = seq + 1
         self.finished = event["type"] == "exit"
         return line, event

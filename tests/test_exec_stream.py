@@ -308,6 +308,7 @@ GOOD_EXIT = line(2, "exit", exitCode=0)
 HOSTILE_STREAMS = {   # body after the head -> what the error event must say
     "no exit event": (line(0, "start", execId="e") + line(1, "stdout", data="x"), "without an exit event"),
     "seq gap": (line(0, "start", execId="e") + line(5, "stdout", data="x"), "seq 5 where 1 was due"),
+    "seq back": (line(0, "start", execId="e") + line(0, "dropped", missed=1), "seq 0 where 1 was due"),
     "not JSON": (line(0, "start", execId="e") + b"{nope\n", "not JSON"),
     "no seq": (line(0, "start", execId="e") + b'{"type":"stdout"}\n', "without seq"),
     "too long": (line(0, "start", execId="e") + b'{"seq":1,"type":"stdout","data":"' + b"a" * 3_000_000, "longer than"),
@@ -384,10 +385,11 @@ def test_relay_ends_a_broken_stream_with_an_error_event(case):
 
 
 def test_relay_passes_a_good_stream_and_a_dropped_event():
-    body = line(4, "dropped", missed=4, fromSeq=1) + line(5, "stdout", data="é") + line(6, "exit", exitCode=0)
+    body = (line(4, "dropped", missed=4, fromSeq=1) + line(5, "stdout", data="é")
+            + line(9, "dropped", missed=4, fromSeq=6) + line(10, "exit", exitCode=0))     # fell behind twice
     out, keep = asyncio.run(relay_from(body, since=1))
     events, ended = chunks_of(out)
-    assert ended and keep is True and [e["seq"] for e in events] == [4, 5, 6] and events[1]["data"] == "é"
+    assert ended and keep is True and [e["seq"] for e in events] == [4, 5, 9, 10] and events[1]["data"] == "é"
 
 
 def test_relay_drops_a_client_that_does_not_read():
