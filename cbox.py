@@ -3155,19 +3155,22 @@ class EventRelay:
 
     HIGH_WATER = 256 * 1024     # unsent bytes that make the relay wait for the client
 
-    def __init__(self, events, sse):
+    def __init__(self, events, sse, chunked=True):
         self.events, self.sse = events, sse
+        self.chunked = chunked       # an HTTP/1.0 client gets the events unframed, until the close
         self.content_type = "text/event-stream" if sse else "application/x-ndjson"
+        self.end = b"0\r\n\r\n" if chunked else b""
 
     def head(self, keep_alive):
-        return (f"HTTP/1.1 200 OK\r\nContent-Type: {self.content_type}\r\nTransfer-Encoding: chunked\r\n"
-                f"Cache-Control: no-cache\r\nX-Accel-Buffering: no\r\n"
-                + ("" if keep_alive else "Connection: close\r\n") + "\r\n").encode("latin-1")
+        return (f"HTTP/1.1 200 OK\r\nContent-Type: {self.content_type}\r\n"
+                + ("Transfer-Encoding: chunked\r\n" if self.chunked else "")
+                + "Cache-Control: no-cache\r\nX-Accel-Buffering: no\r\n"
+                + ("" if keep_alive and self.chunked else "Connection: close\r\n") + "\r\n").encode("latin-1")
 
     def chunk(self, line, seq):
         if self.sse:
             line = b"id: %d\ndata: %s\n\n" % (seq, line.rstrip(b"\r\n"))
-        return b"%x\r\n%s\r\n" % (len(line), line)
+        return b"%x\r\n%s\r\n" % (len(line), line) if self.chunked else line
 
     async def send(self, writer, keep_alive, drain_timeout):
         """Relay until the exit event (or an error event); returns whether the connection may
@@ -3182,14 +3185,14 @@ class EventRelay:
                     log("exec stream broke", vm=self.events.agent.vm_name, error=repr(str(e)))
                     seq = self.events.next_seq
                     line = json_bytes({"seq": seq, "type": "error", "error": str(e)}) + b"\n"
-                    writer.write(self.chunk(line, seq) + b"0\r\n\r\n")
+                    writer.write(self.chunk(line, seq) + self.end)
                     return False
                 if transport.is_closing():
                     raise ConnectionResetError("the client went away")
                 writer.write(self.chunk(line, event["seq"]))
                 if event["type"] == "exit":
-                    writer.write(b"0\r\n\r\n")
-                    return keep_alive
+                    writer.write(self.end)
+                    return keep_alive and self.chunked
                 if transport.get_write_buffer_size() > self.HIGH_WATER:
                     await within(drain_timeout, writer.drain())
         finally:
@@ -3199,8 +3202,8 @@ class EventRelay:
 class Request:
     """One request; dispatch() fills in path, query and params, a handler may name its VM."""
 
-    def __init__(self, method, target, headers):
-        self.method, self.target, self.headers = method, target, headers
+    def __init__(self, method, target, headers, version="HTTP/1.1"):
+        self.method, self.target, self.headers, self.version = method, target, headers, version
         self.path, self.query, self.params, self.body = None, {}, {}, b""
         self.vm_name = None        # the VM a request body names, for the request log
 
@@ -3278,7 +3281,7 @@ class RestServer:
             return False
         method, target, version = parts
         keep_alive = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
-        request = Request(method, target, headers)
+        request = Request(method, target, headers, version)
         try:
             request.body = await self.read_request_body(reader, writer, headers)
             status, payload, ctype = await self.dispatch(request, reader)
@@ -3422,11 +3425,11 @@ class RestServer:
     async def exec(self, req):
         agent_body, blocking, timeout, stream = validate_exec_request(parse_json_body(req.body), self.cfg)
         answer = await self.manager.exec(req.params["name"], agent_body, blocking, timeout, stream)
-        return EventRelay(answer, self.wants_sse(req)) if stream else answer
+        return self.relay(req, answer) if stream else answer
 
     @staticmethod
-    def wants_sse(req):
-        return "text/event-stream" in req.headers.get("accept", "")
+    def relay(req, events):
+        return EventRelay(events, "text/event-stream" in req.headers.get("accept", ""), req.version == "HTTP/1.1")
 
     async def exec_stream(self, req):
         since = query_number(req.query, "since", 2 ** 53, integer=True)
@@ -3434,7 +3437,7 @@ class RestServer:
         if since is None and last_id:     # an EventSource resuming: the event after the last one it saw
             since = query_number({"Last-Event-ID": [last_id]}, "Last-Event-ID", 2 ** 53, integer=True) + 1
         events = await self.manager.exec_events(req.params["name"], req.params["exec_id"], since or 0)
-        return EventRelay(events, self.wants_sse(req))
+        return self.relay(req, events)
 
     async def exec_status(self, req):
         return await self.manager.exec_status(req.params["name"], req.params["exec_id"])

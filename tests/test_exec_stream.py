@@ -108,6 +108,21 @@ def test_stream_sse(vm):
     assert again.startswith("id: 1\n")
 
 
+def test_stream_to_an_http10_client_is_unframed(vm):
+    sock = vm.ns.connect(("127.0.0.1", vm.settings["port"]))
+    body = json.dumps({"cmd": "echo one", "stream": True}).encode()
+    sock.sendall(b"POST /v1/vms/sv/exec HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    sock.close()
+    head, _, text = data.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding" not in head and b"Connection: close" in head
+    events = [json.loads(x) for x in text.splitlines()]
+    check_sequence(events)
+    assert joined(events, "stdout") == b"one\n"
+
+
 def test_disconnect_mid_stream_then_reattach_loses_nothing(vm):
     cmd = "for i in $(seq 1 40); do echo line$i; sleep 0.05; done"
     s = start_stream(vm, "sv", cmd=cmd, tag="ticker")
