@@ -870,6 +870,14 @@ def test_exec_v2_routes(agent):
     assert agent.request("GET", f"/exec/{done}/signal")[0] == 405
     assert agent.request("POST", f"/exec/{done}/stream", {})[0] == 405
     assert agent.request("POST", "/exec/nope/signal", {"signal": 9})[0] == 404
+    # HTTP/1.0 has no chunked encoding: the events, then the connection closes
+    with socket.create_connection(("127.0.0.1", agent.port), timeout=10) as s:
+        s.sendall(f"GET /exec/{done}/stream HTTP/1.0\r\n\r\n".encode())
+        data = b"".join(iter(lambda: s.recv(65536), b""))
+    head, body = data.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"Transfer-Encoding" not in head
+    events = [json.loads(x) for x in body.splitlines()]
+    assert [e["type"] for e in events] == ["start", "exit"] and events[-1]["exitCode"] == 0
 
 
 def test_setsid_escape_in_process_group_mode(agent):

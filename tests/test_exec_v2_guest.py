@@ -7,24 +7,16 @@ tests talk to the agent's port 4031 from inside a network namespace of
 the module (contract 5), as tests/test_images.py does, with no cbox.py.
 Everything skips with a reason when the images, QEMU or debugfs are missing.
 """
-import json
 import os
-import shutil
-import subprocess
-import sys
-import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from conftest import REPO, NetNS, unique
 from execstream import AgentApi, check_sequence, joined
 from procutil import run, wait_for
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from qemu_engine import QemuEngine  # noqa: E402
-from test_images import (BOOT_TIMEOUT, GUEST_IP, HOST_IP, INITRAMFS, KERNEL, ROOTFS,  # noqa: E402
+from qemu_engine import QemuEngine
+from test_images import (BOOT_TIMEOUT, GUEST_IP, HOST_IP, INITRAMFS, KERNEL, ROOTFS,
                          console, need_images, need_qemu, need_tool, tail, vm_config, wait_ready)
 
 AGENT_IN_IMAGE = "/usr/local/sbin/guest_agent.py"
@@ -113,6 +105,23 @@ def test_execs_run_in_cgroups_and_the_agent_is_protected(guest):
     assert sh(api, "id -un; cat /proc/self/cgroup", user="nobody")["stdout"].split()[0] == "nobody"
     leaves = sh(api, "ls /sys/fs/cgroup/cbox-exec")["stdout"].split()
     assert r["execId"] not in leaves, "a finished exec's cgroup is removed"
+
+
+def test_commands_behind_the_cgroup_handshake(guest):
+    """The line the agent writes before the command runs is not the command's input:
+    stdin data arrives whole, no stdin is /dev/null, argv and exit codes are as elsewhere."""
+    api, eng = guest
+    assert sh(api, "cat", stdin="hello\nworld")["stdout"] == "hello\nworld"
+    assert sh(api, "cat", timeout=20)["stdout"] == ""
+    big = "x" * (1 << 20)
+    assert sh(api, "wc -c", stdin=big)["stdout"].strip() == str(1 << 20)
+    r = api.exec(argv=["printf", "%s|", "a b", "$HOME"])
+    assert (r["stdout"], r["exitCode"]) == ("a b|$HOME|", 0)
+    r = sh(api, "echo out; echo err >&2; exit 3")
+    assert (r["exitCode"], r["stdout"], r["stderr"], r["error"]) == (3, "out\n", "err\n", "exit status 3")
+    r = sh(api, "kill -9 $$")
+    assert (r["signal"], r["signalName"]) == (9, "SIGKILL")
+    assert api.request("POST", "/exec", {"argv": ["no-such-program"]})[0] == 400
 
 
 def test_setsid_and_double_fork_escapes_are_killed(guest):
