@@ -410,3 +410,42 @@ def test_relay_passes_a_good_stream_and_a_dropped_event():
 def test_relay_drops_a_client_that_does_not_read():
     body = line(0, "start", execId="e") + b"".join(line(i, "stdout", data="z" * 60000) for i in range(1, 200))
     asyncio.run(relay_from(body, stall_s=5.0, client_reads=False))
+
+
+# ---- through cbox.py into a real guest (QEMU engine, the agent as PID 1 with cgroups) -----
+
+def test_stream_kill_and_limits_through_cbox_in_a_real_guest(cbox_factory, tmp_path):
+    """The REST path end to end into a booted guest running this checkout's agent: a
+    streamed command whose setsid child is ended by DELETE with grace (cgroup kill
+    scope), and a memory limit's OOM kill reported in the exit event."""
+    from test_exec_v2_guest import rootfs_with_this_agent
+    from test_images import (BOOT_TIMEOUT, INITRAMFS, KERNEL, ROOTFS, image_server, need_images,
+                             need_qemu, need_tool)
+    need_images(KERNEL, INITRAMFS, ROOTFS)
+    need_qemu()
+    need_tool("debugfs", "e2fsprogs")
+    server = image_server(cbox_factory, rootfs=str(rootfs_with_this_agent(tmp_path)))
+    status, vm = server.api.post("/v1/vms", {"vmName": "real", "memoryMb": 512}, timeout=BOOT_TIMEOUT + 30)
+    assert status == 200, f"{vm}\n{server.log()[-3000:]}"
+    api = rest(server, "real")
+
+    s = start_stream(server, "real", cmd="setsid sleep 300 & echo started; sleep 300", tag="escape")
+    assert s.status == 200, s.error
+    it = iter(s)
+    first = [next(it), next(it)]
+    assert first[0]["type"] == "start" and first[1] == {"seq": 1, "type": "stdout", "data": "started\n"}
+    status, result = server.api.delete("/v1/vms/real/exec/escape?grace=1", timeout=60)
+    assert status == 200 and result["killScope"] == "cgroup" and result["running"] is False, result
+    rest_events = list(it)
+    s.close()
+    check_sequence(first + rest_events)
+    assert rest_events[-1]["killScope"] == "cgroup"
+    r = server.api.exec("real", "pgrep -f 'slee[p] 300' || echo none")
+    assert r["stdout"] == "none\n", r                # the setsid child went with the cgroup
+
+    events = api.events(server.api.exec("real", "python3 -c 'b = bytearray(400 << 20)'", blocking=False,
+                                        memoryLimitMb=64)["execId"])
+    assert events[-1]["oomKilled"] is True and events[-1]["limitsApplied"] is True, events[-1]
+    assert server.api.get("/v1/vms/real/exec")[1]["execs"]       # the agent still answers
+    assert server.api.delete("/v1/vms/real", timeout=60)[0] == 200
+    server.assert_clean()
