@@ -3216,6 +3216,7 @@ class RestServer:
         self.server = None
         self.connections = set()
         self.client_watch = ClientWatch()
+        self.relays = set()            # exec streams being relayed (EventRelay)
         # agent calls only: abandoning them leaves nothing half done (a VM start would)
         # (a stream's relay runs after its handler returned: a client leaving never ends an exec)
         self.abandonable = {self.exec, self.exec_status, self.exec_kill, self.exec_list, self.exec_kill_all,
@@ -3244,6 +3245,8 @@ class RestServer:
             self.server.close()
             for writer in list(self.connections):
                 writer.close()
+            for relay in list(self.relays):     # a relay waits on the guest, not on its client
+                relay.events.close()
             await self.server.wait_closed()
 
     # ---- connections ------------------------------------------------------------
@@ -3305,7 +3308,11 @@ class RestServer:
         extra = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         try:     # a client that does not read its answer must not hold the connection and buffer forever
             if isinstance(payload, EventRelay):
-                keep_alive = await payload.send(writer, keep_alive, self.cfg.http_body_timeout_s)
+                self.relays.add(payload)
+                try:
+                    keep_alive = await payload.send(writer, keep_alive, self.cfg.http_body_timeout_s)
+                finally:
+                    self.relays.discard(payload)
             elif isinstance(payload, BodyStream):
                 writer.write(build_head(status, payload.length, ctype, keep_alive, extra))
                 await payload.copy_to(writer, self.cfg.http_body_timeout_s)

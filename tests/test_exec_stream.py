@@ -4,11 +4,11 @@ listing and the bad inputs.
 
 Everything runs inside a network namespace created per test (contract section 5).
 """
-import base64
-import http.client
+import asyncio
 import json
 import os
-import subprocess
+import signal
+import socket
 import sys
 import time
 
@@ -155,6 +155,20 @@ def test_stream_of_a_destroyed_vm_ends_with_an_error_event(vm):
     assert [e["type"] for e in rest_events] == ["error"] and rest_events[0]["seq"] == 2
     assert "broke" in rest_events[0]["error"]
     vm.api.start_vm("sv")            # for the fixture's cleanup check
+
+
+def test_cbox_stops_promptly_with_streams_open(cbox_factory):
+    server = cbox_factory(destroy_on_exit=True).start()
+    server.api.start_vm("st")
+    s = start_stream(server, "st", cmd="echo up; sleep 60")
+    it = iter(s)
+    assert [next(it)["type"], next(it)["type"]] == ["start", "stdout"]
+    t0 = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(30) == 0
+    assert time.monotonic() - t0 < 15            # not held by the stream (its stall timeout is 40 s)
+    s.close()
+    server.assert_clean()
 
 
 def test_since_out_of_range_and_bad(vm):
@@ -311,7 +325,6 @@ def test_cli_streams_and_exits_with_the_code(vm):
 # ---- the relay against a hostile agent's streams (in-process, loopback only) ---------
 
 sys.path.insert(0, str(REPO))
-import asyncio  # noqa: E402
 import cbox  # noqa: E402
 
 
@@ -354,7 +367,7 @@ async def relay_from(agent_body, line_max=1_000_000, stall_s=0.5, since=0, clien
     agent.event_line_max = line_max
     events = await agent.events("e", since, stall_s)
     relay = cbox.EventRelay(events, sse=False)
-    a, b = __import__("socket").socketpair()
+    a, b = socket.socketpair()
     _, writer = await asyncio.open_connection(sock=a)
     out = bytearray()
     if client_reads:
@@ -365,7 +378,7 @@ async def relay_from(agent_body, line_max=1_000_000, stall_s=0.5, since=0, clien
         while chunk := b.recv(1 << 20):
             out += chunk
     else:
-        b.setsockopt(__import__("socket").SOL_SOCKET, __import__("socket").SO_RCVBUF, 4096)
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         with pytest.raises(asyncio.TimeoutError):
             await relay.send(writer, True, 0.5)
         keep = None
