@@ -12,7 +12,8 @@ before it:
                      guest agents and callback URLs), response building
   3. Hypervisor      CloudHypervisor: the REST API over the VMM's Unix socket;
                      GuestAgent: the guest agent's API (health, exec, status, kill,
-                     sync), its answers bounded; rate-bounded readers of the
+                     list, signal, stdin, sync), its answers bounded; AgentEvents: an
+                     exec's event stream from it, checked line by line; rate-bounded readers of the
                      VMM's serial socket and event FIFO; the VMM's process (spawn,
                      pidfd watch) and its bounded logs on disk (console, -v log)
   4. Host resources  network (bridge, persistent taps, port isolation, iptables
@@ -24,7 +25,8 @@ before it:
                      client, console and event readers, and how it ended (stopReason)
   8. VM manager      all VMs: start / destroy / adopt composing the sections above,
                      freeing a VM that ended by itself, exec forwarding
-  9. REST server     routes of contract section 1, auth, limits, request log
+  9. REST server     routes of contract section 1, auth, limits, request log; EventRelay:
+                     exec event streams to the client (NDJSON or SSE, chunked)
  10. CLI             `serve`, `selftest` (a new host's end-to-end check), and a
                      small client: `vm start|ls|rm`, `exec`
 
@@ -1928,7 +1930,6 @@ USER_NAME_RE = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.-]{0,63}\Z")
 MAX_ARGV = 65536              # arguments of one argv (the kernel's own limit is near 2^21 bytes anyway)
 MAX_PIDS_LIMIT = 4194304      # the kernel's largest pid_max
 MAX_GRACE_S = 3600.0
-SIGNAL_NUMBERS = {s.name[3:]: int(s) for s in signal.Signals if s.name.startswith("SIG") and "_" not in s.name}
 
 
 def check_exec_id(exec_id):
@@ -2065,19 +2066,23 @@ def validate_exec_request(body, cfg):
 
 
 def validate_signal_request(body):
-    """{"signal": "TERM" | "SIGTERM" | 15} -> the agent's body; unknown signals 400."""
+    """{"signal": "TERM" | "sigterm" | 15 | "15"} -> the agent's body (the number: the guest
+    runs on this host's architecture, so its numbering); unknown signals 400."""
     check_fields(body, ("signal",), required=("signal",))
     value = body["signal"]
+    number = None
     if isinstance(value, int) and not isinstance(value, bool):
-        if not 1 <= value <= signal.SIGRTMAX:
-            raise ApiError(400, f"unknown signal {value}: numbers are 1..{int(signal.SIGRTMAX)}")
-        return {"signal": value}
-    if isinstance(value, str):
+        number = value
+    elif isinstance(value, str) and is_decimal(value) and len(value) < 4:
+        number = int(value)
+    elif isinstance(value, str) and value.isascii() and value.isidentifier():
         name = value.upper()
-        name = name[3:] if name.startswith("SIG") else name
-        if name in SIGNAL_NUMBERS:
-            return {"signal": name}
-    raise ApiError(400, f"unknown signal {str(value)[:40]!r}: use a name such as TERM, KILL, INT, HUP, USR1 or a number")
+        member = getattr(signal.Signals, name if name.startswith("SIG") else "SIG" + name, None)
+        number = int(member) if isinstance(member, signal.Signals) else None
+    if number is None or not 1 <= number <= signal.SIGRTMAX:
+        raise ApiError(400, f"unknown signal {str(value)[:40]!r}: use a name such as TERM, KILL, INT, HUP, USR1 "
+                            f"or a number 1..{int(signal.SIGRTMAX)}")
+    return {"signal": number}
 
 
 def validate_stdin_request(body):

@@ -272,13 +272,15 @@ def test_exec_request_errors(cfg, body, fragment):
     assert e.value.status == 400 and fragment in str(e.value)
 
 
-@pytest.mark.parametrize("given, sent", [("TERM", "TERM"), ("sigkill", "KILL"), ("SIGUSR1", "USR1"), (15, 15), (64, 64)])
+@pytest.mark.parametrize("given, sent", [("TERM", 15), ("sigkill", 9), ("SIGUSR1", 10), ("CLD", 17), (15, 15),
+                                         ("15", 15), (64, 64)])
 def test_signal_request(given, sent):
     assert cbox.validate_signal_request({"signal": given}) == {"signal": sent}
 
 
 @pytest.mark.parametrize("body", [{"signal": "NOPE"}, {"signal": 0}, {"signal": 65}, {"signal": True},
-                                  {"signal": None}, {}, {"signal": "TERM", "x": 1}, {"signal": "SIG_DFL"}])
+                                  {"signal": None}, {}, {"signal": "TERM", "x": 1}, {"signal": "SIG_DFL"},
+                                  {"signal": "Signals"}, {"signal": "-1"}, {"signal": "TERM "}])
 def test_signal_request_errors(body):
     with pytest.raises(cbox.ApiError) as e:
         cbox.validate_signal_request(body)
