@@ -908,25 +908,68 @@ class AgentError(Exception):
         self.status = status
 
 
+class TokenBucket:
+    """`rate` tokens a second, at most `burst` saved up; charge() may overdraw (then wait())."""
+    __slots__ = ("rate", "burst", "tokens", "stamp")
+
+    def __init__(self, rate, burst):
+        self.rate, self.burst, self.tokens, self.stamp = rate, burst, burst, time.monotonic()
+
+    def _refill(self):
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def take(self, n=1):
+        self._refill()
+        if self.tokens < n:
+            return False
+        self.tokens -= n
+        return True
+
+    def charge(self, n):
+        self._refill()
+        self.tokens -= n
+
+    def wait(self):
+        """Seconds until the bucket is out of debt (0 when it is not)."""
+        self._refill()
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+
+    def spend(self, n):
+        """charge(n), then the seconds until the bucket is out of debt (0: go on)."""
+        self.charge(n)
+        return self.wait()
+
+
 AGENT_ERROR_MAX = 64 * 1024      # a guest agent's error answer is read whole, at most this much
 
 
 class AgentEvents:
     """An exec's event stream as the guest agent sends it, read as a hostile peer's lines.
 
-    next_line() gives each NDJSON line (bytes, with its newline) with its parsed event,
-    checked: a JSON object whose "seq" follows the previous one (or, for a "dropped" event
-    standing in for events a slow reader lost, is beyond it) and whose "type" is a string. Each line
-    is bounded in size; a stream silent for `stall_s` (the agent writes keepalives) or
-    that ends before its exit event is broken: next_line() raises AgentError, and
-    `next_seq` says where a re-attach would resume. Memory per stream is the reader's
-    buffer (paused at 2 * BUFFER) plus the line being read."""
+    next_events() gives the complete NDJSON lines that arrived (bytes, with their newline)
+    with their parsed events, each checked: a JSON object whose "seq" follows the previous
+    one (or, for a "dropped" event standing in for events a slow reader lost, is beyond
+    it) and whose "type" is a string. Each line is bounded in size; a stream that sends no
+    complete line for `stall_s` (the agent writes keepalives), or ends before its exit
+    event, is broken: next_events() raises AgentError, and `next_seq` says where a
+    re-attach would resume. Reads are batched (one read, one write onward, however many
+    events it holds) and the VM's streams together are held to EVENT_RATE events and
+    BYTE_RATE bytes a second, so a guest flooding events costs the loop little and other
+    VMs nothing. Memory per stream: the reader's buffer (paused at 2 * BUFFER) plus the
+    line being read."""
 
     BUFFER = 256 * 1024
+    READ = 64 * 1024               # bytes parsed per batch at most (besides one long line)
+    EVENT_RATE = 20000.0           # a VM's streams, events a second (an agent read is an event)
+    BYTE_RATE = 256.0 * 1024 * 1024
 
     def __init__(self, agent, reader, writer, since, stall_s, line_max):
         self.agent, self.reader, self.writer = agent, reader, writer
         self.next_seq, self.stall_s, self.line_max = since, stall_s, line_max
+        self.pending = bytearray()     # bytes read after the last complete line
+        self.failure = None            # AgentError after the events of the last batch
         self.finished = False          # the exit event was read
 
     def broken(self, why):
@@ -953,34 +996,30 @@ class AgentEvents:
         message = message if isinstance(message, str) else f"HTTP {status}"
         raise AgentError(status if status in (400, 404, 409) else 502, f"guest agent: {message[:500]}")
 
-    async def _line(self):
-        parts, size = [], 0
-        while True:
-            try:
-                part = await self.reader.readuntil(b"\n")
-            except asyncio.LimitOverrunError as e:      # a line longer than the buffer: take it in pieces
-                part = await self.reader.readexactly(e.consumed)
-                size += len(part)
-                if size > self.line_max:
-                    raise self.broken(f"an event line longer than {self.line_max} bytes") from e
-                parts.append(part)
-                continue
-            except asyncio.IncompleteReadError as e:
-                raise self.broken("it ended without an exit event") from e
-            if size + len(part) > self.line_max:
+    async def _complete_lines(self):
+        """The bytes up to the last newline read so far, reading until there is one."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.stall_s
+        scanned = 0
+        while (end := self.pending.find(b"\n", scanned)) < 0:
+            scanned = len(self.pending)
+            if scanned > self.line_max:
                 raise self.broken(f"an event line longer than {self.line_max} bytes")
-            return b"".join(parts + [part]) if parts else part
+            try:
+                data = await within(max(deadline - loop.time(), 0.0), self.reader.read(self.READ))
+            except asyncio.TimeoutError as e:
+                raise self.broken(f"no event for {fmt_seconds(self.stall_s)}") from e
+            except OSError as e:
+                raise self.broken(str(e) or type(e).__name__) from e
+            if not data:
+                raise self.broken("it ended without an exit event")
+            self.pending += data
+        end = self.pending.rfind(b"\n")
+        block = bytes(self.pending[:end + 1])
+        del self.pending[:end + 1]
+        return block
 
-    async def next_line(self):
-        """(line bytes, event dict); AgentError when the stream broke."""
-        if self.finished:
-            raise self.broken("read past its exit event")
-        try:
-            line = await within(self.stall_s, self._line())
-        except asyncio.TimeoutError as e:
-            raise self.broken(f"nothing for {fmt_seconds(self.stall_s)}") from e
-        except (OSError, ValueError) as e:
-            raise self.broken(str(e) or type(e).__name__) from e
+    def _check(self, line):
         try:
             event = json.loads(line)
         except (ValueError, RecursionError) as e:
@@ -993,7 +1032,30 @@ class AgentEvents:
             raise self.broken(f"event seq {seq} where {self.next_seq} was due")
         self.next_seq = seq + 1
         self.finished = event["type"] == "exit"
-        return line, event
+        return event
+
+    async def next_events(self):
+        """[(line bytes, event dict), ...], at least one, the exit event last when it came;
+        AgentError when the stream broke."""
+        if self.failure or self.finished:
+            raise self.failure or self.broken("read past its exit event")
+        block = await self._complete_lines()
+        batch = []
+        try:
+            for line in block.split(b"\n")[:-1]:
+                if len(line) >= self.line_max:
+                    raise self.broken(f"an event line longer than {self.line_max} bytes")
+                batch.append((line + b"\n", self._check(line)))
+                if self.finished:
+                    break              # nothing comes after the exit event
+        except AgentError as e:
+            if not batch:
+                raise
+            self.failure = e           # the good events before it go first
+        delay = max(self.agent.event_budget.spend(len(batch)), self.agent.byte_budget.spend(len(block)))
+        if delay:
+            await asyncio.sleep(delay)
+        return batch
 
     def close(self):
         self.agent.streams.discard(self)
@@ -1014,6 +1076,8 @@ class GuestAgent:
         self.http = HttpClient(host=address, port=port, pool_size=32, stream_over=256 * 1024,
                                max_body=3 * 6 * output_limit + 1024 * 1024, length_only=True)
         self.streams = set()           # open AgentEvents
+        self.event_budget = TokenBucket(AgentEvents.EVENT_RATE, AgentEvents.EVENT_RATE)
+        self.byte_budget = TokenBucket(AgentEvents.BYTE_RATE, AgentEvents.BYTE_RATE)
         # the longest event line: an exit event carries the command (JSON: up to 6 bytes a byte);
         # an output event at most the agent's 256 KiB read, escaped, plus its base64
         self.event_line_max = 6 * request_limit + 4 * 1024 * 1024
@@ -1103,40 +1167,6 @@ class GuestAgent:
         self.http.abort()
         for events in list(self.streams):
             events.close()
-
-
-class TokenBucket:
-    """`rate` tokens a second, at most `burst` saved up; charge() may overdraw (then wait())."""
-    __slots__ = ("rate", "burst", "tokens", "stamp")
-
-    def __init__(self, rate, burst):
-        self.rate, self.burst, self.tokens, self.stamp = rate, burst, burst, time.monotonic()
-
-    def _refill(self):
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-
-    def take(self, n=1):
-        self._refill()
-        if self.tokens < n:
-            return False
-        self.tokens -= n
-        return True
-
-    def charge(self, n):
-        self._refill()
-        self.tokens -= n
-
-    def wait(self):
-        """Seconds until the bucket is out of debt (0 when it is not)."""
-        self._refill()
-        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
-
-    def spend(self, n):
-        """charge(n), then the seconds until the bucket is out of debt (0: go on)."""
-        self.charge(n)
-        return self.wait()
 
 
 class BoundedReader:
@@ -3185,7 +3215,7 @@ class EventRelay:
             writer.write(self.head(keep_alive))
             while True:
                 try:
-                    line, event = await self.events.next_line()
+                    batch = await self.events.next_events()
                 except AgentError as e:
                     log("exec stream broke", vm=self.events.agent.vm_name, error=repr(str(e)))
                     seq = self.events.next_seq
@@ -3194,9 +3224,10 @@ class EventRelay:
                     return False
                 if transport.is_closing():
                     raise ConnectionResetError("the client went away")
-                writer.write(self.chunk(line, event["seq"]))
-                if event["type"] == "exit":
-                    writer.write(self.end)
+                finished = self.events.finished
+                writer.write(b"".join([self.chunk(line, event["seq"]) for line, event in batch])
+                             + (self.end if finished else b""))
+                if finished:
                     return keep_alive and self.chunked
                 if transport.get_write_buffer_size() > self.HIGH_WATER:
                     await within(drain_timeout, writer.drain())

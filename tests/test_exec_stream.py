@@ -340,11 +340,11 @@ HOSTILE_STREAMS = {   # body after the head -> what the error event must say
     "not JSON": (line(0, "start", execId="e") + b"{nope\n", "not JSON"),
     "no seq": (line(0, "start", execId="e") + b'{"type":"stdout"}\n', "without seq"),
     "too long": (line(0, "start", execId="e") + b'{"seq":1,"type":"stdout","data":"' + b"a" * 3_000_000, "longer than"),
-    "stalls": (line(0, "start", execId="e", note="stalls"), "nothing for"),
+    "stalls": (line(0, "start", execId="e", note="stalls"), "no event for"),
 }
 
 
-async def relay_from(agent_body, line_max=1_000_000, stall_s=0.5, since=0, client_reads=True):
+async def relay_from(agent_body, line_max=1_000_000, stall_s=0.5, since=0, client_reads=True, event_rate=None):
     """A fake agent answering one stream request with `agent_body` (after a 200 head), and
     cbox's relay to a client socket pair; returns (what the client read, the agent side's end)."""
     closed = asyncio.Event()
@@ -365,6 +365,8 @@ async def relay_from(agent_body, line_max=1_000_000, stall_s=0.5, since=0, clien
     port = server.sockets[0].getsockname()[1]
     agent = cbox.GuestAgent("vm", "127.0.0.1", port, 1 << 20)
     agent.event_line_max = line_max
+    if event_rate:
+        agent.event_budget = cbox.TokenBucket(event_rate, event_rate)
     events = await agent.events("e", since, stall_s)
     relay = cbox.EventRelay(events, sse=False)
     a, b = socket.socketpair()
@@ -418,6 +420,17 @@ def test_relay_passes_a_good_stream_and_a_dropped_event():
     out, keep = asyncio.run(relay_from(body, since=1))
     events, ended = chunks_of(out)
     assert ended and keep is True and [e["seq"] for e in events] == [4, 5, 9, 10] and events[1]["data"] == "é"
+
+
+def test_relay_holds_an_event_flood_to_the_vms_budget():
+    n = 3000
+    body = line(0, "start", execId="e") + b"".join(line(i, "keepalive") for i in range(1, n)) + line(n, "exit")
+    t0 = time.monotonic()
+    out, keep = asyncio.run(relay_from(body, stall_s=10.0, event_rate=1000.0))
+    took = time.monotonic() - t0
+    events, ended = chunks_of(out)
+    assert ended and keep is True and [e["seq"] for e in events] == list(range(n + 1))
+    assert took >= (n + 1 - 1000) / 1000.0 * 0.9         # a flood waits for its budget (a lower bound)
 
 
 def test_relay_drops_a_client_that_does_not_read():
