@@ -954,14 +954,14 @@ class AgentEvents:
     it) and whose "type" is a string. Each line is bounded in size; a stream that sends no
     complete line for `stall_s` (the agent writes keepalives), or ends before its exit
     event, is broken: next_events() raises AgentError, and `next_seq` says where a
-    re-attach would resume. Reads are batched (one read, one write onward, however many
-    events it holds) and the VM's streams together are held to EVENT_RATE events and
+    re-attach would resume. Reads are batched (up to BATCH events of one read go onward in
+    one write) and the VM's streams together are held to EVENT_RATE events and
     BYTE_RATE bytes a second, so a guest flooding events costs the loop little and other
     VMs nothing. Memory per stream: the reader's buffer (paused at 2 * BUFFER) plus the
     line being read."""
 
     BUFFER = 256 * 1024
-    READ = 64 * 1024               # bytes parsed per batch at most (besides one long line)
+    BATCH = 1024                   # events parsed per batch at most: the loop is not held long
     EVENT_RATE = 20000.0           # a VM's streams, events a second (an agent read is an event)
     BYTE_RATE = 256.0 * 1024 * 1024
 
@@ -996,17 +996,17 @@ class AgentEvents:
         message = message if isinstance(message, str) else f"HTTP {status}"
         raise AgentError(status if status in (400, 404, 409) else 502, f"guest agent: {message[:500]}")
 
-    async def _complete_lines(self):
-        """The bytes up to the last newline read so far, reading until there is one."""
+    async def _fill(self):
+        """Read until `pending` holds a complete line."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.stall_s
         scanned = 0
-        while (end := self.pending.find(b"\n", scanned)) < 0:
+        while self.pending.find(b"\n", scanned) < 0:
             scanned = len(self.pending)
             if scanned > self.line_max:
                 raise self.broken(f"an event line longer than {self.line_max} bytes")
             try:
-                data = await within(max(deadline - loop.time(), 0.0), self.reader.read(self.READ))
+                data = await within(max(deadline - loop.time(), 0.0), self.reader.read(self.BUFFER))
             except asyncio.TimeoutError as e:
                 raise self.broken(f"no event for {fmt_seconds(self.stall_s)}") from e
             except OSError as e:
@@ -1014,10 +1014,6 @@ class AgentEvents:
             if not data:
                 raise self.broken("it ended without an exit event")
             self.pending += data
-        end = self.pending.rfind(b"\n")
-        block = bytes(self.pending[:end + 1])
-        del self.pending[:end + 1]
-        return block
 
     def _check(self, line):
         try:
@@ -1039,20 +1035,24 @@ class AgentEvents:
         AgentError when the stream broke."""
         if self.failure or self.finished:
             raise self.failure or self.broken("read past its exit event")
-        block = await self._complete_lines()
-        batch = []
+        await self._fill()
+        batch, start, pending = [], 0, self.pending
         try:
-            for line in block.split(b"\n")[:-1]:
-                if len(line) >= self.line_max:
+            while len(batch) < self.BATCH and (end := pending.find(b"\n", start)) >= 0:
+                if end - start >= self.line_max:
                     raise self.broken(f"an event line longer than {self.line_max} bytes")
-                batch.append((line + b"\n", self._check(line)))
+                line = bytes(pending[start:end + 1])
+                start = end + 1
+                batch.append((line, self._check(line)))
                 if self.finished:
                     break              # nothing comes after the exit event
         except AgentError as e:
             if not batch:
                 raise
             self.failure = e           # the good events before it go first
-        delay = max(self.agent.event_budget.spend(len(batch)), self.agent.byte_budget.spend(len(block)))
+        del pending[:start]
+        delay = max(self.agent.event_budget.spend(len(batch)),
+                    self.agent.byte_budget.spend(sum([len(line) for line, _ in batch])))
         if delay:
             await asyncio.sleep(delay)
         return batch
@@ -3202,9 +3202,9 @@ class EventRelay:
                 + "Cache-Control: no-cache\r\nX-Accel-Buffering: no\r\n"
                 + ("" if keep_alive and self.chunked else "Connection: close\r\n") + "\r\n").encode("latin-1")
 
-    def chunk(self, line, seq):
+    def chunk(self, line, event):
         if self.sse:
-            line = b"id: %d\ndata: %s\n\n" % (seq, line.rstrip(b"\r\n"))
+            line = b"id: %d\ndata: %s\n\n" % (event["seq"], line.rstrip(b"\r\n"))
         return b"%x\r\n%s\r\n" % (len(line), line) if self.chunked else line
 
     async def send(self, writer, keep_alive, drain_timeout):
@@ -3219,14 +3219,18 @@ class EventRelay:
                 except AgentError as e:
                     log("exec stream broke", vm=self.events.agent.vm_name, error=repr(str(e)))
                     seq = self.events.next_seq
-                    line = json_bytes({"seq": seq, "type": "error", "error": str(e)}) + b"\n"
-                    writer.write(self.chunk(line, seq) + self.end)
+                    event = {"seq": seq, "type": "error", "error": str(e)}
+                    writer.write(self.chunk(json_bytes(event) + b"\n", event) + self.end)
                     return False
                 if transport.is_closing():
                     raise ConnectionResetError("the client went away")
                 finished = self.events.finished
-                writer.write(b"".join([self.chunk(line, event["seq"]) for line, event in batch])
-                             + (self.end if finished else b""))
+                if len(batch) == 1:
+                    writer.write(self.chunk(*batch[0]))
+                else:
+                    writer.write(b"".join([self.chunk(line, event) for line, event in batch]))
+                if finished:
+                    writer.write(self.end)
                 if finished:
                     return keep_alive and self.chunked
                 if transport.get_write_buffer_size() > self.HIGH_WATER:
