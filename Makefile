@@ -4,7 +4,7 @@ PYTHON ?= python3
 CONFIG ?= config.yaml
 OUT ?= out
 
-.PHONY: help run check-host demo test bench images kernel initramfs rootfs dist clean
+.PHONY: help run check-host demo test bench install uninstall images kernel initramfs rootfs dist clean
 
 help:
 	@echo "make run      build what is missing, then serve (needs KVM + cloud-hypervisor)"
@@ -14,6 +14,7 @@ help:
 	@echo "make bench    run the benchmarks, write bench/results.md"
 	@echo "make images   build kernel, initramfs and rootfs into $(OUT)/"
 	@echo "make dist     pack an air-gap tarball (CHV=path adds the cloud-hypervisor binary)"
+	@echo "make install  install as a systemd service (PREFIX=/usr/local, DESTDIR); make uninstall"
 
 test:
 	$(PYTHON) -m pytest -q tests
@@ -52,6 +53,66 @@ demo:
 	@echo "# stop with Ctrl-C (the demo destroys its VMs on exit).                         #"
 	@echo "################################################################################"
 	$(PYTHON) cbox.py serve --config $(DEMO)/config.yaml
+
+# ---- install as a service ------------------------------------------------------
+# cbox.py and guest_agent.py in $(LIBDIR), the `cbox` command in $(BINDIR), the
+# config in $(CONFDIR) (an existing config.yaml is kept; the shipped one is always
+# written beside it as config.yaml.default), the images of $(OUT)/ if built in
+# $(STATEDIR)/images, and cbox.service in $(UNITDIR). DESTDIR prefixes them all.
+PREFIX ?= /usr/local
+DESTDIR ?=
+BINDIR ?= $(PREFIX)/bin
+LIBDIR ?= $(PREFIX)/lib/cbox
+CONFDIR ?= /etc/cbox
+STATEDIR ?= /var/lib/cbox
+UNITDIR ?= /etc/systemd/system
+INSTALL_PYTHON ?= /usr/bin/python3
+# run as `$(SYSTEMCTL) daemon-reload` after (un)installing into the real root
+SYSTEMCTL ?= systemctl
+IMAGE_FILES := vmlinuz initramfs.cpio.gz rootfs.ext4 kernel.release
+SUBST = sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@LIBDIR@|$(LIBDIR)|g' \
+	-e 's|@CONFIG@|$(CONFDIR)/config.yaml|g' -e 's|@PYTHON@|$(INSTALL_PYTHON)|g'
+
+install:
+	@set -e; d="$(DESTDIR)"; \
+	install -d -m 0755 "$$d$(LIBDIR)" "$$d$(BINDIR)" "$$d$(UNITDIR)"; \
+	install -d -m 0750 "$$d$(CONFDIR)" "$$d$(STATEDIR)"; \
+	install -m 0755 cbox.py "$$d$(LIBDIR)/cbox.py"; \
+	install -m 0644 guest_agent.py "$$d$(LIBDIR)/guest_agent.py"; \
+	$(SUBST) service/cbox.in > "$$d$(BINDIR)/cbox.tmp"; chmod 0755 "$$d$(BINDIR)/cbox.tmp"; \
+	mv -f "$$d$(BINDIR)/cbox.tmp" "$$d$(BINDIR)/cbox"; \
+	$(SUBST) service/cbox.service.in > "$$d$(UNITDIR)/cbox.service"; chmod 0644 "$$d$(UNITDIR)/cbox.service"; \
+	sed -e 's,"/var/lib/cbox","$(STATEDIR)",' \
+	    -e 's,^\(    \(kernel\|initramfs\|rootfs\): *"\)out/,\1$(STATEDIR)/images/,' \
+	    config.yaml > "$$d$(CONFDIR)/config.yaml.default"; \
+	chmod 0640 "$$d$(CONFDIR)/config.yaml.default"; \
+	if [ -e "$$d$(CONFDIR)/config.yaml" ]; then \
+	  echo "[install] kept $$d$(CONFDIR)/config.yaml (the shipped one is config.yaml.default)"; \
+	else cp -p "$$d$(CONFDIR)/config.yaml.default" "$$d$(CONFDIR)/config.yaml"; fi; \
+	found=; for f in $(IMAGE_FILES); do \
+	  if [ -e "$(OUT)/$$f" ]; then found=1; install -d -m 0755 "$$d$(STATEDIR)/images"; \
+	    cp --sparse=always "$(OUT)/$$f" "$$d$(STATEDIR)/images/$$f.tmp"; \
+	    mv -f "$$d$(STATEDIR)/images/$$f.tmp" "$$d$(STATEDIR)/images/$$f"; fi; \
+	done; \
+	[ -n "$$found" ] || echo "[install] no images in $(OUT)/: run 'make images' and 'make install' again"; \
+	if [ -z "$$d" ] && [ -d /run/systemd/system ]; then $(SYSTEMCTL) daemon-reload; fi; \
+	echo "[install] done: edit $(CONFDIR)/config.yaml, then: systemctl enable --now cbox"
+
+# Removes what install put there; a config.yaml that differs from the shipped one,
+# and VM state in $(STATEDIR), stay.
+uninstall:
+	@set -e; d="$(DESTDIR)"; \
+	rm -f "$$d$(LIBDIR)/cbox.py" "$$d$(LIBDIR)/guest_agent.py" "$$d$(BINDIR)/cbox" "$$d$(UNITDIR)/cbox.service"; \
+	rm -rf "$$d$(LIBDIR)/__pycache__"; \
+	for f in $(IMAGE_FILES); do rm -f "$$d$(STATEDIR)/images/$$f"; done; \
+	if [ -e "$$d$(CONFDIR)/config.yaml" ] && [ -e "$$d$(CONFDIR)/config.yaml.default" ] \
+	   && cmp -s "$$d$(CONFDIR)/config.yaml" "$$d$(CONFDIR)/config.yaml.default"; then rm -f "$$d$(CONFDIR)/config.yaml"; fi; \
+	rm -f "$$d$(CONFDIR)/config.yaml.default"; \
+	[ ! -e "$$d$(CONFDIR)/config.yaml" ] || echo "[uninstall] kept $$d$(CONFDIR)/config.yaml (changed since install)"; \
+	for dir in "$$d$(LIBDIR)" "$$d$(CONFDIR)" "$$d$(STATEDIR)/images" "$$d$(STATEDIR)"; do \
+	  rmdir "$$dir" 2>/dev/null || true; done; \
+	[ ! -e "$$d$(STATEDIR)" ] || echo "[uninstall] kept $$d$(STATEDIR) (VM state; remove it by hand)"; \
+	if [ -z "$$d" ] && [ -d /run/systemd/system ]; then $(SYSTEMCTL) daemon-reload; fi
 
 # ---- images (kernel, initramfs, rootfs, dist) -------------------------------
 # (section owned by the image builders; see issue 3)

@@ -17,18 +17,20 @@ before it:
                      VMM's serial socket and event FIFO; the VMM's process (spawn,
                      pidfd watch) and its bounded logs on disk (console, -v log)
   4. Host resources  network (bridge, persistent taps, port isolation, iptables
-                     chains), each VM's stateful disk, host memory
+                     chains, each VM's egress chain), each VM's stateful disk,
+                     host memory
   5. Allocation      guest IPs, vsock CIDs, tap names; request validation
   6. Callback bridge a VM's callback socket: the guest's JSON lines forwarded to
                      its callback URL, every cost budgeted per VM
   7. VMs             one VM: its record on disk, paths, VMM process and API, agent
                      client, console and event readers, and how it ended (stopReason)
   8. VM manager      all VMs: start / destroy / adopt composing the sections above,
-                     freeing a VM that ended by itself, exec forwarding
+                     freeing a VM that ended by itself, egress policy changes,
+                     exec forwarding
   9. REST server     routes of contract section 1, auth, limits, request log; EventRelay:
                      exec event streams to the client (NDJSON or SSE, chunked)
  10. CLI             `serve`, `selftest` (a new host's end-to-end check), and a
-                     small client: `vm start|ls|rm`, `exec`
+                     small client: `vm start|ls|rm|logs|network`, `exec`
 
 The external contract lives in ../shared/docs/contract.md (beside checkouts) and
 is summarised in README.md.
@@ -361,6 +363,8 @@ CONFIG_KEYS = {
     "exec_output_limit_bytes": (int, 4 * 1024 * 1024, "cap on captured stdout, stderr and output, each"),
     "stream_keepalive_s": (float, 15.0, "an exec stream's keepalive event after this much silence"),
     "callback_timeout_s": (float, 30.0, "time the callback URL has to answer"),
+    "callback_secret": (str, "", "HMAC-SHA256 key signing every callback POST (X-CBox-Signature); empty = unsigned"),
+    "callback_secret_file": (str, "", "file holding callback_secret (its first line), instead of the key itself"),
     "callback_port": (int, 4032, "guest vsock port for callbacks"),
     "agent_port": (int, 4031, "guest agent TCP port"),
     "max_request_bytes": (int, 8 * 1024 * 1024, "largest REST request body"),
@@ -378,6 +382,7 @@ CONFIG_KEYS = {
     "callback_write_timeout_s": (float, 10.0, "time a guest has to read a callback reply before its connection is closed"),
     "callback_log_lines_per_s": (float, 20.0, "callback log lines a second per VM; the rest are counted and the count logged"),
     "fd_reserve": (int, 256, "file descriptors kept free for the API and other VMs: guest connections beyond are refused"),
+    "default_egress": (str, "nat", "egress policy of a VM whose request names none: nat (everything) or none"),
     "destroy_on_exit": (bool, False, "destroy all VMs when cbox.py stops (default: leave them for the next start)"),
 }
 
@@ -445,8 +450,29 @@ def check_config(cfg, source):
     longest = os.path.join(cfg.path(cfg.run_dir), "4294967295", f"vsock.sock_{cfg.callback_port}")
     if len(longest.encode()) > 107:
         bad(f"run_dir {cfg.run_dir!r} is too long: socket paths such as {longest} must fit in 107 bytes")
+    if cfg.default_egress not in ("nat", "none"):
+        bad(f"default_egress must be nat or none, got {cfg.default_egress!r}")
+    if cfg.default_egress != "nat" and not cfg.firewall:
+        bad("default_egress: none needs firewall: true (the policy is enforced by iptables)")
     if "," in cfg.path(cfg.run_dir) or "=" in cfg.path(cfg.run_dir):
         bad("run_dir must not contain ',' or '=' (cloud-hypervisor splits its options on them)")
+
+
+def read_callback_secret(cfg, source):
+    """callback_secret_file -> cfg.callback_secret (its first line), so the key need not sit
+    in a config file others may read."""
+    if not cfg.callback_secret_file:
+        return
+    if cfg.callback_secret:
+        raise ConfigError(f"{source}: set callback_secret or callback_secret_file, not both")
+    secret_path = cfg.path(cfg.callback_secret_file)
+    try:
+        lines = Path(secret_path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{source}: callback_secret_file {secret_path}: {e}") from e
+    if not lines or not lines[0].strip():
+        raise ConfigError(f"{source}: callback_secret_file {secret_path} is empty")
+    cfg.callback_secret = lines[0].strip()
 
 
 def load_config(path, overrides=None):
@@ -484,6 +510,7 @@ def load_config(path, overrides=None):
         values.setdefault(key, default)
     cfg = Config(values, str(Path(path).resolve().parent))
     check_config(cfg, str(path))
+    read_callback_secret(cfg, str(path))
     return cfg
 
 
@@ -1669,6 +1696,39 @@ def mac_for(ip):
 
 
 FW_TAG = "cbox"
+EGRESS_CHAIN = "CBOX-EGRESS"            # jumps to each VM's chain, matched on its tap
+EGRESS_CHAIN_PREFIX = "CBOX-EG-"
+EGRESS_MODES = ("nat", "none", "allowlist")
+
+
+def egress_chain(tap):
+    return EGRESS_CHAIN_PREFIX + tap       # at most 21 characters: iptables allows 28
+
+
+def egress_rules(tap, ip, policy):
+    """{chain: rules} of one VM's egress chain. A packet not from the VM's own address is
+    dropped first (a guest cannot send as another VM to borrow its policy); what the
+    policy refuses is rejected (TCP reset, else ICMP administratively prohibited), so
+    a program in the guest fails at once instead of waiting for a timeout."""
+    tag = ["-m", "comment", "--comment", FW_TAG]
+    rules = [["!", "-s", ip, "-j", "DROP"]]
+    if policy["egress"] == "nat":
+        rules.append(["-j", "ACCEPT"])
+    else:
+        rules += [["-d", cidr, "-j", "ACCEPT"] for cidr in policy.get("allowOut") or ()]
+        rules += [["-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"],
+                  ["-j", "REJECT", "--reject-with", "icmp-admin-prohibited"]]
+    return {egress_chain(tap): [r + tag for r in rules]}
+
+
+async def iptables_restore(table, chains, append=None, commands=()):
+    """One atomic iptables-restore --noflush: each chain of `chains` created or flushed and
+    given its rules; `append` adds rules to existing chains without flushing them;
+    `commands` are further command lines ("-X CHAIN"). It all happens, or none of it."""
+    lines = [f"*{table}"] + [f":{chain} - [0:0]" for chain in chains]
+    for chain, rules in [*chains.items(), *(append or {}).items()]:
+        lines += [" ".join(["-A", chain, *rule]) for rule in rules]     # every word is cbox's own, no spaces
+    await run_cmd("iptables-restore", "-w", "--noflush", stdin="\n".join([*lines, *commands, "COMMIT", ""]))
 
 
 class HostNetwork:
@@ -1705,6 +1765,10 @@ class HostNetwork:
         # arp_notify: the kernel announces a new address (gratuitous ARP), so running
         # guests update their gateway entry at once instead of when it expires
         Path(f"/proc/sys/net/ipv4/conf/{self.bridge}/arp_notify").write_text("1\n")
+        # No IPv6 on the bridge: guests would otherwise reach every host service listening
+        # on :: through the bridge's link-local address, past the IPv4 firewall
+        with contextlib.suppress(FileNotFoundError):      # a kernel without IPv6
+            Path(f"/proc/sys/net/ipv6/conf/{self.bridge}/disable_ipv6").write_text("1\n")
         if link.get("address") != mac:
             await self.fix_bridge_mac(link.get("address"), mac)
         addrs = await run_cmd("ip", "-o", "-4", "addr", "show", "dev", self.bridge)
@@ -1739,8 +1803,10 @@ class HostNetwork:
         return choice
 
     def firewall_rules(self):
-        """The rules of cbox's own chains, as iptables argument lists per (table, chain)."""
-        br, net = self.bridge, str(self.subnet)
+        """The rules of cbox's own static chains, as iptables argument lists per (table, chain).
+        Guest to guest and guest to host are dropped here, before any VM's egress policy
+        (CBOX-EGRESS, section "egress policy" below) is consulted: no policy can open them."""
+        br = self.bridge
         tag = ["-m", "comment", "--comment", FW_TAG]
         rules = {
             ("filter", "CBOX-INPUT"): [
@@ -1752,32 +1818,60 @@ class HostNetwork:
                 ["-i", br, "-o", br, "-j", "DROP"],
                 ["-o", br, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
                 ["-o", br, "-j", "DROP"],
-                ["-i", br, "-s", net, "-j", "ACCEPT"],
-                ["-i", br, "-j", "DROP"],
+                ["-i", br, "-j", EGRESS_CHAIN],       # the VM's own policy, by the tap it came in on
+                ["-i", br, "-j", "DROP"],             # a tap without a policy: nothing out
             ],
             ("nat", "CBOX-POSTROUTING"): [],
         }
         nat_if = self._nat_interface()
         if nat_if:
-            rules[("nat", "CBOX-POSTROUTING")].append(["-s", net, "-o", nat_if, "-j", "MASQUERADE"])
+            rules[("nat", "CBOX-POSTROUTING")].append(["-s", str(self.subnet), "-o", nat_if, "-j", "MASQUERADE"])
         return {k: [r + tag for r in v] for k, v in rules.items()}, nat_if
 
     async def install_firewall(self):
+        """Each table's chains replaced in one iptables-restore transaction, so a restart
+        never leaves a moment with an empty CBOX-FORWARD (the built-in policy, often
+        ACCEPT, would then let guest to guest traffic through). CBOX-EGRESS and the
+        per-VM chains are kept as they are: adoption re-applies them (prune_egress
+        removes what no VM owns)."""
+        await self.enable_bridge_netfilter()
+        if not await self.iptables_ok("filter", "-n", "-L", EGRESS_CHAIN):
+            await run_cmd("iptables", "-w", "-t", "filter", "-N", EGRESS_CHAIN)
         rules, nat_if = self.firewall_rules()
-        for (table, chain), chain_rules in rules.items():
-            if not await self.iptables_ok(table, "-n", "-L", chain):
-                await run_cmd("iptables", "-w", "-t", table, "-N", chain)
-            await run_cmd("iptables", "-w", "-t", table, "-F", chain)
-            for rule in chain_rules:
-                await run_cmd("iptables", "-w", "-t", table, "-A", chain, *rule)
-            parent = self.chains[table][chain]
-            if not await self.iptables_ok(table, "-C", parent, "-j", chain):
-                await run_cmd("iptables", "-w", "-t", table, "-I", parent, "1", "-j", chain)
+        for table in self.chains:
+            await iptables_restore(table, {chain: chain_rules for (t, chain), chain_rules in rules.items()
+                                           if t == table})
+        for table, chains in self.chains.items():
+            for chain, parent in chains.items():
+                if not await self.iptables_ok(table, "-C", parent, "-j", chain):
+                    await run_cmd("iptables", "-w", "-t", table, "-I", parent, "1", "-j", chain)
         if nat_if:
             Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
             log("NAT enabled", out=nat_if, subnet=self.subnet)
         else:
             log("no NAT: no default route interface (set nat_interface to choose one)", subnet=self.subnet)
+
+    async def enable_bridge_netfilter(self):
+        """Routed packets from the bridge carry their tap (iptables -m physdev) only when
+        br_netfilter handles the bridge: asked for on this bridge alone (nf_call_iptables),
+        not host-wide (the net.bridge.bridge-nf-call-iptables sysctl). Without the module
+        no packet would match a VM's policy and every guest would be cut off.
+        Loading the module turns the host-wide sysctls on for every bridge; when cbox.py
+        is the one loading it, they go back to off, so the host's other bridges keep
+        bypassing iptables as they did before."""
+        sysctl_dir = Path("/proc/sys/net/bridge")
+        if not sysctl_dir.exists():
+            await run_cmd("modprobe", "br_netfilter", check=False)
+            if sysctl_dir.exists():
+                for name in ("bridge-nf-call-iptables", "bridge-nf-call-ip6tables", "bridge-nf-call-arptables"):
+                    with contextlib.suppress(OSError):
+                        (sysctl_dir / name).write_text("0\n")
+                log("loaded br_netfilter; its host-wide sysctls are off, on for the cbox bridge only",
+                    bridge=self.bridge)
+        if not sysctl_dir.exists():
+            raise CommandError("the br_netfilter kernel module is not loaded (modprobe br_netfilter): egress "
+                               "policies match each VM's tap through it (or set firewall: false)")
+        await run_cmd("ip", "link", "set", "dev", self.bridge, "type", "bridge", "nf_call_iptables", "1")
 
     async def remove_firewall(self):
         """Remove cbox's chains and the jumps to them (used by tests and `cbox.py cleanup`)."""
@@ -1786,6 +1880,11 @@ class HostNetwork:
                 while (await self.iptables_ok(table, "-D", parent, "-j", chain)):
                     pass
                 await run_cmd("iptables", "-w", "-t", table, "-F", chain, check=False)
+        await run_cmd("iptables", "-w", "-t", "filter", "-F", EGRESS_CHAIN, check=False)
+        for chain in await self.egress_chains():
+            await self.drop_chain(chain)
+        for table, chains in self.chains.items():
+            for chain in [*chains, *([EGRESS_CHAIN] if table == "filter" else [])]:
                 await run_cmd("iptables", "-w", "-t", table, "-X", chain, check=False)
 
     @staticmethod
@@ -1793,6 +1892,59 @@ class HostNetwork:
         proc = await asyncio.create_subprocess_exec(
             "iptables", "-w", "-t", *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
         return await proc.wait() == 0
+
+    # ---- egress policy: a chain per VM, jumped to by the tap its packets came in on ----
+
+    def egress_jump(self, tap):
+        return ["-i", self.bridge, "-m", "physdev", "--physdev-in", tap, "-j", egress_chain(tap),
+                "-m", "comment", "--comment", FW_TAG]
+
+    async def apply_egress(self, tap, ip, policy):
+        """Put a VM's egress policy ({"egress", "allowOut"}, checked by check_network) in
+        place: its chain is flushed and refilled, and jumped to when it was not, in one
+        iptables-restore transaction, so a change has no moment with the old rules gone
+        and the new ones missing. The rules see every packet the guest sends (no
+        ESTABLISHED shortcut for outgoing packets), so a change applies to connections
+        already open too."""
+        if not self.cfg.firewall:
+            return
+        jump = self.egress_jump(tap)
+        jumped = await self.iptables_ok("filter", "-C", EGRESS_CHAIN, *jump)
+        await iptables_restore("filter", egress_rules(tap, ip, policy), append=None if jumped else {EGRESS_CHAIN: [jump]})
+
+    async def remove_egress(self, tap):
+        """Remove a VM's egress chain and its jump (no error when there is none)."""
+        if self.cfg.firewall and tap:
+            await self.drop_chain(egress_chain(tap))
+
+    async def drop_chain(self, chain):
+        """A per-VM chain: its jump from CBOX-EGRESS, then the chain; in one transaction when
+        the jump is there once (the usual case), else step by step."""
+        jump = self.egress_jump(chain[len(EGRESS_CHAIN_PREFIX):])
+        with contextlib.suppress(CommandError):
+            return await iptables_restore("filter", {}, commands=[" ".join(["-D", EGRESS_CHAIN, *jump]),
+                                                                  f"-F {chain}", f"-X {chain}"])
+        while await self.iptables_ok("filter", "-D", EGRESS_CHAIN, *jump):
+            pass
+        await run_cmd("iptables", "-w", "-t", "filter", "-F", chain, check=False)
+        await run_cmd("iptables", "-w", "-t", "filter", "-X", chain, check=False)
+
+    async def egress_chains(self):
+        """Names of the per-VM egress chains that exist."""
+        out = await run_cmd("iptables", "-w", "-t", "filter", "-S", check=False)
+        return [line.split()[1] for line in out.splitlines()
+                if line.startswith("-N " + EGRESS_CHAIN_PREFIX)]
+
+    async def prune_egress(self, taps):
+        """Remove the egress chains of taps no VM owns (left by a crash between a VM's
+        policy and its record going away)."""
+        if not self.cfg.firewall:
+            return
+        keep = {egress_chain(tap) for tap in taps}
+        for chain in await self.egress_chains():
+            if chain not in keep:
+                log("removing egress chain no VM owns", chain=chain)
+                await self.drop_chain(chain)
 
     async def create_tap(self, tap, ip, mac):
         """A persistent tap on the bridge, isolated from the other ports, up; and a
@@ -2008,17 +2160,88 @@ def check_callback_url(url):
     return url
 
 
+MAX_ALLOW_OUT = 64
+
+
+def check_allow_out(entries):
+    """allowOut: at most MAX_ALLOW_OUT IPv4 networks or addresses, as canonical CIDRs
+    (duplicates dropped). Strict: host bits set ("10.0.0.1/8") is an error, not
+    silently the network, since the writer may have meant the one address."""
+    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+        raise ApiError(400, "network.allowOut must be a list of IPv4 CIDR strings")
+    if len(entries) > MAX_ALLOW_OUT:
+        raise ApiError(400, f"network.allowOut has {len(entries)} entries; at most {MAX_ALLOW_OUT} are allowed")
+    out = []
+    for i, entry in enumerate(entries):
+        try:
+            net = ipaddress.ip_network(entry if len(entry) <= 64 else "-", strict=True)
+        except ValueError as e:
+            raise ApiError(400, f"network.allowOut[{i}]: {entry[:64]!r} is not an IPv4 CIDR or address ({e})") from e
+        if net.version != 4:
+            raise ApiError(400, f"network.allowOut[{i}]: {entry!r} is IPv6; guests have IPv4 only")
+        if str(net) not in out:
+            out.append(str(net))
+    return out
+
+
+def check_network(network, cfg, require_egress=False):
+    """The "network" object of a start request or PUT /network: {"egress": "nat" | "none" |
+    "allowlist", "allowOut": [CIDR]} -> the policy as stored and shown, {"egress", "allowOut"}.
+    allowOut may be non-empty only with allowlist (an empty list is accepted with any
+    mode, so a VM object's network can be sent back as it is)."""
+    if network is None and not require_egress:
+        network = {}
+    if not isinstance(network, dict):
+        raise ApiError(400, "network must be an object: {\"egress\": \"nat\" | \"none\" | \"allowlist\", \"allowOut\": [CIDR]}")
+    unknown = sorted(k for k in network if k not in ("egress", "allowOut"))
+    if unknown:
+        raise ApiError(400, f"network: unknown field(s): {', '.join(unknown)}")
+    if require_egress and network.get("egress") is None:
+        raise ApiError(400, "network: missing required field: egress")
+    egress = network.get("egress")
+    egress = cfg.default_egress if egress is None else egress
+    if egress not in EGRESS_MODES:
+        raise ApiError(400, f"network.egress must be one of {', '.join(EGRESS_MODES)}, got {str(egress)[:64]!r}")
+    if egress != "nat" and not cfg.firewall:
+        raise ApiError(400, f"network.egress {egress!r} needs firewall: true in cbox's config")
+    allow = check_allow_out([] if network.get("allowOut") is None else network["allowOut"])
+    if allow and egress != "allowlist":
+        raise ApiError(400, f"network.allowOut is only allowed with egress 'allowlist' (egress {egress!r} "
+                            f"{'lets everything out' if egress == 'nat' else 'lets nothing out'})")
+    return {"egress": egress, "allowOut": allow}
+
+
+CALLBACK_METHODS_MAX = 64           # names in a VM's callbackMethods
+CALLBACK_METHOD_MAX_CHARS = 128
+
+
+def check_callback_methods(value):
+    """A VM's callbackMethods: None (every method may be called) or a list of method names,
+    without duplicates; [] allows none."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) > CALLBACK_METHODS_MAX:
+        raise ApiError(400, f"'callbackMethods' must be a list of at most {CALLBACK_METHODS_MAX} method names")
+    for name in value:
+        if (not isinstance(name, str) or not 0 < len(name) <= CALLBACK_METHOD_MAX_CHARS
+                or not name.isprintable()):
+            raise ApiError(400, f"'callbackMethods' entries must be 1-{CALLBACK_METHOD_MAX_CHARS} printable characters")
+    return list(dict.fromkeys(value))
+
+
 def validate_start_request(body, cfg):
-    check_fields(body, ("vmName", "callbackUrl", "vcpus", "memoryMb"), required=("vmName",))
+    check_fields(body, ("vmName", "callbackUrl", "callbackMethods", "vcpus", "memoryMb", "network"), required=("vmName",))
     name = check_vm_name(body["vmName"])
     url = check_callback_url(typed(body, "callbackUrl", "str"))
+    methods = check_callback_methods(body.get("callbackMethods"))
     vcpus = typed(body, "vcpus", "int", cfg.default_vcpus)
     memory = typed(body, "memoryMb", "int", cfg.default_memory_mb)
     if not 1 <= vcpus <= cfg.max_vcpus:
         raise ApiError(400, f"vcpus must be 1..{cfg.max_vcpus}")
     if not 64 <= memory <= cfg.max_memory_mb:
         raise ApiError(400, f"memoryMb must be 64..{cfg.max_memory_mb}")
-    return {"vmName": name, "callbackUrl": url, "vcpus": vcpus, "memoryMb": memory}
+    return {"vmName": name, "callbackUrl": url, "callbackMethods": methods, "vcpus": vcpus, "memoryMb": memory,
+            "network": check_network(body.get("network"), cfg)}
 
 
 EXEC_FIELDS = ("cmd", "argv", "blocking", "timeout", "env", "cwd", "stdin", "user", "tag",
@@ -2157,35 +2380,50 @@ CALLBACK_LINE_MAX = 1024 * 1024
 CALLBACK_PARSE_OFF_LOOP = 64 * 1024     # lines (and answers) above this are parsed in a thread
 CALLBACK_REFUSAL_PAUSE = 0.1            # a connection refused a callback (rate, in flight) waits this long
 CALLBACK_COUNTERS = ("connections", "callbacks", "refused_connections", "refused_fd_reserve", "refused_in_flight",
-                     "refused_rate", "throttled_bytes", "idle_timeouts", "read_timeouts", "write_timeouts",
-                     "oversize_lines", "bad_requests", "accept_errors", "log_lines_suppressed")
-
-
-CALLBACK_FIELDS = {"method", "params", "execId"}
+                     "refused_rate", "refused_method", "throttled_bytes", "idle_timeouts", "read_timeouts",
+                     "write_timeouts", "oversize_lines", "bad_requests", "accept_errors", "log_lines_suppressed")
+CALLBACK_TOTALS = dict.fromkeys(CALLBACK_COUNTERS, 0)   # the same counts over all VMs since cbox.py started
+CALLBACK_REQUEST_FIELDS = {"method", "params", "execId"}
+CALLBACK_EXEC_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def parse_callback_line(line, vm_name):
     """A guest's request line -> (method, body bytes for the callback URL) or (None, error text).
 
     Pure, so large lines can be parsed in a thread; every parse or encode failure
-    (RecursionError included: params may nest deeper than the encoder recurses) is an answer."""
+    (RecursionError included: params may nest deeper than the encoder recurses) is an answer.
+    An "execId" (the calling command's CBOX_EXEC_ID, set by the guest agent) is passed on."""
     try:
         request = json.loads(line)
         if not isinstance(request, dict) or not isinstance(request.get("method"), str) or not request["method"]:
             return None, "callback request must be an object with a non-empty string 'method'"
-        if set(request) - CALLBACK_FIELDS:
-            return None, f"unknown callback request field(s): {', '.join(sorted(set(request) - CALLBACK_FIELDS))}"
+        if set(request) - CALLBACK_REQUEST_FIELDS:
+            return None, f"unknown callback request field(s): {', '.join(sorted(set(request) - CALLBACK_REQUEST_FIELDS))}"
         body = {"vmName": vm_name, "method": request["method"], "params": request.get("params")}
-        exec_id = request.get("execId")       # the calling command's CBOX_EXEC_ID (the guest's word)
-        if exec_id is not None:
-            if not isinstance(exec_id, str) or not EXEC_REF_RE.match(exec_id):
-                return None, "callback request field 'execId' must be an exec id"
+        if "execId" in request:
+            exec_id = request["execId"]
+            if not isinstance(exec_id, str) or not CALLBACK_EXEC_ID.fullmatch(exec_id):
+                return None, "callback request 'execId' must be 1-64 characters of A-Z a-z 0-9 _ . -"
             body["execId"] = exec_id
         return request["method"], json_bytes(body)
     except RecursionError:
         return None, "callback request is nested too deeply"
     except (ValueError, UnicodeDecodeError):
         return None, "callback request is not valid JSON"
+
+
+def callback_headers(secret, vm_name, body, callback_id=None, now=None):
+    """Headers of one POST to a callback URL: X-CBox-VM and a unique X-CBox-Callback-Id
+    always; with a secret, X-CBox-Timestamp (unix seconds) and X-CBox-Signature =
+    "sha256=" + hex HMAC-SHA256(secret, timestamp + "." + body), so the receiver can
+    check who sent it and when (README, "Callbacks": a verifier in a few lines)."""
+    headers = {"X-CBox-VM": vm_name, "X-CBox-Callback-Id": callback_id or uuid.uuid4().hex}
+    if secret:
+        timestamp = str(int(time.time() if now is None else now))
+        digest = hmac.new(secret.encode(), timestamp.encode() + b"." + body, "sha256").hexdigest()
+        headers["X-CBox-Timestamp"] = timestamp
+        headers["X-CBox-Signature"] = f"sha256={digest}"
+    return headers
 
 
 def answer_text(value):
@@ -2276,7 +2514,8 @@ class CallbackBridge:
     The socket is accepted here rather than by asyncio's server, so a full fd table
     (EMFILE) backs off quietly instead of logging a traceback per attempt, and the
     last `fd_reserve` descriptors stay free for the API and the other VMs.
-    `counters` counts every budget hit (for a metrics endpoint; logged at close)."""
+    `counters` counts every budget hit (for a metrics endpoint; logged at close),
+    CALLBACK_TOTALS the same over all VMs."""
 
     url_clients = {}       # (scheme, host, port) -> HttpClient, shared by every VM's bridge
 
@@ -2318,7 +2557,7 @@ class CallbackBridge:
                 if e.errno in (errno.ECONNABORTED, errno.EINTR, errno.EAGAIN):
                     continue
                 # EMFILE / ENFILE / ENOBUFS / ENOMEM: wait for descriptors or memory to come back
-                self.counters["accept_errors"] += 1
+                self.count("accept_errors")
                 self.note("callback socket cannot accept", error=repr(os.strerror(e.errno) if e.errno else str(e)),
                           retry_s=f"{backoff:g}")
                 await asyncio.sleep(backoff)
@@ -2340,12 +2579,12 @@ class CallbackBridge:
             reason = f"too many open callback connections (at most {self.cfg.callback_max_connections} per VM)"
             counter = "refused_connections"
         else:
-            self.counters["connections"] += 1
+            self.count("connections")
             task = asyncio.get_running_loop().create_task(self._connection(conn))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
             return True
-        self.counters[counter] += 1
+        self.count(counter)
         self.note("callback connection refused", reason=repr(reason))
         with contextlib.suppress(OSError):
             conn.send(error_line(reason))          # a fresh socket's buffer takes one short line
@@ -2365,11 +2604,15 @@ class CallbackBridge:
             log("callback budgets", vm=self.vm.vmName, suppressed=self.suppressed or None,
                 **{k: v for k, v in self.counters.items() if v})
 
+    def count(self, counter):
+        self.counters[counter] += 1
+        CALLBACK_TOTALS[counter] += 1
+
     def note(self, msg, **fields):
         """A log line, at most callback_log_lines_per_s a second per VM; the rest are counted."""
         if not self.log_lines.take():
             self.suppressed += 1
-            self.counters["log_lines_suppressed"] += 1
+            self.count("log_lines_suppressed")
             return
         log(msg, vm=self.vm.vmName, suppressed=self.suppressed or None, **fields)
         self.suppressed = 0
@@ -2389,7 +2632,7 @@ class CallbackBridge:
                 try:
                     await within(self.cfg.callback_write_timeout_s, loop.sock_sendall(sock, reply))
                 except asyncio.TimeoutError:
-                    self.counters["write_timeouts"] += 1
+                    self.count("write_timeouts")
                     self.note("callback connection closed: the guest does not read its replies")
                     return
                 # sock_recv and sock_sendall finish without yielding when they can: a guest
@@ -2420,7 +2663,7 @@ class CallbackBridge:
                 continue
             scanned = len(buf)
             if scanned > CALLBACK_LINE_MAX:
-                self.counters["oversize_lines"] += 1
+                self.count("oversize_lines")
                 await self._send_final(loop, sock, error_line("callback request larger than 1 MiB"))
                 return None
             if scanned and deadline is None:
@@ -2428,14 +2671,14 @@ class CallbackBridge:
             timeout = self.cfg.callback_idle_timeout_s if deadline is None else deadline - loop.time()
             pause = self.bytes.wait()
             if pause:
-                self.counters["throttled_bytes"] += 1
+                self.count("throttled_bytes")
                 await asyncio.sleep(pause)
             want = min(256 * 1024, CALLBACK_LINE_MAX + 1 - scanned)
             try:
                 data = await within(max(timeout, 0.0), loop.sock_recv(sock, want))
             except asyncio.TimeoutError:
                 what = "idle_timeouts" if deadline is None else "read_timeouts"
-                self.counters[what] += 1
+                self.count(what)
                 if deadline is not None:
                     await self._send_final(loop, sock, error_line(
                         f"callback request not received within {fmt_seconds(self.cfg.callback_read_timeout_s)}"))
@@ -2453,36 +2696,51 @@ class CallbackBridge:
         """(reply line, refused) for one request line, within the VM's rate and in-flight budgets."""
         t0 = time.monotonic()
         if not self.calls.take():
-            self.counters["refused_rate"] += 1
+            self.count("refused_rate")
             self.note("callback refused", reason="rate")
             return error_line(f"too many callbacks (at most {self.cfg.callback_rate_per_s:g} a second per VM)"), True
         if self.in_flight >= self.cfg.callback_max_in_flight:
-            self.counters["refused_in_flight"] += 1
+            self.count("refused_in_flight")
             self.note("callback refused", reason="in_flight")
             return error_line(f"too many callbacks in flight (at most {self.cfg.callback_max_in_flight} per VM)"), True
         self.in_flight += 1
         try:
-            self.counters["callbacks"] += 1
+            self.count("callbacks")
             method, body = await off_loop_if_large(len(line), parse_callback_line, line, self.vm.vmName)
             if method is None:
-                self.counters["bad_requests"] += 1
+                self.count("bad_requests")
                 return error_line(body), False
-            reply = await self.forward(body)
+            if not self.method_allowed(method):
+                return error_line(f"callback method {method[:60]!r} is not in this VM's callbackMethods"), False
+            callback_id = uuid.uuid4().hex
+            reply = await self.forward(body, callback_id)
         finally:
             self.in_flight -= 1
-        self.note("callback", method=repr(method[:60]), ok=not reply.startswith(b'{"error"'),
+        self.note("callback", method=repr(method[:60]), id=callback_id, ok=not reply.startswith(b'{"error"'),
                   ms=f"{(time.monotonic() - t0) * 1000:.1f}")
         return reply, False
 
-    async def forward(self, body):
+    def method_allowed(self, method):
+        """Whether the VM's callbackMethods (None: all) allow the method; a refusal is counted."""
+        allowed = self.vm.callbackMethods
+        if allowed is None or method in allowed:
+            return True
+        self.count("refused_method")
+        self.note("callback refused", reason="method", method=repr(method[:60]))
+        return False
+
+    async def forward(self, body, callback_id):
         url = self.vm.callbackUrl
         if not url:
             return error_line(f"VM '{self.vm.vmName}' has no callbackUrl")
         parts = urllib.parse.urlsplit(url)
         client = self.callback_client(parts)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        headers = await off_loop_if_large(len(body), callback_headers, self.cfg.callback_secret,
+                                          self.vm.vmName, body, callback_id)
         try:
-            status, _, data = await client.request("POST", target, body, timeout=self.cfg.callback_timeout_s)
+            status, _, data = await client.request("POST", target, body, timeout=self.cfg.callback_timeout_s,
+                                                   headers=headers)
         except HttpError as e:
             return error_line(f"callback URL {url} failed: {e}")
         return await off_loop_if_large(len(data), callback_reply, url, status, data)
@@ -2572,10 +2830,10 @@ class VM:
 
     phase: starting -> running -> dead (ended by itself) or destroying (DELETE)."""
 
-    RECORD_FIELDS = ("vmName", "status", "ip", "tapDeviceName", "callbackUrl", "cid", "vcpus",
-                     "memoryMb", "createdAt", "phase", "pid", "pidStart", "mac", "error", "stopReason")
-    API_FIELDS = ("vmName", "status", "ip", "tapDeviceName", "callbackUrl", "cid", "vcpus",
-                  "memoryMb", "createdAt", "stopReason")
+    RECORD_FIELDS = ("vmName", "status", "ip", "tapDeviceName", "callbackUrl", "callbackMethods", "cid", "vcpus",
+                     "memoryMb", "createdAt", "phase", "pid", "pidStart", "mac", "error", "stopReason", "network")
+    API_FIELDS = ("vmName", "status", "ip", "tapDeviceName", "callbackUrl", "callbackMethods", "cid", "vcpus",
+                  "memoryMb", "createdAt", "stopReason", "network")
 
     def __init__(self, cfg, **fields):
         for key in self.RECORD_FIELDS:
@@ -2621,7 +2879,19 @@ class VM:
         check_vm_name(vm.vmName)
         if path.name != vm.vmName + ".json":
             raise ValueError("record name does not match its file")
+        vm.network = vm.recorded_network()
         return vm
+
+    def recorded_network(self):
+        """The egress policy in the record, checked again (its words become iptables rules):
+        nat for a record of an older cbox.py, none (nothing out) for one that does not pass."""
+        if self.network is None:
+            return {"egress": "nat", "allowOut": []}
+        try:
+            return check_network(self.network, self.cfg)
+        except ApiError as e:
+            log("egress policy in the record is unusable: nothing out", vm=self.vmName, error=repr(str(e)))
+            return {"egress": "none", "allowOut": []}
 
     # ---- the hypervisor ------------------------------------------------------------
 
@@ -2923,7 +3193,7 @@ class VMManager:
 
     async def start(self, spec):
         """Start a VM from a validated start request (validate_start_request: vmName, callbackUrl,
-        vcpus, memoryMb) and return it RUNNING; on any failure it is torn down and ApiError
+        callbackMethods, vcpus, memoryMb) and return it RUNNING; on any failure it is torn down and ApiError
         says at which step."""
         name = spec["vmName"]
         if name in self.vms:
@@ -2962,6 +3232,8 @@ class VMManager:
             await self.disks.create(paths.disk, self.cfg.stateful_size_in_mb)
         with clock.step("tap"):
             await self.net.create_tap(vm.tapDeviceName, vm.address, vm.mac)
+        with clock.step("egress"):
+            await self.net.apply_egress(vm.tapDeviceName, vm.address, vm.network)
         with clock.step("spawn"):
             vm.spawn_vmm()
             self.release_when_ended(vm)
@@ -2998,6 +3270,7 @@ class VMManager:
             if vm.serial:
                 await vm.serial.wait_end(1.0)      # the console's last bytes
             vm.close_clients()
+            await self.net.remove_egress(vm.tapDeviceName)
             await self.net.remove_tap(vm.tapDeviceName, vm.address)
             remove_tree(vm.paths.run_dir)
 
@@ -3011,6 +3284,7 @@ class VMManager:
         await vm.stop_vmm(clock, ("vm.shutdown", "vm.delete", "vmm.shutdown"))
         vm.stop_watching()
         with clock.step("tap"):
+            await self.net.remove_egress(vm.tapDeviceName)
             await self.net.remove_tap(vm.tapDeviceName, vm.address)
         with clock.step("files"):
             remove_tree(paths.run_dir)
@@ -3043,7 +3317,8 @@ class VMManager:
     # ---- adoption at start-up, upkeep and shutdown ------------------------------
 
     async def adopt_all(self):
-        """Re-adopt VMs whose hypervisor still answers; clean up everything else."""
+        """Re-adopt VMs whose hypervisor still answers; clean up everything else, egress
+        chains of VMs that are gone included."""
         self.records_dir.mkdir(parents=True, exist_ok=True)
         for path in sorted(self.records_dir.glob("*.json")):
             try:
@@ -3054,6 +3329,7 @@ class VMManager:
                 continue
             self.vms[vm.vmName] = vm
             await self.adopt(vm)
+        await self.net.prune_egress([vm.tapDeviceName for vm in self.vms.values() if vm.phase == "running"])
 
     async def adopt(self, vm):
         """Take over a VM from its record: watch it again when its VMM still runs it, keep the
@@ -3064,6 +3340,7 @@ class VMManager:
                 info = await vm.chv.info()
                 if info.get("state") != "Running":
                     raise HypervisorError(f"VM state is {info.get('state')}")
+                await self.net.apply_egress(vm.tapDeviceName, vm.address, vm.network)   # as recorded
                 vm.connect_agent()
                 vm.serve_callbacks()
                 vm.follow_again()
@@ -3073,7 +3350,7 @@ class VMManager:
                 if reset:
                     vm.guest_reset(*reset)
                 return
-            except (HypervisorError, OSError) as e:
+            except (HypervisorError, CommandError, OSError) as e:
                 log("cannot re-adopt VM; cleaning it up", vm=vm.vmName, error=repr(str(e)))
         elif vm.phase == "dead":
             await self.release_runtime(vm)
@@ -3100,6 +3377,21 @@ class VMManager:
         for vm in list(self.vms.values()):
             vm.stop_watching()
         CallbackBridge.close_url_clients()
+
+    # ---- egress policy ------------------------------------------------------------
+
+    async def set_network(self, name, policy):
+        """Change a running VM's egress policy (checked by check_network): in force, then
+        recorded; when putting it in force fails, the old one stays in force and recorded."""
+        vm = self.running(name)
+        async with vm.lock:
+            if self.vms.get(name) is not vm or vm.phase != "running":
+                raise ApiError(409, f"VM '{name}' is not running (status {vm.status})")
+            await self.net.apply_egress(vm.tapDeviceName, vm.address, policy)
+            vm.network = policy
+            vm.save()
+        log("egress policy changed", vm=name, egress=policy["egress"], allowOut=",".join(policy["allowOut"]) or None)
+        return vm
 
     # ---- exec -----------------------------------------------------------------
 
@@ -3273,6 +3565,7 @@ class RestServer:
             (re.compile(r"^/v1/vms$"), {"GET": self.list_vms, "POST": self.start_vm, "DELETE": self.destroy_all}),
             (re.compile(r"^/v1/vms/(?P<name>[^/]+)$"), {"GET": self.get_vm, "DELETE": self.destroy_vm}),
             (re.compile(r"^/v1/vms/(?P<name>[^/]+)/logs$"), {"GET": self.logs}),
+            (re.compile(r"^/v1/vms/(?P<name>[^/]+)/network$"), {"PUT": self.put_network}),
         ]
 
     async def start(self):
@@ -3462,6 +3755,10 @@ class RestServer:
     async def get_vm(self, req):
         return self.manager.get(req.params["name"]).api()
 
+    async def put_network(self, req):
+        policy = check_network(parse_json_body(req.body), self.cfg, require_egress=True)
+        return (await self.manager.set_network(req.params["name"], policy)).api()
+
     async def destroy_vm(self, req):
         await self.manager.destroy(req.params["name"])
         return {"success": True}
@@ -3537,8 +3834,8 @@ def preflight(cfg):
     if os.geteuid() != 0:
         problems.append("not root: creating the bridge, taps and iptables rules needs root")
     for tool, package in (("ip", "iproute2"), ("mke2fs", "e2fsprogs"), ("tune2fs", "e2fsprogs"),
-                          ("iptables", "iptables")):
-        if not shutil.which(tool) and (tool != "iptables" or cfg.firewall):
+                          ("iptables", "iptables"), ("iptables-restore", "iptables")):
+        if not shutil.which(tool) and (not tool.startswith("iptables") or cfg.firewall):
             problems.append(f"{tool} is not installed (Debian package {package})")
     return problems
 
@@ -3549,7 +3846,34 @@ def missing_images(cfg):
             if getattr(cfg, key) and not os.access(cfg.path(getattr(cfg, key)), os.R_OK)]
 
 
+class SystemdNotifier:
+    """Tells systemd (a Type=notify unit) when cbox.py is ready and when it stops, by one
+    datagram to $NOTIFY_SOCKET (sd_notify(3)'s protocol; '@' starts an abstract name).
+    Without NOTIFY_SOCKET it does nothing. The variable is taken out of the environment
+    so the hypervisors cbox.py starts do not inherit it."""
+
+    def __init__(self, environ=os.environ):
+        address = environ.pop("NOTIFY_SOCKET", "")
+        if address.startswith("@"):
+            address = "\0" + address[1:]
+        elif address and not address.startswith("/"):
+            log("NOTIFY_SOCKET is neither a path nor an abstract name: not notifying systemd", address=address)
+            address = ""
+        self.address = address
+
+    def notify(self, *assignments):
+        if not self.address:
+            return
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                sock.connect(self.address)
+                sock.sendall("\n".join(assignments).encode())
+        except OSError as e:
+            log("cannot notify systemd", state=assignments[0], error=repr(os.strerror(e.errno) if e.errno else str(e)))
+
+
 async def serve(cfg):
+    notifier = SystemdNotifier()
     if os.geteuid() != 0:
         log("not running as root: creating taps, the bridge and iptables rules will fail", level="WARNING")
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_token:
@@ -3573,7 +3897,9 @@ async def serve(cfg):
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    notifier.notify("READY=1", f"STATUS=serving on {cfg.host}:{cfg.port}, {len(manager.vms)} VM(s) adopted")
     await stop.wait()
+    notifier.notify("STOPPING=1", "STATUS=stopping" + (": destroying every VM" if cfg.destroy_on_exit else ""))
     log("stopping", vms=len(manager.vms), destroy_on_exit=cfg.destroy_on_exit)
     log_bounds.cancel()
     await server.stop()
@@ -4203,14 +4529,31 @@ def client_call(args, method, path, body=None, timeout=None, text=False):
     return payload.decode("utf-8", "replace") if text else json.loads(payload or b"null")
 
 
+def cli_network(args):
+    """The "network" object of `vm start` / `vm network` from --egress and --allow-out
+    (--allow-out alone means allowlist); None when neither is given."""
+    if args.egress is None and not args.allow_out:
+        return None
+    network = {"egress": args.egress or "allowlist"}
+    if args.allow_out:
+        network["allowOut"] = args.allow_out
+    return network
+
+
+def fmt_egress(vm):
+    network = vm.get("network") or {}
+    return ",".join([network.get("egress") or "?", *network.get("allowOut", [])])
+
+
 def cli_vm(args):
     if args.vm_cmd == "start":
         body = {"vmName": args.name}
-        for key, value in (("callbackUrl", args.callback_url), ("vcpus", args.vcpus), ("memoryMb", args.memory_mb)):
+        for key, value in (("callbackUrl", args.callback_url), ("callbackMethods", args.callback_method),
+                           ("vcpus", args.vcpus), ("memoryMb", args.memory_mb), ("network", cli_network(args))):
             if value is not None:
                 body[key] = value
         vm = client_call(args, "POST", "/v1/vms", body)
-        print(f"{vm['vmName']} {vm['status']} ip={vm['ip']} cid={vm['cid']}")
+        print(f"{vm['vmName']} {vm['status']} ip={vm['ip']} cid={vm['cid']} egress={fmt_egress(vm)}")
     elif args.vm_cmd == "ls":
         vms = client_call(args, "GET", "/v1/vms")["vms"]
         print(f"{'NAME':24} {'STATUS':8} {'IP':18} {'CID':>5} {'VCPUS':>5} {'MEM_MB':>6}  CREATED")
@@ -4227,6 +4570,18 @@ def cli_vm(args):
             print(f"{name} destroyed")
     elif args.vm_cmd == "logs":
         sys.stdout.write(client_call(args, "GET", vm_path(args.name, "/logs"), text=True))
+    elif args.vm_cmd == "network":
+        network = cli_network(args)
+        if network is None:
+            sys.exit("cbox: vm network needs --egress or --allow-out")
+        vm = client_call(args, "PUT", vm_path(args.name, "/network"), network)
+        print(f"{vm['vmName']} egress={fmt_egress(vm)}")
+
+
+def add_network_args(parser):
+    parser.add_argument("--egress", choices=EGRESS_MODES, help="egress policy (default: the server's default_egress)")
+    parser.add_argument("--allow-out", action="append", metavar="CIDR",
+                        help="an IPv4 network or address the guest may reach (repeat; implies --egress allowlist)")
 
 
 def exit_status(result):
@@ -4309,29 +4664,36 @@ def main(argv=None):
     parser.add_argument("--server", default=os.environ.get("CBOX_URL", "http://127.0.0.1:7000"),
                         help="REST API for the client commands (env CBOX_URL; token from env CBOX_API_TOKEN)")
     sub = parser.add_subparsers(dest="cmd", required=True)
+    config = os.environ.get("CBOX_CONFIG") or "config.yaml"    # the installed `cbox` command sets it
     p = sub.add_parser("serve", help="run the REST server")
-    p.add_argument("--config", default="config.yaml")
+    p.add_argument("--config", default=config, help="config file (env CBOX_CONFIG, else config.yaml)")
     p = sub.add_parser("check-config", help="parse the config and print the effective settings")
-    p.add_argument("--config", default="config.yaml")
+    p.add_argument("--config", default=config, help="config file (env CBOX_CONFIG, else config.yaml)")
     p = sub.add_parser("preflight", help="check this host can run real VMs (KVM, cloud-hypervisor, tools)")
-    p.add_argument("--config", default="config.yaml")
+    p.add_argument("--config", default=config, help="config file (env CBOX_CONFIG, else config.yaml)")
     p = sub.add_parser("selftest", help="check this host end to end: preflight, boot a VM, exec, "
                                         "a callback, destroy (exit 0 when all pass)")
-    p.add_argument("--config", default="config.yaml")
+    p.add_argument("--config", default=config, help="config file (env CBOX_CONFIG, else config.yaml)")
     p.add_argument("-v", "--verbose", action="store_true", help="show cbox.py's log as it happens")
     p = sub.add_parser("vm", help="start, list, remove VMs")
     vm_sub = p.add_subparsers(dest="vm_cmd", required=True)
     q = vm_sub.add_parser("start")
     q.add_argument("name")
     q.add_argument("--callback-url")
+    q.add_argument("--callback-method", action="append", metavar="METHOD",
+                   help="allow this callback method (repeat it; default: every method)")
     q.add_argument("--vcpus", type=int)
     q.add_argument("--memory-mb", type=int)
+    add_network_args(q)
     vm_sub.add_parser("ls")
     q = vm_sub.add_parser("rm")
     q.add_argument("name", nargs="*")
     q.add_argument("--all", action="store_true", help="destroy every VM")
     q = vm_sub.add_parser("logs")
     q.add_argument("name")
+    q = vm_sub.add_parser("network", help="change a running VM's egress policy")
+    q.add_argument("name")
+    add_network_args(q)
     p = sub.add_parser("exec", help="run a command in a VM: exec NAME -- CMD...")
     p.add_argument("name")
     p.add_argument("--timeout", type=float)
@@ -4358,7 +4720,8 @@ def main(argv=None):
             sys.exit(f"cbox: config: {e}")
         if args.cmd == "check-config":
             for key in CONFIG_KEYS:
-                print(f"{key}: {getattr(cfg, key)!r}")
+                secret = key in ("api_token", "callback_secret") and getattr(cfg, key)
+                print(f"{key}: {'(set)' if secret else repr(getattr(cfg, key))}")
             return
         if args.cmd == "preflight":
             problems = preflight(cfg)

@@ -78,9 +78,18 @@ class AgentApi:
 
 
 def check_sequence(events, first=0):
-    """seq grows by one from `first`; exactly one exit event, the last."""
-    assert [e["seq"] for e in events] == list(range(first, first + len(events))), [e["seq"] for e in events]
+    """seq grows by one from `first`, a "dropped" event standing in for the `missed`
+    events fromSeq..seq; exactly one exit event, the last. Returns the events missed."""
+    expected, missed = first, 0
+    for e in events:
+        if e["type"] == "dropped":
+            assert e["fromSeq"] == expected and e["seq"] == expected + e["missed"] - 1 and e["missed"] > 0, e
+            missed += e["missed"]
+        else:
+            assert e["seq"] == expected, (e, expected)
+        expected = e["seq"] + 1
     assert [e["type"] for e in events].count("exit") == 1 and events[-1]["type"] == "exit", events[-3:]
+    return missed
 
 
 def joined(events, kind):

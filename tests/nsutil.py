@@ -37,7 +37,8 @@ def socket_in_ns(ns_path, family=socket.AF_INET, type=socket.SOCK_STREAM):
 class CallbackURLServer:
     """A callback URL server on a listening socket (made inside a namespace by the caller).
 
-    Each POST body (JSON) is recorded in `calls` and answered with `reply(body)`, a
+    Each POST body (JSON) is recorded in `calls` (and with its headers and raw bytes in
+    `requests`, as (headers, bytes) pairs) and answered with `reply(body)`, a
     (status, bytes) pair. single_write: head and body leave in one send() (as most
     servers do); False is the stock http.server: the head, then the body in a second
     send() while Nagle is on."""
@@ -47,13 +48,16 @@ class CallbackURLServer:
         import json
 
         calls = self.calls = []
+        requests = self.requests = []
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
             wbufsize = 64 * 1024 if single_write else 0     # flushed once per request
 
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                raw = self.rfile.read(int(self.headers["Content-Length"]))
+                body = json.loads(raw)
+                requests.append((self.headers, raw))
                 calls.append(body)
                 status, data = reply(body)
                 self.send_response(status)

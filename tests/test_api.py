@@ -49,8 +49,9 @@ def test_vm_lifecycle_exec_and_cleanup(cbox_server):
     assert vm["vmName"] == "alpha" and vm["status"] == "RUNNING"
     assert vm["ip"] == "10.20.1.2/24" and vm["cid"] == 3 and vm["tapDeviceName"] == "cbt3"
     assert vm["vcpus"] == 2 and vm["memoryMb"] == 256 and vm["callbackUrl"] is None
-    assert set(vm) == {"vmName", "status", "ip", "tapDeviceName", "callbackUrl", "cid", "vcpus",
-                       "memoryMb", "createdAt", "stopReason"}
+    assert vm["callbackMethods"] is None
+    assert set(vm) == {"vmName", "status", "ip", "tapDeviceName", "callbackUrl", "callbackMethods", "cid", "vcpus",
+                       "memoryMb", "createdAt", "stopReason", "network"}
     assert vm["stopReason"] is None
     assert api.get("/v1/vms/alpha") == (200, vm)
     assert api.get("/v1/vms") == (200, {"vms": [vm]})

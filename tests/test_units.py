@@ -219,7 +219,10 @@ def test_bad_names(name):
 
 def test_start_request(cfg):
     spec = cbox.validate_start_request({"vmName": "a", "callbackUrl": "http://127.0.0.1:9/cb"}, cfg)
-    assert spec == {"vmName": "a", "callbackUrl": "http://127.0.0.1:9/cb", "vcpus": 1, "memoryMb": 512}
+    assert spec == {"vmName": "a", "callbackUrl": "http://127.0.0.1:9/cb", "callbackMethods": None,
+                    "vcpus": 1, "memoryMb": 512, "network": {"egress": "nat", "allowOut": []}}
+    spec = cbox.validate_start_request({"vmName": "a", "callbackMethods": ["m", "n", "m"]}, cfg)
+    assert spec["callbackMethods"] == ["m", "n"]
 
 
 @pytest.mark.parametrize("body,fragment", [
@@ -231,6 +234,8 @@ def test_start_request(cfg):
     ({"vmName": "a", "memoryMb": 10**9}, "memoryMb must be"),
     ({"vmName": "a", "callbackUrl": "ftp://x"}, "callbackUrl"),
     ({"vmName": "a", "callbackUrl": 5}, "'callbackUrl' must be a string"),
+    ({"vmName": "a", "callbackMethods": "m"}, "'callbackMethods' must be a list"),
+    ({"vmName": "a", "callbackMethods": [""]}, "'callbackMethods' entries"),
     ([1], "JSON object"),
 ])
 def test_start_request_errors(cfg, body, fragment):
