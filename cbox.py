@@ -4601,27 +4601,31 @@ def output_bytes(event):
 def follow_exec(args, name, resp, reattach=3):
     """Write a stream's output events to stdout/stderr as they come; returns the exit event.
     A stream that broke is re-attached from where it stopped."""
+    import http.client
     sinks = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
     exec_id, since = None, 0
     while True:
         problem = "the stream ended without an exit event"
-        with resp:
-            for line in resp:
-                event = json.loads(line)
-                since = event["seq"] + 1
-                kind = event["type"]
-                if kind in sinks:
-                    sinks[kind].write(output_bytes(event))
-                    sinks[kind].flush()
-                elif kind == "start":
-                    exec_id = event["execId"]
-                elif kind == "dropped":
-                    sys.stderr.write(f"cbox: {event['missed']} events of the output were lost\n")
-                elif kind == "exit":
-                    return event
-                elif kind == "error":
-                    since, problem = event["seq"], event["error"]
-                    break
+        try:
+            with resp:
+                for line in resp:
+                    event = json.loads(line)
+                    since = event["seq"] + 1
+                    kind = event["type"]
+                    if kind in sinks:
+                        sinks[kind].write(output_bytes(event))
+                        sinks[kind].flush()
+                    elif kind == "start":
+                        exec_id = event["execId"]
+                    elif kind == "dropped":
+                        sys.stderr.write(f"cbox: {event['missed']} events of the output were lost\n")
+                    elif kind == "exit":
+                        return event
+                    elif kind == "error":
+                        since, problem = event["seq"], event["error"]
+                        break
+        except (http.client.HTTPException, OSError, ValueError) as e:
+            problem = f"the stream broke: {e or type(e).__name__}"
         if exec_id is None or reattach == 0:
             sys.exit(f"cbox: {problem}")
         sys.stderr.write(f"cbox: {problem}; re-attaching\n")

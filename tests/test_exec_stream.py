@@ -475,3 +475,41 @@ def test_stream_kill_and_limits_through_cbox_in_a_real_guest(cbox_factory, tmp_p
     assert server.api.get("/v1/vms/real/exec")[1]["execs"]       # the agent still answers
     assert server.api.delete("/v1/vms/real", timeout=60)[0] == 200
     server.assert_clean()
+
+
+def test_cli_reattaches_a_broken_stream(netns):
+    """./cbox.py exec against a server whose first stream breaks (no exit event, then an
+    error event): the CLI re-attaches from the next seq and exits with the command's code."""
+    import threading
+    listener = netns.listen(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    requests = []
+    answers = [  # one per connection
+        [line(0, "start", execId="abc"), line(1, "stdout", data="a\n")],                   # just ends
+        [line(2, "stderr", data="b\n"), line(3, "error", error="the VM's agent went quiet")],
+        [line(3, "stdout", data="c\n"), line(4, "exit", exitCode=3, error="exit status 3")],
+    ]
+
+    def serve():
+        for events in answers:
+            conn, _ = listener.accept()
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(65536)
+            requests.append(head.split(b"\r\n")[0].decode())
+            chunks = b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events)
+            last = b"0\r\n\r\n" if events[-1].find(b'"exit"') > 0 or events[-1].find(b'"error"') > 0 else b""
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n"
+                         b"Connection: close\r\n\r\n" + chunks + last)
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    r = netns.run(sys.executable, str(REPO / "cbox.py"), "--server", f"http://127.0.0.1:{port}",
+                  "exec", "vm1", "--", "true", check=False)
+    thread.join(10)
+    listener.close()
+    assert r.returncode == 3, r
+    assert r.stdout == "a\nc\n" and r.stderr.count("re-attaching") == 2 and "b\n" in r.stderr, r
+    assert requests == ["POST /v1/vms/vm1/exec HTTP/1.1", "GET /v1/vms/vm1/exec/abc/stream?since=2 HTTP/1.1",
+                        "GET /v1/vms/vm1/exec/abc/stream?since=3 HTTP/1.1"]
