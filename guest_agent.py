@@ -767,59 +767,6 @@ def read_int_file(path):
         return None
 
 
-class ExecCgroups:
-    """The cgroup v2 tree of the execs: CGROUP_ROOT/cbox-exec/<execId>, one leaf per exec.
-
-    Set up by PID 1 (setup_cgroups): cgroup2 mounted, the agent moved into
-    cbox-agent (a cgroup with processes may not have controllers enabled for
-    children), cpu/memory/pids enabled for the children of the root and of
-    cbox-exec, and cbox-exec limited to all but a reserve of tasks and
-    memory, so no exec, nor all together, can starve the agent.
-    """
-
-    def __init__(self, root=CGROUP_ROOT):
-        self.root = root
-        self.base = os.path.join(root, EXEC_CGROUP)
-        self._lingering = set()      # leaves of finished execs that still had processes
-        self._lock = threading.Lock()
-
-    def create(self, exec_id, memory_mb, pids_limit):
-        """A new leaf for an exec, with its limits set (raises OSError)."""
-        path = os.path.join(self.base, exec_id)
-        os.mkdir(path)
-        leaf = ExecCgroup(path)
-        try:
-            if memory_mb:
-                leaf.write("memory.max", memory_mb << 20)
-                if os.path.exists(os.path.join(path, "memory.swap.max")):
-                    leaf.write("memory.swap.max", 0)
-            leaf.write("pids.max", pids_limit or DEFAULT_EXEC_PIDS_LIMIT)
-        except OSError:
-            leaf.remove()
-            raise
-        return leaf
-
-    def release(self, leaf):
-        """Remove a finished exec's leaf; one its leftovers still use is retried later."""
-        with self._lock:
-            if not leaf.remove():
-                self._lingering.add(leaf.path)
-            for path in list(self._lingering):
-                if ExecCgroup(path).remove():
-                    self._lingering.discard(path)
-
-    def remove_stale(self):
-        """Leaves left by an earlier server (it died): remove the empty ones."""
-        try:
-            names = os.listdir(self.base)
-        except OSError:
-            return
-        for name in names:
-            path = os.path.join(self.base, name)
-            if os.path.isdir(path) and not ExecCgroup(path).remove():
-                self._lingering.add(path)
-
-
 class ExecCgroup:
     """One exec's cgroup leaf."""
 
@@ -880,6 +827,59 @@ class ExecCgroup:
             return True
         except OSError:
             return False
+
+
+class ExecCgroups:
+    """The cgroup v2 tree of the execs: CGROUP_ROOT/cbox-exec/<execId>, one leaf per exec.
+
+    Set up by PID 1 (setup_cgroups): cgroup2 mounted, the agent moved into
+    cbox-agent (a cgroup with processes may not have controllers enabled for
+    children), cpu/memory/pids enabled for the children of the root and of
+    cbox-exec, and cbox-exec limited to all but a reserve of tasks and
+    memory, so no exec, nor all together, can starve the agent.
+    """
+
+    def __init__(self, root=CGROUP_ROOT):
+        self.root = root
+        self.base = os.path.join(root, EXEC_CGROUP)
+        self._lingering = set()      # leaves of finished execs that still had processes
+        self._lock = threading.Lock()
+
+    def create(self, exec_id, memory_mb, pids_limit):
+        """A new leaf for an exec, with its limits set (raises OSError)."""
+        path = os.path.join(self.base, exec_id)
+        os.mkdir(path)
+        leaf = ExecCgroup(path)
+        try:
+            if memory_mb:
+                leaf.write("memory.max", memory_mb << 20)
+                if os.path.exists(os.path.join(path, "memory.swap.max")):
+                    leaf.write("memory.swap.max", 0)
+            leaf.write("pids.max", pids_limit or DEFAULT_EXEC_PIDS_LIMIT)
+        except OSError:
+            leaf.remove()
+            raise
+        return leaf
+
+    def release(self, leaf):
+        """Remove a finished exec's leaf; one its leftovers still use is retried later."""
+        with self._lock:
+            if not leaf.remove():
+                self._lingering.add(leaf.path)
+            for path in list(self._lingering):
+                if ExecCgroup(path).remove():
+                    self._lingering.discard(path)
+
+    def remove_stale(self):
+        """Leaves left by an earlier server (it died): remove the empty ones."""
+        try:
+            names = os.listdir(self.base)
+        except OSError:
+            return
+        for name in names:
+            path = os.path.join(self.base, name)
+            if os.path.isdir(path) and not ExecCgroup(path).remove():
+                self._lingering.add(path)
 
 
 def _enable_controllers(directory):
@@ -1194,6 +1194,16 @@ class CapturedText:
         text = decoder.decode(b"", True)
         if text:
             yield json_string(text)[1:-1].encode()
+
+
+def _captured_text(value):
+    """json.dumps default=: CapturedText -> str."""
+    if isinstance(value, CapturedText):
+        return value.text()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+RESPONSE_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=_captured_text)
 
 
 class OutputRuns:
@@ -1916,16 +1926,6 @@ class Request:
 def _response_head(status, length, headers):
     return (f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {length}\r\n{headers}\r\n").encode("latin-1")
-
-
-def _captured_text(value):
-    """json.dumps default=: CapturedText -> str."""
-    if isinstance(value, CapturedText):
-        return value.text()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
-RESPONSE_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=_captured_text)
 
 
 def json_parts(obj):
