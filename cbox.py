@@ -3404,6 +3404,9 @@ class VMManager:
             answer = await vm.agent.exec(agent_body, timeout=(timeout + 15.0) if blocking else 15.0)
             if not stream:
                 return answer
+            if isinstance(answer, BodyStream):        # a background answer is small: not the agent's
+                answer.client.drop(answer.writer)
+                raise AgentError(502, "guest agent: an oversized background exec answer")
             try:
                 exec_id = json.loads(answer)["execId"]
             except (ValueError, KeyError, TypeError, RecursionError) as e:
