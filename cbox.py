@@ -13,7 +13,8 @@ EVENTS). Sections, in order; each uses only what comes before it:
                      sender of events to events_url
   3. Hypervisor      CloudHypervisor: the REST API over the VMM's Unix socket;
                      GuestAgent: the guest agent's API (health, exec, status, kill,
-                     sync, stats), its answers bounded; rate-bounded readers of the
+                     list, signal, stdin, sync, stats), its answers bounded; AgentEvents: an
+                     exec's event stream from it, checked line by line; rate-bounded readers of the
                      VMM's serial socket and event FIFO; the VMM's process (spawn,
                      pidfd watch) and its bounded logs on disk (console, -v log)
   4. Host resources  network (bridge, persistent taps, port isolation, iptables
@@ -30,7 +31,8 @@ EVENTS). Sections, in order; each uses only what comes before it:
                      adopt composing the sections above, freeing a VM that ended by
                      itself, egress policy changes, the one task keeping deadlines
                      (TTL, idle), exec forwarding
-  9. REST server     routes of contract section 1, auth, limits, request log
+  9. REST server     routes of contract section 1, auth, limits, request log; EventRelay:
+                     exec event streams to the client (NDJSON or SSE, chunked)
  10. CLI             `serve`, `selftest` (a new host's end-to-end check), and a
                      small client: `vm start|ls|rm|logs|network`, `exec`
 
@@ -632,6 +634,7 @@ CONFIG_KEYS = {
     "exec_timeout_s": (float, 300.0, "default exec timeout"),
     "exec_max_timeout_s": (float, 86400.0, "largest exec timeout a request may ask for"),
     "exec_output_limit_bytes": (int, 4 * 1024 * 1024, "cap on captured stdout, stderr and output, each"),
+    "stream_keepalive_s": (float, 15.0, "an exec stream's keepalive event after this much silence"),
     "callback_timeout_s": (float, 30.0, "time the callback URL has to answer"),
     "callback_secret": (str, "", "HMAC-SHA256 key signing every callback POST (X-CBox-Signature); empty = unsigned"),
     "callback_secret_file": (str, "", "file holding callback_secret (its first line), instead of the key itself"),
@@ -710,6 +713,8 @@ def check_config(cfg, source):
                 "callback_max_connections", "callback_max_in_flight", "callback_bytes_per_s"):
         if getattr(cfg, key) <= 0:
             bad(f"{key} must be positive")
+    if cfg.stream_keepalive_s > 3600:
+        bad("stream_keepalive_s must be at most 3600")
     if cfg.console_max_bytes < 4096:
         bad("console_max_bytes must be at least 4096")
     if cfg.vmm_log_max_bytes < 2 * VMM_LOG_TAIL:
@@ -734,7 +739,7 @@ def check_config(cfg, source):
     for key in ("boot_timeout_s", "shutdown_timeout_s", "exec_timeout_s", "exec_max_timeout_s", "callback_timeout_s",
                 "http_head_timeout_s", "http_body_timeout_s", "http_idle_timeout_s", "callback_rate_per_s",
                 "callback_idle_timeout_s", "callback_read_timeout_s", "callback_write_timeout_s",
-                "callback_log_lines_per_s", "events_retry_s"):
+                "callback_log_lines_per_s", "stream_keepalive_s", "events_retry_s"):
         if getattr(cfg, key) <= 0:
             bad(f"{key} must be positive")
     longest = os.path.join(cfg.path(cfg.run_dir), "4294967295", f"vsock.sock_{cfg.callback_port}")
@@ -1426,87 +1431,6 @@ def guest_stats(data):
             "uptimeS": number(raw, "uptimeS", False)}
 
 
-class GuestAgent:
-    """The HTTP API of one VM's guest agent (guest_agent.py), read as a hostile peer's answers.
-
-    stdout, stderr and output are each capped at exec_output_limit_bytes; in JSON a byte
-    takes at most 6 (\\u0000), so a longer answer is not the agent's. The agent always sends
-    Content-Length: a chunked or to-EOF body (CPU per chunk, no end) is refused at its head.
-    2xx bodies are passed through untouched (large ones as a BodyStream)."""
-
-    ERROR_BODY_MAX = 64 * 1024      # an error answer is read whole, at most this much
-    STATS_MAX = 16 * 1024           # a /stats answer is a few hundred bytes
-
-    def __init__(self, vm_name, address, port, output_limit):
-        self.vm_name = vm_name
-        self.http = HttpClient(host=address, port=port, pool_size=32, stream_over=256 * 1024,
-                               max_body=3 * 6 * output_limit + 1024 * 1024, length_only=True)
-
-    async def health(self, timeout):
-        """The HTTP status of GET /health; AgentError when there is no answer."""
-        try:
-            status, _, _ = await self.http.request("GET", "/health", timeout=timeout)
-        except HttpError as e:
-            raise AgentError(502, str(e)) from e
-        return status
-
-    async def exec(self, body, timeout):
-        return await self._call("POST", "/exec", body, timeout)
-
-    async def status(self, exec_id):
-        return await self._call("GET", f"/exec/{exec_id}", timeout=30.0)
-
-    async def kill(self, exec_id):
-        return await self._call("DELETE", f"/exec/{exec_id}", timeout=30.0)
-
-    async def stats(self):
-        """GET /stats of the agent, every field checked (guest_stats); at most STATS_MAX bytes."""
-        try:
-            data = await self._call("GET", "/stats", timeout=5.0)
-        except AgentError as e:
-            if e.status == 404:       # an agent older than /stats: its image wants a rebuild
-                raise AgentError(502, f"{e} (the guest agent has no /stats: rebuild the images)") from e
-            raise
-        if isinstance(data, BodyStream) or len(data) > self.STATS_MAX:
-            if isinstance(data, BodyStream):
-                self.http.drop(data.writer)
-            raise AgentError(502, f"guest agent: stats answer larger than {self.STATS_MAX} bytes")
-        return guest_stats(data)
-
-    async def sync(self):
-        """Let the guest flush its disks (before the VM goes away); failures are ignored."""
-        with contextlib.suppress(AgentError):
-            await self._call("POST", "/exec", {"cmd": "sync", "timeout": 5}, timeout=6.0)
-
-    async def _call(self, method, target, body=None, timeout=15.0):
-        """A 2xx body (bytes or BodyStream); else AgentError with the agent's status and message.
-
-        When the VM's hypervisor exits, abort() fails the requests in flight at once
-        instead of leaving them to their timeout."""
-        try:
-            status, _, data = await self.http.request(method, target, body, timeout=timeout)
-            if 200 <= status < 300:
-                return data
-            if isinstance(data, BodyStream):
-                data = await data.read(self.ERROR_BODY_MAX)
-        except HttpError as e:
-            raise AgentError(502, f"guest agent of VM '{self.vm_name}' unreachable: {e}") from e
-        try:
-            message = json.loads(data)["error"]
-        except (ValueError, KeyError, TypeError, RecursionError):
-            message = None
-        if not isinstance(message, str):
-            message = data[:200].decode("utf-8", "replace")
-        raise AgentError(status if status in (400, 404, 409, 413) else 502, f"guest agent: {message}")
-
-    def close(self):
-        self.http.close()
-
-    def abort(self):
-        """The guest is gone: fail requests in flight now and refuse new ones."""
-        self.http.abort()
-
-
 class TokenBucket:
     """`rate` tokens a second, at most `burst` saved up; charge() may overdraw (then wait())."""
     __slots__ = ("rate", "burst", "tokens", "stamp")
@@ -1539,6 +1463,252 @@ class TokenBucket:
         """charge(n), then the seconds until the bucket is out of debt (0: go on)."""
         self.charge(n)
         return self.wait()
+
+
+AGENT_ERROR_MAX = 64 * 1024      # a guest agent's error answer is read whole, at most this much
+
+
+class AgentEvents:
+    """An exec's event stream as the guest agent sends it, read as a hostile peer's lines.
+
+    next_events() gives the complete NDJSON lines that arrived (bytes, with their newline)
+    with their parsed events, each checked: a JSON object whose "seq" follows the previous
+    one (or, for a "dropped" event standing in for events a slow reader lost, is beyond
+    it) and whose "type" is a string. Each line is bounded in size; a stream that sends no
+    complete line for `stall_s` (the agent writes keepalives), or ends before its exit
+    event, is broken: next_events() raises AgentError, and `next_seq` says where a
+    re-attach would resume. Reads are batched (up to BATCH events of one read go onward in
+    one write) and the VM's streams together are held to EVENT_RATE events and
+    BYTE_RATE bytes a second, so a guest flooding events costs the loop little and other
+    VMs nothing. Memory per stream: the reader's buffer (paused at 2 * BUFFER) plus the
+    line being read."""
+
+    BUFFER = 256 * 1024
+    BATCH = 1024                   # events parsed per batch at most: the loop is not held long
+    EVENT_RATE = 20000.0           # a VM's streams, events a second (an agent read is an event)
+    BYTE_RATE = 256.0 * 1024 * 1024
+
+    def __init__(self, agent, reader, writer, since, stall_s, line_max):
+        self.agent, self.reader, self.writer = agent, reader, writer
+        self.next_seq, self.stall_s, self.line_max = since, stall_s, line_max
+        self.pending = bytearray()     # bytes read after the last complete line
+        self.failure = None            # AgentError after the events of the last batch
+        self.finished = False          # the exit event was read
+        self.on_close = None           # called once when the stream closes
+
+    def broken(self, why):
+        return AgentError(502, f"exec stream from the guest agent of VM '{self.agent.vm_name}' broke: {why}")
+
+    async def read_head(self):
+        try:
+            head = await within(15.0, read_head(self.reader))
+        except (asyncio.TimeoutError, HttpError, OSError) as e:
+            raise self.broken(str(e) or "no answer") from e
+        if head is None:
+            raise self.broken("closed before an answer")
+        start, headers = head
+        parts = start.split(" ", 2)
+        status = int(parts[1]) if len(parts) > 1 and is_decimal(parts[1]) and len(parts[1]) == 3 else 502
+        if status == 200:
+            return
+        try:
+            data = await within(15.0, read_body(self.reader, headers, AGENT_ERROR_MAX))
+            message = json.loads(data)["error"]
+        except (asyncio.TimeoutError, HttpError, OSError, asyncio.IncompleteReadError,
+                ValueError, KeyError, TypeError, RecursionError):
+            message = None
+        message = message if isinstance(message, str) else f"HTTP {status}"
+        raise AgentError(status if status in (400, 404, 409) else 502, f"guest agent: {message[:500]}")
+
+    async def _fill(self):
+        """Read until `pending` holds a complete line."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.stall_s
+        scanned = 0
+        while self.pending.find(b"\n", scanned) < 0:
+            scanned = len(self.pending)
+            if scanned > self.line_max:
+                raise self.broken(f"an event line longer than {self.line_max} bytes")
+            try:
+                data = await within(max(deadline - loop.time(), 0.0), self.reader.read(self.BUFFER))
+            except asyncio.TimeoutError as e:
+                raise self.broken(f"no event for {fmt_seconds(self.stall_s)}") from e
+            except OSError as e:
+                raise self.broken(str(e) or type(e).__name__) from e
+            if not data:
+                raise self.broken("it ended without an exit event")
+            self.pending += data
+
+    def _check(self, line):
+        try:
+            event = json.loads(line)
+        except (ValueError, RecursionError) as e:
+            raise self.broken("an event line that is not JSON") from e
+        seq = event.get("seq") if isinstance(event, dict) else None
+        if not isinstance(seq, int) or isinstance(seq, bool) or not isinstance(event.get("type"), str):
+            raise self.broken("an event without seq or type")
+        # a reader that fell behind gets a "dropped" event standing in for the events it lost
+        if seq != self.next_seq and not (event["type"] == "dropped" and seq > self.next_seq):
+            raise self.broken(f"event seq {seq} where {self.next_seq} was due")
+        self.next_seq = seq + 1
+        self.finished = event["type"] == "exit"
+        return event
+
+    async def next_events(self):
+        """[(line bytes, event dict), ...], at least one, the exit event last when it came;
+        AgentError when the stream broke."""
+        if self.failure or self.finished:
+            raise self.failure or self.broken("read past its exit event")
+        await self._fill()
+        batch, start, pending = [], 0, self.pending
+        try:
+            while len(batch) < self.BATCH and (end := pending.find(b"\n", start)) >= 0:
+                if end - start >= self.line_max:
+                    raise self.broken(f"an event line longer than {self.line_max} bytes")
+                line = bytes(pending[start:end + 1])
+                start = end + 1
+                batch.append((line, self._check(line)))
+                if self.finished:
+                    break              # nothing comes after the exit event
+        except AgentError as e:
+            if not batch:
+                raise
+            self.failure = e           # the good events before it go first
+        del pending[:start]
+        delay = max(self.agent.event_budget.spend(len(batch)),
+                    self.agent.byte_budget.spend(sum([len(line) for line, _ in batch])))
+        if delay:
+            await asyncio.sleep(delay)
+        return batch
+
+    def close(self):
+        self.agent.streams.discard(self)
+        self.writer.close()
+        on_close, self.on_close = self.on_close, None
+        if on_close:
+            on_close()
+
+
+class GuestAgent:
+    """The HTTP API of one VM's guest agent (guest_agent.py), read as a hostile peer's answers.
+
+    stdout, stderr and output are each capped at exec_output_limit_bytes; in JSON a byte
+    takes at most 6 (\\u0000), so a longer answer is not the agent's. The agent always sends
+    Content-Length: a chunked or to-EOF body (CPU per chunk, no end) is refused at its head.
+    2xx bodies are passed through untouched (large ones as a BodyStream)."""
+
+    STATS_MAX = 16 * 1024           # a /stats answer is a few hundred bytes
+
+    def __init__(self, vm_name, address, port, output_limit, request_limit=8 * 1024 * 1024):
+        self.vm_name = vm_name
+        self.http = HttpClient(host=address, port=port, pool_size=32, stream_over=256 * 1024,
+                               max_body=3 * 6 * output_limit + 1024 * 1024, length_only=True)
+        self.streams = set()           # open AgentEvents
+        self.event_budget = TokenBucket(AgentEvents.EVENT_RATE, AgentEvents.EVENT_RATE)
+        self.byte_budget = TokenBucket(AgentEvents.BYTE_RATE, AgentEvents.BYTE_RATE)
+        # the longest event line: an exit event carries the command (JSON: up to 6 bytes a byte);
+        # an output event at most the agent's 256 KiB read, escaped, plus its base64
+        self.event_line_max = 6 * request_limit + 4 * 1024 * 1024
+
+    async def health(self, timeout):
+        """The HTTP status of GET /health; AgentError when there is no answer."""
+        try:
+            status, _, _ = await self.http.request("GET", "/health", timeout=timeout)
+        except HttpError as e:
+            raise AgentError(502, str(e)) from e
+        return status
+
+    async def exec(self, body, timeout):
+        return await self._call("POST", "/exec", body, timeout)
+
+    async def status(self, exec_id):
+        return await self._call("GET", f"/exec/{exec_id}", timeout=30.0)
+
+    async def kill(self, exec_id, grace=0.0):
+        return await self._call("DELETE", f"/exec/{exec_id}?grace={grace:g}", timeout=grace + 30.0)
+
+    async def kill_all(self, grace=0.0):
+        return await self._call("DELETE", f"/exec?grace={grace:g}", timeout=grace + 30.0)
+
+    async def list(self):
+        return await self._call("GET", "/exec", timeout=30.0)
+
+    async def signal(self, exec_id, body):
+        return await self._call("POST", f"/exec/{exec_id}/signal", body, timeout=30.0)
+
+    async def stdin(self, exec_id, body):
+        return await self._call("POST", f"/exec/{exec_id}/stdin", body, timeout=30.0)
+
+    async def events(self, exec_id, since, stall_s):
+        """The exec's event stream from seq `since` (GET /exec/{id}/stream), open: AgentEvents.
+
+        A connection of its own, outside the pool: it lives as long as the exec, and
+        abort() closes it with the others when the guest goes away."""
+        try:
+            reader, writer = await within(15.0, asyncio.open_connection(
+                self.http.host, self.http.port, limit=AgentEvents.BUFFER))
+        except (OSError, asyncio.TimeoutError) as e:
+            raise AgentError(502, f"guest agent of VM '{self.vm_name}' unreachable: {e or 'timed out'}") from e
+        set_nodelay(writer)
+        events = AgentEvents(self, reader, writer, since, stall_s, self.event_line_max)
+        self.streams.add(events)
+        # HTTP/1.0: the agent writes the lines unframed and ends the body by closing
+        writer.write(f"GET /exec/{exec_id}/stream?since={since} HTTP/1.0\r\nHost: agent\r\n\r\n".encode("latin-1"))
+        try:
+            await events.read_head()
+        except BaseException:
+            events.close()
+            raise
+        return events
+
+    async def stats(self):
+        """GET /stats of the agent, every field checked (guest_stats); at most STATS_MAX bytes."""
+        try:
+            data = await self._call("GET", "/stats", timeout=5.0)
+        except AgentError as e:
+            if e.status == 404:       # an agent older than /stats: its image wants a rebuild
+                raise AgentError(502, f"{e} (the guest agent has no /stats: rebuild the images)") from e
+            raise
+        if isinstance(data, BodyStream) or len(data) > self.STATS_MAX:
+            if isinstance(data, BodyStream):
+                self.http.drop(data.writer)
+            raise AgentError(502, f"guest agent: stats answer larger than {self.STATS_MAX} bytes")
+        return guest_stats(data)
+
+    async def sync(self):
+        """Let the guest flush its disks (before the VM goes away); failures are ignored."""
+        with contextlib.suppress(AgentError):
+            await self._call("POST", "/exec", {"cmd": "sync", "timeout": 5}, timeout=6.0)
+
+    async def _call(self, method, target, body=None, timeout=15.0):
+        """A 2xx body (bytes or BodyStream); else AgentError with the agent's status and message.
+
+        When the VM's hypervisor exits, abort() fails the requests in flight at once
+        instead of leaving them to their timeout."""
+        try:
+            status, _, data = await self.http.request(method, target, body, timeout=timeout)
+            if 200 <= status < 300:
+                return data
+            if isinstance(data, BodyStream):
+                data = await data.read(AGENT_ERROR_MAX)
+        except HttpError as e:
+            raise AgentError(502, f"guest agent of VM '{self.vm_name}' unreachable: {e}") from e
+        try:
+            message = json.loads(data)["error"]
+        except (ValueError, KeyError, TypeError, RecursionError):
+            message = None
+        if not isinstance(message, str):
+            message = data[:200].decode("utf-8", "replace")
+        raise AgentError(status if status in (400, 404, 409, 413) else 502, f"guest agent: {message}")
+
+    def close(self):
+        self.http.close()
+
+    def abort(self):
+        """The guest is gone: fail requests in flight now and refuse new ones."""
+        self.http.abort()
+        for events in list(self.streams):
+            events.close()
 
 
 class BoundedReader:
@@ -2473,8 +2643,17 @@ def check_vm_name(name):
     return name
 
 
+EXEC_TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+EXEC_REF_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}\Z")    # an execId or a tag
+USER_NAME_RE = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.-]{0,63}\Z")
+MAX_ARGV = 65536              # arguments of one argv (the kernel's own limit is near 2^21 bytes anyway)
+MAX_PIDS_LIMIT = 4194304      # the kernel's largest pid_max
+MAX_GRACE_S = 3600.0
+
+
 def check_exec_id(exec_id):
-    if not re.match(r"^[A-Za-z0-9_-]{1,64}\Z", exec_id):
+    """An exec named in a path: its execId or its tag."""
+    if not EXEC_REF_RE.match(exec_id):
         raise ApiError(404, f"exec '{exec_id}' not found")
     return exec_id
 
@@ -2674,13 +2853,57 @@ def validate_start_request(body, cfg):
             "network": check_network(body.get("network"), cfg), **validate_lifetime_and_labels(body, cfg)}
 
 
+EXEC_FIELDS = ("cmd", "argv", "blocking", "timeout", "env", "cwd", "stdin", "user", "tag",
+               "memoryLimitMb", "pidsLimit", "stream")
+
+
+def check_argv(argv):
+    if not isinstance(argv, list) or not 1 <= len(argv) <= MAX_ARGV:
+        raise ApiError(400, f"'argv' must be a list of 1..{MAX_ARGV} strings")
+    if not all(isinstance(a, str) for a in argv):
+        raise ApiError(400, "'argv' must be a list of strings")
+    if not argv[0] or any("\0" in a for a in argv):
+        raise ApiError(400, "'argv' must not contain NUL and argv[0] must not be empty")
+    return argv
+
+
+def check_user(user):
+    """A guest user name or uid (the guest says whether it exists)."""
+    if user is None:
+        return None
+    if isinstance(user, int) and not isinstance(user, bool):
+        if not 0 <= user < 2 ** 32 - 1:
+            raise ApiError(400, "'user' as a uid must be 0..4294967294")
+        return user
+    if not isinstance(user, str) or not USER_NAME_RE.match(user):
+        raise ApiError(400, "'user' must be a user name (up to 64 of A-Z a-z 0-9 _ . -) or a uid")
+    return user
+
+
+def check_limit(body, key, maximum):
+    value = typed(body, key, "int")
+    if value is not None and not 1 <= value <= maximum:
+        raise ApiError(400, f"'{key}' must be 1..{maximum}")
+    return value
+
+
 def validate_exec_request(body, cfg):
-    """Check an exec request; returns (agent request body, blocking, timeout)."""
-    check_fields(body, ("cmd", "blocking", "timeout", "env", "cwd", "stdin"), required=("cmd",))
-    cmd = typed(body, "cmd", "str")
-    if cmd is None or not cmd.strip():
-        raise ApiError(400, "'cmd' must be a non-empty string")
+    """Check an exec request; returns (agent request body, blocking, timeout, stream)."""
+    check_fields(body, EXEC_FIELDS)
+    if ("cmd" in body) == ("argv" in body):
+        raise ApiError(400, "give exactly one of 'cmd' (a shell command) and 'argv' (a list of strings)")
+    command = {}
+    if "cmd" in body:
+        cmd = typed(body, "cmd", "str")
+        if cmd is None or not cmd.strip():
+            raise ApiError(400, "'cmd' must be a non-empty string")
+        if "\0" in cmd:
+            raise ApiError(400, "'cmd' and 'cwd' must not contain NUL")
+        command["cmd"] = cmd
+    else:
+        command["argv"] = check_argv(body["argv"])
     blocking = typed(body, "blocking", "bool", True)
+    stream = typed(body, "stream", "bool", False)
     timeout = typed(body, "timeout", "number", cfg.exec_timeout_s)
     if not 0 < timeout <= cfg.exec_max_timeout_s:
         raise ApiError(400, f"'timeout' must be more than 0 and at most {cfg.exec_max_timeout_s:g} seconds")
@@ -2689,12 +2912,62 @@ def validate_exec_request(body, cfg):
         if not isinstance(v, str) or not k or "=" in k or "\0" in k or "\0" in v:
             raise ApiError(400, "'env' must map variable names to strings")
     cwd = typed(body, "cwd", "str")
-    stdin = typed(body, "stdin", "str")
-    if "\0" in cmd or (cwd and "\0" in cwd):
+    stdin = typed(body, "stdin", "str")        # the input, or exactly "pipe": kept open (POST .../stdin)
+    if cwd and "\0" in cwd:
         raise ApiError(400, "'cmd' and 'cwd' must not contain NUL")
-    agent_body = {"cmd": cmd, "blocking": blocking, "timeout": timeout, "env": env,
-                  "cwd": cwd, "stdin": stdin, "maxOutput": cfg.exec_output_limit_bytes}
-    return agent_body, blocking, timeout
+    tag = typed(body, "tag", "str")
+    if tag is not None and not EXEC_TAG_RE.match(tag):
+        raise ApiError(400, "'tag' must be 1-64 characters of A-Z a-z 0-9 _ . - starting with a letter or digit")
+    agent_body = dict(command, blocking=blocking and not stream, timeout=timeout, env=env, cwd=cwd, stdin=stdin,
+                      maxOutput=cfg.exec_output_limit_bytes, user=check_user(body.get("user")), tag=tag,
+                      memoryLimitMb=check_limit(body, "memoryLimitMb", cfg.max_memory_mb),
+                      pidsLimit=check_limit(body, "pidsLimit", MAX_PIDS_LIMIT))
+    if stream:
+        agent_body["keepaliveS"] = cfg.stream_keepalive_s
+    return {k: v for k, v in agent_body.items() if v is not None}, blocking and not stream, timeout, stream
+
+
+def validate_signal_request(body):
+    """{"signal": "TERM" | "sigterm" | 15 | "15"} -> the agent's body (the number: the guest
+    runs on this host's architecture, so its numbering); unknown signals 400."""
+    check_fields(body, ("signal",), required=("signal",))
+    value = body["signal"]
+    number = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and is_decimal(value) and len(value) < 4:
+        number = int(value)
+    elif isinstance(value, str) and value.isascii() and value.isidentifier():
+        name = value.upper()
+        member = getattr(signal.Signals, name if name.startswith("SIG") else "SIG" + name, None)
+        number = int(member) if isinstance(member, signal.Signals) else None
+    if number is None or not 1 <= number <= signal.SIGRTMAX:
+        raise ApiError(400, f"unknown signal {str(value)[:40]!r}: use a name such as TERM, KILL, INT, HUP, USR1 "
+                            f"or a number 1..{int(signal.SIGRTMAX)}")
+    return {"signal": number}
+
+
+def validate_stdin_request(body):
+    check_fields(body, ("data", "eof"))
+    data, eof = typed(body, "data", "str", ""), typed(body, "eof", "bool", False)
+    if not data and not eof:
+        raise ApiError(400, "give 'data' to write, 'eof': true to close the input, or both")
+    return {"data": data, "eof": eof}
+
+
+def query_number(query, key, maximum, default=None, integer=False):
+    """A non-negative number from the query string (?key=N), at most `maximum`; else 400."""
+    values = query.get(key)
+    if not values:
+        return default
+    text = values[-1]
+    whole, dot, fraction = text.partition(".")
+    if not is_decimal(whole) or len(text) > 20 or (dot and (integer or not is_decimal(fraction))):
+        raise ApiError(400, f"'{key}' must be a non-negative {'integer' if integer else 'number'}, not {text[:40]!r}")
+    value = int(text) if integer else float(text)
+    if value > maximum:
+        raise ApiError(400, f"'{key}' must be at most {maximum:g}")
+    return value
 
 
 def parse_json_body(data):
@@ -3462,7 +3735,8 @@ class VM:
     # ---- the guest agent and the callback bridge -------------------------------
 
     def connect_agent(self):
-        self.agent = GuestAgent(self.vmName, self.address, self.cfg.agent_port, self.cfg.exec_output_limit_bytes)
+        self.agent = GuestAgent(self.vmName, self.address, self.cfg.agent_port, self.cfg.exec_output_limit_bytes,
+                                self.cfg.max_request_bytes)
 
     async def wait_for_agent(self):
         started = time.monotonic()
@@ -4092,23 +4366,41 @@ class VMManager:
 
     # ---- exec -----------------------------------------------------------------
 
-    async def exec(self, name, agent_body, blocking, timeout):
+    async def exec(self, name, agent_body, blocking, timeout, stream=False):
         """Run a command in the VM (POST /exec of the guest agent) from a validated exec request
-        (validate_exec_request): the agent's answer, bytes or a BodyStream."""
+        (validate_exec_request): the agent's answer, bytes or a BodyStream; with `stream`, the
+        command starts in the background and its open event stream (AgentEvents) is returned."""
         vm = self.running(name)
         with vm.activity(), agent_errors():
             answer = await vm.agent.exec(agent_body, timeout=(timeout + 15.0) if blocking else 15.0)
-        M_EXECS_STARTED.inc()
-        if blocking:
-            self.on_exec_answer(vm, answer)
-        else:
-            vm.note_background_exec(answer)
-            exec_id = exec_fields(answer_text_for_fields(answer)).get("execId")
-            if isinstance(exec_id, str) and EXEC_ID.match(exec_id):
-                vm.awaiting_finish[exec_id] = None
-                if len(vm.awaiting_finish) > BACKGROUND_TRACKED:
-                    vm.awaiting_finish.popitem(last=False)
-        return answer
+            M_EXECS_STARTED.inc()
+            if blocking:
+                self.on_exec_answer(vm, answer)
+            elif not isinstance(answer, BodyStream):
+                vm.note_background_exec(answer)
+                self.await_finish(vm, answer)
+            if not stream:
+                return answer
+            if isinstance(answer, BodyStream):        # a background answer is small: not the agent's
+                answer.client.drop(answer.writer)
+                raise AgentError(502, "guest agent: an oversized background exec answer")
+            try:
+                exec_id = json.loads(answer)["execId"]
+            except (ValueError, KeyError, TypeError, RecursionError) as e:
+                raise AgentError(502, "guest agent: a background exec answer without execId") from e
+            if not isinstance(exec_id, str) or not EXEC_REF_RE.match(exec_id):
+                raise AgentError(502, "guest agent: a background exec answer with a bad execId")
+        return await self.exec_events(name, exec_id, 0)
+
+    async def exec_events(self, name, exec_id, since):
+        """An exec's open event stream from seq `since` (AgentEvents): silent for more than two
+        keepalive periods (and 10 s), it is broken. The VM is busy (not idle) while it is open."""
+        vm = self.running(name)
+        with agent_errors():
+            events = await vm.agent.events(exec_id, since, 2 * self.cfg.stream_keepalive_s + 10.0)
+        vm.begin_activity()
+        events.on_close = vm.end_activity
+        return events
 
     async def exec_status(self, name, exec_id):
         """The state of a background exec (exec_id checked: check_exec_id)."""
@@ -4119,14 +4411,43 @@ class VMManager:
             self.on_exec_answer(vm, answer, exec_id)
         return answer
 
-    async def exec_kill(self, name, exec_id):
-        """Kill a background exec (exec_id checked: check_exec_id)."""
+    async def exec_kill(self, name, exec_id, grace=0.0):
+        """End an exec (exec_id checked: check_exec_id): TERM, `grace` seconds, KILL."""
         vm = self.running(name)
         with agent_errors():
-            answer = await vm.agent.kill(exec_id)
+            answer = await vm.agent.kill(exec_id, grace)
         if exec_id in vm.awaiting_finish:
             self.on_exec_answer(vm, answer, exec_id)
         return answer
+
+    async def exec_kill_all(self, name, grace=0.0):
+        vm = self.running(name)
+        with agent_errors():
+            return await vm.agent.kill_all(grace)
+
+    async def exec_list(self, name):
+        vm = self.running(name)
+        with agent_errors():
+            return await vm.agent.list()
+
+    async def exec_signal(self, name, exec_id, body):
+        vm = self.running(name)
+        with agent_errors():
+            return await vm.agent.signal(exec_id, body)
+
+    async def exec_stdin(self, name, exec_id, body):
+        vm = self.running(name)
+        with agent_errors():
+            return await vm.agent.stdin(exec_id, body)
+
+    def await_finish(self, vm, answer):
+        """Remember a background exec's id (from the agent's answer to its start) until a status
+        or kill answer shows it finished: exec.finished is published then, once."""
+        exec_id = exec_fields(answer_text_for_fields(answer)).get("execId")
+        if isinstance(exec_id, str) and EXEC_ID.match(exec_id):
+            vm.awaiting_finish[exec_id] = None
+            if len(vm.awaiting_finish) > BACKGROUND_TRACKED:
+                vm.awaiting_finish.popitem(last=False)
 
     def on_exec_answer(self, vm, answer, background_id=None):
         """Count an exec result that shows its exec finished and publish exec.finished, once per
@@ -4208,11 +4529,72 @@ def refresh_process_metrics():
     M_BUILD_INFO.labels(VERSION).value = 1
 
 
+class EventRelay:
+    """An exec's events (AgentEvents) relayed to a REST client as they arrive.
+
+    The answer is chunked, one event per chunk, written as soon as it is read (TCP_NODELAY
+    on both sides, no buffering): NDJSON lines, or Server-Sent Events (`id: SEQ`, `data:
+    JSON`) for a client that accepts text/event-stream. A stream from the agent that breaks
+    ends with an "error" event whose seq is where a re-attach resumes, instead of the exit
+    event. A client that reads too slowly (its socket buffer stays full for
+    http_body_timeout_s) is dropped; nothing the client does ends the exec."""
+
+    HIGH_WATER = 256 * 1024     # unsent bytes that make the relay wait for the client
+
+    def __init__(self, events, sse, chunked=True):
+        self.events, self.sse = events, sse
+        self.chunked = chunked       # an HTTP/1.0 client gets the events unframed, until the close
+        self.content_type = "text/event-stream" if sse else "application/x-ndjson"
+        self.end = b"0\r\n\r\n" if chunked else b""
+
+    def head(self, keep_alive):
+        return (f"HTTP/1.1 200 OK\r\nContent-Type: {self.content_type}\r\n"
+                + ("Transfer-Encoding: chunked\r\n" if self.chunked else "")
+                + "Cache-Control: no-cache\r\nX-Accel-Buffering: no\r\n"
+                + ("" if keep_alive and self.chunked else "Connection: close\r\n") + "\r\n").encode("latin-1")
+
+    def chunk(self, line, event):
+        if self.sse:
+            line = b"id: %d\ndata: %s\n\n" % (event["seq"], line.rstrip(b"\r\n"))
+        return b"%x\r\n%s\r\n" % (len(line), line) if self.chunked else line
+
+    async def send(self, writer, keep_alive, drain_timeout):
+        """Relay until the exit event (or an error event); returns whether the connection may
+        be kept. Raises OSError or asyncio.TimeoutError when the client went away or stalled."""
+        transport = writer.transport
+        try:
+            writer.write(self.head(keep_alive))
+            while True:
+                try:
+                    batch = await self.events.next_events()
+                except AgentError as e:
+                    log("exec stream broke", vm=self.events.agent.vm_name, error=repr(str(e)))
+                    seq = self.events.next_seq
+                    event = {"seq": seq, "type": "error", "error": str(e)}
+                    writer.write(self.chunk(json_bytes(event) + b"\n", event) + self.end)
+                    return False
+                if transport.is_closing():
+                    raise ConnectionResetError("the client went away")
+                finished = self.events.finished
+                if len(batch) == 1:
+                    writer.write(self.chunk(*batch[0]))
+                else:
+                    writer.write(b"".join([self.chunk(line, event) for line, event in batch]))
+                if finished:
+                    writer.write(self.end)
+                if finished:
+                    return keep_alive and self.chunked
+                if transport.get_write_buffer_size() > self.HIGH_WATER:
+                    await within(drain_timeout, writer.drain())
+        finally:
+            self.events.close()
+
+
 class Request:
     """One request; dispatch() fills in path, query and params, a handler may name its VM."""
 
-    def __init__(self, method, target, headers):
-        self.method, self.target, self.headers = method, target, headers
+    def __init__(self, method, target, headers, version="HTTP/1.1"):
+        self.method, self.target, self.headers, self.version = method, target, headers, version
         self.path, self.query, self.params, self.body = None, {}, {}, b""
         self.vm_name = None        # the VM a request body names, for the request log
         self.route = "unmatched"   # the route's name (route_name), for the metrics
@@ -4226,12 +4608,19 @@ class RestServer:
         self.server = None
         self.connections = set()
         self.client_watch = ClientWatch()
+        self.relays = set()            # exec streams being relayed (EventRelay)
         # agent calls only: abandoning them leaves nothing half done (a VM start would)
-        self.abandonable = {self.exec, self.exec_status, self.exec_kill, self.stats, self.events}
+        # (a stream's relay runs after its handler returned: a client leaving never ends an exec)
+        self.abandonable = {self.exec, self.exec_status, self.exec_kill, self.exec_list, self.exec_kill_all,
+                            self.exec_signal, self.exec_stdin, self.exec_stream, self.stats, self.events}
         self.routes = [      # no path matches two patterns: the busiest routes come first
-            (re.compile(r"^/v1/vms/(?P<name>[^/]+)/exec$"), {"POST": self.exec}),
+            (re.compile(r"^/v1/vms/(?P<name>[^/]+)/exec$"),
+             {"POST": self.exec, "GET": self.exec_list, "DELETE": self.exec_kill_all}),
             (re.compile(r"^/v1/vms/(?P<name>[^/]+)/exec/(?P<exec_id>[^/]+)$"),
              {"GET": self.exec_status, "DELETE": self.exec_kill}),
+            (re.compile(r"^/v1/vms/(?P<name>[^/]+)/exec/(?P<exec_id>[^/]+)/stream$"), {"GET": self.exec_stream}),
+            (re.compile(r"^/v1/vms/(?P<name>[^/]+)/exec/(?P<exec_id>[^/]+)/signal$"), {"POST": self.exec_signal}),
+            (re.compile(r"^/v1/vms/(?P<name>[^/]+)/exec/(?P<exec_id>[^/]+)/stdin$"), {"POST": self.exec_stdin}),
             (re.compile(r"^/v1/health$"), {"GET": self.health}),
             (re.compile(r"^/v1/vms$"), {"GET": self.list_vms, "POST": self.start_vm, "DELETE": self.destroy_all}),
             (re.compile(r"^/v1/vms/(?P<name>[^/]+)$"), {"GET": self.get_vm, "DELETE": self.destroy_vm}),
@@ -4256,6 +4645,8 @@ class RestServer:
             self.server.close()
             for writer in list(self.connections):
                 writer.close()
+            for relay in list(self.relays):     # a relay waits on the guest, not on its client
+                relay.events.close()
             await self.server.wait_closed()
 
     # ---- connections ------------------------------------------------------------
@@ -4293,7 +4684,7 @@ class RestServer:
             return False
         method, target, version = parts
         keep_alive = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
-        request = Request(method, target, headers)
+        request = Request(method, target, headers, version)
         try:
             request.body = await self.read_request_body(reader, writer, headers)
             status, payload, ctype = await self.dispatch(request, reader)
@@ -4317,7 +4708,13 @@ class RestServer:
             status, payload, ctype = 500, json_bytes({"error": f"internal error: {type(e).__name__}: {e}"}), "application/json"
         extra = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         try:     # a client that does not read its answer must not hold the connection and buffer forever
-            if isinstance(payload, BodyStream):
+            if isinstance(payload, EventRelay):
+                self.relays.add(payload)
+                try:
+                    keep_alive = await payload.send(writer, keep_alive, self.cfg.http_body_timeout_s)
+                finally:
+                    self.relays.discard(payload)
+            elif isinstance(payload, BodyStream):
                 writer.write(build_head(status, payload.length, ctype, keep_alive, extra))
                 await payload.copy_to(writer, self.cfg.http_body_timeout_s)
             else:
@@ -4398,6 +4795,8 @@ class RestServer:
                     self.client_watch.remove(watched)
             if isinstance(result, tuple):
                 return result
+            if isinstance(result, EventRelay):
+                return 200, result, result.content_type
             return 200, result if isinstance(result, (bytes, BodyStream)) else json_bytes(result), "application/json"
         raise ApiError(404, f"no route {path}")
 
@@ -4445,14 +4844,43 @@ class RestServer:
         return self.manager.set_ttl(req.params["name"], seconds).api()
 
     async def exec(self, req):
-        agent_body, blocking, timeout = validate_exec_request(parse_json_body(req.body), self.cfg)
-        return await self.manager.exec(req.params["name"], agent_body, blocking, timeout)
+        agent_body, blocking, timeout, stream = validate_exec_request(parse_json_body(req.body), self.cfg)
+        answer = await self.manager.exec(req.params["name"], agent_body, blocking, timeout, stream)
+        return self.relay(req, answer) if stream else answer
+
+    @staticmethod
+    def relay(req, events):
+        return EventRelay(events, "text/event-stream" in req.headers.get("accept", ""), req.version == "HTTP/1.1")
+
+    async def exec_stream(self, req):
+        since = query_number(req.query, "since", 2 ** 53, integer=True)
+        last_id = req.headers.get("last-event-id")
+        if since is None and last_id:     # an EventSource resuming: the event after the last one it saw
+            since = query_number({"Last-Event-ID": [last_id]}, "Last-Event-ID", 2 ** 53, integer=True) + 1
+        events = await self.manager.exec_events(req.params["name"], req.params["exec_id"], since or 0)
+        return self.relay(req, events)
 
     async def exec_status(self, req):
         return await self.manager.exec_status(req.params["name"], req.params["exec_id"])
 
     async def exec_kill(self, req):
-        return await self.manager.exec_kill(req.params["name"], req.params["exec_id"])
+        grace = query_number(req.query, "grace", MAX_GRACE_S, 0.0)
+        return await self.manager.exec_kill(req.params["name"], req.params["exec_id"], grace)
+
+    async def exec_kill_all(self, req):
+        grace = query_number(req.query, "grace", MAX_GRACE_S, 0.0)
+        return await self.manager.exec_kill_all(req.params["name"], grace)
+
+    async def exec_list(self, req):
+        return await self.manager.exec_list(req.params["name"])
+
+    async def exec_signal(self, req):
+        body = validate_signal_request(parse_json_body(req.body))
+        return await self.manager.exec_signal(req.params["name"], req.params["exec_id"], body)
+
+    async def exec_stdin(self, req):
+        body = validate_stdin_request(parse_json_body(req.body))
+        return await self.manager.exec_stdin(req.params["name"], req.params["exec_id"], body)
 
     async def logs(self, req):
         return 200, self.manager.console_text(req.params["name"]), "text/plain; charset=utf-8"
@@ -5194,22 +5622,20 @@ def cli_selftest(args, cfg):
     sys.exit(0 if report.ok() else 1)
 
 
-def client_call(args, method, path, body=None, timeout=None, text=False):
-    """One REST call from the CLI; returns the parsed JSON (or text) or exits with the error."""
+def client_open(args, method, path, body=None, timeout=None, headers=None):
+    """One REST request from the CLI; the open response, or exit with the error."""
     import urllib.request
     import urllib.error
     url = args.server.rstrip("/") + path
     data = json_bytes(body) if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method)
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
     if data is not None:
         req.add_header("Content-Type", "application/json")
     token = os.environ.get("CBOX_API_TOKEN")
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            payload = resp.read()
-            return payload.decode("utf-8", "replace") if text else json.loads(payload or b"null")
+        return urllib.request.urlopen(req, timeout=timeout)
     except urllib.error.HTTPError as e:
         try:
             message = json.loads(e.read())["error"]
@@ -5235,6 +5661,11 @@ def cli_filter(args):
     """The ?label=K=V&status=S query of `vm ls` / `vm rm` (empty without filter options)."""
     query = [("label", item) for item in args.label or ()] + ([("status", args.status)] if args.status else [])
     return "?" + urllib.parse.urlencode(query) if query else ""
+def client_call(args, method, path, body=None, timeout=None, text=False):
+    """One REST call from the CLI; returns the parsed JSON (or text) or exits with the error."""
+    with client_open(args, method, path, body, timeout) as resp:
+        payload = resp.read()
+    return payload.decode("utf-8", "replace") if text else json.loads(payload or b"null")
 
 
 def cli_network(args):
@@ -5305,6 +5736,56 @@ def add_network_args(parser):
                         help="an IPv4 network or address the guest may reach (repeat; implies --egress allowlist)")
 
 
+def exit_status(result):
+    """The CLI's exit code for an exec result: the command's, 124 for a timeout, 128+N for signal N."""
+    if result.get("exitCode") is not None:
+        return result["exitCode"]
+    sys.stderr.write(f"cbox: {result.get('error') or 'no exit code'}\n")
+    return 124 if result.get("timedOut") else 128 + (result.get("signal") or 9)
+
+
+def output_bytes(event):
+    """An output event's exact bytes (dataBase64 when the output was not UTF-8)."""
+    import base64
+    return base64.b64decode(event["dataBase64"]) if "dataBase64" in event else event["data"].encode()
+
+
+def follow_exec(args, name, resp, reattach=3):
+    """Write a stream's output events to stdout/stderr as they come; returns the exit event.
+    A stream that broke is re-attached from where it stopped."""
+    import http.client
+    sinks = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
+    exec_id, since = None, 0
+    while True:
+        problem = "the stream ended without an exit event"
+        try:
+            with resp:
+                for line in resp:
+                    event = json.loads(line)
+                    since = event["seq"] + 1
+                    kind = event["type"]
+                    if kind in sinks:
+                        sinks[kind].write(output_bytes(event))
+                        sinks[kind].flush()
+                    elif kind == "start":
+                        exec_id = event["execId"]
+                    elif kind == "dropped":
+                        sys.stderr.write(f"cbox: {event['missed']} events of the output were lost\n")
+                    elif kind == "exit":
+                        return event
+                    elif kind == "error":
+                        since, problem = event["seq"], event["error"]
+                        break
+        except (http.client.HTTPException, OSError, ValueError) as e:
+            problem = f"the stream broke: {e or type(e).__name__}"
+        if exec_id is None or reattach == 0:
+            sys.exit(f"cbox: {problem}")
+        sys.stderr.write(f"cbox: {problem}; re-attaching\n")
+        reattach -= 1
+        time.sleep(1.0)
+        resp = client_open(args, "GET", vm_path(name, f"/exec/{exec_id}/stream?since={since}"))
+
+
 def cli_exec(args):
     command = args.command
     if not command:
@@ -5312,21 +5793,26 @@ def cli_exec(args):
     body = {"cmd": command[0] if len(command) == 1 else shlex.join(command)}
     if args.timeout is not None:
         body["timeout"] = args.timeout
-    if args.cwd:
-        body["cwd"] = args.cwd
+    for key, value in (("cwd", args.cwd), ("tag", args.tag), ("user", args.user)):
+        if value:
+            body[key] = int(value) if key == "user" and is_decimal(value) else value
     if args.env:
         body["env"] = dict(item.split("=", 1) for item in args.env)
     if not sys.stdin.isatty() and args.stdin:
         body["stdin"] = sys.stdin.read()
-    result = client_call(args, "POST", vm_path(args.name, "/exec"), body)
-    sys.stdout.write(result.get("stdout", ""))
-    sys.stderr.write(result.get("stderr", ""))
+    if args.no_stream:
+        result = client_call(args, "POST", vm_path(args.name, "/exec"), body)
+        sys.stdout.write(result.get("stdout", ""))
+        sys.stderr.write(result.get("stderr", ""))
+    else:
+        resp = client_open(args, "POST", vm_path(args.name, "/exec"), dict(body, stream=True))
+        try:
+            result = follow_exec(args, args.name, resp)
+        except KeyboardInterrupt:
+            sys.exit("cbox: detached; the command keeps running (GET /v1/vms/NAME/exec lists it)")
     if result.get("truncated"):
         sys.stderr.write("cbox: output truncated (exec_output_limit_bytes)\n")
-    if result.get("exitCode") is None:
-        sys.stderr.write(f"cbox: {result.get('error') or 'no exit code'}\n")
-        sys.exit(124 if result.get("timedOut") else 128 + (result.get("signal") or 9))
-    sys.exit(result["exitCode"])
+    sys.exit(exit_status(result))
 
 
 def main(argv=None):
@@ -5380,6 +5866,10 @@ def main(argv=None):
     p.add_argument("--cwd")
     p.add_argument("--env", action="append", metavar="K=V")
     p.add_argument("--stdin", action="store_true", help="send this program's stdin to the command")
+    p.add_argument("--tag", help="a name for the exec, usable wherever its execId is")
+    p.add_argument("--user", help="guest user name or uid to run the command as")
+    p.add_argument("--no-stream", action="store_true",
+                   help="wait for the command to end and print its output then (no live output)")
     p.add_argument("command", nargs="*", help="the command; put it after -- when it has options")
     argv = list(sys.argv[1:] if argv is None else argv)
     tail = None

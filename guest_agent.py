@@ -30,35 +30,100 @@ Internal HTTP API (cbox.py -> agent, TCP 4031, JSON, errors {"error": msg})
   GET    /health     {"status":"ok","vmName","uptimeS","bootUptimeS","pid","version"}
   GET    /stats      {"memTotalBytes","memAvailableBytes","load1","load5","load15",
                      "rootDisk","stateDisk": {"totalBytes","usedBytes"},"uptimeS"}
-  POST   /exec       {"cmd"*,"env","cwd","stdin","timeout","maxOutput","blocking"}
-                     -> exec result, or {"execId","output":"","error":"","running":true}
+  POST   /exec       {"cmd" | "argv" (exactly one), "env", "cwd", "stdin", "timeout",
+                      "maxOutput", "blocking", "user", "tag", "memoryLimitMb",
+                      "pidsLimit", "keepaliveS"}
+                     -> exec result, or {"execId","tag","output":"","error":"","running":true}
+  GET    /exec       {"execs": [{"execId","tag","cmd" or "argv","running","exitCode",
+                     "startedAt","durationMs"}]}: running and kept finished execs, oldest first
+  DELETE /exec?grace=S   ends every running exec as DELETE /exec/{id} does -> {"killed": [execIds]}
   GET    /exec/{id}  exec result so far (404 unknown id)
-  DELETE /exec/{id}  kills the process group, returns the final exec result
-  Exec result: {"execId","running","output","stdout","stderr","exitCode",
-  "signal","error","timedOut","truncated","durationMs"}. "output" interleaves
-  stdout and stderr in the order the agent read them (approximate). A death
-  by signal N gives exitCode null, signal N. timeout: seconds, null or 0 = no
-  limit. maxOutput: bytes kept of each of stdout, stderr and output (default
-  4 MiB, at most 64 MiB). Commands run as `/bin/sh -c cmd` in a session of
-  their own, in the agent's cwd unless "cwd" is given; a timeout or DELETE
-  SIGKILLs the whole process group. Finished background execs stay
-  queryable for 10 minutes (at most 256 of them and 64 MiB of output).
+  DELETE /exec/{id}?grace=S  SIGTERM to every process of the exec, up to S seconds
+                     (0-3600, default 0: no SIGTERM) for it to end, then SIGKILL;
+                     returns the final exec result
+  GET    /exec/{id}/stream?since=SEQ   the exec's events, see Streams (since: default 0)
+  POST   /exec/{id}/stdin   {"data": str, "eof": bool} -> {"written": bytes}; 409 without a
+                     "pipe" stdin, once it is closed or the exec ended; at most 1 MiB of
+                     data per request (413); waits up to 10 s for the command to read
+  POST   /exec/{id}/signal  {"signal": "TERM" | "SIGTERM" | 15} -> {"execId","signal": number}
+                     to every process of the exec; unknown signal 400, finished exec 409
+  {id} is an execId, else a tag: the running exec with that tag, else the newest
+  kept finished one.
+  Request: cmd runs as `/bin/sh -c cmd`, argv (non-empty list of strings) runs
+  without a shell (argv[0] looked up in the command's PATH; not found: 400).
+  user: a user name or uid of the guest (unknown: 400): uid, gid, groups, and
+  HOME/USER/LOGNAME are set. tag: ^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$, 409 while
+  a running exec holds it. stdin: a string of input (written, then closed), or
+  exactly "pipe" (kept open for POST .../stdin); without it /dev/null.
+  memoryLimitMb, pidsLimit: positive integers, cgroup limits (pidsLimit
+  defaults to 1024 where cgroups work). keepaliveS: stream keepalive period
+  (default 15). timeout: seconds, null or 0 = no limit. maxOutput: bytes kept
+  of each of stdout, stderr and output, and of stream events (default 4 MiB,
+  at most 64 MiB). Every command gets CBOX_EXEC_ID (and CBOX_EXEC_TAG when
+  tagged) in its environment, runs in a session of its own, in the agent's
+  cwd unless "cwd" is given.
+  Exec result: {"execId","tag","cmd" or "argv","user","running","output",
+  "stdout","stderr","exitCode","signal","signalName","error","timedOut",
+  "truncated","oomKilled","killScope","limitsApplied","startedAt","durationMs"}.
+  "output" interleaves stdout and stderr in the order the agent read them
+  (approximate). A death by signal N gives exitCode null, signal N,
+  signalName "SIGxxx". oomKilled: the kernel's OOM killer killed a process of
+  the exec's cgroup (memory.events oom_kill). killScope: "cgroup" or
+  "process-group", what a timeout, DELETE or signal reaches; limitsApplied:
+  whether memoryLimitMb/pidsLimit (and the default pids limit) are in force.
+  startedAt: RFC 3339 UTC. Finished background execs stay queryable for 10
+  minutes (at most 256 of them and 64 MiB of output and events); blocking
+  execs are forgotten once answered.
+  Kill scope: as PID 1 the agent mounts cgroup2, moves itself to
+  /sys/fs/cgroup/cbox-agent, and runs each exec in /sys/fs/cgroup/cbox-exec/
+  <execId> (entered before the command runs: it waits for a line on stdin
+  that the agent writes once it moved it); a timeout or kill writes
+  cgroup.kill, which also ends processes that called setsid or double-forked.
+  The leaf is removed when the exec ends (later, once empty, when background
+  processes outlive it). cbox-exec as a whole is limited to all tasks but 256
+  and all memory but max(64 MiB, 1/8), the agent has oom_score_adj -1000 and
+  commands 500, so no command can starve the agent. Elsewhere (a plain
+  process: the stand-in) kills and signals reach the process group, and
+  limits are not applied (limitsApplied false).
+  Streams: GET /exec/{id}/stream answers 200, Content-Type
+  application/x-ndjson, chunked (HTTP/1.0: until close), one JSON event per
+  line, each event its own chunk, until the exec ended: then the last event
+  is "exit" and the body ends. Every event has "seq": 0, 1, 2, ... per exec,
+  the same for every reader. Events: seq 0 {"type":"start","execId","tag",
+  "pid","startedAt"}; {"type":"stdout"|"stderr","data": text} as output is
+  read (UTF-8, never splitting a character; invalid bytes become U+FFFD and
+  the event then also has "dataBase64", the exact bytes: so output is
+  carried losslessly); {"type":"keepalive"} after keepaliveS of silence while
+  the exec runs; exactly one last {"type":"exit", ...the exec result without
+  output, stdout and stderr (they were streamed; GET /exec/{id} has them)}.
+  The newest events are kept within max(maxOutput, 64 KiB) bytes (always the
+  last one). A reader asking for events older than the oldest kept one (F)
+  first gets {"seq": F-1, "type":"dropped", "missed": F-since, "fromSeq":
+  since}, standing in for the lost events since..F-1, then F, F+1, ...
+  since may be up to the next seq (wait for new events); beyond it 400 "since
+  N is beyond the last event M"; not a non-negative integer: 400. A reader
+  that falls behind never slows the command (it loses events, as above); one
+  that disconnects does not affect the exec.
   Output is kept as bytes (output as runs over stdout and stderr, not a
   third copy) and decoded only when a response is written; a response with
   more than 256 KiB of it is written in pieces, its length counted first,
   so no whole copy of it is ever held.
 
+Callbacks: a command's callback carries "execId" (its CBOX_EXEC_ID) beside
+"method" and "params".
+
 Sections, in file order
   1. Constants, logging, /proc readers, kernel command line
   2. Callback client and its CLI
   3. Callback shims (cbox_callback script and module on PATH/PYTHONPATH)
-  4. System setup: PID 1 duties (mounts, env, poweroff), hostname, network
-  5. Running commands: request validation, captured output, Exec, ExecRegistry
-  6. HTTP server: response encoding, hand-written HTTP/1.1 parser, routes
+  4. System setup: PID 1 duties (mounts, env, poweroff), hostname, network, exec cgroups
+  5. Running commands: request validation, captured output, stream events, Exec, ExecRegistry
+  6. HTTP server: response encoding, hand-written HTTP/1.1 parser, event streams, routes
   7. Supervisor: forks, restarts and reaps
   8. Entry points
 """
 import array
+import base64
 import codecs
 import collections
 import errno
@@ -66,6 +131,7 @@ import fcntl
 import json
 import os
 import queue
+import re
 import select
 import signal
 import socket
@@ -103,6 +169,23 @@ DRAIN_GRACE_S = 0.2                  # reading after exit, for pipes kept open
 FINISHED_TTL_S = 600.0               # finished background execs stay queryable
 MAX_FINISHED = 256                   # ... at most this many
 MAX_FINISHED_BYTES = 64 << 20        # ... holding at most this much output
+DEFAULT_KEEPALIVE_S = 15.0           # stream keepalive after this much silence
+MIN_EVENT_RING = 64 << 10            # an exec's event ring holds at least this many bytes
+STREAM_BATCH = 256 << 10             # event bytes a stream reader sends per wakeup at most
+MAX_STDIN_REQUEST = 1 << 20          # data bytes of one POST /exec/{id}/stdin
+STDIN_WRITE_TIMEOUT_S = 10.0         # how long a stdin write waits for the command to read
+MAX_GRACE_S = 3600.0                 # DELETE ?grace= upper bound
+EXEC_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+AGENT_CGROUP = "cbox-agent"          # the supervisor and server (no-internal-process rule)
+EXEC_CGROUP = "cbox-exec"            # parent of one leaf per exec: cbox-exec/<execId>
+EXEC_CONTROLLERS = ("cpu", "memory", "pids")
+DEFAULT_EXEC_PIDS_LIMIT = 1024       # pids.max of an exec that names no pidsLimit
+AGENT_TASK_RESERVE = 256             # tasks (pids) all execs together leave to the agent
+AGENT_MEMORY_RESERVE = 64 << 20      # memory all execs together leave to the agent (at least)
+AGENT_OOM_SCORE_ADJ = -1000          # the OOM killer never picks the agent
+EXEC_OOM_SCORE_ADJ = 500             # ... and picks commands first
 
 STANDARD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 INIT_SHIM_DIR = "/run/cbox"
@@ -332,8 +415,11 @@ def callback(method, params=None, timeout=DEFAULT_CALLBACK_TIMEOUT_S):
     """Call `method` on the host with JSON `params`; return its result or raise CallbackError."""
     if not isinstance(method, str) or not method:
         raise CallbackError("method must be a non-empty string")
+    message = {"method": method, "params": params}
+    if os.environ.get("CBOX_EXEC_ID"):  # the exec that made the call, for the host to pass on
+        message["execId"] = os.environ["CBOX_EXEC_ID"]
     try:
-        request = json.dumps({"method": method, "params": params}).encode() + b"\n"
+        request = json.dumps(message).encode() + b"\n"
     except (TypeError, ValueError) as e:
         raise CallbackError(f"params are not JSON serializable: {e}") from None
     if len(request) > CALLBACK_MAX_LINE:
@@ -710,6 +796,187 @@ def setup_system(config, as_init):
         log("network namespace is the host's: network left alone")
 
 
+def write_proc_value(path, value):
+    """Write one value to a /proc or cgroup file (raises OSError)."""
+    with open(path, "w") as f:
+        f.write(str(value))
+
+
+def read_meminfo_bytes(field):
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def read_int_file(path):
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class ExecCgroup:
+    """One exec's cgroup leaf."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def write(self, name, value):
+        write_proc_value(os.path.join(self.path, name), value)
+
+    def adopt(self, pid):
+        """Move pid (stopped before running user code) into this cgroup."""
+        self.write("cgroup.procs", pid)
+
+    def procs(self):
+        try:
+            with open(os.path.join(self.path, "cgroup.procs")) as f:
+                return [int(line) for line in f if line.strip()]
+        except (OSError, ValueError):
+            return []
+
+    def signal(self, signum):
+        """Send signum to every process of the cgroup (forks racing it get a second round)."""
+        seen = set()
+        for _ in range(3):
+            pids = [pid for pid in self.procs() if pid not in seen]
+            if not pids:
+                return
+            for pid in pids:
+                try:
+                    os.kill(pid, signum)
+                except ProcessLookupError:
+                    pass
+            seen.update(pids)
+
+    def kill(self):
+        """SIGKILL every process of the cgroup at once, escapees included (cgroup.kill)."""
+        try:
+            self.write("cgroup.kill", 1)
+        except OSError:  # kernel before 5.14
+            for _ in range(10):
+                if not self.procs():
+                    return
+                self.signal(signal.SIGKILL)
+
+    def oom_killed(self):
+        """True when an OOM killer killed a process of this cgroup (memory.events oom_kill)."""
+        try:
+            with open(os.path.join(self.path, "memory.events")) as f:
+                return any(line.split()[:1] == ["oom_kill"] and int(line.split()[1]) > 0 for line in f)
+        except (OSError, ValueError, IndexError):
+            return False
+
+    def remove(self):
+        try:
+            os.rmdir(self.path)
+            return True
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+
+
+class ExecCgroups:
+    """The cgroup v2 tree of the execs: CGROUP_ROOT/cbox-exec/<execId>, one leaf per exec.
+
+    Set up by PID 1 (setup_cgroups): cgroup2 mounted, the agent moved into
+    cbox-agent (a cgroup with processes may not have controllers enabled for
+    children), cpu/memory/pids enabled for the children of the root and of
+    cbox-exec, and cbox-exec limited to all but a reserve of tasks and
+    memory, so no exec, nor all together, can starve the agent.
+    """
+
+    def __init__(self, root=CGROUP_ROOT):
+        self.root = root
+        self.base = os.path.join(root, EXEC_CGROUP)
+        self._lingering = set()      # leaves of finished execs that still had processes
+        self._lock = threading.Lock()
+
+    def create(self, exec_id, memory_mb, pids_limit):
+        """A new leaf for an exec, with its limits set (raises OSError)."""
+        path = os.path.join(self.base, exec_id)
+        os.mkdir(path)
+        leaf = ExecCgroup(path)
+        try:
+            if memory_mb:
+                leaf.write("memory.max", memory_mb << 20)
+                if os.path.exists(os.path.join(path, "memory.swap.max")):
+                    leaf.write("memory.swap.max", 0)
+            leaf.write("pids.max", pids_limit or DEFAULT_EXEC_PIDS_LIMIT)
+        except OSError:
+            leaf.remove()
+            raise
+        return leaf
+
+    def release(self, leaf):
+        """Remove a finished exec's leaf; one its leftovers still use is retried later."""
+        with self._lock:
+            if not leaf.remove():
+                self._lingering.add(leaf.path)
+            for path in list(self._lingering):
+                if ExecCgroup(path).remove():
+                    self._lingering.discard(path)
+
+    def remove_stale(self):
+        """Leaves left by an earlier server (it died): remove the empty ones."""
+        try:
+            names = os.listdir(self.base)
+        except OSError:
+            return
+        for name in names:
+            path = os.path.join(self.base, name)
+            if os.path.isdir(path) and not ExecCgroup(path).remove():
+                self._lingering.add(path)
+
+
+def _enable_controllers(directory):
+    """Enable EXEC_CONTROLLERS (those the kernel has) for directory's children, one by one."""
+    try:
+        with open(os.path.join(directory, "cgroup.controllers")) as f:
+            available = f.read().split()
+    except OSError:
+        return
+    for name in EXEC_CONTROLLERS:
+        if name in available:
+            try:
+                write_proc_value(os.path.join(directory, "cgroup.subtree_control"), f"+{name}")
+            except OSError as e:
+                log(f"cgroup: cannot enable {name} in {directory}: {e}")
+
+
+def setup_cgroups():
+    """PID 1: the exec cgroup tree (ExecCgroups), or None where cgroup v2 is unusable."""
+    try:
+        if CGROUP_ROOT not in mount_points():
+            mount("cgroup2", CGROUP_ROOT, "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        agent_dir = os.path.join(CGROUP_ROOT, AGENT_CGROUP)
+        os.makedirs(agent_dir, exist_ok=True)
+        write_proc_value(os.path.join(agent_dir, "cgroup.procs"), os.getpid())
+        _enable_controllers(CGROUP_ROOT)
+        exec_dir = os.path.join(CGROUP_ROOT, EXEC_CGROUP)
+        os.makedirs(exec_dir, exist_ok=True)
+        _enable_controllers(exec_dir)
+        tasks = min(n for n in (read_int_file("/proc/sys/kernel/threads-max"),
+                                read_int_file("/proc/sys/kernel/pid_max"), 1 << 22) if n)
+        write_proc_value(os.path.join(exec_dir, "pids.max"), max(tasks - AGENT_TASK_RESERVE, 64))
+        total = read_meminfo_bytes("MemTotal")
+        if total and os.path.exists(os.path.join(exec_dir, "memory.max")):
+            reserve = max(AGENT_MEMORY_RESERVE, total // 8)
+            write_proc_value(os.path.join(exec_dir, "memory.max"), max(total - reserve, 32 << 20))
+    except OSError as e:
+        log(f"cgroup v2 unavailable ({e}): execs are killed by process group")
+        return None
+    _best_effort("oom_score_adj", write_proc_value, "/proc/self/oom_score_adj", AGENT_OOM_SCORE_ADJ)
+    return ExecCgroups()
+
+
 LINUX_REBOOT_CMD_POWER_OFF = 0x4321FEDC
 
 
@@ -783,10 +1050,61 @@ def _max_output_field(value):
     return value
 
 
+def _positive_int_field(body, name, limit):
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
+        raise RequestError(400, f"{name} must be a positive integer (at most {limit})")
+    return value
+
+
+def _argv_field(value):
+    if not isinstance(value, list) or not value or not all(isinstance(a, str) for a in value):
+        raise RequestError(400, "argv must be a non-empty list of strings")
+    if any("\0" in a for a in value):
+        raise RequestError(400, "argv must not contain NUL characters")
+    if not value[0]:
+        raise RequestError(400, "argv[0] must not be empty")
+    return list(value)
+
+
+def _user_field(value):
+    """The passwd entry of a user name or numeric uid, or None."""
+    if value is None:
+        return None
+    import pwd
+    try:
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return pwd.getpwuid(value)
+        if isinstance(value, str) and value and "\0" not in value:
+            return pwd.getpwuid(int(value)) if value.isdigit() else pwd.getpwnam(value)
+    except (KeyError, OverflowError):
+        raise RequestError(400, f"unknown user {value!r} in the guest") from None
+    raise RequestError(400, "user must be a user name or a numeric uid")
+
+
+def _tag_field(value):
+    if value is None:
+        return None
+    if not isinstance(value, str) or not EXEC_TAG.fullmatch(value):
+        raise RequestError(400, "tag must be 1-64 characters of A-Z a-z 0-9 _ . - starting with a letter or digit")
+    return value
+
+
+def _keepalive_field(value):
+    if value is None:
+        return DEFAULT_KEEPALIVE_S
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 3600:
+        raise RequestError(400, "keepaliveS must be a number of seconds above 0 (at most 3600)")
+    return float(value)
+
+
 class ExecSpec:
     """A validated exec request."""
 
-    FIELDS = ("cmd", "env", "cwd", "stdin", "timeout", "maxOutput", "blocking")
+    FIELDS = ("cmd", "argv", "env", "cwd", "stdin", "timeout", "maxOutput", "blocking",
+              "user", "tag", "memoryLimitMb", "pidsLimit", "keepaliveS")
 
     def __init__(self, body):
         if not isinstance(body, dict):
@@ -794,17 +1112,60 @@ class ExecSpec:
         unknown = sorted(set(body) - set(self.FIELDS))
         if unknown:
             raise RequestError(400, f"unknown field(s): {', '.join(unknown)}")
-        if "cmd" not in body:
-            raise RequestError(400, "cmd is required")
-        self.cmd = _text_field(body, "cmd")
+        if ("cmd" in body) == ("argv" in body):
+            raise RequestError(400, "cmd is required (or argv instead, not both)")
+        self.cmd = _text_field(body, "cmd") if "cmd" in body else None
+        self.argv = _argv_field(body["argv"]) if "argv" in body else None
         self.env = _env_field(body.get("env"))
         self.cwd = _text_field(body, "cwd", optional=True)
         self.stdin = _text_field(body, "stdin", optional=True, nul_ok=True)
+        self.stdin_pipe = self.stdin == "pipe"
         self.timeout = _timeout_field(body.get("timeout"))
         self.max_output = _max_output_field(body.get("maxOutput", DEFAULT_MAX_OUTPUT))
         self.blocking = body.get("blocking", True)
         if not isinstance(self.blocking, bool):
             raise RequestError(400, "blocking must be a boolean")
+        self.user = _user_field(body.get("user"))
+        self.tag = _tag_field(body.get("tag"))
+        self.memory_mb = _positive_int_field(body, "memoryLimitMb", 1 << 24)
+        self.pids_limit = _positive_int_field(body, "pidsLimit", 1 << 22)
+        self.keepalive = _keepalive_field(body.get("keepaliveS"))
+
+    @property
+    def command(self):
+        """What runs: the argv given, or /bin/sh -c cmd."""
+        return self.argv if self.argv is not None else ["/bin/sh", "-c", self.cmd]
+
+    def display(self):
+        """The command as given, one line, for logs."""
+        text = self.cmd if self.cmd is not None else " ".join(self.argv)
+        return text.replace("\n", "\\n")
+
+    def given(self):
+        """{"cmd": ...} or {"argv": [...]}, as the request gave it."""
+        return {"cmd": self.cmd} if self.cmd is not None else {"argv": self.argv}
+
+
+def parse_signal(value):
+    """A signal number from "TERM", "SIGTERM", "15" or 15; RequestError 400 when unknown."""
+    number = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and value.isdigit():
+        number = int(value)
+    elif isinstance(value, str):
+        name = value.upper()
+        name = name if name.startswith("SIG") else "SIG" + name
+        member = getattr(signal.Signals, name, None) if name.isidentifier() else None
+        number = int(member) if isinstance(member, signal.Signals) else None
+    if number is None or number not in signal.valid_signals() or number <= 0:
+        raise RequestError(400, f"unknown signal {value!r}")
+    return number
+
+
+def utc_timestamp(epoch):
+    """RFC 3339 UTC with milliseconds: 2026-01-02T03:04:05.678Z."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch % 1 * 1000):03d}Z"
 
 
 LOG_EXECS_OVER_S = 1.0      # blocking execs that end normally are logged only from this long
@@ -889,6 +1250,16 @@ class CapturedText:
             yield json_string(text)[1:-1].encode()
 
 
+def _captured_text(value):
+    """json.dumps default=: CapturedText -> str."""
+    if isinstance(value, CapturedText):
+        return value.text()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+RESPONSE_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=_captured_text)
+
+
 class OutputRuns:
     """(buffer, start, end) segments of output runs: +n is the next n bytes of stdout, -n of stderr."""
 
@@ -906,17 +1277,119 @@ class OutputRuns:
                 err -= run
 
 
-class Exec:
-    """One command: `/bin/sh -c cmd` in its own session, its output and its fate.
+class StreamDecoder:
+    """Incremental UTF-8 decoding of one output stream: characters are never split
+    between events; invalid bytes become U+FFFD and the raw bytes are kept too."""
 
-    start() spawns it, run() (in one thread) feeds stdin, drains stdout and
-    stderr and waits for the exit on a pidfd in one poll loop, kill() may be
-    called from any thread, result() gives the API's exec result at any time.
+    def __init__(self):
+        self._strict = codecs.getincrementaldecoder("utf-8")("strict")
+
+    def decode(self, data, final=False):
+        """(text, raw bytes of that text when it holds replacements, else None)."""
+        try:
+            return self._strict.decode(data, final), None
+        except UnicodeDecodeError:  # the strict decoder's buffer is left as it was
+            raw = self._strict.getstate()[0] + bytes(data)
+            lenient = codecs.getincrementaldecoder("utf-8")("replace")
+            text = lenient.decode(raw, final)
+            pending = lenient.getstate()[0]
+            self._strict.setstate((pending, 0))
+            return text, raw[:len(raw) - len(pending)]
+
+
+def encode_event(seq, event):
+    """One NDJSON line: {"seq": N, ...event}."""
+    return f'{{"seq":{seq},{RESPONSE_JSON.encode(event)[1:]}\n'.encode("utf-8", "replace")
+
+
+class EventLog:
+    """An exec's stream events: a ring of encoded NDJSON lines, seq 0, 1, 2, ...
+
+    One thread appends (the exec's I/O loop), any number of readers follow
+    with a Condition. The ring keeps the newest events within `cap` bytes
+    (always the last one); a reader that falls behind loses the oldest and
+    gets one "dropped" event instead (see follow()).
     """
 
-    def __init__(self, exec_id, spec):
+    def __init__(self, cap):
+        self.cap = cap
+        self.cond = threading.Condition()
+        self.lines = {}             # seq -> encoded line
+        self.first_seq = 0          # oldest kept
+        self.next_seq = 0
+        self.size = 0               # bytes of the kept lines
+        self.closed = False         # the exit event is in
+        self.last_append = time.monotonic()
+
+    def append(self, event, last=False):
+        line = encode_event(self.next_seq, event)   # the only appender: next_seq is stable here
+        with self.cond:
+            self.lines[self.next_seq] = line
+            self.next_seq += 1
+            self.size += len(line)
+            while self.size > self.cap and self.first_seq < self.next_seq - 1:
+                self.size -= len(self.lines.pop(self.first_seq))
+                self.first_seq += 1
+            self.closed = self.closed or last
+            self.last_append = time.monotonic()
+            self.cond.notify_all()
+
+    def check_since(self, since):
+        with self.cond:
+            if since > self.next_seq:
+                raise RequestError(400, f"since {since} is beyond the last event {self.next_seq - 1}")
+
+    def follow(self, since, wait_s):
+        """Yield lists of lines from seq `since` until the exit event was yielded.
+
+        When `since` is older than the oldest kept event F, the first line is
+        {"seq": F-1, "type": "dropped", "missed": F-since, "fromSeq": since}:
+        it stands in for the missed events since..F-1, so seq still grows by
+        one and `missed` says how many events are lost.
+        """
+        pos = since
+        while True:
+            batch, size = [], 0
+            with self.cond:
+                while pos >= self.next_seq and not self.closed:
+                    self.cond.wait(wait_s)
+                if pos < self.first_seq:
+                    batch.append(encode_event(self.first_seq - 1, {
+                        "type": "dropped", "missed": self.first_seq - pos, "fromSeq": pos}))
+                    pos = self.first_seq
+                while pos < self.next_seq and size < STREAM_BATCH:
+                    batch.append(self.lines[pos])
+                    size += len(batch[-1])
+                    pos += 1
+                finished = self.closed and pos >= self.next_seq
+            if batch:
+                yield batch
+            if finished:
+                return
+
+
+# Run under cgroups: the command waits for one line on stdin ("go", written once the
+# agent moved it into its cgroup), so no user code runs outside the cgroup; the rest
+# of stdin, if any, is the command's.
+WAIT_FOR_CGROUP = 'read -r CBOX_GO || exit 125; exec "$@"'
+WAIT_FOR_CGROUP_NULL = 'read -r CBOX_GO || exit 125; exec "$@" </dev/null'
+
+
+class Exec:
+    """One command (`/bin/sh -c cmd` or an argv) in its own session and cgroup, its output and fate.
+
+    start() spawns it, run() (in one thread) feeds stdin, drains stdout and
+    stderr into the captured output and the event log, and waits for the
+    exit on a pidfd in one poll loop; kill()/send_signal()/write_stdin() may
+    be called from any thread, result() gives the API's exec result at any time.
+    """
+
+    def __init__(self, exec_id, spec, cgroups=None):
         self.id = exec_id
         self.spec = spec
+        self.tag = spec.tag
+        self.cgroups = cgroups
+        self.kill_scope = "cgroup" if cgroups is not None else "process-group"
         self.stdout = bytearray()
         self.stderr = bytearray()
         # `output` is not a third copy: runs over stdout and stderr in arrival
@@ -927,37 +1400,99 @@ class Exec:
         self._output = None
         self.truncated = False
         self.timed_out = False
+        self.oom_killed = False
         self.returncode = None
+        self.pid = None
         self.started = time.monotonic()
+        self.started_epoch = time.time()
         self.finished = None          # monotonic time once run() is over
         self.done = threading.Event()
+        self.events = EventLog(max(spec.max_output, MIN_EVENT_RING))
         self._lock = threading.Lock()  # guards buffers, returncode and killing
         self._proc = None
+        self._leaf = None              # ExecCgroup while the exec runs
         self._readers = {}             # pipe fd -> buffer
+        self._kinds = {}               # pipe fd -> "stdout" / "stderr"
+        self._decoders = {}            # pipe fd -> StreamDecoder
         self._grown = set()            # pipe fds already given PIPE_SIZE
         self._stdin_fd = None
         self._stdin_data = memoryview(b"")
+        self._stdin_lock = threading.Lock()   # POST .../stdin writers of a pipe
 
     # -- spawning -----------------------------------------------------------
+
+    def environment(self, base_env):
+        spec = self.spec
+        env = dict(base_env)
+        if spec.user is not None:
+            env.update(HOME=spec.user.pw_dir, USER=spec.user.pw_name, LOGNAME=spec.user.pw_name)
+        env.update(spec.env)
+        env["CBOX_EXEC_ID"] = self.id
+        if self.tag:
+            env["CBOX_EXEC_TAG"] = self.tag
+        return env
+
+    def _check_program(self, env):
+        """400 unless argv[0] names an executable (so both spawn paths fail alike)."""
+        program = self.spec.argv[0]
+        if "/" in program:
+            path = os.path.join(self.spec.cwd or os.getcwd(), program)
+            found = os.path.isfile(path) and os.access(path, os.X_OK)
+        else:
+            import shutil
+            found = shutil.which(program, path=env.get("PATH", "")) is not None
+        if not found:
+            raise RequestError(400, f"argv[0] {program!r}: command not found")
+
+    def _identity(self):
+        user = self.spec.user
+        if user is None:
+            return {}
+        return {"user": user.pw_uid, "group": user.pw_gid,
+                "extra_groups": os.getgrouplist(user.pw_name, user.pw_gid)}
 
     def start(self, base_env):
         spec = self.spec
         if spec.cwd is not None and not os.path.isdir(spec.cwd):
             what = "is not a directory" if os.path.exists(spec.cwd) else "does not exist"
             raise RequestError(400, f"cwd {spec.cwd} {what}")
-        env = dict(base_env)
-        env.update(spec.env)
+        env = self.environment(base_env)
+        if spec.argv is not None:
+            self._check_program(env)
+        if self.cgroups is not None:
+            try:
+                self._leaf = self.cgroups.create(self.id, spec.memory_mb, spec.pids_limit)
+            except OSError as e:
+                raise RequestError(500, f"cannot create the exec's cgroup: {e}") from None
+        try:
+            self._spawn(env)
+        except BaseException:
+            if self._leaf is not None:
+                self._leaf.remove()
+                self._leaf = None
+            raise
+        self.events.append({"type": "start", "execId": self.id, "tag": self.tag, "pid": self.pid,
+                            "startedAt": utc_timestamp(self.started_epoch)})
+
+    def _spawn(self, env):
+        spec = self.spec
+        argv = spec.command
+        wait_for_cgroup = self._leaf is not None
+        if wait_for_cgroup:
+            script = WAIT_FOR_CGROUP_NULL if spec.stdin is None else WAIT_FOR_CGROUP
+            argv = ["/bin/sh", "-c", script, "cbox-exec"] + argv
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         in_r = subprocess.DEVNULL
-        if spec.stdin is not None:
+        if spec.stdin is not None or wait_for_cgroup:
             in_r, self._stdin_fd = os.pipe()
+        if spec.stdin is not None and not spec.stdin_pipe:
             self._stdin_data = memoryview(spec.stdin.encode("utf-8", "replace"))
         try:
             self._proc = subprocess.Popen(
-                ["/bin/sh", "-c", spec.cmd], stdin=in_r, stdout=out_w, stderr=err_w,
-                cwd=spec.cwd, env=env, start_new_session=True)
-        except (OSError, ValueError, UnicodeError) as e:
+                argv, stdin=in_r, stdout=out_w, stderr=err_w,
+                cwd=spec.cwd, env=env, start_new_session=True, **self._identity())
+        except (OSError, ValueError, UnicodeError, subprocess.SubprocessError) as e:
             for fd in (out_r, err_r, self._stdin_fd):
                 if fd is not None:
                     os.close(fd)
@@ -969,25 +1504,66 @@ class Exec:
             for fd in (out_w, err_w, in_r):
                 if fd != subprocess.DEVNULL:
                     os.close(fd)
+        self.pid = self._proc.pid
         self.started = time.monotonic()
+        self.started_epoch = time.time()
         self._readers = {out_r: self.stdout, err_r: self.stderr}
+        self._kinds = {out_r: "stdout", err_r: "stderr"}
+        self._decoders = {out_r: StreamDecoder(), err_r: StreamDecoder()}
+        try:  # children inherit it: the OOM killer picks commands before anything else
+            write_proc_value(f"/proc/{self.pid}/oom_score_adj", EXEC_OOM_SCORE_ADJ)
+        except OSError:
+            pass
+        if wait_for_cgroup:
+            try:
+                self._leaf.adopt(self.pid)
+                os.write(self._stdin_fd, b"go\n")   # an empty pipe: never blocks
+            except OSError as e:
+                self._abort_spawn()
+                raise RequestError(500, f"cannot move the command into its cgroup: {e}") from None
+        if spec.stdin is None and self._stdin_fd is not None:
+            self._close_stdin()
+        if spec.stdin_pipe:
+            os.set_blocking(self._stdin_fd, False)
+
+    def _abort_spawn(self):
+        """The command never ran user code: kill and reap it, close its pipes."""
+        self._proc.kill()
+        self._proc.wait()
+        for fd in list(self._readers) + [self._stdin_fd]:
+            if fd is not None:
+                os.close(fd)
+        self._readers, self._stdin_fd = {}, None
 
     # -- the I/O loop ---------------------------------------------------------
 
     def run(self):
-        """Feed, drain and wait until the command is over; always sets `done`."""
+        """Feed, drain and wait until the command is over; always ends the event log and sets `done`."""
         try:
             self._io_loop()
         finally:
             self._close_stdin()
             for fd in list(self._readers):
+                self._emit(fd, *self._decoders[fd].decode(b"", final=True))
                 os.close(fd)
             self._readers.clear()
             if self.returncode is None:  # only after an internal error
-                self.kill_group()
+                self.kill_all()
                 self._reap()
+            self._release_cgroup()
             self.finished = time.monotonic()
+            result = self.result()
+            event = {"type": "exit"}
+            event.update((k, v) for k, v in result.items() if k not in ("output", "stdout", "stderr"))
+            self.events.append(event, last=True)
             self.done.set()
+
+    def _release_cgroup(self):
+        with self._lock:
+            leaf, self._leaf = self._leaf, None
+        if leaf is not None:
+            self.oom_killed = leaf.oom_killed()
+            self.cgroups.release(leaf)
 
     def _io_loop(self):
         poller = select.poll()
@@ -995,7 +1571,8 @@ class Exec:
             poller.register(fd, select.POLLIN)
         exit_fd, waiter = self._exit_notifier()
         poller.register(exit_fd, select.POLLIN)
-        if self._stdin_fd is not None:
+        feeding = self._stdin_fd is not None and not self.spec.stdin_pipe
+        if feeding:
             os.set_blocking(self._stdin_fd, False)
             poller.register(self._stdin_fd, select.POLLOUT)
         deadline = self.started + self.spec.timeout if self.spec.timeout else None
@@ -1012,20 +1589,26 @@ class Exec:
                     if now >= drain_until:
                         break
                     wait = drain_until - now
-                elif deadline is not None and not self.timed_out:
-                    if now >= deadline:
-                        self.timed_out = True
-                        self.kill_group()
+                else:
+                    if deadline is not None and not self.timed_out:
+                        if now >= deadline:
+                            self.timed_out = True
+                            self.kill_all()
+                            continue
+                        wait = deadline - now
+                    keepalive_at = self.events.last_append + self.spec.keepalive
+                    if now >= keepalive_at:
+                        self.events.append({"type": "keepalive"})
                         continue
-                    wait = deadline - now
+                    wait = keepalive_at - now if wait is None else min(wait, keepalive_at - now)
                 for fd, _ in poller.poll(None if wait is None else wait * 1000 + 1):
                     if fd == exit_fd:
                         poller.unregister(exit_fd)
                         self._reap()
-                        if self._stdin_fd is not None:
+                        if feeding and self._stdin_fd is not None:
                             poller.unregister(self._stdin_fd)
-                            self._close_stdin()
-                    elif fd == self._stdin_fd:
+                        self._close_stdin()
+                    elif feeding and fd == self._stdin_fd:
                         if not self._feed_stdin():
                             poller.unregister(fd)
                             self._close_stdin()
@@ -1057,12 +1640,23 @@ class Exec:
             self._grown.add(fd)     # it filled the pipe: a bigger one means fewer wakeups from now on
             grow_pipe(fd)
         if not data:
+            self._emit(fd, *self._decoders[fd].decode(b"", final=True))
             poller.unregister(fd)
             os.close(fd)
             del self._readers[fd]
             return
         with self._lock:
             self._capture(self._readers[fd], data)
+        self._emit(fd, *self._decoders[fd].decode(data))
+
+    def _emit(self, fd, text, raw):
+        """A stdout/stderr event; raw bytes ride along (base64) when the text has replacements."""
+        if not text:
+            return
+        event = {"type": self._kinds[fd], "data": text}
+        if raw is not None:
+            event["dataBase64"] = base64.b64encode(raw).decode("ascii")
+        self.events.append(event)
 
     def _capture(self, buf, data):
         """Append data read from stdout or stderr (buf) to it and to output, each capped (lock held).
@@ -1106,38 +1700,92 @@ class Exec:
         return len(self._stdin_data) > 0
 
     def _close_stdin(self):
-        if self._stdin_fd is not None:
-            os.close(self._stdin_fd)
-            self._stdin_fd = None
+        with self._stdin_lock:
+            if self._stdin_fd is not None:
+                os.close(self._stdin_fd)
+                self._stdin_fd = None
+
+    def write_stdin(self, data, eof):
+        """POST .../stdin: write data to a "pipe" stdin (waits for the reader, bounded); bytes written."""
+        if not self.spec.stdin_pipe:
+            raise RequestError(409, f"exec {self.id} has no stdin pipe (start it with \"stdin\": \"pipe\")")
+        with self._stdin_lock:
+            if self._stdin_fd is None or self.finished is not None:
+                raise RequestError(409, f"the stdin of exec {self.id} is closed")
+            view, written = memoryview(data), 0
+            give_up = time.monotonic() + STDIN_WRITE_TIMEOUT_S
+            while written < len(view):
+                try:
+                    written += os.write(self._stdin_fd, view[written:written + READ_CHUNK])
+                    continue
+                except BlockingIOError:
+                    pass
+                except OSError:  # EPIPE: the command closed its stdin
+                    os.close(self._stdin_fd)
+                    self._stdin_fd = None
+                    raise RequestError(409, f"exec {self.id} closed its stdin after {written} bytes") from None
+                if self.returncode is not None or time.monotonic() >= give_up:
+                    break
+                select.select([], [self._stdin_fd], [], 0.05)  # short: an exit shows on returncode
+            if eof:
+                os.close(self._stdin_fd)
+                self._stdin_fd = None
+            return written
 
     def _reap(self):
         with self._lock:
             self.returncode = self._proc.wait()
 
-    def kill_group(self):
-        """SIGKILL the command's process group (its pid is still ours until reaped)."""
+    def kill_all(self):
+        """SIGKILL every process of the exec: its cgroup (escapees too), else its process group."""
         with self._lock:
-            if self.returncode is None and self._proc is not None:
-                try:
+            if self._leaf is not None:
+                self._leaf.kill()
+            elif self.returncode is None and self._proc is not None:
+                try:  # its pid is still ours until reaped
                     os.killpg(self._proc.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
 
+    def send_signal(self, signum):
+        """Send signum to every process of the exec (cgroup, else process group)."""
+        with self._lock:
+            if self.finished is not None:
+                raise RequestError(409, f"exec {self.id} has finished")
+            if self._leaf is not None:
+                self._leaf.signal(signum)
+            elif self.returncode is None and self._proc is not None:
+                try:
+                    os.killpg(self._proc.pid, signum)
+                except ProcessLookupError:
+                    pass
+
     def kill(self, wait_s=5.0):
-        """Kill a running command's process group and wait until run() is over."""
-        self.kill_group()
+        """Kill every process of a running exec and wait until run() is over."""
+        self.kill_all()
         self.done.wait(wait_s)
+
+    def terminate(self, grace_s):
+        """SIGTERM everything, wait up to grace_s for the end, then kill (grace 0: SIGKILL at once)."""
+        if grace_s > 0 and self.running:
+            try:
+                self.send_signal(signal.SIGTERM)
+            except RequestError:   # it just finished
+                pass
+            self.done.wait(grace_s)
+        if self.running:
+            self.kill()
 
     # -- results --------------------------------------------------------------
 
     @property
     def running(self):
-        return not self.done.is_set()
+        return self.finished is None
 
     @property
     def output_bytes(self):
         output = len(self._output) if self._output is not None else len(self._runs) * self._runs.itemsize
-        return len(self.stdout) + len(self.stderr) + output
+        return len(self.stdout) + len(self.stderr) + output + self.events.size
 
     def error_message(self, returncode):
         if self.timed_out:
@@ -1164,30 +1812,51 @@ class Exec:
             returncode = self.returncode
         running = self.running
         end = self.finished or time.monotonic()
-        return {
-            "execId": self.id,
+        signum = -returncode if returncode is not None and returncode < 0 else None
+        result = {"execId": self.id, "tag": self.tag}
+        result.update(self.spec.given())
+        result.update({
+            "user": self.spec.user.pw_name if self.spec.user is not None else None,
             "running": running,
             "output": output,
             "stdout": stdout,
             "stderr": stderr,
             "exitCode": returncode if returncode is not None and returncode >= 0 else None,
-            "signal": -returncode if returncode is not None and returncode < 0 else None,
+            "signal": signum,
+            "signalName": signal_name(signum) if signum is not None else None,
             "error": self.error_message(None if running else returncode),
             "timedOut": self.timed_out,
             "truncated": self.truncated,
+            "oomKilled": self.oom_killed,
+            "killScope": self.kill_scope,
+            "limitsApplied": self.cgroups is not None,
+            "startedAt": utc_timestamp(self.started_epoch),
             "durationMs": round((end - self.started) * 1000, 3),
-        }
+        })
+        return result
+
+    def listing(self):
+        """The short form of GET /exec."""
+        end = self.finished or time.monotonic()
+        returncode = self.returncode
+        entry = {"execId": self.id, "tag": self.tag}
+        entry.update(self.spec.given())
+        entry.update({"running": self.running,
+                      "exitCode": returncode if returncode is not None and returncode >= 0 else None,
+                      "startedAt": utc_timestamp(self.started_epoch),
+                      "durationMs": round((end - self.started) * 1000, 3)})
+        return entry
 
     def summary(self):
         """Short log form: id, command (80 chars), outcome, duration."""
-        cmd = self.spec.cmd.replace("\n", "\\n")
+        cmd = self.spec.display()
         cmd = cmd if len(cmd) <= 80 else cmd[:77] + "..."
         outcome = self.error_message(self.returncode) or "exit 0"
         return f"exec {self.id} {cmd!r} -> {outcome} {(self.finished - self.started) * 1000:.1f}ms"
 
 
 class ExecRegistry:
-    """Running execs, and finished background execs kept for a while."""
+    """Running execs, and finished background execs kept for a while; ids and tags."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -1199,13 +1868,27 @@ class ExecRegistry:
         return os.urandom(8).hex()
 
     def add(self, ex):
+        """Register a new exec; 409 when a running exec holds its tag."""
         with self._lock:
+            if ex.tag is not None and any(other.tag == ex.tag for other in self._running.values()):
+                raise RequestError(409, f"tag {ex.tag!r} is used by a running exec")
             self._running[ex.id] = ex
 
-    def get(self, exec_id):
+    def discard(self, ex):
+        """Forget an exec that never started."""
+        with self._lock:
+            self._running.pop(ex.id, None)
+
+    def get(self, key):
+        """The exec with id `key`, else the one tagged `key`: running first, else the newest finished."""
         with self._lock:
             self._prune()
-            return self._running.get(exec_id) or self._finished.get(exec_id)
+            ex = self._running.get(key) or self._finished.get(key)
+            if ex is None:
+                ex = next((e for e in self._running.values() if e.tag == key), None)
+            if ex is None:
+                ex = next((e for e in reversed(self._finished.values()) if e.tag == key), None)
+            return ex
 
     def finish(self, ex, keep):
         with self._lock:
@@ -1217,6 +1900,13 @@ class ExecRegistry:
     def running(self):
         with self._lock:
             return list(self._running.values())
+
+    def all(self):
+        """Running and kept finished execs, oldest first."""
+        with self._lock:
+            self._prune()
+            execs = list(self._finished.values()) + list(self._running.values())
+        return sorted(execs, key=lambda ex: ex.started_epoch)
 
     def _prune(self):
         now = time.monotonic()
@@ -1253,18 +1943,33 @@ def command_environment(config, shim_dir, as_init):
 
 # Twin of cbox.py's REASONS (each file stays standalone).
 REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 404: "Not Found",
-           405: "Method Not Allowed", 413: "Payload Too Large",
+           405: "Method Not Allowed", 409: "Conflict", 413: "Payload Too Large",
            431: "Request Header Fields Too Large", 500: "Internal Server Error",
            501: "Not Implemented", 505: "HTTP Version Not Supported"}
 
 
 class Request:
-    def __init__(self, method, path, version, headers, body):
+    def __init__(self, method, path, version, headers, body, query=""):
         self.method = method
         self.path = path
         self.version = version
         self.headers = headers
         self.body = body
+        self.query = query
+
+    def param(self, name):
+        """A query parameter's value, or None."""
+        if not self.query:
+            return None
+        import urllib.parse
+        values = urllib.parse.parse_qs(self.query, keep_blank_values=True).get(name)
+        return values[-1] if values else None
+
+    def json(self):
+        try:
+            return json.loads(self.body)
+        except ValueError as e:
+            raise RequestError(400, f"malformed JSON: {e}") from None
 
     @property
     def keep_alive(self):
@@ -1275,16 +1980,6 @@ class Request:
 def _response_head(status, length, headers):
     return (f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {length}\r\n{headers}\r\n").encode("latin-1")
-
-
-def _captured_text(value):
-    """json.dumps default=: CapturedText -> str."""
-    if isinstance(value, CapturedText):
-        return value.text()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
-RESPONSE_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=_captured_text)
 
 
 def json_parts(obj):
@@ -1359,7 +2054,8 @@ class HttpConnection:
                 raise RequestError(400, f"bad header line {line[:100]!r}", close=True)
             headers[name.strip().lower()] = value.strip()
         body = self._read_body(headers)
-        return Request(method, target.split("?", 1)[0], version, headers, body)
+        path, _, query = target.partition("?")
+        return Request(method, path, version, headers, body, query)
 
     def _read_body(self, headers):
         expect_continue = headers.get("expect", "").lower() == "100-continue"
@@ -1429,15 +2125,38 @@ class HttpConnection:
             raise ConnectionError("response length mismatch")
 
 
+class EventStream:
+    """A route's answer that is an exec's event stream (GET /exec/{id}/stream)."""
+
+    def __init__(self, ex, since):
+        self.ex = ex
+        self.since = since
+
+    def send(self, sock, chunked, close):
+        """Stream NDJSON until the exit event: each event its own chunk, each wakeup one send."""
+        head = "HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nCache-Control: no-cache\r\n"
+        head += "Transfer-Encoding: chunked\r\n" if chunked else ""
+        head += "Connection: close\r\n\r\n" if close else "\r\n"
+        sock.sendall(head.encode("latin-1"))
+        for lines in self.ex.events.follow(self.since, self.ex.spec.keepalive):
+            if chunked:
+                sock.sendall(b"".join(b"%x\r\n%s\r\n" % (len(line), line) for line in lines))
+            else:
+                sock.sendall(b"".join(lines))
+        if chunked:
+            sock.sendall(b"0\r\n\r\n")
+
+
 class AgentServer:
     """The exec server: accepts connections, one thread per connection."""
 
-    def __init__(self, listener, config, base_env, started, agent_start_uptime):
+    def __init__(self, listener, config, base_env, started, agent_start_uptime, cgroups=None):
         self.listener = listener
         self.config = config
         self.base_env = base_env
         self.started = started                    # monotonic time the agent started
         self.agent_start_uptime = agent_start_uptime
+        self.cgroups = cgroups                    # ExecCgroups, or None: process groups
         self.registry = ExecRegistry()
 
     def serve_forever(self):
@@ -1446,6 +2165,8 @@ class AgentServer:
         # not SIG_IGN: an ignored signal stays ignored in every command we exec
         signal.signal(signal.SIGHUP, lambda *_: None)
         start_background_log()
+        if self.cgroups is not None:
+            self.cgroups.remove_stale()
         address, port = self.listener.getsockname()[:2]
         uptime = read_uptime()
         took = (uptime - self.agent_start_uptime) if uptime and self.agent_start_uptime else 0.0
@@ -1465,7 +2186,7 @@ class AgentServer:
     def _on_stop_signal(self, signum, frame):
         running = self.registry.running()
         for ex in running:
-            ex.kill_group()
+            ex.kill_all()
         log(f"server stopping on {signal_name(signum)}, killed {len(running)} running exec(s)")
         os._exit(0)
 
@@ -1479,6 +2200,11 @@ class AgentServer:
                         return
                     status, obj, headers = self.route(request)
                     close = not request.keep_alive
+                    if isinstance(obj, EventStream):
+                        obj.send(sock, chunked=request.version == "HTTP/1.1", close=close)
+                        if close:
+                            return
+                        continue
                 except RequestError as e:
                     status, obj, headers, close = e.status, {"error": e.message}, e.headers, e.close
                 except (OSError, ConnectionError):
@@ -1498,7 +2224,7 @@ class AgentServer:
     # -- routes ---------------------------------------------------------------
 
     def route(self, request):
-        """(status, body, extra headers) for a request."""
+        """(status, body or EventStream, extra headers) for a request."""
         path, method = request.path, request.method
         if path == "/health":
             self._allow(method, "GET")
@@ -1507,16 +2233,27 @@ class AgentServer:
             self._allow(method, "GET")
             return 200, system_stats(), ""
         if path == "/exec":
-            self._allow(method, "POST")
-            return self.post_exec(request)
-        if path.startswith("/exec/") and path.count("/") == 2 and len(path) > len("/exec/"):
-            self._allow(method, "GET, DELETE")
-            ex = self.registry.get(path[len("/exec/"):])
-            if ex is None:
-                raise RequestError(404, f"unknown exec id {path[len('/exec/'):]}")
+            self._allow(method, "GET, POST, DELETE")
+            if method == "GET":
+                return 200, {"execs": [ex.listing() for ex in self.registry.all()]}, ""
             if method == "DELETE":
-                ex.kill()
-            return 200, ex.result(), ""
+                return 200, self.end_all(request), ""
+            return self.post_exec(request)
+        parts = path.split("/")
+        if len(parts) in (3, 4) and parts[1] == "exec" and parts[2]:
+            action = parts[3] if len(parts) == 4 else None
+            allowed = {None: "GET, DELETE", "stream": "GET", "stdin": "POST", "signal": "POST"}.get(action)
+            if allowed is None:
+                raise RequestError(404, f"no route for {path}")
+            self._allow(method, allowed)
+            ex = self.registry.get(parts[2])
+            if ex is None:
+                raise RequestError(404, f"unknown exec id or tag {parts[2]}")
+            if action is None:
+                if method == "DELETE":
+                    ex.terminate(self._grace(request))
+                return 200, ex.result(), ""
+            return getattr(self, f"exec_{action}")(ex, request)
         raise RequestError(404, f"no route for {path}")
 
     @staticmethod
@@ -1531,19 +2268,19 @@ class AgentServer:
                 "bootUptimeS": read_uptime(), "pid": os.getpid(), "version": AGENT_VERSION}
 
     def post_exec(self, request):
-        try:
-            body = json.loads(request.body)
-        except ValueError as e:
-            raise RequestError(400, f"malformed JSON: {e}") from None
-        spec = ExecSpec(body)
-        ex = Exec(self.registry.new_id(), spec)
-        ex.start(self.base_env)
+        spec = ExecSpec(request.json())
+        ex = Exec(self.registry.new_id(), spec, self.cgroups)
         self.registry.add(ex)
+        try:
+            ex.start(self.base_env)
+        except BaseException:
+            self.registry.discard(ex)
+            raise
         if spec.blocking:
             self._run_exec(ex, keep=False)
             return 200, ex.result(), ""
         threading.Thread(target=self._run_exec, args=(ex, True), daemon=True).start()
-        return 200, {"execId": ex.id, "output": "", "error": "", "running": True}, ""
+        return 200, {"execId": ex.id, "tag": ex.tag, "output": "", "error": "", "running": True}, ""
 
     def _run_exec(self, ex, keep):
         try:
@@ -1555,6 +2292,62 @@ class AgentServer:
                 # Not every exec: in a VM this log is the emulated serial console,
                 # which costs guest time per byte; quick blocking execs stay quiet.
                 log_later(ex.summary())
+
+    @staticmethod
+    def _grace(request):
+        value = request.param("grace")
+        try:
+            grace = float(value) if value is not None else 0.0
+            if not 0 <= grace <= MAX_GRACE_S:
+                raise ValueError
+        except ValueError:
+            raise RequestError(400, f"grace must be a number of seconds from 0 to {MAX_GRACE_S:g}") from None
+        return grace
+
+    def end_all(self, request):
+        """DELETE /exec: end every running exec (TERM, grace, KILL), in parallel."""
+        grace = self._grace(request)
+        running = self.registry.running()
+        threads = [threading.Thread(target=ex.terminate, args=(grace,), daemon=True) for ex in running]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return {"killed": [ex.id for ex in running]}
+
+    @staticmethod
+    def exec_stream(ex, request):
+        value = request.param("since")
+        since = 0
+        if value is not None:
+            if not value.isdigit():
+                raise RequestError(400, f"since must be a non-negative integer, not {value!r}")
+            since = int(value)
+        ex.events.check_since(since)
+        return 200, EventStream(ex, since), ""
+
+    @staticmethod
+    def exec_stdin(ex, request):
+        body = request.json()
+        if not isinstance(body, dict) or set(body) - {"data", "eof"}:
+            raise RequestError(400, 'body must be {"data": str, "eof": bool}')
+        data = body.get("data", "")
+        eof = body.get("eof", False)
+        if not isinstance(data, str) or not isinstance(eof, bool):
+            raise RequestError(400, "data must be a string and eof a boolean")
+        raw = data.encode("utf-8", "replace")
+        if len(raw) > MAX_STDIN_REQUEST:
+            raise RequestError(413, f"data exceeds {MAX_STDIN_REQUEST} bytes per request")
+        return 200, {"written": ex.write_stdin(raw, eof)}, ""
+
+    @staticmethod
+    def exec_signal(ex, request):
+        body = request.json()
+        if not isinstance(body, dict) or "signal" not in body or set(body) - {"signal"}:
+            raise RequestError(400, 'body must be {"signal": name or number}')
+        signum = parse_signal(body["signal"])
+        ex.send_signal(signum)
+        return 200, {"execId": ex.id, "signal": signum}, ""
 
 
 def open_listener(address, port):
@@ -1757,6 +2550,7 @@ def run_agent(options, as_init):
     config = GuestConfig(read_cmdline())
     log(f"starting (pid {os.getpid()}, {'init' if as_init else 'stand-in'} mode, vm={config.vm or '-'})")
     setup_system(config, as_init)
+    cgroups = setup_cgroups() if as_init else None
     if as_init:
         shim_dir = INIT_SHIM_DIR
     else:
@@ -1775,7 +2569,7 @@ def run_agent(options, as_init):
             prctl(PR_SET_CHILD_SUBREAPER, 1)
 
         def make_server():
-            return AgentServer(listener, config, base_env, started, agent_start_uptime)
+            return AgentServer(listener, config, base_env, started, agent_start_uptime, cgroups)
 
         stopped_by = Supervisor(make_server, as_init).run()
         log(f"stopped by {stopped_by}")

@@ -11,6 +11,7 @@ run. Prints a table and writes it to bench/results.md.
     sudo python3 bench/bench.py --only hostile   # a hostile guest vs a healthy VM's execs
                                                  # (rewrites only its section of results.md)
     sudo python3 bench/bench.py --only ttl       # TTL accuracy: expiresAt -> the VM gone
+    sudo python3 bench/bench.py --only stream    # exec streams: latency, throughput, idle streams
     sudo python3 bench/bench.py --only monitoring  # exec throughput with metrics scraped and
                                                  # events_url set vs a cbox.py without them
                                                  # (rewrites only its section of results.md)
@@ -52,7 +53,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 STANDIN = REPO / "tests" / "fake_chv.py"
-BENCHES = ("exec", "throughput", "callback", "start", "density", "output", "realboot", "hostile", "ttl",
+BENCHES = ("exec", "throughput", "callback", "start", "density", "output", "realboot", "hostile", "ttl", "stream",
            "monitoring")
 OUT = REPO / "out"
 IMAGES = (("kernel", OUT / "vmlinuz"), ("initramfs", OUT / "initramfs.cpio.gz"), ("rootfs", OUT / "rootfs.ext4"))
@@ -416,6 +417,37 @@ class Cbox:
                 self.proc.kill()                    # no graceful stop: cleanup() removes everything
         else:
             self.stop()
+
+
+# ---- exec event streams --------------------------------------------------------------------
+
+class EventStreamReader:
+    """An exec event stream read off a raw socket: POST (cbox.py's "stream": true) or GET
+    (.../stream), chunked NDJSON; lines() yields each event line as bytes, no JSON parsing."""
+
+    def __init__(self, connect, method, path, body=None):
+        self.sock = connect()
+        data = b"" if body is None else json.dumps(body).encode()
+        self.sock.sendall((f"{method} {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                           f"Content-Length: {len(data)}\r\n\r\n").encode() + data)
+        self.file = self.sock.makefile("rb", buffering=1 << 16)
+        status = self.file.readline()
+        if b" 200 " not in status:
+            raise RuntimeError(f"{method} {path}: {status!r} {self.file.read1(500)!r}")
+        while self.file.readline() not in (b"\r\n", b""):
+            pass
+
+    def lines(self):
+        while True:
+            size = int(self.file.readline().split(b";")[0], 16)
+            if size == 0:
+                return
+            chunk = self.file.read(size + 2)[:-2]
+            yield from chunk.splitlines(keepends=True)
+
+    def close(self):
+        self.file.close()
+        self.sock.close()
 
 
 # ---- callback URL server ---------------------------------------------------------------------
@@ -1738,6 +1770,152 @@ class Bench:
                  f"{median(teardown):.0f} ms | {teardown[-1]:.0f} ms | {'PASS' if ok else 'FAIL'} |"]
         self.sections["TTL accuracy"] = "\n".join(table)
         say("\n" + "\n".join(table))
+    # -- exec streams --------------------------------------------------------------------------------------
+
+    # prints CLOCK_MONOTONIC (shared with the bench: the stand-in's guests have no time namespace)
+    STREAM_TICKER = ("import sys, time\nfor _ in range({n}):\n    time.sleep({gap})\n"
+                     "    sys.stdout.write('%d\\n' % time.monotonic_ns()); sys.stdout.flush()\n")
+
+    def stream_latency(self, connect, method, path, body, n):
+        """ms from the guest process writing a line to this process reading its event."""
+        reader = EventStreamReader(connect, method, path, body)
+        times = []
+        try:
+            for line in reader.lines():
+                now = time.monotonic_ns()
+                event = json.loads(line)
+                if event["type"] == "stdout":
+                    times += [(now - int(x)) / 1e6 for x in event["data"].split()]
+                elif event["type"] == "exit":
+                    break
+        finally:
+            reader.close()
+        if len(times) != n:
+            raise RuntimeError(f"stream latency: {len(times)} lines of {n}")
+        return times
+
+    def stream_bulk(self, connect, method, path, body):
+        """(seconds, bytes of output, events the agent dropped) reading a stream to its exit event."""
+        reader = EventStreamReader(connect, method, path, body)
+        got, missed, t = 0, 0, time.perf_counter()
+        try:
+            for line in reader.lines():
+                if line.startswith(b'{"seq":') and b'"type":"stdout"' in line[:40]:
+                    # no JSON parsing, the client is not to be the bottleneck: the output is
+                    # letters, so the data's bytes are the string's
+                    got += line.rindex(b'"') - line.index(b'"data":"') - len(b'"data":"')
+                    continue
+                event = json.loads(line)
+                if event["type"] == "dropped":
+                    missed += event["missed"]
+                elif event["type"] == "exit":
+                    if event["exitCode"] != 0:
+                        raise RuntimeError(f"bulk stream: {event}")
+                    break
+        finally:
+            reader.close()
+        return time.perf_counter() - t, got, missed
+
+    def bench_stream(self):
+        n = self.n(500, 150)
+        size = 200 * MB
+        nvms, per_vm, idle_s, keepalive = 20, 10, self.n(30.0, 12.0), 5.0
+        say(f"\n== exec streams: latency ({n} lines), {size // MB} MB streamed, {nvms * per_vm} idle streams "
+            f"over {nvms} VMs")
+        rows = []
+        with self.cbox("stream", stream_keepalive_s=keepalive) as srv:
+            api = srv.client()
+            vm = api.json("POST", "/v1/vms", {"vmName": "s0"})
+            agent_pid = agent_server_pid(self.run_dir, vm["cid"])
+            direct = connector(self.ns.path, (vm["ip"].split("/")[0], 4031))
+            ticker = self.STREAM_TICKER.format(n=n, gap=0.01)
+            lat = {"agent": [], "cbox": []}
+            for rnd in range(2):                    # interleaved: load from elsewhere hits both alike
+                lat["cbox"] += self.stream_latency(srv.connect, "POST", "/v1/vms/s0/exec",
+                                                   {"argv": ["python3", "-c", ticker], "stream": True}, n)
+                started = Http(direct).json("POST", "/exec", {"argv": ["python3", "-c", ticker], "blocking": False})
+                lat["agent"] += self.stream_latency(direct, "GET", f"/exec/{started['execId']}/stream", None, n)
+            floor, med = median(lat["agent"]), median(lat["cbox"])
+            rows.append(Row("stream latency: guest write -> client reads the event", med, "ms", p99(lat["cbox"]),
+                            floor, target="median < 2 ms", ok=med < 2.0,
+                            notes=f"{len(lat['cbox'])} lines, one every 10 ms; floor = the agent's own stream "
+                                  f"over the bridge (p99 {p99(lat['agent']):.2f} ms)",
+                            how="a guest process writes CLOCK_MONOTONIC as a line every 10 ms; the bench reads "
+                                "POST /v1/vms/s0/exec {\"argv\": [...], \"stream\": true} (chunked NDJSON) "
+                                "and takes its clock when each stdout event arrives; floor: the same read "
+                                "straight from the agent's GET /exec/{id}/stream over the bridge, interleaved"))
+            cmd = f"head -c {size} /dev/zero | tr '\\0' a"
+            started = Http(direct).json("POST", "/exec", {"cmd": cmd, "blocking": False, "timeout": 600})
+            secs_direct, got_direct, missed_direct = self.stream_bulk(
+                direct, "GET", f"/exec/{started['execId']}/stream", None)
+            base_cbox, base_agent = proc_status(srv.pid, "VmRSS"), proc_status(agent_pid, "VmRSS")
+            reset_hwm(srv.pid)
+            reset_hwm(agent_pid)
+            cpu0, agent_cpu0 = sum(cpu_seconds(srv.pid)), sum(cpu_seconds(agent_pid))
+            secs, got, missed = self.stream_bulk(srv.connect, "POST", "/v1/vms/s0/exec",
+                                                 {"cmd": cmd, "stream": True, "timeout": 600})
+            cpu, agent_cpu = sum(cpu_seconds(srv.pid)) - cpu0, sum(cpu_seconds(agent_pid)) - agent_cpu0
+            hwm_cbox, hwm_agent = proc_status(srv.pid, "VmHWM"), proc_status(agent_pid, "VmHWM")
+            rows.append(Row(f"stream throughput: a command writing {size // MB} MB", got / MB / secs, "MB/s",
+                            floor=got_direct / MB / secs_direct,
+                            ok=hwm_cbox - base_cbox < 32 and (got == size or missed > 0),
+                            target="every byte or a dropped event; cbox.py peak growth < 32 MB",
+                            notes=f"{got / MB:.0f} MB delivered in {secs:.2f} s, {missed} events dropped by the "
+                                  f"agent (0 unless the command outruns the reader); CPU cbox.py {cpu:.2f} s, agent "
+                                  f"{agent_cpu:.2f} s; peak RSS growth cbox.py +{hwm_cbox - base_cbox:.1f} MB (VmHWM "
+                                  f"{hwm_cbox:.0f}), agent server +{hwm_agent - base_agent:.1f} MB (VmHWM "
+                                  f"{hwm_agent:.0f}); floor = the agent's own stream over the bridge "
+                                  f"({got_direct / MB:.0f} MB in {secs_direct:.2f} s, {missed_direct} dropped)",
+                            how=f"`{cmd}` with \"stream\": true, read to its exit event; MB/s = stdout bytes "
+                                "delivered / time (the agent keeps exec_output_limit_bytes of events for a slow "
+                                "reader and drops older ones: a \"dropped\" event counts them); peak = VmHWM "
+                                "(reset through /proc/<pid>/clear_refs) minus VmRSS before"))
+            api.json("DELETE", "/v1/vms/s0")
+
+            names = [f"idle{i}" for i in range(nvms)]
+            for name in names:
+                api.json("POST", "/v1/vms", {"vmName": name, "memoryMb": 64})
+            rss0 = proc_status(srv.pid, "VmRSS")
+            streams = []
+            for name in names:
+                for _ in range(per_vm):
+                    streams.append(EventStreamReader(srv.connect, "POST", f"/v1/vms/{name}/exec",
+                                                     {"cmd": "sleep 3600", "stream": True}))
+            time.sleep(1.0)
+            rss1 = proc_status(srv.pid, "VmRSS")
+            cpu0, t0 = sum(cpu_seconds(srv.pid)), time.monotonic()
+            time.sleep(idle_s)
+            cpu = (sum(cpu_seconds(srv.pid)) - cpu0) / (time.monotonic() - t0)
+            rss2 = proc_status(srv.pid, "VmRSS")
+            for name in names:
+                api.json("DELETE", f"/v1/vms/{name}/exec")
+            keepalives = exits = 0
+            for reader in streams:
+                for line in reader.lines():
+                    kind = json.loads(line)["type"]
+                    keepalives += kind == "keepalive"
+                    exits += kind == "exit"
+                reader.close()
+            expected = len(streams) * int(idle_s // keepalive)
+            rows.append(Row(f"idle streams: {len(streams)} over {nvms} VMs", rss2 - rss0, "MB",
+                            ok=exits == len(streams) and keepalives >= expected * 0.9 and cpu < 0.05,
+                            target="every stream alive; cbox.py CPU < 5%",
+                            notes=f"cbox.py RSS {rss0:.0f} MB before the streams, {rss1:.0f} MB with them open, "
+                                  f"{rss2:.0f} MB after {idle_s:g} s idle ({(rss2 - rss0) * 1024 / len(streams):.0f} "
+                                  f"KB a stream); CPU {cpu * 100:.2f}% while idle; {keepalives} keepalives "
+                                  f"(every {keepalive:g} s), {exits} exit events after DELETE .../exec",
+                            how=f"{per_vm} `sleep 3600` execs with \"stream\": true on each of {nvms} VMs, held "
+                                f"open for {idle_s:g} s with stream_keepalive_s={keepalive:g}; value = cbox.py RSS "
+                                "growth over the streams' life; then DELETE /v1/vms/NAME/exec ends them"))
+            api.close()
+        for row in rows:
+            self.add(row)
+        table = ["## Exec streams", "",
+                 f"Written by `python3 bench/bench.py --only stream` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} "
+                 f"UTC ({os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at the end), stand-in "
+                 f"hypervisor, frames moved by {relay_description()}.", "", markdown_table(rows), "",
+                 "\n".join(f"- **{r.name}**: {r.how}" for r in rows)]
+        self.sections["Exec streams"] = "\n".join(table)
 
     # -- monitoring: what metrics and events cost ----------------------------------------------------------
 

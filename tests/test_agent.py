@@ -10,7 +10,9 @@ import http.client
 import importlib.util
 import json
 import os
+import pwd
 import random
+import re
 import shutil
 import signal
 import socket
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from execstream import AgentApi, check_sequence, joined
 from procutil import stop_process, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -423,16 +426,12 @@ def test_output_capture_and_json_in_pieces(monkeypatch):
     words = [b"plain text " * 8] * 6 + [b"\n", b"\0", b'"', b"\\", b"\t", b"\x1f", b"\x7f", b"\xc3\xa9",
                                        b"\xe2\x82\xac", b"\xf0\x9f\x98\x80", b"\xff", b"\xc3", b"\xf0\x9f"]
 
-    class Spec:
-        pass
-
     for _ in range(150):
         monkeypatch.setattr(ga, "TEXT_PIECE", rng.choice([1, 2, 3, 7, 64, 1 << 18]))
         monkeypatch.setattr(ga, "DENSE_RUNS", rng.choice([0, 4, 1024]))
         monkeypatch.setattr(ga, "SMALL_BODY", rng.choice([0, 1 << 18]))
         monkeypatch.setattr(ga, "KEEP_BODY", rng.choice([0, 50, 1 << 20]))
-        spec = Spec()
-        spec.max_output = rng.choice([0, 1, 5, 40, 300, 1 << 20])
+        spec = ga.ExecSpec({"cmd": "x", "maxOutput": rng.choice([0, 1, 5, 40, 300, 1 << 20])})
         ex = ga.Exec("x", spec)
         sent = {True: b"", False: b""}
         both = b""
@@ -460,9 +459,7 @@ def test_output_capture_and_json_in_pieces(monkeypatch):
             assert sock.sends[0] == head + b"\r\n\r\n", "a large one: the head apart"
 
     # output costs no third copy: one 4-byte run for many reads of one stream ...
-    spec = Spec()
-    spec.max_output = 1 << 20
-    ex = ga.Exec("x", spec)
+    ex = ga.Exec("x", ga.ExecSpec({"cmd": "x", "maxOutput": 1 << 20}))
     for _ in range(16):
         ex._capture(ex.stdout, b"y" * 4096)
     assert ex.output_bytes < len(ex.stdout) + 16
@@ -503,7 +500,7 @@ def test_background_exec_get_and_delete(agent):
     m = marker()
     try:
         status, r = agent.request("POST", "/exec", {"cmd": f"echo start; sleep {m}", "blocking": False})
-        assert status == 200 and r == {"execId": r["execId"], "output": "", "error": "", "running": True}
+        assert status == 200 and r == {"execId": r["execId"], "tag": None, "output": "", "error": "", "running": True}
         exec_id = r["execId"]
         r = wait_for(lambda: (lambda s: s[1] if s[1]["output"] else None)(agent.request("GET", f"/exec/{exec_id}")),
                      5.0)
@@ -566,7 +563,7 @@ def test_bad_exec_requests(agent, body, needle):
 def test_routes(agent):
     assert agent.request("GET", "/nope")[0] == 404
     assert agent.request("GET", "/exec/a/b")[0] == 404
-    status, r = agent.request("GET", "/exec")
+    status, r = agent.request("PUT", "/exec")
     assert status == 405 and "error" in r
     assert agent.request("POST", "/health", {})[0] == 405
     assert agent.request("PUT", "/exec/x", {})[0] == 405
@@ -611,6 +608,319 @@ def test_expect_100_continue_and_limits(agent):
 
 
 # ---------------------------------------------------------------------------
+# exec v2: argv, user, tag, stream, stdin pipe, signal, DELETE, list
+# ---------------------------------------------------------------------------
+
+def api_of(agent):
+    return AgentApi(lambda: socket.create_connection(("127.0.0.1", agent.port)), timeout=30)
+
+
+def background(agent, **fields):
+    status, r = agent.request("POST", "/exec", dict(blocking=False, **fields))
+    assert status == 200 and r["running"] is True, r
+    return r["execId"]
+
+
+def finished(agent, exec_id, timeout=10.0):
+    return wait_for(lambda: (lambda r: None if r["running"] else r)(agent.request("GET", f"/exec/{exec_id}")[1]),
+                    timeout, what=f"exec {exec_id} to finish")
+
+
+def test_argv_runs_without_a_shell(agent, tmp_path):
+    r = agent.exec(argv=["printf", "%s|", "a b", "$HOME", "*"], cwd=str(tmp_path))
+    assert (r["stdout"], r["exitCode"], r["argv"]) == ("a b|$HOME|*|", 0, ["printf", "%s|", "a b", "$HOME", "*"])
+    assert "cmd" not in r
+    assert agent.exec(cmd="echo x")["cmd"] == "echo x"
+    status, r = agent.request("POST", "/exec", {"argv": ["no-such-program-xyz"]})
+    assert status == 400 and r["error"] == "argv[0] 'no-such-program-xyz': command not found"
+
+
+def test_exec_id_tag_and_result_fields(agent):
+    r = agent.exec(cmd='echo "$CBOX_EXEC_ID|$CBOX_EXEC_TAG"', tag="build.1", env={"CBOX_EXEC_ID": "forged"})
+    assert r["stdout"] == f"{r['execId']}|build.1\n" and r["tag"] == "build.1"
+    assert (r["killScope"], r["limitsApplied"], r["oomKilled"], r["user"]) == ("process-group", False, False, None)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", r["startedAt"])
+    r = agent.exec(cmd="kill -TERM $$", memoryLimitMb=64, pidsLimit=10)
+    assert (r["signal"], r["signalName"], r["exitCode"], r["limitsApplied"]) == (15, "SIGTERM", None, False)
+
+
+def test_user(agent):
+    r = agent.exec(cmd='id -u; id -g; echo "$HOME|$USER|$LOGNAME"', user="nobody")
+    nobody = pwd.getpwnam("nobody")
+    assert r["stdout"] == f"{nobody.pw_uid}\n{nobody.pw_gid}\n{nobody.pw_dir}|nobody|nobody\n", r
+    assert r["user"] == "nobody"
+    assert agent.exec(argv=["id", "-u"], user=nobody.pw_uid)["stdout"] == f"{nobody.pw_uid}\n"
+    assert agent.exec(argv=["id", "-u"], user=str(nobody.pw_uid))["user"] == "nobody"
+    for bad in ("no-such-user-xyz", 4000000, ""):
+        status, r = agent.request("POST", "/exec", {"cmd": "true", "user": bad})
+        assert status == 400 and "user" in r["error"], r
+
+
+def test_tags_resolve_and_conflict(agent):
+    m = marker()
+    try:
+        first = background(agent, cmd=f"sleep {m}", tag="job")
+        status, r = agent.request("POST", "/exec", {"cmd": "true", "tag": "job", "blocking": False})
+        assert status == 409 and "job" in r["error"]
+        assert agent.request("GET", "/exec/job")[1]["execId"] == first
+        assert agent.request("DELETE", "/exec/job")[1]["signal"] == 9
+        second = background(agent, cmd="echo two", tag="job")   # free again once the first ended
+        finished(agent, second)
+        assert agent.request("GET", "/exec/job")[1]["execId"] == second   # the newest finished one
+        third = background(agent, cmd=f"sleep {m}", tag="job")
+        assert agent.request("GET", "/exec/job")[1]["execId"] == third    # a running one first
+        listing = agent.request("GET", "/exec")[1]["execs"]
+        mine = {e["execId"]: e for e in listing if e["tag"] == "job"}
+        assert set(mine) >= {first, second, third}
+        assert mine[third]["running"] is True and mine[second]["exitCode"] == 0
+        assert mine[second]["cmd"] == "echo two" and set(mine[second]) == {
+            "execId", "tag", "cmd", "running", "exitCode", "startedAt", "durationMs"}
+        agent.request("DELETE", f"/exec/{third}")
+    finally:
+        kill_pids(pids_running(m))
+
+
+def test_stream_live_replay_and_reattach(agent):
+    """Events arrive while the command runs; a reader that disconnects does not
+    stop it; re-attaching with since=last+1 loses nothing; a replay is identical."""
+    api = api_of(agent)
+    exec_id = background(agent, cmd="for i in 1 2 3 4 5 6; do echo line$i; echo err$i >&2; sleep 0.1; done; exit 3")
+    seen = []
+    with api.stream(exec_id, since=0) as s:
+        assert s.status == 200 and s.headers["content-type"] == "application/x-ndjson"
+        assert s.headers["transfer-encoding"] == "chunked"
+        for event in s:
+            seen.append(event)
+            if event["type"] == "stdout" and "line2" in event["data"]:
+                break                     # disconnect mid-stream
+    assert seen[0]["type"] == "start" and seen[0]["execId"] == exec_id and seen[0]["pid"] > 0
+    rest = api.events(exec_id, since=seen[-1]["seq"] + 1)
+    events = seen + rest
+    check_sequence(events)
+    assert joined(events, "stdout") == b"".join(b"line%d\n" % i for i in range(1, 7))
+    assert joined(events, "stderr") == b"".join(b"err%d\n" % i for i in range(1, 7))
+    exit_event = events[-1]
+    assert (exit_event["exitCode"], exit_event["error"], exit_event["execId"]) == (3, "exit status 3", exec_id)
+    assert "output" not in exit_event and {"timedOut", "truncated", "durationMs", "signal", "oomKilled"} <= set(exit_event)
+    assert api.events(exec_id, since=0) == events              # replay: the same events, the same seqs
+    assert api.events(exec_id, since=len(events) - 1) == events[-1:]
+    assert api.events(exec_id, since=len(events)) == []          # nothing after the exit event
+    with api.stream(exec_id, since=len(events) + 1) as s:
+        assert s.status == 400 and s.error["error"] == f"since {len(events) + 1} is beyond the last event {len(events) - 1}"
+    for bad in ("-1", "x", "1.5", ""):
+        with api.stream(exec_id, since=bad) as s:
+            assert s.status == 400 and "since" in s.error["error"]
+    with api.stream("no-such-exec") as s:
+        assert s.status == 404
+
+
+def test_stream_of_a_blocking_exec_by_tag_and_keepalives(agent):
+    """A second reader attaches by tag to a running exec; keepalives are in the log,
+    so both readers see the same seqs."""
+    api = api_of(agent)
+    results = {}
+    t = threading.Thread(target=lambda: results.update(r=agent.exec(
+        cmd="sleep 0.5; echo a; sleep 0.7; echo b", tag="ka", keepaliveS=0.2)))
+    t.start()
+    wait_for(lambda: agent.request("GET", "/exec/ka")[0] == 200, 5, what="the exec to start")
+    first = api.events("ka", since=0)
+    t.join(10)
+    check_sequence(first)
+    types = [e["type"] for e in first]
+    assert types.count("keepalive") >= 3 and types[0] == "start", types
+    assert joined(first, "stdout") == b"a\nb\n"
+    assert first[-1]["exitCode"] == 0 and results["r"]["stdout"] == "a\nb\n"
+
+
+def test_stream_utf8_split_and_binary(agent):
+    api = api_of(agent)
+    # an e-acute split across two writes, then invalid bytes
+    exec_id = background(agent, cmd=r"printf '\303'; sleep 0.2; printf '\251 ok\n'; sleep 0.2; printf 'a\377\376b'")
+    events = api.events(exec_id, since=0)
+    out = [e for e in events if e["type"] == "stdout"]
+    assert "".join(e["data"] for e in out) == "\u00e9 ok\na\ufffd\ufffdb"
+    assert not any("\ufffd" in e["data"] for e in out if "dataBase64" not in e)
+    assert joined(events, "stdout") == b"\xc3\xa9 ok\na\xff\xfeb"
+    binary = background(agent, cmd="head -c 70000 /dev/urandom > /tmp/cbt-rand.$$; cat /tmp/cbt-rand.$$; "
+                                   "sha256sum < /tmp/cbt-rand.$$ >&2; rm /tmp/cbt-rand.$$")
+    events = api.events(binary, since=0)
+    import hashlib
+    assert hashlib.sha256(joined(events, "stdout")).hexdigest() == joined(events, "stderr").split()[0].decode()
+
+
+def test_stream_ring_drops_oldest(agent):
+    """The ring holds max(maxOutput, 64 KiB) of events: a late reader gets one "dropped"
+    event standing in for the lost ones (seq = oldest kept - 1), then the rest."""
+    api = api_of(agent)
+    exec_id = background(agent, cmd="i=0; while [ $i -lt 400 ]; do printf '%0999d\\n' $i; i=$((i+1)); sleep 0.001; done",
+                         maxOutput=1000)
+    finished(agent, exec_id)
+    events = api.events(exec_id, since=0)
+    assert events[0]["type"] == "dropped"
+    first_kept = events[1]["seq"]
+    assert events[0] == {"seq": first_kept - 1, "type": "dropped", "missed": first_kept, "fromSeq": 0}
+    assert check_sequence(events) == first_kept
+    late = api.events(exec_id, since=first_kept - 3)
+    assert late[0] == {"seq": first_kept - 1, "type": "dropped", "missed": 3, "fromSeq": first_kept - 3}
+    assert late[1:] == events[1:]
+    assert sum(len(json.dumps(e)) for e in events[1:]) < 80 << 10
+    lines = joined(events, "stdout").split(b"\n")
+    assert lines[-2] == b"%0999d" % 399
+    r = agent.request("GET", f"/exec/{exec_id}")[1]
+    assert r["truncated"] is True and len(r["stdout"]) == 1000
+
+
+def test_streamed_output_keeps_memory_bounded(fresh_agent):
+    """100 MB streamed to a reader while a second reader stalls: the ring and the
+    captured output stay within maxOutput each, so the server's peak hardly moves.
+    A reader slower than the command loses events, and is told so in sequence."""
+    api = api_of(fresh_agent)
+    server = fresh_agent.server_pid()
+    rss_before = vm_kb(server, "VmRSS")
+    exec_id = background(fresh_agent, cmd="head -c 100000000 /dev/zero | tr '\\0' a", maxOutput=1 << 20)
+    stalled = api.stream(exec_id, since=0)      # never read: it falls out of the ring
+    total, events = 0, []
+    with api.stream(exec_id, since=0) as s:
+        for event in s:
+            if event["type"] == "stdout":
+                total += len(event["data"])
+                event["data"] = ""
+            events.append(event)
+    growth_mb = (vm_kb(server, "VmHWM") - rss_before) / 1024
+    missed = check_sequence(events)
+    assert events[-1]["truncated"] is True
+    assert (total == 100000000) == (missed == 0) and total <= 100000000
+    assert growth_mb < 40, f"server peak grew by {growth_mb:.0f} MB while streaming 100 MB"
+    stalled.close()
+    replay = api.events(exec_id, since=0)
+    assert replay[0]["type"] == "dropped" and replay[-1]["type"] == "exit"
+
+
+def test_stdin_pipe(agent):
+    api = api_of(agent)
+    exec_id = background(agent, cmd="while read -r line; do echo got:$line; done; echo eof", stdin="pipe")
+    with api.stream(exec_id, since=0) as s:
+        events = iter(s)
+        assert next(events)["type"] == "start"
+        status, r = agent.request("POST", f"/exec/{exec_id}/stdin", {"data": "one\n"})
+        assert (status, r) == (200, {"written": 4})
+        assert next(events)["data"] == "got:one\n"
+        status, r = agent.request("POST", f"/exec/{exec_id}/stdin", {"data": "two\n", "eof": True})
+        assert (status, r) == (200, {"written": 4})
+        rest = list(events)
+    assert joined(rest, "stdout") == b"got:two\neof\n" and rest[-1]["exitCode"] == 0
+    status, r = agent.request("POST", f"/exec/{exec_id}/stdin", {"data": "late"})
+    assert status == 409 and "closed" in r["error"]
+    plain = background(agent, cmd="sleep 5", stdin="data, not a pipe")
+    status, r = agent.request("POST", f"/exec/{plain}/stdin", {"data": "x"})
+    assert status == 409 and "no stdin pipe" in r["error"]
+    agent.request("DELETE", f"/exec/{plain}")
+    big = background(agent, cmd="wc -c", stdin="pipe")
+    status, r = agent.request("POST", f"/exec/{big}/stdin", {"data": "y" * (1 << 20), "eof": True})
+    assert (status, r) == (200, {"written": 1 << 20})
+    assert finished(agent, big)["stdout"].strip() == str(1 << 20)
+    status, r = agent.request("POST", f"/exec/{big}/stdin", {"data": "y" * ((1 << 20) + 1)})
+    assert status == 413
+    for body in ({"data": 1}, {"eof": "yes"}, {"data": "x", "more": 1}, [1]):
+        assert agent.request("POST", f"/exec/{big}/stdin", body)[0] == 400
+
+
+def test_signal(agent):
+    exec_id = background(agent, cmd="trap 'echo got TERM; exit 7' TERM; echo ready; "
+                                    "while :; do sleep 0.05; done", tag="sig")
+    wait_for(lambda: agent.request("GET", f"/exec/{exec_id}")[1]["stdout"] == "ready\n", 5)
+    for bad in ("BOGUS", 0, 99, -1, "SIGBOGUS", None, True, 1.5):
+        status, r = agent.request("POST", "/exec/sig/signal", {"signal": bad})
+        assert status == 400 and "signal" in r["error"], (bad, r)
+    status, r = agent.request("POST", "/exec/sig/signal", {"signal": "term"})
+    assert (status, r) == (200, {"execId": exec_id, "signal": 15})
+    r = finished(agent, exec_id)
+    assert (r["exitCode"], r["stdout"]) == (7, "ready\ngot TERM\n")
+    status, r = agent.request("POST", f"/exec/{exec_id}/signal", {"signal": "SIGTERM"})
+    assert status == 409 and "finished" in r["error"]
+    hup = background(agent, cmd="sleep 5")
+    assert agent.request("POST", f"/exec/{hup}/signal", {"signal": 1})[1]["signal"] == 1
+    assert finished(agent, hup)["signalName"] == "SIGHUP"
+
+
+def test_delete_with_grace_and_delete_all(agent):
+    m = marker()
+    try:
+        polite = background(agent, cmd=f"trap 'echo bye; exit 5' TERM; sleep {m} & wait")
+        stubborn = background(agent, cmd=f"trap '' TERM; sleep {m} & wait; wait")
+        time.sleep(0.3)
+        assert agent.request("DELETE", f"/exec/{polite}?grace=x")[0] == 400
+        assert agent.request("DELETE", f"/exec/{polite}?grace=-1")[0] == 400
+        status, r = agent.request("DELETE", f"/exec/{polite}?grace=5")
+        assert (status, r["exitCode"], r["stdout"], r["running"]) == (200, 5, "bye\n", False)
+        t0 = time.monotonic()
+        status, r = agent.request("DELETE", f"/exec/{stubborn}?grace=0.5")
+        assert (status, r["signal"], r["killScope"]) == (200, 9, "process-group")
+        assert 0.4 < time.monotonic() - t0 < 5
+        ids = [background(agent, cmd=f"sleep {m}") for _ in range(3)]
+        status, r = agent.request("DELETE", "/exec")
+        assert status == 200 and set(ids) <= set(r["killed"])
+        assert all(agent.request("GET", f"/exec/{i}")[1]["signal"] == 9 for i in ids)
+        assert wait_for(lambda: not pids_running(m), 3.0)
+    finally:
+        kill_pids(pids_running(m))
+
+
+@pytest.mark.parametrize("body, status, needle", [
+    ({"cmd": "true", "argv": ["true"]}, 400, "cmd"),
+    ({"argv": []}, 400, "argv"),
+    ({"argv": "true"}, 400, "argv"),
+    ({"argv": ["true", 1]}, 400, "argv"),
+    ({"argv": ["tr\0ue"]}, 400, "NUL"),
+    ({"argv": [""]}, 400, "argv[0]"),
+    ({"cmd": "true", "tag": ""}, 400, "tag"),
+    ({"cmd": "true", "tag": "-x"}, 400, "tag"),
+    ({"cmd": "true", "tag": "a" * 65}, 400, "tag"),
+    ({"cmd": "true", "tag": 5}, 400, "tag"),
+    ({"cmd": "true", "memoryLimitMb": 0}, 400, "memoryLimitMb"),
+    ({"cmd": "true", "memoryLimitMb": "64"}, 400, "memoryLimitMb"),
+    ({"cmd": "true", "pidsLimit": -1}, 400, "pidsLimit"),
+    ({"cmd": "true", "pidsLimit": True}, 400, "pidsLimit"),
+    ({"cmd": "true", "keepaliveS": 0}, 400, "keepaliveS"),
+    ({"cmd": "true", "keepaliveS": "1"}, 400, "keepaliveS"),
+    ({"cmd": "true", "user": ["root"]}, 400, "user"),
+])
+def test_bad_exec_v2_requests(agent, body, status, needle):
+    got, r = agent.request("POST", "/exec", body)
+    assert got == status and needle in r["error"], r
+
+
+def test_exec_v2_routes(agent):
+    exec_id = agent.exec(cmd="true")["execId"]     # blocking execs are not kept
+    assert agent.request("GET", f"/exec/{exec_id}")[0] == 404
+    done = background(agent, cmd="true")
+    finished(agent, done)
+    assert agent.request("POST", f"/exec/{done}/nope", {})[0] == 404
+    assert agent.request("GET", f"/exec/{done}/signal")[0] == 405
+    assert agent.request("POST", f"/exec/{done}/stream", {})[0] == 405
+    assert agent.request("POST", "/exec/nope/signal", {"signal": 9})[0] == 404
+    # HTTP/1.0 has no chunked encoding: the events, then the connection closes
+    with socket.create_connection(("127.0.0.1", agent.port), timeout=10) as s:
+        s.sendall(f"GET /exec/{done}/stream HTTP/1.0\r\n\r\n".encode())
+        data = b"".join(iter(lambda: s.recv(65536), b""))
+    head, body = data.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"Transfer-Encoding" not in head
+    events = [json.loads(x) for x in body.splitlines()]
+    assert [e["type"] for e in events] == ["start", "exit"] and events[-1]["exitCode"] == 0
+
+
+def test_setsid_escape_in_process_group_mode(agent):
+    """Without cgroups (a plain process) a kill reaches the process group only, and
+    says so; the cgroup path is tested in a real guest (test_exec_v2_guest.py)."""
+    m = marker()
+    try:
+        r = agent.exec(cmd=f"setsid sleep {m} & sleep {m}", timeout=0.5)
+        assert r["timedOut"] is True and r["killScope"] == "process-group"
+    finally:
+        kill_pids(pids_running(m))
+
+
+# ---------------------------------------------------------------------------
 # callbacks
 # ---------------------------------------------------------------------------
 
@@ -618,7 +928,7 @@ def test_callback_cli_through_agent(agent, callback_server):
     r = agent.exec(cmd="""cbox_callback echo '{"a": 1}'""")
     assert r["exitCode"] == 0, r
     assert json.loads(r["stdout"]) == {"method": "echo", "params": {"a": 1}}
-    assert {"method": "echo", "params": {"a": 1}} in callback_server.requests
+    assert {"method": "echo", "params": {"a": 1}, "execId": r["execId"]} in callback_server.requests
     r = agent.exec(cmd="cbox_callback fail")
     assert (r["exitCode"], r["stdout"], r["stderr"]) == (1, "", "Error: boom\n")
     r = agent.exec(cmd="cbox_callback m '{bad'")

@@ -176,7 +176,8 @@ def test_callbacks_results_and_errors(cbox_server, callback_server):
     r = api.exec("cbvm", """cbox_callback greet '{"a": 1}'""")
     assert r["exitCode"] == 0, r
     assert json.loads(r["stdout"]) == {"echo": {"a": 1}, "vm": "cbvm", "method": "greet"}
-    assert cb.calls[-1] == {"vmName": "cbvm", "method": "greet", "params": {"a": 1}}
+    # the agent gives the command CBOX_EXEC_ID; its callback carries it
+    assert cb.calls[-1] == {"vmName": "cbvm", "method": "greet", "params": {"a": 1}, "execId": r["execId"]}
     r = api.exec("cbvm", """cbox_callback m '{"kind": "error"}'""")
     assert r["exitCode"] == 1 and r["stderr"].strip() == "Error: nope"
     r = api.exec("cbvm", """cbox_callback m '{"kind": "plain"}'""")

@@ -372,7 +372,7 @@ def test_none_keeps_exec_and_callbacks(egress_cbox, world, netns):
         assert api.exec("shut", "echo exec works")["stdout"] == "exec works\n"
         r = api.exec("shut", "cbox_callback ping '{\"n\": 1}'")
         assert r["exitCode"] == 0 and json.loads(r["stdout"]) == "pong", r
-        assert calls == [{"vmName": "shut", "method": "ping", "params": {"n": 1}}]
+        assert calls == [{"vmName": "shut", "method": "ping", "params": {"n": 1}, "execId": r["execId"]}]
         out = probe(api, "shut", tcp(ALLOWED), tcp(OTHER), DNS)
         assert out[tcp(ALLOWED)] == REFUSED and out[tcp(OTHER)] == REFUSED and not out[DNS].startswith("open")
         assert world.seen == []

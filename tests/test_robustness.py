@@ -1072,7 +1072,8 @@ def test_isolation(cbox_factory, raw_callback):
         # callbacks: the identity is the socket the call arrives on, whatever the guest claims
         r = exec_ok(api, "ga", """cbox_callback who '{"vmName": "gb", "vm": "gb"}'""")
         assert json.loads(r["stdout"])["vm"] == "ga"
-        assert cb.calls[-1] == {"vmName": "ga", "method": "who", "params": {"vmName": "gb", "vm": "gb"}}
+        assert cb.calls[-1] == {"vmName": "ga", "method": "who", "params": {"vmName": "gb", "vm": "gb"},
+                                "execId": r["execId"]}
         raw_line = ("python3 -c \"import os,socket; s=socket.socket(socket.AF_UNIX); "
                     "s.connect(os.environ['CBOX_CALLBACK_SOCKET']); "
                     "s.sendall(b'{\\\"method\\\": \\\"m\\\", \\\"vmName\\\": \\\"gb\\\"}\\n'); "

@@ -246,15 +246,23 @@ def test_start_request_errors(cfg, body, fragment):
 
 
 def test_exec_request(cfg):
-    agent, blocking, timeout = cbox.validate_exec_request({"cmd": "ls", "env": {"A": "1"}, "timeout": 2.5}, cfg)
-    assert blocking is True and timeout == 2.5
+    agent, blocking, timeout, stream = cbox.validate_exec_request({"cmd": "ls", "env": {"A": "1"}, "timeout": 2.5}, cfg)
+    assert blocking is True and timeout == 2.5 and stream is False
     assert agent["maxOutput"] == cfg.exec_output_limit_bytes and agent["env"] == {"A": "1"}
-    _, _, timeout = cbox.validate_exec_request({"cmd": "ls"}, cfg)
+    assert "keepaliveS" not in agent and "argv" not in agent
+    _, _, timeout, _ = cbox.validate_exec_request({"cmd": "ls"}, cfg)
     assert timeout == cfg.exec_timeout_s
+    agent, blocking, _, stream = cbox.validate_exec_request(
+        {"argv": ["ls", ""], "stream": True, "tag": "t.1", "user": "nobody", "stdin": "pipe",
+         "memoryLimitMb": 64, "pidsLimit": 10}, cfg)
+    assert blocking is False and stream is True and agent["blocking"] is False
+    assert agent["keepaliveS"] == cfg.stream_keepalive_s and agent["argv"] == ["ls", ""]
+    assert (agent["tag"], agent["user"], agent["stdin"], agent["memoryLimitMb"], agent["pidsLimit"]) == \
+        ("t.1", "nobody", "pipe", 64, 10)
 
 
 @pytest.mark.parametrize("body,fragment", [
-    ({}, "missing required field(s): cmd"),
+    ({}, "exactly one of 'cmd'"),
     ({"cmd": ""}, "non-empty"),
     ({"cmd": 5}, "'cmd' must be a string"),
     ({"cmd": "x", "blocking": "yes"}, "'blocking' must be a boolean"),
@@ -268,6 +276,50 @@ def test_exec_request_errors(cfg, body, fragment):
     with pytest.raises(cbox.ApiError) as e:
         cbox.validate_exec_request(body, cfg)
     assert e.value.status == 400 and fragment in str(e.value)
+
+
+@pytest.mark.parametrize("given, sent", [("TERM", 15), ("sigkill", 9), ("SIGUSR1", 10), ("CLD", 17), (15, 15),
+                                         ("15", 15), (64, 64)])
+def test_signal_request(given, sent):
+    assert cbox.validate_signal_request({"signal": given}) == {"signal": sent}
+
+
+@pytest.mark.parametrize("body", [{"signal": "NOPE"}, {"signal": 0}, {"signal": 65}, {"signal": True},
+                                  {"signal": None}, {}, {"signal": "TERM", "x": 1}, {"signal": "SIG_DFL"},
+                                  {"signal": "Signals"}, {"signal": "-1"}, {"signal": "TERM "}])
+def test_signal_request_errors(body):
+    with pytest.raises(cbox.ApiError) as e:
+        cbox.validate_signal_request(body)
+    assert e.value.status == 400
+
+
+def test_stdin_request_and_query_numbers():
+    assert cbox.validate_stdin_request({"data": "x"}) == {"data": "x", "eof": False}
+    assert cbox.validate_stdin_request({"eof": True}) == {"data": "", "eof": True}
+    for bad in ({}, {"data": 1}, {"eof": "yes"}, {"data": "x", "more": 1}):
+        with pytest.raises(cbox.ApiError):
+            cbox.validate_stdin_request(bad)
+    assert cbox.query_number({"since": ["12"]}, "since", 100, integer=True) == 12
+    assert cbox.query_number({}, "grace", 100, 0.0) == 0.0
+    assert cbox.query_number({"grace": ["2.5"]}, "grace", 100) == 2.5
+    for bad in ("-1", "1.5", "x", "", "1e3", "101", "²"):
+        with pytest.raises(cbox.ApiError):
+            cbox.query_number({"since": [bad]}, "since", 100, integer=True)
+
+
+def test_exec_ids_and_tags_in_paths():
+    for good in ("a1b2c3d4e5f60718", "web.1", "job_2", "_old-style", "A" * 64):
+        assert cbox.check_exec_id(good) == good
+    for bad in (".", "..", ".hidden", "a/b", "a" * 65, "", "a b", "é"):
+        with pytest.raises(cbox.ApiError):
+            cbox.check_exec_id(bad)
+
+
+def test_callback_line_carries_the_exec_id():
+    method, body = cbox.parse_callback_line(b'{"method":"m","params":1,"execId":"abc123"}', "vm1")
+    assert method == "m" and json.loads(body) == {"vmName": "vm1", "method": "m", "params": 1, "execId": "abc123"}
+    assert "execId" not in json.loads(cbox.parse_callback_line(b'{"method":"m"}', "vm1")[1])
+    assert cbox.parse_callback_line(b'{"method":"m","execId":"../x"}', "vm1")[0] is None
 
 
 def test_parse_json_body():
