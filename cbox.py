@@ -27,14 +27,16 @@ EVENTS). Sections, in order; each uses only what comes before it:
   7. VMs             one VM: its record on disk, paths, deadlines and activity, VMM
                      process and API, agent client, console and event readers, and
                      how it ended (stopReason)
-  8. VM manager      tombstones of VMs a deadline ended; all VMs: start / destroy /
-                     adopt composing the sections above, freeing a VM that ended by
-                     itself, egress policy changes, the one task keeping deadlines
-                     (TTL, idle), exec forwarding
-  9. REST server     routes of contract section 1, auth, limits, request log; EventRelay:
+  8. Exec results    fields of the agent's exec results read without parsing them
+                     whole; each exec counted finished once (metrics, exec.finished);
+                     tombstones of VMs a deadline ended
+  9. VM manager      all VMs: start / destroy / adopt composing the sections above,
+                     freeing a VM that ended by itself, egress policy changes, the
+                     one task keeping deadlines (TTL, idle), exec forwarding
+ 10. REST server     routes of contract section 1, auth, limits, request log; EventRelay:
                      exec event streams to the client (NDJSON or SSE, chunked)
- 10. CLI             `serve`, `selftest` (a new host's end-to-end check), and a
-                     small client: `vm start|ls|rm|logs|network`, `exec`
+ 11. CLI             `serve`, `selftest` (a new host's end-to-end check), and a
+                     small client: `vm start|ls|rm|logs|network|ttl`, `exec`
 
 The external contract lives in ../shared/docs/contract.md (beside checkouts) and
 is summarised in README.md.
@@ -1495,6 +1497,7 @@ class AgentEvents:
         self.failure = None            # AgentError after the events of the last batch
         self.finished = False          # the exit event was read
         self.on_close = None           # called once when the stream closes
+        self.on_exit = None            # called with the exit event's line when it is read
 
     def broken(self, why):
         return AgentError(502, f"exec stream from the guest agent of VM '{self.agent.vm_name}' broke: {why}")
@@ -1552,6 +1555,8 @@ class AgentEvents:
             raise self.broken(f"event seq {seq} where {self.next_seq} was due")
         self.next_seq = seq + 1
         self.finished = event["type"] == "exit"
+        if self.finished and self.on_exit:
+            self.on_exit(line)
         return event
 
     async def next_events(self):
@@ -3884,7 +3889,7 @@ class VM:
 
 
 # =============================================================================
-# 8. VM manager (all VMs: start, destroy, adopt at start-up, exec forwarding)
+# 8. Exec results and tombstones (what the manager keeps of execs and of ended VMs)
 # =============================================================================
 
 BACKGROUND_TRACKED = 1024      # background execs per VM waiting to be seen finished (oldest forgotten)
@@ -3953,13 +3958,44 @@ def exec_event_fields(text, exec_id, timed_out, oom_killed, duration_ms):
             "timedOut": timed_out, "oomKilled": oom_killed, "durationMs": duration_ms}
 
 
-@contextlib.contextmanager
-def agent_errors():
-    """A guest agent's refusal or silence as the API's answer."""
-    try:
-        yield
-    except AgentError as e:
-        raise ApiError(e.status, str(e)) from e
+def await_finish(vm, answer):
+    """Remember a background exec's id (from the agent's answer to its start) until a status
+    or kill answer shows it finished: exec.finished is published then, once."""
+    exec_id = exec_fields(answer_text_for_fields(answer)).get("execId")
+    if isinstance(exec_id, str) and EXEC_ID.match(exec_id):
+        vm.awaiting_finish[exec_id] = None
+        if len(vm.awaiting_finish) > BACKGROUND_TRACKED:
+            vm.awaiting_finish.popitem(last=False)
+
+
+def exec_finished(vm, text, exec_id=None):
+    """Count a finished exec from its result's JSON text and publish exec.finished, whose
+    other fields are read from the text only when the event is (exec_event_fields)."""
+    M_EXECS_FINISHED.inc()
+    timed_out, oom_killed = has_field(text, TIMED_OUT), has_field(text, OOM_KILLED)
+    if timed_out:
+        M_EXECS_TIMED_OUT.inc()
+    if oom_killed:
+        M_EXECS_OOM.inc()
+    duration = exec_duration_ms(text)
+    if duration is not None:
+        M_EXEC_DURATION.observe(duration / 1000)
+    EVENTS.publish("exec.finished", vm.vmName, (exec_event_fields, text, exec_id, timed_out, oom_killed, duration))
+
+
+def on_exec_answer(vm, answer, background_id=None):
+    """Count an exec result that shows its exec finished and publish exec.finished, once per
+    exec: a blocking exec's answer (a large one once it was passed on whole), a background
+    exec's first status or kill answer with "running": false."""
+    if isinstance(answer, BodyStream):
+        answer.then = lambda head, tail: on_exec_answer(vm, head + b"\n" + tail, background_id)
+        return
+    text = answer_text_for_fields(answer, tail=1536)     # kept with the event: at most 2 KiB
+    if background_id is not None:       # a status or kill answer: the exec may still run
+        if not has_field(text, NOT_RUNNING) or background_id not in vm.awaiting_finish:
+            return
+        del vm.awaiting_finish[background_id]
+    exec_finished(vm, text, background_id)
 
 
 class Tombstones:
@@ -4008,6 +4044,19 @@ class Tombstones:
             write_atomically(self.path, json.dumps(list(self.entries.values())).encode())
         except OSError as e:
             log("cannot write tombstones", file=self.path, error=repr(str(e)))
+
+
+# =============================================================================
+# 9. VM manager (all VMs: start, destroy, adopt at start-up, exec forwarding)
+# =============================================================================
+
+@contextlib.contextmanager
+def agent_errors():
+    """A guest agent's refusal or silence as the API's answer."""
+    try:
+        yield
+    except AgentError as e:
+        raise ApiError(e.status, str(e)) from e
 
 
 class VMManager:
@@ -4375,10 +4424,10 @@ class VMManager:
             answer = await vm.agent.exec(agent_body, timeout=(timeout + 15.0) if blocking else 15.0)
             M_EXECS_STARTED.inc()
             if blocking:
-                self.on_exec_answer(vm, answer)
+                on_exec_answer(vm, answer)
             elif not isinstance(answer, BodyStream):
                 vm.note_background_exec(answer)
-                self.await_finish(vm, answer)
+                await_finish(vm, answer)
             if not stream:
                 return answer
             if isinstance(answer, BodyStream):        # a background answer is small: not the agent's
@@ -4400,6 +4449,8 @@ class VMManager:
             events = await vm.agent.events(exec_id, since, 2 * self.cfg.stream_keepalive_s + 10.0)
         vm.begin_activity()
         events.on_close = vm.end_activity
+        if exec_id in vm.awaiting_finish:      # counted and published once, by whoever sees it end first
+            events.on_exit = lambda line: on_exec_answer(vm, line, exec_id)
         return events
 
     async def exec_status(self, name, exec_id):
@@ -4408,7 +4459,7 @@ class VMManager:
         with agent_errors():
             answer = await vm.agent.status(exec_id)
         if exec_id in vm.awaiting_finish:
-            self.on_exec_answer(vm, answer, exec_id)
+            on_exec_answer(vm, answer, exec_id)
         return answer
 
     async def exec_kill(self, name, exec_id, grace=0.0):
@@ -4417,7 +4468,7 @@ class VMManager:
         with agent_errors():
             answer = await vm.agent.kill(exec_id, grace)
         if exec_id in vm.awaiting_finish:
-            self.on_exec_answer(vm, answer, exec_id)
+            on_exec_answer(vm, answer, exec_id)
         return answer
 
     async def exec_kill_all(self, name, grace=0.0):
@@ -4440,44 +4491,6 @@ class VMManager:
         with agent_errors():
             return await vm.agent.stdin(exec_id, body)
 
-    def await_finish(self, vm, answer):
-        """Remember a background exec's id (from the agent's answer to its start) until a status
-        or kill answer shows it finished: exec.finished is published then, once."""
-        exec_id = exec_fields(answer_text_for_fields(answer)).get("execId")
-        if isinstance(exec_id, str) and EXEC_ID.match(exec_id):
-            vm.awaiting_finish[exec_id] = None
-            if len(vm.awaiting_finish) > BACKGROUND_TRACKED:
-                vm.awaiting_finish.popitem(last=False)
-
-    def on_exec_answer(self, vm, answer, background_id=None):
-        """Count an exec result that shows its exec finished and publish exec.finished, once per
-        exec: a blocking exec's answer (a large one once it was passed on whole), a background
-        exec's first status or kill answer with "running": false."""
-        if isinstance(answer, BodyStream):
-            answer.then = lambda head, tail: self.on_exec_answer(vm, head + b"\n" + tail, background_id)
-            return
-        text = answer_text_for_fields(answer, tail=1536)     # kept with the event: at most 2 KiB
-        if background_id is not None:       # a status or kill answer: the exec may still run
-            if not has_field(text, NOT_RUNNING) or background_id not in vm.awaiting_finish:
-                return
-            del vm.awaiting_finish[background_id]
-        self.exec_finished(vm, text, background_id)
-
-    @staticmethod
-    def exec_finished(vm, text, exec_id=None):
-        """Count a finished exec from its result's JSON text and publish exec.finished, whose
-        other fields are read from the text only when the event is (exec_event_fields)."""
-        M_EXECS_FINISHED.inc()
-        timed_out, oom_killed = has_field(text, TIMED_OUT), has_field(text, OOM_KILLED)
-        if timed_out:
-            M_EXECS_TIMED_OUT.inc()
-        if oom_killed:
-            M_EXECS_OOM.inc()
-        duration = exec_duration_ms(text)
-        if duration is not None:
-            M_EXEC_DURATION.observe(duration / 1000)
-        EVENTS.publish("exec.finished", vm.vmName, (exec_event_fields, text, exec_id, timed_out, oom_killed, duration))
-
     async def stats(self, name):
         """GET /v1/vms/{name}/stats: the guest's view (its agent) and the VMM process's."""
         vm = self.running(name)
@@ -4491,7 +4504,7 @@ class VMManager:
 
 
 # =============================================================================
-# 9. REST server
+# 10. REST server
 # =============================================================================
 
 def log_request(method, target, status, t0, vm_name=None):
@@ -4925,7 +4938,7 @@ class RestServer:
 
 
 # =============================================================================
-# 10. CLI
+# 11. CLI
 # =============================================================================
 
 def resolve_chv_bin(cfg):

@@ -513,3 +513,25 @@ def test_cli_reattaches_a_broken_stream(netns):
     assert r.stdout == "a\nc\n" and r.stderr.count("re-attaching") == 2 and "b\n" in r.stderr, r
     assert requests == ["POST /v1/vms/vm1/exec HTTP/1.1", "GET /v1/vms/vm1/exec/abc/stream?since=2 HTTP/1.1",
                         "GET /v1/vms/vm1/exec/abc/stream?since=3 HTTP/1.1"]
+
+
+def test_a_streamed_exec_is_counted_finished_once(vm):
+    """The exit event of a streamed exec counts it finished (metrics, exec.finished event),
+    once: not again when a stream re-attaches or a status shows it ended."""
+    from test_metrics import scrape, value
+    before = scrape(vm.api)
+    events = stream_all(vm, "sv", cmd="exit 5")
+    assert events[-1]["type"] == "exit" and events[-1]["exitCode"] == 5
+    exec_id = events[0]["execId"]
+
+    def finished():
+        after = scrape(vm.api)
+        return (value(after, "cbox_execs_finished_total") - value(before, "cbox_execs_finished_total"),
+                value(after, "cbox_events_total", type="exec.finished") -
+                value(before, "cbox_events_total", type="exec.finished"))
+    assert finished() == (1, 1)                 # by the stream's exit event alone
+    assert rest(vm).events(exec_id, since=0)[-1]["type"] == "exit"        # re-attached: seen ending again
+    assert vm.api.get(f"/v1/vms/sv/exec/{exec_id}")[1]["running"] is False
+    assert finished() == (1, 1)
+    _, listed = vm.api.get("/v1/events?since=0")
+    assert [e["execId"] for e in listed["events"] if e["type"] == "exec.finished"] == [exec_id]
