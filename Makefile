@@ -4,7 +4,7 @@ PYTHON ?= python3
 CONFIG ?= config.yaml
 OUT ?= out
 
-.PHONY: help run check-host demo test bench install uninstall images kernel initramfs rootfs dist clean
+.PHONY: help run check-host demo test bench install uninstall images kernel initramfs rootfs dist dist-stage clean
 
 help:
 	@echo "make run      build what is missing, then serve (needs KVM + cloud-hypervisor)"
@@ -59,6 +59,8 @@ demo:
 # config in $(CONFDIR) (an existing config.yaml is kept; the shipped one is always
 # written beside it as config.yaml.default), the images of $(OUT)/ if built in
 # $(STATEDIR)/images, and cbox.service in $(UNITDIR). DESTDIR prefixes them all.
+# A `cloud-hypervisor` file beside this Makefile (as `make dist CHV=...` packs it)
+# goes to $(LIBDIR) and the installed config's chv_bin names it.
 PREFIX ?= /usr/local
 DESTDIR ?=
 BINDIR ?= $(PREFIX)/bin
@@ -82,8 +84,11 @@ install:
 	$(SUBST) service/cbox.in > "$$d$(BINDIR)/cbox.tmp"; chmod 0755 "$$d$(BINDIR)/cbox.tmp"; \
 	mv -f "$$d$(BINDIR)/cbox.tmp" "$$d$(BINDIR)/cbox"; \
 	$(SUBST) service/cbox.service.in > "$$d$(UNITDIR)/cbox.service"; chmod 0644 "$$d$(UNITDIR)/cbox.service"; \
+	chv=; if [ -f cloud-hypervisor ]; then chv="$(LIBDIR)/cloud-hypervisor"; \
+	  install -m 0755 cloud-hypervisor "$$d$$chv"; fi; \
 	sed -e 's,"/var/lib/cbox","$(STATEDIR)",' \
 	    -e 's,^\(    \(kernel\|initramfs\|rootfs\): *"\)out/,\1$(STATEDIR)/images/,' \
+	    $${chv:+-e "s|^\(    chv_bin:\).*|\1 \"$$chv\"|"} \
 	    config.yaml > "$$d$(CONFDIR)/config.yaml.default"; \
 	chmod 0640 "$$d$(CONFDIR)/config.yaml.default"; \
 	if [ -e "$$d$(CONFDIR)/config.yaml" ]; then \
@@ -102,7 +107,8 @@ install:
 # and VM state in $(STATEDIR), stay.
 uninstall:
 	@set -e; d="$(DESTDIR)"; \
-	rm -f "$$d$(LIBDIR)/cbox.py" "$$d$(LIBDIR)/guest_agent.py" "$$d$(BINDIR)/cbox" "$$d$(UNITDIR)/cbox.service"; \
+	rm -f "$$d$(LIBDIR)/cbox.py" "$$d$(LIBDIR)/guest_agent.py" "$$d$(LIBDIR)/cloud-hypervisor" \
+	      "$$d$(BINDIR)/cbox" "$$d$(UNITDIR)/cbox.service"; \
 	rm -rf "$$d$(LIBDIR)/__pycache__"; \
 	for f in $(IMAGE_FILES); do rm -f "$$d$(STATEDIR)/images/$$f"; done; \
 	if [ -e "$$d$(CONFDIR)/config.yaml" ] && [ -e "$$d$(CONFDIR)/config.yaml.default" ] \
@@ -149,13 +155,17 @@ rootfs:
 	    $(if $(MIRROR),--mirror $(MIRROR)) $(if $(DOCKERFILE),--dockerfile $(DOCKERFILE))
 
 dist: images
-	@set -e; name=$(DIST_NAME)-$$(date +%Y%m%d); stage=$(BUILD)/dist/$$name; \
-	rm -rf $(BUILD)/dist; mkdir -p $$stage/out; \
-	cp cbox.py guest_agent.py config.yaml README.md $$stage/; \
-	cp $(OUT)/vmlinuz $(OUT)/initramfs.cpio.gz $(OUT)/kernel.release $$stage/out/; \
-	cp --sparse=always $(OUT)/rootfs.ext4 $$stage/out/; \
-	if [ -n "$(CHV)" ]; then cp "$(CHV)" $$stage/cloud-hypervisor; chmod 0755 $$stage/cloud-hypervisor; \
-	  sed -i 's|^\(    chv_bin:\).*|\1 "./cloud-hypervisor"|' $$stage/config.yaml; fi; \
+	@set -e; name=$(DIST_NAME)-$$(date +%Y%m%d); rm -rf $(BUILD)/dist; \
+	$(MAKE) --no-print-directory dist-stage STAGE=$(BUILD)/dist/$$name; \
 	echo "[dist] packing $(OUT)/$$name.tar.gz"; \
 	tar --sparse -C $(BUILD)/dist -czf $(OUT)/$$name.tar.gz $$name; \
 	rm -rf $(BUILD)/dist; ls -l $(OUT)/$$name.tar.gz
+
+# The tarball's tree in STAGE: what `make install` (or `./cbox.py serve` in place) needs.
+dist-stage:
+	@set -e; stage="$(STAGE)"; test -n "$$stage"; rm -rf "$$stage"; mkdir -p "$$stage/out"; \
+	cp cbox.py guest_agent.py config.yaml README.md Makefile "$$stage/"; cp -r service "$$stage/"; \
+	cp $(OUT)/vmlinuz $(OUT)/initramfs.cpio.gz $(OUT)/kernel.release "$$stage/out/"; \
+	cp --sparse=always $(OUT)/rootfs.ext4 "$$stage/out/"; \
+	if [ -n "$(CHV)" ]; then cp "$(CHV)" "$$stage/cloud-hypervisor"; chmod 0755 "$$stage/cloud-hypervisor"; \
+	  sed -i 's|^\(    chv_bin:\).*|\1 "./cloud-hypervisor"|' "$$stage/config.yaml"; fi

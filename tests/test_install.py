@@ -230,3 +230,27 @@ def test_serve_without_a_reachable_notify_socket_still_serves(cbox_factory, tmp_
     assert "cannot notify systemd" in server.log()
     server.stop()
     assert server.proc.returncode == 0
+
+
+def test_the_air_gap_tree_installs_with_its_bundled_hypervisor(tmp_path, out_dir):
+    """`make dist` packs this tree (dist-stage): `make install` from it works, and a bundled
+    cloud-hypervisor is installed beside cbox.py with the config's chv_bin naming it."""
+    chv = tmp_path / "chv-build"
+    chv.write_text("#!/bin/sh\necho stand-in\n")
+    stage, dest = tmp_path / "cbox-dist", tmp_path / "dest"
+    make("dist-stage", f"STAGE={stage}", f"OUT={out_dir}", f"CHV={chv}")
+    assert (stage / "Makefile").exists() and (stage / "service" / "cbox.service.in").exists()
+    assert 'chv_bin: "./cloud-hypervisor"' in (stage / "config.yaml").read_text()
+    r = subprocess.run(["make", "--no-print-directory", "-C", str(stage), "SYSTEMCTL=false", "install",
+                        f"DESTDIR={dest}"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert files_under(dest) == sorted(INSTALLED + ["usr/local/lib/cbox/cloud-hypervisor"])
+    installed_chv = dest / "usr/local/lib/cbox/cloud-hypervisor"
+    assert installed_chv.read_text() == chv.read_text() and os.access(installed_chv, os.X_OK)
+    config = cbox.load_config(str(dest / "etc/cbox/config.yaml"))
+    assert config.chv_bin == "/usr/local/lib/cbox/cloud-hypervisor"
+    assert config.rootfs == "/var/lib/cbox/images/rootfs.ext4"
+    r = subprocess.run(["make", "--no-print-directory", "-C", str(stage), "SYSTEMCTL=false", "uninstall",
+                        f"DESTDIR={dest}"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert files_under(dest) == []
