@@ -73,18 +73,29 @@ VERSION = "0.1.0"
 LOG_START = time.monotonic()
 
 
-LOG_SECOND = (None, "")        # the second of the last log line and its "HH:MM:SS"
+class SecondText:
+    """The time as text, formatted by strftime once a second rather than once a call:
+    now() gives that second's text and the milliseconds past it."""
+
+    def __init__(self, fmt, to_struct):
+        self.fmt, self.to_struct = fmt, to_struct
+        self.second, self.text = None, ""
+
+    def now(self):
+        now = time.time()
+        if self.second != int(now):
+            self.second = int(now)
+            self.text = time.strftime(self.fmt, self.to_struct(now))
+        return self.text, int((now - self.second) * 1000)
+
+
+LOG_CLOCK = SecondText("%H:%M:%S", time.localtime)
 
 
 def log_time():
-    """Local time as HH:MM:SS.mmm; strftime runs once a second, not once a request."""
-    global LOG_SECOND
-    now = time.time()
-    second, text = LOG_SECOND
-    if second != int(now):
-        second, text = int(now), time.strftime("%H:%M:%S", time.localtime(now))
-        LOG_SECOND = (second, text)
-    return f"{text}.{int((now - second) * 1000):03d}"
+    """Local time as HH:MM:SS.mmm."""
+    text, ms = LOG_CLOCK.now()
+    return f"{text}.{ms:03d}"
 
 
 # Twin of guest_agent.py's log() (each file stays standalone).
@@ -415,18 +426,13 @@ HTTP_METHODS = frozenset(("GET", "POST", "PUT", "DELETE", "HEAD", "PATCH", "OPTI
 
 # ---- events: numbered, kept in a ring (GET /v1/events), handed to sinks (events_url) ----
 
-EVENT_SECOND = (None, "")      # the second of the last event and its "YYYY-MM-DDTHH:MM:SS"
+EVENT_CLOCK = SecondText("%Y-%m-%dT%H:%M:%S", time.gmtime)
 
 
 def event_time():
-    """UTC as RFC 3339 with milliseconds; strftime runs once a second (as in log_time)."""
-    global EVENT_SECOND
-    now = time.time()
-    second, text = EVENT_SECOND
-    if second != int(now):
-        second, text = int(now), time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
-        EVENT_SECOND = (second, text)
-    return f"{text}.{int((now - second) * 1000):03d}Z"
+    """UTC as RFC 3339 with milliseconds."""
+    text, ms = EVENT_CLOCK.now()
+    return f"{text}.{ms:03d}Z"
 
 
 def complete_event(event):

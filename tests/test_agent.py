@@ -6,7 +6,6 @@ network configuration is tested inside a namespace from the `netns`
 fixture, and the PID 1 duties inside `unshare --pid --mount --net --uts`.
 Every process a test starts is killed at its end, even on failure.
 """
-import http.client
 import importlib.util
 import json
 import os
@@ -135,11 +134,13 @@ class LogReader:
             return "\n".join(self.lines)
 
 
-class Agent:
-    """guest_agent.py as a plain process on 127.0.0.1:<free port>."""
+class Agent(AgentApi):
+    """guest_agent.py as a plain process on 127.0.0.1:<free port>; request() and exec() are
+    execstream.AgentApi's."""
 
     def __init__(self, callback_socket, cmdline="cbox.vm=t1"):
         self.port = free_port()
+        super().__init__(lambda: socket.create_connection(("127.0.0.1", self.port)), timeout=30)
         self.callback_socket = str(callback_socket)
         env = dict(os.environ, CBOX_CMDLINE=cmdline, CBOX_CALLBACK_SOCKET=str(callback_socket))
         self.proc = subprocess.Popen(
@@ -147,21 +148,6 @@ class Agent:
             env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         self.log = LogReader(self.proc.stderr)
         self.log.wait_for("ready on 127.0.0.1")
-
-    def request(self, method, path, body=None, timeout=30):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
-            conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
-            response = conn.getresponse()
-            return response.status, json.loads(response.read())
-        finally:
-            conn.close()
-
-    def exec(self, **fields):
-        status, result = self.request("POST", "/exec", fields)
-        assert status == 200, result
-        return result
 
     def server_pid(self):
         return self.request("GET", "/health")[1]["pid"]
