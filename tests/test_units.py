@@ -299,12 +299,17 @@ def test_stdin_request_and_query_numbers():
     for bad in ({}, {"data": 1}, {"eof": "yes"}, {"data": "x", "more": 1}):
         with pytest.raises(cbox.ApiError):
             cbox.validate_stdin_request(bad)
-    assert cbox.query_number({"since": ["12"]}, "since", 100, integer=True) == 12
-    assert cbox.query_number({}, "grace", 100, 0.0) == 0.0
-    assert cbox.query_number({"grace": ["2.5"]}, "grace", 100) == 2.5
+    since = {"since": {"type": "integer", "minimum": 0, "maximum": 100}}
+    grace = {"grace": {"type": "number", "minimum": 0, "maximum": 100, "default": 0.0}}
+    assert cbox.check_query({"since": ["12"]}, since) == {"since": 12}
+    assert cbox.check_query({}, since) == {} and cbox.check_query({}, grace) == {"grace": 0.0}
+    assert cbox.check_query({"grace": ["2.5"]}, grace) == {"grace": 2.5}
     for bad in ("-1", "1.5", "x", "", "1e3", "101", "²"):
         with pytest.raises(cbox.ApiError):
-            cbox.query_number({"since": [bad]}, "since", 100, integer=True)
+            cbox.check_query({"since": [bad]}, since)
+    for bad in ({"since": ["1", "2"]}, {"other": ["1"]}):        # given twice; unknown
+        with pytest.raises(cbox.ApiError):
+            cbox.check_query(bad, since)
 
 
 def test_exec_ids_and_tags_in_paths():
