@@ -2862,7 +2862,8 @@ def openapi_schema(schema):
         if key == "x-check":
             out["x-check"] = value.__name__
             doc = " ".join((value.__doc__ or "").split())
-            out["description"] = " ".join(filter(None, (schema.get("description"), doc)))
+            given = schema.get("description", "")
+            out["description"] = f"{given}{'' if given.endswith('.') else '.'} {doc}" if given else doc
         elif key == "description" and "x-check" in schema:
             continue
         elif key in ("properties", "$defs"):
@@ -3000,7 +3001,8 @@ def lifetime_schema(default, maximum):
         bounds = {"minimum": 0, "maximum": FOREVER_S, "x-errors": {
             "minimum": "'{name}' must be a whole number of seconds (0 or null: none)",
             "maximum": "'{name}' must be at most {maximum} seconds"}}
-    return {"type": ["integer", "null"], "default": default, **bounds}
+    return {"type": ["integer", "null"], "default": default, **bounds,
+            "description": "whole seconds (0: none; null: the default shown)"}
 
 
 def network_schema(cfg, require_egress=False):
@@ -3019,7 +3021,7 @@ def network_schema(cfg, require_egress=False):
     list_error = "network.allowOut must be a list of IPv4 CIDR strings"
     egress = {"enum": list(EGRESS_MODES), "x-errors": {"enum": f"network.egress must be one of {', '.join(EGRESS_MODES)}, got {{value}}"}}
     return {
-        "type": "object", "additionalProperties": False, "required": ["egress"] if require_egress else [],
+        "type": "object", "additionalProperties": False, **({"required": ["egress"]} if require_egress else {}),
         "properties": {
             "egress": egress if require_egress else {**egress, "default": cfg.default_egress},
             "allowOut": {"type": ["array", "null"], "default": [], "maxItems": MAX_ALLOW_OUT, "x-check": ipv4_networks,
@@ -4812,7 +4814,7 @@ def log_request(method, target, status, t0, vm_name=None):
 
 def route_name(pattern):
     """A route's name for the metrics: its regex as a template, '/v1/vms/{name}/exec'."""
-    return re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern.pattern.strip("^$"))
+    return re.sub(r"\\(.)", r"\1", re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern.pattern.strip("^$")))
 
 
 def count_request(route, method, status):
@@ -6278,6 +6280,8 @@ def main(argv=None):
     p.add_argument("--config", default=config, help="config file (env CBOX_CONFIG, else config.yaml)")
     p = sub.add_parser("check-config", help="parse the config and print the effective settings")
     p.add_argument("--config", default=config, help="config file (env CBOX_CONFIG, else config.yaml)")
+    p = sub.add_parser("openapi", help="print the OpenAPI 3.1 description of the REST API (as GET /v1/openapi.json)")
+    p.add_argument("--config", default=config, help="config file (env CBOX_CONFIG, else config.yaml)")
     p = sub.add_parser("preflight", help="check this host can run real VMs (KVM, cloud-hypervisor, tools)")
     p.add_argument("--config", default=config, help="config file (env CBOX_CONFIG, else config.yaml)")
     p = sub.add_parser("selftest", help="check this host end to end: preflight, boot a VM, exec, "
@@ -6332,7 +6336,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if tail is not None:
         args.command = args.command + tail
-    if args.cmd in ("serve", "check-config", "preflight", "selftest"):
+    if args.cmd in ("serve", "check-config", "openapi", "preflight", "selftest"):
         try:
             cfg = load_config(args.config)
         except (ConfigError, OSError) as e:
@@ -6341,6 +6345,9 @@ def main(argv=None):
             for key in CONFIG_KEYS:
                 secret = key in ("api_token", "callback_secret") and getattr(cfg, key)
                 print(f"{key}: {'(set)' if secret else repr(getattr(cfg, key))}")
+            return
+        if args.cmd == "openapi":
+            print(json.dumps(openapi_document(cfg, RestServer(cfg, None).routes), indent=1))
             return
         if args.cmd == "preflight":
             problems = preflight(cfg)
