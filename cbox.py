@@ -20,8 +20,11 @@ EVENTS). Sections, in order; each uses only what comes before it:
   4. Host resources  network (bridge, persistent taps, port isolation, iptables
                      chains, each VM's egress chain), each VM's stateful disk,
                      host memory
-  5. Allocation      guest IPs, vsock CIDs, tap names; request validation (with
-                     lifetimes, labels and the label/status filter of /v1/vms)
+  5. Allocation      guest IPs, vsock CIDs, tap names; request validation: the
+                     schemas of request bodies, queries and path parameters (a
+                     small JSON Schema vocabulary that check_schema runs and
+                     /v1/openapi.json publishes), with lifetimes, labels, egress
+                     and the label/status filter of /v1/vms
   6. Callback bridge a VM's callback socket: the guest's JSON lines forwarded to
                      its callback URL, every cost budgeted per VM
   7. VMs             one VM: its record on disk, paths, deadlines and activity, VMM
@@ -33,10 +36,13 @@ EVENTS). Sections, in order; each uses only what comes before it:
   9. VM manager      all VMs: start / destroy / adopt composing the sections above,
                      freeing a VM that ended by itself, egress policy changes, the
                      one task keeping deadlines (TTL, idle), exec forwarding
- 10. REST server     routes of contract section 1, auth, limits, request log; EventRelay:
+ 10. REST server     routes of contract section 1 (each method an Operation: handler,
+                     request and answer schemas), auth, limits, request log; the
+                     API description made from them (openapi_document); EventRelay:
                      exec event streams to the client (NDJSON or SSE, chunked)
  11. CLI             `serve`, `selftest` (a new host's end-to-end check), and a
-                     small client: `vm start|ls|rm|logs|network|ttl`, `exec`
+                     small client: `vm start|ls|rm|logs|network|ttl`, `exec`;
+                     `openapi` prints the API description
 
 The external contract lives in ../shared/docs/contract.md (beside checkouts) and
 is summarised in README.md.
@@ -2881,7 +2887,6 @@ EXEC_TAG_PATTERN = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 EXEC_REF_PATTERN = "^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$"     # an execId or a tag
 USER_NAME_PATTERN = "^[A-Za-z0-9_.][A-Za-z0-9_.-]{0,63}$"
 LABEL_KEY_PATTERN = "^[A-Za-z0-9][A-Za-z0-9_./-]{0,62}$"
-VM_NAME_RE = schema_regex(VM_NAME_PATTERN)
 EXEC_REF_RE = schema_regex(EXEC_REF_PATTERN)
 MAX_ARGV = 65536              # arguments of one argv (the kernel's own limit is near 2^21 bytes anyway)
 MAX_PIDS_LIMIT = 4194304      # the kernel's largest pid_max
@@ -3109,7 +3114,7 @@ def request_schemas(cfg):
 
 # the query parameters of the routes that take some
 VM_FILTER_QUERY = {
-    "label": {"type": "array", "items": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_./-]{0,62}(=[\\s\\S]*)?$",
+    "label": {"type": "array", "items": {"type": "string", "pattern": LABEL_KEY_PATTERN[:-1] + "(=[\\s\\S]*)?$",
                                          "x-errors": {"*": "bad label filter {value}: use label=KEY=VALUE or label=KEY"}},
               "description": "KEY=VALUE (the label has that value) or KEY (the VM has the label); all must match"},
     "status": {"type": "array", "items": {"enum": list(VM_STATUSES) + [s.lower() for s in VM_STATUSES],
