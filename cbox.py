@@ -2715,110 +2715,215 @@ def child_name(name, key):
     return f"{name}.{key}" if name else key
 
 
-class SchemaCheck:
-    """check_schema's parts: one per kind of value (they call each other for nested values)."""
+class SchemaCompiler:
+    """A schema turned once into the checks its keywords ask for: compile() gives a function
+    (value, name) -> the value as used (check_schema's work; a request is checked often)."""
 
     @classmethod
-    def conforms(cls, value, schema, name):
-        try:
-            cls.value(value, schema, name)
-        except ApiError:
-            return False
-        return True
+    def compile(cls, schema):
+        steps = [step for step in (cls.types(schema), cls.combinators(schema), cls.enum(schema), cls.number(schema),
+                                   cls.string(schema), cls.array(schema), cls.object(schema), cls.check(schema)) if step]
+        has_default, default = "default" in schema, schema.get("default")
 
-    @classmethod
-    def value(cls, value, schema, name):
-        """check_schema."""
-        if value is None and "default" in schema:
-            value = schema["default"]
-        types = schema.get("type")
-        if types is not None:
-            types = [types] if isinstance(types, str) else types
-            if not any(is_json_type(value, t) for t in types):
-                words = " or ".join(JSON_TYPES[t][1] for t in types if t != "null")
-                raise schema_error(schema, "type", name, value, f"'{name}' must be {words}")
-        for keyword, fits in (("anyOf", lambda n, of: n > 0), ("oneOf", lambda n, of: n == 1),
-                              ("allOf", lambda n, of: n == len(of))):
-            if keyword in schema and not fits(sum(cls.conforms(value, s, name) for s in schema[keyword]), schema[keyword]):
-                raise schema_error(schema, keyword, name, value, f"'{name}' does not have an allowed form")
-        if "enum" in schema and value not in schema["enum"]:
-            raise schema_error(schema, "enum", name, value,
-                               f"'{name}' must be one of {', '.join(map(str, schema['enum']))}, got {shown(value)}")
-        if is_json_type(value, "number"):
-            cls.range(value, schema, name)
-        elif isinstance(value, str):
-            cls.string(value, schema, name)
-        elif isinstance(value, list):
-            value = cls.array(value, schema, name)
-        elif isinstance(value, dict):
-            value = cls.object(value, schema, name)
-        check = schema.get("x-check")
-        if check is None or value is None:
+        def run(value, name):
+            if value is None and has_default:
+                if fixed_default:
+                    return default
+                value = default
+            for step in steps:
+                value = step(value, name)
             return value
-        try:
-            return check(value, name)
-        except ApiError as e:      # the schema's own message, if it has one
-            raise schema_error(schema, "x-check", name, value, str(e)) from None
+        fixed_default = False          # a valid scalar default needs no checks each time
+        if has_default and not isinstance(default, (dict, list)):
+            try:
+                fixed_default = run(default, "") == default
+            except ApiError:
+                pass
+        run.fixed_default = fixed_default
+        return run
 
     @classmethod
-    def range(cls, value, schema, name):
-        for keyword, bad in (("minimum", lambda b: value < b), ("exclusiveMinimum", lambda b: value <= b),
-                             ("maximum", lambda b: value > b)):
-            if keyword in schema and bad(schema[keyword]):
-                low, high = schema.get("minimum", schema.get("exclusiveMinimum")), schema.get("maximum")
-                span = (f"{low:g}..{high:g}" if low is not None and high is not None
-                        else f"at most {high:g}" if high is not None else f"more than {low:g}")
-                raise schema_error(schema, keyword, name, value, f"'{name}' must be {span}")
+    def types(cls, schema):
+        if "type" not in schema:
+            return None
+        names = [schema["type"]] if isinstance(schema["type"], str) else schema["type"]
+        words = " or ".join(JSON_TYPES[t][1] for t in names if t != "null")
+        classes = {bool} if "boolean" in names else set()       # exact classes: JSON true is no number
+        classes |= {type(None)} if "null" in names else set()
+        classes |= {str} if "string" in names else set()
+        classes |= {list} if "array" in names else set()
+        classes |= {dict} if "object" in names else set()
+        classes |= {int} if "integer" in names or "number" in names else set()
+        finite = "number" in names           # json.loads reads NaN and Infinity
+
+        def step(value, name):
+            if value.__class__ not in classes and not (finite and value.__class__ is float and math.isfinite(value)):
+                raise schema_error(schema, "type", name, value, f"'{name}' must be {words}")
+            return value
+        return step
 
     @classmethod
-    def string(cls, value, schema, name):
-        if len(value) < schema.get("minLength", 0):
-            raise schema_error(schema, "minLength", name, value, f"'{name}' must not be empty")
-        if "maxLength" in schema and len(value) > schema["maxLength"]:
-            raise schema_error(schema, "maxLength", name, value, f"'{name}' is longer than {schema['maxLength']} characters")
-        if "pattern" in schema and not schema_regex(schema["pattern"]).search(value):
-            raise schema_error(schema, "pattern", name, value, f"'{name}' must match {schema['pattern']}")
+    def combinators(cls, schema):
+        fits = {"anyOf": lambda n, of: n > 0, "oneOf": lambda n, of: n == 1, "allOf": lambda n, of: n == len(of)}
+        parts = [(keyword, fits[keyword], [tuple(s["required"]) if set(s) == {"required"} else cls.compile(s)
+                                           for s in schema[keyword]]) for keyword in fits if keyword in schema]
+        if not parts:
+            return None
+
+        def passes(check, value, name):
+            if isinstance(check, tuple):           # a branch that only requires fields
+                return isinstance(value, dict) and all(k in value for k in check)
+            try:
+                check(value, name)
+            except ApiError:
+                return False
+            return True
+
+        def step(value, name):
+            for keyword, fit, checks in parts:
+                if not fit(sum(passes(check, value, name) for check in checks), checks):
+                    raise schema_error(schema, keyword, name, value, f"'{name}' does not have an allowed form")
+            return value
+        return step
 
     @classmethod
-    def array(cls, value, schema, name):
-        if len(value) < schema.get("minItems", 0):
-            raise schema_error(schema, "minItems", name, value, f"'{name}' needs at least {schema['minItems']} item(s)")
-        if "maxItems" in schema and len(value) > schema["maxItems"]:
-            raise schema_error(schema, "maxItems", name, value, f"'{name}' has more than {schema['maxItems']} items")
-        prefix = schema.get("prefixItems", [])
-        return [cls.value(v, prefix[i] if i < len(prefix) else schema.get("items", {}), f"{name}[{i}]")
-                for i, v in enumerate(value)]
+    def enum(cls, schema):
+        if "enum" not in schema:
+            return None
+        allowed = schema["enum"]
+
+        def step(value, name):
+            if value not in allowed:
+                raise schema_error(schema, "enum", name, value,
+                                   f"'{name}' must be one of {', '.join(map(str, allowed))}, got {shown(value)}")
+            return value
+        return step
 
     @classmethod
-    def object(cls, value, schema, name):
-        if "maxProperties" in schema and len(value) > schema["maxProperties"]:
-            raise schema_error(schema, "maxProperties", name, value, f"'{name}' has more than {schema['maxProperties']} entries")
-        for key in value:
-            if "propertyNames" in schema:
-                cls.value(key, schema["propertyNames"], child_name(name, key))
-        properties, extra = schema.get("properties", {}), schema.get("additionalProperties", True)
-        prefix = f"{name}: " if name else ""
-        unknown = sorted(k for k in value if k not in properties)
-        if unknown and extra is False:
-            raise schema_error(schema, "additionalProperties", name, value, f"{prefix}unknown field(s): {', '.join(unknown)}")
-        missing = [k for k in schema.get("required", ()) if k not in value]
-        if missing:
-            raise schema_error(schema, "required", name, value,
-                               f"{prefix}missing required field(s): {', '.join(missing)}")
-        out = {}
-        for key, sub in properties.items():
-            if key in value or "default" in sub:
-                out[key] = cls.value(value.get(key), sub, child_name(name, key))
-        for key in unknown:
-            out[key] = cls.value(value[key], extra, child_name(name, key)) if isinstance(extra, dict) else value[key]
-        return out
+    def number(cls, schema):
+        bounds = [(keyword, bad, schema[keyword]) for keyword, bad in (
+            ("minimum", lambda v, b: v < b), ("exclusiveMinimum", lambda v, b: v <= b), ("maximum", lambda v, b: v > b))
+            if keyword in schema]
+        if not bounds:
+            return None
+        low, high = schema.get("minimum", schema.get("exclusiveMinimum")), schema.get("maximum")
+        span = (f"{low:g}..{high:g}" if low is not None and high is not None
+                else f"at most {high:g}" if high is not None else f"more than {low:g}")
+
+        def step(value, name):
+            if is_json_type(value, "number"):
+                for keyword, bad, bound in bounds:
+                    if bad(value, bound):
+                        raise schema_error(schema, keyword, name, value, f"'{name}' must be {span}")
+            return value
+        return step
+
+    @classmethod
+    def string(cls, schema):
+        if not {"minLength", "maxLength", "pattern"} & set(schema):
+            return None
+        shortest, longest = schema.get("minLength", 0), schema.get("maxLength")
+        regex = schema_regex(schema["pattern"]) if "pattern" in schema else None
+
+        def step(value, name):
+            if isinstance(value, str):
+                if len(value) < shortest:
+                    raise schema_error(schema, "minLength", name, value, f"'{name}' must not be empty")
+                if longest is not None and len(value) > longest:
+                    raise schema_error(schema, "maxLength", name, value, f"'{name}' is longer than {longest} characters")
+                if regex and not regex.search(value):
+                    raise schema_error(schema, "pattern", name, value, f"'{name}' must match {schema['pattern']}")
+            return value
+        return step
+
+    @classmethod
+    def array(cls, schema):
+        if not {"items", "prefixItems", "minItems", "maxItems"} & set(schema):
+            return None
+        fewest, most = schema.get("minItems", 0), schema.get("maxItems")
+        prefix = [cls.compile(s) for s in schema.get("prefixItems", [])]
+        items = cls.compile(schema.get("items", {}))
+
+        def step(value, name):
+            if not isinstance(value, list):
+                return value
+            if len(value) < fewest:
+                raise schema_error(schema, "minItems", name, value, f"'{name}' needs at least {fewest} item(s)")
+            if most is not None and len(value) > most:
+                raise schema_error(schema, "maxItems", name, value, f"'{name}' has more than {most} items")
+            return [(prefix[i] if i < len(prefix) else items)(v, f"{name}[{i}]") for i, v in enumerate(value)]
+        return step
+
+    @classmethod
+    def object(cls, schema):
+        keys = {"properties", "required", "additionalProperties", "propertyNames", "maxProperties"}
+        if not keys & set(schema):
+            return None
+        checks = {key: cls.compile(sub) for key, sub in schema.get("properties", {}).items()}
+        fixed = {key: sub["default"] for key, sub in schema.get("properties", {}).items() if checks[key].fixed_default}
+        computed = [(key, checks[key]) for key, sub in schema.get("properties", {}).items()    # defaults to check
+                    if "default" in sub and key not in fixed]
+        required, most = schema.get("required", ()), schema.get("maxProperties")
+        names = cls.compile(schema["propertyNames"]) if "propertyNames" in schema else None
+        extra = schema.get("additionalProperties", True)
+        extra = cls.compile(extra) if isinstance(extra, dict) else extra
+
+        def step(value, name):
+            if not isinstance(value, dict):
+                return value
+            if most is not None and len(value) > most:
+                raise schema_error(schema, "maxProperties", name, value, f"'{name}' has more than {most} entries")
+            if names:
+                for key in value:
+                    names(key, child_name(name, key))
+            prefix = f"{name}: " if name else ""
+            unknown = [k for k in value if k not in checks]
+            if unknown and extra is False:
+                raise schema_error(schema, "additionalProperties", name, value,
+                                   f"{prefix}unknown field(s): {', '.join(sorted(unknown))}")
+            missing = [k for k in required if k not in value]
+            if missing:
+                raise schema_error(schema, "required", name, value, f"{prefix}missing required field(s): {', '.join(missing)}")
+            out = dict(fixed)
+            for key, given in value.items():
+                check = checks.get(key)
+                if check:
+                    out[key] = check(given, f"{name}.{key}" if name else key)
+            for key, check in computed:
+                if key not in value:
+                    out[key] = check(None, f"{name}.{key}" if name else key)
+            for key in unknown:
+                out[key] = extra(value[key], child_name(name, key)) if callable(extra) else value[key]
+            return out
+        return step
+
+    @classmethod
+    def check(cls, schema):
+        check = schema.get("x-check")
+        if check is None:
+            return None
+
+        def step(value, name):
+            if value is None:
+                return value
+            try:
+                return check(value, name)
+            except ApiError as e:      # the schema's own message, if it has one
+                raise schema_error(schema, "x-check", name, value, str(e)) from None
+        return step
+
+
+COMPILED_SCHEMAS = {}      # id(schema) -> (schema, its check): the schemas are made once (request_schemas)
 
 
 def check_schema(value, schema, name=""):
     """`value` checked against `schema` -> the value as used (defaults filled in, x-check's
     result), else ApiError 400 saying what is wrong. `name` is the value's place in the
     request ("vcpus", "network.allowOut[2]"; "" for the whole body)."""
-    return SchemaCheck.value(value, schema, name)
+    entry = COMPILED_SCHEMAS.get(id(schema))
+    if entry is None or entry[0] is not schema:
+        entry = COMPILED_SCHEMAS[id(schema)] = (schema, SchemaCompiler.compile(schema))
+    return entry[1](value, name)
 
 
 def query_value(key, text, schema):
@@ -3145,9 +3250,13 @@ def check_exec_id(exec_id):
     return exec_id
 
 
+LIFETIME_SCHEMAS = {}        # maximum -> the schema of lifetime_seconds
+
+
 def lifetime_seconds(value, key, maximum):
     """A ttlSeconds / idleTimeoutSeconds value (lifetime_schema) within `maximum` (0: none)."""
-    return check_schema(value, {**lifetime_schema(None, maximum), "type": "integer"}, key)
+    schema = LIFETIME_SCHEMAS.setdefault(maximum, {**lifetime_schema(None, maximum), "type": "integer"})
+    return check_schema(value, schema, key)
 
 
 def expires_at(ttl_seconds):
