@@ -2662,8 +2662,9 @@ def tap_name(cid):
 
 # ---- request schemas: a small JSON Schema vocabulary --------------------------------------
 # Every request body, query and path parameter is described by a schema (a Python dict in a
-# subset of JSON Schema 2020-12). check_schema runs it; /v1/openapi.json publishes it (after
-# openapi_schema drops what is ours), so the document and the server cannot disagree.
+# subset of JSON Schema 2020-12). check_schema runs it (compiled once by SchemaCompiler);
+# /v1/openapi.json publishes it (openapi_schema drops what is ours), so the document and
+# the server cannot disagree.
 # Keywords: type (a name or a list), enum, minimum, maximum, exclusiveMinimum, minLength,
 # maxLength, pattern (ECMA-262 syntax in the common subset: searched, not anchored),
 # items, prefixItems, minItems, maxItems, properties, required, additionalProperties
@@ -2685,16 +2686,8 @@ def schema_regex(pattern):
     return regex
 
 
-JSON_TYPES = {"null": (type(None), "null"), "boolean": (bool, "a boolean"), "integer": (int, "an integer"),
-              "number": ((int, float), "a number"), "string": (str, "a string"), "array": (list, "a list"),
-              "object": (dict, "an object")}
-
-
-def is_json_type(value, name):
-    types = JSON_TYPES[name][0]
-    if not isinstance(value, types) or (name != "boolean" and isinstance(value, bool)):   # JSON true is no number
-        return False
-    return name != "number" or math.isfinite(value)         # json.loads reads NaN and Infinity
+TYPE_WORDS = {"null": "null", "boolean": "a boolean", "integer": "an integer", "number": "a number",
+              "string": "a string", "array": "a list", "object": "an object"}
 
 
 def shown(value):
@@ -2747,7 +2740,7 @@ class SchemaCompiler:
         if "type" not in schema:
             return None
         names = [schema["type"]] if isinstance(schema["type"], str) else schema["type"]
-        words = " or ".join(JSON_TYPES[t][1] for t in names if t != "null")
+        words = " or ".join(TYPE_WORDS[t] for t in names if t != "null")
         classes = {bool} if "boolean" in names else set()       # exact classes: JSON true is no number
         classes |= {type(None)} if "null" in names else set()
         classes |= {str} if "string" in names else set()
@@ -2811,7 +2804,7 @@ class SchemaCompiler:
                 else f"at most {high:g}" if high is not None else f"more than {low:g}")
 
         def step(value, name):
-            if is_json_type(value, "number"):
+            if value.__class__ in (int, float):           # not bool
                 for keyword, bad, bound in bounds:
                     if bad(value, bound):
                         raise schema_error(schema, keyword, name, value, f"'{name}' must be {span}")
@@ -5036,7 +5029,9 @@ RESPONSE_SCHEMAS = {      # the answers' schemas, by name (the VM's and the exec
     "Health": {"type": "object", "required": ["status", "timestamp", "version", "vms"], "properties": {
         "status": {"const": "healthy"}, "timestamp": TIME, "version": {"type": "string"},
         "vms": {"type": "integer", "minimum": 0},
-        "pool": {"type": "object", "description": "the warm pool's state, when one is configured"}}},
+        "pool": {"type": "object", "description": "the warm pool (pool_size)", "properties": {
+            "size": {"type": "integer"}, "ready": {"type": "integer"}, "booting": {"type": "integer"},
+            "lastError": {"type": ["string", "null"]}}}}},
     "VM": VM_SCHEMA,
     "VmList": {"type": "object", "required": ["vms"], "properties": {"vms": {"type": "array", "items": ref("VM")}}},
     "Success": SUCCESS_SCHEMA,
@@ -5194,10 +5189,10 @@ class RestServer:
         ]
         self.openapi_json = None       # made at the first GET /v1/openapi.json (it depends on cfg only)
         self.route_names = {pattern: route_name(pattern) for pattern, _ in self.routes}
-        METRICS.on_scrape("process", refresh_process_metrics)
-        METRICS.on_scrape("vms", self.refresh_server_metrics)
 
     async def start(self):
+        METRICS.on_scrape("process", refresh_process_metrics)     # here: a server made for its routes only
+        METRICS.on_scrape("vms", self.refresh_server_metrics)     # (`cbox.py openapi`) has no manager
         self.server = await asyncio.start_server(self.connection, self.cfg.host, self.cfg.port,
                                                  limit=MAX_HEAD, reuse_address=True)
         log("serving", url=f"http://{self.cfg.host}:{self.cfg.port}", version=VERSION)
