@@ -969,7 +969,8 @@ class BodyStream:
         self.length, self.reusable, self.deadline = length, reusable, deadline
         self.then, self.head, self.tail = None, b"", b""
 
-    async def copy_to(self, dest, timeout):
+    async def pieces(self, timeout):
+        """The body, piece by piece as it arrives (at most 1 MiB each); close it (aclosing)."""
         loop = asyncio.get_running_loop()
         remaining = self.length
         try:
@@ -985,19 +986,24 @@ class BodyStream:
                     raise HttpError("timed out inside the body") from e
                 if not chunk:
                     raise HttpError("connection closed inside the body")
-                dest.write(chunk)
                 remaining -= len(chunk)
                 if self.then and not self.head:
                     self.head = chunk[:self.HEAD]
                 if self.then and remaining < self.TAIL:          # the chunk reaches into the last TAIL bytes
                     self.tail = (self.tail + chunk)[-self.TAIL:]
-                await within(timeout, dest.drain())
-        except BaseException:
+                yield chunk
+        except BaseException:             # also GeneratorExit: a reader that stopped early
             self.client.drop(self.writer)
             raise
         self.client.release(self.reader, self.writer, self.reusable)
         if self.then:
             self.then(self.head, self.tail)
+
+    async def copy_to(self, dest, timeout):
+        async with contextlib.aclosing(self.pieces(timeout)) as pieces:
+            async for chunk in pieces:
+                dest.write(chunk)
+                await within(timeout, dest.drain())
 
     async def read(self, limit):
         """The whole body as bytes (for error answers), at most `limit` bytes."""
@@ -1496,8 +1502,8 @@ class AgentEvents:
     EVENT_RATE = 20000.0           # a VM's streams, events a second (an agent read is an event)
     BYTE_RATE = 256.0 * 1024 * 1024
 
-    def __init__(self, agent, reader, writer, since, stall_s, line_max):
-        self.agent, self.reader, self.writer = agent, reader, writer
+    def __init__(self, agent, exec_id, reader, writer, since, stall_s, line_max):
+        self.agent, self.exec_id, self.reader, self.writer = agent, exec_id, reader, writer
         self.next_seq, self.stall_s, self.line_max = since, stall_s, line_max
         self.pending = bytearray()     # bytes read after the last complete line
         self.failure = None            # AgentError after the events of the last batch
@@ -1632,8 +1638,8 @@ class GuestAgent:
     async def exec(self, body, timeout):
         return await self._call("POST", "/exec", body, timeout)
 
-    async def status(self, exec_id):
-        return await self._call("GET", f"/exec/{exec_id}", timeout=30.0)
+    async def status(self, exec_id, timeout=30.0):
+        return await self._call("GET", f"/exec/{exec_id}", timeout=timeout)
 
     async def kill(self, exec_id, grace=0.0):
         return await self._call("DELETE", f"/exec/{exec_id}?grace={grace:g}", timeout=grace + 30.0)
@@ -1661,7 +1667,7 @@ class GuestAgent:
         except (OSError, asyncio.TimeoutError) as e:
             raise AgentError(502, f"guest agent of VM '{self.vm_name}' unreachable: {e or 'timed out'}") from e
         set_nodelay(writer)
-        events = AgentEvents(self, reader, writer, since, stall_s, self.event_line_max)
+        events = AgentEvents(self, exec_id, reader, writer, since, stall_s, self.event_line_max)
         self.streams.add(events)
         # HTTP/1.0: the agent writes the lines unframed and ends the body by closing
         writer.write(f"GET /exec/{exec_id}/stream?since={since} HTTP/1.0\r\nHost: agent\r\n\r\n".encode("latin-1"))
@@ -4559,6 +4565,8 @@ class EventRelay:
     http_body_timeout_s) is dropped; nothing the client does ends the exec."""
 
     HIGH_WATER = 256 * 1024     # unsent bytes that make the relay wait for the client
+    RESULT_TIMEOUT = 60.0       # the exit event's result, read from the agent
+    LINE_BREAKS_TO_SPACES = bytes.maketrans(b"\r\n", b"  ")
 
     def __init__(self, events, sse, chunked=True):
         self.events, self.sse = events, sse
@@ -4576,6 +4584,71 @@ class EventRelay:
         if self.sse:
             line = b"id: %d\ndata: %s\n\n" % (event["seq"], line.rstrip(b"\r\n"))
         return b"%x\r\n%s\r\n" % (len(line), line) if self.chunked else line
+
+    async def write_exit(self, writer, line, event, drain_timeout):
+        """The exit event with the exec's whole result, output, stdout and stderr included.
+
+        The agent's exit event leaves those three out (they were streamed), so the result
+        comes from its GET /exec/{id}, bounded like any exec result. A large one is copied
+        through, never whole in memory: its leading "{" becomes a space after the event's seq
+        and type, and raw line breaks (never in valid JSON; they would end an NDJSON line or
+        an SSE field) become spaces. Without a result (the agent forgot the exec, or sent no
+        JSON object) the agent's exit event goes out as it came."""
+        agent, exec_id = self.events.agent, self.events.exec_id
+        try:
+            answer = await agent.status(exec_id, timeout=self.RESULT_TIMEOUT)
+        except AgentError as e:
+            log("exit event without the exec's output", vm=agent.vm_name, execId=exec_id, error=repr(str(e)))
+            writer.write(self.chunk(line, event))
+            return
+        if isinstance(answer, BodyStream):
+            if await self.copy_exit(writer, event["seq"], answer, drain_timeout):
+                return
+            result = None
+        else:
+            try:
+                result = json.loads(answer)
+            except (ValueError, RecursionError):
+                result = None
+        if not isinstance(result, dict):
+            log("exit event without the exec's output", vm=agent.vm_name, execId=exec_id,
+                error="the result is not a JSON object")
+            writer.write(self.chunk(line, event))
+            return
+        full = {"seq": event["seq"], "type": "exit"}
+        full.update((k, v) for k, v in result.items() if k not in full)
+        writer.write(self.chunk(json_bytes(full) + b"\n", full))
+
+    async def copy_exit(self, writer, seq, body, drain_timeout):
+        """A large result (BodyStream) as the exit event's line (see write_exit); False when
+        it is not a JSON object (nothing written). A result that breaks off ends the answer:
+        its chunk was announced whole, so the client sees a stream that broke."""
+        start = b'{"seq":%d,"type":"exit",' % seq
+        end = b"\n"
+        if self.sse:
+            start, end = b"id: %d\ndata: " % seq + start, b"\n\n"
+        if self.chunked:
+            start = b"%x\r\n" % (len(start) + body.length + len(end)) + start
+            end += b"\r\n"
+        transport = writer.transport
+        try:
+            async with contextlib.aclosing(body.pieces(self.RESULT_TIMEOUT)) as pieces:
+                first = True
+                async for piece in pieces:
+                    if first:
+                        if piece[:1] != b"{":
+                            return False
+                        writer.write(start)
+                        piece, first = b" " + piece[1:], False
+                    writer.write(piece.translate(self.LINE_BREAKS_TO_SPACES))
+                    if transport.get_write_buffer_size() > self.HIGH_WATER:
+                        await within(drain_timeout, writer.drain())
+        except HttpError as e:
+            log("exec stream broke inside its exit event", vm=self.events.agent.vm_name,
+                execId=self.events.exec_id, error=repr(str(e)))
+            raise ConnectionResetError("the exec result from the guest agent broke off") from e
+        writer.write(end)
+        return True
 
     async def send(self, writer, keep_alive, drain_timeout):
         """Relay until the exit event (or an error event); returns whether the connection may
@@ -4595,13 +4668,15 @@ class EventRelay:
                 if transport.is_closing():
                     raise ConnectionResetError("the client went away")
                 finished = self.events.finished
+                if finished:
+                    *batch, (exit_line, exit_event) = batch
                 if len(batch) == 1:
                     writer.write(self.chunk(*batch[0]))
-                else:
+                elif batch:
                     writer.write(b"".join([self.chunk(line, event) for line, event in batch]))
                 if finished:
+                    await self.write_exit(writer, exit_line, exit_event, drain_timeout)
                     writer.write(self.end)
-                if finished:
                     return keep_alive and self.chunked
                 if transport.get_write_buffer_size() > self.HIGH_WATER:
                     await within(drain_timeout, writer.drain())
