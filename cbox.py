@@ -610,6 +610,7 @@ def parse_yaml_subset(text, source="config"):
 
 VMM_LOG_TAIL = 1024 * 1024          # the most of a VMM's log cbox.py reads (reset_in_vmm_log)
 FOREVER_S = 10 * 365 * 86400        # the longest TTL or idle timeout (a deadline beyond is no deadline)
+EVENTS_BATCH_MAX = 1000             # events_batch: events in one POST to events_url at most
 
 
 # key: (type, default, description). Types: str, int, float, bool.
@@ -672,6 +673,8 @@ CONFIG_KEYS = {
     "max_idle_timeout_s": (int, 0, "largest idleTimeoutSeconds a request may ask for; 0 = no maximum (and none allowed)"),
     "tombstone_minutes": (int, 10, "how long a VM its TTL or idle timeout destroyed answers 404 saying why; 0 = not at all"),
     "events_url": (str, "", "http(s) URL that receives a POST per lifecycle event; empty = none"),
+    "events_batch": (int, 1, "events in one POST to events_url: 1 = a POST per event (its JSON object); "
+                             "more = {\"events\": [...]} bodies of up to this many"),
     "events_ring_size": (int, 1000, "newest events kept for GET /v1/events"),
     "events_retry_s": (float, 300.0, "a failed POST to events_url is retried (with backoff) this long, then dropped"),
 }
@@ -738,6 +741,8 @@ def check_config(cfg, source):
         bad("tombstone_minutes must not be negative")
     if not 0 < cfg.events_ring_size <= 100_000:
         bad("events_ring_size must be 1..100000")
+    if not 1 <= cfg.events_batch <= EVENTS_BATCH_MAX:
+        bad(f"events_batch must be 1..{EVENTS_BATCH_MAX}")
     if cfg.events_url:
         url = urllib.parse.urlsplit(cfg.events_url)
         if url.scheme not in ("http", "https") or not url.hostname:
@@ -1250,7 +1255,8 @@ def callback_headers(secret, vm_name, body, callback_id=None, now=None):
     always; with a secret, X-CBox-Timestamp (unix seconds) and X-CBox-Signature =
     "sha256=" + hex HMAC-SHA256(secret, timestamp + "." + body), so the receiver can
     check who sent it and when (README, "Callbacks": a verifier in a few lines)."""
-    headers = {"X-CBox-VM": vm_name, "X-CBox-Callback-Id": callback_id or uuid.uuid4().hex}
+    headers = {} if vm_name is None else {"X-CBox-VM": vm_name}     # None: events of several VMs
+    headers["X-CBox-Callback-Id"] = callback_id or uuid.uuid4().hex
     if secret:
         timestamp = str(int(time.time() if now is None else now))
         digest = hmac.new(secret.encode(), timestamp.encode() + b"." + body, "sha256").hexdigest()
@@ -1261,7 +1267,7 @@ def callback_headers(secret, vm_name, body, callback_id=None, now=None):
 
 
 EVENTS_QUEUE_MAX = 10000            # events waiting for events_url; more are dropped (counted)
-EVENTS_PIPELINE = 64                # events POSTed back to back before their answers are read
+EVENTS_PIPELINE = 64                # POSTs sent back to back before their answers are read
 EVENTS_GATHER_S = 0.02              # a batch smaller than that waits this long for more events
 EVENTS_BACKOFF_S = (0.5, 30.0)      # first and largest pause between attempts
 
@@ -1269,16 +1275,18 @@ EVENTS_BACKOFF_S = (0.5, 30.0)      # first and largest pause between attempts
 class EventSender:
     """Delivers each event to events_url: one POST per event, body the event's JSON, headers
     as a callback's (callback_headers: signed with callback_secret), in order, by one task
-    on a keep-alive connection. The events waiting (at most
-    EVENTS_PIPELINE, gathered for EVENTS_GATHER_S) go out back to back, pipelined, so a
-    busy host pays one wake-up of the loop for many. A failed POST (no 2xx answer) is
-    retried, with the ones after it, with a doubling pause for events_retry_s; then that
-    event and every other one waiting longer are dropped, as are events arriving while
-    EVENTS_QUEUE_MAX wait. put() only appends: the API and the VMs never wait for the
-    receiver. Delivery is at least once (a lost answer means a resend)."""
+    on a keep-alive connection; with events_batch > 1, a POST per up to that many events,
+    body {"events": [...]}. The POSTs waiting (at most EVENTS_PIPELINE, gathered for
+    EVENTS_GATHER_S) go out back to back, pipelined, so a busy host pays one wake-up of the
+    loop for many. A failed POST (no 2xx answer) is retried, with the ones after it, with a
+    doubling pause for events_retry_s; then its events and every other one waiting longer
+    are dropped, as are events arriving while EVENTS_QUEUE_MAX wait. put() only appends:
+    the API and the VMs never wait for the receiver. Delivery is at least once (a lost
+    answer means a resend)."""
 
     def __init__(self, cfg):
         self.url, self.retry_s, self.timeout = cfg.events_url, cfg.events_retry_s, cfg.callback_timeout_s
+        self.batch = cfg.events_batch
         self.secret, self.run_id = cfg.callback_secret, uuid.uuid4().hex[:12]     # run_id: X-CBox-Callback-Id
         parts = urllib.parse.urlsplit(self.url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -1304,9 +1312,9 @@ class EventSender:
             if not self.queue:
                 self.wake.clear()
                 await self.wake.wait()
-            if len(self.queue) < EVENTS_PIPELINE:
+            if len(self.queue) < EVENTS_PIPELINE * self.batch:
                 await asyncio.sleep(EVENTS_GATHER_S)    # a busy host's next events join this batch
-            batch = [event for _, event in itertools.islice(self.queue, EVENTS_PIPELINE)]
+            batch = [event for _, event in itertools.islice(self.queue, EVENTS_PIPELINE * self.batch)]
             delivered, error = await self.deliver(batch)
             for _ in range(delivered):
                 self.queue.popleft()
@@ -1325,20 +1333,33 @@ class EventSender:
             await asyncio.sleep(pause)
             pause = min(pause * 2, EVENTS_BACKOFF_S[1])
 
+    def posts(self, events):
+        """(bodies, headers, events in each body) of the POSTs that carry `events`."""
+        if self.batch == 1:
+            bodies = [json_bytes(complete_event(event)) for event in events]
+            headers = [callback_headers(self.secret, event["vmName"], body, f"{self.run_id}-{event['id']}")
+                       for body, event in zip(bodies, events)]
+            return bodies, headers, [1] * len(events)
+        groups = [events[i:i + self.batch] for i in range(0, len(events), self.batch)]
+        bodies = [json_bytes({"events": [complete_event(event) for event in group]}) for group in groups]
+        # a batch has no single VM; its id names its first and last event (the same on a resend)
+        headers = [callback_headers(self.secret, None, body, f"{self.run_id}-{group[0]['id']}-{group[-1]['id']}")
+                   for body, group in zip(bodies, groups)]
+        return bodies, headers, [len(group) for group in groups]
+
     async def deliver(self, events):
         """(how many of `events`, from the first, were answered 2xx; the error after them or None)."""
-        bodies = [json_bytes(complete_event(event)) for event in events]
-        headers = [callback_headers(self.secret, event["vmName"], body, f"{self.run_id}-{event['id']}")
-                   for body, event in zip(bodies, events)]
+        bodies, headers, sizes = self.posts(events)
         try:
             statuses = await self.client.post_pipelined(self.target, bodies, self.timeout, headers)
         except HttpError as e:
             return 0, str(e)
-        delivered = next((i for i, status in enumerate(statuses) if not 200 <= status < 300), len(statuses))
+        posted = next((i for i, status in enumerate(statuses) if not 200 <= status < 300), len(statuses))
+        delivered = sum(sizes[:posted])
         M_EVENTS_DELIVERED.inc(delivered)
-        if delivered < len(statuses):
-            return delivered, f"HTTP {statuses[delivered]}"
-        return delivered, None if delivered == len(events) else "connection closed before every answer"
+        if posted < len(statuses):
+            return delivered, f"HTTP {statuses[posted]}"
+        return delivered, None if posted == len(bodies) else "connection closed before every answer"
 
     def drop_expired(self):
         horizon = time.monotonic() - self.retry_s
