@@ -4323,9 +4323,8 @@ STREAM_EVENT_SCHEMA = {      # one line of an exec's event stream (AgentEvents, 
         "dataBase64": {"type": "string", "description": "the exact bytes when they were no valid UTF-8"},
         "missed": {"type": "integer"}, "fromSeq": {"type": "integer"},
         "error": {"type": "string", "description": "exit: as in the exec result; error: why the stream broke"},
-        **{k: v for k, v in EXEC_RESULT_SCHEMA["properties"].items() if k not in ("output", "stdout", "stderr", "error")}},
-    "description": "start: execId, tag, pid, startedAt; stdout/stderr: data; exit: the exec result without its "
-                   "output; dropped: missed and fromSeq, standing in for events no longer kept; error: the "
+        **{k: v for k, v in EXEC_RESULT_SCHEMA["properties"].items() if k != "error"}},
+    "description": "start: execId, tag, pid, startedAt; stdout/stderr: data; exit: the whole exec result; dropped: missed and fromSeq, standing in for events no longer kept; error: the "
                    "stream from the guest broke (re-attach from this seq)"}
 
 
