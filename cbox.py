@@ -30,7 +30,8 @@ EVENTS). Sections, in order; each uses only what comes before it:
   8. Exec results    fields of the agent's exec results read without parsing them
                      whole; each exec counted finished once (metrics, exec.finished);
                      tombstones of VMs a deadline ended
-  9. VM manager      all VMs: start / destroy / adopt composing the sections above,
+  9. VM manager      WarmPool: idle VMs booted ahead, claimed by start requests;
+                     all VMs: start / destroy / adopt composing the sections above,
                      freeing a VM that ended by itself, egress policy changes, the
                      one task keeping deadlines (TTL, idle), exec forwarding
  10. REST server     routes of contract section 1, auth, limits, request log; EventRelay:
