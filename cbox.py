@@ -37,7 +37,7 @@ EVENTS). Sections, in order; each uses only what comes before it:
  10. REST server     routes of contract section 1, auth, limits, request log; EventRelay:
                      exec event streams to the client (NDJSON or SSE, chunked)
  11. CLI             `serve`, `selftest` (a new host's end-to-end check), and a
-                     small client: `vm start|ls|rm|logs|network|ttl`, `exec`
+                     small client: `health`, `vm start|ls|rm|logs|network|ttl`, `exec`
 
 The external contract lives in ../shared/docs/contract.md (beside checkouts) and
 is summarised in README.md.
@@ -6047,6 +6047,15 @@ def client_call(args, method, path, body=None, timeout=None, text=False):
     return payload.decode("utf-8", "replace") if text else json.loads(payload or b"null")
 
 
+def cli_health(args):
+    """`health`: the server's state in two lines (its VMs, its warm pool)."""
+    health = client_call(args, "GET", "/v1/health", timeout=10)
+    print(f"{health.get('status')}: cbox.py {health.get('version')}, {health.get('vms')} VM(s)")
+    pool = health.get("pool") or {}
+    print(f"warm pool: {pool.get('ready')} of {pool.get('size')} ready, {pool.get('booting')} booting"
+          + (f"; last error: {pool['lastError']}" if pool.get("lastError") else ""))
+
+
 def cli_network(args):
     """The "network" object of `vm start` / `vm network` from --egress and --allow-out
     (--allow-out alone means allowlist); None when neither is given."""
@@ -6210,6 +6219,7 @@ def main(argv=None):
                                         "a callback, destroy (exit 0 when all pass)")
     p.add_argument("--config", default=config, help="config file (env CBOX_CONFIG, else config.yaml)")
     p.add_argument("-v", "--verbose", action="store_true", help="show cbox.py's log as it happens")
+    sub.add_parser("health", help="the server's state: its VMs and warm pool")
     p = sub.add_parser("vm", help="start, list, remove VMs")
     vm_sub = p.add_subparsers(dest="vm_cmd", required=True)
     q = vm_sub.add_parser("start")
@@ -6279,6 +6289,8 @@ def main(argv=None):
             asyncio.run(serve(cfg))
         except (CommandError, OSError) as e:
             sys.exit(f"cbox: {e}")
+    elif args.cmd == "health":
+        cli_health(args)
     elif args.cmd == "vm":
         cli_vm(args)
     elif args.cmd == "exec":

@@ -2,14 +2,17 @@
 
 Stand-in hypervisor inside a network namespace per test (contract section 5)."""
 import json
-import os
 import signal
+import sys
 import time
 
 import pytest
 
+from conftest import REPO
 from nsutil import CallbackURLServer
 from procutil import wait_for
+
+CLI = [sys.executable, str(REPO / "cbox.py"), "--server", "http://127.0.0.1:7000"]
 
 
 @pytest.fixture
@@ -117,6 +120,9 @@ def test_pool_counts_in_capacity_and_refills(cbox_factory):
     assert pool(api) == {"size": 1, "ready": 0, "booting": 0, "lastError": None}
     status, body = api.post("/v1/vms", {"vmName": "c"})
     assert status == 503 and "max_vms" in body["error"], body
+    assert server.ns.run(*CLI, "health").stdout.splitlines() == [
+        "healthy: cbox.py 0.1.0, 2 VM(s)", "warm pool: 0 of 1 ready, 0 booting"]
+    assert [line.split()[0] for line in server.ns.run(*CLI, "vm", "ls").stdout.splitlines()] == ["NAME", "a", "b"]
     api.delete("/v1/vms/a")
     wait_ready(api, 1)                                              # capacity freed: the pool refills
     # a start of another shape makes room by destroying the ready pool VM
@@ -198,6 +204,7 @@ def test_failing_pool_boot_is_cleaned_up_and_reported(cbox_factory):
     api = server.api
     state = wait_for(lambda: pool(api)["lastError"] and pool(api), timeout=30, what="a failed pool boot")
     assert state["ready"] == 0 and "agent" in state["lastError"], state
+    assert "; last error: " in server.ns.run(*CLI, "health").stdout
     wait_for(lambda: not server.taps() and not pool_records(server) or None, timeout=10, what="cleanup")
     status, metrics = api.get("/v1/metrics")
     assert "cbox_pool_boot_failures_total 0" not in metrics
