@@ -4345,7 +4345,8 @@ class WarmPool:
         return True
 
     def start(self):
-        self.task = asyncio.get_running_loop().create_task(self.keep_filled())
+        if self.size:
+            self.task = asyncio.get_running_loop().create_task(self.keep_filled())
 
     async def stop(self, destroy):
         """cbox.py stops: no more boots (one under way is torn down); the ready VMs are

@@ -814,7 +814,7 @@ class Identity:
         set_hostname(name, self.as_init)
         self._use(name)
         _best_effort("keeping the VM name", write_atomically, self.path, name + "\n", 0o644)
-        log(f"identity: vm={name}")
+        log_later(f"identity: vm={name}")     # the serial console is slow in a VM: after the answer
 
     def _use(self, name):
         self.config.vm = name

@@ -210,3 +210,34 @@ def test_failing_pool_boot_is_cleaned_up_and_reported(cbox_factory):
     assert "cbox_pool_boot_failures_total 0" not in metrics
     server.stop()
     server.assert_clean()
+
+
+# the other processes of a real guest: everything but the kernel's threads (kthreadd, pid 2,
+# and its children), as "command parent-command" lines; the ps of this very exec left out
+GUEST_PROCESSES = ("ps -N --ppid 2 --pid 2 -o pid=,ppid=,comm= | while read pid ppid comm; do "
+                   '[ "$pid" = $$ ] || [ "$ppid" = $$ ] || echo "$comm $(cat /proc/$ppid/comm 2>/dev/null)"; '
+                   "done | sort")
+
+
+def test_pooled_start_of_a_real_guest(cbox_factory):
+    """The QEMU engine: a real kernel and the out/ rootfs (its agent must have POST /identity:
+    `make rootfs` after changing guest_agent.py). A pooled VM is named like a cold one and runs
+    the same processes."""
+    from test_images import BOOT_TIMEOUT, INITRAMFS, KERNEL, ROOTFS, image_server, need_images, need_qemu
+    need_images(KERNEL, INITRAMFS, ROOTFS)
+    need_qemu()
+    server = image_server(cbox_factory, pool_size=1, destroy_on_exit=True)
+    api = server.api
+    wait_ready(api, 1, timeout=BOOT_TIMEOUT + 30)
+    status, vm = api.post("/v1/vms", {"vmName": "realpool", "labels": {"k": "v"}}, timeout=60)
+    assert status == 200, vm
+    assert "claim step vm=realpool" in server.log()
+    r = api.exec("realpool", 'hostname; cat /etc/hostname; echo "$CBOX_VM_NAME"')
+    assert r["stdout"] == "realpool\nrealpool\nrealpool\n", r
+    status, cold = api.post("/v1/vms", {"vmName": "realcold", "memoryMb": 256}, timeout=BOOT_TIMEOUT + 30)
+    assert status == 200, cold
+    pooled_ps, cold_ps = (api.exec(name, GUEST_PROCESSES)["stdout"] for name in ("realpool", "realcold"))
+    assert pooled_ps == cold_ps and "python3" in pooled_ps, (pooled_ps, cold_ps)
+    assert api.get("/v1/vms/realpool/logs")[1].count("identity: vm=realpool") == 1
+    server.stop()
+    server.assert_clean()
