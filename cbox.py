@@ -3471,7 +3471,9 @@ class VmPaths:
     """Where a VM's files live: records and disks in state_dir, sockets in the short run_dir.
     The record is named by the VM's name; its directory too, except for a VM that came from
     the warm pool: that one keeps its pool directory (dir_name), whose files its hypervisor
-    holds open and names in its config."""
+    holds open and names in its config (a reset rebuilds the VM from that config and opens
+    the disk by its path again: CHV vmm/src/lib.rs vm_reboot, device_manager.rs
+    make_virtio_block_device; the -v log is opened once, cloud-hypervisor/src/main.rs)."""
 
     def __init__(self, cfg, vm_name, cid, dir_name=None):
         self.vm_dir = Path(cfg.path(cfg.state_dir), "vms", dir_name or vm_name)
