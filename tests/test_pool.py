@@ -241,3 +241,45 @@ def test_pooled_start_of_a_real_guest(cbox_factory):
     assert api.get("/v1/vms/realpool/logs")[1].count("identity: vm=realpool") == 1
     server.stop()
     server.assert_clean()
+
+
+# The real agent, but its POST /identity answers as a hostile guest would (HOSTILE_IDENTITY).
+HOSTILE_IDENTITY_AGENT = r'''
+import os, sys, time
+sys.path.insert(0, os.environ["AGENT_DIR"])
+import guest_agent
+
+def set_identity(self, request):
+    mode = os.environ["HOSTILE_IDENTITY"]
+    if mode == "hang":
+        time.sleep(60)
+    if mode == "huge":
+        return {"vmName": "x" * 100000}
+    return {"vmName": "someone-else", "hostname": "someone-else"}
+
+guest_agent.AgentServer.set_identity = set_identity
+sys.exit(guest_agent.main([sys.argv[0]] + sys.argv[1:]))
+'''
+
+
+@pytest.mark.parametrize("mode", ["wrong", "huge", "hang"])
+def test_a_hostile_identity_answer_fails_the_claim_and_the_start_boots(cbox_factory, tmp_path, mode):
+    agent = tmp_path / "hostile_identity_agent.py"
+    agent.write_text(HOSTILE_IDENTITY_AGENT)
+    server = cbox_factory(pool_size=1, destroy_on_exit=True).start(env={
+        "CBOX_GUEST_AGENT": str(agent), "AGENT_DIR": str(REPO), "HOSTILE_IDENTITY": mode,
+        "CBOX_STANDIN_PASS_ENV": "AGENT_DIR,HOSTILE_IDENTITY"})
+    api = server.api
+    wait_ready(api, 1)
+    t0 = time.monotonic()
+    vm = api.start_vm("h")
+    assert time.monotonic() - t0 < 30                       # the agent's answer is awaited 5 s at most
+    assert vm["status"] == "RUNNING" and "claiming a pool VM failed; booting one vm=h" in server.log()
+    assert "start step vm=h step=vm.boot" in server.log()
+    assert api.exec("h", "hostname")["stdout"] == "h\n"
+    assert [v["vmName"] for v in api.get("/v1/vms")[1]["vms"]] == ["h"]
+    wait_ready(api, 1)                                      # the failed pool VM is gone, another boots
+    assert len(server.taps()) == 2 and len(pool_records(server)) == 1
+    assert 'cbox_pool_cold_starts_total{reason="failed"} 1' in api.get("/v1/metrics")[1]
+    server.stop()
+    server.assert_clean()
