@@ -3954,6 +3954,8 @@ class VM:
         log("VM stopped", vm=self.vmName, status=status, stopReason=reason, error=repr(message))
         self.save()
         self.ended.set()
+        if is_pool_name(self.vmName):          # not a VM of the API: the warm pool replaces it
+            return
         M_VM_STOPS.labels(reason).inc()
         EVENTS.publish("vm.stopped", self.vmName, status=status, stopReason=reason, error=message)
 

@@ -2,6 +2,7 @@
 
 Stand-in hypervisor inside a network namespace per test (contract section 5)."""
 import json
+import os
 import signal
 import sys
 import time
@@ -281,5 +282,22 @@ def test_a_hostile_identity_answer_fails_the_claim_and_the_start_boots(cbox_fact
     wait_ready(api, 1)                                      # the failed pool VM is gone, another boots
     assert len(server.taps()) == 2 and len(pool_records(server)) == 1
     assert 'cbox_pool_cold_starts_total{reason="failed"} 1' in api.get("/v1/metrics")[1]
+    server.stop()
+    server.assert_clean()
+
+
+def test_a_pool_vm_that_dies_is_replaced(cbox_factory):
+    server = cbox_factory(pool_size=1, destroy_on_exit=True).start()
+    api = server.api
+    wait_ready(api, 1)
+    (old,) = pool_records(server)
+    (pid,) = server.vmm_pids()
+    os.kill(pid, signal.SIGKILL)                            # its hypervisor dies
+    wait_for(lambda: pool_records(server) not in ([], [old]) and pool(api)["ready"] == 1, timeout=30,
+             what="another pool VM")
+    assert len(server.taps()) == 1 and len(server.vmm_pids()) == 1
+    assert not (server.state_dir / "vms" / old[:-5]).exists()
+    assert api.get("/v1/events")[1]["events"] == []         # not a VM of the API: no vm.stopped
+    assert api.start_vm("next")["vmName"] == "next" and "claim step vm=next" in server.log()
     server.stop()
     server.assert_clean()
