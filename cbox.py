@@ -4240,10 +4240,14 @@ class WarmPool:
                 await within(5.0, self.wake.wait())
 
     def has_room(self):
+        """Whether one more pool VM fits; when not, lastError says why the pool stays short."""
         try:
             self.manager.check_capacity(self.cfg.default_memory_mb)
-        except ApiError:
+        except ApiError as e:
+            self.last_error = f"no room for a pool VM: {e}"
             return False
+        if self.last_error and self.last_error.startswith("no room"):
+            self.last_error = None
         return True
 
     async def boot_one(self):

@@ -117,15 +117,17 @@ def test_pool_counts_in_capacity_and_refills(cbox_factory):
     assert len(server.taps()) == 2
     api.start_vm("b")                                               # claimed; no room left to refill
     assert "claim step vm=b" in server.log()
-    time.sleep(1.0)
-    assert pool(api) == {"size": 1, "ready": 0, "booting": 0, "lastError": None}
+    state = wait_for(lambda: pool(api)["lastError"] and pool(api), what="the pool to say why it is short")
+    assert state == {"size": 1, "ready": 0, "booting": 0,
+                     "lastError": "no room for a pool VM: max_vms (2) VMs are running"}, state
     status, body = api.post("/v1/vms", {"vmName": "c"})
     assert status == 503 and "max_vms" in body["error"], body
     assert server.ns.run(*CLI, "health").stdout.splitlines() == [
-        "healthy: cbox.py 0.1.0, 2 VM(s)", "warm pool: 0 of 1 ready, 0 booting"]
+        "healthy: cbox.py 0.1.0, 2 VM(s)",
+        "warm pool: 0 of 1 ready, 0 booting; last error: no room for a pool VM: max_vms (2) VMs are running"]
     assert [line.split()[0] for line in server.ns.run(*CLI, "vm", "ls").stdout.splitlines()] == ["NAME", "a", "b"]
     api.delete("/v1/vms/a")
-    wait_ready(api, 1)                                              # capacity freed: the pool refills
+    assert wait_ready(api, 1)["lastError"] is None                  # capacity freed: the pool refills
     # a start of another shape makes room by destroying the ready pool VM
     vm = api.start_vm("big", memoryMb=256)
     assert vm["memoryMb"] == 256 and "start step vm=big step=vm.boot" in server.log()
