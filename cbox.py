@@ -4192,13 +4192,11 @@ class WarmPool:
         if (spec["vcpus"], spec["memoryMb"]) != (self.cfg.default_vcpus, self.cfg.default_memory_mb):
             M_POOL_COLD.labels("shape").inc()
             return None
-        while self.ready:
-            _, vm = self.ready.popitem(last=False)
+        for vm in list(self.ready.values()):      # oldest first; one ending by itself stays for watch_end
             if vm.phase == "running" and vm.watch and vm.watch.alive():
+                del self.ready[vm.vmName]
                 self.wake.set()
                 return vm
-            self.ready[vm.vmName] = vm        # ending by itself: watch_end tears it down
-            break
         M_POOL_COLD.labels("empty").inc()
         return None
 
@@ -4230,7 +4228,12 @@ class WarmPool:
         while True:
             self.wake.clear()
             if len(self.ready) + len(self.booting) < self.size and self.has_room():
-                if await self.boot_one():
+                try:
+                    booted = await self.boot_one()
+                except Exception as e:       # a task of its own: nobody else would see it
+                    log("warm pool boot failed", error=repr(f"{type(e).__name__}: {e}"))
+                    self.last_error, booted = f"{utc_now()} {type(e).__name__}: {e}"[:2000], False
+                if booted:
                     self.failures, self.last_error = 0, None
                 else:
                     self.failures += 1
@@ -4480,7 +4483,7 @@ class VMManager:
             try:
                 with clock.step("claim"):
                     await self.pool.claim(vm, spec)
-            except (AgentError, HypervisorError, CommandError, OSError, asyncio.TimeoutError) as e:
+            except Exception as e:      # whatever it was, the VM goes and the start boots one
                 log("claiming a pool VM failed; booting one", vm=name, pool_vm=vm.dirName, error=repr(str(e)))
                 M_POOL_COLD.labels("failed").inc()
                 vm.phase = "destroying"
