@@ -619,6 +619,7 @@ def parse_yaml_subset(text, source="config"):
 
 VMM_LOG_TAIL = 1024 * 1024          # the most of a VMM's log cbox.py reads (reset_in_vmm_log)
 FOREVER_S = 10 * 365 * 86400        # the longest TTL or idle timeout (a deadline beyond is no deadline)
+EVENTS_BATCH_MAX = 1000             # events_batch: events in one POST to events_url at most
 
 
 # key: (type, default, description). Types: str, int, float, bool.
@@ -683,6 +684,8 @@ CONFIG_KEYS = {
     "max_idle_timeout_s": (int, 0, "largest idleTimeoutSeconds a request may ask for; 0 = no maximum (and none allowed)"),
     "tombstone_minutes": (int, 10, "how long a VM its TTL or idle timeout destroyed answers 404 saying why; 0 = not at all"),
     "events_url": (str, "", "http(s) URL that receives a POST per lifecycle event; empty = none"),
+    "events_batch": (int, 1, "events in one POST to events_url: 1 = a POST per event (its JSON object); "
+                             "more = {\"events\": [...]} bodies of up to this many"),
     "events_ring_size": (int, 1000, "newest events kept for GET /v1/events"),
     "events_retry_s": (float, 300.0, "a failed POST to events_url is retried (with backoff) this long, then dropped"),
 }
@@ -751,6 +754,8 @@ def check_config(cfg, source):
         bad("tombstone_minutes must not be negative")
     if not 0 < cfg.events_ring_size <= 100_000:
         bad("events_ring_size must be 1..100000")
+    if not 1 <= cfg.events_batch <= EVENTS_BATCH_MAX:
+        bad(f"events_batch must be 1..{EVENTS_BATCH_MAX}")
     if cfg.events_url:
         url = urllib.parse.urlsplit(cfg.events_url)
         if url.scheme not in ("http", "https") or not url.hostname:
@@ -941,10 +946,18 @@ def build_response(status, body=b"", content_type="application/json", keep_alive
 
 
 JSON_ENCODER = json.JSONEncoder(separators=(",", ":"))   # json.dumps(obj, separators=...) builds one per call
+try:    # the C encoder made once (JSONEncoder.encode makes one per call): a third cheaper
+    _JSON_CHUNKS = json.encoder.c_make_encoder(None, JSON_ENCODER.default, json.encoder.encode_basestring_ascii,
+                                               None, ":", ",", False, False, True)
+except (AttributeError, TypeError):    # no C accelerator
+    _JSON_CHUNKS = None
 
 
 def json_bytes(obj):
-    return JSON_ENCODER.encode(obj).encode()
+    """Compact JSON, ASCII, as json.dumps(obj, separators=(",", ":")) (no check for cycles)."""
+    if _JSON_CHUNKS is None:
+        return JSON_ENCODER.encode(obj).encode()
+    return "".join(_JSON_CHUNKS(obj, 0)).encode()
 
 
 def set_nodelay(writer):
@@ -982,7 +995,8 @@ class BodyStream:
         self.length, self.reusable, self.deadline = length, reusable, deadline
         self.then, self.head, self.tail = None, b"", b""
 
-    async def copy_to(self, dest, timeout):
+    async def pieces(self, timeout):
+        """The body, piece by piece as it arrives (at most 1 MiB each); close it (aclosing)."""
         loop = asyncio.get_running_loop()
         remaining = self.length
         try:
@@ -998,19 +1012,24 @@ class BodyStream:
                     raise HttpError("timed out inside the body") from e
                 if not chunk:
                     raise HttpError("connection closed inside the body")
-                dest.write(chunk)
                 remaining -= len(chunk)
                 if self.then and not self.head:
                     self.head = chunk[:self.HEAD]
                 if self.then and remaining < self.TAIL:          # the chunk reaches into the last TAIL bytes
                     self.tail = (self.tail + chunk)[-self.TAIL:]
-                await within(timeout, dest.drain())
-        except BaseException:
+                yield chunk
+        except BaseException:             # also GeneratorExit: a reader that stopped early
             self.client.drop(self.writer)
             raise
         self.client.release(self.reader, self.writer, self.reusable)
         if self.then:
             self.then(self.head, self.tail)
+
+    async def copy_to(self, dest, timeout):
+        async with contextlib.aclosing(self.pieces(timeout)) as pieces:
+            async for chunk in pieces:
+                dest.write(chunk)
+                await within(timeout, dest.drain())
 
     async def read(self, limit):
         """The whole body as bytes (for error answers), at most `limit` bytes."""
@@ -1257,7 +1276,8 @@ def callback_headers(secret, vm_name, body, callback_id=None, now=None):
     always; with a secret, X-CBox-Timestamp (unix seconds) and X-CBox-Signature =
     "sha256=" + hex HMAC-SHA256(secret, timestamp + "." + body), so the receiver can
     check who sent it and when (README, "Callbacks": a verifier in a few lines)."""
-    headers = {"X-CBox-VM": vm_name, "X-CBox-Callback-Id": callback_id or uuid.uuid4().hex}
+    headers = {} if vm_name is None else {"X-CBox-VM": vm_name}     # None: events of several VMs
+    headers["X-CBox-Callback-Id"] = callback_id or uuid.uuid4().hex
     if secret:
         timestamp = str(int(time.time() if now is None else now))
         digest = hmac.new(secret.encode(), timestamp.encode() + b"." + body, "sha256").hexdigest()
@@ -1268,7 +1288,7 @@ def callback_headers(secret, vm_name, body, callback_id=None, now=None):
 
 
 EVENTS_QUEUE_MAX = 10000            # events waiting for events_url; more are dropped (counted)
-EVENTS_PIPELINE = 64                # events POSTed back to back before their answers are read
+EVENTS_PIPELINE = 64                # POSTs sent back to back before their answers are read
 EVENTS_GATHER_S = 0.02              # a batch smaller than that waits this long for more events
 EVENTS_BACKOFF_S = (0.5, 30.0)      # first and largest pause between attempts
 
@@ -1276,16 +1296,18 @@ EVENTS_BACKOFF_S = (0.5, 30.0)      # first and largest pause between attempts
 class EventSender:
     """Delivers each event to events_url: one POST per event, body the event's JSON, headers
     as a callback's (callback_headers: signed with callback_secret), in order, by one task
-    on a keep-alive connection. The events waiting (at most
-    EVENTS_PIPELINE, gathered for EVENTS_GATHER_S) go out back to back, pipelined, so a
-    busy host pays one wake-up of the loop for many. A failed POST (no 2xx answer) is
-    retried, with the ones after it, with a doubling pause for events_retry_s; then that
-    event and every other one waiting longer are dropped, as are events arriving while
-    EVENTS_QUEUE_MAX wait. put() only appends: the API and the VMs never wait for the
-    receiver. Delivery is at least once (a lost answer means a resend)."""
+    on a keep-alive connection; with events_batch > 1, a POST per up to that many events,
+    body {"events": [...]}. The POSTs waiting (at most EVENTS_PIPELINE, gathered for
+    EVENTS_GATHER_S) go out back to back, pipelined, so a busy host pays one wake-up of the
+    loop for many. A failed POST (no 2xx answer) is retried, with the ones after it, with a
+    doubling pause for events_retry_s; then its events and every other one waiting longer
+    are dropped, as are events arriving while EVENTS_QUEUE_MAX wait. put() only appends:
+    the API and the VMs never wait for the receiver. Delivery is at least once (a lost
+    answer means a resend)."""
 
     def __init__(self, cfg):
         self.url, self.retry_s, self.timeout = cfg.events_url, cfg.events_retry_s, cfg.callback_timeout_s
+        self.batch = cfg.events_batch
         self.secret, self.run_id = cfg.callback_secret, uuid.uuid4().hex[:12]     # run_id: X-CBox-Callback-Id
         parts = urllib.parse.urlsplit(self.url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -1311,9 +1333,9 @@ class EventSender:
             if not self.queue:
                 self.wake.clear()
                 await self.wake.wait()
-            if len(self.queue) < EVENTS_PIPELINE:
+            if len(self.queue) < EVENTS_PIPELINE * self.batch:
                 await asyncio.sleep(EVENTS_GATHER_S)    # a busy host's next events join this batch
-            batch = [event for _, event in itertools.islice(self.queue, EVENTS_PIPELINE)]
+            batch = [event for _, event in itertools.islice(self.queue, EVENTS_PIPELINE * self.batch)]
             delivered, error = await self.deliver(batch)
             for _ in range(delivered):
                 self.queue.popleft()
@@ -1332,20 +1354,33 @@ class EventSender:
             await asyncio.sleep(pause)
             pause = min(pause * 2, EVENTS_BACKOFF_S[1])
 
+    def posts(self, events):
+        """(bodies, headers, events in each body) of the POSTs that carry `events`."""
+        if self.batch == 1:
+            bodies = [json_bytes(complete_event(event)) for event in events]
+            headers = [callback_headers(self.secret, event["vmName"], body, f"{self.run_id}-{event['id']}")
+                       for body, event in zip(bodies, events)]
+            return bodies, headers, [1] * len(events)
+        groups = [events[i:i + self.batch] for i in range(0, len(events), self.batch)]
+        bodies = [json_bytes({"events": [complete_event(event) for event in group]}) for group in groups]
+        # a batch has no single VM; its id names its first and last event (the same on a resend)
+        headers = [callback_headers(self.secret, None, body, f"{self.run_id}-{group[0]['id']}-{group[-1]['id']}")
+                   for body, group in zip(bodies, groups)]
+        return bodies, headers, [len(group) for group in groups]
+
     async def deliver(self, events):
         """(how many of `events`, from the first, were answered 2xx; the error after them or None)."""
-        bodies = [json_bytes(complete_event(event)) for event in events]
-        headers = [callback_headers(self.secret, event["vmName"], body, f"{self.run_id}-{event['id']}")
-                   for body, event in zip(bodies, events)]
+        bodies, headers, sizes = self.posts(events)
         try:
             statuses = await self.client.post_pipelined(self.target, bodies, self.timeout, headers)
         except HttpError as e:
             return 0, str(e)
-        delivered = next((i for i, status in enumerate(statuses) if not 200 <= status < 300), len(statuses))
+        posted = next((i for i, status in enumerate(statuses) if not 200 <= status < 300), len(statuses))
+        delivered = sum(sizes[:posted])
         M_EVENTS_DELIVERED.inc(delivered)
-        if delivered < len(statuses):
-            return delivered, f"HTTP {statuses[delivered]}"
-        return delivered, None if delivered == len(events) else "connection closed before every answer"
+        if posted < len(statuses):
+            return delivered, f"HTTP {statuses[posted]}"
+        return delivered, None if posted == len(bodies) else "connection closed before every answer"
 
     def drop_expired(self):
         horizon = time.monotonic() - self.retry_s
@@ -1509,8 +1544,8 @@ class AgentEvents:
     EVENT_RATE = 20000.0           # a VM's streams, events a second (an agent read is an event)
     BYTE_RATE = 256.0 * 1024 * 1024
 
-    def __init__(self, agent, reader, writer, since, stall_s, line_max):
-        self.agent, self.reader, self.writer = agent, reader, writer
+    def __init__(self, agent, exec_id, reader, writer, since, stall_s, line_max):
+        self.agent, self.exec_id, self.reader, self.writer = agent, exec_id, reader, writer
         self.next_seq, self.stall_s, self.line_max = since, stall_s, line_max
         self.pending = bytearray()     # bytes read after the last complete line
         self.failure = None            # AgentError after the events of the last batch
@@ -1645,8 +1680,8 @@ class GuestAgent:
     async def exec(self, body, timeout):
         return await self._call("POST", "/exec", body, timeout)
 
-    async def status(self, exec_id):
-        return await self._call("GET", f"/exec/{exec_id}", timeout=30.0)
+    async def status(self, exec_id, timeout=30.0):
+        return await self._call("GET", f"/exec/{exec_id}", timeout=timeout)
 
     async def kill(self, exec_id, grace=0.0):
         return await self._call("DELETE", f"/exec/{exec_id}?grace={grace:g}", timeout=grace + 30.0)
@@ -1674,7 +1709,7 @@ class GuestAgent:
         except (OSError, asyncio.TimeoutError) as e:
             raise AgentError(502, f"guest agent of VM '{self.vm_name}' unreachable: {e or 'timed out'}") from e
         set_nodelay(writer)
-        events = AgentEvents(self, reader, writer, since, stall_s, self.event_line_max)
+        events = AgentEvents(self, exec_id, reader, writer, since, stall_s, self.event_line_max)
         self.streams.add(events)
         # HTTP/1.0: the agent writes the lines unframed and ends the body by closing
         writer.write(f"GET /exec/{exec_id}/stream?since={since} HTTP/1.0\r\nHost: agent\r\n\r\n".encode("latin-1"))
@@ -4928,6 +4963,8 @@ class EventRelay:
     http_body_timeout_s) is dropped; nothing the client does ends the exec."""
 
     HIGH_WATER = 256 * 1024     # unsent bytes that make the relay wait for the client
+    RESULT_TIMEOUT = 60.0       # the exit event's result, read from the agent
+    LINE_BREAKS_TO_SPACES = bytes.maketrans(b"\r\n", b"  ")
 
     def __init__(self, events, sse, chunked=True):
         self.events, self.sse = events, sse
@@ -4945,6 +4982,71 @@ class EventRelay:
         if self.sse:
             line = b"id: %d\ndata: %s\n\n" % (event["seq"], line.rstrip(b"\r\n"))
         return b"%x\r\n%s\r\n" % (len(line), line) if self.chunked else line
+
+    async def write_exit(self, writer, line, event, drain_timeout):
+        """The exit event with the exec's whole result, output, stdout and stderr included.
+
+        The agent's exit event leaves those three out (they were streamed), so the result
+        comes from its GET /exec/{id}, bounded like any exec result. A large one is copied
+        through, never whole in memory: its leading "{" becomes a space after the event's seq
+        and type, and raw line breaks (never in valid JSON; they would end an NDJSON line or
+        an SSE field) become spaces. Without a result (the agent forgot the exec, or sent no
+        JSON object) the agent's exit event goes out as it came."""
+        agent, exec_id = self.events.agent, self.events.exec_id
+        try:
+            answer = await agent.status(exec_id, timeout=self.RESULT_TIMEOUT)
+        except AgentError as e:
+            log("exit event without the exec's output", vm=agent.vm_name, execId=exec_id, error=repr(str(e)))
+            writer.write(self.chunk(line, event))
+            return
+        if isinstance(answer, BodyStream):
+            if await self.copy_exit(writer, event["seq"], answer, drain_timeout):
+                return
+            result = None
+        else:
+            try:
+                result = json.loads(answer)
+            except (ValueError, RecursionError):
+                result = None
+        if not isinstance(result, dict):
+            log("exit event without the exec's output", vm=agent.vm_name, execId=exec_id,
+                error="the result is not a JSON object")
+            writer.write(self.chunk(line, event))
+            return
+        full = {"seq": event["seq"], "type": "exit"}
+        full.update((k, v) for k, v in result.items() if k not in full)
+        writer.write(self.chunk(json_bytes(full) + b"\n", full))
+
+    async def copy_exit(self, writer, seq, body, drain_timeout):
+        """A large result (BodyStream) as the exit event's line (see write_exit); False when
+        it is not a JSON object (nothing written). A result that breaks off ends the answer:
+        its chunk was announced whole, so the client sees a stream that broke."""
+        start = b'{"seq":%d,"type":"exit",' % seq
+        end = b"\n"
+        if self.sse:
+            start, end = b"id: %d\ndata: " % seq + start, b"\n\n"
+        if self.chunked:
+            start = b"%x\r\n" % (len(start) + body.length + len(end)) + start
+            end += b"\r\n"
+        transport = writer.transport
+        try:
+            async with contextlib.aclosing(body.pieces(self.RESULT_TIMEOUT)) as pieces:
+                first = True
+                async for piece in pieces:
+                    if first:
+                        if piece[:1] != b"{":
+                            return False
+                        writer.write(start)
+                        piece, first = b" " + piece[1:], False
+                    writer.write(piece.translate(self.LINE_BREAKS_TO_SPACES))
+                    if transport.get_write_buffer_size() > self.HIGH_WATER:
+                        await within(drain_timeout, writer.drain())
+        except HttpError as e:
+            log("exec stream broke inside its exit event", vm=self.events.agent.vm_name,
+                execId=self.events.exec_id, error=repr(str(e)))
+            raise ConnectionResetError("the exec result from the guest agent broke off") from e
+        writer.write(end)
+        return True
 
     async def send(self, writer, keep_alive, drain_timeout):
         """Relay until the exit event (or an error event); returns whether the connection may
@@ -4964,13 +5066,15 @@ class EventRelay:
                 if transport.is_closing():
                     raise ConnectionResetError("the client went away")
                 finished = self.events.finished
+                if finished:
+                    *batch, (exit_line, exit_event) = batch
                 if len(batch) == 1:
                     writer.write(self.chunk(*batch[0]))
-                else:
+                elif batch:
                     writer.write(b"".join([self.chunk(line, event) for line, event in batch]))
                 if finished:
+                    await self.write_exit(writer, exit_line, exit_event, drain_timeout)
                     writer.write(self.end)
-                if finished:
                     return keep_alive and self.chunked
                 if transport.get_write_buffer_size() > self.HIGH_WATER:
                     await within(drain_timeout, writer.drain())

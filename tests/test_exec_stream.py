@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 
 import pytest
@@ -71,6 +72,10 @@ def test_stream_order_seq_and_exit_last(vm):
     assert joined(events, "stderr") == b"err1\nerr2\nerr3\n"
     assert exit_["exitCode"] == 7 and exit_["error"] == "exit status 7" and exit_["execId"] == start["execId"]
     assert exit_["killScope"] == "process-group" and exit_["timedOut"] is False
+    # the exit event carries the whole exec result, output included
+    assert exit_["stdout"] == "out1\nout2\nout3\n" and exit_["stderr"] == "err1\nerr2\nerr3\n"
+    assert sorted(exit_["output"].splitlines()) == sorted("out1 out2 out3 err1 err2 err3".split())
+    assert exit_["truncated"] is False and exit_["durationMs"] > 0
     # output arrives as it is written: out1 comes before err3 in seq order
     kinds = [e.get("data") for e in events if e["type"] in ("stdout", "stderr")]
     assert "".join(kinds).index("out1") < "".join(kinds).index("err3")
@@ -106,6 +111,21 @@ def test_stream_sse(vm):
     again = conn.getresponse().read().decode()
     conn.close()
     assert again.startswith("id: 1\n")
+
+
+def test_a_large_output_stream_ends_with_the_whole_result(vm):
+    """Over 256 KiB of output: the exit event's result is copied through from the agent."""
+    cmd = "python3 -c \"import sys; [print('line %d ' % i + 'y' * 90) for i in range(4000)]; sys.stderr.write('e\\n')\""
+    events = stream_all(vm, "sv", cmd=cmd)
+    check_sequence(events)
+    exit_ = events[-1]
+    assert exit_["type"] == "exit" and exit_["exitCode"] == 0
+    assert exit_["stdout"].encode() == joined(events, "stdout") and len(exit_["stdout"]) > 256 * 1024
+    assert exit_["stderr"] == "e\n" and len(exit_["output"]) == len(exit_["stdout"]) + 2
+    # re-attached after it ended: the same exit event
+    with rest(vm).stream(events[0]["execId"], since=exit_["seq"]) as s:
+        again = list(s)
+    assert again == [exit_]
 
 
 def test_stream_to_an_http10_client_is_unframed(vm):
@@ -152,8 +172,13 @@ def test_stream_of_a_destroyed_vm_ends_with_an_error_event(vm):
     assert vm.api.delete("/v1/vms/sv")[0] == 200
     rest_events = list(it)
     s.close()
-    assert [e["type"] for e in rest_events] == ["error"] and rest_events[0]["seq"] == 2
-    assert "broke" in rest_events[0]["error"]
+    # the guest's end cuts the stream (an error event), or, when the dying agent still
+    # killed the command and said so, the stream ends with that exit
+    assert [e["type"] for e in rest_events] in (["error"], ["exit"]) and rest_events[0]["seq"] == 2
+    if rest_events[0]["type"] == "error":
+        assert "broke" in rest_events[0]["error"]
+    else:
+        assert rest_events[0]["exitCode"] is None and rest_events[0]["signal"]
     vm.api.start_vm("sv")            # for the fixture's cleanup check
 
 
@@ -344,13 +369,21 @@ HOSTILE_STREAMS = {   # body after the head -> what the error event must say
 }
 
 
-async def relay_from(agent_body, line_max=1_000_000, stall_s=0.5, since=0, client_reads=True, event_rate=None):
-    """A fake agent answering one stream request with `agent_body` (after a 200 head), and
-    cbox's relay to a client socket pair; returns (what the client read, the agent side's end)."""
+async def relay_from(agent_body, line_max=1_000_000, stall_s=0.5, since=0, client_reads=True, event_rate=None,
+                     result=None, sse=False):
+    """A fake agent answering one stream request with `agent_body` (after a 200 head) and
+    GET /exec/e with `result` (a 200 body; None: 404), and cbox's relay to a client socket
+    pair; returns (what the client read, the agent side's end)."""
     closed = asyncio.Event()
 
     async def fake_agent(reader, writer):
-        await reader.readuntil(b"\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        if head.startswith(b"GET /exec/e "):
+            status, body = (b"200 OK", result) if result is not None else (b"404 Not Found", b'{"error":"no"}')
+            writer.write(b"HTTP/1.1 %s\r\nContent-Length: %d\r\n\r\n%s" % (status, len(body), body))
+            await writer.drain()
+            writer.close()
+            return
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n\r\n" + agent_body)
         try:
             if agent_body.endswith(b"\n") and b'"stalls"' not in agent_body:
@@ -368,17 +401,21 @@ async def relay_from(agent_body, line_max=1_000_000, stall_s=0.5, since=0, clien
     if event_rate:
         agent.event_budget = cbox.TokenBucket(event_rate, event_rate)
     events = await agent.events("e", since, stall_s)
-    relay = cbox.EventRelay(events, sse=False)
+    relay = cbox.EventRelay(events, sse=sse)
     a, b = socket.socketpair()
     _, writer = await asyncio.open_connection(sock=a)
     out = bytearray()
     if client_reads:
+        def read_all():
+            b.settimeout(10)
+            while chunk := b.recv(1 << 20):
+                out.extend(chunk)
+        reading = threading.Thread(target=read_all)
+        reading.start()
         keep = await relay.send(writer, True, 5.0)
         writer.close()
         await writer.wait_closed()
-        b.settimeout(5)
-        while chunk := b.recv(1 << 20):
-            out += chunk
+        await asyncio.get_running_loop().run_in_executor(None, reading.join)
     else:
         b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         with pytest.raises(asyncio.TimeoutError):
@@ -431,6 +468,41 @@ def test_relay_holds_an_event_flood_to_the_vms_budget():
     events, ended = chunks_of(out)
     assert ended and keep is True and [e["seq"] for e in events] == list(range(n + 1))
     assert took >= (n + 1 - 1000) / 1000.0 * 0.9         # a flood waits for its budget (a lower bound)
+
+
+RESULT = {"execId": "e", "exitCode": 0, "output": "a\nb", "stdout": "a\n", "stderr": "b", "error": ""}
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_relay_completes_the_exit_event_with_the_result(size):
+    """The agent's exit event lacks output/stdout/stderr; the relay adds the exec's result
+    (GET /exec/{id}), a large one copied through with raw line breaks made harmless."""
+    result = dict(RESULT, stdout="x" * (300_000 if size == "large" else 10))
+    body = json.dumps(result).encode()
+    body = body[:-1] + b',\n"hostile":\r1}'        # raw line breaks: not JSON's, must not end the line
+    for sse in (False, True):
+        out, keep = asyncio.run(relay_from(line(0, "start", execId="e") + line(1, "exit", exitCode=0),
+                                           result=body, sse=sse))
+        assert keep is True
+        if sse:
+            blocks = out.split(b"\r\n\r\n", 1)[1].split(b"\n\n")
+            exit_block = [b for b in blocks if b"id: 1\n" in b][0].split(b"id: 1\n", 1)[1]
+            assert exit_block.count(b"\n") == 0 and exit_block.startswith(b"data: ")
+            exit_ = json.loads(exit_block[len(b"data: "):].split(b"\r\n")[0])
+        else:
+            events, ended = chunks_of(out)
+            assert ended and len(events) == 2
+            exit_ = events[1]
+        assert exit_["seq"] == 1 and exit_["type"] == "exit" and exit_["hostile"] == 1
+        assert {k: exit_[k] for k in result} == result
+
+
+@pytest.mark.parametrize("result", [None, b"[1, 2]", b"not json", b"[" + b"1," * 200_000 + b"1]"],
+                         ids=["gone", "not-an-object", "not-json", "large-not-an-object"])
+def test_relay_sends_the_agents_exit_event_without_a_result(result):
+    out, keep = asyncio.run(relay_from(line(0, "start", execId="e") + line(1, "exit", exitCode=3), result=result))
+    events, ended = chunks_of(out)
+    assert ended and keep is True and events[1] == {"seq": 1, "type": "exit", "exitCode": 3}
 
 
 def test_relay_drops_a_client_that_does_not_read():

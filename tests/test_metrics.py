@@ -536,7 +536,7 @@ def test_event_sender_pipelines_and_resends_what_was_not_answered():
         server = await asyncio.start_server(receiver, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         cfg = type("Cfg", (), {"events_url": f"http://127.0.0.1:{port}/ev", "events_retry_s": 30.0,
-                               "callback_timeout_s": 5.0, "callback_secret": ""})()
+                               "callback_timeout_s": 5.0, "callback_secret": "", "events_batch": 1})()
         sender = cbox.EventSender(cfg)
         delivered0 = cbox.M_EVENTS_DELIVERED.value
         for i in range(1, 7):
@@ -552,6 +552,54 @@ def test_event_sender_pipelines_and_resends_what_was_not_answered():
     first = [i for n, i in enumerate(received) if i not in received[:n]]
     assert first == [1, 2, 3, 4, 5, 6] and received.count(4) == 2 and received[:2] == [1, 2]
     assert set(received) == set(range(1, 7))
+
+
+def test_event_sender_batches_signs_and_resends_whole_batches():
+    """events_batch 3: {"events": [...]} bodies of up to 3 events, in order, signed, an id
+    naming the first and last event and no X-CBox-VM; a refused batch goes again whole."""
+    bodies, refused = [], []
+
+    async def receiver(reader, writer):
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                return
+            headers = dict(line.split(": ", 1) for line in head.decode().split("\r\n")[1:] if line)
+            body = await reader.readexactly(int(headers["Content-Length"]))
+            ids = [e["id"] for e in json.loads(body)["events"]]
+            bodies.append((ids, headers, body))
+            if 4 in ids and not refused:
+                refused.append(ids)
+                writer.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n")
+            else:
+                writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+
+    async def scenario():
+        server = await asyncio.start_server(receiver, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        cfg = type("Cfg", (), {"events_url": f"http://127.0.0.1:{port}/ev", "events_retry_s": 30.0,
+                               "callback_timeout_s": 5.0, "callback_secret": "s3cret", "events_batch": 3})()
+        sender = cbox.EventSender(cfg)
+        delivered0 = cbox.M_EVENTS_DELIVERED.value
+        for i in range(1, 11):
+            sender.put({"id": i, "type": "t", "vmName": f"v{i}"})
+        for _ in range(200):
+            if cbox.M_EVENTS_DELIVERED.value - delivered0 == 10 and not sender.queue:
+                break
+            await asyncio.sleep(0.05)
+        await sender.finish(0)
+        server.close()
+        return cbox.M_EVENTS_DELIVERED.value - delivered0, sender.run_id
+    delivered, run_id = asyncio.run(scenario())
+    assert delivered == 10
+    assert [ids for ids, _, _ in bodies] == [[1, 2, 3], [4, 5, 6], [7, 8, 9], [10], [4, 5, 6], [7, 8, 9], [10]]
+    assert refused == [[4, 5, 6]]
+    for ids, headers, body in bodies:
+        assert "X-CBox-VM" not in headers
+        assert headers["X-CBox-Callback-Id"] == f"{run_id}-{ids[0]}-{ids[-1]}"
+        signed = headers["X-CBox-Timestamp"].encode() + b"." + body
+        assert headers["X-CBox-Signature"] == "sha256=" + hmac.new(b"s3cret", signed, "sha256").hexdigest()
 
 
 def test_events_of_destroy_on_exit_go_out_before_cbox_stops(cbox_factory, receivers):

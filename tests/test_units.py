@@ -1,6 +1,7 @@
 """Unit tests of cbox.py's pure parts: config parser, allocators, request validation."""
 import ipaddress
 import json
+import re
 import os
 import subprocess
 import sys
@@ -81,6 +82,15 @@ def test_wrong_type_is_an_error(tmp_path):
         cbox.load_config(write_config(tmp_path, ["firewall: 1"]))
     with pytest.raises(cbox.ConfigError, match=r"'firewall' must be bool"):
         cbox.load_config(write_config(tmp_path, ['firewall: "true"']))
+
+
+
+@pytest.mark.parametrize("line, words", [("events_batch: 0", "events_batch must be 1..1000"),
+                                         ("events_batch: 1001", "events_batch must be 1..1000")])
+def test_out_of_range_is_an_error(tmp_path, line, words):
+    with pytest.raises(cbox.ConfigError, match=re.escape(words)):
+        cbox.load_config(write_config(tmp_path, [line]))
+    assert cbox.load_config(write_config(tmp_path, ['events_batch: "50"'])).events_batch == 50
 
 
 # The original CBox's documented config (issue 8), verbatim: every number quoted.
