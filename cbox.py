@@ -33,7 +33,8 @@ EVENTS). Sections, in order; each uses only what comes before it:
   8. Exec results    fields of the agent's exec results read without parsing them
                      whole; each exec counted finished once (metrics, exec.finished);
                      tombstones of VMs a deadline ended
-  9. VM manager      all VMs: start / destroy / adopt composing the sections above,
+  9. VM manager      WarmPool: idle VMs booted ahead, claimed by start requests;
+                     all VMs: start / destroy / adopt composing the sections above,
                      freeing a VM that ended by itself, egress policy changes, the
                      one task keeping deadlines (TTL, idle), exec forwarding
  10. REST server     routes of contract section 1 (each method an Operation: handler,
@@ -41,7 +42,7 @@ EVENTS). Sections, in order; each uses only what comes before it:
                      API description made from them (openapi_document); EventRelay:
                      exec event streams to the client (NDJSON or SSE, chunked)
  11. CLI             `serve`, `selftest` (a new host's end-to-end check), and a
-                     small client: `vm start|ls|rm|logs|network|ttl`, `exec`;
+                     small client: `health`, `vm start|ls|rm|logs|network|ttl`, `exec`;
                      `openapi` prints the API description
 
 The external contract lives in ../shared/docs/contract.md (beside checkouts) and
@@ -390,6 +391,14 @@ M_VM_BOOT = METRICS.histogram("cbox_vm_boot_seconds", "time from a start request
                               (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0))
 M_VM_STOPS = METRICS.counter("cbox_vm_stops_total", "VMs that ended by themselves, by stopReason", ("reason",))
 M_VM_DESTROYS = METRICS.counter("cbox_vm_destroys_total", "VMs destroyed through the API")
+M_POOL_READY = METRICS.gauge("cbox_pool_ready", "warm pool VMs booted and idle, ready to be claimed")
+M_POOL_BOOTING = METRICS.gauge("cbox_pool_booting", "warm pool VMs booting")
+M_POOL_CLAIMS = METRICS.counter("cbox_pool_claims_total", "VM starts answered with a warm pool VM")
+M_POOL_COLD = METRICS.counter("cbox_pool_cold_starts_total", "VM starts that booted a VM while a warm pool is "
+                              "configured: shape (vcpus/memoryMb not the defaults), empty (no VM ready) or "
+                              "failed (the claim failed)", ("reason",))
+M_POOL_BOOT_FAILURES = METRICS.counter("cbox_pool_boot_failures_total", "warm pool VM boots that failed (torn "
+                                       "down, retried with backoff)")
 M_EXECS_STARTED = METRICS.counter("cbox_execs_started_total", "execs the guest agents accepted")
 M_EXECS_FINISHED = METRICS.counter("cbox_execs_finished_total", "execs seen finished (blocking ones at their "
                                    "answer, background ones at the status or kill that shows them ended)")
@@ -651,6 +660,8 @@ CONFIG_KEYS = {
     "default_memory_mb": (int, 512, "memory of a VM when the request names none"),
     "max_memory_mb": (int, 16384, "largest memoryMb a request may ask for"),
     "max_vms": (int, 250, "most VMs at once"),
+    "pool_size": (int, 0, "VMs kept booted and idle (default vcpus/memory) for instant starts; they count in "
+                          "max_vms and the memory budget; 0 = no warm pool"),
     "boot_timeout_s": (float, 60.0, "time for the guest agent to answer after vm.boot"),
     "shutdown_timeout_s": (float, 5.0, "time for the VMM to exit before it is killed"),
     "exec_timeout_s": (float, 300.0, "default exec timeout"),
@@ -745,6 +756,8 @@ def check_config(cfg, source):
         bad(f"vmm_log_max_bytes must be at least {2 * VMM_LOG_TAIL}")
     if cfg.fd_reserve < 0:
         bad("fd_reserve must not be negative")
+    if not 0 <= cfg.pool_size <= cfg.max_vms:
+        bad("pool_size must be 0..max_vms")
     for default, maximum in (("default_ttl_s", "max_ttl_s"), ("default_idle_timeout_s", "max_idle_timeout_s")):
         if not 0 <= getattr(cfg, default) <= FOREVER_S or not 0 <= getattr(cfg, maximum) <= FOREVER_S:
             bad(f"{default} and {maximum} must be 0..{FOREVER_S} seconds")
@@ -1734,6 +1747,25 @@ class GuestAgent:
             raise AgentError(502, f"guest agent: stats answer larger than {self.STATS_MAX} bytes")
         return guest_stats(data)
 
+    IDENTITY_MAX = 4096             # an /identity answer is two names
+
+    async def identity(self, name):
+        """POST /identity: the guest takes `name` (hostname, CBOX_VM_NAME, its log). Its answer
+        must name it back, within IDENTITY_MAX bytes and 5 s."""
+        data = await within(5.0, self._call("POST", "/identity", {"vm": name}, timeout=5.0))
+        if isinstance(data, BodyStream) or len(data) > self.IDENTITY_MAX:
+            if isinstance(data, BodyStream):
+                self.http.drop(data.writer)
+            raise AgentError(502, f"guest agent: identity answer larger than {self.IDENTITY_MAX} bytes")
+        try:
+            answer = json.loads(data)
+        except (ValueError, RecursionError):
+            answer = None
+        if not isinstance(answer, dict) or answer.get("vmName") != name:
+            raise AgentError(502, "guest agent: its identity answer does not name the VM "
+                                  "(an agent older than /identity? rebuild the images)")
+        self.vm_name = name
+
     async def sync(self):
         """Let the guest flush its disks (before the VM goes away); failures are ignored."""
         with contextlib.suppress(AgentError):
@@ -2693,6 +2725,19 @@ class Allocator:
 
 def tap_name(cid):
     return f"cbt{cid}"                    # at most 13 characters, below IFNAMSIZ
+
+
+# The internal name of a warm pool VM until a start request claims it; never a VM name
+# (check_vm_name: those start with a letter or digit), so no request can name one.
+POOL_NAME_RE = re.compile(r"^_pool-[0-9a-f]{12}\Z")
+
+
+def pool_name():
+    return f"_pool-{uuid.uuid4().hex[:12]}"
+
+
+def is_pool_name(name):
+    return isinstance(name, str) and bool(POOL_NAME_RE.match(name))
 
 
 # ---- request schemas: a small JSON Schema vocabulary --------------------------------------
@@ -3792,10 +3837,15 @@ STATE_SERIAL = "cbox-state"
 
 
 class VmPaths:
-    """Where a VM's files live: records and disks in state_dir, sockets in the short run_dir."""
+    """Where a VM's files live: records and disks in state_dir, sockets in the short run_dir.
+    The record is named by the VM's name; its directory too, except for a VM that came from
+    the warm pool: that one keeps its pool directory (dir_name), whose files its hypervisor
+    holds open and names in its config (a reset rebuilds the VM from that config and opens
+    the disk by its path again: CHV vmm/src/lib.rs vm_reboot, device_manager.rs
+    make_virtio_block_device; the -v log is opened once, cloud-hypervisor/src/main.rs)."""
 
-    def __init__(self, cfg, vm_name, cid):
-        self.vm_dir = Path(cfg.path(cfg.state_dir), "vms", vm_name)
+    def __init__(self, cfg, vm_name, cid, dir_name=None):
+        self.vm_dir = Path(cfg.path(cfg.state_dir), "vms", dir_name or vm_name)
         self.record = Path(cfg.path(cfg.state_dir), "vms", vm_name + ".json")
         self.run_dir = Path(cfg.path(cfg.run_dir), str(cid))
         self.api_socket = self.run_dir / "api.sock"
@@ -3868,14 +3918,14 @@ class VM:
 
     RECORD_FIELDS = ("vmName", "status", "ip", "tapDeviceName", "callbackUrl", "callbackMethods", "cid", "vcpus",
                      "memoryMb", "createdAt", "phase", "pid", "pidStart", "mac", "error", "stopReason", "network",
-                     "expiresAt", "idleTimeoutSeconds", "lastActivityAt", "labels", "backgroundExecs")
+                     "expiresAt", "idleTimeoutSeconds", "lastActivityAt", "labels", "backgroundExecs", "dirName")
     API_FIELDS = tuple(VM_SCHEMA["properties"])
 
     def __init__(self, cfg, **fields):
         for key in self.RECORD_FIELDS:
             setattr(self, key, fields.get(key))
         self.cfg = cfg
-        self.paths = VmPaths(cfg, self.vmName, self.cid)
+        self.paths = VmPaths(cfg, self.vmName, self.cid, self.dirName)
         self.lock = asyncio.Lock()
         self.ended = asyncio.Event()   # set once it stopped by itself (mark_stopped)
         self.watch = None              # ProcessWatch of the VMM
@@ -3911,14 +3961,28 @@ class VM:
         self.activity_saved = time.monotonic()
 
     def forget(self):
-        with contextlib.suppress(FileNotFoundError):
-            self.paths.record.unlink()
+        """Remove the record (and the warm pool record of a VM claimed from the pool, should a
+        restart have come between writing its new record and removing the old one)."""
+        for name in {self.vmName, self.dirName or self.vmName}:
+            with contextlib.suppress(FileNotFoundError):
+                self.paths.record.with_name(name + ".json").unlink()
+
+    def rename(self, name):
+        """The VM takes a new name (a warm pool VM claimed by a start request); its files stay."""
+        self.dirName = self.dirName or self.vmName
+        self.vmName = name
+        self.paths = VmPaths(self.cfg, name, self.cid, self.dirName)
+        if self.agent:
+            self.agent.vm_name = name
 
     @classmethod
     def from_record(cls, cfg, path):
         """The VM a record file describes; ValueError (or TypeError, ApiError) when it is unusable."""
         vm = cls(cfg, **{k: v for k, v in json.loads(path.read_text()).items() if k in cls.RECORD_FIELDS})
-        check_vm_name(vm.vmName)
+        if not is_pool_name(vm.vmName):
+            check_vm_name(vm.vmName)
+        if vm.dirName is not None and not is_pool_name(vm.dirName):
+            raise ValueError("dirName must be a warm pool name")
         if path.name != vm.vmName + ".json":
             raise ValueError("record name does not match its file")
         vm.network = vm.recorded_network()
@@ -4276,6 +4340,8 @@ class VM:
         log("VM stopped", vm=self.vmName, status=status, stopReason=reason, error=repr(message))
         self.save()
         self.ended.set()
+        if is_pool_name(self.vmName):          # not a VM of the API: the warm pool replaces it
+            return
         M_VM_STOPS.labels(reason).inc()
         EVENTS.publish("vm.stopped", self.vmName, status=status, stopReason=reason, error=message)
 
@@ -4495,6 +4561,249 @@ def agent_errors():
         raise ApiError(e.status, str(e)) from e
 
 
+class WarmPool:
+    """pool_size VMs booted with the default vcpus and memory and left idle, under internal
+    names (pool_name) outside the manager's VMs: GET /v1/vms, label filters, DELETE /v1/vms
+    and deadlines never see them; capacity (max_vms, memory) counts them. A start request of
+    the default shape claims a ready one (take, claim): the guest takes the request's name
+    (the agent's POST /identity: hostname, CBOX_VM_NAME), the VM takes the request's
+    callbackUrl, callbackMethods, labels, deadlines and egress policy, and its record moves to
+    the new name; its directory keeps the pool name (VM.dirName: the hypervisor holds those
+    files open and names them in its config). One task refills the pool, one boot at a time,
+    retrying a failed boot with backoff (lastError in GET /v1/health).
+
+    Nothing runs in a pool VM before its claim: cbox.py only polls the agent's GET /health
+    while it boots, so the claimed VM has a clean stateful disk and no processes of anyone.
+
+    Restarts: a pool VM's record is vms/<pool name>.json. A claim writes the claimed VM's
+    record (vms/<name>.json, dirName = the pool name) before removing the pool record, so a
+    restart sees either the pool VM, or the claimed VM (and a pool record to drop)."""
+
+    RETRY_MIN_S, RETRY_MAX_S = 1.0, 60.0
+
+    def __init__(self, manager):
+        self.manager, self.cfg = manager, manager.cfg
+        self.size = self.cfg.pool_size
+        self.ready = collections.OrderedDict()    # pool name -> VM, oldest first
+        self.booting = {}                         # pool name -> VM
+        self.leaving = set()                      # VMs being torn down (still holding capacity)
+        self.last_error = None
+        self.failures = 0                         # failed boots in a row (backoff)
+        self.wake = asyncio.Event()               # a claim, a VM gone, or capacity freed
+        self.task = None
+
+    def vms(self):
+        return [*self.ready.values(), *self.booting.values(), *self.leaving]
+
+    def state(self):
+        """The pool as GET /v1/health shows it."""
+        return {"size": self.size, "ready": len(self.ready), "booting": len(self.booting),
+                "lastError": self.last_error}
+
+    def export_metrics(self):
+        M_POOL_READY.value, M_POOL_BOOTING.value = len(self.ready), len(self.booting)
+
+    def spec(self):
+        """A pool VM's start request: the default shape and policy, no callbacks, no deadline."""
+        name = pool_name()
+        return {"vmName": name, "dirName": name, "callbackUrl": None, "callbackMethods": [],
+                "vcpus": self.cfg.default_vcpus, "memoryMb": self.cfg.default_memory_mb,
+                "network": check_network(None, self.cfg), "expiresAt": None, "idleTimeoutSeconds": None,
+                "labels": {}}
+
+    # ---- claims ---------------------------------------------------------------------
+
+    def take(self, spec):
+        """A ready VM for this validated start request, out of the pool, or None: the request
+        asks another vcpus/memoryMb than the defaults, or none is ready. Every other field of
+        the request is applied at the claim."""
+        if not self.size:
+            return None
+        if (spec["vcpus"], spec["memoryMb"]) != (self.cfg.default_vcpus, self.cfg.default_memory_mb):
+            M_POOL_COLD.labels("shape").inc()
+            return None
+        for vm in list(self.ready.values()):      # oldest first; one ending by itself stays for watch_end
+            if vm.phase == "running" and vm.watch and vm.watch.alive():
+                del self.ready[vm.vmName]
+                self.wake.set()
+                return vm
+        M_POOL_COLD.labels("empty").inc()
+        return None
+
+    async def claim(self, vm, spec):
+        """Make a pool VM the VM of this start request (see the class). The caller holds vm.lock
+        and has put the VM under its new name in the manager's VMs; on failure it tears it down."""
+        pool_record = vm.paths.record
+        vm.rename(spec["vmName"])
+        for key in ("callbackUrl", "callbackMethods", "expiresAt", "idleTimeoutSeconds", "labels"):
+            setattr(vm, key, spec[key])
+        booted_with, vm.network = vm.network, spec["network"]
+        vm.createdAt, vm.phase, vm.status = utc_now(), "starting", "CREATED"
+        await vm.agent.identity(vm.vmName)
+        if vm.network != booted_with:
+            await self.manager.net.apply_egress(vm.tapDeviceName, vm.address, vm.network)
+        if not vm.watch.alive():
+            raise HypervisorError("the VM stopped while it was claimed")
+        vm.phase, vm.status = "running", "RUNNING"
+        vm.lastActivityAt = None          # now: the idle clock starts at the claim
+        vm.save()                         # the claimed VM's record first, then the pool's goes
+        with contextlib.suppress(FileNotFoundError):
+            pool_record.unlink()
+
+    # ---- refilling ----------------------------------------------------------------
+
+    async def keep_filled(self):
+        """The one task that boots pool VMs, one at a time, while the pool is short and
+        capacity allows (the pool never makes room for itself); failures back off."""
+        while True:
+            self.wake.clear()
+            if len(self.ready) + len(self.booting) < self.size and self.has_room():
+                try:
+                    booted = await self.boot_one()
+                except Exception as e:       # a task of its own: nobody else would see it
+                    log("warm pool boot failed", error=repr(f"{type(e).__name__}: {e}"))
+                    self.last_error, booted = f"{utc_now()} {type(e).__name__}: {e}"[:2000], False
+                if booted:
+                    self.failures, self.last_error = 0, None
+                else:
+                    self.failures += 1
+                    await asyncio.sleep(min(self.RETRY_MAX_S, self.RETRY_MIN_S * 2 ** (self.failures - 1)))
+                continue
+            with contextlib.suppress(asyncio.TimeoutError):
+                await within(5.0, self.wake.wait())
+
+    def has_room(self):
+        """Whether one more pool VM fits; when not, lastError says why the pool stays short."""
+        try:
+            self.manager.check_capacity(self.cfg.default_memory_mb)
+        except ApiError as e:
+            self.last_error = f"no room for a pool VM: {e}"
+            return False
+        if self.last_error and self.last_error.startswith("no room"):
+            self.last_error = None
+        return True
+
+    async def boot_one(self):
+        """Boot one pool VM; False when it failed (torn down, the error kept for health)."""
+        try:
+            vm = self.manager.new_vm(self.spec())
+        except ApiError as e:
+            self.last_error = str(e)
+            return False
+        self.booting[vm.vmName] = vm
+        clock = StepClock(vm.vmName, "pool boot")
+        try:
+            await self.manager.boot(vm, clock)
+        except ApiError as e:
+            M_POOL_BOOT_FAILURES.inc()
+            self.last_error = f"{utc_now()} {e}"[:2000]
+            return False
+        except asyncio.CancelledError:         # cbox.py stops: nothing half booted stays
+            vm.phase = "destroying"
+            await self.manager.teardown(vm, graceful=False)
+            raise
+        finally:
+            self.booting.pop(vm.vmName, None)
+        log("pool VM ready", vm=vm.vmName, ip=vm.ip, cid=vm.cid, ms=f"{clock.total_ms():.1f}")
+        self.add_ready(vm)
+        return True
+
+    def add_ready(self, vm):
+        self.ready[vm.vmName] = vm
+        vm.run_task(self.watch_end(vm))
+
+    async def watch_end(self, vm):
+        """A pool VM that ends by itself (its VMM exits, the guest resets) is torn down whole."""
+        await vm.ended.wait()
+        if self.ready.get(vm.vmName) is not vm:
+            return                             # claimed meanwhile: the manager keeps it
+        del self.ready[vm.vmName]
+        await self.remove(vm, "it ended by itself")
+
+    async def remove(self, vm, why):
+        self.leaving.add(vm)
+        try:
+            async with vm.lock:
+                vm.phase = "destroying"
+                await self.manager.teardown(vm, graceful=False)
+        finally:
+            self.leaving.discard(vm)
+        log("pool VM removed", vm=vm.vmName, why=why)
+        self.wake.set()
+
+    async def give_up_one(self):
+        """Destroy one ready pool VM to make room for a start that cannot use it; False when
+        none is ready."""
+        if not self.ready:
+            return False
+        _, vm = self.ready.popitem(last=False)
+        await self.remove(vm, "its capacity is needed by a start of another shape")
+        return True
+
+    # ---- restarts and shutdown ----------------------------------------------------
+
+    async def adopt_all(self, vms):
+        """At start-up: take back the pool VMs of the records (at most pool_size, those whose
+        VMM still runs them); tear down the others; drop the pool record of a VM a claim had
+        already taken (its new record names this pool directory)."""
+        claimed = {vm.dirName for vm in self.manager.vms.values() if vm.dirName}
+        for vm in vms:
+            if vm.vmName in claimed:
+                log("dropping the pool record of a claimed VM", vm=vm.vmName)
+                with contextlib.suppress(FileNotFoundError):
+                    vm.paths.record.unlink()
+                continue
+            try:
+                self.manager.alloc.claim(vm.address, vm.cid)
+            except ValueError as e:
+                log("ignoring unusable pool VM record", vm=vm.vmName, error=repr(str(e)))
+                continue
+            vm.attach_vmm()                  # watched, so that a teardown stops its VMM
+            if len(self.ready) >= self.size or not await self.readopt(vm):
+                log("cleaning up pool VM", vm=vm.vmName, phase=vm.phase)
+                vm.phase = "destroying"
+                await self.manager.teardown(vm, graceful=False)
+
+    async def readopt(self, vm):
+        if vm.phase != "running" or not (vm.watch and vm.watch.alive()):
+            return False
+        try:
+            info = await vm.chv.info()
+            if info.get("state") != "Running":
+                raise HypervisorError(f"VM state is {info.get('state')}")
+            if reset_in_vmm_log(vm.paths.chv_log):
+                raise HypervisorError("the guest reset while nobody watched")
+            await self.manager.net.apply_egress(vm.tapDeviceName, vm.address, vm.network)
+            vm.connect_agent()
+            vm.serve_callbacks()
+            vm.follow_again()
+            self.manager.release_when_ended(vm)
+        except (HypervisorError, CommandError, OSError) as e:
+            log("cannot re-adopt pool VM", vm=vm.vmName, error=repr(str(e)))
+            return False
+        log("pool VM re-adopted", vm=vm.vmName, pid=vm.pid, ip=vm.ip)
+        self.add_ready(vm)
+        return True
+
+    def start(self):
+        if self.size:
+            self.task = asyncio.get_running_loop().create_task(self.keep_filled())
+
+    async def stop(self, destroy):
+        """cbox.py stops: no more boots (one under way is torn down); the ready VMs are
+        destroyed (destroy_on_exit) or left running for the next start to re-adopt."""
+        if self.task:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        for vm in list(self.ready.values()):
+            if destroy:
+                del self.ready[vm.vmName]
+                await self.remove(vm, "cbox.py stops (destroy_on_exit)")
+            else:
+                vm.stop_watching()
+
+
 class VMManager:
     """All VMs: composes host resources, allocation and each VM's runtime into a VM's life
     (start, destroy, re-adoption at start-up, the end at a deadline), keeps their records,
@@ -4514,6 +4823,7 @@ class VMManager:
         self.deadlines_changed = asyncio.Event()     # wakes keep_deadlines
         self.ending = set()                          # VMs keep_deadlines is ending
         self.end_tasks = set()                       # their tasks (shutdown lets them finish)
+        self.pool = WarmPool(self)                   # pool_size idle VMs, outside self.vms
 
     def get(self, name):
         """The VM of that name (a checked one: check_vm_name), else ApiError 404 (saying why it
@@ -4547,46 +4857,97 @@ class VMManager:
 
     def check_capacity(self, memory_mb):
         """ApiError 503 unless one more VM of memory_mb fits (max_vms, guest_mem_percentage)."""
-        if len(self.vms) >= self.cfg.max_vms:
-            raise ApiError(503, f"max_vms ({self.cfg.max_vms}) VMs are running")
+        pool = self.pool.vms()
+        if len(self.vms) + len(pool) >= self.cfg.max_vms:
+            raise ApiError(503, f"max_vms ({self.cfg.max_vms}) VMs are running"
+                                + (f" ({len(pool)} of them in the warm pool)" if pool else ""))
         budget = host_memory_mb() * self.cfg.guest_mem_percentage // 100
-        used = sum(vm.memoryMb for vm in self.vms.values())
+        used = sum(vm.memoryMb for vm in [*self.vms.values(), *pool])
         if used + memory_mb > budget:
             raise ApiError(503, f"not enough memory: {used} MB of {budget} MB "
                                 f"(guest_mem_percentage={self.cfg.guest_mem_percentage}) in use, {memory_mb} MB asked")
 
     async def start(self, spec):
         """Start a VM from a validated start request (validate_start_request: vmName, callbackUrl,
-        callbackMethods, vcpus, memoryMb) and return it RUNNING; on any failure it is torn down and ApiError
-        says at which step."""
+        callbackMethods, vcpus, memoryMb, network, deadlines, labels) and return it RUNNING: a
+        warm pool VM when one fits (WarmPool.take), else a VM booted now; on any failure it is
+        torn down and ApiError says at which step."""
         name = spec["vmName"]
         if name in self.vms:
             raise ApiError(409, f"VM '{name}' " + ("is still being destroyed (its deadline came); try again shortly"
                                                   if self.past_deadline(self.vms[name]) else "already exists"))
-        self.check_capacity(spec["memoryMb"])
         self.tombstones.discard(name)
+        pooled = self.pool.take(spec)
+        if pooled and await self.claim(pooled, spec):
+            return pooled
+        if name in self.vms:       # taken while a failed claim was torn down
+            raise ApiError(409, f"VM '{name}' already exists")
+        await self.make_room(spec["memoryMb"])
         M_VM_STARTS.inc()
-        ip, cid = self.alloc.take()
-        vm = VM(self.cfg, **spec, status="CREATED", ip=f"{ip}/{self.prefix}", tapDeviceName=tap_name(cid),
-                cid=cid, createdAt=utc_now(), phase="starting", mac=mac_for(ip))
+        vm = self.new_vm(spec)
         self.vms[name] = vm
+        clock = StepClock(name, "start")
+        await self.boot(vm, clock, M_VM_START_FAILURES)
+        log("VM running", vm=name, ip=vm.ip, cid=vm.cid, ms=f"{clock.total_ms():.1f}")
+        self.deadlines_changed.set()
+        M_VM_BOOT.observe(clock.total_ms() / 1000)
+        EVENTS.publish("vm.started", name, ip=vm.ip, cid=vm.cid, bootMs=round(clock.total_ms(), 1))
+        return vm
+
+    async def make_room(self, memory_mb):
+        """check_capacity, destroying ready warm pool VMs while they are what stands in the way."""
+        while True:
+            try:
+                return self.check_capacity(memory_mb)
+            except ApiError:
+                if not await self.pool.give_up_one():
+                    raise
+
+    async def claim(self, vm, spec):
+        """Start the request's VM from a warm pool VM (WarmPool.claim); False when that failed
+        (the pool VM is torn down and the caller boots one)."""
+        name = spec["vmName"]
+        self.vms[name] = vm
+        clock = StepClock(name, "claim")
         async with vm.lock:
-            clock = StepClock(name, "start")
+            try:
+                with clock.step("claim"):
+                    await self.pool.claim(vm, spec)
+            except Exception as e:      # whatever it was, the VM goes and the start boots one
+                log("claiming a pool VM failed; booting one", vm=name, pool_vm=vm.dirName, error=repr(str(e)))
+                M_POOL_COLD.labels("failed").inc()
+                vm.phase = "destroying"
+                await self.teardown(vm, graceful=False)
+                return False
+        M_VM_STARTS.inc()
+        M_POOL_CLAIMS.inc()
+        log("VM running", vm=name, ip=vm.ip, cid=vm.cid, pool_vm=vm.dirName, ms=f"{clock.total_ms():.1f}")
+        self.deadlines_changed.set()
+        EVENTS.publish("vm.started", name, ip=vm.ip, cid=vm.cid, bootMs=round(clock.total_ms(), 1), pooled=True)
+        return True
+
+    def new_vm(self, spec):
+        """A VM for a start request (or the warm pool's), its IP and CID taken; not started."""
+        ip, cid = self.alloc.take()
+        return VM(self.cfg, **spec, status="CREATED", ip=f"{ip}/{self.prefix}", tapDeviceName=tap_name(cid),
+                  cid=cid, createdAt=utc_now(), phase="starting", mac=mac_for(ip))
+
+    async def boot(self, vm, clock, failures=None):
+        """Run a new VM's start steps; on any failure tear it down and raise ApiError saying at
+        which step (`failures`, a counter, counts it)."""
+        async with vm.lock:
             try:
                 await self._start_steps(vm, clock)
             except Exception as e:
                 if vm.serial:
                     vm.serial.read_pending()
-                message = f"starting VM '{name}' failed at step {clock.current}: {e}; console: {console_tail(vm.console_log())}"
-                log("start failed", vm=name, step=clock.current, error=repr(str(e)))
-                M_VM_START_FAILURES.inc()
+                message = (f"starting VM '{vm.vmName}' failed at step {clock.current}: {e}; "
+                           f"console: {console_tail(vm.console_log())}")
+                log("start failed", vm=vm.vmName, step=clock.current, error=repr(str(e)))
+                if failures:
+                    failures.inc()
                 await self.teardown(vm, graceful=False)
                 raise ApiError(e.status if isinstance(e, ApiError) else 500, message) from e
-        log("VM running", vm=name, ip=vm.ip, cid=cid, ms=f"{clock.total_ms():.1f}")
-        self.deadlines_changed.set()
-        M_VM_BOOT.observe(clock.total_ms() / 1000)
-        EVENTS.publish("vm.started", name, ip=vm.ip, cid=cid, bootMs=round(clock.total_ms(), 1))
-        return vm
 
     async def _start_steps(self, vm, clock):
         paths = vm.paths
@@ -4665,6 +5026,7 @@ class VMManager:
         self.alloc.release(vm.address, vm.cid)
         if self.vms.get(vm.vmName) is vm:
             del self.vms[vm.vmName]
+        self.pool.wake.set()             # capacity freed: the pool may refill
 
     async def destroy(self, name, reason="destroyed", message=None):
         """Stop a VM (gracefully when it runs) and remove everything it holds, its record too.
@@ -4774,16 +5136,22 @@ class VMManager:
         """Re-adopt VMs whose hypervisor still answers; clean up everything else, egress
         chains of VMs that are gone included."""
         self.records_dir.mkdir(parents=True, exist_ok=True)
+        pool = []
         for path in sorted(self.records_dir.glob("*.json")):
             try:
                 vm = VM.from_record(self.cfg, path)
+                if is_pool_name(vm.vmName):
+                    pool.append(vm)       # after the VMs: a claim may have left their record twice
+                    continue
                 self.alloc.claim(vm.address, vm.cid)
             except (ValueError, TypeError, ApiError, AttributeError, OSError) as e:
                 log("ignoring unreadable VM record", file=path, error=repr(str(e)))
                 continue
             self.vms[vm.vmName] = vm
             await self.adopt(vm)
-        await self.net.prune_egress([vm.tapDeviceName for vm in self.vms.values() if vm.phase == "running"])
+        await self.pool.adopt_all(pool)
+        await self.net.prune_egress([vm.tapDeviceName for vm in [*self.vms.values(), *self.pool.vms()]
+                                     if vm.phase == "running"])
 
     async def adopt(self, vm):
         """Take over a VM from its record: watch it again when its VMM still runs it, keep the
@@ -4821,13 +5189,14 @@ class VMManager:
         device reset is an info line), and the log's tail is what cbox.py reads."""
         while True:
             await asyncio.sleep(VMM_LOG_CHECK_S)
-            for vm in list(self.vms.values()):
+            for vm in [*self.vms.values(), *self.pool.vms()]:
                 vm.bound_vmm_log()
 
     async def shutdown(self):
         """cbox.py is stopping: destroy VMs if configured, else leave them running for the next start."""
         if self.end_tasks:            # VMs half torn down at a deadline would be torn down at the next start
             await asyncio.wait(self.end_tasks, timeout=3 * self.cfg.shutdown_timeout_s + 15)
+        await self.pool.stop(destroy=self.cfg.destroy_on_exit)
         if self.cfg.destroy_on_exit:
             await self.destroy_all()
         for vm in list(self.vms.values()):
@@ -5129,10 +5498,11 @@ RESPONSE_SCHEMAS = {      # the answers' schemas, by name (the VM's and the exec
         "error": {"type": "string"},
         "stopReason": {"type": "string", "description": "a VM a deadline ended (404 while its tombstone lasts)"},
         "destroyedAt": TIME}},
-    "Health": {"type": "object", "required": ["status", "timestamp", "version", "vms"], "properties": {
+    "Health": {"type": "object", "required": ["status", "timestamp", "version", "vms", "pool"], "properties": {
         "status": {"const": "healthy"}, "timestamp": TIME, "version": {"type": "string"},
         "vms": {"type": "integer", "minimum": 0},
-        "pool": {"type": "object", "description": "the warm pool (pool_size)", "properties": {
+        "pool": {"type": "object", "description": "the warm pool (pool_size)",
+                 "required": ["size", "ready", "booting", "lastError"], "properties": {
             "size": {"type": "integer"}, "ready": {"type": "integer"}, "booting": {"type": "integer"},
             "lastError": {"type": ["string", "null"]}}}}},
     "VM": VM_SCHEMA,
@@ -5296,6 +5666,7 @@ class RestServer:
     async def start(self):
         METRICS.on_scrape("process", refresh_process_metrics)     # here: a server made for its routes only
         METRICS.on_scrape("vms", self.refresh_server_metrics)     # (`cbox.py openapi`) has no manager
+        METRICS.on_scrape("pool", self.manager.pool.export_metrics)
         self.server = await asyncio.start_server(self.connection, self.cfg.host, self.cfg.port,
                                                  limit=MAX_HEAD, reuse_address=True)
         log("serving", url=f"http://{self.cfg.host}:{self.cfg.port}", version=VERSION)
@@ -5474,7 +5845,8 @@ class RestServer:
 
     async def health(self, req):
         """The server's health (no API token needed)"""
-        return {"status": "healthy", "timestamp": utc_now(), "version": VERSION, "vms": len(self.manager.vms)}
+        return {"status": "healthy", "timestamp": utc_now(), "version": VERSION, "vms": len(self.manager.vms),
+                "pool": self.manager.pool.state()}
 
     async def list_vms(self, req):
         """List VMs, optionally filtered by labels and status"""
@@ -5679,6 +6051,7 @@ async def serve(cfg):
     await manager.end_overdue()
     log_bounds = asyncio.get_running_loop().create_task(manager.bound_vmm_logs())
     deadlines = asyncio.get_running_loop().create_task(manager.keep_deadlines())
+    manager.pool.start()
     server = RestServer(cfg, manager)
     await server.start()
     stop = asyncio.Event()
@@ -6335,6 +6708,15 @@ def client_call(args, method, path, body=None, timeout=None, text=False):
     return payload.decode("utf-8", "replace") if text else json.loads(payload or b"null")
 
 
+def cli_health(args):
+    """`health`: the server's state in two lines (its VMs, its warm pool)."""
+    health = client_call(args, "GET", "/v1/health", timeout=10)
+    print(f"{health.get('status')}: cbox.py {health.get('version')}, {health.get('vms')} VM(s)")
+    pool = health.get("pool") or {}
+    print(f"warm pool: {pool.get('ready')} of {pool.get('size')} ready, {pool.get('booting')} booting"
+          + (f"; last error: {pool['lastError']}" if pool.get("lastError") else ""))
+
+
 def cli_network(args):
     """The "network" object of `vm start` / `vm network` from --egress and --allow-out
     (--allow-out alone means allowlist); None when neither is given."""
@@ -6500,6 +6882,7 @@ def main(argv=None):
                                         "a callback, destroy (exit 0 when all pass)")
     p.add_argument("--config", default=config, help="config file (env CBOX_CONFIG, else config.yaml)")
     p.add_argument("-v", "--verbose", action="store_true", help="show cbox.py's log as it happens")
+    sub.add_parser("health", help="the server's state: its VMs and warm pool")
     p = sub.add_parser("vm", help="start, list, remove VMs")
     vm_sub = p.add_subparsers(dest="vm_cmd", required=True)
     q = vm_sub.add_parser("start")
@@ -6572,6 +6955,8 @@ def main(argv=None):
             asyncio.run(serve(cfg))
         except (CommandError, OSError) as e:
             sys.exit(f"cbox: {e}")
+    elif args.cmd == "health":
+        cli_health(args)
     elif args.cmd == "vm":
         cli_vm(args)
     elif args.cmd == "exec":

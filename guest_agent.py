@@ -30,6 +30,10 @@ Internal HTTP API (cbox.py -> agent, TCP 4031, JSON, errors {"error": msg})
   GET    /health     {"status":"ok","vmName","uptimeS","bootUptimeS","pid","version"}
   GET    /stats      {"memTotalBytes","memAvailableBytes","load1","load5","load15",
                      "rootDisk","stateDisk": {"totalBytes","usedBytes"},"uptimeS"}
+  POST   /identity   {"vm": name} -> {"vmName","hostname"}: the VM's new name (a warm pool VM
+                     claimed by a start request): hostname (sethostname, /etc/hostname as
+                     PID 1), CBOX_VM_NAME of later commands, /health's vmName and the log;
+                     kept across restarts of the server. name: ^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$
   POST   /exec       {"cmd" | "argv" (exactly one), "env", "cwd", "stdin", "timeout",
                       "maxOutput", "blocking", "user", "tag", "memoryLimitMb",
                       "pidsLimit", "keepaliveS"}
@@ -775,6 +779,48 @@ def _best_effort(what, fn, *args):
         log(f"{what} failed: {e}")
 
 
+def set_hostname(name, as_init):
+    """The hostname of our UTS namespace (never the host's) and, as PID 1, /etc/hostname."""
+    if as_init or not namespace_is_hosts("uts"):
+        _best_effort("sethostname", socket.sethostname, name)
+    else:
+        log("UTS namespace is the host's: hostname left alone")
+    if as_init:
+        write_etc_file("/etc/hostname", name + "\n")
+
+
+VM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")   # cbox.py's VM name rule
+
+
+class Identity:
+    """The VM's name (cbox.vm) and its later changes (POST /identity: a warm pool VM gets
+    the name of the start request that claimed it). A change is kept in a file beside the
+    shims, so a server the supervisor restarts (forked from the old config) keeps it."""
+
+    def __init__(self, config, base_env, path, as_init):
+        self.config, self.base_env, self.path, self.as_init = config, base_env, path, as_init
+
+    def load(self):
+        """Take over a name an earlier server set (called in each new server)."""
+        try:
+            with open(self.path) as f:
+                name = f.read().strip()
+        except OSError:
+            return
+        if VM_NAME.fullmatch(name):
+            self._use(name)
+
+    def change(self, name):
+        set_hostname(name, self.as_init)
+        self._use(name)
+        _best_effort("keeping the VM name", write_atomically, self.path, name + "\n", 0o644)
+        log_later(f"identity: vm={name}")     # the serial console is slow in a VM: after the answer
+
+    def _use(self, name):
+        self.config.vm = name
+        self.base_env["CBOX_VM_NAME"] = name
+
+
 def setup_system(config, as_init):
     """Init duties as PID 1; namespace-local hostname and network otherwise."""
     if as_init:
@@ -782,12 +828,7 @@ def setup_system(config, as_init):
         ensure_standard_fds()
         set_init_environment()
     if config.vm:
-        if as_init or not namespace_is_hosts("uts"):
-            _best_effort("sethostname", socket.sethostname, config.vm)
-        else:
-            log("UTS namespace is the host's: hostname left alone")
-        if as_init:
-            write_etc_file("/etc/hostname", config.vm + "\n")
+        set_hostname(config.vm, as_init)
     if as_init and config.dns:
         write_etc_file("/etc/resolv.conf", "".join(f"nameserver {d}\n" for d in config.dns))
     if as_init or not namespace_is_hosts("net"):
@@ -2150,8 +2191,9 @@ class EventStream:
 class AgentServer:
     """The exec server: accepts connections, one thread per connection."""
 
-    def __init__(self, listener, config, base_env, started, agent_start_uptime, cgroups=None):
+    def __init__(self, listener, config, base_env, started, agent_start_uptime, cgroups=None, identity=None):
         self.listener = listener
+        self.identity = identity                  # Identity: POST /identity (None: no such route)
         self.config = config
         self.base_env = base_env
         self.started = started                    # monotonic time the agent started
@@ -2232,6 +2274,9 @@ class AgentServer:
         if path == "/stats":
             self._allow(method, "GET")
             return 200, system_stats(), ""
+        if path == "/identity" and self.identity is not None:
+            self._allow(method, "POST")
+            return 200, self.set_identity(request), ""
         if path == "/exec":
             self._allow(method, "GET, POST, DELETE")
             if method == "GET":
@@ -2266,6 +2311,16 @@ class AgentServer:
         return {"status": "ok", "vmName": self.config.vm,
                 "uptimeS": round(time.monotonic() - self.started, 3),
                 "bootUptimeS": read_uptime(), "pid": os.getpid(), "version": AGENT_VERSION}
+
+    def set_identity(self, request):
+        body = request.json()
+        if not isinstance(body, dict) or set(body) != {"vm"}:
+            raise RequestError(400, 'body must be {"vm": name}')
+        name = body["vm"]
+        if not isinstance(name, str) or not VM_NAME.fullmatch(name):
+            raise RequestError(400, "vm must match ^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+        self.identity.change(name)
+        return {"vmName": name, "hostname": socket.gethostname()}
 
     def post_exec(self, request):
         spec = ExecSpec(request.json())
@@ -2568,8 +2623,11 @@ def run_agent(options, as_init):
         if not as_init:
             prctl(PR_SET_CHILD_SUBREAPER, 1)
 
+        identity = Identity(config, base_env, os.path.join(shim_dir, "vm-name"), as_init)
+
         def make_server():
-            return AgentServer(listener, config, base_env, started, agent_start_uptime, cgroups)
+            identity.load()
+            return AgentServer(listener, config, base_env, started, agent_start_uptime, cgroups, identity)
 
         stopped_by = Supervisor(make_server, as_init).run()
         log(f"stopped by {stopped_by}")

@@ -15,6 +15,10 @@ run. Prints a table and writes it to bench/results.md.
     sudo python3 bench/bench.py --only monitoring  # exec throughput with metrics scraped and
                                                  # events_url set vs a cbox.py without them
                                                  # (rewrites only its section of results.md)
+    sudo python3 bench/bench.py --only pool      # starts from a warm pool (pool_size 1) vs cold
+                                                 # starts, with the stand-in and, where the out/
+                                                 # images and QEMU are there, its QEMU engine
+                                                 # (rewrites only its section of results.md)
 
 Needs root, iproute2 and iptables. Everything runs inside a network namespace
 the script creates (`cbbench<random>`): cbox.py, its bridge and taps, the
@@ -54,7 +58,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 STANDIN = REPO / "tests" / "fake_chv.py"
 BENCHES = ("exec", "throughput", "callback", "start", "density", "output", "realboot", "hostile", "ttl", "stream",
-           "monitoring")
+           "monitoring", "pool")
 OUT = REPO / "out"
 IMAGES = (("kernel", OUT / "vmlinuz"), ("initramfs", OUT / "initramfs.cpio.gz"), ("rootfs", OUT / "rootfs.ext4"))
 MB = 1 << 20
@@ -2076,6 +2080,88 @@ class Bench:
                          how="CPU_PROBE: in-process, canned agent answer, least of 8 rounds of 2000"))
         self.sections["Monitoring cost"] = "\n".join(table)
         say("\n" + "\n".join(table))
+
+    # -- warm pool -----------------------------------------------------------------------------------
+
+    def bench_pool(self):
+        """Starts from a warm pool: POST /v1/vms to 200 with a ready pool VM, the pool refilled
+        before each start; cold starts of another shape on the same server beside them."""
+        n, cold_n = self.n(50, 20), self.n(10, 5)
+        say(f"\n== warm pool: {n} starts claiming a pool VM (pool_size 1, refilled before each), "
+            f"{cold_n} cold starts beside them")
+        results = [("stand-in", *self.pool_starts("pool", n, cold_n, {}))]
+        qemu = os.environ.get("CBOX_QEMU_BIN") or "qemu-system-x86_64"
+        accel = (os.environ.get("CBOX_QEMU_ACCEL") or "tcg").lower()
+        skip = self.realboot_skip_reason([f"out/{path.name}" for _, path in IMAGES if not path.exists()], qemu, accel)
+        if skip:
+            say(f"  QEMU engine: skipped: {skip}")
+        else:
+            qn = self.args.boots or self.n(10, 5)
+            say(f"  QEMU engine ({accel}): {qn} pooled starts, 3 cold")
+            images = {what: str(path) for what, path in IMAGES}
+            results.append((f"QEMU engine ({accel})", *self.pool_starts(
+                "poolqemu", qn, 3, dict(env={"CBOX_STANDIN_ENGINE": "qemu"}, run_dir=str(self.run_dir / "pq"),
+                                       boot_timeout_s=300, stateful_size_in_mb=256, **images))))
+        table = ["## Warm pool", "",
+                 f"Written by `python3 bench/bench.py --only pool` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} "
+                 f"UTC ({os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at the end). One cbox.py with "
+                 "`pool_size: 1`; before each start the client waits until `GET /v1/health` shows the pool ready "
+                 "(so the refill never overlaps a start), then times `POST /v1/vms {\"vmName\"}` to its 200 "
+                 "(the VM is then destroyed, outside the timing). Cold: the same server, `memoryMb: 256` (not the "
+                 "default shape, so it boots). Target (issue 12): p50 under 25 ms with the stand-in. "
+                 + ("QEMU engine: skipped: " + skip + "." if skip else ""), "",
+                 "| hypervisor | pooled starts | pooled p50 | pooled p99 | claim step p50 (cbox.py log) | cold p50 "
+                 "| cold p99 | refill (pool boot) p50 | result |", "|---|---|---|---|---|---|---|---|---|"]
+        for label, pooled, claim, cold, refill in results:
+            ok = median(pooled) < 25 if label == "stand-in" else None
+            self.add(Row(f"pool: POST /v1/vms -> 200 from a warm pool, {label}", median(pooled), "ms", p99(pooled),
+                         floor=median(cold), target="median < 25 ms" if ok is not None else "-", ok=ok,
+                         notes=f"cold start (another shape) p50 {median(cold):.1f} ms; claim step p50 "
+                               f"{median(claim):.1f} ms; pool boot p50 {median(refill):.0f} ms",
+                         how=f"{len(pooled)} starts with pool_size 1, the client waiting for the pool to be ready "
+                             "before each (see the section 'Warm pool'); floor: a cold start on the same server"))
+            table.append(f"| {label} | {len(pooled)} | {median(pooled):.1f} ms | {p99(pooled):.1f} ms | "
+                         f"{median(claim):.1f} ms | {median(cold):.1f} ms | {p99(cold):.1f} ms | "
+                         f"{median(refill):.0f} ms | {'-' if ok is None else 'PASS' if ok else 'FAIL'} |")
+        self.sections["Warm pool"] = "\n".join(table)
+        say("\n" + "\n".join(table))
+
+    def pool_starts(self, label, n, cold_n, settings):
+        """(pooled start ms, claim step ms, cold start ms, pool boot ms) on one cbox.py with pool_size 1."""
+        pooled, cold = [], []
+        with self.cbox(label, pool_size=1, **settings) as srv:
+            api, health = srv.client(), srv.client()
+
+            def wait_ready():
+                deadline = time.monotonic() + 600
+                while time.monotonic() < deadline:
+                    pool = health.json("GET", "/v1/health")["pool"]
+                    if pool["ready"] == 1 and pool["booting"] == 0:
+                        return
+                    time.sleep(0.02)
+                raise RuntimeError(f"the pool was not ready within 600 s: {pool}")
+            for i in range(n):
+                wait_ready()
+                t = time.perf_counter()
+                vm = api.json("POST", "/v1/vms", {"vmName": f"{label}{i}"})
+                pooled.append((time.perf_counter() - t) * 1000)
+                if vm["status"] != "RUNNING":
+                    raise RuntimeError(f"{vm['vmName']}: status {vm['status']}")
+                api.json("DELETE", f"/v1/vms/{label}{i}")
+            for i in range(cold_n):
+                wait_ready()
+                t = time.perf_counter()
+                api.json("POST", "/v1/vms", {"vmName": f"{label}cold{i}", "memoryMb": 256})
+                cold.append((time.perf_counter() - t) * 1000)
+                api.json("DELETE", f"/v1/vms/{label}cold{i}")
+            api.close()
+            health.close()
+            log = srv.log()
+        claims = [float(m.group(2)) for m in re.finditer(r" claim step vm=(\S+) step=claim ms=([\d.]+)", log)]
+        if len(claims) != n:
+            raise RuntimeError(f"{n - len(claims)} of the {n} starts did not claim a pool VM (see {srv.log_path})")
+        boots = [float(m.group(1)) for m in re.finditer(r" pool VM ready vm=\S+ ip=\S+ cid=\d+ ms=([\d.]+)", log)]
+        return pooled, claims, cold, boots
 
     @staticmethod
     def scrape_every_second(variant, stop):

@@ -1150,3 +1150,27 @@ def test_pid1_mode_in_namespaces(tmp_path):
         kill_pids([proc.pid] + tree)
         proc.wait(5)
         proc.stderr.close()
+
+
+# ---------------------------------------------------------------------------
+# POST /identity (a warm pool VM takes the name of the start request that claimed it)
+# ---------------------------------------------------------------------------
+
+def test_identity_renames_the_guest_and_survives_a_server_restart(fresh_agent):
+    a = fresh_agent
+    assert a.request("GET", "/health")[1]["vmName"] == "t1"
+    for bad in ({"vm": "_pool-x"}, {"vm": "a b"}, {"vm": "x" * 64}, {"vm": 3}, {}, {"vm": "ok", "more": 1}, ["ok"]):
+        status, body = a.request("POST", "/identity", bad)
+        assert status == 400 and body["error"], (bad, body)
+    assert a.request("GET", "/identity")[0] == 405
+    assert a.exec(cmd='hostname; echo "$CBOX_VM_NAME"')["stdout"] == "t1\nt1\n"     # nothing changed
+    status, body = a.request("POST", "/identity", {"vm": "renamed.1"})
+    assert status == 200 and body == {"vmName": "renamed.1", "hostname": "renamed.1"}
+    a.log.wait_for("identity: vm=renamed.1")
+    assert a.request("GET", "/health")[1]["vmName"] == "renamed.1"
+    assert a.exec(cmd='hostname; echo "$CBOX_VM_NAME"')["stdout"] == "renamed.1\nrenamed.1\n"
+    os.kill(a.server_pid(), signal.SIGKILL)              # the supervisor forks a new server
+    a.log.wait_for("ready on", count=2)
+    a.log.wait_for("vm=renamed.1")
+    assert a.request("GET", "/health")[1]["vmName"] == "renamed.1"
+    assert a.exec(cmd='echo "$CBOX_VM_NAME"')["stdout"] == "renamed.1\n"

@@ -133,7 +133,7 @@ def test_seed_config_loads_as_it_is(tmp_path):
 
 
 @pytest.mark.parametrize("line,value", [
-    ('port: "7000"', 7000), ("port: '7001'", 7001), ('max_vms: "007"', 7),
+    ('port: "7000"', 7000), ("port: '7001'", 7001), ('max_vms: "007"', 7), ('pool_size: "3"', 3),
     ('boot_timeout_s: "60"', 60.0), ('boot_timeout_s: "2.5"', 2.5), ("boot_timeout_s: 2.5", 2.5),
 ])
 def test_number_keys_accept_quoted_decimal_numbers(tmp_path, line, value):
@@ -167,6 +167,10 @@ def test_semantic_checks(tmp_path):
         cbox.load_config(write_config(tmp_path, [f'run_dir: "/{"x" * 90}"']))
     with pytest.raises(cbox.ConfigError, match="guest_mem_percentage"):
         cbox.load_config(write_config(tmp_path, ["guest_mem_percentage: 0"]))
+    with pytest.raises(cbox.ConfigError, match="pool_size must be 0..max_vms"):
+        cbox.load_config(write_config(tmp_path, ["pool_size: 3", "max_vms: 2"]))
+    with pytest.raises(cbox.ConfigError, match="pool_size must be 0..max_vms"):
+        cbox.load_config(write_config(tmp_path, ["pool_size: -1"]))
 
 
 # ---- allocators ------------------------------------------------------------------
