@@ -1935,20 +1935,25 @@ class Bench:
         rounds = self.n(6, 2)
         clients, nvms = 16, 4
         baseline, baseline_label = baseline_cbox(self.args.baseline, self.tmp / "baseline-cbox.py")
-        say(f"\n== monitoring cost: exec throughput of three cbox.py, {clients} clients over {nvms} VMs each, "
+        labels = ("baseline", "counted", "scraped+events", f"scraped+events, batch {EVENTS_BATCH}")
+        say(f"\n== monitoring cost: exec throughput of {len(labels)} cbox.py, {clients} clients over {nvms} VMs each, "
             f"{dur:g} s each in {rounds} rounds of rotating order; baseline {baseline_label}")
-        spaces, receiver, variants = [], None, []
+        spaces, receivers, variants = [], {}, []
         try:
-            for label in ("baseline", "counted", "scraped+events"):
+            for label in labels:
                 ns = Netns()                    # each its own: tap names and the port are the same
                 spaces.append(ns)
-                overrides = {"firewall": False, "run_dir": str(self.run_dir / label.replace("+", "-"))}
-                if label == "scraped+events":
+                slug = re.sub(r"[^a-z0-9]+", "-", label)
+                overrides = {"firewall": False, "run_dir": str(self.run_dir / slug)}
+                if label.startswith("scraped+events"):
                     receiver = subprocess.Popen(["ip", "netns", "exec", ns.name, sys.executable, "-c",
                                                  EVENTS_RECEIVER], stdout=subprocess.PIPE, text=True)
                     port = int(receiver.stdout.readline())
+                    receivers[label] = (receiver, ns, port)
                     overrides["events_url"] = f"http://127.0.0.1:{port}/events"
-                srv = self.cbox(f"monitoring-{label.replace('+', '-')}", ns=ns,
+                    if "batch" in label:
+                        overrides["events_batch"] = EVENTS_BATCH
+                srv = self.cbox(f"monitoring-{slug}", ns=ns,
                                 cbox_py=baseline if label == "baseline" else None, **overrides).start()
                 api = srv.client()
                 for v in range(nvms):
@@ -1958,12 +1963,12 @@ class Bench:
                 for fn in fns:                  # warm up: connections open, agents busy once
                     fn()
                 variants.append({"label": label, "srv": srv, "fns": fns, "n": 0, "s": 0.0, "cbox_cpu": 0.0,
-                                 "all_cpu": 0.0, "scrapes": 0, "roles": {}})
-            receiver_cpu = 0.0
+                                 "all_cpu": 0.0, "scrapes": 0, "roles": {}, "receiver_cpu": 0.0})
             for r in range(rounds):
-                for v in variants[r % 3:] + variants[:r % 3]:
+                for v in variants[r % len(variants):] + variants[:r % len(variants)]:
                     scraper, stop = None, threading.Event()
-                    if v["label"] == "scraped+events":
+                    receiver = receivers.get(v["label"], (None,))[0]
+                    if receiver:
                         scraper = threading.Thread(target=self.scrape_every_second, args=(v, stop), daemon=True)
                         scraper.start()
                         rx_before = sum(cpu_seconds(receiver.pid))
@@ -1978,18 +1983,19 @@ class Bench:
                     if scraper:
                         stop.set()
                         scraper.join(30)
-                        receiver_cpu += sum(cpu_seconds(receiver.pid)) - rx_before
-            events = variants[2]
-            final = Http(events["srv"].connect).request("GET", "/v1/metrics")[1].decode()
-            figures = {m.group(1): float(m.group(2)) for m in
-                       re.finditer(r"^(cbox_events_(?:delivered|dropped)_total|cbox_events_total\{type=\"exec\.finished\"\}) (\S+)$",
-                                   final, re.M)}
-            time.sleep(1.0)                    # the last events reach the receiver
-            received = int(Http(connector(spaces[2].path, ("127.0.0.1", port))).request("GET", "/count")[1])
+                        v["receiver_cpu"] += sum(cpu_seconds(receiver.pid)) - rx_before
+            time.sleep(1.0)                    # the last events reach the receivers
+            for v in variants:
+                if v["label"] in receivers:
+                    final = Http(v["srv"].connect).request("GET", "/v1/metrics")[1].decode()
+                    v["figures"] = {m.group(1): float(m.group(2)) for m in re.finditer(
+                        r"^(cbox_events_(?:delivered|dropped)_total) (\S+)$", final, re.M)}
+                    _, ns, port = receivers[v["label"]]
+                    v["posts"] = int(Http(connector(ns.path, ("127.0.0.1", port))).request("GET", "/count")[1])
         finally:
             for v in variants:
                 v["srv"].stop()
-            if receiver:
+            for receiver, _, _ in receivers.values():
                 receiver.kill()
                 receiver.wait()
             for ns in spaces:
@@ -2019,18 +2025,20 @@ class Bench:
         rate0 = base["n"] / base["s"]
         table = ["## Monitoring cost", "",
                  f"Written by `python3 bench/bench.py --only monitoring` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} "
-                 f"UTC ({os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at the end). Three cbox.py "
+                 f"UTC ({os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at the end). {len(variants)} cbox.py "
                  f"serve at once, each in a network namespace of its own with {nvms} VMs (stand-in, firewall off "
-                 f"in all three); {clients} keep-alive clients run `true` execs against one at a time, {dur / rounds:g} "
+                 f"in all); {clients} keep-alive clients run `true` execs against one at a time, {dur / rounds:g} "
                  f"s per slice, {rounds} rounds in rotating order, {dur:g} s each in all. Baseline: cbox.py of "
                  f"{baseline_label} (the newest without the metrics registry). `counted`: this cbox.py, every counter and histogram updated, nobody scraping. "
                  "`scraped+events`: this cbox.py scraped every second (GET /v1/metrics) with `events_url` set to "
-                 "a lean receiver in the same namespace: a POST per event, so one per exec (exec.finished). "
+                 "a lean receiver in the same namespace: a POST per event, so one per exec (exec.finished); "
+                 f"`batch {EVENTS_BATCH}`: the same with `events_batch: {EVENTS_BATCH}` (a POST per up to "
+                 f"{EVENTS_BATCH} events). "
                  "Target: throughput at least 97% of the baseline's. The execs/s measured swing by 10% from slice to "
                  "slice with the other work on this shared machine, so the verdict is on CPU, which decides "
                  "throughput on a CPU-bound host: the extra cbox.py CPU per exec over the baseline's, as a share of "
                  "the baseline's CPU per exec of every process (cbox.py, stand-in, agent, clients); throughput kept "
-                 "= all / (all + extra). The agent, stand-in and clients run the same code in all three: their "
+                 "= all / (all + extra). The agent, stand-in and clients run the same code in all: their "
                  "differences are noise and are left out. The events receiver's CPU is not cbox.py's and is left "
                  "out too (its figure is in the notes).", "",
                  "| cbox.py | execs/s measured | vs baseline | cbox.py CPU ms/exec | extra, % of all CPU per exec | "
@@ -2044,11 +2052,11 @@ class Bench:
             kept = all_base / (all_base + extra)
             notes = "CPU ms/exec by process: " + ", ".join(
                 f"{role} {secs / v['n'] * 1000:.3f}" for role, secs in v["roles"].items() if secs / v["n"] >= 0.000005)
-            if v is events:
-                delivered = figures.get("cbox_events_delivered_total", 0)
-                notes += (f"; {v['scrapes']} scrapes; events delivered {delivered:.0f}, received {received}, dropped "
-                         f"{figures.get('cbox_events_dropped_total', 0):.0f}; receiver CPU "
-                         f"{receiver_cpu / max(v['n'], 1) * 1000:.3f} ms/exec (counted in all CPU: no)")
+            if "figures" in v:
+                delivered = v["figures"].get("cbox_events_delivered_total", 0)
+                notes += (f"; {v['scrapes']} scrapes; events delivered {delivered:.0f} in {v['posts']} POSTs received, "
+                          f"dropped {v['figures'].get('cbox_events_dropped_total', 0):.0f}; receiver CPU "
+                          f"{v['receiver_cpu'] / max(v['n'], 1) * 1000:.3f} ms/exec (counted in all CPU: no)")
             ok = None if v is base else kept >= 0.97
             table.append(f"| {v['label']} | {rate:.0f} | {ratio:.3f}x | {v['cbox_cpu'] / v['n'] * 1000:.3f} | "
                          + ("- | - | - |" if v is base else f"{extra / all_base * 100:+.1f}% | {kept * 100:.1f}% | "
