@@ -87,7 +87,7 @@ import socket  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
-from nsutil import socket_in_ns  # noqa: E402
+from nsutil import CallbackURLServer, socket_in_ns  # noqa: E402
 
 def socket_in_netns(ns_name, family=socket.AF_INET, type=socket.SOCK_STREAM):
     """A socket created inside the named network namespace."""
@@ -286,6 +286,21 @@ def cbox_factory(netns, tmp_path):
     yield make
     for server in made:
         server.cleanup()
+
+
+@pytest.fixture
+def callback_server(netns):
+    """HTTP servers in the test namespace (callback URLs, events_url): make(reply, listener)
+    with reply(body) -> (status, bytes); each records its calls."""
+    made = []
+
+    def make(reply=lambda body: (200, b'{"ok": true}'), listener=None):
+        server = CallbackURLServer(listener or netns.listen(("127.0.0.1", 0)), reply)
+        made.append(server)
+        return server
+    yield make
+    for server in made:
+        server.close()
 
 
 @pytest.fixture

@@ -12,22 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from nsutil import CallbackURLServer
 from procutil import wait_for
-
-
-@pytest.fixture
-def callback_server(netns):
-    servers = []
-
-    def make(reply):
-        server = CallbackURLServer(netns.listen(("127.0.0.1", 0)), reply)
-        servers.append(server)
-        return server
-
-    yield make
-    for s in servers:
-        s.close()
 
 
 def ok_json(obj, status=200):

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from nsutil import CallbackURLServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cbox  # noqa: E402
@@ -320,20 +319,6 @@ def test_event_log_ring_since_and_wait():
 
 # ---- with cbox.py and the stand-in hypervisor ---------------------------------------
 
-@pytest.fixture
-def receivers(netns):
-    """HTTP servers in the test namespace: reply(body) -> (status, bytes); each records its calls."""
-    made = []
-
-    def make(reply=lambda body: (200, b'{"ok": true}'), listener=None):
-        server = CallbackURLServer(listener or netns.listen(("127.0.0.1", 0)), reply)
-        made.append(server)
-        return server
-    yield make
-    for server in made:
-        server.close()
-
-
 def scrape(api):
     status, text = api.get("/v1/metrics")
     assert status == 200, text
@@ -353,8 +338,8 @@ def wait_for(cond, timeout=20.0, what="condition"):
         time.sleep(0.05)
 
 
-def test_metrics_and_events_of_a_run(cbox_factory, receivers, netns):
-    events_rx, cb = receivers(), receivers(callback_reply)
+def test_metrics_and_events_of_a_run(cbox_factory, callback_server, netns):
+    events_rx, cb = callback_server(), callback_server(callback_reply)
     server = cbox_factory(events_url=events_rx.url, api_token="s3cret", callback_secret="k3y").start()
     api = server.api
     status, _ = api.request("GET", "/v1/metrics", headers={"Authorization": "Bearer wrong"})
@@ -486,7 +471,7 @@ def test_events_long_poll_and_bad_parameters(cbox_factory, netns):
     assert api.delete("/v1/vms/p1")[0] == 200
 
 
-def test_events_url_down_is_retried_then_dropped_without_blocking(cbox_factory, receivers, netns):
+def test_events_url_down_is_retried_then_dropped_without_blocking(cbox_factory, callback_server, netns):
     spare = netns.listen(("127.0.0.1", 0))
     port = spare.getsockname()[1]
     spare.close()                                # nothing listens there for now
@@ -499,13 +484,33 @@ def test_events_url_down_is_retried_then_dropped_without_blocking(cbox_factory, 
     assert value(families, "cbox_events_delivery_failures_total") >= 2
     assert value(families, "cbox_events_delivered_total") == 0
     assert "events_url failed; retrying" in server.log() and "events dropped" in server.log()
-    rx = receivers(listener=netns.listen(("127.0.0.1", port)))   # the receiver comes back
+    rx = callback_server(listener=netns.listen(("127.0.0.1", port)))   # the receiver comes back
     api.exec("d1", "exit 5")
     wait_for(lambda: rx.calls, what="delivery after the receiver came back")
     assert [(e["type"], e["exitCode"]) for e in rx.calls] == [("exec.finished", 5)]
     assert api.delete("/v1/vms/d1")[0] == 200
     wait_for(lambda: len(rx.calls) == 2, what="vm.destroyed")
     assert value(scrape(api), "cbox_events_dropped_total") == 2
+
+
+async def send_events(receiver, count, secret="", batch=1):
+    """Events 1..count through an EventSender to `receiver` (an asyncio server's handler),
+    until all were delivered (or 10 s); (how many were delivered, the sender's run id)."""
+    server = await asyncio.start_server(receiver, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    cfg = type("Cfg", (), {"events_url": f"http://127.0.0.1:{port}/ev", "events_retry_s": 30.0,
+                           "callback_timeout_s": 5.0, "callback_secret": secret, "events_batch": batch})()
+    sender = cbox.EventSender(cfg)
+    delivered0 = cbox.M_EVENTS_DELIVERED.value
+    for i in range(1, count + 1):
+        sender.put({"id": i, "type": "t", "vmName": f"v{i}"})
+    for _ in range(200):
+        if cbox.M_EVENTS_DELIVERED.value - delivered0 == count and not sender.queue:
+            break
+        await asyncio.sleep(0.05)
+    await sender.finish(0)
+    server.close()
+    return cbox.M_EVENTS_DELIVERED.value - delivered0, sender.run_id
 
 
 def test_event_sender_pipelines_and_resends_what_was_not_answered():
@@ -532,23 +537,8 @@ def test_event_sender_pipelines_and_resends_what_was_not_answered():
             else:
                 writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
 
-    async def scenario():
-        server = await asyncio.start_server(receiver, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        cfg = type("Cfg", (), {"events_url": f"http://127.0.0.1:{port}/ev", "events_retry_s": 30.0,
-                               "callback_timeout_s": 5.0, "callback_secret": "", "events_batch": 1})()
-        sender = cbox.EventSender(cfg)
-        delivered0 = cbox.M_EVENTS_DELIVERED.value
-        for i in range(1, 7):
-            sender.put({"id": i, "type": "t", "vmName": "v"})
-        for _ in range(200):
-            if cbox.M_EVENTS_DELIVERED.value - delivered0 == 6 and not sender.queue:
-                break
-            await asyncio.sleep(0.05)
-        await sender.finish(0)
-        server.close()
-        return cbox.M_EVENTS_DELIVERED.value - delivered0
-    assert asyncio.run(scenario()) == 6
+    delivered, _ = asyncio.run(send_events(receiver, 6))
+    assert delivered == 6
     first = [i for n, i in enumerate(received) if i not in received[:n]]
     assert first == [1, 2, 3, 4, 5, 6] and received.count(4) == 2 and received[:2] == [1, 2]
     assert set(received) == set(range(1, 7))
@@ -575,23 +565,7 @@ def test_event_sender_batches_signs_and_resends_whole_batches():
             else:
                 writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
 
-    async def scenario():
-        server = await asyncio.start_server(receiver, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        cfg = type("Cfg", (), {"events_url": f"http://127.0.0.1:{port}/ev", "events_retry_s": 30.0,
-                               "callback_timeout_s": 5.0, "callback_secret": "s3cret", "events_batch": 3})()
-        sender = cbox.EventSender(cfg)
-        delivered0 = cbox.M_EVENTS_DELIVERED.value
-        for i in range(1, 11):
-            sender.put({"id": i, "type": "t", "vmName": f"v{i}"})
-        for _ in range(200):
-            if cbox.M_EVENTS_DELIVERED.value - delivered0 == 10 and not sender.queue:
-                break
-            await asyncio.sleep(0.05)
-        await sender.finish(0)
-        server.close()
-        return cbox.M_EVENTS_DELIVERED.value - delivered0, sender.run_id
-    delivered, run_id = asyncio.run(scenario())
+    delivered, run_id = asyncio.run(send_events(receiver, 10, secret="s3cret", batch=3))
     assert delivered == 10
     assert [ids for ids, _, _ in bodies] == [[1, 2, 3], [4, 5, 6], [7, 8, 9], [10], [4, 5, 6], [7, 8, 9], [10]]
     assert refused == [[4, 5, 6]]
@@ -602,8 +576,8 @@ def test_event_sender_batches_signs_and_resends_whole_batches():
         assert headers["X-CBox-Signature"] == "sha256=" + hmac.new(b"s3cret", signed, "sha256").hexdigest()
 
 
-def test_events_of_destroy_on_exit_go_out_before_cbox_stops(cbox_factory, receivers):
-    rx = receivers()
+def test_events_of_destroy_on_exit_go_out_before_cbox_stops(cbox_factory, callback_server):
+    rx = callback_server()
     server = cbox_factory(events_url=rx.url, destroy_on_exit=True).start()
     server.api.start_vm("last")
     server.stop()                                # SIGTERM: destroys the VM, then stops

@@ -10,24 +10,9 @@ import time
 import pytest
 
 from conftest import REPO
-from nsutil import CallbackURLServer
 from procutil import wait_for
 
 CLI = [sys.executable, str(REPO / "cbox.py"), "--server", "http://127.0.0.1:7000"]
-
-
-@pytest.fixture
-def callback_server(netns):
-    servers = []
-
-    def make(reply):
-        server = CallbackURLServer(netns.listen(("127.0.0.1", 0)), reply)
-        servers.append(server)
-        return server
-
-    yield make
-    for s in servers:
-        s.close()
 
 
 def pool(api):
