@@ -4784,16 +4784,9 @@ class WarmPool:
         if vm.phase != "running" or not (vm.watch and vm.watch.alive()):
             return False
         try:
-            info = await vm.chv.info()
-            if info.get("state") != "Running":
-                raise HypervisorError(f"VM state is {info.get('state')}")
             if reset_in_vmm_log(vm.paths.chv_log):
                 raise HypervisorError("the guest reset while nobody watched")
-            await self.manager.net.apply_egress(vm.tapDeviceName, vm.address, vm.network)
-            vm.connect_agent()
-            vm.serve_callbacks()
-            vm.follow_again()
-            self.manager.release_when_ended(vm)
+            await self.manager.reattach(vm)
         except (HypervisorError, CommandError, OSError) as e:
             log("cannot re-adopt pool VM", vm=vm.vmName, error=repr(str(e)))
             return False
@@ -5175,14 +5168,7 @@ class VMManager:
         vm.attach_vmm()
         if vm.phase == "running" and vm.watch and vm.watch.alive():
             try:
-                info = await vm.chv.info()
-                if info.get("state") != "Running":
-                    raise HypervisorError(f"VM state is {info.get('state')}")
-                await self.net.apply_egress(vm.tapDeviceName, vm.address, vm.network)   # as recorded
-                vm.connect_agent()
-                vm.serve_callbacks()
-                vm.follow_again()
-                self.release_when_ended(vm)
+                await self.reattach(vm)
                 log("VM re-adopted", vm=vm.vmName, pid=vm.pid, ip=vm.ip)
                 reset = reset_in_vmm_log(vm.paths.chv_log)      # while nobody read the events
                 if reset:
@@ -5198,6 +5184,19 @@ class VMManager:
             log("cleaning up VM left behind", vm=vm.vmName, phase=vm.phase)
         vm.phase = "destroying"
         await self.teardown(vm, graceful=False)
+
+    async def reattach(self, vm):
+        """Serve a VM whose hypervisor still runs it (found at start-up): its egress policy as
+        recorded, its agent, callbacks and readers, its end watched. HypervisorError,
+        CommandError or OSError when it cannot be."""
+        info = await vm.chv.info()
+        if info.get("state") != "Running":
+            raise HypervisorError(f"VM state is {info.get('state')}")
+        await self.net.apply_egress(vm.tapDeviceName, vm.address, vm.network)
+        vm.connect_agent()
+        vm.serve_callbacks()
+        vm.follow_again()
+        self.release_when_ended(vm)
 
     async def bound_vmm_logs(self):
         """Keep each hypervisor's -v log within vmm_log_max_bytes of disk, for as long as
