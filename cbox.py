@@ -5403,21 +5403,17 @@ class EventRelay:
         try:
             answer = await agent.status(exec_id, timeout=self.RESULT_TIMEOUT)
         except AgentError as e:
-            log("exit event without the exec's output", vm=agent.vm_name, execId=exec_id, error=repr(str(e)))
-            writer.write(self.chunk(line, event))
-            return
-        if isinstance(answer, BodyStream):
-            if await self.copy_exit(writer, event["seq"], answer, drain_timeout):
-                return
-            result = None
+            answer, problem = None, str(e)
         else:
-            try:
-                result = json.loads(answer)
-            except (ValueError, RecursionError):
-                result = None
+            problem = "the result is not a JSON object"
+        if isinstance(answer, BodyStream) and await self.copy_exit(writer, event["seq"], answer, drain_timeout):
+            return
+        try:
+            result = json.loads(answer) if isinstance(answer, bytes) else None
+        except (ValueError, RecursionError):
+            result = None
         if not isinstance(result, dict):
-            log("exit event without the exec's output", vm=agent.vm_name, execId=exec_id,
-                error="the result is not a JSON object")
+            log("exit event without the exec's output", vm=agent.vm_name, execId=exec_id, error=repr(problem))
             writer.write(self.chunk(line, event))
             return
         full = {"seq": event["seq"], "type": "exit"}
