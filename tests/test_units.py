@@ -292,6 +292,20 @@ def test_exec_request_errors(cfg, body, fragment):
     assert e.value.status == 400 and fragment in str(e.value)
 
 
+def test_a_long_command_with_a_nul_is_refused_in_linear_time():
+    """cmd's pattern (not blank, no NUL) must not backtrack quadratically: a 4 MB command
+    ending in NUL would then take hours. A regex holds the GIL, so the check runs in a
+    process of its own that a regression makes time out (a failure, not a hang)."""
+    check = ("import cbox\n"
+             "cfg = cbox.load_config(cbox.Path('config.yaml'))\n"
+             "try:\n"
+             "    cbox.validate_exec_request({'cmd': 'a' * 4_000_000 + '\\x00'}, cfg)\n"
+             "except cbox.ApiError as e:\n"
+             "    print(e)\n")
+    done = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "without NUL" in done.stdout, done.stderr
+
+
 @pytest.mark.parametrize("given, sent", [("TERM", 15), ("sigkill", 9), ("SIGUSR1", 10), ("CLD", 17), (15, 15),
                                          ("15", 15), (64, 64)])
 def test_signal_request(given, sent):
