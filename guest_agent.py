@@ -298,6 +298,17 @@ def system_stats():
     return stats
 
 
+def proc_shows_our_pids():
+    """Whether /proc is a mount of our own pid namespace. Under the stand-in the agent
+    runs in a pid namespace of its own but sees the host's /proc, where its pids name
+    other processes (pid 2, its own, is the host's kthreadd there): nothing it reads or
+    writes under /proc/<pid> may then be trusted to be about its own processes."""
+    try:
+        return os.readlink("/proc/self") == str(os.getpid())
+    except OSError:
+        return False
+
+
 # Twin of cbox.py's proc_start_time() (each file stays standalone).
 def proc_start_time(pid):
     """The kernel's start time of pid (clock ticks since boot), or None."""
@@ -1552,7 +1563,8 @@ class Exec:
         self._kinds = {out_r: "stdout", err_r: "stderr"}
         self._decoders = {out_r: StreamDecoder(), err_r: StreamDecoder()}
         try:  # children inherit it: the OOM killer picks commands before anything else
-            write_proc_value(f"/proc/{self.pid}/oom_score_adj", EXEC_OOM_SCORE_ADJ)
+            if proc_shows_our_pids():
+                write_proc_value(f"/proc/{self.pid}/oom_score_adj", EXEC_OOM_SCORE_ADJ)
         except OSError:
             pass
         if wait_for_cgroup:
@@ -2440,8 +2452,11 @@ def describe_status(status):
 
 
 def child_pids(parent):
-    """Pids whose parent is `parent`, from /proc."""
+    """Pids whose parent is `parent`, from /proc (none where /proc is another pid
+    namespace's: there the init of ours ends what is left when it ends)."""
     pids = []
+    if not proc_shows_our_pids():
+        return pids
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -2600,7 +2615,7 @@ def run_agent(options, as_init):
     if as_init:
         agent_start_uptime = read_uptime()
     else:
-        ticks = proc_start_time(os.getpid())
+        ticks = proc_start_time("self")
         agent_start_uptime = None if ticks is None else ticks / os.sysconf("SC_CLK_TCK")
     config = GuestConfig(read_cmdline())
     log(f"starting (pid {os.getpid()}, {'init' if as_init else 'stand-in'} mode, vm={config.vm or '-'})")

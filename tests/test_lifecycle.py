@@ -269,3 +269,25 @@ def test_vmm_log_is_bounded_on_disk(cbox_factory):
     assert "hypervisor log over vmm_log_max_bytes" in server.log()
     assert api.delete("/v1/vms/chatty")[0] == 200
     server.assert_clean()
+
+
+def test_vms_deleted_together_leave_nothing_and_touch_nothing_else(cbox_server, netns):
+    """DELETE /v1/vms tears VMs down together: their taps go in one `ip link del group`
+    and their egress chains in one iptables-restore (HostNetwork.remove_taps,
+    drop_chains). Everything of theirs goes; interfaces and chains not theirs stay."""
+    api = cbox_server.api
+    netns.run("ip", "link", "add", "other0", "type", "bridge")           # not cbox's
+    netns.run("ip", "link", "set", "other0", "group", "7")
+    netns.run("iptables", "-N", "OTHER-CHAIN")
+    names = [f"g{i}" for i in range(6)]
+    for name in names:
+        api.start_vm(name, **({"network": {"egress": "none"}} if name == "g0" else {}))
+    assert len(cbox_server.taps()) == 6
+    assert netns.run("iptables", "-S").stdout.count("-N CBOX-EG-") == 6
+    status, body = api.delete("/v1/vms")
+    assert status == 200 and sorted(body["destroyed"]) == names
+    cbox_server.assert_clean()
+    rules = netns.run("iptables", "-S").stdout
+    assert "CBOX-EG-" not in rules and "-N OTHER-CHAIN" in rules
+    assert "other0" in netns.links() and "group 7" in netns.run("ip", "-d", "link", "show", "other0").stdout
+    assert netns.run("ip", "neigh", "show", "nud", "permanent").stdout.strip() == ""

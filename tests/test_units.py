@@ -595,3 +595,31 @@ def test_no_top_level_name_is_used_before_its_definition(filename):
             if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Load)
             and defined.get(sub.id, 0) > node.lineno]
     assert late == []
+
+
+# ---- Batcher: teardowns of VMs going away together share one command ----------
+
+def test_batcher_runs_requests_arriving_together_as_one_batch():
+    import asyncio
+    batches = []
+
+    async def run_batch(items):
+        batches.append(list(items))
+        await asyncio.sleep(0.01)
+        if "bad" in items:
+            raise RuntimeError("batch failed")
+
+    async def scenario():
+        batcher = cbox.Batcher(run_batch)
+        first = asyncio.ensure_future(batcher.submit("a"))      # starts a batch at once
+        await asyncio.sleep(0)
+        rest = [asyncio.ensure_future(batcher.submit(x)) for x in "bcd"]   # wait for the next one
+        await asyncio.gather(first, *rest)
+        failing = [asyncio.ensure_future(batcher.submit(x)) for x in ("e", "bad")]
+        results = await asyncio.gather(*failing, return_exceptions=True)
+        after = await batcher.submit("f")                  # a failed batch leaves it usable
+        return results, after
+
+    results, after = asyncio.run(scenario())
+    assert batches == [["a"], ["b", "c", "d"], ["e", "bad"], ["f"]]
+    assert [str(r) for r in results] == ["batch failed", "batch failed"] and after is None
