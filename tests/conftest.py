@@ -7,6 +7,7 @@ leaves this machine's sandbox.
 import os
 import shutil
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -15,6 +16,9 @@ import pytest
 from procutil import run
 
 REPO = Path(__file__).resolve().parents[1]
+# cbox.py and guest_agent.py importable from every test (pytest puts tests/ on the path)
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 SHARED = REPO.parent / "shared"
 CHV_SCHEMA = SHARED / "cloud-hypervisor" / "cloud-hypervisor.json"
 

@@ -1097,6 +1097,15 @@ def _guest_init_main(console_fd, argv, env, close_fds):
     return code if code >= 0 else 128 - code
 
 
+def _proc_state(pid):
+    """The state letter of /proc/<pid>/stat (R, S, T, Z, ...), None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
 def host_veth_name(vmm_pid):
     """The stand-in side of a guest's veth pair (<= 15 characters, IFNAMSIZ)."""
     return f"cbveth{vmm_pid}"
@@ -1519,8 +1528,19 @@ class ProcessEngine:
     def pause(self):
         self._signal_all(signal.SIGSTOP)
         self._signal_all(signal.SIGSTOP)   # catch children forked meanwhile
+        self._wait_stopped()
         self._set_carrier(False)
         self._paused = True
+
+    def _wait_stopped(self, timeout=5.0):
+        """Until every process of the guest has stopped: a SIGSTOP takes effect when its
+        target next runs, which on a loaded host is after kill() returned. CHV's pause
+        answers only once each vCPU has parked (vmm/src/cpu.rs CpuManager::pause waits
+        for every active vCPU's `paused` flag)."""
+        deadline = time.monotonic() + timeout
+        for pid in [self.pid] + self._guest_pids():
+            while _proc_state(pid) not in ("T", "t", "Z", "X", None) and time.monotonic() < deadline:
+                time.sleep(0.001)
 
     def resume(self):
         self._set_carrier(True)

@@ -129,7 +129,8 @@ def test_concurrent_starts_and_execs(cbox_server):
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     # a slow exec does not hold up other requests
     slow = ThreadPoolExecutor(1).submit(api.exec, "c0", "sleep 3")
-    time.sleep(0.3)
+    wait_for(lambda: [e for e in api.get("/v1/vms/c0/exec")[1]["execs"] if e["running"]], 10,
+             what="the slow exec to run")
     t0 = time.monotonic()
     assert api.get("/v1/health")[0] == 200 and api.exec("c1", "true")["exitCode"] == 0
     assert time.monotonic() - t0 < 2

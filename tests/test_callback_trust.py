@@ -13,7 +13,6 @@ import pytest
 
 from nsutil import CallbackURLServer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cbox  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -349,7 +349,6 @@ def test_cli_streams_and_exits_with_the_code(vm):
 
 # ---- the relay against a hostile agent's streams (in-process, loopback only) ---------
 
-sys.path.insert(0, str(REPO))
 import cbox  # noqa: E402
 
 

@@ -23,7 +23,6 @@ import pytest
 
 from conftest import REPO, unique
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from qemu_engine import QemuEngine  # noqa: E402
 
 OUT = REPO / "out"

@@ -15,7 +15,6 @@ import pytest
 
 from conftest import REPO, socket_in_netns, unique
 
-sys.path.insert(0, str(REPO))
 import cbox  # noqa: E402
 
 IMAGES = {"vmlinuz": b"kernel\n", "initramfs.cpio.gz": b"initramfs\n", "kernel.release": b"6.1.0\n"}

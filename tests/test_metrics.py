@@ -6,17 +6,13 @@ import hmac
 import json
 import math
 import re
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import cbox  # noqa: E402
-import guest_agent  # noqa: E402
+import cbox
+import guest_agent
 
 
 # ---- a strict parser of the Prometheus text format 0.0.4 ----------------------------

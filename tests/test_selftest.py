@@ -15,15 +15,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from conftest import REPO, STANDIN
 from nsutil import CallbackURLServer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_images import BOOT_TIMEOUT, INITRAMFS, KERNEL, ROOTFS, need_images, need_qemu  # noqa: E402
+from test_images import BOOT_TIMEOUT, INITRAMFS, KERNEL, ROOTFS, need_images, need_qemu
 
 CBOX = str(REPO / "cbox.py")
 ROW = re.compile(r"^(?P<step>\S+(?: \S+)?)\s+(?P<result>PASS|FAIL|SKIP)\s+(?P<time>[0-9.]+ m?s)?\s*(?P<detail>.*)$")

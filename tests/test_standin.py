@@ -772,8 +772,6 @@ def test_without_schema_validation_is_skipped_loudly(env):
 
 def test_with_the_real_guest_agent(env, chv_schema):
     agent = REPO / "guest_agent.py"
-    if not agent.exists():
-        pytest.skip("guest_agent.py is not there yet")
     env.bridge()
     s = env.standin(extra_env={"CBOX_GUEST_AGENT": str(agent)})
     cmdline = (f"console=ttyS0 cbox.vm=real1 cbox.ip={GUEST_IP}/24 cbox.gw=10.77.0.1 "

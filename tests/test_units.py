@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cbox  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -368,7 +367,6 @@ def test_hypervisor_error_text_formats():
 
 
 def test_vm_config_validates_against_cloud_hypervisor_openapi(tmp_path, chv_schema):
-    sys.path.insert(0, str(REPO / "tests"))
     import fake_chv
     cfg = cbox.load_config(write_config(tmp_path, ['cmdline_extra: "quiet"']))
     manager = cbox.VMManager(cfg, network=None)
