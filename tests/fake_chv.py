@@ -98,6 +98,11 @@ Environment
                             refuses the setup
     CBOX_STANDIN_BOOT_FAULT how every boot of this stand-in goes wrong (unset:
                             it does not):
+        no-kvm        as CHV without /dev/kvm: at start, before the event
+                      monitor and the API socket, "Fatal error: ..." in the log,
+                      CHV's error chain on stderr ("Failed to open hypervisor
+                      interface (is hypervisor interface available?)", ...),
+                      exit code 1 (no_hypervisor)
         load-kernel   vm.boot loads payload.kernel as CHV's x86-64 loader does
                       (an ELF file, else a bzImage with a "HdrS" setup header;
                       kernel_load_error) and refuses anything else with CHV's
@@ -427,7 +432,7 @@ def cmdline_value(cmdline, key):
 
 
 # CBOX_STANDIN_BOOT_FAULT (module docstring, "Environment"): how a boot goes wrong
-BOOT_FAULTS = ("", "load-kernel", "hang", "vcpu-error")
+BOOT_FAULTS = ("", "no-kvm", "load-kernel", "hang", "vcpu-error")
 SETUP_HEADER_BYTES = 123           # linux-loader's bootparam::setup_header, read at offset 0x1F1
 # the process guest's "kernel" under hang and vcpu-error: it starts, never reaches user space
 STUCK_KERNEL = ("import os, signal, sys\n"
@@ -2782,6 +2787,19 @@ def setup_logging(log_file, verbose):
     return logger
 
 
+def no_hypervisor(logger):
+    """CHV's start without /dev/kvm (cloud-hypervisor/src/main.rs start_vmm: hypervisor::new()
+    comes before the event monitor and the API socket; hypervisor/src/lib.rs new() finds no
+    hypervisor): cli_print_error_chain (cloud-hypervisor/src/lib.rs) logs the error's Debug
+    and prints the chain on stderr; exit code 1."""
+    logger.error("Fatal error: CreateHypervisor(HypervisorCreate(no supported hypervisor))")
+    print("Error: Cloud Hypervisor exited with the following chain of errors:\n"
+          "  0: Failed to open hypervisor interface (is hypervisor interface available?)\n"
+          "  1: Failed to create the hypervisor\n"
+          "  2: no supported hypervisor", file=sys.stderr)
+    return 1
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     os.umask(0o077)         # as cloud-hypervisor/src/main.rs: its files and sockets are owner-only
@@ -2800,6 +2818,13 @@ def main(argv=None):
         print(f"Error parsing command line: {e}\n{USAGE}", file=sys.stderr)
         return 1
     logger = setup_logging(opts["log_file"], opts["verbose"])
+    fault = (os.environ.get("CBOX_STANDIN_BOOT_FAULT") or "").strip()
+    if fault not in BOOT_FAULTS:
+        print(f"fake_chv: CBOX_STANDIN_BOOT_FAULT={fault!r}: expected one of {', '.join(BOOT_FAULTS[1:])}",
+              file=sys.stderr)
+        return 1
+    if fault == "no-kvm":
+        return no_hypervisor(logger)
     try:
         monitor_fd = open_event_monitor(opts["event_monitor"]) if opts["event_monitor"] else None
     except (ValueError, OSError) as e:
@@ -2821,11 +2846,6 @@ def main(argv=None):
         logger.error(msg)
         if opts["log_file"]:
             print(f"fake_chv: {msg}", file=sys.stderr)
-    fault = (os.environ.get("CBOX_STANDIN_BOOT_FAULT") or "").strip()
-    if fault not in BOOT_FAULTS:
-        print(f"fake_chv: CBOX_STANDIN_BOOT_FAULT={fault!r}: expected one of {', '.join(BOOT_FAULTS[1:])}",
-              file=sys.stderr)
-        return 1
     engine_name = os.environ.get("CBOX_STANDIN_ENGINE") or "process"
     try:
         engine_cls = load_engine_class(engine_name)

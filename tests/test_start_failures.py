@@ -170,3 +170,41 @@ def test_the_standin_loader_refuses_what_cloud_hypervisor_refuses(tmp_path):
     vmlinuz = REPO / "out" / "vmlinuz"           # the project's own kernel, where it is built
     if vmlinuz.exists():
         assert fake_chv.kernel_load_error(vmlinuz) is None
+
+
+def test_a_hypervisor_without_kvm_is_named_from_its_stderr(cbox_factory):
+    server = failing_server(cbox_factory, "no-kvm")
+    body = failed_start(server, "n1")
+    assert body["stopReason"] == "kvm", body
+    assert ("failed at step spawn: cloud-hypervisor exited before its API answered: cloud-hypervisor exited with "
+            "code 1: Failed to open hypervisor interface (is hypervisor interface available?): Failed to create "
+            "the hypervisor: no supported hypervisor (see ") in body["error"], body
+    [evidence] = kept(server)
+    assert "vmconfig.json" not in {p.name for p in evidence.iterdir()}        # it never got to vm.create
+    assert b"Failed to open hypervisor interface" in (evidence / "cloud-hypervisor.out").read_bytes()
+    assert b"Fatal error: CreateHypervisor" in (evidence / "cloud-hypervisor.log").read_bytes()
+    assert_nothing_else_left(server)
+
+
+def test_the_hypervisors_words(tmp_path):
+    import cbox
+    log = tmp_path / "cloud-hypervisor.log"
+    log.write_bytes(b"cloud-hypervisor:   0.1s: <vmm> INFO:vmm/src/lib.rs:2080 -- VM exit\r\n"
+                    b"cloud-hypervisor: 110.2s: <vcpu0> ERROR:vmm/src/cpu.rs:1460 -- VCPU generated error: "
+                    b"VcpuRun(Failed to run vcpu\n\nCaused by:\n    VCPU error EINVAL)\r\n"
+                    b"cloud-hypervisor: 110.2s: <vmm> INFO:vmm/src/lib.rs:2080 -- VM exit event\r\n")
+    assert cbox.vcpu_error_in_vmm_log(log) == "VCPU generated error: VcpuRun(Failed to run vcpu Caused by: VCPU error EINVAL)"
+    log.write_bytes(b"cloud-hypervisor: 1.0s: <vmm> INFO:vmm/src/lib.rs:2096 -- VM guest exit event\r\n")
+    assert cbox.vcpu_error_in_vmm_log(log) is None
+    out = tmp_path / "cloud-hypervisor.out"
+    out.write_text("Error: Cloud Hypervisor exited with the following chain of errors:\n  0: Error booting VM\n"
+                   "  1: The VM could not boot\n  2: Error from device manager\n  3: Cannot open tap interface\n"
+                   "later output\n")
+    chain = cbox.vmm_error_chain(out)
+    assert chain == "Error booting VM: The VM could not boot: Error from device manager: Cannot open tap interface"
+    assert cbox.hypervisor_reason(chain) == "device-refused"
+    assert cbox.hypervisor_reason("vm.boot: HTTP 500: Error from API: The VM could not boot: Error from CPU manager: "
+                                  "Error creating vCPU: ...") == "kvm"
+    assert cbox.hypervisor_reason("vm.boot: HTTP 500: Error from API: The VM could not boot: VM is already created") is None
+    out.write_text("nothing of the kind\n")
+    assert cbox.vmm_error_chain(out) is None
