@@ -4206,7 +4206,7 @@ class VM:
         while True:
             if not self.watch.alive():
                 _, reason, message = self.exit_reason()
-                raise StartFailed(reason, f"cloud-hypervisor exited before its API answered: {message}")
+                raise StartFailed(reason, f"before its API answered, {message}")
             try:
                 return await self.chv.ping(timeout=1.0)
             except HypervisorError as e:

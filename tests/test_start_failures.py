@@ -176,7 +176,7 @@ def test_a_hypervisor_without_kvm_is_named_from_its_stderr(cbox_factory):
     server = failing_server(cbox_factory, "no-kvm")
     body = failed_start(server, "n1")
     assert body["stopReason"] == "kvm", body
-    assert ("failed at step spawn: cloud-hypervisor exited before its API answered: cloud-hypervisor exited with "
+    assert ("failed at step spawn: before its API answered, cloud-hypervisor exited with "
             "code 1: Failed to open hypervisor interface (is hypervisor interface available?): Failed to create "
             "the hypervisor: no supported hypervisor (see ") in body["error"], body
     [evidence] = kept(server)
