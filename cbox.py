@@ -5107,6 +5107,8 @@ class VMManager:
             except Exception as e:
                 if vm.serial:
                     vm.serial.read_pending()
+                if isinstance(e.__cause__, HttpError) and vm.watch:
+                    await vm.watch.wait(1.0)     # the API connection broke: if the VMM died, its exit says why
                 reason, why = vm.start_failure(e)
                 evidence = self.failed_starts.add(vm, clock.current, reason, why)
                 message = (f"starting VM '{vm.vmName}' failed at step {clock.current}: {why} (stopReason {reason}); "
