@@ -767,8 +767,8 @@ def check_config(cfg, source):
             bad(f"{default} must not be more than {maximum}")
     if cfg.tombstone_minutes < 0:
         bad("tombstone_minutes must not be negative")
-    if not 0 <= cfg.failed_starts_kept <= 1000:
-        bad("failed_starts_kept must be 0..1000")
+    if not 0 <= cfg.failed_starts_kept <= 100:
+        bad("failed_starts_kept must be 0..100")
     if not 0 < cfg.events_ring_size <= 100_000:
         bad("events_ring_size must be 1..100000")
     if not 1 <= cfg.events_batch <= EVENTS_BATCH_MAX:
