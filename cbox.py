@@ -29,10 +29,10 @@ EVENTS). Sections, in order; each uses only what comes before it:
                      its callback URL, every cost budgeted per VM
   7. VMs             one VM: its record on disk, paths, deadlines and activity, VMM
                      process and API, agent client, console and event readers, and
-                     how it ended (stopReason)
+                     how it ended or why its start failed (stopReason)
   8. Exec results    fields of the agent's exec results read without parsing them
                      whole; each exec counted finished once (metrics, exec.finished);
-                     tombstones of VMs a deadline ended
+                     tombstones of VMs a deadline ended; the evidence of failed starts
   9. VM manager      WarmPool: idle VMs booted ahead, claimed by start requests;
                      all VMs: start / destroy / adopt composing the sections above,
                      freeing a VM that ended by itself, egress policy changes, the
@@ -42,7 +42,7 @@ EVENTS). Sections, in order; each uses only what comes before it:
                      API description made from them (openapi_document); EventRelay:
                      exec event streams to the client (NDJSON or SSE, chunked)
  11. CLI             `serve`, `selftest` (a new host's end-to-end check), and a
-                     small client: `health`, `vm start|ls|rm|logs|network|ttl`, `exec`;
+                     small client: `health`, `vm start|ls|rm|logs|network|ttl|failures`, `exec`;
                      `openapi` prints the API description
 
 The external contract lives in ../shared/docs/contract.md (beside checkouts) and
@@ -696,6 +696,8 @@ CONFIG_KEYS = {
                                        "(max_idle_timeout_s when that is set)"),
     "max_idle_timeout_s": (int, 0, "largest idleTimeoutSeconds a request may ask for; 0 = no maximum (and none allowed)"),
     "tombstone_minutes": (int, 10, "how long a VM its TTL or idle timeout destroyed answers 404 saying why; 0 = not at all"),
+    "failed_starts_kept": (int, 10, "failed starts whose evidence (VmConfig, hypervisor log, console) is kept in "
+                                    "state_dir/failed-starts, the newest; 0 = none"),
     "events_url": (str, "", "http(s) URL that receives a POST per lifecycle event; empty = none"),
     "events_batch": (int, 1, "events in one POST to events_url: 1 = a POST per event (its JSON object); "
                              "more = {\"events\": [...]} bodies of up to this many"),
@@ -765,6 +767,8 @@ def check_config(cfg, source):
             bad(f"{default} must not be more than {maximum}")
     if cfg.tombstone_minutes < 0:
         bad("tombstone_minutes must not be negative")
+    if not 0 <= cfg.failed_starts_kept <= 100:
+        bad("failed_starts_kept must be 0..100")
     if not 0 < cfg.events_ring_size <= 100_000:
         bad("events_ring_size must be 1..100000")
     if not 1 <= cfg.events_batch <= EVENTS_BATCH_MAX:
@@ -2124,6 +2128,60 @@ def reset_in_vmm_log(chv_log):
     if b"Event: source = vm event = rebooting" in text:
         return "guest-reboot", "the guest reset itself (reboot)"
     return None
+
+
+def vmm_log_records(data):
+    """The records of a VMM's -v log, each as one line of text. Each record ends in CRLF
+    (cloud-hypervisor/src/logger.rs); a message of several lines (an anyhow error's
+    "Caused by:") has bare LFs inside its record."""
+    records = data.split(b"\r\n") if b"\r\n" in data else data.splitlines()
+    return [" ".join(r.decode("utf-8", "replace").split()) for r in records if r.strip()]
+
+
+# What a VMM's -v log says when a vCPU failed (vmm/src/cpu.rs: KVM_RUN failed, or the
+# vCPU thread panicked); either ends the VMM through exit_evt with exit code 0.
+VCPU_FAILURES = ("VCPU generated error: ", "vCPU thread panicked")
+
+
+def vcpu_error_in_vmm_log(chv_log, limit=600):
+    """The VMM's own words when its -v log says a vCPU failed, as one line; else None."""
+    for record in vmm_log_records(tail_bytes(chv_log, VMM_LOG_TAIL)):
+        for words in VCPU_FAILURES:
+            if words in record:
+                return record[record.index(words):][:limit]
+    return None
+
+
+def vmm_error_chain(chv_out, limit=600):
+    """What cloud-hypervisor printed on stderr when it exited with an error, as one line
+    (cloud-hypervisor/src/lib.rs cli_print_error_chain: "Error: Cloud Hypervisor exited with
+    the following chain of errors:", then "  0: outer", "  1: its cause", ...); else None."""
+    lines = tail_bytes(chv_out, 16 * 1024).decode("utf-8", "replace").splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("Error: Cloud Hypervisor exited with the following")]
+    if not starts:
+        return None
+    chain = list(itertools.takewhile(lambda line: line.startswith("  "), lines[starts[-1] + 1:]))
+    return ": ".join(re.sub(r"^\d+: ", "", line.strip()) for line in chain)[:limit] or None
+
+
+# Cloud Hypervisor's words for why it could not run a VM, in its API errors and on stderr,
+# and the stopReason of a start they end: KVM unusable (cloud-hypervisor/src/main.rs
+# CreateHypervisor, hypervisor/src/hypervisor.rs, vmm/src/cpu.rs), a kernel or initramfs
+# it cannot load (vmm/src/vm.rs KernelFile, KernelLoad, ...), a device it refused
+# (vmm/src/vm.rs DeviceManager, CreateConsoleDevices).
+HYPERVISOR_REASONS = (
+    ("kvm", ("Failed to open hypervisor interface", "Failed to check availability of the hypervisor",
+             "Failed to create the hypervisor", "Failed to create Vm", "Error creating vCPU",
+             "Error configuring vCPU", "Error initialising vCPU")),
+    ("kernel-load", ("Cannot open kernel file", "Cannot load the kernel into memory", "Cannot open initramfs file",
+                     "Cannot load the initramfs into memory", "Cannot read initramfs into guest memory")),
+    ("device-refused", ("Error from device manager", "Error creating console devices")),
+)
+
+
+def hypervisor_reason(text):
+    """The stopReason Cloud Hypervisor's error text names (HYPERVISOR_REASONS), or None."""
+    return next((reason for reason, words in HYPERVISOR_REASONS if any(w in text for w in words)), None)
 
 
 # ---- bounded logs on disk (the serial console, the hypervisor's -v log) ------
@@ -3992,6 +4050,14 @@ VM_SCHEMA = {        # the VM object (VM.api): its fields and their order
 VM_SCHEMA["required"] = list(VM_SCHEMA["properties"])
 
 
+class StartFailed(HypervisorError):
+    """A start that failed, and its stopReason (VM.start_failure)."""
+
+    def __init__(self, stop_reason, message):
+        super().__init__(message)
+        self.stop_reason = stop_reason
+
+
 class VM:
     """One VM: its public fields and record on disk, its files (VmPaths), and its live
     runtime: the VMM's process and API, the guest agent's client, the callback bridge,
@@ -4021,6 +4087,7 @@ class VM:
         self.events = None             # EventMonitor reading the VMM's event FIFO
         self.tasks = set()             # watching the VMM's exit and the serial connection
         self.reset = None              # (stopReason, message) of a reset seen while starting
+        self.sent_config = None        # the VmConfig of vm.create (kept with a failed start's evidence)
         self.vmm_log_trimmed = 0       # disk bytes freed from the VMM's log (bound_vmm_log)
         self.labels = self.labels or {}
         self.backgroundExecs = self.backgroundExecs or []    # ids of execs started with "blocking": false
@@ -4206,8 +4273,8 @@ class VM:
         deadline = time.monotonic() + timeout
         while True:
             if not self.watch.alive():
-                raise HypervisorError(f"cloud-hypervisor exited (code {self.watch.exit_code}) before its API "
-                                      f"answered; see {self.paths.chv_out}")
+                _, reason, message = self.exit_reason()
+                raise StartFailed(reason, f"before its API answered, {message}")
             try:
                 return await self.chv.ping(timeout=1.0)
             except HypervisorError as e:
@@ -4289,9 +4356,10 @@ class VM:
         last = "no answer"
         while time.monotonic() < deadline:
             if not self.watch.alive():
-                raise HypervisorError(f"the VM stopped while booting (hypervisor exit code {self.watch.exit_code})")
+                _, reason, message = self.exit_reason()
+                raise StartFailed(reason, f"the VM stopped while booting: {message}")
             if self.reset:       # checked again below: the rebooted guest may answer
-                raise HypervisorError(f"{self.reset[1]} while booting ({self.reset[0]})")
+                raise StartFailed(self.reset[0], f"{self.reset[1]} while booting")
             # A SYN sent before the guest is up is retransmitted only after 1 s: short
             # attempts notice the agent sooner; after 10 s, longer ones suit a slow guest.
             attempt_timeout = 0.3 if time.monotonic() - started < 10 else 2.0
@@ -4303,7 +4371,8 @@ class VM:
             except AgentError as e:
                 last = str(e)
             await asyncio.sleep(0.01)
-        raise HypervisorError(f"guest agent did not answer within {fmt_seconds(self.cfg.boot_timeout_s)} ({last})")
+        raise StartFailed("boot-timeout", f"guest agent did not answer within {fmt_seconds(self.cfg.boot_timeout_s)} "
+                                          f"({last})")
 
     def serve_callbacks(self):
         self.callbacks = CallbackBridge(self.cfg, self)
@@ -4411,11 +4480,28 @@ class VM:
             return "FAILED", "killed", f"cloud-hypervisor was killed by signal {-code} ({signal_name(-code)})"
         if code == 0 and b"VM guest exit event" in chv_log:
             return "STOPPED", "guest-poweroff", "the guest powered off"
+        vcpu_error = vcpu_error_in_vmm_log(self.paths.chv_log) if code == 0 else None
+        if vcpu_error:
+            return "FAILED", "vcpu-error", f"the guest's vCPU failed: {vcpu_error}"
         if code == 0:
             return "FAILED", "vmm-crash", ("cloud-hypervisor exited with code 0 without a guest power-off "
                                            f"(see {self.paths.chv_log})")
-        return "FAILED", "vmm-crash", (f"cloud-hypervisor exited with code {code}" if code is not None else
-                                       "cloud-hypervisor exited with an error") + f" (see {self.paths.chv_out})"
+        chain = vmm_error_chain(self.paths.chv_out)
+        return "FAILED", hypervisor_reason(chain or "") or "vmm-crash", (
+            (f"cloud-hypervisor exited with code {code}" if code is not None else "cloud-hypervisor exited with an error")
+            + (f": {chain}" if chain else "") + f" (see {self.paths.chv_out})")
+
+    def start_failure(self, error):
+        """(stopReason, what went wrong) of a start that failed with `error`: the hypervisor's
+        own words where it has them (its API error, its -v log, its stderr)."""
+        if isinstance(error, StartFailed):
+            return error.stop_reason, str(error)
+        if self.watch and not self.watch.alive():      # it died under an API call
+            _, reason, message = self.exit_reason()
+            return reason, f"{error} ({message})"
+        if isinstance(error, HypervisorError):
+            return hypervisor_reason(str(error)) or "vmm-error", str(error)
+        return "start-failed", str(error)
 
     def mark_stopped(self, status, reason, message):
         self.status, self.stopReason, self.error, self.phase = status, reason, message, "dead"
@@ -4630,6 +4716,76 @@ class Tombstones:
             write_atomically(self.path, json.dumps(list(self.entries.values())).encode())
         except OSError as e:
             log("cannot write tombstones", file=self.path, error=repr(str(e)))
+
+
+FAILED_START_FIELDS = ("vmName", "failedAt", "step", "stopReason", "error")
+
+
+class FailedStarts:
+    """The evidence of the newest `keep` failed starts (failed_starts_kept), one directory each
+    in state_dir/failed-starts/, named TIME_VMNAME (UTC: names sort by age); the oldest go
+    first. Each holds failure.json (vmName, failedAt, step, stopReason, error), vmconfig.json
+    (the VmConfig sent, once the start got to vm.create) and the newest TAIL_BYTES of the
+    hypervisor's -v log, of its stdout/stderr and of the serial console: a guest can make the
+    -v log and the console grow, this stays bounded."""
+
+    TAIL_BYTES = 64 * 1024
+    ERROR_BYTES = 8 * 1024
+    LINES = 20                # of the -v log and the console in the listing (GET /v1/failed-starts)
+
+    def __init__(self, directory, keep):
+        self.directory, self.keep = directory, keep
+
+    def add(self, vm, step, reason, error):
+        """Keep the evidence of vm's failed start; its directory, or None (none kept, or the disk failed)."""
+        if not self.keep:
+            return None
+        path = self.directory / f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S.%fZ')}_{vm.vmName}"
+        files = {"failure.json": json_bytes({"vmName": vm.vmName, "failedAt": utc_now(), "step": step,
+                                             "stopReason": reason, "error": error[:self.ERROR_BYTES]}),
+                 "cloud-hypervisor.log": tail_bytes(vm.paths.chv_log, self.TAIL_BYTES),
+                 "cloud-hypervisor.out": tail_bytes(vm.paths.chv_out, self.TAIL_BYTES),
+                 "console.log": vm.console_log().tail(self.TAIL_BYTES).encode()[-self.TAIL_BYTES:]}
+        if vm.sent_config:
+            files["vmconfig.json"] = json.dumps(vm.sent_config, indent=1).encode()
+        try:
+            path.mkdir(parents=True)
+            for name, data in files.items():
+                (path / name).write_bytes(data)
+        except OSError as e:
+            log("cannot keep the evidence of a failed start", dir=path, error=repr(str(e)))
+            remove_tree(path)
+            return None
+        kept = self.entries()
+        for old in kept[:max(0, len(kept) - self.keep)]:
+            remove_tree(old)
+        return path
+
+    def entries(self):
+        """The kept directories, oldest first."""
+        try:
+            return sorted(p for p in self.directory.iterdir() if p.is_dir())
+        except OSError:
+            return []
+
+    def listing(self):
+        """The kept failed starts, newest first: failure.json's fields, the directory, its files
+        and sizes, the last LINES of the -v log and of the console."""
+        listed = []
+        for path in reversed(self.entries()):
+            try:
+                failure = json.loads((path / "failure.json").read_bytes())
+                files = {f.name: f.stat().st_size for f in sorted(path.iterdir())}
+            except (OSError, ValueError, RecursionError):
+                continue
+            if not isinstance(failure, dict):
+                continue
+            console = tail_file(path / "console.log", 16 * 1024).splitlines()
+            listed.append({**{k: failure.get(k) for k in FAILED_START_FIELDS}, "directory": str(path), "files": files,
+                           "vmmLog": [r[:300] for r in vmm_log_records(tail_bytes(path / "cloud-hypervisor.log",
+                                                                                  16 * 1024))[-self.LINES:]],
+                           "console": [line.strip()[:300] for line in console if line.strip()][-self.LINES:]})
+        return listed
 
 
 # =============================================================================
@@ -4897,6 +5053,7 @@ class VMManager:
         self.gateway = str(ipaddress.ip_interface(cfg.bridge_ip).ip)
         self.dns = host_resolvers() if cfg.dns == "auto" else [d.strip() for d in cfg.dns.split(",") if d.strip()]
         self.tombstones = Tombstones(Path(cfg.path(cfg.state_dir), "tombstones.json"), cfg.tombstone_minutes)
+        self.failed_starts = FailedStarts(Path(cfg.path(cfg.state_dir), "failed-starts"), cfg.failed_starts_kept)
         self.deadlines_changed = asyncio.Event()     # wakes keep_deadlines
         self.ending = set()                          # VMs keep_deadlines is ending
         self.end_tasks = set()                       # their tasks (shutdown lets them finish)
@@ -5018,13 +5175,20 @@ class VMManager:
             except Exception as e:
                 if vm.serial:
                     vm.serial.read_pending()
-                message = (f"starting VM '{vm.vmName}' failed at step {clock.current}: {e}; "
-                           f"console: {console_tail(vm.console_log())}")
-                log("start failed", vm=vm.vmName, step=clock.current, error=repr(str(e)))
+                if isinstance(e.__cause__, HttpError) and vm.watch:
+                    await vm.watch.wait(1.0)     # the API connection broke: if the VMM died, its exit says why
+                reason, why = vm.start_failure(e)
+                evidence = self.failed_starts.add(vm, clock.current, reason, why)
+                message = (f"starting VM '{vm.vmName}' failed at step {clock.current}: {why} (stopReason {reason}); "
+                           f"console: {console_tail(vm.console_log())}"
+                           + (f"; evidence kept in {evidence}" if evidence else ""))
+                log("start failed", vm=vm.vmName, step=clock.current, stopReason=reason, error=repr(why),
+                    evidence=evidence)
                 if failures:
                     failures.inc()
                 await self.teardown(vm, graceful=False)
-                raise ApiError(e.status if isinstance(e, ApiError) else 500, message) from e
+                raise ApiError(e.status if isinstance(e, ApiError) else 500, message, stopReason=reason,
+                               evidence=evidence and str(evidence)) from e
 
     async def _start_steps(self, vm, clock):
         paths = vm.paths
@@ -5049,7 +5213,8 @@ class VMManager:
             vm.save()
             await vm.wait_for_api()
         with clock.step("vm.create"):
-            await vm.chv.create(vm.vm_config(self.gateway, self.dns))
+            vm.sent_config = vm.vm_config(self.gateway, self.dns)
+            await vm.chv.create(vm.sent_config)
             vm.follow_serial()
         with clock.step("callbacks"):
             vm.serve_callbacks()
@@ -5575,7 +5740,10 @@ SUCCESS_SCHEMA = {"type": "object", "required": ["success"], "properties": {"suc
 RESPONSE_SCHEMAS = {      # the answers' schemas, by name (the VM's and the exec's live beside their code)
     "Error": {"type": "object", "required": ["error"], "properties": {
         "error": {"type": "string"},
-        "stopReason": {"type": "string", "description": "a VM a deadline ended (404 while its tombstone lasts)"},
+        "stopReason": {"type": "string", "description": "a VM a deadline ended (404 while its tombstone lasts), "
+                                                        "or why a start failed (500)"},
+        "evidence": {"type": ["string", "null"], "description": "a failed start: the directory its evidence is "
+                                                                "kept in (GET /v1/failed-starts)"},
         "destroyedAt": TIME}},
     "Health": {"type": "object", "required": ["status", "timestamp", "version", "vms", "pool"], "properties": {
         "status": {"const": "healthy"}, "timestamp": TIME, "version": {"type": "string"},
@@ -5613,6 +5781,19 @@ RESPONSE_SCHEMAS = {      # the answers' schemas, by name (the VM's and the exec
         "next": {"type": "integer", "description": "the `since` of the next call"},
         "missed": {"type": "boolean", "description": "events after `since` are no longer kept"}}},
     "OpenApi": {"type": "object", "required": ["openapi", "info", "paths"]},
+    "FailedStarts": {"type": "object", "required": ["failedStarts"], "properties": {"failedStarts": {
+        "type": "array", "description": "newest first (failed_starts_kept of them)", "items": {
+            "type": "object", "required": [*FAILED_START_FIELDS, "directory", "files", "vmmLog", "console"],
+            "properties": {
+                "vmName": {"type": "string"}, "failedAt": TIME, "step": {"type": "string"},
+                "stopReason": {"type": "string"}, "error": {"type": "string"},
+                "directory": {"type": "string", "description": "where its files are, on the host"},
+                "files": {"type": "object", "additionalProperties": {"type": "integer"},
+                          "description": "file name: bytes"},
+                "vmmLog": {"type": "array", "items": {"type": "string"},
+                           "description": "the last lines of the hypervisor's -v log"},
+                "console": {"type": "array", "items": {"type": "string"},
+                            "description": "the last lines of the serial console"}}}}}},
 }
 ERROR_STATUSES = {400: "bad input", 401: "missing or wrong API token", 404: "unknown VM, exec or route",
                   409: "conflict: name or tag taken, VM not running, exec finished", 413: "request body too large",
@@ -5737,6 +5918,7 @@ class RestServer:
             (re.compile(r"^/v1/vms/(?P<name>[^/]+)/stats$"), {"GET": op(self.stats, {JSON: "Stats"}, errors=agent)}),
             (re.compile(r"^/v1/metrics$"), {"GET": op(self.metrics, {Registry.CONTENT_TYPE: None})}),
             (re.compile(r"^/v1/events$"), {"GET": op(self.events, {JSON: "Events"}, query=EVENTS_QUERY)}),
+            (re.compile(r"^/v1/failed-starts$"), {"GET": op(self.failed_starts, {JSON: "FailedStarts"})}),
             (re.compile(r"^/v1/openapi\.json$"), {"GET": op(self.openapi, {JSON: "OpenApi"}, public=True)}),
         ]
         self.openapi_json = None       # made at the first GET /v1/openapi.json (it depends on cfg only)
@@ -6040,6 +6222,10 @@ class RestServer:
             await EVENTS.wait(wait_s)
             events, missed, nxt = EVENTS.after(since)
         return {"events": events, "next": nxt, "missed": missed}
+
+    async def failed_starts(self, req):
+        """The newest failed starts: why, and where their evidence is kept"""
+        return {"failedStarts": self.manager.failed_starts.listing()}
 
 
 # =============================================================================
@@ -6812,6 +6998,22 @@ def fmt_egress(vm):
     return ",".join([network.get("egress") or "?", *network.get("allowOut", [])])
 
 
+def cli_failed_starts(failures, show_logs):
+    """`vm failures`: the kept failed starts, newest first, and where their evidence is."""
+    if not failures:
+        print("no failed start is kept (state_dir/failed-starts)")
+    for failure in failures:
+        print(f"{failure['failedAt']}  {failure['vmName']}  step={failure['step']}  stopReason={failure['stopReason']}")
+        print(f"  error: {failure['error']}")
+        print(f"  evidence: {failure['directory']}/ ("
+              + ", ".join(f"{name} {size} B" for name, size in failure["files"].items()) + ")")
+        if show_logs:
+            for title, lines in (("hypervisor -v log", failure["vmmLog"]), ("console", failure["console"])):
+                print(f"  {title}, last lines:" if lines else f"  {title}: (empty)")
+                for line in lines:
+                    print(f"    {line}")
+
+
 def cli_vm(args):
     if args.vm_cmd == "start":
         body = {"vmName": args.name}
@@ -6850,6 +7052,8 @@ def cli_vm(args):
             print(f"{name} destroyed")
     elif args.vm_cmd == "logs":
         sys.stdout.write(client_call(args, "GET", vm_path(args.name, "/logs"), text=True))
+    elif args.vm_cmd == "failures":
+        cli_failed_starts(client_call(args, "GET", "/v1/failed-starts")["failedStarts"], args.logs)
     elif args.vm_cmd == "network":
         network = cli_network(args)
         if network is None:
@@ -6988,6 +7192,8 @@ def main(argv=None):
     q.add_argument("--status", help="destroy the VMs with this status")
     q = vm_sub.add_parser("logs")
     q.add_argument("name")
+    q = vm_sub.add_parser("failures", help="the newest failed starts: why, and where their evidence is kept")
+    q.add_argument("--logs", action="store_true", help="also the last lines of the hypervisor's -v log and console")
     q = vm_sub.add_parser("network", help="change a running VM's egress policy")
     q.add_argument("name")
     add_network_args(q)

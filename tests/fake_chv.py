@@ -60,7 +60,9 @@ devices), resize/snapshot/migration events (endpoints not supported).
 Test hooks (signals to the stand-in process)
 --------------------------------------------
     SIGUSR1  a vCPU error (vmm/src/cpu.rs: KVM_RUN fails, exit_evt): logs
-             "VCPU generated error: VcpuRun(...)" (ERROR) and "VM exit event",
+             "VCPU generated error: VcpuRun(Failed to run vcpu" + LF LF
+             "Caused by:" LF "    <cause>)" (ERROR: anyhow's Debug, its lines
+             inside one CRLF-ended record) and "VM exit event",
              then vmm.shutdown's events (vm shutdown, vm deleted, vmm shutdown)
              and exit code 0: the same events and exit code as a guest
              power-off, which logs "VM guest exit event" instead (CHV v53's
@@ -94,6 +96,30 @@ Environment
                             moves net[0]'s frames (see "Process engine");
                             kernel falls back to python when the kernel
                             refuses the setup
+    CBOX_STANDIN_BOOT_FAULT how every boot of this stand-in goes wrong (unset:
+                            it does not):
+        no-kvm        as CHV without /dev/kvm: at start, before the event
+                      monitor and the API socket, "Fatal error: ..." in the log,
+                      CHV's error chain on stderr ("Failed to open hypervisor
+                      interface (is hypervisor interface available?)", ...),
+                      exit code 1 (no_hypervisor)
+        load-kernel   vm.boot loads payload.kernel as CHV's x86-64 loader does
+                      (an ELF file, else a bzImage with a "HdrS" setup header;
+                      kernel_load_error) and refuses anything else with CHV's
+                      500 ["Error from API", "The VM could not boot", "Cannot
+                      load the kernel into memory", "Kernel Loader: failed to
+                      load bzImage kernel image", "Kernel Loader: Unable to read
+                      bzImage header" | "Kernel Loader: Invalid bzImage"]
+                      (vmm/src/vm.rs load_kernel; linux-loader 0.13); the
+                      tests' placeholder images are not kernels
+        hang          the guest kernel starts (its first console lines) and
+                      never reaches user space: no agent (process engine)
+        vcpu-error    as hang, then CBOX_STANDIN_FAULT_AFTER_S (default 0.5)
+                      seconds after vm.boot its vCPU fails as SIGUSR1 plays it,
+                      with KVM_RUN's "Unexpected exit reason on vcpu run:
+                      InternalError" (what nested KVM gives a real guest here)
+                      and exit code 0; any engine
+                            Another value: a message on stderr, exit code 1.
 
 API (all under /api/v1/, serialized: one request at a time, keep-alive ok)
 ----------------------------------------------------------------------------
@@ -406,6 +432,42 @@ def cmdline_value(cmdline, key):
         if word.startswith(key + "="):
             return word[len(key) + 1:]
     return None
+
+
+# CBOX_STANDIN_BOOT_FAULT (module docstring, "Environment"): how a boot goes wrong
+BOOT_FAULTS = ("", "no-kvm", "load-kernel", "hang", "vcpu-error")
+SETUP_HEADER_BYTES = 123           # linux-loader's bootparam::setup_header, read at offset 0x1F1
+# the process guest's "kernel" under hang and vcpu-error: it starts, never reaches user space
+STUCK_KERNEL = ("import os, signal, sys\n"
+                "fault = os.environ.get('CBOX_STANDIN_BOOT_FAULT')\n"
+                "sys.stdout.write('[    0.000000] Linux version 6.1.0-cbox-standin (stand-in kernel)\\n'\n"
+                "                 f'[    0.000000] Command line: {os.environ.get(\"CBOX_CMDLINE\", \"\")}\\n'\n"
+                "                 f'[    0.104117] cbox-standin: CBOX_STANDIN_BOOT_FAULT={fault}: this kernel '\n"
+                "                 'never reaches user space\\n')\n"
+                "sys.stdout.flush()\n"
+                "signal.pause()\n")
+
+
+def kernel_load_error(path):
+    """Why Cloud Hypervisor's x86-64 loader refuses a kernel file, as its error chain
+    (outer first), or None. vmm/src/vm.rs load_kernel tries linux-loader's Elf::load, then
+    BzImage::load, and reports the bzImage error wrapped in Error::KernelLoad ("Cannot load
+    the kernel into memory"); linux-loader 0.13 src/loader/mod.rs says "Kernel Loader:
+    failed to load bzImage kernel image" and src/loader/x86_64/bzimage/mod.rs why: the
+    setup header at 0x1F1 cannot be read, or it lacks "HdrS" at 0x202, boot protocol
+    2.00+ and LOADED_HIGH. The stand-in takes any ELF file for a loadable vmlinux."""
+    with open(path, "rb") as f:
+        data = f.read(0x1F1 + SETUP_HEADER_BYTES)
+    if data[:4] == b"\x7fELF":
+        return None
+    if len(data) < 0x1F1 + SETUP_HEADER_BYTES:
+        why = "Unable to read bzImage header"
+    elif data[0x202:0x206] != b"HdrS" or struct.unpack_from("<H", data, 0x206)[0] < 0x200 or not data[0x211] & 1:
+        why = "Invalid bzImage"
+    else:
+        return None
+    return ["Cannot load the kernel into memory", "Kernel Loader: failed to load bzImage kernel image",
+            f"Kernel Loader: {why}"]
 
 
 def _wait_readable(fd, timeout):
@@ -1891,11 +1953,13 @@ class Standin:
         self.console_fd = None
         self.exit_code = None
         self.signal_received = None
-        self.hooks = []                 # test hooks to run: (SIGUSR1 | SIGUSR2 | "panic-reset", engine)
+        self.hooks = []                 # test hooks to run: (SIGUSR1 | SIGUSR2 | "panic-reset" | "vcpu-error", engine)
         self.sel = None
         self.listener = None
         self.lock_file = None
         self.stop_timeout = float(os.environ.get("CBOX_STANDIN_STOP_TIMEOUT") or 1.0)
+        self.boot_fault = (os.environ.get("CBOX_STANDIN_BOOT_FAULT") or "").strip()
+        self.fault_after = float(os.environ.get("CBOX_STANDIN_FAULT_AFTER_S") or 0.5)
 
     def log(self, msg, level=logging.INFO):
         self.logger.log(level, msg)
@@ -2304,6 +2368,11 @@ class Standin:
                         pass
                 except OSError as e:
                     raise vm_error(500, action, f"Cannot open {what} file", f"{p}: {rust_io(e)}") from None
+        if self.boot_fault == "load-kernel" and payload.get("kernel"):
+            self.log("Loading kernel")
+            causes = kernel_load_error(payload["kernel"])
+            if causes:
+                raise vm_error(500, action, *causes)
         nets = config.get("net") or []
         if len(nets) > 1:
             raise vm_error(500, action, "Error from device manager",
@@ -2378,7 +2447,10 @@ class Standin:
             engine.on_event = self._guest_event
             engine.agent_argv = [os.environ.get("CBOX_STANDIN_PYTHON") or sys.executable, default_agent()]
             engine.guest_env = env
-            if isinstance(engine, ProcessEngine) and not os.path.exists(engine.agent_argv[-1]):
+            if self.boot_fault in ("hang", "vcpu-error") and isinstance(engine, ProcessEngine):
+                engine.agent_argv = [engine.agent_argv[0], "-c", STUCK_KERNEL]
+                env["CBOX_STANDIN_BOOT_FAULT"] = self.boot_fault
+            if isinstance(engine, ProcessEngine) and engine.agent_argv[1] != "-c" and not os.path.exists(engine.agent_argv[-1]):
                 raise EngineError(f"guest agent {engine.agent_argv[-1]} not found (set CBOX_GUEST_AGENT)")
             engine.start()
         except Exception as e:
@@ -2390,6 +2462,18 @@ class Standin:
         self.state = "Running"
         self._watch_engine(engine)
         self.log(f"VM booted (engine {type(engine).__name__}, pid {getattr(engine, 'pid', None)})")
+        if self.boot_fault == "vcpu-error":
+            self._hook_later(self.fault_after, "vcpu-error", engine)
+
+    def _hook_later(self, delay, hook, engine):
+        """Run test hook `hook` for `engine` in the main loop after `delay` seconds."""
+        def later():
+            self.hooks.append((hook, engine))
+            os.write(self._wake_w, b"h")
+
+        timer = threading.Timer(delay, later)
+        timer.daemon = True
+        timer.start()
 
     def _guest_event(self, source, event, properties):
         """An engine reports a device event (QEMU: pvpanic's GUEST_PANICKED); any thread."""
@@ -2486,21 +2570,26 @@ class Standin:
 
     def _run_hook(self, hook, engine):
         if hook == signal.SIGUSR1:
-            self._vcpu_error_hook()
+            self._vcpu_error_hook("cbox stand-in test hook SIGUSR1: simulated KVM_RUN failure")
+        elif hook == "vcpu-error" and engine is self.engine and engine is not None:
+            self._vcpu_error_hook("Unexpected exit reason on vcpu run: InternalError")
         elif hook == signal.SIGUSR2:
             self._guest_panic_hook()
         elif hook == "panic-reset" and engine is self.engine and engine is not None:
             self._guest_reset(stop_timeout=0)
 
-    def _vcpu_error_hook(self):
+    def _vcpu_error_hook(self, cause):
         """A vCPU thread's KVM_RUN fails (vmm/src/cpu.rs): it writes exit_evt, the
         same event SIGTERM uses, and the control loop runs vmm_shutdown: the
-        process exits 0, as after a guest power-off; only the log tells them apart."""
+        process exits 0, as after a guest power-off; only the log tells them apart.
+        The record is `error!("VCPU generated error: {:?}", Error::VcpuRun(e.into()))`:
+        anyhow's Debug of HypervisorCpuError::RunVcpu ("Failed to run vcpu",
+        hypervisor/src/cpu.rs) and its cause (hypervisor/src/kvm/mod.rs run(): "Unexpected
+        exit reason on vcpu run: {r:?}", "VCPU error {e:?}") on lines of their own."""
         if self.engine is None:
             self.log("test hook SIGUSR1 (vCPU error): no VM is running, ignored", logging.WARNING)
             return
-        self.log("VCPU generated error: VcpuRun(RunVcpu(cbox stand-in test hook SIGUSR1: "
-                 "simulated KVM_RUN failure))", logging.ERROR)
+        self.log(f"VCPU generated error: VcpuRun(Failed to run vcpu\n\nCaused by:\n    {cause})", logging.ERROR)
         self.log("VM exit event")
         self.vmm_shutdown()
         self.exit_code = 0
@@ -2531,14 +2620,7 @@ class Standin:
             self._guest_reset(stop_timeout=0)
         elif timeout > 0:
             _console_write(self.console_fd, f"Rebooting in {timeout} seconds..\n")
-
-            def later():
-                self.hooks.append(("panic-reset", engine))
-                os.write(self._wake_w, b"p")
-
-            timer = threading.Timer(timeout, later)
-            timer.daemon = True
-            timer.start()
+            self._hook_later(timeout, "panic-reset", engine)
         else:
             _console_write(self.console_fd, f"---[ end Kernel panic - not syncing: {why} ]---\n")
 
@@ -2728,9 +2810,23 @@ def setup_logging(log_file, verbose):
         handler = logging.StreamHandler(sys.stderr)
         level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
     handler.setFormatter(_Formatter())
+    handler.terminator = "\r\n"      # each record ends in CRLF, as CHV's (cloud-hypervisor/src/logger.rs)
     logger.addHandler(handler)
     logger.setLevel(level)
     return logger
+
+
+def no_hypervisor(logger):
+    """CHV's start without /dev/kvm (cloud-hypervisor/src/main.rs start_vmm: hypervisor::new()
+    comes before the event monitor and the API socket; hypervisor/src/lib.rs new() finds no
+    hypervisor): cli_print_error_chain (cloud-hypervisor/src/lib.rs) logs the error's Debug
+    and prints the chain on stderr; exit code 1."""
+    logger.error("Fatal error: CreateHypervisor(HypervisorCreate(no supported hypervisor))")
+    print("Error: Cloud Hypervisor exited with the following chain of errors:\n"
+          "  0: Failed to open hypervisor interface (is hypervisor interface available?)\n"
+          "  1: Failed to create the hypervisor\n"
+          "  2: no supported hypervisor", file=sys.stderr)
+    return 1
 
 
 def main(argv=None):
@@ -2751,6 +2847,13 @@ def main(argv=None):
         print(f"Error parsing command line: {e}\n{USAGE}", file=sys.stderr)
         return 1
     logger = setup_logging(opts["log_file"], opts["verbose"])
+    fault = (os.environ.get("CBOX_STANDIN_BOOT_FAULT") or "").strip()
+    if fault not in BOOT_FAULTS:
+        print(f"fake_chv: CBOX_STANDIN_BOOT_FAULT={fault!r}: expected one of {', '.join(BOOT_FAULTS[1:])}",
+              file=sys.stderr)
+        return 1
+    if fault == "no-kvm":
+        return no_hypervisor(logger)
     try:
         monitor_fd = open_event_monitor(opts["event_monitor"]) if opts["event_monitor"] else None
     except (ValueError, OSError) as e:

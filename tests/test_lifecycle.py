@@ -94,11 +94,14 @@ def test_guest_panic_is_failed(cbox_server):
     assert_runtime_gone(cbox_server, "panicky")
 
 
-def test_vcpu_error_exit_0_is_a_crash(cbox_server):
+def test_vcpu_error_exit_0_is_a_vcpu_error(cbox_server):
     # the stand-in's test hook SIGUSR1: a vCPU error ends the VMM with exit code 0 and the
-    # same events as a guest power-off (vmm/src/cpu.rs, exit_evt); only its log differs
+    # same events as a guest power-off (vmm/src/cpu.rs, exit_evt); only its log differs,
+    # and its words (a record of several lines) are the VM's error
     vm = signal_vmm(cbox_server, "vcpu", signal.SIGUSR1)
-    assert (vm["status"], vm["stopReason"]) == ("FAILED", "vmm-crash"), vm
+    assert (vm["status"], vm["stopReason"]) == ("FAILED", "vcpu-error"), vm
+    assert ("error=\"the guest's vCPU failed: VCPU generated error: VcpuRun(Failed to run vcpu Caused by: cbox "
+            "stand-in test hook SIGUSR1: simulated KVM_RUN failure)\"") in cbox_server.log()
     assert_runtime_gone(cbox_server, "vcpu")
 
 

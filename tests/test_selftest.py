@@ -150,7 +150,7 @@ def test_selftest_failure_has_a_hint_and_leaves_nothing(cbox_factory, tmp_path, 
         step, words = "images", ["no-such-vmlinux", "make images"]
     else:
         server = cbox_factory(chv_bin="/bin/false")
-        step, words = "start", ["hypervisor did not start", "exited (code 1)"]
+        step, words = "start", ["hypervisor did not start", "exited with code 1"]
     before = host_state(server)
     rc, out = selftest(server)
     table, hint = rows(out), hints(out)
