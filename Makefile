@@ -226,9 +226,11 @@ dist-pack:
 	echo "[dist] sha256 of its SHA256SUMS (make verify prints it): $$inner"
 
 # cbox.py with its COMMIT line stamped (build_commit): the checkout's HEAD, "-dirty" when git
-# shows uncommitted changes or cannot tell; a copy stamped already (a bundle's) stays as it is.
+# shows uncommitted changes or cannot tell (safe.directory: `sudo make install` in a user's checkout
+# is no reason to doubt it); a copy stamped already (a bundle's) stays as it is.
 STAMP_COMMIT = c=$$($(PYTHON) cbox.py --version | cut -d' ' -f4); \
-	if [ "$$c" != unknown ] && ! git diff --quiet HEAD -- 2>/dev/null; then c="$$c-dirty"; fi; \
+	if [ "$$c" != unknown ] && ! git -c safe.directory="$(CURDIR)" -C "$(CURDIR)" diff --quiet HEAD -- 2>/dev/null; \
+	then c="$$c-dirty"; fi; \
 	sed "s/^COMMIT = \"\"/COMMIT = \"$$c\"/" cbox.py
 
 # The tarball's tree in STAGE: what `make install` (or `./cbox.py serve` in place) needs, with

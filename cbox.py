@@ -78,7 +78,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 VERSION = "0.1.0"
-COMMIT = ""          # `make dist` stamps the commit into the bundled copy (see build_commit)
+COMMIT = ""          # `make dist` and `make install` stamp the commit into their copy (build_commit)
 LOG_START = time.monotonic()
 
 
@@ -275,13 +275,13 @@ def git_head_commit(checkout):
         head = (git / "HEAD").read_text().strip()
         common = git / (git / "commondir").read_text().strip() if (git / "commondir").exists() else git
         if head.startswith("ref: "):
-            ref = head[5:]
-            paths = [base / ref for base in (git, common) if (base / ref).is_file()]
+            branch = head[5:]
+            paths = [base / branch for base in (git, common) if (base / branch).is_file()]
             if paths:
                 head = paths[0].read_text().strip()
             else:
                 packed = (common / "packed-refs").read_text().splitlines()
-                head = next((line.split()[0] for line in packed if line.endswith(" " + ref)), "")
+                head = next((line.split()[0] for line in packed if line.endswith(" " + branch)), "")
     except (OSError, IndexError):
         return None
     return head if re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", head) else None
@@ -291,7 +291,7 @@ _BUILD_COMMIT = []
 
 
 def build_commit():
-    """The commit this cbox.py came from: stamped by `make dist`, else the HEAD of the git
+    """The commit this cbox.py came from: stamped by `make dist`/`install`, else the HEAD of the git
     checkout it sits in (local changes are not seen), else 'unknown'. Read once."""
     if not _BUILD_COMMIT:
         _BUILD_COMMIT.append(COMMIT or git_head_commit(Path(__file__).resolve().parent) or "unknown")
@@ -6017,6 +6017,14 @@ class RestServer:
 # 11. CLI
 # =============================================================================
 
+def demo_hint():
+    """Where the demo (`make demo`: the API with tests/' stand-in hypervisor) is: beside this
+    cbox.py in a source checkout; an air-gap bundle or an installed copy has no stand-in."""
+    if (Path(__file__).resolve().parent / "tests" / "fake_chv.py").exists():
+        return "try `make demo`"
+    return "try `make demo` in CBox's source checkout (this copy has no stand-in hypervisor)"
+
+
 def resolve_chv_bin(cfg):
     """The hypervisor binary's path, or CommandError saying what to install."""
     chv = cfg.path(cfg.chv_bin) if "/" in cfg.chv_bin else shutil.which(cfg.chv_bin)
@@ -6024,14 +6032,6 @@ def resolve_chv_bin(cfg):
         raise CommandError(f"cloud-hypervisor binary not found at chv_bin={cfg.chv_bin!r}: install Cloud "
                            f"Hypervisor's static binary there (it needs /dev/kvm), or {demo_hint()}")
     return chv
-
-
-def demo_hint():
-    """Where the demo (`make demo`: the API with tests/' stand-in hypervisor) is: beside this
-    cbox.py in a source checkout; an air-gap bundle or an installed copy has no stand-in."""
-    if (Path(__file__).resolve().parent / "tests" / "fake_chv.py").exists():
-        return "try `make demo`"
-    return "try `make demo` in CBox's source checkout (this copy has no stand-in hypervisor)"
 
 
 def preflight(cfg):

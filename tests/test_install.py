@@ -36,7 +36,7 @@ def stamped_commit():
     if not commit:
         return "unknown"
     try:
-        clean = subprocess.run(["git", "-C", str(REPO), "diff", "--quiet", "HEAD", "--"], timeout=60).returncode == 0
+        clean = subprocess.run(["git", "-c", f"safe.directory={REPO}", "-C", str(REPO), "diff", "--quiet", "HEAD", "--"], timeout=60).returncode == 0
     except OSError:
         clean = False
     return commit if clean else commit + "-dirty"
