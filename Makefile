@@ -108,9 +108,9 @@ demo:
 	$(PYTHON) cbox.py serve --config $(DEMO)/config.yaml
 
 # ---- install as a service ------------------------------------------------------
-# cbox.py (its commit stamped, see STAMP_COMMIT) and guest_agent.py in $(LIBDIR), the `cbox` command in $(BINDIR), the
-# config in $(CONFDIR) (an existing config.yaml is kept; the shipped one is always
-# written beside it as config.yaml.default), the images of $(OUT)/ if built in
+# cbox.py (its commit stamped: STAMP_COMMIT) and guest_agent.py in $(LIBDIR), the `cbox`
+# command in $(BINDIR), the config in $(CONFDIR) (an existing config.yaml is kept; the
+# shipped one is always written beside it as config.yaml.default), the images of $(OUT)/ if built in
 # $(STATEDIR)/images, and cbox.service in $(UNITDIR). DESTDIR prefixes them all.
 # A `cloud-hypervisor` file beside this Makefile (as `make dist CHV=...` packs it)
 # goes to $(LIBDIR) and the installed config's chv_bin names it.
@@ -182,7 +182,8 @@ uninstall:
 #   make rootfs DOCKERFILE=path       rootfs from a Dockerfile (podman or docker;
 #                                     `FROM cbox-base` = the debootstrap base)
 #   make rootfs SUITE=bookworm MIRROR=http://...   (defaults: stable, host's apt mirror)
-#   make dist [CHV=/path/cloud-hypervisor]         air-gap tarball in $(OUT)/
+#   make dist [CHV=/path/cloud-hypervisor]         air-gap tarball in $(OUT)/ (README "Air-gapped hosts")
+#   make dist-pack [CHV=...]                       the same from the images already in $(OUT)/
 # Each step skips what is up to date; `rm -rf build` forces a fresh debootstrap
 # and kernel download.
 BUILD ?= build
