@@ -273,4 +273,4 @@ def test_version_of_a_checkout_and_of_a_plain_copy(tmp_path):
 def test_health_shows_the_version_and_commit(cbox_server):
     status, body = cbox_server.api.get("/v1/health")
     assert status == 200 and (body["version"], body["commit"]) == (cbox.VERSION, cbox.build_commit())
-    assert re.fullmatch(r"[0-9a-f]{40}|unknown", body["commit"])
+    assert re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}|unknown", body["commit"])
