@@ -3,10 +3,22 @@ SHELL := /bin/bash
 PYTHON ?= python3
 CONFIG ?= config.yaml
 OUT ?= out
+# Empty in the source checkout; `make dist` stamps it in the bundle's copy (dist-stage), whose
+# targets are then only those that work there (see "In a bundle" below).
+BUNDLE :=
 
-.PHONY: help run check-host demo test bench install uninstall images kernel initramfs rootfs dist dist-stage clean
+.PHONY: help run check-host demo test bench install uninstall images kernel initramfs rootfs dist dist-pack \
+	dist-stage verify clean
 
 help:
+ifneq ($(BUNDLE),)
+	@echo "CBox air-gap bundle, $$($(PYTHON) cbox.py --version); README.md, \"Air-gapped hosts\""
+	@echo "make verify      check every file against SHA256SUMS (do this first, after unpacking)"
+	@echo "make check-host  then: preflight, boot one VM, exec, callback, destroy (as root)"
+	@echo "make run         serve with the bundled images (needs KVM + cloud-hypervisor)"
+	@echo "make install     install as a systemd service (PREFIX=/usr/local, DESTDIR); make uninstall"
+	@echo "(demo, test, bench, images and dist need CBox's source checkout)"
+else
 	@echo "make run      build what is missing, then serve (needs KVM + cloud-hypervisor)"
 	@echo "make check-host  run first on a new host: preflight, boot one VM, exec, callback, destroy"
 	@echo "make demo     serve the same API with the stand-in hypervisor (NOTHING IS ISOLATED)"
@@ -15,6 +27,47 @@ help:
 	@echo "make images   build kernel, initramfs and rootfs into $(OUT)/"
 	@echo "make dist     pack an air-gap tarball (CHV=path adds the cloud-hypervisor binary)"
 	@echo "make install  install as a systemd service (PREFIX=/usr/local, DESTDIR); make uninstall"
+endif
+
+# ---- In a bundle --------------------------------------------------------------
+# The bundle has no tests/, bench/ or image builders: these targets stop there before
+# anything runs, saying why in one line.
+CHECKOUT_ONLY := test bench demo images kernel initramfs rootfs dist dist-pack dist-stage
+ifneq ($(BUNDLE),)
+WHY_test = the test suite is in CBox's source checkout, not in this bundle
+WHY_bench = the benchmarks are in CBox's source checkout, not in this bundle
+WHY_demo = the demo's stand-in hypervisor (tests/fake_chv.py) is in CBox's source checkout, not in this bundle
+WHY_images = this bundle carries its images in $(OUT)/ (make verify checks them); building them needs CBox's source checkout
+WHY_kernel = $(WHY_images)
+WHY_initramfs = $(WHY_images)
+WHY_rootfs = $(WHY_images)
+WHY_dist = a bundle is made in CBox's source checkout; this one is made already
+WHY_dist-pack = $(WHY_dist)
+WHY_dist-stage = $(WHY_dist)
+GOAL := $(firstword $(filter $(CHECKOUT_ONLY),$(MAKECMDGOALS)))
+ifneq ($(GOAL),)
+$(error make $(GOAL): $(WHY_$(GOAL)))
+endif
+endif
+
+# Checks every file of an unpacked bundle against its SHA256SUMS, naming each file that
+# differs, is missing or is not listed; then says the sum of SHA256SUMS itself (which
+# `make dist` printed) and the version and commit.
+verify:
+	@set -e; if [ ! -f SHA256SUMS ]; then \
+	  echo "make verify: no SHA256SUMS here: it checks a bundle unpacked from the tarball of \`make dist\`" >&2; exit 1; fi; \
+	listed=$$(sed 's/^[0-9a-f]\{64\}  //' SHA256SUMS | LC_ALL=C sort); \
+	report=$$( (sha256sum -c --quiet SHA256SUMS 2>&1 || true) | sed -n \
+	  -e 's/: FAILED$$/: differs from the build/p' -e 's/: FAILED open or read$$/: missing or unreadable/p' \
+	  -e 's/^sha256sum: SHA256SUMS: no properly formatted.*/SHA256SUMS: not a list of checksums/p' \
+	  -e 's/^sha256sum: WARNING: \(.* improperly formatted\)/SHA256SUMS: \1/p'; \
+	  find . \( -type f -o -type l \) ! -path ./SHA256SUMS -printf '%P\n' | LC_ALL=C sort \
+	  | LC_ALL=C comm -13 <(echo "$$listed") - | sed 's/$$/: not in SHA256SUMS/'); \
+	if [ -n "$$report" ]; then echo "$$report" | sed 's/^/[verify] /' >&2; \
+	  echo "[verify] FAILED: this is not the tree \`make dist\` packed; carry the tarball again" >&2; exit 1; fi; \
+	echo "[verify] OK: all $$(echo "$$listed" | wc -l) files match SHA256SUMS, and no other file is here"; \
+	echo "[verify] sha256 of SHA256SUMS: $$(sha256sum SHA256SUMS | cut -d' ' -f1) (compare it with what make dist printed)"; \
+	$(PYTHON) cbox.py --version
 
 test:
 	$(PYTHON) -m pytest -q tests
@@ -25,7 +78,7 @@ bench:
 # Real VMs: needs /dev/kvm and the cloud-hypervisor binary named by chv_bin.
 run:
 	@$(PYTHON) cbox.py preflight --config $(CONFIG)
-	@$(MAKE) --no-print-directory images
+	$(if $(BUNDLE),,@$(MAKE) --no-print-directory images)
 	$(PYTHON) cbox.py serve --config $(CONFIG)
 
 # What to run first on a new host: `cbox.py selftest` prints a PASS/FAIL table with
@@ -55,9 +108,9 @@ demo:
 	$(PYTHON) cbox.py serve --config $(DEMO)/config.yaml
 
 # ---- install as a service ------------------------------------------------------
-# cbox.py and guest_agent.py in $(LIBDIR), the `cbox` command in $(BINDIR), the
-# config in $(CONFDIR) (an existing config.yaml is kept; the shipped one is always
-# written beside it as config.yaml.default), the images of $(OUT)/ if built in
+# cbox.py (its commit stamped: STAMP_COMMIT) and guest_agent.py in $(LIBDIR), the `cbox`
+# command in $(BINDIR), the config in $(CONFDIR) (an existing config.yaml is kept; the
+# shipped one is always written beside it as config.yaml.default), the images of $(OUT)/ if built in
 # $(STATEDIR)/images, and cbox.service in $(UNITDIR). DESTDIR prefixes them all.
 # A `cloud-hypervisor` file beside this Makefile (as `make dist CHV=...` packs it)
 # goes to $(LIBDIR) and the installed config's chv_bin names it.
@@ -79,7 +132,8 @@ install:
 	@set -e; d="$(DESTDIR)"; \
 	install -d -m 0755 "$$d$(LIBDIR)" "$$d$(BINDIR)" "$$d$(UNITDIR)"; \
 	install -d -m 0750 "$$d$(CONFDIR)" "$$d$(STATEDIR)"; \
-	install -m 0755 cbox.py "$$d$(LIBDIR)/cbox.py"; \
+	$(STAMP_COMMIT) > "$$d$(LIBDIR)/cbox.py.tmp"; chmod 0755 "$$d$(LIBDIR)/cbox.py.tmp"; \
+	mv -f "$$d$(LIBDIR)/cbox.py.tmp" "$$d$(LIBDIR)/cbox.py"; \
 	install -m 0644 guest_agent.py "$$d$(LIBDIR)/guest_agent.py"; \
 	$(SUBST) service/cbox.in > "$$d$(BINDIR)/cbox.tmp"; chmod 0755 "$$d$(BINDIR)/cbox.tmp"; \
 	mv -f "$$d$(BINDIR)/cbox.tmp" "$$d$(BINDIR)/cbox"; \
@@ -128,7 +182,8 @@ uninstall:
 #   make rootfs DOCKERFILE=path       rootfs from a Dockerfile (podman or docker;
 #                                     `FROM cbox-base` = the debootstrap base)
 #   make rootfs SUITE=bookworm MIRROR=http://...   (defaults: stable, host's apt mirror)
-#   make dist [CHV=/path/cloud-hypervisor]         air-gap tarball in $(OUT)/
+#   make dist [CHV=/path/cloud-hypervisor]         air-gap tarball in $(OUT)/ (README "Air-gapped hosts")
+#   make dist-pack [CHV=...]                       the same from the images already in $(OUT)/
 # Each step skips what is up to date; `rm -rf build` forces a fresh debootstrap
 # and kernel download.
 BUILD ?= build
@@ -155,17 +210,40 @@ rootfs:
 	    $(if $(MIRROR),--mirror $(MIRROR)) $(if $(DOCKERFILE),--dockerfile $(DOCKERFILE))
 
 dist: images
+	@$(MAKE) --no-print-directory dist-pack
+
+# The tarball of the images already in $(OUT)/ (`make dist` builds them first): the tree of
+# dist-stage packed as $(OUT)/NAME.tar.gz, and that tarball's sum in $(OUT)/SHA256SUMS.
+dist-pack:
 	@set -e; name=$(DIST_NAME)-$$(date +%Y%m%d); rm -rf $(BUILD)/dist; \
 	$(MAKE) --no-print-directory dist-stage STAGE=$(BUILD)/dist/$$name; \
 	echo "[dist] packing $(OUT)/$$name.tar.gz"; \
 	tar --sparse -C $(BUILD)/dist -czf $(OUT)/$$name.tar.gz $$name; \
-	rm -rf $(BUILD)/dist; ls -l $(OUT)/$$name.tar.gz
+	inner=$$(sha256sum $(BUILD)/dist/$$name/SHA256SUMS | cut -d' ' -f1); rm -rf $(BUILD)/dist; \
+	(cd $(OUT) && sha256sum $$name.tar.gz > SHA256SUMS.tmp && mv -f SHA256SUMS.tmp SHA256SUMS); \
+	ls -l $(OUT)/$$name.tar.gz; \
+	echo "[dist] carry $(OUT)/$$name.tar.gz and $(OUT)/SHA256SUMS (there: sha256sum -c SHA256SUMS)"; \
+	echo "[dist] sha256 of the tarball: $$(cut -d' ' -f1 $(OUT)/SHA256SUMS)"; \
+	echo "[dist] sha256 of its SHA256SUMS (make verify prints it): $$inner"
 
-# The tarball's tree in STAGE: what `make install` (or `./cbox.py serve` in place) needs.
+# cbox.py with its COMMIT line stamped (build_commit): the checkout's HEAD, "-dirty" when git
+# shows uncommitted changes or cannot tell (safe.directory: `sudo make install` in a user's checkout
+# is no reason to doubt it); a copy stamped already (a bundle's) stays as it is.
+STAMP_COMMIT = c=$$($(PYTHON) cbox.py --version | cut -d' ' -f4); \
+	if [ "$$c" != unknown ] && ! git -c safe.directory="$(CURDIR)" -C "$(CURDIR)" diff --quiet HEAD -- 2>/dev/null; \
+	then c="$$c-dirty"; fi; \
+	sed "s/^COMMIT = \"\"/COMMIT = \"$$c\"/" cbox.py
+
+# The tarball's tree in STAGE: what `make install` (or `./cbox.py serve` in place) needs, with
+# BUNDLE and the commit stamped, and SHA256SUMS of every file (`make verify` checks them).
 dist-stage:
 	@set -e; stage="$(STAGE)"; test -n "$$stage"; rm -rf "$$stage"; mkdir -p "$$stage/out"; \
-	cp cbox.py guest_agent.py config.yaml README.md Makefile "$$stage/"; cp -r service "$$stage/"; \
+	cp guest_agent.py config.yaml README.md "$$stage/"; cp -r service "$$stage/"; \
+	$(STAMP_COMMIT) > "$$stage/cbox.py"; chmod 0755 "$$stage/cbox.py"; \
+	sed 's/^BUNDLE :=$$/BUNDLE := yes/' Makefile > "$$stage/Makefile"; grep -q '^BUNDLE := yes$$' "$$stage/Makefile"; \
 	cp $(OUT)/vmlinuz $(OUT)/initramfs.cpio.gz $(OUT)/kernel.release "$$stage/out/"; \
 	cp --sparse=always $(OUT)/rootfs.ext4 "$$stage/out/"; \
 	if [ -n "$(CHV)" ]; then cp "$(CHV)" "$$stage/cloud-hypervisor"; chmod 0755 "$$stage/cloud-hypervisor"; \
-	  sed -i 's|^\(    chv_bin:\).*|\1 "./cloud-hypervisor"|' "$$stage/config.yaml"; fi
+	  sed -i 's|^\(    chv_bin:\).*|\1 "./cloud-hypervisor"|' "$$stage/config.yaml"; fi; \
+	files=$$(cd "$$stage" && find . -type f -printf '%P\n' | LC_ALL=C sort); \
+	(cd "$$stage" && sha256sum $$files > SHA256SUMS)

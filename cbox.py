@@ -3,8 +3,9 @@
 
 One asyncio program, standard library only (Python 3.10+). Before section 1 come
 the log and the helpers every section uses (within() deadlines, is_decimal,
-fmt_seconds, small file helpers, the metrics registry METRICS and the event log
-EVENTS). Sections, in order; each uses only what comes before it:
+fmt_seconds, small file helpers, build_commit: the commit this copy came from, the
+metrics registry METRICS and the event log EVENTS). Sections, in order; each uses
+only what comes before it:
 
   1. Config          strict parser for the YAML subset config.yaml uses, typed keys
   2. HTTP            one small HTTP/1.1 implementation: message reading, a
@@ -43,7 +44,7 @@ EVENTS). Sections, in order; each uses only what comes before it:
                      exec event streams to the client (NDJSON or SSE, chunked)
  11. CLI             `serve`, `selftest` (a new host's end-to-end check), and a
                      small client: `health`, `vm start|ls|rm|logs|network|ttl|failures`, `exec`;
-                     `openapi` prints the API description
+                     `openapi` prints the API description; `--version`
 
 The external contract lives in ../shared/docs/contract.md (beside checkouts) and
 is summarised in README.md.
@@ -77,6 +78,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 VERSION = "0.1.0"
+COMMIT = ""          # `make dist` and `make install` stamp the commit into their copy (build_commit)
 LOG_START = time.monotonic()
 
 
@@ -259,6 +261,41 @@ def file_size(path):
 
 def remove_tree(path):
     shutil.rmtree(path, ignore_errors=True)
+
+
+def git_head_commit(checkout):
+    """The commit HEAD names in the git checkout `checkout`, read from its files (no git
+    process: it works without git installed, and as root in another user's checkout);
+    None when it is not one. A linked worktree's .git is a file naming its git dir,
+    whose `commondir` holds the branches; a branch is a file or a line of packed-refs."""
+    git = checkout / ".git"
+    try:
+        if git.is_file():
+            git = checkout / git.read_text().removeprefix("gitdir:").strip()
+        head = (git / "HEAD").read_text().strip()
+        common = git / (git / "commondir").read_text().strip() if (git / "commondir").exists() else git
+        if head.startswith("ref: "):
+            branch = head[5:]
+            paths = [base / branch for base in (git, common) if (base / branch).is_file()]
+            if paths:
+                head = paths[0].read_text().strip()
+            else:
+                packed = (common / "packed-refs").read_text().splitlines()
+                head = next((line.split()[0] for line in packed if line.endswith(" " + branch)), "")
+    except (OSError, IndexError):
+        return None
+    return head if re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", head) else None
+
+
+_BUILD_COMMIT = []
+
+
+def build_commit():
+    """The commit this cbox.py came from: stamped by `make dist`/`install`, else the HEAD of the git
+    checkout it sits in (local changes are not seen), else 'unknown'. Read once."""
+    if not _BUILD_COMMIT:
+        _BUILD_COMMIT.append(COMMIT or git_head_commit(Path(__file__).resolve().parent) or "unknown")
+    return _BUILD_COMMIT[0]
 
 
 # =============================================================================
@@ -5745,8 +5782,9 @@ RESPONSE_SCHEMAS = {      # the answers' schemas, by name (the VM's and the exec
         "evidence": {"type": ["string", "null"], "description": "a failed start: the directory its evidence is "
                                                                 "kept in (GET /v1/failed-starts)"},
         "destroyedAt": TIME}},
-    "Health": {"type": "object", "required": ["status", "timestamp", "version", "vms", "pool"], "properties": {
+    "Health": {"type": "object", "required": ["status", "timestamp", "version", "commit", "vms", "pool"], "properties": {
         "status": {"const": "healthy"}, "timestamp": TIME, "version": {"type": "string"},
+        "commit": {"type": "string", "description": "the commit cbox.py was built from, or 'unknown'"},
         "vms": {"type": "integer", "minimum": 0},
         "pool": {"type": "object", "description": "the warm pool (pool_size)",
                  "required": ["size", "ready", "booting", "lastError"], "properties": {
@@ -5930,7 +5968,7 @@ class RestServer:
         METRICS.on_scrape("pool", self.manager.pool.export_metrics)
         self.server = await asyncio.start_server(self.connection, self.cfg.host, self.cfg.port,
                                                  limit=MAX_HEAD, reuse_address=True)
-        log("serving", url=f"http://{self.cfg.host}:{self.cfg.port}", version=VERSION)
+        log("serving", url=f"http://{self.cfg.host}:{self.cfg.port}", version=VERSION, commit=build_commit())
 
     async def stop(self):
         if self.server:
@@ -6106,7 +6144,8 @@ class RestServer:
 
     async def health(self, req):
         """The server's health (no API token needed)"""
-        return {"status": "healthy", "timestamp": utc_now(), "version": VERSION, "vms": len(self.manager.vms),
+        return {"status": "healthy", "timestamp": utc_now(), "version": VERSION, "commit": build_commit(),
+                "vms": len(self.manager.vms),
                 "pool": self.manager.pool.state()}
 
     async def list_vms(self, req):
@@ -6232,12 +6271,20 @@ class RestServer:
 # 11. CLI
 # =============================================================================
 
+def demo_hint():
+    """Where the demo (`make demo`: the API with tests/' stand-in hypervisor) is: beside this
+    cbox.py in a source checkout; an air-gap bundle or an installed copy has no stand-in."""
+    if (Path(__file__).resolve().parent / "tests" / "fake_chv.py").exists():
+        return "try `make demo`"
+    return "try `make demo` in CBox's source checkout (this copy has no stand-in hypervisor)"
+
+
 def resolve_chv_bin(cfg):
     """The hypervisor binary's path, or CommandError saying what to install."""
     chv = cfg.path(cfg.chv_bin) if "/" in cfg.chv_bin else shutil.which(cfg.chv_bin)
     if not chv or not os.access(chv, os.X_OK):
         raise CommandError(f"cloud-hypervisor binary not found at chv_bin={cfg.chv_bin!r}: install Cloud "
-                           "Hypervisor's static binary there (it needs /dev/kvm), or try `make demo`")
+                           f"Hypervisor's static binary there (it needs /dev/kvm), or {demo_hint()}")
     return chv
 
 
@@ -6245,7 +6292,7 @@ def preflight(cfg):
     """What a host needs for real VMs; returns the problems found (empty = ready)."""
     problems = []
     if not os.path.exists("/dev/kvm"):
-        problems.append("/dev/kvm is missing: this host cannot run real VMs (try `make demo`)")
+        problems.append(f"/dev/kvm is missing: this host cannot run real VMs ({demo_hint()})")
     try:
         resolve_chv_bin(cfg)
     except CommandError as e:
@@ -7151,6 +7198,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="cbox.py", description="CBox: commands in Cloud Hypervisor microVMs")
     parser.add_argument("--server", default=os.environ.get("CBOX_URL", "http://127.0.0.1:7000"),
                         help="REST API for the client commands (env CBOX_URL; token from env CBOX_API_TOKEN)")
+    parser.add_argument("--version", action="version", version=f"cbox.py {VERSION} commit {build_commit()}")
     sub = parser.add_subparsers(dest="cmd", required=True)
     config = os.environ.get("CBOX_CONFIG") or "config.yaml"    # the installed `cbox` command sets it
     p = sub.add_parser("serve", help="run the REST server")

@@ -20,22 +20,38 @@ import cbox  # noqa: E402
 IMAGES = {"vmlinuz": b"kernel\n", "initramfs.cpio.gz": b"initramfs\n", "kernel.release": b"6.1.0\n"}
 
 
-def make(*args):
-    """make in the repository; returns its stdout. SYSTEMCTL=false: a daemon-reload would fail."""
-    r = subprocess.run(["make", "--no-print-directory", "-C", str(REPO), "SYSTEMCTL=false", *args],
+def make(*args, where=REPO):
+    """make in the repository (or `where`); returns its stdout. SYSTEMCTL=false: a daemon-reload would fail."""
+    r = subprocess.run(["make", "--no-print-directory", "-C", str(where), "SYSTEMCTL=false", *args],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     return r.stdout
+
+
+def stamped_commit():
+    """The commit `make install` and `make dist` stamp into cbox.py: this checkout's HEAD, with
+    -dirty when git shows uncommitted changes (or cannot tell)."""
+    commit = cbox.git_head_commit(REPO)
+    if not commit:
+        return "unknown"
+    try:
+        clean = subprocess.run(["git", "-c", f"safe.directory={REPO}", "-C", str(REPO), "diff", "--quiet", "HEAD", "--"], timeout=60).returncode == 0
+    except OSError:
+        clean = False
+    return commit if clean else commit + "-dirty"
+
+
+def without_commit(text):
+    """cbox.py's text without its COMMIT line (the one line install and dist stamp)."""
+    return [line for line in text.splitlines() if not line.startswith("COMMIT = ")]
 
 
 def files_under(root):
     return sorted(str(p.relative_to(root)) for p in Path(root).rglob("*") if not p.is_dir())
 
 
-@pytest.fixture
-def out_dir(tmp_path):
-    """Built images stand-ins, the rootfs sparse as the real one is."""
-    out = tmp_path / "out"
+def write_standin_images(out):
+    """Built images stand-ins in `out`, the rootfs sparse as the real one is."""
     out.mkdir()
     for name, data in IMAGES.items():
         (out / name).write_bytes(data)
@@ -43,6 +59,11 @@ def out_dir(tmp_path):
         f.write(b"rootfs")
         f.truncate(64 * 1024 * 1024)
     return out
+
+
+@pytest.fixture
+def out_dir(tmp_path):
+    return write_standin_images(tmp_path / "out")
 
 
 INSTALLED = ["etc/cbox/config.yaml", "etc/cbox/config.yaml.default", "etc/systemd/system/cbox.service",
@@ -56,7 +77,9 @@ def test_install_into_destdir(tmp_path, out_dir):
     make("install", f"DESTDIR={dest}", f"OUT={out_dir}")
     assert files_under(dest) == sorted(INSTALLED)
     lib = dest / "usr/local/lib/cbox"
-    assert (lib / "cbox.py").read_bytes() == (REPO / "cbox.py").read_bytes()
+    installed = (lib / "cbox.py").read_text()      # the checkout's cbox.py, its commit stamped
+    assert without_commit(installed) == without_commit((REPO / "cbox.py").read_text())
+    assert f'\nCOMMIT = "{stamped_commit()}"  ' in installed
     assert (lib / "guest_agent.py").read_bytes() == (REPO / "guest_agent.py").read_bytes()
     assert os.access(lib / "cbox.py", os.X_OK) and os.access(dest / "usr/local/bin/cbox", os.X_OK)
     wrapper = (dest / "usr/local/bin/cbox").read_text()
