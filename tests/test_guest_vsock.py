@@ -296,7 +296,7 @@ def test_guest_reset_binds_the_vsock_socket_again(netns):
         assert standin.put("vm.boot") == (204, None), standin.output()
         wait_ready(netns, Guest, work, time.monotonic() + BOOT_TIMEOUT)
         callback_works(1)
-        first = vsock.stat().st_ino
+        first = vsock.stat()
         (device,) = device_pids(netns, vsock)
         status, r = ns_http(netns, "POST", "/exec", {"cmd": "sleep 0.5; echo b > /proc/sysrq-trigger",
                                                      "blocking": False})
@@ -304,7 +304,9 @@ def test_guest_reset_binds_the_vsock_socket_again(netns):
         wait_for(lambda: "VM reset event" in standin.log_file.read_text(), 60, interval=0.2, what="the reset")
         wait_ready(netns, Guest, work, time.monotonic() + BOOT_TIMEOUT)
         assert standin.state() == "Running"
-        assert vsock.stat().st_ino != first, "the vsock socket was not made again"
+        again_made = vsock.stat()          # an inode number may be reused: the birth time too
+        assert (again_made.st_ino, again_made.st_ctime_ns) != (first.st_ino, first.st_ctime_ns), \
+            "the vsock socket was not made again"
         (again,) = device_pids(netns, vsock)
         assert again != device, "the reset ended the old device and started another"
         callback_works(2)
