@@ -12,9 +12,7 @@ software emulation are slow: each test boots as few VMs as it can.
 import json
 import os
 import signal
-import socket
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import pytest
 
 from conftest import unique
 from procutil import wait_for
+from test_agent import CallbackServer
 from test_callback_trust import SECRET, readme_verifier
 from test_images import (BOOT_TIMEOUT, CMDLINE, INITRAMFS, KERNEL, ROOTFS, bridge_with_tap, console, guest_exec,
                          image_server, need_images, need_qemu, need_vhost_vsock, ns_http, tail, vm_config,
@@ -243,32 +242,6 @@ def test_a_guest_flooding_its_vsock_leaves_cbox_and_another_vm_healthy(cbox_fact
 
 # ---- a guest reset under the stand-in: the vsock socket is bound again ---------------------------
 
-class CallbackListener:
-    """The host side of callbacks without cbox.py: a Unix listener at `<vsock.socket>_4032`
-    answering each request line with {"result": <its params>}."""
-
-    def __init__(self, path):
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.bind(path)
-        self.sock.listen(16)
-        self.lines = []
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                line = conn.makefile("rb").readline()
-                self.lines.append(line)
-                conn.sendall(json.dumps({"result": json.loads(line)["params"]}).encode() + b"\n")
-
-    def close(self):
-        self.sock.close()
-
-
 def test_guest_reset_binds_the_vsock_socket_again(netns):
     """The stand-in with the QEMU engine: a guest reset (sysrq b) rebuilds the VM in the
     same process and its vsock socket is re-created (a new file, a new device process), as
@@ -282,14 +255,15 @@ def test_guest_reset_binds_the_vsock_socket_again(netns):
     cfg = vm_config(work, tap=tap, cmdline=CMDLINE + " reboot=t")
     vsock = Path(cfg["vsock"]["socket"])
     standin = StandIn(netns, work, extra_env={"CBOX_STANDIN_ENGINE": "qemu"})
-    listener = CallbackListener(f"{vsock}_4032")
+    listener = CallbackServer(f"{vsock}_4032")          # the host side of callbacks, without cbox.py
 
     class Guest:     # what wait_ready needs to tell a dead VM
         alive = staticmethod(lambda: standin.proc.poll() is None)
 
     def callback_works(n):
-        r = guest_exec(netns, f"""cbox_callback ping '{{"n": {n}}}'""")
-        assert r["exitCode"] == 0 and json.loads(r["stdout"]) == {"n": n}, f"{r}\n{standin.output()[-3000:]}"
+        r = guest_exec(netns, f"""cbox_callback echo '{{"n": {n}}}'""")
+        assert r["exitCode"] == 0 and json.loads(r["stdout"]) == {"method": "echo", "params": {"n": n}}, \
+            f"{r}\n{standin.output()[-3000:]}"
 
     try:
         assert standin.put("vm.create", cfg) == (204, None)
@@ -310,7 +284,7 @@ def test_guest_reset_binds_the_vsock_socket_again(netns):
         (again,) = device_pids(netns, vsock)
         assert again != device, "the reset ended the old device and started another"
         callback_works(2)
-        assert [json.loads(line)["params"] for line in listener.lines] == [{"n": 1}, {"n": 2}]
+        assert [request["params"] for request in listener.requests] == [{"n": 1}, {"n": 2}]
         qemu = [pid for pid in netns.pids() if b"qemu-system" in Path(f"/proc/{pid}/cmdline").read_bytes()]
         assert len(qemu) == 1
         standin.proc.send_signal(signal.SIGKILL)
