@@ -235,6 +235,7 @@ class QemuEngine:
     # writes at sector 0 of a disk without image_type fail in the guest, as on CHV
     # (tests/fake_chv.py lets such a disk through to this engine)
     models_sector0_writes = True
+    vsock_binary = staticmethod(vhost_vsock_binary)   # None: this host's VMs get no vsock
 
     def __init__(self, config, log=None, prefix=None, accel=None, qemu=None, start_timeout=15.0,
                  transport=None):

@@ -24,7 +24,7 @@ import pytest
 from conftest import REPO, unique
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from qemu_engine import QemuEngine, vhost_vsock_binary  # noqa: E402
+from qemu_engine import QemuEngine  # noqa: E402
 
 OUT = REPO / "out"
 KERNEL = OUT / "vmlinuz"
@@ -61,7 +61,7 @@ def need_qemu():
 
 def need_vhost_vsock():
     """The QEMU engine's vsock device (a real guest vsock), or skip."""
-    if not vhost_vsock_binary():
+    if not QemuEngine.vsock_binary():
         pytest.skip("vhost-device-vsock not found (PATH, ~/.cargo/bin): `cargo install --locked "
                     "vhost-device-vsock` (.ci/run installs it)")
 
@@ -363,7 +363,7 @@ def test_boot_exec_and_stateful_disk(netns, tmp_path, transport, state_first):
               f"init {k_init}s, switch_root {k_agent}s, agent ready {k_ready}s")
         assert k_init is not None and k_agent is not None, tail(text)
         assert text.count("cbox-init: FATAL") == 0, tail(text)
-        said = "qemu engine: vsock device: " if vhost_vsock_binary() else "qemu engine: no vsock: "
+        said = "qemu engine: vsock device: " if QemuEngine.vsock_binary() else "qemu engine: no vsock: "
         assert any(line.startswith(said) for line in log), log
         if isinstance(health, dict) and "vmName" in health:
             assert health["vmName"] == "imgtest"

@@ -15,16 +15,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from conftest import REPO, STANDIN
 from nsutil import CallbackURLServer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_images import (BOOT_TIMEOUT, INITRAMFS, KERNEL, ROOTFS, need_images, need_qemu,  # noqa: E402
-                         need_vhost_vsock)
+from test_images import BOOT_TIMEOUT, INITRAMFS, KERNEL, ROOTFS, need_images, need_qemu
 
 CBOX = str(REPO / "cbox.py")
 ROW = re.compile(r"^(?P<step>\S+(?: \S+)?)\s+(?P<result>PASS|FAIL|SKIP)\s+(?P<time>[0-9.]+ m?s)?\s*(?P<detail>.*)$")
@@ -233,6 +230,7 @@ def test_selftest_under_qemu(cbox_factory, tmp_path, device):
     """Real images under the QEMU engine. With vhost-device-vsock (the guest's real vsock)
     every step passes; without it (CBOX_VHOST_VSOCK_BIN names a missing program) boot and
     exec pass and the callback step fails with a hint quoting the engine's reason."""
+    from test_images import need_vhost_vsock
     need_images(KERNEL, INITRAMFS, ROOTFS)
     need_qemu()
     env = {"CBOX_STANDIN_ENGINE": "qemu"}
