@@ -26,7 +26,7 @@ from test_images import (BOOT_TIMEOUT, CMDLINE, INITRAMFS, KERNEL, ROOTFS, bridg
                          image_server, need_images, need_qemu, need_vhost_vsock, ns_http, tail, vm_config,
                          wait_ready)
 from test_pool import wait_ready as wait_pool_ready
-from test_standin import StandIn
+from test_standin import StandIn, UnixHTTPConnection
 
 ENGINES = ["process", "qemu"]
 VSOCK_DEVICE = b"vhost-device-vsock"
@@ -267,7 +267,10 @@ def test_guest_reset_binds_the_vsock_socket_again(netns):
 
     try:
         assert standin.put("vm.create", cfg) == (204, None)
-        assert standin.put("vm.boot") == (204, None), standin.output()
+        boot = UnixHTTPConnection(standin.api_sock, timeout=120)     # QEMU and its device start in it
+        boot.request("PUT", "/api/v1/vm.boot")
+        assert boot.getresponse().status == 204, standin.output()
+        boot.close()
         wait_ready(netns, Guest, work, time.monotonic() + BOOT_TIMEOUT)
         callback_works(1)
         first = vsock.stat()
