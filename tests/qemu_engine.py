@@ -31,9 +31,23 @@ Mapping of the VmConfig:
       panic=none: QMP GUEST_PANICKED becomes the stand-in's event source guest,
       event panic (engine.on_event), and the guest goes on to its own panic=N
       reset as under Cloud Hypervisor
-  vsock -> NOT available: QEMU's vsock needs the host's vhost_vsock (absent
-      here) and speaks kernel AF_VSOCK, not CHV's hybrid Unix socket; the
-      engine logs this, and guest callbacks fail under this engine.
+  vsock.cid/socket -> a real virtio-vsock: one vhost-device-vsock process
+      (rust-vmm, `cargo install --locked vhost-device-vsock`, 0.3.0) per VM,
+      started before QEMU with --guest-cid CID --uds-path <vsock.socket> and
+      ended with it.  Its host side is Cloud Hypervisor's hybrid vsock
+      (virtio-devices/src/vsock/unix/muxer.rs): a guest connect to CID 2, port
+      P reaches the listener at `<vsock.socket>_P`; a host connect to
+      vsock.socket sends `CONNECT P\n`.  QEMU attaches it as vhost-user
+      (vhost-user-vsock-pci, or -device on MMIO) over a control socket in the
+      engine's private directory, which needs the guest memory shared
+      (memory-backend-memfd,share=on).  The device binds vsock.socket itself
+      (it unlinks the stand-in's socket there first; the stand-in has already
+      refused a stale file as CHV does), and a guest reset, which ends this
+      QEMU, ends the device too: the next engine binds vsock.socket again, as
+      CHV re-creates it on reboot.  The device and QEMU die with the stand-in
+      (PR_SET_PDEATHSIG), as a guest dies with its VMM.  Found via
+      CBOX_VHOST_VSOCK_BIN, PATH, then ~/.cargo/bin; absent: the engine logs
+      so (one line per boot) and boots without vsock (guest callbacks fail).
 
 Transport: CBOX_QEMU_TRANSPORT=pci (default: microvm,pcie=on with
 virtio-*-pci devices, the transport Cloud Hypervisor uses, so the guest's
@@ -53,6 +67,7 @@ as Cloud Hypervisor reboots inside its process.
 Pause/resume use QMP (stop/cont) over a Unix socket in a private temporary
 directory, with SIGSTOP/SIGCONT as the fallback.
 """
+import ctypes
 import json
 import os
 import shutil
@@ -69,6 +84,97 @@ VIRTIO_DEVICE_SUFFIX = {"pci": "-pci", "mmio": "-device"}   # QEMU's virtio devi
 
 class EngineError(Exception):
     """The VM could not be started (bad config, QEMU missing or failing)."""
+
+
+PR_SET_PDEATHSIG = 1
+VHOST_VSOCK = "vhost-device-vsock"
+VSOCK_START_TIMEOUT = 10.0
+VSOCK_LOG_LINES = 200        # of the device's stderr passed to the log per VM (a guest can provoke warnings)
+
+
+def die_with_parent():
+    """A preexec_fn: the child gets SIGKILL when the thread that started it ends, as a
+    guest ends with its VMM (kill -9 of the stand-in leaves no QEMU or device behind).
+    Start children from a thread that lives as long as they should (the stand-in's main
+    thread does)."""
+    parent = os.getpid()
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def preexec():
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:       # the parent ended before prctl took effect
+            os._exit(1)
+    return preexec
+
+
+def vhost_vsock_binary():
+    """vhost-device-vsock's path: CBOX_VHOST_VSOCK_BIN, else PATH, else the bin/ of
+    cargo's home (CARGO_HOME or ~/.cargo), where `cargo install` puts it; None if absent."""
+    explicit = os.environ.get("CBOX_VHOST_VSOCK_BIN")
+    if explicit:
+        return shutil.which(explicit)
+    cargo_bin = os.path.join(os.environ.get("CARGO_HOME") or os.path.expanduser("~/.cargo"), "bin")
+    return shutil.which(VHOST_VSOCK) or shutil.which(VHOST_VSOCK, path=cargo_bin)
+
+
+class VsockDevice:
+    """A VM's virtio-vsock: one vhost-device-vsock process serving QEMU on `control`,
+    its host side Cloud Hypervisor's hybrid vsock at `uds_path` (the VmConfig's
+    vsock.socket; guest connects to port P arrive at `<uds_path>_P`)."""
+
+    def __init__(self, binary, cid, uds_path, control, log):
+        self.argv = [binary, "--guest-cid", str(cid), "--socket", control, "--uds-path", uds_path]
+        self.control, self.log = control, log
+        self.proc = None
+        self.stderr = []
+
+    def start(self, timeout=VSOCK_START_TIMEOUT):
+        """Run the device; returns once it serves `control` (it binds uds_path before)."""
+        self.log("qemu engine: vsock device: " + " ".join(self.argv))
+        try:
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.PIPE, preexec_fn=die_with_parent())
+        except OSError as e:
+            raise EngineError(f"cannot run {self.argv[0]}: {e}")
+        reader = threading.Thread(target=self._read_stderr, daemon=True, name="vsock-stderr")
+        reader.start()
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(self.control):
+            if self.proc.poll() is not None:
+                reader.join(2)
+                msg = " ".join(self.stderr[-5:]) or "no message"
+                raise EngineError(f"{VHOST_VSOCK} exited with code {self.proc.returncode} while starting: {msg}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise EngineError(f"{VHOST_VSOCK} did not serve {self.control} within {timeout:.0f}s")
+            time.sleep(0.01)
+
+    def _read_stderr(self):
+        passed = 0
+        for raw in self.proc.stderr:
+            line = raw.decode("utf-8", "replace").rstrip()
+            if not line:
+                continue
+            self.stderr = (self.stderr + [line])[-20:]
+            passed += 1
+            if passed <= VSOCK_LOG_LINES:
+                self.log("vhost-device-vsock: " + line)
+            elif passed == VSOCK_LOG_LINES + 1:
+                self.log(f"vhost-device-vsock: more than {VSOCK_LOG_LINES} lines: the rest is not logged")
+
+    def stop(self):
+        """End the device (it has no handler: SIGTERM ends it at once, leaving its socket
+        file at uds_path for its owner, the stand-in, to remove as CHV's would be)."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc.stderr.close()
 
 
 def host_tsc_khz():
@@ -129,6 +235,7 @@ class QemuEngine:
     # writes at sector 0 of a disk without image_type fail in the guest, as on CHV
     # (tests/fake_chv.py lets such a disk through to this engine)
     models_sector0_writes = True
+    vsock_binary = staticmethod(vhost_vsock_binary)   # None: this host's VMs get no vsock
 
     def __init__(self, config, log=None, prefix=None, accel=None, qemu=None, start_timeout=15.0,
                  transport=None):
@@ -159,7 +266,8 @@ class QemuEngine:
         # set by the stand-in before start() (tests/fake_chv.py "Engine interface")
         self.console_fd = None       # fd for the guest console; else serial.file is opened
         self.console_in_fd = None    # Socket mode: serial input (QEMU's stdin), else none
-        self.vsock_listener = None   # ignored: no vsock with QEMU here
+        self.vsock_listener = None   # ignored: the vsock device binds vsock.socket itself
+        self.vsock = None            # VsockDevice while the VM has one
         self.agent_argv = None       # ignored: the agent runs inside the guest image
         self.guest_env = None        # ignored
 
@@ -182,8 +290,14 @@ class QemuEngine:
             raise EngineError(f"CBOX_QEMU_TRANSPORT={self.transport!r}: expected pci or mmio")
         virtio = VIRTIO_DEVICE_SUFFIX[self.transport]          # virtio-blk + virtio = a device model
         machine = "microvm,rtc=on" + (",pcie=on" if self.transport == "pci" else "")
+        if self.vsock is not None:      # a vhost-user device reads the guest's memory: shared
+            machine += ",memory-backend=mem"
         args = [self.qemu, "-M", machine, "-nodefaults", "-no-user-config",
                 "-nographic", "-no-reboot", "-smp", str(vcpus), "-m", f"{mem // MIB}M"]
+        if self.vsock is not None:
+            args += ["-object", f"memory-backend-memfd,id=mem,size={mem // MIB}M,share=on",
+                     "-chardev", f"socket,id=vsock0,path={self.vsock.control}",
+                     "-device", f"vhost-user-vsock{virtio},chardev=vsock0"]
         if self.accel == "kvm":
             args += ["-accel", "kvm", "-cpu", "host"]
         else:
@@ -258,21 +372,20 @@ class QemuEngine:
         self._qmp_path = os.path.join(self._tmp, "qmp.sock")
         self._events_path = os.path.join(self._tmp, "qmp-events.sock")
         try:
+            self.vsock = self._vsock_device()
             args = self._args()
+            if self.vsock is not None:
+                self.vsock.start()      # before QEMU, which connects to its control socket
         except EngineError:
             self._cleanup()
             raise
-        if self.config.get("vsock"):
-            self.log("qemu engine: vsock is not available (QEMU needs the host's vhost_vsock and "
-                     "does not speak Cloud Hypervisor's hybrid vsock): guest callbacks are "
-                     "unavailable with this engine")
         self.log(f"qemu engine: accel={self.accel} transport={self.transport}: " + " ".join(args))
         try:
             stdout = self.console_fd if self.console_fd is not None else subprocess.DEVNULL
             stdin = self.console_in_fd if self.console_in_fd is not None else subprocess.DEVNULL
             self.proc = subprocess.Popen(self.prefix + args, stdin=stdin,
                                          stdout=stdout, stderr=subprocess.PIPE,
-                                         start_new_session=True)
+                                         start_new_session=True, preexec_fn=die_with_parent())
         except OSError as e:
             self._cleanup()
             raise EngineError(f"cannot run {self.qemu}: {e}")
@@ -301,6 +414,23 @@ class QemuEngine:
             time.sleep(0.02)
         self._watch_events()
         self.log(f"qemu engine: started pid {self.pid}")
+
+    def _vsock_device(self):
+        """The VmConfig's vsock as a VsockDevice (not started), or None: no vsock asked
+        for, or no vhost-device-vsock on this host (logged, then booted without)."""
+        vsock = self.config.get("vsock")
+        if not vsock:
+            return None
+        binary = vhost_vsock_binary()
+        if binary is None:
+            self.log(f"qemu engine: no vsock: {VHOST_VSOCK} not found (CBOX_VHOST_VSOCK_BIN, PATH, "
+                     "~/.cargo/bin; `cargo install --locked vhost-device-vsock`): guest callbacks "
+                     "are unavailable with this engine")
+            return None
+        if not vsock.get("socket") or not isinstance(vsock.get("cid"), int):
+            raise EngineError("vsock needs cid and socket")
+        return VsockDevice(binary, vsock["cid"], vsock["socket"], os.path.join(self._tmp, "vsock-ctl.sock"),
+                           self.log)
 
     def _watch_events(self):
         """Follow QMP events on the second monitor (the first one serves one
@@ -426,6 +556,8 @@ class QemuEngine:
         self._cleanup()
 
     def _cleanup(self):
+        if self.vsock is not None:
+            self.vsock.stop()
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None

@@ -16,7 +16,7 @@ from conftest import REPO, NetNS, unique
 from execstream import AgentApi, check_sequence, joined
 from procutil import run, wait_for
 from qemu_engine import QemuEngine
-from test_images import (BOOT_TIMEOUT, GUEST_IP, HOST_IP, INITRAMFS, KERNEL, ROOTFS,
+from test_images import (BOOT_TIMEOUT, GUEST_IP, INITRAMFS, KERNEL, ROOTFS, bridge_with_tap,
                          console, need_images, need_qemu, need_tool, tail, vm_config, wait_ready)
 
 AGENT_IN_IMAGE = "/usr/local/sbin/guest_agent.py"
@@ -48,12 +48,7 @@ def guest(tmp_path_factory):
     try:
         ns.run("ip", "link", "set", "lo", "up")
         tap = unique("cbit")[:15]
-        ns.run("ip", "link", "add", "br0", "type", "bridge")
-        ns.run("ip", "addr", "add", f"{HOST_IP}/24", "dev", "br0")
-        ns.run("ip", "link", "set", "br0", "up")
-        ns.run("ip", "tuntap", "add", "dev", tap, "mode", "tap")
-        ns.run("ip", "link", "set", tap, "master", "br0")
-        ns.run("ip", "link", "set", tap, "up")
+        bridge_with_tap(ns, tap)
         eng = QemuEngine(vm_config(tmp, rootfs=rootfs, tap=tap), lambda line: None, prefix=ns.prefix)
         eng.start()
         wait_ready(ns, eng, tmp, time.monotonic() + BOOT_TIMEOUT)
