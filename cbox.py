@@ -105,10 +105,19 @@ def log_time():
     return f"{text}.{ms:03d}"
 
 
+def log_text(value):
+    """A value as a log line shows it: printable text as it is, anything else (a line break, a
+    control or format character, which a client or a guest may have sent) as a Python literal
+    with those characters escaped, so nobody can forge or split a line of the log."""
+    text = str(value)
+    return text if text.isprintable() else repr(text)
+
+
 # Twin of guest_agent.py's log() (each file stays standalone).
 def log(msg, **fields):
-    """One line on stderr: 'cbox: msg k=v ...' (the request and lifecycle log)."""
-    extra = "".join([f" {k}={v}" for k, v in fields.items() if v is not None])
+    """One line on stderr: 'cbox: msg k=v ...' (the request and lifecycle log); every field's
+    value goes through log_text."""
+    extra = "".join([f" {k}={log_text(v)}" for k, v in fields.items() if v is not None])
     sys.stderr.write(f"{log_time()} cbox: {msg}{extra}\n")
     sys.stderr.flush()
 
@@ -414,6 +423,8 @@ M_CALLBACK_DURATION = METRICS.histogram("cbox_callback_duration_seconds", "callb
                                          10.0, 30.0))
 M_HTTP_REQUESTS = METRICS.counter("cbox_http_requests_total", "REST requests answered, by route pattern, method "
                                   "and status", ("route", "method", "status"))
+M_HTTP_BODY_BYTES = METRICS.gauge("cbox_http_request_body_bytes", "bytes of REST request bodies being received "
+                                  "or held, all connections together (request_body_buffer_bytes caps them)")
 M_HTTP_ABANDONED = METRICS.counter("cbox_http_requests_abandoned_total", "REST requests whose client hung up "
                                    "before the answer (the work for them was cancelled)")
 M_EVENTS = METRICS.counter("cbox_events_total", "lifecycle events published, by type", ("type",))
@@ -654,6 +665,8 @@ CONFIG_KEYS = {
     "rootfs": (str, "out/rootfs.ext4", "read-only root filesystem image (vda)"),
     "cmdline_extra": (str, "", "extra kernel command line arguments"),
     "stateful_size_in_mb": (int, 2048, "size of each VM's sparse writable disk (vdb)"),
+    "disk_overcommit": (float, 1.0, "a start is refused unless state_dir's free space x this holds what the VMs' "
+                                    "sparse disks may still grow to, the new one's included"),
     "guest_mem_percentage": (int, 50, "all guests together may use at most this % of host memory"),
     "default_vcpus": (int, 1, "vcpus of a VM when the request names none"),
     "max_vcpus": (int, 8, "largest vcpus a request may ask for"),
@@ -674,6 +687,8 @@ CONFIG_KEYS = {
     "callback_port": (int, 4032, "guest vsock port for callbacks"),
     "agent_port": (int, 4031, "guest agent TCP port"),
     "max_request_bytes": (int, 8 * 1024 * 1024, "largest REST request body"),
+    "request_body_buffer_bytes": (int, 64 * 1024 * 1024, "REST request bodies being received, all connections "
+                                                         "together, at most (at least max_request_bytes); beyond: 503"),
     "http_head_timeout_s": (float, 30.0, "time a new REST connection has to send its first request head"),
     "http_body_timeout_s": (float, 60.0, "time a REST client has to send a request body (and to read an answer)"),
     "http_idle_timeout_s": (float, 120.0, "keep-alive REST connections idle longer are closed"),
@@ -756,6 +771,11 @@ def check_config(cfg, source):
         bad(f"vmm_log_max_bytes must be at least {2 * VMM_LOG_TAIL}")
     if cfg.fd_reserve < 0:
         bad("fd_reserve must not be negative")
+    if cfg.request_body_buffer_bytes < cfg.max_request_bytes:
+        bad(f"request_body_buffer_bytes ({cfg.request_body_buffer_bytes}) must be at least max_request_bytes "
+            f"({cfg.max_request_bytes}): a body that large could never be received")
+    if not 0 < cfg.disk_overcommit <= 1000:
+        bad("disk_overcommit must be more than 0 and at most 1000")
     if not 0 <= cfg.pool_size <= cfg.max_vms:
         bad("pool_size must be 0..max_vms")
     for default, maximum in (("default_ttl_s", "max_ttl_s"), ("default_idle_timeout_s", "max_idle_timeout_s")):
@@ -855,18 +875,26 @@ def load_config(path, overrides=None):
 # Twin of guest_agent.py's REASONS (each file stays standalone).
 REASONS = {100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
            404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
-           411: "Length Required", 413: "Payload Too Large", 431: "Request Header Fields Too Large",
+           411: "Length Required", 413: "Payload Too Large", 414: "URI Too Long",
+           431: "Request Header Fields Too Large",
            500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
            503: "Service Unavailable", 504: "Gateway Timeout"}
-MAX_HEAD = 64 * 1024
+MAX_HEAD = 64 * 1024            # a message head (start line and headers) in bytes
+MAX_HEAD_LINES = 100            # header lines of a request (answers are bounded by MAX_HEAD alone)
 
 
 class HttpError(Exception):
     """A failure to talk HTTP (connection, protocol, timeout)."""
 
 
-async def read_head(reader):
-    """Read a start line and headers; returns (start_line, {lower-name: value}) or None on clean EOF."""
+class HeadTooLarge(HttpError):
+    """A message head over MAX_HEAD bytes or over its count of header lines (a server answers 431)."""
+
+
+async def read_head(reader, max_lines=None):
+    """Read a start line and headers; returns (start_line, {lower-name: value}) or None on clean EOF.
+    The head is at most the reader's limit (MAX_HEAD for cbox.py's server) and, with
+    `max_lines`, that many header lines."""
     try:
         data = await reader.readuntil(b"\r\n\r\n")
     except asyncio.IncompleteReadError as e:
@@ -874,8 +902,10 @@ async def read_head(reader):
             return None
         raise HttpError("connection closed inside the message head") from e
     except asyncio.LimitOverrunError as e:
-        raise HttpError("message head too large") from e
+        raise HeadTooLarge("message head too large") from e
     lines = data[:-4].decode("latin-1").split("\r\n")      # [:-4]: without the blank line
+    if max_lines is not None and len(lines) - 1 > max_lines:
+        raise HeadTooLarge(f"more than {max_lines} header lines")
     headers = {}
     for line in lines[1:]:
         name, sep, value = line.partition(":")
@@ -3379,9 +3409,11 @@ def validate_start_request(body, cfg):
 
 def parse_vm_filter(query):
     """The filter of GET / DELETE /v1/vms (VM_FILTER_QUERY): label=K=V (or label=K: has the key)
-    any number of times and status=S, all of which must match. Returns a predicate on VMs."""
+    any number of times (at most QUERY_PARAMS_MAX parameters in all; repeats count once) and
+    status=S, all of which must match. Returns a predicate on VMs."""
     args = check_query(query, VM_FILTER_QUERY)
-    wanted = [(key, value if eq else None) for key, eq, value in (i.partition("=") for i in args.get("label", []))]
+    wanted = list(dict.fromkeys((key, value if eq else None)
+                                for key, eq, value in (i.partition("=") for i in args.get("label", []))))
     statuses = {s.upper() for s in args.get("status", [])}
 
     def matches(vm):
@@ -5329,12 +5361,59 @@ class VMManager:
 
 def log_request(method, target, status, t0, vm_name=None):
     """The request log line: 'request method=.. path=.. vm=.. status=.. ms=..'; `vm_name` is
-    the VM a request body named (a start), else the VM the path names."""
+    the VM a request body named (a start), else the VM the path names. What the client sent
+    is cut short here and escaped by log()."""
     path = target.split("?")[0]
     vm_name = vm_name or (path[len("/v1/vms/"):].split("/")[0] if path.startswith("/v1/vms/") else None)
-    log("request", method=method, path=path[:200] if path.isprintable() else repr(path[:200]),
-        vm=vm_name[:64] if vm_name and vm_name.isprintable() else None, status=status,
+    log("request", method=method[:32], path=path[:200], vm=vm_name[:64] if vm_name else None, status=status,
         ms=f"{(time.monotonic() - t0) * 1000:.1f}")
+
+
+REQUEST_LINE_MAX = 8 * 1024      # a longer request line (its URL, mostly) is answered 414
+QUERY_PARAMS_MAX = 64            # query parameters of a request (label filters included); more: 400
+METHOD_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}")     # RFC 9110's token, bounded
+REQUEST_TARGET = re.compile(r"[\x21-\x7e]+")      # visible ASCII: no space, control or 8-bit character
+
+
+def parse_request_line(line):
+    """'METHOD TARGET HTTP/1.x' -> (method, target, version); ApiError 414 over
+    REQUEST_LINE_MAX, 400 when malformed (a method that is no token, a target of anything
+    but visible ASCII)."""
+    if len(line) > REQUEST_LINE_MAX:
+        raise ApiError(414, f"request line longer than {REQUEST_LINE_MAX} bytes")
+    parts = line.split(" ")
+    if (len(parts) != 3 or not parts[2].startswith("HTTP/1.") or not METHOD_TOKEN.fullmatch(parts[0])
+            or not REQUEST_TARGET.fullmatch(parts[1])):
+        raise ApiError(400, "malformed request line")
+    return parts
+
+
+def parse_query(query):
+    """A request's query string -> parse_qs's {name: [values]}; ApiError 400 beyond
+    QUERY_PARAMS_MAX parameters (their cost must stay small: each is checked, and a label
+    filter is matched against every VM)."""
+    if query.count("&") >= QUERY_PARAMS_MAX:
+        raise ApiError(400, f"more than {QUERY_PARAMS_MAX} query parameters")
+    return urllib.parse.parse_qs(query, keep_blank_values=True)
+
+
+class BodyBudget:
+    """The bytes of REST request bodies being received or held, over all connections, capped at
+    request_body_buffer_bytes: a body's Content-Length is taken from the budget before a byte of
+    it is read (ApiError 503 when it does not fit) and given back once its request is answered."""
+
+    def __init__(self, limit):
+        self.limit, self.held = limit, 0
+
+    def take(self, size):
+        if size and self.held + size > self.limit:
+            raise ApiError(503, f"too many request bodies are being received at once ({self.held} of "
+                                f"request_body_buffer_bytes={self.limit} bytes taken, {size} asked); try again shortly")
+        self.held += size
+        return size
+
+    def give_back(self, size):
+        self.held -= size
 
 
 def route_name(pattern):
@@ -5490,7 +5569,8 @@ class Request:
 
     def __init__(self, method, target, headers, version="HTTP/1.1"):
         self.method, self.target, self.headers, self.version = method, target, headers, version
-        self.path, self.query, self.params, self.body = None, {}, {}, b""
+        self.path, self.query, self.params = None, {}, {}
+        self.body = None           # bytes once read (after the token was checked)
         self.args = {}             # the query checked against the route's parameters (check_query)
         self.vm_name = None        # the VM a request body names, for the request log
         self.route = "unmatched"   # the route's name (route_name), for the metrics
@@ -5634,6 +5714,9 @@ class RestServer:
         self.connections = set()
         self.client_watch = ClientWatch()
         self.relays = set()            # exec streams being relayed (EventRelay)
+        self.tasks = set()             # each connection's task (ended at stop())
+        self.stopping = False
+        self.bodies = BodyBudget(cfg.request_body_buffer_bytes)
         # agent calls only: abandoning them leaves nothing half done (a VM start would)
         # (a stream's relay runs after its handler returned: a client leaving never ends an exec)
         self.abandonable = {self.exec, self.exec_status, self.exec_kill, self.exec_list, self.exec_kill_all,
@@ -5673,6 +5756,8 @@ class RestServer:
         ]
         self.openapi_json = None       # made at the first GET /v1/openapi.json (it depends on cfg only)
         self.route_names = {pattern: route_name(pattern) for pattern, _ in self.routes}
+        self.public_paths = {self.route_names[pattern] for pattern, methods in self.routes      # no token needed
+                             if all(operation.public for operation in methods.values())}
 
     async def start(self):
         METRICS.on_scrape("process", refresh_process_metrics)     # here: a server made for its routes only
@@ -5682,53 +5767,78 @@ class RestServer:
                                                  limit=MAX_HEAD, reuse_address=True)
         log("serving", url=f"http://{self.cfg.host}:{self.cfg.port}", version=VERSION)
 
+    STOP_GRACE_S = 2.0     # connections still busy this long after stop() closed them are cancelled
+
     async def stop(self):
         if self.server:
+            self.stopping = True
             self.server.close()
             for writer in list(self.connections):
                 writer.close()
             for relay in list(self.relays):     # a relay waits on the guest, not on its client
                 relay.events.close()
             await self.server.wait_closed()
+            if self.tasks:             # closed connections end at once; one waiting on a guest may not
+                await asyncio.wait(list(self.tasks), timeout=self.STOP_GRACE_S)
+            for task in list(self.tasks):
+                task.cancel()
 
     # ---- connections ------------------------------------------------------------
 
     async def connection(self, reader, writer):
         set_nodelay(writer)
         self.connections.add(writer)
+        task = asyncio.current_task()
+        self.tasks.add(task)
         try:
             first = True
             while await self.one_request(reader, writer, first):
                 first = False
         except (ConnectionError, OSError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:
+            if not self.stopping:
+                raise
+            # stop() ended it: finish quietly (a cancelled connection task makes Python 3.11's
+            # StreamReaderProtocol print a traceback when asyncio.run cancels what is left)
         finally:
+            self.tasks.discard(task)
             self.connections.discard(writer)
             writer.close()
 
     async def one_request(self, reader, writer, first=False):
-        """Serve one request; False when the connection should close."""
+        """Serve one request; False when the connection should close.
+
+        Before the API token is checked only the head is read (bounded: MAX_HEAD bytes,
+        MAX_HEAD_LINES header lines, REQUEST_LINE_MAX for the request line); the body is read
+        after it, within the host-wide BodyBudget."""
         try:   # a new connection must send its head soon; a keep-alive one may idle longer
-            head = await within(self.cfg.http_head_timeout_s if first else self.cfg.http_idle_timeout_s, read_head(reader))
+            head = await within(self.cfg.http_head_timeout_s if first else self.cfg.http_idle_timeout_s,
+                                read_head(reader, MAX_HEAD_LINES))
         except asyncio.TimeoutError:
             return False
         except HttpError as e:
-            status = 431 if "too large" in str(e) else 400
+            status = 431 if isinstance(e, HeadTooLarge) else 400
             writer.write(build_response(status, json_bytes({"error": str(e)}), keep_alive=False))
+            log("request refused", status=status, error=str(e))
             return False
         if head is None:
             return False
         t0 = time.monotonic()
         start_line, headers = head
-        parts = start_line.split(" ")
-        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-            writer.write(build_response(400, json_bytes({"error": "malformed request line"}), keep_alive=False))
+        try:
+            method, target, version = parse_request_line(start_line)
+        except ApiError as e:
+            writer.write(build_response(e.status, json_bytes(e.body()), keep_alive=False))
+            log("request refused", status=e.status, error=str(e), line=start_line[:200])
             return False
-        method, target, version = parts
         keep_alive = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
         request = Request(method, target, headers, version)
+        body_size = 0          # taken from the body budget
         try:
-            request.body = await self.read_request_body(reader, writer, headers)
+            self.check_token(request)
+            body_size = self.bodies.take(self.request_body_size(headers))
+            request.body = await self.read_request_body(reader, writer, headers, body_size)
             status, payload, ctype = await self.dispatch(request, reader)
         except asyncio.CancelledError:
             task = asyncio.current_task()
@@ -5742,12 +5852,16 @@ class RestServer:
             return False
         except ApiError as e:
             status, payload, ctype = e.status, json_bytes(e.body()), "application/json"
-            if e.status in (408, 411, 413):      # the body was not read: the stream is out of step
+            if request.body is None:      # refused before its body was read: the stream is out of step
                 keep_alive = False
         except Exception as e:   # never a traceback in a response
             import traceback
-            traceback.print_exc()
+            log("internal error", traceback=traceback.format_exc())
             status, payload, ctype = 500, json_bytes({"error": f"internal error: {type(e).__name__}: {e}"}), "application/json"
+        finally:
+            self.bodies.give_back(body_size)
+            if request.body:
+                request.body = b""     # its bytes are no longer counted: no longer held either
         extra = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         try:     # a client that does not read its answer must not hold the connection and buffer forever
             if isinstance(payload, EventRelay):
@@ -5768,13 +5882,28 @@ class RestServer:
                 error=repr(str(e) or type(e).__name__))
             writer.transport.abort()
             return False
-        if status == 413 and "100-continue" not in headers.get("expect", "").lower():
-            await self.discard_body(reader, headers)
         log_request(method, target, status, t0, request.vm_name)
         count_request(request.route, method, status)
+        if request.body is None and status != 408 and "100-continue" not in headers.get("expect", "").lower():
+            await self.drop_refused_body(reader, writer, headers, status)
         return keep_alive
 
-    async def read_request_body(self, reader, writer, headers):
+    LINGER_BYTES, LINGER_S = 1024 * 1024, 2.0     # what is read and dropped of a body refused unread
+
+    async def drop_refused_body(self, reader, writer, headers, status):
+        """A request was answered without its body being read (the connection closes): read and
+        drop what the client still sends, so that it sees the answer rather than a reset. A
+        413 (a client with the token, or no token configured) may send up to 256 MiB for 10 s;
+        anything else (401, 503, ...), after the answer and a half-close, 1 MiB for 2 s."""
+        if status == 413:
+            await self.discard_body(reader, headers)
+            return
+        with contextlib.suppress(OSError, RuntimeError):
+            writer.write_eof()
+        await self.discard_body(reader, headers, self.LINGER_BYTES, self.LINGER_S)
+
+    def request_body_size(self, headers):
+        """The Content-Length of a request's body (no body: 0); ApiError 411 (chunked), 400, 413."""
         if "transfer-encoding" in headers:
             raise ApiError(411, "chunked request bodies are not supported: send Content-Length")
         length = headers.get("content-length", "0")
@@ -5783,6 +5912,9 @@ class RestServer:
         size = int(length)
         if size > self.cfg.max_request_bytes:
             raise ApiError(413, f"request body larger than {self.cfg.max_request_bytes} bytes")
+        return size
+
+    async def read_request_body(self, reader, writer, headers, size):
         if size and headers.get("expect", "").lower() == "100-continue":
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         try:
@@ -5790,7 +5922,7 @@ class RestServer:
         except asyncio.TimeoutError as e:
             raise ApiError(408, f"request body not received within {fmt_seconds(self.cfg.http_body_timeout_s)}") from e
         except asyncio.IncompleteReadError as e:
-            raise ApiError(400, f"connection closed inside the request body ({len(e.partial)} of {length} bytes)") from e
+            raise ApiError(400, f"connection closed inside the request body ({len(e.partial)} of {size} bytes)") from e
 
     async def discard_body(self, reader, headers, limit=256 * 1024 * 1024, timeout=10.0):
         """Read and drop a refused body, so the client sees the 413 rather than a reset."""
@@ -5807,7 +5939,7 @@ class RestServer:
             remaining -= len(chunk)
 
     async def dispatch(self, request, reader=None):
-        method, headers = request.method, request.headers
+        method = request.method
         split = urllib.parse.urlsplit(request.target)
         path = split.path
         for pattern, methods in self.routes:
@@ -5819,15 +5951,13 @@ class RestServer:
             if operation is None:
                 raise ApiError(405, f"method {method} not allowed on {path} (allowed: {', '.join(methods)})")
             handler = operation.handler
-            if not operation.public:
-                self.authorize(headers)
             request.path, request.params = path, {k: urllib.parse.unquote(v) for k, v in m.groupdict().items()}
             if "name" in request.params:
                 check_vm_name(request.params["name"])
             if "exec_id" in request.params:
                 check_exec_id(request.params["exec_id"])
             if split.query:
-                request.query = urllib.parse.parse_qs(split.query, keep_blank_values=True)
+                request.query = parse_query(split.query)
             request.args = check_query(request.query, operation.query)
             if reader is None or handler not in self.abandonable:
                 result = await handler(request)
@@ -5844,11 +5974,13 @@ class RestServer:
             return 200, result if isinstance(result, (bytes, BodyStream)) else json_bytes(result), "application/json"
         raise ApiError(404, f"no route {path}")
 
-    def authorize(self, headers):
+    def check_token(self, request):
+        """ApiError 401 unless the request carries the API token or is for a public path (health,
+        the API description): whatever its path or method, before anything of its body is read."""
         token = self.cfg.api_token
-        if not token:
+        if not token or request.target.split("?", 1)[0] in self.public_paths:   # as dispatch's urlsplit
             return
-        given = headers.get("authorization", "")
+        given = request.headers.get("authorization", "")
         if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].strip().encode(), token.encode())):
             raise ApiError(401, "missing or wrong API token (send 'Authorization: Bearer <token>')")
 
@@ -5963,6 +6095,7 @@ class RestServer:
         for status, count in counts.items():
             M_VMS.labels(status).value = count
         M_HTTP_ABANDONED.value = self.client_watch.abandoned
+        M_HTTP_BODY_BYTES.value = self.bodies.held
 
     async def events(self, req):
         """Lifecycle events after id `since`, waiting up to `wait` seconds for one"""
