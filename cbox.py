@@ -400,6 +400,10 @@ M_VM_BOOT = METRICS.histogram("cbox_vm_boot_seconds", "time from a start request
                               (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0))
 M_VM_STOPS = METRICS.counter("cbox_vm_stops_total", "VMs that ended by themselves, by stopReason", ("reason",))
 M_VM_DESTROYS = METRICS.counter("cbox_vm_destroys_total", "VMs destroyed through the API")
+M_STATE_DIR_FREE = METRICS.gauge("cbox_state_dir_free_bytes", "free space in state_dir's file system (statvfs "
+                                 "f_bavail), read when scraped")
+M_DISKS_PROMISED = METRICS.gauge("cbox_stateful_disks_promised_bytes", "bytes the VMs' sparse stateful disks may "
+                                 "still grow by (each its size less what it uses); starts are admitted against it")
 M_POOL_READY = METRICS.gauge("cbox_pool_ready", "warm pool VMs booted and idle, ready to be claimed")
 M_POOL_BOOTING = METRICS.gauge("cbox_pool_booting", "warm pool VMs booting")
 M_POOL_CLAIMS = METRICS.counter("cbox_pool_claims_total", "VM starts answered with a warm pool VM")
@@ -2658,6 +2662,26 @@ def copy_sparse(src, dest):
             pos = end
 
 
+def free_bytes(directory):
+    """Bytes an unprivileged writer may still write to the file system of `directory` (statvfs
+    f_bavail), or of its nearest existing parent."""
+    path = Path(directory)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def growth_left(disk, size):
+    """What a sparse disk may still take from its file system: its size less the blocks it
+    already has; `size` for a disk not made yet."""
+    try:
+        st = os.stat(disk)
+    except OSError:
+        return size
+    return max(st.st_size - st.st_blocks * 512, 0)
+
+
 class StatefulDisks:
     """Each VM's sparse ext4 disk (vdb), copied from one formatted template per size:
     one mke2fs per size instead of one per VM. Each copy then gets a filesystem UUID
@@ -4896,8 +4920,30 @@ class VMManager:
 
     # ---- start ---------------------------------------------------------------
 
+    def disk_promised(self):
+        """Bytes the stateful disks of all VMs (the warm pool's included) may still take from
+        state_dir: sparse files, each its size less what it already uses."""
+        size = self.cfg.stateful_size_in_mb * 1024 * 1024
+        return sum(growth_left(vm.paths.disk, size) for vm in [*self.vms.values(), *self.pool.vms()])
+
+    def check_disk_room(self):
+        """ApiError 503 unless state_dir's free space, times disk_overcommit, holds what the VMs'
+        stateful disks may still grow to and one more disk."""
+        size = self.cfg.stateful_size_in_mb * 1024 * 1024
+        promised, free = self.disk_promised(), free_bytes(self.cfg.path(self.cfg.state_dir))
+        if promised + size > free * self.cfg.disk_overcommit:
+            mib = 1024 * 1024
+            raise ApiError(503, f"not enough disk space in state_dir: {free // mib} MiB free "
+                                f"(x disk_overcommit={self.cfg.disk_overcommit:g}) cannot hold the {promised // mib} MiB "
+                                f"the VMs' stateful disks may still grow by and this VM's {size // mib} MiB")
+
+    def export_disk_metrics(self):
+        M_STATE_DIR_FREE.value = free_bytes(self.cfg.path(self.cfg.state_dir))
+        M_DISKS_PROMISED.value = self.disk_promised()
+
     def check_capacity(self, memory_mb):
-        """ApiError 503 unless one more VM of memory_mb fits (max_vms, guest_mem_percentage)."""
+        """ApiError 503 unless one more VM of memory_mb fits (max_vms, guest_mem_percentage,
+        state_dir's free space: check_disk_room)."""
         pool = self.pool.vms()
         if len(self.vms) + len(pool) >= self.cfg.max_vms:
             raise ApiError(503, f"max_vms ({self.cfg.max_vms}) VMs are running"
@@ -4907,6 +4953,7 @@ class VMManager:
         if used + memory_mb > budget:
             raise ApiError(503, f"not enough memory: {used} MB of {budget} MB "
                                 f"(guest_mem_percentage={self.cfg.guest_mem_percentage}) in use, {memory_mb} MB asked")
+        self.check_disk_room()
 
     async def start(self, spec):
         """Start a VM from a validated start request (validate_start_request: vmName, callbackUrl,
@@ -5763,6 +5810,7 @@ class RestServer:
         METRICS.on_scrape("process", refresh_process_metrics)     # here: a server made for its routes only
         METRICS.on_scrape("vms", self.refresh_server_metrics)     # (`cbox.py openapi`) has no manager
         METRICS.on_scrape("pool", self.manager.pool.export_metrics)
+        METRICS.on_scrape("disks", self.manager.export_disk_metrics)
         self.server = await asyncio.start_server(self.connection, self.cfg.host, self.cfg.port,
                                                  limit=MAX_HEAD, reuse_address=True)
         log("serving", url=f"http://{self.cfg.host}:{self.cfg.port}", version=VERSION)
@@ -5982,6 +6030,9 @@ class RestServer:
             return
         given = request.headers.get("authorization", "")
         if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].strip().encode(), token.encode())):
+            path = urllib.parse.urlsplit(request.target).path
+            request.route = next((self.route_names[pattern] for pattern, _ in self.routes if pattern.match(path)),
+                                 request.route)      # for the metrics
             raise ApiError(401, "missing or wrong API token (send 'Authorization: Bearer <token>')")
 
     # ---- handlers ------------------------------------------------------------------
