@@ -4,7 +4,8 @@
 One asyncio program, standard library only (Python 3.10+). Before section 1 come
 the log and the helpers every section uses (within() deadlines, is_decimal,
 fmt_seconds, small file helpers, the metrics registry METRICS and the event log
-EVENTS). Sections, in order; each uses only what comes before it:
+EVENTS); every log line's fields pass through one escape, log_text. Sections, in
+order; each uses only what comes before it:
 
   1. Config          strict parser for the YAML subset config.yaml uses, typed keys
   2. HTTP            one small HTTP/1.1 implementation: message reading, a
@@ -18,8 +19,8 @@ EVENTS). Sections, in order; each uses only what comes before it:
                      VMM's serial socket and event FIFO; the VMM's process (spawn,
                      pidfd watch) and its bounded logs on disk (console, -v log)
   4. Host resources  network (bridge, persistent taps, port isolation, iptables
-                     chains, each VM's egress chain), each VM's stateful disk,
-                     host memory
+                     chains, each VM's egress chain), each VM's stateful disk
+                     and the free space of state_dir, host memory
   5. Allocation      guest IPs, vsock CIDs, tap names; request validation: the
                      schemas of request bodies, queries and path parameters (a
                      small JSON Schema vocabulary that check_schema runs and
@@ -38,7 +39,8 @@ EVENTS). Sections, in order; each uses only what comes before it:
                      freeing a VM that ended by itself, egress policy changes, the
                      one task keeping deadlines (TTL, idle), exec forwarding
  10. REST server     routes of contract section 1 (each method an Operation: handler,
-                     request and answer schemas), auth, limits, request log; the
+                     request and answer schemas), auth before any body is read, limits
+                     (request head, query, the host-wide body budget), request log; the
                      API description made from them (openapi_document); EventRelay:
                      exec event streams to the client (NDJSON or SSE, chunked)
  11. CLI             `serve`, `selftest` (a new host's end-to-end check), and a
