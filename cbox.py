@@ -5763,8 +5763,7 @@ class RestServer:
         self.connections = set()
         self.client_watch = ClientWatch()
         self.relays = set()            # exec streams being relayed (EventRelay)
-        self.tasks = set()             # each connection's task (ended at stop())
-        self.stopping = False
+        self.stopping = False          # stop() was called
         self.bodies = BodyBudget(cfg.request_body_buffer_bytes)
         # agent calls only: abandoning them leaves nothing half done (a VM start would)
         # (a stream's relay runs after its handler returned: a client leaving never ends an exec)
@@ -5817,8 +5816,6 @@ class RestServer:
                                                  limit=MAX_HEAD, reuse_address=True)
         log("serving", url=f"http://{self.cfg.host}:{self.cfg.port}", version=VERSION)
 
-    STOP_GRACE_S = 2.0     # connections still busy this long after stop() closed them are cancelled
-
     async def stop(self):
         if self.server:
             self.stopping = True
@@ -5828,18 +5825,12 @@ class RestServer:
             for relay in list(self.relays):     # a relay waits on the guest, not on its client
                 relay.events.close()
             await self.server.wait_closed()
-            if self.tasks:             # closed connections end at once; one waiting on a guest may not
-                await asyncio.wait(list(self.tasks), timeout=self.STOP_GRACE_S)
-            for task in list(self.tasks):
-                task.cancel()
 
     # ---- connections ------------------------------------------------------------
 
     async def connection(self, reader, writer):
         set_nodelay(writer)
         self.connections.add(writer)
-        task = asyncio.current_task()
-        self.tasks.add(task)
         try:
             first = True
             while await self.one_request(reader, writer, first):
@@ -5849,10 +5840,9 @@ class RestServer:
         except asyncio.CancelledError:
             if not self.stopping:
                 raise
-            # stop() ended it: finish quietly (a cancelled connection task makes Python 3.11's
-            # StreamReaderProtocol print a traceback when asyncio.run cancels what is left)
+            # cbox.py stops (asyncio.run cancels what is left): end quietly, as a connection task
+            # that ends cancelled makes asyncio's StreamReaderProtocol print a traceback (3.11)
         finally:
-            self.tasks.discard(task)
             self.connections.discard(writer)
             writer.close()
 
