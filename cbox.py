@@ -672,7 +672,7 @@ CONFIG_KEYS = {
     "cmdline_extra": (str, "", "extra kernel command line arguments"),
     "stateful_size_in_mb": (int, 2048, "size of each VM's sparse writable disk (vdb)"),
     "disk_overcommit": (float, 1.0, "a start is refused unless state_dir's free space x this holds what the VMs' "
-                                    "sparse disks may still grow to, the new one's included"),
+                                    "sparse disks may still grow to, the new one's included; 0 = not checked"),
     "guest_mem_percentage": (int, 50, "all guests together may use at most this % of host memory"),
     "default_vcpus": (int, 1, "vcpus of a VM when the request names none"),
     "max_vcpus": (int, 8, "largest vcpus a request may ask for"),
@@ -780,8 +780,8 @@ def check_config(cfg, source):
     if cfg.request_body_buffer_bytes < cfg.max_request_bytes:
         bad(f"request_body_buffer_bytes ({cfg.request_body_buffer_bytes}) must be at least max_request_bytes "
             f"({cfg.max_request_bytes}): a body that large could never be received")
-    if not 0 < cfg.disk_overcommit <= 1000:
-        bad("disk_overcommit must be more than 0 and at most 1000")
+    if not 0 <= cfg.disk_overcommit <= 1000:
+        bad("disk_overcommit must be 0..1000")
     if not 0 <= cfg.pool_size <= cfg.max_vms:
         bad("pool_size must be 0..max_vms")
     for default, maximum in (("default_ttl_s", "max_ttl_s"), ("default_idle_timeout_s", "max_idle_timeout_s")):
@@ -4930,7 +4930,9 @@ class VMManager:
 
     def check_disk_room(self):
         """ApiError 503 unless state_dir's free space, times disk_overcommit, holds what the VMs'
-        stateful disks may still grow to and one more disk."""
+        stateful disks may still grow to and one more disk (disk_overcommit 0: no check)."""
+        if not self.cfg.disk_overcommit:
+            return
         size = self.cfg.stateful_size_in_mb * 1024 * 1024
         promised, free = self.disk_promised(), free_bytes(self.cfg.path(self.cfg.state_dir))
         if promised + size > free * self.cfg.disk_overcommit:
