@@ -117,9 +117,11 @@ def log_text(value):
 
 # Twin of guest_agent.py's log() (each file stays standalone).
 def log(msg, **fields):
-    """One line on stderr: 'cbox: msg k=v ...' (the request and lifecycle log); every field's
-    value goes through log_text."""
-    extra = "".join([f" {k}={log_text(v)}" for k, v in fields.items() if v is not None])
+    """One line on stderr: 'cbox: msg k=v ...' (the request and lifecycle log); a line whose
+    fields are not all printable has each field's value escaped by log_text."""
+    extra = "".join([f" {k}={v}" for k, v in fields.items() if v is not None])
+    if not extra.isprintable():        # one check for the whole line: the usual case costs no more
+        extra = "".join([f" {k}={log_text(v)}" for k, v in fields.items() if v is not None])
     sys.stderr.write(f"{log_time()} cbox: {msg}{extra}\n")
     sys.stderr.flush()
 
@@ -5422,8 +5424,8 @@ def log_request(method, target, status, t0, vm_name=None):
 
 REQUEST_LINE_MAX = 8 * 1024      # a longer request line (its URL, mostly) is answered 414
 QUERY_PARAMS_MAX = 64            # query parameters of a request (label filters included); more: 400
-METHOD_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}")     # RFC 9110's token, bounded
-REQUEST_TARGET = re.compile(r"[\x21-\x7e]+")      # visible ASCII: no space, control or 8-bit character
+# method: RFC 9110's token, bounded; target: visible ASCII (no space, control or 8-bit character)
+REQUEST_LINE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}) ([\x21-\x7e]+) (HTTP/1\.[0-9])")
 
 
 def parse_request_line(line):
@@ -5432,11 +5434,10 @@ def parse_request_line(line):
     but visible ASCII)."""
     if len(line) > REQUEST_LINE_MAX:
         raise ApiError(414, f"request line longer than {REQUEST_LINE_MAX} bytes")
-    parts = line.split(" ")
-    if (len(parts) != 3 or not parts[2].startswith("HTTP/1.") or not METHOD_TOKEN.fullmatch(parts[0])
-            or not REQUEST_TARGET.fullmatch(parts[1])):
+    m = REQUEST_LINE.fullmatch(line)
+    if m is None:
         raise ApiError(400, "malformed request line")
-    return parts
+    return m.groups()
 
 
 def parse_query(query):
@@ -5860,6 +5861,8 @@ class RestServer:
         except asyncio.TimeoutError:
             return False
         except HttpError as e:
+            if self.stopping:          # stop() closed the connection under it
+                return False
             status = 431 if isinstance(e, HeadTooLarge) else 400
             writer.write(build_response(status, json_bytes({"error": str(e)}), keep_alive=False))
             log("request refused", status=status, error=str(e))
