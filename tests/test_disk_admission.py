@@ -1,6 +1,6 @@
 """Disk admission: a start is refused (503) when state_dir's free space, times
 disk_overcommit, cannot hold what the VMs' sparse stateful disks may still grow to and
-the new VM's disk (README "Capacity" / "Security model")."""
+the new VM's disk (README "Configuration", "Disk space")."""
 import os
 import re
 import subprocess
