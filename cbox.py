@@ -4,8 +4,8 @@
 One asyncio program, standard library only (Python 3.10+). Before section 1 come
 the log and the helpers every section uses (within() deadlines, is_decimal,
 fmt_seconds, small file helpers, build_commit: the commit this copy came from, the
-metrics registry METRICS and the event log EVENTS). Sections, in order; each uses
-only what comes before it:
+metrics registry METRICS and the event log EVENTS); every log line's fields pass
+through one escape, log_text. Sections, in order; each uses only what comes before it:
 
   1. Config          strict parser for the YAML subset config.yaml uses, typed keys
   2. HTTP            one small HTTP/1.1 implementation: message reading, a
@@ -19,8 +19,8 @@ only what comes before it:
                      VMM's serial socket and event FIFO; the VMM's process (spawn,
                      pidfd watch) and its bounded logs on disk (console, -v log)
   4. Host resources  network (bridge, persistent taps, port isolation, iptables
-                     chains, each VM's egress chain), each VM's stateful disk,
-                     host memory
+                     chains, each VM's egress chain), each VM's stateful disk
+                     and the free space of state_dir, host memory
   5. Allocation      guest IPs, vsock CIDs, tap names; request validation: the
                      schemas of request bodies, queries and path parameters (a
                      small JSON Schema vocabulary that check_schema runs and
@@ -39,7 +39,8 @@ only what comes before it:
                      freeing a VM that ended by itself, egress policy changes, the
                      one task keeping deadlines (TTL, idle), exec forwarding
  10. REST server     routes of contract section 1 (each method an Operation: handler,
-                     request and answer schemas), auth, limits, request log; the
+                     request and answer schemas), auth before any body is read, limits
+                     (request head, query, the host-wide body budget), request log; the
                      API description made from them (openapi_document); EventRelay:
                      exec event streams to the client (NDJSON or SSE, chunked)
  11. CLI             `serve`, `selftest` (a new host's end-to-end check), and a
@@ -107,10 +108,21 @@ def log_time():
     return f"{text}.{ms:03d}"
 
 
+def log_text(value):
+    """A value as a log line shows it: printable text as it is, anything else (a line break, a
+    control or format character, which a client or a guest may have sent) as a Python literal
+    with those characters escaped, so nobody can forge or split a line of the log."""
+    text = str(value)
+    return text if text.isprintable() else repr(text)
+
+
 # Twin of guest_agent.py's log() (each file stays standalone).
 def log(msg, **fields):
-    """One line on stderr: 'cbox: msg k=v ...' (the request and lifecycle log)."""
+    """One line on stderr: 'cbox: msg k=v ...' (the request and lifecycle log); a line whose
+    fields are not all printable has each field's value escaped by log_text."""
     extra = "".join([f" {k}={v}" for k, v in fields.items() if v is not None])
+    if not extra.isprintable():        # one check for the whole line: the usual case costs no more
+        extra = "".join([f" {k}={log_text(v)}" for k, v in fields.items() if v is not None])
     sys.stderr.write(f"{log_time()} cbox: {msg}{extra}\n")
     sys.stderr.flush()
 
@@ -428,6 +440,10 @@ M_VM_BOOT = METRICS.histogram("cbox_vm_boot_seconds", "time from a start request
                               (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0))
 M_VM_STOPS = METRICS.counter("cbox_vm_stops_total", "VMs that ended by themselves, by stopReason", ("reason",))
 M_VM_DESTROYS = METRICS.counter("cbox_vm_destroys_total", "VMs destroyed through the API")
+M_STATE_DIR_FREE = METRICS.gauge("cbox_state_dir_free_bytes", "free space in state_dir's file system (statvfs "
+                                 "f_bavail), read when scraped")
+M_DISKS_PROMISED = METRICS.gauge("cbox_stateful_disks_promised_bytes", "bytes the VMs' sparse stateful disks may "
+                                 "still grow by (each its size less what it uses); starts are admitted against it")
 M_POOL_READY = METRICS.gauge("cbox_pool_ready", "warm pool VMs booted and idle, ready to be claimed")
 M_POOL_BOOTING = METRICS.gauge("cbox_pool_booting", "warm pool VMs booting")
 M_POOL_CLAIMS = METRICS.counter("cbox_pool_claims_total", "VM starts answered with a warm pool VM")
@@ -451,6 +467,8 @@ M_CALLBACK_DURATION = METRICS.histogram("cbox_callback_duration_seconds", "callb
                                          10.0, 30.0))
 M_HTTP_REQUESTS = METRICS.counter("cbox_http_requests_total", "REST requests answered, by route pattern, method "
                                   "and status", ("route", "method", "status"))
+M_HTTP_BODY_BYTES = METRICS.gauge("cbox_http_request_body_bytes", "bytes of REST request bodies being received "
+                                  "or held, all connections together (request_body_buffer_bytes caps them)")
 M_HTTP_ABANDONED = METRICS.counter("cbox_http_requests_abandoned_total", "REST requests whose client hung up "
                                    "before the answer (the work for them was cancelled)")
 M_EVENTS = METRICS.counter("cbox_events_total", "lifecycle events published, by type", ("type",))
@@ -691,6 +709,8 @@ CONFIG_KEYS = {
     "rootfs": (str, "out/rootfs.ext4", "read-only root filesystem image (vda)"),
     "cmdline_extra": (str, "", "extra kernel command line arguments"),
     "stateful_size_in_mb": (int, 2048, "size of each VM's sparse writable disk (vdb)"),
+    "disk_overcommit": (float, 1.0, "a start is refused unless state_dir's free space x this holds what the VMs' "
+                                    "sparse disks may still grow to, the new one's included; 0 = not checked"),
     "guest_mem_percentage": (int, 50, "all guests together may use at most this % of host memory"),
     "default_vcpus": (int, 1, "vcpus of a VM when the request names none"),
     "max_vcpus": (int, 8, "largest vcpus a request may ask for"),
@@ -711,6 +731,8 @@ CONFIG_KEYS = {
     "callback_port": (int, 4032, "guest vsock port for callbacks"),
     "agent_port": (int, 4031, "guest agent TCP port"),
     "max_request_bytes": (int, 8 * 1024 * 1024, "largest REST request body"),
+    "request_body_buffer_bytes": (int, 64 * 1024 * 1024, "REST request bodies being received, all connections "
+                                                         "together, at most (at least max_request_bytes); beyond: 503"),
     "http_head_timeout_s": (float, 30.0, "time a new REST connection has to send its first request head"),
     "http_body_timeout_s": (float, 60.0, "time a REST client has to send a request body (and to read an answer)"),
     "http_idle_timeout_s": (float, 120.0, "keep-alive REST connections idle longer are closed"),
@@ -795,6 +817,11 @@ def check_config(cfg, source):
         bad(f"vmm_log_max_bytes must be at least {2 * VMM_LOG_TAIL}")
     if cfg.fd_reserve < 0:
         bad("fd_reserve must not be negative")
+    if cfg.request_body_buffer_bytes < cfg.max_request_bytes:
+        bad(f"request_body_buffer_bytes ({cfg.request_body_buffer_bytes}) must be at least max_request_bytes "
+            f"({cfg.max_request_bytes}): a body that large could never be received")
+    if not 0 <= cfg.disk_overcommit <= 1000:
+        bad("disk_overcommit must be 0..1000")
     if not 0 <= cfg.pool_size <= cfg.max_vms:
         bad("pool_size must be 0..max_vms")
     for default, maximum in (("default_ttl_s", "max_ttl_s"), ("default_idle_timeout_s", "max_idle_timeout_s")):
@@ -896,18 +923,26 @@ def load_config(path, overrides=None):
 # Twin of guest_agent.py's REASONS (each file stays standalone).
 REASONS = {100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
            404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
-           411: "Length Required", 413: "Payload Too Large", 431: "Request Header Fields Too Large",
+           411: "Length Required", 413: "Payload Too Large", 414: "URI Too Long",
+           431: "Request Header Fields Too Large",
            500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
            503: "Service Unavailable", 504: "Gateway Timeout"}
-MAX_HEAD = 64 * 1024
+MAX_HEAD = 64 * 1024            # a message head (start line and headers) in bytes
+MAX_HEAD_LINES = 100            # header lines of a request (answers are bounded by MAX_HEAD alone)
 
 
 class HttpError(Exception):
     """A failure to talk HTTP (connection, protocol, timeout)."""
 
 
-async def read_head(reader):
-    """Read a start line and headers; returns (start_line, {lower-name: value}) or None on clean EOF."""
+class HeadTooLarge(HttpError):
+    """A message head over MAX_HEAD bytes or over its count of header lines (a server answers 431)."""
+
+
+async def read_head(reader, max_lines=None):
+    """Read a start line and headers; returns (start_line, {lower-name: value}) or None on clean EOF.
+    The head is at most the reader's limit (MAX_HEAD for cbox.py's server) and, with
+    `max_lines`, that many header lines."""
     try:
         data = await reader.readuntil(b"\r\n\r\n")
     except asyncio.IncompleteReadError as e:
@@ -915,8 +950,10 @@ async def read_head(reader):
             return None
         raise HttpError("connection closed inside the message head") from e
     except asyncio.LimitOverrunError as e:
-        raise HttpError("message head too large") from e
+        raise HeadTooLarge("message head too large") from e
     lines = data[:-4].decode("latin-1").split("\r\n")      # [:-4]: without the blank line
+    if max_lines is not None and len(lines) - 1 > max_lines:
+        raise HeadTooLarge(f"more than {max_lines} header lines")
     headers = {}
     for line in lines[1:]:
         name, sep, value = line.partition(":")
@@ -2791,6 +2828,26 @@ def copy_sparse(src, dest):
             pos = end
 
 
+def free_bytes(directory):
+    """Bytes an unprivileged writer may still write to the file system of `directory` (statvfs
+    f_bavail), or of its nearest existing parent."""
+    path = Path(directory)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def growth_left(disk, size):
+    """What a sparse disk may still take from its file system: its size less the blocks it
+    already has; `size` for a disk not made yet."""
+    try:
+        st = os.stat(disk)
+    except OSError:
+        return size
+    return max(st.st_size - st.st_blocks * 512, 0)
+
+
 class StatefulDisks:
     """Each VM's sparse ext4 disk (vdb), copied from one formatted template per size:
     one mke2fs per size instead of one per VM. Each copy then gets a filesystem UUID
@@ -3542,9 +3599,11 @@ def validate_start_request(body, cfg):
 
 def parse_vm_filter(query):
     """The filter of GET / DELETE /v1/vms (VM_FILTER_QUERY): label=K=V (or label=K: has the key)
-    any number of times and status=S, all of which must match. Returns a predicate on VMs."""
+    any number of times (at most QUERY_PARAMS_MAX parameters in all; repeats count once) and
+    status=S, all of which must match. Returns a predicate on VMs."""
     args = check_query(query, VM_FILTER_QUERY)
-    wanted = [(key, value if eq else None) for key, eq, value in (i.partition("=") for i in args.get("label", []))]
+    wanted = list(dict.fromkeys((key, value if eq else None)
+                                for key, eq, value in (i.partition("=") for i in args.get("label", []))))
     statuses = {s.upper() for s in args.get("status", [])}
 
     def matches(vm):
@@ -5126,8 +5185,32 @@ class VMManager:
 
     # ---- start ---------------------------------------------------------------
 
+    def disk_promised(self):
+        """Bytes the stateful disks of all VMs (the warm pool's included) may still take from
+        state_dir: sparse files, each its size less what it already uses."""
+        size = self.cfg.stateful_size_in_mb * 1024 * 1024
+        return sum(growth_left(vm.paths.disk, size) for vm in [*self.vms.values(), *self.pool.vms()])
+
+    def check_disk_room(self):
+        """ApiError 503 unless state_dir's free space, times disk_overcommit, holds what the VMs'
+        stateful disks may still grow to and one more disk (disk_overcommit 0: no check)."""
+        if not self.cfg.disk_overcommit:
+            return
+        size = self.cfg.stateful_size_in_mb * 1024 * 1024
+        promised, free = self.disk_promised(), free_bytes(self.cfg.path(self.cfg.state_dir))
+        if promised + size > free * self.cfg.disk_overcommit:
+            mib = 1024 * 1024
+            raise ApiError(503, f"not enough disk space in state_dir: {free // mib} MiB free "
+                                f"(x disk_overcommit={self.cfg.disk_overcommit:g}) cannot hold the {promised // mib} MiB "
+                                f"the VMs' stateful disks may still grow by and this VM's {size // mib} MiB")
+
+    def export_disk_metrics(self):
+        M_STATE_DIR_FREE.value = free_bytes(self.cfg.path(self.cfg.state_dir))
+        M_DISKS_PROMISED.value = self.disk_promised()
+
     def check_capacity(self, memory_mb):
-        """ApiError 503 unless one more VM of memory_mb fits (max_vms, guest_mem_percentage)."""
+        """ApiError 503 unless one more VM of memory_mb fits (max_vms, guest_mem_percentage,
+        state_dir's free space: check_disk_room)."""
         pool = self.pool.vms()
         if len(self.vms) + len(pool) >= self.cfg.max_vms:
             raise ApiError(503, f"max_vms ({self.cfg.max_vms}) VMs are running"
@@ -5137,6 +5220,7 @@ class VMManager:
         if used + memory_mb > budget:
             raise ApiError(503, f"not enough memory: {used} MB of {budget} MB "
                                 f"(guest_mem_percentage={self.cfg.guest_mem_percentage}) in use, {memory_mb} MB asked")
+        self.check_disk_room()
 
     async def start(self, spec):
         """Start a VM from a validated start request (validate_start_request: vmName, callbackUrl,
@@ -5599,12 +5683,58 @@ class VMManager:
 
 def log_request(method, target, status, t0, vm_name=None):
     """The request log line: 'request method=.. path=.. vm=.. status=.. ms=..'; `vm_name` is
-    the VM a request body named (a start), else the VM the path names."""
+    the VM a request body named (a start), else the VM the path names. What the client sent
+    is cut short here and escaped by log()."""
     path = target.split("?")[0]
     vm_name = vm_name or (path[len("/v1/vms/"):].split("/")[0] if path.startswith("/v1/vms/") else None)
-    log("request", method=method, path=path[:200] if path.isprintable() else repr(path[:200]),
-        vm=vm_name[:64] if vm_name and vm_name.isprintable() else None, status=status,
+    log("request", method=method[:32], path=path[:200], vm=vm_name[:64] if vm_name else None, status=status,
         ms=f"{(time.monotonic() - t0) * 1000:.1f}")
+
+
+REQUEST_LINE_MAX = 8 * 1024      # a longer request line (its URL, mostly) is answered 414
+QUERY_PARAMS_MAX = 64            # query parameters of a request (label filters included); more: 400
+# method: RFC 9110's token, bounded; target: visible ASCII (no space, control or 8-bit character)
+REQUEST_LINE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}) ([\x21-\x7e]+) (HTTP/1\.[0-9])")
+
+
+def parse_request_line(line):
+    """'METHOD TARGET HTTP/1.x' -> (method, target, version); ApiError 414 over
+    REQUEST_LINE_MAX, 400 when malformed (a method that is no token, a target of anything
+    but visible ASCII)."""
+    if len(line) > REQUEST_LINE_MAX:
+        raise ApiError(414, f"request line longer than {REQUEST_LINE_MAX} bytes")
+    m = REQUEST_LINE.fullmatch(line)
+    if m is None:
+        raise ApiError(400, "malformed request line")
+    return m.groups()
+
+
+def parse_query(query):
+    """A request's query string -> parse_qs's {name: [values]}; ApiError 400 beyond
+    QUERY_PARAMS_MAX parameters (their cost must stay small: each is checked, and a label
+    filter is matched against every VM)."""
+    if query.count("&") >= QUERY_PARAMS_MAX:
+        raise ApiError(400, f"more than {QUERY_PARAMS_MAX} query parameters")
+    return urllib.parse.parse_qs(query, keep_blank_values=True)
+
+
+class BodyBudget:
+    """The bytes of REST request bodies being received or held, over all connections, capped at
+    request_body_buffer_bytes: a body's Content-Length is taken from the budget before a byte of
+    it is read (ApiError 503 when it does not fit) and given back once its request is answered."""
+
+    def __init__(self, limit):
+        self.limit, self.held = limit, 0
+
+    def take(self, size):
+        if size and self.held + size > self.limit:
+            raise ApiError(503, f"too many request bodies are being received at once ({self.held} of "
+                                f"request_body_buffer_bytes={self.limit} bytes taken, {size} asked); try again shortly")
+        self.held += size
+        return size
+
+    def give_back(self, size):
+        self.held -= size
 
 
 def route_name(pattern):
@@ -5760,7 +5890,8 @@ class Request:
 
     def __init__(self, method, target, headers, version="HTTP/1.1"):
         self.method, self.target, self.headers, self.version = method, target, headers, version
-        self.path, self.query, self.params, self.body = None, {}, {}, b""
+        self.path, self.query, self.params = None, {}, {}
+        self.body = None           # bytes once read (after the token was checked)
         self.args = {}             # the query checked against the route's parameters (check_query)
         self.vm_name = None        # the VM a request body names, for the request log
         self.route = "unmatched"   # the route's name (route_name), for the metrics
@@ -5921,6 +6052,8 @@ class RestServer:
         self.connections = set()
         self.client_watch = ClientWatch()
         self.relays = set()            # exec streams being relayed (EventRelay)
+        self.stopping = False          # stop() was called
+        self.bodies = BodyBudget(cfg.request_body_buffer_bytes)
         # agent calls only: abandoning them leaves nothing half done (a VM start would)
         # (a stream's relay runs after its handler returned: a client leaving never ends an exec)
         self.abandonable = {self.exec, self.exec_status, self.exec_kill, self.exec_list, self.exec_kill_all,
@@ -5961,17 +6094,21 @@ class RestServer:
         ]
         self.openapi_json = None       # made at the first GET /v1/openapi.json (it depends on cfg only)
         self.route_names = {pattern: route_name(pattern) for pattern, _ in self.routes}
+        self.public_paths = {self.route_names[pattern] for pattern, methods in self.routes      # no token needed
+                             if all(operation.public for operation in methods.values())}
 
     async def start(self):
         METRICS.on_scrape("process", refresh_process_metrics)     # here: a server made for its routes only
         METRICS.on_scrape("vms", self.refresh_server_metrics)     # (`cbox.py openapi`) has no manager
         METRICS.on_scrape("pool", self.manager.pool.export_metrics)
+        METRICS.on_scrape("disks", self.manager.export_disk_metrics)
         self.server = await asyncio.start_server(self.connection, self.cfg.host, self.cfg.port,
                                                  limit=MAX_HEAD, reuse_address=True)
         log("serving", url=f"http://{self.cfg.host}:{self.cfg.port}", version=VERSION, commit=build_commit())
 
     async def stop(self):
         if self.server:
+            self.stopping = True
             self.server.close()
             for writer in list(self.connections):
                 writer.close()
@@ -5990,33 +6127,50 @@ class RestServer:
                 first = False
         except (ConnectionError, OSError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:
+            if not self.stopping:
+                raise
+            # cbox.py stops (asyncio.run cancels what is left): end quietly, as a connection task
+            # that ends cancelled makes asyncio's StreamReaderProtocol print a traceback (3.11)
         finally:
             self.connections.discard(writer)
             writer.close()
 
     async def one_request(self, reader, writer, first=False):
-        """Serve one request; False when the connection should close."""
+        """Serve one request; False when the connection should close.
+
+        Before the API token is checked only the head is read (bounded: MAX_HEAD bytes,
+        MAX_HEAD_LINES header lines, REQUEST_LINE_MAX for the request line); the body is read
+        after it, within the host-wide BodyBudget."""
         try:   # a new connection must send its head soon; a keep-alive one may idle longer
-            head = await within(self.cfg.http_head_timeout_s if first else self.cfg.http_idle_timeout_s, read_head(reader))
+            head = await within(self.cfg.http_head_timeout_s if first else self.cfg.http_idle_timeout_s,
+                                read_head(reader, MAX_HEAD_LINES))
         except asyncio.TimeoutError:
             return False
         except HttpError as e:
-            status = 431 if "too large" in str(e) else 400
+            if self.stopping:          # stop() closed the connection under it
+                return False
+            status = 431 if isinstance(e, HeadTooLarge) else 400
             writer.write(build_response(status, json_bytes({"error": str(e)}), keep_alive=False))
+            log("request refused", status=status, error=str(e))
             return False
         if head is None:
             return False
         t0 = time.monotonic()
         start_line, headers = head
-        parts = start_line.split(" ")
-        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-            writer.write(build_response(400, json_bytes({"error": "malformed request line"}), keep_alive=False))
+        try:
+            method, target, version = parse_request_line(start_line)
+        except ApiError as e:
+            writer.write(build_response(e.status, json_bytes(e.body()), keep_alive=False))
+            log("request refused", status=e.status, error=str(e), line=start_line[:200])
             return False
-        method, target, version = parts
         keep_alive = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
         request = Request(method, target, headers, version)
+        body_size = 0          # taken from the body budget
         try:
-            request.body = await self.read_request_body(reader, writer, headers)
+            self.check_token(request)
+            body_size = self.bodies.take(self.request_body_size(headers))
+            request.body = await self.read_request_body(reader, writer, headers, body_size)
             status, payload, ctype = await self.dispatch(request, reader)
         except asyncio.CancelledError:
             task = asyncio.current_task()
@@ -6030,12 +6184,16 @@ class RestServer:
             return False
         except ApiError as e:
             status, payload, ctype = e.status, json_bytes(e.body()), "application/json"
-            if e.status in (408, 411, 413):      # the body was not read: the stream is out of step
+            if request.body is None:      # refused before its body was read: the stream is out of step
                 keep_alive = False
         except Exception as e:   # never a traceback in a response
             import traceback
-            traceback.print_exc()
+            log("internal error", traceback=traceback.format_exc())
             status, payload, ctype = 500, json_bytes({"error": f"internal error: {type(e).__name__}: {e}"}), "application/json"
+        finally:
+            self.bodies.give_back(body_size)
+            if request.body:
+                request.body = b""     # its bytes are no longer counted: no longer held either
         extra = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         try:     # a client that does not read its answer must not hold the connection and buffer forever
             if isinstance(payload, EventRelay):
@@ -6056,13 +6214,28 @@ class RestServer:
                 error=repr(str(e) or type(e).__name__))
             writer.transport.abort()
             return False
-        if status == 413 and "100-continue" not in headers.get("expect", "").lower():
-            await self.discard_body(reader, headers)
         log_request(method, target, status, t0, request.vm_name)
         count_request(request.route, method, status)
+        if request.body is None and status != 408 and "100-continue" not in headers.get("expect", "").lower():
+            await self.drop_refused_body(reader, writer, headers, status)
         return keep_alive
 
-    async def read_request_body(self, reader, writer, headers):
+    LINGER_BYTES, LINGER_S = 1024 * 1024, 2.0     # what is read and dropped of a body refused unread
+
+    async def drop_refused_body(self, reader, writer, headers, status):
+        """A request was answered without its body being read (the connection closes): read and
+        drop what the client still sends, so that it sees the answer rather than a reset. A
+        413 (a client with the token, or no token configured) may send up to 256 MiB for 10 s;
+        anything else (401, 503, ...), after the answer and a half-close, 1 MiB for 2 s."""
+        if status == 413:
+            await self.discard_body(reader, headers)
+            return
+        with contextlib.suppress(OSError, RuntimeError):
+            writer.write_eof()
+        await self.discard_body(reader, headers, self.LINGER_BYTES, self.LINGER_S)
+
+    def request_body_size(self, headers):
+        """The Content-Length of a request's body (no body: 0); ApiError 411 (chunked), 400, 413."""
         if "transfer-encoding" in headers:
             raise ApiError(411, "chunked request bodies are not supported: send Content-Length")
         length = headers.get("content-length", "0")
@@ -6071,6 +6244,9 @@ class RestServer:
         size = int(length)
         if size > self.cfg.max_request_bytes:
             raise ApiError(413, f"request body larger than {self.cfg.max_request_bytes} bytes")
+        return size
+
+    async def read_request_body(self, reader, writer, headers, size):
         if size and headers.get("expect", "").lower() == "100-continue":
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         try:
@@ -6078,7 +6254,7 @@ class RestServer:
         except asyncio.TimeoutError as e:
             raise ApiError(408, f"request body not received within {fmt_seconds(self.cfg.http_body_timeout_s)}") from e
         except asyncio.IncompleteReadError as e:
-            raise ApiError(400, f"connection closed inside the request body ({len(e.partial)} of {length} bytes)") from e
+            raise ApiError(400, f"connection closed inside the request body ({len(e.partial)} of {size} bytes)") from e
 
     async def discard_body(self, reader, headers, limit=256 * 1024 * 1024, timeout=10.0):
         """Read and drop a refused body, so the client sees the 413 rather than a reset."""
@@ -6095,7 +6271,7 @@ class RestServer:
             remaining -= len(chunk)
 
     async def dispatch(self, request, reader=None):
-        method, headers = request.method, request.headers
+        method = request.method
         split = urllib.parse.urlsplit(request.target)
         path = split.path
         for pattern, methods in self.routes:
@@ -6107,15 +6283,13 @@ class RestServer:
             if operation is None:
                 raise ApiError(405, f"method {method} not allowed on {path} (allowed: {', '.join(methods)})")
             handler = operation.handler
-            if not operation.public:
-                self.authorize(headers)
             request.path, request.params = path, {k: urllib.parse.unquote(v) for k, v in m.groupdict().items()}
             if "name" in request.params:
                 check_vm_name(request.params["name"])
             if "exec_id" in request.params:
                 check_exec_id(request.params["exec_id"])
             if split.query:
-                request.query = urllib.parse.parse_qs(split.query, keep_blank_values=True)
+                request.query = parse_query(split.query)
             request.args = check_query(request.query, operation.query)
             if reader is None or handler not in self.abandonable:
                 result = await handler(request)
@@ -6132,12 +6306,17 @@ class RestServer:
             return 200, result if isinstance(result, (bytes, BodyStream)) else json_bytes(result), "application/json"
         raise ApiError(404, f"no route {path}")
 
-    def authorize(self, headers):
+    def check_token(self, request):
+        """ApiError 401 unless the request carries the API token or is for a public path (health,
+        the API description): whatever its path or method, before anything of its body is read."""
         token = self.cfg.api_token
-        if not token:
+        if not token or request.target.split("?", 1)[0] in self.public_paths:   # as dispatch's urlsplit
             return
-        given = headers.get("authorization", "")
+        given = request.headers.get("authorization", "")
         if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].strip().encode(), token.encode())):
+            path = urllib.parse.urlsplit(request.target).path
+            request.route = next((self.route_names[pattern] for pattern, _ in self.routes if pattern.match(path)),
+                                 request.route)      # for the metrics
             raise ApiError(401, "missing or wrong API token (send 'Authorization: Bearer <token>')")
 
     # ---- handlers ------------------------------------------------------------------
@@ -6252,6 +6431,7 @@ class RestServer:
         for status, count in counts.items():
             M_VMS.labels(status).value = count
         M_HTTP_ABANDONED.value = self.client_watch.abandoned
+        M_HTTP_BODY_BYTES.value = self.bodies.held
 
     async def events(self, req):
         """Lifecycle events after id `since`, waiting up to `wait` seconds for one"""

@@ -625,8 +625,9 @@ def test_full_state_dir(cbox_factory, tmp_path):
         return [p for p in tree(state) if p != "templates" and p.split("/")[0] != "failed-starts"]
 
     try:
-        # 2 GiB sparse disks: formatting one writes ~1.1 MB
-        server = cbox_factory(stateful_size_in_mb=2048).start()
+        # 2 GiB sparse disks: formatting one writes ~1.1 MB; no disk admission (test_disk_admission.py),
+        # so that each write fails in its own place
+        server = cbox_factory(stateful_size_in_mb=2048, disk_overcommit=0).start()
         api = server.api
         before_state = files()
         before_net = netns_state(server)
