@@ -840,7 +840,7 @@ def setup_system(config, as_init):
 def write_proc_value(path, value):
     """Write one value to a /proc or cgroup file (raises OSError): open, one write, close
     (the file object's buffering and checks cost four more system calls, on every exec)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)    # as open(path, "w")
     try:
         os.write(fd, str(value).encode())
     finally:
