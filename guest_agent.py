@@ -849,9 +849,13 @@ def setup_system(config, as_init):
 
 
 def write_proc_value(path, value):
-    """Write one value to a /proc or cgroup file (raises OSError)."""
-    with open(path, "w") as f:
-        f.write(str(value))
+    """Write one value to a /proc or cgroup file (raises OSError): open, one write, close
+    (the file object's buffering and checks cost four more system calls, on every exec)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)    # as open(path, "w")
+    try:
+        os.write(fd, str(value).encode())
+    finally:
+        os.close(fd)
 
 
 def read_meminfo_bytes(field):
@@ -1155,15 +1159,15 @@ def _keepalive_field(value):
 class ExecSpec:
     """A validated exec request."""
 
-    FIELDS = ("cmd", "argv", "env", "cwd", "stdin", "timeout", "maxOutput", "blocking",
-              "user", "tag", "memoryLimitMb", "pidsLimit", "keepaliveS")
+    FIELDS = frozenset(("cmd", "argv", "env", "cwd", "stdin", "timeout", "maxOutput", "blocking",
+                        "user", "tag", "memoryLimitMb", "pidsLimit", "keepaliveS"))
 
     def __init__(self, body):
         if not isinstance(body, dict):
             raise RequestError(400, "request body must be a JSON object")
-        unknown = sorted(set(body) - set(self.FIELDS))
+        unknown = body.keys() - self.FIELDS
         if unknown:
-            raise RequestError(400, f"unknown field(s): {', '.join(unknown)}")
+            raise RequestError(400, f"unknown field(s): {', '.join(sorted(unknown))}")
         if ("cmd" in body) == ("argv" in body):
             raise RequestError(400, "cmd is required (or argv instead, not both)")
         self.cmd = _text_field(body, "cmd") if "cmd" in body else None
@@ -1310,6 +1314,18 @@ def _captured_text(value):
 
 
 RESPONSE_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=_captured_text)
+try:    # the C encoder made once (RESPONSE_JSON.encode makes one per call); as cbox.py's json_bytes
+    _RESPONSE_CHUNKS = json.encoder.c_make_encoder(None, _captured_text, json_string, None, ":", ",",
+                                                   False, False, True)
+except (AttributeError, TypeError):    # no C accelerator
+    _RESPONSE_CHUNKS = None
+
+
+def response_json(obj):
+    """RESPONSE_JSON.encode(obj), without its per-call set-up (and no check for cycles)."""
+    if _RESPONSE_CHUNKS is None:
+        return RESPONSE_JSON.encode(obj)
+    return "".join(_RESPONSE_CHUNKS(obj, 0))
 
 
 class OutputRuns:
@@ -1351,7 +1367,7 @@ class StreamDecoder:
 
 def encode_event(seq, event):
     """One NDJSON line: {"seq": N, ...event}."""
-    return f'{{"seq":{seq},{RESPONSE_JSON.encode(event)[1:]}\n'.encode("utf-8", "replace")
+    return f'{{"seq":{seq},{response_json(event)[1:]}\n'.encode("utf-8", "replace")
 
 
 class EventLog:
@@ -1420,6 +1436,19 @@ class EventLog:
                 return
 
 
+_devnull = []
+_devnull_lock = threading.Lock()
+
+
+def devnull_fd():
+    """/dev/null for commands' stdin, opened once (Popen's DEVNULL opens and closes it each time)."""
+    if not _devnull:
+        with _devnull_lock:
+            if not _devnull:
+                _devnull.append(os.open(os.devnull, os.O_RDWR))
+    return _devnull[0]
+
+
 # Run under cgroups: the command waits for one line on stdin ("go", written once the
 # agent moved it into its cgroup), so no user code runs outside the cgroup; the rest
 # of stdin, if any, is the command's.
@@ -1457,7 +1486,9 @@ class Exec:
         self.pid = None
         self.started = time.monotonic()
         self.started_epoch = time.time()
+        self._started_at = (None, "")  # (epoch, its startedAt text)
         self.finished = None          # monotonic time once run() is over
+        self._final = None            # the result once run() is over (it no longer changes)
         self.done = threading.Event()
         self.events = EventLog(max(spec.max_output, MIN_EVENT_RING))
         self._lock = threading.Lock()  # guards buffers, returncode and killing
@@ -1524,7 +1555,7 @@ class Exec:
                 self._leaf = None
             raise
         self.events.append({"type": "start", "execId": self.id, "tag": self.tag, "pid": self.pid,
-                            "startedAt": utc_timestamp(self.started_epoch)})
+                            "startedAt": self.started_at})
 
     def _spawn(self, env):
         spec = self.spec
@@ -1535,14 +1566,14 @@ class Exec:
             argv = ["/bin/sh", "-c", script, "cbox-exec"] + argv
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
-        in_r = subprocess.DEVNULL
+        in_r = None
         if spec.stdin is not None or wait_for_cgroup:
             in_r, self._stdin_fd = os.pipe()
         if spec.stdin is not None and not spec.stdin_pipe:
             self._stdin_data = memoryview(spec.stdin.encode("utf-8", "replace"))
         try:
             self._proc = subprocess.Popen(
-                argv, stdin=in_r, stdout=out_w, stderr=err_w,
+                argv, stdin=devnull_fd() if in_r is None else in_r, stdout=out_w, stderr=err_w,
                 cwd=spec.cwd, env=env, start_new_session=True, **self._identity())
         except (OSError, ValueError, UnicodeError, subprocess.SubprocessError) as e:
             for fd in (out_r, err_r, self._stdin_fd):
@@ -1554,7 +1585,7 @@ class Exec:
             raise RequestError(500 if isinstance(e, OSError) else 400, f"cannot start command: {e}") from None
         finally:
             for fd in (out_w, err_w, in_r):
-                if fd != subprocess.DEVNULL:
+                if fd is not None:
                     os.close(fd)
         self.pid = self._proc.pid
         self.started = time.monotonic()
@@ -1605,9 +1636,9 @@ class Exec:
                 self._reap()
             self._release_cgroup()
             self.finished = time.monotonic()
-            result = self.result()
-            event = {"type": "exit"}
-            event.update((k, v) for k, v in result.items() if k not in ("output", "stdout", "stderr"))
+            self._final = self.result()
+            event = {"type": "exit", **self._final}
+            del event["output"], event["stdout"], event["stderr"]
             self.events.append(event, last=True)
             self.done.set()
 
@@ -1856,8 +1887,18 @@ class Exec:
         # a copy: the last run may still grow, runs may turn into _output
         return CapturedText(lock, OutputRuns(self._runs[:], self.stdout, self.stderr), self.output_size)
 
+    @property
+    def started_at(self):
+        """startedAt (RFC 3339), formatted once."""
+        if self._started_at[0] != self.started_epoch:
+            self._started_at = (self.started_epoch, utc_timestamp(self.started_epoch))
+        return self._started_at[1]
+
     def result(self):
-        """The exec result; output, stdout and stderr are CapturedText, decoded when sent."""
+        """The exec result; output, stdout and stderr are CapturedText, decoded when sent.
+        Once run() is over it is the same dict each time (readers only read it)."""
+        if self._final is not None:
+            return self._final
         with self._lock:
             stdout = CapturedText(self._lock, [(self.stdout, 0, len(self.stdout))], len(self.stdout))
             stderr = CapturedText(self._lock, [(self.stderr, 0, len(self.stderr))], len(self.stderr))
@@ -1883,7 +1924,7 @@ class Exec:
             "oomKilled": self.oom_killed,
             "killScope": self.kill_scope,
             "limitsApplied": self.cgroups is not None,
-            "startedAt": utc_timestamp(self.started_epoch),
+            "startedAt": self.started_at,
             "durationMs": round((end - self.started) * 1000, 3),
         })
         return result
@@ -1896,7 +1937,7 @@ class Exec:
         entry.update(self.spec.given())
         entry.update({"running": self.running,
                       "exitCode": returncode if returncode is not None and returncode >= 0 else None,
-                      "startedAt": utc_timestamp(self.started_epoch),
+                      "startedAt": self.started_at,
                       "durationMs": round((end - self.started) * 1000, 3)})
         return entry
 
@@ -2045,7 +2086,7 @@ def json_parts(obj):
             yield from value.json_pieces()
             pending = '"'
         else:
-            pending += RESPONSE_JSON.encode(value)
+            pending += response_json(value)
     yield (pending + "}").encode("utf-8", "replace")
 
 
@@ -2157,7 +2198,7 @@ class HttpConnection:
             headers += "Connection: close\r\n"
         captured = sum(v.size for v in obj.values() if isinstance(v, CapturedText))
         if captured <= SMALL_BODY:
-            body = RESPONSE_JSON.encode(obj).encode("utf-8", "replace")
+            body = response_json(obj).encode("utf-8", "replace")
             self.sock.sendall(_response_head(status, len(body), headers) + body)
             return
         length, kept = 0, []

@@ -847,6 +847,7 @@ class Bench:
         self.servers = []
         self.sections = {}         # "## Title" sections an --only run rewrites in results.md in place
         self.cbox_py = Path(args.cbox).resolve() if args.cbox else REPO / "cbox.py"
+        self.agent_py = Path(args.agent).resolve() if args.agent else None    # None: the stand-in's default
 
     def add(self, row):
         self.rows.append(row)
@@ -856,6 +857,8 @@ class Bench:
         return quick if self.quick else full
 
     def cbox(self, label, **kw):
+        if self.agent_py and not kw.get("agent"):
+            kw["agent"] = self.agent_py
         srv = Cbox(self, label, **kw)
         self.servers.append(srv)
         return srv
@@ -1001,6 +1004,8 @@ class Bench:
         floor, rate = floor_n / floor_s, cbox_n / cbox_s
         per_exec = ", ".join(f"{role} {secs / cbox_n * 1000:.2f}" for role, secs in cpu.items()
                              if secs / cbox_n >= 0.000005)
+        shares = {role: secs / cbox_n * 1000 for role, secs in cpu.items()}
+        self.cpu_per_exec_row(rate, floor, shares, floor_cpu / floor_n * 1000, dur)
         self.add(Row("exec throughput via cbox.py", rate, "execs/s", None, floor,
                      target=">= 60% of floor", ok=rate >= 0.6 * floor,
                      notes=f"CPU ms per exec: {per_exec} (floor: {floor_cpu / floor_n * 1000:.2f} per "
@@ -1009,6 +1014,54 @@ class Bench:
                          f"execs / s; floor: {clients} threads doing subprocess.run(sh -c true) in one process; "
                          f"{dur:g} s of each, alternating in {slices} slices; CPU per exec from /proc/<pid>/stat "
                          "of cbox.py and its descendants (a process's reaped children count as its own)"))
+
+    CPU_SECTION = "CPU per exec"
+    CPU_TARGETS = {"agent": 0.80, "cbox.py": 0.15, "ratio": 0.65}
+
+    def cpu_per_exec_row(self, rate, floor, shares, floor_ms, dur):
+        """One row per throughput run in results.md's "CPU per exec" section (rows of earlier runs
+        kept, newest last, at most 40), and the medians of each --label's runs under them."""
+        label = self.args.label or (f"{self.cbox_py.name}" + (f" + {self.agent_py}" if self.agent_py else ""))
+        load = f"{self.load0} -> {os.getloadavg()[0]:.2f}"
+        row = (f"| {datetime.now(timezone.utc):%Y-%m-%d %H:%M} | {label} | {load} | {dur:g} s | {rate:.0f} | "
+               f"{floor:.0f} | {rate / floor:.2f}x | {shares.get('agent', 0):.3f} | {shares.get('cbox.py', 0):.3f} | "
+               f"{shares.get('client', 0):.3f} | {floor_ms:.3f} | {floor_ms / sum(shares.values()):.2f}x |")
+        results = REPO / "bench" / "results.md"
+        old = results.read_text() if results.exists() else ""
+        at = old.find(f"\n## {self.CPU_SECTION}\n")
+        rows = [] if at < 0 else [line for line in old[at + 1:].split("\n## ")[0].splitlines()
+                                  if line.startswith("| 20")]
+        rows = (rows + [row])[-40:]
+        by_label = {}
+        for line in rows:
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            by_label.setdefault(cells[1], []).append(
+                [float(cells[6].rstrip("x")), float(cells[7]), float(cells[8]), float(cells[9]),
+                 float(cells[11].rstrip("x")) if len(cells) > 11 else math.nan])
+        t = self.CPU_TARGETS
+        summary = [f"| {name} | {len(runs)} | {median([r[0] for r in runs]):.2f}x | {median([r[1] for r in runs]):.3f} | "
+                   f"{median([r[2] for r in runs]):.3f} | {median([r[3] for r in runs]):.3f} | "
+                   f"{median([r[4] for r in runs]):.2f}x | "
+                   + ("PASS" if median([r[0] for r in runs]) >= t["ratio"] and median([r[1] for r in runs]) < t["agent"]
+                      and median([r[2] for r in runs]) < t["cbox.py"] else "FAIL") + " |"
+                   for name, runs in by_label.items()]
+        self.sections[self.CPU_SECTION] = "\n".join([
+            f"## {self.CPU_SECTION}", "",
+            "Written by `python3 bench/bench.py --only throughput` (one row per run, appended; `--label` names "
+            "what was measured, `--cbox` and `--agent` pick the cbox.py and guest_agent.py). CPU ms per completed "
+            "exec of `true`, from /proc/<pid>/stat of each process (self + reaped children: the agent's count "
+            "includes the shell it runs, as the floor's does), 16 clients over 4 VMs on the stand-in; load is "
+            "the machine's 1-minute load average at the bench's start and at this row's end (other engineers "
+            "share the 2 cores: compare CPU, not wall time); CPU-bound ratio: the floor's CPU per exec over the "
+            "CPU per exec of every process (the share of the floor's rate a host with no other work would keep). "
+            "Targets (issue 23): agent < "
+            f"{t['agent']} ms, cbox.py < {t['cbox.py']} ms, throughput >= {t['ratio']}x the floor.", "",
+            "| when (UTC) | measured | load | run | execs/s | floor execs/s | ratio | agent ms | cbox.py ms | "
+            "client ms | floor ms | CPU-bound ratio |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|", *rows, "",
+            "Medians of each label's runs:", "",
+            "| measured | runs | ratio | agent ms | cbox.py ms | client ms | CPU-bound ratio | targets |",
+            "|---|---|---|---|---|---|---|---|", *summary])
 
     # -- callbacks --------------------------------------------------------------------------
 
@@ -2322,6 +2375,8 @@ def main(argv=None):
                    help="cmdline_extra for the realboot run (default none, as config.yaml), e.g. quiet")
     p.add_argument("--out", help="results file (default bench/results.md; '-' writes none)")
     p.add_argument("--cbox", help="cbox.py to measure (default: the one beside bench/), e.g. to compare a change")
+    p.add_argument("--agent", help="guest_agent.py the stand-in runs (default: the one beside bench/)")
+    p.add_argument("--label", help="the name of this run's row in the 'CPU per exec' section of results.md")
     p.add_argument("--baseline", help="monitoring: the cbox.py to compare with, a file or a git revision "
                                       "(default: the parent of the commit that brought the metrics registry)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, profiles)")
