@@ -54,6 +54,7 @@ import bisect
 import collections
 import contextlib
 import errno
+import heapq
 import hmac
 import ipaddress
 import itertools
@@ -1538,6 +1539,101 @@ class TokenBucket:
         """charge(n), then the seconds until the bucket is out of debt (0: go on)."""
         self.charge(n)
         return self.wait()
+
+
+class FairShare:
+    """One host-wide budget for the work guests make cbox.py's event loop do (config key
+    guest_work_units_per_s), divided max-min fairly among the VMs that want it, on top of
+    each VM's own budgets (the per-VM caps).
+
+    Work is counted in units: a byte read, parsed or relayed is one, an item (a callback, a
+    batch of stream events, a console or event-FIFO read, a log line, an agent answer) ITEM
+    more. spend(key, cost, wake) is the fast path: with nobody waiting and the budget not in
+    debt the cost is charged at once (it may overdraw) and True comes back, without a task
+    switch. Otherwise the request waits, and wake() is called once the budget can pay it;
+    wake() returns False when its waiter is gone (nothing is charged then). Waiting requests
+    are served by virtual finish tag (fair queueing): a VM's tags grow by what it spends,
+    counted from the virtual time of the work served last, so an idle VM banks nothing. A
+    lone VM may use the whole budget, greedy VMs get equal shares, and a VM wanting less
+    than its share gets all it asks (its tags stay behind the greedy ones'); the rest goes
+    to the others. `clock` and `call_later` can be replaced (tests run it on a fake clock)."""
+
+    ITEM = 4096                    # units an item costs besides its bytes (see README, "Fair share")
+
+    def __init__(self, rate, clock=time.monotonic, call_later=None):
+        self.clock, self.call_later = clock, call_later
+        self.virtual = 0.0             # the start tag of the work served last
+        self.finish = {}               # key -> the finish tag of its last request
+        self.waiting = []              # heap: (finish tag, seq, start tag, cost, wake)
+        self.order = itertools.count()
+        self.timer = None
+        self.configure(rate)
+
+    def configure(self, rate):
+        """`rate` units a second (0: no host-wide budget), at most 50 ms of it saved up."""
+        self.rate, self.burst = float(rate), rate / 20.0
+        self.tokens, self.stamp = self.burst, self.clock()
+
+    def _refill(self):
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def _tag(self, key, cost):
+        start = max(self.virtual, self.finish.get(key, 0.0))
+        self.finish[key] = start + cost
+        return start
+
+    def spend(self, key, cost, wake):
+        """True: charged, go on. False: wake() comes when it is `key`'s turn."""
+        if not self.rate:
+            return True
+        self._refill()
+        if not self.waiting and self.tokens > 0:
+            self.virtual = self._tag(key, cost)
+            self.tokens -= cost
+            return True
+        start = self._tag(key, cost)
+        heapq.heappush(self.waiting, (start + cost, next(self.order), start, cost, wake))
+        self._arm()
+        return False
+
+    def charge(self, key, cost):
+        """Work done that must not wait (an agent's answer to a client): counted all the same."""
+        if self.rate:
+            self._refill()
+            self.tokens -= cost
+            self._tag(key, cost)
+
+    async def take(self, key, cost):
+        """spend(), waiting for `key`'s turn when the budget is contended."""
+        if not self.rate:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        if not self.spend(key, cost, lambda: not waiter.done() and (waiter.set_result(None) or True)):
+            await waiter
+
+    def serve(self):
+        """Wake the waiting requests the budget can pay now (smallest finish tag first)."""
+        self.timer = None
+        self._refill()
+        while self.waiting and self.tokens > 0:
+            _, _, start, cost, wake = heapq.heappop(self.waiting)
+            if wake() is not False:
+                self.virtual = max(self.virtual, start)
+                self.tokens -= cost
+        if not self.waiting and len(self.finish) > 4096:        # keys of VMs long gone
+            self.finish = {k: v for k, v in self.finish.items() if v > self.virtual}
+        self._arm()
+
+    def _arm(self):
+        if self.timer is None and self.waiting:
+            delay = (max(0.0, -self.tokens) + 1.0) / self.rate
+            call_later = self.call_later or asyncio.get_running_loop().call_later
+            self.timer = call_later(delay, self.serve)
+
+
+GUEST_WORK = FairShare(0)          # configured by serve() (guest_work_units_per_s)
 
 
 AGENT_ERROR_MAX = 64 * 1024      # a guest agent's error answer is read whole, at most this much
