@@ -128,3 +128,100 @@ def test_a_waiter_that_left_is_not_charged():
 def test_no_budget_when_the_rate_is_zero():
     share = cbox.FairShare(0, clock=lambda: 0.0, call_later=None)
     assert all(share.spend("a", 10 ** 12, None) for _ in range(10))
+
+
+# ---- guest answers parsed within bounds ------------------------------------------------------
+
+import asyncio  # noqa: E402
+import json  # noqa: E402
+
+from test_exec_stream import chunks_of, line, relay_from  # noqa: E402
+
+LINE_MAX = cbox.GuestAgent.EVENT_LINE_MAX
+START = line(0, "start", execId="e")
+
+
+def stdout_line(seq, size):
+    """A legal stdout event as large as the agent makes them: a 256 KiB read of control
+    bytes (6 JSON bytes each) whose invalid UTF-8 also rides along as base64."""
+    raw = (bytes(range(32)) + b"\xff") * (size // 33)
+    text = raw.decode("utf-8", "replace")
+    return line(seq, "stdout", data=text, dataBase64=__import__("base64").b64encode(raw).decode()), text
+
+
+def test_the_largest_legal_output_event_passes_and_fits_the_bound():
+    big, text = stdout_line(1, 256 * 1024 + 3)
+    assert len(big) <= LINE_MAX < len(big) * 1.2           # the bound is what a legal line can be
+    out, keep = asyncio.run(relay_from(START + big + line(2, "exit", exitCode=0), line_max=LINE_MAX))
+    events, ended = chunks_of(out)
+    assert ended and keep is True and [e["type"] for e in events] == ["start", "stdout", "exit"]
+    assert events[1]["data"] == text
+
+
+HOSTILE_LINES = {      # a line of a replaced agent -> what the error event says
+    "over the bound": (b'{"seq":1,"type":"stdout","data":"' + b"y" * (LINE_MAX + 10) + b'"}\n', "longer than"),
+    "never ends": (b'{"seq":1,"type":"stdout","data":"' + b"y" * (3 * LINE_MAX), "longer than"),
+    "deeply nested": (b'{"seq":1,"type":"stdout","data":' + b"[" * 500_000 + b"]" * 500_000 + b"}\n",
+                      "not shaped like an event"),
+    "a long array": (b'{"seq":1,"type":"stdout","data":[' + b"1," * 600_000 + b"1]}\n", "not shaped like an event"),
+    "an object in it": (b'{"seq":1,"type":"stdout","x":{"a":"' + b"y" * 10_000 + b'"}}\n', "not shaped like an event"),
+    "an exit event over its bound": (b'{"seq":1,"type":"exit","cmd":"' + b"y" * (9 * 1024 * 1024) + b'"}\n',
+                                     "longer than 8454144"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_LINES))
+def test_a_hostile_line_ends_the_stream_with_an_error_event(case):
+    body, words = HOSTILE_LINES[case]
+    out, keep = asyncio.run(relay_from(START + body + line(2, "exit"), line_max=LINE_MAX, stall_s=5.0))
+    events, ended = chunks_of(out)
+    assert ended and keep is False
+    assert [e["type"] for e in events] == ["start", "error"] and words in events[-1]["error"], events
+    assert events[-1]["seq"] == 1
+
+
+def test_an_exit_event_may_carry_a_command_as_long_as_a_request():
+    """The exit event repeats the command: up to max_request_bytes, beyond the output events' bound."""
+    exit_line = json.dumps({"seq": 1, "type": "exit", "exitCode": 0, "cmd": "y" * (3 * LINE_MAX)},
+                           separators=(",", ":")).encode() + b"\n"          # compact, as the agent writes
+    out, keep = asyncio.run(relay_from(START + exit_line, line_max=LINE_MAX, stall_s=5.0))
+    events, ended = chunks_of(out)
+    assert ended and keep is True and [e["type"] for e in events] == ["start", "exit"]
+
+
+def test_an_overlong_line_is_not_read_whole():
+    """cbox.py stops reading a line once it is longer than the bound: what the agent sends
+    beyond stays unread (in the socket), never in cbox.py's memory."""
+    async def scenario():
+        reader = asyncio.StreamReader(limit=cbox.AgentEvents.BUFFER)
+        agent = cbox.GuestAgent("vm", "127.0.0.1", 1, 1 << 20)
+        events = cbox.AgentEvents(agent, "e", reader, None, 0, 5.0, LINE_MAX, agent.exit_line_max)
+        fed = 0
+        piece = b'{"seq":0,"type":"stdout","data":"' + b"y" * (64 * 1024)
+
+        async def agent_writes():     # as a socket would: only while the reader's buffer has room
+            nonlocal fed
+            while fed < 50 * 1024 * 1024:
+                while len(reader._buffer) >= 2 * cbox.AgentEvents.BUFFER:
+                    await asyncio.sleep(0)
+                reader.feed_data(piece)
+                fed += len(piece)
+                await asyncio.sleep(0)
+        writing = asyncio.ensure_future(agent_writes())
+        with pytest.raises(cbox.AgentError, match="longer than"):
+            await events.next_events()
+        writing.cancel()
+        return fed
+    fed = asyncio.run(scenario())
+    assert fed <= LINE_MAX + 4 * cbox.AgentEvents.BUFFER
+
+
+def test_flat_json_object_matches_json_on_events_and_refuses_other_shapes():
+    for text in ['{"seq":3,"type":"stdout","data":"a\\u0000\\n\\"é"}', '{"seq":1,"type":"exit","argv":["a","b"],'
+                 '"exitCode":null,"timedOut":false,"durationMs":1.5e2,"running":true}', '{}', ' {"a" : [ ] }\n']:
+        assert cbox.flat_json_object(text) == json.loads(text)
+    for text in ['{"a":[1]}', '{"a":{}}', '[1]', '{"a":1}x', '{"a":01}', '{"a":"x}', '{"a" 1}', '{"a":1,}',
+                 '{"a":["x",]}', '{"a":"\x01"}', '{"a":NaN}', '{"a":[' + '"x",' * 64 + '"x"]}',
+                 '{' + ",".join(f'"k{i}":1' for i in range(65)) + '}']:
+        with pytest.raises(ValueError):
+            cbox.flat_json_object(text)
