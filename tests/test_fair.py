@@ -225,3 +225,161 @@ def test_flat_json_object_matches_json_on_events_and_refuses_other_shapes():
                  '{' + ",".join(f'"k{i}":1' for i in range(65)) + '}']:
         with pytest.raises(ValueError):
             cbox.flat_json_object(text)
+
+
+# ---- attacking VMs under the stand-in ------------------------------------------------------------
+
+import re  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+from conftest import Api  # noqa: E402,F401  (fixtures come from conftest)
+from nsutil import CallbackURLServer  # noqa: E402
+from procutil import wait_for  # noqa: E402
+import hostile  # noqa: E402
+
+SHARE = 4 * 1024 * 1024        # guest_work_units_per_s in these tests: well under what the attackers want
+
+
+class Host:
+    """cbox.py with a healthy VM and `n` attacking ones (no callback URL: as in the issue)."""
+
+    def __init__(self, cbox_factory, netns, n, **overrides):
+        self.cb = CallbackURLServer(netns.listen(), lambda body: (200, b'{"result": "ok"}'), single_write=True)
+        self.server = cbox_factory(guest_work_units_per_s=SHARE, exec_output_limit_bytes=64 * 1024, **overrides)
+        self.server.start()
+        self.api, self.pid = self.server.api, self.server.proc.pid
+        self.api.start_vm("good", callbackUrl=self.cb.url, memoryMb=64)
+        self.bad = [self.api.start_vm(f"bad{i}", memoryMb=64) for i in range(n)]
+        self.check_good()
+
+    def socket_of(self, vm):
+        return self.server.run_dir / str(vm["cid"]) / "vsock.sock_4032"
+
+    def check_good(self):
+        """The healthy VM's exec and callback work (correctness, not speed)."""
+        r = self.api.exec("good", "echo ok; cbox_callback ping '{\"i\": 1}'", timeout=30)
+        assert r["exitCode"] == 0 and r["stdout"].startswith("ok\n"), r
+
+    def health(self):
+        status, h = self.api.get("/v1/health", timeout=30)
+        assert status == 200
+        return h
+
+    def metric(self, name):
+        status, text = self.api.get("/v1/metrics", timeout=30)
+        assert status == 200
+        m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+        return float(m.group(1)) if m else None
+
+    def close(self):
+        self.cb.close()
+
+
+@pytest.fixture
+def host(cbox_factory, netns):
+    made = []
+
+    def make(n, **overrides):
+        made.append(Host(cbox_factory, netns, n, **overrides))
+        return made[-1]
+    yield make
+    for h in made:
+        h.close()
+
+
+def test_loop_lag_is_in_health_and_metrics(host):
+    h = host(0)
+    time.sleep(1.0)                       # a few probes
+    lag = h.health()["loopLagMs"]
+    assert set(lag) == {"p50", "p99", "max"} and 0 <= lag["p50"] <= lag["p99"] <= lag["max"] < 10_000, lag
+    assert h.metric('cbox_event_loop_lag_seconds{quantile="1"}') is not None
+    assert h.metric('cbox_event_loop_lag_seconds{quantile="0.5"}') <= h.metric('cbox_event_loop_lag_seconds{quantile="1"}')
+
+
+def test_attacking_vms_share_one_budget_and_a_healthy_vm_still_works(host):
+    """6 VMs flood callbacks within their own budget (500/s each): together they get the
+    host-wide budget, in about equal parts, and the healthy VM's exec and callback work."""
+    h = host(6)
+    waits0 = h.metric("cbox_guest_work_waits_total")
+    attacks = [hostile.Remote(hostile.Flood, h.socket_of(vm)) for vm in h.bad]
+    for attack in attacks:
+        attack.start()
+    t0 = time.monotonic()
+    try:
+        for _ in range(5):
+            h.check_good()
+            assert h.health()["loopLagMs"]["max"] >= 0
+            time.sleep(0.5)
+        before = [sum(a.seen.values()) for a in attacks]
+        time.sleep(3.0)
+        during = [sum(a.seen.values()) - b for a, b in zip(attacks, before)]
+    finally:
+        for attack in attacks:
+            attack.stop()
+    took = time.monotonic() - t0
+    assert h.metric("cbox_guest_work_waits_total") > waits0            # the share was contended
+    answered = [sum(a.seen.values()) for a in attacks]
+    # each callback line costs FairShare.CALLBACK units and more: all attackers together stayed
+    # within the host-wide budget (a bound, whatever the machine's speed), well under 6 x 500/s
+    assert sum(answered) <= (SHARE * took + 6 * SHARE / 20) / cbox.FairShare.CALLBACK * 1.1, answered
+    assert min(during) >= 0.4 * max(during) > 0, during                  # in about equal parts
+    h.check_good()
+    assert "Traceback" not in h.server.log()
+
+
+def stream_exec(api, vm, cmd):
+    """POST .../exec with stream: true; the NDJSON events, parsed."""
+    status, text = api.post(f"/v1/vms/{vm}/exec", {"cmd": cmd, "stream": True, "timeout": 60}, timeout=120)
+    assert status == 200, text
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("mode,words", [("stream_huge", "longer than 2097152 bytes"),
+                                        ("stream_nested", "not shaped like an event")])
+def test_a_replaced_agents_hostile_stream_lines_end_the_stream_and_memory_comes_back(host, tmp_path, mode, words):
+    """The issue's attack: a replaced agent answers a streamed exec with 12 lines of ~50 MB
+    (or nested 500,000 deep), 4 clients streaming. Each stream ends with an error event,
+    the healthy VM works meanwhile, and cbox.py's RSS comes back near its baseline."""
+    h = host(1)
+    bad = h.bad[0]["vmName"]
+
+    def post_exec(body):
+        try:
+            return h.api.post(f"/v1/vms/{bad}/exec", body, timeout=60)
+        except OSError as e:
+            return type(e).__name__, {}
+    stop_file = tmp_path / "hostile.stop"
+    hostile.start_hostile_agent(post_exec, stop_file)
+    try:
+        base = hostile.rss_kb(h.pid)
+        sampler = hostile.Sampler(h.pid)
+        results, errors = [], []
+
+        def client():
+            try:
+                for _ in range(3):
+                    results.append(stream_exec(h.api, bad, f"hostile:{mode}"))
+            except Exception as e:          # reported below
+                errors.append(e)
+        clients = [threading.Thread(target=client) for _ in range(4)]
+        for c in clients:
+            c.start()
+        while any(c.is_alive() for c in clients):
+            h.check_good()
+            time.sleep(0.3)
+        for c in clients:
+            c.join()
+        sampler.stop()
+        assert not errors, errors
+        assert len(results) == 12
+        for events in results:
+            assert [e["type"] for e in events] == ["start", "error"] and words in events[-1]["error"], events
+        # never more than a few bounded lines at once in memory
+        assert sampler.peak_rss_kb - base < 64 * 1024, (sampler.peak_rss_kb, base)
+    finally:
+        hostile.stop_hostile_agent(post_exec, stop_file)
+    wait_for(lambda: hostile.rss_kb(h.pid) - base < 20 * 1024, timeout=30, interval=0.5,
+             what=f"cbox.py's RSS back within 20 MB of {base} kB")
+    h.check_good()
+    assert "Traceback" not in h.server.log()
