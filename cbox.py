@@ -1605,7 +1605,8 @@ class FairShare:
     to the others. `clock` and `call_later` can be replaced (tests run it on a fake clock)."""
 
     ITEM = 1024                    # units an item costs besides its bytes (README, "Fair share")
-    CALLBACK = 6 * 1024            # units a callback line costs besides its bytes
+    CALLBACK = 6 * 1024            # units a callback line costs besides its bytes (and its parse: UNIT_S)
+    UNIT_S = 4e-9                  # a unit in seconds of CPU, for work measured in time
 
     def __init__(self, rate, clock=time.monotonic, call_later=None):
         self.clock, self.call_later = clock, call_later
@@ -3799,6 +3800,13 @@ def fd_limit():
     return FD_LIMIT[0]
 
 
+def cpu_timed(fn, *args):
+    """(fn(*args), the CPU seconds it took on this thread): what work a guest chose cost."""
+    t0 = time.thread_time()
+    result = fn(*args)
+    return result, time.thread_time() - t0
+
+
 async def off_loop_if_large(size, fn, *args):
     """fn(*args), in a thread when `size` bytes would keep the event loop busy for long."""
     if size > CALLBACK_PARSE_OFF_LOOP:
@@ -3945,7 +3953,7 @@ class CallbackBridge:
                 line = await self._read_line(loop, sock, buf)
                 if line is None:
                     return
-                reply, refused = await self._answer(line)
+                reply, refused, parse_s = await self._answer(line)
                 try:
                     await within(self.cfg.callback_write_timeout_s, loop.sock_sendall(sock, reply))
                 except asyncio.TimeoutError:
@@ -3956,7 +3964,8 @@ class CallbackBridge:
                 # pipelining lines that are answered at once (errors) must not hold the loop;
                 # after a refusal the connection waits, so refusing costs little too
                 await asyncio.sleep(CALLBACK_REFUSAL_PAUSE if refused else 0)
-                await GUEST_WORK.take(self.vm, FairShare.CALLBACK + len(line) + len(reply))
+                await GUEST_WORK.take(self.vm, FairShare.CALLBACK + len(line) + len(reply)
+                                      + int(parse_s / FairShare.UNIT_S))
         except OSError:
             pass
         finally:
@@ -4011,29 +4020,34 @@ class CallbackBridge:
             await within(self.cfg.callback_write_timeout_s, loop.sock_sendall(sock, data))
 
     async def _answer(self, line):
-        """(reply line, refused) for one request line, within the VM's rate and in-flight budgets."""
+        """(reply line, refused, CPU seconds its parse took) for one request line, within the
+        VM's rate and in-flight budgets (a line of dense JSON costs far more than its bytes)."""
         t0 = time.monotonic()
         if not self.calls.take():
             self.count("refused_rate")
             CALLBACK_OUTCOMES["refused"].inc()
             self.note("callback refused", reason="rate")
-            return error_line(f"too many callbacks (at most {self.cfg.callback_rate_per_s:g} a second per VM)"), True
+            return (error_line(f"too many callbacks (at most {self.cfg.callback_rate_per_s:g} a second per VM)"), True,
+                    0.0)
         if self.in_flight >= self.cfg.callback_max_in_flight:
             self.count("refused_in_flight")
             CALLBACK_OUTCOMES["refused"].inc()
             self.note("callback refused", reason="in_flight")
-            return error_line(f"too many callbacks in flight (at most {self.cfg.callback_max_in_flight} per VM)"), True
+            return (error_line(f"too many callbacks in flight (at most {self.cfg.callback_max_in_flight} per VM)"),
+                    True, 0.0)
         self.in_flight += 1
         try:
             self.count("callbacks")
-            method, body = await off_loop_if_large(len(line), parse_callback_line, line, self.vm.vmName)
+            (method, body), parse_s = await off_loop_if_large(len(line), cpu_timed, parse_callback_line, line,
+                                                              self.vm.vmName)
             if method is None:
                 self.count("bad_requests")
                 CALLBACK_OUTCOMES["bad_request"].inc()
-                return error_line(body), False
+                return error_line(body), False, parse_s
             if not self.method_allowed(method):
                 CALLBACK_OUTCOMES["refused"].inc()
-                return error_line(f"callback method {method[:60]!r} is not in this VM's callbackMethods"), False
+                return (error_line(f"callback method {method[:60]!r} is not in this VM's callbackMethods"), False,
+                        parse_s)
             callback_id = uuid.uuid4().hex
             t1 = time.monotonic()
             reply = await self.forward(body, callback_id)
@@ -4050,7 +4064,7 @@ class CallbackBridge:
             CALLBACK_OUTCOMES["ok" if ok else "error"].inc()
         if not ok:
             self.publish_failure(method, reply)
-        return reply, False
+        return reply, False, parse_s
 
     def method_allowed(self, method):
         """Whether the VM's callbackMethods (None: all) allow the method; a refusal is counted."""

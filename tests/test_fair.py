@@ -379,7 +379,42 @@ def test_a_replaced_agents_hostile_stream_lines_end_the_stream_and_memory_comes_
         assert sampler.peak_rss_kb - base < 64 * 1024, (sampler.peak_rss_kb, base)
     finally:
         hostile.stop_hostile_agent(post_exec, stop_file)
+    ended = time.monotonic()
     wait_for(lambda: hostile.rss_kb(h.pid) - base < 20 * 1024, timeout=30, interval=0.5,
              what=f"cbox.py's RSS back within 20 MB of {base} kB")
+    print(f"\n{mode}: cbox.py RSS {base // 1024} MB before, peak {sampler.peak_rss_kb // 1024} MB, "
+          f"{hostile.rss_kb(h.pid) // 1024} MB {time.monotonic() - ended:.1f} s after the attack")
     h.check_good()
     assert "Traceback" not in h.server.log()
+
+
+def test_a_callback_line_of_dense_json_is_charged_for_its_parse_not_only_its_bytes(tmp_path):
+    """A 300 KB callback line of small numbers costs the loop far more than 300 KB of text
+    does: the VM's share is charged the CPU time its parse took."""
+    class VM:
+        vmName, callbackUrl, callbackMethods = "dense", "", None
+
+        def touch(self):
+            pass
+
+    async def charged(line):
+        share = cbox.GUEST_WORK
+        share.configure(10 ** 12)
+        vm = VM()
+        bridge = cbox.CallbackBridge(cbox.load_config(REPO / "config.yaml"), vm)
+        bridge.listen(tmp_path / "cb.sock")
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(tmp_path / "cb.sock"))
+            writer.write(line + b"\n" + b'{"method": "m"}\n')
+            await reader.readline()
+            await reader.readline()        # the second line is read after the first was charged
+            writer.close()
+            return share.finish[vm]
+        finally:
+            bridge.close()
+            share.configure(0)
+            share.finish.clear()
+    text = asyncio.run(charged(json.dumps({"method": "m", "params": "y" * 300_000}).encode()))
+    dense = asyncio.run(charged(json.dumps({"method": "m", "params": [1] * 100_000}).encode()))
+    assert 300_000 < text                          # its bytes and the CPU its parse took (a few ns a byte)
+    assert dense > 3 * text, (text, dense)
