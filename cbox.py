@@ -1594,7 +1594,9 @@ class FairShare:
     Work is counted in units of about 4 ns of the loop's time (bench/loop_capacity.py): a
     byte read, parsed or relayed is one, an item (a stream event, a console or event-FIFO
     read, a log line, an agent answer, a callback connection) ITEM more, a callback line
-    (with its reply) CALLBACK more. spend(key, cost, wake) is the fast path: with nobody waiting and the budget not in
+    (with its reply) CALLBACK more, work measured in CPU time a unit per UNIT_S.
+
+    spend(key, cost, wake) is the fast path: with nobody waiting and the budget not in
     debt the cost is charged at once (it may overdraw) and True comes back, without a task
     switch. Otherwise the request waits, and wake() is called once the budget can pay it;
     wake() returns False when its waiter is gone (nothing is charged then). Waiting requests
@@ -1614,13 +1616,15 @@ class FairShare:
         self.finish = {}               # key -> the finish tag of its last request
         self.waiting = []              # heap: (finish tag, seq, start tag, cost, wake)
         self.order = itertools.count()
-        self.timer = None
+        self.timer = None              # the loop's handle that calls serve()
         self.configure(rate)
 
     def configure(self, rate):
-        """`rate` units a second (0: no host-wide budget), at most 50 ms of it saved up."""
+        """`rate` units a second (0: no host-wide budget), at most 50 ms of it saved up; a
+        fresh start (serve() calls it before any VM exists: nothing is waiting)."""
         self.rate, self.burst = float(rate), rate / 20.0
         self.tokens, self.stamp = self.burst, self.clock()
+        self.waiting, self.timer, self.virtual, self.finish = [], None, 0.0, {}
 
     def _refill(self):
         now = self.clock()
