@@ -728,7 +728,7 @@ CONFIG_KEYS = {
     "callback_write_timeout_s": (float, 10.0, "time a guest has to read a callback reply before its connection is closed"),
     "callback_log_lines_per_s": (float, 20.0, "callback log lines a second per VM; the rest are counted and the count logged"),
     "fd_reserve": (int, 256, "file descriptors kept free for the API and other VMs: guest connections beyond are refused"),
-    "guest_work_units_per_s": (int, 48 * 1024 * 1024, "host-wide budget of the work all guests together may make "
+    "guest_work_units_per_s": (int, 24 * 1024 * 1024, "host-wide budget of the work all guests together may make "
                                                        "cbox.py's loop do, divided fairly among the VMs wanting it "
                                                        "(a unit is ~4 ns of loop time: a byte, an event 1024, a "
                                                        "callback 6144); 0 = none"),
