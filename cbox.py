@@ -1613,7 +1613,7 @@ class FairShare:
     def __init__(self, rate, clock=time.monotonic, call_later=None):
         self.clock, self.call_later = clock, call_later
         self.virtual = 0.0             # the start tag of the work served last
-        self.finish = {}               # key -> the finish tag of its last request
+        self.finish = {}               # key -> the finish tag of its last request (keys: VMs)
         self.waiting = []              # heap: (finish tag, seq, start tag, cost, wake)
         self.order = itertools.count()
         self.timer = None              # the loop's handle that calls serve()
@@ -1624,7 +1624,7 @@ class FairShare:
         fresh start (serve() calls it before any VM exists: nothing is waiting)."""
         self.rate, self.burst = float(rate), rate / 20.0
         self.tokens, self.stamp = self.burst, self.clock()
-        self.waiting, self.timer, self.virtual, self.finish = [], None, 0.0, {}
+        self.waiting, self.timer, self.virtual, self.finish, self.tags = [], None, 0.0, {}, 0
 
     def _refill(self):
         now = self.clock()
@@ -1634,7 +1634,15 @@ class FairShare:
     def _tag(self, key, cost):
         start = max(self.virtual, self.finish.get(key, 0.0))
         self.finish[key] = start + cost
+        self.tags += 1
+        if self.tags % 1024 == 0 and len(self.finish) > 64:
+            self._forget_idle()
         return start
+
+    def _forget_idle(self):
+        """Drop the keys (VMs, maybe gone) whose tag is behind the virtual time: they carry
+        nothing (max(virtual, tag) is the virtual time). Once every 1024 tags: O(1) a tag."""
+        self.finish = {k: v for k, v in self.finish.items() if v > self.virtual}
 
     def spend(self, key, cost, wake):
         """True: charged, go on. False: wake() comes when it is `key`'s turn."""
@@ -1675,8 +1683,6 @@ class FairShare:
             if wake() is not False:
                 self.virtual = max(self.virtual, start)
                 self.tokens -= cost
-        if not self.waiting and len(self.finish) > 4096:        # keys of VMs long gone
-            self.finish = {k: v for k, v in self.finish.items() if v > self.virtual}
         self._arm()
 
     def _arm(self):

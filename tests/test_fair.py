@@ -418,3 +418,14 @@ def test_a_callback_line_of_dense_json_is_charged_for_its_parse_not_only_its_byt
     dense = asyncio.run(charged(json.dumps({"method": "m", "params": [1] * 100_000}).encode()))
     assert 300_000 < text                          # its bytes and the CPU its parse took (a few ns a byte)
     assert dense > 3 * text, (text, dense)
+
+
+def test_the_scheduler_forgets_vms_that_went_idle():
+    """A destroyed VM's key is not kept for good (it would hold the VM object)."""
+    sim = Simulation(RATE)
+    for i in range(1000):
+        sim.ask(f"gone{i}", 10_000)
+        sim.run(0.02)
+    sim.greedy("a", 10_000)
+    sim.run(1.0)
+    assert len(sim.share.finish) < 200
