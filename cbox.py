@@ -56,6 +56,7 @@ import bisect
 import collections
 import contextlib
 import errno
+import heapq
 import hmac
 import ipaddress
 import itertools
@@ -489,9 +490,48 @@ M_PROCESS_MAX_FDS = METRICS.gauge("cbox_process_max_fds", "cbox.py's file descri
 M_PROCESS_START = METRICS.gauge("cbox_process_start_time_seconds", "when cbox.py started, seconds since the epoch")
 M_PROCESS_UPTIME = METRICS.gauge("cbox_process_uptime_seconds", "seconds since cbox.py started")
 M_BUILD_INFO = METRICS.gauge("cbox_build_info", "always 1; the label names cbox.py's version", ("version",))
+M_LOOP_LAG = METRICS.gauge("cbox_event_loop_lag_seconds", "how late cbox.py's event loop ran a 100 ms timer, "
+                           "over the last minute: quantile 0.5, 0.99 and 1 (the maximum)", ("quantile",))
+M_GUEST_WORK_WAITING = METRICS.gauge("cbox_guest_work_waiting", "requests of guest-caused work waiting for "
+                                     "their VM's turn in the host-wide fair share (guest_work_units_per_s)")
+M_GUEST_WORK_WAITS = METRICS.counter("cbox_guest_work_waits_total", "times guest-caused work waited for its VM's "
+                                     "turn in the host-wide fair share (the budget was in use)")
 CALLBACK_OUTCOMES = {outcome: M_CALLBACKS.labels(outcome)
                      for outcome in ("ok", "error", "refused", "bad_request", "no_url")}
 HTTP_METHODS = frozenset(("GET", "POST", "PUT", "DELETE", "HEAD", "PATCH", "OPTIONS"))
+
+
+class LoopLag:
+    """The event loop's lag: a probe task sleeps INTERVAL and notes how much later than
+    asked it woke up; p50, p99 and max of the newest WINDOW samples are what
+    GET /v1/health and cbox_event_loop_lag_seconds show."""
+
+    INTERVAL = 0.1
+    WINDOW = 600                   # a minute of samples
+
+    def __init__(self):
+        self.samples = collections.deque(maxlen=self.WINDOW)
+
+    async def probe(self):
+        loop = asyncio.get_running_loop()
+        while True:
+            t0 = loop.time()
+            await asyncio.sleep(self.INTERVAL)
+            self.samples.append(max(0.0, loop.time() - t0 - self.INTERVAL))
+
+    def summary(self):
+        """{"p50", "p99", "max"} in seconds over the window (0 before the first sample)."""
+        ordered = sorted(self.samples) or [0.0]
+        return {"p50": ordered[len(ordered) // 2], "p99": ordered[min(len(ordered) - 1, len(ordered) * 99 // 100)],
+                "max": ordered[-1]}
+
+    def export(self):
+        for quantile, value in zip(("0.5", "0.99", "1"), self.summary().values()):
+            M_LOOP_LAG.labels(quantile).value = value
+
+
+LOOP_LAG = LoopLag()
+METRICS.on_scrape("loop_lag", LOOP_LAG.export)
 
 
 # ---- events: numbered, kept in a ring (GET /v1/events), handed to sinks (events_url) ----
@@ -747,6 +787,10 @@ CONFIG_KEYS = {
     "callback_write_timeout_s": (float, 10.0, "time a guest has to read a callback reply before its connection is closed"),
     "callback_log_lines_per_s": (float, 20.0, "callback log lines a second per VM; the rest are counted and the count logged"),
     "fd_reserve": (int, 256, "file descriptors kept free for the API and other VMs: guest connections beyond are refused"),
+    "guest_work_units_per_s": (int, 24 * 1024 * 1024, "host-wide budget of the work all guests together may make "
+                                                       "cbox.py's loop do, divided fairly among the VMs wanting it "
+                                                       "(a unit is ~4 ns of loop time: a byte, an event 1024, a "
+                                                       "callback 6144); 0 = none"),
     "default_egress": (str, "nat", "egress policy of a VM whose request names none: nat (everything) or none"),
     "destroy_on_exit": (bool, False, "destroy all VMs when cbox.py stops (default: leave them for the next start)"),
     "default_ttl_s": (int, 0, "lifetime of a VM whose request has no ttlSeconds; 0 = none (max_ttl_s when that is set)"),
@@ -822,6 +866,8 @@ def check_config(cfg, source):
             f"({cfg.max_request_bytes}): a body that large could never be received")
     if not 0 <= cfg.disk_overcommit <= 1000:
         bad("disk_overcommit must be 0..1000")
+    if cfg.guest_work_units_per_s < 0:
+        bad("guest_work_units_per_s must not be negative")
     if not 0 <= cfg.pool_size <= cfg.max_vms:
         bad("pool_size must be 0..max_vms")
     for default, maximum in (("default_ttl_s", "max_ttl_s"), ("default_idle_timeout_s", "max_idle_timeout_s")):
@@ -1618,7 +1664,185 @@ class TokenBucket:
         return self.wait()
 
 
+class FairShare:
+    """One host-wide budget for the work guests make cbox.py's event loop do (config key
+    guest_work_units_per_s), divided max-min fairly among the VMs that want it, on top of
+    each VM's own budgets (the per-VM caps).
+
+    Work is counted in units of about 4 ns of the loop's time (bench/loop_capacity.py): a
+    byte read, parsed or relayed is one, an item (a stream event, a console or event-FIFO
+    read, a log line, an agent answer, a callback connection) ITEM more, a callback line
+    (with its reply) CALLBACK more, work measured in CPU time a unit per UNIT_S.
+
+    spend(key, cost, wake) is the fast path: with nobody waiting and the budget not in
+    debt the cost is charged at once (it may overdraw) and True comes back, without a task
+    switch. Otherwise the request waits, and wake() is called once the budget can pay it;
+    wake() returns False when its waiter is gone (nothing is charged then). Waiting requests
+    are served by virtual finish tag (fair queueing): a VM's tags grow by what it spends,
+    counted from the virtual time of the work served last, so an idle VM banks nothing. A
+    lone VM may use the whole budget, greedy VMs get equal shares, and a VM wanting less
+    than its share gets all it asks (its tags stay behind the greedy ones'); the rest goes
+    to the others. `clock` and `call_later` can be replaced (tests run it on a fake clock)."""
+
+    ITEM = 1024                    # units an item costs besides its bytes (README, "Fair share")
+    CALLBACK = 6 * 1024            # units a callback line costs besides its bytes (and its parse: UNIT_S)
+    UNIT_S = 4e-9                  # a unit in seconds of CPU, for work measured in time
+
+    def __init__(self, rate, clock=time.monotonic, call_later=None):
+        self.clock, self.call_later = clock, call_later
+        self.virtual = 0.0             # the start tag of the work served last
+        self.finish = {}               # key -> the finish tag of its last request (keys: VMs)
+        self.waiting = []              # heap: (finish tag, seq, start tag, cost, wake)
+        self.order = itertools.count()
+        self.timer = None              # the loop's handle that calls serve()
+        self.configure(rate)
+
+    def configure(self, rate):
+        """`rate` units a second (0: no host-wide budget), at most 50 ms of it saved up; a
+        fresh start (serve() calls it before any VM exists: nothing is waiting)."""
+        self.rate, self.burst = float(rate), rate / 20.0
+        self.tokens, self.stamp = self.burst, self.clock()
+        self.waiting, self.timer, self.virtual, self.finish, self.tags = [], None, 0.0, {}, 0
+
+    def _refill(self):
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def _tag(self, key, cost):
+        start = max(self.virtual, self.finish.get(key, 0.0))
+        self.finish[key] = start + cost
+        self.tags += 1
+        if self.tags % 1024 == 0 and len(self.finish) > 64:
+            self._forget_idle()
+        return start
+
+    def _forget_idle(self):
+        """Drop the keys (VMs, maybe gone) whose tag is behind the virtual time: they carry
+        nothing (max(virtual, tag) is the virtual time). Once every 1024 tags: O(1) a tag."""
+        self.finish = {k: v for k, v in self.finish.items() if v > self.virtual}
+
+    def spend(self, key, cost, wake):
+        """True: charged, go on. False: wake() comes when it is `key`'s turn."""
+        if not self.rate:
+            return True
+        self._refill()
+        if not self.waiting and self.tokens > 0:
+            self.virtual = self._tag(key, cost)
+            self.tokens -= cost
+            return True
+        start = self._tag(key, cost)
+        heapq.heappush(self.waiting, (start + cost, next(self.order), start, cost, wake))
+        M_GUEST_WORK_WAITS.inc()
+        self._arm()
+        return False
+
+    def charge(self, key, cost):
+        """Work done that must not wait (an agent's answer to a client): counted all the same."""
+        if self.rate:
+            self._refill()
+            self.tokens -= cost
+            self._tag(key, cost)
+
+    async def take(self, key, cost):
+        """spend(), waiting for `key`'s turn when the budget is contended."""
+        if not self.rate:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        if not self.spend(key, cost, lambda: not waiter.done() and (waiter.set_result(None) or True)):
+            await waiter
+
+    def serve(self):
+        """Wake the waiting requests the budget can pay now (smallest finish tag first)."""
+        self.timer = None
+        self._refill()
+        while self.waiting and self.tokens > 0:
+            _, _, start, cost, wake = heapq.heappop(self.waiting)
+            if wake() is not False:
+                self.virtual = max(self.virtual, start)
+                self.tokens -= cost
+        self._arm()
+
+    def _arm(self):
+        if self.timer is None and self.waiting:
+            delay = (max(0.0, -self.tokens) + 1.0) / self.rate
+            call_later = self.call_later or asyncio.get_running_loop().call_later
+            self.timer = call_later(delay, self.serve)
+
+
+GUEST_WORK = FairShare(0)          # configured by serve() (guest_work_units_per_s)
+METRICS.on_scrape("guest_work", lambda: setattr(M_GUEST_WORK_WAITING, "value", len(GUEST_WORK.waiting)))
+
+
 AGENT_ERROR_MAX = 64 * 1024      # a guest agent's error answer is read whole, at most this much
+
+
+FLAT_SCALAR = re.compile(r'[ \t\r\n]*(?:(-?(?:0|[1-9][0-9]*))(\.[0-9]+)?([eE][-+]?[0-9]+)?|(true|false|null))[ \t\r\n]*')
+FLAT_PUNCT = re.compile(r'[ \t\r\n]*([{}\[\],:"])[ \t\r\n]*')
+FLAT_CONSTANTS = {"true": True, "false": False, "null": None}
+
+
+def flat_json_object(text, max_members=64):
+    """A JSON object whose values are strings, numbers, true/false/null or arrays of at most
+    `max_members` strings -- the shape of every guest agent event -- parsed without
+    recursion, strings by the json module's C scanner: nesting, long arrays and more than
+    `max_members` members are refused (ValueError) after a few steps, not after parsing
+    them, so a hostile line costs about a scan of its bytes."""
+    scan, pos, obj = json.decoder.scanstring, 0, {}
+
+    def punct(expected):
+        nonlocal pos
+        m = FLAT_PUNCT.match(text, pos)
+        if not m or m.group(1) not in expected:
+            raise ValueError(f"expected one of {expected!r} at {pos}")
+        pos = m.end()
+        return m.group(1)
+
+    def closing(bracket):
+        """Whether `bracket` comes next (it is then passed)."""
+        nonlocal pos
+        m = FLAT_PUNCT.match(text, pos)
+        if m and m.group(1) == bracket:
+            pos = m.end()
+            return True
+        return False
+
+    def value():
+        nonlocal pos
+        m = FLAT_SCALAR.match(text, pos)
+        if m:
+            pos = m.end()
+            if m.group(4):
+                return FLAT_CONSTANTS[m.group(4)]
+            return int(m.group(1)) if not (m.group(2) or m.group(3)) else float(m.group(0))
+        if punct('"[') == '"':
+            item, pos = scan(text, pos)
+            return item
+        items = []
+        if closing("]"):
+            return items
+        while len(items) < max_members:
+            punct('"')
+            item, pos = scan(text, pos)
+            items.append(item)
+            if punct(",]") == "]":
+                return items
+        raise ValueError("an array too long")
+
+    punct("{")
+    if not closing("}"):
+        while True:
+            if len(obj) >= max_members:
+                raise ValueError("too many members")
+            punct('"')
+            key, pos = scan(text, pos)
+            punct(":")
+            obj[key] = value()
+            if punct(",}") == "}":
+                break
+    if pos != len(text):
+        raise ValueError("data after the object")
+    return obj
 
 
 class AgentEvents:
@@ -1627,23 +1851,30 @@ class AgentEvents:
     next_events() gives the complete NDJSON lines that arrived (bytes, with their newline)
     with their parsed events, each checked: a JSON object whose "seq" follows the previous
     one (or, for a "dropped" event standing in for events a slow reader lost, is beyond
-    it) and whose "type" is a string. Each line is bounded in size; a stream that sends no
-    complete line for `stall_s` (the agent writes keepalives), or ends before its exit
-    event, is broken: next_events() raises AgentError, and `next_seq` says where a
-    re-attach would resume. Reads are batched (up to BATCH events of one read go onward in
-    one write) and the VM's streams together are held to EVENT_RATE events and
-    BYTE_RATE bytes a second, so a guest flooding events costs the loop little and other
-    VMs nothing. Memory per stream: the reader's buffer (paused at 2 * BUFFER) plus the
-    line being read."""
+    it) and whose "type" is a string. Each line is bounded by what a legal one can be
+    (GuestAgent: `line_max`, the exit event `exit_max`): a longer one breaks the stream as
+    soon as that many bytes came without a newline, unparsed. A line over SMALL_LINE is
+    parsed as the flat object every agent event is (flat_json_object), so nesting or a long
+    array costs no more than a scan. A stream that sends no complete line for `stall_s`
+    (the agent writes keepalives), or ends before its exit event, is broken: next_events()
+    raises AgentError, and `next_seq` says where a re-attach would resume. Reads are
+    batched (up to BATCH events of one read go onward in one write); the VM's streams
+    together are held to EVENT_RATE events and BYTE_RATE bytes a second, and all VMs' to
+    their fair share of GUEST_WORK, so a guest flooding events costs the loop little and
+    other VMs nothing. Memory per stream: the reader's buffer (paused at 2 * BUFFER) plus
+    the line being read."""
 
     BUFFER = 256 * 1024
     BATCH = 1024                   # events parsed per batch at most: the loop is not held long
     EVENT_RATE = 20000.0           # a VM's streams, events a second (an agent read is an event)
     BYTE_RATE = 256.0 * 1024 * 1024
+    SMALL_LINE = 4096              # lines up to this are parsed by json.loads
+    EXIT_START = re.compile(rb'\{"seq":[0-9]{1,18},"type":"exit",')     # how the agent starts its exit event
 
-    def __init__(self, agent, exec_id, reader, writer, since, stall_s, line_max):
+    def __init__(self, agent, exec_id, reader, writer, since, stall_s, line_max, exit_max=None):
         self.agent, self.exec_id, self.reader, self.writer = agent, exec_id, reader, writer
         self.next_seq, self.stall_s, self.line_max = since, stall_s, line_max
+        self.exit_max = max(line_max, exit_max or 0)
         self.pending = bytearray()     # bytes read after the last complete line
         self.failure = None            # AgentError after the events of the last batch
         self.finished = False          # the exit event was read
@@ -1681,8 +1912,7 @@ class AgentEvents:
         scanned = 0
         while self.pending.find(b"\n", scanned) < 0:
             scanned = len(self.pending)
-            if scanned > self.line_max:
-                raise self.broken(f"an event line longer than {self.line_max} bytes")
+            self._check_length(self.pending, 0, scanned)
             try:
                 data = await within(max(deadline - loop.time(), 0.0), self.reader.read(self.BUFFER))
             except asyncio.TimeoutError as e:
@@ -1693,11 +1923,17 @@ class AgentEvents:
                 raise self.broken("it ended without an exit event")
             self.pending += data
 
+    def _check_length(self, pending, start, length):
+        """Refuse a line (or the start of one) longer than a legal line of its kind can be."""
+        if length > self.line_max and (length > self.exit_max or not self.EXIT_START.match(pending, start)):
+            bound = self.exit_max if self.EXIT_START.match(pending, start) else self.line_max
+            raise self.broken(f"an event line longer than {bound} bytes")
+
     def _check(self, line):
         try:
-            event = json.loads(line)
+            event = json.loads(line) if len(line) <= self.SMALL_LINE else flat_json_object(line.decode())
         except (ValueError, RecursionError) as e:
-            raise self.broken("an event line that is not JSON") from e
+            raise self.broken("an event line that is not JSON, or not shaped like an event") from e
         seq = event.get("seq") if isinstance(event, dict) else None
         if not isinstance(seq, int) or isinstance(seq, bool) or not isinstance(event.get("type"), str):
             raise self.broken("an event without seq or type")
@@ -1719,9 +1955,8 @@ class AgentEvents:
         batch, start, pending = [], 0, self.pending
         try:
             while len(batch) < self.BATCH and (end := pending.find(b"\n", start)) >= 0:
-                if end - start >= self.line_max:
-                    raise self.broken(f"an event line longer than {self.line_max} bytes")
-                line = bytes(pending[start:end + 1])
+                self._check_length(pending, start, end - start)
+                line = bytes(memoryview(pending)[start:end + 1])
                 start = end + 1
                 batch.append((line, self._check(line)))
                 if self.finished:
@@ -1731,14 +1966,15 @@ class AgentEvents:
                 raise
             self.failure = e           # the good events before it go first
         del pending[:start]
-        delay = max(self.agent.event_budget.spend(len(batch)),
-                    self.agent.byte_budget.spend(sum([len(line) for line, _ in batch])))
-        if delay:
-            await asyncio.sleep(delay)
+        size = sum([len(line) for line, _ in batch])
+        delay = max(self.agent.event_budget.spend(len(batch)), self.agent.byte_budget.spend(size))
+        await asyncio.sleep(delay)     # 0: still a yield, so one stream never holds the loop
+        await GUEST_WORK.take(self.agent.share_key, FairShare.ITEM * len(batch) + size)
         return batch
 
     def close(self):
         self.agent.streams.discard(self)
+        self.pending = bytearray()     # a long line read in part is not kept while the relay ends
         self.writer.close()
         on_close, self.on_close = self.on_close, None
         if on_close:
@@ -1755,16 +1991,25 @@ class GuestAgent:
 
     STATS_MAX = 16 * 1024           # a /stats answer is a few hundred bytes
 
-    def __init__(self, vm_name, address, port, output_limit, request_limit=8 * 1024 * 1024):
+    # An agent's output event carries one read of at most its READ_CHUNK (256 KiB, plus up
+    # to 3 bytes of a character split at the previous read) as JSON text, a byte taking at
+    # most 6 (\u0000), and when the text had invalid UTF-8 the same bytes in base64 (4 per
+    # 3): 1.84 MiB with its other fields; every other event but the exit one is far smaller.
+    EVENT_LINE_MAX = 2 * 1024 * 1024
+    # The exit event also carries the command as the request gave it (the agent's JSON of a
+    # string is never longer than the client's), the rest of the result is small.
+    EXIT_LINE_EXTRA = 64 * 1024
+
+    def __init__(self, vm_name, address, port, output_limit, request_limit=8 * 1024 * 1024, share_key=None):
         self.vm_name = vm_name
+        self.share_key = share_key if share_key is not None else self     # its VM in GUEST_WORK
         self.http = HttpClient(host=address, port=port, pool_size=32, stream_over=256 * 1024,
                                max_body=3 * 6 * output_limit + 1024 * 1024, length_only=True)
         self.streams = set()           # open AgentEvents
         self.event_budget = TokenBucket(AgentEvents.EVENT_RATE, AgentEvents.EVENT_RATE)
         self.byte_budget = TokenBucket(AgentEvents.BYTE_RATE, AgentEvents.BYTE_RATE)
-        # the longest event line: an exit event carries the command (JSON: up to 6 bytes a byte);
-        # an output event at most the agent's 256 KiB read, escaped, plus its base64
-        self.event_line_max = 6 * request_limit + 4 * 1024 * 1024
+        self.event_line_max = self.EVENT_LINE_MAX
+        self.exit_line_max = request_limit + self.EXIT_LINE_EXTRA
 
     async def health(self, timeout):
         """The HTTP status of GET /health; AgentError when there is no answer."""
@@ -1806,7 +2051,7 @@ class GuestAgent:
         except (OSError, asyncio.TimeoutError) as e:
             raise AgentError(502, f"guest agent of VM '{self.vm_name}' unreachable: {e or 'timed out'}") from e
         set_nodelay(writer)
-        events = AgentEvents(self, exec_id, reader, writer, since, stall_s, self.event_line_max)
+        events = AgentEvents(self, exec_id, reader, writer, since, stall_s, self.event_line_max, self.exit_line_max)
         self.streams.add(events)
         # HTTP/1.0: the agent writes the lines unframed and ends the body by closing
         writer.write(f"GET /exec/{exec_id}/stream?since={since} HTTP/1.0\r\nHost: agent\r\n\r\n".encode("latin-1"))
@@ -1862,6 +2107,8 @@ class GuestAgent:
         instead of leaving them to their timeout."""
         try:
             status, _, data = await self.http.request(method, target, body, timeout=timeout)
+            GUEST_WORK.charge(self.share_key, FairShare.ITEM + (data.length if isinstance(data, BodyStream)
+                                                                else len(data)))
             if 200 <= status < 300:
                 return data
             if isinstance(data, BodyStream):
@@ -1889,18 +2136,22 @@ class GuestAgent:
 class BoundedReader:
     """Reads one non-blocking fd from the event loop, at most `rate` bytes a second.
 
-    Past its budget it stops reading for a while, so one guest's flood never starves
-    the loop or other VMs. Safe for what Cloud Hypervisor writes: it never blocks on
-    us (serial: vmm/src/serial_manager.rs keeps the newest 1 MiB and drops the oldest;
+    Past its budget, or when its VM's turn in GUEST_WORK (the host-wide fair share, key
+    `share_key`) has not come, it stops reading for a while, so one guest's flood never
+    starves the loop or other VMs. Safe for what Cloud Hypervisor writes: it never blocks
+    on us (serial: vmm/src/serial_manager.rs keeps the newest 1 MiB and drops the oldest;
     events: event_monitor writes non-blocking and ignores EAGAIN)."""
 
     CHUNK = 64 * 1024
 
-    def __init__(self, fd, rate, burst):
+    def __init__(self, fd, rate, burst, share_key=None):
         self.fd = fd
         self.budget = TokenBucket(rate, burst)
+        self.share_key = share_key if share_key is not None else self
         self.loop = asyncio.get_running_loop()
         self.resume_handle = None
+        self.share_wait = False        # waiting for the fair share's wake
+        self.holds = 0                 # reasons not to read now (the budget's timer, the fair share)
         self.ended = asyncio.Event()
         self.loop.add_reader(fd, self._readable)
 
@@ -1915,15 +2166,36 @@ class BoundedReader:
             self.close()
             return
         self.received(data)
+        if self.fd is None:
+            return
         wait = self.budget.spend(len(data))
-        if wait and self.fd is not None:
-            self.loop.remove_reader(self.fd)
+        if wait:
+            self._hold()
             self.resume_handle = self.loop.call_later(wait, self._resume)
+        if not GUEST_WORK.spend(self.share_key, FairShare.ITEM + len(data), self._share_granted):
+            self._hold()
+            self.share_wait = True
+
+    def _hold(self):
+        if self.holds == 0:
+            self.loop.remove_reader(self.fd)
+        self.holds += 1
+
+    def _release(self):
+        self.holds -= 1
+        if self.holds == 0 and self.fd is not None:
+            self.loop.add_reader(self.fd, self._readable)
 
     def _resume(self):
         self.resume_handle = None
-        if self.fd is not None:
-            self.loop.add_reader(self.fd, self._readable)
+        self._release()
+
+    def _share_granted(self):
+        if not self.share_wait:        # caught up meanwhile (wait_end) or closed
+            return False
+        self.share_wait = False
+        self._release()
+        return True
 
     def read_pending(self, limit=256 * 1024):
         """Read what is buffered now, ignoring the budget (bounded by `limit`)."""
@@ -1945,6 +2217,9 @@ class BoundedReader:
         if self.resume_handle:        # the deadline bounds this: catching up is fine now
             self.resume_handle.cancel()
             self._resume()
+        if self.share_wait:
+            self.share_wait = False
+            self._release()
         with contextlib.suppress(asyncio.TimeoutError):
             await within(timeout, self.ended.wait())
 
@@ -1957,8 +2232,9 @@ class BoundedReader:
         if self.resume_handle:
             self.resume_handle.cancel()
             self.resume_handle = None
-        else:
+        if self.holds == 0:
             self.loop.remove_reader(self.fd)
+        self.share_wait = False
         os.close(self.fd)
         self.fd = None
         self.ended.set()
@@ -1977,7 +2253,7 @@ class SerialConsole(BoundedReader):
     RATE = 256 * 1024          # bytes a second per VM, read and written to disk
     BURST = 2 * 1024 * 1024    # room for the VMM's 1 MiB replay after a (re)connect
 
-    def __init__(self, path, sink):
+    def __init__(self, path, sink, share_key=None):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
@@ -1986,7 +2262,7 @@ class SerialConsole(BoundedReader):
             sock.close()
             raise HypervisorError(f"serial console socket {path}: {e.strerror or e}") from e
         self.sink = sink
-        super().__init__(sock.detach(), self.RATE, self.BURST)
+        super().__init__(sock.detach(), self.RATE, self.BURST, share_key)
 
     def received(self, data):
         self.sink(data)
@@ -2010,12 +2286,12 @@ class EventMonitor(BoundedReader):
     MAX_EVENT = 16 * 1024
     RELEVANT = (b'"source": "vm"', b'"source": "guest"', b'"source": "vmm"')
 
-    def __init__(self, path, on_event):
+    def __init__(self, path, on_event, share_key=None):
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         self.on_event = on_event
         self.pending = b""
         self.events = TokenBucket(self.EVENT_RATE, self.EVENT_BURST)
-        super().__init__(fd, self.RATE, self.BURST)
+        super().__init__(fd, self.RATE, self.BURST, share_key)
 
     @staticmethod
     def make_fifo(path):
@@ -3756,6 +4032,13 @@ def fd_limit():
     return FD_LIMIT[0]
 
 
+def cpu_timed(fn, *args):
+    """(fn(*args), the CPU seconds it took on this thread): what work a guest chose cost."""
+    t0 = time.thread_time()
+    result = fn(*args)
+    return result, time.thread_time() - t0
+
+
 async def off_loop_if_large(size, fn, *args):
     """fn(*args), in a thread when `size` bytes would keep the event loop busy for long."""
     if size > CALLBACK_PARSE_OFF_LOOP:
@@ -3769,7 +4052,10 @@ class CallbackBridge:
     The guest is hostile, so everything it can make cbox.py spend is budgeted per VM
     (config keys callback_*): open connections, callbacks in flight, callbacks and
     bytes a second, idle / read / write time per connection, log lines a second.
-    Over a budget the guest gets an error line at once and nothing is forwarded.
+    Over a budget the guest gets an error line at once and nothing is forwarded. Each
+    connection, line (with its reply) and log line also draws on the VM's fair share of
+    GUEST_WORK: when all VMs together want more, a connection reads its next line only
+    when its VM's turn comes (the guest's further lines wait in the kernel's buffer).
     The socket is accepted here rather than by asyncio's server, so a full fd table
     (EMFILE) backs off quietly instead of logging a traceback per attempt, and the
     last `fd_reserve` descriptors stay free for the API and the other VMs.
@@ -3833,6 +4119,7 @@ class CallbackBridge:
             # connects for the guest with a blocking connect() (virtio-devices/src/vsock/unix/
             # muxer.rs, handle_peer_request_pkt), so only that VM's own vsock device waits.
             await asyncio.sleep(0 if self._admit(conn) else 0.01)
+            await GUEST_WORK.take(self.vm, FairShare.ITEM)
 
     def _admit(self, conn):
         """Start serving a new connection, or answer it with an error line and close it."""
@@ -3884,6 +4171,7 @@ class CallbackBridge:
             self.count("log_lines_suppressed")
             return
         log(msg, vm=self.vm.vmName, suppressed=self.suppressed or None, **fields)
+        GUEST_WORK.charge(self.vm, FairShare.ITEM)
         self.suppressed = 0
 
     # ---- one connection ---------------------------------------------------------
@@ -3897,7 +4185,7 @@ class CallbackBridge:
                 line = await self._read_line(loop, sock, buf)
                 if line is None:
                     return
-                reply, refused = await self._answer(line)
+                reply, refused, parse_s = await self._answer(line)
                 try:
                     await within(self.cfg.callback_write_timeout_s, loop.sock_sendall(sock, reply))
                 except asyncio.TimeoutError:
@@ -3908,6 +4196,8 @@ class CallbackBridge:
                 # pipelining lines that are answered at once (errors) must not hold the loop;
                 # after a refusal the connection waits, so refusing costs little too
                 await asyncio.sleep(CALLBACK_REFUSAL_PAUSE if refused else 0)
+                await GUEST_WORK.take(self.vm, FairShare.CALLBACK + len(line) + len(reply)
+                                      + int(parse_s / FairShare.UNIT_S))
         except OSError:
             pass
         finally:
@@ -3962,29 +4252,34 @@ class CallbackBridge:
             await within(self.cfg.callback_write_timeout_s, loop.sock_sendall(sock, data))
 
     async def _answer(self, line):
-        """(reply line, refused) for one request line, within the VM's rate and in-flight budgets."""
+        """(reply line, refused, CPU seconds its parse took) for one request line, within the
+        VM's rate and in-flight budgets (a line of dense JSON costs far more than its bytes)."""
         t0 = time.monotonic()
         if not self.calls.take():
             self.count("refused_rate")
             CALLBACK_OUTCOMES["refused"].inc()
             self.note("callback refused", reason="rate")
-            return error_line(f"too many callbacks (at most {self.cfg.callback_rate_per_s:g} a second per VM)"), True
+            return (error_line(f"too many callbacks (at most {self.cfg.callback_rate_per_s:g} a second per VM)"), True,
+                    0.0)
         if self.in_flight >= self.cfg.callback_max_in_flight:
             self.count("refused_in_flight")
             CALLBACK_OUTCOMES["refused"].inc()
             self.note("callback refused", reason="in_flight")
-            return error_line(f"too many callbacks in flight (at most {self.cfg.callback_max_in_flight} per VM)"), True
+            return (error_line(f"too many callbacks in flight (at most {self.cfg.callback_max_in_flight} per VM)"),
+                    True, 0.0)
         self.in_flight += 1
         try:
             self.count("callbacks")
-            method, body = await off_loop_if_large(len(line), parse_callback_line, line, self.vm.vmName)
+            (method, body), parse_s = await off_loop_if_large(len(line), cpu_timed, parse_callback_line, line,
+                                                              self.vm.vmName)
             if method is None:
                 self.count("bad_requests")
                 CALLBACK_OUTCOMES["bad_request"].inc()
-                return error_line(body), False
+                return error_line(body), False, parse_s
             if not self.method_allowed(method):
                 CALLBACK_OUTCOMES["refused"].inc()
-                return error_line(f"callback method {method[:60]!r} is not in this VM's callbackMethods"), False
+                return (error_line(f"callback method {method[:60]!r} is not in this VM's callbackMethods"), False,
+                        parse_s)
             callback_id = uuid.uuid4().hex
             t1 = time.monotonic()
             reply = await self.forward(body, callback_id)
@@ -4001,7 +4296,7 @@ class CallbackBridge:
             CALLBACK_OUTCOMES["ok" if ok else "error"].inc()
         if not ok:
             self.publish_failure(method, reply)
-        return reply, False
+        return reply, False, parse_s
 
     def method_allowed(self, method):
         """Whether the VM's callbackMethods (None: all) allow the method; a refusal is counted."""
@@ -4444,7 +4739,7 @@ class VM:
 
     def connect_agent(self):
         self.agent = GuestAgent(self.vmName, self.address, self.cfg.agent_port, self.cfg.exec_output_limit_bytes,
-                                self.cfg.max_request_bytes)
+                                self.cfg.max_request_bytes, share_key=self)
 
     async def wait_for_agent(self):
         started = time.monotonic()
@@ -4482,11 +4777,11 @@ class VM:
         return self.console
 
     def follow_events(self):
-        self.events = EventMonitor(self.paths.events_fifo, self.on_vmm_event)
+        self.events = EventMonitor(self.paths.events_fifo, self.on_vmm_event, share_key=self)
 
     def follow_serial(self):
         """Read the serial console (its socket exists from vm.create on) into the console log."""
-        self.serial = SerialConsole(self.paths.serial_socket, self.console_log().append)
+        self.serial = SerialConsole(self.paths.serial_socket, self.console_log().append, share_key=self)
         self.run_task(self.watch_serial(self.serial))
 
     def follow_again(self):
@@ -5913,14 +6208,18 @@ RESPONSE_SCHEMAS = {      # the answers' schemas, by name (the VM's and the exec
         "evidence": {"type": ["string", "null"], "description": "a failed start: the directory its evidence is "
                                                                 "kept in (GET /v1/failed-starts)"},
         "destroyedAt": TIME}},
-    "Health": {"type": "object", "required": ["status", "timestamp", "version", "commit", "vms", "pool"], "properties": {
+    "Health": {"type": "object", "required": ["status", "timestamp", "version", "commit", "vms", "pool", "loopLagMs"],
+               "properties": {
         "status": {"const": "healthy"}, "timestamp": TIME, "version": {"type": "string"},
         "commit": {"type": "string", "description": "the commit cbox.py was built from, or 'unknown'"},
         "vms": {"type": "integer", "minimum": 0},
         "pool": {"type": "object", "description": "the warm pool (pool_size)",
                  "required": ["size", "ready", "booting", "lastError"], "properties": {
             "size": {"type": "integer"}, "ready": {"type": "integer"}, "booting": {"type": "integer"},
-            "lastError": {"type": ["string", "null"]}}}}},
+            "lastError": {"type": ["string", "null"]}}},
+        "loopLagMs": {"type": "object", "description": "how late the event loop ran a 100 ms timer over the last "
+                                                       "minute, in milliseconds", "required": ["p50", "p99", "max"],
+                      "properties": {q: {"type": "number", "minimum": 0} for q in ("p50", "p99", "max")}}}},
     "VM": VM_SCHEMA,
     "VmList": {"type": "object", "required": ["vms"], "properties": {"vms": {"type": "array", "items": ref("VM")}}},
     "Success": SUCCESS_SCHEMA,
@@ -6324,8 +6623,8 @@ class RestServer:
     async def health(self, req):
         """The server's health (no API token needed)"""
         return {"status": "healthy", "timestamp": utc_now(), "version": VERSION, "commit": build_commit(),
-                "vms": len(self.manager.vms),
-                "pool": self.manager.pool.state()}
+                "vms": len(self.manager.vms), "pool": self.manager.pool.state(),
+                "loopLagMs": {k: round(v * 1000, 3) for k, v in LOOP_LAG.summary().items()}}
 
     async def list_vms(self, req):
         """List VMs, optionally filtered by labels and status"""
@@ -6531,6 +6830,8 @@ async def serve(cfg):
     if missing:
         log("WARNING: guest images missing (run `make images`): " + ", ".join(missing))
     log("file descriptor limit", nofile=raise_fd_limit(), reserve=cfg.fd_reserve)
+    GUEST_WORK.configure(cfg.guest_work_units_per_s)
+    lag_probe = asyncio.get_running_loop().create_task(LOOP_LAG.probe())
     EVENTS.resize(cfg.events_ring_size)
     sender = EventSender(cfg) if cfg.events_url else None
     if sender:
@@ -6556,6 +6857,7 @@ async def serve(cfg):
     log("stopping", vms=len(manager.vms), destroy_on_exit=cfg.destroy_on_exit)
     log_bounds.cancel()
     deadlines.cancel()
+    lag_probe.cancel()
     await server.stop()
     await manager.shutdown()
     if sender:

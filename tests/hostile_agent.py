@@ -9,7 +9,8 @@ server is this command's parent), shuts down the server's open connections (so
 cbox.py's keep-alive connections come back through the listener), stops the
 server with SIGSTOP (its supervisor does not notice a stopped child, so nothing
 restarts it) and answers every request itself, badly. The answer is chosen by
-the request's "cmd" (see ANSWERS). When STOP_FILE appears or MAX_SECONDS pass it
+the request's "cmd" (see answer()); a streamed exec whose cmd is hostile:stream_*
+gets the execId hostile-stream_*, and its event stream is the attack (see stream()). When STOP_FILE appears or MAX_SECONDS pass it
 closes what it took and resumes the real server with SIGCONT.
 Stdlib only; Linux 5.6+ (pidfd_getfd), root.
 """
@@ -55,7 +56,8 @@ def take_sockets(pid):
     return listener, conns
 
 
-def read_request(conn):
+def read_request(conn, target=None):
+    """The request's JSON body ({} without one); `target`, a list, gets the request target."""
     data = b""
     while b"\r\n\r\n" not in data:
         more = conn.recv(65536)
@@ -63,6 +65,8 @@ def read_request(conn):
             return None
         data += more
     head, _, rest = data.partition(b"\r\n\r\n")
+    if target is not None:
+        target[:] = [head.split(b" ")[1].decode("latin-1") if head.count(b" ") >= 2 else ""]
     length = 0
     for line in head.split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
@@ -125,14 +129,40 @@ def answer(conn, mode, stop):
              % len(body) + body)
 
 
+STREAM_LINES = {    # an exec's event stream: 12 lines like these after its start event
+    "stream_huge": lambda seq: b'{"seq":%d,"type":"stdout","data":[' % seq + b"1," * (25 << 20) + b'1]}\n',
+    "stream_nested": lambda seq: b'{"seq":%d,"type":"stdout","data":' % seq + b"[" * 500_000 + b"]" * 500_000
+                                 + b"}\n",
+}
+
+
+def stream(conn, mode):
+    """GET /exec/hostile-MODE/stream: a start event, then 12 hostile lines (as many readers
+    as ask); a cbox.py that stops reading ends it (the send fails)."""
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n\r\n"
+                 b'{"seq":0,"type":"start","execId":"hostile-%s"}\n' % mode.encode())
+    for seq in range(1, 13):
+        conn.sendall(STREAM_LINES[mode](seq))
+    conn.close()
+
+
 def serve(conn, stop):
     try:
         while not stop.is_set():
-            request = read_request(conn)
+            target = []
+            request = read_request(conn, target)
             if request is None:
                 return
             mode = request.get("cmd", "") if isinstance(request, dict) else ""
-            answer(conn, mode.removeprefix("hostile:"), stop)
+            mode = mode.removeprefix("hostile:")
+            if target[0].startswith("/exec/hostile-stream_") and target[0].split("/")[2][8:] in STREAM_LINES:
+                return stream(conn, target[0].split("/")[2][8:])
+            if mode in STREAM_LINES and request.get("blocking") is False:      # a streamed exec starts
+                body = json.dumps({"execId": f"hostile-{mode}", "running": True}).encode()
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                             % len(body) + body)
+                continue
+            answer(conn, mode, stop)
     except OSError:
         pass
     finally:

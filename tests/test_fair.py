@@ -1,0 +1,431 @@
+"""The host-wide fair share of cbox.py's loop and the bounds on guest answers (issue 23).
+
+Unit tests drive cbox.FairShare on a fake clock (a discrete-event simulation: no
+sleeps, no timing); the tests further down run attacking VMs under the stand-in and
+check correctness (the healthy VM's exec works, memory comes back), never speed.
+"""
+import heapq
+import itertools
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import cbox  # noqa: E402
+
+
+class Simulation:
+    """A fake clock and timer queue for FairShare, and VMs asking it for work."""
+
+    def __init__(self, rate):
+        self.now = 0.0
+        self.timers = []            # heap: (time, seq, fn)
+        self.seq = itertools.count()
+        self.share = cbox.FairShare(rate, clock=lambda: self.now, call_later=self.call_later)
+        self.granted = {}           # key -> units granted
+
+    def call_later(self, delay, fn):
+        assert delay > 0
+        heapq.heappush(self.timers, (self.now + delay, next(self.seq), fn))
+        return fn
+
+    def ask(self, key, cost, then=None):
+        """One request of `key`; then() when it is granted."""
+        def granted():
+            self.granted[key] = self.granted.get(key, 0) + cost
+            if then:
+                self.call_later(1e-9, then)       # the waiter's task runs a moment later
+            return True
+        if self.share.spend(key, cost, granted):
+            granted()
+
+    def greedy(self, key, cost):
+        """A VM that asks again as soon as it got its units."""
+        self.ask(key, cost, lambda: self.greedy(key, cost))
+
+    def steady(self, key, cost, per_s):
+        """A VM asking `per_s` times a second, whatever it got."""
+        self.ask(key, cost)
+        self.call_later(1.0 / per_s, lambda: self.steady(key, cost, per_s))
+
+    def run(self, seconds):
+        end = self.now + seconds
+        while self.timers and self.timers[0][0] <= end:
+            self.now, _, fn = heapq.heappop(self.timers)
+            fn()
+        self.now = end
+        return self.granted
+
+
+RATE = 1_000_000.0
+
+
+def test_a_lone_vm_gets_the_whole_budget():
+    sim = Simulation(RATE)
+    sim.greedy("a", 20_000)
+    got = sim.run(10.0)
+    assert 0.97 * RATE * 10 <= got["a"] <= 1.03 * RATE * 10
+
+
+def test_greedy_vms_get_equal_shares_whatever_their_request_sizes():
+    sim = Simulation(RATE)
+    sim.greedy("a", 20_000)
+    sim.greedy("b", 20_000)
+    sim.greedy("c", 3_000)                  # small requests, many more of them
+    got = sim.run(10.0)
+    for key in "abc":
+        assert abs(got[key] - RATE * 10 / 3) < 0.05 * RATE * 10 / 3, got
+    assert sum(got.values()) <= 1.03 * RATE * 10
+
+
+def test_a_modest_vm_gets_all_it_asks_and_the_rest_goes_to_the_greedy_one():
+    sim = Simulation(RATE)
+    sim.greedy("bulk", 50_000)
+    sim.steady("modest", 1_000, 100)        # 10 % of the budget, well under its half
+    got = sim.run(10.0)
+    assert got["modest"] >= 0.99 * 100 * 1_000 * 10
+    assert got["bulk"] >= 0.85 * RATE * 10
+    assert sum(got.values()) <= 1.03 * RATE * 10
+
+
+def test_a_modest_vm_waits_little_behind_many_greedy_ones():
+    sim = Simulation(RATE)
+    for i in range(39):
+        sim.greedy(f"g{i}", 40_000)
+    sim.run(1.0)
+    waits = []
+    for _ in range(20):
+        asked = sim.now
+        sim.ask("modest", 500, then=lambda: waits.append(sim.now - asked))
+        sim.run(0.5)
+    assert len(waits) == 20
+    # its turn comes at the next wakeup: within the largest single overdraft's payback
+    assert max(waits) <= 2 * 40_000 / RATE + 1e-3
+
+
+def test_an_idle_vm_banks_nothing():
+    sim = Simulation(RATE)
+    sim.greedy("a", 10_000)
+    sim.run(5.0)
+    sim.greedy("b", 10_000)             # b was idle for 5 s: it gets half from now on, not all
+    before = dict(sim.granted)
+    got = sim.run(4.0)
+    a, b = got["a"] - before["a"], got["b"]
+    assert abs(a - b) < 0.05 * (a + b), (a, b)
+
+
+def test_a_waiter_that_left_is_not_charged():
+    sim = Simulation(RATE)
+    sim.greedy("a", 10_000)
+    sim.run(0.1)                                                  # a waits now
+    assert not sim.share.spend("gone", 10 ** 9, lambda: False)    # a huge request whose task was cancelled
+    got = sim.run(2.0)
+    assert got["a"] >= 0.97 * RATE * 2.1
+
+
+def test_no_budget_when_the_rate_is_zero():
+    share = cbox.FairShare(0, clock=lambda: 0.0, call_later=None)
+    assert all(share.spend("a", 10 ** 12, None) for _ in range(10))
+
+
+# ---- guest answers parsed within bounds ------------------------------------------------------
+
+import asyncio  # noqa: E402
+import json  # noqa: E402
+
+from test_exec_stream import chunks_of, line, relay_from  # noqa: E402
+
+LINE_MAX = cbox.GuestAgent.EVENT_LINE_MAX
+START = line(0, "start", execId="e")
+
+
+def stdout_line(seq, size):
+    """A legal stdout event as large as the agent makes them: a 256 KiB read of control
+    bytes (6 JSON bytes each) whose invalid UTF-8 also rides along as base64."""
+    raw = (bytes(range(32)) + b"\xff") * (size // 33)
+    text = raw.decode("utf-8", "replace")
+    return line(seq, "stdout", data=text, dataBase64=__import__("base64").b64encode(raw).decode()), text
+
+
+def test_the_largest_legal_output_event_passes_and_fits_the_bound():
+    big, text = stdout_line(1, 256 * 1024 + 3)
+    assert len(big) <= LINE_MAX < len(big) * 1.2           # the bound is what a legal line can be
+    out, keep = asyncio.run(relay_from(START + big + line(2, "exit", exitCode=0), line_max=LINE_MAX))
+    events, ended = chunks_of(out)
+    assert ended and keep is True and [e["type"] for e in events] == ["start", "stdout", "exit"]
+    assert events[1]["data"] == text
+
+
+HOSTILE_LINES = {      # a line of a replaced agent -> what the error event says
+    "over the bound": (b'{"seq":1,"type":"stdout","data":"' + b"y" * (LINE_MAX + 10) + b'"}\n', "longer than"),
+    "never ends": (b'{"seq":1,"type":"stdout","data":"' + b"y" * (3 * LINE_MAX), "longer than"),
+    "deeply nested": (b'{"seq":1,"type":"stdout","data":' + b"[" * 500_000 + b"]" * 500_000 + b"}\n",
+                      "not shaped like an event"),
+    "a long array": (b'{"seq":1,"type":"stdout","data":[' + b"1," * 600_000 + b"1]}\n", "not shaped like an event"),
+    "an object in it": (b'{"seq":1,"type":"stdout","x":{"a":"' + b"y" * 10_000 + b'"}}\n', "not shaped like an event"),
+    "an exit event over its bound": (b'{"seq":1,"type":"exit","cmd":"' + b"y" * (9 * 1024 * 1024) + b'"}\n',
+                                     "longer than 8454144"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_LINES))
+def test_a_hostile_line_ends_the_stream_with_an_error_event(case):
+    body, words = HOSTILE_LINES[case]
+    out, keep = asyncio.run(relay_from(START + body + line(2, "exit"), line_max=LINE_MAX, stall_s=5.0))
+    events, ended = chunks_of(out)
+    assert ended and keep is False
+    assert [e["type"] for e in events] == ["start", "error"] and words in events[-1]["error"], events
+    assert events[-1]["seq"] == 1
+
+
+def test_an_exit_event_may_carry_a_command_as_long_as_a_request():
+    """The exit event repeats the command: up to max_request_bytes, beyond the output events' bound."""
+    exit_line = json.dumps({"seq": 1, "type": "exit", "exitCode": 0, "cmd": "y" * (3 * LINE_MAX)},
+                           separators=(",", ":")).encode() + b"\n"          # compact, as the agent writes
+    out, keep = asyncio.run(relay_from(START + exit_line, line_max=LINE_MAX, stall_s=5.0))
+    events, ended = chunks_of(out)
+    assert ended and keep is True and [e["type"] for e in events] == ["start", "exit"]
+
+
+def test_an_overlong_line_is_not_read_whole():
+    """cbox.py stops reading a line once it is longer than the bound: what the agent sends
+    beyond stays unread (in the socket), never in cbox.py's memory."""
+    async def scenario():
+        reader = asyncio.StreamReader(limit=cbox.AgentEvents.BUFFER)
+        agent = cbox.GuestAgent("vm", "127.0.0.1", 1, 1 << 20)
+        events = cbox.AgentEvents(agent, "e", reader, None, 0, 5.0, LINE_MAX, agent.exit_line_max)
+        fed = 0
+        piece = b'{"seq":0,"type":"stdout","data":"' + b"y" * (64 * 1024)
+
+        async def agent_writes():     # as a socket would: only while the reader's buffer has room
+            nonlocal fed
+            while fed < 50 * 1024 * 1024:
+                while len(reader._buffer) >= 2 * cbox.AgentEvents.BUFFER:
+                    await asyncio.sleep(0)
+                reader.feed_data(piece)
+                fed += len(piece)
+                await asyncio.sleep(0)
+        writing = asyncio.ensure_future(agent_writes())
+        with pytest.raises(cbox.AgentError, match="longer than"):
+            await events.next_events()
+        writing.cancel()
+        return fed
+    fed = asyncio.run(scenario())
+    assert fed <= LINE_MAX + 4 * cbox.AgentEvents.BUFFER
+
+
+def test_flat_json_object_matches_json_on_events_and_refuses_other_shapes():
+    for text in ['{"seq":3,"type":"stdout","data":"a\\u0000\\n\\"é"}', '{"seq":1,"type":"exit","argv":["a","b"],'
+                 '"exitCode":null,"timedOut":false,"durationMs":1.5e2,"running":true}', '{}', ' {"a" : [ ] }\n']:
+        assert cbox.flat_json_object(text) == json.loads(text)
+    for text in ['{"a":[1]}', '{"a":{}}', '[1]', '{"a":1}x', '{"a":01}', '{"a":"x}', '{"a" 1}', '{"a":1,}',
+                 '{"a":["x",]}', '{"a":"\x01"}', '{"a":NaN}', '{"a":[' + '"x",' * 64 + '"x"]}',
+                 '{' + ",".join(f'"k{i}":1' for i in range(65)) + '}']:
+        with pytest.raises(ValueError):
+            cbox.flat_json_object(text)
+
+
+# ---- attacking VMs under the stand-in ------------------------------------------------------------
+
+import re  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+from conftest import Api  # noqa: E402,F401  (fixtures come from conftest)
+from nsutil import CallbackURLServer  # noqa: E402
+from procutil import wait_for  # noqa: E402
+import hostile  # noqa: E402
+
+SHARE = 4 * 1024 * 1024        # guest_work_units_per_s in these tests: well under what the attackers want
+
+
+class Host:
+    """cbox.py with a healthy VM and `n` attacking ones (no callback URL: as in the issue)."""
+
+    def __init__(self, cbox_factory, netns, n, **overrides):
+        self.cb = CallbackURLServer(netns.listen(), lambda body: (200, b'{"result": "ok"}'), single_write=True)
+        self.server = cbox_factory(guest_work_units_per_s=SHARE, exec_output_limit_bytes=64 * 1024, **overrides)
+        self.server.start()
+        self.api, self.pid = self.server.api, self.server.proc.pid
+        self.api.start_vm("good", callbackUrl=self.cb.url, memoryMb=64)
+        self.bad = [self.api.start_vm(f"bad{i}", memoryMb=64) for i in range(n)]
+        self.check_good()
+
+    def socket_of(self, vm):
+        return self.server.run_dir / str(vm["cid"]) / "vsock.sock_4032"
+
+    def check_good(self):
+        """The healthy VM's exec and callback work (correctness, not speed)."""
+        r = self.api.exec("good", "echo ok; cbox_callback ping '{\"i\": 1}'", timeout=30)
+        assert r["exitCode"] == 0 and r["stdout"].startswith("ok\n"), r
+
+    def health(self):
+        status, h = self.api.get("/v1/health", timeout=30)
+        assert status == 200
+        return h
+
+    def metric(self, name):
+        status, text = self.api.get("/v1/metrics", timeout=30)
+        assert status == 200
+        m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+        return float(m.group(1)) if m else None
+
+    def close(self):
+        self.cb.close()
+
+
+@pytest.fixture
+def host(cbox_factory, netns):
+    made = []
+
+    def make(n, **overrides):
+        made.append(Host(cbox_factory, netns, n, **overrides))
+        return made[-1]
+    yield make
+    for h in made:
+        h.close()
+
+
+def test_loop_lag_is_in_health_and_metrics(host):
+    h = host(0)
+    time.sleep(1.0)                       # a few probes
+    lag = h.health()["loopLagMs"]
+    assert set(lag) == {"p50", "p99", "max"} and 0 <= lag["p50"] <= lag["p99"] <= lag["max"] < 10_000, lag
+    assert h.metric('cbox_event_loop_lag_seconds{quantile="1"}') is not None
+    assert h.metric('cbox_event_loop_lag_seconds{quantile="0.5"}') <= h.metric('cbox_event_loop_lag_seconds{quantile="1"}')
+
+
+def test_attacking_vms_share_one_budget_and_a_healthy_vm_still_works(host):
+    """6 VMs flood callbacks within their own budget (500/s each): together they get the
+    host-wide budget, in about equal parts, and the healthy VM's exec and callback work."""
+    h = host(6)
+    waits0 = h.metric("cbox_guest_work_waits_total")
+    attacks = [hostile.Remote(hostile.Flood, h.socket_of(vm)) for vm in h.bad]
+    for attack in attacks:
+        attack.start()
+    t0 = time.monotonic()
+    try:
+        for _ in range(5):
+            h.check_good()
+            assert h.health()["loopLagMs"]["max"] >= 0
+            time.sleep(0.5)
+        before = [sum(a.seen.values()) for a in attacks]
+        time.sleep(3.0)
+        during = [sum(a.seen.values()) - b for a, b in zip(attacks, before)]
+    finally:
+        for attack in attacks:
+            attack.stop()
+    took = time.monotonic() - t0
+    assert h.metric("cbox_guest_work_waits_total") > waits0            # the share was contended
+    answered = [sum(a.seen.values()) for a in attacks]
+    # each callback line costs FairShare.CALLBACK units and more: all attackers together stayed
+    # within the host-wide budget (a bound, whatever the machine's speed), well under 6 x 500/s
+    assert sum(answered) <= (SHARE * took + 6 * SHARE / 20) / cbox.FairShare.CALLBACK * 1.1, answered
+    assert min(during) >= 0.4 * max(during) > 0, during                  # in about equal parts
+    h.check_good()
+    assert "Traceback" not in h.server.log()
+
+
+def stream_exec(api, vm, cmd):
+    """POST .../exec with stream: true; the NDJSON events, parsed."""
+    status, text = api.post(f"/v1/vms/{vm}/exec", {"cmd": cmd, "stream": True, "timeout": 60}, timeout=120)
+    assert status == 200, text
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("mode,words", [("stream_huge", "longer than 2097152 bytes"),
+                                        ("stream_nested", "not shaped like an event")])
+def test_a_replaced_agents_hostile_stream_lines_end_the_stream_and_memory_comes_back(host, tmp_path, mode, words):
+    """The issue's attack: a replaced agent answers a streamed exec with 12 lines of ~50 MB
+    (or nested 500,000 deep), 4 clients streaming. Each stream ends with an error event,
+    the healthy VM works meanwhile, and cbox.py's RSS comes back near its baseline."""
+    h = host(1)
+    bad = h.bad[0]["vmName"]
+
+    def post_exec(body):
+        try:
+            return h.api.post(f"/v1/vms/{bad}/exec", body, timeout=60)
+        except OSError as e:
+            return type(e).__name__, {}
+    stop_file = tmp_path / "hostile.stop"
+    hostile.start_hostile_agent(post_exec, stop_file)
+    try:
+        base = hostile.rss_kb(h.pid)
+        sampler = hostile.Sampler(h.pid)
+        results, errors = [], []
+
+        def client():
+            try:
+                for _ in range(3):
+                    results.append(stream_exec(h.api, bad, f"hostile:{mode}"))
+            except Exception as e:          # reported below
+                errors.append(e)
+        clients = [threading.Thread(target=client) for _ in range(4)]
+        for c in clients:
+            c.start()
+        while any(c.is_alive() for c in clients):
+            h.check_good()
+            time.sleep(0.3)
+        for c in clients:
+            c.join()
+        sampler.stop()
+        assert not errors, errors
+        assert len(results) == 12
+        for events in results:
+            assert [e["type"] for e in events] == ["start", "error"] and words in events[-1]["error"], events
+        # never more than a few bounded lines at once in memory
+        assert sampler.peak_rss_kb - base < 64 * 1024, (sampler.peak_rss_kb, base)
+    finally:
+        hostile.stop_hostile_agent(post_exec, stop_file)
+    ended = time.monotonic()
+    wait_for(lambda: hostile.rss_kb(h.pid) - base < 20 * 1024, timeout=30, interval=0.5,
+             what=f"cbox.py's RSS back within 20 MB of {base} kB")
+    print(f"\n{mode}: cbox.py RSS {base // 1024} MB before, peak {sampler.peak_rss_kb // 1024} MB, "
+          f"{hostile.rss_kb(h.pid) // 1024} MB {time.monotonic() - ended:.1f} s after the attack")
+    h.check_good()
+    assert "Traceback" not in h.server.log()
+
+
+def test_a_callback_line_of_dense_json_is_charged_for_its_parse_not_only_its_bytes(tmp_path):
+    """A 300 KB callback line of small numbers costs the loop far more than 300 KB of text
+    does: the VM's share is charged the CPU time its parse took."""
+    class VM:
+        vmName, callbackUrl, callbackMethods = "dense", "", None
+
+        def touch(self):
+            pass
+
+    async def charged(line):
+        share = cbox.GUEST_WORK
+        share.configure(10 ** 12)
+        vm = VM()
+        bridge = cbox.CallbackBridge(cbox.load_config(REPO / "config.yaml"), vm)
+        bridge.listen(tmp_path / "cb.sock")
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(tmp_path / "cb.sock"))
+            writer.write(line + b"\n" + b'{"method": "m"}\n')
+            await reader.readline()
+            await reader.readline()        # the second line is read after the first was charged
+            writer.close()
+            return share.finish[vm]
+        finally:
+            bridge.close()
+            share.configure(0)
+            share.finish.clear()
+    text = asyncio.run(charged(json.dumps({"method": "m", "params": "y" * 300_000}).encode()))
+    dense = asyncio.run(charged(json.dumps({"method": "m", "params": [1] * 100_000}).encode()))
+    assert 300_000 < text                          # its bytes and the CPU its parse took (a few ns a byte)
+    assert dense > 3 * text, (text, dense)
+
+
+def test_the_scheduler_forgets_vms_that_went_idle():
+    """A destroyed VM's key is not kept for good (it would hold the VM object)."""
+    sim = Simulation(RATE)
+    for i in range(1000):
+        sim.ask(f"gone{i}", 10_000)
+        sim.run(0.02)
+    sim.greedy("a", 10_000)
+    sim.run(1.0)
+    assert len(sim.share.finish) < 200
