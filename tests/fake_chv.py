@@ -218,12 +218,9 @@ relay: ...)" or "(Python relay: ...)") and so does the log ("net relay ..."):
     What the bridge sends to the tap port goes to eth0; what the guest sends
     arrives as if received on the tap, so it enters the bridge through the
     tap port as before.  No frame passes through the tap's fd or through
-    Python.  G deletes the tap's clsact before it exits (guest power-off,
-    vm.shutdown/delete/reboot, SIGTERM of S); S does it when G died of a
-    signal.  The veth pair goes with the guest's netns, just after: the
-    kernel's netns cleanup deletes the devices of all ending netns in one
-    batch, where deleting each pair would queue VMs stopped together one by
-    one for the rtnl lock (~16 ms each here).  vm.pause sets the host end down (the guest's
+    Python.  G deletes the veth pair and the tap's clsact before it exits
+    (guest power-off, vm.shutdown/delete/reboot, SIGTERM of S); S does it
+    when G died of a signal.  vm.pause sets the host end down (the guest's
     kernel neither gets nor sends frames while paused), vm.resume sets it up.
     Needs veth, clsact (NET_SCH_INGRESS), u32 and mirred in the kernel.  When
     a step fails G undoes the others, writes "cbox-standin: net: kernel relay
@@ -1209,17 +1206,14 @@ class KernelRelay:
             self.stop()
             raise
 
-    def stop(self, netns_ending=False):
-        """Delete the tap's clsact qdisc (the tap itself is cbox's), so nothing redirects
-        the tap's frames any more, and the veth pair, unless the guest's netns is ending
-        (the guest VMM exits): then the kernel deletes the pair with the netns. Deleting
-        a device waits for an RCU grace period under the rtnl lock (~16 ms here), and
-        VMs stopped together would queue for it one by one; the kernel's netns cleanup
-        unregisters the devices of every ending netns in one batch."""
-        undo = [(self.tap, self.rtnl.del_clsact)] + ([] if netns_ending else [(self.veth, self.rtnl.del_link)])
-        for name, step in undo:
+    def stop(self):
+        """Delete the veth pair and the tap's clsact qdisc (the tap itself is cbox's).
+        Not left to the guest's netns going away: a netns can outlive its processes
+        (seen here: two of three guests' veths still there 10 s after their VMs were
+        deleted), and the pairs would pile up."""
+        for name, undo in ((self.veth, self.rtnl.del_link), (self.tap, self.rtnl.del_clsact)):
             try:
-                step(self.rtnl.link_index(name))
+                undo(self.rtnl.link_index(name))
             except OSError:
                 pass
 
@@ -1235,7 +1229,7 @@ def remove_kernel_relay(tap, veth):
     except OSError:
         return
     try:
-        KernelRelay(rtnl, tap, veth).stop(netns_ending=True)
+        KernelRelay(rtnl, tap, veth).stop()
     finally:
         rtnl.close()
 
@@ -1312,8 +1306,8 @@ def _guest_vmm_main(parent, wr, tap_fd, vsock_fd, console_fd, net, relay_mode, a
     try:
         return _guest_vmm_run(wr, tap_fd, vsock_fd, console_fd, net, kernel, why_not, argv, env, cmdline)
     finally:
-        if kernel is not None:   # before the tap fd is released: no other VMM can hold the tap yet
-            kernel.stop(netns_ending=True)
+        if kernel is not None:
+            kernel.stop()    # before the tap fd is released: no other VMM can hold the tap yet
 
 
 def _net_console_line(net, tap_fd, kernel):
