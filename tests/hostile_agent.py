@@ -9,13 +9,17 @@ server is this command's parent), shuts down the server's open connections (so
 cbox.py's keep-alive connections come back through the listener), stops the
 server with SIGSTOP (its supervisor does not notice a stopped child, so nothing
 restarts it) and answers every request itself, badly. The answer is chosen by
-the request's "cmd" (see ANSWERS). When STOP_FILE appears or MAX_SECONDS pass it
-closes what it took and resumes the real server with SIGCONT.
+the request's "cmd" (see answer()); "hostile:biglines:LINES:BYTES" starts a
+background exec whose event stream (GET /exec/{id}/stream, the id naming LINES
+and BYTES) is LINES stdout events of about BYTES each, then its exit event.
+When STOP_FILE appears or MAX_SECONDS pass it closes what it took and resumes
+the real server with SIGCONT.
 Stdlib only; Linux 5.6+ (pidfd_getfd), root.
 """
 import ctypes
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -56,6 +60,7 @@ def take_sockets(pid):
 
 
 def read_request(conn):
+    """(request line, JSON body or {}) of the next request; None when the peer is gone."""
     data = b""
     while b"\r\n\r\n" not in data:
         more = conn.recv(65536)
@@ -74,9 +79,37 @@ def read_request(conn):
             return None
         rest += more
     try:
-        return json.loads(rest[:length] or b"{}")
+        body = json.loads(rest[:length] or b"{}")
     except ValueError:
-        return {}
+        body = {}
+    return head.split(b"\r\n", 1)[0].decode("latin-1"), body
+
+
+BIG_ID = re.compile(r"^/exec/big-(\d+)-(\d+)/stream")
+_big_bodies = {}                # BYTES -> the shared data part of a big event line
+
+
+def big_event_body(size):
+    """The data part of an event line of about `size` bytes: [1,1,...,1]}\\n (parsed: a list of
+    size/2 ints, so the parser's memory is several times the line's)."""
+    if size not in _big_bodies:
+        _big_bodies[size] = b"[" + b"1," * max(size // 2 - 1, 0) + b"1]}\n"
+    return _big_bodies[size]
+
+
+def big_lines(conn, lines, size, stop, piece=1024 * 1024):
+    """The stream of a biglines exec: `lines` stdout events of ~`size` bytes, then exit; HTTP/1.0.
+    Sent `piece` bytes at a time: once stopped, it ends within a piece (a guard that stops the
+    attack must not wait for lines of gigabytes)."""
+    conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: application/x-ndjson\r\n\r\n")
+    body = memoryview(big_event_body(size))
+    for seq in range(lines):
+        conn.sendall(b'{"seq":%d,"type":"stdout","data":' % seq)
+        for at in range(0, len(body), piece):
+            if stop.is_set():
+                return
+            conn.sendall(body[at:at + piece])
+    conn.sendall(b'{"seq":%d,"type":"exit","exitCode":0,"timedOut":false}\n' % lines)
 
 
 def answer(conn, mode, stop):
@@ -119,6 +152,11 @@ def answer(conn, mode, stop):
                     return
             except socket.timeout:
                 pass
+    elif mode.startswith("biglines:"):   # a streamed exec: its id names the stream's lines and size
+        _, lines, size = mode.split(":")
+        body = json.dumps({"execId": f"big-{int(lines)}-{int(size)}", "running": True}).encode()
+        send(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+             % len(body) + body)
     else:                           # anything else: a plain, valid answer
         body = json.dumps({"exitCode": 0, "stdout": "hostile\n", "stderr": "", "output": "hostile\n"}).encode()
         send(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
@@ -131,7 +169,12 @@ def serve(conn, stop):
             request = read_request(conn)
             if request is None:
                 return
-            mode = request.get("cmd", "") if isinstance(request, dict) else ""
+            line, body = request
+            target = line.split(" ")[1] if line.count(" ") >= 2 else ""
+            if big := BIG_ID.match(target):     # cbox.py reads a stream over HTTP/1.0: ends at the close
+                big_lines(conn, int(big[1]), int(big[2]), stop)
+                return
+            mode = body.get("cmd", "") if isinstance(body, dict) else ""
             answer(conn, mode.removeprefix("hostile:"), stop)
     except OSError:
         pass
