@@ -588,7 +588,8 @@ class FairLab:
         self.bench, self.srv, self.token, self.near, self.far = bench, srv, token, near, far
         self.headers = {"Authorization": f"Bearer {token}"}
         self.connect = connector(bench.ns.path, ("127.0.0.1", srv.settings["port"]), timeout=10.0)
-        self.api = Http(self.connect, headers=self.headers)
+        self.manage = connector(bench.ns.path, ("127.0.0.1", srv.settings["port"]), timeout=60.0)
+        self.api = Http(self.manage, headers=self.headers)
         self.cids, self.pinned = {}, False
         self.base_rss_mb = float("inf")   # cbox.py's RSS with the VMs idle, before any attack: lowest seen
         self.api.json("POST", "/v1/vms", {"vmName": "good", "memoryMb": 64})
@@ -608,7 +609,7 @@ class FairLab:
     def grow(self, n, batch=10):
         """Start attacking VMs until there are n, `batch` at a time; pinned to `far` when pinning."""
         def start(name):
-            c = Http(self.connect, headers=self.headers)
+            c = Http(self.manage, headers=self.headers)
             try:
                 return name, c.json("POST", "/v1/vms", {"vmName": name, "memoryMb": 64})["cid"]
             finally:
@@ -646,7 +647,7 @@ class FairLab:
 
     def post_exec(self, name):
         def post(body):
-            c = Http(self.connect, headers=self.headers)
+            c = Http(self.manage, headers=self.headers)
             try:
                 status, data = c.request("POST", f"/v1/vms/{name}/exec", body)
             except (OSError, EOFError) as e:
@@ -659,11 +660,28 @@ class FairLab:
                 return status, {}
         return post
 
-    def each(self, fn, names):
-        """fn(name) for each VM, 8 at a time; the first error is raised after all ran."""
-        with ThreadPoolExecutor(8) as pool:
+    def each(self, fn, names, at_once=8):
+        """fn(name) for each VM, `at_once` at a time; the first error is raised after all ran."""
+        with ThreadPoolExecutor(max(1, min(at_once, len(names)))) as pool:
             for _ in pool.map(fn, names):
                 pass
+
+    def wait_responsive(self, limit=300.0):
+        """Seconds until cbox.py answers GET /v1/health within 1 s (a loop that chews on what an
+        attack left may hold it long after the attack ended)."""
+        quick = connector(self.bench.ns.path, ("127.0.0.1", self.srv.settings["port"]), timeout=1.0)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < limit:
+            c = Http(quick)
+            try:
+                if c.request("GET", "/v1/health")[0] == 200:
+                    return time.monotonic() - t0
+            except (OSError, EOFError):
+                pass
+            finally:
+                c.close()
+            time.sleep(0.5)
+        raise RuntimeError(f"cbox.py did not answer GET /v1/health within 1 s for {limit:g} s")
 
     def attack(self, kind, n, stop_file):
         """(Remote attack, prepare(), finish()) of one attack class with n attackers."""
@@ -673,8 +691,9 @@ class FairLab:
             big = int(self.bench.args.big_line_mb * MB)
             return (hostile.Remote(hostile.BigEventStreams, self.target(), cpus=cpus, vms=vms, clients=4,
                                    lines=12, size=big),
-                    lambda: self.each(lambda v: hostile.start_hostile_agent(self.post_exec(v), stop_file), vms),
-                    lambda: self.each(lambda v: hostile.stop_hostile_agent(self.post_exec(v), stop_file), vms))
+                    lambda: self.each(lambda v: hostile.start_hostile_agent(self.post_exec(v), stop_file, wait=60), vms),
+                    lambda: self.each(lambda v: hostile.stop_hostile_agent(self.post_exec(v), stop_file, 150), vms,
+                                      at_once=len(vms)))
         if kind == "callback flood":
             return (hostile.Remote(hostile.Flood, [self.callback_socket(v) for v in vms], cpus=cpus, n=1, rate=500),
                     nothing, nothing)
@@ -688,7 +707,7 @@ class FairLab:
         raise ValueError(kind)
 
     def kill_execs(self, name):
-        c = Http(self.connect, headers=self.headers)
+        c = Http(self.manage, headers=self.headers)
         try:
             status, data = c.request("DELETE", f"/v1/vms/{name}/exec")
         finally:
@@ -1836,7 +1855,7 @@ class Bench:
         """The healthy VM's exec latency while the other VM attacks, and cbox.py's peaks (issue 9)."""
         hold = self.args.duration or self.n(6.0, 3.0)
         if self.args.hostile == "fair":
-            return self.hostile_fair_share(hold)
+            return self.hostile_fair_share(self.args.duration or self.n(5.0, 3.0))
         say(f"\n== hostile guest: the good VM's exec p50 during each attack of the bad VM ({hold:g} s each)")
 
         def reply(body):
@@ -1926,27 +1945,33 @@ class Bench:
         self.sections["Hostile guest"] = "\n".join(table)
         say("\n" + "\n".join(table))
         if self.args.hostile != "single":
-            self.hostile_fair_share(hold)
+            self.hostile_fair_share(self.args.duration or self.n(5.0, 3.0))
 
     # -- fair share: many hostile tenants at once (issue 23) ------------------------------------------------
 
-    FAIR_ATTACKS = {       # what one attacker does (tests/hostile.py; FairLab.attack)
-        "huge event lines": "its agent replaced (tests/hostile_agent.py), 4 clients loop streamed execs that it "
-                            "answers with 12 stdout event lines of ~{big:g} MB each (`{{\"seq\":N,\"type\":\"stdout\","
-                            "\"data\":[1,1,...]}}`), then an exit event",
+    FAIR_ATTACKS = {       # what one attacker does (tests/hostile.py; FairLab.attack), in the order run:
+                           # the one whose memory lingers longest last
         "callback flood": "its guest sends 500 tiny callbacks a second (the per-VM budget) on one connection to its "
                           "callback socket, no callback URL set",
         "yes streams": "4 clients each stream an exec of `yes` from it, reading as fast as it comes",
-        "unauthenticated bodies": "a client without the token holds 250 connections, each sending POST /v1/vms with "
+        "unauthenticated bodies": "a client without the token holds 250 connections (at most 256 of all sending at "
+                                  "once), each sending POST /v1/vms with "
                                   "an 8 MiB body but its last byte (sent again when cbox.py answers or closes), and "
                                   "once a second a request whose method holds a newline (forged log lines counted)",
         "rest queries": "a client with the token loops GET /v1/vms on one keep-alive connection, with 4,500 "
                         "`label=` filters and 8,000 unknown parameters in turn",
+        "huge event lines": "its agent replaced (tests/hostile_agent.py), 4 clients loop streamed execs that it "
+                            "answers with 12 stdout event lines of ~{big:g} MB each (`{{\"seq\":N,\"type\":\"stdout\","
+                            "\"data\":[1,1,...]}}`), then an exit event",
     }
     UNPINNED = "callback flood"         # the one class also run unpinned, at the most attackers
 
     def hostile_fair_share(self, hold):
         counts = sorted({int(x) for x in (self.args.attackers or self.n("1,10,39", "1,3")).split(",")})
+        kinds = [k.strip() for k in self.args.attacks.split(",")] if self.args.attacks else list(self.FAIR_ATTACKS)
+        unknown = set(kinds) - set(self.FAIR_ATTACKS)
+        if unknown:
+            raise ValueError(f"unknown attack(s) {', '.join(sorted(unknown))}; choose from {', '.join(self.FAIR_ATTACKS)}")
         settle = self.args.settle if self.args.settle is not None else self.n(30.0, 5.0)
         cap_mb = self.args.rss_cap_mb or min(4096, mem_available_mb() // 4)
         cpus = sorted(os.sched_getaffinity(0))
@@ -1961,35 +1986,62 @@ class Bench:
         try:
             with srv:
                 lab = FairLab(self, srv, token, near, far)
-                lab.pin(True)
                 try:
-                    for n in counts:
-                        lab.grow(n)
-                        idle = lab.healthy.measure(hold)
-                        lab.base_rss_mb = min(lab.base_rss_mb, hostile.rss_kb(srv.pid) / 1024)
-                        for kind in self.FAIR_ATTACKS:
-                            row, idle = self.fair_row(lab, kind, n, hold, settle, idle, cap_mb)
-                            rows.append(row)
-                    lab.pin(False)
-                    idle = lab.healthy.measure(hold)
-                    rows.append(self.fair_row(lab, self.UNPINNED, max(counts), hold, settle, idle, cap_mb)[0])
+                    for kind, n, pinned in self.fair_plan(kinds, counts):
+                        if srv.proc.poll() is not None:
+                            rows.append({"kind": kind, "n": n, "pinned": pinned,
+                                         "error": "not run: cbox.py was killed by the memory guard in a row before"})
+                            continue
+                        if n > len(lab.attackers) or pinned != lab.pinned or not rows:
+                            lab.wait_responsive()
+                            lab.grow(n)
+                            lab.pin(pinned)
+                            idle = lab.healthy.measure(hold)
+                            lab.base_rss_mb = min(lab.base_rss_mb, hostile.rss_kb(srv.pid) / 1024)
+                        row, idle = self.fair_row(lab, kind, n, hold, settle, idle, cap_mb)
+                        rows.append(row)
+                    failed = [row for row in rows if row.get("error") and not row["error"].startswith("not run")]
+                    if failed:
+                        raise RuntimeError(f"{len(failed)} row(s) failed: {failed[0]['error']}")
                 finally:
                     hostile.pin(os.getpid(), set(cpus))
                     lab.api.close()
                 tracebacks = srv.log().count("Traceback")
         finally:
             load.append(f"{os.getloadavg()[0]:.2f}")
-            self.fair_share_section(rows, counts, hold, settle, cap_mb, near, far, load,
+            self.fair_share_section(rows, counts, kinds, hold, settle, cap_mb, near, far, load,
                                     time.monotonic() - started, tracebacks)
 
+    LAST = "huge event lines"           # its rows run after all others: the memory guard may end cbox.py
+
+    def fair_plan(self, kinds, counts):
+        """[(attack, attackers, pinned)] in the order run: each count's attacks but LAST, the
+        unpinned row, then LAST for each count."""
+        plan = [(kind, n, True) for n in counts for kind in kinds if kind != self.LAST]
+        plan.append((self.UNPINNED, max(counts), False))
+        return plan + [(self.LAST, n, True) for n in counts if self.LAST in kinds]
+
     def fair_row(self, lab, kind, n, hold, settle, idle, cap_mb):
+        """fair_attack_row(), or when it failed ({"error"} row, the idle figures): the table goes on
+        (the VMs' replaced agents restore themselves within 120 s, `yes` ends at its timeout)."""
+        try:
+            return self.fair_attack_row(lab, kind, n, hold, settle, idle, cap_mb)
+        except Exception as e:
+            say(f"    {kind}, {n} attacker(s): FAILED: {type(e).__name__}: {e}")
+            return {"kind": kind, "n": n, "pinned": lab.pinned, "error": f"{type(e).__name__}: {e}"}, idle
+
+    def fair_attack_row(self, lab, kind, n, hold, settle, idle, cap_mb):
         """One attack class with n attackers: the healthy tenant during it against `idle`, cbox.py's
         RSS before, at its peak and `settle` s after the attack ended (the healthy tenant's idle
         figures for the next row are taken in that wait's last `hold` s); returns (row, idle)."""
         srv, stop_file = lab.srv, self.tmp / f"stop-{uuid.uuid4().hex[:8]}"
         attack, prepare, finish = lab.attack(kind, n, stop_file)
         say(f"  {kind}, {n} attacker(s){'' if lab.pinned else ', unpinned'}: preparing")
-        prepare()
+        try:
+            prepare()
+        except BaseException:
+            stop_file.touch()           # replaced agents that started give way at once
+            raise
         forged0, rss0, killed = lab.forged_lines(), hostile.rss_kb(srv.pid), []
 
         def on_cap():                   # the machine's guard: stop the attack, and cbox.py if need be
@@ -2005,25 +2057,33 @@ class Bench:
         sampler = hostile.Sampler(srv.pid, cap_kb=cap_mb * 1024, on_cap=on_cap)
         cpu0, t0 = sum(cpu_seconds(srv.pid)), time.monotonic()
         attack.start()
+        problems = []
         try:
             time.sleep(0.5)
             during = lab.healthy.measure(hold)
         finally:
             attack.stop()
-            attack_s = time.monotonic() - t0
-            cpu = (sum(cpu_seconds(srv.pid)) - cpu0) / attack_s
+            ended = time.monotonic()
+            cpu = (sum(cpu_seconds(srv.pid)) - cpu0) / (ended - t0)
             try:
                 finish()
+            except Exception as e:          # e.g. cbox.py too busy to let the real agents answer
+                problems.append(f"after the attack: {e}")
             finally:
                 sampler.stop()
         if killed:
-            raise RuntimeError(f"{kind}: cbox.py went beyond {1.5 * cap_mb:.0f} MB RSS and was killed")
-        time.sleep(max(0.0, settle - hold))
-        idle_next = lab.healthy.measure(hold)
+            problems.append(f"cbox.py killed by the memory guard past {1.5 * cap_mb:.0f} MB RSS")
+            stuck, idle_next = 0.0, idle
+        else:
+            stuck = lab.wait_responsive()
+            time.sleep(max(0.0, ended + settle - hold - time.monotonic()))
+            idle_next = lab.healthy.measure(hold)
         row = {"kind": kind, "n": n, "pinned": lab.pinned, "idle": idle, "during": during,
-               "rss0": rss0 / 1024, "peak": sampler.peak_rss_kb / 1024, "after": hostile.rss_kb(srv.pid) / 1024,
+               "rss0": rss0 / 1024, "peak": sampler.peak_rss_kb / 1024,
+               "after": float("inf") if killed else hostile.rss_kb(srv.pid) / 1024,
+               "after_s": time.monotonic() - ended, "stuck": stuck, "settle": settle, "problems": problems,
                "capped": sampler.capped_after, "cpu": cpu, "forged": lab.forged_lines() - forged0,
-               "seen": attack.seen, "base": lab.base_rss_mb, "secs": attack_s}
+               "seen": attack.seen, "base": lab.base_rss_mb, "secs": ended - t0, "cap": cap_mb}
         say("    " + " | ".join(self.fair_cells(row)))
         return row, idle_next
 
@@ -2031,8 +2091,11 @@ class Bench:
                     "p99 ratio", "health p99", "cbox.py RSS before / peak / after", "cbox.py CPU",
                     "p50 <= 2x", "p99 <= 3x", "health p99 < 50 ms", "RSS after <= +20 MB", "notes"]
 
-    @staticmethod
-    def fair_cells(row):
+    @classmethod
+    def fair_cells(cls, row):
+        if row.get("error"):
+            return [row["kind"], str(row["n"]), "yes" if row["pinned"] else "no"] + ["-"] * (len(cls.FAIR_HEADERS) - 4) + [
+                "failed to run: " + row["error"][:300]]
         i, d = row["idle"], row["during"]
         r50, r99 = median(d["exec"]) / median(i["exec"]), p99(d["exec"]) / p99(i["exec"])
         h99, grown = p99(d["health"]) if d["health"] else float("nan"), row["after"] - row["rss0"]
@@ -2040,8 +2103,14 @@ class Bench:
         notes = [f"{len(d['exec'])} execs"]
         if d["errors"]:
             notes.append("healthy errors: " + ", ".join(f"{k} x{v}" for k, v in d["errors"].most_common(3)))
+        notes += row["problems"]
+        if row["stuck"] > 2:
+            notes.append(f"cbox.py answered health within 1 s again {row['stuck']:.0f} s after the attack ended")
+        if row["after_s"] > row["settle"] + 2 and row["after"] != float("inf"):
+            notes.append(f"RSS after read {row['after_s']:.0f} s after the attack")
         if row["capped"] is not None:
-            notes.append(f"attack stopped at the {row['peak']:.0f} MB RSS guard after {row['capped']:.1f} s")
+            notes.append(f"RSS passed the memory guard ({row['cap']} MB) {row['capped']:.1f} s after the attack "
+                         "began: the attack was halted there")
         if row["rss0"] > row["base"] + 20:
             notes.append(f"RSS before: {row['rss0'] - row['base']:.0f} MB over cbox.py's {row['base']:.0f} MB with "
                          "these VMs idle, left by the rows before")
@@ -2054,10 +2123,11 @@ class Bench:
         return [row["kind"], str(row["n"]), "yes" if row["pinned"] else "no",
                 f"{median(i['exec']):.2f} / {median(d['exec']):.2f} ms", f"{r50:.2f}x",
                 f"{p99(i['exec']):.2f} / {p99(d['exec']):.2f} ms", f"{r99:.2f}x", f"{h99:.1f} ms",
-                f"{row['rss0']:.0f} / {row['peak']:.0f} / {row['after']:.0f} MB", f"{row['cpu'] * 100:.0f}%",
+                f"{row['rss0']:.0f} / {row['peak']:.0f} / "
+                + ("killed" if row["after"] == float("inf") else f"{row['after']:.0f} MB"), f"{row['cpu'] * 100:.0f}%",
                 verdict(r50 <= 2), verdict(r99 <= 3), verdict(h99 < 50), verdict(grown <= 20), "; ".join(notes)]
 
-    def fair_share_section(self, rows, counts, hold, settle, cap_mb, near, far, load, took, tracebacks):
+    def fair_share_section(self, rows, counts, kinds, hold, settle, cap_mb, near, far, load, took, tracebacks):
         table = ["### Many hostile tenants at once (fair share)", "",
                  f"Written by `python3 bench/bench.py --only hostile` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} "
                  f"UTC ({os.cpu_count()} cores, load average {load[0]} at the start of this table, {load[-1]} at its "
@@ -2079,8 +2149,8 @@ class Bench:
                                       for kind, what in self.FAIR_ATTACKS.items()] + [""]
         table += ["| " + " | ".join(self.FAIR_HEADERS) + " |", "|" + "---|" * len(self.FAIR_HEADERS)]
         table += ["| " + " | ".join(c.replace("|", "\\|") for c in self.fair_cells(row)) + " |" for row in rows]
-        if len(rows) < len(counts) * len(self.FAIR_ATTACKS) + 1:
-            table += ["", f"(incomplete: {len(rows)} of {len(counts) * len(self.FAIR_ATTACKS) + 1} rows ran)"]
+        if len(rows) < len(counts) * len(kinds) + 1:
+            table += ["", f"(incomplete: {len(rows)} of {len(counts) * len(kinds) + 1} rows ran)"]
         text = "\n".join(table)
         self.sections["Hostile guest"] = self.sections.get("Hostile guest", "## Hostile guest") + "\n\n" + text
         say("\n" + text)
@@ -2644,6 +2714,8 @@ def main(argv=None):
                    help="hostile: the single bad VM's table, the many attackers' (fair share) one, or both")
     p.add_argument("--attackers", metavar="N,N,...",
                    help="hostile fair share: attackers per class (default 1,10,39; --quick 1,3)")
+    p.add_argument("--attacks", metavar="NAME,NAME,...", help="hostile fair share: the attack classes to run "
+                                                              "(default all; the unpinned row runs anyway)")
     p.add_argument("--settle", type=float, help="hostile fair share: seconds after an attack to read cbox.py's "
                                                 "RSS (default 30, --quick 5)")
     p.add_argument("--big-line-mb", type=float, default=50.0,

@@ -324,12 +324,12 @@ class AgentAnswers(Attack):
             self.stopping.wait(self.pause)      # the bad VM's REST user is not the attacker
 
 
-def start_hostile_agent(post_exec, stop_file, max_seconds=120):
+def start_hostile_agent(post_exec, stop_file, max_seconds=120, wait=20):
     """Start hostile_agent.py in the guest through a background exec; post_exec(body) -> (status, json)."""
     cmd = f"exec python3 {HOSTILE_AGENT} {stop_file} {max_seconds:g}"
     status, r = post_exec({"cmd": cmd, "blocking": False})
     assert status == 200, r
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         status, r = post_exec({"cmd": "hostile:probe", "timeout": 5})
         if status == 200 and r.get("stdout") == "hostile\n":
@@ -338,9 +338,9 @@ def start_hostile_agent(post_exec, stop_file, max_seconds=120):
     raise AssertionError(f"the hostile agent did not take over: {status} {r}")
 
 
-def stop_hostile_agent(post_exec, stop_file):
+def stop_hostile_agent(post_exec, stop_file, wait=30):
     Path(stop_file).touch()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         status, r = post_exec({"cmd": "echo real", "timeout": 5})
         if status == 200 and r.get("stdout") == "real\n":
@@ -442,12 +442,13 @@ class UnauthBodies(RestAttack):
     """Without the token: `clients` x `conns` connections, each sending a request whose
     `body`-byte body misses its last byte (held open; sent again when cbox.py answers or
     closes), and once a second a request whose method holds a newline and FORGED."""
-    name, what = "unauthenticated bodies", ("no token: 250 connections per client, each an 8 MiB body but its "
-                                            "last byte; a method with a newline once a second")
+    name, what = "unauthenticated bodies", ("no token: 250 connections per client (256 sending at once at most), "
+                                            "each an 8 MiB body but its last byte; a method with a newline once a second")
 
-    def __init__(self, api, clients=1, conns=250, body=8 * 1024 * 1024, senders=8):
+    def __init__(self, api, clients=1, conns=250, body=8 * 1024 * 1024, senders=256):
         super().__init__(dict(api, token=""))
-        self.slots, self.body, self.senders = clients * conns, body, senders
+        self.slots, self.body, self.senders = clients * conns, body, min(senders, clients * conns)
+        self.payload = memoryview(b"x" * (body - 1))        # one copy for every sender
 
     def start(self):
         for i in range(self.senders):
@@ -455,7 +456,6 @@ class UnauthBodies(RestAttack):
         self.thread(self._forge)
 
     def _fill(self, slots):
-        payload = memoryview(b"x" * (self.body - 1))
         head = self.head("POST", "/v1/vms", self.body)
         live = {}
         while not self.stopping.is_set():
@@ -466,11 +466,12 @@ class UnauthBodies(RestAttack):
                 try:
                     sock = self.connect(timeout=5.0)
                     sock.sendall(head)
-                    sock.sendall(payload)
+                    sock.sendall(self.payload)
                     live[slot] = sock
                     self.count("bodies held")
                 except OSError as e:
-                    self.count(f"send {type(e).__name__}")
+                    if not self.stopping.is_set():
+                        self.count(f"send {type(e).__name__}")
                     if sock:
                         sock.close()
             for slot, sock in list(live.items()):
