@@ -8,8 +8,13 @@ run. Prints a table and writes it to bench/results.md.
     sudo python3 bench/bench.py --only exec,callback
     sudo python3 bench/bench.py --profile      # also cProfile cbox.py and the agent
     sudo python3 bench/bench.py --only realboot  # real boots of out/ images under QEMU
-    sudo python3 bench/bench.py --only hostile   # a hostile guest vs a healthy VM's execs
+    sudo python3 bench/bench.py --only hostile   # a hostile guest vs a healthy VM's execs, then
+                                                 # 1, 10 and 39 hostile tenants per attack class at
+                                                 # once (fair share; --attackers, --attacks,
+                                                 # --settle, --hostile fair|single; ~14 min)
                                                  # (rewrites only its section of results.md)
+    sudo python3 bench/bench.py --only density   # 250 VMs: cbox.py's RSS, exec vs one VM, DELETE
+                                                 # /v1/vms (--vms N; its own section too)
     sudo python3 bench/bench.py --only ttl       # TTL accuracy: expiresAt -> the VM gone
     sudo python3 bench/bench.py --only stream    # exec streams: latency, throughput, idle streams
     sudo python3 bench/bench.py --only monitoring  # exec throughput with metrics scraped and
@@ -571,6 +576,25 @@ class HealthyClient:
             errors[f"{path.rsplit('/', 1)[-1]} {status}"] += 1
 
 
+def exec_poster(connect, name, headers=None):
+    """post(body) -> (status, JSON answer or {}) of POST /v1/vms/NAME/exec on a connection of its
+    own (tests/hostile.py's start_hostile_agent wants one); a connection that fails gives
+    (its error's name, {})."""
+    def post(body):
+        c = Http(connect, headers=headers)
+        try:
+            status, data = c.request("POST", f"/v1/vms/{name}/exec", body)
+        except (OSError, EOFError) as e:
+            return type(e).__name__, {}
+        finally:
+            c.close()
+        try:
+            return status, json.loads(data)
+        except (ValueError, RecursionError):
+            return status, {}
+    return post
+
+
 def mem_available_mb():
     with open("/proc/meminfo") as f:
         for line in f:
@@ -646,19 +670,7 @@ class FairLab:
         self.pinned = on
 
     def post_exec(self, name):
-        def post(body):
-            c = Http(self.manage, headers=self.headers)
-            try:
-                status, data = c.request("POST", f"/v1/vms/{name}/exec", body)
-            except (OSError, EOFError) as e:
-                return type(e).__name__, {}
-            finally:
-                c.close()
-            try:
-                return status, json.loads(data)
-            except (ValueError, RecursionError):
-                return status, {}
-        return post
+        return exec_poster(self.manage, name, self.headers)
 
     def each(self, fn, names, at_once=8):
         """fn(name) for each VM, `at_once` at a time; the first error is raised after all ran."""
@@ -1883,18 +1895,7 @@ class Bench:
                         times.append((time.perf_counter() - t) * 1000)
                     return median(times), len(times)
 
-                def post_exec(body):
-                    c = Http(srv.connect)
-                    try:
-                        status, data = c.request("POST", "/v1/vms/bad/exec", body)
-                    except (OSError, EOFError) as e:
-                        return type(e).__name__, {}
-                    finally:
-                        c.close()
-                    try:
-                        return status, json.loads(data)
-                    except (ValueError, RecursionError):
-                        return status, {}
+                post_exec = exec_poster(srv.connect, "bad")
 
                 exec_p50(1.0)                                   # warm up
                 say(f"  cbox.py RSS {hostile.rss_kb(srv.pid) // 1024} MB, fds {hostile.fd_count(srv.pid)} at rest")
@@ -2138,8 +2139,11 @@ class Bench:
                  f"the healthy VM and the healthy client (this bench process) on CPU {min(near)}, the attacking VMs "
                  f"(stand-in and guest processes) and the attack processes (tests/hostile.py) on CPU {min(far)}; the "
                  f"unpinned row lets them all run anywhere. The healthy client runs `true` back to back for {hold:g} s "
-                 f"during each attack (after 0.5 s of it) and probes GET /v1/health every 50 ms; idle = the same "
-                 f"measure just before, in the same run. cbox.py's RSS: just before, its peak (sampled every 50 ms), "
+                 f"during each attack (after 0.5 s of it; {hold:g} s so that a full `--only hostile` run stays within "
+                 f"about 15 minutes) and probes GET /v1/health every 50 ms; idle = the same measure just before, in "
+                 f"the same run. Rows run in the table's order: each count's attacks, the unpinned row, then the "
+                 f"huge event lines rows (the memory guard may end cbox.py there). cbox.py's RSS: just before, its "
+                 f"peak (sampled every 50 ms), "
                  f"and {settle:g} s after the attack ended (attack processes stopped, replaced agents restored, "
                  f"`yes` execs killed). Targets (issue 23): exec p50 <= 2x and p99 <= 3x idle, health p99 < 50 ms, RSS "
                  f"back within 20 MB of before. A guard stops an attack when cbox.py's RSS passes {cap_mb} MB (the "
@@ -2700,7 +2704,7 @@ def main(argv=None):
     p.add_argument("--only", default="", help=f"comma separated subset of: {', '.join(BENCHES)}")
     p.add_argument("--profile", action="store_true", help="also profile cbox.py and the agent on the exec path")
     p.add_argument("--iterations", type=int, help="iterations for exec latency and callbacks")
-    p.add_argument("--duration", type=float, help="seconds of the throughput run")
+    p.add_argument("--duration", type=float, help="seconds of the throughput run (hostile: of each attack)")
     p.add_argument("--vms", type=int, help="VMs in the density run (at most 250)")
     p.add_argument("--boots", type=int, help="real boots in the realboot run (default 5, --quick 3)")
     p.add_argument("--cmdline-extra", default="", metavar="ARGS",
