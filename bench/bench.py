@@ -2050,7 +2050,7 @@ class Bench:
             stop_file.touch()
             end = time.monotonic() + 60
             while time.monotonic() < end and not sampler.stopping.is_set():
-                if hostile.rss_kb(srv.pid) > 1.5 * cap_mb * 1024:
+                if hostile.rss_kb(srv.pid) > 2 * cap_mb * 1024:
                     srv.proc.kill()
                     killed.append(True)
                     return
@@ -2073,7 +2073,7 @@ class Bench:
             finally:
                 sampler.stop()
         if killed:
-            problems.append(f"cbox.py killed by the memory guard past {1.5 * cap_mb:.0f} MB RSS")
+            problems.append(f"cbox.py killed by the memory guard past {2 * cap_mb:.0f} MB RSS")
             stuck, idle_next = 0.0, idle
         else:
             stuck = lab.wait_responsive()
@@ -2147,7 +2147,7 @@ class Bench:
                  f"and {settle:g} s after the attack ended (attack processes stopped, replaced agents restored, "
                  f"`yes` execs killed). Targets (issue 23): exec p50 <= 2x and p99 <= 3x idle, health p99 < 50 ms, RSS "
                  f"back within 20 MB of before. A guard stops an attack when cbox.py's RSS passes {cap_mb} MB (the "
-                 f"machine's memory; cbox.py is killed past 1.5x that). This table took {took / 60:.1f} min. "
+                 f"machine's memory; cbox.py is killed past 2x that). This table took {took / 60:.1f} min. "
                  f"Tracebacks in cbox.py's log: {tracebacks if tracebacks is not None else 'unknown (aborted)'}.", ""]
         table += ["Per attacker:"] + [f"- **{kind}**: {what.format(big=self.args.big_line_mb)}"
                                       for kind, what in self.FAIR_ATTACKS.items()] + [""]
@@ -2725,7 +2725,7 @@ def main(argv=None):
     p.add_argument("--big-line-mb", type=float, default=50.0,
                    help="hostile fair share: size of the replaced agents' event lines (default 50)")
     p.add_argument("--rss-cap-mb", type=int, help="hostile fair share: stop an attack when cbox.py's RSS passes "
-                                                  "this (default min(4096, MemAvailable / 4))")
+                                                  "this, kill it past twice that (default min(4096, MemAvailable / 4))")
     args = p.parse_args(argv)
     only = [x.strip() for x in args.only.split(",") if x.strip()] or list(BENCHES)
     unknown = set(only) - set(BENCHES)
