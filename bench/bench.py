@@ -703,7 +703,8 @@ class FairLab:
             big = int(self.bench.args.big_line_mb * MB)
             return (hostile.Remote(hostile.BigEventStreams, self.target(), cpus=cpus, vms=vms, clients=4,
                                    lines=12, size=big),
-                    lambda: self.each(lambda v: hostile.start_hostile_agent(self.post_exec(v), stop_file, wait=60), vms),
+                    lambda: self.each(lambda v: hostile.start_hostile_agent(self.post_exec(v), stop_file, wait=60,
+                                                                            biglines_bytes=big), vms),
                     lambda: self.each(lambda v: hostile.stop_hostile_agent(self.post_exec(v), stop_file, 150), vms,
                                       at_once=len(vms)))
         if kind == "callback flood":
@@ -1972,7 +1973,8 @@ class Bench:
         kinds = [k.strip() for k in self.args.attacks.split(",")] if self.args.attacks else list(self.FAIR_ATTACKS)
         unknown = set(kinds) - set(self.FAIR_ATTACKS)
         if unknown:
-            raise ValueError(f"unknown attack(s) {', '.join(sorted(unknown))}; choose from {', '.join(self.FAIR_ATTACKS)}")
+            raise ValueError(f"unknown attack(s) {', '.join(sorted(unknown))}; "
+                             f"choose from {', '.join(self.FAIR_ATTACKS)}")
         settle = self.args.settle if self.args.settle is not None else self.n(30.0, 5.0)
         cap_mb = self.args.rss_cap_mb or min(4096, mem_available_mb() // 4)
         cpus = sorted(os.sched_getaffinity(0))
@@ -2095,8 +2097,8 @@ class Bench:
     @classmethod
     def fair_cells(cls, row):
         if row.get("error"):
-            return [row["kind"], str(row["n"]), "yes" if row["pinned"] else "no"] + ["-"] * (len(cls.FAIR_HEADERS) - 4) + [
-                "failed to run: " + row["error"][:300]]
+            return ([row["kind"], str(row["n"]), "yes" if row["pinned"] else "no"]
+                    + ["-"] * (len(cls.FAIR_HEADERS) - 4) + ["failed to run: " + row["error"][:300]])
         i, d = row["idle"], row["during"]
         r50, r99 = median(d["exec"]) / median(i["exec"]), p99(d["exec"]) / p99(i["exec"])
         h99, grown = p99(d["health"]) if d["health"] else float("nan"), row["after"] - row["rss0"]

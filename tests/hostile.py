@@ -324,9 +324,9 @@ class AgentAnswers(Attack):
             self.stopping.wait(self.pause)      # the bad VM's REST user is not the attacker
 
 
-def start_hostile_agent(post_exec, stop_file, max_seconds=120, wait=20):
+def start_hostile_agent(post_exec, stop_file, max_seconds=120, wait=20, biglines_bytes=None):
     """Start hostile_agent.py in the guest through a background exec; post_exec(body) -> (status, json)."""
-    cmd = f"exec python3 {HOSTILE_AGENT} {stop_file} {max_seconds:g}"
+    cmd = f"exec python3 {HOSTILE_AGENT} {stop_file} {max_seconds:g}" + (f" {biglines_bytes}" if biglines_bytes else "")
     status, r = post_exec({"cmd": cmd, "blocking": False})
     assert status == 200, r
     deadline = time.monotonic() + wait
@@ -398,7 +398,8 @@ class RestAttack(Attack):
 class BigEventStreams(RestAttack):
     """Streamed execs on VMs whose agent hostile_agent.py replaced: each stream is `lines`
     stdout events of ~`size` bytes (cbox.py reads and relays them); `clients` at once per VM."""
-    name, what = "huge event lines", "replaced agents answer streamed execs with 12 event lines of ~50 MB each, 4 clients per VM"
+    name = "huge event lines"
+    what = "replaced agents answer streamed execs with 12 event lines of ~50 MB each, 4 clients per VM"
 
     def __init__(self, api, vms, clients=4, lines=12, size=50 * 1024 * 1024):
         super().__init__(api)
@@ -442,8 +443,9 @@ class UnauthBodies(RestAttack):
     """Without the token: `clients` x `conns` connections, each sending a request whose
     `body`-byte body misses its last byte (held open; sent again when cbox.py answers or
     closes), and once a second a request whose method holds a newline and FORGED."""
-    name, what = "unauthenticated bodies", ("no token: 250 connections per client (256 sending at once at most), "
-                                            "each an 8 MiB body but its last byte; a method with a newline once a second")
+    name = "unauthenticated bodies"
+    what = ("no token: 250 connections per client (256 sending at once at most), each an 8 MiB body but its "
+            "last byte; a method with a newline once a second")
 
     def __init__(self, api, clients=1, conns=250, body=8 * 1024 * 1024, senders=256):
         super().__init__(dict(api, token=""))
@@ -478,7 +480,7 @@ class UnauthBodies(RestAttack):
                 sock.settimeout(0.001)
                 try:
                     answer = sock.recv(4096)
-                    self.count(("answered " + answer[9:12].decode("latin-1", "replace")) if answer else "closed by cbox")
+                    self.count(f"answered {answer[9:12].decode('latin-1', 'replace')}" if answer else "closed by cbox")
                 except socket.timeout:
                     continue
                 except OSError as e:
@@ -509,7 +511,8 @@ def many_params(n=8000):
 class RestQueries(RestAttack):
     """With the token: `clients` keep-alive connections looping GET /v1/vms, with 4,500 label=
     filters and 8,000 unknown parameters in turn."""
-    name, what = "rest queries", "with the token: clients looping GET /v1/vms with 4,500 label= filters or 8,000 unknown parameters in turn"
+    name = "rest queries"
+    what = "with the token: clients looping GET /v1/vms with 4,500 label= filters or 8,000 unknown parameters in turn"
 
     def __init__(self, api, clients=1):
         super().__init__(api)
@@ -671,8 +674,8 @@ REST_ATTACKS = {cls.__name__: cls for cls in (BigEventStreams, YesStreams, Unaut
 
 
 class Remote:
-    """An attack run by `python3 hostile.py NAME TARGET_JSON ARGS_JSON [CPUS_JSON]` in a process of
-    its own, like a guest on vCPUs of its own: its threads do not share the caller's GIL (which
+    """An attack run by `python3 hostile.py NAME TARGET_JSON ARGS_JSON CPUS_JSON MAX_SECONDS` in a
+    process of its own, like a guest on vCPUs of its own: its threads do not share the caller's GIL (which
     would slow the caller's measurements, not cbox.py). TARGET: a callback socket's path, a list
     of them (the attack on each, Many) or a REST attack's api. With `cpus` the process runs on
     those CPUs only. `seen` follows the child's counters. The child ends with its parent, and

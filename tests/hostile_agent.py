@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A hostile stand-in for the guest agent, started by an exec inside the guest.
 
-    exec python3 hostile_agent.py STOP_FILE MAX_SECONDS
+    exec python3 hostile_agent.py STOP_FILE MAX_SECONDS [BIGLINES_BYTES]
 
 What a root attacker in a guest can do to take the agent's place on port 4031:
 it duplicates the agent server's listening socket with pidfd_getfd(2) (the
@@ -11,7 +11,8 @@ server with SIGSTOP (its supervisor does not notice a stopped child, so nothing
 restarts it) and answers every request itself, badly. The answer is chosen by
 the request's "cmd" (see answer()); "hostile:biglines:LINES:BYTES" starts a
 background exec whose event stream (GET /exec/{id}/stream, the id naming LINES
-and BYTES) is LINES stdout events of about BYTES each, then its exit event.
+and BYTES) is LINES stdout events of about BYTES each, then its exit event
+(BIGLINES_BYTES: such a line made before it takes over).
 When STOP_FILE appears or MAX_SECONDS pass it closes what it took and resumes
 the real server with SIGCONT.
 Stdlib only; Linux 5.6+ (pidfd_getfd), root.
@@ -182,8 +183,10 @@ def serve(conn, stop):
         conn.close()
 
 
-def main(stop_file, max_seconds):
+def main(stop_file, max_seconds, prebuild=""):
     time.sleep(0.3)                 # let the agent answer the exec that started us
+    if prebuild:                    # the big lines' body, made before serving: the attack starts at full speed
+        big_event_body(int(prebuild))
     server = os.getppid()
     os.kill(server, signal.SIGSTOP)     # first: a connection it accepts meanwhile would be missed (and hang)
     listener, conns = take_sockets(server)
@@ -217,4 +220,4 @@ def main(stop_file, max_seconds):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], float(sys.argv[2])))
+    sys.exit(main(sys.argv[1], float(sys.argv[2]), *sys.argv[3:4]))
