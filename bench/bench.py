@@ -2098,7 +2098,8 @@ class Bench:
     def fair_cells(cls, row):
         if row.get("error"):
             return ([row["kind"], str(row["n"]), "yes" if row["pinned"] else "no"]
-                    + ["-"] * (len(cls.FAIR_HEADERS) - 4) + ["failed to run: " + row["error"][:300]])
+                    + ["-"] * (len(cls.FAIR_HEADERS) - 4)
+                    + [("" if row["error"].startswith("not run") else "failed to run: ") + row["error"][:300]])
         i, d = row["idle"], row["during"]
         r50, r99 = median(d["exec"]) / median(i["exec"]), p99(d["exec"]) / p99(i["exec"])
         h99, grown = p99(d["health"]) if d["health"] else float("nan"), row["after"] - row["rss0"]
