@@ -700,11 +700,9 @@ class FairLab:
         vms, cpus = self.attackers[:n], self.far if self.pinned else None
         nothing = lambda: None          # noqa: E731
         if kind == "huge event lines":
-            big = int(self.bench.args.big_line_mb * MB)
-            return (hostile.Remote(hostile.BigEventStreams, self.target(), cpus=cpus, vms=vms, clients=4,
-                                   lines=12, size=big),
-                    lambda: self.each(lambda v: hostile.start_hostile_agent(self.post_exec(v), stop_file, wait=60,
-                                                                            biglines_bytes=big), vms),
+            return (hostile.Remote(hostile.BigEventStreams, self.target(), cpus=cpus, vms=vms, clients=4),
+                    lambda: self.each(lambda v: hostile.start_hostile_agent(self.post_exec(v), stop_file, wait=60),
+                                      vms),
                     lambda: self.each(lambda v: hostile.stop_hostile_agent(self.post_exec(v), stop_file, 150), vms,
                                       at_once=len(vms)))
         if kind == "callback flood":
@@ -1962,9 +1960,9 @@ class Bench:
                                   "once a second a request whose method holds a newline (forged log lines counted)",
         "rest queries": "a client with the token loops GET /v1/vms on one keep-alive connection, with 4,500 "
                         "`label=` filters and 8,000 unknown parameters in turn",
-        "huge event lines": "its agent replaced (tests/hostile_agent.py), 4 clients loop streamed execs that it "
-                            "answers with 12 stdout event lines of ~{big:g} MB each (`{{\"seq\":N,\"type\":\"stdout\","
-                            "\"data\":[1,1,...]}}`), then an exit event",
+        "huge event lines": "its agent replaced (tests/hostile_agent.py, mode stream_huge), 4 clients loop streamed "
+                            "execs that it answers with a start event and 12 stdout event lines of ~50 MB each "
+                            "(`{\"seq\":N,\"type\":\"stdout\",\"data\":[1,1,...]}`), then closes",
     }
     UNPINNED = "callback flood"         # the one class also run unpinned, at the most attackers
 
@@ -2152,8 +2150,7 @@ class Bench:
                  f"back within 20 MB of before. A guard stops an attack when cbox.py's RSS passes {cap_mb} MB (the "
                  f"machine's memory; cbox.py is killed past 2x that). This table took {took / 60:.1f} min. "
                  f"Tracebacks in cbox.py's log: {tracebacks if tracebacks is not None else 'unknown (aborted)'}.", ""]
-        table += ["Per attacker:"] + [f"- **{kind}**: {what.format(big=self.args.big_line_mb)}"
-                                      for kind, what in self.FAIR_ATTACKS.items()] + [""]
+        table += ["Per attacker:"] + [f"- **{kind}**: {what}" for kind, what in self.FAIR_ATTACKS.items()] + [""]
         table += ["| " + " | ".join(self.FAIR_HEADERS) + " |", "|" + "---|" * len(self.FAIR_HEADERS)]
         table += ["| " + " | ".join(c.replace("|", "\\|") for c in self.fair_cells(row)) + " |" for row in rows]
         if len(rows) < len(counts) * len(kinds) + 1:
@@ -2725,8 +2722,6 @@ def main(argv=None):
                                                               "(default all; the unpinned row runs anyway)")
     p.add_argument("--settle", type=float, help="hostile fair share: seconds after an attack to read cbox.py's "
                                                 "RSS (default 30, --quick 5)")
-    p.add_argument("--big-line-mb", type=float, default=50.0,
-                   help="hostile fair share: size of the replaced agents' event lines (default 50)")
     p.add_argument("--rss-cap-mb", type=int, help="hostile fair share: stop an attack when cbox.py's RSS passes "
                                                   "this, kill it past twice that (default min(4096, MemAvailable / 4))")
     args = p.parse_args(argv)

@@ -324,9 +324,9 @@ class AgentAnswers(Attack):
             self.stopping.wait(self.pause)      # the bad VM's REST user is not the attacker
 
 
-def start_hostile_agent(post_exec, stop_file, max_seconds=120, wait=20, biglines_bytes=None):
+def start_hostile_agent(post_exec, stop_file, max_seconds=120, wait=20):
     """Start hostile_agent.py in the guest through a background exec; post_exec(body) -> (status, json)."""
-    cmd = f"exec python3 {HOSTILE_AGENT} {stop_file} {max_seconds:g}" + (f" {biglines_bytes}" if biglines_bytes else "")
+    cmd = f"exec python3 {HOSTILE_AGENT} {stop_file} {max_seconds:g}"
     status, r = post_exec({"cmd": cmd, "blocking": False})
     assert status == 200, r
     deadline = time.monotonic() + wait
@@ -396,14 +396,15 @@ class RestAttack(Attack):
 
 
 class BigEventStreams(RestAttack):
-    """Streamed execs on VMs whose agent hostile_agent.py replaced: each stream is `lines`
-    stdout events of ~`size` bytes (cbox.py reads and relays them); `clients` at once per VM."""
+    """Streamed execs on VMs whose agent hostile_agent.py replaced, answered in `mode` (its
+    STREAM_LINES: stream_huge, 12 stdout events of ~50 MB each; cbox.py reads and relays
+    them); `clients` at once per VM."""
     name = "huge event lines"
     what = "replaced agents answer streamed execs with 12 event lines of ~50 MB each, 4 clients per VM"
 
-    def __init__(self, api, vms, clients=4, lines=12, size=50 * 1024 * 1024):
+    def __init__(self, api, vms, clients=4, mode="stream_huge"):
         super().__init__(api)
-        self.vms, self.clients, self.lines, self.size = vms, clients, lines, size
+        self.vms, self.clients, self.mode = vms, clients, mode
 
     def start(self):
         for vm in self.vms:
@@ -411,7 +412,7 @@ class BigEventStreams(RestAttack):
                 self.thread(self._one, vm)
 
     def _one(self, vm):
-        body = {"cmd": f"hostile:biglines:{self.lines}:{self.size}", "stream": True, "timeout": 60}
+        body = {"cmd": f"hostile:{self.mode}", "stream": True, "timeout": 60}
         while not self.stopping.is_set():
             self.drain(self.post_json(f"/v1/vms/{vm}/exec", body))
             self.stopping.wait(0.05)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A hostile stand-in for the guest agent, started by an exec inside the guest.
 
-    exec python3 hostile_agent.py STOP_FILE MAX_SECONDS [BIGLINES_BYTES]
+    exec python3 hostile_agent.py STOP_FILE MAX_SECONDS
 
 What a root attacker in a guest can do to take the agent's place on port 4031:
 it duplicates the agent server's listening socket with pidfd_getfd(2) (the
@@ -9,18 +9,14 @@ server is this command's parent), shuts down the server's open connections (so
 cbox.py's keep-alive connections come back through the listener), stops the
 server with SIGSTOP (its supervisor does not notice a stopped child, so nothing
 restarts it) and answers every request itself, badly. The answer is chosen by
-the request's "cmd" (see answer()); "hostile:biglines:LINES:BYTES" starts a
-background exec whose event stream (GET /exec/{id}/stream, the id naming LINES
-and BYTES) is LINES stdout events of about BYTES each, then its exit event
-(BIGLINES_BYTES: such a line made before it takes over).
-When STOP_FILE appears or MAX_SECONDS pass it closes what it took and resumes
-the real server with SIGCONT.
+the request's "cmd" (see answer()); a streamed exec whose cmd is hostile:stream_*
+gets the execId hostile-stream_*, and its event stream is the attack (see stream()). When STOP_FILE appears or MAX_SECONDS pass it
+closes what it took and resumes the real server with SIGCONT.
 Stdlib only; Linux 5.6+ (pidfd_getfd), root.
 """
 import ctypes
 import json
 import os
-import re
 import signal
 import socket
 import sys
@@ -60,8 +56,8 @@ def take_sockets(pid):
     return listener, conns
 
 
-def read_request(conn):
-    """(request line, JSON body or {}) of the next request; None when the peer is gone."""
+def read_request(conn, target=None):
+    """The request's JSON body ({} without one); `target`, a list, gets the request target."""
     data = b""
     while b"\r\n\r\n" not in data:
         more = conn.recv(65536)
@@ -69,6 +65,8 @@ def read_request(conn):
             return None
         data += more
     head, _, rest = data.partition(b"\r\n\r\n")
+    if target is not None:
+        target[:] = [head.split(b" ")[1].decode("latin-1") if head.count(b" ") >= 2 else ""]
     length = 0
     for line in head.split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
@@ -80,37 +78,9 @@ def read_request(conn):
             return None
         rest += more
     try:
-        body = json.loads(rest[:length] or b"{}")
+        return json.loads(rest[:length] or b"{}")
     except ValueError:
-        body = {}
-    return head.split(b"\r\n", 1)[0].decode("latin-1"), body
-
-
-BIG_ID = re.compile(r"^/exec/big-(\d+)-(\d+)/stream")
-_big_bodies = {}                # BYTES -> the shared data part of a big event line
-
-
-def big_event_body(size):
-    """The data part of an event line of about `size` bytes: [1,1,...,1]}\\n (parsed: a list of
-    size/2 ints, so the parser's memory is several times the line's)."""
-    if size not in _big_bodies:
-        _big_bodies[size] = b"[" + b"1," * max(size // 2 - 1, 0) + b"1]}\n"
-    return _big_bodies[size]
-
-
-def big_lines(conn, lines, size, stop, piece=1024 * 1024):
-    """The stream of a biglines exec: `lines` stdout events of ~`size` bytes, then exit; HTTP/1.0.
-    Sent `piece` bytes at a time: once stopped, it ends within a piece (a guard that stops the
-    attack must not wait for lines of gigabytes)."""
-    conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: application/x-ndjson\r\n\r\n")
-    body = memoryview(big_event_body(size))
-    for seq in range(lines):
-        conn.sendall(b'{"seq":%d,"type":"stdout","data":' % seq)
-        for at in range(0, len(body), piece):
-            if stop.is_set():
-                return
-            conn.sendall(body[at:at + piece])
-    conn.sendall(b'{"seq":%d,"type":"exit","exitCode":0,"timedOut":false}\n' % lines)
+        return {}
 
 
 def answer(conn, mode, stop):
@@ -153,40 +123,54 @@ def answer(conn, mode, stop):
                     return
             except socket.timeout:
                 pass
-    elif mode.startswith("biglines:"):   # a streamed exec: its id names the stream's lines and size
-        _, lines, size = mode.split(":")
-        body = json.dumps({"execId": f"big-{int(lines)}-{int(size)}", "running": True}).encode()
-        send(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-             % len(body) + body)
     else:                           # anything else: a plain, valid answer
         body = json.dumps({"exitCode": 0, "stdout": "hostile\n", "stderr": "", "output": "hostile\n"}).encode()
         send(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
              % len(body) + body)
 
 
+STREAM_LINES = {    # an exec's event stream: 12 lines like these after its start event
+    "stream_huge": lambda seq: b'{"seq":%d,"type":"stdout","data":[' % seq + b"1," * (25 << 20) + b'1]}\n',
+    "stream_nested": lambda seq: b'{"seq":%d,"type":"stdout","data":' % seq + b"[" * 500_000 + b"]" * 500_000
+                                 + b"}\n",
+}
+
+
+def stream(conn, mode):
+    """GET /exec/hostile-MODE/stream: a start event, then 12 hostile lines (as many readers
+    as ask); a cbox.py that stops reading ends it (the send fails)."""
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n\r\n"
+                 b'{"seq":0,"type":"start","execId":"hostile-%s"}\n' % mode.encode())
+    for seq in range(1, 13):
+        conn.sendall(STREAM_LINES[mode](seq))
+    conn.close()
+
+
 def serve(conn, stop):
     try:
         while not stop.is_set():
-            request = read_request(conn)
+            target = []
+            request = read_request(conn, target)
             if request is None:
                 return
-            line, body = request
-            target = line.split(" ")[1] if line.count(" ") >= 2 else ""
-            if big := BIG_ID.match(target):     # cbox.py reads a stream over HTTP/1.0: ends at the close
-                big_lines(conn, int(big[1]), int(big[2]), stop)
-                return
-            mode = body.get("cmd", "") if isinstance(body, dict) else ""
-            answer(conn, mode.removeprefix("hostile:"), stop)
+            mode = request.get("cmd", "") if isinstance(request, dict) else ""
+            mode = mode.removeprefix("hostile:")
+            if target[0].startswith("/exec/hostile-stream_") and target[0].split("/")[2][8:] in STREAM_LINES:
+                return stream(conn, target[0].split("/")[2][8:])
+            if mode in STREAM_LINES and request.get("blocking") is False:      # a streamed exec starts
+                body = json.dumps({"execId": f"hostile-{mode}", "running": True}).encode()
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                             % len(body) + body)
+                continue
+            answer(conn, mode, stop)
     except OSError:
         pass
     finally:
         conn.close()
 
 
-def main(stop_file, max_seconds, prebuild=""):
+def main(stop_file, max_seconds):
     time.sleep(0.3)                 # let the agent answer the exec that started us
-    if prebuild:                    # the big lines' body, made before serving: the attack starts at full speed
-        big_event_body(int(prebuild))
     server = os.getppid()
     os.kill(server, signal.SIGSTOP)     # first: a connection it accepts meanwhile would be missed (and hang)
     listener, conns = take_sockets(server)
@@ -220,4 +204,4 @@ def main(stop_file, max_seconds, prebuild=""):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], float(sys.argv[2]), *sys.argv[3:4]))
+    sys.exit(main(sys.argv[1], float(sys.argv[2])))
