@@ -11,8 +11,13 @@ run. Prints a table and writes it to bench/results.md.
                                                  # (rewrites only that section of results.md)
     sudo python3 bench/bench.py --profile      # also cProfile cbox.py and the agent
     sudo python3 bench/bench.py --only realboot  # real boots of out/ images under QEMU
-    sudo python3 bench/bench.py --only hostile   # a hostile guest vs a healthy VM's execs
+    sudo python3 bench/bench.py --only hostile   # a hostile guest vs a healthy VM's execs, then
+                                                 # 1, 10 and 39 hostile tenants per attack class at
+                                                 # once (fair share; --attackers, --attacks,
+                                                 # --settle, --hostile fair|single; ~14 min)
                                                  # (rewrites only its section of results.md)
+    sudo python3 bench/bench.py --only density   # 250 VMs: cbox.py's RSS, exec vs one VM, DELETE
+                                                 # /v1/vms (--vms N; its own section too)
     sudo python3 bench/bench.py --only ttl       # TTL accuracy: expiresAt -> the VM gone
     sudo python3 bench/bench.py --only stream    # exec streams: latency, throughput, idle streams
     sudo python3 bench/bench.py --only monitoring  # exec throughput with metrics scraped and
@@ -37,6 +42,7 @@ microvm, software emulation unless CBOX_QEMU_ACCEL=kvm), in the same namespace.
 It is skipped, with a note in the table, when the images or QEMU are missing.
 """
 import argparse
+import collections
 import contextlib
 import json
 import math
@@ -129,8 +135,9 @@ class Netns:
 class Http:
     """One keep-alive connection; request() returns (status, body bytes)."""
 
-    def __init__(self, connect, host="localhost"):
+    def __init__(self, connect, host="localhost", headers=None):
         self.connect, self.host = connect, host
+        self.extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         self.sock, self.buf = None, bytearray()
 
     def close(self):
@@ -140,7 +147,7 @@ class Http:
 
     def request(self, method, path, body=None):
         data = b"" if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-        msg = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+        msg = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\n{self.extra}Content-Type: application/json\r\n"
                f"Content-Length: {len(data)}\r\n\r\n").encode() + data
         for attempt in (0, 1):
             fresh = self.sock is None
@@ -518,6 +525,212 @@ def log_time_of_day(line):
 def tod_diff(a, b):
     """a - b for times of day, across midnight."""
     return (a - b + 43200) % 86400 - 43200
+
+
+# ---- a healthy tenant and many hostile ones (hostile: fair share) -----------------------------
+
+class HealthyClient:
+    """A healthy tenant's view of cbox.py over a time: its VM's exec latency ({"cmd":"true"}
+    back to back on a keep-alive connection) and GET /v1/health's (a probe every 50 ms, in a
+    thread). A request that fails or takes over the connector's timeout counts as an error,
+    at the time it took."""
+
+    def __init__(self, connect, vm, headers):
+        self.connect, self.vm, self.headers = connect, vm, headers
+
+    def measure(self, seconds):
+        out = {"exec": [], "health": [], "errors": collections.Counter()}
+        stop = threading.Event()
+        probe = threading.Thread(target=self._probe, args=(stop, out), daemon=True)
+        probe.start()
+        client = Http(self.connect, headers=self.headers)
+        end = time.monotonic() + seconds
+        try:
+            while time.monotonic() < end:
+                self._timed(client, "POST", f"/v1/vms/{self.vm}/exec", {"cmd": "true"}, b'"exitCode":0',
+                            out["exec"], out["errors"])
+        finally:
+            stop.set()
+            probe.join()
+            client.close()
+        return out
+
+    def _probe(self, stop, out):
+        client = Http(self.connect)
+        try:
+            while not stop.is_set():
+                t = time.monotonic()
+                self._timed(client, "GET", "/v1/health", None, b"", out["health"], out["errors"])
+                stop.wait(max(0.0, 0.05 - (time.monotonic() - t)))
+        finally:
+            client.close()
+
+    @staticmethod
+    def _timed(client, method, path, body, expect, times, errors):
+        t = time.perf_counter()
+        try:
+            status, data = client.request(method, path, body)
+            ok = status == 200 and expect in data
+        except (OSError, EOFError) as e:
+            client.close()
+            status, ok = type(e).__name__, False
+        times.append((time.perf_counter() - t) * 1000)
+        if not ok:
+            errors[f"{path.rsplit('/', 1)[-1]} {status}"] += 1
+
+
+def exec_poster(connect, name, headers=None):
+    """post(body) -> (status, JSON answer or {}) of POST /v1/vms/NAME/exec on a connection of its
+    own (tests/hostile.py's start_hostile_agent wants one); a connection that fails gives
+    (its error's name, {})."""
+    def post(body):
+        c = Http(connect, headers=headers)
+        try:
+            status, data = c.request("POST", f"/v1/vms/{name}/exec", body)
+        except (OSError, EOFError) as e:
+            return type(e).__name__, {}
+        finally:
+            c.close()
+        try:
+            return status, json.loads(data)
+        except (ValueError, RecursionError):
+            return status, {}
+    return post
+
+
+def mem_available_mb():
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 1024
+    return 0
+
+
+class FairLab:
+    """cbox.py with api_token set, a healthy VM ("good") and attacking VMs (atk0, atk1, ...);
+    pinned: cbox.py, its healthy VM and the bench process (the healthy client) on the `near`
+    CPU, the attacking VMs and the attack processes on the `far` one."""
+
+    def __init__(self, bench, srv, token, near, far):
+        self.bench, self.srv, self.token, self.near, self.far = bench, srv, token, near, far
+        self.headers = {"Authorization": f"Bearer {token}"}
+        self.connect = connector(bench.ns.path, ("127.0.0.1", srv.settings["port"]), timeout=10.0)
+        self.manage = connector(bench.ns.path, ("127.0.0.1", srv.settings["port"]), timeout=60.0)
+        self.api = Http(self.manage, headers=self.headers)
+        self.cids, self.pinned = {}, False
+        self.base_rss_mb = float("inf")   # cbox.py's RSS with the VMs idle, before any attack: lowest seen
+        self.api.json("POST", "/v1/vms", {"vmName": "good", "memoryMb": 64})
+        self.healthy = HealthyClient(self.connect, "good", self.headers)
+
+    @property
+    def attackers(self):
+        return list(self.cids)
+
+    def target(self):
+        """The REST attacks' api (tests/hostile.py RestAttack)."""
+        return {"ns": self.bench.ns.path, "addr": ["127.0.0.1", self.srv.settings["port"]], "token": self.token}
+
+    def callback_socket(self, name):
+        return str(self.bench.run_dir / str(self.cids[name]) / "vsock.sock_4032")
+
+    def grow(self, n, batch=10):
+        """Start attacking VMs until there are n, `batch` at a time; pinned to `far` when pinning."""
+        def start(name):
+            c = Http(self.manage, headers=self.headers)
+            try:
+                return name, c.json("POST", "/v1/vms", {"vmName": name, "memoryMb": 64})["cid"]
+            finally:
+                c.close()
+        names = [f"atk{i}" for i in range(len(self.cids), n)]
+        with ThreadPoolExecutor(batch) as pool:
+            self.cids.update(pool.map(start, names))
+        if self.pinned:
+            for name in names:
+                self.pin_vm(name, self.far)
+
+    def vm_root(self, name):
+        """The stand-in process of an attacking VM (its guest's processes are its descendants)."""
+        needle = f"path={self.bench.run_dir}/{self.cids[name]}/api.sock".encode()
+        for pid in hostile.process_tree(self.srv.pid):
+            try:
+                if needle in Path(f"/proc/{pid}/cmdline").read_bytes() and ppid_of(pid) == self.srv.pid:
+                    return pid
+            except OSError:
+                continue
+        raise RuntimeError(f"no stand-in process for VM {name}")
+
+    def pin_vm(self, name, cpus):
+        hostile.pin_tree(self.vm_root(name), cpus)
+
+    def pin(self, on):
+        """Pinned: cbox.py, the healthy VM and the bench process near, the attackers far;
+        otherwise every one of them on every CPU."""
+        every = set(range(os.cpu_count()))
+        hostile.pin_tree(self.srv.pid, self.near if on else every)
+        for name in self.cids:
+            self.pin_vm(name, self.far if on else every)
+        hostile.pin(os.getpid(), self.near if on else every)
+        self.pinned = on
+
+    def post_exec(self, name):
+        return exec_poster(self.manage, name, self.headers)
+
+    def each(self, fn, names, at_once=8):
+        """fn(name) for each VM, `at_once` at a time; the first error is raised after all ran."""
+        with ThreadPoolExecutor(max(1, min(at_once, len(names)))) as pool:
+            for _ in pool.map(fn, names):
+                pass
+
+    def wait_responsive(self, limit=300.0):
+        """Seconds until cbox.py answers GET /v1/health within 1 s (a loop that chews on what an
+        attack left may hold it long after the attack ended)."""
+        quick = connector(self.bench.ns.path, ("127.0.0.1", self.srv.settings["port"]), timeout=1.0)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < limit:
+            c = Http(quick)
+            try:
+                if c.request("GET", "/v1/health")[0] == 200:
+                    return time.monotonic() - t0
+            except (OSError, EOFError):
+                pass
+            finally:
+                c.close()
+            time.sleep(0.5)
+        raise RuntimeError(f"cbox.py did not answer GET /v1/health within 1 s for {limit:g} s")
+
+    def attack(self, kind, n, stop_file):
+        """(Remote attack, prepare(), finish()) of one attack class with n attackers."""
+        vms, cpus = self.attackers[:n], self.far if self.pinned else None
+        nothing = lambda: None          # noqa: E731
+        if kind == "huge event lines":
+            return (hostile.Remote(hostile.BigEventStreams, self.target(), cpus=cpus, vms=vms, clients=4),
+                    lambda: self.each(lambda v: hostile.start_hostile_agent(self.post_exec(v), stop_file, wait=60),
+                                      vms),
+                    lambda: self.each(lambda v: hostile.stop_hostile_agent(self.post_exec(v), stop_file, 150), vms,
+                                      at_once=len(vms)))
+        if kind == "callback flood":
+            return (hostile.Remote(hostile.Flood, [self.callback_socket(v) for v in vms], cpus=cpus, n=1, rate=500),
+                    nothing, nothing)
+        if kind == "yes streams":
+            return (hostile.Remote(hostile.YesStreams, self.target(), cpus=cpus, vms=vms, readers=4, timeout=120),
+                    nothing, lambda: self.each(self.kill_execs, vms))
+        if kind == "unauthenticated bodies":
+            return hostile.Remote(hostile.UnauthBodies, self.target(), cpus=cpus, clients=n), nothing, nothing
+        if kind == "rest queries":
+            return hostile.Remote(hostile.RestQueries, self.target(), cpus=cpus, clients=n), nothing, nothing
+        raise ValueError(kind)
+
+    def kill_execs(self, name):
+        c = Http(self.manage, headers=self.headers)
+        try:
+            status, data = c.request("DELETE", f"/v1/vms/{name}/exec")
+        finally:
+            c.close()
+        if status != 200:
+            say(f"    killing the execs of {name}: HTTP {status} {data[:200]!r}")
+
+    def forged_lines(self):
+        return sum(line.startswith(hostile.FORGED) for line in self.srv.log().splitlines())
 
 
 # ---- the results table -------------------------------------------------------------------------
@@ -1234,12 +1447,13 @@ class Bench:
     # -- density ------------------------------------------------------------------------------------
 
     def bench_density(self):
-        total = self.args.vms or self.n(100, 30)
+        total = self.args.vms or self.n(250, 30)
         batch = 20
         say(f"\n== density: {total} VMs, {batch} at a time")
         with self.cbox("density", max_vms=250, default_memory_mb=64, guest_mem_percentage=100,
                        stateful_size_in_mb=64) as srv:
             idle_rss = proc_status(srv.pid, "VmRSS")
+            host_mb = mem_available_mb()
             starts = []
 
             def start(i):
@@ -1251,15 +1465,19 @@ class Bench:
                     c.close()
                 return (time.perf_counter() - t) * 1000
             t0 = time.monotonic()
+            starts.append(start(0))
+            api = srv.client()
+            self.density_execs(api, ["d0"] * 10)                             # warm up
+            one_vm = self.density_execs(api, ["d0"] * self.n(300, 100))     # the baseline: d0 alone
             pool = ThreadPoolExecutor(batch)
             try:
-                for b in range(0, total, batch):    # batches of 20 concurrent starts
+                for b in range(1, total, batch):    # batches of 20 concurrent starts
                     starts += list(pool.map(start, range(b, min(b + batch, total))))
             finally:
                 pool.shutdown(wait=False, cancel_futures=True)
             start_s = time.monotonic() - t0
             rss = proc_status(srv.pid, "VmRSS")
-            api = srv.client()
+            host_per_vm = (host_mb - mem_available_mb()) / total
             vms = api.json("GET", "/v1/vms")["vms"]
             assert len(vms) == total and all(v["status"] == "RUNNING" for v in vms), "not all VMs are running"
             for _ in range(10):
@@ -1270,12 +1488,9 @@ class Bench:
                 status, _ = api.request("GET", "/v1/vms")
                 lst.append((time.perf_counter() - t) * 1000)
                 assert status == 200
-            first, lat = [], []
-            for rnd in range(3):                     # round robin: the first pass is each VM's first exec
-                for i in range(total):
-                    t = time.perf_counter()
-                    api.json("POST", f"/v1/vms/d{i}/exec", {"cmd": "true"})
-                    (first if rnd == 0 else lat).append((time.perf_counter() - t) * 1000)
+            first = self.density_execs(api, [f"d{i}" for i in range(total)])   # each VM's first exec
+            lat = self.density_execs(api, [f"d{i}" for i in range(total)] * 2)  # round robin
+            same = self.density_execs(api, ["d0"] * len(one_vm))
             t = time.monotonic()
             destroyed = api.json("DELETE", "/v1/vms")["destroyed"]
             destroy_s = time.monotonic() - t
@@ -1285,18 +1500,47 @@ class Bench:
                      notes=f"all {total} running after {start_s:.1f} s",
                      how=f"{total} POST /v1/vms in batches of {batch} concurrent requests (64 MB, 1 vcpu each); "
                          "per-start latency"))
-        self.add(Row(f"density: cbox.py RSS with {total} VMs", rss, "MB", target="< 64 MB", ok=rss < 64,
-                     notes=f"{idle_rss:.1f} MB idle, +{(rss - idle_rss) * 1024 / total:.0f} kB per VM",
-                     how="VmRSS of the cbox.py process from /proc/<pid>/status once all VMs run"))
-        self.add(Row(f"density: GET /v1/vms with {total} VMs", median(lst), "ms", p99(lst),
-                     how=f"{len(lst)} x GET /v1/vms on one keep-alive connection"))
-        self.add(Row(f"density: exec with {total} VMs running", median(lat), "ms", p99(lat),
-                     notes=f"first exec on each VM: median {median(first):.2f} ms",
-                     how="POST /exec {\"cmd\":\"true\"} round-robin over all the VMs, 2 passes after a first "
-                         "one (each VM's first exec, reported apart)"))
-        self.add(Row(f"density: DELETE /v1/vms ({total} VMs)", destroy_s, "s",
-                     notes=f"{destroy_s / total * 1000:.0f} ms per VM",
-                     how="one DELETE /v1/vms until the answer (every VM torn down)"))
+        rows = [
+            Row(f"density: cbox.py RSS with {total} VMs", rss, "MB", target="< 64 MB", ok=rss < 64,
+                notes=f"{idle_rss:.1f} MB idle, +{(rss - idle_rss) * 1024 / total:.0f} kB per VM; the host's "
+                      f"memory {host_per_vm:.0f} MB per VM (stand-in and guest processes)",
+                how="VmRSS of the cbox.py process from /proc/<pid>/status once all VMs run"),
+            Row(f"density: GET /v1/vms with {total} VMs", median(lst), "ms", p99(lst),
+                how=f"{len(lst)} x GET /v1/vms on one keep-alive connection"),
+            Row(f"density: exec with {total} VMs running", median(lat), "ms", p99(lat), median(one_vm),
+                target="<= 1.2x one VM", ok=median(lat) <= 1.2 * median(one_vm),
+                notes=f"floor: {len(one_vm)} execs on d0 before the others started (p99 {p99(one_vm):.2f} ms); "
+                      f"the same on d0 with {total} running: median {median(same):.2f} ms; first exec on each "
+                      f"VM: median {median(first):.2f} ms",
+                how="POST /exec {\"cmd\":\"true\"} round-robin over all the VMs, 2 passes after a first "
+                    "one (each VM's first exec, reported apart); floor: as many execs on the first VM while it "
+                    "ran alone"),
+            Row(f"density: DELETE /v1/vms ({total} VMs)", destroy_s, "s", target="< 3 s", ok=destroy_s < 3,
+                notes=f"{destroy_s / total * 1000:.0f} ms per VM",
+                how="one DELETE /v1/vms until the answer (every VM torn down)"),
+        ]
+        for row in rows:
+            self.add(row)
+        self.density_section(total, batch, rows)
+
+    def density_execs(self, api, names):
+        """ms of POST /v1/vms/NAME/exec {"cmd":"true"} for each name in turn (one keep-alive connection)."""
+        times = []
+        for name in names:
+            t = time.perf_counter()
+            api.json("POST", f"/v1/vms/{name}/exec", {"cmd": "true"})
+            times.append((time.perf_counter() - t) * 1000)
+        return times
+
+    def density_section(self, total, batch, rows):
+        """The density rows as a section of their own: an --only density run rewrites it in results.md."""
+        self.sections["Density"] = "\n".join([
+            "## Density", "",
+            f"Written by `python3 bench/bench.py --only density{' --vms ' + str(total) if self.args.vms else ''}` "
+            f"on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC ({os.cpu_count()} cores, load average "
+            f"{self.load0} at the start, {os.getloadavg()[0]:.2f} at the end). {total} VMs on the stand-in "
+            f"(64 MB each, started {batch} at a time); targets of issue 23.", "",
+            markdown_table(rows), "", *[f"- **{r.name}**: {r.how}" for r in rows]])
 
     # -- large output ---------------------------------------------------------------------------------
 
@@ -1735,6 +1979,8 @@ class Bench:
     def bench_hostile(self):
         """The healthy VM's exec latency while the other VM attacks, and cbox.py's peaks (issue 9)."""
         hold = self.args.duration or self.n(6.0, 3.0)
+        if self.args.hostile == "fair":
+            return self.hostile_fair_share(self.args.duration or self.n(5.0, 3.0))
         say(f"\n== hostile guest: the good VM's exec p50 during each attack of the bad VM ({hold:g} s each)")
 
         def reply(body):
@@ -1762,18 +2008,7 @@ class Bench:
                         times.append((time.perf_counter() - t) * 1000)
                     return median(times), len(times)
 
-                def post_exec(body):
-                    c = Http(srv.connect)
-                    try:
-                        status, data = c.request("POST", "/v1/vms/bad/exec", body)
-                    except (OSError, EOFError) as e:
-                        return type(e).__name__, {}
-                    finally:
-                        c.close()
-                    try:
-                        return status, json.loads(data)
-                    except (ValueError, RecursionError):
-                        return status, {}
+                post_exec = exec_poster(srv.connect, "bad")
 
                 exec_p50(1.0)                                   # warm up
                 say(f"  cbox.py RSS {hostile.rss_kb(srv.pid) // 1024} MB, fds {hostile.fd_count(srv.pid)} at rest")
@@ -1823,6 +2058,220 @@ class Bench:
                          f"{'PASS' if ratio <= 2 else 'FAIL'} | {rss / 1024:.0f} MB | {fds} |")
         self.sections["Hostile guest"] = "\n".join(table)
         say("\n" + "\n".join(table))
+        if self.args.hostile != "single":
+            self.hostile_fair_share(self.args.duration or self.n(5.0, 3.0))
+
+    # -- fair share: many hostile tenants at once (issue 23) ------------------------------------------------
+
+    FAIR_ATTACKS = {       # what one attacker does (tests/hostile.py; FairLab.attack), in the order run:
+                           # the one whose memory lingers longest last
+        "callback flood": "its guest sends 500 tiny callbacks a second (the per-VM budget) on one connection to its "
+                          "callback socket, no callback URL set",
+        "yes streams": "4 clients each stream an exec of `yes` from it, reading as fast as it comes",
+        "unauthenticated bodies": "a client without the token holds 250 connections (at most 256 of all sending at "
+                                  "once), each sending POST /v1/vms with "
+                                  "an 8 MiB body but its last byte (sent again when cbox.py answers or closes), and "
+                                  "once a second a request whose method holds a newline (forged log lines counted)",
+        "rest queries": "a client with the token loops GET /v1/vms on one keep-alive connection, with 4,500 "
+                        "`label=` filters and 8,000 unknown parameters in turn",
+        "huge event lines": "its agent replaced (tests/hostile_agent.py, mode stream_huge), 4 clients loop streamed "
+                            "execs that it answers with a start event and 12 stdout event lines of ~50 MB each "
+                            "(`{\"seq\":N,\"type\":\"stdout\",\"data\":[1,1,...]}`), then closes",
+    }
+    UNPINNED = "callback flood"         # the one class also run unpinned, at the most attackers
+
+    def hostile_fair_share(self, hold):
+        counts = sorted({int(x) for x in (self.args.attackers or self.n("1,10,39", "1,3")).split(",")})
+        kinds = [k.strip() for k in self.args.attacks.split(",")] if self.args.attacks else list(self.FAIR_ATTACKS)
+        unknown = set(kinds) - set(self.FAIR_ATTACKS)
+        if unknown:
+            raise ValueError(f"unknown attack(s) {', '.join(sorted(unknown))}; "
+                             f"choose from {', '.join(self.FAIR_ATTACKS)}")
+        settle = self.args.settle if self.args.settle is not None else self.n(30.0, 5.0)
+        cap_mb = self.args.rss_cap_mb or min(4096, mem_available_mb() // 4)
+        cpus = sorted(os.sched_getaffinity(0))
+        near, far = ({cpus[0]}, {cpus[-1]}) if len(cpus) > 1 else (set(cpus), set(cpus))
+        say(f"\n== hostile tenants at scale: {', '.join(map(str, counts))} attackers per class, {hold:g} s each, "
+            f"RSS read {settle:g} s after; cbox.py + healthy client on CPU {min(near)}, attackers on CPU {min(far)}")
+        rows, started, tracebacks = [], time.monotonic(), None
+        load = [f"{os.getloadavg()[0]:.2f}"]
+        token = uuid.uuid4().hex
+        srv = self.cbox("fair", api_token=token, max_vms=max(counts) + 8, default_memory_mb=64,
+                        guest_mem_percentage=100)
+        try:
+            with srv:
+                lab = FairLab(self, srv, token, near, far)
+                try:
+                    for kind, n, pinned in self.fair_plan(kinds, counts):
+                        if srv.proc.poll() is not None:
+                            rows.append({"kind": kind, "n": n, "pinned": pinned,
+                                         "error": "not run: cbox.py was killed by the memory guard in a row before"})
+                            continue
+                        if n > len(lab.attackers) or pinned != lab.pinned or not rows:
+                            lab.wait_responsive()
+                            lab.grow(n)
+                            lab.pin(pinned)
+                            idle = lab.healthy.measure(hold)
+                            lab.base_rss_mb = min(lab.base_rss_mb, hostile.rss_kb(srv.pid) / 1024)
+                        row, idle = self.fair_row(lab, kind, n, hold, settle, idle, cap_mb)
+                        rows.append(row)
+                    failed = [row for row in rows if row.get("error") and not row["error"].startswith("not run")]
+                    if failed:
+                        raise RuntimeError(f"{len(failed)} row(s) failed: {failed[0]['error']}")
+                finally:
+                    hostile.pin(os.getpid(), set(cpus))
+                    lab.api.close()
+                tracebacks = srv.log().count("Traceback")
+        finally:
+            load.append(f"{os.getloadavg()[0]:.2f}")
+            self.fair_share_section(rows, counts, kinds, hold, settle, cap_mb, near, far, load,
+                                    time.monotonic() - started, tracebacks)
+
+    LAST = "huge event lines"           # its rows run after all others: the memory guard may end cbox.py
+
+    def fair_plan(self, kinds, counts):
+        """[(attack, attackers, pinned)] in the order run: each count's attacks but LAST, the
+        unpinned row, then LAST for each count."""
+        plan = [(kind, n, True) for n in counts for kind in kinds if kind != self.LAST]
+        plan.append((self.UNPINNED, max(counts), False))
+        return plan + [(self.LAST, n, True) for n in counts if self.LAST in kinds]
+
+    def fair_row(self, lab, kind, n, hold, settle, idle, cap_mb):
+        """fair_attack_row(), or when it failed ({"error"} row, the idle figures): the table goes on
+        (the VMs' replaced agents restore themselves within 120 s, `yes` ends at its timeout)."""
+        try:
+            return self.fair_attack_row(lab, kind, n, hold, settle, idle, cap_mb)
+        except Exception as e:
+            say(f"    {kind}, {n} attacker(s): FAILED: {type(e).__name__}: {e}")
+            return {"kind": kind, "n": n, "pinned": lab.pinned, "error": f"{type(e).__name__}: {e}"}, idle
+
+    def fair_attack_row(self, lab, kind, n, hold, settle, idle, cap_mb):
+        """One attack class with n attackers: the healthy tenant during it against `idle`, cbox.py's
+        RSS before, at its peak and `settle` s after the attack ended (the healthy tenant's idle
+        figures for the next row are taken in that wait's last `hold` s); returns (row, idle)."""
+        srv, stop_file = lab.srv, self.tmp / f"stop-{uuid.uuid4().hex[:8]}"
+        attack, prepare, finish = lab.attack(kind, n, stop_file)
+        say(f"  {kind}, {n} attacker(s){'' if lab.pinned else ', unpinned'}: preparing")
+        try:
+            prepare()
+        except BaseException:
+            stop_file.touch()           # replaced agents that started give way at once
+            raise
+        forged0, rss0, killed = lab.forged_lines(), hostile.rss_kb(srv.pid), []
+
+        def on_cap():                   # the machine's guard: stop the attack, and cbox.py if need be
+            attack.halt()
+            stop_file.touch()
+            end = time.monotonic() + 60
+            while time.monotonic() < end and not sampler.stopping.is_set():
+                if hostile.rss_kb(srv.pid) > 2 * cap_mb * 1024:
+                    srv.proc.kill()
+                    killed.append(True)
+                    return
+                time.sleep(0.2)
+        sampler = hostile.Sampler(srv.pid, cap_kb=cap_mb * 1024, on_cap=on_cap)
+        cpu0, t0 = sum(cpu_seconds(srv.pid)), time.monotonic()
+        attack.start()
+        problems = []
+        try:
+            time.sleep(0.5)
+            during = lab.healthy.measure(hold)
+        finally:
+            attack.stop()
+            ended = time.monotonic()
+            cpu = (sum(cpu_seconds(srv.pid)) - cpu0) / (ended - t0)
+            try:
+                finish()
+            except Exception as e:          # e.g. cbox.py too busy to let the real agents answer
+                problems.append(f"after the attack: {e}")
+            finally:
+                sampler.stop()
+        if killed:
+            problems.append(f"cbox.py killed by the memory guard past {2 * cap_mb:.0f} MB RSS")
+            stuck, idle_next = 0.0, idle
+        else:
+            stuck = lab.wait_responsive()
+            time.sleep(max(0.0, ended + settle - hold - time.monotonic()))
+            idle_next = lab.healthy.measure(hold)
+        row = {"kind": kind, "n": n, "pinned": lab.pinned, "idle": idle, "during": during,
+               "rss0": rss0 / 1024, "peak": sampler.peak_rss_kb / 1024,
+               "after": float("inf") if killed else hostile.rss_kb(srv.pid) / 1024,
+               "after_s": time.monotonic() - ended, "stuck": stuck, "settle": settle, "problems": problems,
+               "capped": sampler.capped_after, "cpu": cpu, "forged": lab.forged_lines() - forged0,
+               "seen": attack.seen, "base": lab.base_rss_mb, "secs": ended - t0, "cap": cap_mb}
+        say("    " + " | ".join(self.fair_cells(row)))
+        return row, idle_next
+
+    FAIR_HEADERS = ["attack", "attackers", "pinned", "exec p50 idle / during", "p50 ratio", "exec p99 idle / during",
+                    "p99 ratio", "health p99", "cbox.py RSS before / peak / after", "cbox.py CPU",
+                    "p50 <= 2x", "p99 <= 3x", "health p99 < 50 ms", "RSS after <= +20 MB", "notes"]
+
+    @classmethod
+    def fair_cells(cls, row):
+        if row.get("error"):
+            return ([row["kind"], str(row["n"]), "yes" if row["pinned"] else "no"]
+                    + ["-"] * (len(cls.FAIR_HEADERS) - 4)
+                    + [("" if row["error"].startswith("not run") else "failed to run: ") + row["error"][:300]])
+        i, d = row["idle"], row["during"]
+        r50, r99 = median(d["exec"]) / median(i["exec"]), p99(d["exec"]) / p99(i["exec"])
+        h99, grown = p99(d["health"]) if d["health"] else float("nan"), row["after"] - row["rss0"]
+        verdict = lambda ok: "PASS" if ok else "FAIL"        # noqa: E731
+        notes = [f"{len(d['exec'])} execs"]
+        if d["errors"]:
+            notes.append("healthy errors: " + ", ".join(f"{k} x{v}" for k, v in d["errors"].most_common(3)))
+        notes += row["problems"]
+        if row["stuck"] > 2:
+            notes.append(f"cbox.py answered health within 1 s again {row['stuck']:.0f} s after the attack ended")
+        if row["after_s"] > row["settle"] + 2 and row["after"] != float("inf"):
+            notes.append(f"RSS after read {row['after_s']:.0f} s after the attack")
+        if row["capped"] is not None:
+            notes.append(f"RSS passed the memory guard ({row['cap']} MB) {row['capped']:.1f} s after the attack "
+                         "began: the attack was halted there")
+        if row["rss0"] > row["base"] + 20:
+            notes.append(f"RSS before: {row['rss0'] - row['base']:.0f} MB over cbox.py's {row['base']:.0f} MB with "
+                         "these VMs idle, left by the rows before")
+        if row["kind"] == "unauthenticated bodies":
+            notes.append(f"forged log lines: {row['forged']}")
+        if row["seen"].get("bytes read"):
+            notes.append(f"attack clients read {row['seen']['bytes read'] / MB / row['secs']:.0f} MB/s")
+        top = [(k, v) for k, v in row["seen"].most_common() if k != "bytes read"][:3]
+        notes.append("attack saw: " + (", ".join(f"{k} x{v}" for k, v in top) or "nothing"))
+        return [row["kind"], str(row["n"]), "yes" if row["pinned"] else "no",
+                f"{median(i['exec']):.2f} / {median(d['exec']):.2f} ms", f"{r50:.2f}x",
+                f"{p99(i['exec']):.2f} / {p99(d['exec']):.2f} ms", f"{r99:.2f}x", f"{h99:.1f} ms",
+                f"{row['rss0']:.0f} / {row['peak']:.0f} / "
+                + ("killed" if row["after"] == float("inf") else f"{row['after']:.0f} MB"), f"{row['cpu'] * 100:.0f}%",
+                verdict(r50 <= 2), verdict(r99 <= 3), verdict(h99 < 50), verdict(grown <= 20), "; ".join(notes)]
+
+    def fair_share_section(self, rows, counts, kinds, hold, settle, cap_mb, near, far, load, took, tracebacks):
+        table = ["### Many hostile tenants at once (fair share)", "",
+                 f"Written by `python3 bench/bench.py --only hostile` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} "
+                 f"UTC ({os.cpu_count()} cores, load average {load[0]} at the start of this table, {load[-1]} at its "
+                 f"end; other engineers' work shares the machine), measuring {self.cbox_py.name} "
+                 f"{'(' + str(self.cbox_py) + ')' if self.cbox_py != REPO / 'cbox.py' else 'beside bench/'}. "
+                 f"One cbox.py with `api_token` set and default budgets, a healthy VM and {', '.join(map(str, counts))} "
+                 f"attackers per class (VMs for the guest attacks, REST clients for the REST ones). Pinned: cbox.py, "
+                 f"the healthy VM and the healthy client (this bench process) on CPU {min(near)}, the attacking VMs "
+                 f"(stand-in and guest processes) and the attack processes (tests/hostile.py) on CPU {min(far)}; the "
+                 f"unpinned row lets them all run anywhere. The healthy client runs `true` back to back for {hold:g} s "
+                 f"during each attack (after 0.5 s of it; {hold:g} s so that a full `--only hostile` run stays within "
+                 f"about 15 minutes) and probes GET /v1/health every 50 ms; idle = the same measure just before, in "
+                 f"the same run. Rows run in the table's order: each count's attacks, the unpinned row, then the "
+                 f"huge event lines rows (the memory guard may end cbox.py there). cbox.py's RSS: just before, its "
+                 f"peak (sampled every 50 ms), "
+                 f"and {settle:g} s after the attack ended (attack processes stopped, replaced agents restored, "
+                 f"`yes` execs killed). Targets (issue 23): exec p50 <= 2x and p99 <= 3x idle, health p99 < 50 ms, RSS "
+                 f"back within 20 MB of before. A guard stops an attack when cbox.py's RSS passes {cap_mb} MB (the "
+                 f"machine's memory; cbox.py is killed past 2x that). This table took {took / 60:.1f} min. "
+                 f"Tracebacks in cbox.py's log: {tracebacks if tracebacks is not None else 'unknown (aborted)'}.", ""]
+        table += ["Per attacker:"] + [f"- **{kind}**: {what}" for kind, what in self.FAIR_ATTACKS.items()] + [""]
+        table += ["| " + " | ".join(self.FAIR_HEADERS) + " |", "|" + "---|" * len(self.FAIR_HEADERS)]
+        table += ["| " + " | ".join(c.replace("|", "\\|") for c in self.fair_cells(row)) + " |" for row in rows]
+        if len(rows) < len(counts) * len(kinds) + 1:
+            table += ["", f"(incomplete: {len(rows)} of {len(counts) * len(kinds) + 1} rows ran)"]
+        text = "\n".join(table)
+        self.sections["Hostile guest"] = self.sections.get("Hostile guest", "## Hostile guest") + "\n\n" + text
+        say("\n" + text)
 
     # -- TTL accuracy -------------------------------------------------------------------------------------
 
@@ -2010,7 +2459,8 @@ class Bench:
             rss1 = proc_status(srv.pid, "VmRSS")
             cpu0, t0 = sum(cpu_seconds(srv.pid)), time.monotonic()
             time.sleep(idle_s)
-            cpu = (sum(cpu_seconds(srv.pid)) - cpu0) / (time.monotonic() - t0)
+            attack_s = time.monotonic() - t0
+            cpu = (sum(cpu_seconds(srv.pid)) - cpu0) / attack_s
             rss2 = proc_status(srv.pid, "VmRSS")
             for name in names:
                 api.json("DELETE", f"/v1/vms/{name}/exec")
@@ -2368,7 +2818,7 @@ def main(argv=None):
     p.add_argument("--only", default="", help=f"comma separated subset of: {', '.join(BENCHES)}")
     p.add_argument("--profile", action="store_true", help="also profile cbox.py and the agent on the exec path")
     p.add_argument("--iterations", type=int, help="iterations for exec latency and callbacks")
-    p.add_argument("--duration", type=float, help="seconds of the throughput run")
+    p.add_argument("--duration", type=float, help="seconds of the throughput run (hostile: of each attack)")
     p.add_argument("--vms", type=int, help="VMs in the density run (at most 250)")
     p.add_argument("--boots", type=int, help="real boots in the realboot run (default 5, --quick 3)")
     p.add_argument("--cmdline-extra", default="", metavar="ARGS",
@@ -2380,6 +2830,16 @@ def main(argv=None):
     p.add_argument("--baseline", help="monitoring: the cbox.py to compare with, a file or a git revision "
                                       "(default: the parent of the commit that brought the metrics registry)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, profiles)")
+    p.add_argument("--hostile", choices=("both", "single", "fair"), default="both",
+                   help="hostile: the single bad VM's table, the many attackers' (fair share) one, or both")
+    p.add_argument("--attackers", metavar="N,N,...",
+                   help="hostile fair share: attackers per class (default 1,10,39; --quick 1,3)")
+    p.add_argument("--attacks", metavar="NAME,NAME,...", help="hostile fair share: the attack classes to run "
+                                                              "(default all; the unpinned row runs anyway)")
+    p.add_argument("--settle", type=float, help="hostile fair share: seconds after an attack to read cbox.py's "
+                                                "RSS (default 30, --quick 5)")
+    p.add_argument("--rss-cap-mb", type=int, help="hostile fair share: stop an attack when cbox.py's RSS passes "
+                                                  "this, kill it past twice that (default min(4096, MemAvailable / 4))")
     args = p.parse_args(argv)
     only = [x.strip() for x in args.only.split(",") if x.strip()] or list(BENCHES)
     unknown = set(only) - set(BENCHES)

@@ -214,12 +214,13 @@ class BigLines(PerConnection):
 
 
 class Flood(Attack):
-    """Tiny callbacks pipelined as fast as the socket takes them (rate and log budgets)."""
+    """Tiny callbacks pipelined as fast as the socket takes them (rate and log budgets), or,
+    with `rate`, that many a second over the `n` connections together (within a VM's budget)."""
     name, what = "callback flood", "4 connections pipelining tiny callbacks"
 
-    def __init__(self, path, n=4):
+    def __init__(self, path, n=4, rate=None):
         super().__init__()
-        self.path, self.n = path, n
+        self.path, self.n, self.rate = path, n, rate
 
     def start(self):
         for _ in range(self.n):
@@ -229,9 +230,21 @@ class Flood(Attack):
             self.thread(self._read, sock)
 
     def _send(self, sock):
+        if self.rate:
+            return self._send_paced(sock, self.rate / self.n)
         lines = callback_line("tiny", {"i": 1}) * 1000
         while not self.stopping.is_set():
             sock.sendall(lines)
+
+    def _send_paced(self, sock, rate, tick=0.05):
+        """`rate` callbacks a second, sent in bursts every `tick` seconds."""
+        line, owed, due = callback_line("tiny", {"i": 1}), 0.0, time.monotonic()
+        while not self.stopping.is_set():
+            owed += rate * tick
+            sock.sendall(line * int(owed))
+            owed -= int(owed)
+            due += tick
+            self.stopping.wait(max(0.0, due - time.monotonic()))
 
     def _read(self, sock):
         f = sock.makefile("rb")
@@ -311,12 +324,12 @@ class AgentAnswers(Attack):
             self.stopping.wait(self.pause)      # the bad VM's REST user is not the attacker
 
 
-def start_hostile_agent(post_exec, stop_file, max_seconds=120):
+def start_hostile_agent(post_exec, stop_file, max_seconds=120, wait=20):
     """Start hostile_agent.py in the guest through a background exec; post_exec(body) -> (status, json)."""
     cmd = f"exec python3 {HOSTILE_AGENT} {stop_file} {max_seconds:g}"
     status, r = post_exec({"cmd": cmd, "blocking": False})
     assert status == 200, r
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         status, r = post_exec({"cmd": "hostile:probe", "timeout": 5})
         if status == 200 and r.get("stdout") == "hostile\n":
@@ -325,15 +338,288 @@ def start_hostile_agent(post_exec, stop_file, max_seconds=120):
     raise AssertionError(f"the hostile agent did not take over: {status} {r}")
 
 
-def stop_hostile_agent(post_exec, stop_file):
+def stop_hostile_agent(post_exec, stop_file, wait=30):
     Path(stop_file).touch()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         status, r = post_exec({"cmd": "echo real", "timeout": 5})
         if status == 200 and r.get("stdout") == "real\n":
             return
         time.sleep(0.1)
     raise AssertionError(f"the real agent did not come back: {status} {r}")
+
+
+# ---- clients of cbox.py's REST API, and many VMs at once ------------------------------------------
+
+class RestAttack(Attack):
+    """Clients of cbox.py's REST API at `api` = {"ns": network namespace path, "addr": [host, port],
+    "token": api_token or ""}: what a tenant (with the token) or anyone who reaches the port
+    (without) can do."""
+
+    def __init__(self, api):
+        super().__init__()
+        self.api = api
+
+    def connect(self, timeout=30.0):
+        from nsutil import socket_in_ns        # tests/: beside this file
+        sock = socket_in_ns(self.api["ns"])
+        self.socks.append(sock)
+        sock.settimeout(timeout)
+        sock.connect(tuple(self.api["addr"]))
+        return sock
+
+    def head(self, method, target, length=None, close=False):
+        auth = f"Authorization: Bearer {self.api['token']}\r\n" if self.api.get("token") else ""
+        return (f"{method} {target} HTTP/1.1\r\nHost: cbox\r\n{auth}"
+                + ("" if length is None else f"Content-Type: application/json\r\nContent-Length: {length}\r\n")
+                + ("Connection: close\r\n" if close else "") + "\r\n").encode("latin-1")
+
+    def post_json(self, target, body, close=True):
+        data = json.dumps(body).encode()
+        sock = self.connect()
+        sock.sendall(self.head("POST", target, len(data), close) + data)
+        return sock
+
+    def drain(self, sock):
+        """Read a response to its end (the server closes: Connection: close) without keeping it;
+        its status line is counted."""
+        first = sock.recv(65536)
+        self.count(first.split(b"\r\n", 1)[0].decode("latin-1", "replace")[9:12] or "closed")
+        total = len(first)
+        while first and not self.stopping.is_set():
+            more = sock.recv(1 << 20)
+            if not more:
+                break
+            total += len(more)
+        self.count("bytes read", total)
+        sock.close()
+
+
+class BigEventStreams(RestAttack):
+    """Streamed execs on VMs whose agent hostile_agent.py replaced, answered in `mode` (its
+    STREAM_LINES: stream_huge, 12 stdout events of ~50 MB each; cbox.py reads and relays
+    them); `clients` at once per VM."""
+    name = "huge event lines"
+    what = "replaced agents answer streamed execs with 12 event lines of ~50 MB each, 4 clients per VM"
+
+    def __init__(self, api, vms, clients=4, mode="stream_huge"):
+        super().__init__(api)
+        self.vms, self.clients, self.mode = vms, clients, mode
+
+    def start(self):
+        for vm in self.vms:
+            for _ in range(self.clients):
+                self.thread(self._one, vm)
+
+    def _one(self, vm):
+        body = {"cmd": f"hostile:{self.mode}", "stream": True, "timeout": 60}
+        while not self.stopping.is_set():
+            self.drain(self.post_json(f"/v1/vms/{vm}/exec", body))
+            self.stopping.wait(0.05)
+
+
+class YesStreams(RestAttack):
+    """`readers` streamed execs of `yes` per VM, read as fast as they come (the stream budget)."""
+    name, what = "yes streams", "each attacking VM runs `yes` in 4 streamed execs, read as fast as they come"
+
+    def __init__(self, api, vms, readers=4, timeout=60):
+        super().__init__(api)
+        self.vms, self.readers, self.timeout = vms, readers, timeout
+
+    def start(self):
+        for vm in self.vms:
+            for _ in range(self.readers):
+                self.thread(self._one, vm)
+
+    def _one(self, vm):
+        while not self.stopping.is_set():
+            self.drain(self.post_json(f"/v1/vms/{vm}/exec", {"cmd": "yes", "stream": True, "timeout": self.timeout}))
+            self.stopping.wait(0.5)
+
+
+FORGED = "cbox-forged-line:"          # starts a log line only when a method's newline reached the log
+
+
+class UnauthBodies(RestAttack):
+    """Without the token: `clients` x `conns` connections, each sending a request whose
+    `body`-byte body misses its last byte (held open; sent again when cbox.py answers or
+    closes), and once a second a request whose method holds a newline and FORGED."""
+    name = "unauthenticated bodies"
+    what = ("no token: 250 connections per client (256 sending at once at most), each an 8 MiB body but its "
+            "last byte; a method with a newline once a second")
+
+    def __init__(self, api, clients=1, conns=250, body=8 * 1024 * 1024, senders=256):
+        super().__init__(dict(api, token=""))
+        self.slots, self.body, self.senders = clients * conns, body, min(senders, clients * conns)
+        self.payload = memoryview(b"x" * (body - 1))        # one copy for every sender
+
+    def start(self):
+        for i in range(self.senders):
+            self.thread(self._fill, range(i, self.slots, self.senders))
+        self.thread(self._forge)
+
+    def _fill(self, slots):
+        head = self.head("POST", "/v1/vms", self.body)
+        live = {}
+        while not self.stopping.is_set():
+            for slot in slots:
+                if slot in live or self.stopping.is_set():
+                    continue
+                sock = None
+                try:
+                    sock = self.connect(timeout=5.0)
+                    sock.sendall(head)
+                    sock.sendall(self.payload)
+                    live[slot] = sock
+                    self.count("bodies held")
+                except OSError as e:
+                    if not self.stopping.is_set():
+                        self.count(f"send {type(e).__name__}")
+                    if sock:
+                        sock.close()
+            for slot, sock in list(live.items()):
+                sock.settimeout(0.001)
+                try:
+                    answer = sock.recv(4096)
+                    self.count(f"answered {answer[9:12].decode('latin-1', 'replace')}" if answer else "closed by cbox")
+                except socket.timeout:
+                    continue
+                except OSError as e:
+                    self.count(f"recv {type(e).__name__}")
+                sock.close()
+                del live[slot]
+            self.stopping.wait(0.2)
+
+    def _forge(self):
+        while not self.stopping.wait(1.0):
+            sock = self.connect(timeout=5.0)
+            sock.sendall(f"GET\n{FORGED}the-method-held-a-newline /v1/vms HTTP/1.1\r\nHost: cbox\r\n\r\n".encode())
+            try:
+                self.count("forged " + (sock.recv(4096)[9:12].decode("latin-1", "replace") or "closed"))
+            except OSError as e:
+                self.count(f"forged {type(e).__name__}")
+            sock.close()
+
+
+def many_labels(n=4500):
+    return "&".join(f"label=k{i}=v" for i in range(n))
+
+
+def many_params(n=8000):
+    return "&".join(f"u{i}=1" for i in range(n))
+
+
+class RestQueries(RestAttack):
+    """With the token: `clients` keep-alive connections looping GET /v1/vms, with 4,500 label=
+    filters and 8,000 unknown parameters in turn."""
+    name = "rest queries"
+    what = "with the token: clients looping GET /v1/vms with 4,500 label= filters or 8,000 unknown parameters in turn"
+
+    def __init__(self, api, clients=1):
+        super().__init__(api)
+        self.clients = clients
+
+    def start(self):
+        for _ in range(self.clients):
+            self.thread(self._one)
+
+    def _one(self):
+        requests = [self.head("GET", "/v1/vms?" + many_labels()), self.head("GET", "/v1/vms?" + many_params())]
+        sock, buf, i = self.connect(), bytearray(), 0
+        while not self.stopping.is_set():
+            sock.sendall(requests[i % 2])
+            status, buf = read_response(sock, buf)
+            self.count(status)
+            i += 1
+
+
+def read_response(sock, buf):
+    """(status text, the bytes after the response) of one Content-Length response."""
+    while (end := buf.find(b"\r\n\r\n")) < 0:
+        more = sock.recv(65536)
+        if not more:
+            raise ConnectionError("closed by cbox")
+        buf += more
+    head = bytes(buf[:end]).decode("latin-1")
+    length = 0
+    for line in head.split("\r\n")[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value)
+    while len(buf) < end + 4 + length:
+        more = sock.recv(65536)
+        if not more:
+            raise ConnectionError("closed by cbox")
+        buf += more
+    return head[9:12], buf[end + 4 + length:]
+
+
+class Many(Attack):
+    """One attack class on many targets at once (one per attacking VM), in one process."""
+
+    def __init__(self, cls, targets, **kw):
+        super().__init__()
+        self.attacks = [cls(target, **kw) for target in targets]
+        self.lock = threading.Lock()
+
+    @property
+    def seen(self):
+        total = collections.Counter()
+        for attack in self.attacks:
+            with attack.lock:
+                total.update(attack.seen)
+        return total
+
+    @seen.setter
+    def seen(self, value):
+        pass                     # Attack.__init__ sets it: the counters are the attacks' own
+
+    def start(self):
+        for attack in self.attacks:
+            attack.start()
+
+    def stop(self):
+        for attack in self.attacks:
+            attack.stopping.set()
+        for attack in self.attacks:
+            attack.stop()
+
+
+def pin(pid, cpus):
+    """Set the CPUs of every thread of a process (sched_setaffinity sets one thread's); a
+    process that is gone is skipped."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return
+    for tid in tids:
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except OSError:
+            pass
+
+
+def process_tree(root):
+    """pids of `root` and its descendants."""
+    children = collections.defaultdict(list)
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                stat = Path(f"/proc/{name}/stat").read_text()
+            except OSError:
+                continue
+            children[int(stat[stat.rindex(")") + 2:].split()[1])].append(int(name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    return tree
+
+
+def pin_tree(root, cpus):
+    for pid in process_tree(root):
+        pin(pid, cpus)
 
 
 # ---- watching cbox.py ------------------------------------------------------------------------
@@ -351,10 +637,14 @@ def fd_count(pid):
 
 
 class Sampler:
-    """Peak RSS and fd count of a process, sampled every 50 ms in a thread."""
+    """Peak RSS and fd count of a process, sampled every 50 ms in a thread. With `cap_kb`,
+    on_cap() is called (once, in a thread of its own) when the RSS goes beyond it: a guard
+    for the machine, which an attack on a cbox.py without bounds could run out of memory."""
 
-    def __init__(self, pid):
+    def __init__(self, pid, cap_kb=None, on_cap=None):
         self.pid, self.peak_rss_kb, self.peak_fds = pid, 0, 0
+        self.cap_kb, self.on_cap, self.capped_after = cap_kb, on_cap, None
+        self.started = time.monotonic()
         self.stopping = threading.Event()
         self.t = threading.Thread(target=self._run, daemon=True)
         self.t.start()
@@ -366,6 +656,10 @@ class Sampler:
                 self.peak_fds = max(self.peak_fds, fd_count(self.pid))
             except OSError:
                 return
+            if self.cap_kb and self.peak_rss_kb > self.cap_kb and self.capped_after is None:
+                self.capped_after = time.monotonic() - self.started
+                if self.on_cap:
+                    threading.Thread(target=self.on_cap, daemon=True).start()
             self.stopping.wait(0.05)
 
     def stop(self):
@@ -377,18 +671,26 @@ class Sampler:
 # ---- an attack in a process of its own --------------------------------------------------------
 
 SOCKET_ATTACKS = {cls.__name__: cls for cls in (IdleConnections, SlowPipelined, NoReader, BigLines, Flood, BadLines)}
+REST_ATTACKS = {cls.__name__: cls for cls in (BigEventStreams, YesStreams, UnauthBodies, RestQueries)}
 
 
 class Remote:
-    """A callback-socket attack run by `python3 hostile.py NAME PATH ARGS_JSON` in a process of its
-    own, like a guest on vCPUs of its own: its threads do not share the caller's GIL (which would
-    slow the caller's measurements, not cbox.py). `seen` follows the child's counters."""
+    """An attack run by `python3 hostile.py NAME TARGET_JSON ARGS_JSON CPUS_JSON MAX_SECONDS` in a
+    process of its own, like a guest on vCPUs of its own: its threads do not share the caller's GIL (which
+    would slow the caller's measurements, not cbox.py). TARGET: a callback socket's path, a list
+    of them (the attack on each, Many) or a REST attack's api. With `cpus` the process runs on
+    those CPUs only. `seen` follows the child's counters. The child ends with its parent, and
+    after `max_seconds` in any case."""
 
-    def __init__(self, cls, path, **kw):
+    def __init__(self, cls, path, cpus=None, max_seconds=900, **kw):
         import subprocess
         import sys
         self.cls, self.name, self.what = cls, cls.name, cls.what
-        self.argv = [sys.executable, __file__, cls.__name__, str(path), json.dumps(kw)]
+        target = path if isinstance(path, (list, dict)) else str(path)
+        if isinstance(target, list):
+            target = [str(p) for p in target]
+        self.argv = [sys.executable, __file__, cls.__name__, json.dumps(target), json.dumps(kw),
+                     json.dumps(sorted(cpus) if cpus else None), str(max_seconds)]
         self.popen = subprocess.Popen
         self.seen = collections.Counter()
         self.proc = None
@@ -407,8 +709,15 @@ class Remote:
         for line in self.proc.stdout:
             self.seen = collections.Counter(json.loads(line))
 
+    def halt(self):
+        """Tell the child to stop, without waiting (stop() waits)."""
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+
     def stop(self):
-        self.proc.stdin.close()
+        self.halt()
         try:
             self.proc.wait(30)
         except Exception:
@@ -417,9 +726,18 @@ class Remote:
         self.reader.join(5)
 
 
-def _child(name, path, kw):
+def _child(name, target, kw, cpus="null", max_seconds="900"):
+    import ctypes
+    import resource
     import sys
-    attack = SOCKET_ATTACKS[name](path, **json.loads(kw))
+    ctypes.CDLL(None).prctl(1, 9)                  # PR_SET_PDEATHSIG, SIGKILL: it ends with the caller
+    if json.loads(cpus):
+        os.sched_setaffinity(0, json.loads(cpus))  # before any thread: they all inherit it
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    cls = {**SOCKET_ATTACKS, **REST_ATTACKS}[name]
+    target, kw = json.loads(target), json.loads(kw)
+    attack = Many(cls, target, **kw) if isinstance(target, list) else cls(target, **kw)
     attack.start()
 
     def report():
@@ -430,7 +748,8 @@ def _child(name, path, kw):
     report()
     done = threading.Event()
     threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
-    while not done.wait(0.2):
+    deadline = time.monotonic() + float(max_seconds)
+    while not done.wait(0.2) and time.monotonic() < deadline:
         report()
     attack.stop()
     report()
@@ -438,4 +757,4 @@ def _child(name, path, kw):
 
 if __name__ == "__main__":
     import sys
-    _child(*sys.argv[1:4])
+    _child(*sys.argv[1:])

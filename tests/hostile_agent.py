@@ -172,11 +172,12 @@ def serve(conn, stop):
 def main(stop_file, max_seconds):
     time.sleep(0.3)                 # let the agent answer the exec that started us
     server = os.getppid()
+    os.kill(server, signal.SIGSTOP)     # first: a connection it accepts meanwhile would be missed (and hang)
     listener, conns = take_sockets(server)
     if listener is None:
+        os.kill(server, signal.SIGCONT)
         print("hostile: no listening socket found", flush=True)
         return 1
-    os.kill(server, signal.SIGSTOP)
     for sock in conns:              # cbox.py's idle keep-alive connections: back through the listener
         try:
             sock.shutdown(socket.SHUT_RDWR)
