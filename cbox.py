@@ -6353,6 +6353,7 @@ class RestServer:
         self.relays = set()            # exec streams being relayed (EventRelay)
         self.stopping = False          # stop() was called
         self.bodies = BodyBudget(cfg.request_body_buffer_bytes)
+        self.linger_budget = TokenBucket(self.LINGER_BYTES_PER_S, self.LINGER_BYTES_PER_S)
         # agent calls only: abandoning them leaves nothing half done (a VM start would)
         # (a stream's relay runs after its handler returned: a client leaving never ends an exec)
         self.abandonable = {self.exec, self.exec_status, self.exec_kill, self.exec_list, self.exec_kill_all,
@@ -6519,19 +6520,24 @@ class RestServer:
             await self.drop_refused_body(reader, writer, headers, status)
         return keep_alive
 
-    LINGER_BYTES, LINGER_S = 1024 * 1024, 2.0     # what is read and dropped of a body refused unread
+    LINGER_BYTES, LINGER_S = 64 * 1024, 1.0       # what is read and dropped of a body refused unread
+    LINGER_BYTES_PER_S = 4 * 1024 * 1024           # ... by all connections together
 
     async def drop_refused_body(self, reader, writer, headers, status):
         """A request was answered without its body being read (the connection closes): read and
         drop what the client still sends, so that it sees the answer rather than a reset. A
         413 (a client with the token, or no token configured) may send up to 256 MiB for 10 s;
-        anything else (401, 503, ...), after the answer and a half-close, 1 MiB for 2 s."""
+        anything else (401, 503, ...), after the answer and a half-close, LINGER_BYTES for
+        LINGER_S, within LINGER_BYTES_PER_S for all connections together: clients without the
+        token that reconnect and send bodies as fast as they can (each read costs the loop)
+        then get their answer and a reset, and the API's clients keep the loop."""
         if status == 413:
             await self.discard_body(reader, headers)
             return
         with contextlib.suppress(OSError, RuntimeError):
             writer.write_eof()
-        await self.discard_body(reader, headers, self.LINGER_BYTES, self.LINGER_S)
+        if self.linger_budget.take(self.LINGER_BYTES):
+            await self.discard_body(reader, headers, self.LINGER_BYTES, self.LINGER_S)
 
     def request_body_size(self, headers):
         """The Content-Length of a request's body (no body: 0); ApiError 411 (chunked), 400, 413."""

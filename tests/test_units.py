@@ -621,3 +621,26 @@ def test_batcher_runs_requests_arriving_together_as_one_batch():
     results, after = asyncio.run(scenario())
     assert batches == [["a"], ["b", "c", "d"], ["e", "bad"], ["f"]]
     assert [str(r) for r in results] == ["batch failed", "batch failed"] and after is None
+
+
+def test_bodies_refused_unread_are_drained_within_a_host_wide_budget(tmp_path):
+    """After a 401 (or 503) the body is read and dropped only up to LINGER_BYTES a connection
+    and LINGER_BYTES_PER_S for all together; past that the connection is closed at once."""
+    import asyncio
+    cfg = cbox.load_config(write_config(tmp_path, []))
+    server = cbox.RestServer(cfg, None)
+
+    class Writer:
+        def write_eof(self):
+            pass
+
+    async def drained(budget_left):
+        reader = asyncio.StreamReader()
+        reader.feed_data(b"x" * (8 << 20))
+        server.linger_budget.tokens = budget_left
+        server.linger_budget.stamp = time.monotonic()
+        await server.drop_refused_body(reader, Writer(), {"content-length": str(8 << 20)}, 401)
+        return (8 << 20) - len(reader._buffer)
+
+    assert asyncio.run(drained(server.LINGER_BYTES_PER_S)) == server.LINGER_BYTES
+    assert asyncio.run(drained(0)) == 0
