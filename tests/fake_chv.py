@@ -338,6 +338,8 @@ import time
 import traceback
 from pathlib import Path
 
+from procutil import proc_state     # tests/, beside this file: on the path when it runs as a script
+
 VERSION = "53.0.0"                  # vmm.ping "version": CARGO_PKG_VERSION of v53.0 (seen: "53.0.0")
 BUILD_VERSION = "v53.0-cbox-standin"
 HERE = Path(__file__).resolve().parent
@@ -1156,15 +1158,6 @@ def _guest_init_main(console_fd, argv, env, close_fds):
     return code if code >= 0 else 128 - code
 
 
-def _proc_state(pid):
-    """The state letter of /proc/<pid>/stat (R, S, T, Z, ...), None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
-
-
 def host_veth_name(vmm_pid):
     """The stand-in side of a guest's veth pair (<= 15 characters, IFNAMSIZ)."""
     return f"cbveth{vmm_pid}"
@@ -1595,7 +1588,7 @@ class ProcessEngine:
         for every active vCPU's `paused` flag)."""
         deadline = time.monotonic() + timeout
         for pid in [self.pid] + self._guest_pids():
-            while _proc_state(pid) not in ("T", "t", "Z", "X", None) and time.monotonic() < deadline:
+            while proc_state(pid) not in ("T", "t", "Z", "X", None) and time.monotonic() < deadline:
                 time.sleep(0.001)
 
     def resume(self):

@@ -30,6 +30,15 @@ def wait_for(cond, timeout=10.0, interval=0.02, what="condition"):
         time.sleep(interval)
 
 
+def proc_state(pid):
+    """The state letter of /proc/<pid>/stat (R, S, T, Z, ...), None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
 def stop_process(proc, grace=5.0, sig=signal.SIGTERM):
     """Send a subprocess.Popen `sig`, SIGKILL it if it still runs after `grace` s; its exit status."""
     if proc.poll() is None:

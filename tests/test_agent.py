@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from execstream import AgentApi, check_sequence, joined
-from procutil import stop_process, wait_for
+from procutil import proc_state, stop_process, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 AGENT = REPO / "guest_agent.py"
@@ -48,14 +48,6 @@ def ppid_of(pid):
         with open(f"/proc/{pid}/stat") as f:
             return int(f.read().rsplit(")", 1)[1].split()[1])
     except (OSError, ValueError, IndexError):
-        return None
-
-
-def state_of(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
         return None
 
 
@@ -85,7 +77,7 @@ def pids_running(marker):
                 cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if marker in cmdline and state_of(pid) not in (None, "Z"):
+        if marker in cmdline and proc_state(pid) not in (None, "Z"):
             pids.append(pid)
     return pids
 
@@ -1030,7 +1022,7 @@ def test_supervisor_stops_on_sigterm(fresh_agent):
         assert wait_for(lambda: pids_running(m2), 5.0)
         fresh_agent.proc.send_signal(signal.SIGTERM)
         assert fresh_agent.proc.wait(5) == 0
-        assert state_of(server) is None
+        assert proc_state(server) is None
         assert wait_for(lambda: not pids_running(m1) and not pids_running(m2), 2.0)
         fresh_agent.log.wait_for("stopped by SIGTERM")
     finally:
@@ -1140,7 +1132,7 @@ def test_pid1_mode_in_namespaces(tmp_path):
         # an orphan (double fork) is reparented to PID 1 and reaped there
         call("POST", "/exec", {"cmd": "sh -c 'sleep 0.2 &'"})
         time.sleep(0.2)
-        assert wait_for(lambda: not [p for p in descendants_of(init) if state_of(p) == "Z"], 3.0)
+        assert wait_for(lambda: not [p for p in descendants_of(init) if proc_state(p) == "Z"], 3.0)
         tree = [init] + descendants_of(init)
         os.kill(init, signal.SIGTERM)
         proc.wait(10)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import fake_chv
-from procutil import wait_for
+from procutil import proc_state, wait_for
 
 STANDIN = Path(__file__).resolve().parent / "fake_chv.py"
 REPO = Path(__file__).resolve().parents[1]
@@ -223,16 +223,9 @@ def env(netns):
         shutil.rmtree(work, ignore_errors=True)
 
 
-def proc_state(pid):
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-
-
 def running(pid):
     """Exists and is not a zombie (orphaned zombies wait for this machine's init to reap them)."""
-    try:
-        return proc_state(pid) not in ("Z", "X")
-    except OSError:
-        return False
+    return proc_state(pid) not in ("Z", "X", None)
 
 
 def agent_pids(workdir):
