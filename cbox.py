@@ -1149,15 +1149,15 @@ class BodyStream:
     """A large response body still on its connection, copied onward in chunks.
 
     `deadline` (loop time) is the request's: a peer dripping its body cannot stretch it.
-    `then`, when set, is called with the body's first HEAD and last TAIL bytes once it was
+    `then`, when given, is called with the body's first HEAD and last TAIL bytes once it was
     copied whole."""
 
     HEAD, TAIL = 512, 4096
 
-    def __init__(self, client, reader, writer, length, reusable, deadline):
+    def __init__(self, client, reader, writer, length, reusable, deadline, then=None):
         self.client, self.reader, self.writer = client, reader, writer
         self.length, self.reusable, self.deadline = length, reusable, deadline
-        self.then, self.head, self.tail = None, b"", b""
+        self.then, self.head, self.tail = then, b"", b""
 
     async def pieces(self, timeout):
         """The body, piece by piece as it arrives (at most 1 MiB each); close it (aclosing)."""
@@ -1241,11 +1241,11 @@ class HttpClient:
         set_nodelay(writer)
         return reader, writer
 
-    async def request(self, method, target, body=None, timeout=30.0, headers=None):
+    async def request(self, method, target, body=None, timeout=30.0, headers=None, then=None):
         """Returns (status, headers, body bytes or BodyStream). Raises HttpError on any failure."""
         deadline = asyncio.get_running_loop().time() + timeout      # a streamed body must end by then too
         try:
-            return await within(timeout, self._request(method, target, body, headers, deadline))
+            return await within(timeout, self._request(method, target, body, headers, deadline, then))
         except asyncio.TimeoutError as e:
             self.failures["timeouts"] += 1
             raise HttpError(f"timed out after {fmt_seconds(timeout)}") from e
@@ -1253,7 +1253,7 @@ class HttpClient:
             self.failures[HTTP_FAILURES.get(str(e), "other")] += 1
             raise
 
-    async def _request(self, method, target, body, headers, deadline):
+    async def _request(self, method, target, body, headers, deadline, then=None):
         payload = body if isinstance(body, (bytes, type(None))) else json_bytes(body)
         head = f"{method} {target} HTTP/1.1\r\nHost: {self.host_header}\r\n"
         if payload is not None:
@@ -1269,7 +1269,7 @@ class HttpClient:
                 writer.write(message)
                 if self.quick_ack:
                     quick_ack(writer)
-                result = await self._read_response(reader, writer, method, deadline)
+                result = await self._read_response(reader, writer, method, deadline, then)
             except (HttpError, OSError, asyncio.IncompleteReadError, EOFError,
                     ValueError, asyncio.LimitOverrunError) as e:     # ValueError: StreamReader line limit
                 self.drop(writer)
@@ -1359,7 +1359,7 @@ class HttpClient:
             where = self.unix_path or f"{self.host}:{self.port}"
             raise HttpError(f"cannot connect to {where}: {os.strerror(e.errno) if e.errno else e}") from e
 
-    async def _read_response(self, reader, writer, method, deadline):
+    async def _read_response(self, reader, writer, method, deadline, then=None):
         head = await read_head(reader)
         if head is None:
             raise EOFError("connection closed before a response")
@@ -1369,7 +1369,7 @@ class HttpClient:
             raise HttpError(f"malformed status line {start[:40]!r}")
         status = int(parts[1])
         if status == 100:
-            return await self._read_response(reader, writer, method, deadline)
+            return await self._read_response(reader, writer, method, deadline, then)
         if method == "HEAD" or status in (204, 304):
             return status, headers, b""
         length = headers.get("content-length", "")
@@ -1380,7 +1380,7 @@ class HttpClient:
             if int(length) > self.max_body:
                 raise HttpError("body too large")
             return status, headers, BodyStream(self, reader, writer, int(length),
-                                               headers.get("connection", "").lower() != "close", deadline)
+                                               headers.get("connection", "").lower() != "close", deadline, then)
         if not length and headers.get("transfer-encoding", "").lower() != "chunked":
             headers["connection"] = "close"            # the body ends when the connection does
             return status, headers, await read_to_eof(reader, self.max_body)
@@ -1804,6 +1804,23 @@ METRICS.on_scrape("guest_work", lambda: setattr(M_GUEST_WORK_WAITING, "value", l
 AGENT_ERROR_MAX = 64 * 1024      # a guest agent's error answer is read whole, at most this much
 
 
+class StreamBudget:
+    """What one VM's exec streams (AgentEvents) may cost together: `event_rate` events and
+    `byte_rate` bytes a second (the per-VM caps), and the VM's fair share of GUEST_WORK
+    (`share_key`, its VM). Its GuestAgent makes one; each of its streams is given it."""
+
+    def __init__(self, share_key, event_rate, byte_rate):
+        self.share_key = share_key
+        self.events = TokenBucket(event_rate, event_rate)
+        self.bytes = TokenBucket(byte_rate, byte_rate)
+
+    async def pay(self, events, size):
+        """Charge a batch of `events` events of `size` bytes; waits while the budgets are in debt
+        (at least a yield, so one stream never holds the loop)."""
+        await asyncio.sleep(max(self.events.spend(events), self.bytes.spend(size)))
+        await GUEST_WORK.take(self.share_key, FairShare.ITEM * events + size)
+
+
 FLAT_SCALAR = re.compile(r'[ \t\r\n]*(?:(-?(?:0|[1-9][0-9]*))(\.[0-9]+)?([eE][-+]?[0-9]+)?|(true|false|null))[ \t\r\n]*')
 FLAT_PUNCT = re.compile(r'[ \t\r\n]*([{}\[\],:"])[ \t\r\n]*')
 FLAT_CONSTANTS = {"true": True, "false": False, "null": None}
@@ -1887,9 +1904,13 @@ class AgentEvents:
     raises AgentError, and `next_seq` says where a re-attach would resume. Reads are
     batched (up to BATCH events of one read go onward in one write); the VM's streams
     together are held to EVENT_RATE events and BYTE_RATE bytes a second, and all VMs' to
-    their fair share of GUEST_WORK, so a guest flooding events costs the loop little and
-    other VMs nothing. Memory per stream: the reader's buffer (paused at 2 * BUFFER) plus
-    the line being read."""
+    their fair share of GUEST_WORK (`budget`, a StreamBudget), so a guest flooding events
+    costs the loop little and other VMs nothing. Memory per stream: the reader's buffer
+    (paused at 2 * BUFFER) plus the line being read.
+
+    Given when it is made: `fetch_result(timeout)` reads the exec's result (result()),
+    `on_exit(line)` is called with the exit event's line when it is read, `on_close(self)`
+    once when the stream closes."""
 
     BUFFER = 256 * 1024
     BATCH = 1024                   # events parsed per batch at most: the loop is not held long
@@ -1898,18 +1919,23 @@ class AgentEvents:
     SMALL_LINE = 4096              # lines up to this are parsed by json.loads
     EXIT_START = re.compile(rb'\{"seq":[0-9]{1,18},"type":"exit",')     # how the agent starts its exit event
 
-    def __init__(self, agent, exec_id, reader, writer, since, stall_s, line_max, exit_max=None):
-        self.agent, self.exec_id, self.reader, self.writer = agent, exec_id, reader, writer
+    def __init__(self, exec_id, reader, writer, since, stall_s, line_max, exit_max=None, *, budget, vm_name,
+                 fetch_result=None, on_exit=None, on_close=None):
+        self.exec_id, self.reader, self.writer = exec_id, reader, writer
         self.next_seq, self.stall_s, self.line_max = since, stall_s, line_max
         self.exit_max = max(line_max, exit_max or 0)
+        self.budget, self.vm_name = budget, vm_name
+        self.fetch_result, self.on_exit, self.on_close = fetch_result, on_exit, on_close
         self.pending = bytearray()     # bytes read after the last complete line
         self.failure = None            # AgentError after the events of the last batch
         self.finished = False          # the exit event was read
-        self.on_close = None           # called once when the stream closes
-        self.on_exit = None            # called with the exit event's line when it is read
 
     def broken(self, why):
-        return AgentError(502, f"exec stream from the guest agent of VM '{self.agent.vm_name}' broke: {why}")
+        return AgentError(502, f"exec stream from the guest agent of VM '{self.vm_name}' broke: {why}")
+
+    async def result(self, timeout):
+        """The exec's result as the agent answers GET /exec/{id} (bytes or a BodyStream); AgentError."""
+        return await self.fetch_result(timeout)
 
     async def read_head(self):
         try:
@@ -1993,19 +2019,15 @@ class AgentEvents:
                 raise
             self.failure = e           # the good events before it go first
         del pending[:start]
-        size = sum([len(line) for line, _ in batch])
-        delay = max(self.agent.event_budget.spend(len(batch)), self.agent.byte_budget.spend(size))
-        await asyncio.sleep(delay)     # 0: still a yield, so one stream never holds the loop
-        await GUEST_WORK.take(self.agent.share_key, FairShare.ITEM * len(batch) + size)
+        await self.budget.pay(len(batch), sum([len(line) for line, _ in batch]))
         return batch
 
     def close(self):
-        self.agent.streams.discard(self)
         self.pending = bytearray()     # a long line read in part is not kept while the relay ends
         self.writer.close()
         on_close, self.on_close = self.on_close, None
         if on_close:
-            on_close()
+            on_close(self)
 
 
 class GuestAgent:
@@ -2033,8 +2055,7 @@ class GuestAgent:
         self.http = HttpClient(host=address, port=port, pool_size=32, stream_over=256 * 1024,
                                max_body=3 * 6 * output_limit + 1024 * 1024, length_only=True)
         self.streams = set()           # open AgentEvents
-        self.event_budget = TokenBucket(AgentEvents.EVENT_RATE, AgentEvents.EVENT_RATE)
-        self.byte_budget = TokenBucket(AgentEvents.BYTE_RATE, AgentEvents.BYTE_RATE)
+        self.stream_budget = StreamBudget(self.share_key, AgentEvents.EVENT_RATE, AgentEvents.BYTE_RATE)
         self.event_line_max = self.EVENT_LINE_MAX
         self.exit_line_max = request_limit + self.EXIT_LINE_EXTRA
 
@@ -2046,14 +2067,15 @@ class GuestAgent:
             raise AgentError(502, str(e)) from e
         return status
 
-    async def exec(self, body, timeout):
-        return await self._call("POST", "/exec", body, timeout)
+    async def exec(self, body, timeout, then=None):
+        """POST /exec; `then` is given a large answer's head and tail once it was passed on (BodyStream)."""
+        return await self._call("POST", "/exec", body, timeout, then)
 
-    async def status(self, exec_id, timeout=30.0):
-        return await self._call("GET", f"/exec/{exec_id}", timeout=timeout)
+    async def status(self, exec_id, timeout=30.0, then=None):
+        return await self._call("GET", f"/exec/{exec_id}", timeout=timeout, then=then)
 
-    async def kill(self, exec_id, grace=0.0):
-        return await self._call("DELETE", f"/exec/{exec_id}?grace={grace:g}", timeout=grace + 30.0)
+    async def kill(self, exec_id, grace=0.0, then=None):
+        return await self._call("DELETE", f"/exec/{exec_id}?grace={grace:g}", timeout=grace + 30.0, then=then)
 
     async def kill_all(self, grace=0.0):
         return await self._call("DELETE", f"/exec?grace={grace:g}", timeout=grace + 30.0)
@@ -2067,18 +2089,32 @@ class GuestAgent:
     async def stdin(self, exec_id, body):
         return await self._call("POST", f"/exec/{exec_id}/stdin", body, timeout=30.0)
 
-    async def events(self, exec_id, since, stall_s):
-        """The exec's event stream from seq `since` (GET /exec/{id}/stream), open: AgentEvents.
+    async def events(self, exec_id, since, stall_s, on_exit=None, on_close=None):
+        """The exec's event stream from seq `since` (GET /exec/{id}/stream), open: AgentEvents
+        (on_exit: see there; on_close() is called once when it ends, also when it could not open).
 
         A connection of its own, outside the pool: it lives as long as the exec, and
         abort() closes it with the others when the guest goes away."""
+        def closed(events):
+            self.streams.discard(events)
+            if on_close:
+                on_close()
         try:
             reader, writer = await within(15.0, asyncio.open_connection(
                 self.http.host, self.http.port, limit=AgentEvents.BUFFER))
         except (OSError, asyncio.TimeoutError) as e:
+            if on_close:
+                on_close()
             raise AgentError(502, f"guest agent of VM '{self.vm_name}' unreachable: {e or 'timed out'}") from e
+        except BaseException:
+            if on_close:
+                on_close()
+            raise
         set_nodelay(writer)
-        events = AgentEvents(self, exec_id, reader, writer, since, stall_s, self.event_line_max, self.exit_line_max)
+        events = AgentEvents(exec_id, reader, writer, since, stall_s, self.event_line_max, self.exit_line_max,
+                             budget=self.stream_budget, vm_name=self.vm_name,
+                             fetch_result=lambda timeout: self.status(exec_id, timeout=timeout),
+                             on_exit=on_exit, on_close=closed)
         self.streams.add(events)
         # HTTP/1.0: the agent writes the lines unframed and ends the body by closing
         writer.write(f"GET /exec/{exec_id}/stream?since={since} HTTP/1.0\r\nHost: agent\r\n\r\n".encode("latin-1"))
@@ -2127,13 +2163,13 @@ class GuestAgent:
         with contextlib.suppress(AgentError):
             await self._call("POST", "/exec", {"cmd": "sync", "timeout": 5}, timeout=6.0)
 
-    async def _call(self, method, target, body=None, timeout=15.0):
+    async def _call(self, method, target, body=None, timeout=15.0, then=None):
         """A 2xx body (bytes or BodyStream); else AgentError with the agent's status and message.
 
         When the VM's hypervisor exits, abort() fails the requests in flight at once
         instead of leaving them to their timeout."""
         try:
-            status, _, data = await self.http.request(method, target, body, timeout=timeout)
+            status, _, data = await self.http.request(method, target, body, timeout=timeout, then=then)
             GUEST_WORK.charge(self.share_key, FairShare.ITEM + (data.length if isinstance(data, BodyStream)
                                                                 else len(data)))
             if 200 <= status < 300:
@@ -3960,7 +3996,6 @@ CALLBACK_COUNTERS = ("connections", "callbacks", "refused_connections", "refused
                      "write_timeouts", "oversize_lines", "bad_requests", "accept_errors", "log_lines_suppressed")
 CALLBACK_TOTALS = dict.fromkeys(CALLBACK_COUNTERS, 0)   # the same counts over all VMs since cbox.py started
 CALLBACK_REQUEST_FIELDS = {"method", "params", "execId"}
-CALLBACK_EXEC_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def parse_callback_line(line, vm_name):
@@ -3978,8 +4013,8 @@ def parse_callback_line(line, vm_name):
         body = {"vmName": vm_name, "method": request["method"], "params": request.get("params")}
         if "execId" in request:
             exec_id = request["execId"]
-            if not isinstance(exec_id, str) or not CALLBACK_EXEC_ID.fullmatch(exec_id):
-                return None, "callback request 'execId' must be 1-64 characters of A-Z a-z 0-9 _ . -"
+            if not isinstance(exec_id, str) or not EXEC_REF_RE.match(exec_id):
+                return None, "callback request 'execId' must be 1-64 characters of A-Z a-z 0-9 _ . - (not a leading .)"
             body["execId"] = exec_id
         return request["method"], json_bytes(body)
     except RecursionError:
@@ -4468,6 +4503,69 @@ VM_SCHEMA = {        # the VM object (VM.api): its fields and their order
 VM_SCHEMA["required"] = list(VM_SCHEMA["properties"])
 
 
+class BackgroundExecs:
+    """The background execs ("blocking": false) of one VM, each recorded once, when the
+    agent's answer to its start names it (note; the id checked by EXEC_REF_RE, the one
+    pattern of an execId). An exec has two reasons to be kept, each bounded:
+    - idle: while it runs the VM is not idle; the newest IDLE_KEPT are saved in the VM's
+      record (ids(), the record's backgroundExecs) and dropped once seen finished (forget_idle);
+    - awaited: until a status or kill answer (or its stream's exit event) shows it finished,
+      when exec.finished is published, once (seen_finished); at most AWAITED, not saved."""
+
+    IDLE_KEPT = 64
+    AWAITED = 1024
+
+    def __init__(self, recorded=()):
+        self.execs = collections.OrderedDict()      # exec id -> [idle, awaited], oldest first
+        self.idle = self.awaited = 0
+        for exec_id in recorded:
+            self.execs[exec_id] = [True, False]
+            self.idle += 1
+
+    def note(self, exec_id):
+        for role in (0, 1):                 # an id seen again starts afresh, as the newest
+            self._unset(exec_id, role)
+        self.execs[exec_id] = [True, True]
+        self.idle, self.awaited = self.idle + 1, self.awaited + 1
+        for role, limit in ((0, self.IDLE_KEPT), (1, self.AWAITED)):
+            if (self.idle, self.awaited)[role] > limit:
+                self._unset(next(i for i, roles in self.execs.items() if roles[role]), role)
+
+    def _unset(self, exec_id, role):
+        roles = self.execs.get(exec_id)
+        if not (roles and roles[role]):
+            return
+        roles[role] = False
+        if role == 0:
+            self.idle -= 1
+        else:
+            self.awaited -= 1
+        if not any(roles):
+            del self.execs[exec_id]
+
+    def ids(self):
+        """The ids kept for the idle check, oldest first (the record's backgroundExecs)."""
+        return [exec_id for exec_id, (idle, _) in self.execs.items() if idle]
+
+    def forget_idle(self, finished):
+        """The execs in `finished` no longer keep the VM from being idle; whether any did."""
+        kept = self.idle
+        for exec_id in finished:
+            self._unset(exec_id, 0)
+        return self.idle != kept
+
+    def is_awaited(self, exec_id):
+        roles = self.execs.get(exec_id)
+        return bool(roles and roles[1])
+
+    def seen_finished(self, exec_id):
+        """The exec was seen finished: True the first time (exec.finished is then due)."""
+        if not self.is_awaited(exec_id):
+            return False
+        self._unset(exec_id, 1)
+        return True
+
+
 class StartFailed(HypervisorError):
     """A start that failed, and its stopReason (VM.start_failure)."""
 
@@ -4508,14 +4606,23 @@ class VM:
         self.sent_config = None        # the VmConfig of vm.create (kept with a failed start's evidence)
         self.vmm_log_trimmed = 0       # disk bytes freed from the VMM's log (bound_vmm_log)
         self.labels = self.labels or {}
-        self.backgroundExecs = self.backgroundExecs or []    # ids of execs started with "blocking": false
         self.activity_saved = time.monotonic()               # when touch() last wrote the record
         self.busy = 0                  # activities in progress (execs, streams): not idle meanwhile
-        self.awaiting_finish = collections.OrderedDict()   # background exec ids not yet seen finished (events)
 
     @property
     def address(self):
         return self.ip.split("/")[0]
+
+    @property
+    def backgroundExecs(self):
+        return self.background.ids()
+
+    @backgroundExecs.setter
+    def backgroundExecs(self, ids):
+        """From the record (or none): ValueError unless it is a list of exec ids."""
+        if ids is not None and (not isinstance(ids, list) or not all(isinstance(i, str) for i in ids)):
+            raise ValueError("backgroundExecs must be a list of exec ids")
+        self.background = BackgroundExecs(ids or ())
 
     def api(self):
         return {k: getattr(self, k) for k in self.API_FIELDS}
@@ -4559,8 +4666,6 @@ class VM:
         check_labels(vm.labels)
         if vm.idleTimeoutSeconds is not None:
             lifetime_seconds(vm.idleTimeoutSeconds, "idleTimeoutSeconds", 0)
-        if not isinstance(vm.backgroundExecs, list) or not all(isinstance(i, str) for i in vm.backgroundExecs):
-            raise ValueError("backgroundExecs must be a list of exec ids")
         return vm
 
     def recorded_network(self):
@@ -4629,24 +4734,17 @@ class VM:
         self.expiresAt = expires_at(seconds)
         self.save()
 
-    BACKGROUND_EXECS_KEPT = 64
-
-    def note_background_exec(self, answer):
-        """Remember the id in the agent's answer to a background exec: while it runs, the VM is
-        not idle. The id is the guest's word, so it is checked and the list is bounded."""
-        try:
-            exec_id = json.loads(answer).get("execId")
-        except (ValueError, AttributeError, TypeError, RecursionError):
-            return
-        if isinstance(exec_id, str) and re.match(r"^[A-Za-z0-9_-]{1,64}\Z", exec_id):
-            self.backgroundExecs = self.backgroundExecs[-(self.BACKGROUND_EXECS_KEPT - 1):] + [exec_id]
-            self.save()
+    def note_background_exec(self, exec_id):
+        """A background exec started (its id checked: background_exec_id): while it runs, the
+        VM is not idle; its exec.finished is awaited (BackgroundExecs)."""
+        self.background.note(exec_id)
+        self.save()
 
     async def background_exec_running(self):
         """Whether one of the VM's background execs still runs (asking its agent); the
         finished ones are forgotten."""
-        running = []
-        for exec_id in list(self.backgroundExecs):
+        running, checked = [], self.backgroundExecs
+        for exec_id in checked:
             try:
                 answer = await within(10.0, self.agent.status(exec_id))
                 if isinstance(answer, BodyStream):       # a large output so far
@@ -4656,8 +4754,7 @@ class VM:
                 continue
             if isinstance(state, dict) and state.get("running") is True:
                 running.append(exec_id)
-        if running != self.backgroundExecs:
-            self.backgroundExecs = [i for i in self.backgroundExecs if i in running]
+        if self.background.forget_idle([i for i in checked if i not in running]):
             self.save()
         return bool(running)
 
@@ -4982,14 +5079,12 @@ STREAM_EVENT_SCHEMA = {      # one line of an exec's event stream (AgentEvents, 
                    "stream from the guest broke (re-attach from this seq)"}
 
 
-BACKGROUND_TRACKED = 1024      # background execs per VM waiting to be seen finished (oldest forgotten)
 EXEC_FIELD = re.compile(rb'"(execId|exitCode|signal)":[ ]?(true|false|null|-?[0-9][0-9.eE+-]{0,30}|"[^"\\]{0,128}")')
 EXEC_KEYS = {k.encode(): k for k in ("execId", "exitCode", "signal")}
 TIMED_OUT = (b'"timedOut":true', b'"timedOut": true')        # for has_field()
 OOM_KILLED = (b'"oomKilled":true', b'"oomKilled": true')
 NOT_RUNNING = (b'"running":false', b'"running": false')
 EXEC_LITERALS = {b"true": True, b"false": False, b"null": None}
-EXEC_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 def exec_fields(text):
@@ -5042,20 +5137,10 @@ def exec_event_fields(text, exec_id, timed_out, oom_killed, duration_ms):
     fields = exec_fields(text)
     exec_id = exec_id or fields.get("execId")
     code, sig = fields.get("exitCode"), fields.get("signal")
-    return {"execId": exec_id if isinstance(exec_id, str) and EXEC_ID.match(exec_id) else None,
+    return {"execId": exec_id if isinstance(exec_id, str) and EXEC_REF_RE.match(exec_id) else None,
             "exitCode": code if isinstance(code, int) and not isinstance(code, bool) else None,
             "signal": sig if isinstance(sig, (int, str)) and not isinstance(sig, bool) else None,
             "timedOut": timed_out, "oomKilled": oom_killed, "durationMs": duration_ms}
-
-
-def await_finish(vm, answer):
-    """Remember a background exec's id (from the agent's answer to its start) until a status
-    or kill answer shows it finished: exec.finished is published then, once."""
-    exec_id = exec_fields(answer_text_for_fields(answer)).get("execId")
-    if isinstance(exec_id, str) and EXEC_ID.match(exec_id):
-        vm.awaiting_finish[exec_id] = None
-        if len(vm.awaiting_finish) > BACKGROUND_TRACKED:
-            vm.awaiting_finish.popitem(last=False)
 
 
 def exec_finished(vm, text, exec_id=None):
@@ -5075,17 +5160,28 @@ def exec_finished(vm, text, exec_id=None):
 
 def on_exec_answer(vm, answer, background_id=None):
     """Count an exec result that shows its exec finished and publish exec.finished, once per
-    exec: a blocking exec's answer (a large one once it was passed on whole), a background
-    exec's first status or kill answer with "running": false."""
+    exec: a blocking exec's answer (a large one is passed on whole first: its head and tail
+    come through finished_later), a background exec's first status or kill answer with
+    "running": false."""
     if isinstance(answer, BodyStream):
-        answer.then = lambda head, tail: on_exec_answer(vm, head + b"\n" + tail, background_id)
-        return
+        return                          # its `then` (finished_later) comes once it was passed on
     text = answer_text_for_fields(answer, tail=1536)     # kept with the event: at most 2 KiB
     if background_id is not None:       # a status or kill answer: the exec may still run
-        if not has_field(text, NOT_RUNNING) or background_id not in vm.awaiting_finish:
+        if not has_field(text, NOT_RUNNING) or not vm.background.seen_finished(background_id):
             return
-        del vm.awaiting_finish[background_id]
     exec_finished(vm, text, background_id)
+
+
+def finished_later(vm, background_id=None):
+    """The `then` of a large exec answer (BodyStream): on_exec_answer once it was passed on."""
+    return lambda head, tail: on_exec_answer(vm, head + b"\n" + tail, background_id)
+
+
+def background_exec_id(answer):
+    """(the execId the agent's answer to a background exec's start gives, that id if it is a
+    valid one (EXEC_REF_RE), else None)."""
+    exec_id = exec_fields(answer_text_for_fields(answer)).get("execId")
+    return exec_id, exec_id if isinstance(exec_id, str) and EXEC_REF_RE.match(exec_id) else None
 
 
 class Tombstones:
@@ -5235,19 +5331,26 @@ class WarmPool:
 
     Restarts: a pool VM's record is vms/<pool name>.json. A claim writes the claimed VM's
     record (vms/<name>.json, dirName = the pool name) before removing the pool record, so a
-    restart sees either the pool VM, or the claimed VM (and a pool record to drop)."""
+    restart sees either the pool VM, or the claimed VM (and a pool record to drop); Adoption
+    takes the pool VMs back (offer).
+
+    What it needs is given when it is made: fits(memory_mb, pool VMs) (Capacity.check:
+    ApiError when one more VM does not fit), make_vm(spec) and boot(vm, clock) (VmBooter), teardown(vm)
+    (VmTeardown, not graceful), apply_egress(tap, address, policy) (HostNetwork), and
+    `wake`, the Event set whenever capacity is freed (VmTeardown sets it, and so does a claim)."""
 
     RETRY_MIN_S, RETRY_MAX_S = 1.0, 60.0
 
-    def __init__(self, manager):
-        self.manager, self.cfg = manager, manager.cfg
+    def __init__(self, cfg, *, fits, make_vm, boot, teardown, apply_egress, wake):
+        self.cfg = cfg
+        self.fits, self.make_vm, self.boot, self.teardown, self.apply_egress = fits, make_vm, boot, teardown, apply_egress
         self.size = self.cfg.pool_size
         self.ready = collections.OrderedDict()    # pool name -> VM, oldest first
         self.booting = {}                         # pool name -> VM
         self.leaving = set()                      # VMs being torn down (still holding capacity)
         self.last_error = None
         self.failures = 0                         # failed boots in a row (backoff)
-        self.wake = asyncio.Event()               # a claim, a VM gone, or capacity freed
+        self.wake = wake                          # a claim, a VM gone, or capacity freed
         self.task = None
 
     def vms(self):
@@ -5299,7 +5402,7 @@ class WarmPool:
         vm.createdAt, vm.phase, vm.status = utc_now(), "starting", "CREATED"
         await vm.agent.identity(vm.vmName)
         if vm.network != booted_with:
-            await self.manager.net.apply_egress(vm.tapDeviceName, vm.address, vm.network)
+            await self.apply_egress(vm.tapDeviceName, vm.address, vm.network)
         if not vm.watch.alive():
             raise HypervisorError("the VM stopped while it was claimed")
         vm.phase, vm.status = "running", "RUNNING"
@@ -5333,7 +5436,7 @@ class WarmPool:
     def has_room(self):
         """Whether one more pool VM fits; when not, lastError says why the pool stays short."""
         try:
-            self.manager.check_capacity(self.cfg.default_memory_mb)
+            self.fits(self.cfg.default_memory_mb, self.vms())
         except ApiError as e:
             self.last_error = f"no room for a pool VM: {e}"
             return False
@@ -5344,21 +5447,21 @@ class WarmPool:
     async def boot_one(self):
         """Boot one pool VM; False when it failed (torn down, the error kept for health)."""
         try:
-            vm = self.manager.new_vm(self.spec())
+            vm = self.make_vm(self.spec())
         except ApiError as e:
             self.last_error = str(e)
             return False
         self.booting[vm.vmName] = vm
         clock = StepClock(vm.vmName, "pool boot")
         try:
-            await self.manager.boot(vm, clock)
+            await self.boot(vm, clock)
         except ApiError as e:
             M_POOL_BOOT_FAILURES.inc()
             self.last_error = f"{utc_now()} {e}"[:2000]
             return False
         except asyncio.CancelledError:         # cbox.py stops: nothing half booted stays
             vm.phase = "destroying"
-            await self.manager.teardown(vm, graceful=False)
+            await self.teardown(vm)
             raise
         finally:
             self.booting.pop(vm.vmName, None)
@@ -5383,7 +5486,7 @@ class WarmPool:
         try:
             async with vm.lock:
                 vm.phase = "destroying"
-                await self.manager.teardown(vm, graceful=False)
+                await self.teardown(vm)
         finally:
             self.leaving.discard(vm)
         log("pool VM removed", vm=vm.vmName, why=why)
@@ -5400,39 +5503,13 @@ class WarmPool:
 
     # ---- restarts and shutdown ----------------------------------------------------
 
-    async def adopt_all(self, vms):
-        """At start-up: take back the pool VMs of the records (at most pool_size, those whose
-        VMM still runs them); tear down the others; drop the pool record of a VM a claim had
-        already taken (its new record names this pool directory)."""
-        claimed = {vm.dirName for vm in self.manager.vms.values() if vm.dirName}
-        for vm in vms:
-            if vm.vmName in claimed:
-                log("dropping the pool record of a claimed VM", vm=vm.vmName)
-                with contextlib.suppress(FileNotFoundError):
-                    vm.paths.record.unlink()
-                continue
-            try:
-                self.manager.alloc.claim(vm.address, vm.cid)
-            except ValueError as e:
-                log("ignoring unusable pool VM record", vm=vm.vmName, error=repr(str(e)))
-                continue
-            vm.attach_vmm()                  # watched, so that a teardown stops its VMM
-            if len(self.ready) >= self.size or not await self.readopt(vm):
-                log("cleaning up pool VM", vm=vm.vmName, phase=vm.phase)
-                vm.phase = "destroying"
-                await self.manager.teardown(vm, graceful=False)
+    def full(self):
+        return len(self.ready) >= self.size
 
-    async def readopt(self, vm):
-        if vm.phase != "running" or not (vm.watch and vm.watch.alive()):
+    def offer(self, vm):
+        """At start-up: take back a re-adopted pool VM (Adoption) while the pool is not full."""
+        if self.full():
             return False
-        try:
-            if reset_in_vmm_log(vm.paths.chv_log):
-                raise HypervisorError("the guest reset while nobody watched")
-            await self.manager.reattach(vm)
-        except (HypervisorError, CommandError, OSError) as e:
-            log("cannot re-adopt pool VM", vm=vm.vmName, error=repr(str(e)))
-            return False
-        log("pool VM re-adopted", vm=vm.vmName, pid=vm.pid, ip=vm.ip)
         self.add_ready(vm)
         return True
 
@@ -5455,27 +5532,14 @@ class WarmPool:
                 vm.stop_watching()
 
 
-class VMManager:
-    """All VMs: composes host resources, allocation and each VM's runtime into a VM's life
-    (start, destroy, re-adoption at start-up, the end at a deadline), keeps their records,
-    forwards exec requests."""
+class VmRegistry:
+    """The VMs of the API by name (the warm pool's are not among them), where their records
+    live, and the tombstones of those a deadline destroyed: looking a VM up, filtering."""
 
-    def __init__(self, cfg, network):
-        self.cfg = cfg
-        self.net = network
-        self.alloc = Allocator(cfg.bridge_subnet, ipaddress.ip_interface(cfg.bridge_ip).ip)
+    def __init__(self, cfg):
         self.vms = {}
         self.records_dir = Path(cfg.path(cfg.state_dir), "vms")
-        self.disks = StatefulDisks(Path(cfg.path(cfg.state_dir), "templates"))
-        self.prefix = ipaddress.ip_network(cfg.bridge_subnet).prefixlen
-        self.gateway = str(ipaddress.ip_interface(cfg.bridge_ip).ip)
-        self.dns = host_resolvers() if cfg.dns == "auto" else [d.strip() for d in cfg.dns.split(",") if d.strip()]
         self.tombstones = Tombstones(Path(cfg.path(cfg.state_dir), "tombstones.json"), cfg.tombstone_minutes)
-        self.failed_starts = FailedStarts(Path(cfg.path(cfg.state_dir), "failed-starts"), cfg.failed_starts_kept)
-        self.deadlines_changed = asyncio.Event()     # wakes keep_deadlines
-        self.ending = set()                          # VMs keep_deadlines is ending
-        self.end_tasks = set()                       # their tasks (shutdown lets them finish)
-        self.pool = WarmPool(self)                   # pool_size idle VMs, outside self.vms
 
     def get(self, name):
         """The VM of that name (a checked one: check_vm_name), else ApiError 404 (saying why it
@@ -5505,103 +5569,236 @@ class VMManager:
             raise ApiError(409, f"VM '{name}' is not running (status {vm.status})")
         return vm
 
-    # ---- start ---------------------------------------------------------------
 
-    def disk_promised(self):
+class Capacity:
+    """Whether one more VM fits on the host: max_vms, guest_mem_percentage of the host's memory
+    and state_dir's free space (disk_overcommit), counting the API's VMs (`vms`, the
+    registry's) and the warm pool's (`pool`, given by the caller: the pool asks too). `freed`
+    is set whenever a VM's resources are freed (the warm pool waits on it)."""
+
+    def __init__(self, cfg, vms):
+        self.cfg, self.vms = cfg, vms
+        self.freed = asyncio.Event()
+
+    def disk_promised(self, pool):
         """Bytes the stateful disks of all VMs (the warm pool's included) may still take from
         state_dir: sparse files, each its size less what it already uses."""
         size = self.cfg.stateful_size_in_mb * 1024 * 1024
-        return sum(growth_left(vm.paths.disk, size) for vm in [*self.vms.values(), *self.pool.vms()])
+        return sum(growth_left(vm.paths.disk, size) for vm in [*self.vms.values(), *pool])
 
-    def check_disk_room(self):
+    def check_disk_room(self, pool):
         """ApiError 503 unless state_dir's free space, times disk_overcommit, holds what the VMs'
         stateful disks may still grow to and one more disk (disk_overcommit 0: no check)."""
         if not self.cfg.disk_overcommit:
             return
         size = self.cfg.stateful_size_in_mb * 1024 * 1024
-        promised, free = self.disk_promised(), free_bytes(self.cfg.path(self.cfg.state_dir))
+        promised, free = self.disk_promised(pool), free_bytes(self.cfg.path(self.cfg.state_dir))
         if promised + size > free * self.cfg.disk_overcommit:
             mib = 1024 * 1024
             raise ApiError(503, f"not enough disk space in state_dir: {free // mib} MiB free "
                                 f"(x disk_overcommit={self.cfg.disk_overcommit:g}) cannot hold the {promised // mib} MiB "
                                 f"the VMs' stateful disks may still grow by and this VM's {size // mib} MiB")
 
-    def export_disk_metrics(self):
+    def export_disk_metrics(self, pool):
         M_STATE_DIR_FREE.value = free_bytes(self.cfg.path(self.cfg.state_dir))
-        M_DISKS_PROMISED.value = self.disk_promised()
+        M_DISKS_PROMISED.value = self.disk_promised(pool)
 
-    def check_capacity(self, memory_mb):
+    def check(self, memory_mb, pool):
         """ApiError 503 unless one more VM of memory_mb fits (max_vms, guest_mem_percentage,
         state_dir's free space: check_disk_room)."""
-        pool = self.pool.vms()
-        if len(self.vms) + len(pool) >= self.cfg.max_vms:
+        vms = [*self.vms.values(), *pool]
+        if len(vms) >= self.cfg.max_vms:
             raise ApiError(503, f"max_vms ({self.cfg.max_vms}) VMs are running"
                                 + (f" ({len(pool)} of them in the warm pool)" if pool else ""))
         budget = host_memory_mb() * self.cfg.guest_mem_percentage // 100
-        used = sum(vm.memoryMb for vm in [*self.vms.values(), *pool])
+        used = sum(vm.memoryMb for vm in vms)
         if used + memory_mb > budget:
             raise ApiError(503, f"not enough memory: {used} MB of {budget} MB "
                                 f"(guest_mem_percentage={self.cfg.guest_mem_percentage}) in use, {memory_mb} MB asked")
-        self.check_disk_room()
+        self.check_disk_room(pool)
 
-    async def start(self, spec):
-        """Start a VM from a validated start request (validate_start_request: vmName, callbackUrl,
-        callbackMethods, vcpus, memoryMb, network, deadlines, labels) and return it RUNNING: a
-        warm pool VM when one fits (WarmPool.take), else a VM booted now; on any failure it is
-        torn down and ApiError says at which step."""
-        name = spec["vmName"]
-        if name in self.vms:
-            raise ApiError(409, f"VM '{name}' " + ("is still being destroyed (its deadline came); try again shortly"
-                                                  if self.past_deadline(self.vms[name]) else "already exists"))
-        self.tombstones.discard(name)
-        pooled = self.pool.take(spec)
-        if pooled and await self.claim(pooled, spec):
-            return pooled
-        if name in self.vms:       # taken while a failed claim was torn down
-            raise ApiError(409, f"VM '{name}' already exists")
-        await self.make_room(spec["memoryMb"])
-        M_VM_STARTS.inc()
-        vm = self.new_vm(spec)
-        self.vms[name] = vm
-        clock = StepClock(name, "start")
-        await self.boot(vm, clock, M_VM_START_FAILURES)
-        log("VM running", vm=name, ip=vm.ip, cid=vm.cid, ms=f"{clock.total_ms():.1f}")
-        self.deadlines_changed.set()
-        M_VM_BOOT.observe(clock.total_ms() / 1000)
-        EVENTS.publish("vm.started", name, ip=vm.ip, cid=vm.cid, bootMs=round(clock.total_ms(), 1))
+
+class VmTeardown:
+    """How VMs end on the host: freeing the runtime of one that stopped by itself (its record,
+    console log, IP and CID stay until DELETE), tearing one down whole, DELETE of one or many
+    (a deadline's end leaves a tombstone). Sets `freed` whenever capacity is freed."""
+
+    def __init__(self, registry, net, alloc, freed):
+        self.registry, self.net, self.alloc, self.freed = registry, net, alloc, freed
+
+    def release_when_ended(self, vm):
+        """Free the host side of the VM once it stops by itself (VM.mark_stopped)."""
+        async def wait_and_release():
+            await vm.ended.wait()
+            await self.release_runtime(vm)
+        vm.run_task(wait_and_release())
+
+    async def release_runtime(self, vm):
+        """Free what a dead VM no longer needs; its record, console log, IP and CID stay until DELETE."""
+        async with vm.lock:
+            if vm.phase != "dead":
+                return
+            await vm.stop_vmm(StepClock(vm.vmName, "stop"), ("vmm.shutdown",))
+            if vm.serial:
+                await vm.serial.wait_end(1.0)      # the console's last bytes
+            vm.close_clients()
+            await self.net.remove_egress(vm.tapDeviceName)
+            await self.net.remove_tap(vm.tapDeviceName, vm.address)
+            remove_tree(vm.paths.run_dir)
+
+    async def teardown(self, vm, graceful=False, clock=None):
+        """Undo everything a VM holds: process, listener, tap, files, record, IP and CID."""
+        clock = clock or StepClock(vm.vmName, "cleanup")
+        paths = vm.paths
+        if graceful and vm.status == "RUNNING" and vm.agent:
+            with clock.step("sync"):     # let the guest flush its stateful disk before the VM goes away
+                await vm.agent.sync()
+        await vm.stop_vmm(clock, ("vm.shutdown", "vm.delete", "vmm.shutdown"))
+        vm.stop_watching()
+        with clock.step("tap"):
+            await self.net.remove_egress(vm.tapDeviceName)
+            await self.net.remove_tap(vm.tapDeviceName, vm.address)
+        with clock.step("files"):
+            remove_tree(paths.run_dir)
+            remove_tree(paths.vm_dir)
+            vm.forget()
+        self.alloc.release(vm.address, vm.cid)
+        vms = self.registry.vms
+        if vms.get(vm.vmName) is vm:
+            del vms[vm.vmName]
+        self.freed.set()                 # capacity freed: the pool may refill
+
+    async def destroy(self, name, reason="destroyed", message=None):
+        """Stop a VM (gracefully when it runs) and remove everything it holds, its record too.
+        A deadline's end (reason ttl or idle, with its message) leaves a tombstone."""
+        vm = self.registry.get(name)
+        async with vm.lock:
+            if self.registry.vms.get(name) is not vm:
+                raise ApiError(404, f"VM '{name}' not found")
+            clock = StepClock(name, "destroy")
+            graceful = vm.phase == "running"
+            vm.phase = "destroying"
+            vm.stopReason = vm.stopReason or reason
+            vm.save()
+            if message:
+                self.registry.tombstones.add(name, reason, message, vm.console_log().tail())
+            await self.teardown(vm, graceful, clock)
+        log("VM destroyed", vm=name, stopReason=reason, ms=f"{clock.total_ms():.1f}")
+        M_VM_DESTROYS.inc()
+        EVENTS.publish("vm.destroyed", name, stopReason=vm.stopReason)
+
+    async def destroy_all(self, matches=None):
+        """Destroy every VM (or those a filter matches: parse_vm_filter); returns the names of
+        those destroyed."""
+        names = [vm.vmName for vm in self.registry.select(matches or (lambda vm: True))]
+        results = await asyncio.gather(*(self.destroy(n) for n in names), return_exceptions=True)
+        return [n for n, r in zip(names, results) if r is None]
+
+
+class DeadlineKeeper:
+    """The one task that ends VMs at their deadlines (ttlSeconds, idleTimeoutSeconds), as
+    DELETE would (`destroy`, VmTeardown.destroy, with a reason and message), and PUT /ttl.
+    `changed` is set when a deadline is set or a VM starts."""
+
+    def __init__(self, registry, destroy):
+        self.registry, self.destroy = registry, destroy
+        self.changed = asyncio.Event()               # wakes run()
+        self.ending = set()                          # VMs being ended at their deadline
+        self.tasks = set()                           # their tasks (shutdown lets them finish)
+
+    def set_ttl(self, name, seconds):
+        """PUT /ttl: the VM's deadline `seconds` from now (0: none); checked: lifetime_seconds."""
+        vm = self.registry.get(name)
+        if vm.phase not in ("running", "dead"):
+            raise ApiError(409, f"VM '{name}' is {vm.phase}")
+        vm.set_ttl(seconds)
+        self.changed.set()
         return vm
 
-    async def make_room(self, memory_mb):
-        """check_capacity, destroying ready warm pool VMs while they are what stands in the way."""
-        while True:
-            try:
-                return self.check_capacity(memory_mb)
-            except ApiError:
-                if not await self.pool.give_up_one():
-                    raise
+    def due(self, now):
+        """(VMs whose deadline has come with the reason, the earliest deadline still ahead)."""
+        due, wake = [], math.inf
+        for vm in self.registry.vms.values():
+            deadline = vm.deadline() if vm.phase in ("running", "dead") and vm not in self.ending else None
+            if deadline and deadline[0] <= now:
+                due.append((vm, deadline[1]))
+            elif deadline:
+                wake = min(wake, deadline[0])
+        return due, wake
 
-    async def claim(self, vm, spec):
-        """Start the request's VM from a warm pool VM (WarmPool.claim); False when that failed
-        (the pool VM is torn down and the caller boots one)."""
-        name = spec["vmName"]
-        self.vms[name] = vm
-        clock = StepClock(name, "claim")
-        async with vm.lock:
-            try:
-                with clock.step("claim"):
-                    await self.pool.claim(vm, spec)
-            except Exception as e:      # whatever it was, the VM goes and the start boots one
-                log("claiming a pool VM failed; booting one", vm=name, pool_vm=vm.dirName, error=repr(str(e)))
-                M_POOL_COLD.labels("failed").inc()
-                vm.phase = "destroying"
-                await self.teardown(vm, graceful=False)
-                return False
-        M_VM_STARTS.inc()
-        M_POOL_CLAIMS.inc()
-        log("VM running", vm=name, ip=vm.ip, cid=vm.cid, pool_vm=vm.dirName, ms=f"{clock.total_ms():.1f}")
-        self.deadlines_changed.set()
-        EVENTS.publish("vm.started", name, ip=vm.ip, cid=vm.cid, bootMs=round(clock.total_ms(), 1), pooled=True)
-        return True
+    async def run(self):
+        """Sleep until the earliest deadline (or until one is set or a VM starts) and end each
+        due VM in a task of its own."""
+        while True:
+            self.changed.clear()
+            due, wake = self.due(time.time())
+            for vm, reason in due:
+                self.ending.add(vm)
+                task = asyncio.get_running_loop().create_task(self.end_at_deadline(vm, reason))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await within(min(max(wake - time.time(), 0.0), 3600.0), self.changed.wait())
+
+    async def end_overdue(self):
+        """At start-up: end the adopted VMs whose deadline passed while cbox.py was down."""
+        due, _ = self.due(time.time())
+        self.ending.update(vm for vm, _ in due)
+        await asyncio.gather(*(self.end_at_deadline(vm, reason) for vm, reason in due))
+
+    @staticmethod
+    async def background_exec_running(vm):
+        """Whether the agent says one of the VM's background execs runs; an agent that does not
+        answer within 15 s in all has none (a guest must not keep its VM alive by stalling)."""
+        try:
+            return await within(15.0, vm.background_exec_running())
+        except asyncio.TimeoutError:
+            return False
+
+    async def end_at_deadline(self, vm, reason):
+        """Destroy a VM whose deadline came, as DELETE would, unless it turns out to be busy
+        (idle: an exec, stream or callback in progress; then its idle clock starts again)."""
+        try:
+            if reason == "idle" and vm.phase == "running" and (vm.busy_now() or await self.background_exec_running(vm)):
+                vm.touch()
+                return
+            deadline = vm.deadline()      # PUT /ttl or an API call may have moved it meanwhile
+            if not deadline or deadline[0] > time.time() or self.registry.vms.get(vm.vmName) is not vm:
+                return
+            reason = deadline[1]
+            if reason == "ttl":
+                message = f"VM '{vm.vmName}' was destroyed: ttl expired at {vm.expiresAt}"
+            else:
+                message = (f"VM '{vm.vmName}' was destroyed: idle for {vm.idleTimeoutSeconds}s "
+                           f"(idleTimeoutSeconds) since {vm.lastActivityAt}")
+            log("VM deadline", vm=vm.vmName, stopReason=reason)
+            with contextlib.suppress(ApiError):
+                await self.destroy(vm.vmName, reason, message)
+        except Exception as e:       # a task of its own: nobody else would see it
+            log("ending a VM at its deadline failed", vm=vm.vmName, error=repr(f"{type(e).__name__}: {e}"))
+        finally:
+            self.ending.discard(vm)
+            self.changed.set()
+
+    async def finish(self, timeout):
+        """cbox.py stops: let the VMs half torn down at a deadline finish (else the next start would)."""
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=timeout)
+
+
+class VmBooter:
+    """Boots one VM from a start request (the API's or the warm pool's): its IP and CID, record,
+    files, disk, tap, egress, the VMM, vm.create, callbacks, vm.boot and the agent; on any
+    failure the VM is torn down (`teardown`), its evidence kept (`failed_starts`) and
+    ApiError says at which step."""
+
+    def __init__(self, cfg, net, alloc, disks, failed_starts, teardown):
+        self.cfg, self.net, self.alloc, self.disks = cfg, net, alloc, disks
+        self.failed_starts, self.teardown = failed_starts, teardown
+        self.records_dir = Path(cfg.path(cfg.state_dir), "vms")
+        self.prefix = ipaddress.ip_network(cfg.bridge_subnet).prefixlen
+        self.gateway = str(ipaddress.ip_interface(cfg.bridge_ip).ip)
+        self.dns = host_resolvers() if cfg.dns == "auto" else [d.strip() for d in cfg.dns.split(",") if d.strip()]
 
     def new_vm(self, spec):
         """A VM for a start request (or the warm pool's), its IP and CID taken; not started."""
@@ -5629,7 +5826,7 @@ class VMManager:
                     evidence=evidence)
                 if failures:
                     failures.inc()
-                await self.teardown(vm, graceful=False)
+                await self.teardown.teardown(vm)
                 raise ApiError(e.status if isinstance(e, ApiError) else 500, message, stopReason=reason,
                                evidence=evidence and str(evidence)) from e
 
@@ -5652,7 +5849,7 @@ class VMManager:
             await self.net.apply_egress(vm.tapDeviceName, vm.address, vm.network)
         with clock.step("spawn"):
             vm.spawn_vmm()
-            self.release_when_ended(vm)
+            self.teardown.release_when_ended(vm)
             vm.save()
             await vm.wait_for_api()
         with clock.step("vm.create"):
@@ -5670,159 +5867,92 @@ class VMManager:
         vm.touch()                      # the idle clock starts when the VM can be used
         vm.save()
 
-    # ---- how VMs end --------------------------------------------------------------
 
-    def release_when_ended(self, vm):
-        """Free the host side of the VM once it stops by itself (VM.mark_stopped)."""
-        async def wait_and_release():
-            await vm.ended.wait()
-            await self.release_runtime(vm)
-        vm.run_task(wait_and_release())
+class VmStarter:
+    """POST /v1/vms: a VM from a validated start request, claimed from the warm pool when one
+    fits, else booted now (VmBooter) once there is room (ready pool VMs give way to it)."""
 
-    async def release_runtime(self, vm):
-        """Free what a dead VM no longer needs; its record, console log, IP and CID stay until DELETE."""
-        async with vm.lock:
-            if vm.phase != "dead":
-                return
-            await vm.stop_vmm(StepClock(vm.vmName, "stop"), ("vmm.shutdown",))
-            if vm.serial:
-                await vm.serial.wait_end(1.0)      # the console's last bytes
-            vm.close_clients()
-            await self.net.remove_egress(vm.tapDeviceName)
-            await self.net.remove_tap(vm.tapDeviceName, vm.address)
-            remove_tree(vm.paths.run_dir)
+    def __init__(self, registry, capacity, pool, booter, teardown, deadlines_changed):
+        self.registry, self.capacity, self.pool, self.booter = registry, capacity, pool, booter
+        self.teardown, self.deadlines_changed = teardown, deadlines_changed
 
-    async def teardown(self, vm, graceful, clock=None):
-        """Undo everything a VM holds: process, listener, tap, files, record, IP and CID."""
-        clock = clock or StepClock(vm.vmName, "cleanup")
-        paths = vm.paths
-        if graceful and vm.status == "RUNNING" and vm.agent:
-            with clock.step("sync"):     # let the guest flush its stateful disk before the VM goes away
-                await vm.agent.sync()
-        await vm.stop_vmm(clock, ("vm.shutdown", "vm.delete", "vmm.shutdown"))
-        vm.stop_watching()
-        with clock.step("tap"):
-            await self.net.remove_egress(vm.tapDeviceName)
-            await self.net.remove_tap(vm.tapDeviceName, vm.address)
-        with clock.step("files"):
-            remove_tree(paths.run_dir)
-            remove_tree(paths.vm_dir)
-            vm.forget()
-        self.alloc.release(vm.address, vm.cid)
-        if self.vms.get(vm.vmName) is vm:
-            del self.vms[vm.vmName]
-        self.pool.wake.set()             # capacity freed: the pool may refill
-
-    async def destroy(self, name, reason="destroyed", message=None):
-        """Stop a VM (gracefully when it runs) and remove everything it holds, its record too.
-        A deadline's end (reason ttl or idle, with its message) leaves a tombstone."""
-        vm = self.get(name)
-        async with vm.lock:
-            if self.vms.get(name) is not vm:
-                raise ApiError(404, f"VM '{name}' not found")
-            clock = StepClock(name, "destroy")
-            graceful = vm.phase == "running"
-            vm.phase = "destroying"
-            vm.stopReason = vm.stopReason or reason
-            vm.save()
-            if message:
-                self.tombstones.add(name, reason, message, vm.console_log().tail())
-            await self.teardown(vm, graceful, clock)
-        log("VM destroyed", vm=name, stopReason=reason, ms=f"{clock.total_ms():.1f}")
-        M_VM_DESTROYS.inc()
-        EVENTS.publish("vm.destroyed", name, stopReason=vm.stopReason)
-
-    async def destroy_all(self, matches=None):
-        """Destroy every VM (or those a filter matches: parse_vm_filter); returns the names of
-        those destroyed."""
-        names = [vm.vmName for vm in self.select(matches or (lambda vm: True))]
-        results = await asyncio.gather(*(self.destroy(n) for n in names), return_exceptions=True)
-        return [n for n, r in zip(names, results) if r is None]
-
-    # ---- deadlines (ttlSeconds, idleTimeoutSeconds) ----------------------------------
-
-    def set_ttl(self, name, seconds):
-        """PUT /ttl: the VM's deadline `seconds` from now (0: none); checked: lifetime_seconds."""
-        vm = self.get(name)
-        if vm.phase not in ("running", "dead"):
-            raise ApiError(409, f"VM '{name}' is {vm.phase}")
-        vm.set_ttl(seconds)
+    async def start(self, spec):
+        """Start a VM from a validated start request (validate_start_request: vmName, callbackUrl,
+        callbackMethods, vcpus, memoryMb, network, deadlines, labels) and return it RUNNING: a
+        warm pool VM when one fits (WarmPool.take), else a VM booted now; on any failure it is
+        torn down and ApiError says at which step."""
+        name, vms = spec["vmName"], self.registry.vms
+        if name in vms:
+            raise ApiError(409, f"VM '{name}' " + ("is still being destroyed (its deadline came); try again shortly"
+                                                  if self.registry.past_deadline(vms[name]) else "already exists"))
+        self.registry.tombstones.discard(name)
+        pooled = self.pool.take(spec)
+        if pooled and await self.claim(pooled, spec):
+            return pooled
+        if name in vms:       # taken while a failed claim was torn down
+            raise ApiError(409, f"VM '{name}' already exists")
+        await self.make_room(spec["memoryMb"])
+        M_VM_STARTS.inc()
+        vm = self.booter.new_vm(spec)
+        vms[name] = vm
+        clock = StepClock(name, "start")
+        await self.booter.boot(vm, clock, M_VM_START_FAILURES)
+        log("VM running", vm=name, ip=vm.ip, cid=vm.cid, ms=f"{clock.total_ms():.1f}")
         self.deadlines_changed.set()
+        M_VM_BOOT.observe(clock.total_ms() / 1000)
+        EVENTS.publish("vm.started", name, ip=vm.ip, cid=vm.cid, bootMs=round(clock.total_ms(), 1))
         return vm
 
-    def due(self, now):
-        """(VMs whose deadline has come with the reason, the earliest deadline still ahead)."""
-        due, wake = [], math.inf
-        for vm in self.vms.values():
-            deadline = vm.deadline() if vm.phase in ("running", "dead") and vm not in self.ending else None
-            if deadline and deadline[0] <= now:
-                due.append((vm, deadline[1]))
-            elif deadline:
-                wake = min(wake, deadline[0])
-        return due, wake
-
-    async def keep_deadlines(self):
-        """The one task that ends VMs at their deadlines: it sleeps until the earliest one (or
-        until a deadline is set or a VM starts) and ends each due VM in a task of its own."""
+    async def make_room(self, memory_mb):
+        """Capacity.check, destroying ready warm pool VMs while they are what stands in the way."""
         while True:
-            self.deadlines_changed.clear()
-            due, wake = self.due(time.time())
-            for vm, reason in due:
-                self.ending.add(vm)
-                task = asyncio.get_running_loop().create_task(self.end_at_deadline(vm, reason))
-                self.end_tasks.add(task)
-                task.add_done_callback(self.end_tasks.discard)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await within(min(max(wake - time.time(), 0.0), 3600.0), self.deadlines_changed.wait())
+            try:
+                return self.capacity.check(memory_mb, self.pool.vms())
+            except ApiError:
+                if not await self.pool.give_up_one():
+                    raise
 
-    async def end_overdue(self):
-        """At start-up: end the adopted VMs whose deadline passed while cbox.py was down."""
-        due, _ = self.due(time.time())
-        self.ending.update(vm for vm, _ in due)
-        await asyncio.gather(*(self.end_at_deadline(vm, reason) for vm, reason in due))
+    async def claim(self, vm, spec):
+        """Start the request's VM from a warm pool VM (WarmPool.claim); False when that failed
+        (the pool VM is torn down and the caller boots one)."""
+        name = spec["vmName"]
+        self.registry.vms[name] = vm
+        clock = StepClock(name, "claim")
+        async with vm.lock:
+            try:
+                with clock.step("claim"):
+                    await self.pool.claim(vm, spec)
+            except Exception as e:      # whatever it was, the VM goes and the start boots one
+                log("claiming a pool VM failed; booting one", vm=name, pool_vm=vm.dirName, error=repr(str(e)))
+                M_POOL_COLD.labels("failed").inc()
+                vm.phase = "destroying"
+                await self.teardown.teardown(vm)
+                return False
+        M_VM_STARTS.inc()
+        M_POOL_CLAIMS.inc()
+        log("VM running", vm=name, ip=vm.ip, cid=vm.cid, pool_vm=vm.dirName, ms=f"{clock.total_ms():.1f}")
+        self.deadlines_changed.set()
+        EVENTS.publish("vm.started", name, ip=vm.ip, cid=vm.cid, bootMs=round(clock.total_ms(), 1), pooled=True)
+        return True
 
-    @staticmethod
-    async def background_exec_running(vm):
-        """Whether the agent says one of the VM's background execs runs; an agent that does not
-        answer within 15 s in all has none (a guest must not keep its VM alive by stalling)."""
-        try:
-            return await within(15.0, vm.background_exec_running())
-        except asyncio.TimeoutError:
-            return False
 
-    async def end_at_deadline(self, vm, reason):
-        """Destroy a VM whose deadline came, as DELETE would, unless it turns out to be busy
-        (idle: an exec, stream or callback in progress; then its idle clock starts again)."""
-        try:
-            if reason == "idle" and vm.phase == "running" and (vm.busy_now() or await self.background_exec_running(vm)):
-                vm.touch()
-                return
-            deadline = vm.deadline()      # PUT /ttl or an API call may have moved it meanwhile
-            if not deadline or deadline[0] > time.time() or self.vms.get(vm.vmName) is not vm:
-                return
-            reason = deadline[1]
-            if reason == "ttl":
-                message = f"VM '{vm.vmName}' was destroyed: ttl expired at {vm.expiresAt}"
-            else:
-                message = (f"VM '{vm.vmName}' was destroyed: idle for {vm.idleTimeoutSeconds}s "
-                           f"(idleTimeoutSeconds) since {vm.lastActivityAt}")
-            log("VM deadline", vm=vm.vmName, stopReason=reason)
-            with contextlib.suppress(ApiError):
-                await self.destroy(vm.vmName, reason, message)
-        except Exception as e:       # a task of its own: nobody else would see it
-            log("ending a VM at its deadline failed", vm=vm.vmName, error=repr(f"{type(e).__name__}: {e}"))
-        finally:
-            self.ending.discard(vm)
-            self.deadlines_changed.set()
+class Adoption:
+    """At start-up: take over the VMs an earlier cbox.py left, from their records: those whose
+    hypervisor still runs them are served again (the warm pool's go back to it), the records
+    of those that ended are kept, everything else is torn down, egress chains of VMs that
+    are gone included."""
 
-    # ---- adoption at start-up, upkeep and shutdown ------------------------------
+    def __init__(self, cfg, registry, net, alloc, pool, teardown):
+        self.cfg, self.registry, self.net, self.alloc = cfg, registry, net, alloc
+        self.pool, self.teardown = pool, teardown
 
     async def adopt_all(self):
         """Re-adopt VMs whose hypervisor still answers; clean up everything else, egress
         chains of VMs that are gone included."""
-        self.records_dir.mkdir(parents=True, exist_ok=True)
+        records_dir, vms = self.registry.records_dir, self.registry.vms
+        records_dir.mkdir(parents=True, exist_ok=True)
         pool = []
-        for path in sorted(self.records_dir.glob("*.json")):
+        for path in sorted(records_dir.glob("*.json")):
             try:
                 vm = VM.from_record(self.cfg, path)
                 if is_pool_name(vm.vmName):
@@ -5832,10 +5962,10 @@ class VMManager:
             except (ValueError, TypeError, ApiError, AttributeError, OSError) as e:
                 log("ignoring unreadable VM record", file=path, error=repr(str(e)))
                 continue
-            self.vms[vm.vmName] = vm
+            vms[vm.vmName] = vm
             await self.adopt(vm)
-        await self.pool.adopt_all(pool)
-        await self.net.prune_egress([vm.tapDeviceName for vm in [*self.vms.values(), *self.pool.vms()]
+        await self.adopt_pool(pool)
+        await self.net.prune_egress([vm.tapDeviceName for vm in [*vms.values(), *self.pool.vms()]
                                      if vm.phase == "running"])
 
     async def adopt(self, vm):
@@ -5853,13 +5983,13 @@ class VMManager:
             except (HypervisorError, CommandError, OSError) as e:
                 log("cannot re-adopt VM; cleaning it up", vm=vm.vmName, error=repr(str(e)))
         elif vm.phase == "dead":
-            await self.release_runtime(vm)
+            await self.teardown.release_runtime(vm)
             log("VM record kept", vm=vm.vmName, status=vm.status)
             return
         else:
             log("cleaning up VM left behind", vm=vm.vmName, phase=vm.phase)
         vm.phase = "destroying"
-        await self.teardown(vm, graceful=False)
+        await self.teardown.teardown(vm)
 
     async def reattach(self, vm):
         """Serve a VM whose hypervisor still runs it (found at start-up): its egress policy as
@@ -5872,36 +6002,56 @@ class VMManager:
         vm.connect_agent()
         vm.serve_callbacks()
         vm.follow_again()
-        self.release_when_ended(vm)
+        self.teardown.release_when_ended(vm)
 
-    async def bound_vmm_logs(self):
-        """Keep each hypervisor's -v log within vmm_log_max_bytes of disk, for as long as
-        cbox.py runs: a guest can make its VMM log at will (every pvpanic write and virtio
-        device reset is an info line), and the log's tail is what cbox.py reads."""
-        while True:
-            await asyncio.sleep(VMM_LOG_CHECK_S)
-            for vm in [*self.vms.values(), *self.pool.vms()]:
-                vm.bound_vmm_log()
+    async def adopt_pool(self, vms):
+        """Take back the warm pool VMs of the records (at most pool_size, those whose VMM still
+        runs them); tear down the others; drop the pool record of a VM a claim had already
+        taken (its new record names this pool directory)."""
+        claimed = {vm.dirName for vm in self.registry.vms.values() if vm.dirName}
+        for vm in vms:
+            if vm.vmName in claimed:
+                log("dropping the pool record of a claimed VM", vm=vm.vmName)
+                with contextlib.suppress(FileNotFoundError):
+                    vm.paths.record.unlink()
+                continue
+            try:
+                self.alloc.claim(vm.address, vm.cid)
+            except ValueError as e:
+                log("ignoring unusable pool VM record", vm=vm.vmName, error=repr(str(e)))
+                continue
+            vm.attach_vmm()                  # watched, so that a teardown stops its VMM
+            if self.pool.full() or not await self.readopt_pool_vm(vm):
+                log("cleaning up pool VM", vm=vm.vmName, phase=vm.phase)
+                vm.phase = "destroying"
+                await self.teardown.teardown(vm)
 
-    async def shutdown(self):
-        """cbox.py is stopping: destroy VMs if configured, else leave them running for the next start."""
-        if self.end_tasks:            # VMs half torn down at a deadline would be torn down at the next start
-            await asyncio.wait(self.end_tasks, timeout=3 * self.cfg.shutdown_timeout_s + 15)
-        await self.pool.stop(destroy=self.cfg.destroy_on_exit)
-        if self.cfg.destroy_on_exit:
-            await self.destroy_all()
-        for vm in list(self.vms.values()):
-            vm.stop_watching()
-        CallbackBridge.close_url_clients()
+    async def readopt_pool_vm(self, vm):
+        if vm.phase != "running" or not (vm.watch and vm.watch.alive()):
+            return False
+        try:
+            if reset_in_vmm_log(vm.paths.chv_log):
+                raise HypervisorError("the guest reset while nobody watched")
+            await self.reattach(vm)
+        except (HypervisorError, CommandError, OSError) as e:
+            log("cannot re-adopt pool VM", vm=vm.vmName, error=repr(str(e)))
+            return False
+        log("pool VM re-adopted", vm=vm.vmName, pid=vm.pid, ip=vm.ip)
+        return self.pool.offer(vm)
 
-    # ---- egress policy ------------------------------------------------------------
 
-    async def set_network(self, name, policy):
+class EgressChanges:
+    """PUT /v1/vms/{name}/network: a running VM's egress policy changed."""
+
+    def __init__(self, registry, net):
+        self.registry, self.net = registry, net
+
+    async def set(self, name, policy):
         """Change a running VM's egress policy (checked by check_network): in force, then
         recorded; when putting it in force fails, the old one stays in force and recorded."""
-        vm = self.running(name)
+        vm = self.registry.running(name)
         async with vm.lock:
-            if self.vms.get(name) is not vm or vm.phase != "running":
+            if self.registry.vms.get(name) is not vm or vm.phase != "running":
                 raise ApiError(409, f"VM '{name}' is not running (status {vm.status})")
             await self.net.apply_egress(vm.tapDeviceName, vm.address, policy)
             vm.network = policy
@@ -5909,94 +6059,159 @@ class VMManager:
         log("egress policy changed", vm=name, egress=policy["egress"], allowOut=",".join(policy["allowOut"]) or None)
         return vm
 
-    # ---- exec -----------------------------------------------------------------
+
+async def bound_vmm_logs(all_vms):
+    """Keep each hypervisor's -v log within vmm_log_max_bytes of disk, for as long as cbox.py
+    runs (`all_vms()`: the VMs to check): a guest can make its VMM log at will (every pvpanic
+    write and virtio device reset is an info line), and the log's tail is what cbox.py reads."""
+    while True:
+        await asyncio.sleep(VMM_LOG_CHECK_S)
+        for vm in all_vms():
+            vm.bound_vmm_log()
+
+
+class ExecForwarding:
+    """The exec routes, the stats and the console of a VM, forwarded to its guest agent (or
+    read on the host), each exec counted finished once (on_exec_answer)."""
+
+    def __init__(self, registry, stream_keepalive_s):
+        self.registry, self.stream_keepalive_s = registry, stream_keepalive_s
 
     async def exec(self, name, agent_body, blocking, timeout, stream=False):
         """Run a command in the VM (POST /exec of the guest agent) from a validated exec request
         (validate_exec_request): the agent's answer, bytes or a BodyStream; with `stream`, the
         command starts in the background and its open event stream (AgentEvents) is returned."""
-        vm = self.running(name)
+        vm = self.registry.running(name)
+        exec_id = given = None
         with vm.activity(), agent_errors():
-            answer = await vm.agent.exec(agent_body, timeout=(timeout + 15.0) if blocking else 15.0)
+            answer = await vm.agent.exec(agent_body, timeout=(timeout + 15.0) if blocking else 15.0,
+                                         then=finished_later(vm) if blocking else None)
             M_EXECS_STARTED.inc()
             if blocking:
                 on_exec_answer(vm, answer)
             elif not isinstance(answer, BodyStream):
-                vm.note_background_exec(answer)
-                await_finish(vm, answer)
+                given, exec_id = background_exec_id(answer)
+                if exec_id:
+                    vm.note_background_exec(exec_id)
             if not stream:
                 return answer
             if isinstance(answer, BodyStream):        # a background answer is small: not the agent's
                 answer.client.drop(answer.writer)
                 raise AgentError(502, "guest agent: an oversized background exec answer")
-            try:
-                exec_id = json.loads(answer)["execId"]
-            except (ValueError, KeyError, TypeError, RecursionError) as e:
-                raise AgentError(502, "guest agent: a background exec answer without execId") from e
-            if not isinstance(exec_id, str) or not EXEC_REF_RE.match(exec_id):
+            if given is None:
+                raise AgentError(502, "guest agent: a background exec answer without execId")
+            if exec_id is None:
                 raise AgentError(502, "guest agent: a background exec answer with a bad execId")
-        return await self.exec_events(name, exec_id, 0)
+        return await self.events(name, exec_id, 0)
 
-    async def exec_events(self, name, exec_id, since):
+    async def events(self, name, exec_id, since):
         """An exec's open event stream from seq `since` (AgentEvents): silent for more than two
-        keepalive periods (and 10 s), it is broken. The VM is busy (not idle) while it is open."""
-        vm = self.running(name)
-        with agent_errors():
-            events = await vm.agent.events(exec_id, since, 2 * self.cfg.stream_keepalive_s + 10.0)
+        keepalive periods (and 10 s), it is broken. The VM is busy (not idle) while it is open;
+        a background exec whose finish is awaited is counted finished by its exit event (once,
+        by whoever sees it end first)."""
+        vm = self.registry.running(name)
+        on_exit = (lambda line: on_exec_answer(vm, line, exec_id)) if vm.background.is_awaited(exec_id) else None
         vm.begin_activity()
-        events.on_close = vm.end_activity
-        if exec_id in vm.awaiting_finish:      # counted and published once, by whoever sees it end first
-            events.on_exit = lambda line: on_exec_answer(vm, line, exec_id)
-        return events
+        with agent_errors():
+            return await vm.agent.events(exec_id, since, 2 * self.stream_keepalive_s + 10.0,
+                                         on_exit=on_exit, on_close=vm.end_activity)
 
-    async def exec_status(self, name, exec_id):
+    def finished_then(self, vm, exec_id):
+        """The `then` of a status or kill answer: a large one shows the exec finished once passed on."""
+        return finished_later(vm, exec_id) if vm.background.is_awaited(exec_id) else None
+
+    async def status(self, name, exec_id):
         """The state of a background exec (exec_id checked: check_exec_id)."""
-        vm = self.running(name)
+        vm = self.registry.running(name)
         with agent_errors():
-            answer = await vm.agent.status(exec_id)
-        if exec_id in vm.awaiting_finish:
+            answer = await vm.agent.status(exec_id, then=self.finished_then(vm, exec_id))
+        if vm.background.is_awaited(exec_id):
             on_exec_answer(vm, answer, exec_id)
         return answer
 
-    async def exec_kill(self, name, exec_id, grace=0.0):
+    async def kill(self, name, exec_id, grace=0.0):
         """End an exec (exec_id checked: check_exec_id): TERM, `grace` seconds, KILL."""
-        vm = self.running(name)
+        vm = self.registry.running(name)
         with agent_errors():
-            answer = await vm.agent.kill(exec_id, grace)
-        if exec_id in vm.awaiting_finish:
+            answer = await vm.agent.kill(exec_id, grace, then=self.finished_then(vm, exec_id))
+        if vm.background.is_awaited(exec_id):
             on_exec_answer(vm, answer, exec_id)
         return answer
 
-    async def exec_kill_all(self, name, grace=0.0):
-        vm = self.running(name)
+    async def kill_all(self, name, grace=0.0):
+        vm = self.registry.running(name)
         with agent_errors():
             return await vm.agent.kill_all(grace)
 
-    async def exec_list(self, name):
-        vm = self.running(name)
+    async def list(self, name):
+        vm = self.registry.running(name)
         with agent_errors():
             return await vm.agent.list()
 
-    async def exec_signal(self, name, exec_id, body):
-        vm = self.running(name)
+    async def signal(self, name, exec_id, body):
+        vm = self.registry.running(name)
         with agent_errors():
             return await vm.agent.signal(exec_id, body)
 
-    async def exec_stdin(self, name, exec_id, body):
-        vm = self.running(name)
+    async def stdin(self, name, exec_id, body):
+        vm = self.registry.running(name)
         with agent_errors():
             return await vm.agent.stdin(exec_id, body)
 
     async def stats(self, name):
         """GET /v1/vms/{name}/stats: the guest's view (its agent) and the VMM process's."""
-        vm = self.running(name)
+        vm = self.registry.running(name)
         with agent_errors():
             guest = await vm.agent.stats()
         return {"guest": guest, "vmm": vm.vmm_usage()}
 
     def console_text(self, name):
         """What GET /logs shows of a VM's serial console (see ConsoleLog.text)."""
-        return self.get(name).console_log().text()
+        return self.registry.get(name).console_log().text()
+
+
+class VMManager:
+    """All VMs: composes each job's home into a VM's life. registry (VmRegistry: the VMs by
+    name), capacity (Capacity), teardown (VmTeardown), deadlines (DeadlineKeeper), booter
+    (VmBooter), pool (WarmPool), starter (VmStarter), adoption (Adoption), egress
+    (EgressChanges), execs (ExecForwarding); failed_starts keeps the evidence of failed starts."""
+
+    def __init__(self, cfg, network):
+        self.cfg = cfg
+        self.registry = VmRegistry(cfg)
+        self.vms = self.registry.vms
+        alloc = Allocator(cfg.bridge_subnet, ipaddress.ip_interface(cfg.bridge_ip).ip)
+        self.failed_starts = FailedStarts(Path(cfg.path(cfg.state_dir), "failed-starts"), cfg.failed_starts_kept)
+        self.capacity = Capacity(cfg, self.vms)
+        self.teardown = VmTeardown(self.registry, network, alloc, self.capacity.freed)
+        self.deadlines = DeadlineKeeper(self.registry, self.teardown.destroy)
+        self.booter = VmBooter(cfg, network, alloc, StatefulDisks(Path(cfg.path(cfg.state_dir), "templates")),
+                               self.failed_starts, self.teardown)
+        self.pool = WarmPool(cfg, fits=self.capacity.check, make_vm=self.booter.new_vm, boot=self.booter.boot,
+                             teardown=self.teardown.teardown, apply_egress=network.apply_egress if network else None,
+                             wake=self.capacity.freed)          # pool_size idle VMs, outside the registry
+        self.starter = VmStarter(self.registry, self.capacity, self.pool, self.booter, self.teardown,
+                                 self.deadlines.changed)
+        self.adoption = Adoption(cfg, self.registry, network, alloc, self.pool, self.teardown)
+        self.egress = EgressChanges(self.registry, network)
+        self.execs = ExecForwarding(self.registry, cfg.stream_keepalive_s)
+
+    def all_vms(self):
+        """The API's VMs and the warm pool's."""
+        return [*self.vms.values(), *self.pool.vms()]
+
+    def export_disk_metrics(self):
+        self.capacity.export_disk_metrics(self.pool.vms())
+
+    async def shutdown(self):
+        """cbox.py is stopping: destroy VMs if configured, else leave them running for the next start."""
+        await self.deadlines.finish(3 * self.cfg.shutdown_timeout_s + 15)
+        await self.pool.stop(destroy=self.cfg.destroy_on_exit)
+        if self.cfg.destroy_on_exit:
+            await self.teardown.destroy_all()
+        for vm in list(self.vms.values()):
+            vm.stop_watching()
+        CallbackBridge.close_url_clients()
 
 
 # =============================================================================
@@ -6121,9 +6336,8 @@ class EventRelay:
         and type, and raw line breaks (never in valid JSON; they would end an NDJSON line or
         an SSE field) become spaces. Without a result (the agent forgot the exec, or sent no
         JSON object) the agent's exit event goes out as it came."""
-        agent, exec_id = self.events.agent, self.events.exec_id
         try:
-            answer = await agent.status(exec_id, timeout=self.RESULT_TIMEOUT)
+            answer = await self.events.result(self.RESULT_TIMEOUT)
         except AgentError as e:
             answer, problem = None, str(e)
         else:
@@ -6135,7 +6349,8 @@ class EventRelay:
         except (ValueError, RecursionError):
             result = None
         if not isinstance(result, dict):
-            log("exit event without the exec's output", vm=agent.vm_name, execId=exec_id, error=repr(problem))
+            log("exit event without the exec's output", vm=self.events.vm_name, execId=self.events.exec_id,
+                error=repr(problem))
             writer.write(self.chunk(line, event))
             return
         full = {"seq": event["seq"], "type": "exit"}
@@ -6167,7 +6382,7 @@ class EventRelay:
                     if transport.get_write_buffer_size() > self.HIGH_WATER:
                         await within(drain_timeout, writer.drain())
         except HttpError as e:
-            log("exec stream broke inside its exit event", vm=self.events.agent.vm_name,
+            log("exec stream broke inside its exit event", vm=self.events.vm_name,
                 execId=self.events.exec_id, error=repr(str(e)))
             raise ConnectionResetError("the exec result from the guest agent broke off") from e
         writer.write(end)
@@ -6183,7 +6398,7 @@ class EventRelay:
                 try:
                     batch = await self.events.next_events()
                 except AgentError as e:
-                    log("exec stream broke", vm=self.events.agent.vm_name, error=repr(str(e)))
+                    log("exec stream broke", vm=self.events.vm_name, error=repr(str(e)))
                     seq = self.events.next_seq
                     event = {"seq": seq, "type": "error", "error": str(e)}
                     writer.write(self.chunk(json_bytes(event) + b"\n", event) + self.end)
@@ -6661,42 +6876,42 @@ class RestServer:
 
     async def list_vms(self, req):
         """List VMs, optionally filtered by labels and status"""
-        return {"vms": [vm.api() for vm in self.manager.select(parse_vm_filter(req.query))]}
+        return {"vms": [vm.api() for vm in self.manager.registry.select(parse_vm_filter(req.query))]}
 
     async def start_vm(self, req):
         """Start a VM; answers once its guest agent answers"""
         spec = validate_start_request(parse_json_body(req.body), self.cfg)
         req.vm_name = spec["vmName"]
-        vm = await self.manager.start(spec)
+        vm = await self.manager.starter.start(spec)
         return vm.api()
 
     async def get_vm(self, req):
         """A VM"""
-        return self.manager.get(req.params["name"]).api()
+        return self.manager.registry.get(req.params["name"]).api()
 
     async def put_network(self, req):
         """Change a running VM's egress policy"""
         policy = check_network(parse_json_body(req.body), self.cfg, require_egress=True)
-        return (await self.manager.set_network(req.params["name"], policy)).api()
+        return (await self.manager.egress.set(req.params["name"], policy)).api()
 
     async def destroy_vm(self, req):
         """Destroy a VM"""
-        await self.manager.destroy(req.params["name"])
+        await self.manager.teardown.destroy(req.params["name"])
         return {"success": True}
 
     async def destroy_all(self, req):
         """Destroy every VM (or those the filter matches)"""
-        return {"success": True, "destroyed": await self.manager.destroy_all(parse_vm_filter(req.query))}
+        return {"success": True, "destroyed": await self.manager.teardown.destroy_all(parse_vm_filter(req.query))}
 
     async def set_ttl(self, req):
         """Set, extend or clear a VM's TTL (from now)"""
         body = check_schema(parse_json_body(req.body), request_schemas(self.cfg)["TtlRequest"])
-        return self.manager.set_ttl(req.params["name"], body["ttlSeconds"]).api()
+        return self.manager.deadlines.set_ttl(req.params["name"], body["ttlSeconds"]).api()
 
     async def exec(self, req):
         """Run a command in a VM: blocking, in the background, or streamed"""
         agent_body, blocking, timeout, stream = validate_exec_request(parse_json_body(req.body), self.cfg)
-        answer = await self.manager.exec(req.params["name"], agent_body, blocking, timeout, stream)
+        answer = await self.manager.execs.exec(req.params["name"], agent_body, blocking, timeout, stream)
         return self.relay(req, answer) if stream else answer
 
     @staticmethod
@@ -6709,42 +6924,42 @@ class RestServer:
         last_id = req.headers.get("last-event-id")
         if since is None and last_id:     # an EventSource resuming: the event after the last one it saw
             since = check_query({"since": [last_id]}, STREAM_QUERY)["since"] + 1
-        events = await self.manager.exec_events(req.params["name"], req.params["exec_id"], since or 0)
+        events = await self.manager.execs.events(req.params["name"], req.params["exec_id"], since or 0)
         return self.relay(req, events)
 
     async def exec_status(self, req):
         """A background exec's result so far"""
-        return await self.manager.exec_status(req.params["name"], req.params["exec_id"])
+        return await self.manager.execs.status(req.params["name"], req.params["exec_id"])
 
     async def exec_kill(self, req):
         """End an exec (SIGTERM, after `grace` seconds SIGKILL): its final result"""
-        return await self.manager.exec_kill(req.params["name"], req.params["exec_id"], req.args["grace"])
+        return await self.manager.execs.kill(req.params["name"], req.params["exec_id"], req.args["grace"])
 
     async def exec_kill_all(self, req):
         """End every running exec of a VM"""
-        return await self.manager.exec_kill_all(req.params["name"], req.args["grace"])
+        return await self.manager.execs.kill_all(req.params["name"], req.args["grace"])
 
     async def exec_list(self, req):
         """A VM's running and recently finished execs"""
-        return await self.manager.exec_list(req.params["name"])
+        return await self.manager.execs.list(req.params["name"])
 
     async def exec_signal(self, req):
         """Send a signal to every process of an exec"""
         body = validate_signal_request(parse_json_body(req.body))
-        return await self.manager.exec_signal(req.params["name"], req.params["exec_id"], body)
+        return await self.manager.execs.signal(req.params["name"], req.params["exec_id"], body)
 
     async def exec_stdin(self, req):
         """Write to (or close) an exec's stdin pipe"""
         body = validate_stdin_request(parse_json_body(req.body))
-        return await self.manager.exec_stdin(req.params["name"], req.params["exec_id"], body)
+        return await self.manager.execs.stdin(req.params["name"], req.params["exec_id"], body)
 
     async def logs(self, req):
         """The tail of a VM's serial console"""
-        return 200, self.manager.console_text(req.params["name"]), "text/plain; charset=utf-8"
+        return 200, self.manager.execs.console_text(req.params["name"]), "text/plain; charset=utf-8"
 
     async def stats(self, req):
         """A VM's guest and VMM resource usage"""
-        return await self.manager.stats(req.params["name"])
+        return await self.manager.execs.stats(req.params["name"])
 
     async def metrics(self, req):
         """Metrics in Prometheus's text format"""
@@ -6874,10 +7089,10 @@ async def serve(cfg):
     await network.setup()
     Path(cfg.path(cfg.run_dir)).mkdir(parents=True, exist_ok=True)
     manager = VMManager(cfg, network)
-    await manager.adopt_all()
-    await manager.end_overdue()
-    log_bounds = asyncio.get_running_loop().create_task(manager.bound_vmm_logs())
-    deadlines = asyncio.get_running_loop().create_task(manager.keep_deadlines())
+    await manager.adoption.adopt_all()
+    await manager.deadlines.end_overdue()
+    log_bounds = asyncio.get_running_loop().create_task(bound_vmm_logs(manager.all_vms))
+    deadlines = asyncio.get_running_loop().create_task(manager.deadlines.run())
     manager.pool.start()
     server = RestServer(cfg, manager)
     await server.start()
@@ -7021,16 +7236,17 @@ class LocalVMs:
         self.cfg, self.manager = cfg, manager
 
     async def start(self, name, url):
-        return (await self.manager.start(validate_start_request({"vmName": name, "callbackUrl": url}, self.cfg))).api()
+        spec = validate_start_request({"vmName": name, "callbackUrl": url}, self.cfg)
+        return (await self.manager.starter.start(spec)).api()
 
     async def exec(self, name, body):
-        return json.loads(await self.manager.exec(name, *validate_exec_request(body, self.cfg)))
+        return json.loads(await self.manager.execs.exec(name, *validate_exec_request(body, self.cfg)))
 
     async def exists(self, name):
         return name in self.manager.vms
 
     async def destroy(self, name):
-        await self.manager.destroy(name)
+        await self.manager.teardown.destroy(name)
 
 
 def vm_path(name, suffix=""):

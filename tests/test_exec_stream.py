@@ -398,7 +398,7 @@ async def relay_from(agent_body, line_max=1_000_000, stall_s=0.5, since=0, clien
     agent = cbox.GuestAgent("vm", "127.0.0.1", port, 1 << 20)
     agent.event_line_max = line_max
     if event_rate:
-        agent.event_budget = cbox.TokenBucket(event_rate, event_rate)
+        agent.stream_budget.events = cbox.TokenBucket(event_rate, event_rate)
     events = await agent.events("e", since, stall_s)
     relay = cbox.EventRelay(events, sse=sse)
     a, b = socket.socketpair()

@@ -195,7 +195,8 @@ def test_an_overlong_line_is_not_read_whole():
     async def scenario():
         reader = asyncio.StreamReader(limit=cbox.AgentEvents.BUFFER)
         agent = cbox.GuestAgent("vm", "127.0.0.1", 1, 1 << 20)
-        events = cbox.AgentEvents(agent, "e", reader, None, 0, 5.0, LINE_MAX, agent.exit_line_max)
+        events = cbox.AgentEvents("e", reader, None, 0, 5.0, LINE_MAX, agent.exit_line_max,
+                                  budget=agent.stream_budget, vm_name=agent.vm_name)
         fed = 0
         piece = b'{"seq":0,"type":"stdout","data":"' + b"y" * (64 * 1024)
 
