@@ -4578,7 +4578,8 @@ class VM:
     """One VM: its public fields and record on disk, its files (VmPaths), and its live
     runtime: the VMM's process and API, the guest agent's client, the callback bridge,
     the console and event readers. It decides how it ended (stopReason) and sets
-    `ended`; the manager then frees what it holds on the host.
+    `ended`; then `on_stopped(vm)`, given when it is made (VmTeardown.release_runtime), runs
+    in a task of its own and frees what it holds on the host.
 
     phase: starting -> running -> dead (ended by itself) or destroying (DELETE)."""
 
@@ -4587,10 +4588,10 @@ class VM:
                      "expiresAt", "idleTimeoutSeconds", "lastActivityAt", "labels", "backgroundExecs", "dirName")
     API_FIELDS = tuple(VM_SCHEMA["properties"])
 
-    def __init__(self, cfg, **fields):
+    def __init__(self, cfg, on_stopped=None, **fields):
         for key in self.RECORD_FIELDS:
             setattr(self, key, fields.get(key))
-        self.cfg = cfg
+        self.cfg, self.on_stopped = cfg, on_stopped
         self.paths = VmPaths(cfg, self.vmName, self.cid, self.dirName)
         self.lock = asyncio.Lock()
         self.ended = asyncio.Event()   # set once it stopped by itself (mark_stopped)
@@ -4652,9 +4653,9 @@ class VM:
             self.agent.vm_name = name
 
     @classmethod
-    def from_record(cls, cfg, path):
+    def from_record(cls, cfg, path, on_stopped=None):
         """The VM a record file describes; ValueError (or TypeError, ApiError) when it is unusable."""
-        vm = cls(cfg, **{k: v for k, v in json.loads(path.read_text()).items() if k in cls.RECORD_FIELDS})
+        vm = cls(cfg, on_stopped, **{k: v for k, v in json.loads(path.read_text()).items() if k in cls.RECORD_FIELDS})
         if not is_pool_name(vm.vmName):
             check_vm_name(vm.vmName)
         if vm.dirName is not None and not is_pool_name(vm.dirName):
@@ -5025,6 +5026,8 @@ class VM:
         log("VM stopped", vm=self.vmName, status=status, stopReason=reason, error=repr(message))
         self.save()
         self.ended.set()
+        if self.on_stopped:
+            self.run_task(self.on_stopped(self))
         if is_pool_name(self.vmName):          # not a VM of the API: the warm pool replaces it
             return
         M_VM_STOPS.labels(reason).inc()
@@ -5336,7 +5339,7 @@ class WarmPool:
 
     What it needs is given when it is made: fits(memory_mb, pool VMs) (Capacity.check:
     ApiError when one more VM does not fit), make_vm(spec) and boot(vm, clock) (VmBooter), teardown(vm)
-    (VmTeardown, not graceful), apply_egress(tap, address, policy) (HostNetwork), and
+    (VmTeardown, not graceful), apply_egress(vm) (EgressChanges.apply: its policy in force), and
     `wake`, the Event set whenever capacity is freed (VmTeardown sets it, and so does a claim)."""
 
     RETRY_MIN_S, RETRY_MAX_S = 1.0, 60.0
@@ -5402,7 +5405,7 @@ class WarmPool:
         vm.createdAt, vm.phase, vm.status = utc_now(), "starting", "CREATED"
         await vm.agent.identity(vm.vmName)
         if vm.network != booted_with:
-            await self.apply_egress(vm.tapDeviceName, vm.address, vm.network)
+            await self.apply_egress(vm)
         if not vm.watch.alive():
             raise HypervisorError("the VM stopped while it was claimed")
         vm.phase, vm.status = "running", "RUNNING"
@@ -5626,15 +5629,9 @@ class VmTeardown:
     def __init__(self, registry, net, alloc, freed):
         self.registry, self.net, self.alloc, self.freed = registry, net, alloc, freed
 
-    def release_when_ended(self, vm):
-        """Free the host side of the VM once it stops by itself (VM.mark_stopped)."""
-        async def wait_and_release():
-            await vm.ended.wait()
-            await self.release_runtime(vm)
-        vm.run_task(wait_and_release())
-
     async def release_runtime(self, vm):
-        """Free what a dead VM no longer needs; its record, console log, IP and CID stay until DELETE."""
+        """Free what a dead VM no longer needs; its record, console log, IP and CID stay until DELETE.
+        Each VM is given it when it is made (VM.on_stopped): it runs once the VM stopped by itself."""
         async with vm.lock:
             if vm.phase != "dead":
                 return
@@ -5803,8 +5800,8 @@ class VmBooter:
     def new_vm(self, spec):
         """A VM for a start request (or the warm pool's), its IP and CID taken; not started."""
         ip, cid = self.alloc.take()
-        return VM(self.cfg, **spec, status="CREATED", ip=f"{ip}/{self.prefix}", tapDeviceName=tap_name(cid),
-                  cid=cid, createdAt=utc_now(), phase="starting", mac=mac_for(ip))
+        return VM(self.cfg, self.teardown.release_runtime, **spec, status="CREATED", ip=f"{ip}/{self.prefix}",
+                  tapDeviceName=tap_name(cid), cid=cid, createdAt=utc_now(), phase="starting", mac=mac_for(ip))
 
     async def boot(self, vm, clock, failures=None):
         """Run a new VM's start steps; on any failure tear it down and raise ApiError saying at
@@ -5849,7 +5846,6 @@ class VmBooter:
             await self.net.apply_egress(vm.tapDeviceName, vm.address, vm.network)
         with clock.step("spawn"):
             vm.spawn_vmm()
-            self.teardown.release_when_ended(vm)
             vm.save()
             await vm.wait_for_api()
         with clock.step("vm.create"):
@@ -5954,7 +5950,7 @@ class Adoption:
         pool = []
         for path in sorted(records_dir.glob("*.json")):
             try:
-                vm = VM.from_record(self.cfg, path)
+                vm = VM.from_record(self.cfg, path, self.teardown.release_runtime)
                 if is_pool_name(vm.vmName):
                     pool.append(vm)       # after the VMs: a claim may have left their record twice
                     continue
@@ -6002,7 +5998,6 @@ class Adoption:
         vm.connect_agent()
         vm.serve_callbacks()
         vm.follow_again()
-        self.teardown.release_when_ended(vm)
 
     async def adopt_pool(self, vms):
         """Take back the warm pool VMs of the records (at most pool_size, those whose VMM still
@@ -6041,10 +6036,14 @@ class Adoption:
 
 
 class EgressChanges:
-    """PUT /v1/vms/{name}/network: a running VM's egress policy changed."""
+    """PUT /v1/vms/{name}/network: a running VM's egress policy changed; apply(vm): the VM's
+    recorded policy put in force (a warm pool VM's claim)."""
 
     def __init__(self, registry, net):
         self.registry, self.net = registry, net
+
+    async def apply(self, vm):
+        await self.net.apply_egress(vm.tapDeviceName, vm.address, vm.network)
 
     async def set(self, name, policy):
         """Change a running VM's egress policy (checked by check_network): in force, then
@@ -6187,13 +6186,13 @@ class VMManager:
         self.deadlines = DeadlineKeeper(self.registry, self.teardown.destroy)
         self.booter = VmBooter(cfg, network, alloc, StatefulDisks(Path(cfg.path(cfg.state_dir), "templates")),
                                self.failed_starts, self.teardown)
+        self.egress = EgressChanges(self.registry, network)
         self.pool = WarmPool(cfg, fits=self.capacity.check, make_vm=self.booter.new_vm, boot=self.booter.boot,
-                             teardown=self.teardown.teardown, apply_egress=network.apply_egress if network else None,
+                             teardown=self.teardown.teardown, apply_egress=self.egress.apply,
                              wake=self.capacity.freed)          # pool_size idle VMs, outside the registry
         self.starter = VmStarter(self.registry, self.capacity, self.pool, self.booter, self.teardown,
                                  self.deadlines.changed)
         self.adoption = Adoption(cfg, self.registry, network, alloc, self.pool, self.teardown)
-        self.egress = EgressChanges(self.registry, network)
         self.execs = ExecForwarding(self.registry, cfg.stream_keepalive_s)
 
     def all_vms(self):
