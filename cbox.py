@@ -13,40 +13,44 @@ through one escape, log_text. Sections, in order; each uses only what comes befo
                      keep-alive client (Unix or TCP, used for Cloud Hypervisor, the
                      guest agents and callback URLs), response building; the
                      sender of events to events_url
-  3. Hypervisor      CloudHypervisor: the REST API over the VMM's Unix socket;
-                     GuestAgent: the guest agent's API (health, exec, status, kill,
-                     list, signal, stdin, sync, stats), its answers bounded; AgentEvents: an
-                     exec's event stream from it, checked line by line; rate-bounded readers of the
-                     VMM's serial socket and event FIFO; the VMM's process (spawn,
-                     pidfd watch) and its bounded logs on disk (console, -v log)
-  4. Host resources  network (bridge, persistent taps, port isolation, iptables
+  3. Guest agent     GuestAgent: the guest agent's API (health, exec, status, kill,
+                     list, signal, stdin, sync, stats), its answers bounded; AgentEvents:
+                     an exec's event stream from it, checked line by line; the budgets of
+                     the work guests make (TokenBucket, FairShare GUEST_WORK, StreamBudget)
+  4. Hypervisor      CloudHypervisor: the REST API over the VMM's Unix socket; rate-bounded
+                     readers of the VMM's serial socket and event FIFO; the VMM's process
+                     (spawn, pidfd watch) and its bounded logs on disk (console, -v log)
+  5. Host resources  network (bridge, persistent taps, port isolation, iptables
                      chains, each VM's egress chain), each VM's stateful disk
                      and the free space of state_dir, host memory
-  5. Allocation      guest IPs, vsock CIDs, tap names; request validation: the
-                     schemas of request bodies, queries and path parameters (a
-                     small JSON Schema vocabulary that check_schema runs and
+  6. Allocation      guest IPs, vsock CIDs, tap names, warm pool names
+  7. Request         the schemas of request bodies, queries and path parameters (a
+     validation      small JSON Schema vocabulary that check_schema runs and
                      /v1/openapi.json publishes), with lifetimes, labels, egress
                      and the label/status filter of /v1/vms
-  6. Callback bridge a VM's callback socket: the guest's JSON lines forwarded to
+  8. Callback bridge a VM's callback socket: the guest's JSON lines forwarded to
                      its callback URL, every cost budgeted per VM
-  7. VMs             one VM: its record on disk, paths, deadlines and activity, VMM
-                     process and API, agent client, console and event readers, and
-                     how it ended or why its start failed (stopReason)
-  8. Exec results    fields of the agent's exec results read without parsing them
+  9. VMs             one VM: its record on disk, paths, deadlines and activity, its
+                     background execs (BackgroundExecs), VMM process and API, agent
+                     client, console and event readers, and how it ended or why its
+                     start failed (stopReason)
+ 10. Exec results    fields of the agent's exec results read without parsing them
                      whole; each exec counted finished once (metrics, exec.finished);
                      tombstones of VMs a deadline ended; the evidence of failed starts
-  9. VM manager      WarmPool: idle VMs booted ahead, claimed by start requests;
-                     all VMs: start / destroy / adopt composing the sections above,
-                     freeing a VM that ended by itself, egress policy changes, the
-                     one task keeping deadlines (TTL, idle), exec forwarding
- 10. REST server     routes of contract section 1 (each method an Operation: handler,
+ 11. VM manager      one home per job, composed by VMManager: VmRegistry (the VMs by
+                     name), Capacity, VmTeardown, DeadlineKeeper (the one task keeping
+                     TTL and idle deadlines), VmBooter, WarmPool (idle VMs booted ahead,
+                     claimed by start requests), VmStarter, Adoption (at start-up),
+                     EgressChanges, bound_vmm_logs, ExecForwarding (the exec routes)
+ 12. REST server     routes of contract section 1 (each method an Operation: handler,
                      request and answer schemas), auth before any body is read, limits
                      (request head, query, the host-wide body budget), request log; the
                      API description made from them (openapi_document); EventRelay:
                      exec event streams to the client (NDJSON or SSE, chunked)
- 11. CLI             `serve`, `selftest` (a new host's end-to-end check), and a
-                     small client: `health`, `vm start|ls|rm|logs|network|ttl|failures`, `exec`;
-                     `openapi` prints the API description; `--version`
+ 13. Serve           `serve`: preflight checks, systemd notifications, the server's life
+ 14. Selftest        `selftest`: a new host's end-to-end check
+ 15. CLI             a small client: `health`, `vm start|ls|rm|logs|network|ttl|failures`,
+                     `exec`; `openapi` prints the API description; `--version`
 
 The external contract lives in ../shared/docs/contract.md (beside checkouts) and
 is summarised in README.md.
@@ -1573,55 +1577,8 @@ class EventSender:
 
 
 # =============================================================================
-# 3. Hypervisor (its REST API, the guest agent's API, the VMM's process and logs)
+# 3. Guest agent (its API, exec event streams, the budgets of guest work)
 # =============================================================================
-
-class HypervisorError(Exception):
-    pass
-
-
-class CloudHypervisor:
-    """The API of one cloud-hypervisor process (see ../shared/cloud-hypervisor/NOTES.md)."""
-
-    def __init__(self, api_socket):
-        self.http = HttpClient(unix_path=api_socket, pool_size=1)
-
-    async def call(self, method, endpoint, body=None, timeout=30.0):
-        try:
-            status, _, data = await self.http.request(method, f"/api/v1/{endpoint}", body, timeout)
-        except HttpError as e:
-            raise HypervisorError(f"{endpoint}: {e}") from e
-        if status in (200, 204):
-            return json.loads(data) if data.strip() else None
-        raise HypervisorError(f"{endpoint}: HTTP {status}: {self.error_text(data)}")
-
-    @staticmethod
-    def error_text(data):
-        """v47+ sends a JSON array of strings (outer first, root cause last); older ones plain text."""
-        text = data.decode("utf-8", "replace").strip()
-        try:
-            parsed = json.loads(text)
-        except ValueError:
-            return text or "(no body)"
-        if isinstance(parsed, list):
-            return ": ".join(str(x) for x in parsed)
-        return text
-
-    async def ping(self, timeout=2.0):
-        return await self.call("GET", "vmm.ping", timeout=timeout)
-
-    async def info(self):
-        return await self.call("GET", "vm.info", timeout=5.0)
-
-    async def create(self, vm_config):
-        await self.call("PUT", "vm.create", vm_config)
-
-    async def boot(self):
-        await self.call("PUT", "vm.boot", timeout=60.0)
-
-    def close(self):
-        self.http.close()
-
 
 class AgentError(Exception):
     """A guest agent's refusal or no answer: `status` is the one to pass on to the API client."""
@@ -2196,6 +2153,57 @@ class GuestAgent:
             events.close()
 
 
+# =============================================================================
+# 4. Hypervisor (its REST API, readers of its serial socket and event FIFO, its process and logs)
+# =============================================================================
+
+class HypervisorError(Exception):
+    pass
+
+
+class CloudHypervisor:
+    """The API of one cloud-hypervisor process (see ../shared/cloud-hypervisor/NOTES.md)."""
+
+    def __init__(self, api_socket):
+        self.http = HttpClient(unix_path=api_socket, pool_size=1)
+
+    async def call(self, method, endpoint, body=None, timeout=30.0):
+        try:
+            status, _, data = await self.http.request(method, f"/api/v1/{endpoint}", body, timeout)
+        except HttpError as e:
+            raise HypervisorError(f"{endpoint}: {e}") from e
+        if status in (200, 204):
+            return json.loads(data) if data.strip() else None
+        raise HypervisorError(f"{endpoint}: HTTP {status}: {self.error_text(data)}")
+
+    @staticmethod
+    def error_text(data):
+        """v47+ sends a JSON array of strings (outer first, root cause last); older ones plain text."""
+        text = data.decode("utf-8", "replace").strip()
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            return text or "(no body)"
+        if isinstance(parsed, list):
+            return ": ".join(str(x) for x in parsed)
+        return text
+
+    async def ping(self, timeout=2.0):
+        return await self.call("GET", "vmm.ping", timeout=timeout)
+
+    async def info(self):
+        return await self.call("GET", "vm.info", timeout=5.0)
+
+    async def create(self, vm_config):
+        await self.call("PUT", "vm.create", vm_config)
+
+    async def boot(self):
+        await self.call("PUT", "vm.boot", timeout=60.0)
+
+    def close(self):
+        self.http.close()
+
+
 class BoundedReader:
     """Reads one non-blocking fd from the event loop, at most `rate` bytes a second.
 
@@ -2721,7 +2729,7 @@ def console_tail(console, lines=15):
 
 
 # =============================================================================
-# 4. Host resources (network: bridge, taps, iptables; stateful disks; memory)
+# 5. Host resources (network: bridge, taps, iptables; stateful disks; memory)
 # =============================================================================
 
 class CommandError(Exception):
@@ -3224,7 +3232,7 @@ class StatefulDisks:
 
 
 # =============================================================================
-# 5. Allocation and request validation
+# 6. Allocation (guest IPs, vsock CIDs, tap and warm pool names)
 # =============================================================================
 
 MAX_CID = 0xFFFFFFFE
@@ -3304,6 +3312,10 @@ def pool_name():
 def is_pool_name(name):
     return isinstance(name, str) and bool(POOL_NAME_RE.match(name))
 
+
+# =============================================================================
+# 7. Request validation (schemas of request bodies, queries and path parameters)
+# =============================================================================
 
 # ---- request schemas: a small JSON Schema vocabulary --------------------------------------
 # Every request body, query and path parameter is described by a schema (a Python dict in a
@@ -3984,7 +3996,7 @@ def parse_json_body(data):
 
 
 # =============================================================================
-# 6. Callback bridge (guest -> vsock socket -> cbox -> callbackUrl)
+# 8. Callback bridge (guest -> vsock socket -> cbox -> callbackUrl)
 # =============================================================================
 
 CALLBACK_LINE_MAX = 1024 * 1024
@@ -4420,7 +4432,7 @@ METRICS.on_scrape("callback_bridges", CallbackBridge.export_counters)
 
 
 # =============================================================================
-# 7. VMs (one VM: its record, files, hypervisor, readers, and how it ends)
+# 9. VMs (one VM: its record, files, hypervisor, readers, and how it ends)
 # =============================================================================
 
 # Disk serials the guest's initramfs finds its disks by (/sys/block/vd*/serial; at
@@ -4852,7 +4864,7 @@ class VM:
         return {"rssBytes": rss, "cpuSeconds": cpu}
 
     def bound_vmm_log(self):
-        """Keep the VMM's -v log within vmm_log_max_bytes of disk (see VMManager.bound_vmm_logs)."""
+        """Keep the VMM's -v log within vmm_log_max_bytes of disk (see bound_vmm_logs)."""
         freed = punch_out_head(self.paths.chv_log, self.cfg.vmm_log_max_bytes // 2)
         if freed:
             self.vmm_log_trimmed += freed
@@ -5035,7 +5047,7 @@ class VM:
 
 
 # =============================================================================
-# 8. Exec results and tombstones (what the manager keeps of execs and of ended VMs)
+# 10. Exec results and tombstones (what the manager keeps of execs and of ended VMs)
 # =============================================================================
 
 # What the guest agent answers about execs, passed on as it is (guest_agent.py's docstring has
@@ -5306,7 +5318,7 @@ class FailedStarts:
 
 
 # =============================================================================
-# 9. VM manager (all VMs: start, destroy, adopt at start-up, exec forwarding)
+# 11. VM manager (all VMs: start, destroy, adopt at start-up, exec forwarding)
 # =============================================================================
 
 @contextlib.contextmanager
@@ -6214,7 +6226,7 @@ class VMManager:
 
 
 # =============================================================================
-# 10. REST server
+# 12. REST server
 # =============================================================================
 
 def log_request(method, target, status, t0, vm_name=None):
@@ -6994,7 +7006,7 @@ class RestServer:
 
 
 # =============================================================================
-# 11. CLI
+# 13. Serve (`cbox.py serve`: preflight checks, systemd notifications, the server's life)
 # =============================================================================
 
 def demo_hint():
@@ -7128,6 +7140,10 @@ async def serve(cfg):
 # running), it refuses: their IPs, CIDs and taps are taken. The callback URL is
 # served here on loopback; the callback goes guest -> vsock -> cbox.py -> URL, so
 # the serving cbox.py must share this network namespace (the same host).
+
+# =============================================================================
+# 14. Selftest (`cbox.py selftest`: a new host's end-to-end check)
+# =============================================================================
 
 SELFTEST_RUNS = 20      # exec and callback round trips measured (p50)
 
@@ -7681,6 +7697,10 @@ async def selftest(cfg, config_path, out):
         StepClock.observers.remove(check.observe)
     return check.report
 
+
+# =============================================================================
+# 15. CLI (the client commands, argument parsing, main)
+# =============================================================================
 
 def cli_selftest(args, cfg):
     out = sys.stdout
