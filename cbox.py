@@ -4528,11 +4528,8 @@ class BackgroundExecs:
     AWAITED = 1024
 
     def __init__(self, recorded=()):
-        self.execs = collections.OrderedDict()      # exec id -> [idle, awaited], oldest first
-        self.idle = self.awaited = 0
-        for exec_id in recorded:
-            self.execs[exec_id] = [True, False]
-            self.idle += 1
+        self.execs = collections.OrderedDict((exec_id, [True, False]) for exec_id in recorded)  # id -> [idle, awaited]
+        self.idle, self.awaited = len(self.execs), 0
 
     def note(self, exec_id):
         for role in (0, 1):                 # an id seen again starts afresh, as the newest

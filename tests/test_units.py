@@ -354,6 +354,23 @@ def test_callback_line_carries_the_exec_id():
     assert cbox.parse_callback_line(b'{"method":"m","execId":"../x"}', "vm1")[0] is None
 
 
+def test_background_execs_one_record_two_bounds():
+    """A background exec is noted once: the newest 64 keep the VM from being idle (saved in
+    the record), the newest 1024 wait to be seen finished (exec.finished once)."""
+    execs = cbox.BackgroundExecs(["r1", "r1", "r2"])        # from a record: idle only
+    assert execs.ids() == ["r1", "r2"] and not execs.is_awaited("r1")
+    for i in range(1100):
+        execs.note(f"e{i}")
+    assert execs.ids() == [f"e{i}" for i in range(1100 - 64, 1100)]
+    assert not execs.is_awaited("e75") and execs.is_awaited("e76") and execs.is_awaited("e1099")
+    assert len(execs.execs) == 1024
+    assert execs.seen_finished("e76") and not execs.seen_finished("e76")
+    assert execs.forget_idle(["e1099", "e76"]) and not execs.forget_idle(["e1099"])
+    assert execs.ids() == [f"e{i}" for i in range(1100 - 64, 1099)] and "e76" not in execs.execs
+    execs.note("e1050")                                       # seen again: the newest
+    assert execs.ids()[-1] == "e1050" and len(execs.ids()) == 63
+
+
 def test_parse_json_body():
     assert cbox.parse_json_body(b'{"a":1}') == {"a": 1}
     for bad in (b"", b"{", b"\xff"):
