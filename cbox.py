@@ -2059,13 +2059,11 @@ class GuestAgent:
         try:
             reader, writer = await within(15.0, asyncio.open_connection(
                 self.http.host, self.http.port, limit=AgentEvents.BUFFER))
-        except (OSError, asyncio.TimeoutError) as e:
+        except BaseException as e:
             if on_close:
                 on_close()
-            raise AgentError(502, f"guest agent of VM '{self.vm_name}' unreachable: {e or 'timed out'}") from e
-        except BaseException:
-            if on_close:
-                on_close()
+            if isinstance(e, (OSError, asyncio.TimeoutError)):
+                raise AgentError(502, f"guest agent of VM '{self.vm_name}' unreachable: {e or 'timed out'}") from e
             raise
         set_nodelay(writer)
         events = AgentEvents(exec_id, reader, writer, since, stall_s, self.event_line_max, self.exit_line_max,
