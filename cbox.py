@@ -39,7 +39,7 @@ through one escape, log_text. Sections, in order; each uses only what comes befo
                      all VMs: start / destroy / adopt composing the sections above,
                      freeing a VM that ended by itself, egress policy changes, the
                      one task keeping deadlines (TTL, idle), exec forwarding
- 10. REST server     routes of contract section 1 (each method an Operation: handler,
+ 10. REST server     routes of README's "REST API" (each method an Operation: handler,
                      request and answer schemas), auth before any body is read, limits
                      (request head, query, the host-wide body budget), request log; the
                      API description made from them (openapi_document); EventRelay:
@@ -48,8 +48,8 @@ through one escape, log_text. Sections, in order; each uses only what comes befo
                      small client: `health`, `vm start|ls|rm|logs|network|ttl|failures`, `exec`;
                      `openapi` prints the API description; `--version`
 
-The external contract lives in ../shared/docs/contract.md (beside checkouts) and
-is summarised in README.md.
+README.md is the contract users rely on (the REST API, config keys, behaviour, figures):
+a change of what it says is a change of the contract.
 """
 import argparse
 import asyncio
@@ -118,7 +118,7 @@ def log_text(value):
     return text if text.isprintable() else repr(text)
 
 
-# Twin of guest_agent.py's log() (each file stays standalone).
+# Twin of guest_agent.log: must agree on the shape of a line on stderr: "<program>: message".
 def log(msg, **fields):
     """One line on stderr: 'cbox: msg k=v ...' (the request and lifecycle log); a line whose
     fields are not all printable has each field's value escaped by log_text."""
@@ -152,9 +152,11 @@ def is_decimal(text):
     return text.isascii() and text.isdigit()
 
 
-# Twin of guest_agent.py's fmt_seconds() (each file stays standalone).
+# Twin of guest_agent.fmt_seconds: must agree on the text (timeouts in messages users read come from both).
 def fmt_seconds(value):
-    return f"{value:g}s"
+    """5 -> '5s', 0.5 -> '0.5s', 1000000 -> '1000000s' (whole seconds never in e-notation)."""
+    value = float(value)
+    return f"{int(value)}s" if value.is_integer() else f"{value:g}s"
 
 
 class Deadline:
@@ -235,7 +237,7 @@ async def within(timeout, aw):
         deadlines.remove(deadline)
 
 
-# Twin of guest_agent.py's write_atomically() (each file stays standalone).
+# Twin of guest_agent.write_atomically: must agree that a reader sees the old file or the whole new one.
 def write_atomically(path, data):
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -2402,6 +2404,7 @@ def find_vmm_pid(api_socket):
     return None
 
 
+# Twin of guest_agent.signal_name: must agree on the name (exit reasons name signals in both).
 def signal_name(number):
     try:
         return signal.Signals(number).name
@@ -4314,7 +4317,7 @@ class CallbackBridge:
             self.in_flight -= 1
             self.vm.touch()              # a callback is activity (idleTimeoutSeconds)
         ok = not reply.startswith(b'{"error"')
-        self.note("callback", method=repr(method[:60]), id=callback_id, ok=ok,
+        self.note("callback", method=method[:60], id=callback_id, ok=ok,
                   ms=f"{(time.monotonic() - t0) * 1000:.1f}")
         if not self.vm.callbackUrl:
             CALLBACK_OUTCOMES["no_url"].inc()
@@ -4331,7 +4334,7 @@ class CallbackBridge:
         if allowed is None or method in allowed:
             return True
         self.count("refused_method")
-        self.note("callback refused", reason="method", method=repr(method[:60]))
+        self.note("callback refused", reason="method", method=method[:60])
         return False
 
     def publish_failure(self, method, reply):
@@ -6370,7 +6373,7 @@ def openapi_document(cfg, routes):
 
 
 class RestServer:
-    """HTTP/1.1 keep-alive server for the API of contract section 1."""
+    """HTTP/1.1 keep-alive server for the API README's "REST API" describes."""
 
     def __init__(self, cfg, manager):
         self.cfg, self.manager = cfg, manager
