@@ -839,11 +839,22 @@ CONFIG_KEYS = {
 
 
 class Config:
-    """Typed settings from hostservices.restserver; attribute per CONFIG_KEYS entry."""
+    """Typed settings from hostservices.restserver; attribute per CONFIG_KEYS entry. Read-only
+    once made (what is derived from it is kept elsewhere, not on it); replace() gives a copy
+    with some values changed."""
 
     def __init__(self, values, base_dir):
-        self.__dict__.update(values)
-        self.base_dir = base_dir
+        self.__dict__.update(values, base_dir=base_dir)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"the config is read-only once loaded (cannot set {name}): use replace()")
+
+    def __delattr__(self, name):
+        raise AttributeError(f"the config is read-only once loaded (cannot delete {name})")
+
+    def replace(self, **changes):
+        values = dict(vars(self), **changes)
+        return Config(values, values.pop("base_dir"))
 
     def path(self, value):
         """Resolve a path from config relative to the config file's directory."""
@@ -936,10 +947,10 @@ def check_config(cfg, source):
 
 
 def read_callback_secret(cfg, source):
-    """callback_secret_file -> cfg.callback_secret (its first line), so the key need not sit
-    in a config file others may read."""
+    """callback_secret_file -> the callback secret (its first line; None without the file), so
+    the key need not sit in a config file others may read."""
     if not cfg.callback_secret_file:
-        return
+        return None
     if cfg.callback_secret:
         raise ConfigError(f"{source}: set callback_secret or callback_secret_file, not both")
     secret_path = cfg.path(cfg.callback_secret_file)
@@ -949,7 +960,7 @@ def read_callback_secret(cfg, source):
         raise ConfigError(f"{source}: callback_secret_file {secret_path}: {e}") from e
     if not lines or not lines[0].strip():
         raise ConfigError(f"{source}: callback_secret_file {secret_path} is empty")
-    cfg.callback_secret = lines[0].strip()
+    return lines[0].strip()
 
 
 def load_config(path, overrides=None):
@@ -987,8 +998,8 @@ def load_config(path, overrides=None):
         values.setdefault(key, default)
     cfg = Config(values, str(Path(path).resolve().parent))
     check_config(cfg, str(path))
-    read_callback_secret(cfg, str(path))
-    return cfg
+    secret = read_callback_secret(cfg, str(path))
+    return cfg.replace(callback_secret=secret) if secret else cfg
 
 
 # =============================================================================
@@ -3824,12 +3835,15 @@ def build_request_schemas(cfg):
     }
 
 
+REQUEST_SCHEMAS = weakref.WeakKeyDictionary()      # Config -> its request schemas (request_schemas)
+
+
 def request_schemas(cfg):
     """The request bodies' schemas for this config (its bounds and defaults in them), made once."""
-    cached = getattr(cfg, "_request_schemas", None)
-    if cached is None:
-        cached = cfg._request_schemas = build_request_schemas(cfg)
-    return cached
+    schemas = REQUEST_SCHEMAS.get(cfg)
+    if schemas is None:
+        schemas = REQUEST_SCHEMAS[cfg] = build_request_schemas(cfg)
+    return schemas
 
 
 # the query parameters of the routes that take some
@@ -6861,7 +6875,7 @@ async def serve(cfg):
         banner = "!" * 78
         log(f"\n{banner}\nWARNING: serving on {cfg.host} WITHOUT api_token: anyone who can reach this port "
             f"can run commands in every VM.\nSet api_token in the config.\n{banner}")
-    cfg.chv_bin = resolve_chv_bin(cfg)
+    cfg = cfg.replace(chv_bin=resolve_chv_bin(cfg))
     missing = missing_images(cfg)
     if missing:
         log("WARNING: guest images missing (run `make images`): " + ", ".join(missing))
@@ -7191,7 +7205,7 @@ class Selftest:
                         detail=f"{len(problems)} problem(s)" if problems else "/dev/kvm, chv_bin, root, tools",
                         hint="; ".join(problems))
         try:
-            self.cfg.chv_bin = resolve_chv_bin(self.cfg)
+            self.cfg = self.cfg.replace(chv_bin=resolve_chv_bin(self.cfg))
         except CommandError:
             self.blocked = "no usable chv_bin (see preflight)"
 

@@ -172,6 +172,24 @@ def test_semantic_checks(tmp_path):
         cbox.load_config(write_config(tmp_path, ["pool_size: -1"]))
 
 
+def test_config_is_read_only_once_loaded(tmp_path):
+    """Nothing sets or caches on a loaded config: a change is a copy (replace), and what is
+    derived from it (the request schemas) is kept beside it, made once."""
+    cfg = cbox.load_config(write_config(tmp_path, ["max_vcpus: 3"]))
+    keys = set(vars(cfg))
+    with pytest.raises(AttributeError, match="read-only"):
+        cfg.chv_bin = "/bin/true"
+    with pytest.raises(AttributeError, match="read-only"):
+        del cfg.port
+    schemas = cbox.request_schemas(cfg)
+    assert cbox.request_schemas(cfg) is schemas and set(vars(cfg)) == keys
+    assert schemas["StartRequest"]["properties"]["vcpus"]["maximum"] == 3
+    changed = cfg.replace(chv_bin="/bin/true", max_vcpus=5)
+    assert (changed.chv_bin, changed.max_vcpus, changed.base_dir) == ("/bin/true", 5, cfg.base_dir)
+    assert cfg.chv_bin != "/bin/true" and cfg.max_vcpus == 3
+    assert cbox.request_schemas(changed)["StartRequest"]["properties"]["vcpus"]["maximum"] == 5
+
+
 # ---- allocators ------------------------------------------------------------------
 
 def test_ip_allocator_skips_bridge_and_reuses_freed():
