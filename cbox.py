@@ -1438,6 +1438,17 @@ class ClientWatch:
     def remove(self, task):
         self.waiting.pop(task, None)
 
+    def client_gone(self):
+        """Whether the current task was cancelled by this watch (its client went away); if so
+        the cancellation is taken back, so that the task can log the request and end."""
+        task = asyncio.current_task()
+        if task not in self.cancelled:
+            return False
+        self.cancelled.discard(task)
+        if hasattr(task, "uncancel"):
+            task.uncancel()
+        return True
+
     def _check(self):
         self.timer = None
         for task, reader in list(self.waiting.items()):
@@ -3911,10 +3922,15 @@ def check_network(network, cfg, require_egress=False):
     return check_schema(network, schema, "network")
 
 
+def start_spec(request):
+    """A checked start request (StartRequest) -> the spec VMManager.start takes: its deadline as expiresAt."""
+    spec = {k: v for k, v in request.items() if k not in ("ttlSeconds", "idleTimeoutSeconds")}
+    return {**spec, "expiresAt": expires_at(request["ttlSeconds"]),
+            "idleTimeoutSeconds": request["idleTimeoutSeconds"] or None}
+
+
 def validate_start_request(body, cfg):
-    spec = check_schema(body, request_schemas(cfg)["StartRequest"])
-    ttl, idle = spec.pop("ttlSeconds"), spec.pop("idleTimeoutSeconds")
-    return {**spec, "expiresAt": expires_at(ttl), "idleTimeoutSeconds": idle or None}
+    return start_spec(check_schema(body, request_schemas(cfg)["StartRequest"]))
 
 
 def parse_vm_filter(query):
@@ -3932,15 +3948,20 @@ def parse_vm_filter(query):
     return matches
 
 
-def validate_exec_request(body, cfg):
-    """Check an exec request; returns (agent request body, blocking, timeout, stream)."""
-    request = check_schema(body, request_schemas(cfg)["ExecRequest"])
+def exec_parts(request, cfg):
+    """A checked exec request (ExecRequest) -> (agent request body, blocking, timeout, stream)."""
+    request = dict(request)
     stream = request.pop("stream")
     blocking = request.pop("blocking") and not stream
     agent_body = dict(request, blocking=blocking, maxOutput=cfg.exec_output_limit_bytes)
     if stream:
         agent_body["keepaliveS"] = cfg.stream_keepalive_s
     return {k: v for k, v in agent_body.items() if v is not None}, blocking, request["timeout"], stream
+
+
+def validate_exec_request(body, cfg):
+    """Check an exec request; returns (agent request body, blocking, timeout, stream)."""
+    return exec_parts(check_schema(body, request_schemas(cfg)["ExecRequest"]), cfg)
 
 
 def validate_signal_request(body):
@@ -6225,12 +6246,16 @@ class EventRelay:
 
 
 class Request:
-    """One request; dispatch() fills in path, query, args and params, a handler may name its VM."""
+    """One request; dispatch() fills in path, query, args, params and the checked body, a handler
+    may name its VM."""
 
-    def __init__(self, method, target, headers, version="HTTP/1.1"):
+    def __init__(self, method, target, headers, version="HTTP/1.1", t0=None):
         self.method, self.target, self.headers, self.version = method, target, headers, version
+        self.t0 = time.monotonic() if t0 is None else t0      # its head was read (the request log's ms)
+        self.keep_alive = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
         self.path, self.query, self.params = None, {}, {}
         self.body = None           # bytes once read (after the token was checked)
+        self.json = None           # the body as its route's schema checked it (Operation.body)
         self.args = {}             # the query checked against the route's parameters (check_query)
         self.vm_name = None        # the VM a request body names, for the request log
         self.route = "unmatched"   # the route's name (route_name), for the metrics
@@ -6312,19 +6337,23 @@ ERROR_STATUSES = {400: "bad input", 401: "missing or wrong API token", 404: "unk
                   500: "internal error", 502: "the guest agent is unreachable or misbehaved",
                   503: "no capacity (guest IPs, vsock CIDs)"}
 PATH_PARAMS = {"name": VM_NAME_SCHEMA, "exec_id": EXEC_REF_SCHEMA}
+BODY_NAMES = {"NetworkRequest": "network"}     # errors name its fields as a start request's: network.allowOut
 
 
 class Operation:
     """One method of a route: its handler and what the API description says of it. `ok`: the
     200 answer, {media type: schema name, list of names (any of them) or None (text)};
     `body`: the request body's schema (a name in request_schemas); `query`: the query
-    parameters' schemas (dispatch checks them: check_query); `errors`: the statuses it
-    answers besides those every route may (400 for bad parameters, 401, 404 for an unknown
-    VM, 500); `public`: no API token needed. The summary is the handler's docstring."""
+    parameters' schemas (dispatch checks them: check_query, and the body: check_schema);
+    `errors`: the statuses it answers besides those every route may (400 for bad parameters,
+    401, 404 for an unknown VM, 500); `public`: no API token needed; `abandonable`: a client
+    that goes away cancels the handler (agent calls only: abandoning them leaves nothing half
+    done, a VM start would). The summary is the handler's docstring."""
 
-    def __init__(self, handler, ok, body=None, query=None, errors=(), public=False):
+    def __init__(self, handler, ok, body=None, query=None, errors=(), public=False, abandonable=False):
         self.handler, self.ok, self.body, self.query = handler, ok, body, query or {}
-        self.errors, self.public = errors, public
+        self.errors, self.public, self.abandonable = errors, public, abandonable
+        self.body_name = BODY_NAMES.get(body, "")
 
     def describe(self, path_params, cfg):
         """This operation as an OpenAPI Operation Object."""
@@ -6398,26 +6427,26 @@ class RestServer:
         self.stopping = False          # stop() was called
         self.bodies = BodyBudget(cfg.request_body_buffer_bytes)
         self.linger_budget = TokenBucket(self.LINGER_BYTES_PER_S, self.LINGER_BYTES_PER_S)
-        # agent calls only: abandoning them leaves nothing half done (a VM start would)
-        # (a stream's relay runs after its handler returned: a client leaving never ends an exec)
-        self.abandonable = {self.exec, self.exec_status, self.exec_kill, self.exec_list, self.exec_kill_all,
-                            self.exec_signal, self.exec_stdin, self.exec_stream, self.stats, self.events}
-        op, agent = Operation, (409, 502)       # an exec route: the VM not running, its agent failing
+        self.schemas = request_schemas(cfg)
+        op = Operation
+        # an agent call: 409 (the VM not running), 502 (its agent failing); a client leaving cancels
+        # it (never the exec: a stream's relay runs after its handler returned)
+        agent = {"errors": (409, 502), "abandonable": True}
         stream = {NDJSON: "StreamEvent", SSE: "StreamEvent"}
         self.routes = [      # no path matches two patterns: the busiest routes come first
             (re.compile(r"^/v1/vms/(?P<name>[^/]+)/exec$"), {
-                "POST": op(self.exec, {JSON: ["ExecResult", "ExecStarted"], **stream}, body="ExecRequest", errors=agent),
-                "GET": op(self.exec_list, {JSON: "ExecList"}, errors=agent),
-                "DELETE": op(self.exec_kill_all, {JSON: "ExecsKilled"}, query=KILL_QUERY, errors=agent)}),
+                "POST": op(self.exec, {JSON: ["ExecResult", "ExecStarted"], **stream}, body="ExecRequest", **agent),
+                "GET": op(self.exec_list, {JSON: "ExecList"}, **agent),
+                "DELETE": op(self.exec_kill_all, {JSON: "ExecsKilled"}, query=KILL_QUERY, **agent)}),
             (re.compile(r"^/v1/vms/(?P<name>[^/]+)/exec/(?P<exec_id>[^/]+)$"), {
-                "GET": op(self.exec_status, {JSON: "ExecResult"}, errors=agent),
-                "DELETE": op(self.exec_kill, {JSON: "ExecResult"}, query=KILL_QUERY, errors=agent)}),
+                "GET": op(self.exec_status, {JSON: "ExecResult"}, **agent),
+                "DELETE": op(self.exec_kill, {JSON: "ExecResult"}, query=KILL_QUERY, **agent)}),
             (re.compile(r"^/v1/vms/(?P<name>[^/]+)/exec/(?P<exec_id>[^/]+)/stream$"), {
-                "GET": op(self.exec_stream, stream, query=STREAM_QUERY, errors=agent)}),
+                "GET": op(self.exec_stream, stream, query=STREAM_QUERY, **agent)}),
             (re.compile(r"^/v1/vms/(?P<name>[^/]+)/exec/(?P<exec_id>[^/]+)/signal$"), {
-                "POST": op(self.exec_signal, {JSON: "SignalSent"}, body="SignalRequest", errors=agent)}),
+                "POST": op(self.exec_signal, {JSON: "SignalSent"}, body="SignalRequest", **agent)}),
             (re.compile(r"^/v1/vms/(?P<name>[^/]+)/exec/(?P<exec_id>[^/]+)/stdin$"), {
-                "POST": op(self.exec_stdin, {JSON: "StdinWritten"}, body="StdinRequest", errors=agent)}),
+                "POST": op(self.exec_stdin, {JSON: "StdinWritten"}, body="StdinRequest", **agent)}),
             (re.compile(r"^/v1/health$"), {"GET": op(self.health, {JSON: "Health"}, public=True)}),
             (re.compile(r"^/v1/vms$"), {
                 "GET": op(self.list_vms, {JSON: "VmList"}, query=VM_FILTER_QUERY),
@@ -6430,9 +6459,10 @@ class RestServer:
                 "PUT": op(self.set_ttl, {JSON: "VM"}, body="TtlRequest", errors=(409,))}),
             (re.compile(r"^/v1/vms/(?P<name>[^/]+)/network$"), {
                 "PUT": op(self.put_network, {JSON: "VM"}, body="NetworkRequest", errors=(409,))}),
-            (re.compile(r"^/v1/vms/(?P<name>[^/]+)/stats$"), {"GET": op(self.stats, {JSON: "Stats"}, errors=agent)}),
+            (re.compile(r"^/v1/vms/(?P<name>[^/]+)/stats$"), {"GET": op(self.stats, {JSON: "Stats"}, **agent)}),
             (re.compile(r"^/v1/metrics$"), {"GET": op(self.metrics, {Registry.CONTENT_TYPE: None})}),
-            (re.compile(r"^/v1/events$"), {"GET": op(self.events, {JSON: "Events"}, query=EVENTS_QUERY)}),
+            (re.compile(r"^/v1/events$"), {
+                "GET": op(self.events, {JSON: "Events"}, query=EVENTS_QUERY, abandonable=True)}),
             (re.compile(r"^/v1/failed-starts$"), {"GET": op(self.failed_starts, {JSON: "FailedStarts"})}),
             (re.compile(r"^/v1/openapi\.json$"), {"GET": op(self.openapi, {JSON: "OpenApi"}, public=True)}),
         ]
@@ -6486,20 +6516,39 @@ class RestServer:
         Before the API token is checked only the head is read (bounded: MAX_HEAD bytes,
         MAX_HEAD_LINES header lines, REQUEST_LINE_MAX for the request line); the body is read
         after it, within the host-wide BodyBudget."""
-        try:   # a new connection must send its head soon; a keep-alive one may idle longer
+        request = await self.read_request_head(reader, writer, first)
+        if request is None:
+            return False
+        answer = await self.answer(request, reader, writer)
+        if answer is None:             # the client went away while it was handled (499)
+            return False
+        status, payload, ctype = answer
+        if not await self.send_answer(request, writer, status, payload, ctype):
+            return False
+        self.log_and_count(request, status)
+        if (request.body is None and status != 408
+                and "100-continue" not in request.headers.get("expect", "").lower()):
+            await self.drop_refused_body(reader, writer, request.headers, status)
+        return request.keep_alive
+
+    async def read_request_head(self, reader, writer, first):
+        """The next request's head as a Request; None when the connection ends: closed, silent
+        too long (a new connection must send its head soon; a keep-alive one may idle longer)
+        or a head refused (400, 414, 431: answered here)."""
+        try:
             head = await within(self.cfg.http_head_timeout_s if first else self.cfg.http_idle_timeout_s,
                                 read_head(reader, MAX_HEAD_LINES))
         except asyncio.TimeoutError:
-            return False
+            return None
         except HttpError as e:
             if self.stopping:          # stop() closed the connection under it
-                return False
+                return None
             status = 431 if isinstance(e, HeadTooLarge) else 400
             writer.write(build_response(status, json_bytes({"error": str(e)}), keep_alive=False))
             log("request refused", status=status, error=str(e))
-            return False
+            return None
         if head is None:
-            return False
+            return None
         t0 = time.monotonic()
         start_line, headers = head
         try:
@@ -6507,62 +6556,71 @@ class RestServer:
         except ApiError as e:
             writer.write(build_response(e.status, json_bytes(e.body()), keep_alive=False))
             log("request refused", status=e.status, error=str(e), line=start_line[:200])
-            return False
-        keep_alive = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
-        request = Request(method, target, headers, version)
+            return None
+        return Request(method, target, headers, version, t0)
+
+    async def answer(self, request, reader, writer):
+        """(status, payload, content type) for a request whose head was read: its token checked,
+        its body read within the body budget (given back once answered), its route's handler
+        run; None when the client went away meanwhile (logged as 499). A request refused before
+        its body was read closes the connection (request.keep_alive)."""
         body_size = 0          # taken from the body budget
         try:
             self.check_token(request)
-            body_size = self.bodies.take(self.request_body_size(headers))
-            request.body = await self.read_request_body(reader, writer, headers, body_size)
-            status, payload, ctype = await self.dispatch(request, reader)
+            body_size = self.bodies.take(self.request_body_size(request.headers))
+            request.body = await self.read_request_body(reader, writer, request.headers, body_size)
+            return await self.dispatch(request, reader)
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task not in self.client_watch.cancelled:
+            if not self.client_watch.client_gone():
                 raise
-            self.client_watch.cancelled.discard(task)
-            if hasattr(task, "uncancel"):
-                task.uncancel()
-            log_request(method, target, 499, t0, request.vm_name)       # nginx's "client closed request"
-            count_request(request.route, method, 499)
-            return False
+            self.log_and_count(request, 499)       # nginx's "client closed request"
+            return None
         except ApiError as e:
-            status, payload, ctype = e.status, json_bytes(e.body()), "application/json"
             if request.body is None:      # refused before its body was read: the stream is out of step
-                keep_alive = False
+                request.keep_alive = False
+            return e.status, json_bytes(e.body()), "application/json"
         except Exception as e:   # never a traceback in a response
             import traceback
             log("internal error", traceback=traceback.format_exc())
-            status, payload, ctype = 500, json_bytes({"error": f"internal error: {type(e).__name__}: {e}"}), "application/json"
+            return 500, json_bytes({"error": f"internal error: {type(e).__name__}: {e}"}), "application/json"
         finally:
             self.bodies.give_back(body_size)
             if request.body:
                 request.body = b""     # its bytes are no longer counted: no longer held either
+
+    async def send_answer(self, request, writer, status, payload, ctype):
+        """Write the answer (an exec stream relayed to its end; request.keep_alive says after it
+        whether the connection may be kept); False when it could not be delivered (the
+        connection is dropped): a client that does not read its answer must not hold the
+        connection and buffer forever."""
         extra = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-        try:     # a client that does not read its answer must not hold the connection and buffer forever
+        timeout = self.cfg.http_body_timeout_s
+        try:
             if isinstance(payload, EventRelay):
                 self.relays.add(payload)
                 try:
-                    keep_alive = await payload.send(writer, keep_alive, self.cfg.http_body_timeout_s)
+                    request.keep_alive = await payload.send(writer, request.keep_alive, timeout)
                 finally:
                     self.relays.discard(payload)
             elif isinstance(payload, BodyStream):
-                writer.write(build_head(status, payload.length, ctype, keep_alive, extra))
-                await payload.copy_to(writer, self.cfg.http_body_timeout_s)
+                writer.write(build_head(status, payload.length, ctype, request.keep_alive, extra))
+                await payload.copy_to(writer, timeout)
             else:
-                writer.write(build_response(status, payload, ctype, keep_alive, extra))
+                writer.write(build_response(status, payload, ctype, request.keep_alive, extra))
                 if writer.transport.get_write_buffer_size():     # else drain() has nothing to wait for
-                    await within(self.cfg.http_body_timeout_s, writer.drain())
+                    await within(timeout, writer.drain())
         except (asyncio.TimeoutError, HttpError, OSError, asyncio.IncompleteReadError) as e:
-            log("answer not delivered; connection dropped", path=target.split("?")[0][:200],
+            log("answer not delivered; connection dropped", path=request.target.split("?")[0][:200],
                 error=repr(str(e) or type(e).__name__))
             writer.transport.abort()
             return False
-        log_request(method, target, status, t0, request.vm_name)
-        count_request(request.route, method, status)
-        if request.body is None and status != 408 and "100-continue" not in headers.get("expect", "").lower():
-            await self.drop_refused_body(reader, writer, headers, status)
-        return keep_alive
+        return True
+
+    @staticmethod
+    def log_and_count(request, status):
+        """The request's line in the request log, and its count in the metrics."""
+        log_request(request.method, request.target, status, request.t0, request.vm_name)
+        count_request(request.route, request.method, status)
 
     LINGER_BYTES, LINGER_S = 64 * 1024, 1.0       # what is read and dropped of a body refused unread
     LINGER_BYTES_PER_S = 4 * 1024 * 1024           # ... by all connections together
@@ -6620,7 +6678,27 @@ class RestServer:
             remaining -= len(chunk)
 
     async def dispatch(self, request, reader=None):
-        method = request.method
+        """The answer (status, payload, content type) of the operation the request's path and
+        method name, once its path parameters, query and body are checked (ApiError)."""
+        operation, query = self.find_operation(request)
+        self.check_input(request, operation, query)
+        if reader is None or not operation.abandonable:
+            result = await operation.handler(request)
+        else:
+            watched = self.client_watch.add(reader)
+            try:
+                result = await operation.handler(request)
+            finally:
+                self.client_watch.remove(watched)
+        if isinstance(result, tuple):
+            return result
+        if isinstance(result, EventRelay):
+            return 200, result, result.content_type
+        return 200, result if isinstance(result, (bytes, BodyStream)) else json_bytes(result), "application/json"
+
+    def find_operation(self, request):
+        """The Operation of the request's path and method (ApiError 404, 405) and the query's
+        text; the request's route, path and path parameters filled in."""
         split = urllib.parse.urlsplit(request.target)
         path = split.path
         for pattern, methods in self.routes:
@@ -6628,32 +6706,26 @@ class RestServer:
             if not m:
                 continue
             request.route = self.route_names[pattern]
-            operation = methods.get(method)
+            operation = methods.get(request.method)
             if operation is None:
-                raise ApiError(405, f"method {method} not allowed on {path} (allowed: {', '.join(methods)})")
-            handler = operation.handler
+                raise ApiError(405, f"method {request.method} not allowed on {path} (allowed: {', '.join(methods)})")
             request.path, request.params = path, {k: urllib.parse.unquote(v) for k, v in m.groupdict().items()}
-            if "name" in request.params:
-                check_vm_name(request.params["name"])
-            if "exec_id" in request.params:
-                check_exec_id(request.params["exec_id"])
-            if split.query:
-                request.query = parse_query(split.query)
-            request.args = check_query(request.query, operation.query)
-            if reader is None or handler not in self.abandonable:
-                result = await handler(request)
-            else:
-                watched = self.client_watch.add(reader)
-                try:
-                    result = await handler(request)
-                finally:
-                    self.client_watch.remove(watched)
-            if isinstance(result, tuple):
-                return result
-            if isinstance(result, EventRelay):
-                return 200, result, result.content_type
-            return 200, result if isinstance(result, (bytes, BodyStream)) else json_bytes(result), "application/json"
+            return operation, split.query
         raise ApiError(404, f"no route {path}")
+
+    def check_input(self, request, operation, query):
+        """Path parameters, then the query (request.args), then the body (request.json) checked
+        against the operation's schemas: every handler gets its input checked the same way."""
+        if "name" in request.params:
+            check_vm_name(request.params["name"])
+        if "exec_id" in request.params:
+            check_exec_id(request.params["exec_id"])
+        if query:
+            request.query = parse_query(query)
+        request.args = check_query(request.query, operation.query)
+        if operation.body:
+            request.json = check_schema(parse_json_body(request.body), self.schemas[operation.body],
+                                        operation.body_name)
 
     def check_token(self, request):
         """ApiError 401 unless the request carries the API token or is for a public path (health,
@@ -6682,7 +6754,7 @@ class RestServer:
 
     async def start_vm(self, req):
         """Start a VM; answers once its guest agent answers"""
-        spec = validate_start_request(parse_json_body(req.body), self.cfg)
+        spec = start_spec(req.json)
         req.vm_name = spec["vmName"]
         vm = await self.manager.start(spec)
         return vm.api()
@@ -6693,8 +6765,7 @@ class RestServer:
 
     async def put_network(self, req):
         """Change a running VM's egress policy"""
-        policy = check_network(parse_json_body(req.body), self.cfg, require_egress=True)
-        return (await self.manager.set_network(req.params["name"], policy)).api()
+        return (await self.manager.set_network(req.params["name"], req.json)).api()
 
     async def destroy_vm(self, req):
         """Destroy a VM"""
@@ -6707,12 +6778,11 @@ class RestServer:
 
     async def set_ttl(self, req):
         """Set, extend or clear a VM's TTL (from now)"""
-        body = check_schema(parse_json_body(req.body), request_schemas(self.cfg)["TtlRequest"])
-        return self.manager.set_ttl(req.params["name"], body["ttlSeconds"]).api()
+        return self.manager.set_ttl(req.params["name"], req.json["ttlSeconds"]).api()
 
     async def exec(self, req):
         """Run a command in a VM: blocking, in the background, or streamed"""
-        agent_body, blocking, timeout, stream = validate_exec_request(parse_json_body(req.body), self.cfg)
+        agent_body, blocking, timeout, stream = exec_parts(req.json, self.cfg)
         answer = await self.manager.exec(req.params["name"], agent_body, blocking, timeout, stream)
         return self.relay(req, answer) if stream else answer
 
@@ -6747,13 +6817,11 @@ class RestServer:
 
     async def exec_signal(self, req):
         """Send a signal to every process of an exec"""
-        body = validate_signal_request(parse_json_body(req.body))
-        return await self.manager.exec_signal(req.params["name"], req.params["exec_id"], body)
+        return await self.manager.exec_signal(req.params["name"], req.params["exec_id"], req.json)
 
     async def exec_stdin(self, req):
         """Write to (or close) an exec's stdin pipe"""
-        body = validate_stdin_request(parse_json_body(req.body))
-        return await self.manager.exec_stdin(req.params["name"], req.params["exec_id"], body)
+        return await self.manager.exec_stdin(req.params["name"], req.params["exec_id"], req.json)
 
     async def logs(self, req):
         """The tail of a VM's serial console"""
