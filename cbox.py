@@ -40,7 +40,8 @@ through one escape, log_text. Sections, in order; each uses only what comes befo
                      freeing a VM that ended by itself, egress policy changes, the
                      one task keeping deadlines (TTL, idle), exec forwarding
  10. REST server     routes of README's "REST API" (each method an Operation: handler,
-                     request and answer schemas), auth before any body is read, limits
+                     request and answer schemas; dispatch checks every request's path
+                     parameters, query and body against them), auth before any body is read, limits
                      (request head, query, the host-wide body budget), request log; the
                      API description made from them (openapi_document); EventRelay:
                      exec event streams to the client (NDJSON or SSE, chunked)
