@@ -42,8 +42,9 @@ through one escape, log_text. Sections, in order; each uses only what comes befo
                      TTL and idle deadlines), VmBooter, WarmPool (idle VMs booted ahead,
                      claimed by start requests), VmStarter, Adoption (at start-up),
                      EgressChanges, bound_vmm_logs, ExecForwarding (the exec routes)
- 12. REST server     routes of contract section 1 (each method an Operation: handler,
-                     request and answer schemas), auth before any body is read, limits
+ 12. REST server     routes of README's "REST API" (each method an Operation: handler,
+                     request and answer schemas; dispatch checks every request's path
+                     parameters, query and body against them), auth before any body is read, limits
                      (request head, query, the host-wide body budget), request log; the
                      API description made from them (openapi_document); EventRelay:
                      exec event streams to the client (NDJSON or SSE, chunked)
@@ -52,8 +53,8 @@ through one escape, log_text. Sections, in order; each uses only what comes befo
  15. CLI             a small client: `health`, `vm start|ls|rm|logs|network|ttl|failures`,
                      `exec`; `openapi` prints the API description; `--version`
 
-The external contract lives in ../shared/docs/contract.md (beside checkouts) and
-is summarised in README.md.
+README.md is the contract users rely on (the REST API, config keys, behaviour, figures):
+a change of what it says is a change of the contract.
 """
 import argparse
 import asyncio
@@ -122,7 +123,7 @@ def log_text(value):
     return text if text.isprintable() else repr(text)
 
 
-# Twin of guest_agent.py's log() (each file stays standalone).
+# Twin of guest_agent.log: must agree on the shape of a line on stderr: "<program>: message".
 def log(msg, **fields):
     """One line on stderr: 'cbox: msg k=v ...' (the request and lifecycle log); a line whose
     fields are not all printable has each field's value escaped by log_text."""
@@ -156,9 +157,11 @@ def is_decimal(text):
     return text.isascii() and text.isdigit()
 
 
-# Twin of guest_agent.py's fmt_seconds() (each file stays standalone).
+# Twin of guest_agent.fmt_seconds: must agree on the text (timeouts in messages users read come from both).
 def fmt_seconds(value):
-    return f"{value:g}s"
+    """5 -> '5s', 0.5 -> '0.5s', 1000000 -> '1000000s' (whole seconds never in e-notation)."""
+    value = float(value)
+    return f"{int(value)}s" if value.is_integer() else f"{value:g}s"
 
 
 class Deadline:
@@ -239,7 +242,7 @@ async def within(timeout, aw):
         deadlines.remove(deadline)
 
 
-# Twin of guest_agent.py's write_atomically() (each file stays standalone).
+# Twin of guest_agent.write_atomically: must agree that a reader sees the old file or the whole new one.
 def write_atomically(path, data):
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -841,11 +844,22 @@ CONFIG_KEYS = {
 
 
 class Config:
-    """Typed settings from hostservices.restserver; attribute per CONFIG_KEYS entry."""
+    """Typed settings from hostservices.restserver; attribute per CONFIG_KEYS entry. Read-only
+    once made (what is derived from it is kept elsewhere, not on it); replace() gives a copy
+    with some values changed."""
 
     def __init__(self, values, base_dir):
-        self.__dict__.update(values)
-        self.base_dir = base_dir
+        self.__dict__.update(values, base_dir=base_dir)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"the config is read-only once loaded (cannot set {name}): use replace()")
+
+    def __delattr__(self, name):
+        raise AttributeError(f"the config is read-only once loaded (cannot delete {name})")
+
+    def replace(self, **changes):
+        values = dict(vars(self), **changes)
+        return Config(values, values.pop("base_dir"))
 
     def path(self, value):
         """Resolve a path from config relative to the config file's directory."""
@@ -938,10 +952,10 @@ def check_config(cfg, source):
 
 
 def read_callback_secret(cfg, source):
-    """callback_secret_file -> cfg.callback_secret (its first line), so the key need not sit
-    in a config file others may read."""
+    """callback_secret_file -> the callback secret (its first line; None without the file), so
+    the key need not sit in a config file others may read."""
     if not cfg.callback_secret_file:
-        return
+        return None
     if cfg.callback_secret:
         raise ConfigError(f"{source}: set callback_secret or callback_secret_file, not both")
     secret_path = cfg.path(cfg.callback_secret_file)
@@ -951,7 +965,7 @@ def read_callback_secret(cfg, source):
         raise ConfigError(f"{source}: callback_secret_file {secret_path}: {e}") from e
     if not lines or not lines[0].strip():
         raise ConfigError(f"{source}: callback_secret_file {secret_path} is empty")
-    cfg.callback_secret = lines[0].strip()
+    return lines[0].strip()
 
 
 def load_config(path, overrides=None):
@@ -989,8 +1003,8 @@ def load_config(path, overrides=None):
         values.setdefault(key, default)
     cfg = Config(values, str(Path(path).resolve().parent))
     check_config(cfg, str(path))
-    read_callback_secret(cfg, str(path))
-    return cfg
+    secret = read_callback_secret(cfg, str(path))
+    return cfg.replace(callback_secret=secret) if secret else cfg
 
 
 # =============================================================================
@@ -1428,6 +1442,17 @@ class ClientWatch:
 
     def remove(self, task):
         self.waiting.pop(task, None)
+
+    def client_gone(self):
+        """Whether the current task was cancelled by this watch (its client went away); if so
+        the cancellation is taken back, so that the task can log the request and end."""
+        task = asyncio.current_task()
+        if task not in self.cancelled:
+            return False
+        self.cancelled.discard(task)
+        if hasattr(task, "uncancel"):
+            task.uncancel()
+        return True
 
     def _check(self):
         self.timer = None
@@ -2444,6 +2469,7 @@ def find_vmm_pid(api_socket):
     return None
 
 
+# Twin of guest_agent.signal_name: must agree on the name (exit reasons name signals in both).
 def signal_name(number):
     try:
         return signal.Signals(number).name
@@ -3867,12 +3893,15 @@ def build_request_schemas(cfg):
     }
 
 
+REQUEST_SCHEMAS = weakref.WeakKeyDictionary()      # Config -> its request schemas (request_schemas)
+
+
 def request_schemas(cfg):
     """The request bodies' schemas for this config (its bounds and defaults in them), made once."""
-    cached = getattr(cfg, "_request_schemas", None)
-    if cached is None:
-        cached = cfg._request_schemas = build_request_schemas(cfg)
-    return cached
+    schemas = REQUEST_SCHEMAS.get(cfg)
+    if schemas is None:
+        schemas = REQUEST_SCHEMAS[cfg] = build_request_schemas(cfg)
+    return schemas
 
 
 # the query parameters of the routes that take some
@@ -3940,10 +3969,15 @@ def check_network(network, cfg, require_egress=False):
     return check_schema(network, schema, "network")
 
 
+def start_spec(request):
+    """A checked start request (StartRequest) -> the spec VMManager.start takes: its deadline as expiresAt."""
+    spec = {k: v for k, v in request.items() if k not in ("ttlSeconds", "idleTimeoutSeconds")}
+    return {**spec, "expiresAt": expires_at(request["ttlSeconds"]),
+            "idleTimeoutSeconds": request["idleTimeoutSeconds"] or None}
+
+
 def validate_start_request(body, cfg):
-    spec = check_schema(body, request_schemas(cfg)["StartRequest"])
-    ttl, idle = spec.pop("ttlSeconds"), spec.pop("idleTimeoutSeconds")
-    return {**spec, "expiresAt": expires_at(ttl), "idleTimeoutSeconds": idle or None}
+    return start_spec(check_schema(body, request_schemas(cfg)["StartRequest"]))
 
 
 def parse_vm_filter(query):
@@ -3961,15 +3995,20 @@ def parse_vm_filter(query):
     return matches
 
 
-def validate_exec_request(body, cfg):
-    """Check an exec request; returns (agent request body, blocking, timeout, stream)."""
-    request = check_schema(body, request_schemas(cfg)["ExecRequest"])
+def exec_parts(request, cfg):
+    """A checked exec request (ExecRequest) -> (agent request body, blocking, timeout, stream)."""
+    request = dict(request)
     stream = request.pop("stream")
     blocking = request.pop("blocking") and not stream
     agent_body = dict(request, blocking=blocking, maxOutput=cfg.exec_output_limit_bytes)
     if stream:
         agent_body["keepaliveS"] = cfg.stream_keepalive_s
     return {k: v for k, v in agent_body.items() if v is not None}, blocking, request["timeout"], stream
+
+
+def validate_exec_request(body, cfg):
+    """Check an exec request; returns (agent request body, blocking, timeout, stream)."""
+    return exec_parts(check_schema(body, request_schemas(cfg)["ExecRequest"]), cfg)
 
 
 def validate_signal_request(body):
@@ -4359,7 +4398,7 @@ class CallbackBridge:
             self.in_flight -= 1
             self.vm.touch()              # a callback is activity (idleTimeoutSeconds)
         ok = not reply.startswith(b'{"error"')
-        self.note("callback", method=repr(method[:60]), id=callback_id, ok=ok,
+        self.note("callback", method=method[:60], id=callback_id, ok=ok,
                   ms=f"{(time.monotonic() - t0) * 1000:.1f}")
         if not self.vm.callbackUrl:
             CALLBACK_OUTCOMES["no_url"].inc()
@@ -4376,7 +4415,7 @@ class CallbackBridge:
         if allowed is None or method in allowed:
             return True
         self.count("refused_method")
-        self.note("callback refused", reason="method", method=repr(method[:60]))
+        self.note("callback refused", reason="method", method=method[:60])
         return False
 
     def publish_failure(self, method, reply):
@@ -6429,12 +6468,16 @@ class EventRelay:
 
 
 class Request:
-    """One request; dispatch() fills in path, query, args and params, a handler may name its VM."""
+    """One request; dispatch() fills in path, query, args, params and the checked body, a handler
+    may name its VM."""
 
-    def __init__(self, method, target, headers, version="HTTP/1.1"):
+    def __init__(self, method, target, headers, version="HTTP/1.1", t0=None):
         self.method, self.target, self.headers, self.version = method, target, headers, version
+        self.t0 = time.monotonic() if t0 is None else t0      # its head was read (the request log's ms)
+        self.keep_alive = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
         self.path, self.query, self.params = None, {}, {}
         self.body = None           # bytes once read (after the token was checked)
+        self.json = None           # the body as its route's schema checked it (Operation.body)
         self.args = {}             # the query checked against the route's parameters (check_query)
         self.vm_name = None        # the VM a request body names, for the request log
         self.route = "unmatched"   # the route's name (route_name), for the metrics
@@ -6516,19 +6559,23 @@ ERROR_STATUSES = {400: "bad input", 401: "missing or wrong API token", 404: "unk
                   500: "internal error", 502: "the guest agent is unreachable or misbehaved",
                   503: "no capacity (guest IPs, vsock CIDs)"}
 PATH_PARAMS = {"name": VM_NAME_SCHEMA, "exec_id": EXEC_REF_SCHEMA}
+BODY_NAMES = {"NetworkRequest": "network"}     # errors name its fields as a start request's: network.allowOut
 
 
 class Operation:
     """One method of a route: its handler and what the API description says of it. `ok`: the
     200 answer, {media type: schema name, list of names (any of them) or None (text)};
     `body`: the request body's schema (a name in request_schemas); `query`: the query
-    parameters' schemas (dispatch checks them: check_query); `errors`: the statuses it
-    answers besides those every route may (400 for bad parameters, 401, 404 for an unknown
-    VM, 500); `public`: no API token needed. The summary is the handler's docstring."""
+    parameters' schemas (dispatch checks them: check_query, and the body: check_schema);
+    `errors`: the statuses it answers besides those every route may (400 for bad parameters,
+    401, 404 for an unknown VM, 500); `public`: no API token needed; `abandonable`: a client
+    that goes away cancels the handler (agent calls only: abandoning them leaves nothing half
+    done, a VM start would). The summary is the handler's docstring."""
 
-    def __init__(self, handler, ok, body=None, query=None, errors=(), public=False):
+    def __init__(self, handler, ok, body=None, query=None, errors=(), public=False, abandonable=False):
         self.handler, self.ok, self.body, self.query = handler, ok, body, query or {}
-        self.errors, self.public = errors, public
+        self.errors, self.public, self.abandonable = errors, public, abandonable
+        self.body_name = BODY_NAMES.get(body, "")
 
     def describe(self, path_params, cfg):
         """This operation as an OpenAPI Operation Object."""
@@ -6591,7 +6638,7 @@ def openapi_document(cfg, routes):
 
 
 class RestServer:
-    """HTTP/1.1 keep-alive server for the API of contract section 1."""
+    """HTTP/1.1 keep-alive server for the API README's "REST API" describes."""
 
     def __init__(self, cfg, manager):
         self.cfg, self.manager = cfg, manager
@@ -6602,26 +6649,26 @@ class RestServer:
         self.stopping = False          # stop() was called
         self.bodies = BodyBudget(cfg.request_body_buffer_bytes)
         self.linger_budget = TokenBucket(self.LINGER_BYTES_PER_S, self.LINGER_BYTES_PER_S)
-        # agent calls only: abandoning them leaves nothing half done (a VM start would)
-        # (a stream's relay runs after its handler returned: a client leaving never ends an exec)
-        self.abandonable = {self.exec, self.exec_status, self.exec_kill, self.exec_list, self.exec_kill_all,
-                            self.exec_signal, self.exec_stdin, self.exec_stream, self.stats, self.events}
-        op, agent = Operation, (409, 502)       # an exec route: the VM not running, its agent failing
+        self.schemas = request_schemas(cfg)
+        op = Operation
+        # an agent call: 409 (the VM not running), 502 (its agent failing); a client leaving cancels
+        # it (never the exec: a stream's relay runs after its handler returned)
+        agent = {"errors": (409, 502), "abandonable": True}
         stream = {NDJSON: "StreamEvent", SSE: "StreamEvent"}
         self.routes = [      # no path matches two patterns: the busiest routes come first
             (re.compile(r"^/v1/vms/(?P<name>[^/]+)/exec$"), {
-                "POST": op(self.exec, {JSON: ["ExecResult", "ExecStarted"], **stream}, body="ExecRequest", errors=agent),
-                "GET": op(self.exec_list, {JSON: "ExecList"}, errors=agent),
-                "DELETE": op(self.exec_kill_all, {JSON: "ExecsKilled"}, query=KILL_QUERY, errors=agent)}),
+                "POST": op(self.exec, {JSON: ["ExecResult", "ExecStarted"], **stream}, body="ExecRequest", **agent),
+                "GET": op(self.exec_list, {JSON: "ExecList"}, **agent),
+                "DELETE": op(self.exec_kill_all, {JSON: "ExecsKilled"}, query=KILL_QUERY, **agent)}),
             (re.compile(r"^/v1/vms/(?P<name>[^/]+)/exec/(?P<exec_id>[^/]+)$"), {
-                "GET": op(self.exec_status, {JSON: "ExecResult"}, errors=agent),
-                "DELETE": op(self.exec_kill, {JSON: "ExecResult"}, query=KILL_QUERY, errors=agent)}),
+                "GET": op(self.exec_status, {JSON: "ExecResult"}, **agent),
+                "DELETE": op(self.exec_kill, {JSON: "ExecResult"}, query=KILL_QUERY, **agent)}),
             (re.compile(r"^/v1/vms/(?P<name>[^/]+)/exec/(?P<exec_id>[^/]+)/stream$"), {
-                "GET": op(self.exec_stream, stream, query=STREAM_QUERY, errors=agent)}),
+                "GET": op(self.exec_stream, stream, query=STREAM_QUERY, **agent)}),
             (re.compile(r"^/v1/vms/(?P<name>[^/]+)/exec/(?P<exec_id>[^/]+)/signal$"), {
-                "POST": op(self.exec_signal, {JSON: "SignalSent"}, body="SignalRequest", errors=agent)}),
+                "POST": op(self.exec_signal, {JSON: "SignalSent"}, body="SignalRequest", **agent)}),
             (re.compile(r"^/v1/vms/(?P<name>[^/]+)/exec/(?P<exec_id>[^/]+)/stdin$"), {
-                "POST": op(self.exec_stdin, {JSON: "StdinWritten"}, body="StdinRequest", errors=agent)}),
+                "POST": op(self.exec_stdin, {JSON: "StdinWritten"}, body="StdinRequest", **agent)}),
             (re.compile(r"^/v1/health$"), {"GET": op(self.health, {JSON: "Health"}, public=True)}),
             (re.compile(r"^/v1/vms$"), {
                 "GET": op(self.list_vms, {JSON: "VmList"}, query=VM_FILTER_QUERY),
@@ -6634,9 +6681,10 @@ class RestServer:
                 "PUT": op(self.set_ttl, {JSON: "VM"}, body="TtlRequest", errors=(409,))}),
             (re.compile(r"^/v1/vms/(?P<name>[^/]+)/network$"), {
                 "PUT": op(self.put_network, {JSON: "VM"}, body="NetworkRequest", errors=(409,))}),
-            (re.compile(r"^/v1/vms/(?P<name>[^/]+)/stats$"), {"GET": op(self.stats, {JSON: "Stats"}, errors=agent)}),
+            (re.compile(r"^/v1/vms/(?P<name>[^/]+)/stats$"), {"GET": op(self.stats, {JSON: "Stats"}, **agent)}),
             (re.compile(r"^/v1/metrics$"), {"GET": op(self.metrics, {Registry.CONTENT_TYPE: None})}),
-            (re.compile(r"^/v1/events$"), {"GET": op(self.events, {JSON: "Events"}, query=EVENTS_QUERY)}),
+            (re.compile(r"^/v1/events$"), {
+                "GET": op(self.events, {JSON: "Events"}, query=EVENTS_QUERY, abandonable=True)}),
             (re.compile(r"^/v1/failed-starts$"), {"GET": op(self.failed_starts, {JSON: "FailedStarts"})}),
             (re.compile(r"^/v1/openapi\.json$"), {"GET": op(self.openapi, {JSON: "OpenApi"}, public=True)}),
         ]
@@ -6690,20 +6738,39 @@ class RestServer:
         Before the API token is checked only the head is read (bounded: MAX_HEAD bytes,
         MAX_HEAD_LINES header lines, REQUEST_LINE_MAX for the request line); the body is read
         after it, within the host-wide BodyBudget."""
-        try:   # a new connection must send its head soon; a keep-alive one may idle longer
+        request = await self.read_request_head(reader, writer, first)
+        if request is None:
+            return False
+        answer = await self.answer(request, reader, writer)
+        if answer is None:             # the client went away while it was handled (499)
+            return False
+        status, payload, ctype = answer
+        if not await self.send_answer(request, writer, status, payload, ctype):
+            return False
+        self.log_and_count(request, status)
+        if (request.body is None and status != 408
+                and "100-continue" not in request.headers.get("expect", "").lower()):
+            await self.drop_refused_body(reader, writer, request.headers, status)
+        return request.keep_alive
+
+    async def read_request_head(self, reader, writer, first):
+        """The next request's head as a Request; None when the connection ends: closed, silent
+        too long (a new connection must send its head soon; a keep-alive one may idle longer)
+        or a head refused (400, 414, 431: answered here)."""
+        try:
             head = await within(self.cfg.http_head_timeout_s if first else self.cfg.http_idle_timeout_s,
                                 read_head(reader, MAX_HEAD_LINES))
         except asyncio.TimeoutError:
-            return False
+            return None
         except HttpError as e:
             if self.stopping:          # stop() closed the connection under it
-                return False
+                return None
             status = 431 if isinstance(e, HeadTooLarge) else 400
             writer.write(build_response(status, json_bytes({"error": str(e)}), keep_alive=False))
             log("request refused", status=status, error=str(e))
-            return False
+            return None
         if head is None:
-            return False
+            return None
         t0 = time.monotonic()
         start_line, headers = head
         try:
@@ -6711,62 +6778,71 @@ class RestServer:
         except ApiError as e:
             writer.write(build_response(e.status, json_bytes(e.body()), keep_alive=False))
             log("request refused", status=e.status, error=str(e), line=start_line[:200])
-            return False
-        keep_alive = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
-        request = Request(method, target, headers, version)
+            return None
+        return Request(method, target, headers, version, t0)
+
+    async def answer(self, request, reader, writer):
+        """(status, payload, content type) for a request whose head was read: its token checked,
+        its body read within the body budget (given back once answered), its route's handler
+        run; None when the client went away meanwhile (logged as 499). A request refused before
+        its body was read closes the connection (request.keep_alive)."""
         body_size = 0          # taken from the body budget
         try:
             self.check_token(request)
-            body_size = self.bodies.take(self.request_body_size(headers))
-            request.body = await self.read_request_body(reader, writer, headers, body_size)
-            status, payload, ctype = await self.dispatch(request, reader)
+            body_size = self.bodies.take(self.request_body_size(request.headers))
+            request.body = await self.read_request_body(reader, writer, request.headers, body_size)
+            return await self.dispatch(request, reader)
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task not in self.client_watch.cancelled:
+            if not self.client_watch.client_gone():
                 raise
-            self.client_watch.cancelled.discard(task)
-            if hasattr(task, "uncancel"):
-                task.uncancel()
-            log_request(method, target, 499, t0, request.vm_name)       # nginx's "client closed request"
-            count_request(request.route, method, 499)
-            return False
+            self.log_and_count(request, 499)       # nginx's "client closed request"
+            return None
         except ApiError as e:
-            status, payload, ctype = e.status, json_bytes(e.body()), "application/json"
             if request.body is None:      # refused before its body was read: the stream is out of step
-                keep_alive = False
+                request.keep_alive = False
+            return e.status, json_bytes(e.body()), "application/json"
         except Exception as e:   # never a traceback in a response
             import traceback
             log("internal error", traceback=traceback.format_exc())
-            status, payload, ctype = 500, json_bytes({"error": f"internal error: {type(e).__name__}: {e}"}), "application/json"
+            return 500, json_bytes({"error": f"internal error: {type(e).__name__}: {e}"}), "application/json"
         finally:
             self.bodies.give_back(body_size)
             if request.body:
                 request.body = b""     # its bytes are no longer counted: no longer held either
+
+    async def send_answer(self, request, writer, status, payload, ctype):
+        """Write the answer (an exec stream relayed to its end; request.keep_alive says after it
+        whether the connection may be kept); False when it could not be delivered (the
+        connection is dropped): a client that does not read its answer must not hold the
+        connection and buffer forever."""
         extra = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-        try:     # a client that does not read its answer must not hold the connection and buffer forever
+        timeout = self.cfg.http_body_timeout_s
+        try:
             if isinstance(payload, EventRelay):
                 self.relays.add(payload)
                 try:
-                    keep_alive = await payload.send(writer, keep_alive, self.cfg.http_body_timeout_s)
+                    request.keep_alive = await payload.send(writer, request.keep_alive, timeout)
                 finally:
                     self.relays.discard(payload)
             elif isinstance(payload, BodyStream):
-                writer.write(build_head(status, payload.length, ctype, keep_alive, extra))
-                await payload.copy_to(writer, self.cfg.http_body_timeout_s)
+                writer.write(build_head(status, payload.length, ctype, request.keep_alive, extra))
+                await payload.copy_to(writer, timeout)
             else:
-                writer.write(build_response(status, payload, ctype, keep_alive, extra))
+                writer.write(build_response(status, payload, ctype, request.keep_alive, extra))
                 if writer.transport.get_write_buffer_size():     # else drain() has nothing to wait for
-                    await within(self.cfg.http_body_timeout_s, writer.drain())
+                    await within(timeout, writer.drain())
         except (asyncio.TimeoutError, HttpError, OSError, asyncio.IncompleteReadError) as e:
-            log("answer not delivered; connection dropped", path=target.split("?")[0][:200],
+            log("answer not delivered; connection dropped", path=request.target.split("?")[0][:200],
                 error=repr(str(e) or type(e).__name__))
             writer.transport.abort()
             return False
-        log_request(method, target, status, t0, request.vm_name)
-        count_request(request.route, method, status)
-        if request.body is None and status != 408 and "100-continue" not in headers.get("expect", "").lower():
-            await self.drop_refused_body(reader, writer, headers, status)
-        return keep_alive
+        return True
+
+    @staticmethod
+    def log_and_count(request, status):
+        """The request's line in the request log, and its count in the metrics."""
+        log_request(request.method, request.target, status, request.t0, request.vm_name)
+        count_request(request.route, request.method, status)
 
     LINGER_BYTES, LINGER_S = 64 * 1024, 1.0       # what is read and dropped of a body refused unread
     LINGER_BYTES_PER_S = 4 * 1024 * 1024           # ... by all connections together
@@ -6824,7 +6900,27 @@ class RestServer:
             remaining -= len(chunk)
 
     async def dispatch(self, request, reader=None):
-        method = request.method
+        """The answer (status, payload, content type) of the operation the request's path and
+        method name, once its path parameters, query and body are checked (ApiError)."""
+        operation, query = self.find_operation(request)
+        self.check_input(request, operation, query)
+        if reader is None or not operation.abandonable:
+            result = await operation.handler(request)
+        else:
+            watched = self.client_watch.add(reader)
+            try:
+                result = await operation.handler(request)
+            finally:
+                self.client_watch.remove(watched)
+        if isinstance(result, tuple):
+            return result
+        if isinstance(result, EventRelay):
+            return 200, result, result.content_type
+        return 200, result if isinstance(result, (bytes, BodyStream)) else json_bytes(result), "application/json"
+
+    def find_operation(self, request):
+        """The Operation of the request's path and method (ApiError 404, 405) and the query's
+        text; the request's route, path and path parameters filled in."""
         split = urllib.parse.urlsplit(request.target)
         path = split.path
         for pattern, methods in self.routes:
@@ -6832,32 +6928,26 @@ class RestServer:
             if not m:
                 continue
             request.route = self.route_names[pattern]
-            operation = methods.get(method)
+            operation = methods.get(request.method)
             if operation is None:
-                raise ApiError(405, f"method {method} not allowed on {path} (allowed: {', '.join(methods)})")
-            handler = operation.handler
+                raise ApiError(405, f"method {request.method} not allowed on {path} (allowed: {', '.join(methods)})")
             request.path, request.params = path, {k: urllib.parse.unquote(v) for k, v in m.groupdict().items()}
-            if "name" in request.params:
-                check_vm_name(request.params["name"])
-            if "exec_id" in request.params:
-                check_exec_id(request.params["exec_id"])
-            if split.query:
-                request.query = parse_query(split.query)
-            request.args = check_query(request.query, operation.query)
-            if reader is None or handler not in self.abandonable:
-                result = await handler(request)
-            else:
-                watched = self.client_watch.add(reader)
-                try:
-                    result = await handler(request)
-                finally:
-                    self.client_watch.remove(watched)
-            if isinstance(result, tuple):
-                return result
-            if isinstance(result, EventRelay):
-                return 200, result, result.content_type
-            return 200, result if isinstance(result, (bytes, BodyStream)) else json_bytes(result), "application/json"
+            return operation, split.query
         raise ApiError(404, f"no route {path}")
+
+    def check_input(self, request, operation, query):
+        """Path parameters, then the query (request.args), then the body (request.json) checked
+        against the operation's schemas: every handler gets its input checked the same way."""
+        if "name" in request.params:
+            check_vm_name(request.params["name"])
+        if "exec_id" in request.params:
+            check_exec_id(request.params["exec_id"])
+        if query:
+            request.query = parse_query(query)
+        request.args = check_query(request.query, operation.query)
+        if operation.body:
+            request.json = check_schema(parse_json_body(request.body), self.schemas[operation.body],
+                                        operation.body_name)
 
     def check_token(self, request):
         """ApiError 401 unless the request carries the API token or is for a public path (health,
@@ -6886,7 +6976,7 @@ class RestServer:
 
     async def start_vm(self, req):
         """Start a VM; answers once its guest agent answers"""
-        spec = validate_start_request(parse_json_body(req.body), self.cfg)
+        spec = start_spec(req.json)
         req.vm_name = spec["vmName"]
         vm = await self.manager.starter.start(spec)
         return vm.api()
@@ -6897,8 +6987,7 @@ class RestServer:
 
     async def put_network(self, req):
         """Change a running VM's egress policy"""
-        policy = check_network(parse_json_body(req.body), self.cfg, require_egress=True)
-        return (await self.manager.egress.set(req.params["name"], policy)).api()
+        return (await self.manager.egress.set(req.params["name"], req.json)).api()
 
     async def destroy_vm(self, req):
         """Destroy a VM"""
@@ -6911,12 +7000,11 @@ class RestServer:
 
     async def set_ttl(self, req):
         """Set, extend or clear a VM's TTL (from now)"""
-        body = check_schema(parse_json_body(req.body), request_schemas(self.cfg)["TtlRequest"])
-        return self.manager.deadlines.set_ttl(req.params["name"], body["ttlSeconds"]).api()
+        return self.manager.deadlines.set_ttl(req.params["name"], req.json["ttlSeconds"]).api()
 
     async def exec(self, req):
         """Run a command in a VM: blocking, in the background, or streamed"""
-        agent_body, blocking, timeout, stream = validate_exec_request(parse_json_body(req.body), self.cfg)
+        agent_body, blocking, timeout, stream = exec_parts(req.json, self.cfg)
         answer = await self.manager.execs.exec(req.params["name"], agent_body, blocking, timeout, stream)
         return self.relay(req, answer) if stream else answer
 
@@ -6951,13 +7039,11 @@ class RestServer:
 
     async def exec_signal(self, req):
         """Send a signal to every process of an exec"""
-        body = validate_signal_request(parse_json_body(req.body))
-        return await self.manager.execs.signal(req.params["name"], req.params["exec_id"], body)
+        return await self.manager.execs.signal(req.params["name"], req.params["exec_id"], req.json)
 
     async def exec_stdin(self, req):
         """Write to (or close) an exec's stdin pipe"""
-        body = validate_stdin_request(parse_json_body(req.body))
-        return await self.manager.execs.stdin(req.params["name"], req.params["exec_id"], body)
+        return await self.manager.execs.stdin(req.params["name"], req.params["exec_id"], req.json)
 
     async def logs(self, req):
         """The tail of a VM's serial console"""
@@ -7079,7 +7165,7 @@ async def serve(cfg):
         banner = "!" * 78
         log(f"\n{banner}\nWARNING: serving on {cfg.host} WITHOUT api_token: anyone who can reach this port "
             f"can run commands in every VM.\nSet api_token in the config.\n{banner}")
-    cfg.chv_bin = resolve_chv_bin(cfg)
+    cfg = cfg.replace(chv_bin=resolve_chv_bin(cfg))
     missing = missing_images(cfg)
     if missing:
         log("WARNING: guest images missing (run `make images`): " + ", ".join(missing))
@@ -7414,7 +7500,7 @@ class Selftest:
                         detail=f"{len(problems)} problem(s)" if problems else "/dev/kvm, chv_bin, root, tools",
                         hint="; ".join(problems))
         try:
-            self.cfg.chv_bin = resolve_chv_bin(self.cfg)
+            self.cfg = self.cfg.replace(chv_bin=resolve_chv_bin(self.cfg))
         except CommandError:
             self.blocked = "no usable chv_bin (see preflight)"
 

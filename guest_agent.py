@@ -198,7 +198,7 @@ RESTART_DELAY_MAX_S = 5.0
 RESTART_RESET_AFTER_S = 30.0         # a server that lived this long restarts fast
 
 
-# Twin of cbox.py's log() (each file stays standalone).
+# Twin of cbox.log: must agree on the shape of a line on stderr: "<program>: message".
 def log(message):
     """Write one line to stderr (the serial console in a VM)."""
     try:
@@ -230,7 +230,7 @@ def log_later(message):
         _log_queue.put(message)
 
 
-# Twin of cbox.py's fmt_seconds() (each file stays standalone); whole seconds never in e-notation here.
+# Twin of cbox.fmt_seconds: must agree on the text (timeouts in messages users read come from both).
 def fmt_seconds(seconds):
     """5 -> '5s', 0.5 -> '0.5s'."""
     seconds = float(seconds)
@@ -538,7 +538,7 @@ if __name__ == "__main__":
 '''
 
 
-# Twin of cbox.py's write_atomically() (each file stays standalone).
+# Twin of cbox.write_atomically: must agree that a reader sees the old file or the whole new one.
 def write_atomically(path, text, mode):
     """Replace path with text and permission bits mode; readers never see a partial file."""
     tmp = f"{path}.tmp{os.getpid()}"
@@ -1227,6 +1227,7 @@ def utc_timestamp(epoch):
 LOG_EXECS_OVER_S = 1.0      # blocking execs that end normally are logged only from this long
 
 
+# Twin of cbox.signal_name: must agree on the name (exit reasons name signals in both).
 def signal_name(number):
     try:
         return signal.Signals(number).name

@@ -975,11 +975,12 @@ def load(path, name):
     return module
 
 async def per_request_us(m, config, n, events):
-    cfg = m.load_config(config)
-    cfg.state_dir = cfg.run_dir = tempfile.mkdtemp(prefix="cbox-probe-")     # a record may be written there
+    probe_dir = tempfile.mkdtemp(prefix="cbox-probe-")     # a record may be written there
+    overrides = {"state_dir": probe_dir, "run_dir": probe_dir}
     if events:
-        cfg.events_url = f"http://127.0.0.1:{receiver_port}/events"
-        cfg.events_batch = events
+        overrides.update(events_url=f"http://127.0.0.1:{receiver_port}/events", events_batch=events)
+    cfg = m.load_config(config, overrides)     # the config is read-only once loaded
+    if events:
         sender = m.EventSender(cfg)
         m.EVENTS.sinks.append(sender.put)
     class Agent:

@@ -172,6 +172,24 @@ def test_semantic_checks(tmp_path):
         cbox.load_config(write_config(tmp_path, ["pool_size: -1"]))
 
 
+def test_config_is_read_only_once_loaded(tmp_path):
+    """Nothing sets or caches on a loaded config: a change is a copy (replace), and what is
+    derived from it (the request schemas) is kept beside it, made once."""
+    cfg = cbox.load_config(write_config(tmp_path, ["max_vcpus: 3"]))
+    keys = set(vars(cfg))
+    with pytest.raises(AttributeError, match="read-only"):
+        cfg.chv_bin = "/bin/true"
+    with pytest.raises(AttributeError, match="read-only"):
+        del cfg.port
+    schemas = cbox.request_schemas(cfg)
+    assert cbox.request_schemas(cfg) is schemas and set(vars(cfg)) == keys
+    assert schemas["StartRequest"]["properties"]["vcpus"]["maximum"] == 3
+    changed = cfg.replace(chv_bin="/bin/true", max_vcpus=5)
+    assert (changed.chv_bin, changed.max_vcpus, changed.base_dir) == ("/bin/true", 5, cfg.base_dir)
+    assert cfg.chv_bin != "/bin/true" and cfg.max_vcpus == 3
+    assert cbox.request_schemas(changed)["StartRequest"]["properties"]["vcpus"]["maximum"] == 5
+
+
 # ---- allocators ------------------------------------------------------------------
 
 def test_ip_allocator_skips_bridge_and_reuses_freed():
@@ -661,3 +679,47 @@ def test_bodies_refused_unread_are_drained_within_a_host_wide_budget(tmp_path):
 
     assert asyncio.run(drained(server.LINGER_BYTES_PER_S)) == server.LINGER_BYTES
     assert asyncio.run(drained(0)) == 0
+
+
+# ---- twins: functions cbox.py and guest_agent.py each keep (both files stay standalone) ----
+
+def test_fmt_seconds_twins_agree():
+    import guest_agent
+    for seconds in (0, 0.001, 0.5, 1, 2.5, 30, 30.0, 3600.0, 1e6, 123456789, 1.5e7, 86400 * 365):
+        assert cbox.fmt_seconds(seconds) == guest_agent.fmt_seconds(seconds), seconds
+    assert cbox.fmt_seconds(1e6) == "1000000s" and cbox.fmt_seconds(0.25) == "0.25s"
+
+
+def test_signal_name_twins_agree():
+    import guest_agent
+    for number in [*range(-1, 70), 999]:
+        assert cbox.signal_name(number) == guest_agent.signal_name(number), number
+    assert cbox.signal_name(9) == "SIGKILL" and cbox.signal_name(999) == "signal 999"
+
+
+def test_write_atomically_twins_replace_through_a_temporary_beside_the_file(tmp_path, monkeypatch):
+    """A reader sees the old file or the whole new one: both write a temporary in the same
+    directory (same filesystem) and rename it over the file; nothing else is left."""
+    import guest_agent
+    renames = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (renames.append((Path(src), Path(dst))),
+                                                         real_replace(src, dst))[1])
+    host, guest = tmp_path / "host.json", tmp_path / "guest.json"
+    for path in (host, guest):
+        path.write_text("old")
+    cbox.write_atomically(host, b"new text")
+    guest_agent.write_atomically(str(guest), "new text", 0o644)
+    assert host.read_text() == guest.read_text() == "new text"
+    assert [dst for _, dst in renames] == [host, guest]
+    assert all(src.parent == dst.parent and src != dst for src, dst in renames)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["guest.json", "host.json"]
+
+
+def test_log_twins_write_lines_of_one_shape(capfd):
+    import guest_agent
+    cbox.log("twin check", a=1)
+    guest_agent.log("twin check")
+    lines = capfd.readouterr().err.splitlines(keepends=True)
+    assert re.fullmatch(r"\d\d:\d\d:\d\d\.\d{3} cbox: twin check a=1\n", lines[0])
+    assert lines[1] == "cbox-agent: twin check\n"
