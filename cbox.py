@@ -6910,6 +6910,8 @@ class ExecStream:
     PAUSES_S = (0.1, 0.3, 1.0, 2.0, 3.0)        # before each re-attach in a row (the last repeats)
 
     def __init__(self, vm, open_first, reattach, ref=None, since=0):
+        """open_first: ((method, path), a function opening the first request), or None to
+        attach with GET .../stream."""
         self.vm, self.open_first, self.reattach = vm, open_first, reattach
         self.ref, self.since = ref, since
         self.exec_id, self.result = None, None
@@ -6947,14 +6949,15 @@ class ExecStream:
 
     def connect(self):
         if self.open_first is not None:
-            opener, self.open_first = self.open_first, None
+            (method, path), opener = self.open_first
+            self.open_first = None
             self.conn, self.resp = opener()
         else:
-            self.conn, self.resp = self.vm.client.open(
-                "GET", vm_path(self.vm.name, exec_path(self.exec_id or self.ref, "/stream")),
-                query=[("since", self.since)], headers={"Accept": NDJSON})
+            method, path = "GET", vm_path(self.vm.name, exec_path(self.exec_id or self.ref, "/stream"))
+            self.conn, self.resp = self.vm.client.open(method, path, query=[("since", self.since)],
+                                                       headers={"Accept": NDJSON})
         if self.resp.status != 200:
-            error = client_error(self.resp.status, self.resp.read(), "GET", vm_path(self.vm.name))
+            error = client_error(self.resp.status, self.resp.read(), method, path)
             self.hang_up()
             raise error
 
@@ -7072,8 +7075,8 @@ class ClientVM:
         """POST /v1/vms/{name}/exec with "stream": true: an ExecStream, iterating the exec's
         events as they come (start, stdout, stderr, dropped, exit), re-attached after a broken
         connection from the first event not yet seen; its `result` after the exit event."""
-        body = dict(exec_body(command, **options), stream=True)
-        return ExecStream(self, lambda: self.client.open("POST", vm_path(self.name, "/exec"), body), reattach,
+        body, path = dict(exec_body(command, **options), stream=True), vm_path(self.name, "/exec")
+        return ExecStream(self, (("POST", path), lambda: self.client.open("POST", path, body)), reattach,
                           ref=body.get("tag"))
 
     def attach(self, exec_ref, since=0, reattach=5):

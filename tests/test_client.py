@@ -5,7 +5,6 @@ The test's own thread enters that namespace for the test (entered()), so the cli
 sockets and the CallbackServer's listener are made in it, as a program on that host would.
 """
 import contextlib
-import ctypes
 import json
 import os
 import re
@@ -19,34 +18,12 @@ import pytest
 
 import cbox
 from conftest import REPO
+import nsutil
 from procutil import wait_for
 
-CLONE_NEWNET = 0x40000000
-LIBC = ctypes.CDLL(None, use_errno=True)
-
-
-def setns(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if LIBC.setns(fd, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns {path}")
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
 def entered(ns_name):
-    """This thread in the network namespace `ns_name` (threads it starts too), then back."""
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        setns(f"/run/netns/{ns_name}")
-        try:
-            yield
-        finally:
-            if LIBC.setns(own, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns back to the test's own namespace")
-    finally:
-        os.close(own)
+    """This thread in the test's network namespace (threads it starts too), then back."""
+    return nsutil.entered(f"/run/netns/{ns_name}")
 
 
 @pytest.fixture
@@ -148,7 +125,7 @@ def test_every_route_through_the_client(client):
     assert vm.exec("wc -c", stdin=b"12345").stdout.strip() == "5"
 
     # a background exec fed through stdin, by its tag
-    bg = vm.exec(["sh", "-c", "read line; echo got $line"], blocking=False, stdin="pipe", tag="reader")
+    bg = vm.exec(["sh", "-c", "while read line; do echo got $line; done"], blocking=False, stdin="pipe", tag="reader")
     assert bg.running and bg.exec_id
     assert vm.stdin("reader", "hello\n") == 6
     assert vm.stdin("reader", eof=True) == 0
@@ -236,6 +213,12 @@ def test_errors_are_exceptions_with_status_message_and_stop_reason(client):
     assert e.value.status == 400
     with pytest.raises(TypeError):
         vm.exec(42)
+    with pytest.raises(cbox.ClientError) as e:
+        list(client.vm("nosuch").stream("true"))
+    assert (e.value.status, e.value.method, e.value.path) == (404, "POST", "/v1/vms/nosuch/exec")
+    with pytest.raises(cbox.ClientError) as e:
+        list(vm.attach("nosuchexec"))
+    assert (e.value.status, e.value.method) == (404, "GET") and e.value.path.endswith("/exec/nosuchexec/stream")
     # a VM its deadline ended: 404 with the tombstone's stopReason
     vm.set_ttl(1)
     def gone():
