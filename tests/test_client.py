@@ -389,6 +389,15 @@ def test_seen_ids_forget_only_outside_the_window():
     assert seen.first_time("a", now=22)                       # the limit pushed out the oldest
 
 
+def test_the_readme_from_python_example_runs_as_it_is(client, capsys):
+    block = re.search(r"<!-- from-python:[^>]*-->\n```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    assert block, "README lost its from-python block"
+    exec(compile(block.group(1), "README.md (From Python)", "exec"), {})
+    assert capsys.readouterr().out == ('0 hello from demo\nlive: 1\nlive: 2\nlive: 3\n'
+                                       '{"user": "ada", "uid": 1000}\n')
+    assert client.list() == []
+
+
 # ---- import ------------------------------------------------------------------------------
 
 def test_import_cbox_has_no_side_effects(tmp_path):
