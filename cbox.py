@@ -6909,10 +6909,10 @@ class ExecStream:
 
     PAUSES_S = (0.1, 0.3, 1.0, 2.0, 3.0)        # before each re-attach in a row (the last repeats)
 
-    def __init__(self, vm, open_first, reattach, ref=None, since=0):
+    def __init__(self, vm, open_first, reattach, ref=None, since=0, on_reattach=None):
         """open_first: ((method, path), a function opening the first request), or None to
-        attach with GET .../stream."""
-        self.vm, self.open_first, self.reattach = vm, open_first, reattach
+        attach with GET .../stream; on_reattach(problem) is called before each re-attach."""
+        self.vm, self.open_first, self.reattach, self.on_reattach = vm, open_first, reattach, on_reattach
         self.ref, self.since = ref, since
         self.exec_id, self.result = None, None
         self.conn = self.resp = None
@@ -6985,6 +6985,11 @@ class ExecStream:
                             return
                 except ServerUnreachable as e:
                     problem = str(e)
+                except TimeoutError:      # quiet for the client's timeout (a dead connection?): look again
+                    self.hang_up()
+                    if self.exec_id or self.ref:
+                        continue          # not a failure: a quiet command may outlast any timeout
+                    problem = f"no event within {fmt_seconds(self.vm.client.timeout)}"
                 except (OSError, http.client.HTTPException, ValueError) as e:
                     problem = f"the stream broke: {e or type(e).__name__}"
                 finally:
@@ -7000,6 +7005,8 @@ class ExecStream:
         if self.failures >= self.reattach:
             raise StreamBroken(None, f"{problem} ({self.failures} re-attaches in a row failed)", "GET",
                                vm_path(self.vm.name, exec_path(self.exec_id or self.ref, "/stream")))
+        if self.on_reattach:
+            self.on_reattach(problem)
         time.sleep(self.PAUSES_S[min(self.failures, len(self.PAUSES_S) - 1)])
         self.failures += 1
 
@@ -7071,18 +7078,20 @@ class ClientVM:
         wait = (body.get("timeout") or self.client.START_WAIT_S) if blocking else 0
         return ExecResult(self.call("POST", "/exec", body, timeout=self.client.timeout + wait))
 
-    def stream(self, command, reattach=5, **options):
+    def stream(self, command, reattach=5, on_reattach=None, **options):
         """POST /v1/vms/{name}/exec with "stream": true: an ExecStream, iterating the exec's
         events as they come (start, stdout, stderr, dropped, exit), re-attached after a broken
-        connection from the first event not yet seen; its `result` after the exit event."""
+        connection from the first event not yet seen (on_reattach(problem) is told first); its
+        `result` after the exit event. A command quiet for longer than the client's timeout
+        is looked at again on a new connection, which is not counted as a failure."""
         body, path = dict(exec_body(command, **options), stream=True), vm_path(self.name, "/exec")
         return ExecStream(self, (("POST", path), lambda: self.client.open("POST", path, body)), reattach,
-                          ref=body.get("tag"))
+                          ref=body.get("tag"), on_reattach=on_reattach)
 
-    def attach(self, exec_ref, since=0, reattach=5):
+    def attach(self, exec_ref, since=0, reattach=5, on_reattach=None):
         """GET /v1/vms/{name}/exec/{id}/stream: an ExecStream of a running or finished exec (its
         execId or tag) from event `since`."""
-        return ExecStream(self, None, reattach, ref=exec_ref, since=since)
+        return ExecStream(self, None, reattach, ref=exec_ref, since=since, on_reattach=on_reattach)
 
     def execs(self):
         """GET /v1/vms/{name}/exec: the running and recently finished execs."""

@@ -283,19 +283,29 @@ def test_keep_alive_and_a_kept_connection_that_broke(client, proxy, monkeypatch)
 def test_stream_reattaches_after_a_broken_connection_losing_nothing(client, proxy):
     vm = client.start("streamer")
     via_proxy = cbox.Client(proxy.url).vm("streamer")
-    stream = via_proxy.stream("for i in $(seq 1 60); do echo line$i; sleep 0.02; done; echo done >&2")
+    problems = []
+    stream = via_proxy.stream("for i in $(seq 1 60); do echo line$i; sleep 0.02; done; echo done >&2",
+                              on_reattach=problems.append)
     seen, cuts = [], 0
     for event in stream:
         seen.append(event)
         if event["type"] == "stdout" and cuts < 3 and event["seq"] >= 10 * (cuts + 1):
             proxy.cut()
             cuts += 1
-    assert cuts == 3 and proxy.connections >= 4, "the stream was not cut and re-attached"
+    assert cuts == 3 and proxy.connections >= 4 and len(problems) == 3, "the stream was not cut and re-attached"
     seqs = [e["seq"] for e in seen]
     assert seqs == list(range(len(seen))), "an event was lost or repeated"
     stdout = "".join(e["data"] for e in seen if e["type"] == "stdout")
     assert stdout == "".join(f"line{i}\n" for i in range(1, 61))
     assert seen[-1]["type"] == "exit" and stream.result.exit_code == 0 and stream.result.stderr == "done\n"
+    vm.destroy()
+
+
+def test_a_quiet_command_outlasts_the_client_timeout(client):
+    vm = client.start("quiet")
+    quick = cbox.Client(client.url, timeout=0.5)
+    events = list(quick.vm("quiet").stream("sleep 3; echo late", reattach=1))   # ~6 quiet timeouts
+    assert [e["type"] for e in events] == ["start", "stdout", "exit"] and events[1]["data"] == "late\n"
     vm.destroy()
 
 
