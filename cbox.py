@@ -48,9 +48,14 @@ through one escape, log_text. Sections, in order; each uses only what comes befo
                      (request head, query, the host-wide body budget), request log; the
                      API description made from them (openapi_document); EventRelay:
                      exec event streams to the client (NDJSON or SSE, chunked)
- 13. Serve           `serve`: preflight checks, systemd notifications, the server's life
- 14. Selftest        `selftest`: a new host's end-to-end check
- 15. CLI             a small client: `health`, `vm start|ls|rm|logs|network|ttl|failures`,
+ 13. Python client   Client: the REST API for programs (synchronous, keep-alive), VM
+                     objects with every route under /v1/vms/{name}, ExecStream (events,
+                     re-attached with `since` after a broken connection), ClientError;
+                     CallbackServer: a threaded receiver of callbacks for a user's
+                     program, checking signature, replay window and replayed ids
+ 14. Serve           `serve`: preflight checks, systemd notifications, the server's life
+ 15. Selftest        `selftest`: a new host's end-to-end check
+ 16. CLI             a small client: `health`, `vm start|ls|rm|logs|network|ttl|failures`,
                      `exec`; `openapi` prints the API description; `--version`
 
 README.md is the contract users rely on (the REST API, config keys, behaviour, figures):
@@ -7087,7 +7092,685 @@ class RestServer:
 
 
 # =============================================================================
-# 13. Serve (`cbox.py serve`: preflight checks, systemd notifications, the server's life)
+# 13. Python client (Client, ClientVM, ExecStream; CallbackServer: callbacks into a program)
+# =============================================================================
+#
+# Synchronous and threaded on purpose: a user's program (and the CLI) calls it without an
+# event loop. http.client and http.server are imported where they are used, so `serve`
+# never loads them and `import cbox` stays as cheap and side-effect free as before.
+
+import threading      # noqa: E402  (asyncio has loaded it already: free for `serve`)
+
+
+def vm_path(name, suffix=""):
+    return "/v1/vms/" + urllib.parse.quote(name, safe="") + suffix
+
+
+class ClientError(ApiError):
+    """An error the client met: `status` is the HTTP status (None when no answer came at all),
+    str(error) the server's message, `fields` the other fields of its error body (stopReason,
+    evidence, console, destroyedAt); `method` and `path` name the request."""
+
+    def __init__(self, status, message, method=None, path=None, **fields):
+        super().__init__(status, message, **fields)
+        self.method, self.path = method, path
+
+    @property
+    def stop_reason(self):
+        return self.fields.get("stopReason")
+
+
+class ServerUnreachable(ClientError):
+    """No answer: the connection was refused, broke or timed out before an HTTP answer."""
+
+    def __init__(self, message, method=None, path=None):
+        super().__init__(None, message, method, path)
+
+
+class StreamBroken(ClientError):
+    """An exec stream broke and could not be re-attached (the command may still run)."""
+
+
+def client_error(status, data, method, path):
+    """The ClientError for a non-200 answer: its JSON {"error", ...} or the start of its text."""
+    try:
+        payload = json.loads(data)
+    except ValueError:
+        payload = None
+    if isinstance(payload, dict) and isinstance(payload.get("error"), str):
+        fields = {k: v for k, v in payload.items() if k != "error"}
+        return ClientError(status, payload["error"], method, path, **fields)
+    return ClientError(status, data[:200].decode("utf-8", "replace").strip() or f"HTTP {status}", method, path)
+
+
+def camel_fields(pairs):
+    """{camelCaseName: value} of the (name, value) pairs whose value is not None."""
+    return {key: value for key, value in pairs if value is not None}
+
+
+def label_query(label=None, status=None):
+    """The query pairs of a VM filter: label a {K: V} dict (V None: any value) or a list of
+    "K=V"/"K" texts; status one of CREATED, RUNNING, STOPPED, FAILED."""
+    if isinstance(label, dict):
+        label = [key if value is None else f"{key}={value}" for key, value in label.items()]
+    elif isinstance(label, str):
+        label = [label]
+    return [("label", item) for item in label or ()] + ([("status", status)] if status else [])
+
+
+def socket_readable(sock):
+    """True when a socket has something to read (or its end): an idle keep-alive connection
+    that is readable was closed by the server (or sent something unasked): do not reuse it."""
+    import select
+    return bool(select.select([sock], [], [], 0)[0])
+
+
+def exec_body(command, env=None, cwd=None, timeout=None, stdin=None, user=None, tag=None,
+              memory_limit_mb=None, pids_limit=None, **fields):
+    """An exec request: `command` a str (run by /bin/sh -c) or a list of str (argv, no shell);
+    `stdin` the input (str or bytes as UTF-8) or "pipe" (written later with VM.stdin)."""
+    if isinstance(command, str):
+        body = {"cmd": command}
+    elif isinstance(command, (list, tuple)) and all(isinstance(arg, str) for arg in command):
+        body = {"argv": list(command)}
+    else:
+        raise TypeError(f"exec: the command is a str (a shell command) or a list of str (argv), not {command!r}")
+    if isinstance(stdin, bytes):
+        stdin = stdin.decode()
+    body.update(camel_fields((("env", env), ("cwd", cwd), ("timeout", timeout), ("stdin", stdin), ("user", user),
+                              ("tag", tag), ("memoryLimitMb", memory_limit_mb), ("pidsLimit", pids_limit))))
+    body.update(fields)
+    return body
+
+
+class ExecResult(dict):
+    """An exec result as the API answers it (a dict: result["exitCode"]), with attributes:
+    exit_code (None when a signal or the timeout ended it), ok (exit code 0), stdout,
+    stderr, output, error, signal, timed_out, truncated, running, exec_id, duration_ms."""
+
+    exit_code = property(lambda self: self.get("exitCode"))
+    ok = property(lambda self: self.get("exitCode") == 0)
+    stdout = property(lambda self: self.get("stdout", ""))
+    stderr = property(lambda self: self.get("stderr", ""))
+    output = property(lambda self: self.get("output", ""))
+    error = property(lambda self: self.get("error", ""))
+    signal = property(lambda self: self.get("signal"))
+    timed_out = property(lambda self: bool(self.get("timedOut")))
+    truncated = property(lambda self: bool(self.get("truncated")))
+    running = property(lambda self: bool(self.get("running")))
+    exec_id = property(lambda self: self.get("execId"))
+    duration_ms = property(lambda self: self.get("durationMs"))
+
+
+def exec_path(exec_ref, suffix=""):
+    return "/exec/" + urllib.parse.quote(exec_ref, safe="") + suffix
+
+
+class ExecStream:
+    """The events of one exec, as an iterator of dicts: {"seq", "type": "start" | "stdout" |
+    "stderr" | "dropped" | "exit", ...} (keepalives are not passed on). When the connection
+    breaks, or the server reports the guest's stream broke ("error" event), it re-attaches
+    with `since` = the first event not yet seen, so nothing the server kept is lost or
+    repeated; after `reattach` attempts in a row without a new event it raises StreamBroken.
+    `exec_id` once the start event came; `result` (an ExecResult) after the exit event."""
+
+    PAUSES_S = (0.1, 0.3, 1.0, 2.0, 3.0)        # before each re-attach in a row (the last repeats)
+
+    def __init__(self, vm, open_first, reattach, ref=None, since=0, on_reattach=None):
+        """open_first: ((method, path), a function opening the first request), or None to
+        attach with GET .../stream; on_reattach(problem) is called before each re-attach."""
+        self.vm, self.open_first, self.reattach, self.on_reattach = vm, open_first, reattach, on_reattach
+        self.ref, self.since = ref, since
+        self.exec_id, self.result = None, None
+        self.conn = self.resp = None
+        self.failures = 0
+        self.events = self.follow()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self.events)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        """Stop reading (the command keeps running: kill it with VM.kill)."""
+        self.events.close()
+        self.hang_up()
+
+    def hang_up(self):
+        if self.conn is not None:
+            self.conn.close()
+        self.conn = self.resp = None
+
+    def wait(self):
+        """Read the stream to its end; the exec's result."""
+        for _ in self:
+            pass
+        return self.result
+
+    def connect(self):
+        if self.open_first is not None:
+            (method, path), opener = self.open_first
+            self.open_first = None
+            self.conn, self.resp = opener()
+        else:
+            method, path = "GET", vm_path(self.vm.name, exec_path(self.exec_id or self.ref, "/stream"))
+            self.conn, self.resp = self.vm.client.open(method, path, query=[("since", self.since)],
+                                                       headers={"Accept": NDJSON})
+        if self.resp.status != 200:
+            error = client_error(self.resp.status, self.resp.read(), method, path)
+            self.hang_up()
+            raise error
+
+    def follow(self):
+        import http.client
+        try:
+            while True:
+                problem = "the stream ended without an exit event"
+                try:
+                    self.connect()
+                    for line in self.resp:
+                        event = json.loads(line)
+                        kind = event.get("type")
+                        if kind == "error":
+                            self.since, problem = event["seq"], event.get("error") or problem
+                            break
+                        self.since, self.failures = event["seq"] + 1, 0
+                        if kind == "start":
+                            self.exec_id = event["execId"]
+                        elif kind == "exit":
+                            self.result = ExecResult(event)
+                        if kind != "keepalive":
+                            yield event
+                        if kind == "exit":
+                            return
+                except ServerUnreachable as e:
+                    problem = str(e)
+                except TimeoutError:      # quiet for the client's timeout (a dead connection?): look again
+                    self.hang_up()
+                    if self.exec_id or self.ref:
+                        continue          # not a failure: a quiet command may outlast any timeout
+                    problem = f"no event within {fmt_seconds(self.vm.client.timeout)}"
+                except (OSError, http.client.HTTPException, ValueError) as e:
+                    problem = f"the stream broke: {e or type(e).__name__}"
+                finally:
+                    self.hang_up()
+                self.pause_before_reattach(problem)
+        finally:
+            self.hang_up()
+
+    def pause_before_reattach(self, problem):
+        if self.exec_id is None and self.ref is None:
+            raise StreamBroken(None, f"{problem} (before the exec's start event: nothing to re-attach to)",
+                               "POST", vm_path(self.vm.name, "/exec"))
+        if self.failures >= self.reattach:
+            raise StreamBroken(None, f"{problem} ({self.failures} re-attaches in a row failed)", "GET",
+                               vm_path(self.vm.name, exec_path(self.exec_id or self.ref, "/stream")))
+        if self.on_reattach:
+            self.on_reattach(problem)
+        time.sleep(self.PAUSES_S[min(self.failures, len(self.PAUSES_S) - 1)])
+        self.failures += 1
+
+
+class ClientVM:
+    """One VM of a Client: `name`, `info` (its VM object as last answered: status, ip,
+    expiresAt...), and the routes under /v1/vms/{name}. As a context manager it destroys
+    the VM on exit."""
+
+    def __init__(self, client, info):
+        self.client, self.info, self.name = client, info, info["vmName"]
+
+    def __repr__(self):
+        return f"<cbox.ClientVM {self.name} {self.info.get('status', '?')}>"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.destroy()
+        except ClientError as e:
+            if e.status != 404:       # already gone (its TTL, another client) is what we wanted
+                raise
+
+    status = property(lambda self: self.info.get("status"))
+    ip = property(lambda self: self.info.get("ip"))
+
+    def call(self, method, suffix="", body=None, query=None, timeout=None, text=False):
+        return self.client.request(method, vm_path(self.name, suffix), body, query, timeout, text)
+
+    def updated(self, info):
+        self.info = info
+        return self
+
+    def refresh(self):
+        """GET /v1/vms/{name}: this VM's object now."""
+        return self.updated(self.call("GET"))
+
+    def destroy(self):
+        """DELETE /v1/vms/{name}."""
+        self.client.destroy(self.name)
+
+    def set_ttl(self, seconds):
+        """PUT /v1/vms/{name}/ttl: destroy the VM `seconds` from now (None or 0: never)."""
+        return self.updated(self.call("PUT", "/ttl", {"ttlSeconds": seconds}))
+
+    def set_network(self, egress, allow_out=None):
+        """PUT /v1/vms/{name}/network: the egress policy ("nat", "none", "allowlist" with
+        `allow_out`: a list of IPv4 networks), in force when this returns."""
+        return self.updated(self.call("PUT", "/network", camel_fields((("egress", egress), ("allowOut", allow_out)))))
+
+    def logs(self):
+        """GET /v1/vms/{name}/logs: the serial console's text (its start and newest part)."""
+        return self.call("GET", "/logs", text=True)
+
+    def stats(self):
+        """GET /v1/vms/{name}/stats: {"guest": {...}, "vmm": {...}}."""
+        return self.call("GET", "/stats")
+
+    def exec(self, command, *, blocking=True, **options):
+        """POST /v1/vms/{name}/exec: run `command` (str: by /bin/sh -c; list: argv) and answer its
+        ExecResult once it ended; blocking=False answers at once (running, exec_id). Options:
+        env, cwd, timeout, stdin, user, tag, memory_limit_mb, pids_limit (see exec_body). A
+        command that fails is still a result (exit_code, error), not an exception."""
+        body = exec_body(command, **options)
+        if not blocking:
+            body["blocking"] = False
+        wait = (body.get("timeout") or self.client.START_WAIT_S) if blocking else 0
+        return ExecResult(self.call("POST", "/exec", body, timeout=self.client.timeout + wait))
+
+    def stream(self, command, reattach=5, on_reattach=None, **options):
+        """POST /v1/vms/{name}/exec with "stream": true: an ExecStream, iterating the exec's
+        events as they come (start, stdout, stderr, dropped, exit), re-attached after a broken
+        connection from the first event not yet seen (on_reattach(problem) is told first); its
+        `result` after the exit event. A command quiet for longer than the client's timeout
+        is looked at again on a new connection, which is not counted as a failure."""
+        body, path = dict(exec_body(command, **options), stream=True), vm_path(self.name, "/exec")
+        return ExecStream(self, (("POST", path), lambda: self.client.open("POST", path, body)), reattach,
+                          ref=body.get("tag"), on_reattach=on_reattach)
+
+    def attach(self, exec_ref, since=0, reattach=5, on_reattach=None):
+        """GET /v1/vms/{name}/exec/{id}/stream: an ExecStream of a running or finished exec (its
+        execId or tag) from event `since`."""
+        return ExecStream(self, None, reattach, ref=exec_ref, since=since, on_reattach=on_reattach)
+
+    def execs(self):
+        """GET /v1/vms/{name}/exec: the running and recently finished execs."""
+        return self.call("GET", "/exec")["execs"]
+
+    def exec_status(self, exec_ref):
+        """GET /v1/vms/{name}/exec/{id}: an exec's result so far (with `running`)."""
+        return ExecResult(self.call("GET", exec_path(exec_ref)))
+
+    def kill(self, exec_ref, grace=0):
+        """DELETE /v1/vms/{name}/exec/{id}: end an exec (TERM, `grace` seconds, KILL); its result."""
+        return ExecResult(self.call("DELETE", exec_path(exec_ref), query=[("grace", grace)],
+                                    timeout=self.client.timeout + grace))
+
+    def kill_all(self, grace=0):
+        """DELETE /v1/vms/{name}/exec: end every running exec; the execIds ended."""
+        return self.call("DELETE", "/exec", query=[("grace", grace)], timeout=self.client.timeout + grace)["killed"]
+
+    def signal(self, exec_ref, sig):
+        """POST /v1/vms/{name}/exec/{id}/signal: `sig` a name ("TERM", "SIGTERM") or number; the
+        signal's number in the guest."""
+        return self.call("POST", exec_path(exec_ref, "/signal"), {"signal": sig})["signal"]
+
+    def stdin(self, exec_ref, data=None, eof=False):
+        """POST /v1/vms/{name}/exec/{id}/stdin: write `data` (str, or bytes as UTF-8) to an exec
+        started with stdin="pipe", and close its input with eof=True; the bytes written."""
+        if isinstance(data, bytes):
+            data = data.decode()
+        body = camel_fields((("data", data), ("eof", eof or None)))
+        return self.call("POST", exec_path(exec_ref, "/stdin"), body)["written"]
+
+
+class Client:
+    """The REST API of a cbox.py server, for programs (synchronous, thread-safe, keep-alive).
+
+        client = cbox.Client("http://127.0.0.1:7000", token=os.environ.get("CBOX_API_TOKEN"))
+        with client.start("dev1", ttl=600) as vm:
+            print(vm.exec("uname -a").stdout)
+
+    Every route of the API has a method (VM routes are on VM objects: client.vm(name) makes
+    one without a request). A non-200 answer raises ClientError; no answer raises
+    ServerUnreachable. `timeout`: seconds to wait for a quick call's answer; calls that wait
+    for work the server bounds itself (a start, a blocking exec, a kill's grace, an events
+    long-poll) wait that long on top of it."""
+
+    START_WAIT_S = 900.0          # a start may wait a boot (boot_timeout_s) and a VM destroyed to make room
+    IDLE_CONNECTIONS = 8          # kept open for the next calls; more calls at once open more
+
+    def __init__(self, url="http://127.0.0.1:7000", token=None, timeout=60.0):
+        split = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
+        if split.scheme not in ("http", "https") or not split.hostname:
+            raise ValueError(f"cbox.Client: {url!r} is not an http:// or https:// URL")
+        self.url, self.token, self.timeout = url.rstrip("/"), token, timeout
+        self.scheme, self.host = split.scheme, split.hostname
+        self.port = split.port or (443 if split.scheme == "https" else 80)
+        self.prefix = split.path.rstrip("/")
+        self.idle, self.lock = [], threading.Lock()
+
+    def __repr__(self):
+        return f"cbox.Client({self.url!r})"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        """Close the idle keep-alive connections (the client stays usable)."""
+        with self.lock:
+            idle, self.idle = self.idle, []
+        for conn in idle:
+            conn.close()
+
+    # ---- the transport -------------------------------------------------------------
+
+    def connection(self, timeout):
+        """An idle keep-alive connection that the server has not closed, else a new one."""
+        import http.client
+        while True:
+            with self.lock:
+                conn = self.idle.pop() if self.idle else None
+            if conn is None:
+                break
+            if conn.sock is not None and not socket_readable(conn.sock):
+                conn.sock.settimeout(timeout)
+                conn.timeout = timeout
+                return conn, True
+            conn.close()          # closed by the server (http_idle_timeout_s) while idle
+        kind = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
+        return kind(self.host, self.port, timeout=timeout), False
+
+    def release(self, conn, resp):
+        if resp.will_close or conn.sock is None:
+            conn.close()
+            return
+        with self.lock:
+            if len(self.idle) < self.IDLE_CONNECTIONS:
+                self.idle.append(conn)
+                return
+        conn.close()
+
+    def open(self, method, path, body=None, query=None, timeout=None, headers=None):
+        """Send one request; returns (connection, response) with the response's body unread.
+        A kept connection that turns out dead before any answer is retried once on a new
+        one when the request is idempotent (not a POST)."""
+        import http.client
+        target = self.prefix + path + ("?" + urllib.parse.urlencode(query) if query else "")
+        data = None if body is None else json_bytes(body)
+        hdrs = {"Accept": "application/json", **(headers or {})}
+        if data is not None:
+            hdrs["Content-Type"] = "application/json"
+        if self.token:
+            hdrs["Authorization"] = f"Bearer {self.token}"
+        wait = self.timeout if timeout is None else timeout
+        for attempt in (1, 2):
+            conn, reused = self.connection(wait)
+            try:
+                conn.request(method, target, body=data, headers=hdrs)
+                return conn, conn.getresponse()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as e:
+                conn.close()
+                if not (reused and method != "POST" and attempt == 1):
+                    raise ServerUnreachable(f"{self.url}: {e or type(e).__name__}", method, path) from e
+            except (OSError, http.client.HTTPException) as e:
+                what = "cannot reach" if conn.sock is None else "no answer from"     # connect failed, or later
+                conn.close()
+                raise ServerUnreachable(f"{what} {self.url}: {e or type(e).__name__}", method, path) from e
+
+    def request(self, method, path, body=None, query=None, timeout=None, text=False):
+        """One call: the answer's JSON (text=True: its text); ClientError unless it is 200."""
+        import http.client
+        conn, resp = self.open(method, path, body, query, timeout)
+        try:
+            data = resp.read()
+        except (OSError, http.client.HTTPException) as e:
+            conn.close()
+            raise ServerUnreachable(f"{self.url}: the answer broke off: {e or type(e).__name__}", method, path) from e
+        self.release(conn, resp)
+        if resp.status != 200:
+            raise client_error(resp.status, data, method, path)
+        if text:
+            return data.decode("utf-8", "replace")
+        try:
+            return json.loads(data)
+        except ValueError as e:
+            raise ClientError(resp.status, f"the answer is not JSON: {data[:200]!r}", method, path) from e
+
+    # ---- the routes ---------------------------------------------------------------
+
+    def health(self):
+        """GET /v1/health: {"status", "version", "vms", "pool", ...} (no token needed)."""
+        return self.request("GET", "/v1/health")
+
+    def start(self, name, *, callback_url=None, callback_methods=None, vcpus=None, memory_mb=None, network=None,
+              ttl=None, idle_timeout=None, labels=None, image=None, **fields):
+        """POST /v1/vms: start a VM; its VM object once its guest agent answers. `network`: an
+        egress mode ("nat", "none", "allowlist") or {"egress", "allowOut"}; `ttl` and
+        `idle_timeout` in seconds (0: none); `fields`: any other field of the request, as the
+        API names it."""
+        if isinstance(network, str):
+            network = {"egress": network}
+        body = {"vmName": name, **camel_fields((
+            ("callbackUrl", callback_url), ("callbackMethods", callback_methods), ("vcpus", vcpus),
+            ("memoryMb", memory_mb), ("network", network), ("ttlSeconds", ttl),
+            ("idleTimeoutSeconds", idle_timeout), ("labels", labels), ("image", image))), **fields}
+        return ClientVM(self, self.request("POST", "/v1/vms", body, timeout=self.timeout + self.START_WAIT_S))
+
+    def vm(self, name):
+        """The VM called `name`, without asking the server (its `info` is empty until refresh())."""
+        return ClientVM(self, {"vmName": name})
+
+    def get(self, name):
+        """GET /v1/vms/{name}: the VM."""
+        return ClientVM(self, self.request("GET", vm_path(name)))
+
+    def list(self, label=None, status=None):
+        """GET /v1/vms: the VMs, those matching every filter given (see label_query)."""
+        return [ClientVM(self, info) for info in self.request("GET", "/v1/vms", query=label_query(label, status))["vms"]]
+
+    def destroy(self, name):
+        """DELETE /v1/vms/{name}."""
+        self.request("DELETE", vm_path(name), timeout=self.timeout + self.START_WAIT_S)
+
+    def destroy_all(self, label=None, status=None):
+        """DELETE /v1/vms: destroy every VM (or those matching the filter); their names."""
+        return self.request("DELETE", "/v1/vms", query=label_query(label, status),
+                            timeout=self.timeout + self.START_WAIT_S)["destroyed"]
+
+    def events(self, since=0, wait=0):
+        """GET /v1/events: {"events": [...], "next", "missed"}; the events after id `since`,
+        waiting up to `wait` seconds for one when there is none yet."""
+        return self.request("GET", "/v1/events", query=[("since", since), ("wait", wait)],
+                            timeout=self.timeout + wait)
+
+    def failed_starts(self):
+        """GET /v1/failed-starts: the newest failed starts, with why and their evidence."""
+        return self.request("GET", "/v1/failed-starts")["failedStarts"]
+
+    def metrics(self):
+        """GET /v1/metrics: Prometheus text."""
+        return self.request("GET", "/v1/metrics", text=True)
+
+    def openapi(self):
+        """GET /v1/openapi.json: the API's OpenAPI 3.1 description."""
+        return self.request("GET", "/v1/openapi.json")
+
+
+# ---- CallbackServer: callbacks from guests, received by the user's program -------------
+
+def callback_signature_problem(secret, headers, body, max_age_s=300, now=None):
+    """None when this POST (headers: a mapping with case-insensitive get, body: the raw bytes)
+    was signed by CBox with `secret` at most `max_age_s` seconds from now, as README
+    "Callbacks" specifies (X-CBox-Timestamp, X-CBox-Signature: sha256=HEX(HMAC-SHA256(
+    secret, timestamp + "." + body))); else why not."""
+    timestamp, signature = headers.get("X-CBox-Timestamp") or "", headers.get("X-CBox-Signature") or ""
+    if not timestamp or not signature:
+        return "unsigned: X-CBox-Timestamp or X-CBox-Signature is missing"
+    if not is_decimal(timestamp):
+        return "X-CBox-Timestamp is not unix seconds"
+    if abs((time.time() if now is None else now) - int(timestamp)) > max_age_s:
+        return f"X-CBox-Timestamp is more than {max_age_s} s away from now: a stale or replayed request"
+    expected = callback_headers(secret, None, body, "-", now=int(timestamp))["X-CBox-Signature"]
+    if not hmac.compare_digest(signature.encode(), expected.encode()):
+        return "bad X-CBox-Signature"
+    return None
+
+
+class SeenIds:
+    """The X-CBox-Callback-Ids received in the replay window: a request whose id was seen
+    is a replay. At most `limit` are kept; past that the oldest go (and a replay of those,
+    still in the window, would pass: the limit bounds memory against a flood)."""
+
+    def __init__(self, window_s, limit=100000):
+        self.window_s, self.limit = window_s, limit
+        self.order, self.ids, self.lock = collections.deque(), set(), threading.Lock()
+
+    def first_time(self, callback_id, now=None):
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            while self.order and (self.order[0][0] < now - 2 * self.window_s or len(self.order) >= self.limit):
+                self.ids.discard(self.order.popleft()[1])
+            if callback_id in self.ids:
+                return False
+            self.ids.add(callback_id)
+            self.order.append((now, callback_id))
+            return True
+
+
+class CallbackCall:
+    """One callback from a guest, as CallbackServer's handler gets it: vm (its vmName),
+    method, params, exec_id (the calling command's, or None), id (X-CBox-Callback-Id),
+    headers."""
+
+    def __init__(self, body, headers):
+        self.vm, self.method, self.params = body.get("vmName"), body.get("method"), body.get("params")
+        self.exec_id, self.headers = body.get("execId"), headers
+        self.id = headers.get("X-CBox-Callback-Id")
+
+    def __repr__(self):
+        return f"<cbox.CallbackCall {self.method} from {self.vm}>"
+
+
+class CallbackServer:
+    """A small threaded HTTP server for a VM's callbackUrl, run by the user's program:
+
+        def handler(call):                 # a CallbackCall: call.vm, call.method, call.params
+            if call.method == "lookup":
+                return {"user": call.params["user"], "id": 42}
+            raise ValueError(f"unknown method {call.method}")
+        with cbox.CallbackServer(handler, secret=SECRET, port=8080) as server:
+            client.start("dev1", callback_url=server.url)
+
+    The handler's return value goes to the guest as the result, an exception's text as the
+    error. With `secret` (the server's callback_secret) each POST must be signed and at most
+    `max_age_s` seconds old (callback_signature_problem), and an X-CBox-Callback-Id seen before is a
+    replay: those are answered 401 (409 for a replay) and the handler never runs. Bodies
+    over `max_body` bytes are refused (413). Without `secret` anything that reaches the port
+    is accepted: listen on loopback only."""
+
+    def __init__(self, handler, secret=None, host="127.0.0.1", port=0, max_age_s=300, max_body=2 * 1024 * 1024):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        self.handler, self.secret, self.max_age_s, self.max_body = handler, secret, max_age_s, max_body
+        self.seen = SeenIds(max_age_s)
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            timeout = 30                   # a client that stalls mid-request is dropped
+
+            def do_POST(self):
+                owner.answer(self)
+
+            def log_message(self, *args):
+                pass
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        self.httpd = Server((host, port), Handler)
+        self.host, self.port = host, self.httpd.server_address[1]
+        where = f"[{host}]" if ":" in host else host
+        self.url = f"http://{where}:{self.port}/"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="cbox-callbacks", daemon=True)
+        self.thread.start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def answer(self, request):
+        """Read, check and answer one POST (on a thread of the server)."""
+        length = request.headers.get("Content-Length") or ""
+        if not is_decimal(length) or int(length) > self.max_body:
+            request.close_connection = True
+            return self.reply(request, 413 if is_decimal(length) else 411,
+                              {"error": f"need a Content-Length of at most {self.max_body} bytes"})
+        raw = request.rfile.read(int(length))
+        status, answer = self.check(request.headers, raw)
+        if status == 200:
+            answer = self.run_handler(answer, request.headers)
+        self.reply(request, status, answer)
+
+    def check(self, headers, raw):
+        """(200, the body) for a callback to pass to the handler, else (status, error body)."""
+        if self.secret:
+            problem = callback_signature_problem(self.secret, headers, raw, self.max_age_s)
+            if problem:
+                return 401, {"error": problem}
+            callback_id = headers.get("X-CBox-Callback-Id")
+            if not callback_id:
+                return 401, {"error": "X-CBox-Callback-Id is missing"}
+            if not self.seen.first_time(callback_id):
+                return 409, {"error": "X-CBox-Callback-Id seen before: a replayed request"}
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or not isinstance(body.get("method"), str):
+            return 400, {"error": "the body is not a callback: {\"vmName\", \"method\", \"params\"}"}
+        return 200, body
+
+    def run_handler(self, body, headers):
+        try:
+            result = self.handler(CallbackCall(body, headers))
+        except Exception as e:          # the guest gets the handler's error as its CallbackError
+            return {"error": str(e) or type(e).__name__}
+        try:
+            json_bytes(result)
+        except (TypeError, ValueError) as e:
+            return {"error": f"the host's handler answered something that is not JSON: {e}"}
+        return {"result": result}
+
+    @staticmethod
+    def reply(request, status, answer):
+        data = json_bytes(answer)
+        request.send_response(status)
+        request.send_header("Content-Type", "application/json")
+        request.send_header("Content-Length", str(len(data)))
+        request.end_headers()
+        request.wfile.write(data)
+
+
+# =============================================================================
+# 14. Serve (`cbox.py serve`: preflight checks, systemd notifications, the server's life)
 # =============================================================================
 
 def demo_hint():
@@ -7223,7 +7906,7 @@ async def serve(cfg):
 # the serving cbox.py must share this network namespace (the same host).
 
 # =============================================================================
-# 14. Selftest (`cbox.py selftest`: a new host's end-to-end check)
+# 15. Selftest (`cbox.py selftest`: a new host's end-to-end check)
 # =============================================================================
 
 SELFTEST_RUNS = 20      # exec and callback round trips measured (p50)
@@ -7780,7 +8463,7 @@ async def selftest(cfg, config_path, out):
 
 
 # =============================================================================
-# 15. CLI (the client commands, argument parsing, main)
+# 16. CLI (the client commands, argument parsing, main)
 # =============================================================================
 
 def cli_selftest(args, cfg):

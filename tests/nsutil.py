@@ -1,4 +1,5 @@
 """Sockets inside a network namespace, for the tests and the benchmark (stdlib only)."""
+import contextlib
 import ctypes
 import os
 import socket
@@ -6,6 +7,33 @@ import threading
 
 _libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNET = 0x40000000
+
+
+def setns(ns):
+    """The calling thread (only it, and the threads it starts later) into a network namespace:
+    its path (/run/netns/X, /proc/PID/ns/net) or an open file descriptor of it."""
+    fd = os.open(ns, os.O_RDONLY) if isinstance(ns, str) else ns
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns {ns} failed")
+    finally:
+        if fd is not ns:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def entered(ns_path):
+    """The calling thread inside the network namespace at ns_path for the block, then back
+    in its own (so the sockets and threads the block makes are in that namespace)."""
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        setns(ns_path)
+        try:
+            yield
+        finally:
+            setns(own)
+    finally:
+        os.close(own)
 
 
 def socket_in_ns(ns_path, family=socket.AF_INET, type=socket.SOCK_STREAM):
@@ -16,12 +44,7 @@ def socket_in_ns(ns_path, family=socket.AF_INET, type=socket.SOCK_STREAM):
 
     def make():
         try:
-            fd = os.open(ns_path, os.O_RDONLY)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), f"setns {ns_path} failed")
-            finally:
-                os.close(fd)
+            setns(ns_path)
             out["sock"] = socket.socket(family, type)
         except BaseException as e:  # handed to the caller
             out["error"] = e
