@@ -150,10 +150,13 @@ install:
 	if [ -e "$$d$(CONFDIR)/config.yaml" ]; then \
 	  echo "[install] kept $$d$(CONFDIR)/config.yaml (the shipped one is config.yaml.default)"; \
 	else cp -p "$$d$(CONFDIR)/config.yaml.default" "$$d$(CONFDIR)/config.yaml"; fi; \
-	found=; for f in $(IMAGE_FILES); do \
+	found=; for n in $$($(BUILT_IMAGES)); do found=1; install -d -m 0755 "$$d$(STATEDIR)/images/$$n"; \
+	  $(call COPY_IMAGE,$(IMAGES_DIR)/$$n,$$d$(STATEDIR)/images/$$n); done; \
+	for f in $(IMAGE_FILES); do \
 	  if [ -e "$(OUT)/$$f" ]; then found=1; install -d -m 0755 "$$d$(STATEDIR)/images"; \
-	    cp --sparse=always "$(OUT)/$$f" "$$d$(STATEDIR)/images/$$f.tmp"; \
-	    mv -f "$$d$(STATEDIR)/images/$$f.tmp" "$$d$(STATEDIR)/images/$$f"; fi; \
+	    if [ $$f = rootfs.ext4 ] && $(DEFAULT_LINKED); then ln -sfn default/rootfs.ext4 "$$d$(STATEDIR)/images/$$f.tmp"; \
+	    else cp --sparse=always "$(OUT)/$$f" "$$d$(STATEDIR)/images/$$f.tmp"; fi; \
+	    mv -fT "$$d$(STATEDIR)/images/$$f.tmp" "$$d$(STATEDIR)/images/$$f"; fi; \
 	done; \
 	[ -n "$$found" ] || echo "[install] no images in $(OUT)/: run 'make images' and 'make install' again"; \
 	if [ -z "$$d" ] && [ -d /run/systemd/system ]; then $(SYSTEMCTL) daemon-reload; fi; \
@@ -167,6 +170,8 @@ uninstall:
 	      "$$d$(BINDIR)/cbox" "$$d$(UNITDIR)/cbox.service"; \
 	rm -rf "$$d$(LIBDIR)/__pycache__"; \
 	for f in $(IMAGE_FILES); do rm -f "$$d$(STATEDIR)/images/$$f"; done; \
+	for j in "$$d$(STATEDIR)"/images/*/image.json; do [ -f "$$j" ] || continue; n=$$(dirname "$$j"); \
+	  rm -f "$$n/rootfs.ext4" "$$n/vmlinuz" "$$n/initramfs.cpio.gz" "$$n/.build.lock" "$$j"; rmdir "$$n" 2>/dev/null || true; done; \
 	if [ -e "$$d$(CONFDIR)/config.yaml" ] && [ -e "$$d$(CONFDIR)/config.yaml.default" ] \
 	   && cmp -s "$$d$(CONFDIR)/config.yaml" "$$d$(CONFDIR)/config.yaml.default"; then rm -f "$$d$(CONFDIR)/config.yaml"; fi; \
 	rm -f "$$d$(CONFDIR)/config.yaml.default"; \
@@ -218,6 +223,15 @@ kernel:
 initramfs: kernel
 	@$(PYTHON) initramfs/build.py --out $(OUT)/initramfs.cpio.gz \
 	    $$(test -e $(BUILD)/kernel/modules && echo --modules $(BUILD)/kernel/modules/)
+
+# The names of the built images in $(IMAGES_DIR) (a directory with an image.json), one a line.
+BUILT_IMAGES = for j in "$(IMAGES_DIR)"/*/image.json; do if [ -f "$$j" ]; then basename "$$(dirname "$$j")"; fi; done
+# True when $(OUT)/rootfs.ext4 is the link to the image "default" (not a plain file of before).
+DEFAULT_LINKED = { [ -L $(OUT)/rootfs.ext4 ] && [ "$$(realpath $(OUT)/rootfs.ext4)" = "$$(realpath -m "$(IMAGES_DIR)/default/rootfs.ext4")" ]; }
+# The published files of image directory $(1) into directory $(2), each copied beside as .tmp
+# and renamed over (a VM on the old file keeps it), image.json last.
+COPY_IMAGE = for f in rootfs.ext4 vmlinuz initramfs.cpio.gz image.json; do [ ! -f "$(1)/$$f" ] || { \
+	cp --sparse=always "$(1)/$$f" "$(2)/$$f.tmp" && mv -f "$(2)/$$f.tmp" "$(2)/$$f"; }; done
 
 # rootfs/build.py for image $(1), with --link $(OUT)/rootfs.ext4 for the image "default"
 BUILD_IMAGE = $(PYTHON) rootfs/build.py --name="$(1)" --images-dir "$(IMAGES_DIR)" --build $(BUILD) \
@@ -274,17 +288,13 @@ dist-stage:
 # The named images of $(IMAGES_DIR) in $$stage/out/images/ (IMAGES, default every built one:
 # a directory with an image.json), their published files only; $(OUT)/rootfs.ext4 as the
 # symlink to the image "default" when it is one (that image then goes along), else a copy.
-STAGE_IMAGES = built=$$(for d in "$(IMAGES_DIR)"/*/image.json; do \
-	  if [ -f "$$d" ]; then basename "$$(dirname "$$d")"; fi; done); names="$(IMAGES)"; \
+STAGE_IMAGES = built=$$($(BUILT_IMAGES)); names="$(IMAGES)"; \
 	[ -n "$$names" ] || names="$$built"; \
-	linked=; if [ -L $(OUT)/rootfs.ext4 ] && [ "$$(realpath $(OUT)/rootfs.ext4)" = \
-	  "$$(realpath -m "$(IMAGES_DIR)/default/rootfs.ext4")" ]; then linked=1; names="default $$names"; fi; \
+	linked=; if $(DEFAULT_LINKED); then linked=1; names="default $$names"; fi; \
 	for n in $$(printf '%s\n' $$names | awk '!seen[$$0]++'); do d="$(IMAGES_DIR)/$$n"; \
 	  if [ ! -f "$$d/image.json" ] || [ ! -f "$$d/rootfs.ext4" ]; then \
 	    echo "make dist: no image \"$$n\" in $(IMAGES_DIR)/ (built: $$(echo $$built))" >&2; exit 1; fi; \
-	  mkdir -p "$$stage/out/images/$$n"; \
-	  for f in image.json rootfs.ext4 vmlinuz initramfs.cpio.gz; do \
-	    [ ! -f "$$d/$$f" ] || cp --sparse=always "$$d/$$f" "$$stage/out/images/$$n/"; done; \
+	  mkdir -p "$$stage/out/images/$$n"; $(call COPY_IMAGE,$$d,$$stage/out/images/$$n); \
 	  echo "[dist] image $$n"; done; \
 	if [ -n "$$linked" ]; then ln -s images/default/rootfs.ext4 "$$stage/out/rootfs.ext4"; \
 	else cp --sparse=always $(OUT)/rootfs.ext4 "$$stage/out/"; fi

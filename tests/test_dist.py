@@ -16,7 +16,8 @@ import sys
 import pytest
 
 from conftest import REPO
-from test_install import IMAGES, INSTALLED, files_under, make, stamped_commit, without_commit, write_standin_images
+from test_install import (IMAGES, INSTALLED, files_under, make, stamped_commit, without_commit, write_named_images,
+                          write_standin_images)
 
 sys.path.insert(0, str(REPO))
 import cbox  # noqa: E402
@@ -207,27 +208,6 @@ def test_a_bundle_offers_only_what_works_there(bundle):
         assert r.returncode != 0 and len(lines) == 1 and f"make {target}: " in lines[0], (target, r.stderr)
         assert "source checkout" in lines[0] and r.stdout == ""
     assert make_in(bundle, "verify").returncode == 0      # none of them touched the bundle
-
-
-def write_named_images(out):
-    """Stand-ins of built named images in out/images (issue 20): "default" (out/rootfs.ext4
-    links to it), "py" with its own kernel, and "wip", a build that has not published yet."""
-    write_standin_images(out)
-    (out / "rootfs.ext4").unlink()
-    for name, extra in (("default", {}), ("py", {"vmlinuz": b"py kernel\n"})):
-        image = out / "images" / name
-        image.mkdir(parents=True)
-        with open(image / "rootfs.ext4", "wb") as f:
-            f.write(name.encode())
-            f.truncate(32 << 20)
-        (image / "image.json").write_text(json.dumps({"name": name, "rootfs": "rootfs.ext4"}))
-        (image / ".build.lock").write_text("")
-        for file, data in extra.items():
-            (image / file).write_bytes(data)
-    (out / "images" / "wip").mkdir()
-    (out / "images" / "wip" / "rootfs.ext4.tmp").write_bytes(b"half")
-    (out / "rootfs.ext4").symlink_to("images/default/rootfs.ext4")
-    return out
 
 
 def pack(tmp_path, out, *args):

@@ -147,6 +147,7 @@ def built(tmp_path):
     base = need_base()
     images, name = tmp_path / "images", unique("imgt")
     t0 = datetime.now(timezone.utc).replace(microsecond=0)
+    (tmp_path / "rootfs.ext4").write_bytes(b"a rootfs built before named images")   # --link replaces it
     r = builder("--name", name, "--images-dir", images, "--build", REPO / "build", "--link", tmp_path / "rootfs.ext4",
                 "--margin-mb", 8, *base)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
