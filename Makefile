@@ -7,7 +7,7 @@ OUT ?= out
 # targets are then only those that work there (see "In a bundle" below).
 BUNDLE :=
 
-.PHONY: help run check-host demo test bench install uninstall images kernel initramfs rootfs dist dist-pack \
+.PHONY: help run check-host demo test bench install uninstall images image kernel initramfs rootfs dist dist-pack \
 	dist-stage verify clean
 
 help:
@@ -24,20 +24,22 @@ else
 	@echo "make demo     serve the same API with the stand-in hypervisor (NOTHING IS ISOLATED)"
 	@echo "make test     run the test suite (as root)"
 	@echo "make bench    run the benchmarks, write bench/results.md"
-	@echo "make images   build kernel, initramfs and rootfs into $(OUT)/"
-	@echo "make dist     pack an air-gap tarball (CHV=path adds the cloud-hypervisor binary)"
+	@echo "make images   build kernel, initramfs and the image \"default\" into $(OUT)/"
+	@echo "make image NAME=py [DOCKERFILE=rootfs/Dockerfile.py]  build (or rebuild) one named image"
+	@echo "make dist     pack an air-gap tarball (CHV=path adds the cloud-hypervisor binary; IMAGES=\"a b\")"
 	@echo "make install  install as a systemd service (PREFIX=/usr/local, DESTDIR); make uninstall"
 endif
 
 # ---- In a bundle --------------------------------------------------------------
 # The bundle has no tests/, bench/ or image builders: these targets stop there before
 # anything runs, saying why in one line.
-CHECKOUT_ONLY := test bench demo images kernel initramfs rootfs dist dist-pack dist-stage
+CHECKOUT_ONLY := test bench demo images image kernel initramfs rootfs dist dist-pack dist-stage
 ifneq ($(BUNDLE),)
 WHY_test = the test suite is in CBox's source checkout, not in this bundle
 WHY_bench = the benchmarks are in CBox's source checkout, not in this bundle
 WHY_demo = the demo's stand-in hypervisor (tests/fake_chv.py) is in CBox's source checkout, not in this bundle
 WHY_images = this bundle carries its images in $(OUT)/ (make verify checks them); building them needs CBox's source checkout
+WHY_image = this bundle carries its images in $(OUT)/images/; to add one, copy its directory there from a host that built it (README "Guest images")
 WHY_kernel = $(WHY_images)
 WHY_initramfs = $(WHY_images)
 WHY_rootfs = $(WHY_images)
@@ -148,10 +150,13 @@ install:
 	if [ -e "$$d$(CONFDIR)/config.yaml" ]; then \
 	  echo "[install] kept $$d$(CONFDIR)/config.yaml (the shipped one is config.yaml.default)"; \
 	else cp -p "$$d$(CONFDIR)/config.yaml.default" "$$d$(CONFDIR)/config.yaml"; fi; \
-	found=; for f in $(IMAGE_FILES); do \
+	found=; for n in $$($(BUILT_IMAGES)); do found=1; install -d -m 0755 "$$d$(STATEDIR)/images/$$n"; \
+	  $(call COPY_IMAGE,$(IMAGES_DIR)/$$n,$$d$(STATEDIR)/images/$$n); done; \
+	for f in $(IMAGE_FILES); do \
 	  if [ -e "$(OUT)/$$f" ]; then found=1; install -d -m 0755 "$$d$(STATEDIR)/images"; \
-	    cp --sparse=always "$(OUT)/$$f" "$$d$(STATEDIR)/images/$$f.tmp"; \
-	    mv -f "$$d$(STATEDIR)/images/$$f.tmp" "$$d$(STATEDIR)/images/$$f"; fi; \
+	    if [ $$f = rootfs.ext4 ] && $(DEFAULT_LINKED); then ln -sfn default/rootfs.ext4 "$$d$(STATEDIR)/images/$$f.tmp"; \
+	    else cp --sparse=always "$(OUT)/$$f" "$$d$(STATEDIR)/images/$$f.tmp"; fi; \
+	    mv -fT "$$d$(STATEDIR)/images/$$f.tmp" "$$d$(STATEDIR)/images/$$f"; fi; \
 	done; \
 	[ -n "$$found" ] || echo "[install] no images in $(OUT)/: run 'make images' and 'make install' again"; \
 	if [ -z "$$d" ] && [ -d /run/systemd/system ]; then $(SYSTEMCTL) daemon-reload; fi; \
@@ -165,6 +170,8 @@ uninstall:
 	      "$$d$(BINDIR)/cbox" "$$d$(UNITDIR)/cbox.service"; \
 	rm -rf "$$d$(LIBDIR)/__pycache__"; \
 	for f in $(IMAGE_FILES); do rm -f "$$d$(STATEDIR)/images/$$f"; done; \
+	for j in "$$d$(STATEDIR)"/images/*/image.json; do [ -f "$$j" ] || continue; n=$$(dirname "$$j"); \
+	  rm -f "$$n/rootfs.ext4" "$$n/vmlinuz" "$$n/initramfs.cpio.gz" "$$n/.build.lock" "$$j"; rmdir "$$n" 2>/dev/null || true; done; \
 	if [ -e "$$d$(CONFDIR)/config.yaml" ] && [ -e "$$d$(CONFDIR)/config.yaml.default" ] \
 	   && cmp -s "$$d$(CONFDIR)/config.yaml" "$$d$(CONFDIR)/config.yaml.default"; then rm -f "$$d$(CONFDIR)/config.yaml"; fi; \
 	rm -f "$$d$(CONFDIR)/config.yaml.default"; \
@@ -177,26 +184,38 @@ uninstall:
 # ---- images (kernel, initramfs, rootfs, dist) -------------------------------
 # (section owned by the image builders; see issue 3)
 # Usage:
-#   make images                       kernel + initramfs + rootfs into $(OUT)/
+#   make images                       kernel + initramfs + the image "default" into $(OUT)/
 #   make images KERNEL=/path/vmlinux [KERNEL_MODULES=/path/lib/modules/<rel>]
-#   make rootfs DOCKERFILE=path       rootfs from a Dockerfile (podman or docker;
-#                                     `FROM cbox-base` = the debootstrap base)
+#   make image NAME=py DOCKERFILE=rootfs/Dockerfile.py   the image "py" in $(IMAGES_DIR)/py/
+#                                     (podman or docker; `FROM cbox-base` = the debootstrap base)
+#   make image NAME=min               an image of the debootstrap base alone
+#        [IMAGE_KERNEL=path IMAGE_INITRAMFS=path]  the image's own kernel / initramfs
+#        [FORCE=1]                    rebuild even when up to date
+#   make rootfs [DOCKERFILE=path]     the image "default" ($(OUT)/rootfs.ext4 links to its rootfs)
 #   make rootfs SUITE=bookworm MIRROR=http://...   (defaults: stable, host's apt mirror)
-#   make dist [CHV=/path/cloud-hypervisor]         air-gap tarball in $(OUT)/ (README "Air-gapped hosts")
+#   make dist [CHV=/path/cloud-hypervisor] [IMAGES="default py"]   air-gap tarball in $(OUT)/
+#                                     (README "Air-gapped hosts"; IMAGES: default all built)
 #   make dist-pack [CHV=...]                       the same from the images already in $(OUT)/
 # Each step skips what is up to date; `rm -rf build` forces a fresh debootstrap
-# and kernel download.
+# and kernel download. A rebuilt image replaces the old one file by file with
+# renames: a VM running on the old rootfs keeps it, new starts get the new one.
 BUILD ?= build
 KERNEL ?=
 KERNEL_MODULES ?=
 DOCKERFILE ?=
+IMAGES_DIR ?= $(OUT)/images
+NAME ?=
+IMAGE_KERNEL ?=
+IMAGE_INITRAMFS ?=
+FORCE ?=
+IMAGES ?=
 SUITE ?= stable
 MIRROR ?=
 CHV ?=
 DIST_NAME ?= cbox
 
 images: kernel initramfs rootfs
-	@ls -l $(OUT)/vmlinuz $(OUT)/initramfs.cpio.gz $(OUT)/rootfs.ext4
+	@ls -lL $(OUT)/vmlinuz $(OUT)/initramfs.cpio.gz $(OUT)/rootfs.ext4
 
 kernel:
 	@KERNEL="$(KERNEL)" KERNEL_MODULES="$(KERNEL_MODULES)" sh initramfs/kernel.sh $(OUT) $(BUILD)
@@ -205,9 +224,27 @@ initramfs: kernel
 	@$(PYTHON) initramfs/build.py --out $(OUT)/initramfs.cpio.gz \
 	    $$(test -e $(BUILD)/kernel/modules && echo --modules $(BUILD)/kernel/modules/)
 
+# The names of the built images in $(IMAGES_DIR) (a directory with an image.json), one a line.
+BUILT_IMAGES = for j in "$(IMAGES_DIR)"/*/image.json; do if [ -f "$$j" ]; then basename "$$(dirname "$$j")"; fi; done
+# True when $(OUT)/rootfs.ext4 is the link to the image "default" (not a plain file of before).
+DEFAULT_LINKED = { [ -L $(OUT)/rootfs.ext4 ] && [ "$$(realpath $(OUT)/rootfs.ext4)" = "$$(realpath -m "$(IMAGES_DIR)/default/rootfs.ext4")" ]; }
+# The published files of image directory $(1) into directory $(2), each copied beside as .tmp
+# and renamed over (a VM on the old file keeps it), image.json last.
+COPY_IMAGE = for f in rootfs.ext4 vmlinuz initramfs.cpio.gz image.json; do [ ! -f "$(1)/$$f" ] || { \
+	cp --sparse=always "$(1)/$$f" "$(2)/$$f.tmp" && mv -f "$(2)/$$f.tmp" "$(2)/$$f"; }; done
+
+# rootfs/build.py for image $(1), with --link $(OUT)/rootfs.ext4 for the image "default"
+BUILD_IMAGE = $(PYTHON) rootfs/build.py --name="$(1)" --images-dir "$(IMAGES_DIR)" --build $(BUILD) \
+	--suite $(SUITE) $(if $(MIRROR),--mirror $(MIRROR)) $(if $(DOCKERFILE),--dockerfile "$(DOCKERFILE)") \
+	$(if $(IMAGE_KERNEL),--kernel "$(IMAGE_KERNEL)") $(if $(IMAGE_INITRAMFS),--initramfs "$(IMAGE_INITRAMFS)") \
+	$(if $(FORCE),--force) $(if $(filter default,$(1)),--link $(OUT)/rootfs.ext4)
+
 rootfs:
-	@$(PYTHON) rootfs/build.py --out $(OUT)/rootfs.ext4 --build $(BUILD) --suite $(SUITE) \
-	    $(if $(MIRROR),--mirror $(MIRROR)) $(if $(DOCKERFILE),--dockerfile $(DOCKERFILE))
+	@$(call BUILD_IMAGE,default)
+
+image:
+	@test -n "$(NAME)" || { echo "make image: say which image: NAME=py DOCKERFILE=rootfs/Dockerfile.py (or NAME=min, the base alone)" >&2; exit 2; }
+	@$(call BUILD_IMAGE,$(NAME))
 
 dist: images
 	@$(MAKE) --no-print-directory dist-pack
@@ -242,8 +279,22 @@ dist-stage:
 	$(STAMP_COMMIT) > "$$stage/cbox.py"; chmod 0755 "$$stage/cbox.py"; \
 	sed 's/^BUNDLE :=$$/BUNDLE := yes/' Makefile > "$$stage/Makefile"; grep -q '^BUNDLE := yes$$' "$$stage/Makefile"; \
 	cp $(OUT)/vmlinuz $(OUT)/initramfs.cpio.gz $(OUT)/kernel.release "$$stage/out/"; \
-	cp --sparse=always $(OUT)/rootfs.ext4 "$$stage/out/"; \
+	$(STAGE_IMAGES); \
 	if [ -n "$(CHV)" ]; then cp "$(CHV)" "$$stage/cloud-hypervisor"; chmod 0755 "$$stage/cloud-hypervisor"; \
 	  sed -i 's|^\(    chv_bin:\).*|\1 "./cloud-hypervisor"|' "$$stage/config.yaml"; fi; \
-	files=$$(cd "$$stage" && find . -type f -printf '%P\n' | LC_ALL=C sort); \
+	files=$$(cd "$$stage" && find . \( -type f -o -type l \) -printf '%P\n' | LC_ALL=C sort); \
 	(cd "$$stage" && sha256sum $$files > SHA256SUMS)
+
+# The named images of $(IMAGES_DIR) in $$stage/out/images/ (IMAGES, default every built one:
+# a directory with an image.json), their published files only; $(OUT)/rootfs.ext4 as the
+# symlink to the image "default" when it is one (that image then goes along), else a copy.
+STAGE_IMAGES = built=$$($(BUILT_IMAGES)); names="$(IMAGES)"; \
+	[ -n "$$names" ] || names="$$built"; \
+	linked=; if $(DEFAULT_LINKED); then linked=1; names="default $$names"; fi; \
+	for n in $$(printf '%s\n' $$names | awk '!seen[$$0]++'); do d="$(IMAGES_DIR)/$$n"; \
+	  if [ ! -f "$$d/image.json" ] || [ ! -f "$$d/rootfs.ext4" ]; then \
+	    echo "make dist: no image \"$$n\" in $(IMAGES_DIR)/ (built: $$(echo $$built))" >&2; exit 1; fi; \
+	  mkdir -p "$$stage/out/images/$$n"; $(call COPY_IMAGE,$$d,$$stage/out/images/$$n); \
+	  echo "[dist] image $$n"; done; \
+	if [ -n "$$linked" ]; then ln -s images/default/rootfs.ext4 "$$stage/out/rootfs.ext4"; \
+	else cp --sparse=always $(OUT)/rootfs.ext4 "$$stage/out/"; fi

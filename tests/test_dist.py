@@ -7,6 +7,7 @@ need the source checkout stop in one line; the demo hint sends nobody in a circl
 commit: stamped in a bundle, HEAD in a git checkout, "unknown" in a plain copy, and in
 GET /v1/health."""
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -15,7 +16,8 @@ import sys
 import pytest
 
 from conftest import REPO
-from test_install import IMAGES, INSTALLED, files_under, make, stamped_commit, without_commit, write_standin_images
+from test_install import (IMAGES, INSTALLED, files_under, make, stamped_commit, without_commit, write_named_images,
+                          write_standin_images)
 
 sys.path.insert(0, str(REPO))
 import cbox  # noqa: E402
@@ -206,6 +208,62 @@ def test_a_bundle_offers_only_what_works_there(bundle):
         assert r.returncode != 0 and len(lines) == 1 and f"make {target}: " in lines[0], (target, r.stderr)
         assert "source checkout" in lines[0] and r.stdout == ""
     assert make_in(bundle, "verify").returncode == 0      # none of them touched the bundle
+
+
+def pack(tmp_path, out, *args):
+    """make dist-pack of out with args; (exit status, the unpacked bundle's root or None, stderr)."""
+    r = subprocess.run(["make", "--no-print-directory", "-C", str(REPO), "dist-pack", f"OUT={out}",
+                        f"BUILD={tmp_path / 'build'}", f"DIST_NAME={DIST_NAME}", *args],
+                       capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        return r.returncode, None, r.stderr
+    (tar,) = out.glob(f"{DIST_NAME}-*.tar.gz")
+    where = tmp_path / "unpacked"
+    where.mkdir()
+    subprocess.run(["tar", "-xzf", str(tar), "-C", str(where)], check=True, timeout=120)
+    tar.unlink()
+    (root,) = where.iterdir()
+    return 0, root, r.stderr
+
+
+def files_of(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() or p.is_symlink())
+
+
+def test_dist_bundles_the_named_images(tmp_path):
+    """make dist packs every built image (IMAGES= names some; the config's default always goes
+    along), their published files only, out/rootfs.ext4 still the link to "default"; the
+    bundle verifies; a name that is not built stops the pack, saying what is."""
+    out = write_named_images(tmp_path / "out")
+    status, root, err = pack(tmp_path, out)
+    assert status == 0, err
+    images = ["out/images/default/image.json", "out/images/default/rootfs.ext4", "out/images/py/image.json",
+              "out/images/py/rootfs.ext4", "out/images/py/vmlinuz"]
+    assert files_of(root) == sorted(BUNDLE_FILES + images)
+    assert os.readlink(root / "out/rootfs.ext4") == "images/default/rootfs.ext4"
+    assert (root / "out/rootfs.ext4").read_bytes()[:7] == b"default"
+    assert (root / "out/images/py/rootfs.ext4").stat().st_blocks * 512 < 1 << 20       # still sparse
+    assert make_in(root, "verify").returncode == 0
+    (root / "out/images/py/vmlinuz").write_bytes(b"swapped\n")
+    r = make_in(root, "verify")
+    assert r.returncode != 0 and "[verify] out/images/py/vmlinuz: differs from the build" in r.stderr
+
+    shutil.rmtree(tmp_path / "unpacked")
+    status, root, err = pack(tmp_path, out, "IMAGES=py")
+    assert status == 0, err
+    assert files_of(root) == sorted(BUNDLE_FILES + images)          # py named, default as the config's rootfs
+    shutil.rmtree(tmp_path / "unpacked")
+    (out / "rootfs.ext4").unlink()
+    (out / "rootfs.ext4").write_bytes(b"a rootfs of before image directories")
+    status, root, err = pack(tmp_path, out, "IMAGES=py")
+    assert status == 0, err
+    assert files_of(root) == sorted(BUNDLE_FILES + images[2:])
+    assert not (root / "out/rootfs.ext4").is_symlink()
+    shutil.rmtree(tmp_path / "unpacked")
+
+    status, root, err = pack(tmp_path, out, "IMAGES=py nope")
+    assert status != 0 and 'make dist: no image "nope" in ' in err and "(built: default py)" in err, err
+    assert not list(out.glob(f"{DIST_NAME}-*.tar.gz"))
 
 
 def test_verify_outside_a_bundle_says_what_it_checks(tmp_path):

@@ -400,6 +400,46 @@ def test_boot_exec_and_stateful_disk(netns, tmp_path, transport, state_first):
     assert out.strip() == "written-in-the-guest", (out, err)
 
 
+IMAGES_DIR = OUT / "images"
+# what the image "py" (rootfs/Dockerfile.py, built in CI) adds to the base
+PY_TOOLS = "import numpy, pandas, scipy, matplotlib.pyplot, requests, yaml, openpyxl"
+
+
+def test_named_images_boot_each_with_its_own_tools(netns, tmp_path):
+    """The images of out/images (`make images` makes "default", CI also "py" from
+    rootfs/Dockerfile.py) each boot; each guest runs the agent its image.json names and has
+    that image's tools: the data stack in "py", not in "default"."""
+    need_images(KERNEL, INITRAMFS, IMAGES_DIR / "default" / "image.json")
+    need_qemu()
+    names = sorted(p.parent.name for p in IMAGES_DIR.glob("*/image.json"))
+    tap = unique("cbit")[:15]
+    bridge_with_tap(netns, tap)
+    for name in names:
+        meta = json.loads((IMAGES_DIR / name / "image.json").read_text())
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        state = run_dir / "state.ext4"
+        make_disk(state)
+        eng = QemuEngine(vm_config(run_dir, rootfs=IMAGES_DIR / name / meta["rootfs"], state=state, tap=tap),
+                         lambda line: None, prefix=netns.prefix)
+        try:
+            eng.start()
+            wait_ready(netns, eng, run_dir, time.monotonic() + BOOT_TIMEOUT)
+            res = guest_exec(netns, f"sha256sum {AGENT} | cut -d' ' -f1; python3 --version")
+            assert res["stdout"].split() == [meta["agent"]["sha256"], "Python", meta["python"]], (name, res)
+            res = guest_exec(netns, f"python3 -c '{PY_TOOLS}; print(numpy.__version__)'", timeout=120)
+            if name == "py":
+                assert res["exitCode"] == 0, res
+            elif name == "default":
+                assert res["exitCode"] != 0 and "ModuleNotFoundError" in res["stderr"], res
+            print(f"\nimage {name}: boots, agent {meta['agent']['version']}, data stack "
+                  f"{'yes' if res['exitCode'] == 0 else 'no'}")
+        finally:
+            eng.stop(5)
+    if "py" not in names:
+        pytest.skip(f"only {names} built: `make image NAME=py DOCKERFILE=rootfs/Dockerfile.py` adds the second")
+
+
 def boot_until_exit(tmp_path, cfg, limit=90.0):
     """Start a VM that must power itself off; (seconds to exit, console text)."""
     eng = QemuEngine(cfg, lambda line: None)

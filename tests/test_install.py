@@ -61,6 +61,27 @@ def write_standin_images(out):
     return out
 
 
+def write_named_images(out):
+    """Stand-ins of built named images in out/images (issue 20): "default" (out/rootfs.ext4
+    links to it), "py" with its own kernel, and "wip", a build that has not published yet."""
+    write_standin_images(out)
+    (out / "rootfs.ext4").unlink()
+    for name, extra in (("default", {}), ("py", {"vmlinuz": b"py kernel\n"})):
+        image = out / "images" / name
+        image.mkdir(parents=True)
+        with open(image / "rootfs.ext4", "wb") as f:
+            f.write(name.encode())
+            f.truncate(32 << 20)
+        (image / "image.json").write_text(json.dumps({"name": name, "rootfs": "rootfs.ext4"}))
+        (image / ".build.lock").write_text("")
+        for file, data in extra.items():
+            (image / file).write_bytes(data)
+    (out / "images" / "wip").mkdir()
+    (out / "images" / "wip" / "rootfs.ext4.tmp").write_bytes(b"half")
+    (out / "rootfs.ext4").symlink_to("images/default/rootfs.ext4")
+    return out
+
+
 @pytest.fixture
 def out_dir(tmp_path):
     return write_standin_images(tmp_path / "out")
@@ -106,6 +127,32 @@ def test_install_into_destdir(tmp_path, out_dir):
                  "ExecStart=/usr/local/bin/cbox serve --config /etc/cbox/config.yaml"):
         assert f"\n{line}\n" in unit, line
     assert "@" not in unit.replace("\n#", "")      # every placeholder substituted
+
+
+def test_install_takes_the_named_images(tmp_path):
+    """The built images of out/images go to /var/lib/cbox/images/NAME/ (a half-built one does
+    not), rootfs.ext4 there links to the image default as out/rootfs.ext4 does; a reinstall over
+    a running VM's image renames over it (the VM's open file stays); uninstall takes them away."""
+    out = write_named_images(tmp_path / "out")
+    dest = tmp_path / "dest"
+    make("install", f"DESTDIR={dest}", f"OUT={out}")
+    images = dest / "var/lib/cbox/images"
+    named = ["default/image.json", "default/rootfs.ext4", "py/image.json", "py/rootfs.ext4", "py/vmlinuz"]
+    assert files_under(dest) == sorted(INSTALLED + [f"var/lib/cbox/images/{n}" for n in named])
+    assert os.readlink(images / "rootfs.ext4") == "default/rootfs.ext4"
+    for n in named:
+        assert (images / n).read_bytes() == (out / "images" / n).read_bytes(), n
+    assert os.stat(images / "py/rootfs.ext4").st_blocks * 512 < 1 << 20         # copied sparse
+
+    held = open(images / "py/rootfs.ext4", "rb")
+    with open(out / "images/py/rootfs.ext4", "r+b") as f:
+        f.write(b"py2")
+    make("install", f"DESTDIR={dest}", f"OUT={out}")
+    assert (images / "py/rootfs.ext4").read_bytes()[:3] == b"py2" and held.read(2) == b"py"
+    held.close()
+
+    make("uninstall", f"DESTDIR={dest}")
+    assert files_under(dest) == []
 
 
 def test_reinstall_keeps_the_config_and_uninstall_removes_what_install_put(tmp_path, out_dir):
