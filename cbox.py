@@ -7103,6 +7103,7 @@ import threading      # noqa: E402  (asyncio has loaded it already: free for `se
 
 
 def vm_path(name, suffix=""):
+    """The API path of a VM (its name quoted), with `suffix` after it."""
     return "/v1/vms/" + urllib.parse.quote(name, safe="") + suffix
 
 
@@ -8026,10 +8027,6 @@ class LocalVMs:
 
     async def destroy(self, name):
         await self.manager.teardown.destroy(name)
-
-
-def vm_path(name, suffix=""):
-    return "/v1/vms/" + urllib.parse.quote(name, safe="") + suffix
 
 
 class RemoteVMs:
