@@ -55,8 +55,9 @@ through one escape, log_text. Sections, in order; each uses only what comes befo
                      program, checking signature, replay window and replayed ids
  14. Serve           `serve`: preflight checks, systemd notifications, the server's life
  15. Selftest        `selftest`: a new host's end-to-end check
- 16. CLI             a small client: `health`, `vm start|ls|rm|logs|network|ttl|failures`,
-                     `exec`; `openapi` prints the API description; `--version`
+ 16. CLI             the client commands on section 13's Client (CLIENT_COMMANDS, and
+                     VM_COMMANDS for `vm start|ls|rm|logs|network|ttl|failures`): `health`,
+                     `vm ...`, `exec`; `openapi` prints the API description; `--version`
 
 README.md is the contract users rely on (the REST API, config keys, behaviour, figures):
 a change of what it says is a change of the contract.
@@ -7203,6 +7204,12 @@ class ExecResult(dict):
     duration_ms = property(lambda self: self.get("durationMs"))
 
 
+def event_bytes(event):
+    """A stdout/stderr event's exact bytes (dataBase64 when the output was not UTF-8)."""
+    import base64
+    return base64.b64decode(event["dataBase64"]) if "dataBase64" in event else event["data"].encode()
+
+
 def exec_path(exec_ref, suffix=""):
     return "/exec/" + urllib.parse.quote(exec_ref, safe="") + suffix
 
@@ -8030,63 +8037,52 @@ class LocalVMs:
 
 
 class RemoteVMs:
-    """selftest's VM through the REST API of the cbox.py serving this config."""
+    """selftest's VM through the REST API of the cbox.py serving this config (a Client,
+    called from threads so that the loop goes on serving the callback URL)."""
 
-    def __init__(self, cfg, client, url):
-        self.cfg, self.client, self.url = cfg, client, url
+    def __init__(self, client):
+        self.client = client
 
-    async def call(self, method, path, body=None, timeout=60.0):
-        headers = {"Authorization": f"Bearer {self.cfg.api_token}"} if self.cfg.api_token else None
+    async def call(self, function, *args, **kwargs):
         try:
-            status, _, data = await self.client.request(method, path, body, timeout=timeout, headers=headers)
-        except HttpError as e:
-            raise ApiError(502, f"cbox.py at {self.url}: {e}") from e
-        try:
-            payload = json.loads(data)
-        except ValueError:
-            payload = {"error": data[:200].decode("utf-8", "replace")}
-        if status != 200:
-            raise ApiError(status, payload.get("error") if isinstance(payload, dict) else f"HTTP {status}")
-        return payload
+            return await asyncio.to_thread(function, *args, **kwargs)
+        except ServerUnreachable as e:
+            raise ApiError(502, f"cbox.py at {self.client.url}: {e}") from e
 
     async def start(self, name, url):
-        return await self.call("POST", "/v1/vms", {"vmName": name, "callbackUrl": url},
-                               timeout=self.cfg.boot_timeout_s + 120)
+        return (await self.call(self.client.start, name, callback_url=url)).info
 
     async def exec(self, name, body):
-        return await self.call("POST", vm_path(name, "/exec"), body, timeout=body.get("timeout", 60) + 30)
+        options = {key: value for key, value in body.items() if key != "cmd"}
+        return await self.call(self.client.vm(name).exec, body["cmd"], **options)
 
     async def exists(self, name):
         try:
-            await self.call("GET", vm_path(name))
+            await self.call(self.client.get, name)
             return True
-        except ApiError as e:
+        except ClientError as e:
             if e.status == 404:
                 return False
             raise
 
     async def destroy(self, name):
-        await self.call("DELETE", vm_path(name), timeout=120.0)
+        await self.call(self.client.destroy, name)
 
 
 async def running_server(cfg):
-    """(HttpClient, health) for the cbox.py serving at the config's host:port, or None when
+    """(Client, health) for the cbox.py serving at the config's host:port, or None when
     nothing listens there; ApiError when something else answers."""
     host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(cfg.host, cfg.host)
-    client = HttpClient(host=host, port=cfg.port, pool_size=2)
+    url = f"http://{f'[{host}]' if ':' in host else host}:{cfg.port}"
     try:
-        status, _, data = await client.request("GET", "/v1/health", timeout=5.0)
-    except HttpError:
-        client.close()
+        health = await asyncio.to_thread(Client(url, timeout=5.0).health)
+    except ServerUnreachable:
         return None
-    try:
-        health = json.loads(data)
-    except ValueError:
-        health = None
-    if status == 200 and isinstance(health, dict) and "version" in health:
-        return client, health
-    client.close()
-    raise ApiError(409, f"{host}:{cfg.port} answers, but not as cbox.py (HTTP {status}): "
+    except ClientError as e:
+        health = f"HTTP {e.status}: {e}"
+    if isinstance(health, dict) and "version" in health:
+        return Client(url, token=cfg.api_token or None), health
+    raise ApiError(409, f"{host}:{cfg.port} answers, but not as cbox.py ({one_line(health, 100)}): "
                         "`serve` could not listen there either; change port in the config or stop that program")
 
 
@@ -8209,7 +8205,7 @@ class Selftest:
             return
         if found:
             client, health = found
-            self.vms = RemoteVMs(cfg, client, url)
+            self.vms = RemoteVMs(client)
             self.report.add("server", "PASS", detail=f"cbox.py {health.get('version')} serves {url} "
                                                      f"({health.get('vms')} VMs): selftest uses its API")
             return
@@ -8487,28 +8483,24 @@ def cli_selftest(args, cfg):
     sys.exit(0 if report.ok() else 1)
 
 
-def client_open(args, method, path, body=None, timeout=None, headers=None):
-    """One REST request from the CLI; the open response, or exit with the error."""
-    import urllib.request
-    import urllib.error
-    url = args.server.rstrip("/") + path
-    data = json_bytes(body) if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
-    if data is not None:
-        req.add_header("Content-Type", "application/json")
-    token = os.environ.get("CBOX_API_TOKEN")
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
+def cli_client(args):
+    """The Client of the client commands: --server (env CBOX_URL), the token from env CBOX_API_TOKEN."""
+    return Client(args.server, token=os.environ.get("CBOX_API_TOKEN") or None)
+
+
+def run_client_command(args, command):
+    """Run a client command, command(args, client); an error of the API exits with its message."""
+    client = cli_client(args)
     try:
-        return urllib.request.urlopen(req, timeout=timeout)
-    except urllib.error.HTTPError as e:
-        try:
-            message = json.loads(e.read())["error"]
-        except (ValueError, KeyError, TypeError):
-            message = e.reason
-        sys.exit(f"cbox: {method} {path}: HTTP {e.code}: {message}")
-    except urllib.error.URLError as e:
-        sys.exit(f"cbox: cannot reach {args.server}: {e.reason} (is `cbox.py serve` running?)")
+        command(args, client)
+    except ServerUnreachable as e:
+        sys.exit(f"cbox: {e} (is `cbox.py serve` running?)")
+    except StreamBroken as e:
+        sys.exit(f"cbox: {e}")
+    except ClientError as e:
+        sys.exit(f"cbox: {e.method} {e.path}: HTTP {e.status}: {e}")
+    finally:
+        client.close()
 
 
 def cli_labels(items):
@@ -8522,20 +8514,9 @@ def cli_labels(items):
     return labels
 
 
-def cli_filter(args):
-    """The ?label=K=V&status=S query of `vm ls` / `vm rm` (empty without filter options)."""
-    query = [("label", item) for item in args.label or ()] + ([("status", args.status)] if args.status else [])
-    return "?" + urllib.parse.urlencode(query) if query else ""
-def client_call(args, method, path, body=None, timeout=None, text=False):
-    """One REST call from the CLI; returns the parsed JSON (or text) or exits with the error."""
-    with client_open(args, method, path, body, timeout) as resp:
-        payload = resp.read()
-    return payload.decode("utf-8", "replace") if text else json.loads(payload or b"null")
-
-
-def cli_health(args):
+def cli_health(args, client):
     """`health`: the server's state in two lines (its VMs, its warm pool)."""
-    health = client_call(args, "GET", "/v1/health", timeout=10)
+    health = client.health()
     print(f"{health.get('status')}: cbox.py {health.get('version')}, {health.get('vms')} VM(s)")
     pool = health.get("pool") or {}
     print(f"warm pool: {pool.get('ready')} of {pool.get('size')} ready, {pool.get('booting')} booting"
@@ -8574,52 +8555,65 @@ def cli_failed_starts(failures, show_logs):
                     print(f"    {line}")
 
 
-def cli_vm(args):
-    if args.vm_cmd == "start":
-        body = {"vmName": args.name}
-        for key, value in (("callbackUrl", args.callback_url), ("callbackMethods", args.callback_method),
-                           ("vcpus", args.vcpus), ("memoryMb", args.memory_mb), ("network", cli_network(args)),
-                           ("ttlSeconds", args.ttl), ("idleTimeoutSeconds", args.idle_timeout),
-                           ("labels", cli_labels(args.label) or None)):
-            if value is not None:
-                body[key] = value
-        vm = client_call(args, "POST", "/v1/vms", body)
-        print(f"{vm['vmName']} {vm['status']} ip={vm['ip']} cid={vm['cid']} egress={fmt_egress(vm)}"
-              + (f" expires={vm['expiresAt']}" if vm.get("expiresAt") else ""))
-    elif args.vm_cmd == "ls":
-        vms = client_call(args, "GET", "/v1/vms" + cli_filter(args))["vms"]
-        print(f"{'NAME':24} {'STATUS':8} {'IP':18} {'CID':>5} {'VCPUS':>5} {'MEM_MB':>6}  {'CREATED':20}  "
-              f"{'EXPIRES':24}  LABELS")
-        for vm in vms:
-            labels = ",".join(f"{k}={v}" for k, v in (vm.get("labels") or {}).items())
-            print(f"{vm['vmName']:24} {vm['status']:8} {vm['ip']:18} {vm['cid']:>5} {vm['vcpus']:>5} "
-                  f"{vm['memoryMb']:>6}  {vm['createdAt']:20}  {vm.get('expiresAt') or '-':24}  {labels or '-'}")
-    elif args.vm_cmd == "ttl":
-        seconds = None if args.seconds == "none" else args.seconds
-        if seconds is not None and not is_decimal(seconds):
-            sys.exit("cbox: vm ttl: SECONDS must be a whole number or 'none'")
-        vm = client_call(args, "PUT", vm_path(args.name, "/ttl"), {"ttlSeconds": None if seconds is None else int(seconds)})
-        print(f"{vm['vmName']} expires={vm['expiresAt'] or 'never'}")
-    elif args.vm_cmd == "rm":
-        selected = args.label or args.status
-        if not args.name and not args.all and not selected:
-            sys.exit("cbox: vm rm needs VM names, --label/--status or --all")
-        if args.all or selected:
-            destroyed = client_call(args, "DELETE", "/v1/vms" + cli_filter(args))["destroyed"]
-            print("destroyed:", " ".join(destroyed) or "(none)")
-        for name in args.name:
-            client_call(args, "DELETE", vm_path(name))
-            print(f"{name} destroyed")
-    elif args.vm_cmd == "logs":
-        sys.stdout.write(client_call(args, "GET", vm_path(args.name, "/logs"), text=True))
-    elif args.vm_cmd == "failures":
-        cli_failed_starts(client_call(args, "GET", "/v1/failed-starts")["failedStarts"], args.logs)
-    elif args.vm_cmd == "network":
-        network = cli_network(args)
-        if network is None:
-            sys.exit("cbox: vm network needs --egress or --allow-out")
-        vm = client_call(args, "PUT", vm_path(args.name, "/network"), network)
-        print(f"{vm['vmName']} egress={fmt_egress(vm)}")
+def cli_vm_start(args, client):
+    vm = client.start(args.name, callback_url=args.callback_url, callback_methods=args.callback_method,
+                      vcpus=args.vcpus, memory_mb=args.memory_mb, network=cli_network(args), ttl=args.ttl,
+                      idle_timeout=args.idle_timeout, labels=cli_labels(args.label) or None).info
+    print(f"{vm['vmName']} {vm['status']} ip={vm['ip']} cid={vm['cid']} egress={fmt_egress(vm)}"
+          + (f" expires={vm['expiresAt']}" if vm.get("expiresAt") else ""))
+
+
+def cli_vm_ls(args, client):
+    vms = client.list(label=args.label, status=args.status)
+    print(f"{'NAME':24} {'STATUS':8} {'IP':18} {'CID':>5} {'VCPUS':>5} {'MEM_MB':>6}  {'CREATED':20}  "
+          f"{'EXPIRES':24}  LABELS")
+    for vm in (vm.info for vm in vms):
+        labels = ",".join(f"{k}={v}" for k, v in (vm.get("labels") or {}).items())
+        print(f"{vm['vmName']:24} {vm['status']:8} {vm['ip']:18} {vm['cid']:>5} {vm['vcpus']:>5} "
+              f"{vm['memoryMb']:>6}  {vm['createdAt']:20}  {vm.get('expiresAt') or '-':24}  {labels or '-'}")
+
+
+def cli_vm_ttl(args, client):
+    seconds = None if args.seconds == "none" else args.seconds
+    if seconds is not None and not is_decimal(seconds):
+        sys.exit("cbox: vm ttl: SECONDS must be a whole number or 'none'")
+    vm = client.vm(args.name).set_ttl(None if seconds is None else int(seconds)).info
+    print(f"{vm['vmName']} expires={vm['expiresAt'] or 'never'}")
+
+
+def cli_vm_rm(args, client):
+    selected = args.label or args.status
+    if not args.name and not args.all and not selected:
+        sys.exit("cbox: vm rm needs VM names, --label/--status or --all")
+    if args.all or selected:
+        print("destroyed:", " ".join(client.destroy_all(label=args.label, status=args.status)) or "(none)")
+    for name in args.name:
+        client.destroy(name)
+        print(f"{name} destroyed")
+
+
+def cli_vm_logs(args, client):
+    sys.stdout.write(client.vm(args.name).logs())
+
+
+def cli_vm_failures(args, client):
+    cli_failed_starts(client.failed_starts(), args.logs)
+
+
+def cli_vm_network(args, client):
+    network = cli_network(args)
+    if network is None:
+        sys.exit("cbox: vm network needs --egress or --allow-out")
+    vm = client.vm(args.name).set_network(network["egress"], network.get("allowOut")).info
+    print(f"{vm['vmName']} egress={fmt_egress(vm)}")
+
+
+VM_COMMANDS = {"start": cli_vm_start, "ls": cli_vm_ls, "ttl": cli_vm_ttl, "rm": cli_vm_rm, "logs": cli_vm_logs,
+               "failures": cli_vm_failures, "network": cli_vm_network}
+
+
+def cli_vm(args, client):
+    VM_COMMANDS[args.vm_cmd](args, client)
 
 
 def add_network_args(parser):
@@ -8636,75 +8630,53 @@ def exit_status(result):
     return 124 if result.get("timedOut") else 128 + (result.get("signal") or 9)
 
 
-def output_bytes(event):
-    """An output event's exact bytes (dataBase64 when the output was not UTF-8)."""
-    import base64
-    return base64.b64decode(event["dataBase64"]) if "dataBase64" in event else event["data"].encode()
-
-
-def follow_exec(args, name, resp, reattach=3):
-    """Write a stream's output events to stdout/stderr as they come; returns the exit event.
-    A stream that broke is re-attached from where it stopped."""
-    import http.client
+def follow_exec(stream):
+    """Write a stream's output events to stdout/stderr as they come; returns the exec's result."""
     sinks = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
-    exec_id, since = None, 0
-    while True:
-        problem = "the stream ended without an exit event"
-        try:
-            with resp:
-                for line in resp:
-                    event = json.loads(line)
-                    since = event["seq"] + 1
-                    kind = event["type"]
-                    if kind in sinks:
-                        sinks[kind].write(output_bytes(event))
-                        sinks[kind].flush()
-                    elif kind == "start":
-                        exec_id = event["execId"]
-                    elif kind == "dropped":
-                        sys.stderr.write(f"cbox: {event['missed']} events of the output were lost\n")
-                    elif kind == "exit":
-                        return event
-                    elif kind == "error":
-                        since, problem = event["seq"], event["error"]
-                        break
-        except (http.client.HTTPException, OSError, ValueError) as e:
-            problem = f"the stream broke: {e or type(e).__name__}"
-        if exec_id is None or reattach == 0:
-            sys.exit(f"cbox: {problem}")
-        sys.stderr.write(f"cbox: {problem}; re-attaching\n")
-        reattach -= 1
-        time.sleep(1.0)
-        resp = client_open(args, "GET", vm_path(name, f"/exec/{exec_id}/stream?since={since}"))
+    for event in stream:
+        if event["type"] in sinks:
+            sinks[event["type"]].write(event_bytes(event))
+            sinks[event["type"]].flush()
+        elif event["type"] == "dropped":
+            sys.stderr.write(f"cbox: {event['missed']} events of the output were lost\n")
+    return stream.result
 
 
-def cli_exec(args):
+def cli_exec_options(args):
+    """The exec options of `exec` (Client.exec's keywords) from its command line and stdin."""
+    options = {"timeout": args.timeout, "cwd": args.cwd or None, "tag": args.tag or None}
+    if args.user:
+        options["user"] = int(args.user) if is_decimal(args.user) else args.user
+    if args.env:
+        options["env"] = dict(item.split("=", 1) for item in args.env)
+    if not sys.stdin.isatty() and args.stdin:
+        options["stdin"] = sys.stdin.read()
+    return options
+
+
+def cli_exec(args, client):
     command = args.command
     if not command:
         sys.exit("cbox: exec needs a command: cbox.py exec NAME -- CMD...")
-    body = {"cmd": command[0] if len(command) == 1 else shlex.join(command)}
-    if args.timeout is not None:
-        body["timeout"] = args.timeout
-    for key, value in (("cwd", args.cwd), ("tag", args.tag), ("user", args.user)):
-        if value:
-            body[key] = int(value) if key == "user" and is_decimal(value) else value
-    if args.env:
-        body["env"] = dict(item.split("=", 1) for item in args.env)
-    if not sys.stdin.isatty() and args.stdin:
-        body["stdin"] = sys.stdin.read()
+    cmd, vm = command[0] if len(command) == 1 else shlex.join(command), client.vm(args.name)
     if args.no_stream:
-        result = client_call(args, "POST", vm_path(args.name, "/exec"), body)
-        sys.stdout.write(result.get("stdout", ""))
-        sys.stderr.write(result.get("stderr", ""))
+        result = vm.exec(cmd, **cli_exec_options(args))
+        sys.stdout.write(result.stdout)
+        sys.stderr.write(result.stderr)
     else:
-        resp = client_open(args, "POST", vm_path(args.name, "/exec"), dict(body, stream=True))
+        def tell(problem):
+            sys.stderr.write(f"cbox: {problem}; re-attaching\n")
+        stream = vm.stream(cmd, reattach=3, on_reattach=tell, **cli_exec_options(args))
         try:
-            result = follow_exec(args, args.name, resp)
+            result = follow_exec(stream)
         except KeyboardInterrupt:
             sys.exit("cbox: detached; the command keeps running (GET /v1/vms/NAME/exec lists it)")
-    if result.get("truncated"):
+    if result.truncated:
         sys.stderr.write("cbox: output truncated (exec_output_limit_bytes)\n")
     sys.exit(exit_status(result))
+
+
+CLIENT_COMMANDS = {"health": cli_health, "vm": cli_vm, "exec": cli_exec}     # each (args, client)
 
 
 def main(argv=None):
@@ -8801,12 +8773,8 @@ def main(argv=None):
             asyncio.run(serve(cfg))
         except (CommandError, OSError) as e:
             sys.exit(f"cbox: {e}")
-    elif args.cmd == "health":
-        cli_health(args)
-    elif args.cmd == "vm":
-        cli_vm(args)
-    elif args.cmd == "exec":
-        cli_exec(args)
+    else:
+        run_client_command(args, CLIENT_COMMANDS[args.cmd])
 
 
 if __name__ == "__main__":
