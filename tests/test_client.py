@@ -280,6 +280,25 @@ def test_keep_alive_and_a_kept_connection_that_broke(client, proxy, monkeypatch)
         c.vm("nosuch").exec("true")
 
 
+def test_one_client_shared_by_threads(client, proxy):
+    from concurrent.futures import ThreadPoolExecutor
+    client.start("shared")
+    c = cbox.Client(proxy.url)
+    vm = c.vm("shared")
+    with ThreadPoolExecutor(6) as pool:
+        outputs = list(pool.map(lambda i: vm.exec(f"echo {i}").stdout, range(60)))
+    assert outputs == [f"{i}\n" for i in range(60)]
+    assert proxy.connections <= 6 and len(c.idle) <= c.IDLE_CONNECTIONS
+    c.destroy("shared")
+
+
+def test_cli_errors_name_the_request():
+    r = subprocess.run([sys.executable, str(REPO / "cbox.py"), "--server", "http://127.0.0.1:9", "health"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.startswith("cbox: cannot reach http://127.0.0.1:9: ") and "cbox.py serve" in r.stderr
+
+
 def test_stream_reattaches_after_a_broken_connection_losing_nothing(client, proxy):
     vm = client.start("streamer")
     via_proxy = cbox.Client(proxy.url).vm("streamer")
