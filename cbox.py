@@ -7450,12 +7450,13 @@ class Client:
     one without a request). A non-200 answer raises ClientError; no answer raises
     ServerUnreachable. `timeout`: seconds to wait for a quick call's answer; calls that wait
     for work the server bounds itself (a start, a blocking exec, a kill's grace, an events
-    long-poll) wait that long on top of it."""
+    long-poll) wait that long on top of it. An https:// URL (cbox.py behind a TLS proxy) is
+    checked with `ssl_context` (default: the system's trusted CAs)."""
 
     START_WAIT_S = 900.0          # a start may wait a boot (boot_timeout_s) and a VM destroyed to make room
     IDLE_CONNECTIONS = 8          # kept open for the next calls; more calls at once open more
 
-    def __init__(self, url="http://127.0.0.1:7000", token=None, timeout=60.0):
+    def __init__(self, url="http://127.0.0.1:7000", token=None, timeout=60.0, ssl_context=None):
         split = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
         if split.scheme not in ("http", "https") or not split.hostname:
             raise ValueError(f"cbox.Client: {url!r} is not an http:// or https:// URL")
@@ -7463,7 +7464,7 @@ class Client:
         self.scheme, self.host = split.scheme, split.hostname
         self.port = split.port or (443 if split.scheme == "https" else 80)
         self.prefix = split.path.rstrip("/")
-        self.idle, self.lock = [], threading.Lock()
+        self.idle, self.lock, self.ssl_context = [], threading.Lock(), ssl_context
 
     def __repr__(self):
         return f"cbox.Client({self.url!r})"
@@ -7496,8 +7497,9 @@ class Client:
                 conn.timeout = timeout
                 return conn, True
             conn.close()          # closed by the server (http_idle_timeout_s) while idle
-        kind = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
-        return kind(self.host, self.port, timeout=timeout), False
+        if self.scheme == "https":
+            return http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self.ssl_context), False
+        return http.client.HTTPConnection(self.host, self.port, timeout=timeout), False
 
     def release(self, conn, resp):
         if resp.will_close or conn.sock is None:

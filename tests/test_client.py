@@ -37,10 +37,10 @@ def client(cbox_server):
 class Proxy:
     """A TCP proxy to cbox.py on loopback that counts connections and can cut them all."""
 
-    def __init__(self, port=7000):
-        self.target = ("127.0.0.1", port)
+    def __init__(self, port=7000, tls=None):
+        self.target, self.tls = ("127.0.0.1", port), tls
         self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.listener.getsockname()[1]}"
         self.connections, self.live, self.lock = 0, [], threading.Lock()
         threading.Thread(target=self.accept, daemon=True).start()
 
@@ -50,6 +50,12 @@ class Proxy:
                 down, _ = self.listener.accept()
             except OSError:
                 return
+            if self.tls:
+                try:
+                    down = self.tls.wrap_socket(down, server_side=True)
+                except OSError:             # a client refusing the certificate
+                    down.close()
+                    continue
             up = socket.create_connection(self.target)
             with self.lock:
                 self.connections += 1
@@ -290,6 +296,29 @@ def test_one_client_shared_by_threads(client, proxy):
     assert outputs == [f"{i}\n" for i in range(60)]
     assert proxy.connections <= 6 and len(c.idle) <= c.IDLE_CONNECTIONS
     c.destroy("shared")
+
+
+def test_https_through_a_tls_proxy(client, tmp_path):
+    """cbox.py behind a TLS-terminating proxy (README: "use TLS in front"): https:// URLs,
+    the certificate checked against the context given (and refused without it)."""
+    import ssl
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=cbox-test",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_side.load_cert_chain(cert, key)
+    tls = Proxy(tls=server_side)
+    try:
+        trusting = ssl.create_default_context(cafile=str(cert))
+        c = cbox.Client(tls.url, ssl_context=trusting)
+        assert tls.url.startswith("https://") and c.health()["status"] == "healthy" and c.list() == []
+        assert tls.connections == 1
+        with pytest.raises(cbox.ServerUnreachable) as e:
+            cbox.Client(tls.url).health()               # the system's CAs do not know this certificate
+        assert "CERTIFICATE_VERIFY_FAILED" in str(e.value)
+    finally:
+        tls.close()
 
 
 def test_cli_errors_name_the_request():
