@@ -7386,11 +7386,12 @@ class ClientVM:
         """POST /v1/vms/{name}/exec: run `command` (str: by /bin/sh -c; list: argv) and answer its
         ExecResult once it ended; blocking=False answers at once (running, exec_id). Options:
         env, cwd, timeout, stdin, user, tag, memory_limit_mb, pids_limit (see exec_body). A
-        command that fails is still a result (exit_code, error), not an exception."""
+        command that fails is still a result (exit_code, error), not an exception. Without a
+        timeout the answer is awaited as long as it takes (the server's exec_timeout_s ends it)."""
         body = exec_body(command, **options)
         if not blocking:
             body["blocking"] = False
-        wait = (body.get("timeout") or self.client.START_WAIT_S) if blocking else 0
+        wait = (body.get("timeout") or math.inf) if blocking else 0     # inf: the server's exec_timeout_s
         return ExecResult(self.call("POST", "/exec", body, timeout=self.client.timeout + wait))
 
     def stream(self, command, reattach=5, on_reattach=None, **options):
@@ -7523,7 +7524,7 @@ class Client:
             hdrs["Content-Type"] = "application/json"
         if self.token:
             hdrs["Authorization"] = f"Bearer {self.token}"
-        wait = self.timeout if timeout is None else timeout
+        wait = self.timeout if timeout is None else None if timeout == math.inf else timeout    # inf: no limit
         for attempt in (1, 2):
             conn, reused = self.connection(wait)
             try:
