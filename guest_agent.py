@@ -332,15 +332,22 @@ def system_stats():
     return stats
 
 
+_proc_is_ours = {}      # pid -> proc_shows_our_pids() (a forked server asks again)
+
+
 def proc_shows_our_pids():
     """Whether /proc is a mount of our own pid namespace. Under the stand-in the agent
     runs in a pid namespace of its own but sees the host's /proc, where its pids name
     other processes (pid 2, its own, is the host's kthreadd there): nothing it reads or
-    writes under /proc/<pid> may then be trusted to be about its own processes."""
-    try:
-        return os.readlink("/proc/self") == str(os.getpid())
-    except OSError:
-        return False
+    writes under /proc/<pid> may then be trusted to be about its own processes. Asked
+    once per process (after PID 1 mounted /proc): it cannot change later."""
+    pid = os.getpid()
+    if pid not in _proc_is_ours:
+        try:
+            _proc_is_ours[pid] = os.readlink("/proc/self") == str(pid)
+        except OSError:
+            _proc_is_ours[pid] = False
+    return _proc_is_ours[pid]
 
 
 # Twin of cbox.py's proc_start_time() (each file stays standalone).
@@ -1216,6 +1223,7 @@ class ExecSpec:
     FIELDS = frozenset(("cmd", "argv", "env", "cwd", "stdin", "timeout", "maxOutput", "blocking",
                         "user", "tag", "memoryLimitMb", "pidsLimit", "keepaliveS",
                         "tty", "cols", "rows", "term"))
+    TTY_FIELDS = frozenset(("tty", "cols", "rows", "term"))
 
     def __init__(self, body):
         if not isinstance(body, dict):
@@ -1227,21 +1235,23 @@ class ExecSpec:
             raise RequestError(400, "cmd is required (or argv instead, not both)")
         self.cmd = _text_field(body, "cmd") if "cmd" in body else None
         self.argv = _argv_field(body["argv"]) if "argv" in body else None
-        self.env = _env_field(body.get("env"))
-        self.cwd = _text_field(body, "cwd", optional=True)
-        self.stdin = _text_field(body, "stdin", optional=True, nul_ok=True)
-        self.tty, self.cols, self.rows, self.term = _tty_fields(body)
+        # fields left out take their defaults without a validator's call (every exec pays it)
+        self.env = _env_field(body["env"]) if "env" in body else {}
+        self.cwd = _text_field(body, "cwd", optional=True) if "cwd" in body else None
+        self.stdin = _text_field(body, "stdin", optional=True, nul_ok=True) if "stdin" in body else None
+        self.tty, self.cols, self.rows, self.term = _tty_fields(body) if self.TTY_FIELDS & body.keys() \
+            else (False, None, None, None)
         self.stdin_pipe = self.stdin == "pipe" or self.tty     # a terminal's input is always open
-        self.timeout = _timeout_field(body.get("timeout"))
-        self.max_output = _max_output_field(body.get("maxOutput", DEFAULT_MAX_OUTPUT))
+        self.timeout = _timeout_field(body["timeout"]) if "timeout" in body else None
+        self.max_output = _max_output_field(body["maxOutput"]) if "maxOutput" in body else DEFAULT_MAX_OUTPUT
         self.blocking = body.get("blocking", True)
         if not isinstance(self.blocking, bool):
             raise RequestError(400, "blocking must be a boolean")
-        self.user = _user_field(body.get("user"))
-        self.tag = _tag_field(body.get("tag"))
-        self.memory_mb = _positive_int_field(body, "memoryLimitMb", 1 << 24)
-        self.pids_limit = _positive_int_field(body, "pidsLimit", 1 << 22)
-        self.keepalive = _keepalive_field(body.get("keepaliveS"))
+        self.user = _user_field(body["user"]) if "user" in body else None
+        self.tag = _tag_field(body["tag"]) if "tag" in body else None
+        self.memory_mb = _positive_int_field(body, "memoryLimitMb", 1 << 24) if "memoryLimitMb" in body else None
+        self.pids_limit = _positive_int_field(body, "pidsLimit", 1 << 22) if "pidsLimit" in body else None
+        self.keepalive = _keepalive_field(body["keepaliveS"]) if "keepaliveS" in body else DEFAULT_KEEPALIVE_S
 
     @property
     def command(self):
@@ -1275,9 +1285,16 @@ def parse_signal(value):
     return number
 
 
+_utc_second = [None, ""]     # the last whole second formatted: (second, its text)
+
+
 def utc_timestamp(epoch):
     """RFC 3339 UTC with milliseconds: 2026-01-02T03:04:05.678Z."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch % 1 * 1000):03d}Z"
+    second, cached = _utc_second
+    if int(epoch) != second:
+        second, cached = int(epoch), time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch))
+        _utc_second[:] = second, cached       # one list: threads see a matching pair
+    return cached + f".{int(epoch % 1 * 1000):03d}Z"
 
 
 LOG_EXECS_OVER_S = 1.0      # blocking execs that end normally are logged only from this long
@@ -1384,6 +1401,9 @@ def response_json(obj):
     return "".join(_RESPONSE_CHUNKS(obj, 0))
 
 
+OUTPUT_FIELDS = ("output", "stdout", "stderr")     # of an exec result, left out of its exit event
+
+
 class OutputRuns:
     """(buffer, start, end) segments of output runs: +n is the next n bytes of stdout, -n of stderr."""
 
@@ -1401,20 +1421,27 @@ class OutputRuns:
                 err -= run
 
 
+UTF8_DECODER = codecs.getincrementaldecoder("utf-8")
+
+
 class StreamDecoder:
     """Incremental UTF-8 decoding of one output stream: characters are never split
     between events; invalid bytes become U+FFFD and the raw bytes are kept too."""
 
     def __init__(self):
-        self._strict = codecs.getincrementaldecoder("utf-8")("strict")
+        self._strict = None         # made at the first bytes (most streams of short commands get none)
 
     def decode(self, data, final=False):
         """(text, raw bytes of that text when it holds replacements, else None)."""
+        if self._strict is None:
+            if not data:
+                return "", None
+            self._strict = UTF8_DECODER("strict")
         try:
             return self._strict.decode(data, final), None
         except UnicodeDecodeError:  # the strict decoder's buffer is left as it was
             raw = self._strict.getstate()[0] + bytes(data)
-            lenient = codecs.getincrementaldecoder("utf-8")("replace")
+            lenient = UTF8_DECODER("replace")
             text = lenient.decode(raw, final)
             pending = lenient.getstate()[0]
             self._strict.setstate((pending, 0))
@@ -1437,7 +1464,9 @@ class EventLog:
 
     def __init__(self, cap):
         self.cap = cap
-        self.cond = threading.Condition()
+        self.lock = threading.Lock()
+        self._cond = None           # Condition on lock, made for the first waiter (most execs have none)
+        self.waiting = 0            # readers waiting on it (an append wakes them only then)
         self.lines = {}             # seq -> encoded line
         self.first_seq = 0          # oldest kept
         self.next_seq = 0
@@ -1445,9 +1474,13 @@ class EventLog:
         self.closed = False         # the exit event is in
         self.last_append = time.monotonic()
 
-    def append(self, event, last=False):
-        line = encode_event(self.next_seq, event)   # the only appender: next_seq is stable here
-        with self.cond:
+    def append(self, event, last=False, members=None):
+        """Append event (a dict), or `members`: its JSON members encoded already."""
+        if members is None:
+            line = encode_event(self.next_seq, event)   # the only appender: next_seq is stable here
+        else:
+            line = f'{{"seq":{self.next_seq},{members}\n'.encode("utf-8", "replace")
+        with self.lock:
             self.lines[self.next_seq] = line
             self.next_seq += 1
             self.size += len(line)
@@ -1456,10 +1489,26 @@ class EventLog:
                 self.first_seq += 1
             self.closed = self.closed or last
             self.last_append = time.monotonic()
-            self.cond.notify_all()
+            if self.waiting:
+                self._cond.notify_all()
+
+    def wait_closed(self, timeout):
+        """Wait up to timeout seconds for the exit event; whether it is in."""
+        with self.lock:
+            self.waiting += 1
+            try:
+                return self._condition().wait_for(lambda: self.closed, timeout)
+            finally:
+                self.waiting -= 1
+
+    def _condition(self):
+        """The Condition readers wait on (lock held)."""
+        if self._cond is None:
+            self._cond = threading.Condition(self.lock)
+        return self._cond
 
     def check_since(self, since):
-        with self.cond:
+        with self.lock:
             if since > self.next_seq:
                 raise RequestError(400, f"since {since} is beyond the last event {self.next_seq - 1}")
 
@@ -1474,9 +1523,13 @@ class EventLog:
         pos = since
         while True:
             batch, size = [], 0
-            with self.cond:
+            with self.lock:
                 while pos >= self.next_seq and not self.closed:
-                    self.cond.wait(wait_s)
+                    self.waiting += 1
+                    try:
+                        self._condition().wait(wait_s)
+                    finally:
+                        self.waiting -= 1
                 if pos < self.first_seq:
                     batch.append(encode_event(self.first_seq - 1, {
                         "type": "dropped", "missed": self.first_seq - pos, "fromSeq": pos}))
@@ -1586,7 +1639,6 @@ class Exec:
         self._started_at = (None, "")  # (epoch, its startedAt text)
         self.finished = None          # monotonic time once run() is over
         self._final = None            # the result once run() is over (it no longer changes)
-        self.done = threading.Event()
         self.events = EventLog(max(spec.max_output, MIN_EVENT_RING))
         self._lock = threading.Lock()  # guards buffers, returncode and killing
         self._proc = None
@@ -1654,8 +1706,10 @@ class Exec:
                 self._leaf.remove()
                 self._leaf = None
             raise
-        self.events.append({"type": "start", "execId": self.id, "tag": self.tag, "pid": self.pid,
-                            "startedAt": self.started_at, "tty": self.spec.tty})
+        # as response_json would write it (id, tag and startedAt need no escapes), without its cost
+        tag = "null" if self.tag is None else f'"{self.tag}"'
+        self.events.append(None, members=f'"type":"start","execId":"{self.id}","tag":{tag},"pid":{self.pid},'
+                                         f'"startedAt":"{self.started_at}","tty":{"true" if self.spec.tty else "false"}}}')
 
     def _spawn(self, env):
         spec = self.spec
@@ -1772,7 +1826,7 @@ class Exec:
     # -- the I/O loop ---------------------------------------------------------
 
     def run(self):
-        """Feed, drain and wait until the command is over; always ends the event log and sets `done`."""
+        """Feed, drain and wait until the command is over; always ends the event log (see wait_done)."""
         try:
             self._io_loop()
         finally:
@@ -1787,11 +1841,12 @@ class Exec:
             self._close_tty()
             self._release_cgroup()
             self.finished = time.monotonic()
-            self._final = self.result()
-            event = {"type": "exit", **self._final}
-            del event["output"], event["stdout"], event["stderr"]
-            self.events.append(event, last=True)
-            self.done.set()
+            final = self.result()
+            outcome = {key: value for key, value in final.items() if key not in OUTPUT_FIELDS}
+            self._outcome_json = response_json(outcome)   # the exit event's, and in answer()
+            self._final = final
+            self.events.append(None, last=True, members='"type":"exit",' + self._outcome_json[1:])
+            # the end: wait_done() returns
 
     def _close_tty(self):
         with self._lock:
@@ -2063,7 +2118,11 @@ class Exec:
     def kill(self, wait_s=5.0):
         """Kill every process of a running exec and wait until run() is over."""
         self.kill_all()
-        self.done.wait(wait_s)
+        self.wait_done(wait_s)
+
+    def wait_done(self, timeout):
+        """Wait up to timeout seconds for run() to be over."""
+        self.events.wait_closed(timeout)
 
     def terminate(self, grace_s):
         """SIGTERM everything, wait up to grace_s for the end, then kill (grace 0: SIGKILL at once)."""
@@ -2072,7 +2131,7 @@ class Exec:
                 self.send_signal(signal.SIGTERM)
             except RequestError:   # it just finished
                 pass
-            self.done.wait(grace_s)
+            self.wait_done(grace_s)
         if self.running:
             self.kill()
 
@@ -2145,6 +2204,16 @@ class Exec:
             "durationMs": round((end - self.started) * 1000, 3),
         })
         return result
+
+    def answer(self):
+        """The exec result as an answer's body: once run() is over and the output is small,
+        its JSON bytes (the exit event's encoding and the output, so the result is encoded
+        once), else result()'s dict."""
+        final = self._final
+        if final is None or sum([final[key].size for key in OUTPUT_FIELDS]) > SMALL_BODY:
+            return self.result()
+        outputs = "".join([f',"{key}":{json_string(final[key].text())}' for key in OUTPUT_FIELDS])
+        return (self._outcome_json[:-1] + outputs + "}").encode("utf-8", "replace")
 
     def listing(self):
         """The short form of GET /exec."""
@@ -2259,6 +2328,9 @@ REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 404: "Not Found",
            501: "Not Implemented", 505: "HTTP Version Not Supported"}
 
 
+_scan_json = json.decoder.JSONDecoder().scan_once     # (value, end) of the JSON value at an index
+
+
 class Request:
     def __init__(self, method, path, version, headers, body, query=""):
         self.method = method
@@ -2277,8 +2349,19 @@ class Request:
         return values[-1] if values else None
 
     def json(self):
+        """The body as JSON; a JSON object body is parsed by the C scanner straight away
+        (json.loads's Python layers cost more than the parse), anything else by json.loads."""
+        body = self.body
+        if body[:1] == b"{" and body[-1:] == b"}":
+            try:
+                text = body.decode("utf-8")
+                value, end = _scan_json(text, 0)
+                if end == len(text):
+                    return value
+            except (ValueError, StopIteration):
+                pass            # json.loads says what is wrong
         try:
-            return json.loads(self.body)
+            return json.loads(body)
         except ValueError as e:
             raise RequestError(400, f"malformed JSON: {e}") from None
 
@@ -2404,7 +2487,7 @@ class HttpConnection:
             self._read_exact(2)
 
     def send_json(self, status, obj, close=False, headers=""):
-        """Send obj (a dict, maybe with CapturedText values) as a JSON response.
+        """Send obj (a dict, maybe with CapturedText values, or JSON bytes) as a JSON response.
 
         A small body goes out with the head in one sendall (no Nagle /
         delayed-ACK stall). A large one is never whole in memory: it is
@@ -2413,7 +2496,10 @@ class HttpConnection:
         """
         if close:
             headers += "Connection: close\r\n"
-        captured = sum(v.size for v in obj.values() if isinstance(v, CapturedText))
+        if type(obj) is bytes:      # encoded already (Exec.answer)
+            self.sock.sendall(_response_head(status, len(obj), headers) + obj)
+            return
+        captured = sum([v.size for v in obj.values() if type(v) is CapturedText])
         if captured <= SMALL_BODY:
             body = response_json(obj).encode("utf-8", "replace")
             self.sock.sendall(_response_head(status, len(body), headers) + body)
@@ -2604,7 +2690,7 @@ class AgentServer:
             raise
         if spec.blocking:
             self._run_exec(ex, keep=False)
-            return 200, ex.result(), ""
+            return 200, ex.answer(), ""
         threading.Thread(target=self._run_exec, args=(ex, True), daemon=True).start()
         return 200, {"execId": ex.id, "tag": ex.tag, "output": "", "error": "", "running": True}, ""
 

@@ -398,6 +398,47 @@ class FakeSock:
         self.sends.append(bytes(data))
 
 
+@pytest.mark.parametrize("body", [
+    b'{"cmd": "true"}', b'{"cmd": "echo \xc3\xa9\\u00e9", "env": {"A": "1"}}', b' {"cmd": "x"} ', b'{"a": [1, 2.5, null]}',
+    b'[1]', b'"x"', b'{"cmd": "true"} {}', b'{"cmd": "tr\x01ue"}', b'{"cmd": }', b'{', b'{"a": 1}}', b'\xff{}',
+    b'{"a": 1, "a": 2}', b'{"n": 1e400}',
+])
+def test_request_json_is_json_loads(body):
+    """Request.json's shortcut for object bodies (the C scanner straight away) gives what
+    json.loads gives, and the same error for what json.loads refuses."""
+    ga = load_agent_module()
+    request = ga.Request("POST", "/exec", "HTTP/1.1", {}, body)
+    try:
+        expected = json.loads(body)
+    except ValueError as e:
+        with pytest.raises(ga.RequestError) as refused:
+            request.json()
+        assert (refused.value.status, refused.value.message) == (400, f"malformed JSON: {e}")
+    else:
+        assert request.json() == expected
+
+
+@pytest.mark.parametrize("cmd", ["true", "printf 'a\\033[1m\\001\"\\\\\\303\\251'; echo err >&2; exit 3",
+                                 "head -c 300000 /dev/zero | tr '\\0' x"])
+def test_a_blocking_answer_is_the_exec_result(cmd):
+    """A finished exec's answer (its exit event's JSON and the output, encoded once) is its
+    result; the exit event is the result without the output."""
+    ga = load_agent_module()
+    ex = ga.Exec("0123456789abcdef", ga.ExecSpec({"cmd": cmd}))
+    ex.start({"PATH": os.environ["PATH"]})
+    ex.run()
+    answer, result = ex.answer(), json.loads(ga.response_json(ex.result()))
+    assert json.loads(answer if isinstance(answer, bytes) else ga.response_json(answer)) == result
+    assert isinstance(answer, bytes) == (len(result["stdout"]) <= ga.SMALL_BODY)
+    [exit_line] = [line for line in ex.events.lines.values() if b'"type":"exit"' in line]
+    exit_event = json.loads(exit_line)
+    assert exit_event.pop("seq") == ex.events.next_seq - 1 and exit_event.pop("type") == "exit"
+    assert exit_event == {k: v for k, v in result.items() if k not in ("output", "stdout", "stderr")}
+    start = json.loads(ex.events.lines[0])
+    assert start == {"seq": 0, "type": "start", "execId": ex.id, "tag": None, "pid": ex.pid,
+                     "startedAt": result["startedAt"], "tty": False}
+
+
 def test_output_capture_and_json_in_pieces(monkeypatch):
     """Captured output (runs over stdout/stderr, or its own buffer once the runs are many
     and short) gives the same JSON as json.dumps of the decoded bytes, in one piece or many."""
