@@ -1600,6 +1600,10 @@ def devnull_fd():
 # of stdin, if any, is the command's.
 WAIT_FOR_CGROUP = 'read -r CBOX_GO || exit 125; exec "$@"'
 WAIT_FOR_CGROUP_NULL = 'read -r CBOX_GO || exit 125; exec "$@" </dev/null'
+# A "cmd" runs in the shell that waited (one exec of sh, not two): the wait goes in front
+# of the command's text, on its first line (so the shell's line numbers stay the command's).
+CMD_AFTER_CGROUP = 'read -r CBOX_GO || exit 125; unset CBOX_GO; '
+CMD_AFTER_CGROUP_NULL = CMD_AFTER_CGROUP + 'exec </dev/null; '
 # On a terminal ($1 its path): the shell, a session leader, opens it as stdin, stdout and
 # stderr, which makes it the session's controlling terminal; then it runs the command.
 OPEN_TTY = 'exec 0<>"$1" 1>&0 2>&0 || exit 125; shift; exec "$@"'
@@ -1761,7 +1765,10 @@ class Exec:
         the parent's fds, the fd "go" goes to) of a command on pipes."""
         spec = self.spec
         argv = spec.command
-        if wait_for_cgroup:
+        if wait_for_cgroup and spec.cmd is not None:
+            prefix = CMD_AFTER_CGROUP_NULL if spec.stdin is None else CMD_AFTER_CGROUP
+            argv = ["/bin/sh", "-c", prefix + spec.cmd]
+        elif wait_for_cgroup:
             script = WAIT_FOR_CGROUP_NULL if spec.stdin is None else WAIT_FOR_CGROUP
             argv = ["/bin/sh", "-c", script, "cbox-exec"] + argv
         out_r, out_w = os.pipe()
