@@ -1,5 +1,6 @@
-"""Exec on a terminal ("tty": true) in a real guest (QEMU engine): the agent as PID 1,
-with cgroups, so the command waits for its cgroup before it opens its terminal.
+"""The guest agent's newer exec paths in a real guest (QEMU engine): the agent as PID 1,
+with cgroups, so every command waits for its cgroup before user code runs: a "cmd" in the
+shell that runs it, a terminal's command before it opens its terminal.
 
 The VM is test_exec_v2_guest.py's (this checkout's guest_agent.py written into a copy
 of out/rootfs.ext4), booted once for this module; everything skips with a reason when
@@ -43,3 +44,19 @@ def test_tty_in_the_guest(guest):  # noqa: F811
     r = sh(api, "setsid sleep 1011 & sleep 1012", tty=True, timeout=2)
     assert (r["timedOut"], r["killScope"]) == (True, "cgroup") and time.monotonic() - t0 < 60, r
     assert wait_for(lambda: no_processes(api, "^sleep 101[12]"), 20, interval=0.5)
+
+
+def test_a_cmd_waits_for_its_cgroup_in_its_own_shell(guest):  # noqa: F811
+    """A "cmd" is one sh that first waits for the agent's "go" line: nothing of the
+    handshake shows to the command (no variable, no stdin line, line numbers and $0 as
+    sh -c's), and it is in its cgroup from its first line on."""
+    api, eng = guest
+    r = sh(api, 'echo "[$0] [$#] [${CBOX_GO-unset}]"; cat /proc/self/cgroup; '
+                'ps -o args= -p $$; no-such-command-xyz')
+    lines = r["stdout"].splitlines()
+    assert lines[:2] == ["[/bin/sh] [0] [unset]", f"0::/cbox-exec/{r['execId']}"], r
+    assert lines[2].startswith("/bin/sh -c read -r CBOX_GO") and lines[2].count("/bin/sh") == 1, r
+    assert r["stderr"] == "/bin/sh: 1: no-such-command-xyz: not found\n" and r["exitCode"] == 127, r
+    assert sh(api, "cat; echo; cat <&0", stdin="line one\nline two")["stdout"] == "line one\nline two\n"
+    assert sh(api, "read -r x; echo \"[$x]\"")["stdout"] == "[]\n"          # no stdin: /dev/null
+    assert sh(api, "exit 7")["exitCode"] == 7
