@@ -2249,6 +2249,7 @@ class ExecRegistry:
         self._lock = threading.Lock()
         self._running = {}
         self._finished = collections.OrderedDict()
+        self._finished_bytes = 0      # output_bytes of the kept finished execs (fixed once finished)
 
     @staticmethod
     def new_id():
@@ -2282,6 +2283,7 @@ class ExecRegistry:
             self._running.pop(ex.id, None)
             if keep:
                 self._finished[ex.id] = ex
+                self._finished_bytes += ex.output_bytes
             self._prune()
 
     def running(self):
@@ -2297,13 +2299,12 @@ class ExecRegistry:
 
     def _prune(self):
         now = time.monotonic()
-        total = sum(ex.output_bytes for ex in self._finished.values())
         while self._finished:
             oldest = next(iter(self._finished.values()))
-            if (len(self._finished) <= MAX_FINISHED and total <= MAX_FINISHED_BYTES
+            if (len(self._finished) <= MAX_FINISHED and self._finished_bytes <= MAX_FINISHED_BYTES
                     and oldest.finished + FINISHED_TTL_S > now):
                 break
-            total -= oldest.output_bytes
+            self._finished_bytes -= oldest.output_bytes
             del self._finished[oldest.id]
 
 

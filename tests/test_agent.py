@@ -439,6 +439,29 @@ def test_a_blocking_answer_is_the_exec_result(cmd):
                      "startedAt": result["startedAt"], "tty": False}
 
 
+def test_finished_execs_are_kept_within_count_bytes_and_time(monkeypatch):
+    """The registry keeps finished background execs up to MAX_FINISHED of them, holding
+    MAX_FINISHED_BYTES of output, for FINISHED_TTL_S: the oldest go first."""
+    ga = load_agent_module()
+
+    class Finished:
+        def __init__(self, n, size):
+            self.id, self.tag, self.output_bytes = f"e{n}", None, size
+            self.finished, self.started_epoch = time.monotonic(), n
+
+    registry = ga.ExecRegistry()
+    for n in range(ga.MAX_FINISHED + 10):
+        registry.finish(Finished(n, 1000), keep=True)
+    assert [ex.id for ex in registry.all()] == [f"e{n}" for n in range(10, ga.MAX_FINISHED + 10)]
+    big = ga.MAX_FINISHED_BYTES // 3 + 1
+    for n in range(1000, 1003):         # the third big one pushes out all older ones and the first big one
+        registry.finish(Finished(n, big), keep=True)
+    assert [ex.id for ex in registry.all()] == ["e1001", "e1002"]
+    assert registry.get("e1000") is None and registry.get("e1002").output_bytes == big
+    monkeypatch.setattr(ga.time, "monotonic", lambda: time.time() + ga.FINISHED_TTL_S + 1e6)
+    assert registry.all() == []
+
+
 def test_output_capture_and_json_in_pieces(monkeypatch):
     """Captured output (runs over stdout/stderr, or its own buffer once the runs are many
     and short) gives the same JSON as json.dumps of the decoded bytes, in one piece or many."""
