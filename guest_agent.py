@@ -106,8 +106,9 @@ Internal HTTP API (cbox.py -> agent, TCP 4031, JSON, errors {"error": msg})
   xterm-256color, ^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$), the window is "cols" x
   "rows" (1-4096 each, default 80 x 24); cols, rows and term without tty: 400.
   Everything else is as for any exec: cgroup, limits, timeout, kills, maxOutput,
-  tags, blocking or not. Output comes as "stdout" events (one per read of the
-  master, the terminal's bytes: \r\n line ends, escape sequences) and in
+  tags, blocking or not. Output comes as "stdout" events (each what the master
+  holds when it is read, up to 256 KiB without waiting for more: the terminal's
+  bytes, \r\n line ends, escape sequences) and in
   "stdout"/"output" of the result; "stderr" stays empty. Input is always open:
   POST .../stdin writes to the terminal as typed (\x03 is Ctrl-C while the
   terminal has ISIG), "dataBase64" for bytes that are not UTF-8; "eof" types the
@@ -1946,6 +1947,8 @@ class Exec:
             if e.errno != errno.EIO:
                 raise
             data = b""              # a terminal's master once no process holds the terminal
+        if data and self.spec.tty:
+            data = self._read_more(fd, data)
         if len(data) >= DEFAULT_PIPE_SIZE and fd not in self._grown:
             self._grown.add(fd)     # it filled the pipe: a bigger one means fewer wakeups from now on
             grow_pipe(fd)
@@ -1958,6 +1961,22 @@ class Exec:
         with self._lock:
             self._capture(self._readers[fd], data)
         self._emit(fd, *self._decoders[fd].decode(data))
+
+    @staticmethod
+    def _read_more(fd, data):
+        """A terminal's master gives a few KiB a read: take what else is there now (up to
+        READ_CHUNK, never waiting), so bulk output makes few events."""
+        chunks, size = [data], len(data)
+        while size < READ_CHUNK:
+            try:
+                more = os.read(fd, READ_CHUNK - size)
+            except OSError:         # EAGAIN: nothing more yet; EIO: the next read ends it
+                break
+            if not more:
+                break
+            chunks.append(more)
+            size += len(more)
+        return b"".join(chunks)
 
     def _emit(self, fd, text, raw):
         """A stdout/stderr event; raw bytes ride along (base64) when the text has replacements."""
