@@ -36,7 +36,7 @@ Internal HTTP API (cbox.py -> agent, TCP 4031, JSON, errors {"error": msg})
                      kept across restarts of the server. name: ^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$
   POST   /exec       {"cmd" | "argv" (exactly one), "env", "cwd", "stdin", "timeout",
                       "maxOutput", "blocking", "user", "tag", "memoryLimitMb",
-                      "pidsLimit", "keepaliveS"}
+                      "pidsLimit", "keepaliveS", "tty", "cols", "rows", "term"}
                      -> exec result, or {"execId","tag","output":"","error":"","running":true}
   GET    /exec       {"execs": [{"execId","tag","cmd" or "argv","running","exitCode",
                      "startedAt","durationMs"}]}: running and kept finished execs, oldest first
@@ -46,11 +46,21 @@ Internal HTTP API (cbox.py -> agent, TCP 4031, JSON, errors {"error": msg})
                      (0-3600, default 0: no SIGTERM) for it to end, then SIGKILL;
                      returns the final exec result
   GET    /exec/{id}/stream?since=SEQ   the exec's events, see Streams (since: default 0)
-  POST   /exec/{id}/stdin   {"data": str, "eof": bool} -> {"written": bytes}; 409 without a
-                     "pipe" stdin, once it is closed or the exec ended; at most 1 MiB of
-                     data per request (413); waits up to 10 s for the command to read
-  POST   /exec/{id}/signal  {"signal": "TERM" | "SIGTERM" | 15} -> {"execId","signal": number}
-                     to every process of the exec; unknown signal 400, finished exec 409
+  POST   /exec/{id}/stdin   {"data": str | "dataBase64": base64 of bytes, "eof": bool}
+                     -> {"written": bytes of data}; 409 without a "pipe" stdin or a terminal,
+                     once it is closed or the exec ended; at most 1 MiB of data per request
+                     (413); waits up to 10 s for the command to read (then answers the
+                     bytes written so far). eof closes a pipe; on a terminal it types VEOF.
+  POST   /exec/{id}/signal  {"signal": "TERM" | "SIGTERM" | 15, "to": "all" | "foreground"}
+                     -> {"execId","signal": number} to every process of the exec ("all",
+                     the default); "foreground": to the terminal's foreground process
+                     group only, as a key like Ctrl-C does -> {"execId","signal","to",
+                     "processGroup"}; unknown signal or "to" 400, finished exec 409, no
+                     terminal or no foreground process group 409
+  POST   /exec/{id}/resize  {"cols": 1-4096, "rows": 1-4096} -> {"execId","cols","rows"}:
+                     the terminal's size (TIOCSWINSZ; the kernel sends SIGWINCH to its
+                     foreground process group when it changed); 409 without a terminal
+                     or once the exec ended
   {id} is an execId, else a tag: the running exec with that tag, else the newest
   kept finished one.
   Request: cmd runs as `/bin/sh -c cmd`, argv (non-empty list of strings) runs
@@ -75,7 +85,8 @@ Internal HTTP API (cbox.py -> agent, TCP 4031, JSON, errors {"error": msg})
   the exec's cgroup (memory.events oom_kill). killScope: "cgroup" or
   "process-group", what a timeout, DELETE or signal reaches; limitsApplied:
   whether memoryLimitMb/pidsLimit (and the default pids limit) are in force.
-  startedAt: RFC 3339 UTC. Finished background execs stay queryable for 10
+  startedAt: RFC 3339 UTC. tty: whether the exec runs on a terminal. Finished
+  background execs stay queryable for 10
   minutes (at most 256 of them and 64 MiB of output and events); blocking
   execs are forgotten once answered.
   Kill scope: as PID 1 the agent mounts cgroup2, moves itself to
@@ -89,6 +100,26 @@ Internal HTTP API (cbox.py -> agent, TCP 4031, JSON, errors {"error": msg})
   commands 500, so no command can starve the agent. Elsewhere (a plain
   process: the stand-in) kills and signals reach the process group, and
   limits are not applied (limitsApplied false).
+  Terminal: "tty": true runs the command on a pseudo-terminal of its own (from
+  /dev/ptmx): its stdin, stdout and stderr are the terminal, it leads a session of
+  its own whose controlling terminal it is, TERM is "term" (default
+  xterm-256color, ^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$), the window is "cols" x
+  "rows" (1-4096 each, default 80 x 24); cols, rows and term without tty: 400.
+  Everything else is as for any exec: cgroup, limits, timeout, kills, maxOutput,
+  tags, blocking or not. Output comes as "stdout" events (each what the master
+  holds when it is read, up to 256 KiB without waiting for more: the terminal's
+  bytes, \r\n line ends, escape sequences) and in
+  "stdout"/"output" of the result; "stderr" stays empty. Input is always open:
+  POST .../stdin writes to the terminal as typed (\x03 is Ctrl-C while the
+  terminal has ISIG), "dataBase64" for bytes that are not UTF-8; "eof" types the
+  terminal's VEOF character (Ctrl-D: end of input for a reading command in
+  canonical mode, at the start of a line) and leaves the terminal open; a "stdin"
+  field other than "pipe" is 400. A re-attaching reader replays from the event
+  log (below): the newest events within max(maxOutput, 64 KiB) bytes of their
+  JSON lines. Without a cgroup (the stand-in) kills and "all" signals reach the
+  command's process group and the terminal's foreground process group. A guest
+  that cannot open a pseudo-terminal answers 409 "tty: this guest cannot open a
+  pseudo-terminal (...)".
   Streams: GET /exec/{id}/stream answers 200, Content-Type
   application/x-ndjson, chunked (HTTP/1.0: until close), one JSON event per
   line, each event its own chunk, until the exec ended: then the last event
@@ -183,6 +214,10 @@ STREAM_BATCH = 256 << 10             # event bytes a stream reader sends per wak
 MAX_STDIN_REQUEST = 1 << 20          # data bytes of one POST /exec/{id}/stdin
 STDIN_WRITE_TIMEOUT_S = 10.0         # how long a stdin write waits for the command to read
 MAX_GRACE_S = 3600.0                 # DELETE ?grace= upper bound
+DEFAULT_TTY_COLS, DEFAULT_TTY_ROWS = 80, 24
+MAX_TTY_SIZE = 4096                  # cols and rows of a terminal, each at most
+DEFAULT_TERM = "xterm-256color"
+TERM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 EXEC_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 CGROUP_ROOT = "/sys/fs/cgroup"
@@ -302,15 +337,22 @@ def system_stats():
     return stats
 
 
+_proc_is_ours = {}      # pid -> proc_shows_our_pids() (a forked server asks again)
+
+
 def proc_shows_our_pids():
     """Whether /proc is a mount of our own pid namespace. Under the stand-in the agent
     runs in a pid namespace of its own but sees the host's /proc, where its pids name
     other processes (pid 2, its own, is the host's kthreadd there): nothing it reads or
-    writes under /proc/<pid> may then be trusted to be about its own processes."""
-    try:
-        return os.readlink("/proc/self") == str(os.getpid())
-    except OSError:
-        return False
+    writes under /proc/<pid> may then be trusted to be about its own processes. Asked
+    once per process (after PID 1 mounted /proc): it cannot change later."""
+    pid = os.getpid()
+    if pid not in _proc_is_ours:
+        try:
+            _proc_is_ours[pid] = os.readlink("/proc/self") == str(pid)
+        except OSError:
+            _proc_is_ours[pid] = False
+    return _proc_is_ours[pid]
 
 
 # Twin of cbox.py's proc_start_time() (each file stays standalone).
@@ -1152,6 +1194,26 @@ def _tag_field(value):
     return value
 
 
+def _tty_fields(body):
+    """(tty, cols, rows, term) of a request; cols, rows and term only go with "tty": true."""
+    tty = body.get("tty", False)
+    if not isinstance(tty, bool):
+        raise RequestError(400, "tty must be a boolean")
+    if not tty:
+        given = sorted(name for name in ("cols", "rows", "term") if name in body)
+        if given:
+            raise RequestError(400, f"{', '.join(given)} need \"tty\": true")
+        return False, None, None, None
+    cols, rows = (_positive_int_field(body, name, MAX_TTY_SIZE) for name in ("cols", "rows"))
+    term = body.get("term", DEFAULT_TERM)
+    if not isinstance(term, str) or not TERM_NAME.fullmatch(term):
+        raise RequestError(400, "term must be 1-64 characters of A-Z a-z 0-9 _ . + - starting with a letter or digit")
+    if body.get("stdin") not in (None, "pipe"):
+        raise RequestError(400, 'with "tty": true the input goes through POST /exec/{id}/stdin: '
+                                'stdin may only be omitted or "pipe"')
+    return True, cols or DEFAULT_TTY_COLS, rows or DEFAULT_TTY_ROWS, term
+
+
 def _keepalive_field(value):
     if value is None:
         return DEFAULT_KEEPALIVE_S
@@ -1164,7 +1226,9 @@ class ExecSpec:
     """A validated exec request."""
 
     FIELDS = frozenset(("cmd", "argv", "env", "cwd", "stdin", "timeout", "maxOutput", "blocking",
-                        "user", "tag", "memoryLimitMb", "pidsLimit", "keepaliveS"))
+                        "user", "tag", "memoryLimitMb", "pidsLimit", "keepaliveS",
+                        "tty", "cols", "rows", "term"))
+    TTY_FIELDS = frozenset(("tty", "cols", "rows", "term"))
 
     def __init__(self, body):
         if not isinstance(body, dict):
@@ -1176,20 +1240,23 @@ class ExecSpec:
             raise RequestError(400, "cmd is required (or argv instead, not both)")
         self.cmd = _text_field(body, "cmd") if "cmd" in body else None
         self.argv = _argv_field(body["argv"]) if "argv" in body else None
-        self.env = _env_field(body.get("env"))
-        self.cwd = _text_field(body, "cwd", optional=True)
-        self.stdin = _text_field(body, "stdin", optional=True, nul_ok=True)
-        self.stdin_pipe = self.stdin == "pipe"
-        self.timeout = _timeout_field(body.get("timeout"))
-        self.max_output = _max_output_field(body.get("maxOutput", DEFAULT_MAX_OUTPUT))
+        # fields left out take their defaults without a validator's call (every exec pays it)
+        self.env = _env_field(body["env"]) if "env" in body else {}
+        self.cwd = _text_field(body, "cwd", optional=True) if "cwd" in body else None
+        self.stdin = _text_field(body, "stdin", optional=True, nul_ok=True) if "stdin" in body else None
+        self.tty, self.cols, self.rows, self.term = _tty_fields(body) if self.TTY_FIELDS & body.keys() \
+            else (False, None, None, None)
+        self.stdin_pipe = self.stdin == "pipe" or self.tty     # a terminal's input is always open
+        self.timeout = _timeout_field(body["timeout"]) if "timeout" in body else None
+        self.max_output = _max_output_field(body["maxOutput"]) if "maxOutput" in body else DEFAULT_MAX_OUTPUT
         self.blocking = body.get("blocking", True)
         if not isinstance(self.blocking, bool):
             raise RequestError(400, "blocking must be a boolean")
-        self.user = _user_field(body.get("user"))
-        self.tag = _tag_field(body.get("tag"))
-        self.memory_mb = _positive_int_field(body, "memoryLimitMb", 1 << 24)
-        self.pids_limit = _positive_int_field(body, "pidsLimit", 1 << 22)
-        self.keepalive = _keepalive_field(body.get("keepaliveS"))
+        self.user = _user_field(body["user"]) if "user" in body else None
+        self.tag = _tag_field(body["tag"]) if "tag" in body else None
+        self.memory_mb = _positive_int_field(body, "memoryLimitMb", 1 << 24) if "memoryLimitMb" in body else None
+        self.pids_limit = _positive_int_field(body, "pidsLimit", 1 << 22) if "pidsLimit" in body else None
+        self.keepalive = _keepalive_field(body["keepaliveS"]) if "keepaliveS" in body else DEFAULT_KEEPALIVE_S
 
     @property
     def command(self):
@@ -1223,9 +1290,16 @@ def parse_signal(value):
     return number
 
 
+_utc_second = [None, ""]     # the last whole second formatted: (second, its text)
+
+
 def utc_timestamp(epoch):
     """RFC 3339 UTC with milliseconds: 2026-01-02T03:04:05.678Z."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch % 1 * 1000):03d}Z"
+    second, cached = _utc_second
+    if int(epoch) != second:
+        second, cached = int(epoch), time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch))
+        _utc_second[:] = second, cached       # one list: threads see a matching pair
+    return cached + f".{int(epoch % 1 * 1000):03d}Z"
 
 
 LOG_EXECS_OVER_S = 1.0      # blocking execs that end normally are logged only from this long
@@ -1333,6 +1407,9 @@ def response_json(obj):
     return "".join(_RESPONSE_CHUNKS(obj, 0))
 
 
+OUTPUT_FIELDS = ("output", "stdout", "stderr")     # of an exec result, left out of its exit event
+
+
 class OutputRuns:
     """(buffer, start, end) segments of output runs: +n is the next n bytes of stdout, -n of stderr."""
 
@@ -1350,20 +1427,27 @@ class OutputRuns:
                 err -= run
 
 
+UTF8_DECODER = codecs.getincrementaldecoder("utf-8")
+
+
 class StreamDecoder:
     """Incremental UTF-8 decoding of one output stream: characters are never split
     between events; invalid bytes become U+FFFD and the raw bytes are kept too."""
 
     def __init__(self):
-        self._strict = codecs.getincrementaldecoder("utf-8")("strict")
+        self._strict = None         # made at the first bytes (most streams of short commands get none)
 
     def decode(self, data, final=False):
         """(text, raw bytes of that text when it holds replacements, else None)."""
+        if self._strict is None:
+            if not data:
+                return "", None
+            self._strict = UTF8_DECODER("strict")
         try:
             return self._strict.decode(data, final), None
         except UnicodeDecodeError:  # the strict decoder's buffer is left as it was
             raw = self._strict.getstate()[0] + bytes(data)
-            lenient = codecs.getincrementaldecoder("utf-8")("replace")
+            lenient = UTF8_DECODER("replace")
             text = lenient.decode(raw, final)
             pending = lenient.getstate()[0]
             self._strict.setstate((pending, 0))
@@ -1386,7 +1470,9 @@ class EventLog:
 
     def __init__(self, cap):
         self.cap = cap
-        self.cond = threading.Condition()
+        self.lock = threading.Lock()
+        self._cond = None           # Condition on lock, made for the first waiter (most execs have none)
+        self.waiting = 0            # readers waiting on it (an append wakes them only then)
         self.lines = {}             # seq -> encoded line
         self.first_seq = 0          # oldest kept
         self.next_seq = 0
@@ -1394,9 +1480,13 @@ class EventLog:
         self.closed = False         # the exit event is in
         self.last_append = time.monotonic()
 
-    def append(self, event, last=False):
-        line = encode_event(self.next_seq, event)   # the only appender: next_seq is stable here
-        with self.cond:
+    def append(self, event, last=False, members=None):
+        """Append event (a dict), or `members`: its JSON members encoded already."""
+        if members is None:
+            line = encode_event(self.next_seq, event)   # the only appender: next_seq is stable here
+        else:
+            line = f'{{"seq":{self.next_seq},{members}\n'.encode("utf-8", "replace")
+        with self.lock:
             self.lines[self.next_seq] = line
             self.next_seq += 1
             self.size += len(line)
@@ -1405,10 +1495,26 @@ class EventLog:
                 self.first_seq += 1
             self.closed = self.closed or last
             self.last_append = time.monotonic()
-            self.cond.notify_all()
+            if self.waiting:
+                self._cond.notify_all()
+
+    def wait_closed(self, timeout):
+        """Wait up to timeout seconds for the exit event; whether it is in."""
+        with self.lock:
+            self.waiting += 1
+            try:
+                return self._condition().wait_for(lambda: self.closed, timeout)
+            finally:
+                self.waiting -= 1
+
+    def _condition(self):
+        """The Condition readers wait on (lock held)."""
+        if self._cond is None:
+            self._cond = threading.Condition(self.lock)
+        return self._cond
 
     def check_since(self, since):
-        with self.cond:
+        with self.lock:
             if since > self.next_seq:
                 raise RequestError(400, f"since {since} is beyond the last event {self.next_seq - 1}")
 
@@ -1423,9 +1529,13 @@ class EventLog:
         pos = since
         while True:
             batch, size = [], 0
-            with self.cond:
+            with self.lock:
                 while pos >= self.next_seq and not self.closed:
-                    self.cond.wait(wait_s)
+                    self.waiting += 1
+                    try:
+                        self._condition().wait(wait_s)
+                    finally:
+                        self.waiting -= 1
                 if pos < self.first_seq:
                     batch.append(encode_event(self.first_seq - 1, {
                         "type": "dropped", "missed": self.first_seq - pos, "fromSeq": pos}))
@@ -1439,6 +1549,43 @@ class EventLog:
                 yield batch
             if finished:
                 return
+
+
+def set_window_size(fd, cols, rows):
+    """TIOCSWINSZ on a terminal (its master or slave): the kernel sends SIGWINCH to the
+    terminal's foreground process group when the size changed."""
+    import termios
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def open_pty(cols, rows, user):
+    """(master, slave) of a new pseudo-terminal (/dev/ptmx) of cols x rows, its slave owned
+    by `user` (a passwd entry, or None: root) so the command can open it; RequestError
+    409 where the guest has none to give."""
+    try:
+        master, slave = os.openpty()
+    except OSError as e:
+        raise RequestError(409, f"tty: this guest cannot open a pseudo-terminal "
+                                f"(/dev/ptmx, /dev/pts: {e.strerror or e})") from None
+    try:
+        set_window_size(master, cols, rows)
+        if user is not None:
+            os.fchown(slave, user.pw_uid, -1)
+    except OSError as e:
+        os.close(master)
+        os.close(slave)
+        raise RequestError(500, f"cannot set up the terminal: {e}") from None
+    return master, slave
+
+
+def terminal_eof_char(fd):
+    """The terminal's VEOF character (Ctrl-D unless the command changed it), as bytes."""
+    import termios
+    try:
+        char = termios.tcgetattr(fd)[6][termios.VEOF]
+    except (termios.error, OSError):
+        return b"\x04"
+    return bytes([char]) if isinstance(char, int) else char
 
 
 _devnull = []
@@ -1459,6 +1606,14 @@ def devnull_fd():
 # of stdin, if any, is the command's.
 WAIT_FOR_CGROUP = 'read -r CBOX_GO || exit 125; exec "$@"'
 WAIT_FOR_CGROUP_NULL = 'read -r CBOX_GO || exit 125; exec "$@" </dev/null'
+# A "cmd" runs in the shell that waited (one exec of sh, not two): the wait goes in front
+# of the command's text, on its first line (so the shell's line numbers stay the command's).
+CMD_AFTER_CGROUP = 'read -r CBOX_GO || exit 125; unset CBOX_GO; '
+CMD_AFTER_CGROUP_NULL = CMD_AFTER_CGROUP + 'exec </dev/null; '
+# On a terminal ($1 its path): the shell, a session leader, opens it as stdin, stdout and
+# stderr, which makes it the session's controlling terminal; then it runs the command.
+OPEN_TTY = 'exec 0<>"$1" 1>&0 2>&0 || exit 125; shift; exec "$@"'
+WAIT_FOR_CGROUP_TTY = 'read -r CBOX_GO || exit 125; ' + OPEN_TTY
 
 
 class Exec:
@@ -1494,7 +1649,6 @@ class Exec:
         self._started_at = (None, "")  # (epoch, its startedAt text)
         self.finished = None          # monotonic time once run() is over
         self._final = None            # the result once run() is over (it no longer changes)
-        self.done = threading.Event()
         self.events = EventLog(max(spec.max_output, MIN_EVENT_RING))
         self._lock = threading.Lock()  # guards buffers, returncode and killing
         self._proc = None
@@ -1504,6 +1658,7 @@ class Exec:
         self._decoders = {}            # pipe fd -> StreamDecoder
         self._grown = set()            # pipe fds already given PIPE_SIZE
         self._stdin_fd = None
+        self._tty_fd = None            # a terminal's master for resize and its process groups (_lock)
         self._stdin_data = memoryview(b"")
         self._stdin_lock = threading.Lock()   # POST .../stdin writers of a pipe
 
@@ -1518,6 +1673,8 @@ class Exec:
         env["CBOX_EXEC_ID"] = self.id
         if self.tag:
             env["CBOX_EXEC_TAG"] = self.tag
+        if spec.tty:
+            env["TERM"] = spec.term
         return env
 
     def _check_program(self, env):
@@ -1559,14 +1716,65 @@ class Exec:
                 self._leaf.remove()
                 self._leaf = None
             raise
-        self.events.append({"type": "start", "execId": self.id, "tag": self.tag, "pid": self.pid,
-                            "startedAt": self.started_at})
+        # as response_json would write it (id, tag and startedAt need no escapes), without its cost
+        tag = "null" if self.tag is None else f'"{self.tag}"'
+        self.events.append(None, members=f'"type":"start","execId":"{self.id}","tag":{tag},"pid":{self.pid},'
+                                         f'"startedAt":"{self.started_at}","tty":{"true" if self.spec.tty else "false"}}}')
 
     def _spawn(self, env):
         spec = self.spec
-        argv = spec.command
         wait_for_cgroup = self._leaf is not None
+        if spec.tty:
+            argv, child, close_after, parent, go_fd = self._open_pty(wait_for_cgroup)
+        else:
+            argv, child, close_after, parent, go_fd = self._open_pipes(wait_for_cgroup)
+        own_go_fd = go_fd is not None and go_fd != self._stdin_fd     # a tty's: closed after "go"
+        try:
+            self._proc = subprocess.Popen(
+                argv, stdin=child[0], stdout=child[1], stderr=child[2],
+                cwd=spec.cwd, env=env, start_new_session=True, **self._identity())
+        except (OSError, ValueError, UnicodeError, subprocess.SubprocessError) as e:
+            for fd in parent:
+                os.close(fd)
+            self._stdin_fd, self._tty_fd, self._readers = None, None, {}
+            if isinstance(e, (FileNotFoundError, NotADirectoryError)) and spec.cwd is not None:
+                raise RequestError(400, f"cwd {spec.cwd} does not exist") from None
+            raise RequestError(500 if isinstance(e, OSError) else 400, f"cannot start command: {e}") from None
+        finally:
+            for fd in close_after:
+                os.close(fd)
+        self.pid = self._proc.pid
+        self.started = time.monotonic()
+        self.started_epoch = time.time()
+        try:  # children inherit it: the OOM killer picks commands before anything else
+            if proc_shows_our_pids():
+                write_proc_value(f"/proc/{self.pid}/oom_score_adj", EXEC_OOM_SCORE_ADJ)
+        except OSError:
+            pass
         if wait_for_cgroup:
+            try:
+                self._leaf.adopt(self.pid)
+                os.write(go_fd, b"go\n")   # an empty pipe: never blocks
+            except OSError as e:
+                self._abort_spawn()
+                raise RequestError(500, f"cannot move the command into its cgroup: {e}") from None
+            finally:
+                if own_go_fd:
+                    os.close(go_fd)
+        if spec.stdin is None and not spec.tty and self._stdin_fd is not None:
+            self._close_stdin()
+        if spec.stdin_pipe:
+            os.set_blocking(self._stdin_fd, False)
+
+    def _open_pipes(self, wait_for_cgroup):
+        """(argv, the child's stdin/stdout/stderr fds, the fds to close once it was spawned,
+        the parent's fds, the fd "go" goes to) of a command on pipes."""
+        spec = self.spec
+        argv = spec.command
+        if wait_for_cgroup and spec.cmd is not None:
+            prefix = CMD_AFTER_CGROUP_NULL if spec.stdin is None else CMD_AFTER_CGROUP
+            argv = ["/bin/sh", "-c", prefix + spec.cmd]
+        elif wait_for_cgroup:
             script = WAIT_FOR_CGROUP_NULL if spec.stdin is None else WAIT_FOR_CGROUP
             argv = ["/bin/sh", "-c", script, "cbox-exec"] + argv
         out_r, out_w = os.pipe()
@@ -1576,58 +1784,62 @@ class Exec:
             in_r, self._stdin_fd = os.pipe()
         if spec.stdin is not None and not spec.stdin_pipe:
             self._stdin_data = memoryview(spec.stdin.encode("utf-8", "replace"))
-        try:
-            self._proc = subprocess.Popen(
-                argv, stdin=devnull_fd() if in_r is None else in_r, stdout=out_w, stderr=err_w,
-                cwd=spec.cwd, env=env, start_new_session=True, **self._identity())
-        except (OSError, ValueError, UnicodeError, subprocess.SubprocessError) as e:
-            for fd in (out_r, err_r, self._stdin_fd):
-                if fd is not None:
-                    os.close(fd)
-            self._stdin_fd = None
-            if isinstance(e, (FileNotFoundError, NotADirectoryError)) and spec.cwd is not None:
-                raise RequestError(400, f"cwd {spec.cwd} does not exist") from None
-            raise RequestError(500 if isinstance(e, OSError) else 400, f"cannot start command: {e}") from None
-        finally:
-            for fd in (out_w, err_w, in_r):
-                if fd is not None:
-                    os.close(fd)
-        self.pid = self._proc.pid
-        self.started = time.monotonic()
-        self.started_epoch = time.time()
         self._readers = {out_r: self.stdout, err_r: self.stderr}
         self._kinds = {out_r: "stdout", err_r: "stderr"}
         self._decoders = {out_r: StreamDecoder(), err_r: StreamDecoder()}
-        try:  # children inherit it: the OOM killer picks commands before anything else
-            if proc_shows_our_pids():
-                write_proc_value(f"/proc/{self.pid}/oom_score_adj", EXEC_OOM_SCORE_ADJ)
-        except OSError:
-            pass
-        if wait_for_cgroup:
-            try:
-                self._leaf.adopt(self.pid)
-                os.write(self._stdin_fd, b"go\n")   # an empty pipe: never blocks
-            except OSError as e:
-                self._abort_spawn()
-                raise RequestError(500, f"cannot move the command into its cgroup: {e}") from None
-        if spec.stdin is None and self._stdin_fd is not None:
-            self._close_stdin()
-        if spec.stdin_pipe:
-            os.set_blocking(self._stdin_fd, False)
+        parent = [fd for fd in (out_r, err_r, self._stdin_fd) if fd is not None]
+        close_after = [fd for fd in (in_r, out_w, err_w) if fd is not None]
+        return argv, (devnull_fd() if in_r is None else in_r, out_w, err_w), close_after, parent, self._stdin_fd
+
+    def _open_pty(self, wait_for_cgroup):
+        """_open_pipes's answer for a command on a pseudo-terminal of its own.
+
+        The command's stdin, stdout and stderr are the terminal. A wrapper shell,
+        session leader from start_new_session, opens the terminal by its path
+        (without O_NOCTTY), which makes it the session's controlling terminal (Popen
+        can only dup2 an fd, which does not); with cgroups it first waits for "go"
+        on a pipe of its own, so the "go" line is never typed into the terminal. The
+        agent reads and writes the master: `_stdin_fd` is a dup of it, closed apart
+        from the reader's (POST .../stdin, /resize, foreground signals use it).
+        """
+        spec = self.spec
+        master, slave = open_pty(spec.cols, spec.rows, spec.user)
+        go_r = go_w = None
+        try:
+            path = os.ttyname(slave)
+            self._stdin_fd = os.dup(master)
+            self._tty_fd = os.dup(master)
+            if wait_for_cgroup:
+                go_r, go_w = os.pipe()
+        except OSError as e:
+            for fd in (master, slave, self._stdin_fd, self._tty_fd):
+                if fd is not None:
+                    os.close(fd)
+            self._stdin_fd = self._tty_fd = None
+            raise RequestError(500, f"cannot set up the terminal: {e}") from None
+        script = WAIT_FOR_CGROUP_TTY if wait_for_cgroup else OPEN_TTY
+        argv = ["/bin/sh", "-c", script, "cbox-exec", path] + spec.command
+        os.set_blocking(master, False)
+        self._readers = {master: self.stdout}
+        self._kinds = {master: "stdout"}
+        self._decoders = {master: StreamDecoder()}
+        parent = [fd for fd in (master, self._stdin_fd, self._tty_fd, go_w) if fd is not None]
+        close_after = [slave] if go_r is None else [slave, go_r]
+        return argv, (slave if go_r is None else go_r, slave, slave), close_after, parent, go_w
 
     def _abort_spawn(self):
         """The command never ran user code: kill and reap it, close its pipes."""
         self._proc.kill()
         self._proc.wait()
-        for fd in list(self._readers) + [self._stdin_fd]:
+        for fd in list(self._readers) + [self._stdin_fd, self._tty_fd]:
             if fd is not None:
                 os.close(fd)
-        self._readers, self._stdin_fd = {}, None
+        self._readers, self._stdin_fd, self._tty_fd = {}, None, None
 
     # -- the I/O loop ---------------------------------------------------------
 
     def run(self):
-        """Feed, drain and wait until the command is over; always ends the event log and sets `done`."""
+        """Feed, drain and wait until the command is over; always ends the event log (see wait_done)."""
         try:
             self._io_loop()
         finally:
@@ -1639,13 +1851,21 @@ class Exec:
             if self.returncode is None:  # only after an internal error
                 self.kill_all()
                 self._reap()
+            self._close_tty()
             self._release_cgroup()
             self.finished = time.monotonic()
-            self._final = self.result()
-            event = {"type": "exit", **self._final}
-            del event["output"], event["stdout"], event["stderr"]
-            self.events.append(event, last=True)
-            self.done.set()
+            final = self.result()
+            outcome = {key: value for key, value in final.items() if key not in OUTPUT_FIELDS}
+            self._outcome_json = response_json(outcome)   # the exit event's, and in answer()
+            self._final = final
+            self.events.append(None, last=True, members='"type":"exit",' + self._outcome_json[1:])
+            # the end: wait_done() returns
+
+    def _close_tty(self):
+        with self._lock:
+            if self._tty_fd is not None:
+                os.close(self._tty_fd)
+                self._tty_fd = None
 
     def _release_cgroup(self):
         with self._lock:
@@ -1724,7 +1944,16 @@ class Exec:
             return r, waiter
 
     def _read(self, poller, fd):
-        data = os.read(fd, READ_CHUNK)
+        try:
+            data = os.read(fd, READ_CHUNK)
+        except BlockingIOError:     # a terminal's master (non-blocking) with nothing after all
+            return
+        except OSError as e:
+            if e.errno != errno.EIO:
+                raise
+            data = b""              # a terminal's master once no process holds the terminal
+        if data and self.spec.tty:
+            data = self._read_more(fd, data)
         if len(data) >= DEFAULT_PIPE_SIZE and fd not in self._grown:
             self._grown.add(fd)     # it filled the pipe: a bigger one means fewer wakeups from now on
             grow_pipe(fd)
@@ -1737,6 +1966,22 @@ class Exec:
         with self._lock:
             self._capture(self._readers[fd], data)
         self._emit(fd, *self._decoders[fd].decode(data))
+
+    @staticmethod
+    def _read_more(fd, data):
+        """A terminal's master gives a few KiB a read: take what else is there now (up to
+        READ_CHUNK, never waiting), so bulk output makes few events."""
+        chunks, size = [data], len(data)
+        while size < READ_CHUNK:
+            try:
+                more = os.read(fd, READ_CHUNK - size)
+            except OSError:         # EAGAIN: nothing more yet; EIO: the next read ends it
+                break
+            if not more:
+                break
+            chunks.append(more)
+            size += len(more)
+        return b"".join(chunks)
 
     def _emit(self, fd, text, raw):
         """A stdout/stderr event; raw bytes ride along (base64) when the text has replacements."""
@@ -1795,31 +2040,40 @@ class Exec:
                 self._stdin_fd = None
 
     def write_stdin(self, data, eof):
-        """POST .../stdin: write data to a "pipe" stdin (waits for the reader, bounded); bytes written."""
+        """POST .../stdin: write data to a "pipe" stdin or the terminal (waits for the reader,
+        bounded); bytes of data written. eof closes a pipe; on a terminal it types the
+        terminal's VEOF character (Ctrl-D) after the data, and the terminal stays open."""
         if not self.spec.stdin_pipe:
             raise RequestError(409, f"exec {self.id} has no stdin pipe (start it with \"stdin\": \"pipe\")")
         with self._stdin_lock:
             if self._stdin_fd is None or self.finished is not None:
                 raise RequestError(409, f"the stdin of exec {self.id} is closed")
-            view, written = memoryview(data), 0
-            give_up = time.monotonic() + STDIN_WRITE_TIMEOUT_S
-            while written < len(view):
-                try:
-                    written += os.write(self._stdin_fd, view[written:written + READ_CHUNK])
-                    continue
-                except BlockingIOError:
-                    pass
-                except OSError:  # EPIPE: the command closed its stdin
-                    os.close(self._stdin_fd)
-                    self._stdin_fd = None
-                    raise RequestError(409, f"exec {self.id} closed its stdin after {written} bytes") from None
-                if self.returncode is not None or time.monotonic() >= give_up:
-                    break
-                select.select([], [self._stdin_fd], [], 0.05)  # short: an exit shows on returncode
+            if eof and self.spec.tty:
+                return min(self._write_stdin(data + terminal_eof_char(self._stdin_fd)), len(data))
+            written = self._write_stdin(data)
             if eof:
                 os.close(self._stdin_fd)
                 self._stdin_fd = None
             return written
+
+    def _write_stdin(self, data):
+        """Write data to the stdin pipe or terminal (_stdin_lock held), within STDIN_WRITE_TIMEOUT_S."""
+        view, written = memoryview(data), 0
+        give_up = time.monotonic() + STDIN_WRITE_TIMEOUT_S
+        while written < len(view):
+            try:
+                written += os.write(self._stdin_fd, view[written:written + READ_CHUNK])
+                continue
+            except BlockingIOError:
+                pass
+            except OSError:  # EPIPE: the command closed its stdin
+                os.close(self._stdin_fd)
+                self._stdin_fd = None
+                raise RequestError(409, f"exec {self.id} closed its stdin after {written} bytes") from None
+            if self.returncode is not None or time.monotonic() >= give_up:
+                break
+            select.select([], [self._stdin_fd], [], 0.05)  # short: an exit shows on returncode
+        return written
 
     def _reap(self):
         with self._lock:
@@ -1830,11 +2084,8 @@ class Exec:
         with self._lock:
             if self._leaf is not None:
                 self._leaf.kill()
-            elif self.returncode is None and self._proc is not None:
-                try:  # its pid is still ours until reaped
-                    os.killpg(self._proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            else:
+                self._signal_groups(signal.SIGKILL)
 
     def send_signal(self, signum):
         """Send signum to every process of the exec (cgroup, else process group)."""
@@ -1843,16 +2094,66 @@ class Exec:
                 raise RequestError(409, f"exec {self.id} has finished")
             if self._leaf is not None:
                 self._leaf.signal(signum)
-            elif self.returncode is None and self._proc is not None:
-                try:
-                    os.killpg(self._proc.pid, signum)
-                except ProcessLookupError:
-                    pass
+            else:
+                self._signal_groups(signum)
+
+    def _signal_groups(self, signum):
+        """Without cgroups (_lock held): signum to the command's process group and, on a
+        terminal, to its foreground process group too (a job control shell's job)."""
+        if self.returncode is not None or self._proc is None:
+            return                  # its pid is ours only until reaped
+        groups = {self._proc.pid, self._foreground_group()} - {None}
+        for group in groups:
+            try:
+                os.killpg(group, signum)
+            except ProcessLookupError:
+                pass
+
+    def _foreground_group(self):
+        """The terminal's foreground process group (_lock held), or None (no terminal, none
+        set: never 0 or the agent's own group, which killpg would take for ours)."""
+        if self._tty_fd is None:
+            return None
+        try:
+            group = os.tcgetpgrp(self._tty_fd)
+        except OSError:
+            return None
+        return group if group > 0 and group != os.getpgrp() else None
+
+    def _terminal(self):
+        """The terminal's master fd (_lock held); 409 without a terminal or once the exec ended."""
+        if not self.spec.tty:
+            raise RequestError(409, f"exec {self.id} has no terminal (start it with \"tty\": true)")
+        if self._tty_fd is None or self.finished is not None:
+            raise RequestError(409, f"exec {self.id} has finished")
+        return self._tty_fd
+
+    def resize(self, cols, rows):
+        """POST .../resize: the terminal's new size (the kernel sends SIGWINCH on a change)."""
+        with self._lock:
+            set_window_size(self._terminal(), cols, rows)
+
+    def signal_foreground(self, signum):
+        """signum to the terminal's foreground process group (as a key like Ctrl-C does); its id."""
+        with self._lock:
+            self._terminal()
+            group = self._foreground_group()
+            try:
+                if group is None:
+                    raise ProcessLookupError
+                os.killpg(group, signum)
+            except ProcessLookupError:
+                raise RequestError(409, f"the terminal of exec {self.id} has no foreground process group") from None
+            return group
 
     def kill(self, wait_s=5.0):
         """Kill every process of a running exec and wait until run() is over."""
         self.kill_all()
-        self.done.wait(wait_s)
+        self.wait_done(wait_s)
+
+    def wait_done(self, timeout):
+        """Wait up to timeout seconds for run() to be over."""
+        self.events.wait_closed(timeout)
 
     def terminate(self, grace_s):
         """SIGTERM everything, wait up to grace_s for the end, then kill (grace 0: SIGKILL at once)."""
@@ -1861,7 +2162,7 @@ class Exec:
                 self.send_signal(signal.SIGTERM)
             except RequestError:   # it just finished
                 pass
-            self.done.wait(grace_s)
+            self.wait_done(grace_s)
         if self.running:
             self.kill()
 
@@ -1929,10 +2230,21 @@ class Exec:
             "oomKilled": self.oom_killed,
             "killScope": self.kill_scope,
             "limitsApplied": self.cgroups is not None,
+            "tty": self.spec.tty,
             "startedAt": self.started_at,
             "durationMs": round((end - self.started) * 1000, 3),
         })
         return result
+
+    def answer(self):
+        """The exec result as an answer's body: once run() is over and the output is small,
+        its JSON bytes (the exit event's encoding and the output, so the result is encoded
+        once), else result()'s dict."""
+        final = self._final
+        if final is None or sum([final[key].size for key in OUTPUT_FIELDS]) > SMALL_BODY:
+            return self.result()
+        outputs = "".join([f',"{key}":{json_string(final[key].text())}' for key in OUTPUT_FIELDS])
+        return (self._outcome_json[:-1] + outputs + "}").encode("utf-8", "replace")
 
     def listing(self):
         """The short form of GET /exec."""
@@ -1961,6 +2273,7 @@ class ExecRegistry:
         self._lock = threading.Lock()
         self._running = {}
         self._finished = collections.OrderedDict()
+        self._finished_bytes = 0      # output_bytes of the kept finished execs (fixed once finished)
 
     @staticmethod
     def new_id():
@@ -1994,6 +2307,7 @@ class ExecRegistry:
             self._running.pop(ex.id, None)
             if keep:
                 self._finished[ex.id] = ex
+                self._finished_bytes += ex.output_bytes
             self._prune()
 
     def running(self):
@@ -2009,13 +2323,12 @@ class ExecRegistry:
 
     def _prune(self):
         now = time.monotonic()
-        total = sum(ex.output_bytes for ex in self._finished.values())
         while self._finished:
             oldest = next(iter(self._finished.values()))
-            if (len(self._finished) <= MAX_FINISHED and total <= MAX_FINISHED_BYTES
+            if (len(self._finished) <= MAX_FINISHED and self._finished_bytes <= MAX_FINISHED_BYTES
                     and oldest.finished + FINISHED_TTL_S > now):
                 break
-            total -= oldest.output_bytes
+            self._finished_bytes -= oldest.output_bytes
             del self._finished[oldest.id]
 
 
@@ -2047,6 +2360,9 @@ REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 404: "Not Found",
            501: "Not Implemented", 505: "HTTP Version Not Supported"}
 
 
+_scan_json = json.decoder.JSONDecoder().scan_once     # (value, end) of the JSON value at an index
+
+
 class Request:
     def __init__(self, method, path, version, headers, body, query=""):
         self.method = method
@@ -2065,8 +2381,19 @@ class Request:
         return values[-1] if values else None
 
     def json(self):
+        """The body as JSON; a JSON object body is parsed by the C scanner straight away
+        (json.loads's Python layers cost more than the parse), anything else by json.loads."""
+        body = self.body
+        if body[:1] == b"{" and body[-1:] == b"}":
+            try:
+                text = body.decode("utf-8")
+                value, end = _scan_json(text, 0)
+                if end == len(text):
+                    return value
+            except (ValueError, StopIteration):
+                pass            # json.loads says what is wrong
         try:
-            return json.loads(self.body)
+            return json.loads(body)
         except ValueError as e:
             raise RequestError(400, f"malformed JSON: {e}") from None
 
@@ -2192,7 +2519,7 @@ class HttpConnection:
             self._read_exact(2)
 
     def send_json(self, status, obj, close=False, headers=""):
-        """Send obj (a dict, maybe with CapturedText values) as a JSON response.
+        """Send obj (a dict, maybe with CapturedText values, or JSON bytes) as a JSON response.
 
         A small body goes out with the head in one sendall (no Nagle /
         delayed-ACK stall). A large one is never whole in memory: it is
@@ -2201,7 +2528,10 @@ class HttpConnection:
         """
         if close:
             headers += "Connection: close\r\n"
-        captured = sum(v.size for v in obj.values() if isinstance(v, CapturedText))
+        if type(obj) is bytes:      # encoded already (Exec.answer)
+            self.sock.sendall(_response_head(status, len(obj), headers) + obj)
+            return
+        captured = sum([v.size for v in obj.values() if type(v) is CapturedText])
         if captured <= SMALL_BODY:
             body = response_json(obj).encode("utf-8", "replace")
             self.sock.sendall(_response_head(status, len(body), headers) + body)
@@ -2345,7 +2675,8 @@ class AgentServer:
         parts = path.split("/")
         if len(parts) in (3, 4) and parts[1] == "exec" and parts[2]:
             action = parts[3] if len(parts) == 4 else None
-            allowed = {None: "GET, DELETE", "stream": "GET", "stdin": "POST", "signal": "POST"}.get(action)
+            allowed = {None: "GET, DELETE", "stream": "GET", "stdin": "POST", "signal": "POST",
+                       "resize": "POST"}.get(action)
             if allowed is None:
                 raise RequestError(404, f"no route for {path}")
             self._allow(method, allowed)
@@ -2391,7 +2722,7 @@ class AgentServer:
             raise
         if spec.blocking:
             self._run_exec(ex, keep=False)
-            return 200, ex.result(), ""
+            return 200, ex.answer(), ""
         threading.Thread(target=self._run_exec, args=(ex, True), daemon=True).start()
         return 200, {"execId": ex.id, "tag": ex.tag, "output": "", "error": "", "running": True}, ""
 
@@ -2442,13 +2773,24 @@ class AgentServer:
     @staticmethod
     def exec_stdin(ex, request):
         body = request.json()
-        if not isinstance(body, dict) or set(body) - {"data", "eof"}:
-            raise RequestError(400, 'body must be {"data": str, "eof": bool}')
+        if not isinstance(body, dict) or set(body) - {"data", "dataBase64", "eof"}:
+            raise RequestError(400, 'body must be {"data": str, "eof": bool} ("dataBase64" instead of "data" for bytes)')
+        if "data" in body and "dataBase64" in body:
+            raise RequestError(400, "give data or dataBase64, not both")
         data = body.get("data", "")
+        encoded = body.get("dataBase64")
         eof = body.get("eof", False)
-        if not isinstance(data, str) or not isinstance(eof, bool):
-            raise RequestError(400, "data must be a string and eof a boolean")
-        raw = data.encode("utf-8", "replace")
+        if not isinstance(data, str) or not isinstance(encoded, (str, type(None))) or not isinstance(eof, bool):
+            raise RequestError(400, "data and dataBase64 must be strings and eof a boolean")
+        if encoded is not None:
+            if len(encoded) > (MAX_STDIN_REQUEST + 2) // 3 * 4:
+                raise RequestError(413, f"data exceeds {MAX_STDIN_REQUEST} bytes per request")
+            try:
+                raw = base64.b64decode(encoded, validate=True)
+            except ValueError:
+                raise RequestError(400, "dataBase64 is not valid base64") from None
+        else:
+            raw = data.encode("utf-8", "replace")
         if len(raw) > MAX_STDIN_REQUEST:
             raise RequestError(413, f"data exceeds {MAX_STDIN_REQUEST} bytes per request")
         return 200, {"written": ex.write_stdin(raw, eof)}, ""
@@ -2456,11 +2798,27 @@ class AgentServer:
     @staticmethod
     def exec_signal(ex, request):
         body = request.json()
-        if not isinstance(body, dict) or "signal" not in body or set(body) - {"signal"}:
-            raise RequestError(400, 'body must be {"signal": name or number}')
+        if not isinstance(body, dict) or "signal" not in body or set(body) - {"signal", "to"}:
+            raise RequestError(400, 'body must be {"signal": name or number, "to": "all" or "foreground"}')
         signum = parse_signal(body["signal"])
+        to = body.get("to", "all")
+        if to == "foreground":
+            group = ex.signal_foreground(signum)
+            return 200, {"execId": ex.id, "signal": signum, "to": to, "processGroup": group}, ""
+        if to != "all":
+            raise RequestError(400, 'to must be "all" (every process of the exec) or "foreground" '
+                                    "(the terminal's foreground process group)")
         ex.send_signal(signum)
         return 200, {"execId": ex.id, "signal": signum}, ""
+
+    @staticmethod
+    def exec_resize(ex, request):
+        body = request.json()
+        if not isinstance(body, dict) or set(body) != {"cols", "rows"}:
+            raise RequestError(400, 'body must be {"cols": int, "rows": int}')
+        cols, rows = (_positive_int_field(body, name, MAX_TTY_SIZE) for name in ("cols", "rows"))
+        ex.resize(cols, rows)
+        return 200, {"execId": ex.id, "cols": cols, "rows": rows}, ""
 
 
 def open_listener(address, port):

@@ -130,13 +130,15 @@ class Agent(AgentApi):
     """guest_agent.py as a plain process on 127.0.0.1:<free port>; request() and exec() are
     execstream.AgentApi's."""
 
-    def __init__(self, callback_socket, cmdline="cbox.vm=t1"):
+    def __init__(self, callback_socket, cmdline="cbox.vm=t1", setup=None):
+        """setup: a shell command run before the agent, in a mount namespace of its own."""
         self.port = free_port()
         super().__init__(lambda: socket.create_connection(("127.0.0.1", self.port)), timeout=30)
         self.callback_socket = str(callback_socket)
         env = dict(os.environ, CBOX_CMDLINE=cmdline, CBOX_CALLBACK_SOCKET=str(callback_socket))
+        prefix = ["--mount", "sh", "-c", setup + ' && exec "$@"', "setup"] if setup else []
         self.proc = subprocess.Popen(
-            ["unshare", "--uts", PYTHON, str(AGENT), "--port", str(self.port), "--listen", "127.0.0.1"],
+            ["unshare", "--uts", *prefix, PYTHON, str(AGENT), "--port", str(self.port), "--listen", "127.0.0.1"],
             env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         self.log = LogReader(self.proc.stderr)
         self.log.wait_for("ready on 127.0.0.1")
@@ -394,6 +396,70 @@ class FakeSock:
 
     def sendall(self, data):
         self.sends.append(bytes(data))
+
+
+@pytest.mark.parametrize("body", [
+    b'{"cmd": "true"}', b'{"cmd": "echo \xc3\xa9\\u00e9", "env": {"A": "1"}}', b' {"cmd": "x"} ', b'{"a": [1, 2.5, null]}',
+    b'[1]', b'"x"', b'{"cmd": "true"} {}', b'{"cmd": "tr\x01ue"}', b'{"cmd": }', b'{', b'{"a": 1}}', b'\xff{}',
+    b'{"a": 1, "a": 2}', b'{"n": 1e400}',
+])
+def test_request_json_is_json_loads(body):
+    """Request.json's shortcut for object bodies (the C scanner straight away) gives what
+    json.loads gives, and the same error for what json.loads refuses."""
+    ga = load_agent_module()
+    request = ga.Request("POST", "/exec", "HTTP/1.1", {}, body)
+    try:
+        expected = json.loads(body)
+    except ValueError as e:
+        with pytest.raises(ga.RequestError) as refused:
+            request.json()
+        assert (refused.value.status, refused.value.message) == (400, f"malformed JSON: {e}")
+    else:
+        assert request.json() == expected
+
+
+@pytest.mark.parametrize("cmd", ["true", "printf 'a\\033[1m\\001\"\\\\\\303\\251'; echo err >&2; exit 3",
+                                 "head -c 300000 /dev/zero | tr '\\0' x"])
+def test_a_blocking_answer_is_the_exec_result(cmd):
+    """A finished exec's answer (its exit event's JSON and the output, encoded once) is its
+    result; the exit event is the result without the output."""
+    ga = load_agent_module()
+    ex = ga.Exec("0123456789abcdef", ga.ExecSpec({"cmd": cmd}))
+    ex.start({"PATH": os.environ["PATH"]})
+    ex.run()
+    answer, result = ex.answer(), json.loads(ga.response_json(ex.result()))
+    assert json.loads(answer if isinstance(answer, bytes) else ga.response_json(answer)) == result
+    assert isinstance(answer, bytes) == (len(result["stdout"]) <= ga.SMALL_BODY)
+    [exit_line] = [line for line in ex.events.lines.values() if b'"type":"exit"' in line]
+    exit_event = json.loads(exit_line)
+    assert exit_event.pop("seq") == ex.events.next_seq - 1 and exit_event.pop("type") == "exit"
+    assert exit_event == {k: v for k, v in result.items() if k not in ("output", "stdout", "stderr")}
+    start = json.loads(ex.events.lines[0])
+    assert start == {"seq": 0, "type": "start", "execId": ex.id, "tag": None, "pid": ex.pid,
+                     "startedAt": result["startedAt"], "tty": False}
+
+
+def test_finished_execs_are_kept_within_count_bytes_and_time(monkeypatch):
+    """The registry keeps finished background execs up to MAX_FINISHED of them, holding
+    MAX_FINISHED_BYTES of output, for FINISHED_TTL_S: the oldest go first."""
+    ga = load_agent_module()
+
+    class Finished:
+        def __init__(self, n, size):
+            self.id, self.tag, self.output_bytes = f"e{n}", None, size
+            self.finished, self.started_epoch = time.monotonic(), n
+
+    registry = ga.ExecRegistry()
+    for n in range(ga.MAX_FINISHED + 10):
+        registry.finish(Finished(n, 1000), keep=True)
+    assert [ex.id for ex in registry.all()] == [f"e{n}" for n in range(10, ga.MAX_FINISHED + 10)]
+    big = ga.MAX_FINISHED_BYTES // 3 + 1
+    for n in range(1000, 1003):         # the third big one pushes out all older ones and the first big one
+        registry.finish(Finished(n, big), keep=True)
+    assert [ex.id for ex in registry.all()] == ["e1001", "e1002"]
+    assert registry.get("e1000") is None and registry.get("e1002").output_bytes == big
+    monkeypatch.setattr(ga.time, "monotonic", lambda: time.time() + ga.FINISHED_TTL_S + 1e6)
+    assert registry.all() == []
 
 
 def test_output_capture_and_json_in_pieces(monkeypatch):
@@ -896,6 +962,176 @@ def test_setsid_escape_in_process_group_mode(agent):
         assert r["timedOut"] is True and r["killScope"] == "process-group"
     finally:
         kill_pids(pids_running(m))
+
+
+# ---------------------------------------------------------------------------
+# exec on a terminal ("tty": true)
+# ---------------------------------------------------------------------------
+
+def screen(agent, exec_id):
+    """The terminal output of an exec so far."""
+    return agent.request("GET", f"/exec/{exec_id}")[1]["stdout"]
+
+
+def wait_on_screen(agent, exec_id, text, timeout=10.0):
+    wait_for(lambda: text in screen(agent, exec_id), timeout, what=f"{text!r} on the terminal of {exec_id}")
+
+
+def test_tty_size_term_and_controlling_terminal(agent):
+    """The command is a session leader whose controlling terminal is a pty of the given
+    size; TERM is set; output is the terminal's (ONLCR: \\r\\n), stderr included."""
+    probe = ('stty size; echo "$TERM"; [ "$(ps -o sid= -p $$ | tr -d " ")" = "$$" ] && echo leader; '
+             ': </dev/tty && echo controlling; echo err >&2; tty')
+    r = agent.exec(cmd=probe, tty=True, cols=101, rows=33, term="vt100")
+    lines = r["stdout"].split("\r\n")
+    assert lines[:5] == ["33 101", "vt100", "leader", "controlling", "err"], r
+    assert lines[5].startswith("/dev/pts/") and r["stderr"] == "" and r["output"] == r["stdout"]
+    assert (r["exitCode"], r["tty"]) == (0, True)
+    r = agent.exec(cmd="stty size; echo $TERM", tty=True)
+    assert r["stdout"] == "24 80\r\nxterm-256color\r\n"
+    assert agent.exec(cmd="[ -t 0 ] || echo no tty")["stdout"] == "no tty\n"
+    assert agent.exec(cmd="true")["tty"] is False
+    nobody = pwd.getpwnam("nobody")
+    r = agent.exec(argv=["sh", "-c", "id -u; stty size"], tty=True, rows=5, cols=7, user="nobody")
+    assert r["stdout"] == f"{nobody.pw_uid}\r\n5 7\r\n", r
+
+
+def test_tty_resize_sends_sigwinch_and_ctrl_c_interrupts(agent):
+    api = api_of(agent)
+    exec_id = background(agent, cmd="trap 'stty size' WINCH; echo ready; while :; do sleep 0.05; done", tty=True)
+    wait_on_screen(agent, exec_id, "ready")
+    status, r = agent.request("POST", f"/exec/{exec_id}/resize", {"cols": 132, "rows": 43})
+    assert (status, r) == (200, {"execId": exec_id, "cols": 132, "rows": 43})
+    wait_on_screen(agent, exec_id, "43 132\r\n")
+    assert agent.request("POST", f"/exec/{exec_id}/stdin", {"data": "\x03"}) == (200, {"written": 1})
+    r = finished(agent, exec_id)
+    assert (r["signal"], r["exitCode"]) == (2, None), r
+    events = api.events(exec_id, since=0)
+    check_sequence(events)
+    assert events[0]["tty"] is True and {e["type"] for e in events} <= {"start", "stdout", "exit", "keepalive"}
+    assert joined(events, "stdout").decode() == r["stdout"]
+    assert agent.request("POST", f"/exec/{exec_id}/resize", {"cols": 80, "rows": 24})[0] == 409
+
+
+def test_tty_job_control_foreground_signal_and_exit_code(agent):
+    """An interactive shell runs a job in a process group of its own: a signal "to":
+    "foreground" reaches the job (as Ctrl-C would), not the shell; the exit code comes back."""
+    m = marker()
+    try:
+        exec_id = background(agent, argv=["sh", "-i"], env={"PS1": "cbox$ "}, tty=True)
+        wait_on_screen(agent, exec_id, "cbox$ ")
+        agent.request("POST", f"/exec/{exec_id}/stdin", {"data": f"sleep {m}\n"})
+        [sleeper] = wait_for(lambda: pids_running(m), 10, what="the job")
+        assert os.getpgid(sleeper) == sleeper       # a job of its own: not the shell's group
+        status, r = agent.request("POST", f"/exec/{exec_id}/signal", {"signal": "INT", "to": "foreground"})
+        assert (status, r) == (200, {"execId": exec_id, "signal": 2, "to": "foreground", "processGroup": sleeper})
+        wait_for(lambda: not pids_running(m), 10, what="the job to end")
+        wait_on_screen(agent, exec_id, "cbox$ ", timeout=10)
+        assert agent.request("GET", f"/exec/{exec_id}")[1]["running"] is True      # the shell lives on
+        agent.request("POST", f"/exec/{exec_id}/stdin", {"data": "exit 3\n"})
+        r = finished(agent, exec_id)
+        assert (r["exitCode"], r["error"]) == (3, "exit status 3"), r
+        # DELETE reaches the shell and its foreground job (process-group kill scope)
+        exec_id = background(agent, argv=["sh", "-i"], env={"PS1": "cbox$ "}, tty=True)
+        wait_on_screen(agent, exec_id, "cbox$ ")
+        agent.request("POST", f"/exec/{exec_id}/stdin", {"data": f"trap '' HUP; sleep {m}\n"})
+        wait_for(lambda: pids_running(m), 10, what="the job")
+        assert agent.request("DELETE", f"/exec/{exec_id}")[1]["signal"] == 9
+        assert wait_for(lambda: not pids_running(m), 5, what="the job to be killed")
+    finally:
+        kill_pids(pids_running(m))
+
+
+def test_tty_eof_bytes_and_output_cap(agent):
+    api = api_of(agent)
+    exec_id = background(agent, cmd="cat; echo done", tty=True)
+    wait_for(lambda: agent.request("GET", f"/exec/{exec_id}")[1]["durationMs"] > 50, 5)
+    assert agent.request("POST", f"/exec/{exec_id}/stdin", {"data": "héllo\n"}) == (200, {"written": 7})
+    assert agent.request("POST", f"/exec/{exec_id}/stdin", {"eof": True}) == (200, {"written": 0})
+    r = finished(agent, exec_id)
+    assert (r["exitCode"], r["stdout"]) == (0, "héllo\r\nhéllo\r\ndone\r\n"), r
+    # bytes both ways, losslessly: raw input through dataBase64, binary output through dataBase64
+    exec_id = background(agent, cmd="stty raw -echo; head -c 4 | od -An -tx1; printf '\\377\\376ok'", tty=True)
+    wait_for(lambda: agent.request("GET", f"/exec/{exec_id}")[1]["durationMs"] > 200, 5)
+    status, r = agent.request("POST", f"/exec/{exec_id}/stdin", {"dataBase64": "/wADBA=="})
+    assert (status, r) == (200, {"written": 4})
+    finished(agent, exec_id)
+    events = api.events(exec_id, since=0)
+    assert joined(events, "stdout").split() == [b"ff", b"00", b"03", b"04", b"\xff\xfeok"]
+    for body in ({"dataBase64": "***"}, {"dataBase64": 1}, {"data": "x", "dataBase64": "eA=="}):
+        assert agent.request("POST", f"/exec/{exec_id}/stdin", body)[0] == 400, body
+    r = agent.exec(cmd="head -c 100000 /dev/zero | tr '\\0' a", tty=True, maxOutput=1000)
+    assert (r["truncated"], len(r["stdout"]), r["exitCode"]) == (True, 1000, 0)
+
+
+def test_tty_timeout_signal_and_kill(agent):
+    m = marker()
+    try:
+        r = agent.exec(cmd=f"sleep {m}", tty=True, timeout=0.5)
+        assert (r["timedOut"], r["signal"], r["error"]) == (True, 9, "timed out after 0.5s"), r
+        exec_id = background(agent, cmd=f"trap 'echo got TERM; exit 7' TERM; echo ready; sleep {m} & wait", tty=True)
+        wait_on_screen(agent, exec_id, "ready")
+        assert agent.request("POST", f"/exec/{exec_id}/signal", {"signal": "TERM"})[0] == 200
+        r = finished(agent, exec_id)
+        assert (r["exitCode"], r["stdout"]) == (7, "ready\r\ngot TERM\r\n"), r
+        exec_id = background(agent, cmd=f"sleep {m}", tty=True)
+        wait_for(lambda: pids_running(m), 10, what="the command")
+        assert agent.request("DELETE", f"/exec/{exec_id}")[1]["signal"] == 9
+        for path, body in ((f"/exec/{exec_id}/resize", {"cols": 10, "rows": 10}),
+                           (f"/exec/{exec_id}/signal", {"signal": "INT", "to": "foreground"}),
+                           (f"/exec/{exec_id}/stdin", {"data": "x"})):
+            status, r = agent.request("POST", path, body)
+            assert status == 409 and ("finished" in r["error"] or "closed" in r["error"]), (path, r)
+    finally:
+        kill_pids(pids_running(m))
+
+
+@pytest.mark.parametrize("body, needle", [
+    ({"cmd": "true", "tty": 1}, "tty must be a boolean"),
+    ({"cmd": "true", "cols": 80}, 'cols need "tty": true'),
+    ({"cmd": "true", "tty": False, "rows": 24, "term": "vt100"}, 'rows, term need "tty": true'),
+    ({"cmd": "true", "tty": True, "cols": 0}, "cols"),
+    ({"cmd": "true", "tty": True, "rows": 4097}, "rows"),
+    ({"cmd": "true", "tty": True, "cols": "80"}, "cols"),
+    ({"cmd": "true", "tty": True, "term": "a b"}, "term"),
+    ({"cmd": "true", "tty": True, "term": ""}, "term"),
+    ({"cmd": "true", "tty": True, "stdin": "input"}, "stdin may only be omitted or \"pipe\""),
+])
+def test_bad_tty_requests(agent, body, needle):
+    status, r = agent.request("POST", "/exec", body)
+    assert status == 400 and needle in r["error"], r
+
+
+def test_tty_routes_refuse_what_cannot_work(agent):
+    m = marker()
+    try:
+        plain = background(agent, cmd=f"sleep {m}")
+        status, r = agent.request("POST", f"/exec/{plain}/resize", {"cols": 80, "rows": 24})
+        assert status == 409 and "has no terminal" in r["error"]
+        status, r = agent.request("POST", f"/exec/{plain}/signal", {"signal": "INT", "to": "foreground"})
+        assert status == 409 and "has no terminal" in r["error"]
+        status, r = agent.request("POST", f"/exec/{plain}/signal", {"signal": "INT", "to": "everyone"})
+        assert status == 400 and "to must be" in r["error"]
+        agent.request("DELETE", f"/exec/{plain}")
+        tty = background(agent, cmd=f"sleep {m}", tty=True)
+        for body in ({"cols": 80}, {"cols": 80, "rows": 0}, {"cols": 80, "rows": 24, "x": 1}, [80, 24]):
+            assert agent.request("POST", f"/exec/{tty}/resize", body)[0] == 400, body
+        assert agent.request("GET", f"/exec/{tty}/resize")[0] == 405
+        agent.request("DELETE", f"/exec/{tty}")
+    finally:
+        kill_pids(pids_running(m))
+
+
+def test_tty_refused_where_the_guest_has_no_ptys(callback_server):
+    """A guest without devpts (here: an empty /dev/pts in the agent's mount namespace)
+    refuses a tty exec with a clear 409 and goes on running the others."""
+    a = Agent(callback_server.path, setup="mount -t tmpfs cbox-no-pts /dev/pts")
+    try:
+        status, r = a.request("POST", "/exec", {"cmd": "true", "tty": True})
+        assert status == 409 and r["error"].startswith("tty: this guest cannot open a pseudo-terminal"), r
+        assert a.exec(cmd="echo fine")["stdout"] == "fine\n"
+    finally:
+        a.stop()
 
 
 # ---------------------------------------------------------------------------

@@ -7,7 +7,9 @@ tests talk to the agent's port 4031 from inside a network namespace of
 the module (contract 5), as tests/test_images.py does, with no cbox.py.
 Everything skips with a reason when the images, QEMU or debugfs are missing.
 """
+import contextlib
 import os
+import pathlib
 import time
 
 import pytest
@@ -22,15 +24,15 @@ from test_images import (BOOT_TIMEOUT, GUEST_IP, INITRAMFS, KERNEL, ROOTFS, brid
 AGENT_IN_IMAGE = "/usr/local/sbin/guest_agent.py"
 
 
-def rootfs_with_this_agent(directory):
-    """A sparse copy of the rootfs image whose guest agent is this checkout's."""
+def rootfs_with_this_agent(directory, agent=REPO / "guest_agent.py"):
+    """A sparse copy of the rootfs image whose guest agent is `agent` (this checkout's)."""
     image = directory / "rootfs.ext4"
     run("cp", "--sparse=always", str(ROOTFS), str(image))
-    for request in (f"rm {AGENT_IN_IMAGE}", f"write {REPO / 'guest_agent.py'} {AGENT_IN_IMAGE}",
+    for request in (f"rm {AGENT_IN_IMAGE}", f"write {agent} {AGENT_IN_IMAGE}",
                     f"sif {AGENT_IN_IMAGE} mode 0100755"):
         run("debugfs", "-w", "-R", request, str(image))
     out = run("debugfs", "-R", f"cat {AGENT_IN_IMAGE}", str(image)).stdout
-    assert out == (REPO / "guest_agent.py").read_text(), "debugfs did not replace the agent"
+    assert out == pathlib.Path(agent).read_text(), "debugfs did not replace the agent"
     return image
 
 
@@ -40,8 +42,15 @@ def guest(tmp_path_factory):
     need_images(KERNEL, INITRAMFS, ROOTFS)
     need_qemu()
     need_tool("debugfs", "e2fsprogs")
-    tmp = tmp_path_factory.mktemp("execv2")
-    rootfs = rootfs_with_this_agent(tmp)
+    with booted_guest(tmp_path_factory.mktemp("execv2")) as booted:
+        yield booted
+
+
+@contextlib.contextmanager
+def booted_guest(tmp, agent=REPO / "guest_agent.py"):
+    """(AgentApi, engine) of a VM booted from the out/ images with `agent` as its guest
+    agent, in a network namespace of its own; everything is gone after the block."""
+    rootfs = rootfs_with_this_agent(tmp, agent)
     ns = NetNS(unique("cbtns"))
     run("ip", "netns", "add", ns.name)
     eng = None
