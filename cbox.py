@@ -54,7 +54,8 @@ through one escape, log_text. Sections, in order; each uses only what comes befo
                      objects with every route under /v1/vms/{name}, ExecStream (events,
                      re-attached with `since` after a broken connection), ClientError;
                      CallbackServer: a threaded receiver of callbacks for a user's
-                     program, checking signature, replay window and replayed ids
+                     program, checking signature, replay window and replayed ids;
+                     TerminalSocket: an exec's terminal WebSocket (ClientVM.terminal)
  14. Serve           `serve`: preflight checks, systemd notifications, the server's life
  15. Selftest        `selftest`: a new host's end-to-end check
  16. CLI             a small client: `health`, `vm start|ls|rm|logs|network|ttl|failures`,

@@ -45,7 +45,7 @@ class WsClient:
                         (line.decode().partition(":") for line in head.split(b"\r\n")[1:])}
         self.accept_ok = self.headers.get("sec-websocket-accept") == base64.b64encode(
             hashlib.sha1((key + GUID).encode()).digest()).decode()
-        self.text, self.binary = [], bytearray()
+        self.text, self.binary, self.pongs = [], bytearray(), []
         self.closed = None              # the server's close code
 
     def send_frame(self, opcode, payload, mask=True, fin=True):
@@ -105,6 +105,8 @@ class WsClient:
                 self.text.append(json.loads(payload))
             elif opcode == 9:
                 self.send_frame(10, payload)
+            elif opcode == 10:
+                self.pongs.append(payload)
             elif opcode == 8:
                 self.closed = struct.unpack(">H", payload[:2])[0] if len(payload) >= 2 else 1005
         return True
@@ -144,11 +146,15 @@ def test_resize_reaches_the_terminal_and_the_exit_event_ends_the_session(vm):
     exec_id = start_tty(vm, "stty size; read line; stty size; echo got $line; exit 7", cols=100, rows=30)
     ws = attach(vm, exec_id)
     assert ws.read_until(ws.saw("30 100"))
-    ws.control(type="resize", cols=123, rows=45)
+    resize = json.dumps({"type": "resize", "cols": 123, "rows": 45}).encode()
+    ws.send_frame(1, resize[:10], fin=False)             # a message in fragments, a ping between them
+    ws.send_frame(9, b"are you there")
+    ws.send_frame(0, resize[10:])
     ws.type(b"hello\r")
     assert ws.read_until(lambda w: w.exit_event() is not None)
     assert b"45 123" in ws.binary and b"got hello" in ws.binary
     assert ws.exit_event()["exitCode"] == 7 and ws.text[0]["type"] == "start"
+    assert ws.pongs == [b"are you there"]
     ws.read_until(lambda w: w.closed is not None)
     assert ws.closed == 1000
 
@@ -191,6 +197,23 @@ def test_the_first_attach_writes_the_others_read_only(vm):
     third.type(b"y\r")
     assert reader.read_until(lambda w: w.exit_event() is not None) and b"two y" in reader.binary
     assert b"ignored" not in reader.binary.replace(b"ignored\r", b"")  # never typed
+
+
+def test_attaches_per_vm_are_bounded(vm):
+    exec_id = start_tty(vm, "sleep 600")
+    attached = [attach(vm, exec_id) for _ in range(16)]
+    refused = WsClient(vm, f"/v1/vms/sv/exec/{exec_id}/attach")
+    assert refused.status_line.startswith("HTTP/1.1 409 ") and b"16 terminals" in refused.buffer
+    attached.pop().close()                        # one leaves: room for one more
+    deadline = time.monotonic() + 30
+    while True:
+        again = WsClient(vm, f"/v1/vms/sv/exec/{exec_id}/attach")
+        if again.status_line.startswith("HTTP/1.1 101 ") or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert again.status_line.startswith("HTTP/1.1 101 "), again.status_line
+    for ws in attached + [again]:
+        ws.close()
 
 
 def test_eof_ends_input_of_a_command_reading_lines(vm):
