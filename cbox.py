@@ -6810,8 +6810,7 @@ class TerminalAttach:
                 task.cancel()
             self.events.close()
             self.on_end(self)
-        log("terminal detached" if code != 1000 else "terminal ended", vm=self.name, execId=self.exec_ref,
-            code=code, why=why)
+        log("terminal closed", vm=self.name, execId=self.exec_ref, code=code, why=why)
         if code is not None and not writer.transport.is_closing():
             writer.write(self.frames.close_frame(code, why))
             with contextlib.suppress(OSError, asyncio.TimeoutError, ConnectionError):

@@ -244,7 +244,7 @@ def test_hostile_clients_are_refused_and_dropped(vm):
     ws = attach(vm, exec_id)
     ws.sock.setsockopt(__import__("socket").SOL_SOCKET, __import__("socket").SO_RCVBUF, 4096)
     deadline = time.monotonic() + 60
-    while "terminal detached" not in vm.log() or "stalled" not in vm.log():
+    while "terminal closed" not in vm.log() or "stalled" not in vm.log():
         assert time.monotonic() < deadline, vm.log()[-3000:]
         time.sleep(0.2)
     status, state = vm.api.get(f"/v1/vms/sv/exec/{exec_id}")
