@@ -9277,13 +9277,15 @@ class TerminalClient:
     happens), its keys as binary frames, its size at the start and on SIGWINCH, the remote
     terminal's bytes written out as they come. `~.` at the start of a line detaches (as in
     ssh; `~~` types one `~`). run() returns the exit status: the command's, 128 + a signal's,
-    or None after a detach."""
+    or None when the session ended without the command's end: a detach, or `ended` says why
+    (the server's close code and reason, or a connection that broke)."""
 
     def __init__(self, terminal, stdin_fd=0, stdout_fd=1):
         self.terminal, self.sock, self.frames, self.rest = terminal, terminal.sock, terminal.frames, terminal.rest
         self.stdin_fd, self.stdout_fd = stdin_fd, stdout_fd
         self.line_start, self.tilde = True, False
         self.result = None
+        self.ended = None              # why the session ended without the command's exit event
 
     def run(self):
         import termios
@@ -9323,6 +9325,8 @@ class TerminalClient:
                 self.send_size()
             if self.sock in readable:
                 data = self.sock.recv(256 * 1024)
+                if not data:
+                    self.ended = "the connection to the server broke"
                 if not data or self.received(data):
                     return self.status()
             if self.stdin_fd in readable:
@@ -9361,6 +9365,8 @@ class TerminalClient:
             elif opcode == WebSocketFrames.PING:
                 self.send(WebSocketFrames.PONG, payload)
             elif opcode == WebSocketFrames.CLOSE:
+                code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+                self.ended = f"the server closed the terminal ({code}: {payload[2:].decode('utf-8', 'replace')})"
                 return True
         return False
 
@@ -9397,11 +9403,14 @@ def cli_shell(args):
         terminal = vm.terminal(exec_id)
     except ClientError as e:
         sys.exit(f"cbox: {e.method} {e.path}: " + (f"HTTP {e.status}: " if e.status else "") + log_text(str(e)))
-    status = TerminalClient(terminal).run()
-    if status is None:
-        sys.stderr.write(f"cbox: detached; the command keeps running: cbox.py shell {args.name} --attach {exec_id}\n")
-        sys.exit(0)
-    sys.exit(status)
+    session = TerminalClient(terminal)
+    status = session.run()
+    if status is not None:
+        sys.exit(status)
+    again = f"cbox.py shell {args.name} --attach {exec_id}"
+    if session.ended:
+        sys.exit(f"cbox: {log_text(session.ended)}; the command may still run: {again}")
+    sys.stderr.write(f"cbox: detached; the command keeps running: {again}\n")
 
 
 def main(argv=None):
