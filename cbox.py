@@ -9293,12 +9293,18 @@ class TerminalClient:
         saved = termios.tcgetattr(self.stdin_fd) if os.isatty(self.stdin_fd) else None
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_w, False)
-        old_handler = signal.signal(signal.SIGWINCH, lambda *_: os.write(wake_w, b"w"))
+        def window_changed(*_):
+            with contextlib.suppress(BlockingIOError):       # a wake-up is pending already
+                os.write(wake_w, b"w")
+        old_handler = signal.signal(signal.SIGWINCH, window_changed)
         try:
             if saved is not None:
                 tty.setraw(self.stdin_fd)
             self.send_size()
             return self.loop(wake_r)
+        except OSError as e:              # the connection reset, or a send into a closed one
+            self.ended = f"the connection to the server broke ({e.strerror or e})"
+            return None
         finally:
             signal.signal(signal.SIGWINCH, old_handler)
             if saved is not None:

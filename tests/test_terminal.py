@@ -281,7 +281,8 @@ def test_tty_fields_are_checked(vm):
 
 def run_shell(server, *args, rows=33, cols=101, keys=(), timeout=60):
     """`cbox.py shell` on a pseudo-terminal of the given size; (exit status, output, the
-    terminal's attributes before and after)."""
+    terminal's attributes before and after). `keys`: (text, bytes to type or action(master
+    fd)) in turn, each once the output shows its text."""
     master, slave = os.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
     before = termios.tcgetattr(slave)
@@ -298,7 +299,8 @@ def run_shell(server, *args, rows=33, cols=101, keys=(), timeout=60):
     while status is None:                 # the parent keeps the terminal open: its settings stay readable
         assert time.monotonic() < deadline, bytes(output)
         if keys and keys[0][0].encode() in output:
-            os.write(master, keys.pop(0)[1])
+            action = keys.pop(0)[1]
+            action(master) if callable(action) else os.write(master, action)
         done, status_now = os.waitpid(pid, os.WNOHANG)
         ready, _, _ = select.select([master], [], [], 0 if done else 0.2)
         if ready:
@@ -318,6 +320,25 @@ def test_cbox_shell_sizes_the_terminal_types_and_passes_the_exit_code(vm):
     assert code == 5, output
     assert b"33 101" in output and b"got abc" in output
     assert after[3] == before[3]        # lflag (ICANON, ECHO) restored
+
+
+def test_cbox_shell_follows_the_window_size(vm):
+    """The local window changes (the kernel sends SIGWINCH): the remote terminal follows."""
+    def resize(master):
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    code, output, _, _ = run_shell(vm, "sv", "--", "sh", "-c",
+                                   "trap 'stty size' WINCH; echo ready; while :; do sleep 0.1; done",
+                                   keys=[("ready", resize), ("40 120", b"\x03")])
+    assert code == 130 and b"40 120" in output, output
+
+
+def test_cbox_shell_restores_the_terminal_when_the_server_goes_away(cbox_factory):
+    server = cbox_factory().start()
+    server.api.start_vm("sv")
+    code, output, before, after = run_shell(server, "sv", "--", "sh", "-c", "echo in-shell; sleep 600",
+                                            keys=[("in-shell", lambda master: server.proc.kill())])
+    assert code == 1 and b"the connection to the server broke" in output, output
+    assert after[3] == before[3]
 
 
 def test_cbox_shell_detaches_with_tilde_dot(vm):
