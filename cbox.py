@@ -12,7 +12,8 @@ through one escape, log_text. Sections, in order; each uses only what comes befo
   2. HTTP            one small HTTP/1.1 implementation: message reading, a
                      keep-alive client (Unix or TCP, used for Cloud Hypervisor, the
                      guest agents and callback URLs), response building; the
-                     sender of events to events_url
+                     sender of events to events_url; WebSocket framing (RFC 6455,
+                     WebSocketFrames: the terminal's attach and `cbox.py shell`)
   3. Guest agent     GuestAgent: the guest agent's API (health, exec, status, kill,
                      list, signal, stdin, sync, stats), its answers bounded; AgentEvents:
                      an exec's event stream from it, checked line by line; the budgets of
@@ -47,27 +48,32 @@ through one escape, log_text. Sections, in order; each uses only what comes befo
                      parameters, query and body against them), auth before any body is read, limits
                      (request head, query, the host-wide body budget), request log; the
                      API description made from them (openapi_document); EventRelay:
-                     exec event streams to the client (NDJSON or SSE, chunked)
+                     exec event streams to the client (NDJSON or SSE, chunked);
+                     TerminalAttach: a WebSocket attached to an exec's terminal
  13. Python client   Client: the REST API for programs (synchronous, keep-alive), VM
                      objects with every route under /v1/vms/{name}, ExecStream (events,
                      re-attached with `since` after a broken connection), ClientError;
                      CallbackServer: a threaded receiver of callbacks for a user's
-                     program, checking signature, replay window and replayed ids
+                     program, checking signature, replay window and replayed ids;
+                     TerminalSocket: an exec's terminal WebSocket (ClientVM.terminal)
  14. Serve           `serve`: preflight checks, systemd notifications, the server's life
  15. Selftest        `selftest`: a new host's end-to-end check
  16. CLI             the client commands on section 13's Client (CLIENT_COMMANDS, and
                      VM_COMMANDS for `vm start|ls|rm|logs|network|ttl|failures`): `health`,
-                     `vm ...`, `exec`; `openapi` prints the API description; `--version`
+                     `vm ...`, `exec`, `shell` (a terminal: TerminalClient); `openapi`
+                     prints the API description; `--version`
 
 README.md is the contract users rely on (the REST API, config keys, behaviour, figures):
 a change of what it says is a change of the contract.
 """
 import argparse
 import asyncio
+import base64
 import bisect
 import collections
 import contextlib
 import errno
+import hashlib
 import heapq
 import hmac
 import ipaddress
@@ -1607,6 +1613,154 @@ class EventSender:
         self.client.close()
 
 
+# ---- WebSocket (RFC 6455): the framing both sides use (attach, `cbox.py shell`) --------------
+
+WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"      # RFC 6455 section 1.3
+
+
+def websocket_accept(key):
+    """Sec-WebSocket-Accept for a Sec-WebSocket-Key (RFC 6455 section 4.2.2)."""
+    return base64.b64encode(hashlib.sha1((key + WEBSOCKET_GUID).encode("ascii")).digest()).decode("ascii")
+
+
+def websocket_request_problem(method, headers):
+    """Why a request is no WebSocket opening handshake (RFC 6455 section 4.2.1), or None."""
+    try:
+        key_ok = len(base64.b64decode(headers.get("sec-websocket-key", "").encode("ascii"), validate=True)) == 16
+    except (ValueError, UnicodeEncodeError):
+        key_ok = False
+    connection = {token.strip().lower() for token in headers.get("connection", "").split(",")}
+    if method != "GET" or headers.get("upgrade", "").lower() != "websocket" or "upgrade" not in connection:
+        return "this is a WebSocket: send GET with Upgrade: websocket and Connection: Upgrade"
+    if headers.get("sec-websocket-version") != "13":
+        return "Sec-WebSocket-Version must be 13"
+    if not key_ok:
+        return "Sec-WebSocket-Key must be 16 bytes in base64"
+    return None
+
+
+def websocket_mask(data, key):
+    """The payload XORed with the 4-byte masking key (section 5.3), as one big-integer XOR."""
+    n = len(data)
+    stream = (key * (n // 4 + 1))[:n]
+    return (int.from_bytes(data, "little") ^ int.from_bytes(stream, "little")).to_bytes(n, "little")
+
+
+class WebSocketError(Exception):
+    """The peer broke RFC 6455 or a bound: `code` is the close code to answer with."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+
+
+class WebSocketFrames:
+    """RFC 6455 framing of one side of one connection, without I/O. frame() makes a frame
+    (masked when this side is the client, section 5.3); feed() takes bytes as they arrive
+    and returns the complete messages as [(opcode, payload)]: fragments of a text or
+    binary message joined (5.4), control frames (close, ping, pong) as they come.
+
+    Bounds, checked at a frame's head, before its payload is buffered: a data frame at most
+    `max_frame` bytes, a message at most `max_message`, a control frame 125 (5.5).
+    WebSocketError carries the close code: 1002 a frame masked the wrong way for its
+    direction, reserved bits set, an unknown opcode, a fragmented or long control frame, a
+    continuation out of place; 1009 too big; 1007 a text message that is not UTF-8."""
+
+    CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0, 1, 2, 8, 9, 10
+    OPCODES = (0, 1, 2, 8, 9, 10)
+
+    def __init__(self, client, max_frame=64 * 1024, max_message=1024 * 1024):
+        self.client = client             # True: what this side sends is masked, what it reads is not
+        self.max_frame, self.max_message = max_frame, max_message
+        self.buffer = bytearray()
+        self.message = None              # (opcode, bytearray) of a fragmented message being read
+
+    def frame(self, opcode, payload=b""):
+        n = len(payload)
+        mask_bit = 0x80 if self.client else 0
+        head = bytes([0x80 | opcode])
+        if n < 126:
+            head += bytes([mask_bit | n])
+        elif n < 1 << 16:
+            head += bytes([mask_bit | 126]) + n.to_bytes(2, "big")
+        else:
+            head += bytes([mask_bit | 127]) + n.to_bytes(8, "big")
+        if not self.client:
+            return head + payload
+        key = os.urandom(4)
+        return head + key + websocket_mask(payload, key)
+
+    def close_frame(self, code, reason=""):
+        return self.frame(self.CLOSE, code.to_bytes(2, "big") + reason.encode()[:123])
+
+    def feed(self, data):
+        self.buffer += data
+        messages = []
+        while (frame := self._next_frame()) is not None:
+            fin, opcode, payload = frame
+            if opcode >= self.CLOSE:
+                messages.append((opcode, payload))
+            else:
+                message = self._join(fin, opcode, payload)
+                if message:
+                    messages.append(message)
+        return messages
+
+    def _next_frame(self):
+        buf = self.buffer
+        if len(buf) < 2:
+            return None
+        fin, opcode, masked, n = buf[0] & 0x80, buf[0] & 0x0F, buf[1] & 0x80, buf[1] & 0x7F
+        if buf[0] & 0x70:
+            raise WebSocketError(1002, "reserved bits set (no extension was agreed)")
+        if opcode not in self.OPCODES:
+            raise WebSocketError(1002, f"unknown opcode {opcode}")
+        if bool(masked) == self.client:
+            raise WebSocketError(1002, "a masked frame from the server" if self.client else
+                                 "an unmasked frame from the client")
+        at = 2 + {126: 2, 127: 8}.get(n, 0)
+        if len(buf) < at:
+            return None
+        if n >= 126:
+            n = int.from_bytes(buf[2:at], "big")
+        if opcode >= self.CLOSE and (n > 125 or not fin):
+            raise WebSocketError(1002, "a control frame longer than 125 bytes or fragmented")
+        if n > self.max_frame:
+            raise WebSocketError(1009, f"a frame larger than {self.max_frame} bytes")
+        end = at + (4 if masked else 0) + n
+        if len(buf) < end:
+            return None
+        payload = bytes(buf[end - n:end])
+        if masked:
+            payload = websocket_mask(payload, bytes(buf[at:at + 4]))
+        del buf[:end]
+        return fin, opcode, payload
+
+    def _join(self, fin, opcode, payload):
+        """The message a data frame completes, or None."""
+        if opcode == self.CONTINUATION:
+            if self.message is None:
+                raise WebSocketError(1002, "a continuation frame without a message to continue")
+            opcode, parts = self.message
+            parts += payload
+        elif self.message is not None:
+            raise WebSocketError(1002, "a new message inside a fragmented one")
+        else:
+            parts = bytearray(payload)
+        if len(parts) > self.max_message:
+            raise WebSocketError(1009, f"a message larger than {self.max_message} bytes")
+        if not fin:
+            self.message = (opcode, parts)
+            return None
+        self.message = None
+        if opcode == self.TEXT:
+            try:
+                bytes(parts).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise WebSocketError(1007, "a text message that is not UTF-8") from e
+        return opcode, bytes(parts)
+
+
 # =============================================================================
 # 3. Guest agent (its API, exec event streams, the budgets of guest work)
 # =============================================================================
@@ -2076,6 +2230,9 @@ class GuestAgent:
 
     async def stdin(self, exec_id, body):
         return await self._call("POST", f"/exec/{exec_id}/stdin", body, timeout=30.0)
+
+    async def resize(self, exec_id, body):
+        return await self._call("POST", f"/exec/{exec_id}/resize", body, timeout=30.0)
 
     async def events(self, exec_id, since, stall_s, on_exit=None, on_close=None):
         """The exec's event stream from seq `since` (GET /exec/{id}/stream), open: AgentEvents
@@ -3401,7 +3558,8 @@ class SchemaCompiler:
 
     @classmethod
     def compile(cls, schema):
-        steps = [step for step in (cls.types(schema), cls.combinators(schema), cls.enum(schema), cls.number(schema),
+        steps = [step for step in (cls.types(schema), cls.combinators(schema), cls.dependents(schema),
+                                   cls.enum(schema), cls.number(schema),
                                    cls.string(schema), cls.array(schema), cls.object(schema), cls.check(schema)) if step]
         has_default, default = "default" in schema, schema.get("default")
 
@@ -3472,6 +3630,21 @@ class SchemaCompiler:
                 if isinstance(value, dict) and sum(all(k in value for k in keys) for keys in required) == 1:
                     return value
                 raise schema_error(schema, "oneOf", name, value, f"'{name}' does not have an allowed form")
+        return step
+
+    @classmethod
+    def dependents(cls, schema):
+        """dependentSchemas: an object that has the key must also fit the key's schema."""
+        if "dependentSchemas" not in schema:
+            return None
+        checks = [(key, cls.compile(sub)) for key, sub in schema["dependentSchemas"].items()]
+
+        def step(value, name):
+            if isinstance(value, dict):
+                for key, check in checks:
+                    if key in value:
+                        check(value, name)
+            return value
         return step
 
     @classmethod
@@ -3667,7 +3840,7 @@ def openapi_schema(schema):
             out["description"] = f"{given}{'' if given.endswith('.') else '.'} {doc}" if given else doc
         elif key == "description" and "x-check" in schema:
             continue
-        elif key in ("properties", "$defs"):
+        elif key in ("properties", "$defs", "dependentSchemas"):
             out[key] = {k: openapi_schema(v) for k, v in value.items()}
         else:
             out[key] = openapi_schema(value)
@@ -3746,6 +3919,19 @@ def signal_number(value, name):
     if not 1 <= number <= signal.SIGRTMAX:
         raise ApiError(400, f"signal {number} is out of range")
     return number
+
+
+TERMINAL_SIZE_MAX = 4096
+TERM_PATTERN = "^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$"
+
+
+TTY_RULES = {      # of an exec request: checked only when the field is there (dependentSchemas)
+    **{key: {"required": ["tty"], "properties": {"tty": {"enum": [True]}},
+             "x-errors": {"*": f"'{key}' needs \"tty\": true"}} for key in ("cols", "rows", "term")},
+    "tty": {"anyOf": [{"properties": {"tty": {"enum": [False, None]}}},
+                      {"properties": {"stdin": {"enum": ["pipe", None]}}}],
+            "x-errors": {"anyOf": "with \"tty\": true the input comes through the attach (or POST .../stdin): "
+                                  "'stdin' may only be omitted or \"pipe\""}}}
 
 
 def data_or_eof(body, name):
@@ -3868,7 +4054,17 @@ def exec_request_schema(cfg):
             "tag": {"type": ["string", "null"], "pattern": EXEC_TAG_PATTERN, "x-errors": {
                 "pattern": "'tag' must be 1-64 characters of A-Z a-z 0-9 _ . - starting with a letter or digit"}},
             "memoryLimitMb": {"type": ["integer", "null"], "minimum": 1, "maximum": cfg.max_memory_mb},
-            "pidsLimit": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_PIDS_LIMIT}},
+            "pidsLimit": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_PIDS_LIMIT},
+            "tty": {"type": ["boolean", "null"], "default": False,
+                    "description": "run the command on a pseudo-terminal of its own (GET .../attach: a WebSocket to it)"},
+            "cols": {"type": ["integer", "null"], "minimum": 1, "maximum": TERMINAL_SIZE_MAX,
+                     "description": "the terminal's width (with tty; default 80)"},
+            "rows": {"type": ["integer", "null"], "minimum": 1, "maximum": TERMINAL_SIZE_MAX,
+                     "description": "the terminal's height (with tty; default 24)"},
+            "term": {"type": ["string", "null"], "pattern": TERM_PATTERN, "x-errors": {
+                "pattern": "'term' must be 1-64 characters of A-Z a-z 0-9 _ . + - starting with a letter or digit"},
+                "description": "TERM of the command (with tty; default xterm-256color)"}},
+        "dependentSchemas": TTY_RULES,
         "x-errors": {"type": "request body must be a JSON object",
                      "oneOf": "give exactly one of 'cmd' (a shell command) and 'argv' (a list of strings)"}}
 
@@ -4007,6 +4203,8 @@ def exec_parts(request, cfg):
     stream = request.pop("stream")
     blocking = request.pop("blocking") and not stream
     agent_body = dict(request, blocking=blocking, maxOutput=cfg.exec_output_limit_bytes)
+    if not agent_body["tty"]:
+        del agent_body["tty"]          # an agent older than terminals knows no tty
     if stream:
         agent_body["keepaliveS"] = cfg.stream_keepalive_s
     return {k: v for k, v in agent_body.items() if v is not None}, blocking, request["timeout"], stream
@@ -5227,6 +5425,15 @@ def on_exec_answer(vm, answer, background_id=None):
     exec_finished(vm, text, background_id)
 
 
+def output_bytes(event):
+    """An output event's exact bytes: dataBase64 when the agent sent it (the output was no
+    valid UTF-8), else data as UTF-8; b"" when neither is usable (the guest's word)."""
+    if isinstance(event.get("dataBase64"), str):
+        with contextlib.suppress(ValueError):
+            return base64.b64decode(event["dataBase64"], validate=True)
+    return event["data"].encode("utf-8", "replace") if isinstance(event.get("data"), str) else b""
+
+
 def finished_later(vm, background_id=None):
     """The `then` of a large exec answer (BodyStream): on_exec_answer once it was passed on."""
     return lambda head, tail: on_exec_answer(vm, head + b"\n" + tail, background_id)
@@ -6209,6 +6416,12 @@ class ExecForwarding:
         with agent_errors():
             return await vm.agent.stdin(exec_id, body)
 
+    async def resize(self, name, exec_id, body):
+        """A terminal's new size ({"cols", "rows"}, checked: terminal_control)."""
+        vm = self.registry.running(name)
+        with agent_errors():
+            return await vm.agent.resize(exec_id, body)
+
     async def stats(self, name):
         """GET /v1/vms/{name}/stats: the guest's view (its agent) and the VMM process's."""
         vm = self.registry.running(name)
@@ -6473,6 +6686,274 @@ class EventRelay:
             self.events.close()
 
 
+class Terminals:
+    """The WebSockets attached to execs (TerminalAttach): at most PER_VM a VM, and which one is
+    each exec's writer: the first attach while no other of that exec (named the same way, its
+    execId or its tag) holds the role; the others read only."""
+
+    PER_VM = 16
+
+    def __init__(self):
+        self.attaches = set()          # open TerminalAttach
+        self.writers = set()           # (VM name, exec reference) of the execs whose writer is attached
+        self.per_vm = collections.Counter()
+
+    def admit(self, name, exec_ref):
+        """Room for one more attach of this VM (else ApiError 409); whether it is the writer."""
+        if self.per_vm[name] >= self.PER_VM:
+            raise ApiError(409, f"VM '{name}' has {self.PER_VM} terminals attached already")
+        self.per_vm[name] += 1
+        writer = (name, exec_ref) not in self.writers
+        if writer:
+            self.writers.add((name, exec_ref))
+        return writer
+
+    def release(self, name, exec_ref, writer):
+        """Undo admit()."""
+        self.per_vm[name] -= 1
+        if not self.per_vm[name]:
+            del self.per_vm[name]
+        if writer:
+            self.writers.discard((name, exec_ref))
+
+    def end(self, attach):
+        """An attach ended (TerminalAttach.on_end)."""
+        self.attaches.discard(attach)
+        self.release(attach.name, attach.exec_ref, attach.writer_role)
+
+
+def terminal_control(payload):
+    """A client's control message -> (type, the agent's request body); ValueError says what is wrong."""
+    try:
+        message = json.loads(payload)
+    except (ValueError, RecursionError):
+        message = None
+    kind = message.get("type") if isinstance(message, dict) else None
+    if kind == "resize":
+        size = {k: message.get(k) for k in ("cols", "rows")}
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= TERMINAL_SIZE_MAX
+                   for v in size.values()):
+            raise ValueError(f"resize needs cols and rows, each 1..{TERMINAL_SIZE_MAX}")
+        return "resize", size
+    if kind == "signal":
+        try:
+            return "signal", {"signal": signal_number(message.get("signal"), "signal"), "to": "foreground"}
+        except (ApiError, AttributeError, TypeError, ValueError, OverflowError):
+            raise ValueError("signal needs a signal name (INT, SIGINT) or number") from None
+    if kind == "eof":
+        return "eof", None
+    raise ValueError('a control message is {"type": "resize", "cols", "rows"}, {"type": "signal", "signal"} '
+                     'or {"type": "eof"}')
+
+
+class TerminalAttach:
+    """One WebSocket attached to an exec (GET /v1/vms/{name}/exec/{id}/attach), once the 101
+    answer is sent. To the client: the terminal's bytes (stdout and stderr events) as binary
+    frames, the start, dropped and error events and last the exit event (the exec result
+    without the output the frames carried) as JSON text frames, then a close (1000). The events
+    are read from seq 0: the agent's kept events (at most max(exec_output_limit_bytes, 64 KiB)
+    of them) are the replay of the screen, then they go on live. From the writer (Terminals):
+    binary frames are typed input, passed to the agent's stdin one request at a time, in
+    order; text frames are control messages {"type": "resize", "cols", "rows"}, {"type":
+    "signal", "signal"} (to the terminal's foreground process group, as a key would) and
+    {"type": "eof"}, taken in order with the input. A read-only attach's input is refused
+    with an "error" text message. A detach (the client's close, or its connection ending)
+    leaves the command running.
+
+    Bounds: a client's frame MAX_FRAME bytes, its message MAX_MESSAGE, input waiting for the
+    agent INPUT_MAX (the client's frames are not read meanwhile); a client whose unsent bytes
+    stay above HIGH_WATER for drain_timeout is dropped, so is one that answers none of
+    MISSED_PINGS pings (one every PING_S). What a client sends reaches the log only through
+    log()'s escape."""
+
+    MAX_FRAME = 64 * 1024
+    MAX_MESSAGE = 1024 * 1024
+    INPUT_MAX = 1024 * 1024
+    STDIN_MAX = 1024 * 1024        # the agent's bound of one stdin request
+    HIGH_WATER = 256 * 1024
+    OUTPUT_FRAME = 64 * 1024       # terminal bytes per binary frame at most
+    PING_S = 20.0
+    MISSED_PINGS = 3
+
+    def __init__(self, execs, name, exec_ref, events, key, writer_role, on_end, drain_timeout):
+        self.execs, self.name, self.exec_ref, self.events = execs, name, exec_ref, events
+        self.key, self.writer_role, self.on_end, self.drain_timeout = key, writer_role, on_end, drain_timeout
+        self.frames = WebSocketFrames(client=False, max_frame=self.MAX_FRAME, max_message=self.MAX_MESSAGE)
+        self.writer = None
+        self.input = collections.deque()     # ("data", bytes) or (control type, agent body), in order
+        self.input_bytes = 0
+        self.input_ready, self.input_room = asyncio.Event(), asyncio.Event()
+        self.unanswered = 0                  # pings sent since the client last sent a frame
+        self.told_read_only = False
+
+    def head(self):
+        return ("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Accept: {websocket_accept(self.key)}\r\n\r\n").encode("latin-1")
+
+    async def run(self, reader, writer):
+        """The session, until the exec's exit, a detach or a failure; the connection is closed then."""
+        self.writer = writer
+        writer.write(self.head())
+        loop = asyncio.get_running_loop()
+        ends = [loop.create_task(self.relay_output()), loop.create_task(self.read_client(reader)),
+                loop.create_task(self.keep_alive())]
+        sender = loop.create_task(self.send_input())
+        try:
+            done, _ = await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
+            code, why = next(iter(done)).result()
+        except (OSError, asyncio.TimeoutError) as e:
+            code, why = None, f"the client went away or stalled: {type(e).__name__}"
+        except Exception as e:      # never a traceback to the client; the connection goes
+            log("terminal failed", vm=self.name, execId=self.exec_ref, error=repr(f"{type(e).__name__}: {e}"))
+            code, why = 1011, "internal error"
+        finally:
+            for task in (*ends, sender):
+                task.cancel()
+            self.events.close()
+            self.on_end(self)
+        log("terminal closed", vm=self.name, execId=self.exec_ref, code=code, why=why)
+        if code is not None and not writer.transport.is_closing():
+            writer.write(self.frames.close_frame(code, why))
+            with contextlib.suppress(OSError, asyncio.TimeoutError, ConnectionError):
+                await within(1.0, writer.drain())
+        if code is None:
+            writer.transport.abort()
+        else:
+            writer.close()
+
+    # ---- to the client ----------------------------------------------------------------
+
+    async def send(self, opcode, payload):
+        self.writer.write(self.frames.frame(opcode, payload))
+        if self.writer.transport.get_write_buffer_size() > self.HIGH_WATER:
+            await within(self.drain_timeout, self.writer.drain())
+
+    async def relay_output(self):
+        """Events to the client until the exit event; (close code, reason)."""
+        while True:
+            try:
+                batch = await self.events.next_events()
+            except AgentError as e:
+                await self.send(WebSocketFrames.TEXT, json_bytes({"type": "error", "seq": self.events.next_seq,
+                                                                 "error": str(e)}))
+                return 1011, "the exec's stream from the guest broke"
+            output = bytearray()
+            for _, event in batch:
+                if event["type"] in ("stdout", "stderr"):
+                    output += output_bytes(event)
+                    if len(output) >= self.OUTPUT_FRAME:
+                        await self.send_output(output)
+                elif event["type"] != "keepalive":
+                    await self.send_output(output)
+                    await self.send(WebSocketFrames.TEXT, json_bytes(event))
+            await self.send_output(output)
+            if self.events.finished:
+                return 1000, "the command exited"
+
+    async def send_output(self, output):
+        while output:
+            await self.send(WebSocketFrames.BINARY, bytes(output[:self.OUTPUT_FRAME]))
+            del output[:self.OUTPUT_FRAME]
+
+    async def keep_alive(self):
+        """A ping every PING_S (proxies keep an idle connection); a client that answers none of
+        MISSED_PINGS in a row is gone."""
+        while True:
+            await asyncio.sleep(self.PING_S)
+            if self.unanswered >= self.MISSED_PINGS:
+                return None, f"no answer to {self.MISSED_PINGS} pings"
+            self.unanswered += 1
+            self.writer.write(self.frames.frame(WebSocketFrames.PING, b"cbox"))
+
+    # ---- from the client ------------------------------------------------------------
+
+    async def read_client(self, reader):
+        """The client's frames until it closes or breaks the protocol; (close code, reason)."""
+        while True:
+            while self.input_bytes > self.INPUT_MAX:      # the agent is behind: the client waits
+                self.input_room.clear()
+                await self.input_room.wait()
+            data = await reader.read(self.MAX_FRAME)
+            if not data:
+                return None, "the client closed the connection"
+            try:
+                messages = self.frames.feed(data)
+            except WebSocketError as e:
+                return e.code, str(e)
+            for opcode, payload in messages:
+                self.unanswered = 0
+                if opcode == WebSocketFrames.CLOSE:
+                    code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1000
+                    return (code if 1000 <= code < 5000 and code not in (1004, 1005, 1006, 1015) else 1002,
+                            "the client detached")
+                if opcode == WebSocketFrames.PING:
+                    self.writer.write(self.frames.frame(WebSocketFrames.PONG, payload))
+                elif opcode == WebSocketFrames.BINARY:
+                    self.take_input(("data", payload), len(payload))
+                elif opcode == WebSocketFrames.TEXT:
+                    self.control(payload)
+
+    def tell(self, error):
+        """An "error" text frame (not drained: only the output relay waits for the client)."""
+        self.writer.write(self.frames.frame(WebSocketFrames.TEXT, json_bytes({"type": "error", "error": error})))
+
+    def control(self, payload):
+        try:
+            self.take_input(terminal_control(payload), 0)
+        except ValueError as e:
+            self.tell(str(e))
+
+    def take_input(self, item, size):
+        if not self.writer_role:
+            if not self.told_read_only:
+                self.told_read_only = True
+                self.tell("this attach reads only: another one of this exec is its writer")
+            return
+        kind, value = item
+        if kind == "data" and self.input and self.input[-1][0] == "data" \
+                and len(self.input[-1][1]) + size <= self.STDIN_MAX:
+            self.input[-1][1].extend(value)          # keystrokes joined: fewer requests
+        else:
+            self.input.append((kind, bytearray(value) if kind == "data" else value))
+        self.input_bytes += size
+        self.input_ready.set()
+
+    async def send_input(self):
+        """The writer's input and control messages to the agent, one request at a time, in order."""
+        while True:
+            await self.input_ready.wait()
+            self.input_ready.clear()
+            while self.input:
+                kind, value = self.input.popleft()
+                try:
+                    if kind == "data":
+                        await self.write_stdin(value)
+                    elif kind == "resize":
+                        await self.execs.resize(self.name, self.exec_ref, value)
+                    elif kind == "signal":
+                        await self.execs.signal(self.name, self.exec_ref, value)
+                    else:
+                        await self.execs.stdin(self.name, self.exec_ref, {"data": "", "eof": True})
+                except ApiError as e:
+                    self.tell(str(e))
+                finally:
+                    self.input_bytes -= len(value) if kind == "data" else 0
+                    self.input_room.set()
+
+    async def write_stdin(self, data):
+        """Typed bytes to the agent; what it did not take within its wait is sent again."""
+        while data:
+            answer = await self.execs.stdin(self.name, self.exec_ref,
+                                            {"dataBase64": base64.b64encode(data).decode("ascii")})
+            try:
+                written = json.loads(answer).get("written")
+            except (ValueError, TypeError, AttributeError, RecursionError):
+                return                 # not the agent's answer: nothing to go on with
+            if not isinstance(written, int) or isinstance(written, bool) or not 0 < written <= len(data):
+                return
+            del data[:written]
+
+
 class Request:
     """One request; dispatch() fills in path, query, args, params and the checked body, a handler
     may name its VM."""
@@ -6576,11 +7057,13 @@ class Operation:
     `errors`: the statuses it answers besides those every route may (400 for bad parameters,
     401, 404 for an unknown VM, 500); `public`: no API token needed; `abandonable`: a client
     that goes away cancels the handler (agent calls only: abandoning them leaves nothing half
-    done, a VM start would). The summary is the handler's docstring."""
+    done, a VM start would); `switches`: it answers 101 Switching Protocols (a WebSocket)
+    instead of 200. The summary is the handler's docstring."""
 
-    def __init__(self, handler, ok, body=None, query=None, errors=(), public=False, abandonable=False):
+    def __init__(self, handler, ok, body=None, query=None, errors=(), public=False, abandonable=False,
+                 switches=False):
         self.handler, self.ok, self.body, self.query = handler, ok, body, query or {}
-        self.errors, self.public, self.abandonable = errors, public, abandonable
+        self.errors, self.public, self.abandonable, self.switches = errors, public, abandonable, switches
         self.body_name = BODY_NAMES.get(body, "")
 
     def describe(self, path_params, cfg):
@@ -6606,9 +7089,10 @@ class Operation:
         statuses |= {413} if self.body else set()
         statuses |= {404} if "name" in path_params else set()
         statuses |= {401} if cfg.api_token and not self.public else set()
-        doc["responses"] = {"200": {"description": "success", "content": {
-            media: {"schema": {"type": "string"} if names is None else ref(names) if isinstance(names, str)
-                    else {"anyOf": [ref(n) for n in names]}} for media, names in self.ok.items()}}}
+        doc["responses"] = {"101": {"description": "a WebSocket (RFC 6455): README, Terminal"}} if self.switches else {
+            "200": {"description": "success", "content": {
+                media: {"schema": {"type": "string"} if names is None else ref(names) if isinstance(names, str)
+                        else {"anyOf": [ref(n) for n in names]}} for media, names in self.ok.items()}}}
         for status in sorted(statuses):
             doc["responses"][str(status)] = {"description": ERROR_STATUSES[status],
                                              "content": {JSON: {"schema": ref("Error")}}}
@@ -6652,6 +7136,7 @@ class RestServer:
         self.connections = set()
         self.client_watch = ClientWatch()
         self.relays = set()            # exec streams being relayed (EventRelay)
+        self.terminals = Terminals()   # WebSockets attached to execs (TerminalAttach)
         self.stopping = False          # stop() was called
         self.bodies = BodyBudget(cfg.request_body_buffer_bytes)
         self.linger_budget = TokenBucket(self.LINGER_BYTES_PER_S, self.LINGER_BYTES_PER_S)
@@ -6675,6 +7160,8 @@ class RestServer:
                 "POST": op(self.exec_signal, {JSON: "SignalSent"}, body="SignalRequest", **agent)}),
             (re.compile(r"^/v1/vms/(?P<name>[^/]+)/exec/(?P<exec_id>[^/]+)/stdin$"), {
                 "POST": op(self.exec_stdin, {JSON: "StdinWritten"}, body="StdinRequest", **agent)}),
+            (re.compile(r"^/v1/vms/(?P<name>[^/]+)/exec/(?P<exec_id>[^/]+)/attach$"), {
+                "GET": op(self.exec_attach, {}, switches=True, **agent)}),
             (re.compile(r"^/v1/health$"), {"GET": op(self.health, {JSON: "Health"}, public=True)}),
             (re.compile(r"^/v1/vms$"), {
                 "GET": op(self.list_vms, {JSON: "VmList"}, query=VM_FILTER_QUERY),
@@ -6714,7 +7201,7 @@ class RestServer:
             self.server.close()
             for writer in list(self.connections):
                 writer.close()
-            for relay in list(self.relays):     # a relay waits on the guest, not on its client
+            for relay in [*self.relays, *self.terminals.attaches]:   # they wait on the guest, not on the client
                 relay.events.close()
             await self.server.wait_closed()
 
@@ -6751,6 +7238,10 @@ class RestServer:
         if answer is None:             # the client went away while it was handled (499)
             return False
         status, payload, ctype = answer
+        if isinstance(payload, TerminalAttach):      # the connection is the WebSocket's from here on
+            await payload.run(reader, writer)
+            self.log_and_count(request, status)
+            return False
         if not await self.send_answer(request, writer, status, payload, ctype):
             return False
         self.log_and_count(request, status)
@@ -6922,6 +7413,8 @@ class RestServer:
             return result
         if isinstance(result, EventRelay):
             return 200, result, result.content_type
+        if isinstance(result, TerminalAttach):
+            return 101, result, None
         return 200, result if isinstance(result, (bytes, BodyStream)) else json_bytes(result), "application/json"
 
     def find_operation(self, request):
@@ -7026,6 +7519,23 @@ class RestServer:
             since = check_query({"since": [last_id]}, STREAM_QUERY)["since"] + 1
         events = await self.manager.execs.events(req.params["name"], req.params["exec_id"], since or 0)
         return self.relay(req, events)
+
+    async def exec_attach(self, req):
+        """An exec's terminal as a WebSocket (RFC 6455): its output to the client, input and control from it"""
+        problem = websocket_request_problem(req.method, req.headers)
+        if problem:
+            raise ApiError(400, problem)
+        name, exec_ref = req.params["name"], req.params["exec_id"]
+        writer_role = self.terminals.admit(name, exec_ref)
+        try:
+            events = await self.manager.execs.events(name, exec_ref, 0)
+        except BaseException:
+            self.terminals.release(name, exec_ref, writer_role)
+            raise
+        attach = TerminalAttach(self.manager.execs, name, exec_ref, events, req.headers["sec-websocket-key"],
+                                writer_role, self.terminals.end, self.cfg.http_body_timeout_s)
+        self.terminals.attaches.add(attach)
+        return attach
 
     async def exec_status(self, req):
         """A background exec's result so far"""
@@ -7439,6 +7949,27 @@ class ClientVM:
         body = camel_fields((("data", data), ("eof", eof or None)))
         return self.call("POST", exec_path(exec_ref, "/stdin"), body)["written"]
 
+    def terminal(self, exec_ref, timeout=None):
+        """GET /v1/vms/{name}/exec/{id}/attach: the exec's terminal, a WebSocket (README,
+        Terminal) as a TerminalSocket."""
+        return self.client.websocket(vm_path(self.name, exec_path(exec_ref, "/attach")), timeout)
+
+
+class TerminalSocket:
+    """A WebSocket attached to an exec (ClientVM.terminal): `sock` (blocking), `frames`
+    (WebSocketFrames, client side) and `rest`, bytes the server sent after its 101 answer."""
+
+    def __init__(self, sock, frames, rest):
+        self.sock, self.frames, self.rest = sock, frames, rest
+
+    def send(self, opcode, payload):
+        self.sock.sendall(self.frames.frame(opcode, payload))
+
+    def close(self, code=1000):
+        with contextlib.suppress(OSError):
+            self.send(WebSocketFrames.CLOSE, code.to_bytes(2, "big"))
+        self.sock.close()
+
 
 class Client:
     """The REST API of a cbox.py server, for programs (synchronous, thread-safe, keep-alive).
@@ -7511,6 +8042,36 @@ class Client:
                 self.idle.append(conn)
                 return
         conn.close()
+
+    def websocket(self, path, timeout=None):
+        """A WebSocket to `path` (RFC 6455 client handshake, the token as for every call) as a
+        TerminalSocket; ClientError when the server refuses it, ServerUnreachable without answer."""
+        key = base64.b64encode(os.urandom(16)).decode("ascii")
+        head = (f"GET {self.prefix}{path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                + (f"Authorization: Bearer {self.token}\r\n" if self.token else "") + "\r\n")
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=timeout or self.timeout)
+            if self.scheme == "https":
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=self.host)
+            sock.sendall(head.encode("latin-1"))
+            answer = b""
+            while b"\r\n\r\n" not in answer and len(answer) < MAX_HEAD:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                answer += data
+        except OSError as e:
+            raise ServerUnreachable(f"cannot reach {self.url}: {e}", "GET", path) from e
+        head, _, rest = answer.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        status = lines[0].split(" ")[1] if len(lines[0].split(" ")) > 1 else ""
+        if status != "101" or fields.get("sec-websocket-accept") != websocket_accept(key):
+            sock.close()
+            raise client_error(int(status) if is_decimal(status) else None, rest, "GET", path)
+        sock.settimeout(None)
+        return TerminalSocket(sock, WebSocketFrames(client=True, max_frame=1 << 24, max_message=1 << 24), rest)
 
     def open(self, method, path, body=None, query=None, timeout=None, headers=None):
         """Send one request; returns (connection, response) with the response's body unread.
@@ -8679,7 +9240,165 @@ def cli_exec(args, client):
     sys.exit(exit_status(result))
 
 
-CLIENT_COMMANDS = {"health": cli_health, "vm": cli_vm, "exec": cli_exec}     # each (args, client)
+def terminal_size(fd=0):
+    """(cols, rows) of the terminal on fd (the window's, not $COLUMNS/$LINES), within the API's bounds."""
+    try:
+        size = os.get_terminal_size(fd)
+        cols, rows = size.columns, size.lines
+    except OSError:
+        cols, rows = 80, 24
+    return min(max(cols, 1), TERMINAL_SIZE_MAX), min(max(rows, 1), TERMINAL_SIZE_MAX)
+
+
+class TerminalClient:
+    """`cbox.py shell`'s side of an attach: the local terminal in raw mode (restored whatever
+    happens), its keys as binary frames, its size at the start and on SIGWINCH, the remote
+    terminal's bytes written out as they come. `~.` at the start of a line detaches (as in
+    ssh; `~~` types one `~`). run() returns the exit status: the command's, 128 + a signal's,
+    or None when the session ended without the command's end: a detach, or `ended` says why
+    (the server's close code and reason, or a connection that broke)."""
+
+    def __init__(self, terminal, stdin_fd=0, stdout_fd=1):
+        self.terminal, self.sock, self.frames, self.rest = terminal, terminal.sock, terminal.frames, terminal.rest
+        self.stdin_fd, self.stdout_fd = stdin_fd, stdout_fd
+        self.line_start, self.tilde = True, False
+        self.result = None
+        self.ended = None              # why the session ended without the command's exit event
+
+    def run(self):
+        import termios
+        import tty
+        saved = termios.tcgetattr(self.stdin_fd) if os.isatty(self.stdin_fd) else None
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        def window_changed(*_):
+            with contextlib.suppress(BlockingIOError):       # a wake-up is pending already
+                os.write(wake_w, b"w")
+        old_handler = signal.signal(signal.SIGWINCH, window_changed)
+        try:
+            if saved is not None:
+                tty.setraw(self.stdin_fd)
+            self.send_size()
+            return self.loop(wake_r)
+        except OSError as e:              # the connection reset, or a send into a closed one
+            self.ended = f"the connection to the server broke ({e.strerror or e})"
+            return None
+        finally:
+            signal.signal(signal.SIGWINCH, old_handler)
+            if saved is not None:
+                termios.tcsetattr(self.stdin_fd, termios.TCSAFLUSH, saved)
+            os.close(wake_r)
+            os.close(wake_w)
+            self.sock.close()
+
+    def send(self, opcode, payload):
+        self.terminal.send(opcode, payload)
+
+    def send_size(self):
+        cols, rows = terminal_size(self.stdin_fd)
+        self.send(WebSocketFrames.TEXT, json_bytes({"type": "resize", "cols": cols, "rows": rows}))
+
+    def loop(self, wake_r):
+        import select
+        if self.rest and self.received(self.rest):
+            return self.status()
+        while True:
+            readable, _, _ = select.select([self.stdin_fd, self.sock, wake_r], [], [])
+            if wake_r in readable:
+                os.read(wake_r, 64)
+                self.send_size()
+            if self.sock in readable:
+                data = self.sock.recv(256 * 1024)
+                if not data:
+                    self.ended = "the connection to the server broke"
+                if not data or self.received(data):
+                    return self.status()
+            if self.stdin_fd in readable:
+                keys = os.read(self.stdin_fd, 4096)
+                typed = self.typed(keys) if keys else None
+                if typed is None:
+                    self.send(WebSocketFrames.CLOSE, (1000).to_bytes(2, "big"))
+                    return None
+                if typed:
+                    self.send(WebSocketFrames.BINARY, typed)
+
+    def typed(self, keys):
+        """The keys to send; None when `~.` asks to detach (or the local input ended)."""
+        out = bytearray()
+        for byte in keys:
+            if self.tilde:
+                self.tilde = False
+                if byte == ord("."):
+                    return None
+                if byte != ord("~"):
+                    out.append(ord("~"))
+            elif byte == ord("~") and self.line_start:
+                self.tilde = True
+                continue
+            out.append(byte)
+            self.line_start = byte in (ord("\r"), ord("\n"))
+        return bytes(out)
+
+    def received(self, data):
+        """Handle the server's frames; True once the session is over."""
+        for opcode, payload in self.frames.feed(data):
+            if opcode == WebSocketFrames.BINARY:
+                os.write(self.stdout_fd, payload)
+            elif opcode == WebSocketFrames.TEXT:
+                self.control(json.loads(payload))
+            elif opcode == WebSocketFrames.PING:
+                self.send(WebSocketFrames.PONG, payload)
+            elif opcode == WebSocketFrames.CLOSE:
+                code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+                self.ended = f"the server closed the terminal ({code}: {payload[2:].decode('utf-8', 'replace')})"
+                return True
+        return False
+
+    def control(self, message):
+        if message.get("type") == "exit":
+            self.result = message
+        elif message.get("type") == "error":
+            os.write(2, f"\r\ncbox: {log_text(message.get('error'))}\r\n".encode())
+
+    def status(self):
+        if self.result is None:
+            return None
+        return exit_status(self.result)
+
+
+SHELL_OF_USER = ('s=$(sed -n "s|^$(id -un):.*:||p" /etc/passwd 2>/dev/null); '
+                 '[ -x "$s" ] || s=/bin/sh; exec "$s" -l')
+
+
+def cli_shell(args, client):
+    """`cbox.py shell NAME [-- CMD...]`: a terminal in the VM (the user's login shell by default)."""
+    vm = client.vm(args.name)
+    try:
+        if args.attach:
+            exec_id = args.attach
+        else:
+            cols, rows = terminal_size()
+            term = os.environ.get("TERM", "")
+            options = {"term": term} if schema_regex(TERM_PATTERN).search(term) else {}
+            if args.user:
+                options["user"] = int(args.user) if is_decimal(args.user) else args.user
+            exec_id = vm.exec(args.command or SHELL_OF_USER, blocking=False, tty=True, cols=cols, rows=rows,
+                              **options).exec_id
+        terminal = vm.terminal(exec_id)
+    except ClientError as e:
+        sys.exit(f"cbox: {e.method} {e.path}: " + (f"HTTP {e.status}: " if e.status else "") + log_text(str(e)))
+    session = TerminalClient(terminal)
+    status = session.run()
+    if status is not None:
+        sys.exit(status)
+    again = f"cbox.py shell {args.name} --attach {exec_id}"
+    if session.ended:
+        sys.exit(f"cbox: {log_text(session.ended)}; the command may still run: {again}")
+    sys.stderr.write(f"cbox: detached; the command keeps running: {again}\n")
+
+
+CLIENT_COMMANDS = {"health": cli_health, "vm": cli_vm, "exec": cli_exec,     # each (args, client)
+                   "shell": cli_shell}
 
 
 def main(argv=None):
@@ -8744,10 +9463,17 @@ def main(argv=None):
     p.add_argument("--no-stream", action="store_true",
                    help="wait for the command to end and print its output then (no live output)")
     p.add_argument("command", nargs="*", help="the command; put it after -- when it has options")
+    p = sub.add_parser("shell", help="a terminal in a VM: shell NAME [-- CMD...] (default the user's login shell); "
+                                     "~. detaches")
+    p.add_argument("name")
+    p.add_argument("--user", help="guest user name or uid to run the command as")
+    p.add_argument("--attach", metavar="EXEC_ID", help="attach to a terminal exec that runs already")
+    p.add_argument("command", nargs="*", help="the command; put it after -- when it has options")
     argv = list(sys.argv[1:] if argv is None else argv)
     tail = None
-    if "exec" in argv and "--" in argv[argv.index("exec"):]:
-        cut = argv.index("--", argv.index("exec"))
+    verb = next((i for i, word in enumerate(argv) if word in ("exec", "shell")), None)   # commands with a tail
+    if verb is not None and "--" in argv[verb:]:
+        cut = argv.index("--", verb)
         argv, tail = argv[:cut], argv[cut + 1:]
     args = parser.parse_args(argv)
     if tail is not None:

@@ -100,10 +100,10 @@ def proxy(client):
 # ---- every route ---------------------------------------------------------------------
 
 def served_routes(metrics_text):
-    """{(METHOD, route pattern)} answered 200, from cbox_http_requests_total."""
+    """{(METHOD, route pattern)} answered 200 (101: a WebSocket), from cbox_http_requests_total."""
     return {(m["method"], m["route"]) for m in (
         dict(re.findall(r'(\w+)="([^"]*)"', line)) for line in metrics_text.splitlines()
-        if line.startswith("cbox_http_requests_total{")) if m.get("status") == "200"}
+        if line.startswith("cbox_http_requests_total{")) if m.get("status") in ("200", "101")}
 
 
 def test_every_route_through_the_client(client):
@@ -157,6 +157,7 @@ def test_every_route_through_the_client(client):
     assert stream.result.exit_code == 0 and stream.result.stderr == "e\n" and stream.exec_id
     replay = list(vm.attach("counted", since=1))               # a finished exec, replayed from seq 1
     assert replay == events[1:]
+    vm.terminal("counted").close()                # its WebSocket (README, Terminal): test_terminal.py
 
     assert "cbox-agent" in vm.logs()
     assert set(vm.stats()) == {"guest", "vmm"}

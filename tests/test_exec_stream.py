@@ -515,15 +515,8 @@ def test_stream_kill_and_limits_through_cbox_in_a_real_guest(cbox_factory, tmp_p
     """The REST path end to end into a booted guest running this checkout's agent: a
     streamed command whose setsid child is ended by DELETE with grace (cgroup kill
     scope), and a memory limit's OOM kill reported in the exit event."""
-    from test_exec_v2_guest import rootfs_with_this_agent
-    from test_images import (BOOT_TIMEOUT, INITRAMFS, KERNEL, ROOTFS, image_server, need_images,
-                             need_qemu, need_tool)
-    need_images(KERNEL, INITRAMFS, ROOTFS)
-    need_qemu()
-    need_tool("debugfs", "e2fsprogs")
-    server = image_server(cbox_factory, rootfs=str(rootfs_with_this_agent(tmp_path)))
-    status, vm = server.api.post("/v1/vms", {"vmName": "real", "memoryMb": 512}, timeout=BOOT_TIMEOUT + 30)
-    assert status == 200, f"{vm}\n{server.log()[-3000:]}"
+    from test_images import real_guest_server
+    server = real_guest_server(cbox_factory, tmp_path, "real")
     api = rest(server, "real")
 
     s = start_stream(server, "real", cmd="setsid sleep 300 & echo started; sleep 300", tag="escape")

@@ -585,6 +585,19 @@ def image_server(cbox_factory, **overrides):
     return cbox_factory(**settings).start(env=QEMU_ENV)
 
 
+def real_guest_server(cbox_factory, tmp_path, name):
+    """cbox.py with the QEMU engine and a VM `name` booted from the images with this
+    checkout's guest agent (skips when images, QEMU or debugfs are missing)."""
+    from test_exec_v2_guest import rootfs_with_this_agent
+    need_images(KERNEL, INITRAMFS, ROOTFS)
+    need_qemu()
+    need_tool("debugfs", "e2fsprogs")
+    server = image_server(cbox_factory, rootfs=str(rootfs_with_this_agent(tmp_path)))
+    status, vm = server.api.post("/v1/vms", {"vmName": name, "memoryMb": 512}, timeout=BOOT_TIMEOUT + 30)
+    assert status == 200, f"{vm}\n{server.log()[-3000:]}"
+    return server
+
+
 def test_cbox_real_boot_end_to_end(cbox_factory, tmp_path):
     """POST /v1/vms boots the real images; exec, hostname, IP, exit codes,
     timeouts, console logs, a file on the stateful disk; destroy leaves nothing."""

@@ -68,7 +68,7 @@ def validate(value, schema, root, at="$"):
     known = ANNOTATIONS | {"$ref", "type", "enum", "const", "minimum", "maximum", "exclusiveMinimum", "minLength",
                            "maxLength", "pattern", "items", "prefixItems", "minItems", "maxItems", "properties",
                            "required", "additionalProperties", "propertyNames", "maxProperties", "anyOf", "oneOf",
-                           "allOf"}
+                           "allOf", "dependentSchemas"}
     unknown = set(schema) - known
     if unknown:
         raise Invalid(f"{at}: unknown schema keyword(s) {sorted(unknown)}")
@@ -115,6 +115,9 @@ def validate(value, schema, root, at="$"):
             if sub is not None:
                 validate(item, sub, root, f"{at}[{i}]")
     if isinstance(value, dict):
+        for key, sub in schema.get("dependentSchemas", {}).items():
+            if key in value:
+                validate(value, sub, root, at)
         if len(value) > schema.get("maxProperties", len(value)):
             fail("too many properties")
         for key in schema.get("required", []):
@@ -157,6 +160,7 @@ def fits(value, schema, root):
     ("x", {"anyOf": [{"type": "integer"}, {"type": "null"}]}),
     (1, {"oneOf": [{"type": "integer"}, {"type": "number"}]}),
     ("", {"allOf": [{"type": "string"}, {"minLength": 1}]}),
+    ({"a": 1}, {"dependentSchemas": {"a": {"required": ["b"]}}}),
     ({"a": "x"}, {"$ref": "#/defs/A", "unused": 1}),
     ({"a": "x"}, {"$ref": "#/defs/A"}),
     ({"a": 1}, {"$ref": "#/defs/missing"}),
@@ -213,7 +217,8 @@ def openapi_problems(doc):
         bad = set(schema) - (ANNOTATIONS | {"$ref", "type", "enum", "const", "minimum", "maximum", "exclusiveMinimum",
                                             "minLength", "maxLength", "pattern", "items", "prefixItems", "minItems",
                                             "maxItems", "properties", "required", "additionalProperties",
-                                            "propertyNames", "maxProperties", "anyOf", "oneOf", "allOf"})
+                                            "propertyNames", "maxProperties", "anyOf", "oneOf", "allOf",
+                                            "dependentSchemas"})
         need(not bad, f"{where}: unknown schema keyword(s) {sorted(bad)}")
         if "$ref" in schema:
             try:
@@ -241,6 +246,8 @@ def openapi_problems(doc):
                 walk_schema(sub, f"{where}.{key}[{i}]")
         for key, sub in schema.get("properties", {}).items():
             walk_schema(sub, f"{where}.properties.{key}")
+        for key, sub in schema.get("dependentSchemas", {}).items():
+            walk_schema(sub, f"{where}.dependentSchemas.{key}")
 
     if not check_keys(doc, ("openapi", "info", "servers", "paths", "components", "security"), ("openapi", "info", "paths"), "$"):
         return problems
@@ -365,7 +372,7 @@ def test_every_route_is_described_and_nothing_else(cfg):
               for pattern, methods in cbox.RestServer(cfg, None).routes for method in methods}
     described = {(path, method) for path, item in doc["paths"].items() for method in item}
     assert routes == described
-    assert len(routes) == 22
+    assert len(routes) == 23
 
 
 def test_cli_prints_the_document(cfg, tmp_path):
@@ -397,17 +404,23 @@ def edge_values(schema):
 
 BASE_BODIES = {"StartRequest": {"vmName": "a"}, "ExecRequest": {"cmd": "true"}, "TtlRequest": {"ttlSeconds": 5},
                "NetworkRequest": {"egress": "nat"}, "SignalRequest": {"signal": "TERM"}, "StdinRequest": {"eof": True}}
+WITH_FIELDS = {("ExecRequest", key): {"tty": True} for key in ("cols", "rows", "term")}   # what a field needs
+RULE_CASES = [("ExecRequest", {"cmd": "true", "cols": 80}, False), ("ExecRequest", {"cmd": "x", "tty": False,
+              "term": "vt100"}, False), ("ExecRequest", {"cmd": "x", "tty": True, "stdin": "text"}, False),
+              ("ExecRequest", {"cmd": "x", "tty": True, "stdin": "pipe", "cols": 9, "rows": 3, "term": "vt100"}, True)]
 
 
 def request_cases(doc):
     """(schema name, body, the document says it is valid) for bodies at and beyond the bounds,
     of wrong types, unknown fields, values outside enums and patterns."""
     schemas = doc["components"]["schemas"]
-    for name, base in BASE_BODIES.items():
+    yield from RULE_CASES
+    for name, plain in BASE_BODIES.items():
         schema = schemas[name]
-        yield name, base, True
-        yield name, dict(base, unknownField=1), False
+        yield name, plain, True
+        yield name, dict(plain, unknownField=1), False
         for key, prop in schema["properties"].items():
+            base = dict(plain, **WITH_FIELDS.get((name, key), {}))
             good, bad = edge_values(prop)
             for value in good:
                 yield name, dict(base, **{key: value}), True
@@ -551,6 +564,7 @@ def test_real_answers_fit_the_document(cbox_server):
     assert r.send("GET", f"{base}/{exec_id}/stream?since=0")[0] == 200
     assert r.send("GET", f"{base}/{exec_id}/stream?since=x")[0] == 400
     assert r.send("GET", f"{base}/{exec_id}/stream?since=999")[0] == 400               # beyond the last event
+    assert r.send("GET", f"{base}/{exec_id}/attach")[0] == 400          # a WebSocket only (test_terminal.py)
     assert r.send("DELETE", f"{base}/sleeper?grace=1")[0] == 200
     assert r.send("DELETE", f"{base}/sleeper?grace=x")[0] == 400
     r.send("POST", base, {"cmd": "sleep 30", "blocking": False})
