@@ -48,6 +48,15 @@ class NetNS:
     def links(self):
         return self.run("ip", "-o", "link", "show").stdout
 
+    def bridge_with_tap(self, tap, address):
+        """A bridge br0 at `address` (CIDR) with a persistent tap on it, all up: a VM's network
+        as cbox.py makes it, for tests that run a hypervisor or an engine without cbox.py."""
+        self.run("ip", "link", "add", "br0", "type", "bridge")
+        self.run("ip", "addr", "add", address, "dev", "br0")
+        self.run("ip", "link", "set", "br0", "up")
+        self.run("ip", "tuntap", "add", "dev", tap, "mode", "tap")
+        self.run("ip", "link", "set", tap, "master", "br0", "up")
+
 
 def unique(prefix="cbt"):
     return f"{prefix}{uuid.uuid4().hex[:8]}"

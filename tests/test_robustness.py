@@ -427,8 +427,9 @@ def test_hypervisor_and_agent_killed(cbox_factory):
 
     # 3. the hypervisor killed in the middle of an exec: the exec answers at once
     api.start_vm("midexec")
-    t, result = background(api.post, "/v1/vms/midexec/exec", {"cmd": "sleep 30", "timeout": 40})
-    time.sleep(0.5)
+    started = server.tmp / "midexec-started"        # the stand-in's guest shares the host's files
+    t, result = background(api.post, "/v1/vms/midexec/exec", {"cmd": f"touch {started}; sleep 30", "timeout": 40})
+    wait_for(started.exists, what="the exec to run in the guest")
     [pid] = server.vmm_pids()
     t0 = time.monotonic()
     os.kill(pid, signal.SIGKILL)
@@ -445,8 +446,9 @@ def test_hypervisor_and_agent_killed(cbox_factory):
     vm = api.start_vm("agentkill")
     supervisor, _ = agent_pids(server, vm["cid"])
     assert supervisor
-    t, result = background(api.post, "/v1/vms/agentkill/exec", {"cmd": "sleep 30", "timeout": 40})
-    time.sleep(0.5)
+    started = server.tmp / "agentkill-started"
+    t, result = background(api.post, "/v1/vms/agentkill/exec", {"cmd": f"touch {started}; sleep 30", "timeout": 40})
+    wait_for(started.exists, what="the exec to run in the guest")
     t0 = time.monotonic()
     os.kill(supervisor, signal.SIGKILL)
     t.join(60)
@@ -512,10 +514,12 @@ def test_callback_url_faults(cbox_factory, raw_callback):
     assert len(replies) == 5 and all(isinstance(x.get("error"), str) for x in replies), r
 
     # a stalled callback does not hold up the others (nor the API)
+    calls = len(cb.calls)
     status, bg = api.post("/v1/vms/cbf/exec", {"cmd": "cbox_callback m '{\"mode\": \"stall\"}'",
                                                "blocking": False})
     assert status == 200
-    time.sleep(0.2)
+    wait_for(lambda: len(cb.calls) > calls, what="the stalling callback to reach its URL")
+    assert cb.calls[-1]["params"] == {"mode": "stall"}
     t0 = time.monotonic()
     assert call("cbf", "ok")["exitCode"] == 0
     assert api.get("/v1/health")[0] == 200

@@ -205,11 +205,7 @@ def env(netns):
 
         @staticmethod
         def bridge():
-            netns.run("ip", "link", "add", "br0", "type", "bridge")
-            netns.run("ip", "addr", "add", "10.77.0.1/24", "dev", "br0")
-            netns.run("ip", "link", "set", "br0", "up")
-            netns.run("ip", "tuntap", "add", "dev", TAP, "mode", "tap")
-            netns.run("ip", "link", "set", TAP, "master", "br0", "up")
+            netns.bridge_with_tap(TAP, "10.77.0.1/24")
 
     try:
         yield Env
