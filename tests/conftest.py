@@ -250,6 +250,14 @@ class CboxServer:
             conn.close()
         return resp.status, json.loads(body) if body.strip() else None
 
+    def received_all(self, client):
+        """Whether cbox.py accepted the connection of `client` (a socket of the test) and read
+        all it sent: the server side's Recv-Q is empty."""
+        port, client_port = self.settings["port"], client.getsockname()[1]
+        out = self.ns.run("ss", "-Htn", "state", "established",
+                          f"( sport = :{port} and dport = :{client_port} )").stdout
+        return out.split()[:1] == ["0"]
+
     def taps(self):
         return [line.split(":")[1].strip().split("@")[0] for line in self.ns.links().splitlines()
                 if ": cbt" in line]
