@@ -219,6 +219,15 @@ def env(netns):
         shutil.rmtree(work, ignore_errors=True)
 
 
+def wchan(pid):
+    """Where in the kernel a process waits (/proc/<pid>/wchan): "wait_for_partner" for the
+    open() of a FIFO without a peer, "inet_csk_accept" for accept(); None when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return None
+
+
 def running(pid):
     """Exists and is not a zombie (orphaned zombies wait for this machine's init to reap them)."""
     return proc_state(pid) not in ("Z", "X", None)
@@ -869,7 +878,8 @@ def test_serial_socket_mode(env, chv_schema):
     while not agent_pids(env.dir):
         assert time.monotonic() < deadline, s.output()
         time.sleep(0.02)
-    time.sleep(0.5)                                  # let the guest write while nobody listens
+    [agent] = agent_pids(env.dir)                    # the guest wrote while nobody listens:
+    wait_for(lambda: wchan(agent) == "inet_csk_accept", what=s.output())   # its ready line is out
     assert stat_is_socket(sock_path), s.output()
     first = serial_client(sock_path)
     replay = read_until(first, b"test-agent: ready\n")
@@ -944,8 +954,8 @@ def test_event_monitor_fifo_lifecycle(env, chv_schema):
     os.mkfifo(fifo)
     s = env.standin(args=["--api-socket", f"path={env.dir / 'vm.api'}", "--event-monitor", f"path={fifo}",
                           "--log-file", str(env.dir / "vm.log"), "-v"], wait=False)
-    time.sleep(0.5)
-    assert s.proc.poll() is None and not os.path.exists(s.api_sock)   # blocked in open()
+    wait_for(lambda: wchan(s.proc.pid) == "wait_for_partner", what="the open() of the FIFO to block")
+    assert s.proc.poll() is None and not os.path.exists(s.api_sock)
     rfd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
     try:
         s.wait_api()
