@@ -700,6 +700,22 @@ def test_kernel_relay_plumbing(env, chv_schema):
     assert host_veths(env.ns) == [] and not tap_clsact(env.ns)
 
 
+def test_veth_deleted_before_the_reply_even_if_the_guest_netns_lingers(env, chv_schema):
+    """The guest's veth pair is deleted, not left to its netns going away: a netns can
+    outlive its processes (here: held open by this test), the pair must not."""
+    env.bridge()
+    s = env.standin()
+    boot_guest(env, s)
+    [agent] = agent_pids(env.dir)
+    held = os.open(f"/proc/{agent}/ns/net", os.O_RDONLY)
+    try:
+        assert len(host_veths(env.ns)) == 1
+        assert s.put("vm.shutdown") == (204, None)
+        assert host_veths(env.ns) == [] and not tap_clsact(env.ns)
+    finally:
+        os.close(held)
+
+
 def test_guest_vmm_killed_relay_undone_by_standin(env, chv_schema):
     env.bridge()
     s = env.standin()
