@@ -48,6 +48,15 @@ class NetNS:
     def links(self):
         return self.run("ip", "-o", "link", "show").stdout
 
+    def bridge_with_tap(self, tap, address):
+        """A bridge br0 at `address` (CIDR) with a persistent tap on it, all up: a VM's network
+        as cbox.py makes it, for tests that run a hypervisor or an engine without cbox.py."""
+        self.run("ip", "link", "add", "br0", "type", "bridge")
+        self.run("ip", "addr", "add", address, "dev", "br0")
+        self.run("ip", "link", "set", "br0", "up")
+        self.run("ip", "tuntap", "add", "dev", tap, "mode", "tap")
+        self.run("ip", "link", "set", tap, "master", "br0", "up")
+
 
 def unique(prefix="cbt"):
     return f"{prefix}{uuid.uuid4().hex[:8]}"
@@ -240,6 +249,14 @@ class CboxServer:
         finally:
             conn.close()
         return resp.status, json.loads(body) if body.strip() else None
+
+    def received_all(self, client):
+        """Whether cbox.py accepted the connection of `client` (a socket of the test) and read
+        all it sent: the server side's Recv-Q is empty."""
+        port, client_port = self.settings["port"], client.getsockname()[1]
+        out = self.ns.run("ss", "-Htn", "state", "established",
+                          f"( sport = :{port} and dport = :{client_port} )").stdout
+        return out.split()[:1] == ["0"]
 
     def taps(self):
         return [line.split(":")[1].strip().split("@")[0] for line in self.ns.links().splitlines()

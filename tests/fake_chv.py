@@ -89,8 +89,13 @@ Environment
     CBOX_GUEST_AGENT        guest agent script (default <repo>/guest_agent.py)
     CBOX_STANDIN_PYTHON     interpreter for the agent (default sys.executable)
     CBOX_STANDIN_ENGINE     process (default) | qemu (tests/qemu_engine.py)
-    CBOX_STANDIN_STOP_TIMEOUT  seconds the agent gets after SIGTERM on
-                            vm.shutdown/vm.delete before SIGKILL (default 1)
+    CBOX_STANDIN_STOP_TIMEOUT  seconds a stopped guest (vm.shutdown, vm.delete,
+                            vm.reboot, vmm.shutdown) gets to be gone (default 1;
+                            the process engine waits at least 2 s)
+    CBOX_STANDIN_GUEST_GRACE_S  process engine: seconds the agent gets after
+                            SIGTERM before the SIGKILL that stops a guest
+                            (default 0: none; CHV stops the vCPUs without
+                            telling the guest, see ProcessEngine.stop)
     CBOX_STANDIN_PASS_ENV   comma list of variable names passed on to the agent
     CBOX_STANDIN_RELAY      kernel (default) | python: how the process engine
                             moves net[0]'s frames (see "Process engine");
@@ -218,10 +223,12 @@ relay: ...)" or "(Python relay: ...)") and so does the log ("net relay ..."):
     What the bridge sends to the tap port goes to eth0; what the guest sends
     arrives as if received on the tap, so it enters the bridge through the
     tap port as before.  No frame passes through the tap's fd or through
-    Python.  G deletes the veth pair and the tap's clsact before it exits
-    (guest power-off, vm.shutdown/delete/reboot, SIGTERM of S); S does it
-    when G died of a signal.  vm.pause sets the host end down (the guest's
-    kernel neither gets nor sends frames while paused), vm.resume sets it up.
+    Python.  G deletes the veth pair (through a device group, in batches
+    with the other guests stopping: KernelRelay.stop) and the tap's clsact
+    before it exits (guest power-off, vm.shutdown/delete/reboot, SIGTERM of
+    S); S does it when G died of a signal.  vm.pause sets the host end down
+    (the guest's kernel neither gets nor sends frames while paused),
+    vm.resume sets it up.
     Needs veth, clsact (NET_SCH_INGRESS), u32 and mirred in the kernel.  When
     a step fails G undoes the others, writes "cbox-standin: net: kernel relay
     unavailable (<why>), relaying frames in Python" to the console (and the
@@ -310,8 +317,10 @@ Engine interface (CBOX_STANDIN_ENGINE=qemu loads tests/qemu_engine.py:QemuEngine
     engine.exit_reason()    after the guest is gone: "reset" (the stand-in
                             rebuilds the VM) or "poweroff" (optional; absent
                             means "poweroff")
-    engine.stop(timeout)    SIGTERM the guest, wait up to timeout, SIGKILL;
-                            frees the tap; returns when everything is gone
+    engine.stop(timeout)    stop the guest as vm.shutdown does (no guest
+                            cooperation: SIGKILL, QMP quit), wait up to timeout
+                            for it to be gone; frees the tap; returns when
+                            everything is gone (timeout 0: a panicked guest)
     engine.pause() / engine.resume()   (SIGSTOP/SIGCONT of the guest)
     Engine.models_sector0_writes  class attribute, True when the engine itself
                             fails writes at sector 0 of a writable disk sent
@@ -492,7 +501,9 @@ NLMSGERR_ATTR_MSG = 1
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
 RTM_NEWQDISC, RTM_DELQDISC, RTM_NEWTFILTER = 36, 37, 44
 IFF_UP = 0x1
-IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_AF_SPEC, IFLA_NET_NS_FD = 1, 3, 4, 18, 26, 28
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_AF_SPEC, IFLA_GROUP, IFLA_NET_NS_FD = 1, 3, 4, 18, 26, 27, 28
+DYING_GROUP = 0xCB0E             # device group of guests' veth pairs being deleted (KernelRelay.stop);
+                                 # cbox.py deletes its taps through groups of 2**20 and more
 IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 1, 2, 1
 IFLA_INET6_ADDR_GEN_MODE, IN6_ADDR_GEN_MODE_NONE = 8, 1
 TCA_KIND, TCA_OPTIONS = 1, 2
@@ -584,6 +595,22 @@ class Rtnl:
                     raise OSError(err, f"{what}: {os.strerror(err)}{' (' + why + ')' if why else ''}")
                 return replies
 
+    def call_all(self, requests):
+        """Send (kind, flags, body) requests in one datagram, which the kernel runs in turn
+        (each one's failure alone); returns each one's errno, 0 for done."""
+        first, data = self.seq + 1, b""
+        for kind, flags, body in requests:          # bodies are 4-byte aligned: no padding
+            self.seq += 1
+            data += struct.pack("=IHHII", 16 + len(body), kind, flags | NLM_F_REQUEST | NLM_F_ACK,
+                                self.seq, 0) + body
+        self.sock.send(data)
+        errors = {}
+        while len(errors) < len(requests):
+            for got, seq, payload in _nl_messages(self.sock.recv(65536)):
+                if got == NLMSG_ERROR and first <= seq <= self.seq:
+                    errors[seq] = -struct.unpack_from("=i", payload)[0]
+        return [errors[seq] for seq in range(first, self.seq + 1)]
+
     # ---- links ------------------------------------------------------------
 
     def link_index(self, name):
@@ -609,9 +636,6 @@ class Rtnl:
 
     def set_up(self, index, up=True):
         self.call(RTM_NEWLINK, 0, _ifinfomsg(index, IFF_UP if up else 0, IFF_UP), "set link up/down")
-
-    def del_link(self, index):
-        self.call(RTM_DELLINK, 0, _ifinfomsg(index), "delete link")
 
     # ---- tc ----------------------------------------------------------------
 
@@ -1175,6 +1199,7 @@ class KernelRelay:
 
     def __init__(self, rtnl, tap, veth):
         self.rtnl, self.tap, self.veth = rtnl, tap, veth
+        self.indexes = None          # (tap's, host veth's) once made
 
     def start(self, guest_netns_fd, mac=None, mtu=None):
         """Create the pair (eth0 in the guest netns, down) and the tc rules; undoes
@@ -1184,6 +1209,7 @@ class KernelRelay:
         rtnl.add_veth(self.veth, "eth0", guest_netns_fd, mac, mtu)
         try:
             veth = rtnl.link_index(self.veth)
+            self.indexes = tap, veth
             try:
                 rtnl.no_ipv6_address(veth)
             except OSError:
@@ -1201,14 +1227,36 @@ class KernelRelay:
 
     def stop(self):
         """Delete the veth pair and the tap's clsact qdisc (the tap itself is cbox's).
-        Not left to the guest's netns going away: a netns can outlive its processes
+
+        Each `ip link del` waits for RCU grace periods (~16 ms here: 100 pairs one after the
+        other take 1.6 s), while the devices of one `ip link del group` go together (100 pairs:
+        0.04 s), and 250 guests stopping together queue for the rtnl lock.  So the pair joins
+        DYING_GROUP, then the group is deleted: the guests stopping meanwhile go in one batch,
+        whoever deletes it (a call that finds the group empty: ours went with an earlier
+        batch).  Not left to the guest's netns going away: a netns can outlive its processes
         (seen here: two of three guests' veths still there 10 s after their VMs were
-        deleted), and the pairs would pile up."""
-        for name, undo in ((self.veth, self.rtnl.del_link), (self.tap, self.rtnl.del_clsact)):
-            try:
-                undo(self.rtnl.link_index(name))
-            except OSError:
-                pass
+        deleted), and a netns that dies is dismantled by one kernel worker, late on a loaded
+        host.
+
+        The three requests go in one datagram: the kernel runs them in turn within one
+        sendmsg, so this process takes the rtnl lock, contended by every guest stopping,
+        without waiting to be scheduled between them (on a loaded host each wait costs
+        milliseconds, and with 250 guests they queue up)."""
+        tap, veth = self.indexes or (self._index(self.tap), self._index(self.veth))
+        group = _nla(IFLA_GROUP, struct.pack("=I", DYING_GROUP))
+        try:
+            self.rtnl.call_all([(RTM_NEWLINK, 0, _ifinfomsg(veth) + group),        # ip link set VETH group G
+                                (RTM_DELLINK, 0, _ifinfomsg() + group),            # ip link del group G
+                                (RTM_DELQDISC, 0, _tcmsg(tap, 0xFFFF0000, TC_H_CLSACT))])   # tc qdisc del clsact
+        except OSError:
+            pass
+
+    def _index(self, name):
+        """A link's index, -1 when there is none (a request naming -1 fails alone)."""
+        try:
+            return self.rtnl.link_index(name)
+        except OSError:
+            return -1
 
     def set_up(self, up):
         """Carrier of the guest's eth0 (vm.pause: no frame in or out)."""
@@ -1363,6 +1411,7 @@ class ProcessEngine:
         self.agent_argv = [os.environ.get("CBOX_STANDIN_PYTHON") or sys.executable, default_agent()]
         self.guest_env = {}
         self.pid = None              # guest VMM process (our child)
+        self._vmm_pidfd = None       # readable once it exited
         self.init_pid = None         # guest init (pid 1 of the guest pid ns)
         self._init_pidfd = None
         self._code = None
@@ -1370,6 +1419,7 @@ class ProcessEngine:
         self.tap = None              # net[0].tap
         self.relay = None            # "kernel" | "python" | "none", as the guest VMM reports
         self.host_veth = None        # stand-in side of the guest's veth pair (kernel relay)
+        self.grace_s = float(os.environ.get("CBOX_STANDIN_GUEST_GRACE_S") or 0)   # SIGTERM before a stop
 
     def start(self):
         if self.pid is not None:
@@ -1421,6 +1471,10 @@ class ProcessEngine:
             finally:
                 os._exit(code)
         self.pid = pid
+        try:
+            self._vmm_pidfd = os.pidfd_open(pid)
+        except OSError:
+            self._vmm_pidfd = None
         if self.tap and relay_mode == "kernel":
             self.host_veth = host_veth_name(pid)     # known now: cleaned up even if setup dies
         os.close(wr)
@@ -1503,6 +1557,7 @@ class ProcessEngine:
 
     def _reaped(self, code):
         self._code = code
+        self._close_vmm_pidfd()
         if code < 0 and self.host_veth:
             # the guest VMM was killed before it could undo its kernel relay
             remove_kernel_relay(self.tap, self.host_veth)
@@ -1513,6 +1568,20 @@ class ProcessEngine:
         if self._init_pidfd is not None:
             os.close(self._init_pidfd)
             self._init_pidfd = None
+
+    def _close_vmm_pidfd(self):
+        if self._vmm_pidfd is not None:
+            os.close(self._vmm_pidfd)
+            self._vmm_pidfd = None
+
+    def _vmm_gone(self, timeout):
+        """Whether the guest VMM exited within `timeout` s (not yet reaped)."""
+        if self._vmm_pidfd is None:
+            deadline = time.monotonic() + timeout
+            while self.alive() and time.monotonic() < deadline:
+                time.sleep(0.002)
+            return not self.alive()
+        return _wait_readable(self._vmm_pidfd, timeout)
 
     def _signal_init(self, sig):
         try:
@@ -1529,22 +1598,28 @@ class ProcessEngine:
         return _wait_readable(self._init_pidfd, timeout)
 
     def stop(self, timeout=1.0):
+        """Stop the guest as CHV's vm.shutdown does, without telling it (vmm/src/vm.rs
+        Vm::shutdown: CpuManager::shutdown stops the vCPUs, no ACPI event): SIGKILL to its
+        init, whose pid namespace the kernel then empties.  With CBOX_STANDIN_GUEST_GRACE_S
+        the agent first gets SIGTERM and that long (unless `timeout` is 0: a panicked guest).
+        Waits up to max(timeout, 2) s for the guest's processes to be gone."""
         if self.pid is None:
             return
         if self.alive():
-            if timeout <= 0:                          # a hard stop (panicked guest): nothing of it runs again
-                self._signal_init(signal.SIGKILL)
+            grace = self.grace_s if timeout > 0 else 0
+            if grace <= 0:                            # pid-ns init: the kernel kills the whole guest,
+                self._signal_init(signal.SIGKILL)     # paused or not: nothing of it runs again
             if self._paused:
-                self.resume()
-            self._signal_init(signal.SIGTERM)         # init forwards it to the agent
-            if not self._init_gone(timeout):
-                self.log(f"guest did not stop within {timeout}s after SIGTERM: SIGKILL")
-                self._signal_init(signal.SIGKILL)     # pid-ns init: the kernel kills the whole guest
-                self._init_gone(2.0)
-            deadline = time.monotonic() + 2.0
-            while self.alive() and time.monotonic() < deadline:
-                time.sleep(0.002)
-            if self.alive():
+                self.resume()                         # the guest VMM reaps it
+            if grace > 0:
+                self._signal_init(signal.SIGTERM)     # init forwards it to the agent
+                if not self._init_gone(grace):
+                    self.log(f"guest did not stop within {grace:g}s after SIGTERM: SIGKILL")
+                self._signal_init(signal.SIGKILL)
+            self._init_gone(max(timeout, 2.0))
+            # the guest VMM then undoes its relay under the rtnl lock, which 250 guests
+            # stopping together queue for: seconds on a loaded host
+            if not self._vmm_gone(10.0):
                 os.kill(self.pid, signal.SIGKILL)
         self.wait_exit()
 

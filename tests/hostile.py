@@ -329,24 +329,23 @@ def start_hostile_agent(post_exec, stop_file, max_seconds=120, wait=20):
     cmd = f"exec python3 {HOSTILE_AGENT} {stop_file} {max_seconds:g}"
     status, r = post_exec({"cmd": cmd, "blocking": False})
     assert status == 200, r
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        status, r = post_exec({"cmd": "hostile:probe", "timeout": 5})
-        if status == 200 and r.get("stdout") == "hostile\n":
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"the hostile agent did not take over: {status} {r}")
+    answered(post_exec, "hostile:probe", "hostile\n", wait, "the hostile agent did not take over")
 
 
 def stop_hostile_agent(post_exec, stop_file, wait=30):
     Path(stop_file).touch()
+    answered(post_exec, "echo real", "real\n", wait, "the real agent did not come back")
+
+
+def answered(post_exec, cmd, stdout, wait, failure):
+    """Exec `cmd` every 0.1 s until it answers 200 with `stdout`; AssertionError(failure) after `wait` s."""
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
-        status, r = post_exec({"cmd": "echo real", "timeout": 5})
-        if status == 200 and r.get("stdout") == "real\n":
+        status, r = post_exec({"cmd": cmd, "timeout": 5})
+        if status == 200 and r.get("stdout") == stdout:
             return
         time.sleep(0.1)
-    raise AssertionError(f"the real agent did not come back: {status} {r}")
+    raise AssertionError(f"{failure}: {status} {r}")
 
 
 # ---- clients of cbox.py's REST API, and many VMs at once ------------------------------------------
@@ -395,16 +394,14 @@ class RestAttack(Attack):
         sock.close()
 
 
-class BigEventStreams(RestAttack):
-    """Streamed execs on VMs whose agent hostile_agent.py replaced, answered in `mode` (its
-    STREAM_LINES: stream_huge, 12 stdout events of ~50 MB each; cbox.py reads and relays
-    them); `clients` at once per VM."""
-    name = "huge event lines"
-    what = "replaced agents answer streamed execs with 12 event lines of ~50 MB each, 4 clients per VM"
+class StreamedExecs(RestAttack):
+    """`clients` streamed execs (POST exec `body` with "stream": true) at once per VM, their
+    events read as fast as they come and dropped; each started again `pause` s after it ended."""
+    pause = 0.05
 
-    def __init__(self, api, vms, clients=4, mode="stream_huge"):
+    def __init__(self, api, vms, clients, body):
         super().__init__(api)
-        self.vms, self.clients, self.mode = vms, clients, mode
+        self.vms, self.clients, self.body = vms, clients, dict(body, stream=True)
 
     def start(self):
         for vm in self.vms:
@@ -412,29 +409,29 @@ class BigEventStreams(RestAttack):
                 self.thread(self._one, vm)
 
     def _one(self, vm):
-        body = {"cmd": f"hostile:{self.mode}", "stream": True, "timeout": 60}
         while not self.stopping.is_set():
-            self.drain(self.post_json(f"/v1/vms/{vm}/exec", body))
-            self.stopping.wait(0.05)
+            self.drain(self.post_json(f"/v1/vms/{vm}/exec", self.body))
+            self.stopping.wait(self.pause)
 
 
-class YesStreams(RestAttack):
+class BigEventStreams(StreamedExecs):
+    """Streamed execs on VMs whose agent hostile_agent.py replaced, answered in `mode` (its
+    STREAM_LINES: stream_huge, 12 stdout events of ~50 MB each; cbox.py reads and relays
+    them); `clients` at once per VM."""
+    name = "huge event lines"
+    what = "replaced agents answer streamed execs with 12 event lines of ~50 MB each, 4 clients per VM"
+
+    def __init__(self, api, vms, clients=4, mode="stream_huge"):
+        super().__init__(api, vms, clients, {"cmd": f"hostile:{mode}", "timeout": 60})
+
+
+class YesStreams(StreamedExecs):
     """`readers` streamed execs of `yes` per VM, read as fast as they come (the stream budget)."""
     name, what = "yes streams", "each attacking VM runs `yes` in 4 streamed execs, read as fast as they come"
+    pause = 0.5
 
     def __init__(self, api, vms, readers=4, timeout=60):
-        super().__init__(api)
-        self.vms, self.readers, self.timeout = vms, readers, timeout
-
-    def start(self):
-        for vm in self.vms:
-            for _ in range(self.readers):
-                self.thread(self._one, vm)
-
-    def _one(self, vm):
-        while not self.stopping.is_set():
-            self.drain(self.post_json(f"/v1/vms/{vm}/exec", {"cmd": "yes", "stream": True, "timeout": self.timeout}))
-            self.stopping.wait(0.5)
+        super().__init__(api, vms, readers, {"cmd": "yes", "timeout": timeout})
 
 
 FORGED = "cbox-forged-line:"          # starts a log line only when a method's newline reached the log

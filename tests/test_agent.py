@@ -892,7 +892,8 @@ def test_delete_with_grace_and_delete_all(agent):
     try:
         polite = background(agent, cmd=f"trap 'echo bye; exit 5' TERM; sleep {m} & wait")
         stubborn = background(agent, cmd=f"trap '' TERM; sleep {m} & wait; wait")
-        time.sleep(0.3)
+        # both traps set: each shell has forked its sleep (the marker is in all four command lines)
+        wait_for(lambda: len(pids_running(m)) >= 4, what="both traps set")
         assert agent.request("DELETE", f"/exec/{polite}?grace=x")[0] == 400
         assert agent.request("DELETE", f"/exec/{polite}?grace=-1")[0] == 400
         status, r = agent.request("DELETE", f"/exec/{polite}?grace=5")
@@ -1366,8 +1367,10 @@ def test_pid1_mode_in_namespaces(tmp_path):
         assert "10.200.9.2/24" in lines[5] and "default via 10.200.9.1" in lines[6]
         assert (tmp_path / "hostname").read_text() == "pid1vm\n"
         # an orphan (double fork) is reparented to PID 1 and reaped there
-        call("POST", "/exec", {"cmd": "sh -c 'sleep 0.2 &'"})
-        time.sleep(0.2)
+        orphan = f"1.{uuid.uuid4().int % 10**6:06d}"          # a sleep this test can find in /proc
+        call("POST", "/exec", {"cmd": f"sh -c 'sleep {orphan} &'"})
+        [pid] = wait_for(lambda: pids_running(orphan), what="the orphan")
+        wait_for(lambda: proc_state(pid) is None, what="the orphan reaped (a zombie stays until it is)")
         assert wait_for(lambda: not [p for p in descendants_of(init) if proc_state(p) == "Z"], 3.0)
         tree = [init] + descendants_of(init)
         os.kill(init, signal.SIGTERM)

@@ -154,7 +154,8 @@ def test_disconnect_mid_stream_then_reattach_loses_nothing(vm):
             break
     s.close()                                   # the client hangs up mid-stream
     exec_id = seen[0]["execId"]
-    time.sleep(0.5)
+    wait_for(lambda: "answer not delivered; connection dropped path=/v1/vms/sv/exec" in vm.log(),
+             what="cbox.py to notice the client is gone")
     status, body = vm.api.get(f"/v1/vms/sv/exec/{exec_id}")
     assert status == 200 and body["running"] is True        # hanging up did not end the command
     rest_events = rest(vm).events("ticker", since=seen[-1]["seq"] + 1)     # by tag
@@ -235,17 +236,27 @@ def test_stdin_without_pipe_is_409(vm):
     assert vm.api.post(f"/v1/vms/sv/exec/{r['execId']}/stdin", {})[0] == 400
 
 
+def ready_exec(vm, cmd, **fields):
+    """Start `cmd` (which prints "ready" once set up, e.g. its traps) as a background exec and
+    return its execId once that line came."""
+    with start_stream(vm, "sv", cmd=cmd, **fields) as s:
+        it = iter(s)
+        start = next(it)
+        assert start["type"] == "start" and next(it)["data"] == "ready\n"
+    return start["execId"]
+
+
 def test_signal(vm):
-    r = vm.api.exec("sv", "trap 'echo got-usr1; exit 3' USR1; while true; do sleep 0.05; done", blocking=False, tag="trapper")
-    time.sleep(0.5)
+    exec_id = ready_exec(vm, "trap 'echo got-usr1; exit 3' USR1; echo ready; while true; do sleep 0.05; done",
+                         tag="trapper")
     status, body = vm.api.post("/v1/vms/sv/exec/trapper/signal", {"signal": "USR1"})
     assert status == 200, body
-    events = rest(vm).events(r["execId"])
-    assert events[-1]["exitCode"] == 3 and joined(events, "stdout") == b"got-usr1\n"
+    events = rest(vm).events(exec_id)
+    assert events[-1]["exitCode"] == 3 and joined(events, "stdout") == b"ready\ngot-usr1\n"
     status, body = vm.api.post("/v1/vms/sv/exec/trapper/signal", {"signal": "TERM"})
     assert status == 409, body                                        # it finished
     for bad in ("NOPE", 0, 999, True, "", None):
-        status, body = vm.api.post(f"/v1/vms/sv/exec/{r['execId']}/signal", {"signal": bad})
+        status, body = vm.api.post(f"/v1/vms/sv/exec/{exec_id}/signal", {"signal": bad})
         assert status == 400 and "signal" in body["error"], (bad, body)
     r = vm.api.exec("sv", "sleep 30", blocking=False)
     assert vm.api.post(f"/v1/vms/sv/exec/{r['execId']}/signal", {"signal": 9})[0] == 200
@@ -254,11 +265,10 @@ def test_signal(vm):
 
 
 def test_delete_with_grace_and_delete_all(vm):
-    r = vm.api.exec("sv", "trap 'echo bye; exit 5' TERM; while true; do sleep 0.05; done", blocking=False)
-    time.sleep(0.3)
-    status, body = vm.api.delete(f"/v1/vms/sv/exec/{r['execId']}?grace=5")
-    assert status == 200 and body["exitCode"] == 5 and body["stdout"] == "bye\n", body
-    assert vm.api.delete(f"/v1/vms/sv/exec/{r['execId']}?grace=x")[0] == 400
+    exec_id = ready_exec(vm, "trap 'echo bye; exit 5' TERM; echo ready; while true; do sleep 0.05; done")
+    status, body = vm.api.delete(f"/v1/vms/sv/exec/{exec_id}?grace=5")
+    assert status == 200 and body["exitCode"] == 5 and body["stdout"] == "ready\nbye\n", body
+    assert vm.api.delete(f"/v1/vms/sv/exec/{exec_id}?grace=x")[0] == 400
     ids = [vm.api.exec("sv", "sleep 60", blocking=False)["execId"] for _ in range(3)]
     status, body = vm.api.delete("/v1/vms/sv/exec?grace=0")
     assert status == 200 and sorted(body["killed"]) == sorted(ids)

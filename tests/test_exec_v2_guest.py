@@ -18,7 +18,7 @@ from conftest import REPO, NetNS, unique
 from execstream import AgentApi, check_sequence, joined
 from procutil import run, wait_for
 from qemu_engine import QemuEngine
-from test_images import (BOOT_TIMEOUT, GUEST_IP, INITRAMFS, KERNEL, ROOTFS, bridge_with_tap,
+from test_images import (BOOT_TIMEOUT, GUEST_IP, HOST_IP, INITRAMFS, KERNEL, ROOTFS,
                          console, need_images, need_qemu, need_tool, tail, vm_config, wait_ready)
 
 AGENT_IN_IMAGE = "/usr/local/sbin/guest_agent.py"
@@ -57,7 +57,7 @@ def booted_guest(tmp, agent=REPO / "guest_agent.py"):
     try:
         ns.run("ip", "link", "set", "lo", "up")
         tap = unique("cbit")[:15]
-        bridge_with_tap(ns, tap)
+        ns.bridge_with_tap(tap, f"{HOST_IP}/24")
         eng = QemuEngine(vm_config(tmp, rootfs=rootfs, tap=tap), lambda line: None, prefix=ns.prefix)
         eng.start()
         wait_ready(ns, eng, tmp, time.monotonic() + BOOT_TIMEOUT)
@@ -207,12 +207,14 @@ def test_stream_stdin_signal_and_tags_in_the_guest(guest):
     with api.stream(exec_id, since=len(replay) + 5) as s:
         assert s.status == 400 and "beyond the last event" in s.error["error"]
 
-    trap = api.exec(cmd="trap 'echo term; exit 9' TERM; while :; do sleep 0.1; done", blocking=False)["execId"]
-    time.sleep(1)
+    trap = api.exec(cmd="trap 'echo term; exit 9' TERM; echo ready; while :; do sleep 0.1; done",
+                    blocking=False)["execId"]
+    with api.stream(trap, since=1) as s:          # the trap is set once "ready" is out
+        assert next(iter(s))["data"] == "ready\n"
     assert api.request("POST", f"/exec/{trap}/signal", {"signal": "NOPE"})[0] == 400
     assert api.request("POST", f"/exec/{trap}/signal", {"signal": "TERM"}) == (200, {"execId": trap, "signal": 15})
     events = api.events(trap, since=0)
-    assert events[-1]["exitCode"] == 9 and joined(events, "stdout") == b"term\n"
+    assert events[-1]["exitCode"] == 9 and joined(events, "stdout") == b"ready\nterm\n"
     plain = api.exec(cmd="sleep 30", blocking=False)["execId"]
     status, r = api.request("POST", f"/exec/{plain}/stdin", {"data": "x"})
     assert status == 409 and "no stdin pipe" in r["error"]

@@ -22,7 +22,7 @@ from conftest import unique
 from procutil import wait_for
 from test_agent import CallbackServer
 from test_callback_trust import SECRET, readme_verifier
-from test_images import (BOOT_TIMEOUT, CMDLINE, INITRAMFS, KERNEL, ROOTFS, bridge_with_tap, console, guest_exec,
+from test_images import (BOOT_TIMEOUT, CMDLINE, HOST_IP, INITRAMFS, KERNEL, ROOTFS, console, guest_exec,
                          image_server, need_images, need_qemu, need_vhost_vsock, ns_http, tail, vm_config,
                          wait_ready)
 from test_pool import wait_ready as wait_pool_ready
@@ -250,7 +250,7 @@ def test_guest_reset_binds_the_vsock_socket_again(netns):
     need_real_guest()
     work = Path(tempfile.mkdtemp(prefix="cbv", dir="/tmp"))     # short: socket paths <= 107 bytes
     tap = unique("cbit")[:15]
-    bridge_with_tap(netns, tap)
+    netns.bridge_with_tap(tap, f"{HOST_IP}/24")
     # QEMU's microvm has no i8042: a triple fault resets at once (see test_images)
     cfg = vm_config(work, tap=tap, cmdline=CMDLINE + " reboot=t")
     vsock = Path(cfg["vsock"]["socket"])

@@ -283,7 +283,7 @@ def test_agent_request_cancelled_when_the_client_leaves(hostile_lab, netns):
     body = b'{"cmd": "hostile:hang", "timeout": 60}'
     sock.sendall(b"POST /v1/vms/bad/exec HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
-    time.sleep(0.5)
+    wait_for(lambda: lab.server.received_all(sock), what="cbox.py to read the request")
     sock.close()
     t0 = time.monotonic()
     wait_for(lambda: re.search(r"path=/v1/vms/bad/exec vm=bad status=499", lab.server.log()), timeout=5,

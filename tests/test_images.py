@@ -65,16 +65,6 @@ def need_vhost_vsock():
                     "vhost-device-vsock` (.ci/run installs it)")
 
 
-def bridge_with_tap(ns, tap):
-    """A bridge br0 at HOST_IP in namespace ns with a persistent tap on it (a VM's network)."""
-    ns.run("ip", "link", "add", "br0", "type", "bridge")
-    ns.run("ip", "addr", "add", f"{HOST_IP}/24", "dev", "br0")
-    ns.run("ip", "link", "set", "br0", "up")
-    ns.run("ip", "tuntap", "add", "dev", tap, "mode", "tap")
-    ns.run("ip", "link", "set", tap, "master", "br0")
-    ns.run("ip", "link", "set", tap, "up")
-
-
 def need_tool(tool, package):
     if not shutil.which(tool):
         pytest.skip(f"{tool} not installed (apt-get install {package})")
@@ -344,7 +334,7 @@ def test_boot_exec_and_stateful_disk(netns, tmp_path, transport, state_first):
     state = tmp_path / "state.ext4"
     make_disk(state)
     tap = unique("cbit")[:15]
-    bridge_with_tap(netns, tap)
+    netns.bridge_with_tap(tap, f"{HOST_IP}/24")
 
     log = []
     eng = QemuEngine(vm_config(tmp_path, state=state, tap=tap, state_first=state_first), log.append,

@@ -219,13 +219,15 @@ def test_restart_keeps_stop_reasons_and_consoles_and_follows_readopted_vms(cbox_
     write_console(api, "alive", "written before the restart")
     before = wait_for(lambda: "written before the restart" in logs(api, "alive") and logs(api, "alive"), 10,
                       what="the console line")
+    written = server.tmp / "written-while-down"           # the stand-in's guest shares the host's files
     status, _ = api.post("/v1/vms/alive/exec", {"blocking": False, "cmd": "sleep 1; " + TO_CONSOLE +
-                                                "echo 'written while cbox.py was down' > /proc/$agent/fd/1"})
+                                                "echo 'written while cbox.py was down' > /proc/$agent/fd/1; "
+                                                f"touch {written}"})
     assert status == 200
     server.stop(signal.SIGKILL)
     # while cbox.py is down: console output, and a reset nobody reads the event of
     assert server.vmm_api(later["cid"], "PUT", "vm.reboot")[0] == 204
-    time.sleep(1.5)
+    wait_for(written.exists, what="the console line written while cbox.py is down")
     server2 = cbox_factory().start()
     api = server2.api
     vm = api.get("/v1/vms/gone")[1]

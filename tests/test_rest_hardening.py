@@ -147,7 +147,7 @@ def test_sigterm_with_idle_keepalive_clients_is_quiet(cbox_factory):
         clients.append(sock)          # kept open and idle
     half = server.ns.connect(("127.0.0.1", server.settings["port"]), 10)
     half.sendall(b"GET /v1/vms HTTP/1.1\r\nHost: x\r\n")          # a head never finished
-    time.sleep(0.3)
+    wait_for(lambda: server.received_all(half), what="cbox.py to read the unfinished head")
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(20) == 0
     log = server.log()

@@ -286,10 +286,11 @@ def test_soak_cycles_leak_nothing(cbox_factory, raw_callback, tmp_path, monkeypa
     agent_tmp.mkdir()
     monkeypatch.setenv("TMPDIR", str(agent_tmp))
     monkeypatch.setenv("CBOX_STANDIN_PASS_ENV", "TMPDIR")
-    # the stand-in SIGKILLs a guest that has not stopped 1 s after SIGTERM, which a loaded
-    # 2-core machine sometimes needs (the agent then leaves its directory behind: known,
-    # stand-in only); give the clean shutdown the time it needs, then check it leaks nothing
-    monkeypatch.setenv("CBOX_STANDIN_STOP_TIMEOUT", "5")
+    # the stand-in stops a guest with SIGKILL, as CHV stops it without telling it, and the
+    # agent's directory would stay behind (stand-in only: its guests share the host's
+    # files); give the agent SIGTERM and the time a clean shutdown needs on a loaded 2-core
+    # machine, then check it leaks nothing
+    monkeypatch.setenv("CBOX_STANDIN_GUEST_GRACE_S", "5")
     server = cbox_factory(bridge_ip="10.20.1.1/27", bridge_subnet="10.20.1.0/27", max_vms=64,
                           stateful_size_in_mb=16, shutdown_timeout_s=8).start()
     api = server.api
@@ -427,8 +428,9 @@ def test_hypervisor_and_agent_killed(cbox_factory):
 
     # 3. the hypervisor killed in the middle of an exec: the exec answers at once
     api.start_vm("midexec")
-    t, result = background(api.post, "/v1/vms/midexec/exec", {"cmd": "sleep 30", "timeout": 40})
-    time.sleep(0.5)
+    started = server.tmp / "midexec-started"        # the stand-in's guest shares the host's files
+    t, result = background(api.post, "/v1/vms/midexec/exec", {"cmd": f"touch {started}; sleep 30", "timeout": 40})
+    wait_for(started.exists, what="the exec to run in the guest")
     [pid] = server.vmm_pids()
     t0 = time.monotonic()
     os.kill(pid, signal.SIGKILL)
@@ -445,8 +447,9 @@ def test_hypervisor_and_agent_killed(cbox_factory):
     vm = api.start_vm("agentkill")
     supervisor, _ = agent_pids(server, vm["cid"])
     assert supervisor
-    t, result = background(api.post, "/v1/vms/agentkill/exec", {"cmd": "sleep 30", "timeout": 40})
-    time.sleep(0.5)
+    started = server.tmp / "agentkill-started"
+    t, result = background(api.post, "/v1/vms/agentkill/exec", {"cmd": f"touch {started}; sleep 30", "timeout": 40})
+    wait_for(started.exists, what="the exec to run in the guest")
     t0 = time.monotonic()
     os.kill(supervisor, signal.SIGKILL)
     t.join(60)
@@ -512,10 +515,12 @@ def test_callback_url_faults(cbox_factory, raw_callback):
     assert len(replies) == 5 and all(isinstance(x.get("error"), str) for x in replies), r
 
     # a stalled callback does not hold up the others (nor the API)
+    calls = len(cb.calls)
     status, bg = api.post("/v1/vms/cbf/exec", {"cmd": "cbox_callback m '{\"mode\": \"stall\"}'",
                                                "blocking": False})
     assert status == 200
-    time.sleep(0.2)
+    wait_for(lambda: len(cb.calls) > calls, what="the stalling callback to reach its URL")
+    assert cb.calls[-1]["params"] == {"mode": "stall"}
     t0 = time.monotonic()
     assert call("cbf", "ok")["exitCode"] == 0
     assert api.get("/v1/health")[0] == 200

@@ -205,11 +205,7 @@ def env(netns):
 
         @staticmethod
         def bridge():
-            netns.run("ip", "link", "add", "br0", "type", "bridge")
-            netns.run("ip", "addr", "add", "10.77.0.1/24", "dev", "br0")
-            netns.run("ip", "link", "set", "br0", "up")
-            netns.run("ip", "tuntap", "add", "dev", TAP, "mode", "tap")
-            netns.run("ip", "link", "set", TAP, "master", "br0", "up")
+            netns.bridge_with_tap(TAP, "10.77.0.1/24")
 
     try:
         yield Env
@@ -221,6 +217,15 @@ def env(netns):
                 pass
         wait_gone(lambda: agent_pids(work), 5)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def wchan(pid):
+    """Where in the kernel a process waits (/proc/<pid>/wchan): "wait_for_partner" for the
+    open() of a FIFO without a peer, "inet_csk_accept" for accept(); None when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return None
 
 
 def running(pid):
@@ -695,6 +700,22 @@ def test_kernel_relay_plumbing(env, chv_schema):
     assert host_veths(env.ns) == [] and not tap_clsact(env.ns)
 
 
+def test_veth_deleted_before_the_reply_even_if_the_guest_netns_lingers(env, chv_schema):
+    """The guest's veth pair is deleted, not left to its netns going away: a netns can
+    outlive its processes (here: held open by this test), the pair must not."""
+    env.bridge()
+    s = env.standin()
+    boot_guest(env, s)
+    [agent] = agent_pids(env.dir)
+    held = os.open(f"/proc/{agent}/ns/net", os.O_RDONLY)
+    try:
+        assert len(host_veths(env.ns)) == 1
+        assert s.put("vm.shutdown") == (204, None)
+        assert host_veths(env.ns) == [] and not tap_clsact(env.ns)
+    finally:
+        os.close(held)
+
+
 def test_guest_vmm_killed_relay_undone_by_standin(env, chv_schema):
     env.bridge()
     s = env.standin()
@@ -873,7 +894,8 @@ def test_serial_socket_mode(env, chv_schema):
     while not agent_pids(env.dir):
         assert time.monotonic() < deadline, s.output()
         time.sleep(0.02)
-    time.sleep(0.5)                                  # let the guest write while nobody listens
+    [agent] = agent_pids(env.dir)                    # the guest wrote while nobody listens:
+    wait_for(lambda: wchan(agent) == "inet_csk_accept", what=s.output())   # its ready line is out
     assert stat_is_socket(sock_path), s.output()
     first = serial_client(sock_path)
     replay = read_until(first, b"test-agent: ready\n")
@@ -948,8 +970,8 @@ def test_event_monitor_fifo_lifecycle(env, chv_schema):
     os.mkfifo(fifo)
     s = env.standin(args=["--api-socket", f"path={env.dir / 'vm.api'}", "--event-monitor", f"path={fifo}",
                           "--log-file", str(env.dir / "vm.log"), "-v"], wait=False)
-    time.sleep(0.5)
-    assert s.proc.poll() is None and not os.path.exists(s.api_sock)   # blocked in open()
+    wait_for(lambda: wchan(s.proc.pid) == "wait_for_partner", what="the open() of the FIFO to block")
+    assert s.proc.poll() is None and not os.path.exists(s.api_sock)
     rfd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
     try:
         s.wait_api()
