@@ -6687,6 +6687,7 @@ class RestServer:
         self.stopping = False          # stop() was called
         self.bodies = BodyBudget(cfg.request_body_buffer_bytes)
         self.linger_budget = TokenBucket(self.LINGER_BYTES_PER_S, self.LINGER_BYTES_PER_S)
+        self.held = 0                  # connections refused 401 being held unread (hold_refused)
         self.schemas = request_schemas(cfg)
         op = Operation
         # an agent call: 409 (the VM not running), 502 (its agent failing); a client leaving cancels
@@ -6885,6 +6886,7 @@ class RestServer:
 
     LINGER_BYTES, LINGER_S = 64 * 1024, 1.0       # what is read and dropped of a body refused unread
     LINGER_BYTES_PER_S = 4 * 1024 * 1024           # ... by all connections together
+    HOLD_S, HOLD_MAX = 5.0, 256     # a 401 with a body coming: the connection held unread, so many at once
 
     async def drop_refused_body(self, reader, writer, headers, status):
         """A request was answered without its body being read (the connection closes): read and
@@ -6893,14 +6895,29 @@ class RestServer:
         anything else (401, 503, ...), after the answer and a half-close, LINGER_BYTES for
         LINGER_S, within LINGER_BYTES_PER_S for all connections together: clients without the
         token that reconnect and send bodies as fast as they can (each read costs the loop)
-        then get their answer and a reset, and the API's clients keep the loop."""
+        then get their answer and a reset, and the API's clients keep the loop. Before that, a
+        401 whose body is still coming holds its connection unread for HOLD_S (HOLD_MAX at once;
+        hold_refused): the client's send waits instead of reconnecting at once."""
         if status == 413:
             await self.discard_body(reader, headers)
             return
         with contextlib.suppress(OSError, RuntimeError):
             writer.write_eof()
-        if self.linger_budget.take(self.LINGER_BYTES):
+        if status == 401 and headers.get("content-length", "0") not in ("", "0") and self.held < self.HOLD_MAX:
+            await self.hold_refused(writer)
+        elif self.linger_budget.take(self.LINGER_BYTES):
             await self.discard_body(reader, headers, self.LINGER_BYTES, self.LINGER_S)
+
+    async def hold_refused(self, writer):
+        """Keep a refused connection open for HOLD_S without reading it (its answer sent and
+        half-closed): a client without the token sending a large body stays blocked in its own
+        send, rather than costing the loop a connection (accept, head, answer) again at once."""
+        self.held += 1
+        writer.transport.pause_reading()
+        try:
+            await asyncio.sleep(self.HOLD_S)
+        finally:
+            self.held -= 1
 
     def request_body_size(self, headers):
         """The Content-Length of a request's body (no body: 0); ApiError 411 (chunked), 400, 413."""

@@ -664,6 +664,7 @@ def test_bodies_refused_unread_are_drained_within_a_host_wide_budget(tmp_path):
     import asyncio
     cfg = cbox.load_config(write_config(tmp_path, []))
     server = cbox.RestServer(cfg, None)
+    server.HOLD_MAX = 0            # no 401 held unread (test_rest_hardening tests the hold)
 
     class Writer:
         def write_eof(self):
