@@ -6663,7 +6663,11 @@ def openapi_document(cfg, routes):
         "openapi": "3.1.0",
         "info": {"title": "CBox", "version": VERSION,
                  "description": "Run shell commands in Cloud Hypervisor microVMs, with callbacks to the host. "
-                                "Every error is {\"error\": message}; unknown request fields are rejected (400)."},
+                                "Every error is {\"error\": message}; unknown request fields and query "
+                                "parameters are rejected (400). Every route: a request line of at most "
+                                f"{REQUEST_LINE_MAX} bytes (414), a head of at most {MAX_HEAD} bytes and "
+                                f"{MAX_HEAD_LINES} header lines (431), at most {QUERY_PARAMS_MAX} query "
+                                f"parameters (400), a body of at most {cfg.max_request_bytes} bytes (413)."},
         "servers": [{"url": f"http://{host}:{cfg.port}"}],
         "paths": paths,
         "components": {"schemas": schemas},
