@@ -3690,6 +3690,8 @@ def openapi_schema(schema):
 # ---- the checks a schema cannot say, and the patterns ----------------------------------------
 
 NO_NUL = "^[^\\u0000]*$"
+# the characters of Python's \s (str.isspace) written out: ECMA-262's \s lacks \x1c-\x1f and \x85, has \ufeff
+BLANK = "\\t\\n\\v\\f\\r\\x1c-\\x1f \\u0085\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000"
 VM_NAME_PATTERN = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 EXEC_TAG_PATTERN = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 EXEC_REF_PATTERN = "^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$"     # an execId or a tag
@@ -3870,7 +3872,7 @@ def exec_request_schema(cfg):
         "type": "object", "additionalProperties": False,
         "oneOf": [{"required": ["cmd"]}, {"required": ["argv"]}],
         "properties": {
-            "cmd": {"type": "string", "pattern": "^\\s*[^\\s\\u0000][^\\u0000]*$",      # not blank, no NUL (linear)
+            "cmd": {"type": "string", "pattern": f"^[{BLANK}]*[^{BLANK}\\u0000][^\\u0000]*$",  # not blank, no NUL
                     "description": "a shell command, run as /bin/sh -c cmd",
                     "x-errors": {"pattern": command_error}},
             "argv": {"type": "array", "minItems": 1, "maxItems": MAX_ARGV,
