@@ -3545,11 +3545,15 @@ def schema_error(schema, keyword, name, value, default):
     if template is None:
         return ApiError(400, default)
     fields = {k: v for k, v in schema.items() if isinstance(v, (int, float, str))}
-    return ApiError(400, template.format(name=name, key=name.rpartition(".")[2], value=shown(value), **fields))
+    key = name.partition(".")[2] or name          # labels.a.b -> a.b: a label key may hold dots
+    return ApiError(400, template.format(name=name, key=key, value=shown(value), **fields))
 
 
 def child_name(name, key):
     return f"{name}.{key}" if name else key
+
+
+NO_FIT = object()       # a value no branch of an anyOf / oneOf fits
 
 
 class SchemaCompiler:
@@ -3593,9 +3597,12 @@ class SchemaCompiler:
         classes |= {dict} if "object" in names else set()
         classes |= {int} if "integer" in names or "number" in names else set()
         finite = "number" in names           # json.loads reads NaN and Infinity
+        integral = "integer" in names and not finite
 
         def step(value, name):
             if value.__class__ not in classes and not (finite and value.__class__ is float and math.isfinite(value)):
+                if integral and value.__class__ is float and value.is_integer():
+                    return int(value)          # 430.0 is an integer in JSON Schema 2020-12: used as 430
                 raise schema_error(schema, "type", name, value, f"'{name}' must be {words}")
             return value
         return step
@@ -3608,19 +3615,22 @@ class SchemaCompiler:
         if not parts:
             return None
 
-        def passes(check, value, name):
+        def fitting(check, value, name):
+            """The value as the branch uses it, or NO_FIT."""
             if isinstance(check, tuple):           # a branch that only requires fields
-                return isinstance(value, dict) and all(k in value for k in check)
+                return value if isinstance(value, dict) and all(k in value for k in check) else NO_FIT
             try:
-                check(value, name)
+                return check(value, name)
             except ApiError:
-                return False
-            return True
+                return NO_FIT
 
         def step(value, name):
             for keyword, fit, checks in parts:
-                if not fit(sum(passes(check, value, name) for check in checks), checks):
+                fits = [used for used in (fitting(check, value, name) for check in checks) if used is not NO_FIT]
+                if not fit(len(fits), checks):
                     raise schema_error(schema, keyword, name, value, f"'{name}' does not have an allowed form")
+                if keyword != "allOf":
+                    value = fits[0]        # anyOf, oneOf: as the (first) branch that fits uses it
             return value
 
         if len(parts) == 1 and parts[0][0] == "oneOf" and all(isinstance(c, tuple) for c in parts[0][2]):
@@ -3787,16 +3797,20 @@ def check_schema(value, schema, name=""):
     return entry[1](value, name)
 
 
+JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
+
+
 def query_value(key, text, schema):
-    """A query parameter's text as the JSON value its schema's type wants: integers and
-    numbers as plain decimals (no sign, exponent or 'nan'), else 400; other types: the text."""
+    """A query parameter's text as the JSON value its schema's type wants: an integer or a
+    number written as JSON writes one (1.29e-69, 5.0), else 400; other types: the text."""
     kind = schema.get("type")
     if kind not in ("integer", "number"):
         return text
-    whole, dot, fraction = text.partition(".")
-    if not is_decimal(whole) or len(text) > 20 or (dot and (kind == "integer" or not is_decimal(fraction))):
-        raise ApiError(400, f"'{key}' must be a non-negative {kind}, not {text[:40]!r}")
-    return int(text) if kind == "integer" else float(text)
+    number = JSON_NUMBER.fullmatch(text)
+    if number is None:
+        raise ApiError(400, f"'{key}' must be a{'n' if kind == 'integer' else ''} {kind} (as JSON writes it), "
+                            f"not {text[:40]!r}")
+    return float(text) if number.group(1) or number.group(2) or len(text) > 20 else int(text)
 
 
 def check_query(query, params):
@@ -3850,6 +3864,8 @@ def openapi_schema(schema):
 # ---- the checks a schema cannot say, and the patterns ----------------------------------------
 
 NO_NUL = "^[^\\u0000]*$"
+# the characters of Python's \s (str.isspace) written out: ECMA-262's \s lacks \x1c-\x1f and \x85, has \ufeff
+BLANK = "\\t\\n\\v\\f\\r\\x1c-\\x1f \\u0085\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000"
 VM_NAME_PATTERN = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 EXEC_TAG_PATTERN = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 EXEC_REF_PATTERN = "^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$"     # an execId or a tag
@@ -3875,22 +3891,34 @@ def printable(text, name):
 
 
 def http_url(url, name):
-    """An http:// or https:// URL with a host (and a valid port if any); "" is none."""
+    """An http:// or https:// URL with a host: a valid IPv6 literal in brackets, and a port of
+    at most 65535, if any; "" is none."""
     if url == "":
         return None
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ApiError(400, f"{name} must be an http:// or https:// URL")
     try:
+        parts = urllib.parse.urlsplit(url)
         parts.port
     except ValueError as e:
-        raise ApiError(400, f"{name} has a bad port") from e
+        raise ApiError(400, f"{name} has a bad host or port") from e
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ApiError(400, f"{name} must be an http:// or https:// URL")
     return url
+
+
+# an http(s) URL of RFC 3986's characters (stricter than the server: a client the document guides is never refused)
+PORT_PATTERN = "(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})"
+HTTP_URL_PATTERN = ("^([Hh][Tt][Tt][Pp][Ss]?://([-A-Za-z0-9._~%!\\$&'()*+,;=:]*@)?"
+                    "([-A-Za-z0-9._~%!\\$&'()*+,;=]+|\\[[0-9A-Fa-f:.]+\\])"
+                    f"(:{PORT_PATTERN}?)?([/?#][!-~]*)?)?$")
 
 
 def without_duplicates(items, name):
     """Duplicates are dropped (the first of each kept)."""
     return list(dict.fromkeys(items))
+
+
+OCTET = "(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+IPV4_CIDR_PATTERN = f"^{OCTET}(\\.{OCTET}){{3}}(/(3[0-2]|[12]?[0-9]))?$"
 
 
 def ipv4_networks(entries, name):
@@ -3903,8 +3931,6 @@ def ipv4_networks(entries, name):
             net = ipaddress.ip_network(entry if len(entry) <= 64 else "-", strict=True)
         except ValueError as e:
             raise ApiError(400, f"{name}[{i}]: {entry[:64]!r} is not an IPv4 CIDR or address ({e})") from e
-        if net.version != 4:
-            raise ApiError(400, f"{name}[{i}]: {entry!r} is IPv6; guests have IPv4 only")
         if str(net) not in out:
             out.append(str(net))
     return out
@@ -3934,11 +3960,9 @@ TTY_RULES = {      # of an exec request: checked only when the field is there (d
                                   "'stdin' may only be omitted or \"pipe\""}}}
 
 
-def data_or_eof(body, name):
-    """At least one of data (non-empty) and eof: true."""
-    if not body["data"] and not body["eof"]:
-        raise ApiError(400, "give 'data' to write, 'eof': true to close the input, or both")
-    return body
+def decimal_pattern(low, high):
+    """A pattern of the decimal numbers low..high (high < 1000), with up to two leading zeros."""
+    return f"^0{{0,2}}({'|'.join(str(n) for n in range(high, low - 1, -1))})$"
 
 
 # ---- the schemas -----------------------------------------------------------------------------
@@ -3963,7 +3987,7 @@ CALLBACK_METHODS_SCHEMA = {
     "x-errors": {"*": f"'callbackMethods' must be a list of at most {CALLBACK_METHODS_MAX} method names"}}
 SIGNAL_SCHEMA = {
     "anyOf": [{"type": "integer", "minimum": 1, "maximum": int(signal.SIGRTMAX)},
-              {"type": "string", "pattern": "^[0-9]{1,3}$"},
+              {"type": "string", "pattern": decimal_pattern(1, int(signal.SIGRTMAX))},
               {"type": "string", "enum": SIGNAL_NAMES + [n.lower() for n in SIGNAL_NAMES]}],
     "x-check": signal_number,
     "x-errors": {"*": "unknown signal {value}: use a name such as TERM, KILL, INT, HUP, USR1 "
@@ -3973,8 +3997,12 @@ SIGNAL_SCHEMA = {
 REQUEST_BODY = {"type": "object", "additionalProperties": False,
                 "x-errors": {"type": "request body must be a JSON object"}}
 SIGNAL_REQUEST = {**REQUEST_BODY, "required": ["signal"], "properties": {"signal": SIGNAL_SCHEMA}}
-STDIN_REQUEST = {**REQUEST_BODY, "x-check": data_or_eof, "properties": {
-    "data": {"type": ["string", "null"], "default": ""}, "eof": {"type": ["boolean", "null"], "default": False}}}
+STDIN_REQUEST = {
+    **REQUEST_BODY, "properties": {
+        "data": {"type": ["string", "null"], "default": ""}, "eof": {"type": ["boolean", "null"], "default": False}},
+    "anyOf": [{"required": ["data"], "properties": {"data": {"type": "string", "minLength": 1}}},
+              {"required": ["eof"], "properties": {"eof": {"enum": [True]}}}],
+    "x-errors": {**REQUEST_BODY["x-errors"], "anyOf": "give 'data' to write, 'eof': true to close the input, or both"}}
 
 
 def lifetime_schema(default, maximum):
@@ -3987,6 +4015,8 @@ def lifetime_schema(default, maximum):
         bounds = {"minimum": 0, "maximum": FOREVER_S, "x-errors": {
             "minimum": "'{name}' must be a whole number of seconds (0 or null: none)",
             "maximum": "'{name}' must be at most {maximum} seconds"}}
+    if maximum and not default:       # none is not allowed, and null would mean none
+        return {"type": "integer", **bounds, "description": "whole seconds"}
     return {"type": ["integer", "null"], "default": default, **bounds,
             "description": "whole seconds (0: none; null: the default shown)"}
 
@@ -3995,27 +4025,29 @@ def network_schema(cfg, require_egress=False):
     """The "network" of a start request or the body of PUT /network. allowOut may be non-empty
     only with allowlist (an empty list is accepted with any mode, so a VM object's network
     can be sent back as it is)."""
-    def egress_policy(policy, name):
-        """Egress other than nat needs the host's firewall; allowOut only with allowlist."""
-        egress = policy["egress"]
-        if egress != "nat" and not cfg.firewall:
-            raise ApiError(400, f"network.egress {egress!r} needs firewall: true in cbox's config")
-        if policy["allowOut"] and egress != "allowlist":
-            raise ApiError(400, f"network.allowOut is only allowed with egress 'allowlist' (egress {egress!r} "
-                                f"{'lets everything out' if egress == 'nat' else 'lets nothing out'})")
-        return policy
     list_error = "network.allowOut must be a list of IPv4 CIDR strings"
-    egress = {"enum": list(EGRESS_MODES), "x-errors": {"enum": f"network.egress must be one of {', '.join(EGRESS_MODES)}, got {{value}}"}}
+    if cfg.firewall:
+        egress = {"enum": list(EGRESS_MODES), "x-errors": {
+            "enum": f"network.egress must be one of {', '.join(EGRESS_MODES)}, got {{value}}"}}
+    else:
+        egress = {"enum": ["nat"], "description": "none and allowlist need firewall: true in cbox's config",
+                  "x-errors": {"enum": "network.egress {value} needs firewall: true in cbox's config (nat is allowed)"}}
     return {
         "type": "object", "additionalProperties": False, **({"required": ["egress"]} if require_egress else {}),
         "properties": {
             "egress": egress if require_egress else {**egress, "default": cfg.default_egress},
             "allowOut": {"type": ["array", "null"], "default": [], "maxItems": MAX_ALLOW_OUT, "x-check": ipv4_networks,
-                         "items": {"type": "string", "x-errors": {"type": list_error}},
+                         "items": {"type": "string", "pattern": IPV4_CIDR_PATTERN,
+                                   "x-errors": {"type": list_error,
+                                              "pattern": "{name}: {value} is not an IPv4 CIDR or address "
+                                                         "(guests have IPv4 only)"}},
                          "x-errors": {"type": list_error,
                                       "maxItems": f"network.allowOut: at most {MAX_ALLOW_OUT} entries are allowed"}}},
-        "x-check": egress_policy,
-        "x-errors": {"required": "network: missing required field: egress",
+        "anyOf": [{"required": ["egress"], "properties": {"egress": {"enum": ["allowlist"]}}},
+                  {"properties": {"allowOut": {"maxItems": 0}}}],
+        "x-errors": {"anyOf": "network.allowOut is only allowed with egress 'allowlist' (nat lets everything out, "
+                              "none lets nothing out)",
+                     "required": "network: missing required field: egress",
                      "type": "network must be an object: {{\"egress\": \"nat\" | \"none\" | \"allowlist\", \"allowOut\": [CIDR]}}"}}
 
 
@@ -4027,7 +4059,7 @@ def exec_request_schema(cfg):
         "type": "object", "additionalProperties": False,
         "oneOf": [{"required": ["cmd"]}, {"required": ["argv"]}],
         "properties": {
-            "cmd": {"type": "string", "pattern": "^\\s*[^\\s\\u0000][^\\u0000]*$",      # not blank, no NUL (linear)
+            "cmd": {"type": "string", "pattern": f"^[{BLANK}]*[^{BLANK}\\u0000][^\\u0000]*$",  # not blank, no NUL
                     "description": "a shell command, run as /bin/sh -c cmd",
                     "x-errors": {"pattern": command_error}},
             "argv": {"type": "array", "minItems": 1, "maxItems": MAX_ARGV,
@@ -4074,8 +4106,10 @@ def build_request_schemas(cfg):
     return {
         "StartRequest": {**REQUEST_BODY, "required": ["vmName"], "properties": {
             "vmName": VM_NAME_SCHEMA,
-            "callbackUrl": {"type": ["string", "null"], "default": None, "maxLength": 2048, "x-check": http_url,
-                            "x-errors": {"maxLength": "callbackUrl must be an http:// or https:// URL"}},
+            "callbackUrl": {"type": ["string", "null"], "default": None, "maxLength": 2048,
+                            "pattern": HTTP_URL_PATTERN, "x-check": http_url, "x-errors": {
+                                "maxLength": "callbackUrl must be an http:// or https:// URL",
+                                "pattern": "callbackUrl must be an http:// or https:// URL"}},
             "callbackMethods": CALLBACK_METHODS_SCHEMA,
             "vcpus": {"type": ["integer", "null"], "default": cfg.default_vcpus, "minimum": 1, "maximum": cfg.max_vcpus,
                       "x-errors": {"minimum": size_error, "maximum": size_error}},
@@ -6967,6 +7001,7 @@ class Request:
         self.json = None           # the body as its route's schema checked it (Operation.body)
         self.args = {}             # the query checked against the route's parameters (check_query)
         self.vm_name = None        # the VM a request body names, for the request log
+        self.allow = ""            # a 405's Allow header: the methods of the path
         self.route = "unmatched"   # the route's name (route_name), for the metrics
 
 
@@ -7115,7 +7150,11 @@ def openapi_document(cfg, routes):
         "openapi": "3.1.0",
         "info": {"title": "CBox", "version": VERSION,
                  "description": "Run shell commands in Cloud Hypervisor microVMs, with callbacks to the host. "
-                                "Every error is {\"error\": message}; unknown request fields are rejected (400)."},
+                                "Every error is {\"error\": message}; unknown request fields and query "
+                                "parameters are rejected (400). Every route: a request line of at most "
+                                f"{REQUEST_LINE_MAX} bytes (414), a head of at most {MAX_HEAD} bytes and "
+                                f"{MAX_HEAD_LINES} header lines (431), at most {QUERY_PARAMS_MAX} query "
+                                f"parameters (400), a body of at most {cfg.max_request_bytes} bytes (413)."},
         "servers": [{"url": f"http://{host}:{cfg.port}"}],
         "paths": paths,
         "components": {"schemas": schemas},
@@ -7140,6 +7179,7 @@ class RestServer:
         self.stopping = False          # stop() was called
         self.bodies = BodyBudget(cfg.request_body_buffer_bytes)
         self.linger_budget = TokenBucket(self.LINGER_BYTES_PER_S, self.LINGER_BYTES_PER_S)
+        self.held = 0                  # connections refused 401 being held unread (hold_refused)
         self.schemas = request_schemas(cfg)
         op = Operation
         # an agent call: 409 (the VM not running), 502 (its agent failing); a client leaving cancels
@@ -7312,7 +7352,8 @@ class RestServer:
         whether the connection may be kept); False when it could not be delivered (the
         connection is dropped): a client that does not read its answer must not hold the
         connection and buffer forever."""
-        extra = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        extra = ({"WWW-Authenticate": "Bearer"} if status == 401 else {"Allow": request.allow} if status == 405
+                 else None)
         timeout = self.cfg.http_body_timeout_s
         try:
             if isinstance(payload, EventRelay):
@@ -7343,6 +7384,7 @@ class RestServer:
 
     LINGER_BYTES, LINGER_S = 64 * 1024, 1.0       # what is read and dropped of a body refused unread
     LINGER_BYTES_PER_S = 4 * 1024 * 1024           # ... by all connections together
+    HOLD_S, HOLD_MAX = 5.0, 256     # a 401 with a body coming: the connection held unread, so many at once
 
     async def drop_refused_body(self, reader, writer, headers, status):
         """A request was answered without its body being read (the connection closes): read and
@@ -7351,14 +7393,29 @@ class RestServer:
         anything else (401, 503, ...), after the answer and a half-close, LINGER_BYTES for
         LINGER_S, within LINGER_BYTES_PER_S for all connections together: clients without the
         token that reconnect and send bodies as fast as they can (each read costs the loop)
-        then get their answer and a reset, and the API's clients keep the loop."""
+        then get their answer and a reset, and the API's clients keep the loop. Before that, a
+        401 whose body is still coming holds its connection unread for HOLD_S (HOLD_MAX at once;
+        hold_refused): the client's send waits instead of reconnecting at once."""
         if status == 413:
             await self.discard_body(reader, headers)
             return
         with contextlib.suppress(OSError, RuntimeError):
             writer.write_eof()
-        if self.linger_budget.take(self.LINGER_BYTES):
+        if status == 401 and headers.get("content-length", "0") not in ("", "0") and self.held < self.HOLD_MAX:
+            await self.hold_refused(writer)
+        elif self.linger_budget.take(self.LINGER_BYTES):
             await self.discard_body(reader, headers, self.LINGER_BYTES, self.LINGER_S)
+
+    async def hold_refused(self, writer):
+        """Keep a refused connection open for HOLD_S without reading it (its answer sent and
+        half-closed): a client without the token sending a large body stays blocked in its own
+        send, rather than costing the loop a connection (accept, head, answer) again at once."""
+        self.held += 1
+        writer.transport.pause_reading()
+        try:
+            await asyncio.sleep(self.HOLD_S)
+        finally:
+            self.held -= 1
 
     def request_body_size(self, headers):
         """The Content-Length of a request's body (no body: 0); ApiError 411 (chunked), 400, 413."""
@@ -7429,7 +7486,8 @@ class RestServer:
             request.route = self.route_names[pattern]
             operation = methods.get(request.method)
             if operation is None:
-                raise ApiError(405, f"method {request.method} not allowed on {path} (allowed: {', '.join(methods)})")
+                request.allow = ", ".join(methods)
+                raise ApiError(405, f"method {request.method} not allowed on {path} (allowed: {request.allow})")
             request.path, request.params = path, {k: urllib.parse.unquote(v) for k, v in m.groupdict().items()}
             return operation, split.query
         raise ApiError(404, f"no route {path}")

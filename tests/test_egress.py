@@ -66,7 +66,7 @@ def test_allow_out_is_canonical_and_deduplicated(cfg):
     ({"egress": "allowlist", "allowOut": ["192.0.2.0/24", "10.0.0.1/8"]}, "allowOut[1]: '10.0.0.1/8'"),
     ({"egress": "allowlist", "allowOut": ["example.com"]}, "is not an IPv4 CIDR or address"),
     ({"egress": "allowlist", "allowOut": [" 192.0.2.1"]}, "is not an IPv4 CIDR or address"),
-    ({"egress": "allowlist", "allowOut": ["2001:db8::/32"]}, "IPv6; guests have IPv4 only"),
+    ({"egress": "allowlist", "allowOut": ["2001:db8::/32"]}, "is not an IPv4 CIDR or address (guests have IPv4 only)"),
     ({"egress": "allowlist", "allowOut": ["1" * 100000]}, "is not an IPv4 CIDR"),
     ({"egress": "allowlist", "allowOut": [f"192.0.2.{i}" for i in range(65)]}, "at most 64"),
 ])

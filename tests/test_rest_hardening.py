@@ -352,3 +352,59 @@ def test_authorized_big_bodies_are_capped(cbox_factory, whole):
         assert during - before < 64 + 3 * 8 + 16, (before, during)
     assert after - before < 24, (before, after)
     assert body_bytes_metric(api) == 0
+
+
+def test_refused_connections_with_a_body_coming_are_held_unread_within_a_cap(tmp_path, monkeypatch):
+    """A 401 whose body is still coming holds its connection unread (answer sent, half-closed,
+    reading paused) for HOLD_S, HOLD_MAX at once: a client without the token sending a large
+    body waits in its own send instead of reconnecting at once (each connection costs the loop
+    an accept, a head and an answer). Past the cap, and for a 401 without a body or a 503: the
+    bounded drain of before. Held connections are let go after HOLD_S."""
+    import asyncio
+    import cbox
+    (tmp_path / "config.yaml").write_text(f'hostservices:\n  restserver:\n    api_token: "{TOKEN}"\n')
+    server = cbox.RestServer(cbox.load_config(tmp_path / "config.yaml"), None)
+    monkeypatch.setattr(server, "HOLD_MAX", 3)
+    monkeypatch.setattr(server, "HOLD_S", 3600.0)
+
+    class Transport:
+        paused = False
+
+        def pause_reading(self):
+            self.paused = True
+
+    class Writer:
+        def __init__(self):
+            self.transport, self.eof = Transport(), False
+
+        def write_eof(self):
+            self.eof = True
+
+    def refuse(status, length):
+        reader, writer = asyncio.StreamReader(), Writer()
+        reader.feed_data(b"x" * min(length, 256 * 1024))
+        task = asyncio.ensure_future(server.drop_refused_body(reader, writer, {"content-length": str(length)}, status))
+        return task, reader, writer
+
+    def unread(reader):
+        return len(reader._buffer)
+
+    async def scenario():
+        held = [refuse(401, 8 * MiB) for _ in range(3)]
+        over = [refuse(401, 8 * MiB), refuse(401, 0), refuse(503, 8 * MiB)]
+        await asyncio.wait([task for task, _, _ in over], timeout=60)
+        assert all(task.done() for task, _, _ in over)                  # the drain of before, at once
+        assert server.held == 3 and not any(task.done() for task, _, _ in held)
+        assert all(w.transport.paused and w.eof and unread(r) == 256 * 1024 for _, r, w in held)
+        assert [unread(r) for _, r, _ in over] == [256 * 1024 - server.LINGER_BYTES, 0, 256 * 1024 - server.LINGER_BYTES]
+        assert not any(w.transport.paused for _, _, w in over)
+        for task, _, _ in held:
+            task.cancel()
+        await asyncio.wait([task for task, _, _ in held])
+        assert server.held == 0
+        server.HOLD_S = 0.01                     # and a held one is let go after HOLD_S
+        task, reader, writer = refuse(401, 8 * MiB)
+        await asyncio.wait_for(task, 60)
+        assert writer.transport.paused and server.held == 0
+
+    asyncio.run(scenario())

@@ -664,6 +664,7 @@ def test_bodies_refused_unread_are_drained_within_a_host_wide_budget(tmp_path):
     import asyncio
     cfg = cbox.load_config(write_config(tmp_path, []))
     server = cbox.RestServer(cfg, None)
+    server.HOLD_MAX = 0            # no 401 held unread (test_rest_hardening tests the hold)
 
     class Writer:
         def write_eof(self):
@@ -723,3 +724,48 @@ def test_log_twins_write_lines_of_one_shape(capfd):
     lines = capfd.readouterr().err.splitlines(keepends=True)
     assert re.fullmatch(r"\d\d:\d\d:\d\d\.\d{3} cbox: twin check a=1\n", lines[0])
     assert lines[1] == "cbox-agent: twin check\n"
+
+
+# ---- the API document is exact (issue 21): what it allows, the server accepts ------------------------
+
+def test_integers_with_a_zero_fraction_are_integers(cfg):
+    """JSON Schema 2020-12: 430.0 is an integer; it is used as 430."""
+    spec = cbox.validate_start_request({"vmName": "a", "memoryMb": 512.0, "vcpus": 1.0, "ttlSeconds": 60.0}, cfg)
+    assert (spec["memoryMb"], spec["vcpus"]) == (512, 1) and type(spec["memoryMb"]) is int
+    agent, _, _, _ = cbox.validate_exec_request({"cmd": "id", "user": 430.0, "pidsLimit": 8.0}, cfg)
+    assert agent["user"] == 430 and type(agent["user"]) is int and type(agent["pidsLimit"]) is int
+    assert cbox.validate_signal_request({"signal": 9.0}) == {"signal": 9}
+    for body in ({"vmName": "a", "memoryMb": 512.5}, {"vmName": "a", "vcpus": float("inf")}):
+        with pytest.raises(cbox.ApiError, match="must be an integer"):
+            cbox.validate_start_request(body, cfg)
+
+
+def test_query_numbers_as_json_writes_them():
+    grace = {"grace": {"type": "number", "minimum": 0, "maximum": 100, "default": 0.0}}
+    since = {"since": {"type": "integer", "minimum": 0, "maximum": 100}}
+    assert cbox.check_query({"grace": ["1.29e-69"]}, grace) == {"grace": 1.29e-69}
+    assert cbox.check_query({"grace": ["2E1"]}, grace) == {"grace": 20.0}
+    assert cbox.check_query({"since": ["5.0"]}, since) == {"since": 5}
+    assert cbox.check_query({"since": ["1e1"]}, since) == {"since": 10}
+    for bad in ("1e3", "-1", "5.5", "0x10", "nan", "Infinity", "+1", "1.", ".5", "01", " 1"):
+        with pytest.raises(cbox.ApiError):
+            cbox.check_query({"since": [bad]}, since)
+
+
+@pytest.mark.parametrize("text, allowed", [("1", True), ("64", True), ("015", True), ("0", False), ("00", False),
+                                           ("65", False), ("0001", False), ("1a", False)])
+def test_signal_numbers_the_document_allows_are_accepted(text, allowed):
+    branch = cbox.SIGNAL_SCHEMA["anyOf"][1]
+    assert bool(cbox.schema_regex(branch["pattern"]).search(text)) == allowed
+    if allowed:
+        assert cbox.validate_signal_request({"signal": text}) == {"signal": int(text)}
+    else:
+        with pytest.raises(cbox.ApiError):
+            cbox.validate_signal_request({"signal": text})
+
+
+def test_a_bad_host_in_a_callback_url_is_400(cfg):
+    for url in ("http://[:]/cb", "http://[1:2/cb", "http://x:99999/cb", "http://x:port/"):
+        with pytest.raises(cbox.ApiError, match="callbackUrl") as e:
+            cbox.validate_start_request({"vmName": "a", "callbackUrl": url}, cfg)
+        assert e.value.status == 400
