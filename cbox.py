@@ -1639,6 +1639,15 @@ def websocket_request_problem(method, headers):
     return None
 
 
+WEBSOCKET_HEADERS = [          # the opening handshake's headers, as the API document states them
+    {"name": name, "in": "header", "required": True, "schema": {"type": "string", **schema}}
+    for name, schema in (("Upgrade", {"pattern": "^[Ww][Ee][Bb][Ss][Oo][Cc][Kk][Ee][Tt]$"}),
+                         ("Connection", {"pattern": "(^|,) *[Uu][Pp][Gg][Rr][Aa][Dd][Ee] *(,|$)"}),
+                         ("Sec-WebSocket-Version", {"enum": ["13"]}),
+                         ("Sec-WebSocket-Key", {"pattern": "^[A-Za-z0-9+/]{21}[AQgw]==$",
+                                                "description": "16 random bytes in base64"}))]
+
+
 def websocket_mask(data, key):
     """The payload XORed with the 4-byte masking key (section 5.3), as one big-integer XOR."""
     n = len(data)
@@ -7115,6 +7124,8 @@ class Operation:
             if "description" in schema:
                 param["description"] = schema["description"]
             parameters.append(param)
+        if self.switches:
+            parameters += WEBSOCKET_HEADERS
         if parameters:
             doc["parameters"] = parameters
         if self.body:

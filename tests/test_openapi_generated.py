@@ -120,6 +120,7 @@ class Generator:
                 properties = {k: v for k, v in properties.items() if k not in others or keyword == "anyOf"}
         keys = required + [k for k in properties if k not in required and self.rng.random() < 0.4]
         out = {key: self.value(properties.get(key, {}), f"{name}.{key}" if name else key, depth + 1) for key in keys}
+        self.dependent(out, schema.get("dependentSchemas", {}), properties, name, depth)
         extra = schema.get("additionalProperties", True)
         if isinstance(extra, dict) and depth < 4:
             names = schema.get("propertyNames", {"type": "string", "minLength": 1})
@@ -130,6 +131,26 @@ class Generator:
                 if "x-check" in names:
                     self.touched.append((name, names["x-check"]))
         return out
+
+
+    def dependent(self, out, rules, properties, name, depth):
+        """dependentSchemas: each key the object has makes it fit that key's schema too (its
+        required keys added, its properties narrowed; an anyOf's branch chosen among those that
+        leave alone what an earlier rule fixed)."""
+        fixed = set()
+        for key, rule in sorted(rules.items(), key=lambda item: "anyOf" in item[1]):
+            if key not in out:
+                continue
+            rule = self.resolve(rule)
+            if "anyOf" in rule:
+                free = [b for b in map(self.resolve, rule["anyOf"]) if not set(b.get("properties", {})) & fixed]
+                rule = both({k: v for k, v in rule.items() if k != "anyOf"}, self.rng.choice(free or rule["anyOf"]))
+            narrowed = rule.get("properties", {})
+            for field in list(rule.get("required", [])) + [f for f in narrowed if f in out]:
+                if field not in fixed:
+                    label = f"{name}.{field}" if name else field
+                    out[field] = self.value(both(properties.get(field, {}), narrowed.get(field, {})), label, depth + 1)
+                    fixed.add(field)
 
 
 def both(schema, branch):
@@ -332,7 +353,10 @@ async def exchange(server, raw):
     server_side = asyncio.ensure_future(server.connection(*await asyncio.open_connection(sock=theirs)))
     reader, writer = await asyncio.open_connection(sock=ours)
     writer.write(raw)
-    answer = await asyncio.wait_for(reader.read(), 30)
+    answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+    if not answer.startswith(b"HTTP/1.1 101 "):     # a WebSocket stays open: its head is the answer
+        length = re.search(rb"\r\ncontent-length: *([0-9]+)", answer, re.I)
+        answer += await asyncio.wait_for(reader.readexactly(int(length.group(1))) if length else reader.read(), 30)
     writer.close()
     await asyncio.wait_for(server_side, 30)
     return answer
@@ -365,12 +389,14 @@ def generated_request(document, path, method, operation, rng):
                 query.append((param["name"], item if isinstance(item, str) else json.dumps(item)))
     if query:
         target += "?" + urllib.parse.urlencode(query, quote_via=urllib.parse.quote)
+    named = {param["name"]: gen.value(param["schema"], param["name"]) for param in params if param["in"] == "header"}
+    headers = "".join(f"{key}: {value}\r\n" for key, value in {"Connection": "close", **named}.items())
     body = b""
     if "requestBody" in operation:
         schema = operation["requestBody"]["content"]["application/json"]["schema"]
         body = json.dumps(gen.value(schema)).encode()
     raw = (f"{method.upper()} {target} HTTP/1.1\r\nHost: cbox\r\nContent-Type: application/json\r\n"
-           f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+           f"Content-Length: {len(body)}\r\n{headers}\r\n").encode() + body
     return raw, gen.touched, known
 
 
