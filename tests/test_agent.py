@@ -1087,6 +1087,34 @@ def test_tty_timeout_signal_and_kill(agent):
         kill_pids(pids_running(m))
 
 
+def test_tty_execs_leave_no_fds_behind(agent):
+    """Every fd of a terminal (master, its dups, the cgroup pipe) is closed when the exec
+    ends, however it ends: exit, kill, timeout, a refused request."""
+    m = marker()
+    server = agent.server_pid()
+
+    def fds():      # but sockets: the HTTP connections come and go
+        links = []
+        for fd in os.listdir(f"/proc/{server}/fd"):
+            try:
+                links.append(os.readlink(f"/proc/{server}/fd/{fd}"))
+            except OSError:
+                pass
+        return sorted(link for link in links if not link.startswith("socket:"))
+
+    agent.exec(cmd="true", tty=True)           # the server's lazily opened fds (/dev/null) are open
+    before = fds()
+    try:
+        for _ in range(3):
+            agent.exec(cmd="echo hi", tty=True)
+            agent.exec(cmd=f"sleep {m}", tty=True, timeout=0.2)
+            agent.request("DELETE", f"/exec/{background(agent, cmd=f'sleep {m}', tty=True)}")
+            assert agent.request("POST", "/exec", {"cmd": "true", "tty": True, "cwd": "/nonexistent"})[0] == 400
+        assert wait_for(lambda: fds() == before, 5, what="the server's fds as before")
+    finally:
+        kill_pids(pids_running(m))
+
+
 @pytest.mark.parametrize("body, needle", [
     ({"cmd": "true", "tty": 1}, "tty must be a boolean"),
     ({"cmd": "true", "cols": 80}, 'cols need "tty": true'),
