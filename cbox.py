@@ -7904,7 +7904,7 @@ class Client:
         return self.request("GET", "/v1/health")
 
     def start(self, name, *, callback_url=None, callback_methods=None, vcpus=None, memory_mb=None, network=None,
-              ttl=None, idle_timeout=None, labels=None, image=None, **fields):
+              ttl=None, idle_timeout=None, labels=None, image=None, disk_mb=None, **fields):
         """POST /v1/vms: start a VM; its VM object once its guest agent answers. `network`: an
         egress mode ("nat", "none", "allowlist") or {"egress", "allowOut"}; `ttl` and
         `idle_timeout` in seconds (0: none); `fields`: any other field of the request, as the
@@ -7914,7 +7914,8 @@ class Client:
         body = {"vmName": name, **camel_fields((
             ("callbackUrl", callback_url), ("callbackMethods", callback_methods), ("vcpus", vcpus),
             ("memoryMb", memory_mb), ("network", network), ("ttlSeconds", ttl),
-            ("idleTimeoutSeconds", idle_timeout), ("labels", labels), ("image", image))), **fields}
+            ("idleTimeoutSeconds", idle_timeout), ("labels", labels), ("image", image), ("diskMb", disk_mb))),
+            **fields}
         return ClientVM(self, self.request("POST", "/v1/vms", body, timeout=self.timeout + self.START_WAIT_S))
 
     def vm(self, name):

@@ -11,6 +11,7 @@ import sys
 
 from conftest import REPO
 from imageutil import standin_image
+from nsutil import entered
 from procutil import wait_for
 
 sys.path.insert(0, str(REPO))
@@ -127,6 +128,12 @@ def test_disk_mb_sizes_a_vms_stateful_disk_within_the_maximum(cbox_factory, tmp_
         assert status == 400 and "diskMb must be 64..200" in body["error"], body
     # the VM's disk works: the guest writes to it
     assert api.exec("big", "echo ok")["stdout"] == "ok\n"
+    with entered(f"/run/netns/{server.ns.name}"):                   # the Python client says it the same way
+        client = cbox.Client("http://127.0.0.1:7000", timeout=60)
+        vm = client.start("viaclient", image="py", disk_mb=100)
+        assert (vm.info["image"], vm.info["diskMb"]) == ("py", 100)
+        assert [v.name for v in client.list(image="py")] == ["viaclient"]
+        client.close()
     api.delete("/v1/vms", timeout=60)
     server.assert_clean()
 
