@@ -2675,12 +2675,8 @@ class Bench:
         say(f"\n== warm pool: {n} starts claiming a pool VM (pool_size 1, refilled before each), "
             f"{cold_n} cold starts beside them")
         results = [("stand-in", *self.pool_starts("pool", n, cold_n, {}))]
-        qemu = os.environ.get("CBOX_QEMU_BIN") or "qemu-system-x86_64"
-        accel = (os.environ.get("CBOX_QEMU_ACCEL") or "tcg").lower()
-        skip = self.realboot_skip_reason([f"out/{path.name}" for _, path in IMAGES if not path.exists()], qemu, accel)
-        if skip:
-            say(f"  QEMU engine: skipped: {skip}")
-        else:
+        accel, skip = self.qemu_engine_skip()
+        if not skip:
             qn = self.args.boots or self.n(10, 5)
             say(f"  QEMU engine ({accel}): {qn} pooled starts, 3 cold")
             images = {what: str(path) for what, path in IMAGES}
@@ -2747,14 +2743,9 @@ class Bench:
                          "client waiting for that image's pool VM before each"))
         rows = [f"| stand-in, pooled, two images alternating | {n} | {median(pooled):.1f} ms | {p99(pooled):.1f} ms "
                 f"| claim step p50 {median(claims):.1f} ms | {'PASS' if ok else 'FAIL'} |"]
-        qemu = os.environ.get("CBOX_QEMU_BIN") or "qemu-system-x86_64"
-        accel = (os.environ.get("CBOX_QEMU_ACCEL") or "tcg").lower()
         built = sorted(p.parent.name for p in (OUT / "images").glob("*/image.json"))
-        skip = self.realboot_skip_reason([f"out/{path.name}" for _, path in IMAGES if not path.exists()], qemu, accel) \
-            or ("" if built else "no image in out/images: `make images`")
-        if skip:
-            say(f"  QEMU engine: skipped: {skip}")
-        else:
+        accel, skip = self.qemu_engine_skip("" if built else "no image in out/images: `make images`")
+        if not skip:
             k = self.args.boots or self.n(3, 2)
             say(f"  QEMU engine ({accel}): {k} cold starts of each of {', '.join(built)}")
             settings = {what: str(path) for what, path in IMAGES}
@@ -2786,6 +2777,17 @@ class Bench:
                  "| what | starts | p50 | p99 | note | result |", "|---|---|---|---|---|---|", *rows]
         self.sections["Images"] = "\n".join(table)
         say("\n" + "\n".join(table))
+
+    def qemu_engine_skip(self, missing=""):
+        """(the QEMU engine's accelerator, why it cannot boot the out/ images here or ""; said
+        when it cannot). missing: what else the caller lacks, or ""."""
+        qemu = os.environ.get("CBOX_QEMU_BIN") or "qemu-system-x86_64"
+        accel = (os.environ.get("CBOX_QEMU_ACCEL") or "tcg").lower()
+        skip = self.realboot_skip_reason([f"out/{path.name}" for _, path in IMAGES if not path.exists()],
+                                         qemu, accel) or missing
+        if skip:
+            say(f"  QEMU engine: skipped: {skip}")
+        return accel, skip
 
     def pool_starts(self, label, n, cold_n, settings):
         """(pooled start ms, claim step ms, cold start ms, pool boot ms) on one cbox.py with pool_size 1."""
