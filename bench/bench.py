@@ -30,6 +30,7 @@ run. Prints a table and writes it to bench/results.md.
     sudo python3 bench/bench.py --only images    # guest images: pooled starts with two images
                                                  # pooled (stand-in), cold starts per image of
                                                  # out/images under the QEMU engine
+                                                 # (rewrites only its section of results.md)
 
 Needs root, iproute2 and iptables. Everything runs inside a network namespace
 the script creates (`cbbench<random>`): cbox.py, its bridge and taps, the
