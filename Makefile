@@ -144,6 +144,7 @@ install:
 	  install -m 0755 cloud-hypervisor "$$d$$chv"; fi; \
 	sed -e 's,"/var/lib/cbox","$(STATEDIR)",' \
 	    -e 's,^\(    \(kernel\|initramfs\|rootfs\): *"\)out/,\1$(STATEDIR)/images/,' \
+	    -e 's,^\(    images_dir: *"\)out/images",\1$(STATEDIR)/images",' \
 	    $${chv:+-e "s|^\(    chv_bin:\).*|\1 \"$$chv\"|"} \
 	    config.yaml > "$$d$(CONFDIR)/config.yaml.default"; \
 	chmod 0640 "$$d$(CONFDIR)/config.yaml.default"; \

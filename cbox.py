@@ -28,7 +28,9 @@ through one escape, log_text. Sections, in order; each uses only what comes befo
   7. Request         the schemas of request bodies, queries and path parameters (a
      validation      small JSON Schema vocabulary that check_schema runs and
                      /v1/openapi.json publishes), with lifetimes, labels, egress
-                     and the label/status filter of /v1/vms
+                     and the label/status/image filter of /v1/vms; Images: the guest
+                     images a start chooses (images_dir, image.json, the checks
+                     before a VM starts from one)
   8. Callback bridge a VM's callback socket: the guest's JSON lines forwarded to
                      its callback URL, every cost budgeted per VM
   9. VMs             one VM: its record on disk, paths, deadlines and activity, its
@@ -40,8 +42,8 @@ through one escape, log_text. Sections, in order; each uses only what comes befo
                      tombstones of VMs a deadline ended; the evidence of failed starts
  11. VM manager      one home per job, composed by VMManager: VmRegistry (the VMs by
                      name), Capacity, VmTeardown, DeadlineKeeper (the one task keeping
-                     TTL and idle deadlines), VmBooter, WarmPool (idle VMs booted ahead,
-                     claimed by start requests), VmStarter, Adoption (at start-up),
+                     TTL and idle deadlines), VmBooter, WarmPool (idle VMs booted ahead
+                     per image, claimed by start requests), VmStarter, Adoption (at start-up),
                      EgressChanges, bound_vmm_logs, ExecForwarding (the exec routes)
  12. REST server     routes of README's "REST API" (each method an Operation: handler,
                      request and answer schemas; dispatch checks every request's path
@@ -60,8 +62,8 @@ through one escape, log_text. Sections, in order; each uses only what comes befo
  15. Selftest        `selftest`: a new host's end-to-end check
  16. CLI             the client commands on section 13's Client (CLIENT_COMMANDS, and
                      VM_COMMANDS for `vm start|ls|rm|logs|network|ttl|failures`): `health`,
-                     `vm ...`, `exec`, `shell` (a terminal: TerminalClient); `openapi`
-                     prints the API description; `--version`
+                     `vm ...`, `exec`, `shell` (a terminal: TerminalClient), `image ls|rm`;
+                     `openapi` prints the API description; `--version`
 
 README.md is the contract users rely on (the REST API, config keys, behaviour, figures):
 a change of what it says is a change of the contract.
@@ -73,6 +75,7 @@ import bisect
 import collections
 import contextlib
 import errno
+import fcntl
 import hashlib
 import heapq
 import hmac
@@ -98,6 +101,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 VERSION = "0.1.0"
+AGENT_PROTOCOL = 1  # the guest agent generation this cbox.py needs (guest_agent.AGENT_PROTOCOL, in image.json)
 COMMIT = ""          # `make dist` and `make install` stamp the commit into their copy (build_commit)
 LOG_START = time.monotonic()
 
@@ -793,8 +797,12 @@ CONFIG_KEYS = {
     "kernel": (str, "out/vmlinuz", "guest kernel (bzImage or PVH vmlinux)"),
     "initramfs": (str, "out/initramfs.cpio.gz", "guest initramfs; empty = none"),
     "rootfs": (str, "out/rootfs.ext4", "read-only root filesystem image (vda)"),
+    "images_dir": (str, "out/images", "named guest images, a directory each (rootfs.ext4, image.json: make image); "
+                                      "the image \"default\" is kernel, initramfs and rootfs above"),
     "cmdline_extra": (str, "", "extra kernel command line arguments"),
     "stateful_size_in_mb": (int, 2048, "size of each VM's sparse writable disk (vdb)"),
+    "max_disk_mb": (int, 0, "largest diskMb (a VM's own stateful disk size) a request may ask for; "
+                            "0 = stateful_size_in_mb"),
     "disk_overcommit": (float, 1.0, "a start is refused unless state_dir's free space x this holds what the VMs' "
                                     "sparse disks may still grow to, the new one's included; 0 = not checked"),
     "guest_mem_percentage": (int, 50, "all guests together may use at most this % of host memory"),
@@ -805,6 +813,8 @@ CONFIG_KEYS = {
     "max_vms": (int, 250, "most VMs at once"),
     "pool_size": (int, 0, "VMs kept booted and idle (default vcpus/memory) for instant starts; they count in "
                           "max_vms and the memory budget; 0 = no warm pool"),
+    "pool_images": (str, "", "warm pool VMs of named images, besides pool_size of \"default\": "
+                             "\"py=2,min=1\"; empty = none"),
     "boot_timeout_s": (float, 60.0, "time for the guest agent to answer after vm.boot"),
     "shutdown_timeout_s": (float, 5.0, "time for the VMM to exit before it is killed"),
     "exec_timeout_s": (float, 300.0, "default exec timeout"),
@@ -888,6 +898,25 @@ def _quoted_number(text, typ):
     return text
 
 
+def parse_pool_images(text):
+    """pool_images ("py=2,min=1") -> {image name: VMs kept}; ValueError naming a bad item."""
+    sizes = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, eq, count = (part.strip() for part in item.partition("="))
+        # the VM-name rule of image names (section 5's VM_NAME_PATTERN, not yet defined here)
+        if not eq or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", name) or not is_decimal(count) \
+                or name == "default":
+            raise ValueError(f"pool_images: {item!r}: use NAME=COUNT, comma separated (the default image's is "
+                             f"pool_size)")
+        sizes[name] = int(count)
+    return {name: count for name, count in sizes.items() if count}
+
+
+def pool_sizes(cfg):
+    """{image: VMs the warm pool keeps of it}: pool_size of "default", pool_images of the others."""
+    return {**({"default": cfg.pool_size} if cfg.pool_size else {}), **parse_pool_images(cfg.pool_images)}
+
+
 def check_config(cfg, source):
     def bad(msg):
         raise ConfigError(f"{source}: {msg}")
@@ -927,6 +956,14 @@ def check_config(cfg, source):
         bad("guest_work_units_per_s must not be negative")
     if not 0 <= cfg.pool_size <= cfg.max_vms:
         bad("pool_size must be 0..max_vms")
+    if cfg.max_disk_mb and not cfg.stateful_size_in_mb <= cfg.max_disk_mb <= 16 * 1024 * 1024:
+        bad(f"max_disk_mb must be 0 (stateful_size_in_mb) or {cfg.stateful_size_in_mb}..16777216")
+    try:
+        pooled = sum(parse_pool_images(cfg.pool_images).values())
+    except ValueError as e:
+        bad(str(e))
+    if cfg.pool_size + pooled > cfg.max_vms:
+        bad("pool_size and pool_images together must be at most max_vms")
     for default, maximum in (("default_ttl_s", "max_ttl_s"), ("default_idle_timeout_s", "max_idle_timeout_s")):
         if not 0 <= getattr(cfg, default) <= FOREVER_S or not 0 <= getattr(cfg, maximum) <= FOREVER_S:
             bad(f"{default} and {maximum} must be 0..{FOREVER_S} seconds")
@@ -3422,7 +3459,16 @@ class StatefulDisks:
                     (self.dir / f"stateful-{size_mb}mb.ext4").unlink()
         return path
 
-    async def create(self, dest, size_mb):
+    async def create(self, dest, size_mb, cached=True):
+        """A VM's disk: a copy of the template of its size (cached: the usual size), else an
+        mke2fs of its own (a diskMb of a request: one template per size asked would let
+        requests fill state_dir with templates)."""
+        if not cached:
+            with open(dest, "wb") as f:
+                f.truncate(size_mb * 1024 * 1024)
+            await run_cmd("mke2fs", "-q", "-F", "-t", "ext4", "-E", "lazy_itable_init=1,lazy_journal_init=1",
+                          "-L", "cbox-state", str(dest))
+            return
         await asyncio.to_thread(copy_sparse, await self.template(size_mb), dest)
         await run_cmd("tune2fs", "-U", str(uuid.uuid4()), str(dest))
 
@@ -3978,6 +4024,9 @@ def decimal_pattern(low, high):
 
 VM_NAME_SCHEMA = {"type": "string", "pattern": VM_NAME_PATTERN, "x-errors": {
     "*": "invalid vmName: use 1-63 characters of A-Z a-z 0-9 _ . - starting with a letter or digit"}}
+IMAGE_NAME_RE = schema_regex(VM_NAME_PATTERN)
+IMAGE_NAME_SCHEMA = {"type": "string", "pattern": VM_NAME_PATTERN, "x-errors": {
+    "*": "invalid image name: use 1-63 characters of A-Z a-z 0-9 _ . - starting with a letter or digit"}}
 EXEC_REF_SCHEMA = {"type": "string", "pattern": EXEC_REF_PATTERN,
                    "description": "an execId, or the tag of an exec (the running one, else the newest finished)"}
 LABELS_SCHEMA = {
@@ -4125,6 +4174,13 @@ def build_request_schemas(cfg):
             "memoryMb": {"type": ["integer", "null"], "default": cfg.default_memory_mb, "minimum": 64,
                          "maximum": cfg.max_memory_mb, "x-errors": {"minimum": size_error, "maximum": size_error}},
             "network": {**network_schema(cfg), "type": ["object", "null"], "default": {}},
+            "image": {**IMAGE_NAME_SCHEMA, "type": ["string", "null"], "default": "default",
+                      "description": "the guest image (GET /v1/images)"},
+            "diskMb": {"type": ["integer", "null"], "default": cfg.stateful_size_in_mb,
+                       "minimum": min(64, cfg.stateful_size_in_mb),
+                       "maximum": cfg.max_disk_mb or cfg.stateful_size_in_mb,
+                       "description": "the VM's stateful disk (its writable layer), MiB",
+                       "x-errors": {"minimum": size_error, "maximum": size_error}},
             "ttlSeconds": lifetime_schema(cfg.default_ttl_s or cfg.max_ttl_s, cfg.max_ttl_s),
             "idleTimeoutSeconds": lifetime_schema(cfg.default_idle_timeout_s or cfg.max_idle_timeout_s,
                                                   cfg.max_idle_timeout_s),
@@ -4156,7 +4212,8 @@ VM_FILTER_QUERY = {
               "description": "KEY=VALUE (the label has that value) or KEY (the VM has the label); all must match"},
     "status": {"type": "array", "items": {"enum": list(VM_STATUSES) + [s.lower() for s in VM_STATUSES],
                                           "x-errors": {"*": f"bad status filter: use one of {', '.join(VM_STATUSES)}"}},
-               "description": "VMs in any of these statuses"}}
+               "description": "VMs in any of these statuses"},
+    "image": {"type": "array", "items": IMAGE_NAME_SCHEMA, "description": "VMs of any of these images"}}
 EVENTS_MAX_WAIT_S = 60.0       # longest ?wait= of GET /v1/events
 EVENTS_QUERY = {
     "since": {"type": "integer", "minimum": 0, "maximum": 2 ** 53, "default": 0,
@@ -4228,14 +4285,16 @@ def validate_start_request(body, cfg):
 def parse_vm_filter(query):
     """The filter of GET / DELETE /v1/vms (VM_FILTER_QUERY): label=K=V (or label=K: has the key)
     any number of times (at most QUERY_PARAMS_MAX parameters in all; repeats count once) and
-    status=S, all of which must match. Returns a predicate on VMs."""
+    status=S and image=I (any number of each: any of them), all of which must match. Returns a
+    predicate on VMs."""
     args = check_query(query, VM_FILTER_QUERY)
     wanted = list(dict.fromkeys((key, value if eq else None)
                                 for key, eq, value in (i.partition("=") for i in args.get("label", []))))
     statuses = {s.upper() for s in args.get("status", [])}
+    images = set(args.get("image", []))
 
     def matches(vm):
-        return (not statuses or vm.status in statuses) and all(
+        return (not statuses or vm.status in statuses) and (not images or vm.image in images) and all(
             key in vm.labels and (value is None or vm.labels[key] == value) for key, value in wanted)
     return matches
 
@@ -4277,6 +4336,167 @@ def parse_json_body(data):
         raise ApiError(400, f"malformed JSON: {e}") from e
     except RecursionError as e:
         raise ApiError(400, "malformed JSON: nested too deeply") from e
+
+
+# ---- guest images: the named images a start chooses (images_dir) ----------------------------
+
+IMAGE_JSON = "image.json"
+IMAGE_JSON_MAX_BYTES = 64 * 1024
+IMAGE_FILES = ("rootfs.ext4", "vmlinuz", "initramfs.cpio.gz")     # what rootfs/build.py publishes besides image.json
+EXT4_MAGIC_OFFSET, EXT4_MAGIC = 1024 + 0x38, b"\x53\xef"         # the superblock's s_magic
+DEFAULT_IMAGE = "default"
+
+
+def read_image_json(directory):
+    """An image directory's image.json as a dict, or None (missing, too big, not a JSON object)."""
+    try:
+        with open(Path(directory, IMAGE_JSON), "rb") as f:
+            data = f.read(IMAGE_JSON_MAX_BYTES + 1)
+        meta = json.loads(data) if len(data) <= IMAGE_JSON_MAX_BYTES else None
+    except (OSError, ValueError, RecursionError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def is_ext4(path):
+    try:
+        with open(path, "rb") as f:
+            f.seek(EXT4_MAGIC_OFFSET)
+            return f.read(2) == EXT4_MAGIC
+    except OSError:
+        return False
+
+
+class Image:
+    """One guest image: its boot files and its image.json (meta; None for a config rootfs made
+    before image directories, which is then taken as it is)."""
+
+    def __init__(self, name, rootfs, kernel, initramfs, meta):
+        self.name, self.rootfs, self.kernel, self.initramfs, self.meta = name, rootfs, kernel, initramfs, meta
+
+    def agent(self):
+        agent = (self.meta or {}).get("agent")
+        return agent if isinstance(agent, dict) else {}
+
+    def problem(self):
+        """Why a VM cannot start from this image, or None."""
+        if self.meta is None:
+            return None
+        if not os.path.isfile(self.rootfs):
+            return f"its rootfs {self.rootfs} is missing"
+        if not is_ext4(self.rootfs):
+            return f"its rootfs {self.rootfs} is not an ext4 file system"
+        for path in (self.kernel, self.initramfs):
+            if path and not os.path.isfile(path):
+                return f"its {path} is missing"
+        protocol = self.agent().get("protocol")
+        if not isinstance(protocol, int) or protocol < AGENT_PROTOCOL:
+            return (f"its guest agent (version {self.agent().get('version') or 'unknown'}, protocol "
+                    f"{protocol if isinstance(protocol, int) else 'unknown'}) is older than this cbox.py "
+                    f"needs (protocol {AGENT_PROTOCOL})")
+        return None
+
+    def stamp(self):
+        """Which build of the image this is: image.json's builtAt, else (a rootfs of before
+        images) its file's inode (a rebuild renames a new file in); None when it is missing."""
+        if self.meta is not None:
+            return str(self.meta.get("builtAt"))
+        try:
+            return f"inode {os.stat(self.rootfs).st_ino}"
+        except OSError:
+            return None
+
+    def rebuild_hint(self):
+        """The make command that builds this image again (with this checkout's guest_agent.py)."""
+        source = (self.meta or {}).get("source")
+        dockerfile = source.get("dockerfile") if isinstance(source, dict) else None
+        return ("make images" if self.name == DEFAULT_IMAGE else f"make image NAME={self.name}") + \
+            (f" DOCKERFILE={dockerfile}" if isinstance(dockerfile, str) else "")
+
+    def api(self, vms, pooled):
+        """The image as GET /v1/images shows it (IMAGE_SCHEMA)."""
+        meta, agent = self.meta or {}, self.agent()
+        problem = self.problem()
+        try:
+            size = os.stat(self.rootfs).st_size
+        except OSError:
+            size = None
+        return {"name": self.name, "sizeBytes": size, "builtAt": meta.get("builtAt"),
+                "source": meta.get("source"), "agentVersion": agent.get("version"),
+                "agentProtocol": agent.get("protocol"), "rootfs": self.rootfs,
+                "ownKernel": bool(meta.get("kernel") or meta.get("initramfs")),
+                "usable": problem is None, "problem": problem and f"{problem}; rebuild it: {self.rebuild_hint()}",
+                "vms": vms, "pooled": pooled}
+
+
+class Images:
+    """The guest images (issue 20): images_dir/NAME/ holding rootfs.ext4 and image.json, made by
+    rootfs/build.py (`make image NAME=...`), and "default": the config's kernel, initramfs and
+    rootfs (its image.json read beside the rootfs's real path: out/rootfs.ext4 links to
+    out/images/default/rootfs.ext4). Read at each use, never cached: a rebuild replaces an
+    image's files by renames while cbox.py runs (a VM on the old file keeps it)."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.dir = Path(cfg.path(cfg.images_dir))
+
+    def names(self):
+        found = {DEFAULT_IMAGE}
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self.dir):
+                if IMAGE_NAME_RE.search(entry.name) and os.path.isfile(os.path.join(entry.path, IMAGE_JSON)):
+                    found.add(entry.name)
+        return sorted(found)
+
+    def get(self, name):
+        """The image of that name, or None."""
+        cfg = self.cfg
+        if name == DEFAULT_IMAGE:
+            rootfs = cfg.path(cfg.rootfs)
+            real = os.path.realpath(rootfs)
+            meta = read_image_json(os.path.dirname(real)) if os.path.basename(real) == IMAGE_FILES[0] else None
+            return Image(name, rootfs, cfg.path(cfg.kernel), cfg.path(cfg.initramfs) or None, meta)
+        directory = self.dir / name
+        meta = read_image_json(directory) if IMAGE_NAME_RE.search(name) else None
+        if meta is None:
+            return None
+        return Image(name, str(directory / IMAGE_FILES[0]),
+                     str(directory / IMAGE_FILES[1]) if meta.get("kernel") else cfg.path(cfg.kernel),
+                     str(directory / IMAGE_FILES[2]) if meta.get("initramfs") else cfg.path(cfg.initramfs) or None,
+                     meta)
+
+    def for_start(self, name):
+        """The image a start request names, checked: ApiError 400 for an unknown name (listing the
+        known ones), 409 for an image a VM cannot start from (saying how to rebuild it)."""
+        image = self.get(name)
+        if image is None:
+            known = self.names()
+            raise ApiError(400, f"unknown image '{name}': the images are {', '.join(known)}", images=known)
+        problem = image.problem()
+        if problem:
+            raise ApiError(409, f"image '{name}' cannot start a VM: {problem}; rebuild it: {image.rebuild_hint()}")
+        return image
+
+    def remove(self, name):
+        """Remove an image's directory (the caller checked no VM uses it): its image.json first,
+        so that it is gone for new starts at once. ApiError 409 while a build of it runs."""
+        directory = self.dir / name
+        fd = os.open(directory / ".build.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ApiError(409, f"image '{name}' is being built (make image); remove it after") from None
+            for file in (IMAGE_JSON, *IMAGE_FILES, ".build.lock"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(directory / file)
+            for leftover in directory.glob("*.tmp"):        # of a build that died
+                with contextlib.suppress(FileNotFoundError):
+                    leftover.unlink()
+        finally:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            directory.rmdir()                    # files someone else put there stay, with it
 
 
 # =============================================================================
@@ -4789,7 +5009,9 @@ VM_SCHEMA = {        # the VM object (VM.api): its fields and their order
         "ip": {"type": "string", "description": "a.b.c.d/prefix"}, "tapDeviceName": {"type": "string"},
         "callbackUrl": {"type": ["string", "null"]},
         "callbackMethods": {"type": ["array", "null"], "items": {"type": "string"}}, "cid": {"type": "integer"},
-        "vcpus": {"type": "integer"}, "memoryMb": {"type": "integer"}, "createdAt": TIME,
+        "vcpus": {"type": "integer"}, "memoryMb": {"type": "integer"},
+        "image": {"type": "string", "description": "its guest image (GET /v1/images)"},
+        "diskMb": {"type": "integer", "description": "its stateful disk, MiB"}, "createdAt": TIME,
         "stopReason": {"type": ["string", "null"], "description": "why it stopped: ttl, idle, crash, ..."},
         "network": {"type": "object", "required": ["egress", "allowOut"], "properties": {
             "egress": {"enum": list(EGRESS_MODES)}, "allowOut": {"type": "array", "items": {"type": "string"}}}},
@@ -4878,7 +5100,8 @@ class VM:
 
     RECORD_FIELDS = ("vmName", "status", "ip", "tapDeviceName", "callbackUrl", "callbackMethods", "cid", "vcpus",
                      "memoryMb", "createdAt", "phase", "pid", "pidStart", "mac", "error", "stopReason", "network",
-                     "expiresAt", "idleTimeoutSeconds", "lastActivityAt", "labels", "backgroundExecs", "dirName")
+                     "expiresAt", "idleTimeoutSeconds", "lastActivityAt", "labels", "backgroundExecs", "dirName",
+                     "image", "diskMb", "imageStamp")
     API_FIELDS = tuple(VM_SCHEMA["properties"])
 
     def __init__(self, cfg, on_stopped=None, **fields):
@@ -4898,6 +5121,9 @@ class VM:
         self.tasks = set()             # watching the VMM's exit and the serial connection
         self.reset = None              # (stopReason, message) of a reset seen while starting
         self.sent_config = None        # the VmConfig of vm.create (kept with a failed start's evidence)
+        self.boot_image = None         # the Image it boots from (set by the manager before a start)
+        self.image = self.image or DEFAULT_IMAGE                  # a record of before images: the default
+        self.diskMb = self.diskMb or cfg.stateful_size_in_mb
         self.vmm_log_trimmed = 0       # disk bytes freed from the VMM's log (bound_vmm_log)
         self.labels = self.labels or {}
         self.activity_saved = time.monotonic()               # when touch() last wrote the record
@@ -4960,6 +5186,9 @@ class VM:
         check_labels(vm.labels)
         if vm.idleTimeoutSeconds is not None:
             lifetime_seconds(vm.idleTimeoutSeconds, "idleTimeoutSeconds", 0)
+        check_schema(vm.image, IMAGE_NAME_SCHEMA, "image")
+        if not isinstance(vm.diskMb, int) or vm.diskMb <= 0:
+            raise ValueError("diskMb must be a positive integer")
         return vm
 
     def recorded_network(self):
@@ -5099,9 +5328,10 @@ class VM:
             f"cbox.vm={self.vmName}", f"cbox.ip={self.ip}", f"cbox.gw={gateway}",
             f"cbox.dns={','.join(dns)}" if dns else "",
             f"cbox.callback_port={cfg.callback_port}", f"cbox.state={STATE_SERIAL}"]))
-        payload = {"kernel": cfg.path(cfg.kernel), "cmdline": cmdline}
-        if cfg.initramfs:
-            payload["initramfs"] = cfg.path(cfg.initramfs)
+        image = self.boot_image
+        payload = {"kernel": image.kernel, "cmdline": cmdline}
+        if image.initramfs:
+            payload["initramfs"] = image.initramfs
         return {
             "payload": payload,
             "cpus": {"boot_vcpus": self.vcpus, "max_vcpus": self.vcpus},
@@ -5109,7 +5339,7 @@ class VM:
             # image_type Raw: an autodetected raw disk gets its sector-0 writes refused
             # (CHV v51+, vmm/src/device_manager.rs make_virtio_block_device), which
             # turns the stateful ext4 read-only (its superblock is in block 0)
-            "disks": [{"path": cfg.path(cfg.rootfs), "readonly": True, "image_type": "Raw",
+            "disks": [{"path": image.rootfs, "readonly": True, "image_type": "Raw",
                        "serial": ROOTFS_SERIAL, "id": "rootfs"},
                       {"path": str(self.paths.disk), "readonly": False, "image_type": "Raw",
                        "serial": STATE_SERIAL, "id": "stateful"}],
@@ -5621,7 +5851,8 @@ def agent_errors():
 
 
 class WarmPool:
-    """pool_size VMs booted with the default vcpus and memory and left idle, under internal
+    """VMs booted with the default vcpus and memory and left idle, per image (pool_size of
+    "default", pool_images of the others: pool_sizes), under internal
     names (pool_name) outside the manager's VMs: GET /v1/vms, label filters, DELETE /v1/vms
     and deadlines never see them; capacity (max_vms, memory) counts them. A start request of
     the default shape claims a ready one (take, claim): the guest takes the request's name
@@ -5639,17 +5870,23 @@ class WarmPool:
     restart sees either the pool VM, or the claimed VM (and a pool record to drop); Adoption
     takes the pool VMs back (offer).
 
-    What it needs is given when it is made: fits(memory_mb, pool VMs) (Capacity.check:
-    ApiError when one more VM does not fit), make_vm(spec) and boot(vm, clock) (VmBooter), teardown(vm)
+    A ready VM booted from an earlier build of its image (imageStamp) is not handed out: the
+    start that finds it removes it, and the pool refills from the new build.
+
+    What it needs is given when it is made: fits(memory_mb, disk_mb, pool VMs) (Capacity.check:
+    ApiError when one more VM does not fit), image_for(name) (Images.for_start: the checked
+    image), make_vm(spec, image) and boot(vm, clock) (VmBooter), teardown(vm)
     (VmTeardown, not graceful), apply_egress(vm) (EgressChanges.apply: its policy in force), and
     `wake`, the Event set whenever capacity is freed (VmTeardown sets it, and so does a claim)."""
 
     RETRY_MIN_S, RETRY_MAX_S = 1.0, 60.0
 
-    def __init__(self, cfg, *, fits, make_vm, boot, teardown, apply_egress, wake):
+    def __init__(self, cfg, *, fits, image_for, make_vm, boot, teardown, apply_egress, wake):
         self.cfg = cfg
         self.fits, self.make_vm, self.boot, self.teardown, self.apply_egress = fits, make_vm, boot, teardown, apply_egress
-        self.size = self.cfg.pool_size
+        self.image_for = image_for
+        self.sizes = pool_sizes(cfg)              # image -> VMs kept ready
+        self.size = sum(self.sizes.values())
         self.ready = collections.OrderedDict()    # pool name -> VM, oldest first
         self.booting = {}                         # pool name -> VM
         self.leaving = set()                      # VMs being torn down (still holding capacity)
@@ -5663,33 +5900,44 @@ class WarmPool:
 
     def state(self):
         """The pool as GET /v1/health shows it."""
+        images = {name: {"size": size, "ready": 0, "booting": 0} for name, size in self.sizes.items()}
+        for where, vms in (("ready", self.ready.values()), ("booting", self.booting.values())):
+            for vm in vms:
+                images.setdefault(vm.image, {"size": 0, "ready": 0, "booting": 0})[where] += 1
         return {"size": self.size, "ready": len(self.ready), "booting": len(self.booting),
-                "lastError": self.last_error}
+                "lastError": self.last_error, "images": images}
 
     def export_metrics(self):
         M_POOL_READY.value, M_POOL_BOOTING.value = len(self.ready), len(self.booting)
 
-    def spec(self):
+    def spec(self, image):
         """A pool VM's start request: the default shape and policy, no callbacks, no deadline."""
         name = pool_name()
-        return {"vmName": name, "dirName": name, "callbackUrl": None, "callbackMethods": [],
+        return {"vmName": name, "dirName": name, "callbackUrl": None, "callbackMethods": [], "image": image,
                 "vcpus": self.cfg.default_vcpus, "memoryMb": self.cfg.default_memory_mb,
+                "diskMb": self.cfg.stateful_size_in_mb,
                 "network": check_network(None, self.cfg), "expiresAt": None, "idleTimeoutSeconds": None,
                 "labels": {}}
 
     # ---- claims ---------------------------------------------------------------------
 
-    def take(self, spec):
+    def take(self, spec, image):
         """A ready VM for this validated start request, out of the pool, or None: the request
-        asks another vcpus/memoryMb than the defaults, or none is ready. Every other field of
-        the request is applied at the claim."""
-        if not self.size:
+        asks another vcpus/memoryMb/diskMb than the defaults, or none of its image is ready. Every
+        other field of the request is applied at the claim."""
+        if not self.sizes.get(spec["image"]):
             return None
-        if (spec["vcpus"], spec["memoryMb"]) != (self.cfg.default_vcpus, self.cfg.default_memory_mb):
+        if (spec["vcpus"], spec["memoryMb"], spec["diskMb"]) != (self.cfg.default_vcpus, self.cfg.default_memory_mb,
+                                                                 self.cfg.stateful_size_in_mb):
             M_POOL_COLD.labels("shape").inc()
             return None
+        stamp = image.stamp()
         for vm in list(self.ready.values()):      # oldest first; one ending by itself stays for watch_end
-            if vm.phase == "running" and vm.watch and vm.watch.alive():
+            if vm.image == spec["image"] and vm.imageStamp != stamp:
+                del self.ready[vm.vmName]         # booted before `make image` rebuilt it: new starts get the new one
+                vm.run_task(self.remove(vm, "its image was rebuilt"))
+                continue
+            if vm.image == spec["image"] and vm.phase == "running" and vm.watch and vm.watch.alive():
                 del self.ready[vm.vmName]
                 self.wake.set()
                 return vm
@@ -5723,9 +5971,10 @@ class WarmPool:
         capacity allows (the pool never makes room for itself); failures back off."""
         while True:
             self.wake.clear()
-            if len(self.ready) + len(self.booting) < self.size and self.has_room():
+            short = self.short_image()
+            if short and self.has_room():
                 try:
-                    booted = await self.boot_one()
+                    booted = await self.boot_one(short)
                 except Exception as e:       # a task of its own: nobody else would see it
                     log("warm pool boot failed", error=repr(f"{type(e).__name__}: {e}"))
                     self.last_error, booted = f"{utc_now()} {type(e).__name__}: {e}"[:2000], False
@@ -5738,10 +5987,20 @@ class WarmPool:
             with contextlib.suppress(asyncio.TimeoutError):
                 await within(5.0, self.wake.wait())
 
+    def kept(self, image, vms):
+        return sum(1 for vm in vms if vm.image == image)
+
+    def short_image(self):
+        """The image the pool lacks most VMs of (ready or booting), or None."""
+        vms = [*self.ready.values(), *self.booting.values()]
+        lacking = {image: size - self.kept(image, vms) for image, size in self.sizes.items()}
+        image = max(lacking, key=lacking.get, default=None)
+        return image if image and lacking[image] > 0 else None
+
     def has_room(self):
         """Whether one more pool VM fits; when not, lastError says why the pool stays short."""
         try:
-            self.fits(self.cfg.default_memory_mb, self.vms())
+            self.fits(self.cfg.default_memory_mb, self.cfg.stateful_size_in_mb, self.vms())
         except ApiError as e:
             self.last_error = f"no room for a pool VM: {e}"
             return False
@@ -5749,10 +6008,10 @@ class WarmPool:
             self.last_error = None
         return True
 
-    async def boot_one(self):
-        """Boot one pool VM; False when it failed (torn down, the error kept for health)."""
+    async def boot_one(self, image):
+        """Boot one pool VM of that image; False when it failed (torn down, the error kept for health)."""
         try:
-            vm = self.make_vm(self.spec())
+            vm = self.make_vm(self.spec(image), self.image_for(image))
         except ApiError as e:
             self.last_error = str(e)
             return False
@@ -5808,12 +6067,13 @@ class WarmPool:
 
     # ---- restarts and shutdown ----------------------------------------------------
 
-    def full(self):
-        return len(self.ready) >= self.size
+    def full(self, image):
+        return self.kept(image, self.ready.values()) >= self.sizes.get(image, 0)
 
     def offer(self, vm):
-        """At start-up: take back a re-adopted pool VM (Adoption) while the pool is not full."""
-        if self.full():
+        """At start-up: take back a re-adopted pool VM (Adoption) while the pool of its image is
+        not full."""
+        if self.full(vm.image):
             return False
         self.add_ready(vm)
         return True
@@ -5887,16 +6147,15 @@ class Capacity:
 
     def disk_promised(self, pool):
         """Bytes the stateful disks of all VMs (the warm pool's included) may still take from
-        state_dir: sparse files, each its size less what it already uses."""
-        size = self.cfg.stateful_size_in_mb * 1024 * 1024
-        return sum(growth_left(vm.paths.disk, size) for vm in [*self.vms.values(), *pool])
+        state_dir: sparse files, each its size (diskMb) less what it already uses."""
+        return sum(growth_left(vm.paths.disk, vm.diskMb * 1024 * 1024) for vm in [*self.vms.values(), *pool])
 
-    def check_disk_room(self, pool):
+    def check_disk_room(self, disk_mb, pool):
         """ApiError 503 unless state_dir's free space, times disk_overcommit, holds what the VMs'
-        stateful disks may still grow to and one more disk (disk_overcommit 0: no check)."""
+        stateful disks may still grow to and one more disk of disk_mb (disk_overcommit 0: no check)."""
         if not self.cfg.disk_overcommit:
             return
-        size = self.cfg.stateful_size_in_mb * 1024 * 1024
+        size = disk_mb * 1024 * 1024
         promised, free = self.disk_promised(pool), free_bytes(self.cfg.path(self.cfg.state_dir))
         if promised + size > free * self.cfg.disk_overcommit:
             mib = 1024 * 1024
@@ -5908,9 +6167,9 @@ class Capacity:
         M_STATE_DIR_FREE.value = free_bytes(self.cfg.path(self.cfg.state_dir))
         M_DISKS_PROMISED.value = self.disk_promised(pool)
 
-    def check(self, memory_mb, pool):
-        """ApiError 503 unless one more VM of memory_mb fits (max_vms, guest_mem_percentage,
-        state_dir's free space: check_disk_room)."""
+    def check(self, memory_mb, disk_mb, pool):
+        """ApiError 503 unless one more VM of memory_mb and disk_mb fits (max_vms,
+        guest_mem_percentage, state_dir's free space: check_disk_room)."""
         vms = [*self.vms.values(), *pool]
         if len(vms) >= self.cfg.max_vms:
             raise ApiError(503, f"max_vms ({self.cfg.max_vms}) VMs are running"
@@ -5920,7 +6179,7 @@ class Capacity:
         if used + memory_mb > budget:
             raise ApiError(503, f"not enough memory: {used} MB of {budget} MB "
                                 f"(guest_mem_percentage={self.cfg.guest_mem_percentage}) in use, {memory_mb} MB asked")
-        self.check_disk_room(pool)
+        self.check_disk_room(disk_mb, pool)
 
 
 class VmTeardown:
@@ -6099,11 +6358,14 @@ class VmBooter:
         self.gateway = str(ipaddress.ip_interface(cfg.bridge_ip).ip)
         self.dns = host_resolvers() if cfg.dns == "auto" else [d.strip() for d in cfg.dns.split(",") if d.strip()]
 
-    def new_vm(self, spec):
-        """A VM for a start request (or the warm pool's), its IP and CID taken; not started."""
+    def new_vm(self, spec, image):
+        """A VM for a start request (or the warm pool's) booting from image (Images.for_start),
+        its IP and CID taken; not started."""
         ip, cid = self.alloc.take()
-        return VM(self.cfg, self.teardown.release_runtime, **spec, status="CREATED", ip=f"{ip}/{self.prefix}",
-                  tapDeviceName=tap_name(cid), cid=cid, createdAt=utc_now(), phase="starting", mac=mac_for(ip))
+        vm = VM(self.cfg, self.teardown.release_runtime, **spec, status="CREATED", ip=f"{ip}/{self.prefix}",
+                tapDeviceName=tap_name(cid), cid=cid, createdAt=utc_now(), phase="starting", mac=mac_for(ip))
+        vm.boot_image, vm.imageStamp = image, image.stamp()
+        return vm
 
     async def boot(self, vm, clock, failures=None):
         """Run a new VM's start steps; on any failure tear it down and raise ApiError saying at
@@ -6141,7 +6403,7 @@ class VmBooter:
             paths.run_dir.mkdir(parents=True)
             EventMonitor.make_fifo(paths.events_fifo)
         with clock.step("disk"):
-            await self.disks.create(paths.disk, self.cfg.stateful_size_in_mb)
+            await self.disks.create(paths.disk, vm.diskMb, cached=vm.diskMb == self.cfg.stateful_size_in_mb)
         with clock.step("tap"):
             await self.net.create_tap(vm.tapDeviceName, vm.address, vm.mac)
         with clock.step("egress"):
@@ -6170,28 +6432,30 @@ class VmStarter:
     """POST /v1/vms: a VM from a validated start request, claimed from the warm pool when one
     fits, else booted now (VmBooter) once there is room (ready pool VMs give way to it)."""
 
-    def __init__(self, registry, capacity, pool, booter, teardown, deadlines_changed):
-        self.registry, self.capacity, self.pool, self.booter = registry, capacity, pool, booter
+    def __init__(self, registry, capacity, images, pool, booter, teardown, deadlines_changed):
+        self.registry, self.capacity, self.images, self.pool, self.booter = registry, capacity, images, pool, booter
         self.teardown, self.deadlines_changed = teardown, deadlines_changed
 
     async def start(self, spec):
         """Start a VM from a validated start request (validate_start_request: vmName, callbackUrl,
-        callbackMethods, vcpus, memoryMb, network, deadlines, labels) and return it RUNNING: a
-        warm pool VM when one fits (WarmPool.take), else a VM booted now; on any failure it is
-        torn down and ApiError says at which step."""
+        callbackMethods, vcpus, memoryMb, image, diskMb, network, deadlines, labels) and return it
+        RUNNING: a warm pool VM of its image when one fits (WarmPool.take), else a VM booted now;
+        on any failure it is torn down and ApiError says at which step (400 for an unknown
+        image, 409 for one it cannot start from: Images.for_start)."""
         name, vms = spec["vmName"], self.registry.vms
         if name in vms:
             raise ApiError(409, f"VM '{name}' " + ("is still being destroyed (its deadline came); try again shortly"
                                                   if self.registry.past_deadline(vms[name]) else "already exists"))
         self.registry.tombstones.discard(name)
-        pooled = self.pool.take(spec)
+        image = self.images.for_start(spec["image"])
+        pooled = self.pool.take(spec, image)
         if pooled and await self.claim(pooled, spec):
             return pooled
         if name in vms:       # taken while a failed claim was torn down
             raise ApiError(409, f"VM '{name}' already exists")
-        await self.make_room(spec["memoryMb"])
+        await self.make_room(spec["memoryMb"], spec["diskMb"])
         M_VM_STARTS.inc()
-        vm = self.booter.new_vm(spec)
+        vm = self.booter.new_vm(spec, image)
         vms[name] = vm
         clock = StepClock(name, "start")
         await self.booter.boot(vm, clock, M_VM_START_FAILURES)
@@ -6201,11 +6465,11 @@ class VmStarter:
         EVENTS.publish("vm.started", name, ip=vm.ip, cid=vm.cid, bootMs=round(clock.total_ms(), 1))
         return vm
 
-    async def make_room(self, memory_mb):
+    async def make_room(self, memory_mb, disk_mb):
         """Capacity.check, destroying ready warm pool VMs while they are what stands in the way."""
         while True:
             try:
-                return self.capacity.check(memory_mb, self.pool.vms())
+                return self.capacity.check(memory_mb, disk_mb, self.pool.vms())
             except ApiError:
                 if not await self.pool.give_up_one():
                     raise
@@ -6302,8 +6566,8 @@ class Adoption:
         vm.follow_again()
 
     async def adopt_pool(self, vms):
-        """Take back the warm pool VMs of the records (at most pool_size, those whose VMM still
-        runs them); tear down the others; drop the pool record of a VM a claim had already
+        """Take back the warm pool VMs of the records (at most the pool's size of their image,
+        those whose VMM still runs them); tear down the others; drop the pool record of a VM a claim had already
         taken (its new record names this pool directory)."""
         claimed = {vm.dirName for vm in self.registry.vms.values() if vm.dirName}
         for vm in vms:
@@ -6318,7 +6582,7 @@ class Adoption:
                 log("ignoring unusable pool VM record", vm=vm.vmName, error=repr(str(e)))
                 continue
             vm.attach_vmm()                  # watched, so that a teardown stops its VMM
-            if self.pool.full() or not await self.readopt_pool_vm(vm):
+            if self.pool.full(vm.image) or not await self.readopt_pool_vm(vm):
                 log("cleaning up pool VM", vm=vm.vmName, phase=vm.phase)
                 vm.phase = "destroying"
                 await self.teardown.teardown(vm)
@@ -6335,6 +6599,45 @@ class Adoption:
             return False
         log("pool VM re-adopted", vm=vm.vmName, pid=vm.pid, ip=vm.ip)
         return self.pool.offer(vm)
+
+
+class ImageKeeper:
+    """GET and DELETE /v1/images: the guest images (Images) with the VMs (the registry's) and
+    warm pool VMs of each; an image is removed only when nothing uses it."""
+
+    def __init__(self, images, registry, pool):
+        self.images, self.registry, self.pool = images, registry, pool
+
+    def users(self, name):
+        """(names of the VMs of that image, how many pool VMs of it)."""
+        vms = sorted(vm.vmName for vm in self.registry.vms.values() if vm.image == name)
+        return vms, sum(1 for vm in self.pool.vms() if vm.image == name)
+
+    def list(self):
+        return [image.api(*self.users(image.name)) for image in map(self.images.get, self.images.names()) if image]
+
+    def get(self, name):
+        """GET /v1/images/{image}: the image, else ApiError 404."""
+        image = self.images.get(name)
+        if image is None:
+            raise ApiError(404, f"image '{name}' not found (the images are {', '.join(self.images.names())})")
+        return image.api(*self.users(name))
+
+    async def remove(self, name):
+        """DELETE /v1/images/{image}: 409 for "default", while a VM or the warm pool uses it, or
+        while it is being built; nothing changes then."""
+        self.get(name)
+        if name == DEFAULT_IMAGE:
+            raise ApiError(409, "the image 'default' is the config's kernel, initramfs and rootfs: it is never removed")
+        vms, pooled = self.users(name)
+        if vms:
+            raise ApiError(409, f"image '{name}' is used by VM(s) {', '.join(vms[:20])}"
+                                + (f" and {len(vms) - 20} more" if len(vms) > 20 else "") + ": destroy them first")
+        if pooled or self.pool.sizes.get(name):
+            raise ApiError(409, f"image '{name}' is kept in the warm pool (pool_images): take it out of the config "
+                                f"and restart cbox.py first")
+        await asyncio.to_thread(self.images.remove, name)
+        log("image removed", image=name)
 
 
 class EgressChanges:
@@ -6480,8 +6783,9 @@ class ExecForwarding:
 class VMManager:
     """All VMs: composes each job's home into a VM's life. registry (VmRegistry: the VMs by
     name), capacity (Capacity), teardown (VmTeardown), deadlines (DeadlineKeeper), booter
-    (VmBooter), pool (WarmPool), starter (VmStarter), adoption (Adoption), egress
-    (EgressChanges), execs (ExecForwarding); failed_starts keeps the evidence of failed starts."""
+    (VmBooter), images (ImageKeeper: the guest images, GET/DELETE /v1/images), pool (WarmPool),
+    starter (VmStarter), adoption (Adoption), egress (EgressChanges), execs (ExecForwarding);
+    failed_starts keeps the evidence of failed starts."""
 
     def __init__(self, cfg, network):
         self.cfg = cfg
@@ -6495,10 +6799,12 @@ class VMManager:
         self.booter = VmBooter(cfg, network, alloc, StatefulDisks(Path(cfg.path(cfg.state_dir), "templates")),
                                self.failed_starts, self.teardown)
         self.egress = EgressChanges(self.registry, network)
-        self.pool = WarmPool(cfg, fits=self.capacity.check, make_vm=self.booter.new_vm, boot=self.booter.boot,
-                             teardown=self.teardown.teardown, apply_egress=self.egress.apply,
-                             wake=self.capacity.freed)          # pool_size idle VMs, outside the registry
-        self.starter = VmStarter(self.registry, self.capacity, self.pool, self.booter, self.teardown,
+        images = Images(cfg)
+        self.pool = WarmPool(cfg, fits=self.capacity.check, image_for=images.for_start, make_vm=self.booter.new_vm,
+                             boot=self.booter.boot, teardown=self.teardown.teardown, apply_egress=self.egress.apply,
+                             wake=self.capacity.freed)          # idle VMs per image, outside the registry
+        self.images = ImageKeeper(images, self.registry, self.pool)
+        self.starter = VmStarter(self.registry, self.capacity, images, self.pool, self.booter, self.teardown,
                                  self.deadlines.changed)
         self.adoption = Adoption(cfg, self.registry, network, alloc, self.pool, self.teardown)
         self.execs = ExecForwarding(self.registry, cfg.stream_keepalive_s)
@@ -7022,6 +7328,21 @@ def ref(name):
 
 JSON, NDJSON, SSE = "application/json", "application/x-ndjson", "text/event-stream"
 SUCCESS_SCHEMA = {"type": "object", "required": ["success"], "properties": {"success": {"const": True}}}
+IMAGE_SCHEMA = {       # an image (Image.api): GET /v1/images
+    "type": "object", "properties": {
+        "name": {"type": "string"},
+        "sizeBytes": {"type": ["integer", "null"], "description": "its rootfs.ext4 (null: missing)"},
+        "builtAt": NULLABLE_TIME,
+        "source": {"type": ["object", "null"], "description": "what it was built from (image.json's source): "
+                                                              "type debootstrap or dockerfile, and their inputs"},
+        "agentVersion": {"type": ["string", "null"]}, "agentProtocol": {"type": ["integer", "null"]},
+        "rootfs": {"type": "string", "description": "its root file system on the host"},
+        "ownKernel": {"type": "boolean", "description": "it brings its own kernel or initramfs"},
+        "usable": {"type": "boolean"},
+        "problem": {"type": ["string", "null"], "description": "why a VM cannot start from it, and how to rebuild it"},
+        "vms": {"type": "array", "items": {"type": "string"}, "description": "the VMs of this image"},
+        "pooled": {"type": "integer", "description": "warm pool VMs of this image"}}}
+IMAGE_SCHEMA["required"] = list(IMAGE_SCHEMA["properties"])
 RESPONSE_SCHEMAS = {      # the answers' schemas, by name (the VM's and the exec's live beside their code)
     "Error": {"type": "object", "required": ["error"], "properties": {
         "error": {"type": "string"},
@@ -7038,12 +7359,18 @@ RESPONSE_SCHEMAS = {      # the answers' schemas, by name (the VM's and the exec
         "pool": {"type": "object", "description": "the warm pool (pool_size)",
                  "required": ["size", "ready", "booting", "lastError"], "properties": {
             "size": {"type": "integer"}, "ready": {"type": "integer"}, "booting": {"type": "integer"},
-            "lastError": {"type": ["string", "null"]}}},
+            "lastError": {"type": ["string", "null"]},
+            "images": {"type": "object", "description": "per image (pool_size, pool_images)", "additionalProperties": {
+                "type": "object", "required": ["size", "ready", "booting"], "properties": {
+                    k: {"type": "integer"} for k in ("size", "ready", "booting")}}}}},
         "loopLagMs": {"type": "object", "description": "how late the event loop ran a 100 ms timer over the last "
                                                        "minute, in milliseconds", "required": ["p50", "p99", "max"],
                       "properties": {q: {"type": "number", "minimum": 0} for q in ("p50", "p99", "max")}}}},
     "VM": VM_SCHEMA,
     "VmList": {"type": "object", "required": ["vms"], "properties": {"vms": {"type": "array", "items": ref("VM")}}},
+    "Image": IMAGE_SCHEMA,
+    "ImageList": {"type": "object", "required": ["images"], "properties": {
+        "images": {"type": "array", "items": ref("Image")}}},
     "Success": SUCCESS_SCHEMA,
     "Destroyed": {**SUCCESS_SCHEMA, "required": ["success", "destroyed"], "properties": {
         **SUCCESS_SCHEMA["properties"], "destroyed": {"type": "array", "items": {"type": "string"}}}},
@@ -7085,11 +7412,11 @@ RESPONSE_SCHEMAS = {      # the answers' schemas, by name (the VM's and the exec
                 "console": {"type": "array", "items": {"type": "string"},
                             "description": "the last lines of the serial console"}}}}}},
 }
-ERROR_STATUSES = {400: "bad input", 401: "missing or wrong API token", 404: "unknown VM, exec or route",
-                  409: "conflict: name or tag taken, VM not running, exec finished", 413: "request body too large",
+ERROR_STATUSES = {400: "bad input", 401: "missing or wrong API token", 404: "unknown VM, exec, image or route",
+                  409: "conflict: name or tag taken, VM not running, exec finished, image in use or unusable", 413: "request body too large",
                   500: "internal error", 502: "the guest agent is unreachable or misbehaved",
                   503: "no capacity (guest IPs, vsock CIDs)"}
-PATH_PARAMS = {"name": VM_NAME_SCHEMA, "exec_id": EXEC_REF_SCHEMA}
+PATH_PARAMS = {"name": VM_NAME_SCHEMA, "exec_id": EXEC_REF_SCHEMA, "image": IMAGE_NAME_SCHEMA}
 BODY_NAMES = {"NetworkRequest": "network"}     # errors name its fields as a start request's: network.allowOut
 
 
@@ -7133,7 +7460,7 @@ class Operation:
         statuses = set(self.errors) | {500}
         statuses |= {400} if parameters or self.body else set()
         statuses |= {413} if self.body else set()
-        statuses |= {404} if "name" in path_params else set()
+        statuses |= {404} if "name" in path_params or "image" in path_params else set()
         statuses |= {401} if cfg.api_token and not self.public else set()
         doc["responses"] = {"101": {"description": "a WebSocket (RFC 6455): README, Terminal"}} if self.switches else {
             "200": {"description": "success", "content": {
@@ -7230,6 +7557,10 @@ class RestServer:
             (re.compile(r"^/v1/events$"), {
                 "GET": op(self.events, {JSON: "Events"}, query=EVENTS_QUERY, abandonable=True)}),
             (re.compile(r"^/v1/failed-starts$"), {"GET": op(self.failed_starts, {JSON: "FailedStarts"})}),
+            (re.compile(r"^/v1/images$"), {"GET": op(self.list_images, {JSON: "ImageList"})}),
+            (re.compile(r"^/v1/images/(?P<image>[^/]+)$"), {
+                "GET": op(self.get_image, {JSON: "Image"}),
+                "DELETE": op(self.delete_image, {JSON: "Success"}, errors=(409,))}),
             (re.compile(r"^/v1/openapi\.json$"), {"GET": op(self.openapi, {JSON: "OpenApi"}, public=True)}),
         ]
         self.openapi_json = None       # made at the first GET /v1/openapi.json (it depends on cfg only)
@@ -7510,6 +7841,8 @@ class RestServer:
             check_vm_name(request.params["name"])
         if "exec_id" in request.params:
             check_exec_id(request.params["exec_id"])
+        if "image" in request.params:
+            check_schema(request.params["image"], IMAGE_NAME_SCHEMA, "image")
         if query:
             request.query = parse_query(query)
         request.args = check_query(request.query, operation.query)
@@ -7539,7 +7872,7 @@ class RestServer:
                 "loopLagMs": {k: round(v * 1000, 3) for k, v in LOOP_LAG.summary().items()}}
 
     async def list_vms(self, req):
-        """List VMs, optionally filtered by labels and status"""
+        """List VMs, optionally filtered by labels, status and image"""
         return {"vms": [vm.api() for vm in self.manager.registry.select(parse_vm_filter(req.query))]}
 
     async def start_vm(self, req):
@@ -7560,6 +7893,19 @@ class RestServer:
     async def destroy_vm(self, req):
         """Destroy a VM"""
         await self.manager.teardown.destroy(req.params["name"])
+        return {"success": True}
+
+    async def list_images(self, req):
+        """The guest images: where each came from, its agent, whether it can start a VM, its VMs"""
+        return {"images": self.manager.images.list()}
+
+    async def get_image(self, req):
+        """A guest image"""
+        return self.manager.images.get(req.params["image"])
+
+    async def delete_image(self, req):
+        """Remove a guest image no VM and no warm pool uses ("default" never)"""
+        await self.manager.images.remove(req.params["image"])
         return {"success": True}
 
     async def destroy_all(self, req):
@@ -7729,14 +8075,17 @@ def camel_fields(pairs):
     return {key: value for key, value in pairs if value is not None}
 
 
-def label_query(label=None, status=None):
+def label_query(label=None, status=None, image=None):
     """The query pairs of a VM filter: label a {K: V} dict (V None: any value) or a list of
-    "K=V"/"K" texts; status one of CREATED, RUNNING, STOPPED, FAILED."""
+    "K=V"/"K" texts; status one of CREATED, RUNNING, STOPPED, FAILED; image a name or a list
+    of names (any of them)."""
     if isinstance(label, dict):
         label = [key if value is None else f"{key}={value}" for key, value in label.items()]
     elif isinstance(label, str):
         label = [label]
-    return [("label", item) for item in label or ()] + ([("status", status)] if status else [])
+    images = [image] if isinstance(image, str) else image or ()
+    return [("label", item) for item in label or ()] + ([("status", status)] if status else []) + \
+        [("image", name) for name in images]
 
 
 def socket_readable(sock):
@@ -8195,7 +8544,7 @@ class Client:
         return self.request("GET", "/v1/health")
 
     def start(self, name, *, callback_url=None, callback_methods=None, vcpus=None, memory_mb=None, network=None,
-              ttl=None, idle_timeout=None, labels=None, image=None, **fields):
+              ttl=None, idle_timeout=None, labels=None, image=None, disk_mb=None, **fields):
         """POST /v1/vms: start a VM; its VM object once its guest agent answers. `network`: an
         egress mode ("nat", "none", "allowlist") or {"egress", "allowOut"}; `ttl` and
         `idle_timeout` in seconds (0: none); `fields`: any other field of the request, as the
@@ -8205,7 +8554,8 @@ class Client:
         body = {"vmName": name, **camel_fields((
             ("callbackUrl", callback_url), ("callbackMethods", callback_methods), ("vcpus", vcpus),
             ("memoryMb", memory_mb), ("network", network), ("ttlSeconds", ttl),
-            ("idleTimeoutSeconds", idle_timeout), ("labels", labels), ("image", image))), **fields}
+            ("idleTimeoutSeconds", idle_timeout), ("labels", labels), ("image", image), ("diskMb", disk_mb))),
+            **fields}
         return ClientVM(self, self.request("POST", "/v1/vms", body, timeout=self.timeout + self.START_WAIT_S))
 
     def vm(self, name):
@@ -8216,9 +8566,10 @@ class Client:
         """GET /v1/vms/{name}: the VM."""
         return ClientVM(self, self.request("GET", vm_path(name)))
 
-    def list(self, label=None, status=None):
+    def list(self, label=None, status=None, image=None):
         """GET /v1/vms: the VMs, those matching every filter given (see label_query)."""
-        return [ClientVM(self, info) for info in self.request("GET", "/v1/vms", query=label_query(label, status))["vms"]]
+        return [ClientVM(self, info)
+                for info in self.request("GET", "/v1/vms", query=label_query(label, status, image))["vms"]]
 
     def destroy(self, name):
         """DELETE /v1/vms/{name}."""
@@ -8238,6 +8589,18 @@ class Client:
     def failed_starts(self):
         """GET /v1/failed-starts: the newest failed starts, with why and their evidence."""
         return self.request("GET", "/v1/failed-starts")["failedStarts"]
+
+    def images(self):
+        """GET /v1/images: the guest images (name, sizeBytes, builtAt, source, agent, usable, vms)."""
+        return self.request("GET", "/v1/images")["images"]
+
+    def image(self, name):
+        """GET /v1/images/{image}: one guest image."""
+        return self.request("GET", "/v1/images/" + urllib.parse.quote(name, safe=""))
+
+    def remove_image(self, name):
+        """DELETE /v1/images/{image}: remove an image no VM and no warm pool uses."""
+        self.request("DELETE", "/v1/images/" + urllib.parse.quote(name, safe=""))
 
     def metrics(self):
         """GET /v1/metrics: Prometheus text."""
@@ -9191,13 +9554,14 @@ def cli_failed_starts(failures, show_logs):
 def cli_vm_start(args, client):
     vm = client.start(args.name, callback_url=args.callback_url, callback_methods=args.callback_method,
                       vcpus=args.vcpus, memory_mb=args.memory_mb, network=cli_network(args), ttl=args.ttl,
-                      idle_timeout=args.idle_timeout, labels=cli_labels(args.label) or None).info
-    print(f"{vm['vmName']} {vm['status']} ip={vm['ip']} cid={vm['cid']} egress={fmt_egress(vm)}"
+                      idle_timeout=args.idle_timeout, labels=cli_labels(args.label) or None, image=args.image,
+                      disk_mb=args.disk_mb).info
+    print(f"{vm['vmName']} {vm['status']} ip={vm['ip']} cid={vm['cid']} image={vm['image']} egress={fmt_egress(vm)}"
           + (f" expires={vm['expiresAt']}" if vm.get("expiresAt") else ""))
 
 
 def cli_vm_ls(args, client):
-    vms = client.list(label=args.label, status=args.status)
+    vms = client.list(label=args.label, status=args.status, image=args.image)
     print(f"{'NAME':24} {'STATUS':8} {'IP':18} {'CID':>5} {'VCPUS':>5} {'MEM_MB':>6}  {'CREATED':20}  "
           f"{'EXPIRES':24}  LABELS")
     for vm in (vm.info for vm in vms):
@@ -9247,6 +9611,26 @@ VM_COMMANDS = {"start": cli_vm_start, "ls": cli_vm_ls, "ttl": cli_vm_ttl, "rm": 
 
 def cli_vm(args, client):
     VM_COMMANDS[args.vm_cmd](args, client)
+
+
+def cli_image(args, client):
+    """`image ls`: the guest images, what they are and which VMs use them; `image rm NAME`."""
+    if args.image_cmd == "ls":
+        images = client.images()
+        print(f"{'NAME':16} {'SIZE_MB':>8} {'BUILT':20} {'AGENT':10} {'VMS':16} SOURCE")
+        for image in images:
+            source = image.get("source") or {}
+            what = source.get("dockerfile") or source.get("suite") or "-"
+            agent = f"{image.get('agentVersion') or '?'}/{image.get('agentProtocol') or '?'}" \
+                if image.get("agentVersion") else "-"
+            size = "-" if image.get("sizeBytes") is None else str(image["sizeBytes"] >> 20)
+            vms = ",".join(image.get("vms") or []) or "-"
+            print(f"{image['name']:16} {size:>8} {image.get('builtAt') or '-':20} {agent:10} {vms:16} {what}"
+                  + ("" if image.get("usable") else f"  UNUSABLE: {image.get('problem')}"))
+    elif args.image_cmd == "rm":
+        for name in args.name:
+            client.remove_image(name)
+            print(f"{name} removed")
 
 
 def add_network_args(parser):
@@ -9467,7 +9851,7 @@ def cli_shell(args, client):
 
 
 CLIENT_COMMANDS = {"health": cli_health, "vm": cli_vm, "exec": cli_exec,     # each (args, client)
-                   "shell": cli_shell}
+                   "shell": cli_shell, "image": cli_image}
 
 
 def main(argv=None):
@@ -9503,8 +9887,11 @@ def main(argv=None):
     q.add_argument("--ttl", type=int, metavar="SECONDS", help="destroy the VM this long after its start")
     q.add_argument("--idle-timeout", type=int, metavar="SECONDS", help="destroy the VM after this long unused")
     q.add_argument("--label", action="append", metavar="K=V", help="a label (repeatable)")
+    q.add_argument("--image", help="the guest image (`image ls`; default: default)")
+    q.add_argument("--disk-mb", type=int, help="the VM's stateful disk, MiB (default: the server's stateful_size_in_mb)")
     q = vm_sub.add_parser("ls")
     q.add_argument("--label", action="append", metavar="K=V", help="only VMs with this label (K=V, or K: any value)")
+    q.add_argument("--image", action="append", help="only VMs of this image (repeatable: any of them)")
     q.add_argument("--status", help="only VMs with this status (RUNNING, STOPPED, FAILED, CREATED)")
     q = vm_sub.add_parser("ttl", help="set a VM's deadline SECONDS from now ('none': no deadline)")
     q.add_argument("name")
@@ -9521,6 +9908,11 @@ def main(argv=None):
     q = vm_sub.add_parser("network", help="change a running VM's egress policy")
     q.add_argument("name")
     add_network_args(q)
+    p = sub.add_parser("image", help="list and remove guest images")
+    image_sub = p.add_subparsers(dest="image_cmd", required=True)
+    image_sub.add_parser("ls", help="the images: size, when built, agent version/protocol, VMs, source")
+    q = image_sub.add_parser("rm", help="remove images no VM and no warm pool uses (never default)")
+    q.add_argument("name", nargs="+")
     p = sub.add_parser("exec", help="run a command in a VM: exec NAME -- CMD...")
     p.add_argument("name")
     p.add_argument("--timeout", type=float)

@@ -37,7 +37,8 @@ def test_vm_lifecycle_exec_and_cleanup(cbox_server):
     assert vm["callbackMethods"] is None
     assert set(vm) == {"vmName", "status", "ip", "tapDeviceName", "callbackUrl", "callbackMethods", "cid", "vcpus",
                        "memoryMb", "createdAt", "stopReason", "network", "expiresAt",
-                       "idleTimeoutSeconds", "lastActivityAt", "labels"}
+                       "idleTimeoutSeconds", "lastActivityAt", "labels", "image", "diskMb"}
+    assert vm["image"] == "default" and vm["diskMb"] == 64           # stateful_size_in_mb of the test config
     assert vm["stopReason"] is None and vm["expiresAt"] is None and vm["labels"] == {}
     status, got = api.get("/v1/vms/alpha")          # naming the VM is activity: lastActivityAt moves
     assert status == 200 and got == dict(vm, lastActivityAt=got["lastActivityAt"])

@@ -18,6 +18,7 @@ import pytest
 
 import cbox
 from conftest import REPO
+from imageutil import standin_image
 import nsutil
 from procutil import wait_for
 
@@ -106,7 +107,7 @@ def served_routes(metrics_text):
         if line.startswith("cbox_http_requests_total{")) if m.get("status") in ("200", "101")}
 
 
-def test_every_route_through_the_client(client):
+def test_every_route_through_the_client(client, cbox_server):
     """Each route of GET /v1/openapi.json, called through a method of the client (nothing
     else here talks to the server), answers 200: cbox.py's own request counter shows it."""
     health = client.health()
@@ -169,6 +170,15 @@ def test_every_route_through_the_client(client):
     assert [e["vmName"] for e in events["events"] if e["type"] == "vm.started"] == ["one", "two"]
     assert client.events(since=events["next"], wait=0.2)["events"] == []
     assert client.failed_starts() == []
+    standin_image(cbox_server.tmp / "out" / "images", "extra")    # the config's images_dir: out/images
+    assert [image["name"] for image in client.images()] == ["default", "extra"]
+    assert client.image("default")["vms"] == ["one", "two"]
+    client.remove_image("extra")
+    assert [image["name"] for image in client.images()] == ["default"]
+    assert [v.name for v in client.list(image="default")] == ["one", "two"] and client.list(image=["nope"]) == []
+    with pytest.raises(cbox.ClientError) as refused:
+        client.remove_image("default")
+    assert refused.value.status == 409 and "never removed" in str(refused.value)
     assert "cbox_vms" in client.metrics()
 
     assert client.destroy_all(label="team=b") == ["two"]

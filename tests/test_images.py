@@ -783,3 +783,81 @@ def test_cbox_reset_while_booting_fails_the_start(cbox_factory):
     assert result["status"] >= 500 and "reset" in result["body"]["error"], result
     assert took < 60, f"the reset took {took:.0f}s to end the start (boot_timeout_s is 120)"
     server.assert_clean()
+
+
+# ---- named images through cbox.py (issue 20) ---------------------------------
+
+ROOTFS_UUID = ("python3 -c \"import glob\nfor s in glob.glob('/sys/block/vd*/serial'):\n"
+               "    if open(s).read().strip() == 'cbox-rootfs':\n"
+               "        f = open('/dev/' + s.split('/')[3], 'rb'); f.seek(1024 + 0x68); print(f.read(16).hex())\"")
+
+
+def ext4_uuid(path):
+    with open(path, "rb") as f:
+        f.seek(1024 + 0x68)
+        return f.read(16).hex()
+
+
+def test_cbox_two_images_pooled_each_vm_with_its_own_tools(cbox_factory):
+    """The warm pool keeps a VM of "default" and one of "py"; a start of each takes its own,
+    and each guest has its image's files and tools (the data stack in py only)."""
+    need_images(KERNEL, INITRAMFS, IMAGES_DIR / "default" / "image.json", IMAGES_DIR / "py" / "image.json")
+    need_qemu()
+    server = image_server(cbox_factory, images_dir=str(IMAGES_DIR), pool_size=1, pool_images="py=1",
+                          destroy_on_exit=True)
+    api = server.api
+    deadline = time.monotonic() + 2 * BOOT_TIMEOUT + 60
+    while api.get("/v1/health")[1]["pool"]["ready"] < 2:
+        assert time.monotonic() < deadline, f"the pool did not boot both images:\n{server.log()[-3000:]}"
+        time.sleep(1)
+    for name, image in (("d", "default"), ("p", "py")):
+        status, vm = api.post("/v1/vms", {"vmName": name, "image": image}, timeout=BOOT_TIMEOUT + 30)
+        assert status == 200 and vm["image"] == image, vm
+        assert f"claim step vm={name}" in server.log(), f"{name} was not taken from the pool"
+    for name, image in (("d", "default"), ("p", "py")):
+        meta = json.loads((IMAGES_DIR / image / "image.json").read_text())
+        res = api.exec(name, f"sha256sum {AGENT} | cut -d' ' -f1; hostname; {ROOTFS_UUID}")
+        assert res["stdout"].split() == [meta["agent"]["sha256"], name, ext4_uuid(IMAGES_DIR / image / "rootfs.ext4")]
+        res = api.exec(name, f"python3 -c '{PY_TOOLS}'", timeout=120)
+        assert (res["exitCode"] == 0) == (image == "py"), res
+    assert api.delete("/v1/images/py")[0] == 409
+    assert api.delete("/v1/vms", timeout=120)[0] == 200
+
+
+def test_cbox_rebuilt_image_leaves_its_running_vm_working(cbox_factory, tmp_path):
+    """`make image` of an image a VM runs on: the VM keeps the old root file system and works
+    on; the next start gets the new one."""
+    need_images(KERNEL, INITRAMFS)
+    need_qemu()
+    base = REPO / "build" / "rootfs-base.tar"
+    if not base.exists():
+        pytest.skip(f"{base} missing: run `make images`")
+    stamp = json.loads(base.with_name("rootfs-base.tar.json").read_text())
+    images = tmp_path / "images"
+    build = [sys.executable, str(REPO / "rootfs" / "build.py"), "--name", "t", "--images-dir", str(images),
+             "--build", str(REPO / "build"), "--suite", stamp["suite"], "--margin-mb", "8"] + \
+        (["--mirror", stamp["mirror"]] if stamp.get("mirror") else [])
+    r = subprocess.run(build, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    old_uuid = ext4_uuid(images / "t" / "rootfs.ext4")
+    server = image_server(cbox_factory, images_dir=str(images))
+    api = server.api
+    status, vm = api.post("/v1/vms", {"vmName": "old", "image": "t"}, timeout=BOOT_TIMEOUT + 30)
+    assert status == 200, vm
+    assert api.exec("old", ROOTFS_UUID)["stdout"].strip() == old_uuid
+    r = subprocess.run(build + ["--force"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    new_uuid = ext4_uuid(images / "t" / "rootfs.ext4")
+    assert new_uuid != old_uuid
+    # the running VM reads its (old) root file system on: files not read before, a python run
+    res = api.exec("old", f"{ROOTFS_UUID}; cat /usr/lib/python3*/*.py | md5sum >/dev/null && python3 -c 'import json, "
+                          "email, http.client; print(7 * 6)'", timeout=120)
+    assert res["exitCode"] == 0 and res["stdout"].split() == [old_uuid, "42"], res
+    status, vm = api.post("/v1/vms", {"vmName": "new", "image": "t"}, timeout=BOOT_TIMEOUT + 30)
+    assert status == 200, vm
+    assert api.exec("new", ROOTFS_UUID)["stdout"].strip() == new_uuid
+    status, listed = api.get("/v1/images/t")
+    assert listed["vms"] == ["new", "old"] and listed["usable"] is True
+    assert api.delete("/v1/vms", timeout=120)[0] == 200
+    assert api.delete("/v1/images/t") == (200, {"success": True}) and not (images / "t").exists()
+    server.assert_clean()

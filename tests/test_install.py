@@ -117,6 +117,7 @@ def test_install_into_destdir(tmp_path, out_dir):
     assert cfg.state_dir == "/var/lib/cbox" and cfg.run_dir == "/run/cbox"
     assert (cfg.kernel, cfg.initramfs, cfg.rootfs) == tuple(
         f"/var/lib/cbox/images/{n}" for n in ("vmlinuz", "initramfs.cpio.gz", "rootfs.ext4"))
+    assert cfg.images_dir == "/var/lib/cbox/images"              # the named images, beside them
     assert cfg.host == "127.0.0.1" and not cfg.destroy_on_exit
     for key in ("state_dir", "run_dir", "chv_bin", "kernel", "initramfs", "rootfs", "callback_secret_file"):
         value = getattr(cfg, key)

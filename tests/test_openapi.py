@@ -372,7 +372,7 @@ def test_every_route_is_described_and_nothing_else(cfg):
               for pattern, methods in cbox.RestServer(cfg, None).routes for method in methods}
     described = {(path, method) for path, item in doc["paths"].items() for method in item}
     assert routes == described
-    assert len(routes) == 23
+    assert len(routes) == 26        # 23 + GET /v1/images, GET and DELETE /v1/images/{image}
 
 
 def test_cli_prints_the_document(cfg, tmp_path):
@@ -579,6 +579,10 @@ def test_real_answers_fit_the_document(cbox_server):
     assert r.send("GET", "/v1/events?since=0")[0] == 200
     assert r.send("GET", "/v1/events?wait=61")[0] == 400
     assert r.send("GET", "/v1/failed-starts")[0] == 200
+    assert r.send("GET", "/v1/images")[0] == 200 and r.send("GET", "/v1/vms?image=default")[0] == 200
+    assert r.send("GET", "/v1/images/default")[0] == 200 and r.send("GET", "/v1/images/nope")[0] == 404
+    assert r.send("DELETE", "/v1/images/default")[0] == 409 and r.send("DELETE", "/v1/images/a%2Fb")[0] == 400
+    assert r.send("POST", "/v1/vms", {"vmName": "x", "image": "nope"})[0] == 400
     assert r.send("GET", "/v1/vms/doc/logs?lines=5")[0] == 400                        # a query it does not take
     assert r.send("GET", "/v1/nothing")[0] == 404 and r.send("PUT", "/v1/vms")[0] == 405
     r.send("POST", "/v1/vms", {"vmName": "short", "ttlSeconds": 1, "labels": {"team": "b"}})

@@ -44,7 +44,8 @@ def test_pooled_start_is_the_requested_vm(cbox_factory, callback_server):
     cb = callback_server(lambda body: (200, json.dumps({"result": body["vmName"]}).encode()))
     server = cbox_factory(pool_size=1, destroy_on_exit=True).start()
     api = server.api
-    assert wait_ready(api, 1) == {"size": 1, "ready": 1, "booting": 0, "lastError": None}
+    assert wait_ready(api, 1) == {"size": 1, "ready": 1, "booting": 0, "lastError": None,
+                                  "images": {"default": {"size": 1, "ready": 1, "booting": 0}}}
     assert api.get("/v1/vms") == (200, {"vms": []})                 # the pool is invisible
     assert len(pool_records(server)) == 1 and len(server.taps()) == 1
     # a cold VM beside it, to compare with (memoryMb differs from the default: boots cold)
@@ -104,7 +105,8 @@ def test_pool_counts_in_capacity_and_refills(cbox_factory):
     assert "claim step vm=b" in server.log()
     state = wait_for(lambda: pool(api)["lastError"] and pool(api), what="the pool to say why it is short")
     assert state == {"size": 1, "ready": 0, "booting": 0,
-                     "lastError": "no room for a pool VM: max_vms (2) VMs are running"}, state
+                     "lastError": "no room for a pool VM: max_vms (2) VMs are running",
+                     "images": {"default": {"size": 1, "ready": 0, "booting": 0}}}, state
     status, body = api.post("/v1/vms", {"vmName": "c"})
     assert status == 503 and "max_vms" in body["error"], body
     assert server.ns.run(*CLI, "health").stdout.splitlines() == [

@@ -252,7 +252,10 @@ def test_start_request(cfg):
     spec = cbox.validate_start_request({"vmName": "a", "callbackUrl": "http://127.0.0.1:9/cb"}, cfg)
     assert spec == {"vmName": "a", "callbackUrl": "http://127.0.0.1:9/cb", "callbackMethods": None,
                     "vcpus": 1, "memoryMb": 512, "network": {"egress": "nat", "allowOut": []},
-                    "expiresAt": None, "idleTimeoutSeconds": None, "labels": {}}
+                    "expiresAt": None, "idleTimeoutSeconds": None, "labels": {}, "image": "default",
+                    "diskMb": cfg.stateful_size_in_mb}
+    spec = cbox.validate_start_request({"vmName": "a", "image": None, "diskMb": None}, cfg)
+    assert (spec["image"], spec["diskMb"]) == ("default", cfg.stateful_size_in_mb)
     spec = cbox.validate_start_request({"vmName": "a", "callbackMethods": ["m", "n", "m"]}, cfg)
     assert spec["callbackMethods"] == ["m", "n"]
 
@@ -268,6 +271,10 @@ def test_start_request(cfg):
     ({"vmName": "a", "callbackUrl": 5}, "'callbackUrl' must be a string"),
     ({"vmName": "a", "callbackMethods": "m"}, "'callbackMethods' must be a list"),
     ({"vmName": "a", "callbackMethods": [""]}, "'callbackMethods' entries"),
+    ({"vmName": "a", "image": "../x"}, "invalid image name"),
+    ({"vmName": "a", "image": 5}, "invalid image name"),
+    ({"vmName": "a", "diskMb": 63}, "diskMb must be 64.."),
+    ({"vmName": "a", "diskMb": 10**9}, "diskMb must be 64.."),
     ([1], "JSON object"),
 ])
 def test_start_request_errors(cfg, body, fragment):
@@ -407,6 +414,7 @@ def test_vm_config_validates_against_cloud_hypervisor_openapi(tmp_path, chv_sche
     manager = cbox.VMManager(cfg, network=None)
     vm = cbox.VM(cfg, vmName="v1", ip="10.20.1.2/24", tapDeviceName="cbt3", cid=3, vcpus=2, memoryMb=256,
                  mac=cbox.mac_for("10.20.1.2"))
+    vm.boot_image = cbox.Images(cfg).get("default")          # the manager sets it (VmBooter.new_vm)
     config = vm.vm_config(manager.booter.gateway, manager.booter.dns)
     validator = fake_chv.SchemaValidator.load(chv_schema)
     assert validator.validate(config) == []
