@@ -294,7 +294,9 @@ def openapi_problems(doc):
                     continue
                 need((param["name"], param["in"]) not in seen, f"{where}: parameter {param['name']} twice")
                 seen.add((param["name"], param["in"]))
-                need(param["in"] in ("path", "query"), f"{where}: parameter in {param['in']}")
+                need(param["in"] in ("path", "query", "header"), f"{where}: parameter in {param['in']}")
+                need(param["in"] != "header" or param["name"].lower() not in ("accept", "content-type", "authorization"),
+                     f"{where}: header {param['name']} is one OpenAPI ignores as a parameter")
                 if param["in"] == "path":
                     need(param.get("required") is True and param["name"] in template,
                          f"{where}: path parameter {param['name']} not required or not in the path")
