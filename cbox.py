@@ -139,6 +139,14 @@ def log_text(value):
     return text if text.isprintable() else repr(text)
 
 
+def log_word(value):
+    """A value that must read as one field of a log line (a name a guest chose, such as a
+    callback's method): as it is when printable and free of spaces and '=', else as a Python
+    literal, so it cannot pass for more fields ("x ok=True") of the line it is in."""
+    text = str(value)
+    return text if text.isprintable() and " " not in text and "=" not in text else repr(text)
+
+
 # Twin of guest_agent.log: must agree on the shape of a line on stderr: "<program>: message".
 def log(msg, **fields):
     """One line on stderr: 'cbox: msg k=v ...' (the request and lifecycle log); a line whose
@@ -4865,7 +4873,7 @@ class CallbackBridge:
             self.in_flight -= 1
             self.vm.touch()              # a callback is activity (idleTimeoutSeconds)
         ok = not reply.startswith(b'{"error"')
-        self.note("callback", method=method[:60], id=callback_id, ok=ok,
+        self.note("callback", method=log_word(method[:60]), id=callback_id, ok=ok,
                   ms=f"{(time.monotonic() - t0) * 1000:.1f}")
         if not self.vm.callbackUrl:
             CALLBACK_OUTCOMES["no_url"].inc()
@@ -4882,7 +4890,7 @@ class CallbackBridge:
         if allowed is None or method in allowed:
             return True
         self.count("refused_method")
-        self.note("callback refused", reason="method", method=method[:60])
+        self.note("callback refused", reason="method", method=log_word(method[:60]))
         return False
 
     def publish_failure(self, method, reply):

@@ -777,3 +777,12 @@ def test_a_bad_host_in_a_callback_url_is_400(cfg):
         with pytest.raises(cbox.ApiError, match="callbackUrl") as e:
             cbox.validate_start_request({"vmName": "a", "callbackUrl": url}, cfg)
         assert e.value.status == 400
+
+
+def test_a_guest_chosen_word_cannot_pass_for_more_fields_of_a_log_line(capfd):
+    cbox.log("callback", method=cbox.log_word("x ok=True"), ok=False)
+    cbox.log("callback", method=cbox.log_word("sum"), ok=True)
+    first, second = capfd.readouterr().err.splitlines()
+    assert first.endswith("cbox: callback method='x ok=True' ok=False")
+    assert second.endswith("cbox: callback method=sum ok=True")
+    assert cbox.log_word("a=b") == "'a=b'" and cbox.log_word("a\nb") == repr("a\nb")
