@@ -4626,6 +4626,23 @@ class StartFailed(HypervisorError):
         self.stop_reason = stop_reason
 
 
+class VmActivity:
+    """VM.activity()'s context manager: a class, not a generator (on every exec's path, where
+    @contextmanager costs several calls)."""
+    __slots__ = ("vm",)
+
+    def __init__(self, vm):
+        self.vm = vm
+
+    def __enter__(self):
+        self.vm.begin_activity()
+        return self.vm
+
+    def __exit__(self, kind, error, tb):
+        self.vm.end_activity()
+        return False
+
+
 class VM:
     """One VM: its public fields and record on disk, its files (VmPaths), and its live
     runtime: the VMM's process and API, the guest agent's client, the callback bridge,
@@ -4760,13 +4777,9 @@ class VM:
         self.busy -= 1
         self.touch()
 
-    @contextlib.contextmanager
     def activity(self):
-        self.begin_activity()
-        try:
-            yield
-        finally:
-            self.end_activity()
+        """`with vm.activity():` begin_activity(), then end_activity() however the block ends."""
+        return VmActivity(self)
 
     def busy_now(self):
         """An activity cbox.py sees is in progress: an exec or stream, a callback in flight."""
@@ -5361,13 +5374,18 @@ class FailedStarts:
 # 11. VM manager (all VMs: start, destroy, adopt at start-up, exec forwarding)
 # =============================================================================
 
-@contextlib.contextmanager
-def agent_errors():
-    """A guest agent's refusal or silence as the API's answer."""
-    try:
-        yield
-    except AgentError as e:
-        raise ApiError(e.status, str(e)) from e
+class agent_errors:
+    """A guest agent's refusal or silence as the API's answer (`with agent_errors():`; a class,
+    not a generator: on every exec's path, where @contextmanager costs several calls)."""
+    __slots__ = ()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if isinstance(error, AgentError):
+            raise ApiError(error.status, str(error)) from error
+        return False
 
 
 class WarmPool:
