@@ -3409,16 +3409,26 @@ class SchemaCompiler:
             if value is None and has_default:
                 if fixed_default:
                     return default
+                if fresh_empty:
+                    return fresh_empty()
                 value = default
             for step in steps:
                 value = step(value, name)
             return value
         fixed_default = False          # a valid scalar default needs no checks each time
+        fresh_empty = None             # nor does a valid empty {} or []: a new empty one each time
         if has_default and not isinstance(default, (dict, list)):
             try:
                 fixed_default = run(default, "") == default
             except ApiError:
                 pass
+        elif has_default and not default:
+            try:
+                checked = run(default, "")
+            except ApiError:
+                checked = None
+            if type(checked) is type(default) and checked == default and checked is not default:
+                fresh_empty = type(default)
         run.fixed_default = fixed_default
         return run
 
