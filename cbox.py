@@ -3479,8 +3479,16 @@ class SchemaCompiler:
             required = parts[0][2]      # "exactly one of these fields" (cmd or argv): counted directly
 
             def step(value, name):     # noqa: F811 (the common case, several times cheaper)
-                if isinstance(value, dict) and sum(all(k in value for k in keys) for keys in required) == 1:
-                    return value
+                if isinstance(value, dict):
+                    count = 0          # loops, not generators: on every exec's path
+                    for keys in required:
+                        for k in keys:
+                            if k not in value:
+                                break
+                        else:
+                            count += 1
+                    if count == 1:
+                        return value
                 raise schema_error(schema, "oneOf", name, value, f"'{name}' does not have an allowed form")
         return step
 
