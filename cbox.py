@@ -3634,16 +3634,26 @@ class SchemaCompiler:
             if value is None and has_default:
                 if fixed_default:
                     return default
+                if fresh_empty:
+                    return fresh_empty()
                 value = default
             for step in steps:
                 value = step(value, name)
             return value
         fixed_default = False          # a valid scalar default needs no checks each time
+        fresh_empty = None             # nor does a valid empty {} or []: a new empty one each time
         if has_default and not isinstance(default, (dict, list)):
             try:
                 fixed_default = run(default, "") == default
             except ApiError:
                 pass
+        elif has_default and not default:
+            try:
+                checked = run(default, "")
+            except ApiError:
+                checked = None
+            if type(checked) is type(default) and checked == default and checked is not default:
+                fresh_empty = type(default)
         run.fixed_default = fixed_default
         return run
 
@@ -3700,8 +3710,16 @@ class SchemaCompiler:
             required = parts[0][2]      # "exactly one of these fields" (cmd or argv): counted directly
 
             def step(value, name):     # noqa: F811 (the common case, several times cheaper)
-                if isinstance(value, dict) and sum(all(k in value for k in keys) for keys in required) == 1:
-                    return value
+                if isinstance(value, dict):
+                    count = 0          # loops, not generators: on every exec's path
+                    for keys in required:
+                        for k in keys:
+                            if k not in value:
+                                break
+                        else:
+                            count += 1
+                    if count == 1:
+                        return value
                 raise schema_error(schema, "oneOf", name, value, f"'{name}' does not have an allowed form")
         return step
 
@@ -4335,9 +4353,20 @@ def validate_stdin_request(body):
     return check_schema(body, STDIN_REQUEST)
 
 
+JSON_SCAN = json.JSONDecoder().scan_once     # json.loads's own scanner, without its Python wrappers
+
+
 def parse_json_body(data):
     if not data:
         raise ApiError(400, "request body must be a JSON object")
+    if data[:1] == b"{" and data[-1:] == b"}":    # the usual body: json.loads's result, on its fast path
+        try:     # (no BOM, UTF-8 as json.detect_encoding finds, no whitespace around it; else as json.loads)
+            text = data.decode("utf-8", "surrogatepass")
+            value, end = JSON_SCAN(text, 0)
+            if end == len(text):
+                return value
+        except (StopIteration, ValueError, RecursionError):
+            pass         # json.loads below says what is wrong
     try:
         return json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
@@ -5097,6 +5126,23 @@ class StartFailed(HypervisorError):
         self.stop_reason = stop_reason
 
 
+class VmActivity:
+    """VM.activity()'s context manager: a class, not a generator (on every exec's path, where
+    @contextmanager costs several calls)."""
+    __slots__ = ("vm",)
+
+    def __init__(self, vm):
+        self.vm = vm
+
+    def __enter__(self):
+        self.vm.begin_activity()
+        return self.vm
+
+    def __exit__(self, kind, error, tb):
+        self.vm.end_activity()
+        return False
+
+
 class VM:
     """One VM: its public fields and record on disk, its files (VmPaths), and its live
     runtime: the VMM's process and API, the guest agent's client, the callback bridge,
@@ -5238,13 +5284,9 @@ class VM:
         self.busy -= 1
         self.touch()
 
-    @contextlib.contextmanager
     def activity(self):
-        self.begin_activity()
-        try:
-            yield
-        finally:
-            self.end_activity()
+        """`with vm.activity():` begin_activity(), then end_activity() however the block ends."""
+        return VmActivity(self)
 
     def busy_now(self):
         """An activity cbox.py sees is in progress: an exec or stream, a callback in flight."""
@@ -5849,13 +5891,18 @@ class FailedStarts:
 # 11. VM manager (all VMs: start, destroy, adopt at start-up, exec forwarding)
 # =============================================================================
 
-@contextlib.contextmanager
-def agent_errors():
-    """A guest agent's refusal or silence as the API's answer."""
-    try:
-        yield
-    except AgentError as e:
-        raise ApiError(e.status, str(e)) from e
+class agent_errors:
+    """A guest agent's refusal or silence as the API's answer (`with agent_errors():`; a class,
+    not a generator: on every exec's path, where @contextmanager costs several calls)."""
+    __slots__ = ()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if isinstance(error, AgentError):
+            raise ApiError(error.status, str(error)) from error
+        return False
 
 
 class WarmPool:

@@ -403,6 +403,35 @@ def test_parse_json_body():
             cbox.parse_json_body(bad)
 
 
+@pytest.mark.parametrize("body", [
+    b'{"cmd":"true"}', b'{"a":{"b":[1,2.5,null,true]}}', b'{}', b'{"a":1} ', b' {"a":1}', b'{"a":1}{"b":2}',
+    b'{"a":1,}', b'{"a":"\xff"}', b'{\x00"\x00}', b'{"a":NaN}', b'{"a":"\xed\xa0\x80"}', b'{"a":"\x01"}',
+    b'\xef\xbb\xbf{"a":1}', b'{"a":"\\ud800"}', b"{" + b"[" * 100000 + b"}"])
+def test_parse_json_body_is_json_loads(body):
+    """The fast path (json.loads's scanner without its wrappers) gives json.loads's value or its error."""
+    try:
+        expected = ("value", json.loads(body))
+    except RecursionError:
+        expected = ("error", "malformed JSON: nested too deeply")
+    except ValueError as e:
+        expected = ("error", f"malformed JSON: {e}")
+    try:
+        got = ("value", cbox.parse_json_body(body))
+    except cbox.ApiError as e:
+        got = ("error", str(e))
+    assert repr(got) == repr(expected)      # repr: NaN is not equal to itself
+
+
+def test_empty_container_default_is_new_each_time():
+    exec_schema = {"type": "object", "properties": {"env": {"type": ["object", "null"], "default": {},
+                                                            "additionalProperties": {"type": "string"}}}}
+    first, second = cbox.check_schema({}, exec_schema), cbox.check_schema({}, exec_schema)
+    assert first == second == {"env": {}}
+    first["env"]["X"] = "1"                  # a handler changing its body's env changes no other request's
+    assert cbox.check_schema({}, exec_schema) == {"env": {}}
+    assert exec_schema["properties"]["env"]["default"] == {}
+
+
 def test_hypervisor_error_text_formats():
     assert cbox.CloudHypervisor.error_text(json.dumps(["outer", "root cause"]).encode()) == "outer: root cause"
     assert cbox.CloudHypervisor.error_text(b"plain failure") == "plain failure"
