@@ -45,11 +45,12 @@ through one escape, log_text. Sections, in order; each uses only what comes befo
                      TTL and idle deadlines), VmBooter, WarmPool (idle VMs booted ahead
                      per image, claimed by start requests), VmStarter, Adoption (at start-up),
                      EgressChanges, bound_vmm_logs, ExecForwarding (the exec routes)
- 12. REST server     routes of README's "REST API" (each method an Operation: handler,
-                     request and answer schemas; dispatch checks every request's path
-                     parameters, query and body against them), auth before any body is read, limits
-                     (request head, query, the host-wide body budget), request log; the
-                     API description made from them (openapi_document); EventRelay:
+ 12. REST server     ApiRoutes: the routes of README's "REST API" and their handlers (each
+                     method an Operation: handler, request and answer schemas); the API
+                     description made from them (openapi_document); RestServer: the
+                     connections, auth before any body is read, limits (request head, query,
+                     the host-wide body budget), dispatch (it checks every request's path
+                     parameters, query and body against the Operation), request log; EventRelay:
                      exec event streams to the client (NDJSON or SSE, chunked);
                      TerminalAttach: a WebSocket attached to an exec's terminal
  13. Python client   Client: the REST API for programs (synchronous, keep-alive), VM
@@ -7483,7 +7484,7 @@ class Operation:
 
 
 def openapi_document(cfg, routes):
-    """The OpenAPI 3.1 description of the REST API: paths from the route table (RestServer.routes),
+    """The OpenAPI 3.1 description of the REST API: paths from the route table (ApiRoutes.routes),
     schemas from the tables the server checks requests with and the answers' schemas."""
     paths = {}
     for pattern, methods in routes:
@@ -7512,21 +7513,14 @@ def openapi_document(cfg, routes):
     return document
 
 
-class RestServer:
-    """HTTP/1.1 keep-alive server for the API README's "REST API" describes."""
+class ApiRoutes:
+    """The routes of README's "REST API": the route table (each method an Operation, the
+    busiest first) and its handlers, given what they use when made: the VM manager (None for
+    `cbox.py openapi`, which only describes them) and the terminals attached (Terminals).
+    RestServer finds a request's Operation here and runs its handler."""
 
-    def __init__(self, cfg, manager):
-        self.cfg, self.manager = cfg, manager
-        self.server = None
-        self.connections = set()
-        self.client_watch = ClientWatch()
-        self.relays = set()            # exec streams being relayed (EventRelay)
-        self.terminals = Terminals()   # WebSockets attached to execs (TerminalAttach)
-        self.stopping = False          # stop() was called
-        self.bodies = BodyBudget(cfg.request_body_buffer_bytes)
-        self.linger_budget = TokenBucket(self.LINGER_BYTES_PER_S, self.LINGER_BYTES_PER_S)
-        self.held = 0                  # connections refused 401 being held unread (hold_refused)
-        self.schemas = request_schemas(cfg)
+    def __init__(self, cfg, manager, terminals):
+        self.cfg, self.manager, self.terminals = cfg, manager, terminals
         op = Operation
         # an agent call: 409 (the VM not running), 502 (its agent failing); a client leaving cancels
         # it (never the exec: a stream's relay runs after its handler returned)
@@ -7575,6 +7569,167 @@ class RestServer:
         self.route_names = {pattern: route_name(pattern) for pattern, _ in self.routes}
         self.public_paths = {self.route_names[pattern] for pattern, methods in self.routes      # no token needed
                              if all(operation.public for operation in methods.values())}
+
+    async def health(self, req):
+        """The server's health (no API token needed)"""
+        return {"status": "healthy", "timestamp": utc_now(), "version": VERSION, "commit": build_commit(),
+                "vms": len(self.manager.vms), "pool": self.manager.pool.state(),
+                "loopLagMs": {k: round(v * 1000, 3) for k, v in LOOP_LAG.summary().items()}}
+
+    async def list_vms(self, req):
+        """List VMs, optionally filtered by labels, status and image"""
+        return {"vms": [vm.api() for vm in self.manager.registry.select(parse_vm_filter(req.query))]}
+
+    async def start_vm(self, req):
+        """Start a VM; answers once its guest agent answers"""
+        spec = start_spec(req.json)
+        req.vm_name = spec["vmName"]
+        vm = await self.manager.starter.start(spec)
+        return vm.api()
+
+    async def get_vm(self, req):
+        """A VM"""
+        return self.manager.registry.get(req.params["name"]).api()
+
+    async def put_network(self, req):
+        """Change a running VM's egress policy"""
+        return (await self.manager.egress.set(req.params["name"], req.json)).api()
+
+    async def destroy_vm(self, req):
+        """Destroy a VM"""
+        await self.manager.teardown.destroy(req.params["name"])
+        return {"success": True}
+
+    async def list_images(self, req):
+        """The guest images: where each came from, its agent, whether it can start a VM, its VMs"""
+        return {"images": self.manager.images.list()}
+
+    async def get_image(self, req):
+        """A guest image"""
+        return self.manager.images.get(req.params["image"])
+
+    async def delete_image(self, req):
+        """Remove a guest image no VM and no warm pool uses ("default" never)"""
+        await self.manager.images.remove(req.params["image"])
+        return {"success": True}
+
+    async def destroy_all(self, req):
+        """Destroy every VM (or those the filter matches)"""
+        return {"success": True, "destroyed": await self.manager.teardown.destroy_all(parse_vm_filter(req.query))}
+
+    async def set_ttl(self, req):
+        """Set, extend or clear a VM's TTL (from now)"""
+        return self.manager.deadlines.set_ttl(req.params["name"], req.json["ttlSeconds"]).api()
+
+    async def exec(self, req):
+        """Run a command in a VM: blocking, in the background, or streamed"""
+        agent_body, blocking, timeout, stream = exec_parts(req.json, self.cfg)
+        answer = await self.manager.execs.exec(req.params["name"], agent_body, blocking, timeout, stream)
+        return self.relay(req, answer) if stream else answer
+
+    @staticmethod
+    def relay(req, events):
+        return EventRelay(events, "text/event-stream" in req.headers.get("accept", ""), req.version == "HTTP/1.1")
+
+    async def exec_stream(self, req):
+        """An exec's events from seq `since` (replayed, then live until it ends)"""
+        since = req.args.get("since")
+        last_id = req.headers.get("last-event-id")
+        if since is None and last_id:     # an EventSource resuming: the event after the last one it saw
+            since = check_query({"since": [last_id]}, STREAM_QUERY)["since"] + 1
+        events = await self.manager.execs.events(req.params["name"], req.params["exec_id"], since or 0)
+        return self.relay(req, events)
+
+    async def exec_attach(self, req):
+        """An exec's terminal as a WebSocket (RFC 6455): its output to the client, input and control from it"""
+        problem = websocket_request_problem(req.method, req.headers)
+        if problem:
+            raise ApiError(400, problem)
+        name, exec_ref = req.params["name"], req.params["exec_id"]
+        writer_role = self.terminals.admit(name, exec_ref)
+        try:
+            events = await self.manager.execs.events(name, exec_ref, 0)
+        except BaseException:
+            self.terminals.release(name, exec_ref, writer_role)
+            raise
+        attach = TerminalAttach(self.manager.execs, name, exec_ref, events, req.headers["sec-websocket-key"],
+                                writer_role, self.terminals.end, self.cfg.http_body_timeout_s)
+        self.terminals.attaches.add(attach)
+        return attach
+
+    async def exec_status(self, req):
+        """A background exec's result so far"""
+        return await self.manager.execs.status(req.params["name"], req.params["exec_id"])
+
+    async def exec_kill(self, req):
+        """End an exec (SIGTERM, after `grace` seconds SIGKILL): its final result"""
+        return await self.manager.execs.kill(req.params["name"], req.params["exec_id"], req.args["grace"])
+
+    async def exec_kill_all(self, req):
+        """End every running exec of a VM"""
+        return await self.manager.execs.kill_all(req.params["name"], req.args["grace"])
+
+    async def exec_list(self, req):
+        """A VM's running and recently finished execs"""
+        return await self.manager.execs.list(req.params["name"])
+
+    async def exec_signal(self, req):
+        """Send a signal to every process of an exec"""
+        return await self.manager.execs.signal(req.params["name"], req.params["exec_id"], req.json)
+
+    async def exec_stdin(self, req):
+        """Write to (or close) an exec's stdin pipe"""
+        return await self.manager.execs.stdin(req.params["name"], req.params["exec_id"], req.json)
+
+    async def logs(self, req):
+        """The tail of a VM's serial console"""
+        return 200, self.manager.execs.console_text(req.params["name"]), "text/plain; charset=utf-8"
+
+    async def stats(self, req):
+        """A VM's guest and VMM resource usage"""
+        return await self.manager.execs.stats(req.params["name"])
+
+    async def metrics(self, req):
+        """Metrics in Prometheus's text format"""
+        return 200, METRICS.expose(), Registry.CONTENT_TYPE
+
+    async def openapi(self, req):
+        """This API's OpenAPI 3.1 description (no API token needed)"""
+        if self.openapi_json is None:
+            self.openapi_json = json_bytes(openapi_document(self.cfg, self.routes))
+        return self.openapi_json
+
+    async def events(self, req):
+        """Lifecycle events after id `since`, waiting up to `wait` seconds for one"""
+        since, wait_s = req.args["since"], req.args["wait"]
+        events, missed, nxt = EVENTS.after(since)
+        if not events and not missed and wait_s:
+            await EVENTS.wait(wait_s)
+            events, missed, nxt = EVENTS.after(since)
+        return {"events": events, "next": nxt, "missed": missed}
+
+    async def failed_starts(self, req):
+        """The newest failed starts: why, and where their evidence is kept"""
+        return {"failedStarts": self.manager.failed_starts.listing()}
+
+
+class RestServer:
+    """HTTP/1.1 keep-alive server for the API README's "REST API" describes."""
+
+    def __init__(self, cfg, manager):
+        self.cfg, self.manager = cfg, manager
+        self.server = None
+        self.connections = set()
+        self.client_watch = ClientWatch()
+        self.relays = set()            # exec streams being relayed (EventRelay)
+        self.terminals = Terminals()   # WebSockets attached to execs (TerminalAttach)
+        self.stopping = False          # stop() was called
+        self.bodies = BodyBudget(cfg.request_body_buffer_bytes)
+        self.linger_budget = TokenBucket(self.LINGER_BYTES_PER_S, self.LINGER_BYTES_PER_S)
+        self.held = 0                  # connections refused 401 being held unread (hold_refused)
+        self.schemas = request_schemas(cfg)
+        self.api = ApiRoutes(cfg, manager, self.terminals)
+        self.routes, self.route_names, self.public_paths = self.api.routes, self.api.route_names, self.api.public_paths
 
     async def start(self):
         METRICS.on_scrape("process", refresh_process_metrics)     # here: a server made for its routes only
@@ -7871,137 +8026,6 @@ class RestServer:
                                  request.route)      # for the metrics
             raise ApiError(401, "missing or wrong API token (send 'Authorization: Bearer <token>')")
 
-    # ---- handlers ------------------------------------------------------------------
-
-    async def health(self, req):
-        """The server's health (no API token needed)"""
-        return {"status": "healthy", "timestamp": utc_now(), "version": VERSION, "commit": build_commit(),
-                "vms": len(self.manager.vms), "pool": self.manager.pool.state(),
-                "loopLagMs": {k: round(v * 1000, 3) for k, v in LOOP_LAG.summary().items()}}
-
-    async def list_vms(self, req):
-        """List VMs, optionally filtered by labels, status and image"""
-        return {"vms": [vm.api() for vm in self.manager.registry.select(parse_vm_filter(req.query))]}
-
-    async def start_vm(self, req):
-        """Start a VM; answers once its guest agent answers"""
-        spec = start_spec(req.json)
-        req.vm_name = spec["vmName"]
-        vm = await self.manager.starter.start(spec)
-        return vm.api()
-
-    async def get_vm(self, req):
-        """A VM"""
-        return self.manager.registry.get(req.params["name"]).api()
-
-    async def put_network(self, req):
-        """Change a running VM's egress policy"""
-        return (await self.manager.egress.set(req.params["name"], req.json)).api()
-
-    async def destroy_vm(self, req):
-        """Destroy a VM"""
-        await self.manager.teardown.destroy(req.params["name"])
-        return {"success": True}
-
-    async def list_images(self, req):
-        """The guest images: where each came from, its agent, whether it can start a VM, its VMs"""
-        return {"images": self.manager.images.list()}
-
-    async def get_image(self, req):
-        """A guest image"""
-        return self.manager.images.get(req.params["image"])
-
-    async def delete_image(self, req):
-        """Remove a guest image no VM and no warm pool uses ("default" never)"""
-        await self.manager.images.remove(req.params["image"])
-        return {"success": True}
-
-    async def destroy_all(self, req):
-        """Destroy every VM (or those the filter matches)"""
-        return {"success": True, "destroyed": await self.manager.teardown.destroy_all(parse_vm_filter(req.query))}
-
-    async def set_ttl(self, req):
-        """Set, extend or clear a VM's TTL (from now)"""
-        return self.manager.deadlines.set_ttl(req.params["name"], req.json["ttlSeconds"]).api()
-
-    async def exec(self, req):
-        """Run a command in a VM: blocking, in the background, or streamed"""
-        agent_body, blocking, timeout, stream = exec_parts(req.json, self.cfg)
-        answer = await self.manager.execs.exec(req.params["name"], agent_body, blocking, timeout, stream)
-        return self.relay(req, answer) if stream else answer
-
-    @staticmethod
-    def relay(req, events):
-        return EventRelay(events, "text/event-stream" in req.headers.get("accept", ""), req.version == "HTTP/1.1")
-
-    async def exec_stream(self, req):
-        """An exec's events from seq `since` (replayed, then live until it ends)"""
-        since = req.args.get("since")
-        last_id = req.headers.get("last-event-id")
-        if since is None and last_id:     # an EventSource resuming: the event after the last one it saw
-            since = check_query({"since": [last_id]}, STREAM_QUERY)["since"] + 1
-        events = await self.manager.execs.events(req.params["name"], req.params["exec_id"], since or 0)
-        return self.relay(req, events)
-
-    async def exec_attach(self, req):
-        """An exec's terminal as a WebSocket (RFC 6455): its output to the client, input and control from it"""
-        problem = websocket_request_problem(req.method, req.headers)
-        if problem:
-            raise ApiError(400, problem)
-        name, exec_ref = req.params["name"], req.params["exec_id"]
-        writer_role = self.terminals.admit(name, exec_ref)
-        try:
-            events = await self.manager.execs.events(name, exec_ref, 0)
-        except BaseException:
-            self.terminals.release(name, exec_ref, writer_role)
-            raise
-        attach = TerminalAttach(self.manager.execs, name, exec_ref, events, req.headers["sec-websocket-key"],
-                                writer_role, self.terminals.end, self.cfg.http_body_timeout_s)
-        self.terminals.attaches.add(attach)
-        return attach
-
-    async def exec_status(self, req):
-        """A background exec's result so far"""
-        return await self.manager.execs.status(req.params["name"], req.params["exec_id"])
-
-    async def exec_kill(self, req):
-        """End an exec (SIGTERM, after `grace` seconds SIGKILL): its final result"""
-        return await self.manager.execs.kill(req.params["name"], req.params["exec_id"], req.args["grace"])
-
-    async def exec_kill_all(self, req):
-        """End every running exec of a VM"""
-        return await self.manager.execs.kill_all(req.params["name"], req.args["grace"])
-
-    async def exec_list(self, req):
-        """A VM's running and recently finished execs"""
-        return await self.manager.execs.list(req.params["name"])
-
-    async def exec_signal(self, req):
-        """Send a signal to every process of an exec"""
-        return await self.manager.execs.signal(req.params["name"], req.params["exec_id"], req.json)
-
-    async def exec_stdin(self, req):
-        """Write to (or close) an exec's stdin pipe"""
-        return await self.manager.execs.stdin(req.params["name"], req.params["exec_id"], req.json)
-
-    async def logs(self, req):
-        """The tail of a VM's serial console"""
-        return 200, self.manager.execs.console_text(req.params["name"]), "text/plain; charset=utf-8"
-
-    async def stats(self, req):
-        """A VM's guest and VMM resource usage"""
-        return await self.manager.execs.stats(req.params["name"])
-
-    async def metrics(self, req):
-        """Metrics in Prometheus's text format"""
-        return 200, METRICS.expose(), Registry.CONTENT_TYPE
-
-    async def openapi(self, req):
-        """This API's OpenAPI 3.1 description (no API token needed)"""
-        if self.openapi_json is None:
-            self.openapi_json = json_bytes(openapi_document(self.cfg, self.routes))
-        return self.openapi_json
-
     def refresh_server_metrics(self):
         counts = dict.fromkeys(("CREATED", "RUNNING", "STOPPED", "FAILED"), 0)
         for vm in list(self.manager.vms.values()):
@@ -8010,19 +8034,6 @@ class RestServer:
             M_VMS.labels(status).value = count
         M_HTTP_ABANDONED.value = self.client_watch.abandoned
         M_HTTP_BODY_BYTES.value = self.bodies.held
-
-    async def events(self, req):
-        """Lifecycle events after id `since`, waiting up to `wait` seconds for one"""
-        since, wait_s = req.args["since"], req.args["wait"]
-        events, missed, nxt = EVENTS.after(since)
-        if not events and not missed and wait_s:
-            await EVENTS.wait(wait_s)
-            events, missed, nxt = EVENTS.after(since)
-        return {"events": events, "next": nxt, "missed": missed}
-
-    async def failed_starts(self, req):
-        """The newest failed starts: why, and where their evidence is kept"""
-        return {"failedStarts": self.manager.failed_starts.listing()}
 
 
 # =============================================================================
@@ -9958,7 +9969,7 @@ def main(argv=None):
                 print(f"{key}: {'(set)' if secret else repr(getattr(cfg, key))}")
             return
         if args.cmd == "openapi":
-            print(json.dumps(openapi_document(cfg, RestServer(cfg, None).routes), indent=1))
+            print(json.dumps(openapi_document(cfg, ApiRoutes(cfg, None, None).routes), indent=1))
             return
         if args.cmd == "preflight":
             problems = preflight(cfg)
