@@ -33,23 +33,26 @@ through one escape, log_text. Sections, in order; each uses only what comes befo
                      before a VM starts from one)
   8. Callback bridge a VM's callback socket: the guest's JSON lines forwarded to
                      its callback URL, every cost budgeted per VM
-  9. VMs             one VM: its record on disk, paths, deadlines and activity, its
-                     background execs (BackgroundExecs), VMM process and API, agent
-                     client, console and event readers, and how it ended or why its
-                     start failed (stopReason)
+  9. VMs             a VM's VmConfig (vm_create_config); how its VMM ended (vmm_exit_reason)
+                     and why a start failed (start_failure), read from the VMM's exit and
+                     logs (stopReason); VM: one VM's life: its record on disk, paths,
+                     deadlines and activity, its background execs (BackgroundExecs), VMM
+                     process and API, agent client, console and event readers
  10. Exec results    fields of the agent's exec results read without parsing them
                      whole; each exec counted finished once (metrics, exec.finished);
                      tombstones of VMs a deadline ended; the evidence of failed starts
  11. VM manager      one home per job, composed by VMManager: VmRegistry (the VMs by
                      name), Capacity, VmTeardown, DeadlineKeeper (the one task keeping
-                     TTL and idle deadlines), VmBooter, WarmPool (idle VMs booted ahead
-                     per image, claimed by start requests), VmStarter, Adoption (at start-up),
-                     EgressChanges, bound_vmm_logs, ExecForwarding (the exec routes)
- 12. REST server     routes of README's "REST API" (each method an Operation: handler,
-                     request and answer schemas; dispatch checks every request's path
-                     parameters, query and body against them), auth before any body is read, limits
-                     (request head, query, the host-wide body budget), request log; the
-                     API description made from them (openapi_document); EventRelay:
+                     TTL and idle deadlines), VmBooter (the start steps and their waits),
+                     WarmPool (idle VMs booted ahead per image, claimed by start requests),
+                     VmStarter, Adoption (at start-up), EgressChanges, bound_vmm_logs,
+                     ExecForwarding (the exec routes)
+ 12. REST server     ApiRoutes: the routes of README's "REST API" and their handlers (each
+                     method an Operation: handler, request and answer schemas); the API
+                     description made from them (openapi_document); RestServer: the
+                     connections, auth before any body is read, limits (request head, query,
+                     the host-wide body budget), dispatch (it checks every request's path
+                     parameters, query and body against the Operation), request log; EventRelay:
                      exec event streams to the client (NDJSON or SSE, chunked);
                      TerminalAttach: a WebSocket attached to an exec's terminal
  13. Python client   Client: the REST API for programs (synchronous, keep-alive), VM
@@ -5124,7 +5127,7 @@ class BackgroundExecs:
 
 
 class StartFailed(HypervisorError):
-    """A start that failed, and its stopReason (VM.start_failure)."""
+    """A start that failed, and its stopReason (start_failure)."""
 
     def __init__(self, stop_reason, message):
         super().__init__(message)
@@ -5148,11 +5151,83 @@ class VmActivity:
         return False
 
 
+def vm_create_config(vm, gateway, dns):
+    """A VM's VmConfig for vm.create (validated against Cloud Hypervisor's OpenAPI in the tests)."""
+    cfg = vm.cfg
+    cmdline = " ".join(filter(None, [
+        "console=ttyS0 reboot=k panic=-1", cfg.cmdline_extra,
+        f"cbox.vm={vm.vmName}", f"cbox.ip={vm.ip}", f"cbox.gw={gateway}",
+        f"cbox.dns={','.join(dns)}" if dns else "",
+        f"cbox.callback_port={cfg.callback_port}", f"cbox.state={STATE_SERIAL}"]))
+    image = vm.boot_image
+    payload = {"kernel": image.kernel, "cmdline": cmdline}
+    if image.initramfs:
+        payload["initramfs"] = image.initramfs
+    return {
+        "payload": payload,
+        "cpus": {"boot_vcpus": vm.vcpus, "max_vcpus": vm.vcpus},
+        "memory": {"size": vm.memoryMb * 1024 * 1024},
+        # image_type Raw: an autodetected raw disk gets its sector-0 writes refused
+        # (CHV v51+, vmm/src/device_manager.rs make_virtio_block_device), which
+        # turns the stateful ext4 read-only (its superblock is in block 0)
+        "disks": [{"path": image.rootfs, "readonly": True, "image_type": "Raw",
+                   "serial": ROOTFS_SERIAL, "id": "rootfs"},
+                  {"path": str(vm.paths.disk), "readonly": False, "image_type": "Raw",
+                   "serial": STATE_SERIAL, "id": "stateful"}],
+        "net": [{"tap": vm.tapDeviceName, "mac": vm.mac, "num_queues": 2, "id": "net0"}],
+        "vsock": {"cid": vm.cid, "socket": str(vm.paths.vsock_socket), "id": "vsock0"},
+        "rng": {"src": "/dev/urandom"},
+        "serial": {"mode": "Socket", "socket": str(vm.paths.serial_socket)},
+        "console": {"mode": "Off"},
+        "pvpanic": True,
+    }
+
+
+def vmm_exit_reason(paths, code):
+    """(status, stopReason, message) for a VMM that exited by itself with `code` (None: not
+    our child, its status unknown). Exit code 0 does not prove a power-off: a vCPU error or
+    SIGTERM leave the same way (vmm/src/lib.rs control loop, EpollDispatch::Exit vs
+    GuestExit); the -v log names the guest's power-off."""
+    chv_log = tail_bytes(paths.chv_log, 64 * 1024)
+    if code is None:        # adopted, not our child: its exit status is gone; the log tells
+        if b"Cloud Hypervisor exited successfully" in chv_log:
+            code = 0
+        elif b"Fatal error" not in chv_log:
+            return "FAILED", "killed", "cloud-hypervisor died without exiting (killed, or it crashed)"
+    if code is not None and code < 0:
+        return "FAILED", "killed", f"cloud-hypervisor was killed by signal {-code} ({signal_name(-code)})"
+    if code == 0 and b"VM guest exit event" in chv_log:
+        return "STOPPED", "guest-poweroff", "the guest powered off"
+    vcpu_error = vcpu_error_in_vmm_log(paths.chv_log) if code == 0 else None
+    if vcpu_error:
+        return "FAILED", "vcpu-error", f"the guest's vCPU failed: {vcpu_error}"
+    if code == 0:
+        return "FAILED", "vmm-crash", ("cloud-hypervisor exited with code 0 without a guest power-off "
+                                       f"(see {paths.chv_log})")
+    chain = vmm_error_chain(paths.chv_out)
+    return "FAILED", hypervisor_reason(chain or "") or "vmm-crash", (
+        (f"cloud-hypervisor exited with code {code}" if code is not None else "cloud-hypervisor exited with an error")
+        + (f": {chain}" if chain else "") + f" (see {paths.chv_out})")
+
+
+def start_failure(error, paths, watch):
+    """(stopReason, what went wrong) of a start that failed with `error`: the hypervisor's
+    own words where it has them (its API error, its -v log, its stderr)."""
+    if isinstance(error, StartFailed):
+        return error.stop_reason, str(error)
+    if watch and not watch.alive():      # it died under an API call
+        _, reason, message = vmm_exit_reason(paths, watch.exit_code)
+        return reason, f"{error} ({message})"
+    if isinstance(error, HypervisorError):
+        return hypervisor_reason(str(error)) or "vmm-error", str(error)
+    return "start-failed", str(error)
+
+
 class VM:
     """One VM: its public fields and record on disk, its files (VmPaths), and its live
     runtime: the VMM's process and API, the guest agent's client, the callback bridge,
-    the console and event readers. It decides how it ended (stopReason) and sets
-    `ended`; then `on_stopped(vm)`, given when it is made (VmTeardown.release_runtime), runs
+    the console and event readers. It decides how it ended (stopReason: vmm_exit_reason,
+    guest_reset) and sets `ended`; then `on_stopped(vm)`, given when it is made (VmTeardown.release_runtime), runs
     in a task of its own and frees what it holds on the host.
 
     phase: starting -> running -> dead (ended by itself) or destroying (DELETE)."""
@@ -5300,7 +5375,7 @@ class VM:
     def deadline(self):
         """(epoch time, "ttl" or "idle") of the VM's next deadline, or None. The idle one
         ignores activity in progress: at that time the manager checks it (busy_now,
-        background_exec_running) and touches the VM instead of ending it."""
+        DeadlineKeeper.background_exec_running) and touches the VM instead of ending it."""
         due = []
         if self.expiresAt:
             due.append((utc_epoch(self.expiresAt), "ttl"))
@@ -5317,24 +5392,6 @@ class VM:
         VM is not idle; its exec.finished is awaited (BackgroundExecs)."""
         self.background.note(exec_id)
         self.save()
-
-    async def background_exec_running(self):
-        """Whether one of the VM's background execs still runs (asking its agent); the
-        finished ones are forgotten."""
-        running, checked = [], self.backgroundExecs
-        for exec_id in checked:
-            try:
-                answer = await within(10.0, self.agent.status(exec_id))
-                if isinstance(answer, BodyStream):       # a large output so far
-                    answer = await answer.read(answer.length)
-                state = await off_loop_if_large(len(answer), json.loads, answer)
-            except (AgentError, HttpError, ValueError, TypeError, asyncio.TimeoutError, RecursionError):
-                continue
-            if isinstance(state, dict) and state.get("running") is True:
-                running.append(exec_id)
-        if self.background.forget_idle([i for i in checked if i not in running]):
-            self.save()
-        return bool(running)
 
     # ---- the hypervisor ------------------------------------------------------------
 
@@ -5362,50 +5419,6 @@ class VM:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def wait_for_api(self, timeout=10.0):
-        deadline = time.monotonic() + timeout
-        while True:
-            if not self.watch.alive():
-                _, reason, message = self.exit_reason()
-                raise StartFailed(reason, f"before its API answered, {message}")
-            try:
-                return await self.chv.ping(timeout=1.0)
-            except HypervisorError as e:
-                if time.monotonic() > deadline:
-                    raise HypervisorError(f"API socket did not answer within {fmt_seconds(timeout)}") from e
-                await asyncio.sleep(0.005)
-
-    def vm_config(self, gateway, dns):
-        """The VmConfig for vm.create (validated against Cloud Hypervisor's OpenAPI in the tests)."""
-        cfg = self.cfg
-        cmdline = " ".join(filter(None, [
-            "console=ttyS0 reboot=k panic=-1", cfg.cmdline_extra,
-            f"cbox.vm={self.vmName}", f"cbox.ip={self.ip}", f"cbox.gw={gateway}",
-            f"cbox.dns={','.join(dns)}" if dns else "",
-            f"cbox.callback_port={cfg.callback_port}", f"cbox.state={STATE_SERIAL}"]))
-        image = self.boot_image
-        payload = {"kernel": image.kernel, "cmdline": cmdline}
-        if image.initramfs:
-            payload["initramfs"] = image.initramfs
-        return {
-            "payload": payload,
-            "cpus": {"boot_vcpus": self.vcpus, "max_vcpus": self.vcpus},
-            "memory": {"size": self.memoryMb * 1024 * 1024},
-            # image_type Raw: an autodetected raw disk gets its sector-0 writes refused
-            # (CHV v51+, vmm/src/device_manager.rs make_virtio_block_device), which
-            # turns the stateful ext4 read-only (its superblock is in block 0)
-            "disks": [{"path": image.rootfs, "readonly": True, "image_type": "Raw",
-                       "serial": ROOTFS_SERIAL, "id": "rootfs"},
-                      {"path": str(self.paths.disk), "readonly": False, "image_type": "Raw",
-                       "serial": STATE_SERIAL, "id": "stateful"}],
-            "net": [{"tap": self.tapDeviceName, "mac": self.mac, "num_queues": 2, "id": "net0"}],
-            "vsock": {"cid": self.cid, "socket": str(self.paths.vsock_socket), "id": "vsock0"},
-            "rng": {"src": "/dev/urandom"},
-            "serial": {"mode": "Socket", "socket": str(self.paths.serial_socket)},
-            "console": {"mode": "Off"},
-            "pvpanic": True,
-        }
-
     async def stop_vmm(self, clock, calls):
         """Ask the VMM to stop with these API actions (vmm.shutdown answers 200 with an empty
         body, not 204), then kill its process group."""
@@ -5429,44 +5442,11 @@ class VM:
         rss, cpu = usage or (None, None)
         return {"rssBytes": rss, "cpuSeconds": cpu}
 
-    def bound_vmm_log(self):
-        """Keep the VMM's -v log within vmm_log_max_bytes of disk (see bound_vmm_logs)."""
-        freed = punch_out_head(self.paths.chv_log, self.cfg.vmm_log_max_bytes // 2)
-        if freed:
-            self.vmm_log_trimmed += freed
-            if self.vmm_log_trimmed == freed:     # once per VM: the guest may do it all day
-                log("hypervisor log over vmm_log_max_bytes: its oldest part is dropped", vm=self.vmName,
-                    freed=freed)
-
     # ---- the guest agent and the callback bridge -------------------------------
 
     def connect_agent(self):
         self.agent = GuestAgent(self.vmName, self.address, self.cfg.agent_port, self.cfg.exec_output_limit_bytes,
                                 self.cfg.max_request_bytes, share_key=self)
-
-    async def wait_for_agent(self):
-        started = time.monotonic()
-        deadline = started + self.cfg.boot_timeout_s
-        last = "no answer"
-        while time.monotonic() < deadline:
-            if not self.watch.alive():
-                _, reason, message = self.exit_reason()
-                raise StartFailed(reason, f"the VM stopped while booting: {message}")
-            if self.reset:       # checked again below: the rebooted guest may answer
-                raise StartFailed(self.reset[0], f"{self.reset[1]} while booting")
-            # A SYN sent before the guest is up is retransmitted only after 1 s: short
-            # attempts notice the agent sooner; after 10 s, longer ones suit a slow guest.
-            attempt_timeout = 0.3 if time.monotonic() - started < 10 else 2.0
-            try:
-                status = await self.agent.health(timeout=attempt_timeout)
-                if status == 200 and not self.reset:
-                    return
-                last = f"HTTP {status}"
-            except AgentError as e:
-                last = str(e)
-            await asyncio.sleep(0.01)
-        raise StartFailed("boot-timeout", f"guest agent did not answer within {fmt_seconds(self.cfg.boot_timeout_s)} "
-                                          f"({last})")
 
     def serve_callbacks(self):
         self.callbacks = CallbackBridge(self.cfg, self)
@@ -5486,16 +5466,6 @@ class VM:
         """Read the serial console (its socket exists from vm.create on) into the console log."""
         self.serial = SerialConsole(self.paths.serial_socket, self.console_log().append, share_key=self)
         self.run_task(self.watch_serial(self.serial))
-
-    def follow_again(self):
-        """Re-open the event FIFO (the VMM still holds its write end) and reconnect to the
-        serial socket (the VMM replays what it buffered meanwhile). A VM without them (started
-        by an older cbox.py) keeps running without events or console."""
-        for what, follow in (("events", self.follow_events), ("serial console", self.follow_serial)):
-            try:
-                follow()
-            except (HypervisorError, OSError) as e:
-                log(f"re-adopted VM has no {what}", vm=self.vmName, error=repr(str(e)))
 
     async def watch_serial(self, serial):
         """The VMM closes the serial connection when it rebuilds the VM's devices: a reset
@@ -5557,45 +5527,7 @@ class VM:
         if self.phase == "running" and self.events:
             self.events.read_pending()       # a panic event written just before the exit
         if self.phase == "running":          # start, destroy or a reset handle the others
-            self.mark_stopped(*self.exit_reason())
-
-    def exit_reason(self):
-        """(status, stopReason, message) for a VMM that exited by itself. Exit code 0 does not
-        prove a power-off: a vCPU error or SIGTERM leave the same way (vmm/src/lib.rs control
-        loop, EpollDispatch::Exit vs GuestExit); the -v log names the guest's power-off."""
-        chv_log = tail_bytes(self.paths.chv_log, 64 * 1024)
-        code = self.watch.exit_code
-        if code is None:        # adopted, not our child: its exit status is gone; the log tells
-            if b"Cloud Hypervisor exited successfully" in chv_log:
-                code = 0
-            elif b"Fatal error" not in chv_log:
-                return "FAILED", "killed", "cloud-hypervisor died without exiting (killed, or it crashed)"
-        if code is not None and code < 0:
-            return "FAILED", "killed", f"cloud-hypervisor was killed by signal {-code} ({signal_name(-code)})"
-        if code == 0 and b"VM guest exit event" in chv_log:
-            return "STOPPED", "guest-poweroff", "the guest powered off"
-        vcpu_error = vcpu_error_in_vmm_log(self.paths.chv_log) if code == 0 else None
-        if vcpu_error:
-            return "FAILED", "vcpu-error", f"the guest's vCPU failed: {vcpu_error}"
-        if code == 0:
-            return "FAILED", "vmm-crash", ("cloud-hypervisor exited with code 0 without a guest power-off "
-                                           f"(see {self.paths.chv_log})")
-        chain = vmm_error_chain(self.paths.chv_out)
-        return "FAILED", hypervisor_reason(chain or "") or "vmm-crash", (
-            (f"cloud-hypervisor exited with code {code}" if code is not None else "cloud-hypervisor exited with an error")
-            + (f": {chain}" if chain else "") + f" (see {self.paths.chv_out})")
-
-    def start_failure(self, error):
-        """(stopReason, what went wrong) of a start that failed with `error`: the hypervisor's
-        own words where it has them (its API error, its -v log, its stderr)."""
-        if isinstance(error, StartFailed):
-            return error.stop_reason, str(error)
-        if self.watch and not self.watch.alive():      # it died under an API call
-            _, reason, message = self.exit_reason()
-            return reason, f"{error} ({message})"
-        if isinstance(error, HypervisorError):
-            return hypervisor_reason(str(error)) or "vmm-error", str(error)
-        return "start-failed", str(error)
+            self.mark_stopped(*vmm_exit_reason(self.paths, self.watch.exit_code))
 
     def mark_stopped(self, status, reason, message):
         self.status, self.stopReason, self.error, self.phase = status, reason, message, "dead"
@@ -6368,9 +6300,28 @@ class DeadlineKeeper:
         """Whether the agent says one of the VM's background execs runs; an agent that does not
         answer within 15 s in all has none (a guest must not keep its VM alive by stalling)."""
         try:
-            return await within(15.0, vm.background_exec_running())
+            return await within(15.0, DeadlineKeeper.ask_background_execs(vm))
         except asyncio.TimeoutError:
             return False
+
+    @staticmethod
+    async def ask_background_execs(vm):
+        """Whether one of the VM's background execs still runs (asking its agent); the
+        finished ones are forgotten (VM.background)."""
+        running, checked = [], vm.backgroundExecs
+        for exec_id in checked:
+            try:
+                answer = await within(10.0, vm.agent.status(exec_id))
+                if isinstance(answer, BodyStream):       # a large output so far
+                    answer = await answer.read(answer.length)
+                state = await off_loop_if_large(len(answer), json.loads, answer)
+            except (AgentError, HttpError, ValueError, TypeError, asyncio.TimeoutError, RecursionError):
+                continue
+            if isinstance(state, dict) and state.get("running") is True:
+                running.append(exec_id)
+        if vm.background.forget_idle([i for i in checked if i not in running]):
+            vm.save()
+        return bool(running)
 
     async def end_at_deadline(self, vm, reason):
         """Destroy a VM whose deadline came, as DELETE would, unless it turns out to be busy
@@ -6437,7 +6388,7 @@ class VmBooter:
                     vm.serial.read_pending()
                 if isinstance(e.__cause__, HttpError) and vm.watch:
                     await vm.watch.wait(1.0)     # the API connection broke: if the VMM died, its exit says why
-                reason, why = vm.start_failure(e)
+                reason, why = start_failure(e, vm.paths, vm.watch)
                 evidence = self.failed_starts.add(vm, clock.current, reason, why)
                 message = (f"starting VM '{vm.vmName}' failed at step {clock.current}: {why} (stopReason {reason}); "
                            f"console: {console_tail(vm.console_log())}"
@@ -6470,9 +6421,9 @@ class VmBooter:
         with clock.step("spawn"):
             vm.spawn_vmm()
             vm.save()
-            await vm.wait_for_api()
+            await self.wait_for_api(vm)
         with clock.step("vm.create"):
-            vm.sent_config = vm.vm_config(self.gateway, self.dns)
+            vm.sent_config = vm_create_config(vm, self.gateway, self.dns)
             await vm.chv.create(vm.sent_config)
             vm.follow_serial()
         with clock.step("callbacks"):
@@ -6481,10 +6432,51 @@ class VmBooter:
             await vm.chv.boot()
         with clock.step("agent"):
             vm.connect_agent()
-            await vm.wait_for_agent()
+            await self.wait_for_agent(vm)
         vm.status, vm.phase = "RUNNING", "running"
         vm.touch()                      # the idle clock starts when the VM can be used
         vm.save()
+
+    @staticmethod
+    async def wait_for_api(vm, timeout=10.0):
+        """Until the new VMM's API answers; StartFailed when the VMM exits first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if not vm.watch.alive():
+                _, reason, message = vmm_exit_reason(vm.paths, vm.watch.exit_code)
+                raise StartFailed(reason, f"before its API answered, {message}")
+            try:
+                return await vm.chv.ping(timeout=1.0)
+            except HypervisorError as e:
+                if time.monotonic() > deadline:
+                    raise HypervisorError(f"API socket did not answer within {fmt_seconds(timeout)}") from e
+                await asyncio.sleep(0.005)
+
+    async def wait_for_agent(self, vm):
+        """Until the booting guest's agent answers; StartFailed when the VMM exits, the guest
+        resets or boot_timeout_s passes first."""
+        started = time.monotonic()
+        deadline = started + self.cfg.boot_timeout_s
+        last = "no answer"
+        while time.monotonic() < deadline:
+            if not vm.watch.alive():
+                _, reason, message = vmm_exit_reason(vm.paths, vm.watch.exit_code)
+                raise StartFailed(reason, f"the VM stopped while booting: {message}")
+            if vm.reset:       # checked again below: the rebooted guest may answer
+                raise StartFailed(vm.reset[0], f"{vm.reset[1]} while booting")
+            # A SYN sent before the guest is up is retransmitted only after 1 s: short
+            # attempts notice the agent sooner; after 10 s, longer ones suit a slow guest.
+            attempt_timeout = 0.3 if time.monotonic() - started < 10 else 2.0
+            try:
+                status = await vm.agent.health(timeout=attempt_timeout)
+                if status == 200 and not vm.reset:
+                    return
+                last = f"HTTP {status}"
+            except AgentError as e:
+                last = str(e)
+            await asyncio.sleep(0.01)
+        raise StartFailed("boot-timeout", f"guest agent did not answer within {fmt_seconds(self.cfg.boot_timeout_s)} "
+                                          f"({last})")
 
 
 class VmStarter:
@@ -6622,7 +6614,18 @@ class Adoption:
         await self.net.apply_egress(vm.tapDeviceName, vm.address, vm.network)
         vm.connect_agent()
         vm.serve_callbacks()
-        vm.follow_again()
+        self.follow_again(vm)
+
+    @staticmethod
+    def follow_again(vm):
+        """Re-open the event FIFO (the VMM still holds its write end) and reconnect to the
+        serial socket (the VMM replays what it buffered meanwhile). A VM without them (started
+        by an older cbox.py) keeps running without events or console."""
+        for what, follow in (("events", vm.follow_events), ("serial console", vm.follow_serial)):
+            try:
+                follow()
+            except (HypervisorError, OSError) as e:
+                log(f"re-adopted VM has no {what}", vm=vm.vmName, error=repr(str(e)))
 
     async def adopt_pool(self, vms):
         """Take back the warm pool VMs of the records (at most the pool's size of their image,
@@ -6723,6 +6726,16 @@ class EgressChanges:
         return vm
 
 
+def bound_vmm_log(vm):
+    """Keep a VM's VMM -v log within vmm_log_max_bytes of disk (see bound_vmm_logs)."""
+    freed = punch_out_head(vm.paths.chv_log, vm.cfg.vmm_log_max_bytes // 2)
+    if freed:
+        vm.vmm_log_trimmed += freed
+        if vm.vmm_log_trimmed == freed:     # once per VM: the guest may do it all day
+            log("hypervisor log over vmm_log_max_bytes: its oldest part is dropped", vm=vm.vmName,
+                freed=freed)
+
+
 async def bound_vmm_logs(all_vms):
     """Keep each hypervisor's -v log within vmm_log_max_bytes of disk, for as long as cbox.py
     runs (`all_vms()`: the VMs to check): a guest can make its VMM log at will (every pvpanic
@@ -6730,7 +6743,7 @@ async def bound_vmm_logs(all_vms):
     while True:
         await asyncio.sleep(VMM_LOG_CHECK_S)
         for vm in all_vms():
-            vm.bound_vmm_log()
+            bound_vmm_log(vm)
 
 
 class ExecForwarding:
@@ -7534,7 +7547,7 @@ class Operation:
 
 
 def openapi_document(cfg, routes):
-    """The OpenAPI 3.1 description of the REST API: paths from the route table (RestServer.routes),
+    """The OpenAPI 3.1 description of the REST API: paths from the route table (ApiRoutes.routes),
     schemas from the tables the server checks requests with and the answers' schemas."""
     paths = {}
     for pattern, methods in routes:
@@ -7563,21 +7576,14 @@ def openapi_document(cfg, routes):
     return document
 
 
-class RestServer:
-    """HTTP/1.1 keep-alive server for the API README's "REST API" describes."""
+class ApiRoutes:
+    """The routes of README's "REST API": the route table (each method an Operation, the
+    busiest first) and its handlers, given what they use when made: the VM manager (None for
+    `cbox.py openapi`, which only describes them) and the terminals attached (Terminals).
+    RestServer finds a request's Operation here and runs its handler."""
 
-    def __init__(self, cfg, manager):
-        self.cfg, self.manager = cfg, manager
-        self.server = None
-        self.connections = set()
-        self.client_watch = ClientWatch()
-        self.relays = set()            # exec streams being relayed (EventRelay)
-        self.terminals = Terminals()   # WebSockets attached to execs (TerminalAttach)
-        self.stopping = False          # stop() was called
-        self.bodies = BodyBudget(cfg.request_body_buffer_bytes)
-        self.linger_budget = TokenBucket(self.LINGER_BYTES_PER_S, self.LINGER_BYTES_PER_S)
-        self.held = 0                  # connections refused 401 being held unread (hold_refused)
-        self.schemas = request_schemas(cfg)
+    def __init__(self, cfg, manager, terminals):
+        self.cfg, self.manager, self.terminals = cfg, manager, terminals
         op = Operation
         # an agent call: 409 (the VM not running), 502 (its agent failing); a client leaving cancels
         # it (never the exec: a stream's relay runs after its handler returned)
@@ -7626,6 +7632,167 @@ class RestServer:
         self.route_names = {pattern: route_name(pattern) for pattern, _ in self.routes}
         self.public_paths = {self.route_names[pattern] for pattern, methods in self.routes      # no token needed
                              if all(operation.public for operation in methods.values())}
+
+    async def health(self, req):
+        """The server's health (no API token needed)"""
+        return {"status": "healthy", "timestamp": utc_now(), "version": VERSION, "commit": build_commit(),
+                "vms": len(self.manager.vms), "pool": self.manager.pool.state(),
+                "loopLagMs": {k: round(v * 1000, 3) for k, v in LOOP_LAG.summary().items()}}
+
+    async def list_vms(self, req):
+        """List VMs, optionally filtered by labels, status and image"""
+        return {"vms": [vm.api() for vm in self.manager.registry.select(parse_vm_filter(req.query))]}
+
+    async def start_vm(self, req):
+        """Start a VM; answers once its guest agent answers"""
+        spec = start_spec(req.json)
+        req.vm_name = spec["vmName"]
+        vm = await self.manager.starter.start(spec)
+        return vm.api()
+
+    async def get_vm(self, req):
+        """A VM"""
+        return self.manager.registry.get(req.params["name"]).api()
+
+    async def put_network(self, req):
+        """Change a running VM's egress policy"""
+        return (await self.manager.egress.set(req.params["name"], req.json)).api()
+
+    async def destroy_vm(self, req):
+        """Destroy a VM"""
+        await self.manager.teardown.destroy(req.params["name"])
+        return {"success": True}
+
+    async def list_images(self, req):
+        """The guest images: where each came from, its agent, whether it can start a VM, its VMs"""
+        return {"images": self.manager.images.list()}
+
+    async def get_image(self, req):
+        """A guest image"""
+        return self.manager.images.get(req.params["image"])
+
+    async def delete_image(self, req):
+        """Remove a guest image no VM and no warm pool uses ("default" never)"""
+        await self.manager.images.remove(req.params["image"])
+        return {"success": True}
+
+    async def destroy_all(self, req):
+        """Destroy every VM (or those the filter matches)"""
+        return {"success": True, "destroyed": await self.manager.teardown.destroy_all(parse_vm_filter(req.query))}
+
+    async def set_ttl(self, req):
+        """Set, extend or clear a VM's TTL (from now)"""
+        return self.manager.deadlines.set_ttl(req.params["name"], req.json["ttlSeconds"]).api()
+
+    async def exec(self, req):
+        """Run a command in a VM: blocking, in the background, or streamed"""
+        agent_body, blocking, timeout, stream = exec_parts(req.json, self.cfg)
+        answer = await self.manager.execs.exec(req.params["name"], agent_body, blocking, timeout, stream)
+        return self.relay(req, answer) if stream else answer
+
+    @staticmethod
+    def relay(req, events):
+        return EventRelay(events, "text/event-stream" in req.headers.get("accept", ""), req.version == "HTTP/1.1")
+
+    async def exec_stream(self, req):
+        """An exec's events from seq `since` (replayed, then live until it ends)"""
+        since = req.args.get("since")
+        last_id = req.headers.get("last-event-id")
+        if since is None and last_id:     # an EventSource resuming: the event after the last one it saw
+            since = check_query({"since": [last_id]}, STREAM_QUERY)["since"] + 1
+        events = await self.manager.execs.events(req.params["name"], req.params["exec_id"], since or 0)
+        return self.relay(req, events)
+
+    async def exec_attach(self, req):
+        """An exec's terminal as a WebSocket (RFC 6455): its output to the client, input and control from it"""
+        problem = websocket_request_problem(req.method, req.headers)
+        if problem:
+            raise ApiError(400, problem)
+        name, exec_ref = req.params["name"], req.params["exec_id"]
+        writer_role = self.terminals.admit(name, exec_ref)
+        try:
+            events = await self.manager.execs.events(name, exec_ref, 0)
+        except BaseException:
+            self.terminals.release(name, exec_ref, writer_role)
+            raise
+        attach = TerminalAttach(self.manager.execs, name, exec_ref, events, req.headers["sec-websocket-key"],
+                                writer_role, self.terminals.end, self.cfg.http_body_timeout_s)
+        self.terminals.attaches.add(attach)
+        return attach
+
+    async def exec_status(self, req):
+        """A background exec's result so far"""
+        return await self.manager.execs.status(req.params["name"], req.params["exec_id"])
+
+    async def exec_kill(self, req):
+        """End an exec (SIGTERM, after `grace` seconds SIGKILL): its final result"""
+        return await self.manager.execs.kill(req.params["name"], req.params["exec_id"], req.args["grace"])
+
+    async def exec_kill_all(self, req):
+        """End every running exec of a VM"""
+        return await self.manager.execs.kill_all(req.params["name"], req.args["grace"])
+
+    async def exec_list(self, req):
+        """A VM's running and recently finished execs"""
+        return await self.manager.execs.list(req.params["name"])
+
+    async def exec_signal(self, req):
+        """Send a signal to every process of an exec"""
+        return await self.manager.execs.signal(req.params["name"], req.params["exec_id"], req.json)
+
+    async def exec_stdin(self, req):
+        """Write to (or close) an exec's stdin pipe"""
+        return await self.manager.execs.stdin(req.params["name"], req.params["exec_id"], req.json)
+
+    async def logs(self, req):
+        """The tail of a VM's serial console"""
+        return 200, self.manager.execs.console_text(req.params["name"]), "text/plain; charset=utf-8"
+
+    async def stats(self, req):
+        """A VM's guest and VMM resource usage"""
+        return await self.manager.execs.stats(req.params["name"])
+
+    async def metrics(self, req):
+        """Metrics in Prometheus's text format"""
+        return 200, METRICS.expose(), Registry.CONTENT_TYPE
+
+    async def openapi(self, req):
+        """This API's OpenAPI 3.1 description (no API token needed)"""
+        if self.openapi_json is None:
+            self.openapi_json = json_bytes(openapi_document(self.cfg, self.routes))
+        return self.openapi_json
+
+    async def events(self, req):
+        """Lifecycle events after id `since`, waiting up to `wait` seconds for one"""
+        since, wait_s = req.args["since"], req.args["wait"]
+        events, missed, nxt = EVENTS.after(since)
+        if not events and not missed and wait_s:
+            await EVENTS.wait(wait_s)
+            events, missed, nxt = EVENTS.after(since)
+        return {"events": events, "next": nxt, "missed": missed}
+
+    async def failed_starts(self, req):
+        """The newest failed starts: why, and where their evidence is kept"""
+        return {"failedStarts": self.manager.failed_starts.listing()}
+
+
+class RestServer:
+    """HTTP/1.1 keep-alive server for the API README's "REST API" describes."""
+
+    def __init__(self, cfg, manager):
+        self.cfg, self.manager = cfg, manager
+        self.server = None
+        self.connections = set()
+        self.client_watch = ClientWatch()
+        self.relays = set()            # exec streams being relayed (EventRelay)
+        self.terminals = Terminals()   # WebSockets attached to execs (TerminalAttach)
+        self.stopping = False          # stop() was called
+        self.bodies = BodyBudget(cfg.request_body_buffer_bytes)
+        self.linger_budget = TokenBucket(self.LINGER_BYTES_PER_S, self.LINGER_BYTES_PER_S)
+        self.held = 0                  # connections refused 401 being held unread (hold_refused)
+        self.schemas = request_schemas(cfg)
+        self.api = ApiRoutes(cfg, manager, self.terminals)
+        self.routes, self.route_names, self.public_paths = self.api.routes, self.api.route_names, self.api.public_paths
 
     async def start(self):
         METRICS.on_scrape("process", refresh_process_metrics)     # here: a server made for its routes only
@@ -7922,137 +8089,6 @@ class RestServer:
                                  request.route)      # for the metrics
             raise ApiError(401, "missing or wrong API token (send 'Authorization: Bearer <token>')")
 
-    # ---- handlers ------------------------------------------------------------------
-
-    async def health(self, req):
-        """The server's health (no API token needed)"""
-        return {"status": "healthy", "timestamp": utc_now(), "version": VERSION, "commit": build_commit(),
-                "vms": len(self.manager.vms), "pool": self.manager.pool.state(),
-                "loopLagMs": {k: round(v * 1000, 3) for k, v in LOOP_LAG.summary().items()}}
-
-    async def list_vms(self, req):
-        """List VMs, optionally filtered by labels, status and image"""
-        return {"vms": [vm.api() for vm in self.manager.registry.select(parse_vm_filter(req.query))]}
-
-    async def start_vm(self, req):
-        """Start a VM; answers once its guest agent answers"""
-        spec = start_spec(req.json)
-        req.vm_name = spec["vmName"]
-        vm = await self.manager.starter.start(spec)
-        return vm.api()
-
-    async def get_vm(self, req):
-        """A VM"""
-        return self.manager.registry.get(req.params["name"]).api()
-
-    async def put_network(self, req):
-        """Change a running VM's egress policy"""
-        return (await self.manager.egress.set(req.params["name"], req.json)).api()
-
-    async def destroy_vm(self, req):
-        """Destroy a VM"""
-        await self.manager.teardown.destroy(req.params["name"])
-        return {"success": True}
-
-    async def list_images(self, req):
-        """The guest images: where each came from, its agent, whether it can start a VM, its VMs"""
-        return {"images": self.manager.images.list()}
-
-    async def get_image(self, req):
-        """A guest image"""
-        return self.manager.images.get(req.params["image"])
-
-    async def delete_image(self, req):
-        """Remove a guest image no VM and no warm pool uses ("default" never)"""
-        await self.manager.images.remove(req.params["image"])
-        return {"success": True}
-
-    async def destroy_all(self, req):
-        """Destroy every VM (or those the filter matches)"""
-        return {"success": True, "destroyed": await self.manager.teardown.destroy_all(parse_vm_filter(req.query))}
-
-    async def set_ttl(self, req):
-        """Set, extend or clear a VM's TTL (from now)"""
-        return self.manager.deadlines.set_ttl(req.params["name"], req.json["ttlSeconds"]).api()
-
-    async def exec(self, req):
-        """Run a command in a VM: blocking, in the background, or streamed"""
-        agent_body, blocking, timeout, stream = exec_parts(req.json, self.cfg)
-        answer = await self.manager.execs.exec(req.params["name"], agent_body, blocking, timeout, stream)
-        return self.relay(req, answer) if stream else answer
-
-    @staticmethod
-    def relay(req, events):
-        return EventRelay(events, "text/event-stream" in req.headers.get("accept", ""), req.version == "HTTP/1.1")
-
-    async def exec_stream(self, req):
-        """An exec's events from seq `since` (replayed, then live until it ends)"""
-        since = req.args.get("since")
-        last_id = req.headers.get("last-event-id")
-        if since is None and last_id:     # an EventSource resuming: the event after the last one it saw
-            since = check_query({"since": [last_id]}, STREAM_QUERY)["since"] + 1
-        events = await self.manager.execs.events(req.params["name"], req.params["exec_id"], since or 0)
-        return self.relay(req, events)
-
-    async def exec_attach(self, req):
-        """An exec's terminal as a WebSocket (RFC 6455): its output to the client, input and control from it"""
-        problem = websocket_request_problem(req.method, req.headers)
-        if problem:
-            raise ApiError(400, problem)
-        name, exec_ref = req.params["name"], req.params["exec_id"]
-        writer_role = self.terminals.admit(name, exec_ref)
-        try:
-            events = await self.manager.execs.events(name, exec_ref, 0)
-        except BaseException:
-            self.terminals.release(name, exec_ref, writer_role)
-            raise
-        attach = TerminalAttach(self.manager.execs, name, exec_ref, events, req.headers["sec-websocket-key"],
-                                writer_role, self.terminals.end, self.cfg.http_body_timeout_s)
-        self.terminals.attaches.add(attach)
-        return attach
-
-    async def exec_status(self, req):
-        """A background exec's result so far"""
-        return await self.manager.execs.status(req.params["name"], req.params["exec_id"])
-
-    async def exec_kill(self, req):
-        """End an exec (SIGTERM, after `grace` seconds SIGKILL): its final result"""
-        return await self.manager.execs.kill(req.params["name"], req.params["exec_id"], req.args["grace"])
-
-    async def exec_kill_all(self, req):
-        """End every running exec of a VM"""
-        return await self.manager.execs.kill_all(req.params["name"], req.args["grace"])
-
-    async def exec_list(self, req):
-        """A VM's running and recently finished execs"""
-        return await self.manager.execs.list(req.params["name"])
-
-    async def exec_signal(self, req):
-        """Send a signal to every process of an exec"""
-        return await self.manager.execs.signal(req.params["name"], req.params["exec_id"], req.json)
-
-    async def exec_stdin(self, req):
-        """Write to (or close) an exec's stdin pipe"""
-        return await self.manager.execs.stdin(req.params["name"], req.params["exec_id"], req.json)
-
-    async def logs(self, req):
-        """The tail of a VM's serial console"""
-        return 200, self.manager.execs.console_text(req.params["name"]), "text/plain; charset=utf-8"
-
-    async def stats(self, req):
-        """A VM's guest and VMM resource usage"""
-        return await self.manager.execs.stats(req.params["name"])
-
-    async def metrics(self, req):
-        """Metrics in Prometheus's text format"""
-        return 200, METRICS.expose(), Registry.CONTENT_TYPE
-
-    async def openapi(self, req):
-        """This API's OpenAPI 3.1 description (no API token needed)"""
-        if self.openapi_json is None:
-            self.openapi_json = json_bytes(openapi_document(self.cfg, self.routes))
-        return self.openapi_json
-
     def refresh_server_metrics(self):
         counts = dict.fromkeys(("CREATED", "RUNNING", "STOPPED", "FAILED"), 0)
         for vm in list(self.manager.vms.values()):
@@ -8061,19 +8097,6 @@ class RestServer:
             M_VMS.labels(status).value = count
         M_HTTP_ABANDONED.value = self.client_watch.abandoned
         M_HTTP_BODY_BYTES.value = self.bodies.held
-
-    async def events(self, req):
-        """Lifecycle events after id `since`, waiting up to `wait` seconds for one"""
-        since, wait_s = req.args["since"], req.args["wait"]
-        events, missed, nxt = EVENTS.after(since)
-        if not events and not missed and wait_s:
-            await EVENTS.wait(wait_s)
-            events, missed, nxt = EVENTS.after(since)
-        return {"events": events, "next": nxt, "missed": missed}
-
-    async def failed_starts(self, req):
-        """The newest failed starts: why, and where their evidence is kept"""
-        return {"failedStarts": self.manager.failed_starts.listing()}
 
 
 # =============================================================================
@@ -10009,7 +10032,7 @@ def main(argv=None):
                 print(f"{key}: {'(set)' if secret else repr(getattr(cfg, key))}")
             return
         if args.cmd == "openapi":
-            print(json.dumps(openapi_document(cfg, RestServer(cfg, None).routes), indent=1))
+            print(json.dumps(openapi_document(cfg, ApiRoutes(cfg, None, None).routes), indent=1))
             return
         if args.cmd == "preflight":
             problems = preflight(cfg)

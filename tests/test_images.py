@@ -403,7 +403,7 @@ def test_named_images_boot_each_with_its_own_tools(netns, tmp_path):
     need_qemu()
     names = sorted(p.parent.name for p in IMAGES_DIR.glob("*/image.json"))
     tap = unique("cbit")[:15]
-    bridge_with_tap(netns, tap)
+    netns.bridge_with_tap(tap, f"{HOST_IP}/24")
     for name in names:
         meta = json.loads((IMAGES_DIR / name / "image.json").read_text())
         run_dir = tmp_path / name

@@ -444,7 +444,7 @@ def test_vm_config_validates_against_cloud_hypervisor_openapi(tmp_path, chv_sche
     vm = cbox.VM(cfg, vmName="v1", ip="10.20.1.2/24", tapDeviceName="cbt3", cid=3, vcpus=2, memoryMb=256,
                  mac=cbox.mac_for("10.20.1.2"))
     vm.boot_image = cbox.Images(cfg).get("default")          # the manager sets it (VmBooter.new_vm)
-    config = vm.vm_config(manager.booter.gateway, manager.booter.dns)
+    config = cbox.vm_create_config(vm, manager.booter.gateway, manager.booter.dns)
     validator = fake_chv.SchemaValidator.load(chv_schema)
     assert validator.validate(config) == []
     assert fake_chv.semantic_errors(config) == []
