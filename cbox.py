@@ -8214,12 +8214,6 @@ class ExecResult(dict):
     duration_ms = property(lambda self: self.get("durationMs"))
 
 
-def event_bytes(event):
-    """A stdout/stderr event's exact bytes (dataBase64 when the output was not UTF-8)."""
-    import base64
-    return base64.b64decode(event["dataBase64"]) if "dataBase64" in event else event["data"].encode()
-
-
 def exec_path(exec_ref, suffix=""):
     return "/exec/" + urllib.parse.quote(exec_ref, safe="") + suffix
 
@@ -9734,7 +9728,7 @@ def follow_exec(stream):
     sinks = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
     for event in stream:
         if event["type"] in sinks:
-            sinks[event["type"]].write(event_bytes(event))
+            sinks[event["type"]].write(output_bytes(event))
             sinks[event["type"]].flush()
         elif event["type"] == "dropped":
             sys.stderr.write(f"cbox: {event['missed']} events of the output were lost\n")
