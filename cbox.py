@@ -96,6 +96,7 @@ import socket
 import ssl
 import statistics
 import sys
+import threading
 import time
 import urllib.parse
 import uuid
@@ -282,6 +283,93 @@ def write_atomically(path, data):
         except OSError:
             pass
         raise
+
+
+class RecordWrites:
+    """Files rewritten often (a VM's record: its activity time and background execs change
+    with every exec) written off the event loop: a rename on a busy disk can take hundreds
+    of ms (seen: the loop stalled 100-360 ms at a time, every VM's API with it, while 156
+    exec streams started, each noting its exec in its VM's record; `bench.py --only hostile`).
+
+    later(path, data) queues the newest content for the one worker (a task handing each
+    write to a thread); now(path, data) writes at once, for the steps that must be on disk
+    before the next (a start, a claim, a stop); remove(path) unlinks. Whichever comes last
+    wins, never older content: a queued write whose path was written or removed after it
+    was queued is skipped (a lock per file orders the thread's write of it with the loop's).
+    flush() writes what is queued, here and now (at shutdown, or with no loop running)."""
+
+    def __init__(self):
+        self.locks = {}                # path -> the lock of its writes (a file's own: others go on)
+        self.numbers = itertools.count(1)
+        self.newest = {}               # path -> the number of its newest queued write
+        self.queued = {}               # path -> (number, data), oldest path first
+        self.worker = None
+
+    def later(self, path, data):
+        number = self.newest[path] = next(self.numbers)
+        self._lock(path)
+        self.queued.pop(path, None)
+        self.queued[path] = (number, data)
+        if self.worker is None:
+            try:
+                self.worker = asyncio.get_running_loop().create_task(self._work())
+            except RuntimeError:       # no loop (a CLI command, a test): at once
+                self.flush()
+
+    def now(self, path, data):
+        with self._lock(path):
+            self._supersede(path)
+            write_atomically(path, data)
+
+    def remove(self, path):
+        with self._lock(path):
+            self._supersede(path)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        self.locks.pop(path, None)     # a thread still holding it finds its write superseded
+
+    def _lock(self, path):
+        return self.locks.setdefault(path, threading.Lock())
+
+    def _supersede(self, path):
+        self.queued.pop(path, None)
+        self.newest.pop(path, None)    # a write in the thread now finds no number of its own
+
+    def _write_if_newest(self, path, number, data):
+        lock = self.locks.get(path)
+        if lock is None:               # removed since
+            return
+        with lock:
+            if self.newest.get(path) != number:
+                return
+            del self.newest[path]
+            write_atomically(path, data)
+
+    def _next(self):
+        path = next(iter(self.queued))
+        return (path, *self.queued.pop(path))
+
+    async def _work(self):
+        try:
+            while self.queued:
+                path, number, data = self._next()
+                try:
+                    await asyncio.to_thread(self._write_if_newest, path, number, data)
+                except OSError as e:
+                    log("cannot write", file=str(path), error=repr(str(e)))
+        finally:
+            self.worker = None
+
+    def flush(self):
+        while self.queued:
+            path, number, data = self._next()
+            try:
+                self._write_if_newest(path, number, data)
+            except OSError as e:
+                log("cannot write", file=str(path), error=repr(str(e)))
+
+
+RECORD_WRITES = RecordWrites()
 
 
 def tail_bytes(path, limit):
@@ -2118,6 +2206,7 @@ class AgentEvents:
 
     BUFFER = 256 * 1024
     BATCH = 1024                   # events parsed per batch at most: the loop is not held long
+    BATCH_BYTES = 64 * 1024        # and bytes: a batch ends with the line that passes this
     EVENT_RATE = 20000.0           # a VM's streams, events a second (an agent read is an event)
     BYTE_RATE = 256.0 * 1024 * 1024
     SMALL_LINE = 4096              # lines up to this are parsed by json.loads
@@ -2211,7 +2300,8 @@ class AgentEvents:
         await self._fill()
         batch, start, pending = [], 0, self.pending
         try:
-            while len(batch) < self.BATCH and (end := pending.find(b"\n", start)) >= 0:
+            while (len(batch) < self.BATCH and start < self.BATCH_BYTES
+                   and (end := pending.find(b"\n", start)) >= 0):
                 self._check_length(pending, start, end - start)
                 line = bytes(memoryview(pending)[start:end + 1])
                 start = end + 1
@@ -5287,15 +5377,22 @@ class VM:
     # ---- the record on disk ------------------------------------------------------
 
     def save(self):
-        write_atomically(self.paths.record, json.dumps(self.record(), indent=1).encode())
+        """The record on disk now (a lifecycle step: the next step relies on it)."""
+        RECORD_WRITES.now(self.paths.record, self.record_bytes())
+
+    def save_later(self):
+        """The record on disk soon, written off the loop (activity, background execs)."""
+        RECORD_WRITES.later(self.paths.record, self.record_bytes())
+
+    def record_bytes(self):
         self.activity_saved = time.monotonic()
+        return json.dumps(self.record(), indent=1).encode()
 
     def forget(self):
         """Remove the record (and the warm pool record of a VM claimed from the pool, should a
         restart have come between writing its new record and removing the old one)."""
         for name in {self.vmName, self.dirName or self.vmName}:
-            with contextlib.suppress(FileNotFoundError):
-                self.paths.record.with_name(name + ".json").unlink()
+            RECORD_WRITES.remove(self.paths.record.with_name(name + ".json"))
 
     def rename(self, name):
         """The VM takes a new name (a warm pool VM claimed by a start request); its files stay."""
@@ -5352,7 +5449,7 @@ class VM:
         """The VM is in use now: an API call names it, an activity begins or ends."""
         self.active_at = time.time()
         if self.phase in ("running", "dead") and time.monotonic() - self.activity_saved >= self.ACTIVITY_SAVE_S:
-            self.save()
+            self.save_later()
 
     def begin_activity(self):
         """An activity (an exec, an open exec stream) started: the VM is not idle until the
@@ -5391,7 +5488,7 @@ class VM:
         """A background exec started (its id checked: background_exec_id): while it runs, the
         VM is not idle; its exec.finished is awaited (BackgroundExecs)."""
         self.background.note(exec_id)
-        self.save()
+        self.save_later()
 
     # ---- the hypervisor ------------------------------------------------------------
 
@@ -5953,8 +6050,7 @@ class WarmPool:
         vm.phase, vm.status = "running", "RUNNING"
         vm.lastActivityAt = None          # now: the idle clock starts at the claim
         vm.save()                         # the claimed VM's record first, then the pool's goes
-        with contextlib.suppress(FileNotFoundError):
-            pool_record.unlink()
+        RECORD_WRITES.remove(pool_record)
 
     # ---- refilling ----------------------------------------------------------------
 
@@ -8965,6 +9061,7 @@ async def serve(cfg):
     memory_back.cancel()
     await server.stop()
     await manager.shutdown()
+    RECORD_WRITES.flush()
     if sender:
         await sender.finish(2.0)
     log("stopped")

@@ -198,6 +198,8 @@ MAX_HEAD = 64 << 10                  # HTTP request line + headers limit
 DEFAULT_MAX_OUTPUT = 4 << 20         # per stream cap of captured output
 MAX_OUTPUT_LIMIT = 64 << 20          # largest maxOutput a request may ask for
 READ_CHUNK = 256 << 10               # pipe and socket read size
+OUTPUT_CHUNK = 64 << 10              # a command's output read: an output event holds at most this
+                                     # (cbox.py parses an event line in one go: small lines keep it short)
 TEXT_PIECE = 256 << 10               # captured bytes decoded and JSON-escaped at a time
 SMALL_BODY = 256 << 10               # captured bytes up to which a response is built whole
 KEEP_BODY = 16 << 20                 # encoded bytes of a large response kept between counting and sending
@@ -1945,7 +1947,7 @@ class Exec:
 
     def _read(self, poller, fd):
         try:
-            data = os.read(fd, READ_CHUNK)
+            data = os.read(fd, OUTPUT_CHUNK)
         except BlockingIOError:     # a terminal's master (non-blocking) with nothing after all
             return
         except OSError as e:
@@ -1970,11 +1972,11 @@ class Exec:
     @staticmethod
     def _read_more(fd, data):
         """A terminal's master gives a few KiB a read: take what else is there now (up to
-        READ_CHUNK, never waiting), so bulk output makes few events."""
+        OUTPUT_CHUNK, never waiting), so bulk output makes few events."""
         chunks, size = [data], len(data)
-        while size < READ_CHUNK:
+        while size < OUTPUT_CHUNK:
             try:
-                more = os.read(fd, READ_CHUNK - size)
+                more = os.read(fd, OUTPUT_CHUNK - size)
             except OSError:         # EAGAIN: nothing more yet; EIO: the next read ends it
                 break
             if not more:

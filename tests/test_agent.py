@@ -840,6 +840,18 @@ def test_streamed_output_keeps_memory_bounded(fresh_agent):
     assert replay[0]["type"] == "dropped" and replay[-1]["type"] == "exit"
 
 
+def test_output_events_hold_at_most_one_output_chunk(agent):
+    """Bulk output comes in events of at most OUTPUT_CHUNK bytes each (cbox.py parses an
+    event line in one step of its loop: the lines stay modest), every byte in order."""
+    import guest_agent
+    api = api_of(agent)
+    exec_id = background(agent, cmd="head -c 3000000 /dev/zero | tr '\\0' y")
+    events = api.events(exec_id, since=0)
+    sizes = [len(e["data"]) for e in events if e["type"] == "stdout"]
+    assert joined(events, "stdout") == b"y" * 3000000
+    assert max(sizes) <= guest_agent.OUTPUT_CHUNK and len(sizes) >= 3000000 // guest_agent.OUTPUT_CHUNK
+
+
 def test_stdin_pipe(agent):
     api = api_of(agent)
     exec_id = background(agent, cmd="while read -r line; do echo got:$line; done; echo eof", stdin="pipe")

@@ -217,6 +217,26 @@ def test_an_overlong_line_is_not_read_whole():
     assert fed <= LINE_MAX + 4 * cbox.AgentEvents.BUFFER
 
 
+def test_a_batch_of_events_is_parsed_in_bounded_steps():
+    """next_events() parses at most BATCH_BYTES (and the line that passes it) per call, so
+    one read of many lines is not parsed in one go; the lines come out in order, all of them."""
+    async def scenario():
+        reader = asyncio.StreamReader(limit=cbox.AgentEvents.BUFFER)
+        agent = cbox.GuestAgent("vm", "127.0.0.1", 1, 1 << 20)
+        events = cbox.AgentEvents("e", reader, None, 0, 5.0, LINE_MAX, agent.exit_line_max,
+                                  budget=agent.stream_budget, vm_name=agent.vm_name)
+        lines = [line(seq, "stdout", data="y\n" * 5000) for seq in range(60)]     # ~600 KiB
+        reader.feed_data(b"".join(lines) + line(60, "exit", exitCode=0))
+        batches = []
+        while not events.finished:
+            batches.append(await events.next_events())
+        return lines, batches
+    lines, batches = asyncio.run(scenario())
+    sizes = [sum(len(got) for got, _ in batch) for batch in batches]
+    assert len(batches) > 5 and max(sizes) <= cbox.AgentEvents.BATCH_BYTES + len(lines[0])
+    assert [got for batch in batches for got, _ in batch][:-1] == lines
+
+
 def test_flat_json_object_matches_json_on_events_and_refuses_other_shapes():
     for text in ['{"seq":3,"type":"stdout","data":"a\\u0000\\n\\"é"}', '{"seq":1,"type":"exit","argv":["a","b"],'
                  '"exitCode":null,"timedOut":false,"durationMs":1.5e2,"running":true}', '{}', ' {"a" : [ ] }\n']:

@@ -754,6 +754,61 @@ def test_write_atomically_twins_replace_through_a_temporary_beside_the_file(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["guest.json", "host.json"]
 
 
+def test_record_writes_happen_off_the_loop_and_the_newest_content_wins(tmp_path, monkeypatch):
+    """later() hands the write to a thread (the loop runs on while it waits on the disk);
+    of several queued contents only the newest is written; a now() or remove() after a
+    later() wins even against a write already in the thread."""
+    import threading
+    writes, entered, release = [], threading.Event(), threading.Event()
+    real = cbox.write_atomically
+
+    def slow_write(path, data):
+        writes.append((path.name, data, threading.current_thread() is threading.main_thread()))
+        if data == b"slow":
+            entered.set()
+            assert release.wait(10), "the loop was blocked while the thread wrote"
+        real(path, data)
+    monkeypatch.setattr(cbox, "write_atomically", slow_write)
+    files = cbox.RecordWrites()
+    a, b, c = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+
+    async def scenario():
+        files.later(a, b"slow")                      # in the thread, waiting on `release`
+        await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
+        files.later(b, b"1")
+        files.later(b, b"2")                         # queued twice: only the newest is written
+        files.later(c, b"gone")
+        files.remove(c)                              # removed before its write came: not written
+        release.set()                                # the loop ran meanwhile: it released the thread
+        while files.worker is not None:
+            await asyncio.sleep(0.01)
+
+    import asyncio
+    asyncio.run(scenario())
+    assert a.read_bytes() == b"slow" and b.read_bytes() == b"2" and not c.exists()
+    assert [(name, data) for name, data, _ in writes] == [("a.json", b"slow"), ("b.json", b"2")]
+    assert not any(on_main for _, _, on_main in writes)
+
+    writes.clear()
+    entered.clear()
+    release.clear()
+
+    async def overtaken():
+        files.later(a, b"slow")
+        await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
+        files.later(a, b"older")                     # queued behind the one in the thread
+        threading.Timer(0.2, release.set).start()
+        files.now(a, b"newest")                      # waits for the thread's write, then wins
+        while files.worker is not None:
+            await asyncio.sleep(0.01)
+    asyncio.run(overtaken())
+    assert a.read_bytes() == b"newest"
+    assert [data for _, data, _ in writes] == [b"slow", b"newest"]
+    files.later(b, b"no loop")                       # no loop running: written at once
+    assert b.read_bytes() == b"no loop" and not files.queued
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]
+
+
 def test_log_twins_write_lines_of_one_shape(capfd):
     import guest_agent
     cbox.log("twin check", a=1)
