@@ -2453,11 +2453,6 @@ class GuestAgent:
                                   "(an agent older than /identity? rebuild the images)")
         self.vm_name = name
 
-    async def sync(self):
-        """Let the guest flush its disks (before the VM goes away); failures are ignored."""
-        with contextlib.suppress(AgentError):
-            await self._call("POST", "/exec", {"cmd": "sync", "timeout": 5}, timeout=6.0)
-
     async def _call(self, method, target, body=None, timeout=15.0, then=None):
         """A 2xx body (bytes or BodyStream); else AgentError with the agent's status and message.
 
@@ -5965,7 +5960,7 @@ class WarmPool:
     What it needs is given when it is made: fits(memory_mb, disk_mb, pool VMs) (Capacity.check:
     ApiError when one more VM does not fit), image_for(name) (Images.for_start: the checked
     image), make_vm(spec, image) and boot(vm, clock) (VmBooter), teardown(vm)
-    (VmTeardown, not graceful), apply_egress(vm) (EgressChanges.apply: its policy in force), and
+    (VmTeardown), apply_egress(vm) (EgressChanges.apply: its policy in force), and
     `wake`, the Event set whenever capacity is freed (VmTeardown sets it, and so does a claim)."""
 
     RETRY_MIN_S, RETRY_MAX_S = 1.0, 60.0
@@ -6292,14 +6287,12 @@ class VmTeardown:
             await self.net.remove_tap(vm.tapDeviceName, vm.address)
             remove_tree(vm.paths.run_dir)
 
-    async def teardown(self, vm, graceful=False, clock=None):
-        """Undo everything a VM holds: process, listener, tap, files, record, IP and CID."""
+    async def teardown(self, vm, clock=None):
+        """Undo everything a VM holds: process, listener, tap, files, record, IP and CID.
+        The guest is not asked to flush its disks first: its stateful disk goes with it."""
         clock = clock or StepClock(vm.vmName, "cleanup")
         paths = vm.paths
-        if graceful and vm.status == "RUNNING" and vm.agent:
-            with clock.step("sync"):     # let the guest flush its stateful disk before the VM goes away
-                await vm.agent.sync()
-        await vm.stop_vmm(clock, ("vm.shutdown", "vm.delete", "vmm.shutdown"))
+        await vm.stop_vmm(clock, ("vmm.shutdown",))     # CHV: vmm_shutdown -> vm_delete -> vm_shutdown
         vm.stop_watching()
         with clock.step("tap"):
             await self.net.remove_egress(vm.tapDeviceName)
@@ -6314,20 +6307,19 @@ class VmTeardown:
         self.freed.set()                 # capacity freed: the pool may refill
 
     async def destroy(self, name, reason="destroyed", message=None):
-        """Stop a VM (gracefully when it runs) and remove everything it holds, its record too.
+        """Stop a VM and remove everything it holds, its record too.
         A deadline's end (reason ttl or idle, with its message) leaves a tombstone."""
         vm = self.registry.get(name)
         async with vm.lock:
             if self.registry.vms.get(name) is not vm:
                 raise ApiError(404, f"VM '{name}' not found")
             clock = StepClock(name, "destroy")
-            graceful = vm.phase == "running"
             vm.phase = "destroying"
             vm.stopReason = vm.stopReason or reason
             vm.save()
             if message:
                 self.registry.tombstones.add(name, reason, message, vm.console_log().tail())
-            await self.teardown(vm, graceful, clock)
+            await self.teardown(vm, clock)
         log("VM destroyed", vm=name, stopReason=reason, ms=f"{clock.total_ms():.1f}")
         M_VM_DESTROYS.inc()
         EVENTS.publish("vm.destroyed", name, stopReason=vm.stopReason)

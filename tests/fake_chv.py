@@ -326,6 +326,7 @@ Engine interface (CBOX_STANDIN_ENGINE=qemu loads tests/qemu_engine.py:QemuEngine
                             fails writes at sector 0 of a writable disk sent
                             without image_type (else the stand-in refuses it)
 """
+import contextlib
 import copy
 import ctypes
 import fcntl
@@ -569,6 +570,7 @@ class Rtnl:
                 pass
         self.sock.bind((0, 0))
         self.seq = 0
+        self.netns = os.stat("/proc/self/ns/net").st_ino    # the netns it is bound to
 
     def fileno(self):
         return self.sock.fileno()
@@ -1238,18 +1240,25 @@ class KernelRelay:
         deleted), and a netns that dies is dismantled by one kernel worker, late on a loaded
         host.
 
-        The three requests go in one datagram: the kernel runs them in turn within one
-        sendmsg, so this process takes the rtnl lock, contended by every guest stopping,
-        without waiting to be scheduled between them (on a loaded host each wait costs
-        milliseconds, and with 250 guests they queue up)."""
+        Joining the group is cheap; deleting it is what costs.  So one guest at a time
+        deletes (DYING_LOCK, per netns): the pairs that joined while it waited go with its
+        call, and a guest whose pair went with someone else's has nothing left to do.
+        Requests go in one datagram where they can: the kernel runs them in turn within
+        one sendmsg, without this process waiting to be scheduled between them."""
         tap, veth = self.indexes or (self._index(self.tap), self._index(self.veth))
         group = _nla(IFLA_GROUP, struct.pack("=I", DYING_GROUP))
         try:
             self.rtnl.call_all([(RTM_NEWLINK, 0, _ifinfomsg(veth) + group),        # ip link set VETH group G
-                                (RTM_DELLINK, 0, _ifinfomsg() + group),            # ip link del group G
                                 (RTM_DELQDISC, 0, _tcmsg(tap, 0xFFFF0000, TC_H_CLSACT))])   # tc qdisc del clsact
         except OSError:
             pass
+        with dying_lock(self.rtnl.netns):
+            if self._index(self.veth) < 0:
+                return                                                           # gone with another's batch
+            try:
+                self.rtnl.call_all([(RTM_DELLINK, 0, _ifinfomsg() + group)])     # ip link del group G
+            except OSError:
+                pass
 
     def _index(self, name):
         """A link's index, -1 when there is none (a request naming -1 fails alone)."""
@@ -1261,6 +1270,18 @@ class KernelRelay:
     def set_up(self, up):
         """Carrier of the guest's eth0 (vm.pause: no frame in or out)."""
         self.rtnl.set_up(self.rtnl.link_index(self.veth), up)
+
+
+@contextlib.contextmanager
+def dying_lock(netns):
+    """The one deleter of DYING_GROUP in a netns at a time (KernelRelay.stop): an flock on
+    a file of /dev/shm named by the netns' inode (netns inodes are reused: the files stay few)."""
+    fd = os.open(f"/dev/shm/cbox-standin-dying-{netns}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def remove_kernel_relay(tap, veth):
