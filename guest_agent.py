@@ -1588,6 +1588,164 @@ def terminal_eof_char(fd):
     return bytes([char]) if isinstance(char, int) else char
 
 
+# Commands are started by _posixsubprocess.fork_exec, what Popen calls, without Popen's
+# Python layers (they cost more CPU than the vfork and exec themselves). Its arguments
+# differ between Python versions (read in each one's Lib/subprocess.py,
+# Popen._execute_child): 3.10 has no process_group and no allow_vfork, 3.11-3.13 have
+# both. Any other version, or no _posixsubprocess, starts commands with Popen.
+try:
+    import _posixsubprocess
+    FORK_EXEC = _posixsubprocess.fork_exec if (3, 10) <= sys.version_info[:2] <= (3, 13) else None
+except ImportError:
+    FORK_EXEC = None
+FORK_EXEC_HAS_PROCESS_GROUP = sys.version_info[:2] >= (3, 11)
+# Newer versions report a failed chdir as "noexec:chdir" and other failures before the
+# exec as "noexec"; older ones report only "noexec", for a failed chdir (as their Popen reads it).
+NOEXEC_MEANS_CHDIR = "noexec:chdir" not in subprocess.Popen._execute_child.__code__.co_consts
+MAX_EXEC_ERROR_REPORT = 50000        # bytes of the child's exec failure report read (as Popen)
+
+
+def spawn_command(argv, fds, cwd, env, base_env, user):
+    """Start argv with stdin, stdout, stderr = fds (ints) as Popen(argv, stdin=, stdout=,
+    stderr=, cwd=, env=, start_new_session=True, user=, group=, extra_groups=) would, with
+    close_fds and restore_signals; user: a passwd entry (its uid, gid and groups) or None.
+
+    A Popen, or (fork_exec called directly) a ForkedChild: Exec uses only pid, wait()
+    and kill(). Raises what Popen raises: OSError (the exec failed, a bad cwd, ...),
+    ValueError, UnicodeError, SubprocessError.
+    """
+    uid = gid = gids = None
+    if user is not None:
+        uid, gid, gids = user.pw_uid, user.pw_gid, os.getgrouplist(user.pw_name, user.pw_gid)
+    if FORK_EXEC is None:
+        ids = {} if user is None else {"user": uid, "group": gid, "extra_groups": gids}
+        return subprocess.Popen(argv, stdin=fds[0], stdout=fds[1], stderr=fds[2], cwd=cwd, env=env,
+                                start_new_session=True, **ids)
+    return ForkedChild(fork_exec_command(argv, fds, cwd, env, encode_environment(env, base_env),
+                                         uid, gid, gids))
+
+
+def fork_exec_command(argv, fds, cwd, env, env_list, uid, gid, gids):
+    """Popen._execute_child's POSIX path for our arguments: the pid, or the child's exec
+    failure raised as Popen raises it."""
+    program = argv[0]
+    executable = os.fsencode(program)
+    if b"/" in executable:           # os.path.dirname(executable), as Popen tests it
+        executables = (executable,)
+    else:
+        executables = tuple(os.path.join(os.fsencode(d), executable) for d in os.get_exec_path(env))
+    sys.audit("subprocess.Popen", program, argv, cwd, env)
+    report_r, report_w = os.pipe()
+    try:
+        try:
+            report_w = _above_standard_fds(report_w)
+            common = (argv, executables, True, (report_w,), cwd, env_list,
+                      fds[0], -1, -1, fds[1], -1, fds[2], report_r, report_w, True, True)
+            if FORK_EXEC_HAS_PROCESS_GROUP:
+                pid = FORK_EXEC(*common, -1, gid, gids, uid, -1, None, subprocess._USE_VFORK)
+            else:
+                pid = FORK_EXEC(*common, gid, gids, uid, -1, None)
+        finally:
+            os.close(report_w)
+        report = os.read(report_r, MAX_EXEC_ERROR_REPORT)    # b"": it ran exec
+        while report and len(report) <= MAX_EXEC_ERROR_REPORT:
+            part = os.read(report_r, MAX_EXEC_ERROR_REPORT)
+            if not part:
+                break
+            report += part
+    finally:
+        os.close(report_r)
+    if report:
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+        raise exec_failure(report, cwd, program)
+    return pid
+
+
+def _above_standard_fds(fd):
+    """fd, or a dup of it that is not 0, 1 or 2 (fork_exec's report fd must not be)."""
+    low = []
+    while fd < 3:
+        low.append(fd)
+        fd = os.dup(fd)
+    for old in low:
+        os.close(old)
+    return fd
+
+
+def exec_failure(report, cwd, program):
+    """The exception of the child's report "ExceptionName:hex errno:message", as Popen makes it."""
+    import builtins
+    try:
+        name, hex_errno, message = report.split(b":", 2)
+        message = message.decode()
+    except ValueError:
+        name, hex_errno, message = b"SubprocessError", b"0", f"Bad exception data from child: {bytes(report)!r}"
+    kind = getattr(builtins, name.decode("ascii"), subprocess.SubprocessError)
+    if not (issubclass(kind, OSError) and hex_errno):
+        return kind(message)
+    number = int(hex_errno, 16)
+    filename = program
+    if message == "noexec:chdir" or (message == "noexec" and NOEXEC_MEANS_CHDIR):
+        message, filename = "", cwd
+    elif message == "noexec":
+        message, filename = "", None
+    if number != 0:
+        message = os.strerror(number)
+    return kind(number, message) if filename is None else kind(number, message, filename)
+
+
+class ForkedChild:
+    """A command fork_exec_command started: what Exec uses of a Popen."""
+
+    def __init__(self, pid):
+        self.pid = pid
+        self.returncode = None
+        self._lock = threading.Lock()
+
+    def wait(self):
+        with self._lock:
+            if self.returncode is None:
+                try:
+                    _, status = os.waitpid(self.pid, 0)
+                    self.returncode = os.waitstatus_to_exitcode(status)
+                except ChildProcessError:   # SIGCHLD ignored: no status (Popen says 0 too)
+                    self.returncode = 0
+        return self.returncode
+
+    def kill(self):
+        """SIGKILL, unless it was reaped (then its pid may be another process's)."""
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+_encoded_env = [({}, {})]           # (a base environment, its variables encoded): one item, swapped whole
+
+
+def encode_environment(env, base_env):
+    """execve's b"KEY=value" list of env (Popen's encoding); the variables it shares with
+    base_env are encoded once per change of base_env, not at every exec."""
+    base, encoded = _encoded_env[0]
+    if base != base_env:
+        base = dict(base_env)
+        encoded = {key: _encode_variable(key, value) for key, value in base.items()}
+        _encoded_env[0] = (base, encoded)
+    return [encoded[key] if base.get(key) is value else _encode_variable(key, value)
+            for key, value in env.items()]
+
+
+def _encode_variable(key, value):
+    key = os.fsencode(key)
+    if b"=" in key:
+        raise ValueError("illegal environment variable name")
+    return key + b"=" + os.fsencode(value)
+
+
 _devnull = []
 _devnull_lock = threading.Lock()
 
@@ -1689,13 +1847,6 @@ class Exec:
         if not found:
             raise RequestError(400, f"argv[0] {program!r}: command not found")
 
-    def _identity(self):
-        user = self.spec.user
-        if user is None:
-            return {}
-        return {"user": user.pw_uid, "group": user.pw_gid,
-                "extra_groups": os.getgrouplist(user.pw_name, user.pw_gid)}
-
     def start(self, base_env):
         spec = self.spec
         if spec.cwd is not None and not os.path.isdir(spec.cwd):
@@ -1710,7 +1861,7 @@ class Exec:
             except OSError as e:
                 raise RequestError(500, f"cannot create the exec's cgroup: {e}") from None
         try:
-            self._spawn(env)
+            self._spawn(env, base_env)
         except BaseException:
             if self._leaf is not None:
                 self._leaf.remove()
@@ -1721,7 +1872,7 @@ class Exec:
         self.events.append(None, members=f'"type":"start","execId":"{self.id}","tag":{tag},"pid":{self.pid},'
                                          f'"startedAt":"{self.started_at}","tty":{"true" if self.spec.tty else "false"}}}')
 
-    def _spawn(self, env):
+    def _spawn(self, env, base_env):
         spec = self.spec
         wait_for_cgroup = self._leaf is not None
         if spec.tty:
@@ -1730,9 +1881,7 @@ class Exec:
             argv, child, close_after, parent, go_fd = self._open_pipes(wait_for_cgroup)
         own_go_fd = go_fd is not None and go_fd != self._stdin_fd     # a tty's: closed after "go"
         try:
-            self._proc = subprocess.Popen(
-                argv, stdin=child[0], stdout=child[1], stderr=child[2],
-                cwd=spec.cwd, env=env, start_new_session=True, **self._identity())
+            self._proc = spawn_command(argv, child, spec.cwd, env, base_env, spec.user)
         except (OSError, ValueError, UnicodeError, subprocess.SubprocessError) as e:
             for fd in parent:
                 os.close(fd)

@@ -439,6 +439,62 @@ def test_a_blocking_answer_is_the_exec_result(cmd):
                      "startedAt": result["startedAt"], "tty": False}
 
 
+def interpreters_to_compare():
+    """This interpreter and the other 3.10+ ones on PATH (fork_exec's arguments differ by version)."""
+    found = {tuple(sys.version_info[:2]): sys.executable}
+    for minor in range(10, 20):
+        path = shutil.which(f"python3.{minor}")
+        if path and (3, minor) not in found:
+            runs = subprocess.run([path, "-c", "import sys; print(sys.executable)"], capture_output=True, text=True)
+            if runs.returncode == 0:     # not a version manager's shim of an inactive version
+                found[(3, minor)] = runs.stdout.strip()
+    return [pytest.param(path, id=f"{major}.{minor}") for (major, minor), path in sorted(found.items())]
+
+
+@pytest.mark.parametrize("python", interpreters_to_compare())
+def test_fork_exec_fast_path_starts_commands_as_popen(python):
+    """spawn_command's fast path (fork_exec called directly) and Popen start a command alike:
+    session, signals, fds, cwd, user, environment, stdin, exit status, and the same
+    exceptions for a missing or bad cwd, a missing or non-executable program, NUL bytes,
+    a bad variable name (tests/spawn_compare.py runs both ways in that interpreter)."""
+    out = subprocess.run([python, str(REPO / "tests" / "spawn_compare.py"), str(AGENT)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["fastPath"] == ((3, 10) <= tuple(report["version"]) <= (3, 13))
+    for fast, popen in zip(report["fast"], report["popen"]):
+        assert fast == popen
+    probe, _, as_nobody, on_path, missing_cwd, file_cwd, missing, not_on_path, not_executable = report["fast"][:9]
+    assert probe["exit"] == probe["again"] == 7
+    assert "pid is session leader: yes\nSigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\nfds: 0 1 2 3 \n" \
+           in probe["output"] and "stdin: hello" in probe["output"]
+    assert "uid=65534(nobody)" in as_nobody["output"] and (on_path["exit"], on_path["output"]) == (-9, "found on PATH\n")
+    assert (missing_cwd["raised"], missing_cwd["filename"].rsplit("/", 1)[1]) == ("FileNotFoundError", "missing")
+    assert (file_cwd["raised"], missing["raised"], not_on_path["raised"], not_executable["raised"]) == \
+           ("NotADirectoryError", "FileNotFoundError", "FileNotFoundError", "PermissionError")
+    assert [case.get("text") for case in report["fast"][10:12]] == ["embedded null byte", "illegal environment variable name"]
+
+
+def test_commands_start_without_popen_where_fork_exec_is_known():
+    """The agent's commands start through fork_exec on this interpreter (3.10-3.13), the
+    base environment encoded once, and an exec through either path gives the same result."""
+    ga = load_agent_module()
+    base = {"PATH": os.environ["PATH"], "HOME": "/root"}
+    results = []
+    for fast in (True, False):
+        if not fast:
+            ga.FORK_EXEC = None
+        ex = ga.Exec("0123456789abcdef", ga.ExecSpec({"cmd": 'echo "$HOME $A $CBOX_EXEC_ID"; exit 4',
+                                                     "env": {"A": "1"}}))
+        ex.start(base)
+        ex.run()
+        assert isinstance(ex._proc, ga.ForkedChild) == fast
+        result = ex.result()
+        results.append((result["exitCode"], result["stdout"].text()))
+    assert results == [(4, "/root 1 0123456789abcdef\n")] * 2
+    assert ga._encoded_env[0][1] == {"PATH": b"PATH=" + os.environ["PATH"].encode(), "HOME": b"HOME=/root"}
+
+
 def test_finished_execs_are_kept_within_count_bytes_and_time(monkeypatch):
     """The registry keeps finished background execs up to MAX_FINISHED of them, holding
     MAX_FINISHED_BYTES of output, for FINISHED_TTL_S: the oldest go first."""
