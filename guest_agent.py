@@ -1408,6 +1408,7 @@ def response_json(obj):
 
 
 OUTPUT_FIELDS = ("output", "stdout", "stderr")     # of an exec result, left out of its exit event
+JSON_BOOLS = ("false", "true")                      # indexed by a bool
 
 
 class OutputRuns:
@@ -1605,15 +1606,18 @@ NOEXEC_MEANS_CHDIR = "noexec:chdir" not in subprocess.Popen._execute_child.__cod
 MAX_EXEC_ERROR_REPORT = 50000        # bytes of the child's exec failure report read (as Popen)
 
 
-def spawn_command(argv, fds, cwd, env, base_env, user):
+def spawn_command(argv, fds, cwd, base_env, overrides, user):
     """Start argv with stdin, stdout, stderr = fds (ints) as Popen(argv, stdin=, stdout=,
     stderr=, cwd=, env=, start_new_session=True, user=, group=, extra_groups=) would, with
-    close_fds and restore_signals; user: a passwd entry (its uid, gid and groups) or None.
+    close_fds and restore_signals; the environment: base_env with overrides over it; user:
+    a passwd entry (its uid, gid and groups) or None.
 
     A Popen, or (fork_exec called directly) a ForkedChild: Exec uses only pid, wait()
     and kill(). Raises what Popen raises: OSError (the exec failed, a bad cwd, ...),
     ValueError, UnicodeError, SubprocessError.
     """
+    env = dict(base_env)
+    env.update(overrides)
     uid = gid = gids = None
     if user is not None:
         uid, gid, gids = user.pw_uid, user.pw_gid, os.getgrouplist(user.pw_name, user.pw_gid)
@@ -1621,7 +1625,7 @@ def spawn_command(argv, fds, cwd, env, base_env, user):
         ids = {} if user is None else {"user": uid, "group": gid, "extra_groups": gids}
         return subprocess.Popen(argv, stdin=fds[0], stdout=fds[1], stderr=fds[2], cwd=cwd, env=env,
                                 start_new_session=True, **ids)
-    return ForkedChild(fork_exec_command(argv, fds, cwd, env, encode_environment(env, base_env),
+    return ForkedChild(fork_exec_command(argv, fds, cwd, env, encode_environment(env, base_env, overrides),
                                          uid, gid, gids))
 
 
@@ -1727,14 +1731,16 @@ class ForkedChild:
 _encoded_env = [({}, {})]           # (a base environment, its variables encoded): one item, swapped whole
 
 
-def encode_environment(env, base_env):
-    """execve's b"KEY=value" list of env (Popen's encoding); the variables it shares with
-    base_env are encoded once per change of base_env, not at every exec."""
+def encode_environment(env, base_env, overrides):
+    """execve's b"KEY=value" list of env, base_env with overrides over it (Popen's encoding,
+    in env's order); base_env's variables are encoded once per change of it, not at every exec."""
     base, encoded = _encoded_env[0]
     if base != base_env:
         base = dict(base_env)
         encoded = {key: _encode_variable(key, value) for key, value in base.items()}
         _encoded_env[0] = (base, encoded)
+    if overrides.keys().isdisjoint(base):     # env is base's variables, then the overrides
+        return [*encoded.values(), *[_encode_variable(key, value) for key, value in overrides.items()]]
     return [encoded[key] if base.get(key) is value else _encode_variable(key, value)
             for key, value in env.items()]
 
@@ -1807,6 +1813,7 @@ class Exec:
         self._started_at = (None, "")  # (epoch, its startedAt text)
         self.finished = None          # monotonic time once run() is over
         self._final = None            # the result once run() is over (it no longer changes)
+        self._outcome_json = None     # the result but its output, as JSON, once run() is over
         self.events = EventLog(max(spec.max_output, MIN_EVENT_RING))
         self._lock = threading.Lock()  # guards buffers, returncode and killing
         self._proc = None
@@ -1822,9 +1829,10 @@ class Exec:
 
     # -- spawning -----------------------------------------------------------
 
-    def environment(self, base_env):
+    def environment_overrides(self):
+        """The variables the command's environment sets over the base environment's."""
         spec = self.spec
-        env = dict(base_env)
+        env = {}
         if spec.user is not None:
             env.update(HOME=spec.user.pw_dir, USER=spec.user.pw_name, LOGNAME=spec.user.pw_name)
         env.update(spec.env)
@@ -1835,7 +1843,7 @@ class Exec:
             env["TERM"] = spec.term
         return env
 
-    def _check_program(self, env):
+    def _check_program(self, search_path):
         """400 unless argv[0] names an executable (so both spawn paths fail alike)."""
         program = self.spec.argv[0]
         if "/" in program:
@@ -1843,7 +1851,7 @@ class Exec:
             found = os.path.isfile(path) and os.access(path, os.X_OK)
         else:
             import shutil
-            found = shutil.which(program, path=env.get("PATH", "")) is not None
+            found = shutil.which(program, path=search_path) is not None
         if not found:
             raise RequestError(400, f"argv[0] {program!r}: command not found")
 
@@ -1852,16 +1860,16 @@ class Exec:
         if spec.cwd is not None and not os.path.isdir(spec.cwd):
             what = "is not a directory" if os.path.exists(spec.cwd) else "does not exist"
             raise RequestError(400, f"cwd {spec.cwd} {what}")
-        env = self.environment(base_env)
+        env = self.environment_overrides()
         if spec.argv is not None:
-            self._check_program(env)
+            self._check_program(env.get("PATH", base_env.get("PATH", "")))
         if self.cgroups is not None:
             try:
                 self._leaf = self.cgroups.create(self.id, spec.memory_mb, spec.pids_limit)
             except OSError as e:
                 raise RequestError(500, f"cannot create the exec's cgroup: {e}") from None
         try:
-            self._spawn(env, base_env)
+            self._spawn(base_env, env)
         except BaseException:
             if self._leaf is not None:
                 self._leaf.remove()
@@ -1872,7 +1880,7 @@ class Exec:
         self.events.append(None, members=f'"type":"start","execId":"{self.id}","tag":{tag},"pid":{self.pid},'
                                          f'"startedAt":"{self.started_at}","tty":{"true" if self.spec.tty else "false"}}}')
 
-    def _spawn(self, env, base_env):
+    def _spawn(self, base_env, env):
         spec = self.spec
         wait_for_cgroup = self._leaf is not None
         if spec.tty:
@@ -1881,7 +1889,7 @@ class Exec:
             argv, child, close_after, parent, go_fd = self._open_pipes(wait_for_cgroup)
         own_go_fd = go_fd is not None and go_fd != self._stdin_fd     # a tty's: closed after "go"
         try:
-            self._proc = spawn_command(argv, child, spec.cwd, env, base_env, spec.user)
+            self._proc = spawn_command(argv, child, spec.cwd, base_env, env, spec.user)
         except (OSError, ValueError, UnicodeError, subprocess.SubprocessError) as e:
             for fd in parent:
                 os.close(fd)
@@ -2003,10 +2011,7 @@ class Exec:
             self._close_tty()
             self._release_cgroup()
             self.finished = time.monotonic()
-            final = self.result()
-            outcome = {key: value for key, value in final.items() if key not in OUTPUT_FIELDS}
-            self._outcome_json = response_json(outcome)   # the exit event's, and in answer()
-            self._final = final
+            self._outcome_json = self._outcome(self.returncode)   # the exit event's, and in answer()
             self.events.append(None, last=True, members='"type":"exit",' + self._outcome_json[1:])
             # the end: wait_done() returns
 
@@ -2059,7 +2064,7 @@ class Exec:
                         self.events.append({"type": "keepalive"})
                         continue
                     wait = keepalive_at - now if wait is None else min(wait, keepalive_at - now)
-                for fd, _ in poller.poll(None if wait is None else wait * 1000 + 1):
+                for fd, revents in poller.poll(None if wait is None else wait * 1000 + 1):
                     if fd == exit_fd:
                         poller.unregister(exit_fd)
                         self._reap()
@@ -2071,7 +2076,7 @@ class Exec:
                             poller.unregister(fd)
                             self._close_stdin()
                     elif fd in self._readers:
-                        self._read(poller, fd)
+                        self._read(poller, fd, revents)
         finally:
             os.close(exit_fd)
             if waiter is not None:
@@ -2092,9 +2097,10 @@ class Exec:
             waiter.start()
             return r, waiter
 
-    def _read(self, poller, fd):
+    def _read(self, poller, fd, revents):
         try:
-            data = os.read(fd, READ_CHUNK)
+            # a pipe that hung up with nothing left (POLLHUP without POLLIN) is at its end: no read
+            data = b"" if revents == select.POLLHUP and not self.spec.tty else os.read(fd, READ_CHUNK)
         except BlockingIOError:     # a terminal's master (non-blocking) with nothing after all
             return
         except OSError as e:
@@ -2354,45 +2360,55 @@ class Exec:
         Once run() is over it is the same dict each time (readers only read it)."""
         if self._final is not None:
             return self._final
+        finished = self._outcome_json
         with self._lock:
-            stdout = CapturedText(self._lock, [(self.stdout, 0, len(self.stdout))], len(self.stdout))
-            stderr = CapturedText(self._lock, [(self.stderr, 0, len(self.stderr))], len(self.stderr))
-            output = self._output_text(self._lock)
+            outputs = self._outputs()
             returncode = self.returncode
+        result = _scan_json(finished or self._outcome(returncode), 0)[0]
+        result.update(outputs)
+        if finished is not None:
+            self._final = result
+        return result
+
+    def _outputs(self):
+        """output, stdout and stderr so far (self._lock held)."""
+        return {"output": self._output_text(self._lock),
+                "stdout": CapturedText(self._lock, [(self.stdout, 0, len(self.stdout))], len(self.stdout)),
+                "stderr": CapturedText(self._lock, [(self.stderr, 0, len(self.stderr))], len(self.stderr))}
+
+    def _outcome(self, returncode):
+        """The exec result but its output (OUTPUT_FIELDS), as JSON (the exit event's members):
+        written out here, as compact JSON would be, as the C encoder takes 10 times longer.
+        The id, tag, kill scope and startedAt need no escapes."""
+        spec = self.spec
         running = self.running
         end = self.finished or time.monotonic()
+        exit_code = returncode if returncode is not None and returncode >= 0 else None
         signum = -returncode if returncode is not None and returncode < 0 else None
-        result = {"execId": self.id, "tag": self.tag}
-        result.update(self.spec.given())
-        result.update({
-            "user": self.spec.user.pw_name if self.spec.user is not None else None,
-            "running": running,
-            "output": output,
-            "stdout": stdout,
-            "stderr": stderr,
-            "exitCode": returncode if returncode is not None and returncode >= 0 else None,
-            "signal": signum,
-            "signalName": signal_name(signum) if signum is not None else None,
-            "error": self.error_message(None if running else returncode),
-            "timedOut": self.timed_out,
-            "truncated": self.truncated,
-            "oomKilled": self.oom_killed,
-            "killScope": self.kill_scope,
-            "limitsApplied": self.cgroups is not None,
-            "tty": self.spec.tty,
-            "startedAt": self.started_at,
-            "durationMs": round((end - self.started) * 1000, 3),
-        })
-        return result
+        command = f'"cmd":{json_string(spec.cmd)}' if spec.cmd is not None else f'"argv":{response_json(spec.argv)}'
+        tag = "null" if self.tag is None else f'"{self.tag}"'
+        return (f'{{"execId":"{self.id}","tag":{tag},{command},'
+                f'"user":{"null" if spec.user is None else json_string(spec.user.pw_name)},'
+                f'"running":{JSON_BOOLS[running]},"exitCode":{"null" if exit_code is None else exit_code},'
+                f'"signal":{"null" if signum is None else signum},'
+                f'"signalName":{"null" if signum is None else json_string(signal_name(signum))},'
+                f'"error":{json_string(self.error_message(None if running else returncode))},'
+                f'"timedOut":{JSON_BOOLS[self.timed_out]},"truncated":{JSON_BOOLS[self.truncated]},'
+                f'"oomKilled":{JSON_BOOLS[self.oom_killed]},"killScope":"{self.kill_scope}",'
+                f'"limitsApplied":{JSON_BOOLS[self.cgroups is not None]},"tty":{JSON_BOOLS[spec.tty]},'
+                f'"startedAt":"{self.started_at}","durationMs":{round((end - self.started) * 1000, 3)!r}}}')
 
     def answer(self):
         """The exec result as an answer's body: once run() is over and the output is small,
         its JSON bytes (the exit event's encoding and the output, so the result is encoded
         once), else result()'s dict."""
-        final = self._final
-        if final is None or sum([final[key].size for key in OUTPUT_FIELDS]) > SMALL_BODY:
+        if self._outcome_json is None or self.output_size + len(self.stdout) + len(self.stderr) > SMALL_BODY:
             return self.result()
-        outputs = "".join([f',"{key}":{json_string(final[key].text())}' for key in OUTPUT_FIELDS])
+        if not self.output_size:        # nothing captured (stdout and stderr hold no more than output)
+            return (self._outcome_json[:-1] + ',"output":"","stdout":"","stderr":""}').encode("utf-8", "replace")
+        with self._lock:
+            outputs = self._outputs()
+        outputs = "".join([f',"{key}":{json_string(outputs[key].text())}' for key in OUTPUT_FIELDS])
         return (self._outcome_json[:-1] + outputs + "}").encode("utf-8", "replace")
 
     def listing(self):

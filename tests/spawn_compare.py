@@ -38,7 +38,6 @@ def load_agent(path):
 
 def run_case(ga, argv, cwd=None, env=None, user=None, stdin=None):
     base = {"PATH": "/usr/bin:/bin", "HOME": "/root", "LANG": "C.UTF-8"}
-    env = dict(base, **(env or {}))
     in_r, in_w = os.pipe()
     out_r, out_w = os.pipe()
     leaked = os.open(os.devnull, os.O_RDONLY)   # inheritable, like a careless library's fd
@@ -46,7 +45,7 @@ def run_case(ga, argv, cwd=None, env=None, user=None, stdin=None):
     os.write(in_w, (stdin or "").encode())
     os.close(in_w)
     try:
-        child = ga.spawn_command(argv, (in_r, out_w, out_w), cwd, env, base, user)
+        child = ga.spawn_command(argv, (in_r, out_w, out_w), cwd, base, env or {}, user)
     except Exception as e:
         return {"raised": type(e).__name__, "errno": getattr(e, "errno", None),
                 "filename": getattr(e, "filename", None), "text": str(e)}

@@ -439,6 +439,41 @@ def test_a_blocking_answer_is_the_exec_result(cmd):
                      "startedAt": result["startedAt"], "tty": False}
 
 
+RESULT_KEYS = ["execId", "tag", "cmd", "user", "running", "exitCode", "signal", "signalName", "error", "timedOut",
+               "truncated", "oomKilled", "killScope", "limitsApplied", "tty", "startedAt", "durationMs"]
+
+
+@pytest.mark.parametrize("fields, expected", [
+    ({"cmd": "printf '\\\"\u00e9\\001\\n'; exit 3 # \\ \" \u00e9 \x01 \t"},
+     {"exitCode": 3, "error": "exit status 3", "signal": None, "user": None, "tag": None}),
+    ({"argv": ["/bin/sh", "-c", "kill -TERM $$", "\u00e9\""], "tag": "t.1-x", "user": "nobody"},
+     {"exitCode": None, "signal": 15, "signalName": "SIGTERM", "error": "killed by signal 15 (SIGTERM)",
+      "user": "nobody", "tag": "t.1-x", "argv": ["/bin/sh", "-c", "kill -TERM $$", "\u00e9\""]}),
+    ({"cmd": "sleep 5", "timeout": 0.2}, {"timedOut": True, "error": "timed out after 0.2s", "signal": 9}),
+    ({"cmd": "echo hi", "tty": True}, {"exitCode": 0, "tty": True, "signalName": None, "running": False}),
+])
+def test_exec_outcome_is_the_compact_json_of_the_result(fields, expected):
+    """The exit event's members (and the answer's), written out by hand, are the compact JSON
+    (response_json) of the result without its output, for a running exec too."""
+    ga = load_agent_module()
+    ex = ga.Exec("0123456789abcdef", ga.ExecSpec(fields))
+    ex.start({"PATH": os.environ["PATH"]})
+    running = ex._outcome(None)
+    ex.run()
+    keys = [("argv" if key == "cmd" and "argv" in fields else key) for key in RESULT_KEYS]
+    for text, want in ((running, {"running": True, "exitCode": None, "error": "", "signal": None}),
+                       (ex._outcome_json, dict(expected, running=False))):
+        outcome = json.loads(text)
+        assert list(outcome) == keys and ga.response_json(outcome) == text
+        assert {key: outcome[key] for key in want} == want
+        assert (outcome["execId"], outcome.get("cmd"), outcome["killScope"], outcome["limitsApplied"]) == \
+               ("0123456789abcdef", fields.get("cmd"), "process-group", False)
+        assert isinstance(outcome["durationMs"], float) and outcome["startedAt"] == ex.started_at
+    result = ex.result()
+    assert {key: value for key, value in result.items() if key not in ga.OUTPUT_FIELDS} == json.loads(ex._outcome_json)
+    assert result is ex.result()
+
+
 def interpreters_to_compare():
     """This interpreter and the other 3.10+ ones on PATH (fork_exec's arguments differ by version)."""
     found = {tuple(sys.version_info[:2]): sys.executable}
