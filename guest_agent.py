@@ -205,6 +205,7 @@ DENSE_RUNS = 1024                    # more output runs than this, under 32 byte
 PIPE_SIZE = 1 << 20                  # pipe buffer for a command's output once it filled the default
 DEFAULT_PIPE_SIZE = 64 << 10
 DRAIN_GRACE_S = 0.2                  # reading after exit, for pipes kept open
+EXIT_WATCH_AFTER_S = 0.05            # a command's exit is watched on a pidfd once it ran this long
 FINISHED_TTL_S = 600.0               # finished background execs stay queryable
 MAX_FINISHED = 256                   # ... at most this many
 MAX_FINISHED_BYTES = 64 << 20        # ... holding at most this much output
@@ -1719,6 +1720,19 @@ class ForkedChild:
                     self.returncode = 0
         return self.returncode
 
+    def poll(self):
+        """The exit status once it exited (reaped then), else None; never waits."""
+        if self.returncode is None and self._lock.acquire(blocking=False):   # else wait() reaps it
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+                if pid == self.pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+            except ChildProcessError:
+                self.returncode = 0
+            finally:
+                self._lock.release()
+        return self.returncode
+
     def kill(self):
         """SIGKILL, unless it was reaped (then its pid may be another process's)."""
         if self.returncode is None:
@@ -2032,8 +2046,11 @@ class Exec:
         poller = select.poll()
         for fd in self._readers:
             poller.register(fd, select.POLLIN)
-        exit_fd, waiter = self._exit_notifier()
-        poller.register(exit_fd, select.POLLIN)
+        # The exit is watched (_exit_notifier) only once the command outlived EXIT_WATCH_AFTER_S
+        # or its output ended before it was reaped: a quick command's end shows as its pipes'
+        # hang-up, and it is reaped then without a pidfd (two syscalls fewer an exec).
+        exit_fd = waiter = None
+        watch_at = self.started + EXIT_WATCH_AFTER_S
         feeding = self._stdin_fd is not None and not self.spec.stdin_pipe
         if feeding:
             os.set_blocking(self._stdin_fd, False)
@@ -2053,6 +2070,12 @@ class Exec:
                         break
                     wait = drain_until - now
                 else:
+                    if exit_fd is None and (not self._readers or now >= watch_at):
+                        if not self._readers and self._reap_if_exited():
+                            self._exited(poller, feeding)
+                            continue
+                        exit_fd, waiter = self._exit_notifier()
+                        poller.register(exit_fd, select.POLLIN)
                     if deadline is not None and not self.timed_out:
                         if now >= deadline:
                             self.timed_out = True
@@ -2064,13 +2087,13 @@ class Exec:
                         self.events.append({"type": "keepalive"})
                         continue
                     wait = keepalive_at - now if wait is None else min(wait, keepalive_at - now)
+                    if exit_fd is None:
+                        wait = min(wait, watch_at - now)
                 for fd, revents in poller.poll(None if wait is None else wait * 1000 + 1):
                     if fd == exit_fd:
                         poller.unregister(exit_fd)
                         self._reap()
-                        if feeding and self._stdin_fd is not None:
-                            poller.unregister(self._stdin_fd)
-                        self._close_stdin()
+                        self._exited(poller, feeding)
                     elif feeding and fd == self._stdin_fd:
                         if not self._feed_stdin():
                             poller.unregister(fd)
@@ -2078,9 +2101,16 @@ class Exec:
                     elif fd in self._readers:
                         self._read(poller, fd, revents)
         finally:
-            os.close(exit_fd)
+            if exit_fd is not None:
+                os.close(exit_fd)
             if waiter is not None:
                 waiter.join()
+
+    def _exited(self, poller, feeding):
+        """The command was reaped: its stdin is of no more use."""
+        if feeding and self._stdin_fd is not None:
+            poller.unregister(self._stdin_fd)
+        self._close_stdin()
 
     def _exit_notifier(self):
         """An fd readable once the command exited: its pidfd, or a pipe fed by a waiter thread."""
@@ -2233,6 +2263,12 @@ class Exec:
     def _reap(self):
         with self._lock:
             self.returncode = self._proc.wait()
+
+    def _reap_if_exited(self):
+        """Reap the command if it exited (never waits); whether it was."""
+        with self._lock:
+            self.returncode = self._proc.poll()
+        return self.returncode is not None
 
     def kill_all(self):
         """SIGKILL every process of the exec: its cgroup (escapees too), else its process group."""

@@ -334,6 +334,39 @@ def test_escaping_grandchild_does_not_hang(agent):
         kill_pids(pids_running(m))
 
 
+@pytest.mark.parametrize("watch_after", [0.0, 0.05, 3600.0])
+def test_exit_seen_with_or_without_a_pidfd(monkeypatch, watch_after):
+    """A command's exit is seen whether its pipes end first (a quick command: reaped then,
+    no pidfd), it closes them and runs on (then watched on a pidfd), or it exits while an
+    escaped grandchild keeps them open and silent (watched once it ran EXIT_WATCH_AFTER_S)."""
+    ga = load_agent_module()
+    monkeypatch.setattr(ga, "EXIT_WATCH_AFTER_S", watch_after)
+    watched = []
+    original = ga.Exec._exit_notifier
+    monkeypatch.setattr(ga.Exec, "_exit_notifier", lambda ex: watched.append(ex.id) or original(ex))
+
+    def run(cmd, timeout=None):
+        ex = ga.Exec(f"{len(watched):016x}", ga.ExecSpec({"cmd": cmd, "timeout": timeout}))
+        ex.start({"PATH": os.environ["PATH"]})
+        ex.run()
+        return ex
+
+    quick = [run("exit 3") for _ in range(10)]
+    assert [ex.returncode for ex in quick] == [3] * 10
+    if watch_after:      # hardly ever the pipes' end is seen before the command is a zombie
+        assert len(watched) < 10
+    ex = run("exec >&- 2>&-; sleep 0.3; exit 5")
+    assert ex.returncode == 5 and ex.id in watched
+    if watch_after:
+        return              # the rest would wait an hour for the pidfd
+    m = marker()
+    try:
+        ex = run(f"setsid sleep {m} & echo started")
+        assert (ex.returncode, ex.result()["stdout"].text()) == (0, "started\n") and pids_running(m)
+    finally:
+        kill_pids(pids_running(m))
+
+
 def test_big_output_is_capped_and_fast(agent):
     t0 = time.monotonic()
     r = agent.exec(cmd="yes | head -c 20000000; echo tail >&2", maxOutput=1 << 20)
