@@ -1322,6 +1322,7 @@ def grow_pipe(fd):
 
 
 json_string = json.encoder.encode_basestring   # str -> '"escaped"', non-ASCII kept
+_scan_json = json.decoder.JSONDecoder().scan_once     # (value, end) of the JSON value at an index
 JSON_BYTE_ESCAPES = [(b"\\", b"\\\\"), (b'"', b'\\"')] + [  # backslash first
     (bytes([c]), json_string(chr(c))[1:-1].encode()) for c in range(32)]
 JSON_PLAIN_BYTES = bytes(c for c in range(128) if bytes([c]) not in dict(JSON_BYTE_ESCAPES))
@@ -1605,68 +1606,31 @@ FORK_EXEC_HAS_PROCESS_GROUP = sys.version_info[:2] >= (3, 11)
 # exec as "noexec"; older ones report only "noexec", for a failed chdir (as their Popen reads it).
 NOEXEC_MEANS_CHDIR = "noexec:chdir" not in subprocess.Popen._execute_child.__code__.co_consts
 MAX_EXEC_ERROR_REPORT = 50000        # bytes of the child's exec failure report read (as Popen)
+FS_ENCODING, FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()   # os.fsencode's
 
 
-def spawn_command(argv, fds, cwd, base_env, overrides, user):
-    """Start argv with stdin, stdout, stderr = fds (ints) as Popen(argv, stdin=, stdout=,
-    stderr=, cwd=, env=, start_new_session=True, user=, group=, extra_groups=) would, with
-    close_fds and restore_signals; the environment: base_env with overrides over it; user:
-    a passwd entry (its uid, gid and groups) or None.
-
-    A Popen, or (fork_exec called directly) a ForkedChild: Exec uses only pid, wait()
-    and kill(). Raises what Popen raises: OSError (the exec failed, a bad cwd, ...),
-    ValueError, UnicodeError, SubprocessError.
-    """
-    env = dict(base_env)
-    env.update(overrides)
-    uid = gid = gids = None
-    if user is not None:
-        uid, gid, gids = user.pw_uid, user.pw_gid, os.getgrouplist(user.pw_name, user.pw_gid)
-    if FORK_EXEC is None:
-        ids = {} if user is None else {"user": uid, "group": gid, "extra_groups": gids}
-        return subprocess.Popen(argv, stdin=fds[0], stdout=fds[1], stderr=fds[2], cwd=cwd, env=env,
-                                start_new_session=True, **ids)
-    return ForkedChild(fork_exec_command(argv, fds, cwd, env, encode_environment(env, base_env, overrides),
-                                         uid, gid, gids))
+def _encode_variable(key, value):
+    """os.fsencode(key) + b"=" + os.fsencode(value) of a name and value (str), as Popen checks it."""
+    if "=" in key:
+        raise ValueError("illegal environment variable name")
+    return f"{key}={value}".encode(FS_ENCODING, FS_ERRORS)
 
 
-def fork_exec_command(argv, fds, cwd, env, env_list, uid, gid, gids):
-    """Popen._execute_child's POSIX path for our arguments: the pid, or the child's exec
-    failure raised as Popen raises it."""
-    program = argv[0]
-    executable = os.fsencode(program)
-    if b"/" in executable:           # os.path.dirname(executable), as Popen tests it
-        executables = (executable,)
-    else:
-        executables = tuple(os.path.join(os.fsencode(d), executable) for d in os.get_exec_path(env))
-    sys.audit("subprocess.Popen", program, argv, cwd, env)
-    report_r, report_w = os.pipe()
-    try:
-        try:
-            report_w = _above_standard_fds(report_w)
-            common = (argv, executables, True, (report_w,), cwd, env_list,
-                      fds[0], -1, -1, fds[1], -1, fds[2], report_r, report_w, True, True)
-            if FORK_EXEC_HAS_PROCESS_GROUP:
-                pid = FORK_EXEC(*common, -1, gid, gids, uid, -1, None, subprocess._USE_VFORK)
-            else:
-                pid = FORK_EXEC(*common, gid, gids, uid, -1, None)
-        finally:
-            os.close(report_w)
-        report = os.read(report_r, MAX_EXEC_ERROR_REPORT)    # b"": it ran exec
-        while report and len(report) <= MAX_EXEC_ERROR_REPORT:
-            part = os.read(report_r, MAX_EXEC_ERROR_REPORT)
-            if not part:
-                break
-            report += part
-    finally:
-        os.close(report_r)
-    if report:
-        try:
-            os.waitpid(pid, 0)
-        except ChildProcessError:
-            pass
-        raise exec_failure(report, cwd, program)
-    return pid
+_encoded_env = [({}, {})]           # (a base environment, its variables encoded): one item, swapped whole
+
+
+def encode_environment(env, base_env, overrides):
+    """execve's b"KEY=value" list of env, base_env with overrides over it (Popen's encoding,
+    in env's order); base_env's variables are encoded once per change of it, not at every exec."""
+    base, encoded = _encoded_env[0]
+    if base != base_env:
+        base = dict(base_env)
+        encoded = {key: _encode_variable(key, value) for key, value in base.items()}
+        _encoded_env[0] = (base, encoded)
+    if overrides.keys().isdisjoint(base):     # env is base's variables, then the overrides
+        return [*encoded.values(), *[_encode_variable(key, value) for key, value in overrides.items()]]
+    return [encoded[key] if base.get(key) is value else _encode_variable(key, value)
+            for key, value in env.items()]
 
 
 def _above_standard_fds(fd):
@@ -1700,6 +1664,45 @@ def exec_failure(report, cwd, program):
     if number != 0:
         message = os.strerror(number)
     return kind(number, message) if filename is None else kind(number, message, filename)
+
+
+def fork_exec_command(argv, fds, cwd, env, env_list, uid, gid, gids):
+    """Popen._execute_child's POSIX path for our arguments: the pid, or the child's exec
+    failure raised as Popen raises it."""
+    program = argv[0]
+    executable = program.encode(FS_ENCODING, FS_ERRORS)      # os.fsencode(program)
+    if b"/" in executable:           # os.path.dirname(executable), as Popen tests it
+        executables = (executable,)
+    else:
+        executables = tuple(os.path.join(os.fsencode(d), executable) for d in os.get_exec_path(env))
+    sys.audit("subprocess.Popen", program, argv, cwd, env)
+    report_r, report_w = os.pipe()
+    try:
+        try:
+            report_w = _above_standard_fds(report_w)
+            common = (argv, executables, True, (report_w,), cwd, env_list,
+                      fds[0], -1, -1, fds[1], -1, fds[2], report_r, report_w, True, True)
+            if FORK_EXEC_HAS_PROCESS_GROUP:
+                pid = FORK_EXEC(*common, -1, gid, gids, uid, -1, None, subprocess._USE_VFORK)
+            else:
+                pid = FORK_EXEC(*common, gid, gids, uid, -1, None)
+        finally:
+            os.close(report_w)
+        report = os.read(report_r, MAX_EXEC_ERROR_REPORT)    # b"": it ran exec
+        while report and len(report) <= MAX_EXEC_ERROR_REPORT:
+            part = os.read(report_r, MAX_EXEC_ERROR_REPORT)
+            if not part:
+                break
+            report += part
+    finally:
+        os.close(report_r)
+    if report:
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+        raise exec_failure(report, cwd, program)
+    return pid
 
 
 class ForkedChild:
@@ -1742,28 +1745,27 @@ class ForkedChild:
                 pass
 
 
-_encoded_env = [({}, {})]           # (a base environment, its variables encoded): one item, swapped whole
+def spawn_command(argv, fds, cwd, base_env, overrides, user):
+    """Start argv with stdin, stdout, stderr = fds (ints) as Popen(argv, stdin=, stdout=,
+    stderr=, cwd=, env=, start_new_session=True, user=, group=, extra_groups=) would, with
+    close_fds and restore_signals; the environment: base_env with overrides over it; user:
+    a passwd entry (its uid, gid and groups) or None.
 
-
-def encode_environment(env, base_env, overrides):
-    """execve's b"KEY=value" list of env, base_env with overrides over it (Popen's encoding,
-    in env's order); base_env's variables are encoded once per change of it, not at every exec."""
-    base, encoded = _encoded_env[0]
-    if base != base_env:
-        base = dict(base_env)
-        encoded = {key: _encode_variable(key, value) for key, value in base.items()}
-        _encoded_env[0] = (base, encoded)
-    if overrides.keys().isdisjoint(base):     # env is base's variables, then the overrides
-        return [*encoded.values(), *[_encode_variable(key, value) for key, value in overrides.items()]]
-    return [encoded[key] if base.get(key) is value else _encode_variable(key, value)
-            for key, value in env.items()]
-
-
-def _encode_variable(key, value):
-    key = os.fsencode(key)
-    if b"=" in key:
-        raise ValueError("illegal environment variable name")
-    return key + b"=" + os.fsencode(value)
+    A Popen, or (fork_exec called directly) a ForkedChild: Exec uses only pid, wait()
+    and kill(). Raises what Popen raises: OSError (the exec failed, a bad cwd, ...),
+    ValueError, UnicodeError, SubprocessError.
+    """
+    env = dict(base_env)
+    env.update(overrides)
+    uid = gid = gids = None
+    if user is not None:
+        uid, gid, gids = user.pw_uid, user.pw_gid, os.getgrouplist(user.pw_name, user.pw_gid)
+    if FORK_EXEC is None:
+        ids = {} if user is None else {"user": uid, "group": gid, "extra_groups": gids}
+        return subprocess.Popen(argv, stdin=fds[0], stdout=fds[1], stderr=fds[2], cwd=cwd, env=env,
+                                start_new_session=True, **ids)
+    return ForkedChild(fork_exec_command(argv, fds, cwd, env, encode_environment(env, base_env, overrides),
+                                         uid, gid, gids))
 
 
 _devnull = []
@@ -2559,9 +2561,6 @@ REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 404: "Not Found",
            405: "Method Not Allowed", 409: "Conflict", 413: "Payload Too Large",
            431: "Request Header Fields Too Large", 500: "Internal Server Error",
            501: "Not Implemented", 505: "HTTP Version Not Supported"}
-
-
-_scan_json = json.decoder.JSONDecoder().scan_once     # (value, end) of the JSON value at an index
 
 
 class Request:
