@@ -1471,16 +1471,18 @@ class EventLog:
     gets one "dropped" event instead (see follow()).
     """
 
+    _cond = None                    # Condition on lock, made for the first waiter (most execs have none)
+    waiting = 0                     # readers waiting on it (an append wakes them only then)
+    first_seq = 0                   # oldest kept
+    next_seq = 0
+    size = 0                        # bytes of the kept lines
+    closed = False                  # the exit event is in
+    # (class attributes: the initial values, replaced per instance when set)
+
     def __init__(self, cap):
         self.cap = cap
         self.lock = threading.Lock()
-        self._cond = None           # Condition on lock, made for the first waiter (most execs have none)
-        self.waiting = 0            # readers waiting on it (an append wakes them only then)
         self.lines = {}             # seq -> encoded line
-        self.first_seq = 0          # oldest kept
-        self.next_seq = 0
-        self.size = 0               # bytes of the kept lines
-        self.closed = False         # the exit event is in
         self.last_append = time.monotonic()
 
     def append(self, event, last=False, members=None):
@@ -1805,6 +1807,22 @@ class Exec:
     be called from any thread, result() gives the API's exec result at any time.
     """
 
+    # Initial values no exec shares a mutable copy of: class attributes, so that each exec
+    # pays only for what it sets (an instance attribute replaces one when it is set).
+    output_size = 0
+    _output = None
+    truncated = timed_out = oom_killed = False
+    returncode = pid = None
+    _started_at = (None, "")          # (epoch, its startedAt text)
+    finished = None                   # monotonic time once run() is over
+    _final = None                     # the result once run() is over (it no longer changes)
+    _outcome_json = None              # the result but its output, as JSON, once run() is over
+    _proc = None
+    _leaf = None                      # ExecCgroup while the exec runs
+    _stdin_fd = None
+    _tty_fd = None                    # a terminal's master for resize and its process groups (_lock)
+    _stdin_data = memoryview(b"")
+
     def __init__(self, exec_id, spec, cgroups=None):
         self.id = exec_id
         self.spec = spec
@@ -1816,31 +1834,15 @@ class Exec:
         # `output` is not a third copy: runs over stdout and stderr in arrival
         # order (+n: the next n bytes of stdout, -n: of stderr), or, should
         # the runs get many and short, a buffer of its own (_output).
-        self.output_size = 0
         self._runs = array.array("i")
-        self._output = None
-        self.truncated = False
-        self.timed_out = False
-        self.oom_killed = False
-        self.returncode = None
-        self.pid = None
         self.started = time.monotonic()
         self.started_epoch = time.time()
-        self._started_at = (None, "")  # (epoch, its startedAt text)
-        self.finished = None          # monotonic time once run() is over
-        self._final = None            # the result once run() is over (it no longer changes)
-        self._outcome_json = None     # the result but its output, as JSON, once run() is over
         self.events = EventLog(max(spec.max_output, MIN_EVENT_RING))
         self._lock = threading.Lock()  # guards buffers, returncode and killing
-        self._proc = None
-        self._leaf = None              # ExecCgroup while the exec runs
         self._readers = {}             # pipe fd -> buffer
         self._kinds = {}               # pipe fd -> "stdout" / "stderr"
         self._decoders = {}            # pipe fd -> StreamDecoder
         self._grown = set()            # pipe fds already given PIPE_SIZE
-        self._stdin_fd = None
-        self._tty_fd = None            # a terminal's master for resize and its process groups (_lock)
-        self._stdin_data = memoryview(b"")
         self._stdin_lock = threading.Lock()   # POST .../stdin writers of a pipe
 
     # -- spawning -----------------------------------------------------------
