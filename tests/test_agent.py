@@ -345,16 +345,17 @@ def test_exit_seen_with_or_without_a_pidfd(monkeypatch, watch_after):
     original = ga.Exec._exit_notifier
     monkeypatch.setattr(ga.Exec, "_exit_notifier", lambda ex: watched.append(ex.id) or original(ex))
 
+    ids = iter(range(1 << 20))
+
     def run(cmd, timeout=None):
-        ex = ga.Exec(f"{len(watched):016x}", ga.ExecSpec({"cmd": cmd, "timeout": timeout}))
+        ex = ga.Exec(f"{next(ids):016x}", ga.ExecSpec({"cmd": cmd, "timeout": timeout}))
         ex.start({"PATH": os.environ["PATH"]})
         ex.run()
         return ex
 
-    quick = [run("exit 3") for _ in range(10)]
-    assert [ex.returncode for ex in quick] == [3] * 10
-    if watch_after:      # hardly ever the pipes' end is seen before the command is a zombie
-        assert len(watched) < 10
+    assert [run("exit 3").returncode for _ in range(10)] == [3] * 10
+    ex = run("sleep 0.2 & exit 4")       # it exits, then the pipes end: reaped then
+    assert ex.returncode == 4 and (ex.id in watched) == (watch_after < 0.2)
     ex = run("exec >&- 2>&-; sleep 0.3; exit 5")
     assert ex.returncode == 5 and ex.id in watched
     if watch_after:
