@@ -2077,7 +2077,7 @@ class Exec:
                     if exit_fd is None and (not self._readers or now >= watch_at):
                         if not self._readers and self._reap_if_exited():
                             self._exited(poller, feeding)
-                            continue
+                            break                     # reaped, its output ended: done
                         exit_fd, waiter = self._exit_notifier()
                         poller.register(exit_fd, select.POLLIN)
                     if deadline is not None and not self.timed_out:
