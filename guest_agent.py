@@ -24,7 +24,7 @@ Ways to run it
 Process model (tini): the main process is a supervisor that forks the HTTP
 server and restarts it when it dies; it owns every waitpid(-1) (as PID 1 it
 reaps all orphans, outside PID 1 it is a child subreaper). The server only
-waits for its own commands, through pidfds and Popen, never waitpid(-1).
+waits for its own commands (waitpid of their pids, pidfds), never waitpid(-1).
 
 Internal HTTP API (cbox.py -> agent, TCP 4031, JSON, errors {"error": msg})
   GET    /health     {"status":"ok","vmName","uptimeS","bootUptimeS","pid","version"}
