@@ -1803,7 +1803,8 @@ class Exec:
 
     start() spawns it, run() (in one thread) feeds stdin, drains stdout and
     stderr into the captured output and the event log, and waits for the
-    exit on a pidfd in one poll loop; kill()/send_signal()/write_stdin() may
+    exit in one poll loop (reaped when its pipes end, else seen on a pidfd);
+    kill()/send_signal()/write_stdin() may
     be called from any thread, result() gives the API's exec result at any time.
     """
 
