@@ -24,7 +24,7 @@ Ways to run it
 Process model (tini): the main process is a supervisor that forks the HTTP
 server and restarts it when it dies; it owns every waitpid(-1) (as PID 1 it
 reaps all orphans, outside PID 1 it is a child subreaper). The server only
-waits for its own commands, through pidfds and Popen, never waitpid(-1).
+waits for its own commands (waitpid of their pids, pidfds), never waitpid(-1).
 
 Internal HTTP API (cbox.py -> agent, TCP 4031, JSON, errors {"error": msg})
   GET    /health     {"status":"ok","vmName","uptimeS","bootUptimeS","pid","version"}
@@ -207,6 +207,7 @@ DENSE_RUNS = 1024                    # more output runs than this, under 32 byte
 PIPE_SIZE = 1 << 20                  # pipe buffer for a command's output once it filled the default
 DEFAULT_PIPE_SIZE = 64 << 10
 DRAIN_GRACE_S = 0.2                  # reading after exit, for pipes kept open
+EXIT_WATCH_AFTER_S = 0.05            # a command's exit is watched on a pidfd once it ran this long
 FINISHED_TTL_S = 600.0               # finished background execs stay queryable
 MAX_FINISHED = 256                   # ... at most this many
 MAX_FINISHED_BYTES = 64 << 20        # ... holding at most this much output
@@ -1323,6 +1324,7 @@ def grow_pipe(fd):
 
 
 json_string = json.encoder.encode_basestring   # str -> '"escaped"', non-ASCII kept
+_scan_json = json.decoder.JSONDecoder().scan_once     # (value, end) of the JSON value at an index
 JSON_BYTE_ESCAPES = [(b"\\", b"\\\\"), (b'"', b'\\"')] + [  # backslash first
     (bytes([c]), json_string(chr(c))[1:-1].encode()) for c in range(32)]
 JSON_PLAIN_BYTES = bytes(c for c in range(128) if bytes([c]) not in dict(JSON_BYTE_ESCAPES))
@@ -1410,6 +1412,7 @@ def response_json(obj):
 
 
 OUTPUT_FIELDS = ("output", "stdout", "stderr")     # of an exec result, left out of its exit event
+JSON_BOOLS = ("false", "true")                      # indexed by a bool
 
 
 class OutputRuns:
@@ -1470,16 +1473,18 @@ class EventLog:
     gets one "dropped" event instead (see follow()).
     """
 
+    _cond = None                    # Condition on lock, made for the first waiter (most execs have none)
+    waiting = 0                     # readers waiting on it (an append wakes them only then)
+    first_seq = 0                   # oldest kept
+    next_seq = 0
+    size = 0                        # bytes of the kept lines
+    closed = False                  # the exit event is in
+    # (class attributes: the initial values, replaced per instance when set)
+
     def __init__(self, cap):
         self.cap = cap
         self.lock = threading.Lock()
-        self._cond = None           # Condition on lock, made for the first waiter (most execs have none)
-        self.waiting = 0            # readers waiting on it (an append wakes them only then)
         self.lines = {}             # seq -> encoded line
-        self.first_seq = 0          # oldest kept
-        self.next_seq = 0
-        self.size = 0               # bytes of the kept lines
-        self.closed = False         # the exit event is in
         self.last_append = time.monotonic()
 
     def append(self, event, last=False, members=None):
@@ -1590,6 +1595,183 @@ def terminal_eof_char(fd):
     return bytes([char]) if isinstance(char, int) else char
 
 
+# Commands are started by _posixsubprocess.fork_exec, what Popen calls, without Popen's
+# Python layers (they cost more CPU than the vfork and exec themselves). Its arguments
+# differ between Python versions (read in each one's Lib/subprocess.py,
+# Popen._execute_child): 3.10 has no process_group and no allow_vfork, 3.11-3.13 have
+# both. Any other version, or no _posixsubprocess, starts commands with Popen.
+try:
+    import _posixsubprocess
+    FORK_EXEC = _posixsubprocess.fork_exec if (3, 10) <= sys.version_info[:2] <= (3, 13) else None
+except ImportError:
+    FORK_EXEC = None
+FORK_EXEC_HAS_PROCESS_GROUP = sys.version_info[:2] >= (3, 11)
+# Newer versions report a failed chdir as "noexec:chdir" and other failures before the
+# exec as "noexec"; older ones report only "noexec", for a failed chdir (as their Popen reads it).
+NOEXEC_MEANS_CHDIR = "noexec:chdir" not in subprocess.Popen._execute_child.__code__.co_consts
+MAX_EXEC_ERROR_REPORT = 50000        # bytes of the child's exec failure report read (as Popen)
+FS_ENCODING, FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()   # os.fsencode's
+
+
+def _encode_variable(key, value):
+    """os.fsencode(key) + b"=" + os.fsencode(value) of a name and value (str), as Popen checks it."""
+    if "=" in key:
+        raise ValueError("illegal environment variable name")
+    return f"{key}={value}".encode(FS_ENCODING, FS_ERRORS)
+
+
+_encoded_env = [({}, {})]           # (a base environment, its variables encoded): one item, swapped whole
+
+
+def encode_environment(env, base_env, overrides):
+    """execve's b"KEY=value" list of env, base_env with overrides over it (Popen's encoding,
+    in env's order); base_env's variables are encoded once per change of it, not at every exec."""
+    base, encoded = _encoded_env[0]
+    if base != base_env:
+        base = dict(base_env)
+        encoded = {key: _encode_variable(key, value) for key, value in base.items()}
+        _encoded_env[0] = (base, encoded)
+    if overrides.keys().isdisjoint(base):     # env is base's variables, then the overrides
+        return [*encoded.values(), *[_encode_variable(key, value) for key, value in overrides.items()]]
+    return [encoded[key] if base.get(key) is value else _encode_variable(key, value)
+            for key, value in env.items()]
+
+
+def _above_standard_fds(fd):
+    """fd, or a dup of it that is not 0, 1 or 2 (fork_exec's report fd must not be)."""
+    low = []
+    while fd < 3:
+        low.append(fd)
+        fd = os.dup(fd)
+    for old in low:
+        os.close(old)
+    return fd
+
+
+def exec_failure(report, cwd, program):
+    """The exception of the child's report "ExceptionName:hex errno:message", as Popen makes it."""
+    import builtins
+    try:
+        name, hex_errno, message = report.split(b":", 2)
+        message = message.decode()
+    except ValueError:
+        name, hex_errno, message = b"SubprocessError", b"0", f"Bad exception data from child: {bytes(report)!r}"
+    kind = getattr(builtins, name.decode("ascii"), subprocess.SubprocessError)
+    if not (issubclass(kind, OSError) and hex_errno):
+        return kind(message)
+    number = int(hex_errno, 16)
+    filename = program
+    if message == "noexec:chdir" or (message == "noexec" and NOEXEC_MEANS_CHDIR):
+        message, filename = "", cwd
+    elif message == "noexec":
+        message, filename = "", None
+    if number != 0:
+        message = os.strerror(number)
+    return kind(number, message) if filename is None else kind(number, message, filename)
+
+
+def fork_exec_command(argv, fds, cwd, env, env_list, uid, gid, gids):
+    """Popen._execute_child's POSIX path for our arguments: the pid, or the child's exec
+    failure raised as Popen raises it."""
+    program = argv[0]
+    executable = program.encode(FS_ENCODING, FS_ERRORS)      # os.fsencode(program)
+    if b"/" in executable:           # os.path.dirname(executable), as Popen tests it
+        executables = (executable,)
+    else:
+        executables = tuple(os.path.join(os.fsencode(d), executable) for d in os.get_exec_path(env))
+    sys.audit("subprocess.Popen", program, argv, cwd, env)
+    report_r, report_w = os.pipe()
+    try:
+        try:
+            report_w = _above_standard_fds(report_w)
+            common = (argv, executables, True, (report_w,), cwd, env_list,
+                      fds[0], -1, -1, fds[1], -1, fds[2], report_r, report_w, True, True)
+            if FORK_EXEC_HAS_PROCESS_GROUP:
+                pid = FORK_EXEC(*common, -1, gid, gids, uid, -1, None, subprocess._USE_VFORK)
+            else:
+                pid = FORK_EXEC(*common, gid, gids, uid, -1, None)
+        finally:
+            os.close(report_w)
+        report = os.read(report_r, MAX_EXEC_ERROR_REPORT)    # b"": it ran exec
+        while report and len(report) <= MAX_EXEC_ERROR_REPORT:
+            part = os.read(report_r, MAX_EXEC_ERROR_REPORT)
+            if not part:
+                break
+            report += part
+    finally:
+        os.close(report_r)
+    if report:
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+        raise exec_failure(report, cwd, program)
+    return pid
+
+
+class ForkedChild:
+    """A command fork_exec_command started: what Exec uses of a Popen."""
+
+    def __init__(self, pid):
+        self.pid = pid
+        self.returncode = None
+        self._lock = threading.Lock()
+
+    def wait(self):
+        with self._lock:
+            if self.returncode is None:
+                try:
+                    _, status = os.waitpid(self.pid, 0)
+                    self.returncode = os.waitstatus_to_exitcode(status)
+                except ChildProcessError:   # SIGCHLD ignored: no status (Popen says 0 too)
+                    self.returncode = 0
+        return self.returncode
+
+    def poll(self):
+        """The exit status once it exited (reaped then), else None; never waits."""
+        if self.returncode is None and self._lock.acquire(blocking=False):   # else wait() reaps it
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+                if pid == self.pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+            except ChildProcessError:
+                self.returncode = 0
+            finally:
+                self._lock.release()
+        return self.returncode
+
+    def kill(self):
+        """SIGKILL, unless it was reaped (then its pid may be another process's)."""
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def spawn_command(argv, fds, cwd, base_env, overrides, user):
+    """Start argv with stdin, stdout, stderr = fds (ints) as Popen(argv, stdin=, stdout=,
+    stderr=, cwd=, env=, start_new_session=True, user=, group=, extra_groups=) would, with
+    close_fds and restore_signals; the environment: base_env with overrides over it; user:
+    a passwd entry (its uid, gid and groups) or None.
+
+    A Popen, or (fork_exec called directly) a ForkedChild: Exec uses only pid, wait()
+    and kill(). Raises what Popen raises: OSError (the exec failed, a bad cwd, ...),
+    ValueError, UnicodeError, SubprocessError.
+    """
+    env = dict(base_env)
+    env.update(overrides)
+    uid = gid = gids = None
+    if user is not None:
+        uid, gid, gids = user.pw_uid, user.pw_gid, os.getgrouplist(user.pw_name, user.pw_gid)
+    if FORK_EXEC is None:
+        ids = {} if user is None else {"user": uid, "group": gid, "extra_groups": gids}
+        return subprocess.Popen(argv, stdin=fds[0], stdout=fds[1], stderr=fds[2], cwd=cwd, env=env,
+                                start_new_session=True, **ids)
+    return ForkedChild(fork_exec_command(argv, fds, cwd, env, encode_environment(env, base_env, overrides),
+                                         uid, gid, gids))
+
+
 _devnull = []
 _devnull_lock = threading.Lock()
 
@@ -1623,9 +1805,26 @@ class Exec:
 
     start() spawns it, run() (in one thread) feeds stdin, drains stdout and
     stderr into the captured output and the event log, and waits for the
-    exit on a pidfd in one poll loop; kill()/send_signal()/write_stdin() may
+    exit in one poll loop (reaped when its pipes end, else seen on a pidfd);
+    kill()/send_signal()/write_stdin() may
     be called from any thread, result() gives the API's exec result at any time.
     """
+
+    # Initial values no exec shares a mutable copy of: class attributes, so that each exec
+    # pays only for what it sets (an instance attribute replaces one when it is set).
+    output_size = 0
+    _output = None
+    truncated = timed_out = oom_killed = False
+    returncode = pid = None
+    _started_at = (None, "")          # (epoch, its startedAt text)
+    finished = None                   # monotonic time once run() is over
+    _final = None                     # the result once run() is over (it no longer changes)
+    _outcome_json = None              # the result but its output, as JSON, once run() is over
+    _proc = None
+    _leaf = None                      # ExecCgroup while the exec runs
+    _stdin_fd = None
+    _tty_fd = None                    # a terminal's master for resize and its process groups (_lock)
+    _stdin_data = memoryview(b"")
 
     def __init__(self, exec_id, spec, cgroups=None):
         self.id = exec_id
@@ -1638,37 +1837,23 @@ class Exec:
         # `output` is not a third copy: runs over stdout and stderr in arrival
         # order (+n: the next n bytes of stdout, -n: of stderr), or, should
         # the runs get many and short, a buffer of its own (_output).
-        self.output_size = 0
         self._runs = array.array("i")
-        self._output = None
-        self.truncated = False
-        self.timed_out = False
-        self.oom_killed = False
-        self.returncode = None
-        self.pid = None
         self.started = time.monotonic()
         self.started_epoch = time.time()
-        self._started_at = (None, "")  # (epoch, its startedAt text)
-        self.finished = None          # monotonic time once run() is over
-        self._final = None            # the result once run() is over (it no longer changes)
         self.events = EventLog(max(spec.max_output, MIN_EVENT_RING))
         self._lock = threading.Lock()  # guards buffers, returncode and killing
-        self._proc = None
-        self._leaf = None              # ExecCgroup while the exec runs
         self._readers = {}             # pipe fd -> buffer
         self._kinds = {}               # pipe fd -> "stdout" / "stderr"
         self._decoders = {}            # pipe fd -> StreamDecoder
         self._grown = set()            # pipe fds already given PIPE_SIZE
-        self._stdin_fd = None
-        self._tty_fd = None            # a terminal's master for resize and its process groups (_lock)
-        self._stdin_data = memoryview(b"")
         self._stdin_lock = threading.Lock()   # POST .../stdin writers of a pipe
 
     # -- spawning -----------------------------------------------------------
 
-    def environment(self, base_env):
+    def environment_overrides(self):
+        """The variables the command's environment sets over the base environment's."""
         spec = self.spec
-        env = dict(base_env)
+        env = {}
         if spec.user is not None:
             env.update(HOME=spec.user.pw_dir, USER=spec.user.pw_name, LOGNAME=spec.user.pw_name)
         env.update(spec.env)
@@ -1679,7 +1864,7 @@ class Exec:
             env["TERM"] = spec.term
         return env
 
-    def _check_program(self, env):
+    def _check_program(self, search_path):
         """400 unless argv[0] names an executable (so both spawn paths fail alike)."""
         program = self.spec.argv[0]
         if "/" in program:
@@ -1687,32 +1872,25 @@ class Exec:
             found = os.path.isfile(path) and os.access(path, os.X_OK)
         else:
             import shutil
-            found = shutil.which(program, path=env.get("PATH", "")) is not None
+            found = shutil.which(program, path=search_path) is not None
         if not found:
             raise RequestError(400, f"argv[0] {program!r}: command not found")
-
-    def _identity(self):
-        user = self.spec.user
-        if user is None:
-            return {}
-        return {"user": user.pw_uid, "group": user.pw_gid,
-                "extra_groups": os.getgrouplist(user.pw_name, user.pw_gid)}
 
     def start(self, base_env):
         spec = self.spec
         if spec.cwd is not None and not os.path.isdir(spec.cwd):
             what = "is not a directory" if os.path.exists(spec.cwd) else "does not exist"
             raise RequestError(400, f"cwd {spec.cwd} {what}")
-        env = self.environment(base_env)
+        env = self.environment_overrides()
         if spec.argv is not None:
-            self._check_program(env)
+            self._check_program(env.get("PATH", base_env.get("PATH", "")))
         if self.cgroups is not None:
             try:
                 self._leaf = self.cgroups.create(self.id, spec.memory_mb, spec.pids_limit)
             except OSError as e:
                 raise RequestError(500, f"cannot create the exec's cgroup: {e}") from None
         try:
-            self._spawn(env)
+            self._spawn(base_env, env)
         except BaseException:
             if self._leaf is not None:
                 self._leaf.remove()
@@ -1723,7 +1901,7 @@ class Exec:
         self.events.append(None, members=f'"type":"start","execId":"{self.id}","tag":{tag},"pid":{self.pid},'
                                          f'"startedAt":"{self.started_at}","tty":{"true" if self.spec.tty else "false"}}}')
 
-    def _spawn(self, env):
+    def _spawn(self, base_env, env):
         spec = self.spec
         wait_for_cgroup = self._leaf is not None
         if spec.tty:
@@ -1732,9 +1910,7 @@ class Exec:
             argv, child, close_after, parent, go_fd = self._open_pipes(wait_for_cgroup)
         own_go_fd = go_fd is not None and go_fd != self._stdin_fd     # a tty's: closed after "go"
         try:
-            self._proc = subprocess.Popen(
-                argv, stdin=child[0], stdout=child[1], stderr=child[2],
-                cwd=spec.cwd, env=env, start_new_session=True, **self._identity())
+            self._proc = spawn_command(argv, child, spec.cwd, base_env, env, spec.user)
         except (OSError, ValueError, UnicodeError, subprocess.SubprocessError) as e:
             for fd in parent:
                 os.close(fd)
@@ -1856,10 +2032,7 @@ class Exec:
             self._close_tty()
             self._release_cgroup()
             self.finished = time.monotonic()
-            final = self.result()
-            outcome = {key: value for key, value in final.items() if key not in OUTPUT_FIELDS}
-            self._outcome_json = response_json(outcome)   # the exit event's, and in answer()
-            self._final = final
+            self._outcome_json = self._outcome(self.returncode)   # the exit event's, and in answer()
             self.events.append(None, last=True, members='"type":"exit",' + self._outcome_json[1:])
             # the end: wait_done() returns
 
@@ -1880,8 +2053,11 @@ class Exec:
         poller = select.poll()
         for fd in self._readers:
             poller.register(fd, select.POLLIN)
-        exit_fd, waiter = self._exit_notifier()
-        poller.register(exit_fd, select.POLLIN)
+        # The exit is watched (_exit_notifier) only once the command outlived EXIT_WATCH_AFTER_S
+        # or its output ended before it was reaped: a quick command's end shows as its pipes'
+        # hang-up, and it is reaped then without a pidfd (two syscalls fewer an exec).
+        exit_fd = waiter = None
+        watch_at = self.started + EXIT_WATCH_AFTER_S
         feeding = self._stdin_fd is not None and not self.spec.stdin_pipe
         if feeding:
             os.set_blocking(self._stdin_fd, False)
@@ -1901,6 +2077,12 @@ class Exec:
                         break
                     wait = drain_until - now
                 else:
+                    if exit_fd is None and (not self._readers or now >= watch_at):
+                        if not self._readers and self._reap_if_exited():
+                            self._exited(poller, feeding)
+                            break                     # reaped, its output ended: done
+                        exit_fd, waiter = self._exit_notifier()
+                        poller.register(exit_fd, select.POLLIN)
                     if deadline is not None and not self.timed_out:
                         if now >= deadline:
                             self.timed_out = True
@@ -1912,23 +2094,30 @@ class Exec:
                         self.events.append({"type": "keepalive"})
                         continue
                     wait = keepalive_at - now if wait is None else min(wait, keepalive_at - now)
-                for fd, _ in poller.poll(None if wait is None else wait * 1000 + 1):
+                    if exit_fd is None:
+                        wait = min(wait, watch_at - now)
+                for fd, revents in poller.poll(None if wait is None else wait * 1000 + 1):
                     if fd == exit_fd:
                         poller.unregister(exit_fd)
                         self._reap()
-                        if feeding and self._stdin_fd is not None:
-                            poller.unregister(self._stdin_fd)
-                        self._close_stdin()
+                        self._exited(poller, feeding)
                     elif feeding and fd == self._stdin_fd:
                         if not self._feed_stdin():
                             poller.unregister(fd)
                             self._close_stdin()
                     elif fd in self._readers:
-                        self._read(poller, fd)
+                        self._read(poller, fd, revents)
         finally:
-            os.close(exit_fd)
+            if exit_fd is not None:
+                os.close(exit_fd)
             if waiter is not None:
                 waiter.join()
+
+    def _exited(self, poller, feeding):
+        """The command was reaped: its stdin is of no more use."""
+        if feeding and self._stdin_fd is not None:
+            poller.unregister(self._stdin_fd)
+        self._close_stdin()
 
     def _exit_notifier(self):
         """An fd readable once the command exited: its pidfd, or a pipe fed by a waiter thread."""
@@ -1945,9 +2134,10 @@ class Exec:
             waiter.start()
             return r, waiter
 
-    def _read(self, poller, fd):
+    def _read(self, poller, fd, revents):
         try:
-            data = os.read(fd, OUTPUT_CHUNK)
+            # a pipe that hung up with nothing left (POLLHUP without POLLIN) is at its end: no read
+            data = b"" if revents == select.POLLHUP and not self.spec.tty else os.read(fd, OUTPUT_CHUNK)
         except BlockingIOError:     # a terminal's master (non-blocking) with nothing after all
             return
         except OSError as e:
@@ -2081,6 +2271,12 @@ class Exec:
         with self._lock:
             self.returncode = self._proc.wait()
 
+    def _reap_if_exited(self):
+        """Reap the command if it exited (never waits); whether it was."""
+        with self._lock:
+            self.returncode = self._proc.poll()
+        return self.returncode is not None
+
     def kill_all(self):
         """SIGKILL every process of the exec: its cgroup (escapees too), else its process group."""
         with self._lock:
@@ -2207,45 +2403,55 @@ class Exec:
         Once run() is over it is the same dict each time (readers only read it)."""
         if self._final is not None:
             return self._final
+        finished = self._outcome_json
         with self._lock:
-            stdout = CapturedText(self._lock, [(self.stdout, 0, len(self.stdout))], len(self.stdout))
-            stderr = CapturedText(self._lock, [(self.stderr, 0, len(self.stderr))], len(self.stderr))
-            output = self._output_text(self._lock)
+            outputs = self._outputs()
             returncode = self.returncode
+        result = _scan_json(finished or self._outcome(returncode), 0)[0]
+        result.update(outputs)
+        if finished is not None:
+            self._final = result
+        return result
+
+    def _outputs(self):
+        """output, stdout and stderr so far (self._lock held)."""
+        return {"output": self._output_text(self._lock),
+                "stdout": CapturedText(self._lock, [(self.stdout, 0, len(self.stdout))], len(self.stdout)),
+                "stderr": CapturedText(self._lock, [(self.stderr, 0, len(self.stderr))], len(self.stderr))}
+
+    def _outcome(self, returncode):
+        """The exec result but its output (OUTPUT_FIELDS), as JSON (the exit event's members):
+        written out here, as compact JSON would be, as the C encoder takes 10 times longer.
+        The id, tag, kill scope and startedAt need no escapes."""
+        spec = self.spec
         running = self.running
         end = self.finished or time.monotonic()
+        exit_code = returncode if returncode is not None and returncode >= 0 else None
         signum = -returncode if returncode is not None and returncode < 0 else None
-        result = {"execId": self.id, "tag": self.tag}
-        result.update(self.spec.given())
-        result.update({
-            "user": self.spec.user.pw_name if self.spec.user is not None else None,
-            "running": running,
-            "output": output,
-            "stdout": stdout,
-            "stderr": stderr,
-            "exitCode": returncode if returncode is not None and returncode >= 0 else None,
-            "signal": signum,
-            "signalName": signal_name(signum) if signum is not None else None,
-            "error": self.error_message(None if running else returncode),
-            "timedOut": self.timed_out,
-            "truncated": self.truncated,
-            "oomKilled": self.oom_killed,
-            "killScope": self.kill_scope,
-            "limitsApplied": self.cgroups is not None,
-            "tty": self.spec.tty,
-            "startedAt": self.started_at,
-            "durationMs": round((end - self.started) * 1000, 3),
-        })
-        return result
+        command = f'"cmd":{json_string(spec.cmd)}' if spec.cmd is not None else f'"argv":{response_json(spec.argv)}'
+        tag = "null" if self.tag is None else f'"{self.tag}"'
+        return (f'{{"execId":"{self.id}","tag":{tag},{command},'
+                f'"user":{"null" if spec.user is None else json_string(spec.user.pw_name)},'
+                f'"running":{JSON_BOOLS[running]},"exitCode":{"null" if exit_code is None else exit_code},'
+                f'"signal":{"null" if signum is None else signum},'
+                f'"signalName":{"null" if signum is None else json_string(signal_name(signum))},'
+                f'"error":{json_string(self.error_message(None if running else returncode))},'
+                f'"timedOut":{JSON_BOOLS[self.timed_out]},"truncated":{JSON_BOOLS[self.truncated]},'
+                f'"oomKilled":{JSON_BOOLS[self.oom_killed]},"killScope":"{self.kill_scope}",'
+                f'"limitsApplied":{JSON_BOOLS[self.cgroups is not None]},"tty":{JSON_BOOLS[spec.tty]},'
+                f'"startedAt":"{self.started_at}","durationMs":{round((end - self.started) * 1000, 3)!r}}}')
 
     def answer(self):
         """The exec result as an answer's body: once run() is over and the output is small,
         its JSON bytes (the exit event's encoding and the output, so the result is encoded
         once), else result()'s dict."""
-        final = self._final
-        if final is None or sum([final[key].size for key in OUTPUT_FIELDS]) > SMALL_BODY:
+        if self._outcome_json is None or self.output_size + len(self.stdout) + len(self.stderr) > SMALL_BODY:
             return self.result()
-        outputs = "".join([f',"{key}":{json_string(final[key].text())}' for key in OUTPUT_FIELDS])
+        if not self.output_size:        # nothing captured (stdout and stderr hold no more than output)
+            return (self._outcome_json[:-1] + ',"output":"","stdout":"","stderr":""}').encode("utf-8", "replace")
+        with self._lock:
+            outputs = self._outputs()
+        outputs = "".join([f',"{key}":{json_string(outputs[key].text())}' for key in OUTPUT_FIELDS])
         return (self._outcome_json[:-1] + outputs + "}").encode("utf-8", "replace")
 
     def listing(self):
@@ -2360,9 +2566,6 @@ REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 404: "Not Found",
            405: "Method Not Allowed", 409: "Conflict", 413: "Payload Too Large",
            431: "Request Header Fields Too Large", 500: "Internal Server Error",
            501: "Not Implemented", 505: "HTTP Version Not Supported"}
-
-
-_scan_json = json.decoder.JSONDecoder().scan_once     # (value, end) of the JSON value at an index
 
 
 class Request:

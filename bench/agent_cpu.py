@@ -4,7 +4,7 @@ of a shared machine the way bench.py's CPU split does (issue 23).
 
   python3 bench/agent_cpu.py instructions [AGENT.py ...]
       Instructions (callgrind's Ir) the agent's exec path runs per blocking exec of
-      `true`, in-process: the HTTP request parsed, routed, the command spawned and
+      `true` (the body cbox.py sends), in-process: the HTTP request parsed, routed, the command spawned and
       waited for, the answer encoded (to a socket stand-in). The difference of two
       runs of 50 and 250 execs, so start-up is left out; the shell the agent starts is
       not counted (it is the same for any agent). Needs valgrind. Repeatable to ~1%.
@@ -41,7 +41,8 @@ def exec_path_in_process(agent, count):
     config = module.GuestConfig({"vm": "bench"})
     server = module.AgentServer(None, config, module.command_environment(config, "/tmp", False),
                                 time.monotonic(), None)
-    body = json.dumps({"cmd": "true"}).encode()
+    # what cbox.py sends the agent for {"cmd": "true"} with the default config (exec_parts)
+    body = json.dumps({"cmd": "true", "timeout": 300.0, "env": {}, "blocking": True, "maxOutput": 4 << 20}).encode()
     request = (b"POST /exec HTTP/1.1\r\nHost: agent\r\nContent-Type: application/json\r\n"
                b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
 

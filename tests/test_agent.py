@@ -334,6 +334,40 @@ def test_escaping_grandchild_does_not_hang(agent):
         kill_pids(pids_running(m))
 
 
+@pytest.mark.parametrize("watch_after", [0.0, 0.05, 3600.0])
+def test_exit_seen_with_or_without_a_pidfd(monkeypatch, watch_after):
+    """A command's exit is seen whether its pipes end first (a quick command: reaped then,
+    no pidfd), it closes them and runs on (then watched on a pidfd), or it exits while an
+    escaped grandchild keeps them open and silent (watched once it ran EXIT_WATCH_AFTER_S)."""
+    ga = load_agent_module()
+    monkeypatch.setattr(ga, "EXIT_WATCH_AFTER_S", watch_after)
+    watched = []
+    original = ga.Exec._exit_notifier
+    monkeypatch.setattr(ga.Exec, "_exit_notifier", lambda ex: watched.append(ex.id) or original(ex))
+
+    ids = iter(range(1 << 20))
+
+    def run(cmd, timeout=None):
+        ex = ga.Exec(f"{next(ids):016x}", ga.ExecSpec({"cmd": cmd, "timeout": timeout}))
+        ex.start({"PATH": os.environ["PATH"]})
+        ex.run()
+        return ex
+
+    assert [run("exit 3").returncode for _ in range(10)] == [3] * 10
+    ex = run("sleep 0.2 & exit 4")       # it exits, then the pipes end: reaped then
+    assert ex.returncode == 4 and (ex.id in watched) == (watch_after < 0.2)
+    ex = run("exec >&- 2>&-; sleep 0.3; exit 5")
+    assert ex.returncode == 5 and ex.id in watched
+    if watch_after:
+        return              # the rest would wait an hour for the pidfd
+    m = marker()
+    try:
+        ex = run(f"setsid sleep {m} & echo started")
+        assert (ex.returncode, ex.result()["stdout"].text()) == (0, "started\n") and pids_running(m)
+    finally:
+        kill_pids(pids_running(m))
+
+
 def test_big_output_is_capped_and_fast(agent):
     t0 = time.monotonic()
     r = agent.exec(cmd="yes | head -c 20000000; echo tail >&2", maxOutput=1 << 20)
@@ -437,6 +471,97 @@ def test_a_blocking_answer_is_the_exec_result(cmd):
     start = json.loads(ex.events.lines[0])
     assert start == {"seq": 0, "type": "start", "execId": ex.id, "tag": None, "pid": ex.pid,
                      "startedAt": result["startedAt"], "tty": False}
+
+
+RESULT_KEYS = ["execId", "tag", "cmd", "user", "running", "exitCode", "signal", "signalName", "error", "timedOut",
+               "truncated", "oomKilled", "killScope", "limitsApplied", "tty", "startedAt", "durationMs"]
+
+
+@pytest.mark.parametrize("fields, expected", [
+    ({"cmd": "printf '\\\"\u00e9\\001\\n'; exit 3 # \\ \" \u00e9 \x01 \t"},
+     {"exitCode": 3, "error": "exit status 3", "signal": None, "user": None, "tag": None}),
+    ({"argv": ["/bin/sh", "-c", "kill -TERM $$", "\u00e9\""], "tag": "t.1-x", "user": "nobody"},
+     {"exitCode": None, "signal": 15, "signalName": "SIGTERM", "error": "killed by signal 15 (SIGTERM)",
+      "user": "nobody", "tag": "t.1-x", "argv": ["/bin/sh", "-c", "kill -TERM $$", "\u00e9\""]}),
+    ({"cmd": "sleep 5", "timeout": 0.2}, {"timedOut": True, "error": "timed out after 0.2s", "signal": 9}),
+    ({"cmd": "echo hi", "tty": True}, {"exitCode": 0, "tty": True, "signalName": None, "running": False}),
+])
+def test_exec_outcome_is_the_compact_json_of_the_result(fields, expected):
+    """The exit event's members (and the answer's), written out by hand, are the compact JSON
+    (response_json) of the result without its output, for a running exec too."""
+    ga = load_agent_module()
+    ex = ga.Exec("0123456789abcdef", ga.ExecSpec(fields))
+    ex.start({"PATH": os.environ["PATH"]})
+    running = ex._outcome(None)
+    ex.run()
+    keys = [("argv" if key == "cmd" and "argv" in fields else key) for key in RESULT_KEYS]
+    for text, want in ((running, {"running": True, "exitCode": None, "error": "", "signal": None}),
+                       (ex._outcome_json, dict(expected, running=False))):
+        outcome = json.loads(text)
+        assert list(outcome) == keys and ga.response_json(outcome) == text
+        assert {key: outcome[key] for key in want} == want
+        assert (outcome["execId"], outcome.get("cmd"), outcome["killScope"], outcome["limitsApplied"]) == \
+               ("0123456789abcdef", fields.get("cmd"), "process-group", False)
+        assert isinstance(outcome["durationMs"], float) and outcome["startedAt"] == ex.started_at
+    result = ex.result()
+    assert {key: value for key, value in result.items() if key not in ga.OUTPUT_FIELDS} == json.loads(ex._outcome_json)
+    assert result is ex.result()
+
+
+def interpreters_to_compare():
+    """This interpreter and the other 3.10+ ones on PATH (fork_exec's arguments differ by version)."""
+    found = {tuple(sys.version_info[:2]): sys.executable}
+    for minor in range(10, 20):
+        path = shutil.which(f"python3.{minor}")
+        if path and (3, minor) not in found:
+            runs = subprocess.run([path, "-c", "import sys; print(sys.executable)"], capture_output=True, text=True)
+            if runs.returncode == 0:     # not a version manager's shim of an inactive version
+                found[(3, minor)] = runs.stdout.strip()
+    return [pytest.param(path, id=f"{major}.{minor}") for (major, minor), path in sorted(found.items())]
+
+
+@pytest.mark.parametrize("python", interpreters_to_compare())
+def test_fork_exec_fast_path_starts_commands_as_popen(python):
+    """spawn_command's fast path (fork_exec called directly) and Popen start a command alike:
+    session, signals, fds, cwd, user, environment, stdin, exit status, and the same
+    exceptions for a missing or bad cwd, a missing or non-executable program, NUL bytes,
+    a bad variable name (tests/spawn_compare.py runs both ways in that interpreter)."""
+    out = subprocess.run([python, str(REPO / "tests" / "spawn_compare.py"), str(AGENT)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["fastPath"] == ((3, 10) <= tuple(report["version"]) <= (3, 13))
+    for fast, popen in zip(report["fast"], report["popen"]):
+        assert fast == popen
+    probe, _, as_nobody, on_path, missing_cwd, file_cwd, missing, not_on_path, not_executable = report["fast"][:9]
+    assert probe["exit"] == probe["again"] == 7
+    assert "pid is session leader: yes\nSigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\nfds: 0 1 2 3 \n" \
+           in probe["output"] and "stdin: hello" in probe["output"]
+    assert "uid=65534(nobody)" in as_nobody["output"] and (on_path["exit"], on_path["output"]) == (-9, "found on PATH\n")
+    assert (missing_cwd["raised"], missing_cwd["filename"].rsplit("/", 1)[1]) == ("FileNotFoundError", "missing")
+    assert (file_cwd["raised"], missing["raised"], not_on_path["raised"], not_executable["raised"]) == \
+           ("NotADirectoryError", "FileNotFoundError", "FileNotFoundError", "PermissionError")
+    assert [case.get("text") for case in report["fast"][10:12]] == ["embedded null byte", "illegal environment variable name"]
+
+
+def test_commands_start_without_popen_where_fork_exec_is_known():
+    """The agent's commands start through fork_exec on this interpreter (3.10-3.13), the
+    base environment encoded once, and an exec through either path gives the same result."""
+    ga = load_agent_module()
+    base = {"PATH": os.environ["PATH"], "HOME": "/root"}
+    results = []
+    for fast in (True, False):
+        if not fast:
+            ga.FORK_EXEC = None
+        ex = ga.Exec("0123456789abcdef", ga.ExecSpec({"cmd": 'echo "$HOME $A $CBOX_EXEC_ID"; exit 4',
+                                                     "env": {"A": "1"}}))
+        ex.start(base)
+        ex.run()
+        assert isinstance(ex._proc, ga.ForkedChild) == fast
+        result = ex.result()
+        results.append((result["exitCode"], result["stdout"].text()))
+    assert results == [(4, "/root 1 0123456789abcdef\n")] * 2
+    assert ga._encoded_env[0][1] == {"PATH": b"PATH=" + os.environ["PATH"].encode(), "HOME": b"HOME=/root"}
 
 
 def test_finished_execs_are_kept_within_count_bytes_and_time(monkeypatch):
