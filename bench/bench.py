@@ -992,7 +992,10 @@ async def per_request_us(m, config, n, events):
         async def exec(self, body, timeout, then=None):
             return ANSWER
     vm = m.VM(cfg, vmName="m0", status="RUNNING", phase="running", ip="10.20.1.2/24", cid=3, vcpus=1, memoryMb=64)
-    vm.agent = Agent()
+    # CPU_PROBE_AGENT=PORT: cbox.py's own agent client (GuestAgent) to a canned agent on loopback
+    # in a process of its own (bench/cbox_cpu.py), else the answer handed back in-process
+    agent_port = os.environ.get("CPU_PROBE_AGENT")
+    vm.agent = m.GuestAgent("m0", "127.0.0.1", int(agent_port), 1 << 20) if agent_port else Agent()
     (m.Path(cfg.state_dir) / "vms").mkdir()
     class Manager(m.VMManager):
         def __init__(self):
@@ -1033,10 +1036,11 @@ modules = [(load(p.split("+")[0], f"cbox_probe{i}"),
             int(p.split("=")[1]) if "+events=" in p else 1 if p.endswith("+events") else 0)
            for i, p in enumerate(paths)]
 sys.stderr = open(os.devnull, "w")          # the request log
+execs = int(os.environ.get("CPU_PROBE_EXECS", "2000"))    # bench/cbox_cpu.py: two counts under callgrind
 best = [float("inf")] * len(modules)
 for _ in range(rounds):
     for i, (m, events) in enumerate(modules):
-        best[i] = min(best[i], asyncio.run(per_request_us(m, config, 2000, events)))
+        best[i] = min(best[i], asyncio.run(per_request_us(m, config, execs, events)))
 print(json.dumps(best))
 """
 
