@@ -126,12 +126,13 @@ class SecondText:
 
 
 LOG_CLOCK = SecondText("%H:%M:%S", time.localtime)
+MILLIS = tuple(f".{ms:03d}" for ms in range(1000))     # ".mmm" of SecondText's milliseconds, made once
 
 
 def log_time():
     """Local time as HH:MM:SS.mmm."""
     text, ms = LOG_CLOCK.now()
-    return f"{text}.{ms:03d}"
+    return text + MILLIS[ms]
 
 
 def log_text(value):
@@ -150,6 +151,12 @@ def log_word(value):
     return text if text.isprintable() and " " not in text and "=" not in text else repr(text)
 
 
+def log_line(msg, extra):
+    """Write log()'s line of `msg` and its fields as text (" k=v ...", printable: as log() makes it)."""
+    sys.stderr.write(f"{log_time()} cbox: {msg}{extra}\n")
+    sys.stderr.flush()
+
+
 # Twin of guest_agent.log: must agree on the shape of a line on stderr: "<program>: message".
 def log(msg, **fields):
     """One line on stderr: 'cbox: msg k=v ...' (the request and lifecycle log); a line whose
@@ -157,8 +164,7 @@ def log(msg, **fields):
     extra = "".join([f" {k}={v}" for k, v in fields.items() if v is not None])
     if not extra.isprintable():        # one check for the whole line: the usual case costs no more
         extra = "".join([f" {k}={log_text(v)}" for k, v in fields.items() if v is not None])
-    sys.stderr.write(f"{log_time()} cbox: {msg}{extra}\n")
-    sys.stderr.flush()
+    log_line(msg, extra)
 
 
 def utc_now():
@@ -244,6 +250,18 @@ class Deadlines:
 
 
 LOOP_DEADLINES = weakref.WeakKeyDictionary()     # event loop -> its Deadlines
+_LAST_DEADLINES = (lambda: None, None)           # (weak reference to a loop, its Deadlines): the last used
+
+
+def loop_deadlines(loop):
+    """The Deadlines of `loop` (made at its first within()); the last loop's are kept at hand,
+    as a WeakKeyDictionary lookup makes a weak reference each time."""
+    global _LAST_DEADLINES
+    deadlines = LOOP_DEADLINES.get(loop)
+    if deadlines is None:
+        deadlines = LOOP_DEADLINES[loop] = Deadlines()
+    _LAST_DEADLINES = (weakref.ref(loop), deadlines)
+    return deadlines
 
 
 async def within(timeout, aw):
@@ -252,9 +270,9 @@ async def within(timeout, aw):
     Like asyncio.wait_for, without the extra task and the timer per call (this is on
     every request's path, several times; asyncio.timeout is 3.11+)."""
     loop = asyncio.get_running_loop()
-    deadlines = LOOP_DEADLINES.get(loop)
-    if deadlines is None:
-        deadlines = LOOP_DEADLINES[loop] = Deadlines()
+    last, deadlines = _LAST_DEADLINES
+    if last() is not loop:
+        deadlines = loop_deadlines(loop)
     task = asyncio.current_task(loop)       # with the loop: one get_running_loop() (a getpid() before 3.12)
     deadline = deadlines.add(loop, timeout, task)
     try:
@@ -608,7 +626,7 @@ EVENT_CLOCK = SecondText("%Y-%m-%dT%H:%M:%S", time.gmtime)
 def event_time():
     """UTC as RFC 3339 with milliseconds."""
     text, ms = EVENT_CLOCK.now()
-    return f"{text}.{ms:03d}Z"
+    return text + MILLIS[ms] + "Z"
 
 
 def complete_event(event):
@@ -3820,6 +3838,7 @@ class SchemaCompiler:
         if not keys & set(schema):
             return None
         checks = {key: cls.compile(sub) for key, sub in schema.get("properties", {}).items()}
+        known = checks.keys()
         fixed = {key: sub["default"] for key, sub in schema.get("properties", {}).items() if checks[key].fixed_default}
         computed = [(key, checks[key]) for key, sub in schema.get("properties", {}).items()    # defaults to check
                     if "default" in sub and key not in fixed]
@@ -3837,11 +3856,12 @@ class SchemaCompiler:
                 for key in value:
                     names(key, child_name(name, key))
             prefix = f"{name}: " if name else ""
-            unknown = [k for k in value if k not in checks]
+            # the lists made only when there is something in them (every exec's body is checked here)
+            unknown = [k for k in value if k not in checks] if not known >= value.keys() else ()
             if unknown and extra is False:
                 raise schema_error(schema, "additionalProperties", name, value,
                                    f"{prefix}unknown field(s): {', '.join(sorted(unknown))}")
-            missing = [k for k in required if k not in value]
+            missing = [k for k in required if k not in value] if required else ()
             if missing:
                 raise schema_error(schema, "required", name, value, f"{prefix}missing required field(s): {', '.join(missing)}")
             out = dict(fixed)
@@ -4058,7 +4078,7 @@ def decimal_pattern(low, high):
 
 VM_NAME_SCHEMA = {"type": "string", "pattern": VM_NAME_PATTERN, "x-errors": {
     "*": "invalid vmName: use 1-63 characters of A-Z a-z 0-9 _ . - starting with a letter or digit"}}
-IMAGE_NAME_RE = schema_regex(VM_NAME_PATTERN)
+VM_NAME_RE = IMAGE_NAME_RE = schema_regex(VM_NAME_PATTERN)
 IMAGE_NAME_SCHEMA = {"type": "string", "pattern": VM_NAME_PATTERN, "x-errors": {
     "*": "invalid image name: use 1-63 characters of A-Z a-z 0-9 _ . - starting with a letter or digit"}}
 EXEC_REF_SCHEMA = {"type": "string", "pattern": EXEC_REF_PATTERN,
@@ -4263,6 +4283,8 @@ KILL_QUERY = {"grace": {"type": "number", "minimum": 0, "maximum": MAX_GRACE_S, 
 # ---- the validators the REST handlers call -----------------------------------------------------
 
 def check_vm_name(name):
+    if name.__class__ is str and VM_NAME_RE.search(name):    # VM_NAME_SCHEMA's whole check, at once
+        return name                                               # (one per request naming a VM)
     return check_schema(name, VM_NAME_SCHEMA, "vmName")
 
 
@@ -4335,15 +4357,21 @@ def parse_vm_filter(query):
 
 def exec_parts(request, cfg):
     """A checked exec request (ExecRequest) -> (agent request body, blocking, timeout, stream)."""
-    request = dict(request)
-    stream = request.pop("stream")
-    blocking = request.pop("blocking") and not stream
-    agent_body = dict(request, blocking=blocking, maxOutput=cfg.exec_output_limit_bytes)
-    if not agent_body["tty"]:
-        del agent_body["tty"]          # an agent older than terminals knows no tty
+    stream = request["stream"]
+    blocking = request["blocking"] and not stream
+    # the request's fields but null ones, in its order, then blocking, maxOutput (and keepaliveS)
+    agent_body = dict(request)
+    del agent_body["stream"], agent_body["blocking"]
+    if None in agent_body.values():    # a field given as null (the usual request has none)
+        agent_body = {k: v for k, v in agent_body.items() if v is not None}
+    if not request["tty"]:
+        agent_body.pop("tty", None)    # an agent older than terminals knows no tty
+    if blocking is not None:
+        agent_body["blocking"] = blocking
+    agent_body["maxOutput"] = cfg.exec_output_limit_bytes
     if stream:
         agent_body["keepaliveS"] = cfg.stream_keepalive_s
-    return {k: v for k, v in agent_body.items() if v is not None}, blocking, request["timeout"], stream
+    return agent_body, blocking, request["timeout"], stream
 
 
 def validate_exec_request(body, cfg):
@@ -6907,10 +6935,17 @@ def log_request(method, target, status, t0, vm_name=None):
     """The request log line: 'request method=.. path=.. vm=.. status=.. ms=..'; `vm_name` is
     the VM a request body named (a start), else the VM the path names. What the client sent
     is cut short here and escaped by log()."""
-    path = target.split("?")[0]
-    vm_name = vm_name or (path[len("/v1/vms/"):].split("/")[0] if path.startswith("/v1/vms/") else None)
-    log("request", method=method[:32], path=path[:200], vm=vm_name[:64] if vm_name else None, status=status,
-        ms=f"{(time.monotonic() - t0) * 1000:.1f}")
+    path = target.split("?", 1)[0][:200]
+    if not vm_name and path.startswith("/v1/vms/"):
+        vm_name = path[len("/v1/vms/"):].split("/", 1)[0]
+    method, vm_name, ms = method[:32], vm_name[:64] if vm_name else None, f"{(time.monotonic() - t0) * 1000:.1f}"
+    # the line log() writes, made here at a third of its cost (one per request); log() escapes it when
+    # not printable
+    extra = f" method={method} path={path}{f' vm={vm_name}' if vm_name else ''} status={status} ms={ms}"
+    if extra.isprintable():
+        log_line("request", extra)
+    else:
+        log("request", method=method, path=path, vm=vm_name, status=status, ms=ms)
 
 
 REQUEST_LINE_MAX = 8 * 1024      # a longer request line (its URL, mostly) is answered 414
