@@ -110,19 +110,18 @@ LOG_START = time.monotonic()
 
 
 class SecondText:
-    """The time as text, formatted by strftime once a second rather than once a call:
-    now() gives that second's text and the milliseconds past it."""
+    """Times as text, formatted by strftime once a second rather than once a call: at(when)
+    gives the text of the second of `when` (epoch seconds) and the milliseconds past it."""
 
     def __init__(self, fmt, to_struct):
         self.fmt, self.to_struct = fmt, to_struct
         self.second, self.text = None, ""
 
-    def now(self):
-        now = time.time()
-        if self.second != int(now):
-            self.second = int(now)
-            self.text = time.strftime(self.fmt, self.to_struct(now))
-        return self.text, int((now - self.second) * 1000)
+    def at(self, when):
+        if self.second != int(when):
+            self.second = int(when)
+            self.text = time.strftime(self.fmt, self.to_struct(when))
+        return self.text, int((when - self.second) * 1000)
 
 
 LOG_CLOCK = SecondText("%H:%M:%S", time.localtime)
@@ -131,7 +130,7 @@ MILLIS = tuple(f".{ms:03d}" for ms in range(1000))     # ".mmm" of SecondText's 
 
 def log_time():
     """Local time as HH:MM:SS.mmm."""
-    text, ms = LOG_CLOCK.now()
+    text, ms = LOG_CLOCK.at(time.time())
     return text + MILLIS[ms]
 
 
@@ -221,17 +220,8 @@ class Deadlines:
         self.timer = None              # weak reference to the loop timer (a strong one would keep
         self.due = math.inf            # the loop alive: LOOP_DEADLINES holds loops weakly); its time
 
-    def add(self, loop, timeout, task):
-        deadline = Deadline(loop.time() + timeout, task)
-        self.waiting.add(deadline)
-        if deadline.when < self.due:
-            self._schedule(loop, deadline.when)
-        return deadline
-
-    def remove(self, deadline):
-        self.waiting.discard(deadline)
-
-    def _schedule(self, loop, when):
+    def schedule(self, loop, when):
+        """The loop timer due at `when` (a deadline added to `waiting` is due before it was)."""
         timer = self.timer and self.timer()
         if timer is not None:
             timer.cancel()
@@ -246,7 +236,7 @@ class Deadlines:
             deadline.expired = True
             deadline.task.cancel()
         if self.waiting:
-            self._schedule(loop, min(d.when for d in self.waiting))
+            self.schedule(loop, min(d.when for d in self.waiting))
 
 
 LOOP_DEADLINES = weakref.WeakKeyDictionary()     # event loop -> its Deadlines
@@ -274,7 +264,10 @@ async def within(timeout, aw):
     if last() is not loop:
         deadlines = loop_deadlines(loop)
     task = asyncio.current_task(loop)       # with the loop: one get_running_loop() (a getpid() before 3.12)
-    deadline = deadlines.add(loop, timeout, task)
+    deadline = Deadline(loop.time() + timeout, task)
+    deadlines.waiting.add(deadline)         # added and dropped here, not by calls: several per request
+    if deadline.when < deadlines.due:
+        deadlines.schedule(loop, deadline.when)
     try:
         return await aw
     except asyncio.CancelledError:
@@ -284,7 +277,7 @@ async def within(timeout, aw):
             task.uncancel()
         raise asyncio.TimeoutError() from None
     finally:
-        deadlines.remove(deadline)
+        deadlines.waiting.discard(deadline)
 
 
 # Twin of guest_agent.write_atomically: must agree that a reader sees the old file or the whole new one.
@@ -623,17 +616,20 @@ async def give_memory_back():
 EVENT_CLOCK = SecondText("%Y-%m-%dT%H:%M:%S", time.gmtime)
 
 
-def event_time():
-    """UTC as RFC 3339 with milliseconds."""
-    text, ms = EVENT_CLOCK.now()
+def event_time(when):
+    """An epoch time as UTC RFC 3339 with milliseconds."""
+    text, ms = EVENT_CLOCK.at(when)
     return text + MILLIS[ms] + "Z"
 
 
 def complete_event(event):
-    """An event with its details read (EventLog.publish), as readers get it."""
+    """An event with its details read and its time as text (EventLog.publish), as readers get it."""
     details = event.pop(None, None)
     if details is not None:
         event.update(details[0](*details[1:]))
+    when = event.get("time")
+    if when.__class__ is float:
+        event["time"] = event_time(when)
     return event
 
 
@@ -663,17 +659,19 @@ class EventLog:
     def publish(self, kind, vm_name, details=None, **fields):
         """Number and keep an event, wake the long-polls, hand it to the sinks. `details`,
         (function, *args), gives more fields when the event is first read (complete_event):
-        an event per exec costs little when nobody reads them."""
+        an event per exec costs little when nobody reads them; so does its time, kept as a number
+        until then."""
         self.last_id += 1
-        event = {"id": self.last_id, "type": kind, "vmName": vm_name, "time": event_time(), **fields}
+        event = {"id": self.last_id, "type": kind, "vmName": vm_name, "time": time.time(), **fields}
         if details is not None:
             event[None] = details
         self.ring.append(event)
         M_EVENTS.labels(kind).inc()
-        waiters, self.waiters = self.waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        if self.waiters:
+            waiters, self.waiters = self.waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
         for sink in self.sinks:
             sink(event)
         return event
@@ -3680,7 +3678,9 @@ class SchemaCompiler:
                 checked = None
             if type(checked) is type(default) and checked == default and checked is not default:
                 fresh_empty = type(default)
-        run.fixed_default = fixed_default
+        if not has_default and len(steps) == 1:
+            run = steps[0]                 # no call around the one step (checks run per request)
+        run.fixed_default, run.fresh_empty = fixed_default, fresh_empty
         return run
 
     @classmethod
@@ -3840,8 +3840,8 @@ class SchemaCompiler:
         checks = {key: cls.compile(sub) for key, sub in schema.get("properties", {}).items()}
         known = checks.keys()
         fixed = {key: sub["default"] for key, sub in schema.get("properties", {}).items() if checks[key].fixed_default}
-        computed = [(key, checks[key]) for key, sub in schema.get("properties", {}).items()    # defaults to check
-                    if "default" in sub and key not in fixed]
+        computed = [(key, checks[key], checks[key].fresh_empty)     # defaults to check, or a new empty one
+                    for key, sub in schema.get("properties", {}).items() if "default" in sub and key not in fixed]
         required, most = schema.get("required", ()), schema.get("maxProperties")
         names = cls.compile(schema["propertyNames"]) if "propertyNames" in schema else None
         extra = schema.get("additionalProperties", True)
@@ -3869,9 +3869,9 @@ class SchemaCompiler:
                 check = checks.get(key)
                 if check:
                     out[key] = check(given, f"{name}.{key}" if name else key)
-            for key, check in computed:
+            for key, check, fresh_empty in computed:
                 if key not in value:
-                    out[key] = check(None, f"{name}.{key}" if name else key)
+                    out[key] = fresh_empty() if fresh_empty else check(None, f"{name}.{key}" if name else key)
             for key in unknown:
                 out[key] = extra(value[key], child_name(name, key)) if callable(extra) else value[key]
             return out
@@ -5688,7 +5688,9 @@ def exec_finished(vm, text, exec_id=None):
     """Count a finished exec from its result's JSON text and publish exec.finished, whose
     other fields are read from the text only when the event is (exec_event_fields)."""
     M_EXECS_FINISHED.inc()
-    timed_out, oom_killed = has_field(text, TIMED_OUT), has_field(text, OOM_KILLED)
+    flagged = b"true" in text       # neither flag is true without it: one scan of the usual answer, not four
+    timed_out = flagged and has_field(text, TIMED_OUT)
+    oom_killed = flagged and has_field(text, OOM_KILLED)
     if timed_out:
         M_EXECS_TIMED_OUT.inc()
     if oom_killed:
@@ -7413,18 +7415,20 @@ class TerminalAttach:
 class Request:
     """One request; dispatch() fills in path, query, args, params and the checked body, a handler
     may name its VM."""
+    # set on a request when known (class attributes until then: one request per exec)
+    path = None
+    body = None                # bytes once read (after the token was checked)
+    json = None                # the body as its route's schema checked it (Operation.body)
+    vm_name = None             # the VM a request body names, for the request log
+    allow = ""                 # a 405's Allow header: the methods of the path
+    route = "unmatched"        # the route's name (route_name), for the metrics
 
     def __init__(self, method, target, headers, version="HTTP/1.1", t0=None):
         self.method, self.target, self.headers, self.version = method, target, headers, version
         self.t0 = time.monotonic() if t0 is None else t0      # its head was read (the request log's ms)
         self.keep_alive = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
-        self.path, self.query, self.params = None, {}, {}
-        self.body = None           # bytes once read (after the token was checked)
-        self.json = None           # the body as its route's schema checked it (Operation.body)
+        self.query, self.params = {}, {}
         self.args = {}             # the query checked against the route's parameters (check_query)
-        self.vm_name = None        # the VM a request body names, for the request log
-        self.allow = ""            # a 405's Allow header: the methods of the path
-        self.route = "unmatched"   # the route's name (route_name), for the metrics
 
 
 # ---- the API description: GET /v1/openapi.json, made from the route table -------------------
@@ -7828,6 +7832,8 @@ class RestServer:
         self.schemas = request_schemas(cfg)
         self.api = ApiRoutes(cfg, manager, self.terminals)
         self.routes, self.route_names, self.public_paths = self.api.routes, self.api.route_names, self.api.public_paths
+        # find_operation's table: each route's name at hand (a pattern's hash is computed at each lookup)
+        self.route_table = [(pattern, methods, self.route_names[pattern]) for pattern, methods in self.routes]
 
     async def start(self):
         METRICS.on_scrape("process", refresh_process_metrics)     # here: a server made for its routes only
@@ -8082,16 +8088,19 @@ class RestServer:
         text; the request's route, path and path parameters filled in."""
         split = urllib.parse.urlsplit(request.target)
         path = split.path
-        for pattern, methods in self.routes:
+        for pattern, methods, name in self.route_table:
             m = pattern.match(path)
             if not m:
                 continue
-            request.route = self.route_names[pattern]
+            request.route = name
             operation = methods.get(request.method)
             if operation is None:
                 request.allow = ", ".join(methods)
                 raise ApiError(405, f"method {request.method} not allowed on {path} (allowed: {request.allow})")
-            request.path, request.params = path, {k: urllib.parse.unquote(v) for k, v in m.groupdict().items()}
+            params = m.groupdict()
+            if "%" in path:        # else unquote() would give each as it is
+                params = {k: urllib.parse.unquote(v) for k, v in params.items()}
+            request.path, request.params = path, params
             return operation, split.query
         raise ApiError(404, f"no route {path}")
 
@@ -8106,7 +8115,7 @@ class RestServer:
             check_schema(request.params["image"], IMAGE_NAME_SCHEMA, "image")
         if query:
             request.query = parse_query(query)
-        request.args = check_query(request.query, operation.query)
+        request.args = check_query(request.query, operation.query) if query or operation.query else {}
         if operation.body:
             request.json = check_schema(parse_json_body(request.body), self.schemas[operation.body],
                                         operation.body_name)
