@@ -1353,10 +1353,10 @@ class HttpClient:
             raise
 
     async def _request(self, method, target, body, headers, deadline, then=None):
-        payload = body if isinstance(body, (bytes, type(None))) else json_bytes(body)
-        head = f"{method} {target} HTTP/1.1\r\nHost: {self.host_header}\r\n"
-        if payload is not None:
-            head += f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+        payload = body if body is None or isinstance(body, bytes) else json_bytes(body)
+        head = (f"{method} {target} HTTP/1.1\r\nHost: {self.host_header}\r\n" if payload is None else
+                f"{method} {target} HTTP/1.1\r\nHost: {self.host_header}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(payload)}\r\n")
         if headers:
             head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
         message = (head + "\r\n").encode("latin-1") + (payload or b"")
@@ -1472,17 +1472,19 @@ class HttpClient:
         if method == "HEAD" or status in (204, 304):
             return status, headers, b""
         length = headers.get("content-length", "")
-        if self.length_only and not is_decimal(length):
+        size = int(length) if is_decimal(length) else None
+        if self.length_only and size is None:
             raise HttpError("answer without Content-Length")
-        if (self.stream_over is not None and is_decimal(length) and int(length) > self.stream_over
-                and 200 <= status < 300):
-            if int(length) > self.max_body:
+        if self.stream_over is not None and size is not None and size > self.stream_over and 200 <= status < 300:
+            if size > self.max_body:
                 raise HttpError("body too large")
-            return status, headers, BodyStream(self, reader, writer, int(length),
+            return status, headers, BodyStream(self, reader, writer, size,
                                                headers.get("connection", "").lower() != "close", deadline, then)
         if not length and headers.get("transfer-encoding", "").lower() != "chunked":
             headers["connection"] = "close"            # the body ends when the connection does
             return status, headers, await read_to_eof(reader, self.max_body)
+        if size is not None and size <= self.max_body and "transfer-encoding" not in headers:
+            return status, headers, await reader.readexactly(size)     # read_body's usual case, at once
         return status, headers, await read_body(reader, headers, self.max_body)
 
     def close(self):
@@ -2287,9 +2289,10 @@ class GuestAgent:
             raise AgentError(502, str(e)) from e
         return status
 
-    async def exec(self, body, timeout, then=None):
-        """POST /exec; `then` is given a large answer's head and tail once it was passed on (BodyStream)."""
-        return await self._call("POST", "/exec", body, timeout, then)
+    def exec(self, body, timeout, then=None):
+        """POST /exec (to await); `then` is given a large answer's head and tail once it was passed on
+        (BodyStream). The call itself is awaited: no coroutine of its own on every exec's path."""
+        return self._call("POST", "/exec", body, timeout, then)
 
     async def status(self, exec_id, timeout=30.0, then=None):
         return await self._call("GET", f"/exec/{exec_id}", timeout=timeout, then=then)
