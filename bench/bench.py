@@ -915,11 +915,13 @@ def exec_client(connect, path):
 
 
 # An events_url receiver as lean as a receiver can be (its CPU shares the machine with what is
-# measured): one thread per connection, requests framed by Content-Length, a fixed 200 answer.
-# GET answers the number of POSTs received. Prints its port, then serves until killed.
+# measured): one thread per connection, requests framed by Content-Length, a fixed 204 answer
+# (or the whole answer given as its argument: bench/cbox_cpu.py's canned agent). GET answers
+# the number of POSTs received. Prints its port, then serves until killed.
 EVENTS_RECEIVER = r"""
 import socket, sys, threading
 count = [0]
+ANSWER = sys.argv[1].encode("latin-1") if len(sys.argv) > 1 else b"HTTP/1.1 204 No Content\r\n\r\n"
 def serve(conn):
     buf = b""
     while True:
@@ -945,7 +947,7 @@ def serve(conn):
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(text), text))
         else:
             count[0] += 1
-            conn.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+            conn.sendall(ANSWER)
 listener = socket.socket()
 listener.bind(("127.0.0.1", 0))
 listener.listen(16)

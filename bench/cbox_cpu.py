@@ -25,44 +25,16 @@ import tempfile
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-from bench import CPU_PROBE  # noqa: E402
+from bench import CPU_PROBE, EVENTS_RECEIVER  # noqa: E402
 
 RUNS = (200, 1000)
 PROBE_CONFIG = 'hostservices:\n  restserver:\n    host: "127.0.0.1"\n'    # keys every cbox.py knows
 
-# A guest agent that answers every request at once with the result of `true`, as guest_agent.py
-# writes it (its head: guest_agent._response_head); prints its port.
-CANNED_AGENT = r"""
-import socket, threading
+# A guest agent's answer to every request: the result of `true` as guest_agent.py writes it
+# (its head: guest_agent._response_head), from bench.py's lean HTTP server (EVENTS_RECEIVER)
 BODY = (b'{"execId":"e1","running":false,"output":"","stdout":"","stderr":"","exitCode":0,"signal":null,'
         b'"error":"","timedOut":false,"truncated":false,"durationMs":1.2}')
-ANSWER = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(BODY), BODY)
-def serve(conn):
-    buf = b""
-    while True:
-        while (end := buf.find(b"\r\n\r\n")) < 0:
-            data = conn.recv(65536)
-            if not data:
-                return
-            buf += data
-        head = buf[:end].lower()
-        length = int(head.split(b"content-length:")[1].split(b"\r\n")[0]) if b"content-length:" in head else 0
-        while len(buf) < end + 4 + length:
-            data = conn.recv(65536)
-            if not data:
-                return
-            buf += data
-        buf = buf[end + 4 + length:]
-        conn.sendall(ANSWER)
-listener = socket.socket()
-listener.bind(("127.0.0.1", 0))
-listener.listen(16)
-print(listener.getsockname()[1], flush=True)
-while True:
-    conn, _ = listener.accept()
-    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    threading.Thread(target=serve, args=(conn,), daemon=True).start()
-"""
+AGENT_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(BODY), BODY)
 
 
 def instructions(cbox, tmp, agent_port=None):
@@ -90,7 +62,8 @@ def main(args):
     if args[:1] in (["-h"], ["--help"]):
         print(__doc__.strip())
         return 0
-    agent = subprocess.Popen([sys.executable, "-c", CANNED_AGENT], stdout=subprocess.PIPE, text=True)
+    agent = subprocess.Popen([sys.executable, "-c", EVENTS_RECEIVER, AGENT_ANSWER.decode("latin-1")],
+                             stdout=subprocess.PIPE, text=True)
     try:
         port = int(agent.stdout.readline())
         for cbox in [os.path.abspath(a) for a in args] or [str(REPO / "cbox.py")]:
