@@ -111,28 +111,28 @@ LOG_START = time.monotonic()
 
 
 class SecondText:
-    """The time as text, formatted by strftime once a second rather than once a call:
-    now() gives that second's text and the milliseconds past it."""
+    """Times as text, formatted by strftime once a second rather than once a call: at(when)
+    gives the text of the second of `when` (epoch seconds) and the milliseconds past it."""
 
     def __init__(self, fmt, to_struct):
         self.fmt, self.to_struct = fmt, to_struct
         self.second, self.text = None, ""
 
-    def now(self):
-        now = time.time()
-        if self.second != int(now):
-            self.second = int(now)
-            self.text = time.strftime(self.fmt, self.to_struct(now))
-        return self.text, int((now - self.second) * 1000)
+    def at(self, when):
+        if self.second != int(when):
+            self.second = int(when)
+            self.text = time.strftime(self.fmt, self.to_struct(when))
+        return self.text, int((when - self.second) * 1000)
 
 
 LOG_CLOCK = SecondText("%H:%M:%S", time.localtime)
+MILLIS = tuple(f".{ms:03d}" for ms in range(1000))     # ".mmm" of SecondText's milliseconds, made once
 
 
 def log_time():
     """Local time as HH:MM:SS.mmm."""
-    text, ms = LOG_CLOCK.now()
-    return f"{text}.{ms:03d}"
+    text, ms = LOG_CLOCK.at(time.time())
+    return text + MILLIS[ms]
 
 
 def log_text(value):
@@ -151,6 +151,12 @@ def log_word(value):
     return text if text.isprintable() and " " not in text and "=" not in text else repr(text)
 
 
+def log_line(msg, extra):
+    """Write log()'s line of `msg` and its fields as text (" k=v ...", printable: as log() makes it)."""
+    sys.stderr.write(f"{log_time()} cbox: {msg}{extra}\n")
+    sys.stderr.flush()
+
+
 # Twin of guest_agent.log: must agree on the shape of a line on stderr: "<program>: message".
 def log(msg, **fields):
     """One line on stderr: 'cbox: msg k=v ...' (the request and lifecycle log); a line whose
@@ -158,8 +164,7 @@ def log(msg, **fields):
     extra = "".join([f" {k}={v}" for k, v in fields.items() if v is not None])
     if not extra.isprintable():        # one check for the whole line: the usual case costs no more
         extra = "".join([f" {k}={log_text(v)}" for k, v in fields.items() if v is not None])
-    sys.stderr.write(f"{log_time()} cbox: {msg}{extra}\n")
-    sys.stderr.flush()
+    log_line(msg, extra)
 
 
 def utc_now():
@@ -216,17 +221,8 @@ class Deadlines:
         self.timer = None              # weak reference to the loop timer (a strong one would keep
         self.due = math.inf            # the loop alive: LOOP_DEADLINES holds loops weakly); its time
 
-    def add(self, loop, timeout, task):
-        deadline = Deadline(loop.time() + timeout, task)
-        self.waiting.add(deadline)
-        if deadline.when < self.due:
-            self._schedule(loop, deadline.when)
-        return deadline
-
-    def remove(self, deadline):
-        self.waiting.discard(deadline)
-
-    def _schedule(self, loop, when):
+    def schedule(self, loop, when):
+        """The loop timer due at `when` (a deadline added to `waiting` is due before it was)."""
         timer = self.timer and self.timer()
         if timer is not None:
             timer.cancel()
@@ -241,10 +237,22 @@ class Deadlines:
             deadline.expired = True
             deadline.task.cancel()
         if self.waiting:
-            self._schedule(loop, min(d.when for d in self.waiting))
+            self.schedule(loop, min(d.when for d in self.waiting))
 
 
 LOOP_DEADLINES = weakref.WeakKeyDictionary()     # event loop -> its Deadlines
+_LAST_DEADLINES = (lambda: None, None)           # (weak reference to a loop, its Deadlines): the last used
+
+
+def loop_deadlines(loop):
+    """The Deadlines of `loop` (made at its first within()); the last loop's are kept at hand,
+    as a WeakKeyDictionary lookup makes a weak reference each time."""
+    global _LAST_DEADLINES
+    deadlines = LOOP_DEADLINES.get(loop)
+    if deadlines is None:
+        deadlines = LOOP_DEADLINES[loop] = Deadlines()
+    _LAST_DEADLINES = (weakref.ref(loop), deadlines)
+    return deadlines
 
 
 async def within(timeout, aw):
@@ -253,11 +261,14 @@ async def within(timeout, aw):
     Like asyncio.wait_for, without the extra task and the timer per call (this is on
     every request's path, several times; asyncio.timeout is 3.11+)."""
     loop = asyncio.get_running_loop()
-    deadlines = LOOP_DEADLINES.get(loop)
-    if deadlines is None:
-        deadlines = LOOP_DEADLINES[loop] = Deadlines()
+    last, deadlines = _LAST_DEADLINES
+    if last() is not loop:
+        deadlines = loop_deadlines(loop)
     task = asyncio.current_task(loop)       # with the loop: one get_running_loop() (a getpid() before 3.12)
-    deadline = deadlines.add(loop, timeout, task)
+    deadline = Deadline(loop.time() + timeout, task)
+    deadlines.waiting.add(deadline)         # added and dropped here, not by calls: several per request
+    if deadline.when < deadlines.due:
+        deadlines.schedule(loop, deadline.when)
     try:
         return await aw
     except asyncio.CancelledError:
@@ -267,7 +278,7 @@ async def within(timeout, aw):
             task.uncancel()
         raise asyncio.TimeoutError() from None
     finally:
-        deadlines.remove(deadline)
+        deadlines.waiting.discard(deadline)
 
 
 # Twin of guest_agent.write_atomically: must agree that a reader sees the old file or the whole new one.
@@ -693,17 +704,20 @@ async def give_memory_back():
 EVENT_CLOCK = SecondText("%Y-%m-%dT%H:%M:%S", time.gmtime)
 
 
-def event_time():
-    """UTC as RFC 3339 with milliseconds."""
-    text, ms = EVENT_CLOCK.now()
-    return f"{text}.{ms:03d}Z"
+def event_time(when):
+    """An epoch time as UTC RFC 3339 with milliseconds."""
+    text, ms = EVENT_CLOCK.at(when)
+    return text + MILLIS[ms] + "Z"
 
 
 def complete_event(event):
-    """An event with its details read (EventLog.publish), as readers get it."""
+    """An event with its details read and its time as text (EventLog.publish), as readers get it."""
     details = event.pop(None, None)
     if details is not None:
         event.update(details[0](*details[1:]))
+    when = event.get("time")
+    if when.__class__ is float:
+        event["time"] = event_time(when)
     return event
 
 
@@ -733,17 +747,19 @@ class EventLog:
     def publish(self, kind, vm_name, details=None, **fields):
         """Number and keep an event, wake the long-polls, hand it to the sinks. `details`,
         (function, *args), gives more fields when the event is first read (complete_event):
-        an event per exec costs little when nobody reads them."""
+        an event per exec costs little when nobody reads them; so does its time, kept as a number
+        until then."""
         self.last_id += 1
-        event = {"id": self.last_id, "type": kind, "vmName": vm_name, "time": event_time(), **fields}
+        event = {"id": self.last_id, "type": kind, "vmName": vm_name, "time": time.time(), **fields}
         if details is not None:
             event[None] = details
         self.ring.append(event)
         M_EVENTS.labels(kind).inc()
-        waiters, self.waiters = self.waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        if self.waiters:
+            waiters, self.waiters = self.waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
         for sink in self.sinks:
             sink(event)
         return event
@@ -1425,10 +1441,10 @@ class HttpClient:
             raise
 
     async def _request(self, method, target, body, headers, deadline, then=None):
-        payload = body if isinstance(body, (bytes, type(None))) else json_bytes(body)
-        head = f"{method} {target} HTTP/1.1\r\nHost: {self.host_header}\r\n"
-        if payload is not None:
-            head += f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+        payload = body if body is None or isinstance(body, bytes) else json_bytes(body)
+        head = (f"{method} {target} HTTP/1.1\r\nHost: {self.host_header}\r\n" if payload is None else
+                f"{method} {target} HTTP/1.1\r\nHost: {self.host_header}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(payload)}\r\n")
         if headers:
             head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
         message = (head + "\r\n").encode("latin-1") + (payload or b"")
@@ -1544,17 +1560,19 @@ class HttpClient:
         if method == "HEAD" or status in (204, 304):
             return status, headers, b""
         length = headers.get("content-length", "")
-        if self.length_only and not is_decimal(length):
+        size = int(length) if is_decimal(length) else None
+        if self.length_only and size is None:
             raise HttpError("answer without Content-Length")
-        if (self.stream_over is not None and is_decimal(length) and int(length) > self.stream_over
-                and 200 <= status < 300):
-            if int(length) > self.max_body:
+        if self.stream_over is not None and size is not None and size > self.stream_over and 200 <= status < 300:
+            if size > self.max_body:
                 raise HttpError("body too large")
-            return status, headers, BodyStream(self, reader, writer, int(length),
+            return status, headers, BodyStream(self, reader, writer, size,
                                                headers.get("connection", "").lower() != "close", deadline, then)
         if not length and headers.get("transfer-encoding", "").lower() != "chunked":
             headers["connection"] = "close"            # the body ends when the connection does
             return status, headers, await read_to_eof(reader, self.max_body)
+        if size is not None and size <= self.max_body and "transfer-encoding" not in headers:
+            return status, headers, await reader.readexactly(size)     # read_body's usual case, at once
         return status, headers, await read_body(reader, headers, self.max_body)
 
     def close(self):
@@ -2361,9 +2379,10 @@ class GuestAgent:
             raise AgentError(502, str(e)) from e
         return status
 
-    async def exec(self, body, timeout, then=None):
-        """POST /exec; `then` is given a large answer's head and tail once it was passed on (BodyStream)."""
-        return await self._call("POST", "/exec", body, timeout, then)
+    def exec(self, body, timeout, then=None):
+        """POST /exec (to await); `then` is given a large answer's head and tail once it was passed on
+        (BodyStream). The call itself is awaited: no coroutine of its own on every exec's path."""
+        return self._call("POST", "/exec", body, timeout, then)
 
     async def status(self, exec_id, timeout=30.0, then=None):
         return await self._call("GET", f"/exec/{exec_id}", timeout=timeout, then=then)
@@ -3747,7 +3766,9 @@ class SchemaCompiler:
                 checked = None
             if type(checked) is type(default) and checked == default and checked is not default:
                 fresh_empty = type(default)
-        run.fixed_default = fixed_default
+        if not has_default and len(steps) == 1:
+            run = steps[0]                 # no call around the one step (checks run per request)
+        run.fixed_default, run.fresh_empty = fixed_default, fresh_empty
         return run
 
     @classmethod
@@ -3905,9 +3926,10 @@ class SchemaCompiler:
         if not keys & set(schema):
             return None
         checks = {key: cls.compile(sub) for key, sub in schema.get("properties", {}).items()}
+        known = checks.keys()
         fixed = {key: sub["default"] for key, sub in schema.get("properties", {}).items() if checks[key].fixed_default}
-        computed = [(key, checks[key]) for key, sub in schema.get("properties", {}).items()    # defaults to check
-                    if "default" in sub and key not in fixed]
+        computed = [(key, checks[key], checks[key].fresh_empty)     # defaults to check, or a new empty one
+                    for key, sub in schema.get("properties", {}).items() if "default" in sub and key not in fixed]
         required, most = schema.get("required", ()), schema.get("maxProperties")
         names = cls.compile(schema["propertyNames"]) if "propertyNames" in schema else None
         extra = schema.get("additionalProperties", True)
@@ -3922,11 +3944,12 @@ class SchemaCompiler:
                 for key in value:
                     names(key, child_name(name, key))
             prefix = f"{name}: " if name else ""
-            unknown = [k for k in value if k not in checks]
+            # the lists made only when there is something in them (every exec's body is checked here)
+            unknown = [k for k in value if k not in checks] if not known >= value.keys() else ()
             if unknown and extra is False:
                 raise schema_error(schema, "additionalProperties", name, value,
                                    f"{prefix}unknown field(s): {', '.join(sorted(unknown))}")
-            missing = [k for k in required if k not in value]
+            missing = [k for k in required if k not in value] if required else ()
             if missing:
                 raise schema_error(schema, "required", name, value, f"{prefix}missing required field(s): {', '.join(missing)}")
             out = dict(fixed)
@@ -3934,9 +3957,9 @@ class SchemaCompiler:
                 check = checks.get(key)
                 if check:
                     out[key] = check(given, f"{name}.{key}" if name else key)
-            for key, check in computed:
+            for key, check, fresh_empty in computed:
                 if key not in value:
-                    out[key] = check(None, f"{name}.{key}" if name else key)
+                    out[key] = fresh_empty() if fresh_empty else check(None, f"{name}.{key}" if name else key)
             for key in unknown:
                 out[key] = extra(value[key], child_name(name, key)) if callable(extra) else value[key]
             return out
@@ -4143,7 +4166,7 @@ def decimal_pattern(low, high):
 
 VM_NAME_SCHEMA = {"type": "string", "pattern": VM_NAME_PATTERN, "x-errors": {
     "*": "invalid vmName: use 1-63 characters of A-Z a-z 0-9 _ . - starting with a letter or digit"}}
-IMAGE_NAME_RE = schema_regex(VM_NAME_PATTERN)
+VM_NAME_RE = IMAGE_NAME_RE = schema_regex(VM_NAME_PATTERN)
 IMAGE_NAME_SCHEMA = {"type": "string", "pattern": VM_NAME_PATTERN, "x-errors": {
     "*": "invalid image name: use 1-63 characters of A-Z a-z 0-9 _ . - starting with a letter or digit"}}
 EXEC_REF_SCHEMA = {"type": "string", "pattern": EXEC_REF_PATTERN,
@@ -4348,6 +4371,8 @@ KILL_QUERY = {"grace": {"type": "number", "minimum": 0, "maximum": MAX_GRACE_S, 
 # ---- the validators the REST handlers call -----------------------------------------------------
 
 def check_vm_name(name):
+    if name.__class__ is str and VM_NAME_RE.search(name):    # VM_NAME_SCHEMA's whole check, at once
+        return name                                               # (one per request naming a VM)
     return check_schema(name, VM_NAME_SCHEMA, "vmName")
 
 
@@ -4420,15 +4445,21 @@ def parse_vm_filter(query):
 
 def exec_parts(request, cfg):
     """A checked exec request (ExecRequest) -> (agent request body, blocking, timeout, stream)."""
-    request = dict(request)
-    stream = request.pop("stream")
-    blocking = request.pop("blocking") and not stream
-    agent_body = dict(request, blocking=blocking, maxOutput=cfg.exec_output_limit_bytes)
-    if not agent_body["tty"]:
-        del agent_body["tty"]          # an agent older than terminals knows no tty
+    stream = request["stream"]
+    blocking = request["blocking"] and not stream
+    # the request's fields but null ones, in its order, then blocking, maxOutput (and keepaliveS)
+    agent_body = dict(request)
+    del agent_body["stream"], agent_body["blocking"]
+    if None in agent_body.values():    # a field given as null (the usual request has none)
+        agent_body = {k: v for k, v in agent_body.items() if v is not None}
+    if not request["tty"]:
+        agent_body.pop("tty", None)    # an agent older than terminals knows no tty
+    if blocking is not None:
+        agent_body["blocking"] = blocking
+    agent_body["maxOutput"] = cfg.exec_output_limit_bytes
     if stream:
         agent_body["keepaliveS"] = cfg.stream_keepalive_s
-    return {k: v for k, v in agent_body.items() if v is not None}, blocking, request["timeout"], stream
+    return agent_body, blocking, request["timeout"], stream
 
 
 def validate_exec_request(body, cfg):
@@ -5752,7 +5783,9 @@ def exec_finished(vm, text, exec_id=None):
     """Count a finished exec from its result's JSON text and publish exec.finished, whose
     other fields are read from the text only when the event is (exec_event_fields)."""
     M_EXECS_FINISHED.inc()
-    timed_out, oom_killed = has_field(text, TIMED_OUT), has_field(text, OOM_KILLED)
+    flagged = b"true" in text       # neither flag is true without it: one scan of the usual answer, not four
+    timed_out = flagged and has_field(text, TIMED_OUT)
+    oom_killed = flagged and has_field(text, OOM_KILLED)
     if timed_out:
         M_EXECS_TIMED_OUT.inc()
     if oom_killed:
@@ -6995,10 +7028,17 @@ def log_request(method, target, status, t0, vm_name=None):
     """The request log line: 'request method=.. path=.. vm=.. status=.. ms=..'; `vm_name` is
     the VM a request body named (a start), else the VM the path names. What the client sent
     is cut short here and escaped by log()."""
-    path = target.split("?")[0]
-    vm_name = vm_name or (path[len("/v1/vms/"):].split("/")[0] if path.startswith("/v1/vms/") else None)
-    log("request", method=method[:32], path=path[:200], vm=vm_name[:64] if vm_name else None, status=status,
-        ms=f"{(time.monotonic() - t0) * 1000:.1f}")
+    path = target.split("?", 1)[0][:200]
+    if not vm_name and path.startswith("/v1/vms/"):
+        vm_name = path[len("/v1/vms/"):].split("/", 1)[0]
+    method, vm_name, ms = method[:32], vm_name[:64] if vm_name else None, f"{(time.monotonic() - t0) * 1000:.1f}"
+    # the line log() writes, made here at a third of its cost (one per request); log() escapes it when
+    # not printable
+    extra = f" method={method} path={path}{f' vm={vm_name}' if vm_name else ''} status={status} ms={ms}"
+    if extra.isprintable():
+        log_line("request", extra)
+    else:
+        log("request", method=method, path=path, vm=vm_name, status=status, ms=ms)
 
 
 REQUEST_LINE_MAX = 8 * 1024      # a longer request line (its URL, mostly) is answered 414
@@ -7466,18 +7506,20 @@ class TerminalAttach:
 class Request:
     """One request; dispatch() fills in path, query, args, params and the checked body, a handler
     may name its VM."""
+    # set on a request when known (class attributes until then: one request per exec)
+    path = None
+    body = None                # bytes once read (after the token was checked)
+    json = None                # the body as its route's schema checked it (Operation.body)
+    vm_name = None             # the VM a request body names, for the request log
+    allow = ""                 # a 405's Allow header: the methods of the path
+    route = "unmatched"        # the route's name (route_name), for the metrics
 
     def __init__(self, method, target, headers, version="HTTP/1.1", t0=None):
         self.method, self.target, self.headers, self.version = method, target, headers, version
         self.t0 = time.monotonic() if t0 is None else t0      # its head was read (the request log's ms)
         self.keep_alive = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
-        self.path, self.query, self.params = None, {}, {}
-        self.body = None           # bytes once read (after the token was checked)
-        self.json = None           # the body as its route's schema checked it (Operation.body)
+        self.query, self.params = {}, {}
         self.args = {}             # the query checked against the route's parameters (check_query)
-        self.vm_name = None        # the VM a request body names, for the request log
-        self.allow = ""            # a 405's Allow header: the methods of the path
-        self.route = "unmatched"   # the route's name (route_name), for the metrics
 
 
 # ---- the API description: GET /v1/openapi.json, made from the route table -------------------
@@ -7881,6 +7923,8 @@ class RestServer:
         self.schemas = request_schemas(cfg)
         self.api = ApiRoutes(cfg, manager, self.terminals)
         self.routes, self.route_names, self.public_paths = self.api.routes, self.api.route_names, self.api.public_paths
+        # find_operation's table: each route's name at hand (a pattern's hash is computed at each lookup)
+        self.route_table = [(pattern, methods, self.route_names[pattern]) for pattern, methods in self.routes]
 
     async def start(self):
         METRICS.on_scrape("process", refresh_process_metrics)     # here: a server made for its routes only
@@ -8135,16 +8179,19 @@ class RestServer:
         text; the request's route, path and path parameters filled in."""
         split = urllib.parse.urlsplit(request.target)
         path = split.path
-        for pattern, methods in self.routes:
+        for pattern, methods, name in self.route_table:
             m = pattern.match(path)
             if not m:
                 continue
-            request.route = self.route_names[pattern]
+            request.route = name
             operation = methods.get(request.method)
             if operation is None:
                 request.allow = ", ".join(methods)
                 raise ApiError(405, f"method {request.method} not allowed on {path} (allowed: {request.allow})")
-            request.path, request.params = path, {k: urllib.parse.unquote(v) for k, v in m.groupdict().items()}
+            params = m.groupdict()
+            if "%" in path:        # else unquote() would give each as it is
+                params = {k: urllib.parse.unquote(v) for k, v in params.items()}
+            request.path, request.params = path, params
             return operation, split.query
         raise ApiError(404, f"no route {path}")
 
@@ -8159,7 +8206,7 @@ class RestServer:
             check_schema(request.params["image"], IMAGE_NAME_SCHEMA, "image")
         if query:
             request.query = parse_query(query)
-        request.args = check_query(request.query, operation.query)
+        request.args = check_query(request.query, operation.query) if query or operation.query else {}
         if operation.body:
             request.json = check_schema(parse_json_body(request.body), self.schemas[operation.body],
                                         operation.body_name)

@@ -915,11 +915,13 @@ def exec_client(connect, path):
 
 
 # An events_url receiver as lean as a receiver can be (its CPU shares the machine with what is
-# measured): one thread per connection, requests framed by Content-Length, a fixed 200 answer.
-# GET answers the number of POSTs received. Prints its port, then serves until killed.
+# measured): one thread per connection, requests framed by Content-Length, a fixed 204 answer
+# (or the whole answer given as its argument: bench/cbox_cpu.py's canned agent). GET answers
+# the number of POSTs received. Prints its port, then serves until killed.
 EVENTS_RECEIVER = r"""
 import socket, sys, threading
 count = [0]
+ANSWER = sys.argv[1].encode("latin-1") if len(sys.argv) > 1 else b"HTTP/1.1 204 No Content\r\n\r\n"
 def serve(conn):
     buf = b""
     while True:
@@ -945,7 +947,7 @@ def serve(conn):
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(text), text))
         else:
             count[0] += 1
-            conn.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+            conn.sendall(ANSWER)
 listener = socket.socket()
 listener.bind(("127.0.0.1", 0))
 listener.listen(16)
@@ -992,7 +994,10 @@ async def per_request_us(m, config, n, events):
         async def exec(self, body, timeout, then=None):
             return ANSWER
     vm = m.VM(cfg, vmName="m0", status="RUNNING", phase="running", ip="10.20.1.2/24", cid=3, vcpus=1, memoryMb=64)
-    vm.agent = Agent()
+    # CPU_PROBE_AGENT=PORT: cbox.py's own agent client (GuestAgent) to a canned agent on loopback
+    # in a process of its own (bench/cbox_cpu.py), else the answer handed back in-process
+    agent_port = os.environ.get("CPU_PROBE_AGENT")
+    vm.agent = m.GuestAgent("m0", "127.0.0.1", int(agent_port), 1 << 20) if agent_port else Agent()
     (m.Path(cfg.state_dir) / "vms").mkdir()
     class Manager(m.VMManager):
         def __init__(self):
@@ -1033,10 +1038,11 @@ modules = [(load(p.split("+")[0], f"cbox_probe{i}"),
             int(p.split("=")[1]) if "+events=" in p else 1 if p.endswith("+events") else 0)
            for i, p in enumerate(paths)]
 sys.stderr = open(os.devnull, "w")          # the request log
+execs = int(os.environ.get("CPU_PROBE_EXECS", "2000"))    # bench/cbox_cpu.py: two counts under callgrind
 best = [float("inf")] * len(modules)
 for _ in range(rounds):
     for i, (m, events) in enumerate(modules):
-        best[i] = min(best[i], asyncio.run(per_request_us(m, config, 2000, events)))
+        best[i] = min(best[i], asyncio.run(per_request_us(m, config, execs, events)))
 print(json.dumps(best))
 """
 
