@@ -303,8 +303,10 @@ class RecordWrites:
     exec streams started, each noting its exec in its VM's record; `bench.py --only hostile`).
 
     later(path, data) queues the newest content for the one worker (a task handing each
-    write to a thread); now(path, data) writes at once, for the steps that must be on disk
-    before the next (a start, a claim, a stop); remove(path) unlinks. Whichever comes last
+    write to a thread); `await write(path, data)` writes in a thread and returns once it is
+    on disk, for the steps of a VM's life the next relies on (a start, a claim, a destroy:
+    250 renames on the loop held every other VM's API for a second during DELETE /v1/vms);
+    now(path, data) writes at once, where no await is possible; remove(path) unlinks. Whichever comes last
     wins, never older content: a queued write whose path was written or removed after it
     was queued is skipped (a lock per file orders the thread's write of it with the loop's).
     flush() writes what is queued, here and now (at shutdown, or with no loop running)."""
@@ -326,6 +328,14 @@ class RecordWrites:
                 self.worker = asyncio.get_running_loop().create_task(self._work())
             except RuntimeError:       # no loop (a CLI command, a test): at once
                 self.flush()
+
+    async def write(self, path, data):
+        """The content on disk before this returns, written in a thread: the loop goes on
+        (a rename in a directory busy with other VMs' files can wait a long time)."""
+        number = self.newest[path] = next(self.numbers)
+        self._lock(path)
+        self.queued.pop(path, None)
+        await asyncio.to_thread(self._write_if_newest, path, number, data)
 
     def now(self, path, data):
         with self._lock(path):
@@ -5406,6 +5416,11 @@ class VM:
         """The record on disk now (a lifecycle step: the next step relies on it)."""
         RECORD_WRITES.now(self.paths.record, self.record_bytes())
 
+    async def write_record(self):
+        """The record on disk before this returns, written off the loop (a lifecycle step
+        of an async path: the next step relies on it)."""
+        await RECORD_WRITES.write(self.paths.record, self.record_bytes())
+
     def save_later(self):
         """The record on disk soon, written off the loop (activity, background execs)."""
         RECORD_WRITES.later(self.paths.record, self.record_bytes())
@@ -6077,7 +6092,7 @@ class WarmPool:
             raise HypervisorError("the VM stopped while it was claimed")
         vm.phase, vm.status = "running", "RUNNING"
         vm.lastActivityAt = None          # now: the idle clock starts at the claim
-        vm.save()                         # the claimed VM's record first, then the pool's goes
+        await vm.write_record()           # the claimed VM's record first, then the pool's goes
         RECORD_WRITES.remove(pool_record)
 
     # ---- refilling ----------------------------------------------------------------
@@ -6349,7 +6364,7 @@ class VmTeardown:
             clock = StepClock(name, "destroy")
             vm.phase = "destroying"
             vm.stopReason = vm.stopReason or reason
-            vm.save()
+            await vm.write_record()
             if message:
                 self.registry.tombstones.add(name, reason, message, vm.console_log().tail())
             await self.teardown(vm, clock)
@@ -6526,7 +6541,7 @@ class VmBooter:
         paths = vm.paths
         with clock.step("record"):
             self.records_dir.mkdir(parents=True, exist_ok=True)
-            vm.save()                   # written first: a crash from here on is cleaned up at restart
+            await vm.write_record()     # written first: a crash from here on is cleaned up at restart
         with clock.step("files"):
             remove_tree(paths.vm_dir)     # only a crash can have left one without a record
             paths.vm_dir.mkdir(parents=True)
@@ -6541,7 +6556,7 @@ class VmBooter:
             await self.net.apply_egress(vm.tapDeviceName, vm.address, vm.network)
         with clock.step("spawn"):
             vm.spawn_vmm()
-            vm.save()
+            await vm.write_record()
             await self.wait_for_api(vm)
         with clock.step("vm.create"):
             vm.sent_config = vm_create_config(vm, self.gateway, self.dns)
@@ -6556,7 +6571,7 @@ class VmBooter:
             await self.wait_for_agent(vm)
         vm.status, vm.phase = "RUNNING", "running"
         vm.touch()                      # the idle clock starts when the VM can be used
-        vm.save()
+        await vm.write_record()
 
     @staticmethod
     async def wait_for_api(vm, timeout=10.0):

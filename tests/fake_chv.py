@@ -1241,10 +1241,11 @@ class KernelRelay:
         host.
 
         Joining the group is cheap; deleting it is what costs.  So one guest at a time
-        deletes (DYING_LOCK, per netns): the pairs that joined while it waited go with its
-        call, and a guest whose pair went with someone else's has nothing left to do.
-        Requests go in one datagram where they can: the kernel runs them in turn within
-        one sendmsg, without this process waiting to be scheduled between them."""
+        deletes (dying_group_deleter, per netns): the pairs that joined while it worked go
+        with the next call, and a guest whose pair went with someone else's has nothing
+        left to do (250 guests stopping together: 5 deletions, not 250).  Requests go in
+        one datagram where they can: the kernel runs them in turn within one sendmsg,
+        without this process waiting to be scheduled between them."""
         tap, veth = self.indexes or (self._index(self.tap), self._index(self.veth))
         group = _nla(IFLA_GROUP, struct.pack("=I", DYING_GROUP))
         try:
@@ -1252,13 +1253,10 @@ class KernelRelay:
                                 (RTM_DELQDISC, 0, _tcmsg(tap, 0xFFFF0000, TC_H_CLSACT))])   # tc qdisc del clsact
         except OSError:
             pass
-        with dying_lock(self.rtnl.netns):
-            if self._index(self.veth) < 0:
-                return                                                           # gone with another's batch
-            try:
+        def delete_group():
+            with contextlib.suppress(OSError):
                 self.rtnl.call_all([(RTM_DELLINK, 0, _ifinfomsg() + group)])     # ip link del group G
-            except OSError:
-                pass
+        dying_group_deleter(self.rtnl.netns, lambda: self._index(self.veth) >= 0, delete_group)
 
     def _index(self, name):
         """A link's index, -1 when there is none (a request naming -1 fails alone)."""
@@ -1272,14 +1270,28 @@ class KernelRelay:
         self.rtnl.set_up(self.rtnl.link_index(self.veth), up)
 
 
-@contextlib.contextmanager
-def dying_lock(netns):
-    """The one deleter of DYING_GROUP in a netns at a time (KernelRelay.stop): an flock on
-    a file of /dev/shm named by the netns' inode (netns inodes are reused: the files stay few)."""
+def dying_group_deleter(netns, mine_left, delete_group):
+    """Until mine_left() is false: delete DYING_GROUP as the one deleter of the netns at a
+    time, or wait for the deleter at work.  An flock on a file of /dev/shm named by the
+    netns' inode (inodes are reused: the files stay few): the deleter holds it exclusive,
+    the others wait for it shared, so its release wakes them all at once to look whether
+    their pair went with its batch (an exclusive queue would hand the lock on one waiter
+    at a time, each woken with all the others: seconds for 250)."""
     fd = os.open(f"/dev/shm/cbox-standin-dying-{netns}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        while mine_left():
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fcntl.flock(fd, fcntl.LOCK_SH)      # the deleter at work (or others looking): wait
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                time.sleep(0.001)
+                continue
+            try:
+                if mine_left():
+                    delete_group()
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
 

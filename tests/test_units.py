@@ -804,6 +804,16 @@ def test_record_writes_happen_off_the_loop_and_the_newest_content_wins(tmp_path,
     asyncio.run(overtaken())
     assert a.read_bytes() == b"newest"
     assert [data for _, data, _ in writes] == [b"slow", b"newest"]
+    writes.clear()
+
+    async def awaited():
+        files.later(b, b"queued")
+        await files.write(b, b"awaited")             # on disk when it returns, the queued one superseded
+        assert b.read_bytes() == b"awaited"
+        while files.worker is not None:
+            await asyncio.sleep(0.01)
+    asyncio.run(awaited())
+    assert [(data, on_main) for _, data, on_main in writes] == [(b"awaited", False)]
     files.later(b, b"no loop")                       # no loop running: written at once
     assert b.read_bytes() == b"no loop" and not files.queued
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]
