@@ -183,7 +183,7 @@ def test_fork_bomb_leaves_the_agent_and_other_execs_answering(guest, limit):
     status, r = api.request("DELETE", "/exec/bomb", timeout=120)
     assert status == 200 and r["killScope"] == "cgroup" and r["running"] is False, r
     assert wait_for(lambda: sh(api, "ls /sys/fs/cgroup/cbox-exec")["stdout"].split().count(bomb) == 0,
-                    30, interval=0.5, what="the bomb's cgroup to be removed")
+                    90, interval=0.5, what="the bomb's cgroup to be removed")   # TCG on a busy host: generous
     assert answers(api, eng) == server
 
 
