@@ -299,17 +299,18 @@ def write_atomically(path, data):
 class RecordWrites:
     """Files rewritten often (a VM's record: its activity time and background execs change
     with every exec) written off the event loop: a rename on a busy disk can take hundreds
-    of ms (seen: the loop stalled 100-360 ms at a time, every VM's API with it, while 156
-    exec streams started, each noting its exec in its VM's record; `bench.py --only hostile`).
+    of ms, and every VM's API waited with it (seen: health p99 234 ms while 156 exec streams
+    started, each noting its exec in its VM's record, `bench.py --only hostile --hostile
+    fair --attacks 'yes streams' --attackers 39`; 3-13 ms with this and smaller stream batches).
 
     later(path, data) queues the newest content for the one worker (a task handing each
     write to a thread); `await write(path, data)` writes in a thread and returns once it is
     on disk, for the steps of a VM's life the next relies on (a start, a claim, a destroy:
-    250 renames on the loop held every other VM's API for a second during DELETE /v1/vms);
-    now(path, data) writes at once, where no await is possible; remove(path) unlinks. Whichever comes last
-    wins, never older content: a queued write whose path was written or removed after it
-    was queued is skipped (a lock per file orders the thread's write of it with the loop's).
-    flush() writes what is queued, here and now (at shutdown, or with no loop running)."""
+    DELETE /v1/vms renames 250 records at once); now(path, data) writes at once, where no
+    await is possible; remove(path) unlinks. Whichever comes last wins, never older
+    content: a queued write whose path was written or removed after it was queued is
+    skipped (a lock per file orders the thread's write of it with the loop's). flush()
+    writes what is queued, here and now (at shutdown, or with no loop running)."""
 
     def __init__(self):
         self.locks = {}                # path -> the lock of its writes (a file's own: others go on)
@@ -319,10 +320,7 @@ class RecordWrites:
         self.worker = None
 
     def later(self, path, data):
-        number = self.newest[path] = next(self.numbers)
-        self._lock(path)
-        self.queued.pop(path, None)
-        self.queued[path] = (number, data)
+        self.queued[path] = (self._number(path), data)
         if self.worker is None:
             try:
                 self.worker = asyncio.get_running_loop().create_task(self._work())
@@ -332,10 +330,7 @@ class RecordWrites:
     async def write(self, path, data):
         """The content on disk before this returns, written in a thread: the loop goes on
         (a rename in a directory busy with other VMs' files can wait a long time)."""
-        number = self.newest[path] = next(self.numbers)
-        self._lock(path)
-        self.queued.pop(path, None)
-        await asyncio.to_thread(self._write_if_newest, path, number, data)
+        await asyncio.to_thread(self._write_if_newest, path, self._number(path), data)
 
     def now(self, path, data):
         with self._lock(path):
@@ -348,6 +343,14 @@ class RecordWrites:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         self.locks.pop(path, None)     # a thread still holding it finds its write superseded
+
+    def _number(self, path):
+        """A new newest write of `path`: numbered, its lock made, what was queued for it dropped
+        (a queued content moves to the end of the queue when replaced)."""
+        number = self.newest[path] = next(self.numbers)
+        self._lock(path)
+        self.queued.pop(path, None)
+        return number
 
     def _lock(self, path):
         return self.locks.setdefault(path, threading.Lock())

@@ -1243,7 +1243,7 @@ class KernelRelay:
         Joining the group is cheap; deleting it is what costs.  So one guest at a time
         deletes (dying_group_deleter, per netns): the pairs that joined while it worked go
         with the next call, and a guest whose pair went with someone else's has nothing
-        left to do (250 guests stopping together: 5 deletions, not 250).  Requests go in
+        left to do (250 guests stopping together share a few deletions).  Requests go in
         one datagram where they can: the kernel runs them in turn within one sendmsg,
         without this process waiting to be scheduled between them."""
         tap, veth = self.indexes or (self._index(self.tap), self._index(self.veth))
