@@ -368,3 +368,42 @@ def test_a_terminal_in_a_real_guest(cbox_factory, tmp_path):
     assert b"20 90" in ws.binary and b"50 100" in ws.binary and b"got typed" in ws.binary, bytes(ws.binary)
     assert ws.exit_event()["exitCode"] == 4 and ws.exit_event()["killScope"] == "cgroup"
     assert server.api.delete("/v1/vms/sv", timeout=60)[0] == 200
+
+
+def test_a_client_that_answers_no_pings_is_dropped_and_any_frame_counts_as_an_answer():
+    """TerminalAttach.keep_alive in-process (PING_S shortened): a ping each period, the
+    session ends after MISSED_PINGS unanswered ones; a frame from the client (here a pong,
+    read by read_client) starts the count again."""
+    import asyncio
+    import cbox
+
+    class Writer:
+        def __init__(self):
+            self.frames = []
+
+        def write(self, data):
+            self.frames.append(data)
+
+    async def scenario():
+        session = cbox.TerminalAttach.__new__(cbox.TerminalAttach)
+        session.PING_S = 0.05
+        session.frames = cbox.WebSocketFrames(client=False)
+        session.writer, session.unanswered = Writer(), 0
+        session.input_bytes = 0
+        assert await asyncio.wait_for(session.keep_alive(), 5) == (None, "no answer to 3 pings")
+        ping = session.frames.frame(cbox.WebSocketFrames.PING, b"cbox")
+        assert session.writer.frames == [ping] * 3
+        # a client that answers each ping (a masked pong, as a browser sends) stays
+        session.writer, session.unanswered = Writer(), 0
+        reader = asyncio.StreamReader()
+        keeper = asyncio.ensure_future(session.keep_alive())
+        reading = asyncio.ensure_future(session.read_client(reader))
+        for _ in range(15):                     # 2.5 pongs a ping: 6 pings in all
+            await asyncio.sleep(0.02)
+            reader.feed_data(bytes([0x8A, 0x80 | 4]) + b"\0\0\0\0" + b"cbox")
+        assert not keeper.done() and len(session.writer.frames) >= 5
+        reader.feed_eof()
+        assert await asyncio.wait_for(reading, 5) == (None, "the client closed the connection")
+        assert await asyncio.wait_for(keeper, 5) == (None, "no answer to 3 pings")
+
+    asyncio.run(scenario())
