@@ -6237,6 +6237,7 @@ class VmRegistry:
 
     def __init__(self, cfg):
         self.vms = {}
+        self.starting_images = collections.Counter()   # image -> starts not yet among vms (VmStarter)
         self.records_dir = Path(cfg.path(cfg.state_dir), "vms")
         self.tombstones = Tombstones(Path(cfg.path(cfg.state_dir), "tombstones.json"), cfg.tombstone_minutes)
 
@@ -6638,15 +6639,22 @@ class VmStarter:
                                                   if self.registry.past_deadline(vms[name]) else "already exists"))
         self.registry.tombstones.discard(name)
         image = self.images.for_start(spec["image"])
-        pooled = self.pool.take(spec, image)
-        if pooled and await self.claim(pooled, spec):
-            return pooled
-        if name in vms:       # taken while a failed claim was torn down
-            raise ApiError(409, f"VM '{name}' already exists")
-        await self.make_room(spec["memoryMb"], spec["diskMb"])
-        M_VM_STARTS.inc()
-        vm = self.booter.new_vm(spec, image)
-        vms[name] = vm
+        starting = self.registry.starting_images
+        starting[image.name] += 1          # until the VM is among vms: DELETE /v1/images refuses
+        try:
+            pooled = self.pool.take(spec, image)
+            if pooled and await self.claim(pooled, spec):
+                return pooled
+            if name in vms:       # taken while a failed claim was torn down
+                raise ApiError(409, f"VM '{name}' already exists")
+            await self.make_room(spec["memoryMb"], spec["diskMb"])
+            M_VM_STARTS.inc()
+            vm = self.booter.new_vm(spec, image)
+            vms[name] = vm
+        finally:
+            starting[image.name] -= 1
+            if not starting[image.name]:
+                del starting[image.name]
         clock = StepClock(name, "start")
         await self.booter.boot(vm, clock, M_VM_START_FAILURES)
         log("VM running", vm=name, ip=vm.ip, cid=vm.cid, ms=f"{clock.total_ms():.1f}")
@@ -6825,8 +6833,8 @@ class ImageKeeper:
         return image.api(*self.users(name))
 
     async def remove(self, name):
-        """DELETE /v1/images/{image}: 409 for "default", while a VM or the warm pool uses it, or
-        while it is being built; nothing changes then."""
+        """DELETE /v1/images/{image}: 409 for "default", while a VM (or a start of one) or the
+        warm pool uses it, or while it is being built; nothing changes then."""
         self.get(name)
         if name == DEFAULT_IMAGE:
             raise ApiError(409, "the image 'default' is the config's kernel, initramfs and rootfs: it is never removed")
@@ -6834,6 +6842,9 @@ class ImageKeeper:
         if vms:
             raise ApiError(409, f"image '{name}' is used by VM(s) {', '.join(vms[:20])}"
                                 + (f" and {len(vms) - 20} more" if len(vms) > 20 else "") + ": destroy them first")
+        if self.registry.starting_images.get(name):
+            raise ApiError(409, f"image '{name}' is used by {self.registry.starting_images[name]} VM start(s) "
+                                "in progress: try again once they are over")
         if pooled or self.pool.sizes.get(name):
             raise ApiError(409, f"image '{name}' is kept in the warm pool (pool_images): take it out of the config "
                                 f"and restart cbox.py first")

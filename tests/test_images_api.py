@@ -248,3 +248,86 @@ def test_cli_images(cbox_factory, tmp_path):
     assert run(*CLI, "image", "rm", "py").stdout.strip() == "py removed"
     assert not (images / "py").exists()
     server.assert_clean()
+
+
+def test_an_image_a_start_is_using_is_not_removed_before_its_vm_is_listed(tmp_path):
+    """VmStarter and ImageKeeper in-process: a start that waits for room (a warm pool VM giving
+    way) holds its image though its VM is not among the VMs yet: DELETE /v1/images answers
+    409 meanwhile, and removes the image once the start is over."""
+    import asyncio
+    (tmp_path / "config.yaml").write_text("hostservices:\n  restserver:\n    max_vms: 4\n")
+    cfg = cbox.load_config(tmp_path / "config.yaml", {"state_dir": str(tmp_path), "run_dir": str(tmp_path)})
+    removed = []
+
+    class Image:
+        name = "py"
+
+        def api(self, vms, pooled):
+            return {"name": self.name, "vms": vms, "pooled": pooled}
+
+    class Images:
+        def for_start(self, name):
+            return Image()
+
+        def get(self, name):
+            return Image()
+
+        def remove(self, name):
+            removed.append(name)
+
+    class Pool:
+        sizes = {}
+
+        def __init__(self):
+            self.gave_way = asyncio.Event()
+            self.go_on = asyncio.Event()
+
+        def take(self, spec, image):
+            return None
+
+        def vms(self):
+            return []
+
+        async def give_up_one(self):      # a ready pool VM being destroyed for the start
+            self.gave_way.set()
+            await self.go_on.wait()
+            return True
+
+    class Capacity:
+        checks = 0
+
+        def check(self, memory_mb, disk_mb, pool):
+            self.checks += 1
+            if self.checks == 1:
+                raise cbox.ApiError(503, "no room")
+
+    class Booter:
+        def new_vm(self, spec, image):
+            return cbox.VM(cfg, vmName=spec["vmName"], image=image.name, phase="starting")
+
+        async def boot(self, vm, clock, failures):
+            raise cbox.ApiError(500, "stop here: the test needs no boot")
+
+    async def scenario():
+        registry, pool = cbox.VmRegistry(cfg), Pool()
+        starter = cbox.VmStarter(registry, Capacity(), Images(), pool, Booter(), None, asyncio.Event())
+        keeper = cbox.ImageKeeper(Images(), registry, pool)
+        start = asyncio.ensure_future(starter.start({"vmName": "s", "image": "py", "memoryMb": 64, "diskMb": 0}))
+        await asyncio.wait_for(pool.gave_way.wait(), 5)
+        try:
+            await keeper.remove("py")
+        except cbox.ApiError as e:
+            assert e.status == 409 and "1 VM start(s) in progress" in str(e), str(e)
+        else:
+            raise AssertionError("the image was removed under a start")
+        pool.go_on.set()
+        try:
+            await asyncio.wait_for(start, 5)
+        except cbox.ApiError as e:
+            assert "stop here" in str(e)
+        assert registry.starting_images == {} and registry.vms["s"].image == "py"
+        del registry.vms["s"]
+        await keeper.remove("py")
+        assert removed == ["py"]
+
+    asyncio.run(scenario())
