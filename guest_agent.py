@@ -208,6 +208,7 @@ PIPE_SIZE = 1 << 20                  # pipe buffer for a command's output once i
 DEFAULT_PIPE_SIZE = 64 << 10
 DRAIN_GRACE_S = 0.2                  # reading after exit, for pipes kept open
 EXIT_WATCH_AFTER_S = 0.05            # a command's exit is watched on a pidfd once it ran this long
+CHILD_EXIT_SIGNAL = {signal.SIGCHLD}  # blocked in the server's threads, not in commands
 FINISHED_TTL_S = 600.0               # finished background execs stay queryable
 MAX_FINISHED = 256                   # ... at most this many
 MAX_FINISHED_BYTES = 64 << 20        # ... holding at most this much output
@@ -1764,12 +1765,19 @@ def spawn_command(argv, fds, cwd, base_env, overrides, user):
     uid = gid = gids = None
     if user is not None:
         uid, gid, gids = user.pw_uid, user.pw_gid, os.getgrouplist(user.pw_name, user.pw_gid)
-    if FORK_EXEC is None:
-        ids = {} if user is None else {"user": uid, "group": gid, "extra_groups": gids}
-        return subprocess.Popen(argv, stdin=fds[0], stdout=fds[1], stderr=fds[2], cwd=cwd, env=env,
-                                start_new_session=True, **ids)
-    return ForkedChild(fork_exec_command(argv, fds, cwd, env, encode_environment(env, base_env, overrides),
-                                         uid, gid, gids))
+    # the command starts with this thread's signal mask: SIGCHLD, blocked in the server's
+    # threads (AgentServer.serve_forever), is unblocked while it is spawned
+    mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, CHILD_EXIT_SIGNAL)
+    try:
+        if FORK_EXEC is None:
+            ids = {} if user is None else {"user": uid, "group": gid, "extra_groups": gids}
+            return subprocess.Popen(argv, stdin=fds[0], stdout=fds[1], stderr=fds[2], cwd=cwd, env=env,
+                                    start_new_session=True, **ids)
+        return ForkedChild(fork_exec_command(argv, fds, cwd, env, encode_environment(env, base_env, overrides),
+                                             uid, gid, gids))
+    finally:
+        if signal.SIGCHLD in mask:
+            signal.pthread_sigmask(signal.SIG_BLOCK, CHILD_EXIT_SIGNAL)
 
 
 _devnull = []
@@ -2795,6 +2803,12 @@ class AgentServer:
         self.registry = ExecRegistry()
 
     def serve_forever(self):
+        # Every thread of the server blocks SIGCHLD (threads inherit the mask of the one that
+        # starts them), so a command's exit wakes none of them: a command may end before
+        # the thread that spawned it restored its signal mask (fork_exec blocks them all
+        # around vfork), and the kernel then wakes another thread, one that does not block
+        # it, only to discard it (SIG_DFL). spawn_command unblocks it for the command.
+        signal.pthread_sigmask(signal.SIG_BLOCK, CHILD_EXIT_SIGNAL)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_stop_signal)
         # not SIG_IGN: an ignored signal stays ignored in every command we exec

@@ -368,6 +368,32 @@ def test_exit_seen_with_or_without_a_pidfd(monkeypatch, watch_after):
         kill_pids(pids_running(m))
 
 
+def test_commands_start_with_no_signal_blocked_and_server_threads_block_sigchld(agent):
+    """The server's threads block SIGCHLD (a command's exit wakes none of them), its
+    commands block nothing: blocking and background, shell and argv, as another user,
+    on a terminal."""
+    server = agent.server_pid()
+    agent.exec(cmd="true")
+    status, r = agent.request("POST", "/exec", {"cmd": "sleep 2", "blocking": False})
+    assert status == 200, r
+    masks = {}
+    for tid in os.listdir(f"/proc/{server}/task"):
+        try:                            # a connection's thread may end meanwhile
+            with open(f"/proc/{server}/task/{tid}/status") as f:
+                masks[tid] = int(next(line.split()[1] for line in f if line.startswith("SigBlk:")), 16)
+        except FileNotFoundError:
+            pass
+    assert len(masks) >= 3              # the accept loop, the log thread, the exec's, connections
+    assert all(mask & 1 << (signal.SIGCHLD - 1) for mask in masks.values()), masks
+    probe = ["grep", "SigBlk", "/proc/self/status"]     # not through sh: dash unblocks all at start
+    unblocked = "SigBlk:\t0000000000000000"
+    assert agent.exec(argv=probe)["stdout"] == unblocked + "\n"
+    assert agent.exec(argv=probe, user="nobody")["stdout"] == unblocked + "\n"     # fork, not vfork
+    assert agent.exec(argv=probe, tty=True)["stdout"] == unblocked + "\r\n"
+    exec_id = background(agent, argv=probe)
+    assert finished(agent, exec_id)["stdout"] == unblocked + "\n"
+
+
 def test_big_output_is_capped_and_fast(agent):
     t0 = time.monotonic()
     r = agent.exec(cmd="yes | head -c 20000000; echo tail >&2", maxOutput=1 << 20)
@@ -547,6 +573,8 @@ def test_fork_exec_fast_path_starts_commands_as_popen(python):
     assert (file_cwd["raised"], missing["raised"], not_on_path["raised"], not_executable["raised"]) == \
            ("NotADirectoryError", "FileNotFoundError", "FileNotFoundError", "PermissionError")
     assert [case.get("text") for case in report["fast"][10:12]] == ["embedded null byte", "illegal environment variable name"]
+    # the caller blocks SIGCHLD, as the agent server's threads do; the command blocks nothing
+    assert [case["output"] for case in report["fast"][13:15]] == ["SigBlk:\t0000000000000000\n"] * 2
 
 
 def test_commands_start_without_popen_where_fork_exec_is_known():
