@@ -12,6 +12,7 @@ import os
 import pwd
 import random
 import re
+import select
 import shutil
 import signal
 import socket
@@ -366,8 +367,8 @@ def test_exit_seen_with_or_without_a_pidfd(monkeypatch, watch_after, pidfd):
     execs = [run("exit 3") for _ in range(10)]
     assert [ex.returncode for ex in execs] == [3] * 10
     assert not pidfd or {watched(ex) for ex in execs} == {"pidfd"}
-    ex = run("sleep 0.2 & exit 4")       # it exits, then the pipes end
-    assert ex.returncode == 4 and watched(ex) == ("pidfd" if pidfd else "waiter" if watch_after < 0.2 else None)
+    ex = run("sleep 1 & exit 4")         # it exits, then the pipes end (a second later: it was reapable by then)
+    assert ex.returncode == 4 and watched(ex) == ("pidfd" if pidfd else "waiter" if watch_after < 1 else None)
     ex = run("exec >&- 2>&-; sleep 0.3; exit 5")
     assert ex.returncode == 5 and watched(ex) == ("pidfd" if pidfd else "waiter")
     ex = run("exec >&- 2>&-; sleep 30", timeout=0.5)     # closed its pipes, runs on: still timed out
@@ -388,11 +389,11 @@ def test_a_quick_command_wakes_the_agent_once_when_it_can_be_reaped(monkeypatch,
     comes before the kernel makes it reapable); the write ends are released once it was
     reaped, or once it ran EXIT_WATCH_AFTER_S, or when it cannot start: no fd is left behind."""
     ga = load_agent_module()
-    polled = []
+    polled, real_poll = [], select.poll
 
     class RecordingPoll:
         def __init__(self):
-            self.poller = select_poll()
+            self.poller = real_poll()
 
         def register(self, *args):
             self.poller.register(*args)
@@ -405,8 +406,6 @@ def test_a_quick_command_wakes_the_agent_once_when_it_can_be_reaped(monkeypatch,
             polled.append([fd for fd, _ in ready])
             return ready
 
-    import select
-    select_poll = select.poll
     monkeypatch.setattr(ga.select, "poll", RecordingPoll)
     fds_before = set(os.listdir("/proc/self/fd"))
     for _ in range(5):
@@ -419,10 +418,10 @@ def test_a_quick_command_wakes_the_agent_once_when_it_can_be_reaped(monkeypatch,
         assert ex.returncode == 3 and ex._held == ()
         assert len(polled[0]) == 1 and not readers & set(polled[0]), polled   # the pidfd alone
     monkeypatch.setattr(ga, "EXIT_WATCH_AFTER_S", 0.05)
-    ex = ga.Exec("0123456789abcdef", ga.ExecSpec({"cmd": "exec >&- 2>&-; sleep 0.5; exit 6"}))
+    ex = ga.Exec("0123456789abcdef", ga.ExecSpec({"cmd": "exec >&- 2>&-; sleep 1; exit 6"}))
     ex.start({"PATH": os.environ["PATH"]})
-    threading.Timer(0.3, lambda: held.append(ex._held)).start()
     held = []
+    threading.Timer(0.6, lambda: held.append(ex._held)).start()
     ex.run()
     assert ex.returncode == 6 and held == [()]                  # released while it ran
     bad = tmp_path / "not-a-program"
