@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The guest agent's own cost per exec of `true`, two ways that do not depend on the load
+"""The guest agent's own cost per exec of `true`, three ways that do not depend on the load
 of a shared machine the way bench.py's CPU split does (issue 23).
 
   python3 bench/agent_cpu.py instructions [AGENT.py ...]
