@@ -24,7 +24,9 @@ Ways to run it
 Process model (tini): the main process is a supervisor that forks the HTTP
 server and restarts it when it dies; it owns every waitpid(-1) (as PID 1 it
 reaps all orphans, outside PID 1 it is a child subreaper). The server only
-waits for its own commands (waitpid of their pids, pidfds), never waitpid(-1).
+waits for its own commands (waitpid of their pids, pidfds), never waitpid(-1);
+its threads block SIGCHLD (a command's exit wakes none of them), its commands
+start with no signal blocked.
 
 Internal HTTP API (cbox.py -> agent, TCP 4031, JSON, errors {"error": msg})
   GET    /health     {"status":"ok","vmName","uptimeS","bootUptimeS","pid","version"}
@@ -208,6 +210,9 @@ PIPE_SIZE = 1 << 20                  # pipe buffer for a command's output once i
 DEFAULT_PIPE_SIZE = 64 << 10
 DRAIN_GRACE_S = 0.2                  # reading after exit, for pipes kept open
 EXIT_WATCH_AFTER_S = 0.05            # a command's exit is watched on a pidfd once it ran this long
+                                     # (on pipes: from its start, the agent holding their write ends
+                                     # until then)
+CHILD_EXIT_SIGNAL = {signal.SIGCHLD}  # blocked in the server's threads, not in commands
 FINISHED_TTL_S = 600.0               # finished background execs stay queryable
 MAX_FINISHED = 256                   # ... at most this many
 MAX_FINISHED_BYTES = 64 << 20        # ... holding at most this much output
@@ -1764,12 +1769,19 @@ def spawn_command(argv, fds, cwd, base_env, overrides, user):
     uid = gid = gids = None
     if user is not None:
         uid, gid, gids = user.pw_uid, user.pw_gid, os.getgrouplist(user.pw_name, user.pw_gid)
-    if FORK_EXEC is None:
-        ids = {} if user is None else {"user": uid, "group": gid, "extra_groups": gids}
-        return subprocess.Popen(argv, stdin=fds[0], stdout=fds[1], stderr=fds[2], cwd=cwd, env=env,
-                                start_new_session=True, **ids)
-    return ForkedChild(fork_exec_command(argv, fds, cwd, env, encode_environment(env, base_env, overrides),
-                                         uid, gid, gids))
+    # the command starts with this thread's signal mask: SIGCHLD, blocked in the server's
+    # threads (AgentServer.serve_forever), is unblocked while it is spawned
+    mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, CHILD_EXIT_SIGNAL)
+    try:
+        if FORK_EXEC is None:
+            ids = {} if user is None else {"user": uid, "group": gid, "extra_groups": gids}
+            return subprocess.Popen(argv, stdin=fds[0], stdout=fds[1], stderr=fds[2], cwd=cwd, env=env,
+                                    start_new_session=True, **ids)
+        return ForkedChild(fork_exec_command(argv, fds, cwd, env, encode_environment(env, base_env, overrides),
+                                             uid, gid, gids))
+    finally:
+        if signal.SIGCHLD in mask:
+            signal.pthread_sigmask(signal.SIG_BLOCK, CHILD_EXIT_SIGNAL)
 
 
 _devnull = []
@@ -1805,7 +1817,7 @@ class Exec:
 
     start() spawns it, run() (in one thread) feeds stdin, drains stdout and
     stderr into the captured output and the event log, and waits for the
-    exit in one poll loop (reaped when its pipes end, else seen on a pidfd);
+    exit in one poll loop (seen on a pidfd, or as its pipes' end; see _io_loop);
     kill()/send_signal()/write_stdin() may
     be called from any thread, result() gives the API's exec result at any time.
     """
@@ -1824,6 +1836,7 @@ class Exec:
     _leaf = None                      # ExecCgroup while the exec runs
     _stdin_fd = None
     _tty_fd = None                    # a terminal's master for resize and its process groups (_lock)
+    _held = ()                        # the write ends of stdout and stderr the agent holds (_io_loop)
     _stdin_data = memoryview(b"")
 
     def __init__(self, exec_id, spec, cgroups=None):
@@ -1914,7 +1927,7 @@ class Exec:
         except (OSError, ValueError, UnicodeError, subprocess.SubprocessError) as e:
             for fd in parent:
                 os.close(fd)
-            self._stdin_fd, self._tty_fd, self._readers = None, None, {}
+            self._stdin_fd, self._tty_fd, self._readers, self._held = None, None, {}, ()
             if isinstance(e, (FileNotFoundError, NotADirectoryError)) and spec.cwd is not None:
                 raise RequestError(400, f"cwd {spec.cwd} does not exist") from None
             raise RequestError(500 if isinstance(e, OSError) else 400, f"cannot start command: {e}") from None
@@ -1965,8 +1978,9 @@ class Exec:
         self._readers = {out_r: self.stdout, err_r: self.stderr}
         self._kinds = {out_r: "stdout", err_r: "stderr"}
         self._decoders = {out_r: StreamDecoder(), err_r: StreamDecoder()}
-        parent = [fd for fd in (out_r, err_r, self._stdin_fd) if fd is not None]
-        close_after = [fd for fd in (in_r, out_w, err_w) if fd is not None]
+        self._held = (out_w, err_w)
+        parent = [fd for fd in (out_r, err_r, self._stdin_fd, out_w, err_w) if fd is not None]
+        close_after = [in_r] if in_r is not None else []
         return argv, (devnull_fd() if in_r is None else in_r, out_w, err_w), close_after, parent, self._stdin_fd
 
     def _open_pty(self, wait_for_cgroup):
@@ -2009,6 +2023,7 @@ class Exec:
         """The command never ran user code: kill and reap it, close its pipes."""
         self._proc.kill()
         self._proc.wait()
+        self._release_pipes()
         for fd in list(self._readers) + [self._stdin_fd, self._tty_fd]:
             if fd is not None:
                 os.close(fd)
@@ -2021,6 +2036,7 @@ class Exec:
         try:
             self._io_loop()
         finally:
+            self._release_pipes()
             self._close_stdin()
             for fd in list(self._readers):
                 self._emit(fd, *self._decoders[fd].decode(b"", final=True))
@@ -2053,11 +2069,22 @@ class Exec:
         poller = select.poll()
         for fd in self._readers:
             poller.register(fd, select.POLLIN)
-        # The exit is watched (_exit_notifier) only once the command outlived EXIT_WATCH_AFTER_S
-        # or its output ended before it was reaped: a quick command's end shows as its pipes'
-        # hang-up, and it is reaped then without a pidfd (two syscalls fewer an exec).
+        # On pipes the exit is watched on a pidfd from the start, and the agent holds the pipes'
+        # write ends until the command was reaped or ran EXIT_WATCH_AFTER_S: so a quick command
+        # wakes the agent once, when it can be reaped (its pipes' hang-up comes before that:
+        # the kernel closes a dying process's files before exit_notify makes it a zombie, and
+        # the agent, woken then, found it not reapable in a third to two thirds of quick execs
+        # on a loaded host and had to sleep again on a pidfd). Once the pipes are released their
+        # end means the command's output ended; a terminal's exit is watched (_exit_notifier)
+        # only once the command outlived EXIT_WATCH_AFTER_S or its output ended.
         exit_fd = waiter = None
         watch_at = self.started + EXIT_WATCH_AFTER_S
+        if self._held:
+            exit_fd = self._pidfd()
+            if exit_fd is None:
+                self._release_pipes()
+            else:
+                poller.register(exit_fd, select.POLLIN)
         feeding = self._stdin_fd is not None and not self.spec.stdin_pipe
         if feeding:
             os.set_blocking(self._stdin_fd, False)
@@ -2077,6 +2104,8 @@ class Exec:
                         break
                     wait = drain_until - now
                 else:
+                    if self._held and now >= watch_at:
+                        self._release_pipes()     # a long-running command holds no more fds than that
                     if exit_fd is None and (not self._readers or now >= watch_at):
                         if not self._readers and self._reap_if_exited():
                             self._exited(poller, feeding)
@@ -2094,7 +2123,7 @@ class Exec:
                         self.events.append({"type": "keepalive"})
                         continue
                     wait = keepalive_at - now if wait is None else min(wait, keepalive_at - now)
-                    if exit_fd is None:
+                    if exit_fd is None or self._held:
                         wait = min(wait, watch_at - now)
                 for fd, revents in poller.poll(None if wait is None else wait * 1000 + 1):
                     if fd == exit_fd:
@@ -2114,25 +2143,40 @@ class Exec:
                 waiter.join()
 
     def _exited(self, poller, feeding):
-        """The command was reaped: its stdin is of no more use."""
+        """The command was reaped: its stdin is of no more use, its pipes end once no other
+        process holds them."""
+        self._release_pipes()
         if feeding and self._stdin_fd is not None:
             poller.unregister(self._stdin_fd)
         self._close_stdin()
 
+    def _release_pipes(self):
+        """Close the write ends of stdout and stderr the agent held (see _io_loop)."""
+        for fd in self._held:
+            os.close(fd)
+        self._held = ()
+
+    def _pidfd(self):
+        """The command's pidfd (readable once it exited), or None where there is none."""
+        try:
+            return os.pidfd_open(self._proc.pid)
+        except (AttributeError, OSError):
+            return None
+
     def _exit_notifier(self):
         """An fd readable once the command exited: its pidfd, or a pipe fed by a waiter thread."""
-        try:
-            return os.pidfd_open(self._proc.pid), None
-        except (AttributeError, OSError):
-            r, w = os.pipe()
+        pidfd = self._pidfd()
+        if pidfd is not None:
+            return pidfd, None
+        r, w = os.pipe()
 
-            def wait_and_notify():
-                self._proc.wait()
-                os.close(w)
+        def wait_and_notify():
+            self._proc.wait()
+            os.close(w)
 
-            waiter = threading.Thread(target=wait_and_notify, daemon=True)
-            waiter.start()
-            return r, waiter
+        waiter = threading.Thread(target=wait_and_notify, daemon=True)
+        waiter.start()
+        return r, waiter
 
     def _read(self, poller, fd, revents):
         try:
@@ -2795,6 +2839,12 @@ class AgentServer:
         self.registry = ExecRegistry()
 
     def serve_forever(self):
+        # Every thread of the server blocks SIGCHLD (threads inherit the mask of the one that
+        # starts them), so a command's exit wakes none of them: a command may end before
+        # the thread that spawned it restored its signal mask (fork_exec blocks them all
+        # around vfork), and the kernel then wakes another thread, one that does not block
+        # it, only to discard it (SIG_DFL). spawn_command unblocks it for the command.
+        signal.pthread_sigmask(signal.SIG_BLOCK, CHILD_EXIT_SIGNAL)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_stop_signal)
         # not SIG_IGN: an ignored signal stays ignored in every command we exec

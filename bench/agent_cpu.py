@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The guest agent's own cost per exec of `true`, two ways that do not depend on the load
+"""The guest agent's own cost per exec of `true`, three ways that do not depend on the load
 of a shared machine the way bench.py's CPU split does (issue 23).
 
   python3 bench/agent_cpu.py instructions [AGENT.py ...]
@@ -8,6 +8,12 @@ of a shared machine the way bench.py's CPU split does (issue 23).
       waited for, the answer encoded (to a socket stand-in). The difference of two
       runs of 50 and 250 execs, so start-up is left out; the shell the agent starts is
       not counted (it is the same for any agent). Needs valgrind. Repeatable to ~1%.
+  python3 bench/agent_cpu.py switches [--execs N] [AGENT.py ...]
+      Context switches of the agent's process per blocking exec of `true` (the same
+      in-process exec path; getrusage: voluntary ones, each a sleep and a wakeup, and
+      involuntary ones), over N execs (default 2000), 3 rounds, the agents alternating:
+      how often the exec path sleeps, which costs CPU in a VM whatever the load; the
+      shell's own are not counted. Load shifts them somewhat: compare agents, not runs.
   python3 bench/agent_cpu.py guest [--execs N] [AGENT.py ...]
       CPU per exec of `true` inside a real guest under the QEMU engine (cgroups, as in
       a VM): the agent server's utime + stime + the same of the commands it reaped,
@@ -79,6 +85,28 @@ def instructions(agents):
         print(f"{agent}: {(counts[1] - counts[0]) / (RUNS[1] - RUNS[0]):,.0f} instructions per exec")
 
 
+def switches(agents, execs):
+    rounds = {agent: [] for agent in agents}
+    for _ in range(3):
+        for agent in agents:
+            out = subprocess.run([sys.executable, __file__, "count-switches", str(agent), str(execs)],
+                                 check=True, capture_output=True, text=True).stdout
+            rounds[agent].append(json.loads(out))
+    for agent, runs in rounds.items():
+        print(f"{agent}: context switches per exec (voluntary + involuntary): " +
+              " ".join(f"{v:.2f}+{i:.2f}" for v, i in runs))
+
+
+def count_switches(agent, execs):
+    """The process's context switches per exec over `execs` execs in process (after 20)."""
+    import resource
+    exec_path_in_process(agent, 0)
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    exec_path_in_process(agent, execs - 20)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps([(after.ru_nvcsw - before.ru_nvcsw) / execs, (after.ru_nivcsw - before.ru_nivcsw) / execs]))
+
+
 def guest(agents, execs):
     sys.path.insert(0, str(REPO / "tests"))
     from test_exec_v2_guest import booted_guest
@@ -106,15 +134,20 @@ def main(args):
     if args[:1] == ["run-execs"]:
         exec_path_in_process(args[1], int(args[2]))
         return 0
-    if not args or args[0] not in ("instructions", "guest"):
+    if args[:1] == ["count-switches"]:
+        count_switches(args[1], int(args[2]))
+        return 0
+    if not args or args[0] not in ("instructions", "switches", "guest"):
         print(__doc__.strip(), file=sys.stderr)
         return 2
-    mode, rest, execs = args[0], args[1:], 100
+    mode, rest, execs = args[0], args[1:], 2000 if args[0] == "switches" else 100
     if rest[:1] == ["--execs"]:
         execs, rest = int(rest[1]), rest[2:]
     agents = [os.path.abspath(a) for a in rest] or [str(REPO / "guest_agent.py")]
     if mode == "instructions":
         instructions(agents)
+    elif mode == "switches":
+        switches(agents, execs)
     else:
         guest(agents, execs)
     return 0

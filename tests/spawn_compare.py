@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import pwd
+import signal
 import sys
 import tempfile
 
@@ -81,10 +82,13 @@ def cases(ga, scratch):
     yield run_case(ga, ["/bin/sh", "-c", "echo a\0b"])
     yield run_case(ga, ["/bin/sh", "-c", "env"], env={"A=B": "1"})
     yield run_case(ga, ["/bin/sh", "-c", "env"], env={"A": "\udcff"})
+    yield run_case(ga, ["grep", "SigBlk", "/proc/self/status"])      # not through sh: dash clears the mask
+    yield run_case(ga, ["grep", "SigBlk", "/proc/self/status"], user=nobody)
 
 
 def main(agent):
     ga = load_agent(agent)
+    signal.pthread_sigmask(signal.SIG_BLOCK, ga.CHILD_EXIT_SIGNAL)    # as the agent server's threads
     fast_path = ga.FORK_EXEC is not None
     with tempfile.TemporaryDirectory() as scratch:
         os.chmod(scratch, 0o755)

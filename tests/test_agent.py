@@ -12,6 +12,7 @@ import os
 import pwd
 import random
 import re
+import select
 import shutil
 import signal
 import socket
@@ -334,38 +335,127 @@ def test_escaping_grandchild_does_not_hang(agent):
         kill_pids(pids_running(m))
 
 
+@pytest.mark.parametrize("pidfd", [True, False])
 @pytest.mark.parametrize("watch_after", [0.0, 0.05, 3600.0])
-def test_exit_seen_with_or_without_a_pidfd(monkeypatch, watch_after):
-    """A command's exit is seen whether its pipes end first (a quick command: reaped then,
-    no pidfd), it closes them and runs on (then watched on a pidfd), or it exits while an
-    escaped grandchild keeps them open and silent (watched once it ran EXIT_WATCH_AFTER_S)."""
+def test_exit_seen_with_or_without_a_pidfd(monkeypatch, watch_after, pidfd):
+    """A command's exit is seen whether it exits with its pipes (a quick command), it
+    closes them and runs on, it exits while a background child keeps them open a while,
+    or it exits while an escaped grandchild keeps them open and silent; on a pidfd opened
+    at the start, the agent holding the pipes' write ends until the command was reaped or
+    ran EXIT_WATCH_AFTER_S; where there is no pidfd, when its pipes end or once it ran
+    EXIT_WATCH_AFTER_S (a waiter thread)."""
     ga = load_agent_module()
     monkeypatch.setattr(ga, "EXIT_WATCH_AFTER_S", watch_after)
-    watched = []
-    original = ga.Exec._exit_notifier
-    monkeypatch.setattr(ga.Exec, "_exit_notifier", lambda ex: watched.append(ex.id) or original(ex))
-
+    pidfds, waiters = [], []
+    original_pidfd, original_notifier = ga.Exec._pidfd, ga.Exec._exit_notifier
+    monkeypatch.setattr(ga.Exec, "_pidfd", lambda ex: pidfds.append(ex.id) or (original_pidfd(ex) if pidfd else None))
+    monkeypatch.setattr(ga.Exec, "_exit_notifier", lambda ex: waiters.append(ex.id) or original_notifier(ex))
     ids = iter(range(1 << 20))
 
     def run(cmd, timeout=None):
         ex = ga.Exec(f"{next(ids):016x}", ga.ExecSpec({"cmd": cmd, "timeout": timeout}))
         ex.start({"PATH": os.environ["PATH"]})
         ex.run()
+        assert ex._held == ()
         return ex
 
-    assert [run("exit 3").returncode for _ in range(10)] == [3] * 10
-    ex = run("sleep 0.2 & exit 4")       # it exits, then the pipes end: reaped then
-    assert ex.returncode == 4 and (ex.id in watched) == (watch_after < 0.2)
+    def watched(ex):            # on a pidfd from the start, on a waiter thread, or None: seen as the pipes' end
+        if pidfd:
+            return "pidfd" if pidfds.count(ex.id) == 1 and ex.id not in waiters else None
+        return "waiter" if ex.id in waiters else None
+
+    execs = [run("exit 3") for _ in range(10)]
+    assert [ex.returncode for ex in execs] == [3] * 10
+    assert not pidfd or {watched(ex) for ex in execs} == {"pidfd"}
+    ex = run("sleep 1 & exit 4")         # it exits, then the pipes end (a second later: it was reapable by then)
+    assert ex.returncode == 4 and watched(ex) == ("pidfd" if pidfd else "waiter" if watch_after < 1 else None)
     ex = run("exec >&- 2>&-; sleep 0.3; exit 5")
-    assert ex.returncode == 5 and ex.id in watched
-    if watch_after:
-        return              # the rest would wait an hour for the pidfd
+    assert ex.returncode == 5 and watched(ex) == ("pidfd" if pidfd else "waiter")
+    ex = run("exec >&- 2>&-; sleep 30", timeout=0.5)     # closed its pipes, runs on: still timed out
+    assert (ex.timed_out, ex.returncode) == (True, -9)
+    if watch_after and not pidfd:
+        return              # the rest would wait an hour for the waiter
     m = marker()
     try:
         ex = run(f"setsid sleep {m} & echo started")
         assert (ex.returncode, ex.result()["stdout"].text()) == (0, "started\n") and pids_running(m)
     finally:
         kill_pids(pids_running(m))
+
+
+def test_a_quick_command_wakes_the_agent_once_when_it_can_be_reaped(monkeypatch, tmp_path):
+    """The agent holds the write ends of a command's stdout and stderr until it was reaped:
+    a quick command's exit shows on its pidfd alone, not first as its pipes' hang-up (which
+    comes before the kernel makes it reapable); the write ends are released once it was
+    reaped, or once it ran EXIT_WATCH_AFTER_S, or when it cannot start: no fd is left behind."""
+    ga = load_agent_module()
+    polled, real_poll = [], select.poll
+
+    class RecordingPoll:
+        def __init__(self):
+            self.poller = real_poll()
+
+        def register(self, *args):
+            self.poller.register(*args)
+
+        def unregister(self, fd):
+            self.poller.unregister(fd)
+
+        def poll(self, *args):
+            ready = self.poller.poll(*args)
+            polled.append([fd for fd, _ in ready])
+            return ready
+
+    monkeypatch.setattr(ga.select, "poll", RecordingPoll)
+    fds_before = set(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        ex = ga.Exec("0123456789abcdef", ga.ExecSpec({"cmd": "exit 3"}))
+        ex.start({"PATH": os.environ["PATH"]})
+        readers, held = set(ex._readers), ex._held
+        assert sorted(os.fstat(fd).st_ino for fd in held) == sorted(os.fstat(fd).st_ino for fd in readers)
+        del polled[:]
+        ex.run()
+        assert ex.returncode == 3 and ex._held == ()
+        assert len(polled[0]) == 1 and not readers & set(polled[0]), polled   # the pidfd alone
+    monkeypatch.setattr(ga, "EXIT_WATCH_AFTER_S", 0.05)
+    ex = ga.Exec("0123456789abcdef", ga.ExecSpec({"cmd": "exec >&- 2>&-; sleep 1; exit 6"}))
+    ex.start({"PATH": os.environ["PATH"]})
+    held = []
+    threading.Timer(0.6, lambda: held.append(ex._held)).start()
+    ex.run()
+    assert ex.returncode == 6 and held == [()]                  # released while it ran
+    bad = tmp_path / "not-a-program"
+    bad.write_bytes(b"\x7fELF garbage")
+    bad.chmod(0o755)
+    with pytest.raises(ga.RequestError, match="cannot start command"):
+        ga.Exec("0123456789abcdef", ga.ExecSpec({"argv": [str(bad)]})).start({"PATH": os.environ["PATH"]})
+    assert set(os.listdir("/proc/self/fd")) - fds_before == {str(fd) for fd in ga._devnull}   # opened once
+
+
+def test_commands_start_with_no_signal_blocked_and_server_threads_block_sigchld(agent):
+    """The server's threads block SIGCHLD (a command's exit wakes none of them), its
+    commands block nothing: blocking and background, shell and argv, as another user,
+    on a terminal."""
+    server = agent.server_pid()
+    agent.exec(cmd="true")
+    status, r = agent.request("POST", "/exec", {"cmd": "sleep 2", "blocking": False})
+    assert status == 200, r
+    masks = {}
+    for tid in os.listdir(f"/proc/{server}/task"):
+        try:                            # a connection's thread may end meanwhile
+            with open(f"/proc/{server}/task/{tid}/status") as f:
+                masks[tid] = int(next(line.split()[1] for line in f if line.startswith("SigBlk:")), 16)
+        except FileNotFoundError:
+            pass
+    assert len(masks) >= 3              # the accept loop, the log thread, the exec's, connections
+    assert all(mask & 1 << (signal.SIGCHLD - 1) for mask in masks.values()), masks
+    probe = ["grep", "SigBlk", "/proc/self/status"]     # not through sh: dash unblocks all at start
+    unblocked = "SigBlk:\t0000000000000000"
+    assert agent.exec(argv=probe)["stdout"] == unblocked + "\n"
+    assert agent.exec(argv=probe, user="nobody")["stdout"] == unblocked + "\n"     # fork, not vfork
+    assert agent.exec(argv=probe, tty=True)["stdout"] == unblocked + "\r\n"
+    exec_id = background(agent, argv=probe)
+    assert finished(agent, exec_id)["stdout"] == unblocked + "\n"
 
 
 def test_big_output_is_capped_and_fast(agent):
@@ -547,6 +637,8 @@ def test_fork_exec_fast_path_starts_commands_as_popen(python):
     assert (file_cwd["raised"], missing["raised"], not_on_path["raised"], not_executable["raised"]) == \
            ("NotADirectoryError", "FileNotFoundError", "FileNotFoundError", "PermissionError")
     assert [case.get("text") for case in report["fast"][10:12]] == ["embedded null byte", "illegal environment variable name"]
+    # the caller blocks SIGCHLD, as the agent server's threads do; the command blocks nothing
+    assert [case["output"] for case in report["fast"][13:15]] == ["SigBlk:\t0000000000000000\n"] * 2
 
 
 def test_commands_start_without_popen_where_fork_exec_is_known():
