@@ -7854,11 +7854,15 @@ class ApiRoutes:
         """Set, extend or clear a VM's TTL (from now)"""
         return self.manager.deadlines.set_ttl(req.params["name"], req.json["ttlSeconds"]).api()
 
-    async def exec(self, req):
+    def exec(self, req):
         """Run a command in a VM: blocking, in the background, or streamed"""
         agent_body, blocking, timeout, stream = exec_parts(req.json, self.cfg)
-        answer = await self.manager.execs.exec(req.params["name"], agent_body, blocking, timeout, stream)
-        return self.relay(req, answer) if stream else answer
+        answer = self.manager.execs.exec(req.params["name"], agent_body, blocking, timeout, stream)
+        # to await (dispatch does): without a coroutine of its own on every exec's path, but a stream's
+        return self.relayed(req, answer) if stream else answer
+
+    async def relayed(self, req, events):
+        return self.relay(req, await events)
 
     @staticmethod
     def relay(req, events):
@@ -8209,6 +8213,8 @@ class RestServer:
                 result = await operation.handler(request)
             finally:
                 self.client_watch.remove(watched)
+        if result.__class__ is bytes:      # the usual answer (an agent's), first
+            return 200, result, "application/json"
         if isinstance(result, tuple):
             return result
         if isinstance(result, EventRelay):
