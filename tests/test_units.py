@@ -316,6 +316,38 @@ def test_exec_request_errors(cfg, body, fragment):
     assert e.value.status == 400 and fragment in str(e.value)
 
 
+@pytest.mark.parametrize("body", [
+    {"cmd": "true"}, {"cmd": "echo 'a b' | wc -c"}, {"cmd": " \tls"}, {"cmd": "x\n"}, {"cmd": "\u3000x"},
+    {"cmd": "é\u2028"}, {"cmd": "a" * 100_000},
+    {"cmd": ""}, {"cmd": " "}, {"cmd": "\t\n\u3000\u2029"}, {"cmd": "a\x00"}, {"cmd": "\x00"}, {"cmd": 5},
+    {"cmd": None}, {"cmd": True}, {"cmd": ["ls"]}, {"cmd": {"a": 1}}, {"argv": ["ls"]}, {"cmd": "x", "argv": ["ls"]},
+    {"cmd": "x", "timeout": 1}, {"cmd": "x", "env": None}, {"cmd": "x", "tty": True}, {"Cmd": "x"}, {},
+    [], ["cmd"], "cmd", None, 7, [{"cmd": "x"}],
+])
+def test_the_usual_exec_body_shortcut_gives_what_the_schema_gives(cfg, body):
+    """check_input's shortcut for {"cmd": ...} alone: for every body, None (the schema checks it) or
+    exactly what check_schema makes of it; never a body the schema refuses."""
+    schema = cbox.request_schemas(cfg)["ExecRequest"]
+    shortcut = cbox.usual_exec_check(schema)(body)
+    try:
+        expected = cbox.check_schema(body, schema)
+    except cbox.ApiError:
+        assert shortcut is None
+        return
+    if shortcut is not None:
+        assert shortcut == expected and list(shortcut) == list(expected)      # the order too: the agent's body
+        assert [type(v) for v in shortcut.values()] == [type(v) for v in expected.values()]
+    if isinstance(body, dict) and list(body) == ["cmd"]:
+        assert shortcut is not None          # the usual body takes the shortcut
+
+
+def test_the_usual_exec_body_shortcut_makes_a_new_env_each_time(cfg):
+    check = cbox.usual_exec_check(cbox.request_schemas(cfg)["ExecRequest"])
+    first = check({"cmd": "true"})
+    first["env"]["A"] = "1"
+    assert check({"cmd": "true"})["env"] == {}
+
+
 def test_a_long_command_with_a_nul_is_refused_in_linear_time():
     """cmd's pattern (not blank, no NUL) must not backtrack quadratically: a 4 MB command
     ending in NUL would then take hours. A regex holds the GIL, so the check runs in a
