@@ -1508,6 +1508,7 @@ class Bench:
             first = self.density_execs(api, [f"d{i}" for i in range(total)])   # each VM's first exec
             lat = self.density_execs(api, [f"d{i}" for i in range(total)] * 2)  # round robin
             same = self.density_execs(api, ["d0"] * len(one_vm))
+            agent_same, agent_rr = self.density_agent_execs(vms)
             t = time.monotonic()
             destroyed = api.json("DELETE", "/v1/vms")["destroyed"]
             destroy_s = time.monotonic() - t
@@ -1529,10 +1530,13 @@ class Bench:
                 target="<= 1.2x one VM", ok=median(lat) <= 1.2 * median(one_vm),
                 notes=f"floor: {len(one_vm)} execs on d0 before the others started (p99 {p99(one_vm):.2f} ms); "
                       f"the same on d0 with {total} running: median {median(same):.2f} ms; first exec on each "
-                      f"VM: median {median(first):.2f} ms",
+                      f"VM: median {median(first):.2f} ms; straight to the agents (cbox.py not on the path), "
+                      f"with {total} running: d0's {median(agent_same):.2f} ms, round robin "
+                      f"{median(agent_rr):.2f} ms ({median(agent_rr) / median(agent_same):.2f}x)",
                 how="POST /exec {\"cmd\":\"true\"} round-robin over all the VMs, 2 passes after a first "
                     "one (each VM's first exec, reported apart); floor: as many execs on the first VM while it "
-                    "ran alone"),
+                    "ran alone; in the notes the same execs sent straight to the agents over the bridge (one "
+                    "keep-alive connection to each): what spreading execs over many guests costs without cbox.py"),
             Row(f"density: DELETE /v1/vms ({total} VMs)", destroy_s, "s", target="< 3 s", ok=destroy_s < 3,
                 notes=f"{destroy_s / total * 1000:.0f} ms per VM; the last hypervisor gone after {vmms_s:.2f} s; "
                       f"cbox.py's files steps {files_s:.2f} s together",
@@ -1563,6 +1567,30 @@ class Bench:
         if request is None or last_exit is None:
             raise RuntimeError("destroy steps or the DELETE request missing from cbox.py's log")
         return tod_diff(last_exit, request), files_ms / 1000
+
+    def density_agent_execs(self, vms):
+        """ms of POST /exec {"cmd":"true"} straight to the VMs' agents over the bridge, cbox.py not on
+        the path: (d0's agent as many times as there are VMs, round robin over all of them twice),
+        after a first pass that opens one keep-alive connection to each."""
+        clients = {v["vmName"]: Http(connector(self.ns.path, (v["ip"].split("/")[0], 4031))) for v in vms}
+        body = json.dumps({"cmd": "true"}).encode()
+
+        def run(names):
+            times = []
+            for name in names:
+                t = time.perf_counter()
+                status, data = clients[name].request("POST", "/exec", body)
+                times.append((time.perf_counter() - t) * 1000)
+                if status != 200 or b'"exitCode":0' not in data:
+                    raise RuntimeError(f"exec on {name}'s agent failed: HTTP {status} {data[:300]!r}")
+            return times
+        names = sorted(clients, key=lambda n: int(n[1:]))
+        try:
+            run(names)
+            return run([names[0]] * len(names)), run(names * 2)
+        finally:
+            for c in clients.values():
+                c.close()
 
     def density_execs(self, api, names):
         """ms of POST /v1/vms/NAME/exec {"cmd":"true"} for each name in turn (one keep-alive connection)."""
