@@ -4502,16 +4502,6 @@ def validate_exec_request(body, cfg):
     return exec_parts(check_schema(body, request_schemas(cfg)["ExecRequest"]), cfg)
 
 
-def validate_signal_request(body):
-    """{"signal": "TERM" | "sigterm" | 15 | "15"} -> the agent's body (the number: the guest
-    runs on this host's architecture, so its numbering); unknown signals 400."""
-    return check_schema(body, SIGNAL_REQUEST)
-
-
-def validate_stdin_request(body):
-    return check_schema(body, STDIN_REQUEST)
-
-
 JSON_SCAN = json.JSONDecoder().scan_once     # json.loads's own scanner, without its Python wrappers
 
 

@@ -15,6 +15,15 @@ import cbox  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+def signal_request(body):
+    """POST .../signal's body, checked as cbox.py checks it (400: ApiError)."""
+    return cbox.check_schema(body, cbox.SIGNAL_REQUEST)
+
+
+def stdin_request(body):
+    return cbox.check_schema(body, cbox.STDIN_REQUEST)
+
+
 # ---- config parser -------------------------------------------------------------
 
 def test_shipped_config_parses_with_loopback_host():
@@ -365,7 +374,7 @@ def test_a_long_command_with_a_nul_is_refused_in_linear_time():
 @pytest.mark.parametrize("given, sent", [("TERM", 15), ("sigkill", 9), ("SIGUSR1", 10), ("CLD", 17), (15, 15),
                                          ("15", 15), (64, 64)])
 def test_signal_request(given, sent):
-    assert cbox.validate_signal_request({"signal": given}) == {"signal": sent}
+    assert signal_request({"signal": given}) == {"signal": sent}
 
 
 @pytest.mark.parametrize("body", [{"signal": "NOPE"}, {"signal": 0}, {"signal": 65}, {"signal": True},
@@ -373,16 +382,16 @@ def test_signal_request(given, sent):
                                   {"signal": "Signals"}, {"signal": "-1"}, {"signal": "TERM "}])
 def test_signal_request_errors(body):
     with pytest.raises(cbox.ApiError) as e:
-        cbox.validate_signal_request(body)
+        signal_request(body)
     assert e.value.status == 400
 
 
 def test_stdin_request_and_query_numbers():
-    assert cbox.validate_stdin_request({"data": "x"}) == {"data": "x", "eof": False}
-    assert cbox.validate_stdin_request({"eof": True}) == {"data": "", "eof": True}
+    assert stdin_request({"data": "x"}) == {"data": "x", "eof": False}
+    assert stdin_request({"eof": True}) == {"data": "", "eof": True}
     for bad in ({}, {"data": 1}, {"eof": "yes"}, {"data": "x", "more": 1}):
         with pytest.raises(cbox.ApiError):
-            cbox.validate_stdin_request(bad)
+            stdin_request(bad)
     since = {"since": {"type": "integer", "minimum": 0, "maximum": 100}}
     grace = {"grace": {"type": "number", "minimum": 0, "maximum": 100, "default": 0.0}}
     assert cbox.check_query({"since": ["12"]}, since) == {"since": 12}
@@ -868,7 +877,7 @@ def test_integers_with_a_zero_fraction_are_integers(cfg):
     assert (spec["memoryMb"], spec["vcpus"]) == (512, 1) and type(spec["memoryMb"]) is int
     agent, _, _, _ = cbox.validate_exec_request({"cmd": "id", "user": 430.0, "pidsLimit": 8.0}, cfg)
     assert agent["user"] == 430 and type(agent["user"]) is int and type(agent["pidsLimit"]) is int
-    assert cbox.validate_signal_request({"signal": 9.0}) == {"signal": 9}
+    assert signal_request({"signal": 9.0}) == {"signal": 9}
     for body in ({"vmName": "a", "memoryMb": 512.5}, {"vmName": "a", "vcpus": float("inf")}):
         with pytest.raises(cbox.ApiError, match="must be an integer"):
             cbox.validate_start_request(body, cfg)
@@ -892,10 +901,10 @@ def test_signal_numbers_the_document_allows_are_accepted(text, allowed):
     branch = cbox.SIGNAL_SCHEMA["anyOf"][1]
     assert bool(cbox.schema_regex(branch["pattern"]).search(text)) == allowed
     if allowed:
-        assert cbox.validate_signal_request({"signal": text}) == {"signal": int(text)}
+        assert signal_request({"signal": text}) == {"signal": int(text)}
     else:
         with pytest.raises(cbox.ApiError):
-            cbox.validate_signal_request({"signal": text})
+            signal_request({"signal": text})
 
 
 def test_a_bad_host_in_a_callback_url_is_400(cfg):
