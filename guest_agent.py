@@ -2073,8 +2073,8 @@ class Exec:
         # write ends until the command was reaped or ran EXIT_WATCH_AFTER_S: so a quick command
         # wakes the agent once, when it can be reaped (its pipes' hang-up comes before that:
         # the kernel closes a dying process's files before exit_notify makes it a zombie, and
-        # the agent, woken then, found it not reapable in a third to two thirds of quick execs
-        # on a loaded host and had to sleep again on a pidfd). Once the pipes are released their
+        # the agent, woken then, often found it not yet reapable on a loaded host and had to
+        # sleep again on a pidfd). Once the pipes are released their
         # end means the command's output ended; a terminal's exit is watched (_exit_notifier)
         # only once the command outlived EXIT_WATCH_AFTER_S or its output ended.
         exit_fd = waiter = None
