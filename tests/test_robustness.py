@@ -46,6 +46,20 @@ def tree(path):
     return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
 
 
+def settled_tree(path, timeout=10.0):
+    """tree(path) once cbox.py's record writes are done: VMs' records are written off the
+    event loop a moment after an exec (RecordWrites), through a temporary file (.tmp) then
+    renamed: a snapshot taken meanwhile would hold that temporary."""
+    deadline = time.monotonic() + timeout
+    while True:
+        before = tree(path)
+        time.sleep(0.2)
+        after = tree(path)
+        if after == before and not any(name.endswith(".tmp") for name in after):
+            return after
+        assert time.monotonic() < deadline, f"{path} still changing: {before} -> {after}"
+
+
 def _proc_text(pid):
     try:
         return (Path(f"/proc/{pid}/cmdline").read_bytes() + b"\0" + Path(f"/proc/{pid}/environ").read_bytes())
@@ -857,7 +871,7 @@ def test_fuzz_and_slow_clients(cbox_factory):
     status, bg = api.post("/v1/vms/fz/exec", {"cmd": "sleep 300", "blocking": False})
     assert status == 200
     exec_id = bg["execId"]
-    state_before = tree(server.state_dir)
+    state_before = settled_tree(server.state_dir)
 
     # commands the fuzzer may run in the stand-in "guest" (a process on this host):
     # only these, whatever the mutation made of "cmd"
@@ -1094,7 +1108,7 @@ def test_isolation(cbox_factory, raw_callback):
         assert json.loads(r["stdout"])["vm"] == "gb"
 
         # names that could touch the file system are refused before they do
-        state_before = tree(server.state_dir)
+        state_before = settled_tree(server.state_dir)
         bad_names = ["..", ".", "../x", "a/b", "/etc", "a\x00b", "\x00", "x" * 200, "x" * 64, "ga/../gb",
                      ".hidden", "-rf", "a b", "\u00fcber", "ga\n"]
         for name in bad_names:
@@ -1145,7 +1159,7 @@ def test_auth_required_everywhere(cbox_factory, tmp_path):
     bad_auth = [None, "", "Bearer", "Bearer ", "Bearer wrong", "bearer s3cret-token", "Basic czNjcmV0LXRva2Vu",
                 "Bearer s3cret-toke", "Bearer s3cret-token-and-more", "s3cret-token", "Bearer S3CRET-TOKEN",
                 "Bearer s3cret\x00-token", "Token s3cret-token", "Bearer \u00ff"]
-    state_before = tree(server.state_dir)
+    state_before = settled_tree(server.state_dir)
     taps_before = server.taps()
     api.token = None
     for method, path, body in routes:
