@@ -79,6 +79,7 @@ import collections
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import heapq
 import hmac
@@ -89,11 +90,13 @@ import math
 import os
 import re
 import resource
+import select
 import shlex
 import shutil
 import signal
 import socket
 import ssl
+import stat
 import statistics
 import sys
 import threading
@@ -151,9 +154,16 @@ def log_word(value):
     return text if text.isprintable() and " " not in text and "=" not in text else repr(text)
 
 
+LOG_SINK = None      # while `serve` runs, its StderrNoWait (with the helpers below); else sys.stderr
+
+
 def log_line(msg, extra):
     """Write log()'s line of `msg` and its fields as text (" k=v ...", printable: as log() makes it)."""
-    sys.stderr.write(f"{log_time()} cbox: {msg}{extra}\n")
+    line = f"{log_time()} cbox: {msg}{extra}\n"
+    if LOG_SINK is not None:
+        LOG_SINK.write(line.encode("utf-8", "backslashreplace"))
+        return
+    sys.stderr.write(line)
     sys.stderr.flush()
 
 
@@ -684,6 +694,128 @@ class LoopLag:
 
 LOOP_LAG = LoopLag()
 METRICS.on_scrape("loop_lag", LOOP_LAG.export)
+
+
+# ---- the server's log: stderr, never waited for ----------------------------------
+
+M_LOG_DROPPED = METRICS.counter("cbox_log_lines_dropped_total", "log lines dropped because stderr's reader "
+                                "fell behind (LOG_BACKLOG_BYTES waiting) or stderr failed")
+LOG_BACKLOG_BYTES = 1 << 20
+
+
+class StderrNoWait:
+    """stderr for `serve`'s log lines, written without ever waiting for its reader: a log
+    reader that stalls (a pipe nobody reads, a stuck journald or terminal) must not stall
+    the event loop, and with it every VM. A line stderr cannot take now waits in a backlog
+    (at most LOG_BACKLOG_BYTES; lines beyond are dropped and counted), written when the loop
+    sees stderr writable again; once it is drained, a line says how many were dropped.
+
+    stderr is written through a descriptor of its own that does not wait: a pipe, FIFO or
+    terminal reopened with O_NONBLOCK (not fd 2's file description, which the parent may
+    share), a socket (journald's stream) with MSG_DONTWAIT; a regular file as it is (a
+    write to it never waits for a reader). Anything else keeps plain writes (`waits`). Where
+    stderr cannot be watched (a file, plain writes) what a short write left is dropped.
+    Safe from any thread: lines from worker threads take the same path."""
+
+    def __init__(self, loop, fd=2, backlog_bytes=LOG_BACKLOG_BYTES):
+        self.loop, self.limit = loop, backlog_bytes
+        self.backlog = bytearray()
+        self.dropped = 0
+        self.watching = False
+        self.lock = threading.Lock()
+        self.fd, self.send, self.closer, self.waits = self.open_no_wait(fd)
+        self.watchable = self.closer is not None
+
+    @staticmethod
+    def open_no_wait(fd):
+        """(fd, send(bytes) -> bytes written or BlockingIOError, close() or None (then the fd
+        cannot be watched for writability), whether send may wait)."""
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISREG(mode):
+            return fd, functools.partial(os.write, fd), None, False
+        if stat.S_ISSOCK(mode):
+            sock = socket.socket(fileno=os.dup(fd))
+            return sock.fileno(), lambda data: sock.send(data, socket.MSG_DONTWAIT), sock.close, False
+        try:
+            own = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        except OSError:
+            return fd, functools.partial(os.write, fd), None, True
+        return own, functools.partial(os.write, own), functools.partial(os.close, own), False
+
+    def write(self, data):
+        with self.lock:
+            if self.backlog:
+                self._keep(data)
+                return
+            if self.dropped:
+                data = self._dropped_line() + data
+            try:
+                sent = self.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self._drop()
+                return
+            if sent < len(data) and not self.watchable:
+                self._drop()
+            elif sent < len(data):
+                self.backlog += data[sent:]        # even past the limit: the rest of a line begun
+                self._watch()
+
+    def _keep(self, data):
+        if len(self.backlog) + len(data) > self.limit:
+            self._drop()
+        else:
+            self.backlog += data
+
+    def _drop(self):
+        self.dropped += 1
+        M_LOG_DROPPED.inc()
+
+    def _dropped_line(self):
+        text = f"{log_time()} cbox: log lines dropped count={self.dropped} why=stderr's reader fell behind\n"
+        self.dropped = 0
+        return text.encode()
+
+    def _watch(self):
+        if not self.watching:
+            self.watching = True
+            try:
+                self.loop.call_soon_threadsafe(self.loop.add_writer, self.fd, self._drain)
+            except RuntimeError:          # the loop is closed: close() wrote what it could
+                self.watching = False
+
+    def _drain(self):
+        with self.lock:
+            try:
+                del self.backlog[:self.send(self.backlog)]
+            except BlockingIOError:
+                return
+            except OSError:
+                self.backlog.clear()
+                self._drop()
+            if not self.backlog and self.dropped:
+                self.backlog += self._dropped_line()
+            if not self.backlog:
+                self.watching = False
+                self.loop.remove_writer(self.fd)
+
+    def close(self, timeout=1.0):
+        """Stop watching; the backlog is written within `timeout` seconds if stderr takes it."""
+        with self.lock:
+            if self.watching:
+                self.loop.remove_writer(self.fd)
+                self.watching = False
+            deadline = time.monotonic() + timeout
+            while self.backlog and time.monotonic() < deadline:
+                try:
+                    del self.backlog[:self.send(self.backlog)]
+                except BlockingIOError:
+                    select.select([], [self.fd], [], max(0.0, deadline - time.monotonic()))
+                except OSError:
+                    break
+            if self.closer:
+                self.closer()
 
 
 # ---- memory given back after an attack (glibc's malloc_trim, through ctypes) -------
@@ -9108,7 +9240,7 @@ class SystemdNotifier:
             log("cannot notify systemd", state=assignments[0], error=repr(os.strerror(e.errno) if e.errno else str(e)))
 
 
-async def serve(cfg):
+async def serve_until_stopped(cfg):
     notifier = SystemdNotifier()
     if os.geteuid() != 0:
         log("not running as root: creating taps, the bridge and iptables rules will fail", level="WARNING")
@@ -9157,6 +9289,23 @@ async def serve(cfg):
     if sender:
         await sender.finish(2.0)
     log("stopped")
+
+
+async def serve(cfg):
+    """The server, its log lines on stderr written without waiting (StderrNoWait) until it stopped."""
+    global LOG_SINK
+    try:
+        LOG_SINK = StderrNoWait(asyncio.get_running_loop())
+    except OSError as e:                       # no stderr at all: log_line's plain writes
+        log("stderr cannot be checked; log lines are written with waits", error=e.strerror)
+    if LOG_SINK is not None and LOG_SINK.waits:
+        log("stderr cannot be reopened to write without waiting; a stalled log reader stalls the server")
+    try:
+        await serve_until_stopped(cfg)
+    finally:
+        sink, LOG_SINK = LOG_SINK, None
+        if sink is not None:
+            sink.close()
 
 
 # ---- selftest: the first thing to run on a new host -------------------------

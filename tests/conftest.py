@@ -206,11 +206,13 @@ class CboxServer:
         self.proc = None
         self.api = Api(ns, self.settings["port"], token=self.settings.get("api_token") or None)
 
-    def start(self, timeout=20.0, env=None):
+    def start(self, timeout=20.0, env=None, log_to=None):
+        """Start `cbox.py serve`; its stdout and stderr go to log_path, or to the file descriptor
+        log_to (e.g. a pipe's write end, which the caller then owns; log() reads nothing)."""
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.logf = open(self.log_path, "ab")
         self.proc = self.ns.popen([sys.executable, str(REPO / "cbox.py"), "serve", "--config", str(self.config)],
-                                  stdout=self.logf, stderr=subprocess.STDOUT, env=env)
+                                  stdout=self.logf if log_to is None else log_to, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -3,11 +3,14 @@ the token is checked, bounds on the request head, the host-wide cap on buffered 
 bodies, log lines a client cannot forge, and a quiet shutdown (README "Security model").
 
 Run with -s to see the memory figures the README quotes."""
+import fcntl
 import json
+import os
 import re
 import selectors
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -214,6 +217,32 @@ def test_client_text_cannot_forge_log_lines(cbox_factory):
     assert not bad, bad
     assert sum("FORGED" in line for line in lines) >= 5, lines      # they were logged, escaped
     assert not any(line.startswith("12:00:00.000") for line in lines)
+
+
+def test_a_log_reader_that_stalls_does_not_stall_the_server(cbox_factory):
+    """cbox.py's stderr is a pipe nobody reads (a stuck journald or terminal): requests are
+    still answered (each logs a line), and the lines reach the log once it is read again."""
+    server = cbox_factory()
+    r, w = os.pipe()
+    fcntl.fcntl(w, 1031, 4096)                                     # F_SETPIPE_SZ: full after ~40 lines
+    try:
+        server.start(log_to=w)
+        os.close(w)
+        for i in range(300):                                       # ~30 kB of request lines
+            assert server.api.get("/v1/health", timeout=5)[0] == 200, i
+        status, text = server.api.get("/v1/metrics")
+        assert status == 200 and re.search(r"^cbox_log_lines_dropped_total 0$", text, re.M), text
+        received = bytearray()
+        reader = threading.Thread(target=lambda: [received.extend(chunk) for chunk in iter(lambda: os.read(r, 65536), b"")],
+                                  daemon=True)
+        reader.start()
+        server.stop()
+        reader.join(10)
+        lines = received.decode().splitlines()
+        assert sum(" request method=GET path=/v1/health " in line for line in lines) >= 300, lines[-5:]
+        assert "stopped" in lines[-1] and all(LOG_LINE.match(line) for line in lines), lines[-5:]
+    finally:
+        os.close(r)
 
 
 def test_no_route_answers_without_the_token_and_no_body_is_read_first(cbox_factory):

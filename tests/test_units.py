@@ -921,3 +921,128 @@ def test_a_guest_chosen_word_cannot_pass_for_more_fields_of_a_log_line(capfd):
     assert first.endswith("cbox: callback method='x ok=True' ok=False")
     assert second.endswith("cbox: callback method=sum ok=True")
     assert cbox.log_word("a=b") == "'a=b'" and cbox.log_word("a\nb") == repr("a\nb")
+
+
+# ---- StderrNoWait: the server's log lines never wait for stderr's reader ----------------------
+
+import asyncio  # noqa: E402
+import fcntl  # noqa: E402
+import socket  # noqa: E402
+import threading  # noqa: E402
+
+F_SETPIPE_SZ = 1031
+
+
+def drain_into(loop, sink, read_some):
+    """Run `loop` until the sink's backlog is written, `read_some()` taking what it can each turn."""
+    received = bytearray()
+    deadline = time.monotonic() + 10
+    while sink.backlog or sink.watching:
+        assert time.monotonic() < deadline, "the backlog was not written"
+        received += read_some()
+        loop.run_until_complete(asyncio.sleep(0.01))
+    return received + read_some()
+
+
+def log_lines(n):
+    return [b"%05d %s\n" % (i, b"x" * 90) for i in range(n)]
+
+
+@pytest.mark.parametrize("kind", ["pipe", "socket"])
+def test_stderr_lines_wait_in_a_bounded_backlog_and_the_drops_are_counted(kind):
+    loop = asyncio.new_event_loop()
+    if kind == "pipe":
+        r, w = os.pipe()
+        fcntl.fcntl(w, F_SETPIPE_SZ, 4096)
+        os.set_blocking(r, False)
+        ends = (r, w)
+
+        def read_some():
+            try:
+                return os.read(r, 1 << 20)
+            except BlockingIOError:
+                return b""
+    else:
+        a, b = socket.socketpair()
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        b.setblocking(False)
+        w, ends = a.fileno(), (a, b)
+
+        def read_some():
+            try:
+                return b.recv(1 << 20)
+            except BlockingIOError:
+                return b""
+    try:
+        before = cbox.M_LOG_DROPPED.value
+        sink = cbox.StderrNoWait(loop, fd=w, backlog_bytes=8192)
+        assert not sink.waits
+        lines = log_lines(400)
+        t = time.monotonic()
+        for line in lines:                  # nobody reads: the pipe fills, then the backlog
+            sink.write(line)
+        assert time.monotonic() - t < 1.0   # (a write that waited would never return)
+        assert sink.dropped > 0 and len(sink.backlog) <= 8192 + len(lines[0])
+        dropped = sink.dropped
+        assert cbox.M_LOG_DROPPED.value - before == dropped
+        received = drain_into(loop, sink, read_some).splitlines(keepends=True)
+        # whole lines, in order, the first ones (a line is dropped whole, never in part),
+        # then one line that says how many were dropped
+        assert received[:-1] == lines[:len(received) - 1]
+        assert re.fullmatch(rb"\S+ cbox: log lines dropped count=%d why=stderr's reader fell behind\n" % dropped,
+                            received[-1]), received[-1]
+        assert len(received) - 1 + dropped == len(lines)
+        sink.write(b"after\n")              # written at once again
+        assert read_some() == b"after\n" and not sink.backlog and sink.dropped == 0
+        sink.close()
+    finally:
+        loop.close()
+        for end in ends:
+            end.close() if hasattr(end, "close") else os.close(end)
+
+
+def test_stderr_as_a_file_is_written_at_once(tmp_path):
+    loop = asyncio.new_event_loop()
+    path = tmp_path / "log"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        sink = cbox.StderrNoWait(loop, fd=fd, backlog_bytes=10)
+        for line in log_lines(100):
+            sink.write(line)
+        assert path.read_bytes() == b"".join(log_lines(100)) and not sink.backlog and not sink.watching
+        sink.close()
+    finally:
+        os.close(fd)
+        loop.close()
+
+
+def test_close_writes_the_backlog_when_stderr_takes_it_and_gives_up_when_it_does_not():
+    loop = asyncio.new_event_loop()
+    r, w = os.pipe()
+    fcntl.fcntl(w, F_SETPIPE_SZ, 4096)
+    try:
+        sink = cbox.StderrNoWait(loop, fd=w)
+        for line in log_lines(100):
+            sink.write(line)
+        assert sink.backlog
+        t = time.monotonic()
+        sink.close(timeout=0.3)                 # nobody reads: it gives up after the timeout
+        assert 0.25 < time.monotonic() - t < 2.0
+        sink = cbox.StderrNoWait(loop, fd=w)
+        os.read(r, 1 << 20)
+        for line in log_lines(100):
+            sink.write(line)
+        received = bytearray()
+
+        def read_all():
+            while len(received) < len(b"".join(log_lines(100))):
+                received.extend(os.read(r, 1 << 20))
+        reader = threading.Thread(target=read_all)
+        reader.start()
+        sink.close(timeout=5)
+        reader.join(5)
+        assert not sink.backlog and bytes(received) == b"".join(log_lines(100))
+    finally:
+        os.close(r)
+        os.close(w)
+        loop.close()
