@@ -837,11 +837,13 @@ async def give_memory_back():
     (malloc_trim(0): its free top and every free whole page). glibc keeps what Python
     freed for later: after an attack cbox.py's RSS stayed where the attack took it (seen:
     331 MB 30 s after 39 VMs each streamed `yes` to 4 readers, 113 MB before; 50 MB with
-    this, `bench.py --only hostile --hostile fair --attacks "yes streams"`)."""
+    this, `bench.py --only hostile --hostile fair --attacks "yes streams"`). In a worker
+    thread (ctypes lets go of the GIL): a trim after an attack walks a large heap, and the
+    loop goes on meanwhile (its own mallocs wait only while the trim holds an arena's lock)."""
     malloc_trim = glibc_malloc_trim()
     while malloc_trim is not None:
         await asyncio.sleep(HEAP_TRIM_INTERVAL_S)
-        malloc_trim(0)
+        await asyncio.to_thread(malloc_trim, 0)
 
 
 # ---- events: numbered, kept in a ring (GET /v1/events), handed to sinks (events_url) ----

@@ -1046,3 +1046,27 @@ def test_close_writes_the_backlog_when_stderr_takes_it_and_gives_up_when_it_does
         os.close(r)
         os.close(w)
         loop.close()
+
+
+def test_the_heap_trim_runs_beside_the_loop_not_on_it(monkeypatch):
+    """malloc_trim after an attack walks a large heap: the loop keeps running meanwhile."""
+    trims = []
+
+    def slow_trim(pad):
+        trims.append(threading.get_ident())
+        time.sleep(0.3)
+    monkeypatch.setattr(cbox, "HEAP_TRIM_INTERVAL_S", 0.01)
+    monkeypatch.setattr(cbox, "glibc_malloc_trim", lambda: slow_trim)
+
+    async def ticks_during_a_trim():
+        task = asyncio.create_task(cbox.give_memory_back())
+        while not trims:
+            await asyncio.sleep(0.001)
+        ticks, t = 0, time.monotonic()
+        while time.monotonic() - t < 0.2:
+            await asyncio.sleep(0.005)
+            ticks += 1
+        task.cancel()
+        return ticks
+    assert asyncio.run(ticks_during_a_trim()) >= 10
+    assert threading.get_ident() not in trims
