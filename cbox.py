@@ -818,6 +818,25 @@ class StderrNoWait:
                 self.closer()
 
 
+class StderrText:
+    """sys.stderr while `serve` runs: what Python itself writes there (a warning, the traceback
+    the asyncio exception handler logs) takes StderrNoWait's path too; anything else (fileno,
+    encoding, isatty) is the original stream's."""
+
+    def __init__(self, sink, original):
+        self.sink, self.original = sink, original
+
+    def write(self, text):
+        self.sink.write(text.encode("utf-8", "backslashreplace"))
+        return len(text)
+
+    def flush(self):
+        pass
+
+    def __getattr__(self, name):
+        return getattr(self.original, name)
+
+
 # ---- memory given back after an attack (glibc's malloc_trim, through ctypes) -------
 
 HEAP_TRIM_INTERVAL_S = 10.0
@@ -9296,8 +9315,10 @@ async def serve_until_stopped(cfg):
 async def serve(cfg):
     """The server, its log lines on stderr written without waiting (StderrNoWait) until it stopped."""
     global LOG_SINK
+    original = sys.stderr
     try:
         LOG_SINK = StderrNoWait(asyncio.get_running_loop())
+        sys.stderr = StderrText(LOG_SINK, original)
     except OSError as e:                       # no stderr at all: log_line's plain writes
         log("stderr cannot be checked; log lines are written with waits", error=e.strerror)
     if LOG_SINK is not None and LOG_SINK.waits:
@@ -9305,7 +9326,7 @@ async def serve(cfg):
     try:
         await serve_until_stopped(cfg)
     finally:
-        sink, LOG_SINK = LOG_SINK, None
+        sink, LOG_SINK, sys.stderr = LOG_SINK, None, original
         if sink is not None:
             sink.close()
 

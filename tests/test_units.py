@@ -1070,3 +1070,30 @@ def test_the_heap_trim_runs_beside_the_loop_not_on_it(monkeypatch):
         return ticks
     assert asyncio.run(ticks_during_a_trim()) >= 10
     assert threading.get_ident() not in trims
+
+
+def test_what_python_writes_to_stderr_while_serving_takes_the_same_path(tmp_path):
+    """A warning or a traceback (the asyncio exception handler's) written to sys.stderr goes
+    through StderrNoWait as log lines do; the rest of the stream's attributes are the original's."""
+    loop = asyncio.new_event_loop()
+    r, w = os.pipe()
+    fcntl.fcntl(w, F_SETPIPE_SZ, 4096)
+    os.set_blocking(r, False)
+    try:
+        sink = cbox.StderrNoWait(loop, fd=w)
+        text = cbox.StderrText(sink, sys.__stderr__)
+        for i in range(200):                               # ~20 kB into a 4 kB pipe nobody reads
+            print(f"Traceback line {i:03d} " + "y" * 80, file=text)
+        assert sink.backlog and text.fileno() == sys.__stderr__.fileno()
+        got = drain_into(loop, sink, lambda: os.read(r, 1 << 20) if select_readable(r) else b"")
+        assert got.decode().splitlines() == [f"Traceback line {i:03d} " + "y" * 80 for i in range(200)]
+        sink.close()
+    finally:
+        os.close(r)
+        os.close(w)
+        loop.close()
+
+
+def select_readable(fd):
+    import select
+    return bool(select.select([fd], [], [], 0)[0])
