@@ -699,7 +699,7 @@ METRICS.on_scrape("loop_lag", LOOP_LAG.export)
 # ---- the server's log: stderr, never waited for ----------------------------------
 
 M_LOG_DROPPED = METRICS.counter("cbox_log_lines_dropped_total", "log lines dropped because stderr's reader "
-                                "fell behind (LOG_BACKLOG_BYTES waiting) or stderr failed")
+                                "fell behind by more than 1 MiB, or writing to stderr failed")
 LOG_BACKLOG_BYTES = 1 << 20
 
 
