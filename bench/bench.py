@@ -1538,7 +1538,9 @@ class Bench:
                       f"the same on d0 with {total} running: median {median(same):.2f} ms; first exec on each "
                       f"VM: median {median(first):.2f} ms; straight to the agents (cbox.py not on the path), "
                       f"with {total} running: d0's {median(agent_same):.2f} ms, round robin "
-                      f"{median(agent_rr):.2f} ms ({median(agent_rr) / median(agent_same):.2f}x)",
+                      f"{median(agent_rr):.2f} ms ({median(agent_rr) / median(agent_same):.2f}x); what cbox.py adds "
+                      f"(through it less straight to the agents): d0's {median(same) - median(agent_same):.2f} ms, "
+                      f"round robin {median(lat) - median(agent_rr):.2f} ms",
                 how="POST /exec {\"cmd\":\"true\"} round-robin over all the VMs, 2 passes after a first "
                     "one (each VM's first exec, reported apart); floor: as many execs on the first VM while it "
                     "ran alone; in the notes the same execs sent straight to the agents over the bridge (one "
