@@ -1091,6 +1091,10 @@ CONFIG_KEYS = {
                             "0 = stateful_size_in_mb"),
     "disk_overcommit": (float, 1.0, "a start is refused unless state_dir's free space x this holds what the VMs' "
                                     "sparse disks may still grow to, the new one's included; 0 = not checked"),
+    "vm_disk_mb_per_s": (int, 200, "disk bandwidth of one VM, its disks together, in MiB a second (Cloud "
+                                   "Hypervisor's rate limiter; bursts of up to a second's worth); 0 = no limit"),
+    "vm_disk_ops_per_s": (int, 4000, "disk requests a second of one VM, its disks together; 0 = no limit"),
+    "vm_net_mbit_per_s": (int, 1000, "network bandwidth of one VM, each direction, in Mbit a second; 0 = no limit"),
     "guest_mem_percentage": (int, 50, "all guests together may use at most this % of host memory"),
     "default_vcpus": (int, 1, "vcpus of a VM when the request names none"),
     "max_vcpus": (int, 8, "largest vcpus a request may ask for"),
@@ -1240,6 +1244,9 @@ def check_config(cfg, source):
         bad("disk_overcommit must be 0..1000")
     if cfg.guest_work_units_per_s < 0:
         bad("guest_work_units_per_s must not be negative")
+    for key, most in (("vm_disk_mb_per_s", 1 << 20), ("vm_disk_ops_per_s", 1 << 30), ("vm_net_mbit_per_s", 1 << 23)):
+        if not 0 <= getattr(cfg, key) <= most:
+            bad(f"{key} must be 0 (no limit)..{most}")
     if not 0 <= cfg.pool_size <= cfg.max_vms:
         bad("pool_size must be 0..max_vms")
     if cfg.max_disk_mb and not cfg.stateful_size_in_mb <= cfg.max_disk_mb <= 16 * 1024 * 1024:
@@ -5445,6 +5452,39 @@ class VmActivity:
         return False
 
 
+DISK_LIMIT_GROUP = "disks"      # the rate limit group a VM's disks share (not a device id of vm_create_config's)
+
+
+def token_bucket(per_second):
+    """Cloud Hypervisor's TokenBucketConfig for `per_second` (bytes or requests): a second's
+    worth that refills in a second (rate_limiter/src/lib.rs: the bucket starts full, so a burst
+    of up to a second's worth passes at once); None for 0, no limit."""
+    return {"size": int(per_second), "refill_time": 1000} if per_second else None
+
+
+def rate_limiter_config(bytes_per_s, ops_per_s=0):
+    """A RateLimiterConfig with the buckets that limit something; None when neither does."""
+    buckets = {"bandwidth": token_bucket(bytes_per_s), "ops": token_bucket(ops_per_s)}
+    limits = {name: bucket for name, bucket in buckets.items() if bucket}
+    return limits or None
+
+
+def with_io_limits(config, cfg):
+    """The VM's I/O budgets in its VmConfig, enforced by Cloud Hypervisor: its disks share one
+    rate limit group (vm_disk_mb_per_s, vm_disk_ops_per_s: one budget whatever disk the guest
+    uses), its net device a limiter that Cloud Hypervisor applies to each direction apart
+    (virtio-devices/src/net.rs makes an rx and a tx limiter of the one config)."""
+    disks = rate_limiter_config(cfg.vm_disk_mb_per_s * 1024 * 1024, cfg.vm_disk_ops_per_s)
+    if disks:
+        config["rate_limit_groups"] = [{"id": DISK_LIMIT_GROUP, "rate_limiter_config": disks}]
+        for disk in config["disks"]:
+            disk["rate_limit_group"] = DISK_LIMIT_GROUP
+    net = rate_limiter_config(cfg.vm_net_mbit_per_s * 1_000_000 // 8)
+    if net:
+        for nic in config["net"]:
+            nic["rate_limiter_config"] = net
+
+
 def vm_create_config(vm, gateway, dns):
     """A VM's VmConfig for vm.create (validated against Cloud Hypervisor's OpenAPI in the tests)."""
     cfg = vm.cfg
@@ -5457,7 +5497,7 @@ def vm_create_config(vm, gateway, dns):
     payload = {"kernel": image.kernel, "cmdline": cmdline}
     if image.initramfs:
         payload["initramfs"] = image.initramfs
-    return {
+    config = {
         "payload": payload,
         "cpus": {"boot_vcpus": vm.vcpus, "max_vcpus": vm.vcpus},
         "memory": {"size": vm.memoryMb * 1024 * 1024},
@@ -5475,6 +5515,8 @@ def vm_create_config(vm, gateway, dns):
         "console": {"mode": "Off"},
         "pvpanic": True,
     }
+    with_io_limits(config, cfg)
+    return config
 
 
 def vmm_exit_reason(paths, code):

@@ -507,6 +507,41 @@ def test_vm_config_validates_against_cloud_hypervisor_openapi(tmp_path, chv_sche
     assert any("$.net[0].macc" in e for e in validator.validate(config))
 
 
+@pytest.mark.parametrize("lines, disks, net", [
+    ([], {"bandwidth": {"size": 200 * 1024 * 1024, "refill_time": 1000}, "ops": {"size": 4000, "refill_time": 1000}},
+     {"bandwidth": {"size": 125_000_000, "refill_time": 1000}}),                  # the defaults
+    (["vm_disk_mb_per_s: 0", "vm_disk_ops_per_s: 0", "vm_net_mbit_per_s: 0"], None, None),
+    (["vm_disk_mb_per_s: 0", "vm_net_mbit_per_s: 8"], {"ops": {"size": 4000, "refill_time": 1000}},
+     {"bandwidth": {"size": 1_000_000, "refill_time": 1000}}),
+])
+def test_vm_io_limits_are_cloud_hypervisor_rate_limiters(tmp_path, chv_schema, lines, disks, net):
+    """A VM's disks share one rate limit group (one budget for all of them), its net device
+    has a limiter (Cloud Hypervisor applies it to each direction); a limit of 0 sends no bucket."""
+    import fake_chv
+    cfg = cbox.load_config(write_config(tmp_path, lines))
+    manager = cbox.VMManager(cfg, network=None)
+    vm = cbox.VM(cfg, vmName="v1", ip="10.20.1.2/24", tapDeviceName="cbt3", cid=3, vcpus=1, memoryMb=256,
+                 mac=cbox.mac_for("10.20.1.2"))
+    vm.boot_image = cbox.Images(cfg).get("default")
+    config = cbox.vm_create_config(vm, manager.booter.gateway, manager.booter.dns)
+    assert fake_chv.SchemaValidator.load(chv_schema).validate(config) == []
+    assert fake_chv.semantic_errors(config) == []
+    groups = config.get("rate_limit_groups")
+    if disks is None:
+        assert groups is None and not any("rate_limit_group" in d for d in config["disks"])
+    else:
+        assert groups == [{"id": "disks", "rate_limiter_config": disks}]
+        assert [d["rate_limit_group"] for d in config["disks"]] == ["disks", "disks"]
+        assert "disks" not in [d["id"] for d in config["disks"]] + [n["id"] for n in config["net"]]
+    assert config["net"][0].get("rate_limiter_config") == net
+
+
+@pytest.mark.parametrize("line", ["vm_disk_mb_per_s: -1", "vm_net_mbit_per_s: 9000000", "vm_disk_ops_per_s: -5"])
+def test_io_limits_out_of_range_are_config_errors(tmp_path, line):
+    with pytest.raises(cbox.ConfigError, match=line.split(":")[0]):
+        cbox.load_config(write_config(tmp_path, [line]))
+
+
 def test_copy_sparse_keeps_data_and_holes(tmp_path):
     src, dest = tmp_path / "src", tmp_path / "dest"
     with open(src, "wb") as f:
