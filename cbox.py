@@ -721,7 +721,7 @@ class StderrNoWait:
         self.loop, self.limit = loop, backlog_bytes
         self.backlog = bytearray()
         self.dropped = 0
-        self.watching = False
+        self.watching = self.closed = False
         self.lock = threading.Lock()
         self.fd, self.send, self.closer, self.waits = self.open_no_wait(fd)
         self.watchable = self.closer is not None
@@ -781,9 +781,14 @@ class StderrNoWait:
         if not self.watching:
             self.watching = True
             try:
-                self.loop.call_soon_threadsafe(self.loop.add_writer, self.fd, self._drain)
+                self.loop.call_soon_threadsafe(self._start_watching)
             except RuntimeError:          # the loop is closed: close() wrote what it could
                 self.watching = False
+
+    def _start_watching(self):
+        with self.lock:
+            if self.watching and not self.closed:      # (close() may have come first)
+                self.loop.add_writer(self.fd, self._drain)
 
     def _drain(self):
         with self.lock:
@@ -803,6 +808,7 @@ class StderrNoWait:
     def close(self, timeout=1.0):
         """Stop watching; the backlog is written within `timeout` seconds if stderr takes it."""
         with self.lock:
+            self.closed = True
             if self.watching:
                 self.loop.remove_writer(self.fd)
                 self.watching = False

@@ -10,9 +10,10 @@ else skips with the reason, so CI passes without it.
   for a Linux guest, see ../shared/cloud-hypervisor/NOTES.md). cbox.py spawns
   the real VMM; while the start waits for the agent the test checks vmm.ping's
   version, that vm.create and vm.boot accepted cbox's actual VmConfig (vm.info
-  returns it, state Running), that no disk was autodetected (CHV then disables
-  sector-0 writes), that the tap is attached and the vsock socket and cbox's
-  callback listener are bound; then, whether the guest answered or not, that
+  returns it, state Running; its I/O rate limiters included), that no disk was
+  autodetected (CHV then disables sector-0 writes), that the tap is attached
+  and the vsock socket and cbox's callback listener are bound; then, whether
+  the guest answered or not, that
   cbox's teardown (vm.shutdown, vm.delete, vmm.shutdown) ends the VMM and
   leaves nothing behind.
 - test_real_chv_reset_reaches_cbox_through_the_event_monitor: a reset of the
@@ -156,6 +157,12 @@ def test_real_chv_api_lifecycle(cbox_factory):
     assert all(d.get("image_type") == "Raw" for d in disks), disks
     assert config["net"][0]["tap"] == vm["tapDeviceName"] and config["net"][0]["mac"] == vm["mac"]
     assert config["vsock"]["cid"] == vm["cid"]
+    # the I/O caps (config defaults): a group the disks share, a limiter on the net device
+    assert config["rate_limit_groups"] == [{"id": "disks", "rate_limiter_config": {
+        "bandwidth": {"size": 200 << 20, "one_time_burst": None, "refill_time": 1000},
+        "ops": {"size": 4000, "one_time_burst": None, "refill_time": 1000}}}], config.get("rate_limit_groups")
+    assert [d.get("rate_limit_group") for d in disks] == ["disks", "disks"], disks
+    assert config["net"][0]["rate_limiter_config"]["bandwidth"]["size"] == 125_000_000, config["net"]
 
     assert tap_holder(rec, vm["tapDeviceName"]), "the VMM does not hold the VM's tap"
     assert is_socket(run_dir / "vsock.sock"), list(run_dir.iterdir())
