@@ -149,7 +149,10 @@ Error bodies are JSON arrays of strings, outer error first, root cause last:
     400 ["Failed to deserialize JSON", ...]    bad JSON; VmConfig not matching
                                                the schema: one entry per problem,
                                                each starting with its JSON path
-                                               ("$.net[0].macc: unknown field")
+                                               ("$.net[0].macc: unknown field");
+                                               an unknown key inside a
+                                               rate_limiter_config is CHV's own
+                                               400 too (deny_unknown_fields)
     404 ["Error from API", "The VM info is not available", "VM is not created"]
         before vm.create (vm.reboot: "The VM could not reboot", "VM is not
         created"; vm.boot: "The VM could not boot", "VM config is missing")
@@ -168,6 +171,17 @@ Error bodies are JSON arrays of strings, outer error first, root cause last:
         boot_vcpus, no kernel, disk serial over 20 bytes), missing
         kernel/initramfs/firmware/disk file, image_type differing from the
         detected one, existing vsock socket path, busy or unopenable tap
+    500 ["Error from API", "The VM could not boot", "Failed to validate
+        config", cause] for VmConfig::validate's rate limit and id checks
+        (vmm/src/config.rs), cause one of: "Invalid rate-limiter group" (a
+        rate_limit_groups entry with an empty id or neither bandwidth nor ops,
+        a disk's rate_limit_group naming no group, a disk with both
+        rate_limiter_config and rate_limit_group), "Rate limiting is not
+        supported with vhost-user", "Identifier X is not unique" (ids of
+        groups and devices share one name space), "Identifier __x is not
+        invalid" (CHV's text; "__" ids are reserved).  A bucket with size or
+        refill_time 0 is accepted and disabled (rate_limiter/src/lib.rs
+        TokenBucket::new).
     Disks without image_type: CHV's autodetection warnings go to the log; a
     writable one detected raw gets sector-0 writes disabled on CHV v51+ (the
     guest's ext4 goes read-only): the process engine refuses such a boot (500
@@ -181,7 +195,10 @@ a body on a body-less action gets a second message; a request body without
 Content-Type: application/json is a 400 (CHV v53 accepts it); vm.info
 returns the config as sent (CHV fills in defaults); a vm.boot that fails
 leaves the VM Created (CHV v53 keeps the half-built VM: a second vm.boot
-says "VM is already created", vm.shutdown/vm.delete drop it).
+says "VM is already created", vm.shutdown/vm.delete drop it); a
+rate_limit_groups entry without id or rate_limiter_config is a 400 at
+vm.create (the OpenAPI description requires both; CHV defaults them and
+refuses the group at vm.boot, "Invalid rate-limiter group").
 
 Process engine (default)
 ------------------------
@@ -679,6 +696,11 @@ INT_FORMATS = {
 }
 
 
+# CHV structs with #[serde(deny_unknown_fields)] among those a VmConfig holds
+# (virtio-devices/src/lib.rs RateLimiterConfig): serde's own refusal, not a stand-in deviation
+DENY_UNKNOWN_FIELDS = {"RateLimiterConfig"}
+
+
 class SchemaValidator:
     """Checks JSON values against the subset of OpenAPI 3 schema that CHV's
     description uses: $ref, type (integer is not boolean), properties,
@@ -752,6 +774,10 @@ class SchemaValidator:
                     self._check(sub, addl, sub_path, errors, name)
                 elif addl is True:
                     pass
+                elif name in DENY_UNKNOWN_FIELDS:
+                    expected = " or ".join(f"`{p}`" for p in props)
+                    errors.append(f"{sub_path}: unknown field `{key}`, expected {expected} "
+                                  f"(Cloud Hypervisor refuses it too: {name} is deny_unknown_fields)")
                 else:
                     errors.append(f"{sub_path}: unknown field (not in the {name} schema; "
                                   f"Cloud Hypervisor would silently ignore it)")
@@ -838,6 +864,62 @@ def semantic_errors(config):
             # vmm/src/config.rs DiskConfig::validate (ValidationError::InvalidSerialLength)
             errors.append(f"Block device serial length ({len(serial.encode())}) exceeds maximum "
                           f"allowed length ({VIRTIO_BLK_ID_BYTES})")
+    errors += rate_limit_errors(config)
+    errors += identifier_errors(config)
+    return errors
+
+
+INVALID_RATE_LIMITER_GROUP = "Invalid rate-limiter group"        # ValidationError::InvalidRateLimiterGroup
+VHOST_USER_RATE_LIMITER = "Rate limiting is not supported with vhost-user"
+
+
+def rate_limit_errors(config):
+    """vmm/src/config.rs v53: RateLimiterGroupConfig::validate (a non-empty id and
+    at least one bucket; a bucket given with size or refill_time 0 still counts
+    as present), VmConfig::validate (a disk's rate_limit_group must name a group),
+    DiskConfig::validate (rate_limiter_config and rate_limit_group together)."""
+    errors = []
+    groups = config.get("rate_limit_groups") or []
+    for group in groups:
+        limiter = group.get("rate_limiter_config") or {}
+        if not group.get("id") or (limiter.get("bandwidth") is None and limiter.get("ops") is None):
+            errors.append(INVALID_RATE_LIMITER_GROUP)
+    group_ids = {group.get("id") for group in groups}
+    for disk in config.get("disks") or []:
+        limited = disk.get("rate_limiter_config") is not None or disk.get("rate_limit_group") is not None
+        if disk.get("vhost_user") and limited:
+            errors.append(VHOST_USER_RATE_LIMITER)
+        elif disk.get("rate_limit_group") is not None and disk["rate_limit_group"] not in group_ids:
+            errors.append(INVALID_RATE_LIMITER_GROUP)
+        elif disk.get("rate_limiter_config") is not None and disk.get("rate_limit_group") is not None:
+            errors.append(INVALID_RATE_LIMITER_GROUP)
+    for net in config.get("net") or []:
+        if net.get("vhost_user") and net.get("rate_limiter_config") is not None:
+            errors.append(VHOST_USER_RATE_LIMITER)
+    return errors
+
+
+# VmConfig::validate passes these ids to validate_identifier, in this order
+IDENTIFIED_DEVICES = ("rate_limit_groups", "disks", "net", "fs", "generic_vhost_user", "pmem", "rng", "rtc",
+                      "console", "user_devices", "vdpa", "balloon", "devices", "vsock")
+
+
+def identifier_errors(config):
+    """vmm/src/config.rs VmConfig::validate_identifier: every device id (and rate
+    limit group id) is unique across the VmConfig and does not start with "__"
+    (reserved for the ids CHV makes up).  The texts are CHV's, its typo included."""
+    errors, seen = [], set()
+    for key in IDENTIFIED_DEVICES:
+        devices = config.get(key)
+        for device in devices if isinstance(devices, list) else [devices] if devices else []:
+            ident = device.get("id")
+            if ident is None:
+                continue
+            if ident.startswith("__"):
+                errors.append(f"Identifier {ident} is not invalid")
+            elif ident in seen:
+                errors.append(f"Identifier {ident} is not unique")
+            seen.add(ident)
     return errors
 
 

@@ -539,6 +539,77 @@ def test_disk_image_type_and_serial_as_cloud_hypervisor(env, chv_schema):
     assert not getattr(fake_chv.ProcessEngine, "models_sector0_writes", False)
 
 
+def test_rate_limits_validated_as_cloud_hypervisor(env, chv_schema):
+    """CHV v53: an unknown key in a rate_limiter_config is serde's 400 at vm.create
+    (RateLimiterConfig is deny_unknown_fields); the group checks of
+    VmConfig::validate (vmm/src/config.rs) run at vm.boot: 500 "Failed to validate
+    config" with CHV's ValidationError text."""
+    s = env.standin()
+    state = env.dir / "state.img"
+    state.write_bytes(b"\0" * 4096)
+    bucket = {"size": 1 << 20, "refill_time": 1000}
+
+    def config(groups, **stateful):
+        disks = [{"path": str(env.dir / "rootfs.img"), "readonly": True, "image_type": "Raw", "id": "rootfs",
+                  "rate_limit_group": "disks"},
+                 {"path": str(state), "readonly": False, "image_type": "Raw", "id": "stateful", **stateful}]
+        cfg = s.config(net=False, cmdline="cbox.vm=limits", disks=disks)
+        if groups is not None:
+            cfg["rate_limit_groups"] = groups
+        return cfg
+
+    def boot(cfg):
+        assert s.put("vm.create", cfg) == (204, None)
+        result = s.put("vm.boot")
+        if result[0] != 204:
+            assert s.state() == "Created"
+        assert s.put("vm.delete")[0] == 204
+        return result
+
+    def refused(why):
+        return 500, ["Error from API", "The VM could not boot", "Failed to validate config", why]
+
+    group = {"id": "disks", "rate_limiter_config": {"bandwidth": bucket, "ops": {"size": 100, "refill_time": 1000}}}
+    for limiter in ({"bandwidth": dict(bucket, one_time_burst=4096)}, {"ops": {"size": 0, "refill_time": 0}},
+                    {"bandwidth": {"size": 0, "refill_time": 1000}, "ops": bucket}):
+        status, body = s.put("vm.create", config([{"id": "disks", "rate_limiter_config": limiter}],
+                                                 rate_limit_group="disks"))
+        assert status == 204, body
+        assert s.get("vm.info")[1]["config"]["rate_limit_groups"][0]["rate_limiter_config"] == limiter
+        assert s.put("vm.delete")[0] == 204
+    # a limited rootfs in a group, the stateful disk with its own limiter: boots
+    assert boot(config([group], rate_limiter_config={"bandwidth": bucket})) == (204, None)
+
+    for where, cfg in (("$.rate_limit_groups[0].rate_limiter_config.iops",
+                        config([{"id": "disks", "rate_limiter_config": {"bandwidth": bucket, "iops": bucket}}])),
+                       ("$.disks[1].rate_limiter_config.bw",
+                        config([group], rate_limiter_config={"bw": bucket}))):
+        status, body = s.put("vm.create", cfg)
+        assert status == 400 and body[0] == "Failed to deserialize JSON", body
+        assert any(e.startswith(f"{where}: unknown field `{where.rsplit('.', 1)[1]}`, "
+                                "expected `bandwidth` or `ops`") for e in body), body
+        assert s.get("vm.info")[0] == 404                      # nothing stored
+    status, body = s.put("vm.create", config([{"id": "disks", "rate_limiter_config": {"ops": {"size": 5}}}]))
+    assert status == 400 and any(e.startswith("$.rate_limit_groups[0].rate_limiter_config.ops.refill_time: "
+                                              "missing required") for e in body), body
+
+    assert boot(config([{"id": "disks", "rate_limiter_config": {}}])) == refused("Invalid rate-limiter group")
+    assert boot(config([dict(group, id=""), group])) == refused("Invalid rate-limiter group")
+    assert boot(config(None)) == refused("Invalid rate-limiter group")                    # no groups at all
+    assert boot(config([dict(group, id="other")])) == refused("Invalid rate-limiter group")  # unknown group
+    assert boot(config([group], rate_limit_group="disks",
+                       rate_limiter_config={"bandwidth": bucket})) == refused("Invalid rate-limiter group")
+    assert boot(config([group, dict(group, id="__cbox")])) == refused("Identifier __cbox is not invalid")
+    assert boot(config([group, dict(group, id="stateful")])) == refused("Identifier stateful is not unique")
+    assert boot(config([group, group])) == refused("Identifier disks is not unique")
+    cfg = config([group], vhost_user=True, rate_limiter_config={"bandwidth": bucket})
+    del cfg["disks"][1]["path"]
+    cfg["disks"][1]["vhost_socket"] = str(env.dir / "vhost.sock")
+    assert boot(cfg)[1][3:] == ["Rate limiting is not supported with vhost-user"]
+    assert s.put("vmm.shutdown")[0] == 200
+    assert s.wait_exit(5) == 0
+
+
 # ---- booting: network, namespaces, lifecycle -------------------------------------
 
 @pytest.mark.parametrize("relay", ["kernel", "python"])
