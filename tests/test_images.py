@@ -390,6 +390,93 @@ def test_boot_exec_and_stateful_disk(netns, tmp_path, transport, state_first):
     assert out.strip() == "written-in-the-guest", (out, err)
 
 
+def throttle_of(args):
+    """({throttle-group id: {limit: value}}, {disk node: its throttle-group or None}) of QEMU args."""
+    groups, disks = {}, {}
+    for opt, val in zip(args, args[1:]):
+        if opt == "-object" and val.startswith("throttle-group,"):
+            fields = dict(f.split("=", 1) for f in val.split(",")[1:])
+            name = fields.pop("id")
+            groups[name] = {k: int(v) for k, v in fields.items()}
+        elif opt == "-blockdev":
+            node = json.loads(val)
+            disks[node["node-name"]] = node.get("throttle-group")
+        elif opt == "-drive":
+            disks[dict(f.split("=", 1) for f in val.split(",") if "=" in f)["id"]] = None
+    return groups, disks
+
+
+def test_qemu_engine_rate_limits_as_throttle_groups(tmp_path):
+    """CHV's disk rate limiters (vmm/src/device_manager.rs): the disks of one
+    rate_limit_group share its buckets, a disk with its own rate_limiter_config
+    has its own, a bucket with size or refill_time 0 is off.  The QEMU engine
+    gives them QEMU throttle groups (refill rate = size * 1000 / refill_time)."""
+    for name in ("vmlinuz", "a.img", "b.img", "c.img", "d.img"):
+        (tmp_path / name).write_bytes(b"\0" * 4096)
+    disk = lambda name, **kw: {"path": str(tmp_path / name), "readonly": False, "image_type": "Raw", "id": name, **kw}
+    cfg = {"payload": {"kernel": str(tmp_path / "vmlinuz"), "cmdline": "console=ttyS0"},
+           "memory": {"size": 256 << 20},
+           "rate_limit_groups": [{"id": "disks", "rate_limiter_config": {
+               "bandwidth": {"size": 4 << 20, "refill_time": 1000}, "ops": {"size": 50, "refill_time": 250}}},
+               {"id": "unused", "rate_limiter_config": {"ops": {"size": 10, "refill_time": 1000}}}],
+           "disks": [disk("a.img", readonly=True, rate_limit_group="disks"),
+                     disk("b.img", image_type=None, rate_limit_group="disks"),
+                     disk("c.img", rate_limiter_config={"bandwidth": {"size": 1000, "refill_time": 500},
+                                                        "ops": {"size": 0, "refill_time": 1000}}),
+                     disk("d.img", rate_limiter_config={"bandwidth": {"size": 1 << 20, "refill_time": 0}})]}
+    cfg["disks"][1].pop("image_type")
+    groups, disks = throttle_of(QemuEngine(cfg)._args())
+    assert groups == {"rlg-disks": {"x-bps-total": 4 << 20, "x-iops-total": 200},
+                      "rl-disk2": {"x-bps-total": 2000}}
+    assert disks == {"disk0": "rlg-disks", "disk1": "rlg-disks", "disk2": "rl-disk2", "disk3": None}
+    args = QemuEngine(cfg)._args()
+    nodes = [json.loads(v) for o, v in zip(args, args[1:]) if o == "-blockdev"]
+    assert nodes[0]["read-only"] and nodes[0]["file"]["file"]["read-only"]         # the rootfs stays shared
+    assert nodes[1]["file"]["file"]["driver"] == "blkdebug"                        # sector 0 still refused
+    # nothing limited: the args are those of a disk without limits
+    del cfg["rate_limit_groups"]
+    for d in cfg["disks"]:
+        d.pop("rate_limit_group", None), d.pop("rate_limiter_config", None)
+    assert throttle_of(QemuEngine(cfg)._args())[0] == {}
+
+
+def test_rate_limited_stateful_disk_holds_reads_near_the_limit(netns, tmp_path):
+    """A real guest reads its stateful disk (in a rate_limit_group of 4 MiB/s)
+    with O_DIRECT: the throughput stays near the limit (generous bounds: TCG
+    and a busy host only make it slower, the bucket's first second is a burst)."""
+    need_images(KERNEL, INITRAMFS, ROOTFS)
+    need_qemu()
+    need_tool("mke2fs", "e2fsprogs")
+    limit = 4 << 20
+    state = tmp_path / "state.ext4"
+    make_disk(state)
+    tap = unique("cbrl")[:15]
+    netns.bridge_with_tap(tap, f"{HOST_IP}/24")
+    cfg = vm_config(tmp_path, state=state, tap=tap, state_disk={"rate_limit_group": "disks"})
+    cfg["rate_limit_groups"] = [{"id": "disks", "rate_limiter_config": {
+        "bandwidth": {"size": limit, "refill_time": 1000}}}]
+    eng = QemuEngine(cfg, lambda line: None, prefix=netns.prefix)
+    try:
+        eng.start()
+        wait_ready(netns, eng, tmp_path, time.monotonic() + BOOT_TIMEOUT)
+        dev = guest_exec(netns, "for d in vda vdb; do [ $(cat /sys/block/$d/serial) = cbox-state ] && echo $d; "
+                                "done").get("stdout", "").strip()
+        assert dev in ("vda", "vdb"), dev
+        mib = 16
+        res = guest_exec(netns, f"a=$(cat /proc/uptime); dd if=/dev/{dev} of=/dev/null bs=256k "
+                                f"count={mib * 4} iflag=direct 2>/dev/null; b=$(cat /proc/uptime); "
+                                "echo ${a%% *} ${b%% *}", timeout=120)
+        start, end = map(float, res["stdout"].split())
+        rate = (mib << 20) / (end - start)
+        print(f"\nrate-limited read: {mib} MiB in {end - start:.2f}s = {rate / (1 << 20):.2f} MiB/s "
+              f"(limit {limit >> 20} MiB/s, a first burst of up to {limit >> 20} MiB)")
+        # 16 MiB at 4 MiB/s after a burst of at most one bucket: >= 3 s
+        assert rate <= (mib << 20) / 2.5, rate
+        assert rate >= limit / 4, rate
+    finally:
+        eng.stop(5)
+
+
 IMAGES_DIR = OUT / "images"
 # what the image "py" (rootfs/Dockerfile.py, built in CI) adds to the base
 PY_TOOLS = "import numpy, pandas, scipy, matplotlib.pyplot, requests, yaml, openpyxl"
