@@ -57,6 +57,8 @@ while True:
                                   "link": link}).encode() + b"\n")
         elif line.startswith("echo"):
             c.sendall(f.read(int(line.split()[1])))
+        elif line.startswith("send"):
+            c.sendall(bytes(int(line.split()[1])))
         elif line in ("reboot", "poweroff"):
             # reboot(2) in the guest's pid namespace (never in the host's: checked first)
             import ctypes
@@ -696,6 +698,70 @@ def test_boot_network_lifecycle(env, chv_schema, relay):
     log = s.log_file.read_text()
     assert "PUT /api/v1/vm.boot -> 204" in log and "powered off" in log
     assert f"net relay {relay}" in log
+
+
+def test_rate_limiter_as_cloud_hypervisor():
+    """rate_limiter/src/lib.rs semantics, on a clock the test sets: a bucket starts
+    full, refills size per refill_time, one_time_burst is spent first; a frame
+    goes through and then takes one op and its bytes (net_util queue_pair.rs);
+    when a bucket cannot pay, nothing is taken and the limiter refuses everything
+    for 100 ms; a frame larger than the bucket empties it and blocks ratio *
+    refill_time."""
+    limiter = fake_chv.RateLimiter({"bandwidth": {"size": 3000, "refill_time": 1000},
+                                    "ops": {"size": 3, "refill_time": 500}}, now=10.0)
+    assert [limiter.take_frame(1000, 10.0) for _ in range(4)] == [True, True, True, False]   # ops: 3
+    assert limiter.unblocked_at() == pytest.approx(10.1)
+    assert not limiter.take_frame(1, 10.05)                   # blocked: even a frame that would fit
+    assert limiter.take_frame(500, 10.2)                      # 10.2: 1.2 ops and 600 bytes refilled
+    assert not limiter.take_frame(500, 10.2)                  # 0.2 ops: refused before the bytes are asked
+    assert limiter.unblocked_at() == pytest.approx(10.3)
+    assert not limiter.take_frame(1000, 10.45)                # an op; 100 + 750 bytes: too few, none taken
+    assert limiter.take_frame(1000, 10.6)                     # 850 + 450 bytes
+    big = fake_chv.RateLimiter({"bandwidth": {"size": 1000, "refill_time": 1000, "one_time_burst": 500}}, now=0.0)
+    assert big.take_frame(400, 0.0) and big.take_frame(3100, 0.0)   # burst 100 left, then 3000 > size 1000:
+    assert big.unblocked_at() == pytest.approx(2.0)                  # 2000 over the budget -> 2 s blocked
+    off = fake_chv.RateLimiter({"bandwidth": {"size": 0, "refill_time": 1000}, "ops": {"size": 5, "refill_time": 0}},
+                               now=0.0)
+    assert all(off.take_frame(1 << 20, 0.0) for _ in range(100))
+    assert fake_chv.net_rate_limiters({"rate_limiter_config": {"bandwidth": {"size": 0, "refill_time": 1}}}) is None
+    rx, tx = fake_chv.net_rate_limiters({"rate_limiter_config": {"ops": {"size": 1, "refill_time": 1000}}})
+    assert rx is not tx                                       # one limiter per direction
+
+
+def test_net_rate_limit_holds_a_guest_stream_near_the_limit(env, chv_schema):
+    """net[0].rate_limiter_config as CHV applies it: the guest's frames (tx) and
+    the frames to it (rx) each through their own token bucket, frames waiting
+    while it is empty.  The kernel relay cannot limit: the stand-in says so and
+    relays in Python.  Generous bounds: a busy host only slows the stream."""
+    env.bridge()
+    s = env.standin(name="limited")
+    limit = 1 << 20
+    cfg = s.config()
+    cfg["net"][0]["rate_limiter_config"] = {"bandwidth": {"size": limit, "refill_time": 1000}}
+    assert s.put("vm.create", cfg) == (204, None)
+    assert s.put("vm.boot") == (204, None)
+    guest_info(env.ns, s)
+    serial = s.serial.read_text()
+    assert (f"cbox-standin: net: kernel relay unavailable (net[0].rate_limiter_config: tc mirred does not "
+            "limit, the Python relay does), relaying frames in Python") in serial, serial
+    assert "Python relay: tap eth0, read/write in the guest VMM, rx and tx each rate-limited)" in serial, serial
+    size = 4 * limit
+    with env.ns.connect((GUEST_IP, 4031), timeout=30) as c:
+        c.sendall(f"send {size}\n".encode())
+        got, t0 = 0, time.monotonic()
+        while got < size:
+            chunk = c.recv(1 << 20)
+            assert chunk, got
+            got += len(chunk)
+        took = time.monotonic() - t0
+    rate = size / took
+    print(f"\nguest -> host: {size >> 20} MiB in {took:.2f}s = {rate / limit:.2f} x the limit")
+    # the bucket starts full: one second's worth goes at once, the rest at the limit (3 s)
+    assert took >= 2.4, took
+    assert rate >= limit / 8, took
+    assert echo(env.ns, 64 << 10)                             # both ways still work
+    assert s.put("vmm.shutdown")[0] == 200
+    assert s.wait_exit(10) == 0
 
 
 def boot_guest(env, standin):
