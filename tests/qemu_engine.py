@@ -30,7 +30,9 @@ Mapping of the VmConfig:
       second where CHV's bucket starts full (a whole size) and honours
       one_time_burst; the steady rate is the same
   net[0].tap/mac -> -netdev tap,ifname=TAP,script=no,downscript=no +
-      virtio-net (the tap must exist; create it persistent, as for CHV)
+      virtio-net (the tap must exist; create it persistent, as for CHV);
+      net[0].rate_limiter_config is not enforced by this engine (QEMU's tap
+      netdev has no rate limiter; the process engine's Python relay has CHV's)
   serial File -> the console goes to engine.console_fd when the stand-in set
       it (it opened the file), else to serial.file; Null/Off -> discarded;
       Socket -> QEMU's serial is a stdio chardev on the pipes of the stand-in's
