@@ -933,7 +933,7 @@ def identifier_errors(config):
         devices = config.get(key)
         for device in devices if isinstance(devices, list) else [devices] if devices else []:
             ident = device.get("id")
-            if ident is None:
+            if not isinstance(ident, str):
                 continue
             if ident.startswith("__"):
                 errors.append(f"Identifier {ident} is not invalid")
