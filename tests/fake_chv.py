@@ -100,7 +100,7 @@ Environment
     CBOX_STANDIN_RELAY      kernel (default) | python: how the process engine
                             moves net[0]'s frames (see "Process engine");
                             kernel falls back to python when the kernel
-                            refuses the setup
+                            refuses the setup or net[0] is rate-limited
     CBOX_STANDIN_BOOT_FAULT how every boot of this stand-in goes wrong (unset:
                             it does not):
         no-kvm        as CHV without /dev/kvm: at start, before the event
@@ -149,7 +149,10 @@ Error bodies are JSON arrays of strings, outer error first, root cause last:
     400 ["Failed to deserialize JSON", ...]    bad JSON; VmConfig not matching
                                                the schema: one entry per problem,
                                                each starting with its JSON path
-                                               ("$.net[0].macc: unknown field")
+                                               ("$.net[0].macc: unknown field");
+                                               an unknown key inside a
+                                               rate_limiter_config is CHV's own
+                                               400 too (deny_unknown_fields)
     404 ["Error from API", "The VM info is not available", "VM is not created"]
         before vm.create (vm.reboot: "The VM could not reboot", "VM is not
         created"; vm.boot: "The VM could not boot", "VM config is missing")
@@ -168,6 +171,17 @@ Error bodies are JSON arrays of strings, outer error first, root cause last:
         boot_vcpus, no kernel, disk serial over 20 bytes), missing
         kernel/initramfs/firmware/disk file, image_type differing from the
         detected one, existing vsock socket path, busy or unopenable tap
+    500 ["Error from API", "The VM could not boot", "Failed to validate
+        config", cause] for VmConfig::validate's rate limit and id checks
+        (vmm/src/config.rs), cause one of: "Invalid rate-limiter group" (a
+        rate_limit_groups entry with an empty id or neither bandwidth nor ops,
+        a disk's rate_limit_group naming no group, a disk with both
+        rate_limiter_config and rate_limit_group), "Rate limiting is not
+        supported with vhost-user", "Identifier X is not unique" (ids of
+        groups and devices share one name space), "Identifier __x is not
+        invalid" (CHV's text; "__" ids are reserved).  A bucket with size or
+        refill_time 0 is accepted and disabled (rate_limiter/src/lib.rs
+        TokenBucket::new).
     Disks without image_type: CHV's autodetection warnings go to the log; a
     writable one detected raw gets sector-0 writes disabled on CHV v51+ (the
     guest's ext4 goes read-only): the process engine refuses such a boot (500
@@ -181,7 +195,10 @@ a body on a body-less action gets a second message; a request body without
 Content-Type: application/json is a 400 (CHV v53 accepts it); vm.info
 returns the config as sent (CHV fills in defaults); a vm.boot that fails
 leaves the VM Created (CHV v53 keeps the half-built VM: a second vm.boot
-says "VM is already created", vm.shutdown/vm.delete drop it).
+says "VM is already created", vm.shutdown/vm.delete drop it); a
+rate_limit_groups entry without id or rate_limiter_config is a 400 at
+vm.create (the OpenAPI description requires both; CHV defaults them and
+refuses the group at vm.boot, "Invalid rate-limiter group").
 
 Process engine (default)
 ------------------------
@@ -232,10 +249,30 @@ relay: ...)" or "(Python relay: ...)") and so does the log ("net relay ..."):
     Needs veth, clsact (NET_SCH_INGRESS), u32 and mirred in the kernel.  When
     a step fails G undoes the others, writes "cbox-standin: net: kernel relay
     unavailable (<why>), relaying frames in Python" to the console (and the
-    same to the log) and uses the Python relay.
+    same to the log) and uses the Python relay.  With a rate limit on net[0]
+    (below) G does not try it: tc mirred would not limit, so the same line
+    says "(net[0].rate_limiter_config: tc mirred does not limit, the Python
+    relay does)" and the Python relay moves the frames.
   python: eth0 is a tap in the guest netns and G copies every frame between
     the two taps (epoll, os.read/os.write; a frame is dropped when eth0 is
     down or its queue is full, like a NIC).  eth0 goes away with G's fd.
+
+Rate limits (rate_limiter/src/lib.rs, net_util/src/queue_pair.rs,
+virtio-devices/src/net.rs).  net[0].rate_limiter_config gives two limiters,
+rx (frames to the guest) and tx (frames from it), each with the whole config:
+token buckets for bandwidth (bytes) and ops (frames) that start full (plus
+one_time_burst), refill size per refill_time ms and are off when size or
+refill_time is 0.  As in CHV a frame goes through, then takes one op and its
+bytes; when a bucket cannot pay (nothing is taken) the direction stops for
+100 ms, when a frame is larger than the bucket it empties the bucket and the
+direction stops ratio * refill_time.  A stopped direction's frames wait in
+the tap's (rx) or eth0's (tx) queue, they are not dropped by the limiter;
+the queues themselves drop when full, where a CHV guest's virtio queue would
+make its driver wait.  The console line says "rx and tx each rate-limited".
+Disk limits (rate_limit_groups, disks[].rate_limit_group/rate_limiter_config)
+are validated as CHV does but not enforced by the process engine, whose
+guests have no virtio disks; the QEMU engine enforces them (QEMU throttle
+groups, tests/qemu_engine.py).
 
 After kill -9 of S, G dies of PDEATHSIG and nothing undoes the kernel relay:
 the tap keeps its clsact qdisc (cbox.py deletes the tap anyway; a later VMM on
@@ -679,6 +716,11 @@ INT_FORMATS = {
 }
 
 
+# CHV structs with #[serde(deny_unknown_fields)] among those a VmConfig holds
+# (virtio-devices/src/lib.rs RateLimiterConfig): serde's own refusal, not a stand-in deviation
+DENY_UNKNOWN_FIELDS = {"RateLimiterConfig"}
+
+
 class SchemaValidator:
     """Checks JSON values against the subset of OpenAPI 3 schema that CHV's
     description uses: $ref, type (integer is not boolean), properties,
@@ -752,6 +794,10 @@ class SchemaValidator:
                     self._check(sub, addl, sub_path, errors, name)
                 elif addl is True:
                     pass
+                elif name in DENY_UNKNOWN_FIELDS:
+                    expected = " or ".join(f"`{p}`" for p in props)
+                    errors.append(f"{sub_path}: unknown field `{key}`, expected {expected} "
+                                  f"(Cloud Hypervisor refuses it too: {name} is deny_unknown_fields)")
                 else:
                     errors.append(f"{sub_path}: unknown field (not in the {name} schema; "
                                   f"Cloud Hypervisor would silently ignore it)")
@@ -838,6 +884,62 @@ def semantic_errors(config):
             # vmm/src/config.rs DiskConfig::validate (ValidationError::InvalidSerialLength)
             errors.append(f"Block device serial length ({len(serial.encode())}) exceeds maximum "
                           f"allowed length ({VIRTIO_BLK_ID_BYTES})")
+    errors += rate_limit_errors(config)
+    errors += identifier_errors(config)
+    return errors
+
+
+INVALID_RATE_LIMITER_GROUP = "Invalid rate-limiter group"        # ValidationError::InvalidRateLimiterGroup
+VHOST_USER_RATE_LIMITER = "Rate limiting is not supported with vhost-user"
+
+
+def rate_limit_errors(config):
+    """vmm/src/config.rs v53: RateLimiterGroupConfig::validate (a non-empty id and
+    at least one bucket; a bucket given with size or refill_time 0 still counts
+    as present), VmConfig::validate (a disk's rate_limit_group must name a group),
+    DiskConfig::validate (rate_limiter_config and rate_limit_group together)."""
+    errors = []
+    groups = config.get("rate_limit_groups") or []
+    for group in groups:
+        limiter = group.get("rate_limiter_config") or {}
+        if not group.get("id") or (limiter.get("bandwidth") is None and limiter.get("ops") is None):
+            errors.append(INVALID_RATE_LIMITER_GROUP)
+    group_ids = {group.get("id") for group in groups}
+    for disk in config.get("disks") or []:
+        limited = disk.get("rate_limiter_config") is not None or disk.get("rate_limit_group") is not None
+        if disk.get("vhost_user") and limited:
+            errors.append(VHOST_USER_RATE_LIMITER)
+        elif disk.get("rate_limit_group") is not None and disk["rate_limit_group"] not in group_ids:
+            errors.append(INVALID_RATE_LIMITER_GROUP)
+        elif disk.get("rate_limiter_config") is not None and disk.get("rate_limit_group") is not None:
+            errors.append(INVALID_RATE_LIMITER_GROUP)
+    for net in config.get("net") or []:
+        if net.get("vhost_user") and net.get("rate_limiter_config") is not None:
+            errors.append(VHOST_USER_RATE_LIMITER)
+    return errors
+
+
+# VmConfig::validate passes these ids to validate_identifier, in this order
+IDENTIFIED_DEVICES = ("rate_limit_groups", "disks", "net", "fs", "generic_vhost_user", "pmem", "rng", "rtc",
+                      "console", "user_devices", "vdpa", "balloon", "devices", "vsock")
+
+
+def identifier_errors(config):
+    """vmm/src/config.rs VmConfig::validate_identifier: every device id (and rate
+    limit group id) is unique across the VmConfig and does not start with "__"
+    (reserved for the ids CHV makes up).  The texts are CHV's, its typo included."""
+    errors, seen = [], set()
+    for key in IDENTIFIED_DEVICES:
+        devices = config.get(key)
+        for device in devices if isinstance(devices, list) else [devices] if devices else []:
+            ident = device.get("id")
+            if not isinstance(ident, str):
+                continue
+            if ident.startswith("__"):
+                errors.append(f"Identifier {ident} is not invalid")
+            elif ident in seen:
+                errors.append(f"Identifier {ident} is not unique")
+            seen.add(ident)
     return errors
 
 
@@ -1073,12 +1175,120 @@ class _VsockProxy:
         end.peer = None
 
 
-def _relay_loop(tap_fd, eth_fd, vsock_fd, pidfd, init_pid, console_fd=-1):
+class TokenBucket:
+    """rate_limiter/src/lib.rs TokenBucket: starts full (size tokens) plus a
+    one_time_burst spent first; refills size tokens per refill_time ms."""
+
+    def __init__(self, size, one_time_burst, refill_time_ms, now):
+        self.size, self.one_time_burst, self.refill_time_ms = size, one_time_burst, refill_time_ms
+        self.budget, self.last_update = size, now
+
+    def reduce(self, tokens, now):
+        """True (taken), False (not enough budget: nothing taken) or the ratio
+        tokens/size of an over-consumption (more than the bucket holds: the budget
+        is emptied and the caller blocks ratio * refill_time)."""
+        if self.one_time_burst > 0:
+            if self.one_time_burst >= tokens:
+                self.one_time_burst -= tokens
+                self.last_update = now
+                return True
+            tokens -= self.one_time_burst
+            self.one_time_burst = 0
+        elapsed, self.last_update = now - self.last_update, now
+        self.budget = min(self.size, self.budget + elapsed * 1000 * self.size / self.refill_time_ms)
+        if tokens > self.budget:
+            if tokens > self.size:
+                tokens -= self.budget
+                self.budget = 0
+                return tokens / self.size
+            return False
+        self.budget -= tokens
+        return True
+
+
+RATE_LIMITER_TIMER_S = 0.1      # rate_limiter/src/lib.rs REFILL_TIMER_INTERVAL_MS
+
+
+class RateLimiter:
+    """rate_limiter/src/lib.rs RateLimiter for one RateLimiterConfig: a bandwidth
+    and an ops bucket (None when off: size or refill_time 0, TokenBucket::new).
+    A refused consume() arms the 100 ms timer; while it runs every consume()
+    is refused (the device stops taking frames until it fires)."""
+
+    def __init__(self, config, now):
+        self.buckets = {}
+        for kind in ("bandwidth", "ops"):
+            b = config.get(kind) or {}
+            if b.get("size") and b.get("refill_time"):
+                self.buckets[kind] = TokenBucket(b["size"], b.get("one_time_burst") or 0, b["refill_time"], now)
+        self.blocked_until = 0.0
+
+    def consume(self, tokens, kind, now):
+        if now < self.blocked_until:
+            return False
+        bucket = self.buckets.get(kind)
+        if bucket is None:
+            return True
+        result = bucket.reduce(tokens, now)
+        if result is False:
+            self.blocked_until = now + RATE_LIMITER_TIMER_S
+            return False
+        if result is not True:
+            self.blocked_until = now + result * bucket.refill_time_ms / 1000
+        return True
+
+    def take_frame(self, length, now):
+        """net_util/src/queue_pair.rs: the frame has gone through; one op, then its
+        bytes.  False: the limit is reached, take no frame until unblocked_at()."""
+        return self.consume(1, "ops", now) and self.consume(length, "bandwidth", now)
+
+    def unblocked_at(self):
+        return self.blocked_until
+
+
+def net_rate_limiters(net):
+    """(rx, tx) RateLimiters of a NetConfig, or None when it limits nothing:
+    virtio-devices/src/net.rs gives each queue pair two limiters built from the
+    whole rate_limiter_config (frames to the guest, frames from it)."""
+    limiter = net.get("rate_limiter_config") or {}
+    if not any((limiter.get(k) or {}).get("size") and (limiter.get(k) or {}).get("refill_time")
+               for k in ("bandwidth", "ops")):
+        return None
+    now = time.monotonic()
+    return RateLimiter(limiter, now), RateLimiter(limiter, now)
+
+
+def _relay_frames(src, dst, limiter, now):
+    """Move up to 256 frames src -> dst; stops early when limiter (or None)
+    refuses more (the rest wait in src's queue).  Returns True when stopped so."""
+    read, write = os.read, os.write
+    for _ in range(256):
+        try:
+            frame = read(src, 65536)
+        except OSError:
+            break
+        if not frame:
+            break
+        try:
+            write(dst, frame)
+        except OSError:
+            continue   # eth0 down (EIO) or queue full: the frame is dropped, like a NIC
+        if limiter is not None and not limiter.take_frame(len(frame), now()):
+            return True
+    return False
+
+
+def _relay_loop(tap_fd, eth_fd, vsock_fd, pidfd, init_pid, console_fd=-1, limiters=None):
     """Guest VMM main loop: vsock proxy, guest exit, and the frames tap <-> eth0
-    when they go through Python (eth_fd >= 0; -1 with the kernel relay).
+    when they go through Python (eth_fd >= 0; -1 with the kernel relay), each
+    direction held by its RateLimiter when limiters is (rx, tx): a source whose
+    limiter refuses is left out of the poll until its timer ends.
     Returns GUEST_RESET_EXIT when the guest rebooted, GUEST_POWEROFF_EXIT else."""
     ep = select.epoll()
+    direction = {}          # source fd -> (destination fd, its RateLimiter or None)
     if eth_fd >= 0:
+        rx, tx = limiters or (None, None)
+        direction = {tap_fd: (eth_fd, rx), eth_fd: (tap_fd, tx)}
         ep.register(tap_fd, select.EPOLLIN)
         ep.register(eth_fd, select.EPOLLIN)
     ep.register(pidfd, select.EPOLLIN)
@@ -1088,24 +1298,16 @@ def _relay_loop(tap_fd, eth_fd, vsock_fd, pidfd, init_pid, console_fd=-1):
         lsock.setblocking(False)
         ep.register(vsock_fd, select.EPOLLIN)
     proxy = _VsockProxy(ep)
-    read, write, poll = os.read, os.write, ep.poll
+    poll, now = ep.poll, time.monotonic
+    held = {}               # source fd -> when its limiter lets frames through again
     while True:
-        for fd, ev in poll():
-            if fd == tap_fd or fd == eth_fd:
-                dst = eth_fd if fd == tap_fd else tap_fd
-                for _ in range(256):
-                    try:
-                        frame = read(fd, 65536)
-                    except (BlockingIOError, InterruptedError):
-                        break
-                    except OSError:
-                        break
-                    if not frame:
-                        break
-                    try:
-                        write(dst, frame)
-                    except OSError:
-                        pass   # eth0 down (EIO) or queue full: the frame is dropped, like a NIC
+        timeout = max(0.0, min(held.values()) - now()) if held else -1
+        for fd, ev in poll(timeout):
+            if fd in direction:
+                dst, limiter = direction[fd]
+                if _relay_frames(fd, dst, limiter, now):
+                    held[fd] = limiter.unblocked_at()
+                    ep.modify(fd, 0)
             elif fd == pidfd:
                 _, status = os.waitpid(init_pid, 0)
                 return _guest_outcome(status, console_fd)
@@ -1113,6 +1315,10 @@ def _relay_loop(tap_fd, eth_fd, vsock_fd, pidfd, init_pid, console_fd=-1):
                 proxy.accept(lsock)
             else:
                 proxy.event(fd, ev)
+        for fd, until in list(held.items()):
+            if until <= now():
+                del held[fd]
+                ep.modify(fd, select.EPOLLIN)
 
 
 GUEST_POWEROFF_EXIT = 0     # guest VMM exit codes: the guest powered off...
@@ -1315,6 +1521,9 @@ def _unshare_net(net, relay_mode):
     if not net.get("tap") or relay_mode != "kernel":
         unshare(CLONE_NEWNET)
         return None, None
+    if net_rate_limiters(net):
+        unshare(CLONE_NEWNET)
+        return None, "net[0].rate_limiter_config: tc mirred does not limit, the Python relay does"
     try:
         rtnl = Rtnl()            # created here: stays bound to the stand-in's netns
     except OSError as e:
@@ -1390,7 +1599,8 @@ def _net_console_line(net, tap_fd, kernel):
     if kernel is not None:
         return (f"eth0 <-> {net['tap']} (kernel relay: veth {kernel.veth} <-> eth0, "
                 f"tc mirred {net['tap']} <-> {kernel.veth})")
-    return f"eth0 <-> {net['tap']} (Python relay: tap eth0, read/write in the guest VMM)"
+    limited = ", rx and tx each rate-limited" if net_rate_limiters(net) else ""
+    return f"eth0 <-> {net['tap']} (Python relay: tap eth0, read/write in the guest VMM{limited})"
 
 
 def _guest_vmm_run(wr, tap_fd, vsock_fd, console_fd, net, kernel, why_not, argv, env, cmdline):
@@ -1422,7 +1632,8 @@ def _guest_vmm_run(wr, tap_fd, vsock_fd, console_fd, net, kernel, why_not, argv,
     relay = f"kernel {kernel.veth}" if kernel is not None else ("python" if tap_fd >= 0 else "none")
     os.write(wr, f"OK {init_pid} {relay}\n".encode())
     os.close(wr)
-    return _relay_loop(tap_fd, eth_fd, vsock_fd, pidfd, init_pid, console_fd)
+    return _relay_loop(tap_fd, eth_fd, vsock_fd, pidfd, init_pid, console_fd,
+                       net_rate_limiters(net) if eth_fd >= 0 else None)
 
 
 # ---------------------------------------------------------------------------

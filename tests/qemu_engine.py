@@ -19,8 +19,20 @@ Mapping of the VmConfig:
       make_virtio_block_device, "Autodetected Raw image type. Disabling sector
       0 writes.") every write starting at sector 0 fails with an I/O error
       (a blkdebug inject-error rule); image_type other than Raw is refused
+  rate_limit_groups + disks[i].rate_limit_group / rate_limiter_config -> a
+      QEMU throttle group (-object throttle-group, a throttle filter node over
+      the disk): the disks of one rate_limit_group share one group, so one
+      budget, as CHV's device manager shares the group's buckets; a disk's
+      own rate_limiter_config gets a group of its own.  bandwidth -> bps-total,
+      ops -> iops-total, each size * 1000 / refill_time per second; a bucket
+      with size or refill_time 0 is off (CHV's TokenBucket::new) and gives no
+      limit.  Deviation: QEMU's leaky bucket allows a burst of a tenth of a
+      second where CHV's bucket starts full (a whole size) and honours
+      one_time_burst; the steady rate is the same
   net[0].tap/mac -> -netdev tap,ifname=TAP,script=no,downscript=no +
-      virtio-net (the tap must exist; create it persistent, as for CHV)
+      virtio-net (the tap must exist; create it persistent, as for CHV);
+      net[0].rate_limiter_config is not enforced by this engine (QEMU's tap
+      netdev has no rate limiter; the process engine's Python relay has CHV's)
   serial File -> the console goes to engine.console_fd when the stand-in set
       it (it opened the file), else to serial.file; Null/Off -> discarded;
       Socket -> QEMU's serial is a stdio chardev on the pipes of the stand-in's
@@ -211,23 +223,79 @@ def tcg_cmdline(cmdline):
     return " ".join(words + [f"tsc_early_khz={khz}"] + extra)
 
 
-def disk_drive(i, disk):
-    """QEMU's -drive/-blockdev arguments for VmConfig disk i, as CHV would give it."""
+def bucket_rate(bucket):
+    """A TokenBucket's refill rate per second, or None when CHV disables it
+    (rate_limiter/src/lib.rs TokenBucket::new: size 0 or refill_time 0)."""
+    if not bucket or not bucket.get("size") or not bucket.get("refill_time"):
+        return None
+    return max(1, bucket["size"] * 1000 // bucket["refill_time"])
+
+
+def throttle_limits(limiter):
+    """QEMU throttle-group limits for a RateLimiterConfig: bandwidth -> bps-total,
+    ops -> iops-total (a disabled bucket gives none); {} when nothing limits."""
+    limits = {}
+    for bucket, key in (("bandwidth", "bps-total"), ("ops", "iops-total")):
+        rate = bucket_rate((limiter or {}).get(bucket))
+        if rate is not None:
+            limits[key] = rate
+    return limits
+
+
+def disk_throttle_groups(config):
+    """{disk index: (QEMU throttle-group id, limits)} for the limited disks of a
+    VmConfig.  As CHV's device manager (vmm/src/device_manager.rs) does, disks
+    naming a rate_limit_group share that group's buckets (one QEMU throttle group:
+    one budget for all of them) and a disk with its own rate_limiter_config gets
+    a group of its own."""
+    groups = {g.get("id"): g.get("rate_limiter_config") for g in config.get("rate_limit_groups") or []}
+    throttled = {}
+    for i, disk in enumerate(config.get("disks") or []):
+        if disk.get("rate_limit_group") is not None:
+            name, limiter = f"rlg-{disk['rate_limit_group']}", groups.get(disk["rate_limit_group"])
+        else:
+            name, limiter = f"rl-disk{i}", disk.get("rate_limiter_config")
+        limits = throttle_limits(limiter)
+        if limits:
+            throttled[i] = (name, limits)
+    return throttled
+
+
+def throttle_group_objects(throttled):
+    """-object throttle-group arguments, one per group the disks use."""
+    args, seen = [], set()
+    for name, limits in throttled.values():
+        if name not in seen:
+            seen.add(name)
+            args += ["-object", ",".join([f"throttle-group,id={name}"] +
+                                         [f"x-{key}={value}" for key, value in limits.items()])]
+    return args
+
+
+def disk_drive(i, disk, throttle_group=None):
+    """QEMU's -drive/-blockdev arguments for VmConfig disk i, as CHV would give it;
+    throttle_group: the -object throttle-group whose budget the disk's I/O takes
+    from (a throttle filter node on top of the disk's node)."""
     path, ro = disk["path"], bool(disk.get("readonly"))
     image_type = disk.get("image_type", "Unknown")
     if image_type not in ("Raw", "Unknown"):
         raise EngineError(f"disk {disk.get('id') or i}: image_type {image_type}: this engine only opens raw images")
-    if image_type == "Raw" or ro:
+    if (image_type == "Raw" or ro) and throttle_group is None:
         # QEMU's -drive options are split on ','; a doubled ',,' is a literal comma
         return ["-drive", f"id=disk{i},file={path.replace(',', ',,')},format=raw,if=none,"
                           f"cache=writeback{',readonly=on' if ro else ''}"]
-    # CHV autodetects raw and refuses writes at sector 0 (virtio-devices/src/block.rs
-    # check_request -> VIRTIO_BLK_S_IOERR): blkdebug fails every write that covers
-    # byte 0 (event "none" arms the rule when the node opens; errno 5 = EIO)
-    node = {"node-name": f"disk{i}", "driver": "raw", "cache": {"direct": False},
-            "file": {"driver": "blkdebug",
-                     "inject-error": [{"event": "none", "iotype": "write", "sector": 0, "errno": 5}],
-                     "image": {"driver": "file", "filename": path}}}
+    image = {"driver": "file", "filename": path, "read-only": ro}
+    if image_type == "Unknown" and not ro:
+        # CHV autodetects raw and refuses writes at sector 0 (virtio-devices/src/block.rs
+        # check_request -> VIRTIO_BLK_S_IOERR): blkdebug fails every write that covers
+        # byte 0 (event "none" arms the rule when the node opens; errno 5 = EIO)
+        image = {"driver": "blkdebug",
+                 "inject-error": [{"event": "none", "iotype": "write", "sector": 0, "errno": 5}],
+                 "image": image}
+    node = {"node-name": f"disk{i}", "driver": "raw", "cache": {"direct": False}, "read-only": ro, "file": image}
+    if throttle_group is not None:
+        node = {"node-name": f"disk{i}", "driver": "throttle", "throttle-group": throttle_group, "read-only": ro,
+                "file": dict(node, **{"node-name": f"disk{i}-raw"})}
     return ["-blockdev", json.dumps(node)]
 
 
@@ -256,6 +324,7 @@ class QemuEngine:
         self.returncode = None
         self._tmp = None
         self._qmp_path = None
+        self._events_path = None
         self._stderr = []
         self._stderr_thread = None
         self._paused_by_signal = False
@@ -310,6 +379,8 @@ class QemuEngine:
             cmdline = tcg_cmdline(cmdline)
         if cmdline:
             args += ["-append", cmdline]
+        throttled = disk_throttle_groups(c)
+        args += throttle_group_objects(throttled)
         for i, d in enumerate(c.get("disks") or []):
             path = d.get("path")
             if not path or not os.path.exists(path):
@@ -320,7 +391,7 @@ class QemuEngine:
             dev = f"virtio-blk{virtio},drive=disk{i}"
             if d.get("serial"):
                 dev += f",serial={d['serial'].replace(',', ',,')}"
-            args += disk_drive(i, d) + ["-device", dev]
+            args += disk_drive(i, d, throttled.get(i, (None,))[0]) + ["-device", dev]
         for i, n in enumerate(c.get("net") or []):
             tap = n.get("tap")
             if not tap:

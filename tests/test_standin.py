@@ -57,6 +57,8 @@ while True:
                                   "link": link}).encode() + b"\n")
         elif line.startswith("echo"):
             c.sendall(f.read(int(line.split()[1])))
+        elif line.startswith("send"):
+            c.sendall(bytes(int(line.split()[1])))
         elif line in ("reboot", "poweroff"):
             # reboot(2) in the guest's pid namespace (never in the host's: checked first)
             import ctypes
@@ -539,6 +541,77 @@ def test_disk_image_type_and_serial_as_cloud_hypervisor(env, chv_schema):
     assert not getattr(fake_chv.ProcessEngine, "models_sector0_writes", False)
 
 
+def test_rate_limits_validated_as_cloud_hypervisor(env, chv_schema):
+    """CHV v53: an unknown key in a rate_limiter_config is serde's 400 at vm.create
+    (RateLimiterConfig is deny_unknown_fields); the group checks of
+    VmConfig::validate (vmm/src/config.rs) run at vm.boot: 500 "Failed to validate
+    config" with CHV's ValidationError text."""
+    s = env.standin()
+    state = env.dir / "state.img"
+    state.write_bytes(b"\0" * 4096)
+    bucket = {"size": 1 << 20, "refill_time": 1000}
+
+    def config(groups, **stateful):
+        disks = [{"path": str(env.dir / "rootfs.img"), "readonly": True, "image_type": "Raw", "id": "rootfs",
+                  "rate_limit_group": "disks"},
+                 {"path": str(state), "readonly": False, "image_type": "Raw", "id": "stateful", **stateful}]
+        cfg = s.config(net=False, cmdline="cbox.vm=limits", disks=disks)
+        if groups is not None:
+            cfg["rate_limit_groups"] = groups
+        return cfg
+
+    def boot(cfg):
+        assert s.put("vm.create", cfg) == (204, None)
+        result = s.put("vm.boot")
+        if result[0] != 204:
+            assert s.state() == "Created"
+        assert s.put("vm.delete")[0] == 204
+        return result
+
+    def refused(why):
+        return 500, ["Error from API", "The VM could not boot", "Failed to validate config", why]
+
+    group = {"id": "disks", "rate_limiter_config": {"bandwidth": bucket, "ops": {"size": 100, "refill_time": 1000}}}
+    for limiter in ({"bandwidth": dict(bucket, one_time_burst=4096)}, {"ops": {"size": 0, "refill_time": 0}},
+                    {"bandwidth": {"size": 0, "refill_time": 1000}, "ops": bucket}):
+        status, body = s.put("vm.create", config([{"id": "disks", "rate_limiter_config": limiter}],
+                                                 rate_limit_group="disks"))
+        assert status == 204, body
+        assert s.get("vm.info")[1]["config"]["rate_limit_groups"][0]["rate_limiter_config"] == limiter
+        assert s.put("vm.delete")[0] == 204
+    # a limited rootfs in a group, the stateful disk with its own limiter: boots
+    assert boot(config([group], rate_limiter_config={"bandwidth": bucket})) == (204, None)
+
+    for where, cfg in (("$.rate_limit_groups[0].rate_limiter_config.iops",
+                        config([{"id": "disks", "rate_limiter_config": {"bandwidth": bucket, "iops": bucket}}])),
+                       ("$.disks[1].rate_limiter_config.bw",
+                        config([group], rate_limiter_config={"bw": bucket}))):
+        status, body = s.put("vm.create", cfg)
+        assert status == 400 and body[0] == "Failed to deserialize JSON", body
+        assert any(e.startswith(f"{where}: unknown field `{where.rsplit('.', 1)[1]}`, "
+                                "expected `bandwidth` or `ops`") for e in body), body
+        assert s.get("vm.info")[0] == 404                      # nothing stored
+    status, body = s.put("vm.create", config([{"id": "disks", "rate_limiter_config": {"ops": {"size": 5}}}]))
+    assert status == 400 and any(e.startswith("$.rate_limit_groups[0].rate_limiter_config.ops.refill_time: "
+                                              "missing required") for e in body), body
+
+    assert boot(config([{"id": "disks", "rate_limiter_config": {}}])) == refused("Invalid rate-limiter group")
+    assert boot(config([dict(group, id=""), group])) == refused("Invalid rate-limiter group")
+    assert boot(config(None)) == refused("Invalid rate-limiter group")                    # no groups at all
+    assert boot(config([dict(group, id="other")])) == refused("Invalid rate-limiter group")  # unknown group
+    assert boot(config([group], rate_limit_group="disks",
+                       rate_limiter_config={"bandwidth": bucket})) == refused("Invalid rate-limiter group")
+    assert boot(config([group, dict(group, id="__cbox")])) == refused("Identifier __cbox is not invalid")
+    assert boot(config([group, dict(group, id="stateful")])) == refused("Identifier stateful is not unique")
+    assert boot(config([group, group])) == refused("Identifier disks is not unique")
+    cfg = config([group], vhost_user=True, rate_limiter_config={"bandwidth": bucket})
+    del cfg["disks"][1]["path"]
+    cfg["disks"][1]["vhost_socket"] = str(env.dir / "vhost.sock")
+    assert boot(cfg)[1][3:] == ["Rate limiting is not supported with vhost-user"]
+    assert s.put("vmm.shutdown")[0] == 200
+    assert s.wait_exit(5) == 0
+
+
 # ---- booting: network, namespaces, lifecycle -------------------------------------
 
 @pytest.mark.parametrize("relay", ["kernel", "python"])
@@ -625,6 +698,70 @@ def test_boot_network_lifecycle(env, chv_schema, relay):
     log = s.log_file.read_text()
     assert "PUT /api/v1/vm.boot -> 204" in log and "powered off" in log
     assert f"net relay {relay}" in log
+
+
+def test_rate_limiter_as_cloud_hypervisor():
+    """rate_limiter/src/lib.rs semantics, on a clock the test sets: a bucket starts
+    full, refills size per refill_time, one_time_burst is spent first; a frame
+    goes through and then takes one op and its bytes (net_util queue_pair.rs);
+    when a bucket cannot pay, nothing is taken and the limiter refuses everything
+    for 100 ms; a frame larger than the bucket empties it and blocks ratio *
+    refill_time."""
+    limiter = fake_chv.RateLimiter({"bandwidth": {"size": 3000, "refill_time": 1000},
+                                    "ops": {"size": 3, "refill_time": 500}}, now=10.0)
+    assert [limiter.take_frame(1000, 10.0) for _ in range(4)] == [True, True, True, False]   # ops: 3
+    assert limiter.unblocked_at() == pytest.approx(10.1)
+    assert not limiter.take_frame(1, 10.05)                   # blocked: even a frame that would fit
+    assert limiter.take_frame(500, 10.2)                      # 10.2: 1.2 ops and 600 bytes refilled
+    assert not limiter.take_frame(500, 10.2)                  # 0.2 ops: refused before the bytes are asked
+    assert limiter.unblocked_at() == pytest.approx(10.3)
+    assert not limiter.take_frame(1000, 10.45)                # an op; 100 + 750 bytes: too few, none taken
+    assert limiter.take_frame(1000, 10.6)                     # 850 + 450 bytes
+    big = fake_chv.RateLimiter({"bandwidth": {"size": 1000, "refill_time": 1000, "one_time_burst": 500}}, now=0.0)
+    assert big.take_frame(400, 0.0) and big.take_frame(3100, 0.0)   # burst 100 left, then 3000 > size 1000:
+    assert big.unblocked_at() == pytest.approx(2.0)                  # 2000 over the budget -> 2 s blocked
+    off = fake_chv.RateLimiter({"bandwidth": {"size": 0, "refill_time": 1000}, "ops": {"size": 5, "refill_time": 0}},
+                               now=0.0)
+    assert all(off.take_frame(1 << 20, 0.0) for _ in range(100))
+    assert fake_chv.net_rate_limiters({"rate_limiter_config": {"bandwidth": {"size": 0, "refill_time": 1}}}) is None
+    rx, tx = fake_chv.net_rate_limiters({"rate_limiter_config": {"ops": {"size": 1, "refill_time": 1000}}})
+    assert rx is not tx                                       # one limiter per direction
+
+
+def test_net_rate_limit_holds_a_guest_stream_near_the_limit(env, chv_schema):
+    """net[0].rate_limiter_config as CHV applies it: the guest's frames (tx) and
+    the frames to it (rx) each through their own token bucket, frames waiting
+    while it is empty.  The kernel relay cannot limit: the stand-in says so and
+    relays in Python.  Generous bounds: a busy host only slows the stream."""
+    env.bridge()
+    s = env.standin(name="limited")
+    limit = 1 << 20
+    cfg = s.config()
+    cfg["net"][0]["rate_limiter_config"] = {"bandwidth": {"size": limit, "refill_time": 1000}}
+    assert s.put("vm.create", cfg) == (204, None)
+    assert s.put("vm.boot") == (204, None)
+    guest_info(env.ns, s)
+    serial = s.serial.read_text()
+    assert (f"cbox-standin: net: kernel relay unavailable (net[0].rate_limiter_config: tc mirred does not "
+            "limit, the Python relay does), relaying frames in Python") in serial, serial
+    assert "Python relay: tap eth0, read/write in the guest VMM, rx and tx each rate-limited)" in serial, serial
+    size = 4 * limit
+    with env.ns.connect((GUEST_IP, 4031), timeout=30) as c:
+        c.sendall(f"send {size}\n".encode())
+        got, t0 = 0, time.monotonic()
+        while got < size:
+            chunk = c.recv(1 << 20)
+            assert chunk, got
+            got += len(chunk)
+        took = time.monotonic() - t0
+    rate = size / took
+    print(f"\nguest -> host: {size >> 20} MiB in {took:.2f}s = {rate / limit:.2f} x the limit")
+    # the bucket starts full: one second's worth goes at once, the rest at the limit (3 s)
+    assert took >= 2.4, took
+    assert rate >= limit / 8, took
+    assert echo(env.ns, 64 << 10)                             # both ways still work
+    assert s.put("vmm.shutdown")[0] == 200
+    assert s.wait_exit(10) == 0
 
 
 def boot_guest(env, standin):
