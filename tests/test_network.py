@@ -256,3 +256,20 @@ def test_cbox_under_unshare_net_finds_its_own_interfaces(tmp_path):
         server.cleanup()
         ns.close()
         subprocess.run(["rm", "-rf", str(run_dir)])
+
+
+def test_a_vms_network_cap_holds_what_it_sends(cbox_factory):
+    """vm_net_mbit_per_s reaches the hypervisor as a limiter of that many bytes a second (the
+    stand-in's Python relay enforces it as Cloud Hypervisor does): an exec whose answer is
+    ~3 MB takes at least two seconds at 8 Mbit/s (a second's worth passes at once)."""
+    server = cbox_factory(vm_net_mbit_per_s=8).start(env={"CBOX_STANDIN_RELAY": "python"})
+    api = server.api
+    api.start_vm("capped")
+    assert "rx and tx each rate-limited" in api.get("/v1/vms/capped/logs")[1]
+    t0 = time.monotonic()
+    result = api.exec("capped", "yes | head -c 1500000", timeout=120)     # stdout and output: ~3 MB
+    took = time.monotonic() - t0
+    assert result["exitCode"] == 0 and len(result["stdout"]) == 1500000
+    print(f"\n~3 MB answer at 8 Mbit/s: {took:.2f} s")
+    assert took >= 1.5, took
+    assert api.delete("/v1/vms")[0] == 200
