@@ -100,7 +100,8 @@ Environment
     CBOX_STANDIN_RELAY      kernel (default) | python: how the process engine
                             moves net[0]'s frames (see "Process engine");
                             kernel falls back to python when the kernel
-                            refuses the setup or net[0] is rate-limited
+                            refuses the setup; only python enforces net[0]'s
+                            rate_limiter_config
     CBOX_STANDIN_BOOT_FAULT how every boot of this stand-in goes wrong (unset:
                             it does not):
         no-kvm        as CHV without /dev/kvm: at start, before the event
