@@ -1102,6 +1102,8 @@ CONFIG_KEYS = {
     "vm_disk_ops_per_s": (int, 4000, "disk requests a second of one VM, its disks together; 0 = no limit"),
     "vm_net_mbit_per_s": (int, 1000, "network bandwidth of one VM, each direction, in Mbit a second; 0 = no limit"),
     "guest_mem_percentage": (int, 50, "all guests together may use at most this % of host memory"),
+    "vcpu_overcommit": (float, 0.0, "a start is refused unless the VMs' vCPUs, the new one's included, fit in the "
+                                    "host CPUs cbox.py may run on x this; 0 = not checked"),
     "default_vcpus": (int, 1, "vcpus of a VM when the request names none"),
     "max_vcpus": (int, 8, "largest vcpus a request may ask for"),
     "default_memory_mb": (int, 512, "memory of a VM when the request names none"),
@@ -1248,6 +1250,8 @@ def check_config(cfg, source):
             f"({cfg.max_request_bytes}): a body that large could never be received")
     if not 0 <= cfg.disk_overcommit <= 1000:
         bad("disk_overcommit must be 0..1000")
+    if not 0 <= cfg.vcpu_overcommit <= 1000:
+        bad("vcpu_overcommit must be 0..1000")
     if cfg.guest_work_units_per_s < 0:
         bad("guest_work_units_per_s must not be negative")
     for key, most in (("vm_disk_mb_per_s", 1 << 20), ("vm_disk_ops_per_s", 1 << 30), ("vm_net_mbit_per_s", 1 << 23)):
@@ -3675,6 +3679,11 @@ class HostNetwork:
 
 
 # ---- stateful disks and memory --------------------------------------------------
+
+def host_cpus():
+    """The CPUs cbox.py may run on (its affinity, which the hypervisors it starts inherit)."""
+    return len(os.sched_getaffinity(0))
+
 
 def host_memory_mb():
     with open("/proc/meminfo") as f:
@@ -6221,7 +6230,7 @@ class WarmPool:
     A ready VM booted from an earlier build of its image (imageStamp) is not handed out: the
     start that finds it removes it, and the pool refills from the new build.
 
-    What it needs is given when it is made: fits(memory_mb, disk_mb, pool VMs) (Capacity.check:
+    What it needs is given when it is made: fits(vcpus, memory_mb, disk_mb, pool VMs) (Capacity.check:
     ApiError when one more VM does not fit), image_for(name) (Images.for_start: the checked
     image), make_vm(spec, image) and boot(vm, clock) (VmBooter), teardown(vm)
     (VmTeardown), apply_egress(vm) (EgressChanges.apply: its policy in force), and
@@ -6347,7 +6356,7 @@ class WarmPool:
     def has_room(self):
         """Whether one more pool VM fits; when not, lastError says why the pool stays short."""
         try:
-            self.fits(self.cfg.default_memory_mb, self.cfg.stateful_size_in_mb, self.vms())
+            self.fits(self.cfg.default_vcpus, self.cfg.default_memory_mb, self.cfg.stateful_size_in_mb, self.vms())
         except ApiError as e:
             self.last_error = f"no room for a pool VM: {e}"
             return False
@@ -6484,8 +6493,9 @@ class VmRegistry:
 
 
 class Capacity:
-    """Whether one more VM fits on the host: max_vms, guest_mem_percentage of the host's memory
-    and state_dir's free space (disk_overcommit), counting the API's VMs (`vms`, the
+    """Whether one more VM fits on the host: max_vms, the host's CPUs (vcpu_overcommit),
+    guest_mem_percentage of the host's memory and state_dir's free space (disk_overcommit),
+    counting the API's VMs (`vms`, the
     registry's) and the warm pool's (`pool`, given by the caller: the pool asks too). `freed`
     is set whenever a VM's resources are freed (the warm pool waits on it)."""
 
@@ -6511,17 +6521,28 @@ class Capacity:
                                 f"(x disk_overcommit={self.cfg.disk_overcommit:g}) cannot hold the {promised // mib} MiB "
                                 f"the VMs' stateful disks may still grow by and this VM's {size // mib} MiB")
 
+    def check_cpus(self, vcpus, vms):
+        """ApiError 503 unless the VMs' vCPUs and `vcpus` more fit in the host's CPUs x
+        vcpu_overcommit (0: no check)."""
+        if not self.cfg.vcpu_overcommit:
+            return
+        used, cpus = sum(vm.vcpus for vm in vms), host_cpus()
+        if used + vcpus > cpus * self.cfg.vcpu_overcommit:
+            raise ApiError(503, f"not enough CPU: the VMs have {used} vCPUs, {vcpus} more do not fit in "
+                                f"{cpus} host CPUs x vcpu_overcommit={self.cfg.vcpu_overcommit:g}")
+
     def export_disk_metrics(self, pool):
         M_STATE_DIR_FREE.value = free_bytes(self.cfg.path(self.cfg.state_dir))
         M_DISKS_PROMISED.value = self.disk_promised(pool)
 
-    def check(self, memory_mb, disk_mb, pool):
-        """ApiError 503 unless one more VM of memory_mb and disk_mb fits (max_vms,
-        guest_mem_percentage, state_dir's free space: check_disk_room)."""
+    def check(self, vcpus, memory_mb, disk_mb, pool):
+        """ApiError 503 unless one more VM of vcpus, memory_mb and disk_mb fits (max_vms,
+        vcpu_overcommit, guest_mem_percentage, state_dir's free space: check_disk_room)."""
         vms = [*self.vms.values(), *pool]
         if len(vms) >= self.cfg.max_vms:
             raise ApiError(503, f"max_vms ({self.cfg.max_vms}) VMs are running"
                                 + (f" ({len(pool)} of them in the warm pool)" if pool else ""))
+        self.check_cpus(vcpus, vms)
         budget = host_memory_mb() * self.cfg.guest_mem_percentage // 100
         used = sum(vm.memoryMb for vm in vms)
         if used + memory_mb > budget:
@@ -6860,7 +6881,7 @@ class VmStarter:
                 return pooled
             if name in vms:       # taken while a failed claim was torn down
                 raise ApiError(409, f"VM '{name}' already exists")
-            await self.make_room(spec["memoryMb"], spec["diskMb"])
+            await self.make_room(spec["vcpus"], spec["memoryMb"], spec["diskMb"])
             M_VM_STARTS.inc()
             vm = self.booter.new_vm(spec, image)
             vms[name] = vm
@@ -6876,11 +6897,11 @@ class VmStarter:
         EVENTS.publish("vm.started", name, ip=vm.ip, cid=vm.cid, bootMs=round(clock.total_ms(), 1))
         return vm
 
-    async def make_room(self, memory_mb, disk_mb):
+    async def make_room(self, vcpus, memory_mb, disk_mb):
         """Capacity.check, destroying ready warm pool VMs while they are what stands in the way."""
         while True:
             try:
-                return self.capacity.check(memory_mb, disk_mb, self.pool.vms())
+                return self.capacity.check(vcpus, memory_mb, disk_mb, self.pool.vms())
             except ApiError:
                 if not await self.pool.give_up_one():
                     raise

@@ -536,8 +536,9 @@ def test_vm_io_limits_are_cloud_hypervisor_rate_limiters(tmp_path, chv_schema, l
     assert config["net"][0].get("rate_limiter_config") == net
 
 
-@pytest.mark.parametrize("line", ["vm_disk_mb_per_s: -1", "vm_net_mbit_per_s: 9000000", "vm_disk_ops_per_s: -5"])
-def test_io_limits_out_of_range_are_config_errors(tmp_path, line):
+@pytest.mark.parametrize("line", ["vm_disk_mb_per_s: -1", "vm_net_mbit_per_s: 9000000", "vm_disk_ops_per_s: -5",
+                                  "vcpu_overcommit: -1", "vcpu_overcommit: 1001"])
+def test_io_and_cpu_limits_out_of_range_are_config_errors(tmp_path, line):
     with pytest.raises(cbox.ConfigError, match=line.split(":")[0]):
         cbox.load_config(write_config(tmp_path, [line]))
 
