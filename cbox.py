@@ -607,6 +607,9 @@ M_STATE_DIR_FREE = METRICS.gauge("cbox_state_dir_free_bytes", "free space in sta
                                  "f_bavail), read when scraped")
 M_DISKS_PROMISED = METRICS.gauge("cbox_stateful_disks_promised_bytes", "bytes the VMs' sparse stateful disks may "
                                  "still grow by (each its size less what it uses); starts are admitted against it")
+M_VCPUS = METRICS.gauge("cbox_vcpus", "vCPUs of all VMs (the warm pool's included); with vcpu_overcommit set, "
+                       "starts are admitted against cbox_host_cpus x it")
+M_HOST_CPUS = METRICS.gauge("cbox_host_cpus", "CPUs cbox.py and the hypervisors it starts may run on (its affinity)")
 M_POOL_READY = METRICS.gauge("cbox_pool_ready", "warm pool VMs booted and idle, ready to be claimed")
 M_POOL_BOOTING = METRICS.gauge("cbox_pool_booting", "warm pool VMs booting")
 M_POOL_CLAIMS = METRICS.counter("cbox_pool_claims_total", "VM starts answered with a warm pool VM")
@@ -6531,7 +6534,9 @@ class Capacity:
             raise ApiError(503, f"not enough CPU: the VMs have {used} vCPUs, {vcpus} more do not fit in "
                                 f"{cpus} host CPUs x vcpu_overcommit={self.cfg.vcpu_overcommit:g}")
 
-    def export_disk_metrics(self, pool):
+    def export_capacity_metrics(self, pool):
+        M_VCPUS.value = sum(vm.vcpus for vm in [*self.vms.values(), *pool])
+        M_HOST_CPUS.value = host_cpus()
         M_STATE_DIR_FREE.value = free_bytes(self.cfg.path(self.cfg.state_dir))
         M_DISKS_PROMISED.value = self.disk_promised(pool)
 
@@ -7269,8 +7274,8 @@ class VMManager:
         """The API's VMs and the warm pool's."""
         return [*self.vms.values(), *self.pool.vms()]
 
-    def export_disk_metrics(self):
-        self.capacity.export_disk_metrics(self.pool.vms())
+    def export_capacity_metrics(self):
+        self.capacity.export_capacity_metrics(self.pool.vms())
 
     async def shutdown(self):
         """cbox.py is stopping: destroy VMs if configured, else leave them running for the next start."""
@@ -8198,7 +8203,7 @@ class RestServer:
         METRICS.on_scrape("process", refresh_process_metrics)     # here: a server made for its routes only
         METRICS.on_scrape("vms", self.refresh_server_metrics)     # (`cbox.py openapi`) has no manager
         METRICS.on_scrape("pool", self.manager.pool.export_metrics)
-        METRICS.on_scrape("disks", self.manager.export_disk_metrics)
+        METRICS.on_scrape("capacity", self.manager.export_capacity_metrics)
         self.server = await asyncio.start_server(self.connection, self.cfg.host, self.cfg.port,
                                                  limit=MAX_HEAD, reuse_address=True)
         log("serving", url=f"http://{self.cfg.host}:{self.cfg.port}", version=VERSION, commit=build_commit())

@@ -22,6 +22,8 @@ def test_starts_are_admitted_against_the_hosts_cpus(cbox_factory):
     assert answer["error"] == (f"not enough CPU: the VMs have {budget} vCPUs, 1 more do not fit in {cpus} host "
                                f"CPUs x vcpu_overcommit=1.5"), answer
     assert api.get("/v1/vms/one-too-many")[0] == 404          # nothing of it is left
+    metrics = api.get("/v1/metrics")[1]
+    assert f"\ncbox_vcpus {budget}\n" in metrics and f"\ncbox_host_cpus {cpus}\n" in metrics
     assert api.delete("/v1/vms/big")[0] == 200                 # two vCPUs freed: a 2-vCPU VM fits again
     assert start(api, "again", vcpus=3)[0] == 503
     assert start(api, "again", vcpus=2)[0] == 200
