@@ -296,7 +296,7 @@ def test_an_image_a_start_is_using_is_not_removed_before_its_vm_is_listed(tmp_pa
     class Capacity:
         checks = 0
 
-        def check(self, memory_mb, disk_mb, pool):
+        def check(self, vcpus, memory_mb, disk_mb, pool):
             self.checks += 1
             if self.checks == 1:
                 raise cbox.ApiError(503, "no room")
@@ -312,7 +312,7 @@ def test_an_image_a_start_is_using_is_not_removed_before_its_vm_is_listed(tmp_pa
         registry, pool = cbox.VmRegistry(cfg), Pool()
         starter = cbox.VmStarter(registry, Capacity(), Images(), pool, Booter(), None, asyncio.Event())
         keeper = cbox.ImageKeeper(Images(), registry, pool)
-        start = asyncio.ensure_future(starter.start({"vmName": "s", "image": "py", "memoryMb": 64, "diskMb": 0}))
+        start = asyncio.ensure_future(starter.start({"vmName": "s", "image": "py", "vcpus": 1, "memoryMb": 64, "diskMb": 0}))
         await asyncio.wait_for(pool.gave_way.wait(), 5)
         try:
             await keeper.remove("py")
