@@ -4,9 +4,10 @@
 One asyncio program, standard library only (Python 3.10+). Before section 1 come
 the log and the helpers every section uses (within() deadlines, is_decimal,
 fmt_seconds, small file helpers, build_commit: the commit this copy came from, the
-metrics registry METRICS, the loop lag probe, give_memory_back (the C heap's free
-memory returned every 10 s) and the event log EVENTS); every log line's fields pass
-through one escape, log_text. Sections, in order; each uses only what comes before it:
+metrics registry METRICS, the loop lag probe, StderrNoWait (`serve`'s log lines,
+never waiting for stderr's reader), give_memory_back (the C heap's free memory
+returned every 10 s, off the loop) and the event log EVENTS); every log line's fields
+pass through one escape, log_text. Sections, in order; each uses only what comes before it:
 
   1. Config          strict parser for the YAML subset config.yaml uses, typed keys
   2. HTTP            one small HTTP/1.1 implementation: message reading, a
@@ -23,7 +24,7 @@ through one escape, log_text. Sections, in order; each uses only what comes befo
                      (spawn, pidfd watch) and its bounded logs on disk (console, -v log)
   5. Host resources  network (bridge, persistent taps, port isolation, iptables
                      chains, each VM's egress chain), each VM's stateful disk
-                     and the free space of state_dir, host memory
+                     and the free space of state_dir, host memory and CPUs
   6. Allocation      guest IPs, vsock CIDs, tap names, warm pool names
   7. Request         the schemas of request bodies, queries and path parameters (a
      validation      small JSON Schema vocabulary that check_schema runs and
@@ -33,7 +34,8 @@ through one escape, log_text. Sections, in order; each uses only what comes befo
                      before a VM starts from one)
   8. Callback bridge a VM's callback socket: the guest's JSON lines forwarded to
                      its callback URL, every cost budgeted per VM
-  9. VMs             a VM's VmConfig (vm_create_config); how its VMM ended (vmm_exit_reason)
+  9. VMs             a VM's VmConfig (vm_create_config, its I/O rate limiters:
+                     with_io_limits); how its VMM ended (vmm_exit_reason)
                      and why a start failed (start_failure), read from the VMM's exit and
                      logs (stopReason); VM: one VM's life: its record on disk, paths,
                      deadlines and activity, its background execs (BackgroundExecs), VMM
@@ -474,7 +476,8 @@ def build_commit():
 
 
 # =============================================================================
-# Helpers every section uses: metrics (a small Prometheus registry) and events
+# Helpers every section uses: metrics (a small Prometheus registry), the log's
+# stderr, the heap trim and events
 # =============================================================================
 #
 # The hot paths (exec forwarding, callbacks, every REST request) hold their
@@ -6498,9 +6501,9 @@ class VmRegistry:
 class Capacity:
     """Whether one more VM fits on the host: max_vms, the host's CPUs (vcpu_overcommit),
     guest_mem_percentage of the host's memory and state_dir's free space (disk_overcommit),
-    counting the API's VMs (`vms`, the
-    registry's) and the warm pool's (`pool`, given by the caller: the pool asks too). `freed`
-    is set whenever a VM's resources are freed (the warm pool waits on it)."""
+    counting the API's VMs (`vms`, the registry's) and the warm pool's (`pool`, given by the
+    caller: the pool asks too). `freed` is set whenever a VM's resources are freed (the warm
+    pool waits on it)."""
 
     def __init__(self, cfg, vms):
         self.cfg, self.vms = cfg, vms
