@@ -1585,6 +1585,7 @@ PID1_PRELUDE = """set -e
 mount --bind "$T/hostname" /etc/hostname
 mount --bind "$T/resolv.conf" /etc/resolv.conf
 mount -t tmpfs tmpfs /run
+mount -t tmpfs tmpfs /sys/fs/cgroup
 ip link add eth0 type veth peer name peer0
 ip link set peer0 up
 exec "$PY" "$AGENT" --listen 127.0.0.1 --port 4031
@@ -1599,6 +1600,7 @@ def test_pid1_mode_in_namespaces(tmp_path):
     (tmp_path / "hostname").write_text("old\n")
     (tmp_path / "resolv.conf").write_text("")
     before = snapshot_host_files()
+    cgroups_before = sorted(os.listdir("/sys/fs/cgroup"))
     env = dict(os.environ, T=str(tmp_path), PY=PYTHON, AGENT=str(AGENT),
                CBOX_CMDLINE="cbox.vm=pid1vm cbox.ip=10.200.9.2/24 cbox.gw=10.200.9.1 "
                             "cbox.dns=10.200.9.1,10.200.9.3 cbox.callback_port=4099")
@@ -1640,6 +1642,8 @@ def test_pid1_mode_in_namespaces(tmp_path):
         proc.wait(10)
         log.wait_for("powering off: stopped by SIGTERM")
         assert snapshot_host_files() == before
+        # its cgroup tree went to the namespace's own /sys/fs/cgroup (a tmpfs), not the host's
+        assert sorted(os.listdir("/sys/fs/cgroup")) == cgroups_before
     finally:
         kill_pids([proc.pid] + tree)
         proc.wait(5)
