@@ -147,7 +147,7 @@ def assert_only(server, vms):
 
 def exec_ok(api, name, cmd, **fields):
     status, r = api.post(f"/v1/vms/{name}/exec", dict(cmd=cmd, **fields))
-    assert status == 200 and r["exitCode"] == 0, (status, r)
+    assert status == 200 and r["exitCode"] == 0, (status, r.get("stderr"), r.get("error"), r.get("stdout"))
     return r
 
 
