@@ -156,16 +156,10 @@ def log_word(value):
     return text if text.isprintable() and " " not in text and "=" not in text else repr(text)
 
 
-LOG_SINK = None      # while `serve` runs, its StderrNoWait (with the helpers below); else sys.stderr
-
-
 def log_line(msg, extra):
-    """Write log()'s line of `msg` and its fields as text (" k=v ...", printable: as log() makes it)."""
-    line = f"{log_time()} cbox: {msg}{extra}\n"
-    if LOG_SINK is not None:
-        LOG_SINK.write(line.encode("utf-8", "backslashreplace"))
-        return
-    sys.stderr.write(line)
+    """Write log()'s line of `msg` and its fields as text (" k=v ...", printable: as log() makes it)
+    to sys.stderr (while `serve` runs, StderrText: never waiting for its reader)."""
+    sys.stderr.write(f"{log_time()} cbox: {msg}{extra}\n")
     sys.stderr.flush()
 
 
@@ -831,9 +825,9 @@ class StderrNoWait:
 
 
 class StderrText:
-    """sys.stderr while `serve` runs: what Python itself writes there (a warning, the traceback
-    the asyncio exception handler logs) takes StderrNoWait's path too; anything else (fileno,
-    encoding, isatty) is the original stream's."""
+    """sys.stderr while `serve` runs: log lines and what Python itself writes there (a warning,
+    the traceback the asyncio exception handler logs) go through StderrNoWait; anything else
+    (fileno, encoding, isatty) is the original stream's."""
 
     def __init__(self, sink, original):
         self.sink, self.original = sink, original
@@ -9390,20 +9384,20 @@ async def serve_until_stopped(cfg):
 
 
 async def serve(cfg):
-    """The server, its log lines on stderr written without waiting (StderrNoWait) until it stopped."""
-    global LOG_SINK
-    original = sys.stderr
+    """The server, with sys.stderr (its log lines among what goes there) written without
+    waiting (StderrText over StderrNoWait) until it stopped."""
+    original, sink = sys.stderr, None
     try:
-        LOG_SINK = StderrNoWait(asyncio.get_running_loop())
-        sys.stderr = StderrText(LOG_SINK, original)
-    except OSError as e:                       # no stderr at all: log_line's plain writes
+        sink = StderrNoWait(asyncio.get_running_loop())
+        sys.stderr = StderrText(sink, original)
+    except OSError as e:                       # no stderr at all: plain writes
         log("stderr cannot be checked; log lines are written with waits", error=e.strerror)
-    if LOG_SINK is not None and LOG_SINK.waits:
+    if sink is not None and sink.waits:
         log("stderr cannot be reopened to write without waiting; a stalled log reader stalls the server")
     try:
         await serve_until_stopped(cfg)
     finally:
-        sink, LOG_SINK, sys.stderr = LOG_SINK, None, original
+        sys.stderr = original
         if sink is not None:
             sink.close()
 
