@@ -1252,12 +1252,9 @@ def net_rate_limiters(net):
     """(rx, tx) RateLimiters of a NetConfig, or None when it limits nothing:
     virtio-devices/src/net.rs gives each queue pair two limiters built from the
     whole rate_limiter_config (frames to the guest, frames from it)."""
-    limiter = net.get("rate_limiter_config") or {}
-    if not any((limiter.get(k) or {}).get("size") and (limiter.get(k) or {}).get("refill_time")
-               for k in ("bandwidth", "ops")):
-        return None
-    now = time.monotonic()
-    return RateLimiter(limiter, now), RateLimiter(limiter, now)
+    config, now = net.get("rate_limiter_config") or {}, time.monotonic()
+    rx = RateLimiter(config, now)
+    return (rx, RateLimiter(config, now)) if rx.buckets else None
 
 
 def _relay_frames(src, dst, limiter, now):
