@@ -478,14 +478,19 @@ def test_hypervisor_error_text_formats():
     assert cbox.CloudHypervisor.error_text(b"plain failure") == "plain failure"
 
 
-def test_vm_config_validates_against_cloud_hypervisor_openapi(tmp_path, chv_schema):
-    import fake_chv
-    cfg = cbox.load_config(write_config(tmp_path, ['cmdline_extra: "quiet"']))
+def vm_create_config_of(tmp_path, lines, vcpus=1):
+    """(cfg, vm_create_config of a VM "v1" at 10.20.1.2 with CID 3) under a config of `lines`."""
+    cfg = cbox.load_config(write_config(tmp_path, lines))
     manager = cbox.VMManager(cfg, network=None)
-    vm = cbox.VM(cfg, vmName="v1", ip="10.20.1.2/24", tapDeviceName="cbt3", cid=3, vcpus=2, memoryMb=256,
+    vm = cbox.VM(cfg, vmName="v1", ip="10.20.1.2/24", tapDeviceName="cbt3", cid=3, vcpus=vcpus, memoryMb=256,
                  mac=cbox.mac_for("10.20.1.2"))
     vm.boot_image = cbox.Images(cfg).get("default")          # the manager sets it (VmBooter.new_vm)
-    config = cbox.vm_create_config(vm, manager.booter.gateway, manager.booter.dns)
+    return cfg, cbox.vm_create_config(vm, manager.booter.gateway, manager.booter.dns)
+
+
+def test_vm_config_validates_against_cloud_hypervisor_openapi(tmp_path, chv_schema):
+    import fake_chv
+    cfg, config = vm_create_config_of(tmp_path, ['cmdline_extra: "quiet"'], vcpus=2)
     validator = fake_chv.SchemaValidator.load(chv_schema)
     assert validator.validate(config) == []
     assert fake_chv.semantic_errors(config) == []
@@ -518,12 +523,7 @@ def test_vm_io_limits_are_cloud_hypervisor_rate_limiters(tmp_path, chv_schema, l
     """A VM's disks share one rate limit group (one budget for all of them), its net device
     has a limiter (Cloud Hypervisor applies it to each direction); a limit of 0 sends no bucket."""
     import fake_chv
-    cfg = cbox.load_config(write_config(tmp_path, lines))
-    manager = cbox.VMManager(cfg, network=None)
-    vm = cbox.VM(cfg, vmName="v1", ip="10.20.1.2/24", tapDeviceName="cbt3", cid=3, vcpus=1, memoryMb=256,
-                 mac=cbox.mac_for("10.20.1.2"))
-    vm.boot_image = cbox.Images(cfg).get("default")
-    config = cbox.vm_create_config(vm, manager.booter.gateway, manager.booter.dns)
+    _, config = vm_create_config_of(tmp_path, lines)
     assert fake_chv.SchemaValidator.load(chv_schema).validate(config) == []
     assert fake_chv.semantic_errors(config) == []
     groups = config.get("rate_limit_groups")
