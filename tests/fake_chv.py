@@ -97,6 +97,8 @@ Environment
                             (default 0: none; CHV stops the vCPUs without
                             telling the guest, see ProcessEngine.stop)
     CBOX_STANDIN_PASS_ENV   comma list of variable names passed on to the agent
+    CBOX_STANDIN_VCPU_LIMIT 0: a process guest is not held to its boot_vcpus
+                            (default 1: it is; see GuestCpus)
     CBOX_STANDIN_RELAY      kernel (default) | python: how the process engine
                             moves net[0]'s frames (see "Process engine");
                             kernel falls back to python when the kernel
@@ -220,6 +222,19 @@ when another process holds it -> 500), binds vsock.socket, then forks:
 G has PR_SET_PDEATHSIG(SIGKILL) towards S, I towards G, and I is the init of
 the guest's pid namespace, so when I dies the kernel kills every process of
 the guest (even `setsid cmd &`): kill -9 of the stand-in leaks no process.
+
+vCPUs (GuestCpus).  A VM's processes run on its boot_vcpus vCPU threads.  I
+joins a cpu cgroup of its own, cbox-standin-<S's pid> at the top of the cpu
+hierarchy (v1 cpu.cfs_quota_us / cpu.shares, v2 cpu.max / cpu.weight), before
+it starts the agent: the guest gets at most boot_vcpus CPUs (per 20 ms) and
+the weight of boot_vcpus threads against the host's other processes; G (the
+relay, the vsock proxy) stays outside, as CHV's device threads run beside the
+vCPUs.  The console says "cbox-standin: cpus: N vCPU(s): the guest's
+processes held to N CPU(s) (cpu cgroup <dir>)" or "NOT held (<why>)".  Under
+`ip netns exec` (the tests) the host's cgroup mounts are hidden; S then mounts
+the same hierarchy at /run/cbox-standin/cpu in that mount namespace.  S
+removes the cgroup once the guest is gone; one whose stand-in died is removed
+when the next guest starts.
 
 Guest network (net[0]).  G keeps the tap's fd for the VM's life (carrier up,
 EBUSY for another VMM); the guest gets an `eth0` with MAC net[0].mac and MTU
@@ -367,6 +382,7 @@ Engine interface (CBOX_STANDIN_ENGINE=qemu loads tests/qemu_engine.py:QemuEngine
 """
 import contextlib
 import copy
+import errno
 import ctypes
 import fcntl
 import importlib
@@ -1338,10 +1354,13 @@ def _guest_outcome(status, console_fd):
     return GUEST_POWEROFF_EXIT
 
 
-def _guest_init_main(console_fd, argv, env, close_fds):
-    """pid 1 of the guest's pid namespace: start the agent, reap, forward SIGTERM."""
+def _guest_init_main(console_fd, argv, env, close_fds, cpus=None):
+    """pid 1 of the guest's pid namespace: join the guest's vCPUs (GuestCpus), start the
+    agent, reap, forward SIGTERM."""
     set_pdeathsig(signal.SIGKILL)
     set_comm("cbox-guest-init")
+    if cpus is not None:
+        cpus.join(console_fd)
     for fd in close_fds:
         if fd >= 0:
             try:
@@ -1553,7 +1572,7 @@ def _make_guest_tap(net):
 
 
 def _guest_vmm_main(parent, wr, tap_fd, vsock_fd, console_fd, net, relay_mode, argv, env, cmdline,
-                    console_in_fd=-1):
+                    console_in_fd=-1, cpus=None):
     """First child of the stand-in: becomes the guest's VMM side."""
     set_pdeathsig(signal.SIGKILL)
     if os.getppid() != parent:
@@ -1583,7 +1602,7 @@ def _guest_vmm_main(parent, wr, tap_fd, vsock_fd, console_fd, net, relay_mode, a
         os.dup2(devnull, console_in_fd, inheritable=False)
     kernel, why_not = _unshare_net(net if tap_fd >= 0 else {}, relay_mode)
     try:
-        return _guest_vmm_run(wr, tap_fd, vsock_fd, console_fd, net, kernel, why_not, argv, env, cmdline)
+        return _guest_vmm_run(wr, tap_fd, vsock_fd, console_fd, net, kernel, why_not, argv, env, cmdline, cpus)
     finally:
         if kernel is not None:
             kernel.stop()    # before the tap fd is released: no other VMM can hold the tap yet
@@ -1601,7 +1620,7 @@ def _net_console_line(net, tap_fd, kernel):
     return f"eth0 <-> {net['tap']} (Python relay: tap eth0, read/write in the guest VMM{limited})"
 
 
-def _guest_vmm_run(wr, tap_fd, vsock_fd, console_fd, net, kernel, why_not, argv, env, cmdline):
+def _guest_vmm_run(wr, tap_fd, vsock_fd, console_fd, net, kernel, why_not, argv, env, cmdline, cpus=None):
     """The guest VMM, its netns made: UTS and pid namespaces, eth0, init, main loop."""
     unshare(CLONE_NEWUTS | CLONE_NEWPID)
     socket.sethostname("(none)")
@@ -1614,13 +1633,14 @@ def _guest_vmm_run(wr, tap_fd, vsock_fd, console_fd, net, kernel, why_not, argv,
                    f"cbox-standin: Command line: {cmdline}\n"
                    + (f"cbox-standin: {note}\n" if note else "")
                    + f"cbox-standin: net: {_net_console_line(net, tap_fd, kernel)}\n"
-                   f"cbox-standin: Run {' '.join(argv)} as init\n")
+                   + (f"cbox-standin: cpus: {cpus.describe()}\n" if cpus is not None else "")
+                   + f"cbox-standin: Run {' '.join(argv)} as init\n")
     rtnl_fd = kernel.rtnl.fileno() if kernel is not None else -1
     init_pid = os.fork()
     if init_pid == 0:
         code = 70
         try:
-            code = _guest_init_main(console_fd, argv, env, (wr, tap_fd, eth_fd, vsock_fd, rtnl_fd))
+            code = _guest_init_main(console_fd, argv, env, (wr, tap_fd, eth_fd, vsock_fd, rtnl_fd), cpus)
         except BaseException:
             traceback.print_exc()
         finally:
@@ -1632,6 +1652,184 @@ def _guest_vmm_run(wr, tap_fd, vsock_fd, console_fd, net, kernel, why_not, argv,
     os.close(wr)
     return _relay_loop(tap_fd, eth_fd, vsock_fd, pidfd, init_pid, console_fd,
                        net_rate_limiters(net) if eth_fd >= 0 else None)
+
+
+# ---------------------------------------------------------------------------
+# process engine: a guest held to its vCPUs
+
+CPU_PERIOD_US = 20_000      # CFS bandwidth period: a guest over its vCPUs waits at most about this long
+CPU_CGROUP_PREFIX = "cbox-standin-"
+
+
+CPU_MOUNT = Path("/run/cbox-standin/cpu")      # where the stand-in mounts it when it cannot see it
+
+
+def cpu_hierarchy():
+    """(directory, 1 or 2) of the cgroup hierarchy that has the cpu controller, or (None, why not).
+    Where this process's mounts do not show it (`ip netns exec`, which runs the tests'
+    namespaces, remounts /sys and so hides the host's cgroup mounts), the stand-in mounts
+    it at CPU_MOUNT, in the mount namespace it runs in (`ip netns exec` makes one per
+    command): the cpu hierarchy of /proc/self/cgroup (cgroup v1, with its controllers as
+    options, which mounts that same hierarchy again), or cgroup2."""
+    found = _mounted_cpu_hierarchy()
+    if found[0] is not None:
+        return found
+    try:
+        return _mount_cpu_hierarchy()
+    except OSError as e:
+        return None, f"no cgroup hierarchy with the cpu controller is mounted, and mounting one failed: {rust_io(e)}"
+
+
+def _mounted_cpu_hierarchy():
+    try:
+        with open("/proc/self/mounts") as f:
+            entries = [line.split()[:4] for line in f]
+    except OSError as e:
+        return None, f"/proc/self/mounts: {e.strerror}"
+    for _, point, fstype, options in entries:
+        if fstype == "cgroup" and "cpu" in options.split(",") and os.path.isdir(point):
+            return Path(point), 1
+    for _, point, fstype, _ in entries:
+        if fstype == "cgroup2":
+            try:
+                if "cpu" in Path(point, "cgroup.controllers").read_text().split():
+                    return Path(point), 2
+            except OSError:
+                continue
+    return None, "no cgroup hierarchy with the cpu controller is mounted"
+
+
+def _mount_cpu_hierarchy():
+    controllers = None
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _, names, _ = line.rstrip("\n").split(":", 2)
+            if "cpu" in names.split(","):
+                controllers = names
+    CPU_MOUNT.mkdir(parents=True, exist_ok=True)
+    if not os.path.ismount(CPU_MOUNT):
+        fstype, options = ("cgroup", controllers) if controllers else ("cgroup2", "")
+        if _libc.mount(fstype.encode(), str(CPU_MOUNT).encode(), fstype.encode(), 0, options.encode()) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(CPU_MOUNT))
+    if controllers:
+        return CPU_MOUNT, 1
+    if "cpu" in (CPU_MOUNT / "cgroup.controllers").read_text().split():
+        return CPU_MOUNT, 2
+    return None, "cgroup2 has no cpu controller here"
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass
+    return True
+
+
+class GuestCpus:
+    """A process guest held to its boot_vcpus, as a VM's processes are held to its vCPU threads.
+
+    A real guest's processes, however many, run on boot_vcpus vCPU threads, each of which
+    the host schedules like any other thread.  A process guest's are host processes, so
+    without this a guest could take every host CPU and each of its processes would count
+    as a thread of its own (a shell it starts competes with every busy process of every
+    other guest, where a VM's vCPU that wakes from idle is one thread).  So the guest gets
+    a cpu cgroup of its own, at the hierarchy's top (beside cbox.py and the other host
+    processes, as vCPU threads are): quota boot_vcpus CPUs per CPU_PERIOD_US, weight that
+    of boot_vcpus threads (v1 cpu.shares 1024 each, v2 cpu.weight 100 each).  Its init
+    joins it (writes 0 to cgroup.procs) before it starts the agent; the guest VMM (relay,
+    vsock proxy) stays outside, as CHV's device threads run beside the vCPUs.  The
+    directory is removed once the guest is gone; ones whose stand-in died (kill -9) are
+    removed by the next guest that starts.  Where no hierarchy has the cpu controller, or
+    with CBOX_STANDIN_VCPU_LIMIT=0, the guest is not held and its console says so."""
+
+    def __init__(self, vcpus):
+        self.vcpus = max(1, int(vcpus))
+        self.path = None             # the cgroup directory once made
+        self.why_not = None
+
+    def create(self):
+        if (os.environ.get("CBOX_STANDIN_VCPU_LIMIT") or "1").strip() == "0":
+            self.why_not = "CBOX_STANDIN_VCPU_LIMIT=0"
+            return
+        point, version = cpu_hierarchy()
+        if point is None:
+            self.why_not = version
+            return
+        path = point / f"{CPU_CGROUP_PREFIX}{os.getpid()}"
+        quota = self.vcpus * CPU_PERIOD_US
+        try:
+            self._remove_orphans(point)
+            if version == 2:
+                self._enable_cpu_below(point)
+            path.mkdir(exist_ok=True)
+            if version == 1:
+                (path / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
+                (path / "cpu.cfs_quota_us").write_text(str(quota))
+                (path / "cpu.shares").write_text(str(1024 * self.vcpus))
+            else:
+                (path / "cpu.max").write_text(f"{quota} {CPU_PERIOD_US}")
+                (path / "cpu.weight").write_text(str(min(10000, 100 * self.vcpus)))
+        except OSError as e:
+            self.why_not = f"{e.filename}: {e.strerror}" if e.filename else str(e)
+            with contextlib.suppress(OSError):
+                path.rmdir()
+            return
+        self.path = path
+
+    @staticmethod
+    def _enable_cpu_below(point):
+        """cgroup v2: the cpu controller in the top cgroup's subtree_control (the top cgroup may
+        have processes of its own; any other may not)."""
+        if "cpu" not in (point / "cgroup.subtree_control").read_text().split():
+            (point / "cgroup.subtree_control").write_text("+cpu")
+
+    @staticmethod
+    def _remove_orphans(point):
+        for entry in point.iterdir():
+            name = entry.name
+            if name.startswith(CPU_CGROUP_PREFIX) and name[len(CPU_CGROUP_PREFIX):].isdigit():
+                pid = int(name[len(CPU_CGROUP_PREFIX):])
+                if pid != os.getpid() and not _pid_alive(pid):
+                    with contextlib.suppress(OSError):
+                        entry.rmdir()           # EBUSY: something still runs in it
+
+    def describe(self):
+        if self.path is None:
+            return (f"NOT held to {self.vcpus} vCPU(s) ({self.why_not}): the guest's processes may use "
+                    "every host CPU")
+        return f"{self.vcpus} vCPU(s): the guest's processes held to {self.vcpus} CPU(s) (cpu cgroup {self.path})"
+
+    def join(self, console_fd):
+        """In the guest's init: move this process (and so what it starts) into the cgroup."""
+        if self.path is None:
+            return
+        try:
+            (self.path / "cgroup.procs").write_text("0")
+        except OSError as e:
+            _console_write(console_fd, f"cbox-standin: cpus: init could not join {self.path}: {e.strerror}; "
+                                       "the guest's processes may use every host CPU\n")
+
+    def remove(self, timeout=2.0):
+        """Remove the cgroup once the guest's processes are gone (they leave it as they exit)."""
+        if self.path is None:
+            return
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.path.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                if e.errno == errno.EBUSY and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                    continue
+                return                          # left for the next guest's _remove_orphans
+            self.path = None
+            return
 
 
 # ---------------------------------------------------------------------------
@@ -1655,6 +1853,7 @@ class ProcessEngine:
         self.pid = None              # guest VMM process (our child)
         self._vmm_pidfd = None       # readable once it exited
         self.init_pid = None         # guest init (pid 1 of the guest pid ns)
+        self.cpus = None             # GuestCpus: the guest held to boot_vcpus
         self._init_pidfd = None
         self._code = None
         self._paused = False
@@ -1687,6 +1886,9 @@ class ProcessEngine:
         vsock_fd = self.vsock_listener.fileno() if self.vsock_listener is not None else -1
         console_fd = self.console_fd if self.console_fd is not None else -1
         cmdline = (self.config.get("payload") or {}).get("cmdline", "")
+        self.cpus = GuestCpus((self.config.get("cpus") or {}).get("boot_vcpus", 1))
+        self.cpus.create()
+        self.log(f"cpus: {self.cpus.describe()}")
         rd, wr = os.pipe()
         parent = os.getpid()
         try:
@@ -1696,6 +1898,7 @@ class ProcessEngine:
             os.close(wr)
             if tap_fd >= 0:
                 os.close(tap_fd)
+            self.cpus.remove()
             raise EngineError("Cannot fork the guest", rust_io(e)) from None
         if pid == 0:
             code = 70
@@ -1703,7 +1906,7 @@ class ProcessEngine:
                 os.close(rd)
                 code = _guest_vmm_main(parent, wr, tap_fd, vsock_fd, console_fd, net, relay_mode,
                                        self.agent_argv, self.guest_env, cmdline,
-                                       self.console_in_fd if self.console_in_fd is not None else -1)
+                                       self.console_in_fd if self.console_in_fd is not None else -1, self.cpus)
             except BaseException as e:
                 msg = f"{e.strerror}: {e.filename or ''} (os error {e.errno})" if isinstance(e, OSError) and e.errno else repr(e)
                 try:
@@ -1800,6 +2003,8 @@ class ProcessEngine:
     def _reaped(self, code):
         self._code = code
         self._close_vmm_pidfd()
+        if self.cpus is not None:
+            self.cpus.remove()
         if code < 0 and self.host_veth:
             # the guest VMM was killed before it could undo its kernel relay
             remove_kernel_relay(self.tap, self.host_veth)

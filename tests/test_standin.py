@@ -4,6 +4,7 @@ Every stand-in runs inside the per-test network namespace (conftest `netns`),
 with its bridge and persistent tap there too; guest traffic stays inside
 namespaces this test run creates.
 """
+import contextlib
 import http.client
 import json
 import os
@@ -70,6 +71,20 @@ while True:
             c.close()
             print("test-agent: " + line, flush=True)
             ctypes.CDLL(None, use_errno=True).reboot(0x01234567 if line == "reboot" else 0x4321FEDC)
+        elif line.startswith("burn"):
+            # N busy processes for S seconds: the CPU they got, and this process's cgroups
+            import time
+            _, n, secs = line.split()
+            t0 = time.monotonic()
+            busy = [subprocess.Popen(["sh", "-c", "while :; do :; done"]) for _ in range(int(n))]
+            time.sleep(float(secs))
+            for p in busy:
+                p.kill()
+            for p in busy:
+                p.wait()
+            wall, t = time.monotonic() - t0, os.times()
+            c.sendall(json.dumps({"cpu": t.children_user + t.children_system, "wall": wall,
+                                  "cgroup": open("/proc/self/cgroup").read()}).encode() + b"\n")
         elif line.startswith("exit"):
             c.sendall(b"bye\n")
             c.close()
@@ -1505,3 +1520,87 @@ def test_guest_reset_with_network(env, chv_schema):
     assert len(host_veths(env.ns)) == 1 and s.state() == "Running"
     assert s.put("vmm.shutdown")[0] == 200 and s.wait_exit(5) == 0
     assert host_veths(env.ns) == [] and not tap_clsact(env.ns)
+
+
+# ---- vCPUs: a guest held to boot_vcpus -----------------------------------------------------
+
+def cpu_cgroup_or_skip():
+    point, version = fake_chv.cpu_hierarchy()
+    if point is None:
+        pytest.skip(f"no cgroup hierarchy with the cpu controller here ({version})")
+    return point, version
+
+
+def dead_pid():
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_a_guest_is_held_to_its_vcpus(env, chv_schema):
+    """A real guest's processes run on boot_vcpus vCPU threads: two busy processes in a
+    1-vCPU guest get one CPU between them, not two.  The guest's cpu cgroup goes with it,
+    and one a killed stand-in left behind goes when the next guest starts."""
+    point, version = cpu_cgroup_or_skip()
+    orphan = point / f"{fake_chv.CPU_CGROUP_PREFIX}{dead_pid()}"
+    orphan.mkdir()
+    try:
+        s = env.standin(name="cpus")
+        assert s.put("vm.create", s.config(net=False, cmdline="cbox.vm=cpus"))[0] == 204
+        assert s.put("vm.boot")[0] == 204
+        path = point / f"{fake_chv.CPU_CGROUP_PREFIX}{s.proc.pid}"
+        burn = json.loads(vsock_command(s, "burn 2 1.5"))
+        assert f"/{path.name}\n" in burn["cgroup"], (burn, s.serial.read_text())
+        # 1 vCPU: at most one CPU's time (a loaded host gives less; without the cgroup,
+        # on two idle CPUs, about 2x)
+        assert burn["cpu"] <= 1.2 * burn["wall"], burn
+        print(f"\n2 busy processes in a 1-vCPU guest: {burn['cpu'] / burn['wall']:.2f} CPUs")
+        if version == 1:
+            assert (path / "cpu.cfs_quota_us").read_text().strip() == str(fake_chv.CPU_PERIOD_US)
+            assert (path / "cpu.shares").read_text().strip() == "1024"
+        else:
+            assert (path / "cpu.max").read_text().split() == [str(fake_chv.CPU_PERIOD_US)] * 2
+        assert not orphan.exists()                      # its stand-in (pid) is dead
+        # the stand-in may see the hierarchy elsewhere (fake_chv.cpu_hierarchy: `ip netns exec` hides /sys's)
+        assert re.search(r"cbox-standin: cpus: 1 vCPU\(s\): the guest's processes held to 1 CPU\(s\) "
+                         rf"\(cpu cgroup /\S+/{path.name}\)\n", s.serial.read_text()), s.serial.read_text()
+        assert s.put("vmm.shutdown")[0] == 200
+        assert s.wait_exit(10) == 0
+        assert not path.exists()
+    finally:
+        with contextlib.suppress(OSError):
+            orphan.rmdir()
+
+
+def test_a_guest_with_two_vcpus_gets_their_weight_and_quota(env, chv_schema):
+    point, version = cpu_cgroup_or_skip()
+    s = env.standin(name="cpus2")
+    cfg = s.config(net=False, cmdline="cbox.vm=cpus2")
+    cfg["cpus"] = {"boot_vcpus": 2, "max_vcpus": 2}
+    assert s.put("vm.create", cfg)[0] == 204
+    assert s.put("vm.boot")[0] == 204
+    assert vsock_command(s, "info").startswith(b"{")
+    path = point / f"{fake_chv.CPU_CGROUP_PREFIX}{s.proc.pid}"
+    if version == 1:
+        assert (path / "cpu.cfs_quota_us").read_text().strip() == str(2 * fake_chv.CPU_PERIOD_US)
+        assert (path / "cpu.shares").read_text().strip() == "2048"
+    else:
+        assert (path / "cpu.max").read_text().split() == [str(2 * fake_chv.CPU_PERIOD_US), str(fake_chv.CPU_PERIOD_US)]
+        assert (path / "cpu.weight").read_text().strip() == "200"
+    [agent] = agent_pids(env.dir)
+    assert f"/{path.name}\n" in Path(f"/proc/{agent}/cgroup").read_text()
+    assert s.put("vmm.shutdown")[0] == 200
+    assert s.wait_exit(10) == 0
+    assert not path.exists()
+
+
+def test_without_the_vcpu_limit_the_console_says_so(env, chv_schema):
+    s = env.standin(name="nocpus", extra_env={"CBOX_STANDIN_VCPU_LIMIT": "0"})
+    assert s.put("vm.create", s.config(net=False, cmdline="cbox.vm=nocpus"))[0] == 204
+    assert s.put("vm.boot")[0] == 204
+    assert vsock_command(s, "info").startswith(b"{")
+    assert ("cbox-standin: cpus: NOT held to 1 vCPU(s) (CBOX_STANDIN_VCPU_LIMIT=0): the guest's processes "
+            "may use every host CPU") in s.serial.read_text()
+    assert not any(p.name == f"{fake_chv.CPU_CGROUP_PREFIX}{s.proc.pid}"
+                   for p in (fake_chv.cpu_hierarchy()[0] or Path("/nonexistent")).glob(f"{fake_chv.CPU_CGROUP_PREFIX}*"))
+    assert s.put("vmm.shutdown")[0] == 200
