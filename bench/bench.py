@@ -723,6 +723,8 @@ class FairLab:
             return hostile.Remote(hostile.UnauthBodies, self.target(), cpus=cpus, clients=n), nothing, nothing
         if kind == "rest queries":
             return hostile.Remote(hostile.RestQueries, self.target(), cpus=cpus, clients=n), nothing, nothing
+        if kind == "busy vCPUs":
+            return hostile.Remote(hostile.BusyVcpus, self.target(), cpus=cpus, vms=vms), nothing, nothing
         raise ValueError(kind)
 
     def kill_execs(self, name):
@@ -2177,11 +2179,13 @@ class Bench:
                                   "once a second a request whose method holds a newline (forged log lines counted)",
         "rest queries": "a client with the token loops GET /v1/vms on one keep-alive connection, with 4,500 "
                         "`label=` filters and 8,000 unknown parameters in turn",
+        "busy vCPUs": "its guest spins 4 processes on its 1 vCPU (one exec of `(while :; do :; done) &` x 4; "
+                      "the stand-in holds a guest to its vCPUs)",
         "huge event lines": "its agent replaced (tests/hostile_agent.py, mode stream_huge), 4 clients loop streamed "
                             "execs that it answers with a start event and 12 stdout event lines of ~50 MB each "
                             "(`{\"seq\":N,\"type\":\"stdout\",\"data\":[1,1,...]}`), then closes",
     }
-    UNPINNED = "callback flood"         # the one class also run unpinned, at the most attackers
+    UNPINNED = ("callback flood", "busy vCPUs")    # also run unpinned, at the most attackers
 
     def hostile_fair_share(self, hold):
         counts = sorted({int(x) for x in (self.args.attackers or self.n("1,10,39", "1,3")).split(",")})
@@ -2234,9 +2238,9 @@ class Bench:
 
     def fair_plan(self, kinds, counts):
         """[(attack, attackers, pinned)] in the order run: each count's attacks but LAST, the
-        unpinned row, then LAST for each count."""
+        unpinned rows, then LAST for each count."""
         plan = [(kind, n, True) for n in counts for kind in kinds if kind != self.LAST]
-        plan.append((self.UNPINNED, max(counts), False))
+        plan += [(kind, max(counts), False) for kind in self.UNPINNED if kind in kinds]
         return plan + [(self.LAST, n, True) for n in counts if self.LAST in kinds]
 
     def fair_row(self, lab, kind, n, hold, settle, idle, cap_mb):
@@ -2356,10 +2360,10 @@ class Bench:
                  f"attackers per class (VMs for the guest attacks, REST clients for the REST ones). Pinned: cbox.py, "
                  f"the healthy VM and the healthy client (this bench process) on CPU {min(near)}, the attacking VMs "
                  f"(stand-in and guest processes) and the attack processes (tests/hostile.py) on CPU {min(far)}; the "
-                 f"unpinned row lets them all run anywhere. The healthy client runs `true` back to back for {hold:g} s "
+                 f"unpinned rows let them all run anywhere. The healthy client runs `true` back to back for {hold:g} s "
                  f"during each attack (after 0.5 s of it; {hold:g} s so that a full `--only hostile` run stays within "
                  f"about 15 minutes) and probes GET /v1/health every 50 ms; idle = the same measure just before, in "
-                 f"the same run. Rows run in the table's order: each count's attacks, the unpinned row, then the "
+                 f"the same run. Rows run in the table's order: each count's attacks, the unpinned rows, then the "
                  f"huge event lines rows (the memory guard may end cbox.py there). cbox.py's RSS: just before, its "
                  f"peak (sampled every 50 ms), "
                  f"and {settle:g} s after the attack ended (attack processes stopped, replaced agents restored, "
@@ -3016,7 +3020,7 @@ def main(argv=None):
     p.add_argument("--attackers", metavar="N,N,...",
                    help="hostile fair share: attackers per class (default 1,10,39; --quick 1,3)")
     p.add_argument("--attacks", metavar="NAME,NAME,...", help="hostile fair share: the attack classes to run "
-                                                              "(default all; the unpinned row runs anyway)")
+                                                              "(default all; callback flood and busy vCPUs also run unpinned)")
     p.add_argument("--settle", type=float, help="hostile fair share: seconds after an attack to read cbox.py's "
                                                 "RSS (default 30, --quick 5)")
     p.add_argument("--rss-cap-mb", type=int, help="hostile fair share: stop an attack when cbox.py's RSS passes "

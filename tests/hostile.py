@@ -434,6 +434,35 @@ class YesStreams(StreamedExecs):
         super().__init__(api, vms, readers, {"cmd": "yes", "timeout": timeout})
 
 
+class BusyVcpus(RestAttack):
+    """Each VM's guest keeps `procs` processes spinning, in one exec started at start() and
+    killed at stop() (DELETE /v1/vms/NAME/exec): a tenant burning every CPU its VM has.  A
+    real guest runs them on its vCPUs; the stand-in holds a process guest to its boot_vcpus
+    (tests/fake_chv.py GuestCpus), so 4 processes in a 1-vCPU guest share one CPU."""
+    name = "busy vCPUs"
+    what = "each attacking VM's guest spins 4 processes on its 1 vCPU"
+
+    def __init__(self, api, vms, procs=4, timeout=600):
+        super().__init__(api)
+        self.vms, self.procs, self.timeout = vms, procs, timeout
+
+    def start(self):
+        spin = "(while :; do :; done) & " * self.procs + "wait"
+        for vm in self.vms:
+            self.drain(self.post_json(f"/v1/vms/{vm}/exec", {"cmd": spin, "blocking": False,
+                                                              "timeout": self.timeout}))
+
+    def stop(self):
+        for vm in self.vms:
+            try:
+                sock = self.connect()
+                sock.sendall(self.head("DELETE", f"/v1/vms/{vm}/exec", close=True))
+                self.drain(sock)
+            except OSError as e:
+                self.count(f"stop {type(e).__name__}")
+        super().stop()
+
+
 FORGED = "cbox-forged-line:"          # starts a log line only when a method's newline reached the log
 
 
@@ -668,7 +697,7 @@ class Sampler:
 # ---- an attack in a process of its own --------------------------------------------------------
 
 SOCKET_ATTACKS = {cls.__name__: cls for cls in (IdleConnections, SlowPipelined, NoReader, BigLines, Flood, BadLines)}
-REST_ATTACKS = {cls.__name__: cls for cls in (BigEventStreams, YesStreams, UnauthBodies, RestQueries)}
+REST_ATTACKS = {cls.__name__: cls for cls in (BigEventStreams, YesStreams, UnauthBodies, RestQueries, BusyVcpus)}
 
 
 class Remote:

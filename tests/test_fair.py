@@ -5,6 +5,7 @@ sleeps, no timing); the tests further down run attacking VMs under the stand-in 
 check correctness (the healthy VM's exec works, memory comes back), never speed.
 """
 import heapq
+import os
 import itertools
 import sys
 from pathlib import Path
@@ -451,3 +452,45 @@ def test_the_scheduler_forgets_vms_that_went_idle():
     sim.greedy("a", 10_000)
     sim.run(1.0)
     assert len(sim.share.finish) < 200
+
+
+def spinning(root):
+    """{pid: CPU seconds so far} of the processes under `root` that run the BusyVcpus loop."""
+    found = {}
+    for pid in hostile.process_tree(root):
+        try:
+            if b"while :; do :; done" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                found[pid] = sum(int(x) for x in stat[stat.rindex(")") + 2:].split()[11:13]) / os.sysconf("SC_CLK_TCK")
+        except OSError:
+            continue
+    return found
+
+
+def test_a_busy_guest_is_held_to_its_vcpu_and_the_healthy_vm_still_works(host, netns):
+    """The bench's "busy vCPUs" attack (hostile.BusyVcpus) through cbox.py: the attacking
+    guest spins 4 processes, which get its 1 vCPU between them (the stand-in holds a guest
+    to boot_vcpus, as a VM is: without it they took both of this machine's CPUs); the
+    healthy VM's exec and callback work meanwhile; stopping the attack ends the spinning."""
+    import fake_chv
+    if fake_chv.cpu_hierarchy()[0] is None:
+        pytest.skip(f"no cgroup hierarchy with the cpu controller: {fake_chv.cpu_hierarchy()[1]}")
+    h = host(1)
+    api = {"ns": f"/run/netns/{netns.name}", "addr": ["127.0.0.1", h.server.settings["port"]], "token": ""}
+    attack = hostile.Remote(hostile.BusyVcpus, api, vms=[vm["vmName"] for vm in h.bad])
+    attack.start()
+    try:
+        assert attack.seen.get("200") == 1, attack.seen
+        wait_for(lambda: sum(spinning(h.pid).values()) > 0, what="the guest's loops to spin")
+        cpu0, t0 = sum(spinning(h.pid).values()), time.monotonic()
+        h.check_good()
+        time.sleep(max(0.0, 2.0 - (time.monotonic() - t0)))
+        cpus = (sum(spinning(h.pid).values()) - cpu0) / (time.monotonic() - t0)
+        print(f"\n4 spinning processes in a 1-vCPU guest: {cpus:.2f} CPUs")
+        assert cpus <= 1.25, cpus
+    finally:
+        attack.stop()
+    assert attack.seen.get("200") == 2, attack.seen          # the exec and the DELETE of its execs
+    wait_for(lambda: not spinning(h.pid), timeout=10, what="the loops to end")
+    h.check_good()
+    assert "Traceback" not in h.server.log()
