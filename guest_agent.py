@@ -2864,6 +2864,11 @@ class AgentServer:
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     log(f"accept: {e}")
                     time.sleep(0.1)
+                elif e.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    # Another holder of the listening socket (guest root can take it over with
+                    # pidfd_getfd) left it non-blocking: wait for connections again, do not spin.
+                    log("accept: the listening socket was made non-blocking; blocking again")
+                    self.listener.setblocking(True)
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=self._serve_connection, args=(sock,), daemon=True).start()

@@ -198,6 +198,7 @@ def main(stop_file, max_seconds):
             threading.Thread(target=serve, args=(conn, stop), daemon=True).start()
     finally:
         stop.set()
+        listener.setblocking(True)  # the server's copy shares the flags: leave it as it was
         listener.close()            # the server keeps its own copy
         os.kill(server, signal.SIGCONT)
     return 0

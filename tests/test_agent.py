@@ -278,6 +278,49 @@ def test_health(agent):
     assert "agent_start=" in agent.log.text() and "uptime=" in agent.log.text()
 
 
+def pidfd_getfd(pidfd, fd):
+    """pidfd_getfd(2): a duplicate of process pidfd's descriptor fd (OSError when it has none)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    new = libc.syscall(438, pidfd, fd, 0)          # SYS_pidfd_getfd
+    if new < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return new
+
+
+def test_a_listening_socket_made_non_blocking_by_another_holder_does_not_make_the_agent_spin(fresh_agent):
+    """Guest root can take the agent's listening socket (pidfd_getfd, as tests/hostile_agent.py
+    does) and make it non-blocking: the flag is the shared file's, so the agent's accept()
+    then failed with EAGAIN at once, in a loop at 100% CPU. It blocks again instead."""
+    pid = fresh_agent.server_pid()
+    pidfd = os.pidfd_open(pid)
+    try:
+        for fd in range(3, 64):
+            try:
+                sock = socket.socket(fileno=pidfd_getfd(pidfd, fd))
+            except OSError:
+                continue
+            with sock:
+                if sock.family == socket.AF_INET and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                    sock.setblocking(False)
+                    break
+        else:
+            pytest.fail("no listening socket found in the agent")
+    finally:
+        os.close(pidfd)
+
+    def cpu_seconds():
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return sum(int(x) for x in stat[stat.rindex(")") + 2:].split()[11:13]) / os.sysconf("SC_CLK_TCK")
+    assert fresh_agent.exec(cmd="echo up")["stdout"] == "up\n"       # it accepts (and wakes to find EAGAIN)
+    before = cpu_seconds()
+    time.sleep(1.0)
+    assert cpu_seconds() - before < 0.3, "the agent spins on accept()"
+    assert fresh_agent.exec(cmd="echo still")["stdout"] == "still\n"
+    fresh_agent.log.wait_for("the listening socket was made non-blocking")
+
+
 @pytest.mark.parametrize("cmd, code, error", [
     ("true", 0, ""), ("false", 1, "exit status 1"), ("echo out; exit 3", 3, "exit status 3")])
 def test_exec_exit_codes(agent, cmd, code, error):
