@@ -62,6 +62,15 @@ def unique(prefix="cbt"):
     return f"{prefix}{uuid.uuid4().hex[:8]}"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_vcpu_cgroups_left():
+    """The stand-ins' vCPU cgroups (fake_chv.GuestCpus) go when their guest ends, or when the
+    next guest starts after a SIGKILL; those of the run's last killed stand-ins go here."""
+    yield
+    import fake_chv
+    fake_chv.remove_orphan_cpu_cgroups()
+
+
 @pytest.fixture
 def netns():
     """A fresh network namespace with lo up; every process in it is killed at the end."""

@@ -1729,6 +1729,14 @@ def _pid_alive(pid):
     return True
 
 
+def remove_orphan_cpu_cgroups():
+    """Remove the vCPU cgroups (GuestCpus) of stand-ins that are gone: at the end of a test
+    run, where the last stand-ins killed with SIGKILL left theirs and no guest starts after."""
+    point, _ = _mounted_cpu_hierarchy()
+    if point is not None:
+        GuestCpus.remove_orphans(point)
+
+
 class GuestCpus:
     """A process guest held to its boot_vcpus, as a VM's processes are held to its vCPU threads.
 
@@ -1743,7 +1751,7 @@ class GuestCpus:
     joins it (writes 0 to cgroup.procs) before it starts the agent; the guest VMM (relay,
     vsock proxy) stays outside, as CHV's device threads run beside the vCPUs.  The
     directory is removed once the guest is gone; ones whose stand-in died (kill -9) are
-    removed by the next guest that starts.  Where no hierarchy has the cpu controller, or
+    removed by the next guest that starts (and at the end of a test run: conftest.py).  Where no hierarchy has the cpu controller, or
     with CBOX_STANDIN_VCPU_LIMIT=0, the guest is not held and its console says so."""
 
     def __init__(self, vcpus):
@@ -1762,7 +1770,7 @@ class GuestCpus:
         path = point / f"{CPU_CGROUP_PREFIX}{os.getpid()}"
         quota = self.vcpus * CPU_PERIOD_US
         try:
-            self._remove_orphans(point)
+            self.remove_orphans(point)
             if version == 2:
                 self._enable_cpu_below(point)
             path.mkdir(exist_ok=True)
@@ -1788,7 +1796,7 @@ class GuestCpus:
             (point / "cgroup.subtree_control").write_text("+cpu")
 
     @staticmethod
-    def _remove_orphans(point):
+    def remove_orphans(point):
         for entry in point.iterdir():
             name = entry.name
             if name.startswith(CPU_CGROUP_PREFIX) and name[len(CPU_CGROUP_PREFIX):].isdigit():
@@ -1827,7 +1835,7 @@ class GuestCpus:
                 if e.errno == errno.EBUSY and time.monotonic() < deadline:
                     time.sleep(0.01)
                     continue
-                return                          # left for the next guest's _remove_orphans
+                return                          # left for the next guest's remove_orphans
             self.path = None
             return
 
