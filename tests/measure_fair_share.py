@@ -15,6 +15,7 @@ import time
 import pytest
 
 import hostile
+from procutil import proc_cpu_seconds
 from test_fair import host  # noqa: F401  (the fixture)
 import test_fair
 
@@ -30,17 +31,11 @@ def latencies(fn, n=40):
     return statistics.median(ts), ts[int(len(ts) * 0.99) - 1]
 
 
-def cpu_seconds(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100
-
-
 def probe(h, label, idle=None):
-    c0, t0 = cpu_seconds(h.pid), time.monotonic()
+    c0, t0 = proc_cpu_seconds(h.pid), time.monotonic()
     exec_ms = latencies(lambda: h.api.exec("good", "true", timeout=30))
     health_ms = latencies(lambda: h.api.get("/v1/health", timeout=30))
-    cpu = (cpu_seconds(h.pid) - c0) / (time.monotonic() - t0)
+    cpu = (proc_cpu_seconds(h.pid) - c0) / (time.monotonic() - t0)
     line = (f"  {label:13s} exec p50 {exec_ms[0]:6.1f} p99 {exec_ms[1]:6.1f} ms | health p50 {health_ms[0]:6.1f} "
             f"p99 {health_ms[1]:6.1f} ms | cbox.py CPU {cpu:4.0%} | loopLagMs {h.health()['loopLagMs']}")
     if idle:

@@ -5,6 +5,7 @@ stderr, wait for a condition with a deadline, stop a process politely then
 by force. conftest.py imports these too; bench/bench.py imports them as it
 imports nsutil.
 """
+import os
 import signal
 import subprocess
 import time
@@ -28,6 +29,13 @@ def wait_for(cond, timeout=10.0, interval=0.02, what="condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def proc_cpu_seconds(pid):
+    """User + system CPU seconds of a process so far (/proc/<pid>/stat); OSError when it is gone."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def proc_state(pid):

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from execstream import AgentApi, check_sequence, joined
-from procutil import proc_state, stop_process, wait_for
+from procutil import proc_cpu_seconds, proc_state, stop_process, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 AGENT = REPO / "guest_agent.py"
@@ -310,13 +310,10 @@ def test_a_listening_socket_made_non_blocking_by_another_holder_does_not_make_th
     finally:
         os.close(pidfd)
 
-    def cpu_seconds():
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return sum(int(x) for x in stat[stat.rindex(")") + 2:].split()[11:13]) / os.sysconf("SC_CLK_TCK")
     assert fresh_agent.exec(cmd="echo up")["stdout"] == "up\n"       # it accepts (and wakes to find EAGAIN)
-    before = cpu_seconds()
+    before = proc_cpu_seconds(pid)
     time.sleep(1.0)
-    assert cpu_seconds() - before < 0.3, "the agent spins on accept()"
+    assert proc_cpu_seconds(pid) - before < 0.3, "the agent spins on accept()"
     assert fresh_agent.exec(cmd="echo still")["stdout"] == "still\n"
     fresh_agent.log.wait_for("the listening socket was made non-blocking")
 

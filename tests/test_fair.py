@@ -5,7 +5,6 @@ sleeps, no timing); the tests further down run attacking VMs under the stand-in 
 check correctness (the healthy VM's exec works, memory comes back), never speed.
 """
 import heapq
-import os
 import itertools
 import sys
 from pathlib import Path
@@ -257,7 +256,7 @@ import time  # noqa: E402
 
 from conftest import Api  # noqa: E402,F401  (fixtures come from conftest)
 from nsutil import CallbackURLServer  # noqa: E402
-from procutil import wait_for  # noqa: E402
+from procutil import proc_cpu_seconds, wait_for  # noqa: E402
 import hostile  # noqa: E402
 
 SHARE = 4 * 1024 * 1024        # guest_work_units_per_s in these tests: well under what the attackers want
@@ -460,8 +459,7 @@ def spinning(root):
     for pid in hostile.process_tree(root):
         try:
             if b"while :; do :; done" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                stat = Path(f"/proc/{pid}/stat").read_text()
-                found[pid] = sum(int(x) for x in stat[stat.rindex(")") + 2:].split()[11:13]) / os.sysconf("SC_CLK_TCK")
+                found[pid] = proc_cpu_seconds(pid)
         except OSError:
             continue
     return found
