@@ -382,8 +382,8 @@ Engine interface (CBOX_STANDIN_ENGINE=qemu loads tests/qemu_engine.py:QemuEngine
 """
 import contextlib
 import copy
-import errno
 import ctypes
+import errno
 import fcntl
 import importlib
 import json
@@ -1659,8 +1659,6 @@ def _guest_vmm_run(wr, tap_fd, vsock_fd, console_fd, net, kernel, why_not, argv,
 
 CPU_PERIOD_US = 20_000      # CFS bandwidth period: a guest over its vCPUs waits at most about this long
 CPU_CGROUP_PREFIX = "cbox-standin-"
-
-
 CPU_MOUNT = Path("/run/cbox-standin/cpu")      # where the stand-in mounts it when it cannot see it
 
 
@@ -1719,16 +1717,6 @@ def _mount_cpu_hierarchy():
     return None, "cgroup2 has no cpu controller here"
 
 
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        pass
-    return True
-
-
 def remove_orphan_cpu_cgroups():
     """Remove the vCPU cgroups (GuestCpus) of stand-ins that are gone: at the end of a test
     run, where the last stand-ins killed with SIGKILL left theirs and no guest starts after."""
@@ -1751,8 +1739,9 @@ class GuestCpus:
     joins it (writes 0 to cgroup.procs) before it starts the agent; the guest VMM (relay,
     vsock proxy) stays outside, as CHV's device threads run beside the vCPUs.  The
     directory is removed once the guest is gone; ones whose stand-in died (kill -9) are
-    removed by the next guest that starts (and at the end of a test run: conftest.py).  Where no hierarchy has the cpu controller, or
-    with CBOX_STANDIN_VCPU_LIMIT=0, the guest is not held and its console says so."""
+    removed by the next guest that starts, and at the end of a test run (conftest.py).
+    Where no hierarchy has the cpu controller, or with CBOX_STANDIN_VCPU_LIMIT=0, the guest
+    is not held and its console says so."""
 
     def __init__(self, vcpus):
         self.vcpus = max(1, int(vcpus))
@@ -1801,7 +1790,7 @@ class GuestCpus:
             name = entry.name
             if name.startswith(CPU_CGROUP_PREFIX) and name[len(CPU_CGROUP_PREFIX):].isdigit():
                 pid = int(name[len(CPU_CGROUP_PREFIX):])
-                if pid != os.getpid() and not _pid_alive(pid):
+                if pid != os.getpid() and proc_state(pid) in (None, "Z", "X"):    # its stand-in is gone
                     with contextlib.suppress(OSError):
                         entry.rmdir()           # EBUSY: something still runs in it
 
