@@ -2185,8 +2185,8 @@ class Bench:
                             "execs that it answers with a start event and 12 stdout event lines of ~50 MB each "
                             "(`{\"seq\":N,\"type\":\"stdout\",\"data\":[1,1,...]}`), then closes",
     }
-    UNPINNED = ("callback flood", "busy vCPUs")    # also run unpinned, at the most attackers
-    RUN_LAST = "busy vCPUs"             # its unpinned row spins every CPU: the table's last row, none after it
+    UNPINNED = "callback flood"         # also run unpinned, at the most attackers, before LAST's rows
+    UNPINNED_LAST = "busy vCPUs"        # also run unpinned, as the table's last row: it spins every CPU
 
     def hostile_fair_share(self, hold):
         counts = sorted({int(x) for x in (self.args.attackers or self.n("1,10,39", "1,3")).split(",")})
@@ -2239,13 +2239,11 @@ class Bench:
 
     def fair_plan(self, kinds, counts):
         """[(attack, attackers, pinned)] in the order run: each count's attacks but LAST, the
-        unpinned rows but RUN_LAST's, LAST for each count, then RUN_LAST's unpinned row."""
+        unpinned UNPINNED row, LAST for each count, then the unpinned UNPINNED_LAST row."""
         plan = [(kind, n, True) for n in counts for kind in kinds if kind != self.LAST]
-        plan += [(kind, max(counts), False) for kind in self.UNPINNED if kind in kinds and kind != self.RUN_LAST]
+        plan += [(self.UNPINNED, max(counts), False)] if self.UNPINNED in kinds else []
         plan += [(self.LAST, n, True) for n in counts if self.LAST in kinds]
-        if self.RUN_LAST in kinds:
-            plan.append((self.RUN_LAST, max(counts), False))
-        return plan
+        return plan + ([(self.UNPINNED_LAST, max(counts), False)] if self.UNPINNED_LAST in kinds else [])
 
     def fair_row(self, lab, kind, n, hold, settle, idle, cap_mb):
         """fair_attack_row(), or when it failed ({"error"} row, the idle figures): the table goes on
@@ -2367,9 +2365,9 @@ class Bench:
                  f"unpinned rows let them all run anywhere. The healthy client runs `true` back to back for {hold:g} s "
                  f"during each attack (after 0.5 s of it; {hold:g} s so that a full `--only hostile` run stays within "
                  f"about 15 minutes) and probes GET /v1/health every 50 ms; idle = the same measure just before, in "
-                 f"the same run. Rows run in the table's order: each count's attacks, the unpinned callback flood, then the "
-                 f"huge event lines rows (the memory guard may end cbox.py there), last the unpinned busy vCPUs (every "
-                 f"CPU spinning: nothing runs after it). cbox.py's RSS: just before, its "
+                 f"the same run. Rows run in the table's order: each count's attacks, the unpinned callback "
+                 f"flood, then the huge event lines rows (the memory guard may end cbox.py there), last the "
+                 f"unpinned busy vCPUs (every CPU spinning: nothing runs after it). cbox.py's RSS: just before, its "
                  f"peak (sampled every 50 ms), "
                  f"and {settle:g} s after the attack ended (attack processes stopped, replaced agents restored, "
                  f"`yes` execs killed). Targets (issue 23): exec p50 <= 2x and p99 <= 3x idle, health p99 < 50 ms, RSS "
