@@ -1108,6 +1108,68 @@ def test_the_heap_trim_runs_beside_the_loop_not_on_it(monkeypatch):
     assert threading.get_ident() not in trims
 
 
+def rounds_of_memory_give_back(rss_per_trim, collect):
+    """MemoryGiveBack's rounds on a fake RSS: rss_per_trim is each round's (before, after) of
+    its trim, in MiB; `collect` stands in for gc.collect. Which rounds collected."""
+    readings = iter([mib << 20 for pair in rss_per_trim for mib in pair])
+    memory = cbox.MemoryGiveBack(lambda pad: None, rss=lambda: next(readings))
+    collected = []
+    for _ in rss_per_trim:
+        before = len(collect.calls)
+        asyncio.run(memory.round())
+        collected.append(len(collect.calls) > before)
+    return collected
+
+
+class CountCalls:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, *args):
+        self.calls.append(args)
+        return 0
+
+
+def test_after_a_trim_that_gives_back_a_burst_the_next_two_rounds_collect_first(monkeypatch):
+    collect = CountCalls()
+    monkeypatch.setattr(cbox.gc, "collect", collect)
+    # quiet, quiet, an attack ends (250 -> 60 MiB), two rounds collect, quiet again
+    assert rounds_of_memory_give_back([(55, 55), (56, 55), (250, 60), (60, 57), (57, 57), (57, 57)], collect) \
+        == [False, False, False, True, True, False]
+    # no burst's end: less than BURST_END (16 MiB) given back, or less than half the RSS
+    # (an attack going on: its memory is in use)
+    collect.calls.clear()
+    assert rounds_of_memory_give_back([(30, 16), (65, 50), (254, 236), (254, 238)], collect) \
+        == [False, False, False, False]
+    # a collecting round whose trim gives back a burst again asks for two more
+    collect.calls.clear()
+    assert rounds_of_memory_give_back([(250, 100), (200, 60), (60, 60), (60, 60), (60, 60)], collect) \
+        == [False, True, True, True, False]
+
+
+def test_the_round_after_a_burst_frees_a_cycle_young_collections_leave(monkeypatch):
+    """What a hung-up exec stream leaves: a cycle among objects that lived long enough to
+    reach the oldest generation. Young collections leave it; the round after a burst frees it."""
+    import gc
+    import weakref
+
+    class Held:
+        pass
+    held = Held()
+    held.cycle, held.buffer = held, bytearray(1 << 20)
+    gone = weakref.ref(held)
+    gc.collect()                       # survivors of a full collection are in the oldest generation
+    del held
+    gc.collect(1)
+    assert gone() is not None          # garbage, but only a full collection finds it
+    readings = iter([300 << 20, 60 << 20, 60 << 20, 60 << 20])
+    memory = cbox.MemoryGiveBack(lambda pad: None, rss=lambda: next(readings))
+    asyncio.run(memory.round())        # the trim gave back 240 MiB: a burst ended
+    assert memory.collect == 2
+    asyncio.run(memory.round())
+    assert gone() is None
+
+
 def test_what_python_writes_to_stderr_while_serving_takes_the_same_path(tmp_path):
     """A warning or a traceback (the asyncio exception handler's) written to sys.stderr goes
     through StderrNoWait as log lines do; the rest of the stream's attributes are the original's."""
