@@ -7001,6 +7001,10 @@ class Adoption:
         chains of VMs that are gone included."""
         records_dir, vms = self.registry.records_dir, self.registry.vms
         records_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in records_dir.glob(".*.json.tmp"):   # a kill -9 between a record write and its rename
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+                log("removed a record write cut short", file=leftover)
         pool = []
         for path in sorted(records_dir.glob("*.json")):
             try:

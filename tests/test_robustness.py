@@ -628,6 +628,24 @@ def test_kill9_mid_start_and_mid_destroy(cbox_factory, raw_callback):
     print("kill -9 outcomes:", outcomes)
 
 
+def test_a_record_write_a_kill_cut_short_is_removed_at_the_next_start(cbox_factory):
+    """A kill -9 between a record's write and its rename (write_atomically) leaves
+    vms/.NAME.json.tmp behind (seen once in test_kill9_mid_start_and_mid_destroy): the
+    next start removes it, and adopts the VMs as usual."""
+    server = cbox_factory().start()
+    keeper = server.api.start_vm("keeper")
+    server.stop(signal.SIGKILL)
+    leftover = server.state_dir / "vms" / ".s1.json.tmp"
+    leftover.write_text('{"vmName": "s1", "phase": "sta')
+    server = cbox_factory().start()
+    assert not leftover.exists()
+    assert "removed a record write cut short" in server.log()
+    exec_ok(server.api, "keeper", "true")
+    assert_only(server, [keeper])
+    assert server.api.delete("/v1/vms")[0] == 200
+    server.assert_clean()
+
+
 # ---- faults: full disk in state_dir --------------------------------------------------------------
 
 def test_full_state_dir(cbox_factory, tmp_path):
