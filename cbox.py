@@ -885,16 +885,16 @@ class MemoryGiveBack:
 
     A trim that gives back BURST_END or more and at least half of the RSS says a burst of
     work has just ended (while one goes on, trims give back less: the memory is in use);
-    the next COLLECT_ROUNDS rounds then first run a full garbage collection. A client that hangs up
-    under an exec stream leaves a reference cycle: asyncio keeps the write's error in the
-    connection's protocol, and the error's traceback keeps the frames that were writing
-    (error -> traceback -> frame -> transport -> protocol -> future -> error), the relay's
-    among them, with its guest stream and that stream's read buffer (up to 768 KiB). Only
-    a full collection frees such a cycle, and a quiet process seldom runs one: 30 s after
-    the same attack cbox.py stayed 30-58 MB up in 5 runs of 29 (the collection after it
-    frees about 4,000 objects). Two rounds, as the first may come while the broken streams
-    are still ending. A collection holds the loop (9-20 ms with 40 VMs), so it runs only
-    then."""
+    the next COLLECT_ROUNDS rounds then first run a full garbage collection. A client that
+    hangs up under an exec stream leaves a reference cycle: asyncio keeps the write's
+    error in the connection's protocol, and the error's traceback keeps the frames that
+    were writing (error -> traceback -> frame -> transport -> protocol -> future -> error),
+    the relay's among them, with its guest stream and that stream's read buffer (up to
+    768 KiB). Only a full collection frees such a cycle, and a quiet process seldom runs
+    one: 30 s after the same attack cbox.py stayed 30-58 MB up in 5 runs of 29 (the
+    collection after it frees about 4,000 objects). Two rounds, as the first may come
+    while the broken streams are still ending. A collection holds the loop (9-20 ms with
+    40 VMs), so it runs only then."""
 
     BURST_END = 16 * 1024 * 1024
     COLLECT_ROUNDS = 2

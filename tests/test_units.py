@@ -1147,7 +1147,7 @@ def test_after_a_trim_that_gives_back_a_burst_the_next_two_rounds_collect_first(
         == [False, True, True, True, False]
 
 
-def test_the_round_after_a_burst_frees_a_cycle_young_collections_leave(monkeypatch):
+def test_the_round_after_a_burst_frees_a_cycle_young_collections_leave():
     """What a hung-up exec stream leaves: a cycle among objects that lived long enough to
     reach the oldest generation. Young collections leave it; the round after a burst frees it."""
     import gc
