@@ -1160,8 +1160,9 @@ def test_the_round_after_a_burst_frees_a_cycle_young_collections_leave():
     gone = weakref.ref(held)
     gc.collect()                       # survivors of a full collection are in the oldest generation
     del held
-    gc.collect(1)
-    assert gone() is not None          # garbage, but only a full collection finds it
+    if sys.version_info < (3, 14):     # 3.14's incremental collector: collect(1) is an increment of the old
+        gc.collect(1)
+        assert gone() is not None      # garbage, but only a full collection finds it
     readings = iter([300 << 20, 60 << 20, 60 << 20, 60 << 20])
     memory = cbox.MemoryGiveBack(lambda pad: None, rss=lambda: next(readings))
     asyncio.run(memory.round())        # the trim gave back 240 MiB: a burst ended
