@@ -1136,11 +1136,15 @@ def test_after_a_trim_that_gives_back_a_burst_the_next_two_rounds_collect_first(
     # quiet, quiet, an attack ends (250 -> 60 MiB), two rounds collect, quiet again
     assert rounds_of_memory_give_back([(55, 55), (56, 55), (250, 60), (60, 57), (57, 57), (57, 57)], collect) \
         == [False, False, False, True, True, False]
-    # no burst's end: less than BURST_END (16 MiB) given back, or less than half the RSS
-    # (an attack going on: its memory is in use)
+    # less than BURST_END (16 MiB) given back: no burst
     collect.calls.clear()
-    assert rounds_of_memory_give_back([(30, 16), (65, 50), (254, 236), (254, 238)], collect) \
+    assert rounds_of_memory_give_back([(30, 16), (65, 50), (254, 240), (254, 239)], collect) \
         == [False, False, False, False]
+    # an attack that goes on, then ends: every round that gives back 16 MiB, however small a
+    # part of the RSS, has the next two collect
+    collect.calls.clear()
+    assert rounds_of_memory_give_back([(900, 850), (890, 620), (620, 534), (534, 534), (534, 534), (534, 534)],
+                                      collect) == [False, True, True, True, True, False]
     # a collecting round whose trim gives back a burst again asks for two more
     collect.calls.clear()
     assert rounds_of_memory_give_back([(250, 100), (200, 60), (60, 60), (60, 60), (60, 60)], collect) \
