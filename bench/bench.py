@@ -707,8 +707,9 @@ class FairLab:
         """(Remote attack, prepare(), finish()) of one attack class with n attackers."""
         vms, cpus = self.attackers[:n], self.far if self.pinned else None
         nothing = lambda: None          # noqa: E731
-        if kind == "huge event lines":
-            return (hostile.Remote(hostile.BigEventStreams, self.target(), cpus=cpus, vms=vms, clients=4),
+        if kind in ("huge event lines", "event lines at the bound"):
+            streams = hostile.BigEventStreams if kind == "huge event lines" else hostile.BoundEventStreams
+            return (hostile.Remote(streams, self.target(), cpus=cpus, vms=vms, clients=4),
                     lambda: self.each(lambda v: hostile.start_hostile_agent(self.post_exec(v), stop_file, wait=60),
                                       vms),
                     lambda: self.each(lambda v: hostile.stop_hostile_agent(self.post_exec(v), stop_file, 150), vms,
@@ -2181,6 +2182,10 @@ class Bench:
                         "`label=` filters and 8,000 unknown parameters in turn",
         "busy vCPUs": "its guest spins 4 processes on its 1 vCPU (one exec of `(while :; do :; done) &` x 4; "
                       "the stand-in holds a guest to its vCPUs)",
+        "event lines at the bound": "its agent replaced (tests/hostile_agent.py, mode stream_bound), 4 clients loop "
+                                    "streamed execs that it answers with a start event and 12 legal stdout event "
+                                    "lines just under cbox.py's 2 MiB bound, their data `yes` output "
+                                    "(`{\"seq\":N,\"type\":\"stdout\",\"data\":\"y\\ny\\n...\"}`), then closes",
         "huge event lines": "its agent replaced (tests/hostile_agent.py, mode stream_huge), 4 clients loop streamed "
                             "execs that it answers with a start event and 12 stdout event lines of ~50 MB each "
                             "(`{\"seq\":N,\"type\":\"stdout\",\"data\":[1,1,...]}`), then closes",

@@ -425,6 +425,16 @@ class BigEventStreams(StreamedExecs):
         super().__init__(api, vms, clients, {"cmd": f"hostile:{mode}", "timeout": 60})
 
 
+class BoundEventStreams(BigEventStreams):
+    """BigEventStreams whose 12 event lines are legal: just under cbox.py's 2 MiB bound, their
+    data `yes` output (every other character an escape: the slowest to decode), 4 clients per VM."""
+    name = "event lines at the bound"
+    what = "replaced agents answer streamed execs with 12 legal event lines just under 2 MiB, 4 clients per VM"
+
+    def __init__(self, api, vms, clients=4, mode="stream_bound"):
+        super().__init__(api, vms, clients, mode)
+
+
 class YesStreams(StreamedExecs):
     """`readers` streamed execs of `yes` per VM, read as fast as they come (the stream budget)."""
     name, what = "yes streams", "each attacking VM runs `yes` in 4 streamed execs, read as fast as they come"
@@ -697,7 +707,8 @@ class Sampler:
 # ---- an attack in a process of its own --------------------------------------------------------
 
 SOCKET_ATTACKS = {cls.__name__: cls for cls in (IdleConnections, SlowPipelined, NoReader, BigLines, Flood, BadLines)}
-REST_ATTACKS = {cls.__name__: cls for cls in (BigEventStreams, YesStreams, UnauthBodies, RestQueries, BusyVcpus)}
+REST_ATTACKS = {cls.__name__: cls for cls in (BigEventStreams, BoundEventStreams, YesStreams, UnauthBodies,
+                                               RestQueries, BusyVcpus)}
 
 
 class Remote:
