@@ -862,13 +862,10 @@ def glibc_malloc_trim():
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
-def resident_bytes():
-    """cbox.py's own RSS (/proc/self/statm), 0 where it cannot be read."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * PAGE_SIZE
-    except (OSError, ValueError, IndexError):
-        return 0
+def resident_bytes(pid="self"):
+    """A process's RSS (/proc/<pid>/statm); OSError when it is gone."""
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * PAGE_SIZE
 
 
 class MemoryGiveBack:
@@ -900,9 +897,17 @@ class MemoryGiveBack:
     BURST_END = 16 * 1024 * 1024
     COLLECT_ROUNDS = 2
 
-    def __init__(self, malloc_trim, rss=resident_bytes):
-        self.malloc_trim, self.rss = malloc_trim, rss
+    def __init__(self, malloc_trim, rss=None):
+        self.malloc_trim, self.rss = malloc_trim, rss or self.own_rss
         self.collect = 0               # rounds left that collect first
+
+    @staticmethod
+    def own_rss():
+        """cbox.py's RSS, 0 where /proc cannot tell it."""
+        try:
+            return resident_bytes()
+        except (OSError, ValueError, IndexError):
+            return 0
 
     async def round(self):
         if self.collect:
@@ -3011,13 +3016,11 @@ def process_usage(pid):
     try:
         with open(f"/proc/{pid}/stat") as f:
             stat = f.read()
-        with open(f"/proc/{pid}/status") as f:
-            status = f.read()
+        rss = resident_bytes(pid)
     except OSError:
         return None
     fields = stat[stat.rindex(")") + 2:].split()       # fields[0] is proc(5)'s field 3, state
     cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK   # utime and stime, fields 14 and 15
-    rss = next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:")), 0)
     return rss, cpu
 
 
