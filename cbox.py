@@ -112,7 +112,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 VERSION = "0.1.0"
-AGENT_PROTOCOL = 1  # the guest agent generation this cbox.py needs (guest_agent.AGENT_PROTOCOL, in image.json)
+AGENT_PROTOCOL = 2  # the guest agent generation this cbox.py needs (guest_agent.AGENT_PROTOCOL, in image.json)
 COMMIT = ""          # `make dist` and `make install` stamp the commit into their copy (build_commit)
 LOG_START = time.monotonic()
 
@@ -2376,15 +2376,59 @@ class StreamBudget:
 FLAT_SCALAR = re.compile(r'[ \t\r\n]*(?:(-?(?:0|[1-9][0-9]*))(\.[0-9]+)?([eE][-+]?[0-9]+)?|(true|false|null))[ \t\r\n]*')
 FLAT_PUNCT = re.compile(r'[ \t\r\n]*([{}\[\],:"])[ \t\r\n]*')
 FLAT_CONSTANTS = {"true": True, "false": False, "null": None}
+FLAT_PIECE = 16 * 1024             # characters of a string flat_json_steps scans between two yields
 
 
-def flat_json_object(text, max_members=64):
+def join_string_parts(parts, part, joined=True):
+    """`part` after `parts` (the pieces of one string so far): a high surrogate ending the
+    last piece and a low one starting `part` become the one character they encode."""
+    if parts and part and "\ud800" <= parts[-1][-1:] <= "\udbff" and "\udc00" <= part[0] <= "\udfff":
+        pair = chr(0x10000 + ((ord(parts[-1][-1]) - 0xD800) << 10) + (ord(part[0]) - 0xDC00))
+        parts[-1], part = parts[-1][:-1] + pair, part[1:]
+    return "".join(parts) + part if joined else part
+
+
+def scan_string_steps(text, pos, piece):
+    """json.decoder.scanstring(text, pos) (`pos` just after the opening quote) as a
+    generator that yields after each piece of at most `piece` characters: (the string,
+    the index after its closing quote); ValueError when it is not a JSON string.
+
+    A piece ends where no escape is cut in two: before the last backslash in its final 6
+    characters when that backslash starts an escape (an odd run of backslashes ends
+    there), else at its full length. A surrogate pair written as two escapes and cut
+    between them is joined again, as scanstring joins it."""
+    scan, parts = json.decoder.scanstring, []
+    piece = max(piece, 8)              # a cut moved back before an escape still leaves a character
+    while True:
+        cut = pos + piece
+        if cut >= len(text):
+            tail, end = scan(text, pos)
+            return join_string_parts(parts, tail), end
+        last = text.rfind("\\", cut - 6, cut)
+        if last >= 0:
+            run = last + 1 - pos - len(text[pos:last + 1].rstrip("\\"))
+            if run % 2:
+                cut = last
+        part, end = scan(text[pos:cut] + '"', 0)
+        if end < cut - pos + 1:            # its closing quote came within the piece
+            return join_string_parts(parts, part), pos + end
+        parts.append(join_string_parts(parts, part, joined=False))
+        pos = cut
+        yield
+
+
+def flat_json_steps(text, max_members=64, piece=FLAT_PIECE):
     """A JSON object whose values are strings, numbers, true/false/null or arrays of at most
     `max_members` strings -- the shape of every guest agent event -- parsed without
     recursion, strings by the json module's C scanner: nesting, long arrays and more than
     `max_members` members are refused (ValueError) after a few steps, not after parsing
-    them, so a hostile line costs about a scan of its bytes."""
-    scan, pos, obj = json.decoder.scanstring, 0, {}
+    them, so a hostile line costs about a scan of its bytes.
+
+    A generator: it yields between pieces of at most `piece` characters of a long string
+    (an escape-heavy one takes ~20-40 ns a character to decode) and returns the object, so
+    an event loop can run other work between the pieces (AgentEvents). flat_json_object()
+    is the same in one go."""
+    pos, obj = 0, {}
 
     def punct(expected):
         nonlocal pos
@@ -2403,6 +2447,11 @@ def flat_json_object(text, max_members=64):
             return True
         return False
 
+    def string():
+        nonlocal pos
+        item, pos = yield from scan_string_steps(text, pos, piece)
+        return item
+
     def value():
         nonlocal pos
         m = FLAT_SCALAR.match(text, pos)
@@ -2412,15 +2461,13 @@ def flat_json_object(text, max_members=64):
                 return FLAT_CONSTANTS[m.group(4)]
             return int(m.group(1)) if not (m.group(2) or m.group(3)) else float(m.group(0))
         if punct('"[') == '"':
-            item, pos = scan(text, pos)
-            return item
+            return (yield from string())
         items = []
         if closing("]"):
             return items
         while len(items) < max_members:
             punct('"')
-            item, pos = scan(text, pos)
-            items.append(item)
+            items.append((yield from string()))
             if punct(",]") == "]":
                 return items
         raise ValueError("an array too long")
@@ -2431,14 +2478,24 @@ def flat_json_object(text, max_members=64):
             if len(obj) >= max_members:
                 raise ValueError("too many members")
             punct('"')
-            key, pos = scan(text, pos)
+            key = yield from string()
             punct(":")
-            obj[key] = value()
+            obj[key] = yield from value()
             if punct(",}") == "}":
                 break
     if pos != len(text):
         raise ValueError("data after the object")
     return obj
+
+
+def flat_json_object(text, max_members=64):
+    """flat_json_steps(text, max_members) in one go: the object; ValueError."""
+    steps = flat_json_steps(text, max_members, piece=len(text) + 1)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 class AgentEvents:
@@ -2450,8 +2507,10 @@ class AgentEvents:
     it) and whose "type" is a string. Each line is bounded by what a legal one can be
     (GuestAgent: `line_max`, the exit event `exit_max`): a longer one breaks the stream as
     soon as that many bytes came without a newline, unparsed. A line over SMALL_LINE is
-    parsed as the flat object every agent event is (flat_json_object), so nesting or a long
-    array costs no more than a scan. A stream that sends no complete line for `stall_s`
+    parsed as the flat object every agent event is (flat_json_steps), so nesting or a long
+    array costs no more than a scan, and a long string is decoded in pieces with other
+    tasks running between them: a legal line as long as the bound (escapes decode at
+    ~20-40 ns each) never holds the loop for long. A stream that sends no complete line for `stall_s`
     (the agent writes keepalives), or ends before its exit event, is broken: next_events()
     raises AgentError, and `next_seq` says where a re-attach would resume. Reads are
     batched (up to BATCH events of one read go onward in one write); the VM's streams
@@ -2471,6 +2530,7 @@ class AgentEvents:
     BYTE_RATE = 256.0 * 1024 * 1024
     SMALL_LINE = 4096              # lines up to this are parsed by json.loads
     EXIT_START = re.compile(rb'\{"seq":[0-9]{1,18},"type":"exit",')     # how the agent starts its exit event
+    clock = staticmethod(time.perf_counter)      # times a long line's parse (tests replace it)
 
     def __init__(self, exec_id, reader, writer, since, stall_s, line_max, exit_max=None, *, budget, vm_name,
                  fetch_result=None, on_exit=None, on_close=None):
@@ -2535,11 +2595,39 @@ class AgentEvents:
             bound = self.exit_max if self.EXIT_START.match(pending, start) else self.line_max
             raise self.broken(f"an event line longer than {bound} bytes")
 
-    def _check(self, line):
+    def _parse(self, line):
+        """A line up to SMALL_LINE, parsed at once (json.loads)."""
         try:
-            event = json.loads(line) if len(line) <= self.SMALL_LINE else flat_json_object(line.decode())
+            return self._accept(json.loads(line), line)
         except (ValueError, RecursionError) as e:
             raise self.broken("an event line that is not JSON, or not shaped like an event") from e
+
+    async def _parse_long(self, line):
+        """A longer line, parsed as the flat object every agent event is (flat_json_steps),
+        other tasks running between its pieces. Its parse costs the VM's fair share the CPU
+        time it took beyond the unit a byte next_events() paid before it (escapes cost more)."""
+        spent, clock = 0.0, self.clock
+        try:
+            steps = flat_json_steps(line.decode())
+            while True:
+                began = clock()
+                try:
+                    next(steps)
+                except StopIteration as done:
+                    event = done.value
+                    break
+                finally:
+                    spent += clock() - began
+                await asyncio.sleep(0)
+        except (ValueError, RecursionError) as e:
+            raise self.broken("an event line that is not JSON, or not shaped like an event") from e
+        finally:
+            extra = int(spent / FairShare.UNIT_S) - len(line)
+            if extra > 0:
+                GUEST_WORK.charge(self.budget.share_key, extra)
+        return self._accept(event, line)
+
+    def _accept(self, event, line):
         seq = event.get("seq") if isinstance(event, dict) else None
         if not isinstance(seq, int) or isinstance(seq, bool) or not isinstance(event.get("type"), str):
             raise self.broken("an event without seq or type")
@@ -2554,26 +2642,37 @@ class AgentEvents:
 
     async def next_events(self):
         """[(line bytes, event dict), ...], at least one, the exit event last when it came;
-        AgentError when the stream broke."""
+        AgentError when the stream broke. The batch's lines are paid for (budget) before
+        they are parsed, so a guest's lines never cost the loop more than its share."""
         if self.failure or self.finished:
             raise self.failure or self.broken("read past its exit event")
         await self._fill()
-        batch, start, pending = [], 0, self.pending
+        lines, start, pending, failure = [], 0, self.pending, None
         try:
-            while (len(batch) < self.BATCH and start < self.BATCH_BYTES
+            while (len(lines) < self.BATCH and start < self.BATCH_BYTES
                    and (end := pending.find(b"\n", start)) >= 0):
                 self._check_length(pending, start, end - start)
-                line = bytes(memoryview(pending)[start:end + 1])
+                lines.append(bytes(memoryview(pending)[start:end + 1]))
                 start = end + 1
-                batch.append((line, self._check(line)))
-                if self.finished:
-                    break              # nothing comes after the exit event
         except AgentError as e:
-            if not batch:
+            if not lines:
                 raise
-            self.failure = e           # the good events before it go first
+            failure = e                # the good events before it go first
         del pending[:start]
-        await self.budget.pay(len(batch), sum([len(line) for line, _ in batch]))
+        await self.budget.pay(len(lines), sum([len(line) for line in lines]))
+        batch = []
+        for line in lines:
+            try:
+                event = self._parse(line) if len(line) <= self.SMALL_LINE else await self._parse_long(line)
+            except AgentError as e:
+                if not batch:
+                    raise
+                failure = e
+                break
+            batch.append((line, event))
+            if self.finished:
+                break                  # nothing comes after the exit event
+        self.failure = failure
         return batch
 
     def close(self):
@@ -2594,11 +2693,12 @@ class GuestAgent:
 
     STATS_MAX = 16 * 1024           # a /stats answer is a few hundred bytes
 
-    # An agent's output event carries one read of at most its READ_CHUNK (256 KiB, plus up
-    # to 3 bytes of a character split at the previous read) as JSON text, a byte taking at
-    # most 6 (\u0000), and when the text had invalid UTF-8 the same bytes in base64 (4 per
-    # 3): 1.84 MiB with its other fields; every other event but the exit one is far smaller.
-    EVENT_LINE_MAX = 2 * 1024 * 1024
+    # An agent's output event (AGENT_PROTOCOL 2) carries one read of at most its
+    # OUTPUT_CHUNK (64 KiB, plus up to 3 bytes of a character split at the previous read) as
+    # JSON text, a byte taking at most 6 (\u0000), and when the text had invalid UTF-8 the
+    # same bytes in base64 (4 per 3): 470 KiB with its other fields; every other event but
+    # the exit one is far smaller.
+    EVENT_LINE_MAX = 512 * 1024
     # The exit event also carries the command as the request gave it (the agent's JSON of a
     # string is never longer than the client's), the rest of the result is small.
     EXIT_LINE_EXTRA = 64 * 1024

@@ -185,8 +185,9 @@ import time
 AGENT_VERSION = "0.1.0"
 # the host<->agent API generation: bumped when cbox.py starts needing something an older
 # agent lacks; rootfs/build.py records it in an image's image.json, cbox.py refuses images
-# whose agent is older than its own AGENT_PROTOCOL
-AGENT_PROTOCOL = 1
+# whose agent is older than its own AGENT_PROTOCOL. 2: an output event holds at most
+# OUTPUT_CHUNK bytes of output (cbox.py's bound on an event line follows from it)
+AGENT_PROTOCOL = 2
 DEFAULT_PORT = 4031
 DEFAULT_LISTEN = "0.0.0.0"
 DEFAULT_CALLBACK_PORT = 4032

@@ -2184,7 +2184,7 @@ class Bench:
                       "the stand-in holds a guest to its vCPUs)",
         "event lines at the bound": "its agent replaced (tests/hostile_agent.py, mode stream_bound), 4 clients loop "
                                     "streamed execs that it answers with a start event and 12 legal stdout event "
-                                    "lines just under cbox.py's 2 MiB bound, their data `yes` output "
+                                    "lines just under cbox.py's 512 KiB bound, their data `yes` output "
                                     "(`{\"seq\":N,\"type\":\"stdout\",\"data\":\"y\\ny\\n...\"}`), then closes",
         "huge event lines": "its agent replaced (tests/hostile_agent.py, mode stream_huge), 4 clients loop streamed "
                             "execs that it answers with a start event and 12 stdout event lines of ~50 MB each "

@@ -426,10 +426,10 @@ class BigEventStreams(StreamedExecs):
 
 
 class BoundEventStreams(BigEventStreams):
-    """BigEventStreams whose 12 event lines are legal: just under cbox.py's 2 MiB bound, their
+    """BigEventStreams whose 12 event lines are legal: just under cbox.py's 512 KiB bound, their
     data `yes` output (every other character an escape: the slowest to decode), 4 clients per VM."""
     name = "event lines at the bound"
-    what = "replaced agents answer streamed execs with 12 legal event lines just under 2 MiB, 4 clients per VM"
+    what = "replaced agents answer streamed execs with 12 legal event lines just under 512 KiB, 4 clients per VM"
 
     def __init__(self, api, vms, clients=4, mode="stream_bound"):
         super().__init__(api, vms, clients, mode)

@@ -14,6 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import cbox  # noqa: E402
+import guest_agent  # noqa: E402
 
 
 class Simulation:
@@ -134,6 +135,7 @@ def test_no_budget_when_the_rate_is_zero():
 
 import asyncio  # noqa: E402
 import json  # noqa: E402
+import random  # noqa: E402
 
 from test_exec_stream import chunks_of, line, relay_from  # noqa: E402
 
@@ -142,15 +144,15 @@ START = line(0, "start", execId="e")
 
 
 def stdout_line(seq, size):
-    """A legal stdout event as large as the agent makes them: a 256 KiB read of control
-    bytes (6 JSON bytes each) whose invalid UTF-8 also rides along as base64."""
+    """A legal stdout event as large as the agent makes them: an OUTPUT_CHUNK read of
+    control bytes (6 JSON bytes each) whose invalid UTF-8 also rides along as base64."""
     raw = (bytes(range(32)) + b"\xff") * (size // 33)
     text = raw.decode("utf-8", "replace")
     return line(seq, "stdout", data=text, dataBase64=__import__("base64").b64encode(raw).decode()), text
 
 
 def test_the_largest_legal_output_event_passes_and_fits_the_bound():
-    big, text = stdout_line(1, 256 * 1024 + 3)
+    big, text = stdout_line(1, guest_agent.OUTPUT_CHUNK + 3)
     assert len(big) <= LINE_MAX < len(big) * 1.2           # the bound is what a legal line can be
     out, keep = asyncio.run(relay_from(START + big + line(2, "exit", exitCode=0), line_max=LINE_MAX))
     events, ended = chunks_of(out)
@@ -161,9 +163,9 @@ def test_the_largest_legal_output_event_passes_and_fits_the_bound():
 HOSTILE_LINES = {      # a line of a replaced agent -> what the error event says
     "over the bound": (b'{"seq":1,"type":"stdout","data":"' + b"y" * (LINE_MAX + 10) + b'"}\n', "longer than"),
     "never ends": (b'{"seq":1,"type":"stdout","data":"' + b"y" * (3 * LINE_MAX), "longer than"),
-    "deeply nested": (b'{"seq":1,"type":"stdout","data":' + b"[" * 500_000 + b"]" * 500_000 + b"}\n",
+    "deeply nested": (b'{"seq":1,"type":"stdout","data":' + b"[" * 200_000 + b"]" * 200_000 + b"}\n",
                       "not shaped like an event"),
-    "a long array": (b'{"seq":1,"type":"stdout","data":[' + b"1," * 600_000 + b"1]}\n", "not shaped like an event"),
+    "a long array": (b'{"seq":1,"type":"stdout","data":[' + b"1," * 200_000 + b"1]}\n", "not shaped like an event"),
     "an object in it": (b'{"seq":1,"type":"stdout","x":{"a":"' + b"y" * 10_000 + b'"}}\n', "not shaped like an event"),
     "an exit event over its bound": (b'{"seq":1,"type":"exit","cmd":"' + b"y" * (9 * 1024 * 1024) + b'"}\n',
                                      "longer than 8454144"),
@@ -235,6 +237,107 @@ def test_a_batch_of_events_is_parsed_in_bounded_steps():
     sizes = [sum(len(got) for got, _ in batch) for batch in batches]
     assert len(batches) > 5 and max(sizes) <= cbox.AgentEvents.BATCH_BYTES + len(lines[0])
     assert [got for batch in batches for got, _ in batch][:-1] == lines
+
+
+def events_reading(data):
+    """AgentEvents of a stream whose reader already holds `data`."""
+    reader = asyncio.StreamReader(limit=cbox.AgentEvents.BUFFER)
+    agent = cbox.GuestAgent("vm", "127.0.0.1", 1, 1 << 20)
+    reader.feed_data(data)
+    return cbox.AgentEvents("e", reader, None, 0, 5.0, LINE_MAX, agent.exit_line_max,
+                            budget=agent.stream_budget, vm_name=agent.vm_name)
+
+
+YES_AT_THE_BOUND = "y\n" * ((LINE_MAX - 64) // 3)     # the slowest legal line to decode found
+
+
+def test_a_long_line_is_decoded_in_pieces_other_tasks_running_between():
+    """A legal line at the bound, escapes all through, never holds the loop whole: another
+    task runs between its pieces (FLAT_PIECE characters each)."""
+    async def scenario():
+        events = events_reading(line(0, "stdout", data=YES_AT_THE_BOUND) + line(1, "exit", exitCode=0))
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+        ticking = asyncio.ensure_future(ticker())
+        await asyncio.sleep(0)
+        before = ticks
+        batch = await events.next_events()
+        ticking.cancel()
+        return batch, ticks - before
+    batch, ticks = asyncio.run(scenario())
+    assert len(line(0, "stdout", data=YES_AT_THE_BOUND)) <= LINE_MAX
+    assert [event["type"] for _, event in batch] == ["stdout"] and batch[0][1]["data"] == YES_AT_THE_BOUND
+    assert ticks >= LINE_MAX // (32 * 1024)              # pieces of 32 KiB at most
+
+
+class ParseLedger:
+    """Stands in for GUEST_WORK and a stream's parse clock: every clock reading is 1 ms
+    later; what a batch paid (take) and was charged, with the readings taken by then."""
+
+    def __init__(self):
+        self.readings, self.calls = 0, []
+
+    def clock(self):
+        self.readings += 1
+        return self.readings * 0.001
+
+    async def take(self, key, cost):
+        self.calls.append(("take", cost, self.readings))
+
+    def charge(self, key, cost):
+        self.calls.append(("charge", cost, self.readings))
+
+
+def test_a_batch_is_paid_before_it_is_parsed_and_a_long_parse_is_charged_its_time(monkeypatch):
+    """The fair share is paid for a batch's lines before any is parsed (no parse step timed
+    yet), and a long line's parse is then charged the time it took beyond its bytes' units."""
+    big = line(0, "stdout", data=YES_AT_THE_BOUND)
+    ledger = ParseLedger()
+    monkeypatch.setattr(cbox, "GUEST_WORK", ledger)
+
+    async def scenario():
+        events = events_reading(big + line(1, "exit", exitCode=0))
+        events.clock = ledger.clock
+        return await events.next_events()
+    batch = asyncio.run(scenario())
+    assert [event["seq"] for _, event in batch] == [0]     # the long line passes BATCH_BYTES: it ends the batch
+    paid, charged = ledger.calls
+    assert paid == ("take", cbox.FairShare.ITEM + len(big), 0)
+    steps = ledger.readings // 2                           # two clock readings a step
+    assert steps >= LINE_MAX // (32 * 1024)
+    assert charged == ("charge", int(steps * 0.001 / cbox.FairShare.UNIT_S) - len(big), ledger.readings)
+
+
+def test_flat_json_steps_decodes_as_json_does_whatever_the_pieces():
+    """Pieces are cut anywhere but inside an escape; a surrogate pair cut in two is joined."""
+    rng = random.Random(7)
+    alphabet = ["a", "é", '"', "\\", "\n", "\x01", "😀", "/", "\u2028"]
+
+    def decoded(text, piece):
+        steps = cbox.flat_json_steps(text, piece=piece)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+    for _ in range(300):
+        data = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        for ascii_only in (False, True):
+            text = json.dumps({"seq": 1, "type": "stdout", "data": data, "k": [data, "x"]}, ensure_ascii=ascii_only)
+            for piece in (8, 9, 10, 11, 13):
+                assert decoded(text, piece) == json.loads(text), (text, piece)
+    pairs = '{"a":"\\ud83d x \\ude00\\ud83d\\ude00\\ud83d\\ude00"}'
+    for piece in range(8, 14):
+        assert decoded(pairs, piece) == json.loads(pairs)
+    for bad in ['{"a":"abcdefghijkl\\q"}', '{"a":"abcdefgh\x01"}', '{"a":"abcdefghij\\u12"}', '{"a":"abcdefghijkl']:
+        for piece in (8, 9, 10, 100):
+            with pytest.raises(ValueError):
+                decoded(bad, piece)
 
 
 def test_flat_json_object_matches_json_on_events_and_refuses_other_shapes():
@@ -357,7 +460,7 @@ def stream_exec(api, vm, cmd):
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-@pytest.mark.parametrize("mode,words", [("stream_huge", "longer than 2097152 bytes"),
+@pytest.mark.parametrize("mode,words", [("stream_huge", f"longer than {LINE_MAX} bytes"),
                                         ("stream_nested", "not shaped like an event")])
 def test_a_replaced_agents_hostile_stream_lines_end_the_stream_and_memory_comes_back(host, tmp_path, mode, words):
     """The issue's attack: a replaced agent answers a streamed exec with 12 lines of ~50 MB

@@ -240,7 +240,7 @@ def test_cli_images(cbox_factory, tmp_path):
     assert lines[0].split() == ["NAME", "SIZE_MB", "BUILT", "AGENT", "VMS", "SOURCE"]
     rows = {line.split()[0]: line for line in lines[1:]}
     assert sorted(rows) == ["default", "flat", "old", "own", "py"]
-    assert rows["py"].split()[1:5] == ["64", "2026-12-07T00:00:00Z", "0.1.0/1", "a"], rows["py"]
+    assert rows["py"].split()[1:5] == ["64", "2026-12-07T00:00:00Z", f"0.1.0/{cbox.AGENT_PROTOCOL}", "a"], rows["py"]
     assert "UNUSABLE" in rows["old"] and "rootfs/Dockerfile.py" in rows["py"]
     r = run(*CLI, "image", "rm", "py", check=False)
     assert r.returncode != 0 and "used by VM(s) a" in r.stderr
