@@ -2323,6 +2323,12 @@ class FairShare:
             self.tokens -= cost
             self._tag(key, cost)
 
+    def refund(self, key, cost):
+        """Give back what a paid request did not use (paid for at most, used less)."""
+        if self.rate:
+            self.tokens = min(self.burst, self.tokens + cost)
+            self.finish[key] = max(self.virtual, self.finish.get(key, 0.0) - cost)
+
     async def take(self, key, cost):
         """spend(), waiting for `key`'s turn when the budget is contended."""
         if not self.rate:
@@ -2371,6 +2377,16 @@ class StreamBudget:
         (at least a yield, so one stream never holds the loop)."""
         await asyncio.sleep(max(self.events.spend(events), self.bytes.spend(size)))
         await GUEST_WORK.take(self.share_key, FairShare.ITEM * events + size)
+
+    async def pay_read(self, most):
+        """Before a read of at most `most` bytes: its fair share, the most it may cost (an
+        item and its bytes); read_done() gives back what the read did not use. Paying the
+        most first means streams that all become readable at once wait their turns instead
+        of all reading in one turn of the loop."""
+        await GUEST_WORK.take(self.share_key, FairShare.ITEM + most)
+
+    def read_done(self, most, size):
+        GUEST_WORK.refund(self.share_key, most - size)
 
 
 FLAT_SCALAR = re.compile(r'[ \t\r\n]*(?:(-?(?:0|[1-9][0-9]*))(\.[0-9]+)?([eE][-+]?[0-9]+)?|(true|false|null))[ \t\r\n]*')
@@ -2498,6 +2514,126 @@ def flat_json_object(text, max_members=64):
             return done.value
 
 
+class GatedConnection(asyncio.BufferedProtocol):
+    """A connection to a guest whose bytes are read only when its reader asks, one recv at a
+    time into a buffer of at most READ bytes: nothing is read ahead, so what a guest sends
+    costs the loop only as fast as its reader pays for it (AgentEvents), and one read holds
+    the loop for at most READ bytes. Heads are read HEAD_READ bytes at a time, so streams
+    that all open at once cost little before they pay. The reader's side is a
+    StreamReader's subset: read(n), readuntil(sep) (within LIMIT bytes), readexactly(n),
+    readline(); write() and close() are the transport's."""
+
+    READ = 64 * 1024
+    HEAD_READ = 4096
+    LIMIT = 64 * 1024
+
+    def __init__(self):
+        self.transport, self.buffer = None, bytearray(self.READ)
+        self.want = self.HEAD_READ     # the size of the read asked for
+        self.stash = bytearray()       # bytes read and not yet taken
+        self.waiter = None             # the future of the read in progress
+        self.ended = False             # the peer's end came (EOF or the connection's loss)
+        self.error = None              # the OSError the connection was lost with
+
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.pause_reading()
+        # Python 3.10's transport adds its reader in the callback after this one even when
+        # paused here: pause it for real in the next (before our request goes out)
+        asyncio.get_running_loop().call_soon(self._settle)
+
+    def _settle(self):
+        if self.waiter is None and not self.transport.is_closing():
+            self._pause()
+
+    def get_buffer(self, sizehint):
+        return memoryview(self.buffer)[:self.want]
+
+    def buffer_updated(self, nbytes):
+        self._pause()                            # until the next read asks
+        self.stash += memoryview(self.buffer)[:nbytes]
+        self._wake()
+
+    def _pause(self):
+        if not self.transport.is_reading():      # paused as the transport sees it, reading on 3.10:
+            self.transport.resume_reading()      # resume and pause to remove its reader
+        self.transport.pause_reading()
+
+    def eof_received(self):
+        self.ended = True
+        self._wake()
+        return False                             # the transport closes
+
+    def connection_lost(self, exc):
+        self.ended, self.error = True, exc if isinstance(exc, OSError) else None
+        self._wake()
+
+    def _wake(self):
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def _more(self, size):
+        """Wait for one more read of at most `size` bytes (or the end): False at the end."""
+        if self.ended:
+            if self.error is not None:
+                raise self.error
+            return False
+        self.want = max(1, min(size, self.READ))
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.resume_reading()
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
+        return True
+
+    def _take(self, n):
+        data = bytes(self.stash[:n])
+        del self.stash[:n]
+        return data
+
+    async def read(self, n):
+        """Up to `n` bytes (at most one read's); b"" at the end."""
+        if not self.stash:
+            await self._more(n)
+        return self._take(n)
+
+    async def readuntil(self, separator):
+        scanned = 0
+        while (at := self.stash.find(separator, max(0, scanned - len(separator) + 1))) < 0:
+            scanned = len(self.stash)
+            if scanned > self.LIMIT:
+                raise asyncio.LimitOverrunError("separator not found within the limit", scanned)
+            if not await self._more(self.HEAD_READ) and len(self.stash) == scanned:
+                raise asyncio.IncompleteReadError(self._take(scanned), None)
+        return self._take(at + len(separator))
+
+    async def readexactly(self, n):
+        while len(self.stash) < n:
+            have = len(self.stash)
+            if not await self._more(n - have) and len(self.stash) == have:
+                raise asyncio.IncompleteReadError(self._take(have), n)
+        return self._take(n)
+
+    async def readline(self):
+        try:
+            return await self.readuntil(b"\n")
+        except asyncio.IncompleteReadError as e:
+            return e.partial
+        except asyncio.LimitOverrunError as e:
+            raise ValueError(str(e)) from e
+
+    def write(self, data):
+        self.transport.write(data)
+
+    def get_extra_info(self, name, default=None):
+        return self.transport.get_extra_info(name, default)
+
+    def close(self):
+        if self.transport is not None:
+            self.transport.close()
+
+
 class AgentEvents:
     """An exec's event stream as the guest agent sends it, read as a hostile peer's lines.
 
@@ -2516,14 +2652,16 @@ class AgentEvents:
     batched (up to BATCH events of one read go onward in one write); the VM's streams
     together are held to EVENT_RATE events and BYTE_RATE bytes a second, and all VMs' to
     their fair share of GUEST_WORK (`budget`, a StreamBudget), so a guest flooding events
-    costs the loop little and other VMs nothing. Memory per stream: the reader's buffer
-    (paused at 2 * BUFFER) plus the line being read.
+    costs the loop little and other VMs nothing. Each read of the agent's connection (a
+    GatedConnection: no read-ahead) is paid for before it is made. Memory per stream: one
+    read's buffer (READ) plus the line being read.
 
     Given when it is made: `fetch_result(timeout)` reads the exec's result (result()),
     `on_exit(line)` is called with the exit event's line when it is read, `on_close(self)`
     once when the stream closes."""
 
-    BUFFER = 256 * 1024
+    BUFFER = 256 * 1024            # a StreamReader's limit (tests read through one)
+    READ = GatedConnection.READ    # bytes a read takes at most
     BATCH = 1024                   # events parsed per batch at most: the loop is not held long
     BATCH_BYTES = 64 * 1024        # and bytes: a batch ends with the line that passes this
     EVENT_RATE = 20000.0           # a VM's streams, events a second (an agent read is an event)
@@ -2580,7 +2718,9 @@ class AgentEvents:
             scanned = len(self.pending)
             self._check_length(self.pending, 0, scanned)
             try:
-                data = await within(max(deadline - loop.time(), 0.0), self.reader.read(self.BUFFER))
+                await self.budget.pay_read(self.READ)
+                data = await within(max(deadline - loop.time(), 0.0), self.reader.read(self.READ))
+                self.budget.read_done(self.READ, len(data))
             except asyncio.TimeoutError as e:
                 raise self.broken(f"no event for {fmt_seconds(self.stall_s)}") from e
             except OSError as e:
@@ -2752,28 +2892,29 @@ class GuestAgent:
         (on_exit: see there; on_close() is called once when it ends, also when it could not open).
 
         A connection of its own, outside the pool: it lives as long as the exec, and
-        abort() closes it with the others when the guest goes away."""
+        abort() closes it with the others when the guest goes away. It is a GatedConnection:
+        the stream reads only when it has paid its turn (AgentEvents._fill)."""
         def closed(events):
             self.streams.discard(events)
             if on_close:
                 on_close()
         try:
-            reader, writer = await within(15.0, asyncio.open_connection(
-                self.http.host, self.http.port, limit=AgentEvents.BUFFER))
+            _, connection = await within(15.0, asyncio.get_running_loop().create_connection(
+                GatedConnection, self.http.host, self.http.port))
         except BaseException as e:
             if on_close:
                 on_close()
             if isinstance(e, (OSError, asyncio.TimeoutError)):
                 raise AgentError(502, f"guest agent of VM '{self.vm_name}' unreachable: {e or 'timed out'}") from e
             raise
-        set_nodelay(writer)
-        events = AgentEvents(exec_id, reader, writer, since, stall_s, self.event_line_max, self.exit_line_max,
+        set_nodelay(connection)
+        events = AgentEvents(exec_id, connection, connection, since, stall_s, self.event_line_max, self.exit_line_max,
                              budget=self.stream_budget, vm_name=self.vm_name,
                              fetch_result=lambda timeout: self.status(exec_id, timeout=timeout),
                              on_exit=on_exit, on_close=closed)
         self.streams.add(events)
         # HTTP/1.0: the agent writes the lines unframed and ends the body by closing
-        writer.write(f"GET /exec/{exec_id}/stream?since={since} HTTP/1.0\r\nHost: agent\r\n\r\n".encode("latin-1"))
+        connection.write(f"GET /exec/{exec_id}/stream?since={since} HTTP/1.0\r\nHost: agent\r\n\r\n".encode("latin-1"))
         try:
             await events.read_head()
         except BaseException:

@@ -292,6 +292,9 @@ class ParseLedger:
     def charge(self, key, cost):
         self.calls.append(("charge", cost, self.readings))
 
+    def refund(self, key, cost):
+        self.calls.append(("refund", cost, self.readings))
+
 
 def test_a_batch_is_paid_before_it_is_parsed_and_a_long_parse_is_charged_its_time(monkeypatch):
     """The fair share is paid for a batch's lines before any is parsed (no parse step timed
@@ -306,11 +309,91 @@ def test_a_batch_is_paid_before_it_is_parsed_and_a_long_parse_is_charged_its_tim
         return await events.next_events()
     batch = asyncio.run(scenario())
     assert [event["seq"] for _, event in batch] == [0]     # the long line passes BATCH_BYTES: it ends the batch
-    paid, charged = ledger.calls
+    reads = cbox.FairShare.ITEM + cbox.AgentEvents.READ       # each read paid at most, then the rest refunded
+    paid, charged = [call for call in ledger.calls if call[:2] != ("take", reads) and call[0] != "refund"]
     assert paid == ("take", cbox.FairShare.ITEM + len(big), 0)
     steps = ledger.readings // 2                           # two clock readings a step
     assert steps >= LINE_MAX // (32 * 1024)
     assert charged == ("charge", int(steps * 0.001 / cbox.FairShare.UNIT_S) - len(big), ledger.readings)
+
+
+class CountingConnection(cbox.GatedConnection):
+    """A GatedConnection that counts the bytes it read."""
+    read_bytes = 0
+
+    def buffer_updated(self, nbytes):
+        self.read_bytes += nbytes
+        super().buffer_updated(nbytes)
+
+
+async def gated_peer(payload):
+    """A CountingConnection to a local server that sends `payload` at once, then closes."""
+    async def send(reader, writer):
+        writer.write(payload)
+        await writer.drain()
+        writer.close()
+    server = await asyncio.start_server(send, "127.0.0.1", 0)
+    _, connection = await asyncio.get_running_loop().create_connection(
+        CountingConnection, "127.0.0.1", server.sockets[0].getsockname()[1])
+    return server, connection
+
+
+def test_a_gated_connection_reads_only_when_asked_one_read_at_a_time():
+    """Whatever the peer sends, the connection holds at most one read (READ bytes) beyond
+    what was taken: it reads when its reader asks, never ahead."""
+    payload = bytes(range(256)) * 8192                  # 2 MiB
+    async def scenario():
+        server, connection = await gated_peer(b"HEAD\r\n\r\n" + payload)
+        assert await connection.readuntil(b"\r\n\r\n") == b"HEAD\r\n\r\n"
+        got, held = bytearray(), []
+        while True:
+            await asyncio.sleep(0.01)                   # time for a reader that reads ahead to do so
+            held.append(len(connection.stash))
+            data = await connection.read(1 << 20)
+            if not data:
+                break
+            got += data
+        server.close()
+        return bytes(got), held
+    got, held = asyncio.run(scenario())
+    assert got == payload
+    assert max(held) <= cbox.GatedConnection.READ and len(held) >= len(payload) // cbox.GatedConnection.READ
+
+
+def test_a_gated_connection_reads_like_a_stream_reader():
+    async def scenario():
+        server, connection = await gated_peer(b"one\ntwo\nthree")
+        first = await connection.readline()
+        exact = await connection.readexactly(4)
+        with pytest.raises(asyncio.IncompleteReadError) as short:
+            await connection.readexactly(10)
+        end = await connection.read(10)
+        server.close()
+        return first, exact, short.value.partial, end
+    assert asyncio.run(scenario()) == (b"one\n", b"two\n", b"three", b"")
+
+
+def test_a_streams_reads_wait_for_its_turn_in_the_fair_share(monkeypatch):
+    """Each read of an agent stream is paid (at most READ) before it is made: with the
+    host-wide budget in debt the stream reads nothing until its turn comes."""
+    share = cbox.FairShare(1_000_000.0)                 # 1 M units a second, 50 ms of burst
+    monkeypatch.setattr(cbox, "GUEST_WORK", share)
+
+    async def scenario():
+        server, connection = await gated_peer(line(0, "start", execId="e") + line(1, "exit", exitCode=0))
+        agent = cbox.GuestAgent("vm", "127.0.0.1", 1, 1 << 20)
+        events = cbox.AgentEvents("e", connection, connection, 0, 5.0, LINE_MAX, agent.exit_line_max,
+                                  budget=agent.stream_budget, vm_name="vm")
+        share.charge("other", 200_000)                  # another VM's work: 0.15 s of debt
+        reading = asyncio.ensure_future(events.next_events())
+        await asyncio.sleep(0.05)
+        unread = connection.read_bytes == 0 and not reading.done()
+        batch = await reading
+        server.close()
+        return batch, unread
+    batch, unread = asyncio.run(scenario())
+    assert unread                                       # nothing was read while the budget was in debt
+    assert [event["type"] for _, event in batch] == ["start", "exit"]
 
 
 def test_flat_json_steps_decodes_as_json_does_whatever_the_pieces():
