@@ -919,6 +919,15 @@ class MemoryGiveBack:
             self.collect = self.COLLECT_ROUNDS
 
 
+def freeze_startup_objects():
+    """Move what exists when the server starts (the objects of cbox.py's code and of the
+    modules it imported, ~21,000) out of the garbage collector's way (gc.freeze): they
+    live as long as the process, and a full collection no longer walks them -- 14-30 ms
+    of the loop a full collection spent on them alone here (timed by hand)."""
+    gc.collect()
+    gc.freeze()
+
+
 async def give_memory_back():
     """MemoryGiveBack's rounds, every HEAP_TRIM_INTERVAL_S (with glibc: its malloc_trim)."""
     malloc_trim = glibc_malloc_trim()
@@ -9648,6 +9657,7 @@ async def serve_until_stopped(cfg):
         log("WARNING: guest images missing (run `make images`): " + ", ".join(missing))
     log("file descriptor limit", nofile=raise_fd_limit(), reserve=cfg.fd_reserve)
     GUEST_WORK.configure(cfg.guest_work_units_per_s)
+    freeze_startup_objects()
     lag_probe = asyncio.get_running_loop().create_task(LOOP_LAG.probe())
     memory_back = asyncio.get_running_loop().create_task(give_memory_back())
     EVENTS.resize(cfg.events_ring_size)

@@ -1200,3 +1200,14 @@ def test_what_python_writes_to_stderr_while_serving_takes_the_same_path(tmp_path
 def select_readable(fd):
     import select
     return bool(select.select([fd], [], [], 0)[0])
+
+
+def test_the_objects_there_when_the_server_starts_are_frozen_out_of_full_collections():
+    """freeze_startup_objects() leaves full collections only what came after it."""
+    import gc
+    try:
+        cbox.freeze_startup_objects()
+        assert gc.get_freeze_count() > 10_000          # the code's and the modules' objects
+        assert len(gc.get_objects()) < gc.get_freeze_count() // 2
+    finally:
+        gc.unfreeze()
