@@ -2727,7 +2727,9 @@ class AgentEvents:
             scanned = len(self.pending)
             self._check_length(self.pending, 0, scanned)
             try:
+                turn = loop.time()
                 await self.budget.pay_read(self.READ)
+                deadline += loop.time() - turn     # waiting for its turn is not the guest's silence
                 data = await within(max(deadline - loop.time(), 0.0), self.reader.read(self.READ))
                 self.budget.read_done(self.READ, len(data))
             except asyncio.TimeoutError as e:

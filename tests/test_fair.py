@@ -375,14 +375,15 @@ def test_a_gated_connection_reads_like_a_stream_reader():
 
 def test_a_streams_reads_wait_for_its_turn_in_the_fair_share(monkeypatch):
     """Each read of an agent stream is paid (at most READ) before it is made: with the
-    host-wide budget in debt the stream reads nothing until its turn comes."""
+    host-wide budget in debt the stream reads nothing until its turn comes, and that wait
+    does not count as the guest's silence (stall_s is shorter than it here)."""
     share = cbox.FairShare(1_000_000.0)                 # 1 M units a second, 50 ms of burst
     monkeypatch.setattr(cbox, "GUEST_WORK", share)
 
     async def scenario():
         server, connection = await gated_peer(line(0, "start", execId="e") + line(1, "exit", exitCode=0))
         agent = cbox.GuestAgent("vm", "127.0.0.1", 1, 1 << 20)
-        events = cbox.AgentEvents("e", connection, connection, 0, 5.0, LINE_MAX, agent.exit_line_max,
+        events = cbox.AgentEvents("e", connection, connection, 0, 0.05, LINE_MAX, agent.exit_line_max,
                                   budget=agent.stream_budget, vm_name="vm")
         share.charge("other", 200_000)                  # another VM's work: 0.15 s of debt
         reading = asyncio.ensure_future(events.next_events())
