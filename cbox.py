@@ -289,9 +289,14 @@ async def within(timeout, aw):
         deadlines.waiting.discard(deadline)
 
 
+def atomic_temporary(path):
+    """The file write_atomically writes before renaming it to `path` (a kill -9 can leave it)."""
+    return path.with_name(f".{path.name}.tmp")
+
+
 # Twin of guest_agent.write_atomically: must agree that a reader sees the old file or the whole new one.
 def write_atomically(path, data):
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = atomic_temporary(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -2404,13 +2409,13 @@ FLAT_CONSTANTS = {"true": True, "false": False, "null": None}
 FLAT_PIECE = 16 * 1024             # characters of a string flat_json_steps scans between two yields
 
 
-def join_string_parts(parts, part, joined=True):
-    """`part` after `parts` (the pieces of one string so far): a high surrogate ending the
-    last piece and a low one starting `part` become the one character they encode."""
+def add_string_part(parts, part):
+    """Append `part` to `parts` (the pieces of one string so far): a high surrogate ending
+    the last piece and a low one starting `part` become the one character they encode."""
     if parts and part and "\ud800" <= parts[-1][-1:] <= "\udbff" and "\udc00" <= part[0] <= "\udfff":
         pair = chr(0x10000 + ((ord(parts[-1][-1]) - 0xD800) << 10) + (ord(part[0]) - 0xDC00))
         parts[-1], part = parts[-1][:-1] + pair, part[1:]
-    return "".join(parts) + part if joined else part
+    parts.append(part)
 
 
 def scan_string_steps(text, pos, piece):
@@ -2428,16 +2433,17 @@ def scan_string_steps(text, pos, piece):
         cut = pos + piece
         if cut >= len(text):
             tail, end = scan(text, pos)
-            return join_string_parts(parts, tail), end
+            add_string_part(parts, tail)
+            return "".join(parts), end
         last = text.rfind("\\", cut - 6, cut)
         if last >= 0:
             run = last + 1 - pos - len(text[pos:last + 1].rstrip("\\"))
             if run % 2:
                 cut = last
         part, end = scan(text[pos:cut] + '"', 0)
+        add_string_part(parts, part)
         if end < cut - pos + 1:            # its closing quote came within the piece
-            return join_string_parts(parts, part), pos + end
-        parts.append(join_string_parts(parts, part, joined=False))
+            return "".join(parts), pos + end
         pos = cut
         yield
 
@@ -2451,8 +2457,7 @@ def flat_json_steps(text, max_members=64, piece=FLAT_PIECE):
 
     A generator: it yields between pieces of at most `piece` characters of a long string
     (an escape-heavy one takes ~20-40 ns a character to decode) and returns the object, so
-    an event loop can run other work between the pieces (AgentEvents). flat_json_object()
-    is the same in one go."""
+    an event loop can run other work between the pieces (AgentEvents._parse_long)."""
     pos, obj = 0, {}
 
     def punct(expected):
@@ -2511,16 +2516,6 @@ def flat_json_steps(text, max_members=64, piece=FLAT_PIECE):
     if pos != len(text):
         raise ValueError("data after the object")
     return obj
-
-
-def flat_json_object(text, max_members=64):
-    """flat_json_steps(text, max_members) in one go: the object; ValueError."""
-    steps = flat_json_steps(text, max_members, piece=len(text) + 1)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
 
 
 class GatedConnection(asyncio.BufferedProtocol):
@@ -2655,8 +2650,8 @@ class AgentEvents:
     parsed as the flat object every agent event is (flat_json_steps), so nesting or a long
     array costs no more than a scan, and a long string is decoded in pieces with other
     tasks running between them: a legal line as long as the bound (escapes decode at
-    ~20-40 ns each) never holds the loop for long. A stream that sends no complete line for `stall_s`
-    (the agent writes keepalives), or ends before its exit event, is broken: next_events()
+    ~20-40 ns each) never holds the loop for long. A stream that sends no complete line
+    for `stall_s` (the agent writes keepalives), or ends before its exit event, is broken: next_events()
     raises AgentError, and `next_seq` says where a re-attach would resume. Reads are
     batched (up to BATCH events of one read go onward in one write); the VM's streams
     together are held to EVENT_RATE events and BYTE_RATE bytes a second, and all VMs' to
@@ -2669,7 +2664,6 @@ class AgentEvents:
     `on_exit(line)` is called with the exit event's line when it is read, `on_close(self)`
     once when the stream closes."""
 
-    BUFFER = 256 * 1024            # a StreamReader's limit (tests read through one)
     READ = GatedConnection.READ    # bytes a read takes at most
     BATCH = 1024                   # events parsed per batch at most: the loop is not held long
     BATCH_BYTES = 64 * 1024        # and bytes: a batch ends with the line that passes this
@@ -7256,7 +7250,7 @@ class Adoption:
         chains of VMs that are gone included."""
         records_dir, vms = self.registry.records_dir, self.registry.vms
         records_dir.mkdir(parents=True, exist_ok=True)
-        for leftover in records_dir.glob(".*.json.tmp"):   # a kill -9 between a record write and its rename
+        for leftover in records_dir.glob(atomic_temporary(records_dir / "*.json").name):   # cut short: kill -9
             with contextlib.suppress(OSError):
                 leftover.unlink()
                 log("removed a record write cut short", file=leftover)

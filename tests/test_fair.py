@@ -140,6 +140,7 @@ import random  # noqa: E402
 from test_exec_stream import chunks_of, line, relay_from  # noqa: E402
 
 LINE_MAX = cbox.GuestAgent.EVENT_LINE_MAX
+READER_LIMIT = 256 * 1024      # the StreamReaders these tests feed an agent's stream through
 START = line(0, "start", execId="e")
 
 
@@ -195,7 +196,7 @@ def test_an_overlong_line_is_not_read_whole():
     """cbox.py stops reading a line once it is longer than the bound: what the agent sends
     beyond stays unread (in the socket), never in cbox.py's memory."""
     async def scenario():
-        reader = asyncio.StreamReader(limit=cbox.AgentEvents.BUFFER)
+        reader = asyncio.StreamReader(limit=READER_LIMIT)
         agent = cbox.GuestAgent("vm", "127.0.0.1", 1, 1 << 20)
         events = cbox.AgentEvents("e", reader, None, 0, 5.0, LINE_MAX, agent.exit_line_max,
                                   budget=agent.stream_budget, vm_name=agent.vm_name)
@@ -205,7 +206,7 @@ def test_an_overlong_line_is_not_read_whole():
         async def agent_writes():     # as a socket would: only while the reader's buffer has room
             nonlocal fed
             while fed < 50 * 1024 * 1024:
-                while len(reader._buffer) >= 2 * cbox.AgentEvents.BUFFER:
+                while len(reader._buffer) >= 2 * READER_LIMIT:
                     await asyncio.sleep(0)
                 reader.feed_data(piece)
                 fed += len(piece)
@@ -216,14 +217,14 @@ def test_an_overlong_line_is_not_read_whole():
         writing.cancel()
         return fed
     fed = asyncio.run(scenario())
-    assert fed <= LINE_MAX + 4 * cbox.AgentEvents.BUFFER
+    assert fed <= LINE_MAX + 4 * READER_LIMIT
 
 
 def test_a_batch_of_events_is_parsed_in_bounded_steps():
     """next_events() parses at most BATCH_BYTES (and the line that passes it) per call, so
     one read of many lines is not parsed in one go; the lines come out in order, all of them."""
     async def scenario():
-        reader = asyncio.StreamReader(limit=cbox.AgentEvents.BUFFER)
+        reader = asyncio.StreamReader(limit=READER_LIMIT)
         agent = cbox.GuestAgent("vm", "127.0.0.1", 1, 1 << 20)
         events = cbox.AgentEvents("e", reader, None, 0, 5.0, LINE_MAX, agent.exit_line_max,
                                   budget=agent.stream_budget, vm_name=agent.vm_name)
@@ -241,7 +242,7 @@ def test_a_batch_of_events_is_parsed_in_bounded_steps():
 
 def events_reading(data):
     """AgentEvents of a stream whose reader already holds `data`."""
-    reader = asyncio.StreamReader(limit=cbox.AgentEvents.BUFFER)
+    reader = asyncio.StreamReader(limit=READER_LIMIT)
     agent = cbox.GuestAgent("vm", "127.0.0.1", 1, 1 << 20)
     reader.feed_data(data)
     return cbox.AgentEvents("e", reader, None, 0, 5.0, LINE_MAX, agent.exit_line_max,
@@ -397,18 +398,20 @@ def test_a_streams_reads_wait_for_its_turn_in_the_fair_share(monkeypatch):
     assert [event["type"] for _, event in batch] == ["start", "exit"]
 
 
+def decoded(text, piece=cbox.FLAT_PIECE):
+    """flat_json_steps(text) run to its end: the object."""
+    steps = cbox.flat_json_steps(text, piece=piece)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
 def test_flat_json_steps_decodes_as_json_does_whatever_the_pieces():
     """Pieces are cut anywhere but inside an escape; a surrogate pair cut in two is joined."""
     rng = random.Random(7)
     alphabet = ["a", "é", '"', "\\", "\n", "\x01", "😀", "/", "\u2028"]
-
-    def decoded(text, piece):
-        steps = cbox.flat_json_steps(text, piece=piece)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                return done.value
     for _ in range(300):
         data = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
         for ascii_only in (False, True):
@@ -424,15 +427,15 @@ def test_flat_json_steps_decodes_as_json_does_whatever_the_pieces():
                 decoded(bad, piece)
 
 
-def test_flat_json_object_matches_json_on_events_and_refuses_other_shapes():
+def test_flat_json_steps_matches_json_on_events_and_refuses_other_shapes():
     for text in ['{"seq":3,"type":"stdout","data":"a\\u0000\\n\\"é"}', '{"seq":1,"type":"exit","argv":["a","b"],'
                  '"exitCode":null,"timedOut":false,"durationMs":1.5e2,"running":true}', '{}', ' {"a" : [ ] }\n']:
-        assert cbox.flat_json_object(text) == json.loads(text)
+        assert decoded(text) == json.loads(text)
     for text in ['{"a":[1]}', '{"a":{}}', '[1]', '{"a":1}x', '{"a":01}', '{"a":"x}', '{"a" 1}', '{"a":1,}',
                  '{"a":["x",]}', '{"a":"\x01"}', '{"a":NaN}', '{"a":[' + '"x",' * 64 + '"x"]}',
                  '{' + ",".join(f'"k{i}":1' for i in range(65)) + '}']:
         with pytest.raises(ValueError):
-            cbox.flat_json_object(text)
+            decoded(text)
 
 
 # ---- attacking VMs under the stand-in ------------------------------------------------------------
