@@ -448,6 +448,7 @@ from conftest import Api  # noqa: E402,F401  (fixtures come from conftest)
 from nsutil import CallbackURLServer  # noqa: E402
 from procutil import proc_cpu_seconds, wait_for  # noqa: E402
 import hostile  # noqa: E402
+import hostile_agent  # noqa: E402
 
 SHARE = 4 * 1024 * 1024        # guest_work_units_per_s in these tests: well under what the attackers want
 
@@ -457,7 +458,8 @@ class Host:
 
     def __init__(self, cbox_factory, netns, n, **overrides):
         self.cb = CallbackURLServer(netns.listen(), lambda body: (200, b'{"result": "ok"}'), single_write=True)
-        self.server = cbox_factory(guest_work_units_per_s=SHARE, exec_output_limit_bytes=64 * 1024, **overrides)
+        self.server = cbox_factory(**{"guest_work_units_per_s": SHARE, "exec_output_limit_bytes": 64 * 1024,
+                                      **overrides})
         self.server.start()
         self.api, self.pid = self.server.api, self.server.proc.pid
         self.api.start_vm("good", callbackUrl=self.cb.url, memoryMb=64)
@@ -551,7 +553,7 @@ def stream_exec(api, vm, cmd):
                                         ("stream_nested", "not shaped like an event")])
 def test_a_replaced_agents_hostile_stream_lines_end_the_stream_and_memory_comes_back(host, tmp_path, mode, words):
     """The issue's attack: a replaced agent answers a streamed exec with 12 lines of ~50 MB
-    (or nested 500,000 deep), 4 clients streaming. Each stream ends with an error event,
+    (or nested 200,000 deep), 4 clients streaming. Each stream ends with an error event,
     the healthy VM works meanwhile, and cbox.py's RSS comes back near its baseline."""
     h = host(1)
     bad = h.bad[0]["vmName"]
@@ -596,6 +598,54 @@ def test_a_replaced_agents_hostile_stream_lines_end_the_stream_and_memory_comes_
              what=f"cbox.py's RSS back within 20 MB of {base} kB")
     print(f"\n{mode}: cbox.py RSS {base // 1024} MB before, peak {sampler.peak_rss_kb // 1024} MB, "
           f"{hostile.rss_kb(h.pid) // 1024} MB {time.monotonic() - ended:.1f} s after the attack")
+    h.check_good()
+    assert "Traceback" not in h.server.log()
+
+
+def test_replaced_agents_of_several_vms_sending_lines_at_the_bound_are_relayed_whole_in_turns(host, tmp_path):
+    """3 replaced agents at once answer streamed execs with 12 legal lines just under the
+    bound, escapes all through (tests/hostile_agent.py stream_bound), 2 clients each: every
+    line reaches its client whole and decoded right, the VMs took turns in the fair share
+    (the default budget: the three want more), and the healthy VM works meanwhile."""
+    h = host(3, guest_work_units_per_s=24 * 1024 * 1024)
+    waits0 = h.metric("cbox_guest_work_waits_total")
+    data = json.loads(b'"' + hostile_agent.BOUND_FILL + b'"')
+
+    def post_exec_to(vm):
+        def post_exec(body):
+            try:
+                return h.api.post(f"/v1/vms/{vm}/exec", body, timeout=60)
+            except OSError as e:
+                return type(e).__name__, {}
+        return post_exec
+    agents = [(post_exec_to(vm["vmName"]), tmp_path / f"hostile{i}.stop") for i, vm in enumerate(h.bad)]
+    for post_exec, stop_file in agents:
+        hostile.start_hostile_agent(post_exec, stop_file)
+    try:
+        results, errors = [], []
+
+        def client(vm):
+            try:
+                results.append(stream_exec(h.api, vm, "hostile:stream_bound"))
+            except Exception as e:          # reported below
+                errors.append(e)
+        clients = [threading.Thread(target=client, args=(vm["vmName"],)) for vm in h.bad for _ in range(2)]
+        for c in clients:
+            c.start()
+        while any(c.is_alive() for c in clients):
+            h.check_good()
+            time.sleep(0.3)
+        for c in clients:
+            c.join()
+        assert not errors, errors
+        assert len(results) == 6
+        for events in results:      # the hostile agent closes after its 12 lines: no exit event
+            assert [e["type"] for e in events] == ["start"] + ["stdout"] * 12 + ["error"], events[-1]
+            assert all(e["data"] == data for e in events[1:-1])
+    finally:
+        for post_exec, stop_file in agents:
+            hostile.stop_hostile_agent(post_exec, stop_file)
+    assert h.metric("cbox_guest_work_waits_total") > waits0            # the share was contended
     h.check_good()
     assert "Traceback" not in h.server.log()
 
