@@ -662,9 +662,13 @@ M_BUILD_INFO = METRICS.gauge("cbox_build_info", "always 1; the label names cbox.
 M_LOOP_LAG = METRICS.gauge("cbox_event_loop_lag_seconds", "how late cbox.py's event loop ran a 100 ms timer, "
                            "over the last minute: quantile 0.5, 0.99 and 1 (the maximum)", ("quantile",))
 M_GUEST_WORK_WAITING = METRICS.gauge("cbox_guest_work_waiting", "requests of guest-caused work waiting for "
-                                     "their VM's turn in the host-wide fair share (guest_work_units_per_s)")
+                                     "their VM's turn in the host-wide fair share (guest_work_cpu_share)")
 M_GUEST_WORK_WAITS = METRICS.counter("cbox_guest_work_waits_total", "times guest-caused work waited for its VM's "
                                      "turn in the host-wide fair share (the budget was in use)")
+M_GUEST_WORK_RATE = METRICS.gauge("cbox_guest_work_units_per_second", "the host-wide fair share's budget "
+                                  "(guest_work_cpu_share over the unit's measured cost, or guest_work_units_per_s)")
+M_GUEST_WORK_UNIT = METRICS.gauge("cbox_guest_work_unit_seconds", "what a unit of guest work costs cbox.py's loop "
+                                  "on this host, measured at start")
 CALLBACK_OUTCOMES = {outcome: M_CALLBACKS.labels(outcome)
                      for outcome in ("ok", "error", "refused", "bad_request", "no_url")}
 HTTP_METHODS = frozenset(("GET", "POST", "PUT", "DELETE", "HEAD", "PATCH", "OPTIONS"))
@@ -1214,10 +1218,12 @@ CONFIG_KEYS = {
     "callback_write_timeout_s": (float, 10.0, "time a guest has to read a callback reply before its connection is closed"),
     "callback_log_lines_per_s": (float, 20.0, "callback log lines a second per VM; the rest are counted and the count logged"),
     "fd_reserve": (int, 256, "file descriptors kept free for the API and other VMs: guest connections beyond are refused"),
-    "guest_work_units_per_s": (int, 24 * 1024 * 1024, "host-wide budget of the work all guests together may make "
-                                                       "cbox.py's loop do, divided fairly among the VMs wanting it "
-                                                       "(a unit is ~4 ns of loop time: a byte, an event 1024, a "
-                                                       "callback 6144); 0 = none"),
+    "guest_work_cpu_share": (float, 0.1, "share of one CPU core that the work all guests together make cbox.py's "
+                                         "loop do may take, divided fairly among the VMs wanting it (what a unit "
+                                         "of that work costs is measured at start); 0 = no host-wide budget"),
+    "guest_work_units_per_s": (int, 0, "a fixed host-wide budget of guest work instead of guest_work_cpu_share's "
+                                       "(a unit: a byte relayed; an event or read 1024 more, a callback line 6144 "
+                                       "more); 0 = from guest_work_cpu_share"),
     "default_egress": (str, "nat", "egress policy of a VM whose request names none: nat (everything) or none"),
     "destroy_on_exit": (bool, False, "destroy all VMs when cbox.py stops (default: leave them for the next start)"),
     "default_ttl_s": (int, 0, "lifetime of a VM whose request has no ttlSeconds; 0 = none (max_ttl_s when that is set)"),
@@ -1327,6 +1333,8 @@ def check_config(cfg, source):
         bad("vcpu_overcommit must be 0..1000")
     if cfg.guest_work_units_per_s < 0:
         bad("guest_work_units_per_s must not be negative")
+    if not 0 <= cfg.guest_work_cpu_share <= 1:
+        bad("guest_work_cpu_share must be 0..1 (cbox.py's loop runs on one core)")
     for key, most in (("vm_disk_mb_per_s", 1 << 20), ("vm_disk_ops_per_s", 1 << 30), ("vm_net_mbit_per_s", 1 << 23)):
         if not 0 <= getattr(cfg, key) <= most:
             bad(f"{key} must be 0 (no limit)..{most}")
@@ -2258,14 +2266,16 @@ class TokenBucket:
 
 
 class FairShare:
-    """One host-wide budget for the work guests make cbox.py's event loop do (config key
-    guest_work_units_per_s), divided max-min fairly among the VMs that want it, on top of
-    each VM's own budgets (the per-VM caps).
+    """One host-wide budget for the work guests make cbox.py's event loop do (config keys
+    guest_work_cpu_share, guest_work_units_per_s), divided max-min fairly among the VMs that
+    want it, on top of each VM's own budgets (the per-VM caps).
 
-    Work is counted in units of about 4 ns of the loop's time (bench/loop_capacity.py): a
-    byte read, parsed or relayed is one, an item (a stream event, a console or event-FIFO
-    read, a log line, an agent answer, a callback connection) ITEM more, a callback line
-    (with its reply) CALLBACK more, work measured in CPU time a unit per UNIT_S.
+    Work is counted in units (weights from bench/loop_capacity.py): a byte read, parsed or
+    relayed is one, an item (a stream event, a console or event-FIFO read, a log line, an
+    agent answer, a callback connection) ITEM more, a callback line (with its reply)
+    CALLBACK more, work measured in CPU time a unit per `unit_s`: what a unit costs the
+    loop on this host, measured at start (measure_unit_seconds; 4-12 ns on the development
+    machines). The budget in units a second is guest_work_cpu_share / unit_s.
 
     spend(key, cost, wake) is the fast path: with nobody waiting and the budget not in
     debt the cost is charged at once (it may overdraw) and True comes back, without a task
@@ -2278,8 +2288,8 @@ class FairShare:
     to the others. `clock` and `call_later` can be replaced (tests run it on a fake clock)."""
 
     ITEM = 1024                    # units an item costs besides its bytes (README, "Fair share")
-    CALLBACK = 6 * 1024            # units a callback line costs besides its bytes (and its parse: UNIT_S)
-    UNIT_S = 4e-9                  # a unit in seconds of CPU, for work measured in time
+    CALLBACK = 6 * 1024            # units a callback line costs besides its bytes (and its parse: unit_s)
+    UNIT_S = 1e-8                  # unit_s until configure() is given the measured one
 
     def __init__(self, rate, clock=time.monotonic, call_later=None):
         self.clock, self.call_later = clock, call_later
@@ -2290,10 +2300,10 @@ class FairShare:
         self.timer = None              # the loop's handle that calls serve()
         self.configure(rate)
 
-    def configure(self, rate):
-        """`rate` units a second (0: no host-wide budget), at most 50 ms of it saved up; a
-        fresh start (serve() calls it before any VM exists: nothing is waiting)."""
-        self.rate, self.burst = float(rate), rate / 20.0
+    def configure(self, rate, unit_s=UNIT_S):
+        """`rate` units a second (0: no host-wide budget), at most 50 ms of it saved up, a unit
+        `unit_s` seconds of CPU; a fresh start (serve() calls it before any VM exists)."""
+        self.rate, self.burst, self.unit_s = float(rate), rate / 20.0, unit_s
         self.tokens, self.stamp = self.burst, self.clock()
         self.waiting, self.timer, self.virtual, self.finish, self.tags = [], None, 0.0, {}, 0
 
@@ -2329,6 +2339,10 @@ class FairShare:
         M_GUEST_WORK_WAITS.inc()
         self._arm()
         return False
+
+    def units(self, seconds):
+        """Work measured in CPU time (a parse), in units."""
+        return int(seconds / self.unit_s)
 
     def charge(self, key, cost):
         """Work done that must not wait (an agent's answer to a client): counted all the same."""
@@ -2369,7 +2383,7 @@ class FairShare:
             self.timer = call_later(delay, self.serve)
 
 
-GUEST_WORK = FairShare(0)          # configured by serve() (guest_work_units_per_s)
+GUEST_WORK = FairShare(0)          # configured by serve() (configure_guest_work)
 METRICS.on_scrape("guest_work", lambda: setattr(M_GUEST_WORK_WAITING, "value", len(GUEST_WORK.waiting)))
 
 
@@ -2767,7 +2781,7 @@ class AgentEvents:
         except (ValueError, RecursionError) as e:
             raise self.broken("an event line that is not JSON, or not shaped like an event") from e
         finally:
-            extra = int(spent / FairShare.UNIT_S) - len(line)
+            extra = GUEST_WORK.units(spent) - len(line)
             if extra > 0:
                 GUEST_WORK.charge(self.budget.share_key, extra)
         return self._accept(event, line)
@@ -5439,7 +5453,7 @@ class CallbackBridge:
                 # after a refusal the connection waits, so refusing costs little too
                 await asyncio.sleep(CALLBACK_REFUSAL_PAUSE if refused else 0)
                 await GUEST_WORK.take(self.vm, FairShare.CALLBACK + len(line) + len(reply)
-                                      + int(parse_s / FairShare.UNIT_S))
+                                      + GUEST_WORK.units(parse_s))
         except OSError:
             pass
         finally:
@@ -5597,6 +5611,63 @@ class CallbackBridge:
 
 
 METRICS.on_scrape("callback_bridges", CallbackBridge.export_counters)
+
+
+# The fair share's yardstick: what a unit of guest work costs this host's loop. Hosts differ
+# several fold (Python's speed, syscalls' cost), so a fixed number of units a second would
+# be a tenth of a core on one host and a third on another.
+YARDSTICK_LINE = b'{"method": "tiny", "params": {"i": 1}}\n'    # a flooding guest's line (tests/hostile.py)
+YARDSTICK_UNITS = 1600     # what the loop's whole handling of one costs, in units (fit: bench/loop_capacity.py)
+
+
+async def yardstick_round(loop, lines):
+    """CPU seconds (this thread's) one line takes through the skeleton of a callback
+    connection (CallbackBridge._connection): read pipelined lines, parse each, send its
+    reply, yield to the loop."""
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        ours.setblocking(False)
+        peer.sendall(YARDSTICK_LINE * lines)       # the lines and their replies fit the sockets' buffers
+        buf, done = bytearray(), 0
+        t0 = time.thread_time()
+        while done < lines:
+            buf += await loop.sock_recv(ours, 256 * 1024)
+            end = buf.find(b"\n")
+            while end >= 0:
+                line = bytes(buf[:end + 1])
+                del buf[:end + 1]
+                parse_callback_line(line, "yardstick")
+                await loop.sock_sendall(ours, error_line("VM 'yardstick' has no callbackUrl"))
+                await asyncio.sleep(0)
+                done += 1
+                end = buf.find(b"\n")
+        return (time.thread_time() - t0) / lines
+
+
+def measure_unit_seconds(lines=100, rounds=10):
+    """Seconds of CPU a unit of guest work costs cbox.py's loop on this host: the fastest of
+    `rounds` yardstick rounds (~40 ms in all; the fastest, as a shared host's speed varies
+    by up to 2x from one moment to the next), over YARDSTICK_UNITS. Runs its own event
+    loop: call it in a thread."""
+    loop = asyncio.new_event_loop()
+    try:
+        line_s = min(loop.run_until_complete(yardstick_round(loop, lines)) for _ in range(rounds))
+    finally:
+        loop.close()
+    return min(max(line_s / YARDSTICK_UNITS, 1e-10), 1e-6)
+
+
+async def configure_guest_work(cfg):
+    """The host-wide fair share's budget: guest_work_units_per_s when set, else
+    guest_work_cpu_share of a core at the unit's cost measured here."""
+    unit_s = FairShare.UNIT_S
+    if cfg.guest_work_units_per_s or cfg.guest_work_cpu_share:
+        unit_s = await asyncio.to_thread(measure_unit_seconds)
+    rate = cfg.guest_work_units_per_s or int(cfg.guest_work_cpu_share / unit_s)
+    GUEST_WORK.configure(rate, unit_s)
+    M_GUEST_WORK_RATE.value, M_GUEST_WORK_UNIT.value = rate, unit_s
+    log("guest work budget", units_per_s=rate or "none", unit_ns=f"{unit_s * 1e9:.1f}",
+        cpu_share=f"{rate * unit_s:.3f}")
 
 
 # =============================================================================
@@ -9652,7 +9723,7 @@ async def serve_until_stopped(cfg):
     if missing:
         log("WARNING: guest images missing (run `make images`): " + ", ".join(missing))
     log("file descriptor limit", nofile=raise_fd_limit(), reserve=cfg.fd_reserve)
-    GUEST_WORK.configure(cfg.guest_work_units_per_s)
+    await configure_guest_work(cfg)
     freeze_startup_objects()
     lag_probe = asyncio.get_running_loop().create_task(LOOP_LAG.probe())
     memory_back = asyncio.get_running_loop().create_task(give_memory_back())

@@ -9,7 +9,8 @@ off, per-VM rates huge) against peers in processes of their own (a flooding gues
 fake agent streaming events, `yes`, a client reading), and prints, per kind, the work
 done per second of this process's CPU: the loop's capacity. The README's "Fair
 share" paragraph derives guest_work_units_per_s and FairShare.ITEM from these
-figures. Loopback and Unix sockets only. Stdlib only.
+figures, and cbox.py's YARDSTICK_UNITS (what measure_unit_seconds divides by) is fitted
+to them: it prints the fit for this host. Loopback and Unix sockets only. Stdlib only.
 """
 import argparse
 import asyncio
@@ -161,6 +162,21 @@ async def console(seconds):
     return n, used
 
 
+async def yardstick_fit(line_s):
+    """cbox.py's YARDSTICK_UNITS from this host's figures: a unit is what the loop spends on
+    a flooding guest's callback line (`line_s`, 10 VMs) beyond its parse, over the units
+    the line is charged besides its parse (FairShare.CALLBACK and its bytes)."""
+    line = cbox.YARDSTICK_LINE
+    parse_s = min(cbox.cpu_timed(cbox.parse_callback_line, line, "capacity")[1] for _ in range(2000))
+    reply = cbox.error_line("VM 'capacity' has no callbackUrl")
+    unit_s = (line_s - parse_s) / (cbox.FairShare.CALLBACK + len(line) + len(reply))
+    measured = min([await asyncio.to_thread(cbox.measure_unit_seconds) for _ in range(3)])  # runs its own loop
+    yardstick_s = measured * cbox.YARDSTICK_UNITS
+    print(f"  a unit of the loop: {unit_s * 1e9:.1f} ns (callback lines, 10 VMs, beyond their parse of "
+          f"{parse_s * 1e6:.1f} us); the yardstick: {yardstick_s * 1e6:.1f} us a line, so YARDSTICK_UNITS fits "
+          f"{yardstick_s / unit_s:.0f} here (cbox.py has {cbox.YARDSTICK_UNITS}: a unit {measured * 1e9:.1f} ns)")
+
+
 async def main(seconds):
     cbox.GUEST_WORK.configure(0)
     print(f"one cbox.py loop, {seconds:g} s per kind, per CPU second of the loop (load: {os.getloadavg()[0]:.2f})")
@@ -168,6 +184,7 @@ async def main(seconds):
         n, used = await callbacks(seconds, vms)
         print(f"  callback lines, {vms:2d} VMs flooding: {n / used:8.0f} /s   {used / n * 1e6:6.1f} us each "
               f"(loop {used / seconds:.0%} busy)")
+    await yardstick_fit(used / n)
     for size in (64, 256 * 1024):
         events, nbytes, used = await stream(seconds, size)
         print(f"  stream events of {size:>6} B:  {events / used:10.0f} /s   {nbytes / used / 1e6:7.1f} MB/s "

@@ -1,5 +1,5 @@
 """Figures, not a test (no assertion on speed): a healthy VM's exec and health latency and
-cbox.py's loop lag, idle and while guests attack, for several guest_work_units_per_s (0 =
+cbox.py's loop lag, idle and while guests attack, for several guest_work_cpu_share (0 =
 no fair share). Under the stand-in, unpinned; the README's "Fair share" figures:
 
     python3 -m pytest -q -s tests/measure_fair_share.py
@@ -55,12 +55,12 @@ def stream_yes(h, vm, stop):
         sock.close()
 
 
-@pytest.mark.parametrize("units", [0, 12 << 20, 24 << 20, 48 << 20])
+@pytest.mark.parametrize("cpu_share", [0, 0.05, 0.1, 0.2])
 @pytest.mark.parametrize("attack", ["flood10", "yes4"])
-def test_measure(host, monkeypatch, attack, units):   # noqa: F811
-    monkeypatch.setattr(test_fair, "SHARE", units)
-    h = host(10 if attack == "flood10" else 1)
-    print(f"\n== {attack}, guest_work_units_per_s={units}", flush=True)
+def test_measure(host, attack, cpu_share):   # noqa: F811
+    h = host(10 if attack == "flood10" else 1, guest_work_units_per_s=0, guest_work_cpu_share=cpu_share)
+    print(f"\n== {attack}, guest_work_cpu_share={cpu_share} ({h.metric('cbox_guest_work_units_per_second'):.0f} "
+          f"units a second)", flush=True)
     idle = probe(h, "idle")
     stop, attacks = threading.Event(), []
     if attack == "flood10":

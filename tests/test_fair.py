@@ -4,9 +4,11 @@ Unit tests drive cbox.FairShare on a fake clock (a discrete-event simulation: no
 sleeps, no timing); the tests further down run attacking VMs under the stand-in and
 check correctness (the healthy VM's exec works, memory comes back), never speed.
 """
+import asyncio
 import heapq
 import itertools
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -131,9 +133,43 @@ def test_no_budget_when_the_rate_is_zero():
     assert all(share.spend("a", 10 ** 12, None) for _ in range(10))
 
 
+def busy(seconds):
+    """Spend `seconds` of this thread's CPU."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def test_the_unit_is_measured_on_this_host_and_dearer_where_the_work_is_slower(monkeypatch):
+    """The yardstick times cbox.py's own code: make its parse slower by 100 us a line (a
+    host that much slower) and a unit costs about 100 us / YARDSTICK_UNITS more."""
+    fast = cbox.measure_unit_seconds(lines=50, rounds=3)
+    assert 1e-10 < fast < 1e-6
+    parse = cbox.parse_callback_line
+    monkeypatch.setattr(cbox, "parse_callback_line", lambda line, name: (busy(100e-6), parse(line, name))[1])
+    slow = cbox.measure_unit_seconds(lines=50, rounds=3)
+    assert slow - fast > 0.5 * 100e-6 / cbox.YARDSTICK_UNITS, (fast, slow)
+
+
+def test_the_budget_is_the_cpu_share_over_the_measured_unit_unless_units_are_fixed(monkeypatch):
+    share = cbox.FairShare(0)
+    monkeypatch.setattr(cbox, "GUEST_WORK", share)
+    monkeypatch.setattr(cbox, "measure_unit_seconds", lambda: 2e-8)
+    cfg = cbox.load_config(REPO / "config.yaml")
+    assert (cfg.guest_work_cpu_share, cfg.guest_work_units_per_s) == (0.1, 0)
+    asyncio.run(cbox.configure_guest_work(cfg))
+    assert (share.rate, share.unit_s) == (5_000_000, 2e-8)      # a tenth of a core at 20 ns a unit
+    assert (cbox.M_GUEST_WORK_RATE.value, cbox.M_GUEST_WORK_UNIT.value) == (5_000_000, 2e-8)
+    assert share.units(1e-3) == 50_000                           # a parse of 1 ms
+    asyncio.run(cbox.configure_guest_work(cfg.replace(guest_work_units_per_s=123_456)))
+    assert (share.rate, share.unit_s) == (123_456, 2e-8)
+    monkeypatch.setattr(cbox, "measure_unit_seconds", lambda: pytest.fail("measured with no budget to size"))
+    asyncio.run(cbox.configure_guest_work(cfg.replace(guest_work_cpu_share=0)))
+    assert share.rate == 0 and share.spend("a", 10 ** 12, None)
+
+
 # ---- guest answers parsed within bounds ------------------------------------------------------
 
-import asyncio  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
 
@@ -279,6 +315,8 @@ def test_a_long_line_is_decoded_in_pieces_other_tasks_running_between():
 class ParseLedger:
     """Stands in for GUEST_WORK and a stream's parse clock: every clock reading is 1 ms
     later; what a batch paid (take) and was charged, with the readings taken by then."""
+    unit_s = 1e-8
+    units = cbox.FairShare.units
 
     def __init__(self):
         self.readings, self.calls = 0, []
@@ -315,7 +353,7 @@ def test_a_batch_is_paid_before_it_is_parsed_and_a_long_parse_is_charged_its_tim
     assert paid == ("take", cbox.FairShare.ITEM + len(big), 0)
     steps = ledger.readings // 2                           # two clock readings a step
     assert steps >= LINE_MAX // (32 * 1024)
-    assert charged == ("charge", int(steps * 0.001 / cbox.FairShare.UNIT_S) - len(big), ledger.readings)
+    assert charged == ("charge", int(steps * 0.001 / ledger.unit_s) - len(big), ledger.readings)
 
 
 class CountingConnection(cbox.GatedConnection):
@@ -442,7 +480,6 @@ def test_flat_json_steps_matches_json_on_events_and_refuses_other_shapes():
 
 import re  # noqa: E402
 import threading  # noqa: E402
-import time  # noqa: E402
 
 from conftest import Api  # noqa: E402,F401  (fixtures come from conftest)
 from nsutil import CallbackURLServer  # noqa: E402
