@@ -470,7 +470,9 @@ def test_a_quick_command_wakes_the_agent_once_when_it_can_be_reaped(monkeypatch,
     bad.chmod(0o755)
     with pytest.raises(ga.RequestError, match="cannot start command"):
         ga.Exec("0123456789abcdef", ga.ExecSpec({"argv": [str(bad)]})).start({"PATH": os.environ["PATH"]})
-    assert set(os.listdir("/proc/self/fd")) - fds_before == {str(fd) for fd in ga._devnull}   # opened once
+    left = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in set(os.listdir("/proc/self/fd")) - fds_before}
+    assert {fd for fd, what in left.items() if what.startswith(("pipe:", "anon_inode:[pidfd]"))} == set(), left
+    assert {str(fd) for fd in ga._devnull} <= set(left)                        # /dev/null, opened once
 
 
 def test_commands_start_with_no_signal_blocked_and_server_threads_block_sigchld(agent):
