@@ -8,7 +8,7 @@ EventRelay, BoundedReader) with every budget out of the way (the host-wide fair 
 off, per-VM rates huge) against peers in processes of their own (a flooding guest, a
 fake agent streaming events, `yes`, a client reading), and prints, per kind, the work
 done per second of this process's CPU: the loop's capacity. The README's "Fair
-share" paragraph derives guest_work_units_per_s and FairShare.ITEM from these
+share" paragraph derives FairShare.ITEM and FairShare.CALLBACK from these
 figures, and cbox.py's YARDSTICK_UNITS (what measure_unit_seconds divides by) is fitted
 to them: it prints the fit for this host. Loopback and Unix sockets only. Stdlib only.
 """
