@@ -2539,14 +2539,15 @@ class GatedConnection(asyncio.BufferedProtocol):
     the loop for at most READ bytes. Heads are read HEAD_READ bytes at a time, so streams
     that all open at once cost little before they pay. The reader's side is a
     StreamReader's subset: read(n), readuntil(sep) (within LIMIT bytes), readexactly(n),
-    readline(); write() and close() are the transport's."""
+    readline(); write() and close() are the transport's. The buffer is made for each read
+    and let go after it: an idle stream holds none (200 idle streams held 13 MB more)."""
 
     READ = 64 * 1024
     HEAD_READ = 4096
     LIMIT = 64 * 1024
 
     def __init__(self):
-        self.transport, self.buffer = None, bytearray(self.READ)
+        self.transport, self.buffer = None, None
         self.want = self.HEAD_READ     # the size of the read asked for
         self.stash = bytearray()       # bytes read and not yet taken
         self.waiter = None             # the future of the read in progress
@@ -2565,11 +2566,13 @@ class GatedConnection(asyncio.BufferedProtocol):
             self._pause()
 
     def get_buffer(self, sizehint):
-        return memoryview(self.buffer)[:self.want]
+        self.buffer = bytearray(self.want)
+        return self.buffer
 
     def buffer_updated(self, nbytes):
         self._pause()                            # until the next read asks
         self.stash += memoryview(self.buffer)[:nbytes]
+        self.buffer = None
         self._wake()
 
     def _pause(self):
@@ -2578,12 +2581,12 @@ class GatedConnection(asyncio.BufferedProtocol):
         self.transport.pause_reading()
 
     def eof_received(self):
-        self.ended = True
+        self.ended, self.buffer = True, None
         self._wake()
         return False                             # the transport closes
 
     def connection_lost(self, exc):
-        self.ended, self.error = True, exc if isinstance(exc, OSError) else None
+        self.ended, self.error, self.buffer = True, exc if isinstance(exc, OSError) else None, None
         self._wake()
 
     def _wake(self):

@@ -399,6 +399,20 @@ def test_a_gated_connection_reads_only_when_asked_one_read_at_a_time():
     assert max(held) <= cbox.GatedConnection.READ and len(held) >= len(payload) // cbox.GatedConnection.READ
 
 
+def test_an_idle_gated_connection_holds_no_read_buffer():
+    """Between reads (an idle stream: most of them) the connection keeps no buffer."""
+    async def scenario():
+        server, connection = await gated_peer(b"x" * 100_000)
+        sizes = []
+        for _ in range(3):
+            data = await connection.read(1 << 20)
+            sizes.append((len(data), connection.buffer))
+        server.close()
+        return sizes
+    assert asyncio.run(scenario()) == [(cbox.GatedConnection.READ, None), (100_000 - cbox.GatedConnection.READ, None),
+                                       (0, None)]
+
+
 def test_a_gated_connection_reads_like_a_stream_reader():
     async def scenario():
         server, connection = await gated_peer(b"one\ntwo\nthree")
