@@ -2274,8 +2274,9 @@ class FairShare:
     relayed is one, an item (a stream event, a console or event-FIFO read, a log line, an
     agent answer, a callback connection) ITEM more, a callback line (with its reply)
     CALLBACK more, work measured in CPU time a unit per `unit_s`: what a unit costs the
-    loop on this host, measured at start (measure_unit_seconds; 4-12 ns on the development
-    machines). The budget in units a second is guest_work_cpu_share / unit_s.
+    loop on this host, measured at start (measure_unit_seconds; about 4 ns on the first
+    development machine, 12-20 ns on a later one). The budget in units a second is
+    guest_work_cpu_share / unit_s.
 
     spend(key, cost, wake) is the fast path: with nobody waiting and the budget not in
     debt the cost is charged at once (it may overdraw) and True comes back, without a task
@@ -2384,7 +2385,15 @@ class FairShare:
 
 
 GUEST_WORK = FairShare(0)          # configured by serve() (configure_guest_work)
-METRICS.on_scrape("guest_work", lambda: setattr(M_GUEST_WORK_WAITING, "value", len(GUEST_WORK.waiting)))
+
+
+def export_guest_work():
+    """GUEST_WORK's budget, unit and waiting requests into their gauges (on scrape)."""
+    M_GUEST_WORK_WAITING.value = len(GUEST_WORK.waiting)
+    M_GUEST_WORK_RATE.value, M_GUEST_WORK_UNIT.value = GUEST_WORK.rate, GUEST_WORK.unit_s
+
+
+METRICS.on_scrape("guest_work", export_guest_work)
 
 
 AGENT_ERROR_MAX = 64 * 1024      # a guest agent's error answer is read whole, at most this much
@@ -5257,6 +5266,11 @@ def error_line(message):
     return json_bytes({"error": message}) + b"\n"
 
 
+def no_callback_url_line(vm_name):
+    """The reply to a callback of a VM without a callbackUrl."""
+    return error_line(f"VM '{vm_name}' has no callbackUrl")
+
+
 def close_socket(loop, sock):
     """Close a socket used with loop.sock_*(): their cleanup (remove_reader of the fd) runs
     later, when the fd may already belong to a new transport, which makes asyncio raise
@@ -5583,7 +5597,7 @@ class CallbackBridge:
     async def forward(self, body, callback_id):
         url = self.vm.callbackUrl
         if not url:
-            return error_line(f"VM '{self.vm.vmName}' has no callbackUrl")
+            return no_callback_url_line(self.vm.vmName)
         parts = urllib.parse.urlsplit(url)
         client = self.callback_client(parts)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -5640,7 +5654,7 @@ async def yardstick_round(loop, lines):
                 line = bytes(buf[:end + 1])
                 del buf[:end + 1]
                 parse_callback_line(line, "yardstick")
-                await loop.sock_sendall(ours, error_line("VM 'yardstick' has no callbackUrl"))
+                await loop.sock_sendall(ours, no_callback_url_line("yardstick"))
                 await asyncio.sleep(0)
                 done += 1
                 end = buf.find(b"\n")
@@ -5668,7 +5682,6 @@ async def configure_guest_work(cfg):
         unit_s = await asyncio.to_thread(measure_unit_seconds)
     rate = cfg.guest_work_units_per_s or int(cfg.guest_work_cpu_share / unit_s)
     GUEST_WORK.configure(rate, unit_s)
-    M_GUEST_WORK_RATE.value, M_GUEST_WORK_UNIT.value = rate, unit_s
     log("guest work budget", units_per_s=rate or "none", unit_ns=f"{unit_s * 1e9:.1f}",
         cpu_share=f"{rate * unit_s:.3f}")
 

@@ -168,7 +168,7 @@ async def yardstick_fit(line_s):
     the line is charged besides its parse (FairShare.CALLBACK and its bytes)."""
     line = cbox.YARDSTICK_LINE
     parse_s = min(cbox.cpu_timed(cbox.parse_callback_line, line, "capacity")[1] for _ in range(2000))
-    reply = cbox.error_line("VM 'capacity' has no callbackUrl")
+    reply = cbox.no_callback_url_line(FakeVM.vmName)
     unit_s = (line_s - parse_s) / (cbox.FairShare.CALLBACK + len(line) + len(reply))
     measured = min([await asyncio.to_thread(cbox.measure_unit_seconds) for _ in range(3)])  # runs its own loop
     yardstick_s = measured * cbox.YARDSTICK_UNITS

@@ -159,6 +159,7 @@ def test_the_budget_is_the_cpu_share_over_the_measured_unit_unless_units_are_fix
     assert (cfg.guest_work_cpu_share, cfg.guest_work_units_per_s) == (0.1, 0)
     asyncio.run(cbox.configure_guest_work(cfg))
     assert (share.rate, share.unit_s) == (5_000_000, 2e-8)      # a tenth of a core at 20 ns a unit
+    cbox.METRICS.expose()
     assert (cbox.M_GUEST_WORK_RATE.value, cbox.M_GUEST_WORK_UNIT.value) == (5_000_000, 2e-8)
     assert share.units(1e-3) == 50_000                           # a parse of 1 ms
     asyncio.run(cbox.configure_guest_work(cfg.replace(guest_work_units_per_s=123_456)))
