@@ -526,6 +526,36 @@ class Host:
         r = self.api.exec("good", "echo ok; cbox_callback ping '{\"i\": 1}'", timeout=30)
         assert r["exitCode"] == 0 and r["stdout"].startswith("ok\n"), r
 
+    def run_checking_good(self, calls):
+        """Run each of `calls` in a thread of its own, the healthy VM checked every 0.3 s
+        until all have ended; the exceptions they raised."""
+        errors = []
+
+        def run(call):
+            try:
+                call()
+            except Exception as e:          # reported by the caller
+                errors.append(e)
+        threads = [threading.Thread(target=run, args=(call,)) for call in calls]
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            self.check_good()
+            time.sleep(0.3)
+        for t in threads:
+            t.join()
+        return errors
+
+    def post_exec_to(self, vm):
+        """POST /v1/vms/VM/exec for tests/hostile.py's agent swap: (status, body), or the
+        OSError's name when the request fails."""
+        def post_exec(body):
+            try:
+                return self.api.post(f"/v1/vms/{vm}/exec", body, timeout=60)
+            except OSError as e:
+                return type(e).__name__, {}
+        return post_exec
+
     def health(self):
         status, h = self.api.get("/v1/health", timeout=30)
         assert status == 200
@@ -609,33 +639,18 @@ def test_a_replaced_agents_hostile_stream_lines_end_the_stream_and_memory_comes_
     the healthy VM works meanwhile, and cbox.py's RSS comes back near its baseline."""
     h = host(1)
     bad = h.bad[0]["vmName"]
-
-    def post_exec(body):
-        try:
-            return h.api.post(f"/v1/vms/{bad}/exec", body, timeout=60)
-        except OSError as e:
-            return type(e).__name__, {}
+    post_exec = h.post_exec_to(bad)
     stop_file = tmp_path / "hostile.stop"
     hostile.start_hostile_agent(post_exec, stop_file)
     try:
         base = hostile.rss_kb(h.pid)
         sampler = hostile.Sampler(h.pid)
-        results, errors = [], []
+        results = []
 
         def client():
-            try:
-                for _ in range(3):
-                    results.append(stream_exec(h.api, bad, f"hostile:{mode}"))
-            except Exception as e:          # reported below
-                errors.append(e)
-        clients = [threading.Thread(target=client) for _ in range(4)]
-        for c in clients:
-            c.start()
-        while any(c.is_alive() for c in clients):
-            h.check_good()
-            time.sleep(0.3)
-        for c in clients:
-            c.join()
+            for _ in range(3):
+                results.append(stream_exec(h.api, bad, f"hostile:{mode}"))
+        errors = h.run_checking_good([client] * 4)
         sampler.stop()
         assert not errors, errors
         assert len(results) == 12
@@ -663,32 +678,15 @@ def test_replaced_agents_of_several_vms_sending_lines_at_the_bound_are_relayed_w
     waits0 = h.metric("cbox_guest_work_waits_total")
     data = json.loads(b'"' + hostile_agent.BOUND_FILL + b'"')
 
-    def post_exec_to(vm):
-        def post_exec(body):
-            try:
-                return h.api.post(f"/v1/vms/{vm}/exec", body, timeout=60)
-            except OSError as e:
-                return type(e).__name__, {}
-        return post_exec
-    agents = [(post_exec_to(vm["vmName"]), tmp_path / f"hostile{i}.stop") for i, vm in enumerate(h.bad)]
+    agents = [(h.post_exec_to(vm["vmName"]), tmp_path / f"hostile{i}.stop") for i, vm in enumerate(h.bad)]
     for post_exec, stop_file in agents:
         hostile.start_hostile_agent(post_exec, stop_file)
     try:
-        results, errors = [], []
+        results = []
 
         def client(vm):
-            try:
-                results.append(stream_exec(h.api, vm, "hostile:stream_bound"))
-            except Exception as e:          # reported below
-                errors.append(e)
-        clients = [threading.Thread(target=client, args=(vm["vmName"],)) for vm in h.bad for _ in range(2)]
-        for c in clients:
-            c.start()
-        while any(c.is_alive() for c in clients):
-            h.check_good()
-            time.sleep(0.3)
-        for c in clients:
-            c.join()
+            return lambda: results.append(stream_exec(h.api, vm, "hostile:stream_bound"))
+        errors = h.run_checking_good([client(vm["vmName"]) for vm in h.bad for _ in range(2)])
         assert not errors, errors
         assert len(results) == 6
         for events in results:      # the hostile agent closes after its 12 lines: no exit event
