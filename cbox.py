@@ -25,7 +25,9 @@ Sections, in order; each uses only what comes before it:
                      (spawn, pidfd watch) and its bounded logs on disk (console, -v log)
   5. Host resources  network (bridge, persistent taps, port isolation, iptables
                      chains, each VM's egress chain), each VM's stateful disk
-                     and the free space of state_dir, host memory and CPUs
+                     and the free space of state_dir, host memory and CPUs; the
+                     VMs' cpu cgroups (VmCpuGroups VM_CPU: one per hypervisor, below
+                     one parent that weighs as one thread)
   6. Allocation      guest IPs, vsock CIDs, tap names, warm pool names
   7. Request         the schemas of request bodies, queries and path parameters (a
      validation      small JSON Schema vocabulary that check_schema runs and
@@ -614,6 +616,8 @@ M_DISKS_PROMISED = METRICS.gauge("cbox_stateful_disks_promised_bytes", "bytes th
 M_VCPUS = METRICS.gauge("cbox_vcpus", "vCPUs of all VMs (the warm pool's included); with vcpu_overcommit set, "
                        "starts are admitted against cbox_host_cpus x it")
 M_HOST_CPUS = METRICS.gauge("cbox_host_cpus", "CPUs cbox.py and the hypervisors it starts may run on (its affinity)")
+M_VMS_BUSY = METRICS.gauge("cbox_vms_busy", "VMs whose vCPUs were all busy over the last second: they run "
+                         "behind the quiet VMs, in a cpu cgroup with cpu.idle (busy_vms_yield)")
 M_POOL_READY = METRICS.gauge("cbox_pool_ready", "warm pool VMs booted and idle, ready to be claimed")
 M_POOL_BOOTING = METRICS.gauge("cbox_pool_booting", "warm pool VMs booting")
 M_POOL_CLAIMS = METRICS.counter("cbox_pool_claims_total", "VM starts answered with a warm pool VM")
@@ -1179,6 +1183,10 @@ CONFIG_KEYS = {
     "vm_disk_ops_per_s": (int, 4000, "disk requests a second of one VM, its disks together; 0 = no limit"),
     "vm_net_mbit_per_s": (int, 1000, "network bandwidth of one VM, each direction, in Mbit a second; 0 = no limit"),
     "guest_mem_percentage": (int, 50, "all guests together may use at most this % of host memory"),
+    "vm_cpu_cgroups": (bool, True, "each VM's hypervisor in a cpu cgroup of its own, weighted by its vCPUs, all "
+                                   "below one parent that weighs as one thread: busy guests cannot starve cbox.py"),
+    "busy_vms_yield": (bool, True, "with vm_cpu_cgroups: a VM whose vCPUs were all busy over the last second runs "
+                                   "behind the quiet ones (in a cgroup with cpu.idle) until it is quiet again"),
     "vcpu_overcommit": (float, 0.0, "a start is refused unless the VMs' vCPUs, the new one's included, fit in the "
                                     "host CPUs cbox.py may run on x this; 0 = not checked"),
     "default_vcpus": (int, 1, "vcpus of a VM when the request names none"),
@@ -4110,6 +4118,334 @@ class StatefulDisks:
         await run_cmd("tune2fs", "-U", str(uuid.uuid4()), str(dest))
 
 
+# ---- the VMs' cpu cgroups: however many vCPUs spin, cbox.py keeps its share --------
+
+CPU_CGROUP_MOUNT = Path("/run/cbox/cgroup-cpu")   # where cbox.py mounts the cpu hierarchy it cannot see
+
+
+def mounted_cpu_hierarchy():
+    """(directory, 1 or 2) of the mounted cgroup hierarchy with the cpu controller, or (None, why not)."""
+    with open("/proc/self/mounts") as f:
+        entries = [line.split()[:4] for line in f]
+    for _, point, fstype, options in entries:
+        if fstype == "cgroup" and "cpu" in options.split(",") and os.path.isdir(point):
+            return Path(point), 1
+    for _, point, fstype, _ in entries:
+        if fstype == "cgroup2":
+            with contextlib.suppress(OSError):
+                if "cpu" in Path(point, "cgroup.controllers").read_text().split():
+                    return Path(point), 2
+    return None, "no cgroup hierarchy with the cpu controller is mounted"
+
+
+def mount_cpu_hierarchy():
+    """Mount the cpu hierarchy at CPU_CGROUP_MOUNT, where this process's mounts hide it
+    (`ip netns exec` remounts /sys): in cbox.py's own mount namespace, so the hypervisors it
+    starts see it too. cgroup v1: the controllers of this process's cpu line (mounting them
+    mounts that same hierarchy again); else cgroup2."""
+    import ctypes
+    controllers = None
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _, names, _ = line.rstrip("\n").split(":", 2)
+            if "cpu" in names.split(","):
+                controllers = names
+    CPU_CGROUP_MOUNT.mkdir(parents=True, exist_ok=True)
+    if not os.path.ismount(CPU_CGROUP_MOUNT):
+        fstype, options = ("cgroup", controllers) if controllers else ("cgroup2", "")
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.mount(fstype.encode(), str(CPU_CGROUP_MOUNT).encode(), fstype.encode(), 0, options.encode()):
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(CPU_CGROUP_MOUNT))
+    if controllers:
+        return CPU_CGROUP_MOUNT, 1
+    if "cpu" in (CPU_CGROUP_MOUNT / "cgroup.controllers").read_text().split():
+        return CPU_CGROUP_MOUNT, 2
+    return None, "cgroup2 has no cpu controller here"
+
+
+def remove_empty_cgroups(top, keep_top=True):
+    """rmdir every cgroup below `top` (and top itself unless keep_top), deepest first: the
+    kernel removes only those without processes or children, so a running VM's stays."""
+    for dirpath, _, _ in sorted(os.walk(top), key=lambda entry: -entry[0].count("/")):
+        if keep_top and dirpath == str(top):
+            continue
+        with contextlib.suppress(OSError):
+            os.rmdir(dirpath)
+
+
+CPU_LIMIT_FILES = {1: ("cpu.shares", "cpu.cfs_period_us", "cpu.cfs_quota_us"), 2: ("cpu.weight", "cpu.max")}
+
+
+def move_cgroup_tree(src, dest, version):
+    """Move a cgroup, the groups below it (the stand-in's guest has one) and their processes
+    to `dest`, their cpu weights and quotas with them; src goes. Processes forked meanwhile
+    start in the old groups: they are moved in the next pass."""
+    pairs = []
+    for dirpath, _, _ in os.walk(src):             # top-down: a parent is made before its children
+        there = dest / os.path.relpath(dirpath, src)
+        there.mkdir(exist_ok=True)
+        for name in CPU_LIMIT_FILES[version]:
+            with contextlib.suppress(OSError):
+                (there / name).write_text((Path(dirpath) / name).read_text())
+        pairs.append((Path(dirpath), there))
+    for _ in range(3):
+        moved = 0
+        for here, there in pairs:
+            with contextlib.suppress(OSError):
+                for pid in (here / "cgroup.procs").read_text().split():
+                    with contextlib.suppress(OSError):        # gone meanwhile
+                        (there / "cgroup.procs").write_text(pid)
+                        moved += 1
+        if not moved:
+            break
+    remove_empty_cgroups(src, keep_top=False)
+
+
+def read_small(path, limit=4096):
+    """The first `limit` bytes of a small kernel file."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.read(fd, limit)
+    finally:
+        os.close(fd)
+
+
+class VmCpuDemand:
+    """One VM's group and CPU demand: the time its threads (those of the groups below too: the
+    stand-in's guest) ran or waited to run (/proc/<tid>/schedstat's first two fields) over the
+    wall time between two readings, in vCPUs' worth. A vCPU thread sleeps when its guest is
+    idle (HLT), so a VM whose vCPUs never sleep demands 1 a vCPU however little CPU it is
+    given, and one that waits for work demands less however long it queues once woken. The
+    kernel adds a wait when the thread gets to run, so a starved thread's shows up late: a
+    busy VM is quiet again only after two readings in a row below QUIET with none of its
+    threads runnable."""
+
+    MAX_THREADS = 256      # read of each group: a hypervisor has its vCPUs' and devices' threads, some 30
+
+    def __init__(self, group, vcpus, busy=False):
+        self.group, self.vcpus, self.busy = group, max(1, vcpus), busy
+        self.seen, self.at = {}, None        # tid -> run + wait ns at the last reading, and when
+        self.since = time.monotonic()
+        self.calm = 0                        # readings in a row a busy VM looked quiet
+        self.readings, self.lists = 0, []
+
+    def thread_lists(self):
+        """The files listing the threads of the group and of those below it: found again every
+        tenth reading (the stand-in's guest makes its group at boot)."""
+        if self.readings % 10 == 0:
+            self.lists = [os.path.join(dirpath, "tasks" if "tasks" in files else "cgroup.threads")
+                          for dirpath, _, files in os.walk(self.group)]
+        self.readings += 1
+        return self.lists
+
+    def read(self):
+        """(demand since the last reading, whether a thread is runnable now); demand is None
+        the first time and when the group is gone. os.open/os.read: some 10 small files a VM
+        each second, a third of the cost of open()."""
+        now, seen, runnable = time.monotonic(), {}, False
+        try:
+            for listing in self.thread_lists():
+                for tid in read_small(listing, 65536).split()[:self.MAX_THREADS]:
+                    with contextlib.suppress(OSError, ValueError):
+                        run, wait = read_small(b"/proc/" + tid + b"/schedstat").split()[:2]
+                        seen[tid] = int(run) + int(wait)
+                        if self.busy and not runnable:
+                            runnable = read_small(b"/proc/" + tid + b"/stat").rpartition(b")")[2].split()[0] == b"R"
+        except OSError:
+            self.readings = 0
+            return None, False
+        last, at = self.seen, self.at
+        self.seen, self.at = seen, now
+        if at is None:
+            return None, runnable
+        used = sum(ns - last.get(tid, 0) for tid, ns in seen.items())
+        return used / 1e9 / (now - at) / self.vcpus, runnable
+
+    def verdict(self, busy_at, quiet_below, settle_s):
+        """True: it became busy; False: quiet again; None: no change. A VM's first settle_s
+        (its boot) is not judged."""
+        demand, runnable = self.read()
+        if demand is None or time.monotonic() - self.since < settle_s:
+            return None
+        if not self.busy:
+            return True if demand >= busy_at else None
+        self.calm = self.calm + 1 if demand < quiet_below and not runnable else 0
+        return False if self.calm >= 2 else None
+
+
+class VmCpuGroups:
+    """Each VM's hypervisor in a cpu cgroup of its own, below one parent for all VMs.
+
+    Without it, each vCPU thread competes with cbox.py's loop as an equal: 39 spinning
+    1-vCPU VMs on 2 CPUs left cbox.py 1/41 of them (health p99 152 ms, exec 69x idle in
+    bench/results.md's unpinned busy vCPUs row). Below one parent, all the guests together
+    weigh as much as one busy thread (v1 cpu.shares 1024, v2 cpu.weight 100), so cbox.py's
+    loop gets half the CPUs whenever it wants them; among themselves each VM weighs its
+    vCPUs (1024 or 100 each), the share its threads had before.
+
+    Layout: <hierarchy>/cbox-<hash of state_dir>/{quiet,busy}/vmm-<pid>. One parent per
+    state_dir (an instance restarted finds its adopted VMs there); groups named by the
+    hypervisor's pid, not the VM's name (a warm pool VM keeps its hypervisor when a start
+    renames it). The hypervisor joins right after it is spawned, before vm.boot makes its
+    vCPU threads, which start in their process's cgroup (CHV vmm/src/cpu.rs
+    CpuManager::start_vcpu spawns each as a std::thread, "vcpu<N>"). `busy` has cpu.idle: with busy_vms_yield, a VM whose vCPUs
+    were all busy over the last second is moved there (watch_busy), and back once quiet,
+    so that a quiet VM's vCPU runs first whenever it wakes, and busy VMs still get every
+    CPU the quiet ones leave, fairly among themselves. It takes the subtree: cpu.idle on
+    each busy VM's own group, among quiet siblings, left a quiet task 26-28 ms behind 39
+    groups of 4 spinning tasks on 2 CPUs, against 1.8-1.9 ms in a sibling subtree of
+    its own (a quiet machine: 2.0 ms; by hand, 2026-12-08). A VM's group goes when its
+    hypervisor exits; empty ones left by a stop go at the next start. Where no hierarchy
+    has the cpu controller, or with vm_cpu_cgroups false, VMs run beside cbox.py as before
+    and the log says why."""
+
+    PERIOD_S = 1.0         # how often the VMs' CPU demand is read
+    BUSY = 0.9             # demand over the last period, in vCPUs' worth, at or above which a VM is busy
+    QUIET = 0.5            # ... and below which (twice in a row, nothing runnable) a busy one is quiet again
+    SETTLE_S = 5.0         # a VM's first seconds (its boot) are not judged
+
+    def __init__(self):
+        self.parent, self.version, self.why_not = None, None, "not configured"
+        self.removing = set()                # remove_group tasks
+        self.groups = {}                     # hypervisor pid -> VmCpuDemand
+        self.yield_busy = False
+
+    def configure(self, cfg):
+        self.parent = None
+        if not cfg.vm_cpu_cgroups:
+            self.why_not = "vm_cpu_cgroups is false"
+        else:
+            try:
+                self.parent, self.version = self.make_parent(Path(cfg.state_dir))
+            except OSError as e:
+                self.why_not = f"{e.filename}: {e.strerror}" if e.filename else str(e)
+        if self.parent is None:
+            log("VMs' cpu cgroups off: a busy guest's vCPUs compete with cbox.py as equals", why=self.why_not,
+                level="WARNING" if cfg.vm_cpu_cgroups else "INFO")
+            return
+        remove_empty_cgroups(self.parent / "quiet")
+        remove_empty_cgroups(self.parent / "busy")
+        self.yield_busy = cfg.busy_vms_yield and self.can_idle()
+        log("VMs' cpu cgroups", parent=self.parent, version=self.version,
+            busy_vms_yield=self.yield_busy if cfg.busy_vms_yield else "off")
+
+    def make_parent(self, state_dir):
+        point, version = mounted_cpu_hierarchy()
+        if point is None:
+            point, version = mount_cpu_hierarchy()
+        if point is None:
+            raise OSError(version)
+        parent = point / ("cbox-" + hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:12])
+        if version == 2:                    # the top cgroup may have processes beside children with controllers
+            self.enable_cpu_below(point)
+        for group in (parent, parent / "quiet", parent / "busy"):
+            group.mkdir(exist_ok=True)
+            if group.name != "busy":        # busy's is cpu.idle's (can_idle); the kernel refuses a weight then
+                self.set_weight(group, 1, version)
+            if version == 2:
+                self.enable_cpu_below(group)
+        return parent, version
+
+    def can_idle(self):
+        """Whether this kernel has cpu.idle (Linux 5.15+): `busy` gets it."""
+        try:
+            (self.parent / "busy" / "cpu.idle").write_text("1")
+            return True
+        except OSError as e:
+            log("busy VMs cannot yield: this kernel's cpu cgroups have no cpu.idle (Linux 5.15+)",
+                error=e.strerror, level="WARNING")
+            return False
+
+    @staticmethod
+    def enable_cpu_below(group):
+        if "cpu" not in (group / "cgroup.subtree_control").read_text().split():
+            (group / "cgroup.subtree_control").write_text("+cpu")
+
+    @staticmethod
+    def set_weight(group, threads, version):
+        if version == 1:
+            (group / "cpu.shares").write_text(str(1024 * threads))
+        else:
+            (group / "cpu.weight").write_text(str(min(10000, 100 * threads)))
+
+    def place(self, pid, vcpus):
+        """Move a hypervisor just spawned (all its threads) into a group of its own."""
+        if self.parent is None:
+            return
+        group = self.parent / "quiet" / f"vmm-{pid}"
+        try:
+            group.mkdir(exist_ok=True)
+            self.set_weight(group, vcpus, self.version)
+            (group / "cgroup.procs").write_text(str(pid))
+        except OSError as e:
+            log("hypervisor left outside its cpu cgroup", pid=pid, group=group, error=e.strerror or str(e),
+                level="WARNING")
+            remove_empty_cgroups(group, keep_top=False)
+            return
+        self.groups[pid] = VmCpuDemand(group, vcpus)
+
+    def adopt(self, pid, vcpus):
+        """A hypervisor an earlier cbox.py placed: its demand is watched again (a busy one goes
+        back to `quiet` when busy VMs no longer yield)."""
+        for side in ("quiet", "busy") if self.parent is not None else ():
+            group = self.parent / side / f"vmm-{pid}"
+            if group.is_dir():
+                if side == "busy" and not self.yield_busy:
+                    move_cgroup_tree(group, self.parent / "quiet" / group.name, self.version)
+                    group, side = self.parent / "quiet" / group.name, "quiet"
+                self.groups[pid] = VmCpuDemand(group, vcpus, busy=side == "busy")
+
+    def forget(self, pid):
+        """Remove a hypervisor's group once it exited: in a task of its own, which the VM's
+        teardown does not cancel with the VM's tasks."""
+        self.groups.pop(pid, None)
+        if self.parent is not None and pid:
+            task = asyncio.get_running_loop().create_task(self.remove_group(pid))
+            self.removing.add(task)
+            task.add_done_callback(self.removing.discard)
+
+    async def remove_group(self, pid, timeout=2.0):
+        """Under the stand-in, the guest's processes leave the group nested in it as they die
+        with the hypervisor: until then the kernel refuses (EBUSY)."""
+        groups, deadline = [self.parent / side / f"vmm-{pid}" for side in ("quiet", "busy")], time.monotonic() + timeout
+        while True:
+            for group in groups:
+                await asyncio.to_thread(remove_empty_cgroups, group, False)
+            if not any(g.exists() for g in groups) or time.monotonic() > deadline:
+                return
+            await asyncio.sleep(0.05)
+
+    async def watch_busy(self):
+        """Every PERIOD_S: each VM's CPU demand (VmCpuDemand); a busy one moves to `busy`
+        (cpu.idle), a quiet again one back to `quiet`. Reading and moving run in a thread
+        (some 20 small files a second per 10 VMs)."""
+        if not self.yield_busy:
+            return
+        while True:
+            await asyncio.sleep(self.PERIOD_S)
+            demands = list(self.groups.values())
+            await asyncio.to_thread(self.judge_all, demands)
+            M_VMS_BUSY.value = sum(d.busy for d in self.groups.values())
+
+    def judge_all(self, demands):
+        for d in demands:
+            verdict = d.verdict(self.BUSY, self.QUIET, self.SETTLE_S)
+            if verdict is not None:
+                dest = self.parent / ("busy" if verdict else "quiet") / d.group.name
+                with contextlib.suppress(OSError):          # gone meanwhile
+                    move_cgroup_tree(d.group, dest, self.version)
+                d.group, d.busy, d.seen, d.at, d.calm, d.readings = dest, verdict, {}, None, 0, 0
+
+    def close(self):
+        """At shutdown: the parent goes when no VM is left in it."""
+        if self.parent is not None:
+            remove_empty_cgroups(self.parent, keep_top=False)
+
+
+VM_CPU = VmCpuGroups()
+
+
 # =============================================================================
 # 6. Allocation (guest IPs, vsock CIDs, tap and warm pool names)
 # =============================================================================
@@ -6152,6 +6488,7 @@ class VM:
         self.follow_events()          # the VMM's open of the FIFO blocks without a reader
         pid = spawn_vmm(self.cfg.chv_bin, self.paths)
         self.pid, self.pidStart = pid, proc_start_time(pid)
+        VM_CPU.place(pid, self.vcpus)
         self.watch_vmm()
 
     def attach_vmm(self):
@@ -6161,6 +6498,7 @@ class VM:
             self.pidStart = proc_start_time(self.pid) if self.pid else None
         if self.pid and self.pidStart and proc_start_time(self.pid) == self.pidStart:
             self.watch_vmm()
+            VM_CPU.adopt(self.pid, self.vcpus)
 
     def watch_vmm(self):
         self.watch = ProcessWatch(self.pid, self.pidStart)
@@ -6275,6 +6613,7 @@ class VM:
 
     async def on_vmm_exit(self):
         await self.watch.exited.wait()
+        VM_CPU.forget(self.pid)
         if self.agent:
             self.agent.abort()               # the guest is gone: fail requests in flight now
         if self.phase == "running" and self.events:
@@ -9740,8 +10079,10 @@ async def serve_until_stopped(cfg):
         log("WARNING: guest images missing (run `make images`): " + ", ".join(missing))
     log("file descriptor limit", nofile=raise_fd_limit(), reserve=cfg.fd_reserve)
     await configure_guest_work(cfg)
+    VM_CPU.configure(cfg)
     freeze_startup_objects()
     lag_probe = asyncio.get_running_loop().create_task(LOOP_LAG.probe())
+    busy_vms = asyncio.get_running_loop().create_task(VM_CPU.watch_busy())
     memory_back = asyncio.get_running_loop().create_task(give_memory_back())
     EVENTS.resize(cfg.events_ring_size)
     sender = EventSender(cfg) if cfg.events_url else None
@@ -9769,9 +10110,11 @@ async def serve_until_stopped(cfg):
     log_bounds.cancel()
     deadlines.cancel()
     lag_probe.cancel()
+    busy_vms.cancel()
     memory_back.cancel()
     await server.stop()
     await manager.shutdown()
+    VM_CPU.close()
     RECORD_WRITES.flush()
     if sender:
         await sender.finish(2.0)

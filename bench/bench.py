@@ -536,12 +536,12 @@ def tod_diff(a, b):
 
 class HealthyClient:
     """A healthy tenant's view of cbox.py over a time: its VM's exec latency ({"cmd":"true"}
-    back to back on a keep-alive connection) and GET /v1/health's (a probe every 50 ms, in a
-    thread). A request that fails or takes over the connector's timeout counts as an error,
-    at the time it took."""
+    back to back on a keep-alive connection, or one every pace_s: a quiet tenant) and GET
+    /v1/health's (a probe every 50 ms, in a thread). A request that fails or takes over the
+    connector's timeout counts as an error, at the time it took."""
 
-    def __init__(self, connect, vm, headers):
-        self.connect, self.vm, self.headers = connect, vm, headers
+    def __init__(self, connect, vm, headers, pace_s=0.0):
+        self.connect, self.vm, self.headers, self.pace_s = connect, vm, headers, pace_s
 
     def measure(self, seconds):
         out = {"exec": [], "health": [], "errors": collections.Counter()}
@@ -552,8 +552,10 @@ class HealthyClient:
         end = time.monotonic() + seconds
         try:
             while time.monotonic() < end:
+                started = time.monotonic()
                 self._timed(client, "POST", f"/v1/vms/{self.vm}/exec", {"cmd": "true"}, b'"exitCode":0',
                             out["exec"], out["errors"])
+                time.sleep(max(0.0, self.pace_s - (time.monotonic() - started)))
         finally:
             stop.set()
             probe.join()
@@ -625,7 +627,7 @@ class FairLab:
         self.cids, self.pinned = {}, False
         self.base_rss_mb = float("inf")   # cbox.py's RSS with the VMs idle, before any attack: lowest seen
         self.api.json("POST", "/v1/vms", {"vmName": "good", "memoryMb": 64})
-        self.healthy = HealthyClient(self.connect, "good", self.headers)
+        self.healthy = HealthyClient(self.connect, "good", self.headers, bench.args.healthy_pace_ms / 1000)
 
     @property
     def attackers(self):
@@ -2193,6 +2195,10 @@ class Bench:
     UNPINNED = "callback flood"         # also run unpinned, at the most attackers, before LAST's rows
     UNPINNED_LAST = "busy vCPUs"        # also run unpinned, as the table's last row: it spins every CPU
 
+    def healthy_pace(self):
+        pace = self.args.healthy_pace_ms
+        return f"once every {pace:g} ms (--healthy-pace-ms: a quiet tenant)" if pace else "back to back"
+
     def hostile_fair_share(self, hold):
         counts = sorted({int(x) for x in (self.args.attackers or self.n("1,10,39", "1,3")).split(",")})
         kinds = [k.strip() for k in self.args.attacks.split(",")] if self.args.attacks else list(self.FAIR_ATTACKS)
@@ -2367,7 +2373,7 @@ class Bench:
                  f"attackers per class (VMs for the guest attacks, REST clients for the REST ones). Pinned: cbox.py, "
                  f"the healthy VM and the healthy client (this bench process) on CPU {min(near)}, the attacking VMs "
                  f"(stand-in and guest processes) and the attack processes (tests/hostile.py) on CPU {min(far)}; the "
-                 f"unpinned rows let them all run anywhere. The healthy client runs `true` back to back for {hold:g} s "
+                 f"unpinned rows let them all run anywhere. The healthy client runs `true` {self.healthy_pace()} for {hold:g} s "
                  f"during each attack (after 0.5 s of it; {hold:g} s so that a full `--only hostile` run stays within "
                  f"about 15 minutes) and probes GET /v1/health every 50 ms; idle = the same measure just before, in "
                  f"the same run. Rows run in the table's order: each count's attacks, the unpinned callback "
@@ -3027,6 +3033,9 @@ def main(argv=None):
                    help="hostile: the single bad VM's table, the many attackers' (fair share) one, or both")
     p.add_argument("--attackers", metavar="N,N,...",
                    help="hostile fair share: attackers per class (default 1,10,39; --quick 1,3)")
+    p.add_argument("--healthy-pace-ms", type=float, default=0.0, metavar="MS",
+                   help="hostile fair share: the healthy client's execs one every MS ms (a quiet tenant) instead of "
+                        "back to back")
     p.add_argument("--attacks", metavar="NAME,NAME,...", help="hostile fair share: the attack classes to run "
                                                               "(default all; callback flood and busy vCPUs also run unpinned)")
     p.add_argument("--settle", type=float, help="hostile fair share: seconds after an attack to read cbox.py's "

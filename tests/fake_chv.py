@@ -224,8 +224,10 @@ the guest's pid namespace, so when I dies the kernel kills every process of
 the guest (even `setsid cmd &`): kill -9 of the stand-in leaks no process.
 
 vCPUs (GuestCpus).  A VM's processes run on its boot_vcpus vCPU threads.  I
-joins a cpu cgroup of its own, cbox-standin-<S's pid> at the top of the cpu
-hierarchy (v1 cpu.cfs_quota_us / cpu.shares, v2 cpu.max / cpu.weight), before
+joins a cpu cgroup of its own, cbox-standin-<S's pid> below S's own cpu cgroup
+(beside it on cgroup v2, whose inner cgroups hold no processes; cbox.py puts each
+hypervisor in one of its own: VmCpuGroups), as a VM's vCPU threads are its
+hypervisor's (v1 cpu.cfs_quota_us / cpu.shares, v2 cpu.max / cpu.weight), before
 it starts the agent: the guest gets at most boot_vcpus CPUs (per 20 ms) and
 the weight of boot_vcpus threads against the host's other processes; G (the
 relay, the vsock proxy) stays outside, as CHV's device threads run beside the
@@ -1717,12 +1719,39 @@ def _mount_cpu_hierarchy():
     return None, "cgroup2 has no cpu controller here"
 
 
+def guest_cgroup_parent(point, version, pid="self"):
+    """Where the guest's cgroup (GuestCpus) of the stand-in `pid` goes: below the stand-in's
+    own cpu cgroup, as a VM's vCPU threads are threads of its hypervisor and so in its cgroup
+    (cbox.py gives each hypervisor one: VmCpuGroups). cgroup v2 lets only leaves hold
+    processes, and the stand-in's own holds it, so there the guest's goes beside it."""
+    relative = "/"
+    with open(f"/proc/{pid}/cgroup") as f:
+        for line in f:
+            _, names, path = line.rstrip("\n").split(":", 2)
+            if "cpu" in names.split(",") if version == 1 else names == "":
+                relative = path
+    parent = point / relative.lstrip("/")
+    return parent.parent if version == 2 and relative != "/" else parent
+
+
 def remove_orphan_cpu_cgroups():
-    """Remove the vCPU cgroups (GuestCpus) of stand-ins that are gone: at the end of a test
-    run, where the last stand-ins killed with SIGKILL left theirs and no guest starts after."""
+    """Remove the vCPU cgroups (GuestCpus) of stand-ins that are gone, wherever they are in the
+    hierarchy, and the empty VM cgroups of cbox.py instances (cbox-<hash>, VmCpuGroups): at the
+    end of a test run, where the last stand-ins and cbox.py killed with SIGKILL left theirs."""
     point, _ = _mounted_cpu_hierarchy()
-    if point is not None:
-        GuestCpus.remove_orphans(point)
+    deadline = time.monotonic() + 5.0           # processes killed at the end of the run may still be exiting
+    while point is not None:
+        for dirpath, _, _ in os.walk(point):
+            with contextlib.suppress(OSError):         # gone meanwhile
+                GuestCpus.remove_orphans(Path(dirpath))
+        parents = [e for e in point.glob("cbox-*") if re.fullmatch(r"cbox-[0-9a-f]{12}", e.name)]
+        for parent in parents:
+            for dirpath, _, _ in sorted(os.walk(parent), key=lambda e: -e[0].count("/")):
+                with contextlib.suppress(OSError):
+                    os.rmdir(dirpath)
+        if not any(p.exists() for p in parents) or time.monotonic() > deadline:
+            return
+        time.sleep(0.1)
 
 
 class GuestCpus:
@@ -1733,13 +1762,15 @@ class GuestCpus:
     without this a guest could take every host CPU and each of its processes would count
     as a thread of its own (a shell it starts competes with every busy process of every
     other guest, where a VM's vCPU that wakes from idle is one thread).  So the guest gets
-    a cpu cgroup of its own, at the hierarchy's top (beside cbox.py and the other host
-    processes, as vCPU threads are): quota boot_vcpus CPUs per CPU_PERIOD_US, weight that
+    a cpu cgroup of its own, below the stand-in's (guest_cgroup_parent: where its vCPU
+    threads would be, in the hypervisor's cgroup, which is cbox.py's VmCpuGroups' or, with
+    those off, the one cbox.py runs in): quota boot_vcpus CPUs per CPU_PERIOD_US, weight that
     of boot_vcpus threads (v1 cpu.shares 1024 each, v2 cpu.weight 100 each).  Its init
     joins it (writes 0 to cgroup.procs) before it starts the agent; the guest VMM (relay,
     vsock proxy) stays outside, as CHV's device threads run beside the vCPUs.  The
     directory is removed once the guest is gone; ones whose stand-in died (kill -9) are
-    removed by the next guest that starts, and at the end of a test run (conftest.py).
+    removed by the next guest that starts beside them, with their hypervisor's by cbox.py,
+    and at the end of a test run (conftest.py).
     Where no hierarchy has the cpu controller, or with CBOX_STANDIN_VCPU_LIMIT=0, the guest
     is not held and its console says so."""
 
@@ -1756,10 +1787,11 @@ class GuestCpus:
         if point is None:
             self.why_not = version
             return
-        path = point / f"{CPU_CGROUP_PREFIX}{os.getpid()}"
+        parent = guest_cgroup_parent(point, version)
+        path = parent / f"{CPU_CGROUP_PREFIX}{os.getpid()}"
         quota = self.vcpus * CPU_PERIOD_US
         try:
-            self.remove_orphans(point)
+            self.remove_orphans(parent)
             if version == 2:
                 self._enable_cpu_below(point)
             path.mkdir(exist_ok=True)

@@ -1542,13 +1542,14 @@ def test_a_guest_is_held_to_its_vcpus(env, chv_schema):
     1-vCPU guest get one CPU between them, not two.  The guest's cpu cgroup goes with it,
     and one a killed stand-in left behind goes when the next guest starts."""
     point, version = cpu_cgroup_or_skip()
-    orphan = point / f"{fake_chv.CPU_CGROUP_PREFIX}{dead_pid()}"
+    parent = fake_chv.guest_cgroup_parent(point, version)      # the stand-in's cgroup is this test's
+    orphan = parent / f"{fake_chv.CPU_CGROUP_PREFIX}{dead_pid()}"
     orphan.mkdir()
     try:
         s = env.standin(name="cpus")
         assert s.put("vm.create", s.config(net=False, cmdline="cbox.vm=cpus"))[0] == 204
         assert s.put("vm.boot")[0] == 204
-        path = point / f"{fake_chv.CPU_CGROUP_PREFIX}{s.proc.pid}"
+        path = parent / f"{fake_chv.CPU_CGROUP_PREFIX}{s.proc.pid}"
         burn = json.loads(vsock_command(s, "burn 2 1.5"))
         assert f"/{path.name}\n" in burn["cgroup"], (burn, s.serial.read_text())
         # 1 vCPU: at most one CPU's time (a loaded host gives less; without the cgroup,
@@ -1580,7 +1581,7 @@ def test_a_guest_with_two_vcpus_gets_their_weight_and_quota(env, chv_schema):
     assert s.put("vm.create", cfg)[0] == 204
     assert s.put("vm.boot")[0] == 204
     assert vsock_command(s, "info").startswith(b"{")
-    path = point / f"{fake_chv.CPU_CGROUP_PREFIX}{s.proc.pid}"
+    path = fake_chv.guest_cgroup_parent(point, version, s.proc.pid) / f"{fake_chv.CPU_CGROUP_PREFIX}{s.proc.pid}"
     if version == 1:
         assert (path / "cpu.cfs_quota_us").read_text().strip() == str(2 * fake_chv.CPU_PERIOD_US)
         assert (path / "cpu.shares").read_text().strip() == "2048"
