@@ -27,7 +27,7 @@ Sections, in order; each uses only what comes before it:
                      chains, each VM's egress chain), each VM's stateful disk
                      and the free space of state_dir, host memory and CPUs; the
                      VMs' cpu cgroups (VmCpuGroups VM_CPU: one per hypervisor, below
-                     one parent that weighs as one thread)
+                     one parent that weighs as a thread a host CPU)
   6. Allocation      guest IPs, vsock CIDs, tap names, warm pool names
   7. Request         the schemas of request bodies, queries and path parameters (a
      validation      small JSON Schema vocabulary that check_schema runs and
@@ -1186,7 +1186,7 @@ CONFIG_KEYS = {
     "vm_net_mbit_per_s": (int, 1000, "network bandwidth of one VM, each direction, in Mbit a second; 0 = no limit"),
     "guest_mem_percentage": (int, 50, "all guests together may use at most this % of host memory"),
     "vm_cpu_cgroups": (bool, True, "each VM's hypervisor in a cpu cgroup of its own, weighted by its vCPUs, all "
-                                   "below one parent that weighs as one thread: busy guests cannot starve cbox.py"),
+                                   "below one parent that weighs as a thread a host CPU: busy guests cannot starve cbox.py"),
     "busy_vms_yield": (bool, True, "with vm_cpu_cgroups: a VM whose vCPUs were all busy over the last second runs "
                                    "behind the quiet ones (in a cgroup with cpu.idle) until it is quiet again"),
     "vcpu_overcommit": (float, 0.0, "a start is refused unless the VMs' vCPUs, the new one's included, fit in the "
@@ -4125,6 +4125,8 @@ class StatefulDisks:
 CPU_CGROUP_MOUNT = Path("/run/cbox/cgroup-cpu")   # where cbox.py mounts the cpu hierarchy it cannot see
 
 
+# Twins of tests/fake_chv.py's _mounted_cpu_hierarchy and _mount_cpu_hierarchy: the stand-in
+# hypervisor stays independent of cbox.py, as Cloud Hypervisor is.
 def mounted_cpu_hierarchy():
     """(directory, 1 or 2) of the mounted cgroup hierarchy with the cpu controller, or (None, why not)."""
     with open("/proc/self/mounts") as f:
@@ -4280,21 +4282,25 @@ class VmCpuGroups:
     """Each VM's hypervisor in a cpu cgroup of its own, below one parent for all VMs.
 
     Without it, each vCPU thread competes with cbox.py's loop as an equal: 39 spinning
-    1-vCPU VMs on 2 CPUs left cbox.py 1/41 of them (health p99 152 ms, exec 69x idle in
-    bench/results.md's unpinned busy vCPUs row). Below one parent, all the guests together
-    weigh as much as one busy thread (v1 cpu.shares 1024, v2 cpu.weight 100), so cbox.py's
-    loop gets half the CPUs whenever it wants them; among themselves each VM weighs its
-    vCPUs (1024 or 100 each), the share its threads had before.
+    1-vCPU VMs on 2 CPUs left cbox.py 1/41 of them (bench.py's unpinned busy vCPUs row,
+    2026-12-08: health p99 152 ms, the healthy VM's exec p50 69x idle). Below one parent,
+    all the guests together weigh as much as one busy thread a host CPU (v1 cpu.shares
+    1024, v2 cpu.weight 100 each; the kernel splits a group's weight among the CPUs it
+    runs on), so on each CPU cbox.py's loop, or any other host thread, gets half of it
+    whenever it wants it, and the guests keep the other half however many host threads
+    want more; among themselves each VM weighs its vCPUs (1024 or 100 each), the share
+    its threads had before.
 
     Layout: <hierarchy>/cbox-<hash of state_dir>/{quiet,busy}/vmm-<pid>. One parent per
     state_dir (an instance restarted finds its adopted VMs there); groups named by the
     hypervisor's pid, not the VM's name (a warm pool VM keeps its hypervisor when a start
     renames it). The hypervisor joins right after it is spawned, before vm.boot makes its
     vCPU threads, which start in their process's cgroup (CHV vmm/src/cpu.rs
-    CpuManager::start_vcpu spawns each as a std::thread, "vcpu<N>"). `busy` has cpu.idle: with busy_vms_yield, a VM whose vCPUs
-    were all busy over the last second is moved there (watch_busy), and back once quiet,
-    so that a quiet VM's vCPU runs first whenever it wakes, and busy VMs still get every
-    CPU the quiet ones leave, fairly among themselves. It takes the subtree: cpu.idle on
+    CpuManager::start_vcpu spawns each as a std::thread, "vcpu<N>"). `busy` has cpu.idle:
+    with busy_vms_yield, a VM whose vCPUs were all busy over the last second is moved
+    there (watch_busy), and back once quiet, so that a quiet VM's vCPU runs first whenever
+    it wakes, and busy VMs still get every CPU the quiet ones leave, fairly among
+    themselves. It takes the subtree: cpu.idle on
     each busy VM's own group, among quiet siblings, left a quiet task 26-28 ms behind 39
     groups of 4 spinning tasks on 2 CPUs, against 1.8-1.9 ms in a sibling subtree of
     its own (a quiet machine: 2.0 ms; by hand, 2026-12-08). A VM's group goes when its
@@ -4344,7 +4350,7 @@ class VmCpuGroups:
         for group in (parent, parent / "quiet", parent / "busy"):
             group.mkdir(exist_ok=True)
             if group.name != "busy":        # busy's is cpu.idle's (can_idle); the kernel refuses a weight then
-                self.set_weight(group, 1, version)
+                self.set_weight(group, host_cpus(), version)
             if version == 2:
                 self.enable_cpu_below(group)
         return parent, version
@@ -4429,8 +4435,10 @@ class VmCpuGroups:
             return
         while True:
             await asyncio.sleep(self.PERIOD_S)
-            demands = list(self.groups.values())
-            await asyncio.to_thread(self.judge_all, demands)
+            try:
+                await asyncio.to_thread(self.judge_all, list(self.groups.values()))
+            except Exception as e:          # a bug here must not end the watch, nor go unsaid
+                log("judging the VMs' CPU demand failed", error=repr(e), level="ERROR")
             M_VMS_BUSY.value = sum(d.busy for d in self.groups.values())
 
     def judge_all(self, demands):
@@ -4438,8 +4446,10 @@ class VmCpuGroups:
             verdict = d.verdict(self.BUSY, self.QUIET, self.SETTLE_S)
             if verdict is not None:
                 dest = self.parent / ("busy" if verdict else "quiet") / d.group.name
-                with contextlib.suppress(OSError):          # gone meanwhile
+                try:
                     move_cgroup_tree(d.group, dest, self.version)
+                except OSError:                              # gone meanwhile
+                    continue
                 M_VM_CPU_MOVES.labels(dest.parent.name).inc()
                 d.group, d.busy, d.seen, d.at, d.calm, d.readings = dest, verdict, {}, None, 0, 0
 

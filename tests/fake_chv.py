@@ -1680,6 +1680,8 @@ def cpu_hierarchy():
         return None, f"no cgroup hierarchy with the cpu controller is mounted, and mounting one failed: {rust_io(e)}"
 
 
+# Twins of cbox.py's mounted_cpu_hierarchy and mount_cpu_hierarchy (VmCpuGroups): each stays
+# standalone, as Cloud Hypervisor and cbox.py are.
 def _mounted_cpu_hierarchy():
     try:
         with open("/proc/self/mounts") as f:
