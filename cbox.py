@@ -4245,8 +4245,8 @@ class VmCpuDemand:
 
     def read(self):
         """(demand since the last reading, whether a thread is runnable now); demand is None
-        the first time and when the group is gone. os.open/os.read: some 10 small files a VM
-        each second, a third of the cost of open()."""
+        the first time and when the group is gone. Some 10 small files a VM each second:
+        os.open/os.read, without open()'s file objects (bench/cpu_groups.py times it)."""
         now, seen, runnable = time.monotonic(), {}, False
         try:
             for listing in self.thread_lists():
@@ -4300,10 +4300,10 @@ class VmCpuGroups:
     with busy_vms_yield, a VM whose vCPUs were all busy over the last second is moved
     there (watch_busy), and back once quiet, so that a quiet VM's vCPU runs first whenever
     it wakes, and busy VMs still get every CPU the quiet ones leave, fairly among
-    themselves. It takes the subtree: cpu.idle on
-    each busy VM's own group, among quiet siblings, left a quiet task 26-28 ms behind 39
-    groups of 4 spinning tasks on 2 CPUs, against 1.8-1.9 ms in a sibling subtree of
-    its own (a quiet machine: 2.0 ms; by hand, 2026-12-08). A VM's group goes when its
+    themselves. It takes the subtree: cpu.idle on each busy VM's own group, among quiet
+    siblings, left a quiet task 32 ms behind 39 groups of 4 spinning tasks on 2 CPUs,
+    against 1.8 ms with them in a subtree of their own, as on a quiet machine
+    (bench/cpu_groups.py, 2026-12-08). A VM's group goes when its
     hypervisor exits; empty ones left by a stop go at the next start. Where no hierarchy
     has the cpu controller, or with vm_cpu_cgroups false, VMs run beside cbox.py as before
     and the log says why."""
